@@ -1,0 +1,1 @@
+"""The outer gate: FHIR R4 over HTTPS for platforms."""

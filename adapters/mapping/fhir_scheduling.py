@@ -1,0 +1,236 @@
+"""FHIR R4 (served as R4B 4.3.0, wire-compatible for these resources) <-> the gateway's scheduling types.
+
+Outbound: chamber views (slot, schedule and appointment rows, passed in as plain objects) -> Slot,
+Schedule, Appointment JSON.  Inbound: a platform's Appointment -> :class:`BookingRequest`, validated with
+fhir.resources first.  Invalid input raises :class:`InvalidResource` carrying OperationOutcome issues.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from pydantic import ValidationError
+
+from fhir.resources.R4B.appointment import Appointment
+from gateway.scheduling import BookingRequest, Patient, PatientIdentifier
+
+FHIR_VERSION = "4.3.0"
+SERVICE_SYSTEM = "urn:gatewayd:his:service"
+SCHEDULE_SYSTEM = "urn:gatewayd:his:schedule"
+HIS_APPOINTMENT_SYSTEM = "urn:gatewayd:his:appointment"
+V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
+
+#: chamber appointment status -> FHIR Appointment.status
+APPOINTMENT_STATUS = {"pending": "pending", "booked": "booked", "cancelled": "cancelled", "refused": "cancelled"}
+#: chamber appointment status -> the patient participant's status
+PARTICIPANT_STATUS = {"pending": "tentative", "booked": "accepted", "cancelled": "declined", "refused": "declined"}
+
+
+class InvalidResource(ValueError):
+    """The platform's resource cannot be used.  ``issues`` are (code, diagnostics, expression) triples;
+    ``status`` is the HTTP status to answer with (400 malformed, 422 valid FHIR we cannot act on)."""
+
+    def __init__(self, issues: list[tuple[str, str, str | None]], status: int = 400):
+        super().__init__("; ".join(d for _, d, _ in issues))
+        self.issues = issues
+        self.status = status
+
+
+def instant(ts: float, tz: ZoneInfo) -> str:
+    return datetime.fromtimestamp(ts, tz).isoformat(timespec="seconds")
+
+
+def local_to_ts(local: datetime, tz: ZoneInfo) -> float:
+    return local.replace(tzinfo=tz).timestamp()
+
+
+def _service(slot) -> list[dict]:
+    return [{"coding": [{"system": SERVICE_SYSTEM, "code": slot.service_code, "display": slot.service_text}],
+             "text": slot.service_text}]
+
+
+def slot_resource(slot, tz: ZoneInfo) -> dict:
+    return {
+        "resourceType": "Slot",
+        "id": slot.id,
+        "meta": {"lastUpdated": instant(slot.updated, tz)},
+        "identifier": [{"system": SCHEDULE_SYSTEM, "value": f"{slot.schedule_id}|{slot.start_local}"}],
+        "serviceType": _service(slot),
+        "schedule": {"reference": f"Schedule/{slot.schedule_id}"},
+        "status": slot.visible_status,
+        "start": instant(slot.start_ts, tz),
+        "end": instant(slot.end_ts, tz),
+    }
+
+
+def schedule_resource(schedule, tz: ZoneInfo) -> dict:
+    actors = []
+    if schedule.practitioner_name or schedule.practitioner_id:
+        actors.append({"identifier": {"system": "urn:gatewayd:his:practitioner", "value": schedule.practitioner_id},
+                       "display": schedule.practitioner_name or schedule.practitioner_id})
+    if schedule.department_name or schedule.department_code:
+        actors.append({"identifier": {"system": "urn:gatewayd:his:department", "value": schedule.department_code},
+                       "display": schedule.department_name or schedule.department_code})
+    if not actors:
+        actors.append({"display": schedule.display})
+    return {
+        "resourceType": "Schedule",
+        "id": schedule.id,
+        "meta": {"lastUpdated": instant(schedule.updated, tz)},
+        "identifier": [{"system": SCHEDULE_SYSTEM, "value": schedule.id}],
+        "active": True,
+        "actor": actors,
+        "comment": schedule.display,
+    }
+
+
+def appointment_resource(appt, slot, tz: ZoneInfo) -> dict:
+    patient = Patient.from_json(appt.patient)
+    contained: dict[str, Any] = {
+        "resourceType": "Patient",
+        "id": "patient",
+        "identifier": [
+            {"system": i.system, "value": i.value,
+             **({"type": {"coding": [{"system": V2_0203, "code": i.type_code}]}} if i.type_code else {})}
+            for i in patient.identifiers
+        ],
+    }
+    if patient.family or patient.given:
+        contained["name"] = [{k: v for k, v in (("family", patient.family),
+                                                 ("given", [patient.given] if patient.given else None)) if v}]
+    if patient.phone:
+        contained["telecom"] = [{"system": "phone", "value": patient.phone}]
+    resource: dict[str, Any] = {
+        "resourceType": "Appointment",
+        "id": appt.id,
+        "meta": {"versionId": str(appt.version), "lastUpdated": instant(appt.updated, tz)},
+        "contained": [contained],
+        "status": APPOINTMENT_STATUS[appt.status],
+        "serviceType": _service(slot),
+        "slot": [{"reference": f"Slot/{slot.id}"}],
+        "start": instant(slot.start_ts, tz),
+        "end": instant(slot.end_ts, tz),
+        "minutesDuration": slot.minutes,
+        "created": instant(appt.created, tz)[:10],
+        "participant": [
+            {"actor": {"reference": "#patient"}, "status": PARTICIPANT_STATUS[appt.status]},
+            {"actor": {"reference": f"Schedule/{slot.schedule_id}"}, "status": "accepted"},
+        ],
+    }
+    if appt.his_appointment:
+        resource["identifier"] = [{"system": HIS_APPOINTMENT_SYSTEM, "value": appt.his_appointment}]
+    if appt.description:
+        resource["description"] = appt.description
+    if appt.status in ("cancelled", "refused") and appt.outcome:
+        resource["cancelationReason"] = {"text": appt.outcome}
+    elif appt.outcome:
+        resource["comment"] = appt.outcome
+    return resource
+
+
+# -- inbound -----------------------------------------------------------------------------------------------
+
+
+def _pydantic_issues(err: ValidationError) -> list[tuple[str, str, str | None]]:
+    issues = []
+    for e in err.errors()[:20]:
+        path = ".".join(str(p) for p in e.get("loc", ()) if p != "__root__")
+        issues.append(("structure", f"{path or 'Appointment'}: {e.get('msg')}", path or None))
+    return issues
+
+
+def booking_from_appointment(body: Any) -> BookingRequest:
+    """A platform's POSTed Appointment -> what to book.  Raises InvalidResource."""
+    if not isinstance(body, dict) or body.get("resourceType") != "Appointment":
+        raise InvalidResource([("invalid", "the body must be an Appointment resource", None)])
+    try:
+        appt = Appointment.model_validate(body)
+    except ValidationError as e:
+        raise InvalidResource(_pydantic_issues(e)) from None
+    if appt.status not in ("proposed", "pending", "booked"):
+        raise InvalidResource([("business-rule", f"a new Appointment must be proposed, pending or booked, "
+                                f"not {appt.status}", "Appointment.status")], 422)
+    slots = appt.slot or []
+    if len(slots) != 1 or not (slots[0].reference or "").startswith("Slot/"):
+        raise InvalidResource([("required", "the Appointment must reference exactly one Slot "
+                                "(slot: [{reference: 'Slot/<id>'}])", "Appointment.slot")], 422)
+    slot_id = slots[0].reference.split("/", 1)[1]
+    patient = _patient(appt)
+    return BookingRequest(slot_id=slot_id, patient=patient, description=appt.description or "")
+
+
+def _patient(appt: Appointment) -> Patient:
+    contained = {c.id: c for c in (appt.contained or []) if c.get_resource_type() == "Patient"}
+    for participant in appt.participant or []:
+        actor = participant.actor
+        if actor is None:
+            continue
+        ref = actor.reference or ""
+        if ref.startswith("#"):
+            pat = contained.get(ref[1:])
+            if pat is None:
+                raise InvalidResource([("invalid", f"participant reference {ref} is not a contained Patient",
+                                        "Appointment.participant.actor")], 422)
+            return _from_patient_resource(pat)
+        if ref.startswith("Patient") or actor.type == "Patient" or (actor.identifier and not ref):
+            if actor.identifier is None or not actor.identifier.value:
+                raise InvalidResource([("required", "a Patient participant needs an identifier the HIS knows "
+                                        "(actor.identifier) or a contained Patient", "Appointment.participant")], 422)
+            ident = actor.identifier
+            return Patient(identifiers=(PatientIdentifier(ident.system or "", ident.value, _type_code(ident)),),
+                           family="", given=actor.display or "")
+    raise InvalidResource([("required", "the Appointment needs a patient participant: a contained Patient "
+                            "(actor.reference '#id') or actor.identifier", "Appointment.participant")], 422)
+
+
+def _type_code(identifier) -> str:
+    if identifier.type and identifier.type.coding:
+        return identifier.type.coding[0].code or ""
+    return ""
+
+
+def _from_patient_resource(pat) -> Patient:
+    identifiers = tuple(
+        PatientIdentifier(i.system or "", i.value, _type_code(i)) for i in (pat.identifier or []) if i.value
+    )
+    if not identifiers:
+        raise InvalidResource([("required", "the contained Patient needs at least one identifier "
+                                "(national id card, medical record number or the platform's own)",
+                                "Patient.identifier")], 422)
+    family = given = ""
+    if pat.name:
+        family = pat.name[0].family or ""
+        given = " ".join(pat.name[0].given or [])
+        if not family and not given and pat.name[0].text:
+            family = pat.name[0].text
+    phone = next((t.value for t in (pat.telecom or []) if t.system == "phone" and t.value), "")
+    return Patient(identifiers=identifiers, family=family, given=given, phone=phone)
+
+
+def search_instant(value: str, tz: ZoneInfo) -> tuple[str, float, float]:
+    """A FHIR date search value ('ge2026-11-24', 'lt2026-11-24T10:00:00+08:00') -> (prefix, low, high):
+    the value's range as timestamps, per FHIR's implicit precision.  Raises ValueError."""
+    prefix = "eq"
+    if len(value) > 2 and value[:2].isalpha():
+        prefix, value = value[:2], value[2:]
+    if prefix not in ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb"):
+        raise ValueError(f"unknown prefix {prefix!r}")
+    if len(value) == 4:
+        low = datetime(int(value), 1, 1, tzinfo=tz)
+        high = datetime(int(value) + 1, 1, 1, tzinfo=tz)
+    elif len(value) == 7:
+        y, m = int(value[:4]), int(value[5:7])
+        low = datetime(y, m, 1, tzinfo=tz)
+        high = datetime(y + (m == 12), m % 12 + 1, 1, tzinfo=tz)
+    elif len(value) == 10:
+        low = datetime.fromisoformat(value).replace(tzinfo=tz)
+        high = low + timedelta(days=1)
+    else:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=tz)
+        low = parsed
+        high = parsed + timedelta(seconds=1)
+    return prefix, low.astimezone(timezone.utc).timestamp(), high.astimezone(timezone.utc).timestamp()

@@ -1,0 +1,120 @@
+"""Bookings and cancellations (gateway -> HIS) as SRM^S01 / SRM^S04 (or S03), and the SQM^S25 query.
+
+Built with hl7apy (structure where it matters; outbound messages are few) per docs/hl7-profile.md.
+Every value that came from a platform is HL7-escaped before it is placed, so a '^' or '|' in a name can
+never shift a field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from hl7apy.core import Message as Hl7apyMessage
+
+from adapters.hl7.er7 import dtm, escape, hl7_charset_name
+from gateway.scheduling import Patient, SlotForHis
+
+PLACER_NAMESPACE = "GATEWAYD"
+
+
+@dataclass(frozen=True)
+class Hl7Header:
+    """MSH fields of messages the gateway sends to one HIS."""
+
+    sending_application: str
+    sending_facility: str
+    receiving_application: str
+    receiving_facility: str
+    version: str = "2.5"
+    charset: str = "utf-8"
+
+
+def _msh(msg: Hl7apyMessage, header: Hl7Header, type_: str, control_id: str, now: datetime) -> None:
+    msg.msh.msh_3 = escape(header.sending_application)
+    msg.msh.msh_4 = escape(header.sending_facility)
+    msg.msh.msh_5 = escape(header.receiving_application)
+    msg.msh.msh_6 = escape(header.receiving_facility)
+    msg.msh.msh_7 = dtm(now)
+    msg.msh.msh_9 = type_
+    msg.msh.msh_10 = escape(control_id)
+    msg.msh.msh_11 = "P"
+    msg.msh.msh_12 = header.version
+    msg.msh.msh_18 = hl7_charset_name(header.charset)
+
+
+def _encode(msg: Hl7apyMessage, header: Hl7Header) -> bytes:
+    return msg.to_er7().encode(header.charset)
+
+
+def build_srm(
+    trigger: str,
+    *,
+    header: Hl7Header,
+    control_id: str,
+    appointment_id: str,
+    slot: SlotForHis,
+    patient: Patient,
+    now: datetime,
+    his_appointment: str | None = None,
+    reason: str = "",
+) -> bytes:
+    """SRM^S01 (request new appointment), SRM^S03 (modification) or SRM^S04 (cancellation)."""
+    if trigger not in ("S01", "S03", "S04"):
+        raise ValueError(f"unsupported SRM trigger {trigger}")
+    msg = Hl7apyMessage("SRM_S01", version=header.version)
+    _msh(msg, header, f"SRM^{trigger}^SRM_S01", control_id, now)
+    start, end = slot.start_local, slot.start_local + timedelta(minutes=slot.minutes)
+    msg.arq.arq_1 = f"{escape(appointment_id)}^{PLACER_NAMESPACE}"
+    if his_appointment:
+        msg.arq.arq_2 = escape(his_appointment)
+    msg.arq.arq_5 = escape(slot.schedule_id)
+    if reason:
+        msg.arq.arq_7 = "^" + escape(reason)
+    msg.arq.arq_9 = str(slot.minutes)
+    msg.arq.arq_10 = "MIN"
+    msg.arq.arq_11 = f"{dtm(start)[:12]}^{dtm(end)[:12]}"
+
+    pat = msg.add_group("SRM_S01_PATIENT")
+    pat.pid.pid_3 = "~".join(
+        f"{escape(i.value)}^^^{escape(i.system)}^{escape(i.type_code or 'PT')}"
+        for i in patient.identifiers
+    )
+    if patient.family or patient.given:
+        pat.pid.pid_5 = f"{escape(patient.family)}^{escape(patient.given)}"
+    if patient.phone:
+        pat.pid.pid_13 = escape(patient.phone)
+
+    res = msg.add_group("SRM_S01_RESOURCES")
+    res.rgs.rgs_1 = "1"
+    svc = res.add_group("SRM_S01_SERVICE")
+    svc.ais.ais_1 = "1"
+    svc.ais.ais_3 = f"{escape(slot.service_code)}^{escape(slot.service_text)}"
+    svc.ais.ais_4 = dtm(start)[:12]
+    svc.ais.ais_7 = str(slot.minutes)
+    svc.ais.ais_8 = "MIN"
+    if slot.practitioner_id:
+        per = res.add_group("SRM_S01_PERSONNEL_RESOURCE")
+        per.aip.aip_1 = "1"
+        per.aip.aip_3 = escape(slot.practitioner_id)
+    return _encode(msg, header)
+
+
+def build_sqm_s25(
+    *, header: Hl7Header, control_id: str, query_id: str, start: datetime, end: datetime, now: datetime
+) -> bytes:
+    """SQM^S25: ask the HIS for its slots between ``start`` and ``end`` (local time)."""
+    msg = Hl7apyMessage("SQM_S25", version=header.version)
+    _msh(msg, header, "SQM^S25^SQM_S25", control_id, now)
+    msg.qrd.qrd_1 = dtm(now)
+    msg.qrd.qrd_2 = "R"
+    msg.qrd.qrd_3 = "I"
+    msg.qrd.qrd_4 = escape(query_id)
+    msg.qrd.qrd_7 = "999^RD"
+    msg.qrd.qrd_8 = "ALL"
+    msg.qrd.qrd_9 = "SCH"
+    msg.qrd.qrd_10 = "ALL"
+    msg.qrf.qrf_1 = "ALL"
+    msg.qrf.qrf_2 = dtm(start)[:12]
+    msg.qrf.qrf_3 = dtm(end)[:12]
+    return _encode(msg, header)

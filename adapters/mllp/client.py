@@ -1,0 +1,364 @@
+"""The MLLP sender: one connection, one message in flight, strict MSA-2 matching.
+
+Used by the gateway's relay (SRM/SQM to the HIS) and by the HIS simulator (SIU to the gateway). The relay
+owns retry timing; this class only reports what happened to each send.
+
+* One connection, opened lazily by the first `MLLPClient.send` and reopened by the next send after it
+  drops. No background reconnect loop.
+* One message in flight: a send made while another waits for its answer is queued and written, in order,
+  after the earlier one is settled (answered, timed out, failed or cancelled).
+* An answer is the frame whose MSA-2 equals the in-flight message's control id. Any other frame (another
+  MSA-2, no MSA, a frame while nothing is in flight) is logged as ``mllp.ack.unmatched`` and ignored - never
+  matched to another message (the classic engine bug of pairing a late ACK with the next message).
+
+Failure paths (each tested in tests/unit/test_mllp_protocols.py):
+
+=====================================  =====================================================================
+What happens                           What the send's Deferred gets
+=====================================  =====================================================================
+no matching answer within ``timeout``  `AckTimeout`; the connection is aborted so a late answer cannot be
+(counted from when the frame is        read at all, and the next send opens a fresh one. Log
+written)                               ``mllp.ack.timeout``.
+connection refused / connect takes     `PeerUnavailable` with the reason (the next queued send tries a new
+longer than ``connect_timeout``        connection). Log ``mllp.client.connect_failed``.
+connection lost before the answer      `PeerUnavailable` with the reason. Log ``mllp.client.connection_lost``.
+a frame that does not parse while a    `Hl7Error` from the parser (the peer answered something unreadable;
+message is in flight                   the relay decides whether to resend). Log ``mllp.ack.unparseable``.
+                                       Connection kept: only a matching MSA-2 can settle later messages.
+an answer larger than                  `Hl7Error` 207 ``answer exceeds N bytes``; connection aborted. Log
+``max_message_bytes``                  ``mllp.ack.too_large``.
+caller cancels the Deferred            `CancelledError`; if it was already written the connection is
+                                       aborted (as for a timeout).
+`MLLPClient.close`                     queued and in-flight sends fail with `PeerUnavailable`; later sends
+                                       fail at once.
+=====================================  =====================================================================
+
+Log events carry the peer and the control ids - never message contents.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import structlog
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
+
+from adapters.hl7.ack import read_ack
+from adapters.hl7.er7 import Hl7Error, Message, parse
+from adapters.mllp.framing import FrameTooLarge, MLLPFramer, frame
+from adapters.mllp.server import peer_name
+
+__all__ = ["AckTimeout", "PeerUnavailable", "MLLPClient"]
+
+log = structlog.get_logger()
+
+
+class AckTimeout(Exception):
+    """No answer with the right MSA-2 arrived in time. Attributes: ``control_id``, ``timeout``."""
+
+    def __init__(self, control_id: str, timeout: float):
+        super().__init__(f"no ACK for {control_id!r} within {timeout:g}s")
+        self.control_id = control_id
+        self.timeout = timeout
+
+
+class PeerUnavailable(Exception):
+    """The peer could not be reached, or the connection went away before the answer. Attribute ``reason``
+    (str)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _Send:
+    __slots__ = ("payload", "control_id", "timeout", "deferred", "written", "timer")
+
+    def __init__(self, payload: bytes, control_id: str, timeout: float):
+        self.payload = payload
+        self.control_id = control_id
+        self.timeout = timeout
+        self.deferred: defer.Deferred | None = None
+        self.written = False
+        self.timer = None
+
+
+class _ClientProtocol(Protocol):
+    """One connection of an `MLLPClient`: frames in, everything else delegated to the client."""
+
+    def __init__(self, client: "MLLPClient"):
+        self.client = client
+        self.framer = MLLPFramer(client.max_message_bytes)
+        self.alive = False
+        self.peer = "?"
+
+    def connectionMade(self) -> None:
+        self.alive = True
+        self.peer = peer_name(self.transport.getPeer())
+
+    def dataReceived(self, data: bytes) -> None:
+        junk_before = self.framer.junk_bytes
+        try:
+            frames = self.framer.feed(data)
+            too_large = None
+        except FrameTooLarge as exc:
+            frames, too_large = exc.frames, exc
+        if self.framer.junk_bytes != junk_before:
+            log.warning(
+                "mllp.junk.discarded", peer=self.peer, bytes=self.framer.junk_bytes - junk_before,
+                total=self.framer.junk_bytes,
+            )
+        for payload in frames:
+            self.client._frame_received(self, payload)
+        if too_large is not None:
+            self.client._answer_too_large(self, too_large)
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        self.alive = False
+        self.client._connection_lost(self, reason)
+
+
+class _ClientFactory(Factory):
+    def __init__(self, client: "MLLPClient"):
+        self.client = client
+
+    def buildProtocol(self, addr) -> _ClientProtocol:
+        return _ClientProtocol(self.client)
+
+
+class MLLPClient:
+    """Sends HL7 messages over one MLLP connection and fires each send with its matching answer.
+
+    ``reactor`` is used for nothing but the default ``clock``; ``endpoint`` is an IStreamClientEndpoint
+    (``clientFromString(reactor, 'tcp:his.example:2575')`` or a TLS endpoint).
+    """
+
+    def __init__(
+        self,
+        reactor,
+        endpoint: IStreamClientEndpoint,
+        *,
+        default_charset: str = "utf-8",
+        max_message_bytes: int = 1 << 20,
+        clock: IReactorTime | None = None,
+        connect_timeout: float = 5.0,
+    ):
+        self.reactor = reactor
+        self.endpoint = endpoint
+        self.default_charset = default_charset
+        self.max_message_bytes = max_message_bytes
+        self.clock = clock if clock is not None else reactor
+        self.connect_timeout = connect_timeout
+        self._queue: collections.deque[_Send] = collections.deque()
+        self._in_flight: _Send | None = None
+        self._proto: _ClientProtocol | None = None
+        self._connecting: defer.Deferred | None = None
+        self._closed = False
+        self._close_waiters: list[tuple[_ClientProtocol, defer.Deferred]] = []
+
+    # ------------------------------------------------------------------------------------- public
+
+    def send(self, payload: bytes, control_id: str, timeout: float) -> "defer.Deferred[Message]":
+        """Frame and write ``payload`` (an encoded HL7 message whose MSH-10 is ``control_id``); fire with the
+        parsed answer whose MSA-2 == ``control_id``. See the module docstring for the failures."""
+        if self._closed:
+            return defer.fail(PeerUnavailable("client closed"))
+        framed = frame(payload)  # ValueError for an unframeable payload: the caller's bug, raised at once
+        item = _Send(framed, control_id, timeout)
+        item.deferred = defer.Deferred(lambda d, item=item: self._cancel(item))
+        self._queue.append(item)
+        self._next()
+        return item.deferred
+
+    def close(self) -> defer.Deferred:
+        """Fail every queued and in-flight send with `PeerUnavailable('client closed')`, close the
+        connection, and fire when it is closed."""
+        self._closed = True
+        items = ([self._in_flight] if self._in_flight is not None else []) + list(self._queue)
+        self._in_flight = None
+        self._queue.clear()
+        for item in items:
+            self._settle(item, failure=PeerUnavailable("client closed"))
+        if self._connecting is not None:
+            self._connecting.cancel()
+        proto, self._proto = self._proto, None
+        if proto is None or not proto.alive:
+            return defer.succeed(None)
+        d: defer.Deferred = defer.Deferred()
+        self._close_waiters.append((proto, d))
+        proto.transport.loseConnection()
+        return d
+
+    @property
+    def connected(self) -> bool:
+        return self._proto is not None
+
+    # ------------------------------------------------------------------------------------ sending
+
+    def _next(self) -> None:
+        """Put the next queued send in flight (connecting first if needed)."""
+        if self._in_flight is not None or not self._queue or self._closed:
+            return
+        if self._proto is None and self._connecting is not None:
+            return  # _connected() will come back here
+        item = self._queue.popleft()
+        self._in_flight = item
+        if self._proto is not None:
+            self._write(item)
+        else:
+            self._connect()
+
+    def _connect(self) -> None:
+        d = self.endpoint.connect(_ClientFactory(self))
+        d.addTimeout(self.connect_timeout, self.clock)
+        self._connecting = d
+        d.addCallbacks(self._connected, self._connect_failed)
+
+    def _connected(self, proto: _ClientProtocol) -> None:
+        self._connecting = None
+        if self._closed:
+            proto.transport.loseConnection()
+            return
+        if not proto.alive:  # lost between connectionMade and this callback
+            self._connect_failed(Failure(PeerUnavailable("connection lost while opening")))
+            return
+        self._proto = proto
+        log.info("mllp.client.connected", peer=proto.peer)
+        item = self._in_flight
+        if item is None:
+            self._next()
+        elif not item.written:
+            self._write(item)
+
+    def _connect_failed(self, failure: Failure) -> None:
+        self._connecting = None
+        if failure.check(defer.CancelledError) and self._closed:
+            return
+        if failure.check(defer.TimeoutError):
+            reason = f"connect timed out after {self.connect_timeout:g}s"
+        else:
+            reason = f"connect failed: {failure.getErrorMessage() or failure.type.__name__}"
+        log.warning("mllp.client.connect_failed", endpoint=str(self.endpoint), reason=reason)
+        item, self._in_flight = self._in_flight, None
+        if item is not None:
+            self._settle(item, failure=PeerUnavailable(reason))
+        self._next()
+
+    def _write(self, item: _Send) -> None:
+        item.written = True
+        item.timer = self.clock.callLater(item.timeout, self._timed_out, item)
+        self._proto.transport.write(item.payload)
+
+    # ----------------------------------------------------------------------------------- answers
+
+    def _frame_received(self, proto: _ClientProtocol, payload: bytes) -> None:
+        if proto is not self._proto:
+            return  # a retired connection (timed out / cancelled): nothing it says can be an answer
+        item = self._in_flight
+        try:
+            message = parse(payload, self.default_charset)
+        except Hl7Error as err:
+            log.warning(
+                "mllp.ack.unparseable",
+                peer=proto.peer,
+                expected=item.control_id if item else None,
+                code=err.code,
+                reason=err.text,
+            )
+            if item is not None and item.written:
+                self._in_flight = None
+                self._settle(item, failure=err)
+                self._next()
+            return
+        try:
+            _code, answered, _text = read_ack(message)
+        except Hl7Error:
+            answered = None
+        if item is None or not item.written or answered != item.control_id:
+            log.warning(
+                "mllp.ack.unmatched",
+                peer=proto.peer,
+                control_id=answered,
+                expected=item.control_id if item else None,
+                message_type=message.type_name,
+            )
+            return
+        self._in_flight = None
+        self._settle(item, result=message)
+        self._next()
+
+    def _answer_too_large(self, proto: _ClientProtocol, exc: FrameTooLarge) -> None:
+        if proto is not self._proto:
+            return
+        item = self._in_flight
+        log.warning("mllp.ack.too_large", peer=proto.peer, expected=item.control_id if item else None,
+                    size_so_far=exc.size_so_far, limit=self.max_message_bytes)
+        self._drop_connection()
+        if item is not None and item.written:
+            self._in_flight = None
+            self._settle(item, failure=Hl7Error(207, f"answer exceeds {self.max_message_bytes} bytes"))
+        self._next()
+
+    def _timed_out(self, item: _Send) -> None:
+        item.timer = None
+        if self._in_flight is not item:
+            return
+        self._in_flight = None
+        peer = self._proto.peer if self._proto is not None else "?"
+        log.warning("mllp.ack.timeout", peer=peer, control_id=item.control_id, timeout=item.timeout)
+        self._drop_connection()
+        self._settle(item, failure=AckTimeout(item.control_id, item.timeout))
+        self._next()
+
+    def _cancel(self, item: _Send) -> None:
+        """Canceller of a send's Deferred (the Deferred then fails with CancelledError)."""
+        if item in self._queue:
+            self._queue.remove(item)
+            return
+        if self._in_flight is item:
+            self._in_flight = None
+            if item.timer is not None and item.timer.active():
+                item.timer.cancel()
+            if item.written:
+                self._drop_connection()
+            self._next()
+
+    # -------------------------------------------------------------------------------- connection
+
+    def _drop_connection(self) -> None:
+        """Retire the current connection at once: nothing more is read from it."""
+        proto, self._proto = self._proto, None
+        if proto is not None and proto.alive:
+            proto.transport.abortConnection()
+
+    def _connection_lost(self, proto: _ClientProtocol, reason: Failure | None) -> None:
+        for waiter in [w for w in self._close_waiters if w[0] is proto]:
+            self._close_waiters.remove(waiter)
+            waiter[1].callback(None)
+        if proto is not self._proto:
+            return  # retired on purpose, or never adopted
+        self._proto = None
+        why = reason.getErrorMessage() if reason is not None else "connection lost"
+        log.info("mllp.client.connection_lost", peer=proto.peer, reason=why)
+        item = self._in_flight
+        if item is not None and item.written:
+            self._in_flight = None
+            self._settle(item, failure=PeerUnavailable(f"connection lost before the answer: {why}"))
+            self._next()
+
+    @staticmethod
+    def _settle(item: _Send, result: Message | None = None, failure: Exception | None = None) -> None:
+        if item.timer is not None:
+            if item.timer.active():
+                item.timer.cancel()
+            item.timer = None
+        d = item.deferred
+        if d.called:
+            return
+        if failure is not None:
+            d.errback(failure)
+        else:
+            d.callback(result)

@@ -1,0 +1,1 @@
+"""gatewayd: the hospital front-end gateway (the lock between the HIS and internet platforms)."""

@@ -1,0 +1,361 @@
+"""Decisions about slots and appointments.
+
+- :class:`SlotBook` applies what the HIS says about its slots (SIU, SQR^S25) to the chamber's mirror.
+- :class:`BookingService` books and cancels for platforms: hold -> confirm.  A booking holds the slot
+  (``busy-tentative``) and queues SRM^S01 in the same committed transaction; the relay delivers it and
+  calls :meth:`BookingService.on_answer` inside the transaction that records the HIS's answer.  A hold the
+  HIS does not answer within ``hold_seconds`` is released by :meth:`BookingService.expire_holds`; if the
+  HIS accepts a booking whose hold has already been released, a compensating cancel is queued.
+
+Appointment states (chamber): ``pending`` -> ``booked`` | ``refused`` | ``cancelled``; ``booked`` ->
+``cancelled``.  ``pending_change`` names what we are waiting for from the HIS ('book' or 'cancel'):
+a platform's request is answered when it clears, or after ``answer_within`` with 202.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Callable
+from zoneinfo import ZoneInfo
+
+import structlog
+from twisted.internet import defer
+
+from gateway.scheduling import (
+    AppointmentUnknown,
+    BookingRequest,
+    ChangeRefused,
+    HisAnswer,
+    Patient,
+    SlotForHis,
+    SlotNotice,
+    SlotUnavailable,
+    SlotUnknown,
+    slot_id,
+)
+
+log = structlog.get_logger("gateway.booking")
+
+#: slot action -> the HIS status it leaves
+_HIS_STATUS = {"open": "free", "free": "free", "block": "busy-unavailable", "book": "busy",
+               "reschedule": "busy", "noshow": "busy"}
+
+
+def new_control_id() -> str:
+    """MSH-10 for a message we send: assigned once, kept on every resend (ST, at most 20 characters)."""
+    return "G" + secrets.token_hex(8) + secrets.token_hex(2)[:3]
+
+
+def new_appointment_id() -> str:
+    return "a" + secrets.token_hex(10)
+
+
+def subject_of(appointment_id: str) -> str:
+    return f"appointment:{appointment_id}"
+
+
+class SlotBook:
+    """The mirror of the HIS's slot book."""
+
+    def __init__(self, tz: ZoneInfo):
+        self.tz = tz
+
+    def apply(self, tx, notices: list[SlotNotice]) -> list[str]:
+        """Apply notices inside a chamber transaction; returns the ids of the slots they touched."""
+        return [self._apply_one(tx, n) for n in notices]
+
+    def _apply_one(self, tx, n: SlotNotice) -> str:
+        from gateway.chamber import ScheduleRow, SlotRow  # row types only: the chamber is our store
+
+        tx.upsert_schedule(ScheduleRow(
+            id=n.schedule.id, display=n.schedule.display, practitioner_id=n.schedule.practitioner_id,
+            practitioner_name=n.schedule.practitioner_name, department_code=n.schedule.department_code,
+            department_name=n.schedule.department_name, updated=tx.now,
+        ))
+        sid = slot_id(n.schedule.id, n.start_local)
+        start_ts = n.start_local.replace(tzinfo=self.tz).timestamp()
+        end_ts = start_ts + n.minutes * 60
+        his_status = _HIS_STATUS[n.action]
+        his_appointment = n.his_appointment if his_status == "busy" else None
+
+        if n.action == "reschedule" and n.his_appointment:
+            old = tx.slot_by_his_appointment(n.his_appointment)
+            if old is not None and old.id != sid:
+                tx.update_slot(old.id, his_status="free", his_appointment=None, booked_by=None)
+                self._move_appointment(tx, old, sid)
+
+        slot = tx.slot(sid)
+        if slot is None:
+            tx.insert_slot(SlotRow(
+                id=sid, schedule_id=n.schedule.id, start_local=f"{n.start_local:%Y%m%d%H%M}",
+                start_ts=start_ts, end_ts=end_ts, minutes=n.minutes, service_code=n.service_code,
+                service_text=n.service_text, his_status=his_status, his_appointment=his_appointment,
+                held_by=None, booked_by=None, updated=tx.now,
+            ))
+            return sid
+        changes = dict(start_ts=start_ts, end_ts=end_ts, minutes=n.minutes, service_code=n.service_code,
+                       service_text=n.service_text, his_status=his_status, his_appointment=his_appointment)
+        if his_status == "free" and slot.booked_by:
+            # The HIS freed a slot one of our platforms had booked: the hospital cancelled it.
+            appt = tx.appointment(slot.booked_by)
+            if appt is not None and appt.status == "booked":
+                tx.update_appointment(appt.id, status="cancelled", pending_change=None,
+                                      outcome="cancelled by the hospital")
+            changes["booked_by"] = None
+        tx.update_slot(sid, **changes)
+        return sid
+
+    @staticmethod
+    def _move_appointment(tx, old_slot, new_slot_id: str) -> None:
+        if old_slot.booked_by:
+            tx.update_appointment(old_slot.booked_by, slot_id=new_slot_id,
+                                  outcome="rescheduled by the hospital")
+
+
+@dataclass(frozen=True)
+class HisLinkInfo:
+    """What the booking service needs to know to address the HIS."""
+
+    peer: str
+    charset: str
+    cancel_trigger: str  # 'S04' or 'S03'
+    build_srm: Callable[..., bytes]  # adapters.mapping.srm_booking.build_srm with the HIS's header bound
+
+
+class BookingService:
+    """Books and cancels on behalf of platforms; keeps the hold -> confirm rules."""
+
+    def __init__(self, chamber, his: HisLinkInfo, *, tz: ZoneInfo, hold_seconds: float, clock):
+        self.chamber = chamber
+        self.his = his
+        self.tz = tz
+        self.hold_seconds = hold_seconds
+        self.clock = clock
+        self._waiters: dict[str, list[defer.Deferred]] = {}
+        self._expiry_call = None
+        self._stop_observing = chamber.observe(self._on_commit)
+
+    # -- platform requests ---------------------------------------------------------------------------------
+    def book(self, platform: str, request: BookingRequest) -> defer.Deferred:
+        """Hold the slot and queue SRM^S01, in one committed transaction.  Fires with the appointment id."""
+        appointment_id = new_appointment_id()
+        control_id = new_control_id()
+
+        def work(tx):
+            from gateway.chamber import AppointmentRow
+
+            slot = tx.slot(request.slot_id)
+            if slot is None:
+                raise SlotUnknown(f"no slot {request.slot_id!r}")
+            if slot.held_by or slot.his_status != "free":
+                raise SlotUnavailable(f"slot {request.slot_id} is {slot.visible_status}")
+            if slot.start_ts <= tx.now:
+                raise SlotUnavailable(f"slot {request.slot_id} has already started")
+            body = self._srm(tx, "S01", control_id, appointment_id, slot, request.patient, None)
+            tx.insert_appointment(AppointmentRow(
+                id=appointment_id, platform=platform, slot_id=slot.id, status="pending",
+                patient=request.patient.to_json(), description=request.description or None,
+                his_appointment=None, hold_expires=tx.now + self.hold_seconds, outcome=None,
+                pending_change="book", version=1, created=tx.now, updated=tx.now,
+            ))
+            tx.update_slot(slot.id, held_by=appointment_id)
+            tx.add_message(direction="outbound", peer=self.his.peer, control_id=control_id, type="SRM^S01",
+                           state="queued", body=body, charset=self.his.charset,
+                           subject=subject_of(appointment_id), detail=f"booking {appointment_id}")
+            return appointment_id
+
+        d = self.chamber.transact(work)
+        d.addCallback(self._booked, platform, control_id)
+        return d
+
+    def _booked(self, appointment_id, platform, control_id):
+        log.info("booking.held", appointment=appointment_id, platform=platform, control_id=control_id)
+        self._schedule_expiry()
+        return appointment_id
+
+    def cancel(self, platform: str, appointment_id: str) -> defer.Deferred:
+        """Ask the HIS to cancel (queues SRM^S04); a booking still pending is cancelled at once."""
+        control_id = new_control_id()
+
+        def work(tx):
+            appt = self._own(tx, platform, appointment_id)
+            if appt.status in ("cancelled", "refused"):
+                return "unchanged"
+            if appt.pending_change == "cancel":
+                return "unchanged"
+            slot = tx.slot(appt.slot_id)
+            if appt.status == "pending":
+                self._release_hold(tx, appt, slot, "cancelled by the platform before the HIS answered")
+                return "cancelled"
+            body = self._srm(tx, self.his.cancel_trigger, control_id, appt.id, slot,
+                             Patient.from_json(appt.patient), appt.his_appointment)
+            tx.update_appointment(appt.id, pending_change="cancel")
+            tx.add_message(direction="outbound", peer=self.his.peer, control_id=control_id,
+                           type=f"SRM^{self.his.cancel_trigger}", state="queued", body=body,
+                           charset=self.his.charset, subject=subject_of(appt.id),
+                           detail=f"cancellation of {appt.id}")
+            return "queued"
+
+        d = self.chamber.transact(work)
+        d.addCallback(lambda what: (log.info("booking.cancel", appointment=appointment_id, platform=platform,
+                                             result=what), what)[1])
+        return d
+
+    def appointment(self, platform: str, appointment_id: str):
+        return self._own(self.chamber.read(), platform, appointment_id)
+
+    @staticmethod
+    def _own(tx, platform, appointment_id):
+        appt = tx.appointment(appointment_id)
+        if appt is None or appt.platform != platform:
+            # Another platform's appointment is as invisible as one that does not exist.
+            raise AppointmentUnknown(f"no appointment {appointment_id!r}")
+        return appt
+
+    def _srm(self, tx, trigger, control_id, appointment_id, slot, patient, his_appointment) -> bytes:
+        schedule = tx.schedule(slot.schedule_id)
+        practitioner = schedule.practitioner_id if schedule is not None else ""
+        start_local = datetime.strptime(slot.start_local, "%Y%m%d%H%M")
+        return self.his.build_srm(
+            trigger, control_id=control_id, appointment_id=appointment_id,
+            slot=SlotForHis(schedule_id=slot.schedule_id, start_local=start_local, minutes=slot.minutes,
+                            service_code=slot.service_code, service_text=slot.service_text,
+                            practitioner_id=practitioner),
+            patient=patient, now=datetime.fromtimestamp(tx.now, self.tz).replace(tzinfo=None),
+            his_appointment=his_appointment,
+        )
+
+    # -- the HIS's answers (called by the relay inside its transaction) --------------------------------------
+    def on_answer(self, tx, message, answer: HisAnswer) -> None:
+        if not (message.subject or "").startswith("appointment:"):
+            return
+        appt = tx.appointment(message.subject.split(":", 1)[1])
+        if appt is None:
+            return
+        slot = tx.slot(appt.slot_id)
+        kind = message.type.split("^")[-1]
+        if kind == "S01":
+            self._answer_booking(tx, appt, slot, answer)
+        else:
+            self._answer_cancel(tx, appt, slot, answer)
+
+    def _answer_booking(self, tx, appt, slot, answer: HisAnswer) -> None:
+        if appt.status == "pending" and appt.pending_change == "book":
+            if answer.accepted:
+                tx.update_appointment(appt.id, status="booked", pending_change=None, hold_expires=None,
+                                      his_appointment=answer.his_appointment, outcome=None)
+                tx.update_slot(slot.id, held_by=None, booked_by=appt.id, his_status="busy",
+                               his_appointment=answer.his_appointment or slot.his_appointment)
+            else:
+                tx.update_appointment(appt.id, status="refused", pending_change=None, hold_expires=None,
+                                      outcome=f"refused by the HIS ({answer.code}): {answer.text or 'no reason given'}")
+                if slot.held_by == appt.id:
+                    tx.update_slot(slot.id, held_by=None)
+        elif answer.accepted:
+            # The hold was released (expired or cancelled) before the HIS accepted: undo it at the HIS.
+            self._queue_compensating_cancel(tx, appt, slot, answer.his_appointment)
+
+    def _answer_cancel(self, tx, appt, slot, answer: HisAnswer) -> None:
+        if appt.pending_change != "cancel":
+            return  # a compensating cancel: the appointment is already cancelled on our side
+        if answer.accepted:
+            tx.update_appointment(appt.id, status="cancelled", pending_change=None,
+                                  outcome="cancelled by the platform")
+            if slot.booked_by == appt.id:
+                tx.update_slot(slot.id, booked_by=None, his_status="free", his_appointment=None)
+        else:
+            tx.update_appointment(appt.id, pending_change=None,
+                                  outcome=f"cancellation refused by the HIS ({answer.code}): "
+                                          f"{answer.text or 'no reason given'}")
+
+    def _queue_compensating_cancel(self, tx, appt, slot, his_appointment) -> None:
+        control_id = new_control_id()
+        body = self._srm(tx, self.his.cancel_trigger, control_id, appt.id, slot,
+                         Patient.from_json(appt.patient), his_appointment)
+        tx.add_message(direction="outbound", peer=self.his.peer, control_id=control_id,
+                       type=f"SRM^{self.his.cancel_trigger}", state="queued", body=body, charset=self.his.charset,
+                       subject=subject_of(appt.id), detail=f"compensating cancellation of {appt.id}")
+        log.warning("booking.compensating_cancel", appointment=appt.id, control_id=control_id)
+
+    # -- holds -----------------------------------------------------------------------------------------------
+    def _release_hold(self, tx, appt, slot, reason: str) -> None:
+        tx.update_appointment(appt.id, status="cancelled", pending_change=None, hold_expires=None, outcome=reason)
+        if slot is not None and slot.held_by == appt.id:
+            tx.update_slot(slot.id, held_by=None)
+        for msg in tx.messages_for_subject(subject_of(appt.id)):
+            if msg.type == "SRM^S01" and msg.state == "queued" and msg.attempts == 0:
+                tx.set_message_state(msg.id, "withdrawn", detail=reason)
+
+    def expire_holds(self) -> defer.Deferred:
+        def work(tx):
+            expired = tx.expired_holds(tx.now)
+            for appt in expired:
+                self._release_hold(tx, appt, tx.slot(appt.slot_id),
+                                   "the HIS did not answer in time; the hold expired")
+            return [a.id for a in expired]
+
+        d = self.chamber.transact(work)
+
+        def done(ids):
+            for i in ids:
+                log.warning("booking.hold_expired", appointment=i)
+            self._schedule_expiry()
+            return ids
+
+        return d.addCallback(done)
+
+    def _schedule_expiry(self) -> None:
+        nxt = self.chamber.read().next_hold_expiry()
+        if self._expiry_call is not None and self._expiry_call.active():
+            self._expiry_call.cancel()
+        self._expiry_call = None
+        if nxt is not None:
+            delay = max(0.0, nxt - self.clock.seconds()) + 0.01
+            self._expiry_call = self.clock.callLater(delay, self.expire_holds)
+
+    def start(self) -> None:
+        self._schedule_expiry()
+
+    def stop(self) -> None:
+        if self._expiry_call is not None and self._expiry_call.active():
+            self._expiry_call.cancel()
+        self._expiry_call = None
+        for waiters in self._waiters.values():
+            for d in waiters:
+                if not d.called:
+                    d.callback(None)
+        self._waiters.clear()
+
+    # -- waiting for the HIS -----------------------------------------------------------------------------------
+    def wait_settled(self, appointment_id: str, timeout: float) -> defer.Deferred:
+        """Fires with True once no change to the appointment awaits the HIS, or False after ``timeout``."""
+        appt = self.chamber.read().appointment(appointment_id)
+        if appt is None or appt.pending_change is None:
+            return defer.succeed(True)
+        d: defer.Deferred = defer.Deferred()
+        self._waiters.setdefault(appointment_id, []).append(d)
+        call = self.clock.callLater(timeout, self._wait_timeout, appointment_id, d)
+        d.addBoth(lambda r: (call.cancel() if call.active() else None, r)[1])
+        return d
+
+    def _wait_timeout(self, appointment_id, d) -> None:
+        waiters = self._waiters.get(appointment_id, [])
+        if d in waiters:
+            waiters.remove(d)
+            if not waiters:
+                self._waiters.pop(appointment_id, None)
+        if not d.called:
+            d.callback(False)
+
+    def _on_commit(self) -> None:
+        if not self._waiters:
+            return
+        reader = self.chamber.read()
+        for appointment_id in list(self._waiters):
+            appt = reader.appointment(appointment_id)
+            if appt is None or appt.pending_change is None:
+                for d in self._waiters.pop(appointment_id, []):
+                    if not d.called:
+                        d.callback(True)

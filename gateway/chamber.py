@@ -1,0 +1,550 @@
+"""The chamber: the durable store between the two gates of the lock.
+
+A message enters through one gate, is committed here, and only then leaves by the other gate.  Nothing
+is answered (HL7 ACK, HTTP status) before the transaction that recorded it has committed.
+
+Design:
+
+- One SQLite file in WAL mode with ``synchronous=FULL`` (a commit is on disk when COMMIT returns).
+- Writes go through :meth:`Chamber.transact`: the work function is queued and all work queued in one
+  reactor turn runs in a single transaction (group commit), each function inside its own SAVEPOINT so a
+  function that raises undoes only its own writes.  The returned Deferred fires with the function's
+  result (or its exception) only after COMMIT has returned.  A failed COMMIT fails every function of the
+  batch: nothing is acknowledged that is not on disk.
+- Reads (:meth:`Chamber.read`) see committed state only.
+- SQL lives in this module only: services compose the :class:`Txn` primitives and make the decisions.
+
+The schema is versioned (``gateway/schema/chamber-v<N>.sql``); a new chamber is created atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, TypeVar
+
+import structlog
+from twisted.internet import defer
+
+log = structlog.get_logger("gateway.chamber")
+
+SCHEMA_VERSION = 1
+SCHEMA_DIR = Path(__file__).with_name("schema")
+
+T = TypeVar("T")
+
+
+class ChamberError(Exception):
+    """The chamber cannot be opened or written."""
+
+
+class ChamberWriteError(ChamberError):
+    """A commit failed (disk full, read-only file, ...): the batch it carried was not recorded."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# rows
+
+
+@dataclass(frozen=True)
+class MessageRow:
+    id: int
+    direction: str
+    peer: str
+    control_id: str
+    type: str
+    state: str
+    body: bytes
+    charset: str
+    subject: str | None
+    attempts: int
+    next_attempt: float | None
+    answer_code: str | None
+    answer_text: str | None
+    created: float
+    updated: float
+
+
+@dataclass(frozen=True)
+class ScheduleRow:
+    id: str
+    display: str
+    practitioner_id: str
+    practitioner_name: str
+    department_code: str
+    department_name: str
+    updated: float
+
+
+@dataclass(frozen=True)
+class SlotRow:
+    id: str
+    schedule_id: str
+    start_local: str
+    start_ts: float
+    end_ts: float
+    minutes: int
+    service_code: str
+    service_text: str
+    his_status: str
+    his_appointment: str | None
+    held_by: str | None
+    booked_by: str | None
+    updated: float
+
+    @property
+    def visible_status(self) -> str:
+        """The FHIR Slot.status a platform sees."""
+        if self.held_by:
+            return "busy-tentative"
+        return self.his_status
+
+
+@dataclass(frozen=True)
+class AppointmentRow:
+    id: str
+    platform: str
+    slot_id: str
+    status: str
+    patient: dict
+    description: str | None
+    his_appointment: str | None
+    hold_expires: float | None
+    outcome: str | None
+    pending_change: str | None
+    version: int
+    created: float
+    updated: float
+
+
+def _row(cls, row: sqlite3.Row | None):
+    if row is None:
+        return None
+    values = dict(row)
+    if cls is AppointmentRow:
+        values["patient"] = json.loads(values["patient"])
+    return cls(**values)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# transaction primitives
+
+
+class Txn:
+    """What a unit of work may do inside a chamber transaction.  Each method is one statement or two."""
+
+    def __init__(self, conn: sqlite3.Connection, now: float):
+        self._c = conn
+        self.now = now
+
+    # -- messages ------------------------------------------------------------------------------------------
+    def message(self, message_id: int) -> MessageRow | None:
+        return _row(MessageRow, self._c.execute("SELECT * FROM messages WHERE id = ?", (message_id,)).fetchone())
+
+    def message_by_control_id(self, direction: str, peer: str, control_id: str) -> MessageRow | None:
+        cur = self._c.execute(
+            "SELECT * FROM messages WHERE direction = ? AND peer = ? AND control_id = ?",
+            (direction, peer, control_id),
+        )
+        return _row(MessageRow, cur.fetchone())
+
+    def add_message(
+        self,
+        *,
+        direction: str,
+        peer: str,
+        control_id: str,
+        type: str,
+        state: str,
+        body: bytes,
+        charset: str,
+        subject: str | None = None,
+        next_attempt: float | None = None,
+        detail: str | None = None,
+    ) -> int:
+        cur = self._c.execute(
+            "INSERT INTO messages (direction, peer, control_id, type, state, body, charset, subject,"
+            " next_attempt, created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (direction, peer, control_id, type, state, body, charset, subject, next_attempt, self.now, self.now),
+        )
+        message_id = cur.lastrowid
+        self._event(message_id, state, detail)
+        return message_id
+
+    def set_message_state(
+        self,
+        message_id: int,
+        state: str,
+        *,
+        detail: str | None = None,
+        attempts: int | None = None,
+        next_attempt: float | None = None,
+        answer_code: str | None = None,
+        answer_text: str | None = None,
+    ) -> None:
+        sets = ["state = ?", "updated = ?", "next_attempt = ?"]
+        args: list[Any] = [state, self.now, next_attempt]
+        if attempts is not None:
+            sets.append("attempts = ?")
+            args.append(attempts)
+        if answer_code is not None:
+            sets += ["answer_code = ?", "answer_text = ?"]
+            args += [answer_code, answer_text]
+        args.append(message_id)
+        self._c.execute(f"UPDATE messages SET {', '.join(sets)} WHERE id = ?", args)
+        self._event(message_id, state, detail)
+
+    def messages_for_subject(self, subject: str) -> list[MessageRow]:
+        cur = self._c.execute("SELECT * FROM messages WHERE subject = ? ORDER BY id", (subject,))
+        return [_row(MessageRow, r) for r in cur]
+
+    def _event(self, message_id: int, state: str, detail: str | None) -> None:
+        self._c.execute(
+            "INSERT INTO message_events (message_id, at, state, detail) VALUES (?, ?, ?, ?)",
+            (message_id, self.now, state, detail),
+        )
+
+    # -- schedules and slots -------------------------------------------------------------------------------
+    def upsert_schedule(self, row: ScheduleRow) -> None:
+        self._c.execute(
+            "INSERT INTO schedules (id, display, practitioner_id, practitioner_name, department_code,"
+            " department_name, updated) VALUES (?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (id) DO UPDATE SET display = excluded.display,"
+            " practitioner_id = excluded.practitioner_id, practitioner_name = excluded.practitioner_name,"
+            " department_code = excluded.department_code, department_name = excluded.department_name,"
+            " updated = excluded.updated",
+            (row.id, row.display, row.practitioner_id, row.practitioner_name, row.department_code,
+             row.department_name, self.now),
+        )
+
+    def schedule(self, schedule_id: str) -> ScheduleRow | None:
+        cur = self._c.execute("SELECT * FROM schedules WHERE id = ?", (schedule_id,))
+        return _row(ScheduleRow, cur.fetchone())
+
+    def slot(self, slot_id: str) -> SlotRow | None:
+        return _row(SlotRow, self._c.execute("SELECT * FROM slots WHERE id = ?", (slot_id,)).fetchone())
+
+    def slot_by_his_appointment(self, his_appointment: str) -> SlotRow | None:
+        cur = self._c.execute("SELECT * FROM slots WHERE his_appointment = ?", (his_appointment,))
+        return _row(SlotRow, cur.fetchone())
+
+    def insert_slot(self, row: SlotRow) -> None:
+        self._c.execute(
+            "INSERT INTO slots (id, schedule_id, start_local, start_ts, end_ts, minutes, service_code,"
+            " service_text, his_status, his_appointment, held_by, booked_by, updated)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (row.id, row.schedule_id, row.start_local, row.start_ts, row.end_ts, row.minutes,
+             row.service_code, row.service_text, row.his_status, row.his_appointment, row.held_by,
+             row.booked_by, self.now),
+        )
+
+    def update_slot(self, slot_id: str, **changes: Any) -> None:
+        allowed = {"start_ts", "end_ts", "minutes", "service_code", "service_text", "his_status",
+                   "his_appointment", "held_by", "booked_by"}
+        unknown = set(changes) - allowed
+        if unknown:
+            raise ValueError(f"not slot columns: {sorted(unknown)}")
+        cols = ", ".join(f"{k} = ?" for k in changes)
+        self._c.execute(
+            f"UPDATE slots SET {cols}, updated = ? WHERE id = ?", (*changes.values(), self.now, slot_id)
+        )
+
+    # -- appointments --------------------------------------------------------------------------------------
+    def appointment(self, appointment_id: str) -> AppointmentRow | None:
+        cur = self._c.execute("SELECT * FROM appointments WHERE id = ?", (appointment_id,))
+        return _row(AppointmentRow, cur.fetchone())
+
+    def insert_appointment(self, row: AppointmentRow) -> None:
+        self._c.execute(
+            "INSERT INTO appointments (id, platform, slot_id, status, patient, description, his_appointment,"
+            " hold_expires, outcome, pending_change, version, created, updated)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (row.id, row.platform, row.slot_id, row.status, json.dumps(row.patient, ensure_ascii=False),
+             row.description, row.his_appointment, row.hold_expires, row.outcome, row.pending_change,
+             row.version, self.now, self.now),
+        )
+
+    def update_appointment(self, appointment_id: str, **changes: Any) -> None:
+        allowed = {"status", "slot_id", "his_appointment", "hold_expires", "outcome", "pending_change"}
+        unknown = set(changes) - allowed
+        if unknown:
+            raise ValueError(f"not appointment columns: {sorted(unknown)}")
+        cols = ", ".join(f"{k} = ?" for k in changes)
+        self._c.execute(
+            f"UPDATE appointments SET {cols}, version = version + 1, updated = ? WHERE id = ?",
+            (*changes.values(), self.now, appointment_id),
+        )
+
+    def expired_holds(self, now: float) -> list[AppointmentRow]:
+        cur = self._c.execute(
+            "SELECT * FROM appointments WHERE status = 'pending' AND hold_expires IS NOT NULL"
+            " AND hold_expires <= ? ORDER BY hold_expires",
+            (now,),
+        )
+        return [_row(AppointmentRow, r) for r in cur]
+
+
+class Reader(Txn):
+    """Read-only queries over committed state (used outside transactions)."""
+
+    def next_outbound(self, peer: str) -> MessageRow | None:
+        """The head of the delivery queue for ``peer``: strict FIFO, the oldest not yet finished."""
+        cur = self._c.execute(
+            "SELECT * FROM messages WHERE direction = 'outbound' AND peer = ?"
+            " AND state IN ('queued', 'sending', 'retrying') ORDER BY id LIMIT 1",
+            (peer,),
+        )
+        return _row(MessageRow, cur.fetchone())
+
+    def outbound_backlog(self, peer: str) -> int:
+        cur = self._c.execute(
+            "SELECT count(*) FROM messages WHERE direction = 'outbound' AND peer = ?"
+            " AND state IN ('queued', 'sending', 'retrying')",
+            (peer,),
+        )
+        return cur.fetchone()[0]
+
+    def message_events(self, message_id: int) -> list[tuple[float, str, str | None]]:
+        cur = self._c.execute(
+            "SELECT at, state, detail FROM message_events WHERE message_id = ? ORDER BY rowid", (message_id,)
+        )
+        return [tuple(r) for r in cur]
+
+    def messages(self, *, direction: str | None = None, limit: int = 100) -> list[MessageRow]:
+        sql = "SELECT * FROM messages"
+        args: list[Any] = []
+        if direction:
+            sql += " WHERE direction = ?"
+            args.append(direction)
+        sql += " ORDER BY id DESC LIMIT ?"
+        args.append(limit)
+        return [_row(MessageRow, r) for r in self._c.execute(sql, args)]
+
+    def schedules(self, schedule_id: str | None = None) -> list[ScheduleRow]:
+        if schedule_id is None:
+            cur = self._c.execute("SELECT * FROM schedules ORDER BY id")
+        else:
+            cur = self._c.execute("SELECT * FROM schedules WHERE id = ?", (schedule_id,))
+        return [_row(ScheduleRow, r) for r in cur]
+
+    def search_slots(
+        self,
+        *,
+        start_from: float | None = None,
+        start_to: float | None = None,
+        start_from_inclusive: bool = True,
+        start_to_inclusive: bool = True,
+        schedule_ids: Iterable[str] | None = None,
+        service_codes: Iterable[str] | None = None,
+        statuses: Iterable[str] | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[SlotRow]:
+        where: list[str] = []
+        args: list[Any] = []
+        if start_from is not None:
+            where.append("start_ts >= ?" if start_from_inclusive else "start_ts > ?")
+            args.append(start_from)
+        if start_to is not None:
+            where.append("start_ts <= ?" if start_to_inclusive else "start_ts < ?")
+            args.append(start_to)
+        for column, values in (("schedule_id", schedule_ids), ("service_code", service_codes)):
+            if values is not None:
+                values = list(values)
+                where.append(f"{column} IN ({', '.join('?' * len(values))})")
+                args += values
+        if statuses is not None:
+            statuses = list(statuses)
+            where.append(f"(CASE WHEN held_by IS NOT NULL THEN 'busy-tentative' ELSE his_status END)"
+                         f" IN ({', '.join('?' * len(statuses))})")
+            args += statuses
+        sql = "SELECT * FROM slots"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY start_ts, schedule_id LIMIT ? OFFSET ?"
+        args += [limit, offset]
+        return [_row(SlotRow, r) for r in self._c.execute(sql, args)]
+
+    def appointments_for(self, platform: str, limit: int = 100) -> list[AppointmentRow]:
+        cur = self._c.execute(
+            "SELECT * FROM appointments WHERE platform = ? ORDER BY created DESC LIMIT ?", (platform, limit)
+        )
+        return [_row(AppointmentRow, r) for r in cur]
+
+    def next_hold_expiry(self) -> float | None:
+        cur = self._c.execute(
+            "SELECT min(hold_expires) FROM appointments WHERE status = 'pending' AND hold_expires IS NOT NULL"
+        )
+        return cur.fetchone()[0]
+
+    def counts(self) -> dict[str, int]:
+        out = {}
+        for table in ("messages", "schedules", "slots", "appointments"):
+            out[table] = self._c.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the chamber
+
+
+class Chamber:
+    """The durable store.  Open with :meth:`open`; write with :meth:`transact`; read with :meth:`read`."""
+
+    def __init__(self, path: str | Path, *, reactor=None, clock: Callable[[], float] = time.time):
+        self.path = str(path)
+        self._reactor = reactor
+        self._clock = clock
+        self._conn: sqlite3.Connection | None = None
+        self._queue: list[tuple[Callable[[Txn], Any], defer.Deferred]] = []
+        self._flush_call = None
+        self._observers: list[Callable[[], None]] = []
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+    def open(self) -> None:
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA busy_timeout = 5000")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            self._conn = conn
+            self._ensure_schema()
+        except sqlite3.DatabaseError as e:
+            raise ChamberError(f"cannot open the chamber {self.path}: {e}") from e
+        log.info("chamber.opened", path=self.path, journal_mode=mode, schema_version=SCHEMA_VERSION)
+
+    def _ensure_schema(self) -> None:
+        conn = self._conn
+        has_meta = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'chamber_meta'"
+        ).fetchone()
+        if has_meta:
+            row = conn.execute("SELECT value FROM chamber_meta WHERE key = 'schema_version'").fetchone()
+            version = int(row[0]) if row else 0
+            if version != SCHEMA_VERSION:
+                raise ChamberError(
+                    f"the chamber {self.path} has schema version {version}; this gatewayd needs {SCHEMA_VERSION}"
+                )
+            return
+        script = (SCHEMA_DIR / f"chamber-v{SCHEMA_VERSION}.sql").read_text(encoding="utf-8")
+        # executescript commits first; wrap the whole schema in one explicit transaction so a crash
+        # leaves either no chamber or a complete one.
+        conn.executescript(
+            "BEGIN IMMEDIATE;\n" + script
+            + f"\nINSERT INTO chamber_meta (key, value) VALUES ('schema_version', '{SCHEMA_VERSION}');"
+            + f"\nINSERT INTO chamber_meta (key, value) VALUES ('created', '{self._clock()}');\nCOMMIT;"
+        )
+
+    def close(self) -> None:
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+            self._flush_call = None
+        if self._queue:
+            self._flush()
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+            log.info("chamber.closed", path=self.path)
+
+    # -- writing -------------------------------------------------------------------------------------------
+    def transact(self, work: Callable[[Txn], T]) -> defer.Deferred:
+        """Queue ``work`` for this reactor turn's transaction; fires with its result after COMMIT."""
+        if self._conn is None:
+            return defer.fail(ChamberError("the chamber is closed"))
+        d: defer.Deferred = defer.Deferred()
+        self._queue.append((work, d))
+        if self._reactor is None:
+            self._flush()
+        elif self._flush_call is None:
+            self._flush_call = self._reactor.callLater(0, self._flush)
+        return d
+
+    def transact_now(self, work: Callable[[Txn], T]) -> T:
+        """Run ``work`` in its own committed transaction, synchronously (CLI tools, start-up)."""
+        results: list = []
+        failures: list = []
+        self._run_batch([(work, None)], results, failures)
+        if failures[0] is not None:
+            raise failures[0]
+        self._notify()
+        return results[0]
+
+    def _flush(self) -> None:
+        self._flush_call = None
+        batch, self._queue = self._queue, []
+        if not batch:
+            return
+        results: list = []
+        failures: list = []
+        self._run_batch(batch, results, failures)
+        for (_, d), result, failure in zip(batch, results, failures):
+            if failure is not None:
+                d.errback(failure)
+            else:
+                d.callback(result)
+        if any(f is None for f in failures):
+            self._notify()
+
+    def _notify(self) -> None:
+        for observer in list(self._observers):
+            try:
+                observer()
+            except Exception:
+                log.exception("chamber.observer.failed")
+
+    def _run_batch(self, batch, results: list, failures: list) -> None:
+        conn = self._conn
+        now = self._clock()
+        txn = Txn(conn, now)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as e:
+            err = ChamberWriteError(f"cannot begin a chamber transaction: {e}")
+            log.error("chamber.write.failed", error=str(e), batch=len(batch))
+            results.extend([None] * len(batch))
+            failures.extend([err] * len(batch))
+            return
+        for work, _ in batch:
+            conn.execute("SAVEPOINT unit")
+            try:
+                result = work(txn)
+            except Exception as e:  # the unit's own decision (or a bug): undo only this unit
+                conn.execute("ROLLBACK TO unit")
+                conn.execute("RELEASE unit")
+                results.append(None)
+                failures.append(e)
+            else:
+                conn.execute("RELEASE unit")
+                results.append(result)
+                failures.append(None)
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            log.error("chamber.write.failed", error=str(e), batch=len(batch))
+            err = ChamberWriteError(f"the chamber could not commit: {e}")
+            for i in range(len(failures)):
+                if failures[i] is None:
+                    failures[i] = err
+                    results[i] = None
+
+    # -- reading and notification -----------------------------------------------------------------------------
+    def read(self) -> Reader:
+        if self._conn is None:
+            raise ChamberError("the chamber is closed")
+        return Reader(self._conn, self._clock())
+
+    def observe(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` after every commit that recorded something; returns a function that stops it."""
+        self._observers.append(callback)
+        return lambda: self._observers.remove(callback)

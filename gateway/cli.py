@@ -1,0 +1,190 @@
+"""The ``gatewayd`` command.
+
+    gatewayd run --config PATH            run the gateway (both gates, one process)
+    gatewayd check-config PATH            print "ok" or every problem (file:line:column: key: message)
+    gatewayd his-sim --config PATH        run the bundled HIS simulator (a real MLLP peer)
+    gatewayd demo [--workdir DIR]         certificates, configs, HIS simulator and gateway, all on loopback
+    gatewayd certs init DIR               a development CA, server and platform certificates
+    gatewayd queue show [ID]              what the chamber holds: messages, or one message's story
+    gatewayd config-reference             every config key, its type, default and meaning (Markdown)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gatewayd", description="The hospital front-end gateway: the lock "
+                                "between the HIS (HL7 v2/MLLP) and internet platforms (FHIR R4/HTTPS).")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the gateway")
+    run.add_argument("--config", required=True, type=Path)
+
+    check = sub.add_parser("check-config", help="validate a config file")
+    check.add_argument("path", type=Path)
+
+    sim = sub.add_parser("his-sim", help="run the bundled HIS simulator")
+    sim.add_argument("--config", required=True, type=Path)
+    sim.add_argument("--log", type=Path, default=None, help="override the received-messages log path")
+
+    demo = sub.add_parser("demo", help="run the whole lock on loopback with a simulated HIS")
+    demo.add_argument("--workdir", type=Path, default=Path("demo-run"))
+
+    certs = sub.add_parser("certs", help="development certificates")
+    certs_sub = certs.add_subparsers(dest="certs_command", required=True)
+    init = certs_sub.add_parser("init", help="create a dev CA, a server and platform client certificates")
+    init.add_argument("directory", type=Path)
+    init.add_argument("--platform", action="append", default=None,
+                      help="platform name (repeatable; default: demo)")
+    init.add_argument("--server-name", action="append", default=None,
+                      help="DNS name or IP of the gateway (repeatable; default: localhost, 127.0.0.1)")
+
+    queue = sub.add_parser("queue", help="inspect the chamber")
+    queue_sub = queue.add_subparsers(dest="queue_command", required=True)
+    show = queue_sub.add_parser("show", help="list messages, or one message's story")
+    show.add_argument("id", nargs="?", type=int)
+    show.add_argument("--config", required=True, type=Path)
+    show.add_argument("--limit", type=int, default=50)
+
+    sub.add_parser("config-reference", help="print the configuration reference (Markdown)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "check-config":
+        return check_config(args.path)
+    if args.command == "run":
+        return run(args.config)
+    if args.command == "his-sim":
+        from hissim.cli import main as sim_main
+
+        return sim_main(["--config", str(args.config)] + (["--log", str(args.log)] if args.log else []))
+    if args.command == "demo":
+        from gateway.demo import run_demo
+
+        return run_demo(args.workdir)
+    if args.command == "certs":
+        from gateway.devca import init_dev_ca
+
+        paths = init_dev_ca(args.directory, platforms=tuple(args.platform or ("demo",)),
+                            server_names=tuple(args.server_name or ("localhost", "127.0.0.1")))
+        for name, path in paths.items():
+            print(f"{name}: {path}")
+        return 0
+    if args.command == "queue":
+        return queue_show(args)
+    if args.command == "config-reference":
+        print(config_reference())
+        return 0
+    return 2
+
+
+def _load(path: Path):
+    from gateway.config import load_config
+    from gateway.confschema import ConfigError
+
+    try:
+        return load_config(path), None
+    except ConfigError as e:
+        return None, str(e)
+    except OSError as e:
+        return None, f"{path}: cannot read the file: {e.strerror}"
+
+
+def check_config(path: Path) -> int:
+    config, error = _load(path)
+    if error:
+        print(error, file=sys.stderr)
+        return 1
+    print("ok")
+    return 0
+
+
+def run(path: Path) -> int:
+    config, error = _load(path)
+    if error:
+        print(error, file=sys.stderr)
+        return 1
+    from twisted.internet import reactor
+
+    from gateway import logs
+    from gateway.service import make_service
+
+    logs.configure(config.logging.level, config.logging.format)
+    import structlog
+
+    log = structlog.get_logger("gateway")
+    root = make_service(config, reactor)
+    try:
+        root.privilegedStartService()
+        root.startService()
+    except Exception as e:  # a child that fails to start fails the whole start
+        log.error("gateway.start_failed", error=str(e), error_type=type(e).__name__)
+        print(f"gatewayd: cannot start: {e}", file=sys.stderr)
+        try:
+            root.stopService()
+        except Exception:
+            pass
+        return 1
+    exit_code = [0]
+
+    def stop():
+        return root.stopService()
+
+    reactor.addSystemEventTrigger("before", "shutdown", stop)
+    log.info("gateway.ready", fhir=f"https://{config.outer.host}:{config.outer.port}{config.outer.base_path}",
+             mllp=config.inner.listen, his=f"{config.inner.his.host}:{config.inner.his.port}",
+             chamber=str(config.chamber.path), slot_source=config.inner.his.slot_source)
+    reactor.run()
+    log.info("gateway.stopped")
+    return exit_code[0]
+
+
+def queue_show(args) -> int:
+    config, error = _load(args.config)
+    if error:
+        print(error, file=sys.stderr)
+        return 1
+    from gateway.chamber import Chamber
+
+    chamber = Chamber(config.chamber.path)
+    chamber.open()
+    try:
+        reader = chamber.read()
+
+        def when(ts):
+            return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds")
+
+        if args.id is None:
+            print(f"{'id':>6}  {'direction':9} {'type':9} {'state':10} {'control id':21} {'tries':>5}  updated")
+            for m in reader.messages(limit=args.limit):
+                print(f"{m.id:>6}  {m.direction:9} {m.type:9} {m.state:10} {m.control_id:21} {m.attempts:>5}"
+                      f"  {when(m.updated)}")
+            return 0
+        m = reader.message(args.id)
+        if m is None:
+            print(f"no message {args.id}", file=sys.stderr)
+            return 1
+        print(f"message {m.id}: {m.direction} {m.type} control id {m.control_id} peer {m.peer}")
+        print(f"state {m.state}, {m.attempts} attempt(s), answer {m.answer_code or '-'} {m.answer_text or ''}")
+        for at, state, detail in reader.message_events(m.id):
+            print(f"  {when(at)}  {state:10} {detail or ''}")
+        return 0
+    finally:
+        chamber.close()
+
+
+def config_reference() -> str:
+    from gateway.config import GatewayConfig
+    from gateway.confschema import describe
+
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for key, type_name, default, doc in describe(GatewayConfig):
+        lines.append(f"| `{key}` | {type_name} | {default} | {doc} |")
+    return "\n".join(lines)

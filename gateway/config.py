@@ -1,0 +1,235 @@
+"""gatewayd's configuration: one YAML file, parsed into frozen dataclasses.
+
+Every key is documented here (``metadata['doc']``); the README's configuration reference is generated
+from these docs (``gatewayd config-reference``).  Loading collects every problem and reports each with
+file, line, column and key path (see :mod:`gateway.confschema`).
+"""
+
+from __future__ import annotations
+
+import codecs
+import zoneinfo
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Literal, Optional
+
+from gateway.confschema import DirPath, Duration, Pattern, Range, ReadableFile, load
+
+Port = Annotated[int, Range(1, 65535)]
+Name = Annotated[str, Pattern(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$", "letters, digits, '.', '_' or '-'")]
+
+
+def doc(text: str, **kw):
+    return field(metadata={"doc": text}, **kw)
+
+
+@dataclass(frozen=True)
+class HospitalConfig:
+    name: str = doc("The hospital's name, shown in the CapabilityStatement.", default="Demo Hospital")
+    timezone: str = doc(
+        "Time zone of the HIS's local date/times (HL7 DTM has no offset).", default="Asia/Shanghai"
+    )
+
+    def __post_validate__(self):
+        try:
+            zoneinfo.ZoneInfo(self.timezone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            return [("timezone", f"unknown time zone {self.timezone!r} (use e.g. Asia/Shanghai)")]
+        return []
+
+
+@dataclass(frozen=True)
+class ChamberConfig:
+    path: DirPath = doc(
+        "The chamber's SQLite file (relative paths are relative to this config file). Both gates must be "
+        "able to write it; back it up like a database.",
+        default=DirPath(Path("chamber.sqlite3")),
+    )
+
+
+@dataclass(frozen=True)
+class HisConfig:
+    host: str = doc("The HIS interface engine's address on the intranet.")
+    port: Port = doc("The HIS's MLLP port, where the gateway sends booking requests (SRM) and queries (SQM).")
+    name: Name = doc("A short name for this HIS, used in logs and in the chamber.", default="his")
+    hl7_version: Literal["2.3", "2.3.1", "2.4", "2.5", "2.5.1"] = doc(
+        "HL7 version written in MSH-12 of messages sent to the HIS.", default="2.5"
+    )
+    charset: str = doc(
+        "Charset of messages from this HIS that leave MSH-18 empty, and of messages sent to it "
+        "(utf-8, gb18030 for GBK/GB2312/GB18030 HIS, latin-1, ascii).",
+        default="utf-8",
+    )
+    receiving_application: str = doc("MSH-5 of messages sent to the HIS.", default="HIS")
+    receiving_facility: str = doc("MSH-6 of messages sent to the HIS.", default="HOSPITAL")
+    ack_timeout: Duration = doc(
+        "How long to wait for the HIS's ACK before the message is resent (same MSH-10).", default=Duration(10.0)
+    )
+    connect_timeout: Duration = doc("TCP connect timeout towards the HIS.", default=Duration(5.0))
+    retry_initial: Duration = doc("First delay before a resend; doubles up to retry_max.", default=Duration(1.0))
+    retry_max: Duration = doc("Longest delay between resends.", default=Duration(60.0))
+    slot_source: Literal["push", "poll"] = doc(
+        "How the slot book reaches the gateway: 'push' = the HIS sends SIU^S23/S24 (and S12/S15 on changes); "
+        "'poll' = the gateway asks with SQM^S25 every poll_interval.",
+        default="push",
+    )
+    poll_interval: Duration = doc("With slot_source: poll, how often to query the HIS.", default=Duration(60.0))
+    poll_days: Annotated[int, Range(1, 90)] = doc("With slot_source: poll, how many days ahead to ask for.", default=7)
+    cancel_message: Literal["SRM^S04", "SRM^S03"] = doc(
+        "The message that cancels a booking at this HIS.", default="SRM^S04"
+    )
+
+    def __post_validate__(self):
+        return _charset_issue("charset", self.charset)
+
+
+@dataclass(frozen=True)
+class InnerConfig:
+    his: HisConfig = doc("The HIS this gate talks to.")
+    listen: str = doc(
+        "Twisted endpoint where the HIS sends SIU notifications, e.g. 'tcp:2575:interface=10.1.2.3'.",
+        default="tcp:2575:interface=127.0.0.1",
+    )
+    sending_application: str = doc("MSH-3 of messages and ACKs the gateway sends.", default="GATEWAYD")
+    sending_facility: str = doc("MSH-4 of messages and ACKs the gateway sends.", default="FRONT")
+    max_message_bytes: Annotated[int, Range(1024, 64 << 20)] = doc(
+        "Largest HL7 message accepted; a larger one is refused with a NAK and the connection closed.",
+        default=1 << 20,
+    )
+    max_connections: Annotated[int, Range(1, 10000)] = doc(
+        "Most simultaneous MLLP connections from the HIS side.", default=32
+    )
+    idle_timeout: Duration = doc("An MLLP connection idle this long is closed.", default=Duration(300.0))
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    certificate: ReadableFile = doc("The gateway's server certificate (PEM), with its chain.")
+    private_key: ReadableFile = doc("The server certificate's private key (PEM).")
+    client_ca: ReadableFile = doc(
+        "CA certificate(s) (PEM) that sign platforms' client certificates; clients without one are refused."
+    )
+
+
+@dataclass(frozen=True)
+class OuterConfig:
+    tls: TlsConfig = doc("TLS with mutual authentication: every platform presents a client certificate.")
+    host: str = doc("Address the FHIR API listens on (the internet-facing side).", default="127.0.0.1")
+    port: Port = doc("Port of the FHIR API.", default=8443)
+    base_path: Annotated[str, Pattern(r"^/[A-Za-z0-9/_-]*[A-Za-z0-9_-]$", "a path such as /fhir")] = doc(
+        "Path of the FHIR base.", default="/fhir"
+    )
+    public_base_url: Optional[str] = doc(
+        "The base URL platforms use (for Location headers and fullUrl), if a proxy changes it.", default=None
+    )
+    max_request_bytes: Annotated[int, Range(1024, 64 << 20)] = doc(
+        "Largest request body accepted (413 beyond).", default=1 << 20
+    )
+    answer_within: Duration = doc(
+        "How long POST /Appointment waits for the HIS before answering 202 (the booking then completes in "
+        "the background).",
+        default=Duration(5.0),
+    )
+    hold_expires: Duration = doc(
+        "How long a slot stays held (busy-tentative) waiting for the HIS; then the booking is cancelled and "
+        "the slot released.",
+        default=Duration(300.0),
+    )
+    page_size: Annotated[int, Range(1, 1000)] = doc("Default and largest _count of a search.", default=100)
+
+
+@dataclass(frozen=True)
+class PlatformConfig:
+    name: Name = doc("The platform's name (appears in the chamber and the logs).")
+    certificate_subject: str = doc(
+        "Subject of the platform's client certificate, RFC 4514 form, e.g. 'CN=platform-demo,O=gatewayd dev'. "
+        "A subject with only a CN (e.g. 'CN=platform-demo') matches any certificate with that CN."
+    )
+    display: Optional[str] = doc("A human-readable name.", default=None)
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: Literal["debug", "info", "warning", "error"] = doc("Least severe level logged.", default="info")
+    format: Literal["auto", "json", "console"] = doc(
+        "'json' (one object per line), 'console' (for a person), 'auto' (console on a terminal, else json).",
+        default="auto",
+    )
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    inner: InnerConfig = doc("The inner gate: HL7 v2 over MLLP, towards the HIS (intranet).")
+    outer: OuterConfig = doc("The outer gate: FHIR R4 over HTTPS, towards platforms (internet).")
+    platforms: list[PlatformConfig] = doc("The platforms allowed to call the FHIR API.")
+    hospital: HospitalConfig = doc("About the hospital.", default_factory=HospitalConfig)
+    chamber: ChamberConfig = doc("The durable store between the gates.", default_factory=ChamberConfig)
+    logging: LoggingConfig = doc("Logging.", default_factory=LoggingConfig)
+
+    def __post_validate__(self):
+        issues = []
+        seen_names: dict[str, int] = {}
+        seen_subjects: dict[str, int] = {}
+        for i, p in enumerate(self.platforms):
+            if p.name in seen_names:
+                issues.append((f"platforms[{i}].name", f"platform name {p.name!r} is used twice"))
+            seen_names[p.name] = i
+            subject = normalise_subject(p.certificate_subject)
+            if subject is None:
+                issues.append((f"platforms[{i}].certificate_subject",
+                               "not an RFC 4514 subject such as 'CN=platform-demo'"))
+            elif subject in seen_subjects:
+                issues.append((f"platforms[{i}].certificate_subject",
+                               f"the same subject is given to platform {self.platforms[seen_subjects[subject]].name!r}"))
+            else:
+                seen_subjects[subject] = i
+        if not self.platforms:
+            issues.append(("platforms", "at least one platform is needed"))
+        return issues
+
+
+def _charset_issue(key: str, name: str):
+    try:
+        codecs.lookup(name)
+    except LookupError:
+        return [(key, f"unknown charset {name!r} (use utf-8, gb18030, latin-1 or ascii)")]
+    return []
+
+
+def normalise_subject(subject: str) -> tuple[tuple[str, str], ...] | None:
+    """'CN=a, O=b' -> (('CN','a'), ('O','b')) sorted; None when it is not of that form."""
+    parts = []
+    for piece in _split_rdns(subject):
+        if "=" not in piece:
+            return None
+        k, v = piece.split("=", 1)
+        k, v = k.strip().upper(), v.strip()
+        if not k or not v:
+            return None
+        parts.append((k, v))
+    if not parts:
+        return None
+    return tuple(sorted(parts))
+
+
+def _split_rdns(subject: str) -> list[str]:
+    out, cur, escaped = [], [], False
+    for ch in subject:
+        if escaped:
+            cur.append(ch)
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch in ",+":
+            out.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    if cur or out:
+        out.append("".join(cur))
+    return [p for p in (s.strip() for s in out) if p]
+
+
+def load_config(path: str | Path) -> GatewayConfig:
+    """Load and validate the gateway's YAML config; raises ConfigError listing every problem."""
+    return load(path, GatewayConfig)

@@ -1,0 +1,92 @@
+"""What the inner gate does with a message from the HIS, once it has been framed and read.
+
+The decision (accept, refuse, already have it) is made here; the adapter turns it into an ACK.  The ACK
+is only built after the chamber transaction that recorded the message has committed.
+
+- A message with a control id already committed from this HIS, with the same bytes: the first answer is
+  given again and nothing is processed twice.
+- The same control id with different bytes: refused (AR) — a sender reusing control ids would otherwise
+  lose a message silently.
+- Anything the mapping could not read: refused with the HL7 error it raised (segment and field), and the
+  refusal is recorded in the chamber so nothing is lost silently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import structlog
+from twisted.internet import defer
+
+from gateway.booking import SlotBook
+
+log = structlog.get_logger("gateway.inbound")
+
+
+@dataclass(frozen=True)
+class Received:
+    """A message as the inner gate read it."""
+
+    peer: str
+    control_id: str
+    type: str
+    body: bytes
+    charset: str
+
+
+@dataclass(frozen=True)
+class Verdict:
+    code: str  # AA | AE | AR
+    text: str = ""
+    duplicate: bool = False
+
+
+class InboundService:
+    def __init__(self, chamber, slot_book: SlotBook):
+        self.chamber = chamber
+        self.slot_book = slot_book
+
+    def accept(self, received: Received, notices) -> defer.Deferred:
+        """Commit the message and apply its slot notices; fires with a Verdict after COMMIT."""
+
+        def work(tx):
+            known = tx.message_by_control_id("inbound", received.peer, received.control_id)
+            if known is not None:
+                return self._known(known, received)
+            tx.add_message(direction="inbound", peer=received.peer, control_id=received.control_id,
+                           type=received.type, state="processed", body=received.body, charset=received.charset,
+                           detail="applied to the slot book")
+            touched = self.slot_book.apply(tx, notices)
+            return Verdict("AA", f"{len(touched)} slot(s) updated")
+
+        return self.chamber.transact(work).addCallback(self._logged, received)
+
+    def refuse(self, received: Received, code: str, text: str) -> defer.Deferred:
+        """Record a message we refuse (so it can be looked at and replayed); fires with the Verdict."""
+
+        def work(tx):
+            known = tx.message_by_control_id("inbound", received.peer, received.control_id)
+            if known is not None:
+                return self._known(known, received)
+            tx.add_message(direction="inbound", peer=received.peer, control_id=received.control_id,
+                           type=received.type, state="rejected", body=received.body, charset=received.charset,
+                           detail=f"{code}: {text}")
+            tx_id = tx.message_by_control_id("inbound", received.peer, received.control_id).id
+            tx.set_message_state(tx_id, "rejected", answer_code=code, answer_text=text, detail="answered")
+            return Verdict(code, text)
+
+        return self.chamber.transact(work).addCallback(self._logged, received)
+
+    @staticmethod
+    def _known(known, received: Received) -> Verdict:
+        if known.body != received.body:
+            return Verdict("AR", f"control id {received.control_id} was already used for a different message")
+        if known.state == "rejected":
+            return Verdict(known.answer_code or "AR", known.answer_text or "", duplicate=True)
+        return Verdict("AA", "duplicate of a message already committed", duplicate=True)
+
+    @staticmethod
+    def _logged(verdict: Verdict, received: Received) -> Verdict:
+        log.info("inner.message", peer=received.peer, control_id=received.control_id, type=received.type,
+                 ack=verdict.code, duplicate=verdict.duplicate)
+        return verdict

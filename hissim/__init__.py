@@ -1,0 +1,18 @@
+"""The bundled HIS simulator: a real MLLP peer with its own slot inventory.
+
+It plays "the hospital" for the demo and the end-to-end tests. It listens for SRM^S01 / SRM^S04 /
+SQM^S25 from the gateway, answers per ``docs/hl7-profile.md``, and (``publish: push``) pushes SIU
+notifications to the gateway: one S24 per open slot at start, S12 for every booking (counter or
+gateway) and S15 for every cancellation.
+
+Modules:
+- ``config``     schema dataclasses of ``his-sim.yaml`` and ``load_config``;
+- ``inventory``  the slot book (pure, no I/O, takes ``now``);
+- ``messages``   building the outgoing SIU (hl7apy) and the answers SRR/SQR/ACK (er7 formatting);
+- ``handler``    the MLLP handler: what the HIS answers to each message it receives;
+- ``notifier``   the outgoing queue of SIU notifications (one in flight, resend with the same MSH-10);
+- ``counter``    the hospital's own counter, booking random free slots over time;
+- ``journal``    the JSON-lines received/sent logs the tests read;
+- ``service``    ``make_service(config, reactor)``;
+- ``cli``        ``main(argv)`` for ``gatewayd his-sim`` / ``python -m hissim``.
+"""

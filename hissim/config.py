@@ -1,0 +1,188 @@
+"""The HIS simulator's configuration (``his-sim.yaml``), parsed into frozen dataclasses.
+
+Every key is documented here (``metadata['doc']``); ``config/his-sim.example.yaml`` shows them all.
+Loading goes through :mod:`gateway.confschema`: unknown keys are errors and every problem is reported
+at once with file, line, column and key path.
+"""
+
+from __future__ import annotations
+
+import zoneinfo
+import dataclasses
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import Annotated, Literal, Optional
+
+from gateway.confschema import Duration, Range, load
+
+from hissim.inventory import Schedule, parse_session
+
+Port = Annotated[int, Range(1, 65535)]
+
+
+def doc(text: str, **kw):
+    return field(metadata={"doc": text}, **kw)
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    code: str = doc("Service code (AIS-3.1), e.g. 'cardiology-consult'; becomes Slot.serviceType.")
+    text: str = doc("Service display text (AIS-3.2), e.g. '心内科门诊'.")
+
+
+@dataclass(frozen=True)
+class DoctorConfig:
+    id: str = doc("Doctor id; also the schedule id (SCH-5.1, ARQ-5, AIP-3.1).")
+    family: str = doc("Family name (AIP-3.2).")
+    given: str = doc("Given name (AIP-3.3).")
+    service: ServiceConfig = doc("The service this doctor's slots offer.")
+    sessions: list[str] = doc("Daily sessions, each 'HH:MM-HH:MM' (local time), e.g. ['08:00-12:00'].")
+    slot_minutes: Annotated[int, Range(1, 1440)] = doc("Length of one slot, minutes.", default=15)
+
+    def __post_validate__(self):
+        issues = []
+        for i, text in enumerate(self.sessions):
+            try:
+                parse_session(text)
+            except ValueError as exc:
+                issues.append((f"sessions[{i}]", str(exc)))
+        return issues
+
+
+@dataclass(frozen=True)
+class DepartmentConfig:
+    code: str = doc("Department code (AIL-3.1).")
+    name: str = doc("Department name (AIL-3.9).")
+    doctors: list[DoctorConfig] = doc("The department's doctors, each with one schedule.")
+
+
+@dataclass(frozen=True)
+class GatewayAddress:
+    host: str = doc("Host of the gateway's inner MLLP listener.", default="127.0.0.1")
+    port: Port = doc("Port of the gateway's inner MLLP listener.", default=2575)
+
+
+@dataclass(frozen=True)
+class HisSimConfig:
+    departments: list[DepartmentConfig] = doc("Departments and their doctors; each doctor has one schedule.")
+    listen: str = doc(
+        "Twisted endpoint where the gateway sends SRM / SQM, e.g. 'tcp:2576:interface=127.0.0.1' "
+        "(port 0 picks a free port; the 'his-sim.listening' log line names it).",
+        default="tcp:2576:interface=127.0.0.1",
+    )
+    gateway: GatewayAddress = doc("Where this HIS pushes SIU notifications.", default_factory=GatewayAddress)
+    publish: Literal["push", "none"] = doc(
+        "push: send SIU^S24 for every open slot at start and SIU^S12/S15 on changes; "
+        "none: only answer SQM^S25 queries (the gateway polls).",
+        default="push",
+    )
+    charset: Literal["utf-8", "gb18030"] = doc(
+        "Encoding of the messages this HIS sends (MSH-18 set accordingly).", default="utf-8"
+    )
+    msh18_empty: bool = doc(
+        "Leave MSH-18 empty even though the text is not ASCII, like many Chinese HIS.", default=False
+    )
+    hl7_version: Literal["2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6"] = doc(
+        "MSH-12 of the messages this HIS sends.", default="2.5"
+    )
+    application: str = doc("MSH-3 of the messages this HIS sends.", default="HIS")
+    facility: str = doc("MSH-4 of the messages this HIS sends.", default="HOSPITAL")
+    gateway_application: str = doc("MSH-5 of the notifications pushed to the gateway.", default="GATEWAYD")
+    gateway_facility: str = doc("MSH-6 of the notifications pushed to the gateway.", default="FRONT")
+    timezone: str = doc("Time zone of the hospital's local date/times.", default="Asia/Shanghai")
+    received_log: Path = doc(
+        "JSON-lines log of every message received (relative to this config file).",
+        default=Path("his-received.jsonl"),
+    )
+    sent_log: Path = doc(
+        "JSON-lines log of every notification sent (relative to this config file).",
+        default=Path("his-sent.jsonl"),
+    )
+    days: Annotated[int, Range(1, 366)] = doc("Slots from start_date for this many days.", default=7)
+    start_date: Optional[str] = doc(
+        "First day of slots, YYYY-MM-DD; null = today (local date in timezone).", default=None
+    )
+    counter_bookings_per_minute: Annotated[float, Range(0, 6000)] = doc(
+        "The hospital's own counter books random free future slots at this average rate (0 = never).",
+        default=2.0,
+    )
+    seed: Optional[int] = doc("Random seed, for reproducible counter bookings; null = random.", default=None)
+    ack_timeout: Duration = doc(
+        "How long to wait for the gateway's ACK before a notification is resent (same MSH-10).",
+        default=Duration(10.0),
+    )
+    retry_initial: Duration = doc("First delay before a resend; doubles up to retry_max.", default=Duration(0.5))
+    retry_max: Duration = doc("Longest delay between resends.", default=Duration(10.0))
+    connect_timeout: Duration = doc("TCP connect timeout towards the gateway.", default=Duration(5.0))
+    max_message_bytes: Annotated[int, Range(1024, 64 << 20)] = doc(
+        "Largest HL7 message accepted from the gateway.", default=1 << 20
+    )
+    idle_timeout: Duration = doc("An idle MLLP connection from the gateway is closed after this.",
+                                 default=Duration(300.0))
+    max_connections: Annotated[int, Range(1, 1000)] = doc("Most simultaneous MLLP connections.", default=16)
+
+    def __post_validate__(self):
+        issues = []
+        try:
+            zoneinfo.ZoneInfo(self.timezone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            issues.append(("timezone", f"unknown time zone {self.timezone!r} (use e.g. Asia/Shanghai)"))
+        if self.start_date is not None:
+            try:
+                date.fromisoformat(self.start_date)
+            except ValueError:
+                issues.append(("start_date", f"{self.start_date!r} is not a date YYYY-MM-DD"))
+        seen: dict[str, str] = {}
+        for d, department in enumerate(self.departments):
+            for i, doctor in enumerate(department.doctors):
+                key = f"departments[{d}].doctors[{i}].id"
+                if doctor.id in seen:
+                    issues.append((key, f"doctor id {doctor.id!r} is also used at {seen[doctor.id]}"))
+                else:
+                    seen[doctor.id] = key
+        if not seen:
+            issues.append(("departments", "at least one doctor is needed"))
+        return issues
+
+    # -- derived -------------------------------------------------------------------------------
+
+    @property
+    def codec(self) -> str:
+        return "gb18030" if self.charset == "gb18030" else "utf-8"
+
+    def schedules(self) -> list[Schedule]:
+        """One schedule per doctor, in config order."""
+        schedules = []
+        for department in self.departments:
+            for doctor in department.doctors:
+                schedules.append(
+                    Schedule(
+                        id=doctor.id,
+                        family=doctor.family,
+                        given=doctor.given,
+                        department_code=department.code,
+                        department_name=department.name,
+                        service_code=doctor.service.code,
+                        service_text=doctor.service.text,
+                        slot_minutes=doctor.slot_minutes,
+                        sessions=tuple(parse_session(s) for s in doctor.sessions),
+                    )
+                )
+        return schedules
+
+
+def load_config(path: str | Path) -> HisSimConfig:
+    """Load and validate the simulator's YAML config; raises ConfigError listing every problem."""
+    config = load(path, HisSimConfig)
+    return with_paths_relative_to(config, Path(path).absolute().parent)
+
+
+def with_paths_relative_to(config: HisSimConfig, base_dir: Path) -> HisSimConfig:
+    """The config with its log paths made absolute against ``base_dir`` (defaults are not resolved by
+    the loader, explicit relative paths already are)."""
+    return dataclasses.replace(
+        config,
+        received_log=base_dir / config.received_log,
+        sent_log=base_dir / config.sent_log,
+    )

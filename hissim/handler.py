@@ -1,0 +1,292 @@
+"""What the simulated HIS answers to each message it receives over MLLP.
+
+The MLLP server (``adapters.mllp.server``) frames, parses (NAKing what it cannot parse) and calls
+:meth:`HisHandler.handle`; the answer returned here is written back as-is.
+
+Answers (always MSA-2 = the received MSH-10):
+- SRM^S01 -> SRR^S01: AA with SCH (SCH-1 placer id, SCH-2 the new HIS appointment id, SCH-25 Booked)
+  and the slot's RGS/AIS/AIL/AIP; AR when the slot is unknown (ERR 204 'no such slot'), booked
+  ('slot already booked') or blocked ('slot blocked'), or when ARQ is incomplete (101/102).
+  The same placer id asking again for the slot it already holds gets AA with its booking (no second
+  booking); asking for another slot while holding one gets AR 205.
+- SRM^S04 -> SRR^S04: AA (SCH-25 Cancelled) and the slot opens again; AR 204 for an unknown booking.
+- SQM^S25 -> SQR^S25: MSA, the QRD echoed, one SCH/RGS/AIS/AIL/AIP group per slot starting within
+  QRF-2..QRF-3 (all slots when empty), then an empty DSC.
+- any other message -> ACK AR with ERR 200 (unknown message code) or 201 (unsupported event).
+- a resend (an MSH-10 already answered, same content; MSH-7 may differ) gets the very same answer
+  bytes and changes nothing (a resent SQM^S25 is answered afresh: queries change nothing, and an SQR
+  can be too large to keep); the same MSH-10 with other content gets AR 205 'control id reused with
+  different content' (and is not remembered).
+Bookings and cancellations queue an SIU^S12 / SIU^S15 (push mode) through ``notify``.
+
+Every received message is journalled (control id, type, the ACK code, placer id, schedule, start):
+never a patient's name or identifier.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any
+
+import structlog
+
+from adapters.hl7.er7 import Hl7Error, Message, Segment, escape, parse_dtm
+from hissim.clocks import HospitalClock
+from hissim.inventory import Inventory, InventoryError, SlotNotOpen, UnknownBooking, UnknownSlot
+from hissim.journal import Journal
+from hissim.messages import Header, Notification, Refusal, build_answer, slot_group
+
+log = structlog.get_logger("hissim.handler")
+
+#: how many answered control ids are remembered for resends
+REMEMBERED_ANSWERS = 20_000
+
+
+@dataclass(frozen=True)
+class _Answered:
+    fingerprint: str
+    code: str
+    answer: bytes | None  # None for queries: they change nothing, a resend is answered afresh
+
+
+@dataclass
+class _Outcome:
+    answer_type: str
+    refusal: Refusal | None = None
+    body: list[list[str]] | None = None
+    trailer: list[list[str]] | None = None
+    notification: Notification | None = None
+
+
+class HisHandler:
+    """The HIS's application: books, cancels and answers queries against the inventory."""
+
+    def __init__(
+        self,
+        *,
+        inventory: Inventory,
+        header: Header,
+        clock: HospitalClock,
+        control_ids: Iterator[str],
+        journal: Journal,
+        notify: Callable[[Notification], None] | None = None,
+    ) -> None:
+        self.inventory = inventory
+        self.header = header
+        self.clock = clock
+        self.control_ids = control_ids
+        self.journal = journal
+        self.notify = notify
+        self._answered: collections.OrderedDict[str, _Answered] = collections.OrderedDict()
+
+    # -- the MLLP handler interface -------------------------------------------------------------
+
+    def handle(self, message: Message, peer: Any = None) -> bytes:
+        control_id = message.control_id
+        fingerprint = _fingerprint(message)
+        facts = _facts(message)
+        duplicate = False
+        earlier = self._answered.get(control_id)
+        if earlier is not None and earlier.fingerprint == fingerprint and earlier.answer is not None:
+            code, answer, duplicate = earlier.code, earlier.answer, True
+        elif earlier is not None and earlier.fingerprint != fingerprint:
+            outcome = _Outcome(_answer_type(message), Refusal(205, "control id reused with different content",
+                                                              "MSH", 10))
+            code, answer = "AR", self._answer(message, outcome)
+        else:
+            outcome = self._process(message)
+            code = "AA" if outcome.refusal is None else "AR"
+            answer = self._answer(message, outcome)
+            kept = None if message.message_code == "SQM" else answer  # an SQR can be large
+            self._remember(control_id, _Answered(fingerprint, code, kept))
+            if outcome.notification is not None and self.notify is not None:
+                self.notify(outcome.notification)
+        entry = {
+            "time": self.clock.iso(),
+            "control_id": control_id,
+            "type": message.type_name,
+            "ack": code,
+            **facts,
+        }
+        if duplicate:
+            entry["duplicate"] = True
+        self.journal.write(entry)
+        log.info("his-sim.received", control_id=control_id, type=message.type_name, ack=code,
+                 duplicate=duplicate, schedule=facts["schedule"], start=facts["start"])
+        return answer
+
+    # -- processing -----------------------------------------------------------------------------
+
+    def _process(self, message: Message) -> _Outcome:
+        kind = (message.message_code, message.trigger)
+        try:
+            if kind == ("SRM", "S01"):
+                return self._book(message)
+            if kind == ("SRM", "S04"):
+                return self._cancel(message)
+            if kind == ("SQM", "S25"):
+                return self._query(message)
+        except Hl7Error as exc:
+            return _Outcome(_answer_type(message),
+                            Refusal(exc.code, exc.text, exc.segment or "", exc.field))
+        if message.message_code in ("SRM", "SQM"):
+            return _Outcome(_answer_type(message),
+                            Refusal(201, f"unsupported event {message.trigger}", "MSH", 9))
+        return _Outcome(_answer_type(message), Refusal(200, "unsupported message type", "MSH", 9))
+
+    def _book(self, message: Message) -> _Outcome:
+        answer_type = "SRR^S01^SRR_S01"
+        arq = _required_segment(message, "ARQ")
+        placer = arq.get(1)
+        if not placer:
+            raise Hl7Error(101, "placer appointment id (ARQ-1) is required", segment="ARQ", field=1)
+        schedule_id, start = self._requested_slot(message, arq)
+        try:
+            held = self.inventory.booking(placer_id=placer)
+        except UnknownBooking:
+            held = None
+        if held is not None:
+            if (held.schedule_id, held.start) == (schedule_id, start):
+                slot = self.inventory.slot(schedule_id, start)
+                return _Outcome(answer_type, body=slot_group(slot, "S12^booked"))
+            return _Outcome(answer_type, Refusal(205, "placer appointment id already booked on another slot",
+                                                 "ARQ", 1))
+        try:
+            booking = self.inventory.book(schedule_id, start, by=placer, placer_id=placer)
+        except UnknownSlot as exc:
+            return _Outcome(answer_type, Refusal(204, str(exc), "ARQ", 5))
+        except SlotNotOpen as exc:
+            return _Outcome(answer_type, Refusal(207, str(exc), "ARQ", 11))
+        slot = self.inventory.slot(schedule_id, start)
+        return _Outcome(
+            answer_type,
+            body=slot_group(slot, "S12^booked"),
+            notification=Notification("S12", slot, "Booked", "gateway", booking),
+        )
+
+    def _cancel(self, message: Message) -> _Outcome:
+        answer_type = "SRR^S04^SRR_S01"
+        arq = _required_segment(message, "ARQ")
+        placer, filler = arq.get(1), arq.get(2)
+        if not placer and not filler:
+            raise Hl7Error(101, "placer (ARQ-1) or filler (ARQ-2) appointment id is required",
+                           segment="ARQ", field=1)
+        try:
+            booking = self.inventory.cancel(appointment_id=filler or None, placer_id=placer or None)
+        except InventoryError as exc:
+            return _Outcome(answer_type, Refusal(204, str(exc), "ARQ", 2 if filler else 1))
+        slot = self.inventory.slot(booking.schedule_id, booking.start)
+        group = slot_group(replace(slot, booking=booking), "S15^cancelled")
+        group[0][25] = "Cancelled"
+        return _Outcome(
+            answer_type,
+            body=group,
+            notification=Notification("S15", slot, "Cancelled", "gateway", booking),
+        )
+
+    def _query(self, message: Message) -> _Outcome:
+        qrd = _required_segment(message, "QRD")
+        qrf = message.segment("QRF")
+        start_from = until = None
+        if qrf is not None:
+            start_from = self._dtm(qrf, "QRF", 2)
+            until = self._dtm(qrf, "QRF", 3)
+        body = [_echo(qrd)]
+        for slot in self.inventory.slots(start_from, until):
+            body.extend(slot_group(slot, "S25^query"))
+        return _Outcome("SQR^S25^SQR_S25", body=body, trailer=[["DSC"]])
+
+    def _requested_slot(self, message: Message, arq: Segment) -> tuple[str, datetime]:
+        schedule_id = arq.get(5)
+        if not schedule_id:
+            raise Hl7Error(101, "schedule id (ARQ-5) is required", segment="ARQ", field=5)
+        start = self._dtm(arq, "ARQ", 11)
+        if start is None:
+            ais = message.segment("AIS")
+            if ais is not None:
+                start = self._dtm(ais, "AIS", 4)
+        if start is None:
+            raise Hl7Error(101, "requested start (ARQ-11.1 or AIS-4) is required", segment="ARQ", field=11)
+        return schedule_id, start
+
+    def _dtm(self, segment: Segment, name: str, field: int) -> datetime | None:
+        text = segment.get(field)
+        if not text:
+            return None
+        try:
+            return self.clock.to_local(parse_dtm(text))
+        except (Hl7Error, ValueError):
+            raise Hl7Error(102, f"{name}-{field} is not a date/time", segment=name, field=field) from None
+
+    # -- answers --------------------------------------------------------------------------------
+
+    def _answer(self, message: Message, outcome: _Outcome) -> bytes:
+        msh = message.msh
+        return build_answer(
+            self.header,
+            type_name=outcome.answer_type,
+            answered_control_id=message.msh.raw(10),
+            control_id=next(self.control_ids),
+            now=self.clock.local(),
+            to_application=msh.raw(3),
+            to_facility=msh.raw(4),
+            refusal=outcome.refusal,
+            body=outcome.body or (),
+            trailer=outcome.trailer or (),
+        )
+
+    def _remember(self, control_id: str, answered: _Answered) -> None:
+        self._answered[control_id] = answered
+        while len(self._answered) > REMEMBERED_ANSWERS:
+            self._answered.popitem(last=False)
+
+
+def _answer_type(message: Message) -> str:
+    if message.message_code == "SRM":
+        return f"SRR^{message.trigger}^SRR_S01"
+    if message.message_code == "SQM" and message.trigger == "S25":
+        return "SQR^S25^SQR_S25"
+    return f"ACK^{escape(message.trigger or '')}^ACK"
+
+
+def _required_segment(message: Message, name: str) -> Segment:
+    segment = message.segment(name)
+    if segment is None:
+        raise Hl7Error(100, f"{name} segment is required", segment=name, field=None)
+    return segment
+
+
+def _echo(segment: Segment) -> list[str]:
+    """The segment's fields as received (still escaped), for format_message (not for MSH)."""
+    return [segment.name] + [segment.raw(n) for n in range(1, segment.field_count + 1)]
+
+
+def _fingerprint(message: Message) -> str:
+    """The message's content, MSH-7 (time of message) left out: a resend may be stamped anew."""
+    digest = hashlib.sha256()
+    for segment in message.segments:
+        fields = _echo(segment)
+        if segment.name == "MSH":
+            fields = fields[:7] + fields[8:]  # fields[n] is MSH-n: leave out MSH-7
+        digest.update("|".join(fields).encode("utf-8", "surrogatepass"))
+        digest.update(b"\r")
+    return digest.hexdigest()
+
+
+def _facts(message: Message) -> dict[str, Any]:
+    """What the journal may say about a request: the gateway's placer id, schedule and start only."""
+    arq = message.segment("ARQ")
+    placer = schedule = start = None
+    if arq is not None:
+        placer = arq.get(1) or None
+        schedule = arq.get(5) or None
+        start_text = arq.get(11)
+        if not start_text:
+            ais = message.segment("AIS")
+            start_text = ais.get(4) if ais is not None else ""
+        start = start_text[:12] or None
+    return {"placer": placer, "schedule": schedule, "start": start}

@@ -1,0 +1,156 @@
+"""The HIS's outgoing SIU notifications: a FIFO queue with one message in flight.
+
+Each notification gets its MSH-10 when it is first put on the wire and keeps it on every resend, so the
+gateway can drop duplicates. Failure paths, all chosen on purpose:
+- the gateway is not reachable (connect refused, connection lost) -> resend after a backoff;
+- no ACK with our MSA-2 within ``ack_timeout``                      -> resend after a backoff;
+- an ACK AE / AR / CE / CR                                          -> resend after a backoff
+  (the gateway refusing is a problem to fix there; later notifications wait, in order).
+The backoff starts at ``retry_initial``, doubles up to ``retry_max`` and resets after an AA / CA.
+Each notification is journalled once, when first sent (not on resends).
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+
+import structlog
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.python.failure import Failure
+
+from adapters.hl7.ack import read_ack
+from adapters.hl7.er7 import Message
+from hissim.clocks import HospitalClock
+from hissim.journal import Journal
+from hissim.messages import Notification, slot_dtm
+
+log = structlog.get_logger("hissim.notifier")
+
+#: send(payload, control_id) -> Deferred firing with the gateway's answer (MSA-2 already matched)
+Sender = Callable[[bytes, str], "Deferred[Message]"]
+#: build(notification, control_id, now) -> payload bytes
+Builder = Callable[[Notification, str, datetime], bytes]
+
+ACCEPTED = frozenset({"AA", "CA"})
+
+
+@dataclass
+class _Pending:
+    note: Notification
+    control_id: str | None = None
+    payload: bytes | None = None
+    attempts: int = 0
+
+
+class Notifier:
+    def __init__(
+        self,
+        *,
+        send: Sender,
+        build: Builder,
+        clock: HospitalClock,
+        control_ids: Iterator[str],
+        journal: Journal,
+        retry_initial: float = 0.5,
+        retry_max: float = 10.0,
+    ) -> None:
+        self._send = send
+        self._build = build
+        self._clock = clock
+        self._reactor: IReactorTime = clock.clock
+        self._control_ids = control_ids
+        self._journal = journal
+        self._retry_initial = retry_initial
+        self._retry_max = retry_max
+        self._delay = retry_initial
+        self._queue: collections.deque[_Pending] = collections.deque()
+        self._in_flight = False
+        self._wakeup: IDelayedCall | None = None
+        self._running = False
+        self.delivered = 0
+
+    @property
+    def pending(self) -> int:
+        """Notifications not yet acknowledged (the one in flight included)."""
+        return len(self._queue)
+
+    def start(self) -> None:
+        self._running = True
+        self._schedule(0)
+
+    def stop(self) -> None:
+        self._running = False
+        if self._wakeup is not None and self._wakeup.active():
+            self._wakeup.cancel()
+        self._wakeup = None
+
+    def enqueue(self, note: Notification) -> None:
+        self._queue.append(_Pending(note))
+        if not self._in_flight:
+            self._schedule(0)
+
+    # -- the pump -------------------------------------------------------------------------------
+
+    def _schedule(self, delay: float) -> None:
+        if not self._running:
+            return
+        if self._wakeup is not None and self._wakeup.active():
+            return
+        self._wakeup = self._reactor.callLater(delay, self._pump)
+
+    def _pump(self) -> None:
+        self._wakeup = None
+        if not self._running or self._in_flight or not self._queue:
+            return
+        item = self._queue[0]
+        if item.payload is None:
+            item.control_id = next(self._control_ids)
+            item.payload = self._build(item.note, item.control_id, self._clock.local())
+            note = item.note
+            self._journal.write({
+                "time": self._clock.iso(),
+                "control_id": item.control_id,
+                "type": note.type_name,
+                "schedule": note.slot.schedule.id,
+                "start": slot_dtm(note.slot.start),
+                "status": note.status,
+                "reason": note.reason,
+            })
+        item.attempts += 1
+        self._in_flight = True
+        assert item.control_id is not None
+        try:
+            d = self._send(item.payload, item.control_id)
+        except Exception:  # a sender that fails synchronously is treated like a lost connection
+            d = Deferred()
+            d.errback(Failure())
+        d.addCallbacks(self._answered, self._failed, callbackArgs=(item,), errbackArgs=(item,))
+
+    def _answered(self, answer: Message, item: _Pending) -> None:
+        self._in_flight = False
+        code, _control_id, text = read_ack(answer)
+        if code in ACCEPTED:
+            self._queue.popleft()
+            self.delivered += 1
+            self._delay = self._retry_initial
+            log.debug("his-sim.notification-acked", control_id=item.control_id, type=item.note.type_name)
+            self._schedule(0)
+            return
+        log.warning("his-sim.notification-refused", control_id=item.control_id, type=item.note.type_name,
+                    ack=code, text=text, attempts=item.attempts)
+        self._retry()
+
+    def _failed(self, failure: Failure, item: _Pending) -> None:
+        self._in_flight = False
+        log.info("his-sim.notification-failed", control_id=item.control_id, type=item.note.type_name,
+                 error=failure.getErrorMessage() or failure.type.__name__, attempts=item.attempts)
+        self._retry()
+
+    def _retry(self) -> None:
+        delay = self._delay
+        self._delay = min(self._delay * 2, self._retry_max)
+        self._schedule(delay)

@@ -1,0 +1,241 @@
+"""The slot book and the booking service: hold -> confirm, refusals, cancellations, expiry, compensation.
+
+Runs on a real chamber (SQLite file) with transactions committed synchronously and a task.Clock.
+"""
+
+import functools
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+import pytest
+from twisted.internet import task
+
+from adapters.hl7.er7 import parse
+from adapters.mapping.srm_booking import Hl7Header, build_srm
+from gateway.booking import BookingService, HisLinkInfo, SlotBook
+from gateway.chamber import Chamber
+from gateway.scheduling import (
+    AppointmentUnknown,
+    BookingRequest,
+    HisAnswer,
+    Patient,
+    PatientIdentifier,
+    ScheduleInfo,
+    SlotNotice,
+    SlotUnavailable,
+    SlotUnknown,
+    slot_id,
+)
+
+TZ = ZoneInfo("Asia/Shanghai")
+START = datetime(2030, 1, 7, 8, 0)
+SCHEDULE = ScheduleInfo("D001", "张伟 心内科", "D001", "张伟", "CARD", "心内科")
+PATIENT = Patient((PatientIdentifier("urn:demo:mrn", "MRN-1", "MR"),), "王", "芳", "13800000000")
+SID = slot_id("D001", START)
+
+
+def notice(action, start=START, his_appointment=None, placer=None):
+    return SlotNotice(action, SCHEDULE, start, 15, "card", "心内科门诊", his_appointment, placer)
+
+
+@pytest.fixture
+def env(tmp_path):
+    clock = task.Clock()
+    clock.advance(datetime(2030, 1, 1, tzinfo=TZ).timestamp())
+    chamber = Chamber(tmp_path / "c.sqlite3", clock=clock.seconds)
+    chamber.open()
+    header = Hl7Header("GATEWAYD", "FRONT", "HIS", "HOSPITAL", "2.5", "utf-8")
+    booking = BookingService(chamber, HisLinkInfo("his", "utf-8", "S04", functools.partial(build_srm, header=header)),
+                             tz=TZ, hold_seconds=60, clock=clock)
+    book = SlotBook(TZ)
+    chamber.transact_now(lambda tx: book.apply(tx, [notice("open")]))
+    yield chamber, booking, book, clock
+    booking.stop()
+    chamber.close()
+
+
+def result(d):
+    out = []
+    d.addBoth(out.append)
+    assert out, "the Deferred did not fire"
+    if hasattr(out[0], "raiseException"):
+        out[0].raiseException()
+    return out[0]
+
+
+def outbound(chamber):
+    return [m for m in reversed(chamber.read().messages(direction="outbound"))]
+
+
+def answer(chamber, booking, message, code, his_appointment=None, text=""):
+    chamber.transact_now(lambda tx: booking.on_answer(tx, tx.message(message.id),
+                                                      HisAnswer(code, text, his_appointment)))
+
+
+def test_open_notice_creates_a_free_slot(env):
+    """SIU^S24 for a new time creates the slot and its schedule; the slot is free."""
+    chamber, *_ = env
+    slot = chamber.read().slot(SID)
+    assert slot.visible_status == "free"
+    assert slot.start_ts == START.replace(tzinfo=TZ).timestamp()
+    assert slot.end_ts - slot.start_ts == 15 * 60
+    assert chamber.read().schedules()[0].practitioner_name == "张伟"
+
+
+def test_booking_holds_the_slot_and_queues_srm_in_one_commit(env):
+    """book() commits the pending appointment, the busy-tentative hold and the SRM^S01 together."""
+    chamber, booking, _, _ = env
+    appointment_id = result(booking.book("demo", BookingRequest(SID, PATIENT)))
+    assert chamber.read().slot(SID).visible_status == "busy-tentative"
+    appt = chamber.read().appointment(appointment_id)
+    assert (appt.status, appt.pending_change) == ("pending", "book")
+    [msg] = outbound(chamber)
+    assert (msg.type, msg.state, msg.subject) == ("SRM^S01", "queued", f"appointment:{appointment_id}")
+    srm = parse(msg.body)
+    assert srm.control_id == msg.control_id
+    assert srm.segment("ARQ").get(1) == appointment_id
+    assert srm.segment("ARQ").get(5) == "D001"
+    assert srm.segment("ARQ").get(11) == "203001070800"
+    assert srm.segment("PID").get(5) == "王"
+
+
+def test_second_booking_of_a_held_slot_is_refused(env):
+    """While a slot is held, another booking of it is refused (SlotUnavailable) and queues nothing."""
+    chamber, booking, _, _ = env
+    result(booking.book("demo", BookingRequest(SID, PATIENT)))
+    with pytest.raises(SlotUnavailable):
+        result(booking.book("other", BookingRequest(SID, PATIENT)))
+    assert len(outbound(chamber)) == 1
+
+
+def test_unknown_slot_is_refused(env):
+    _, booking, _, _ = env
+    with pytest.raises(SlotUnknown):
+        result(booking.book("demo", BookingRequest("nope-203001070800", PATIENT)))
+
+
+def test_his_accepts_booking(env):
+    """AA from the HIS books the appointment; the slot is busy and remembers the HIS appointment."""
+    chamber, booking, _, _ = env
+    appointment_id = result(booking.book("demo", BookingRequest(SID, PATIENT)))
+    answer(chamber, booking, outbound(chamber)[0], "AA", "H000001")
+    appt = chamber.read().appointment(appointment_id)
+    assert (appt.status, appt.pending_change, appt.his_appointment) == ("booked", None, "H000001")
+    slot = chamber.read().slot(SID)
+    assert (slot.visible_status, slot.booked_by, slot.his_appointment) == ("busy", appointment_id, "H000001")
+
+
+def test_his_refuses_booking_after_counter_booked_the_slot(env):
+    """The counter booked the slot (SIU^S12) while our SRM travelled: AR refuses the booking, and the
+    slot stays busy because the HIS said so (the hold is released, not the HIS's booking)."""
+    chamber, booking, book, _ = env
+    appointment_id = result(booking.book("demo", BookingRequest(SID, PATIENT)))
+    chamber.transact_now(lambda tx: book.apply(tx, [notice("book", his_appointment="H9")]))
+    answer(chamber, booking, outbound(chamber)[0], "AR", text="slot already booked")
+    appt = chamber.read().appointment(appointment_id)
+    assert appt.status == "refused" and "slot already booked" in appt.outcome
+    assert chamber.read().slot(SID).visible_status == "busy"
+
+
+def test_refusal_frees_a_slot_the_his_still_has_free(env):
+    chamber, booking, _, _ = env
+    result(booking.book("demo", BookingRequest(SID, PATIENT)))
+    answer(chamber, booking, outbound(chamber)[0], "AE", text="internal")
+    assert chamber.read().slot(SID).visible_status == "free"
+
+
+def test_cancel_is_sent_to_the_his_and_frees_the_slot_when_accepted(env):
+    """Cancelling a booked appointment queues SRM^S04 carrying the HIS's appointment id; its AA frees it."""
+    chamber, booking, _, _ = env
+    appointment_id = result(booking.book("demo", BookingRequest(SID, PATIENT)))
+    answer(chamber, booking, outbound(chamber)[0], "AA", "H000001")
+    assert result(booking.cancel("demo", appointment_id)) == "queued"
+    cancel = outbound(chamber)[1]
+    assert cancel.type == "SRM^S04"
+    assert parse(cancel.body).segment("ARQ").get(2) == "H000001"
+    assert chamber.read().appointment(appointment_id).pending_change == "cancel"
+    answer(chamber, booking, cancel, "AA")
+    assert chamber.read().appointment(appointment_id).status == "cancelled"
+    assert chamber.read().slot(SID).visible_status == "free"
+
+
+def test_cancel_refused_by_the_his_keeps_the_booking(env):
+    chamber, booking, _, _ = env
+    appointment_id = result(booking.book("demo", BookingRequest(SID, PATIENT)))
+    answer(chamber, booking, outbound(chamber)[0], "AA", "H1")
+    result(booking.cancel("demo", appointment_id))
+    answer(chamber, booking, outbound(chamber)[1], "AR", text="too late to cancel")
+    appt = chamber.read().appointment(appointment_id)
+    assert (appt.status, appt.pending_change) == ("booked", None)
+    assert "too late" in appt.outcome
+
+
+def test_platform_cannot_touch_another_platforms_appointment(env):
+    _, booking, _, _ = env
+    appointment_id = result(booking.book("demo", BookingRequest(SID, PATIENT)))
+    with pytest.raises(AppointmentUnknown):
+        booking.appointment("other", appointment_id)
+    with pytest.raises(AppointmentUnknown):
+        result(booking.cancel("other", appointment_id))
+
+
+def test_hold_expires_and_unsent_srm_is_withdrawn(env):
+    """A hold the HIS never answered is released at hold_expires; an SRM never sent is withdrawn."""
+    chamber, booking, _, clock = env
+    appointment_id = result(booking.book("demo", BookingRequest(SID, PATIENT)))
+    clock.advance(61)
+    appt = chamber.read().appointment(appointment_id)
+    assert appt.status == "cancelled" and "expired" in appt.outcome
+    assert chamber.read().slot(SID).visible_status == "free"
+    assert outbound(chamber)[0].state == "withdrawn"
+
+
+def test_acceptance_after_expiry_is_compensated_with_a_cancel(env):
+    """If the HIS accepts a booking whose hold was already released, a cancel is queued to undo it."""
+    chamber, booking, _, clock = env
+    appointment_id = result(booking.book("demo", BookingRequest(SID, PATIENT)))
+    srm = outbound(chamber)[0]
+    chamber.transact_now(lambda tx: tx.set_message_state(srm.id, "sending", attempts=1))
+    clock.advance(61)
+    answer(chamber, booking, srm, "AA", "H7")
+    msgs = outbound(chamber)
+    assert [m.type for m in msgs] == ["SRM^S01", "SRM^S04"]
+    assert parse(msgs[1].body).segment("ARQ").get(2) == "H7"
+    assert chamber.read().appointment(appointment_id).status == "cancelled"
+
+
+def test_hospital_cancellation_cancels_our_booking(env):
+    """SIU^S15 for a slot one of our platforms booked: the appointment becomes cancelled."""
+    chamber, booking, book, _ = env
+    appointment_id = result(booking.book("demo", BookingRequest(SID, PATIENT)))
+    answer(chamber, booking, outbound(chamber)[0], "AA", "H1")
+    chamber.transact_now(lambda tx: book.apply(tx, [notice("free", his_appointment="H1")]))
+    appt = chamber.read().appointment(appointment_id)
+    assert appt.status == "cancelled" and appt.outcome == "cancelled by the hospital"
+
+
+def test_reschedule_moves_the_his_appointment(env):
+    """SIU^S13 frees the slot that carried the HIS appointment and makes the new one busy."""
+    chamber, booking, book, _ = env
+    later = START.replace(hour=9)
+    chamber.transact_now(lambda tx: book.apply(tx, [notice("open", start=later)]))
+    chamber.transact_now(lambda tx: book.apply(tx, [notice("book", his_appointment="H5")]))
+    chamber.transact_now(lambda tx: book.apply(tx, [notice("reschedule", start=later, his_appointment="H5")]))
+    assert chamber.read().slot(SID).visible_status == "free"
+    assert chamber.read().slot(slot_id("D001", later)).his_appointment == "H5"
+
+
+def test_waiting_for_the_his_settles_on_answer_or_times_out(env):
+    """wait_settled fires True after the answer is committed, False after the timeout."""
+    chamber, booking, _, clock = env
+    appointment_id = result(booking.book("demo", BookingRequest(SID, PATIENT)))
+    waited = booking.wait_settled(appointment_id, 5)
+    assert not waited.called
+    answer(chamber, booking, outbound(chamber)[0], "AA", "H1")
+    assert result(waited) is True
+    later = START.replace(hour=10)
+    chamber.transact_now(lambda tx: SlotBook(TZ).apply(tx, [notice("open", start=later)]))
+    other = result(booking.book("demo", BookingRequest(slot_id("D001", later), PATIENT)))
+    waited = booking.wait_settled(other, 5)
+    clock.advance(5)
+    assert result(waited) is False

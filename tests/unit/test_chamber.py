@@ -1,0 +1,114 @@
+"""The chamber: schema, durability settings, group commit and its all-or-nothing rules."""
+
+import sqlite3
+
+import pytest
+from twisted.internet import task
+
+from gateway.chamber import Chamber, ChamberError, ScheduleRow
+
+
+class TickReactor(task.Clock):
+    """A Clock that can run what is scheduled for 'now' (a reactor turn)."""
+
+    def turn(self):
+        self.advance(0)
+
+
+def schedule(tx, sid="D001"):
+    tx.upsert_schedule(ScheduleRow(sid, "Dr Zhang", "D001", "张伟", "CARD", "心内科", tx.now))
+
+
+def test_new_chamber_is_wal_full_sync_and_versioned(tmp_path):
+    """A new chamber file is created with the v1 schema, in WAL mode, fsync on every commit."""
+    ch = Chamber(tmp_path / "c.sqlite3")
+    ch.open()
+    conn = ch._conn
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert conn.execute("SELECT value FROM chamber_meta WHERE key='schema_version'").fetchone()[0] == "1"
+    ch.close()
+
+
+def test_data_survives_reopen(tmp_path):
+    """What was committed is there after the chamber is closed and opened again."""
+    ch = Chamber(tmp_path / "c.sqlite3")
+    ch.open()
+    ch.transact_now(schedule)
+    ch.close()
+    ch2 = Chamber(tmp_path / "c.sqlite3")
+    ch2.open()
+    assert [s.id for s in ch2.read().schedules()] == ["D001"]
+    ch2.close()
+
+
+def test_refuses_other_schema_version(tmp_path):
+    """A chamber written by another schema version is refused with a message naming both versions."""
+    path = tmp_path / "c.sqlite3"
+    ch = Chamber(path)
+    ch.open()
+    ch.close()
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE chamber_meta SET value='7' WHERE key='schema_version'")
+    conn.commit()
+    conn.close()
+    with pytest.raises(ChamberError, match="version 7"):
+        Chamber(path).open()
+
+
+def test_refuses_a_file_that_is_not_a_database(tmp_path):
+    """A corrupt or foreign file is not silently replaced: opening fails with the path in the message."""
+    path = tmp_path / "c.sqlite3"
+    path.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(ChamberError, match=str(path)):
+        Chamber(path).open()
+
+
+def test_group_commit_fires_after_commit_and_isolates_failures(tmp_path):
+    """Work queued in one reactor turn commits together; the Deferreds fire only after COMMIT, and a
+    unit that raises is rolled back alone while the others commit."""
+    reactor = TickReactor()
+    path = tmp_path / "c.sqlite3"
+    ch = Chamber(path, reactor=reactor, clock=reactor.seconds)
+    ch.open()
+    seen_by_other_connection = []
+
+    def observe_from_outside(_):
+        other = sqlite3.connect(path)
+        seen_by_other_connection.append(other.execute("SELECT id FROM schedules ORDER BY id").fetchall())
+        other.close()
+
+    d1 = ch.transact(lambda tx: schedule(tx, "A"))
+    d1.addCallback(observe_from_outside)
+
+    def failing(tx):
+        schedule(tx, "B")
+        raise ValueError("refused")
+
+    d2 = ch.transact(failing)
+    errors = []
+    d2.addErrback(lambda f: errors.append(f.value))
+    d3 = ch.transact(lambda tx: schedule(tx, "C"))
+    assert not d1.called and not d3.called  # nothing is answered before the turn's commit
+    reactor.turn()
+    assert d1.called and d3.called
+    assert seen_by_other_connection == [[("A",), ("C",)]]
+    assert isinstance(errors[0], ValueError)
+    assert [s.id for s in ch.read().schedules()] == ["A", "C"]
+    ch.close()
+
+
+def test_observers_run_after_commits_that_recorded_something(tmp_path):
+    """Observers (the relay's wake-up) run after a commit with at least one successful unit."""
+    reactor = TickReactor()
+    ch = Chamber(tmp_path / "c.sqlite3", reactor=reactor, clock=reactor.seconds)
+    ch.open()
+    calls = []
+    ch.observe(lambda: calls.append(1))
+    ch.transact(schedule)
+    reactor.turn()
+    d = ch.transact(lambda tx: 1 / 0)
+    d.addErrback(lambda f: None)
+    reactor.turn()
+    assert calls == [1]
+    ch.close()

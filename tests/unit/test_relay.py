@@ -1,0 +1,120 @@
+"""The relay: strict FIFO, one in flight, resend with the same control id after backoff, every step
+committed, and recovery of a message that was in flight when the process died.
+
+The destination here is a scripted stand-in for the HIS link (the relay is what is under test); the
+real MLLP link is exercised in the end-to-end tests.
+"""
+
+import random
+
+import pytest
+from twisted.internet import defer, task
+
+from gateway.chamber import Chamber
+from gateway.relay import DeliveryFailed, Relay
+from gateway.scheduling import HisAnswer
+
+
+class ScriptedHis:
+    """Records deliveries; each is answered by the test through the Deferred it left pending."""
+
+    def __init__(self):
+        self.calls: list[tuple[bytes, str, defer.Deferred]] = []
+
+    def deliver(self, body, control_id, timeout):
+        d = defer.Deferred()
+        self.calls.append((body, control_id, d))
+        return d
+
+    def close(self):
+        return defer.succeed(None)
+
+
+@pytest.fixture
+def env(tmp_path):
+    clock = task.Clock()
+    clock.advance(1000)
+    chamber = Chamber(tmp_path / "c.sqlite3", clock=clock.seconds)
+    chamber.open()
+    his = ScriptedHis()
+    answers = []
+    relay = Relay(chamber, "his", his, lambda tx, msg, ans: answers.append((msg.control_id, ans.code)),
+                  clock=clock, ack_timeout=5, retry_initial=1, retry_max=8, rng=random.Random(1))
+    yield chamber, his, relay, clock, answers
+    if relay.running:
+        relay.stopService()
+    chamber.close()
+
+
+def queue(chamber, control_id, body=b"MSH|..."):
+    return chamber.transact_now(lambda tx: tx.add_message(
+        direction="outbound", peer="his", control_id=control_id, type="SRM^S01", state="queued",
+        body=body, charset="utf-8"))
+
+
+def test_delivers_in_order_one_at_a_time(env):
+    """Two queued messages: the second is not sent before the first is answered."""
+    chamber, his, relay, _, answers = env
+    queue(chamber, "G1")
+    queue(chamber, "G2")
+    relay.startService()
+    assert [c[1] for c in his.calls] == ["G1"]
+    his.calls[0][2].callback(HisAnswer("AA"))
+    assert [c[1] for c in his.calls] == ["G1", "G2"]
+    his.calls[1][2].callback(HisAnswer("AR", "no"))
+    assert answers == [("G1", "AA"), ("G2", "AR")]
+    states = [m.state for m in reversed(chamber.read().messages())]
+    assert states == ["delivered", "refused"]
+
+
+def test_failed_delivery_is_resent_with_the_same_control_id_after_backoff(env):
+    """No answer: the message stays at the head, nothing overtakes it, and it is resent unchanged."""
+    chamber, his, relay, clock, answers = env
+    first = queue(chamber, "G1", b"body-1")
+    queue(chamber, "G2")
+    relay.startService()
+    his.calls[0][2].errback(DeliveryFailed("AckTimeout"))
+    msg = chamber.read().message(first)
+    assert msg.state == "retrying" and msg.attempts == 1
+    delay = msg.next_attempt - clock.seconds()
+    assert 0.5 <= delay <= 1.0  # first step of the backoff, with jitter
+    assert len(his.calls) == 1
+    clock.advance(delay)
+    assert [(c[0], c[1]) for c in his.calls] == [(b"body-1", "G1"), (b"body-1", "G1")]
+    his.calls[1][2].errback(DeliveryFailed("refused"))
+    second_delay = chamber.read().message(first).next_attempt - clock.seconds()
+    assert 1.0 <= second_delay <= 2.0  # doubled
+    clock.advance(second_delay)
+    his.calls[2][2].callback(HisAnswer("AA"))
+    assert [c[1] for c in his.calls] == ["G1", "G1", "G1", "G2"]
+    story = [s for _, s, _ in chamber.read().message_events(first)]
+    assert story == ["queued", "sending", "retrying", "sending", "retrying", "sending", "delivered"]
+
+
+def test_message_in_flight_at_a_crash_is_sent_again_on_start(env):
+    """A message left 'sending' (the process died waiting for the ACK) is resent with its control id."""
+    chamber, his, relay, _, _ = env
+    mid = queue(chamber, "G1")
+    chamber.transact_now(lambda tx: tx.set_message_state(mid, "sending", attempts=1))
+    relay.startService()
+    assert [c[1] for c in his.calls] == ["G1"]
+    his.calls[0][2].callback(HisAnswer("AA"))
+    assert chamber.read().message(mid).attempts == 2
+
+
+def test_wakes_when_something_is_committed(env):
+    """A commit in the chamber wakes an idle relay at once (no waiting for the poll)."""
+    chamber, his, relay, _, _ = env
+    relay.startService()
+    assert his.calls == []
+    queue(chamber, "G9")
+    assert [c[1] for c in his.calls] == ["G9"]
+
+
+def test_withdrawn_messages_are_not_sent(env):
+    chamber, his, relay, _, _ = env
+    mid = queue(chamber, "G1")
+    chamber.transact_now(lambda tx: tx.set_message_state(mid, "withdrawn"))
+    queue(chamber, "G2")
+    relay.startService()
+    assert [c[1] for c in his.calls] == ["G2"]
