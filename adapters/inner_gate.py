@@ -60,20 +60,21 @@ class InnerGateHandler:
         received = Received(peer=self.peer, control_id=message.control_id, type=message.type_name,
                             body=message.raw, charset=message.charset)
         if message.message_code != "SIU":
-            err = Hl7Error(200, f"this gateway does not take {message.type_name} messages",
-                           segment="MSH", field=9)
-            d = self.inbound.refuse(received, "AR", err.text)
-            return d.addCallback(lambda v: self._ack(message, v.code, v.text, err))
-        try:
-            notices = notices_from_siu(message)
-        except Hl7Error as err:
-            code = "AR" if err.code in (200, 201, 203) else "AE"
-            d = self.inbound.refuse(received, code, str(err))
-            return d.addCallback(lambda v: self._ack(message, v.code, v.text, err))
-        d = self.inbound.accept(received, notices)
-        d.addCallback(self._verdict, message)
-        d.addErrback(self._not_stored, message)
-        return d
+            d = self._refuse(message, received, Hl7Error(
+                200, f"this gateway does not take {message.type_name} messages", segment="MSH", field=9))
+        else:
+            try:
+                notices = notices_from_siu(message)
+            except Hl7Error as e:
+                d = self._refuse(message, received, e)
+            else:
+                d = self.inbound.accept(received, notices).addCallback(self._verdict, message)
+        return d.addErrback(self._not_stored, message)
+
+    def _refuse(self, message: Message, received: Received, err: Hl7Error) -> defer.Deferred:
+        code = "AR" if err.code in (200, 201, 203) else "AE"
+        d = self.inbound.refuse(received, code, str(err))
+        return d.addCallback(lambda v: self._ack(message, v.code, v.text, err))
 
     def _verdict(self, verdict, message: Message) -> bytes:
         error = None

@@ -26,7 +26,6 @@ from twisted.internet import defer
 from gateway.scheduling import (
     AppointmentUnknown,
     BookingRequest,
-    ChangeRefused,
     HisAnswer,
     Patient,
     SlotForHis,

@@ -70,10 +70,14 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_demo(args.workdir)
     if args.command == "certs":
-        from gateway.devca import init_dev_ca
+        from gateway.devca import DevCAError, init_dev_ca
 
-        paths = init_dev_ca(args.directory, platforms=tuple(args.platform or ("demo",)),
-                            server_names=tuple(args.server_name or ("localhost", "127.0.0.1")))
+        try:
+            paths = init_dev_ca(args.directory, platforms=tuple(args.platform or ("demo",)),
+                                server_names=tuple(args.server_name or ("localhost", "127.0.0.1")))
+        except (DevCAError, ValueError, OSError) as e:
+            print(f"gatewayd certs init: {e}", file=sys.stderr)
+            return 1
         for name, path in paths.items():
             print(f"{name}: {path}")
         return 0
@@ -91,10 +95,8 @@ def _load(path: Path):
 
     try:
         return load_config(path), None
-    except ConfigError as e:
+    except ConfigError as e:  # includes a missing or unreadable file
         return None, str(e)
-    except OSError as e:
-        return None, f"{path}: cannot read the file: {e.strerror}"
 
 
 def check_config(path: Path) -> int:

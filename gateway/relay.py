@@ -141,13 +141,14 @@ class Relay(service.Service):
         try:
             answer: HisAnswer = await self.destination.deliver(msg.body, msg.control_id, self.ack_timeout)
         except DeliveryFailed as e:
+            reason = str(e)
             delay = self._backoff(attempts)
             await self.chamber.transact(
                 lambda tx: tx.set_message_state(msg.id, "retrying", next_attempt=tx.now + delay,
-                                                detail=f"{e}; next attempt in {delay:.1f}s")
+                                                detail=f"{reason}; next attempt in {delay:.1f}s")
             )
             log.warning("relay.retrying", peer=self.peer, message=msg.id, control_id=msg.control_id,
-                        attempt=attempts, delay=round(delay, 3), reason=str(e))
+                        attempt=attempts, delay=round(delay, 3), reason=reason)
             self._arm(delay)
             return False
 

@@ -30,10 +30,6 @@ class AppointmentUnknown(SchedulingError):
     code = "appointment-unknown"
 
 
-class ChangeRefused(SchedulingError):
-    code = "change-refused"
-
-
 @dataclass(frozen=True)
 class ScheduleInfo:
     """A bookable calendar at the HIS (a doctor's clinic sessions)."""

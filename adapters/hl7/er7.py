@@ -160,6 +160,8 @@ class Encoding:
             ord(self.repetition): f"{e}R{e}",
             ord("\r"): f"{e}X0D{e}",
             ord("\n"): f"{e}X0A{e}",
+            ord("\x0b"): f"{e}X0B{e}",  # MLLP start/end bytes: never let text break the framing
+            ord("\x1c"): f"{e}X1C{e}",
         }
         unmap = {
             "F": self.field,
@@ -212,7 +214,8 @@ _HEX = re.compile(r"(?:[0-9A-Fa-f]{2})+\Z")
 
 def escape(text: str, enc: Encoding = _DEFAULT_ENCODING) -> str:
     """Escape ``text`` for use as one field/component value: the delimiters become ``\\F\\ \\S\\ \\T\\ \\R\\ \\E\\``
-    (and ``\\P\\`` for a truncation character), CR and LF become ``\\X0D\\`` / ``\\X0A\\``."""
+    (and ``\\P\\`` for a truncation character), CR and LF become ``\\X0D\\`` / ``\\X0A\\``, and the MLLP block
+    bytes 0x0B / 0x1C become ``\\X0B\\`` / ``\\X1C\\`` (an addition: escaped text can always be framed)."""
     return text.translate(enc._escape_table)
 
 
@@ -576,10 +579,11 @@ def parse(data: bytes, default_charset: str = "utf-8") -> Message:
         name = fields[0]
         if name not in known:
             if not _SEGMENT_NAME.match(name):
+                shown = name[:3] if name[:3].isascii() and name[:3].isprintable() else ""
                 raise Hl7Error(
                     100,
-                    f"segment {position} has an invalid name {name[:8]!r} (3 upper-case letters/digits)",
-                    segment=name[:3] or None,
+                    f"segment {position} has an invalid name {name[:4]!r}... (3 upper-case letters/digits)",
+                    segment=shown or None,
                     sequence=position,
                 )
             known.add(name)

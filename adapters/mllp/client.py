@@ -74,6 +74,13 @@ class PeerUnavailable(Exception):
         self.reason = reason
 
 
+def _describe(endpoint) -> str:
+    """``host:port`` of a TCP/TLS client endpoint when it exposes them, else its repr."""
+    host = getattr(endpoint, "_host", None)
+    port = getattr(endpoint, "_port", None)
+    return f"{host}:{port}" if host is not None and port is not None else repr(endpoint)
+
+
 class _Send:
     __slots__ = ("payload", "control_id", "timeout", "deferred", "written", "timer")
 
@@ -157,6 +164,7 @@ class MLLPClient:
         self._proto: _ClientProtocol | None = None
         self._connecting: defer.Deferred | None = None
         self._closed = False
+        self._connect_timed_out = False
         self._close_waiters: list[tuple[_ClientProtocol, defer.Deferred]] = []
 
     # ------------------------------------------------------------------------------------- public
@@ -213,9 +221,23 @@ class MLLPClient:
 
     def _connect(self) -> None:
         d = self.endpoint.connect(_ClientFactory(self))
-        d.addTimeout(self.connect_timeout, self.clock)
         self._connecting = d
+        self._connect_timed_out = False
+        timer = self.clock.callLater(self.connect_timeout, self._connect_timeout, d)
+        d.addBoth(self._stop_timer, timer)
         d.addCallbacks(self._connected, self._connect_failed)
+
+    def _connect_timeout(self, d: defer.Deferred) -> None:
+        # Deferred.addTimeout is not used: endpoints' cancellers fail with ConnectingCancelledError, which
+        # addTimeout does not recognise as a timeout.
+        self._connect_timed_out = True
+        d.cancel()
+
+    @staticmethod
+    def _stop_timer(result, timer):
+        if timer.active():
+            timer.cancel()
+        return result
 
     def _connected(self, proto: _ClientProtocol) -> None:
         self._connecting = None
@@ -235,13 +257,13 @@ class MLLPClient:
 
     def _connect_failed(self, failure: Failure) -> None:
         self._connecting = None
-        if failure.check(defer.CancelledError) and self._closed:
-            return
-        if failure.check(defer.TimeoutError):
+        if self._closed:
+            return  # close() already failed every send
+        if self._connect_timed_out:
             reason = f"connect timed out after {self.connect_timeout:g}s"
         else:
             reason = f"connect failed: {failure.getErrorMessage() or failure.type.__name__}"
-        log.warning("mllp.client.connect_failed", endpoint=str(self.endpoint), reason=reason)
+        log.warning("mllp.client.connect_failed", endpoint=_describe(self.endpoint), reason=reason)
         item, self._in_flight = self._in_flight, None
         if item is not None:
             self._settle(item, failure=PeerUnavailable(reason))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import os
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -546,16 +545,6 @@ def test_a_directory_is_not_a_readable_file(tmp_path):
     """A directory given as a file is reported as such."""
     issue = only_issue(f"certificate: {tmp_path}\ndata_dir: d\n", Files, base_dir=tmp_path)
     assert issue.message == f"'{tmp_path}' is a directory, not a file"
-
-
-@pytest.mark.skipif(os.geteuid() == 0, reason='root can read any file')
-def test_unreadable_file_is_reported(tmp_path):
-    """A file without read permission is reported with a hint about permissions."""
-    secret = tmp_path / 'key.pem'
-    secret.write_text('x')
-    secret.chmod(0)
-    issue = only_issue("certificate: key.pem\ndata_dir: d\n", Files, base_dir=tmp_path)
-    assert 'permission denied' in issue.message
 
 
 def test_unreadable_file_is_reported_even_when_running_as_root(tmp_path, monkeypatch):

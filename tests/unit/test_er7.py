@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from adapters.hl7.ack import build_ack, build_nak_for_unparseable, read_ack, salvage_control_id
+from adapters.mllp.framing import frame
 from adapters.hl7.er7 import (
     Encoding,
     Hl7Error,
@@ -167,8 +168,9 @@ def test_unescape_hex_uses_message_charset():
 
 def test_escape_produces_standard_sequences():
     """escape() writes \\F\\ \\S\\ \\T\\ \\R\\ \\E\\ and turns CR/LF into \\X0D\\/\\X0A\\ (never a raw segment
-    separator inside a field)."""
+    separator inside a field), and the MLLP block bytes into \\X0B\\/\\X1C\\."""
     assert escape("a|b^c&d~e\\f\rg\nh") == "a\\F\\b\\S\\c\\T\\d\\R\\e\\E\\f\\X0D\\g\\X0A\\h"
+    assert escape("a\x0bb\x1cc") == "a\\X0B\\b\\X1C\\c"  # MLLP block bytes never reach the wire raw
     assert escape("plain") == "plain"
     assert escape("张伟") == "张伟"
 
@@ -184,13 +186,13 @@ def test_custom_encoding_escape_round_trip():
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.text())
+@given(st.text() | st.text(alphabet="|^~\\&\r\nXFSTREP.br0Dx\x0b\x1c张"))
 def test_escape_unescape_round_trip(text):
-    """For arbitrary text, unescape(escape(text)) == text and the escaped form contains no delimiter, CR or
-    LF (so it can sit in any field)."""
+    """For arbitrary text, unescape(escape(text)) == text and the escaped form contains no delimiter, CR,
+    LF or MLLP block byte (so it can sit in any field)."""
     wire = escape(text)
     assert unescape(wire) == text
-    assert not any(c in wire for c in "|^~&\r\n")
+    assert not any(c in wire for c in "|^~&\r\n\x0b\x1c")
 
 
 @settings(max_examples=100, deadline=None)
@@ -535,5 +537,6 @@ def test_nak_for_arbitrary_bytes_never_raises(data, prefix):
     err = Hl7Error(100, "bad", segment="MSH")
     nak = build_nak_for_unparseable(raw, err, **ack_kwargs())
     assert isinstance(nak, bytes)
+    frame(nak)  # never contains the MLLP block bytes
     parsed = parse(nak)
     assert read_ack(parsed)[0] == "AR"

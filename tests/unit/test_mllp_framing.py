@@ -66,7 +66,7 @@ def test_junk_between_frames_counted():
     framer = MLLPFramer()
     out = framer.feed(b"xx" + frame(b"one") + b"\r\nyyy" + frame(b"two") + b"z")
     assert out == [b"one", b"two"]
-    assert framer.junk_bytes == 2 + 2 + 3 + 1  # "\r" after END_BLOCK's own CR is junk too
+    assert framer.junk_bytes == 2 + 2 + 3 + 1  # a stray CR LF after a frame is junk too
 
 
 def test_start_byte_inside_frame_restarts_it():

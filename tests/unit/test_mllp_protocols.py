@@ -162,6 +162,21 @@ def test_many_pipelined_frames_with_synchronous_handler():
     assert [read_ack(a)[1] for a in answers(tr)] == ids
 
 
+def test_backpressure_when_many_frames_wait():
+    """When more than max_pipelined frames wait behind a held message the transport is paused (TCP
+    back-pressure), and reading resumes once the queue has drained to half."""
+    server = Server(HeldHandler())
+    proto, tr = server.connect()
+    limit = proto.max_pipelined
+    proto.dataReceived(b"".join(frame(siu(f"C{i}")) for i in range(limit + 2)))
+    assert tr.producerState == "paused"
+    for i in range(limit // 2 + 1):
+        assert tr.producerState == "paused"
+        server.handler.release(i)
+    assert tr.producerState == "producing"
+    assert [read_ack(a)[1] for a in answers(tr)] == [f"C{i}" for i in range(limit // 2 + 1)]
+
+
 def test_frames_split_into_single_bytes():
     """A frame arriving one byte at a time is handled once, when complete."""
     server = Server(SyncHandler())
@@ -207,7 +222,7 @@ def test_oversize_frame_gets_nak_then_close():
     and the connection is closed; reading stops at once and later bytes are ignored."""
     server = Server(SyncHandler(), max_message_bytes=300)
     proto, tr = server.connect()
-    big = siu("BIG1") + b"NTE|1||" + b"x" * 1000
+    big = b"\x0b" + siu("BIG1") + b"NTE|1||" + b"x" * 1000
     with capture_logs() as logs:
         proto.dataReceived(big[:200])
         assert tr.value() == b""
@@ -291,14 +306,19 @@ def test_idle_timeout_closes_connection():
 
 
 def test_idle_timer_does_not_run_while_handler_holds_a_message():
-    """While a message is with the handler the peer is waiting on us: no idle close; the timer restarts
-    after the answer is written."""
+    """While a message is with the handler the peer is waiting on us: no idle close, even when more bytes
+    (a pipelined frame) arrive meanwhile; the timer restarts after the last answer is written."""
     server = Server(HeldHandler(), idle_timeout=10.0)
     proto, tr = server.connect()
     proto.dataReceived(frame(siu("C1")))
+    server.clock.advance(5)
+    proto.dataReceived(frame(siu("C2")))
     server.clock.advance(60)
     assert not tr.disconnecting
     server.handler.release(0)
+    server.clock.advance(60)
+    assert not tr.disconnecting
+    server.handler.release(1)
     server.clock.advance(9)
     assert not tr.disconnecting
     server.clock.advance(2)
@@ -421,12 +441,14 @@ class World:
 
 
 def result_of(d: defer.Deferred):
-    """(True, value) / (False, Failure) / None while pending."""
-    box = []
-    d.addBoth(lambda r: box.append(r))
-    if not box:
+    """(True, value) / (False, Failure) once ``d`` has fired, None while pending. Consumes the result (a
+    failure counts as handled); may be called repeatedly."""
+    if not hasattr(d, "_test_results"):
+        d._test_results = []
+        d.addBoth(d._test_results.append)
+    if not d._test_results:
         return None
-    r = box[0]
+    r = d._test_results[0]
     return (False, r) if isinstance(r, Failure) else (True, r)
 
 
@@ -477,35 +499,40 @@ def test_only_unmatched_answer_means_timeout_and_disconnect():
 
 
 def test_timeout_then_next_send_uses_new_connection():
-    """After a timeout the next send opens a fresh connection, and an answer for the old message arriving
-    there is ignored (strict MSA-2 matching), never given to the new message."""
+    """After a timeout the next send opens a fresh connection. Nothing arriving on the dropped connection
+    is read - not even an answer carrying the new message's control id - and a late answer for the old
+    message on the new connection is ignored (strict MSA-2 matching), never given to the new message."""
     held = []
     w = World(script=lambda m: held.append(m) or [])
     d1 = w.client.send(siu("G1"), "G1", timeout=5)
     w.complete()
     w.reactor.advance(5)
     assert result_of(d1)[1].check(AckTimeout)
-    w.flush()
     d2 = w.client.send(siu("G2"), "G2", timeout=5)
     w.complete()  # a second connection
     assert len(w.his) == 2
     with capture_logs() as logs:
+        w.his[0].answer(ack_for(held[0], control_id="G2"))  # the dropped connection still talks
+        w.flush()
+        assert result_of(d2) is None
         w.his[1].answer(ack_for(held[0]))  # G1's answer, late, on the new connection
         w.flush()
         assert result_of(d2) is None
         w.his[1].answer(ack_for(held[1]))
         w.flush()
     assert read_ack(result_of(d2)[1])[1] == "G2"
-    assert events(logs, "mllp.ack.unmatched")[0]["control_id"] == "G1"
+    assert [e["control_id"] for e in events(logs, "mllp.ack.unmatched")] == ["G1"]
 
 
 def test_queued_sends_go_one_at_a_time_in_order():
-    """Sends made while one is in flight are queued: the peer sees the next message only after the previous
-    answer, and the results fire in order."""
+    """Sends made while one is in flight (before and after the connection is up) are queued: the peer sees
+    the next message only after the previous answer, and the results fire in order."""
     held = []
     w = World(script=lambda m: held.append(m) or [])
-    ds = [w.client.send(siu(f"G{i}"), f"G{i}", timeout=30) for i in range(3)]
+    ds = [w.client.send(siu("G0"), "G0", timeout=30), w.client.send(siu("G1"), "G1", timeout=30)]
     w.complete()
+    ds.append(w.client.send(siu("G2"), "G2", timeout=30))  # connection up, G0 in flight
+    w.flush()
     assert [m.control_id for m in w.received] == ["G0"]
     for i in range(3):
         assert [result_of(d) is not None for d in ds] == [j < i for j in range(3)]

@@ -1,0 +1,219 @@
+"""Run the real thing for end-to-end tests: the HIS simulator and gatewayd as processes on loopback.
+
+Nothing here stands in for the gateway or the HIS: both are started with the same commands a person
+uses (``python -m gateway his-sim`` / ``python -m gateway run``), and tests talk to them over TCP (MLLP)
+and TLS (FHIR) with real clients.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from datetime import date, timedelta
+from pathlib import Path
+
+import requests
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def eventually(check, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
+    """Poll ``check`` until it returns something truthy; fail with ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+        except (OSError, requests.RequestException, ValueError, KeyError) as e:
+            last = e
+        else:
+            if last:
+                return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+class Proc:
+    def __init__(self, name: str, args: list[str], workdir: Path):
+        self.name = name
+        self.log_path = workdir / f"{name}.log"
+        self._log = open(self.log_path, "ab")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
+        self.popen = subprocess.Popen([sys.executable, "-m", "gateway", *args], cwd=workdir, env=env,
+                                      stdout=self._log, stderr=subprocess.STDOUT)
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log_tail(self, n: int = 40) -> str:
+        lines = self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+        return "\n".join(lines[-n:])
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 15) -> int:
+        if self.alive():
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        self._log.close()
+        return self.popen.returncode
+
+
+class Lock:
+    """A HIS simulator and a gateway, wired together on free loopback ports, in ``workdir``."""
+
+    def __init__(self, workdir: Path, *, platforms=("demo", "other"), sim: dict | None = None,
+                 gateway: dict | None = None, his: dict | None = None, doctors: int = 2, days: int = 2):
+        from gateway.devca import init_dev_ca
+
+        self.workdir = workdir
+        self.certs = workdir / "certs"
+        init_dev_ca(self.certs, platforms=tuple(platforms))
+        self.mllp_port, self.his_port, self.fhir_port = free_port(), free_port(), free_port()
+        self.base = f"https://127.0.0.1:{self.fhir_port}/fhir"
+        self.first_day = date.today() + timedelta(days=1)
+        self.sim_config = {
+            "listen": f"tcp:{self.his_port}:interface=127.0.0.1",
+            "gateway": {"host": "127.0.0.1", "port": self.mllp_port},
+            "publish": "push",
+            "received_log": "his-received.jsonl",
+            "sent_log": "his-sent.jsonl",
+            "days": days,
+            "start_date": self.first_day.isoformat(),
+            "counter_bookings_per_minute": 0,
+            "seed": 7,
+            "departments": [{
+                "code": "CARD", "name": "心内科",
+                "doctors": [{"id": f"D00{i + 1}", "family": "张", "given": f"医生{i + 1}",
+                             "service": {"code": "cardiology-consult", "text": "心内科门诊"},
+                             "sessions": ["08:00-09:00"], "slot_minutes": 15} for i in range(doctors)],
+            }],
+            **(sim or {}),
+        }
+        self.slot_count = doctors * days * 4
+        self.gateway_config = {
+            "hospital": {"name": "Test Hospital", "timezone": "Asia/Shanghai"},
+            "chamber": {"path": "chamber.sqlite3"},
+            "inner": {
+                "listen": f"tcp:{self.mllp_port}:interface=127.0.0.1",
+                "his": {"host": "127.0.0.1", "port": self.his_port, "ack_timeout": "3s",
+                        "retry_initial": "200ms", "retry_max": "2s", **(his or {})},
+            },
+            "outer": {
+                "host": "127.0.0.1", "port": self.fhir_port, "answer_within": "5s",
+                "tls": {"certificate": "certs/server.pem", "private_key": "certs/server.key",
+                        "client_ca": "certs/ca.pem"},
+            },
+            "platforms": [{"name": p, "certificate_subject": f"CN=platform-{p}"} for p in platforms],
+            "logging": {"level": "info", "format": "json"},
+            **(gateway or {}),
+        }
+        (workdir / "his-sim.yaml").write_text(yaml.safe_dump(self.sim_config, allow_unicode=True), encoding="utf-8")
+        (workdir / "gateway.yaml").write_text(yaml.safe_dump(self.gateway_config, allow_unicode=True),
+                                              encoding="utf-8")
+        self.gateway: Proc | None = None
+        self.sim: Proc | None = None
+
+    # -- processes -------------------------------------------------------------------------------------
+    def start(self, wait_for_slots: bool = True) -> "Lock":
+        self.start_gateway()
+        self.start_sim()
+        if wait_for_slots:
+            eventually(lambda: len(self.search_slots()) >= self.slot_count, timeout=30,
+                       what=f"{self.slot_count} slots published by the HIS to reach the FHIR API")
+        return self
+
+    def start_gateway(self) -> None:
+        self.gateway = Proc("gateway", ["run", "--config", "gateway.yaml"], self.workdir)
+        try:
+            eventually(lambda: self.session().get(f"{self.base}/metadata", timeout=2).status_code == 200,
+                       timeout=20, what="the gateway's FHIR API")
+        except AssertionError:
+            raise AssertionError(f"gateway did not start:\n{self.gateway.log_tail()}") from None
+
+    def start_sim(self) -> None:
+        self.sim = Proc("his-sim", ["his-sim", "--config", "his-sim.yaml"], self.workdir)
+
+        def listening():
+            with socket.create_connection(("127.0.0.1", self.his_port), timeout=1):
+                return True
+
+        try:
+            eventually(listening, timeout=20, what="the HIS simulator's MLLP port")
+        except AssertionError:
+            raise AssertionError(f"HIS simulator did not start:\n{self.sim.log_tail()}") from None
+
+    def stop(self) -> None:
+        for proc in (self.sim, self.gateway):
+            if proc is not None:
+                proc.stop()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    # -- clients ---------------------------------------------------------------------------------------
+    def cert(self, platform: str = "demo") -> tuple[str, str]:
+        return str(self.certs / f"platform-{platform}.pem"), str(self.certs / f"platform-{platform}.key")
+
+    def session(self, platform: str = "demo") -> requests.Session:
+        s = requests.Session()
+        s.trust_env = False  # REQUESTS_CA_BUNDLE in the environment would override Session.verify
+        s.cert = self.cert(platform)
+        s.verify = str(self.certs / "ca.pem")
+        return s
+
+    def fhirpy(self, platform: str = "demo"):
+        from fhirpy import SyncFHIRClient
+
+        return SyncFHIRClient(self.base, requests_config={"cert": self.cert(platform),
+                                                          "verify": str(self.certs / "ca.pem")})
+
+    def search_slots(self, platform: str = "demo", **params) -> list[dict]:
+        r = self.session(platform).get(f"{self.base}/Slot", params={"_count": 1000, **params}, timeout=5)
+        r.raise_for_status()
+        return [e["resource"] for e in r.json().get("entry", [])]
+
+    def received(self) -> list[dict]:
+        return read_jsonl(self.workdir / "his-received.jsonl")
+
+    def sent(self) -> list[dict]:
+        return read_jsonl(self.workdir / "his-sent.jsonl")
+
+
+def appointment_for(slot_id: str, mrn: str = "MRN-0001") -> dict:
+    """A platform's booking request: the slot and a contained Patient the HIS can identify."""
+    return {
+        "resourceType": "Appointment",
+        "status": "proposed",
+        "slot": [{"reference": f"Slot/{slot_id}"}],
+        "contained": [{"resourceType": "Patient", "id": "p",
+                       "identifier": [{"system": "urn:oid:2.16.840.1.113883.2.4.6.3", "value": mrn,
+                                       "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203",
+                                                            "code": "MR"}]}}],
+                       "name": [{"family": "王", "given": ["芳"]}],
+                       "telecom": [{"system": "phone", "value": "13800000000"}]}],
+        "participant": [{"actor": {"reference": "#p"}, "status": "needs-action"}],
+    }
