@@ -29,7 +29,7 @@ from zoneinfo import ZoneInfo
 
 import structlog
 from twisted.application import service
-from twisted.internet import defer, task
+from twisted.internet import defer
 
 from adapters.hl7.ack import build_ack, read_ack
 from adapters.hl7.er7 import Hl7Error, Message
@@ -125,13 +125,15 @@ class HisDestination:
 
 
 class SlotPoller(service.Service):
-    """``slot_source: poll``: query the HIS's slot book with SQM^S25 every ``interval`` seconds."""
+    """``slot_source: poll``: query the HIS's slot book with SQM^S25 every ``interval`` seconds.
 
-    def __init__(self, client, chamber, inbound, *, peer: str, build_query, interval: float, days: int,
-                 tz: ZoneInfo, ack_timeout: float, clock):
+    A poll that fails (HIS unreachable, no answer, refused) is tried again after ``retry_initial``,
+    doubling up to ``retry_max`` (never later than the next regular poll)."""
+
+    def __init__(self, client, inbound, *, peer: str, build_query, interval: float, days: int,
+                 tz: ZoneInfo, ack_timeout: float, retry_initial: float, retry_max: float, clock):
         self.setName(f"poller:{peer}")
         self.client = client
-        self.chamber = chamber
         self.inbound = inbound
         self.peer = peer
         self.build_query = build_query
@@ -139,24 +141,45 @@ class SlotPoller(service.Service):
         self.days = days
         self.tz = tz
         self.ack_timeout = ack_timeout
+        self.retry_initial = retry_initial
+        self.retry_max = retry_max
         self.clock = clock
-        self._loop: task.LoopingCall | None = None
+        self._call = None
+        self._failures = 0
         self.polls = 0
 
     def startService(self):
         super().startService()
-        self._loop = task.LoopingCall(self.poll)
-        self._loop.clock = self.clock
-        self._loop.start(self.interval, now=True).addErrback(
-            lambda f: log.error("poller.stopped", peer=self.peer, error=f.getErrorMessage()))
+        self._schedule(0)
 
     def stopService(self):
         super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        return self.client.close()
+
+    def _schedule(self, delay: float) -> None:
+        if self.running:
+            self._call = self.clock.callLater(delay, self._run)
+
+    def _run(self) -> None:
+        d = self.poll()
+        d.addErrback(lambda f: (log.error("poller.error", peer=self.peer, error=f.getErrorMessage()), False)[1])
+        d.addCallback(self._next)
+
+    def _next(self, ok: bool) -> None:
+        if ok:
+            self._failures = 0
+            self._schedule(self.interval)
+        else:
+            self._failures += 1
+            delay = min(self.retry_initial * 2 ** (self._failures - 1), self.retry_max, self.interval)
+            self._schedule(delay)
 
     @defer.inlineCallbacks
     def poll(self):
+        """One SQM^S25 -> SQR^S25 exchange, applied to the slot book; fires True when it was applied."""
         now = datetime.fromtimestamp(self.clock.seconds(), self.tz).replace(tzinfo=None)
         start = now.replace(hour=0, minute=0, second=0, microsecond=0)
         control_id = new_control_id()
@@ -167,13 +190,14 @@ class SlotPoller(service.Service):
             code, _, text = read_ack(answer)
             if code not in ("AA", "CA"):
                 log.warning("poller.refused", peer=self.peer, control_id=control_id, ack=code)
-                return
+                return False
             notices = notices_from_sqr(answer)
         except (AckTimeout, PeerUnavailable, Hl7Error) as e:
             log.warning("poller.failed", peer=self.peer, control_id=control_id, error=str(e))
-            return
+            return False
         received = Received(peer=self.peer, control_id=answer.control_id or control_id, type=answer.type_name,
                             body=answer.raw, charset=answer.charset)
         yield self.inbound.accept(received, notices)
         self.polls += 1
         log.info("poller.applied", peer=self.peer, control_id=control_id, slots=len(notices))
+        return True

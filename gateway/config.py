@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
-from gateway.confschema import DirPath, Duration, Pattern, Range, ReadableFile, load
+from gateway.confschema import Duration, Pattern, Range, ReadableFile, load
 
 Port = Annotated[int, Range(1, 65535)]
 Name = Annotated[str, Pattern(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$", "letters, digits, '.', '_' or '-'")]
@@ -40,10 +40,10 @@ class HospitalConfig:
 
 @dataclass(frozen=True)
 class ChamberConfig:
-    path: DirPath = doc(
+    path: Path = doc(
         "The chamber's SQLite file (relative paths are relative to this config file). Both gates must be "
         "able to write it; back it up like a database.",
-        default=DirPath(Path("chamber.sqlite3")),
+        default=Path("chamber.sqlite3"),
     )
 
 

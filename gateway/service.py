@@ -140,9 +140,10 @@ def make_service(config: GatewayConfig, reactor) -> service.MultiService:
     if his.slot_source == "poll":
         query_client = MLLPClient(reactor, his_endpoint, default_charset=his.charset,
                                   max_message_bytes=64 << 20, clock=reactor, connect_timeout=his.connect_timeout)
-        SlotPoller(query_client, chamber, inbound, peer=his.name,
+        SlotPoller(query_client, inbound, peer=his.name,
                    build_query=functools.partial(build_sqm_s25, header=header), interval=his.poll_interval,
-                   days=his.poll_days, tz=tz, ack_timeout=his.ack_timeout, clock=reactor).setServiceParent(root)
+                   days=his.poll_days, tz=tz, ack_timeout=his.ack_timeout, retry_initial=his.retry_initial,
+                   retry_max=his.retry_max, clock=reactor).setServiceParent(root)
     HoldsService(booking).setServiceParent(root)
 
     # inner gate: the HIS's notifications

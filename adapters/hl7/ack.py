@@ -36,7 +36,7 @@ from adapters.hl7.er7 import (
     unescape,
 )
 
-__all__ = ["build_ack", "build_nak_for_unparseable", "read_ack", "salvage_control_id", "ACK_CODES"]
+__all__ = ["ACK_CODES", "build_ack", "build_nak_for_unparseable", "read_ack", "salvage_control_id"]
 
 #: MSA-1 values of original (AA/AE/AR) and enhanced (CA/CE/CR) mode.
 ACK_CODES = frozenset({"AA", "AE", "AR", "CA", "CE", "CR"})

@@ -51,7 +51,7 @@ from adapters.hl7.er7 import Hl7Error, Message, parse
 from adapters.mllp.framing import FrameTooLarge, MLLPFramer, frame
 from adapters.mllp.server import peer_name
 
-__all__ = ["AckTimeout", "PeerUnavailable", "MLLPClient"]
+__all__ = ["AckTimeout", "MLLPClient", "PeerUnavailable"]
 
 log = structlog.get_logger()
 
@@ -82,7 +82,7 @@ def _describe(endpoint) -> str:
 
 
 class _Send:
-    __slots__ = ("payload", "control_id", "timeout", "deferred", "written", "timer")
+    __slots__ = ("control_id", "deferred", "payload", "timeout", "timer", "written")
 
     def __init__(self, payload: bytes, control_id: str, timeout: float):
         self.payload = payload
@@ -96,7 +96,7 @@ class _Send:
 class _ClientProtocol(Protocol):
     """One connection of an `MLLPClient`: frames in, everything else delegated to the client."""
 
-    def __init__(self, client: "MLLPClient"):
+    def __init__(self, client: MLLPClient):
         self.client = client
         self.framer = MLLPFramer(client.max_message_bytes)
         self.alive = False
@@ -129,7 +129,7 @@ class _ClientProtocol(Protocol):
 
 
 class _ClientFactory(Factory):
-    def __init__(self, client: "MLLPClient"):
+    def __init__(self, client: MLLPClient):
         self.client = client
 
     def buildProtocol(self, addr) -> _ClientProtocol:
@@ -169,7 +169,7 @@ class MLLPClient:
 
     # ------------------------------------------------------------------------------------- public
 
-    def send(self, payload: bytes, control_id: str, timeout: float) -> "defer.Deferred[Message]":
+    def send(self, payload: bytes, control_id: str, timeout: float) -> defer.Deferred[Message]:
         """Frame and write ``payload`` (an encoded HL7 message whose MSH-10 is ``control_id``); fire with the
         parsed answer whose MSA-2 == ``control_id``. See the module docstring for the failures."""
         if self._closed:

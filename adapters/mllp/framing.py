@@ -23,7 +23,7 @@ split anywhere). Choices:
 
 from __future__ import annotations
 
-__all__ = ["START_BLOCK", "END_BLOCK", "FrameTooLarge", "MLLPFramer", "frame"]
+__all__ = ["END_BLOCK", "START_BLOCK", "FrameTooLarge", "MLLPFramer", "frame"]
 
 START_BLOCK = b"\x0b"
 END_BLOCK = b"\x1c\x0d"

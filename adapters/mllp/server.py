@@ -64,7 +64,7 @@ from adapters.hl7.ack import build_ack, build_nak_for_unparseable, salvage_contr
 from adapters.hl7.er7 import Hl7Error, Message, parse
 from adapters.mllp.framing import FrameTooLarge, MLLPFramer, frame
 
-__all__ = ["MessageHandler", "MLLPServerFactory", "MLLPServerProtocol"]
+__all__ = ["MLLPServerFactory", "MLLPServerProtocol", "MessageHandler"]
 
 log = structlog.get_logger()
 
@@ -72,7 +72,7 @@ log = structlog.get_logger()
 class MessageHandler(typing.Protocol):
     """What the listener hands each parsed message to."""
 
-    def handle(self, message: Message, peer: str) -> "defer.Deferred[bytes] | bytes":
+    def handle(self, message: Message, peer: str) -> defer.Deferred[bytes] | bytes:
         """Return (or fire a Deferred with) the complete answer payload, unframed and encoded - an ACK built
         with `build_ack`. Fire only when the message is safely committed. Raising / failing makes the
         listener answer AE 207."""
@@ -98,7 +98,7 @@ class MLLPServerProtocol(Protocol):
     #: frames allowed to wait behind the one being handled before the transport is paused
     max_pipelined = 32
 
-    def __init__(self, factory: "MLLPServerFactory"):
+    def __init__(self, factory: MLLPServerFactory):
         self.factory = factory
         self.peer = "?"
         self._log = log
@@ -360,7 +360,7 @@ class MLLPServerFactory(Factory):
         if max_message_bytes < 1 or max_connections < 1:
             raise ValueError("max_message_bytes and max_connections must be positive")
         if clock is None:
-            from twisted.internet import reactor as clock  # noqa: PLC0415 - only when none was injected
+            from twisted.internet import reactor as clock
         self.handler = handler
         self.max_message_bytes = max_message_bytes
         self.default_charset = default_charset

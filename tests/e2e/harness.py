@@ -128,11 +128,14 @@ class Lock:
             "logging": {"level": "info", "format": "json"},
             **(gateway or {}),
         }
-        (workdir / "his-sim.yaml").write_text(yaml.safe_dump(self.sim_config, allow_unicode=True), encoding="utf-8")
-        (workdir / "gateway.yaml").write_text(yaml.safe_dump(self.gateway_config, allow_unicode=True),
-                                              encoding="utf-8")
+        self.write_configs()
         self.gateway: Proc | None = None
         self.sim: Proc | None = None
+
+    def write_configs(self) -> None:
+        """(Re)write both YAML files from ``sim_config`` and ``gateway_config`` (edit those, then call)."""
+        for name, data in (("his-sim.yaml", self.sim_config), ("gateway.yaml", self.gateway_config)):
+            (self.workdir / name).write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
 
     # -- processes -------------------------------------------------------------------------------------
     def start(self, wait_for_slots: bool = True) -> "Lock":
@@ -169,7 +172,11 @@ class Lock:
                 proc.stop()
 
     def __enter__(self):
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()  # never leave a process behind when start-up fails
+            raise
 
     def __exit__(self, *exc):
         self.stop()

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adapters.hl7.ack import build_ack, build_nak_for_unparseable, read_ack, salvage_control_id
-from adapters.mllp.framing import frame
+from adapters.hl7.ack import (
+    build_ack,
+    build_nak_for_unparseable,
+    read_ack,
+    salvage_control_id,
+)
 from adapters.hl7.er7 import (
     Encoding,
     Hl7Error,
@@ -23,6 +27,7 @@ from adapters.hl7.er7 import (
     parse_dtm,
     unescape,
 )
+from adapters.mllp.framing import frame
 
 NOW = datetime(2024, 3, 1, 8, 30, 5)
 
@@ -42,7 +47,7 @@ def siu(charset: str = "UNICODE UTF-8", name: str = "Zhang^Wei", sep: str = "\r"
 
 
 def ack_kwargs(**over):
-    kw = dict(sending_application="GATEWAYD", sending_facility="GW1", control_id="ACK0001", now=NOW)
+    kw = {"sending_application": "GATEWAYD", "sending_facility": "GW1", "control_id": "ACK0001", "now": NOW}
     kw.update(over)
     return kw
 
@@ -414,7 +419,7 @@ def test_dtm_and_parse_dtm():
     assert parse_dtm("20240301103015.1234") == datetime(2024, 3, 1, 10, 30, 15, 123400)
     aware = parse_dtm("202403011030+0800")
     assert aware.utcoffset() == timedelta(hours=8)
-    assert aware == datetime(2024, 3, 1, 2, 30, tzinfo=timezone.utc)
+    assert aware == datetime(2024, 3, 1, 2, 30, tzinfo=UTC)
     assert parse_dtm("20240301103015-0530").utcoffset() == -timedelta(hours=5, minutes=30)
     for junk in ("", "2024", "2024030", "20241301", "20240230", "202403011", "abc", "20240301T1030"):
         with pytest.raises(Hl7Error) as info:

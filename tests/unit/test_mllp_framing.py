@@ -8,7 +8,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adapters.mllp.framing import END_BLOCK, START_BLOCK, FrameTooLarge, MLLPFramer, frame
+from adapters.mllp.framing import (
+    END_BLOCK,
+    START_BLOCK,
+    FrameTooLarge,
+    MLLPFramer,
+    frame,
+)
 
 payload_bytes = st.binary(max_size=200).map(lambda b: b.replace(b"\x0b", b"").replace(b"\x1c", b""))
 

@@ -330,7 +330,7 @@ def test_max_connections():
     connection is accepted again."""
     server = Server(SyncHandler(), max_connections=2)
     with capture_logs() as logs:
-        (p1, t1), (p2, t2) = server.connect(1), server.connect(2)
+        (p1, t1), (_p2, t2) = server.connect(1), server.connect(2)
         p3, t3 = server.connect(3)
         assert not t1.disconnecting and not t2.disconnecting
         assert t3.disconnecting
@@ -338,7 +338,7 @@ def test_max_connections():
         assert t3.value() == b"" and server.handler.seen == []
         p3.connectionLost(Failure(ConnectionDone()))
         p1.connectionLost(Failure(ConnectionDone()))
-        p4, t4 = server.connect(4)
+        _p4, t4 = server.connect(4)
         assert not t4.disconnecting
     [refused] = events(logs, "mllp.connection.refused")
     assert refused["peer"] == "10.1.2.3:3"
@@ -348,7 +348,7 @@ def test_max_connections():
 def test_junk_bytes_counted_and_logged():
     """Bytes outside frames are discarded and logged by count only; the frame after them is handled."""
     server = Server(SyncHandler())
-    proto, tr = server.connect()
+    proto, _tr = server.connect()
     with capture_logs() as logs:
         proto.dataReceived(b"GET / HTTP/1.0\r\n\r\n" + frame(siu("C1")))
     assert server.handler.seen == ["C1"]
@@ -373,7 +373,7 @@ def test_logs_never_contain_message_contents():
     name in PID-5 never appears)."""
     for handler in (SyncHandler(), FailingHandler("raise")):
         server = Server(handler, max_message_bytes=1000)
-        proto, tr = server.connect()
+        proto, _tr = server.connect()
         with capture_logs() as logs:
             proto.dataReceived(b"junk " + PATIENT.encode() + frame(siu("C1")))
             proto.dataReceived(frame(siu("C2").replace(b"MSH", b"XXX", 1)))
@@ -389,7 +389,7 @@ class FakeHIS(Protocol):
     """A scripted MLLP peer (a real protocol on an iosim transport): records each message it receives and
     answers with whatever ``script(message)`` returns (a list of payloads; nothing = hold the answer)."""
 
-    def __init__(self, world: "World"):
+    def __init__(self, world: World):
         self.world = world
         self.framer = MLLPFramer()
 
