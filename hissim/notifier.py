@@ -91,7 +91,9 @@ class Notifier:
     def enqueue(self, note: Notification) -> None:
         self._queue.append(_Pending(note))
         if not self._in_flight:
-            self._schedule(0)
+            # Building the SIU with hl7apy takes ~10 ms; a call for "now" would run before the reactor's
+            # next I/O pass and hold back the SRR just written. A millisecond lets the answer go out first.
+            self._schedule(0.001)
 
     # -- the pump -------------------------------------------------------------------------------
 

@@ -70,9 +70,13 @@ def _notice(group: list[Segment], seq: int, trigger_action: str | None) -> SlotN
     if trigger_action == "reschedule":
         action = "reschedule"
 
-    schedule_id = sch.get(5, 1)
+    # The schedule: SCH-5 where the HIS fills it (optional in v2.5), else the doctor (AIP-3), else the
+    # location (AIL-3): whatever the HIS books against.
+    schedule_id = (sch.get(5, 1) or (aip.get(3, 1) if aip is not None else "")
+                   or (ail.get(3, 1) if ail is not None else ""))
     if not schedule_id:
-        raise Hl7Error(101, "schedule id (SCH-5) is required", segment="SCH", sequence=seq, field=5)
+        raise Hl7Error(101, "no schedule: SCH-5, AIP-3 or AIL-3 is required", segment="SCH", sequence=seq,
+                       field=5)
 
     start_text = (ais.get(4) if ais is not None else "") or sch.get(11, 4)
     if not start_text:
@@ -87,7 +91,7 @@ def _notice(group: list[Segment], seq: int, trigger_action: str | None) -> SlotN
     practitioner_name = ((aip.get(3, 2) + aip.get(3, 3)) if aip is not None else "") or practitioner_id
     schedule = ScheduleInfo(
         id=schedule_id,
-        display=sch.get(5, 2) or schedule_id,
+        display=sch.get(5, 2) or practitioner_name or schedule_id,
         practitioner_id=practitioner_id,
         practitioner_name=practitioner_name,
         department_code=ail.get(3, 1) if ail is not None else "",

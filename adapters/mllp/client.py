@@ -49,7 +49,7 @@ from twisted.python.failure import Failure
 from adapters.hl7.ack import read_ack
 from adapters.hl7.er7 import Hl7Error, Message, parse
 from adapters.mllp.framing import FrameTooLarge, MLLPFramer, frame
-from adapters.mllp.server import peer_name
+from adapters.mllp.server import no_delay, peer_name
 
 __all__ = ["AckTimeout", "MLLPClient", "PeerUnavailable"]
 
@@ -104,6 +104,7 @@ class _ClientProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self.alive = True
+        no_delay(self.transport)
         self.peer = peer_name(self.transport.getPeer())
 
     def dataReceived(self, data: bytes) -> None:

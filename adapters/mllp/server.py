@@ -83,6 +83,17 @@ def _default_control_id() -> str:
     return uuid.uuid4().hex[:20]
 
 
+def no_delay(transport) -> None:
+    """Frames are small and answered one by one: without TCP_NODELAY, Nagle's algorithm meets the
+    peer's delayed ACK and each exchange can stall ~40 ms."""
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is not None:
+        try:
+            set_no_delay(True)
+        except OSError:
+            pass
+
+
 def peer_name(address: object) -> str:
     """``host:port`` for IP addresses, ``str(address)`` otherwise."""
     host = getattr(address, "host", None)
@@ -116,6 +127,7 @@ class MLLPServerProtocol(Protocol):
 
     def connectionMade(self) -> None:
         f = self.factory
+        no_delay(self.transport)
         self.peer = peer_name(self.transport.getPeer())
         self._log = log.bind(peer=self.peer)
         if len(f.connections) >= f.max_connections:

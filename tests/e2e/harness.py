@@ -199,9 +199,18 @@ class Lock:
                                                           "verify": str(self.certs / "ca.pem")})
 
     def search_slots(self, platform: str = "demo", **params) -> list[dict]:
-        r = self.session(platform).get(f"{self.base}/Slot", params={"_count": 1000, **params}, timeout=5)
-        r.raise_for_status()
-        return [e["resource"] for e in r.json().get("entry", [])]
+        """All matching slots, following the searchset's ``next`` links."""
+        session = self.session(platform)
+        r = session.get(f"{self.base}/Slot", params={"_count": 100, **params}, timeout=5)
+        out = []
+        while True:
+            r.raise_for_status()
+            bundle = r.json()
+            out += [e["resource"] for e in bundle.get("entry", [])]
+            nxt = [link["url"] for link in bundle.get("link", []) if link["relation"] == "next"]
+            if not nxt:
+                return out
+            r = session.get(nxt[0], timeout=5)
 
     def received(self) -> list[dict]:
         return read_jsonl(self.workdir / "his-received.jsonl")
