@@ -163,12 +163,16 @@ class Txn:
         charset: str,
         subject: str | None = None,
         next_attempt: float | None = None,
+        answer_code: str | None = None,
+        answer_text: str | None = None,
         detail: str | None = None,
     ) -> int:
         cur = self._c.execute(
             "INSERT INTO messages (direction, peer, control_id, type, state, body, charset, subject,"
-            " next_attempt, created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (direction, peer, control_id, type, state, body, charset, subject, next_attempt, self.now, self.now),
+            " next_attempt, answer_code, answer_text, created, updated)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (direction, peer, control_id, type, state, body, charset, subject, next_attempt, answer_code,
+             answer_text, self.now, self.now),
         )
         message_id = cur.lastrowid
         self._event(message_id, state, detail)

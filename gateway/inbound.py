@@ -49,31 +49,26 @@ class InboundService:
     def accept(self, received: Received, notices) -> defer.Deferred:
         """Commit the message and apply its slot notices; fires with a Verdict after COMMIT."""
 
-        def work(tx):
-            known = tx.message_by_control_id("inbound", received.peer, received.control_id)
-            if known is not None:
-                return self._known(known, received)
-            tx.add_message(direction="inbound", peer=received.peer, control_id=received.control_id,
-                           type=received.type, state="processed", body=received.body, charset=received.charset,
-                           detail="applied to the slot book")
+        def apply(tx) -> Verdict:
             touched = self.slot_book.apply(tx, notices)
             return Verdict("AA", f"{len(touched)} slot(s) updated")
 
-        return self.chamber.transact(work).addCallback(self._logged, received)
+        return self._record(received, "processed", apply)
 
     def refuse(self, received: Received, code: str, text: str) -> defer.Deferred:
         """Record a message we refuse (so it can be looked at and replayed); fires with the Verdict."""
+        return self._record(received, "rejected", lambda tx: Verdict(code, text))
 
+    def _record(self, received: Received, state: str, decide) -> defer.Deferred:
         def work(tx):
             known = tx.message_by_control_id("inbound", received.peer, received.control_id)
             if known is not None:
                 return self._known(known, received)
+            verdict = decide(tx)
             tx.add_message(direction="inbound", peer=received.peer, control_id=received.control_id,
-                           type=received.type, state="rejected", body=received.body, charset=received.charset,
-                           detail=f"{code}: {text}")
-            tx_id = tx.message_by_control_id("inbound", received.peer, received.control_id).id
-            tx.set_message_state(tx_id, "rejected", answer_code=code, answer_text=text, detail="answered")
-            return Verdict(code, text)
+                           type=received.type, state=state, body=received.body, charset=received.charset,
+                           answer_code=verdict.code, answer_text=verdict.text, detail=verdict.text)
+            return verdict
 
         return self.chamber.transact(work).addCallback(self._logged, received)
 
@@ -81,9 +76,7 @@ class InboundService:
     def _known(known, received: Received) -> Verdict:
         if known.body != received.body:
             return Verdict("AR", f"control id {received.control_id} was already used for a different message")
-        if known.state == "rejected":
-            return Verdict(known.answer_code or "AR", known.answer_text or "", duplicate=True)
-        return Verdict("AA", "duplicate of a message already committed", duplicate=True)
+        return Verdict(known.answer_code or "AA", known.answer_text or "", duplicate=True)
 
     @staticmethod
     def _logged(verdict: Verdict, received: Received) -> Verdict:

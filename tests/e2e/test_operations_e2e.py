@@ -1,0 +1,60 @@
+"""What hospital IT sees: logs without patient data, the chamber's story of a message, a clear refusal
+to start."""
+
+import json
+import socket
+import subprocess
+import sys
+
+from tests.e2e.harness import REPO, Proc, appointment_for, eventually
+
+
+def test_logs_carry_ids_and_states_but_no_patient_data(lock):
+    """After a booking with a Chinese name, a phone and an MRN, the gateway's log has the crossing events
+    with their control ids, and none of the patient's data."""
+    slot_id = lock.search_slots(status="free")[0]["id"]
+    body = appointment_for(slot_id, mrn="MRN-SECRET-77")
+    body["contained"][0]["name"] = [{"family": "欧阳", "given": ["娜娜"]}]
+    body["contained"][0]["telecom"] = [{"system": "phone", "value": "13912345678"}]
+    r = lock.session().post(f"{lock.base}/Appointment", json=body, headers={"Content-Type": "application/fhir+json"})
+    assert r.status_code == 201
+    log_text = eventually(lambda: (t := lock.gateway.log_path.read_text(encoding="utf-8"))
+                          and "relay.answered" in t and t, what="the relay's log event")
+    for secret in ("MRN-SECRET-77", "欧阳", "娜娜", "13912345678"):
+        assert secret not in log_text
+    events = [json.loads(line) for line in log_text.splitlines() if line.startswith("{")]
+    answered = [e for e in events if e["event"] == "relay.answered"]
+    assert answered and answered[-1]["ack"] == "AA" and answered[-1]["control_id"].startswith("G")
+    assert any(e["event"] == "inner.message" and e["type"] == "SIU^S24" for e in events)
+    for secret in ("MRN-SECRET-77", "13912345678"):  # nor in what the simulator logs
+        assert secret not in (lock.workdir / "his-received.jsonl").read_text(encoding="utf-8")
+
+
+def test_queue_show_tells_a_messages_story(lock):
+    """`gatewayd queue show` lists the chamber's messages; with an id it prints every state it went through."""
+    listing = subprocess.run([sys.executable, "-m", "gateway", "queue", "show", "--config", "gateway.yaml"],
+                             cwd=lock.workdir, capture_output=True, text=True, env={"PYTHONPATH": str(REPO)})
+    assert listing.returncode == 0, listing.stderr
+    srm = next(line for line in listing.stdout.splitlines() if "SRM^S01" in line)
+    message_id = srm.split()[0]
+    story = subprocess.run([sys.executable, "-m", "gateway", "queue", "show", message_id, "--config",
+                            "gateway.yaml"], cwd=lock.workdir, capture_output=True, text=True,
+                           env={"PYTHONPATH": str(REPO)})
+    states = [line.split()[1] for line in story.stdout.splitlines() if line.startswith("  ")]
+    assert states == ["queued", "sending", "delivered"]
+    assert "answer AA" in story.stdout
+
+
+def test_gateway_refuses_to_start_on_a_busy_port(tmp_path):
+    """If its MLLP port is taken, gatewayd exits 1 saying so, instead of running half a lock."""
+    from tests.e2e.harness import Lock
+
+    lock = Lock(tmp_path)
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", lock.mllp_port))
+        squatter.listen()
+        proc = Proc("gateway", ["run", "--config", "gateway.yaml"], tmp_path)
+        assert proc.popen.wait(30) == 1
+    out = proc.log_path.read_text()
+    assert "cannot start" in out and "gateway.start_failed" in out
+    proc.stop()
