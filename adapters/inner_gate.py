@@ -36,7 +36,7 @@ from adapters.hl7.er7 import Hl7Error, Message
 from adapters.mapping.siu_slot import notices_from_siu, notices_from_sqr
 from adapters.mllp.client import AckTimeout, PeerUnavailable
 from gateway.booking import new_control_id
-from gateway.chamber import ChamberWriteError
+from gateway.errors import ChamberWriteError
 from gateway.inbound import Received
 from gateway.relay import DeliveryFailed
 from gateway.scheduling import HisAnswer

@@ -27,6 +27,8 @@ from gateway.scheduling import (
     AppointmentUnknown,
     BookingRequest,
     HisAnswer,
+    IdempotencyConflict,
+    Overloaded,
     Patient,
     SlotForHis,
     SlotNotice,
@@ -126,25 +128,43 @@ class HisLinkInfo:
 class BookingService:
     """Books and cancels on behalf of platforms; keeps the hold -> confirm rules."""
 
-    def __init__(self, chamber, his: HisLinkInfo, *, tz: ZoneInfo, hold_seconds: float, clock):
+    def __init__(self, chamber, his: HisLinkInfo, *, tz: ZoneInfo, hold_seconds: float, clock,
+                 max_backlog: int = 1000, retry_after: int = 30):
         self.chamber = chamber
         self.his = his
         self.tz = tz
         self.hold_seconds = hold_seconds
+        self.max_backlog = max_backlog
+        self.retry_after = retry_after
         self.clock = clock
         self._waiters: dict[str, list[defer.Deferred]] = {}
         self._expiry_call = None
         self._stop_observing = chamber.observe(self._on_commit)
 
     # -- platform requests ---------------------------------------------------------------------------------
-    def book(self, platform: str, request: BookingRequest) -> defer.Deferred:
-        """Hold the slot and queue SRM^S01, in one committed transaction.  Fires with the appointment id."""
+    def book(self, platform: str, request: BookingRequest, *, idempotency_key: str | None = None,
+             request_hash: str = "", if_none_exist: tuple[str, str] | None = None) -> defer.Deferred:
+        """Hold the slot and queue SRM^S01, in one committed transaction.
+
+        Fires with ``(appointment id, how)``: ``how`` is ``'new'``, ``'replayed'`` (an Idempotency-Key seen
+        before with the same request) or ``'existing'`` (If-None-Exist matched the platform's identifier).
+        Fails with SlotUnknown, SlotUnavailable, IdempotencyConflict or Overloaded."""
         appointment_id = new_appointment_id()
         control_id = new_control_id()
 
         def work(tx):
             from gateway.chamber import AppointmentRow
 
+            if idempotency_key is not None:
+                earlier = tx.idempotent_request(platform, idempotency_key)
+                if earlier is not None:
+                    if earlier[0] != request_hash:
+                        raise IdempotencyConflict("this Idempotency-Key was used for a different request")
+                    return earlier[1], "replayed"
+            if if_none_exist is not None:
+                existing = tx.appointment_by_identifier(platform, *if_none_exist)
+                if existing is not None:
+                    return existing, "existing"
             slot = tx.slot(request.slot_id)
             if slot is None:
                 raise SlotUnknown(f"no slot {request.slot_id!r}")
@@ -152,6 +172,9 @@ class BookingService:
                 raise SlotUnavailable(f"slot {request.slot_id} is {slot.visible_status}")
             if slot.start_ts <= tx.now:
                 raise SlotUnavailable(f"slot {request.slot_id} has already started")
+            backlog = tx.outbound_backlog(self.his.peer)
+            if backlog >= self.max_backlog:
+                raise Overloaded(f"{backlog} messages are waiting for the HIS; try again later", self.retry_after)
             body = self._srm(tx, "S01", control_id, appointment_id, slot, request.patient, None)
             tx.insert_appointment(AppointmentRow(
                 id=appointment_id, platform=platform, slot_id=slot.id, status="pending",
@@ -159,20 +182,28 @@ class BookingService:
                 his_appointment=None, hold_expires=tx.now + self.hold_seconds, outcome=None,
                 pending_change="book", version=1, created=tx.now, updated=tx.now,
             ))
+            for system, value in request.identifiers:
+                tx.add_appointment_identifier(platform, system, value, appointment_id)
+            if idempotency_key is not None:
+                tx.remember_request(platform, idempotency_key, request_hash, appointment_id)
             tx.update_slot(slot.id, held_by=appointment_id)
             tx.add_message(direction="outbound", peer=self.his.peer, control_id=control_id, type="SRM^S01",
-                           state="queued", body=body, charset=self.his.charset,
+                           state="committed", body=body, charset=self.his.charset,
                            subject=subject_of(appointment_id), detail=f"booking {appointment_id}")
-            return appointment_id
+            return appointment_id, "new"
 
         d = self.chamber.transact(work)
         d.addCallback(self._booked, platform, control_id)
         return d
 
-    def _booked(self, appointment_id, platform, control_id):
-        log.info("booking.held", appointment=appointment_id, platform=platform, control_id=control_id)
-        self._schedule_expiry()
-        return appointment_id
+    def _booked(self, result, platform, control_id):
+        appointment_id, how = result
+        if how == "new":
+            log.info("booking.held", appointment=appointment_id, platform=platform, control_id=control_id)
+            self._schedule_expiry()
+        else:
+            log.info("booking.repeated", appointment=appointment_id, platform=platform, how=how)
+        return result
 
     def cancel(self, platform: str, appointment_id: str) -> defer.Deferred:
         """Ask the HIS to cancel (queues SRM^S04); a booking still pending is cancelled at once."""
@@ -192,10 +223,10 @@ class BookingService:
                              Patient.from_json(appt.patient), appt.his_appointment)
             tx.update_appointment(appt.id, pending_change="cancel")
             tx.add_message(direction="outbound", peer=self.his.peer, control_id=control_id,
-                           type=f"SRM^{self.his.cancel_trigger}", state="queued", body=body,
+                           type=f"SRM^{self.his.cancel_trigger}", state="committed", body=body,
                            charset=self.his.charset, subject=subject_of(appt.id),
                            detail=f"cancellation of {appt.id}")
-            return "queued"
+            return "sent"
 
         d = self.chamber.transact(work)
         d.addCallback(lambda what: (log.info("booking.cancel", appointment=appointment_id, platform=platform,
@@ -274,18 +305,44 @@ class BookingService:
         body = self._srm(tx, self.his.cancel_trigger, control_id, appt.id, slot,
                          Patient.from_json(appt.patient), his_appointment)
         tx.add_message(direction="outbound", peer=self.his.peer, control_id=control_id,
-                       type=f"SRM^{self.his.cancel_trigger}", state="queued", body=body, charset=self.his.charset,
+                       type=f"SRM^{self.his.cancel_trigger}", state="committed", body=body, charset=self.his.charset,
                        subject=subject_of(appt.id), detail=f"compensating cancellation of {appt.id}")
         log.warning("booking.compensating_cancel", appointment=appt.id, control_id=control_id)
 
+    def on_dead(self, tx, message, reason: str) -> None:
+        """The relay gave up on a message (dead-lettered): settle the appointment it carried."""
+        if not (message.subject or "").startswith("appointment:"):
+            return
+        appt = tx.appointment(message.subject.split(":", 1)[1])
+        if appt is None:
+            return
+        kind = message.type.split("^")[-1]
+        if kind == "S01" and appt.status == "pending" and appt.pending_change == "book":
+            tx.update_appointment(appt.id, status="refused", pending_change=None, hold_expires=None,
+                                  outcome=f"the HIS did not take the booking: {reason}")
+            slot = tx.slot(appt.slot_id)
+            if slot is not None and slot.held_by == appt.id:
+                tx.update_slot(slot.id, held_by=None)
+            if message.attempts > 0:  # it may have reached the HIS before its answer was lost
+                self._queue_compensating_cancel(tx, appt, slot, None)
+        elif kind != "S01" and appt.pending_change == "cancel":
+            tx.update_appointment(appt.id, pending_change=None,
+                                  outcome=f"the cancellation did not reach the HIS: {reason}")
+
     # -- holds -----------------------------------------------------------------------------------------------
     def _release_hold(self, tx, appt, slot, reason: str) -> None:
+        """Release a pending booking's hold.  Its SRM^S01, if still waiting in the chamber, is withdrawn
+        (a booking the platform was told is cancelled must not reach the HIS later); if an earlier attempt
+        may have reached the HIS, a cancel follows it.  An SRM in flight right now is left to its answer:
+        an AA for it is compensated in :meth:`_answer_booking`."""
         tx.update_appointment(appt.id, status="cancelled", pending_change=None, hold_expires=None, outcome=reason)
         if slot is not None and slot.held_by == appt.id:
             tx.update_slot(slot.id, held_by=None)
         for msg in tx.messages_for_subject(subject_of(appt.id)):
-            if msg.type == "SRM^S01" and msg.state == "queued" and msg.attempts == 0:
+            if msg.type == "SRM^S01" and msg.state in ("committed", "retrying"):
                 tx.set_message_state(msg.id, "withdrawn", detail=reason)
+                if msg.attempts > 0:
+                    self._queue_compensating_cancel(tx, appt, slot, None)
 
     def expire_holds(self) -> defer.Deferred:
         def work(tx):

@@ -29,6 +29,8 @@ from typing import Any, Callable, Iterable, TypeVar
 import structlog
 from twisted.internet import defer
 
+from gateway.errors import ChamberError, ChamberWriteError  # noqa: F401 (re-exported)
+
 log = structlog.get_logger("gateway.chamber")
 
 SCHEMA_VERSION = 1
@@ -37,12 +39,6 @@ SCHEMA_DIR = Path(__file__).with_name("schema")
 T = TypeVar("T")
 
 
-class ChamberError(Exception):
-    """The chamber cannot be opened or written."""
-
-
-class ChamberWriteError(ChamberError):
-    """A commit failed (disk full, read-only file, ...): the batch it carried was not recorded."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -64,6 +60,7 @@ class MessageRow:
     next_attempt: float | None
     answer_code: str | None
     answer_text: str | None
+    last_error: str | None
     created: float
     updated: float
 
@@ -188,6 +185,7 @@ class Txn:
         next_attempt: float | None = None,
         answer_code: str | None = None,
         answer_text: str | None = None,
+        last_error: str | None = None,
     ) -> None:
         sets = ["state = ?", "updated = ?", "next_attempt = ?"]
         args: list[Any] = [state, self.now, next_attempt]
@@ -197,6 +195,9 @@ class Txn:
         if answer_code is not None:
             sets += ["answer_code = ?", "answer_text = ?"]
             args += [answer_code, answer_text]
+        if last_error is not None:
+            sets.append("last_error = ?")
+            args.append(last_error)
         args.append(message_id)
         self._c.execute(f"UPDATE messages SET {', '.join(sets)} WHERE id = ?", args)
         self._event(message_id, state, detail)
@@ -291,6 +292,50 @@ class Txn:
         return [_row(AppointmentRow, r) for r in cur]
 
 
+    def outbound_backlog(self, peer: str) -> int:
+        cur = self._c.execute(
+            "SELECT count(*) FROM messages WHERE direction = 'outbound' AND peer = ?"
+            " AND state IN ('committed', 'sending', 'retrying')",
+            (peer,),
+        )
+        return cur.fetchone()[0]
+
+    # -- idempotency -----------------------------------------------------------------------------------------
+    def idempotent_request(self, platform: str, key: str) -> tuple[str, str] | None:
+        """(request hash, appointment id) of an earlier request with this Idempotency-Key."""
+        row = self._c.execute("SELECT request_hash, appointment_id FROM idempotency_keys"
+                              " WHERE platform = ? AND key = ?", (platform, key)).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def remember_request(self, platform: str, key: str, request_hash: str, appointment_id: str) -> None:
+        self._c.execute("INSERT INTO idempotency_keys (platform, key, request_hash, appointment_id, created)"
+                        " VALUES (?, ?, ?, ?, ?)", (platform, key, request_hash, appointment_id, self.now))
+
+    def appointment_by_identifier(self, platform: str, system: str, value: str) -> str | None:
+        row = self._c.execute("SELECT appointment_id FROM appointment_identifiers"
+                              " WHERE platform = ? AND system = ? AND value = ?", (platform, system, value)).fetchone()
+        return row[0] if row else None
+
+    def add_appointment_identifier(self, platform: str, system: str, value: str, appointment_id: str) -> None:
+        self._c.execute("INSERT OR IGNORE INTO appointment_identifiers (platform, system, value, appointment_id)"
+                        " VALUES (?, ?, ?, ?)", (platform, system, value, appointment_id))
+
+    def appointment_identifiers(self, appointment_id: str) -> list[tuple[str, str]]:
+        cur = self._c.execute("SELECT system, value FROM appointment_identifiers WHERE appointment_id = ?"
+                              " ORDER BY rowid", (appointment_id,))
+        return [(r[0], r[1]) for r in cur]
+
+    # -- operators -------------------------------------------------------------------------------------------
+    def purge_dead(self, older_than: float) -> int:
+        """Delete dead-lettered messages (and their stories) last changed before ``older_than``."""
+        ids = [r[0] for r in self._c.execute(
+            "SELECT id FROM messages WHERE state = 'dead' AND updated < ?", (older_than,))]
+        for i in ids:
+            self._c.execute("DELETE FROM message_events WHERE message_id = ?", (i,))
+            self._c.execute("DELETE FROM messages WHERE id = ?", (i,))
+        return len(ids)
+
+
 class Reader(Txn):
     """Read-only queries over committed state (used outside transactions)."""
 
@@ -298,18 +343,10 @@ class Reader(Txn):
         """The head of the delivery queue for ``peer``: strict FIFO, the oldest not yet finished."""
         cur = self._c.execute(
             "SELECT * FROM messages WHERE direction = 'outbound' AND peer = ?"
-            " AND state IN ('queued', 'sending', 'retrying') ORDER BY id LIMIT 1",
+            " AND state IN ('committed', 'sending', 'retrying') ORDER BY id LIMIT 1",
             (peer,),
         )
         return _row(MessageRow, cur.fetchone())
-
-    def outbound_backlog(self, peer: str) -> int:
-        cur = self._c.execute(
-            "SELECT count(*) FROM messages WHERE direction = 'outbound' AND peer = ?"
-            " AND state IN ('queued', 'sending', 'retrying')",
-            (peer,),
-        )
-        return cur.fetchone()[0]
 
     def message_events(self, message_id: int) -> list[tuple[float, str, str | None]]:
         cur = self._c.execute(
@@ -317,15 +354,23 @@ class Reader(Txn):
         )
         return [tuple(r) for r in cur]
 
-    def messages(self, *, direction: str | None = None, limit: int = 100) -> list[MessageRow]:
-        sql = "SELECT * FROM messages"
-        args: list[Any] = []
-        if direction:
-            sql += " WHERE direction = ?"
-            args.append(direction)
+    def messages(self, *, direction: str | None = None, state: str | None = None, peer: str | None = None,
+                 limit: int = 100) -> list[MessageRow]:
+        """The newest messages first, optionally of one direction, state and peer."""
+        where, args = [], []
+        for column, value in (("direction", direction), ("state", state), ("peer", peer)):
+            if value:
+                where.append(f"{column} = ?")
+                args.append(value)
+        sql = "SELECT * FROM messages" + (" WHERE " + " AND ".join(where) if where else "")
         sql += " ORDER BY id DESC LIMIT ?"
         args.append(limit)
         return [_row(MessageRow, r) for r in self._c.execute(sql, args)]
+
+    def state_counts(self) -> dict[tuple[str, str, str], int]:
+        """(direction, peer, state) -> number of messages."""
+        cur = self._c.execute("SELECT direction, peer, state, count(*) FROM messages GROUP BY 1, 2, 3")
+        return {(r[0], r[1], r[2]): r[3] for r in cur}
 
     def schedules(self, schedule_id: str | None = None) -> list[ScheduleRow]:
         if schedule_id is None:
@@ -419,10 +464,33 @@ class Chamber:
             conn.execute("PRAGMA synchronous = FULL")
             conn.execute("PRAGMA foreign_keys = ON")
             self._conn = conn
+            self._check_integrity()
             self._ensure_schema()
         except sqlite3.DatabaseError as e:
-            raise ChamberError(f"cannot open the chamber {self.path}: {e}") from e
+            self._close_quietly()
+            raise ChamberError(f"cannot open the chamber {self.path}: {e}. If the file is damaged, stop "
+                               f"gatewayd, move it aside and restore the last backup.") from e
+        except ChamberError:
+            self._close_quietly()
+            raise
         log.info("chamber.opened", path=self.path, journal_mode=mode, schema_version=SCHEMA_VERSION)
+
+    def _check_integrity(self) -> None:
+        """Refuse to start on a damaged chamber: better no gateway than one that loses messages."""
+        problems = [r[0] for r in self._conn.execute("PRAGMA integrity_check(5)")]
+        if problems != ["ok"]:
+            raise ChamberError(
+                f"the chamber {self.path} is damaged (SQLite integrity_check: {'; '.join(problems)}). Stop "
+                f"gatewayd, move the file aside and restore the last backup; the damaged file is kept as it is."
+            )
+
+    def _close_quietly(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except sqlite3.Error:
+                pass
+            self._conn = None
 
     def _ensure_schema(self) -> None:
         conn = self._conn

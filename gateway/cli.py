@@ -6,7 +6,7 @@
     gatewayd demo [--workdir DIR]         certificates, configs, HIS simulator and gateway, all on loopback
     gatewayd certs init DIR               a development CA, server and platform certificates
     gatewayd queue show [ID]              what the chamber holds: messages, or one message's story
-    gatewayd config-reference             every config key, its type, default and meaning (Markdown)
+    gatewayd config-reference [--update README.md]   every config key, its type, default and meaning
 """
 
 from __future__ import annotations
@@ -51,7 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--config", required=True, type=Path)
     show.add_argument("--limit", type=int, default=50)
 
-    sub.add_parser("config-reference", help="print the configuration reference (Markdown)")
+    ref = sub.add_parser("config-reference", help="print the configuration reference (Markdown)")
+    ref.add_argument("--update", type=Path, metavar="README",
+                     help="rewrite the reference between the config-reference markers of this file instead")
     return p
 
 
@@ -84,6 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "queue":
         return queue_show(args)
     if args.command == "config-reference":
+        if args.update:
+            text = args.update.read_text(encoding="utf-8")
+            start = text.index("\n", text.index("<!-- config-reference:start")) + 1
+            end = text.index("<!-- config-reference:end -->")
+            args.update.write_text(text[:start] + config_reference() + "\n" + text[end:], encoding="utf-8")
+            return 0
         print(config_reference())
         return 0
     return 2

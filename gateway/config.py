@@ -78,6 +78,17 @@ class HisConfig:
     cancel_message: Literal["SRM^S04", "SRM^S03"] = doc(
         "The message that cancels a booking at this HIS.", default="SRM^S04"
     )
+    max_attempts: Annotated[int, Range(1, 1000)] = doc(
+        "A message still unanswered after this many attempts is dead-lettered (see `gatewayd queue`).",
+        default=20,
+    )
+    max_age: Duration = doc(
+        "A message not delivered within this time after it was committed is dead-lettered.",
+        default=Duration(3600.0),
+    )
+    max_backlog: Annotated[int, Range(1, 10_000_000)] = doc(
+        "Most messages waiting for this HIS; past it new bookings get 503 with Retry-After.", default=1000
+    )
 
     def __post_validate__(self):
         return _charset_issue("charset", self.charset)
@@ -158,6 +169,15 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class DaemonConfig:
+    shutdown_grace: Duration = doc(
+        "On SIGTERM: stop accepting, then wait at most this long for messages in flight to be answered "
+        "(what is still unanswered is resent, with its control id, after the restart).",
+        default=Duration(10.0),
+    )
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     inner: InnerConfig = doc("The inner gate: HL7 v2 over MLLP, towards the HIS (intranet).")
     outer: OuterConfig = doc("The outer gate: FHIR R4 over HTTPS, towards platforms (internet).")
@@ -165,6 +185,7 @@ class GatewayConfig:
     hospital: HospitalConfig = doc("About the hospital.", default_factory=HospitalConfig)
     chamber: ChamberConfig = doc("The durable store between the gates.", default_factory=ChamberConfig)
     logging: LoggingConfig = doc("Logging.", default_factory=LoggingConfig)
+    daemon: DaemonConfig = doc("The process itself.", default_factory=DaemonConfig)
 
     def __post_validate__(self):
         issues = []

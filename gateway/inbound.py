@@ -8,7 +8,8 @@ is only built after the chamber transaction that recorded the message has commit
 - The same control id with different bytes: refused (AR) — a sender reusing control ids would otherwise
   lose a message silently.
 - Anything the mapping could not read: refused with the HL7 error it raised (segment and field), and the
-  refusal is recorded in the chamber so nothing is lost silently.
+  refusal is recorded in the chamber (state ``refused``, raw bytes kept) so nothing is lost silently and an
+  operator can reprocess it (``gatewayd queue retry ID``) once the cause is fixed.
 """
 
 from __future__ import annotations
@@ -53,21 +54,23 @@ class InboundService:
             touched = self.slot_book.apply(tx, notices)
             return Verdict("AA", f"{len(touched)} slot(s) updated")
 
-        return self._record(received, "processed", apply)
+        return self._record(received, "delivered", apply)
 
     def refuse(self, received: Received, code: str, text: str) -> defer.Deferred:
         """Record a message we refuse (so it can be looked at and replayed); fires with the Verdict."""
-        return self._record(received, "rejected", lambda tx: Verdict(code, text))
+        return self._record(received, "refused", lambda tx: Verdict(code, text))
 
     def _record(self, received: Received, state: str, decide) -> defer.Deferred:
         def work(tx):
             known = tx.message_by_control_id("inbound", received.peer, received.control_id)
             if known is not None:
                 return self._known(known, received)
+            message_id = tx.add_message(direction="inbound", peer=received.peer, control_id=received.control_id,
+                                        type=received.type, state="committed", body=received.body,
+                                        charset=received.charset, detail="received from the HIS")
             verdict = decide(tx)
-            tx.add_message(direction="inbound", peer=received.peer, control_id=received.control_id,
-                           type=received.type, state=state, body=received.body, charset=received.charset,
-                           answer_code=verdict.code, answer_text=verdict.text, detail=verdict.text)
+            tx.set_message_state(message_id, state, answer_code=verdict.code, answer_text=verdict.text,
+                                 detail=f"{verdict.code} {verdict.text}".strip())
             return verdict
 
         return self.chamber.transact(work).addCallback(self._logged, received)

@@ -1,7 +1,9 @@
 """The relay: takes committed outbound messages out of the chamber and delivers them to the HIS.
 
 Per destination the queue is strict FIFO with one message in flight: send, wait for the ACK whose MSA-2
-matches, record the answer, next.  A message that could not be delivered (no connection, no ACK in time)
+matches, record the answer, next.  AA/CA: delivered.  AR/CR: refused, never resent.  AE/CE: dead-lettered
+with the HIS's error text.  A message not answered after ``max_attempts`` tries, or older than
+``max_age``, is dead-lettered with the reason; an operator can resubmit it (``gatewayd queue retry``).  A message that could not be delivered (no connection, no ACK in time)
 stays at the head of the queue and is resent with the *same* control id after an exponential backoff
 with jitter, so the HIS can drop a duplicate; nothing behind it overtakes it.  Every state change is
 committed (``messages`` + ``message_events``), so after a crash the relay starts again from the chamber:
@@ -51,6 +53,9 @@ class Relay(service.Service):
         ack_timeout: float,
         retry_initial: float,
         retry_max: float,
+        max_attempts: int = 20,
+        max_age: float = 3600.0,
+        on_dead: Callable | None = None,
         poll_interval: float = 1.0,
         rng: random.Random | None = None,
     ):
@@ -63,6 +68,9 @@ class Relay(service.Service):
         self.ack_timeout = ack_timeout
         self.retry_initial = retry_initial
         self.retry_max = retry_max
+        self.max_attempts = max_attempts
+        self.max_age = max_age
+        self.on_dead = on_dead or (lambda tx, msg, reason: None)
         self.poll_interval = poll_interval
         self.rng = rng or random.Random()
         self._running_loop: defer.Deferred | None = None
@@ -132,6 +140,10 @@ class Relay(service.Service):
                 return
 
     async def _deliver(self, msg) -> bool:
+        if self.clock.seconds() - msg.created > self.max_age:
+            await self._dead(msg, f"not delivered within {self.max_age:.0f}s"
+                                  f"{'; last error: ' + msg.last_error if msg.last_error else ''}")
+            return True
         attempts = msg.attempts + 1
         await self.chamber.transact(
             lambda tx: tx.set_message_state(msg.id, "sending", attempts=attempts, detail=f"attempt {attempts}")
@@ -142,9 +154,13 @@ class Relay(service.Service):
             answer: HisAnswer = await self.destination.deliver(msg.body, msg.control_id, self.ack_timeout)
         except DeliveryFailed as e:
             reason = str(e)
+            if attempts >= self.max_attempts:
+                await self._dead(msg, f"no answer after {attempts} attempts; last error: {reason}",
+                                 attempts=attempts)
+                return True
             delay = self._backoff(attempts)
             await self.chamber.transact(
-                lambda tx: tx.set_message_state(msg.id, "retrying", next_attempt=tx.now + delay,
+                lambda tx: tx.set_message_state(msg.id, "retrying", next_attempt=tx.now + delay, last_error=reason,
                                                 detail=f"{reason}; next attempt in {delay:.1f}s")
             )
             log.warning("relay.retrying", peer=self.peer, message=msg.id, control_id=msg.control_id,
@@ -152,11 +168,14 @@ class Relay(service.Service):
             self._arm(delay)
             return False
 
-        state = "delivered" if answer.accepted else "refused"
+        # HL7 rules: AA/CA accepted; AR/CR rejected (the message itself is unacceptable: never resent);
+        # AE/CE an application error at the HIS: dead-lettered with its text for an operator to look at.
+        state = {"AA": "delivered", "CA": "delivered", "AR": "refused", "CR": "refused"}.get(answer.code, "dead")
 
         def record(tx):
+            error = f"{answer.code}: {answer.text or 'no reason given'}" if state == "dead" else None
             tx.set_message_state(msg.id, state, answer_code=answer.code, answer_text=answer.text or None,
-                                 detail=f"{answer.code} {answer.text}".strip())
+                                 last_error=error, detail=f"{answer.code} {answer.text}".strip())
             self.on_answer(tx, tx.message(msg.id), answer)
 
         await self.chamber.transact(record)
@@ -164,6 +183,15 @@ class Relay(service.Service):
         log.info("relay.answered", peer=self.peer, message=msg.id, control_id=msg.control_id, type=msg.type,
                  state=state, ack=answer.code)
         return True
+
+    async def _dead(self, msg, reason: str, attempts: int | None = None) -> None:
+        def record(tx):
+            tx.set_message_state(msg.id, "dead", attempts=attempts, last_error=reason, detail=reason)
+            self.on_dead(tx, tx.message(msg.id), reason)
+
+        await self.chamber.transact(record)
+        log.error("relay.dead_letter", peer=self.peer, message=msg.id, control_id=msg.control_id, type=msg.type,
+                  reason=reason)
 
     def _backoff(self, attempts: int) -> float:
         base = min(self.retry_max, self.retry_initial * (2 ** (attempts - 1)))

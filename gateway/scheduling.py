@@ -102,6 +102,21 @@ class BookingRequest:
     slot_id: str
     patient: Patient
     description: str = ""
+    identifiers: tuple[tuple[str, str], ...] = ()  # the platform's own Appointment.identifier (system, value)
+
+
+class Overloaded(Exception):
+    """Too much is waiting for the HIS: new work is refused until the queue drains."""
+
+    def __init__(self, text: str, retry_after: int):
+        super().__init__(text)
+        self.retry_after = retry_after
+
+
+class IdempotencyConflict(SchedulingError):
+    """An Idempotency-Key was used again with a different request."""
+
+    code = "idempotency-conflict"
 
 
 @dataclass(frozen=True)

@@ -125,7 +125,8 @@ def make_service(config: GatewayConfig, reactor) -> service.MultiService:
         chamber,
         HisLinkInfo(peer=his.name, charset=his.charset, cancel_trigger=his.cancel_message.split("^")[1],
                     build_srm=functools.partial(build_srm, header=header)),
-        tz=tz, hold_seconds=config.outer.hold_expires, clock=reactor,
+        tz=tz, hold_seconds=config.outer.hold_expires, clock=reactor, max_backlog=his.max_backlog,
+        retry_after=max(1, int(his.retry_max)),
     )
     slot_book = SlotBook(tz)
     inbound = InboundService(chamber, slot_book)
@@ -135,7 +136,8 @@ def make_service(config: GatewayConfig, reactor) -> service.MultiService:
                         max_message_bytes=config.inner.max_message_bytes, clock=reactor,
                         connect_timeout=his.connect_timeout)
     Relay(chamber, his.name, HisDestination(client), booking.on_answer, clock=reactor,
-          ack_timeout=his.ack_timeout, retry_initial=his.retry_initial, retry_max=his.retry_max
+          ack_timeout=his.ack_timeout, retry_initial=his.retry_initial, retry_max=his.retry_max,
+          max_attempts=his.max_attempts, max_age=his.max_age, on_dead=booking.on_dead,
           ).setServiceParent(root)
     if his.slot_source == "poll":
         query_client = MLLPClient(reactor, his_endpoint, default_charset=his.charset,

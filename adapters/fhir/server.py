@@ -22,6 +22,7 @@ with internals), 503 chamber unavailable.  The handler never lets an exception e
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
@@ -43,7 +44,8 @@ from adapters.mapping.fhir_scheduling import (
     search_instant,
     slot_resource,
 )
-from gateway.scheduling import AppointmentUnknown, SlotUnavailable, SlotUnknown
+from gateway.errors import ChamberError
+from gateway.scheduling import AppointmentUnknown, IdempotencyConflict, Overloaded, SlotUnavailable, SlotUnknown
 
 log = structlog.get_logger("gateway.outer")
 
@@ -161,6 +163,13 @@ class FhirApi(resource.Resource):
         if failure.check(InvalidResource):
             e = failure.value
             return e.status, operation_outcome(e.issues), {}
+        if failure.check(Overloaded):
+            e = failure.value
+            return 503, operation_outcome([("transient", str(e), None)]), {"Retry-After": str(e.retry_after)}
+        if failure.check(ChamberError):
+            log.error("outer.chamber_unavailable", error=failure.getErrorMessage())
+            return 503, operation_outcome([("transient", "the gateway cannot store requests right now; nothing "
+                                            "was recorded, try again later", None)]), {"Retry-After": "30"}
         log.error("outer.internal_error", method=request.method.decode(), error=failure.getErrorMessage(),
                   error_type=failure.type.__name__)
         return 500, operation_outcome([("exception", "internal error; the request was not completed", None)]), {}
@@ -221,7 +230,7 @@ class FhirApi(resource.Resource):
         if not rest:
             self._method(method, "GET", "POST")
             if method == "POST":
-                return await self.appointment_create(platform, self._body(request), base)
+                return await self.appointment_create(platform, self._body(request), base, request)
             return self.appointment_search(platform, query, base)
         self._method(method, "GET", "PUT", "PATCH")
         if method == "GET":
@@ -399,22 +408,36 @@ class FhirApi(resource.Resource):
 
     # -- Appointment -----------------------------------------------------------------------------------------
     def _appointment_json(self, appt) -> dict:
-        slot = self.reader().slot(appt.slot_id)
-        return appointment_resource(appt, slot, self.tz)
+        reader = self.reader()
+        return appointment_resource(appt, reader.slot(appt.slot_id), self.tz,
+                                    reader.appointment_identifiers(appt.id))
 
     @staticmethod
     def _location(base, appt) -> dict:
         return {"Location": f"{base}/Appointment/{appt.id}",
                 "ETag": f'W/"{appt.version}"'}
 
-    async def appointment_create(self, platform: str, body, base: str):
+    async def appointment_create(self, platform: str, body, base: str, http_request):
         request = booking_from_appointment(body)
+        key = http_request.getHeader(b"idempotency-key")
+        if key is not None:
+            key = key.decode("utf-8", "replace").strip()
+            if not 1 <= len(key) <= 255:
+                raise FhirError(400, "invalid", "Idempotency-Key must be 1 to 255 characters")
+        condition = self._if_none_exist(http_request.getHeader(b"if-none-exist"))
+        request_hash = hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
         try:
-            appointment_id = await self.booking.book(platform, request)
+            appointment_id, how = await self.booking.book(platform, request, idempotency_key=key,
+                                                          request_hash=request_hash, if_none_exist=condition)
         except SlotUnknown as e:
             raise FhirError(422, "not-found", str(e), "Appointment.slot") from None
         except SlotUnavailable as e:
             raise FhirError(409, "conflict", str(e), "Appointment.slot") from None
+        except IdempotencyConflict as e:
+            raise FhirError(422, "business-rule", str(e)) from None
+        if how == "existing":  # FHIR conditional create: the match is returned, nothing is created
+            appt = self.booking.appointment(platform, appointment_id)
+            return 200, self._appointment_json(appt), self._location(base, appt)
         await self.booking.wait_settled(appointment_id, self.answer_within)
         appt = self.booking.appointment(platform, appointment_id)
         resource_json = self._appointment_json(appt)
@@ -424,6 +447,19 @@ class FhirApi(resource.Resource):
             return 202, resource_json, self._location(base, appt)
         raise FhirError(409, "conflict", f"the booking was not made: {appt.outcome}", "Appointment.slot",
                         headers={"Content-Location": self._location(base, appt)["Location"]})
+
+    @staticmethod
+    def _if_none_exist(header: bytes | None) -> tuple[str, str] | None:
+        """``If-None-Exist: identifier=[system|]value`` -> (system, value)."""
+        if header is None:
+            return None
+        params = parse_qs(header.decode("utf-8", "replace"), keep_blank_values=True)
+        if set(params) != {"identifier"} or len(params["identifier"]) != 1 or not params["identifier"][0]:
+            raise FhirError(400, "not-supported", "If-None-Exist supports exactly one 'identifier=[system|]value'")
+        system, _, value = params["identifier"][0].rpartition("|")
+        if not value:
+            raise FhirError(400, "invalid", "If-None-Exist: the identifier has no value")
+        return system, value
 
     def appointment_read(self, platform: str, appointment_id: str):
         try:
@@ -459,7 +495,7 @@ class FhirApi(resource.Resource):
             raise FhirError(422, "business-rule", "the only change a platform can make is status -> cancelled",
                             "Appointment.status")
         result = await self.booking.cancel(platform, appointment_id)
-        if result == "queued":
+        if result == "sent":
             await self.booking.wait_settled(appointment_id, self.answer_within)
         appt = self.booking.appointment(platform, appointment_id)
         resource_json = self._appointment_json(appt)

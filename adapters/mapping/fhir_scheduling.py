@@ -86,7 +86,8 @@ def schedule_resource(schedule, tz: ZoneInfo) -> dict:
     }
 
 
-def appointment_resource(appt, slot, tz: ZoneInfo) -> dict:
+def appointment_resource(appt, slot, tz: ZoneInfo, identifiers=()) -> dict:
+    """``identifiers``: the platform's own (system, value) pairs, given back as Appointment.identifier."""
     patient = Patient.from_json(appt.patient)
     contained: dict[str, Any] = {
         "resourceType": "Patient",
@@ -119,8 +120,11 @@ def appointment_resource(appt, slot, tz: ZoneInfo) -> dict:
             {"actor": {"reference": f"Schedule/{slot.schedule_id}"}, "status": "accepted"},
         ],
     }
+    ids = [{"system": system, "value": value} if system else {"value": value} for system, value in identifiers]
     if appt.his_appointment:
-        resource["identifier"] = [{"system": HIS_APPOINTMENT_SYSTEM, "value": appt.his_appointment}]
+        ids.append({"system": HIS_APPOINTMENT_SYSTEM, "value": appt.his_appointment})
+    if ids:
+        resource["identifier"] = ids
     if appt.description:
         resource["description"] = appt.description
     if appt.status in ("cancelled", "refused") and appt.outcome:
@@ -158,7 +162,10 @@ def booking_from_appointment(body: Any) -> BookingRequest:
                                 "(slot: [{reference: 'Slot/<id>'}])", "Appointment.slot")], 422)
     slot_id = slots[0].reference.split("/", 1)[1]
     patient = _patient(appt)
-    return BookingRequest(slot_id=slot_id, patient=patient, description=appt.description or "")
+    identifiers = tuple((i.system or "", i.value) for i in (appt.identifier or [])
+                        if i.value and i.system != HIS_APPOINTMENT_SYSTEM)
+    return BookingRequest(slot_id=slot_id, patient=patient, description=appt.description or "",
+                          identifiers=identifiers)
 
 
 def _patient(appt: Appointment) -> Patient:

@@ -7,18 +7,22 @@ CREATE TABLE chamber_meta (
     value TEXT NOT NULL
 );
 
--- Every HL7 message that crossed the lock, in either direction, as raw bytes.
---   inbound  (HIS -> gateway): committed -> processed | rejected
---   outbound (gateway -> HIS): queued -> sending -> delivered | refused
---                              sending -> retrying -> sending ...   (same control id on every resend)
---                              queued | retrying -> withdrawn        (the booking it carried expired first)
+-- Every HL7 message that crossed the lock, in either direction, as raw bytes (kept for reprocessing).
+-- One state machine for both directions:
+--   inbound  (HIS -> gateway): committed -> delivered (applied to the slot book) | refused (we NAKed it)
+--   outbound (gateway -> HIS): committed -> sending -> delivered (AA) | refused (AR: never resent)
+--                              sending -> retrying -> sending ...      (no answer: the same bytes and MSH-10)
+--                              sending -> dead   (AE, or max attempts / max age: last_error says why)
+--                              committed | retrying -> withdrawn        (the booking it carried expired)
+--                              dead -> committed                        (an operator's `queue retry`)
 CREATE TABLE messages (
     id           INTEGER PRIMARY KEY,
     direction    TEXT NOT NULL CHECK (direction IN ('inbound', 'outbound')),
     peer         TEXT NOT NULL,
     control_id   TEXT NOT NULL,
     type         TEXT NOT NULL,
-    state        TEXT NOT NULL,
+    state        TEXT NOT NULL CHECK (state IN ('committed', 'sending', 'retrying', 'delivered', 'refused',
+                                                'dead', 'withdrawn')),
     body         BLOB NOT NULL,
     charset      TEXT NOT NULL,
     subject      TEXT,
@@ -26,6 +30,7 @@ CREATE TABLE messages (
     next_attempt REAL,
     answer_code  TEXT,
     answer_text  TEXT,
+    last_error   TEXT,
     created      REAL NOT NULL,
     updated      REAL NOT NULL,
     UNIQUE (direction, peer, control_id)
@@ -93,3 +98,22 @@ CREATE TABLE appointments (
 );
 CREATE INDEX appointments_by_platform ON appointments (platform, created);
 CREATE INDEX appointments_pending ON appointments (status, hold_expires);
+
+-- Platform requests that must not be applied twice: POST with an Idempotency-Key header ...
+CREATE TABLE idempotency_keys (
+    platform       TEXT NOT NULL,
+    key            TEXT NOT NULL,
+    request_hash   TEXT NOT NULL,
+    appointment_id TEXT NOT NULL REFERENCES appointments (id),
+    created        REAL NOT NULL,
+    PRIMARY KEY (platform, key)
+);
+
+-- ... and the platform's own Appointment.identifier values (for If-None-Exist: identifier=system|value).
+CREATE TABLE appointment_identifiers (
+    platform       TEXT NOT NULL,
+    system         TEXT NOT NULL,
+    value          TEXT NOT NULL,
+    appointment_id TEXT NOT NULL REFERENCES appointments (id),
+    PRIMARY KEY (platform, system, value)
+);

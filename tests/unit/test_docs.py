@@ -14,7 +14,7 @@ def test_readme_config_reference_matches_the_code():
     start = readme.index("\n", start) + 1
     end = readme.index("<!-- config-reference:end -->")
     assert readme[start:end].strip() == config_reference().strip(), \
-        "README's configuration reference is stale: paste the output of `gatewayd config-reference`"
+        "README's configuration reference is stale: run `gatewayd config-reference --update README.md`"
 
 
 def test_readme_starts_with_the_two_commands_and_ci_runs_the_test_one():

@@ -39,7 +39,9 @@ def env(tmp_path):
     his = ScriptedHis()
     answers = []
     relay = Relay(chamber, "his", his, lambda tx, msg, ans: answers.append((msg.control_id, ans.code)),
-                  clock=clock, ack_timeout=5, retry_initial=1, retry_max=8, rng=random.Random(1))
+                  clock=clock, ack_timeout=5, retry_initial=1, retry_max=8, max_attempts=3, max_age=600,
+                  on_dead=lambda tx, msg, reason: answers.append((msg.control_id, "dead", reason)),
+                  rng=random.Random(1))
     yield chamber, his, relay, clock, answers
     if relay.running:
         relay.stopService()
@@ -48,7 +50,7 @@ def env(tmp_path):
 
 def queue(chamber, control_id, body=b"MSH|..."):
     return chamber.transact_now(lambda tx: tx.add_message(
-        direction="outbound", peer="his", control_id=control_id, type="SRM^S01", state="queued",
+        direction="outbound", peer="his", control_id=control_id, type="SRM^S01", state="committed",
         body=body, charset="utf-8"))
 
 
@@ -88,7 +90,7 @@ def test_failed_delivery_is_resent_with_the_same_control_id_after_backoff(env):
     his.calls[2][2].callback(HisAnswer("AA"))
     assert [c[1] for c in his.calls] == ["G1", "G1", "G1", "G2"]
     story = [s for _, s, _ in chamber.read().message_events(first)]
-    assert story == ["queued", "sending", "retrying", "sending", "retrying", "sending", "delivered"]
+    assert story == ["committed", "sending", "retrying", "sending", "retrying", "sending", "delivered"]
 
 
 def test_message_in_flight_at_a_crash_is_sent_again_on_start(env):
@@ -118,3 +120,45 @@ def test_withdrawn_messages_are_not_sent(env):
     queue(chamber, "G2")
     relay.startService()
     assert [c[1] for c in his.calls] == ["G2"]
+
+
+def test_ar_is_final_and_ae_is_dead_lettered_with_the_his_text(env):
+    """HL7 rules: AR means the message is unacceptable (refused, never resent); AE is an application
+    error at the HIS (dead-lettered with its text); the queue moves on in both cases."""
+    chamber, his, relay, _, answers = env
+    first, second = queue(chamber, "G1"), queue(chamber, "G2")
+    queue(chamber, "G3")
+    relay.startService()
+    his.calls[0][2].callback(HisAnswer("AR", "unknown schedule"))
+    his.calls[1][2].callback(HisAnswer("AE", "database locked"))
+    assert [c[1] for c in his.calls] == ["G1", "G2", "G3"]
+    assert chamber.read().message(first).state == "refused"
+    dead = chamber.read().message(second)
+    assert (dead.state, dead.last_error) == ("dead", "AE: database locked")
+
+
+def test_dead_letter_after_max_attempts_with_the_reason(env):
+    """Three unanswered attempts (max_attempts=3): dead-lettered with the last error; the booking side is
+    told (on_dead); the next message goes."""
+    chamber, his, relay, clock, answers = env
+    first = queue(chamber, "G1")
+    queue(chamber, "G2")
+    relay.startService()
+    for attempt in range(3):
+        his.calls[-1][2].errback(DeliveryFailed("AckTimeout: no ACK within 5s"))
+        clock.advance(10)
+    msg = chamber.read().message(first)
+    assert msg.state == "dead" and msg.attempts == 3
+    assert "no answer after 3 attempts" in msg.last_error and "AckTimeout" in msg.last_error
+    assert answers[0][:2] == ("G1", "dead")
+    assert his.calls[-1][1] == "G2"
+
+
+def test_dead_letter_when_older_than_max_age(env):
+    chamber, his, relay, clock, answers = env
+    first = queue(chamber, "G1")
+    clock.advance(601)
+    relay.startService()
+    assert his.calls == []
+    assert chamber.read().message(first).state == "dead"
+    assert "not delivered within 600s" in chamber.read().message(first).last_error
