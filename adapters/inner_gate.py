@@ -96,6 +96,34 @@ class InnerGateHandler:
         )
 
 
+def slot_notices(message: Message):
+    """What the inner gate takes from the HIS, as slot notices; Hl7Error (with location) otherwise."""
+    if message.message_code != "SIU":
+        raise Hl7Error(200, f"this gateway does not take {message.type_name} messages", segment="MSH", field=9)
+    return notices_from_siu(message)
+
+
+def nak_code(err: Hl7Error) -> str:
+    """AR for what the HIS must not send again as it is (type, event, version); AE for content errors."""
+    return "AR" if err.code in (200, 201, 203) else "AE"
+
+
+def make_reprocessor(slot_book, default_charset: str):
+    """For ``gatewayd queue retry`` of a refused inbound message: read its raw bytes again with the current
+    code and apply them (inside the caller's transaction).  Returns (ACK code, text) as the gate would."""
+    from adapters.hl7.er7 import parse
+
+    def reprocess(tx, message_row) -> tuple[str, str]:
+        try:
+            notices = slot_notices(parse(message_row.body, default_charset=default_charset))
+        except Hl7Error as e:
+            return nak_code(e), str(e)
+        touched = slot_book.apply(tx, notices)
+        return "AA", f"{len(touched)} slot(s) updated"
+
+    return reprocess
+
+
 def his_answer(message: Message) -> HisAnswer:
     """The HIS's answer (ACK, SRR) as the booking service reads it."""
     code, _control_id, text = read_ack(message)

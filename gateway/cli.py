@@ -5,7 +5,7 @@
     gatewayd his-sim --config PATH        run the bundled HIS simulator (a real MLLP peer)
     gatewayd demo [--workdir DIR]         certificates, configs, HIS simulator and gateway, all on loopback
     gatewayd certs init DIR               a development CA, server and platform certificates
-    gatewayd queue show [ID]              what the chamber holds: messages, or one message's story
+    gatewayd queue list|show|retry|purge  the chamber's messages: list, one's story, resubmit, delete dead ones
     gatewayd config-reference [--update README.md]   every config key, its type, default and meaning
 """
 
@@ -44,12 +44,27 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--server-name", action="append", default=None,
                       help="DNS name or IP of the gateway (repeatable; default: localhost, 127.0.0.1)")
 
-    queue = sub.add_parser("queue", help="inspect the chamber")
+    queue = sub.add_parser("queue", help="look at and act on the chamber's messages (works while gatewayd runs)")
     queue_sub = queue.add_subparsers(dest="queue_command", required=True)
-    show = queue_sub.add_parser("show", help="list messages, or one message's story")
+    listing = queue_sub.add_parser("list", help="messages, newest first")
+    listing.add_argument("--state", choices=("committed", "sending", "retrying", "delivered", "refused", "dead",
+                                             "withdrawn"))
+    listing.add_argument("--dest", metavar="PEER", help="only messages to/from this HIS (inner.his.name)")
+    listing.add_argument("--direction", choices=("inbound", "outbound"))
+    listing.add_argument("--limit", type=int, default=50)
+    show = queue_sub.add_parser("show", help="one message's whole story (without ID: like list)")
     show.add_argument("id", nargs="?", type=int)
-    show.add_argument("--config", required=True, type=Path)
     show.add_argument("--limit", type=int, default=50)
+    retry = queue_sub.add_parser("retry", help="resubmit a dead-lettered or refused message")
+    which = retry.add_mutually_exclusive_group(required=True)
+    which.add_argument("id", nargs="?", type=int)
+    which.add_argument("--all-dead", action="store_true", help="every dead-lettered message, oldest first")
+    purge = queue_sub.add_parser("purge", help="delete dead-lettered messages")
+    purge.add_argument("--dead", action="store_true", required=True, help="(required) only dead-lettered ones")
+    purge.add_argument("--older-than", required=True, metavar="AGE", help="e.g. 30d, 12h")
+    purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    for p_ in (listing, show, retry, purge):
+        p_.add_argument("--config", required=True, type=Path)
 
     ref = sub.add_parser("config-reference", help="print the configuration reference (Markdown)")
     ref.add_argument("--update", type=Path, metavar="README",
@@ -84,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: {path}")
         return 0
     if args.command == "queue":
-        return queue_show(args)
+        return queue_command(args)
     if args.command == "config-reference":
         if args.update:
             text = args.update.read_text(encoding="utf-8")
@@ -145,7 +160,29 @@ def run(path: Path) -> int:
     exit_code = [0]
 
     def stop():
-        return root.stopService()
+        """SIGTERM/SIGINT: listeners stop first (reverse start order), sends in flight get up to
+        daemon.shutdown_grace to be answered; what is still unanswered stays in the chamber and is resent,
+        with its control id, after the restart."""
+        from twisted.internet import defer
+
+        log.info("gateway.stopping", grace=config.daemon.shutdown_grace)
+        done = defer.Deferred()
+        stopping = defer.maybeDeferred(root.stopService)
+
+        def finished(result):
+            if not done.called:
+                done.callback(None)
+            return result
+
+        def grace_over():
+            if not done.called:
+                log.warning("gateway.stop_grace_exceeded", grace=config.daemon.shutdown_grace)
+                done.callback(None)
+
+        stopping.addBoth(finished)
+        timer = reactor.callLater(config.daemon.shutdown_grace, grace_over)
+        done.addCallback(lambda _: timer.cancel() if timer.active() else None)
+        return done
 
     reactor.addSystemEventTrigger("before", "shutdown", stop)
     log.info("gateway.ready", fhir=f"https://{config.outer.host}:{config.outer.port}{config.outer.base_path}",
@@ -156,38 +193,105 @@ def run(path: Path) -> int:
     return exit_code[0]
 
 
-def queue_show(args) -> int:
+def queue_command(args) -> int:
     config, error = _load(args.config)
     if error:
         print(error, file=sys.stderr)
         return 1
     from gateway.chamber import Chamber
+    from gateway.errors import ChamberError
 
     chamber = Chamber(config.chamber.path)
-    chamber.open()
     try:
-        reader = chamber.read()
-
-        def when(ts):
-            return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds")
-
-        if args.id is None:
-            print(f"{'id':>6}  {'direction':9} {'type':9} {'state':10} {'control id':21} {'tries':>5}  updated")
-            for m in reader.messages(limit=args.limit):
-                print(f"{m.id:>6}  {m.direction:9} {m.type:9} {m.state:10} {m.control_id:21} {m.attempts:>5}"
-                      f"  {when(m.updated)}")
-            return 0
-        m = reader.message(args.id)
-        if m is None:
-            print(f"no message {args.id}", file=sys.stderr)
-            return 1
-        print(f"message {m.id}: {m.direction} {m.type} control id {m.control_id} peer {m.peer}")
-        print(f"state {m.state}, {m.attempts} attempt(s), answer {m.answer_code or '-'} {m.answer_text or ''}")
-        for at, state, detail in reader.message_events(m.id):
-            print(f"  {when(at)}  {state:10} {detail or ''}")
-        return 0
+        chamber.open()
+    except ChamberError as e:
+        print(f"gatewayd queue: {e}", file=sys.stderr)
+        return 1
+    try:
+        if args.queue_command == "list" or (args.queue_command == "show" and args.id is None):
+            return _queue_list(chamber, getattr(args, "state", None), getattr(args, "dest", None),
+                               getattr(args, "direction", None), args.limit)
+        if args.queue_command == "show":
+            return _queue_show(chamber, args.id)
+        if args.queue_command == "retry":
+            return _queue_retry(chamber, config, args)
+        return _queue_purge(chamber, args)
     finally:
         chamber.close()
+
+
+def _when(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _queue_list(chamber, state, peer, direction, limit) -> int:
+    print(f"{'id':>6}  {'direction':9} {'peer':8} {'type':9} {'state':10} {'control id':21} {'tries':>5}  updated")
+    for m in chamber.read().messages(state=state, peer=peer, direction=direction, limit=limit):
+        print(f"{m.id:>6}  {m.direction:9} {m.peer:8} {m.type:9} {m.state:10} {m.control_id:21} {m.attempts:>5}"
+              f"  {_when(m.updated)}")
+    return 0
+
+
+def _queue_show(chamber, message_id: int) -> int:
+    reader = chamber.read()
+    m = reader.message(message_id)
+    if m is None:
+        print(f"no message {message_id}", file=sys.stderr)
+        return 1
+    print(f"message {m.id}: {m.direction} {m.type} control id {m.control_id} peer {m.peer}")
+    print(f"state {m.state}, {m.attempts} attempt(s), answer {m.answer_code or '-'} {m.answer_text or ''}")
+    if m.last_error:
+        print(f"last error: {m.last_error}")
+    for at, state, detail in reader.message_events(m.id):
+        print(f"  {_when(at)}  {state:10} {detail or ''}")
+    return 0
+
+
+def _queue_retry(chamber, config, args) -> int:
+    import getpass
+    from zoneinfo import ZoneInfo
+
+    from adapters.inner_gate import make_reprocessor
+    from gateway.booking import SlotBook
+    from gateway.operations import NotRetryable, retry, retry_all_dead
+
+    reprocess = make_reprocessor(SlotBook(ZoneInfo(config.hospital.timezone)), config.inner.his.charset)
+    who = f"operator {getpass.getuser()}"
+    if args.all_dead:
+        for line in retry_all_dead(chamber, reprocess, who=who):
+            print(line)
+        return 0
+    try:
+        print(retry(chamber, args.id, reprocess, who=who))
+    except NotRetryable as e:
+        print(f"gatewayd queue retry: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _queue_purge(chamber, args) -> int:
+    from gateway.confschema import parse_duration
+    from gateway.operations import count_purgeable, purge_dead
+
+    try:
+        age = parse_duration(args.older_than)
+    except ValueError as e:
+        print(f"gatewayd queue purge: --older-than: {e}", file=sys.stderr)
+        return 2
+    n = count_purgeable(chamber, age)
+    if n == 0:
+        print("nothing to purge")
+        return 0
+    if not args.yes:
+        try:
+            answer = input(f"delete {n} dead-lettered message(s) older than {args.older_than}? [y/N] ")
+        except EOFError:
+            answer = ""
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing deleted")
+            return 1
+    print(f"deleted {purge_dead(chamber, age)} dead-lettered message(s)")
+    return 0
 
 
 def config_reference() -> str:

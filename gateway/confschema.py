@@ -410,6 +410,15 @@ def _parse_duration_text(text: str) -> float | None:
     return total if parts else None
 
 
+def parse_duration(text: str) -> float:
+    """A duration as written in the config ('30s', '5m', '1h30m', '30d', a bare number of seconds) in
+    seconds; ValueError if it is not one (used by the CLI's --older-than and similar options)."""
+    seconds = _parse_duration_text(text.strip())
+    if seconds is None or seconds < 0:
+        raise ValueError(f"{text!r} is not a duration (write e.g. 30s, 5m, 2h, 30d)")
+    return seconds
+
+
 def _suggest(word: str, choices: typing.Iterable[str]) -> str | None:
     choices = list(choices)
     lowered = {c.lower(): c for c in choices}

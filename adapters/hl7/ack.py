@@ -178,7 +178,7 @@ def build_nak_for_unparseable(
             ]
             return format_message(segments).encode("utf-8", errors="replace")
         except Exception:  # noqa: BLE001
-            return b"MSH|^~\\&|GATEWAYD||||||ACK|NAK|P|2.5\rMSA|AR|\rERR|||207^Application internal error^HL70357|E"
+            return b"MSH|^~\\&|GATEWAYD||||||ACK|NAK|P|2.5\rMSA|AR|\rERR|||207^Application internal error^HL70357|E\r"
 
 
 def _build_nak(raw, error, sending_application, sending_facility, control_id, now, default_charset) -> bytes:

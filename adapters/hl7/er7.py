@@ -32,8 +32,9 @@ Reading rules (see also docs/hl7-profile.md):
   puts Chinese there; the usual outcome is a clean 103 or 102 rather than a silent misreading).
 
 Values returned by `Segment.get` / `Segment.components` are unescaped; `Segment.raw` is the wire text.
-Writing is the caller's job to escape (`escape`) and `format_message` only joins segments with CR (no CR
-after the last one), so the hot path for ACKs is plain string formatting.
+Writing is the caller's job to escape (`escape`) and `format_message` only ends every segment with CR (the
+last one too, as the standard's segment terminator requires), so the hot path for ACKs is plain string
+formatting.
 
 Deliberate leniencies: 0x1C/0x0B never reach the parser (the MLLP framer owns them); unknown escape
 sequences (``\\H\\``, ``\\N\\``, ``\\Zxx\\`` ...) and ``\\X..\\`` sequences that are malformed or not decodable in
@@ -612,10 +613,11 @@ def parse(data: bytes, default_charset: str = "utf-8") -> Message:
 def format_message(segments: list[list[str]], enc: Encoding = _DEFAULT_ENCODING) -> str:
     """Join already-escaped segments into ER7 text. Each segment is ``[name, field1, field2, ...]``; for MSH
     pass ``['MSH', enc.msh2, MSH-3, ...]`` (element 1 is MSH-2, the field separator goes in between
-    naturally). Segments are joined with CR (no CR after the last one); encode the result in the message
-    charset. Nothing is validated: this is the hot path."""
+    naturally). Every segment ends with CR, the last one included (HL7 v2.5 section 2.5.1: "each segment
+    ... is terminated by the segment terminator <cr>"); encode the result in the message charset. Nothing
+    is validated: this is the hot path."""
     fs = enc.field
-    return "\r".join([fs.join(seg) for seg in segments])
+    return "".join([fs.join(seg) + "\r" for seg in segments])
 
 
 # ----------------------------------------------------------------------------------------- date/times

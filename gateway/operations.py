@@ -1,0 +1,73 @@
+"""What an operator can do to the chamber's messages (``gatewayd queue ...``), safely while the daemon runs.
+
+- **retry** an outbound message that was dead-lettered or refused: it goes back to ``committed`` with its
+  original bytes and control id (so the HIS can still drop a duplicate) and its story records who resubmitted
+  it; the running relay picks it up within a second.  A booking whose appointment was already settled is not
+  resent: the platform was told it failed, and booking it now would surprise everyone.
+- **reprocess** an inbound message that was refused (e.g. a mapping problem since fixed): its raw bytes, as
+  received, are read again by the current code; the outcome is recorded on the same message.
+- **purge** dead-lettered messages older than a given age (with their stories).
+
+SQLite in WAL mode lets this process and the daemon use the chamber at once; every change here is one
+committed transaction.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+RETRYABLE_OUTBOUND = ("dead", "refused")
+
+
+class NotRetryable(Exception):
+    """The message cannot be resubmitted; str() says why."""
+
+
+def retry(chamber, message_id: int, reprocess_inbound: Callable, *, who: str = "operator") -> str:
+    """Resubmit one message; returns what happened, or raises NotRetryable."""
+
+    def work(tx) -> str:
+        msg = tx.message(message_id)
+        if msg is None:
+            raise NotRetryable(f"no message {message_id}")
+        if msg.direction == "inbound":
+            if msg.state != "refused":
+                raise NotRetryable(f"message {message_id} was not refused (it is {msg.state}); nothing to reprocess")
+            code, text = reprocess_inbound(tx, msg)
+            state = "delivered" if code == "AA" else "refused"
+            tx.set_message_state(msg.id, state, answer_code=code, answer_text=text,
+                                 detail=f"reprocessed by {who}: {code} {text}".strip())
+            return f"message {message_id} reprocessed: {state} ({code}{': ' + text if text else ''})"
+        if msg.state not in RETRYABLE_OUTBOUND:
+            raise NotRetryable(f"message {message_id} is {msg.state}; only dead or refused messages are resubmitted")
+        if msg.type == "SRM^S01" and (msg.subject or "").startswith("appointment:"):
+            appt = tx.appointment(msg.subject.split(":", 1)[1])
+            if appt is None or appt.status != "pending":
+                raise NotRetryable(f"message {message_id} carried a booking that is already "
+                                   f"{appt.status if appt else 'gone'}; it is not sent again")
+        tx.set_message_state(msg.id, "committed", attempts=0, detail=f"resubmitted by {who}")
+        return f"message {message_id} ({msg.type}, control id {msg.control_id}) resubmitted"
+
+    return chamber.transact_now(work)
+
+
+def retry_all_dead(chamber, reprocess_inbound: Callable, *, who: str = "operator") -> list[str]:
+    """Resubmit every dead-lettered outbound message, oldest first; returns one line per message."""
+    out = []
+    for msg in reversed(chamber.read().messages(state="dead", limit=1_000_000)):
+        try:
+            out.append(retry(chamber, msg.id, reprocess_inbound, who=who))
+        except NotRetryable as e:
+            out.append(f"skipped: {e}")
+    return out
+
+
+def purge_dead(chamber, older_than_seconds: float) -> int:
+    """Delete dead-lettered messages last changed more than ``older_than_seconds`` ago."""
+    return chamber.transact_now(lambda tx: tx.purge_dead(tx.now - older_than_seconds))
+
+
+def count_purgeable(chamber, older_than_seconds: float) -> int:
+    reader = chamber.read()
+    cutoff = reader.now - older_than_seconds
+    return sum(1 for m in reader.messages(state="dead", limit=1_000_000) if m.updated < cutoff)

@@ -1,0 +1,113 @@
+"""Operator tools on the chamber (resubmit, reprocess, purge) and the refusal to start on a damaged file."""
+
+import functools
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+import pytest
+from twisted.internet import task
+
+from adapters.inner_gate import make_reprocessor
+from adapters.mapping.srm_booking import Hl7Header, build_srm
+from gateway.booking import BookingService, HisLinkInfo, SlotBook
+from gateway.chamber import Chamber, ChamberError
+from gateway.operations import NotRetryable, purge_dead, retry, retry_all_dead
+from gateway.scheduling import BookingRequest, Patient, PatientIdentifier, ScheduleInfo, SlotNotice, slot_id
+
+TZ = ZoneInfo("Asia/Shanghai")
+START = datetime(2030, 1, 7, 8, 0)
+SIU = ("MSH|^~\\&|HIS|H|GATEWAYD|FRONT|20300101120000||SIU^S24^SIU_S12|IN-1|P|2.5\r"
+       "SCH|||||D001^Dr||||15|MIN|^^15^203001070900^203001070915|||||||||||||Open\r"
+       "RGS|1\rAIS|1||c^t|203001070900|||15|MIN\r").encode()
+
+
+@pytest.fixture
+def env(tmp_path):
+    clock = task.Clock()
+    clock.advance(datetime(2030, 1, 1, tzinfo=TZ).timestamp())
+    chamber = Chamber(tmp_path / "c.sqlite3", clock=clock.seconds)
+    chamber.open()
+    book = SlotBook(TZ)
+    header = Hl7Header("GATEWAYD", "FRONT", "HIS", "HOSPITAL")
+    booking = BookingService(chamber, HisLinkInfo("his", "utf-8", "S04", functools.partial(build_srm, header=header)),
+                             tz=TZ, hold_seconds=60, clock=clock)
+    chamber.transact_now(lambda tx: book.apply(tx, [SlotNotice("open", ScheduleInfo("D001", "Dr"), START, 15, "c", "t")]))
+    yield chamber, booking, make_reprocessor(book, "utf-8"), clock
+    booking.stop()
+    chamber.close()
+
+
+def add_outbound(chamber, state, type_="SRM^S04", subject=None, control_id="G1"):
+    return chamber.transact_now(lambda tx: tx.add_message(
+        direction="outbound", peer="his", control_id=control_id, type=type_, state=state, body=b"MSH|x",
+        charset="utf-8", subject=subject))
+
+
+def test_retry_resubmits_a_dead_message_with_its_control_id(env):
+    chamber, _, reprocess, _ = env
+    mid = add_outbound(chamber, "dead")
+    assert "resubmitted" in retry(chamber, mid, reprocess, who="operator alice")
+    msg = chamber.read().message(mid)
+    assert (msg.state, msg.attempts, msg.control_id, msg.body) == ("committed", 0, "G1", b"MSH|x")
+    assert chamber.read().message_events(mid)[-1][1:] == ("committed", "resubmitted by operator alice")
+
+
+def test_retry_refuses_delivered_messages_and_settled_bookings(env):
+    chamber, booking, reprocess, _ = env
+    with pytest.raises(NotRetryable, match="only dead or refused"):
+        retry(chamber, add_outbound(chamber, "delivered"), reprocess)
+    d = booking.book("demo", BookingRequest(slot_id("D001", START),
+                                            Patient((PatientIdentifier("s", "v"),))))
+    appointment_id = d.result[0]
+    srm = chamber.read().messages(direction="outbound", state="committed")[0]
+    chamber.transact_now(lambda tx: tx.set_message_state(srm.id, "dead", last_error="no ACK"))
+    chamber.transact_now(lambda tx: booking.on_dead(tx, tx.message(srm.id), "no ACK"))
+    assert chamber.read().appointment(appointment_id).status == "refused"
+    with pytest.raises(NotRetryable, match="already refused"):
+        retry(chamber, srm.id, reprocess)
+    with pytest.raises(NotRetryable, match="no message"):
+        retry(chamber, 999, reprocess)
+
+
+def test_reprocess_reads_a_refused_inbound_message_again(env):
+    """An SIU refused earlier (say the mapping had a bug) is reprocessed from its raw bytes: it is applied
+    and the same message becomes delivered."""
+    chamber, _, reprocess, _ = env
+    mid = chamber.transact_now(lambda tx: tx.add_message(
+        direction="inbound", peer="his", control_id="IN-1", type="SIU^S24", state="refused", body=SIU,
+        charset="utf-8", answer_code="AE", answer_text="old bug"))
+    assert "delivered (AA" in retry(chamber, mid, reprocess)
+    assert chamber.read().slot(slot_id("D001", START.replace(hour=9))).visible_status == "free"
+    assert chamber.read().message(mid).state == "delivered"
+
+
+def test_retry_all_dead_and_purge(env):
+    chamber, _, reprocess, clock = env
+    old = add_outbound(chamber, "dead", control_id="G-old")
+    clock.advance(40 * 86400)
+    new = add_outbound(chamber, "dead", control_id="G-new")
+    assert purge_dead(chamber, 30 * 86400) == 1
+    assert chamber.read().message(old) is None and chamber.read().message(new) is not None
+    assert chamber.read().message_events(old) == []
+    lines = retry_all_dead(chamber, reprocess)
+    assert len(lines) == 1 and "G-new" in lines[0]
+
+
+def test_a_damaged_chamber_is_refused_at_start(tmp_path):
+    """Bytes overwritten inside the file: gatewayd refuses to start and says how to recover."""
+    path = tmp_path / "c.sqlite3"
+    chamber = Chamber(path)
+    chamber.open()
+    for i in range(300):
+        chamber.transact_now(lambda tx, i=i: tx.add_message(
+            direction="inbound", peer="his", control_id=f"C{i}", type="SIU^S24", state="delivered",
+            body=b"x" * 500, charset="utf-8"))
+    chamber._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    chamber.close()
+    data = bytearray(path.read_bytes())
+    page = 4096
+    for offset in range(3 * page, len(data) - page, page):  # scramble every page after the schema
+        data[offset + 8: offset + 64] = b"\xff" * 56
+    path.write_bytes(bytes(data))
+    with pytest.raises(ChamberError, match="restore the last backup"):
+        Chamber(path).open()
