@@ -198,9 +198,11 @@ def queue_command(args) -> int:
     if error:
         print(error, file=sys.stderr)
         return 1
+    from gateway import logs
     from gateway.chamber import Chamber
     from gateway.errors import ChamberError
 
+    logs.configure("warning", "console", stream=sys.stderr)  # stdout is the command's answer
     chamber = Chamber(config.chamber.path)
     try:
         chamber.open()

@@ -1,10 +1,35 @@
-"""Original-mode HL7 v2 acknowledgements: build them (hot path, plain string formatting) and read them.
+"""HL7 v2 acknowledgements, original and enhanced mode: decide which answers a message gets, build them (hot
+path, plain string formatting) and read them.
 
 `build_ack` answers a parsed message: MSH with sender and receiver swapped, ``MSH-9 = ACK^<trigger>^ACK``,
 ``MSA|<code>|<their MSH-10>|<text>`` and, for a refusal, an ERR segment:
 
 * ERR-2 error location ``segment^sequence^field`` (ERL), ERR-3 ``<code>^<table 0357 text>^HL70357``,
-  ERR-4 severity ``E``, ERR-8 the readable text.
+  ERR-4 severity ``E``, ERR-8 the readable text. For a message of version 2.1-2.4 ERR-1 (ELD, the only
+  ERR field those versions know) carries ``segment^sequence^field^code&text&HL70357`` as well.
+
+Which answers (HL7 v2.5 section 2.9; the policy is `answer_codes`, pure and table-driven):
+
+* **Original mode** (MSH-15 and MSH-16 both empty): one application acknowledgement, AA / AE / AR.
+* **Enhanced mode** (MSH-15 or MSH-16 not empty): an accept (commit) acknowledgement CA / CE / CR as
+  MSH-15 asks (AL always, NE never, ER only when not CA, SU only when CA), then - only for a message that
+  was accepted (CA) - an application acknowledgement AA / AE / AR as MSH-16 asks (same four conditions).
+  An empty MSH-15 or MSH-16 next to a non-empty one means NE (that kind of answer is not asked for; an
+  answer the sender does not expect is the classic cause of ACKs paired with the wrong message); a value
+  outside table 0155 means AL (answer rather than stay silent). The answers themselves carry
+  ``MSH-15 = MSH-16 = NE``: an answer is never answered.
+* ``outcome`` says what happened to the message: ``accepted`` (committed; its application result is
+  ``app_code``), ``rejected`` (refused before acceptance and not to be sent again: unparseable, message
+  type/event/version we do not take, control id reused) or ``not_stored`` (could not be committed; send it
+  again).
+
+=============  ===============  =====================================================
+outcome        original mode    enhanced mode (before the MSH-15/16 conditions)
+=============  ===============  =====================================================
+accepted       ``app_code``     CA, then ``app_code`` (AA/AE/AR)
+rejected       AR               CR
+not_stored     AE               CE
+=============  ===============  =====================================================
 
 The answer uses the received message's delimiters (MSH-1/MSH-2) and character set, and echoes MSH-18 as
 received, so a GB18030 HIS gets a GB18030 ACK it can read. Values copied from the received MSH (MSH-3..6,
@@ -16,11 +41,15 @@ default `Encoding` for every message seen in practice).
 of the first segment (MSH-3/4, MSH-9.2, MSH-10, MSH-12, MSH-18), answers with the default delimiters, and
 never raises: a NAK is always better than a dropped connection.
 
+`build_answers` puts the two together: the encoded answers a message gets for an outcome.
+
 `read_ack` is the sender's side: ``(MSA-1, MSA-2, text)``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 
 from adapters.hl7.er7 import (
@@ -36,25 +65,145 @@ from adapters.hl7.er7 import (
     unescape,
 )
 
-__all__ = ["ACK_CODES", "build_ack", "build_nak_for_unparseable", "read_ack", "salvage_control_id"]
+__all__ = [
+    "ACK_CODES",
+    "ACK_CONDITIONS",
+    "OUTCOMES",
+    "AckRequest",
+    "answer_codes",
+    "build_ack",
+    "build_answers",
+    "build_nak_for_unparseable",
+    "read_ack",
+    "requested_acks",
+    "salvage_control_id",
+]
 
 #: MSA-1 values of original (AA/AE/AR) and enhanced (CA/CE/CR) mode.
 ACK_CODES = frozenset({"AA", "AE", "AR", "CA", "CE", "CR"})
 
+#: HL7 table 0155, the conditions of MSH-15 / MSH-16.
+ACK_CONDITIONS = frozenset({"AL", "NE", "ER", "SU"})
+
+#: What can happen to a message, as `answer_codes` reads it.
+OUTCOMES = frozenset({"accepted", "rejected", "not_stored"})
+
+_ERROR_CODES = frozenset({"AE", "AR", "CE", "CR"})
+
 _DEFAULT = Encoding()
 
 
-def _err_segment(error: Hl7Error, enc: Encoding) -> list[str]:
-    """ERR for ``error`` written with ``enc``: ERR-2 location, ERR-3 code, ERR-4 severity, ERR-8 text."""
+# ------------------------------------------------------------------------------------ which answers
+
+
+@dataclass(frozen=True)
+class AckRequest:
+    """What a message's sender asked for: ``enhanced`` is False in original mode (MSH-15 and MSH-16 empty);
+    in enhanced mode ``accept`` and ``application`` are table 0155 conditions (AL/NE/ER/SU), already
+    normalised (empty -> NE, unknown -> AL)."""
+
+    enhanced: bool = False
+    accept: str = ""
+    application: str = ""
+
+
+ORIGINAL_MODE = AckRequest()
+
+
+def _condition(value: str) -> str:
+    value = value.strip().upper()
+    if not value:
+        return "NE"
+    return value if value in ACK_CONDITIONS else "AL"
+
+
+def _request_from(msh15: str, msh16: str) -> AckRequest:
+    if not msh15.strip() and not msh16.strip():
+        return ORIGINAL_MODE
+    return AckRequest(True, _condition(msh15), _condition(msh16))
+
+
+def requested_acks(message: Message) -> AckRequest:
+    """The acknowledgement mode and conditions ``message`` asks for (MSH-15, MSH-16)."""
+    return _request_from(message.accept_ack_type, message.application_ack_type)
+
+
+def _wanted(condition: str, ok: bool) -> bool:
+    return condition == "AL" or (condition == "ER" and not ok) or (condition == "SU" and ok)
+
+
+def answer_codes(request: AckRequest, outcome: str, app_code: str = "AA") -> list[str]:
+    """MSA-1 of each answer to send, in order (possibly none). See the module docstring's table.
+    ``app_code`` (AA/AE/AR) is the application result of an ``accepted`` message."""
+    if outcome not in OUTCOMES:
+        raise ValueError(f"unknown outcome {outcome!r}")
+    if app_code not in ("AA", "AE", "AR"):
+        raise ValueError(f"application acknowledgement code must be AA, AE or AR, not {app_code!r}")
+    if not request.enhanced:
+        return [{"accepted": app_code, "rejected": "AR", "not_stored": "AE"}[outcome]]
+    accept = {"accepted": "CA", "rejected": "CR", "not_stored": "CE"}[outcome]
+    codes = [accept] if _wanted(request.accept, accept == "CA") else []
+    if accept == "CA" and _wanted(request.application, app_code == "AA"):
+        codes.append(app_code)
+    return codes
+
+
+def build_answers(
+    message: Message,
+    outcome: str,
+    *,
+    app_code: str = "AA",
+    error: Hl7Error | None = None,
+    sending_application: str,
+    sending_facility: str,
+    control_id: Callable[[], str],
+    now: datetime,
+) -> list[bytes]:
+    """The encoded answers ``message`` gets for ``outcome`` (see `answer_codes`), each built with
+    `build_ack`. ``error`` goes into MSA-3 and ERR of the answers that report a problem (AE/AR/CE/CR), never
+    into CA/AA. ``control_id`` is called once per answer for its MSH-10. In enhanced mode every answer
+    carries MSH-15 = MSH-16 = NE."""
+    request = requested_acks(message)
+    out = []
+    for code in answer_codes(request, outcome, app_code):
+        err = error if code in _ERROR_CODES else None
+        out.append(build_ack(
+            message, code, sending_application=sending_application, sending_facility=sending_facility,
+            control_id=control_id(), now=now, error=err, enhanced=request.enhanced,
+        ))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ building
+
+
+def _version_before_2_5(version: str) -> bool:
+    parts = version.strip().split(".")
+    try:
+        return parts[0] == "2" and len(parts) > 1 and int(parts[1]) < 5
+    except ValueError:
+        return False
+
+
+def _err_segment(error: Hl7Error, enc: Encoding, version: str = "2.5") -> list[str]:
+    """ERR for ``error`` written with ``enc``: ERR-2 location, ERR-3 code, ERR-4 severity, ERR-8 text; and
+    for versions before 2.5 ERR-1 (ELD) too."""
     c = enc.component
+    s = enc.subcomponent
     if error.segment:
         location = f"{escape(error.segment, enc)}{c}{error.sequence}"
         if error.field is not None:
             location += f"{c}{error.field}"
     else:
         location = ""
-    code = f"{error.code}{c}{escape(TABLE_0357.get(error.code, 'Application internal error'), enc)}{c}HL70357"
-    return ["ERR", "", location, code, "E", "", "", "", escape(error.text, enc)]
+    meaning = TABLE_0357.get(error.code, "Application internal error")
+    code = f"{error.code}{c}{escape(meaning, enc)}{c}HL70357"
+    eld = ""
+    if _version_before_2_5(version):
+        parts = location.split(c) if location else []
+        parts += [""] * (3 - len(parts))
+        eld = c.join(parts + [f"{error.code}{s}{escape(meaning, enc)}{s}HL70357"])
+    return ["ERR", eld, location, code, "E", "", "", "", escape(error.text, enc)]
 
 
 def _encode(text: str, charset: str) -> bytes:
@@ -77,13 +226,15 @@ def build_ack(
     text: str = "",
     error: Hl7Error | None = None,
     extra_segments: list[list[str]] = (),
+    enhanced: bool = False,
 ) -> bytes:
-    """The complete original-mode answer to ``message``, encoded in ``message.charset``.
+    """One complete answer to ``message``, encoded in ``message.charset``, every segment ended by CR.
 
     ``code`` is MSA-1 (AA/AE/AR, or CA/CE/CR); ``sending_application``/``sending_facility`` are our plain
     names (escaped here); ``control_id`` is the ACK's own MSH-10; ``now`` its MSH-7. MSA-3 carries ``text``,
     or ``error.text`` when ``text`` is empty (older receivers read only MSA-3); ERR is added when ``error`` is
-    given. ``extra_segments`` (already escaped, with ``message.encoding``) follow MSA/ERR.
+    given. ``extra_segments`` (already escaped, with ``message.encoding``) follow MSA/ERR. ``enhanced`` sets
+    MSH-15 and MSH-16 to NE (an answer in enhanced mode asks for no answer itself).
     """
     enc = message.encoding
     msh = message.msh
@@ -104,13 +255,17 @@ def build_ack(
         escape(message.version, enc),
     ]
     msh18 = msh.raw(18)
-    if msh18:
+    if enhanced:
+        fields.extend(("", "", "NE", "NE"))
+        if msh18:
+            fields.extend(("", msh18))
+    elif msh18:
         fields.extend(("", "", "", "", "", msh18))
     if not text and error is not None:
         text = error.text
     segments = [fields, ["MSA", code, msh.raw(10), escape(text, enc)] if text else ["MSA", code, msh.raw(10)]]
     if error is not None:
-        segments.append(_err_segment(error, enc))
+        segments.append(_err_segment(error, enc, message.version))
     if extra_segments:
         segments.extend(extra_segments)
     return _encode(format_message(segments, enc), message.charset)
@@ -157,7 +312,10 @@ def build_nak_for_unparseable(
     now: datetime,
     default_charset: str = "utf-8",
 ) -> bytes:
-    """An ``AR`` answer for data that `parse` refused, with ERR describing ``error``. Never raises.
+    """An ``AR`` answer for data that `parse` refused, with ERR describing ``error``. Never raises. When the
+    salvaged MSH-15/MSH-16 say the sender uses enhanced mode the answer is ``CR`` (commit reject) instead,
+    with MSH-15 = MSH-16 = NE; it is sent whatever those fields ask, because fields of a message that did not
+    parse cannot be trusted to mean "stay silent".
 
     MSA-2 is the salvaged MSH-10 (or empty), MSH-5/6 the salvaged MSH-3/4 (component 1), MSH-9 carries the
     salvaged trigger event, MSH-12 the salvaged version (``2.5`` when unreadable: an empty MSH-12 would make
@@ -206,6 +364,8 @@ def _build_nak(raw, error, sending_application, sending_facility, control_id, no
 
     msh9 = field(9).split(component)
     trigger = _clean(msh9[1], codec, enc) if len(msh9) > 1 else ""
+    enhanced = _request_from(first(15), first(16)).enhanced
+    version = _clean(first(12), codec, enc) or "2.5"
     fields = [
         "MSH",
         _DEFAULT.msh2,
@@ -218,14 +378,18 @@ def _build_nak(raw, error, sending_application, sending_facility, control_id, no
         f"ACK^{trigger}^ACK" if trigger else "ACK",
         escape(control_id),
         "P",
-        _clean(first(12), codec, enc) or "2.5",
+        version,
     ]
-    if msh18:
+    if enhanced:
+        fields.extend(("", "", "NE", "NE"))
+        if msh18:
+            fields.extend(("", escape(msh18)))
+    elif msh18:
         fields.extend(("", "", "", "", "", escape(msh18)))
     segments = [
         fields,
-        ["MSA", "AR", _clean(field(10), codec, enc), escape(error.text)],
-        _err_segment(error, _DEFAULT),
+        ["MSA", "CR" if enhanced else "AR", _clean(field(10), codec, enc), escape(error.text)],
+        _err_segment(error, _DEFAULT, version),
     ]
     return _encode(format_message(segments), codec)
 

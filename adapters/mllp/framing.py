@@ -1,4 +1,5 @@
-"""MLLP release 1 framing: ``0x0B <payload> 0x1C 0x0D``, bytes <-> frames, nothing else.
+"""MLLP framing: ``0x0B <payload> 0x1C 0x0D``, bytes <-> frames, nothing else (release 2's commit
+acknowledgement blocks are frames too: see `COMMIT_ACK`).
 
 `MLLPFramer` is an incremental decoder fed whatever the transport delivers (one byte, many frames, a frame
 split anywhere). Choices:
@@ -23,10 +24,29 @@ split anywhere). Choices:
 
 from __future__ import annotations
 
-__all__ = ["END_BLOCK", "START_BLOCK", "FrameTooLarge", "MLLPFramer", "frame"]
+__all__ = [
+    "COMMIT_ACK",
+    "COMMIT_ACK_BLOCK",
+    "COMMIT_NAK",
+    "COMMIT_NAK_BLOCK",
+    "END_BLOCK",
+    "START_BLOCK",
+    "FrameTooLarge",
+    "MLLPFramer",
+    "frame",
+]
 
 START_BLOCK = b"\x0b"
 END_BLOCK = b"\x1c\x0d"
+
+#: MLLP release 2: the payload of a commit acknowledgement block ("committed to safe storage") and of a
+#: negative commit acknowledgement block ("not stored: send it again"). On the wire a block is framed like
+#: any content, ``<VT><ACK><FS><CR>`` / ``<VT><NAK><FS><CR>``, so `MLLPFramer` hands it over as a one-byte
+#: payload and the protocols tell it from HL7 content.
+COMMIT_ACK = b"\x06"
+COMMIT_NAK = b"\x15"
+COMMIT_ACK_BLOCK = START_BLOCK + COMMIT_ACK + END_BLOCK
+COMMIT_NAK_BLOCK = START_BLOCK + COMMIT_NAK + END_BLOCK
 
 _SB = 0x0B
 _EB = 0x1C
