@@ -578,37 +578,45 @@ class Chamber:
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as e:
-            err = ChamberWriteError(f"cannot begin a chamber transaction: {e}")
-            log.error("chamber.write.failed", error=str(e), batch=len(batch))
-            results.extend([None] * len(batch))
-            failures.extend([err] * len(batch))
+            self._abort_batch(batch, results, failures, e)
             return
         for work, _ in batch:
-            conn.execute("SAVEPOINT unit")
             try:
-                result = work(txn)
-            except Exception as e:  # the unit's own decision (or a bug): undo only this unit
-                conn.execute("ROLLBACK TO unit")
-                conn.execute("RELEASE unit")
-                results.append(None)
-                failures.append(e)
-            else:
-                conn.execute("RELEASE unit")
-                results.append(result)
-                failures.append(None)
+                conn.execute("SAVEPOINT unit")
+                try:
+                    result = work(txn)
+                except sqlite3.Error as e:  # the store failed (disk full, I/O error), not the unit's decision
+                    log.error("chamber.write.failed", error=str(e))
+                    conn.execute("ROLLBACK TO unit")
+                    conn.execute("RELEASE unit")
+                    results.append(None)
+                    failures.append(ChamberWriteError(f"the chamber could not record this: {e}"))
+                except Exception as e:  # the unit's own decision (or a bug): undo only this unit
+                    conn.execute("ROLLBACK TO unit")
+                    conn.execute("RELEASE unit")
+                    results.append(None)
+                    failures.append(e)
+                else:
+                    conn.execute("RELEASE unit")
+                    results.append(result)
+                    failures.append(None)
+            except sqlite3.Error as e:  # even the savepoint could not be handled: give up the whole batch
+                self._abort_batch(batch, results, failures, e)
+                return
         try:
             conn.execute("COMMIT")
         except sqlite3.Error as e:
-            try:
-                conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
-            log.error("chamber.write.failed", error=str(e), batch=len(batch))
-            err = ChamberWriteError(f"the chamber could not commit: {e}")
-            for i in range(len(failures)):
-                if failures[i] is None:
-                    failures[i] = err
-                    results[i] = None
+            self._abort_batch(batch, results, failures, e)
+
+    def _abort_batch(self, batch, results: list, failures: list, error: Exception) -> None:
+        try:
+            self._conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+        log.error("chamber.write.failed", error=str(error), batch=len(batch))
+        err = ChamberWriteError(f"the chamber could not commit: {error}")
+        results[:] = [None] * len(batch)
+        failures[:] = [err] * len(batch)
 
     # -- reading and notification -----------------------------------------------------------------------------
     def read(self) -> Reader:

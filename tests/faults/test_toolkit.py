@@ -205,6 +205,8 @@ def test_proxy_cut_closes_live_connections_and_keeps_listening(proxy, echo):
 
 def test_proxy_refuse_closes_new_connections_only(proxy, echo):
     with connect(proxy.port) as live:
+        live.sendall(b"up")
+        assert recv_exactly(live, 2) == b"up"  # accepted by the proxy (accept is asynchronous)
         proxy.refuse()
         assert is_refused(proxy.port)
         live.sendall(b"still")
