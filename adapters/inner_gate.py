@@ -1,21 +1,27 @@
 """The inner gate's HL7 side: turns read HL7 messages into service calls and answers into ACKs.
 
 - :class:`InnerGateHandler` is the MLLP listener's handler (HIS -> gateway).  It maps SIU to slot
-  notices, hands them to :class:`gateway.inbound.InboundService`, and builds the ACK from the verdict
-  only after the chamber has committed.  Failure paths, chosen on purpose:
+  notices, hands them to :class:`gateway.inbound.InboundService`, and builds the answers from the verdict
+  only after the chamber has committed.  The sender's MSH-15/MSH-16 choose the acknowledgement mode
+  (`adapters.hl7.ack.answer_codes`): original mode gets one AA/AE/AR; enhanced mode gets CA/CE/CR as
+  MSH-15 asks and then, for a message the gate accepted, AA/AE as MSH-16 asks, both on the same
+  connection (docs/hl7-gate.md says why).  Failure paths, chosen on purpose:
 
-  ======================================  =====  ==========================================
-  what                                    ACK    ERR
-  ======================================  =====  ==========================================
-  committed (or a duplicate of one)       AA     --
-  message type or event we do not take    AR     200 / 201 at MSH-9
-  SIU whose fields the slot book needs    AE     the segment and field (101/102/103)
-  are missing or malformed
-  control id reused with other content    AR     207 at MSH-10
-  the chamber could not commit            AE     207 "not stored; send again"
-  ======================================  =====  ==========================================
+  ======================================  ========  ===============  ===========================  =======
+  what                                    original  enhanced         ERR                          stored
+  ======================================  ========  ===============  ===========================  =======
+  committed and applied                   AA        CA, AA           --                           yes
+  a resend of a committed message         its first answer again, nothing applied twice           yes
+  message type or event we do not take    AR        CR               200 / 201 at MSH-9           yes
+  SIU whose fields the slot book needs    AE        CA, AE           the segment and field        yes
+  are missing or malformed                                           (101/102/103)
+  control id reused with other content    AR        CR               205 at MSH-10                no
+  the chamber could not commit            AE        CE               207 "not stored; send again" no
+  an ACK (MSH-9 = ACK) sent to us         nothing: an acknowledgement is never acknowledged       no
+  ======================================  ========  ===============  ===========================  =======
 
-  Frames that do not parse at all are NAKed (AR) by the MLLP server before they reach the handler.
+  "stored" is what MLLP release 2 reports with its commit block (0x06 yes, 0x15 no).  Frames that do not
+  parse at all are NAKed (AR, or CR in enhanced mode) by the MLLP server before they reach the handler.
 
 - :class:`HisDestination` is the relay's destination: an MLLP client to the HIS that returns the HIS's
   answer as a :class:`~gateway.scheduling.HisAnswer`.
@@ -31,10 +37,11 @@ import structlog
 from twisted.application import service
 from twisted.internet import defer
 
-from adapters.hl7.ack import build_ack, read_ack
+from adapters.hl7.ack import build_answers, read_ack
 from adapters.hl7.er7 import Hl7Error, Message
 from adapters.mapping.siu_slot import notices_from_siu, notices_from_sqr
 from adapters.mllp.client import AckTimeout, PeerUnavailable
+from adapters.mllp.server import Answer
 from gateway.booking import new_control_id
 from gateway.errors import ChamberWriteError
 from gateway.inbound import Received
@@ -56,44 +63,64 @@ class InnerGateHandler:
         self.tz = tz
         self.clock = clock
 
-    def handle(self, message: Message, peer: str) -> defer.Deferred:
+    def handle(self, message: Message, peer: str) -> defer.Deferred | Answer:
+        if message.message_code == "ACK":
+            msa = message.segment("MSA")
+            log.info("inner.ack_ignored", control_id=message.control_id,
+                     answers=msa.get(2) if msa is not None else "")
+            return Answer(())
         received = Received(peer=self.peer, control_id=message.control_id, type=message.type_name,
                             body=message.raw, charset=message.charset)
-        if message.message_code != "SIU":
-            d = self._refuse(message, received, Hl7Error(
-                200, f"this gateway does not take {message.type_name} messages", segment="MSH", field=9))
+        try:
+            notices = slot_notices(message)
+        except Hl7Error as e:
+            d = self._refuse(message, received, e)
         else:
-            try:
-                notices = notices_from_siu(message)
-            except Hl7Error as e:
-                d = self._refuse(message, received, e)
-            else:
-                d = self.inbound.accept(received, notices).addCallback(self._verdict, message)
+            d = self.inbound.accept(received, notices).addCallback(self._accepted, message)
         return d.addErrback(self._not_stored, message)
 
     def _refuse(self, message: Message, received: Received, err: Hl7Error) -> defer.Deferred:
-        code = "AR" if err.code in (200, 201, 203) else "AE"
+        code = nak_code(err)
         d = self.inbound.refuse(received, code, str(err))
-        return d.addCallback(lambda v: self._ack(message, v.code, v.text, err))
+        return d.addCallback(self._refused, message, code, err)
 
-    def _verdict(self, verdict, message: Message) -> bytes:
-        error = None
-        if verdict.code != "AA":
-            error = Hl7Error(207, verdict.text, segment="MSH", field=10)
-        return self._ack(message, verdict.code, verdict.text, error)
+    def _refused(self, verdict, message: Message, code: str, err: Hl7Error) -> Answer:
+        if not verdict.duplicate and (verdict.code, verdict.text) != (code, str(err)):
+            return self._reused(verdict, message)
+        # recorded now, or a resend of the same bytes (which the mapping refuses with the same error)
+        if verdict.code == "AR":
+            return self._answer(message, "rejected", error=err)
+        return self._answer(message, "accepted", app_code=verdict.code, error=err)
 
-    def _not_stored(self, failure, message: Message) -> bytes:
+    def _accepted(self, verdict, message: Message) -> Answer:
+        if verdict.code == "AA":
+            return self._answer(message, "accepted")
+        if not verdict.duplicate:
+            return self._reused(verdict, message)
+        error = Hl7Error(207, verdict.text or "refused earlier")  # a resend of a message refused earlier
+        if verdict.code == "AR":
+            return self._answer(message, "rejected", error=error)
+        return self._answer(message, "accepted", app_code=verdict.code, error=error)
+
+    def _reused(self, verdict, message: Message) -> Answer:
+        """The control id is already in the chamber with other content: refused, and not stored."""
+        err = Hl7Error(205, verdict.text or "control id reused with different content", segment="MSH", field=10)
+        return self._answer(message, "rejected", error=err, committed=False)
+
+    def _not_stored(self, failure, message: Message) -> Answer:
         failure.trap(ChamberWriteError)
         log.error("inner.not_stored", control_id=message.control_id, error=failure.getErrorMessage())
         err = Hl7Error(207, "the gateway could not store the message; send it again")
-        return self._ack(message, "AE", err.text, err)
+        return self._answer(message, "not_stored", error=err, committed=False)
 
-    def _ack(self, message: Message, code: str, text: str, error: Hl7Error | None) -> bytes:
-        return build_ack(
-            message, code, sending_application=self.sending_application, sending_facility=self.sending_facility,
-            control_id=new_control_id(), now=datetime.fromtimestamp(self.clock.seconds(), self.tz).replace(tzinfo=None),
-            text=text if code != "AA" else "", error=error,
+    def _answer(self, message: Message, outcome: str, *, app_code: str = "AA", error: Hl7Error | None = None,
+                committed: bool = True) -> Answer:
+        now = datetime.fromtimestamp(self.clock.seconds(), self.tz).replace(tzinfo=None)
+        payloads = build_answers(
+            message, outcome, app_code=app_code, error=error, sending_application=self.sending_application,
+            sending_facility=self.sending_facility, control_id=new_control_id, now=now,
         )
+        return Answer(tuple(payloads), committed=committed)
 
 
 def slot_notices(message: Message):

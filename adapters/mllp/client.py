@@ -10,6 +10,19 @@ owns retry timing; this class only reports what happened to each send.
 * An answer is the frame whose MSA-2 equals the in-flight message's control id. Any other frame (another
   MSA-2, no MSA, a frame while nothing is in flight) is logged as ``mllp.ack.unmatched`` and ignored - never
   matched to another message (the classic engine bug of pairing a late ACK with the next message).
+* ``release=2`` (MLLP release 2): the peer acknowledges each message with a commit block
+  ``<VT><0x06><FS><CR>`` once it is in safe storage, or ``<VT><0x15><FS><CR>`` when it is not. A send waits
+  for the peer's HL7 answer as in release 1 (the relay needs MSA-1, and an HL7 answer implies the commit);
+  ``send(..., until="commit")`` fires with None at the commit block instead, for messages that ask for no
+  HL7 answer. We acknowledge every HL7 frame the peer sends us (its answers) with a commit block: we have
+  taken it, and a resend would not change what we do with it. A negative commit block fails the in-flight
+  send (the peer says it did not store the message). Commit blocks carry no control id, so they are matched
+  by position: each message written on a connection is owed exactly one block, and a block that arrives
+  after its message was already answered (a peer that writes its ACK before the commit block) is counted
+  off against that message, never taken for the next one. In release 1 a commit block is logged
+  (``mllp.commit.unexpected``: the peer is configured for release 2) and ignored.
+* ``tls``: a client connection creator (`adapters.mllp.tls.client_options`): the endpoint is wrapped with
+  ``wrapClientTLS``, so the peer's certificate is verified and ours presented before any byte is sent.
 
 Failure paths (each tested in tests/unit/test_mllp_protocols.py):
 
@@ -27,6 +40,9 @@ message is in flight                   the relay decides whether to resend). Log
                                        Connection kept: only a matching MSA-2 can settle later messages.
 an answer larger than                  `Hl7Error` 207 ``answer exceeds N bytes``; connection aborted. Log
 ``max_message_bytes``                  ``mllp.ack.too_large``.
+a negative commit block (0x15)         `NegativeCommit` (a `PeerUnavailable`: the relay resends later). Log
+                                       ``mllp.commit.refused``. Connection kept.
+TLS handshake fails                    `PeerUnavailable` (connection lost before the answer).
 caller cancels the Deferred            `CancelledError`; if it was already written the connection is
                                        aborted (as for a timeout).
 `MLLPClient.close`                     queued and in-flight sends fail with `PeerUnavailable`; later sends
@@ -42,16 +58,17 @@ import collections
 
 import structlog
 from twisted.internet import defer
+from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
 from adapters.hl7.ack import read_ack
 from adapters.hl7.er7 import Hl7Error, Message, parse
-from adapters.mllp.framing import FrameTooLarge, MLLPFramer, frame
+from adapters.mllp.framing import COMMIT_ACK, COMMIT_ACK_BLOCK, COMMIT_NAK, FrameTooLarge, MLLPFramer, frame
 from adapters.mllp.server import no_delay, peer_name
 
-__all__ = ["AckTimeout", "MLLPClient", "PeerUnavailable"]
+__all__ = ["AckTimeout", "MLLPClient", "NegativeCommit", "PeerUnavailable"]
 
 log = structlog.get_logger()
 
@@ -74,6 +91,14 @@ class PeerUnavailable(Exception):
         self.reason = reason
 
 
+class NegativeCommit(PeerUnavailable):
+    """The peer answered with an MLLP release 2 negative commit block: it did not store the message."""
+
+    def __init__(self, control_id: str):
+        super().__init__(f"the peer did not commit {control_id!r} (MLLP negative commit acknowledgement)")
+        self.control_id = control_id
+
+
 def _describe(endpoint) -> str:
     """``host:port`` of a TCP/TLS client endpoint when it exposes them, else its repr."""
     host = getattr(endpoint, "_host", None)
@@ -82,14 +107,16 @@ def _describe(endpoint) -> str:
 
 
 class _Send:
-    __slots__ = ("control_id", "deferred", "payload", "timeout", "timer", "written")
+    __slots__ = ("committed", "control_id", "deferred", "payload", "timeout", "timer", "until", "written")
 
-    def __init__(self, payload: bytes, control_id: str, timeout: float):
+    def __init__(self, payload: bytes, control_id: str, timeout: float, until: str = "answer"):
         self.payload = payload
         self.control_id = control_id
         self.timeout = timeout
+        self.until = until
         self.deferred: defer.Deferred | None = None
         self.written = False
+        self.committed = False
         self.timer = None
 
 
@@ -101,6 +128,7 @@ class _ClientProtocol(Protocol):
         self.framer = MLLPFramer(client.max_message_bytes)
         self.alive = False
         self.peer = "?"
+        self.commits_owed = 0  # release 2: messages written on this connection whose commit block is due
 
     def connectionMade(self) -> None:
         self.alive = True
@@ -141,7 +169,9 @@ class MLLPClient:
     """Sends HL7 messages over one MLLP connection and fires each send with its matching answer.
 
     ``reactor`` is used for nothing but the default ``clock``; ``endpoint`` is an IStreamClientEndpoint
-    (``clientFromString(reactor, 'tcp:his.example:2575')`` or a TLS endpoint).
+    (``clientFromString(reactor, 'tcp:his.example:2575')`` or a TLS endpoint). ``release``: 1 (default) or 2
+    (MLLP release 2 commit blocks, see the module docstring). ``tls``: None or a client connection creator
+    (`adapters.mllp.tls.client_options`), which wraps ``endpoint`` in TLS.
     """
 
     def __init__(
@@ -153,9 +183,16 @@ class MLLPClient:
         max_message_bytes: int = 1 << 20,
         clock: IReactorTime | None = None,
         connect_timeout: float = 5.0,
+        release: int = 1,
+        tls: object | None = None,
     ):
+        if release not in (1, 2):
+            raise ValueError(f"MLLP release must be 1 or 2, not {release!r}")
         self.reactor = reactor
-        self.endpoint = endpoint
+        self.release = release
+        self.tls = tls
+        self._plain_endpoint = endpoint
+        self.endpoint = wrapClientTLS(tls, endpoint) if tls is not None else endpoint
         self.default_charset = default_charset
         self.max_message_bytes = max_message_bytes
         self.clock = clock if clock is not None else reactor
@@ -170,13 +207,19 @@ class MLLPClient:
 
     # ------------------------------------------------------------------------------------- public
 
-    def send(self, payload: bytes, control_id: str, timeout: float) -> defer.Deferred[Message]:
+    def send(self, payload: bytes, control_id: str, timeout: float, *, until: str = "answer"
+             ) -> defer.Deferred[Message]:
         """Frame and write ``payload`` (an encoded HL7 message whose MSH-10 is ``control_id``); fire with the
-        parsed answer whose MSA-2 == ``control_id``. See the module docstring for the failures."""
+        parsed answer whose MSA-2 == ``control_id``. With ``until="commit"`` (release 2 only) fire with None
+        as soon as the peer's commit block arrives. See the module docstring for the failures."""
+        if until not in ("answer", "commit"):
+            raise ValueError(f"until must be 'answer' or 'commit', not {until!r}")
+        if until == "commit" and self.release != 2:
+            raise ValueError("until='commit' needs MLLP release 2")
         if self._closed:
             return defer.fail(PeerUnavailable("client closed"))
         framed = frame(payload)  # ValueError for an unframeable payload: the caller's bug, raised at once
-        item = _Send(framed, control_id, timeout)
+        item = _Send(framed, control_id, timeout, until)
         item.deferred = defer.Deferred(lambda d, item=item: self._cancel(item))
         self._queue.append(item)
         self._next()
@@ -264,7 +307,7 @@ class MLLPClient:
             reason = f"connect timed out after {self.connect_timeout:g}s"
         else:
             reason = f"connect failed: {failure.getErrorMessage() or failure.type.__name__}"
-        log.warning("mllp.client.connect_failed", endpoint=_describe(self.endpoint), reason=reason)
+        log.warning("mllp.client.connect_failed", endpoint=_describe(self._plain_endpoint), reason=reason)
         item, self._in_flight = self._in_flight, None
         if item is not None:
             self._settle(item, failure=PeerUnavailable(reason))
@@ -273,6 +316,8 @@ class MLLPClient:
     def _write(self, item: _Send) -> None:
         item.written = True
         item.timer = self.clock.callLater(item.timeout, self._timed_out, item)
+        if self.release == 2:
+            self._proto.commits_owed += 1
         self._proto.transport.write(item.payload)
 
     # ----------------------------------------------------------------------------------- answers
@@ -280,6 +325,11 @@ class MLLPClient:
     def _frame_received(self, proto: _ClientProtocol, payload: bytes) -> None:
         if proto is not self._proto:
             return  # a retired connection (timed out / cancelled): nothing it says can be an answer
+        if payload == COMMIT_ACK or payload == COMMIT_NAK:
+            self._commit_received(proto, payload == COMMIT_ACK)
+            return
+        if self.release == 2 and proto.alive:
+            proto.transport.write(COMMIT_ACK_BLOCK)  # we have taken the peer's frame (see module docstring)
         item = self._in_flight
         try:
             message = parse(payload, self.default_charset)
@@ -312,6 +362,35 @@ class MLLPClient:
         self._in_flight = None
         self._settle(item, result=message)
         self._next()
+
+    def _commit_received(self, proto: _ClientProtocol, ok: bool) -> None:
+        """A release 2 commit block (0x06) or negative one (0x15): for the message in flight when it is the
+        last one owed on this connection, else for an earlier message already answered."""
+        commit = "ack" if ok else "nak"
+        if self.release != 2:
+            log.warning("mllp.commit.unexpected", peer=proto.peer, commit=commit)
+            return
+        proto.commits_owed -= 1
+        if proto.commits_owed < 0:
+            proto.commits_owed = 0
+            log.warning("mllp.commit.unmatched", peer=proto.peer, commit=commit)
+            return
+        item = self._in_flight
+        if proto.commits_owed > 0 or item is None or not item.written:
+            log.info("mllp.commit.late", peer=proto.peer, commit=commit)  # for a message already answered
+            return
+        if not ok:
+            log.warning("mllp.commit.refused", peer=proto.peer, control_id=item.control_id)
+            self._in_flight = None
+            self._settle(item, failure=NegativeCommit(item.control_id))
+            self._next()
+            return
+        item.committed = True
+        log.debug("mllp.commit.received", peer=proto.peer, control_id=item.control_id)
+        if item.until == "commit":
+            self._in_flight = None
+            self._settle(item, result=None)
+            self._next()
 
     def _answer_too_large(self, proto: _ClientProtocol, exc: FrameTooLarge) -> None:
         if proto is not self._proto:

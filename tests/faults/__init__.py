@@ -9,8 +9,21 @@
 """
 
 from tests.faults.disk import FaultUnavailable, fill, free_bytes, small_filesystem
-from tests.faults.load import book_slots, free_slot_ids, run_mixed, send_sius, siu_message, slot_id
-from tests.faults.process import kill9, port_open, rss_bytes, wait_for_port, wait_for_port_closed
+from tests.faults.load import (
+    book_slots,
+    free_slot_ids,
+    run_mixed,
+    send_sius,
+    siu_message,
+    slot_id,
+)
+from tests.faults.process import (
+    kill9,
+    port_open,
+    rss_bytes,
+    wait_for_port,
+    wait_for_port_closed,
+)
 from tests.faults.proxy import FaultProxy
 
 __all__ = [

@@ -39,7 +39,7 @@ class FaultUnavailable(RuntimeError):
 
 def _run(args: list[str]) -> subprocess.CompletedProcess:
     try:
-        return subprocess.run(args, capture_output=True, text=True, timeout=60)
+        return subprocess.run(args, capture_output=True, text=True, timeout=60, check=False)
     except FileNotFoundError as e:
         return subprocess.CompletedProcess(args, 127, "", str(e))
 
@@ -85,7 +85,7 @@ def small_filesystem(size_mb: float, *, kind: str = "auto") -> Iterator[Path]:
     if size <= 0:
         raise ValueError("size_mb must be positive")
     if os.geteuid() != 0:
-        raise FaultUnavailable("small_filesystem needs root (mount); running as uid %d" % os.geteuid())
+        raise FaultUnavailable(f"small_filesystem needs root (mount); running as uid {os.geteuid()}")
     base = Path(tempfile.mkdtemp(prefix="gatewayd-smallfs-"))
     mnt = base / "mnt"
     mnt.mkdir()

@@ -115,7 +115,7 @@ class _MLLPLink:
             self.sock.settimeout(remaining)
             try:
                 data = self.sock.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 self.close()
                 return None
             except OSError:

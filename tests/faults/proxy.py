@@ -32,6 +32,10 @@ mode                      new connections                         data on establ
 ``refuse()``              reset at once (RST)                     forwarded (combine with ``cut()``)
 ========================  ======================================  ===========================================
 
+A connection is *new* when the proxy accepts it, which can be a moment after the client's ``connect()``
+returned: to make an existing connection immune to ``refuse()``, exchange something through it first. A
+refused client may see the RST as the error of ``connect()`` itself or of its first read/write.
+
 A connection accepted while the upstream was not connected (``drop``/``black_hole``) connects upstream
 when it first has data to deliver in a forwarding mode. If the upstream cannot be reached, the client's
 connection is reset (as if the target were down). ``cut()`` is an action, not a mode: every current
@@ -52,7 +56,7 @@ import threading
 import time
 from collections.abc import Callable
 
-__all__ = ["FaultProxy", "MODES"]
+__all__ = ["MODES", "FaultProxy"]
 
 MODES = ("pass_through", "delay", "drop", "black_hole", "refuse")
 _FORWARDING = ("pass_through", "delay", "refuse")
@@ -91,7 +95,7 @@ class _Closed(Exception):
 class _Connection:
     """One client connection and (maybe) its upstream connection: four small tasks, two FIFO queues."""
 
-    def __init__(self, proxy: "FaultProxy", reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+    def __init__(self, proxy: FaultProxy, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self.proxy = proxy
         self.client_reader, self.client_writer = reader, writer
         self.up_reader: asyncio.StreamReader | None = None
@@ -157,7 +161,7 @@ class _Connection:
                 host, port = self.proxy.target
                 reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port),
                                                         self.proxy.connect_timeout)
-            except (OSError, asyncio.TimeoutError) as e:
+            except (TimeoutError, OSError) as e:
                 self.proxy._count("upstream_failures")
                 self._connecting.set_exception(_Closed(str(e)))
                 self._connecting.exception()  # retrieved: no "never retrieved" warning
@@ -222,12 +226,12 @@ class FaultProxy:
     """A TCP proxy on ``127.0.0.1:<port>`` to ``target_host:target_port`` with switchable faults.
 
     ``FaultProxy(target_port, target_host="127.0.0.1", *, listen_port=0, max_connections=256,
-    connect_timeout=5.0, chunk_size=65536, queue_chunks=64)``. See the module docstring for the modes.
+    connect_timeout=5.0, chunk_size=65536, queue_chunks=16)``. See the module docstring for the modes.
     """
 
     def __init__(self, target_port: int, target_host: str = "127.0.0.1", *, listen_port: int = 0,
                  max_connections: int = 256, connect_timeout: float = 5.0, chunk_size: int = 65536,
-                 queue_chunks: int = 64):
+                 queue_chunks: int = 16):
         if not _is_loopback(target_host):
             raise ValueError(f"FaultProxy only forwards to loopback, not {target_host!r}")
         self.target = (target_host, int(target_port))
@@ -261,21 +265,21 @@ class FaultProxy:
     def delay_seconds(self) -> float:
         return self._delay if self._mode == "delay" else 0.0
 
-    def pass_through(self) -> "FaultProxy":
+    def pass_through(self) -> FaultProxy:
         return self._set_mode("pass_through")
 
-    def delay(self, seconds: float) -> "FaultProxy":
+    def delay(self, seconds: float) -> FaultProxy:
         if seconds < 0:
             raise ValueError("delay must be >= 0")
         return self._set_mode("delay", float(seconds))
 
-    def drop(self) -> "FaultProxy":
+    def drop(self) -> FaultProxy:
         return self._set_mode("drop")
 
-    def black_hole(self) -> "FaultProxy":
+    def black_hole(self) -> FaultProxy:
         return self._set_mode("black_hole")
 
-    def refuse(self) -> "FaultProxy":
+    def refuse(self) -> FaultProxy:
         return self._set_mode("refuse")
 
     def cut(self) -> int:
@@ -333,7 +337,7 @@ class FaultProxy:
         finally:
             self._stop_loop()
 
-    def __enter__(self) -> "FaultProxy":
+    def __enter__(self) -> FaultProxy:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -366,7 +370,7 @@ class FaultProxy:
         with self._stats_lock:
             self._stats[name] += n
 
-    def _set_mode(self, mode: str, delay: float = 0.0) -> "FaultProxy":
+    def _set_mode(self, mode: str, delay: float = 0.0) -> FaultProxy:
         if self._closed:
             raise RuntimeError("FaultProxy is closed")
         self._call(self._apply(mode, delay))
@@ -425,6 +429,6 @@ class FaultProxy:
             await asyncio.wait(tasks, timeout=2)
         try:
             await asyncio.wait_for(self._server.wait_closed(), 2)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         await asyncio.sleep(0.01)  # let the transports' connection_lost callbacks run before the loop stops

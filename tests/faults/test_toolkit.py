@@ -14,9 +14,21 @@ import time
 import pytest
 
 from tests.e2e.harness import Lock, free_port
-from tests.faults import (FaultProxy, FaultUnavailable, book_slots, fill, free_bytes, free_slot_ids, kill9,
-                          port_open, rss_bytes, run_mixed, send_sius, small_filesystem, wait_for_port,
-                          wait_for_port_closed)
+from tests.faults import (
+    FaultProxy,
+    FaultUnavailable,
+    fill,
+    free_bytes,
+    free_slot_ids,
+    kill9,
+    port_open,
+    rss_bytes,
+    run_mixed,
+    send_sius,
+    small_filesystem,
+    wait_for_port,
+    wait_for_port_closed,
+)
 
 # -- an echo server to proxy to ------------------------------------------------------------------------
 
@@ -98,7 +110,7 @@ def is_closed(s: socket.socket, timeout: float = 2.0) -> bool:
         return s.recv(1) == b""
     except ConnectionResetError:
         return True
-    except socket.timeout:
+    except TimeoutError:
         return False
 
 
@@ -151,7 +163,7 @@ def test_proxy_delay_adds_at_least_the_delay_each_way(proxy):
         time.sleep(0.05)
         s.sendall(b"b")
         assert recv_exactly(s, 2) == b"ab"
-        assert 0.5 <= time.monotonic() - t0 < 1.0
+        assert 0.5 <= time.monotonic() - t0 < 0.8  # serialised would be >= 0.75
         proxy.pass_through()
         t0 = time.monotonic()
         s.sendall(b"fast")
@@ -276,12 +288,11 @@ def test_fill_can_leave_some_room():
 
 
 def test_small_filesystem_unmounts_even_when_a_file_is_still_open_and_the_test_fails():
-    with pytest.raises(ZeroDivisionError):
-        with small_filesystem(1) as fs:
-            held = open(fs / "held", "wb")
-            held.write(b"x")
-            mount_point = fs
-            1 / 0
+    with pytest.raises(ZeroDivisionError), small_filesystem(1) as fs:
+        held = open(fs / "held", "wb")
+        held.write(b"x")
+        mount_point = fs
+        1 / 0
     try:
         assert not os.path.ismount(mount_point) and not mount_point.parent.exists()
     finally:

@@ -112,3 +112,26 @@ def test_observers_run_after_commits_that_recorded_something(tmp_path):
     reactor.turn()
     assert calls == [1]
     ch.close()
+
+
+def test_a_storage_error_inside_a_unit_is_a_write_failure(tmp_path):
+    """SQLITE_FULL raised by a statement (not by the unit's own decision) fails that unit with
+    ChamberWriteError, so gates answer 'not stored, try again' (AE / 503) rather than an internal error;
+    the other units of the batch still commit."""
+    from gateway.chamber import ChamberWriteError
+
+    reactor = TickReactor()
+    ch = Chamber(tmp_path / "c.sqlite3", reactor=reactor, clock=reactor.seconds)
+    ch.open()
+
+    def disk_full(tx):
+        schedule(tx, "X")
+        raise sqlite3.OperationalError("database or disk is full")
+
+    failed = []
+    ch.transact(disk_full).addErrback(lambda f: failed.append(f.value))
+    ch.transact(lambda tx: schedule(tx, "Y"))
+    reactor.turn()
+    assert isinstance(failed[0], ChamberWriteError) and "disk is full" in str(failed[0])
+    assert [s.id for s in ch.read().schedules()] == ["Y"]
+    ch.close()

@@ -1,0 +1,120 @@
+"""TLS for MLLP, from PEM files: what `MLLPServerFactory(tls=...)` and `MLLPClient(tls=...)` take.
+
+* `server_options` - the listener's side (``inner.tls``): our certificate and key, and the CA(s) whose
+  certificates the HIS's interface engines must present. With ``require_client_certificate`` (the default)
+  a client without a certificate, or with one from another CA, is refused at the handshake: mutual TLS.
+* `client_options` - the sender's side (``inner.his.tls``): the CA(s) that sign the HIS's server
+  certificate (checked, and its name checked against ``hostname``), and optionally our own certificate and
+  key, presented when the HIS asks for one.
+
+TLS 1.2 is the least version offered. Keys must be unencrypted PEM (PKCS#8 or traditional); a certificate
+file may carry the chain after the leaf. Errors reading or matching the files raise `TlsConfigError` naming
+the file, so a config loader can report them with the key that named the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from OpenSSL import crypto
+from twisted.internet import ssl
+
+__all__ = ["TlsConfigError", "client_options", "server_options"]
+
+
+class TlsConfigError(ValueError):
+    """A PEM file that cannot be used: unreadable, not PEM, no certificate, or a key that does not match."""
+
+
+def _read(path: str | Path, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise TlsConfigError(f"{path}: cannot read the {what}: {e.strerror or e}") from None
+
+
+def _certificates(path: str | Path, what: str) -> list[x509.Certificate]:
+    try:
+        certs = x509.load_pem_x509_certificates(_read(path, what))
+    except ValueError as e:
+        raise TlsConfigError(f"{path}: not a PEM {what}: {e}") from None
+    if not certs:
+        raise TlsConfigError(f"{path}: no certificate in the {what} file")
+    return certs
+
+
+def _key(path: str | Path):
+    try:
+        return serialization.load_pem_private_key(_read(path, "private key"), password=None)
+    except (ValueError, TypeError) as e:
+        raise TlsConfigError(f"{path}: not an unencrypted PEM private key: {e}") from None
+
+
+def _pair(certificate: str | Path, private_key: str | Path) -> tuple[list[x509.Certificate], object]:
+    chain = _certificates(certificate, "certificate")
+    key = _key(private_key)
+    if chain[0].public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    ) != key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo):
+        raise TlsConfigError(f"{private_key}: this private key does not belong to the certificate in {certificate}")
+    return chain, key
+
+
+def server_options(
+    certificate: str | Path,
+    private_key: str | Path,
+    ca: str | Path | None,
+    *,
+    require_client_certificate: bool = True,
+) -> ssl.CertificateOptions:
+    """Listener TLS: ``certificate`` (PEM, leaf first, then its chain) and ``private_key``; ``ca`` (PEM, one
+    or more certificates) signs the clients' certificates. With ``require_client_certificate`` a client must
+    present a certificate signed by ``ca``; without it a certificate is asked for and verified when given.
+    ``ca=None`` means no client certificates at all (plain server TLS)."""
+    chain, key = _pair(certificate, private_key)
+    if ca is None:
+        if require_client_certificate:
+            raise TlsConfigError("a client CA is needed to require client certificates")
+        verify = {"verify": False}
+    else:
+        verify = {
+            "verify": True,
+            "requireCertificate": require_client_certificate,
+            "caCerts": [crypto.X509.from_cryptography(c) for c in _certificates(ca, "CA certificate")],
+        }
+    return ssl.CertificateOptions(
+        privateKey=crypto.PKey.from_cryptography_key(key),
+        certificate=crypto.X509.from_cryptography(chain[0]),
+        extraCertChain=[crypto.X509.from_cryptography(c) for c in chain[1:]],
+        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+        **verify,
+    )
+
+
+def client_options(
+    hostname: str,
+    ca: str | Path,
+    certificate: str | Path | None = None,
+    private_key: str | Path | None = None,
+):
+    """Sender TLS towards ``hostname`` (a DNS name or an IP address, checked against the server
+    certificate's subjectAltName): the server's certificate must be signed by ``ca`` (PEM, one or more);
+    ``certificate``/``private_key`` (both or neither) are presented as our client certificate."""
+    if (certificate is None) != (private_key is None):
+        raise TlsConfigError("give both a client certificate and its private key, or neither")
+    trust = ssl.trustRootFromCertificates(
+        [ssl.Certificate(crypto.X509.from_cryptography(c)) for c in _certificates(ca, "CA certificate")]
+    )
+    client_cert = None
+    if certificate is not None:
+        chain, key = _pair(certificate, private_key)
+        client_cert = ssl.PrivateCertificate.fromCertificateAndKeyPair(
+            ssl.Certificate(crypto.X509.from_cryptography(chain[0])),
+            ssl.KeyPair(crypto.PKey.from_cryptography_key(key)),
+        )
+    return ssl.optionsForClientTLS(
+        hostname, trustRoot=trust, clientCertificate=client_cert,
+        extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_2},
+    )
