@@ -202,6 +202,11 @@ class Txn:
         self._c.execute(f"UPDATE messages SET {', '.join(sets)} WHERE id = ?", args)
         self._event(message_id, state, detail)
 
+    def note(self, message_id: int, detail: str) -> None:
+        """Add a line to a message's story without changing its state."""
+        row = self._c.execute("SELECT state FROM messages WHERE id = ?", (message_id,)).fetchone()
+        self._event(message_id, row[0], detail)
+
     def messages_for_subject(self, subject: str) -> list[MessageRow]:
         cur = self._c.execute("SELECT * FROM messages WHERE subject = ? ORDER BY id", (subject,))
         return [_row(MessageRow, r) for r in cur]

@@ -14,6 +14,7 @@ is only built after the chamber transaction that recorded the message has commit
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import structlog
@@ -64,7 +65,11 @@ class InboundService:
         def work(tx):
             known = tx.message_by_control_id("inbound", received.peer, received.control_id)
             if known is not None:
-                return self._known(known, received)
+                verdict = self._known(known, received)
+                if not verdict.duplicate:  # kept in the original's story, with a fingerprint of the newcomer
+                    digest = hashlib.sha256(received.body).hexdigest()[:16]
+                    tx.note(known.id, f"refused (AR) a different message with this control id, sha256 {digest}")
+                return verdict
             message_id = tx.add_message(direction="inbound", peer=received.peer, control_id=received.control_id,
                                         type=received.type, state="committed", body=received.body,
                                         charset=received.charset, detail="received from the HIS")

@@ -11,6 +11,7 @@ import requests
 
 from adapters.hl7.er7 import parse
 from adapters.mllp.framing import MLLPFramer, frame
+from gateway.chamber import Chamber
 from gateway.devca import init_dev_ca, issue_client_cert
 from tests.e2e.harness import REPO, appointment_for
 
@@ -136,6 +137,15 @@ def test_resent_siu_is_acked_again_and_reused_control_id_is_refused(lock):
     assert first.segment("MSA").get(1) == again.segment("MSA").get(1) == "AA"
     changed = parse(mllp_exchange(lock.mllp_port, siu.replace("Blocked", "Open").encode()))
     assert changed.segment("MSA").get(1) == "AR"
+    chamber = Chamber(lock.workdir / "chamber.sqlite3")
+    chamber.open()
+    try:
+        original = chamber.read().message_by_control_id("inbound", "his", "DUP-1")
+        story = [detail for _, _, detail in chamber.read().message_events(original.id)]
+    finally:
+        chamber.close()
+    assert original.body == siu.encode()  # the first message is kept as it was
+    assert any("refused (AR) a different message with this control id" in (d or "") for d in story)
     assert lock.session().get(f"{lock.base}/Slot/D001-203010100800").json()["status"] == "busy-unavailable"
 
 

@@ -65,8 +65,8 @@ def siu_message(control_id: str, *, trigger: str = "S24", schedule: str = "LOAD"
     sch[11] = f"^^{minutes}^{begin}^{end}"
     sch[25] = _STATUS[trigger]
     segments = [
-        f"MSH|^~\\&|HIS|HOSPITAL|GATEWAYD|FRONT|{now.strftime('%Y%m%d%H%M%S')}||SIU^{trigger}^SIU_S12|"
-        f"{control_id}|P|2.5",
+        (f"MSH|^~\\&|HIS|HOSPITAL|GATEWAYD|FRONT|{now.strftime('%Y%m%d%H%M%S')}||SIU^{trigger}^SIU_S12|"
+         f"{control_id}|P|2.5"),
         "|".join(sch),
         "RGS|1",
         f"AIS|1||{service[0]}^{service[1]}|{begin}|||{minutes}|MIN",
