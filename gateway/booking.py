@@ -14,6 +14,7 @@ a platform's request is answered when it clears, or after ``answer_within`` with
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
@@ -55,6 +56,13 @@ def new_appointment_id() -> str:
 
 def subject_of(appointment_id: str) -> str:
     return f"appointment:{appointment_id}"
+
+
+def patient_key(patient: Patient) -> str:
+    """Which patient a message is about, for ordering by patient: a hash, never the identifier itself."""
+    first = patient.identifiers[0] if patient.identifiers else None
+    text = f"{first.system}|{first.value}" if first else f"{patient.family}|{patient.given}|{patient.phone}"
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:24]
 
 
 class SlotBook:
@@ -189,7 +197,8 @@ class BookingService:
             tx.update_slot(slot.id, held_by=appointment_id)
             tx.add_message(direction="outbound", peer=self.his.peer, control_id=control_id, type="SRM^S01",
                            state="committed", body=body, charset=self.his.charset,
-                           subject=subject_of(appointment_id), detail=f"booking {appointment_id}")
+                           subject=subject_of(appointment_id), order_key=patient_key(request.patient),
+                           detail=f"booking {appointment_id}")
             return appointment_id, "new"
 
         d = self.chamber.transact(work)
@@ -225,6 +234,7 @@ class BookingService:
             tx.add_message(direction="outbound", peer=self.his.peer, control_id=control_id,
                            type=f"SRM^{self.his.cancel_trigger}", state="committed", body=body,
                            charset=self.his.charset, subject=subject_of(appt.id),
+                           order_key=patient_key(Patient.from_json(appt.patient)),
                            detail=f"cancellation of {appt.id}")
             return "sent"
 
@@ -306,7 +316,8 @@ class BookingService:
                          Patient.from_json(appt.patient), his_appointment)
         tx.add_message(direction="outbound", peer=self.his.peer, control_id=control_id,
                        type=f"SRM^{self.his.cancel_trigger}", state="committed", body=body, charset=self.his.charset,
-                       subject=subject_of(appt.id), detail=f"compensating cancellation of {appt.id}")
+                       subject=subject_of(appt.id), order_key=patient_key(Patient.from_json(appt.patient)),
+                       detail=f"compensating cancellation of {appt.id}")
         log.warning("booking.compensating_cancel", appointment=appt.id, control_id=control_id)
 
     def on_dead(self, tx, message, reason: str) -> None:

@@ -56,6 +56,7 @@ class MessageRow:
     body: bytes
     charset: str
     subject: str | None
+    order_key: str | None
     attempts: int
     next_attempt: float | None
     answer_code: str | None
@@ -159,17 +160,18 @@ class Txn:
         body: bytes,
         charset: str,
         subject: str | None = None,
+        order_key: str | None = None,
         next_attempt: float | None = None,
         answer_code: str | None = None,
         answer_text: str | None = None,
         detail: str | None = None,
     ) -> int:
         cur = self._c.execute(
-            "INSERT INTO messages (direction, peer, control_id, type, state, body, charset, subject,"
+            "INSERT INTO messages (direction, peer, control_id, type, state, body, charset, subject, order_key,"
             " next_attempt, answer_code, answer_text, created, updated)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (direction, peer, control_id, type, state, body, charset, subject, next_attempt, answer_code,
-             answer_text, self.now, self.now),
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (direction, peer, control_id, type, state, body, charset, subject, order_key, next_attempt,
+             answer_code, answer_text, self.now, self.now),
         )
         message_id = cur.lastrowid
         self._event(message_id, state, detail)
@@ -352,6 +354,15 @@ class Reader(Txn):
             (peer,),
         )
         return _row(MessageRow, cur.fetchone())
+
+    def unfinished_outbound(self, peer: str, limit: int = 10000) -> list[MessageRow]:
+        """Every message to ``peer`` not yet finished, oldest first (for ordering by patient)."""
+        cur = self._c.execute(
+            "SELECT * FROM messages WHERE direction = 'outbound' AND peer = ?"
+            " AND state IN ('committed', 'sending', 'retrying') ORDER BY id LIMIT ?",
+            (peer, limit),
+        )
+        return [_row(MessageRow, r) for r in cur]
 
     def message_events(self, message_id: int) -> list[tuple[float, str, str | None]]:
         cur = self._c.execute(

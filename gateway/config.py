@@ -89,9 +89,21 @@ class HisConfig:
     max_backlog: Annotated[int, Range(1, 10_000_000)] = doc(
         "Most messages waiting for this HIS; past it new bookings get 503 with Retry-After.", default=1000
     )
+    ordering: Literal["fifo", "patient"] = doc(
+        "'fifo': messages reach the HIS strictly in the order they were committed, one at a time. 'patient': "
+        "in order per patient; another patient's message may pass one that waits for a resend.",
+        default="fifo",
+    )
+    window: Annotated[int, Range(1, 64)] = doc(
+        "Messages in flight to this HIS at once (one MLLP connection each); above 1 needs ordering: patient.",
+        default=1,
+    )
 
     def __post_validate__(self):
-        return _charset_issue("charset", self.charset)
+        issues = _charset_issue("charset", self.charset)
+        if self.window > 1 and self.ordering == "fifo":
+            issues.append(("window", "strict FIFO sends one message at a time: use window: 1, or ordering: patient"))
+        return issues
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """The relay: takes committed outbound messages out of the chamber and delivers them to the HIS.
 
-Per destination the queue is strict FIFO with one message in flight: send, wait for the ACK whose MSA-2
-matches, record the answer, next.  AA/CA: delivered.  AR/CR: refused, never resent.  AE/CE: dead-lettered
+Per destination the queue is strict FIFO with one message in flight by default: send, wait for the ACK
+whose MSA-2 matches, record the answer, next (``ordering: patient`` with a ``window`` above one keeps the
+order per patient instead, with that many messages in flight on as many connections).  AA/CA: delivered.  AR/CR: refused, never resent.  AE/CE: dead-lettered
 with the HIS's error text.  A message not answered after ``max_attempts`` tries, or older than
 ``max_age``, is dead-lettered with the reason; an operator can resubmit it (``gatewayd queue retry``).  A message that could not be delivered (no connection, no ACK in time)
 stays at the head of the queue and is resent with the *same* control id after an exponential backoff
@@ -39,14 +40,27 @@ class Destination(Protocol):
     def close(self) -> defer.Deferred: ...
 
 
+class _Lane:
+    """One connection to the destination and the delivery loop that uses it."""
+
+    def __init__(self, destination: Destination):
+        self.destination = destination
+        self.loop: defer.Deferred | None = None
+
+
 class Relay(service.Service):
-    """Delivers one destination's outbound queue."""
+    """Delivers one destination's outbound queue.
+
+    ``ordering='fifo'`` (the default): one lane, strict commit order.  ``ordering='patient'``: one lane per
+    destination given (the in-flight window); a message may go when it is the oldest unfinished message of
+    its patient (``order_key``) and no other lane is sending for that patient, so one patient's blocked
+    message does not hold up the others'."""
 
     def __init__(
         self,
         chamber,
         peer: str,
-        destination: Destination,
+        destination: Destination | list[Destination],
         on_answer: Callable,
         *,
         clock,
@@ -56,13 +70,18 @@ class Relay(service.Service):
         max_attempts: int = 20,
         max_age: float = 3600.0,
         on_dead: Callable | None = None,
+        ordering: str = "fifo",
         poll_interval: float = 1.0,
         rng: random.Random | None = None,
     ):
         self.setName(f"relay:{peer}")
+        destinations = destination if isinstance(destination, list) else [destination]
+        if ordering == "fifo" and len(destinations) != 1:
+            raise ValueError("strict FIFO allows one message in flight: give one destination")
         self.chamber = chamber
         self.peer = peer
-        self.destination = destination
+        self.lanes = [_Lane(d) for d in destinations]
+        self.ordering = ordering
         self.on_answer = on_answer
         self.clock = clock
         self.ack_timeout = ack_timeout
@@ -73,9 +92,7 @@ class Relay(service.Service):
         self.on_dead = on_dead or (lambda tx, msg, reason: None)
         self.poll_interval = poll_interval
         self.rng = rng or random.Random()
-        self._running_loop: defer.Deferred | None = None
-        self._busy = False  # set before the loop starts: a commit inside it must not start a second loop
-        self._again = False
+        self._in_flight: dict[int, str] = {}  # message id -> its ordering key
         self._timer = None
         self._stop_observing = None
         self.delivered = 0
@@ -92,58 +109,79 @@ class Relay(service.Service):
             self._stop_observing()
             self._stop_observing = None
         self._cancel_timer()
-        # Closing the link fails a delivery in flight (recorded as 'retrying': it is resent, with the
-        # same control id, after the restart); then wait for the loop to record that.
-        closed = self.destination.close()
-        loop = self._running_loop
-        if loop is None:
-            return closed
+        # Closing the links fails deliveries in flight (recorded as 'retrying': they are resent, with the
+        # same control ids, after the restart); then wait for the loops to record that.
+        waits = [lane.destination.close() for lane in self.lanes]
+        waits += [self._finished(lane.loop) for lane in self.lanes if lane.loop is not None]
+        return defer.DeferredList(waits, consumeErrors=True)
+
+    @staticmethod
+    def _finished(loop: defer.Deferred) -> defer.Deferred:
         done: defer.Deferred = defer.Deferred()
         loop.addBoth(lambda _: done.callback(None))
         return done
 
-    # -- the loop --------------------------------------------------------------------------------------------
+    # -- the loops -------------------------------------------------------------------------------------------
     def wake(self) -> None:
-        """Something may be waiting: run the loop (or make the running loop look again)."""
+        """Something may be waiting: start every idle lane (a busy lane looks again when it is done)."""
         if not self.running:
             return
-        if self._busy:
-            self._again = True
-            return
-        self._busy = True
         self._cancel_timer()
-        self._running_loop = defer.ensureDeferred(self._drain())
-        self._running_loop.addErrback(lambda f: log.error("relay.loop.failed", peer=self.peer,
-                                                          error=f.getErrorMessage()))
-        self._running_loop.addBoth(self._loop_done)
+        for lane in self.lanes:
+            if lane.loop is None:
+                self._start(lane)
 
-    def _loop_done(self, _):
-        self._running_loop = None
-        self._busy = False
-        if self._again and self.running:
-            self._again = False
-            self.wake()
+    def _start(self, lane: _Lane) -> None:
+        lane.loop = defer.Deferred()  # set before the loop runs: a commit inside it must not start it twice
+        loop = defer.ensureDeferred(self._drain(lane))
+        loop.addErrback(lambda f: log.error("relay.loop.failed", peer=self.peer, error=f.getErrorMessage()))
+        loop.addBoth(self._lane_done, lane)
 
-    async def _drain(self) -> None:
+    def _lane_done(self, _, lane: _Lane) -> None:
+        marker, lane.loop = lane.loop, None
+        marker.callback(None)
+
+    async def _drain(self, lane: _Lane) -> None:
         while self.running:
-            self._again = False
-            head = self.chamber.read().next_outbound(self.peer)
-            if head is None:
-                self._arm(self.poll_interval)
+            msg, wait = self._pick()
+            if msg is None:
+                self._arm(wait)
                 return
-            now = self.clock.seconds()
-            if head.next_attempt is not None and head.next_attempt > now and head.state == "retrying":
-                self._arm(head.next_attempt - now)
-                return
-            delivered = await self._deliver(head)
-            if not delivered:
-                return
+            self._in_flight[msg.id] = msg.order_key or f"#{msg.id}"
+            try:
+                await self._deliver(lane.destination, msg)
+            finally:
+                del self._in_flight[msg.id]
 
-    async def _deliver(self, msg) -> bool:
+    def _pick(self):
+        """The next message a lane may send now, or (None, seconds until one may be ready)."""
+        reader = self.chamber.read()
+        now = self.clock.seconds()
+        if self.ordering == "fifo":
+            candidates = [reader.next_outbound(self.peer)]
+        else:
+            candidates = reader.unfinished_outbound(self.peer)
+        wait = self.poll_interval
+        blocked = set(self._in_flight.values())
+        for msg in candidates:
+            if msg is None:
+                break
+            key = msg.order_key or f"#{msg.id}"
+            if msg.id in self._in_flight or key in blocked:
+                blocked.add(key)
+                continue
+            blocked.add(key)  # later messages of this patient wait for this one
+            if msg.state == "retrying" and msg.next_attempt is not None and msg.next_attempt > now:
+                wait = min(wait, msg.next_attempt - now)
+                continue
+            return msg, 0.0
+        return None, wait
+
+    async def _deliver(self, destination: Destination, msg) -> None:
         if self.clock.seconds() - msg.created > self.max_age:
             await self._dead(msg, f"not delivered within {self.max_age:.0f}s"
                                   f"{'; last error: ' + msg.last_error if msg.last_error else ''}")
-            return True
+            return
         attempts = msg.attempts + 1
         await self.chamber.transact(
             lambda tx: tx.set_message_state(msg.id, "sending", attempts=attempts, detail=f"attempt {attempts}")
@@ -151,13 +189,13 @@ class Relay(service.Service):
         log.info("relay.sending", peer=self.peer, message=msg.id, control_id=msg.control_id, type=msg.type,
                  attempt=attempts)
         try:
-            answer: HisAnswer = await self.destination.deliver(msg.body, msg.control_id, self.ack_timeout)
+            answer: HisAnswer = await destination.deliver(msg.body, msg.control_id, self.ack_timeout)
         except DeliveryFailed as e:
             reason = str(e)
             if attempts >= self.max_attempts:
                 await self._dead(msg, f"no answer after {attempts} attempts; last error: {reason}",
                                  attempts=attempts)
-                return True
+                return
             delay = self._backoff(attempts)
             await self.chamber.transact(
                 lambda tx: tx.set_message_state(msg.id, "retrying", next_attempt=tx.now + delay, last_error=reason,
@@ -165,8 +203,7 @@ class Relay(service.Service):
             )
             log.warning("relay.retrying", peer=self.peer, message=msg.id, control_id=msg.control_id,
                         attempt=attempts, delay=round(delay, 3), reason=reason)
-            self._arm(delay)
-            return False
+            return
 
         # HL7 rules: AA/CA accepted; AR/CR rejected (the message itself is unacceptable: never resent);
         # AE/CE an application error at the HIS: dead-lettered with its text for an operator to look at.
@@ -182,7 +219,6 @@ class Relay(service.Service):
         self.delivered += 1
         log.info("relay.answered", peer=self.peer, message=msg.id, control_id=msg.control_id, type=msg.type,
                  state=state, ack=answer.code)
-        return True
 
     async def _dead(self, msg, reason: str, attempts: int | None = None) -> None:
         def record(tx):
@@ -198,9 +234,15 @@ class Relay(service.Service):
         return base * (0.5 + self.rng.random() / 2)  # "equal jitter": between half and all of the step
 
     def _arm(self, delay: float) -> None:
-        self._cancel_timer()
-        if self.running:
-            self._timer = self.clock.callLater(max(0.0, delay), self.wake)
+        """Wake up in ``delay`` seconds (or sooner, if already armed for sooner)."""
+        if not self.running:
+            return
+        when = self.clock.seconds() + max(0.0, delay)
+        if self._timer is not None and self._timer.active():
+            if self._timer.getTime() <= when:
+                return
+            self._timer.cancel()
+        self._timer = self.clock.callLater(max(0.0, delay), self.wake)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():

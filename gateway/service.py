@@ -132,12 +132,13 @@ def make_service(config: GatewayConfig, reactor) -> service.MultiService:
     inbound = InboundService(chamber, slot_book)
 
     his_endpoint = endpoints.HostnameEndpoint(reactor, his.host, his.port, timeout=his.connect_timeout)
-    client = MLLPClient(reactor, his_endpoint, default_charset=his.charset,
-                        max_message_bytes=config.inner.max_message_bytes, clock=reactor,
-                        connect_timeout=his.connect_timeout)
-    Relay(chamber, his.name, HisDestination(client), booking.on_answer, clock=reactor,
+    lanes = [HisDestination(MLLPClient(reactor, his_endpoint, default_charset=his.charset,
+                                       max_message_bytes=config.inner.max_message_bytes, clock=reactor,
+                                       connect_timeout=his.connect_timeout))
+             for _ in range(his.window)]
+    Relay(chamber, his.name, lanes, booking.on_answer, clock=reactor,
           ack_timeout=his.ack_timeout, retry_initial=his.retry_initial, retry_max=his.retry_max,
-          max_attempts=his.max_attempts, max_age=his.max_age, on_dead=booking.on_dead,
+          max_attempts=his.max_attempts, max_age=his.max_age, on_dead=booking.on_dead, ordering=his.ordering,
           ).setServiceParent(root)
     if his.slot_source == "poll":
         query_client = MLLPClient(reactor, his_endpoint, default_charset=his.charset,

@@ -15,6 +15,7 @@ CREATE TABLE chamber_meta (
 --                              sending -> dead   (AE, or max attempts / max age: last_error says why)
 --                              committed | retrying -> withdrawn        (the booking it carried expired)
 --                              dead -> committed                        (an operator's `queue retry`)
+-- order_key: the patient a message is about (a hash, never the identifier) for `ordering: patient`.
 CREATE TABLE messages (
     id           INTEGER PRIMARY KEY,
     direction    TEXT NOT NULL CHECK (direction IN ('inbound', 'outbound')),
@@ -26,6 +27,7 @@ CREATE TABLE messages (
     body         BLOB NOT NULL,
     charset      TEXT NOT NULL,
     subject      TEXT,
+    order_key    TEXT,
     attempts     INTEGER NOT NULL DEFAULT 0,
     next_attempt REAL,
     answer_code  TEXT,

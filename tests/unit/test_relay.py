@@ -162,3 +162,44 @@ def test_dead_letter_when_older_than_max_age(env):
     assert his.calls == []
     assert chamber.read().message(first).state == "dead"
     assert "not delivered within 600s" in chamber.read().message(first).last_error
+
+
+def test_ordering_by_patient_lets_other_patients_pass_and_keeps_each_patients_order(tmp_path):
+    """ordering='patient', window 2: patient A's first message waits for a resend; B's goes meanwhile on
+    the second lane; A's second message never overtakes A's first; never two of one patient in flight."""
+    clock = task.Clock()
+    clock.advance(1000)
+    chamber = Chamber(tmp_path / "c.sqlite3", clock=clock.seconds)
+    chamber.open()
+    lanes = [ScriptedHis(), ScriptedHis()]
+    relay = Relay(chamber, "his", lanes, lambda tx, msg, ans: None, clock=clock, ack_timeout=5, retry_initial=1,
+                  retry_max=8, ordering="patient", rng=random.Random(1))
+
+    def add(control_id, key):
+        return chamber.transact_now(lambda tx: tx.add_message(
+            direction="outbound", peer="his", control_id=control_id, type="SRM^S01", state="committed",
+            body=b"MSH", charset="utf-8", order_key=key))
+
+    add("A1", "patient-a"), add("A2", "patient-a"), add("B1", "patient-b")
+    relay.startService()
+    sent = lambda: [c[1] for lane in lanes for c in lane.calls]  # noqa: E731
+    assert sorted(sent()) == ["A1", "B1"]  # two lanes, two patients; A2 waits behind A1
+    a_lane = next(lane for lane in lanes if lane.calls[0][1] == "A1")
+    a_lane.calls[0][2].errback(DeliveryFailed("AckTimeout"))  # A1 must be resent later
+    b_lane = next(lane for lane in lanes if lane.calls[0][1] == "B1")
+    b_lane.calls[0][2].callback(HisAnswer("AA"))
+    assert "A2" not in sent()  # A2 never overtakes A1
+    clock.advance(2)
+    assert sent().count("A1") == 2
+    resend = next(c for lane in lanes for c in lane.calls if c[1] == "A1" and not c[2].called)
+    resend[2].callback(HisAnswer("AA"))
+    assert sent().count("A2") == 1  # released once A1 was answered
+    relay.stopService()
+    chamber.close()
+
+
+def test_fifo_refuses_a_window_above_one(tmp_path):
+    chamber = Chamber(tmp_path / "c.sqlite3")
+    with pytest.raises(ValueError, match="one message in flight"):
+        Relay(chamber, "his", [ScriptedHis(), ScriptedHis()], lambda *a: None, clock=task.Clock(), ack_timeout=1,
+              retry_initial=1, retry_max=1)
