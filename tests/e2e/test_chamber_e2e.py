@@ -4,6 +4,7 @@ operator's queue commands against a running gateway."""
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -111,3 +112,27 @@ def test_silent_his_dead_letters_and_the_operator_sees_why(silent_his):
     purged = queue_cmd(lock, "purge", "--dead", "--older-than", "0s", "--yes")
     assert "deleted 2" in purged.stdout
     assert queue_cmd(lock, "list", "--state", "dead").stdout.count("\n") == 1  # the header only
+
+
+def test_window_of_three_with_ordering_by_patient(tmp_path):
+    """ordering: patient, window: 3: concurrent bookings for different patients go out on three MLLP
+    connections at once and every one is booked, each sent once."""
+    lock = Lock(tmp_path)
+    lock.gateway_config["inner"]["his"].update(ordering="patient", window=3)
+    lock.write_configs()
+    with lock:
+        slots = [s["id"] for s in lock.search_slots(status="free")][:12]
+        results = {}
+
+        def book(i, slot_id):
+            results[slot_id] = lock.session().post(f"{lock.base}/Appointment",
+                                                   json=appointment_for(slot_id, mrn=f"MRN-{i}"), headers=JSON)
+
+        threads = [threading.Thread(target=book, args=(i, sid)) for i, sid in enumerate(slots)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(r.status_code for r in results.values()) == [201] * 12
+        srms = [m for m in lock.received() if m["type"] == "SRM^S01"]
+        assert len(srms) == 12 and len({m["control_id"] for m in srms}) == 12

@@ -59,12 +59,12 @@ def srm_messages(tmp_path: Path, charset: str) -> list[tuple[Path, bytes]]:
     return out
 
 
-def check_delivered(results: list[dict], messages: list[tuple[Path, bytes]], peer_app: str) -> None:
+def check_delivered(results: list[dict], messages: list[tuple[Path, bytes]], peer_app: str, charset: str) -> None:
     assert [r["ok"] for r in results] == [True] * len(messages), results
     for r, (_path, body) in zip(results, messages):
         control_id = parse(body).control_id
         assert (r["code"], r["answered"]) == ("AA", control_id)
-        ack = parse(base64.b64decode(r["raw"]))
+        ack = parse(base64.b64decode(r["raw"]), default_charset=charset)
         assert ack.sending_application == peer_app  # their ACK, read by us
 
 
@@ -77,7 +77,7 @@ def test_delivery_to_hl7apy_mllp_server(tmp_path, charset):
     with Hl7apyPeer(["SRM^S01^SRM_S01", "SRM^S04^SRM_S01"], encoding=charset) as peer:
         code, results, stderr = run_tool("send", "--port", str(peer.port), *[str(p) for p, _ in messages])
     assert code == 0, stderr
-    check_delivered(results, messages, "HL7APY")
+    check_delivered(results, messages, "HL7APY", charset)
     assert peer.received == [body.decode(charset) for _, body in messages]
     assert peer.parsed_control_ids == [parse(body).control_id for _, body in messages]
 
@@ -92,7 +92,7 @@ def test_delivery_to_python_hl7_asyncio_server(tmp_path, charset):
         code, results, stderr = run_tool("send", "--port", str(peer.port), "--charset", charset,
                                          *[str(p) for p, _ in messages])
     assert code == 0, stderr
-    check_delivered(results, messages, "PYHL7")
+    check_delivered(results, messages, "PYHL7", charset)
     assert peer.received == [body for _, body in messages]
     assert peer.parsed_control_ids == [parse(body).control_id for _, body in messages]
     assert [r["attempts"] for r in results] == [1, 1, 1]  # one connection, nothing resent
