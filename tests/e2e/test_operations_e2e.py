@@ -58,3 +58,32 @@ def test_gateway_refuses_to_start_on_a_busy_port(tmp_path):
     out = proc.log_path.read_text()
     assert "cannot start" in out and "gateway.start_failed" in out
     proc.stop()
+
+
+def test_systemd_readiness_and_stop_notifications(tmp_path):
+    """Under systemd (NOTIFY_SOCKET set) gatewayd says READY=1 once its gates listen — its FHIR port
+    answers by then — and STOPPING=1 on SIGTERM, then exits 0."""
+    import os
+    import signal
+    import socket as socket_mod
+
+    from tests.e2e.harness import Lock
+
+    lock = Lock(tmp_path)
+    notify = socket_mod.socket(socket_mod.AF_UNIX, socket_mod.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    notify.settimeout(20)
+    env = dict(os.environ, PYTHONPATH=str(REPO), NOTIFY_SOCKET=str(tmp_path / "notify.sock"))
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "run", "--config", "gateway.yaml"], cwd=tmp_path,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        ready = notify.recv(1000).decode()
+        assert ready.startswith("READY=1") and "STATUS=FHIR" in ready
+        assert lock.session().get(f"{lock.base}/metadata", timeout=5).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert notify.recv(1000) == b"STOPPING=1"
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        notify.close()
