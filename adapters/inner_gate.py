@@ -20,6 +20,10 @@
   an ACK (MSH-9 = ACK) sent to us         nothing: an acknowledgement is never acknowledged       no
   ======================================  ========  ===============  ===========================  =======
 
+  With ``validation="strict"`` each message is first validated by hl7apy (`adapters.hl7.validation`);
+  what it refuses is answered like a field the slot book cannot read (AE; CA, AE), or AR/CR for an
+  unsupported version (203), and stored as refused.
+
   "stored" is what MLLP release 2 reports with its commit block (0x06 yes, 0x15 no).  Frames that do not
   parse at all are NAKed (AR, or CR in enhanced mode) by the MLLP server before they reach the handler.
 
@@ -39,6 +43,7 @@ from twisted.internet import defer
 
 from adapters.hl7.ack import build_answers, read_ack
 from adapters.hl7.er7 import Hl7Error, Message
+from adapters.hl7.validation import VALIDATION_MODES, strict_problem
 from adapters.mapping.siu_slot import notices_from_siu, notices_from_sqr
 from adapters.mllp.client import AckTimeout, PeerUnavailable
 from adapters.mllp.server import Answer
@@ -55,13 +60,16 @@ class InnerGateHandler:
     """MLLP handler for messages the HIS sends us."""
 
     def __init__(self, inbound, *, peer: str, sending_application: str, sending_facility: str, tz: ZoneInfo,
-                 clock):
+                 clock, validation: str = "tolerant"):
+        if validation not in VALIDATION_MODES:
+            raise ValueError(f"validation must be one of {', '.join(VALIDATION_MODES)}, not {validation!r}")
         self.inbound = inbound
         self.peer = peer
         self.sending_application = sending_application
         self.sending_facility = sending_facility
         self.tz = tz
         self.clock = clock
+        self.validation = validation
 
     def handle(self, message: Message, peer: str) -> defer.Deferred | Answer:
         if message.message_code == "ACK":
@@ -71,6 +79,10 @@ class InnerGateHandler:
             return Answer(())
         received = Received(peer=self.peer, control_id=message.control_id, type=message.type_name,
                             body=message.raw, charset=message.charset)
+        problem = strict_problem(message) if self.validation == "strict" else None
+        if problem is not None:
+            d = self._refuse(message, received, problem)
+            return d.addErrback(self._not_stored, message)
         try:
             notices = slot_notices(message)
         except Hl7Error as e:
@@ -85,7 +97,7 @@ class InnerGateHandler:
         return d.addCallback(self._refused, message, code, err)
 
     def _refused(self, verdict, message: Message, code: str, err: Hl7Error) -> Answer:
-        if not verdict.duplicate and (verdict.code, verdict.text) != (code, str(err)):
+        if verdict.reused:
             return self._reused(verdict, message)
         # recorded now, or a resend of the same bytes (which the mapping refuses with the same error)
         if verdict.code == "AR":
@@ -93,10 +105,10 @@ class InnerGateHandler:
         return self._answer(message, "accepted", app_code=verdict.code, error=err)
 
     def _accepted(self, verdict, message: Message) -> Answer:
+        if verdict.reused:
+            return self._reused(verdict, message)
         if verdict.code == "AA":
             return self._answer(message, "accepted")
-        if not verdict.duplicate:
-            return self._reused(verdict, message)
         error = Hl7Error(207, verdict.text or "refused earlier")  # a resend of a message refused earlier
         if verdict.code == "AR":
             return self._answer(message, "rejected", error=error)

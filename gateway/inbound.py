@@ -40,7 +40,8 @@ class Received:
 class Verdict:
     code: str  # AA | AE | AR
     text: str = ""
-    duplicate: bool = False
+    duplicate: bool = False  # the same bytes were committed before: answered again, not applied again
+    reused: bool = False  # the control id was committed before with other bytes: refused, nothing stored
 
 
 class InboundService:
@@ -66,7 +67,7 @@ class InboundService:
             known = tx.message_by_control_id("inbound", received.peer, received.control_id)
             if known is not None:
                 verdict = self._known(known, received)
-                if not verdict.duplicate:  # kept in the original's story, with a fingerprint of the newcomer
+                if verdict.reused:  # kept in the original's story, with a fingerprint of the newcomer
                     digest = hashlib.sha256(received.body).hexdigest()[:16]
                     tx.note(known.id, f"refused (AR) a different message with this control id, sha256 {digest}")
                 return verdict
@@ -83,7 +84,8 @@ class InboundService:
     @staticmethod
     def _known(known, received: Received) -> Verdict:
         if known.body != received.body:
-            return Verdict("AR", f"control id {received.control_id} was already used for a different message")
+            return Verdict("AR", f"control id {received.control_id} was already used for a different message",
+                           reused=True)
         return Verdict(known.answer_code or "AA", known.answer_text or "", duplicate=True)
 
     @staticmethod

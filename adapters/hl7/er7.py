@@ -27,9 +27,11 @@ Reading rules (see also docs/hl7-profile.md):
   `charset_codec` maps it (empty -> the configured default, e.g. ``gb18030`` for a HIS that leaves it
   empty) and the whole message is decoded with that codec before splitting, so multi-byte characters whose
   trail bytes equal ``|``/``^``/``~``/``\\`` (possible in GBK/GB18030) are never split. A decoding failure is
-  102 on MSH-18 naming the charset; an unknown MSH-18 value is 103. Known limit: a GBK character whose trail
-  byte is ``|`` inside MSH-3..MSH-17 would shift the latin-1 count of fields before MSH-18 (no HIS we know
-  puts Chinese there; the usual outcome is a clean 103 or 102 rather than a silent misreading).
+  102 on MSH-18 naming the charset; an unknown MSH-18 value is 103. A GBK/GB18030 character whose second
+  byte is 0x7C (``|``, e.g. 億 = 83 7C) in MSH-3..MSH-17 (a Chinese facility name) would shift a latin-1
+  count of fields, so when the MSH has non-ASCII bytes it is also read as GB18030: if that reading finds a
+  GB charset in MSH-18 (or finds MSH-18 empty while the default charset is a GB one) it wins. UTF-8 needs
+  no such care: no byte of a UTF-8 multi-byte character is ASCII.
 
 Values returned by `Segment.get` / `Segment.components` are unescaped; `Segment.raw` is the wire text.
 Writing is the caller's job to escape (`escape`) and `format_message` only ends every segment with CR (the
@@ -534,6 +536,23 @@ _SEGMENT_NAME = re.compile(r"[A-Z0-9]{3}\Z")
 _KNOWN_NAMES: set[str] = set()
 
 
+def _msh18(msh_fields: list[str], enc: Encoding) -> str:
+    """MSH-18's first repetition, first component, from the MSH split on the field separator (where
+    ``msh_fields[1]`` is MSH-2)."""
+    msh18 = msh_fields[17] if len(msh_fields) > 17 else ""
+    if msh18:
+        msh18 = msh18.split(enc.repetition, 1)[0].split(enc.component, 1)[0]
+    return msh18
+
+
+@functools.lru_cache(maxsize=16)
+def _is_gb(codec: str) -> bool:
+    try:
+        return codecs.lookup(codec).name in ("gb18030", "gbk", "gb2312")
+    except LookupError:
+        return False
+
+
 def parse(data: bytes, default_charset: str = "utf-8") -> Message:
     """Parse one ER7 message (the payload of one MLLP frame). Raises `Hl7Error`; see the module docstring
     for the rules. ``default_charset`` is the python codec used when MSH-18 is empty."""
@@ -549,9 +568,13 @@ def parse(data: bytes, default_charset: str = "utf-8") -> Message:
     msh_fields = head.split(fs)
     enc = _encoding_for(fs, msh_fields[1])
 
-    msh18 = msh_fields[17] if len(msh_fields) > 17 else ""
-    if msh18:
-        msh18 = msh18.split(enc.repetition, 1)[0].split(enc.component, 1)[0]
+    msh18 = _msh18(msh_fields, enc)
+    if not head.isascii():
+        gb18 = _msh18((data if end < 0 else data[:end]).decode("gb18030", errors="replace").split(fs), enc)
+        if _CHARSETS.get(gb18.strip().upper().replace(" ", "")) == "gb18030" or (
+            not gb18.strip() and _is_gb(default_charset)
+        ):
+            msh18 = gb18
     charset = charset_codec(msh18, default_charset)
     try:
         text = data.decode(charset)

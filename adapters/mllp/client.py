@@ -35,6 +35,13 @@ written)                               ``mllp.ack.timeout``.
 connection refused / connect takes     `PeerUnavailable` with the reason (the next queued send tries a new
 longer than ``connect_timeout``        connection). Log ``mllp.client.connect_failed``.
 connection lost before the answer      `PeerUnavailable` with the reason. Log ``mllp.client.connection_lost``.
+                                       Except once per message: when a connection that already carried an
+                                       answered exchange is lost with not a byte from the peer since our
+                                       write, the peer closed its idle connection (engines that take one
+                                       message per connection, e.g. hl7apy's server): the message is
+                                       written again on a new connection at once (log
+                                       ``mllp.client.stale_connection``; MSH-10 unchanged, so it is at
+                                       worst a duplicate the peer drops).
 a frame that does not parse while a    `Hl7Error` from the parser (the peer answered something unreadable;
 message is in flight                   the relay decides whether to resend). Log ``mllp.ack.unparseable``.
                                        Connection kept: only a matching MSA-2 can settle later messages.
@@ -107,7 +114,8 @@ def _describe(endpoint) -> str:
 
 
 class _Send:
-    __slots__ = ("committed", "control_id", "deferred", "payload", "timeout", "timer", "until", "written")
+    __slots__ = ("committed", "control_id", "deferred", "payload", "rewritten", "timeout", "timer", "until",
+                 "written")
 
     def __init__(self, payload: bytes, control_id: str, timeout: float, until: str = "answer"):
         self.payload = payload
@@ -116,6 +124,7 @@ class _Send:
         self.until = until
         self.deferred: defer.Deferred | None = None
         self.written = False
+        self.rewritten = False  # already written again after a stale connection
         self.committed = False
         self.timer = None
 
@@ -129,6 +138,8 @@ class _ClientProtocol(Protocol):
         self.alive = False
         self.peer = "?"
         self.commits_owed = 0  # release 2: messages written on this connection whose commit block is due
+        self.exchanges = 0  # answers matched on this connection
+        self.heard_since_write = False  # a byte arrived since our last write
 
     def connectionMade(self) -> None:
         self.alive = True
@@ -136,6 +147,7 @@ class _ClientProtocol(Protocol):
         self.peer = peer_name(self.transport.getPeer())
 
     def dataReceived(self, data: bytes) -> None:
+        self.heard_since_write = True
         junk_before = self.framer.junk_bytes
         try:
             frames = self.framer.feed(data)
@@ -318,6 +330,7 @@ class MLLPClient:
         item.timer = self.clock.callLater(item.timeout, self._timed_out, item)
         if self.release == 2:
             self._proto.commits_owed += 1
+        self._proto.heard_since_write = False
         self._proto.transport.write(item.payload)
 
     # ----------------------------------------------------------------------------------- answers
@@ -360,6 +373,7 @@ class MLLPClient:
             )
             return
         self._in_flight = None
+        proto.exchanges += 1
         self._settle(item, result=message)
         self._next()
 
@@ -448,7 +462,16 @@ class MLLPClient:
         item = self._in_flight
         if item is not None and item.written:
             self._in_flight = None
-            self._settle(item, failure=PeerUnavailable(f"connection lost before the answer: {why}"))
+            if proto.exchanges and not proto.heard_since_write and not item.rewritten:
+                log.info("mllp.client.stale_connection", peer=proto.peer, control_id=item.control_id, reason=why)
+                if item.timer is not None and item.timer.active():
+                    item.timer.cancel()
+                item.timer = None
+                item.written = False
+                item.rewritten = True
+                self._queue.appendleft(item)
+            else:
+                self._settle(item, failure=PeerUnavailable(f"connection lost before the answer: {why}"))
             self._next()
 
     @staticmethod

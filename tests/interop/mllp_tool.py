@@ -5,7 +5,8 @@
         answer policy says for an accepted message (`build_answers`: AA, or CA/AA as MSH-15/16 ask). Prints
         one JSON line {"port": N} once listening; runs until killed.
 
-    python -m tests.interop.mllp_tool send --port N [--tls CA [CERT KEY]] [--release 2] [--charset C] FILE...
+    python -m tests.interop.mllp_tool send --port N [--ca CA [--cert CERT --key KEY]] [--release 2]
+                                           [--charset C] FILE...
         Sends each FILE (one encoded HL7 message, bytes as they are) with `MLLPClient`, one after the other,
         resending on PeerUnavailable as the relay does (at most 3 attempts). Prints one JSON line per
         message: control_id, ok, attempts, and the answer (MSA-1, MSA-2, raw bytes in base64) or the error.
@@ -20,6 +21,7 @@ import base64
 import json
 import sys
 from datetime import datetime
+from pathlib import Path
 
 import structlog
 from twisted.internet import defer, endpoints, task
@@ -48,16 +50,13 @@ async def listen(reactor, args) -> None:
 
 
 async def send(reactor, args) -> int:
-    tls = None
-    if args.tls:
-        ca, *pair = args.tls
-        tls = client_options(args.hostname, ca, *pair)
+    tls = client_options(args.hostname, args.ca, args.cert, args.key) if args.ca else None
     endpoint = endpoints.TCP4ClientEndpoint(reactor, args.host, args.port, timeout=5)
     client = MLLPClient(reactor, endpoint, clock=reactor, release=args.release, tls=tls, connect_timeout=5,
                         default_charset=args.charset)
     failures = 0
     for path in args.files:
-        payload = open(path, "rb").read()
+        payload = Path(path).read_bytes()
         control_id = parse(payload).control_id
         result = {"file": path, "control_id": control_id}
         for attempt in range(1, 4):
@@ -89,7 +88,9 @@ def main(argv=None) -> None:
     sp = sub.add_parser("send")
     sp.add_argument("--host", default="127.0.0.1")
     sp.add_argument("--port", type=int, required=True)
-    sp.add_argument("--tls", nargs="+", metavar="CA [CERT KEY]")
+    sp.add_argument("--ca", help="TLS: the CA that signs the listener's certificate")
+    sp.add_argument("--cert", help="TLS: our client certificate")
+    sp.add_argument("--key", help="TLS: its private key")
     sp.add_argument("--hostname", default="127.0.0.1", help="name checked against the server certificate")
     sp.add_argument("--release", type=int, default=1)
     sp.add_argument("--timeout", type=float, default=5.0)
@@ -97,8 +98,8 @@ def main(argv=None) -> None:
     sp.add_argument("files", nargs="+")
     args = p.parse_args(argv)
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))  # stdout is for results
-    if args.command == "send" and args.tls and len(args.tls) not in (1, 3):
-        p.error("--tls takes CA, or CA CERT KEY")
+    if args.command == "send" and (args.cert or args.key) and not args.ca:
+        p.error("--cert/--key need --ca")
 
     def run(reactor):
         coroutine = listen(reactor, args) if args.command == "listen" else send(reactor, args)

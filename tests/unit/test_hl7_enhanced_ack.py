@@ -262,14 +262,14 @@ class Gate:
     """The inner gate's listener + handler + inbound service + a real chamber in tmp_path. Chamber commits
     run when ``commit()`` advances the clock (group commit per reactor turn)."""
 
-    def __init__(self, tmp_path, inbound=None, **options):
+    def __init__(self, tmp_path, inbound=None, validation="tolerant", **options):
         self.clock = task.Clock()
         self.clock.advance(datetime(2030, 1, 1, tzinfo=TZ).timestamp())
         self.chamber = Chamber(tmp_path / "chamber.sqlite3", reactor=self.clock, clock=self.clock.seconds)
         self.chamber.open()
         self.inbound = inbound or InboundService(self.chamber, SlotBook(TZ))
         handler = InnerGateHandler(self.inbound, peer="his", sending_application="GATEWAYD",
-                                   sending_facility="FRONT", tz=TZ, clock=self.clock)
+                                   sending_facility="FRONT", tz=TZ, clock=self.clock, validation=validation)
         self.factory = MLLPServerFactory(handler, clock=self.clock, idle_timeout=None, **options)
         self.proto, self.tr = connect(self.factory)
 
@@ -358,7 +358,7 @@ def test_acks_sent_to_the_listener_are_not_answered(gate):
     ack = b"MSH|^~\\&|HIS|HOSPITAL|GATEWAYD|FRONT|20300101||ACK^S24^ACK|K1|P|2.5\rMSA|CA|A7\r"
     with capture_logs() as logs:
         assert gate.send(ack) == []
-    assert [e for e in logs if e["event"] == "inner.ack_ignored"][0]["control_id"] == "K1"
+    assert next(e for e in logs if e["event"] == "inner.ack_ignored")["control_id"] == "K1"
     assert codes(gate.send(siu("K2", schedule="D007"))) == ["AA"]
 
 

@@ -587,6 +587,69 @@ def test_connection_lost_before_answer_gives_peer_unavailable():
     assert result_of(d2)[0]
 
 
+class OnePerConnectionHIS(Protocol):
+    """Like hl7apy's MLLPServer: reads one message, answers it, closes; reads nothing after that."""
+
+    def __init__(self, world):
+        self.world = world
+        self.framer = MLLPFramer()
+        self.done = False
+
+    def dataReceived(self, data):
+        if self.done:
+            return
+        for payload in self.framer.feed(data):
+            message = parse(payload)
+            self.world.received.append(message)
+            self.transport.write(frame(ack_for(message)))
+            self.done = True
+            self.transport.loseConnection()
+            return
+
+
+def test_peer_that_closes_after_each_answer_gets_the_next_message_on_a_new_connection():
+    """Engines that take one message per connection (hl7apy's MLLPServer) answer, then close. A message
+    written on that connection before the close was seen is written again on a new connection, once, and
+    the send succeeds - the relay never sees a failure. (A first exchange that loses its connection still
+    fails: only a reused connection that went away silently is taken as stale.)"""
+    holder = {}
+
+    class OneFactory(Factory):
+        def buildProtocol(self, addr):
+            return OnePerConnectionHIS(holder["world"])
+
+    w = World(server_factory=OneFactory())
+    holder["world"] = w
+    with capture_logs() as logs:
+        ds = [w.client.send(siu(f"G{i}"), f"G{i}", timeout=10) for i in range(3)]
+        for _ in range(3):
+            w.complete()
+            w.flush()
+    assert [read_ack(result_of(d)[1])[1] for d in ds] == ["G0", "G1", "G2"]
+    assert [m.control_id for m in w.received] == ["G0", "G1", "G2"]
+    assert [e["control_id"] for e in events(logs, "mllp.client.stale_connection")] == ["G1", "G2"]
+
+
+def test_stale_connection_is_retried_only_once():
+    """If the new connection is lost silently too, the send fails with PeerUnavailable."""
+    w = World()
+    with capture_logs():
+        d1 = w.client.send(siu("G1"), "G1", timeout=10)
+        pump = w.complete()
+        assert result_of(d1)[0]
+        w.script = lambda m: []
+        d2 = w.client.send(siu("G2"), "G2", timeout=10)
+        pump.flush()
+        w.his[0].transport.loseConnection()
+        pump.flush()
+        assert result_of(d2) is None
+        pump2 = w.complete()
+        w.his[1].transport.loseConnection()
+        pump2.flush()
+    ok, failure = result_of(d2)
+    assert not ok and failure.check(PeerUnavailable)
+
+
 def test_unparseable_answer_gives_hl7error():
     """An answer that does not parse fails the in-flight send with Hl7Error."""
     w = World(script=lambda m: [b"NOT AN ACK"])

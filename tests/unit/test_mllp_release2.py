@@ -200,7 +200,7 @@ def test_negative_commit_fails_the_send_and_the_next_goes_on():
     assert not ok and failure.check(NegativeCommit) and failure.check(PeerUnavailable)
     assert read_ack(result_of(d2)[1])[1] == "G2"
     assert len(w.his) == 1
-    assert [e for e in logs if e["event"] == "mllp.commit.refused"][0]["control_id"] == "G1"
+    assert next(e for e in logs if e["event"] == "mllp.commit.refused")["control_id"] == "G1"
 
 
 def test_until_commit_fires_at_the_commit_block():
