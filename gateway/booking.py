@@ -10,6 +10,12 @@
 Appointment states (chamber): ``pending`` -> ``booked`` | ``refused`` | ``cancelled``; ``booked`` ->
 ``cancelled``.  ``pending_change`` names what we are waiting for from the HIS ('book' or 'cancel'):
 a platform's request is answered when it clears, or after ``answer_within`` with 202.
+
+Quotas (:mod:`gateway.quota`) are checked inside the transaction that holds the slot.  Every change to
+an appointment is audited (:mod:`gateway.audit`) in the transaction that makes it: ``book`` (the hold,
+outcome 202), ``cancel`` (200 cancelled at once, 202 sent to the HIS), and ``book.settled`` /
+``cancel.settled`` when the HIS answers, the hold expires or the message is dead-lettered (outcome: the
+status the platform sees for it, 201/200 done or 409 not done).
 """
 
 from __future__ import annotations
@@ -23,6 +29,9 @@ from zoneinfo import ZoneInfo
 
 import structlog
 from twisted.internet import defer
+
+from gateway import audit
+from gateway.audit import AuditEntry
 
 from gateway.scheduling import (
     AppointmentUnknown,
@@ -137,8 +146,9 @@ class BookingService:
     """Books and cancels on behalf of platforms; keeps the hold -> confirm rules."""
 
     def __init__(self, chamber, his: HisLinkInfo, *, tz: ZoneInfo, hold_seconds: float, clock,
-                 max_backlog: int = 1000, retry_after: int = 30):
+                 max_backlog: int = 1000, retry_after: int = 30, quotas=None):
         self.chamber = chamber
+        self.quotas = quotas  # gateway.quota.Quotas, or None: no platform is limited
         self.his = his
         self.tz = tz
         self.hold_seconds = hold_seconds
@@ -151,12 +161,15 @@ class BookingService:
 
     # -- platform requests ---------------------------------------------------------------------------------
     def book(self, platform: str, request: BookingRequest, *, idempotency_key: str | None = None,
-             request_hash: str = "", if_none_exist: tuple[str, str] | None = None) -> defer.Deferred:
-        """Hold the slot and queue SRM^S01, in one committed transaction.
+             request_hash: str = "", if_none_exist: tuple[str, str] | None = None,
+             who: AuditEntry | None = None) -> defer.Deferred:
+        """Hold the slot and queue SRM^S01, in one committed transaction (with its audit record, which
+        takes platform, certificate and source from ``who``).
 
         Fires with ``(appointment id, how)``: ``how`` is ``'new'``, ``'replayed'`` (an Idempotency-Key seen
-        before with the same request) or ``'existing'`` (If-None-Exist matched the platform's identifier).
-        Fails with SlotUnknown, SlotUnavailable, IdempotencyConflict or Overloaded."""
+        before with the same request) or ``'existing'`` (If-None-Exist matched the platform's identifier);
+        only a new booking is audited here.  Fails with SlotUnknown, SlotUnavailable, QuotaExhausted,
+        IdempotencyConflict or Overloaded."""
         appointment_id = new_appointment_id()
         control_id = new_control_id()
 
@@ -180,6 +193,8 @@ class BookingService:
                 raise SlotUnavailable(f"slot {request.slot_id} is {slot.visible_status}")
             if slot.start_ts <= tx.now:
                 raise SlotUnavailable(f"slot {request.slot_id} has already started")
+            if self.quotas is not None:
+                self.quotas.check(tx, platform, slot)
             backlog = tx.outbound_backlog(self.his.peer)
             if backlog >= self.max_backlog:
                 raise Overloaded(f"{backlog} messages are waiting for the HIS; try again later", self.retry_after)
@@ -199,6 +214,7 @@ class BookingService:
                            state="committed", body=body, charset=self.his.charset,
                            subject=subject_of(appointment_id), order_key=patient_key(request.patient),
                            detail=f"booking {appointment_id}")
+            self._audit(tx, who, platform, "book", 202, appointment_id, f"slot {slot.id} held; SRM^S01 queued")
             return appointment_id, "new"
 
         d = self.chamber.transact(work)
@@ -214,8 +230,9 @@ class BookingService:
             log.info("booking.repeated", appointment=appointment_id, platform=platform, how=how)
         return result
 
-    def cancel(self, platform: str, appointment_id: str) -> defer.Deferred:
-        """Ask the HIS to cancel (queues SRM^S04); a booking still pending is cancelled at once."""
+    def cancel(self, platform: str, appointment_id: str, who: AuditEntry | None = None) -> defer.Deferred:
+        """Ask the HIS to cancel (queues SRM^S04); a booking still pending is cancelled at once.  Fires with
+        'sent', 'cancelled' (both audited in the same transaction) or 'unchanged'."""
         control_id = new_control_id()
 
         def work(tx):
@@ -227,6 +244,7 @@ class BookingService:
             slot = tx.slot(appt.slot_id)
             if appt.status == "pending":
                 self._release_hold(tx, appt, slot, "cancelled by the platform before the HIS answered")
+                self._audit(tx, who, platform, "cancel", 200, appt.id, "cancelled before the HIS answered")
                 return "cancelled"
             body = self._srm(tx, self.his.cancel_trigger, control_id, appt.id, slot,
                              Patient.from_json(appt.patient), appt.his_appointment)
@@ -236,12 +254,24 @@ class BookingService:
                            charset=self.his.charset, subject=subject_of(appt.id),
                            order_key=patient_key(Patient.from_json(appt.patient)),
                            detail=f"cancellation of {appt.id}")
+            self._audit(tx, who, platform, "cancel", 202, appt.id, f"SRM^{self.his.cancel_trigger} queued")
             return "sent"
 
         d = self.chamber.transact(work)
         d.addCallback(lambda what: (log.info("booking.cancel", appointment=appointment_id, platform=platform,
                                              result=what), what)[1])
         return d
+
+    @staticmethod
+    def _audit(tx, who: AuditEntry | None, platform: str, action: str, outcome: int, appointment_id: str,
+               detail: str, source: str | None = None) -> None:
+        audit.append(tx, AuditEntry(
+            action=action, outcome=outcome, platform=platform, subject=who.subject if who else None,
+            serial=who.serial if who else None, source=source or (who.source if who else None),
+            resource_type="Appointment", resource_id=appointment_id, detail=detail))
+
+    def _settled(self, tx, appt, action: str, outcome: int, detail: str, source: str | None = None) -> None:
+        self._audit(tx, None, appt.platform, action, outcome, appt.id, detail, source or f"his:{self.his.peer}")
 
     def appointment(self, platform: str, appointment_id: str):
         return self._own(self.chamber.read(), platform, appointment_id)
@@ -288,14 +318,18 @@ class BookingService:
                                       his_appointment=answer.his_appointment, outcome=None)
                 tx.update_slot(slot.id, held_by=None, booked_by=appt.id, his_status="busy",
                                his_appointment=answer.his_appointment or slot.his_appointment)
+                self._settled(tx, appt, "book.settled", 201, f"booked by the HIS ({answer.code})")
             else:
                 tx.update_appointment(appt.id, status="refused", pending_change=None, hold_expires=None,
                                       outcome=f"refused by the HIS ({answer.code}): {answer.text or 'no reason given'}")
                 if slot.held_by == appt.id:
                     tx.update_slot(slot.id, held_by=None)
+                self._settled(tx, appt, "book.settled", 409, f"refused by the HIS ({answer.code})")
         elif answer.accepted:
             # The hold was released (expired or cancelled) before the HIS accepted: undo it at the HIS.
             self._queue_compensating_cancel(tx, appt, slot, answer.his_appointment)
+            self._settled(tx, appt, "book.settled", 409,
+                          f"accepted by the HIS ({answer.code}) after the hold was released; cancel queued")
 
     def _answer_cancel(self, tx, appt, slot, answer: HisAnswer) -> None:
         if appt.pending_change != "cancel":
@@ -305,10 +339,12 @@ class BookingService:
                                   outcome="cancelled by the platform")
             if slot.booked_by == appt.id:
                 tx.update_slot(slot.id, booked_by=None, his_status="free", his_appointment=None)
+            self._settled(tx, appt, "cancel.settled", 200, f"cancelled by the HIS ({answer.code})")
         else:
             tx.update_appointment(appt.id, pending_change=None,
                                   outcome=f"cancellation refused by the HIS ({answer.code}): "
                                           f"{answer.text or 'no reason given'}")
+            self._settled(tx, appt, "cancel.settled", 409, f"cancellation refused by the HIS ({answer.code})")
 
     def _queue_compensating_cancel(self, tx, appt, slot, his_appointment) -> None:
         control_id = new_control_id()
@@ -336,9 +372,11 @@ class BookingService:
                 tx.update_slot(slot.id, held_by=None)
             if message.attempts > 0:  # it may have reached the HIS before its answer was lost
                 self._queue_compensating_cancel(tx, appt, slot, None)
+            self._settled(tx, appt, "book.settled", 409, "dead-lettered: the HIS did not take the booking")
         elif kind != "S01" and appt.pending_change == "cancel":
             tx.update_appointment(appt.id, pending_change=None,
                                   outcome=f"the cancellation did not reach the HIS: {reason}")
+            self._settled(tx, appt, "cancel.settled", 409, "dead-lettered: the cancellation did not reach the HIS")
 
     # -- holds -----------------------------------------------------------------------------------------------
     def _release_hold(self, tx, appt, slot, reason: str) -> None:
@@ -361,6 +399,8 @@ class BookingService:
             for appt in expired:
                 self._release_hold(tx, appt, tx.slot(appt.slot_id),
                                    "the HIS did not answer in time; the hold expired")
+                self._settled(tx, appt, "book.settled", 409, "the hold expired before the HIS answered",
+                              source="gateway")
             return [a.id for a in expired]
 
         d = self.chamber.transact(work)

@@ -118,6 +118,34 @@ class AppointmentRow:
     updated: float
 
 
+@dataclass(frozen=True)
+class AuditRow:
+    """One audit record (see gateway/audit.py for what it means and how it is chained)."""
+
+    seq: int
+    at_us: int
+    platform: str | None
+    subject: str | None
+    serial: str | None
+    source: str | None
+    action: str
+    resource_type: str | None
+    resource_id: str | None
+    outcome: int
+    detail: str | None
+    hash: str
+
+
+@dataclass(frozen=True)
+class AuditChain:
+    """The chain's ends: the anchor (last pruned record, or seq 0 and the genesis hash) and the head."""
+
+    anchor_seq: int
+    anchor_hash: str
+    head_seq: int
+    head_hash: str
+
+
 def _row(cls, row: sqlite3.Row | None):
     if row is None:
         return None
@@ -332,6 +360,54 @@ class Txn:
                               " ORDER BY rowid", (appointment_id,))
         return [(r[0], r[1]) for r in cur]
 
+    # -- quotas ----------------------------------------------------------------------------------------------
+    def slots_on_day(self, schedule_id: str, day: str) -> int:
+        """How many slots the schedule has on ``day`` (YYYYMMDD, hospital time), whatever their status."""
+        return self._c.execute(
+            "SELECT count(*) FROM slots WHERE schedule_id = ? AND start_local BETWEEN ? AND ?",
+            (schedule_id, day + "0000", day + "9999"),
+        ).fetchone()[0]
+
+    def active_appointments_on_day(self, platform: str, schedule_id: str, day: str) -> int:
+        """The platform's pending and booked appointments on the schedule's slots of ``day``."""
+        return self._c.execute(
+            "SELECT count(*) FROM appointments a JOIN slots s ON s.id = a.slot_id"
+            " WHERE a.platform = ? AND a.status IN ('pending', 'booked')"
+            " AND s.schedule_id = ? AND s.start_local BETWEEN ? AND ?",
+            (platform, schedule_id, day + "0000", day + "9999"),
+        ).fetchone()[0]
+
+    # -- audit ---------------------------------------------------------------------------------------------
+    def audit_chain(self) -> AuditChain:
+        row = self._c.execute(
+            "SELECT anchor_seq, anchor_hash, head_seq, head_hash FROM audit_chain WHERE id = 1").fetchone()
+        return AuditChain(*row)
+
+    def append_audit(self, row: AuditRow) -> None:
+        """Append a record and move the head to it (the caller computed its hash from the head's)."""
+        self._c.execute(
+            "INSERT INTO audit_records (seq, at_us, platform, subject, serial, source, action, resource_type,"
+            " resource_id, outcome, detail, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (row.seq, row.at_us, row.platform, row.subject, row.serial, row.source, row.action,
+             row.resource_type, row.resource_id, row.outcome, row.detail, row.hash),
+        )
+        self._c.execute("UPDATE audit_chain SET head_seq = ?, head_hash = ? WHERE id = 1", (row.seq, row.hash))
+
+    def audit_record(self, seq: int) -> AuditRow | None:
+        return _row(AuditRow, self._c.execute("SELECT * FROM audit_records WHERE seq = ?", (seq,)).fetchone())
+
+    def first_audit_seq_from(self, at_us: int) -> int | None:
+        """The first record (in chain order) written at or after ``at_us``."""
+        row = self._c.execute("SELECT min(seq) FROM audit_records WHERE at_us >= ?", (at_us,)).fetchone()
+        return row[0]
+
+    def prune_audit(self, through_seq: int, anchor_hash: str) -> int:
+        """Move the anchor to record ``through_seq`` (whose hash is ``anchor_hash``) and delete it and every
+        record before it; returns how many were deleted."""
+        self._c.execute("UPDATE audit_chain SET anchor_seq = ?, anchor_hash = ? WHERE id = 1",
+                        (through_seq, anchor_hash))
+        return self._c.execute("DELETE FROM audit_records WHERE seq <= ?", (through_seq,)).rowcount
+
     # -- operators -------------------------------------------------------------------------------------------
     def purge_dead(self, older_than: float) -> int:
         """Delete dead-lettered messages (and their stories) last changed before ``older_than``."""
@@ -405,9 +481,12 @@ class Reader(Txn):
         schedule_ids: Iterable[str] | None = None,
         service_codes: Iterable[str] | None = None,
         statuses: Iterable[str] | None = None,
+        hidden: Iterable[tuple[str, str, float | None]] | None = None,
         limit: int = 100,
         offset: int = 0,
     ) -> list[SlotRow]:
+        """``hidden``: (schedule id, day YYYYMMDD, cutoff) triples: free slots of that schedule and day
+        starting after ``cutoff`` (any time, if None) are left out (a platform's quota is used up)."""
         where: list[str] = []
         args: list[Any] = []
         if start_from is not None:
@@ -426,6 +505,15 @@ class Reader(Txn):
             where.append(f"(CASE WHEN held_by IS NOT NULL THEN 'busy-tentative' ELSE his_status END)"
                          f" IN ({', '.join('?' * len(statuses))})")
             args += statuses
+        hidden = list(hidden or ())
+        if hidden:
+            where.append(
+                "NOT (held_by IS NULL AND his_status = 'free' AND EXISTS (SELECT 1 FROM json_each(?) h"
+                " WHERE json_extract(h.value, '$[0]') = slots.schedule_id"
+                " AND json_extract(h.value, '$[1]') = substr(slots.start_local, 1, 8)"
+                " AND (json_extract(h.value, '$[2]') IS NULL OR slots.start_ts > json_extract(h.value, '$[2]'))))"
+            )
+            args.append(json.dumps(hidden))
         sql = "SELECT * FROM slots"
         if where:
             sql += " WHERE " + " AND ".join(where)
@@ -439,6 +527,31 @@ class Reader(Txn):
         )
         return [_row(AppointmentRow, r) for r in cur]
 
+    def slot_counts_by_day(self, from_local: str) -> dict[tuple[str, str], int]:
+        """(schedule id, day YYYYMMDD) -> number of slots, for days from ``from_local`` (YYYYMMDD) on."""
+        cur = self._c.execute(
+            "SELECT schedule_id, substr(start_local, 1, 8), count(*) FROM slots WHERE start_local >= ?"
+            " GROUP BY 1, 2", (from_local + "0000",))
+        return {(r[0], r[1]): r[2] for r in cur}
+
+    def active_appointments_by_day(self, platform: str, from_local: str) -> dict[tuple[str, str], int]:
+        """(schedule id, day) -> the platform's pending and booked appointments there, from ``from_local``."""
+        cur = self._c.execute(
+            "SELECT s.schedule_id, substr(s.start_local, 1, 8), count(*) FROM appointments a"
+            " JOIN slots s ON s.id = a.slot_id WHERE a.platform = ? AND a.status IN ('pending', 'booked')"
+            " AND s.start_local >= ? GROUP BY 1, 2", (platform, from_local + "0000"))
+        return {(r[0], r[1]): r[2] for r in cur}
+
+    def audit_records(self, after_seq: int = 0, since_us: int | None = None) -> Iterable[AuditRow]:
+        """Records after ``after_seq`` (and written at or after ``since_us``) in chain order, streamed."""
+        sql, args = "SELECT * FROM audit_records WHERE seq > ?", [after_seq]
+        if since_us is not None:
+            sql += " AND at_us >= ?"
+            args.append(since_us)
+        cur = self._c.execute(sql + " ORDER BY seq", args)
+        for r in cur:
+            yield _row(AuditRow, r)
+
     def next_hold_expiry(self) -> float | None:
         cur = self._c.execute(
             "SELECT min(hold_expires) FROM appointments WHERE status = 'pending' AND hold_expires IS NOT NULL"
@@ -447,7 +560,7 @@ class Reader(Txn):
 
     def counts(self) -> dict[str, int]:
         out = {}
-        for table in ("messages", "schedules", "slots", "appointments"):
+        for table in ("messages", "schedules", "slots", "appointments", "audit_records"):
             out[table] = self._c.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
         return out
 

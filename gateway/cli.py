@@ -6,6 +6,7 @@
     gatewayd demo [--workdir DIR]         certificates, configs, HIS simulator and gateway, all on loopback
     gatewayd certs init DIR               a development CA, server and platform certificates
     gatewayd queue list|show|retry|purge  the chamber's messages: list, one's story, resubmit, delete dead ones
+    gatewayd audit verify|export|prune    the audit trail: check its hash chain, export AuditEvents, retention
     gatewayd config-reference [--update README.md]   every config key, its type, default and meaning
 """
 
@@ -66,6 +67,21 @@ def _parser() -> argparse.ArgumentParser:
     for p_ in (listing, show, retry, purge):
         p_.add_argument("--config", required=True, type=Path)
 
+    audit = sub.add_parser("audit", help="the audit trail in the chamber (works while gatewayd runs)")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    verify = audit_sub.add_parser("verify", help="check the hash chain; name the first record that does not fit")
+    export = audit_sub.add_parser("export", help="write records as FHIR AuditEvent resources (NDJSON) to stdout")
+    export.add_argument("--since", required=True, metavar="WHEN",
+                        help="a date (YYYY-MM-DD, hospital time) or an ISO date-time with offset")
+    export.add_argument("--until", metavar="WHEN", help="only records before this date or date-time")
+    export.add_argument("--format", choices=("fhir", "records"), default="fhir",
+                        help="fhir: R4B AuditEvent (default); records: the chamber's rows as JSON")
+    prune = audit_sub.add_parser("prune", help="remove records older than audit.retention (keeps the chain "
+                                               "verifiable)")
+    prune.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    for p_ in (verify, export, prune):
+        p_.add_argument("--config", required=True, type=Path)
+
     ref = sub.add_parser("config-reference", help="print the configuration reference (Markdown)")
     ref.add_argument("--update", type=Path, metavar="README",
                      help="rewrite the reference between the config-reference markers of this file instead")
@@ -100,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "queue":
         return queue_command(args)
+    if args.command == "audit":
+        return audit_command(args)
     if args.command == "config-reference":
         if args.update:
             text = args.update.read_text(encoding="utf-8")
@@ -185,6 +203,11 @@ def run(path: Path) -> int:
         return done
 
     reactor.addSystemEventTrigger("before", "shutdown", stop)
+    from gateway import sdnotify
+
+    sdnotify.notify(f"READY=1\nSTATUS=FHIR {config.outer.host}:{config.outer.port}, MLLP {config.inner.listen}")
+    sdnotify.start_watchdog(reactor)
+    reactor.addSystemEventTrigger("before", "shutdown", lambda: sdnotify.notify("STOPPING=1"))
     log.info("gateway.ready", fhir=f"https://{config.outer.host}:{config.outer.port}{config.outer.base_path}",
              mllp=config.inner.listen, his=f"{config.inner.his.host}:{config.inner.his.port}",
              chamber=str(config.chamber.path), slot_source=config.inner.his.slot_source)
@@ -293,6 +316,122 @@ def _queue_purge(chamber, args) -> int:
             print("nothing deleted")
             return 1
     print(f"deleted {purge_dead(chamber, age)} dead-lettered message(s)")
+    return 0
+
+
+def audit_command(args) -> int:
+    config, error = _load(args.config)
+    if error:
+        print(error, file=sys.stderr)
+        return 1
+    from gateway import logs
+    from gateway.chamber import Chamber
+    from gateway.errors import ChamberError
+
+    logs.configure("warning", "console", stream=sys.stderr)  # stdout is the command's answer
+    chamber = Chamber(config.chamber.path)
+    try:
+        chamber.open()
+    except ChamberError as e:
+        print(f"gatewayd audit: {e}", file=sys.stderr)
+        return 1
+    try:
+        if args.audit_command == "verify":
+            return _audit_verify(chamber)
+        if args.audit_command == "export":
+            return _audit_export(chamber, config, args)
+        return _audit_prune(chamber, config, args)
+    finally:
+        chamber.close()
+
+
+def _audit_verify(chamber) -> int:
+    from gateway.audit import verify
+
+    verdict = verify(chamber.read())
+    if not verdict.ok:
+        print(f"audit chain BROKEN at record {verdict.broken_at}: {verdict.reason}")
+        print(f"({verdict.checked} record(s) after the anchor (record {verdict.anchor_seq}) verified before it)")
+        return 1
+    if verdict.head_seq == verdict.anchor_seq:
+        print(f"ok: no record after the anchor (record {verdict.anchor_seq})")
+    else:
+        print(f"ok: {verdict.checked} record(s) verified, records {verdict.anchor_seq + 1}-{verdict.head_seq}"
+              f" (anchor: record {verdict.anchor_seq})")
+    print(f"head: record {verdict.head_seq} sha256 {verdict.head_hash}")
+    return 0
+
+
+def _when_arg(text: str, tz) -> float:
+    """'2026-11-01' (midnight, hospital time) or an ISO date-time ('2026-11-01T08:00:00+08:00') -> timestamp."""
+    from datetime import date
+
+    text = text.strip()
+    try:
+        if len(text) == 10:
+            d = date.fromisoformat(text)
+            return datetime(d.year, d.month, d.day, tzinfo=tz).timestamp()
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"{text!r} is not a date (YYYY-MM-DD) or an ISO date-time") from None
+    return (when if when.tzinfo else when.replace(tzinfo=tz)).timestamp()
+
+
+def _audit_export(chamber, config, args) -> int:
+    import json
+    from zoneinfo import ZoneInfo
+
+    from gateway.audit import audit_event
+
+    tz = ZoneInfo(config.hospital.timezone)
+    try:
+        since = _when_arg(args.since, tz)
+        until = _when_arg(args.until, tz) if args.until else None
+    except ValueError as e:
+        print(f"gatewayd audit export: {e}", file=sys.stderr)
+        return 2
+    until_us = None if until is None else round(until * 1_000_000)
+    out = sys.stdout
+    for row in chamber.read().audit_records(since_us=round(since * 1_000_000)):
+        if until_us is not None and row.at_us >= until_us:
+            continue
+        data = audit_event(row, tz) if args.format == "fhir" else row.__dict__
+        out.write(json.dumps(data, ensure_ascii=False, separators=(",", ":")) + "\n")
+    out.flush()
+    return 0
+
+
+def _audit_prune(chamber, config, args) -> int:
+    import getpass
+    import time
+
+    from gateway.audit import prunable, prune, verify
+
+    verdict = verify(chamber.read())
+    if not verdict.ok:
+        print(f"gatewayd audit prune: the chain is broken at record {verdict.broken_at} ({verdict.reason}); "
+              f"nothing removed — keep the evidence and look at `gatewayd audit verify` first", file=sys.stderr)
+        return 1
+    cutoff = time.time() - config.audit.retention
+    n = prunable(chamber.read(), cutoff)
+    if n == 0:
+        print(f"nothing to remove: no record is older than {_when(cutoff)}")
+        return 0
+    if not args.yes:
+        try:
+            answer = input(f"remove {n} audit record(s) written before {_when(cutoff)} (retention "
+                           f"{config.audit.retention / 86400:g} days)? [y/N] ")
+        except EOFError:
+            answer = ""
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing removed")
+            return 1
+    removed, anchor = chamber.transact_now(lambda tx: prune(tx, cutoff, f"operator {getpass.getuser()}"))
+    if not removed:
+        print(f"nothing to remove: no record is older than {_when(cutoff)}")
+        return 0
+    print(f"removed {removed} audit record(s) written before {_when(cutoff)}; the chain now starts after "
+          f"record {anchor}, whose hash is kept as its anchor")
     return 0
 
 

@@ -13,10 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
-from gateway.confschema import Duration, Pattern, Range, ReadableFile, load
+from gateway.confschema import Duration, Pattern, Percent, Range, ReadableFile, load
 
 Port = Annotated[int, Range(1, 65535)]
 Name = Annotated[str, Pattern(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$", "letters, digits, '.', '_' or '-'")]
+Scope = Literal["Slot.read", "Schedule.read", "Appointment.read", "Appointment.write"]
+#: every scope a platform can be granted (the default: all of them)
+SCOPES: tuple[str, ...] = ("Slot.read", "Schedule.read", "Appointment.read", "Appointment.write")
+Serial = Annotated[str, Pattern(r"^(0[xX])?[0-9A-Fa-f]+(:[0-9A-Fa-f]+)*$",
+                                "a certificate serial number in hexadecimal, as `openssl x509 -noout -serial` prints it")]
 
 
 def doc(text: str, **kw):
@@ -45,6 +50,27 @@ class ChamberConfig:
         "able to write it; back it up like a database.",
         default=Path("chamber.sqlite3"),
     )
+
+
+@dataclass(frozen=True)
+class MllpListenTls:
+    certificate: ReadableFile = doc("The gateway's certificate for the MLLP listener (PEM, with its chain).")
+    private_key: ReadableFile = doc("Its private key (PEM).")
+    client_ca: ReadableFile = doc("CA that signs the HIS's client certificate; senders without one are refused.")
+
+
+@dataclass(frozen=True)
+class MllpSendTls:
+    ca: ReadableFile = doc("CA that signs the HIS's MLLP server certificate.")
+    certificate: Optional[ReadableFile] = doc("The gateway's client certificate, if the HIS asks for one.",
+                                              default=None)
+    private_key: Optional[ReadableFile] = doc("Its private key.", default=None)
+    server_name: Optional[str] = doc("The name to check in the HIS's certificate (default: host).", default=None)
+
+    def __post_validate__(self):
+        if (self.certificate is None) != (self.private_key is None):
+            return [("certificate", "give both certificate and private_key, or neither")]
+        return []
 
 
 @dataclass(frozen=True)
@@ -98,6 +124,10 @@ class HisConfig:
         "Messages in flight to this HIS at once (one MLLP connection each); above 1 needs ordering: patient.",
         default=1,
     )
+    mllp_release: Annotated[int, Range(1, 2)] = doc(
+        "MLLP release towards this HIS: 1, or 2 (it answers commit blocks 0x06/0x15 before its ACK).", default=1
+    )
+    tls: Optional[MllpSendTls] = doc("TLS (optionally mutual) on the connection to the HIS.", default=None)
 
     def __post_validate__(self):
         issues = _charset_issue("charset", self.charset)
@@ -123,6 +153,15 @@ class InnerConfig:
         "Most simultaneous MLLP connections from the HIS side.", default=32
     )
     idle_timeout: Duration = doc("An MLLP connection idle this long is closed.", default=Duration(300.0))
+    mllp_release: Annotated[int, Range(1, 2)] = doc(
+        "MLLP release of the listener: 1, or 2 (a commit block 0x06/0x15 before each answer, after the commit).",
+        default=1,
+    )
+    validation: Literal["tolerant", "strict"] = doc(
+        "'strict': also validate each message with hl7apy's v2.5 structure rules and NAK what fails.",
+        default="tolerant",
+    )
+    tls: Optional[MllpListenTls] = doc("TLS with client certificates on the MLLP listener.", default=None)
 
 
 @dataclass(frozen=True)
@@ -131,6 +170,16 @@ class TlsConfig:
     private_key: ReadableFile = doc("The server certificate's private key (PEM).")
     client_ca: ReadableFile = doc(
         "CA certificate(s) (PEM) that sign platforms' client certificates; clients without one are refused."
+    )
+
+
+@dataclass(frozen=True)
+class RateLimitConfig:
+    per_second: Annotated[float, Range(0.001, 1_000_000)] = doc(
+        "Requests per second allowed on average (the token bucket's refill rate)."
+    )
+    burst: Annotated[int, Range(1, 1_000_000)] = doc(
+        "Most requests allowed at once after a quiet time (the token bucket's size)."
     )
 
 
@@ -159,6 +208,43 @@ class OuterConfig:
         default=Duration(300.0),
     )
     page_size: Annotated[int, Range(1, 1000)] = doc("Default and largest _count of a search.", default=100)
+    rate_limit: Optional[RateLimitConfig] = doc(
+        "Requests per second for all platforms together (token bucket); past it 429 with Retry-After. "
+        "Default 1000 per second, burst 2000; empty (~) for no global limit.",
+        default_factory=lambda: RateLimitConfig(per_second=1000.0, burst=2000),
+    )
+    max_json_depth: Annotated[int, Range(2, 1000)] = doc(
+        "Deepest nesting of objects and arrays accepted in a JSON body (400 beyond).", default=32
+    )
+    max_string_chars: Annotated[int, Range(256, 64 << 20)] = doc(
+        "Longest string (value or key) accepted in a JSON body, in characters (400 beyond).", default=65536
+    )
+
+
+@dataclass(frozen=True)
+class QuotaConfig:
+    schedule: Annotated[str, Pattern(r"^(\*|[^\s*]{1,200})$", "a schedule id such as D001, or '*'")] = doc(
+        "The schedule this quota applies to (its id, as in Schedule/<id>), or '*' for every schedule that "
+        "has no entry of its own."
+    )
+    share: Optional[Percent] = doc(
+        "The platform's share of the schedule's slots on each day, e.g. 5%: it may hold floor(share x slots "
+        "of that schedule that day) of them. Give share or per_day, not both.",
+        default=None,
+    )
+    per_day: Optional[Annotated[int, Range(0, 100_000)]] = doc(
+        "How many of the schedule's slots the platform may hold per day (instead of share).", default=None
+    )
+    release_before: Optional[Duration] = doc(
+        "Slots starting within this time from now are open to every platform, quota or not (unbooked quota "
+        "returns to everyone). Empty (~): never released.",
+        default=Duration(86400.0),
+    )
+
+    def __post_validate__(self):
+        if (self.share is None) == (self.per_day is None):
+            return [("", "give either share (e.g. 5%) or per_day (e.g. 10), not both or neither")]
+        return []
 
 
 @dataclass(frozen=True)
@@ -169,6 +255,41 @@ class PlatformConfig:
         "A subject with only a CN (e.g. 'CN=platform-demo') matches any certificate with that CN."
     )
     display: Optional[str] = doc("A human-readable name.", default=None)
+    scopes: list[Scope] = doc(
+        "What the platform may do: Slot.read, Schedule.read, Appointment.read (its own appointments), "
+        "Appointment.write (book and cancel). A request outside them gets 403.",
+        default_factory=lambda: list(SCOPES),
+    )
+    quotas: list[QuotaConfig] = doc(
+        "The platform's share of each schedule's slots (docs/security.md). A schedule with no quota here "
+        "(and no '*' entry) is not limited.",
+        default_factory=list,
+    )
+    rate_limit: Optional[RateLimitConfig] = doc(
+        "Requests per second for this platform (token bucket); past it 429 with Retry-After. Default 100 "
+        "per second, burst 200; empty (~) for no limit.",
+        default_factory=lambda: RateLimitConfig(per_second=100.0, burst=200),
+    )
+    revoked_serials: list[Serial] = doc(
+        "Serial numbers (hex) of this platform's client certificates that are no longer accepted (403), "
+        "checked on every request; takes effect when gatewayd is restarted.",
+        default_factory=list,
+    )
+
+    def __post_validate__(self):
+        issues = []
+        seen: dict[str, int] = {}
+        for i, q in enumerate(self.quotas):
+            if q.schedule in seen:
+                issues.append((f"quotas[{i}].schedule", f"schedule {q.schedule!r} has a quota already "
+                                                        f"(quotas[{seen[q.schedule]}])"))
+            seen[q.schedule] = i
+        if len(set(self.scopes)) != len(self.scopes):
+            issues.append(("scopes", "a scope is listed twice"))
+        return issues
+
+    def revoked_serial_numbers(self) -> frozenset[int]:
+        return frozenset(serial_number(s) for s in self.revoked_serials)
 
 
 @dataclass(frozen=True)
@@ -177,6 +298,21 @@ class LoggingConfig:
     format: Literal["auto", "json", "console"] = doc(
         "'json' (one object per line), 'console' (for a person), 'auto' (console on a terminal, else json).",
         default="auto",
+    )
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    retention: Annotated[Duration, Range(86400, None)] = doc(
+        "How long audit records are kept; older ones are removed only by `gatewayd audit prune` (which "
+        "keeps the chain verifiable). MLPS level 3 reviewers expect at least 180 days.",
+        default=Duration(180 * 86400.0),
+    )
+    strict: bool = doc(
+        "What to do with a read of patient data whose audit record cannot be committed (a full or failing "
+        "disk): false = answer it and write the record to the log as 'audit.not_recorded' (reads keep "
+        "working); true = refuse it with 503, nothing disclosed.",
+        default=False,
     )
 
 
@@ -197,6 +333,7 @@ class GatewayConfig:
     hospital: HospitalConfig = doc("About the hospital.", default_factory=HospitalConfig)
     chamber: ChamberConfig = doc("The durable store between the gates.", default_factory=ChamberConfig)
     logging: LoggingConfig = doc("Logging.", default_factory=LoggingConfig)
+    audit: AuditConfig = doc("The audit trail in the chamber (docs/security.md).", default_factory=AuditConfig)
     daemon: DaemonConfig = doc("The process itself.", default_factory=DaemonConfig)
 
     def __post_validate__(self):
@@ -227,6 +364,14 @@ def _charset_issue(key: str, name: str):
     except LookupError:
         return [(key, f"unknown charset {name!r} (use utf-8, gb18030, latin-1 or ascii)")]
     return []
+
+
+def serial_number(text: str) -> int:
+    """'0x1A2B', '1a:2b' or '1A2B' (hex, as openssl prints it) -> the integer serial."""
+    text = text.strip()
+    if text[:2].lower() == "0x":
+        text = text[2:]
+    return int(text.replace(":", ""), 16)
 
 
 def normalise_subject(subject: str) -> tuple[tuple[str, str], ...] | None:

@@ -1,12 +1,26 @@
 """Structured logs (structlog): JSON lines when not on a terminal, readable text on one.
 
 Log events carry ids, states and codes — never message bodies or patient data.  As a second line of
-defence, :func:`mask_patient_data` replaces the value of any key that names patient data.
+defence, :func:`mask_patient_data` (in every logger's processor chain) rewrites each event before it is
+rendered:
+
+- the value of any key that names patient data (``patient``, ``name``, ``phone``, ``id_card``, ...; also
+  any key containing ``patient``, ``phone``, ``name``, ``birth``, ``address``, ``idcard``/``id_card`` or
+  ``identifier``) becomes ``***``;
+- in every other text value (nested dicts and lists too), anything that looks like a Chinese resident ID
+  card number (17 digits and a digit or X), a mainland mobile number (optionally +86, with or without
+  separators) or a landline number with its area code (``010-12345678``) becomes ``***``;
+- a text value that carries a whole HL7 message (a ``PID|`` segment) or a FHIR resource
+  (``"resourceType"``) is replaced whole.
+
+Names in free text cannot be recognised by their shape; they are kept out by never logging free text from
+outside (bodies, HL7 fields, FHIR diagnostics built from input) — see docs/security.md.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 
 import structlog
@@ -14,14 +28,61 @@ import structlog
 #: keys whose values are never written to a log
 SENSITIVE_KEYS = frozenset({
     "patient", "name", "family", "given", "phone", "telecom", "identifier", "identifiers", "id_card",
-    "birth_date", "address", "body", "payload", "message_body",
+    "birth_date", "address", "body", "payload", "message_body", "mrn", "idcard", "id_number", "mobile",
+    "birthdate", "dob", "contained", "participant", "display_name", "gender", "sex", "email",
 })
+#: a key containing one of these names patient data too (patient_name, phone_number, home_address, ...)
+SENSITIVE_KEY_PARTS = ("patient", "phone", "name", "birth", "address", "idcard", "id_card", "identifier",
+                       "mobile", "telecom")
+#: keys gatewayd uses for ids and codes that merely contain such a part
+NOT_SENSITIVE_KEYS = frozenset({"logger_name", "error_type", "hostname", "filename"})
+
+_EDGE_L = r"(?<![0-9A-Za-z])"
+_EDGE_R = r"(?![0-9A-Za-z])"
+_PATTERNS = re.compile("|".join([
+    _EDGE_L + r"\d{6}(?:18|19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])\d{3}[\dXx]" + _EDGE_R,  # ID card
+    _EDGE_L + r"\d{17}[\dXx]" + _EDGE_R,  # anything of that shape, birth date or not
+    _EDGE_L + r"(?:\+?86[- ]?)?1[3-9]\d(?:[- ]?\d{4}){2}" + _EDGE_R,  # mainland mobile
+    _EDGE_L + r"0\d{2,3}-\d{7,8}" + _EDGE_R,  # landline with area code
+]))
+_WHOLE_MESSAGE = re.compile(r"(?:^|[\r\n|])PID\||\"resourceType\"")
+MASK = "***"
+
+
+def _sensitive_key(key) -> bool:
+    k = str(key).lower()
+    if k in NOT_SENSITIVE_KEYS:
+        return False
+    return k in SENSITIVE_KEYS or any(part in k for part in SENSITIVE_KEY_PARTS)
+
+
+def mask_value(value, depth: int = 0):
+    """``value`` with anything that looks like patient data replaced by ``***``."""
+    if isinstance(value, str):
+        if _WHOLE_MESSAGE.search(value):
+            return MASK
+        return _PATTERNS.sub(MASK, value)
+    if isinstance(value, bytes):
+        return mask_value(value.decode("utf-8", "replace"), depth)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return MASK if _PATTERNS.fullmatch(str(value)) else value
+    if depth > 8:
+        return MASK if isinstance(value, (dict, list, tuple, set)) else value
+    if isinstance(value, dict):
+        return {k: (MASK if _sensitive_key(k) else mask_value(v, depth + 1)) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [mask_value(v, depth + 1) for v in value]
+    return value
 
 
 def mask_patient_data(_logger, _method, event_dict):
     for key in list(event_dict):
-        if key.lower() in SENSITIVE_KEYS:
-            event_dict[key] = "***"
+        if key == "event":
+            event_dict[key] = mask_value(event_dict[key])
+        elif _sensitive_key(key):
+            event_dict[key] = MASK
+        else:
+            event_dict[key] = mask_value(event_dict[key])
     return event_dict
 
 

@@ -28,15 +28,19 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints, ssl
 from twisted.web import server as web_server
 
-from adapters.fhir.server import FhirApi, PlatformDirectory, request_factory
+from adapters.fhir.server import FhirApi, JsonLimits, PlatformDirectory, request_factory
 from adapters.inner_gate import HisDestination, InnerGateHandler, SlotPoller
 from adapters.mapping.srm_booking import Hl7Header, build_sqm_s25, build_srm
+from adapters.mllp import tls as mllp_tls
 from adapters.mllp.client import MLLPClient
 from adapters.mllp.server import MLLPServerFactory
+from gateway.audit import AuditTrail
 from gateway.booking import BookingService, HisLinkInfo, SlotBook
 from gateway.chamber import Chamber
-from gateway.config import GatewayConfig, normalise_subject
+from gateway.config import GatewayConfig
 from gateway.inbound import InboundService
+from gateway.quota import Quotas
+from gateway.ratelimit import RateLimiter
 from gateway.relay import Relay
 
 log = structlog.get_logger("gateway.service")
@@ -126,24 +130,29 @@ def make_service(config: GatewayConfig, reactor) -> service.MultiService:
         HisLinkInfo(peer=his.name, charset=his.charset, cancel_trigger=his.cancel_message.split("^")[1],
                     build_srm=functools.partial(build_srm, header=header)),
         tz=tz, hold_seconds=config.outer.hold_expires, clock=reactor, max_backlog=his.max_backlog,
-        retry_after=max(1, int(his.retry_max)),
+        retry_after=max(1, int(his.retry_max)), quotas=Quotas.from_config(config.platforms, tz),
     )
     slot_book = SlotBook(tz)
     inbound = InboundService(chamber, slot_book)
 
     his_endpoint = endpoints.HostnameEndpoint(reactor, his.host, his.port, timeout=his.connect_timeout)
-    lanes = [HisDestination(MLLPClient(reactor, his_endpoint, default_charset=his.charset,
-                                       max_message_bytes=config.inner.max_message_bytes, clock=reactor,
-                                       connect_timeout=his.connect_timeout))
-             for _ in range(his.window)]
+    his_tls = None
+    if his.tls is not None:
+        his_tls = mllp_tls.client_options(his.tls.server_name or his.host, his.tls.ca, his.tls.certificate,
+                                          his.tls.private_key)
+
+    def his_client(max_bytes: int) -> MLLPClient:
+        return MLLPClient(reactor, his_endpoint, default_charset=his.charset, max_message_bytes=max_bytes,
+                          clock=reactor, connect_timeout=his.connect_timeout, release=his.mllp_release,
+                          tls=his_tls)
+
+    lanes = [HisDestination(his_client(config.inner.max_message_bytes)) for _ in range(his.window)]
     Relay(chamber, his.name, lanes, booking.on_answer, clock=reactor,
           ack_timeout=his.ack_timeout, retry_initial=his.retry_initial, retry_max=his.retry_max,
           max_attempts=his.max_attempts, max_age=his.max_age, on_dead=booking.on_dead, ordering=his.ordering,
           ).setServiceParent(root)
     if his.slot_source == "poll":
-        query_client = MLLPClient(reactor, his_endpoint, default_charset=his.charset,
-                                  max_message_bytes=64 << 20, clock=reactor, connect_timeout=his.connect_timeout)
-        SlotPoller(query_client, inbound, peer=his.name,
+        SlotPoller(his_client(64 << 20), inbound, peer=his.name,
                    build_query=functools.partial(build_sqm_s25, header=header), interval=his.poll_interval,
                    days=his.poll_days, tz=tz, ack_timeout=his.ack_timeout, retry_initial=his.retry_initial,
                    retry_max=his.retry_max, clock=reactor).setServiceParent(root)
@@ -151,12 +160,15 @@ def make_service(config: GatewayConfig, reactor) -> service.MultiService:
 
     # inner gate: the HIS's notifications
     handler = InnerGateHandler(inbound, peer=his.name, sending_application=config.inner.sending_application,
-                               sending_facility=config.inner.sending_facility, tz=tz, clock=reactor)
+                               sending_facility=config.inner.sending_facility, tz=tz, clock=reactor,
+                               validation=config.inner.validation)
     mllp_factory = MLLPServerFactory(
         handler, max_message_bytes=config.inner.max_message_bytes, default_charset=his.charset,
         idle_timeout=config.inner.idle_timeout, max_connections=config.inner.max_connections,
         sending_application=config.inner.sending_application, sending_facility=config.inner.sending_facility,
-        clock=reactor,
+        clock=reactor, release=config.inner.mllp_release,
+        tls=(mllp_tls.server_options(config.inner.tls.certificate, config.inner.tls.private_key,
+                                     config.inner.tls.client_ca) if config.inner.tls is not None else None),
     )
     inner = StreamServerEndpointService(endpoints.serverFromString(reactor, config.inner.listen), mllp_factory)
     inner._raiseSynchronously = True
@@ -164,12 +176,17 @@ def make_service(config: GatewayConfig, reactor) -> service.MultiService:
     inner.setServiceParent(root)
 
     # outer gate: platforms over HTTPS
-    platforms = PlatformDirectory([(p.name, normalise_subject(p.certificate_subject)) for p in config.platforms])
+    platforms = PlatformDirectory.from_config(config.platforms)
+    limit = lambda rl: (rl.per_second, rl.burst) if rl is not None else None  # noqa: E731
     api = FhirApi(
         booking=booking, reader=chamber.read, platforms=platforms, tz=tz, base_path=config.outer.base_path,
         public_base_url=config.outer.public_base_url, answer_within=config.outer.answer_within,
         page_size=config.outer.page_size, hospital_name=config.hospital.name,
-        software_version=software_version(),
+        software_version=software_version(), audit=AuditTrail(chamber), quotas=booking.quotas,
+        rate_limiter=RateLimiter({p.name: limit(p.rate_limit) for p in config.platforms},
+                                 limit(config.outer.rate_limit), reactor),
+        json_limits=JsonLimits(config.outer.max_json_depth, config.outer.max_string_chars), clock=reactor,
+        strict_audit=config.audit.strict,
     )
     site = web_server.Site(api)
     site.requestFactory = request_factory(config.outer.max_request_bytes)

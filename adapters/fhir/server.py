@@ -15,9 +15,20 @@ Served (base ``https://HOST:PORT/fhir``)::
 The platform is the one whose configured certificate subject matches the client certificate presented in
 the TLS handshake (the handshake itself already refused certificates not signed by the configured CA).
 
-Every error is an OperationOutcome: 400 unreadable request, 403 unknown platform, 404 unknown resource,
-405 method, 409 conflict, 413 body too large, 415 media type, 422 valid FHIR we cannot act on, 500 (never
-with internals), 503 chamber unavailable.  The handler never lets an exception escape to twisted.web.
+What a platform is granted (docs/security.md), checked in this order on every request: the global rate
+limit (429), a registered and unrevoked certificate (403 ``security``), the platform's rate limit (429
+``throttled`` with Retry-After), the body's size (413), the route (404/405), the platform's scopes (403
+``forbidden``), then the request itself: JSON within depth, string and number limits (400), slots only
+within the platform's quota (a free slot it may not book is not shown; booking past the quota is 409
+``business-rule``), and only its own appointments (another platform's is 404, like one that does not
+exist).  Every access to patient data and every refusal is audited (gateway/audit.py): an Appointment read
+or search is answered only after its audit record is committed; a booking or cancellation is audited in
+the transaction that makes it.  References inside resources are never fetched.
+
+Every error is an OperationOutcome: 400 unreadable request, 403 unknown platform or missing scope, 404
+unknown resource, 405 method, 409 conflict, 413 body too large, 415 media type (XML too), 422 valid FHIR
+we cannot act on, 429 over a rate limit, 500 (never with internals), 503 chamber unavailable.  The
+handler never lets an exception escape to twisted.web.
 """
 
 from __future__ import annotations
@@ -25,8 +36,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import re
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 from urllib.parse import parse_qs, urlencode
 from zoneinfo import ZoneInfo
@@ -44,7 +57,10 @@ from adapters.mapping.fhir_scheduling import (
     search_instant,
     slot_resource,
 )
+from gateway.audit import AuditEntry
 from gateway.errors import ChamberError
+from gateway.logs import mask_value
+from gateway.quota import QuotaExhausted
 from gateway.scheduling import AppointmentUnknown, IdempotencyConflict, Overloaded, SlotUnavailable, SlotUnknown
 
 log = structlog.get_logger("gateway.outer")
@@ -52,6 +68,13 @@ log = structlog.get_logger("gateway.outer")
 FHIR_JSON = b"application/fhir+json; charset=utf-8"
 _HOST = re.compile(rb"^[A-Za-z0-9.\-\[\]:]{1,255}$")
 SLOT_STATUSES = ("free", "busy", "busy-unavailable", "busy-tentative", "entered-in-error")
+ALL_SCOPES = frozenset({"Slot.read", "Schedule.read", "Appointment.read", "Appointment.write"})
+MAX_OFFSET = 1_000_000
+MAX_QUERY_FIELDS = 100
+MAX_SAFE_INTEGER = 2 ** 53
+_FHIR_ID = re.compile(r"^[A-Za-z0-9.-]{1,64}$")
+JSON_TYPES = (b"application/fhir+json", b"application/json", b"application/json-patch+json",
+              b"application/merge-patch+json")
 
 
 class FhirError(Exception):
@@ -93,6 +116,12 @@ class BoundedContent(io.BytesIO):
 
 def request_factory(max_body: int):
     class GatewayRequest(server.Request):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            # Bodies are FHIR JSON, read by the API: twisted.web must not parse form posts itself (a
+            # malformed multipart body would get a bare 400 from twisted, not an OperationOutcome).
+            self._parsePOSTFormSubmission = False
+
         def gotLength(self, length):
             self.content = BoundedContent(max_body)
             if length is not None and length > max_body:
@@ -101,12 +130,31 @@ def request_factory(max_body: int):
     return GatewayRequest
 
 
-class PlatformDirectory:
-    """Client certificate subject -> platform name."""
+@dataclass(frozen=True)
+class PlatformGrant:
+    """What the hospital grants a platform on the outer gate."""
 
-    def __init__(self, platforms: list[tuple[str, tuple]]):
+    scopes: frozenset = ALL_SCOPES
+    revoked_serials: frozenset = frozenset()  # certificate serial numbers (int) no longer accepted
+
+
+class PlatformDirectory:
+    """Client certificate subject -> platform name; platform name -> its grant."""
+
+    def __init__(self, platforms: list[tuple[str, tuple]], grants: dict[str, PlatformGrant] | None = None):
         # platforms: (name, normalised subject) pairs; a subject of only a CN matches on the CN
         self._platforms = platforms
+        self._grants = grants or {}
+
+    @classmethod
+    def from_config(cls, platforms) -> "PlatformDirectory":
+        from gateway.config import normalise_subject
+
+        return cls([(p.name, normalise_subject(p.certificate_subject)) for p in platforms],
+                   {p.name: PlatformGrant(frozenset(p.scopes), p.revoked_serial_numbers()) for p in platforms})
+
+    def grant(self, platform: str) -> PlatformGrant:
+        return self._grants.get(platform, PlatformGrant())
 
     def identify(self, subject_pairs: tuple) -> str | None:
         subject = tuple(sorted(subject_pairs))
@@ -117,15 +165,119 @@ class PlatformDirectory:
         return None
 
 
-def peer_subject(request) -> tuple | None:
+def peer_certificate(request):
     transport = getattr(request.channel, "transport", None) or request.transport
     get = getattr(transport, "getPeerCertificate", None)
-    if get is None:
-        return None
-    cert = get()
+    return get() if get is not None else None
+
+
+def peer_subject(request) -> tuple | None:
+    cert = peer_certificate(request)
     if cert is None:
         return None
-    return tuple((k.decode().upper(), v.decode("utf-8", "replace")) for k, v in cert.get_subject().get_components())
+    subject = cert.to_cryptography().subject
+    return tuple((attr.rfc4514_attribute_name.upper(), str(attr.value)) for attr in subject)
+
+
+def _subject_text(pairs: tuple) -> str:
+    return ",".join(f"{k}={v}" for k, v in pairs)
+
+
+def _source(request) -> str | None:
+    try:
+        return getattr(request.getClientAddress(), "host", None)
+    except Exception:  # an in-memory transport without an address
+        return None
+
+
+@dataclass
+class Access:
+    """What the audit needs to know about one request, filled in as the request is understood."""
+
+    platform: str | None = None
+    subject: str | None = None
+    serial: str | None = None
+    source: str | None = None
+    action: str = "access"
+    resource_type: str | None = None
+    resource_id: str | None = None
+    patient_data: bool = False  # the answer carries patient data: audited (and committed) before it is sent
+    recorded: bool = False  # already audited in the transaction that made the change
+    detail: str | None = None
+
+    def who(self) -> AuditEntry:
+        return AuditEntry(action=self.action, outcome=0, platform=self.platform, subject=self.subject,
+                          serial=self.serial, source=self.source)
+
+    def entry(self, status: int, issue_code: str | None) -> AuditEntry:
+        rid = self.resource_id
+        if rid is not None and (not _FHIR_ID.match(rid) or mask_value(rid) != rid):
+            rid = "(not an id)"  # ids only: whatever else was in the URL stays out of the audit
+        detail = self.detail if status < 400 else (issue_code or self.detail)
+        return AuditEntry(action=self.action, outcome=status, platform=self.platform, subject=self.subject,
+                          serial=self.serial, source=self.source, resource_type=self.resource_type,
+                          resource_id=rid, detail=detail)
+
+
+class JsonLimits:
+    """Parse a JSON body, refusing what would cost too much to hold or to pass on: nesting deeper than
+    ``max_depth``, strings (values or keys) longer than ``max_chars``, integers beyond 2^53 (not exact in
+    JavaScript or a double), numbers written with more than 64 characters, NaN/Infinity."""
+
+    def __init__(self, max_depth: int = 32, max_chars: int = 65536):
+        self.max_depth = max_depth
+        self.max_chars = max_chars
+
+    @staticmethod
+    def _number(text: str):
+        if len(text) > 64:
+            raise FhirError(400, "too-long", "a number in the body is written with more than 64 characters")
+        if any(c in text for c in ".eE"):
+            value = float(text)
+            if not math.isfinite(value) or abs(value) > MAX_SAFE_INTEGER:
+                raise FhirError(400, "invalid", "a number in the body is beyond 2^53")
+            return value
+        value = int(text)
+        if abs(value) > MAX_SAFE_INTEGER:
+            raise FhirError(400, "invalid", "an integer in the body is beyond 2^53")
+        return value
+
+    @staticmethod
+    def _constant(text: str):
+        raise FhirError(400, "structure", f"the body is not valid JSON: {text} is not a JSON value")
+
+    def parse(self, data: bytes) -> Any:
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise FhirError(400, "structure", "the body is not UTF-8") from None
+        try:
+            value = json.loads(text, parse_int=self._number, parse_float=self._number,
+                               parse_constant=self._constant)
+        except RecursionError:
+            raise FhirError(400, "too-costly", f"the body is nested deeper than {self.max_depth} levels") from None
+        except json.JSONDecodeError as e:
+            raise FhirError(400, "structure", f"the body is not valid JSON: {e}") from None
+        self._check(value)
+        return value
+
+    def _check(self, value) -> None:
+        stack = [(value, 1)]
+        while stack:
+            item, depth = stack.pop()
+            if isinstance(item, str):
+                if len(item) > self.max_chars:
+                    raise FhirError(400, "too-long", f"a string in the body is longer than {self.max_chars} "
+                                                     f"characters")
+            elif isinstance(item, (dict, list)):
+                if depth > self.max_depth:
+                    raise FhirError(400, "too-costly", f"the body is nested deeper than {self.max_depth} levels")
+                if isinstance(item, dict):
+                    for k, v in item.items():
+                        stack.append((k, depth))
+                        stack.append((v, depth + 1))
+                else:
+                    stack.extend((v, depth + 1) for v in item)
 
 
 class FhirApi(resource.Resource):
@@ -133,8 +285,16 @@ class FhirApi(resource.Resource):
 
     def __init__(self, *, booking, reader: Callable[[], Any], platforms: PlatformDirectory, tz: ZoneInfo,
                  base_path: str, public_base_url: str | None, answer_within: float, page_size: int,
-                 hospital_name: str, software_version: str):
+                 hospital_name: str, software_version: str, audit=None, quotas=None, rate_limiter=None,
+                 json_limits: JsonLimits | None = None, clock=None, strict_audit: bool = False):
         super().__init__()
+        self.audit = audit  # gateway.audit.AuditTrail (None: nothing is audited, for tests of other things)
+        self.strict_audit = strict_audit  # unrecordable patient-data reads: 503 (True) or answered + logged
+        self.quotas = quotas  # gateway.quota.Quotas (None: no platform is limited)
+        self.rate_limiter = rate_limiter  # gateway.ratelimit.RateLimiter (None: no limits)
+        self.json_limits = json_limits or JsonLimits()
+        self.clock = clock  # folds a burst of 429 refusals into one audit record per second (None: no folding)
+        self._folds: dict[tuple, list] = {}
         self.booking = booking
         self.reader = reader
         self.platforms = platforms
@@ -151,10 +311,65 @@ class FhirApi(resource.Resource):
         started = time.monotonic()
         gone = []
         request.notifyFinish().addErrback(lambda _: gone.append(True))
+        request.gateway_access = Access(source=_source(request))
         d = defer.ensureDeferred(self._dispatch(request))
+        d.addErrback(self._unexpected, request)
+        d.addCallback(self._audited, request)
         d.addErrback(self._unexpected, request)
         d.addCallback(self._respond, request, started, gone)
         return server.NOT_DONE_YET
+
+    # -- audit -------------------------------------------------------------------------------------------------
+    def _audited(self, result, request):
+        """Record the request in the audit trail if it touched patient data or was refused; the answer
+        waits for the record's commit.  If the record cannot be committed, a refusal is answered anyway;
+        patient data is refused with 503 under ``audit.strict``, else answered with the record written
+        to the log instead (``audit.not_recorded``)."""
+        status, body, _headers = result
+        access: Access = request.gateway_access
+        if self.audit is None or access.recorded or not (status >= 400 or access.patient_data):
+            return result
+        issue_code = None
+        if status >= 400 and isinstance(body, dict) and body.get("issue"):
+            issue_code = body["issue"][0].get("code")
+        entry = access.entry(status, issue_code)
+        if status == 429 and self.clock is not None and self._fold(entry):
+            return result
+        d = self.audit.record(entry)
+
+        def failed(failure):
+            log.error("audit.not_recorded", error=failure.getErrorMessage(), audit_action=entry.action,
+                      outcome=entry.outcome, platform=entry.platform, subject=entry.subject, serial=entry.serial,
+                      source=entry.source, resource_type=entry.resource_type, resource_id=entry.resource_id,
+                      detail=entry.detail)
+            if status < 400 and self.strict_audit:
+                return 503, operation_outcome([("transient", "the gateway cannot record this access right now; "
+                                                "nothing was disclosed, try again later", None)]), {"Retry-After": "30"}
+            return result
+
+        return d.addCallbacks(lambda _row: result, failed)
+
+    def _fold(self, entry: AuditEntry) -> bool:
+        """429s from one platform and address within a second: the first is recorded at once, the rest are
+        counted and recorded as one more record a second later.  Returns True when ``entry`` was folded."""
+        key = (entry.platform, entry.subject, entry.source)
+        fold = self._folds.get(key)
+        if fold is not None:
+            fold[1] += 1
+            return True
+        self._folds[key] = [entry, 0]
+        self.clock.callLater(1.0, self._unfold, key)
+        return False
+
+    def _unfold(self, key) -> None:
+        entry, more = self._folds.pop(key)
+        if more:
+            folded = AuditEntry(**{**entry.__dict__, "detail": f"throttled: {more} more request(s) refused within "
+                                                              f"the second after the previous record",
+                                   "resource_type": None, "resource_id": None, "action": "access"})
+            self.audit.record(folded).addErrback(
+                lambda f: log.error("audit.not_recorded", error=f.getErrorMessage(), audit_action="access",
+                                    outcome=429, platform=entry.platform, source=entry.source, detail=folded.detail))
 
     def _unexpected(self, failure, request):
         if failure.check(FhirError):
@@ -166,19 +381,23 @@ class FhirApi(resource.Resource):
         if failure.check(Overloaded):
             e = failure.value
             return 503, operation_outcome([("transient", str(e), None)]), {"Retry-After": str(e.retry_after)}
+        if failure.check(QuotaExhausted):
+            return 409, operation_outcome([("business-rule", failure.getErrorMessage(), "Appointment.slot")]), {}
         if failure.check(ChamberError):
             log.error("outer.chamber_unavailable", error=failure.getErrorMessage())
             return 503, operation_outcome([("transient", "the gateway cannot store requests right now; nothing "
                                             "was recorded, try again later", None)]), {"Retry-After": "30"}
-        log.error("outer.internal_error", method=request.method.decode(), error=failure.getErrorMessage(),
+        log.error("outer.internal_error", method=request.method.decode("ascii", "replace"),
+                  error=failure.getErrorMessage(),
                   error_type=failure.type.__name__)
         return 500, operation_outcome([("exception", "internal error; the request was not completed", None)]), {}
 
     def _respond(self, result, request, started, gone):
         status, body, headers = result
         platform = getattr(request, "gateway_platform", None)
-        log.info("outer.request", platform=platform, method=request.method.decode(), path=request.path.decode(
-            "utf-8", "replace"), status=status, ms=round((time.monotonic() - started) * 1000, 1))
+        log.info("outer.request", platform=platform, method=request.method.decode("ascii", "replace"),
+                 path=request.path.decode("utf-8", "replace"), status=status,
+                 ms=round((time.monotonic() - started) * 1000, 1))
         if gone:
             return
         request.setResponseCode(status)
@@ -190,27 +409,61 @@ class FhirApi(resource.Resource):
         request.finish()
 
     # -- routing ---------------------------------------------------------------------------------------------
-    async def _dispatch(self, request):
-        content = request.content
-        if isinstance(content, BoundedContent) and content.overflow:
-            raise FhirError(413, "too-long", f"the request body is larger than {content.limit} bytes")
-        subject = peer_subject(request)
-        platform = self.platforms.identify(subject) if subject else None
-        if platform is None:
-            raise FhirError(403, "security", "this client certificate is not registered for any platform")
-        request.gateway_platform = platform
-        base = self._base_url(request)
+    def _throttled(self, throttled, platform: str | None):
+        if throttled is None:
+            return
+        whose = "the gateway's overall" if throttled.scope == "global" else f"platform {platform!r}'s"
+        raise FhirError(429, "throttled", f"too many requests: over {whose} rate limit; retry after "
+                                          f"{throttled.retry_after} s", headers={"Retry-After": str(throttled.retry_after)})
 
+    def _route(self, request, access: Access) -> list[str] | None:
+        """The path below the FHIR base as text segments (None: not under the base); notes in ``access``
+        what the request is about."""
         parts = request.postpath
         if request.prepath[: len(self.base_parts)] == self.base_parts:
             parts = request.prepath[len(self.base_parts):] + parts
         else:
             parts = (request.prepath + parts)
             if parts[: len(self.base_parts)] != self.base_parts:
-                raise FhirError(404, "not-found", "not a FHIR endpoint of this gateway")
+                return None
             parts = parts[len(self.base_parts):]
         parts = [p.decode("utf-8", "replace") for p in parts if p]
-        method = request.method.decode()
+        if parts[:1] in (["Slot"], ["Schedule"], ["Appointment"]):
+            access.resource_type = parts[0]
+            access.resource_id = parts[1] if len(parts) > 1 else None
+            access.action = "read" if len(parts) > 1 else "search"
+            if parts[0] == "Appointment":
+                method = request.method.decode("ascii", "replace")
+                access.action = {"POST": "book", "PUT": "cancel", "PATCH": "cancel"}.get(method, access.action)
+        return parts
+
+    async def _dispatch(self, request):
+        access: Access = request.gateway_access
+        parts = self._route(request, access)
+        if self.rate_limiter is not None:
+            self._throttled(self.rate_limiter.check_global(), None)
+        cert = peer_certificate(request)
+        subject = peer_subject(request)
+        if subject:
+            access.subject = _subject_text(subject)
+            access.serial = format(cert.get_serial_number(), "X")
+        platform = self.platforms.identify(subject) if subject else None
+        if platform is None:
+            raise FhirError(403, "security", "this client certificate is not registered for any platform")
+        access.platform = platform
+        grant = self.platforms.grant(platform)
+        if cert.get_serial_number() in grant.revoked_serials:
+            raise FhirError(403, "security", f"this client certificate (serial {access.serial}) has been revoked")
+        request.gateway_platform = platform
+        if self.rate_limiter is not None:
+            self._throttled(self.rate_limiter.check_platform(platform), platform)
+        content = request.content
+        if isinstance(content, BoundedContent) and content.overflow:
+            raise FhirError(413, "too-long", f"the request body is larger than {content.limit} bytes")
+        base = self._base_url(request)
+        if parts is None:
+            raise FhirError(404, "not-found", "not a FHIR endpoint of this gateway")
+        method = request.method.decode("ascii", "replace")
         query = self._query(request)
 
         if parts == ["metadata"]:
@@ -223,19 +476,30 @@ class FhirApi(resource.Resource):
             raise FhirError(404, "not-supported", "history and operations are not supported")
         if rtype == "Slot":
             self._method(method, "GET")
-            return self.slot_read(rest[0]) if rest else self.slot_search(query, base)
+            self._scope(grant, platform, "Slot.read")
+            return self.slot_read(platform, rest[0]) if rest else self.slot_search(platform, query, base)
         if rtype == "Schedule":
             self._method(method, "GET")
+            self._scope(grant, platform, "Schedule.read")
             return self.schedule_read(rest[0]) if rest else self.schedule_search(query, base)
         if not rest:
             self._method(method, "GET", "POST")
             if method == "POST":
+                self._scope(grant, platform, "Appointment.write")
                 return await self.appointment_create(platform, self._body(request), base, request)
-            return self.appointment_search(platform, query, base)
+            self._scope(grant, platform, "Appointment.read")
+            return self.appointment_search(platform, query, base, access)
         self._method(method, "GET", "PUT", "PATCH")
         if method == "GET":
-            return self.appointment_read(platform, rest[0])
-        return await self.appointment_change(platform, rest[0], method, self._body(request), base)
+            self._scope(grant, platform, "Appointment.read")
+            return self.appointment_read(platform, rest[0], access)
+        self._scope(grant, platform, "Appointment.write")
+        return await self.appointment_change(platform, rest[0], method, self._body(request), base, access)
+
+    @staticmethod
+    def _scope(grant: PlatformGrant, platform: str, scope: str) -> None:
+        if scope not in grant.scopes:
+            raise FhirError(403, "forbidden", f"platform {platform!r} is not granted the scope {scope}")
 
     @staticmethod
     def _method(method: str, *allowed: str) -> None:
@@ -247,21 +511,20 @@ class FhirApi(resource.Resource):
     def _query(request) -> dict[str, list[str]]:
         raw = request.uri.split(b"?", 1)[1] if b"?" in request.uri else b""
         try:
-            return parse_qs(raw.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
+            return parse_qs(raw.decode("utf-8"), keep_blank_values=True, strict_parsing=False,
+                            max_num_fields=MAX_QUERY_FIELDS)
         except UnicodeDecodeError:
             raise FhirError(400, "invalid", "the query string is not UTF-8") from None
+        except ValueError:
+            raise FhirError(400, "too-costly", f"more than {MAX_QUERY_FIELDS} query parameters") from None
 
-    @staticmethod
-    def _body(request) -> Any:
+    def _body(self, request) -> Any:
         ctype = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
-        if ctype not in (b"application/fhir+json", b"application/json", b"application/json-patch+json",
-                         b"application/merge-patch+json"):
-            raise FhirError(415, "not-supported", "send application/fhir+json")
-        data = request.content.read()
-        try:
-            return json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise FhirError(400, "structure", f"the body is not valid JSON: {e}") from None
+        if ctype not in JSON_TYPES:
+            what = "XML is not accepted" if b"xml" in ctype else "this media type is not accepted"
+            raise FhirError(415, "not-supported", f"{what}: send application/fhir+json")
+        request.content.seek(0)
+        return self.json_limits.parse(request.content.read())
 
     def _base_url(self, request) -> str:
         """The base platforms address: the configured public URL, else this request's Host."""
@@ -324,6 +587,8 @@ class FhirApi(resource.Resource):
             raise FhirError(400, "invalid", "_count and _offset must be whole numbers") from None
         if count < 0 or offset < 0:
             raise FhirError(400, "invalid", "_count and _offset must not be negative")
+        if offset > MAX_OFFSET:
+            raise FhirError(400, "too-costly", f"_offset must be at most {MAX_OFFSET}; narrow the search")
         return min(count, self.page_size), offset
 
     @staticmethod
@@ -333,14 +598,14 @@ class FhirApi(resource.Resource):
             raise FhirError(400, "not-supported", f"unsupported search parameter(s): {', '.join(unknown)}",
                             expression=unknown[0])
 
-    def slot_search(self, query, base: str):
+    def slot_search(self, platform: str, query, base: str):
         self._check_params(query, {"start", "status", "schedule", "service-type", "_count", "_offset"})
         count, offset = self._count(query)
         kw: dict[str, Any] = {}
         for value in query.get("start", []):
             try:
                 prefix, low, high = search_instant(value, self.tz)
-            except ValueError as e:
+            except (ValueError, OverflowError) as e:
                 raise FhirError(400, "invalid", f"start={value!r}: {e}", "start") from None
             if prefix in ("ge", "sa", "eq"):
                 kw["start_from"] = low if prefix != "sa" else high
@@ -364,15 +629,23 @@ class FhirApi(resource.Resource):
         services = [s.split("|")[-1] for v in query.get("service-type", []) for s in v.split(",") if s]
         if services:
             kw["service_codes"] = services
-        rows = self.reader().search_slots(limit=count + 1, offset=offset, **kw)
+        reader = self.reader()
+        if self.quotas is not None:  # free slots the platform may not book are not shown to it
+            kw["hidden"] = self.quotas.hidden(reader, platform, reader.now)
+        rows = reader.search_slots(limit=count + 1, offset=offset, **kw)
         more = len(rows) > count
         resources = [slot_resource(r, self.tz) for r in rows[:count]]
         return 200, self._bundle(base, "Slot", resources, query, offset, count, more), {}
 
-    def slot_read(self, slot_id: str):
-        slot = self.reader().slot(slot_id)
+    def slot_read(self, platform: str, slot_id: str):
+        reader = self.reader()
+        slot = reader.slot(slot_id)
         if slot is None:
             raise FhirError(404, "not-found", f"no Slot {slot_id!r}")
+        if (self.quotas is not None and slot.visible_status == "free"
+                and not self.quotas.may_book(reader, platform, slot, reader.now)):
+            raise FhirError(404, "not-found", f"Slot {slot_id!r} is not offered to platform {platform!r} (its quota "
+                                              f"for that schedule and day is used up)")
         return 200, slot_resource(slot, self.tz), {}
 
     def schedule_search(self, query, base: str):
@@ -418,6 +691,8 @@ class FhirApi(resource.Resource):
                 "ETag": f'W/"{appt.version}"'}
 
     async def appointment_create(self, platform: str, body, base: str, http_request):
+        access: Access = http_request.gateway_access
+        access.patient_data = True  # the answer carries the Appointment, with its patient
         request = booking_from_appointment(body)
         key = http_request.getHeader(b"idempotency-key")
         if key is not None:
@@ -428,13 +703,19 @@ class FhirApi(resource.Resource):
         request_hash = hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
         try:
             appointment_id, how = await self.booking.book(platform, request, idempotency_key=key,
-                                                          request_hash=request_hash, if_none_exist=condition)
+                                                          request_hash=request_hash, if_none_exist=condition,
+                                                          who=access.who())
         except SlotUnknown as e:
             raise FhirError(422, "not-found", str(e), "Appointment.slot") from None
         except SlotUnavailable as e:
             raise FhirError(409, "conflict", str(e), "Appointment.slot") from None
+        except QuotaExhausted as e:
+            raise FhirError(409, "business-rule", str(e), "Appointment.slot") from None
         except IdempotencyConflict as e:
             raise FhirError(422, "business-rule", str(e)) from None
+        access.resource_id = appointment_id
+        access.recorded = how == "new"  # audited in the transaction that held the slot
+        access.detail = None if how == "new" else f"{how} appointment returned"
         if how == "existing":  # FHIR conditional create: the match is returned, nothing is created
             appt = self.booking.appointment(platform, appointment_id)
             return 200, self._appointment_json(appt), self._location(base, appt)
@@ -461,14 +742,16 @@ class FhirApi(resource.Resource):
             raise FhirError(400, "invalid", "If-None-Exist: the identifier has no value")
         return system, value
 
-    def appointment_read(self, platform: str, appointment_id: str):
+    def appointment_read(self, platform: str, appointment_id: str, access: Access | None = None):
         try:
             appt = self.booking.appointment(platform, appointment_id)
         except AppointmentUnknown as e:
             raise FhirError(404, "not-found", str(e)) from None
+        if access is not None:
+            access.patient_data = True
         return 200, self._appointment_json(appt), {"ETag": f'W/"{appt.version}"'}
 
-    def appointment_search(self, platform: str, query, base: str):
+    def appointment_search(self, platform: str, query, base: str, access: Access | None = None):
         self._check_params(query, {"status", "_id", "_count", "_offset"})
         count, _ = self._count(query)
         rows = self.reader().appointments_for(platform, limit=1000)
@@ -480,21 +763,33 @@ class FhirApi(resource.Resource):
             if (statuses and res["status"] not in statuses) or (ids and appt.id not in ids):
                 continue
             resources.append(res)
-        return 200, self._bundle(base, "Appointment", resources[:count], query, 0, count, False), {}
+        resources = resources[:count]
+        if access is not None:
+            access.patient_data = True
+            shown = [r["id"] for r in resources]
+            access.detail = f"{len(shown)} result(s)" + (": " + ",".join(shown[:100]) if shown else "") + \
+                (" ..." if len(shown) > 100 else "")
+        return 200, self._bundle(base, "Appointment", resources, query, 0, count, False), {}
 
-    async def appointment_change(self, platform: str, appointment_id: str, method: str, body, base: str):
+    async def appointment_change(self, platform: str, appointment_id: str, method: str, body, base: str,
+                                 access: Access | None = None):
+        access = access or Access(platform=platform)
         try:
             current = self.booking.appointment(platform, appointment_id)
         except AppointmentUnknown as e:
             raise FhirError(404, "not-found", str(e)) from None
         wanted = self._wanted_status(method, body, appointment_id)
         current_status = self._appointment_json(current)["status"]
+        access.patient_data = True
         if wanted == current_status:
+            access.action, access.detail = "update", f"no change (already {current_status})"
             return 200, self._appointment_json(current), {"ETag": f'W/"{current.version}"'}
         if wanted != "cancelled":
+            access.action = "update"
             raise FhirError(422, "business-rule", "the only change a platform can make is status -> cancelled",
                             "Appointment.status")
-        result = await self.booking.cancel(platform, appointment_id)
+        result = await self.booking.cancel(platform, appointment_id, who=access.who())
+        access.recorded = result in ("sent", "cancelled")  # audited in the cancellation's transaction
         if result == "sent":
             await self.booking.wait_settled(appointment_id, self.answer_within)
         appt = self.booking.appointment(platform, appointment_id)

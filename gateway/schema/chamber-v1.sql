@@ -79,6 +79,7 @@ CREATE TABLE slots (
     updated         REAL NOT NULL
 );
 CREATE INDEX slots_by_start ON slots (start_ts);
+CREATE INDEX slots_by_schedule_day ON slots (schedule_id, start_local);  -- quotas: a schedule's slots per day
 CREATE INDEX slots_by_his_appointment ON slots (his_appointment);
 
 -- Appointments platforms asked for.  status: pending | booked | cancelled | refused
@@ -100,6 +101,7 @@ CREATE TABLE appointments (
 );
 CREATE INDEX appointments_by_platform ON appointments (platform, created);
 CREATE INDEX appointments_pending ON appointments (status, hold_expires);
+CREATE INDEX appointments_by_platform_status ON appointments (platform, status, slot_id);  -- quota usage
 
 -- Platform requests that must not be applied twice: POST with an Idempotency-Key header ...
 CREATE TABLE idempotency_keys (
@@ -119,3 +121,50 @@ CREATE TABLE appointment_identifiers (
     appointment_id TEXT NOT NULL REFERENCES appointments (id),
     PRIMARY KEY (platform, system, value)
 );
+
+-- The audit trail: every access to patient data and every refusal, one row each, append-only.
+-- Hash-chained: hash = sha256(previous record's hash + this record's canonical content) (gateway/audit.py).
+-- Rows carry ids, never patient names or identifiers.
+--   at_us:   when, microseconds since 1970-01-01 UTC
+--   platform / subject / serial: who (platform name, client certificate subject and serial in hex)
+--   source:  where from (the client's address, or 'his:<name>' for the HIS's answers)
+--   action, resource_type, resource_id: what; outcome: the HTTP status (or the status the HIS's answer gives)
+CREATE TABLE audit_records (
+    seq           INTEGER PRIMARY KEY,
+    at_us         INTEGER NOT NULL,
+    platform      TEXT,
+    subject       TEXT,
+    serial        TEXT,
+    source        TEXT,
+    action        TEXT NOT NULL,
+    resource_type TEXT,
+    resource_id   TEXT,
+    outcome       INTEGER NOT NULL,
+    detail        TEXT,
+    hash          TEXT NOT NULL
+);
+CREATE INDEX audit_records_by_time ON audit_records (at_us);
+
+-- The chain's two ends: the anchor (the last record removed by `gatewayd audit prune`, or seq 0 with the
+-- genesis hash) and the head (the last record appended).
+CREATE TABLE audit_chain (
+    id          INTEGER PRIMARY KEY CHECK (id = 1),
+    anchor_seq  INTEGER NOT NULL,
+    anchor_hash TEXT NOT NULL,
+    head_seq    INTEGER NOT NULL,
+    head_hash   TEXT NOT NULL
+);
+INSERT INTO audit_chain (id, anchor_seq, anchor_hash, head_seq, head_hash) VALUES
+    (1, 0, '0000000000000000000000000000000000000000000000000000000000000000',
+        0, '0000000000000000000000000000000000000000000000000000000000000000');
+
+-- Records are never changed, and removed only once the anchor has moved past them (audit prune).
+CREATE TRIGGER audit_records_are_not_changed BEFORE UPDATE ON audit_records
+BEGIN
+    SELECT RAISE(ABORT, 'audit records cannot be changed');
+END;
+CREATE TRIGGER audit_records_are_pruned_only_behind_the_anchor BEFORE DELETE ON audit_records
+WHEN OLD.seq > (SELECT anchor_seq FROM audit_chain WHERE id = 1)
+BEGIN
+    SELECT RAISE(ABORT, 'audit records are removed only by gatewayd audit prune');
+END;

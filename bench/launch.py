@@ -1,0 +1,42 @@
+#!/usr/bin/env python3
+"""Run ``gatewayd <command>`` for a benchmark, optionally with the hl7apy builders the hot path replaced.
+
+    python bench/launch.py [--reference-builders] -- run --config gateway.yaml
+    python bench/launch.py [--reference-builders] -- his-sim --config his-sim.yaml
+
+``--reference-builders`` makes the gateway build SRM^S01/S04 with ``build_srm_hl7apy`` and the simulator
+build its SIU with ``build_siu_hl7apy`` (~10 ms each): the "before" of the before/after figures in
+docs/benchmarks.md. This switch exists only here, in bench code; gatewayd itself has no such option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reference-builders", action="store_true",
+                    help="build SRM (gateway) and SIU (simulator) with hl7apy, as before the light writers")
+    ap.add_argument("command", nargs=argparse.REMAINDER, help="-- then the gatewayd command line")
+    args = ap.parse_args()
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if args.reference_builders:
+        import gateway.service
+        import hissim.service
+        from adapters.mapping.srm_booking import build_srm_hl7apy
+        from hissim.messages import build_siu_hl7apy
+
+        gateway.service.build_srm = build_srm_hl7apy
+        hissim.service.build_siu = build_siu_hl7apy
+    from gateway.cli import main as gatewayd
+
+    return gatewayd(command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""What the hospital grants platforms, in the YAML: scopes, quotas, rate limits, revoked serials, audit
+retention — defaults, and every mistake reported with file:line:key."""
+
+import pytest
+
+from gateway.config import SCOPES, load_config
+from gateway.confschema import ConfigError
+from gateway.devca import init_dev_ca
+
+HEAD = """
+inner: {his: {host: 127.0.0.1, port: 2576}}
+outer:
+  tls: {certificate: certs/server.pem, private_key: certs/server.key, client_ca: certs/ca.pem}
+"""
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("cfg")
+    init_dev_ca(directory / "certs")
+    return directory
+
+
+def load(certs, text):
+    path = certs / "g.yaml"
+    path.write_text(HEAD + text, encoding="utf-8")
+    return load_config(path)
+
+
+def problems(certs, text):
+    with pytest.raises(ConfigError) as e:
+        load(certs, text)
+    return [f"{i.line}:{i.key}: {i.message}" for i in e.value.issues]
+
+
+def test_defaults_grant_everything_but_limit_the_rate(certs):
+    """A platform with only a name and a subject has every scope, no quota, 100 req/s (burst 200); the
+    gateway as a whole 1000 req/s (burst 2000); audit records are kept 180 days."""
+    config = load(certs, "platforms: [{name: demo, certificate_subject: CN=platform-demo}]\n")
+    p = config.platforms[0]
+    assert p.scopes == list(SCOPES) and p.quotas == [] and p.revoked_serials == []
+    assert (p.rate_limit.per_second, p.rate_limit.burst) == (100.0, 200)
+    assert (config.outer.rate_limit.per_second, config.outer.rate_limit.burst) == (1000.0, 2000)
+    assert config.audit.retention == 180 * 86400
+    assert (config.outer.max_json_depth, config.outer.max_string_chars) == (32, 65536)
+
+
+def test_a_full_grant_is_read(certs):
+    config = load(certs, """
+platforms:
+  - name: regnet
+    certificate_subject: CN=regnet
+    scopes: [Slot.read, Appointment.write]
+    quotas:
+      - {schedule: "*", share: 5%}
+      - {schedule: D001, per_day: 3, release_before: ~}
+    rate_limit: ~
+    revoked_serials: ["0x1A2B", "1a:2b:3c"]
+audit: {retention: 365d}
+""")
+    p = config.platforms[0]
+    assert p.scopes == ["Slot.read", "Appointment.write"]
+    assert [(q.schedule, q.share, q.per_day, q.release_before) for q in p.quotas] == [
+        ("*", 0.05, None, 86400.0), ("D001", None, 3, None)]
+    assert p.rate_limit is None
+    assert p.revoked_serial_numbers() == {0x1A2B, 0x1A2B3C}
+    assert config.audit.retention == 365 * 86400
+
+
+def test_mistakes_are_each_reported_with_line_and_key(certs):
+    found = problems(certs, """platforms:
+  - name: regnet
+    certificate_subject: CN=regnet
+    scopes: [Slot.read, Appointment.writ]
+    quotas:
+      - {schedule: D001, per_day: 3, share: 5%}
+      - {schedule: D002}
+      - {schedule: D003, share: 150%}
+    revoked_serials: [zz]
+    rate_limit: {per_second: 0, burst: 10}
+audit: {retention: 2h}
+""")
+    text = "\n".join(found)
+    assert "platforms[0].scopes[1]: expected one of" in text and "did you mean 'Appointment.write'" in text
+    assert "platforms[0].quotas[1]: give either share (e.g. 5%) or per_day" in text
+    assert "platforms[0].quotas[2].share: must be between 0% and 100%" in text
+    assert "platforms[0].revoked_serials[0]: expected a certificate serial number in hexadecimal" in text
+    assert "platforms[0].rate_limit.per_second: must be between" in text
+    assert "audit.retention: must be at least 1d" in text
+
+
+def test_a_schedule_with_two_quotas_is_refused(certs):
+    found = problems(certs, """platforms:
+  - name: regnet
+    certificate_subject: CN=regnet
+    quotas: [{schedule: D001, per_day: 1}, {schedule: D001, share: 5%}]
+""")
+    assert any("platforms[0].quotas[1].schedule: schedule 'D001' has a quota already" in f for f in found)

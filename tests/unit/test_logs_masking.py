@@ -1,0 +1,71 @@
+"""The log masking processor: patient data never reaches a log line, ids and codes still do."""
+
+import io
+import json
+
+import pytest
+import structlog
+
+from gateway import logs
+from gateway.logs import mask_patient_data, mask_value
+
+
+def masked(**event):
+    return mask_patient_data(None, "info", {"event": "x", **event})
+
+
+@pytest.mark.parametrize("text", [
+    "11010519491231002X", "11010519491231002x", "440301199001011234", "身份证 110105194912310021 不对",
+    "13912345678", "+86 13912345678", "+8613912345678", "139-1234-5678", "139 1234 5678", "010-12345678",
+    "0755-1234567",
+])
+def test_id_card_and_phone_numbers_are_masked_inside_any_text(text):
+    out = masked(error=f"could not read {text}: bad")["error"]
+    assert "***" in out
+    assert not any(ch.isdigit() for ch in out.replace("***", "").split("read")[1])
+
+
+@pytest.mark.parametrize("key", ["patient", "name", "family", "given", "phone", "id_card", "mrn", "telecom",
+                                 "patient_name", "PatientId", "phone_number", "home_address", "birth_date",
+                                 "identifier", "body"])
+def test_keys_naming_patient_data_are_masked_whatever_their_value(key):
+    assert masked(**{key: "欧阳娜娜"})[key] == "***"
+
+
+def test_ids_codes_and_times_are_kept():
+    """Control ids (hex runs), slot ids, HL7 and ISO times, counts and ports are not patient data."""
+    event = dict(control_id="G13912345678abcdef01", slot="D001-202611240800", at="2026-11-23T07:10:39.123Z",
+                 dtm="20261124080000", ms=1732412345678, port=2575, appointment="a1c2e3", peer="his",
+                 error_type="ValueError", platform="demo")
+    assert masked(**event) == {"event": "x", **event}
+
+
+def test_whole_messages_and_resources_in_a_value_are_replaced():
+    assert masked(text="MSH|^~\\&|HIS\rPID|1||MRN1||欧阳^娜娜")["text"] == "***"
+    assert masked(error='{"resourceType": "Patient", "name": [{"text": "欧阳娜娜"}]}')["error"] == "***"
+
+
+def test_nested_values_are_masked():
+    out = masked(context={"phone": "x", "items": ["13912345678", {"given": "娜娜"}], "ok": "D001"})
+    assert out["context"] == {"phone": "***", "items": ["***", {"given": "***"}], "ok": "D001"}
+
+
+def test_the_configured_logger_masks_what_it_writes(monkeypatch):
+    """Through structlog as gatewayd configures it: the JSON line has no trace of the patient."""
+    monkeypatch.setattr(logs, "_route_twisted_logs", lambda: None)  # leave Twisted's global logging alone
+    stream = io.StringIO()
+    try:
+        logs.configure("info", "json", stream=stream)
+        structlog.get_logger("t").info("outer.request", error="patient 11010519491231002X phone 13912345678",
+                                       patient={"name": "欧阳娜娜"}, control_id="G0123456789abcdef012")
+    finally:
+        structlog.reset_defaults()
+    line = json.loads(stream.getvalue())
+    assert "11010519491231002X" not in stream.getvalue() and "13912345678" not in stream.getvalue()
+    assert "欧阳娜娜" not in stream.getvalue()
+    assert line["control_id"] == "G0123456789abcdef012"
+
+
+def test_numbers_shaped_like_a_phone_number_are_masked_too():
+    assert mask_value(13912345678) == "***"
+    assert mask_value(1732412345678) == 1732412345678  # a time in milliseconds is kept
