@@ -134,12 +134,14 @@ class SlotBook:
 
 @dataclass(frozen=True)
 class HisLinkInfo:
-    """What the booking service needs to know to address the HIS."""
+    """What the booking service needs to know about the HIS.  The outer gate needs only ``peer`` (the name
+    its messages are addressed to); the inner gate, which turns them into HL7, also ``charset``,
+    ``cancel_trigger`` and ``build_srm``."""
 
     peer: str
-    charset: str
-    cancel_trigger: str  # 'S04' or 'S03'
-    build_srm: Callable[..., bytes]  # adapters.mapping.srm_booking.build_srm with the HIS's header bound
+    charset: str = "utf-8"
+    cancel_trigger: str = "S04"  # 'S04' or 'S03'
+    build_srm: Callable[..., bytes] | None = None  # adapters.mapping.srm_booking.build_srm, header bound
 
 
 class BookingService:
@@ -198,7 +200,6 @@ class BookingService:
             backlog = tx.outbound_backlog(self.his.peer)
             if backlog >= self.max_backlog:
                 raise Overloaded(f"{backlog} messages are waiting for the HIS; try again later", self.retry_after)
-            body = self._srm(tx, "S01", control_id, appointment_id, slot, request.patient, None)
             tx.insert_appointment(AppointmentRow(
                 id=appointment_id, platform=platform, slot_id=slot.id, status="pending",
                 patient=request.patient.to_json(), description=request.description or None,
@@ -210,10 +211,7 @@ class BookingService:
             if idempotency_key is not None:
                 tx.remember_request(platform, idempotency_key, request_hash, appointment_id)
             tx.update_slot(slot.id, held_by=appointment_id)
-            tx.add_message(direction="outbound", peer=self.his.peer, control_id=control_id, type="SRM^S01",
-                           state="committed", body=body, charset=self.his.charset,
-                           subject=subject_of(appointment_id), order_key=patient_key(request.patient),
-                           detail=f"booking {appointment_id}")
+            self._queue(tx, control_id, "S01", appointment_id, request.patient, f"booking {appointment_id}")
             self._audit(tx, who, platform, "book", 202, appointment_id, f"slot {slot.id} held; SRM^S01 queued")
             return appointment_id, "new"
 
@@ -246,15 +244,10 @@ class BookingService:
                 self._release_hold(tx, appt, slot, "cancelled by the platform before the HIS answered")
                 self._audit(tx, who, platform, "cancel", 200, appt.id, "cancelled before the HIS answered")
                 return "cancelled"
-            body = self._srm(tx, self.his.cancel_trigger, control_id, appt.id, slot,
-                             Patient.from_json(appt.patient), appt.his_appointment)
             tx.update_appointment(appt.id, pending_change="cancel")
-            tx.add_message(direction="outbound", peer=self.his.peer, control_id=control_id,
-                           type=f"SRM^{self.his.cancel_trigger}", state="committed", body=body,
-                           charset=self.his.charset, subject=subject_of(appt.id),
-                           order_key=patient_key(Patient.from_json(appt.patient)),
-                           detail=f"cancellation of {appt.id}")
-            self._audit(tx, who, platform, "cancel", 202, appt.id, f"SRM^{self.his.cancel_trigger} queued")
+            self._queue(tx, control_id, "cancel", appt.id, Patient.from_json(appt.patient),
+                        f"cancellation of {appt.id}")
+            self._audit(tx, who, platform, "cancel", 202, appt.id, "cancellation queued")
             return "sent"
 
         d = self.chamber.transact(work)
@@ -283,6 +276,29 @@ class BookingService:
             # Another platform's appointment is as invisible as one that does not exist.
             raise AppointmentUnknown(f"no appointment {appointment_id!r}")
         return appt
+
+    def _queue(self, tx, control_id: str, kind: str, appointment_id: str, patient: Patient, detail: str) -> None:
+        """Commit what the HIS must be told, as an outbound message without HL7 bytes yet: the inner gate
+        encodes it (:meth:`encode`) once, on its first send, and every resend carries the same bytes.  So
+        the outer gate never writes HL7, and needs nothing but the HIS's name."""
+        tx.add_message(direction="outbound", peer=self.his.peer, control_id=control_id,
+                       type="SRM^S01" if kind == "S01" else "SRM^cancel", state="committed", body=b"",
+                       charset="", subject=subject_of(appointment_id), order_key=patient_key(patient),
+                       detail=detail)
+
+    def encode(self, tx, message) -> tuple[bytes, str, str]:
+        """(HL7 bytes, message type, charset) for an outbound message committed by :meth:`_queue`."""
+        appt = tx.appointment((message.subject or "").split(":", 1)[-1])
+        if appt is None or self.his.build_srm is None:
+            raise ValueError(f"message {message.id} cannot be encoded: no appointment or no HIS link here")
+        slot = tx.slot(appt.slot_id)
+        patient = Patient.from_json(appt.patient)
+        if message.type == "SRM^S01":
+            trigger, his_appointment = "S01", None
+        else:
+            trigger, his_appointment = self.his.cancel_trigger, appt.his_appointment
+        body = self._srm(tx, trigger, message.control_id, appt.id, slot, patient, his_appointment)
+        return body, f"SRM^{trigger}", self.his.charset
 
     def _srm(self, tx, trigger, control_id, appointment_id, slot, patient, his_appointment) -> bytes:
         schedule = tx.schedule(slot.schedule_id)
@@ -348,12 +364,10 @@ class BookingService:
 
     def _queue_compensating_cancel(self, tx, appt, slot, his_appointment) -> None:
         control_id = new_control_id()
-        body = self._srm(tx, self.his.cancel_trigger, control_id, appt.id, slot,
-                         Patient.from_json(appt.patient), his_appointment)
-        tx.add_message(direction="outbound", peer=self.his.peer, control_id=control_id,
-                       type=f"SRM^{self.his.cancel_trigger}", state="committed", body=body, charset=self.his.charset,
-                       subject=subject_of(appt.id), order_key=patient_key(Patient.from_json(appt.patient)),
-                       detail=f"compensating cancellation of {appt.id}")
+        if his_appointment and not appt.his_appointment:
+            tx.update_appointment(appt.id, his_appointment=his_appointment)  # the cancel names it
+        self._queue(tx, control_id, "cancel", appt.id, Patient.from_json(appt.patient),
+                    f"compensating cancellation of {appt.id}")
         log.warning("booking.compensating_cancel", appointment=appt.id, control_id=control_id)
 
     def on_dead(self, tx, message, reason: str) -> None:

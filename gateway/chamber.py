@@ -232,6 +232,16 @@ class Txn:
         self._c.execute(f"UPDATE messages SET {', '.join(sets)} WHERE id = ?", args)
         self._event(message_id, state, detail)
 
+    def set_encoded(self, message_id: int, body: bytes, type: str, charset: str) -> None:
+        """Store the HL7 bytes of an outbound message committed without them (once: they never change)."""
+        cur = self._c.execute(
+            "UPDATE messages SET body = ?, type = ?, charset = ?, updated = ? WHERE id = ? AND body = x''",
+            (body, type, charset, self.now, message_id),
+        )
+        if cur.rowcount != 1:
+            raise ValueError(f"message {message_id} was already encoded")
+        self.note(message_id, f"encoded as {type} ({len(body)} bytes, {charset})")
+
     def note(self, message_id: int, detail: str) -> None:
         """Add a line to a message's story without changing its state."""
         row = self._c.execute("SELECT state FROM messages WHERE id = ?", (message_id,)).fetchone()
@@ -752,6 +762,32 @@ class Chamber:
         if self._conn is None:
             raise ChamberError("the chamber is closed")
         return Reader(self._conn, self._clock())
+
+    def watch(self, clock, interval: float = 0.01):
+        """Notice commits made by *another process* (the other gate) and call the observers then.
+
+        SQLite's ``PRAGMA data_version`` changes when another connection commits; reading it costs a look at
+        the WAL index in shared memory (a file-system wake-up, no socket between the gates).  Returns the
+        LoopingCall (stop it with ``.stop()``)."""
+        from twisted.internet import task
+
+        last = [self._data_version()]
+
+        def check():
+            if self._conn is None:
+                return
+            version = self._data_version()
+            if version != last[0]:
+                last[0] = version
+                self._notify()
+
+        loop = task.LoopingCall(check)
+        loop.clock = clock
+        loop.start(interval, now=False)
+        return loop
+
+    def _data_version(self) -> int:
+        return self._conn.execute("PRAGMA data_version").fetchone()[0]
 
     def observe(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Call ``callback`` after every commit that recorded something; returns a function that stops it."""

@@ -70,6 +70,7 @@ class Relay(service.Service):
         max_attempts: int = 20,
         max_age: float = 3600.0,
         on_dead: Callable | None = None,
+        encode: Callable | None = None,
         ordering: str = "fifo",
         poll_interval: float = 1.0,
         rng: random.Random | None = None,
@@ -90,6 +91,7 @@ class Relay(service.Service):
         self.max_attempts = max_attempts
         self.max_age = max_age
         self.on_dead = on_dead or (lambda tx, msg, reason: None)
+        self.encode = encode  # (tx, message) -> (bytes, type, charset), for messages committed without HL7
         self.poll_interval = poll_interval
         self.rng = rng or random.Random()
         self._in_flight: dict[int, str] = {}  # message id -> its ordering key
@@ -182,6 +184,10 @@ class Relay(service.Service):
             await self._dead(msg, f"not delivered within {self.max_age:.0f}s"
                                   f"{'; last error: ' + msg.last_error if msg.last_error else ''}")
             return
+        if not msg.body:
+            msg = await self._encoded(msg)
+            if msg is None:
+                return
         attempts = msg.attempts + 1
         await self.chamber.transact(
             lambda tx: tx.set_message_state(msg.id, "sending", attempts=attempts, detail=f"attempt {attempts}")
@@ -219,6 +225,24 @@ class Relay(service.Service):
         self.delivered += 1
         log.info("relay.answered", peer=self.peer, message=msg.id, control_id=msg.control_id, type=msg.type,
                  state=state, ack=answer.code)
+
+    async def _encoded(self, msg):
+        """Turn a message the outer gate committed as an intent into its HL7 bytes, stored once."""
+        def work(tx):
+            row = tx.message(msg.id)
+            if row.body:
+                return row
+            body, type_, charset = self.encode(tx, row)
+            tx.set_encoded(msg.id, body, type_, charset)
+            return tx.message(msg.id)
+
+        try:
+            if self.encode is None:
+                raise ValueError("this process has no encoder for the HIS (it is not the inner gate)")
+            return await self.chamber.transact(work)
+        except ValueError as e:
+            await self._dead(msg, f"cannot be encoded: {e}")
+            return None
 
     async def _dead(self, msg, reason: str, attempts: int | None = None) -> None:
         def record(tx):

@@ -150,6 +150,7 @@ def make_service(config: GatewayConfig, reactor) -> service.MultiService:
     Relay(chamber, his.name, lanes, booking.on_answer, clock=reactor,
           ack_timeout=his.ack_timeout, retry_initial=his.retry_initial, retry_max=his.retry_max,
           max_attempts=his.max_attempts, max_age=his.max_age, on_dead=booking.on_dead, ordering=his.ordering,
+          encode=booking.encode,
           ).setServiceParent(root)
     if his.slot_source == "poll":
         SlotPoller(his_client(64 << 20), inbound, peer=his.name,

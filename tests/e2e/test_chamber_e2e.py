@@ -104,8 +104,10 @@ def test_silent_his_dead_letters_and_the_operator_sees_why(silent_his):
     dead = [dead["SRM^S01"]]
     story = queue_cmd(lock, "show", dead[0][0])
     assert "last error: no answer after 3 attempts" in story.stdout
-    assert [line.split()[1] for line in story.stdout.splitlines() if line.startswith("  ")] == [
-        "committed", "sending", "retrying", "sending", "retrying", "sending", "dead"]
+    story_lines = [line.split(None, 2)[1:] for line in story.stdout.splitlines() if line.startswith("  ")]
+    assert [state for state, _ in story_lines] == [
+        "committed", "committed", "sending", "retrying", "sending", "retrying", "sending", "dead"]
+    assert story_lines[1][1].startswith("encoded as SRM^S01")  # the inner gate wrote the HL7, once
     refused = queue_cmd(lock, "retry", dead[0][0])
     assert refused.returncode == 1 and "not sent again" in refused.stderr
     assert queue_cmd(lock, "purge", "--dead", "--older-than", "0s", input_text="n\n").returncode == 1

@@ -41,7 +41,7 @@ def test_queue_show_tells_a_messages_story(lock):
                             "gateway.yaml"], cwd=lock.workdir, capture_output=True, text=True,
                            env={"PYTHONPATH": str(REPO)})
     states = [line.split()[1] for line in story.stdout.splitlines() if line.startswith("  ")]
-    assert states == ["committed", "sending", "delivered"]
+    assert states == ["committed", "committed", "sending", "delivered"]  # the second: encoded as HL7
     assert "answer AA" in story.stdout
 
 

@@ -69,6 +69,17 @@ def outbound(chamber):
     return [m for m in reversed(chamber.read().messages(direction="outbound"))]
 
 
+def encoded(chamber, booking, message):
+    """What the inner gate does before the first send: the HL7 bytes, stored once; returns them parsed."""
+    def work(tx):
+        body, type_, charset = booking.encode(tx, tx.message(message.id))
+        tx.set_encoded(message.id, body, type_, charset)
+        return tx.message(message.id)
+
+    row = chamber.transact_now(work)
+    return row, parse(row.body)
+
+
 def answer(chamber, booking, message, code, his_appointment=None, text=""):
     chamber.transact_now(lambda tx: booking.on_answer(tx, tx.message(message.id),
                                                       HisAnswer(code, text, his_appointment)))
@@ -93,7 +104,9 @@ def test_booking_holds_the_slot_and_queues_srm_in_one_commit(env):
     assert (appt.status, appt.pending_change) == ("pending", "book")
     [msg] = outbound(chamber)
     assert (msg.type, msg.state, msg.subject) == ("SRM^S01", "committed", f"appointment:{appointment_id}")
-    srm = parse(msg.body)
+    assert msg.body == b""  # committed as an intent: the inner gate writes the HL7
+    msg, srm = encoded(chamber, booking, msg)
+    assert msg.type == "SRM^S01" and msg.charset == "utf-8"
     assert srm.control_id == msg.control_id
     assert srm.segment("ARQ").get(1) == appointment_id
     assert srm.segment("ARQ").get(5) == "D001"
@@ -153,8 +166,10 @@ def test_cancel_is_sent_to_the_his_and_frees_the_slot_when_accepted(env):
     answer(chamber, booking, outbound(chamber)[0], "AA", "H000001")
     assert result(booking.cancel("demo", appointment_id)) == "sent"
     cancel = outbound(chamber)[1]
+    assert cancel.type == "SRM^cancel"
+    cancel, srm = encoded(chamber, booking, cancel)
     assert cancel.type == "SRM^S04"
-    assert parse(cancel.body).segment("ARQ").get(2) == "H000001"
+    assert srm.segment("ARQ").get(2) == "H000001"
     assert chamber.read().appointment(appointment_id).pending_change == "cancel"
     answer(chamber, booking, cancel, "AA")
     assert chamber.read().appointment(appointment_id).status == "cancelled"
@@ -201,7 +216,7 @@ def test_expiry_of_a_booking_that_may_have_reached_the_his_withdraws_it_and_canc
     chamber.transact_now(lambda tx: tx.set_message_state(srm.id, "retrying", attempts=1))
     clock.advance(61)
     msgs = outbound(chamber)
-    assert [(m.type, m.state) for m in msgs] == [("SRM^S01", "withdrawn"), ("SRM^S04", "committed")]
+    assert [(m.type, m.state) for m in msgs] == [("SRM^S01", "withdrawn"), ("SRM^cancel", "committed")]
 
 
 def test_idempotency_key_returns_the_first_booking(env):
@@ -252,7 +267,7 @@ def test_dead_lettered_booking_is_refused_and_compensated(env):
     appt = chamber.read().appointment(appointment_id)
     assert appt.status == "refused" and "no ACK after 5 attempts" in appt.outcome
     assert chamber.read().slot(SID).visible_status == "free"
-    assert [m.type for m in outbound(chamber)] == ["SRM^S01", "SRM^S04"]
+    assert [m.type for m in outbound(chamber)] == ["SRM^S01", "SRM^cancel"]
 
 
 def test_acceptance_after_expiry_is_compensated_with_a_cancel(env):
@@ -264,8 +279,8 @@ def test_acceptance_after_expiry_is_compensated_with_a_cancel(env):
     clock.advance(61)
     answer(chamber, booking, srm, "AA", "H7")
     msgs = outbound(chamber)
-    assert [m.type for m in msgs] == ["SRM^S01", "SRM^S04"]
-    assert parse(msgs[1].body).segment("ARQ").get(2) == "H7"
+    assert [m.type for m in msgs] == ["SRM^S01", "SRM^cancel"]
+    assert encoded(chamber, booking, msgs[1])[1].segment("ARQ").get(2) == "H7"
     assert chamber.read().appointment(appointment_id).status == "cancelled"
 
 

@@ -135,3 +135,31 @@ def test_a_storage_error_inside_a_unit_is_a_write_failure(tmp_path):
     assert isinstance(failed[0], ChamberWriteError) and "disk is full" in str(failed[0])
     assert [s.id for s in ch.read().schedules()] == ["Y"]
     ch.close()
+
+
+def test_watch_notices_commits_of_another_process(tmp_path):
+    """Two chambers on one file stand for the two gates' processes: a commit through one wakes the
+    observers of the other within the watch interval; its own commits are not reported twice."""
+    clock = task.Clock()
+    outer = Chamber(tmp_path / "c.sqlite3", clock=clock.seconds)
+    inner = Chamber(tmp_path / "c.sqlite3", clock=clock.seconds)
+    outer.open()
+    inner.open()
+    woken = []
+    inner.observe(lambda: woken.append("inner"))
+    loop = inner.watch(clock, interval=0.01)
+    clock.advance(0.01)
+    assert woken == []
+    outer.transact_now(schedule)
+    assert woken == []  # not yet: the other process learns of it on its next look
+    clock.advance(0.01)
+    assert woken == ["inner"]
+    clock.advance(0.05)
+    assert woken == ["inner"]  # nothing new committed
+    inner.transact_now(lambda tx: schedule(tx, "D002"))
+    assert woken == ["inner", "inner"]  # its own commit: the direct notification only
+    clock.advance(0.02)
+    assert woken == ["inner", "inner"]
+    loop.stop()
+    outer.close()
+    inner.close()

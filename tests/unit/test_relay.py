@@ -203,3 +203,42 @@ def test_fifo_refuses_a_window_above_one(tmp_path):
     with pytest.raises(ValueError, match="one message in flight"):
         Relay(chamber, "his", [ScriptedHis(), ScriptedHis()], lambda *a: None, clock=task.Clock(), ack_timeout=1,
               retry_initial=1, retry_max=1)
+
+
+def test_an_intent_is_encoded_once_and_resent_byte_for_byte(tmp_path):
+    """A message committed without HL7 (by the outer gate) is encoded by the relay before its first send,
+    stored, and every resend carries exactly those bytes; a relay without an encoder dead-letters it."""
+    clock = task.Clock()
+    clock.advance(1000)
+    chamber = Chamber(tmp_path / "c.sqlite3", clock=clock.seconds)
+    chamber.open()
+    his = ScriptedHis()
+    calls = []
+
+    def encode(tx, msg):
+        calls.append(msg.id)
+        return f"MSH|encoded {len(calls)}".encode(), "SRM^S04", "utf-8"
+
+    relay = Relay(chamber, "his", his, lambda *a: None, clock=clock, ack_timeout=5, retry_initial=1, retry_max=8,
+                  encode=encode, rng=random.Random(1))
+    mid = chamber.transact_now(lambda tx: tx.add_message(
+        direction="outbound", peer="his", control_id="G1", type="SRM^cancel", state="committed", body=b"",
+        charset=""))
+    relay.startService()
+    his.calls[0][2].errback(DeliveryFailed("AckTimeout"))
+    clock.advance(2)
+    assert [c[0] for c in his.calls] == [b"MSH|encoded 1"] * 2 and calls == [mid]
+    msg = chamber.read().message(mid)
+    assert (msg.type, msg.charset) == ("SRM^S04", "utf-8")
+    relay.stopService()
+
+    bare = Relay(chamber, "his", ScriptedHis(), lambda *a: None, clock=clock, ack_timeout=5, retry_initial=1,
+                 retry_max=8)
+    other = chamber.transact_now(lambda tx: tx.add_message(
+        direction="outbound", peer="his", control_id="G2", type="SRM^S01", state="committed", body=b"", charset=""))
+    chamber.transact_now(lambda tx: tx.set_message_state(mid, "delivered"))
+    bare.startService()
+    assert chamber.read().message(other).state == "dead"
+    assert "cannot be encoded" in chamber.read().message(other).last_error
+    bare.stopService()
+    chamber.close()
