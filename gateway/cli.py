@@ -25,6 +25,9 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the gateway")
     run.add_argument("--config", required=True, type=Path)
+    run.add_argument("--gate", choices=("both", "inner", "outer"), default="both",
+                     help="both gates in this process (default), or one gate of the split lock: 'inner' (HIS "
+                          "side: MLLP) or 'outer' (internet side: FHIR); the two share only the chamber")
 
     check = sub.add_parser("check-config", help="validate a config file")
     check.add_argument("path", type=Path)
@@ -93,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-config":
         return check_config(args.path)
     if args.command == "run":
-        return run(args.config)
+        return run(args.config, args.gate)
     if args.command == "his-sim":
         from hissim.cli import main as sim_main
 
@@ -149,8 +152,26 @@ def check_config(path: Path) -> int:
     return 0
 
 
-def run(path: Path) -> int:
+def gate_problem(config, path: Path, gate: str) -> str | None:
+    """Why ``config`` cannot run ``gate``: each gate's config names only its own side of the lock, so the
+    outer (internet) process cannot even know where the HIS is, and the inner one has no internet listener."""
+    if gate in ("both", "inner") and config.inner is None:
+        return f"{path}: the inner gate needs an 'inner' section"
+    if gate in ("both", "outer") and config.outer is None:
+        return f"{path}: the outer gate needs an 'outer' section"
+    if gate == "outer" and config.inner is not None:
+        return (f"{path}: the outer gate's config must not contain the 'inner' section: the internet-side "
+                f"process must not be able to reach the intranet (give it a config with only 'outer')")
+    if gate == "inner" and (config.outer is not None or config.platforms):
+        return (f"{path}: the inner gate's config must not contain 'outer' or 'platforms': the intranet-side "
+                f"process must not listen on the internet side (give it a config with only 'inner')")
+    return None
+
+
+def run(path: Path, gate: str = "both") -> int:
     config, error = _load(path)
+    if not error:
+        error = gate_problem(config, path, gate)
     if error:
         print(error, file=sys.stderr)
         return 1
@@ -163,7 +184,7 @@ def run(path: Path) -> int:
     import structlog
 
     log = structlog.get_logger("gateway")
-    root = make_service(config, reactor)
+    root = make_service(config, reactor, gate)
     try:
         root.privilegedStartService()
         root.startService()
@@ -205,12 +226,16 @@ def run(path: Path) -> int:
     reactor.addSystemEventTrigger("before", "shutdown", stop)
     from gateway import sdnotify
 
-    sdnotify.notify(f"READY=1\nSTATUS=FHIR {config.outer.host}:{config.outer.port}, MLLP {config.inner.listen}")
+    outer, inner = config.outer, config.inner
+    status = [f"FHIR {outer.host}:{outer.port}" if outer and gate != "inner" else "",
+              f"MLLP {inner.listen}" if inner and gate != "outer" else ""]
+    sdnotify.notify(f"READY=1\nSTATUS={gate} gate(s): {', '.join(x for x in status if x)}")
     sdnotify.start_watchdog(reactor)
     reactor.addSystemEventTrigger("before", "shutdown", lambda: sdnotify.notify("STOPPING=1"))
-    log.info("gateway.ready", fhir=f"https://{config.outer.host}:{config.outer.port}{config.outer.base_path}",
-             mllp=config.inner.listen, his=f"{config.inner.his.host}:{config.inner.his.port}",
-             chamber=str(config.chamber.path), slot_source=config.inner.his.slot_source)
+    log.info("gateway.ready", gate=gate, chamber=str(config.chamber.path),
+             fhir=f"https://{outer.host}:{outer.port}{outer.base_path}" if outer and gate != "inner" else None,
+             mllp=inner.listen if inner and gate != "outer" else None,
+             his=f"{inner.his.host}:{inner.his.port}" if inner and gate != "outer" else None)
     reactor.run()
     log.info("gateway.stopped")
     return exit_code[0]
@@ -280,7 +305,8 @@ def _queue_retry(chamber, config, args) -> int:
     from gateway.booking import SlotBook
     from gateway.operations import NotRetryable, retry, retry_all_dead
 
-    reprocess = make_reprocessor(SlotBook(ZoneInfo(config.hospital.timezone)), config.inner.his.charset)
+    reprocess = make_reprocessor(SlotBook(ZoneInfo(config.hospital.timezone)),
+                                 config.inner.his.charset if config.inner else "utf-8")
     who = f"operator {getpass.getuser()}"
     if args.all_dead:
         for line in retry_all_dead(chamber, reprocess, who=who):

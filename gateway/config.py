@@ -112,9 +112,6 @@ class HisConfig:
         "A message not delivered within this time after it was committed is dead-lettered.",
         default=Duration(3600.0),
     )
-    max_backlog: Annotated[int, Range(1, 10_000_000)] = doc(
-        "Most messages waiting for this HIS; past it new bookings get 503 with Retry-After.", default=1000
-    )
     ordering: Literal["fifo", "patient"] = doc(
         "'fifo': messages reach the HIS strictly in the order they were committed, one at a time. 'patient': "
         "in order per patient; another patient's message may pass one that waits for a resend.",
@@ -208,6 +205,14 @@ class OuterConfig:
         default=Duration(300.0),
     )
     page_size: Annotated[int, Range(1, 1000)] = doc("Default and largest _count of a search.", default=100)
+    his_name: Name = doc(
+        "The HIS bookings are addressed to (its inner.his.name; in split mode the outer gate knows only this "
+        "name, never an address).",
+        default="his",
+    )
+    max_backlog: Annotated[int, Range(1, 10_000_000)] = doc(
+        "Most messages waiting for the HIS; past it new bookings get 503 with Retry-After.", default=1000
+    )
     rate_limit: Optional[RateLimitConfig] = doc(
         "Requests per second for all platforms together (token bucket); past it 429 with Retry-After. "
         "Default 1000 per second, burst 2000; empty (~) for no global limit.",
@@ -327,9 +332,14 @@ class DaemonConfig:
 
 @dataclass(frozen=True)
 class GatewayConfig:
-    inner: InnerConfig = doc("The inner gate: HL7 v2 over MLLP, towards the HIS (intranet).")
-    outer: OuterConfig = doc("The outer gate: FHIR R4 over HTTPS, towards platforms (internet).")
-    platforms: list[PlatformConfig] = doc("The platforms allowed to call the FHIR API.")
+    inner: Optional[InnerConfig] = doc(
+        "The inner gate: HL7 v2 over MLLP, towards the HIS (intranet). Leave it out of the outer gate's "
+        "config in split mode (`gatewayd run --gate outer`).", default=None)
+    outer: Optional[OuterConfig] = doc(
+        "The outer gate: FHIR R4 over HTTPS, towards platforms (internet). Leave it out of the inner gate's "
+        "config in split mode (`gatewayd run --gate inner`).", default=None)
+    platforms: list[PlatformConfig] = doc("The platforms allowed to call the FHIR API (with outer).",
+                                          default_factory=list)
     hospital: HospitalConfig = doc("About the hospital.", default_factory=HospitalConfig)
     chamber: ChamberConfig = doc("The durable store between the gates.", default_factory=ChamberConfig)
     logging: LoggingConfig = doc("Logging.", default_factory=LoggingConfig)
@@ -353,8 +363,15 @@ class GatewayConfig:
                                f"the same subject is given to platform {self.platforms[seen_subjects[subject]].name!r}"))
             else:
                 seen_subjects[subject] = i
-        if not self.platforms:
+        if self.inner is None and self.outer is None:
+            issues.append(("", "an 'inner' or an 'outer' section (or both) is needed"))
+        if self.outer is not None and not self.platforms:
             issues.append(("platforms", "at least one platform is needed"))
+        if self.outer is None and self.platforms:
+            issues.append(("platforms", "platforms belong with an 'outer' section (the FHIR API)"))
+        if self.inner is not None and self.outer is not None and self.outer.his_name != self.inner.his.name:
+            issues.append(("outer.his_name", f"bookings would go to {self.outer.his_name!r} but the HIS is "
+                                             f"named {self.inner.his.name!r} (inner.his.name)"))
         return issues
 
 

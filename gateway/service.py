@@ -112,29 +112,76 @@ def tls_options(tls) -> ssl.CertificateOptions:
     )
 
 
-def make_service(config: GatewayConfig, reactor) -> service.MultiService:
-    tz = ZoneInfo(config.hospital.timezone)
-    his = config.inner.his
-    root = service.MultiService()
+GATES = ("both", "inner", "outer")
 
+
+class WatchService(service.Service):
+    """Split mode: wake this process when the other gate's process commits (``Chamber.watch``)."""
+
+    name = "chamber-watch"
+
+    def __init__(self, chamber: Chamber, clock, interval: float = 0.01):
+        self.chamber = chamber
+        self.clock = clock
+        self.interval = interval
+        self._loop = None
+
+    def startService(self):
+        super().startService()
+        self._loop = self.chamber.watch(self.clock, self.interval)
+
+    def stopService(self):
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+
+
+def make_service(config: GatewayConfig, reactor, gate: str = "both") -> service.MultiService:
+    """The whole service tree for ``gate``: ``both`` (one process), or one gate of the split lock."""
+    if gate not in GATES:
+        raise ValueError(f"gate must be one of {GATES}")
+    tz = ZoneInfo(config.hospital.timezone)
+    root = service.MultiService()
     chamber = Chamber(config.chamber.path, reactor=reactor, clock=reactor.seconds)
     ChamberService(chamber).setServiceParent(root)
+    if gate != "both":
+        WatchService(chamber, reactor).setServiceParent(root)
 
-    header = Hl7Header(
-        sending_application=config.inner.sending_application, sending_facility=config.inner.sending_facility,
-        receiving_application=his.receiving_application, receiving_facility=his.receiving_facility,
-        version=his.hl7_version, charset=his.charset,
-    )
+    his = config.inner.his if config.inner is not None else None
+    if his is not None:
+        header = Hl7Header(
+            sending_application=config.inner.sending_application, sending_facility=config.inner.sending_facility,
+            receiving_application=his.receiving_application, receiving_facility=his.receiving_facility,
+            version=his.hl7_version, charset=his.charset,
+        )
+        link = HisLinkInfo(peer=his.name, charset=his.charset, cancel_trigger=his.cancel_message.split("^")[1],
+                           build_srm=functools.partial(build_srm, header=header))
+    else:
+        header = None
+        link = HisLinkInfo(peer=config.outer.his_name)  # the outer gate knows the HIS by name only
+    outer_cfg = config.outer
     booking = BookingService(
-        chamber,
-        HisLinkInfo(peer=his.name, charset=his.charset, cancel_trigger=his.cancel_message.split("^")[1],
-                    build_srm=functools.partial(build_srm, header=header)),
-        tz=tz, hold_seconds=config.outer.hold_expires, clock=reactor, max_backlog=his.max_backlog,
-        retry_after=max(1, int(his.retry_max)), quotas=Quotas.from_config(config.platforms, tz),
+        chamber, link, tz=tz, hold_seconds=outer_cfg.hold_expires if outer_cfg else 300.0, clock=reactor,
+        max_backlog=outer_cfg.max_backlog if outer_cfg else 1000,
+        retry_after=max(1, int(his.retry_max)) if his else 30,
+        quotas=Quotas.from_config(config.platforms, tz),
     )
+    if gate in ("both", "inner"):
+        _inner_gate(config, reactor, tz, chamber, booking, header).setServiceParent(root)
+    if gate in ("both", "outer"):
+        HoldsService(booking).setServiceParent(root)
+        _outer_gate(config, reactor, tz, chamber, booking).setServiceParent(root)
+    root.chamber = chamber  # for the CLI's ready message and tests
+    return root
+
+
+def _inner_gate(config, reactor, tz, chamber, booking, header) -> service.MultiService:
+    """Intranet side: the relay (and poller) towards the HIS, and the MLLP listener for its notifications."""
+    his = config.inner.his
+    gate = service.MultiService()
+    gate.setName("inner")
     slot_book = SlotBook(tz)
     inbound = InboundService(chamber, slot_book)
-
     his_endpoint = endpoints.HostnameEndpoint(reactor, his.host, his.port, timeout=his.connect_timeout)
     his_tls = None
     if his.tls is not None:
@@ -151,15 +198,12 @@ def make_service(config: GatewayConfig, reactor) -> service.MultiService:
           ack_timeout=his.ack_timeout, retry_initial=his.retry_initial, retry_max=his.retry_max,
           max_attempts=his.max_attempts, max_age=his.max_age, on_dead=booking.on_dead, ordering=his.ordering,
           encode=booking.encode,
-          ).setServiceParent(root)
+          ).setServiceParent(gate)
     if his.slot_source == "poll":
         SlotPoller(his_client(64 << 20), inbound, peer=his.name,
                    build_query=functools.partial(build_sqm_s25, header=header), interval=his.poll_interval,
                    days=his.poll_days, tz=tz, ack_timeout=his.ack_timeout, retry_initial=his.retry_initial,
-                   retry_max=his.retry_max, clock=reactor).setServiceParent(root)
-    HoldsService(booking).setServiceParent(root)
-
-    # inner gate: the HIS's notifications
+                   retry_max=his.retry_max, clock=reactor).setServiceParent(gate)
     handler = InnerGateHandler(inbound, peer=his.name, sending_application=config.inner.sending_application,
                                sending_facility=config.inner.sending_facility, tz=tz, clock=reactor,
                                validation=config.inner.validation)
@@ -171,12 +215,15 @@ def make_service(config: GatewayConfig, reactor) -> service.MultiService:
         tls=(mllp_tls.server_options(config.inner.tls.certificate, config.inner.tls.private_key,
                                      config.inner.tls.client_ca) if config.inner.tls is not None else None),
     )
-    inner = StreamServerEndpointService(endpoints.serverFromString(reactor, config.inner.listen), mllp_factory)
-    inner._raiseSynchronously = True
-    inner.setName("inner-gate")
-    inner.setServiceParent(root)
+    listener = StreamServerEndpointService(endpoints.serverFromString(reactor, config.inner.listen), mllp_factory)
+    listener._raiseSynchronously = True
+    listener.setName("inner-gate")
+    listener.setServiceParent(gate)
+    return gate
 
-    # outer gate: platforms over HTTPS
+
+def _outer_gate(config, reactor, tz, chamber, booking) -> service.Service:
+    """Internet side: the FHIR API over HTTPS with mutual TLS."""
     platforms = PlatformDirectory.from_config(config.platforms)
     limit = lambda rl: (rl.per_second, rl.burst) if rl is not None else None  # noqa: E731
     api = FhirApi(
@@ -195,11 +242,7 @@ def make_service(config: GatewayConfig, reactor) -> service.MultiService:
     site.log = lambda request: None  # requests are logged by the API as structured events
     outer_endpoint = endpoints.SSL4ServerEndpoint(reactor, config.outer.port, tls_options(config.outer.tls),
                                                   interface=config.outer.host)
-    outer = StreamServerEndpointService(outer_endpoint, site)
-    outer._raiseSynchronously = True
-    outer.setName("outer-gate")
-    outer.setServiceParent(root)
-
-    root.chamber = chamber  # for the CLI's ready message and tests
-    return root
-
+    listener = StreamServerEndpointService(outer_endpoint, site)
+    listener._raiseSynchronously = True
+    listener.setName("outer-gate")
+    return listener

@@ -56,8 +56,8 @@ def silent_his(tmp_path):
     """A gateway with small limits, whose HIS can be silenced with SIGSTOP."""
     lock = Lock(tmp_path)
     lock.gateway_config["inner"]["his"].update(ack_timeout="500ms", retry_initial="100ms", retry_max="200ms",
-                                               max_attempts=3, max_backlog=1)
-    lock.gateway_config["outer"]["answer_within"] = "1s"
+                                               max_attempts=3)
+    lock.gateway_config["outer"].update(answer_within="1s", max_backlog=1)
     lock.write_configs()
     with lock:
         yield lock

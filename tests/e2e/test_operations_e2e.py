@@ -78,7 +78,7 @@ def test_systemd_readiness_and_stop_notifications(tmp_path):
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         ready = notify.recv(1000).decode()
-        assert ready.startswith("READY=1") and "STATUS=FHIR" in ready
+        assert ready.startswith("READY=1") and "FHIR 127.0.0.1" in ready and "MLLP tcp:" in ready
         assert lock.session().get(f"{lock.base}/metadata", timeout=5).status_code == 200
         proc.send_signal(signal.SIGTERM)
         assert notify.recv(1000) == b"STOPPING=1"
