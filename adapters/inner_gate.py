@@ -48,6 +48,7 @@ from adapters.mapping.siu_slot import notices_from_siu, notices_from_sqr
 from adapters.mllp.client import AckTimeout, PeerUnavailable
 from adapters.mllp.server import Answer
 from gateway.booking import new_control_id
+from gateway.crossing import type_allowed
 from gateway.errors import ChamberWriteError
 from gateway.inbound import Received
 from gateway.relay import DeliveryFailed
@@ -60,7 +61,7 @@ class InnerGateHandler:
     """MLLP handler for messages the HIS sends us."""
 
     def __init__(self, inbound, *, peer: str, sending_application: str, sending_facility: str, tz: ZoneInfo,
-                 clock, validation: str = "tolerant"):
+                 clock, validation: str = "tolerant", accept_types=("SIU^*",)):
         if validation not in VALIDATION_MODES:
             raise ValueError(f"validation must be one of {', '.join(VALIDATION_MODES)}, not {validation!r}")
         self.inbound = inbound
@@ -70,6 +71,7 @@ class InnerGateHandler:
         self.tz = tz
         self.clock = clock
         self.validation = validation
+        self.accept_types = tuple(accept_types)
 
     def handle(self, message: Message, peer: str) -> defer.Deferred | Answer:
         if message.message_code == "ACK":
@@ -79,6 +81,12 @@ class InnerGateHandler:
             return Answer(())
         received = Received(peer=self.peer, control_id=message.control_id, type=message.type_name,
                             body=message.raw, charset=message.charset)
+        if not type_allowed(message.type_name, self.accept_types):
+            some_event_allowed = any(p.partition("^")[0] == message.message_code for p in self.accept_types)
+            code = 201 if some_event_allowed else 200  # unsupported event, or unsupported message type
+            refusal = Hl7Error(code, f"{message.type_name} may not cross the lock (allowed: "
+                                     f"{', '.join(self.accept_types)})", segment="MSH", field=9)
+            return self._refuse(message, received, refusal).addErrback(self._not_stored, message)
         problem = strict_problem(message) if self.validation == "strict" else None
         if problem is not None:
             d = self._refuse(message, received, problem)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
+from gateway.crossing import type_allowed
 from gateway.confschema import Duration, Pattern, Percent, Range, ReadableFile, load
 
 Port = Annotated[int, Range(1, 65535)]
@@ -125,9 +126,15 @@ class HisConfig:
         "MLLP release towards this HIS: 1, or 2 (it answers commit blocks 0x06/0x15 before its ACK).", default=1
     )
     tls: Optional[MllpSendTls] = doc("TLS (optionally mutual) on the connection to the HIS.", default=None)
+    send_types: list[Annotated[str, Pattern(r"^[A-Z0-9]{3}(\^([A-Z0-9]{3}|\*))?$", "a message type such as SRM^S01 or SRM^*")]] = doc(
+        "Message types allowed out to this HIS; anything else is dead-lettered, never sent.",
+        default_factory=lambda: ["SRM^*", "SQM^S25"],
+    )
 
     def __post_validate__(self):
         issues = _charset_issue("charset", self.charset)
+        if self.slot_source == "poll" and not type_allowed("SQM^S25", self.send_types):
+            issues.append(("send_types", "slot_source: poll sends SQM^S25: allow it in send_types"))
         if self.window > 1 and self.ordering == "fifo":
             issues.append(("window", "strict FIFO sends one message at a time: use window: 1, or ordering: patient"))
         return issues
@@ -153,6 +160,10 @@ class InnerConfig:
     mllp_release: Annotated[int, Range(1, 2)] = doc(
         "MLLP release of the listener: 1, or 2 (a commit block 0x06/0x15 before each answer, after the commit).",
         default=1,
+    )
+    accept_types: list[Annotated[str, Pattern(r"^[A-Z0-9]{3}(\^([A-Z0-9]{3}|\*))?$", "a message type such as SIU^S12 or SIU^*")]] = doc(
+        "Message types the HIS may send in (the rest is refused with AR and recorded), e.g. [SIU^S12, SIU^S15].",
+        default_factory=lambda: ["SIU^*"],
     )
     validation: Literal["tolerant", "strict"] = doc(
         "'strict': also validate each message with hl7apy's v2.5 structure rules and NAK what fails.",

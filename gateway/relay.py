@@ -23,6 +23,7 @@ import structlog
 from twisted.application import service
 from twisted.internet import defer
 
+from gateway.crossing import type_allowed
 from gateway.scheduling import HisAnswer
 
 log = structlog.get_logger("gateway.relay")
@@ -71,6 +72,7 @@ class Relay(service.Service):
         max_age: float = 3600.0,
         on_dead: Callable | None = None,
         encode: Callable | None = None,
+        send_types: tuple[str, ...] | None = None,
         ordering: str = "fifo",
         poll_interval: float = 1.0,
         rng: random.Random | None = None,
@@ -92,6 +94,7 @@ class Relay(service.Service):
         self.max_age = max_age
         self.on_dead = on_dead or (lambda tx, msg, reason: None)
         self.encode = encode  # (tx, message) -> (bytes, type, charset), for messages committed without HL7
+        self.send_types = send_types  # what may cross to this destination (None: anything)
         self.poll_interval = poll_interval
         self.rng = rng or random.Random()
         self._in_flight: dict[int, str] = {}  # message id -> its ordering key
@@ -188,6 +191,9 @@ class Relay(service.Service):
             msg = await self._encoded(msg)
             if msg is None:
                 return
+        if self.send_types is not None and not type_allowed(msg.type, self.send_types):
+            await self._dead(msg, f"{msg.type} may not cross to this HIS (allowed: {', '.join(self.send_types)})")
+            return
         attempts = msg.attempts + 1
         await self.chamber.transact(
             lambda tx: tx.set_message_state(msg.id, "sending", attempts=attempts, detail=f"attempt {attempts}")

@@ -197,7 +197,7 @@ def _inner_gate(config, reactor, tz, chamber, booking, header) -> service.MultiS
     Relay(chamber, his.name, lanes, booking.on_answer, clock=reactor,
           ack_timeout=his.ack_timeout, retry_initial=his.retry_initial, retry_max=his.retry_max,
           max_attempts=his.max_attempts, max_age=his.max_age, on_dead=booking.on_dead, ordering=his.ordering,
-          encode=booking.encode,
+          encode=booking.encode, send_types=tuple(his.send_types),
           ).setServiceParent(gate)
     if his.slot_source == "poll":
         SlotPoller(his_client(64 << 20), inbound, peer=his.name,
@@ -206,7 +206,7 @@ def _inner_gate(config, reactor, tz, chamber, booking, header) -> service.MultiS
                    retry_max=his.retry_max, clock=reactor).setServiceParent(gate)
     handler = InnerGateHandler(inbound, peer=his.name, sending_application=config.inner.sending_application,
                                sending_facility=config.inner.sending_facility, tz=tz, clock=reactor,
-                               validation=config.inner.validation)
+                               validation=config.inner.validation, accept_types=config.inner.accept_types)
     mllp_factory = MLLPServerFactory(
         handler, max_message_bytes=config.inner.max_message_bytes, default_charset=his.charset,
         idle_timeout=config.inner.idle_timeout, max_connections=config.inner.max_connections,
