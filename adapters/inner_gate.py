@@ -61,7 +61,7 @@ class InnerGateHandler:
     """MLLP handler for messages the HIS sends us."""
 
     def __init__(self, inbound, *, peer: str, sending_application: str, sending_facility: str, tz: ZoneInfo,
-                 clock, validation: str = "tolerant", accept_types=("SIU^*",)):
+                 clock, validation: str = "tolerant", accept_types=("SIU^*",), on_answer=None):
         if validation not in VALIDATION_MODES:
             raise ValueError(f"validation must be one of {', '.join(VALIDATION_MODES)}, not {validation!r}")
         self.inbound = inbound
@@ -72,6 +72,7 @@ class InnerGateHandler:
         self.clock = clock
         self.validation = validation
         self.accept_types = tuple(accept_types)
+        self.on_answer = on_answer  # called with the outcome of every answer (metrics)
 
     def handle(self, message: Message, peer: str) -> defer.Deferred | Answer:
         if message.message_code == "ACK":
@@ -135,6 +136,8 @@ class InnerGateHandler:
 
     def _answer(self, message: Message, outcome: str, *, app_code: str = "AA", error: Hl7Error | None = None,
                 committed: bool = True) -> Answer:
+        if self.on_answer is not None:
+            self.on_answer(outcome)
         now = datetime.fromtimestamp(self.clock.seconds(), self.tz).replace(tzinfo=None)
         payloads = build_answers(
             message, outcome, app_code=app_code, error=error, sending_application=self.sending_application,

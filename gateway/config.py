@@ -333,6 +333,15 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class AdminConfig:
+    listen: Annotated[str, Pattern(r"^tcp:\d+:interface=(127\.\d+\.\d+\.\d+|::1|\\:\\:1)$",
+                                   "a loopback endpoint such as tcp:9102:interface=127.0.0.1")] = doc(
+        "Where /healthz and /metrics listen: loopback only (each process of a split lock needs its own port).",
+        default="tcp:9102:interface=127.0.0.1",
+    )
+
+
+@dataclass(frozen=True)
 class DaemonConfig:
     shutdown_grace: Duration = doc(
         "On SIGTERM: stop accepting, then wait at most this long for messages in flight to be answered "
@@ -356,6 +365,7 @@ class GatewayConfig:
     logging: LoggingConfig = doc("Logging.", default_factory=LoggingConfig)
     audit: AuditConfig = doc("The audit trail in the chamber (docs/security.md).", default_factory=AuditConfig)
     daemon: DaemonConfig = doc("The process itself.", default_factory=DaemonConfig)
+    admin: Optional[AdminConfig] = doc("The admin listener (/healthz, /metrics); left out: none.", default=None)
 
     def __post_validate__(self):
         issues = []

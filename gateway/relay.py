@@ -73,6 +73,7 @@ class Relay(service.Service):
         on_dead: Callable | None = None,
         encode: Callable | None = None,
         send_types: tuple[str, ...] | None = None,
+        metrics=None,
         ordering: str = "fifo",
         poll_interval: float = 1.0,
         rng: random.Random | None = None,
@@ -95,6 +96,9 @@ class Relay(service.Service):
         self.on_dead = on_dead or (lambda tx, msg, reason: None)
         self.encode = encode  # (tx, message) -> (bytes, type, charset), for messages committed without HL7
         self.send_types = send_types  # what may cross to this destination (None: anything)
+        self.metrics = metrics  # gateway.admin.Metrics, or None
+        self._last_error: str | None = None  # the last failed delivery, cleared by the next answer
+        self._last_answer: float | None = None
         self.poll_interval = poll_interval
         self.rng = rng or random.Random()
         self._in_flight: dict[int, str] = {}  # message id -> its ordering key
@@ -125,6 +129,11 @@ class Relay(service.Service):
         done: defer.Deferred = defer.Deferred()
         loop.addBoth(lambda _: done.callback(None))
         return done
+
+    def status(self) -> dict:
+        """For /healthz: is the HIS answering?  Unreachable while the last attempt failed."""
+        return {"reachable": self._last_error is None, "last_error": self._last_error,
+                "last_answer": self._last_answer, "in_flight": len(self._in_flight)}
 
     # -- the loops -------------------------------------------------------------------------------------------
     def wake(self) -> None:
@@ -204,6 +213,7 @@ class Relay(service.Service):
             answer: HisAnswer = await destination.deliver(msg.body, msg.control_id, self.ack_timeout)
         except DeliveryFailed as e:
             reason = str(e)
+            self._last_error = reason
             if attempts >= self.max_attempts:
                 await self._dead(msg, f"no answer after {attempts} attempts; last error: {reason}",
                                  attempts=attempts)
@@ -229,6 +239,9 @@ class Relay(service.Service):
 
         await self.chamber.transact(record)
         self.delivered += 1
+        self._last_error, self._last_answer = None, self.clock.seconds()
+        if self.metrics is not None:
+            self.metrics.delivered(self.peer, answer.code, self.clock.seconds() - msg.created)
         log.info("relay.answered", peer=self.peer, message=msg.id, control_id=msg.control_id, type=msg.type,
                  state=state, ack=answer.code)
 

@@ -35,6 +35,7 @@ from adapters.mllp import tls as mllp_tls
 from adapters.mllp.client import MLLPClient
 from adapters.mllp.server import MLLPServerFactory
 from gateway.audit import AuditTrail
+from gateway.admin import AdminResource, Metrics
 from gateway.booking import BookingService, HisLinkInfo, SlotBook
 from gateway.chamber import Chamber
 from gateway.config import GatewayConfig
@@ -166,16 +167,28 @@ def make_service(config: GatewayConfig, reactor, gate: str = "both") -> service.
         retry_after=max(1, int(his.retry_max)) if his else 30,
         quotas=Quotas.from_config(config.platforms, tz),
     )
+    metrics = Metrics(chamber)
+    relays = []
     if gate in ("both", "inner"):
-        _inner_gate(config, reactor, tz, chamber, booking, header).setServiceParent(root)
+        inner, relay = _inner_gate(config, reactor, tz, chamber, booking, header, metrics)
+        inner.setServiceParent(root)
+        relays.append(relay)
     if gate in ("both", "outer"):
         HoldsService(booking).setServiceParent(root)
-        _outer_gate(config, reactor, tz, chamber, booking).setServiceParent(root)
+        _outer_gate(config, reactor, tz, chamber, booking, metrics).setServiceParent(root)
+    if config.admin is not None:  # last to start, first to stop
+        admin_site = web_server.Site(AdminResource(chamber, metrics, relays))
+        admin_site.log = lambda request: None
+        admin = StreamServerEndpointService(endpoints.serverFromString(reactor, config.admin.listen), admin_site)
+        admin._raiseSynchronously = True
+        admin.setName("admin")
+        admin.setServiceParent(root)
     root.chamber = chamber  # for the CLI's ready message and tests
+    root.metrics = metrics
     return root
 
 
-def _inner_gate(config, reactor, tz, chamber, booking, header) -> service.MultiService:
+def _inner_gate(config, reactor, tz, chamber, booking, header, metrics):
     """Intranet side: the relay (and poller) towards the HIS, and the MLLP listener for its notifications."""
     his = config.inner.his
     gate = service.MultiService()
@@ -194,11 +207,11 @@ def _inner_gate(config, reactor, tz, chamber, booking, header) -> service.MultiS
                           tls=his_tls)
 
     lanes = [HisDestination(his_client(config.inner.max_message_bytes)) for _ in range(his.window)]
-    Relay(chamber, his.name, lanes, booking.on_answer, clock=reactor,
-          ack_timeout=his.ack_timeout, retry_initial=his.retry_initial, retry_max=his.retry_max,
-          max_attempts=his.max_attempts, max_age=his.max_age, on_dead=booking.on_dead, ordering=his.ordering,
-          encode=booking.encode, send_types=tuple(his.send_types),
-          ).setServiceParent(gate)
+    relay = Relay(chamber, his.name, lanes, booking.on_answer, clock=reactor,
+                  ack_timeout=his.ack_timeout, retry_initial=his.retry_initial, retry_max=his.retry_max,
+                  max_attempts=his.max_attempts, max_age=his.max_age, on_dead=booking.on_dead,
+                  ordering=his.ordering, encode=booking.encode, send_types=tuple(his.send_types), metrics=metrics)
+    relay.setServiceParent(gate)
     if his.slot_source == "poll":
         SlotPoller(his_client(64 << 20), inbound, peer=his.name,
                    build_query=functools.partial(build_sqm_s25, header=header), interval=his.poll_interval,
@@ -206,7 +219,8 @@ def _inner_gate(config, reactor, tz, chamber, booking, header) -> service.MultiS
                    retry_max=his.retry_max, clock=reactor).setServiceParent(gate)
     handler = InnerGateHandler(inbound, peer=his.name, sending_application=config.inner.sending_application,
                                sending_facility=config.inner.sending_facility, tz=tz, clock=reactor,
-                               validation=config.inner.validation, accept_types=config.inner.accept_types)
+                               validation=config.inner.validation, accept_types=config.inner.accept_types,
+                               on_answer=lambda outcome: metrics.hl7_answers.labels(outcome).inc())
     mllp_factory = MLLPServerFactory(
         handler, max_message_bytes=config.inner.max_message_bytes, default_charset=his.charset,
         idle_timeout=config.inner.idle_timeout, max_connections=config.inner.max_connections,
@@ -219,10 +233,10 @@ def _inner_gate(config, reactor, tz, chamber, booking, header) -> service.MultiS
     listener._raiseSynchronously = True
     listener.setName("inner-gate")
     listener.setServiceParent(gate)
-    return gate
+    return gate, relay
 
 
-def _outer_gate(config, reactor, tz, chamber, booking) -> service.Service:
+def _outer_gate(config, reactor, tz, chamber, booking, metrics) -> service.Service:
     """Internet side: the FHIR API over HTTPS with mutual TLS."""
     platforms = PlatformDirectory.from_config(config.platforms)
     limit = lambda rl: (rl.per_second, rl.burst) if rl is not None else None  # noqa: E731
@@ -239,7 +253,8 @@ def _outer_gate(config, reactor, tz, chamber, booking) -> service.Service:
     site = web_server.Site(api)
     site.requestFactory = request_factory(config.outer.max_request_bytes)
     site.displayTracebacks = False
-    site.log = lambda request: None  # requests are logged by the API as structured events
+    # requests are logged by the API as structured events; here they are only counted
+    site.log = lambda request: metrics.http_answers.labels(str(request.code)).inc()
     outer_endpoint = endpoints.SSL4ServerEndpoint(reactor, config.outer.port, tls_options(config.outer.tls),
                                                   interface=config.outer.host)
     listener = StreamServerEndpointService(outer_endpoint, site)

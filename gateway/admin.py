@@ -1,0 +1,112 @@
+"""The admin listener (loopback only, one per process): ``/healthz`` and Prometheus ``/metrics``.
+
+- ``/healthz``: 200 with ``{"status": "ok", ...}`` when the chamber takes a write lock and every HIS this
+  process delivers to is answering; otherwise 503 with what is wrong (``chamber``, ``his``), so a monitor
+  (or systemd's watchdog's human) sees why.
+- ``/metrics``: messages per direction, peer and state, and the undelivered queue per destination, read
+  from the chamber at scrape time (so both processes of a split lock report the same truth); delivery
+  latency (commit to the HIS's answer) and the HIS's answer codes, observed by this process's relay; HL7
+  answers the inner gate gave; HTTP answers of the outer gate.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from twisted.web import resource
+
+CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+
+
+class ChamberCollector:
+    """Gauges computed from the chamber when Prometheus scrapes."""
+
+    def __init__(self, chamber):
+        self.chamber = chamber
+
+    def collect(self):
+        messages = GaugeMetricFamily("gatewayd_messages", "Messages in the chamber by direction, peer and state",
+                                     labels=["direction", "peer", "state"])
+        queue = GaugeMetricFamily("gatewayd_queue_depth", "Outbound messages not yet answered, per destination",
+                                  labels=["peer"])
+        try:
+            counts = self.chamber.read().state_counts()
+        except Exception:  # a chamber that cannot be read is reported by /healthz, not by a scrape error
+            counts = {}
+        depth: dict[str, int] = {}
+        for (direction, peer, state), n in sorted(counts.items()):
+            messages.add_metric([direction, peer, state], n)
+            if direction == "outbound" and state in ("committed", "sending", "retrying"):
+                depth[peer] = depth.get(peer, 0) + n
+        for peer, n in sorted(depth.items()):
+            queue.add_metric([peer], n)
+        yield messages
+        yield queue
+
+
+class Metrics:
+    """This process's metrics registry and the instruments the gates feed."""
+
+    def __init__(self, chamber):
+        self.registry = CollectorRegistry()
+        self.registry.register(ChamberCollector(chamber))
+        self.delivery = Histogram(
+            "gatewayd_delivery_seconds", "From commit to the HIS's answer, per destination", ["peer"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300), registry=self.registry)
+        self.his_answers = Counter("gatewayd_his_answers_total", "Answers the HIS gave to our messages",
+                                   ["peer", "code"], registry=self.registry)
+        self.hl7_answers = Counter("gatewayd_hl7_answers_total", "Messages the inner gate answered, by outcome "
+                                   "(accepted, rejected, not_stored)", ["outcome"], registry=self.registry)
+        self.http_answers = Counter("gatewayd_http_answers_total", "HTTP answers of the outer gate", ["status"],
+                                    registry=self.registry)
+
+    def delivered(self, peer: str, code: str, seconds: float) -> None:
+        self.delivery.labels(peer).observe(max(0.0, seconds))
+        self.his_answers.labels(peer, code).inc()
+
+
+def chamber_writable(chamber) -> tuple[bool, str]:
+    """Can the chamber take a write lock right now?  (BEGIN IMMEDIATE, then nothing is written.)"""
+    conn = chamber._conn
+    if conn is None:
+        return False, "closed"
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("ROLLBACK")
+        return True, "ok"
+    except sqlite3.Error as e:
+        return False, str(e)
+
+
+class AdminResource(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, chamber, metrics: Metrics, relays=()):
+        super().__init__()
+        self.chamber = chamber
+        self.metrics = metrics
+        self.relays = list(relays)
+
+    def render_GET(self, request):
+        if request.path == b"/metrics":
+            request.setHeader(b"content-type", CONTENT_TYPE)
+            return generate_latest(self.metrics.registry)
+        if request.path == b"/healthz":
+            return self._health(request)
+        request.setResponseCode(404)
+        return b"not found\n"
+
+    def _health(self, request) -> bytes:
+        ok, detail = chamber_writable(self.chamber)
+        body = {"chamber": detail, "his": {}}
+        for relay in self.relays:
+            status = relay.status()
+            body["his"][relay.peer] = status
+            ok = ok and status["reachable"]
+        body["status"] = "ok" if ok else "unhealthy"
+        request.setResponseCode(200 if ok else 503)
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(body).encode()
