@@ -224,6 +224,27 @@ def run(path: Path, gate: str = "both") -> int:
         return done
 
     reactor.addSystemEventTrigger("before", "shutdown", stop)
+
+    def reload_config():
+        """SIGHUP: load the file again; a config that fails to load leaves the running one in place."""
+        from gateway.service import reload
+
+        new, problem = _load(path)
+        if not problem:
+            problem = gate_problem(new, path, gate)
+        if problem:
+            log.error("gateway.reload_refused", errors=problem.splitlines(), keeping="the running config")
+            return
+        try:
+            applied = reload(root, new, gate)
+        except Exception as e:  # e.g. a certificate file that does not parse
+            log.error("gateway.reload_refused", errors=[f"{type(e).__name__}: {e}"], keeping="the running config")
+            return
+        log.info("gateway.reloaded", applied=applied)
+
+    import signal
+
+    signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(reload_config))
     from gateway import sdnotify
 
     outer, inner = config.outer, config.inner

@@ -116,6 +116,63 @@ def tls_options(tls) -> ssl.CertificateOptions:
 GATES = ("both", "inner", "outer")
 
 
+class TlsSwitch:
+    """The outer gate's TLS settings, replaceable on reload: every new handshake asks for the current
+    context; connections already open keep theirs (nothing is dropped)."""
+
+    def __init__(self, options: ssl.CertificateOptions):
+        self.current = options
+
+    def getContext(self):
+        return self.current.getContext()
+
+
+def reload(root, config: GatewayConfig, gate: str) -> list[str]:
+    """Apply a new config to a running service tree without dropping connections.  Applied live: log
+    level, the outer gate's certificates and client CAs (for new connections), platforms (subjects, scopes,
+    quotas, revoked serials, rate limits), the HIS's address (next connection).  Other changes (listen
+    addresses, chamber path, ...) need a restart: they are named in the returned list.  Everything is built
+    before anything is swapped, so a new config that fails (a certificate that does not parse) changes
+    nothing."""
+    from gateway import logs
+
+    old: GatewayConfig = root.config
+    swaps: list = []
+    applied: list[str] = [f"logging.level={config.logging.level}"]
+    if gate in ("both", "outer") and config.outer is not None:
+        tls = tls_options(config.outer.tls)
+        tz = ZoneInfo(config.hospital.timezone)
+        platforms = PlatformDirectory.from_config(config.platforms)
+        quotas = Quotas.from_config(config.platforms, tz)
+        limiter = _rate_limiter(config, root.reactor)
+
+        def outer_swap():
+            root.tls_switch.current = tls
+            root.api.platforms, root.api.quotas, root.api.rate_limiter = platforms, quotas, limiter
+            root.booking.quotas = quotas
+
+        swaps.append(outer_swap)
+        applied += ["outer.tls", f"platforms ({len(config.platforms)})"]
+    if gate in ("both", "inner") and config.inner is not None:
+        his, was = config.inner.his, old.inner.his
+        if (his.host, his.port) != (was.host, was.port):
+            endpoint = endpoints.HostnameEndpoint(root.reactor, his.host, his.port, timeout=his.connect_timeout)
+            swaps.append(lambda: [client.retarget(endpoint) for client in root.his_clients])
+            applied.append(f"inner.his {his.host}:{his.port}")
+    restart = [name for name, before, after in (
+        ("chamber.path", old.chamber.path, config.chamber.path),
+        ("inner.listen", old.inner and old.inner.listen, config.inner and config.inner.listen),
+        ("outer.host/port", old.outer and (old.outer.host, old.outer.port),
+         config.outer and (config.outer.host, config.outer.port)),
+        ("admin.listen", old.admin and old.admin.listen, config.admin and config.admin.listen),
+    ) if before != after]
+    logs.configure(config.logging.level, config.logging.format)
+    for swap in swaps:
+        swap()
+    root.config = config
+    return applied + [f"needs a restart: {name}" for name in restart]
+
+
 class WatchService(service.Service):
     """Split mode: wake this process when the other gate's process commits (``Chamber.watch``)."""
 
@@ -173,9 +230,11 @@ def make_service(config: GatewayConfig, reactor, gate: str = "both") -> service.
         inner, relay = _inner_gate(config, reactor, tz, chamber, booking, header, metrics)
         inner.setServiceParent(root)
         relays.append(relay)
+        root.his_clients = [lane.destination.client for lane in relay.lanes]
     if gate in ("both", "outer"):
         HoldsService(booking).setServiceParent(root)
-        _outer_gate(config, reactor, tz, chamber, booking, metrics).setServiceParent(root)
+        listener, root.api, root.tls_switch = _outer_gate(config, reactor, tz, chamber, booking, metrics)
+        listener.setServiceParent(root)
     if config.admin is not None:  # last to start, first to stop
         admin_site = web_server.Site(AdminResource(chamber, metrics, relays))
         admin_site.log = lambda request: None
@@ -185,6 +244,7 @@ def make_service(config: GatewayConfig, reactor, gate: str = "both") -> service.
         admin.setServiceParent(root)
     root.chamber = chamber  # for the CLI's ready message and tests
     root.metrics = metrics
+    root.config, root.booking, root.reactor = config, booking, reactor  # for reload()
     return root
 
 
@@ -239,14 +299,12 @@ def _inner_gate(config, reactor, tz, chamber, booking, header, metrics):
 def _outer_gate(config, reactor, tz, chamber, booking, metrics) -> service.Service:
     """Internet side: the FHIR API over HTTPS with mutual TLS."""
     platforms = PlatformDirectory.from_config(config.platforms)
-    limit = lambda rl: (rl.per_second, rl.burst) if rl is not None else None  # noqa: E731
     api = FhirApi(
         booking=booking, reader=chamber.read, platforms=platforms, tz=tz, base_path=config.outer.base_path,
         public_base_url=config.outer.public_base_url, answer_within=config.outer.answer_within,
         page_size=config.outer.page_size, hospital_name=config.hospital.name,
         software_version=software_version(), audit=AuditTrail(chamber), quotas=booking.quotas,
-        rate_limiter=RateLimiter({p.name: limit(p.rate_limit) for p in config.platforms},
-                                 limit(config.outer.rate_limit), reactor),
+        rate_limiter=_rate_limiter(config, reactor),
         json_limits=JsonLimits(config.outer.max_json_depth, config.outer.max_string_chars), clock=reactor,
         strict_audit=config.audit.strict,
     )
@@ -255,9 +313,16 @@ def _outer_gate(config, reactor, tz, chamber, booking, metrics) -> service.Servi
     site.displayTracebacks = False
     # requests are logged by the API as structured events; here they are only counted
     site.log = lambda request: metrics.http_answers.labels(str(request.code)).inc()
-    outer_endpoint = endpoints.SSL4ServerEndpoint(reactor, config.outer.port, tls_options(config.outer.tls),
+    tls_switch = TlsSwitch(tls_options(config.outer.tls))
+    outer_endpoint = endpoints.SSL4ServerEndpoint(reactor, config.outer.port, tls_switch,
                                                   interface=config.outer.host)
     listener = StreamServerEndpointService(outer_endpoint, site)
     listener._raiseSynchronously = True
     listener.setName("outer-gate")
-    return listener
+    return listener, api, tls_switch
+
+
+def _rate_limiter(config, reactor) -> RateLimiter:
+    limit = lambda rl: (rl.per_second, rl.burst) if rl is not None else None  # noqa: E731
+    return RateLimiter({p.name: limit(p.rate_limit) for p in config.platforms}, limit(config.outer.rate_limit),
+                       reactor)

@@ -204,6 +204,7 @@ class MLLPClient:
         self.release = release
         self.tls = tls
         self._plain_endpoint = endpoint
+        self._tls = tls
         self.endpoint = wrapClientTLS(tls, endpoint) if tls is not None else endpoint
         self.default_charset = default_charset
         self.max_message_bytes = max_message_bytes
@@ -443,6 +444,12 @@ class MLLPClient:
             self._next()
 
     # -------------------------------------------------------------------------------- connection
+
+    def retarget(self, endpoint) -> None:
+        """Use ``endpoint`` from the next connection on (a config reload moved the peer); the current
+        connection is dropped, so a send in flight times out and is resent there, with its control id."""
+        self.endpoint = wrapClientTLS(self._tls, endpoint) if self._tls is not None else endpoint
+        self._drop_connection()
 
     def _drop_connection(self) -> None:
         """Retire the current connection at once: nothing more is read from it."""
