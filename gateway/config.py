@@ -161,6 +161,11 @@ class InnerConfig:
         "MLLP release of the listener: 1, or 2 (a commit block 0x06/0x15 before each answer, after the commit).",
         default=1,
     )
+    bind_device: Optional[str] = doc(
+        "Accept MLLP connections only from this network interface (the intranet NIC, e.g. eth1), whatever the "
+        "routing: Linux's weak host model otherwise delivers packets for this address that arrive on any NIC.",
+        default=None,
+    )
     accept_types: list[Annotated[str, Pattern(r"^[A-Z0-9]{3}(\^([A-Z0-9]{3}|\*))?$", "a message type such as SIU^S12 or SIU^*")]] = doc(
         "Message types the HIS may send in (the rest is refused with AR and recorded), e.g. [SIU^S12, SIU^S15].",
         default_factory=lambda: ["SIU^*"],
@@ -216,6 +221,10 @@ class OuterConfig:
         default=Duration(300.0),
     )
     page_size: Annotated[int, Range(1, 1000)] = doc("Default and largest _count of a search.", default=100)
+    bind_device: Optional[str] = doc(
+        "Accept HTTPS connections only from this network interface (the internet/DMZ NIC), whatever the routing.",
+        default=None,
+    )
     his_name: Name = doc(
         "The HIS bookings are addressed to (its inner.his.name; in split mode the outer gate knows only this "
         "name, never an address).",

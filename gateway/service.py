@@ -40,6 +40,7 @@ from gateway.booking import BookingService, HisLinkInfo, SlotBook
 from gateway.chamber import Chamber
 from gateway.config import GatewayConfig
 from gateway.inbound import InboundService
+from gateway.listen import DeviceServerEndpoint, parse_tcp
 from gateway.quota import Quotas
 from gateway.ratelimit import RateLimiter
 from gateway.relay import Relay
@@ -289,7 +290,12 @@ def _inner_gate(config, reactor, tz, chamber, booking, header, metrics):
         tls=(mllp_tls.server_options(config.inner.tls.certificate, config.inner.tls.private_key,
                                      config.inner.tls.client_ca) if config.inner.tls is not None else None),
     )
-    listener = StreamServerEndpointService(endpoints.serverFromString(reactor, config.inner.listen), mllp_factory)
+    if config.inner.bind_device:
+        port, interface = parse_tcp(config.inner.listen)
+        inner_endpoint = DeviceServerEndpoint(reactor, port, interface, config.inner.bind_device)
+    else:
+        inner_endpoint = endpoints.serverFromString(reactor, config.inner.listen)
+    listener = StreamServerEndpointService(inner_endpoint, mllp_factory)
     listener._raiseSynchronously = True
     listener.setName("inner-gate")
     listener.setServiceParent(gate)
@@ -314,8 +320,12 @@ def _outer_gate(config, reactor, tz, chamber, booking, metrics) -> service.Servi
     # requests are logged by the API as structured events; here they are only counted
     site.log = lambda request: metrics.http_answers.labels(str(request.code)).inc()
     tls_switch = TlsSwitch(tls_options(config.outer.tls))
-    outer_endpoint = endpoints.SSL4ServerEndpoint(reactor, config.outer.port, tls_switch,
-                                                  interface=config.outer.host)
+    if config.outer.bind_device:
+        outer_endpoint = DeviceServerEndpoint(reactor, config.outer.port, config.outer.host,
+                                              config.outer.bind_device, tls=tls_switch)
+    else:
+        outer_endpoint = endpoints.SSL4ServerEndpoint(reactor, config.outer.port, tls_switch,
+                                                      interface=config.outer.host)
     listener = StreamServerEndpointService(outer_endpoint, site)
     listener._raiseSynchronously = True
     listener.setName("outer-gate")

@@ -1,0 +1,157 @@
+"""The ship lock, proven apart by the kernel: three network namespaces (internet, front, intranet), two veth
+pairs, no IP forwarding on the front server.
+
+The outer gate runs in "front" bound to its internet-side address, the inner gate in "front" bound to its
+intranet-side address (two processes, sharing only the chamber file), the HIS simulator in "intranet", a FHIR
+client in "internet". A booking goes through; a TCP connection from "internet" to the HIS or to the inner
+gate does not. Each gate listens with ``bind_device`` on its own NIC: without it Linux's weak host model
+delivers a packet for the inner gate's (intranet) address arriving on the internet NIC to the inner gate —
+this test failed exactly so before ``bind_device`` existed. Needs root (CI runs as root); skipped with the
+reason where namespaces cannot be created.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import yaml
+
+from gateway.devca import init_dev_ca
+from tests.e2e.harness import REPO, Lock, appointment_for, read_jsonl
+
+INTERNET_NET, INTRANET_NET = "10.250.1", "10.250.2"
+OUTER_ADDR, INNER_ADDR, HIS_ADDR, CLIENT_ADDR = (f"{INTERNET_NET}.2", f"{INTRANET_NET}.2", f"{INTRANET_NET}.1",
+                                                 f"{INTERNET_NET}.1")
+
+
+def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, check=check)
+
+
+class Namespaces:
+    def __init__(self):
+        tag = str(os.getpid() % 100000)
+        self.inet, self.front, self.intra = f"gwi{tag}", f"gwf{tag}", f"gwn{tag}"
+        self.tag = tag
+
+    def __enter__(self):
+        try:
+            for ns in (self.inet, self.front, self.intra):
+                sh("ip", "netns", "add", ns)
+                sh("ip", "-n", ns, "link", "set", "lo", "up")
+            t = self.tag
+            sh("ip", "link", "add", f"vi{t}", "type", "veth", "peer", "name", f"vf{t}")
+            sh("ip", "link", "add", f"vn{t}", "type", "veth", "peer", "name", f"vg{t}")
+            for dev, ns, addr in ((f"vi{t}", self.inet, CLIENT_ADDR), (f"vf{t}", self.front, OUTER_ADDR),
+                                  (f"vg{t}", self.front, INNER_ADDR), (f"vn{t}", self.intra, HIS_ADDR)):
+                sh("ip", "link", "set", dev, "netns", ns)
+                sh("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
+                sh("ip", "-n", ns, "link", "set", dev, "up")
+            # The front server forwards nothing; the outside even gets a route towards the intranet through
+            # it, so only the missing forwarding stops a packet.
+            sh("ip", "netns", "exec", self.front, "sysctl", "-qw", "net.ipv4.ip_forward=0")
+            sh("ip", "-n", self.inet, "route", "add", f"{INTRANET_NET}.0/24", "via", OUTER_ADDR)
+        except (subprocess.CalledProcessError, FileNotFoundError) as e:
+            self.__exit__()
+            detail = e.stderr.strip() if isinstance(e, subprocess.CalledProcessError) else str(e)
+            pytest.skip(f"network namespaces cannot be created here (needs root and iproute2): {detail}")
+        return self
+
+    def __exit__(self, *exc):
+        for ns in (self.inet, self.front, self.intra):
+            sh("ip", "netns", "del", ns, check=False)  # its veth ends go with it
+
+    def popen(self, ns: str, args: list[str], cwd, log_name: str) -> subprocess.Popen:
+        log = open(cwd / log_name, "ab")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
+        return subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, *args], cwd=cwd, env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+
+    def run_python(self, ns: str, code: str, cwd) -> dict:
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", code], cwd=cwd, env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+CLIENT = textwrap.dedent('''
+    import json, socket, time, requests
+    from tests.e2e.harness import appointment_for
+    base, certs = {base!r}, {certs!r}
+    s = requests.Session(); s.trust_env = False
+    s.cert = (certs + "/platform-demo.pem", certs + "/platform-demo.key"); s.verify = certs + "/ca.pem"
+    slots = []
+    for _ in range(200):
+        try:
+            slots = s.get(base + "/Slot", params={{"status": "free", "_count": 5}}, timeout=3).json().get("entry", [])
+        except requests.RequestException:
+            pass
+        if slots:
+            break
+        time.sleep(0.1)
+    r = s.post(base + "/Appointment", json=appointment_for(slots[0]["resource"]["id"]),
+               headers={{"Content-Type": "application/fhir+json"}}, timeout=15)
+    reach = {{}}
+    for name, addr in (("his", ({his!r}, 2576)), ("inner_gate", ({inner!r}, 2575))):
+        try:
+            socket.create_connection(addr, timeout=3).close()
+            reach[name] = "connected"
+        except OSError as e:
+            reach[name] = type(e).__name__ + ": " + str(e)
+    print(json.dumps({{"slots": len(slots), "status": r.status_code, "appointment": r.json().get("id"),
+                      "reach": reach}}))
+''')
+
+
+def test_the_lock_holds_across_network_namespaces(tmp_path):
+    with Namespaces() as ns:
+        init_dev_ca(tmp_path / "certs", platforms=("demo",), server_names=("localhost", OUTER_ADDR))
+        lock = Lock(tmp_path, platforms=("demo",), doctors=1, days=1)  # only for its configs
+        sim = dict(lock.sim_config, listen=f"tcp:2576:interface={HIS_ADDR}", gateway={"host": INNER_ADDR,
+                                                                                       "port": 2575})
+        outer = copy.deepcopy(lock.gateway_config)
+        outer.pop("inner")
+        outer["outer"].update(host=OUTER_ADDR, port=8443, bind_device=f"vf{ns.tag}")
+        inner = copy.deepcopy(lock.gateway_config)
+        for key in ("outer", "platforms", "audit"):
+            inner.pop(key, None)
+        inner["inner"].update(listen=f"tcp:2575:interface={INNER_ADDR}", bind_device=f"vg{ns.tag}")
+        inner["inner"]["his"].update(host=HIS_ADDR, port=2576)
+        for name, data in (("his-sim.yaml", sim), ("outer.yaml", outer), ("inner.yaml", inner)):
+            (tmp_path / name).write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
+        procs = [
+            ns.popen(ns.front, ["-m", "gateway", "run", "--gate", "inner", "--config", "inner.yaml"], tmp_path,
+                     "inner.log"),
+            ns.popen(ns.front, ["-m", "gateway", "run", "--gate", "outer", "--config", "outer.yaml"], tmp_path,
+                     "outer.log"),
+        ]
+        time.sleep(1.0)
+        procs.append(ns.popen(ns.intra, ["-m", "gateway", "his-sim", "--config", "his-sim.yaml"], tmp_path,
+                              "his-sim.log"))
+        try:
+            result = ns.run_python(ns.inet, CLIENT.format(base=f"https://{OUTER_ADDR}:8443/fhir",
+                                                          certs=str(tmp_path / "certs"), his=HIS_ADDR,
+                                                          inner=INNER_ADDR), tmp_path)
+        finally:
+            for p in procs:
+                p.send_signal(signal.SIGTERM)
+            for p in procs:
+                try:
+                    p.wait(15)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+        assert result["slots"] > 0, (tmp_path / "outer.log").read_text()[-2000:]
+        assert result["status"] == 201, result
+        received = read_jsonl(tmp_path / "his-received.jsonl")
+        assert [m["placer"] for m in received if m["type"] == "SRM^S01"] == [result["appointment"]]
+        for target in ("his", "inner_gate"):
+            assert result["reach"][target] != "connected", result["reach"]
