@@ -155,3 +155,63 @@ def test_the_lock_holds_across_network_namespaces(tmp_path):
         assert [m["placer"] for m in received if m["type"] == "SRM^S01"] == [result["appointment"]]
         for target in ("his", "inner_gate"):
             assert result["reach"][target] != "connected", result["reach"]
+
+
+OUTER_UID, INNER_UID = 64101, 64102  # the two gates' users (numeric: no account is needed for the test)
+
+NFT_RULES = f"""
+table inet gatewayd {{
+  chain output {{
+    type filter hook output priority 0; policy accept;
+    ip daddr {HIS_ADDR} tcp dport 2576 meta skuid != {INNER_UID} reject with tcp reset
+    meta skuid {OUTER_UID} ct state new reject
+  }}
+}}
+"""
+
+CONNECT = textwrap.dedent('''
+    import json, socket
+    try:
+        socket.create_connection(({his!r}, 2576), timeout=3).close()
+        print(json.dumps("connected"))
+    except OSError as e:
+        print(json.dumps(type(e).__name__ + ": " + str(e)))
+''')
+
+
+def test_only_the_inner_gates_user_can_reach_the_his(tmp_path):
+    """In "front", nftables rules by socket owner (meta skuid): only the inner gate's user may open
+    connections to the HIS, and the outer gate's user may open none at all (it only accepts). Code running as
+    the outer user is refused even though the route exists; the same code as the inner user connects."""
+    if subprocess.run(["which", "nft"], capture_output=True).returncode != 0:
+        pytest.skip("nftables (nft) is not installed; .ci/run installs it")
+    with Namespaces() as ns:
+        listener = ns.popen(ns.intra, ["-c", textwrap.dedent(f'''
+            import socket, time
+            s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("{HIS_ADDR}", 2576)); s.listen(8)
+            end = time.time() + 60
+            while time.time() < end:
+                c, _ = s.accept(); c.close()
+        ''')], tmp_path, "his.log")
+        try:
+            rules = tmp_path / "rules.nft"
+            rules.write_text(NFT_RULES)
+            sh("ip", "netns", "exec", ns.front, "nft", "-f", str(rules))
+            time.sleep(0.3)
+
+            def connect_as(uid: int) -> str:
+                out = subprocess.run(["ip", "netns", "exec", ns.front, "setpriv", f"--reuid={uid}",
+                                      f"--regid={uid}", "--clear-groups", sys.executable, "-c",
+                                      CONNECT.format(his=HIS_ADDR)], capture_output=True, text=True, timeout=30,
+                                     cwd="/")
+                assert out.returncode == 0, out.stderr
+                return json.loads(out.stdout)
+
+            assert connect_as(INNER_UID) == "connected"
+            refused = connect_as(OUTER_UID)
+            assert refused != "connected" and ("refused" in refused.lower() or "Connection" in refused), refused
+            assert connect_as(64999) != "connected"  # nor any other user
+        finally:
+            listener.kill()
+            listener.wait()
