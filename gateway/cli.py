@@ -262,7 +262,9 @@ def run(path: Path, gate: str = "both") -> int:
     return exit_code[0]
 
 
-def queue_command(args) -> int:
+def with_chamber(args, command: str, run) -> int:
+    """Load the config, open its chamber (next to a running gatewayd, WAL allows it), run
+    ``run(chamber, config)``, close.  Logs go to stderr: stdout is the command's answer."""
     config, error = _load(args.config)
     if error:
         print(error, file=sys.stderr)
@@ -271,24 +273,32 @@ def queue_command(args) -> int:
     from gateway.chamber import Chamber
     from gateway.errors import ChamberError
 
-    logs.configure("warning", "console", stream=sys.stderr)  # stdout is the command's answer
+    logs.configure("warning", "console", stream=sys.stderr)
     chamber = Chamber(config.chamber.path)
     try:
         chamber.open()
     except ChamberError as e:
-        print(f"gatewayd queue: {e}", file=sys.stderr)
+        print(f"gatewayd {command}: {e}", file=sys.stderr)
         return 1
     try:
-        if args.queue_command == "list" or (args.queue_command == "show" and args.id is None):
-            return _queue_list(chamber, getattr(args, "state", None), getattr(args, "dest", None),
-                               getattr(args, "direction", None), args.limit)
-        if args.queue_command == "show":
-            return _queue_show(chamber, args.id)
-        if args.queue_command == "retry":
-            return _queue_retry(chamber, config, args)
-        return _queue_purge(chamber, args)
+        return run(chamber, config)
     finally:
         chamber.close()
+
+
+def queue_command(args) -> int:
+    return with_chamber(args, "queue", lambda chamber, config: _queue_dispatch(chamber, config, args))
+
+
+def _queue_dispatch(chamber, config, args) -> int:
+    if args.queue_command == "list" or (args.queue_command == "show" and args.id is None):
+        return _queue_list(chamber, getattr(args, "state", None), getattr(args, "dest", None),
+                           getattr(args, "direction", None), args.limit)
+    if args.queue_command == "show":
+        return _queue_show(chamber, args.id)
+    if args.queue_command == "retry":
+        return _queue_retry(chamber, config, args)
+    return _queue_purge(chamber, args)
 
 
 def _when(ts: float) -> str:
@@ -367,29 +377,15 @@ def _queue_purge(chamber, args) -> int:
 
 
 def audit_command(args) -> int:
-    config, error = _load(args.config)
-    if error:
-        print(error, file=sys.stderr)
-        return 1
-    from gateway import logs
-    from gateway.chamber import Chamber
-    from gateway.errors import ChamberError
+    return with_chamber(args, "audit", lambda chamber, config: _audit_dispatch(chamber, config, args))
 
-    logs.configure("warning", "console", stream=sys.stderr)  # stdout is the command's answer
-    chamber = Chamber(config.chamber.path)
-    try:
-        chamber.open()
-    except ChamberError as e:
-        print(f"gatewayd audit: {e}", file=sys.stderr)
-        return 1
-    try:
-        if args.audit_command == "verify":
-            return _audit_verify(chamber)
-        if args.audit_command == "export":
-            return _audit_export(chamber, config, args)
-        return _audit_prune(chamber, config, args)
-    finally:
-        chamber.close()
+
+def _audit_dispatch(chamber, config, args) -> int:
+    if args.audit_command == "verify":
+        return _audit_verify(chamber)
+    if args.audit_command == "export":
+        return _audit_export(chamber, config, args)
+    return _audit_prune(chamber, config, args)
 
 
 def _audit_verify(chamber) -> int:
