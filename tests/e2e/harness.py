@@ -219,6 +219,21 @@ class Lock:
         return read_jsonl(self.workdir / "his-sent.jsonl")
 
 
+def mllp_exchange(port: int, payload: bytes) -> bytes:
+    """Send one framed HL7 message to an MLLP port and return the first answer frame."""
+    from adapters.mllp.framing import MLLPFramer, frame
+
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(frame(payload))
+        framer = MLLPFramer()
+        while True:
+            data = s.recv(65536)
+            assert data, "the gateway closed the connection without an answer"
+            frames = framer.feed(data)
+            if frames:
+                return frames[0]
+
+
 def appointment_for(slot_id: str, mrn: str = "MRN-0001") -> dict:
     """A platform's booking request: the slot and a contained Patient the HIS can identify."""
     return {

@@ -11,7 +11,6 @@ import threading
 import time
 from collections import Counter
 
-import pytest
 
 from gateway.chamber import Chamber
 from tests.e2e.harness import Lock, appointment_for, eventually

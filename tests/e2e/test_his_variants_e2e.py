@@ -7,7 +7,7 @@ import pytest
 
 from adapters.hl7.er7 import parse
 from tests.e2e.harness import Lock, appointment_for, eventually
-from tests.e2e.test_refusals_e2e import mllp_exchange
+from tests.e2e.harness import mllp_exchange
 
 JSON = {"Content-Type": "application/fhir+json"}
 

@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from gateway.devca import init_dev_ca
-from tests.e2e.harness import REPO, Lock, appointment_for, read_jsonl
+from tests.e2e.harness import REPO, Lock, read_jsonl
 
 INTERNET_NET, INTRANET_NET = "10.250.1", "10.250.2"
 OUTER_ADDR, INNER_ADDR, HIS_ADDR, CLIENT_ADDR = (f"{INTERNET_NET}.2", f"{INTRANET_NET}.2", f"{INTRANET_NET}.1",

@@ -11,7 +11,6 @@ release window.
 from __future__ import annotations
 
 import json
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -29,8 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from adapters.hl7.er7 import parse
-from adapters.mllp.framing import MLLPFramer, frame
-from tests.e2e.harness import REPO, Lock, appointment_for, eventually
+from tests.e2e.harness import REPO, Lock, appointment_for, eventually, mllp_exchange
 
 JSON = {"Content-Type": "application/fhir+json"}
 PLATFORMS = ("demo", "other", "zero", "readonly", "limited", "revoked")
@@ -89,18 +87,6 @@ def patient_appointment(slot_id: str) -> dict:
 def gatewayd(lock: Lock, *args: str, config: str = "gateway.yaml") -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "gateway", *args, "--config", config], cwd=lock.workdir,
                           capture_output=True, text=True, timeout=60, env={"PYTHONPATH": str(REPO)})
-
-
-def mllp_exchange(port: int, payload: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-        s.sendall(frame(payload))
-        framer = MLLPFramer()
-        while True:
-            data = s.recv(65536)
-            assert data, "the gateway closed the connection without an answer"
-            frames = framer.feed(data)
-            if frames:
-                return frames[0]
 
 
 def free_slots(lock, platform):

@@ -10,10 +10,9 @@ import pytest
 import requests
 
 from adapters.hl7.er7 import parse
-from adapters.mllp.framing import MLLPFramer, frame
 from gateway.chamber import Chamber
 from gateway.devca import init_dev_ca, issue_client_cert
-from tests.e2e.harness import REPO, appointment_for
+from tests.e2e.harness import REPO, appointment_for, mllp_exchange
 
 JSON = {"Content-Type": "application/fhir+json"}
 
@@ -90,18 +89,6 @@ def test_trusted_certificate_of_an_unregistered_platform_is_403(lock):
     s.trust_env = False
     r = s.get(f"{lock.base}/Slot", cert=(str(cert), str(key)), verify=str(lock.certs / "ca.pem"), timeout=5)
     assert outcome(r, 403)["code"] == "security"
-
-
-def mllp_exchange(port: int, payload: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-        s.sendall(frame(payload))
-        framer = MLLPFramer()
-        while True:
-            data = s.recv(65536)
-            assert data, "the gateway closed the connection without an answer"
-            frames = framer.feed(data)
-            if frames:
-                return frames[0]
 
 
 def test_hl7_that_does_not_parse_gets_ar_with_err(lock):

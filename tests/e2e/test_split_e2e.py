@@ -6,7 +6,6 @@ answering while the inner process is down.
 """
 
 import copy
-import signal
 import subprocess
 import sys
 import time
