@@ -294,7 +294,7 @@ def gateway_config(workdir: Path, certs: Certs, *, mllp_port: int, his_port: int
                    ordering: str = "fifo", window: int = 1, log_level: str = "warning",
                    answer_within: str = "5s", max_backlog: int = 100000, page_size: int = 1000) -> Path:
     his = {"host": "127.0.0.1", "port": his_port, "ack_timeout": "5s", "retry_initial": "200ms",
-           "retry_max": "2s", "ordering": ordering, "window": window, "max_backlog": max_backlog}
+           "retry_max": "2s", "ordering": ordering, "window": window}
     config = {
         "hospital": {"name": "Bench Hospital", "timezone": "Asia/Shanghai"},
         "chamber": {"path": "chamber.sqlite3"},
@@ -305,6 +305,11 @@ def gateway_config(workdir: Path, certs: Certs, *, mllp_port: int, his_port: int
         "platforms": [{"name": "bench", "certificate_subject": "CN=platform-bench"}],
         "logging": {"level": log_level, "format": "json"},
     }
+    # The backlog limit (503 past it) moved from inner.his to outer; set it where this checkout has it.
+    for section, cls_name in ((config["outer"], "OuterConfig"), (his, "HisConfig")):
+        if _config_has(cls_name, "max_backlog"):
+            section["max_backlog"] = max_backlog
+            break
     # Rate limits (outer.rate_limit, platforms[].rate_limit: 1000/s and 100/s by default) would turn a load
     # test into a test of the limiter: lifted here, where this checkout has them.
     for section, key, cls_name in ((config["outer"], "rate_limit", "OuterConfig"),

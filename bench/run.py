@@ -122,7 +122,10 @@ def run_profile(args) -> None:
         for what in ("booking", "ingest"):
             sub = workdir / what
             sub.mkdir()
-            out[what] = profile.profile_booking(sub, ns) if what == "booking" else profile.profile_ingest(sub, ns)
+            try:
+                out[what] = profile.profile_booking(sub, ns) if what == "booking" else profile.profile_ingest(sub, ns)
+            except Exception as e:  # noqa: BLE001 - reported in the results, the rest goes on
+                rig.log(f"profile {what} FAILED {type(e).__name__}: {e}"[:500])
     rig.save_result("profile", out)
 
 

@@ -11,6 +11,10 @@ Appointment states (chamber): ``pending`` -> ``booked`` | ``refused`` | ``cancel
 ``cancelled``.  ``pending_change`` names what we are waiting for from the HIS ('book' or 'cancel'):
 a platform's request is answered when it clears, or after ``answer_within`` with 202.
 
+An IHE ``$hold`` (:meth:`BookingService.hold`) holds the slot the same way but queues nothing: the
+appointment is ``pending`` with ``pending_change`` None until ``$book`` (:meth:`BookingService.book_held`)
+queues the SRM^S01, or its hold expires and is released without any message to the HIS.
+
 Quotas (:mod:`gateway.quota`) are checked inside the transaction that holds the slot.  Every change to
 an appointment is audited (:mod:`gateway.audit`) in the transaction that makes it: ``book`` (the hold,
 outcome 202), ``cancel`` (200 cancelled at once, 202 sent to the HIS), and ``book.settled`` /
@@ -40,6 +44,7 @@ from gateway.scheduling import (
     IdempotencyConflict,
     Overloaded,
     Patient,
+    SchedulingError,
     SlotForHis,
     SlotNotice,
     SlotUnavailable,
@@ -72,6 +77,12 @@ def patient_key(patient: Patient) -> str:
     first = patient.identifiers[0] if patient.identifiers else None
     text = f"{first.system}|{first.value}" if first else f"{patient.family}|{patient.given}|{patient.phone}"
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:24]
+
+
+class PatientRequired(SchedulingError):
+    """A booking needs a patient the HIS can identify, and none was given."""
+
+    code = "patient-required"
 
 
 class SlotBook:
@@ -188,18 +199,8 @@ class BookingService:
                 existing = tx.appointment_by_identifier(platform, *if_none_exist)
                 if existing is not None:
                     return existing, "existing"
-            slot = tx.slot(request.slot_id)
-            if slot is None:
-                raise SlotUnknown(f"no slot {request.slot_id!r}")
-            if slot.held_by or slot.his_status != "free":
-                raise SlotUnavailable(f"slot {request.slot_id} is {slot.visible_status}")
-            if slot.start_ts <= tx.now:
-                raise SlotUnavailable(f"slot {request.slot_id} has already started")
-            if self.quotas is not None:
-                self.quotas.check(tx, platform, slot)
-            backlog = tx.outbound_backlog(self.his.peer)
-            if backlog >= self.max_backlog:
-                raise Overloaded(f"{backlog} messages are waiting for the HIS; try again later", self.retry_after)
+            slot = self._bookable_slot(tx, platform, request.slot_id)
+            self._check_backlog(tx)
             tx.insert_appointment(AppointmentRow(
                 id=appointment_id, platform=platform, slot_id=slot.id, status="pending",
                 patient=request.patient.to_json(), description=request.description or None,
@@ -218,6 +219,157 @@ class BookingService:
         d = self.chamber.transact(work)
         d.addCallback(self._booked, platform, control_id)
         return d
+
+    def _bookable_slot(self, tx, platform: str, wanted: str):
+        """The slot ``wanted``, if ``platform`` may hold it now (free, not held, not started, within its
+        quota); else SlotUnknown, SlotUnavailable or QuotaExhausted."""
+        slot = tx.slot(wanted)
+        if slot is None:
+            raise SlotUnknown(f"no slot {wanted!r}")
+        if slot.held_by or slot.his_status != "free":
+            raise SlotUnavailable(f"slot {wanted} is {slot.visible_status}")
+        if slot.start_ts <= tx.now:
+            raise SlotUnavailable(f"slot {wanted} has already started")
+        if self.quotas is not None:
+            self.quotas.check(tx, platform, slot)
+        return slot
+
+    def _check_backlog(self, tx) -> None:
+        backlog = tx.outbound_backlog(self.his.peer)
+        if backlog >= self.max_backlog:
+            raise Overloaded(f"{backlog} messages are waiting for the HIS; try again later", self.retry_after)
+
+    def hold(self, platform: str, slot_id_: str, patient: Patient | None = None,
+             who: AuditEntry | None = None) -> defer.Deferred:
+        """Hold a slot for ``platform`` without telling the HIS (IHE ITI-116 ``$hold``): the slot becomes
+        ``busy-tentative`` and an appointment ``pending`` with no change awaited from the HIS
+        (``pending_change`` None) and ``hold_expires`` = now + ``hold_seconds``, audited (``hold``, 200) in
+        the same transaction.  Nothing is queued for the HIS, so an expired hold is released without any
+        message.  Fires with the appointment id; fails like :meth:`book` (SlotUnknown, SlotUnavailable,
+        QuotaExhausted)."""
+        appointment_id = new_appointment_id()
+        empty = Patient(identifiers=())
+
+        def work(tx):
+            from gateway.chamber import AppointmentRow
+
+            slot = self._bookable_slot(tx, platform, slot_id_)
+            tx.insert_appointment(AppointmentRow(
+                id=appointment_id, platform=platform, slot_id=slot.id, status="pending",
+                patient=(patient or empty).to_json(), description=None, his_appointment=None,
+                hold_expires=tx.now + self.hold_seconds, outcome=None, pending_change=None, version=1,
+                created=tx.now, updated=tx.now,
+            ))
+            tx.update_slot(slot.id, held_by=appointment_id)
+            self._audit(tx, who, platform, "hold", 200, appointment_id,
+                        f"slot {slot.id} held; the HIS is not told until $book")
+            return appointment_id
+
+        def held(appointment):
+            log.info("booking.hold_only", appointment=appointment, platform=platform)
+            self._schedule_expiry()
+            return appointment
+
+        return self.chamber.transact(work).addCallback(held)
+
+    def book_held(self, platform: str, appointment_id: str, patient: Patient | None = None,
+                  who: AuditEntry | None = None) -> defer.Deferred:
+        """Book an appointment held by :meth:`hold` (IHE ITI-117 ``$book``): queue SRM^S01 exactly as
+        :meth:`book` does, in one transaction with its audit record; the hold is renewed for the HIS's
+        answer.  ``patient`` replaces the one given at the hold (one is needed by now).  Fires with
+        ``'new'`` (queued) or ``'already'`` (already booked or being booked: nothing is done).  Fails with
+        AppointmentUnknown, SlotUnavailable (the hold expired or was cancelled), PatientRequired or
+        Overloaded."""
+        control_id = new_control_id()
+
+        def work(tx):
+            appt = self._own(tx, platform, appointment_id)
+            if appt.status == "booked" or (appt.status == "pending" and appt.pending_change == "book"):
+                return "already"
+            if appt.status != "pending" or appt.pending_change is not None:
+                raise SlotUnavailable(f"appointment {appointment_id} is no longer held "
+                                      f"({appt.outcome or appt.status})")
+            if appt.hold_expires is not None and appt.hold_expires <= tx.now:
+                raise SlotUnavailable(f"the hold on appointment {appointment_id} has expired")
+            slot = tx.slot(appt.slot_id)
+            if slot is None or slot.his_status != "free":  # the HIS booked or blocked it meanwhile
+                raise SlotUnavailable(f"slot {appt.slot_id} is no longer free at the HIS")
+            if slot.start_ts <= tx.now:
+                raise SlotUnavailable(f"slot {appt.slot_id} has already started")
+            who_for = patient if patient is not None and patient.identifiers else Patient.from_json(appt.patient)
+            if not who_for.identifiers:
+                raise PatientRequired("booking needs the patient: a Patient with an identifier the HIS knows "
+                                      "(patient-resource, or a contained Patient in appointment-resource)")
+            self._check_backlog(tx)
+            tx.update_appointment(appt.id, patient=who_for.to_json(), pending_change="book",
+                                  hold_expires=tx.now + self.hold_seconds)
+            self._queue(tx, control_id, "S01", appt.id, who_for, f"booking {appt.id} (held)")
+            self._audit(tx, who, platform, "book", 202, appt.id, f"slot {appt.slot_id} held; SRM^S01 queued")
+            return "new"
+
+        d = self.chamber.transact(work)
+        d.addCallback(lambda how: (self._booked((appointment_id, how), platform, control_id), how)[1])
+        return d
+
+    def reschedule(self, platform: str, appointment_id: str, new_slot_id: str,
+                   who: AuditEntry | None = None) -> defer.Deferred:
+        """Move a booked appointment to another slot (IHE ``$book`` rescheduling), as cancel + new: in one
+        transaction a new appointment (``replaces`` the old one) holds the new slot and SRM^S01 is queued,
+        audited ``book`` 202; the old one waits (``pending_change`` 'reschedule').  When the HIS accepts the
+        new booking, SRM^S04 cancels the old one (:meth:`_answer_booking`) and its slot is freed when the HIS
+        accepts that; if the new booking is refused, expires or is dead-lettered, the old one stays booked.
+        Fires with the new appointment's id.  Fails with AppointmentUnknown, SlotUnknown, SlotUnavailable
+        (the old one is not booked, or already changing; the new slot is taken), QuotaExhausted or
+        Overloaded."""
+        new_id = new_appointment_id()
+        control_id = new_control_id()
+
+        def work(tx):
+            from gateway.chamber import AppointmentRow
+
+            old = self._own(tx, platform, appointment_id)
+            if old.status != "booked" or old.pending_change is not None:
+                raise SlotUnavailable(f"appointment {appointment_id} cannot be moved now (it is {old.status}"
+                                      f"{', waiting for the HIS' if old.pending_change else ''})")
+            slot = self._bookable_slot(tx, platform, new_slot_id)
+            self._check_backlog(tx)
+            tx.insert_appointment(AppointmentRow(
+                id=new_id, platform=platform, slot_id=slot.id, status="pending", patient=old.patient,
+                description=old.description, his_appointment=None, hold_expires=tx.now + self.hold_seconds,
+                outcome=None, pending_change="book", version=1, created=tx.now, updated=tx.now,
+                replaces=old.id,
+            ))
+            tx.update_appointment(old.id, pending_change="reschedule")
+            tx.update_slot(slot.id, held_by=new_id)
+            self._queue(tx, control_id, "S01", new_id, Patient.from_json(old.patient),
+                        f"booking {new_id} (rescheduling {old.id})")
+            self._audit(tx, who, platform, "book", 202, new_id,
+                        f"rescheduling {old.id}: slot {slot.id} held; SRM^S01 queued")
+            return new_id, "new"
+
+        d = self.chamber.transact(work)
+        d.addCallback(self._booked, platform, control_id)
+        return d.addCallback(lambda result: result[0])
+
+    def _moved(self, tx, new) -> None:
+        """The HIS accepted ``new``, which replaces a booked appointment: cancel the old one at the HIS."""
+        old = tx.appointment(new.replaces)
+        if old is None or old.status != "booked" or old.pending_change != "reschedule":
+            return  # the platform cancelled it meanwhile, or the hospital did
+        tx.update_appointment(old.id, pending_change="cancel", outcome=f"rescheduled to {new.id}")
+        self._queue(tx, new_control_id(), "cancel", old.id, Patient.from_json(old.patient),
+                    f"cancellation of {old.id}: rescheduled to {new.id}")
+        self._audit(tx, None, old.platform, "cancel", 202, old.id, f"rescheduled to {new.id}; cancellation queued",
+                    source="gateway")
+
+    @staticmethod
+    def _not_moved(tx, new, reason: str) -> None:
+        """``new`` will not be booked: the appointment it was to replace stays as it is."""
+        if not new.replaces:
+            return
+        old = tx.appointment(new.replaces)
+        if old is not None and old.pending_change == "reschedule":
+            tx.update_appointment(old.id, pending_change=None, outcome=f"not rescheduled: {reason}")
 
     def _booked(self, result, platform, control_id):
         appointment_id, how = result
@@ -335,12 +487,15 @@ class BookingService:
                 tx.update_slot(slot.id, held_by=None, booked_by=appt.id, his_status="busy",
                                his_appointment=answer.his_appointment or slot.his_appointment)
                 self._settled(tx, appt, "book.settled", 201, f"booked by the HIS ({answer.code})")
+                if appt.replaces:
+                    self._moved(tx, appt)
             else:
                 tx.update_appointment(appt.id, status="refused", pending_change=None, hold_expires=None,
                                       outcome=f"refused by the HIS ({answer.code}): {answer.text or 'no reason given'}")
                 if slot.held_by == appt.id:
                     tx.update_slot(slot.id, held_by=None)
                 self._settled(tx, appt, "book.settled", 409, f"refused by the HIS ({answer.code})")
+                self._not_moved(tx, appt, f"the new booking was refused by the HIS ({answer.code})")
         elif answer.accepted:
             # The hold was released (expired or cancelled) before the HIS accepted: undo it at the HIS.
             self._queue_compensating_cancel(tx, appt, slot, answer.his_appointment)
@@ -351,8 +506,9 @@ class BookingService:
         if appt.pending_change != "cancel":
             return  # a compensating cancel: the appointment is already cancelled on our side
         if answer.accepted:
+            moved = (appt.outcome or "").startswith("rescheduled to ")
             tx.update_appointment(appt.id, status="cancelled", pending_change=None,
-                                  outcome="cancelled by the platform")
+                                  outcome=appt.outcome if moved else "cancelled by the platform")
             if slot.booked_by == appt.id:
                 tx.update_slot(slot.id, booked_by=None, his_status="free", his_appointment=None)
             self._settled(tx, appt, "cancel.settled", 200, f"cancelled by the HIS ({answer.code})")
@@ -387,6 +543,7 @@ class BookingService:
             if message.attempts > 0:  # it may have reached the HIS before its answer was lost
                 self._queue_compensating_cancel(tx, appt, slot, None)
             self._settled(tx, appt, "book.settled", 409, "dead-lettered: the HIS did not take the booking")
+            self._not_moved(tx, appt, "the new booking did not reach the HIS")
         elif kind != "S01" and appt.pending_change == "cancel":
             tx.update_appointment(appt.id, pending_change=None,
                                   outcome=f"the cancellation did not reach the HIS: {reason}")
@@ -401,6 +558,7 @@ class BookingService:
         tx.update_appointment(appt.id, status="cancelled", pending_change=None, hold_expires=None, outcome=reason)
         if slot is not None and slot.held_by == appt.id:
             tx.update_slot(slot.id, held_by=None)
+        self._not_moved(tx, appt, reason)
         for msg in tx.messages_for_subject(subject_of(appt.id)):
             if msg.type == "SRM^S01" and msg.state in ("committed", "retrying"):
                 tx.set_message_state(msg.id, "withdrawn", detail=reason)
@@ -411,6 +569,11 @@ class BookingService:
         def work(tx):
             expired = tx.expired_holds(tx.now)
             for appt in expired:
+                if appt.pending_change is None:  # a $hold the HIS was never told of: no message at all
+                    self._release_hold(tx, appt, tx.slot(appt.slot_id), "the hold expired before it was booked")
+                    self._settled(tx, appt, "book.settled", 409, "the hold expired before it was booked "
+                                  "(the HIS was never told)", source="gateway")
+                    continue
                 self._release_hold(tx, appt, tx.slot(appt.slot_id),
                                    "the HIS did not answer in time; the hold expired")
                 self._settled(tx, appt, "book.settled", 409, "the hold expired before the HIS answered",

@@ -116,6 +116,7 @@ class AppointmentRow:
     version: int
     created: float
     updated: float
+    replaces: str | None = None  # the booked appointment this one moves (rescheduling: cancel + new)
 
 
 @dataclass(frozen=True)
@@ -310,18 +311,20 @@ class Txn:
     def insert_appointment(self, row: AppointmentRow) -> None:
         self._c.execute(
             "INSERT INTO appointments (id, platform, slot_id, status, patient, description, his_appointment,"
-            " hold_expires, outcome, pending_change, version, created, updated)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " hold_expires, outcome, pending_change, version, created, updated, replaces)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (row.id, row.platform, row.slot_id, row.status, json.dumps(row.patient, ensure_ascii=False),
              row.description, row.his_appointment, row.hold_expires, row.outcome, row.pending_change,
-             row.version, self.now, self.now),
+             row.version, self.now, self.now, row.replaces),
         )
 
     def update_appointment(self, appointment_id: str, **changes: Any) -> None:
-        allowed = {"status", "slot_id", "his_appointment", "hold_expires", "outcome", "pending_change"}
+        allowed = {"status", "slot_id", "his_appointment", "hold_expires", "outcome", "pending_change", "patient"}
         unknown = set(changes) - allowed
         if unknown:
             raise ValueError(f"not appointment columns: {sorted(unknown)}")
+        if "patient" in changes:  # a hold gets its patient when it is booked ($book)
+            changes["patient"] = json.dumps(changes["patient"], ensure_ascii=False)
         cols = ", ".join(f"{k} = ?" for k in changes)
         self._c.execute(
             f"UPDATE appointments SET {cols}, version = version + 1, updated = ? WHERE id = ?",

@@ -11,6 +11,8 @@ Served (base ``https://HOST:PORT/fhir``)::
     PUT    /Appointment/{id}               status -> cancelled (the only change a platform may make)
     PATCH  /Appointment/{id}               JSON Patch [{"op": "replace", "path": "/status", ...}] or a
                                            partial resource {"status": "cancelled"}
+    GET    /Appointment?patient=[system|]value&date=      the platform's own, by patient identifier and day
+    POST   /Appointment/$find | $hold | $book             IHE ITI Scheduling (adapters/fhir/ihe.py)
 
 The platform is the one whose configured certificate subject matches the client certificate presented in
 the TLS handshake (the handshake itself already refused certificates not signed by the configured CA).
@@ -57,7 +59,9 @@ from adapters.mapping.fhir_scheduling import (
     search_instant,
     slot_resource,
 )
+from adapters.fhir import ihe
 from gateway.audit import AuditEntry
+from gateway.booking import PatientRequired
 from gateway.errors import ChamberError
 from gateway.logs import mask_value
 from gateway.quota import QuotaExhausted
@@ -375,6 +379,11 @@ class FhirApi(resource.Resource):
         if failure.check(FhirError):
             e = failure.value
             return e.status, operation_outcome(e.issues), e.headers
+        if failure.check(ihe.ParameterError):
+            e = failure.value
+            return 400, operation_outcome([(e.code, str(e), e.name)]), {}
+        if failure.check(PatientRequired):
+            return 422, operation_outcome([("required", failure.getErrorMessage(), "Appointment.participant")]), {}
         if failure.check(InvalidResource):
             e = failure.value
             return e.status, operation_outcome(e.issues), {}
@@ -435,6 +444,9 @@ class FhirApi(resource.Resource):
             if parts[0] == "Appointment":
                 method = request.method.decode("ascii", "replace")
                 access.action = {"POST": "book", "PUT": "cancel", "PATCH": "cancel"}.get(method, access.action)
+            if len(parts) == 2 and parts[1].startswith("$"):  # an operation (IHE ITI Scheduling)
+                access.resource_id = None
+                access.action = {"$find": "search", "$hold": "hold", "$book": "book"}.get(parts[1], "access")
         return parts
 
     async def _dispatch(self, request):
@@ -472,6 +484,8 @@ class FhirApi(resource.Resource):
         if not parts or parts[0] not in ("Slot", "Schedule", "Appointment"):
             raise FhirError(404, "not-supported", f"resource type {parts[0] if parts else '(none)'} is not served here")
         rtype, rest = parts[0], parts[1:]
+        if rtype == "Appointment" and len(rest) == 1 and rest[0].startswith("$"):
+            return await self._operation(rest[0][1:], method, grant, platform, request, base)
         if len(rest) > 1:
             raise FhirError(404, "not-supported", "history and operations are not supported")
         if rtype == "Slot":
@@ -572,8 +586,20 @@ class FhirApi(resource.Resource):
                      "interaction": [{"code": "create"}, {"code": "read"}, {"code": "update"}, {"code": "patch"},
                                      {"code": "search-type"}],
                      "documentation": "create books the referenced Slot (201 booked, 409 refused, 202 pending); "
-                                      "update or patch status to 'cancelled' cancels it.",
-                     "searchParam": [sp("status", "token", "appointment status"), sp("_id", "token", "id")]},
+                                      "update or patch status to 'cancelled' cancels it. IHE ITI Scheduling: "
+                                      "$find (ITI-115), $hold (ITI-116, the HIS is not told), $book (ITI-117, "
+                                      "200 booked, 202 pending, 409 refused; status 'cancelled' cancels).",
+                     "searchParam": [sp("status", "token", "appointment status"), sp("_id", "token", "id"),
+                                     sp("patient", "token", "the patient's identifier, [system|]value "
+                                                            "(also patient:identifier)"),
+                                     sp("date", "date", "the appointment's start, with prefixes ge/gt/le/lt/eq")],
+                     "operation": [{"name": name, "definition": url,
+                                    "documentation": doc} for name, url, doc in (
+                         ("find", ihe.OPERATIONS["find"], "proposed Appointments for free slots (scope Slot.read)"),
+                         ("hold", ihe.OPERATIONS["hold"], "hold a proposed appointment until outer.hold_expires "
+                                                          "(scope Appointment.write)"),
+                         ("book", ihe.OPERATIONS["book"], "book a held or proposed appointment through the HIS, "
+                                                          "or cancel one (scope Appointment.write)"))]},
                 ],
             }],
         }
@@ -752,13 +778,22 @@ class FhirApi(resource.Resource):
         return 200, self._appointment_json(appt), {"ETag": f'W/"{appt.version}"'}
 
     def appointment_search(self, platform: str, query, base: str, access: Access | None = None):
-        self._check_params(query, {"status", "_id", "_count", "_offset"})
+        self._check_params(query, {"status", "_id", "_count", "_offset", "patient", "patient:identifier", "date"})
         count, _ = self._count(query)
-        rows = self.reader().appointments_for(platform, limit=1000)
         statuses = {s for v in query.get("status", []) for s in v.split(",") if s}
         ids = {s for v in query.get("_id", []) for s in v.split(",") if s}
+        patients = self._patient_tokens(query)
+        dates = self._date_ranges(query)
+        reader = self.reader()
+        rows = reader.appointments_for(platform, limit=1000)  # only ever the platform's own
         resources = []
         for appt in rows:
+            if patients is not None and not self._patient_matches(appt.patient, patients):
+                continue
+            if dates:
+                slot = reader.slot(appt.slot_id)
+                if slot is None or not all(low <= slot.start_ts < high for low, high in dates):
+                    continue
             res = self._appointment_json(appt)
             if (statuses and res["status"] not in statuses) or (ids and appt.id not in ids):
                 continue
@@ -770,6 +805,47 @@ class FhirApi(resource.Resource):
             access.detail = f"{len(shown)} result(s)" + (": " + ",".join(shown[:100]) if shown else "") + \
                 (" ..." if len(shown) > 100 else "")
         return 200, self._bundle(base, "Appointment", resources, query, 0, count, False), {}
+
+    @staticmethod
+    def _patient_tokens(query) -> list[tuple[str | None, str]] | None:
+        """``patient`` / ``patient:identifier`` = ``[system|]value`` (a patient identifier, ITI-118 style; a
+        comma is OR): [(system or None, value)], or None when not asked.  The values are compared, never
+        logged nor audited."""
+        values = query.get("patient", []) + query.get("patient:identifier", [])
+        if not values:
+            return None
+        tokens = []
+        for v in values:
+            for item in v.split(","):
+                system, bar, value = item.rpartition("|")
+                if not value:
+                    raise FhirError(400, "invalid", "patient: give the patient's identifier as [system|]value",
+                                    "patient")
+                tokens.append((system if bar else None, value))
+        return tokens
+
+    @staticmethod
+    def _patient_matches(patient: dict, tokens) -> bool:
+        for ident in patient.get("identifiers", []):
+            for system, value in tokens:
+                if ident.get("value") == value and (system is None or ident.get("system") == system):
+                    return True
+        return False
+
+    def _date_ranges(self, query) -> list[tuple[float, float]]:
+        """``date`` (the appointment's start), FHIR date search with prefixes: [(low, high)] to satisfy all."""
+        out = []
+        for value in query.get("date", []):
+            try:
+                prefix, low, high = search_instant(value, self.tz)
+            except (ValueError, OverflowError) as e:
+                raise FhirError(400, "invalid", f"date={value[:40]!r}: {e}", "date") from None
+            ranges = {"eq": (low, high), "ge": (low, math.inf), "sa": (high, math.inf), "gt": (high, math.inf),
+                      "le": (-math.inf, high), "lt": (-math.inf, low), "eb": (-math.inf, low)}
+            if prefix not in ranges:
+                raise FhirError(400, "not-supported", f"date={prefix}... is not supported", "date")
+            out.append(ranges[prefix])
+        return out
 
     async def appointment_change(self, platform: str, appointment_id: str, method: str, body, base: str,
                                  access: Access | None = None):
@@ -800,6 +876,142 @@ class FhirApi(resource.Resource):
             return 202, resource_json, self._location(base, appt)
         raise FhirError(409, "conflict", f"the HIS did not cancel the appointment: {appt.outcome}",
                         "Appointment.status")
+
+    # -- IHE ITI Scheduling: $find, $hold, $book (adapters/fhir/ihe.py, docs/ihe-scheduling.md) -----------------
+    async def _operation(self, name: str, method: str, grant: PlatformGrant, platform: str, request, base: str):
+        if name not in ihe.OPERATIONS:
+            raise FhirError(404, "not-supported", f"operation ${name[:40]} is not supported on Appointment "
+                                                  f"(supported: $find, $hold, $book)")
+        if name == "find":  # POST a Parameters resource, or GET with the parameters in the query
+            self._method(method, "POST", "GET")
+            self._scope(grant, platform, "Slot.read")  # it shows slot availability, no patient data
+            if method == "GET":
+                return self.ihe_find(platform, None, base, self._query(request))
+            return self.ihe_find(platform, self._body(request), base)
+        self._method(method, "POST")
+        self._scope(grant, platform, "Appointment.write")
+        body = self._body(request)
+        if name == "hold":
+            return await self.ihe_hold(platform, body, base, request.gateway_access)
+        return await self.ihe_book(platform, body, base, request.gateway_access)
+
+    @staticmethod
+    def _operation_bundle(base: str, operation: str, resources: list[dict]) -> dict:
+        return {
+            "resourceType": "Bundle",
+            "type": "searchset",
+            "total": len(resources),
+            "link": [{"relation": "self", "url": f"{base}/Appointment/${operation}"}],
+            "entry": [{**({"fullUrl": f"{base}/Appointment/{r['id']}"} if r.get("id") else {}),
+                       "resource": r, "search": {"mode": "match"}} for r in resources],
+        }
+
+    def ihe_find(self, platform: str, body, base: str, query_string: dict[str, list[str]] | None = None):
+        query = ihe.find_query(body, self.tz, query_string)
+        resources = ihe.find(self.reader(), query, platform=platform, quotas=self.quotas, tz=self.tz,
+                             page_size=self.page_size)
+        return 200, self._operation_bundle(base, "find", resources), {}
+
+    async def ihe_hold(self, platform: str, body, base: str, access: Access):
+        access.patient_data = True
+        what = ihe.hold_or_book(body, "hold")
+        if what.appointment_id is not None:  # one of its own appointments: a repeated $hold
+            try:
+                appt = self.booking.appointment(platform, what.appointment_id)
+            except AppointmentUnknown as e:
+                raise FhirError(404, "not-found", str(e)) from None
+            access.resource_id, access.detail = appt.id, "hold repeated"
+            if not (appt.status == "pending" and appt.pending_change is None):
+                raise FhirError(409, "conflict", f"appointment {appt.id} is not held (it is {appt.status})",
+                                "Appointment.status")
+            return 200, self._operation_bundle(base, "hold", [self._appointment_json(appt)]), self._location(base, appt)
+        try:
+            appointment_id = await self.booking.hold(platform, what.slot_id, what.patient, who=access.who())
+        except SlotUnknown as e:
+            raise FhirError(422, "not-found", str(e), "Appointment.slot") from None
+        except SlotUnavailable as e:
+            raise FhirError(409, "conflict", str(e), "Appointment.slot") from None
+        except QuotaExhausted as e:
+            raise FhirError(409, "business-rule", str(e), "Appointment.slot") from None
+        access.resource_id, access.recorded = appointment_id, True  # audited in the hold's transaction
+        appt = self.booking.appointment(platform, appointment_id)
+        return 200, self._operation_bundle(base, "hold", [self._appointment_json(appt)]), self._location(base, appt)
+
+    async def ihe_book(self, platform: str, body, base: str, access: Access):
+        access.patient_data = True
+        what = ihe.hold_or_book(body, "book")
+        if what.cancel:
+            access.action = "cancel"
+            status, resource_json, headers = await self.appointment_change(
+                platform, what.appointment_id, "PATCH", {"status": "cancelled"}, base, access)
+            return status, self._operation_bundle(base, "book", [resource_json]), headers
+        if what.appointment_id is not None and what.slot_id is not None:
+            try:
+                current = self.booking.appointment(platform, what.appointment_id)
+            except AppointmentUnknown as e:
+                raise FhirError(404, "not-found", str(e)) from None
+            if current.slot_id != what.slot_id:
+                if current.status != "booked":
+                    raise FhirError(422, "business-rule", f"only a booked appointment can be moved to another slot; "
+                                                          f"$hold the new slot instead (appointment {current.id} "
+                                                          f"is {current.status})", "Appointment.slot")
+                return await self._reschedule(platform, current, what.slot_id, base, access)
+        if what.appointment_id is not None:
+            try:
+                how = await self.booking.book_held(platform, what.appointment_id, what.patient, who=access.who())
+            except AppointmentUnknown as e:
+                raise FhirError(404, "not-found", str(e)) from None
+            except SlotUnavailable as e:
+                raise FhirError(409, "conflict", str(e), "Appointment.slot") from None
+            appointment_id = what.appointment_id
+        else:
+            if what.patient is None:
+                raise FhirError(422, "required", "booking needs the patient: a Patient with an identifier the HIS "
+                                                 "knows (patient-resource, or a contained Patient in "
+                                                 "appointment-resource)", "Appointment.participant")
+            try:
+                appointment_id, how = await self.booking.book(platform, what.booking_request(), who=access.who())
+            except SlotUnknown as e:
+                raise FhirError(422, "not-found", str(e), "Appointment.slot") from None
+            except SlotUnavailable as e:
+                raise FhirError(409, "conflict", str(e), "Appointment.slot") from None
+            except QuotaExhausted as e:
+                raise FhirError(409, "business-rule", str(e), "Appointment.slot") from None
+        access.resource_id = appointment_id
+        access.recorded = how == "new"  # audited in the transaction that queued the SRM^S01
+        access.detail = None if how == "new" else "already booked or being booked"
+        await self.booking.wait_settled(appointment_id, self.answer_within)
+        appt = self.booking.appointment(platform, appointment_id)
+        resource_json = self._appointment_json(appt)
+        bundle = self._operation_bundle(base, "book", [resource_json])
+        if appt.status == "booked":
+            return 200, bundle, self._location(base, appt)
+        if appt.status == "pending":
+            return 202, bundle, self._location(base, appt)
+        raise FhirError(409, "conflict", f"the booking was not made: {appt.outcome}", "Appointment.slot",
+                        headers={"Content-Location": self._location(base, appt)["Location"]})
+
+    async def _reschedule(self, platform: str, current, slot_id: str, base: str, access: Access):
+        """$book of a booked appointment with another slot: cancel + new (BookingService.reschedule).  Answered
+        like a booking of the new appointment; the old one is cancelled at the HIS once it accepted the new."""
+        try:
+            new_id = await self.booking.reschedule(platform, current.id, slot_id, who=access.who())
+        except SlotUnknown as e:
+            raise FhirError(422, "not-found", str(e), "Appointment.slot") from None
+        except SlotUnavailable as e:
+            raise FhirError(409, "conflict", str(e), "Appointment.slot") from None
+        except QuotaExhausted as e:
+            raise FhirError(409, "business-rule", str(e), "Appointment.slot") from None
+        access.resource_id, access.recorded = new_id, True
+        await self.booking.wait_settled(new_id, self.answer_within)
+        appt = self.booking.appointment(platform, new_id)
+        bundle = self._operation_bundle(base, "book", [self._appointment_json(appt)])
+        if appt.status == "booked":
+            return 200, bundle, self._location(base, appt)
+        if appt.status == "pending":
+            return 202, bundle, self._location(base, appt)
+        raise FhirError(409, "conflict", f"the appointment was not moved: {appt.outcome}", "Appointment.slot",
+                        headers={"Content-Location": self._location(base, appt)["Location"]})
 
     @staticmethod
     def _wanted_status(method: str, body, appointment_id: str) -> str:

@@ -22,6 +22,12 @@ SCHEDULE_SYSTEM = "urn:gatewayd:his:schedule"
 HIS_APPOINTMENT_SYSTEM = "urn:gatewayd:his:appointment"
 V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 
+HOLD_EXPIRES_EXTENSION = "urn:gatewayd:appointment:hold-expires"
+PRACTITIONER_SYSTEM = "urn:gatewayd:his:practitioner"
+DEPARTMENT_SYSTEM = "urn:gatewayd:his:department"
+#: Appointment.id of a proposed appointment ($find): this prefix + the Slot id (nothing is stored for it)
+PROPOSED_PREFIX = "proposed-"
+
 #: chamber appointment status -> FHIR Appointment.status
 APPOINTMENT_STATUS = {"pending": "pending", "booked": "booked", "cancelled": "cancelled", "refused": "cancelled"}
 #: chamber appointment status -> the patient participant's status
@@ -68,10 +74,10 @@ def slot_resource(slot, tz: ZoneInfo) -> dict:
 def schedule_resource(schedule, tz: ZoneInfo) -> dict:
     actors = []
     if schedule.practitioner_name or schedule.practitioner_id:
-        actors.append({"identifier": {"system": "urn:gatewayd:his:practitioner", "value": schedule.practitioner_id},
+        actors.append({"identifier": {"system": PRACTITIONER_SYSTEM, "value": schedule.practitioner_id},
                        "display": schedule.practitioner_name or schedule.practitioner_id})
     if schedule.department_name or schedule.department_code:
-        actors.append({"identifier": {"system": "urn:gatewayd:his:department", "value": schedule.department_code},
+        actors.append({"identifier": {"system": DEPARTMENT_SYSTEM, "value": schedule.department_code},
                        "display": schedule.department_name or schedule.department_code})
     if not actors:
         actors.append({"display": schedule.display})
@@ -103,11 +109,12 @@ def appointment_resource(appt, slot, tz: ZoneInfo, identifiers=()) -> dict:
                                                  ("given", [patient.given] if patient.given else None)) if v}]
     if patient.phone:
         contained["telecom"] = [{"system": "phone", "value": patient.phone}]
+    has_patient = bool(patient.identifiers or patient.family or patient.given or patient.phone)
     resource: dict[str, Any] = {
         "resourceType": "Appointment",
         "id": appt.id,
         "meta": {"versionId": str(appt.version), "lastUpdated": instant(appt.updated, tz)},
-        "contained": [contained],
+        **({"contained": [contained]} if has_patient else {}),  # a $hold may come without its patient
         "status": APPOINTMENT_STATUS[appt.status],
         "serviceType": _service(slot),
         "slot": [{"reference": f"Slot/{slot.id}"}],
@@ -116,10 +123,16 @@ def appointment_resource(appt, slot, tz: ZoneInfo, identifiers=()) -> dict:
         "minutesDuration": slot.minutes,
         "created": instant(appt.created, tz)[:10],
         "participant": [
-            {"actor": {"reference": "#patient"}, "status": PARTICIPANT_STATUS[appt.status]},
+            *([{"actor": {"reference": "#patient"}, "status": PARTICIPANT_STATUS[appt.status]}] if has_patient
+              else []),
             {"actor": {"reference": f"Schedule/{slot.schedule_id}"}, "status": "accepted"},
         ],
     }
+    if not patient.identifiers:
+        contained.pop("identifier")
+    if appt.status == "pending" and appt.pending_change is None and appt.hold_expires is not None:
+        # held by $hold, the HIS not told yet: when the hold ends unless $book comes first
+        resource["extension"] = [{"url": HOLD_EXPIRES_EXTENSION, "valueInstant": instant(appt.hold_expires, tz)}]
     ids = [{"system": system, "value": value} if system else {"value": value} for system, value in identifiers]
     if appt.his_appointment:
         ids.append({"system": HIS_APPOINTMENT_SYSTEM, "value": appt.his_appointment})
@@ -132,6 +145,70 @@ def appointment_resource(appt, slot, tz: ZoneInfo, identifiers=()) -> dict:
     elif appt.outcome:
         resource["comment"] = appt.outcome
     return resource
+
+
+def proposed_id(slot_id: str) -> str | None:
+    """The id of the proposed appointment for a slot (None if it would not be a FHIR id)."""
+    out = PROPOSED_PREFIX + slot_id
+    return out if len(out) <= 64 else None
+
+
+def proposed_appointment(slot, schedule, tz: ZoneInfo) -> dict:
+    """A proposed Appointment for a free slot (IHE ITI-115 ``$find``): nothing is stored or held for it."""
+    participants = [{"actor": {"reference": f"Schedule/{slot.schedule_id}"}, "status": "accepted"}]
+    if schedule is not None and (schedule.practitioner_id or schedule.practitioner_name):
+        participants.append({"actor": {"type": "Practitioner",
+                                       "identifier": {"system": PRACTITIONER_SYSTEM, "value": schedule.practitioner_id},
+                                       "display": schedule.practitioner_name or schedule.practitioner_id},
+                             "status": "accepted"})
+    if schedule is not None and (schedule.department_code or schedule.department_name):
+        participants.append({"actor": {"type": "Location",
+                                       "identifier": {"system": DEPARTMENT_SYSTEM, "value": schedule.department_code},
+                                       "display": schedule.department_name or schedule.department_code},
+                             "status": "accepted"})
+    resource: dict[str, Any] = {"resourceType": "Appointment"}
+    pid = proposed_id(slot.id)
+    if pid:
+        resource["id"] = pid
+    resource.update({
+        "status": "proposed",
+        "serviceType": _service(slot),
+        "slot": [{"reference": f"Slot/{slot.id}"}],
+        "start": instant(slot.start_ts, tz),
+        "end": instant(slot.end_ts, tz),
+        "minutesDuration": slot.minutes,
+        "participant": participants,
+    })
+    if schedule is not None and schedule.department_code:
+        resource["specialty"] = [{"coding": [{"system": DEPARTMENT_SYSTEM, "code": schedule.department_code,
+                                              "display": schedule.department_name or schedule.department_code}]}]
+    return resource
+
+
+def patient_from_resource(body: Any) -> Patient:
+    """A Patient resource (IHE ``patient-resource``) -> the patient to book for.  Raises InvalidResource."""
+    from fhir.resources.R4B.patient import Patient as FhirPatient
+
+    if not isinstance(body, dict) or body.get("resourceType") != "Patient":
+        raise InvalidResource([("invalid", "patient-resource must be a Patient resource", None)])
+    try:
+        pat = FhirPatient.model_validate(body)
+    except ValidationError as e:
+        raise InvalidResource(_pydantic_issues(e)) from None
+    return _from_patient_resource(pat)
+
+
+def appointment_patient(appt: Appointment) -> Patient | None:
+    """The patient an Appointment names (contained Patient or actor.identifier), or None if it names none."""
+    if not appt.participant:
+        return None
+    try:
+        return _patient(appt)
+    except InvalidResource as e:
+        if e.issues[0][0] == "required" and e.issues[0][2] == "Appointment.participant" \
+                and "needs a patient participant" in e.issues[0][1]:
+            return None
+        raise
 
 
 # -- inbound -----------------------------------------------------------------------------------------------

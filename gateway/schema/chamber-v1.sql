@@ -84,6 +84,8 @@ CREATE INDEX slots_by_his_appointment ON slots (his_appointment);
 
 -- Appointments platforms asked for.  status: pending | booked | cancelled | refused
 -- patient: JSON with what the HIS needs (identifiers, name, phone) and nothing more.
+-- replaces: the booked appointment this one moves (IHE $book rescheduling): once the HIS accepts this
+--           one, the old one is cancelled at the HIS (cancel + new).
 CREATE TABLE appointments (
     id              TEXT PRIMARY KEY,
     platform        TEXT NOT NULL,
@@ -97,7 +99,8 @@ CREATE TABLE appointments (
     pending_change  TEXT,
     version         INTEGER NOT NULL DEFAULT 1,
     created         REAL NOT NULL,
-    updated         REAL NOT NULL
+    updated         REAL NOT NULL,
+    replaces        TEXT
 );
 CREATE INDEX appointments_by_platform ON appointments (platform, created);
 CREATE INDEX appointments_pending ON appointments (status, hold_expires);
