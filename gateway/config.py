@@ -216,8 +216,8 @@ class OuterConfig:
         default=Duration(5.0),
     )
     hold_expires: Duration = doc(
-        "How long a slot stays held (busy-tentative) waiting for the HIS; then the booking is cancelled and "
-        "the slot released.",
+        "How long a slot stays held (busy-tentative) waiting for the HIS, or after Appointment/$hold waiting "
+        "for $book; then the hold is released (and the booking cancelled).",
         default=Duration(300.0),
     )
     page_size: Annotated[int, Range(1, 1000)] = doc("Default and largest _count of a search.", default=100)
