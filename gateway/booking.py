@@ -175,7 +175,7 @@ class BookingService:
     # -- platform requests ---------------------------------------------------------------------------------
     def book(self, platform: str, request: BookingRequest, *, idempotency_key: str | None = None,
              request_hash: str = "", if_none_exist: tuple[str, str] | None = None,
-             who: AuditEntry | None = None) -> defer.Deferred:
+             who: AuditEntry | None = None, raw: bytes | None = None) -> defer.Deferred:
         """Hold the slot and queue SRM^S01, in one committed transaction (with its audit record, which
         takes platform, certificate and source from ``who``).
 
@@ -207,6 +207,8 @@ class BookingService:
                 his_appointment=None, hold_expires=tx.now + self.hold_seconds, outcome=None,
                 pending_change="book", version=1, created=tx.now, updated=tx.now,
             ))
+            if raw is not None:  # the platform's request as received, kept with what it created
+                tx.keep_request(appointment_id, raw)
             for system, value in request.identifiers:
                 tx.add_appointment_identifier(platform, system, value, appointment_id)
             if idempotency_key is not None:

@@ -348,6 +348,15 @@ class Txn:
         )
         return cur.fetchone()[0]
 
+    def keep_request(self, appointment_id: str, body: bytes) -> None:
+        self._c.execute("INSERT OR IGNORE INTO platform_requests (appointment_id, received, body) VALUES (?, ?, ?)",
+                        (appointment_id, self.now, body))
+
+    def platform_request(self, appointment_id: str) -> bytes | None:
+        row = self._c.execute("SELECT body FROM platform_requests WHERE appointment_id = ?",
+                              (appointment_id,)).fetchone()
+        return bytes(row[0]) if row else None
+
     # -- idempotency -----------------------------------------------------------------------------------------
     def idempotent_request(self, platform: str, key: str) -> tuple[str, str] | None:
         """(request hash, appointment id) of an earlier request with this Idempotency-Key."""

@@ -142,6 +142,12 @@ class PlatformGrant:
     revoked_serials: frozenset = frozenset()  # certificate serial numbers (int) no longer accepted
 
 
+def _raw_body(request) -> bytes | None:
+    """The request body exactly as received (kept in the chamber with what it created)."""
+    content = request.content
+    return content.getvalue() if hasattr(content, "getvalue") else None
+
+
 class PlatformDirectory:
     """Client certificate subject -> platform name; platform name -> its grant."""
 
@@ -730,7 +736,7 @@ class FhirApi(resource.Resource):
         try:
             appointment_id, how = await self.booking.book(platform, request, idempotency_key=key,
                                                           request_hash=request_hash, if_none_exist=condition,
-                                                          who=access.who())
+                                                          who=access.who(), raw=_raw_body(http_request))
         except SlotUnknown as e:
             raise FhirError(422, "not-found", str(e), "Appointment.slot") from None
         except SlotUnavailable as e:

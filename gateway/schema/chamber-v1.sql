@@ -171,3 +171,10 @@ WHEN OLD.seq > (SELECT anchor_seq FROM audit_chain WHERE id = 1)
 BEGIN
     SELECT RAISE(ABORT, 'audit records are removed only by gatewayd audit prune');
 END;
+
+-- What a platform sent, byte for byte, for the appointment it created (kept for audit and reprocessing).
+CREATE TABLE platform_requests (
+    appointment_id TEXT PRIMARY KEY REFERENCES appointments (id),
+    received       REAL NOT NULL,
+    body           BLOB NOT NULL
+);

@@ -138,3 +138,22 @@ def test_window_of_three_with_ordering_by_patient(tmp_path):
         assert sorted(r.status_code for r in results.values()) == [201] * 12
         srms = [m for m in lock.received() if m["type"] == "SRM^S01"]
         assert len(srms) == 12 and len({m["control_id"] for m in srms}) == 12
+
+
+def test_the_platforms_request_is_kept_byte_for_byte(lock):
+    """What a platform sent is kept with the appointment it created, exactly as received."""
+    from gateway.chamber import Chamber
+
+    slot_id = lock.search_slots(status="free")[0]["id"]
+    raw = (b'{"resourceType": "Appointment",\n  "status": "proposed", "slot": [{"reference": "Slot/'
+                        + slot_id.encode() + b'"}], "contained": [{"resourceType": "Patient", "id": "p", '
+                        b'"identifier": [{"system": "urn:x", "value": "KEEP-1"}]}], '
+                        b'"participant": [{"actor": {"reference": "#p"}, "status": "needs-action"}]}')
+    r = lock.session().post(f"{lock.base}/Appointment", data=raw, headers=JSON)
+    assert r.status_code == 201
+    chamber = Chamber(lock.workdir / "chamber.sqlite3")
+    chamber.open()
+    try:
+        assert chamber.read().platform_request(r.json()["id"]) == raw
+    finally:
+        chamber.close()
