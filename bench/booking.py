@@ -13,7 +13,9 @@ needs its own free slot in the body.
 
 - Offered rate R (open loop): request k is due at t0 + k/R; a thread takes the next due request, waits for
   its time and sends it; latency is measured from the *due* time (so a late start counts: no coordinated
-  omission). ``--threads`` per process bounds the requests in flight.
+  omission). ``--threads`` per process bounds the requests in flight. When the gateway cannot keep up, a
+  request more than a run's length (``--seconds``) behind its due time is not sent but counted as "not
+  sent, overloaded" (so an overloaded run ends in bounded time; its percentiles are then lower bounds).
 - Saturation (closed loop): ``--concurrency`` threads in all send back to back; latency from the send.
 
 Every request books a different free slot for a different patient (so ``ordering: patient`` can spread);
@@ -109,6 +111,7 @@ def worker(spec: dict) -> dict:
     threads, rate, t0, t_end = spec["threads"], spec["rate"], spec["t0"], spec["t0"] + spec["seconds"]
     nprocs, index = spec["nprocs"], spec["index"]
     cycle = spec.get("cycle", False)  # book then cancel (soak): slots are reused
+    give_up = spec["seconds"]  # an open-loop request more than this late is not sent (see below)
     lock = threading.Lock()
     state = {"next": 0}
     out: list[list] = []
@@ -135,6 +138,11 @@ def worker(spec: dict) -> dict:
                 delay = due - time.time()
                 if delay > 0:
                     time.sleep(delay)
+                elif -delay > give_up and not cycle:
+                    # Overloaded: the client is more than a run's length behind. Not sent, but counted (as
+                    # status -1), so the run ends in bounded time and the row says it was overloaded.
+                    mine.append(["book", round(due - t0, 6), None, None, -1])
+                    continue
             else:
                 due = time.time()
                 if due > t_end:
@@ -204,7 +212,7 @@ class BookingLock:
 
     def __init__(self, workdir: Path, certs: rig.Certs, *, slots: int, ordering: str = "fifo", window: int = 1,
                  reference_builders: bool = False, log_level: str = "warning", counter_per_minute: float = 0.0,
-                 days: int = 1):
+                 days: int = 1, split: bool = False):
         self.workdir, self.certs = workdir, certs
         self.mllp_port, self.his_port, self.fhir_port = rig.free_port(), rig.free_port(), rig.free_port()
         self.doctors = max(1, math.ceil(slots / (SLOTS_PER_DOCTOR_DAY * days)))
@@ -215,13 +223,23 @@ class BookingLock:
         rig.gateway_config(workdir, certs, mllp_port=self.mllp_port, his_port=self.his_port,
                            fhir_port=self.fhir_port, ordering=ordering, window=window, log_level=log_level)
         self.reference_builders = reference_builders
-        self.gateway = self.sim = None
+        self.split = split
+        self.gateway = self.sim = self.inner = None  # gateway: the (outer) process; inner: split mode only
         self.client = Client("127.0.0.1", self.fhir_port, tls_context(certs.dir))
 
     def start(self, timeout: float = 600) -> "BookingLock":
         t = time.monotonic()
-        self.gateway = rig.Proc("gateway", rig.launch_args(["run", "--config", "gateway.yaml"],
-                                                           reference_builders=self.reference_builders), self.workdir)
+        if self.split:  # the split lock: two processes sharing only the chamber
+            self.inner = rig.Proc("gateway-inner", rig.launch_args(
+                ["run", "--gate", "inner", "--config", "gateway-inner.yaml"],
+                reference_builders=self.reference_builders), self.workdir)
+            rig.wait_port(self.mllp_port, 60, self.inner)
+            self.gateway = rig.Proc("gateway-outer", rig.launch_args(
+                ["run", "--gate", "outer", "--config", "gateway-outer.yaml"]), self.workdir)
+        else:
+            self.gateway = rig.Proc("gateway", rig.launch_args(["run", "--config", "gateway.yaml"],
+                                                               reference_builders=self.reference_builders),
+                                    self.workdir)
         rig.wait_port(self.fhir_port, 60, self.gateway)
         self.sim = rig.Proc("his-sim", rig.launch_args(["his-sim", "--config", "his-sim.yaml"],
                                                        reference_builders=self.reference_builders), self.workdir)
@@ -230,7 +248,8 @@ class BookingLock:
         last = f"D{self.doctors:03d}-{last_day:%Y%m%d}2350"  # the simulator pushes in start order: last is last
         deadline = time.monotonic() + timeout
         while self.client.request("GET", f"/Slot/{last}")[0] != 200:
-            if time.monotonic() > deadline or not self.gateway.alive() or not self.sim.alive():
+            if time.monotonic() > deadline or not self.gateway.alive() or not self.sim.alive() or (
+                    self.inner is not None and not self.inner.alive()):
                 raise RuntimeError(f"slots did not arrive:\n{self.gateway.log_tail()}\n{self.sim.log_tail()}")
             time.sleep(0.2)
         self.startup_s = round(time.monotonic() - t, 1)
@@ -251,7 +270,7 @@ class BookingLock:
     def stop(self) -> None:
         if self.client.conn is not None:
             self.client.conn.close()
-        for proc in (self.sim, self.gateway):
+        for proc in (self.sim, self.gateway, self.inner):
             if proc is not None:
                 proc.stop()
 
@@ -261,6 +280,8 @@ class BookingLock:
 
 def summarise_requests(outs: list[dict], t0: float, rate: float | None, seconds: float) -> dict:
     books = [r for o in outs for r in o["results"] if r[0] == "book"]
+    not_sent = sum(1 for r in books if r[4] == -1)
+    books = [r for r in books if r[4] != -1]
     statuses: dict[str, int] = {}
     for r in books:
         statuses[str(r[4])] = statuses.get(str(r[4]), 0) + 1
@@ -275,6 +296,7 @@ def summarise_requests(outs: list[dict], t0: float, rate: float | None, seconds:
     achieved = len(ok) / span if span > 0 else 0.0
     return {
         "offered_per_s": rate, "requests": len(books), "booked_201": len(ok), "statuses": statuses,
+        "not_sent_overloaded": not_sent,
         "bookings_per_s": round(achieved, 1), "span_s": round(span, 2), "first_due_s": round(first, 3),
         "p50_ms": round(1000 * rig.percentile(lat, .5), 2) if lat else None,
         "p99_ms": round(1000 * rig.percentile(lat, .99), 2) if lat else None,
@@ -298,30 +320,36 @@ def warm_up(lock: BookingLock, slots: list[str]) -> None:
                                 "application/json-patch+json")
 
 
-def parse_mode(text: str) -> tuple[str, int]:
-    """'fifo' -> ('fifo', 1); 'patient:16' -> ('patient', 16)."""
+def parse_mode(text: str) -> tuple[str, int, bool]:
+    """'fifo' -> ('fifo', 1, False); 'patient:16' -> ('patient', 16, False); 'split-fifo' -> the split lock
+    (``gatewayd run --gate outer`` and ``--gate inner``, two processes) with strict FIFO."""
+    split = text.startswith("split-")
+    text = text.removeprefix("split-")
     if text == "fifo":
-        return "fifo", 1
+        return "fifo", 1, split
     ordering, _, window = text.partition(":")
-    return ordering, int(window or 8)
+    return ordering, int(window or 8), split
 
 
 def run_one(workdir: Path, certs: rig.Certs, *, mode: str, rate: float | None, seconds: float, procs: int,
             threads: int, concurrency: int, reference_builders: bool = False, max_slots: int = 6000,
             log_level: str = "warning") -> dict:
-    ordering, window = parse_mode(mode)
+    ordering, window, split = parse_mode(mode)
     if rate:
         slots_needed = int(rate * seconds * 1.05) + 50 + WARM_UP
     else:
         slots_needed = max_slots
     lock = BookingLock(workdir, certs, slots=slots_needed, ordering=ordering, window=window,
-                       reference_builders=reference_builders, log_level=log_level)
+                       reference_builders=reference_builders, log_level=log_level, split=split)
     try:
         lock.start()
         slots = lock.free_slots()
         warm_up(lock, slots[-WARM_UP:])  # first requests pay for lazy imports and caches: not measured
         slots = slots[:-WARM_UP]
-        meter = rig.CpuMeter({"gateway": lock.gateway, "sim": lock.sim})
+        procs_measured = {"gateway": lock.gateway, "sim": lock.sim}
+        if lock.inner is not None:
+            procs_measured["inner"] = lock.inner
+        meter = rig.CpuMeter(procs_measured)
         load = rig.load_average()
         if rate:
             n_threads = threads
@@ -333,6 +361,9 @@ def run_one(workdir: Path, certs: rig.Certs, *, mode: str, rate: float | None, s
         outs, t0 = run_workers(port=lock.fhir_port, certs=certs.dir, slots=slots, procs=procs, threads=n_threads,
                                rate=rate, seconds=seconds, start_in=start_in)
         cpu = meter.stop()
+        if "inner_cpu_pct" in cpu:  # the split lock: the gateway is both processes
+            cpu["outer_cpu_pct"] = cpu["gateway_cpu_pct"]
+            cpu["gateway_cpu_pct"] = round(cpu["gateway_cpu_pct"] + cpu["inner_cpu_pct"], 1)
         summary = summarise_requests(outs, t0, rate, seconds)
         rss = {"gateway_rss_mb": round(lock.gateway.rss_mb(), 1), "sim_rss_mb": round(lock.sim.rss_mb(), 1)}
     finally:
@@ -388,6 +419,7 @@ def run(args, workdir: Path) -> dict:
                 "gateway_cpu_pct": rig.median([r["gateway_cpu_pct"] for r in mine]),
                 "sim_cpu_pct": rig.median([r["sim_cpu_pct"] for r in mine]),
                 "non_201": sum(r["requests"] - r["booked_201"] for r in mine),
+                "not_sent_overloaded": sum(r.get("not_sent_overloaded", 0) for r in mine),
                 "statuses": {k: sum(r["statuses"].get(k, 0) for r in mine) for k in
                              sorted({k for r in mine for k in r["statuses"]})},
             })
@@ -404,7 +436,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--no-saturation", dest="saturation", action="store_false", help="skip the closed-loop run")
     ap.add_argument("--seconds", type=float, default=10.0, help="length of each run")
     ap.add_argument("--modes", default="fifo,patient:16",
-                    help="relay modes: fifo (one SRM in flight) and/or patient:N (ordering: patient, window N)")
+                    help="relay modes: fifo (one SRM in flight) and/or patient:N (ordering: patient, window N); "
+                         "prefix split- for the split lock (two gateway processes), e.g. split-patient:16")
     ap.add_argument("--reps", type=int, default=1, help="repetitions (medians are reported)")
     ap.add_argument("--procs", type=int, default=2, help="load client processes")
     ap.add_argument("--threads", type=int, default=16, help="threads per process at offered rates")

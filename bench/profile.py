@@ -67,7 +67,7 @@ ENTRY_POINTS = [
     ("  Appointment JSON -> booking request (booking_from_appointment)", "adapters/mapping/fhir_scheduling.py",
      "booking_from_appointment"),
     ("  answer written (FhirApi._respond)", "adapters/fhir/server.py", "_respond"),
-    ("TLS record layer (TLSMemoryBIOProtocol)", "twisted/protocols/tls.py", "*"),
+    ("TLS: OpenSSL calls (pyOpenSSL)", "OpenSSL/SSL.py", "*"),
     ("chamber: batches run (Chamber._run_batch)", "gateway/chamber.py", "_run_batch"),
     ("  booking: hold + SRM (BookingService.book work)", "gateway/booking.py", "book.<locals>.work"),
     ("    SRM^S01 built (build_srm)", "adapters/mapping/srm_booking.py", "build_srm"),
@@ -182,7 +182,9 @@ def profile_booking(workdir: Path, args) -> dict:
     certs = rig.Certs(workdir / "certs")
     rate = args.rate or None
     slots = int(rate * (args.seconds + 4) * 1.1) + 100 if rate else 8000
-    ordering, window = booking.parse_mode(args.mode)
+    ordering, window, split = booking.parse_mode(args.mode)
+    if split:
+        raise SystemExit("profile the one-process gateway (--mode fifo or patient:N)")
     lock = booking.BookingLock(workdir, certs, slots=slots, ordering=ordering, window=window,
                                reference_builders=args.reference_builders)
     try:
@@ -261,8 +263,20 @@ def main() -> None:
     ap.add_argument("--reference-builders", action="store_true", help="profile with the hl7apy builders")
     ap.add_argument("--suffix", default="", help="suffix for the result files (e.g. -before)")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--refold", action="store_true",
+                    help="run nothing: fold the saved raw stacks (bench/results/profile-*.txt) again")
     args = ap.parse_args()
     rig.RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.refold:
+        out = rig.load_result(f"profile{args.suffix}")
+        for what in ("booking", "ingest"):
+            if what in out:
+                out[what]["gateway"] = fold(rig.RESULTS / f"profile-{what}-gateway{args.suffix}.txt")
+                if what == "booking":
+                    out[what]["sim"] = fold(rig.RESULTS / f"profile-booking-sim{args.suffix}.txt")
+                print_profile(f"{what}: gateway", out[what]["gateway"])
+        rig.save_result(f"profile{args.suffix}", out)
+        return
     out = {"machine": rig.machine(), "hz": args.hz, "seconds": args.seconds}
     with rig.workspace(args.keep) as workdir:
         for what in args.what.split(","):

@@ -318,6 +318,11 @@ def gateway_config(workdir: Path, certs: Certs, *, mllp_port: int, his_port: int
             section[key] = None
     path = workdir / "gateway.yaml"
     path.write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")
+    # For the split lock (`gatewayd run --gate outer|inner`): each process's config names only its side.
+    outer = {k: v for k, v in config.items() if k != "inner"}
+    inner = {k: v for k, v in config.items() if k not in ("outer", "platforms")}
+    (workdir / "gateway-outer.yaml").write_text(yaml.safe_dump(outer, allow_unicode=True), encoding="utf-8")
+    (workdir / "gateway-inner.yaml").write_text(yaml.safe_dump(inner, allow_unicode=True), encoding="utf-8")
     return path
 
 

@@ -2,8 +2,8 @@
 """gatewayd's benchmarks in one command: every contender on loopback in one run, a table on stdout, and
 the figures written into docs/benchmarks.md (with the machine's description).
 
-    python bench/run.py                      # ingest, booking, before/after, per-message costs (~20 min)
-    python bench/run.py --quick              # one repetition, shorter runs (~6 min): a smoke run
+    python bench/run.py                      # ingest, booking, before/after, per-message costs (~40 min)
+    python bench/run.py --quick              # one repetition, shorter runs (~12 min): a smoke run
     python bench/run.py --with-soak 10 --with-profile
     python bench/run.py --render-only        # rewrite docs/benchmarks.md from bench/results/*.json
 
@@ -12,7 +12,8 @@ Flags:
   --booking-reps N    repetitions of the booking runs (default 3)
   --seconds S         length of each booking run (default 10)
   --rates LIST        offered booking rates (default 50,200,500; saturation always runs)
-  --modes LIST        relay modes for bookings (default fifo,patient:16)
+  --modes LIST        relay modes for bookings (default fifo,patient:16,split-fifo,split-patient:16;
+                      split- = the split lock, `gatewayd run --gate outer` + `--gate inner`)
   --skip LIST         any of ingest, booking, before-after, costs
   --with-soak MIN     also run bench/soak.py for MIN minutes
   --with-profile      also run bench/profile.py (py-spy) on the booking and ingest paths
@@ -73,7 +74,7 @@ def run_before_after(args) -> None:
         certs = rig.Certs(workdir / "certs")
         serial = 0
         for rate in (200.0, None):
-            for mode in args.modes.split(","):
+            for mode in [m for m in args.modes.split(",") if not m.startswith("split-")]:
                 for reference in (True, False):
                     serial += 1
                     run_dir = workdir / f"run-{serial}"
@@ -191,17 +192,27 @@ def md_ingest(result: dict) -> str:
     return "\n".join(lines)
 
 
+def mode_label(mode: str) -> str:
+    split = mode.startswith("split-")
+    mode = mode.removeprefix("split-")
+    text = "strict FIFO, 1 in flight" if mode == "fifo" else f"ordering: patient, window {mode.split(':')[1]}"
+    return ("split lock (2 processes), " if split else "") + text
+
+
 def md_booking(result: dict) -> str:
     lines = ["| relay mode | offered | bookings/s (range) | p50 ms | p99 ms (range) | p99 from send, ms | "
              "gateway CPU | simulator CPU | answers other than 201 |",
              "|---|---|---|---|---|---|---|---|---|"]
     for row in result["summary"]:
         offered = f"{row['rate']:.0f}/s" if row["rate"] else "saturation (32 in flight)"
-        mode = "strict FIFO, 1 in flight" if row["mode"] == "fifo" else \
-            f"ordering: patient, window {row['mode'].split(':')[1]}"
+        mode = mode_label(row["mode"])
         others = {k: v for k, v in row["statuses"].items() if k != "201"}
+        over = row.get("not_sent_overloaded", 0)
+        p99 = f"**{rig.fmt(row['p99_ms'])}** ({row['p99_ms_range']})"
+        if over:
+            p99 = f"overloaded: {over} requests not sent (> {result['seconds']:.0f} s late); of those sent {p99}"
         lines.append(f"| {mode} | {offered} | **{rig.fmt(row['bookings_per_s'])}** ({row['bookings_per_s_range']}) | "
-                     f"{rig.fmt(row['p50_ms'])} | **{rig.fmt(row['p99_ms'])}** ({row['p99_ms_range']}) | "
+                     f"{rig.fmt(row['p50_ms'])} | {p99} | "
                      f"{rig.fmt(row['service_p99_ms'])} | {rig.fmt(row['gateway_cpu_pct'])}% | "
                      f"{rig.fmt(row['sim_cpu_pct'])}% | {others or 'none'} |")
     failed = [r for r in result["runs"] if "error" in r]
@@ -209,7 +220,8 @@ def md_booking(result: dict) -> str:
     lines.append(f"Medians of {result['reps']} runs of {result['seconds']:.0f} s each; a fresh simulator and gateway "
                  f"per run. Client: {result['client']}. Latency at an offered rate is measured from the moment the "
                  f"request was due (a request that starts late because the client's threads were all waiting "
-                 f"counts its wait); 'from send' excludes that wait. CPU is the share of one core over the run.")
+                 f"counts its wait); 'from send' excludes that wait. CPU is the share of one core over the run (the split "
+                 f"lock: both gateway processes added up).")
     if failed:
         lines.append("")
         lines.append(f"**{len(failed)} run(s) failed**: " + "; ".join(
@@ -350,8 +362,14 @@ def render() -> None:
     soak, profile = rig.load_result("soak"), rig.load_result("profile")
     before_after, costs = rig.load_result("before_after"), rig.load_result("costs")
     machine = (ingest or booking or costs or {}).get("machine")
+    run = rig.load_result("run")
+    machine_md = md_machine(machine) if machine else "_no results yet_"
+    if machine and run:
+        machine_md += (f"\n| the run | `python bench/run.py {' '.join(run['argv'])}`, {run['started']} to "
+                       f"{run['finished']}; checkout at the end: {run['commit_at_end']}; load average at the end: "
+                       f"{' / '.join(str(x) for x in run['load_average_at_end'])} |")
     blocks = {
-        "machine": md_machine(machine) if machine else "_no results yet_",
+        "machine": machine_md,
         "ingest": md_ingest(ingest) if ingest else "_not run yet_",
         "booking": md_booking(booking) if booking else "_not run yet_",
         "before-after": md_before_after(before_after, costs),
@@ -426,7 +444,7 @@ def main() -> None:
     ap.add_argument("--booking-reps", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--rates", default="50,200,500")
-    ap.add_argument("--modes", default="fifo,patient:16")
+    ap.add_argument("--modes", default="fifo,patient:16,split-fifo,split-patient:16")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply the ingest runs' message counts")
     ap.add_argument("--skip", default="")
     ap.add_argument("--quick", action="store_true")
@@ -439,6 +457,7 @@ def main() -> None:
         args.reps, args.booking_reps, args.seconds, args.scale = 1, 1, 5.0, 0.5
     skip = set(filter(None, args.skip.split(",")))
     if not args.render_only:
+        started = rig.machine()
         steps = [("costs", run_costs), ("ingest", run_ingest), ("booking", run_booking),
                  ("before-after", run_before_after)]
         for name, step in steps:
@@ -451,6 +470,11 @@ def main() -> None:
         if args.with_profile:
             rig.log("== profile")
             run_profile(args)
+        ended = rig.machine()
+        rig.save_result("run", {"started": started["date"], "finished": ended["date"],
+                                "commit_at_start": started["commit"], "commit_at_end": ended["commit"],
+                                "load_average_at_end": ended["load_average_at_start"],
+                                "argv": sys.argv[1:]})
     if not args.no_docs:
         render()
         rig.log(f"wrote {DOC}")
