@@ -453,6 +453,20 @@ class Reader(Txn):
         )
         return _row(MessageRow, cur.fetchone())
 
+    def settled_among(self, appointment_ids: list[str]) -> set[str]:
+        """Which of these appointments await nothing from the HIS (or no longer exist)."""
+        if not appointment_ids:
+            return set()
+        waiting: set[str] = set()
+        for i in range(0, len(appointment_ids), 500):  # stay under SQLite's bound-parameter limit
+            chunk = appointment_ids[i:i + 500]
+            cur = self._c.execute(
+                f"SELECT id FROM appointments WHERE pending_change IS NOT NULL AND id IN ({', '.join('?' * len(chunk))})",
+                chunk,
+            )
+            waiting.update(r[0] for r in cur)
+        return set(appointment_ids) - waiting
+
     def unfinished_outbound(self, peer: str, limit: int = 10000) -> list[MessageRow]:
         """Every message to ``peer`` not yet finished, oldest first (for ordering by patient)."""
         cur = self._c.execute(
