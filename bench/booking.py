@@ -375,6 +375,7 @@ def run_one(workdir: Path, certs: rig.Certs, *, mode: str, rate: float | None, s
 
 def run(args, workdir: Path) -> dict:
     certs = rig.Certs(workdir / "certs")
+    machine = rig.machine()  # as the run starts (load average, checkout)
     rates: list[float | None] = [float(r) for r in args.rates.split(",") if r] + ([None] if args.saturation else [])
     modes = [m for m in args.modes.split(",") if m]
     runs = []
@@ -423,7 +424,7 @@ def run(args, workdir: Path) -> dict:
                 "statuses": {k: sum(r["statuses"].get(k, 0) for r in mine) for k in
                              sorted({k for r in mine for k in r["statuses"]})},
             })
-    return {"machine": rig.machine(), "reps": args.reps, "seconds": args.seconds,
+    return {"machine": machine, "reps": args.reps, "seconds": args.seconds,
             "client": f"Python http.client over TLS 1.3 with the platform's client certificate, keep-alive; "
                       f"{args.procs} processes; offered rates: {args.threads} threads per process, "
                       f"saturation: {args.concurrency} threads in all",

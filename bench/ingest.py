@@ -170,6 +170,7 @@ def run(args, workdir: Path) -> dict:
     wanted = [c for c in CONTENDERS if not args.only or c.key in args.only.split(",")]
     conns_list = [int(x) for x in args.conns.split(",")]
     ingest = Ingest(workdir, gateway_log_level=args.gateway_log_level)
+    machine = rig.machine()  # as the run starts (load average, checkout)
     runs = []
     for rep in range(args.reps):
         for conns in conns_list:
@@ -187,7 +188,7 @@ def run(args, workdir: Path) -> dict:
                             f"  load {r['load_average'][0]}")
                 r["rep"] = rep + 1
                 runs.append(r)
-    return {"machine": rig.machine(), "reps": args.reps, "scale": args.scale, "conns": conns_list,
+    return {"machine": machine, "reps": args.reps, "scale": args.scale, "conns": conns_list,
             "gateway_log_level": args.gateway_log_level,
             "summary": summarise(runs, wanted, conns_list), "runs": runs}
 

@@ -362,12 +362,13 @@ def render() -> None:
     soak, profile = rig.load_result("soak"), rig.load_result("profile")
     before_after, costs = rig.load_result("before_after"), rig.load_result("costs")
     machine = (ingest or booking or costs or {}).get("machine")
-    run = rig.load_result("run")
+    run = rig.load_result("run") or {}
     machine_md = md_machine(machine) if machine else "_no results yet_"
-    if machine and run:
-        machine_md += (f"\n| the run | `python bench/run.py {' '.join(run['argv'])}`, {run['started']} to "
-                       f"{run['finished']}; checkout at the end: {run['commit_at_end']}; load average at the end: "
-                       f"{' / '.join(str(x) for x in run['load_average_at_end'])} |")
+    for inv in run.get("invocations", []):
+        machine_md += (f"\n| run: {', '.join(inv['parts'])} | `python bench/run.py {' '.join(inv['argv'])}`, "
+                       f"{inv['started']} to {inv['finished']}; checkout {inv['commit_at_start']} at the start, "
+                       f"{inv['commit_at_end']} at the end; load average "
+                       f"{inv['load_average_at_start'][0]} at the start, {inv['load_average_at_end'][0]} at the end |")
     blocks = {
         "machine": machine_md,
         "ingest": md_ingest(ingest) if ingest else "_not run yet_",
@@ -471,10 +472,15 @@ def main() -> None:
             rig.log("== profile")
             run_profile(args)
         ended = rig.machine()
-        rig.save_result("run", {"started": started["date"], "finished": ended["date"],
-                                "commit_at_start": started["commit"], "commit_at_end": ended["commit"],
-                                "load_average_at_end": ended["load_average_at_start"],
-                                "argv": sys.argv[1:]})
+        done = [name for name, _ in steps if name not in skip] + (["soak"] if args.with_soak else []) + (
+            ["profile"] if args.with_profile else [])
+        invocation = {"started": started["date"], "finished": ended["date"], "commit_at_start": started["commit"],
+                      "commit_at_end": ended["commit"], "load_average_at_start": started["load_average_at_start"],
+                      "load_average_at_end": ended["load_average_at_start"], "argv": sys.argv[1:], "parts": done}
+        previous = (rig.load_result("run") or {}).get("invocations", [])
+        # keep the earlier invocations whose parts were not run again (their results are still shown)
+        kept = [p for p in previous if set(p.get("parts", [])) - set(done)]
+        rig.save_result("run", {"invocations": kept + [invocation]})
     if not args.no_docs:
         render()
         rig.log(f"wrote {DOC}")
