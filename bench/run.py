@@ -262,7 +262,10 @@ def md_soak(result: dict | None) -> str:
         return "_not run yet: `python bench/soak.py --minutes 10`_"
     t = result["traffic"]
     req = result["requests"]
+    m = result.get("machine", {})
     lines = [
+        f"`python bench/soak.py --minutes {result['minutes']:g}`, finished {m.get('date', '?')} (checkout "
+        f"{m.get('commit', '?')}, load average {(m.get('load_average_at_start') or ['?'])[0]} at the end). "
         f"{result['minutes']:g} minutes; warm-up {result['warm_up_s']:.0f} s; RSS sampled every "
         f"{result['sample_every_s']:.0f} s. Traffic: {t['book_cancel_cycles_per_s']:g} book+cancel cycles/s "
         f"through the FHIR API (slots reused), {t['inner_siu_per_s']:g} SIU/s straight to the inner gate, "

@@ -657,7 +657,7 @@ class Chamber:
                 pass
             self._conn = None
 
-    def _ensure_schema(self) -> None:
+    def _ensure_schema(self, _raced: bool = False) -> None:
         conn = self._conn
         has_meta = conn.execute(
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'chamber_meta'"
@@ -673,11 +673,20 @@ class Chamber:
         script = (SCHEMA_DIR / f"chamber-v{SCHEMA_VERSION}.sql").read_text(encoding="utf-8")
         # executescript commits first; wrap the whole schema in one explicit transaction so a crash
         # leaves either no chamber or a complete one.
-        conn.executescript(
-            "BEGIN IMMEDIATE;\n" + script
-            + f"\nINSERT INTO chamber_meta (key, value) VALUES ('schema_version', '{SCHEMA_VERSION}');"
-            + f"\nINSERT INTO chamber_meta (key, value) VALUES ('created', '{self._clock()}');\nCOMMIT;"
-        )
+        try:
+            conn.executescript(
+                "BEGIN IMMEDIATE;\n" + script
+                + f"\nINSERT INTO chamber_meta (key, value) VALUES ('schema_version', '{SCHEMA_VERSION}');"
+                + f"\nINSERT INTO chamber_meta (key, value) VALUES ('created', '{self._clock()}');\nCOMMIT;"
+            )
+        except sqlite3.OperationalError as e:
+            # The split lock starts two processes on one new file: the other one may have created the
+            # schema while this one waited for the write lock. Then the file is complete; check it instead.
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            if _raced or "already exists" not in str(e):
+                raise
+            self._ensure_schema(_raced=True)
 
     def close(self) -> None:
         if self._flush_call is not None and self._flush_call.active():

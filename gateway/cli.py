@@ -168,6 +168,21 @@ def gate_problem(config, path: Path, gate: str) -> str | None:
     return None
 
 
+def _stop_after_failed_start(svc) -> None:
+    """Undo a start that failed half-way, before the process exits: stop what is running, leaves first.
+    What never started is left alone (Twisted's listener services cannot stop a port they never opened and
+    would log that as an error); the chamber needs nothing — SQLite's file is consistent at any point."""
+    from twisted.application.service import MultiService
+    from twisted.internet import defer
+
+    if isinstance(svc, MultiService):
+        for child in reversed(list(svc)):
+            _stop_after_failed_start(child)
+        svc.running = 0
+    elif svc.running:
+        defer.maybeDeferred(svc.stopService).addErrback(lambda _failure: None)
+
+
 def run(path: Path, gate: str = "both") -> int:
     config, error = _load(path)
     if not error:
@@ -191,10 +206,7 @@ def run(path: Path, gate: str = "both") -> int:
     except Exception as e:  # a child that fails to start fails the whole start
         log.error("gateway.start_failed", error=str(e), error_type=type(e).__name__)
         print(f"gatewayd: cannot start: {e}", file=sys.stderr)
-        try:
-            root.stopService()
-        except Exception:
-            pass
+        _stop_after_failed_start(root)
         return 1
     exit_code = [0]
 

@@ -83,6 +83,22 @@ class Namespaces:
         return subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, *args], cwd=cwd, env=env,
                                 stdout=log, stderr=subprocess.STDOUT)
 
+    def wait_for_port(self, ns: str, host: str, port: int, cwd, seconds: float = 60) -> None:
+        """Until something in namespace ``ns`` accepts TCP on host:port (a gate that listens is up)."""
+        code = textwrap.dedent(f'''
+            import json, socket, time
+            deadline = time.monotonic() + {seconds}
+            while True:
+                try:
+                    socket.create_connection(({host!r}, {port}), timeout=1).close()
+                    print(json.dumps(True)); break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        print(json.dumps(False)); break
+                    time.sleep(0.05)
+        ''')
+        assert self.run_python(ns, code, cwd), f"nothing listens on {host}:{port} in {ns} after {seconds} s"
+
     def run_python(self, ns: str, code: str, cwd) -> dict:
         env = dict(os.environ, PYTHONPATH=str(REPO))
         out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", code], cwd=cwd, env=env,
@@ -97,15 +113,17 @@ CLIENT = textwrap.dedent('''
     base, certs = {base!r}, {certs!r}
     s = requests.Session(); s.trust_env = False
     s.cert = (certs + "/platform-demo.pem", certs + "/platform-demo.key"); s.verify = certs + "/ca.pem"
-    slots = []
-    for _ in range(200):
+    slots, deadline = [], time.monotonic() + 60
+    while not slots and time.monotonic() < deadline:
         try:
             slots = s.get(base + "/Slot", params={{"status": "free", "_count": 5}}, timeout=3).json().get("entry", [])
         except requests.RequestException:
             pass
-        if slots:
-            break
-        time.sleep(0.1)
+        if not slots:
+            time.sleep(0.1)
+    if not slots:
+        print(json.dumps({{"slots": 0}}))
+        raise SystemExit(0)
     r = s.post(base + "/Appointment", json=appointment_for(slots[0]["resource"]["id"]),
                headers={{"Content-Type": "application/fhir+json"}}, timeout=15)
     reach = {{}}
@@ -124,7 +142,7 @@ def test_the_lock_holds_across_network_namespaces(tmp_path):
     with Namespaces() as ns:
         init_dev_ca(tmp_path / "certs", platforms=("demo",), server_names=("localhost", OUTER_ADDR))
         lock = Lock(tmp_path, platforms=("demo",), doctors=1, days=1)  # only for its configs
-        sim = dict(lock.sim_config, listen=f"tcp:2576:interface={HIS_ADDR}", gateway={"host": INNER_ADDR,
+        sim = dict(lock.sim_config, retry_initial="200ms", retry_max="1s", listen=f"tcp:2576:interface={HIS_ADDR}", gateway={"host": INNER_ADDR,
                                                                                        "port": 2575})
         outer = copy.deepcopy(lock.gateway_config)
         outer.pop("inner")
@@ -142,7 +160,9 @@ def test_the_lock_holds_across_network_namespaces(tmp_path):
             ns.popen(ns.front, ["-m", "gateway", "run", "--gate", "outer", "--config", "outer.yaml"], tmp_path,
                      "outer.log"),
         ]
-        time.sleep(1.0)
+        # The simulator pushes its slot book as soon as it starts, backing off while the gate is not yet up;
+        # start it once the inner gate listens, so a slow start (CI) does not stretch the backoff.
+        ns.wait_for_port(ns.front, INNER_ADDR, 2575, tmp_path)
         procs.append(ns.popen(ns.intra, ["-m", "gateway", "his-sim", "--config", "his-sim.yaml"], tmp_path,
                               "his-sim.log"))
         try:
@@ -157,7 +177,8 @@ def test_the_lock_holds_across_network_namespaces(tmp_path):
                     p.wait(15)
                 except subprocess.TimeoutExpired:
                     p.kill()
-        assert result["slots"] > 0, (tmp_path / "outer.log").read_text()[-2000:]
+        assert result["slots"] > 0, "\n".join(f"--- {name}\n" + (tmp_path / name).read_text()[-1500:]
+                                               for name in ("outer.log", "inner.log", "his-sim.log"))
         assert result["status"] == 201, result
         received = read_jsonl(tmp_path / "his-received.jsonl")
         assert [m["placer"] for m in received if m["type"] == "SRM^S01"] == [result["appointment"]]

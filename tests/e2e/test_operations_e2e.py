@@ -57,6 +57,27 @@ def test_gateway_refuses_to_start_on_a_busy_port(tmp_path):
         assert proc.popen.wait(30) == 1
     out = proc.log_path.read_text()
     assert "cannot start" in out and "gateway.start_failed" in out
+    assert "Unhandled error" not in out and "twisted.error" not in out, out  # a clean refusal, nothing else
+    proc.stop()
+
+
+def test_gateway_refuses_a_chamber_of_another_schema_version_cleanly(tmp_path):
+    """A chamber it cannot use stops the start before any listener opens: exit 1, the reason, no noise."""
+    import sqlite3
+
+    from tests.e2e.harness import Lock
+
+    lock = Lock(tmp_path)
+    conn = sqlite3.connect(tmp_path / "chamber.sqlite3")
+    conn.execute("CREATE TABLE chamber_meta (key TEXT PRIMARY KEY, value TEXT)")
+    conn.execute("INSERT INTO chamber_meta VALUES ('schema_version', '99')")
+    conn.commit()
+    conn.close()
+    proc = Proc("gateway", ["run", "--config", "gateway.yaml"], lock.workdir)
+    assert proc.popen.wait(30) == 1
+    out = proc.log_path.read_text()
+    assert "schema version 99" in out and "gateway.start_failed" in out
+    assert "Unhandled error" not in out and "twisted.error" not in out, out
     proc.stop()
 
 

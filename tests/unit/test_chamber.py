@@ -1,6 +1,8 @@
 """The chamber: schema, durability settings, group commit and its all-or-nothing rules."""
 
 import sqlite3
+import threading
+import time
 
 import pytest
 from twisted.internet import task
@@ -54,6 +56,35 @@ def test_refuses_other_schema_version(tmp_path):
     conn.close()
     with pytest.raises(ChamberError, match="version 7"):
         Chamber(path).open()
+
+
+def test_two_processes_creating_one_new_chamber_both_open_it(tmp_path):
+    """The split lock starts both gates on a chamber that does not exist yet. If the other process creates
+    the schema while this one waits for the write lock, this one opens the finished file (this failed in CI
+    with "table chamber_meta already exists" before)."""
+    from gateway.chamber import SCHEMA_DIR, SCHEMA_VERSION
+
+    path = tmp_path / "c.sqlite3"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("PRAGMA journal_mode = WAL")
+    script = (SCHEMA_DIR / f"chamber-v{SCHEMA_VERSION}.sql").read_text(encoding="utf-8")
+    other.executescript("BEGIN IMMEDIATE;\n" + script + "\nINSERT INTO chamber_meta (key, value) VALUES "
+                        f"('schema_version', '{SCHEMA_VERSION}');")
+    assert other.in_transaction  # holds the write lock, schema not yet visible to others
+
+    def commit_later():
+        time.sleep(0.3)
+        other.execute("COMMIT")
+
+    committer = threading.Thread(target=commit_later)
+    committer.start()
+    ch = Chamber(path)
+    ch.open()  # sees no schema, waits for the lock, finds the other's schema
+    committer.join()
+    ch.transact_now(schedule)
+    assert [s.id for s in ch.read().schedules()] == ["D001"]
+    ch.close()
+    other.close()
 
 
 def test_refuses_a_file_that_is_not_a_database(tmp_path):
