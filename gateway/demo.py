@@ -119,6 +119,9 @@ Find free slots, then book one (replace SLOT_ID with an id from the first answer
 
 {curl_command(workdir, base)}
 """, flush=True)
+        # Ctrl-C and SIGTERM stop the demo, even when it was started with SIGINT ignored (a background job of
+        # a non-interactive shell: Python then installs no KeyboardInterrupt handler of its own).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
         while all(p.poll() is None for p in procs):
             time.sleep(0.5)
