@@ -14,7 +14,10 @@ Design:
 - Reads (:meth:`Chamber.read`) see committed state only.
 - SQL lives in this module only: services compose the :class:`Txn` primitives and make the decisions.
 
-The schema is versioned (``gateway/schema/chamber-v<N>.sql``); a new chamber is created atomically.
+The schema is versioned: ``gateway/schema/chamber-v1.sql`` and one ``upgrade-v<N>-v<N+1>.sql`` per later
+version. A new chamber runs them all, an older one the upgrades it lacks — each case in one transaction, so a
+crash leaves the file at the old version or the new one, never between. The version this code needs is
+``SCHEMA_VERSION`` (1 + the number of upgrade files); a chamber newer than that is refused, not touched.
 """
 
 from __future__ import annotations
@@ -33,8 +36,34 @@ from gateway.errors import ChamberError, ChamberWriteError  # noqa: F401 (re-exp
 
 log = structlog.get_logger("gateway.chamber")
 
-SCHEMA_VERSION = 1
 SCHEMA_DIR = Path(__file__).with_name("schema")
+
+
+def _upgrades() -> list[Path]:
+    """The upgrade scripts, in order; they must form an unbroken chain v1 -> v2 -> ... ."""
+    files = sorted(SCHEMA_DIR.glob("upgrade-v*-v*.sql"), key=lambda p: int(p.stem.split("-v")[1]))
+    for n, path in enumerate(files, start=1):
+        if path.name != f"upgrade-v{n}-v{n + 1}.sql":
+            raise RuntimeError(f"schema upgrades are not a chain: expected upgrade-v{n}-v{n + 1}.sql, "
+                               f"found {path.name}")
+    return files
+
+
+SCHEMA_VERSION = 1 + len(_upgrades())
+
+
+def _statements(script: str) -> Iterable[str]:
+    """A schema script's statements, one by one (triggers' bodies included), so they can run inside a
+    transaction this module controls (``executescript`` would COMMIT first)."""
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            if pending.strip():
+                yield pending
+            pending = ""
+    if pending.strip() and not all(l.strip().startswith("--") or not l.strip() for l in pending.splitlines()):
+        raise RuntimeError(f"a schema script ends in an incomplete statement: {pending.strip()[:80]}")
 
 T = TypeVar("T")
 
@@ -657,36 +686,54 @@ class Chamber:
                 pass
             self._conn = None
 
-    def _ensure_schema(self, _raced: bool = False) -> None:
+    def _schema_version(self) -> int | None:
+        """The chamber's schema version; None for a file without a schema yet (a new chamber)."""
         conn = self._conn
-        has_meta = conn.execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'chamber_meta'"
-        ).fetchone()
-        if has_meta:
-            row = conn.execute("SELECT value FROM chamber_meta WHERE key = 'schema_version'").fetchone()
-            version = int(row[0]) if row else 0
-            if version != SCHEMA_VERSION:
-                raise ChamberError(
-                    f"the chamber {self.path} has schema version {version}; this gatewayd needs {SCHEMA_VERSION}"
-                )
-            return
-        script = (SCHEMA_DIR / f"chamber-v{SCHEMA_VERSION}.sql").read_text(encoding="utf-8")
-        # executescript commits first; wrap the whole schema in one explicit transaction so a crash
-        # leaves either no chamber or a complete one.
-        try:
-            conn.executescript(
-                "BEGIN IMMEDIATE;\n" + script
-                + f"\nINSERT INTO chamber_meta (key, value) VALUES ('schema_version', '{SCHEMA_VERSION}');"
-                + f"\nINSERT INTO chamber_meta (key, value) VALUES ('created', '{self._clock()}');\nCOMMIT;"
+        if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'chamber_meta'").fetchone():
+            return None
+        row = conn.execute("SELECT value FROM chamber_meta WHERE key = 'schema_version'").fetchone()
+        return int(row[0]) if row else 0
+
+    def _refuse_version(self, version: int | None) -> None:
+        if version is not None and not 1 <= version <= SCHEMA_VERSION:
+            raise ChamberError(
+                f"the chamber {self.path} has schema version {version}; this gatewayd needs {SCHEMA_VERSION}"
+                + (" (it was written by a newer gatewayd: run that one, or restore a backup made for this "
+                   "version)" if version > SCHEMA_VERSION else "")
             )
-        except sqlite3.OperationalError as e:
-            # The split lock starts two processes on one new file: the other one may have created the
-            # schema while this one waited for the write lock. Then the file is complete; check it instead.
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            if _raced or "already exists" not in str(e):
-                raise
-            self._ensure_schema(_raced=True)
+
+    def _ensure_schema(self) -> None:
+        """Create a new chamber's schema, or upgrade an older one, in one transaction. The version is read
+        again under the write lock: the split lock starts two processes on one file, and the other one may
+        have created or upgraded the schema while this one waited (CI once failed on exactly that)."""
+        conn = self._conn
+        version = self._schema_version()
+        if version == SCHEMA_VERSION:
+            return
+        self._refuse_version(version)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = self._schema_version()
+            if version != SCHEMA_VERSION:
+                self._refuse_version(version)
+                scripts = ([SCHEMA_DIR / "chamber-v1.sql"] if version is None else []) + _upgrades()[(version or 1) - 1:]
+                for script in scripts:
+                    for statement in _statements(script.read_text(encoding="utf-8")):
+                        conn.execute(statement)
+                if version is None:
+                    conn.executemany("INSERT INTO chamber_meta (key, value) VALUES (?, ?)",
+                                     [("schema_version", str(SCHEMA_VERSION)), ("created", str(self._clock()))])
+                else:
+                    conn.execute("UPDATE chamber_meta SET value = ? WHERE key = 'schema_version'",
+                                 (str(SCHEMA_VERSION),))
+                    conn.execute("INSERT OR REPLACE INTO chamber_meta (key, value) VALUES ('upgraded', ?)",
+                                 (str(self._clock()),))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        if version not in (None, SCHEMA_VERSION):
+            log.warning("chamber.upgraded", path=self.path, from_version=version, to_version=SCHEMA_VERSION)
 
     def close(self) -> None:
         if self._flush_call is not None and self._flush_call.active():

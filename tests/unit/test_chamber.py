@@ -22,13 +22,17 @@ def schedule(tx, sid="D001"):
 
 
 def test_new_chamber_is_wal_full_sync_and_versioned(tmp_path):
-    """A new chamber file is created with the v1 schema, in WAL mode, fsync on every commit."""
+    """A new chamber file is created with the current schema, in WAL mode, fsync on every commit."""
     ch = Chamber(tmp_path / "c.sqlite3")
     ch.open()
     conn = ch._conn
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
-    assert conn.execute("SELECT value FROM chamber_meta WHERE key='schema_version'").fetchone()[0] == "1"
+    from gateway.chamber import SCHEMA_VERSION
+
+    assert SCHEMA_VERSION >= 2
+    assert conn.execute("SELECT value FROM chamber_meta WHERE key='schema_version'").fetchone()[0] == str(
+        SCHEMA_VERSION)
     ch.close()
 
 
@@ -58,6 +62,72 @@ def test_refuses_other_schema_version(tmp_path):
         Chamber(path).open()
 
 
+def version_1_chamber(path):
+    """A chamber as gatewayd 1 (schema version 1) left it, with one schedule in it."""
+    from gateway.chamber import SCHEMA_DIR
+
+    conn = sqlite3.connect(path)
+    conn.executescript((SCHEMA_DIR / "chamber-v1.sql").read_text(encoding="utf-8"))
+    conn.execute("INSERT INTO chamber_meta VALUES ('schema_version', '1')")
+    conn.execute("INSERT INTO schedules (id, display, practitioner_id, practitioner_name, department_code, "
+                 "department_name, updated) VALUES ('D001', 'Dr Zhang', 'D001', '张伟', 'CARD', '心内科', 0)")
+    conn.commit()
+    conn.close()
+
+
+def test_a_version_1_chamber_is_upgraded_in_place_keeping_its_data(tmp_path):
+    """Opening a chamber of an older schema upgrades it (new tables), keeps what it held, says so once."""
+    from gateway.chamber import SCHEMA_VERSION
+
+    path = tmp_path / "c.sqlite3"
+    version_1_chamber(path)
+    ch = Chamber(path)
+    ch.open()
+    assert [s.id for s in ch.read().schedules()] == ["D001"]
+    conn = ch._conn
+    assert conn.execute("SELECT value FROM chamber_meta WHERE key='schema_version'").fetchone()[0] == str(
+        SCHEMA_VERSION)
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"prescriptions", "medication_requests", "medication_dispenses", "oauth_tokens"} <= tables
+    ch.close()
+    ch = Chamber(path)
+    ch.open()  # a second open has nothing to do
+    ch.close()
+
+
+def test_a_failed_upgrade_leaves_the_chamber_at_its_old_version(tmp_path, monkeypatch):
+    """An upgrade is one transaction: if a statement fails, nothing of it stays and the start is refused."""
+    import gateway.chamber as chamber_module
+
+    path = tmp_path / "c.sqlite3"
+    version_1_chamber(path)
+    broken = tmp_path / "schema"
+    broken.mkdir()
+    (broken / "chamber-v1.sql").write_text((chamber_module.SCHEMA_DIR / "chamber-v1.sql").read_text())
+    (broken / "upgrade-v1-v2.sql").write_text("CREATE TABLE new_one (x);\nCREATE TABLE schedules (x);\n")
+    monkeypatch.setattr(chamber_module, "SCHEMA_DIR", broken)
+    monkeypatch.setattr(chamber_module, "SCHEMA_VERSION", 2)
+    with pytest.raises(ChamberError, match="already exists"):
+        Chamber(path).open()
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT value FROM chamber_meta WHERE key='schema_version'").fetchone()[0] == "1"
+    assert not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'new_one'").fetchone()
+    conn.close()
+
+
+def test_a_chamber_from_a_newer_gatewayd_is_refused_untouched(tmp_path):
+    from gateway.chamber import SCHEMA_VERSION
+
+    path = tmp_path / "c.sqlite3"
+    version_1_chamber(path)
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE chamber_meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),))
+    conn.commit()
+    conn.close()
+    with pytest.raises(ChamberError, match="newer gatewayd"):
+        Chamber(path).open()
+
+
 def test_two_processes_creating_one_new_chamber_both_open_it(tmp_path):
     """The split lock starts both gates on a chamber that does not exist yet. If the other process creates
     the schema while this one waits for the write lock, this one opens the finished file (this failed in CI
@@ -67,7 +137,8 @@ def test_two_processes_creating_one_new_chamber_both_open_it(tmp_path):
     path = tmp_path / "c.sqlite3"
     other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     other.execute("PRAGMA journal_mode = WAL")
-    script = (SCHEMA_DIR / f"chamber-v{SCHEMA_VERSION}.sql").read_text(encoding="utf-8")
+    script = "\n".join(p.read_text(encoding="utf-8")
+                       for p in [SCHEMA_DIR / "chamber-v1.sql", *sorted(SCHEMA_DIR.glob("upgrade-*.sql"))])
     other.executescript("BEGIN IMMEDIATE;\n" + script + "\nINSERT INTO chamber_meta (key, value) VALUES "
                         f"('schema_version', '{SCHEMA_VERSION}');")
     assert other.in_transaction  # holds the write lock, schema not yet visible to others
