@@ -61,7 +61,8 @@ class InnerGateHandler:
     """MLLP handler for messages the HIS sends us."""
 
     def __init__(self, inbound, *, peer: str, sending_application: str, sending_facility: str, tz: ZoneInfo,
-                 clock, validation: str = "tolerant", accept_types=("SIU^*",), on_answer=None):
+                 clock, validation: str = "tolerant", accept_types=("SIU^*",), on_answer=None, pharmacy=None,
+                 peers_by_application: dict[str, str] | None = None):
         if validation not in VALIDATION_MODES:
             raise ValueError(f"validation must be one of {', '.join(VALIDATION_MODES)}, not {validation!r}")
         self.inbound = inbound
@@ -73,6 +74,8 @@ class InnerGateHandler:
         self.validation = validation
         self.accept_types = tuple(accept_types)
         self.on_answer = on_answer  # called with the outcome of every answer (metrics)
+        self.pharmacy = pharmacy  # gateway.prescribing.PrescriptionService: RDS^O13, released RDE^O11
+        self.peers_by_application = peers_by_application or {}  # MSH-3 -> HIS endpoint name
 
     def handle(self, message: Message, peer: str) -> defer.Deferred | Answer:
         if message.message_code == "ACK":
@@ -80,7 +83,9 @@ class InnerGateHandler:
             log.info("inner.ack_ignored", control_id=message.control_id,
                      answers=msa.get(2) if msa is not None else "")
             return Answer(())
-        received = Received(peer=self.peer, control_id=message.control_id, type=message.type_name,
+        peer_name = self.peers_by_application.get(message.sending_application, self.peer) \
+            if self.peers_by_application else self.peer
+        received = Received(peer=peer_name, control_id=message.control_id, type=message.type_name,
                             body=message.raw, charset=message.charset)
         if not type_allowed(message.type_name, self.accept_types):
             some_event_allowed = any(p.partition("^")[0] == message.message_code for p in self.accept_types)
@@ -93,11 +98,15 @@ class InnerGateHandler:
             d = self._refuse(message, received, problem)
             return d.addErrback(self._not_stored, message)
         try:
-            notices = slot_notices(message)
+            if self.pharmacy is not None and message.message_code in ("RDS", "RDE"):
+                decide = self.pharmacy.decider(message)
+                d = self.inbound.accept_with(received, decide)
+            else:
+                d = self.inbound.accept(received, slot_notices(message))
         except Hl7Error as e:
             d = self._refuse(message, received, e)
         else:
-            d = self.inbound.accept(received, notices).addCallback(self._accepted, message)
+            d.addCallback(self._accepted, message)
         return d.addErrback(self._not_stored, message)
 
     def _refuse(self, message: Message, received: Received, err: Hl7Error) -> defer.Deferred:
@@ -178,7 +187,8 @@ def his_answer(message: Message) -> HisAnswer:
     """The HIS's answer (ACK, SRR) as the booking service reads it."""
     code, _control_id, text = read_ack(message)
     sch = message.segment("SCH")
-    return HisAnswer(code=code, text=text, his_appointment=(sch.get(2) or None) if sch is not None else None)
+    return HisAnswer(code=code, text=text, his_appointment=(sch.get(2) or None) if sch is not None else None,
+                     extra={"message": message})  # the whole answer, for answers with more (RRE^O12 items)
 
 
 class HisDestination:

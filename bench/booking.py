@@ -22,6 +22,10 @@ Every request books a different free slot for a different patient (so ``ordering
 slots come from a fresh simulator with enough 5-minute slots for the run (one gateway and simulator per
 run, so runs do not share a chamber or a backlog). The simulator pushes SIU^S12 back for every booking, as
 a HIS would; that traffic is part of the load. Results: bench/results/booking.json.
+
+Before/after in one run: ``--baseline DIR`` (a copy of an earlier checkout) and a mode with the suffix
+``@base`` (``--modes fifo,fifo@base``) runs that mode's gateway from DIR (the simulator and the client stay
+this checkout's), interleaved with the others.
 """
 
 from __future__ import annotations
@@ -212,7 +216,7 @@ class BookingLock:
 
     def __init__(self, workdir: Path, certs: rig.Certs, *, slots: int, ordering: str = "fifo", window: int = 1,
                  reference_builders: bool = False, log_level: str = "warning", counter_per_minute: float = 0.0,
-                 days: int = 1, split: bool = False):
+                 days: int = 1, split: bool = False, gateway_repo: Path | None = None):
         self.workdir, self.certs = workdir, certs
         self.mllp_port, self.his_port, self.fhir_port = rig.free_port(), rig.free_port(), rig.free_port()
         self.doctors = max(1, math.ceil(slots / (SLOTS_PER_DOCTOR_DAY * days)))
@@ -224,22 +228,25 @@ class BookingLock:
                            fhir_port=self.fhir_port, ordering=ordering, window=window, log_level=log_level)
         self.reference_builders = reference_builders
         self.split = split
+        self.gateway_repo = gateway_repo  # None: this checkout's gatewayd
         self.gateway = self.sim = self.inner = None  # gateway: the (outer) process; inner: split mode only
         self.client = Client("127.0.0.1", self.fhir_port, tls_context(certs.dir))
 
     def start(self, timeout: float = 600) -> "BookingLock":
         t = time.monotonic()
+        repo, env = self.gateway_repo, rig.repo_env(self.gateway_repo)
         if self.split:  # the split lock: two processes sharing only the chamber
             self.inner = rig.Proc("gateway-inner", rig.launch_args(
                 ["run", "--gate", "inner", "--config", "gateway-inner.yaml"],
-                reference_builders=self.reference_builders), self.workdir)
+                reference_builders=self.reference_builders, repo=repo), self.workdir, env=env)
             rig.wait_port(self.mllp_port, 60, self.inner)
             self.gateway = rig.Proc("gateway-outer", rig.launch_args(
-                ["run", "--gate", "outer", "--config", "gateway-outer.yaml"]), self.workdir)
+                ["run", "--gate", "outer", "--config", "gateway-outer.yaml"], repo=repo), self.workdir, env=env)
         else:
             self.gateway = rig.Proc("gateway", rig.launch_args(["run", "--config", "gateway.yaml"],
-                                                               reference_builders=self.reference_builders),
-                                    self.workdir)
+                                                               reference_builders=self.reference_builders,
+                                                               repo=repo),
+                                    self.workdir, env=env)
         rig.wait_port(self.fhir_port, 60, self.gateway)
         self.sim = rig.Proc("his-sim", rig.launch_args(["his-sim", "--config", "his-sim.yaml"],
                                                        reference_builders=self.reference_builders), self.workdir)
@@ -322,7 +329,9 @@ def warm_up(lock: BookingLock, slots: list[str]) -> None:
 
 def parse_mode(text: str) -> tuple[str, int, bool]:
     """'fifo' -> ('fifo', 1, False); 'patient:16' -> ('patient', 16, False); 'split-fifo' -> the split lock
-    (``gatewayd run --gate outer`` and ``--gate inner``, two processes) with strict FIFO."""
+    (``gatewayd run --gate outer`` and ``--gate inner``, two processes) with strict FIFO. A suffix ``@base``
+    (the baseline checkout's gateway) is ignored here."""
+    text = text.removesuffix("@base")
     split = text.startswith("split-")
     text = text.removeprefix("split-")
     if text == "fifo":
@@ -333,14 +342,17 @@ def parse_mode(text: str) -> tuple[str, int, bool]:
 
 def run_one(workdir: Path, certs: rig.Certs, *, mode: str, rate: float | None, seconds: float, procs: int,
             threads: int, concurrency: int, reference_builders: bool = False, max_slots: int = 6000,
-            log_level: str = "warning") -> dict:
+            log_level: str = "warning", baseline: Path | None = None) -> dict:
     ordering, window, split = parse_mode(mode)
+    if mode.endswith("@base") and baseline is None:
+        raise ValueError(f"mode {mode}: give the baseline checkout with --baseline DIR")
     if rate:
         slots_needed = int(rate * seconds * 1.05) + 50 + WARM_UP
     else:
         slots_needed = max_slots
     lock = BookingLock(workdir, certs, slots=slots_needed, ordering=ordering, window=window,
-                       reference_builders=reference_builders, log_level=log_level, split=split)
+                       reference_builders=reference_builders, log_level=log_level, split=split,
+                       gateway_repo=baseline if mode.endswith("@base") else None)
     try:
         lock.start()
         slots = lock.free_slots()
@@ -392,7 +404,8 @@ def run(args, workdir: Path) -> dict:
                     r = run_one(run_dir, certs, mode=mode, rate=rate, seconds=args.seconds, procs=args.procs,
                                 threads=args.threads, concurrency=args.concurrency,
                                 reference_builders=args.reference_builders, max_slots=args.max_slots,
-                                log_level=args.gateway_log_level)
+                                log_level=args.gateway_log_level,
+                                baseline=Path(args.baseline).resolve() if getattr(args, "baseline", "") else None)
                 except Exception as e:  # reported, and the other runs go on
                     r = {"mode": mode, "rate": rate, "error": f"{type(e).__name__}: {e}"[:3000]}
                     rig.log(f"booking rep {rep + 1} {mode:11} {label:>10} FAILED {r['error'][:500]}")
@@ -447,6 +460,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--reference-builders", action="store_true",
                     help="run gateway and simulator with the hl7apy SRM/SIU builders (the 'before')")
     ap.add_argument("--gateway-log-level", default="warning", choices=("debug", "info", "warning", "error"))
+    ap.add_argument("--baseline", default="", metavar="DIR",
+                    help="the checkout (a copy) whose gateway runs the modes suffixed @base, e.g. fifo@base")
 
 
 def print_table(result: dict) -> None:

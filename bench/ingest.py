@@ -19,7 +19,9 @@ Contenders (each started fresh for every run, so control ids never collide with 
   --store none);
 - ``bound-py-durable``: the same, group commit per loop turn to SQLite (WAL, synchronous=FULL), ACK after
   COMMIT (--store group);
-- ``bound-py-each``: the same, one commit (one fsync) per message (--store each).
+- ``bound-py-each``: the same, one commit (one fsync) per message (--store each);
+- ``gatewayd-baseline`` (only with ``--baseline DIR``): ``gatewayd`` as the checkout copied to DIR has it
+  (the "before" of a change, measured in the same run, interleaved with the others).
 
 Runs are interleaved: for each repetition and connection count, every contender runs once, in an order
 rotated per repetition, so background load from other processes on the machine hits all of them alike.
@@ -69,6 +71,8 @@ CONTENDERS = [
               20000),
     Contender("bound-py-each", "bound: Python asyncio + SQLite, one commit per message", "bound", True, 8000),
 ]
+BASELINE = Contender("gatewayd-baseline", "gatewayd before (the baseline checkout, durable chamber)", "gatewayd",
+                     True, 6000)
 
 
 def build_c_bound(outdir: Path) -> Path:
@@ -78,8 +82,10 @@ def build_c_bound(outdir: Path) -> Path:
 
 
 class Ingest:
-    def __init__(self, workdir: Path, *, gateway_log_level: str = "warning", reference_builders: bool = False):
+    def __init__(self, workdir: Path, *, gateway_log_level: str = "warning", reference_builders: bool = False,
+                 baseline: Path | None = None):
         self.workdir = workdir
+        self.baseline = baseline
         self.certs = rig.Certs(workdir / "certs")
         self.c_exe = build_c_bound(workdir)
         self.gateway_log_level = gateway_log_level
@@ -91,11 +97,15 @@ class Ingest:
         run_dir = self.workdir / f"{contender.key}-{self.serial}"
         run_dir.mkdir()
         key = contender.key
-        if key in ("gatewayd", "gatewayd-info"):
+        env = None
+        if key in ("gatewayd", "gatewayd-info", "gatewayd-baseline"):
             level = "info" if key == "gatewayd-info" else self.gateway_log_level
             config = rig.gateway_config(run_dir, self.certs, mllp_port=port, his_port=rig.free_port(),
                                         fhir_port=rig.free_port(), log_level=level)
-            args = rig.launch_args(["run", "--config", str(config)], reference_builders=self.reference_builders)
+            repo = self.baseline if key == "gatewayd-baseline" else None
+            args = rig.launch_args(["run", "--config", str(config)], reference_builders=self.reference_builders,
+                                   repo=repo)
+            env = rig.repo_env(repo)
         elif key == "python-hl7":
             args = [rig.PY, str(rig.BENCH / "peers" / "python_hl7_server.py"), "--port", str(port)]
         elif key == "txHL7":
@@ -110,7 +120,7 @@ class Ingest:
                     "--db", str(run_dir / "bound.sqlite3")]
         else:
             raise ValueError(key)
-        proc = rig.Proc(key, args, run_dir)
+        proc = rig.Proc(key, args, run_dir, env=env)
         try:
             rig.wait_port(port, timeout=60, proc=proc)
         except BaseException:
@@ -167,9 +177,11 @@ def summarise(runs: list[dict], contenders: list[Contender], conns_list: list[in
 
 
 def run(args, workdir: Path) -> dict:
+    baseline = Path(args.baseline).resolve() if getattr(args, "baseline", "") else None
     wanted = [c for c in CONTENDERS if not args.only or c.key in args.only.split(",")]
+    wanted += [BASELINE] if baseline else []
     conns_list = [int(x) for x in args.conns.split(",")]
-    ingest = Ingest(workdir, gateway_log_level=args.gateway_log_level)
+    ingest = Ingest(workdir, gateway_log_level=args.gateway_log_level, baseline=baseline)
     machine = rig.machine()  # as the run starts (load average, checkout)
     runs = []
     for rep in range(args.reps):
@@ -189,7 +201,7 @@ def run(args, workdir: Path) -> dict:
                 r["rep"] = rep + 1
                 runs.append(r)
     return {"machine": machine, "reps": args.reps, "scale": args.scale, "conns": conns_list,
-            "gateway_log_level": args.gateway_log_level,
+            "gateway_log_level": args.gateway_log_level, "baseline": str(baseline) if baseline else None,
             "summary": summarise(runs, wanted, conns_list), "runs": runs}
 
 
@@ -198,7 +210,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--conns", default="1,4,16", help="connection counts, comma separated")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every run's message count")
     ap.add_argument("--only", default="", help="comma-separated contender keys: "
-                    + ", ".join(c.key for c in CONTENDERS))
+                    + ", ".join(c.key for c in CONTENDERS + [BASELINE]))
+    ap.add_argument("--baseline", default="", metavar="DIR",
+                    help="also run gatewayd-baseline: the gatewayd of the checkout copied to DIR (before/after)")
     ap.add_argument("--gateway-log-level", default="warning", choices=("debug", "info", "warning", "error"),
                     help="gatewayd's logging.level (info logs one line per message)")
 
@@ -216,12 +230,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(ap)
     ap.add_argument("--keep", action="store_true", help="keep the temporary work directory (logs, chambers)")
+    ap.add_argument("--save-as", default="ingest", help="name of the results file in bench/results/ (the "
+                    "tables in docs/benchmarks.md are rendered from ingest.json)")
     args = ap.parse_args()
     with rig.workspace(args.keep) as workdir:
         result = run(args, workdir)
-    rig.save_result("ingest", result)
+    path = rig.save_result(args.save_as, result)
     print_table(result)
-    print(json.dumps({"saved": str(rig.RESULTS / "ingest.json")}))
+    print(json.dumps({"saved": str(path)}))
 
 
 if __name__ == "__main__":

@@ -69,6 +69,7 @@ ENTRY_POINTS = [
     ("  answer written (FhirApi._respond)", "adapters/fhir/server.py", "_respond"),
     ("TLS: OpenSSL calls (pyOpenSSL)", "OpenSSL/SSL.py", "*"),
     ("chamber: batches run (Chamber._run_batch)", "gateway/chamber.py", "_run_batch"),
+    ("chamber: units answered after COMMIT (Chamber._finish)", "gateway/chamber.py", "_finish"),
     ("  booking: hold + SRM (BookingService.book work)", "gateway/booking.py", "book.<locals>.work"),
     ("    SRM^S01 built (build_srm)", "adapters/mapping/srm_booking.py", "build_srm"),
     ("  relay: answer recorded (Relay._deliver record)", "gateway/relay.py", "_deliver.<locals>.record"),
@@ -105,6 +106,7 @@ def fold(raw: Path) -> dict:
     entry: collections.Counter = collections.Counter()
     commit_lines = 0
     other_threads = 0
+    commit_thread = 0
     for line in raw.read_text(encoding="utf-8", errors="replace").splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
@@ -115,6 +117,8 @@ def fold(raw: Path) -> dict:
             continue
         if frames[0][0] == "Thread._bootstrap" or frames[0][1] == "threading.py":
             other_threads += n  # thread-pool threads (mostly parked in Condition.wait): not the reactor
+            if any(f_func == "_commit" and f_file == "gateway/chamber.py" for f_func, f_file, _ in frames):
+                commit_thread += n  # the chamber's writer thread in COMMIT (WAL write + fsync)
             continue
         total += n
         func, file, lineno = frames[-1]
@@ -134,7 +138,8 @@ def fold(raw: Path) -> dict:
                    for f_func, f_file, _ in frames):
                 entry[label] += n
         # the COMMIT statement itself (SQLite's WAL write + fsync), charged to the line that runs it
-        if func.endswith("_run_batch") and file == "gateway/chamber.py" and _is_commit_line(file, lineno):
+        if file == "gateway/chamber.py" and (func == "_commit" or (func.endswith("_run_batch")
+                                                                   and _is_commit_line(file, lineno))):
             commit_lines += n
 
     def top(counter, k=25):
@@ -143,6 +148,7 @@ def fold(raw: Path) -> dict:
     return {
         "samples": total,
         "other_thread_samples": other_threads,
+        "commit_thread_samples": commit_thread,  # COMMIT in the writer thread (not in "samples")
         "components": [{"component": c, "samples": n, "pct": round(100 * n / total, 1)}
                        for c, n in by_component.most_common()],
         "entry_points": [{"entry": e, "samples": entry[e], "pct": round(100 * entry[e] / total, 1)}
@@ -242,7 +248,8 @@ def profile_ingest(workdir: Path, args) -> dict:
 
 
 def print_profile(name: str, prof: dict, k: int = 12) -> None:
-    print(f"\n== {name}: {prof['samples']} samples")
+    print(f"\n== {name}: {prof['samples']} samples of the reactor thread; COMMIT on it "
+          f"{prof['commit_statement_pct']}%; COMMIT in the writer thread: {prof.get('commit_thread_samples', 0)} samples")
     for c in prof["components"][:k]:
         print(f"  {c['pct']:5.1f}%  {c['component']}")
     print("  -- entry points (inclusive)")

@@ -360,12 +360,19 @@ def sim_config(workdir: Path, *, his_port: int, mllp_port: int, doctors: int, da
     return path
 
 
-def launch_args(command: list[str], *, reference_builders: bool = False) -> list[str]:
-    """``gatewayd <command>`` through bench/launch.py (which can swap in the hl7apy builders)."""
-    args = [PY, str(BENCH / "launch.py")]
+def launch_args(command: list[str], *, reference_builders: bool = False, repo: Path | None = None) -> list[str]:
+    """``gatewayd <command>`` through bench/launch.py (which can swap in the hl7apy builders); ``repo``: run
+    the gatewayd of another checkout (a copy of an earlier tree: the 'before' of a before/after run; start
+    the process with :func:`repo_env` too)."""
+    args = [PY, str((repo or REPO) / "bench" / "launch.py")]
     if reference_builders:
         args.append("--reference-builders")
     return args + ["--", *command]
+
+
+def repo_env(repo: Path | None) -> dict | None:
+    """The environment for a process running the code of checkout ``repo`` (None: this one)."""
+    return {"PYTHONPATH": str(repo)} if repo is not None else None
 
 
 @contextlib.contextmanager

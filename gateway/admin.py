@@ -6,7 +6,9 @@
 - ``/metrics``: messages per direction, peer and state, and the undelivered queue per destination, read
   from the chamber at scrape time (so both processes of a split lock report the same truth); delivery
   latency (commit to the HIS's answer) and the HIS's answer codes, observed by this process's relay; HL7
-  answers the inner gate gave; HTTP answers of the outer gate.
+  answers the inner gate gave; HTTP answers of the outer gate; TLS handshakes that failed, per gate
+  (``gatewayd_tls_handshake_failures_total{gate="outer"|"inner"}``: no certificate, one from another CA,
+  a revoked-at-the-handshake or unusable one, no common protocol version).
 """
 
 from __future__ import annotations
@@ -62,6 +64,9 @@ class Metrics:
                                    "(accepted, rejected, not_stored)", ["outcome"], registry=self.registry)
         self.http_answers = Counter("gatewayd_http_answers_total", "HTTP answers of the outer gate", ["status"],
                                     registry=self.registry)
+        self.tls_handshake_failures = Counter(
+            "gatewayd_tls_handshake_failures_total", "TLS handshakes that failed, per gate (outer: HTTPS, inner: "
+            "MLLP)", ["gate"], registry=self.registry)
 
     def delivered(self, peer: str, code: str, seconds: float) -> None:
         self.delivery.labels(peer).observe(max(0.0, seconds))

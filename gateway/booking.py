@@ -60,8 +60,9 @@ _HIS_STATUS = {"open": "free", "free": "free", "block": "busy-unavailable", "boo
 
 
 def new_control_id() -> str:
-    """MSH-10 for a message we send: assigned once, kept on every resend (ST, at most 20 characters)."""
-    return "G" + secrets.token_hex(8) + secrets.token_hex(2)[:3]
+    """MSH-10 for a message we send: assigned once, kept on every resend (ST, at most 20 characters):
+    'G' and 19 random hex digits."""
+    return "G" + secrets.token_hex(10)[:19]
 
 
 def new_appointment_id() -> str:
@@ -115,6 +116,14 @@ class SlotBook:
                 tx.update_slot(old.id, his_status="free", his_appointment=None, booked_by=None)
                 self._move_appointment(tx, old, sid)
 
+        if his_status != "free":  # no booking of ours to release: one statement, new slot or known
+            tx.insert_slot(SlotRow(
+                id=sid, schedule_id=n.schedule.id, start_local=f"{n.start_local:%Y%m%d%H%M}",
+                start_ts=start_ts, end_ts=end_ts, minutes=n.minutes, service_code=n.service_code,
+                service_text=n.service_text, his_status=his_status, his_appointment=his_appointment,
+                held_by=None, booked_by=None, updated=tx.now,
+            ), or_update=True)
+            return sid
         slot = tx.slot(sid)
         if slot is None:
             tx.insert_slot(SlotRow(
@@ -127,9 +136,12 @@ class SlotBook:
         changes = dict(start_ts=start_ts, end_ts=end_ts, minutes=n.minutes, service_code=n.service_code,
                        service_text=n.service_text, his_status=his_status, his_appointment=his_appointment)
         if his_status == "free" and slot.booked_by:
-            # The HIS freed a slot one of our platforms had booked: the hospital cancelled it.
+            # The HIS freed a slot one of our platforms had booked: the hospital cancelled it — unless we
+            # are cancelling it ourselves: then this is most likely our SRM^S04 taking effect, its answer
+            # still on the way (the HIS may notify before it answers); the answer settles it
+            # (BookingService._answer_cancel, which also sees a refusal of the freed slot as the hospital's).
             appt = tx.appointment(slot.booked_by)
-            if appt is not None and appt.status == "booked":
+            if appt is not None and appt.status == "booked" and appt.pending_change != "cancel":
                 tx.update_appointment(appt.id, status="cancelled", pending_change=None,
                                       outcome="cancelled by the hospital")
             changes["booked_by"] = None
@@ -170,7 +182,11 @@ class BookingService:
         self.clock = clock
         self._waiters: dict[str, list[defer.Deferred]] = {}
         self._expiry_call = None
-        self._stop_observing = chamber.observe(self._on_commit)
+        # Waiters are settled by the commits that clear their appointments' pending change: this process's
+        # tell us which (no query); another process's (the split lock's inner gate, noticed by the watch)
+        # do not, so they are looked up (one query for all waiters).
+        self._stop_observing = chamber.observe(self._on_commit, own_commits=False)
+        self._stop_observing_settled = chamber.observe_settled(self._on_settled)
 
     # -- platform requests ---------------------------------------------------------------------------------
     def book(self, platform: str, request: BookingRequest, *, idempotency_key: str | None = None,
@@ -519,6 +535,14 @@ class BookingService:
                                   outcome=f"cancellation refused by the HIS ({answer.code}): "
                                           f"{answer.text or 'no reason given'}")
             self._settled(tx, appt, "cancel.settled", 409, f"cancellation refused by the HIS ({answer.code})")
+            self._freed_meanwhile(tx, appt, slot)
+
+    @staticmethod
+    def _freed_meanwhile(tx, appt, slot) -> None:
+        """Our cancellation did not take effect, yet the HIS has freed the slot meanwhile (SlotBook left the
+        appointment alone while the cancellation was pending): the hospital cancelled it."""
+        if slot is not None and slot.booked_by != appt.id and slot.his_status == "free":
+            tx.update_appointment(appt.id, status="cancelled", outcome="cancelled by the hospital")
 
     def _queue_compensating_cancel(self, tx, appt, slot, his_appointment) -> None:
         control_id = new_control_id()
@@ -550,6 +574,7 @@ class BookingService:
             tx.update_appointment(appt.id, pending_change=None,
                                   outcome=f"the cancellation did not reach the HIS: {reason}")
             self._settled(tx, appt, "cancel.settled", 409, "dead-lettered: the cancellation did not reach the HIS")
+            self._freed_meanwhile(tx, appt, tx.slot(appt.slot_id))
 
     # -- holds -----------------------------------------------------------------------------------------------
     def _release_hold(self, tx, appt, slot, reason: str) -> None:
@@ -635,11 +660,21 @@ class BookingService:
         if not d.called:
             d.callback(False)
 
-    def _on_commit(self) -> None:
+    def _on_settled(self, appointment_ids: list[str]) -> None:
+        """After a commit of this process that cleared these appointments' pending change."""
         if not self._waiters:
             return
-        # One query for all waiters (after every commit, so it must stay cheap: the profile in
-        # docs/benchmarks.md showed reading them one by one taking 39% of the gateway at saturation).
+        for appointment_id in appointment_ids:
+            for d in self._waiters.pop(appointment_id, []):
+                if not d.called:
+                    d.callback(True)
+
+    def _on_commit(self) -> None:
+        """After another process's commit: which waiters' appointments does it leave settled?"""
+        if not self._waiters:
+            return
+        # One query for all waiters (the profile in docs/benchmarks.md showed reading them one by one taking
+        # 39% of the gateway at saturation).
         for appointment_id in self.chamber.read().settled_among(list(self._waiters)):
             for d in self._waiters.pop(appointment_id, []):
                 if not d.called:

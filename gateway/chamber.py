@@ -23,7 +23,9 @@ crash leaves the file at the old version or the new one, never between. The vers
 from __future__ import annotations
 
 import json
+import queue
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,6 +178,47 @@ class AuditChain:
     head_hash: str
 
 
+@dataclass(frozen=True)
+class PrescriptionRow:
+    id: str
+    direction: str  # to_his | released
+    platform: str
+    number: str
+    status: str
+    outcome: str | None
+    payload: bytes
+    jws: str | None
+    signature: str | None
+    message_id: int | None
+    claimed_by: str | None
+    claimed_at: float | None
+    version: int
+    created: float
+    updated: float
+
+
+@dataclass(frozen=True)
+class MedicationRequestRow:
+    id: str
+    prescription_id: str
+    seq: int
+    his_order: str | None
+    status: str
+    resource: str
+    updated: float
+
+
+@dataclass(frozen=True)
+class DispenseRow:
+    id: str
+    medication_request: str
+    prescription_id: str
+    his_dispense: str
+    resource: str
+    control_id: str
+    created: float
+
+
 def _row(cls, row: sqlite3.Row | None):
     if row is None:
         return None
@@ -192,9 +235,15 @@ def _row(cls, row: sqlite3.Row | None):
 class Txn:
     """What a unit of work may do inside a chamber transaction.  Each method is one statement or two."""
 
-    def __init__(self, conn: sqlite3.Connection, now: float):
+    def __init__(self, conn: sqlite3.Connection, now: float, *,
+                 known_schedules: Callable[[], dict[str, tuple]] | None = None):
         self._c = conn
         self.now = now
+        self.settled: list[str] = []  # appointments whose pending change this transaction cleared
+        self.queue_changed = False  # an outbound message queued, or a message's state changed
+        self._known_schedules = known_schedules  # -> schedules known as committed: id -> fields (None: no cache)
+        self._known: dict[str, tuple] | None = None
+        self.written_schedules: dict[str, tuple] = {}  # schedules this transaction wrote: id -> fields
 
     # -- messages ------------------------------------------------------------------------------------------
     def message(self, message_id: int) -> MessageRow | None:
@@ -223,16 +272,33 @@ class Txn:
         answer_code: str | None = None,
         answer_text: str | None = None,
         detail: str | None = None,
-    ) -> int:
+        if_new: bool = False,
+        story: Iterable[tuple[str, str | None]] | None = None,
+    ) -> int | None:
+        """Insert a message and its first story line (``state``, ``detail``) — or, with ``story``, those
+        (state, detail) lines instead (one statement for all).  ``if_new``: if a message with this control
+        id is there already (direction, peer), insert nothing and return None (the unique index finds it:
+        no lookup before)."""
         cur = self._c.execute(
             "INSERT INTO messages (direction, peer, control_id, type, state, body, charset, subject, order_key,"
             " next_attempt, answer_code, answer_text, created, updated)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            + (" ON CONFLICT (direction, peer, control_id) DO NOTHING" if if_new else ""),
             (direction, peer, control_id, type, state, body, charset, subject, order_key, next_attempt,
              answer_code, answer_text, self.now, self.now),
         )
+        if if_new and cur.rowcount == 0:
+            return None
         message_id = cur.lastrowid
-        self._event(message_id, state, detail)
+        if direction == "outbound":
+            self.queue_changed = True
+        if story is None:
+            self._event(message_id, state, detail)
+        else:
+            self._c.executemany(
+                "INSERT INTO message_events (message_id, at, state, detail) VALUES (?, ?, ?, ?)",
+                [(message_id, self.now, line_state, line) for line_state, line in story],
+            )
         return message_id
 
     def set_message_state(
@@ -261,21 +327,25 @@ class Txn:
         args.append(message_id)
         self._c.execute(f"UPDATE messages SET {', '.join(sets)} WHERE id = ?", args)
         self._event(message_id, state, detail)
+        self.queue_changed = True
 
-    def set_encoded(self, message_id: int, body: bytes, type: str, charset: str) -> None:
-        """Store the HL7 bytes of an outbound message committed without them (once: they never change)."""
+    def set_encoded(self, message_id: int, body: bytes, type: str, charset: str, *, state: str | None = None) -> None:
+        """Store the HL7 bytes of an outbound message committed without them (once: they never change).
+        ``state``: the message's state, if the caller knows it (for its story line)."""
         cur = self._c.execute(
             "UPDATE messages SET body = ?, type = ?, charset = ?, updated = ? WHERE id = ? AND body = x''",
             (body, type, charset, self.now, message_id),
         )
         if cur.rowcount != 1:
             raise ValueError(f"message {message_id} was already encoded")
-        self.note(message_id, f"encoded as {type} ({len(body)} bytes, {charset})")
+        self.queue_changed = True
+        self.note(message_id, f"encoded as {type} ({len(body)} bytes, {charset})", state=state)
 
-    def note(self, message_id: int, detail: str) -> None:
-        """Add a line to a message's story without changing its state."""
-        row = self._c.execute("SELECT state FROM messages WHERE id = ?", (message_id,)).fetchone()
-        self._event(message_id, row[0], detail)
+    def note(self, message_id: int, detail: str, *, state: str | None = None) -> None:
+        """Add a line to a message's story without changing its state (``state``: that state, if known)."""
+        if state is None:
+            state = self._c.execute("SELECT state FROM messages WHERE id = ?", (message_id,)).fetchone()[0]
+        self._event(message_id, state, detail)
 
     def messages_for_subject(self, subject: str) -> list[MessageRow]:
         cur = self._c.execute("SELECT * FROM messages WHERE subject = ? ORDER BY id", (subject,))
@@ -289,6 +359,15 @@ class Txn:
 
     # -- schedules and slots -------------------------------------------------------------------------------
     def upsert_schedule(self, row: ScheduleRow) -> None:
+        """Insert or update a schedule; nothing is written when the chamber is known to hold these fields
+        already (the HIS repeats its schedule in every SIU; ``updated`` is when they last changed)."""
+        fields = (row.display, row.practitioner_id, row.practitioner_name, row.department_code, row.department_name)
+        if self._known_schedules is not None:
+            if self._known is None:
+                self._known = self._known_schedules()  # (once per transaction)
+            seen = self.written_schedules.get(row.id)
+            if (seen if seen is not None else self._known.get(row.id)) == fields:
+                return
         self._c.execute(
             "INSERT INTO schedules (id, display, practitioner_id, practitioner_name, department_code,"
             " department_name, updated) VALUES (?, ?, ?, ?, ?, ?, ?)"
@@ -299,6 +378,7 @@ class Txn:
             (row.id, row.display, row.practitioner_id, row.practitioner_name, row.department_code,
              row.department_name, self.now),
         )
+        self.written_schedules[row.id] = fields
 
     def schedule(self, schedule_id: str) -> ScheduleRow | None:
         cur = self._c.execute("SELECT * FROM schedules WHERE id = ?", (schedule_id,))
@@ -311,11 +391,17 @@ class Txn:
         cur = self._c.execute("SELECT * FROM slots WHERE his_appointment = ?", (his_appointment,))
         return _row(SlotRow, cur.fetchone())
 
-    def insert_slot(self, row: SlotRow) -> None:
+    def insert_slot(self, row: SlotRow, *, or_update: bool = False) -> None:
+        """Insert a slot.  ``or_update``: if it exists, update what the HIS says about it instead (times,
+        service, HIS status and appointment; not our hold or booking) — one statement, no lookup before."""
         self._c.execute(
             "INSERT INTO slots (id, schedule_id, start_local, start_ts, end_ts, minutes, service_code,"
             " service_text, his_status, his_appointment, held_by, booked_by, updated)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            + (" ON CONFLICT (id) DO UPDATE SET start_ts = excluded.start_ts, end_ts = excluded.end_ts,"
+               " minutes = excluded.minutes, service_code = excluded.service_code,"
+               " service_text = excluded.service_text, his_status = excluded.his_status,"
+               " his_appointment = excluded.his_appointment, updated = excluded.updated" if or_update else ""),
             (row.id, row.schedule_id, row.start_local, row.start_ts, row.end_ts, row.minutes,
              row.service_code, row.service_text, row.his_status, row.his_appointment, row.held_by,
              row.booked_by, self.now),
@@ -359,6 +445,11 @@ class Txn:
             f"UPDATE appointments SET {cols}, version = version + 1, updated = ? WHERE id = ?",
             (*changes.values(), self.now, appointment_id),
         )
+        if "pending_change" in changes:  # after COMMIT: Chamber.observe_settled
+            if changes["pending_change"] is None:
+                self.settled.append(appointment_id)
+            elif appointment_id in self.settled:  # waiting for the HIS again after all
+                self.settled = [i for i in self.settled if i != appointment_id]
 
     def expired_holds(self, now: float) -> list[AppointmentRow]:
         cur = self._c.execute(
@@ -428,6 +519,82 @@ class Txn:
             (platform, schedule_id, day + "0000", day + "9999"),
         ).fetchone()[0]
 
+    # -- prescriptions ---------------------------------------------------------------------------------------
+    def insert_prescription(self, *, id: str, direction: str, platform: str, number: str, status: str,
+                            payload: bytes, jws: str | None = None, signature: str | None = None,
+                            message_id: int | None = None) -> None:
+        self._c.execute(
+            "INSERT INTO prescriptions (id, direction, platform, number, status, payload, jws, signature,"
+            " message_id, created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (id, direction, platform, number, status, payload, jws, signature, message_id, self.now, self.now),
+        )
+
+    def prescription(self, prescription_id: str) -> PrescriptionRow | None:
+        cur = self._c.execute("SELECT * FROM prescriptions WHERE id = ?", (prescription_id,))
+        return _row(PrescriptionRow, cur.fetchone())
+
+    def prescription_by_number(self, direction: str, platform: str, number: str) -> PrescriptionRow | None:
+        cur = self._c.execute("SELECT * FROM prescriptions WHERE direction = ? AND platform = ? AND number = ?",
+                              (direction, platform, number))
+        return _row(PrescriptionRow, cur.fetchone())
+
+    def prescription_for_message(self, message_id: int) -> PrescriptionRow | None:
+        cur = self._c.execute("SELECT * FROM prescriptions WHERE message_id = ?", (message_id,))
+        return _row(PrescriptionRow, cur.fetchone())
+
+    def update_prescription(self, prescription_id: str, **changes: Any) -> None:
+        allowed = {"status", "outcome", "message_id"}
+        if set(changes) - allowed:
+            raise ValueError(f"not prescription columns: {sorted(set(changes) - allowed)}")
+        cols = ", ".join(f"{k} = ?" for k in changes)
+        self._c.execute(f"UPDATE prescriptions SET {cols}, version = version + 1, updated = ? WHERE id = ?",
+                        (*changes.values(), self.now, prescription_id))
+
+    def claim_prescription(self, prescription_id: str, platform: str) -> bool:
+        """One statement, so of two pharmacies claiming at once exactly one wins (SQLite has one writer)."""
+        cur = self._c.execute(
+            "UPDATE prescriptions SET status = 'claimed', claimed_by = ?, claimed_at = ?, version = version + 1,"
+            " updated = ? WHERE id = ? AND direction = 'released' AND status = 'active'",
+            (platform, self.now, self.now, prescription_id))
+        return cur.rowcount == 1
+
+    def insert_medication_request(self, *, id: str, prescription_id: str, seq: int, status: str,
+                                  resource: str, his_order: str | None = None) -> None:
+        self._c.execute(
+            "INSERT INTO medication_requests (id, prescription_id, seq, his_order, status, resource, updated)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)", (id, prescription_id, seq, his_order, status, resource, self.now))
+
+    def medication_request(self, request_id: str) -> MedicationRequestRow | None:
+        cur = self._c.execute("SELECT * FROM medication_requests WHERE id = ?", (request_id,))
+        return _row(MedicationRequestRow, cur.fetchone())
+
+    def medication_requests_of(self, prescription_id: str) -> list[MedicationRequestRow]:
+        cur = self._c.execute("SELECT * FROM medication_requests WHERE prescription_id = ? ORDER BY seq",
+                              (prescription_id,))
+        return [_row(MedicationRequestRow, r) for r in cur.fetchall()]
+
+    def update_medication_request(self, request_id: str, **changes: Any) -> None:
+        allowed = {"status", "resource", "his_order"}
+        if set(changes) - allowed:
+            raise ValueError(f"not medication request columns: {sorted(set(changes) - allowed)}")
+        cols = ", ".join(f"{k} = ?" for k in changes)
+        self._c.execute(f"UPDATE medication_requests SET {cols}, updated = ? WHERE id = ?",
+                        (*changes.values(), self.now, request_id))
+
+    def add_dispense(self, *, id: str, medication_request: str, prescription_id: str, his_dispense: str,
+                     resource: str, control_id: str) -> bool:
+        """False when the HIS's dispense id is known already (a resent RDS adds nothing)."""
+        cur = self._c.execute(
+            "INSERT OR IGNORE INTO medication_dispenses (id, medication_request, prescription_id, his_dispense,"
+            " resource, control_id, created) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (id, medication_request, prescription_id, his_dispense, resource, control_id, self.now))
+        return cur.rowcount == 1
+
+    def dispenses_for(self, request_id: str) -> list[DispenseRow]:
+        cur = self._c.execute("SELECT * FROM medication_dispenses WHERE medication_request = ? ORDER BY created, id",
+                              (request_id,))
+        return [_row(DispenseRow, r) for r in cur.fetchall()]
+
     # -- audit ---------------------------------------------------------------------------------------------
     def audit_chain(self) -> AuditChain:
         row = self._c.execute(
@@ -469,6 +636,31 @@ class Txn:
             self._c.execute("DELETE FROM messages WHERE id = ?", (i,))
         return len(ids)
 
+    # -- OAuth2 client credentials (gateway/oauth.py; tables oauth_assertions, oauth_tokens) ---------------------
+    def remember_assertion(self, platform: str, jti: str, keep_until: float) -> bool:
+        """Record that ``platform`` used the client assertion ``jti``; False when it was used already."""
+        return self._c.execute(
+            "INSERT OR IGNORE INTO oauth_assertions (platform, jti, expires) VALUES (?, ?, ?)",
+            (platform, jti, keep_until)).rowcount == 1
+
+    def add_access_token(self, token_sha256: str, platform: str, scopes: str, expires: float) -> None:
+        """Store an issued access token by its SHA-256 (hex) only, never the token itself."""
+        self._c.execute("INSERT INTO oauth_tokens (token_sha256, platform, scopes, expires) VALUES (?, ?, ?, ?)",
+                        (token_sha256, platform, scopes, expires))
+
+    def access_token(self, token_sha256: str) -> tuple[str, str, float] | None:
+        """(platform, space-separated scopes, expires) of the token with this SHA-256, or None."""
+        row = self._c.execute("SELECT platform, scopes, expires FROM oauth_tokens WHERE token_sha256 = ?",
+                              (token_sha256,)).fetchone()
+        return (row[0], row[1], row[2]) if row else None
+
+    def prune_oauth(self, now: float, keep_expired_tokens: float = 0.0) -> tuple[int, int]:
+        """Forget assertions whose jti can no longer be replayed (expired before ``now``) and tokens expired
+        more than ``keep_expired_tokens`` seconds ago; returns how many of each were deleted."""
+        assertions = self._c.execute("DELETE FROM oauth_assertions WHERE expires < ?", (now,)).rowcount
+        tokens = self._c.execute("DELETE FROM oauth_tokens WHERE expires < ?", (now - keep_expired_tokens,)).rowcount
+        return assertions, tokens
+
 
 class Reader(Txn):
     """Read-only queries over committed state (used outside transactions)."""
@@ -496,13 +688,17 @@ class Reader(Txn):
             waiting.update(r[0] for r in cur)
         return set(appointment_ids) - waiting
 
-    def unfinished_outbound(self, peer: str, limit: int = 10000) -> list[MessageRow]:
-        """Every message to ``peer`` not yet finished, oldest first (for ordering by patient)."""
+    def unfinished_outbound(self, peer: str, limit: int = 10000, *, brief: bool = False) -> list:
+        """Every message to ``peer`` not yet finished, oldest first (for ordering by patient).  ``brief``:
+        (id, order_key, state, next_attempt) tuples only, not the rows (nor their bodies)."""
         cur = self._c.execute(
-            "SELECT * FROM messages WHERE direction = 'outbound' AND peer = ?"
+            f"SELECT {'id, order_key, state, next_attempt' if brief else '*'} FROM messages"
+            " WHERE direction = 'outbound' AND peer = ?"
             " AND state IN ('committed', 'sending', 'retrying') ORDER BY id LIMIT ?",
             (peer, limit),
         )
+        if brief:
+            return [tuple(r) for r in cur]
         return [_row(MessageRow, r) for r in cur]
 
     def message_events(self, message_id: int) -> list[tuple[float, str, str | None]]:
@@ -623,6 +819,15 @@ class Reader(Txn):
         )
         return cur.fetchone()[0]
 
+    def released_prescriptions(self, platform: str, after: float, limit: int) -> list[PrescriptionRow]:
+        """Released prescriptions a pharmacy may fill: unclaimed, or claimed by this pharmacy; changed after
+        ``after``; oldest change first."""
+        cur = self._c.execute(
+            "SELECT * FROM prescriptions WHERE direction = 'released' AND updated > ?"
+            " AND (status = 'active' OR (status = 'claimed' AND claimed_by = ?)) ORDER BY updated, id LIMIT ?",
+            (after, platform, limit))
+        return [_row(PrescriptionRow, r) for r in cur.fetchall()]
+
     def counts(self) -> dict[str, int]:
         out = {}
         for table in ("messages", "schedules", "slots", "appointments", "audit_records"):
@@ -633,33 +838,138 @@ class Reader(Txn):
 # ---------------------------------------------------------------------------------------------------------
 # the chamber
 
+#: what statements on the read connection may do (sqlite3 authorizer actions): read, look at pragmas, and
+#: BEGIN/ROLLBACK (the health probe takes the write lock and gives it back); never write
+_READ_ACTIONS = frozenset({sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_PRAGMA,
+                           sqlite3.SQLITE_TRANSACTION, sqlite3.SQLITE_RECURSIVE})
+#: schedules remembered as committed (their fields), so an SIU that repeats them writes nothing; bounded
+_KNOWN_SCHEDULES_MAX = 10_000
+
+
+def _read_only(action, arg1, _arg2, _db, _trigger):
+    if action in _READ_ACTIONS:
+        return sqlite3.SQLITE_OK
+    if action == sqlite3.SQLITE_UPDATE and arg1 == "sqlite_master":  # json_each (an eponymous virtual table)
+        return sqlite3.SQLITE_OK                                     # is set up on first use: not a write
+    return sqlite3.SQLITE_DENY
+
+
+def _commit(conn: sqlite3.Connection) -> None:
+    """The COMMIT of a batch: the WAL write and its fsync.  (A function of its own so tests can slow it down
+    or make it fail.)"""
+    conn.execute("COMMIT")
+
+
+class _Batch:
+    """The units of one transaction and what became of them (and, while it is in flight, of its COMMIT)."""
+
+    __slots__ = ("units", "results", "failures", "settled", "schedules", "queue_changed", "needs_commit", "error",
+                 "done")
+
+    def __init__(self, units: list):
+        self.units = units  # [(work, Deferred or None)]
+        self.results: list = []
+        self.failures: list = []
+        self.settled: list[str] = []  # appointments whose pending change the batch cleared
+        self.schedules: dict = {}  # schedules the batch wrote: id -> fields
+        self.queue_changed = False  # it queued an outbound message or changed a message's state
+        self.needs_commit = False  # BEGIN ran and at least one unit's writes are kept
+        self.error: Exception | None = None  # the COMMIT failed
+        self.done: threading.Event | None = None  # in flight: set when COMMIT (or its ROLLBACK) has returned
+
+
+class _Committer:
+    """The writer thread: runs each batch's COMMIT off the reactor thread, one batch at a time, and hands the
+    batch back to the reactor thread (``callFromThread``) once COMMIT has returned."""
+
+    def __init__(self, conn: sqlite3.Connection, reactor, on_done: Callable[[_Batch], None]):
+        self._conn = conn
+        self._reactor = reactor
+        self._on_done = on_done
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="chamber-commit", daemon=True)
+        self._thread.start()
+
+    def submit(self, batch: _Batch) -> None:
+        self._jobs.put(batch)
+
+    def _run(self) -> None:
+        while True:
+            batch = self._jobs.get()
+            if batch is None:
+                return
+            try:
+                _commit(self._conn)
+            except Exception as e:  # noqa: BLE001 - whatever it was, the batch is not on disk
+                batch.error = e
+                try:
+                    self._conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            batch.done.set()
+            self._reactor.callFromThread(self._on_done, batch)
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+        self._thread.join()
+
 
 class Chamber:
-    """The durable store.  Open with :meth:`open`; write with :meth:`transact`; read with :meth:`read`."""
+    """The durable store.  Open with :meth:`open`; write with :meth:`transact`; read with :meth:`read`.
 
-    def __init__(self, path: str | Path, *, reactor=None, clock: Callable[[], float] = time.time):
+    With a reactor that runs threads (the real one), each batch's COMMIT runs in a writer thread of its own
+    (pipelined group commit): the units of a batch run on the reactor thread inside BEGIN ... (so they see
+    and decide on the current state), then the reactor hands the COMMIT — the WAL write and its fsync — to
+    the writer thread and goes on reading, parsing and answering; what arrives meanwhile is queued and
+    becomes the next batch, which starts when that COMMIT has returned.  The units' Deferreds fire, and the
+    observers run, on the reactor thread after COMMIT has returned; a failed COMMIT fails every unit of its
+    batch.  Reads (:meth:`read`) then use a second connection, read-only, which sees committed state only
+    (WAL: a commit becomes visible when its fsync is done) and never waits for a COMMIT.  Without such a
+    reactor (tests with a Clock, the CLI) or for ``:memory:``, one connection does everything, synchronously.
+    ``commit_in_thread`` forces either way (None: decide as above)."""
+
+    def __init__(self, path: str | Path, *, reactor=None, clock: Callable[[], float] = time.time,
+                 commit_in_thread: bool | None = None):
         self.path = str(path)
         self._reactor = reactor
         self._clock = clock
-        self._conn: sqlite3.Connection | None = None
+        self._commit_in_thread = commit_in_thread
+        self._writer: sqlite3.Connection | None = None  # transactions (and the units' reads)
+        self._reader: sqlite3.Connection | None = None  # reads of committed state (the writer, if not threaded)
+        self._committer: _Committer | None = None
+        self._inflight: _Batch | None = None  # the batch whose COMMIT runs in the writer thread
+        self._closing = False
         self._queue: list[tuple[Callable[[Txn], Any], defer.Deferred]] = []
         self._flush_call = None
-        self._observers: list[Callable[[], None]] = []
+        self._observers: list[tuple[Callable[[], None], bool]] = []  # (callback, also after own commits)
+        self._settled_observers: list[Callable[[list[str]], None]] = []
+        self._known_schedules: dict[str, tuple] = {}  # committed schedules' fields (see Txn.upsert_schedule)
+        self._seen_version: int | None = None  # data_version when the last batch began (other writers?)
+        self._watch_version: int | None = None  # data_version as the watch last saw it
+        self._watching = False
+
+    @property
+    def _conn(self) -> sqlite3.Connection | None:
+        """The connection outside code may look at (pragmas; the admin health probe's BEGIN IMMEDIATE +
+        ROLLBACK): the read connection, never the writer's, which may be inside a batch or in its COMMIT."""
+        return self._reader
 
     # -- lifecycle -----------------------------------------------------------------------------------------
     def open(self) -> None:
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         try:
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA busy_timeout = 5000")
+            conn = self._connect()
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            conn.execute("PRAGMA synchronous = FULL")
             conn.execute("PRAGMA foreign_keys = ON")
-            self._conn = conn
+            self._writer = self._reader = conn
             self._check_integrity()
             self._ensure_schema()
+            if self._threaded(mode):
+                reader = self._connect()
+                reader.set_authorizer(_read_only)
+                self._reader = reader
+                self._committer = _Committer(conn, self._reactor, self._committed)
         except sqlite3.DatabaseError as e:
             self._close_quietly()
             raise ChamberError(f"cannot open the chamber {self.path}: {e}. If the file is damaged, stop "
@@ -667,11 +977,32 @@ class Chamber:
         except ChamberError:
             self._close_quietly()
             raise
-        log.info("chamber.opened", path=self.path, journal_mode=mode, schema_version=SCHEMA_VERSION)
+        self._known_schedules.clear()
+        self._seen_version = None
+        log.info("chamber.opened", path=self.path, journal_mode=mode, schema_version=SCHEMA_VERSION,
+                 commit_thread=self._committer is not None)
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA busy_timeout = 5000")
+        conn.execute("PRAGMA synchronous = FULL")
+        return conn
+
+    def _threaded(self, journal_mode: str) -> bool:
+        """COMMIT in a writer thread?  Only on a WAL file (readers beside the writer), with a reactor that can
+        take calls from threads."""
+        if self._commit_in_thread is False or self.path == ":memory:" or journal_mode.lower() != "wal":
+            return False
+        if self._commit_in_thread:
+            return True
+        from twisted.internet.interfaces import IReactorThreads
+
+        return self._reactor is not None and IReactorThreads.providedBy(self._reactor)
 
     def _check_integrity(self) -> None:
         """Refuse to start on a damaged chamber: better no gateway than one that loses messages."""
-        problems = [r[0] for r in self._conn.execute("PRAGMA integrity_check(5)")]
+        problems = [r[0] for r in self._writer.execute("PRAGMA integrity_check(5)")]
         if problems != ["ok"]:
             raise ChamberError(
                 f"the chamber {self.path} is damaged (SQLite integrity_check: {'; '.join(problems)}). Stop "
@@ -679,16 +1010,19 @@ class Chamber:
             )
 
     def _close_quietly(self) -> None:
-        if self._conn is not None:
+        if self._committer is not None:
+            self._committer.stop()
+            self._committer = None
+        for conn in {id(c): c for c in (self._reader, self._writer) if c is not None}.values():
             try:
-                self._conn.close()
+                conn.close()
             except sqlite3.Error:
                 pass
-            self._conn = None
+        self._writer = self._reader = None
 
     def _schema_version(self) -> int | None:
         """The chamber's schema version; None for a file without a schema yet (a new chamber)."""
-        conn = self._conn
+        conn = self._writer
         if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'chamber_meta'").fetchone():
             return None
         row = conn.execute("SELECT value FROM chamber_meta WHERE key = 'schema_version'").fetchone()
@@ -706,7 +1040,7 @@ class Chamber:
         """Create a new chamber's schema, or upgrade an older one, in one transaction. The version is read
         again under the write lock: the split lock starts two processes on one file, and the other one may
         have created or upgraded the schema while this one waited (CI once failed on exactly that)."""
-        conn = self._conn
+        conn = self._writer
         version = self._schema_version()
         if version == SCHEMA_VERSION:
             return
@@ -736,142 +1070,344 @@ class Chamber:
             log.warning("chamber.upgraded", path=self.path, from_version=version, to_version=SCHEMA_VERSION)
 
     def close(self) -> None:
-        if self._flush_call is not None and self._flush_call.active():
-            self._flush_call.cancel()
+        """Wait for a COMMIT in flight (its units are answered), commit what is still queued, then close."""
+        if self._writer is None:
+            return
+        self._closing = True  # from here on, batches commit on this thread
+        try:
+            if self._flush_call is not None and self._flush_call.active():
+                self._flush_call.cancel()
             self._flush_call = None
-        if self._queue:
-            self._flush()
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-            log.info("chamber.closed", path=self.path)
+            self._settle_inflight()
+            for _ in range(100):  # what the answered units' callbacks queue is committed too (bounded)
+                if not self._queue:
+                    break
+                self._flush()
+            leftover, self._queue = self._queue, []
+            for _, d in leftover:
+                d.errback(ChamberError("the chamber is closed"))
+            self._close_quietly()
+        finally:
+            self._closing = False
+        log.info("chamber.closed", path=self.path)
 
     # -- writing -------------------------------------------------------------------------------------------
     def transact(self, work: Callable[[Txn], T]) -> defer.Deferred:
-        """Queue ``work`` for this reactor turn's transaction; fires with its result after COMMIT."""
-        if self._conn is None:
+        """Queue ``work`` for the next transaction; fires with its result after that COMMIT has returned."""
+        if self._writer is None:
             return defer.fail(ChamberError("the chamber is closed"))
         d: defer.Deferred = defer.Deferred()
         self._queue.append((work, d))
         if self._reactor is None:
             self._flush()
-        elif self._flush_call is None:
+        elif self._flush_call is None and self._inflight is None:  # (a COMMIT in flight flushes when it returns)
             self._flush_call = self._reactor.callLater(0, self._flush)
         return d
 
     def transact_now(self, work: Callable[[Txn], T]) -> T:
         """Run ``work`` in its own committed transaction, synchronously (CLI tools, start-up)."""
-        results: list = []
-        failures: list = []
-        self._run_batch([(work, None)], results, failures)
-        if failures[0] is not None:
-            raise failures[0]
-        self._notify()
-        return results[0]
+        if self._writer is None:
+            raise ChamberError("the chamber is closed")
+        self._settle_inflight()
+        batch = self._run_batch([(work, None)])
+        if batch.needs_commit:
+            self._commit_here(batch)
+        self._finish(batch)
+        if batch.failures[0] is not None:
+            raise batch.failures[0]
+        return batch.results[0]
 
     def _flush(self) -> None:
-        self._flush_call = None
-        batch, self._queue = self._queue, []
-        if not batch:
+        call, self._flush_call = self._flush_call, None
+        if call is not None and call.active():
+            call.cancel()
+        if self._inflight is not None or not self._queue or self._writer is None:
             return
-        results: list = []
-        failures: list = []
-        self._run_batch(batch, results, failures)
-        for (_, d), result, failure in zip(batch, results, failures):
+        units, self._queue = self._queue, []
+        batch = self._run_batch(units)
+        if batch.needs_commit:
+            if self._committer is not None and not self._closing:
+                batch.done = threading.Event()
+                self._inflight = batch
+                self._committer.submit(batch)  # -> _committed, on this thread, after COMMIT returned
+                return
+            self._commit_here(batch)
+        self._finish(batch)
+
+    def _committed(self, batch: _Batch) -> None:
+        """The writer thread's COMMIT of ``batch`` has returned (called on the reactor thread)."""
+        if batch is not self._inflight:
+            return  # close() or transact_now() waited for it and finished it already
+        self._inflight = None
+        self._finish(batch)
+        if self._queue:
+            self._flush()  # what arrived during the COMMIT: the next batch
+
+    def _settle_inflight(self) -> None:
+        """Wait (blocking) for a COMMIT in flight and finish its batch here: the writer connection is free
+        afterwards, and what that batch did is known before anything else runs."""
+        batch = self._inflight
+        if batch is None:
+            return
+        batch.done.wait()
+        self._inflight = None
+        self._finish(batch)
+        if self._queue and self._reactor is not None and self._flush_call is None and not self._closing:
+            self._flush_call = self._reactor.callLater(0, self._flush)
+
+    def _run_batch(self, units: list) -> _Batch:
+        """BEGIN and every unit, each in its own SAVEPOINT (none for a batch of one: a failing single unit
+        rolls the transaction back); COMMIT is the caller's.  On a storage error the whole batch fails."""
+        batch = _Batch(units)
+        conn = self._writer
+        txn = Txn(conn, self._clock(), known_schedules=self._schedules_known)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as e:
+            self._abort_batch(batch, e)
+            return batch
+        single = len(units) == 1
+        results, failures = batch.results, batch.failures
+        queue_changed = False
+        for work, _ in units:
+            settled_before = txn.settled.copy() if txn.settled else []
+            schedules_before = txn.written_schedules.copy() if txn.written_schedules else {}
+            txn.queue_changed = False
+            try:
+                if not single:
+                    conn.execute("SAVEPOINT unit")
+                try:
+                    result = work(txn)
+                except Exception as e:  # undo this unit only: its decision (or a bug), or the store failed
+                    if single:
+                        if conn.in_transaction:  # (SQLite may have rolled back already: disk full)
+                            conn.execute("ROLLBACK")
+                    else:
+                        conn.execute("ROLLBACK TO unit")
+                        conn.execute("RELEASE unit")
+                    txn.settled = settled_before
+                    txn.written_schedules = schedules_before
+                    if isinstance(e, sqlite3.Error):  # disk full, I/O error: not the unit's own decision
+                        log.error("chamber.write.failed", error=str(e))
+                        e = ChamberWriteError(f"the chamber could not record this: {e}")
+                    results.append(None)
+                    failures.append(e)
+                else:
+                    if not single:
+                        conn.execute("RELEASE unit")
+                    results.append(result)
+                    failures.append(None)
+                    queue_changed = queue_changed or txn.queue_changed
+            except sqlite3.Error as e:  # even the savepoint could not be handled: give up the whole batch
+                self._abort_batch(batch, e)
+                return batch
+        if any(f is None for f in failures):
+            batch.needs_commit = True
+            batch.settled = txn.settled
+            batch.schedules = txn.written_schedules
+            batch.queue_changed = queue_changed
+        elif not single:  # every unit failed: nothing to commit
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+        return batch
+
+    def _schedules_known(self) -> dict[str, tuple]:
+        """The schedules known as committed (inside a transaction: the write lock is held).  Forgotten if
+        another connection (the other gate, a CLI tool) has committed since: it may have changed them."""
+        version = self._writer.execute("PRAGMA data_version").fetchone()[0]
+        if version != self._seen_version:
+            self._known_schedules.clear()
+            self._seen_version = version
+        return self._known_schedules
+
+    def _commit_here(self, batch: _Batch) -> None:
+        try:
+            _commit(self._writer)
+        except sqlite3.Error as e:
+            batch.error = e
+            try:
+                self._writer.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+
+    def _finish(self, batch: _Batch) -> None:
+        """COMMIT has returned: answer the units (in order), then tell the observers."""
+        if batch.error is not None:
+            self._abort_batch(batch, batch.error, rolled_back=True)
+        elif batch.needs_commit:
+            if len(self._known_schedules) + len(batch.schedules) > _KNOWN_SCHEDULES_MAX:
+                self._known_schedules.clear()
+            self._known_schedules.update(batch.schedules)
+        for (_, d), result, failure in zip(batch.units, batch.results, batch.failures):
+            if d is None:
+                continue
             if failure is not None:
                 d.errback(failure)
             else:
                 d.callback(result)
-        if any(f is None for f in failures):
-            self._notify()
+        if batch.needs_commit and batch.error is None:
+            self._notify(other_process=self._other_commits(), queue_changed=batch.queue_changed)
+            if batch.settled:
+                for observer in list(self._settled_observers):
+                    try:
+                        observer(batch.settled)
+                    except Exception:
+                        log.exception("chamber.observer.failed")
 
-    def _notify(self) -> None:
-        for observer in list(self._observers):
-            try:
-                observer()
-            except Exception:
-                log.exception("chamber.observer.failed")
-
-    def _run_batch(self, batch, results: list, failures: list) -> None:
-        conn = self._conn
-        now = self._clock()
-        txn = Txn(conn, now)
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as e:
-            self._abort_batch(batch, results, failures, e)
-            return
-        for work, _ in batch:
-            try:
-                conn.execute("SAVEPOINT unit")
+    def _notify(self, *, own: bool = True, other_process: bool = False, queue_changed: bool = True) -> None:
+        for observer, after_own in list(self._observers):
+            if other_process or (own and (after_own is True or (after_own == "queue" and queue_changed))):
                 try:
-                    result = work(txn)
-                except sqlite3.Error as e:  # the store failed (disk full, I/O error), not the unit's decision
-                    log.error("chamber.write.failed", error=str(e))
-                    conn.execute("ROLLBACK TO unit")
-                    conn.execute("RELEASE unit")
-                    results.append(None)
-                    failures.append(ChamberWriteError(f"the chamber could not record this: {e}"))
-                except Exception as e:  # the unit's own decision (or a bug): undo only this unit
-                    conn.execute("ROLLBACK TO unit")
-                    conn.execute("RELEASE unit")
-                    results.append(None)
-                    failures.append(e)
-                else:
-                    conn.execute("RELEASE unit")
-                    results.append(result)
-                    failures.append(None)
-            except sqlite3.Error as e:  # even the savepoint could not be handled: give up the whole batch
-                self._abort_batch(batch, results, failures, e)
-                return
-        try:
-            conn.execute("COMMIT")
-        except sqlite3.Error as e:
-            self._abort_batch(batch, results, failures, e)
+                    observer()
+                except Exception:
+                    log.exception("chamber.observer.failed")
 
-    def _abort_batch(self, batch, results: list, failures: list, error: Exception) -> None:
-        try:
-            self._conn.execute("ROLLBACK")
-        except sqlite3.Error:
-            pass
-        log.error("chamber.write.failed", error=str(error), batch=len(batch))
+    def _abort_batch(self, batch: _Batch, error: Exception, rolled_back: bool = False) -> None:
+        if not rolled_back:
+            try:
+                self._writer.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+        log.error("chamber.write.failed", error=str(error), batch=len(batch.units))
         err = ChamberWriteError(f"the chamber could not commit: {error}")
-        results[:] = [None] * len(batch)
-        failures[:] = [err] * len(batch)
+        batch.results[:] = [None] * len(batch.units)
+        batch.failures[:] = [err] * len(batch.units)
+        batch.needs_commit = False
+        batch.settled, batch.schedules = [], {}
 
     # -- reading and notification -----------------------------------------------------------------------------
     def read(self) -> Reader:
-        if self._conn is None:
+        """Committed state (never a batch whose COMMIT has not returned)."""
+        if self._reader is None:
             raise ChamberError("the chamber is closed")
-        return Reader(self._conn, self._clock())
+        return Reader(self._reader, self._clock())
+
+    def writable(self) -> tuple[bool, str]:
+        """Can this process write now?  A batch in flight holds the write lock already: yes.  Otherwise take
+        the write lock and give it back at once (BEGIN IMMEDIATE, ROLLBACK), writing nothing."""
+        if self._writer is None:
+            return False, "closed"
+        if self._inflight is not None:
+            return True, "ok"
+        try:
+            self._writer.execute("BEGIN IMMEDIATE")
+            self._writer.execute("ROLLBACK")
+            return True, "ok"
+        except sqlite3.Error as e:
+            return False, str(e)
 
     def watch(self, clock, interval: float = 0.01):
         """Notice commits made by *another process* (the other gate) and call the observers then.
 
-        SQLite's ``PRAGMA data_version`` changes when another connection commits; reading it costs a look at
-        the WAL index in shared memory (a file-system wake-up, no socket between the gates).  Returns the
-        LoopingCall (stop it with ``.stop()``)."""
+        SQLite's ``PRAGMA data_version`` (of the writer connection, whose own commits do not change it)
+        changes when another connection commits; reading it costs a look at the WAL index in shared memory
+        (a file-system wake-up, no socket between the gates).  It is looked at every ``interval`` seconds
+        and, between those, as soon as possible after the other process writes to the WAL file (inotify, on
+        Linux with a real reactor: see :meth:`_watch_wal`), and after each of this process's own commits.
+        Returns the LoopingCall (stop it with ``.stop()``; that stops the inotify watch too)."""
         from twisted.internet import task
 
-        last = [self._data_version()]
-
-        def check():
-            if self._conn is None:
-                return
-            version = self._data_version()
-            if version != last[0]:
-                last[0] = version
-                self._notify()
-
-        loop = task.LoopingCall(check)
+        self._watching = True
+        self._watch_version = self._data_version()
+        loop = task.LoopingCall(self._look)
         loop.clock = clock
-        loop.start(interval, now=False)
+        stop_wal_watch = self._watch_wal(clock)
+
+        def stopped(result):
+            self._watching = False
+            stop_wal_watch()
+            return result
+
+        loop.start(interval, now=False).addBoth(stopped)
         return loop
 
-    def _data_version(self) -> int:
-        return self._conn.execute("PRAGMA data_version").fetchone()[0]
+    def _look(self) -> None:
+        """One look for another process's commits (skipped while a COMMIT of ours is in flight: the writer
+        connection is busy, and the look is made when that COMMIT has returned)."""
+        if self._writer is None or self._inflight is not None:
+            return
+        if self._other_commits():
+            self._notify(own=False, other_process=True)
 
-    def observe(self, callback: Callable[[], None]) -> Callable[[], None]:
-        """Call ``callback`` after every commit that recorded something; returns a function that stops it."""
-        self._observers.append(callback)
-        return lambda: self._observers.remove(callback)
+    def _other_commits(self) -> bool:
+        """Has another process committed since the watch last looked?  (False when nothing watches.)"""
+        if not self._watching or self._writer is None:
+            return False
+        version = self._data_version()
+        if version == self._watch_version:
+            return False
+        self._watch_version = version
+        return True
+
+    def _data_version(self) -> int:
+        return self._writer.execute("PRAGMA data_version").fetchone()[0]
+
+    def _watch_wal(self, clock) -> Callable[[], None]:
+        """Look for the other process's commits soon after it writes to the WAL file (inotify on the
+        chamber's directory); returns a function that stops watching.  A commit's frames are written
+        before its fsync and only visible after it, so a write is followed by a look every millisecond, then
+        less often, until data_version changes (or ~40 ms have passed).  Without inotify (not Linux, a fake reactor),
+        nothing: the interval's looks remain."""
+        from twisted.internet.interfaces import IReactorFDSet
+
+        if self.path == ":memory:" or not IReactorFDSet.providedBy(clock):
+            return lambda: None
+        try:
+            from twisted.internet import inotify
+            from twisted.python.filepath import FilePath
+
+            notifier = inotify.INotify(reactor=clock)
+            notifier.startReading()
+        except Exception:  # noqa: BLE001 - no inotify here: the interval's looks remain
+            return lambda: None
+        wal_name = Path(self.path).name + "-wal"
+        pending = {"call": None}
+
+        def look_again(n: int) -> None:
+            pending["call"] = None
+            if self._writer is None or not self._watching:
+                return
+            if self._inflight is None and self._other_commits():
+                self._notify(own=False, other_process=True)
+                return
+            if n < 12:  # every 1 ms for 8 ms, then 2, 4, 8, 16 ms apart
+                pending["call"] = clock.callLater(0.001 * 2 ** max(0, n - 7), look_again, n + 1)
+
+        def written(_watch, path, _mask) -> None:
+            if path.basename() != wal_name:
+                return
+            if pending["call"] is not None and pending["call"].active():
+                pending["call"].cancel()
+            pending["call"] = clock.callLater(0.001, look_again, 1)
+
+        try:
+            notifier.watch(FilePath(str(Path(self.path).resolve().parent)), mask=inotify.IN_MODIFY,
+                           callbacks=[written])
+        except Exception:  # noqa: BLE001
+            notifier.loseConnection()
+            return lambda: None
+
+        def stop() -> None:
+            if pending["call"] is not None and pending["call"].active():
+                pending["call"].cancel()
+            notifier.loseConnection()
+
+        return stop
+
+    def observe(self, callback: Callable[[], None], *, own_commits: bool = True,
+                queue_only: bool = False) -> Callable[[], None]:
+        """Call ``callback`` after every commit that recorded something — this process's, and (while
+        :meth:`watch` runs) another process's; with ``own_commits=False`` only another process's; with
+        ``queue_only=True``, of this process's only those that queued an outbound message or changed a
+        message's state (the relay's wake-up).  Returns a function that stops it."""
+        entry = (callback, ("queue" if queue_only else True) if own_commits else False)
+        self._observers.append(entry)
+        return lambda: self._observers.remove(entry)
+
+    def observe_settled(self, callback: Callable[[list[str]], None]) -> Callable[[], None]:
+        """Call ``callback(ids)`` after each commit of this process that cleared the pending change of these
+        appointments (``update_appointment(..., pending_change=None)``); returns a function that stops it."""
+        self._settled_observers.append(callback)
+        return lambda: self._settled_observers.remove(callback)

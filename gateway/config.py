@@ -18,7 +18,8 @@ from gateway.confschema import Duration, Pattern, Percent, Range, ReadableFile, 
 
 Port = Annotated[int, Range(1, 65535)]
 Name = Annotated[str, Pattern(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$", "letters, digits, '.', '_' or '-'")]
-Scope = Literal["Slot.read", "Schedule.read", "Appointment.read", "Appointment.write"]
+Scope = Literal["Slot.read", "Schedule.read", "Appointment.read", "Appointment.write", "MedicationRequest.write",
+                "MedicationRequest.read", "MedicationDispense.read", "MedicationRequest.claim"]
 #: every scope a platform can be granted (the default: all of them)
 SCOPES: tuple[str, ...] = ("Slot.read", "Schedule.read", "Appointment.read", "Appointment.write")
 Serial = Annotated[str, Pattern(r"^(0[xX])?[0-9A-Fa-f]+(:[0-9A-Fa-f]+)*$",
@@ -175,6 +176,30 @@ class InnerConfig:
         default="tolerant",
     )
     tls: Optional[MllpListenTls] = doc("TLS with client certificates on the MLLP listener.", default=None)
+    endpoints: list[HisConfig] = doc(
+        "More HIS endpoints besides `his` (a hospital's pharmacy system is often another machine), each with its "
+        "own address, charset, timeouts, queue and TLS; `routes` says which messages go where. Messages they "
+        "send in are told apart by MSH-3 (their receiving_application).",
+        default_factory=list,
+    )
+
+    def __post_validate__(self):
+        issues = []
+        names = {self.his.name: "his"}
+        apps = {self.his.receiving_application: "his"}
+        for i, e in enumerate(self.endpoints):
+            if e.name in names:
+                issues.append((f"endpoints[{i}].name", f"the name {e.name!r} is taken by {names[e.name]}"))
+            names.setdefault(e.name, f"endpoints[{i}]")
+            if e.receiving_application in apps:
+                issues.append((f"endpoints[{i}].receiving_application",
+                               f"{e.receiving_application!r} is also {apps[e.receiving_application]}'s: messages "
+                               f"from the two could not be told apart (MSH-3)"))
+            apps.setdefault(e.receiving_application, f"endpoints[{i}]")
+        return issues
+
+    def endpoint(self, name: str) -> HisConfig | None:
+        return next((e for e in (self.his, *self.endpoints) if e.name == name), None)
 
 
 @dataclass(frozen=True)
@@ -182,8 +207,33 @@ class TlsConfig:
     certificate: ReadableFile = doc("The gateway's server certificate (PEM), with its chain.")
     private_key: ReadableFile = doc("The server certificate's private key (PEM).")
     client_ca: ReadableFile = doc(
-        "CA certificate(s) (PEM) that sign platforms' client certificates; clients without one are refused."
+        "CA certificate(s) (PEM) that sign platforms' client certificates; clients without one are refused "
+        "(unless client_certificates: optional)."
     )
+    client_certificates: Literal["required", "optional"] = doc(
+        "'required': every client presents a certificate signed by client_ca, else the handshake fails (mutual "
+        "TLS). 'optional': a certificate is asked for and checked when one is presented; a client without one "
+        "(a platform behind a TLS-terminating proxy) must send a bearer token (platforms[].token) with every "
+        "request, else 401. Certificate platforms work the same either way.",
+        default="required",
+    )
+    crl: Optional[ReadableFile] = doc(
+        "Certificate revocation list(s) of client_ca (PEM, one or more CRLs, or DER): a client certificate it "
+        "lists is refused (403). Each CRL must be signed by a CA in client_ca. Re-read on SIGHUP; a CRL past "
+        "its nextUpdate is still applied and logged as an error (outer.crl_expired).",
+        default=None,
+    )
+
+    def __post_validate__(self):
+        if self.crl is None:
+            return []
+        from adapters.mllp.tls import TlsConfigError, load_crl
+
+        try:
+            load_crl(self.crl, self.client_ca)
+        except TlsConfigError as e:
+            return [("crl", str(e))]
+        return []
 
 
 @dataclass(frozen=True)
@@ -198,7 +248,8 @@ class RateLimitConfig:
 
 @dataclass(frozen=True)
 class OuterConfig:
-    tls: TlsConfig = doc("TLS with mutual authentication: every platform presents a client certificate.")
+    tls: TlsConfig = doc("TLS with mutual authentication: a platform presents a client certificate (or, with "
+                         "client_certificates: optional, a bearer token).")
     host: str = doc("Address the FHIR API listens on (the internet-facing side).", default="127.0.0.1")
     port: Port = doc("Port of the FHIR API.", default=8443)
     base_path: Annotated[str, Pattern(r"^/[A-Za-z0-9/_-]*[A-Za-z0-9_-]$", "a path such as /fhir")] = doc(
@@ -238,6 +289,12 @@ class OuterConfig:
         "Default 1000 per second, burst 2000; empty (~) for no global limit.",
         default_factory=lambda: RateLimitConfig(per_second=1000.0, burst=2000),
     )
+    token_url: Optional[Annotated[str, Pattern(r"^https://[^\s/?#]+(/[^\s?#]*)?$", "an https:// URL")]] = doc(
+        "The token endpoint's URL as platforms address it: client assertions must name it in 'aud'. The gateway "
+        "serves it at /oauth/token. Default: the origin of public_base_url, else https://host:port, followed by "
+        "/oauth/token.",
+        default=None,
+    )
     max_json_depth: Annotated[int, Range(2, 1000)] = doc(
         "Deepest nesting of objects and arrays accepted in a JSON body (400 beyond).", default=32
     )
@@ -272,6 +329,44 @@ class QuotaConfig:
         return []
 
 
+SpkiPin = Annotated[str, Pattern(r"^([0-9A-Fa-f]{64}|[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){31}|[A-Za-z0-9+/]{43}=?)$",
+                                 "the SHA-256 of a SubjectPublicKeyInfo, in base64 (44 characters) or hex (64)")]
+JwsAlgorithm = Literal["RS384", "ES384", "RS256", "ES256"]
+
+
+@dataclass(frozen=True)
+class TokenConfig:
+    public_keys: ReadableFile = doc(
+        "The platform's public key(s) that verify its client assertions: a PEM file (PUBLIC KEY or CERTIFICATE "
+        "blocks) or a JWKS file (JSON {\"keys\": [...]}, matched by the assertion's kid). Never a private key."
+    )
+    algorithms: list[JwsAlgorithm] = doc(
+        "Signature algorithms the platform's assertions may use (SMART Backend Services: RS384, ES384).",
+        default_factory=lambda: ["RS384", "ES384"],
+    )
+    lifetime: Annotated[Duration, Range(1, 300)] = doc(
+        "How long an access token lasts (expires_in), at most 5 minutes.", default=Duration(300.0)
+    )
+
+    def __post_validate__(self):
+        from gateway.oauth import KeyFileError, load_public_keys
+
+        issues = []
+        if not self.algorithms:
+            issues.append(("algorithms", "give at least one algorithm"))
+        elif len(set(self.algorithms)) != len(self.algorithms):
+            issues.append(("algorithms", "an algorithm is listed twice"))
+        try:
+            keys = load_public_keys(self.public_keys)
+        except KeyFileError as e:
+            issues.append(("public_keys", str(e)))
+        else:
+            if self.algorithms and not any(k.fits(alg) for k in keys for alg in self.algorithms):
+                issues.append(("public_keys", f"no key in it fits {', '.join(self.algorithms)} (RS* need RSA keys "
+                                              f"of 2048 bits or more, ES256 a P-256 key, ES384 a P-384 key)"))
+        return issues
+
+
 @dataclass(frozen=True)
 class PlatformConfig:
     name: Name = doc("The platform's name (appears in the chamber and the logs).")
@@ -282,7 +377,10 @@ class PlatformConfig:
     display: Optional[str] = doc("A human-readable name.", default=None)
     scopes: list[Scope] = doc(
         "What the platform may do: Slot.read, Schedule.read, Appointment.read (its own appointments), "
-        "Appointment.write (book and cancel). A request outside them gets 403.",
+        "Appointment.write (book and cancel) — the default; and, only when listed, MedicationRequest.write "
+        "(prescribe), MedicationRequest.read and MedicationDispense.read (its own prescriptions), "
+        "MedicationRequest.claim (an outside pharmacy: list and claim released prescriptions). A request outside "
+        "them gets 403.",
         default_factory=lambda: list(SCOPES),
     )
     quotas: list[QuotaConfig] = doc(
@@ -297,8 +395,19 @@ class PlatformConfig:
     )
     revoked_serials: list[Serial] = doc(
         "Serial numbers (hex) of this platform's client certificates that are no longer accepted (403), "
-        "checked on every request; takes effect when gatewayd is restarted.",
+        "checked on every request; takes effect on SIGHUP.",
         default_factory=list,
+    )
+    certificate_spki_sha256: list[SpkiPin] = doc(
+        "Pins: SHA-256 of the SubjectPublicKeyInfo (base64 or hex) of the platform's certificate key(s). When "
+        "given, a certificate with the platform's subject but another key is refused (403); list two during a "
+        "key change. Takes effect on SIGHUP.",
+        default_factory=list,
+    )
+    token: Optional[TokenConfig] = doc(
+        "Bearer tokens for this platform (OAuth2 client credentials with a signed JWT client assertion, SMART "
+        "Backend Services), e.g. behind a TLS-terminating proxy. Its client_id is its name.",
+        default=None,
     )
 
     def __post_validate__(self):
@@ -315,6 +424,13 @@ class PlatformConfig:
 
     def revoked_serial_numbers(self) -> frozenset[int]:
         return frozenset(serial_number(s) for s in self.revoked_serials)
+
+    def spki_pins(self) -> frozenset[bytes]:
+        """The pinned SubjectPublicKeyInfo SHA-256 digests (32 bytes each)."""
+        import base64
+
+        return frozenset(bytes.fromhex(p.replace(":", "")) if len(p) >= 64
+                         else base64.b64decode(p + "=" * (-len(p) % 4)) for p in self.certificate_spki_sha256)
 
 
 @dataclass(frozen=True)
@@ -360,6 +476,60 @@ class DaemonConfig:
 
 
 @dataclass(frozen=True)
+class RouteConfig:
+    types: list[Annotated[str, Pattern(r"^[A-Z0-9]{3}(\^([A-Z0-9]{3}|\*))?$", "a message type such as RDE^O11 or RDE^*")]] = doc(
+        "Message types this route carries, e.g. [RDE^O11, OMP^O09] (or RDE^* for every event).")
+    to: Name = doc("The HIS endpoint they go to: inner.his.name or the name of one of inner.endpoints.")
+
+
+@dataclass(frozen=True)
+class DrugCodeConfig:
+    system: str = doc("The code system URI a platform uses, e.g. http://www.whocc.no/atc.")
+    code: str = doc("The code in that system.")
+    his_code: str = doc("The hospital's own code for the drug (in the first of pharmacy.drug_systems).")
+
+
+@dataclass(frozen=True)
+class PharmacyConfig:
+    message: Literal["RDE", "OMP"] = doc(
+        "The pharmacy order the HIS takes: RDE^O11 (answered by RRE^O12) or OMP^O09 (ORP^O10).", default="RDE")
+    drug_systems: dict[str, str] = doc(
+        "FHIR code system URI -> HL7 coding system name the HIS knows, in order of preference: the hospital's "
+        "local drug code system first.",
+        default_factory=lambda: {"urn:gatewayd:his:drug": "99HIS"},
+    )
+    drug_codes: list[DrugCodeConfig] = doc(
+        "Per-hospital overrides: a platform's drug code -> the hospital's, used when a prescription carries no "
+        "coding in a system of drug_systems.", default_factory=list)
+
+    def __post_validate__(self):
+        return [] if self.drug_systems else [("drug_systems", "name at least the hospital's drug code system")]
+
+
+@dataclass(frozen=True)
+class PrescriptionsConfig:
+    prescriber_cas: list[ReadableFile] = doc(
+        "CA certificates (PEM) trusted to issue prescribers' signing certificates (docs/prescriptions.md).")
+    require_signature: bool = doc(
+        "Refuse prescriptions without a valid prescriber signature (403). false only for a demo.", default=True)
+    signer_must_match_requester: bool = doc(
+        "The signing certificate must name the prescriber the prescription names (requester's identifier).",
+        default=True)
+    prescriber_id_attribute: Literal["serialNumber", "CN", "UID"] = doc(
+        "The certificate subject attribute that holds the prescriber's identifier (licence number).",
+        default="serialNumber")
+    release_key: Optional[ReadableFile] = doc(
+        "The gateway's signing key (PEM) for prescriptions the HIS releases to outside pharmacies.", default=None)
+    release_chain: Optional[ReadableFile] = doc(
+        "The release key's certificate (PEM, with intermediates), sent in each signature's x5c.", default=None)
+
+    def __post_validate__(self):
+        if (self.release_key is None) != (self.release_chain is None):
+            return [("release_key", "give release_key and release_chain together")]
+        return []
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     inner: Optional[InnerConfig] = doc(
         "The inner gate: HL7 v2 over MLLP, towards the HIS (intranet). Leave it out of the outer gate's "
@@ -375,6 +545,22 @@ class GatewayConfig:
     audit: AuditConfig = doc("The audit trail in the chamber (docs/security.md).", default_factory=AuditConfig)
     daemon: DaemonConfig = doc("The process itself.", default_factory=DaemonConfig)
     admin: Optional[AdminConfig] = doc("The admin listener (/healthz, /metrics); left out: none.", default=None)
+    routes: list[RouteConfig] = doc(
+        "Which HIS endpoint each outbound message type goes to, first match wins; what no route names goes to "
+        "the HIS (inner.his / outer.his_name). Both gates of a split lock need the same routes (names only).",
+        default_factory=list)
+    pharmacy: PharmacyConfig = doc("How prescriptions are written for the HIS pharmacy (docs/pharmacy-profile.md).",
+                                   default_factory=PharmacyConfig)
+    prescriptions: Optional[PrescriptionsConfig] = doc(
+        "E-prescriptions on the outer gate (POST /MedicationRequest, releases to pharmacies); left out: the "
+        "FHIR API takes no prescriptions.", default=None)
+
+    def route(self, message_type: str) -> str:
+        """The HIS endpoint a message of this type goes to."""
+        for r in self.routes:
+            if type_allowed(message_type, r.types):
+                return r.to
+        return self.inner.his.name if self.inner is not None else self.outer.his_name
 
     def __post_validate__(self):
         issues = []
@@ -402,6 +588,18 @@ class GatewayConfig:
         if self.inner is not None and self.outer is not None and self.outer.his_name != self.inner.his.name:
             issues.append(("outer.his_name", f"bookings would go to {self.outer.his_name!r} but the HIS is "
                                              f"named {self.inner.his.name!r} (inner.his.name)"))
+        for i, r in enumerate(self.routes):
+            target = self.inner.endpoint(r.to) if self.inner is not None else None
+            if self.inner is not None and target is None:
+                issues.append((f"routes[{i}].to", f"no HIS endpoint is named {r.to!r} (inner.his.name or "
+                                                  f"inner.endpoints[].name)"))
+            elif target is not None:
+                for t in r.types:
+                    if not type_allowed(t.replace("*", "X01") if t.endswith("*") else t, target.send_types):
+                        issues.append((f"routes[{i}].types", f"{t} goes to {r.to!r}, whose send_types do not allow "
+                                                             f"it: it would be dead-lettered, never sent"))
+        if self.prescriptions is not None and self.outer is None:
+            issues.append(("prescriptions", "prescriptions belong with an 'outer' section (the FHIR API)"))
         return issues
 
 

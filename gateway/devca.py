@@ -15,6 +15,9 @@ production the hospital's own CA issues the certificates and the keys never come
 ``platform-<name>.key``  O=gatewayd dev``, extended key usage clientAuth
 =======================  ====================================================================
 
+``write_crl(DIR, [certificate paths])`` writes ``crl.pem``, a CRL of the dev CA revoking those certificates
+(for ``outer.tls.crl``).
+
 All keys are EC P-256 and all signatures ECDSA with SHA-256. Files that already exist are kept (so running
 it again is harmless) unless ``overwrite=True``; a missing platform certificate is issued from the existing
 CA. When the CA itself is created (first run, or ``overwrite``), every other certificate is issued anew,
@@ -39,7 +42,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = ['DevCAError', 'init_dev_ca', 'issue_client_cert', 'CA_COMMON_NAME', 'ORGANIZATION']
+__all__ = ['DevCAError', 'init_dev_ca', 'issue_client_cert', 'write_crl', 'CA_COMMON_NAME', 'ORGANIZATION']
 
 CA_COMMON_NAME = 'gatewayd development CA'
 ORGANIZATION = 'gatewayd dev'
@@ -115,6 +118,34 @@ def issue_client_cert(directory: Path, name: str, *, days: int = 825, overwrite:
                          f"create one first with 'gatewayd certs init {directory}'")
     ca_cert, ca_key = _load_pair(ca_pem, ca_key_path)
     return _ensure_platform(directory, name, ca_cert, ca_key, overwrite, _utc_now(now), days)
+
+
+def write_crl(directory: Path, revoked: Sequence[Path], *, days: int = 7, der: bool = False,
+              path: Path | None = None, now: datetime.datetime | None = None) -> Path:
+    """Write a CRL signed by the dev CA in ``directory`` that revokes the certificates in the PEM files
+    ``revoked`` (possibly none): ``crl.pem`` (or ``crl.der`` with ``der``, or ``path``), valid from ``now``
+    for ``days`` (a negative number gives a CRL already past its nextUpdate, for tests). Written atomically,
+    so a gateway reloading on SIGHUP never reads half a file. DEVELOPMENT ONLY."""
+    directory = Path(directory)
+    ca_pem, ca_key_path = directory / 'ca.pem', directory / 'ca.key'
+    if not ca_pem.exists() or not ca_key_path.exists():
+        raise DevCAError(f"no development CA in {directory} (ca.pem and ca.key)")
+    ca_cert, ca_key = _load_pair(ca_pem, ca_key_path)
+    now = _utc_now(now)
+    this_update = min(now, now + datetime.timedelta(days=days)) - CLOCK_SKEW
+    builder = (x509.CertificateRevocationListBuilder()
+               .issuer_name(ca_cert.subject)
+               .last_update(this_update)
+               .next_update(now + datetime.timedelta(days=days)))
+    for cert_path in revoked:
+        cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(cert.serial_number).revocation_date(this_update).build())
+    crl = builder.sign(ca_key, hashes.SHA256())
+    target = Path(path) if path is not None else directory / ('crl.der' if der else 'crl.pem')
+    _write_atomically(target, crl.public_bytes(serialization.Encoding.DER if der else serialization.Encoding.PEM),
+                      _CERT_MODE)
+    return target
 
 
 # --------------------------------------------------------------------------------------------------

@@ -52,34 +52,62 @@ class InboundService:
     def accept(self, received: Received, notices) -> defer.Deferred:
         """Commit the message and apply its slot notices; fires with a Verdict after COMMIT."""
 
-        def apply(tx) -> Verdict:
-            touched = self.slot_book.apply(tx, notices)
-            return Verdict("AA", f"{len(touched)} slot(s) updated")
+        verdict = Verdict("AA", f"{len(notices)} slot(s) updated")  # (each notice touches one slot)
 
-        return self._record(received, "delivered", apply)
+        def apply(tx) -> Verdict:
+            self.slot_book.apply(tx, notices)
+            return verdict
+
+        return self._record(received, "delivered", apply, verdict)
+
+    def accept_with(self, received: Received, decide) -> defer.Deferred:
+        """Commit the message and apply ``decide(tx) -> Verdict`` in the same transaction (pharmacy
+        messages: `gateway.prescribing`); fires with the Verdict after COMMIT."""
+        return self._record(received, "delivered", decide)
 
     def refuse(self, received: Received, code: str, text: str) -> defer.Deferred:
         """Record a message we refuse (so it can be looked at and replayed); fires with the Verdict."""
-        return self._record(received, "refused", lambda tx: Verdict(code, text))
+        verdict = Verdict(code, text)
+        return self._record(received, "refused", lambda tx: verdict, verdict)
 
-    def _record(self, received: Received, state: str, decide) -> defer.Deferred:
+    def _record(self, received: Received, state: str, decide, verdict: Verdict | None = None) -> defer.Deferred:
+        """``decide(tx) -> Verdict`` applies the message.  When the verdict is known beforehand (``verdict``),
+        the message goes in directly in its final state with both story lines, and the unique index on
+        control ids finds a resend (no lookup before the insert)."""
         def work(tx):
+            if verdict is not None:
+                message_id = tx.add_message(
+                    direction="inbound", peer=received.peer, control_id=received.control_id, type=received.type,
+                    state=state, body=received.body, charset=received.charset, answer_code=verdict.code,
+                    answer_text=verdict.text, if_new=True,
+                    story=(("committed", "received from the HIS"),
+                           (state, f"{verdict.code} {verdict.text}".strip())))
+                if message_id is None:
+                    return self._resent(tx, received)
+                decide(tx)
+                return verdict
             known = tx.message_by_control_id("inbound", received.peer, received.control_id)
             if known is not None:
-                verdict = self._known(known, received)
-                if verdict.reused:  # kept in the original's story, with a fingerprint of the newcomer
-                    digest = hashlib.sha256(received.body).hexdigest()[:16]
-                    tx.note(known.id, f"refused (AR) a different message with this control id, sha256 {digest}")
-                return verdict
+                return self._resent(tx, received, known)
             message_id = tx.add_message(direction="inbound", peer=received.peer, control_id=received.control_id,
                                         type=received.type, state="committed", body=received.body,
                                         charset=received.charset, detail="received from the HIS")
-            verdict = decide(tx)
-            tx.set_message_state(message_id, state, answer_code=verdict.code, answer_text=verdict.text,
-                                 detail=f"{verdict.code} {verdict.text}".strip())
-            return verdict
+            decided = decide(tx)
+            tx.set_message_state(message_id, state, answer_code=decided.code, answer_text=decided.text,
+                                 detail=f"{decided.code} {decided.text}".strip())
+            return decided
 
         return self.chamber.transact(work).addCallback(self._logged, received)
+
+    def _resent(self, tx, received: Received, known=None) -> Verdict:
+        """A control id already committed from this HIS: the first answer again, or AR for other bytes."""
+        if known is None:
+            known = tx.message_by_control_id("inbound", received.peer, received.control_id)
+        verdict = self._known(known, received)
+        if verdict.reused:  # kept in the original's story, with a fingerprint of the newcomer
+            digest = hashlib.sha256(received.body).hexdigest()[:16]
+            tx.note(known.id, f"refused (AR) a different message with this control id, sha256 {digest}")
+        return verdict
 
     @staticmethod
     def _known(known, received: Received) -> Verdict:

@@ -19,6 +19,7 @@ outside (bodies, HL7 fields, FHIR diagnostics built from input) — see docs/sec
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import sys
@@ -47,8 +48,12 @@ _PATTERNS = re.compile("|".join([
 ]))
 _WHOLE_MESSAGE = re.compile(r"(?:^|[\r\n|])PID\||\"resourceType\"")
 MASK = "***"
+#: shorter texts cannot hold an ID card or phone number (18, 11 and 11 characters at least): only a PID
+#: segment needs looking for in them
+_SHORTEST_NUMBER = 11
 
 
+@functools.lru_cache(maxsize=4096)  # keys are few (the events' own); each is decided once
 def _sensitive_key(key) -> bool:
     k = str(key).lower()
     if k in NOT_SENSITIVE_KEYS:
@@ -59,12 +64,16 @@ def _sensitive_key(key) -> bool:
 def mask_value(value, depth: int = 0):
     """``value`` with anything that looks like patient data replaced by ``***``."""
     if isinstance(value, str):
+        if len(value) < _SHORTEST_NUMBER:  # (ids, codes, states: most values)
+            return MASK if "PID|" in value and _WHOLE_MESSAGE.search(value) else value
         if _WHOLE_MESSAGE.search(value):
             return MASK
         return _PATTERNS.sub(MASK, value)
     if isinstance(value, bytes):
         return mask_value(value.decode("utf-8", "replace"), depth)
     if isinstance(value, int) and not isinstance(value, bool):
+        if -10 ** 10 < value < 10 ** 10:  # counts, ids, ports: too short for a phone number
+            return value
         return MASK if _PATTERNS.fullmatch(str(value)) else value
     if depth > 8:
         return MASK if isinstance(value, (dict, list, tuple, set)) else value
@@ -76,13 +85,11 @@ def mask_value(value, depth: int = 0):
 
 
 def mask_patient_data(_logger, _method, event_dict):
-    for key in list(event_dict):
-        if key == "event":
-            event_dict[key] = mask_value(event_dict[key])
-        elif _sensitive_key(key):
+    for key, value in event_dict.items():  # (values are replaced, no key is added or removed)
+        if key != "event" and _sensitive_key(key):
             event_dict[key] = MASK
-        else:
-            event_dict[key] = mask_value(event_dict[key])
+        elif value is not None and value.__class__ is not bool:
+            event_dict[key] = mask_value(value)
     return event_dict
 
 
@@ -92,17 +99,19 @@ def configure(level: str = "info", fmt: str = "auto", stream=None) -> None:
         fmt = "console" if getattr(stream, "isatty", lambda: False)() else "json"
     renderer = (structlog.dev.ConsoleRenderer(colors=False) if fmt == "console"
                 else structlog.processors.JSONRenderer(ensure_ascii=False))
+    output = structlog.PrintLogger(stream)  # one for every logger (the factory is called at every log call)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
             mask_patient_data,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),  # (after masking: our own clock's time)
             structlog.processors.format_exc_info,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        logger_factory=lambda *_args: output,
+        # Not cached: a reload (or a test) that configures again must reach every logger.
         cache_logger_on_first_use=False,
     )
     _route_twisted_logs()

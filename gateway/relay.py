@@ -17,6 +17,7 @@ written by another process is also picked up.
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from typing import Callable, Protocol
 
 import structlog
@@ -109,7 +110,9 @@ class Relay(service.Service):
     # -- lifecycle -------------------------------------------------------------------------------------------
     def startService(self):
         super().startService()
-        self._stop_observing = self.chamber.observe(self.wake)
+        # (after this process's commits, only those that queued or moved a message: an SIU recorded is
+        # nothing to deliver)
+        self._stop_observing = self.chamber.observe(self.wake, queue_only=True)
         self.wake()
 
     def stopService(self):
@@ -171,24 +174,29 @@ class Relay(service.Service):
         """The next message a lane may send now, or (None, seconds until one may be ready)."""
         reader = self.chamber.read()
         now = self.clock.seconds()
-        if self.ordering == "fifo":
-            candidates = [reader.next_outbound(self.peer)]
-        else:
-            candidates = reader.unfinished_outbound(self.peer)
         wait = self.poll_interval
+        if self.ordering == "fifo":
+            msg = reader.next_outbound(self.peer)
+            if msg is None or msg.id in self._in_flight:
+                return None, wait
+            if msg.state == "retrying" and msg.next_attempt is not None and msg.next_attempt > now:
+                return None, min(wait, msg.next_attempt - now)
+            return msg, 0.0
+        # ordering by patient: the queue's order keys and states only (no bodies); the full row of the one
+        # picked
         blocked = set(self._in_flight.values())
-        for msg in candidates:
-            if msg is None:
-                break
-            key = msg.order_key or f"#{msg.id}"
-            if msg.id in self._in_flight or key in blocked:
+        for message_id, order_key, state, next_attempt in reader.unfinished_outbound(self.peer, brief=True):
+            key = order_key or f"#{message_id}"
+            if message_id in self._in_flight or key in blocked:
                 blocked.add(key)
                 continue
             blocked.add(key)  # later messages of this patient wait for this one
-            if msg.state == "retrying" and msg.next_attempt is not None and msg.next_attempt > now:
-                wait = min(wait, msg.next_attempt - now)
+            if state == "retrying" and next_attempt is not None and next_attempt > now:
+                wait = min(wait, next_attempt - now)
                 continue
-            return msg, 0.0
+            msg = reader.message(message_id)
+            if msg is not None:
+                return msg, 0.0
         return None, wait
 
     async def _deliver(self, destination: Destination, msg) -> None:
@@ -196,17 +204,15 @@ class Relay(service.Service):
             await self._dead(msg, f"not delivered within {self.max_age:.0f}s"
                                   f"{'; last error: ' + msg.last_error if msg.last_error else ''}")
             return
-        if not msg.body:
-            msg = await self._encoded(msg)
-            if msg is None:
-                return
-        if self.send_types is not None and not type_allowed(msg.type, self.send_types):
+        attempts = msg.attempts + 1
+        try:
+            msg, allowed = await self.chamber.transact(lambda tx: self._prepare(tx, msg, attempts))
+        except ValueError as e:
+            await self._dead(msg, f"cannot be encoded: {e}")
+            return
+        if not allowed:
             await self._dead(msg, f"{msg.type} may not cross to this HIS (allowed: {', '.join(self.send_types)})")
             return
-        attempts = msg.attempts + 1
-        await self.chamber.transact(
-            lambda tx: tx.set_message_state(msg.id, "sending", attempts=attempts, detail=f"attempt {attempts}")
-        )
         log.info("relay.sending", peer=self.peer, message=msg.id, control_id=msg.control_id, type=msg.type,
                  attempt=attempts)
         try:
@@ -245,23 +251,24 @@ class Relay(service.Service):
         log.info("relay.answered", peer=self.peer, message=msg.id, control_id=msg.control_id, type=msg.type,
                  state=state, ack=answer.code)
 
-    async def _encoded(self, msg):
-        """Turn a message the outer gate committed as an intent into its HL7 bytes, stored once."""
-        def work(tx):
+    def _prepare(self, tx, msg, attempts: int):
+        """The one unit (one commit) before a send: a message the outer gate committed as an intent gets its
+        HL7 bytes (stored once: every resend carries the same), and the message is marked ``sending``.
+        Returns (the message, whether it may cross); raises ValueError if it cannot be encoded (nothing of
+        the unit is kept)."""
+        if not msg.body:
             row = tx.message(msg.id)
-            if row.body:
-                return row
-            body, type_, charset = self.encode(tx, row)
-            tx.set_encoded(msg.id, body, type_, charset)
-            return tx.message(msg.id)
-
-        try:
-            if self.encode is None:
-                raise ValueError("this process has no encoder for the HIS (it is not the inner gate)")
-            return await self.chamber.transact(work)
-        except ValueError as e:
-            await self._dead(msg, f"cannot be encoded: {e}")
-            return None
+            if not row.body:
+                if self.encode is None:
+                    raise ValueError("this process has no encoder for the HIS (it is not the inner gate)")
+                body, type_, charset = self.encode(tx, row)
+                tx.set_encoded(msg.id, body, type_, charset, state=row.state)
+                row = replace(row, body=body, type=type_, charset=charset)
+            msg = row
+        if self.send_types is not None and not type_allowed(msg.type, self.send_types):
+            return msg, False  # dead-lettered next (the bytes stay, for an operator to look at)
+        tx.set_message_state(msg.id, "sending", attempts=attempts, detail=f"attempt {attempts}")
+        return msg, True
 
     async def _dead(self, msg, reason: str, attempts: int | None = None) -> None:
         def record(tx):

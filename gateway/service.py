@@ -3,7 +3,7 @@
 Start order (stop order is the reverse)::
 
     chamber            opened first (before any listener accepts), closed last
-    relay:<his>        delivers committed outbound messages to the HIS
+    relay:<his>        delivers committed outbound messages to the HIS (one per HIS endpoint: `routes`)
     poller:<his>       only with slot_source: poll
     holds              releases bookings the HIS did not answer in time
     inner gate         MLLP listener for the HIS (intranet)
@@ -25,11 +25,14 @@ from cryptography.hazmat.primitives import serialization
 from OpenSSL import crypto
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
+from OpenSSL import SSL
 from twisted.internet import endpoints, ssl
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web import server as web_server
 
 from adapters.fhir.server import FhirApi, JsonLimits, PlatformDirectory, request_factory
 from adapters.inner_gate import HisDestination, InnerGateHandler, SlotPoller
+from adapters.mapping.pharmacy import PharmacyProfile
 from adapters.mapping.srm_booking import Hl7Header, build_sqm_s25, build_srm
 from adapters.mllp import tls as mllp_tls
 from adapters.mllp.client import MLLPClient
@@ -40,10 +43,13 @@ from gateway.booking import BookingService, HisLinkInfo, SlotBook
 from gateway.chamber import Chamber
 from gateway.config import GatewayConfig
 from gateway.inbound import InboundService
+from gateway.oauth import TokenService, clients_from_config, default_token_url
 from gateway.listen import DeviceServerEndpoint, parse_tcp
 from gateway.quota import Quotas
 from gateway.ratelimit import RateLimiter
+from gateway.prescribing import PrescriptionService, SignaturePolicy
 from gateway.relay import Relay
+from gateway.signatures import TrustStore
 
 log = structlog.get_logger("gateway.service")
 
@@ -99,7 +105,8 @@ class HoldsService(service.Service):
 
 
 def tls_options(tls) -> ssl.CertificateOptions:
-    """Server TLS with client certificates required and verified against ``client_ca``."""
+    """Server TLS with client certificates verified against ``client_ca``: required, or with
+    ``client_certificates: optional`` asked for and verified when presented (bearer-token platforms)."""
     chain = x509.load_pem_x509_certificates(tls.certificate.read_bytes())
     key = serialization.load_pem_private_key(tls.private_key.read_bytes(), password=None)
     cas = x509.load_pem_x509_certificates(tls.client_ca.read_bytes())
@@ -108,7 +115,7 @@ def tls_options(tls) -> ssl.CertificateOptions:
         certificate=crypto.X509.from_cryptography(chain[0]),
         extraCertChain=[crypto.X509.from_cryptography(c) for c in chain[1:]],
         verify=True,
-        requireCertificate=True,
+        requireCertificate=getattr(tls, "client_certificates", "required") == "required",
         caCerts=[crypto.X509.from_cryptography(c) for c in cas],
         raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
     )
@@ -118,8 +125,8 @@ GATES = ("both", "inner", "outer")
 
 
 class TlsSwitch:
-    """The outer gate's TLS settings, replaceable on reload: every new handshake asks for the current
-    context; connections already open keep theirs (nothing is dropped)."""
+    """A listener's TLS settings (the outer gate's, the MLLP listener's), replaceable on reload: every new
+    handshake asks for the current context; connections already open keep theirs (nothing is dropped)."""
 
     def __init__(self, options: ssl.CertificateOptions):
         self.current = options
@@ -128,10 +135,61 @@ class TlsSwitch:
         return self.current.getContext()
 
 
+class _WatchedTLSProtocol(TLSMemoryBIOFactory.protocol):
+    def connectionLost(self, reason):
+        why = self._reason or reason  # the TLS error that ended the connection, if one did
+        if not self._handshakeDone and why is not None and why.check(SSL.Error):
+            self.factory.on_failure(self.transport.getPeer(), why)
+        super().connectionLost(reason)
+
+
+class HandshakeWatch(TLSMemoryBIOFactory):
+    """TLS over a listener's factory, like ``SSL4ServerEndpoint`` does it, that calls ``on_failure(peer,
+    failure)`` for each handshake that fails with a TLS error (no certificate, one from another CA, no common
+    protocol, ...); a connection closed before or without a TLS error is not counted."""
+
+    protocol = _WatchedTLSProtocol
+
+    def __init__(self, context_factory, wrapped_factory, on_failure):
+        super().__init__(context_factory, False, wrapped_factory)
+        self.on_failure = on_failure
+
+
+def _handshake_failures(metrics, gate: str, log_them: bool = True):
+    """Count (``gatewayd_tls_handshake_failures_total{gate=...}``) and log a gate's failed handshakes (the
+    MLLP listener logs its own)."""
+    counter = metrics.tls_handshake_failures.labels(gate)  # shown as 0 from the start
+
+    def failed(peer, failure):
+        counter.inc()
+        if log_them:
+            log.info("tls.handshake_failed", gate=gate, peer=getattr(peer, "host", str(peer)),
+                     error=failure.getErrorMessage()[:200])
+
+    return failed
+
+
+def _load_crl(tls, now: float):
+    """``outer.tls.crl`` read and checked against ``client_ca`` (None without one); logs an error when it is
+    past its nextUpdate (it is applied all the same)."""
+    if getattr(tls, "crl", None) is None:
+        return None
+    crl = mllp_tls.load_crl(tls.crl, tls.client_ca)
+    if crl.expired(now):
+        log.error("outer.crl_expired", crl=crl.path, next_update=crl.next_update.isoformat(),
+                  hint="publish a fresh CRL and send SIGHUP; the expired one is still applied")
+    return crl
+
+
+def _token_url(outer) -> str:
+    return outer.token_url or default_token_url(outer.public_base_url, outer.host, outer.port)
+
+
 def reload(root, config: GatewayConfig, gate: str) -> list[str]:
     """Apply a new config to a running service tree without dropping connections.  Applied live: log
-    level, the outer gate's certificates and client CAs (for new connections), platforms (subjects, scopes,
-    quotas, revoked serials, rate limits), the HIS's address (next connection).  Other changes (listen
+    level, the outer gate's certificates, client CAs and CRL (for new connections; the CRL for every request),
+    platforms (subjects, scopes, quotas, revoked serials, SPKI pins, token keys, rate limits), the MLLP
+    listener's certificates and CA (new connections), the HIS's address (next connection).  Other changes (listen
     addresses, chamber path, ...) need a restart: they are named in the returned list.  Everything is built
     before anything is swapped, so a new config that fails (a certificate that does not parse) changes
     nothing."""
@@ -143,18 +201,26 @@ def reload(root, config: GatewayConfig, gate: str) -> list[str]:
     if gate in ("both", "outer") and config.outer is not None:
         tls = tls_options(config.outer.tls)
         tz = ZoneInfo(config.hospital.timezone)
-        platforms = PlatformDirectory.from_config(config.platforms)
+        crl = _load_crl(config.outer.tls, root.reactor.seconds())
+        platforms = PlatformDirectory.from_config(config.platforms, crl)
+        oauth_clients, token_url = clients_from_config(config.platforms), _token_url(config.outer)
         quotas = Quotas.from_config(config.platforms, tz)
         limiter = _rate_limiter(config, root.reactor)
 
         def outer_swap():
             root.tls_switch.current = tls
             root.api.platforms, root.api.quotas, root.api.rate_limiter = platforms, quotas, limiter
+            root.api.oauth.clients, root.api.oauth.token_url = oauth_clients, token_url
             root.booking.quotas = quotas
 
         swaps.append(outer_swap)
-        applied += ["outer.tls", f"platforms ({len(config.platforms)})"]
+        applied += ["outer.tls" + (" (with CRL)" if crl is not None else ""), f"platforms ({len(config.platforms)})"]
     if gate in ("both", "inner") and config.inner is not None:
+        inner_tls = config.inner.tls
+        if inner_tls is not None and getattr(root, "inner_tls_switch", None) is not None:
+            mllp_options = mllp_tls.server_options(inner_tls.certificate, inner_tls.private_key, inner_tls.client_ca)
+            swaps.append(lambda: setattr(root.inner_tls_switch, "current", mllp_options))
+            applied.append("inner.tls")
         his, was = config.inner.his, old.inner.his
         if (his.host, his.port) != (was.host, was.port):
             endpoint = endpoints.HostnameEndpoint(root.reactor, his.host, his.port, timeout=his.connect_timeout)
@@ -166,6 +232,12 @@ def reload(root, config: GatewayConfig, gate: str) -> list[str]:
         ("outer.host/port", old.outer and (old.outer.host, old.outer.port),
          config.outer and (config.outer.host, config.outer.port)),
         ("admin.listen", old.admin and old.admin.listen, config.admin and config.admin.listen),
+        ("inner.tls (on or off)", old.inner is not None and old.inner.tls is not None,
+         config.inner is not None and config.inner.tls is not None),
+        ("inner.endpoints", old.inner and old.inner.endpoints, config.inner and config.inner.endpoints),
+        ("routes", old.routes, config.routes),
+        ("pharmacy", old.pharmacy, config.pharmacy),
+        ("prescriptions", old.prescriptions, config.prescriptions),
     ) if before != after]
     logs.configure(config.logging.level, config.logging.format)
     for swap in swaps:
@@ -226,15 +298,17 @@ def make_service(config: GatewayConfig, reactor, gate: str = "both") -> service.
         quotas=Quotas.from_config(config.platforms, tz),
     )
     metrics = Metrics(chamber)
+    prescribing = _prescribing(config, reactor, tz, chamber, gate)
     relays = []
     if gate in ("both", "inner"):
-        inner, relay = _inner_gate(config, reactor, tz, chamber, booking, header, metrics)
+        inner, relays = _inner_gate(config, reactor, tz, chamber, booking, header, metrics, prescribing)
         inner.setServiceParent(root)
-        relays.append(relay)
-        root.his_clients = [lane.destination.client for lane in relay.lanes]
+        root.inner_tls_switch = inner.tls_switch  # None without inner.tls (reload swaps its options)
+        root.his_clients = [lane.destination.client for lane in relays[0].lanes]  # inner.his (reload retargets)
     if gate in ("both", "outer"):
         HoldsService(booking).setServiceParent(root)
-        listener, root.api, root.tls_switch = _outer_gate(config, reactor, tz, chamber, booking, metrics)
+        listener, root.api, root.tls_switch = _outer_gate(config, reactor, tz, chamber, booking, metrics,
+                                                          prescribing)
         listener.setServiceParent(root)
     if config.admin is not None:  # last to start, first to stop
         admin_site = web_server.Site(AdminResource(chamber, metrics, relays))
@@ -246,16 +320,102 @@ def make_service(config: GatewayConfig, reactor, gate: str = "both") -> service.
     root.chamber = chamber  # for the CLI's ready message and tests
     root.metrics = metrics
     root.config, root.booking, root.reactor = config, booking, reactor  # for reload()
+    root.prescribing = prescribing
     return root
 
 
-def _inner_gate(config, reactor, tz, chamber, booking, header, metrics):
-    """Intranet side: the relay (and poller) towards the HIS, and the MLLP listener for its notifications."""
+def _prescribing(config: GatewayConfig, reactor, tz, chamber, gate: str) -> PrescriptionService:
+    """Prescriptions: the pharmacy profile (both gates), the signature policy and release key (outer), the
+    pharmacy endpoint's MSH header (inner)."""
+    ph = config.pharmacy
+    profile = PharmacyProfile(message=ph.message, drug_systems=dict(ph.drug_systems),
+                              drug_codes={(c.system, c.code): c.his_code for c in ph.drug_codes})
+    peer = config.route(f"{'RDE^O11' if ph.message == 'RDE' else 'OMP^O09'}")
+    header = None
+    if config.inner is not None and gate != "outer":
+        endpoint = config.inner.endpoint(peer) or config.inner.his
+        header = Hl7Header(sending_application=config.inner.sending_application,
+                           sending_facility=config.inner.sending_facility,
+                           receiving_application=endpoint.receiving_application,
+                           receiving_facility=endpoint.receiving_facility, version=endpoint.hl7_version,
+                           charset=endpoint.charset)
+    signatures = release_signer = None
+    rx = config.prescriptions
+    if rx is not None and gate != "inner":
+        trust = TrustStore.from_pem(*(p.read_bytes() for p in rx.prescriber_cas)) if rx.prescriber_cas else None
+        signatures = SignaturePolicy(trust=trust, required=rx.require_signature,
+                                     signer_must_match_requester=rx.signer_must_match_requester,
+                                     id_attribute=rx.prescriber_id_attribute)
+        if not rx.require_signature:
+            log.warning("prescriptions.unsigned_allowed", reason="prescriptions.require_signature is false: "
+                                                                  "unsigned prescriptions reach the HIS")
+        if rx.release_key is not None:
+            release_signer = (serialization.load_pem_private_key(rx.release_key.read_bytes(), password=None),
+                              x509.load_pem_x509_certificates(rx.release_chain.read_bytes()))
+    return PrescriptionService(chamber, tz=tz, profile=profile, peer=peer, clock=reactor, signatures=signatures,
+                               header=header, release_signer=release_signer)
+
+
+class _ByKind:
+    """The relay's encode/on_answer/on_dead: prescriptions to the prescription service, the rest (bookings)
+    to the booking service (which ignores what it does not own)."""
+
+    def __init__(self, booking, prescribing):
+        self.booking, self.prescribing = booking, prescribing
+
+    def encode(self, tx, message):
+        target = self.prescribing if self.prescribing.owns(message) else self.booking
+        return target.encode(tx, message)
+
+    def on_answer(self, tx, message, answer):
+        (self.prescribing if self.prescribing.owns(message) else self.booking).on_answer(tx, message, answer)
+
+    def on_dead(self, tx, message, reason):
+        (self.prescribing if self.prescribing.owns(message) else self.booking).on_dead(tx, message, reason)
+
+
+def _inner_gate(config, reactor, tz, chamber, booking, header, metrics, prescribing):
+    """Intranet side: a relay (and poller) per HIS endpoint, and the MLLP listener for their messages."""
     his = config.inner.his
     gate = service.MultiService()
     gate.setName("inner")
     slot_book = SlotBook(tz)
     inbound = InboundService(chamber, slot_book)
+    by_kind = _ByKind(booking, prescribing)
+    relays = [_relay(config, reactor, chamber, endpoint, by_kind, metrics, gate, inbound, tz)
+              for endpoint in (his, *config.inner.endpoints)]
+    handler = InnerGateHandler(inbound, peer=his.name, sending_application=config.inner.sending_application,
+                               sending_facility=config.inner.sending_facility, tz=tz, clock=reactor,
+                               validation=config.inner.validation, accept_types=config.inner.accept_types,
+                               on_answer=lambda outcome: metrics.hl7_answers.labels(outcome).inc(),
+                               pharmacy=prescribing,
+                               peers_by_application={e.receiving_application: e.name
+                                                     for e in (his, *config.inner.endpoints)}
+                               if config.inner.endpoints else None)
+    tls_switch = gate.tls_switch = (TlsSwitch(mllp_tls.server_options(
+        config.inner.tls.certificate, config.inner.tls.private_key, config.inner.tls.client_ca))
+        if config.inner.tls is not None else None)
+    mllp_factory = MLLPServerFactory(
+        handler, max_message_bytes=config.inner.max_message_bytes, default_charset=his.charset,
+        idle_timeout=config.inner.idle_timeout, max_connections=config.inner.max_connections,
+        sending_application=config.inner.sending_application, sending_facility=config.inner.sending_facility,
+        clock=reactor, release=config.inner.mllp_release, tls=tls_switch,
+        on_tls_failure=_handshake_failures(metrics, "inner", False) if tls_switch is not None else None,
+    )
+    if config.inner.bind_device:
+        port, interface = parse_tcp(config.inner.listen)
+        inner_endpoint = DeviceServerEndpoint(reactor, port, interface, config.inner.bind_device)
+    else:
+        inner_endpoint = endpoints.serverFromString(reactor, config.inner.listen)
+    listener = StreamServerEndpointService(inner_endpoint, mllp_factory)
+    listener._raiseSynchronously = True
+    listener.setName("inner-gate")
+    listener.setServiceParent(gate)
+    return gate, relays
+
+
+def _relay(config, reactor, chamber, his, by_kind, metrics, gate, inbound, tz) -> Relay:
+    """One HIS endpoint: its MLLP client(s), the relay for its queue, and its slot poller if it polls."""
     his_endpoint = endpoints.HostnameEndpoint(reactor, his.host, his.port, timeout=his.connect_timeout)
     his_tls = None
     if his.tls is not None:
@@ -268,43 +428,28 @@ def _inner_gate(config, reactor, tz, chamber, booking, header, metrics):
                           tls=his_tls)
 
     lanes = [HisDestination(his_client(config.inner.max_message_bytes)) for _ in range(his.window)]
-    relay = Relay(chamber, his.name, lanes, booking.on_answer, clock=reactor,
+    relay = Relay(chamber, his.name, lanes, by_kind.on_answer, clock=reactor,
                   ack_timeout=his.ack_timeout, retry_initial=his.retry_initial, retry_max=his.retry_max,
-                  max_attempts=his.max_attempts, max_age=his.max_age, on_dead=booking.on_dead,
-                  ordering=his.ordering, encode=booking.encode, send_types=tuple(his.send_types), metrics=metrics)
+                  max_attempts=his.max_attempts, max_age=his.max_age, on_dead=by_kind.on_dead,
+                  ordering=his.ordering, encode=by_kind.encode, send_types=tuple(his.send_types), metrics=metrics)
     relay.setServiceParent(gate)
     if his.slot_source == "poll":
+        poll_header = Hl7Header(
+            sending_application=config.inner.sending_application, sending_facility=config.inner.sending_facility,
+            receiving_application=his.receiving_application, receiving_facility=his.receiving_facility,
+            version=his.hl7_version, charset=his.charset,
+        )
         SlotPoller(his_client(64 << 20), inbound, peer=his.name,
-                   build_query=functools.partial(build_sqm_s25, header=header), interval=his.poll_interval,
+                   build_query=functools.partial(build_sqm_s25, header=poll_header), interval=his.poll_interval,
                    days=his.poll_days, tz=tz, ack_timeout=his.ack_timeout, retry_initial=his.retry_initial,
                    retry_max=his.retry_max, clock=reactor).setServiceParent(gate)
-    handler = InnerGateHandler(inbound, peer=his.name, sending_application=config.inner.sending_application,
-                               sending_facility=config.inner.sending_facility, tz=tz, clock=reactor,
-                               validation=config.inner.validation, accept_types=config.inner.accept_types,
-                               on_answer=lambda outcome: metrics.hl7_answers.labels(outcome).inc())
-    mllp_factory = MLLPServerFactory(
-        handler, max_message_bytes=config.inner.max_message_bytes, default_charset=his.charset,
-        idle_timeout=config.inner.idle_timeout, max_connections=config.inner.max_connections,
-        sending_application=config.inner.sending_application, sending_facility=config.inner.sending_facility,
-        clock=reactor, release=config.inner.mllp_release,
-        tls=(mllp_tls.server_options(config.inner.tls.certificate, config.inner.tls.private_key,
-                                     config.inner.tls.client_ca) if config.inner.tls is not None else None),
-    )
-    if config.inner.bind_device:
-        port, interface = parse_tcp(config.inner.listen)
-        inner_endpoint = DeviceServerEndpoint(reactor, port, interface, config.inner.bind_device)
-    else:
-        inner_endpoint = endpoints.serverFromString(reactor, config.inner.listen)
-    listener = StreamServerEndpointService(inner_endpoint, mllp_factory)
-    listener._raiseSynchronously = True
-    listener.setName("inner-gate")
-    listener.setServiceParent(gate)
-    return gate, relay
+    return relay
 
 
-def _outer_gate(config, reactor, tz, chamber, booking, metrics) -> service.Service:
-    """Internet side: the FHIR API over HTTPS with mutual TLS."""
-    platforms = PlatformDirectory.from_config(config.platforms)
+def _outer_gate(config, reactor, tz, chamber, booking, metrics, prescribing) -> service.Service:
+    """Internet side: the FHIR API over HTTPS with mutual TLS (and bearer tokens from /oauth/token)."""
+    platforms = PlatformDirectory.from_config(config.platforms, _load_crl(config.outer.tls, reactor.seconds()))
+    oauth = TokenService(chamber, clients_from_config(config.platforms), _token_url(config.outer), clock=reactor)
     api = FhirApi(
         booking=booking, reader=chamber.read, platforms=platforms, tz=tz, base_path=config.outer.base_path,
         public_base_url=config.outer.public_base_url, answer_within=config.outer.answer_within,
@@ -313,6 +458,8 @@ def _outer_gate(config, reactor, tz, chamber, booking, metrics) -> service.Servi
         rate_limiter=_rate_limiter(config, reactor),
         json_limits=JsonLimits(config.outer.max_json_depth, config.outer.max_string_chars), clock=reactor,
         strict_audit=config.audit.strict,
+        prescriptions=prescribing if config.prescriptions is not None else None,
+        oauth=oauth,
     )
     site = web_server.Site(api)
     site.requestFactory = request_factory(config.outer.max_request_bytes)
@@ -320,13 +467,13 @@ def _outer_gate(config, reactor, tz, chamber, booking, metrics) -> service.Servi
     # requests are logged by the API as structured events; here they are only counted
     site.log = lambda request: metrics.http_answers.labels(str(request.code)).inc()
     tls_switch = TlsSwitch(tls_options(config.outer.tls))
+    tls_site = HandshakeWatch(tls_switch, site, _handshake_failures(metrics, "outer"))
     if config.outer.bind_device:
         outer_endpoint = DeviceServerEndpoint(reactor, config.outer.port, config.outer.host,
-                                              config.outer.bind_device, tls=tls_switch)
+                                              config.outer.bind_device)
     else:
-        outer_endpoint = endpoints.SSL4ServerEndpoint(reactor, config.outer.port, tls_switch,
-                                                      interface=config.outer.host)
-    listener = StreamServerEndpointService(outer_endpoint, site)
+        outer_endpoint = endpoints.TCP4ServerEndpoint(reactor, config.outer.port, interface=config.outer.host)
+    listener = StreamServerEndpointService(outer_endpoint, tls_site)
     listener._raiseSynchronously = True
     listener.setName("outer-gate")
     return listener, api, tls_switch

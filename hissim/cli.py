@@ -1,7 +1,8 @@
 """``gatewayd his-sim --config PATH [--log PATH]`` (also ``python -m hissim``): run the simulated HIS.
 
 ``--log`` overrides the received-messages journal path. SIGUSR1 makes the counter book one random
-free slot at once (journalled and pushed like any counter booking). SIGINT / SIGTERM stop it.
+free slot at once (journalled and pushed like any counter booking); SIGUSR2 makes the pharmacy (config
+``pharmacy:``) release a random prescription to outside pharmacies. SIGINT / SIGTERM stop it.
 Exit status: 0 after a clean stop, 1 if it could not listen, 2 for a bad configuration.
 """
 
@@ -59,7 +60,8 @@ def main(argv: list[str]) -> int:
     status = {"code": 0}
 
     def cannot_listen(failure):
-        log.error("his-sim.cannot-listen", endpoint=config.listen, error=failure.getErrorMessage())
+        log.error("his-sim.cannot-listen", endpoint=getattr(failure.value, "endpoint", config.listen),
+                  error=getattr(failure.value, "reason", failure.getErrorMessage()))
         status["code"] = 1
         reactor.stop()
 
@@ -70,7 +72,11 @@ def main(argv: list[str]) -> int:
     def on_usr1(signum, frame) -> None:
         reactor.callFromThread(sim.counter_booking_now)
 
+    def on_usr2(signum, frame) -> None:
+        reactor.callFromThread(sim.release_now)
+
     signal.signal(signal.SIGUSR1, on_usr1)
+    signal.signal(signal.SIGUSR2, on_usr2)
     reactor.callWhenRunning(start)
     reactor.addSystemEventTrigger("before", "shutdown", sim.stopService)
     reactor.run()

@@ -64,6 +64,35 @@ class GatewayAddress:
 
 
 @dataclass(frozen=True)
+class PharmacyConfig:
+    listen: str = doc(
+        "Twisted endpoint where the gateway sends RDE^O11 / OMP^O09 (a hospital's pharmacy system is often "
+        "a machine of its own), e.g. 'tcp:2577:interface=127.0.0.1'; port 0 picks a free port (the "
+        "'his-sim.pharmacy-listening' log line names it).",
+        default="tcp:2577:interface=127.0.0.1",
+    )
+    application: str = doc("MSH-3 of the pharmacy's messages (answers, RDS^O13, released RDE^O11).",
+                           default="HIS-PHARMACY")
+    out_of_stock: list[str] = doc(
+        "Drug codes (RXE-2.1 / RXO-1.1) the pharmacy has none of: an item with one is answered ORC-1 UA, "
+        "and the order MSA AE with an ERR naming it.",
+        default_factory=list,
+    )
+    dispense_delay: Duration = doc(
+        "How long after accepting an order (MSA AA) the pharmacy sends its RDS^O13 to the gateway.",
+        default=Duration(2.0),
+    )
+    release_every: Duration = doc(
+        "Release a random prescription to outside pharmacies (RDE^O11, ORC-16 RELEASE) this often; "
+        "0 = never (SIGUSR2 releases one at once either way).",
+        default=Duration(0.0),
+    )
+    charset: Optional[Literal["utf-8", "gb18030"]] = doc(
+        "Encoding of the pharmacy's messages; null = the simulator's charset.", default=None
+    )
+
+
+@dataclass(frozen=True)
 class HisSimConfig:
     departments: list[DepartmentConfig] = doc("Departments and their doctors; each doctor has one schedule.")
     listen: str = doc(
@@ -121,6 +150,10 @@ class HisSimConfig:
     idle_timeout: Duration = doc("An idle MLLP connection from the gateway is closed after this.",
                                  default=Duration(300.0))
     max_connections: Annotated[int, Range(1, 1000)] = doc("Most simultaneous MLLP connections.", default=16)
+    pharmacy: Optional[PharmacyConfig] = doc(
+        "Also play the hospital's pharmacy system (docs/prescriptions.md section 6); left out: no pharmacy.",
+        default=None,
+    )
 
     def __post_validate__(self):
         issues = []
@@ -150,6 +183,11 @@ class HisSimConfig:
     @property
     def codec(self) -> str:
         return "gb18030" if self.charset == "gb18030" else "utf-8"
+
+    @property
+    def pharmacy_codec(self) -> str:
+        charset = self.pharmacy.charset if self.pharmacy is not None else None
+        return "gb18030" if (charset or self.charset) == "gb18030" else "utf-8"
 
     def schedules(self) -> list[Schedule]:
         """One schedule per doctor, in config order."""

@@ -46,11 +46,52 @@ log = structlog.get_logger("hissim.handler")
 REMEMBERED_ANSWERS = 20_000
 
 
+#: the answer to a control id already answered for other content
+REUSED_CONTROL_ID = Refusal(205, "control id reused with different content", "MSH", 10)
+
+
 @dataclass(frozen=True)
-class _Answered:
+class Answered:
     fingerprint: str
     code: str
     answer: bytes | None  # None for queries: they change nothing, a resend is answered afresh
+
+
+@dataclass(frozen=True)
+class Recall:
+    """What `AnswerMemory` knows of a received message's control id."""
+
+    fingerprint: str
+    earlier: Answered | None
+
+    @property
+    def resend(self) -> Answered | None:
+        """The earlier answer, when this is a resend (same content, MSH-7 aside) whose answer was kept."""
+        earlier = self.earlier
+        if earlier is not None and earlier.fingerprint == self.fingerprint and earlier.answer is not None:
+            return earlier
+        return None
+
+    @property
+    def reused(self) -> bool:
+        """The control id was answered before, for other content."""
+        return self.earlier is not None and self.earlier.fingerprint != self.fingerprint
+
+
+class AnswerMemory:
+    """The answers given, by MSH-10, so a resend gets the very same bytes; the oldest are forgotten."""
+
+    def __init__(self, limit: int = REMEMBERED_ANSWERS) -> None:
+        self._limit = limit
+        self._answered: collections.OrderedDict[str, Answered] = collections.OrderedDict()
+
+    def recall(self, message: Message) -> Recall:
+        return Recall(_fingerprint(message), self._answered.get(message.control_id))
+
+    def remember(self, control_id: str, answered: Answered) -> None:
+        self._answered[control_id] = answered
+        while len(self._answered) > self._limit:
+            self._answered.popitem(last=False)
 
 
 @dataclass
@@ -81,28 +122,25 @@ class HisHandler:
         self.control_ids = control_ids
         self.journal = journal
         self.notify = notify
-        self._answered: collections.OrderedDict[str, _Answered] = collections.OrderedDict()
+        self.answers = AnswerMemory()
 
     # -- the MLLP handler interface -------------------------------------------------------------
 
     def handle(self, message: Message, peer: Any = None) -> bytes:
         control_id = message.control_id
-        fingerprint = _fingerprint(message)
         facts = _facts(message)
-        duplicate = False
-        earlier = self._answered.get(control_id)
-        if earlier is not None and earlier.fingerprint == fingerprint and earlier.answer is not None:
-            code, answer, duplicate = earlier.code, earlier.answer, True
-        elif earlier is not None and earlier.fingerprint != fingerprint:
-            outcome = _Outcome(_answer_type(message), Refusal(205, "control id reused with different content",
-                                                              "MSH", 10))
-            code, answer = "AR", self._answer(message, outcome)
+        recall = self.answers.recall(message)
+        duplicate = recall.resend is not None
+        if recall.resend is not None:
+            code, answer = recall.resend.code, recall.resend.answer
+        elif recall.reused:
+            code, answer = "AR", self._answer(message, _Outcome(_answer_type(message), REUSED_CONTROL_ID))
         else:
             outcome = self._process(message)
             code = "AA" if outcome.refusal is None else "AR"
             answer = self._answer(message, outcome)
             kept = None if message.message_code == "SQM" else answer  # an SQR can be large
-            self._remember(control_id, _Answered(fingerprint, code, kept))
+            self.answers.remember(control_id, Answered(recall.fingerprint, code, kept))
             if outcome.notification is not None and self.notify is not None:
                 self.notify(outcome.notification)
         entry = {
@@ -238,11 +276,6 @@ class HisHandler:
             body=outcome.body or (),
             trailer=outcome.trailer or (),
         )
-
-    def _remember(self, control_id: str, answered: _Answered) -> None:
-        self._answered[control_id] = answered
-        while len(self._answered) > REMEMBERED_ANSWERS:
-            self._answered.popitem(last=False)
 
 
 def _answer_type(message: Message) -> str:

@@ -40,15 +40,21 @@ def control_ids(prefix: str) -> Iterator[str]:
     return (f"{prefix}{n:06d}" for n in itertools.count(1))
 
 
-def run_prefix(seconds: float) -> str:
-    """A short prefix for this run's control ids, from the start time (base 36 of milliseconds)."""
+def run_id(seconds: float) -> str:
+    """This run's id, from the start time (base 36 of milliseconds): part of every number the simulator
+    makes up (control ids, the pharmacy's filler and prescription numbers), so none repeats across runs."""
     n = int(seconds * 1000)
     digits = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
     out = ""
     while n:
         n, r = divmod(n, 36)
         out = digits[r] + out
-    return "S" + (out or "0")
+    return out or "0"
+
+
+def run_prefix(seconds: float) -> str:
+    """A short prefix for this run's control ids, from the start time."""
+    return "S" + run_id(seconds)
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,11 @@ class Notification:
     @property
     def type_name(self) -> str:
         return f"SIU^{self.trigger}"
+
+    def facts(self) -> dict[str, str]:
+        """What the sent journal says about it (never a patient's name or identifier)."""
+        return {"schedule": self.slot.schedule.id, "start": slot_dtm(self.slot.start), "status": self.status,
+                "reason": self.reason}
 
 
 @dataclass(frozen=True)
@@ -190,12 +201,14 @@ def build_siu_hl7apy(note: Notification, *, header: Header, control_id: str, now
 
 @dataclass(frozen=True)
 class Refusal:
-    """Why a message is refused: MSA-3 / ERR-8 text, table 0357 code and where (ERR-2)."""
+    """Why a message is refused: MSA-3 / ERR-8 text, table 0357 code and where (ERR-2: segment, its
+    sequence among segments of that name, field)."""
 
     code: int
     text: str
     segment: str = ""
     field: int | None = None
+    sequence: int = 1
 
 
 def msh_segment(
@@ -212,7 +225,7 @@ def err_segment(refusal: Refusal) -> list[str]:
     """ERR (v2.5): ERR-2 location, ERR-3 code^text^HL70357, ERR-4 severity E, ERR-8 user message."""
     location = ""
     if refusal.segment:
-        location = f"{refusal.segment}^1" + (f"^{refusal.field}" if refusal.field else "")
+        location = f"{refusal.segment}^{refusal.sequence}" + (f"^{refusal.field}" if refusal.field else "")
     code = f"{refusal.code}^{TABLE_0357.get(refusal.code, '')}^HL70357"
     return ["ERR", "", location, code, "E", "", "", "", escape(refusal.text)]
 

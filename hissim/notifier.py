@@ -1,4 +1,8 @@
-"""The HIS's outgoing SIU notifications: a FIFO queue with one message in flight.
+"""The HIS's outgoing messages to the gateway: a FIFO queue with one message in flight.
+
+Used for the SIU notifications and, in a second instance with its own connection, for the pharmacy's
+RDS^O13 dispenses and released RDE^O11 prescriptions (`hissim.pharmacy`). A queued item is anything with
+a ``type_name`` and ``facts()`` (what its sent-journal line says besides time, control id and type).
 
 Each notification gets its MSH-10 when it is first put on the wire and keeps it on every resend, so the
 gateway can drop duplicates. Failure paths, all chosen on purpose:
@@ -16,6 +20,7 @@ import collections
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any, Protocol
 
 import structlog
 from twisted.internet.defer import Deferred
@@ -26,21 +31,30 @@ from adapters.hl7.ack import read_ack
 from adapters.hl7.er7 import Message
 from hissim.clocks import HospitalClock
 from hissim.journal import Journal
-from hissim.messages import Notification, slot_dtm
 
 log = structlog.get_logger("hissim.notifier")
 
+
+class Outgoing(Protocol):
+    """What the notifier queues: a `hissim.messages.Notification`, a `hissim.pharmacy.Dispatch`."""
+
+    @property
+    def type_name(self) -> str: ...
+
+    def facts(self) -> dict[str, Any]: ...
+
+
 #: send(payload, control_id) -> Deferred firing with the gateway's answer (MSA-2 already matched)
 Sender = Callable[[bytes, str], "Deferred[Message]"]
-#: build(notification, control_id, now) -> payload bytes
-Builder = Callable[[Notification, str, datetime], bytes]
+#: build(item, control_id, now) -> payload bytes
+Builder = Callable[[Any, str, datetime], bytes]
 
 ACCEPTED = frozenset({"AA", "CA"})
 
 
 @dataclass
 class _Pending:
-    note: Notification
+    note: Outgoing
     control_id: str | None = None
     payload: bytes | None = None
     attempts: int = 0
@@ -88,7 +102,7 @@ class Notifier:
             self._wakeup.cancel()
         self._wakeup = None
 
-    def enqueue(self, note: Notification) -> None:
+    def enqueue(self, note: Outgoing) -> None:
         self._queue.append(_Pending(note))
         if not self._in_flight:
             # A call for "now" would run before the reactor's next I/O pass, ahead of the SRR just written;
@@ -113,15 +127,11 @@ class Notifier:
         if item.payload is None:
             item.control_id = next(self._control_ids)
             item.payload = self._build(item.note, item.control_id, self._clock.local())
-            note = item.note
             self._journal.write({
                 "time": self._clock.iso(),
                 "control_id": item.control_id,
-                "type": note.type_name,
-                "schedule": note.slot.schedule.id,
-                "start": slot_dtm(note.slot.start),
-                "status": note.status,
-                "reason": note.reason,
+                "type": item.note.type_name,
+                **item.note.facts(),
             })
         item.attempts += 1
         self._in_flight = True

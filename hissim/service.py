@@ -1,13 +1,15 @@
 """``make_service(config, reactor)``: the whole simulated HIS as one Twisted service.
 
-Start order: journals open, the MLLP listener (``config.listen``) starts; once it listens (``listening``
-fires; it errbacks if it cannot, and then nothing is pushed), one SIU^S24 per open slot is queued for the
-gateway in start order (``publish: push``) and the counter clerk starts. Stop order is the reverse.
-The reactor is passed in; nothing here touches the global reactor.
+Start order: journals open, the MLLP listener (``config.listen``) starts, then the pharmacy's
+(``pharmacy.listen``, when configured); once both listen (``listening`` fires; it errbacks with
+`CannotListen` if one cannot, and then nothing is pushed), one SIU^S24 per open slot is queued for the
+gateway in start order (``publish: push``), the pharmacy starts (dispensing, releases) and the counter clerk
+starts. Stop order is the reverse. The reactor is passed in; nothing here touches the global reactor.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from datetime import date
 from typing import Any
@@ -27,18 +29,38 @@ from hissim.counter import CounterClerk
 from hissim.handler import HisHandler
 from hissim.inventory import Booking, Inventory
 from hissim.journal import Journal
-from hissim.messages import Header, Notification, build_siu, control_ids, run_prefix, slot_dtm
+from hissim.messages import (
+    Header,
+    Notification,
+    build_siu,
+    control_ids,
+    run_id,
+    slot_dtm,
+)
 from hissim.notifier import Notifier
+from hissim.pharmacy import Pharmacy
 
 log = structlog.get_logger("hissim.service")
 
 
+class CannotListen(Exception):
+    """A listener could not start: ``endpoint`` (the config string) and ``reason``."""
+
+    def __init__(self, endpoint: str, reason: str) -> None:
+        super().__init__(f"cannot listen on {endpoint}: {reason}")
+        self.endpoint = endpoint
+        self.reason = reason
+
+
 class HisSimulator(service.Service):
-    """The simulated HIS: inventory, MLLP listener, notifier towards the gateway, counter clerk."""
+    """The simulated HIS: inventory, MLLP listener, notifier towards the gateway, counter clerk, and the
+    pharmacy (its listener and notifier) when configured. ``client`` / ``pharmacy_client`` replace the MLLP
+    clients towards the gateway (tests)."""
 
     name = "his-sim"
 
-    def __init__(self, config: HisSimConfig, reactor: Any, *, clock: Any = None, client: Any = None) -> None:
+    def __init__(self, config: HisSimConfig, reactor: Any, *, clock: Any = None, client: Any = None,
+                 pharmacy_client: Any = None) -> None:
         self.config = config
         self.reactor = reactor
         self.clock = HospitalClock(clock if clock is not None else reactor, ZoneInfo(config.timezone))
@@ -53,7 +75,8 @@ class HisSimulator(service.Service):
             codec=config.codec,
             msh18_empty=config.msh18_empty,
         )
-        self.control_ids = control_ids(run_prefix(self.clock.clock.seconds()))
+        run = run_id(self.clock.clock.seconds())
+        self.control_ids = control_ids("S" + run)
         self.received = Journal(config.received_log)
         self.sent = Journal(config.sent_log)
         self.rng = random.Random(config.seed)
@@ -61,15 +84,7 @@ class HisSimulator(service.Service):
         self.client = None
         self.notifier: Notifier | None = None
         if config.publish == "push":
-            self.client = client if client is not None else MLLPClient(
-                reactor,
-                HostnameEndpoint(reactor, config.gateway.host.encode("idna"), config.gateway.port,
-                                 timeout=config.connect_timeout),
-                default_charset=config.codec,
-                max_message_bytes=config.max_message_bytes,
-                clock=self.clock.clock,
-                connect_timeout=config.connect_timeout,
-            )
+            self.client = client if client is not None else self._client(config.codec)
             self.notifier = Notifier(
                 send=lambda payload, cid: self.client.send(payload, cid, timeout=config.ack_timeout),
                 build=lambda note, cid, now: build_siu(note, header=self.header, control_id=cid, now=now),
@@ -87,20 +102,58 @@ class HisSimulator(service.Service):
             journal=self.received,
             notify=self.announce,
         )
-        self.factory = MLLPServerFactory(
-            self.handler,
-            max_message_bytes=config.max_message_bytes,
-            default_charset=config.codec,
-            idle_timeout=config.idle_timeout,
-            max_connections=config.max_connections,
-            sending_application=config.application,
-            sending_facility=config.facility,
-            clock=self.clock.clock,
-        )
+        self.factory = self._factory(self.handler, config.codec, config.application)
         self.clerk = CounterClerk(self.clock.clock, self.rng, config.counter_bookings_per_minute,
                                   self.counter_booking_now)
         self.port: IListeningPort | None = None
         self.listening: Deferred = Deferred()
+
+        self.pharmacy: Pharmacy | None = None
+        self.pharmacy_client = self.pharmacy_factory = self.pharmacy_port = None
+        if config.pharmacy is not None:
+            codec = config.pharmacy_codec
+            self.pharmacy_client = pharmacy_client if pharmacy_client is not None else self._client(codec)
+            self.pharmacy = Pharmacy(
+                config.pharmacy,
+                header=dataclasses.replace(self.header, application=config.pharmacy.application, codec=codec),
+                clock=self.clock,
+                control_ids=self.control_ids,
+                run=run,
+                rng=random.Random(config.seed),
+                received=self.received,
+                sent=self.sent,
+                send=lambda payload, cid: self.pharmacy_client.send(payload, cid, timeout=config.ack_timeout),
+                retry_initial=config.retry_initial,
+                retry_max=config.retry_max,
+            )
+            self.pharmacy_factory = self._factory(self.pharmacy.handler, codec, config.pharmacy.application)
+
+    def _client(self, codec: str) -> MLLPClient:
+        """An MLLP client towards the gateway's inner listener."""
+        config = self.config
+        return MLLPClient(
+            self.reactor,
+            HostnameEndpoint(self.reactor, config.gateway.host.encode("idna"), config.gateway.port,
+                             timeout=config.connect_timeout),
+            default_charset=codec,
+            max_message_bytes=config.max_message_bytes,
+            clock=self.clock.clock,
+            connect_timeout=config.connect_timeout,
+        )
+
+    def _factory(self, handler: Any, codec: str, application: str) -> MLLPServerFactory:
+        """An MLLP listener's factory for ``handler`` (NAKs it writes itself come from ``application``)."""
+        config = self.config
+        return MLLPServerFactory(
+            handler,
+            max_message_bytes=config.max_message_bytes,
+            default_charset=codec,
+            idle_timeout=config.idle_timeout,
+            max_connections=config.max_connections,
+            sending_application=application,
+            sending_facility=config.facility,
+            clock=self.clock.clock,
+        )
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -108,22 +161,41 @@ class HisSimulator(service.Service):
         super().startService()
         self.received.open()
         self.sent.open()
-        endpoint = serverFromString(self.reactor, self.config.listen)
-        d = endpoint.listen(self.factory)
+        d = self._listen(self.config.listen, self.factory, "port")
+        if self.pharmacy is not None:
+            d.addCallback(lambda port: self._listen(self.config.pharmacy.listen, self.pharmacy_factory,
+                                                    "pharmacy_port").addCallback(lambda _: port))
         d.addCallback(self._listening)
         d.chainDeferred(self.listening)
 
-    def _listening(self, port: IListeningPort) -> IListeningPort:
-        """Listening: now push the startup S24s (push mode) and open the counter."""
-        if not self.running:  # stopped while the listener was starting
-            port.stopListening()
+    def _listen(self, description: str, factory: MLLPServerFactory, attribute: str) -> Deferred:
+        """Listen on ``description``; the port is kept as ``attribute`` (closed at once if stopped meanwhile)."""
+
+        def listening(port: IListeningPort) -> IListeningPort:
+            if self.running:
+                setattr(self, attribute, port)
+            else:
+                port.stopListening()
             return port
-        self.port = port
+
+        def failed(failure):
+            raise CannotListen(description, failure.getErrorMessage())
+
+        return serverFromString(self.reactor, description).listen(factory).addCallbacks(listening, failed)
+
+    def _listening(self, port: IListeningPort) -> IListeningPort:
+        """Listening: now push the startup S24s (push mode), start the pharmacy and open the counter."""
+        if not self.running:  # stopped while the listeners were starting
+            return port
         log.info("his-sim.listening", port=port.getHost().port, endpoint=self.config.listen)
         if self.notifier is not None:
             for slot in self.inventory.open_slots():
                 self.notifier.enqueue(Notification("S24", slot, "Open", "startup"))
             self.notifier.start()
+        if self.pharmacy is not None:
+            log.info("his-sim.pharmacy-listening", port=self.pharmacy_port.getHost().port,
+                     endpoint=self.config.pharmacy.listen)
+            self.pharmacy.start()
         self.clerk.start()
         log.info("his-sim.started", slots=len(self.inventory.slots()), publish=self.config.publish,
                  gateway=f"{self.config.gateway.host}:{self.config.gateway.port}")
@@ -133,13 +205,18 @@ class HisSimulator(service.Service):
         super().stopService()
         self.clerk.stop()
         waits = []
+        if self.pharmacy is not None:
+            self.pharmacy.stop()
         if self.notifier is not None:
             self.notifier.stop()
-        if self.client is not None:
-            waits.append(maybeDeferred(self.client.close))
-        if self.port is not None:
-            waits.append(maybeDeferred(self.port.stopListening))
-            self.port = None
+        for client in (self.pharmacy_client, self.client):
+            if client is not None:
+                waits.append(maybeDeferred(client.close))
+        for attribute in ("pharmacy_port", "port"):
+            port = getattr(self, attribute)
+            if port is not None:
+                waits.append(maybeDeferred(port.stopListening))
+                setattr(self, attribute, None)
         d = DeferredList(waits) if waits else succeed(None)
 
         def closed(result: object) -> None:
@@ -162,6 +239,13 @@ class HisSimulator(service.Service):
                  appointment=booking.appointment_id)
         self.announce(Notification("S12", slot, "Booked", "counter", booking))
         return booking
+
+    def release_now(self) -> None:
+        """The pharmacy releases a random prescription now (what SIGUSR2 does); without a pharmacy, nothing."""
+        if self.pharmacy is None:
+            log.info("his-sim.no-pharmacy-configured")
+            return
+        self.pharmacy.release_now()
 
     def announce(self, note: Notification) -> None:
         """Push a change to the gateway (push mode); with publish: none, only journal it (type null)."""

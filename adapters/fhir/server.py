@@ -15,7 +15,12 @@ Served (base ``https://HOST:PORT/fhir``)::
     POST   /Appointment/$find | $hold | $book             IHE ITI Scheduling (adapters/fhir/ihe.py)
 
 The platform is the one whose configured certificate subject matches the client certificate presented in
-the TLS handshake (the handshake itself already refused certificates not signed by the configured CA).
+the TLS handshake (the handshake itself already refused certificates not signed by the configured CA), or,
+for a request with ``Authorization: Bearer <token>``, the platform the token was issued to at
+``POST /oauth/token`` (outside the FHIR base; OAuth2 client credentials with a signed JWT assertion, decided
+in gateway/oauth.py).  A certificate is then refused (403 ``security``) when its serial is revoked in the
+config, the CRL lists it, or the platform pins another public key; a bad or expired token is 401 with
+``WWW-Authenticate: Bearer error="invalid_token"``, and a request with neither is 401 ``login``.
 
 What a platform is granted (docs/security.md), checked in this order on every request: the global rate
 limit (429), a registered and unrevoked certificate (403 ``security``), the platform's rate limit (429
@@ -50,6 +55,7 @@ import structlog
 from twisted.internet import defer
 from twisted.web import resource, server
 
+from adapters.fhir.pharmacy import PHARMACY_TYPES, PharmacyApi
 from adapters.mapping.fhir_scheduling import (
     FHIR_VERSION,
     InvalidResource,
@@ -63,6 +69,7 @@ from adapters.fhir import ihe
 from gateway.audit import AuditEntry
 from gateway.booking import PatientRequired
 from gateway.errors import ChamberError
+from gateway.oauth import TOKEN_PATH, InvalidToken, OAuthError
 from gateway.logs import mask_value
 from gateway.quota import QuotaExhausted
 from gateway.scheduling import AppointmentUnknown, IdempotencyConflict, Overloaded, SlotUnavailable, SlotUnknown
@@ -140,6 +147,15 @@ class PlatformGrant:
 
     scopes: frozenset = ALL_SCOPES
     revoked_serials: frozenset = frozenset()  # certificate serial numbers (int) no longer accepted
+    spki_pins: frozenset = frozenset()  # SHA-256 digests of accepted SubjectPublicKeyInfos (empty: any key)
+
+
+def spki_sha256(certificate) -> bytes:
+    """SHA-256 of a (cryptography) certificate's SubjectPublicKeyInfo, as pinned in certificate_spki_sha256."""
+    from cryptography.hazmat.primitives import serialization
+
+    return hashlib.sha256(certificate.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)).digest()
 
 
 def _raw_body(request) -> bytes | None:
@@ -149,19 +165,41 @@ def _raw_body(request) -> bytes | None:
 
 
 class PlatformDirectory:
-    """Client certificate subject -> platform name; platform name -> its grant."""
+    """Client certificate subject -> platform name; platform name -> its grant; whether a certificate is
+    still accepted (revoked serials, the CRL, SPKI pins)."""
 
-    def __init__(self, platforms: list[tuple[str, tuple]], grants: dict[str, PlatformGrant] | None = None):
+    def __init__(self, platforms: list[tuple[str, tuple]], grants: dict[str, PlatformGrant] | None = None,
+                 crl=None):
         # platforms: (name, normalised subject) pairs; a subject of only a CN matches on the CN
         self._platforms = platforms
         self._grants = grants or {}
+        self.crl = crl  # adapters.mllp.tls.RevocationList (None: no CRL configured)
+        self._crl_expiry_logged = False
 
     @classmethod
-    def from_config(cls, platforms) -> "PlatformDirectory":
+    def from_config(cls, platforms, crl=None) -> "PlatformDirectory":
         from gateway.config import normalise_subject
 
         return cls([(p.name, normalise_subject(p.certificate_subject)) for p in platforms],
-                   {p.name: PlatformGrant(frozenset(p.scopes), p.revoked_serial_numbers()) for p in platforms})
+                   {p.name: PlatformGrant(frozenset(p.scopes), p.revoked_serial_numbers(), p.spki_pins())
+                    for p in platforms}, crl)
+
+    def certificate_refusal(self, platform: str, certificate, now: float) -> str | None:
+        """Why ``platform``'s client certificate (a cryptography certificate) is refused, or None."""
+        grant = self.grant(platform)
+        serial = format(certificate.serial_number, "X")
+        if certificate.serial_number in grant.revoked_serials:
+            return f"this client certificate (serial {serial}) has been revoked"
+        if self.crl is not None:
+            if not self._crl_expiry_logged and self.crl.expired(now):
+                self._crl_expiry_logged = True
+                log.error("outer.crl_expired", crl=self.crl.path, next_update=self.crl.next_update.isoformat(),
+                          hint="publish a fresh CRL and send SIGHUP; the expired one is still applied")
+            if self.crl.is_revoked(certificate):
+                return f"this client certificate (serial {serial}) has been revoked (CRL)"
+        if grant.spki_pins and spki_sha256(certificate) not in grant.spki_pins:
+            return f"this client certificate's public key is not the one pinned for platform {platform!r}"
+        return None
 
     def grant(self, platform: str) -> PlatformGrant:
         return self._grants.get(platform, PlatformGrant())
@@ -296,8 +334,12 @@ class FhirApi(resource.Resource):
     def __init__(self, *, booking, reader: Callable[[], Any], platforms: PlatformDirectory, tz: ZoneInfo,
                  base_path: str, public_base_url: str | None, answer_within: float, page_size: int,
                  hospital_name: str, software_version: str, audit=None, quotas=None, rate_limiter=None,
-                 json_limits: JsonLimits | None = None, clock=None, strict_audit: bool = False):
+                 json_limits: JsonLimits | None = None, clock=None, strict_audit: bool = False, prescriptions=None,
+                 oauth=None):
         super().__init__()
+        self.oauth = oauth  # gateway.oauth.TokenService (None: no bearer tokens, no /oauth/token)
+        # prescriptions (gateway.prescribing.PrescriptionService; None: not served): adapters/fhir/pharmacy.py
+        self.pharmacy = PharmacyApi(self, prescriptions) if prescriptions is not None else None
         self.audit = audit  # gateway.audit.AuditTrail (None: nothing is audited, for tests of other things)
         self.strict_audit = strict_audit  # unrecordable patient-data reads: 503 (True) or answered + logged
         self.quotas = quotas  # gateway.quota.Quotas (None: no platform is limited)
@@ -318,6 +360,8 @@ class FhirApi(resource.Resource):
 
     # -- twisted.web entry ----------------------------------------------------------------------------------
     def render(self, request):
+        if self.oauth is not None and request.path == TOKEN_PATH.encode():
+            return self._render_token(request)
         started = time.monotonic()
         gone = []
         request.notifyFinish().addErrback(lambda _: gone.append(True))
@@ -460,18 +504,7 @@ class FhirApi(resource.Resource):
         parts = self._route(request, access)
         if self.rate_limiter is not None:
             self._throttled(self.rate_limiter.check_global(), None)
-        cert = peer_certificate(request)
-        subject = peer_subject(request)
-        if subject:
-            access.subject = _subject_text(subject)
-            access.serial = format(cert.get_serial_number(), "X")
-        platform = self.platforms.identify(subject) if subject else None
-        if platform is None:
-            raise FhirError(403, "security", "this client certificate is not registered for any platform")
-        access.platform = platform
-        grant = self.platforms.grant(platform)
-        if cert.get_serial_number() in grant.revoked_serials:
-            raise FhirError(403, "security", f"this client certificate (serial {access.serial}) has been revoked")
+        platform, grant = self._authenticate(request, access)
         request.gateway_platform = platform
         if self.rate_limiter is not None:
             self._throttled(self.rate_limiter.check_platform(platform), platform)
@@ -487,6 +520,8 @@ class FhirApi(resource.Resource):
         if parts == ["metadata"]:
             self._method(method, "GET")
             return 200, self.capability_statement(base), {}
+        if self.pharmacy is not None and (not parts or parts[0] in PHARMACY_TYPES):
+            return await self.pharmacy.dispatch(parts, method, grant, platform, request, query, base, access)
         if not parts or parts[0] not in ("Slot", "Schedule", "Appointment"):
             raise FhirError(404, "not-supported", f"resource type {parts[0] if parts else '(none)'} is not served here")
         rtype, rest = parts[0], parts[1:]
@@ -515,6 +550,102 @@ class FhirApi(resource.Resource):
             return self.appointment_read(platform, rest[0], access)
         self._scope(grant, platform, "Appointment.write")
         return await self.appointment_change(platform, rest[0], method, self._body(request), base, access)
+
+    # -- authentication: a bearer token, else the client certificate (docs/security.md) ----------------------
+    def _authenticate(self, request, access: Access) -> tuple[str, PlatformGrant]:
+        scheme, _, token = (request.getHeader(b"authorization") or b"").strip().partition(b" ")
+        if self.oauth is not None and scheme.lower() == b"bearer":
+            return self._bearer(token.strip(), access)
+        cert = peer_certificate(request)
+        if cert is None:
+            raise FhirError(401, "login", "authenticate with a client certificate, or with a bearer token from "
+                                          "POST /oauth/token", headers={"WWW-Authenticate": 'Bearer realm="gatewayd"'})
+        subject = peer_subject(request)
+        access.subject = _subject_text(subject)
+        access.serial = format(cert.get_serial_number(), "X")
+        platform = self.platforms.identify(subject) if subject else None
+        if platform is None:
+            raise FhirError(403, "security", "this client certificate is not registered for any platform")
+        access.platform = platform
+        refusal = self.platforms.certificate_refusal(platform, cert.to_cryptography(),
+                                                     self.clock.seconds() if self.clock is not None else time.time())
+        if refusal is not None:
+            raise FhirError(403, "security", refusal)
+        return platform, self.platforms.grant(platform)
+
+    def _bearer(self, token: bytes, access: Access) -> tuple[str, PlatformGrant]:
+        try:
+            bearer = self.oauth.authenticate(token.decode("ascii"))
+        except (InvalidToken, UnicodeDecodeError) as e:
+            reason = e.reason if isinstance(e, InvalidToken) else "unknown"
+            text = e.description if isinstance(e, InvalidToken) else "the bearer token is malformed"
+            raise FhirError(401, reason, text, headers={
+                "WWW-Authenticate": f'Bearer realm="gatewayd", error="invalid_token", error_description="{text}"'
+            }) from None
+        access.platform, access.subject = bearer.platform, f"bearer:{bearer.token_id}"
+        return bearer.platform, PlatformGrant(scopes=bearer.scopes)
+
+    # -- the OAuth2 token endpoint: HTTP only, gateway/oauth.py decides -----------------------------------------
+    def _render_token(self, request):
+        started, gone = time.monotonic(), []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+        d = defer.ensureDeferred(self._token(request))
+        d.addErrback(self._token_failed)
+        d.addCallback(self._token_respond, request, started, gone)
+        return server.NOT_DONE_YET
+
+    async def _token(self, request):
+        def refused(status, text, headers=None):
+            return status, {"error": "invalid_request", "error_description": text}, headers or {}
+
+        if self.rate_limiter is not None:
+            throttled = self.rate_limiter.check_global()
+            if throttled is not None:
+                return 429, {"error": "temporarily_unavailable", "error_description": "too many requests"}, \
+                    {"Retry-After": str(throttled.retry_after)}
+        if request.method != b"POST":
+            return refused(405, "the token endpoint takes POST", {"Allow": "POST"})
+        content = request.content
+        if isinstance(content, BoundedContent) and content.overflow:
+            return refused(413, f"the request body is larger than {content.limit} bytes")
+        if (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower() != \
+                b"application/x-www-form-urlencoded":
+            return refused(400, "send the parameters as application/x-www-form-urlencoded")
+        content.seek(0)
+        try:
+            form = parse_qs(content.read().decode("utf-8"), keep_blank_values=True, strict_parsing=True,
+                            max_num_fields=20)
+        except (UnicodeDecodeError, ValueError):
+            return refused(400, "the form cannot be read")
+        try:
+            return 200, await self.oauth.token_request(form, _source(request)), {}
+        except OAuthError as e:
+            return e.status, e.body(), {}
+
+    @staticmethod
+    def _token_failed(failure):
+        if failure.check(ChamberError):
+            log.error("outer.chamber_unavailable", error=failure.getErrorMessage())
+            return 503, {"error": "temporarily_unavailable", "error_description": "try again later"}, \
+                {"Retry-After": "30"}
+        log.error("outer.internal_error", error=failure.getErrorMessage(), error_type=failure.type.__name__)
+        return 500, {"error": "server_error", "error_description": "internal error"}, {}
+
+    @staticmethod
+    def _token_respond(result, request, started, gone):
+        status, body, headers = result
+        log.info("outer.request", method=request.method.decode("ascii", "replace"), path=TOKEN_PATH,
+                 status=status, ms=round((time.monotonic() - started) * 1000, 1))
+        if gone:
+            return
+        request.setResponseCode(status)
+        request.setHeader(b"content-type", b"application/json; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"pragma", b"no-cache")
+        for k, v in headers.items():
+            request.setHeader(k.encode(), v.encode())
+        request.write(json.dumps(body).encode("utf-8"))
+        request.finish()
 
     @staticmethod
     def _scope(grant: PlatformGrant, platform: str, scope: str) -> None:

@@ -16,7 +16,8 @@ Options (`MLLPServerFactory`):
 * ``tls`` - an `IOpenSSLServerConnectionCreator` (e.g. `adapters.mllp.tls.server_options`, a
   ``CertificateOptions``): TLS is started on each connection before anything is read, so the listener works
   on any plain TCP endpoint; with ``requireCertificate`` a client without a certificate from the CA is
-  refused at the handshake.
+  refused at the handshake. ``on_tls_failure(peer, failure)`` is called for each handshake that fails with a
+  TLS error (counted in the metrics); the connection is closed, log ``mllp.tls.handshake_failed``.
 
 Ordering: frames are handled one at a time per connection, in arrival order; pipelined frames wait in a
 queue, so answers are never reordered. When more than `MLLPServerProtocol.max_pipelined` frames wait, the
@@ -78,8 +79,9 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import structlog
+from OpenSSL import SSL
 from twisted.internet import defer
-from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.interfaces import IHandshakeListener, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
 
@@ -160,7 +162,7 @@ def peer_name(address: object) -> str:
     return str(address)
 
 
-@implementer(IPushProducer)
+@implementer(IPushProducer, IHandshakeListener)
 class MLLPServerProtocol(Protocol):
     """One MLLP connection. Per-connection state only; everything else lives on the factory."""
 
@@ -180,6 +182,7 @@ class MLLPServerProtocol(Protocol):
         self._refused = False
         self._pause_reasons: set[str] = set()  # why reading is paused: pipeline | writes | closing
         self._idle_call = None
+        self._tls = None  # None: no TLS; False: handshake under way; True: handshake completed
 
     @property
     def buffered_bytes(self) -> int:
@@ -202,6 +205,7 @@ class MLLPServerProtocol(Protocol):
             self.transport.loseConnection()
             return
         if f.tls is not None:
+            self._tls = False
             self.transport.startTLS(f.tls)
         self.transport.registerProducer(self, True)
         f.connections.add(self)
@@ -237,11 +241,19 @@ class MLLPServerProtocol(Protocol):
         """IPushProducer: the connection is going away."""
         self._closing = True
 
+    def handshakeCompleted(self) -> None:
+        """IHandshakeListener: the TLS handshake succeeded."""
+        self._tls = True
+
     def connectionLost(self, reason=None) -> None:
         self._disconnected = True
         self._cancel_idle()
         if self._refused:
             return
+        if self._tls is False and reason is not None and reason.check(SSL.Error):
+            self._log.warning("mllp.tls.handshake_failed", error=reason.getErrorMessage()[:200])
+            if self.factory.on_tls_failure is not None:
+                self.factory.on_tls_failure(self.transport.getPeer(), reason)
         self.factory.connections.discard(self)
         self._log.info(
             "mllp.connection.closed",
@@ -481,6 +493,7 @@ class MLLPServerFactory(Factory):
         ack_control_id: typing.Callable[[], str] | None = None,
         release: int = 1,
         tls: object | None = None,
+        on_tls_failure: typing.Callable[[object, object], None] | None = None,
     ):
         try:
             codecs.lookup(default_charset)
@@ -503,6 +516,7 @@ class MLLPServerFactory(Factory):
         self.ack_control_id = ack_control_id or _default_control_id
         self.release = release
         self.tls = tls
+        self.on_tls_failure = on_tls_failure  # called with (peer address, Failure) for a failed handshake
         self.connections: set[MLLPServerProtocol] = set()
 
     def buildProtocol(self, addr) -> MLLPServerProtocol:

@@ -7,6 +7,9 @@
   certificate (checked, and its name checked against ``hostname``), and optionally our own certificate and
   key, presented when the HIS asks for one.
 
+* `load_crl` - a certificate revocation list (PEM, several CRLs allowed, or DER), each checked to be
+  signed by one of the client CAs; the outer gate (``outer.tls.crl``) refuses certificates it lists.
+
 TLS 1.2 is the least version offered. Keys must be unencrypted PEM (PKCS#8 or traditional); a certificate
 file may carry the chain after the leaf. Errors reading or matching the files raise `TlsConfigError` naming
 the file, so a config loader can report them with the key that named the file.
@@ -14,6 +17,9 @@ the file, so a config loader can report them with the key that named the file.
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from cryptography import x509
@@ -21,7 +27,7 @@ from cryptography.hazmat.primitives import serialization
 from OpenSSL import crypto
 from twisted.internet import ssl
 
-__all__ = ["TlsConfigError", "client_options", "server_options"]
+__all__ = ["RevocationList", "TlsConfigError", "client_options", "load_crl", "server_options"]
 
 
 class TlsConfigError(ValueError):
@@ -118,3 +124,52 @@ def client_options(
         hostname, trustRoot=trust, clientCertificate=client_cert,
         extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_2},
     )
+
+
+@dataclass(frozen=True)
+class RevocationList:
+    """The certificates a CRL file revokes, by (issuer, serial number)."""
+
+    path: str
+    revoked: frozenset  # of (issuer's DER name, serial number)
+    next_update: datetime | None  # the earliest nextUpdate of the file's CRLs (aware, UTC)
+    issuers: tuple[str, ...] = ()  # RFC 4514 names of the CRLs' issuers
+
+    def is_revoked(self, certificate: x509.Certificate) -> bool:
+        return (certificate.issuer.public_bytes(), certificate.serial_number) in self.revoked
+
+    def expired(self, now: float) -> bool:
+        """True once the CRL is past its nextUpdate: a fresher one should have been published."""
+        return self.next_update is not None and now > self.next_update.timestamp()
+
+
+_PEM_CRL = re.compile(rb"-----BEGIN X509 CRL-----.*?-----END X509 CRL-----", re.DOTALL)
+
+
+def load_crl(path: str | Path, ca: str | Path) -> RevocationList:
+    """Read ``path`` (PEM with one or more CRLs, or one DER CRL); each CRL must be signed by a CA certificate
+    in ``ca`` (PEM) with its issuer's name. Raises `TlsConfigError` naming the file otherwise."""
+    data = _read(path, "CRL")
+    try:
+        if data.lstrip().startswith(b"-----BEGIN"):
+            blocks = _PEM_CRL.findall(data)
+            if not blocks:
+                raise TlsConfigError(f"{path}: no '-----BEGIN X509 CRL-----' block in the CRL file")
+            crls = [x509.load_pem_x509_crl(b) for b in blocks]
+        else:
+            crls = [x509.load_der_x509_crl(data)]
+    except ValueError as e:
+        if isinstance(e, TlsConfigError):
+            raise
+        raise TlsConfigError(f"{path}: not a CRL (PEM or DER): {e}") from None
+    cas = _certificates(ca, "CA certificate")
+    revoked = set()
+    for crl in crls:
+        signers = [c for c in cas if c.subject == crl.issuer]
+        if not any(crl.is_signature_valid(c.public_key()) for c in signers):
+            raise TlsConfigError(f"{path}: the CRL of {crl.issuer.rfc4514_string()} is not signed by a CA in {ca}")
+        issuer = crl.issuer.public_bytes()
+        revoked.update((issuer, entry.serial_number) for entry in crl)
+    updates = [c.next_update_utc for c in crls if c.next_update_utc is not None]
+    return RevocationList(str(path), frozenset(revoked), min(updates) if updates else None,
+                          tuple(c.issuer.rfc4514_string() for c in crls))

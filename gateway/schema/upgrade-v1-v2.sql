@@ -21,7 +21,7 @@ CREATE TABLE prescriptions (
     payload     BLOB NOT NULL,
     jws         TEXT,
     signature   TEXT,
-    message_id  INTEGER REFERENCES messages (id),
+    message_id  INTEGER REFERENCES messages (id),   -- to_his: the RDE/OMP sent (released: see number)
     claimed_by  TEXT,
     claimed_at  REAL,
     version     INTEGER NOT NULL DEFAULT 1,
@@ -45,13 +45,14 @@ CREATE TABLE medication_requests (
 );
 
 -- What the HIS pharmacy dispensed (RDS^O13), as FHIR MedicationDispense. A resent RDS adds nothing.
+-- control_id: MSH-10 of the RDS it came in (messages: direction 'inbound', the pharmacy's peer name).
 CREATE TABLE medication_dispenses (
     id                 TEXT PRIMARY KEY,
     medication_request TEXT NOT NULL REFERENCES medication_requests (id),
     prescription_id    TEXT NOT NULL REFERENCES prescriptions (id),
     his_dispense       TEXT NOT NULL UNIQUE,
     resource           TEXT NOT NULL,
-    message_id         INTEGER NOT NULL REFERENCES messages (id),
+    control_id         TEXT NOT NULL,
     created            REAL NOT NULL
 );
 CREATE INDEX medication_dispenses_by_request ON medication_dispenses (medication_request);

@@ -319,3 +319,45 @@ def test_waiting_for_the_his_settles_on_answer_or_times_out(env):
     waited = booking.wait_settled(other, 5)
     clock.advance(5)
     assert result(waited) is False
+
+
+def test_the_his_freeing_the_slot_before_it_answers_our_cancel_is_our_cancel(env):
+    """The HIS may push SIU^S15 for the slot before its answer to our SRM^S04 arrives (two connections):
+    while our cancellation is pending the freed slot is not taken for the hospital's cancellation; the AA
+    then settles it as the platform's, whichever arrived first."""
+    chamber, booking, book, _ = env
+    appointment_id = result(booking.book("demo", BookingRequest(SID, PATIENT)))[0]
+    answer(chamber, booking, outbound(chamber)[0], "AA", "H1")
+    assert result(booking.cancel("demo", appointment_id)) == "sent"
+    chamber.transact_now(lambda tx: book.apply(tx, [notice("free", his_appointment="H1")]))
+    appt = chamber.read().appointment(appointment_id)
+    assert (appt.status, appt.pending_change) == ("booked", "cancel")  # waiting for the answer
+    answer(chamber, booking, outbound(chamber)[1], "AA")
+    appt = chamber.read().appointment(appointment_id)
+    assert (appt.status, appt.outcome) == ("cancelled", "cancelled by the platform")
+    assert chamber.read().slot(SID).visible_status == "free"
+
+
+def test_a_refused_cancel_of_a_slot_the_his_freed_meanwhile_is_the_hospitals_cancellation(env):
+    chamber, booking, book, _ = env
+    appointment_id = result(booking.book("demo", BookingRequest(SID, PATIENT)))[0]
+    answer(chamber, booking, outbound(chamber)[0], "AA", "H1")
+    result(booking.cancel("demo", appointment_id))
+    chamber.transact_now(lambda tx: book.apply(tx, [notice("free", his_appointment="H1")]))
+    answer(chamber, booking, outbound(chamber)[1], "AR", text="unknown appointment")
+    appt = chamber.read().appointment(appointment_id)
+    assert (appt.status, appt.pending_change, appt.outcome) == ("cancelled", None, "cancelled by the hospital")
+
+
+def test_waiters_are_settled_by_this_process_commits_without_reading_the_chamber(env, monkeypatch):
+    """After a commit of this process, the waiters of the appointments it settled fire — found from what
+    the transaction did, not by querying every waiting appointment."""
+    from gateway.chamber import Reader
+
+    chamber, booking, _, clock = env
+    appointment_id = result(booking.book("demo", BookingRequest(SID, PATIENT)))[0]
+    waited = []
+    booking.wait_settled(appointment_id, timeout=5).addCallback(waited.append)
+    monkeypatch.setattr(Reader, "settled_among", lambda *a: pytest.fail("queried the waiters"))
+    answer(chamber, booking, outbound(chamber)[0], "AA", "H1")
+    assert waited == [True]

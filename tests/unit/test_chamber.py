@@ -1,5 +1,6 @@
 """The chamber: schema, durability settings, group commit and its all-or-nothing rules."""
 
+import queue
 import sqlite3
 import threading
 import time
@@ -265,3 +266,272 @@ def test_watch_notices_commits_of_another_process(tmp_path):
     loop.stop()
     outer.close()
     inner.close()
+
+
+# -- the COMMIT in a writer thread (pipelined group commit) -------------------------------------------------
+
+
+class ThreadReactor(TickReactor):
+    """A Clock that also takes calls from other threads, as a real reactor does: they wait in a queue until
+    the test runs them (``pump``) on its own thread — the test's thread is the reactor thread."""
+
+    def __init__(self):
+        super().__init__()
+        self.from_threads = queue.Queue()
+
+    def callFromThread(self, f, *args, **kw):
+        self.from_threads.put((f, args, kw))
+
+    def pump(self):
+        """Run the next call from another thread (waiting for it), then what is due now."""
+        f, args, kw = self.from_threads.get(timeout=30)
+        f(*args, **kw)
+        self.turn()
+
+
+class SlowCommit:
+    """Stands in for the chamber's COMMIT: records where and when it ran, and holds it until ``release()``
+    (or makes it fail)."""
+
+    def __init__(self, monkeypatch, events, fail=None):
+        import gateway.chamber as chamber_module
+
+        self.real = chamber_module._commit
+        self.events = events
+        self.started = threading.Event()
+        self.gate = threading.Event()
+        self.fail = fail
+        self.threads = []
+        monkeypatch.setattr(chamber_module, "_commit", self)
+
+    def __call__(self, conn):
+        self.threads.append(threading.current_thread())
+        self.events.append("commit started")
+        self.started.set()
+        assert self.gate.wait(30)
+        if self.fail is not None:
+            self.events.append("commit failed")
+            raise self.fail
+        self.real(conn)
+        self.events.append("commit returned")
+
+    def release(self):
+        self.gate.set()
+
+
+def threaded_chamber(path):
+    reactor = ThreadReactor()
+    ch = Chamber(path, reactor=reactor, clock=reactor.seconds, commit_in_thread=True)
+    ch.open()
+    return ch, reactor
+
+
+def outside_view(path):
+    other = sqlite3.connect(path)
+    try:
+        return [r[0] for r in other.execute("SELECT id FROM schedules ORDER BY id")]
+    finally:
+        other.close()
+
+
+def test_units_are_answered_only_after_the_commit_returned_in_the_writer_thread(tmp_path, monkeypatch):
+    """With the COMMIT in the writer thread, a unit's Deferred fires (and the observers run) on the reactor
+    thread only after that COMMIT has returned, even when the COMMIT is slow; meanwhile reads do not see the
+    batch and do not wait for it, and new work waits for the next batch, which starts after the COMMIT."""
+    events = []
+    slow = SlowCommit(monkeypatch, events)
+    path = tmp_path / "c.sqlite3"
+    ch, reactor = threaded_chamber(path)
+    ch.observe(lambda: events.append("observed"))
+    d1 = ch.transact(lambda tx: schedule(tx, "A"))
+    d1.addCallback(lambda _: events.append("answered A"))
+    reactor.turn()  # the batch runs; its COMMIT goes to the writer thread
+    assert slow.started.wait(30)
+    assert not d1.called
+    assert ch.read().schedules() == []  # the uncommitted batch is not visible, and the read did not wait
+    assert outside_view(path) == []
+    d2 = ch.transact(lambda tx: schedule(tx, "B"))
+    d2.addCallback(lambda _: events.append("answered B"))
+    reactor.turn()
+    assert not d2.called and events == ["commit started"]  # B waits for the next batch
+    slow.release()
+    reactor.pump()  # A's COMMIT returned: A answered, observers told, then B's batch begins
+    assert d1.called and [s.id for s in ch.read().schedules()] == ["A"]
+    reactor.pump()
+    assert d2.called
+    assert events == ["commit started", "commit returned", "answered A", "observed",
+                      "commit started", "commit returned", "answered B", "observed"]
+    assert all(t is not threading.current_thread() for t in slow.threads)  # COMMIT ran off this thread
+    assert [s.id for s in ch.read().schedules()] == ["A", "B"] == outside_view(path)
+    ch.close()
+
+
+def test_a_failed_commit_in_the_writer_thread_fails_every_unit_of_its_batch(tmp_path, monkeypatch):
+    """A COMMIT that fails (I/O error) fails every unit of its batch with ChamberWriteError, nothing of the
+    batch is visible, no observer runs, and the chamber takes the next batch normally."""
+    from gateway.chamber import ChamberWriteError
+
+    events = []
+    slow = SlowCommit(monkeypatch, events, fail=sqlite3.OperationalError("disk I/O error"))
+    slow.release()
+    ch, reactor = threaded_chamber(tmp_path / "c.sqlite3")
+    ch.observe(lambda: events.append("observed"))
+    failed = []
+    for sid in ("A", "B"):
+        ch.transact(lambda tx, sid=sid: schedule(tx, sid)).addErrback(lambda f: failed.append(f.value))
+    reactor.turn()
+    reactor.pump()
+    assert len(failed) == 2 and all(isinstance(e, ChamberWriteError) and "disk I/O" in str(e) for e in failed)
+    assert ch.read().schedules() == [] and "observed" not in events
+    slow.fail = None
+    d = ch.transact(lambda tx: schedule(tx, "C"))
+    reactor.turn()
+    reactor.pump()
+    assert d.called and [s.id for s in ch.read().schedules()] == ["C"]
+    ch.close()
+
+
+def test_close_waits_for_the_commit_in_flight_and_commits_what_is_queued(tmp_path, monkeypatch):
+    """close() with a COMMIT in flight waits for it (its units are answered after it returned), commits
+    the work queued behind it, and only then closes: nothing accepted is lost."""
+    events = []
+    slow = SlowCommit(monkeypatch, events)
+    path = tmp_path / "c.sqlite3"
+    ch, reactor = threaded_chamber(path)
+    d1 = ch.transact(lambda tx: schedule(tx, "A"))
+    d1.addCallback(lambda _: events.append("answered A"))
+    reactor.turn()
+    assert slow.started.wait(30)
+    d2 = ch.transact(lambda tx: schedule(tx, "B"))
+    d2.addCallback(lambda _: events.append("answered B"))
+    releaser = threading.Timer(0.1, slow.release)  # the disk finishes while close() waits
+    releaser.start()
+    ch.close()
+    releaser.join()
+    assert events == ["commit started", "commit returned", "answered A",
+                      "commit started", "commit returned", "answered B"]
+    assert outside_view(path) == ["A", "B"]
+    assert reactor.from_threads.qsize() == 1  # the writer thread's late hand-back ...
+    reactor.pump()  # ... finds the batch finished already and does nothing
+    refused = []
+    ch.transact(lambda tx: None).addErrback(lambda f: refused.append(f.value))
+    assert isinstance(refused[0], ChamberError)  # closed
+
+
+def test_transact_now_waits_for_the_commit_in_flight(tmp_path, monkeypatch):
+    """A synchronous transaction (start-up, tools) never runs while a batch's COMMIT is in flight: it waits
+    for it and finishes that batch first (so its units are answered in commit order)."""
+    events = []
+    slow = SlowCommit(monkeypatch, events)
+    ch, reactor = threaded_chamber(tmp_path / "c.sqlite3")
+    ch.transact(lambda tx: schedule(tx, "A")).addCallback(lambda _: events.append("answered A"))
+    reactor.turn()
+    assert slow.started.wait(30)
+    threading.Timer(0.1, slow.release).start()
+    ch.transact_now(lambda tx: (events.append("now"), schedule(tx, "B")))
+    assert events[:4] == ["commit started", "commit returned", "answered A", "now"]
+    assert [s.id for s in ch.read().schedules()] == ["A", "B"]
+    reactor.pump()  # the late hand-back of A's batch: nothing more happens
+    assert events.count("answered A") == 1
+    ch.close()
+
+
+def test_the_read_connection_cannot_write(tmp_path):
+    """Reads use their own connection, which refuses writes (so nothing can slip past a transaction)."""
+    ch, _ = threaded_chamber(tmp_path / "c.sqlite3")
+    with pytest.raises(sqlite3.DatabaseError, match="not authorized"):
+        ch.read().upsert_schedule(ScheduleRow("X", "x", "", "", "", "", 0))
+    with pytest.raises(sqlite3.DatabaseError, match="not authorized"):
+        ch.read().prune_audit(0, "x")
+    assert ch.read().search_slots(hidden=[("D001", "20300107", None)]) == []  # reads with json_each work
+    assert ch.writable() == (True, "ok")
+    ch.close()
+
+
+def test_a_batch_of_one_failing_unit_leaves_nothing_behind(tmp_path):
+    """A batch of one unit runs without a SAVEPOINT: a unit that raises after writing is rolled back."""
+    reactor = TickReactor()
+    ch = Chamber(tmp_path / "c.sqlite3", reactor=reactor, clock=reactor.seconds)
+    ch.open()
+
+    def failing(tx):
+        schedule(tx, "A")
+        raise ValueError("refused")
+
+    errors = []
+    ch.transact(failing).addErrback(lambda f: errors.append(f.value))
+    reactor.turn()
+    assert isinstance(errors[0], ValueError) and ch.read().schedules() == []
+    ch.transact(lambda tx: schedule(tx, "B"))
+    reactor.turn()
+    assert [s.id for s in ch.read().schedules()] == ["B"]
+    ch.close()
+
+
+# -- what a transaction reports, and the schedules it need not write again ----------------------------------
+
+
+def _slot_and_appointment(tx, appointment_id="a1", pending="book"):
+    from gateway.chamber import AppointmentRow, SlotRow
+
+    schedule(tx)
+    tx.insert_slot(SlotRow("S1", "D001", "203001070800", 1.0, 2.0, 15, "card", "card", "free", None, None, None, 0))
+    tx.insert_appointment(AppointmentRow(appointment_id, "p", "S1", "pending", {}, None, None, None, None, pending,
+                                         1, 0, 0))
+
+
+def test_settled_appointments_are_reported_after_commit_and_not_when_rolled_back(tmp_path):
+    """observe_settled hears, after the commit, of every appointment whose pending change a committed unit
+    cleared — not of one cleared by a unit that was rolled back."""
+    from gateway.chamber import AppointmentRow
+
+    reactor = TickReactor()
+    ch = Chamber(tmp_path / "c.sqlite3", reactor=reactor, clock=reactor.seconds)
+    ch.open()
+    ch.transact_now(_slot_and_appointment)
+    ch.transact_now(lambda tx: tx.insert_appointment(
+        AppointmentRow("a2", "p", "S1", "pending", {}, None, None, None, None, "cancel", 1, 0, 0)))
+    heard = []
+    ch.observe_settled(lambda ids: heard.append(list(ids)))
+
+    def clear_then_fail(tx):
+        tx.update_appointment("a2", pending_change=None)
+        raise ValueError("changed its mind")
+
+    ch.transact(lambda tx: tx.update_appointment("a1", pending_change=None, status="booked"))
+    ch.transact(clear_then_fail).addErrback(lambda f: None)
+    ch.transact(lambda tx: tx.update_appointment("a2", outcome="still waiting"))
+    assert heard == []
+    reactor.turn()
+    assert heard == [["a1"]]
+    ch.close()
+
+
+def test_a_schedule_repeated_unchanged_is_not_written_again_but_a_change_by_another_process_is_undone(tmp_path):
+    """upsert_schedule skips the write when the committed row already has these fields (the HIS repeats
+    them in every SIU); a unit rolled back is not taken as written; and after another process (connection)
+    has committed, nothing is assumed: the HIS's fields are written again."""
+    path = tmp_path / "c.sqlite3"
+    clock = task.Clock()
+    ch = Chamber(path, clock=clock.seconds)
+    ch.open()
+    ch.transact_now(schedule)
+    clock.advance(10)
+    ch.transact_now(schedule)  # unchanged: not written (updated stays)
+    assert ch.read().schedules()[0].updated == 0
+
+    def renamed_then_failed(tx):
+        tx.upsert_schedule(ScheduleRow("D001", "Dr Li", "D001", "李", "CARD", "心内科", tx.now))
+        raise ValueError("no")
+
+    with pytest.raises(ValueError):
+        ch.transact_now(renamed_then_failed)
+    ch.transact_now(lambda tx: tx.upsert_schedule(ScheduleRow("D001", "Dr Li", "D001", "李", "CARD", "心内科", tx.now)))
+    assert ch.read().schedules()[0].display == "Dr Li"
+    other = sqlite3.connect(path)
+    other.execute("UPDATE schedules SET display = 'changed elsewhere'")
+    other.commit()
+    other.close()
+    ch.transact_now(lambda tx: tx.upsert_schedule(ScheduleRow("D001", "Dr Li", "D001", "李", "CARD", "心内科", tx.now)))
+    assert ch.read().schedules()[0].display == "Dr Li"
+    ch.close()

@@ -1,0 +1,213 @@
+"""E-prescriptions through the real lock: the gateway and the HIS simulator (with its pharmacy, a second HIS
+endpoint on its own port) as processes, FHIR over mutual TLS, HL7 over MLLP, signatures checked for real.
+
+- A signed transaction Bundle of three items crosses as one RDE^O11 with three ORC groups, routed to the
+  pharmacy endpoint (not the registration HIS); the items turn active, the pharmacy's RDS^O13 comes back and
+  MedicationDispense is readable; the items are completed.
+- Unsigned, tampered and foreign-CA prescriptions are refused (403, the failed check named) and nothing
+  reaches the HIS.
+- A prescription the HIS releases is listed for outside pharmacies, verifies with the gateway's certificate
+  using plain `cryptography` (no gatewayd code), and of two pharmacies claiming it at once exactly one wins.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import signal
+import threading
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.x509.oid import NameOID
+
+from gateway.signatures import prescription_payload, sign_release
+from tests.e2e.harness import Lock, eventually, free_port, read_jsonl
+
+GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "pharmacy"
+NOW = datetime.now(timezone.utc)
+PRESCRIBER_SCOPES = ["Slot.read", "MedicationRequest.write", "MedicationRequest.read", "MedicationDispense.read"]
+
+
+def _cert(subject, key, issuer, issuer_key, *, ca: bool):
+    return (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(NOW - timedelta(days=1))
+            .not_valid_after(NOW + timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=not ca, content_commitment=not ca, key_encipherment=False,
+                                         data_encipherment=False, key_agreement=False, key_cert_sign=ca,
+                                         crl_sign=ca, encipher_only=False, decipher_only=False), critical=True)
+            .sign(issuer_key, hashes.SHA256()))
+
+
+def _name(cn, serial=None):
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]
+                     + ([x509.NameAttribute(NameOID.SERIAL_NUMBER, serial)] if serial else []))
+
+
+def _pem(obj) -> bytes:
+    if isinstance(obj, x509.Certificate):
+        return obj.public_bytes(serialization.Encoding.PEM)
+    return obj.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+class RxPki:
+    """The prescribers' CA (an internet hospital's), a prescriber (licence D0042, as in the golden Bundle),
+    a CA nobody trusts, and the gateway's release key."""
+
+    def __init__(self, directory: Path):
+        directory.mkdir(parents=True, exist_ok=True)
+        self.ca_key = ec.generate_private_key(ec.SECP256R1())
+        self.ca = _cert(_name("Prescriber CA"), self.ca_key, _name("Prescriber CA"), self.ca_key, ca=True)
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        self.chain = [_cert(_name("张医生", "D0042"), self.key, self.ca.subject, self.ca_key, ca=False)]
+        rogue_key = ec.generate_private_key(ec.SECP256R1())
+        rogue = _cert(_name("Prescriber CA"), rogue_key, _name("Prescriber CA"), rogue_key, ca=True)
+        self.rogue_chain = [_cert(_name("张医生", "D0042"), self.key, rogue.subject, rogue_key, ca=False)]
+        release_key = ec.generate_private_key(ec.SECP256R1())
+        self.release_cert = _cert(_name("gatewayd release"), release_key, _name("gatewayd release"), release_key,
+                                  ca=False)
+        for name, obj in (("prescriber-ca.pem", self.ca), ("release.key", release_key),
+                          ("release.pem", self.release_cert)):
+            (directory / name).write_bytes(_pem(obj))
+
+
+def signed_bundle(body: dict, key, chain) -> dict:
+    jws = sign_release(prescription_payload(body), key, chain)
+    return dict(body, signature={"type": [{"system": "urn:iso-astm:E1762-95:2013", "code": "1.2.840.10065.1.12.1.1"}],
+                                 "when": NOW.isoformat(), "who": {"reference": "Practitioner/D0042"},
+                                 "sigFormat": "application/jose", "data": base64.b64encode(jws.encode()).decode()})
+
+
+def verify_with_plain_cryptography(resource: dict, certificate_pem: bytes) -> None:
+    """What a pharmacy would write: no gatewayd code. Canonical JSON = sorted keys, no spaces, UTF-8 (RFC 8785
+    for the values a prescription holds); the signature extension and id/meta/text are not signed."""
+    ext = [e for e in resource["extension"] if e["url"] == "urn:gatewayd:prescription:signature"]
+    rest = [e for e in resource["extension"] if e["url"] != "urn:gatewayd:prescription:signature"]
+    content = {k: v for k, v in resource.items() if k not in ("id", "meta", "text", "signature", "extension")}
+    if rest:
+        content["extension"] = rest
+    payload = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    header_b64, empty, sig_b64 = ext[0]["valueString"].split(".")
+    assert empty == ""  # detached
+    header = json.loads(base64.urlsafe_b64decode(header_b64 + "=" * (-len(header_b64) % 4)))
+    assert header["alg"] == "ES256" and header["b64"] is False
+    leaf = x509.load_der_x509_certificate(base64.b64decode(header["x5c"][0]))
+    assert leaf == x509.load_pem_x509_certificate(certificate_pem)
+    raw = base64.urlsafe_b64decode(sig_b64 + "=" * (-len(sig_b64) % 4))
+    der = encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big"))
+    leaf.public_key().verify(der, header_b64.encode() + b"." + payload, ec.ECDSA(hashes.SHA256()))
+
+
+@pytest.fixture()
+def lock(tmp_path):
+    pki = RxPki(tmp_path / "rx")
+    pharmacy_port = free_port()
+    lock = Lock(tmp_path, platforms=("demo", "pa", "pb"), doctors=1, days=1,
+                sim={"pharmacy": {"listen": f"tcp:{pharmacy_port}:interface=127.0.0.1", "dispense_delay": "500ms"}})
+    cfg = lock.gateway_config
+    cfg["inner"]["accept_types"] = ["SIU^*", "RDS^O13", "RDE^O11"]
+    cfg["inner"]["endpoints"] = [{"name": "pharmacy", "host": "127.0.0.1", "port": pharmacy_port,
+                                  "receiving_application": "HIS-PHARMACY", "send_types": ["RDE^O11", "OMP^O09"],
+                                  "ack_timeout": "3s", "retry_initial": "200ms", "retry_max": "2s"}]
+    cfg["routes"] = [{"types": ["RDE^O11", "OMP^O09"], "to": "pharmacy"}]
+    # the golden Bundle's third item is coded in ATC only: the hospital's override maps it to its own code
+    cfg["pharmacy"] = {"drug_codes": [{"system": "http://www.whocc.no/atc", "code": "M01AE01", "his_code": "Y0002"}]}
+    cfg["prescriptions"] = {"prescriber_cas": [str(tmp_path / "rx" / "prescriber-ca.pem")],
+                            "release_key": str(tmp_path / "rx" / "release.key"),
+                            "release_chain": str(tmp_path / "rx" / "release.pem")}
+    cfg["platforms"][0]["scopes"] = PRESCRIBER_SCOPES
+    for p in cfg["platforms"][1:]:
+        p["scopes"] = ["MedicationRequest.claim"]
+    lock.write_configs()
+    with lock:
+        lock.pki = pki
+        yield lock
+
+
+def post(lock, body, platform="demo"):
+    return lock.session(platform).post(lock.base, json=body, headers={"Content-Type": "application/fhir+json"},
+                                       timeout=15)
+
+
+def test_a_signed_bundle_reaches_the_pharmacy_and_its_dispensing_comes_back(lock):
+    body = json.loads((GOLDEN / "bundle_three_items.json").read_text(encoding="utf-8"))
+    r = post(lock, signed_bundle(body, lock.pki.key, lock.pki.chain))
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert answer["type"] == "transaction-response"
+    assert [e["response"]["status"] for e in answer["entry"]] == ["201 Created"] * 3
+    ids = [e["resource"]["id"] for e in answer["entry"]]
+    assert [e["resource"]["status"] for e in answer["entry"]] == ["active"] * 3
+    orders = [m for m in read_jsonl(lock.workdir / "his-received.jsonl") if m["type"].startswith("RDE")]
+    assert len(orders) == 1 and orders[0]["placers"] == ids  # one message, three groups, at the pharmacy
+    s = lock.session("demo")
+    dispensed = eventually(lambda: s.get(f"{lock.base}/MedicationDispense", params={"prescription": ids[0]},
+                                         timeout=5).json().get("entry"), timeout=20, what="the RDS^O13")
+    assert dispensed[0]["resource"]["authorizingPrescription"] == [{"reference": f"MedicationRequest/{ids[0]}"}]
+    eventually(lambda: all(s.get(f"{lock.base}/MedicationRequest/{i}", timeout=5).json()["status"] == "completed"
+                           for i in ids), timeout=20, what="every item completed")
+    # another platform cannot read it (404, not 403: no probing of ids)
+    assert lock.session("pa").get(f"{lock.base}/MedicationRequest/{ids[0]}", timeout=5).status_code == 404
+
+
+@pytest.mark.parametrize("how, check", [("unsigned", "missing"), ("tampered", "signature"),
+                                        ("other CA", "untrusted")])
+def test_unsigned_tampered_and_foreign_prescriptions_are_refused_and_nothing_reaches_the_his(lock, how, check):
+    body = json.loads((GOLDEN / "bundle_three_items.json").read_text(encoding="utf-8"))
+    if how == "unsigned":
+        sent = body
+    elif how == "tampered":
+        sent = copy.deepcopy(signed_bundle(body, lock.pki.key, lock.pki.chain))
+        next(e for e in sent["entry"] if e["resource"]["resourceType"] == "MedicationRequest")[
+            "resource"]["dispenseRequest"]["quantity"]["value"] = 2400
+    else:
+        sent = signed_bundle(body, lock.pki.key, lock.pki.rogue_chain)
+    r = post(lock, sent)
+    assert r.status_code == 403, r.text
+    issue = r.json()["issue"][0]
+    assert issue["code"] == "security" and check in issue["diagnostics"], issue
+    received = read_jsonl(lock.workdir / "his-received.jsonl") if (lock.workdir / "his-received.jsonl").exists() else []
+    assert not [m for m in received if m["type"].startswith("RDE")]
+
+
+def test_a_released_prescription_verifies_and_is_claimed_by_exactly_one_pharmacy(lock):
+    lock.sim.popen.send_signal(signal.SIGUSR2)  # the HIS releases a prescription
+    pa, pb = lock.session("pa"), lock.session("pb")
+    listed = eventually(lambda: pa.get(f"{lock.base}/MedicationRequest", params={"status": "active"},
+                                       timeout=5).json().get("entry"), timeout=20, what="the released prescription")
+    resource = listed[0]["resource"]
+    verify_with_plain_cryptography(resource, _pem(lock.pki.release_cert))
+    tampered = copy.deepcopy(resource)
+    tampered["dispenseRequest"]["quantity"]["value"] = 999
+    with pytest.raises(InvalidSignature):
+        verify_with_plain_cryptography(tampered, _pem(lock.pki.release_cert))
+    # the prescribing platform has no claim scope
+    assert lock.session("demo").post(f"{lock.base}/MedicationRequest/{resource['id']}/$claim",
+                                   timeout=5).status_code == 403
+    answers = {}
+    start = threading.Barrier(2)
+
+    def claim(name, session):
+        start.wait()
+        answers[name] = session.post(f"{lock.base}/MedicationRequest/{resource['id']}/$claim", timeout=10)
+
+    threads = [threading.Thread(target=claim, args=a) for a in (("pa", pa), ("pb", pb))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    codes = sorted(a.status_code for a in answers.values())
+    assert codes == [200, 409], {k: (v.status_code, v.text[:200]) for k, v in answers.items()}
+    winner = next(k for k, v in answers.items() if v.status_code == 200)
+    loser = lock.session("pb" if winner == "pa" else "pa")
+    assert loser.get(f"{lock.base}/MedicationRequest", params={"status": "active"}, timeout=5).json()["total"] == 0
+    assert answers[winner].json()["meta"]["tag"][0]["code"] == winner

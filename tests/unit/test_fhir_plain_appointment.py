@@ -1,0 +1,109 @@
+"""A booking's Appointment is read without building the fhir.resources model when it has the plain shape
+(adapters/mapping/fhir_scheduling.py, _plain_appointment).  What proves that this changes nothing: for
+the bodies platforms send and for thousands of broken variants of them, booking_from_appointment gives
+exactly what the model path (strict=True) gives — the same BookingRequest, or the same OperationOutcome
+issues with the same HTTP status."""
+
+import copy
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from adapters.mapping.fhir_scheduling import InvalidResource, _plain_appointment, booking_from_appointment
+
+CONTAINED = {
+    "resourceType": "Appointment",
+    "status": "proposed",
+    "slot": [{"reference": "Slot/D001-203001070800"}],
+    "contained": [{"resourceType": "Patient", "id": "p",
+                   "identifier": [{"system": "urn:oid:2.16.840.1.113883.2.4.6.3", "value": "MRN-1",
+                                   "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203",
+                                                        "code": "MR"}]}},
+                                  {"system": "urn:oid:1.2.156.112606.1.2.1.3.1", "value": "11010519491231002X"}],
+                   "name": [{"family": "王", "given": ["芳", "小"]}],
+                   "telecom": [{"system": "email", "value": "a@b.c"}, {"system": "phone", "value": "13800000000"}]}],
+    "participant": [{"actor": {"reference": "Schedule/D001"}, "status": "accepted"},
+                    {"actor": {"reference": "#p"}, "status": "needs-action"}],
+    "identifier": [{"system": "urn:platform:demo", "value": "order-1"}, {"value": "no-system"}],
+    "description": "复诊",
+}
+BY_IDENTIFIER = {
+    "resourceType": "Appointment",
+    "status": "booked",
+    "slot": [{"reference": "Slot/D002-203001070815"}],
+    "participant": [{"actor": {"type": "Patient", "display": "王芳",
+                               "identifier": {"system": "urn:demo:mrn", "value": "MRN-2",
+                                              "type": {"coding": [{"code": "MR"}], "text": "mrn"}}},
+                     "status": "tentative"}],
+}
+NAME_AS_TEXT = {
+    "resourceType": "Appointment",
+    "status": "pending",
+    "slot": [{"reference": "Slot/x"}],
+    "contained": [{"resourceType": "Patient", "id": "pat-1.a", "identifier": [{"value": "M3"}],
+                   "name": [{"text": "Wang Fang"}]}],
+    "participant": [{"actor": {"reference": "#pat-1.a"}, "status": "accepted"}],
+}
+BASES = [CONTAINED, BY_IDENTIFIER, NAME_AS_TEXT]
+
+
+def outcome(body, strict):
+    try:
+        return "ok", booking_from_appointment(copy.deepcopy(body), strict=strict)
+    except InvalidResource as e:
+        return "invalid", e.status, e.issues
+    except Exception as e:  # noqa: BLE001 - the model itself fails on some (contained resourceType None):
+        return "error", type(e), str(e)  # both paths must then fail alike
+
+
+@pytest.mark.parametrize("body", BASES)
+def test_the_plain_shapes_are_read_without_the_model_and_give_what_the_model_gives(body):
+    assert _plain_appointment(body) is not None
+    assert outcome(body, strict=False) == outcome(body, strict=True)
+    assert outcome(body, strict=False)[0] == "ok"
+
+
+VALUES = st.sampled_from([
+    None, "", " ", "x", " x ", "a b", "a  b", "a\tb", "\u3000", "x\u3000y", "\x0b", "a\x00b", 5, 0, True, 1.5, [],
+    {}, ["x"], [""], [{}], {"x": 1}, {"reference": "#p"}, {"value": "V"}, "bad id!", "p", "Slot/1", "Slot/", "#p",
+    "#nobody", "Patient/1", "Patient", "proposed", "booked", "cancelled", "bogus", "phone", "needs-action",
+    "accepted", "urn:gatewayd:his:appointment", "王芳", "x" * 65, [{"value": "V"}],
+])
+
+
+def paths(node, prefix=()):
+    yield prefix
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from paths(v, prefix + (k,))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from paths(v, prefix + (i,))
+
+
+@st.composite
+def broken(draw):
+    body = copy.deepcopy(draw(st.sampled_from(BASES)))
+    for _ in range(draw(st.integers(1, 3))):
+        where = draw(st.sampled_from(list(paths(body))[1:]))
+        parent = body
+        for step in where[:-1]:
+            parent = parent[step]
+        last = where[-1]
+        action = draw(st.sampled_from(["set", "set", "delete", "add", "repeat"]))
+        if action == "set":
+            parent[last] = copy.deepcopy(draw(VALUES))
+        elif action == "delete":
+            del parent[last]
+        elif action == "add" and isinstance(parent[last], dict):
+            parent[last][draw(st.sampled_from(["extra", "use", "_status", "id", "text", "system"]))] = copy.deepcopy(draw(VALUES))
+        elif action == "repeat" and isinstance(parent[last], list) and parent[last]:
+            parent[last].append(copy.deepcopy(parent[last][0]))
+    return body
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(broken())
+def test_any_variant_gets_the_same_answer_with_or_without_the_model(body):
+    assert outcome(body, strict=False) == outcome(body, strict=True)

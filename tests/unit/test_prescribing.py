@@ -1,0 +1,251 @@
+"""Prescriptions through the chamber (gateway.prescribing) with a real chamber, real signatures and the golden
+HL7 files: submit -> order written on first send -> the HIS's answer -> dispensing; releases and claims."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from twisted.internet import task
+
+from adapters.hl7.er7 import parse
+from adapters.mapping.pharmacy import PharmacyProfile
+from adapters.mapping.srm_booking import Hl7Header
+from gateway.chamber import Chamber
+from gateway.prescribing import (
+    PrescriptionService,
+    Refused,
+    SignaturePolicy,
+    verify_release,
+)
+from gateway.scheduling import HisAnswer
+from gateway.signatures import TrustStore, prescription_payload, sign_release
+
+GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "pharmacy"
+TZ = ZoneInfo("Asia/Shanghai")
+NOW = datetime.now(timezone.utc)
+
+
+def cert(subject: x509.Name, key, issuer: x509.Name, issuer_key, *, ca: bool):
+    b = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(key.public_key())
+         .serial_number(x509.random_serial_number()).not_valid_before(NOW - timedelta(days=1))
+         .not_valid_after(NOW + timedelta(days=30))
+         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+         .add_extension(x509.KeyUsage(digital_signature=not ca, content_commitment=not ca, key_encipherment=False,
+                                      data_encipherment=False, key_agreement=False, key_cert_sign=ca, crl_sign=ca,
+                                      encipher_only=False, decipher_only=False), critical=True))
+    return b.sign(issuer_key, hashes.SHA256())
+
+
+def name(cn: str, serial: str | None = None) -> x509.Name:
+    attrs = [x509.NameAttribute(NameOID.COMMON_NAME, cn)]
+    if serial:
+        attrs.append(x509.NameAttribute(NameOID.SERIAL_NUMBER, serial))
+    return x509.Name(attrs)
+
+
+class Pki:
+    def __init__(self):
+        self.ca_key = ec.generate_private_key(ec.SECP256R1())
+        self.ca = cert(name("Prescriber CA"), self.ca_key, name("Prescriber CA"), self.ca_key, ca=True)
+        self.trust = TrustStore([self.ca])
+
+    def signer(self, licence: str = "D0042", ca=None, ca_key=None):
+        key = ec.generate_private_key(ec.SECP256R1())
+        return key, [cert(name("张医生", licence), key, (ca or self.ca).subject, ca_key or self.ca_key, ca=False)]
+
+
+@pytest.fixture(scope="module")
+def pki():
+    return Pki()
+
+
+@pytest.fixture()
+def world(tmp_path, pki):
+    chamber = Chamber(tmp_path / "c.sqlite3")
+    chamber.open()
+    gw_key = ec.generate_private_key(ec.SECP256R1())
+    gw_cert = cert(name("gatewayd release"), gw_key, pki.ca.subject, pki.ca_key, ca=False)
+    clock = task.Clock()
+    rx = PrescriptionService(
+        chamber, tz=TZ, profile=PharmacyProfile(drug_codes={("http://www.whocc.no/atc", "M01AE01"): "Y0002"}),
+        peer="pharmacy", clock=clock, signatures=SignaturePolicy(trust=pki.trust),
+        header=Hl7Header("GATEWAYD", "FRONT", "HIS-PHARMACY", "HOSPITAL"), release_signer=(gw_key, [gw_cert]))
+    yield rx, chamber, clock, gw_cert
+    rx.stop()
+    chamber.close()
+
+
+def bundle() -> dict:
+    return json.loads((GOLDEN / "bundle_three_items.json").read_text(encoding="utf-8"))
+
+
+def first_request(body: dict) -> dict:
+    return next(e["resource"] for e in body["entry"] if e["resource"]["resourceType"] == "MedicationRequest")
+
+
+def signed(body: dict, key, chain) -> str:
+    return sign_release(prescription_payload(body), key, chain)
+
+
+def result(d):
+    out = []
+    d.addBoth(out.append)
+    assert out, "the chamber answers synchronously without a reactor"
+    if hasattr(out[0], "raiseException"):
+        out[0].raiseException()
+    return out[0]
+
+
+def submit(rx, pki, body=None, platform="ih1"):
+    body = body or bundle()
+    key, chain = pki.signer()
+    return result(rx.submit(platform, body, signed(body, key, chain)))
+
+
+def answer_with(golden: str, ids: list[str]) -> HisAnswer:
+    text = (GOLDEN / golden).read_bytes()
+    for n, item_id in enumerate(ids, start=1):
+        text = text.replace(f"mr-{n}^".encode(), f"{item_id}^".encode())
+    message = parse(text)
+    msa = message.segment("MSA")
+    return HisAnswer(code=msa.get(1), text=msa.get(3), extra={"message": message})
+
+
+def test_a_signed_bundle_of_three_is_one_order_with_three_groups(world, pki):
+    rx, chamber, _, _ = world
+    p, created = submit(rx, pki)
+    assert created and p.status == "pending" and p.number == "RX20300107-0001"
+    check = json.loads(p.signature)
+    assert check["signer_subject"].endswith("CN=张医生") or "张医生" in check["signer_subject"]
+    reader = chamber.read()
+    items = reader.medication_requests_of(p.id)
+    assert [i.status for i in items] == ["on-hold"] * 3
+    message = reader.message(p.message_id)
+    assert (message.peer, message.type, message.body, message.state) == ("pharmacy", "RDE^O11", b"", "committed")
+    body, mtype, charset = chamber.transact_now(lambda tx: rx.encode(tx, tx.message(p.message_id)))
+    order = parse(body)
+    assert mtype == "RDE^O11" and order.type_name == "RDE^O11" and charset == "utf-8"
+    assert order.control_id == message.control_id
+    assert [orc.get(2) for orc in order.all("ORC")] == [i.id for i in items]
+    assert {orc.get(4) for orc in order.all("ORC")} == {"RX20300107-0001"}
+    # the same bytes again (a resend re-encodes nothing, but the encoding itself is deterministic)
+    again, _, _ = chamber.transact_now(lambda tx: rx.encode(tx, tx.message(p.message_id)))
+    assert again == body
+
+
+def test_the_his_accepting_makes_the_items_active_and_dispensing_completes_them(world, pki):
+    rx, chamber, clock, _ = world
+    p, _ = submit(rx, pki)
+    ids = [i.id for i in chamber.read().medication_requests_of(p.id)]
+    waiting = rx.wait_settled(p.id, 5)
+    chamber.transact_now(lambda tx: rx.on_answer(tx, tx.message(p.message_id),
+                                                 answer_with("rre_o12_accepted.hl7", ids)))
+    rx._on_commit()
+    assert result(waiting) is True
+    items = chamber.read().medication_requests_of(p.id)
+    assert [i.status for i in items] == ["active"] * 3
+    assert [i.his_order for i in items] == ["F1001", "F1002", "F1003"]
+    assert json.loads(items[0].resource)["status"] == "active"
+    rds = (GOLDEN / "rds_o13.hl7").read_bytes().replace(b"mr-1^", ids[0].encode() + b"^").replace(
+        b"mr-2^", ids[1].encode() + b"^")
+    decide = rx.decider(parse(rds))
+    verdict = chamber.transact_now(decide)
+    assert verdict.code == "AA" and "2 dispense" in verdict.text
+    assert chamber.transact_now(rx.decider(parse(rds))).text.startswith("0 dispense")  # a resend adds nothing
+    dispensed = rx.dispenses(ids[0])
+    assert len(dispensed) == 1 and dispensed[0]["authorizingPrescription"] == [
+        {"reference": f"MedicationRequest/{ids[0]}"}]
+    assert [i.status for i in chamber.read().medication_requests_of(p.id)] == ["completed", "completed", "active"]
+    assert chamber.read().prescription(p.id).status == "active"  # the third item is still to come
+
+
+def test_the_his_refusing_cancels_the_items_with_its_reason(world, pki):
+    rx, chamber, _, _ = world
+    p, _ = submit(rx, pki)
+    ids = [i.id for i in chamber.read().medication_requests_of(p.id)]
+    chamber.transact_now(lambda tx: rx.on_answer(tx, tx.message(p.message_id),
+                                                 answer_with("rre_o12_refused.hl7", ids)))
+    p2 = chamber.read().prescription(p.id)
+    assert p2.status == "refused" and p2.outcome
+    resource = json.loads(chamber.read().medication_requests_of(p.id)[0].resource)
+    assert resource["status"] == "cancelled" and "refused by the hospital pharmacy" in resource["statusReason"]["text"]
+
+
+def test_a_dispense_for_an_order_never_sent_is_refused_and_records_nothing(world):
+    rx, chamber, _, _ = world
+    verdict = chamber.transact_now(rx.decider(parse((GOLDEN / "rds_o13.hl7").read_bytes())))
+    assert verdict.code == "AE" and "unknown order" in verdict.text
+    assert rx.dispenses("mr-1") == []
+
+
+@pytest.mark.parametrize("how, check", [
+    ("unsigned", "missing"),
+    ("tampered", "signature"),
+    ("other CA", "untrusted"),
+    ("other prescriber", "signer"),
+])
+def test_bad_signatures_are_refused_with_the_check_named_and_nothing_is_stored(world, pki, how, check):
+    rx, chamber, _, _ = world
+    body = bundle()
+    key, chain = pki.signer()
+    jws = signed(body, key, chain)
+    if how == "unsigned":
+        jws = None
+    elif how == "tampered":
+        first_request(body)["dispenseRequest"]["quantity"]["value"] = 240
+    elif how == "other CA":
+        other_key = ec.generate_private_key(ec.SECP256R1())
+        other = cert(name("Prescriber CA"), other_key, name("Prescriber CA"), other_key, ca=True)
+        jws = signed(body, *pki.signer(ca=other, ca_key=other_key))
+    else:
+        jws = signed(body, *pki.signer(licence="D9999"))
+    with pytest.raises(Refused) as e:
+        rx.submit("ih1", body, jws)
+    assert e.value.status == 403 and e.value.check == check, (e.value.check, e.value.text)
+    assert not chamber.read().messages()  # nothing queued for the HIS
+
+
+def test_the_same_prescription_again_is_the_first_one_and_other_content_is_refused(world, pki):
+    rx, chamber, _, _ = world
+    first, created = submit(rx, pki)
+    again, created_again = submit(rx, pki)
+    assert created and not created_again and again.id == first.id
+    changed = bundle()
+    first_request(changed)["dispenseRequest"]["quantity"]["value"] = 48
+    with pytest.raises(Refused) as e:
+        submit(rx, pki, changed)
+    assert e.value.status == 409
+    assert len(chamber.read().messages(direction="outbound")) == 1
+
+
+def test_a_released_prescription_is_claimed_once_and_verifies_with_the_gateways_certificate(world):
+    rx, chamber, _, gw_cert = world
+    release = parse((GOLDEN / "rde_o11_release.gb18030.hl7").read_bytes())
+    assert chamber.transact_now(rx.decider(release)).code == "AA"
+    assert "before" in chamber.transact_now(rx.decider(release)).text  # released once
+    pairs = rx.released("pharmacy-a", 0.0, 10)
+    assert len(pairs) == 1
+    item, p = pairs[0]
+    served = result(rx.served(item, p))
+    assert verify_release(served, gw_cert.public_bytes(serialization.Encoding.PEM))
+    assert result(rx.served(item, p)) == served  # the same signature on every read
+    tampered = dict(served, status="completed")
+    with pytest.raises(Exception):
+        verify_release(tampered, gw_cert.public_bytes(serialization.Encoding.PEM))
+    a = rx.claim("pharmacy-a", item.id)
+    b = rx.claim("pharmacy-b", item.id)
+    outcomes = sorted([result(a)[2], result(b)[2]])
+    assert outcomes == [False, True]
+    assert rx.released("pharmacy-b", 0.0, 10) == []  # gone for everyone else
+    assert len(rx.released("pharmacy-a", 0.0, 10)) == 1  # still listed for the one that claimed it
+    claimed = result(rx.served(*rx.released("pharmacy-a", 0.0, 10)[0]))
+    assert claimed["meta"]["tag"][0]["code"] == "pharmacy-a"
+    assert verify_release(claimed, gw_cert.public_bytes(serialization.Encoding.PEM))  # meta is not signed
