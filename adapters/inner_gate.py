@@ -74,6 +74,8 @@ class InnerGateHandler:
         self.validation = validation
         self.accept_types = tuple(accept_types)
         self.on_answer = on_answer  # called with the outcome of every answer (metrics)
+        self._second: int | None = None  # the hospital's wall-clock time of that second (an ACK's MSH-7 has
+        self._now: datetime | None = None  # seconds only): computed once a second, not once per message
         self.pharmacy = pharmacy  # gateway.prescribing.PrescriptionService: RDS^O13, released RDE^O11
         self.peers_by_application = peers_by_application or {}  # MSH-3 -> HIS endpoint name
 
@@ -147,7 +149,10 @@ class InnerGateHandler:
                 committed: bool = True) -> Answer:
         if self.on_answer is not None:
             self.on_answer(outcome)
-        now = datetime.fromtimestamp(self.clock.seconds(), self.tz).replace(tzinfo=None)
+        second = int(self.clock.seconds())
+        if second != self._second:
+            self._second, self._now = second, datetime.fromtimestamp(second, self.tz).replace(tzinfo=None)
+        now = self._now
         payloads = build_answers(
             message, outcome, app_code=app_code, error=error, sending_application=self.sending_application,
             sending_facility=self.sending_facility, control_id=new_control_id, now=now,

@@ -25,7 +25,9 @@ a HIS would; that traffic is part of the load. Results: bench/results/booking.js
 
 Before/after in one run: ``--baseline DIR`` (a copy of an earlier checkout) and a mode with the suffix
 ``@base`` (``--modes fifo,fifo@base``) runs that mode's gateway from DIR (the simulator and the client stay
-this checkout's), interleaved with the others.
+this checkout's), interleaved with the others.  The suffixes ``@inline`` (COMMIT always on the reactor
+thread), ``@pipeline`` (always in the writer thread) and ``@nothread`` (no writer thread at all) run the
+gateway with that chamber variant (bench/launch.py), to see what the writer thread buys.
 """
 
 from __future__ import annotations
@@ -216,7 +218,8 @@ class BookingLock:
 
     def __init__(self, workdir: Path, certs: rig.Certs, *, slots: int, ordering: str = "fifo", window: int = 1,
                  reference_builders: bool = False, log_level: str = "warning", counter_per_minute: float = 0.0,
-                 days: int = 1, split: bool = False, gateway_repo: Path | None = None):
+                 days: int = 1, split: bool = False, gateway_repo: Path | None = None,
+                 commit: str | None = None):
         self.workdir, self.certs = workdir, certs
         self.mllp_port, self.his_port, self.fhir_port = rig.free_port(), rig.free_port(), rig.free_port()
         self.doctors = max(1, math.ceil(slots / (SLOTS_PER_DOCTOR_DAY * days)))
@@ -229,6 +232,7 @@ class BookingLock:
         self.reference_builders = reference_builders
         self.split = split
         self.gateway_repo = gateway_repo  # None: this checkout's gatewayd
+        self.commit = commit  # a rig.COMMIT_VARIANTS name, or None
         self.gateway = self.sim = self.inner = None  # gateway: the (outer) process; inner: split mode only
         self.client = Client("127.0.0.1", self.fhir_port, tls_context(certs.dir))
 
@@ -238,14 +242,16 @@ class BookingLock:
         if self.split:  # the split lock: two processes sharing only the chamber
             self.inner = rig.Proc("gateway-inner", rig.launch_args(
                 ["run", "--gate", "inner", "--config", "gateway-inner.yaml"],
-                reference_builders=self.reference_builders, repo=repo), self.workdir, env=env)
+                reference_builders=self.reference_builders, repo=repo, commit=self.commit),
+                self.workdir, env=env)
             rig.wait_port(self.mllp_port, 60, self.inner)
             self.gateway = rig.Proc("gateway-outer", rig.launch_args(
-                ["run", "--gate", "outer", "--config", "gateway-outer.yaml"], repo=repo), self.workdir, env=env)
+                ["run", "--gate", "outer", "--config", "gateway-outer.yaml"], repo=repo,
+                commit=self.commit), self.workdir, env=env)
         else:
             self.gateway = rig.Proc("gateway", rig.launch_args(["run", "--config", "gateway.yaml"],
                                                                reference_builders=self.reference_builders,
-                                                               repo=repo),
+                                                               repo=repo, commit=self.commit),
                                     self.workdir, env=env)
         rig.wait_port(self.fhir_port, 60, self.gateway)
         self.sim = rig.Proc("his-sim", rig.launch_args(["his-sim", "--config", "his-sim.yaml"],
@@ -330,8 +336,8 @@ def warm_up(lock: BookingLock, slots: list[str]) -> None:
 def parse_mode(text: str) -> tuple[str, int, bool]:
     """'fifo' -> ('fifo', 1, False); 'patient:16' -> ('patient', 16, False); 'split-fifo' -> the split lock
     (``gatewayd run --gate outer`` and ``--gate inner``, two processes) with strict FIFO. A suffix ``@base``
-    (the baseline checkout's gateway) is ignored here."""
-    text = text.removesuffix("@base")
+    (the baseline checkout's gateway) or another ``@variant`` is ignored here."""
+    text = text.split("@", 1)[0]
     split = text.startswith("split-")
     text = text.removeprefix("split-")
     if text == "fifo":
@@ -352,7 +358,8 @@ def run_one(workdir: Path, certs: rig.Certs, *, mode: str, rate: float | None, s
         slots_needed = max_slots
     lock = BookingLock(workdir, certs, slots=slots_needed, ordering=ordering, window=window,
                        reference_builders=reference_builders, log_level=log_level, split=split,
-                       gateway_repo=baseline if mode.endswith("@base") else None)
+                       gateway_repo=baseline if mode.endswith("@base") else None,
+                       commit=mode.split("@", 1)[1] if "@" in mode and not mode.endswith("@base") else None)
     try:
         lock.start()
         slots = lock.free_slots()

@@ -20,6 +20,9 @@ Contenders (each started fresh for every run, so control ids never collide with 
 - ``bound-py-durable``: the same, group commit per loop turn to SQLite (WAL, synchronous=FULL), ACK after
   COMMIT (--store group);
 - ``bound-py-each``: the same, one commit (one fsync) per message (--store each);
+- ``gatewayd-inline``, ``gatewayd-pipeline``, ``gatewayd-nothread`` (only with ``--only``): ``gatewayd``
+  with COMMIT always on the reactor thread, always in the writer thread, or no writer thread at all
+  (bench/launch.py), to see what pipelined group commit buys;
 - ``gatewayd-baseline`` (only with ``--baseline DIR``): ``gatewayd`` as the checkout copied to DIR has it
   (the "before" of a change, measured in the same run, interleaved with the others).
 
@@ -71,6 +74,8 @@ CONTENDERS = [
               20000),
     Contender("bound-py-each", "bound: Python asyncio + SQLite, one commit per message", "bound", True, 8000),
 ]
+VARIANTS = [Contender(f"gatewayd-{v}", f"gatewayd, chamber variant {v} (bench/launch.py {' '.join(flags)})",
+                      "gatewayd", True, 6000) for v, flags in rig.COMMIT_VARIANTS.items()]
 BASELINE = Contender("gatewayd-baseline", "gatewayd before (the baseline checkout, durable chamber)", "gatewayd",
                      True, 6000)
 
@@ -98,13 +103,14 @@ class Ingest:
         run_dir.mkdir()
         key = contender.key
         env = None
-        if key in ("gatewayd", "gatewayd-info", "gatewayd-baseline"):
+        if key in ("gatewayd", "gatewayd-info", "gatewayd-baseline") or key in {c.key for c in VARIANTS}:
             level = "info" if key == "gatewayd-info" else self.gateway_log_level
             config = rig.gateway_config(run_dir, self.certs, mllp_port=port, his_port=rig.free_port(),
                                         fhir_port=rig.free_port(), log_level=level)
             repo = self.baseline if key == "gatewayd-baseline" else None
             args = rig.launch_args(["run", "--config", str(config)], reference_builders=self.reference_builders,
-                                   repo=repo)
+                                   repo=repo,
+                                   commit=key.removeprefix("gatewayd-") if key in {c.key for c in VARIANTS} else None)
             env = rig.repo_env(repo)
         elif key == "python-hl7":
             args = [rig.PY, str(rig.BENCH / "peers" / "python_hl7_server.py"), "--port", str(port)]
@@ -179,6 +185,7 @@ def summarise(runs: list[dict], contenders: list[Contender], conns_list: list[in
 def run(args, workdir: Path) -> dict:
     baseline = Path(args.baseline).resolve() if getattr(args, "baseline", "") else None
     wanted = [c for c in CONTENDERS if not args.only or c.key in args.only.split(",")]
+    wanted += [c for c in VARIANTS if args.only and c.key in args.only.split(",")]
     wanted += [BASELINE] if baseline else []
     conns_list = [int(x) for x in args.conns.split(",")]
     ingest = Ingest(workdir, gateway_log_level=args.gateway_log_level, baseline=baseline)
@@ -210,7 +217,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--conns", default="1,4,16", help="connection counts, comma separated")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every run's message count")
     ap.add_argument("--only", default="", help="comma-separated contender keys: "
-                    + ", ".join(c.key for c in CONTENDERS + [BASELINE]))
+                    + ", ".join(c.key for c in CONTENDERS + VARIANTS + [BASELINE]))
     ap.add_argument("--baseline", default="", metavar="DIR",
                     help="also run gatewayd-baseline: the gatewayd of the checkout copied to DIR (before/after)")
     ap.add_argument("--gateway-log-level", default="warning", choices=("debug", "info", "warning", "error"),

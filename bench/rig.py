@@ -360,13 +360,21 @@ def sim_config(workdir: Path, *, his_port: int, mllp_port: int, doctors: int, da
     return path
 
 
-def launch_args(command: list[str], *, reference_builders: bool = False, repo: Path | None = None) -> list[str]:
+#: bench/launch.py switches for the chamber's COMMIT, by variant name (mode/contender suffix)
+COMMIT_VARIANTS = {"inline": ["--commit-inline"], "pipeline": ["--pipeline-always"],
+                   "nothread": ["--no-writer-thread"]}
+
+
+def launch_args(command: list[str], *, reference_builders: bool = False, repo: Path | None = None,
+                commit: str | None = None) -> list[str]:
     """``gatewayd <command>`` through bench/launch.py (which can swap in the hl7apy builders); ``repo``: run
     the gatewayd of another checkout (a copy of an earlier tree: the 'before' of a before/after run; start
     the process with :func:`repo_env` too)."""
     args = [PY, str((repo or REPO) / "bench" / "launch.py")]
     if reference_builders:
         args.append("--reference-builders")
+    if commit:
+        args += COMMIT_VARIANTS[commit]
     return args + ["--", *command]
 
 

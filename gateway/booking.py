@@ -25,7 +25,9 @@ status the platform sees for it, 201/200 done or 409 not done).
 from __future__ import annotations
 
 import hashlib
+import os
 import secrets
+import threading
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Callable
@@ -59,10 +61,24 @@ _HIS_STATUS = {"open": "free", "free": "free", "block": "busy-unavailable", "boo
                "reschedule": "busy", "noshow": "busy"}
 
 
+_random_bytes = bytearray()  # from the OS in 4 KB draws (one getrandom() per ~400 ids, not one per id)
+_random_lock = threading.Lock()
+
+
+def _random_hex(n_bytes: int) -> str:
+    global _random_bytes
+    with _random_lock:
+        if len(_random_bytes) < n_bytes:
+            _random_bytes = bytearray(os.urandom(4096))
+        chunk = _random_bytes[-n_bytes:]
+        del _random_bytes[-n_bytes:]
+    return chunk.hex()
+
+
 def new_control_id() -> str:
     """MSH-10 for a message we send: assigned once, kept on every resend (ST, at most 20 characters):
-    'G' and 19 random hex digits."""
-    return "G" + secrets.token_hex(10)[:19]
+    'G' and 19 random hex digits (from the OS's random source, as secrets.token_hex)."""
+    return "G" + _random_hex(10)[:19]
 
 
 def new_appointment_id() -> str:
@@ -91,6 +107,7 @@ class SlotBook:
 
     def __init__(self, tz: ZoneInfo):
         self.tz = tz
+        self._instants: dict[tuple, float] = {}  # hospital wall-clock time -> timestamp (zoneinfo is slow)
 
     def apply(self, tx, notices: list[SlotNotice]) -> list[str]:
         """Apply notices inside a chamber transaction; returns the ids of the slots they touched."""
@@ -105,7 +122,12 @@ class SlotBook:
             department_name=n.schedule.department_name, updated=tx.now,
         ))
         sid = slot_id(n.schedule.id, n.start_local)
-        start_ts = n.start_local.replace(tzinfo=self.tz).timestamp()
+        instant = (n.start_local, n.start_local.fold)  # (equal naive datetimes may differ in fold)
+        start_ts = self._instants.get(instant)
+        if start_ts is None:
+            if len(self._instants) > 100_000:
+                self._instants.clear()
+            start_ts = self._instants[instant] = n.start_local.replace(tzinfo=self.tz).timestamp()
         end_ts = start_ts + n.minutes * 60
         his_status = _HIS_STATUS[n.action]
         his_appointment = n.his_appointment if his_status == "busy" else None

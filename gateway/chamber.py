@@ -329,7 +329,8 @@ class Txn:
         self._event(message_id, state, detail)
         self.queue_changed = True
 
-    def set_encoded(self, message_id: int, body: bytes, type: str, charset: str, *, state: str | None = None) -> None:
+    def set_encoded(self, message_id: int, body: bytes, type: str, charset: str, *,
+                    state: str | None = None) -> None:
         """Store the HL7 bytes of an outbound message committed without them (once: they never change).
         ``state``: the message's state, if the caller knows it (for its story line)."""
         cur = self._c.execute(
@@ -346,6 +347,16 @@ class Txn:
         if state is None:
             state = self._c.execute("SELECT state FROM messages WHERE id = ?", (message_id,)).fetchone()[0]
         self._event(message_id, state, detail)
+
+    def next_outbound(self, peer: str) -> MessageRow | None:
+        """The head of the delivery queue for ``peer``: strict FIFO, the oldest not yet finished (also inside
+        a transaction: the relay takes the next message in the one that records an answer)."""
+        cur = self._c.execute(
+            "SELECT * FROM messages WHERE direction = 'outbound' AND peer = ?"
+            " AND state IN ('committed', 'sending', 'retrying') ORDER BY id LIMIT 1",
+            (peer,),
+        )
+        return _row(MessageRow, cur.fetchone())
 
     def messages_for_subject(self, subject: str) -> list[MessageRow]:
         cur = self._c.execute("SELECT * FROM messages WHERE subject = ? ORDER BY id", (subject,))
@@ -665,15 +676,6 @@ class Txn:
 class Reader(Txn):
     """Read-only queries over committed state (used outside transactions)."""
 
-    def next_outbound(self, peer: str) -> MessageRow | None:
-        """The head of the delivery queue for ``peer``: strict FIFO, the oldest not yet finished."""
-        cur = self._c.execute(
-            "SELECT * FROM messages WHERE direction = 'outbound' AND peer = ?"
-            " AND state IN ('committed', 'sending', 'retrying') ORDER BY id LIMIT 1",
-            (peer,),
-        )
-        return _row(MessageRow, cur.fetchone())
-
     def settled_among(self, appointment_ids: list[str]) -> set[str]:
         """Which of these appointments await nothing from the HIS (or no longer exist)."""
         if not appointment_ids:
@@ -860,11 +862,40 @@ def _commit(conn: sqlite3.Connection) -> None:
     conn.execute("COMMIT")
 
 
+#: how long a writer waits for the write lock another process holds (the split lock's other gate)
+LOCK_WAIT = 5.0
+#: COMMIT in the writer thread (pipelined group commit) by default?  Measured on the 2-core benchmark machine
+#: (docs/benchmarks.md), it costs more than it gives: each hand-over to the thread and back is ~80 µs of
+#: CPU (thread switches on that VM), and with two batches in flight the load splits into smaller batches
+#: (more commits, each writing its pages to the WAL again) — -10% MLLP ingest, higher booking p99 at
+#: 200/s; only bookings at saturation with ordering by patient gained (+10-20%).  So off by default; the
+#: writer thread still waits for the other gate's write lock (split lock) off the reactor thread.
+PIPELINE_COMMITS = False
+
+
+def _busy(error: sqlite3.Error) -> bool:
+    return getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_BUSY or "locked" in str(error)
+
+
+def _begin_waiting(conn: sqlite3.Connection, timeout: float = LOCK_WAIT) -> None:
+    """BEGIN IMMEDIATE on a connection that does not wait for locks itself (busy_timeout 0): retry every
+    half millisecond while another process holds the write lock, up to ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as e:
+            if not _busy(e) or time.monotonic() > deadline:
+                raise
+        time.sleep(0.0005)
+
+
 class _Batch:
     """The units of one transaction and what became of them (and, while it is in flight, of its COMMIT)."""
 
     __slots__ = ("units", "results", "failures", "settled", "schedules", "queue_changed", "needs_commit", "error",
-                 "done")
+                 "done", "waiting_for_lock")
 
     def __init__(self, units: list):
         self.units = units  # [(work, Deferred or None)]
@@ -876,11 +907,13 @@ class _Batch:
         self.needs_commit = False  # BEGIN ran and at least one unit's writes are kept
         self.error: Exception | None = None  # the COMMIT failed
         self.done: threading.Event | None = None  # in flight: set when COMMIT (or its ROLLBACK) has returned
+        self.waiting_for_lock = False  # in flight: the writer thread waits for BEGIN (another process's lock)
 
 
 class _Committer:
     """The writer thread: runs each batch's COMMIT off the reactor thread, one batch at a time, and hands the
-    batch back to the reactor thread (``callFromThread``) once COMMIT has returned."""
+    batch back to the reactor thread (``callFromThread``) once COMMIT has returned.  It also waits for the
+    write lock when another process holds it (BEGIN), so the reactor thread never sleeps on a lock."""
 
     def __init__(self, conn: sqlite3.Connection, reactor, on_done: Callable[[_Batch], None]):
         self._conn = conn
@@ -898,14 +931,20 @@ class _Committer:
             batch = self._jobs.get()
             if batch is None:
                 return
-            try:
-                _commit(self._conn)
-            except Exception as e:  # noqa: BLE001 - whatever it was, the batch is not on disk
-                batch.error = e
+            if batch.waiting_for_lock:
                 try:
-                    self._conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
+                    _begin_waiting(self._conn)
+                except Exception as e:  # noqa: BLE001 - the batch cannot begin: it fails
+                    batch.error = e
+            else:
+                try:
+                    _commit(self._conn)
+                except Exception as e:  # noqa: BLE001 - whatever it was, the batch is not on disk
+                    batch.error = e
+                    try:
+                        self._conn.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass
             batch.done.set()
             self._reactor.callFromThread(self._on_done, batch)
 
@@ -917,23 +956,31 @@ class _Committer:
 class Chamber:
     """The durable store.  Open with :meth:`open`; write with :meth:`transact`; read with :meth:`read`.
 
-    With a reactor that runs threads (the real one), each batch's COMMIT runs in a writer thread of its own
-    (pipelined group commit): the units of a batch run on the reactor thread inside BEGIN ... (so they see
-    and decide on the current state), then the reactor hands the COMMIT — the WAL write and its fsync — to
-    the writer thread and goes on reading, parsing and answering; what arrives meanwhile is queued and
-    becomes the next batch, which starts when that COMMIT has returned.  The units' Deferreds fire, and the
-    observers run, on the reactor thread after COMMIT has returned; a failed COMMIT fails every unit of its
-    batch.  Reads (:meth:`read`) then use a second connection, read-only, which sees committed state only
-    (WAL: a commit becomes visible when its fsync is done) and never waits for a COMMIT.  Without such a
-    reactor (tests with a Clock, the CLI) or for ``:memory:``, one connection does everything, synchronously.
-    ``commit_in_thread`` forces either way (None: decide as above)."""
+    With a reactor that runs threads (the real one) the chamber has a writer thread and two connections:
+
+    - Reads (:meth:`read`) use a read-only connection of their own, which sees committed state only (WAL: a
+      commit becomes visible once its fsync is done) and never waits for a writer.
+    - The units of a batch run on the reactor thread inside BEGIN ... (so they see and decide on the
+      current state).  If the other gate's process holds the write lock (split lock), the writer thread
+      waits for it (BEGIN), not the reactor thread, which goes on reading and answering meanwhile.
+    - Pipelined group commit (``pipeline``, default ``PIPELINE_COMMITS``): the reactor hands each batch's
+      COMMIT — the WAL write and its fsync — to the writer thread and goes on reading, parsing and
+      answering; what arrives meanwhile is queued and becomes the next batch, which starts when that COMMIT
+      has returned.  Off by default (see PIPELINE_COMMITS for why); without it COMMIT runs on the reactor
+      thread as before.
+
+    Either way the units' Deferreds fire, and the observers run, on the reactor thread after COMMIT has
+    returned; a failed COMMIT fails every unit of its batch; :meth:`close` waits for a COMMIT in flight.
+    Without such a reactor (tests with a Clock, the CLI) or for ``:memory:``, one connection does everything,
+    synchronously.  ``commit_in_thread`` forces either way (None: decide as above)."""
 
     def __init__(self, path: str | Path, *, reactor=None, clock: Callable[[], float] = time.time,
-                 commit_in_thread: bool | None = None):
+                 commit_in_thread: bool | None = None, pipeline: bool | None = None):
         self.path = str(path)
         self._reactor = reactor
         self._clock = clock
         self._commit_in_thread = commit_in_thread
+        self.pipeline = pipeline  # COMMIT in the writer thread?  None: PIPELINE_COMMITS (read at each commit)
         self._writer: sqlite3.Connection | None = None  # transactions (and the units' reads)
         self._reader: sqlite3.Connection | None = None  # reads of committed state (the writer, if not threaded)
         self._committer: _Committer | None = None
@@ -969,6 +1016,7 @@ class Chamber:
                 reader = self._connect()
                 reader.set_authorizer(_read_only)
                 self._reader = reader
+                conn.execute("PRAGMA busy_timeout = 0")  # lock waits happen in the writer thread, not here
                 self._committer = _Committer(conn, self._reactor, self._committed)
         except sqlite3.DatabaseError as e:
             self._close_quietly()
@@ -1109,7 +1157,7 @@ class Chamber:
         if self._writer is None:
             raise ChamberError("the chamber is closed")
         self._settle_inflight()
-        batch = self._run_batch([(work, None)])
+        batch = self._run_batch([(work, None)], wait_for_lock=True)
         if batch.needs_commit:
             self._commit_here(batch)
         self._finish(batch)
@@ -1124,24 +1172,58 @@ class Chamber:
         if self._inflight is not None or not self._queue or self._writer is None:
             return
         units, self._queue = self._queue, []
-        batch = self._run_batch(units)
+        threaded = self._committer is not None and not self._closing
+        batch = self._run_batch(units, wait_for_lock=not threaded)
+        if batch.waiting_for_lock:  # another process holds the write lock: the writer thread waits for it
+            self._send_to_writer(batch)
+            return
+        self._commit_batch(batch)
+
+    def _commit_batch(self, batch: _Batch) -> None:
         if batch.needs_commit:
-            if self._committer is not None and not self._closing:
-                batch.done = threading.Event()
-                self._inflight = batch
-                self._committer.submit(batch)  # -> _committed, on this thread, after COMMIT returned
+            if self._committer is not None and not self._closing and self._pipelining():
+                self._send_to_writer(batch)  # -> _committed, on this thread, after COMMIT returned
                 return
             self._commit_here(batch)
         self._finish(batch)
 
+    def _pipelining(self) -> bool:
+        """COMMIT in the writer thread (see PIPELINE_COMMITS)?"""
+        return PIPELINE_COMMITS if self.pipeline is None else self.pipeline
+
+    def _send_to_writer(self, batch: _Batch) -> None:
+        batch.done = threading.Event()
+        self._inflight = batch
+        self._committer.submit(batch)
+
     def _committed(self, batch: _Batch) -> None:
-        """The writer thread's COMMIT of ``batch`` has returned (called on the reactor thread)."""
+        """The writer thread's COMMIT of ``batch`` has returned — or its BEGIN, after waiting for another
+        process's lock (called on the reactor thread)."""
         if batch is not self._inflight:
             return  # close() or transact_now() waited for it and finished it already
         self._inflight = None
+        if batch.waiting_for_lock:
+            self._begun(batch)
+            return
         self._finish(batch)
         if self._queue:
             self._flush()  # what arrived during the COMMIT: the next batch
+
+    def _begun(self, batch: _Batch) -> None:
+        """The writer thread has the write lock for ``batch`` (BEGIN done), or gave up: run its units."""
+        batch.waiting_for_lock = False
+        if batch.error is not None:
+            error, batch.error = batch.error, None
+            self._abort_batch(batch, error, rolled_back=True)
+            self._finish(batch)
+            if self._queue and self._inflight is None:
+                self._flush()
+            return
+        batch.done = None
+        batch = self._run_batch(batch.units, begun=True)
+        self._commit_batch(batch)
+        if self._inflight is None and self._queue:
+            self._flush()
 
     def _settle_inflight(self) -> None:
         """Wait (blocking) for a COMMIT in flight and finish its batch here: the writer connection is free
@@ -1151,21 +1233,41 @@ class Chamber:
             return
         batch.done.wait()
         self._inflight = None
+        if batch.waiting_for_lock:  # the writer thread waited for the lock: the units run here, now
+            batch.waiting_for_lock = False
+            if batch.error is not None:
+                error, batch.error = batch.error, None
+                self._abort_batch(batch, error, rolled_back=True)
+            else:
+                batch = self._run_batch(batch.units, begun=True)
+                if batch.needs_commit:
+                    self._commit_here(batch)
         self._finish(batch)
         if self._queue and self._reactor is not None and self._flush_call is None and not self._closing:
             self._flush_call = self._reactor.callLater(0, self._flush)
 
-    def _run_batch(self, units: list) -> _Batch:
+    def _run_batch(self, units: list, *, wait_for_lock: bool = True, begun: bool = False) -> _Batch:
         """BEGIN and every unit, each in its own SAVEPOINT (none for a batch of one: a failing single unit
-        rolls the transaction back); COMMIT is the caller's.  On a storage error the whole batch fails."""
+        rolls the transaction back); COMMIT is the caller's.  On a storage error the whole batch fails.
+        ``begun``: BEGIN is done already.  Not ``wait_for_lock``: if another process holds the write lock,
+        return at once a batch marked ``waiting_for_lock`` (nothing run)."""
         batch = _Batch(units)
         conn = self._writer
+        if not begun:
+            try:
+                if self._committer is None:
+                    conn.execute("BEGIN IMMEDIATE")  # (the connection waits for a lock itself)
+                elif wait_for_lock:
+                    _begin_waiting(conn)
+                else:
+                    conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as e:
+                if not wait_for_lock and _busy(e):
+                    batch.waiting_for_lock = True
+                    return batch
+                self._abort_batch(batch, e, rolled_back=True)
+                return batch
         txn = Txn(conn, self._clock(), known_schedules=self._schedules_known)
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as e:
-            self._abort_batch(batch, e)
-            return batch
         single = len(units) == 1
         results, failures = batch.results, batch.failures
         queue_changed = False
@@ -1292,7 +1394,10 @@ class Chamber:
         if self._inflight is not None:
             return True, "ok"
         try:
-            self._writer.execute("BEGIN IMMEDIATE")
+            if self._committer is not None:
+                _begin_waiting(self._writer)
+            else:
+                self._writer.execute("BEGIN IMMEDIATE")
             self._writer.execute("ROLLBACK")
             return True, "ok"
         except sqlite3.Error as e:
@@ -1347,9 +1452,9 @@ class Chamber:
     def _watch_wal(self, clock) -> Callable[[], None]:
         """Look for the other process's commits soon after it writes to the WAL file (inotify on the
         chamber's directory); returns a function that stops watching.  A commit's frames are written
-        before its fsync and only visible after it, so a write is followed by a look every millisecond, then
-        less often, until data_version changes (or ~40 ms have passed).  Without inotify (not Linux, a fake reactor),
-        nothing: the interval's looks remain."""
+        before its fsync and only visible after it, so a write is followed by looks 1, 3, 7 and 15 ms after
+        it until data_version changes.  Without inotify (not Linux, a fake reactor), nothing: the
+        interval's looks remain."""
         from twisted.internet.interfaces import IReactorFDSet
 
         if self.path == ":memory:" or not IReactorFDSet.providedBy(clock):
@@ -1372,15 +1477,16 @@ class Chamber:
             if self._inflight is None and self._other_commits():
                 self._notify(own=False, other_process=True)
                 return
-            if n < 12:  # every 1 ms for 8 ms, then 2, 4, 8, 16 ms apart
-                pending["call"] = clock.callLater(0.001 * 2 ** max(0, n - 7), look_again, n + 1)
+            if n < 4:  # looks 1, 3, 7 and 15 ms after the write (then only the interval's)
+                pending["call"] = clock.callLater(0.001 * 2 ** n, look_again, n + 1)
+
+        wal_names = (wal_name, wal_name.encode("utf-8", "surrogateescape"))  # (inotify's paths are bytes)
 
         def written(_watch, path, _mask) -> None:
-            if path.basename() != wal_name:
-                return
-            if pending["call"] is not None and pending["call"].active():
-                pending["call"].cancel()
-            pending["call"] = clock.callLater(0.001, look_again, 1)
+            # (this process's own writes wake it too: it cannot tell them apart; a burst of writes is one
+            # series of looks)
+            if path.basename() in wal_names and pending["call"] is None:
+                pending["call"] = clock.callLater(0.001, look_again, 1)
 
         try:
             notifier.watch(FilePath(str(Path(self.path).resolve().parent)), mask=inotify.IN_MODIFY,

@@ -15,11 +15,13 @@ is only built after the chamber transaction that recorded the message has commit
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 
 import structlog
 from twisted.internet import defer
 
+from gateway import logs
 from gateway.booking import SlotBook
 
 log = structlog.get_logger("gateway.inbound")
@@ -118,6 +120,8 @@ class InboundService:
 
     @staticmethod
     def _logged(verdict: Verdict, received: Received) -> Verdict:
+        if not logs.enabled(logging.INFO):  # (one line per message: skipped cheaply at warning)
+            return verdict
         log.info("inner.message", peer=received.peer, control_id=received.control_id, type=received.type,
                  ack=verdict.code, duplicate=verdict.duplicate)
         return verdict

@@ -48,6 +48,14 @@ _PATTERNS = re.compile("|".join([
 ]))
 _WHOLE_MESSAGE = re.compile(r"(?:^|[\r\n|])PID\||\"resourceType\"")
 MASK = "***"
+#: the configured level (logging.INFO, ...): a hot path can skip building a line nobody writes
+#: (``enabled(logging.INFO)``); 0 until configure() runs (everything passes, as structlog's default)
+LEVEL = 0
+
+
+def enabled(level: int) -> bool:
+    """Would a line at ``level`` be written?  (Cheaper than a filtered structlog call.)"""
+    return level >= LEVEL
 #: shorter texts cannot hold an ID card or phone number (18, 11 and 11 characters at least): only a PID
 #: segment needs looking for in them
 _SHORTEST_NUMBER = 11
@@ -94,6 +102,8 @@ def mask_patient_data(_logger, _method, event_dict):
 
 
 def configure(level: str = "info", fmt: str = "auto", stream=None) -> None:
+    global LEVEL
+    LEVEL = getattr(logging, level.upper())
     stream = stream or sys.stderr
     if fmt == "auto":
         fmt = "console" if getattr(stream, "isatty", lambda: False)() else "json"

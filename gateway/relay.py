@@ -103,6 +103,9 @@ class Relay(service.Service):
         self.poll_interval = poll_interval
         self.rng = rng or random.Random()
         self._in_flight: dict[int, str] = {}  # message id -> its ordering key
+        self._waking = False
+        self._wake_again = False
+        self._queue_seen = None  # ordering by patient: the queue as read by the first pick of a wake-up
         self._timer = None
         self._stop_observing = None
         self.delivered = 0
@@ -144,9 +147,20 @@ class Relay(service.Service):
         if not self.running:
             return
         self._cancel_timer()
-        for lane in self.lanes:
-            if lane.loop is None:
-                self._start(lane)
+        if self._waking:  # a commit while lanes start (a synchronous chamber): look again after them
+            self._wake_again = True
+            return
+        self._waking = True
+        try:
+            for lane in self.lanes:
+                if lane.loop is None:
+                    self._start(lane)
+        finally:
+            self._waking = False
+            self._queue_seen = None
+        if self._wake_again:
+            self._wake_again = False
+            self.wake()
 
     def _start(self, lane: _Lane) -> None:
         lane.loop = defer.Deferred()  # set before the loop runs: a commit inside it must not start it twice
@@ -159,14 +173,19 @@ class Relay(service.Service):
         marker.callback(None)
 
     async def _drain(self, lane: _Lane) -> None:
+        taken = None  # strict FIFO: the next message, already prepared in the transaction of an answer
         while self.running:
-            msg, wait = self._pick()
-            if msg is None:
-                self._arm(wait)
-                return
+            if taken is not None:
+                msg, prepared, taken = taken, True, None
+            else:
+                msg, wait = self._pick()
+                if msg is None:
+                    self._arm(wait)
+                    return
+                prepared = False
             self._in_flight[msg.id] = msg.order_key or f"#{msg.id}"
             try:
-                await self._deliver(lane.destination, msg)
+                taken = await self._deliver(lane.destination, msg, prepared)
             finally:
                 del self._in_flight[msg.id]
 
@@ -182,37 +201,55 @@ class Relay(service.Service):
             if msg.state == "retrying" and msg.next_attempt is not None and msg.next_attempt > now:
                 return None, min(wait, msg.next_attempt - now)
             return msg, 0.0
-        # ordering by patient: the queue's order keys and states only (no bodies); the full row of the one
-        # picked
+        # ordering by patient: the queue's order keys and states only (no bodies), read once for all the
+        # lanes a wake-up starts (nothing commits between their picks: each takes its message into
+        # _in_flight, which the next one's pick sees); the full row of the one picked
         blocked = set(self._in_flight.values())
-        for message_id, order_key, state, next_attempt in reader.unfinished_outbound(self.peer, brief=True):
+        queue, seen_before = self._queue_seen, self._queue_seen is not None
+        if queue is None:
+            queue = reader.unfinished_outbound(self.peer, brief=True)
+            if self._waking:
+                self._queue_seen = queue
+        for message_id, order_key, state, next_attempt in queue:
             key = order_key or f"#{message_id}"
             if message_id in self._in_flight or key in blocked:
                 blocked.add(key)
                 continue
+            msg = None
+            if seen_before:  # read by an earlier lane of this wake-up: the message's row now decides
+                msg = reader.message(message_id)
+                if msg is None or msg.state not in ("committed", "sending", "retrying"):
+                    continue
+                state, next_attempt = msg.state, msg.next_attempt
             blocked.add(key)  # later messages of this patient wait for this one
             if state == "retrying" and next_attempt is not None and next_attempt > now:
                 wait = min(wait, next_attempt - now)
                 continue
-            msg = reader.message(message_id)
+            msg = msg or reader.message(message_id)
             if msg is not None:
                 return msg, 0.0
         return None, wait
 
-    async def _deliver(self, destination: Destination, msg) -> None:
-        if self.clock.seconds() - msg.created > self.max_age:
-            await self._dead(msg, f"not delivered within {self.max_age:.0f}s"
-                                  f"{'; last error: ' + msg.last_error if msg.last_error else ''}")
-            return
-        attempts = msg.attempts + 1
-        try:
-            msg, allowed = await self.chamber.transact(lambda tx: self._prepare(tx, msg, attempts))
-        except ValueError as e:
-            await self._dead(msg, f"cannot be encoded: {e}")
-            return
-        if not allowed:
-            await self._dead(msg, f"{msg.type} may not cross to this HIS (allowed: {', '.join(self.send_types)})")
-            return
+    async def _deliver(self, destination: Destination, msg, prepared: bool = False):
+        """Send ``msg`` and record the answer (or the failure).  ``prepared``: it was encoded and marked
+        ``sending`` (its attempt counted) already.  Returns the next message if the answer's transaction
+        took it (strict FIFO: see :meth:`_take_next`), else None."""
+        if prepared:
+            attempts = msg.attempts
+        else:
+            if self.clock.seconds() - msg.created > self.max_age:
+                await self._dead(msg, f"not delivered within {self.max_age:.0f}s"
+                                      f"{'; last error: ' + msg.last_error if msg.last_error else ''}")
+                return None
+            attempts = msg.attempts + 1
+            try:
+                msg, allowed = await self.chamber.transact(lambda tx: self._prepare(tx, msg, attempts))
+            except ValueError as e:
+                await self._dead(msg, f"cannot be encoded: {e}")
+                return None
+            if not allowed:
+                await self._dead(msg, f"{msg.type} may not cross to this HIS (allowed: {', '.join(self.send_types)})")
+                return None
         log.info("relay.sending", peer=self.peer, message=msg.id, control_id=msg.control_id, type=msg.type,
                  attempt=attempts)
         try:
@@ -223,7 +260,7 @@ class Relay(service.Service):
             if attempts >= self.max_attempts:
                 await self._dead(msg, f"no answer after {attempts} attempts; last error: {reason}",
                                  attempts=attempts)
-                return
+                return None
             delay = self._backoff(attempts)
             await self.chamber.transact(
                 lambda tx: tx.set_message_state(msg.id, "retrying", next_attempt=tx.now + delay, last_error=reason,
@@ -231,7 +268,7 @@ class Relay(service.Service):
             )
             log.warning("relay.retrying", peer=self.peer, message=msg.id, control_id=msg.control_id,
                         attempt=attempts, delay=round(delay, 3), reason=reason)
-            return
+            return None
 
         # HL7 rules: AA/CA accepted; AR/CR rejected (the message itself is unacceptable: never resent);
         # AE/CE an application error at the HIS: dead-lettered with its text for an operator to look at.
@@ -242,14 +279,45 @@ class Relay(service.Service):
             tx.set_message_state(msg.id, state, answer_code=answer.code, answer_text=answer.text or None,
                                  last_error=error, detail=f"{answer.code} {answer.text}".strip())
             self.on_answer(tx, tx.message(msg.id), answer)
+            return self._take_next(tx)
 
-        await self.chamber.transact(record)
+        taken = await self.chamber.transact(record)
         self.delivered += 1
         self._last_error, self._last_answer = None, self.clock.seconds()
         if self.metrics is not None:
             self.metrics.delivered(self.peer, answer.code, self.clock.seconds() - msg.created)
         log.info("relay.answered", peer=self.peer, message=msg.id, control_id=msg.control_id, type=msg.type,
                  state=state, ack=answer.code)
+        return taken
+
+    def _take_next(self, tx):
+        """Strict FIFO: inside the transaction that records an answer, take the next message of the queue
+        and prepare it (encode, mark ``sending``), so one commit both ends a delivery and starts the next.
+        None (the next loop turn picks as usual) when there is none, it is not due yet, it is too old, it
+        cannot be encoded or may not cross, or the relay is stopping — those cases take the ordinary path.
+        (``_prepare`` raises before its first write; a message that may not cross stays encoded, as on the
+        ordinary path.)"""
+        if self.ordering != "fifo" or not self.running:
+            return None
+        nxt = tx.next_outbound(self.peer)
+        if nxt is None:
+            return None
+        if nxt.state == "retrying" and nxt.next_attempt is not None and nxt.next_attempt > tx.now:
+            return None
+        if self.clock.seconds() - nxt.created > self.max_age:
+            return None
+        if not nxt.body and self.encode is None:
+            return None
+        attempts = nxt.attempts + 1
+        try:
+            row, allowed = self._prepare(tx, nxt, attempts)
+        except Exception as e:  # noqa: BLE001 - never at the cost of the answer being recorded: the ordinary
+            log.warning("relay.take_next.failed", peer=self.peer, message=nxt.id,  # path deals with it
+                        error_type=type(e).__name__)
+            return None
+        if not allowed:
+            return None
+        return replace(row, state="sending", attempts=attempts)
 
     def _prepare(self, tx, msg, attempts: int):
         """The one unit (one commit) before a send: a message the outer gate committed as an intent gets its

@@ -319,9 +319,9 @@ class SlowCommit:
         self.gate.set()
 
 
-def threaded_chamber(path):
+def threaded_chamber(path, pipeline=True):
     reactor = ThreadReactor()
-    ch = Chamber(path, reactor=reactor, clock=reactor.seconds, commit_in_thread=True)
+    ch = Chamber(path, reactor=reactor, clock=reactor.seconds, commit_in_thread=True, pipeline=pipeline)
     ch.open()
     return ch, reactor
 
@@ -520,18 +520,63 @@ def test_a_schedule_repeated_unchanged_is_not_written_again_but_a_change_by_anot
     ch.transact_now(schedule)  # unchanged: not written (updated stays)
     assert ch.read().schedules()[0].updated == 0
 
-    def renamed_then_failed(tx):
+    def renamed(tx):
         tx.upsert_schedule(ScheduleRow("D001", "Dr Li", "D001", "李", "CARD", "心内科", tx.now))
+
+    def renamed_then_failed(tx):
+        renamed(tx)
         raise ValueError("no")
 
     with pytest.raises(ValueError):
         ch.transact_now(renamed_then_failed)
-    ch.transact_now(lambda tx: tx.upsert_schedule(ScheduleRow("D001", "Dr Li", "D001", "李", "CARD", "心内科", tx.now)))
+    ch.transact_now(renamed)
     assert ch.read().schedules()[0].display == "Dr Li"
     other = sqlite3.connect(path)
     other.execute("UPDATE schedules SET display = 'changed elsewhere'")
     other.commit()
     other.close()
-    ch.transact_now(lambda tx: tx.upsert_schedule(ScheduleRow("D001", "Dr Li", "D001", "李", "CARD", "心内科", tx.now)))
+    ch.transact_now(renamed)
     assert ch.read().schedules()[0].display == "Dr Li"
+    ch.close()
+
+
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_the_write_lock_of_another_process_is_waited_for_in_the_writer_thread(tmp_path, pipeline):
+    """While another process (the split lock's other gate) holds the write lock, the reactor thread does not
+    wait for it: the batch waits in the writer thread, nothing of it runs, reads go on; once the lock is
+    free the units run and commit (in the writer thread, or — not pipelined — on the reactor thread), and
+    are answered after their COMMIT."""
+    path = tmp_path / "c.sqlite3"
+    ch, reactor = threaded_chamber(path, pipeline=pipeline)
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    ran = []
+    d = ch.transact(lambda tx: (ran.append(1), schedule(tx, "A")))
+    reactor.turn()  # returns at once: the lock is the other's
+    assert ran == [] and not d.called
+    assert ch.read().schedules() == []
+    other.execute("COMMIT")
+    reactor.pump()  # the writer thread got the lock: the unit runs, then its COMMIT
+    assert ran == [1]
+    if pipeline:
+        assert not d.called  # the COMMIT went to the writer thread
+        reactor.pump()  # ... and returned
+    assert d.called and [s.id for s in ch.read().schedules()] == ["A"]
+    other.close()
+    ch.close()
+
+
+def test_without_pipelining_the_commit_runs_in_the_turn_and_reads_use_the_read_connection(tmp_path, monkeypatch):
+    """The default (PIPELINE_COMMITS off): a batch commits on the reactor thread in its own turn, its units
+    are answered right after, and reads go through the separate read-only connection."""
+    events = []
+    slow = SlowCommit(monkeypatch, events)
+    slow.release()
+    ch, reactor = threaded_chamber(tmp_path / "c.sqlite3", pipeline=None)
+    d = ch.transact(lambda tx: schedule(tx, "A"))
+    d.addCallback(lambda _: events.append("answered"))
+    reactor.turn()
+    assert events == ["commit started", "commit returned", "answered"]
+    assert slow.threads == [threading.current_thread()]
+    assert ch._conn is not ch._writer and [s.id for s in ch.read().schedules()] == ["A"]
     ch.close()

@@ -97,7 +97,8 @@ def broken(draw):
         elif action == "delete":
             del parent[last]
         elif action == "add" and isinstance(parent[last], dict):
-            parent[last][draw(st.sampled_from(["extra", "use", "_status", "id", "text", "system"]))] = copy.deepcopy(draw(VALUES))
+            key = draw(st.sampled_from(["extra", "use", "_status", "id", "text", "system"]))
+            parent[last][key] = copy.deepcopy(draw(VALUES))
         elif action == "repeat" and isinstance(parent[last], list) and parent[last]:
             parent[last].append(copy.deepcopy(parent[last][0]))
     return body

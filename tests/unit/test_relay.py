@@ -242,3 +242,72 @@ def test_an_intent_is_encoded_once_and_resent_byte_for_byte(tmp_path):
     assert "cannot be encoded" in chamber.read().message(other).last_error
     bare.stopService()
     chamber.close()
+
+
+def test_one_commit_before_each_send_and_the_answer_commit_takes_the_next(tmp_path):
+    """Strict FIFO: a first send costs one commit (encoding and 'sending' together); after that, the commit
+    that records an answer also encodes the next message and marks it 'sending' — one commit per message —
+    and the next message is sent only after that commit, with its attempt counted and its bytes stored."""
+    clock = task.Clock()
+    clock.advance(1000)
+    chamber = Chamber(tmp_path / "c.sqlite3", clock=clock.seconds)
+    chamber.open()
+    his = ScriptedHis()
+    commits = []
+    chamber.observe(lambda: commits.append(len(his.calls)))
+    relay = Relay(chamber, "his", his, lambda *a: None, clock=clock, ack_timeout=5, retry_initial=1, retry_max=8,
+                  encode=lambda tx, msg: (f"MSH|{msg.control_id}".encode(), "SRM^S01", "utf-8"),
+                  rng=random.Random(1))
+    ids = [chamber.transact_now(lambda tx, c=c: tx.add_message(
+        direction="outbound", peer="his", control_id=c, type="SRM^S01", state="committed", body=b"",
+        charset="")) for c in ("G1", "G2", "G3")]
+    relay.startService()
+    assert commits[-1:] == [0] and len(his.calls) == 1  # G1: one commit (encoded + 'sending'), then sent
+    commits.clear()
+    his.calls[0][2].callback(HisAnswer("AA"))
+    assert commits == [1]  # one commit: G1 answered, G2 encoded and 'sending' ...
+    assert [c[0] for c in his.calls] == [b"MSH|G1", b"MSH|G2"]  # ... then G2 sent
+    his.calls[1][2].errback(DeliveryFailed("AckTimeout"))  # G2 waits for its backoff; G3 does not overtake it
+    assert len(his.calls) == 2
+    clock.advance(2)
+    his.calls[2][2].callback(HisAnswer("AA"))
+    his.calls[3][2].callback(HisAnswer("AA"))
+    assert [c[1] for c in his.calls] == ["G1", "G2", "G2", "G3"]
+    second = chamber.read().message(ids[1])
+    assert (second.state, second.attempts, second.body) == ("delivered", 2, b"MSH|G2")
+    story = [s for _, s, _ in chamber.read().message_events(ids[1])]
+    assert story == ["committed", "committed", "sending", "retrying", "sending", "delivered"]  # 2nd: encoded
+    relay.stopService()
+    chamber.close()
+
+
+def test_ordering_by_patient_reads_the_queue_once_for_all_the_lanes_a_wake_up_starts(tmp_path, monkeypatch):
+    """One wake-up starts every idle lane from one read of the queue (not one read per lane), and each lane
+    still gets a different patient's oldest message; a message finished meanwhile is not sent."""
+    from gateway.chamber import Reader
+
+    clock = task.Clock()
+    clock.advance(1000)
+    chamber = Chamber(tmp_path / "c.sqlite3", reactor=clock, clock=clock.seconds)  # commits on later turns
+    chamber.open()
+    lanes = [ScriptedHis() for _ in range(4)]
+    relay = Relay(chamber, "his", lanes, lambda tx, msg, ans: None, clock=clock, ack_timeout=5, retry_initial=1,
+                  retry_max=8, ordering="patient", rng=random.Random(1))
+
+    def add(control_id, key, body=b"MSH"):
+        return chamber.transact_now(lambda tx: tx.add_message(
+            direction="outbound", peer="his", control_id=control_id, type="SRM^S01", state="committed",
+            body=body, charset="utf-8", order_key=key))
+
+    add("A1", "a"), add("A2", "a"), add("B1", "b"), add("C1", "c")
+    reads = []
+    real = Reader.unfinished_outbound
+    monkeypatch.setattr(Reader, "unfinished_outbound",
+                        lambda self, *a, **kw: (reads.append(1), real(self, *a, **kw))[1])
+    relay.startService()
+    assert len(reads) == 1  # four lanes started: A1, B1 and C1 taken (A2 waits for A1), one read
+    clock.advance(0)  # their 'sending' commits
+    sent = sorted(c[1] for lane in lanes for c in lane.calls)
+    assert sent == ["A1", "B1", "C1"]
+    relay.stopService()
+    chamber.close()
