@@ -14,13 +14,24 @@ import socket
 import subprocess
 import sys
 import time
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
 from pathlib import Path
 
 import requests
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+HOSPITAL_TZ = "Asia/Shanghai"
+
+
+def hospital_today(tz: str = HOSPITAL_TZ) -> date:
+    """Today on the hospital's calendar (the gateway's dates are the hospital's, not this machine's: from 16:00
+    UTC on, Shanghai is already a day ahead)."""
+    from zoneinfo import ZoneInfo
+
+    return datetime.now(ZoneInfo(tz)).date()
 
 
 def free_port() -> int:
@@ -91,7 +102,7 @@ class Lock:
         init_dev_ca(self.certs, platforms=tuple(platforms))
         self.mllp_port, self.his_port, self.fhir_port = free_port(), free_port(), free_port()
         self.base = f"https://127.0.0.1:{self.fhir_port}/fhir"
-        self.first_day = date.today() + timedelta(days=1)
+        self.first_day = hospital_today() + timedelta(days=1)
         self.sim_config = {
             "listen": f"tcp:{self.his_port}:interface=127.0.0.1",
             "gateway": {"host": "127.0.0.1", "port": self.mllp_port},
@@ -112,7 +123,7 @@ class Lock:
         }
         self.slot_count = doctors * days * 4
         self.gateway_config = {
-            "hospital": {"name": "Test Hospital", "timezone": "Asia/Shanghai"},
+            "hospital": {"name": "Test Hospital", "timezone": HOSPITAL_TZ},
             "chamber": {"path": "chamber.sqlite3"},
             "inner": {
                 "listen": f"tcp:{self.mllp_port}:interface=127.0.0.1",

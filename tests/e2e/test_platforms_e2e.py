@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from datetime import date, timedelta
+from datetime import timedelta
 from urllib.parse import quote
 
 import pytest
@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from adapters.hl7.er7 import parse
-from tests.e2e.harness import REPO, Lock, appointment_for, eventually, mllp_exchange
+from tests.e2e.harness import REPO, Lock, appointment_for, eventually, hospital_today, mllp_exchange
 
 JSON = {"Content-Type": "application/fhir+json"}
 PLATFORMS = ("demo", "other", "zero", "readonly", "limited", "revoked")
@@ -42,7 +42,7 @@ SECRETS = (NAME_FAMILY + NAME_GIVEN, NAME_FAMILY, NAME_GIVEN, ID_CARD, PHONE)
 @pytest.fixture(scope="module")
 def granted(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("granted")
-    day = date.today() + timedelta(days=2)
+    day = hospital_today() + timedelta(days=2)
     lock = Lock(workdir, platforms=PLATFORMS, doctors=1, days=1, sim={
         "start_date": day.isoformat(),
         "departments": [{"code": "CARD", "name": "心内科", "doctors": [{
@@ -237,7 +237,7 @@ def test_audit_verify_and_export_while_the_gateway_runs(granted):
     verified = gatewayd(lock, "audit", "verify")
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert verified.stdout.startswith("ok: ")
-    exported = gatewayd(lock, "audit", "export", "--since", date.today().isoformat(), "--format", "fhir")
+    exported = gatewayd(lock, "audit", "export", "--since", hospital_today().isoformat(), "--format", "fhir")
     assert exported.returncode == 0, exported.stderr
     events = [json.loads(line) for line in exported.stdout.splitlines()]
     for event in events:
@@ -249,7 +249,7 @@ def test_audit_verify_and_export_while_the_gateway_runs(granted):
     assert who_did_what[("demo", "read", "4")] >= 1  # the 404 on another platform's appointment
     for secret in SECRETS:
         assert secret not in exported.stdout
-    later = gatewayd(lock, "audit", "export", "--since", (date.today() + timedelta(days=1)).isoformat())
+    later = gatewayd(lock, "audit", "export", "--since", (hospital_today() + timedelta(days=1)).isoformat())
     assert later.returncode == 0 and later.stdout == ""
 
 
