@@ -2,9 +2,10 @@
 pairs, no IP forwarding on the front server.
 
 The outer gate runs in "front" bound to its internet-side address, the inner gate in "front" bound to its
-intranet-side address (two processes, sharing only the chamber file), the HIS simulator in "intranet", a FHIR
-client in "internet". A booking goes through; a TCP connection from "internet" to the HIS or to the inner
-gate does not. Each gate listens with ``bind_device`` on its own NIC: without it Linux's weak host model
+intranet-side address (two processes, sharing only the chamber file), the HIS simulator (with its pharmacy,
+a second HIS endpoint) in "intranet", a FHIR client in "internet". A booking and a signed prescription go
+through, and the pharmacy's dispensing comes back out; a TCP connection from "internet" to the HIS, its
+pharmacy or the inner gate does not. Each gate listens with ``bind_device`` on its own NIC: without it Linux's weak host model
 delivers a packet for the inner gate's (intranet) address arriving on the internet NIC to the inner gate —
 this test failed exactly so before ``bind_device`` existed. Needs root (CI runs as root); skipped with the
 reason where namespaces cannot be created.
@@ -26,6 +27,7 @@ import yaml
 
 from gateway.devca import init_dev_ca
 from tests.e2e.harness import REPO, Lock, read_jsonl
+from tests.e2e.rxpki import PRESCRIBER_SCOPES, RxPki, golden_bundle, signed_bundle
 
 INTERNET_NET, INTRANET_NET = "10.250.1", "10.250.2"
 OUTER_ADDR, INNER_ADDR, HIS_ADDR, CLIENT_ADDR = (f"{INTERNET_NET}.2", f"{INTRANET_NET}.2", f"{INTRANET_NET}.1",
@@ -124,16 +126,27 @@ CLIENT = textwrap.dedent('''
     if not slots:
         print(json.dumps({{"slots": 0}}))
         raise SystemExit(0)
-    r = s.post(base + "/Appointment", json=appointment_for(slots[0]["resource"]["id"]),
-               headers={{"Content-Type": "application/fhir+json"}}, timeout=15)
+    fhir_json = {{"Content-Type": "application/fhir+json"}}
+    r = s.post(base + "/Appointment", json=appointment_for(slots[0]["resource"]["id"]), headers=fhir_json,
+               timeout=15)
+    with open({prescription!r}, encoding="utf-8") as f:
+        rx = s.post(base, data=f.read().encode(), headers=fhir_json, timeout=15)
+    items = [e["resource"]["id"] for e in rx.json().get("entry", [])] if rx.status_code == 200 else []
+    dispensed, deadline = [], time.monotonic() + 30
+    while items and not dispensed and time.monotonic() < deadline:
+        dispensed = s.get(base + "/MedicationDispense", params={{"prescription": items[0]}},
+                          timeout=5).json().get("entry", [])
+        if not dispensed:
+            time.sleep(0.1)
     reach = {{}}
-    for name, addr in (("his", ({his!r}, 2576)), ("inner_gate", ({inner!r}, 2575))):
+    for name, addr in (("his", ({his!r}, 2576)), ("pharmacy", ({his!r}, 2577)), ("inner_gate", ({inner!r}, 2575))):
         try:
             socket.create_connection(addr, timeout=3).close()
             reach[name] = "connected"
         except OSError as e:
             reach[name] = type(e).__name__ + ": " + str(e)
     print(json.dumps({{"slots": len(slots), "status": r.status_code, "appointment": r.json().get("id"),
+                      "prescription": rx.status_code, "items": items, "dispensed": len(dispensed),
                       "reach": reach}}))
 ''')
 
@@ -141,17 +154,36 @@ CLIENT = textwrap.dedent('''
 def test_the_lock_holds_across_network_namespaces(tmp_path):
     with Namespaces() as ns:
         init_dev_ca(tmp_path / "certs", platforms=("demo",), server_names=("localhost", OUTER_ADDR))
+        pki = RxPki(tmp_path / "rx")
         lock = Lock(tmp_path, platforms=("demo",), doctors=1, days=1)  # only for its configs
-        sim = dict(lock.sim_config, retry_initial="200ms", retry_max="1s", listen=f"tcp:2576:interface={HIS_ADDR}", gateway={"host": INNER_ADDR,
-                                                                                       "port": 2575})
-        outer = copy.deepcopy(lock.gateway_config)
+        sim = dict(lock.sim_config, retry_initial="200ms", retry_max="1s", listen=f"tcp:2576:interface={HIS_ADDR}",
+                   gateway={"host": INNER_ADDR, "port": 2575},
+                   pharmacy={"listen": f"tcp:2577:interface={HIS_ADDR}", "dispense_delay": "200ms"})
+        both = copy.deepcopy(lock.gateway_config)  # what both gates share: routes and the pharmacy profile
+        both["routes"] = [{"types": ["RDE^O11", "OMP^O09"], "to": "pharmacy"}]
+        both["pharmacy"] = {"drug_codes": [{"system": "http://www.whocc.no/atc", "code": "M01AE01",
+                                            "his_code": "Y0002"}]}
+        outer = copy.deepcopy(both)
         outer.pop("inner")
         outer["outer"].update(host=OUTER_ADDR, port=8443, bind_device=f"vf{ns.tag}")
-        inner = copy.deepcopy(lock.gateway_config)
+        outer["platforms"][0]["scopes"] = ["Schedule.read", "Appointment.read", "Appointment.write",
+                                           *PRESCRIBER_SCOPES]
+        outer["prescriptions"] = {"prescriber_cas": [str(tmp_path / "rx" / "prescriber-ca.pem")],
+                                  "release_key": str(tmp_path / "rx" / "release.key"),
+                                  "release_chain": str(tmp_path / "rx" / "release.pem")}
+        inner = copy.deepcopy(both)
         for key in ("outer", "platforms", "audit"):
             inner.pop(key, None)
-        inner["inner"].update(listen=f"tcp:2575:interface={INNER_ADDR}", bind_device=f"vg{ns.tag}")
+        inner["inner"].update(listen=f"tcp:2575:interface={INNER_ADDR}", bind_device=f"vg{ns.tag}",
+                              accept_types=["SIU^*", "RDS^O13", "RDE^O11"])
         inner["inner"]["his"].update(host=HIS_ADDR, port=2576)
+        inner["inner"]["endpoints"] = [{"name": "pharmacy", "host": HIS_ADDR, "port": 2577,
+                                        "receiving_application": "HIS-PHARMACY",
+                                        "send_types": ["RDE^O11", "OMP^O09"], "ack_timeout": "3s",
+                                        "retry_initial": "200ms", "retry_max": "2s"}]
+        prescription = tmp_path / "prescription.json"
+        prescription.write_text(json.dumps(signed_bundle(golden_bundle(), pki.key, pki.chain), ensure_ascii=False),
+                                encoding="utf-8")
         for name, data in (("his-sim.yaml", sim), ("outer.yaml", outer), ("inner.yaml", inner)):
             (tmp_path / name).write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
         procs = [
@@ -168,7 +200,8 @@ def test_the_lock_holds_across_network_namespaces(tmp_path):
         try:
             result = ns.run_python(ns.inet, CLIENT.format(base=f"https://{OUTER_ADDR}:8443/fhir",
                                                           certs=str(tmp_path / "certs"), his=HIS_ADDR,
-                                                          inner=INNER_ADDR), tmp_path)
+                                                          inner=INNER_ADDR, prescription=str(prescription)),
+                                 tmp_path)
         finally:
             for p in procs:
                 p.send_signal(signal.SIGTERM)
@@ -182,7 +215,10 @@ def test_the_lock_holds_across_network_namespaces(tmp_path):
         assert result["status"] == 201, result
         received = read_jsonl(tmp_path / "his-received.jsonl")
         assert [m["placer"] for m in received if m["type"] == "SRM^S01"] == [result["appointment"]]
-        for target in ("his", "inner_gate"):
+        assert result["prescription"] == 200 and len(result["items"]) == 3, result
+        assert [m["placers"] for m in received if m["type"].startswith("RDE")] == [result["items"]]
+        assert result["dispensed"] >= 1, result  # the pharmacy's RDS^O13 came back out through the lock
+        for target in ("his", "pharmacy", "inner_gate"):
             assert result["reach"][target] != "connected", result["reach"]
 
 

@@ -17,74 +17,16 @@ import copy
 import json
 import signal
 import threading
-from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import pytest
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-from cryptography.x509.oid import NameOID
 
-from gateway.signatures import prescription_payload, sign_release
 from tests.e2e.harness import Lock, eventually, free_port, read_jsonl
-
-GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "pharmacy"
-NOW = datetime.now(timezone.utc)
-PRESCRIBER_SCOPES = ["Slot.read", "MedicationRequest.write", "MedicationRequest.read", "MedicationDispense.read"]
-
-
-def _cert(subject, key, issuer, issuer_key, *, ca: bool):
-    return (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(NOW - timedelta(days=1))
-            .not_valid_after(NOW + timedelta(days=30))
-            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=not ca, content_commitment=not ca, key_encipherment=False,
-                                         data_encipherment=False, key_agreement=False, key_cert_sign=ca,
-                                         crl_sign=ca, encipher_only=False, decipher_only=False), critical=True)
-            .sign(issuer_key, hashes.SHA256()))
-
-
-def _name(cn, serial=None):
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]
-                     + ([x509.NameAttribute(NameOID.SERIAL_NUMBER, serial)] if serial else []))
-
-
-def _pem(obj) -> bytes:
-    if isinstance(obj, x509.Certificate):
-        return obj.public_bytes(serialization.Encoding.PEM)
-    return obj.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-
-
-class RxPki:
-    """The prescribers' CA (an internet hospital's), a prescriber (licence D0042, as in the golden Bundle),
-    a CA nobody trusts, and the gateway's release key."""
-
-    def __init__(self, directory: Path):
-        directory.mkdir(parents=True, exist_ok=True)
-        self.ca_key = ec.generate_private_key(ec.SECP256R1())
-        self.ca = _cert(_name("Prescriber CA"), self.ca_key, _name("Prescriber CA"), self.ca_key, ca=True)
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        self.chain = [_cert(_name("张医生", "D0042"), self.key, self.ca.subject, self.ca_key, ca=False)]
-        rogue_key = ec.generate_private_key(ec.SECP256R1())
-        rogue = _cert(_name("Prescriber CA"), rogue_key, _name("Prescriber CA"), rogue_key, ca=True)
-        self.rogue_chain = [_cert(_name("张医生", "D0042"), self.key, rogue.subject, rogue_key, ca=False)]
-        release_key = ec.generate_private_key(ec.SECP256R1())
-        self.release_cert = _cert(_name("gatewayd release"), release_key, _name("gatewayd release"), release_key,
-                                  ca=False)
-        for name, obj in (("prescriber-ca.pem", self.ca), ("release.key", release_key),
-                          ("release.pem", self.release_cert)):
-            (directory / name).write_bytes(_pem(obj))
-
-
-def signed_bundle(body: dict, key, chain) -> dict:
-    jws = sign_release(prescription_payload(body), key, chain)
-    return dict(body, signature={"type": [{"system": "urn:iso-astm:E1762-95:2013", "code": "1.2.840.10065.1.12.1.1"}],
-                                 "when": NOW.isoformat(), "who": {"reference": "Practitioner/D0042"},
-                                 "sigFormat": "application/jose", "data": base64.b64encode(jws.encode()).decode()})
+from tests.e2e.rxpki import PRESCRIBER_SCOPES, RxPki, pem, golden_bundle, signed_bundle
 
 
 def verify_with_plain_cryptography(resource: dict, certificate_pem: bytes) -> None:
@@ -139,7 +81,7 @@ def post(lock, body, platform="demo"):
 
 
 def test_a_signed_bundle_reaches_the_pharmacy_and_its_dispensing_comes_back(lock):
-    body = json.loads((GOLDEN / "bundle_three_items.json").read_text(encoding="utf-8"))
+    body = golden_bundle()
     r = post(lock, signed_bundle(body, lock.pki.key, lock.pki.chain))
     assert r.status_code == 200, r.text
     answer = r.json()
@@ -162,7 +104,7 @@ def test_a_signed_bundle_reaches_the_pharmacy_and_its_dispensing_comes_back(lock
 @pytest.mark.parametrize("how, check", [("unsigned", "missing"), ("tampered", "signature"),
                                         ("other CA", "untrusted")])
 def test_unsigned_tampered_and_foreign_prescriptions_are_refused_and_nothing_reaches_the_his(lock, how, check):
-    body = json.loads((GOLDEN / "bundle_three_items.json").read_text(encoding="utf-8"))
+    body = golden_bundle()
     if how == "unsigned":
         sent = body
     elif how == "tampered":
@@ -185,11 +127,11 @@ def test_a_released_prescription_verifies_and_is_claimed_by_exactly_one_pharmacy
     listed = eventually(lambda: pa.get(f"{lock.base}/MedicationRequest", params={"status": "active"},
                                        timeout=5).json().get("entry"), timeout=20, what="the released prescription")
     resource = listed[0]["resource"]
-    verify_with_plain_cryptography(resource, _pem(lock.pki.release_cert))
+    verify_with_plain_cryptography(resource, pem(lock.pki.release_cert))
     tampered = copy.deepcopy(resource)
     tampered["dispenseRequest"]["quantity"]["value"] = 999
     with pytest.raises(InvalidSignature):
-        verify_with_plain_cryptography(tampered, _pem(lock.pki.release_cert))
+        verify_with_plain_cryptography(tampered, pem(lock.pki.release_cert))
     # the prescribing platform has no claim scope
     assert lock.session("demo").post(f"{lock.base}/MedicationRequest/{resource['id']}/$claim",
                                    timeout=5).status_code == 403
