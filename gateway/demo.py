@@ -66,7 +66,9 @@ def curl_command(workdir: Path, base: str) -> str:
                '"contained":[{"resourceType":"Patient","id":"p","identifier":[{"system":"urn:demo:mrn",'
                '"value":"MRN-0001"}],"name":[{"family":"Wang","given":["Fang"]}]}],'
                '"participant":[{"actor":{"reference":"#p"},"status":"needs-action"}]}')
-    return (f"curl -s {tls} '{base}/Slot?status=free&_count=3'\n"
+    # free slots from now on (the shell fills in the time when the command runs): a free slot that has already
+    # started cannot be booked (409)
+    return (f"curl -s {tls} '{base}/Slot?status=free&_count=3&start=ge'$(date -u +%Y-%m-%dT%H:%M:%SZ)\n"
             f"curl -s {tls} -H 'Content-Type: application/fhir+json' -X POST {base}/Appointment \\\n"
             f"     -d '{booking}'")
 

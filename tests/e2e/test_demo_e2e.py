@@ -1,16 +1,15 @@
 """`gatewayd demo`, the README's first command: it starts the HIS simulator and the gateway on the
-documented ports, prints the FHIR base and a curl command, a booking made the way it says succeeds, and
-Ctrl-C stops everything."""
+documented ports, prints the FHIR base and two curl commands; run by a shell as printed (search free slots from now on, book
+the first), they book a slot; Ctrl-C stops everything."""
 
+import json
 import signal
 import socket
 import subprocess
 import sys
 import time
 
-import requests
-
-from tests.e2e.harness import REPO, appointment_for, eventually
+from tests.e2e.harness import REPO, eventually
 
 
 def port_free(port: int) -> bool:
@@ -36,25 +35,28 @@ def test_demo_runs_books_and_stops(tmp_path):
             if not line:
                 break
             lines.append(line)
-            if line.startswith("curl") and "POST" in line:
+            if "-d '" in line and not line.rstrip().endswith("\\"):  # the booking command's last line
                 break
         out = "".join(lines)
         assert "https://127.0.0.1:8443/fhir" in out, out
         for name in ("ca.pem", "server.pem", "server.key", "platform-demo.pem", "platform-demo.key"):
             assert (workdir / "certs" / name).exists()
 
-        s = requests.Session()
-        s.trust_env = False
-        s.cert = (str(workdir / "certs" / "platform-demo.pem"), str(workdir / "certs" / "platform-demo.key"))
-        s.verify = str(workdir / "certs" / "ca.pem")
-        base = "https://127.0.0.1:8443/fhir"
-        tomorrow = time.strftime("%Y-%m-%d", time.localtime(time.time() + 2 * 86400))
-        slots = eventually(lambda: s.get(f"{base}/Slot", params={"status": "free", "start": f"ge{tomorrow}",
-                                                                 "_count": 1}).json().get("entry"),
-                           timeout=60, what="the demo HIS's slots")
-        r = s.post(f"{base}/Appointment", json=appointment_for(slots[0]["resource"]["id"]),
-                   headers={"Content-Type": "application/fhir+json"})
-        assert r.status_code == 201, r.text
+        # the two printed commands, run by a shell as a person pastes them: search, then book the first slot
+        search = next(line for line in lines if line.startswith("curl") and "/Slot?" in line).strip()
+        book = out[out.index("curl", out.index(search) + len(search)):].replace("\\\n", " ").strip()
+        assert "POST" in book and "SLOT_ID" in book, book
+
+        def first_free_slot():
+            found = subprocess.run(["bash", "-c", search], capture_output=True, text=True, timeout=30)
+            return json.loads(found.stdout).get("entry") if found.returncode == 0 and found.stdout else None
+
+        slots = eventually(first_free_slot, timeout=60, what="the demo HIS's slots through the printed command")
+        booked = subprocess.run(["bash", "-c", book.replace("SLOT_ID", slots[0]["resource"]["id"])
+                                 + " -w '\\n%{http_code}'"], capture_output=True, text=True, timeout=30)
+        body, status = booked.stdout.rsplit("\n", 1)
+        assert status == "201", booked.stdout + booked.stderr
+        assert json.loads(body)["status"] == "booked"
         assert (workdir / "his-received.jsonl").read_text().count('"SRM^S01"') == 1
     finally:
         proc.send_signal(signal.SIGINT)
