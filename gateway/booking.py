@@ -44,13 +44,13 @@ from gateway.scheduling import (
     BookingRequest,
     HisAnswer,
     IdempotencyConflict,
-    Overloaded,
     Patient,
     SchedulingError,
     SlotForHis,
     SlotNotice,
     SlotUnavailable,
     SlotUnknown,
+    check_backlog,
     slot_id,
 )
 
@@ -275,9 +275,7 @@ class BookingService:
         return slot
 
     def _check_backlog(self, tx) -> None:
-        backlog = tx.outbound_backlog(self.his.peer)
-        if backlog >= self.max_backlog:
-            raise Overloaded(f"{backlog} messages are waiting for the HIS; try again later", self.retry_after)
+        check_backlog(tx, self.his.peer, self.max_backlog, self.retry_after)
 
     def hold(self, platform: str, slot_id_: str, patient: Patient | None = None,
              who: AuditEntry | None = None) -> defer.Deferred:

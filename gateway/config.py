@@ -282,7 +282,8 @@ class OuterConfig:
         default="his",
     )
     max_backlog: Annotated[int, Range(1, 10_000_000)] = doc(
-        "Most messages waiting for the HIS; past it new bookings get 503 with Retry-After.", default=1000
+        "Most messages waiting for one HIS endpoint (each counted on its own); past it new bookings, or new "
+        "prescriptions when the pharmacy endpoint is the one behind, get 503 with Retry-After.", default=1000
     )
     rate_limit: Optional[RateLimitConfig] = doc(
         "Requests per second for all platforms together (token bucket); past it 429 with Retry-After. "

@@ -46,6 +46,7 @@ from adapters.mapping.pharmacy import (
 )
 from gateway.booking import new_control_id
 from gateway.inbound import Verdict
+from gateway.scheduling import check_backlog
 from gateway.signatures import SignatureError, TrustStore, canonical_json, prescription_payload, sign_release, verify_detached
 
 log = structlog.get_logger("gateway.prescribing")
@@ -131,8 +132,11 @@ class PrescriptionService:
     encode/on_answer/on_dead and the inbound deciders."""
 
     def __init__(self, chamber, *, tz: ZoneInfo, profile: PharmacyProfile, peer: str, clock,
-                 signatures: SignaturePolicy | None = None, header=None, release_signer=None):
+                 signatures: SignaturePolicy | None = None, header=None, release_signer=None,
+                 max_backlog: int = 1000, retry_after: int = 30):
         self.chamber = chamber
+        self.max_backlog = max_backlog  # messages waiting for the pharmacy endpoint before 503 (outer.max_backlog)
+        self.retry_after = retry_after
         self.tz = tz
         self.profile = profile
         self.peer = peer
@@ -183,6 +187,7 @@ class PrescriptionService:
                     raise Refused(409, "duplicate", f"prescription number {prescription.number} was already "
                                                     f"submitted by this platform with other content")
                 return existing, False
+            check_backlog(tx, self.peer, self.max_backlog, self.retry_after)
             control_id = new_control_id()
             message_id = tx.add_message(
                 direction="outbound", peer=self.peer, control_id=control_id, type=self.message_type,

@@ -113,6 +113,14 @@ class Overloaded(Exception):
         self.retry_after = retry_after
 
 
+def check_backlog(tx, peer: str, limit: int, retry_after: int) -> None:
+    """Refuse new work for ``peer`` (Overloaded: 503 + Retry-After) while ``limit`` or more messages wait for
+    it; each HIS endpoint has its own count, so a stalled pharmacy does not stop bookings, nor the reverse."""
+    backlog = tx.outbound_backlog(peer)
+    if backlog >= limit:
+        raise Overloaded(f"{backlog} messages are waiting for HIS endpoint {peer!r}; try again later", retry_after)
+
+
 class IdempotencyConflict(SchedulingError):
     """An Idempotency-Key was used again with a different request."""
 

@@ -352,8 +352,11 @@ def _prescribing(config: GatewayConfig, reactor, tz, chamber, gate: str) -> Pres
         if rx.release_key is not None:
             release_signer = (serialization.load_pem_private_key(rx.release_key.read_bytes(), password=None),
                               x509.load_pem_x509_certificates(rx.release_chain.read_bytes()))
+    outer, his = config.outer, config.inner.endpoint(peer) if config.inner is not None else None
     return PrescriptionService(chamber, tz=tz, profile=profile, peer=peer, clock=reactor, signatures=signatures,
-                               header=header, release_signer=release_signer)
+                               header=header, release_signer=release_signer,
+                               max_backlog=outer.max_backlog if outer is not None else 1000,
+                               retry_after=max(1, int(his.retry_max)) if his is not None else 30)
 
 
 class _ByKind:

@@ -25,7 +25,7 @@ from gateway.prescribing import (
     SignaturePolicy,
     verify_release,
 )
-from gateway.scheduling import HisAnswer
+from gateway.scheduling import HisAnswer, Overloaded
 from gateway.signatures import TrustStore, prescription_payload, sign_release
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "pharmacy"
@@ -224,6 +224,33 @@ def test_the_same_prescription_again_is_the_first_one_and_other_content_is_refus
         submit(rx, pki, changed)
     assert e.value.status == 409
     assert len(chamber.read().messages(direction="outbound")) == 1
+
+
+def renumbered(number: str) -> dict:
+    body = bundle()
+    for entry in body["entry"]:
+        if entry["resource"]["resourceType"] == "MedicationRequest":
+            entry["resource"]["groupIdentifier"]["value"] = number
+    return body
+
+
+def test_past_the_backlog_of_its_pharmacy_a_new_prescription_is_refused_but_a_repeat_still_answered(world, pki):
+    """Two orders wait for the pharmacy endpoint and the limit is 2: a third prescription is refused with
+    Overloaded (503 + Retry-After at the API) and nothing of it is stored; repeating the first is still answered
+    with the first (no new work); once the pharmacy has answered one, new work is taken again."""
+    rx, chamber, _, _ = world
+    rx.max_backlog, rx.retry_after = 2, 7
+    first, _ = submit(rx, pki, renumbered("RX-1"))
+    submit(rx, pki, renumbered("RX-2"))
+    with pytest.raises(Overloaded) as e:
+        submit(rx, pki, renumbered("RX-3"))
+    assert e.value.retry_after == 7 and "'pharmacy'" in str(e.value)
+    assert len(chamber.read().messages(direction="outbound")) == 2
+    again, created = submit(rx, pki, renumbered("RX-1"))
+    assert again.id == first.id and not created
+    chamber.transact_now(lambda tx: tx.set_message_state(first.message_id, "delivered", detail="AA"))
+    third, created = submit(rx, pki, renumbered("RX-3"))
+    assert created and third.status == "pending"
 
 
 def test_a_released_prescription_is_claimed_once_and_verifies_with_the_gateways_certificate(world):
