@@ -36,7 +36,7 @@ from adapters.mapping.pharmacy import PharmacyProfile
 from adapters.mapping.srm_booking import Hl7Header, build_sqm_s25, build_srm
 from adapters.mllp import tls as mllp_tls
 from adapters.mllp.client import MLLPClient
-from adapters.mllp.server import MLLPServerFactory
+from adapters.mllp.server import MLLPServerFactory, no_delay
 from gateway.audit import AuditTrail
 from gateway.admin import AdminResource, Metrics
 from gateway.booking import BookingService, HisLinkInfo, SlotBook
@@ -136,6 +136,10 @@ class TlsSwitch:
 
 
 class _WatchedTLSProtocol(TLSMemoryBIOFactory.protocol):
+    def makeConnection(self, transport):
+        no_delay(transport)  # an answer's last TLS record must not wait for the client's delayed ACK
+        super().makeConnection(transport)
+
     def connectionLost(self, reason):
         why = self._reason or reason  # the TLS error that ended the connection, if one did
         if not self._handshakeDone and why is not None and why.check(SSL.Error):

@@ -196,6 +196,26 @@ class Lock:
     def cert(self, platform: str = "demo") -> tuple[str, str]:
         return str(self.certs / f"platform-{platform}.pem"), str(self.certs / f"platform-{platform}.key")
 
+    def renew_server_certificate(self) -> int:
+        """Replace certs/server.pem and server.key with a new certificate from the same dev CA (as an operator
+        renewing it would), send the gateway SIGHUP, and return the new certificate's serial number."""
+        import shutil
+
+        from cryptography import x509
+
+        from gateway.devca import init_dev_ca
+
+        renewed = self.workdir / "renewed"
+        shutil.rmtree(renewed, ignore_errors=True)
+        shutil.copytree(self.certs, renewed)
+        for name in ("server.pem", "server.key"):
+            (renewed / name).unlink()
+        init_dev_ca(renewed)  # same CA, a new server certificate
+        for name in ("server.pem", "server.key"):
+            shutil.copy(renewed / name, self.certs / name)
+        self.gateway.popen.send_signal(signal.SIGHUP)
+        return x509.load_pem_x509_certificate((self.certs / "server.pem").read_bytes()).serial_number
+
     def session(self, platform: str = "demo") -> requests.Session:
         s = requests.Session()
         s.trust_env = False  # REQUESTS_CA_BUNDLE in the environment would override Session.verify

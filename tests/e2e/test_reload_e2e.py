@@ -43,11 +43,8 @@ def test_sighup_revokes_and_a_broken_config_keeps_the_old_one(tmp_path):
 def test_sighup_takes_a_new_server_certificate_for_new_connections(tmp_path):
     """A renewed server certificate (new files, same names) is served to new connections after SIGHUP,
     without a restart."""
-    import shutil
     import socket
     import ssl
-
-    from gateway.devca import init_dev_ca
 
     lock = Lock(tmp_path)
     with lock:
@@ -59,14 +56,6 @@ def test_sighup_takes_a_new_server_certificate_for_new_connections(tmp_path):
                     return x509.load_der_x509_certificate(s.getpeercert(binary_form=True)).serial_number
 
         before = served_serial()
-        renewed = tmp_path / "renewed"
-        shutil.copytree(lock.certs, renewed)
-        for name in ("server.pem", "server.key"):
-            (renewed / name).unlink()
-        init_dev_ca(renewed)  # same CA, a new server certificate
-        for name in ("server.pem", "server.key"):
-            shutil.copy(renewed / name, lock.certs / name)
-        new_serial = x509.load_pem_x509_certificate((lock.certs / "server.pem").read_bytes()).serial_number
+        new_serial = lock.renew_server_certificate()
         assert new_serial != before
-        lock.gateway.popen.send_signal(signal.SIGHUP)
         eventually(lambda: served_serial() == new_serial, what="the renewed certificate to be served")

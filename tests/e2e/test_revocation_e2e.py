@@ -3,7 +3,6 @@ refused after SIGHUP while the process keeps running and other platforms keep wo
 only its key; the MLLP listener takes a renewed certificate on SIGHUP without dropping an open connection;
 failed handshakes are counted per gate in /metrics."""
 
-import shutil
 import signal
 import socket
 import ssl
@@ -175,16 +174,8 @@ def test_the_mllp_listener_takes_a_renewed_certificate_on_sighup_without_droppin
     try:
         assert exchange(held, "KEEP-1") == "AA"
         before = served_serial()
-        renewed = tmp_path / "renewed"
-        shutil.copytree(lock.certs, renewed)
-        for name in ("server.pem", "server.key"):
-            (renewed / name).unlink()
-        init_dev_ca(renewed)  # same CA, a new server certificate
-        for name in ("server.pem", "server.key"):
-            shutil.copy(renewed / name, lock.certs / name)
-        new_serial = x509.load_pem_x509_certificate((lock.certs / "server.pem").read_bytes()).serial_number
+        new_serial = lock.renew_server_certificate()
         assert new_serial != before
-        lock.gateway.popen.send_signal(signal.SIGHUP)
         eventually(lambda: served_serial() == new_serial, what="the renewed certificate on new MLLP connections")
         applied = [e for e in read_jsonl(lock.gateway.log_path) if e.get("event") == "gateway.reloaded"][-1]["applied"]
         assert "inner.tls" in applied
