@@ -640,12 +640,48 @@ class Txn:
     # -- operators -------------------------------------------------------------------------------------------
     def purge_dead(self, older_than: float) -> int:
         """Delete dead-lettered messages (and their stories) last changed before ``older_than``."""
-        ids = [r[0] for r in self._c.execute(
-            "SELECT id FROM messages WHERE state = 'dead' AND updated < ?", (older_than,))]
-        for i in ids:
-            self._c.execute("DELETE FROM message_events WHERE message_id = ?", (i,))
-            self._c.execute("DELETE FROM messages WHERE id = ?", (i,))
+        return self._delete_messages([r[0] for r in self._c.execute(
+            "SELECT id FROM messages WHERE state = 'dead' AND updated < ?", (older_than,))])
+
+    def _delete_messages(self, ids: list[int]) -> int:
+        rows = [(i,) for i in ids]
+        self._c.executemany("DELETE FROM message_events WHERE message_id = ?", rows)
+        self._c.executemany("DELETE FROM messages WHERE id = ?", rows)
         return len(ids)
+
+    # -- retention (gateway/retention.py): what the chamber no longer needs to keep ----------------------------
+    def prune_messages(self, ended_before: float, limit: int) -> int:
+        """Delete up to ``limit`` messages that ended (delivered, refused, withdrawn) before ``ended_before``,
+        with their stories, oldest first.  Dead letters wait for an operator; a prescription's order stays
+        with its prescription."""
+        return self._delete_messages([r[0] for r in self._c.execute(
+            "SELECT id FROM messages WHERE state IN ('delivered', 'refused', 'withdrawn') AND updated < ?"
+            " AND id NOT IN (SELECT message_id FROM prescriptions WHERE message_id IS NOT NULL)"
+            " ORDER BY id LIMIT ?", (ended_before, limit))])
+
+    def prune_appointments(self, slot_ended_before: float, limit: int) -> int:
+        """Delete up to ``limit`` settled appointments (booked, cancelled, refused; nothing awaited from the
+        HIS) whose slot ended before ``slot_ended_before``, with the platform's request as sent, their
+        idempotency keys and identifiers."""
+        rows = [(r[0],) for r in self._c.execute(
+            "SELECT a.id FROM appointments a JOIN slots s ON s.id = a.slot_id WHERE s.end_ts < ?"
+            " AND a.status IN ('booked', 'cancelled', 'refused') AND a.pending_change IS NULL LIMIT ?",
+            (slot_ended_before, limit))]
+        for table in ("platform_requests", "idempotency_keys", "appointment_identifiers"):
+            self._c.executemany(f"DELETE FROM {table} WHERE appointment_id = ?", rows)
+        self._c.executemany("DELETE FROM appointments WHERE id = ?", rows)
+        return len(rows)
+
+    def prune_slots(self, ended_before: float, limit: int) -> int:
+        """Delete up to ``limit`` slots that ended before ``ended_before`` and no appointment refers to."""
+        return self._c.execute(
+            "DELETE FROM slots WHERE id IN (SELECT id FROM slots WHERE end_ts < ?"
+            " AND id NOT IN (SELECT slot_id FROM appointments) LIMIT ?)", (ended_before, limit)).rowcount
+
+    def prune_expired_credentials(self) -> int:
+        """Delete client assertions past the time a replay could matter and access tokens past expiry."""
+        return sum(self._c.execute(f"DELETE FROM {table} WHERE expires < ?", (self.now,)).rowcount
+                   for table in ("oauth_assertions", "oauth_tokens"))
 
     # -- OAuth2 client credentials (gateway/oauth.py; tables oauth_assertions, oauth_tokens) ---------------------
     def remember_assertion(self, platform: str, jti: str, keep_until: float) -> bool:

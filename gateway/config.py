@@ -52,6 +52,24 @@ class ChamberConfig:
         "able to write it; back it up like a database.",
         default=Path("chamber.sqlite3"),
     )
+    keep_messages: Optional[Duration] = doc(
+        "How long a message that has ended (delivered, refused, withdrawn) is kept with its raw bytes, answer "
+        "and story; then it is deleted. Dead letters stay until `gatewayd queue purge`; a prescription's order "
+        "stays with the prescription. A HIS resending a message older than this is no longer recognised as "
+        "resending it. null: keep every message.",
+        default=Duration(180 * 86400.0),
+    )
+    keep_appointments: Optional[Duration] = doc(
+        "How long after its slot has ended a settled appointment is kept (with the patient data the booking "
+        "needed, the platform's request as sent, its idempotency keys and identifiers), and a slot the HIS "
+        "published; then they are deleted. The audit trail is kept apart (audit.retention). null: keep them.",
+        default=Duration(180 * 86400.0),
+    )
+    prune_every: Annotated[Duration, Range(1, None)] = doc(
+        "How often what is past keep_messages / keep_appointments (and expired OAuth2 tokens and client "
+        "assertions) is deleted, in small transactions; also once at start.",
+        default=Duration(3600.0),
+    )
 
 
 @dataclass(frozen=True)

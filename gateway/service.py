@@ -3,6 +3,7 @@
 Start order (stop order is the reverse)::
 
     chamber            opened first (before any listener accepts), closed last
+    retention          deletes what is past chamber.keep_messages / keep_appointments (gateway/retention.py)
     relay:<his>        delivers committed outbound messages to the HIS (one per HIS endpoint: `routes`)
     poller:<his>       only with slot_source: poll
     holds              releases bookings the HIS did not answer in time
@@ -49,6 +50,7 @@ from gateway.quota import Quotas
 from gateway.ratelimit import RateLimiter
 from gateway.prescribing import PrescriptionService, SignaturePolicy
 from gateway.relay import Relay
+from gateway.retention import Retention, RetentionService
 from gateway.signatures import TrustStore
 
 log = structlog.get_logger("gateway.service")
@@ -281,6 +283,9 @@ def make_service(config: GatewayConfig, reactor, gate: str = "both") -> service.
     ChamberService(chamber).setServiceParent(root)
     if gate != "both":
         WatchService(chamber, reactor).setServiceParent(root)
+    keep = config.chamber
+    RetentionService(chamber, Retention(keep.keep_messages, keep.keep_appointments), reactor,
+                     keep.prune_every).setServiceParent(root)
 
     his = config.inner.his if config.inner is not None else None
     if his is not None:

@@ -108,3 +108,37 @@ def test_systemd_readiness_and_stop_notifications(tmp_path):
         if proc.poll() is None:
             proc.kill()
         notify.close()
+
+
+def test_retention_deletes_ended_messages_of_a_running_gateway(tmp_path):
+    """With chamber.keep_messages 2s (pruned every second), a booking's delivered SRM^S01 and the SIUs the HIS
+    sent leave the chamber by themselves, while the appointment (keep_appointments: null) is still read as
+    booked; the gateway logs what it deleted, in counts only."""
+    import sqlite3
+
+    from tests.e2e.harness import Lock
+
+    lock = Lock(tmp_path, doctors=1, days=1)
+    lock.gateway_config["chamber"].update(keep_messages="2s", keep_appointments=None, prune_every="1s")
+    lock.write_configs()
+    with lock:
+        slot = lock.search_slots(status="free")[0]["id"]
+        booked = lock.session().post(f"{lock.base}/Appointment", json=appointment_for(slot),
+                                     headers={"Content-Type": "application/fhir+json"})
+        assert booked.status_code == 201, booked.text
+
+        def messages_left() -> int:
+            conn = sqlite3.connect(f"file:{tmp_path / 'chamber.sqlite3'}?mode=ro", uri=True)
+            try:
+                return conn.execute("SELECT count(*) FROM messages").fetchone()[0]
+            finally:
+                conn.close()
+
+        assert messages_left() > 0
+        eventually(lambda: messages_left() == 0, timeout=15, what="the ended messages to be pruned")
+        again = lock.session().get(f"{lock.base}/Appointment/{booked.json()['id']}")
+        assert again.status_code == 200 and again.json()["status"] == "booked"
+        pruned = [e for e in map(json.loads, (line for line in lock.gateway.log_path.read_text().splitlines()
+                                               if line.startswith("{")))
+                  if e.get("event") == "chamber.pruned"]
+        assert pruned and sum(e.get("messages", 0) for e in pruned) >= 2

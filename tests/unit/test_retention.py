@@ -1,0 +1,167 @@
+"""Retention (gateway/retention.py): what is past chamber.keep_messages / keep_appointments is deleted, and
+nothing else — not dead letters, not a prescription's order, not an appointment still waiting for the HIS,
+not the audit trail.
+
+Runs the real booking service on a real chamber file (transactions committed synchronously, task.Clock).
+"""
+
+from datetime import timedelta
+
+import pytest
+
+from gateway.chamber import Chamber
+from gateway.retention import BATCH, Retention, RetentionService, prune
+from gateway.scheduling import BookingRequest, slot_id
+from tests.unit.test_booking import PATIENT, SID, START, TZ, answer, encoded, env, notice, outbound, result  # noqa: F401
+
+DAY = 86400.0
+LATER = START + timedelta(minutes=15)
+LATER_SID = slot_id("D001", LATER)
+
+
+def counts(chamber: Chamber) -> dict[str, int]:
+    conn = chamber._writer
+    return {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+            for t in ("messages", "message_events", "appointments", "slots", "platform_requests",
+                      "idempotency_keys", "audit_records")}
+
+
+def delivered(chamber, booking, message, his_appointment=None):
+    """What the relay does with an AA: the booking service's decision and the message's state, in one unit."""
+    encoded(chamber, booking, message)
+    answer(chamber, booking, message, "AA", his_appointment=his_appointment)
+    chamber.transact_now(lambda tx: tx.set_message_state(message.id, "delivered", answer_code="AA"))
+
+
+def run(chamber, retention, now):
+    return result(prune(chamber, retention, now))
+
+
+@pytest.fixture
+def booked(env):
+    """S1 booked (SRM^S01 delivered), S2 booked then cancelled (S04 delivered), a third slot never booked."""
+    chamber, booking, book, clock = env
+    chamber.transact_now(lambda tx: book.apply(tx, [notice("open", LATER), notice("open", START + timedelta(1))]))
+    a1, _ = result(booking.book("demo", BookingRequest(SID, PATIENT), idempotency_key="k1", request_hash="h",
+                                raw=b'{"resourceType":"Appointment"}'))
+    a2, _ = result(booking.book("demo", BookingRequest(LATER_SID, PATIENT)))
+    for m in outbound(chamber):
+        delivered(chamber, booking, m, his_appointment=f"H-{m.id}")
+    result(booking.cancel("demo", a2))
+    delivered(chamber, booking, outbound(chamber)[-1])
+    assert [m.state for m in outbound(chamber)] == ["delivered"] * 3
+    return chamber, booking, clock, a1, a2
+
+
+def test_nothing_is_deleted_before_its_time(booked):
+    chamber, _, clock, *_ = booked
+    before = counts(chamber)
+    deleted = run(chamber, Retention(keep_messages=30 * DAY, keep_appointments=30 * DAY), clock.seconds())
+    assert deleted == {"credentials": 0, "messages": 0, "appointments": 0, "slots": 0}
+    assert counts(chamber) == before
+
+
+def test_ended_messages_and_past_appointments_go_with_what_belongs_to_them(booked):
+    """Over 30 days after the slots: the delivered SRMs and their stories, both settled appointments with their
+    request and idempotency key, and all three slots go; the audit trail stays whole."""
+    chamber, _, clock, a1, a2 = booked
+    audit_before = counts(chamber)["audit_records"]
+    now = START.replace(tzinfo=TZ).timestamp() + 32 * DAY  # (the third slot is a day after the others)
+    deleted = run(chamber, Retention(keep_messages=30 * DAY, keep_appointments=30 * DAY), now)
+    assert deleted == {"credentials": 0, "messages": 3, "appointments": 2, "slots": 3}
+    after = counts(chamber)
+    assert after["messages"] == after["message_events"] == after["appointments"] == after["slots"] == 0
+    assert after["platform_requests"] == after["idempotency_keys"] == 0
+    assert after["audit_records"] == audit_before
+
+
+def test_null_keeps_everything(booked):
+    chamber, *_ = booked
+    before = counts(chamber)
+    far = START.replace(tzinfo=TZ).timestamp() + 3650 * DAY
+    assert run(chamber, Retention(keep_messages=None, keep_appointments=None), far) == {"credentials": 0}
+    assert counts(chamber) == before
+
+
+def test_dead_letters_waiting_messages_and_their_appointments_stay(env):
+    """A dead letter waits for an operator; a booking the HIS has not answered is not settled: its message,
+    appointment and slot all stay however old they are."""
+    chamber, booking, book, clock = env
+    chamber.transact_now(lambda tx: book.apply(tx, [notice("open", LATER)]))
+    result(booking.book("demo", BookingRequest(SID, PATIENT)))
+    dead = outbound(chamber)[0]
+    chamber.transact_now(lambda tx: tx.set_message_state(dead.id, "dead", detail="max attempts"))
+    result(booking.book("demo", BookingRequest(LATER_SID, PATIENT)))  # committed, never answered
+    far = START.replace(tzinfo=TZ).timestamp() + 3650 * DAY
+    deleted = run(chamber, Retention(keep_messages=DAY, keep_appointments=DAY), far)
+    assert deleted["messages"] == 0 and deleted["appointments"] == 0
+    states = sorted(m.state for m in outbound(chamber))
+    assert "dead" in states and "committed" in states
+    assert chamber.read().slot(LATER_SID) is not None
+
+
+def test_a_prescriptions_order_stays_with_the_prescription(booked):
+    chamber, *_ = booked
+    order = outbound(chamber)[0]
+    chamber.transact_now(lambda tx: tx.insert_prescription(id="p1", direction="to_his", platform="demo",
+                                                           number="RX-1", status="active", payload=b"{}",
+                                                           message_id=order.id))
+    far = START.replace(tzinfo=TZ).timestamp() + 3650 * DAY
+    assert run(chamber, Retention(keep_messages=DAY, keep_appointments=None), far)["messages"] == 2
+    assert [m.id for m in outbound(chamber)] == [order.id]
+
+
+def test_expired_tokens_and_assertions_go(env):
+    chamber, _, _, clock = env
+    now = clock.seconds()
+
+    def issue(tx):
+        tx.add_access_token("a" * 64, "demo", "system/Slot.read", now - 1)
+        tx.add_access_token("b" * 64, "demo", "system/Slot.read", now + 300)
+        tx.remember_assertion("demo", "jti-old", now - 1)
+        tx.remember_assertion("demo", "jti-new", now + 300)
+
+    chamber.transact_now(issue)
+    assert run(chamber, Retention(None, None), now) == {"credentials": 2}
+    reader = chamber.read()
+    assert reader.access_token("a" * 64) is None and reader.access_token("b" * 64) is not None
+    assert chamber.transact_now(lambda tx: tx.remember_assertion("demo", "jti-new", now + 300)) is False
+
+
+def test_large_backlogs_are_deleted_in_batches(env, monkeypatch):
+    """More ended messages than one batch: several transactions, until one finds fewer than a batch."""
+    import gateway.retention as retention_module
+
+    chamber, _, _, clock = env
+    monkeypatch.setattr(retention_module, "BATCH", 4)
+
+    def many(tx):
+        for i in range(10):
+            mid = tx.add_message(direction="inbound", peer="his", control_id=f"C{i}", type="SIU^S12",
+                                 state="delivered", body=b"MSH|", charset="utf-8")
+            assert mid
+    chamber.transact_now(many)
+    transactions = []
+    real = chamber.transact
+    monkeypatch.setattr(chamber, "transact", lambda work: transactions.append(work) or real(work))
+    deleted = run(chamber, Retention(keep_messages=1.0, keep_appointments=None), clock.seconds() + 10)
+    assert deleted["messages"] == 10 and len(transactions) == 1 + 3  # credentials, then 4 + 4 + 2
+    assert BATCH == 500  # the module's own value is unchanged outside this test
+
+
+def test_the_service_prunes_at_start_and_then_every_period(booked):
+    chamber, _, clock, *_ = booked
+    clock.advance(START.replace(tzinfo=TZ).timestamp() + 31 * DAY - clock.seconds())
+    svc = RetentionService(chamber, Retention(keep_messages=30 * DAY, keep_appointments=None), clock, every=3600)
+    svc.startService()
+    try:
+        assert svc.last == {"credentials": 0, "messages": 3}
+        chamber.transact_now(lambda tx: tx.add_message(direction="inbound", peer="his", control_id="LATE",
+                                                       type="SIU^S12", state="delivered", body=b"MSH|",
+                                                       charset="utf-8"))
+        clock.advance(30 * DAY - 60)
+        assert svc.last == {"credentials": 0, "messages": 0}  # the hourly run found it not old enough yet...
+        clock.advance(3600)
+        assert svc.last == {"credentials": 0, "messages": 1}  # ...until it was 30 days old
+    finally:
+        svc.stopService()
