@@ -349,7 +349,8 @@ def _queue_retry(chamber, config, args) -> int:
     from gateway.operations import NotRetryable, retry, retry_all_dead
 
     reprocess = make_reprocessor(SlotBook(ZoneInfo(config.hospital.timezone)),
-                                 config.inner.his.charset if config.inner else "utf-8")
+                                 config.inner.his.charset if config.inner else "utf-8",
+                                 config.inner.z_segment_peers() if config.inner else ())
     who = f"operator {getpass.getuser()}"
     if args.all_dead:
         for line in retry_all_dead(chamber, reprocess, who=who):
