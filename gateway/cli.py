@@ -495,7 +495,10 @@ def config_reference() -> str:
     from gateway.config import GatewayConfig
     from gateway.confschema import describe
 
+    def cell(text) -> str:  # a '|' in a value (an ER7 example) must not end the table's cell
+        return str(text).replace("|", "\\|")
+
     lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for key, type_name, default, doc in describe(GatewayConfig):
-        lines.append(f"| `{key}` | {type_name} | {default} | {doc} |")
+        lines.append(f"| `{key}` | {cell(type_name)} | {cell(default)} | {cell(doc)} |")
     return "\n".join(lines)
