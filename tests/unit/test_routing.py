@@ -14,9 +14,8 @@ from adapters.hl7.er7 import parse
 from adapters.mapping.srm_booking import Hl7Header, build_srm
 from gateway.booking import BookingService, HisLinkInfo, SlotBook
 from gateway.chamber import Chamber
-from gateway.config import load_config
-from gateway.confschema import ConfigError
 from gateway.scheduling import BookingRequest, HisAnswer, Patient, PatientIdentifier, ScheduleInfo, SlotNotice, slot_id
+from tests.unit import test_config_grants as config_grants
 
 HEAD = """
 inner:
@@ -28,15 +27,11 @@ inner:
 
 
 def load(tmp_path, text):
-    path = tmp_path / "g.yaml"
-    path.write_text(HEAD + text, encoding="utf-8")
-    return load_config(path)
+    return config_grants.load(tmp_path, text, HEAD)
 
 
 def problems(tmp_path, text):
-    with pytest.raises(ConfigError) as e:
-        load(tmp_path, text)
-    return [f"{i.line}:{i.key}: {i.message}" for i in e.value.issues]
+    return config_grants.problems(tmp_path, text, HEAD)
 
 
 # -- the configuration -----------------------------------------------------------------------------------
