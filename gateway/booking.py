@@ -496,8 +496,10 @@ class BookingService:
             serial=who.serial if who else None, source=source or (who.source if who else None),
             resource_type="Appointment", resource_id=appointment_id, detail=detail))
 
-    def _settled(self, tx, appt, action: str, outcome: int, detail: str, source: str | None = None) -> None:
-        self._audit(tx, None, appt.platform, action, outcome, appt.id, detail, source or f"his:{self.his.peer}")
+    def _settled(self, tx, appt, action: str, outcome: int, detail: str, source: str) -> None:
+        """Audit how a change the platform asked for ended; ``source``: 'his:<endpoint>' that answered, or
+        'gateway'."""
+        self._audit(tx, None, appt.platform, action, outcome, appt.id, detail, source)
 
     def appointment(self, platform: str, appointment_id: str):
         return self._own(self.chamber.read(), platform, appointment_id)
@@ -566,18 +568,18 @@ class BookingService:
         slot = tx.slot(appt.slot_id)
         kind = message.type.split("^")[-1]
         if kind == "S01":
-            self._answer_booking(tx, appt, slot, answer)
+            self._answer_booking(tx, appt, slot, answer, f"his:{message.peer}")
         else:
-            self._answer_cancel(tx, appt, slot, answer)
+            self._answer_cancel(tx, appt, slot, answer, f"his:{message.peer}")
 
-    def _answer_booking(self, tx, appt, slot, answer: HisAnswer) -> None:
+    def _answer_booking(self, tx, appt, slot, answer: HisAnswer, source: str) -> None:
         if appt.status == "pending" and appt.pending_change == "book":
             if answer.accepted:
                 tx.update_appointment(appt.id, status="booked", pending_change=None, hold_expires=None,
                                       his_appointment=answer.his_appointment, outcome=None)
                 tx.update_slot(slot.id, held_by=None, booked_by=appt.id, his_status="busy",
                                his_appointment=answer.his_appointment or slot.his_appointment)
-                self._settled(tx, appt, "book.settled", 201, f"booked by the HIS ({answer.code})")
+                self._settled(tx, appt, "book.settled", 201, f"booked by the HIS ({answer.code})", source)
                 if appt.replaces:
                     self._moved(tx, appt)
             else:
@@ -585,15 +587,15 @@ class BookingService:
                                       outcome=f"refused by the HIS ({answer.code}): {answer.text or 'no reason given'}")
                 if slot.held_by == appt.id:
                     tx.update_slot(slot.id, held_by=None)
-                self._settled(tx, appt, "book.settled", 409, f"refused by the HIS ({answer.code})")
+                self._settled(tx, appt, "book.settled", 409, f"refused by the HIS ({answer.code})", source)
                 self._not_moved(tx, appt, f"the new booking was refused by the HIS ({answer.code})")
         elif answer.accepted:
             # The hold was released (expired or cancelled) before the HIS accepted: undo it at the HIS.
             self._queue_compensating_cancel(tx, appt, slot, answer.his_appointment)
             self._settled(tx, appt, "book.settled", 409,
-                          f"accepted by the HIS ({answer.code}) after the hold was released; cancel queued")
+                          f"accepted by the HIS ({answer.code}) after the hold was released; cancel queued", source)
 
-    def _answer_cancel(self, tx, appt, slot, answer: HisAnswer) -> None:
+    def _answer_cancel(self, tx, appt, slot, answer: HisAnswer, source: str) -> None:
         if appt.pending_change != "cancel":
             return  # a compensating cancel: the appointment is already cancelled on our side
         if answer.accepted:
@@ -602,12 +604,12 @@ class BookingService:
                                   outcome=appt.outcome if moved else "cancelled by the platform")
             if slot.booked_by == appt.id:
                 tx.update_slot(slot.id, booked_by=None, his_status="free", his_appointment=None)
-            self._settled(tx, appt, "cancel.settled", 200, f"cancelled by the HIS ({answer.code})")
+            self._settled(tx, appt, "cancel.settled", 200, f"cancelled by the HIS ({answer.code})", source)
         else:
             tx.update_appointment(appt.id, pending_change=None,
                                   outcome=f"cancellation refused by the HIS ({answer.code}): "
                                           f"{answer.text or 'no reason given'}")
-            self._settled(tx, appt, "cancel.settled", 409, f"cancellation refused by the HIS ({answer.code})")
+            self._settled(tx, appt, "cancel.settled", 409, f"cancellation refused by the HIS ({answer.code})", source)
             self._freed_meanwhile(tx, appt, slot)
 
     @staticmethod
@@ -641,12 +643,14 @@ class BookingService:
                 tx.update_slot(slot.id, held_by=None)
             if message.attempts > 0:  # it may have reached the HIS before its answer was lost
                 self._queue_compensating_cancel(tx, appt, slot, None)
-            self._settled(tx, appt, "book.settled", 409, "dead-lettered: the HIS did not take the booking")
+            self._settled(tx, appt, "book.settled", 409, "dead-lettered: the HIS did not take the booking",
+                          f"his:{message.peer}")
             self._not_moved(tx, appt, "the new booking did not reach the HIS")
         elif kind != "S01" and appt.pending_change == "cancel":
             tx.update_appointment(appt.id, pending_change=None,
                                   outcome=f"the cancellation did not reach the HIS: {reason}")
-            self._settled(tx, appt, "cancel.settled", 409, "dead-lettered: the cancellation did not reach the HIS")
+            self._settled(tx, appt, "cancel.settled", 409, "dead-lettered: the cancellation did not reach the HIS",
+                          f"his:{message.peer}")
             self._freed_meanwhile(tx, appt, tx.slot(appt.slot_id))
 
     # -- holds -----------------------------------------------------------------------------------------------

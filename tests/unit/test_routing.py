@@ -212,6 +212,8 @@ def test_a_cancellation_follows_its_booking_with_the_endpoints_own_cancel_and_z_
     assert [s.er7() for s in srm.all("ZCH")] == ["ZCH|WEB^demo|互联网"]
     assert srm.segments[-1].name == "ZCH"
     chamber.transact_now(lambda tx: booking.on_answer(tx, tx.message(book_msg.id), HisAnswer("AA", "", "H1")))
+    settled = [r for r in chamber.read().audit_records() if r.action == "book.settled"]
+    assert [(r.resource_id, r.source) for r in settled] == [(appointment_id, "his:his-branch-b")]  # who answered
     assert result(booking.cancel("demo", appointment_id)) == "sent"
     cancel_msg = queued(chamber, appointment_id)[-1]
     assert cancel_msg.peer == "his-branch-b"
