@@ -149,6 +149,12 @@ class HisConfig:
 
     def __post_validate__(self):
         issues = _charset_issue("charset", self.charset)
+        if not issues:
+            for i, z in enumerate(self.z_segments):
+                try:
+                    z.encode(self.charset)
+                except UnicodeEncodeError:
+                    issues.append((f"z_segments[{i}]", f"it cannot be written in this HIS's charset {self.charset}"))
         if self.slot_source == "poll" and not type_allowed("SQM^S25", self.send_types):
             issues.append(("send_types", "slot_source: poll sends SQM^S25: allow it in send_types"))
         if self.window > 1 and self.ordering == "fifo":

@@ -103,6 +103,9 @@ def test_outbound_z_segments_must_be_z_segments(tmp_path):
                                "z_segments: ['ZCH|WEB', 'PID|1', 'ZX|a']}\n")
     assert [p.split(": ")[0] for p in found] == ["7:inner.endpoints[2].z_segments[1]",
                                                   "7:inner.endpoints[2].z_segments[2]"], found
+    found = problems(tmp_path, "    - {name: x, host: h, port: 1, receiving_application: X, charset: ascii, "
+                               "z_segments: ['ZCH|WEB', 'ZCH|互联网']}\n")
+    assert [p.split(": ")[0] for p in found] == ["7:inner.endpoints[2].z_segments[1]"], found
 
 
 # -- the booking service applies them ---------------------------------------------------------------------
