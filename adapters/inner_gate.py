@@ -50,7 +50,7 @@ from adapters.mllp.server import Answer
 from gateway.booking import new_control_id
 from gateway.crossing import type_allowed
 from gateway.errors import ChamberWriteError
-from gateway.inbound import Received
+from gateway.inbound import Received, z_segments_kept
 from gateway.relay import DeliveryFailed
 from gateway.scheduling import HisAnswer
 
@@ -172,14 +172,16 @@ def nak_code(err: Hl7Error) -> str:
     return "AR" if err.code in (200, 201, 203) else "AE"
 
 
-def make_reprocessor(slot_book, default_charset: str):
+def make_reprocessor(slot_book, default_charset: str, z_segment_peers=frozenset()):
     """For ``gatewayd queue retry`` of a refused inbound message: read its raw bytes again with the current
-    code and apply them (inside the caller's transaction).  Returns (ACK code, text) as the gate would."""
+    code and apply them (inside the caller's transaction).  Returns (ACK code, text) as the gate would.
+    ``z_segment_peers``: the HIS endpoints whose Z-segments are passed on (``pass_z_segments``)."""
     from adapters.hl7.er7 import parse
 
     def reprocess(tx, message_row) -> tuple[str, str]:
         try:
-            notices = slot_notices(parse(message_row.body, default_charset=default_charset))
+            notices = z_segments_kept(slot_notices(parse(message_row.body, default_charset=default_charset)),
+                                      message_row.peer in z_segment_peers)
         except Hl7Error as e:
             return nak_code(e), str(e)
         touched = slot_book.apply(tx, notices)

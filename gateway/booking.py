@@ -59,6 +59,8 @@ log = structlog.get_logger("gateway.booking")
 #: slot action -> the HIS status it leaves
 _HIS_STATUS = {"open": "free", "free": "free", "block": "busy-unavailable", "book": "busy",
                "reschedule": "busy", "noshow": "busy"}
+#: slot actions that publish the slot (no patient's appointment on it): they set its Z-segments
+_PUBLICATIONS = frozenset({"open", "block"})
 
 
 _random_bytes = bytearray()  # from the OS in 4 KB draws (one getrandom() per ~400 ids, not one per id)
@@ -119,7 +121,7 @@ class SlotBook:
         tx.upsert_schedule(ScheduleRow(
             id=n.schedule.id, display=n.schedule.display, practitioner_id=n.schedule.practitioner_id,
             practitioner_name=n.schedule.practitioner_name, department_code=n.schedule.department_code,
-            department_name=n.schedule.department_name, updated=tx.now,
+            department_name=n.schedule.department_name, facility=n.schedule.facility, updated=tx.now,
         ))
         sid = slot_id(n.schedule.id, n.start_local)
         instant = (n.start_local, n.start_local.fold)  # (equal naive datetimes may differ in fold)
@@ -131,6 +133,10 @@ class SlotBook:
         end_ts = start_ts + n.minutes * 60
         his_status = _HIS_STATUS[n.action]
         his_appointment = n.his_appointment if his_status == "busy" else None
+        # Z-segments only from the HIS publishing the slot (open, blocked): notices about a patient's
+        # appointment may carry that patient's data in theirs, and every platform reads the Slot.
+        publication = n.action in _PUBLICATIONS
+        z_segments = "\r".join(n.z_segments) or None if publication else None
 
         if n.action == "reschedule" and n.his_appointment:
             old = tx.slot_by_his_appointment(n.his_appointment)
@@ -143,8 +149,8 @@ class SlotBook:
                 id=sid, schedule_id=n.schedule.id, start_local=f"{n.start_local:%Y%m%d%H%M}",
                 start_ts=start_ts, end_ts=end_ts, minutes=n.minutes, service_code=n.service_code,
                 service_text=n.service_text, his_status=his_status, his_appointment=his_appointment,
-                held_by=None, booked_by=None, updated=tx.now,
-            ), or_update=True)
+                held_by=None, booked_by=None, updated=tx.now, z_segments=z_segments,
+            ), or_update=True, publication=publication)
             return sid
         slot = tx.slot(sid)
         if slot is None:
@@ -152,11 +158,13 @@ class SlotBook:
                 id=sid, schedule_id=n.schedule.id, start_local=f"{n.start_local:%Y%m%d%H%M}",
                 start_ts=start_ts, end_ts=end_ts, minutes=n.minutes, service_code=n.service_code,
                 service_text=n.service_text, his_status=his_status, his_appointment=his_appointment,
-                held_by=None, booked_by=None, updated=tx.now,
+                held_by=None, booked_by=None, updated=tx.now, z_segments=z_segments,
             ))
             return sid
         changes = dict(start_ts=start_ts, end_ts=end_ts, minutes=n.minutes, service_code=n.service_code,
                        service_text=n.service_text, his_status=his_status, his_appointment=his_appointment)
+        if publication:
+            changes["z_segments"] = z_segments
         if his_status == "free" and slot.booked_by:
             # The HIS freed a slot one of our platforms had booked: the hospital cancelled it — unless we
             # are cancelling it ourselves: then this is most likely our SRM^S04 taking effect, its answer
@@ -187,16 +195,24 @@ class HisLinkInfo:
     charset: str = "utf-8"
     cancel_trigger: str = "S04"  # 'S04' or 'S03'
     build_srm: Callable[..., bytes] | None = None  # adapters.mapping.srm_booking.build_srm, header bound
+    z_segments: tuple[str, ...] = ()  # added to every SRM ('{platform}' -> the platform's name)
 
 
 class BookingService:
     """Books and cancels on behalf of platforms; keeps the hold -> confirm rules."""
 
     def __init__(self, chamber, his: HisLinkInfo, *, tz: ZoneInfo, hold_seconds: float, clock,
-                 max_backlog: int = 1000, retry_after: int = 30, quotas=None):
+                 max_backlog: int = 1000, retry_after: int = 30, quotas=None, route=None, by_facility: bool = False,
+                 links: dict[str, HisLinkInfo] | None = None):
         self.chamber = chamber
         self.quotas = quotas  # gateway.quota.Quotas, or None: no platform is limited
         self.his = his
+        # route(message type, facility or None) -> the first matching route (``.to``, ``.facility``) or None
+        # for the HIS (GatewayConfig.route_taken); by_facility: some route names a facility (only then is a
+        # booking's schedule looked up for it).  links: every HIS endpoint by name (inner gate: to encode).
+        self.route = route
+        self.by_facility = by_facility
+        self.links = links or {his.peer: his}
         self.tz = tz
         self.hold_seconds = hold_seconds
         self.max_backlog = max_backlog
@@ -238,7 +254,7 @@ class BookingService:
                 if existing is not None:
                     return existing, "existing"
             slot = self._bookable_slot(tx, platform, request.slot_id)
-            self._check_backlog(tx)
+            peer = self._check_backlog(tx, slot)
             tx.insert_appointment(AppointmentRow(
                 id=appointment_id, platform=platform, slot_id=slot.id, status="pending",
                 patient=request.patient.to_json(), description=request.description or None,
@@ -252,7 +268,7 @@ class BookingService:
             if idempotency_key is not None:
                 tx.remember_request(platform, idempotency_key, request_hash, appointment_id)
             tx.update_slot(slot.id, held_by=appointment_id)
-            self._queue(tx, control_id, "S01", appointment_id, request.patient, f"booking {appointment_id}")
+            self._queue(tx, control_id, "S01", appointment_id, request.patient, f"booking {appointment_id}", peer)
             self._audit(tx, who, platform, "book", 202, appointment_id, f"slot {slot.id} held; SRM^S01 queued")
             return appointment_id, "new"
 
@@ -274,8 +290,33 @@ class BookingService:
             self.quotas.check(tx, platform, slot)
         return slot
 
-    def _check_backlog(self, tx) -> None:
-        check_backlog(tx, self.his.peer, self.max_backlog, self.retry_after)
+    def _check_backlog(self, tx, slot) -> str:
+        """The HIS endpoint a booking of ``slot`` goes to; Overloaded when too much waits for it."""
+        peer = self._booking_peer(tx, slot)
+        check_backlog(tx, peer, self.max_backlog, self.retry_after)
+        return peer
+
+    def _facility(self, tx, slot) -> str | None:
+        """The facility that published ``slot``'s schedule (None: none known, or no route asks)."""
+        if not self.by_facility or slot is None:
+            return None
+        schedule = tx.schedule(slot.schedule_id)
+        return (schedule.facility or None) if schedule is not None else None
+
+    def _booking_peer(self, tx, slot) -> str:
+        """Where SRM^S01 for ``slot`` goes: the first route for SRM^S01 and the schedule's facility, else the
+        HIS."""
+        if self.route is None:
+            return self.his.peer
+        r = self.route("SRM^S01", self._facility(tx, slot))
+        return r.to if r is not None else self.his.peer
+
+    def _cancel_peer(self, tx, appointment_id: str) -> str:
+        """A cancellation goes where its booking went (the HIS that has it), whatever the routes say now."""
+        for msg in tx.messages_for_subject(subject_of(appointment_id)):
+            if msg.type == "SRM^S01":
+                return msg.peer
+        return self.his.peer
 
     def hold(self, platform: str, slot_id_: str, patient: Patient | None = None,
              who: AuditEntry | None = None) -> defer.Deferred:
@@ -338,10 +379,10 @@ class BookingService:
             if not who_for.identifiers:
                 raise PatientRequired("booking needs the patient: a Patient with an identifier the HIS knows "
                                       "(patient-resource, or a contained Patient in appointment-resource)")
-            self._check_backlog(tx)
+            peer = self._check_backlog(tx, slot)
             tx.update_appointment(appt.id, patient=who_for.to_json(), pending_change="book",
                                   hold_expires=tx.now + self.hold_seconds)
-            self._queue(tx, control_id, "S01", appt.id, who_for, f"booking {appt.id} (held)")
+            self._queue(tx, control_id, "S01", appt.id, who_for, f"booking {appt.id} (held)", peer)
             self._audit(tx, who, platform, "book", 202, appt.id, f"slot {appt.slot_id} held; SRM^S01 queued")
             return "new"
 
@@ -370,7 +411,7 @@ class BookingService:
                 raise SlotUnavailable(f"appointment {appointment_id} cannot be moved now (it is {old.status}"
                                       f"{', waiting for the HIS' if old.pending_change else ''})")
             slot = self._bookable_slot(tx, platform, new_slot_id)
-            self._check_backlog(tx)
+            peer = self._check_backlog(tx, slot)
             tx.insert_appointment(AppointmentRow(
                 id=new_id, platform=platform, slot_id=slot.id, status="pending", patient=old.patient,
                 description=old.description, his_appointment=None, hold_expires=tx.now + self.hold_seconds,
@@ -380,7 +421,7 @@ class BookingService:
             tx.update_appointment(old.id, pending_change="reschedule")
             tx.update_slot(slot.id, held_by=new_id)
             self._queue(tx, control_id, "S01", new_id, Patient.from_json(old.patient),
-                        f"booking {new_id} (rescheduling {old.id})")
+                        f"booking {new_id} (rescheduling {old.id})", peer)
             self._audit(tx, who, platform, "book", 202, new_id,
                         f"rescheduling {old.id}: slot {slot.id} held; SRM^S01 queued")
             return new_id, "new"
@@ -453,8 +494,10 @@ class BookingService:
             serial=who.serial if who else None, source=source or (who.source if who else None),
             resource_type="Appointment", resource_id=appointment_id, detail=detail))
 
-    def _settled(self, tx, appt, action: str, outcome: int, detail: str, source: str | None = None) -> None:
-        self._audit(tx, None, appt.platform, action, outcome, appt.id, detail, source or f"his:{self.his.peer}")
+    def _settled(self, tx, appt, action: str, outcome: int, detail: str, source: str) -> None:
+        """Audit how a change the platform asked for ended; ``source``: 'his:<endpoint>' that answered, or
+        'gateway'."""
+        self._audit(tx, None, appt.platform, action, outcome, appt.id, detail, source)
 
     def appointment(self, platform: str, appointment_id: str):
         return self._own(self.chamber.read(), platform, appointment_id)
@@ -467,11 +510,15 @@ class BookingService:
             raise AppointmentUnknown(f"no appointment {appointment_id!r}")
         return appt
 
-    def _queue(self, tx, control_id: str, kind: str, appointment_id: str, patient: Patient, detail: str) -> None:
+    def _queue(self, tx, control_id: str, kind: str, appointment_id: str, patient: Patient, detail: str,
+               peer: str | None = None) -> None:
         """Commit what the HIS must be told, as an outbound message without HL7 bytes yet: the inner gate
         encodes it (:meth:`encode`) once, on its first send, and every resend carries the same bytes.  So
-        the outer gate never writes HL7, and needs nothing but the HIS's name."""
-        tx.add_message(direction="outbound", peer=self.his.peer, control_id=control_id,
+        the outer gate never writes HL7, and needs nothing but the HIS endpoints' names.  ``peer``: where a
+        booking goes (:meth:`_check_backlog`); a cancellation follows its booking."""
+        if peer is None:
+            peer = self._cancel_peer(tx, appointment_id)
+        tx.add_message(direction="outbound", peer=peer, control_id=control_id,
                        type="SRM^S01" if kind == "S01" else "SRM^cancel", state="committed", body=b"",
                        charset="", subject=subject_of(appointment_id), order_key=patient_key(patient),
                        detail=detail)
@@ -479,28 +526,34 @@ class BookingService:
     def encode(self, tx, message) -> tuple[bytes, str, str]:
         """(HL7 bytes, message type, charset) for an outbound message committed by :meth:`_queue`."""
         appt = tx.appointment((message.subject or "").split(":", 1)[-1])
-        if appt is None or self.his.build_srm is None:
+        link = self.links.get(message.peer)
+        if appt is None or link is None or link.build_srm is None:
             raise ValueError(f"message {message.id} cannot be encoded: no appointment or no HIS link here")
         slot = tx.slot(appt.slot_id)
         patient = Patient.from_json(appt.patient)
         if message.type == "SRM^S01":
             trigger, his_appointment = "S01", None
         else:
-            trigger, his_appointment = self.his.cancel_trigger, appt.his_appointment
-        body = self._srm(tx, trigger, message.control_id, appt.id, slot, patient, his_appointment)
-        return body, f"SRM^{trigger}", self.his.charset
+            trigger, his_appointment = link.cancel_trigger, appt.his_appointment
+        body = self._srm(tx, link, message.peer, trigger, message.control_id, appt, slot, patient, his_appointment)
+        return body, f"SRM^{trigger}", link.charset
 
-    def _srm(self, tx, trigger, control_id, appointment_id, slot, patient, his_appointment) -> bytes:
+    def _srm(self, tx, link, peer, trigger, control_id, appt, slot, patient, his_appointment) -> bytes:
         schedule = tx.schedule(slot.schedule_id)
         practitioner = schedule.practitioner_id if schedule is not None else ""
         start_local = datetime.strptime(slot.start_local, "%Y%m%d%H%M")
-        return self.his.build_srm(
-            trigger, control_id=control_id, appointment_id=appointment_id,
+        # Routed by facility (the booking's route, which its cancellation follows): MSH-6 names the facility.
+        facility = schedule.facility if schedule is not None and self.by_facility else ""
+        r = self.route("SRM^S01", facility) if facility and self.route is not None else None
+        return link.build_srm(
+            trigger, control_id=control_id, appointment_id=appt.id,
             slot=SlotForHis(schedule_id=slot.schedule_id, start_local=start_local, minutes=slot.minutes,
                             service_code=slot.service_code, service_text=slot.service_text,
                             practitioner_id=practitioner),
             patient=patient, now=datetime.fromtimestamp(tx.now, self.tz).replace(tzinfo=None),
             his_appointment=his_appointment,
+            receiving_facility=r.facility if r is not None and r.facility and r.to == peer else None,
+            z_segments=[z.replace("{platform}", appt.platform) for z in link.z_segments],
         )
 
     # -- the HIS's answers (called by the relay inside its transaction) --------------------------------------
@@ -513,18 +566,18 @@ class BookingService:
         slot = tx.slot(appt.slot_id)
         kind = message.type.split("^")[-1]
         if kind == "S01":
-            self._answer_booking(tx, appt, slot, answer)
+            self._answer_booking(tx, appt, slot, answer, f"his:{message.peer}")
         else:
-            self._answer_cancel(tx, appt, slot, answer)
+            self._answer_cancel(tx, appt, slot, answer, f"his:{message.peer}")
 
-    def _answer_booking(self, tx, appt, slot, answer: HisAnswer) -> None:
+    def _answer_booking(self, tx, appt, slot, answer: HisAnswer, source: str) -> None:
         if appt.status == "pending" and appt.pending_change == "book":
             if answer.accepted:
                 tx.update_appointment(appt.id, status="booked", pending_change=None, hold_expires=None,
                                       his_appointment=answer.his_appointment, outcome=None)
                 tx.update_slot(slot.id, held_by=None, booked_by=appt.id, his_status="busy",
                                his_appointment=answer.his_appointment or slot.his_appointment)
-                self._settled(tx, appt, "book.settled", 201, f"booked by the HIS ({answer.code})")
+                self._settled(tx, appt, "book.settled", 201, f"booked by the HIS ({answer.code})", source)
                 if appt.replaces:
                     self._moved(tx, appt)
             else:
@@ -532,15 +585,15 @@ class BookingService:
                                       outcome=f"refused by the HIS ({answer.code}): {answer.text or 'no reason given'}")
                 if slot.held_by == appt.id:
                     tx.update_slot(slot.id, held_by=None)
-                self._settled(tx, appt, "book.settled", 409, f"refused by the HIS ({answer.code})")
+                self._settled(tx, appt, "book.settled", 409, f"refused by the HIS ({answer.code})", source)
                 self._not_moved(tx, appt, f"the new booking was refused by the HIS ({answer.code})")
         elif answer.accepted:
             # The hold was released (expired or cancelled) before the HIS accepted: undo it at the HIS.
             self._queue_compensating_cancel(tx, appt, slot, answer.his_appointment)
             self._settled(tx, appt, "book.settled", 409,
-                          f"accepted by the HIS ({answer.code}) after the hold was released; cancel queued")
+                          f"accepted by the HIS ({answer.code}) after the hold was released; cancel queued", source)
 
-    def _answer_cancel(self, tx, appt, slot, answer: HisAnswer) -> None:
+    def _answer_cancel(self, tx, appt, slot, answer: HisAnswer, source: str) -> None:
         if appt.pending_change != "cancel":
             return  # a compensating cancel: the appointment is already cancelled on our side
         if answer.accepted:
@@ -549,12 +602,12 @@ class BookingService:
                                   outcome=appt.outcome if moved else "cancelled by the platform")
             if slot.booked_by == appt.id:
                 tx.update_slot(slot.id, booked_by=None, his_status="free", his_appointment=None)
-            self._settled(tx, appt, "cancel.settled", 200, f"cancelled by the HIS ({answer.code})")
+            self._settled(tx, appt, "cancel.settled", 200, f"cancelled by the HIS ({answer.code})", source)
         else:
             tx.update_appointment(appt.id, pending_change=None,
                                   outcome=f"cancellation refused by the HIS ({answer.code}): "
                                           f"{answer.text or 'no reason given'}")
-            self._settled(tx, appt, "cancel.settled", 409, f"cancellation refused by the HIS ({answer.code})")
+            self._settled(tx, appt, "cancel.settled", 409, f"cancellation refused by the HIS ({answer.code})", source)
             self._freed_meanwhile(tx, appt, slot)
 
     @staticmethod
@@ -588,12 +641,14 @@ class BookingService:
                 tx.update_slot(slot.id, held_by=None)
             if message.attempts > 0:  # it may have reached the HIS before its answer was lost
                 self._queue_compensating_cancel(tx, appt, slot, None)
-            self._settled(tx, appt, "book.settled", 409, "dead-lettered: the HIS did not take the booking")
+            self._settled(tx, appt, "book.settled", 409, "dead-lettered: the HIS did not take the booking",
+                          f"his:{message.peer}")
             self._not_moved(tx, appt, "the new booking did not reach the HIS")
         elif kind != "S01" and appt.pending_change == "cancel":
             tx.update_appointment(appt.id, pending_change=None,
                                   outcome=f"the cancellation did not reach the HIS: {reason}")
-            self._settled(tx, appt, "cancel.settled", 409, "dead-lettered: the cancellation did not reach the HIS")
+            self._settled(tx, appt, "cancel.settled", 409, "dead-lettered: the cancellation did not reach the HIS",
+                          f"his:{message.peer}")
             self._freed_meanwhile(tx, appt, tx.slot(appt.slot_id))
 
     # -- holds -----------------------------------------------------------------------------------------------

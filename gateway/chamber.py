@@ -106,6 +106,7 @@ class ScheduleRow:
     department_code: str
     department_name: str
     updated: float
+    facility: str = ""  # MSH-4.1 of the message that published it (schema v3)
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,7 @@ class SlotRow:
     held_by: str | None
     booked_by: str | None
     updated: float
+    z_segments: str | None = None  # the HIS's Z-segments of its last publication, CR-separated ER7 (schema v3)
 
     @property
     def visible_status(self) -> str:
@@ -372,7 +374,8 @@ class Txn:
     def upsert_schedule(self, row: ScheduleRow) -> None:
         """Insert or update a schedule; nothing is written when the chamber is known to hold these fields
         already (the HIS repeats its schedule in every SIU; ``updated`` is when they last changed)."""
-        fields = (row.display, row.practitioner_id, row.practitioner_name, row.department_code, row.department_name)
+        fields = (row.display, row.practitioner_id, row.practitioner_name, row.department_code, row.department_name,
+                  row.facility)
         if self._known_schedules is not None:
             if self._known is None:
                 self._known = self._known_schedules()  # (once per transaction)
@@ -381,13 +384,13 @@ class Txn:
                 return
         self._c.execute(
             "INSERT INTO schedules (id, display, practitioner_id, practitioner_name, department_code,"
-            " department_name, updated) VALUES (?, ?, ?, ?, ?, ?, ?)"
+            " department_name, facility, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT (id) DO UPDATE SET display = excluded.display,"
             " practitioner_id = excluded.practitioner_id, practitioner_name = excluded.practitioner_name,"
             " department_code = excluded.department_code, department_name = excluded.department_name,"
-            " updated = excluded.updated",
+            " facility = excluded.facility, updated = excluded.updated",
             (row.id, row.display, row.practitioner_id, row.practitioner_name, row.department_code,
-             row.department_name, self.now),
+             row.department_name, row.facility, self.now),
         )
         self.written_schedules[row.id] = fields
 
@@ -402,25 +405,27 @@ class Txn:
         cur = self._c.execute("SELECT * FROM slots WHERE his_appointment = ?", (his_appointment,))
         return _row(SlotRow, cur.fetchone())
 
-    def insert_slot(self, row: SlotRow, *, or_update: bool = False) -> None:
+    def insert_slot(self, row: SlotRow, *, or_update: bool = False, publication: bool = False) -> None:
         """Insert a slot.  ``or_update``: if it exists, update what the HIS says about it instead (times,
-        service, HIS status and appointment; not our hold or booking) — one statement, no lookup before."""
+        service, HIS status and appointment; not our hold or booking) — one statement, no lookup before.
+        ``publication``: the HIS published the slot (open/blocked), so its Z-segments are updated too."""
         self._c.execute(
             "INSERT INTO slots (id, schedule_id, start_local, start_ts, end_ts, minutes, service_code,"
-            " service_text, his_status, his_appointment, held_by, booked_by, updated)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " service_text, his_status, his_appointment, held_by, booked_by, z_segments, updated)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
             + (" ON CONFLICT (id) DO UPDATE SET start_ts = excluded.start_ts, end_ts = excluded.end_ts,"
                " minutes = excluded.minutes, service_code = excluded.service_code,"
                " service_text = excluded.service_text, his_status = excluded.his_status,"
-               " his_appointment = excluded.his_appointment, updated = excluded.updated" if or_update else ""),
+               " his_appointment = excluded.his_appointment, updated = excluded.updated"
+               + (", z_segments = excluded.z_segments" if publication else "") if or_update else ""),
             (row.id, row.schedule_id, row.start_local, row.start_ts, row.end_ts, row.minutes,
              row.service_code, row.service_text, row.his_status, row.his_appointment, row.held_by,
-             row.booked_by, self.now),
+             row.booked_by, row.z_segments, self.now),
         )
 
     def update_slot(self, slot_id: str, **changes: Any) -> None:
         allowed = {"start_ts", "end_ts", "minutes", "service_code", "service_text", "his_status",
-                   "his_appointment", "held_by", "booked_by"}
+                   "his_appointment", "held_by", "booked_by", "z_segments"}
         unknown = set(changes) - allowed
         if unknown:
             raise ValueError(f"not slot columns: {sorted(unknown)}")

@@ -349,7 +349,8 @@ def _queue_retry(chamber, config, args) -> int:
     from gateway.operations import NotRetryable, retry, retry_all_dead
 
     reprocess = make_reprocessor(SlotBook(ZoneInfo(config.hospital.timezone)),
-                                 config.inner.his.charset if config.inner else "utf-8")
+                                 config.inner.his.charset if config.inner else "utf-8",
+                                 config.inner.z_segment_peers() if config.inner else ())
     who = f"operator {getpass.getuser()}"
     if args.all_dead:
         for line in retry_all_dead(chamber, reprocess, who=who):
@@ -494,7 +495,10 @@ def config_reference() -> str:
     from gateway.config import GatewayConfig
     from gateway.confschema import describe
 
+    def cell(text) -> str:  # a '|' in a value (an ER7 example) must not end the table's cell
+        return str(text).replace("|", "\\|")
+
     lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for key, type_name, default, doc in describe(GatewayConfig):
-        lines.append(f"| `{key}` | {type_name} | {default} | {doc} |")
+        lines.append(f"| `{key}` | {cell(type_name)} | {cell(default)} | {cell(doc)} |")
     return "\n".join(lines)

@@ -149,9 +149,30 @@ class HisConfig:
         "Message types allowed out to this HIS; anything else is dead-lettered, never sent.",
         default_factory=lambda: ["SRM^*", "SQM^S25"],
     )
+    pass_z_segments: bool = doc(
+        "Pass this HIS's Z-segments on to platforms: those of a slot's publication (SIU^S23/S24, SQR^S25 "
+        "Open/Blocked) appear on the FHIR Slot as extensions (urn:gatewayd:hl7v2:z-segment, the segment's ER7). "
+        "Every platform with Slot.read sees them: turn it on only for Z-segments without patient data (fee, "
+        "clinic level). Z-segments of messages about a patient's appointment are never passed on. They are "
+        "kept in the chamber's raw copy either way.",
+        default=False,
+    )
+    z_segments: list[Annotated[str, Pattern(r"^Z[A-Z0-9]{2}\|[^\r\n\x0b\x1c]*$",
+                                            "an ER7 segment such as 'ZCH|WEB|互联网' (Z, two letters or digits, '|')")]] = doc(
+        "Z-segments added to every SRM sent to this HIS (after the standard segments), written as given in "
+        "ER7 with | ^ ~ \\ & as delimiters, e.g. the registration channel many HIS expect: ['ZCH|WEB|互联网']. "
+        "'{platform}' in one is replaced by the booking platform's name.",
+        default_factory=list,
+    )
 
     def __post_validate__(self):
         issues = _charset_issue("charset", self.charset)
+        if not issues:
+            for i, z in enumerate(self.z_segments):
+                try:
+                    z.encode(self.charset)
+                except UnicodeEncodeError:
+                    issues.append((f"z_segments[{i}]", f"it cannot be written in this HIS's charset {self.charset}"))
         if self.slot_source == "poll" and not type_allowed("SQM^S25", self.send_types):
             issues.append(("send_types", "slot_source: poll sends SQM^S25: allow it in send_types"))
         if self.window > 1 and self.ordering == "fifo":
@@ -215,6 +236,10 @@ class InnerConfig:
                                f"from the two could not be told apart (MSH-3)"))
             apps.setdefault(e.receiving_application, f"endpoints[{i}]")
         return issues
+
+    def z_segment_peers(self) -> frozenset[str]:
+        """The HIS endpoints whose Z-segments are passed on to platforms (pass_z_segments)."""
+        return frozenset(e.name for e in (self.his, *self.endpoints) if e.pass_z_segments)
 
     def endpoint(self, name: str) -> HisConfig | None:
         return next((e for e in (self.his, *self.endpoints) if e.name == name), None)
@@ -496,9 +521,28 @@ class DaemonConfig:
 
 @dataclass(frozen=True)
 class RouteConfig:
-    types: list[Annotated[str, Pattern(r"^[A-Z0-9]{3}(\^([A-Z0-9]{3}|\*))?$", "a message type such as RDE^O11 or RDE^*")]] = doc(
-        "Message types this route carries, e.g. [RDE^O11, OMP^O09] (or RDE^* for every event).")
     to: Name = doc("The HIS endpoint they go to: inner.his.name or the name of one of inner.endpoints.")
+    types: list[Annotated[str, Pattern(r"^[A-Z0-9]{3}(\^([A-Z0-9]{3}|\*))?$", "a message type such as RDE^O11 or RDE^*")]] = doc(
+        "Message types this route carries, e.g. [RDE^O11, OMP^O09] (or RDE^*, or SRM for every event). Left out "
+        "(with a facility): every type.", default_factory=list)
+    facility: Optional[str] = doc(
+        "Only messages for this facility: a booking's (SRM) facility is the one that published the slot's "
+        "schedule, MSH-4.1 of the HIS's SIU (or SQR^S25), e.g. '分院A' or 'BRANCH-A', compared exactly. Messages "
+        "routed here carry it in MSH-6. Messages for no facility (prescriptions) never match such a route.",
+        default=None)
+
+    def __post_validate__(self):
+        if not self.types and self.facility is None:
+            return [("types", "name the message types this route carries, or a facility, or both")]
+        if self.facility is not None and not self.facility.strip():
+            return [("facility", "an empty facility matches nothing: leave the key out, or name the facility")]
+        return []
+
+    def matches(self, message_type: str, facility: str | None) -> bool:
+        """Does a message of this type, for this facility (None: none), take this route?"""
+        if self.facility is not None and self.facility != facility:
+            return False
+        return not self.types or type_allowed(message_type, self.types)
 
 
 @dataclass(frozen=True)
@@ -574,12 +618,17 @@ class GatewayConfig:
         "E-prescriptions on the outer gate (POST /MedicationRequest, releases to pharmacies); left out: the "
         "FHIR API takes no prescriptions.", default=None)
 
-    def route(self, message_type: str) -> str:
-        """The HIS endpoint a message of this type goes to."""
-        for r in self.routes:
-            if type_allowed(message_type, r.types):
-                return r.to
+    def route(self, message_type: str, facility: str | None = None) -> str:
+        """The HIS endpoint a message of this type (for this facility) goes to: the first route that
+        matches, else the HIS."""
+        r = self.route_taken(message_type, facility)
+        if r is not None:
+            return r.to
         return self.inner.his.name if self.inner is not None else self.outer.his_name
+
+    def route_taken(self, message_type: str, facility: str | None = None) -> RouteConfig | None:
+        """The first route a message of this type (for this facility) matches; None: it goes to the HIS."""
+        return next((r for r in self.routes if r.matches(message_type, facility)), None)
 
     def __post_validate__(self):
         issues = []
@@ -613,6 +662,9 @@ class GatewayConfig:
                 issues.append((f"routes[{i}].to", f"no HIS endpoint is named {r.to!r} (inner.his.name or "
                                                   f"inner.endpoints[].name)"))
             elif target is not None:
+                if not r.types and not type_allowed("SRM^S01", target.send_types):
+                    issues.append((f"routes[{i}].to", f"bookings for facility {r.facility!r} go to {r.to!r}, whose "
+                                                      f"send_types do not allow SRM: they would be dead-lettered"))
                 for t in r.types:
                     if not type_allowed(t.replace("*", "X01") if t.endswith("*") else t, target.send_types):
                         issues.append((f"routes[{i}].types", f"{t} goes to {r.to!r}, whose send_types do not allow "

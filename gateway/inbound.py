@@ -14,6 +14,7 @@ is only built after the chamber transaction that recorded the message has commit
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -46,14 +47,23 @@ class Verdict:
     reused: bool = False  # the control id was committed before with other bytes: refused, nothing stored
 
 
+def z_segments_kept(notices, passed: bool) -> list:
+    """The notices as the slot book takes them: with their Z-segments when the HIS endpoint passes them
+    (``pass_z_segments``), else without (they stay in the message's raw copy)."""
+    if passed or not any(n.z_segments for n in notices):
+        return notices
+    return [dataclasses.replace(n, z_segments=()) for n in notices]
+
+
 class InboundService:
-    def __init__(self, chamber, slot_book: SlotBook):
+    def __init__(self, chamber, slot_book: SlotBook, z_segment_peers=frozenset()):
         self.chamber = chamber
         self.slot_book = slot_book
+        self.z_segment_peers = frozenset(z_segment_peers)  # HIS endpoints whose Z-segments are passed on
 
     def accept(self, received: Received, notices) -> defer.Deferred:
         """Commit the message and apply its slot notices; fires with a Verdict after COMMIT."""
-
+        notices = z_segments_kept(notices, received.peer in self.z_segment_peers)
         verdict = Verdict("AA", f"{len(notices)} slot(s) updated")  # (each notice touches one slot)
 
         def apply(tx) -> Verdict:

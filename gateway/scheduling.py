@@ -40,6 +40,7 @@ class ScheduleInfo:
     practitioner_name: str = ""
     department_code: str = ""
     department_name: str = ""
+    facility: str = ""  # the facility that published it: MSH-4.1 of the HIS's message (routes by facility)
 
 
 NoticeAction = Literal["open", "block", "book", "free", "reschedule", "noshow"]
@@ -57,6 +58,7 @@ class SlotNotice:
     service_text: str
     his_appointment: str | None = None
     placer: str | None = None
+    z_segments: tuple[str, ...] = ()  # the HIS's Z-segments with this notice, each its ER7 text (escapes kept)
 
 
 @dataclass(frozen=True)

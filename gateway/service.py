@@ -241,6 +241,9 @@ def reload(root, config: GatewayConfig, gate: str) -> list[str]:
         ("inner.tls (on or off)", old.inner is not None and old.inner.tls is not None,
          config.inner is not None and config.inner.tls is not None),
         ("inner.endpoints", old.inner and old.inner.endpoints, config.inner and config.inner.endpoints),
+        ("inner.his.pass_z_segments/z_segments",
+         old.inner and (old.inner.his.pass_z_segments, old.inner.his.z_segments),
+         config.inner and (config.inner.his.pass_z_segments, config.inner.his.z_segments)),
         ("routes", old.routes, config.routes),
         ("pharmacy", old.pharmacy, config.pharmacy),
         ("prescriptions", old.prescriptions, config.prescriptions),
@@ -289,15 +292,10 @@ def make_service(config: GatewayConfig, reactor, gate: str = "both") -> service.
 
     his = config.inner.his if config.inner is not None else None
     if his is not None:
-        header = Hl7Header(
-            sending_application=config.inner.sending_application, sending_facility=config.inner.sending_facility,
-            receiving_application=his.receiving_application, receiving_facility=his.receiving_facility,
-            version=his.hl7_version, charset=his.charset,
-        )
-        link = HisLinkInfo(peer=his.name, charset=his.charset, cancel_trigger=his.cancel_message.split("^")[1],
-                           build_srm=functools.partial(build_srm, header=header))
+        links = {e.name: _his_link(config, e) for e in (his, *config.inner.endpoints)}
+        link = links[his.name]
     else:
-        header = None
+        links = None
         link = HisLinkInfo(peer=config.outer.his_name)  # the outer gate knows the HIS by name only
     outer_cfg = config.outer
     booking = BookingService(
@@ -305,12 +303,13 @@ def make_service(config: GatewayConfig, reactor, gate: str = "both") -> service.
         max_backlog=outer_cfg.max_backlog if outer_cfg else 1000,
         retry_after=max(1, int(his.retry_max)) if his else 30,
         quotas=Quotas.from_config(config.platforms, tz),
+        route=config.route_taken, by_facility=any(r.facility is not None for r in config.routes), links=links,
     )
     metrics = Metrics(chamber)
     prescribing = _prescribing(config, reactor, tz, chamber, gate)
     relays = []
     if gate in ("both", "inner"):
-        inner, relays = _inner_gate(config, reactor, tz, chamber, booking, header, metrics, prescribing)
+        inner, relays = _inner_gate(config, reactor, tz, chamber, booking, metrics, prescribing)
         inner.setServiceParent(root)
         root.inner_tls_switch = inner.tls_switch  # None without inner.tls (reload swaps its options)
         root.his_clients = [lane.destination.client for lane in relays[0].lanes]  # inner.his (reload retargets)
@@ -333,6 +332,22 @@ def make_service(config: GatewayConfig, reactor, gate: str = "both") -> service.
     return root
 
 
+def _header(config: GatewayConfig, his) -> Hl7Header:
+    """MSH of the messages the gateway sends to the HIS endpoint ``his`` (an ``inner.his``-like config)."""
+    return Hl7Header(
+        sending_application=config.inner.sending_application, sending_facility=config.inner.sending_facility,
+        receiving_application=his.receiving_application, receiving_facility=his.receiving_facility,
+        version=his.hl7_version, charset=his.charset,
+    )
+
+
+def _his_link(config: GatewayConfig, his) -> HisLinkInfo:
+    """What the booking service needs to write SRMs for the HIS endpoint ``his``."""
+    return HisLinkInfo(peer=his.name, charset=his.charset, cancel_trigger=his.cancel_message.split("^")[1],
+                       build_srm=functools.partial(build_srm, header=_header(config, his)),
+                       z_segments=tuple(his.z_segments))
+
+
 def _prescribing(config: GatewayConfig, reactor, tz, chamber, gate: str) -> PrescriptionService:
     """Prescriptions: the pharmacy profile (both gates), the signature policy and release key (outer), the
     pharmacy endpoint's MSH header (inner)."""
@@ -342,12 +357,7 @@ def _prescribing(config: GatewayConfig, reactor, tz, chamber, gate: str) -> Pres
     peer = config.route(f"{'RDE^O11' if ph.message == 'RDE' else 'OMP^O09'}")
     header = None
     if config.inner is not None and gate != "outer":
-        endpoint = config.inner.endpoint(peer) or config.inner.his
-        header = Hl7Header(sending_application=config.inner.sending_application,
-                           sending_facility=config.inner.sending_facility,
-                           receiving_application=endpoint.receiving_application,
-                           receiving_facility=endpoint.receiving_facility, version=endpoint.hl7_version,
-                           charset=endpoint.charset)
+        header = _header(config, config.inner.endpoint(peer) or config.inner.his)
     signatures = release_signer = None
     rx = config.prescriptions
     if rx is not None and gate != "inner":
@@ -386,13 +396,13 @@ class _ByKind:
         (self.prescribing if self.prescribing.owns(message) else self.booking).on_dead(tx, message, reason)
 
 
-def _inner_gate(config, reactor, tz, chamber, booking, header, metrics, prescribing):
+def _inner_gate(config, reactor, tz, chamber, booking, metrics, prescribing):
     """Intranet side: a relay (and poller) per HIS endpoint, and the MLLP listener for their messages."""
     his = config.inner.his
     gate = service.MultiService()
     gate.setName("inner")
     slot_book = SlotBook(tz)
-    inbound = InboundService(chamber, slot_book)
+    inbound = InboundService(chamber, slot_book, config.inner.z_segment_peers())
     by_kind = _ByKind(booking, prescribing)
     relays = [_relay(config, reactor, chamber, endpoint, by_kind, metrics, gate, inbound, tz)
               for endpoint in (his, *config.inner.endpoints)]
@@ -446,11 +456,7 @@ def _relay(config, reactor, chamber, his, by_kind, metrics, gate, inbound, tz) -
                   ordering=his.ordering, encode=by_kind.encode, send_types=tuple(his.send_types), metrics=metrics)
     relay.setServiceParent(gate)
     if his.slot_source == "poll":
-        poll_header = Hl7Header(
-            sending_application=config.inner.sending_application, sending_facility=config.inner.sending_facility,
-            receiving_application=his.receiving_application, receiving_facility=his.receiving_facility,
-            version=his.hl7_version, charset=his.charset,
-        )
+        poll_header = _header(config, his)
         SlotPoller(his_client(64 << 20), inbound, peer=his.name,
                    build_query=functools.partial(build_sqm_s25, header=poll_header), interval=his.poll_interval,
                    days=his.poll_days, tz=tz, ack_timeout=his.ack_timeout, retry_initial=his.retry_initial,

@@ -311,7 +311,8 @@ def _fingerprint(message: Message) -> str:
 
 
 def _facts(message: Message) -> dict[str, Any]:
-    """What the journal may say about a request: the gateway's placer id, schedule and start only."""
+    """What the journal may say about a request: the gateway's placer id, schedule and start, the facility it
+    was addressed to (MSH-6.1) and the names of its Z-segments (never their contents)."""
     arq = message.segment("ARQ")
     placer = schedule = start = None
     if arq is not None:
@@ -322,4 +323,5 @@ def _facts(message: Message) -> dict[str, Any]:
             ais = message.segment("AIS")
             start_text = ais.get(4) if ais is not None else ""
         start = start_text[:12] or None
-    return {"placer": placer, "schedule": schedule, "start": start}
+    return {"placer": placer, "schedule": schedule, "start": start, "facility": message.receiving_facility,
+            "z_segments": [seg.name for seg in message.segments if seg.name.startswith("Z")]}

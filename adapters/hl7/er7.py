@@ -292,6 +292,11 @@ class Segment:
     def __repr__(self) -> str:  # never the contents: they may be patient data
         return f"<Segment {self.name} with {len(self._fields) - 1} fields>"
 
+    def er7(self) -> str:
+        """The segment as it was on the wire (decoded to text, escapes kept), without its terminator.  Not for
+        MSH, whose field 1 is the separator itself."""
+        return self._enc.field.join(self._fields)
+
     @property
     def field_count(self) -> int:
         """Number of fields present on the wire (trailing empty fields included)."""

@@ -27,6 +27,8 @@ HIS_APPOINTMENT_SYSTEM = "urn:gatewayd:his:appointment"
 V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 
 HOLD_EXPIRES_EXTENSION = "urn:gatewayd:appointment:hold-expires"
+#: one per Z-segment the HIS published with the slot (pass_z_segments): valueString = the segment's ER7
+Z_SEGMENT_EXTENSION = "urn:gatewayd:hl7v2:z-segment"
 PRACTITIONER_SYSTEM = "urn:gatewayd:his:practitioner"
 DEPARTMENT_SYSTEM = "urn:gatewayd:his:department"
 #: Appointment.id of a proposed appointment ($find): this prefix + the Slot id (nothing is stored for it)
@@ -62,7 +64,7 @@ def _service(slot) -> list[dict]:
 
 
 def slot_resource(slot, tz: ZoneInfo) -> dict:
-    return {
+    resource = {
         "resourceType": "Slot",
         "id": slot.id,
         "meta": {"lastUpdated": instant(slot.updated, tz)},
@@ -73,6 +75,9 @@ def slot_resource(slot, tz: ZoneInfo) -> dict:
         "start": instant(slot.start_ts, tz),
         "end": instant(slot.end_ts, tz),
     }
+    if slot.z_segments:  # the HIS's own segments, as it wrote them (ER7, its escapes kept), in its order
+        resource["extension"] = [{"url": Z_SEGMENT_EXTENSION, "valueString": z} for z in slot.z_segments.split("\r")]
+    return resource
 
 
 def schedule_resource(schedule, tz: ZoneInfo) -> dict:

@@ -1,6 +1,8 @@
 """SIU^S12..S26 and SQR^S25 (HIS -> gateway) to :class:`~gateway.scheduling.SlotNotice`.
 
-Field use follows docs/hl7-profile.md.  Raises :class:`adapters.hl7.er7.Hl7Error` (with the segment and
+Field use follows docs/hl7-profile.md.  Each notice also carries the facility that published the schedule
+(MSH-4.1) and the message's Z-segments as ER7 text (an SIU's, wherever they stand; an SQR^S25 group's own),
+for the gate to keep or drop (``pass_z_segments``).  Raises :class:`adapters.hl7.er7.Hl7Error` (with the segment and
 field at fault) when a field the slot book needs is missing or malformed, so the gate can NAK precisely.
 """
 
@@ -45,18 +47,25 @@ def notices_from_siu(message: Message) -> list[SlotNotice]:
     groups = message.groups("SCH")
     if not groups:
         raise Hl7Error(101, "SIU without an SCH segment", segment="SCH", sequence=1, field=None)
-    return [_notice(groups[0], 1, TRIGGER_ACTIONS[message.trigger])]
+    z_segments = tuple(seg.er7() for seg in message.segments[1:] if _is_z(seg))
+    return [_notice(groups[0], 1, TRIGGER_ACTIONS[message.trigger], message.sending_facility, z_segments)]
 
 
 def notices_from_sqr(message: Message) -> list[SlotNotice]:
     """One notice per SCH group of an SQR^S25 answer."""
     out = []
     for seq, group in enumerate(message.groups("SCH"), start=1):
-        out.append(_notice(group, seq, None))
+        out.append(_notice(group, seq, None, message.sending_facility,
+                           tuple(seg.er7() for seg in group if _is_z(seg))))
     return out
 
 
-def _notice(group: list[Segment], seq: int, trigger_action: str | None) -> SlotNotice:
+def _is_z(segment: Segment) -> bool:
+    return segment.name[:1] == "Z"
+
+
+def _notice(group: list[Segment], seq: int, trigger_action: str | None, facility: str,
+            z_segments: tuple[str, ...]) -> SlotNotice:
     sch = group[0]
     by_name: dict[str, Segment] = {}
     for seg in group[1:]:
@@ -96,6 +105,7 @@ def _notice(group: list[Segment], seq: int, trigger_action: str | None) -> SlotN
         practitioner_name=practitioner_name,
         department_code=ail.get(3, 1) if ail is not None else "",
         department_name=(ail.get(3, 9) if ail is not None else "") or (ail.get(3, 1) if ail is not None else ""),
+        facility=facility,
     )
     return SlotNotice(
         action=action,
@@ -106,6 +116,7 @@ def _notice(group: list[Segment], seq: int, trigger_action: str | None) -> SlotN
         service_text=service_text,
         his_appointment=sch.get(2, 1) or None,
         placer=sch.get(1, 1) or None,
+        z_segments=z_segments,
     )
 
 

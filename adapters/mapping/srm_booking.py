@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Sequence
 
 from hl7apy.core import Message as Hl7apyMessage
 
@@ -80,8 +81,13 @@ def build_srm(
     now: datetime,
     his_appointment: str | None = None,
     reason: str = "",
+    receiving_facility: str | None = None,
+    z_segments: Sequence[str] = (),
 ) -> bytes:
     """SRM^S01 (request new appointment), SRM^S03 (modification) or SRM^S04 (cancellation).
+
+    ``receiving_facility`` replaces the header's MSH-6 (a message routed by facility); ``z_segments`` (ER7
+    text, written as given: the HIS's own fields) follow the standard segments.
 
     MSH, ARQ, PID, RGS, AIS and (when the slot names a practitioner) AIP, written with
     ``adapters.hl7.er7.format_message``: ~20 us against ~10 ms for the same message through hl7apy's object
@@ -97,7 +103,8 @@ def build_srm(
     segments = [
         _segment("MSH", {
             1: "^~\\&", 2: escape(header.sending_application), 3: escape(header.sending_facility),
-            4: escape(header.receiving_application), 5: escape(header.receiving_facility), 6: dtm(now),
+            4: escape(header.receiving_application),
+            5: escape(header.receiving_facility if receiving_facility is None else receiving_facility), 6: dtm(now),
             8: f"SRM^{trigger}^SRM_S01", 9: escape(control_id), 10: "P", 11: header.version,
             17: hl7_charset_name(header.charset),
         }),
@@ -122,6 +129,7 @@ def build_srm(
     ]
     if slot.practitioner_id:
         segments.append(["AIP", "1", "", escape(slot.practitioner_id)])
+    segments += [z.split("|") for z in z_segments]
     # format_message ends every segment with CR; the gateway has always sent the last one without (as
     # hl7apy writes it), and the chamber keeps these bytes: keep them identical.
     return format_message(segments)[:-1].encode(header.charset)

@@ -43,7 +43,7 @@ SECRETS = (NAME_FAMILY + NAME_GIVEN, NAME_FAMILY, NAME_GIVEN, ID_CARD, PHONE)
 def granted(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("granted")
     day = hospital_today() + timedelta(days=2)
-    lock = Lock(workdir, platforms=PLATFORMS, doctors=1, days=1, sim={
+    lock = Lock(workdir, platforms=PLATFORMS, doctors=1, days=1, his={"pass_z_segments": True}, sim={
         "start_date": day.isoformat(),
         "departments": [{"code": "CARD", "name": "心内科", "doctors": [{
             "id": "D001", "family": "张", "given": "医生", "service": {"code": "cardiology-consult",
@@ -147,13 +147,15 @@ def siu(control_id: str, trigger: str, schedule: str, start: str, status: str) -
             + "|P|2.5\r"
             f"SCH|H-{control_id}||||{schedule}||||5|MIN|^^5^{start}^{end}|||||||||||||{status}\r"
             f"PID|1||{ID_CARD}^^^^NI||{NAME_FAMILY}^{NAME_GIVEN}||19491231|F|||||{PHONE}\r"
-            f"RGS|1\rAIS|1||x^y|{start}|||5|MIN\r").encode()
+            f"RGS|1\rAIS|1||x^y|{start}|||5|MIN\r"
+            f"ZPT|{NAME_FAMILY}{NAME_GIVEN}|{ID_CARD}|{PHONE}\r").encode()  # a Z-segment with the patient, too
 
 
 def test_patient_data_stays_out_of_the_log_and_the_non_patient_tables(granted):
     """Bookings full of patient data cross every path — booked and cancelled, refused by quota, scope,
     validation, an unknown slot, XML, too deep a body, a bad query, an id in the URL; and from the HIS, SIU
-    with a PID segment accepted (AA), refused (AE) and of an unsupported type (AR), and junk — then the
+    with a PID segment and a Z-segment naming the patient (the HIS passes its Z-segments on) accepted (AA),
+    refused (AE) and of an unsupported type (AR), and junk — then the
     gateway's log and every non-patient table of the chamber are searched for the name, the ID card number
     and the phone number."""
     lock = granted

@@ -96,6 +96,41 @@ def test_a_version_1_chamber_is_upgraded_in_place_keeping_its_data(tmp_path):
     ch.close()
 
 
+def test_a_version_2_chamber_gains_schedule_facilities_and_slot_z_segments(tmp_path):
+    """Version 3 (routing by facility, Z-segments): a version-2 chamber is upgraded in one step; what it held
+    is kept, its schedules have no facility ('') and its slots no Z-segments until the HIS publishes them
+    again; both are written and read back afterwards."""
+    from gateway.chamber import SCHEMA_DIR, SCHEMA_VERSION, SlotRow
+
+    assert SCHEMA_VERSION >= 3
+    path = tmp_path / "c.sqlite3"
+    version_1_chamber(path)
+    conn = sqlite3.connect(path)
+    conn.executescript((SCHEMA_DIR / "upgrade-v1-v2.sql").read_text(encoding="utf-8"))
+    conn.execute("UPDATE chamber_meta SET value = '2' WHERE key = 'schema_version'")
+    conn.execute("INSERT INTO slots (id, schedule_id, start_local, start_ts, end_ts, minutes, service_code, "
+                 "service_text, his_status, updated) VALUES ('S1', 'D001', '203001070800', 1, 2, 15, 'c', 'c', "
+                 "'free', 0)")
+    conn.commit()
+    conn.close()
+    ch = Chamber(path)
+    ch.open()
+    assert [(s.id, s.facility) for s in ch.read().schedules()] == [("D001", "")]
+    assert ch.read().slot("S1").z_segments is None
+    assert ch._conn.execute("SELECT value FROM chamber_meta WHERE key='schema_version'").fetchone()[0] == str(
+        SCHEMA_VERSION)
+
+    def publish(tx):
+        tx.upsert_schedule(ScheduleRow("D001", "Dr Zhang", "D001", "张伟", "CARD", "心内科", tx.now, "分院A"))
+        tx.insert_slot(SlotRow("S1", "D001", "203001070800", 1.0, 2.0, 15, "c", "c", "busy-unavailable", None,
+                               None, None, 0, "ZFE|12.00\rZLV|专家"), or_update=True, publication=True)
+
+    ch.transact_now(publish)
+    assert ch.read().schedule("D001").facility == "分院A"
+    assert ch.read().slot("S1").z_segments == "ZFE|12.00\rZLV|专家"
+    ch.close()
+
+
 def test_a_failed_upgrade_leaves_the_chamber_at_its_old_version(tmp_path, monkeypatch):
     """An upgrade is one transaction: if a statement fails, nothing of it stays and the start is refused."""
     import gateway.chamber as chamber_module

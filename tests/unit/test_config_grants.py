@@ -21,15 +21,16 @@ def certs(tmp_path_factory):
     return directory
 
 
-def load(certs, text):
+def load(certs, text, head=HEAD):
     path = certs / "g.yaml"
-    path.write_text(HEAD + text, encoding="utf-8")
+    path.write_text(head + text, encoding="utf-8")
     return load_config(path)
 
 
-def problems(certs, text):
+def problems(certs, text, head=HEAD):
+    """Every problem of the config as 'line:key: message' (the config must be refused)."""
     with pytest.raises(ConfigError) as e:
-        load(certs, text)
+        load(certs, text, head)
     return [f"{i.line}:{i.key}: {i.message}" for i in e.value.issues]
 
 
