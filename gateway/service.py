@@ -195,8 +195,9 @@ def reload(root, config: GatewayConfig, gate: str) -> list[str]:
     """Apply a new config to a running service tree without dropping connections.  Applied live: log
     level, the outer gate's certificates, client CAs and CRL (for new connections; the CRL for every request),
     platforms (subjects, scopes, quotas, revoked serials, SPKI pins, token keys, rate limits), the MLLP
-    listener's certificates and CA (new connections), the HIS's address (next connection).  Other changes (listen
-    addresses, chamber path, ...) need a restart: they are named in the returned list.  Everything is built
+    listener's certificates and CA (new connections), the HIS's address (next connection), the routes while the
+    endpoints stay (new bookings and prescriptions; a cancellation follows its booking).  Other changes
+    (listen addresses, chamber path, ...) need a restart: they are named in the returned list.  Everything is built
     before anything is swapped, so a new config that fails (a certificate that does not parse) changes
     nothing."""
     from gateway import logs
@@ -232,6 +233,18 @@ def reload(root, config: GatewayConfig, gate: str) -> list[str]:
             endpoint = endpoints.HostnameEndpoint(root.reactor, his.host, his.port, timeout=his.connect_timeout)
             swaps.append(lambda: [client.retarget(endpoint) for client in root.his_clients])
             applied.append(f"inner.his {his.host}:{his.port}")
+    endpoints_kept = (old.inner and old.inner.endpoints) == (config.inner and config.inner.endpoints)
+    if config.routes != old.routes and endpoints_kept:  # (a route to a new endpoint waits for the restart)
+        booking, prescribing = root.booking, root.prescribing
+        pharmacy = _pharmacy_route(config, gate)
+
+        def routes_swap():
+            booking.route = config.route_taken
+            booking.by_facility = any(r.facility is not None for r in config.routes)
+            prescribing.peer, prescribing.header = pharmacy
+
+        swaps.append(routes_swap)
+        applied.append(f"routes ({len(config.routes)})")
     restart = [name for name, before, after in (
         ("chamber.path", old.chamber.path, config.chamber.path),
         ("inner.listen", old.inner and old.inner.listen, config.inner and config.inner.listen),
@@ -244,10 +257,11 @@ def reload(root, config: GatewayConfig, gate: str) -> list[str]:
         ("inner.his.pass_z_segments/z_segments",
          old.inner and (old.inner.his.pass_z_segments, old.inner.his.z_segments),
          config.inner and (config.inner.his.pass_z_segments, config.inner.his.z_segments)),
-        ("routes", old.routes, config.routes),
         ("pharmacy", old.pharmacy, config.pharmacy),
         ("prescriptions", old.prescriptions, config.prescriptions),
     ) if before != after]
+    if config.routes != old.routes and not endpoints_kept:
+        restart.append("routes (with inner.endpoints)")
     logs.configure(config.logging.level, config.logging.format)
     for swap in swaps:
         swap()
@@ -348,16 +362,22 @@ def _his_link(config: GatewayConfig, his) -> HisLinkInfo:
                        z_segments=tuple(his.z_segments))
 
 
+def _pharmacy_route(config: GatewayConfig, gate: str):
+    """(the HIS endpoint prescriptions go to by ``routes``, its MSH header — inner gate only, else None)."""
+    peer = config.route(f"{'RDE^O11' if config.pharmacy.message == 'RDE' else 'OMP^O09'}")
+    header = None
+    if config.inner is not None and gate != "outer":
+        header = _header(config, config.inner.endpoint(peer) or config.inner.his)
+    return peer, header
+
+
 def _prescribing(config: GatewayConfig, reactor, tz, chamber, gate: str) -> PrescriptionService:
     """Prescriptions: the pharmacy profile (both gates), the signature policy and release key (outer), the
     pharmacy endpoint's MSH header (inner)."""
     ph = config.pharmacy
     profile = PharmacyProfile(message=ph.message, drug_systems=dict(ph.drug_systems),
                               drug_codes={(c.system, c.code): c.his_code for c in ph.drug_codes})
-    peer = config.route(f"{'RDE^O11' if ph.message == 'RDE' else 'OMP^O09'}")
-    header = None
-    if config.inner is not None and gate != "outer":
-        header = _header(config, config.inner.endpoint(peer) or config.inner.his)
+    peer, header = _pharmacy_route(config, gate)
     signatures = release_signer = None
     rx = config.prescriptions
     if rx is not None and gate != "inner":

@@ -12,6 +12,7 @@ that published the slot's schedule. Everything crosses real sockets: FHIR over m
 
 from __future__ import annotations
 
+import signal
 import socket
 
 import pytest
@@ -111,3 +112,40 @@ def test_z_segments_his_b_publishes_with_a_slot_reach_the_fhir_slot(sites):
                                   "valueString": "ZFE|1|12.00^CNY|专家号\\T\\特需"}]
     published_by_a = lock.session().get(f"{lock.base}/Slot/{free_slot(lock, 'D001')}", timeout=5).json()
     assert "extension" not in published_by_a
+
+
+def test_sighup_with_changed_routes_takes_effect_without_a_restart(sites):
+    """The routes change under a running gateway (SIGHUP, same endpoints): without the BRANCH-B route a
+    booking for B's schedule goes to the HIS (which does not know the slot), and with the route back the next
+    one reaches simulator B again — no restart, the process is the same."""
+    lock, workdir = sites
+    pid = lock.gateway.popen.pid
+    routes = lock.gateway_config["routes"]
+
+    def reload_with(new_routes) -> list:
+        lock.gateway_config["routes"] = new_routes
+        lock.write_configs()
+        before = len(reloads())
+        lock.gateway.popen.send_signal(signal.SIGHUP)
+        return eventually(lambda: reloads()[before:], timeout=10, what="the reload")[0]["applied"]
+
+    def reloads():
+        return [e for e in read_jsonl(lock.gateway.log_path) if e.get("event") == "gateway.reloaded"]
+
+    def placers(journal):
+        return [m["placer"] for m in read_jsonl(workdir / journal) if m["type"] == "SRM^S01"]
+
+    try:
+        applied = reload_with([{"facility": "分院A", "to": "his"}])
+        assert "routes (1)" in applied and not [a for a in applied if "restart" in a], applied
+        r = lock.session().post(f"{lock.base}/Appointment", json=appointment_for(free_slot(lock, "B01")),
+                                timeout=15)
+        assert r.status_code in (201, 202, 409), r.text
+        misrouted = r.json().get("id") or r.headers.get("Content-Location", "").rsplit("/", 1)[-1]
+        assert misrouted in placers("his-received.jsonl") and misrouted not in placers("his-b-received.jsonl")
+    finally:
+        applied = reload_with(routes)
+    assert "routes (2)" in applied
+    b = book(lock, free_slot(lock, "B01"))
+    assert b["id"] in placers("his-b-received.jsonl") and b["id"] not in placers("his-received.jsonl")
+    assert lock.gateway.popen.pid == pid and lock.gateway.alive()
