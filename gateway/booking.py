@@ -96,6 +96,17 @@ def patient_key(patient: Patient) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:24]
 
 
+#: the outcome of a booking the gateway cancels to move it (BookingService._moved)
+RESCHEDULED_TO = "rescheduled to "
+
+
+def cancel_reason(appt) -> str:
+    """Why a cancellation the gateway asked the HIS for was made: a move's "rescheduled to <new id>" (set
+    when its SRM^S04 was queued), else the platform's own cancellation."""
+    outcome = appt.outcome or ""
+    return outcome if outcome.startswith(RESCHEDULED_TO) else "cancelled by the platform"
+
+
 class PatientRequired(SchedulingError):
     """A booking needs a patient the HIS can identify, and none was given."""
 
@@ -158,17 +169,27 @@ class SlotBook:
         changes = dict(start_ts=start_ts, end_ts=end_ts, minutes=n.minutes, service_code=n.service_code,
                        service_text=n.service_text, his_status=his_status, his_appointment=his_appointment)
         if his_status == "free" and slot.booked_by:
-            # The HIS freed a slot one of our platforms had booked: the hospital cancelled it — unless we
-            # are cancelling it ourselves: then this is most likely our SRM^S04 taking effect, its answer
-            # still on the way (the HIS may notify before it answers); the answer settles it
-            # (BookingService._answer_cancel, which also sees a refusal of the freed slot as the hospital's).
             appt = tx.appointment(slot.booked_by)
-            if appt is not None and appt.status == "booked" and appt.pending_change != "cancel":
-                tx.update_appointment(appt.id, status="cancelled", pending_change=None,
-                                      outcome="cancelled by the hospital")
+            if appt is not None and appt.status == "booked":
+                self._booking_freed(tx, appt)
             changes["booked_by"] = None
         tx.update_slot(sid, **changes)
         return sid
+
+    @staticmethod
+    def _booking_freed(tx, appt) -> None:
+        """The HIS freed the slot of ``appt``, booked by one of our platforms.  If we asked the HIS to cancel
+        it (``pending_change`` 'cancel'), this is most likely our SRM^S04 taking effect, its answer still on
+        the way: the HIS pushes the SIU on its own connection, so the SIU and the SRR reach us in either
+        order.  The appointment is cancelled now with the reason the gateway gave (the platform's
+        cancellation, or "rescheduled to <new id>"), so it never reads as booked on a free slot; the
+        cancellation stays pending until the answer settles it (:meth:`BookingService._answer_cancel`: an AA
+        keeps the reason, a refusal makes it the hospital's).  Otherwise the hospital cancelled it."""
+        if appt.pending_change == "cancel":
+            tx.update_appointment(appt.id, status="cancelled", outcome=cancel_reason(appt))
+        else:
+            tx.update_appointment(appt.id, status="cancelled", pending_change=None,
+                                  outcome="cancelled by the hospital")
 
     @staticmethod
     def _move_appointment(tx, old_slot, new_slot_id: str) -> None:
@@ -396,7 +417,7 @@ class BookingService:
         old = tx.appointment(new.replaces)
         if old is None or old.status != "booked" or old.pending_change != "reschedule":
             return  # the platform cancelled it meanwhile, or the hospital did
-        tx.update_appointment(old.id, pending_change="cancel", outcome=f"rescheduled to {new.id}")
+        tx.update_appointment(old.id, pending_change="cancel", outcome=f"{RESCHEDULED_TO}{new.id}")
         self._queue(tx, new_control_id(), "cancel", old.id, Patient.from_json(old.patient),
                     f"cancellation of {old.id}: rescheduled to {new.id}")
         self._audit(tx, None, old.platform, "cancel", 202, old.id, f"rescheduled to {new.id}; cancellation queued",
@@ -546,9 +567,7 @@ class BookingService:
         if appt.pending_change != "cancel":
             return  # a compensating cancel: the appointment is already cancelled on our side
         if answer.accepted:
-            moved = (appt.outcome or "").startswith("rescheduled to ")
-            tx.update_appointment(appt.id, status="cancelled", pending_change=None,
-                                  outcome=appt.outcome if moved else "cancelled by the platform")
+            tx.update_appointment(appt.id, status="cancelled", pending_change=None, outcome=cancel_reason(appt))
             if slot.booked_by == appt.id:
                 tx.update_slot(slot.id, booked_by=None, his_status="free", his_appointment=None)
             self._settled(tx, appt, "cancel.settled", 200, f"cancelled by the HIS ({answer.code})")
@@ -561,9 +580,10 @@ class BookingService:
 
     @staticmethod
     def _freed_meanwhile(tx, appt, slot) -> None:
-        """Our cancellation did not take effect, yet the HIS has freed the slot meanwhile (SlotBook left the
-        appointment alone while the cancellation was pending): the hospital cancelled it."""
-        if slot is not None and slot.booked_by != appt.id and slot.his_status == "free":
+        """Our cancellation did not take effect, yet the HIS has freed the slot meanwhile (SlotBook marked the
+        appointment cancelled with our reason while the cancellation was pending): the hospital cancelled it."""
+        freed = slot is not None and slot.booked_by != appt.id and slot.his_status == "free"
+        if freed or appt.status == "cancelled":
             tx.update_appointment(appt.id, status="cancelled", outcome="cancelled by the hospital")
 
     def _queue_compensating_cancel(self, tx, appt, slot, his_appointment) -> None:

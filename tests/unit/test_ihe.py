@@ -4,6 +4,8 @@ a real chamber file, a task.Clock, DummyRequests with real client certificates."
 
 import json
 
+import pytest
+
 from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.capabilitystatement import CapabilityStatement
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -405,3 +407,40 @@ def test_a_refused_reschedule_leaves_the_old_booking_as_it_was(gate):
         appointment(SID[7]), id=held["id"], status="pending")}))), 422, "business-rule")
     outcome(gate.request("POST", "/Appointment/$book", params(("appointment-resource", {"resource": dict(
         appointment("D001-209901010800"), id=old, status="booked")}))), 422, "not-found")
+
+
+def _his_frees(gate, index, his_appointment):
+    """The HIS's SIU^S15 for slot SID[index] (pushed on its own connection, in any order with its answers)."""
+    from datetime import timedelta
+
+    from gateway.booking import SlotBook
+    from gateway.scheduling import SlotNotice
+    from tests.unit.test_outer_access import DAY, SCHEDULE, TZ
+    notice = SlotNotice("free", SCHEDULE, DAY + timedelta(minutes=15 * index), 15, "card", "x", his_appointment)
+    gate.chamber.transact_now(lambda tx: SlotBook(TZ).apply(tx, [notice]))
+
+
+@pytest.mark.parametrize("siu_first", [True, False], ids=["siu-then-ack", "ack-then-siu"])
+def test_the_his_confirming_a_rescheduled_cancel_by_siu_keeps_the_gateways_reason(gate, siu_first):
+    """The old booking's cancellation is the gateway's (rescheduled): the HIS's SIU^S15 for the old slot and its
+    SRR^S04 may reach the gateway in either order; either way the old appointment ends cancelled with the
+    reason the gateway gave, once (one cancel.settled), and the old slot is free."""
+    old = gate.request("POST", "/Appointment", appointment(SID[1])).json["id"]
+    answer(gate, old, "SRM^S01")
+    moved = dict(appointment(SID[2]), id=old, status="booked")
+    new = entries(gate.request("POST", "/Appointment/$book", params(("appointment-resource", {"resource": moved}))))[0]["id"]
+    answer(gate, new, "SRM^S01")
+    if siu_first:
+        _his_frees(gate, 1, f"H-{old}")
+        row = gate.chamber.read().appointment(old)
+        assert (row.status, row.outcome) == ("cancelled", f"rescheduled to {new}")
+        answer(gate, old, "SRM^cancel")
+    else:
+        answer(gate, old, "SRM^cancel")
+        _his_frees(gate, 1, f"H-{old}")
+    row = gate.chamber.read().appointment(old)
+    assert (row.status, row.pending_change, row.outcome) == ("cancelled", None, f"rescheduled to {new}")
+    assert gate.chamber.read().slot(SID[1]).visible_status == "free"
+    settled = [a for a in gate.audit() if a.action == "cancel.settled" and a.resource_id == old]
+    assert [a.outcome for a in settled] == [200]
+    assert verify(gate.chamber.read()).ok
