@@ -38,6 +38,7 @@ from twisted.internet import defer
 
 from gateway import audit
 from gateway.audit import AuditEntry
+from gateway.patients import IdentifierRules
 
 from gateway.scheduling import (
     AppointmentUnknown,
@@ -214,9 +215,10 @@ class BookingService:
     """Books and cancels on behalf of platforms; keeps the hold -> confirm rules."""
 
     def __init__(self, chamber, his: HisLinkInfo, *, tz: ZoneInfo, hold_seconds: float, clock,
-                 max_backlog: int = 1000, retry_after: int = 30, quotas=None):
+                 max_backlog: int = 1000, retry_after: int = 30, quotas=None, patients: IdentifierRules | None = None):
         self.chamber = chamber
         self.quotas = quotas  # gateway.quota.Quotas, or None: no platform is limited
+        self.patients = patients or IdentifierRules()  # which identifier systems, and how PID-3 writes them
         self.his = his
         self.tz = tz
         self.hold_seconds = hold_seconds
@@ -258,6 +260,7 @@ class BookingService:
                 existing = tx.appointment_by_identifier(platform, *if_none_exist)
                 if existing is not None:
                     return existing, "existing"
+            self.patients.check(request.patient)
             slot = self._bookable_slot(tx, platform, request.slot_id)
             self._check_backlog(tx)
             tx.insert_appointment(AppointmentRow(
@@ -314,6 +317,7 @@ class BookingService:
         def work(tx):
             from gateway.chamber import AppointmentRow
 
+            self.patients.check(patient or empty)
             slot = self._bookable_slot(tx, platform, slot_id_)
             tx.insert_appointment(AppointmentRow(
                 id=appointment_id, platform=platform, slot_id=slot.id, status="pending",
@@ -361,6 +365,7 @@ class BookingService:
             if not who_for.identifiers:
                 raise PatientRequired("booking needs the patient: a Patient with an identifier the HIS knows "
                                       "(patient-resource, or a contained Patient in appointment-resource)")
+            self.patients.check(who_for)
             self._check_backlog(tx)
             tx.update_appointment(appt.id, patient=who_for.to_json(), pending_change="book",
                                   hold_expires=tx.now + self.hold_seconds)
@@ -522,7 +527,7 @@ class BookingService:
             slot=SlotForHis(schedule_id=slot.schedule_id, start_local=start_local, minutes=slot.minutes,
                             service_code=slot.service_code, service_text=slot.service_text,
                             practitioner_id=practitioner),
-            patient=patient, now=datetime.fromtimestamp(tx.now, self.tz).replace(tzinfo=None),
+            patient=self.patients.for_his(patient), now=datetime.fromtimestamp(tx.now, self.tz).replace(tzinfo=None),
             his_appointment=his_appointment,
         )
 

@@ -8,6 +8,7 @@ file, line, column and key path (see :mod:`gateway.confschema`).
 from __future__ import annotations
 
 import codecs
+import re
 import zoneinfo
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -329,6 +330,63 @@ class QuotaConfig:
         return []
 
 
+IdentifierType = Annotated[str, Pattern(r"^[A-Za-z0-9]{1,10}$", "an HL7 identifier type code (table 0203) such as "
+                                                                   "NNCHN, MR, PI or PT")]
+
+
+@dataclass(frozen=True)
+class PatientIdentifierConfig:
+    system: Annotated[str, Pattern(r"^[A-Za-z][A-Za-z0-9+.-]*:\S+$", "a URI such as urn:oid:2.16.156.10011.1.5")] = doc(
+        "The FHIR Identifier.system platforms send for this kind of identifier, e.g. urn:oid:2.16.156.10011.1.5 "
+        "(resident identity card, 居民身份证), the hospital's medical-record number system, or a phone system."
+    )
+    type: IdentifierType = doc(
+        "The identifier type code the HIS expects in PID-3.5 (CX.5, HL7 table 0203), whatever type the platform "
+        "sent: e.g. NNCHN (national person identifier, China), MR (medical record number), PI (patient internal "
+        "identifier), PT (patient external identifier), or the HIS's own code for a phone number."
+    )
+    assigning_authority: Optional[Annotated[str, Pattern(r"^[^\s^~|\\]{1,227}$", "HD text: no spaces, carets, tildes, "
+                                                                                   "bars or backslashes ('&' separates its parts)")]] = doc(
+        "PID-3.4 (CX.4, an HD): who issued the identifier as the HIS names it, e.g. HIS for its own record numbers "
+        "or '&2.16.156.10011.1.5&ISO' (HD.2 the OID, HD.3 ISO); '&' separates the HD's parts. Default: the system.",
+        default=None,
+    )
+    name: Optional[str] = doc("What the identifier is, for people (e.g. 居民身份证 resident ID card); shown in "
+                              "refusals beside the system.", default=None)
+    value_pattern: Optional[str] = doc(
+        "A regular expression the whole value must match, e.g. '[0-9]{17}[0-9X]' for the 18-character resident "
+        "ID; a value that does not is refused (422, the value never echoed). Default: any value.",
+        default=None,
+    )
+
+    def __post_validate__(self):
+        if self.value_pattern is not None:
+            try:
+                re.compile(self.value_pattern)
+            except re.error as e:
+                return [("value_pattern", f"not a regular expression: {e}")]
+        return []
+
+
+@dataclass(frozen=True)
+class PatientsConfig:
+    identifiers: list[PatientIdentifierConfig] = doc(
+        "The patient identifier systems platforms may identify a patient by, and how each becomes a PID-3 "
+        "repetition of the SRM sent to the HIS. A Patient with an identifier of another system is refused (422, "
+        "naming the accepted systems). Empty (the default): every system is accepted and written as it came "
+        "(CX.4 = the system, CX.5 = the identifier's type code, else PT).",
+        default_factory=list,
+    )
+
+    def __post_validate__(self):
+        issues, seen = [], {}
+        for i, rule in enumerate(self.identifiers):
+            if rule.system in seen:
+                issues.append((f"identifiers[{i}].system", f"{rule.system} is listed already (identifiers[{seen[rule.system]}])"))
+            seen.setdefault(rule.system, i)
+        return issues
+
+
 SpkiPin = Annotated[str, Pattern(r"^([0-9A-Fa-f]{64}|[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){31}|[A-Za-z0-9+/]{43}=?)$",
                                  "the SHA-256 of a SubjectPublicKeyInfo, in base64 (44 characters) or hex (64)")]
 JwsAlgorithm = Literal["RS384", "ES384", "RS256", "ES256"]
@@ -549,6 +607,8 @@ class GatewayConfig:
         "Which HIS endpoint each outbound message type goes to, first match wins; what no route names goes to "
         "the HIS (inner.his / outer.his_name). Both gates of a split lock need the same routes (names only).",
         default_factory=list)
+    patients: PatientsConfig = doc("How platforms identify patients, and how the HIS gets those identifiers "
+                                   "(docs/ihe-scheduling.md, Patient identifiers).", default_factory=PatientsConfig)
     pharmacy: PharmacyConfig = doc("How prescriptions are written for the HIS pharmacy (docs/pharmacy-profile.md).",
                                    default_factory=PharmacyConfig)
     prescriptions: Optional[PrescriptionsConfig] = doc(

@@ -40,6 +40,7 @@ from adapters.mllp.server import MLLPServerFactory
 from gateway.audit import AuditTrail
 from gateway.admin import AdminResource, Metrics
 from gateway.booking import BookingService, HisLinkInfo, SlotBook
+from gateway.patients import IdentifierRules
 from gateway.chamber import Chamber
 from gateway.config import GatewayConfig
 from gateway.inbound import InboundService
@@ -188,7 +189,8 @@ def _token_url(outer) -> str:
 def reload(root, config: GatewayConfig, gate: str) -> list[str]:
     """Apply a new config to a running service tree without dropping connections.  Applied live: log
     level, the outer gate's certificates, client CAs and CRL (for new connections; the CRL for every request),
-    platforms (subjects, scopes, quotas, revoked serials, SPKI pins, token keys, rate limits), the MLLP
+    platforms (subjects, scopes, quotas, revoked serials, SPKI pins, token keys, rate limits), the patient
+    identifier rules (patients.identifiers), the MLLP
     listener's certificates and CA (new connections), the HIS's address (next connection).  Other changes (listen
     addresses, chamber path, ...) need a restart: they are named in the returned list.  Everything is built
     before anything is swapped, so a new config that fails (a certificate that does not parse) changes
@@ -226,6 +228,10 @@ def reload(root, config: GatewayConfig, gate: str) -> list[str]:
             endpoint = endpoints.HostnameEndpoint(root.reactor, his.host, his.port, timeout=his.connect_timeout)
             swaps.append(lambda: [client.retarget(endpoint) for client in root.his_clients])
             applied.append(f"inner.his {his.host}:{his.port}")
+    if getattr(root, "booking", None) is not None:  # accepted systems (outer gate), PID-3 (inner gate)
+        patients = IdentifierRules.from_config(config.patients)
+        swaps.append(lambda: setattr(root.booking, "patients", patients))
+        applied.append(f"patients.identifiers ({len(config.patients.identifiers)})")
     restart = [name for name, before, after in (
         ("chamber.path", old.chamber.path, config.chamber.path),
         ("inner.listen", old.inner and old.inner.listen, config.inner and config.inner.listen),
@@ -295,7 +301,7 @@ def make_service(config: GatewayConfig, reactor, gate: str = "both") -> service.
         chamber, link, tz=tz, hold_seconds=outer_cfg.hold_expires if outer_cfg else 300.0, clock=reactor,
         max_backlog=outer_cfg.max_backlog if outer_cfg else 1000,
         retry_after=max(1, int(his.retry_max)) if his else 30,
-        quotas=Quotas.from_config(config.platforms, tz),
+        quotas=Quotas.from_config(config.platforms, tz), patients=IdentifierRules.from_config(config.patients),
     )
     metrics = Metrics(chamber)
     prescribing = _prescribing(config, reactor, tz, chamber, gate)

@@ -68,6 +68,7 @@ from adapters.mapping.fhir_scheduling import (
 from adapters.fhir import ihe
 from gateway.audit import AuditEntry
 from gateway.booking import PatientRequired
+from gateway.patients import IdentifierRefused
 from gateway.errors import ChamberError
 from gateway.oauth import TOKEN_PATH, InvalidToken, OAuthError
 from gateway.logs import mask_value
@@ -432,6 +433,9 @@ class FhirApi(resource.Resource):
         if failure.check(ihe.ParameterError):
             e = failure.value
             return 400, operation_outcome([(e.code, str(e), e.name)]), {}
+        if failure.check(IdentifierRefused):
+            e = failure.value
+            return 422, operation_outcome([("code-invalid", str(e), e.element)]), {}
         if failure.check(PatientRequired):
             return 422, operation_outcome([("required", failure.getErrorMessage(), "Appointment.participant")]), {}
         if failure.check(InvalidResource):

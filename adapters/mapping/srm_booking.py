@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 from hl7apy.core import Message as Hl7apyMessage
 
 from adapters.hl7.er7 import dtm, escape, format_message, hl7_charset_name
-from gateway.scheduling import Patient, SlotForHis
+from gateway.scheduling import Patient, PatientIdentifier, SlotForHis
 
 PLACER_NAMESPACE = "GATEWAYD"
 
@@ -69,6 +69,14 @@ def _segment(name: str, fields: dict[int, str], keep: int = 0) -> list[str]:
     return out
 
 
+def pid_identifier(identifier: PatientIdentifier) -> str:
+    """One PID-3 repetition (CX): ID, CX.4 the assigning authority (its HD parts joined by '&'; default the
+    FHIR system) and CX.5 the identifier type code (default PT)."""
+    parts = identifier.assigning_authority or (identifier.system,)
+    authority = "&".join(escape(p) for p in parts)
+    return f"{escape(identifier.value)}^^^{authority}^{escape(identifier.type_code or 'PT')}"
+
+
 def build_srm(
     trigger: str,
     *,
@@ -109,8 +117,7 @@ def build_srm(
             9: str(slot.minutes), 10: "MIN", 11: f"{slot_start}^{slot_end}",
         }),
         _segment("PID", {
-            3: "~".join(_field(escape(i.value), "", "", escape(i.system), escape(i.type_code or "PT"))
-                        for i in patient.identifiers),
+            3: "~".join(pid_identifier(i) for i in patient.identifiers),
             5: _field(escape(patient.family), escape(patient.given)),
             13: escape(patient.phone),
         }, keep=3),
@@ -159,10 +166,7 @@ def build_srm_hl7apy(
     msg.arq.arq_11 = f"{dtm(start)[:12]}^{dtm(end)[:12]}"
 
     pat = msg.add_group("SRM_S01_PATIENT")
-    pat.pid.pid_3 = "~".join(
-        f"{escape(i.value)}^^^{escape(i.system)}^{escape(i.type_code or 'PT')}"
-        for i in patient.identifiers
-    )
+    pat.pid.pid_3 = "~".join(pid_identifier(i) for i in patient.identifiers)
     if patient.family or patient.given:
         pat.pid.pid_5 = f"{escape(patient.family)}^{escape(patient.given)}"
     if patient.phone:
