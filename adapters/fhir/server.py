@@ -752,6 +752,10 @@ class FhirApi(resource.Resource):
             offset = int(query.get("_offset", ["0"])[-1])
         except ValueError:
             raise FhirError(400, "invalid", "_count and _offset must be whole numbers") from None
+        return self._page(count, offset)
+
+    def _page(self, count: int, offset: int) -> tuple[int, int]:
+        """A page of a search (GET /Slot, $find): ``count`` at most ``page_size``, ``offset`` bounded."""
         if count < 0 or offset < 0:
             raise FhirError(400, "invalid", "_count and _offset must not be negative")
         if offset > MAX_OFFSET:
@@ -831,12 +835,16 @@ class FhirApi(resource.Resource):
         return 200, schedule_resource(rows[0], self.tz), {}
 
     @staticmethod
-    def _bundle(base, rtype, resources, query, offset, count, more) -> dict:
-        params = {k: v[-1] for k, v in query.items() if k not in ("_offset",)}
-        links = [{"relation": "self", "url": f"{base}/{rtype}?{urlencode({**params, '_offset': offset})}"}]
-        if more:
+    def _bundle(base, rtype, resources, query, offset, count, more, path: str | None = None) -> dict:
+        """A searchset page of ``rtype`` resources, with its self and next links to ``path`` (default the type)
+        carrying every value of ``query`` (a repeated parameter stays repeated)."""
+        path = path or rtype
+        params = [(k, v) for k, values in query.items() if k not in ("_offset", "_count") for v in values]
+        given = query.get("_count", [])[-1:]
+        links = [{"relation": "self", "url": f"{base}/{path}?{urlencode([*params, *(('_count', c) for c in given), ('_offset', offset)])}"}]
+        if more and count > 0:  # (_count=0 asks for no entries: nothing to page through)
             links.append({"relation": "next",
-                          "url": f"{base}/{rtype}?{urlencode({**params, '_count': count, '_offset': offset + count})}"})
+                          "url": f"{base}/{path}?{urlencode([*params, ('_count', count), ('_offset', offset + count)])}"})
         return {
             "resourceType": "Bundle",
             "type": "searchset",
@@ -1049,9 +1057,11 @@ class FhirApi(resource.Resource):
 
     def ihe_find(self, platform: str, body, base: str, query_string: dict[str, list[str]] | None = None):
         query = ihe.find_query(body, self.tz, query_string)
-        resources = ihe.find(self.reader(), query, platform=platform, quotas=self.quotas, tz=self.tz,
-                             page_size=self.page_size)
-        return 200, self._operation_bundle(base, "find", resources), {}
+        count, offset = self._page(self.page_size if query.count is None else query.count, query.offset)
+        resources, more = ihe.find(self.reader(), query, platform=platform, quotas=self.quotas, tz=self.tz,
+                                   count=count, offset=offset)
+        return 200, self._bundle(base, "Appointment", resources, query.to_query(self.tz), offset, count, more,
+                                 path="Appointment/$find"), {}
 
     async def ihe_hold(self, platform: str, body, base: str, access: Access):
         access.patient_data = True

@@ -94,6 +94,30 @@ def test_find_hold_book_with_fhirpy_through_the_his(lock):
     assert lock.session().get(f"{lock.base}/Slot/{slot_id}").json()["status"] == "free"
 
 
+def test_find_pages_through_next_links_over_https(lock):
+    """$find with _count=3 over the first day's free slots: the next links (GETs) lead through every page, and
+    together they are exactly the unpaged answer, in order."""
+    everything = [a["id"] for a in find(lock, "demo")]
+    assert len(everything) > 3
+    session = lock.session()
+    day = lock.first_day.isoformat()
+    r = session.post(f"{lock.base}/Appointment/$find", json=params(
+        ("start", {"valueDateTime": day}), ("end", {"valueDateTime": day}), ("_count", {"valueInteger": 3})),
+        headers={"Content-Type": "application/fhir+json"}, timeout=5)
+    paged, pages = [], 0
+    while True:
+        assert r.status_code == 200, r.text
+        bundle = r.json()
+        Bundle.model_validate(bundle)
+        paged += [e["resource"]["id"] for e in bundle.get("entry", [])]
+        pages += 1
+        nxt = [link["url"] for link in bundle["link"] if link["relation"] == "next"]
+        if not nxt:
+            break
+        r = session.get(nxt[0], timeout=5)
+    assert paged == everything and pages == -(-len(everything) // 3)
+
+
 def test_a_slot_held_by_another_platform_is_refused_then_freed_when_the_hold_expires(lock):
     choice = find(lock, "demo", ("practitioner", {"valueReference": {"reference": "Practitioner/D002"}}))[0]
     slot_id = choice["slot"][0]["reference"].split("/", 1)[1]

@@ -81,6 +81,44 @@ def test_find_narrows_by_time_service_practitioner_location_and_count(gate):
     assert ids(("patient-resource", {"resource": PATIENT})) == SID  # accepted, ignored
 
 
+def follow(gate, response):
+    """Every proposed appointment of a $find answer and of the pages its next links lead to (by GET)."""
+    found = []
+    while True:
+        assert response.status == 200, response.json
+        found += [a["slot"][0]["reference"][5:] for a in entries(response)]
+        nxt = [link["url"] for link in response.json["link"] if link["relation"] == "next"]
+        if not nxt:
+            return found
+        assert nxt[0].startswith("https://gw.example/fhir/Appointment/$find?")
+        response = gate.request("GET", nxt[0][len("https://gw.example/fhir"):])
+
+
+def test_find_pages_with_count_and_next_links_that_keep_every_parameter(gate):
+    """_count=3 of 8 slots: three pages through next links (GET, as for GET /Slot), each parameter carried
+    over — a Coding with its system, references by identifier, a repeated parameter (OR) — and the last page
+    has no next link; _count=0 has none at all."""
+    assert follow(gate, gate.request("POST", "/Appointment/$find", find_params(("_count", {"valueInteger": 3})))) == SID
+    narrowed = find_params(
+        ("_count", {"valueInteger": 2}),
+        ("visit-type", {"valueCoding": {"system": "urn:gatewayd:his:service", "code": "card"}}),
+        ("practitioner", {"valueReference": {"identifier": {"system": "urn:gatewayd:his:practitioner", "value": "D001"}}}),
+        ("practitioner", {"valueReference": {"identifier": {"system": "urn:elsewhere", "value": "D001"}}}),
+        ("location-reference", {"valueReference": {"identifier": {"value": "CARD"}}}),
+        start="2030-01-07T08:30:00+08:00")
+    first = gate.request("POST", "/Appointment/$find", narrowed)
+    assert [a["slot"][0]["reference"][5:] for a in entries(first)] == SID[2:4]
+    assert follow(gate, first) == SID[2:]
+    by_get = gate.request("GET", "/Appointment/$find?start=2030-01-07&end=2030-01-07&_count=5"
+                                 "&practitioner=Practitioner/D001&practitioner=Practitioner/D999")
+    assert follow(gate, by_get) == SID
+    none = gate.request("POST", "/Appointment/$find", find_params(("_count", {"valueInteger": 0})))
+    assert entries(none) == [] and [link["relation"] for link in none.json["link"]] == ["self"]
+    for bad in ({"valueInteger": -1}, {"valueString": "2"}, {"valueInteger": 10**7}):
+        r = gate.request("POST", "/Appointment/$find", find_params(("_offset", bad)))
+        assert r.status == 400 and r.json["resourceType"] == "OperationOutcome", (bad, r.json)
+
+
 def test_find_leaves_out_held_slots_and_respects_the_quota(gate):
     held = gate.request("POST", "/Appointment/$hold", params(("appointment-reference", ref(f"Appointment/proposed-{SID[0]}"))),
                         platform="other")
