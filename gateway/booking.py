@@ -8,12 +8,15 @@
   HIS accepts a booking whose hold has already been released, a compensating cancel is queued.
 
 Appointment states (chamber): ``pending`` -> ``booked`` | ``refused`` | ``cancelled``; ``booked`` ->
-``cancelled``.  ``pending_change`` names what we are waiting for from the HIS ('book' or 'cancel'):
-a platform's request is answered when it clears, or after ``answer_within`` with 202.
+``cancelled``.  ``pending_change`` names what we are waiting for from the HIS ('book', 'cancel', 'hold' or
+'reschedule'): a platform's request is answered when it clears, or after ``answer_within`` with 202.
 
 An IHE ``$hold`` (:meth:`BookingService.hold`) holds the slot the same way but queues nothing: the
 appointment is ``pending`` with ``pending_change`` None until ``$book`` (:meth:`BookingService.book_held`)
-queues the SRM^S01, or its hold expires and is released without any message to the HIS.
+queues the SRM^S01, or its hold expires and is released without any message to the HIS.  With
+``hold_at_his`` (outer.hold_at_his) the HIS is told: a tentative SRM^S01 (ARQ-8 Tentative) is queued and
+``pending_change`` is 'hold' until it answers; ``$book``'s ordinary SRM^S01 confirms it, and the release of a
+hold the HIS took queues the cancel message.
 
 Quotas (:mod:`gateway.quota`) are checked inside the transaction that holds the slot.  Every change to
 an appointment is audited (:mod:`gateway.audit`) in the transaction that makes it: ``book`` (the hold,
@@ -106,6 +109,16 @@ def cancel_reason(appt) -> str:
     when its SRM^S04 was queued), else the platform's own cancellation."""
     outcome = appt.outcome or ""
     return outcome if outcome.startswith(RESCHEDULED_TO) else "cancelled by the platform"
+
+
+#: what BookingService._queue commits, by kind: the inner gate encodes each (BookingService.encode)
+_INTENT_TYPES = {"S01": "SRM^S01", "hold": "SRM^hold", "cancel": "SRM^cancel"}
+
+
+class HoldUnanswered(SchedulingError):
+    """$book of a hold the HIS has not answered yet (outer.hold_at_his)."""
+
+    code = "hold-unanswered"
 
 
 class PatientRequired(SchedulingError):
@@ -209,14 +222,17 @@ class HisLinkInfo:
     charset: str = "utf-8"
     cancel_trigger: str = "S04"  # 'S04' or 'S03'
     build_srm: Callable[..., bytes] | None = None  # adapters.mapping.srm_booking.build_srm, header bound
+    hold_type: str = "Tentative"  # ARQ-8 of the SRM^S01 that holds a slot at the HIS (outer.hold_at_his)
 
 
 class BookingService:
     """Books and cancels on behalf of platforms; keeps the hold -> confirm rules."""
 
     def __init__(self, chamber, his: HisLinkInfo, *, tz: ZoneInfo, hold_seconds: float, clock,
-                 max_backlog: int = 1000, retry_after: int = 30, quotas=None, patients: IdentifierRules | None = None):
+                 max_backlog: int = 1000, retry_after: int = 30, quotas=None, patients: IdentifierRules | None = None,
+                 hold_at_his: bool = False):
         self.chamber = chamber
+        self.hold_at_his = hold_at_his  # $hold queues a tentative SRM^S01 (and its release a cancel)
         self.quotas = quotas  # gateway.quota.Quotas, or None: no platform is limited
         self.patients = patients or IdentifierRules()  # which identifier systems, and how PID-3 writes them
         self.his = his
@@ -310,28 +326,39 @@ class BookingService:
         (``pending_change`` None) and ``hold_expires`` = now + ``hold_seconds``, audited (``hold``, 200) in
         the same transaction.  Nothing is queued for the HIS, so an expired hold is released without any
         message.  Fires with the appointment id; fails like :meth:`book` (SlotUnknown, SlotUnavailable,
-        QuotaExhausted)."""
+        QuotaExhausted).
+
+        With ``hold_at_his`` the HIS is told: a tentative SRM^S01 (ARQ-8 ``his.hold_type``) is queued in the
+        same transaction and ``pending_change`` is 'hold' until the HIS answers (:meth:`_answer_hold`); the
+        release of a hold the HIS took queues the cancel message (:meth:`_release_hold`)."""
         appointment_id = new_appointment_id()
         empty = Patient(identifiers=())
+        control_id = new_control_id()
 
         def work(tx):
             from gateway.chamber import AppointmentRow
 
             self.patients.check(patient or empty)
             slot = self._bookable_slot(tx, platform, slot_id_)
+            if self.hold_at_his:
+                self._check_backlog(tx)
             tx.insert_appointment(AppointmentRow(
                 id=appointment_id, platform=platform, slot_id=slot.id, status="pending",
                 patient=(patient or empty).to_json(), description=None, his_appointment=None,
-                hold_expires=tx.now + self.hold_seconds, outcome=None, pending_change=None, version=1,
-                created=tx.now, updated=tx.now,
+                hold_expires=tx.now + self.hold_seconds, outcome=None,
+                pending_change="hold" if self.hold_at_his else None, version=1, created=tx.now, updated=tx.now,
             ))
             tx.update_slot(slot.id, held_by=appointment_id)
+            if self.hold_at_his:
+                self._queue(tx, control_id, "hold", appointment_id, patient or empty, f"hold {appointment_id}")
             self._audit(tx, who, platform, "hold", 200, appointment_id,
-                        f"slot {slot.id} held; the HIS is not told until $book")
+                        f"slot {slot.id} held; " + ("tentative SRM^S01 queued" if self.hold_at_his
+                                                    else "the HIS is not told until $book"))
             return appointment_id
 
         def held(appointment):
-            log.info("booking.hold_only", appointment=appointment, platform=platform)
+            log.info("booking.hold_only" if not self.hold_at_his else "booking.hold_queued", appointment=appointment,
+                     platform=platform)
             self._schedule_expiry()
             return appointment
 
@@ -351,6 +378,9 @@ class BookingService:
             appt = self._own(tx, platform, appointment_id)
             if appt.status == "booked" or (appt.status == "pending" and appt.pending_change == "book"):
                 return "already"
+            if appt.status == "pending" and appt.pending_change == "hold":
+                raise HoldUnanswered(f"the HIS has not answered the hold on appointment {appointment_id} yet; "
+                                     f"$book it once the hold is answered")
             if appt.status != "pending" or appt.pending_change is not None:
                 raise SlotUnavailable(f"appointment {appointment_id} is no longer held "
                                       f"({appt.outcome or appt.status})")
@@ -500,7 +530,7 @@ class BookingService:
         encodes it (:meth:`encode`) once, on its first send, and every resend carries the same bytes.  So
         the outer gate never writes HL7, and needs nothing but the HIS's name."""
         tx.add_message(direction="outbound", peer=self.his.peer, control_id=control_id,
-                       type="SRM^S01" if kind == "S01" else "SRM^cancel", state="committed", body=b"",
+                       type=_INTENT_TYPES[kind], state="committed", body=b"",
                        charset="", subject=subject_of(appointment_id), order_key=patient_key(patient),
                        detail=detail)
 
@@ -511,14 +541,18 @@ class BookingService:
             raise ValueError(f"message {message.id} cannot be encoded: no appointment or no HIS link here")
         slot = tx.slot(appt.slot_id)
         patient = Patient.from_json(appt.patient)
+        appointment_type = ""
         if message.type == "SRM^S01":
             trigger, his_appointment = "S01", None
+        elif message.type == "SRM^hold":
+            trigger, his_appointment, appointment_type = "S01", None, self.his.hold_type
         else:
             trigger, his_appointment = self.his.cancel_trigger, appt.his_appointment
-        body = self._srm(tx, trigger, message.control_id, appt.id, slot, patient, his_appointment)
+        body = self._srm(tx, trigger, message.control_id, appt.id, slot, patient, his_appointment, appointment_type)
         return body, f"SRM^{trigger}", self.his.charset
 
-    def _srm(self, tx, trigger, control_id, appointment_id, slot, patient, his_appointment) -> bytes:
+    def _srm(self, tx, trigger, control_id, appointment_id, slot, patient, his_appointment,
+             appointment_type="") -> bytes:
         schedule = tx.schedule(slot.schedule_id)
         practitioner = schedule.practitioner_id if schedule is not None else ""
         start_local = datetime.strptime(slot.start_local, "%Y%m%d%H%M")
@@ -528,7 +562,7 @@ class BookingService:
                             service_code=slot.service_code, service_text=slot.service_text,
                             practitioner_id=practitioner),
             patient=self.patients.for_his(patient), now=datetime.fromtimestamp(tx.now, self.tz).replace(tzinfo=None),
-            his_appointment=his_appointment,
+            his_appointment=his_appointment, **({"appointment_type": appointment_type} if appointment_type else {}),
         )
 
     # -- the HIS's answers (called by the relay inside its transaction) --------------------------------------
@@ -540,7 +574,9 @@ class BookingService:
             return
         slot = tx.slot(appt.slot_id)
         kind = message.type.split("^")[-1]
-        if kind == "S01":
+        if kind == "S01" and appt.status == "pending" and appt.pending_change == "hold":
+            self._answer_hold(tx, appt, slot, answer)
+        elif kind in ("S01", "hold"):
             self._answer_booking(tx, appt, slot, answer)
         else:
             self._answer_cancel(tx, appt, slot, answer)
@@ -567,6 +603,20 @@ class BookingService:
             self._queue_compensating_cancel(tx, appt, slot, answer.his_appointment)
             self._settled(tx, appt, "book.settled", 409,
                           f"accepted by the HIS ({answer.code}) after the hold was released; cancel queued")
+
+    def _answer_hold(self, tx, appt, slot, answer: HisAnswer) -> None:
+        """The HIS's answer to a tentative SRM^S01 (outer.hold_at_his): accepted, the slot is held there too
+        until $book confirms it or the hold is released with a cancel; refused, the hold is released."""
+        if answer.accepted:
+            tx.update_appointment(appt.id, pending_change=None, his_appointment=answer.his_appointment)
+            self._audit(tx, None, appt.platform, "hold", 200, appt.id, f"held at the HIS too ({answer.code})",
+                        source=f"his:{self.his.peer}")
+            return
+        tx.update_appointment(appt.id, status="refused", pending_change=None, hold_expires=None,
+                              outcome=f"the HIS refused the hold ({answer.code}): {answer.text or 'no reason given'}")
+        if slot is not None and slot.held_by == appt.id:
+            tx.update_slot(slot.id, held_by=None)
+        self._settled(tx, appt, "book.settled", 409, f"hold refused by the HIS ({answer.code})")
 
     def _answer_cancel(self, tx, appt, slot, answer: HisAnswer) -> None:
         if appt.pending_change != "cancel":
@@ -607,46 +657,57 @@ class BookingService:
         if appt is None:
             return
         kind = message.type.split("^")[-1]
-        if kind == "S01" and appt.status == "pending" and appt.pending_change == "book":
+        if kind in ("S01", "hold") and appt.status == "pending" and appt.pending_change in ("book", "hold"):
+            what = "hold" if appt.pending_change == "hold" else "booking"
             tx.update_appointment(appt.id, status="refused", pending_change=None, hold_expires=None,
-                                  outcome=f"the HIS did not take the booking: {reason}")
+                                  outcome=f"the HIS did not take the {what}: {reason}")
             slot = tx.slot(appt.slot_id)
             if slot is not None and slot.held_by == appt.id:
                 tx.update_slot(slot.id, held_by=None)
             if message.attempts > 0:  # it may have reached the HIS before its answer was lost
                 self._queue_compensating_cancel(tx, appt, slot, None)
-            self._settled(tx, appt, "book.settled", 409, "dead-lettered: the HIS did not take the booking")
+            self._settled(tx, appt, "book.settled", 409, f"dead-lettered: the HIS did not take the {what}")
             self._not_moved(tx, appt, "the new booking did not reach the HIS")
-        elif kind != "S01" and appt.pending_change == "cancel":
+        elif kind not in ("S01", "hold") and appt.pending_change == "cancel":
             tx.update_appointment(appt.id, pending_change=None,
                                   outcome=f"the cancellation did not reach the HIS: {reason}")
             self._settled(tx, appt, "cancel.settled", 409, "dead-lettered: the cancellation did not reach the HIS")
             self._freed_meanwhile(tx, appt, tx.slot(appt.slot_id))
 
     # -- holds -----------------------------------------------------------------------------------------------
-    def _release_hold(self, tx, appt, slot, reason: str) -> None:
-        """Release a pending booking's hold.  Its SRM^S01, if still waiting in the chamber, is withdrawn
-        (a booking the platform was told is cancelled must not reach the HIS later); if an earlier attempt
-        may have reached the HIS, a cancel follows it.  An SRM in flight right now is left to its answer:
-        an AA for it is compensated in :meth:`_answer_booking`."""
+    def _release_hold(self, tx, appt, slot, reason: str) -> bool:
+        """Release a pending booking's hold.  Its SRM^S01 (or tentative hold SRM^S01), if still waiting in the
+        chamber, is withdrawn (a booking the platform was told is cancelled must not reach the HIS later); if
+        an earlier attempt may have reached the HIS, or the HIS took the hold (outer.hold_at_his: a pending
+        appointment's only delivered SRM^S01 is an accepted hold), one cancel follows.  An SRM in flight right
+        now is left to its answer: an AA for it is compensated in :meth:`_answer_booking`.  Returns whether a
+        cancel was queued."""
         tx.update_appointment(appt.id, status="cancelled", pending_change=None, hold_expires=None, outcome=reason)
         if slot is not None and slot.held_by == appt.id:
             tx.update_slot(slot.id, held_by=None)
         self._not_moved(tx, appt, reason)
+        at_his = False
         for msg in tx.messages_for_subject(subject_of(appt.id)):
-            if msg.type == "SRM^S01" and msg.state in ("committed", "retrying"):
+            if msg.type not in ("SRM^S01", "SRM^hold"):
+                continue
+            if msg.state in ("committed", "retrying"):
                 tx.set_message_state(msg.id, "withdrawn", detail=reason)
-                if msg.attempts > 0:
-                    self._queue_compensating_cancel(tx, appt, slot, None)
+                at_his = at_his or msg.attempts > 0
+            elif msg.state == "delivered":
+                at_his = True
+        if at_his:
+            self._queue_compensating_cancel(tx, appt, slot, None)
+        return at_his
 
     def expire_holds(self) -> defer.Deferred:
         def work(tx):
             expired = tx.expired_holds(tx.now)
             for appt in expired:
-                if appt.pending_change is None:  # a $hold the HIS was never told of: no message at all
-                    self._release_hold(tx, appt, tx.slot(appt.slot_id), "the hold expired before it was booked")
-                    self._settled(tx, appt, "book.settled", 409, "the hold expired before it was booked "
-                                  "(the HIS was never told)", source="gateway")
+                if appt.pending_change is None:  # a $hold: no message at all, or (hold_at_his) its release
+                    told = self._release_hold(tx, appt, tx.slot(appt.slot_id), "the hold expired before it was booked")
+                    self._settled(tx, appt, "book.settled", 409, "the hold expired before it was booked " + (
+                        "(released at the HIS: cancel queued)" if told else "(the HIS was never told)"),
+                        source="gateway")
                     continue
                 self._release_hold(tx, appt, tx.slot(appt.slot_id),
                                    "the HIS did not answer in time; the hold expired")

@@ -107,6 +107,12 @@ class HisConfig:
     cancel_message: Literal["SRM^S04", "SRM^S03"] = doc(
         "The message that cancels a booking at this HIS.", default="SRM^S04"
     )
+    hold_appointment_type: Annotated[str, Pattern(r"^[A-Za-z0-9_-]{1,20}$", "a code such as Tentative")] = doc(
+        "With outer.hold_at_his: ARQ-8 (appointment type, HL7 table 0277) of the SRM^S01 that holds a slot at this "
+        "HIS for an IHE $hold; its $book sends the ordinary SRM^S01 (no ARQ-8) for the same placer id, which "
+        "the HIS takes as the confirmation. The HIS's own code if it names tentative bookings otherwise.",
+        default="Tentative",
+    )
     max_attempts: Annotated[int, Range(1, 1000)] = doc(
         "A message still unanswered after this many attempts is dead-lettered (see `gatewayd queue`).",
         default=20,
@@ -271,6 +277,13 @@ class OuterConfig:
         "How long a slot stays held (busy-tentative) waiting for the HIS, or after Appointment/$hold waiting "
         "for $book; then the hold is released (and the booking cancelled).",
         default=Duration(300.0),
+    )
+    hold_at_his: bool = doc(
+        "Tell the HIS of an IHE $hold: SRM^S01 with ARQ-8 inner.his.hold_appointment_type (Tentative) is queued "
+        "at $hold, which then waits up to answer_within for the HIS (200 held, 409 refused, 202 not answered "
+        "yet), and the hold is released at the HIS with the cancel message when it expires or is dropped. "
+        "false: holds live in the gateway only and the HIS hears of nothing until $book.",
+        default=False,
     )
     page_size: Annotated[int, Range(1, 1000)] = doc("Default and largest _count of a search.", default=100)
     bind_device: Optional[str] = doc(

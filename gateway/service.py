@@ -292,7 +292,7 @@ def make_service(config: GatewayConfig, reactor, gate: str = "both") -> service.
             version=his.hl7_version, charset=his.charset,
         )
         link = HisLinkInfo(peer=his.name, charset=his.charset, cancel_trigger=his.cancel_message.split("^")[1],
-                           build_srm=functools.partial(build_srm, header=header))
+                           build_srm=functools.partial(build_srm, header=header), hold_type=his.hold_appointment_type)
     else:
         header = None
         link = HisLinkInfo(peer=config.outer.his_name)  # the outer gate knows the HIS by name only
@@ -302,6 +302,7 @@ def make_service(config: GatewayConfig, reactor, gate: str = "both") -> service.
         max_backlog=outer_cfg.max_backlog if outer_cfg else 1000,
         retry_after=max(1, int(his.retry_max)) if his else 30,
         quotas=Quotas.from_config(config.platforms, tz), patients=IdentifierRules.from_config(config.patients),
+        hold_at_his=outer_cfg.hold_at_his if outer_cfg else False,
     )
     metrics = Metrics(chamber)
     prescribing = _prescribing(config, reactor, tz, chamber, gate)

@@ -9,6 +9,8 @@ Answers (always MSA-2 = the received MSH-10):
   ('slot already booked') or blocked ('slot blocked'), or when ARQ is incomplete (101/102).
   The same placer id asking again for the slot it already holds gets AA with its booking (no second
   booking); asking for another slot while holding one gets AR 205.
+  ARQ-8 `Tentative` (HL7 table 0277) holds the slot for the placer (SCH-25 Pending, no SIU): the placer's
+  ordinary SRM^S01 for that slot confirms it (S12 then), SRM^S04 releases it (no SIU either).
 - SRM^S04 -> SRR^S04: AA (SCH-25 Cancelled) and the slot opens again; AR 204 for an unknown booking.
 - SQM^S25 -> SQR^S25: MSA, the QRD echoed, one SCH/RGS/AIS/AIL/AIP group per slot starting within
   QRF-2..QRF-3 (all slots when empty), then an empty DSC.
@@ -183,23 +185,31 @@ class HisHandler:
         if not placer:
             raise Hl7Error(101, "placer appointment id (ARQ-1) is required", segment="ARQ", field=1)
         schedule_id, start = self._requested_slot(message, arq)
+        tentative = _tentative(arq)
         try:
             held = self.inventory.booking(placer_id=placer)
         except UnknownBooking:
             held = None
         if held is not None:
             if (held.schedule_id, held.start) == (schedule_id, start):
+                if held.tentative and not tentative:  # the hold confirmed
+                    booking = self.inventory.confirm(held)
+                    slot = self.inventory.slot(schedule_id, start)
+                    return _Outcome(answer_type, body=slot_group(slot, "S12^booked"),
+                                    notification=Notification("S12", slot, "Booked", "gateway", booking))
                 slot = self.inventory.slot(schedule_id, start)
-                return _Outcome(answer_type, body=slot_group(slot, "S12^booked"))
+                return _Outcome(answer_type, body=_pending(slot_group(slot, "S12^booked"), held.tentative))
             return _Outcome(answer_type, Refusal(205, "placer appointment id already booked on another slot",
                                                  "ARQ", 1))
         try:
-            booking = self.inventory.book(schedule_id, start, by=placer, placer_id=placer)
+            booking = self.inventory.book(schedule_id, start, by=placer, placer_id=placer, tentative=tentative)
         except UnknownSlot as exc:
             return _Outcome(answer_type, Refusal(204, str(exc), "ARQ", 5))
         except SlotNotOpen as exc:
             return _Outcome(answer_type, Refusal(207, str(exc), "ARQ", 11))
         slot = self.inventory.slot(schedule_id, start)
+        if tentative:  # held for the placer: nothing to tell the world yet
+            return _Outcome(answer_type, body=_pending(slot_group(slot, "S12^booked"), True))
         return _Outcome(
             answer_type,
             body=slot_group(slot, "S12^booked"),
@@ -223,7 +233,7 @@ class HisHandler:
         return _Outcome(
             answer_type,
             body=group,
-            notification=Notification("S15", slot, "Cancelled", "gateway", booking),
+            notification=None if booking.tentative else Notification("S15", slot, "Cancelled", "gateway", booking),
         )
 
     def _query(self, message: Message) -> _Outcome:
@@ -278,6 +288,18 @@ class HisHandler:
         )
 
 
+def _tentative(arq: Segment) -> bool:
+    """ARQ-8 (appointment type, HL7 table 0277) Tentative: a hold, not a booking."""
+    return arq.get(8).upper() == "TENTATIVE"
+
+
+def _pending(group: list[list[str]], tentative: bool) -> list[list[str]]:
+    """A slot group whose SCH-25 says Pending when the booking is only a hold."""
+    if tentative:
+        group[0][25] = "Pending"
+    return group
+
+
 def _answer_type(message: Message) -> str:
     if message.message_code == "SRM":
         return f"SRR^{message.trigger}^SRR_S01"
@@ -314,7 +336,9 @@ def _facts(message: Message) -> dict[str, Any]:
     """What the journal may say about a request: the gateway's placer id, schedule and start only."""
     arq = message.segment("ARQ")
     placer = schedule = start = None
+    tentative = False
     if arq is not None:
+        tentative = _tentative(arq)
         placer = arq.get(1) or None
         schedule = arq.get(5) or None
         start_text = arq.get(11)
@@ -322,4 +346,7 @@ def _facts(message: Message) -> dict[str, Any]:
             ais = message.segment("AIS")
             start_text = ais.get(4) if ais is not None else ""
         start = start_text[:12] or None
-    return {"placer": placer, "schedule": schedule, "start": start}
+    facts = {"placer": placer, "schedule": schedule, "start": start}
+    if tentative:
+        facts["tentative"] = True
+    return facts

@@ -67,7 +67,7 @@ from adapters.mapping.fhir_scheduling import (
 )
 from adapters.fhir import ihe
 from gateway.audit import AuditEntry
-from gateway.booking import PatientRequired
+from gateway.booking import HoldUnanswered, PatientRequired
 from gateway.patients import IdentifierRefused
 from gateway.errors import ChamberError
 from gateway.oauth import TOKEN_PATH, InvalidToken, OAuthError
@@ -1072,10 +1072,7 @@ class FhirApi(resource.Resource):
             except AppointmentUnknown as e:
                 raise FhirError(404, "not-found", str(e)) from None
             access.resource_id, access.detail = appt.id, "hold repeated"
-            if not (appt.status == "pending" and appt.pending_change is None):
-                raise FhirError(409, "conflict", f"appointment {appt.id} is not held (it is {appt.status})",
-                                "Appointment.status")
-            return 200, self._operation_bundle(base, "hold", [self._appointment_json(appt)]), self._location(base, appt)
+            return self._hold_answer(base, appt)
         try:
             appointment_id = await self.booking.hold(platform, what.slot_id, what.patient, who=access.who())
         except SlotUnknown as e:
@@ -1085,8 +1082,18 @@ class FhirApi(resource.Resource):
         except QuotaExhausted as e:
             raise FhirError(409, "business-rule", str(e), "Appointment.slot") from None
         access.resource_id, access.recorded = appointment_id, True  # audited in the hold's transaction
-        appt = self.booking.appointment(platform, appointment_id)
-        return 200, self._operation_bundle(base, "hold", [self._appointment_json(appt)]), self._location(base, appt)
+        if self.booking.hold_at_his:  # the HIS is told of the hold (outer.hold_at_his): wait for its answer
+            await self.booking.wait_settled(appointment_id, self.answer_within)
+        return self._hold_answer(base, self.booking.appointment(platform, appointment_id))
+
+    def _hold_answer(self, base: str, appt):
+        """$hold's answer: 200 held, 202 held here while the HIS has not answered the hold yet
+        (outer.hold_at_his), 409 not held (refused by the HIS, expired, cancelled, booked)."""
+        if appt.status == "pending" and appt.pending_change in (None, "hold"):
+            status = 200 if appt.pending_change is None else 202
+            return status, self._operation_bundle(base, "hold", [self._appointment_json(appt)]), self._location(base, appt)
+        raise FhirError(409, "conflict", f"appointment {appt.id} is not held ({appt.outcome or appt.status})",
+                        "Appointment.status")
 
     async def ihe_book(self, platform: str, body, base: str, access: Access):
         access.patient_data = True
@@ -1112,7 +1119,7 @@ class FhirApi(resource.Resource):
                 how = await self.booking.book_held(platform, what.appointment_id, what.patient, who=access.who())
             except AppointmentUnknown as e:
                 raise FhirError(404, "not-found", str(e)) from None
-            except SlotUnavailable as e:
+            except (SlotUnavailable, HoldUnanswered) as e:
                 raise FhirError(409, "conflict", str(e), "Appointment.slot") from None
             appointment_id = what.appointment_id
         else:

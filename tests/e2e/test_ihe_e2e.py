@@ -202,3 +202,41 @@ def test_rescheduling_through_book_moves_the_booking_at_the_his_and_frees_the_ol
     old = client.reference("Appointment", booked["id"]).to_resource()
     assert old["status"] == "cancelled" and old["cancelationReason"]["text"] == f"rescheduled to {moved['id']}"
     assert lock.session().get(f"{lock.base}/Slot/{new_slot}").json()["status"] == "busy"
+
+
+@pytest.fixture(scope="module")
+def told(tmp_path_factory):
+    """A second lock whose gateway tells the HIS of holds (outer.hold_at_his)."""
+    running = Lock(tmp_path_factory.mktemp("ihe-told"))
+    running.gateway_config["outer"].update(hold_expires=f"{HOLD_SECONDS}s", hold_at_his=True)
+    running.write_configs()
+    with running:
+        yield running
+
+
+def test_holds_told_to_the_his_are_confirmed_by_book_or_released_there_at_expiry(told):
+    """outer.hold_at_his: $hold sends the HIS a tentative SRM^S01 (ARQ-8 Tentative) and answers once it took
+    it; $book's ordinary SRM^S01 confirms it; a hold left to expire is cancelled at the HIS with SRM^S04, so
+    the HIS then books that slot for another platform."""
+    first, second = find(told, "demo", ("practitioner", {"valueReference": {"reference": "Practitioner/D001"}}))[:2]
+    demo, other = told.fhirpy("demo"), told.fhirpy("other")
+
+    held = demo.execute("Appointment/$hold", method="post", data=params(("appointment-reference", ref(first["id"]))))
+    held_id = held["entry"][0]["resource"]["id"]
+    assert held["entry"][0]["resource"]["status"] == "pending"
+    assert [(r["ack"], r.get("tentative")) for r in srms_for(told, held_id)] == [("AA", True)]
+    booked = demo.execute("Appointment/$book", method="post", data=params(("appointment-reference", ref(held_id)),
+                                                                          ("patient-resource", {"resource": PATIENT})))
+    assert booked["entry"][0]["resource"]["status"] == "booked"
+    assert [(r["ack"], r.get("tentative")) for r in srms_for(told, held_id)] == [("AA", True), ("AA", None)]
+
+    left = demo.execute("Appointment/$hold", method="post", data=params(("appointment-reference", ref(second["id"]))))
+    left_id = left["entry"][0]["resource"]["id"]
+    eventually(lambda: [r["ack"] for r in told.received() if r["type"] == "SRM^S04" and r["placer"] == left_id] == ["AA"],
+               timeout=HOLD_SECONDS + 10, what="the expired hold's release at the HIS")
+    assert demo.reference("Appointment", left_id).to_resource()["status"] == "cancelled"
+    eventually(lambda: told.session("other").get(f"{told.base}/Slot/{second['slot'][0]['reference'][5:]}")
+               .json()["status"] == "free", what="the released slot to be free")
+    taken = other.execute("Appointment/$book", method="post", data=params(("appointment-reference", ref(second["id"])),
+                                                                          ("patient-resource", {"resource": PATIENT})))
+    assert taken["entry"][0]["resource"]["status"] == "booked"

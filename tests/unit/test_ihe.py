@@ -482,3 +482,83 @@ def test_the_his_confirming_a_rescheduled_cancel_by_siu_keeps_the_gateways_reaso
     settled = [a for a in gate.audit() if a.action == "cancel.settled" and a.resource_id == old]
     assert [a.outcome for a in settled] == [200]
     assert verify(gate.chamber.read()).ok
+
+
+def _encode(gate, appointment_id, kind):
+    """What the inner gate does before the first send: the HL7 bytes of the appointment's ``kind`` intent."""
+    from adapters.hl7.er7 import parse
+
+    message = next(m for m in gate.chamber.read().messages(direction="outbound")
+                   if m.subject == f"appointment:{appointment_id}" and m.type == kind and m.state == "committed")
+
+    def work(tx):
+        body, type_, charset = gate.booking.encode(tx, tx.message(message.id))
+        tx.set_encoded(message.id, body, type_, charset, state="committed")
+        return parse(body)
+
+    return gate.chamber.transact_now(work)
+
+
+def delivered(gate, appointment_id, code="AA"):
+    """The relay's record of the HIS's answer to the appointment's encoded SRM^S01: state and answer, then
+    BookingService.on_answer, in one transaction."""
+    message = next(m for m in gate.chamber.read().messages(direction="outbound")
+                   if m.subject == f"appointment:{appointment_id}" and m.type == "SRM^S01" and m.state == "committed")
+
+    def record(tx):
+        tx.set_message_state(message.id, "delivered" if code == "AA" else "refused", attempts=1, answer_code=code)
+        gate.booking.on_answer(tx, tx.message(message.id), HisAnswer(code, "", f"H-{appointment_id}"))
+
+    gate.chamber.transact_now(record)
+
+
+def hold_at_his(gate, sid):
+    gate.booking.hold_at_his = True
+    r = gate.request("POST", "/Appointment/$hold", params(("appointment-reference", ref(f"Appointment/proposed-{sid}"))))
+    assert r.status == 202, r.json  # the HIS has not answered (answer_within passed)
+    held = entries(r)[0]
+    srm = _encode(gate, held["id"], "SRM^hold")
+    assert srm.type_name.startswith("SRM^S01") and srm.segment("ARQ").get(8) == "Tentative"
+    return held["id"]
+
+
+def test_a_hold_told_to_the_his_is_confirmed_by_book(gate):
+    """outer.hold_at_his: $hold queues SRM^S01 with ARQ-8 Tentative and answers 202 until the HIS answers, then
+    200; $book before that is 409; after it, the ordinary SRM^S01 (no ARQ-8) confirms it; no cancel is sent."""
+    held = hold_at_his(gate, SID[0])
+    outcome(gate.request("POST", "/Appointment/$book", params(("appointment-reference", ref(f"Appointment/{held}")),
+                                                              ("patient-resource", {"resource": PATIENT}))),
+            409, "conflict")
+    delivered(gate, held)  # the HIS holds it tentatively
+    again = gate.request("POST", "/Appointment/$hold", params(("appointment-reference", ref(f"Appointment/{held}"))))
+    assert again.status == 200 and entries(again)[0]["extension"][0]["url"] == "urn:gatewayd:appointment:hold-expires"
+    assert gate.chamber.read().appointment(held).his_appointment == f"H-{held}"
+    r = gate.request("POST", "/Appointment/$book", params(("appointment-reference", ref(f"Appointment/{held}")),
+                                                          ("patient-resource", {"resource": PATIENT})))
+    assert r.status == 202, r.json
+    assert _encode(gate, held, "SRM^S01").segment("ARQ").get(8) == ""
+    answer(gate, held, "SRM^S01")
+    assert gate.chamber.read().appointment(held).status == "booked"
+    assert not [m for m in gate.chamber.read().messages(direction="outbound") if m.type == "SRM^cancel"]
+
+
+def test_a_hold_told_to_the_his_is_released_there_when_it_expires_or_is_refused(gate):
+    """The expiry of a hold the HIS took queues the cancel naming the HIS's appointment (audited as released
+    at the HIS); a hold the HIS refuses is released at once and is no longer held (409)."""
+    held = hold_at_his(gate, SID[0])
+    delivered(gate, held)
+    gate.clock.advance(301)
+    assert gate.chamber.read().appointment(held).status == "cancelled"
+    cancel = _encode(gate, held, "SRM^cancel")
+    assert cancel.type_name.startswith("SRM^S04") and cancel.segment("ARQ").get(2) == f"H-{held}"
+    assert gate.chamber.read().slot(SID[0]).visible_status == "free"
+    assert any("released at the HIS" in (a.detail or "") for a in gate.audit() if a.resource_id == held)
+
+    refused = hold_at_his(gate, SID[1])
+    delivered(gate, refused, "AR")
+    row = gate.chamber.read().appointment(refused)
+    assert row.status == "refused" and "refused the hold" in row.outcome
+    assert gate.chamber.read().slot(SID[1]).visible_status == "free"
+    outcome(gate.request("POST", "/Appointment/$hold", params(("appointment-reference", ref(f"Appointment/{refused}")))),
+            409, "conflict")
+    assert [m.type for m in gate.chamber.read().messages(direction="outbound") if m.type.startswith("SRM^S04")] == ["SRM^S04"]
