@@ -207,9 +207,14 @@ class SlotBook:
 
     @staticmethod
     def _move_appointment(tx, old_slot, new_slot_id: str) -> None:
-        if old_slot.booked_by:
-            tx.update_appointment(old_slot.booked_by, slot_id=new_slot_id,
-                                  outcome="rescheduled by the hospital")
+        """The HIS moved the booking on ``old_slot`` (SIU^S13).  If the gateway asked for that move (SRM^S03,
+        ``pending_change`` 'reschedule'), the HIS's answer settles it with the gateway's reason (the SIU and
+        the SRR come in either order); otherwise the hospital rescheduled it."""
+        if not old_slot.booked_by:
+            return
+        appt = tx.appointment(old_slot.booked_by)
+        if appt is not None and appt.pending_change != "reschedule":
+            tx.update_appointment(appt.id, slot_id=new_slot_id, outcome="rescheduled by the hospital")
 
 
 @dataclass(frozen=True)
@@ -223,6 +228,7 @@ class HisLinkInfo:
     cancel_trigger: str = "S04"  # 'S04' or 'S03'
     build_srm: Callable[..., bytes] | None = None  # adapters.mapping.srm_booking.build_srm, header bound
     hold_type: str = "Tentative"  # ARQ-8 of the SRM^S01 that holds a slot at the HIS (outer.hold_at_his)
+    move_trigger: str | None = None  # 'S03': a reschedule is one SRM^S03 (inner.his.reschedule_message); None: cancel + new
 
 
 class BookingService:
@@ -414,6 +420,9 @@ class BookingService:
         audited ``book`` 202; the old one waits (``pending_change`` 'reschedule').  When the HIS accepts the
         new booking, SRM^S04 cancels the old one (:meth:`_answer_booking`) and its slot is freed when the HIS
         accepts that; if the new booking is refused, expires or is dead-lettered, the old one stays booked.
+        At a HIS that moves bookings itself (``his.move_trigger`` S03) the inner gate encodes the queued
+        request as one SRM^S03 naming the old booking (:meth:`encode`, :meth:`_moving`), and its AA settles
+        both appointments at once (:meth:`_moved_at_his`).
         Fires with the new appointment's id.  Fails with AppointmentUnknown, SlotUnknown, SlotUnavailable
         (the old one is not booked, or already changing; the new slot is taken), QuotaExhausted or
         Overloaded."""
@@ -457,6 +466,18 @@ class BookingService:
                     f"cancellation of {old.id}: rescheduled to {new.id}")
         self._audit(tx, None, old.platform, "cancel", 202, old.id, f"rescheduled to {new.id}; cancellation queued",
                     source="gateway")
+
+    def _moved_at_his(self, tx, new) -> None:
+        """The HIS accepted the SRM^S03 that moved the booking ``new`` replaces: the old appointment is cancelled
+        ("rescheduled to <new id>") and its slot is free, in the same transaction; nothing more is sent."""
+        old = tx.appointment(new.replaces)
+        if old is None or old.status != "booked":
+            return
+        tx.update_appointment(old.id, status="cancelled", pending_change=None, outcome=f"{RESCHEDULED_TO}{new.id}")
+        old_slot = tx.slot(old.slot_id)
+        if old_slot is not None and old_slot.booked_by == old.id:
+            tx.update_slot(old_slot.id, booked_by=None, his_status="free", his_appointment=None)
+        self._settled(tx, old, "cancel.settled", 200, f"moved by the HIS to {new.slot_id} (rescheduled to {new.id})")
 
     @staticmethod
     def _not_moved(tx, new, reason: str) -> None:
@@ -541,15 +562,28 @@ class BookingService:
             raise ValueError(f"message {message.id} cannot be encoded: no appointment or no HIS link here")
         slot = tx.slot(appt.slot_id)
         patient = Patient.from_json(appt.patient)
-        appointment_type = ""
-        if message.type == "SRM^S01":
+        appointment_type, placer = "", appt.id
+        moves = self._moving(tx, appt) if message.type == "SRM^S01" else None
+        if moves is not None:  # the HIS moves the old booking itself: SRM^S03 naming it, with the new slot
+            trigger, his_appointment, placer = self.his.move_trigger, moves.his_appointment, moves.id
+        elif message.type == "SRM^S01":
             trigger, his_appointment = "S01", None
         elif message.type == "SRM^hold":
             trigger, his_appointment, appointment_type = "S01", None, self.his.hold_type
         else:
             trigger, his_appointment = self.his.cancel_trigger, appt.his_appointment
-        body = self._srm(tx, trigger, message.control_id, appt.id, slot, patient, his_appointment, appointment_type)
+        body = self._srm(tx, trigger, message.control_id, placer, slot, patient, his_appointment, appointment_type)
         return body, f"SRM^{trigger}", self.his.charset
+
+    def _moving(self, tx, appt):
+        """The booked appointment ``appt`` moves at the HIS in one SRM^S03 (inner.his.reschedule_message), or
+        None (an ordinary SRM^S01: a new booking, or the 'new' half of cancel + new)."""
+        if self.his.move_trigger is None or not appt.replaces:
+            return None
+        old = tx.appointment(appt.replaces)
+        if old is None or old.status != "booked" or old.pending_change != "reschedule":
+            return None  # cancelled meanwhile: the new one is booked as an ordinary new booking
+        return old
 
     def _srm(self, tx, trigger, control_id, appointment_id, slot, patient, his_appointment,
              appointment_type="") -> bytes:
@@ -578,19 +612,32 @@ class BookingService:
             self._answer_hold(tx, appt, slot, answer)
         elif kind in ("S01", "hold"):
             self._answer_booking(tx, appt, slot, answer)
+        elif self._is_move(message, appt):
+            self._answer_booking(tx, appt, slot, answer, moved_at_his=True)
         else:
             self._answer_cancel(tx, appt, slot, answer)
 
-    def _answer_booking(self, tx, appt, slot, answer: HisAnswer) -> None:
+    def _is_move(self, message, appt) -> bool:
+        """Did this message (for ``appt``) move a booking at the HIS (:meth:`_moving`)?  An SRM^S03 for an
+        appointment that replaces another and is not being cancelled (a HIS cannot both move and cancel with
+        SRM^S03: the config refuses it, the answers could not be told apart)."""
+        return (self.his.move_trigger is not None and message.type == f"SRM^{self.his.move_trigger}"
+                and appt.replaces is not None and appt.pending_change != "cancel")
+
+    def _answer_booking(self, tx, appt, slot, answer: HisAnswer, moved_at_his: bool = False) -> None:
         if appt.status == "pending" and appt.pending_change == "book":
             if answer.accepted:
+                his_appointment = answer.his_appointment
+                if moved_at_his and not his_appointment:  # the HIS kept its appointment, on the new slot
+                    old = tx.appointment(appt.replaces)
+                    his_appointment = old.his_appointment if old is not None else None
                 tx.update_appointment(appt.id, status="booked", pending_change=None, hold_expires=None,
-                                      his_appointment=answer.his_appointment, outcome=None)
+                                      his_appointment=his_appointment, outcome=None)
                 tx.update_slot(slot.id, held_by=None, booked_by=appt.id, his_status="busy",
-                               his_appointment=answer.his_appointment or slot.his_appointment)
+                               his_appointment=his_appointment or slot.his_appointment)
                 self._settled(tx, appt, "book.settled", 201, f"booked by the HIS ({answer.code})")
                 if appt.replaces:
-                    self._moved(tx, appt)
+                    (self._moved_at_his if moved_at_his else self._moved)(tx, appt)
             else:
                 tx.update_appointment(appt.id, status="refused", pending_change=None, hold_expires=None,
                                       outcome=f"refused by the HIS ({answer.code}): {answer.text or 'no reason given'}")
@@ -598,6 +645,12 @@ class BookingService:
                     tx.update_slot(slot.id, held_by=None)
                 self._settled(tx, appt, "book.settled", 409, f"refused by the HIS ({answer.code})")
                 self._not_moved(tx, appt, f"the new booking was refused by the HIS ({answer.code})")
+        elif answer.accepted and moved_at_his:
+            # The move was given up (the hold expired or was cancelled) but the HIS made it: a cancel would
+            # cancel the patient's only booking there.  The HIS's SIU^S13 moves the old one in the mirror.
+            log.error("booking.moved_after_release", appointment=appt.id, replaces=appt.replaces)
+            self._settled(tx, appt, "book.settled", 409,
+                          f"the HIS moved the booking ({answer.code}) after the move was given up; nothing undone")
         elif answer.accepted:
             # The hold was released (expired or cancelled) before the HIS accepted: undo it at the HIS.
             self._queue_compensating_cancel(tx, appt, slot, answer.his_appointment)
@@ -657,18 +710,22 @@ class BookingService:
         if appt is None:
             return
         kind = message.type.split("^")[-1]
-        if kind in ("S01", "hold") and appt.status == "pending" and appt.pending_change in ("book", "hold"):
+        if self._is_move(message, appt) and appt.status == "pending" and appt.pending_change == "book":
+            kind = "move"
+        if kind in ("S01", "hold", "move") and appt.status == "pending" and appt.pending_change in ("book", "hold"):
             what = "hold" if appt.pending_change == "hold" else "booking"
             tx.update_appointment(appt.id, status="refused", pending_change=None, hold_expires=None,
                                   outcome=f"the HIS did not take the {what}: {reason}")
             slot = tx.slot(appt.slot_id)
             if slot is not None and slot.held_by == appt.id:
                 tx.update_slot(slot.id, held_by=None)
-            if message.attempts > 0:  # it may have reached the HIS before its answer was lost
+            if message.attempts > 0 and kind != "move":  # it may have reached the HIS before its answer was lost
                 self._queue_compensating_cancel(tx, appt, slot, None)
+            elif message.attempts > 0:  # a cancel would cancel the patient's booking: the HIS's SIU^S13 tells
+                log.error("booking.move_unanswered", appointment=appt.id, replaces=appt.replaces)
             self._settled(tx, appt, "book.settled", 409, f"dead-lettered: the HIS did not take the {what}")
             self._not_moved(tx, appt, "the new booking did not reach the HIS")
-        elif kind not in ("S01", "hold") and appt.pending_change == "cancel":
+        elif kind not in ("S01", "hold", "move") and appt.pending_change == "cancel":
             tx.update_appointment(appt.id, pending_change=None,
                                   outcome=f"the cancellation did not reach the HIS: {reason}")
             self._settled(tx, appt, "cancel.settled", 409, "dead-lettered: the cancellation did not reach the HIS")
@@ -688,11 +745,12 @@ class BookingService:
         self._not_moved(tx, appt, reason)
         at_his = False
         for msg in tx.messages_for_subject(subject_of(appt.id)):
-            if msg.type not in ("SRM^S01", "SRM^hold"):
+            move = self._is_move(msg, appt)
+            if msg.type not in ("SRM^S01", "SRM^hold") and not move:
                 continue
             if msg.state in ("committed", "retrying"):
                 tx.set_message_state(msg.id, "withdrawn", detail=reason)
-                at_his = at_his or msg.attempts > 0
+                at_his = at_his or (msg.attempts > 0 and not move)  # (a move is never undone by a cancel)
             elif msg.state == "delivered":
                 at_his = True
         if at_his:

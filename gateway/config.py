@@ -107,6 +107,13 @@ class HisConfig:
     cancel_message: Literal["SRM^S04", "SRM^S03"] = doc(
         "The message that cancels a booking at this HIS.", default="SRM^S04"
     )
+    reschedule_message: Literal["SRM^S01", "SRM^S03"] = doc(
+        "How a booking is moved to another slot at this HIS (IHE $book rescheduling): SRM^S01 = cancel + new "
+        "(book the new slot, then cancel the old booking with cancel_message once the HIS accepted); SRM^S03 = "
+        "one modification request for the booking (ARQ-1/ARQ-2 name it, ARQ-11 and AIS the new slot), the HIS "
+        "moving it in one step.",
+        default="SRM^S01",
+    )
     hold_appointment_type: Annotated[str, Pattern(r"^[A-Za-z0-9_-]{1,20}$", "a code such as Tentative")] = doc(
         "With outer.hold_at_his: ARQ-8 (appointment type, HL7 table 0277) of the SRM^S01 that holds a slot at this "
         "HIS for an IHE $hold; its $book sends the ordinary SRM^S01 (no ARQ-8) for the same placer id, which "
@@ -143,6 +150,10 @@ class HisConfig:
         issues = _charset_issue("charset", self.charset)
         if self.slot_source == "poll" and not type_allowed("SQM^S25", self.send_types):
             issues.append(("send_types", "slot_source: poll sends SQM^S25: allow it in send_types"))
+        if self.reschedule_message == "SRM^S03" and self.cancel_message == "SRM^S03":
+            issues.append(("reschedule_message", "this HIS cancels with SRM^S03 (cancel_message): it cannot move "
+                                                 "bookings with SRM^S03 too (their answers could not be told "
+                                                 "apart); use SRM^S01 (cancel + new)"))
         if self.window > 1 and self.ordering == "fifo":
             issues.append(("window", "strict FIFO sends one message at a time: use window: 1, or ordering: patient"))
         return issues

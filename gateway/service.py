@@ -292,7 +292,8 @@ def make_service(config: GatewayConfig, reactor, gate: str = "both") -> service.
             version=his.hl7_version, charset=his.charset,
         )
         link = HisLinkInfo(peer=his.name, charset=his.charset, cancel_trigger=his.cancel_message.split("^")[1],
-                           build_srm=functools.partial(build_srm, header=header), hold_type=his.hold_appointment_type)
+                           build_srm=functools.partial(build_srm, header=header), hold_type=his.hold_appointment_type,
+                           move_trigger="S03" if his.reschedule_message == "SRM^S03" else None)
     else:
         header = None
         link = HisLinkInfo(peer=config.outer.his_name)  # the outer gate knows the HIS by name only

@@ -12,6 +12,9 @@ Answers (always MSA-2 = the received MSH-10):
   ARQ-8 `Tentative` (HL7 table 0277) holds the slot for the placer (SCH-25 Pending, no SIU): the placer's
   ordinary SRM^S01 for that slot confirms it (S12 then), SRM^S04 releases it (no SIU either).
 - SRM^S04 -> SRR^S04: AA (SCH-25 Cancelled) and the slot opens again; AR 204 for an unknown booking.
+- SRM^S03 -> SRR^S03: the booking named by ARQ-2 (or ARQ-1) moves to the slot in ARQ-5/ARQ-11 (same HIS
+  appointment id and placer id): AA (SCH-25 Booked) and an SIU^S13 for the new slot; the same slot, AA and
+  nothing changes; AR 204 unknown booking or slot, 207 slot not open. (S03 as a cancellation is not modelled.)
 - SQM^S25 -> SQR^S25: MSA, the QRD echoed, one SCH/RGS/AIS/AIL/AIP group per slot starting within
   QRF-2..QRF-3 (all slots when empty), then an empty DSC.
 - any other message -> ACK AR with ERR 200 (unknown message code) or 201 (unsupported event).
@@ -168,6 +171,8 @@ class HisHandler:
                 return self._book(message)
             if kind == ("SRM", "S04"):
                 return self._cancel(message)
+            if kind == ("SRM", "S03"):
+                return self._move(message)
             if kind == ("SQM", "S25"):
                 return self._query(message)
         except Hl7Error as exc:
@@ -218,11 +223,7 @@ class HisHandler:
 
     def _cancel(self, message: Message) -> _Outcome:
         answer_type = "SRR^S04^SRR_S01"
-        arq = _required_segment(message, "ARQ")
-        placer, filler = arq.get(1), arq.get(2)
-        if not placer and not filler:
-            raise Hl7Error(101, "placer (ARQ-1) or filler (ARQ-2) appointment id is required",
-                           segment="ARQ", field=1)
+        _arq, placer, filler = _naming_a_booking(message)
         try:
             booking = self.inventory.cancel(appointment_id=filler or None, placer_id=placer or None)
         except InventoryError as exc:
@@ -235,6 +236,22 @@ class HisHandler:
             body=group,
             notification=None if booking.tentative else Notification("S15", slot, "Cancelled", "gateway", booking),
         )
+
+    def _move(self, message: Message) -> _Outcome:
+        answer_type = "SRR^S03^SRR_S01"
+        arq, placer, filler = _naming_a_booking(message)
+        schedule_id, start = self._requested_slot(message, arq)
+        try:
+            before = self.inventory.booking(appointment_id=filler or None, placer_id=placer or None)
+            booking = self.inventory.move(schedule_id, start, appointment_id=before.appointment_id)
+        except (UnknownBooking, UnknownSlot) as exc:
+            return _Outcome(answer_type, Refusal(204, str(exc), "ARQ", 2 if filler else 1))
+        except SlotNotOpen as exc:
+            return _Outcome(answer_type, Refusal(207, str(exc), "ARQ", 11))
+        slot = self.inventory.slot(schedule_id, start)
+        return _Outcome(answer_type, body=slot_group(slot, "S13^rescheduled"),
+                        notification=None if booking == before else Notification("S13", slot, "Booked", "gateway",
+                                                                                 booking))
 
     def _query(self, message: Message) -> _Outcome:
         qrd = _required_segment(message, "QRD")
@@ -286,6 +303,15 @@ class HisHandler:
             body=outcome.body or (),
             trailer=outcome.trailer or (),
         )
+
+
+def _naming_a_booking(message: Message) -> tuple[Segment, str, str]:
+    """The ARQ of a request about an existing booking, and its placer (ARQ-1) and filler (ARQ-2) ids."""
+    arq = _required_segment(message, "ARQ")
+    placer, filler = arq.get(1), arq.get(2)
+    if not placer and not filler:
+        raise Hl7Error(101, "placer (ARQ-1) or filler (ARQ-2) appointment id is required", segment="ARQ", field=1)
+    return arq, placer, filler
 
 
 def _tentative(arq: Segment) -> bool:

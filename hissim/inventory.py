@@ -215,6 +215,25 @@ class Inventory:
         self._slots[key] = dataclasses.replace(self._slots[key], booking=confirmed)
         return confirmed
 
+    def move(self, schedule_id: str, start: datetime, *, appointment_id: str | None = None,
+             placer_id: str | None = None) -> Booking:
+        """Move a booking (found as in :meth:`cancel`) to another open slot, keeping its HIS appointment id and
+        placer; the old slot opens.  The same slot: nothing changes.  UnknownBooking, UnknownSlot, SlotNotOpen."""
+        booking = self.booking(appointment_id=appointment_id, placer_id=placer_id)
+        target = self.slot(schedule_id, start)
+        if target.key == (booking.schedule_id, booking.start):
+            return booking
+        if target.status is not SlotStatus.OPEN:
+            raise SlotNotOpen(f"slot {target.status.value.lower()}")
+        old_key = (booking.schedule_id, booking.start)
+        moved = dataclasses.replace(booking, schedule_id=schedule_id, start=start)
+        self._slots[old_key] = dataclasses.replace(self._slots[old_key], status=SlotStatus.OPEN, booking=None)
+        self._slots[target.key] = dataclasses.replace(target, status=SlotStatus.BOOKED, booking=moved)
+        self._by_appointment[moved.appointment_id] = target.key
+        if moved.placer_id:
+            self._by_placer[moved.placer_id] = target.key
+        return moved
+
     def cancel(self, *, appointment_id: str | None = None, placer_id: str | None = None) -> Booking:
         """Cancel a booking found by HIS appointment id (preferred) or placer id; the slot opens again."""
         booking = self.booking(appointment_id=appointment_id, placer_id=placer_id)

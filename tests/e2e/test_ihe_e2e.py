@@ -171,26 +171,33 @@ def test_unknown_or_malformed_parameters_are_400_operation_outcomes(lock):
     assert "outer.internal_error" not in lock.gateway.log_path.read_text(encoding="utf-8")
 
 
-def test_rescheduling_through_book_moves_the_booking_at_the_his_and_frees_the_old_slot(lock):
-    """$book of a booked appointment with another slot: SRM^S01 for the new slot, then SRM^S04 for the old
-    one (cancel + new); the old slot is free again."""
+def book_then_move(lock, doctor):
+    """Book the doctor's first slot of the second day with $book, then move it to the second with $book
+    (rescheduling); returns the two proposed appointments, the booked one and the moved one."""
     client = lock.fhirpy()
     day = date.fromordinal(lock.first_day.toordinal() + 1).isoformat()
     body = params(("start", {"valueDateTime": day}), ("end", {"valueDateTime": day}),
-                  ("practitioner", {"valueReference": {"reference": "Practitioner/D001"}}))
-    proposed = [e["resource"] for e in client.execute("Appointment/$find", method="post", data=body)["entry"]]
-    first, second = proposed[0], proposed[1]
+                  ("practitioner", {"valueReference": {"reference": f"Practitioner/{doctor}"}}))
+    first, second = [e["resource"] for e in client.execute("Appointment/$find", method="post", data=body)["entry"]][:2]
     booked = client.execute("Appointment/$book", method="post",
                             data=params(("appointment-reference", ref(first["id"])),
                                         ("patient-resource", {"resource": PATIENT})))["entry"][0]["resource"]
     assert booked["status"] == "booked"
-    old_slot = first["slot"][0]["reference"].split("/", 1)[1]
-    new_slot = second["slot"][0]["reference"].split("/", 1)[1]
     move = {"resourceType": "Appointment", "id": booked["id"], "status": "booked",
-            "slot": [{"reference": f"Slot/{new_slot}"}],
-            "participant": [{"actor": {"reference": "Schedule/D001"}, "status": "accepted"}]}
+            "slot": [{"reference": second["slot"][0]["reference"]}],
+            "participant": [{"actor": {"reference": f"Schedule/{doctor}"}, "status": "accepted"}]}
     moved = client.execute("Appointment/$book", method="post",
                            data=params(("appointment-resource", {"resource": move})))["entry"][0]["resource"]
+    return first, second, booked, moved
+
+
+def test_rescheduling_through_book_moves_the_booking_at_the_his_and_frees_the_old_slot(lock):
+    """$book of a booked appointment with another slot: SRM^S01 for the new slot, then SRM^S04 for the old
+    one (cancel + new); the old slot is free again."""
+    client = lock.fhirpy()
+    first, second, booked, moved = book_then_move(lock, "D001")
+    old_slot = first["slot"][0]["reference"].split("/", 1)[1]
+    new_slot = second["slot"][0]["reference"].split("/", 1)[1]
     assert moved["status"] == "booked" and moved["id"] != booked["id"]
     assert moved["slot"][0]["reference"] == f"Slot/{new_slot}"
     assert len(srms_for(lock, moved["id"])) == 1
@@ -206,8 +213,9 @@ def test_rescheduling_through_book_moves_the_booking_at_the_his_and_frees_the_ol
 
 @pytest.fixture(scope="module")
 def told(tmp_path_factory):
-    """A second lock whose gateway tells the HIS of holds (outer.hold_at_his)."""
-    running = Lock(tmp_path_factory.mktemp("ihe-told"))
+    """A second lock with the optional HIS behaviours on: the gateway tells the HIS of holds
+    (outer.hold_at_his), and the HIS moves bookings with SRM^S03 (inner.his.reschedule_message)."""
+    running = Lock(tmp_path_factory.mktemp("ihe-told"), his={"reschedule_message": "SRM^S03"})
     running.gateway_config["outer"].update(hold_expires=f"{HOLD_SECONDS}s", hold_at_his=True)
     running.write_configs()
     with running:
@@ -240,3 +248,23 @@ def test_holds_told_to_the_his_are_confirmed_by_book_or_released_there_at_expiry
     taken = other.execute("Appointment/$book", method="post", data=params(("appointment-reference", ref(second["id"])),
                                                                           ("patient-resource", {"resource": PATIENT})))
     assert taken["entry"][0]["resource"]["status"] == "booked"
+
+
+def test_rescheduling_at_a_his_that_moves_bookings_with_s03(told):
+    """inner.his.reschedule_message SRM^S03: $book with another slot sends one SRM^S03 (ARQ-1 the old
+    appointment) and no cancel; the HIS moves its booking (SIU^S13); the old appointment is cancelled
+    ("rescheduled to <new>"), the old slot free, the new one busy."""
+    client = told.fhirpy()
+    first, second, booked, moved = book_then_move(told, "D002")
+    new_slot = second["slot"][0]["reference"].split("/", 1)[1]
+    assert moved["status"] == "booked" and moved["slot"][0]["reference"] == f"Slot/{new_slot}"
+    assert [(r["ack"], r["start"]) for r in told.received() if r["type"] == "SRM^S03"] == [
+        ("AA", new_slot.rsplit("-", 1)[1])]
+    assert [r["placer"] for r in told.received() if r["type"] == "SRM^S03"] == [booked["id"]]
+    assert not [r for r in told.received() if r["type"] == "SRM^S04" and r["placer"] in (booked["id"], moved["id"])]
+    old = client.reference("Appointment", booked["id"]).to_resource()
+    assert old["status"] == "cancelled" and old["cancelationReason"]["text"] == f"rescheduled to {moved['id']}"
+    eventually(lambda: told.session().get(f"{told.base}/Slot/{first['slot'][0]['reference'][5:]}").json()["status"]
+               == "free", what="the old slot to be free")
+    assert told.session().get(f"{told.base}/Slot/{new_slot}").json()["status"] == "busy"
+    eventually(lambda: any(r["type"] == "SIU^S13" for r in told.sent()), what="the HIS's SIU^S13")

@@ -355,6 +355,29 @@ def test_a_tentative_srm_s01_holds_the_slot_until_the_placer_confirms_or_cancels
     assert [n.trigger for n in wire.notes] == ["S12"]
 
 
+def test_srm_s03_moves_the_booking_keeping_its_ids_and_notifies_s13(tmp_path):
+    """SRM^S03 naming a booking (ARQ-2, or ARQ-1) with another slot moves it there: SRR^S03 AA, SCH-25 Booked,
+    the same HIS appointment id and placer; the old slot opens; one SIU^S13 for the new slot. The same slot
+    changes nothing; an unknown booking is AR 204, a booked slot AR 207."""
+    wire = Wire(tmp_path)
+    wire.exchange(srm(control_id="G1", placer="APT-1"))
+    _raw, answer = wire.exchange(srm(trigger="S03", control_id="G2", placer="APT-1", filler="H000001",
+                                     start="203001070815"))
+    assert answer.msh.raw(9) == "SRR^S03^SRR_S01"
+    sch = answer.segment("SCH")
+    assert (answer.segment("MSA").get(1), sch.get(1), sch.get(2), sch.get(25)) == ("AA", "APT-1", "H000001", "Booked")
+    assert wire.inventory.slot("D001", at(8, 0)).status is SlotStatus.OPEN
+    assert wire.inventory.slot("D001", at(8, 15)).booking.placer_id == "APT-1"
+    assert [n.trigger for n in wire.notes] == ["S12", "S13"]
+    _raw, answer = wire.exchange(srm(trigger="S03", control_id="G3", placer="APT-1", start="203001070815"))
+    assert answer.segment("MSA").get(1) == "AA" and len(wire.notes) == 2  # (the same slot: answered, unchanged)
+    _raw, answer = wire.exchange(srm(trigger="S03", control_id="G4", placer="APT-9", start="203001070830"))
+    assert (answer.segment("MSA").get(1), answer.segment("ERR").get(3, 1)) == ("AR", "204")
+    wire.inventory.book("D001", at(8, 30), by=COUNTER)
+    _raw, answer = wire.exchange(srm(trigger="S03", control_id="G5", placer="APT-1", start="203001070830"))
+    assert (answer.segment("MSA").get(1), answer.segment("ERR").get(3, 1)) == ("AR", "207")
+
+
 def test_srm_s01_refusals_unknown_slot_and_slot_booked_at_the_counter(tmp_path):
     """A start that is no slot gets AR with ERR-3 204 and ERR-8 'no such slot'; a slot the counter booked
     gets AR 'slot already booked' (MSA-3 and ERR-8); nothing is booked or queued for either."""

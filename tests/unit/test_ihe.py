@@ -562,3 +562,82 @@ def test_a_hold_told_to_the_his_is_released_there_when_it_expires_or_is_refused(
     outcome(gate.request("POST", "/Appointment/$hold", params(("appointment-reference", ref(f"Appointment/{refused}")))),
             409, "conflict")
     assert [m.type for m in gate.chamber.read().messages(direction="outbound") if m.type.startswith("SRM^S04")] == ["SRM^S04"]
+
+
+def _move_with_s03(gate):
+    """Book SID[1] (accepted as H-<id>), then $book it to SID[2] at a HIS that moves bookings with SRM^S03."""
+    from dataclasses import replace
+
+    gate.booking.his = replace(gate.booking.his, move_trigger="S03")
+    old = gate.request("POST", "/Appointment", appointment(SID[1])).json["id"]
+    answer(gate, old, "SRM^S01")
+    moved = dict(appointment(SID[2]), id=old, status="booked")
+    new = entries(gate.request("POST", "/Appointment/$book", params(("appointment-resource", {"resource": moved}))))[0]["id"]
+    srm = _encode(gate, new, "SRM^S01")
+    arq = srm.segment("ARQ")
+    assert srm.type_name.startswith("SRM^S03") and (arq.get(1), arq.get(2), arq.get(11)) == (old, f"H-{old}", "203001070830")
+    return old, new
+
+
+@pytest.mark.parametrize("siu_first", [True, False], ids=["siu-then-srr", "srr-then-siu"])
+def test_a_his_that_moves_bookings_with_s03_gets_one_message_and_no_cancel(gate, siu_first):
+    """inner.his.reschedule_message SRM^S03: the move is one SRM^S03 naming the old booking (ARQ-1 its placer
+    id, ARQ-2 the HIS's id) with the new slot; its AA books the new appointment and cancels the old one
+    ("rescheduled to <new>", its slot free) with no cancel sent; the HIS's SIU^S13, before or after the SRR,
+    does not make it the hospital's rescheduling."""
+    from tests.unit.test_outer_access import DAY, SCHEDULE, TZ
+
+    from datetime import timedelta
+
+    from gateway.booking import SlotBook
+    from gateway.scheduling import SlotNotice
+
+    old, new = _move_with_s03(gate)
+    s13 = SlotNotice("reschedule", SCHEDULE, DAY + timedelta(minutes=30), 15, "card", "x", f"H-{old}")
+    if siu_first:
+        gate.chamber.transact_now(lambda tx: SlotBook(TZ).apply(tx, [s13]))
+        row = gate.chamber.read().appointment(old)
+        assert (row.status, row.pending_change, row.slot_id) == ("booked", "reschedule", SID[1])
+    answer(gate, new, "SRM^S03")
+    if not siu_first:
+        gate.chamber.transact_now(lambda tx: SlotBook(TZ).apply(tx, [s13]))
+    old_row, new_row = gate.chamber.read().appointment(old), gate.chamber.read().appointment(new)
+    assert (old_row.status, old_row.pending_change, old_row.outcome) == ("cancelled", None, f"rescheduled to {new}")
+    assert new_row.status == "booked"
+    assert gate.chamber.read().slot(SID[1]).visible_status == "free"
+    assert gate.chamber.read().slot(SID[2]).visible_status == "busy"
+    assert not [m for m in gate.chamber.read().messages(direction="outbound") if m.type in ("SRM^cancel", "SRM^S04")]
+    assert verify(gate.chamber.read()).ok
+
+
+def test_a_refused_s03_move_leaves_the_old_booking_and_a_move_is_never_undone_by_a_cancel(gate):
+    """AR to the SRM^S03: the old booking stays as it was.  A move whose hold expires after an attempt is
+    withdrawn without any cancel (a cancel would cancel the patient's booking at the HIS)."""
+    old, new = _move_with_s03(gate)
+    answer(gate, new, "SRM^S03", code="AR")
+    row = gate.chamber.read().appointment(old)
+    assert (row.status, row.pending_change) == ("booked", None) and "not rescheduled" in row.outcome
+
+    moved = dict(appointment(SID[3]), id=old, status="booked")
+    again = entries(gate.request("POST", "/Appointment/$book", params(("appointment-resource", {"resource": moved}))))[0]["id"]
+    srm = next(m for m in gate.chamber.read().messages(direction="outbound") if m.subject == f"appointment:{again}")
+    gate.chamber.transact_now(lambda tx: (tx.set_encoded(srm.id, *gate.booking.encode(tx, tx.message(srm.id)),
+                                                         state="committed"),
+                                          tx.set_message_state(srm.id, "retrying", attempts=1)))
+    gate.clock.advance(301)
+    assert gate.chamber.read().appointment(again).status == "cancelled"
+    assert [m.state for m in gate.chamber.read().messages(direction="outbound")
+            if m.subject == f"appointment:{again}"] == ["withdrawn"]
+    assert gate.chamber.read().appointment(old).status == "booked"
+
+
+def test_a_his_cannot_both_cancel_and_move_with_s03(tmp_path):
+    from gateway.config import load_config
+    from gateway.confschema import ConfigError
+
+    path = tmp_path / "g.yaml"
+    path.write_text("inner:\n  his:\n    host: 127.0.0.1\n    port: 2576\n    cancel_message: SRM^S03\n"
+                    "    reschedule_message: SRM^S03\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert [(i.line, i.key) for i in e.value.issues] == [(6, "inner.his.reschedule_message")]
