@@ -645,6 +645,9 @@ class BookingService:
                     tx.update_slot(slot.id, held_by=None)
                 self._settled(tx, appt, "book.settled", 409, f"refused by the HIS ({answer.code})")
                 self._not_moved(tx, appt, f"the new booking was refused by the HIS ({answer.code})")
+                if any(m.type == "SRM^S01" and m.state == "delivered"  # the HIS took its hold (hold_at_his)
+                       for m in tx.messages_for_subject(subject_of(appt.id))):
+                    self._queue_compensating_cancel(tx, appt, slot, None)
         elif answer.accepted and moved_at_his:
             # The move was given up (the hold expired or was cancelled) but the HIS made it: a cancel would
             # cancel the patient's only booking there.  The HIS's SIU^S13 moves the old one in the mirror.

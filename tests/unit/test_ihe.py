@@ -542,6 +542,20 @@ def test_a_hold_told_to_the_his_is_confirmed_by_book(gate):
     assert not [m for m in gate.chamber.read().messages(direction="outbound") if m.type == "SRM^cancel"]
 
 
+def test_a_refused_confirmation_of_a_hold_told_to_the_his_releases_the_hold_there(gate):
+    """The HIS took the tentative SRM^S01, then refuses the ordinary one: the appointment is refused and the
+    tentative booking is cancelled at the HIS (naming its appointment id)."""
+    held = hold_at_his(gate, SID[0])
+    delivered(gate, held)
+    r = gate.request("POST", "/Appointment/$book", params(("appointment-reference", ref(f"Appointment/{held}")),
+                                                          ("patient-resource", {"resource": PATIENT})))
+    assert r.status == 202, r.json
+    _encode(gate, held, "SRM^S01")
+    delivered(gate, held, "AR")
+    assert gate.chamber.read().appointment(held).status == "refused"
+    assert _encode(gate, held, "SRM^cancel").segment("ARQ").get(2) == f"H-{held}"
+
+
 def test_a_hold_told_to_the_his_is_released_there_when_it_expires_or_is_refused(gate):
     """The expiry of a hold the HIS took queues the cancel naming the HIS's appointment (audited as released
     at the HIS); a hold the HIS refuses is released at once and is no longer held (409)."""
