@@ -576,8 +576,9 @@ class BookingService:
         return body, f"SRM^{trigger}", self.his.charset
 
     def _moving(self, tx, appt):
-        """The booked appointment ``appt`` moves at the HIS in one SRM^S03 (inner.his.reschedule_message), or
-        None (an ordinary SRM^S01: a new booking, or the 'new' half of cancel + new)."""
+        """The booked appointment that ``appt`` replaces, when the HIS is to move it in one SRM^S03
+        (inner.his.reschedule_message); None for an ordinary SRM^S01 (a new booking, or the new half of
+        cancel + new)."""
         if self.his.move_trigger is None or not appt.replaces:
             return None
         old = tx.appointment(appt.replaces)
