@@ -8,12 +8,15 @@
   HIS accepts a booking whose hold has already been released, a compensating cancel is queued.
 
 Appointment states (chamber): ``pending`` -> ``booked`` | ``refused`` | ``cancelled``; ``booked`` ->
-``cancelled``.  ``pending_change`` names what we are waiting for from the HIS ('book' or 'cancel'):
-a platform's request is answered when it clears, or after ``answer_within`` with 202.
+``cancelled``.  ``pending_change`` names what we are waiting for from the HIS ('book', 'cancel', 'hold' or
+'reschedule'): a platform's request is answered when it clears, or after ``answer_within`` with 202.
 
 An IHE ``$hold`` (:meth:`BookingService.hold`) holds the slot the same way but queues nothing: the
 appointment is ``pending`` with ``pending_change`` None until ``$book`` (:meth:`BookingService.book_held`)
-queues the SRM^S01, or its hold expires and is released without any message to the HIS.
+queues the SRM^S01, or its hold expires and is released without any message to the HIS.  With
+``hold_at_his`` (outer.hold_at_his) the HIS is told: a tentative SRM^S01 (ARQ-8 Tentative) is queued and
+``pending_change`` is 'hold' until it answers; ``$book``'s ordinary SRM^S01 confirms it, and the release of a
+hold the HIS took queues the cancel message.
 
 Quotas (:mod:`gateway.quota`) are checked inside the transaction that holds the slot.  Every change to
 an appointment is audited (:mod:`gateway.audit`) in the transaction that makes it: ``book`` (the hold,
@@ -38,6 +41,7 @@ from twisted.internet import defer
 
 from gateway import audit
 from gateway.audit import AuditEntry
+from gateway.patients import IdentifierRules
 
 from gateway.scheduling import (
     AppointmentUnknown,
@@ -96,6 +100,27 @@ def patient_key(patient: Patient) -> str:
     first = patient.identifiers[0] if patient.identifiers else None
     text = f"{first.system}|{first.value}" if first else f"{patient.family}|{patient.given}|{patient.phone}"
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:24]
+
+
+#: the outcome of a booking the gateway cancels to move it (BookingService._moved)
+RESCHEDULED_TO = "rescheduled to "
+
+
+def cancel_reason(appt) -> str:
+    """Why a cancellation the gateway asked the HIS for was made: a move's "rescheduled to <new id>" (set
+    when its SRM^S04 was queued), else the platform's own cancellation."""
+    outcome = appt.outcome or ""
+    return outcome if outcome.startswith(RESCHEDULED_TO) else "cancelled by the platform"
+
+
+#: what BookingService._queue commits, by kind: the inner gate encodes each (BookingService.encode)
+_INTENT_TYPES = {"S01": "SRM^S01", "hold": "SRM^hold", "cancel": "SRM^cancel"}
+
+
+class HoldUnanswered(SchedulingError):
+    """$book of a hold the HIS has not answered yet (outer.hold_at_his)."""
+
+    code = "hold-unanswered"
 
 
 class PatientRequired(SchedulingError):
@@ -166,23 +191,38 @@ class SlotBook:
         if publication:
             changes["z_segments"] = z_segments
         if his_status == "free" and slot.booked_by:
-            # The HIS freed a slot one of our platforms had booked: the hospital cancelled it — unless we
-            # are cancelling it ourselves: then this is most likely our SRM^S04 taking effect, its answer
-            # still on the way (the HIS may notify before it answers); the answer settles it
-            # (BookingService._answer_cancel, which also sees a refusal of the freed slot as the hospital's).
             appt = tx.appointment(slot.booked_by)
-            if appt is not None and appt.status == "booked" and appt.pending_change != "cancel":
-                tx.update_appointment(appt.id, status="cancelled", pending_change=None,
-                                      outcome="cancelled by the hospital")
+            if appt is not None and appt.status == "booked":
+                self._booking_freed(tx, appt)
             changes["booked_by"] = None
         tx.update_slot(sid, **changes)
         return sid
 
     @staticmethod
+    def _booking_freed(tx, appt) -> None:
+        """The HIS freed the slot of ``appt``, booked by one of our platforms.  If we asked the HIS to cancel
+        it (``pending_change`` 'cancel'), this is most likely our SRM^S04 taking effect, its answer still on
+        the way: the HIS pushes the SIU on its own connection, so the SIU and the SRR reach us in either
+        order.  The appointment is cancelled now with the reason the gateway gave (the platform's
+        cancellation, or "rescheduled to <new id>"), so it never reads as booked on a free slot; the
+        cancellation stays pending until the answer settles it (:meth:`BookingService._answer_cancel`: an AA
+        keeps the reason, a refusal makes it the hospital's).  Otherwise the hospital cancelled it."""
+        if appt.pending_change == "cancel":
+            tx.update_appointment(appt.id, status="cancelled", outcome=cancel_reason(appt))
+        else:
+            tx.update_appointment(appt.id, status="cancelled", pending_change=None,
+                                  outcome="cancelled by the hospital")
+
+    @staticmethod
     def _move_appointment(tx, old_slot, new_slot_id: str) -> None:
-        if old_slot.booked_by:
-            tx.update_appointment(old_slot.booked_by, slot_id=new_slot_id,
-                                  outcome="rescheduled by the hospital")
+        """The HIS moved the booking on ``old_slot`` (SIU^S13).  If the gateway asked for that move (SRM^S03,
+        ``pending_change`` 'reschedule'), the HIS's answer settles it with the gateway's reason (the SIU and
+        the SRR come in either order); otherwise the hospital rescheduled it."""
+        if not old_slot.booked_by:
+            return
+        appt = tx.appointment(old_slot.booked_by)
+        if appt is not None and appt.pending_change != "reschedule":
+            tx.update_appointment(appt.id, slot_id=new_slot_id, outcome="rescheduled by the hospital")
 
 
 @dataclass(frozen=True)
@@ -196,16 +236,21 @@ class HisLinkInfo:
     cancel_trigger: str = "S04"  # 'S04' or 'S03'
     build_srm: Callable[..., bytes] | None = None  # adapters.mapping.srm_booking.build_srm, header bound
     z_segments: tuple[str, ...] = ()  # added to every SRM ('{platform}' -> the platform's name)
+    hold_type: str = "Tentative"  # ARQ-8 of the SRM^S01 that holds a slot at the HIS (outer.hold_at_his)
+    move_trigger: str | None = None  # 'S03': a reschedule is one SRM^S03 (reschedule_message); None: cancel + new
 
 
 class BookingService:
     """Books and cancels on behalf of platforms; keeps the hold -> confirm rules."""
 
     def __init__(self, chamber, his: HisLinkInfo, *, tz: ZoneInfo, hold_seconds: float, clock,
-                 max_backlog: int = 1000, retry_after: int = 30, quotas=None, route=None, by_facility: bool = False,
+                 max_backlog: int = 1000, retry_after: int = 30, quotas=None, patients: IdentifierRules | None = None,
+                 hold_at_his: bool = False, route=None, by_facility: bool = False,
                  links: dict[str, HisLinkInfo] | None = None):
         self.chamber = chamber
+        self.hold_at_his = hold_at_his  # $hold queues a tentative SRM^S01 (and its release a cancel)
         self.quotas = quotas  # gateway.quota.Quotas, or None: no platform is limited
+        self.patients = patients or IdentifierRules()  # which identifier systems, and how PID-3 writes them
         self.his = his
         # route(message type, facility or None) -> the first matching route (``.to``, ``.facility``) or None
         # for the HIS (GatewayConfig.route_taken); by_facility: some route names a facility (only then is a
@@ -253,6 +298,7 @@ class BookingService:
                 existing = tx.appointment_by_identifier(platform, *if_none_exist)
                 if existing is not None:
                     return existing, "existing"
+            self.patients.check(request.patient)
             slot = self._bookable_slot(tx, platform, request.slot_id)
             peer = self._check_backlog(tx, slot)
             tx.insert_appointment(AppointmentRow(
@@ -312,11 +358,10 @@ class BookingService:
         return r.to if r is not None else self.his.peer
 
     def _cancel_peer(self, tx, appointment_id: str) -> str:
-        """A cancellation goes where its booking went (the HIS that has it), whatever the routes say now."""
-        for msg in tx.messages_for_subject(subject_of(appointment_id)):
-            if msg.type == "SRM^S01":
-                return msg.peer
-        return self.his.peer
+        """A cancellation goes where its booking went (the HIS that has it), whatever the routes say now: the
+        appointment's first message is its booking (SRM^S01, a move, or a hold told to the HIS)."""
+        first = next(iter(tx.messages_for_subject(subject_of(appointment_id))), None)
+        return first.peer if first is not None else self.his.peer
 
     def hold(self, platform: str, slot_id_: str, patient: Patient | None = None,
              who: AuditEntry | None = None) -> defer.Deferred:
@@ -325,27 +370,39 @@ class BookingService:
         (``pending_change`` None) and ``hold_expires`` = now + ``hold_seconds``, audited (``hold``, 200) in
         the same transaction.  Nothing is queued for the HIS, so an expired hold is released without any
         message.  Fires with the appointment id; fails like :meth:`book` (SlotUnknown, SlotUnavailable,
-        QuotaExhausted)."""
+        QuotaExhausted).
+
+        With ``hold_at_his`` the HIS is told: a tentative SRM^S01 (ARQ-8 ``his.hold_type``) is queued in the
+        same transaction and ``pending_change`` is 'hold' until the HIS answers (:meth:`_answer_hold`); the
+        release of a hold the HIS took queues the cancel message (:meth:`_release_hold`)."""
         appointment_id = new_appointment_id()
         empty = Patient(identifiers=())
+        control_id = new_control_id()
 
         def work(tx):
             from gateway.chamber import AppointmentRow
 
+            self.patients.check(patient or empty)
             slot = self._bookable_slot(tx, platform, slot_id_)
+            peer = self._check_backlog(tx, slot) if self.hold_at_his else None
             tx.insert_appointment(AppointmentRow(
                 id=appointment_id, platform=platform, slot_id=slot.id, status="pending",
                 patient=(patient or empty).to_json(), description=None, his_appointment=None,
-                hold_expires=tx.now + self.hold_seconds, outcome=None, pending_change=None, version=1,
-                created=tx.now, updated=tx.now,
+                hold_expires=tx.now + self.hold_seconds, outcome=None,
+                pending_change="hold" if self.hold_at_his else None, version=1, created=tx.now, updated=tx.now,
             ))
             tx.update_slot(slot.id, held_by=appointment_id)
+            if self.hold_at_his:
+                self._queue(tx, control_id, "hold", appointment_id, patient or empty, f"hold {appointment_id}",
+                            peer)
             self._audit(tx, who, platform, "hold", 200, appointment_id,
-                        f"slot {slot.id} held; the HIS is not told until $book")
+                        f"slot {slot.id} held; " + ("tentative SRM^S01 queued" if self.hold_at_his
+                                                    else "the HIS is not told until $book"))
             return appointment_id
 
         def held(appointment):
-            log.info("booking.hold_only", appointment=appointment, platform=platform)
+            log.info("booking.hold_only" if not self.hold_at_his else "booking.hold_queued", appointment=appointment,
+                     platform=platform)
             self._schedule_expiry()
             return appointment
 
@@ -365,6 +422,9 @@ class BookingService:
             appt = self._own(tx, platform, appointment_id)
             if appt.status == "booked" or (appt.status == "pending" and appt.pending_change == "book"):
                 return "already"
+            if appt.status == "pending" and appt.pending_change == "hold":
+                raise HoldUnanswered(f"the HIS has not answered the hold on appointment {appointment_id} yet; "
+                                     f"$book it once the hold is answered")
             if appt.status != "pending" or appt.pending_change is not None:
                 raise SlotUnavailable(f"appointment {appointment_id} is no longer held "
                                       f"({appt.outcome or appt.status})")
@@ -379,6 +439,7 @@ class BookingService:
             if not who_for.identifiers:
                 raise PatientRequired("booking needs the patient: a Patient with an identifier the HIS knows "
                                       "(patient-resource, or a contained Patient in appointment-resource)")
+            self.patients.check(who_for)
             peer = self._check_backlog(tx, slot)
             tx.update_appointment(appt.id, patient=who_for.to_json(), pending_change="book",
                                   hold_expires=tx.now + self.hold_seconds)
@@ -397,6 +458,9 @@ class BookingService:
         audited ``book`` 202; the old one waits (``pending_change`` 'reschedule').  When the HIS accepts the
         new booking, SRM^S04 cancels the old one (:meth:`_answer_booking`) and its slot is freed when the HIS
         accepts that; if the new booking is refused, expires or is dead-lettered, the old one stays booked.
+        At a HIS that moves bookings itself (``his.move_trigger`` S03) the inner gate encodes the queued
+        request as one SRM^S03 naming the old booking (:meth:`encode`, :meth:`_moving`), and its AA settles
+        both appointments at once (:meth:`_moved_at_his`).
         Fires with the new appointment's id.  Fails with AppointmentUnknown, SlotUnknown, SlotUnavailable
         (the old one is not booked, or already changing; the new slot is taken), QuotaExhausted or
         Overloaded."""
@@ -435,11 +499,24 @@ class BookingService:
         old = tx.appointment(new.replaces)
         if old is None or old.status != "booked" or old.pending_change != "reschedule":
             return  # the platform cancelled it meanwhile, or the hospital did
-        tx.update_appointment(old.id, pending_change="cancel", outcome=f"rescheduled to {new.id}")
+        tx.update_appointment(old.id, pending_change="cancel", outcome=f"{RESCHEDULED_TO}{new.id}")
         self._queue(tx, new_control_id(), "cancel", old.id, Patient.from_json(old.patient),
                     f"cancellation of {old.id}: rescheduled to {new.id}")
         self._audit(tx, None, old.platform, "cancel", 202, old.id, f"rescheduled to {new.id}; cancellation queued",
                     source="gateway")
+
+    def _moved_at_his(self, tx, new, source: str) -> None:
+        """The HIS accepted the SRM^S03 that moved the booking ``new`` replaces: the old appointment is cancelled
+        ("rescheduled to <new id>") and its slot is free, in the same transaction; nothing more is sent."""
+        old = tx.appointment(new.replaces)
+        if old is None or old.status != "booked":
+            return
+        tx.update_appointment(old.id, status="cancelled", pending_change=None, outcome=f"{RESCHEDULED_TO}{new.id}")
+        old_slot = tx.slot(old.slot_id)
+        if old_slot is not None and old_slot.booked_by == old.id:
+            tx.update_slot(old_slot.id, booked_by=None, his_status="free", his_appointment=None)
+        self._settled(tx, old, "cancel.settled", 200, f"moved by the HIS to {new.slot_id} (rescheduled to {new.id})",
+                      source)
 
     @staticmethod
     def _not_moved(tx, new, reason: str) -> None:
@@ -515,11 +592,11 @@ class BookingService:
         """Commit what the HIS must be told, as an outbound message without HL7 bytes yet: the inner gate
         encodes it (:meth:`encode`) once, on its first send, and every resend carries the same bytes.  So
         the outer gate never writes HL7, and needs nothing but the HIS endpoints' names.  ``peer``: where a
-        booking goes (:meth:`_check_backlog`); a cancellation follows its booking."""
+        booking (or a hold told to the HIS) goes (:meth:`_check_backlog`); a cancellation follows its booking."""
         if peer is None:
             peer = self._cancel_peer(tx, appointment_id)
         tx.add_message(direction="outbound", peer=peer, control_id=control_id,
-                       type="SRM^S01" if kind == "S01" else "SRM^cancel", state="committed", body=b"",
+                       type=_INTENT_TYPES[kind], state="committed", body=b"",
                        charset="", subject=subject_of(appointment_id), order_key=patient_key(patient),
                        detail=detail)
 
@@ -531,14 +608,33 @@ class BookingService:
             raise ValueError(f"message {message.id} cannot be encoded: no appointment or no HIS link here")
         slot = tx.slot(appt.slot_id)
         patient = Patient.from_json(appt.patient)
-        if message.type == "SRM^S01":
+        appointment_type, placer = "", appt.id
+        moves = self._moving(tx, appt, link) if message.type == "SRM^S01" else None
+        if moves is not None:  # the HIS moves the old booking itself: SRM^S03 naming it, with the new slot
+            trigger, his_appointment, placer = link.move_trigger, moves.his_appointment, moves.id
+        elif message.type == "SRM^S01":
             trigger, his_appointment = "S01", None
+        elif message.type == "SRM^hold":
+            trigger, his_appointment, appointment_type = "S01", None, link.hold_type
         else:
             trigger, his_appointment = link.cancel_trigger, appt.his_appointment
-        body = self._srm(tx, link, message.peer, trigger, message.control_id, appt, slot, patient, his_appointment)
+        body = self._srm(tx, link, message.peer, trigger, message.control_id, appt, placer, slot, patient,
+                         his_appointment, appointment_type)
         return body, f"SRM^{trigger}", link.charset
 
-    def _srm(self, tx, link, peer, trigger, control_id, appt, slot, patient, his_appointment) -> bytes:
+    def _moving(self, tx, appt, link):
+        """The booked appointment that ``appt`` replaces, when the HIS is to move it in one SRM^S03
+        (reschedule_message of the endpoint ``link``); None for an ordinary SRM^S01 (a new booking, or the
+        new half of cancel + new)."""
+        if link.move_trigger is None or not appt.replaces:
+            return None
+        old = tx.appointment(appt.replaces)
+        if old is None or old.status != "booked" or old.pending_change != "reschedule":
+            return None  # cancelled meanwhile: the new one is booked as an ordinary new booking
+        return old
+
+    def _srm(self, tx, link, peer, trigger, control_id, appt, placer, slot, patient, his_appointment,
+             appointment_type="") -> bytes:
         schedule = tx.schedule(slot.schedule_id)
         practitioner = schedule.practitioner_id if schedule is not None else ""
         start_local = datetime.strptime(slot.start_local, "%Y%m%d%H%M")
@@ -546,14 +642,15 @@ class BookingService:
         facility = schedule.facility if schedule is not None and self.by_facility else ""
         r = self.route("SRM^S01", facility) if facility and self.route is not None else None
         return link.build_srm(
-            trigger, control_id=control_id, appointment_id=appt.id,
+            trigger, control_id=control_id, appointment_id=placer,
             slot=SlotForHis(schedule_id=slot.schedule_id, start_local=start_local, minutes=slot.minutes,
                             service_code=slot.service_code, service_text=slot.service_text,
                             practitioner_id=practitioner),
-            patient=patient, now=datetime.fromtimestamp(tx.now, self.tz).replace(tzinfo=None),
+            patient=self.patients.for_his(patient), now=datetime.fromtimestamp(tx.now, self.tz).replace(tzinfo=None),
             his_appointment=his_appointment,
             receiving_facility=r.facility if r is not None and r.facility and r.to == peer else None,
             z_segments=[z.replace("{platform}", appt.platform) for z in link.z_segments],
+            **({"appointment_type": appointment_type} if appointment_type else {}),
         )
 
     # -- the HIS's answers (called by the relay inside its transaction) --------------------------------------
@@ -565,20 +662,40 @@ class BookingService:
             return
         slot = tx.slot(appt.slot_id)
         kind = message.type.split("^")[-1]
-        if kind == "S01":
-            self._answer_booking(tx, appt, slot, answer, f"his:{message.peer}")
+        source = f"his:{message.peer}"
+        if kind == "S01" and appt.status == "pending" and appt.pending_change == "hold":
+            self._answer_hold(tx, appt, slot, answer, source)
+        elif kind in ("S01", "hold"):
+            self._answer_booking(tx, appt, slot, answer, source)
+        elif self._is_move(message, appt):
+            self._answer_booking(tx, appt, slot, answer, source, moved_at_his=True)
         else:
-            self._answer_cancel(tx, appt, slot, answer, f"his:{message.peer}")
+            self._answer_cancel(tx, appt, slot, answer, source)
 
-    def _answer_booking(self, tx, appt, slot, answer: HisAnswer, source: str) -> None:
+    def _is_move(self, message, appt) -> bool:
+        """Did this message (for ``appt``) move a booking at the HIS (:meth:`_moving`)?  An SRM^S03 for an
+        appointment that replaces another and is not being cancelled (a HIS cannot both move and cancel with
+        SRM^S03: the config refuses it, the answers could not be told apart)."""
+        link = self.links.get(message.peer)
+        move_trigger = link.move_trigger if link is not None else None
+        return (move_trigger is not None and message.type == f"SRM^{move_trigger}"
+                and appt.replaces is not None and appt.pending_change != "cancel")
+
+    def _answer_booking(self, tx, appt, slot, answer: HisAnswer, source: str, moved_at_his: bool = False) -> None:
         if appt.status == "pending" and appt.pending_change == "book":
             if answer.accepted:
+                his_appointment = answer.his_appointment
+                if moved_at_his and not his_appointment:  # the HIS kept its appointment, on the new slot
+                    old = tx.appointment(appt.replaces)
+                    his_appointment = old.his_appointment if old is not None else None
                 tx.update_appointment(appt.id, status="booked", pending_change=None, hold_expires=None,
-                                      his_appointment=answer.his_appointment, outcome=None)
+                                      his_appointment=his_appointment, outcome=None)
                 tx.update_slot(slot.id, held_by=None, booked_by=appt.id, his_status="busy",
-                               his_appointment=answer.his_appointment or slot.his_appointment)
+                               his_appointment=his_appointment or slot.his_appointment)
                 self._settled(tx, appt, "book.settled", 201, f"booked by the HIS ({answer.code})", source)
-                if appt.replaces:
+                if appt.replaces and moved_at_his:
+                    self._moved_at_his(tx, appt, source)
+                elif appt.replaces:
                     self._moved(tx, appt)
             else:
                 tx.update_appointment(appt.id, status="refused", pending_change=None, hold_expires=None,
@@ -587,19 +704,41 @@ class BookingService:
                     tx.update_slot(slot.id, held_by=None)
                 self._settled(tx, appt, "book.settled", 409, f"refused by the HIS ({answer.code})", source)
                 self._not_moved(tx, appt, f"the new booking was refused by the HIS ({answer.code})")
+                if any(m.type == "SRM^S01" and m.state == "delivered"  # the HIS took its hold (hold_at_his)
+                       for m in tx.messages_for_subject(subject_of(appt.id))):
+                    self._queue_compensating_cancel(tx, appt, slot, None)
+        elif answer.accepted and moved_at_his:
+            # The move was given up (the hold expired or was cancelled) but the HIS made it: a cancel would
+            # cancel the patient's only booking there.  The HIS's SIU^S13 moves the old one in the mirror.
+            log.error("booking.moved_after_release", appointment=appt.id, replaces=appt.replaces)
+            self._settled(tx, appt, "book.settled", 409,
+                          f"the HIS moved the booking ({answer.code}) after the move was given up; nothing undone",
+                          source)
         elif answer.accepted:
             # The hold was released (expired or cancelled) before the HIS accepted: undo it at the HIS.
             self._queue_compensating_cancel(tx, appt, slot, answer.his_appointment)
             self._settled(tx, appt, "book.settled", 409,
                           f"accepted by the HIS ({answer.code}) after the hold was released; cancel queued", source)
 
+    def _answer_hold(self, tx, appt, slot, answer: HisAnswer, source: str) -> None:
+        """The HIS's answer to a tentative SRM^S01 (outer.hold_at_his): accepted, the slot is held there too
+        until $book confirms it or the hold is released with a cancel; refused, the hold is released."""
+        if answer.accepted:
+            tx.update_appointment(appt.id, pending_change=None, his_appointment=answer.his_appointment)
+            self._audit(tx, None, appt.platform, "hold", 200, appt.id, f"held at the HIS too ({answer.code})",
+                        source=source)
+            return
+        tx.update_appointment(appt.id, status="refused", pending_change=None, hold_expires=None,
+                              outcome=f"the HIS refused the hold ({answer.code}): {answer.text or 'no reason given'}")
+        if slot is not None and slot.held_by == appt.id:
+            tx.update_slot(slot.id, held_by=None)
+        self._settled(tx, appt, "book.settled", 409, f"hold refused by the HIS ({answer.code})", source)
+
     def _answer_cancel(self, tx, appt, slot, answer: HisAnswer, source: str) -> None:
         if appt.pending_change != "cancel":
             return  # a compensating cancel: the appointment is already cancelled on our side
         if answer.accepted:
-            moved = (appt.outcome or "").startswith("rescheduled to ")
-            tx.update_appointment(appt.id, status="cancelled", pending_change=None,
-                                  outcome=appt.outcome if moved else "cancelled by the platform")
+            tx.update_appointment(appt.id, status="cancelled", pending_change=None, outcome=cancel_reason(appt))
             if slot.booked_by == appt.id:
                 tx.update_slot(slot.id, booked_by=None, his_status="free", his_appointment=None)
             self._settled(tx, appt, "cancel.settled", 200, f"cancelled by the HIS ({answer.code})", source)
@@ -612,9 +751,10 @@ class BookingService:
 
     @staticmethod
     def _freed_meanwhile(tx, appt, slot) -> None:
-        """Our cancellation did not take effect, yet the HIS has freed the slot meanwhile (SlotBook left the
-        appointment alone while the cancellation was pending): the hospital cancelled it."""
-        if slot is not None and slot.booked_by != appt.id and slot.his_status == "free":
+        """Our cancellation did not take effect, yet the HIS has freed the slot meanwhile (SlotBook marked the
+        appointment cancelled with our reason while the cancellation was pending): the hospital cancelled it."""
+        freed = slot is not None and slot.booked_by != appt.id and slot.his_status == "free"
+        if freed or appt.status == "cancelled":
             tx.update_appointment(appt.id, status="cancelled", outcome="cancelled by the hospital")
 
     def _queue_compensating_cancel(self, tx, appt, slot, his_appointment) -> None:
@@ -633,18 +773,23 @@ class BookingService:
         if appt is None:
             return
         kind = message.type.split("^")[-1]
-        if kind == "S01" and appt.status == "pending" and appt.pending_change == "book":
+        if self._is_move(message, appt) and appt.status == "pending" and appt.pending_change == "book":
+            kind = "move"
+        if kind in ("S01", "hold", "move") and appt.status == "pending" and appt.pending_change in ("book", "hold"):
+            what = "hold" if appt.pending_change == "hold" else "booking"
             tx.update_appointment(appt.id, status="refused", pending_change=None, hold_expires=None,
-                                  outcome=f"the HIS did not take the booking: {reason}")
+                                  outcome=f"the HIS did not take the {what}: {reason}")
             slot = tx.slot(appt.slot_id)
             if slot is not None and slot.held_by == appt.id:
                 tx.update_slot(slot.id, held_by=None)
-            if message.attempts > 0:  # it may have reached the HIS before its answer was lost
+            if message.attempts > 0 and kind != "move":  # it may have reached the HIS before its answer was lost
                 self._queue_compensating_cancel(tx, appt, slot, None)
-            self._settled(tx, appt, "book.settled", 409, "dead-lettered: the HIS did not take the booking",
+            elif message.attempts > 0:  # a cancel would cancel the patient's booking: the HIS's SIU^S13 tells
+                log.error("booking.move_unanswered", appointment=appt.id, replaces=appt.replaces)
+            self._settled(tx, appt, "book.settled", 409, f"dead-lettered: the HIS did not take the {what}",
                           f"his:{message.peer}")
             self._not_moved(tx, appt, "the new booking did not reach the HIS")
-        elif kind != "S01" and appt.pending_change == "cancel":
+        elif kind not in ("S01", "hold", "move") and appt.pending_change == "cancel":
             tx.update_appointment(appt.id, pending_change=None,
                                   outcome=f"the cancellation did not reach the HIS: {reason}")
             self._settled(tx, appt, "cancel.settled", 409, "dead-lettered: the cancellation did not reach the HIS",
@@ -652,29 +797,40 @@ class BookingService:
             self._freed_meanwhile(tx, appt, tx.slot(appt.slot_id))
 
     # -- holds -----------------------------------------------------------------------------------------------
-    def _release_hold(self, tx, appt, slot, reason: str) -> None:
-        """Release a pending booking's hold.  Its SRM^S01, if still waiting in the chamber, is withdrawn
-        (a booking the platform was told is cancelled must not reach the HIS later); if an earlier attempt
-        may have reached the HIS, a cancel follows it.  An SRM in flight right now is left to its answer:
-        an AA for it is compensated in :meth:`_answer_booking`."""
+    def _release_hold(self, tx, appt, slot, reason: str) -> bool:
+        """Release a pending booking's hold.  Its SRM^S01 (or tentative hold SRM^S01), if still waiting in the
+        chamber, is withdrawn (a booking the platform was told is cancelled must not reach the HIS later); if
+        an earlier attempt may have reached the HIS, or the HIS took the hold (outer.hold_at_his: a pending
+        appointment's only delivered SRM^S01 is an accepted hold), one cancel follows.  An SRM in flight right
+        now is left to its answer: an AA for it is compensated in :meth:`_answer_booking`.  Returns whether a
+        cancel was queued."""
         tx.update_appointment(appt.id, status="cancelled", pending_change=None, hold_expires=None, outcome=reason)
         if slot is not None and slot.held_by == appt.id:
             tx.update_slot(slot.id, held_by=None)
         self._not_moved(tx, appt, reason)
+        at_his = False
         for msg in tx.messages_for_subject(subject_of(appt.id)):
-            if msg.type == "SRM^S01" and msg.state in ("committed", "retrying"):
+            move = self._is_move(msg, appt)
+            if msg.type not in ("SRM^S01", "SRM^hold") and not move:
+                continue
+            if msg.state in ("committed", "retrying"):
                 tx.set_message_state(msg.id, "withdrawn", detail=reason)
-                if msg.attempts > 0:
-                    self._queue_compensating_cancel(tx, appt, slot, None)
+                at_his = at_his or (msg.attempts > 0 and not move)  # (a move is never undone by a cancel)
+            elif msg.state == "delivered":
+                at_his = True
+        if at_his:
+            self._queue_compensating_cancel(tx, appt, slot, None)
+        return at_his
 
     def expire_holds(self) -> defer.Deferred:
         def work(tx):
             expired = tx.expired_holds(tx.now)
             for appt in expired:
-                if appt.pending_change is None:  # a $hold the HIS was never told of: no message at all
-                    self._release_hold(tx, appt, tx.slot(appt.slot_id), "the hold expired before it was booked")
-                    self._settled(tx, appt, "book.settled", 409, "the hold expired before it was booked "
-                                  "(the HIS was never told)", source="gateway")
+                if appt.pending_change is None:  # a $hold: no message at all, or (hold_at_his) its release
+                    told = self._release_hold(tx, appt, tx.slot(appt.slot_id), "the hold expired before it was booked")
+                    self._settled(tx, appt, "book.settled", 409, "the hold expired before it was booked " + (
+                        "(released at the HIS: cancel queued)" if told else "(the HIS was never told)"),
+                        source="gateway")
                     continue
                 self._release_hold(tx, appt, tx.slot(appt.slot_id),
                                    "the HIS did not answer in time; the hold expired")

@@ -8,6 +8,7 @@ file, line, column and key path (see :mod:`gateway.confschema`).
 from __future__ import annotations
 
 import codecs
+import re
 import zoneinfo
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,6 +125,19 @@ class HisConfig:
     cancel_message: Literal["SRM^S04", "SRM^S03"] = doc(
         "The message that cancels a booking at this HIS.", default="SRM^S04"
     )
+    reschedule_message: Literal["SRM^S01", "SRM^S03"] = doc(
+        "How a booking is moved to another slot at this HIS (IHE $book rescheduling): SRM^S01 = cancel + new "
+        "(book the new slot, then cancel the old booking with cancel_message once the HIS accepted); SRM^S03 = "
+        "one modification request for the booking (ARQ-1/ARQ-2 name it, ARQ-11 and AIS the new slot), the HIS "
+        "moving it in one step.",
+        default="SRM^S01",
+    )
+    hold_appointment_type: Annotated[str, Pattern(r"^[A-Za-z0-9_-]{1,20}$", "a code such as Tentative")] = doc(
+        "With outer.hold_at_his: ARQ-8 (appointment type, HL7 table 0277) of the SRM^S01 that holds a slot at this "
+        "HIS for an IHE $hold; its $book sends the ordinary SRM^S01 (no ARQ-8) for the same placer id, which "
+        "the HIS takes as the confirmation. The HIS's own code if it names tentative bookings otherwise.",
+        default="Tentative",
+    )
     max_attempts: Annotated[int, Range(1, 1000)] = doc(
         "A message still unanswered after this many attempts is dead-lettered (see `gatewayd queue`).",
         default=20,
@@ -175,6 +189,10 @@ class HisConfig:
                     issues.append((f"z_segments[{i}]", f"it cannot be written in this HIS's charset {self.charset}"))
         if self.slot_source == "poll" and not type_allowed("SQM^S25", self.send_types):
             issues.append(("send_types", "slot_source: poll sends SQM^S25: allow it in send_types"))
+        if self.reschedule_message == "SRM^S03" and self.cancel_message == "SRM^S03":
+            issues.append(("reschedule_message", "this HIS cancels with SRM^S03 (cancel_message): it cannot move "
+                                                 "bookings with SRM^S03 too (their answers could not be told "
+                                                 "apart); use SRM^S01 (cancel + new)"))
         if self.window > 1 and self.ordering == "fifo":
             issues.append(("window", "strict FIFO sends one message at a time: use window: 1, or ordering: patient"))
         return issues
@@ -314,6 +332,13 @@ class OuterConfig:
         "for $book; then the hold is released (and the booking cancelled).",
         default=Duration(300.0),
     )
+    hold_at_his: bool = doc(
+        "Tell the HIS of an IHE $hold: SRM^S01 with ARQ-8 inner.his.hold_appointment_type (Tentative) is queued "
+        "at $hold, which then waits up to answer_within for the HIS (200 held, 409 refused, 202 not answered "
+        "yet), and the hold is released at the HIS with the cancel message when it expires or is dropped. "
+        "false: holds live in the gateway only and the HIS hears of nothing until $book.",
+        default=False,
+    )
     page_size: Annotated[int, Range(1, 1000)] = doc("Default and largest _count of a search.", default=100)
     bind_device: Optional[str] = doc(
         "Accept HTTPS connections only from this network interface (the internet/DMZ NIC), whatever the routing.",
@@ -371,6 +396,63 @@ class QuotaConfig:
         if (self.share is None) == (self.per_day is None):
             return [("", "give either share (e.g. 5%) or per_day (e.g. 10), not both or neither")]
         return []
+
+
+IdentifierType = Annotated[str, Pattern(r"^[A-Za-z0-9]{1,10}$", "an HL7 identifier type code (table 0203) such as "
+                                                                   "NNCHN, MR, PI or PT")]
+
+
+@dataclass(frozen=True)
+class PatientIdentifierConfig:
+    system: Annotated[str, Pattern(r"^[A-Za-z][A-Za-z0-9+.-]*:\S+$", "a URI such as urn:oid:2.16.156.10011.1.5")] = doc(
+        "The FHIR Identifier.system platforms send for this kind of identifier, e.g. urn:oid:2.16.156.10011.1.5 "
+        "(resident identity card, 居民身份证), the hospital's medical-record number system, or a phone system."
+    )
+    type: IdentifierType = doc(
+        "The identifier type code the HIS expects in PID-3.5 (CX.5, HL7 table 0203), whatever type the platform "
+        "sent: e.g. NNCHN (national person identifier, China), MR (medical record number), PI (patient internal "
+        "identifier), PT (patient external identifier), or the HIS's own code for a phone number."
+    )
+    assigning_authority: Optional[Annotated[str, Pattern(r"^[^\s^~|\\]{1,227}$", "HD text: no spaces, carets, tildes, "
+                                                                                   "bars or backslashes ('&' separates its parts)")]] = doc(
+        "PID-3.4 (CX.4, an HD): who issued the identifier as the HIS names it, e.g. HIS for its own record numbers "
+        "or '&2.16.156.10011.1.5&ISO' (HD.2 the OID, HD.3 ISO); '&' separates the HD's parts. Default: the system.",
+        default=None,
+    )
+    name: Optional[str] = doc("What the identifier is, for people (e.g. 居民身份证 resident ID card); shown in "
+                              "refusals beside the system.", default=None)
+    value_pattern: Optional[str] = doc(
+        "A regular expression the whole value must match, e.g. '[0-9]{17}[0-9X]' for the 18-character resident "
+        "ID; a value that does not is refused (422, the value never echoed). Default: any value.",
+        default=None,
+    )
+
+    def __post_validate__(self):
+        if self.value_pattern is not None:
+            try:
+                re.compile(self.value_pattern)
+            except re.error as e:
+                return [("value_pattern", f"not a regular expression: {e}")]
+        return []
+
+
+@dataclass(frozen=True)
+class PatientsConfig:
+    identifiers: list[PatientIdentifierConfig] = doc(
+        "The patient identifier systems platforms may identify a patient by, and how each becomes a PID-3 "
+        "repetition of the SRM sent to the HIS. A Patient with an identifier of another system is refused (422, "
+        "naming the accepted systems). Empty (the default): every system is accepted and written as it came "
+        "(CX.4 = the system, CX.5 = the identifier's type code, else PT).",
+        default_factory=list,
+    )
+
+    def __post_validate__(self):
+        issues, seen = [], {}
+        for i, rule in enumerate(self.identifiers):
+            if rule.system in seen:
+                issues.append((f"identifiers[{i}].system", f"{rule.system} is listed already (identifiers[{seen[rule.system]}])"))
+            seen.setdefault(rule.system, i)
+        return issues
 
 
 SpkiPin = Annotated[str, Pattern(r"^([0-9A-Fa-f]{64}|[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){31}|[A-Za-z0-9+/]{43}=?)$",
@@ -612,6 +694,8 @@ class GatewayConfig:
         "Which HIS endpoint each outbound message type goes to, first match wins; what no route names goes to "
         "the HIS (inner.his / outer.his_name). Both gates of a split lock need the same routes (names only).",
         default_factory=list)
+    patients: PatientsConfig = doc("How platforms identify patients, and how the HIS gets those identifiers "
+                                   "(docs/ihe-scheduling.md, Patient identifiers).", default_factory=PatientsConfig)
     pharmacy: PharmacyConfig = doc("How prescriptions are written for the HIS pharmacy (docs/pharmacy-profile.md).",
                                    default_factory=PharmacyConfig)
     prescriptions: Optional[PrescriptionsConfig] = doc(

@@ -66,6 +66,9 @@ class PatientIdentifier:
     system: str
     value: str
     type_code: str = ""
+    #: PID-3.4 (CX.4, an HD) as the HIS names the issuer, its parts; empty: the system.  Set only on the way
+    #: to the HIS (gateway.patients.IdentifierRules.for_his), never stored.
+    assigning_authority: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ from adapters.mllp.server import MLLPServerFactory, no_delay
 from gateway.audit import AuditTrail
 from gateway.admin import AdminResource, Metrics
 from gateway.booking import BookingService, HisLinkInfo, SlotBook
+from gateway.patients import IdentifierRules
 from gateway.chamber import Chamber
 from gateway.config import GatewayConfig
 from gateway.inbound import InboundService
@@ -194,10 +195,11 @@ def _token_url(outer) -> str:
 def reload(root, config: GatewayConfig, gate: str) -> list[str]:
     """Apply a new config to a running service tree without dropping connections.  Applied live: log
     level, the outer gate's certificates, client CAs and CRL (for new connections; the CRL for every request),
-    platforms (subjects, scopes, quotas, revoked serials, SPKI pins, token keys, rate limits), the MLLP
-    listener's certificates and CA (new connections), the HIS's address (next connection), the routes while the
-    endpoints stay (new bookings and prescriptions; a cancellation follows its booking).  Other changes
-    (listen addresses, chamber path, ...) need a restart: they are named in the returned list.  Everything is built
+    platforms (subjects, scopes, quotas, revoked serials, SPKI pins, token keys, rate limits), the patient
+    identifier rules (patients.identifiers), the MLLP listener's certificates and CA (new connections), the
+    HIS's address (next connection), the routes while the endpoints stay (new bookings and prescriptions; a
+    cancellation follows its booking).  Other changes (listen addresses, chamber path, ...) need a restart:
+    they are named in the returned list.  Everything is built
     before anything is swapped, so a new config that fails (a certificate that does not parse) changes
     nothing."""
     from gateway import logs
@@ -245,6 +247,10 @@ def reload(root, config: GatewayConfig, gate: str) -> list[str]:
 
         swaps.append(routes_swap)
         applied.append(f"routes ({len(config.routes)})")
+    if getattr(root, "booking", None) is not None:  # accepted systems (outer gate), PID-3 (inner gate)
+        patients = IdentifierRules.from_config(config.patients)
+        swaps.append(lambda: setattr(root.booking, "patients", patients))
+        applied.append(f"patients.identifiers ({len(config.patients.identifiers)})")
     restart = [name for name, before, after in (
         ("chamber.path", old.chamber.path, config.chamber.path),
         ("inner.listen", old.inner and old.inner.listen, config.inner and config.inner.listen),
@@ -316,7 +322,8 @@ def make_service(config: GatewayConfig, reactor, gate: str = "both") -> service.
         chamber, link, tz=tz, hold_seconds=outer_cfg.hold_expires if outer_cfg else 300.0, clock=reactor,
         max_backlog=outer_cfg.max_backlog if outer_cfg else 1000,
         retry_after=max(1, int(his.retry_max)) if his else 30,
-        quotas=Quotas.from_config(config.platforms, tz),
+        quotas=Quotas.from_config(config.platforms, tz), patients=IdentifierRules.from_config(config.patients),
+        hold_at_his=outer_cfg.hold_at_his if outer_cfg else False,
         route=config.route_taken, by_facility=any(r.facility is not None for r in config.routes), links=links,
     )
     metrics = Metrics(chamber)
@@ -359,7 +366,8 @@ def _his_link(config: GatewayConfig, his) -> HisLinkInfo:
     """What the booking service needs to write SRMs for the HIS endpoint ``his``."""
     return HisLinkInfo(peer=his.name, charset=his.charset, cancel_trigger=his.cancel_message.split("^")[1],
                        build_srm=functools.partial(build_srm, header=_header(config, his)),
-                       z_segments=tuple(his.z_segments))
+                       z_segments=tuple(his.z_segments), hold_type=his.hold_appointment_type,
+                       move_trigger="S03" if his.reschedule_message == "SRM^S03" else None)
 
 
 def _pharmacy_route(config: GatewayConfig, gate: str):

@@ -9,7 +9,12 @@ Answers (always MSA-2 = the received MSH-10):
   ('slot already booked') or blocked ('slot blocked'), or when ARQ is incomplete (101/102).
   The same placer id asking again for the slot it already holds gets AA with its booking (no second
   booking); asking for another slot while holding one gets AR 205.
+  ARQ-8 `Tentative` (HL7 table 0277) holds the slot for the placer (SCH-25 Pending, no SIU): the placer's
+  ordinary SRM^S01 for that slot confirms it (S12 then), SRM^S04 releases it (no SIU either).
 - SRM^S04 -> SRR^S04: AA (SCH-25 Cancelled) and the slot opens again; AR 204 for an unknown booking.
+- SRM^S03 -> SRR^S03: the booking named by ARQ-2 (or ARQ-1) moves to the slot in ARQ-5/ARQ-11 (same HIS
+  appointment id and placer id): AA (SCH-25 Booked) and an SIU^S13 for the new slot; the same slot, AA and
+  nothing changes; AR 204 unknown booking or slot, 207 slot not open. (S03 as a cancellation is not modelled.)
 - SQM^S25 -> SQR^S25: MSA, the QRD echoed, one SCH/RGS/AIS/AIL/AIP group per slot starting within
   QRF-2..QRF-3 (all slots when empty), then an empty DSC.
 - any other message -> ACK AR with ERR 200 (unknown message code) or 201 (unsupported event).
@@ -166,6 +171,8 @@ class HisHandler:
                 return self._book(message)
             if kind == ("SRM", "S04"):
                 return self._cancel(message)
+            if kind == ("SRM", "S03"):
+                return self._move(message)
             if kind == ("SQM", "S25"):
                 return self._query(message)
         except Hl7Error as exc:
@@ -183,23 +190,31 @@ class HisHandler:
         if not placer:
             raise Hl7Error(101, "placer appointment id (ARQ-1) is required", segment="ARQ", field=1)
         schedule_id, start = self._requested_slot(message, arq)
+        tentative = _tentative(arq)
         try:
             held = self.inventory.booking(placer_id=placer)
         except UnknownBooking:
             held = None
         if held is not None:
             if (held.schedule_id, held.start) == (schedule_id, start):
+                if held.tentative and not tentative:  # the hold confirmed
+                    booking = self.inventory.confirm(held)
+                    slot = self.inventory.slot(schedule_id, start)
+                    return _Outcome(answer_type, body=slot_group(slot, "S12^booked"),
+                                    notification=Notification("S12", slot, "Booked", "gateway", booking))
                 slot = self.inventory.slot(schedule_id, start)
-                return _Outcome(answer_type, body=slot_group(slot, "S12^booked"))
+                return _Outcome(answer_type, body=_pending(slot_group(slot, "S12^booked"), held.tentative))
             return _Outcome(answer_type, Refusal(205, "placer appointment id already booked on another slot",
                                                  "ARQ", 1))
         try:
-            booking = self.inventory.book(schedule_id, start, by=placer, placer_id=placer)
+            booking = self.inventory.book(schedule_id, start, by=placer, placer_id=placer, tentative=tentative)
         except UnknownSlot as exc:
             return _Outcome(answer_type, Refusal(204, str(exc), "ARQ", 5))
         except SlotNotOpen as exc:
             return _Outcome(answer_type, Refusal(207, str(exc), "ARQ", 11))
         slot = self.inventory.slot(schedule_id, start)
+        if tentative:  # held for the placer: nothing to tell the world yet
+            return _Outcome(answer_type, body=_pending(slot_group(slot, "S12^booked"), True))
         return _Outcome(
             answer_type,
             body=slot_group(slot, "S12^booked"),
@@ -208,11 +223,7 @@ class HisHandler:
 
     def _cancel(self, message: Message) -> _Outcome:
         answer_type = "SRR^S04^SRR_S01"
-        arq = _required_segment(message, "ARQ")
-        placer, filler = arq.get(1), arq.get(2)
-        if not placer and not filler:
-            raise Hl7Error(101, "placer (ARQ-1) or filler (ARQ-2) appointment id is required",
-                           segment="ARQ", field=1)
+        _arq, placer, filler = _naming_a_booking(message)
         try:
             booking = self.inventory.cancel(appointment_id=filler or None, placer_id=placer or None)
         except InventoryError as exc:
@@ -223,8 +234,24 @@ class HisHandler:
         return _Outcome(
             answer_type,
             body=group,
-            notification=Notification("S15", slot, "Cancelled", "gateway", booking),
+            notification=None if booking.tentative else Notification("S15", slot, "Cancelled", "gateway", booking),
         )
+
+    def _move(self, message: Message) -> _Outcome:
+        answer_type = "SRR^S03^SRR_S01"
+        arq, placer, filler = _naming_a_booking(message)
+        schedule_id, start = self._requested_slot(message, arq)
+        try:
+            before = self.inventory.booking(appointment_id=filler or None, placer_id=placer or None)
+            booking = self.inventory.move(schedule_id, start, appointment_id=before.appointment_id)
+        except (UnknownBooking, UnknownSlot) as exc:
+            return _Outcome(answer_type, Refusal(204, str(exc), "ARQ", 2 if filler else 1))
+        except SlotNotOpen as exc:
+            return _Outcome(answer_type, Refusal(207, str(exc), "ARQ", 11))
+        slot = self.inventory.slot(schedule_id, start)
+        return _Outcome(answer_type, body=slot_group(slot, "S13^rescheduled"),
+                        notification=None if booking == before else Notification("S13", slot, "Booked", "gateway",
+                                                                                 booking))
 
     def _query(self, message: Message) -> _Outcome:
         qrd = _required_segment(message, "QRD")
@@ -278,6 +305,27 @@ class HisHandler:
         )
 
 
+def _naming_a_booking(message: Message) -> tuple[Segment, str, str]:
+    """The ARQ of a request about an existing booking, and its placer (ARQ-1) and filler (ARQ-2) ids."""
+    arq = _required_segment(message, "ARQ")
+    placer, filler = arq.get(1), arq.get(2)
+    if not placer and not filler:
+        raise Hl7Error(101, "placer (ARQ-1) or filler (ARQ-2) appointment id is required", segment="ARQ", field=1)
+    return arq, placer, filler
+
+
+def _tentative(arq: Segment) -> bool:
+    """ARQ-8 (appointment type, HL7 table 0277) Tentative: a hold, not a booking."""
+    return arq.get(8).upper() == "TENTATIVE"
+
+
+def _pending(group: list[list[str]], tentative: bool) -> list[list[str]]:
+    """A slot group whose SCH-25 says Pending when the booking is only a hold."""
+    if tentative:
+        group[0][25] = "Pending"
+    return group
+
+
 def _answer_type(message: Message) -> str:
     if message.message_code == "SRM":
         return f"SRR^{message.trigger}^SRR_S01"
@@ -315,7 +363,9 @@ def _facts(message: Message) -> dict[str, Any]:
     was addressed to (MSH-6.1) and the names of its Z-segments (never their contents)."""
     arq = message.segment("ARQ")
     placer = schedule = start = None
+    tentative = False
     if arq is not None:
+        tentative = _tentative(arq)
         placer = arq.get(1) or None
         schedule = arq.get(5) or None
         start_text = arq.get(11)
@@ -323,5 +373,8 @@ def _facts(message: Message) -> dict[str, Any]:
             ais = message.segment("AIS")
             start_text = ais.get(4) if ais is not None else ""
         start = start_text[:12] or None
-    return {"placer": placer, "schedule": schedule, "start": start, "facility": message.receiving_facility,
-            "z_segments": [seg.name for seg in message.segments if seg.name.startswith("Z")]}
+    facts = {"placer": placer, "schedule": schedule, "start": start, "facility": message.receiving_facility,
+             "z_segments": [seg.name for seg in message.segments if seg.name.startswith("Z")]}
+    if tentative:
+        facts["tentative"] = True
+    return facts

@@ -70,6 +70,7 @@ class Booking:
     start: datetime
     by: str
     placer_id: str | None = None
+    tentative: bool = False  # a hold (SRM^S01 with ARQ-8 Tentative), until confirmed or cancelled
 
 
 @dataclass(frozen=True)
@@ -180,8 +181,10 @@ class Inventory:
 
     # -- changing ----------------------------------------------------------------------------
 
-    def book(self, schedule_id: str, start: datetime, by: str, placer_id: str | None = None) -> Booking:
-        """Book an open slot; returns the booking with its new HIS appointment id.
+    def book(self, schedule_id: str, start: datetime, by: str, placer_id: str | None = None,
+             tentative: bool = False) -> Booking:
+        """Book an open slot (``tentative``: hold it for that placer); returns the booking with its new HIS
+        appointment id.
 
         Raises UnknownSlot, or SlotNotOpen when the slot is booked or blocked.
         """
@@ -196,6 +199,7 @@ class Inventory:
             start=start,
             by=by,
             placer_id=placer_id,
+            tentative=tentative,
         )
         self._next_number += 1
         self._slots[slot.key] = dataclasses.replace(slot, status=SlotStatus.BOOKED, booking=booking)
@@ -203,6 +207,32 @@ class Inventory:
         if placer_id:
             self._by_placer[placer_id] = slot.key
         return booking
+
+    def confirm(self, booking: Booking) -> Booking:
+        """A tentative booking becomes a booking (the placer's ordinary SRM^S01 for the slot it holds)."""
+        confirmed = dataclasses.replace(booking, tentative=False)
+        key = (booking.schedule_id, booking.start)
+        self._slots[key] = dataclasses.replace(self._slots[key], booking=confirmed)
+        return confirmed
+
+    def move(self, schedule_id: str, start: datetime, *, appointment_id: str | None = None,
+             placer_id: str | None = None) -> Booking:
+        """Move a booking (found as in :meth:`cancel`) to another open slot, keeping its HIS appointment id and
+        placer; the old slot opens.  The same slot: nothing changes.  UnknownBooking, UnknownSlot, SlotNotOpen."""
+        booking = self.booking(appointment_id=appointment_id, placer_id=placer_id)
+        target = self.slot(schedule_id, start)
+        if target.key == (booking.schedule_id, booking.start):
+            return booking
+        if target.status is not SlotStatus.OPEN:
+            raise SlotNotOpen(f"slot {target.status.value.lower()}")
+        old_key = (booking.schedule_id, booking.start)
+        moved = dataclasses.replace(booking, schedule_id=schedule_id, start=start)
+        self._slots[old_key] = dataclasses.replace(self._slots[old_key], status=SlotStatus.OPEN, booking=None)
+        self._slots[target.key] = dataclasses.replace(target, status=SlotStatus.BOOKED, booking=moved)
+        self._by_appointment[moved.appointment_id] = target.key
+        if moved.placer_id:
+            self._by_placer[moved.placer_id] = target.key
+        return moved
 
     def cancel(self, *, appointment_id: str | None = None, placer_id: str | None = None) -> Booking:
         """Cancel a booking found by HIS appointment id (preferred) or placer id; the slot opens again."""

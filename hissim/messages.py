@@ -23,7 +23,7 @@ from adapters.hl7.er7 import TABLE_0357, dtm, escape, format_message, hl7_charse
 from hissim.inventory import Booking, Slot
 
 #: SIU trigger -> SCH-6 event reason text
-EVENT_REASONS = {"S12": "booked", "S15": "cancelled", "S23": "blocked", "S24": "opened"}
+EVENT_REASONS = {"S12": "booked", "S13": "rescheduled", "S15": "cancelled", "S23": "blocked", "S24": "opened"}
 
 
 def slot_dtm(value: datetime) -> str:
@@ -61,7 +61,7 @@ def run_prefix(seconds: float) -> str:
 class Notification:
     """One SIU to push: the slot as it was when the change happened."""
 
-    trigger: str  # S24 | S12 | S15 | S23
+    trigger: str  # S24 | S12 | S13 | S15 | S23
     slot: Slot
     status: str  # SCH-25: Open | Booked | Cancelled | Blocked
     reason: str  # why it is sent: startup | counter | gateway

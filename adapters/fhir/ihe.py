@@ -17,6 +17,7 @@ malformed request.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -55,7 +56,9 @@ FIND_PARAMETERS = {
                           "urn:gatewayd:his:department|<code>",
     "patient-reference": "accepted and ignored: availability does not depend on the patient here",
     "patient-resource": "accepted and ignored: availability does not depend on the patient here",
-    "_count": "integer: at most this many proposed appointments (at most outer.page_size)",
+    "_count": "integer: at most this many proposed appointments in one answer (at most outer.page_size); "
+              "more are reached by the Bundle's next link",
+    "_offset": "integer: skip this many (gatewayd paging, as in GET /Slot: what the next link carries)",
 }
 #: parameters of the profile the gateway cannot honour: refused rather than silently ignored
 FIND_NOT_SUPPORTED = ("organization", "location-string", "reason", "referral-identifier", "timing",
@@ -163,6 +166,36 @@ class FindQuery:
         self.practitioners: list[tuple[str | None, str | None, str | None, str]] = []
         self.locations: list[tuple[str | None, str | None, str | None, str]] = []
         self.count: int | None = None
+        self.offset = 0
+
+    def to_query(self, tz: ZoneInfo) -> dict[str, list[str]]:
+        """The same request as ``GET /Appointment/$find`` parameters (paging aside), for the Bundle's links.
+        A reference by identifier becomes the reference it matches (``Practitioner/<id>``, ``Location/<code>``);
+        one of another system matches nothing and is left out (what it ORs with still matches the same)."""
+        def token(system, code):
+            return f"{system}|{code}" if system else code
+
+        def reference(default_type, rtype, rid, system, value, own_system):
+            if rid is not None:
+                return f"{rtype or default_type}/{rid}"
+            return f"{default_type}/{value}" if system in ("", own_system) else None
+
+        query: dict[str, list[str]] = {
+            "start": [_iso(self.start, tz)], "end": [_iso(self.end, tz)],
+            "service-type": [token(s, c) for s, c in self.services],
+            "specialty": [token(s, c) for s, c in self.specialties],
+            "practitioner": [r for r in (reference("Practitioner", *p, PRACTITIONER_SYSTEM)
+                                         for p in self.practitioners) if r],
+            "location-reference": [r for r in (reference("Location", *loc, DEPARTMENT_SYSTEM)
+                                               for loc in self.locations) if r],
+        }
+        if self.count is not None:
+            query["_count"] = [str(self.count)]
+        return {k: v for k, v in query.items() if v}
+
+
+def _iso(timestamp: float, tz: ZoneInfo) -> str:
+    return datetime.fromtimestamp(timestamp, tz).isoformat()
 
 
 def query_parameters(query: dict[str, list[str]]) -> list[tuple[str, str | None, Any]]:
@@ -175,9 +208,9 @@ def query_parameters(query: dict[str, list[str]]) -> list[tuple[str, str | None,
         for value in values:
             if name in ("practitioner", "location-reference", "patient-reference"):
                 out.append((name, "valueReference", {"reference": value}))
-            elif name == "_count":
+            elif name in ("_count", "_offset"):
                 if not value.isascii() or not value.isdigit() or len(value) > 9:
-                    raise ParameterError("invalid", "_count takes a non-negative integer", name)
+                    raise ParameterError("invalid", f"{name} takes a non-negative integer", name)
                 out.append((name, "valueInteger", int(value)))
             elif name == "patient-resource":
                 raise ParameterError("not-supported", "patient-resource cannot be given in a GET; POST a "
@@ -215,10 +248,10 @@ def find_query(body: Any, tz: ZoneInfo, query: dict[str, list[str]] | None = Non
             if ref[0] not in (None, "Location"):
                 raise ParameterError("invalid", "location-reference must reference a Location", name)
             q.locations.append(ref)
-        elif name == "_count":
+        elif name in ("_count", "_offset"):
             if key not in _INT_TYPES or not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ParameterError("invalid", "_count takes a non-negative integer", name)
-            q.count = value
+                raise ParameterError("invalid", f"{name} takes a non-negative integer", name)
+            setattr(q, name[1:], value)
         # patient-reference / patient-resource: accepted, not used for availability
     if q.start is None or q.end is None:
         missing = "start" if q.start is None else "end"
@@ -248,9 +281,10 @@ def _matches_schedule(q: FindQuery, schedule) -> bool:
     return True
 
 
-def find(reader, q: FindQuery, *, platform: str, quotas, tz: ZoneInfo, page_size: int) -> list[dict]:
-    """The proposed Appointments for the free slots matching ``q`` that ``platform`` may book."""
-    count = page_size if q.count is None else min(q.count, page_size)
+def find(reader, q: FindQuery, *, platform: str, quotas, tz: ZoneInfo, count: int,
+         offset: int) -> tuple[list[dict], bool]:
+    """The proposed Appointments for the free slots matching ``q`` that ``platform`` may book: ``count`` of
+    them from ``offset`` on, and whether there are more."""
     schedules = {s.id: s for s in reader.schedules()}
     # slots that have started cannot be booked: from now on (exclusive), or from start (inclusive)
     kw: dict[str, Any] = {"statuses": ["free"], "start_from": max(q.start, reader.now),
@@ -259,18 +293,18 @@ def find(reader, q: FindQuery, *, platform: str, quotas, tz: ZoneInfo, page_size
     if q.specialties or q.practitioners or q.locations:
         kw["schedule_ids"] = [sid for sid, s in schedules.items() if _matches_schedule(q, s)]
         if not kw["schedule_ids"]:
-            return []
+            return [], False
     if q.services:
         codes = [c for s, c in q.services if s in ("", SERVICE_SYSTEM)]
         if not codes:
-            return []
+            return [], False
         kw["service_codes"] = codes
     if quotas is not None:
         kw["hidden"] = quotas.hidden(reader, platform, reader.now)
     if count == 0:
-        return []
-    rows = reader.search_slots(limit=count, offset=0, **kw)
-    return [proposed_appointment(r, schedules.get(r.schedule_id), tz) for r in rows]
+        return [], False
+    rows = reader.search_slots(limit=count + 1, offset=offset, **kw)
+    return [proposed_appointment(r, schedules.get(r.schedule_id), tz) for r in rows[:count]], len(rows) > count
 
 
 class HoldOrBook:

@@ -67,7 +67,8 @@ from adapters.mapping.fhir_scheduling import (
 )
 from adapters.fhir import ihe
 from gateway.audit import AuditEntry
-from gateway.booking import PatientRequired
+from gateway.booking import HoldUnanswered, PatientRequired
+from gateway.patients import IdentifierRefused
 from gateway.errors import ChamberError
 from gateway.oauth import TOKEN_PATH, InvalidToken, OAuthError
 from gateway.logs import mask_value
@@ -432,6 +433,9 @@ class FhirApi(resource.Resource):
         if failure.check(ihe.ParameterError):
             e = failure.value
             return 400, operation_outcome([(e.code, str(e), e.name)]), {}
+        if failure.check(IdentifierRefused):
+            e = failure.value
+            return 422, operation_outcome([("code-invalid", str(e), e.element)]), {}
         if failure.check(PatientRequired):
             return 422, operation_outcome([("required", failure.getErrorMessage(), "Appointment.participant")]), {}
         if failure.check(InvalidResource):
@@ -748,6 +752,10 @@ class FhirApi(resource.Resource):
             offset = int(query.get("_offset", ["0"])[-1])
         except ValueError:
             raise FhirError(400, "invalid", "_count and _offset must be whole numbers") from None
+        return self._page(count, offset)
+
+    def _page(self, count: int, offset: int) -> tuple[int, int]:
+        """A page of a search (GET /Slot, $find): ``count`` at most ``page_size``, ``offset`` bounded."""
         if count < 0 or offset < 0:
             raise FhirError(400, "invalid", "_count and _offset must not be negative")
         if offset > MAX_OFFSET:
@@ -827,12 +835,16 @@ class FhirApi(resource.Resource):
         return 200, schedule_resource(rows[0], self.tz), {}
 
     @staticmethod
-    def _bundle(base, rtype, resources, query, offset, count, more) -> dict:
-        params = {k: v[-1] for k, v in query.items() if k not in ("_offset",)}
-        links = [{"relation": "self", "url": f"{base}/{rtype}?{urlencode({**params, '_offset': offset})}"}]
-        if more:
+    def _bundle(base, rtype, resources, query, offset, count, more, path: str | None = None) -> dict:
+        """A searchset page of ``rtype`` resources, with its self and next links to ``path`` (default the type)
+        carrying every value of ``query`` (a repeated parameter stays repeated)."""
+        path = path or rtype
+        params = [(k, v) for k, values in query.items() if k not in ("_offset", "_count") for v in values]
+        given = query.get("_count", [])[-1:]
+        links = [{"relation": "self", "url": f"{base}/{path}?{urlencode([*params, *(('_count', c) for c in given), ('_offset', offset)])}"}]
+        if more and count > 0:  # (_count=0 asks for no entries: nothing to page through)
             links.append({"relation": "next",
-                          "url": f"{base}/{rtype}?{urlencode({**params, '_count': count, '_offset': offset + count})}"})
+                          "url": f"{base}/{path}?{urlencode([*params, ('_count', count), ('_offset', offset + count)])}"})
         return {
             "resourceType": "Bundle",
             "type": "searchset",
@@ -1045,9 +1057,11 @@ class FhirApi(resource.Resource):
 
     def ihe_find(self, platform: str, body, base: str, query_string: dict[str, list[str]] | None = None):
         query = ihe.find_query(body, self.tz, query_string)
-        resources = ihe.find(self.reader(), query, platform=platform, quotas=self.quotas, tz=self.tz,
-                             page_size=self.page_size)
-        return 200, self._operation_bundle(base, "find", resources), {}
+        count, offset = self._page(self.page_size if query.count is None else query.count, query.offset)
+        resources, more = ihe.find(self.reader(), query, platform=platform, quotas=self.quotas, tz=self.tz,
+                                   count=count, offset=offset)
+        return 200, self._bundle(base, "Appointment", resources, query.to_query(self.tz), offset, count, more,
+                                 path="Appointment/$find"), {}
 
     async def ihe_hold(self, platform: str, body, base: str, access: Access):
         access.patient_data = True
@@ -1058,10 +1072,7 @@ class FhirApi(resource.Resource):
             except AppointmentUnknown as e:
                 raise FhirError(404, "not-found", str(e)) from None
             access.resource_id, access.detail = appt.id, "hold repeated"
-            if not (appt.status == "pending" and appt.pending_change is None):
-                raise FhirError(409, "conflict", f"appointment {appt.id} is not held (it is {appt.status})",
-                                "Appointment.status")
-            return 200, self._operation_bundle(base, "hold", [self._appointment_json(appt)]), self._location(base, appt)
+            return self._hold_answer(base, appt)
         try:
             appointment_id = await self.booking.hold(platform, what.slot_id, what.patient, who=access.who())
         except SlotUnknown as e:
@@ -1071,8 +1082,18 @@ class FhirApi(resource.Resource):
         except QuotaExhausted as e:
             raise FhirError(409, "business-rule", str(e), "Appointment.slot") from None
         access.resource_id, access.recorded = appointment_id, True  # audited in the hold's transaction
-        appt = self.booking.appointment(platform, appointment_id)
-        return 200, self._operation_bundle(base, "hold", [self._appointment_json(appt)]), self._location(base, appt)
+        if self.booking.hold_at_his:  # the HIS is told of the hold (outer.hold_at_his): wait for its answer
+            await self.booking.wait_settled(appointment_id, self.answer_within)
+        return self._hold_answer(base, self.booking.appointment(platform, appointment_id))
+
+    def _hold_answer(self, base: str, appt):
+        """$hold's answer: 200 held, 202 held here while the HIS has not answered the hold yet
+        (outer.hold_at_his), 409 not held (refused by the HIS, expired, cancelled, booked)."""
+        if appt.status == "pending" and appt.pending_change in (None, "hold"):
+            status = 200 if appt.pending_change is None else 202
+            return status, self._operation_bundle(base, "hold", [self._appointment_json(appt)]), self._location(base, appt)
+        raise FhirError(409, "conflict", f"appointment {appt.id} is not held ({appt.outcome or appt.status})",
+                        "Appointment.status")
 
     async def ihe_book(self, platform: str, body, base: str, access: Access):
         access.patient_data = True
@@ -1098,7 +1119,7 @@ class FhirApi(resource.Resource):
                 how = await self.booking.book_held(platform, what.appointment_id, what.patient, who=access.who())
             except AppointmentUnknown as e:
                 raise FhirError(404, "not-found", str(e)) from None
-            except SlotUnavailable as e:
+            except (SlotUnavailable, HoldUnanswered) as e:
                 raise FhirError(409, "conflict", str(e), "Appointment.slot") from None
             appointment_id = what.appointment_id
         else:

@@ -139,8 +139,8 @@ def appointment_resource(appt, slot, tz: ZoneInfo, identifiers=()) -> dict:
     }
     if not patient.identifiers:
         contained.pop("identifier")
-    if appt.status == "pending" and appt.pending_change is None and appt.hold_expires is not None:
-        # held by $hold, the HIS not told yet: when the hold ends unless $book comes first
+    if appt.status == "pending" and appt.pending_change in (None, "hold") and appt.hold_expires is not None:
+        # held by $hold, not booked yet: when the hold ends unless $book comes first
         resource["extension"] = [{"url": HOLD_EXPIRES_EXTENSION, "valueInstant": instant(appt.hold_expires, tz)}]
     ids = [{"system": system, "value": value} if system else {"value": value} for system, value in identifiers]
     if appt.his_appointment:

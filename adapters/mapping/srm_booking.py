@@ -18,7 +18,7 @@ from typing import Sequence
 from hl7apy.core import Message as Hl7apyMessage
 
 from adapters.hl7.er7 import dtm, escape, format_message, hl7_charset_name
-from gateway.scheduling import Patient, SlotForHis
+from gateway.scheduling import Patient, PatientIdentifier, SlotForHis
 
 PLACER_NAMESPACE = "GATEWAYD"
 
@@ -70,6 +70,14 @@ def _segment(name: str, fields: dict[int, str], keep: int = 0) -> list[str]:
     return out
 
 
+def pid_identifier(identifier: PatientIdentifier) -> str:
+    """One PID-3 repetition (CX): ID, CX.4 the assigning authority (its HD parts joined by '&'; default the
+    FHIR system) and CX.5 the identifier type code (default PT)."""
+    parts = identifier.assigning_authority or (identifier.system,)
+    authority = "&".join(escape(p) for p in parts)
+    return f"{escape(identifier.value)}^^^{authority}^{escape(identifier.type_code or 'PT')}"
+
+
 def build_srm(
     trigger: str,
     *,
@@ -83,8 +91,10 @@ def build_srm(
     reason: str = "",
     receiving_facility: str | None = None,
     z_segments: Sequence[str] = (),
+    appointment_type: str = "",
 ) -> bytes:
     """SRM^S01 (request new appointment), SRM^S03 (modification) or SRM^S04 (cancellation).
+    ``appointment_type``: ARQ-8 (HL7 table 0277), e.g. Tentative for a hold; empty for an ordinary request.
 
     ``receiving_facility`` replaces the header's MSH-6 (a message routed by facility); ``z_segments`` (ER7
     text, written as given: the HIS's own fields) follow the standard segments.
@@ -113,11 +123,11 @@ def build_srm(
             2: escape(his_appointment) if his_appointment else "",
             5: escape(slot.schedule_id),
             7: _field("", escape(reason)) if reason else "",
+            8: escape(appointment_type),
             9: str(slot.minutes), 10: "MIN", 11: f"{slot_start}^{slot_end}",
         }),
         _segment("PID", {
-            3: "~".join(_field(escape(i.value), "", "", escape(i.system), escape(i.type_code or "PT"))
-                        for i in patient.identifiers),
+            3: "~".join(pid_identifier(i) for i in patient.identifiers),
             5: _field(escape(patient.family), escape(patient.given)),
             13: escape(patient.phone),
         }, keep=3),
@@ -149,6 +159,7 @@ def build_srm_hl7apy(
     now: datetime,
     his_appointment: str | None = None,
     reason: str = "",
+    appointment_type: str = "",
 ) -> bytes:
     """`build_srm` through hl7apy's object model (~10 ms): the reference for tests, not for the hot path."""
     if trigger not in ("S01", "S03", "S04"):
@@ -162,15 +173,14 @@ def build_srm_hl7apy(
     msg.arq.arq_5 = escape(slot.schedule_id)
     if reason:
         msg.arq.arq_7 = "^" + escape(reason)
+    if appointment_type:
+        msg.arq.arq_8 = escape(appointment_type)
     msg.arq.arq_9 = str(slot.minutes)
     msg.arq.arq_10 = "MIN"
     msg.arq.arq_11 = f"{dtm(start)[:12]}^{dtm(end)[:12]}"
 
     pat = msg.add_group("SRM_S01_PATIENT")
-    pat.pid.pid_3 = "~".join(
-        f"{escape(i.value)}^^^{escape(i.system)}^{escape(i.type_code or 'PT')}"
-        for i in patient.identifiers
-    )
+    pat.pid.pid_3 = "~".join(pid_identifier(i) for i in patient.identifiers)
     if patient.family or patient.given:
         pat.pid.pid_5 = f"{escape(patient.family)}^{escape(patient.given)}"
     if patient.phone:

@@ -323,15 +323,15 @@ def test_waiting_for_the_his_settles_on_answer_or_times_out(env):
 
 def test_the_his_freeing_the_slot_before_it_answers_our_cancel_is_our_cancel(env):
     """The HIS may push SIU^S15 for the slot before its answer to our SRM^S04 arrives (two connections):
-    while our cancellation is pending the freed slot is not taken for the hospital's cancellation; the AA
-    then settles it as the platform's, whichever arrived first."""
+    while our cancellation is pending the freed slot is not taken for the hospital's cancellation: the
+    appointment is cancelled at once with the platform's reason, and the AA then settles it."""
     chamber, booking, book, _ = env
     appointment_id = result(booking.book("demo", BookingRequest(SID, PATIENT)))[0]
     answer(chamber, booking, outbound(chamber)[0], "AA", "H1")
     assert result(booking.cancel("demo", appointment_id)) == "sent"
     chamber.transact_now(lambda tx: book.apply(tx, [notice("free", his_appointment="H1")]))
     appt = chamber.read().appointment(appointment_id)
-    assert (appt.status, appt.pending_change) == ("booked", "cancel")  # waiting for the answer
+    assert (appt.status, appt.pending_change, appt.outcome) == ("cancelled", "cancel", "cancelled by the platform")
     answer(chamber, booking, outbound(chamber)[1], "AA")
     appt = chamber.read().appointment(appointment_id)
     assert (appt.status, appt.outcome) == ("cancelled", "cancelled by the platform")

@@ -244,13 +244,13 @@ def test_siu_s12_names_placer_and_filler_and_the_gateway_reads_it():
 
 
 def srm(trigger="S01", control_id="G1", placer="APT-1", schedule_id="D001", start="203001070800", filler="",
-        patient=("王", "小明", "110101199001011234")) -> bytes:
+        patient=("王", "小明", "110101199001011234"), appointment_type="") -> bytes:
     """An SRM as the gateway sends it (docs/hl7-profile.md), with a patient in PID."""
     family, given, pid = patient
     segments = [
         ["MSH", "^~\\&", "GATEWAYD", "FRONT", "HIS", "HOSPITAL", "20300107070000", "", f"SRM^{trigger}^SRM_S01",
          control_id, "P", "2.5", "", "", "", "", "", "UNICODE UTF-8"],
-        ["ARQ", f"{placer}^GATEWAYD", filler, "", "", schedule_id, "", "", "", "15", "MIN",
+        ["ARQ", f"{placer}^GATEWAYD", filler, "", "", schedule_id, "", "", appointment_type, "15", "MIN",
          f"{start}^{start[:10]}15" if start else ""],
         ["PID", "1", "", f"{pid}^^^CN^RRI", "", f"{family}^{given}", "", "", "", "", "", "", "", "13800000000"],
         ["RGS", "1"],
@@ -330,6 +330,52 @@ def test_srm_s01_on_an_open_slot_books_it_and_answers_srr_aa(tmp_path):
         "control_id": "G100", "type": "SRM^S01", "ack": "AA", "placer": "APT-7", "schedule": "D001",
         "start": "203001070800"}
     assert datetime.fromisoformat(line["time"]).utcoffset().total_seconds() == 8 * 3600
+
+
+def test_a_tentative_srm_s01_holds_the_slot_until_the_placer_confirms_or_cancels_it(tmp_path):
+    """ARQ-8 Tentative: the slot is held for the placer (SCH-25 Pending, no SIU, the journal says tentative);
+    asked again tentatively, nothing changes; the placer's ordinary SRM^S01 confirms it (SCH-25 Booked, one
+    S12); a tentative hold cancelled with SRM^S04 opens the slot with no S15."""
+    wire = Wire(tmp_path)
+    _raw, answer = wire.exchange(srm(control_id="G1", placer="APT-1", appointment_type="Tentative"))
+    assert (answer.segment("MSA").get(1), answer.segment("SCH").get(25)) == ("AA", "Pending")
+    assert wire.inventory.slot("D001", at(8, 0)).booking.tentative and wire.notes == []
+    _raw, answer = wire.exchange(srm(control_id="G2", placer="APT-1", appointment_type="Tentative"))
+    assert answer.segment("SCH").get(25) == "Pending" and wire.notes == []
+    _raw, answer = wire.exchange(srm(control_id="G3", placer="APT-1"))
+    assert (answer.segment("MSA").get(1), answer.segment("SCH").get(25)) == ("AA", "Booked")
+    assert not wire.inventory.slot("D001", at(8, 0)).booking.tentative
+    assert [n.trigger for n in wire.notes] == ["S12"]
+    assert [line.get("tentative", False) for line in wire.journal()] == [True, True, False]
+
+    wire.exchange(srm(control_id="G4", placer="APT-2", start="203001070815", appointment_type="Tentative"))
+    _raw, answer = wire.exchange(srm(trigger="S04", control_id="G5", placer="APT-2", start="203001070815"))
+    assert answer.segment("MSA").get(1) == "AA"
+    assert wire.inventory.slot("D001", at(8, 15)).status is SlotStatus.OPEN
+    assert [n.trigger for n in wire.notes] == ["S12"]
+
+
+def test_srm_s03_moves_the_booking_keeping_its_ids_and_notifies_s13(tmp_path):
+    """SRM^S03 naming a booking (ARQ-2, or ARQ-1) with another slot moves it there: SRR^S03 AA, SCH-25 Booked,
+    the same HIS appointment id and placer; the old slot opens; one SIU^S13 for the new slot. The same slot
+    changes nothing; an unknown booking is AR 204, a booked slot AR 207."""
+    wire = Wire(tmp_path)
+    wire.exchange(srm(control_id="G1", placer="APT-1"))
+    _raw, answer = wire.exchange(srm(trigger="S03", control_id="G2", placer="APT-1", filler="H000001",
+                                     start="203001070815"))
+    assert answer.msh.raw(9) == "SRR^S03^SRR_S01"
+    sch = answer.segment("SCH")
+    assert (answer.segment("MSA").get(1), sch.get(1), sch.get(2), sch.get(25)) == ("AA", "APT-1", "H000001", "Booked")
+    assert wire.inventory.slot("D001", at(8, 0)).status is SlotStatus.OPEN
+    assert wire.inventory.slot("D001", at(8, 15)).booking.placer_id == "APT-1"
+    assert [n.trigger for n in wire.notes] == ["S12", "S13"]
+    _raw, answer = wire.exchange(srm(trigger="S03", control_id="G3", placer="APT-1", start="203001070815"))
+    assert answer.segment("MSA").get(1) == "AA" and len(wire.notes) == 2  # (the same slot: answered, unchanged)
+    _raw, answer = wire.exchange(srm(trigger="S03", control_id="G4", placer="APT-9", start="203001070830"))
+    assert (answer.segment("MSA").get(1), answer.segment("ERR").get(3, 1)) == ("AR", "204")
+    wire.inventory.book("D001", at(8, 30), by=COUNTER)
+    _raw, answer = wire.exchange(srm(trigger="S03", control_id="G5", placer="APT-1", start="203001070830"))
+    assert (answer.segment("MSA").get(1), answer.segment("ERR").get(3, 1)) == ("AR", "207")
 
 
 def test_srm_s01_refusals_unknown_slot_and_slot_booked_at_the_counter(tmp_path):

@@ -4,6 +4,8 @@ a real chamber file, a task.Clock, DummyRequests with real client certificates."
 
 import json
 
+import pytest
+
 from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.capabilitystatement import CapabilityStatement
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -77,6 +79,44 @@ def test_find_narrows_by_time_service_practitioner_location_and_count(gate):
     assert ids(("specialty", {"valueString": "urn:gatewayd:his:department|CARD"})) == SID
     assert ids(("_count", {"valueInteger": 3})) == SID[:3]
     assert ids(("patient-resource", {"resource": PATIENT})) == SID  # accepted, ignored
+
+
+def follow(gate, response):
+    """Every proposed appointment of a $find answer and of the pages its next links lead to (by GET)."""
+    found = []
+    while True:
+        assert response.status == 200, response.json
+        found += [a["slot"][0]["reference"][5:] for a in entries(response)]
+        nxt = [link["url"] for link in response.json["link"] if link["relation"] == "next"]
+        if not nxt:
+            return found
+        assert nxt[0].startswith("https://gw.example/fhir/Appointment/$find?")
+        response = gate.request("GET", nxt[0][len("https://gw.example/fhir"):])
+
+
+def test_find_pages_with_count_and_next_links_that_keep_every_parameter(gate):
+    """_count=3 of 8 slots: three pages through next links (GET, as for GET /Slot), each parameter carried
+    over — a Coding with its system, references by identifier, a repeated parameter (OR) — and the last page
+    has no next link; _count=0 has none at all."""
+    assert follow(gate, gate.request("POST", "/Appointment/$find", find_params(("_count", {"valueInteger": 3})))) == SID
+    narrowed = find_params(
+        ("_count", {"valueInteger": 2}),
+        ("visit-type", {"valueCoding": {"system": "urn:gatewayd:his:service", "code": "card"}}),
+        ("practitioner", {"valueReference": {"identifier": {"system": "urn:gatewayd:his:practitioner", "value": "D001"}}}),
+        ("practitioner", {"valueReference": {"identifier": {"system": "urn:elsewhere", "value": "D001"}}}),
+        ("location-reference", {"valueReference": {"identifier": {"value": "CARD"}}}),
+        start="2030-01-07T08:30:00+08:00")
+    first = gate.request("POST", "/Appointment/$find", narrowed)
+    assert [a["slot"][0]["reference"][5:] for a in entries(first)] == SID[2:4]
+    assert follow(gate, first) == SID[2:]
+    by_get = gate.request("GET", "/Appointment/$find?start=2030-01-07&end=2030-01-07&_count=5"
+                                 "&practitioner=Practitioner/D001&practitioner=Practitioner/D999")
+    assert follow(gate, by_get) == SID
+    none = gate.request("POST", "/Appointment/$find", find_params(("_count", {"valueInteger": 0})))
+    assert entries(none) == [] and [link["relation"] for link in none.json["link"]] == ["self"]
+    for bad in ({"valueInteger": -1}, {"valueString": "2"}, {"valueInteger": 10**7}):
+        r = gate.request("POST", "/Appointment/$find", find_params(("_offset", bad)))
+        assert r.status == 400 and r.json["resourceType"] == "OperationOutcome", (bad, r.json)
 
 
 def test_find_leaves_out_held_slots_and_respects_the_quota(gate):
@@ -405,3 +445,214 @@ def test_a_refused_reschedule_leaves_the_old_booking_as_it_was(gate):
         appointment(SID[7]), id=held["id"], status="pending")}))), 422, "business-rule")
     outcome(gate.request("POST", "/Appointment/$book", params(("appointment-resource", {"resource": dict(
         appointment("D001-209901010800"), id=old, status="booked")}))), 422, "not-found")
+
+
+def _his_frees(gate, index, his_appointment):
+    """The HIS's SIU^S15 for slot SID[index] (pushed on its own connection, in any order with its answers)."""
+    from datetime import timedelta
+
+    from gateway.booking import SlotBook
+    from gateway.scheduling import SlotNotice
+    from tests.unit.test_outer_access import DAY, SCHEDULE, TZ
+    notice = SlotNotice("free", SCHEDULE, DAY + timedelta(minutes=15 * index), 15, "card", "x", his_appointment)
+    gate.chamber.transact_now(lambda tx: SlotBook(TZ).apply(tx, [notice]))
+
+
+@pytest.mark.parametrize("siu_first", [True, False], ids=["siu-then-ack", "ack-then-siu"])
+def test_the_his_confirming_a_rescheduled_cancel_by_siu_keeps_the_gateways_reason(gate, siu_first):
+    """The old booking's cancellation is the gateway's (rescheduled): the HIS's SIU^S15 for the old slot and its
+    SRR^S04 may reach the gateway in either order; either way the old appointment ends cancelled with the
+    reason the gateway gave, once (one cancel.settled), and the old slot is free."""
+    old = gate.request("POST", "/Appointment", appointment(SID[1])).json["id"]
+    answer(gate, old, "SRM^S01")
+    moved = dict(appointment(SID[2]), id=old, status="booked")
+    new = entries(gate.request("POST", "/Appointment/$book", params(("appointment-resource", {"resource": moved}))))[0]["id"]
+    answer(gate, new, "SRM^S01")
+    if siu_first:
+        _his_frees(gate, 1, f"H-{old}")
+        row = gate.chamber.read().appointment(old)
+        assert (row.status, row.outcome) == ("cancelled", f"rescheduled to {new}")
+        answer(gate, old, "SRM^cancel")
+    else:
+        answer(gate, old, "SRM^cancel")
+        _his_frees(gate, 1, f"H-{old}")
+    row = gate.chamber.read().appointment(old)
+    assert (row.status, row.pending_change, row.outcome) == ("cancelled", None, f"rescheduled to {new}")
+    assert gate.chamber.read().slot(SID[1]).visible_status == "free"
+    settled = [a for a in gate.audit() if a.action == "cancel.settled" and a.resource_id == old]
+    assert [a.outcome for a in settled] == [200]
+    assert verify(gate.chamber.read()).ok
+
+
+def _encode(gate, appointment_id, kind):
+    """What the inner gate does before the first send: the HL7 bytes of the appointment's ``kind`` intent."""
+    from adapters.hl7.er7 import parse
+
+    message = next(m for m in gate.chamber.read().messages(direction="outbound")
+                   if m.subject == f"appointment:{appointment_id}" and m.type == kind and m.state == "committed")
+
+    def work(tx):
+        body, type_, charset = gate.booking.encode(tx, tx.message(message.id))
+        tx.set_encoded(message.id, body, type_, charset, state="committed")
+        return parse(body)
+
+    return gate.chamber.transact_now(work)
+
+
+def delivered(gate, appointment_id, code="AA"):
+    """The relay's record of the HIS's answer to the appointment's encoded SRM^S01: state and answer, then
+    BookingService.on_answer, in one transaction."""
+    message = next(m for m in gate.chamber.read().messages(direction="outbound")
+                   if m.subject == f"appointment:{appointment_id}" and m.type == "SRM^S01" and m.state == "committed")
+
+    def record(tx):
+        tx.set_message_state(message.id, "delivered" if code == "AA" else "refused", attempts=1, answer_code=code)
+        gate.booking.on_answer(tx, tx.message(message.id), HisAnswer(code, "", f"H-{appointment_id}"))
+
+    gate.chamber.transact_now(record)
+
+
+def hold_at_his(gate, sid):
+    gate.booking.hold_at_his = True
+    r = gate.request("POST", "/Appointment/$hold", params(("appointment-reference", ref(f"Appointment/proposed-{sid}"))))
+    assert r.status == 202, r.json  # the HIS has not answered (answer_within passed)
+    held = entries(r)[0]
+    srm = _encode(gate, held["id"], "SRM^hold")
+    assert srm.type_name.startswith("SRM^S01") and srm.segment("ARQ").get(8) == "Tentative"
+    return held["id"]
+
+
+def test_a_hold_told_to_the_his_is_confirmed_by_book(gate):
+    """outer.hold_at_his: $hold queues SRM^S01 with ARQ-8 Tentative and answers 202 until the HIS answers, then
+    200; $book before that is 409; after it, the ordinary SRM^S01 (no ARQ-8) confirms it; no cancel is sent."""
+    held = hold_at_his(gate, SID[0])
+    outcome(gate.request("POST", "/Appointment/$book", params(("appointment-reference", ref(f"Appointment/{held}")),
+                                                              ("patient-resource", {"resource": PATIENT}))),
+            409, "conflict")
+    delivered(gate, held)  # the HIS holds it tentatively
+    again = gate.request("POST", "/Appointment/$hold", params(("appointment-reference", ref(f"Appointment/{held}"))))
+    assert again.status == 200 and entries(again)[0]["extension"][0]["url"] == "urn:gatewayd:appointment:hold-expires"
+    assert gate.chamber.read().appointment(held).his_appointment == f"H-{held}"
+    r = gate.request("POST", "/Appointment/$book", params(("appointment-reference", ref(f"Appointment/{held}")),
+                                                          ("patient-resource", {"resource": PATIENT})))
+    assert r.status == 202, r.json
+    assert _encode(gate, held, "SRM^S01").segment("ARQ").get(8) == ""
+    answer(gate, held, "SRM^S01")
+    assert gate.chamber.read().appointment(held).status == "booked"
+    assert not [m for m in gate.chamber.read().messages(direction="outbound") if m.type == "SRM^cancel"]
+
+
+def test_a_refused_confirmation_of_a_hold_told_to_the_his_releases_the_hold_there(gate):
+    """The HIS took the tentative SRM^S01, then refuses the ordinary one: the appointment is refused and the
+    tentative booking is cancelled at the HIS (naming its appointment id)."""
+    held = hold_at_his(gate, SID[0])
+    delivered(gate, held)
+    r = gate.request("POST", "/Appointment/$book", params(("appointment-reference", ref(f"Appointment/{held}")),
+                                                          ("patient-resource", {"resource": PATIENT})))
+    assert r.status == 202, r.json
+    _encode(gate, held, "SRM^S01")
+    delivered(gate, held, "AR")
+    assert gate.chamber.read().appointment(held).status == "refused"
+    assert _encode(gate, held, "SRM^cancel").segment("ARQ").get(2) == f"H-{held}"
+
+
+def test_a_hold_told_to_the_his_is_released_there_when_it_expires_or_is_refused(gate):
+    """The expiry of a hold the HIS took queues the cancel naming the HIS's appointment (audited as released
+    at the HIS); a hold the HIS refuses is released at once and is no longer held (409)."""
+    held = hold_at_his(gate, SID[0])
+    delivered(gate, held)
+    gate.clock.advance(301)
+    assert gate.chamber.read().appointment(held).status == "cancelled"
+    cancel = _encode(gate, held, "SRM^cancel")
+    assert cancel.type_name.startswith("SRM^S04") and cancel.segment("ARQ").get(2) == f"H-{held}"
+    assert gate.chamber.read().slot(SID[0]).visible_status == "free"
+    assert any("released at the HIS" in (a.detail or "") for a in gate.audit() if a.resource_id == held)
+
+    refused = hold_at_his(gate, SID[1])
+    delivered(gate, refused, "AR")
+    row = gate.chamber.read().appointment(refused)
+    assert row.status == "refused" and "refused the hold" in row.outcome
+    assert gate.chamber.read().slot(SID[1]).visible_status == "free"
+    outcome(gate.request("POST", "/Appointment/$hold", params(("appointment-reference", ref(f"Appointment/{refused}")))),
+            409, "conflict")
+    assert [m.type for m in gate.chamber.read().messages(direction="outbound") if m.type.startswith("SRM^S04")] == ["SRM^S04"]
+
+
+def _move_with_s03(gate):
+    """Book SID[1] (accepted as H-<id>), then $book it to SID[2] at a HIS that moves bookings with SRM^S03."""
+    from dataclasses import replace
+
+    gate.booking.his = replace(gate.booking.his, move_trigger="S03")  # the HIS endpoint (inner.his) moves
+    gate.booking.links[gate.booking.his.peer] = gate.booking.his
+    old = gate.request("POST", "/Appointment", appointment(SID[1])).json["id"]
+    answer(gate, old, "SRM^S01")
+    moved = dict(appointment(SID[2]), id=old, status="booked")
+    new = entries(gate.request("POST", "/Appointment/$book", params(("appointment-resource", {"resource": moved}))))[0]["id"]
+    srm = _encode(gate, new, "SRM^S01")
+    arq = srm.segment("ARQ")
+    assert srm.type_name.startswith("SRM^S03") and (arq.get(1), arq.get(2), arq.get(11)) == (old, f"H-{old}", "203001070830")
+    return old, new
+
+
+@pytest.mark.parametrize("siu_first", [True, False], ids=["siu-then-srr", "srr-then-siu"])
+def test_a_his_that_moves_bookings_with_s03_gets_one_message_and_no_cancel(gate, siu_first):
+    """inner.his.reschedule_message SRM^S03: the move is one SRM^S03 naming the old booking (ARQ-1 its placer
+    id, ARQ-2 the HIS's id) with the new slot; its AA books the new appointment and cancels the old one
+    ("rescheduled to <new>", its slot free) with no cancel sent; the HIS's SIU^S13, before or after the SRR,
+    does not make it the hospital's rescheduling."""
+    from tests.unit.test_outer_access import DAY, SCHEDULE, TZ
+
+    from datetime import timedelta
+
+    from gateway.booking import SlotBook
+    from gateway.scheduling import SlotNotice
+
+    old, new = _move_with_s03(gate)
+    s13 = SlotNotice("reschedule", SCHEDULE, DAY + timedelta(minutes=30), 15, "card", "x", f"H-{old}")
+    if siu_first:
+        gate.chamber.transact_now(lambda tx: SlotBook(TZ).apply(tx, [s13]))
+        row = gate.chamber.read().appointment(old)
+        assert (row.status, row.pending_change, row.slot_id) == ("booked", "reschedule", SID[1])
+    answer(gate, new, "SRM^S03")
+    if not siu_first:
+        gate.chamber.transact_now(lambda tx: SlotBook(TZ).apply(tx, [s13]))
+    old_row, new_row = gate.chamber.read().appointment(old), gate.chamber.read().appointment(new)
+    assert (old_row.status, old_row.pending_change, old_row.outcome) == ("cancelled", None, f"rescheduled to {new}")
+    assert new_row.status == "booked"
+    assert gate.chamber.read().slot(SID[1]).visible_status == "free"
+    assert gate.chamber.read().slot(SID[2]).visible_status == "busy"
+    assert not [m for m in gate.chamber.read().messages(direction="outbound") if m.type in ("SRM^cancel", "SRM^S04")]
+    assert verify(gate.chamber.read()).ok
+
+
+def test_a_refused_s03_move_leaves_the_old_booking_and_a_move_is_never_undone_by_a_cancel(gate):
+    """AR to the SRM^S03: the old booking stays as it was.  A move whose hold expires after an attempt is
+    withdrawn without any cancel (a cancel would cancel the patient's booking at the HIS)."""
+    old, new = _move_with_s03(gate)
+    answer(gate, new, "SRM^S03", code="AR")
+    row = gate.chamber.read().appointment(old)
+    assert (row.status, row.pending_change) == ("booked", None) and "not rescheduled" in row.outcome
+
+    moved = dict(appointment(SID[3]), id=old, status="booked")
+    again = entries(gate.request("POST", "/Appointment/$book", params(("appointment-resource", {"resource": moved}))))[0]["id"]
+    srm = next(m for m in gate.chamber.read().messages(direction="outbound") if m.subject == f"appointment:{again}")
+    gate.chamber.transact_now(lambda tx: (tx.set_encoded(srm.id, *gate.booking.encode(tx, tx.message(srm.id)),
+                                                         state="committed"),
+                                          tx.set_message_state(srm.id, "retrying", attempts=1)))
+    gate.clock.advance(301)
+    assert gate.chamber.read().appointment(again).status == "cancelled"
+    assert [m.state for m in gate.chamber.read().messages(direction="outbound")
+            if m.subject == f"appointment:{again}"] == ["withdrawn"]
+    assert gate.chamber.read().appointment(old).status == "booked"
+
+
+def test_a_his_cannot_both_cancel_and_move_with_s03(tmp_path):
+    from gateway.config import load_config
+    from gateway.confschema import ConfigError
+
+    path = tmp_path / "g.yaml"
+    path.write_text("inner:\n  his:\n    host: 127.0.0.1\n    port: 2576\n    cancel_message: SRM^S03\n"
+                    "    reschedule_message: SRM^S03\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert [(i.line, i.key) for i in e.value.issues] == [(6, "inner.his.reschedule_message")]
