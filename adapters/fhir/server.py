@@ -47,7 +47,7 @@ import math
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, get_args
 from urllib.parse import parse_qs, urlencode
 from zoneinfo import ZoneInfo
 
@@ -67,14 +67,18 @@ from adapters.mapping.fhir_scheduling import (
 )
 from adapters.fhir import ihe
 from gateway.audit import AuditEntry
+from gateway.config import Scope
 from gateway.booking import HoldUnanswered, PatientRequired
 from gateway.patients import IdentifierRefused
 from gateway.errors import ChamberError
+from gateway.oauth import ALGORITHMS as OAUTH_ALGORITHMS
 from gateway.oauth import TOKEN_PATH, InvalidToken, OAuthError
 from gateway.logs import mask_value
 from gateway.quota import QuotaExhausted
 from gateway.scheduling import AppointmentUnknown, IdempotencyConflict, Overloaded, SlotUnavailable, SlotUnknown
 
+#: [base]/.well-known/smart-configuration, as path segments below the FHIR base
+SMART_CONFIGURATION = (b".well-known", b"smart-configuration")
 log = structlog.get_logger("gateway.outer")
 
 FHIR_JSON = b"application/fhir+json; charset=utf-8"
@@ -363,6 +367,8 @@ class FhirApi(resource.Resource):
     def render(self, request):
         if self.oauth is not None and request.path == TOKEN_PATH.encode():
             return self._render_token(request)
+        if self.oauth is not None and request.path == b"/".join([b"", *self.base_parts, *SMART_CONFIGURATION]):
+            return self._render_smart_configuration(request)
         started = time.monotonic()
         gone = []
         request.notifyFinish().addErrback(lambda _: gone.append(True))
@@ -595,7 +601,29 @@ class FhirApi(resource.Resource):
         request.notifyFinish().addErrback(lambda _: gone.append(True))
         d = defer.ensureDeferred(self._token(request))
         d.addErrback(self._token_failed)
-        d.addCallback(self._token_respond, request, started, gone)
+        d.addCallback(self._json_respond, request, started, gone, TOKEN_PATH)
+        return server.NOT_DONE_YET
+
+    def _render_smart_configuration(self, request):
+        """``GET [base]/.well-known/smart-configuration`` (SMART App Launch 2.x discovery, as SMART Backend
+        Services clients use it): where the token endpoint is and what it takes.  No platform data, so no
+        platform authentication beyond the TLS handshake; the global rate limit applies."""
+        throttled = self.rate_limiter.check_global() if self.rate_limiter is not None else None
+        if throttled is not None:
+            result = 429, {"error": "too many requests"}, {"Retry-After": str(throttled.retry_after)}
+        elif request.method not in (b"GET", b"HEAD"):
+            result = 405, {"error": "the SMART configuration is read with GET"}, {"Allow": "GET"}
+        else:
+            result = 200, {
+                "token_endpoint": self.oauth.token_url,
+                "grant_types_supported": ["client_credentials"],
+                "token_endpoint_auth_methods_supported": ["private_key_jwt"],
+                "token_endpoint_auth_signing_alg_values_supported": list(OAUTH_ALGORITHMS),
+                "scopes_supported": [f"system/{scope}" for scope in get_args(Scope)],
+                "capabilities": ["client-confidential-asymmetric", "permission-v2"],
+            }, {}
+        path = "/" + "/".join(p.decode() for p in (*self.base_parts, *SMART_CONFIGURATION))
+        self._json_respond(result, request, time.monotonic(), [], path, no_store=False)
         return server.NOT_DONE_YET
 
     async def _token(self, request):
@@ -636,16 +664,18 @@ class FhirApi(resource.Resource):
         return 500, {"error": "server_error", "error_description": "internal error"}, {}
 
     @staticmethod
-    def _token_respond(result, request, started, gone):
+    def _json_respond(result, request, started, gone, path: str, no_store: bool = True):
+        """A plain JSON answer (OAuth2 and SMART endpoints are not FHIR): status, body, headers."""
         status, body, headers = result
-        log.info("outer.request", method=request.method.decode("ascii", "replace"), path=TOKEN_PATH,
+        log.info("outer.request", method=request.method.decode("ascii", "replace"), path=path,
                  status=status, ms=round((time.monotonic() - started) * 1000, 1))
         if gone:
             return
         request.setResponseCode(status)
         request.setHeader(b"content-type", b"application/json; charset=utf-8")
-        request.setHeader(b"cache-control", b"no-store")
-        request.setHeader(b"pragma", b"no-cache")
+        if no_store:
+            request.setHeader(b"cache-control", b"no-store")
+            request.setHeader(b"pragma", b"no-cache")
         for k, v in headers.items():
             request.setHeader(k.encode(), v.encode())
         request.write(json.dumps(body).encode("utf-8"))
@@ -690,6 +720,21 @@ class FhirApi(resource.Resource):
         return f"https://{host.decode('ascii')}{path}" if _HOST.match(host) else path
 
     # -- metadata --------------------------------------------------------------------------------------------
+    def _security(self) -> dict:
+        services = [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                                 "code": "Certificates"}]}]
+        security = {"cors": False, "service": services,
+                    "description": "Mutual TLS: each platform presents the client certificate registered for it."}
+        if self.oauth is not None:
+            services.append({"coding": [{"system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                                         "code": "SMART-on-FHIR"}]})
+            security["extension"] = [{"url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+                                      "extension": [{"url": "token", "valueUri": self.oauth.token_url}]}]
+            security["description"] += (" Or a bearer token from the token endpoint (SMART Backend Services: "
+                                         "client credentials with a signed JWT assertion; discovery at "
+                                         ".well-known/smart-configuration).")
+        return security
+
     def capability_statement(self, base: str) -> dict:
         def sp(name, type_, doc):
             return {"name": name, "type": type_, "documentation": doc}
@@ -708,12 +753,7 @@ class FhirApi(resource.Resource):
                 "mode": "server",
                 "documentation": "FHIR R4B (4.3.0), wire-compatible with R4 (4.0.1) for Slot, Schedule and "
                                  "Appointment. Bookings are held in the gateway and confirmed by the HIS.",
-                "security": {
-                    "cors": False,
-                    "service": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
-                                             "code": "Certificates"}]}],
-                    "description": "Mutual TLS: each platform presents the client certificate registered for it.",
-                },
+                "security": self._security(),
                 "resource": [
                     {"type": "Slot", "interaction": [{"code": "read"}, {"code": "search-type"}],
                      "searchParam": [sp("start", "date", "slot start, with prefixes ge/gt/le/lt/eq"),

@@ -114,6 +114,29 @@ def test_a_token_from_a_signed_assertion_authenticates_fhir_requests_with_its_sc
     assert forbidden.status_code == 403 and forbidden.json()["issue"][0]["code"] == "forbidden"
 
 
+def test_a_client_discovers_the_token_endpoint_and_uses_it(lock):
+    """SMART discovery, as a Backend Services client library does it: GET [base]/.well-known/smart-configuration
+    without any credentials names the token endpoint and what it takes; an assertion addressed to that
+    endpoint gets a token. The CapabilityStatement names the same endpoint (oauth-uris)."""
+    found = bare(lock).get(f"{lock.base}/.well-known/smart-configuration", timeout=10)
+    assert found.status_code == 200 and found.headers["content-type"].startswith("application/json")
+    config = found.json()
+    assert config["token_endpoint"] == lock.token_url
+    assert "private_key_jwt" in config["token_endpoint_auth_methods_supported"]
+    assert {"RS384", "ES384"} <= set(config["token_endpoint_auth_signing_alg_values_supported"])
+    assert config["grant_types_supported"] == ["client_credentials"]
+    assert "system/Appointment.write" in config["scopes_supported"]
+    r = bare(lock).post(config["token_endpoint"], headers=FORM, timeout=10, data={
+        "grant_type": "client_credentials", "scope": "system/Slot.read", "client_assertion_type": ASSERTION_TYPE,
+        "client_assertion": jws(claims(lock, aud=config["token_endpoint"]), EC_KEY, "ES384", "p-1")})
+    assert r.status_code == 200, r.text
+    metadata = bearer_get(lock, r.json()["access_token"], "/metadata").json()
+    security = metadata["rest"][0]["security"]
+    uris = {e["url"]: e["valueUri"] for e in security["extension"][0]["extension"]}
+    assert uris == {"token": lock.token_url}
+    assert bare(lock).post(f"{lock.base}/.well-known/smart-configuration", timeout=10).status_code == 405
+
+
 def test_a_token_expires(lock):
     tok = token(lock)
     assert bearer_get(lock, tok, "/metadata").status_code == 200
