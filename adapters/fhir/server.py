@@ -917,15 +917,9 @@ class FhirApi(resource.Resource):
         condition = self._if_none_exist(http_request.getHeader(b"if-none-exist"))
         request_hash = hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
         try:
-            appointment_id, how = await self.booking.book(platform, request, idempotency_key=key,
-                                                          request_hash=request_hash, if_none_exist=condition,
-                                                          who=access.who(), raw=_raw_body(http_request))
-        except SlotUnknown as e:
-            raise FhirError(422, "not-found", str(e), "Appointment.slot") from None
-        except SlotUnavailable as e:
-            raise FhirError(409, "conflict", str(e), "Appointment.slot") from None
-        except QuotaExhausted as e:
-            raise FhirError(409, "business-rule", str(e), "Appointment.slot") from None
+            appointment_id, how = await self._slot_refusals(self.booking.book(
+                platform, request, idempotency_key=key, request_hash=request_hash, if_none_exist=condition,
+                who=access.who(), raw=_raw_body(http_request)))
         except IdempotencyConflict as e:
             raise FhirError(422, "business-rule", str(e)) from None
         access.resource_id = appointment_id
@@ -934,14 +928,35 @@ class FhirApi(resource.Resource):
         if how == "existing":  # FHIR conditional create: the match is returned, nothing is created
             appt = self.booking.appointment(platform, appointment_id)
             return 200, self._appointment_json(appt), self._location(base, appt)
+        return await self._booking_answer(platform, appointment_id, base, 201, "the booking was not made")
+
+    @staticmethod
+    async def _slot_refusals(pending):
+        """Await a booking service call that takes a slot (book, hold, reschedule); its refusals as the
+        platform is told them."""
+        try:
+            return await pending
+        except SlotUnknown as e:
+            raise FhirError(422, "not-found", str(e), "Appointment.slot") from None
+        except SlotUnavailable as e:
+            raise FhirError(409, "conflict", str(e), "Appointment.slot") from None
+        except QuotaExhausted as e:
+            raise FhirError(409, "business-rule", str(e), "Appointment.slot") from None
+
+    async def _booking_answer(self, platform: str, appointment_id: str, base: str, booked: int, not_made: str,
+                              operation: str | None = None):
+        """Wait up to outer.answer_within for the HIS, then answer with the appointment (in an operation's
+        Bundle for IHE operations): ``booked`` (201 create, 200 $book), 202 still pending, else 409 saying
+        ``not_made`` and why."""
         await self.booking.wait_settled(appointment_id, self.answer_within)
         appt = self.booking.appointment(platform, appointment_id)
         resource_json = self._appointment_json(appt)
+        body = self._operation_bundle(base, operation, [resource_json]) if operation else resource_json
         if appt.status == "booked":
-            return 201, resource_json, self._location(base, appt)
+            return booked, body, self._location(base, appt)
         if appt.status == "pending":
-            return 202, resource_json, self._location(base, appt)
-        raise FhirError(409, "conflict", f"the booking was not made: {appt.outcome}", "Appointment.slot",
+            return 202, body, self._location(base, appt)
+        raise FhirError(409, "conflict", f"{not_made}: {appt.outcome}", "Appointment.slot",
                         headers={"Content-Location": self._location(base, appt)["Location"]})
 
     @staticmethod
@@ -1113,14 +1128,8 @@ class FhirApi(resource.Resource):
                 raise FhirError(404, "not-found", str(e)) from None
             access.resource_id, access.detail = appt.id, "hold repeated"
             return self._hold_answer(base, appt)
-        try:
-            appointment_id = await self.booking.hold(platform, what.slot_id, what.patient, who=access.who())
-        except SlotUnknown as e:
-            raise FhirError(422, "not-found", str(e), "Appointment.slot") from None
-        except SlotUnavailable as e:
-            raise FhirError(409, "conflict", str(e), "Appointment.slot") from None
-        except QuotaExhausted as e:
-            raise FhirError(409, "business-rule", str(e), "Appointment.slot") from None
+        appointment_id = await self._slot_refusals(self.booking.hold(platform, what.slot_id, what.patient,
+                                                                     who=access.who()))
         access.resource_id, access.recorded = appointment_id, True  # audited in the hold's transaction
         if self.booking.hold_at_his:  # the HIS is told of the hold (outer.hold_at_his): wait for its answer
             await self.booking.wait_settled(appointment_id, self.answer_within)
@@ -1167,49 +1176,19 @@ class FhirApi(resource.Resource):
                 raise FhirError(422, "required", "booking needs the patient: a Patient with an identifier the HIS "
                                                  "knows (patient-resource, or a contained Patient in "
                                                  "appointment-resource)", "Appointment.participant")
-            try:
-                appointment_id, how = await self.booking.book(platform, what.booking_request(), who=access.who())
-            except SlotUnknown as e:
-                raise FhirError(422, "not-found", str(e), "Appointment.slot") from None
-            except SlotUnavailable as e:
-                raise FhirError(409, "conflict", str(e), "Appointment.slot") from None
-            except QuotaExhausted as e:
-                raise FhirError(409, "business-rule", str(e), "Appointment.slot") from None
+            appointment_id, how = await self._slot_refusals(self.booking.book(platform, what.booking_request(),
+                                                                              who=access.who()))
         access.resource_id = appointment_id
         access.recorded = how == "new"  # audited in the transaction that queued the SRM^S01
         access.detail = None if how == "new" else "already booked or being booked"
-        await self.booking.wait_settled(appointment_id, self.answer_within)
-        appt = self.booking.appointment(platform, appointment_id)
-        resource_json = self._appointment_json(appt)
-        bundle = self._operation_bundle(base, "book", [resource_json])
-        if appt.status == "booked":
-            return 200, bundle, self._location(base, appt)
-        if appt.status == "pending":
-            return 202, bundle, self._location(base, appt)
-        raise FhirError(409, "conflict", f"the booking was not made: {appt.outcome}", "Appointment.slot",
-                        headers={"Content-Location": self._location(base, appt)["Location"]})
+        return await self._booking_answer(platform, appointment_id, base, 200, "the booking was not made", "book")
 
     async def _reschedule(self, platform: str, current, slot_id: str, base: str, access: Access):
         """$book of a booked appointment with another slot: cancel + new (BookingService.reschedule).  Answered
         like a booking of the new appointment; the old one is cancelled at the HIS once it accepted the new."""
-        try:
-            new_id = await self.booking.reschedule(platform, current.id, slot_id, who=access.who())
-        except SlotUnknown as e:
-            raise FhirError(422, "not-found", str(e), "Appointment.slot") from None
-        except SlotUnavailable as e:
-            raise FhirError(409, "conflict", str(e), "Appointment.slot") from None
-        except QuotaExhausted as e:
-            raise FhirError(409, "business-rule", str(e), "Appointment.slot") from None
+        new_id = await self._slot_refusals(self.booking.reschedule(platform, current.id, slot_id, who=access.who()))
         access.resource_id, access.recorded = new_id, True
-        await self.booking.wait_settled(new_id, self.answer_within)
-        appt = self.booking.appointment(platform, new_id)
-        bundle = self._operation_bundle(base, "book", [self._appointment_json(appt)])
-        if appt.status == "booked":
-            return 200, bundle, self._location(base, appt)
-        if appt.status == "pending":
-            return 202, bundle, self._location(base, appt)
-        raise FhirError(409, "conflict", f"the appointment was not moved: {appt.outcome}", "Appointment.slot",
-                        headers={"Content-Location": self._location(base, appt)["Location"]})
+        return await self._booking_answer(platform, new_id, base, 200, "the appointment was not moved", "book")
 
     @staticmethod
     def _wanted_status(method: str, body, appointment_id: str) -> str:
