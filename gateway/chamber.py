@@ -1158,6 +1158,46 @@ class Chamber:
         if version not in (None, SCHEMA_VERSION):
             log.warning("chamber.upgraded", path=self.path, from_version=version, to_version=SCHEMA_VERSION)
 
+    def backup(self, dest: str | Path) -> dict[str, int]:
+        """Write a consistent copy of the chamber to ``dest`` — safe while gatewayd runs (SQLite's online
+        backup in one step: a read transaction, which in WAL mode holds up no writer) — and return its row
+        counts.  The copy is written beside ``dest`` first, readable by its owner only (it holds patient
+        data), checked with ``integrity_check``, flushed to disk and then renamed into place, so ``dest`` is
+        either the old file or a whole new copy, never half of one."""
+        import os
+
+        if self._reader is None:
+            raise ChamberError("the chamber is closed")
+        dest = Path(dest)
+        partial = dest.with_name(dest.name + ".partial")
+        partial.unlink(missing_ok=True)
+        os.close(os.open(partial, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600))
+        try:
+            copy = sqlite3.connect(partial)
+            try:
+                self._reader.backup(copy)
+                problems = [r[0] for r in copy.execute("PRAGMA integrity_check(5)")]
+                if problems != ["ok"]:
+                    raise ChamberError(f"the copy did not check out ({'; '.join(problems)}); nothing was replaced")
+                counts = Reader(copy, self._clock()).counts()
+            finally:
+                copy.close()
+            fd = os.open(partial, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(partial, dest)
+            fd = os.open(dest.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)  # the rename itself on disk
+            finally:
+                os.close(fd)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        return counts
+
     def close(self) -> None:
         """Wait for a COMMIT in flight (its units are answered), commit what is still queued, then close."""
         if self._writer is None:

@@ -7,12 +7,14 @@
     gatewayd certs init DIR               a development CA, server and platform certificates
     gatewayd queue list|show|retry|purge  the chamber's messages: list, one's story, resubmit, delete dead ones
     gatewayd audit verify|export|prune    the audit trail: check its hash chain, export AuditEvents, retention
+    gatewayd backup DEST --config PATH    a consistent, checked copy of the chamber (while gatewayd runs)
     gatewayd config-reference [--update README.md]   every config key, its type, default and meaning
 """
 
 from __future__ import annotations
 
 import argparse
+import sqlite3
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -85,6 +87,11 @@ def _parser() -> argparse.ArgumentParser:
     for p_ in (verify, export, prune):
         p_.add_argument("--config", required=True, type=Path)
 
+    backup = sub.add_parser("backup", help="write a consistent copy of the chamber (works while gatewayd runs)")
+    backup.add_argument("dest", type=Path, help="the copy's file (replaced whole, only once the new copy is "
+                                                "complete and checked)")
+    backup.add_argument("--config", required=True, type=Path)
+
     ref = sub.add_parser("config-reference", help="print the configuration reference (Markdown)")
     ref.add_argument("--update", type=Path, metavar="README",
                      help="rewrite the reference between the config-reference markers of this file instead")
@@ -121,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         return queue_command(args)
     if args.command == "audit":
         return audit_command(args)
+    if args.command == "backup":
+        return with_chamber(args, "backup", lambda chamber, config: _backup(chamber, args.dest))
     if args.command == "config-reference":
         if args.update:
             text = args.update.read_text(encoding="utf-8")
@@ -296,6 +305,26 @@ def with_chamber(args, command: str, run) -> int:
         return run(chamber, config)
     finally:
         chamber.close()
+
+
+def _backup(chamber, dest: Path) -> int:
+    from gateway.errors import ChamberError
+
+    dest = dest.resolve()
+    if dest == Path(chamber.path).resolve():
+        print("gatewayd backup: the copy cannot replace the chamber itself", file=sys.stderr)
+        return 1
+    if not dest.parent.is_dir():
+        print(f"gatewayd backup: {dest.parent} is not a directory", file=sys.stderr)
+        return 1
+    try:
+        counts = chamber.backup(dest)
+    except (ChamberError, OSError, sqlite3.Error) as e:
+        print(f"gatewayd backup: {e}", file=sys.stderr)
+        return 1
+    size = dest.stat().st_size
+    print(f"backed up to {dest} ({size / 1e6:.1f} MB): " + ", ".join(f"{n} {t}" for t, n in counts.items()))
+    return 0
 
 
 def queue_command(args) -> int:

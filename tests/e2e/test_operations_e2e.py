@@ -142,3 +142,46 @@ def test_retention_deletes_ended_messages_of_a_running_gateway(tmp_path):
                                                if line.startswith("{")))
                   if e.get("event") == "chamber.pruned"]
         assert pruned and sum(e.get("messages", 0) for e in pruned) >= 2
+
+
+def test_backup_while_the_gateway_books(tmp_path):
+    """`gatewayd backup` copies the chamber of a running gateway while platforms book: it exits 0 naming the
+    rows it copied, and the copy opens as a chamber (integrity checked) holding the bookings made before."""
+    import threading
+
+    from gateway.chamber import Chamber
+    from tests.e2e.harness import Lock
+
+    lock = Lock(tmp_path, doctors=2, days=2)
+    with lock:
+        slots = [s["id"] for s in lock.search_slots(status="free")]
+        first = lock.session().post(f"{lock.base}/Appointment", json=appointment_for(slots[0]),
+                                    headers={"Content-Type": "application/fhir+json"})
+        assert first.status_code == 201
+        stop = threading.Event()
+
+        def keep_booking():
+            s = lock.session()
+            for i, slot in enumerate(slots[1:]):
+                if stop.is_set():
+                    return
+                s.post(f"{lock.base}/Appointment", json=appointment_for(slot, mrn=f"MRN-B{i}"),
+                       headers={"Content-Type": "application/fhir+json"})
+
+        traffic = threading.Thread(target=keep_booking)
+        traffic.start()
+        try:
+            done = subprocess.run([sys.executable, "-m", "gateway", "backup", "copy.sqlite3", "--config",
+                                   "gateway.yaml"], cwd=tmp_path, capture_output=True, text=True,
+                                  env={"PYTHONPATH": str(REPO)}, timeout=60)
+        finally:
+            stop.set()
+            traffic.join()
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith(f"backed up to {tmp_path / 'copy.sqlite3'}") and "appointments" in done.stdout
+    copy = Chamber(tmp_path / "copy.sqlite3")
+    copy.open()
+    try:
+        assert copy.read().appointment(first.json()["id"]).status == "booked"
+    finally:
+        copy.close()

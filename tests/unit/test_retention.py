@@ -1,6 +1,7 @@
-"""Retention (gateway/retention.py): what is past chamber.keep_messages / keep_appointments is deleted, and
-nothing else — not dead letters, not a prescription's order, not an appointment still waiting for the HIS,
-not the audit trail.
+"""What the chamber keeps, and copies of it.  Retention (gateway/retention.py): what is past
+chamber.keep_messages / keep_appointments is deleted, and nothing else — not dead letters, not a prescription's
+order, not an appointment still waiting for the HIS, not the audit trail.  Backup (Chamber.backup): a whole,
+checked copy.
 
 Runs the real booking service on a real chamber file (transactions committed synchronously, task.Clock).
 """
@@ -165,3 +166,27 @@ def test_the_service_prunes_at_start_and_then_every_period(booked):
         assert svc.last == {"credentials": 0, "messages": 1}  # ...until it was 30 days old
     finally:
         svc.stopService()
+
+
+def test_a_backup_is_a_whole_checked_copy_readable_by_its_owner_only(booked, tmp_path):
+    """Chamber.backup: the copy opens as a chamber with the same rows; it is mode 0600 (patient data); an
+    existing file is replaced only by a complete copy, and no partial file is left behind."""
+    import os
+    import stat
+
+    chamber, *_ = booked
+    dest = tmp_path / "backups" / "chamber-copy.sqlite3"
+    dest.parent.mkdir()
+    dest.write_bytes(b"yesterday's copy")
+    counts = chamber.backup(dest)
+    assert counts == chamber.read().counts() and counts["messages"] == 3 and counts["appointments"] == 2
+    assert stat.S_IMODE(os.stat(dest).st_mode) == 0o600
+    assert [p.name for p in dest.parent.iterdir()] == ["chamber-copy.sqlite3"]
+    copy = Chamber(dest)
+    copy.open()  # integrity check and schema version, as at a restore
+    try:
+        assert copy.read().counts() == counts
+        assert {m.control_id for m in copy.read().messages(direction="outbound")} == \
+               {m.control_id for m in chamber.read().messages(direction="outbound")}
+    finally:
+        copy.close()
