@@ -8,12 +8,15 @@
   latency (commit to the HIS's answer) and the HIS's answer codes, observed by this process's relay; HL7
   answers the inner gate gave; HTTP answers of the outer gate; TLS handshakes that failed, per gate
   (``gatewayd_tls_handshake_failures_total{gate="outer"|"inner"}``: no certificate, one from another CA,
-  a revoked-at-the-handshake or unusable one, no common protocol version).
+  a revoked-at-the-handshake or unusable one, no common protocol version); the chamber's size on disk and
+  the room left on its file system (``gatewayd_chamber_bytes``, ``gatewayd_chamber_disk_free_bytes``) and
+  what retention deleted (``gatewayd_chamber_pruned_total{kind}``).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -47,6 +50,23 @@ class ChamberCollector:
             queue.add_metric([peer], n)
         yield messages
         yield queue
+        yield from self._storage()
+
+    def _storage(self):
+        """The chamber's size on disk (database, WAL and shared-memory files) and the room left on its file
+        system: what a monitor alerts on before new work is refused for a full disk."""
+        path = self.chamber.path
+        if path == ":memory:":
+            return
+        size = sum(os.stat(f).st_size for f in (path, path + "-wal", path + "-shm") if os.path.exists(f))
+        yield GaugeMetricFamily("gatewayd_chamber_bytes", "Size of the chamber's files (database, WAL, shm)",
+                                value=size)
+        try:
+            fs = os.statvfs(os.path.dirname(os.path.abspath(path)))
+        except OSError:
+            return
+        yield GaugeMetricFamily("gatewayd_chamber_disk_free_bytes", "Room left for the chamber on its file system "
+                                "(for an unprivileged user)", value=fs.f_bavail * fs.f_frsize)
 
 
 class Metrics:
@@ -64,6 +84,8 @@ class Metrics:
                                    "(accepted, rejected, not_stored)", ["outcome"], registry=self.registry)
         self.http_answers = Counter("gatewayd_http_answers_total", "HTTP answers of the outer gate", ["status"],
                                     registry=self.registry)
+        self.pruned = Counter("gatewayd_chamber_pruned_total", "Rows deleted by retention (chamber.keep_messages, "
+                              "keep_appointments; expired credentials), by kind", ["kind"], registry=self.registry)
         self.tls_handshake_failures = Counter(
             "gatewayd_tls_handshake_failures_total", "TLS handshakes that failed, per gate (outer: HTTPS, inner: "
             "MLLP)", ["gate"], registry=self.registry)

@@ -67,8 +67,9 @@ class RetentionService(service.Service):
 
     name = "retention"
 
-    def __init__(self, chamber, retention: Retention, clock, every: float):
+    def __init__(self, chamber, retention: Retention, clock, every: float, metrics=None):
         self.chamber, self.retention, self.clock, self.every = chamber, retention, clock, every
+        self.metrics = metrics  # gateway.admin.Metrics (gatewayd_chamber_pruned_total), or None
         self._loop: task.LoopingCall | None = None
         self.last: dict[str, int] | None = None  # what the last run deleted (tests, metrics)
 
@@ -90,6 +91,9 @@ class RetentionService(service.Service):
             self.last = deleted
             if any(deleted.values()):
                 log.info("chamber.pruned", **deleted)
+            if self.metrics is not None:
+                for kind, n in deleted.items():
+                    self.metrics.pruned.labels(kind).inc(n)
 
         def failed(failure):
             log.error("chamber.prune_failed", error=failure.getErrorMessage())

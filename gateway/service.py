@@ -306,9 +306,10 @@ def make_service(config: GatewayConfig, reactor, gate: str = "both") -> service.
     ChamberService(chamber).setServiceParent(root)
     if gate != "both":
         WatchService(chamber, reactor).setServiceParent(root)
+    metrics = Metrics(chamber)
     keep = config.chamber
     RetentionService(chamber, Retention(keep.keep_messages, keep.keep_appointments), reactor,
-                     keep.prune_every).setServiceParent(root)
+                     keep.prune_every, metrics).setServiceParent(root)
 
     his = config.inner.his if config.inner is not None else None
     if his is not None:
@@ -326,7 +327,6 @@ def make_service(config: GatewayConfig, reactor, gate: str = "both") -> service.
         hold_at_his=outer_cfg.hold_at_his if outer_cfg else False,
         route=config.route_taken, by_facility=any(r.facility is not None for r in config.routes), links=links,
     )
-    metrics = Metrics(chamber)
     prescribing = _prescribing(config, reactor, tz, chamber, gate)
     relays = []
     if gate in ("both", "inner"):

@@ -40,6 +40,13 @@ def test_metrics_and_health(tmp_path):
         assert m[("gatewayd_delivery_seconds_count", (("peer", "his"),))] == 1
         assert m[("gatewayd_hl7_answers_total", (("outcome", "accepted"),))] >= lock.slot_count
         assert m[("gatewayd_http_answers_total", (("status", "201"),))] == 1
+        on_disk = sum(f.stat().st_size for f in tmp_path.glob("chamber.sqlite3*"))
+        assert 0 < m[("gatewayd_chamber_bytes", ())] <= on_disk * 2
+        import shutil
+
+        free = shutil.disk_usage(tmp_path).free
+        assert abs(m[("gatewayd_chamber_disk_free_bytes", ())] - free) < max(free * 0.05, 50e6)
+        assert m[("gatewayd_chamber_pruned_total", (("kind", "credentials"),))] == 0  # the run at start
         health = requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
         assert health.status_code == 200 and health.json()["status"] == "ok"
 
