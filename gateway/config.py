@@ -21,7 +21,7 @@ Port = Annotated[int, Range(1, 65535)]
 Name = Annotated[str, Pattern(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$", "letters, digits, '.', '_' or '-'")]
 Scope = Literal["Slot.read", "Schedule.read", "Appointment.read", "Appointment.write", "MedicationRequest.write",
                 "MedicationRequest.read", "MedicationDispense.read", "MedicationRequest.claim"]
-#: every scope a platform can be granted (the default: all of them)
+#: the scopes a platform gets when its config lists none (the prescription scopes of Scope only when listed)
 SCOPES: tuple[str, ...] = ("Slot.read", "Schedule.read", "Appointment.read", "Appointment.write")
 Serial = Annotated[str, Pattern(r"^(0[xX])?[0-9A-Fa-f]+(:[0-9A-Fa-f]+)*$",
                                 "a certificate serial number in hexadecimal, as `openssl x509 -noout -serial` prints it")]
@@ -97,7 +97,8 @@ class MllpSendTls:
 @dataclass(frozen=True)
 class HisConfig:
     host: str = doc("The HIS interface engine's address on the intranet.")
-    port: Port = doc("The HIS's MLLP port, where the gateway sends booking requests (SRM) and queries (SQM).")
+    port: Port = doc("The HIS's MLLP port, where the gateway sends booking requests (SRM) and queries (SQM), or "
+                     "pharmacy orders (RDE/OMP) for a pharmacy endpoint.")
     name: Name = doc("A short name for this HIS, used in logs and in the chamber.", default="his")
     hl7_version: Literal["2.3", "2.3.1", "2.4", "2.5", "2.5.1"] = doc(
         "HL7 version written in MSH-12 of messages sent to the HIS.", default="2.5"
@@ -202,7 +203,8 @@ class HisConfig:
 class InnerConfig:
     his: HisConfig = doc("The HIS this gate talks to.")
     listen: str = doc(
-        "Twisted endpoint where the HIS sends SIU notifications, e.g. 'tcp:2575:interface=10.1.2.3'.",
+        "Twisted endpoint where every HIS endpoint sends its messages (SIU notifications; RDS^O13 and released "
+        "RDE^O11 from a pharmacy, when accept_types lets them in), e.g. 'tcp:2575:interface=10.1.2.3'.",
         default="tcp:2575:interface=127.0.0.1",
     )
     sending_application: str = doc("MSH-3 of messages and ACKs the gateway sends.", default="GATEWAYD")
@@ -225,7 +227,8 @@ class InnerConfig:
         default=None,
     )
     accept_types: list[Annotated[str, Pattern(r"^[A-Z0-9]{3}(\^([A-Z0-9]{3}|\*))?$", "a message type such as SIU^S12 or SIU^*")]] = doc(
-        "Message types the HIS may send in (the rest is refused with AR and recorded), e.g. [SIU^S12, SIU^S15].",
+        "Message types the HIS may send in (the rest is refused with AR and recorded), e.g. [SIU^S12, SIU^S15]; "
+        "prescriptions need RDS^O13 (dispensing) and RDE^O11 (releases) added.",
         default_factory=lambda: ["SIU^*"],
     )
     validation: Literal["tolerant", "strict"] = doc(
@@ -323,8 +326,8 @@ class OuterConfig:
         "Largest request body accepted (413 beyond).", default=1 << 20
     )
     answer_within: Duration = doc(
-        "How long POST /Appointment waits for the HIS before answering 202 (the booking then completes in "
-        "the background).",
+        "How long a booking, a cancellation, an IHE $hold (with hold_at_his) or $book, or a prescription waits "
+        "for the HIS's answer before answering 202 (it then completes in the background).",
         default=Duration(5.0),
     )
     hold_expires: Duration = doc(
@@ -333,9 +336,10 @@ class OuterConfig:
         default=Duration(300.0),
     )
     hold_at_his: bool = doc(
-        "Tell the HIS of an IHE $hold: SRM^S01 with ARQ-8 inner.his.hold_appointment_type (Tentative) is queued "
-        "at $hold, which then waits up to answer_within for the HIS (200 held, 409 refused, 202 not answered "
-        "yet), and the hold is released at the HIS with the cancel message when it expires or is dropped. "
+        "Tell the HIS of an IHE $hold: $hold queues an SRM^S01 whose ARQ-8 is the hold_appointment_type "
+        "(Tentative) of the HIS endpoint the booking is routed to, then waits up to answer_within for the HIS "
+        "(200 held, 409 refused, 202 not answered yet); the hold is released at the HIS with the cancel message "
+        "when it expires or is dropped. "
         "false: holds live in the gateway only and the HIS hears of nothing until $book.",
         default=False,
     )
@@ -345,8 +349,8 @@ class OuterConfig:
         default=None,
     )
     his_name: Name = doc(
-        "The HIS bookings are addressed to (its inner.his.name; in split mode the outer gate knows only this "
-        "name, never an address).",
+        "The HIS that outbound messages no route takes are addressed to (its inner.his.name; in split mode the "
+        "outer gate knows only this name and the routes' endpoint names, never an address).",
         default="his",
     )
     max_backlog: Annotated[int, Range(1, 10_000_000)] = doc(
@@ -691,8 +695,11 @@ class GatewayConfig:
     daemon: DaemonConfig = doc("The process itself.", default_factory=DaemonConfig)
     admin: Optional[AdminConfig] = doc("The admin listener (/healthz, /metrics); left out: none.", default=None)
     routes: list[RouteConfig] = doc(
-        "Which HIS endpoint each outbound message type goes to, first match wins; what no route names goes to "
-        "the HIS (inner.his / outer.his_name). Both gates of a split lock need the same routes (names only).",
+        "Which HIS endpoint outbound messages go to, by message type and/or by the facility that published a "
+        "booking's schedule, first match wins; what no route takes goes to the HIS (inner.his / outer.his_name). "
+        "A cancellation goes where its booking went. Both gates of a split lock need the same routes (names "
+        "only). Changed routes apply on SIGHUP to new bookings and prescriptions while inner.endpoints stay the "
+        "same; with changed endpoints they wait for a restart.",
         default_factory=list)
     patients: PatientsConfig = doc("How platforms identify patients, and how the HIS gets those identifiers "
                                    "(docs/ihe-scheduling.md, Patient identifiers).", default_factory=PatientsConfig)
