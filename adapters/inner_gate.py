@@ -173,8 +173,8 @@ def nak_code(err: Hl7Error) -> str:
 
 
 def make_reprocessor(slot_book, default_charset: str, z_segment_peers=frozenset()):
-    """For ``gatewayd queue retry`` of a refused inbound message: read its raw bytes again with the current
-    code and apply them (inside the caller's transaction).  Returns (ACK code, text) as the gate would.
+    """For ``gatewayd queue retry`` of a refused inbound SIU: read its raw bytes again with the current code and
+    apply them (inside the caller's transaction).  (gateway.operations.retry offers it SIU messages only.)  Returns (ACK code, text) as the gate would.
     ``z_segment_peers``: the HIS endpoints whose Z-segments are passed on (``pass_z_segments``)."""
     from adapters.hl7.er7 import parse
 

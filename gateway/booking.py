@@ -358,8 +358,9 @@ class BookingService:
         return r.to if r is not None else self.his.peer
 
     def _cancel_peer(self, tx, appointment_id: str) -> str:
-        """A cancellation goes where its booking went (the HIS that has it), whatever the routes say now: the
-        appointment's first message is its booking (SRM^S01, a move, or a hold told to the HIS)."""
+        """A cancellation (or the confirmation of a hold told to the HIS) goes where the booking went (the HIS
+        that has it), whatever the routes say now: the appointment's first message is its booking (SRM^S01,
+        a move, or a hold told to the HIS)."""
         first = next(iter(tx.messages_for_subject(subject_of(appointment_id))), None)
         return first.peer if first is not None else self.his.peer
 
@@ -441,6 +442,9 @@ class BookingService:
                                       "(patient-resource, or a contained Patient in appointment-resource)")
             self.patients.check(who_for)
             peer = self._check_backlog(tx, slot)
+            if tx.messages_for_subject(subject_of(appt.id)):  # the HIS holds it (outer.hold_at_his): confirm
+                peer = self._cancel_peer(tx, appt.id)  # where the hold went, whatever the routes say now
+                check_backlog(tx, peer, self.max_backlog, self.retry_after)
             tx.update_appointment(appt.id, patient=who_for.to_json(), pending_change="book",
                                   hold_expires=tx.now + self.hold_seconds)
             self._queue(tx, control_id, "S01", appt.id, who_for, f"booking {appt.id} (held)", peer)

@@ -33,6 +33,9 @@ def retry(chamber, message_id: int, reprocess_inbound: Callable, *, who: str = "
         if msg.direction == "inbound":
             if msg.state != "refused":
                 raise NotRetryable(f"message {message_id} was not refused (it is {msg.state}); nothing to reprocess")
+            if not msg.type.startswith("SIU"):
+                raise NotRetryable(f"message {message_id} is {msg.type}: only refused SIU slot notifications are "
+                                   f"reprocessed; ask the HIS to send it again")
             code, text = reprocess_inbound(tx, msg)
             state = "delivered" if code == "AA" else "refused"
             tx.set_message_state(msg.id, state, answer_code=code, answer_text=text,

@@ -8,7 +8,8 @@ patient data long after anyone needs it.  Every ``chamber.prune_every`` (and onc
   prescription (it stays with the prescription);
 - settled appointments whose slot ended more than ``chamber.keep_appointments`` ago, with the platform's
   request as sent, idempotency keys and identifiers, and slots that ended as long ago with no appointment;
-- OAuth2 client assertions and access tokens past their expiry.
+- OAuth2 client assertions past their expiry, and access tokens an hour after it (until then a request
+  with one is told that it expired).
 
 The audit trail is not touched (``audit.retention``, ``gatewayd audit prune``).  Work is done in
 transactions of at most ``BATCH`` rows each, so the other gate (and this one) never wait long for the write
@@ -23,6 +24,8 @@ import structlog
 from twisted.application import service
 from twisted.internet import defer, task
 
+from gateway.oauth import EXPIRED_TOKENS_KEPT
+
 log = structlog.get_logger("gateway.retention")
 
 BATCH = 500
@@ -35,7 +38,7 @@ class Retention:
 
     def steps(self, now: float) -> list:
         """The pruning steps due at ``now``: (name, unit of work taking a Txn and returning rows deleted)."""
-        out = [("credentials", lambda tx: tx.prune_expired_credentials())]
+        out = [("credentials", lambda tx: tx.prune_expired_credentials(tokens_kept=EXPIRED_TOKENS_KEPT))]
         if self.keep_messages is not None:
             before = now - self.keep_messages
             out.append(("messages", lambda tx: tx.prune_messages(before, BATCH)))

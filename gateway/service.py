@@ -3,12 +3,14 @@
 Start order (stop order is the reverse)::
 
     chamber            opened first (before any listener accepts), closed last
+    chamber-watch      split lock only: wakes this process when the other gate's process commits
     retention          deletes what is past chamber.keep_messages / keep_appointments (gateway/retention.py)
-    relay:<his>        delivers committed outbound messages to the HIS (one per HIS endpoint: `routes`)
-    poller:<his>       only with slot_source: poll
-    holds              releases bookings the HIS did not answer in time
-    inner gate         MLLP listener for the HIS (intranet)
+    inner gate         the MLLP listener for the HIS (intranet), then relay:<endpoint> (committed outbound
+                       messages to each HIS endpoint; `routes` say which) and poller:<endpoint> (slot_source:
+                       poll only)
+    holds              releases bookings the HIS did not answer in time (outer gate's process)
     outer gate         FHIR over HTTPS with mutual TLS (internet)
+    admin              /healthz and /metrics on loopback (admin.listen)
 
 A child that fails to start (a port in use, a chamber that cannot be opened) fails the whole start.
 The two gates share nothing but the chamber.
@@ -198,8 +200,8 @@ def reload(root, config: GatewayConfig, gate: str) -> list[str]:
     platforms (subjects, scopes, quotas, revoked serials, SPKI pins, token keys, rate limits), the patient
     identifier rules (patients.identifiers), the MLLP listener's certificates and CA (new connections), the
     HIS's address (next connection), the routes while the endpoints stay (new bookings and prescriptions; a
-    cancellation follows its booking).  Other changes (listen addresses, chamber path, ...) need a restart:
-    they are named in the returned list.  Everything is built
+    cancellation follows its booking).  Every other key whose value changed (listen addresses, chamber path,
+    timeouts, ...) needs a restart: each is named in the returned list.  Everything is built
     before anything is swapped, so a new config that fails (a certificate that does not parse) changes
     nothing."""
     from gateway import logs
@@ -251,28 +253,35 @@ def reload(root, config: GatewayConfig, gate: str) -> list[str]:
         patients = IdentifierRules.from_config(config.patients)
         swaps.append(lambda: setattr(root.booking, "patients", patients))
         applied.append(f"patients.identifiers ({len(config.patients.identifiers)})")
-    restart = [name for name, before, after in (
-        ("chamber.path", old.chamber.path, config.chamber.path),
-        ("inner.listen", old.inner and old.inner.listen, config.inner and config.inner.listen),
-        ("outer.host/port", old.outer and (old.outer.host, old.outer.port),
-         config.outer and (config.outer.host, config.outer.port)),
-        ("admin.listen", old.admin and old.admin.listen, config.admin and config.admin.listen),
-        ("inner.tls (on or off)", old.inner is not None and old.inner.tls is not None,
-         config.inner is not None and config.inner.tls is not None),
-        ("inner.endpoints", old.inner and old.inner.endpoints, config.inner and config.inner.endpoints),
-        ("inner.his.pass_z_segments/z_segments",
-         old.inner and (old.inner.his.pass_z_segments, old.inner.his.z_segments),
-         config.inner and (config.inner.his.pass_z_segments, config.inner.his.z_segments)),
-        ("pharmacy", old.pharmacy, config.pharmacy),
-        ("prescriptions", old.prescriptions, config.prescriptions),
-    ) if before != after]
-    if config.routes != old.routes and not endpoints_kept:
-        restart.append("routes (with inner.endpoints)")
+    live = {"logging", "inner.his.host", "inner.his.port"}
+    if gate in ("both", "outer") and config.outer is not None:
+        live |= {"outer.tls", "outer.rate_limit", "outer.token_url", "platforms"}
+    if "inner.tls" in applied:
+        live.add("inner.tls")
+    if config.routes != old.routes and endpoints_kept:
+        live.add("routes")
+    if getattr(root, "booking", None) is not None:
+        live.add("patients")
+    restart = [key for key in _changed_keys(old, config)
+               if not any(key == k or key.startswith(k + ".") or key.startswith(k + "[") for k in live)]
     logs.configure(config.logging.level, config.logging.format)
     for swap in swaps:
         swap()
     root.config = config
     return applied + [f"needs a restart: {name}" for name in restart]
+
+
+def _changed_keys(old, new, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two configs (sections compared field by field, lists as a
+    whole, a section added or removed as its own key)."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(old) and dataclasses.is_dataclass(new) and type(old) is type(new):
+        keys: list[str] = []
+        for f in dataclasses.fields(old):
+            keys += _changed_keys(getattr(old, f.name), getattr(new, f.name), f"{prefix}.{f.name}" if prefix else f.name)
+        return keys
+    return [] if old == new else [prefix]
 
 
 class WatchService(service.Service):

@@ -266,7 +266,9 @@ class Access:
         rid = self.resource_id
         if rid is not None and (not _FHIR_ID.match(rid) or mask_value(rid) != rid):
             rid = "(not an id)"  # ids only: whatever else was in the URL stays out of the audit
-        detail = self.detail if status < 400 else (issue_code or self.detail)
+        detail = self.detail
+        if status >= 400:  # a refusal: its issue code, and what the handler noted (e.g. the failed check)
+            detail = f"{issue_code}: {self.detail}" if issue_code and self.detail else (issue_code or self.detail)
         return AuditEntry(action=self.action, outcome=status, platform=self.platform, subject=self.subject,
                           serial=self.serial, source=self.source, resource_type=self.resource_type,
                           resource_id=rid, detail=detail)

@@ -18,7 +18,7 @@ quantity``).
 HL7 field               RDE^O11 (ORC RXE TQ1 RXR)               from FHIR
 ======================  =====================================  ==========================================
 MSH-9                   ``RDE^O11^RDE_O11`` / ``OMP^O09^OMP_O09``
-MSH-10                  control id (the chamber's, kept on resend)
+MSH-10                  ``G`` + 19 random hex digits, given at commit, kept on every resend
 MSH-18                  header charset (``UNICODE UTF-8``, ``GB 18030-2000``)
 PID-3                   ``value^^^authority^type`` repeated     Patient.identifier (system, value, type)
 PID-5                   ``family^given``                        Patient.name

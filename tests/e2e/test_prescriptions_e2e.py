@@ -16,6 +16,7 @@ import base64
 import copy
 import json
 import signal
+import sqlite3
 import threading
 
 import pytest
@@ -119,6 +120,13 @@ def test_unsigned_tampered_and_foreign_prescriptions_are_refused_and_nothing_rea
     assert issue["code"] == "security" and check in issue["diagnostics"], issue
     received = read_jsonl(lock.workdir / "his-received.jsonl") if (lock.workdir / "his-received.jsonl").exists() else []
     assert not [m for m in received if m["type"].startswith("RDE")]
+    conn = sqlite3.connect(f"file:{lock.workdir / 'chamber.sqlite3'}?mode=ro", uri=True)
+    try:
+        refusal = conn.execute("SELECT outcome, detail FROM audit_records WHERE action = 'prescribe' "
+                               "ORDER BY seq DESC LIMIT 1").fetchone()
+    finally:
+        conn.close()
+    assert refusal == (403, f"security: {check}")  # the audit trail says which check failed
 
 
 def test_a_released_prescription_verifies_and_is_claimed_by_exactly_one_pharmacy(lock):

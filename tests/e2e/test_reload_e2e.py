@@ -25,6 +25,20 @@ def test_sighup_revokes_and_a_broken_config_keeps_the_old_one(tmp_path):
         assert s_other.get(f"{lock.base}/Slot", params={"_count": 1}).status_code == 200
         assert lock.gateway.popen.pid == pid and lock.gateway.alive()
 
+        def reloads():
+            return [e for e in map(json.loads, (line for line in lock.gateway.log_path.read_text().splitlines()
+                                                if line.startswith("{"))) if e["event"] == "gateway.reloaded"]
+
+        assert not [a for a in reloads()[-1]["applied"] if "restart" in a]  # a revocation: applied, nothing else
+        # what a reload does not apply is named, key by key (it is not silently ignored)
+        lock.gateway_config["outer"]["answer_within"] = "7s"
+        lock.gateway_config["inner"]["his"]["ack_timeout"] = "4s"
+        lock.write_configs()
+        lock.gateway.popen.send_signal(signal.SIGHUP)
+        applied = eventually(lambda: reloads()[1:], what="the second reload")[0]["applied"]
+        assert [a for a in applied if "restart" in a] == ["needs a restart: inner.his.ack_timeout",
+                                                          "needs a restart: outer.answer_within"], applied
+
         config = (lock.workdir / "gateway.yaml").read_text()
         (lock.workdir / "gateway.yaml").write_text(config.replace("answer_within", "answer_witin"))
         lock.gateway.popen.send_signal(signal.SIGHUP)

@@ -81,6 +81,19 @@ def test_reprocess_reads_a_refused_inbound_message_again(env):
     assert chamber.read().message(mid).state == "delivered"
 
 
+def test_a_refused_prescription_message_is_not_reprocessed_as_a_slot_notification(env):
+    """queue retry of a refused RDS^O13 is refused, saying only SIU are reprocessed, and changes nothing —
+    instead of reading a dispense as a slot notice."""
+    chamber, _, reprocess, _ = env
+    mid = chamber.transact_now(lambda tx: tx.add_message(
+        direction="inbound", peer="pharmacy", control_id="RDS-1", type="RDS^O13", state="refused",
+        body=b"MSH|^~\\&|PH|H|GW|F|20300101||RDS^O13|RDS-1|P|2.5\r", charset="utf-8", answer_code="AE"))
+    with pytest.raises(NotRetryable, match=r"RDS\^O13: only refused SIU"):
+        retry(chamber, mid, reprocess)
+    message = chamber.read().message(mid)
+    assert (message.state, message.answer_code) == ("refused", "AE")
+
+
 def test_retry_all_dead_and_purge(env):
     chamber, _, reprocess, clock = env
     old = add_outbound(chamber, "dead", control_id="G-old")

@@ -230,3 +230,19 @@ def test_no_z_segments_unless_configured(env):
     appointment_id, _ = result(booking.book("demo", BookingRequest(slot_id("D-A", START), PATIENT)))
     srm = sent(chamber, booking, queued(chamber, appointment_id)[0])
     assert not [s for s in srm.segments if s.name.startswith("Z")]
+
+
+def test_a_hold_told_to_the_his_is_confirmed_where_it_went_even_after_the_routes_changed(env):
+    """outer.hold_at_his: the tentative SRM^S01 went to BRANCH-B's endpoint; the routes then change (SIGHUP)
+    so that BRANCH-B's bookings would go to the HIS; $book's confirming SRM^S01 still goes where the hold is."""
+    chamber, booking = env
+    booking.hold_at_his = True
+    appointment_id = result(booking.hold("demo", slot_id("D-B", START), PATIENT))
+    [hold_msg] = queued(chamber, appointment_id)
+    assert hold_msg.peer == "his-branch-b"
+    sent(chamber, booking, hold_msg)
+    chamber.transact_now(lambda tx: booking.on_answer(tx, tx.message(hold_msg.id), HisAnswer("AA", "", "H9")))
+    booking.route = lambda message_type, facility=None: None  # every route gone: all to the HIS
+    assert result(booking.book_held("demo", appointment_id, PATIENT)) == "new"
+    confirm = queued(chamber, appointment_id)[-1]
+    assert confirm.type == "SRM^S01" and confirm.peer == "his-branch-b"
