@@ -248,6 +248,10 @@ class BookingService:
                  hold_at_his: bool = False, route=None, by_facility: bool = False,
                  links: dict[str, HisLinkInfo] | None = None):
         self.chamber = chamber
+        # called right after each unit that may queue a message for the HIS is handed to the chamber (in the
+        # same reactor turn, so into the same batch): this process's relays join that batch to prepare the
+        # send (Relay.claim_soon); None in the split lock's outer gate, which has no relay
+        self.after_queue: Callable[[], None] | None = None
         self.hold_at_his = hold_at_his  # $hold queues a tentative SRM^S01 (and its release a cancel)
         self.quotas = quotas  # gateway.quota.Quotas, or None: no platform is limited
         self.patients = patients or IdentifierRules()  # which identifier systems, and how PID-3 writes them
@@ -318,7 +322,7 @@ class BookingService:
             self._audit(tx, who, platform, "book", 202, appointment_id, f"slot {slot.id} held; SRM^S01 queued")
             return appointment_id, "new"
 
-        d = self.chamber.transact(work)
+        d = self._transact(work)
         d.addCallback(self._booked, platform, control_id)
         return d
 
@@ -335,6 +339,12 @@ class BookingService:
         if self.quotas is not None:
             self.quotas.check(tx, platform, slot)
         return slot
+
+    def _transact(self, work) -> defer.Deferred:
+        d = self.chamber.transact(work)
+        if self.after_queue is not None:
+            self.after_queue()
+        return d
 
     def _check_backlog(self, tx, slot) -> str:
         """The HIS endpoint a booking of ``slot`` goes to; Overloaded when too much waits for it."""
@@ -407,7 +417,7 @@ class BookingService:
             self._schedule_expiry()
             return appointment
 
-        return self.chamber.transact(work).addCallback(held)
+        return self._transact(work).addCallback(held)
 
     def book_held(self, platform: str, appointment_id: str, patient: Patient | None = None,
                   who: AuditEntry | None = None) -> defer.Deferred:
@@ -451,7 +461,7 @@ class BookingService:
             self._audit(tx, who, platform, "book", 202, appt.id, f"slot {appt.slot_id} held; SRM^S01 queued")
             return "new"
 
-        d = self.chamber.transact(work)
+        d = self._transact(work)
         d.addCallback(lambda how: (self._booked((appointment_id, how), platform, control_id), how)[1])
         return d
 
@@ -494,7 +504,7 @@ class BookingService:
                         f"rescheduling {old.id}: slot {slot.id} held; SRM^S01 queued")
             return new_id, "new"
 
-        d = self.chamber.transact(work)
+        d = self._transact(work)
         d.addCallback(self._booked, platform, control_id)
         return d.addCallback(lambda result: result[0])
 
@@ -562,7 +572,7 @@ class BookingService:
             self._audit(tx, who, platform, "cancel", 202, appt.id, "cancellation queued")
             return "sent"
 
-        d = self.chamber.transact(work)
+        d = self._transact(work)
         d.addCallback(lambda what: (log.info("booking.cancel", appointment=appointment_id, platform=platform,
                                              result=what), what)[1])
         return d
@@ -842,7 +852,7 @@ class BookingService:
                               source="gateway")
             return [a.id for a in expired]
 
-        d = self.chamber.transact(work)
+        d = self._transact(work)
 
         def done(ids):
             for i in ids:

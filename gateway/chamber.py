@@ -360,6 +360,19 @@ class Txn:
         )
         return _row(MessageRow, cur.fetchone())
 
+    def unfinished_outbound(self, peer: str, limit: int = 10000, *, brief: bool = False) -> list:
+        """Every message to ``peer`` not yet finished, oldest first (for ordering by patient).  ``brief``:
+        (id, order_key, state, next_attempt) tuples only, not the rows (nor their bodies)."""
+        cur = self._c.execute(
+            f"SELECT {'id, order_key, state, next_attempt' if brief else '*'} FROM messages"
+            " WHERE direction = 'outbound' AND peer = ?"
+            " AND state IN ('committed', 'sending', 'retrying') ORDER BY id LIMIT ?",
+            (peer, limit),
+        )
+        if brief:
+            return [tuple(r) for r in cur]
+        return [_row(MessageRow, r) for r in cur]
+
     def messages_for_subject(self, subject: str) -> list[MessageRow]:
         cur = self._c.execute("SELECT * FROM messages WHERE subject = ? ORDER BY id", (subject,))
         return [_row(MessageRow, r) for r in cur]
@@ -734,19 +747,6 @@ class Reader(Txn):
             waiting.update(r[0] for r in cur)
         return set(appointment_ids) - waiting
 
-    def unfinished_outbound(self, peer: str, limit: int = 10000, *, brief: bool = False) -> list:
-        """Every message to ``peer`` not yet finished, oldest first (for ordering by patient).  ``brief``:
-        (id, order_key, state, next_attempt) tuples only, not the rows (nor their bodies)."""
-        cur = self._c.execute(
-            f"SELECT {'id, order_key, state, next_attempt' if brief else '*'} FROM messages"
-            " WHERE direction = 'outbound' AND peer = ?"
-            " AND state IN ('committed', 'sending', 'retrying') ORDER BY id LIMIT ?",
-            (peer, limit),
-        )
-        if brief:
-            return [tuple(r) for r in cur]
-        return [_row(MessageRow, r) for r in cur]
-
     def message_events(self, message_id: int) -> list[tuple[float, str, str | None]]:
         cur = self._c.execute(
             "SELECT at, state, detail FROM message_events WHERE message_id = ? ORDER BY rowid", (message_id,)
@@ -935,6 +935,20 @@ def _begin_waiting(conn: sqlite3.Connection, timeout: float = LOCK_WAIT) -> None
         time.sleep(0.0005)
 
 
+def _wal_mode(conn: sqlite3.Connection, timeout: float = LOCK_WAIT) -> str:
+    """``PRAGMA journal_mode = WAL`` (the resulting mode).  On a new file another process may be turning it
+    into WAL or creating the schema at the same moment (the split lock's two gates start together); SQLite
+    then answers "database is locked" at once, without waiting as busy_timeout says: try again, briefly."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        except sqlite3.OperationalError as e:
+            if not _busy(e) or time.monotonic() > deadline:
+                raise
+        time.sleep(0.01)
+
+
 class _Batch:
     """The units of one transaction and what became of them (and, while it is in flight, of its COMMIT)."""
 
@@ -1051,7 +1065,7 @@ class Chamber:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         try:
             conn = self._connect()
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            mode = _wal_mode(conn)
             conn.execute("PRAGMA foreign_keys = ON")
             self._writer = self._reader = conn
             self._check_integrity()

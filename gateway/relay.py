@@ -47,7 +47,8 @@ class _Lane:
 
     def __init__(self, destination: Destination):
         self.destination = destination
-        self.loop: defer.Deferred | None = None
+        self.loop: defer.Deferred | None = None  # set while the lane is busy (or claimed: see Relay.claim_soon)
+        self.claimed: int | None = None  # the message a claim unit prepared for this lane, until its commit
 
 
 class Relay(service.Service):
@@ -162,18 +163,62 @@ class Relay(service.Service):
             self._wake_again = False
             self.wake()
 
-    def _start(self, lane: _Lane) -> None:
-        lane.loop = defer.Deferred()  # set before the loop runs: a commit inside it must not start it twice
-        loop = defer.ensureDeferred(self._drain(lane))
+    def _start(self, lane: _Lane, taken=None) -> None:
+        if lane.loop is None:
+            lane.loop = defer.Deferred()  # set before the loop runs: a commit inside it must not start it twice
+        loop = defer.ensureDeferred(self._drain(lane, taken))
         loop.addErrback(lambda f: log.error("relay.loop.failed", peer=self.peer, error=f.getErrorMessage()))
         loop.addBoth(self._lane_done, lane)
+
+    # -- claims: the send prepared in the transaction that queued the message -------------------------------
+    def claim_soon(self) -> None:
+        """Something is being queued for the HIS in the chamber's batch now forming (the booking service calls
+        this right after its ``transact``): join that batch with a unit that prepares the next message for
+        an idle lane (encode, mark ``sending``), so the send needs no commit of its own — one commit both
+        queues the message and starts its delivery.  Nothing happens when every lane is busy (a lane that
+        finishes takes the next message itself), the relay cannot encode (the split lock's outer gate) or it
+        orders by patient."""
+        if not self.running or self.encode is None or self.ordering != "fifo":
+            return  # (ordering by patient: measured no better with claims — more CPU at 200 bookings/s)
+        lane = next((candidate for candidate in self.lanes if candidate.loop is None), None)
+        if lane is None:
+            return
+        lane.loop = defer.Deferred()  # claimed: wake() leaves this lane alone until the claim's commit
+        d = self.chamber.transact(lambda tx: self._claim(tx, lane))
+        d.addCallbacks(lambda row: self._claimed(lane, row), lambda failure: self._claimed(lane, None))
+
+    def _claim(self, tx, lane: _Lane):
+        """The claim unit: the next message a lane may send (as :meth:`_next_due` decides, seeing the batch's
+        own uncommitted messages), prepared; reserved at once so no other lane takes it.  None if there is
+        none, or on any problem (the ordinary path then deals with it)."""
+        if not self.running:
+            return None
+        row = self._prepared_next(tx)
+        if row is not None:
+            self._in_flight[row.id] = row.order_key or f"#{row.id}"
+            lane.claimed = row.id
+        return row
+
+    def _claimed(self, lane: _Lane, row) -> None:
+        """After the claim's COMMIT (or its failure: then ``row`` is None and the reservation is undone)."""
+        if row is None:
+            if lane.claimed is not None:
+                self._in_flight.pop(lane.claimed, None)
+            lane.claimed = None
+            marker, lane.loop = lane.loop, None
+            marker.callback(None)
+            self.wake()
+            return
+        lane.claimed = None
+        self._start(lane, taken=row)
 
     def _lane_done(self, _, lane: _Lane) -> None:
         marker, lane.loop = lane.loop, None
         marker.callback(None)
 
-    async def _drain(self, lane: _Lane) -> None:
-        taken = None  # strict FIFO: the next message, already prepared in the transaction of an answer
+    async def _drain(self, lane: _Lane, taken=None) -> None:
+        # taken: the next message, already prepared (encoded, marked sending) in the transaction that queued
+        # it (a claim) or that recorded the previous answer (strict FIFO)
         while self.running:
             if taken is not None:
                 msg, prepared, taken = taken, True, None
@@ -299,10 +344,22 @@ class Relay(service.Service):
         ordinary path.)"""
         if self.ordering != "fifo" or not self.running:
             return None
+        return self._prepared_next(tx)
+
+    def _next_due(self, tx):
+        """Strict FIFO, inside a transaction: the head of the queue if no lane has it and it is due, else
+        None."""
         nxt = tx.next_outbound(self.peer)
-        if nxt is None:
+        if nxt is None or nxt.id in self._in_flight:
             return None
         if nxt.state == "retrying" and nxt.next_attempt is not None and nxt.next_attempt > tx.now:
+            return None
+        return nxt
+
+    def _prepared_next(self, tx):
+        """:meth:`_next_due`, prepared for its send (its row as sent), or None."""
+        nxt = self._next_due(tx)
+        if nxt is None:
             return None
         if self.clock.seconds() - nxt.created > self.max_age:
             return None

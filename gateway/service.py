@@ -343,6 +343,8 @@ def make_service(config: GatewayConfig, reactor, gate: str = "both") -> service.
         inner.setServiceParent(root)
         root.inner_tls_switch = inner.tls_switch  # None without inner.tls (reload swaps its options)
         root.his_clients = [lane.destination.client for lane in relays[0].lanes]  # inner.his (reload retargets)
+        if gate == "both":  # a booking's commit also starts its delivery (Relay.claim_soon)
+            booking.after_queue = lambda: [relay.claim_soon() for relay in relays]
     if gate in ("both", "outer"):
         HoldsService(booking).setServiceParent(root)
         listener, root.api, root.tls_switch = _outer_gate(config, reactor, tz, chamber, booking, metrics,

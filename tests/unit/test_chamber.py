@@ -194,6 +194,29 @@ def test_two_processes_creating_one_new_chamber_both_open_it(tmp_path):
     other.close()
 
 
+def test_a_new_chamber_another_process_holds_before_its_wal_switch_is_opened_too(tmp_path):
+    """The other gate has just created the file and holds its write lock before switching it to WAL: SQLite
+    answers this process's own switch to WAL with "database is locked" at once (no busy wait), so the open
+    tries again until the lock is free (the split lock's netns/split tests failed so, now and then)."""
+    path = tmp_path / "c.sqlite3"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("CREATE TABLE other_gate_was_here (x)")
+
+    def commit_later():
+        time.sleep(0.3)
+        other.execute("COMMIT")
+
+    committer = threading.Thread(target=commit_later)
+    committer.start()
+    ch = Chamber(path)
+    ch.open()
+    committer.join()
+    assert ch._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    ch.close()
+    other.close()
+
+
 def test_refuses_a_file_that_is_not_a_database(tmp_path):
     """A corrupt or foreign file is not silently replaced: opening fails with the path in the message."""
     path = tmp_path / "c.sqlite3"

@@ -311,3 +311,113 @@ def test_ordering_by_patient_reads_the_queue_once_for_all_the_lanes_a_wake_up_st
     assert sent == ["A1", "B1", "C1"]
     relay.stopService()
     chamber.close()
+
+
+def _claims_world(tmp_path, monkeypatch, ordering="fifo", lanes=1):
+    """A chamber whose batches commit on the next turn of a Clock (as on the reactor), COMMITs counted."""
+    import gateway.chamber as chamber_module
+
+    clock = task.Clock()
+    clock.advance(1000)
+    chamber = Chamber(tmp_path / "c.sqlite3", reactor=clock, clock=clock.seconds)
+    chamber.open()
+    commits = []
+    real = chamber_module._commit
+    monkeypatch.setattr(chamber_module, "_commit", lambda conn: (commits.append(1), real(conn))[1])
+    his = [ScriptedHis() for _ in range(lanes)]
+    relay = Relay(chamber, "his", his if lanes > 1 else his[0], lambda tx, msg, ans: None, clock=clock,
+                  ack_timeout=5, retry_initial=1, retry_max=8, ordering=ordering, rng=random.Random(1),
+                  encode=lambda tx, row: (b"MSH|encoded " + row.control_id.encode(), "SRM^S01", "utf-8"))
+    relay.startService()
+    clock.advance(0)
+    return chamber, relay, his if lanes > 1 else his[0], clock, commits
+
+
+def _queue_and_claim(chamber, relay, control_id, key=None):
+    """What the booking service does: its unit queues an intent (no HL7 yet), then, in the same turn, the
+    relay is asked to join the batch."""
+    d = chamber.transact(lambda tx: tx.add_message(
+        direction="outbound", peer="his", control_id=control_id, type="SRM^S01", state="committed", body=b"",
+        charset="", order_key=key))
+    relay.claim_soon()
+    return d
+
+
+def test_a_claim_starts_the_delivery_in_the_commit_that_queued_the_message(tmp_path, monkeypatch):
+    """One COMMIT both queues the message and marks it sending (encoded once); the send follows with no
+    commit of its own; the answer is the second COMMIT."""
+    chamber, relay, his, clock, commits = _claims_world(tmp_path, monkeypatch)
+    commits.clear()
+    _queue_and_claim(chamber, relay, "G1")
+    clock.advance(0)
+    assert len(commits) == 1
+    assert [(body, cid) for body, cid, _ in his.calls] == [(b"MSH|encoded G1", "G1")]
+    row = chamber.read().next_outbound("his")
+    assert (row.state, row.attempts, row.body) == ("sending", 1, b"MSH|encoded G1")
+    his.calls[0][2].callback(HisAnswer("AA", "", None))
+    clock.advance(0)
+    assert len(commits) == 2 and chamber.read().next_outbound("his") is None
+    relay.stopService()
+    chamber.close()
+
+
+def test_a_claim_respects_the_order_and_a_busy_lane(tmp_path, monkeypatch):
+    """FIFO: while G1 is in flight a claim for G2 does nothing (G2 waits, then goes after G1's answer); a
+    claim never sends ahead of an older message that waits for its resend."""
+    chamber, relay, his, clock, commits = _claims_world(tmp_path, monkeypatch)
+    _queue_and_claim(chamber, relay, "G1")
+    clock.advance(0)
+    _queue_and_claim(chamber, relay, "G2")
+    clock.advance(0)
+    assert [cid for _, cid, _ in his.calls] == ["G1"]
+    his.calls[0][2].errback(DeliveryFailed("AckTimeout"))  # G1 will be resent after its backoff
+    clock.advance(0)
+    _queue_and_claim(chamber, relay, "G3")
+    clock.advance(0)
+    assert [cid for _, cid, _ in his.calls] == ["G1"]  # neither G2 nor G3 overtakes G1
+    clock.advance(10)
+    assert [cid for _, cid, _ in his.calls] == ["G1", "G1"]
+    his.calls[1][2].callback(HisAnswer("AA", "", None))
+    clock.advance(0)
+    assert [cid for _, cid, _ in his.calls] == ["G1", "G1", "G2"]
+    relay.stopService()
+    chamber.close()
+
+
+def test_no_claims_when_ordering_by_patient(tmp_path, monkeypatch):
+    """ordering: patient takes its messages as before (a wake-up after the commit, then the send's own
+    commit): claims measured no better there."""
+    chamber, relay, lanes, clock, commits = _claims_world(tmp_path, monkeypatch, ordering="patient", lanes=3)
+    commits.clear()
+    _queue_and_claim(chamber, relay, "A1", "a")
+    clock.advance(0)
+    assert len(commits) == 2 and [cid for lane in lanes for _, cid, _ in lane.calls] == ["A1"]  # queue, send
+    relay.stopService()
+    chamber.close()
+
+
+def test_a_failed_batch_releases_the_claim(tmp_path, monkeypatch):
+    """If the batch's COMMIT fails, nothing was queued: the claimed lane is free again and sends nothing."""
+    import sqlite3
+
+    import gateway.chamber as chamber_module
+
+    chamber, relay, his, clock, commits = _claims_world(tmp_path, monkeypatch)
+    real = chamber_module._commit
+
+    def failing(conn):
+        conn.execute("ROLLBACK")
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(chamber_module, "_commit", failing)
+    d = _queue_and_claim(chamber, relay, "G1")
+    failures = []
+    d.addErrback(failures.append)
+    clock.advance(0)
+    assert failures and his.calls == [] and relay.lanes[0].loop is None and relay._in_flight == {}
+    monkeypatch.setattr(chamber_module, "_commit", real)
+    _queue_and_claim(chamber, relay, "G2")
+    clock.advance(0)
+    assert [cid for _, cid, _ in his.calls] == ["G2"]
+    relay.stopService()
+    chamber.close()
