@@ -164,6 +164,17 @@ def test_a_chamber_from_a_newer_gatewayd_is_refused_untouched(tmp_path):
         Chamber(path).open()
 
 
+def commit_after(conn: sqlite3.Connection, seconds: float) -> threading.Thread:
+    """Another process's connection holding the write lock: COMMIT it after ``seconds`` (join the thread)."""
+    def commit_later():
+        time.sleep(seconds)
+        conn.execute("COMMIT")
+
+    committer = threading.Thread(target=commit_later)
+    committer.start()
+    return committer
+
+
 def test_two_processes_creating_one_new_chamber_both_open_it(tmp_path):
     """The split lock starts both gates on a chamber that does not exist yet. If the other process creates
     the schema while this one waits for the write lock, this one opens the finished file (this failed in CI
@@ -178,13 +189,7 @@ def test_two_processes_creating_one_new_chamber_both_open_it(tmp_path):
     other.executescript("BEGIN IMMEDIATE;\n" + script + "\nINSERT INTO chamber_meta (key, value) VALUES "
                         f"('schema_version', '{SCHEMA_VERSION}');")
     assert other.in_transaction  # holds the write lock, schema not yet visible to others
-
-    def commit_later():
-        time.sleep(0.3)
-        other.execute("COMMIT")
-
-    committer = threading.Thread(target=commit_later)
-    committer.start()
+    committer = commit_after(other, 0.3)
     ch = Chamber(path)
     ch.open()  # sees no schema, waits for the lock, finds the other's schema
     committer.join()
@@ -202,13 +207,7 @@ def test_a_new_chamber_another_process_holds_before_its_wal_switch_is_opened_too
     other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     other.execute("BEGIN IMMEDIATE")
     other.execute("CREATE TABLE other_gate_was_here (x)")
-
-    def commit_later():
-        time.sleep(0.3)
-        other.execute("COMMIT")
-
-    committer = threading.Thread(target=commit_later)
-    committer.start()
+    committer = commit_after(other, 0.3)
     ch = Chamber(path)
     ch.open()
     committer.join()
