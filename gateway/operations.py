@@ -48,6 +48,12 @@ def retry(chamber, message_id: int, reprocess_inbound: Callable, *, who: str = "
             if appt is None or appt.status != "pending":
                 raise NotRetryable(f"message {message_id} carried a booking that is already "
                                    f"{appt.status if appt else 'gone'}; it is not sent again")
+        if (msg.subject or "").startswith("prescription:"):
+            p = tx.prescription(msg.subject.split(":", 1)[1])
+            if p is None or p.status != "pending":  # the platform was told it did not reach the pharmacy
+                raise NotRetryable(f"message {message_id} carried a prescription that is already "
+                                   f"{p.status if p else 'gone'} (its items cancelled, the platform told); it "
+                                   f"is not sent again: the platform sends the prescription again")
         tx.set_message_state(msg.id, "committed", attempts=0, detail=f"resubmitted by {who}")
         return f"message {message_id} ({msg.type}, control id {msg.control_id}) resubmitted"
 

@@ -94,6 +94,25 @@ def test_a_refused_prescription_message_is_not_reprocessed_as_a_slot_notificatio
     assert (message.state, message.answer_code) == ("refused", "AE")
 
 
+def test_a_dead_prescription_order_is_not_resent_once_its_prescription_was_refused(env):
+    """The order never reached the pharmacy: the prescription was refused and its items cancelled (the
+    platform reads that). Resending it then could have the pharmacy dispense a cancelled prescription."""
+    chamber, _, reprocess, _ = env
+
+    def dead_order(tx, status):
+        tx.insert_prescription(id=f"p-{status}", direction="to_his", platform="ih1", number=f"RX-{status}",
+                               status=status, payload=b"{}")
+        return tx.add_message(direction="outbound", peer="pharmacy", control_id=f"G-{status}", type="RDE^O11",
+                              state="dead", body=b"MSH|", charset="utf-8", subject=f"prescription:p-{status}")
+
+    refused = chamber.transact_now(lambda tx: dead_order(tx, "refused"))
+    with pytest.raises(NotRetryable, match="prescription that is already refused"):
+        retry(chamber, refused, reprocess)
+    assert chamber.read().message(refused).state == "dead"
+    pending = chamber.transact_now(lambda tx: dead_order(tx, "pending"))  # (dead-lettered just now)
+    assert "resubmitted" in retry(chamber, pending, reprocess)
+
+
 def test_retry_all_dead_and_purge(env):
     chamber, _, reprocess, clock = env
     old = add_outbound(chamber, "dead", control_id="G-old")
