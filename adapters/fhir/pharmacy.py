@@ -89,7 +89,8 @@ class PharmacyApi:
         else:
             settled = p.status != "pending"
         items = self.rx.chamber.read().medication_requests_of(p.id)
-        access.resource_id = items[0].id if items else None
+        if items:  # (a Bundle's record names its first MedicationRequest, not the Bundle)
+            access.resource_type, access.resource_id = "MedicationRequest", items[0].id
         return self._submitted(p, items, base, created, settled, bundle)
 
     def _submitted(self, p, items, base, created, settled, bundle):
@@ -127,7 +128,7 @@ class PharmacyApi:
             raise FhirError(400, "invalid", "search MedicationDispense by exactly one ?prescription=<MedicationRequest "
                                             "id> (and _count)")
         request_id = wanted[0].removeprefix("MedicationRequest/")
-        access.resource_id = request_id
+        access.resource_type, access.resource_id = "MedicationRequest", request_id  # whose dispenses were read
         if self.rx.request_for(platform, request_id, pharmacy=False) is None:
             raise FhirError(404, "not-found", f"MedicationRequest/{request_id} is not known")
         access.patient_data = True

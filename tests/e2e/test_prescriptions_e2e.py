@@ -100,6 +100,14 @@ def test_a_signed_bundle_reaches_the_pharmacy_and_its_dispensing_comes_back(lock
                            for i in ids), timeout=20, what="every item completed")
     # another platform cannot read it (404, not 403: no probing of ids)
     assert lock.session("pa").get(f"{lock.base}/MedicationRequest/{ids[0]}", timeout=5).status_code == 404
+    conn = sqlite3.connect(f"file:{lock.workdir / 'chamber.sqlite3'}?mode=ro", uri=True)
+    try:
+        records = conn.execute("SELECT action, resource_type, resource_id FROM audit_records WHERE platform = 'demo'"
+                               " AND action IN ('prescribe', 'access') ORDER BY seq").fetchall()
+    finally:
+        conn.close()
+    assert ("prescribe", "MedicationRequest", ids[0]) in records  # the Bundle's record names what it created
+    assert ("access", "MedicationRequest", ids[0]) in records  # the dispense search: whose dispenses were read
 
 
 @pytest.mark.parametrize("how, check", [("unsigned", "missing"), ("tampered", "signature"),
