@@ -638,13 +638,15 @@ class BookingService:
 
     def _moving(self, tx, appt, link):
         """The booked appointment that ``appt`` replaces, when the HIS is to move it in one SRM^S03
-        (reschedule_message of the endpoint ``link``); None for an ordinary SRM^S01 (a new booking, or the
-        new half of cancel + new)."""
+        (reschedule_message of the endpoint ``link``, which holds the old booking); None for an ordinary
+        SRM^S01 (a new booking, or the new half of cancel + new — also a move to another endpoint's slot)."""
         if link.move_trigger is None or not appt.replaces:
             return None
         old = tx.appointment(appt.replaces)
         if old is None or old.status != "booked" or old.pending_change != "reschedule":
             return None  # cancelled meanwhile: the new one is booked as an ordinary new booking
+        if self._cancel_peer(tx, old.id) != link.peer:
+            return None  # the old booking is at another HIS endpoint (another facility): cancel + new
         return old
 
     def _srm(self, tx, link, peer, trigger, control_id, appt, placer, slot, patient, his_appointment,

@@ -246,3 +246,26 @@ def test_a_hold_told_to_the_his_is_confirmed_where_it_went_even_after_the_routes
     assert result(booking.book_held("demo", appointment_id, PATIENT)) == "new"
     confirm = queued(chamber, appointment_id)[-1]
     assert confirm.type == "SRM^S01" and confirm.peer == "his-branch-b"
+
+
+def test_a_move_to_another_facilitys_slot_is_cancel_and_new_even_where_the_his_moves_with_s03(env):
+    """BRANCH-B's HIS moves bookings with SRM^S03, but the booking being moved is at 分院A's HIS: the new slot
+    gets an ordinary SRM^S01 at B (an S03 there would name a booking B does not have), and once B accepts,
+    the old booking is cancelled at A."""
+    from dataclasses import replace as with_changes
+
+    chamber, booking = env
+    booking.links["his-branch-b"] = with_changes(booking.links["his-branch-b"], move_trigger="S03")
+    old_id, _ = result(booking.book("demo", BookingRequest(slot_id("D-A", START), PATIENT)))
+    [old_msg] = queued(chamber, old_id)
+    sent(chamber, booking, old_msg)
+    chamber.transact_now(lambda tx: booking.on_answer(tx, tx.message(old_msg.id), HisAnswer("AA", "", "HA1")))
+    new_id = result(booking.reschedule("demo", old_id, slot_id("D-B", START)))
+    [new_msg] = queued(chamber, new_id)
+    assert new_msg.peer == "his-branch-b"
+    assert sent(chamber, booking, new_msg).type_name.startswith("SRM^S01")
+    new_msg = chamber.read().message(new_msg.id)
+    chamber.transact_now(lambda tx: booking.on_answer(tx, new_msg, HisAnswer("AA", "", "HB1")))
+    cancel = queued(chamber, old_id)[-1]
+    assert (cancel.type, cancel.peer) == ("SRM^cancel", "his-branch-a")
+    assert chamber.read().appointment(new_id).status == "booked"
