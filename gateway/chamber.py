@@ -865,13 +865,15 @@ class Reader(Txn):
         )
         return cur.fetchone()[0]
 
-    def released_prescriptions(self, platform: str, after: float, limit: int) -> list[PrescriptionRow]:
+    def released_prescriptions(self, platform: str, after: float, limit: int,
+                               after_id: str | None = None) -> list[PrescriptionRow]:
         """Released prescriptions a pharmacy may fill: unclaimed, or claimed by this pharmacy; changed after
-        ``after``; oldest change first."""
+        ``after`` (or, with ``after_id``, at ``after`` with a greater id: a page's cursor); oldest change
+        first."""
         cur = self._c.execute(
-            "SELECT * FROM prescriptions WHERE direction = 'released' AND updated > ?"
+            "SELECT * FROM prescriptions WHERE direction = 'released' AND (updated > ? OR (updated = ? AND id > ?))"
             " AND (status = 'active' OR (status = 'claimed' AND claimed_by = ?)) ORDER BY updated, id LIMIT ?",
-            (after, platform, limit))
+            (after, after, after_id if after_id is not None else "\uffff", platform, limit))
         return [_row(PrescriptionRow, r) for r in cur.fetchall()]
 
     def counts(self) -> dict[str, int]:

@@ -375,11 +375,24 @@ class PrescriptionService:
 
     def released(self, platform: str, after: float, limit: int) -> list:
         """Released items a pharmacy may fill: (item, prescription) pairs, oldest change first."""
+        return self.released_page(platform, after, limit)[0]
+
+    def released_page(self, platform: str, after: float, limit: int, after_id: str | None = None):
+        """One page of :meth:`released`: whole prescriptions only (a prescription's items are never split
+        between pages; one with more items than ``limit`` fills a page alone), and the cursor of the next
+        page — (updated, id) of the last prescription on this one — or None when this is the last."""
         reader = self.chamber.read()
-        out = []
-        for p in reader.released_prescriptions(platform, after, limit):
-            out.extend((item, p) for item in reader.medication_requests_of(p.id))
-        return out[:limit]
+        if limit <= 0:
+            return [], None
+        out: list = []
+        prescriptions = reader.released_prescriptions(platform, after, limit + 1, after_id)
+        for n, p in enumerate(prescriptions):
+            items = reader.medication_requests_of(p.id)
+            if out and len(out) + len(items) > limit:
+                last = prescriptions[n - 1]
+                return out, (last.updated, last.id)
+            out.extend((item, p) for item in items)
+        return out, None  # (limit + 1 fetched cannot all fit: when they did, these were all there is)
 
     def dispenses(self, request_id: str) -> list[dict]:
         return [json.loads(d.resource) for d in self.chamber.read().dispenses_for(request_id)]

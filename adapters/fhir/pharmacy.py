@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-from datetime import datetime
+from datetime import datetime, timezone
+from urllib.parse import urlencode
 
 from gateway.prescribing import Refused
 
@@ -139,7 +140,7 @@ class PharmacyApi:
     async def _released(self, platform, query, base, access):
         from adapters.fhir.server import FhirError
 
-        allowed = {"status", "_lastUpdated", "_count"}
+        allowed = {"status", "_lastUpdated", "_count", "_page"}
         if set(query) - allowed:
             raise FhirError(400, "not-supported", f"search parameters supported here: {', '.join(sorted(allowed))}")
         if query.get("status", ["active"]) != ["active"]:
@@ -156,10 +157,27 @@ class PharmacyApi:
             count = min(int((query.get("_count") or [str(self.api.page_size)])[0]), self.api.page_size)
         except ValueError:
             raise FhirError(400, "invalid", "_count must be a number") from None
-        pairs = self.rx.released(platform, after, max(count, 0))
+        after_id = None
+        if query.get("_page"):  # the cursor of a `next` link: (updated, id) of the previous page's last
+            try:
+                stamp, after_id = base64.urlsafe_b64decode(query["_page"][0].encode("ascii")).decode().split("|", 1)
+                after = float(stamp)
+            except (ValueError, UnicodeError):
+                raise FhirError(400, "invalid", "_page is not a page of this search (use the next link as given)") from None
+        pairs, more = self.rx.released_page(platform, after, max(count, 0), after_id)
         access.patient_data = bool(pairs)
-        resources = [await self.rx.served(item, p) for item, p in pairs]
-        return 200, _searchset(base, "MedicationRequest", resources), {}
+        resources = []
+        for item, p in pairs:
+            served = await self.rx.served(item, p)
+            meta = dict(served.get("meta") or {})
+            meta["lastUpdated"] = datetime.fromtimestamp(p.updated, timezone.utc).isoformat(timespec="microseconds")
+            resources.append(dict(served, meta=meta))  # (meta is outside the signed content)
+        bundle = _searchset(base, "MedicationRequest", resources)
+        if more is not None:
+            cursor = base64.urlsafe_b64encode(f"{more[0]!r}|{more[1]}".encode()).decode("ascii")
+            bundle["link"] = [{"relation": "next", "url": f"{base}/MedicationRequest?"
+                               + urlencode({"status": "active", "_count": count, "_page": cursor})}]
+        return 200, bundle, {}
 
     async def _claim(self, platform, request_id, access):
         from adapters.fhir.server import FhirError

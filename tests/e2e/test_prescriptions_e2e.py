@@ -18,6 +18,7 @@ import json
 import signal
 import sqlite3
 import threading
+import time
 
 import pytest
 from cryptography import x509
@@ -169,3 +170,27 @@ def test_a_released_prescription_verifies_and_is_claimed_by_exactly_one_pharmacy
     loser = lock.session("pb" if winner == "pa" else "pa")
     assert loser.get(f"{lock.base}/MedicationRequest", params={"status": "active"}, timeout=5).json()["total"] == 0
     assert answers[winner].json()["meta"]["tag"][0]["code"] == winner
+
+
+def test_pharmacies_page_through_releases_by_next_links(lock):
+    """The HIS releases three prescriptions: with _count=1 a pharmacy follows `next` links page by page and
+    lists every item exactly once, the same items one big page lists; each carries meta.lastUpdated."""
+    for _ in range(3):
+        lock.sim.popen.send_signal(signal.SIGUSR2)
+        time.sleep(0.2)
+    pa = lock.session("pa")
+    everything = eventually(lambda: (b := pa.get(f"{lock.base}/MedicationRequest", params={"_count": 50},
+                                                 timeout=5).json()).get("total", 0) >= 3 and b,
+                            timeout=20, what="three released prescriptions")
+    assert "link" not in everything  # all on one page: no next
+    seen, url, pages = [], f"{lock.base}/MedicationRequest?status=active&_count=1", 0
+    while url:
+        page = pa.get(url, timeout=5).json()
+        pages += 1
+        for entry in page["entry"]:
+            seen.append(entry["resource"]["id"])
+            assert entry["resource"]["meta"]["lastUpdated"].endswith("+00:00")
+        url = next((link["url"] for link in page.get("link", []) if link["relation"] == "next"), None)
+    assert pages >= 3 and len(seen) == len(set(seen))
+    assert sorted(seen) == sorted(e["resource"]["id"] for e in everything["entry"])
+    assert pa.get(f"{lock.base}/MedicationRequest", params={"_page": "not-a-page"}, timeout=5).status_code == 400

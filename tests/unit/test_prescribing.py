@@ -276,3 +276,27 @@ def test_a_released_prescription_is_claimed_once_and_verifies_with_the_gateways_
     claimed = result(rx.served(*rx.released("pharmacy-a", 0.0, 10)[0]))
     assert claimed["meta"]["tag"][0]["code"] == "pharmacy-a"
     assert verify_release(claimed, gw_cert.public_bytes(serialization.Encoding.PEM))  # meta is not signed
+
+
+def test_pharmacies_page_through_releases_without_a_prescription_split_or_lost(world):
+    """Three released prescriptions (one of two items): pages of two items hold whole prescriptions only,
+    each page's cursor leads to the next, and every item is listed exactly once."""
+    rx, chamber, _, _ = world
+    golden = (GOLDEN / "rde_o11_release.gb18030.hl7").read_bytes().decode("gb18030")
+    for n, groups in ((1, 1), (2, 2), (3, 1)):
+        text = golden.replace("H0100", f"H010{n}").replace("HISRX-77", f"HISRX-7{n}")
+        order = text[text.index("ORC|"):]
+        text = text + "".join(order.replace(f"HISRX-7{n}-1", f"HISRX-7{n}-{g}") for g in range(2, groups + 1))
+        assert chamber.transact_now(rx.decider(parse(text.encode("gb18030")))).code == "AA"
+    pages, after, after_id = [], 0.0, None
+    while True:
+        pairs, more = rx.released_page("pharmacy-a", after, 2, after_id)
+        pages.append([(p.number, item.id) for item, p in pairs])
+        if more is None:
+            break
+        after, after_id = more
+    numbers = [[number for number, _ in page] for page in pages]
+    assert numbers == [["HISRX-71"], ["HISRX-72", "HISRX-72"], ["HISRX-73"]]  # 71 + 72 would be three items
+    items = [i for page in pages for _, i in page]
+    assert len(items) == len(set(items)) == 4
+    assert rx.released_page("pharmacy-a", 0.0, 0) == ([], None)
