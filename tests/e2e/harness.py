@@ -196,6 +196,16 @@ class Lock:
     def cert(self, platform: str = "demo") -> tuple[str, str]:
         return str(self.certs / f"platform-{platform}.pem"), str(self.certs / f"platform-{platform}.key")
 
+    def chamber_rows(self, sql: str, *args) -> list[tuple]:
+        """Rows of a query on the running gateway's chamber, read-only (as an auditor would read it)."""
+        import sqlite3
+
+        conn = sqlite3.connect(f"file:{self.workdir / 'chamber.sqlite3'}?mode=ro", uri=True)
+        try:
+            return conn.execute(sql, args).fetchall()
+        finally:
+            conn.close()
+
     def renew_server_certificate(self) -> int:
         """Replace certs/server.pem and server.key with a new certificate from the same dev CA (as an operator
         renewing it would), send the gateway SIGHUP, and return the new certificate's serial number."""

@@ -114,8 +114,6 @@ def test_retention_deletes_ended_messages_of_a_running_gateway(tmp_path):
     """With chamber.keep_messages 2s (pruned every second), a booking's delivered SRM^S01 and the SIUs the HIS
     sent leave the chamber by themselves, while the appointment (keep_appointments: null) is still read as
     booked; the gateway logs what it deleted, in counts only."""
-    import sqlite3
-
     from tests.e2e.harness import Lock
 
     lock = Lock(tmp_path, doctors=1, days=1)
@@ -128,11 +126,7 @@ def test_retention_deletes_ended_messages_of_a_running_gateway(tmp_path):
         assert booked.status_code == 201, booked.text
 
         def messages_left() -> int:
-            conn = sqlite3.connect(f"file:{tmp_path / 'chamber.sqlite3'}?mode=ro", uri=True)
-            try:
-                return conn.execute("SELECT count(*) FROM messages").fetchone()[0]
-            finally:
-                conn.close()
+            return lock.chamber_rows("SELECT count(*) FROM messages")[0][0]
 
         assert messages_left() > 0
         eventually(lambda: messages_left() == 0, timeout=15, what="the ended messages to be pruned")

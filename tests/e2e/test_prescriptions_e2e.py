@@ -16,7 +16,6 @@ import base64
 import copy
 import json
 import signal
-import sqlite3
 import threading
 import time
 
@@ -101,12 +100,8 @@ def test_a_signed_bundle_reaches_the_pharmacy_and_its_dispensing_comes_back(lock
                            for i in ids), timeout=20, what="every item completed")
     # another platform cannot read it (404, not 403: no probing of ids)
     assert lock.session("pa").get(f"{lock.base}/MedicationRequest/{ids[0]}", timeout=5).status_code == 404
-    conn = sqlite3.connect(f"file:{lock.workdir / 'chamber.sqlite3'}?mode=ro", uri=True)
-    try:
-        records = conn.execute("SELECT action, resource_type, resource_id FROM audit_records WHERE platform = 'demo'"
-                               " AND action IN ('prescribe', 'access') ORDER BY seq").fetchall()
-    finally:
-        conn.close()
+    records = lock.chamber_rows("SELECT action, resource_type, resource_id FROM audit_records WHERE platform = 'demo'"
+                                " AND action IN ('prescribe', 'access') ORDER BY seq")
     assert ("prescribe", "MedicationRequest", ids[0]) in records  # the Bundle's record names what it created
     assert ("access", "MedicationRequest", ids[0]) in records  # the dispense search: whose dispenses were read
 
@@ -129,13 +124,9 @@ def test_unsigned_tampered_and_foreign_prescriptions_are_refused_and_nothing_rea
     assert issue["code"] == "security" and check in issue["diagnostics"], issue
     received = read_jsonl(lock.workdir / "his-received.jsonl") if (lock.workdir / "his-received.jsonl").exists() else []
     assert not [m for m in received if m["type"].startswith("RDE")]
-    conn = sqlite3.connect(f"file:{lock.workdir / 'chamber.sqlite3'}?mode=ro", uri=True)
-    try:
-        refusal = conn.execute("SELECT outcome, detail FROM audit_records WHERE action = 'prescribe' "
-                               "ORDER BY seq DESC LIMIT 1").fetchone()
-    finally:
-        conn.close()
-    assert refusal == (403, f"security: {check}")  # the audit trail says which check failed
+    refusal = lock.chamber_rows("SELECT outcome, detail FROM audit_records WHERE action = 'prescribe' "
+                                "ORDER BY seq DESC LIMIT 1")
+    assert refusal == [(403, f"security: {check}")]  # the audit trail says which check failed
 
 
 def test_a_released_prescription_verifies_and_is_claimed_by_exactly_one_pharmacy(lock):
