@@ -181,9 +181,12 @@ def worker(spec: dict) -> dict:
     ts = [threading.Thread(target=run_thread, args=(i,)) for i in range(threads)]
     for t in ts:
         t.start()
+    time.sleep(max(0.0, t0 - time.time()))
+    cpu0 = time.process_time()  # the load client's own CPU while it sends (handshakes before t0 left out)
     for t in ts:
         t.join()
-    return {"index": index, "results": out, "connects": state.get("connects", 0)}
+    return {"index": index, "results": out, "connects": state.get("connects", 0),
+            "cpu_s": round(time.process_time() - cpu0, 3)}
 
 
 def run_workers(*, port: int, certs: Path, slots: list[str], procs: int, threads: int, rate: float | None,
@@ -317,6 +320,8 @@ def summarise_requests(outs: list[dict], t0: float, rate: float | None, seconds:
         "service_p50_ms": round(1000 * rig.percentile(svc, .5), 2) if svc else None,
         "service_p99_ms": round(1000 * rig.percentile(svc, .99), 2) if svc else None,
         "connections": sum(o.get("connects", 0) for o in outs),
+        # the load client's CPU (all its processes, from t0) as % of one core over the run
+        "client_cpu_pct": round(100 * sum(o.get("cpu_s", 0.0) for o in outs) / span, 1) if span > 0 else None,
     }
 
 
@@ -420,7 +425,7 @@ def run(args, workdir: Path) -> dict:
                     rig.log(f"booking rep {rep + 1} {mode:11} {label:>10} {r['bookings_per_s']:>7} bookings/s "
                             f"p50 {r['p50_ms']} p99 {r['p99_ms']} ms statuses {r['statuses']} "
                             f"gw cpu {r['gateway_cpu_pct']}% sim cpu {r['sim_cpu_pct']}% "
-                            f"(start-up {r['startup_s']} s, {r['slots']} slots, load {r['load_average'][0]})")
+                            f"client cpu {r.get('client_cpu_pct')}% (start-up {r['startup_s']} s, {r['slots']} slots, load {r['load_average'][0]})")
                 r["rep"] = rep + 1
                 runs.append(r)
     summary = []
@@ -439,6 +444,8 @@ def run(args, workdir: Path) -> dict:
                 "service_p99_ms": rig.median([r["service_p99_ms"] for r in mine]),
                 "gateway_cpu_pct": rig.median([r["gateway_cpu_pct"] for r in mine]),
                 "sim_cpu_pct": rig.median([r["sim_cpu_pct"] for r in mine]),
+                "client_cpu_pct": rig.median([r.get("client_cpu_pct") for r in mine
+                                              if r.get("client_cpu_pct") is not None] or [None]),
                 "non_201": sum(r["requests"] - r["booked_201"] for r in mine),
                 "not_sent_overloaded": sum(r.get("not_sent_overloaded", 0) for r in mine),
                 "statuses": {k: sum(r["statuses"].get(k, 0) for r in mine) for k in
@@ -473,12 +480,12 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 def print_table(result: dict) -> None:
     print(f"{'mode':12} {'offered':>10} {'bookings/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'gw cpu%':>8} "
-          f"{'sim cpu%':>8}  non-201")
+          f"{'sim cpu%':>8} {'client%':>8}  non-201")
     for row in result["summary"]:
         offered = f"{row['rate']:.0f}/s" if row["rate"] else "saturation"
         print(f"{row['mode']:12} {offered:>10} {rig.fmt(row['bookings_per_s']):>10} {rig.fmt(row['p50_ms']):>8} "
               f"{rig.fmt(row['p99_ms']):>8} {rig.fmt(row['gateway_cpu_pct']):>8} {rig.fmt(row['sim_cpu_pct']):>8}"
-              f"  {row['non_201']} {row['statuses']}")
+              f" {rig.fmt(row.get('client_cpu_pct')):>8}  {row['non_201']} {row['statuses']}")
 
 
 def main() -> None:

@@ -207,10 +207,14 @@ def mode_label(mode: str) -> str:
     return ("split lock (2 processes), " if split else "") + text
 
 
+def _pct(value) -> str:
+    return "—" if value is None else f"{rig.fmt(value)}%"
+
+
 def md_booking(result: dict) -> str:
     lines = ["| relay mode | offered | bookings/s (range) | p50 ms | p99 ms (range) | p99 from send, ms | "
-             "gateway CPU | simulator CPU | answers other than 201 |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "gateway CPU | simulator CPU | load client CPU | answers other than 201 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in result["summary"]:
         offered = f"{row['rate']:.0f}/s" if row["rate"] else "saturation (32 in flight)"
         mode = mode_label(row["mode"])
@@ -222,14 +226,15 @@ def md_booking(result: dict) -> str:
         lines.append(f"| {mode} | {offered} | **{rig.fmt(row['bookings_per_s'])}** ({row['bookings_per_s_range']}) | "
                      f"{rig.fmt(row['p50_ms'])} | {p99} | "
                      f"{rig.fmt(row['service_p99_ms'])} | {rig.fmt(row['gateway_cpu_pct'])}% | "
-                     f"{rig.fmt(row['sim_cpu_pct'])}% | {others or 'none'} |")
+                     f"{rig.fmt(row['sim_cpu_pct'])}% | {_pct(row.get('client_cpu_pct'))} | {others or 'none'} |")
     failed = [r for r in result["runs"] if "error" in r]
     lines.append("")
     lines.append(f"Medians of {result['reps']} runs of {result['seconds']:.0f} s each; a fresh simulator and gateway "
                  f"per run. Client: {result['client']}. Latency at an offered rate is measured from the moment the "
                  f"request was due (a request that starts late because the client's threads were all waiting "
                  f"counts its wait); 'from send' excludes that wait. CPU is the share of one core over the run (the split "
-                 f"lock: both gateway processes added up).")
+                 f"lock: both gateway processes added up; the load client: all its processes, from the first "
+                 f"request on). Gateway, simulator and client share the machine's 2 cores (200%).")
     if failed:
         lines.append("")
         lines.append(f"**{len(failed)} run(s) failed**: " + "; ".join(

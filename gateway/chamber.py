@@ -1013,6 +1013,71 @@ class _Committer:
         self._thread.join()
 
 
+#: Copy the WAL back into the database file (a PASSIVE checkpoint) in the checkpoint thread after this many
+#: commits.  SQLite's default does it inside the COMMIT that takes the WAL past 1,000 pages — on the reactor
+#: thread, with two more fsyncs: on the benchmark machine one commit in ~60 then took 3-8 ms instead of
+#: ~0.4 ms (docs/benchmarks.md).  The thread's checkpoint runs beside the reactor and never blocks it
+#: (PASSIVE takes no lock a writer or reader waits for).
+CHECKPOINT_EVERY_COMMITS = 16
+#: ... and, whatever the count, at least this often while anything was committed since the last one (seconds)
+CHECKPOINT_IDLE = 1.0
+#: The writer connection's own (inline) checkpoint, kept as a backstop at a larger WAL: it finds the pages
+#: copied already (cheap), and the WAL restarts from its beginning after it, so the file stays bounded even
+#: when the thread never catches up completely between two commits (saturation).
+INLINE_CHECKPOINT_PAGES = 4000
+
+
+class _Checkpointer:
+    """The checkpoint thread: its own connection, a PASSIVE checkpoint after every CHECKPOINT_EVERY_COMMITS
+    commits the reactor thread reports (and CHECKPOINT_IDLE after the last one).  sqlite3 releases the GIL
+    while SQLite copies pages and fsyncs, so this runs on the other core.  A failed checkpoint (disk full)
+    loses nothing — the pages stay in the WAL — and is logged; the next one tries again."""
+
+    def __init__(self, conn: sqlite3.Connection):
+        self._conn = conn
+        self._since = 0  # commits since the last wake-up (reactor thread only)
+        self._wake = threading.Event()
+        self._stopping = False
+        self.runs = 0
+        self._thread = threading.Thread(target=self._run, name="chamber-checkpoint", daemon=True)
+        self._thread.start()
+
+    def committed(self) -> None:
+        """A commit returned (called on the reactor thread)."""
+        self._since += 1
+        if self._since >= CHECKPOINT_EVERY_COMMITS:
+            self._since = 0
+            self._wake.set()
+        elif self._since == 1:
+            self._wake.set()  # (the thread then waits CHECKPOINT_IDLE for more before it copies anything)
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if self._stopping:
+                return
+            if self._since and self._since < CHECKPOINT_EVERY_COMMITS:  # a few commits: wait for more
+                self._wake.wait(CHECKPOINT_IDLE)
+                self._wake.clear()
+                if self._stopping:
+                    return
+            try:
+                self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                self.runs += 1
+            except sqlite3.Error as e:
+                log.warning("chamber.checkpoint.failed", error=str(e))
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join()
+        try:
+            self._conn.close()
+        except sqlite3.Error:
+            pass
+
+
 class Chamber:
     """The durable store.  Open with :meth:`open`; write with :meth:`transact`; read with :meth:`read`.
 
@@ -1044,6 +1109,7 @@ class Chamber:
         self._writer: sqlite3.Connection | None = None  # transactions (and the units' reads)
         self._reader: sqlite3.Connection | None = None  # reads of committed state (the writer, if not threaded)
         self._committer: _Committer | None = None
+        self._checkpointer: _Checkpointer | None = None
         self._inflight: _Batch | None = None  # the batch whose COMMIT runs in the writer thread
         self._closing = False
         self._queue: list[tuple[Callable[[Txn], Any], defer.Deferred]] = []
@@ -1078,6 +1144,8 @@ class Chamber:
                 self._reader = reader
                 conn.execute("PRAGMA busy_timeout = 0")  # lock waits happen in the writer thread, not here
                 self._committer = _Committer(conn, self._reactor, self._committed)
+                self._checkpointer = _Checkpointer(self._connect())
+                conn.execute(f"PRAGMA wal_autocheckpoint = {INLINE_CHECKPOINT_PAGES}")
         except sqlite3.DatabaseError as e:
             self._close_quietly()
             raise ChamberError(f"cannot open the chamber {self.path}: {e}. If the file is damaged, stop "
@@ -1095,6 +1163,9 @@ class Chamber:
         conn.row_factory = sqlite3.Row
         conn.execute("PRAGMA busy_timeout = 5000")
         conn.execute("PRAGMA synchronous = FULL")
+        # temporary tables, indexes and statement journals in memory, not in a temporary file: a batch of
+        # several units (one SAVEPOINT each) otherwise created, wrote and deleted such a file per batch
+        conn.execute("PRAGMA temp_store = MEMORY")
         return conn
 
     def _threaded(self, journal_mode: str) -> bool:
@@ -1121,6 +1192,9 @@ class Chamber:
         if self._committer is not None:
             self._committer.stop()
             self._committer = None
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
+            self._checkpointer = None
         for conn in {id(c): c for c in (self._reader, self._writer) if c is not None}.values():
             try:
                 conn.close()
@@ -1450,6 +1524,8 @@ class Chamber:
             else:
                 d.callback(result)
         if batch.needs_commit and batch.error is None:
+            if self._checkpointer is not None:
+                self._checkpointer.committed()
             self._notify(other_process=self._other_commits(), queue_changed=batch.queue_changed)
             if batch.settled:
                 for observer in list(self._settled_observers):

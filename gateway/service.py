@@ -131,13 +131,25 @@ GATES = ("both", "inner", "outer")
 
 class TlsSwitch:
     """A listener's TLS settings (the outer gate's, the MLLP listener's), replaceable on reload: every new
-    handshake asks for the current context; connections already open keep theirs (nothing is dropped)."""
+    handshake asks for the current context; connections already open keep theirs (nothing is dropped).
+    Renegotiation is refused: a connection's peer certificate is the one of its handshake for its whole
+    life (the outer gate reads it once per connection), and no renegotiation CPU exhaustion either."""
 
     def __init__(self, options: ssl.CertificateOptions):
         self.current = options
 
+    @property
+    def current(self) -> ssl.CertificateOptions:
+        return self._current
+
+    @current.setter
+    def current(self, options: ssl.CertificateOptions) -> None:
+        # (before any connection uses the context: pyOpenSSL refuses to change one in use)
+        options.getContext().set_options(SSL.OP_NO_RENEGOTIATION)
+        self._current = options
+
     def getContext(self):
-        return self.current.getContext()
+        return self._current.getContext()
 
 
 class _WatchedTLSProtocol(TLSMemoryBIOFactory.protocol):

@@ -46,6 +46,7 @@ import json
 import math
 import re
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, get_args
 from urllib.parse import parse_qs, urlencode
@@ -218,18 +219,54 @@ class PlatformDirectory:
         return None
 
 
+def _tls_transport(request):
+    return getattr(request.channel, "transport", None) or request.transport
+
+
 def peer_certificate(request):
-    transport = getattr(request.channel, "transport", None) or request.transport
-    get = getattr(transport, "getPeerCertificate", None)
+    get = getattr(_tls_transport(request), "getPeerCertificate", None)
     return get() if get is not None else None
 
 
-def peer_subject(request) -> tuple | None:
+@dataclass(frozen=True)
+class PeerIdentity:
+    """A connection's client certificate, read once: the certificate (cryptography), its subject as
+    (attribute, value) pairs and its serial in hex."""
+
+    certificate: Any
+    subject: tuple
+    serial: str
+
+
+#: per TLS connection (its transport): the peer's identity, read at its first request.  Safe to keep for the
+#: connection's life because the listeners refuse renegotiation (TlsSwitch), the only way a peer could
+#: present another certificate on the same connection.
+_peer_identities: "weakref.WeakKeyDictionary[Any, PeerIdentity]" = weakref.WeakKeyDictionary()
+
+
+def peer_identity(request) -> PeerIdentity | None:
+    transport = _tls_transport(request)
+    try:
+        known = _peer_identities.get(transport)
+    except TypeError:  # a transport that cannot be weakly referenced: read it every time
+        known, transport = None, None
+    if known is not None:
+        return known
     cert = peer_certificate(request)
     if cert is None:
         return None
-    subject = cert.to_cryptography().subject
-    return tuple((attr.rfc4514_attribute_name.upper(), str(attr.value)) for attr in subject)
+    certificate = cert.to_cryptography()
+    identity = PeerIdentity(certificate,
+                            tuple((a.rfc4514_attribute_name.upper(), str(a.value)) for a in certificate.subject),
+                            format(certificate.serial_number, "X"))
+    if transport is not None:
+        _peer_identities[transport] = identity
+    return identity
+
+
+def peer_subject(request) -> tuple | None:
+    identity = peer_identity(request)
+    return identity.subject if identity is not None else None
 
 
 def _subject_text(pairs: tuple) -> str:
@@ -568,18 +605,18 @@ class FhirApi(resource.Resource):
         scheme, _, token = (request.getHeader(b"authorization") or b"").strip().partition(b" ")
         if self.oauth is not None and scheme.lower() == b"bearer":
             return self._bearer(token.strip(), access)
-        cert = peer_certificate(request)
-        if cert is None:
+        identity = peer_identity(request)
+        if identity is None:
             raise FhirError(401, "login", "authenticate with a client certificate, or with a bearer token from "
                                           "POST /oauth/token", headers={"WWW-Authenticate": 'Bearer realm="gatewayd"'})
-        subject = peer_subject(request)
+        subject = identity.subject
         access.subject = _subject_text(subject)
-        access.serial = format(cert.get_serial_number(), "X")
+        access.serial = identity.serial
         platform = self.platforms.identify(subject) if subject else None
         if platform is None:
             raise FhirError(403, "security", "this client certificate is not registered for any platform")
         access.platform = platform
-        refusal = self.platforms.certificate_refusal(platform, cert.to_cryptography(),
+        refusal = self.platforms.certificate_refusal(platform, identity.certificate,
                                                      self.clock.seconds() if self.clock is not None else time.time())
         if refusal is not None:
             raise FhirError(403, "security", refusal)

@@ -69,7 +69,8 @@ class Gate:
         self.chamber.transact_now(lambda tx: SlotBook(TZ).apply(tx, [
             SlotNotice("open", SCHEDULE, DAY + timedelta(minutes=15 * i), 15, "card", "x") for i in range(8)]))
 
-    def request(self, method, path, body=None, platform="demo", headers=None, raw=None, settle=True):
+    def request(self, method, path, body=None, platform="demo", headers=None, raw=None, settle=True,
+                transport=None):
         bare, _, _query = path.partition("?")
         req = DummyRequest([p.encode() for p in ("fhir" + bare).split("/") if p])
         req.client = IPv4Address("TCP", "192.0.2.7", 40000)
@@ -83,7 +84,7 @@ class Gate:
         for k, v in (headers or {}).items():
             req.requestHeaders.setRawHeaders(k.encode(), [v.encode()])
         cert = self.certs.get(platform) if platform else None
-        req.channel = SimpleNamespace(transport=SimpleNamespace(getPeerCertificate=lambda: cert))
+        req.channel = SimpleNamespace(transport=transport or Connection(cert))
         self.api.render(req)
         if settle and not req.finished:
             self.clock.advance(5)  # past answer_within: the booking is answered 202
@@ -95,6 +96,17 @@ class Gate:
 
     def audit(self):
         return list(self.chamber.read().audit_records())
+
+
+class Connection:
+    """A TLS connection's transport as the outer gate sees it: the handshake's peer certificate."""
+
+    def __init__(self, cert):
+        self.cert, self.reads = cert, 0
+
+    def getPeerCertificate(self):
+        self.reads += 1
+        return self.cert
 
 
 @pytest.fixture
@@ -147,6 +159,34 @@ def test_a_revoked_certificate_is_refused_on_every_request(gate):
     assert serial in outcome(gate.request("GET", "/metadata", platform="revoked"), 403, "security")
     [record] = gate.audit()
     assert (record.platform, record.serial, record.outcome) == ("revoked", serial, 403)
+
+
+def test_a_connection_certificate_is_read_once_and_still_checked_on_every_request(gate):
+    """The client certificate of a keep-alive connection is read and parsed at its first request only (the
+    listeners refuse renegotiation, so it cannot change); revocation is still decided on every request."""
+    connection = Connection(gate.certs["demo"])
+    for _ in range(3):
+        assert gate.request("GET", "/Slot", transport=connection).status == 200
+    assert connection.reads == 1
+    serial = gate.certs["demo"].get_serial_number()
+    gate.api.platforms._grants["demo"] = PlatformGrant(revoked_serials=frozenset({serial}))  # as a reload does
+    outcome(gate.request("GET", "/Slot", transport=connection), 403, "security")
+    other = Connection(gate.certs["other"])
+    assert gate.request("GET", "/Slot", platform="other", transport=other).status == 200
+    assert other.reads == 1
+    assert [(r.platform, r.serial, r.outcome) for r in gate.audit()] == [("demo", format(serial, "X"), 403)]
+
+
+def test_the_listeners_tls_refuses_renegotiation(tmp_path):
+    from OpenSSL import SSL
+
+    from gateway.service import TlsSwitch, tls_options
+
+    init_dev_ca(tmp_path, platforms=("demo",))
+    tls = SimpleNamespace(certificate=tmp_path / "server.pem", private_key=tmp_path / "server.key",
+                          client_ca=tmp_path / "ca.pem", client_certificates="required")
+    context = TlsSwitch(tls_options(tls)).getContext()
+    assert context.set_options(0) & SSL.OP_NO_RENEGOTIATION
 
 
 def test_an_unregistered_certificate_is_403_and_audited_with_its_subject(gate, tmp_path):
