@@ -291,6 +291,7 @@ def md_soak(result: dict | None) -> str:
         f"MB/min) |",
         f"| simulator RSS growth | {result['sim_rss_growth_pct']:+.2f}% |",
         f"| chamber on disk, growth after warm-up | {result['chamber_growth_mb']} MB |",
+        *([f"| WAL file, largest sample | {result['wal_max_mb']} MB |"] if "wal_max_mb" in result else []),
         f"| bookings (POST) | {req.get('book', {})} |",
         f"| cancellations (PATCH) | {req.get('cancel', {})} |",
         f"| booking latency p50 / p99 | {result['book_p50_ms']} / {result['book_p99_ms']} ms |",

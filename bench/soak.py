@@ -144,12 +144,16 @@ def run(args, workdir: Path) -> dict:
 
         def sample():
             size = sum(p.stat().st_size for p in workdir.glob("chamber.sqlite3*") if p.exists())
+            wal = workdir / "chamber.sqlite3-wal"
+            wal_size = wal.stat().st_size if wal.exists() else 0
             samples.append({"t": round(time.time() - t_start, 1), "gateway_rss_mb": round(lock.gateway.rss_mb(), 2),
                             "sim_rss_mb": round(lock.sim.rss_mb(), 2), "chamber_mb": round(size / 2**20, 2),
+                            "wal_mb": round(wal_size / 2**20, 2),
                             "gateway_cpu_s": round(lock.gateway.cpu_seconds(), 1),
                             "inner_sent": inner.sent, "load": rig.load_average()[0]})
             rig.log(f"soak t={samples[-1]['t']:>6}s gateway RSS {samples[-1]['gateway_rss_mb']:.1f} MB, "
-                    f"sim {samples[-1]['sim_rss_mb']:.1f} MB, chamber {samples[-1]['chamber_mb']:.1f} MB")
+                    f"sim {samples[-1]['sim_rss_mb']:.1f} MB, chamber {samples[-1]['chamber_mb']:.1f} MB "
+                    f"(WAL {samples[-1]['wal_mb']:.1f} MB)")
 
         def sampler():
             sample()
@@ -196,6 +200,7 @@ def run(args, workdir: Path) -> dict:
         "rss_slope_mb_per_min": slope_per_minute([(s["t"], s["gateway_rss_mb"]) for s in after]),
         "sim_rss_growth_pct": round(100 * (last["sim_rss_mb"] - base["sim_rss_mb"]) / base["sim_rss_mb"], 2),
         "chamber_growth_mb": round(last["chamber_mb"] - base["chamber_mb"], 2),
+        "wal_max_mb": max(s.get("wal_mb", 0) for s in samples),  # the checkpoints keep it bounded
         "samples": samples,
     }
 
