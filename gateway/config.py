@@ -362,6 +362,12 @@ class OuterConfig:
         "Default 1000 per second, burst 2000; empty (~) for no global limit.",
         default_factory=lambda: RateLimitConfig(per_second=1000.0, burst=2000),
     )
+    token_rate_limit: Optional[RateLimitConfig] = doc(
+        "Requests per second to the OAuth2 token endpoint from one source address (token bucket), checked "
+        "before the global limit: past it 429 with Retry-After, so one client flooding the endpoint cannot use up "
+        "the global limit for everyone. Default 10 per second, burst 20; empty (~) for no such limit.",
+        default_factory=lambda: RateLimitConfig(per_second=10.0, burst=20),
+    )
     token_url: Optional[Annotated[str, Pattern(r"^https://[^\s/?#]+(/[^\s?#]*)?$", "an https:// URL")]] = doc(
         "The token endpoint's URL as platforms address it: client assertions must name it in 'aud'. The gateway "
         "serves it at /oauth/token. Default: the origin of public_base_url, else https://host:port, followed by "

@@ -7,11 +7,19 @@ Time comes from an injected clock (``clock.seconds()``: the reactor, or ``task.C
 The global bucket is consulted first; a request it lets through may still be refused by the platform's
 own bucket (and then it has used a global token: a platform over its own limit cannot make room for
 itself at others' expense, it only wastes its own turn).  Buckets live in memory: a restart refills them.
+
+The OAuth2 token endpoint is reached before anyone is authenticated, so it cannot use the platform's
+bucket (the client assertion's ``iss`` is only a claim until its signature is checked: keyed on it, anyone
+could empty a victim's bucket).  It has one bucket per source address instead, consulted *before* the
+global one: a client flooding the endpoint spends its own address's tokens, not everyone's.  At most
+``max_sources`` addresses are remembered (the least recently seen is forgotten first), so a flood from many
+addresses cannot grow the table without bound.
 """
 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 
 
@@ -47,19 +55,41 @@ class TokenBucket:
 
 @dataclass(frozen=True)
 class Throttled:
-    """A refusal: which limit (``'global'`` or ``'platform'``) and whole seconds to wait (Retry-After)."""
+    """A refusal: which limit (``'global'``, ``'platform'`` or ``'source'``) and whole seconds to wait
+    (Retry-After)."""
 
     scope: str
     retry_after: int
 
 
 class RateLimiter:
-    """``limits``: platform name -> (per_second, burst) or None (no limit); ``global_limit`` likewise."""
+    """``limits``: platform name -> (per_second, burst) or None (no limit); ``global_limit`` and
+    ``source_limit`` (each source address's, for the token endpoint) likewise."""
 
     def __init__(self, limits: dict[str, tuple[float, int] | None], global_limit: tuple[float, int] | None,
-                 clock):
+                 clock, *, source_limit: tuple[float, int] | None = None, max_sources: int = 10_000):
+        self._clock = clock
         self._global = TokenBucket(*global_limit, clock) if global_limit else None
         self._platforms = {name: TokenBucket(*limit, clock) for name, limit in limits.items() if limit}
+        if source_limit is not None:
+            TokenBucket(*source_limit, clock)  # (refuses a bad limit now, not at the first request)
+        self._source_limit = source_limit
+        self._max_sources = max_sources
+        self._sources: OrderedDict[str, TokenBucket] = OrderedDict()
+
+    def check_source(self, source: str | None) -> Throttled | None:
+        """The source address's bucket (the token endpoint); None (an address unknown) shares one bucket."""
+        if self._source_limit is None:
+            return None
+        key = source or ""
+        bucket = self._sources.get(key)
+        if bucket is None:
+            bucket = self._sources[key] = TokenBucket(*self._source_limit, self._clock)
+            while len(self._sources) > self._max_sources:
+                self._sources.popitem(last=False)
+        else:
+            self._sources.move_to_end(key)
+        return self._check(bucket, "source")
 
     def check_global(self) -> Throttled | None:
         return self._check(self._global, "global")

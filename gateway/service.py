@@ -267,7 +267,7 @@ def reload(root, config: GatewayConfig, gate: str) -> list[str]:
         applied.append(f"patients.identifiers ({len(config.patients.identifiers)})")
     live = {"logging", "inner.his.host", "inner.his.port"}
     if gate in ("both", "outer") and config.outer is not None:
-        live |= {"outer.tls", "outer.rate_limit", "outer.token_url", "platforms"}
+        live |= {"outer.tls", "outer.rate_limit", "outer.token_rate_limit", "outer.token_url", "platforms"}
     if "inner.tls" in applied:
         live.add("inner.tls")
     if config.routes != old.routes and endpoints_kept:
@@ -551,4 +551,4 @@ def _outer_gate(config, reactor, tz, chamber, booking, metrics, prescribing) -> 
 def _rate_limiter(config, reactor) -> RateLimiter:
     limit = lambda rl: (rl.per_second, rl.burst) if rl is not None else None  # noqa: E731
     return RateLimiter({p.name: limit(p.rate_limit) for p in config.platforms}, limit(config.outer.rate_limit),
-                       reactor)
+                       reactor, source_limit=limit(config.outer.token_rate_limit))

@@ -669,8 +669,8 @@ class FhirApi(resource.Resource):
         def refused(status, text, headers=None):
             return status, {"error": "invalid_request", "error_description": text}, headers or {}
 
-        if self.rate_limiter is not None:
-            throttled = self.rate_limiter.check_global()
+        if self.rate_limiter is not None:  # this address's limit first: a flood spends its own tokens
+            throttled = self.rate_limiter.check_source(_source(request)) or self.rate_limiter.check_global()
             if throttled is not None:
                 return 429, {"error": "temporarily_unavailable", "error_description": "too many requests"}, \
                     {"Retry-After": str(throttled.retry_after)}

@@ -228,3 +228,20 @@ def test_a_replayed_assertion_is_refused_also_after_a_restart_and_tokens_survive
     again = ask(lock, assertion, scope="system/*.read")
     assert again.status_code == 401 and "jti" in again.json()["error_description"]
     assert bearer_get(lock, tok, "/Slot", _count=1).status_code == 200
+
+
+def test_one_address_flooding_the_token_endpoint_is_throttled_alone(lock):
+    """outer.token_rate_limit (default 10/s, burst 20) per source address, checked before the global limit:
+    a client flooding /oauth/token gets 429 with Retry-After once its own bucket is empty, without using up
+    the global limit — a certificate platform's FHIR requests are answered meanwhile — and a good assertion
+    gets its token again once the address's bucket has refilled."""
+    s = bare(lock)
+    answers = [s.post(lock.token_url, headers=FORM, timeout=10, data={"grant_type": "client_credentials"})
+               for _ in range(40)]
+    throttled = [r for r in answers if r.status_code == 429]
+    assert throttled, [r.status_code for r in answers]
+    assert {r.status_code for r in answers} - {429} == {401}, [r.text for r in answers[:2]]  # (no assertion)
+    assert throttled[0].json()["error"] == "temporarily_unavailable" and int(throttled[0].headers["Retry-After"]) >= 1
+    assert lock.session("other").get(f"{lock.base}/Slot", params={"_count": 1}, timeout=10).status_code == 200
+    time.sleep(int(throttled[-1].headers["Retry-After"]) + 0.5)
+    assert token(lock)

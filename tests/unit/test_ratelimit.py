@@ -61,3 +61,24 @@ def test_the_limiter_has_one_bucket_per_platform_and_one_for_all():
 def test_without_a_global_limit_nothing_is_refused_globally():
     limiter = RateLimiter({}, None, task.Clock())
     assert all(limiter.check_global() is None for _ in range(10_000))
+
+
+def test_each_source_address_has_its_own_bucket_and_few_are_remembered():
+    """The token endpoint's limit: one bucket per source address (another address is not refused when one
+    is over it); at most max_sources addresses are kept, the least recently seen forgotten first (a forgotten
+    address starts again with a full bucket); without the limit nothing is refused."""
+    clock = task.Clock()
+    limiter = RateLimiter({}, None, clock, source_limit=(1.0, 2), max_sources=2)
+    assert limiter.check_source("192.0.2.1") is None and limiter.check_source("192.0.2.1") is None
+    refused = limiter.check_source("192.0.2.1")
+    assert (refused.scope, refused.retry_after) == ("source", 1)
+    assert limiter.check_source("192.0.2.2") is None
+    assert limiter.check_source("192.0.2.1") is not None  # .1 seen again: .2 is now the least recent
+    assert limiter.check_source("192.0.2.3") is None  # a third address: .2 is forgotten
+    assert limiter.check_source("192.0.2.1") is not None  # .1 kept its (empty) bucket
+    clock.advance(1)
+    assert limiter.check_source("192.0.2.1") is None
+    free = RateLimiter({}, None, clock)
+    assert all(free.check_source("192.0.2.1") is None for _ in range(1000))
+    with pytest.raises(ValueError):
+        RateLimiter({}, None, clock, source_limit=(0.0, 1))
