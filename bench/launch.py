@@ -39,7 +39,13 @@ def main() -> int:
         from adapters.mapping.srm_booking import build_srm_hl7apy
         from hissim.messages import build_siu_hl7apy
 
-        gateway.service.build_srm = build_srm_hl7apy
+        def reference_srm(trigger, *, receiving_facility=None, z_segments=(), **fields):
+            # (the hl7apy reference knows neither facility routes nor Z-segments; the benchmarks use neither)
+            if receiving_facility is not None or z_segments:
+                raise ValueError("the hl7apy reference builder takes no receiving facility or Z-segments")
+            return build_srm_hl7apy(trigger, **fields)
+
+        gateway.service.build_srm = reference_srm
         hissim.service.build_siu = build_siu_hl7apy
     if args.commit_inline:
         import gateway.chamber

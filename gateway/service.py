@@ -30,8 +30,10 @@ from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from OpenSSL import SSL
 from twisted.internet import endpoints, ssl
+from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web import server as web_server
+from zope.interface import implementer
 
 from adapters.fhir.server import FhirApi, JsonLimits, PlatformDirectory, request_factory
 from adapters.inner_gate import HisDestination, InnerGateHandler, SlotPoller
@@ -129,6 +131,7 @@ def tls_options(tls) -> ssl.CertificateOptions:
 GATES = ("both", "inner", "outer")
 
 
+@implementer(IOpenSSLContextFactory)
 class TlsSwitch:
     """A listener's TLS settings (the outer gate's, the MLLP listener's), replaceable on reload: every new
     handshake asks for the current context; connections already open keep theirs (nothing is dropped).
