@@ -264,11 +264,6 @@ def peer_identity(request) -> PeerIdentity | None:
     return identity
 
 
-def peer_subject(request) -> tuple | None:
-    identity = peer_identity(request)
-    return identity.subject if identity is not None else None
-
-
 def _subject_text(pairs: tuple) -> str:
     return ",".join(f"{k}={v}" for k, v in pairs)
 
