@@ -444,8 +444,7 @@ def run(args, workdir: Path) -> dict:
                 "service_p99_ms": rig.median([r["service_p99_ms"] for r in mine]),
                 "gateway_cpu_pct": rig.median([r["gateway_cpu_pct"] for r in mine]),
                 "sim_cpu_pct": rig.median([r["sim_cpu_pct"] for r in mine]),
-                "client_cpu_pct": rig.median([r.get("client_cpu_pct") for r in mine
-                                              if r.get("client_cpu_pct") is not None] or [None]),
+                "client_cpu_pct": rig.median([r.get("client_cpu_pct") for r in mine]),
                 "non_201": sum(r["requests"] - r["booked_201"] for r in mine),
                 "not_sent_overloaded": sum(r.get("not_sent_overloaded", 0) for r in mine),
                 "statuses": {k: sum(r["statuses"].get(k, 0) for r in mine) for k in

@@ -149,6 +149,15 @@ def wait_port(port: int, timeout: float = 30.0, proc: "Proc | None" = None) -> N
                        + (f":\n{proc.log_tail()}" if proc is not None else ""))
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (its threads included); 0.0 if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
 class Proc:
     """A process we started (and only we stop, by its own pid), its log, CPU time and resident memory."""
 
@@ -172,11 +181,7 @@ class Proc:
 
     def cpu_seconds(self) -> float:
         """User + system CPU time of the process so far (its threads included)."""
-        try:
-            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return 0.0
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        return process_cpu_seconds(self.pid)
 
     def rss_mb(self) -> float:
         try:

@@ -12,7 +12,6 @@ that checkout's gateway with this one's, each a fresh gateway and simulator, so 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
@@ -21,12 +20,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+from bench.rig import process_cpu_seconds as cpu_seconds  # noqa: E402  (this checkout's, before a --child path)
 
 
 def one_run(bookings: int, ordering: str) -> dict:
