@@ -6,6 +6,7 @@ Start order (stop order is the reverse)::
     chamber            opened first (before any listener accepts), closed last
     chamber-watch      split lock only: wakes this process when the other gate's process commits
     retention          deletes what is past chamber.keep_messages / keep_appointments (gateway/retention.py)
+    memory-trim        hands memory closed connections freed back to the system, every minute
     inner gate         the MLLP listener for the HIS (intranet), then relay:<endpoint> (committed outbound
                        messages to each HIS endpoint; `routes` say which) and poller:<endpoint> (slot_source:
                        poll only)
@@ -19,6 +20,7 @@ The two gates share nothing but the chamber.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 from importlib import metadata
 from zoneinfo import ZoneInfo
@@ -30,7 +32,7 @@ from OpenSSL import crypto
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from OpenSSL import SSL
-from twisted.internet import endpoints, ssl
+from twisted.internet import endpoints, ssl, task
 from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web import server as web_server
@@ -123,6 +125,44 @@ class DescriptorsService(service.Service):
             log.info("gateway.descriptors", limit=self.limit, needed=sum(n for _, n in self.needs))
 
 
+#: how often memory that closed connections freed is handed back to the system
+TRIM_EVERY = 60.0
+
+
+def _malloc_trim():
+    """The C library's malloc_trim (glibc), or None where there is none."""
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+class MemoryTrimService(service.Service):
+    """Every ``every`` seconds, memory that is free again is handed back to the system (glibc's
+    ``malloc_trim``).  OpenSSL allocates a connection's TLS buffers with malloc, and glibc keeps what a flood's
+    connections held after they close: without this the process stays at the flood's peak (3,000 connections
+    took it from 80 to 237 MB, and it stayed there).  Where the C library has no malloc_trim, nothing is done."""
+
+    name = "memory-trim"
+
+    def __init__(self, clock, every: float = TRIM_EVERY):
+        self.clock, self.every = clock, every
+        self.trim = _malloc_trim()
+        self._loop: task.LoopingCall | None = None
+
+    def startService(self):
+        super().startService()
+        if self.trim is not None:
+            self._loop = task.LoopingCall(self.trim, 0)
+            self._loop.clock = self.clock
+            self._loop.start(self.every, now=False)
+
+    def stopService(self):
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        return super().stopService()
+
+
 class HoldsService(service.Service):
     name = "holds"
 
@@ -185,11 +225,20 @@ class TlsSwitch:
 
 class _WatchedTLSProtocol(TLSMemoryBIOFactory.protocol):
     _handshake_deadline = None
+    _started = False  # TLS starts with the client's first byte
 
     def makeConnection(self, transport):
+        """Only note the connection: TLS (OpenSSL's connection and its buffers, ~45 KB) starts with the client's
+        first byte, so a connection that sends nothing costs next to nothing until its deadline."""
         no_delay(transport)  # an answer's last TLS record must not wait for the client's delayed ACK
-        super().makeConnection(transport)
+        self.transport = transport
         self._handshake_deadline = self.factory.clock.callLater(self.factory.handshake_timeout, self._too_slow)
+
+    def dataReceived(self, data):
+        if not self._started:
+            self._started = True
+            super().makeConnection(self.transport)
+        super().dataReceived(data)
 
     def _too_slow(self):
         self._handshake_deadline = None
@@ -197,10 +246,18 @@ class _WatchedTLSProtocol(TLSMemoryBIOFactory.protocol):
             self.factory.on_timeout()
             self.abortConnection()
 
+    def abortConnection(self):
+        if self._started:
+            super().abortConnection()
+        else:
+            self.transport.abortConnection()
+
     def connectionLost(self, reason):
         if self._handshake_deadline is not None:
             self._handshake_deadline.cancel()
             self._handshake_deadline = None
+        if not self._started:  # nothing was built that needs telling
+            return
         why = self._reason or reason  # the TLS error that ended the connection, if one did
         if not self._handshakeDone and why is not None and why.check(SSL.Error):
             self.factory.on_failure(self.transport.getPeer(), why)
@@ -212,7 +269,8 @@ class HandshakeWatch(TLSMemoryBIOFactory):
     failure)`` for each handshake that fails with a TLS error (no certificate, one from another CA, no common
     protocol, ...); a connection closed before or without a TLS error is not counted.  A handshake not done
     ``handshake_timeout`` seconds after accept (on ``clock``) is cut, and ``on_timeout()`` called: a trickle
-    of bytes cannot hold it open."""
+    of bytes cannot hold it open.  TLS starts with the client's first byte (until then a connection holds no
+    TLS state)."""
 
     protocol = _WatchedTLSProtocol
 
@@ -379,6 +437,7 @@ def make_service(config: GatewayConfig, reactor, gate: str = "both") -> service.
     keep = config.chamber
     RetentionService(chamber, Retention(keep.keep_messages, keep.keep_appointments), reactor,
                      keep.prune_every, metrics).setServiceParent(root)
+    MemoryTrimService(reactor).setServiceParent(root)
 
     his = config.inner.his if config.inner is not None else None
     if his is not None:
