@@ -25,7 +25,7 @@ from twisted.web import resource
 from adapters.fhir.channel import CLOSE_GRACE, MAX_HEADERS, GatewaySite
 from gateway.devca import init_dev_ca
 from gateway.listen import ConnectionLimiter, DescriptorShortage, descriptor_needs, ensure_descriptors, source_key
-from tests.unit.test_outer_access import PLATFORMS, SID, Gate, appointment
+from tests.unit.test_outer_access import PLATFORMS, SID, appointment, gate  # noqa: F401 (a fixture)
 
 LIMIT = 4096  # outer.max_request_bytes in these tests
 DEADLINES = {"header_timeout": 10.0, "body_timeout": 30.0, "idle_timeout": 60.0}
@@ -37,14 +37,6 @@ def certs(tmp_path_factory):
     init_dev_ca(directory, platforms=(*PLATFORMS, "stranger"))
     return {p: crypto.load_certificate(crypto.FILETYPE_PEM, (directory / f"platform-{p}.pem").read_bytes())
             for p in (*PLATFORMS, "stranger")}
-
-
-@pytest.fixture
-def gate(tmp_path, certs):
-    g = Gate(tmp_path / "c.sqlite3", certs)
-    yield g
-    g.booking.stop()
-    g.chamber.close()
 
 
 class Peer(StringTransport):
