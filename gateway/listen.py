@@ -33,6 +33,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 _TCP = re.compile(r"^tcp:(?P<port>\d+)(:interface=(?P<interface>[^:]+))?$")
+log = structlog.get_logger("gateway.listen")
 
 
 class DevicePort(tcp.Port):
@@ -74,11 +75,11 @@ def parse_tcp(description: str) -> tuple[int, str]:
 
 
 # -- connections: how many a listener holds, refused at accept -----------------------------------------------
-log = structlog.get_logger("gateway.listen")
-
-
 #: why a connection is refused at accept: every shared connection is taken, or every one its source may hold
 REFUSALS = ("total", "per_address")
+#: refused sources told apart in one log line (past it they are counted, not named): a flood from many
+#: addresses cannot grow the tally without bound
+TRACKED_SOURCES = 10_000
 
 
 def _ip(host: str):
@@ -188,7 +189,8 @@ class ConnectionLimiter(WrappingFactory):
 
     def _refuse(self, reason: str, source: str) -> None:
         self._refusals[reason] += 1
-        self._refused_sources[source] += 1
+        if source in self._refused_sources or len(self._refused_sources) < TRACKED_SOURCES:
+            self._refused_sources[source] += 1
         if self.refused is not None:
             self.refused(reason)
         if self._log_call is None:  # the first refusal after a quiet interval is logged at once
@@ -203,7 +205,8 @@ class ConnectionLimiter(WrappingFactory):
         # (no key naming an "address": the log's patient-data masking would hide its value)
         log.warning("connections.refused", gate=self.gate, refused=sum(self._refusals.values()),
                     reasons=" ".join(f"{reason}={n}" for reason, n in sorted(self._refusals.items())),
-                    sources=len(self._refused_sources), busiest=busiest, busiest_refused=busiest_refused,
+                    sources=len(self._refused_sources) if len(self._refused_sources) < TRACKED_SOURCES
+                    else f"{TRACKED_SOURCES} or more", busiest=busiest, busiest_refused=busiest_refused,
                     open=self.open, limits=f"{self.max_connections} in all, {self.max_per_address} per source")
         self._refusals.clear()
         self._refused_sources.clear()
