@@ -103,6 +103,50 @@ def source_key(address) -> str:
     return str(ip)
 
 
+class RefusalLog:
+    """Refusals of one kind (``event``), logged at most once per ``interval`` seconds: the first after a quiet
+    interval at once, then one line for all refused since — how many, by reason, how many sources, the busiest
+    one, the ``detail`` of the last — so a flood cannot flood the log.  ``fields()`` adds what the caller knows
+    at the time of the line (connections open, limits)."""
+
+    def __init__(self, event: str, clock, interval: float = 10.0, fields=dict):
+        self.event, self.clock, self.interval, self.fields = event, clock, interval, fields
+        self._reasons: collections.Counter = collections.Counter()  # since the last line
+        self._sources: collections.Counter = collections.Counter()
+        self._detail: dict = {}
+        self._call = None
+
+    def refused(self, reason: str, source: str, **detail) -> None:
+        self._reasons[reason] += 1
+        if source in self._sources or len(self._sources) < TRACKED_SOURCES:
+            self._sources[source] += 1
+        self._detail = detail
+        if self._call is None:
+            self._line()
+
+    def flush(self) -> None:
+        """Log what is pending now (a listener that stops), and stop."""
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+            self._line(again=False)
+
+    def _line(self, again: bool = True) -> None:
+        self._call = None
+        if not self._reasons:
+            return
+        busiest, busiest_refused = self._sources.most_common(1)[0]
+        sources = len(self._sources)
+        # (no key naming an "address": the log's patient-data masking would hide its value)
+        log.warning(self.event, refused=sum(self._reasons.values()),
+                    reasons=", ".join(f"{reason}: {n}" for reason, n in self._reasons.most_common()),
+                    sources=sources if sources < TRACKED_SOURCES else f"{TRACKED_SOURCES} or more",
+                    busiest=busiest, busiest_refused=busiest_refused, **self._detail, **self.fields())
+        self._reasons.clear()
+        self._sources.clear()
+        if again:
+            self._call = self.clock.callLater(self.interval, self._line)
+
+
 class _Held(ProtocolWrapper):
     """A connection a ConnectionLimiter admitted, and the capacity it holds (``pool``, ``source``)."""
 
@@ -119,8 +163,8 @@ class ConnectionLimiter(WrappingFactory):
     ``reserved`` addresses (the HIS's own, on an MLLP listener) have ``reserved_connections`` of their own that no
     other source can take; when those are all in use, a reserved address competes for the shared capacity like
     any other.  Each refusal calls ``refused(reason)`` (``total`` or ``per_address``, e.g. to count it in a metric)
-    and is logged (``connections.refused``) at most once per ``log_interval`` seconds with the count since the
-    last line: a flood of connections cannot flood the log.  ``open`` is the number of connections held."""
+    and is logged (``connections.refused``, a RefusalLog) at most once per ``log_interval`` seconds.  ``open`` is
+    the number of connections held."""
 
     protocol = _Held
 
@@ -133,16 +177,13 @@ class ConnectionLimiter(WrappingFactory):
         if None in self.reserved:
             raise ValueError(f"reserved: not IP addresses: {sorted(a for a in reserved if _ip(a) is None)}")
         self.reserved_connections = reserved_connections if self.reserved else 0
-        self.clock = clock
         self.refused = refused
-        self.log_interval = log_interval
         self.open = 0
         self._shared = 0
         self._reserved = 0
         self._per_source: dict[str, int] = {}
-        self._refusals: collections.Counter = collections.Counter()  # reason -> count, since the last log line
-        self._refused_sources: collections.Counter = collections.Counter()
-        self._log_call = None
+        self._log = RefusalLog("connections.refused", clock, log_interval, lambda: {
+            "gate": gate, "open": self.open, "limits": f"{max_connections} in all, {max_per_address} per source"})
 
     def buildProtocol(self, addr):
         source = source_key(addr)
@@ -188,35 +229,12 @@ class ConnectionLimiter(WrappingFactory):
         return "shared"
 
     def _refuse(self, reason: str, source: str) -> None:
-        self._refusals[reason] += 1
-        if source in self._refused_sources or len(self._refused_sources) < TRACKED_SOURCES:
-            self._refused_sources[source] += 1
         if self.refused is not None:
             self.refused(reason)
-        if self._log_call is None:  # the first refusal after a quiet interval is logged at once
-            self._log_refusals()
-
-    def _log_refusals(self, again: bool = True) -> None:
-        """One line for the refusals since the last one; ``again``: the next in ``log_interval``, if there are more."""
-        self._log_call = None
-        if not self._refusals:
-            return
-        busiest, busiest_refused = self._refused_sources.most_common(1)[0]
-        # (no key naming an "address": the log's patient-data masking would hide its value)
-        log.warning("connections.refused", gate=self.gate, refused=sum(self._refusals.values()),
-                    reasons=" ".join(f"{reason}={n}" for reason, n in sorted(self._refusals.items())),
-                    sources=len(self._refused_sources) if len(self._refused_sources) < TRACKED_SOURCES
-                    else f"{TRACKED_SOURCES} or more", busiest=busiest, busiest_refused=busiest_refused,
-                    open=self.open, limits=f"{self.max_connections} in all, {self.max_per_address} per source")
-        self._refusals.clear()
-        self._refused_sources.clear()
-        if again:
-            self._log_call = self.clock.callLater(self.log_interval, self._log_refusals)
+        self._log.refused(reason, source)
 
     def doStop(self):
-        if self._log_call is not None and self._log_call.active():  # the listener stops: what is pending, now
-            self._log_call.cancel()
-            self._log_refusals(again=False)
+        self._log.flush()
         super().doStop()
 
 

@@ -54,8 +54,8 @@ from gateway.chamber import Chamber
 from gateway.config import GatewayConfig
 from gateway.inbound import InboundService
 from gateway.oauth import TokenService, clients_from_config, default_token_url
-from gateway.listen import (ADMIN_CONNECTIONS, ConnectionLimiter, DeviceServerEndpoint, descriptor_needs,
-                            ensure_descriptors, parse_tcp)
+from gateway.listen import (ADMIN_CONNECTIONS, ConnectionLimiter, DeviceServerEndpoint, RefusalLog,
+                            descriptor_needs, ensure_descriptors, parse_tcp, source_key)
 from gateway.quota import Quotas
 from gateway.ratelimit import RateLimiter
 from gateway.prescribing import PrescriptionService, SignaturePolicy
@@ -281,16 +281,17 @@ class HandshakeWatch(TLSMemoryBIOFactory):
         self.clock, self.handshake_timeout, self.on_timeout = clock, handshake_timeout, on_timeout
 
 
-def _handshake_failures(metrics, gate: str, log_them: bool = True):
-    """Count (``gatewayd_tls_handshake_failures_total{gate=...}``) and log a gate's failed handshakes (the
-    MLLP listener logs its own)."""
+def _handshake_failures(metrics, gate: str, log_them: bool = True, *, clock=None):
+    """Count (``gatewayd_tls_handshake_failures_total{gate=...}``) and log a gate's failed handshakes, at most once
+    per 10 s on ``clock`` with their count, the busiest source address and the last reason (the MLLP listener
+    logs its own)."""
     counter = metrics.tls_handshake_failures.labels(gate)  # shown as 0 from the start
+    tally = RefusalLog("tls.handshake_failed", clock, fields=lambda: {"gate": gate}) if log_them else None
 
     def failed(peer, failure):
         counter.inc()
-        if log_them:
-            log.info("tls.handshake_failed", gate=gate, peer=getattr(peer, "host", str(peer)),
-                     error=failure.getErrorMessage()[:200])
+        if tally is not None:
+            tally.refused("handshake", source_key(peer), error=failure.getErrorMessage()[:200])
 
     return failed
 
@@ -651,8 +652,8 @@ def _outer_gate(config, reactor, tz, chamber, booking, metrics, prescribing) -> 
                        answered=lambda status: metrics.http_answers.labels(str(status)).inc(),
                        timed_out=lambda deadline: timeouts.labels("outer", deadline).inc())
     tls_switch = TlsSwitch(tls_options(outer.tls))
-    tls_site = HandshakeWatch(tls_switch, site, _handshake_failures(metrics, "outer"), clock=reactor,
-                              handshake_timeout=outer.tls_handshake_timeout,
+    tls_site = HandshakeWatch(tls_switch, site, _handshake_failures(metrics, "outer", clock=reactor),
+                              clock=reactor, handshake_timeout=outer.tls_handshake_timeout,
                               on_timeout=timeouts.labels("outer", "tls_handshake").inc)
     limited = _connection_limiter(tls_site, metrics, "outer", reactor, max_connections=outer.max_connections,
                                   max_per_address=outer.max_connections_per_address)

@@ -316,6 +316,23 @@ def test_a_tls_handshake_not_done_in_time_is_cut(tmp_path):
     assert not clock.getDelayedCalls() and timeouts == [1]
 
 
+def test_a_flood_of_failed_handshakes_is_logged_once_per_interval_and_each_counted():
+    from gateway.admin import Metrics
+    from gateway.service import _handshake_failures
+
+    clock, metrics = task.Clock(), Metrics(chamber=None)
+    failed = _handshake_failures(metrics, "outer", clock=clock)
+    with capture_logs() as logs:
+        for i in range(100):
+            failed(IPv4Address("TCP", f"198.51.100.{1 + i % 2}", 40000),
+                   failure.Failure(ValueError("peer did not return a certificate")))
+        clock.advance(10)
+    lines = [e for e in logs if e["event"] == "tls.handshake_failed"]
+    assert [e["refused"] for e in lines] == [1, 99] and lines[1]["sources"] == 2
+    assert lines[1]["error"] == "peer did not return a certificate" and lines[1]["gate"] == "outer"
+    assert metrics.registry.get_sample_value("gatewayd_tls_handshake_failures_total", {"gate": "outer"}) == 100
+
+
 # -- connection limits -----------------------------------------------------------------------------------------------
 class Limited:
     """A ConnectionLimiter over a plain factory, its refusals counted as a metric would."""
@@ -381,7 +398,7 @@ def test_refusals_are_logged_once_per_interval_with_their_count():
         limited.clock.advance(10)  # nothing more refused: nothing more logged
     lines = [e for e in logs if e["event"] == "connections.refused"]
     assert [e["refused"] for e in lines] == [1, 499]
-    assert lines[1]["reasons"] == "total=499" and lines[1]["sources"] == 3 and lines[1]["gate"] == "test"
+    assert lines[1]["reasons"] == "total: 499" and lines[1]["sources"] == 3 and lines[1]["gate"] == "test"
     assert len(limited.refused) == 500 and not limited.clock.getDelayedCalls()
 
 
