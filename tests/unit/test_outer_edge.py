@@ -318,9 +318,10 @@ def test_a_tls_handshake_not_done_in_time_is_cut(tmp_path):
 
 def test_a_flood_of_failed_handshakes_is_logged_once_per_interval_and_each_counted():
     from gateway.admin import Metrics
+    from gateway.chamber import Chamber
     from gateway.service import _handshake_failures
 
-    clock, metrics = task.Clock(), Metrics(chamber=None)
+    clock, metrics = task.Clock(), Metrics(Chamber(":memory:"))
     failed = _handshake_failures(metrics, "outer", clock=clock)
     with capture_logs() as logs:
         for i in range(100):
