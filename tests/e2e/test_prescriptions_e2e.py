@@ -50,8 +50,10 @@ def verify_with_plain_cryptography(resource: dict, certificate_pem: bytes) -> No
     leaf.public_key().verify(der, header_b64.encode() + b"." + payload, ec.ECDSA(hashes.SHA256()))
 
 
-@pytest.fixture()
-def lock(tmp_path):
+def prescribing_lock(tmp_path) -> Lock:
+    """A Lock (not started) whose HIS simulator has its pharmacy on ``lock.pharmacy_port`` and whose gateway
+    routes prescriptions there, signed by ``lock.pki``'s prescriber; platform demo prescribes, pa and pb
+    claim released prescriptions."""
     pki = RxPki(tmp_path / "rx")
     pharmacy_port = free_port()
     lock = Lock(tmp_path, platforms=("demo", "pa", "pb"), doctors=1, days=1,
@@ -71,8 +73,13 @@ def lock(tmp_path):
     for p in cfg["platforms"][1:]:
         p["scopes"] = ["MedicationRequest.claim"]
     lock.write_configs()
-    with lock:
-        lock.pki = pki
+    lock.pki, lock.pharmacy_port = pki, pharmacy_port
+    return lock
+
+
+@pytest.fixture()
+def lock(tmp_path):
+    with prescribing_lock(tmp_path) as lock:
         yield lock
 
 
