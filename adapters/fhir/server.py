@@ -306,10 +306,52 @@ class Access:
                           resource_id=rid, detail=detail)
 
 
+class _RepeatedKey(dict):
+    """A JSON object whose text names ``key`` more than once (refused by :meth:`JsonLimits._check`, which
+    knows where the object is)."""
+
+    key: str
+
+
+def _object(pairs: list) -> dict:
+    """json's object_pairs_hook: the object, or a _RepeatedKey saying which key came twice."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set = set()
+        repeated = _RepeatedKey(obj)
+        repeated.key = next(k for k, _ in pairs if k in seen or seen.add(k))
+        return repeated
+    return obj
+
+
+#: text a FHIR string may not hold (characters below U+0020 other than TAB, LF and CR), and lone UTF-16
+#: surrogates (JSON can write one as an escape; it is no character, cannot be stored nor encoded)
+_UNFIT_TEXT = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff]")
+_MEMBER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+
+
+def _expression(path: tuple) -> str:
+    """Where in the body ``path`` (keys and indexes from the root) is, FHIRPath style:
+    ``Appointment.contained[0].name[0].family``.  Stops before a key that is no plain element name (it
+    could be anything the client wrote)."""
+    out = ""
+    for step in path:
+        if isinstance(step, int):
+            out += f"[{step}]"
+        elif _MEMBER_NAME.match(step):
+            out += f".{step}" if out else step
+        else:
+            break
+    return out
+
+
 class JsonLimits:
     """Parse a JSON body, refusing what would cost too much to hold or to pass on: nesting deeper than
     ``max_depth``, strings (values or keys) longer than ``max_chars``, integers beyond 2^53 (not exact in
-    JavaScript or a double), numbers written with more than 64 characters, NaN/Infinity."""
+    JavaScript or a double), numbers written with more than 64 characters, NaN/Infinity; and what the
+    gateway could not keep or pass on faithfully: a key named twice in one object (which one counts?),
+    lone surrogates, NUL and the other control characters FHIR strings may not hold.  Refusals name the
+    element (``expression``) where the body says what it is."""
 
     def __init__(self, max_depth: int = 32, max_chars: int = 65536):
         self.max_depth = max_depth
@@ -340,7 +382,7 @@ class JsonLimits:
             raise FhirError(400, "structure", "the body is not UTF-8") from None
         try:
             value = json.loads(text, parse_int=self._number, parse_float=self._number,
-                               parse_constant=self._constant)
+                               parse_constant=self._constant, object_pairs_hook=_object)
         except RecursionError:
             raise FhirError(400, "too-costly", f"the body is nested deeper than {self.max_depth} levels") from None
         except json.JSONDecodeError as e:
@@ -349,22 +391,42 @@ class JsonLimits:
         return value
 
     def _check(self, value) -> None:
-        stack = [(value, 1)]
+        root = value.get("resourceType") if isinstance(value, dict) else None
+        stack = [(value, 1, (None, root) if isinstance(root, str) else None)]  # path: (parent path, step)
         while stack:
-            item, depth = stack.pop()
+            item, depth, path = stack.pop()
             if isinstance(item, str):
-                if len(item) > self.max_chars:
-                    raise FhirError(400, "too-long", f"a string in the body is longer than {self.max_chars} "
-                                                     f"characters")
+                self._check_text(item, "a string", path)
             elif isinstance(item, (dict, list)):
                 if depth > self.max_depth:
                     raise FhirError(400, "too-costly", f"the body is nested deeper than {self.max_depth} levels")
+                if isinstance(item, _RepeatedKey):
+                    raise FhirError(400, "invalid", f"the body names the key {item.key[:64]!r} more than once in "
+                                                    f"one object", self._where(path))
                 if isinstance(item, dict):
                     for k, v in item.items():
-                        stack.append((k, depth))
-                        stack.append((v, depth + 1))
+                        self._check_text(k, "a key", path)
+                        stack.append((v, depth + 1, (path, k)))
                 else:
-                    stack.extend((v, depth + 1) for v in item)
+                    stack.extend((v, depth + 1, (path, i)) for i, v in enumerate(item))
+
+    def _check_text(self, text: str, what: str, path) -> None:
+        if len(text) > self.max_chars:
+            raise FhirError(400, "too-long", f"{what} in the body is longer than {self.max_chars} characters")
+        unfit = _UNFIT_TEXT.search(text)
+        if unfit is not None:
+            code = ord(unfit.group())
+            why = ("a lone UTF-16 surrogate, which is no character" if 0xD800 <= code <= 0xDFFF else
+                   "a control character FHIR strings may not hold (below U+0020, only TAB, LF and CR are text)")
+            raise FhirError(400, "invalid", f"{what} in the body holds U+{code:04X}: {why}", self._where(path))
+
+    @staticmethod
+    def _where(path) -> str | None:
+        steps = []
+        while path is not None:
+            path, step = path
+            steps.append(step)
+        return _expression(tuple(reversed(steps))) or None
 
 
 class FhirApi(resource.Resource):
