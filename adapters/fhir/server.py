@@ -92,6 +92,12 @@ MAX_SAFE_INTEGER = 2 ** 53
 _FHIR_ID = re.compile(r"^[A-Za-z0-9.-]{1,64}$")
 JSON_TYPES = (b"application/fhir+json", b"application/json", b"application/json-patch+json",
               b"application/merge-patch+json")
+#: the resource types a route names, and the other fixed words of routes: what a logged route template
+#: keeps of a path (everything else in a path is an id, or whatever a client put there)
+ROUTE_TYPES = frozenset({b"Slot", b"Schedule", b"Appointment", *(t.encode() for t in PHARMACY_TYPES)})
+ROUTE_WORDS = ROUTE_TYPES | {b"metadata", b"_history", b"$claim", *(f"${name}".encode() for name in ihe.OPERATIONS),
+                             *SMART_CONFIGURATION}
+MAX_TEMPLATE_SEGMENTS = 8
 
 
 class FhirError(Exception):
@@ -557,12 +563,29 @@ class FhirApi(resource.Resource):
                   error_type=failure.type.__name__)
         return 500, operation_outcome([("exception", "internal error; the request was not completed", None)]), {}
 
+    def _route_template(self, request) -> str:
+        """The request's path as log events name it: the FHIR base, resource types, operations and other
+        fixed words are kept; every other segment (an id, or whatever a client put there) becomes ``{id}``
+        after a resource type or ``_history`` and ``{?}`` elsewhere, so that no identifier in a URL reaches
+        the log: ``/fhir/Appointment/{id}``, ``/fhir/Appointment/$hold``, ``/{?}``.  At most
+        MAX_TEMPLATE_SEGMENTS segments, then ``…``."""
+        segments = [s for s in request.prepath + request.postpath if s]
+        out, previous = [], b""
+        for segment in segments[:MAX_TEMPLATE_SEGMENTS]:
+            if segment in ROUTE_WORDS or segment in self.base_parts:
+                out.append(segment.decode("ascii"))
+            else:
+                out.append("{id}" if previous in ROUTE_TYPES or previous == b"_history" else "{?}")
+            previous = segment
+        if len(segments) > MAX_TEMPLATE_SEGMENTS:
+            out.append("…")
+        return "/" + "/".join(out)
+
     def _respond(self, result, request, started, gone):
         status, body, headers = result
         platform = getattr(request, "gateway_platform", None)
         log.info("outer.request", platform=platform, method=request.method.decode("ascii", "replace"),
-                 path=request.path.decode("utf-8", "replace"), status=status,
-                 ms=round((time.monotonic() - started) * 1000, 1))
+                 path=self._route_template(request), status=status, ms=round((time.monotonic() - started) * 1000, 1))
         if gone:
             return
         request.setResponseCode(status)

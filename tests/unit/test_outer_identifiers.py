@@ -1,0 +1,90 @@
+"""No identifier in clear in the outer gate's log events or its audit trail (issue 15, finding 5): log events
+name a request by its route template (``/fhir/Appointment/{id}``), never its raw path; the audit names a
+resource by an id the gateway issued (one the chamber knows), anything else a platform put in a URL by a
+keyed hash an auditor can recompute.  Same in-process gate as tests/unit/test_outer_access.py."""
+
+import io
+from types import SimpleNamespace
+
+import pytest
+from structlog.testing import capture_logs
+from twisted.internet.address import IPv4Address
+from twisted.web.test.requesthelper import DummyRequest
+
+from tests.unit.test_outer_access import SID, Connection, Gate, appointment, certs, outcome  # noqa: F401
+
+#: finding 5's paths: an identifier with a letter before it, under a Chinese character, an ID card number
+#: with "ID" before it; and a mobile number alone
+PROBES = ["x13655550002", "A13655550003", "%E7%A9%BA13655550004", "ID110105194912310049", "13655550005"]
+DIGITS = ["13655550002", "13655550003", "13655550004", "110105194912310049", "13655550005"]
+
+
+@pytest.fixture
+def gate(tmp_path, certs):  # noqa: F811 (the imported fixture)
+    g = Gate(tmp_path / "c.sqlite3", certs)
+    yield g
+    g.booking.stop()
+    g.chamber.close()
+
+
+def logged_paths(gate, method, path, **kw):
+    with capture_logs() as events:
+        gate.request(method, path, **kw)
+    return [e["path"] for e in events if e["event"] == "outer.request"]
+
+
+@pytest.mark.parametrize("method, path, template", [
+    *[("GET", f"/Appointment/{p}", "/fhir/Appointment/{id}") for p in PROBES],
+    ("PUT", "/Appointment/x13655550002", "/fhir/Appointment/{id}"),
+    ("GET", "/Slot/13655550002", "/fhir/Slot/{id}"),
+    ("GET", "/Schedule/13655550002", "/fhir/Schedule/{id}"),
+    ("GET", "/Slot?schedule=13655550002", "/fhir/Slot"),
+    ("POST", "/Appointment/$hold", "/fhir/Appointment/$hold"),
+    ("POST", "/Appointment/$13655550002", "/fhir/Appointment/{id}"),
+    ("GET", "/Appointment/x13655550002/_history/13655550002", "/fhir/Appointment/{id}/_history/{id}"),
+    ("GET", "/metadata", "/fhir/metadata"),
+    ("GET", "/x13655550002", "/fhir/{?}"),
+    ("GET", "/Appointment/a/b/c/d/e/f/g/h", "/fhir/Appointment/{id}/{?}/{?}/{?}/{?}/{?}/…"),
+])
+def test_requests_are_logged_by_their_route_template(gate, method, path, template):
+    assert logged_paths(gate, method, path) == [template]
+
+
+def raw_request(gate, path: bytes, method=b"GET", platform="demo"):
+    """A request for any path (outside the FHIR base too), as twisted.web hands it over: segments unquoted."""
+    from urllib.parse import unquote_to_bytes
+
+    req = DummyRequest([unquote_to_bytes(p) for p in path.split(b"?")[0].split(b"/") if p])
+    req.client = IPv4Address("TCP", "192.0.2.7", 40000)
+    req.method, req.uri, req.path = method, path, path.split(b"?")[0]
+    req.content = io.BytesIO(b"")
+    req.channel = SimpleNamespace(transport=Connection(gate.certs.get(platform)))
+    with capture_logs() as events:
+        gate.api.render(req)
+    assert req.finished
+    return req, [e for e in events if e["event"] == "outer.request"]
+
+
+@pytest.mark.parametrize("path, template", [
+    (b"/x13655550002", "/{?}"),
+    (b"/13655550002/fhir/Appointment", "/{?}/fhir/Appointment"),
+    (b"/fhir/Appointment/%2413655550002", "/fhir/Appointment/{id}"),
+    (b"/fhir/Appointment/%24hold", "/fhir/Appointment/$hold"),
+])
+def test_paths_outside_the_base_and_escaped_ones_are_templates_too(gate, path, template):
+    req, [event] = raw_request(gate, path)
+    assert event["path"] == template
+
+
+def test_the_token_and_smart_endpoints_log_their_own_path(tmp_path, certs):  # noqa: F811
+    """Reached before any FHIR routing: their log events name the endpoint, never what followed it."""
+    g = Gate(tmp_path / "t.sqlite3", certs)
+    try:
+        g.api.oauth = SimpleNamespace(token_url="https://gw.example/oauth/token")
+        _, [event] = raw_request(g, b"/oauth/token?x=13655550002")
+        assert event["path"] == "/oauth/token"
+        _, [event] = raw_request(g, b"/fhir/.well-known/smart-configuration?13655550002")
+        assert event["path"] == "/fhir/.well-known/smart-configuration"
+    finally:
+        g.booking.stop()
+        g.chamber.close()
