@@ -67,14 +67,13 @@ from adapters.mapping.fhir_scheduling import (
     slot_resource,
 )
 from adapters.fhir import ihe
-from gateway.audit import AuditEntry
+from gateway.audit import AuditEntry, ResourceNames
 from gateway.config import Scope
 from gateway.booking import HoldUnanswered, PatientRequired
 from gateway.patients import IdentifierRefused
 from gateway.errors import ChamberError
 from gateway.oauth import ALGORITHMS as OAUTH_ALGORITHMS
 from gateway.oauth import TOKEN_PATH, InvalidToken, OAuthError
-from gateway.logs import mask_value
 from gateway.quota import QuotaExhausted
 from gateway.scheduling import AppointmentUnknown, IdempotencyConflict, Overloaded, SlotUnavailable, SlotUnknown
 
@@ -89,7 +88,6 @@ ALL_SCOPES = frozenset({"Slot.read", "Schedule.read", "Appointment.read", "Appoi
 MAX_OFFSET = 1_000_000
 MAX_QUERY_FIELDS = 100
 MAX_SAFE_INTEGER = 2 ** 53
-_FHIR_ID = re.compile(r"^[A-Za-z0-9.-]{1,64}$")
 JSON_TYPES = (b"application/fhir+json", b"application/json", b"application/json-patch+json",
               b"application/merge-patch+json")
 #: the resource types a route names, and the other fixed words of routes: what a logged route template
@@ -300,16 +298,15 @@ class Access:
         return AuditEntry(action=self.action, outcome=0, platform=self.platform, subject=self.subject,
                           serial=self.serial, source=self.source)
 
-    def entry(self, status: int, issue_code: str | None) -> AuditEntry:
-        rid = self.resource_id
-        if rid is not None and (not _FHIR_ID.match(rid) or mask_value(rid) != rid):
-            rid = "(not an id)"  # ids only: whatever else was in the URL stays out of the audit
+    def entry(self, status: int, issue_code: str | None, name: ResourceNames) -> AuditEntry:
+        """The record: the resource as ``name`` gives it (its id when the chamber holds it, else a keyed
+        hash of whatever the request gave: no identifier a platform put in a URL is kept in clear)."""
         detail = self.detail
         if status >= 400:  # a refusal: its issue code, and what the handler noted (e.g. the failed check)
             detail = f"{issue_code}: {self.detail}" if issue_code and self.detail else (issue_code or self.detail)
         return AuditEntry(action=self.action, outcome=status, platform=self.platform, subject=self.subject,
                           serial=self.serial, source=self.source, resource_type=self.resource_type,
-                          resource_id=rid, detail=detail)
+                          resource_id=name(self.resource_type, self.resource_id), detail=detail)
 
 
 class _RepeatedKey(dict):
@@ -448,6 +445,7 @@ class FhirApi(resource.Resource):
         # prescriptions (gateway.prescribing.PrescriptionService; None: not served): adapters/fhir/pharmacy.py
         self.pharmacy = PharmacyApi(self, prescriptions) if prescriptions is not None else None
         self.audit = audit  # gateway.audit.AuditTrail (None: nothing is audited, for tests of other things)
+        self.resource_names = ResourceNames(reader)  # how a record names the resource a request was about
         self.strict_audit = strict_audit  # unrecordable patient-data reads: 503 (True) or answered + logged
         self.quotas = quotas  # gateway.quota.Quotas (None: no platform is limited)
         self.rate_limiter = rate_limiter  # gateway.ratelimit.RateLimiter (None: no limits)
@@ -495,7 +493,7 @@ class FhirApi(resource.Resource):
         issue_code = None
         if status >= 400 and isinstance(body, dict) and body.get("issue"):
             issue_code = body["issue"][0].get("code")
-        entry = access.entry(status, issue_code)
+        entry = access.entry(status, issue_code, self.resource_names)
         if status == 429 and self.clock is not None and self._fold(entry):
             return result
         d = self.audit.record(entry)

@@ -4,13 +4,17 @@ resource by an id the gateway issued (one the chamber knows), anything else a pl
 keyed hash an auditor can recompute.  Same in-process gate as tests/unit/test_outer_access.py."""
 
 import io
+import json
+import re
 from types import SimpleNamespace
+from urllib.parse import unquote
 
 import pytest
 from structlog.testing import capture_logs
 from twisted.internet.address import IPv4Address
 from twisted.web.test.requesthelper import DummyRequest
 
+from gateway.audit import keyed_name
 from tests.unit.test_outer_access import SID, Connection, Gate, appointment, certs, outcome  # noqa: F401
 
 #: finding 5's paths: an identifier with a letter before it, under a Chinese character, an ID card number
@@ -88,3 +92,33 @@ def test_the_token_and_smart_endpoints_log_their_own_path(tmp_path, certs):  # n
     finally:
         g.booking.stop()
         g.chamber.close()
+
+
+# -- the audit trail ---------------------------------------------------------------------------------------------
+
+def test_what_the_gateway_did_not_issue_is_audited_by_a_keyed_hash(gate):
+    """Finding 5: these ids were stored in clear in the audit record's resource_id (kept 180 days, never
+    changed).  Now each is HMAC-SHA256 under the chamber's own key: no digit of it is left, and the same id
+    asked twice gets the same name, so an auditor can still find it."""
+    for probe in [*PROBES, PROBES[0]]:
+        req, _ = raw_request(gate, f"/fhir/Appointment/{probe}".encode())
+        assert req.responseCode == 404
+    outcome(gate.request("PUT", "/Slot/13655550002"), 405, "not-supported")
+    key = gate.chamber.read().audit_key()
+    names = [r.resource_id for r in gate.audit()]
+    assert names == [keyed_name(key, unquote(p)) for p in [*PROBES, PROBES[0], "13655550002"]]
+    assert all(re.fullmatch(r"hmac:[0-9a-f]{32}", n) for n in names)
+    text = json.dumps([r.__dict__ for r in gate.audit()])
+    for digits in DIGITS:
+        assert digits not in text
+    assert keyed_name(key, "x13655550002") != keyed_name(b"another chamber's key".ljust(32), "x13655550002")
+
+
+def test_ids_the_chamber_knows_are_audited_as_they_are(gate):
+    """An appointment the gateway issued (another platform's too: a probe on it is worth naming) and a
+    slot the HIS published keep their ids in the audit."""
+    appointment_id = gate.request("POST", "/Appointment", appointment(SID[0])).json["id"]
+    outcome(gate.request("GET", f"/Appointment/{appointment_id}", platform="other"), 404, "not-found")
+    outcome(gate.request("PUT", f"/Slot/{SID[1]}"), 405, "not-supported")
+    assert [(r.action, r.resource_id) for r in gate.audit()] == [
+        ("book", appointment_id), ("read", appointment_id), ("read", SID[1])]
