@@ -25,10 +25,12 @@ config, the CRL lists it, or the platform pins another public key; a bad or expi
 What a platform is granted (docs/security.md), checked in this order on every request: the global rate
 limit (429), a registered and unrevoked certificate (403 ``security``), the platform's rate limit (429
 ``throttled`` with Retry-After), the body's size (413), the route (404/405), the platform's scopes (403
-``forbidden``), then the request itself: JSON within depth, string and number limits (400), slots only
+``forbidden``), then the request itself: JSON within depth, string and number limits, with no key named
+twice and no lone surrogate, NUL or other control character FHIR text may not hold (400), slots only
 within the platform's quota (a free slot it may not book is not shown; booking past the quota is 409
 ``business-rule``), and only its own appointments (another platform's is 404, like one that does not
-exist).  Every access to patient data and every refusal is audited (gateway/audit.py): an Appointment read
+exist).  Log events name a request by its route template (``/fhir/Appointment/{id}``), never its path.
+Every access to patient data and every refusal is audited (gateway/audit.py): an Appointment read
 or search is answered only after its audit record is committed; a booking or cancellation is audited in
 the transaction that makes it.  References inside resources are never fetched.
 
