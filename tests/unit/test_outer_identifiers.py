@@ -3,7 +3,6 @@ name a request by its route template (``/fhir/Appointment/{id}``), never its raw
 resource by an id the gateway issued (one the chamber knows), anything else a platform put in a URL by a
 keyed hash an auditor can recompute.  Same in-process gate as tests/unit/test_outer_access.py."""
 
-import io
 import json
 import re
 from types import SimpleNamespace
@@ -11,24 +10,15 @@ from urllib.parse import unquote
 
 import pytest
 from structlog.testing import capture_logs
-from twisted.internet.address import IPv4Address
-from twisted.web.test.requesthelper import DummyRequest
 
 from gateway.audit import keyed_name
-from tests.unit.test_outer_access import SID, Connection, Gate, appointment, certs, outcome  # noqa: F401
+from tests.unit.test_outer_access import SID, Gate, appointment, certs, gate, outcome  # noqa: F401
+from tests.unit.test_outer_intake import raw_request
 
 #: finding 5's paths: an identifier with a letter before it, under a Chinese character, an ID card number
 #: with "ID" before it; and a mobile number alone
 PROBES = ["x13655550002", "A13655550003", "%E7%A9%BA13655550004", "ID110105194912310049", "13655550005"]
 DIGITS = ["13655550002", "13655550003", "13655550004", "110105194912310049", "13655550005"]
-
-
-@pytest.fixture
-def gate(tmp_path, certs):  # noqa: F811 (the imported fixture)
-    g = Gate(tmp_path / "c.sqlite3", certs)
-    yield g
-    g.booking.stop()
-    g.chamber.close()
 
 
 def logged_paths(gate, method, path, **kw):
@@ -52,21 +42,6 @@ def logged_paths(gate, method, path, **kw):
 ])
 def test_requests_are_logged_by_their_route_template(gate, method, path, template):
     assert logged_paths(gate, method, path) == [template]
-
-
-def raw_request(gate, path: bytes, method=b"GET", platform="demo"):
-    """A request for any path (outside the FHIR base too), as twisted.web hands it over: segments unquoted."""
-    from urllib.parse import unquote_to_bytes
-
-    req = DummyRequest([unquote_to_bytes(p) for p in path.split(b"?")[0].split(b"/") if p])
-    req.client = IPv4Address("TCP", "192.0.2.7", 40000)
-    req.method, req.uri, req.path = method, path, path.split(b"?")[0]
-    req.content = io.BytesIO(b"")
-    req.channel = SimpleNamespace(transport=Connection(gate.certs.get(platform)))
-    with capture_logs() as events:
-        gate.api.render(req)
-    assert req.finished
-    return req, [e for e in events if e["event"] == "outer.request"]
 
 
 @pytest.mark.parametrize("path, template", [
