@@ -27,7 +27,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from tests.e2e.harness import Lock, eventually, free_port, read_jsonl
-from tests.e2e.rxpki import PRESCRIBER_SCOPES, RxPki, pem, golden_bundle, signed_bundle
+from gateway.signatures import prescription_payload, sign_release
+from tests.e2e.rxpki import GOLDEN, PRESCRIBER_SCOPES, RxPki, pem, golden_bundle, signed_bundle
 
 
 def verify_with_plain_cryptography(resource: dict, certificate_pem: bytes) -> None:
@@ -111,6 +112,24 @@ def test_a_signed_bundle_reaches_the_pharmacy_and_its_dispensing_comes_back(lock
                                 " AND action IN ('prescribe', 'access') ORDER BY seq")
     assert ("prescribe", "MedicationRequest", ids[0]) in records  # the Bundle's record names what it created
     assert ("access", "MedicationRequest", ids[0]) in records  # the dispense search: whose dispenses were read
+
+
+def test_a_medication_request_signed_in_the_header_is_taken(lock):
+    """One MedicationRequest with the prescriber's JWS in X-Prescription-Signature (the way docs/prescriptions.md
+    gives for a resource without a signature element): verified and sent to the pharmacy.  The header reached
+    the check as bytes and every such prescription was refused as "malformed"; a header that is not ASCII
+    text is refused as malformed (403), not a 500."""
+    body = json.loads((GOLDEN / "medicationrequest_single.json").read_text(encoding="utf-8"))
+    jws = sign_release(prescription_payload(body), lock.pki.key, lock.pki.chain)
+    s = lock.session("demo")
+    r = s.post(f"{lock.base}/MedicationRequest", json=body, timeout=15,
+               headers={"Content-Type": "application/fhir+json", "X-Prescription-Signature": jws})
+    assert r.status_code == 201, r.text
+    assert r.json()["status"] == "active"
+    other = dict(body, groupIdentifier={"value": "RX-NOT-ASCII"})
+    r = s.post(f"{lock.base}/MedicationRequest", json=other, timeout=15,
+               headers={"Content-Type": "application/fhir+json", "X-Prescription-Signature": "签名".encode()})
+    assert r.status_code == 403 and "malformed" in r.json()["issue"][0]["diagnostics"], r.text
 
 
 @pytest.mark.parametrize("how, check", [("unsigned", "missing"), ("tampered", "signature"),
