@@ -70,7 +70,7 @@ def prescribing_lock(tmp_path) -> Lock:
     cfg["prescriptions"] = {"prescriber_cas": [str(tmp_path / "rx" / "prescriber-ca.pem")],
                             "release_key": str(tmp_path / "rx" / "release.key"),
                             "release_chain": str(tmp_path / "rx" / "release.pem")}
-    cfg["platforms"][0]["scopes"] = PRESCRIBER_SCOPES
+    cfg["platforms"][0]["scopes"] = list(PRESCRIBER_SCOPES)  # a copy: callers add scopes to it
     for p in cfg["platforms"][1:]:
         p["scopes"] = ["MedicationRequest.claim"]
     lock.write_configs()
