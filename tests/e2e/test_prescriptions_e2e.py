@@ -4,8 +4,8 @@ endpoint on its own port) as processes, FHIR over mutual TLS, HL7 over MLLP, sig
 - A signed transaction Bundle of three items crosses as one RDE^O11 with three ORC groups, routed to the
   pharmacy endpoint (not the registration HIS); the items turn active, the pharmacy's RDS^O13 comes back and
   MedicationDispense is readable; the items are completed.
-- Unsigned, tampered and foreign-CA prescriptions are refused (403, the failed check named) and nothing
-  reaches the HIS.
+- Unsigned, tampered and foreign-CA prescriptions, and those signed with a TLS certificate or through a CA
+  beyond its path length, are refused (403, the failed check named) and nothing reaches the HIS.
 - A prescription the HIS releases is listed for outside pharmacies, verifies with the gateway's certificate
   using plain `cryptography` (no gatewayd code), and of two pharmacies claiming it at once exactly one wins.
 """
@@ -70,7 +70,7 @@ def prescribing_lock(tmp_path) -> Lock:
     cfg["prescriptions"] = {"prescriber_cas": [str(tmp_path / "rx" / "prescriber-ca.pem")],
                             "release_key": str(tmp_path / "rx" / "release.key"),
                             "release_chain": str(tmp_path / "rx" / "release.pem")}
-    cfg["platforms"][0]["scopes"] = PRESCRIBER_SCOPES
+    cfg["platforms"][0]["scopes"] = list(PRESCRIBER_SCOPES)  # a copy: callers add scopes to it
     for p in cfg["platforms"][1:]:
         p["scopes"] = ["MedicationRequest.claim"]
     lock.write_configs()
@@ -133,7 +133,8 @@ def test_a_medication_request_signed_in_the_header_is_taken(lock):
 
 
 @pytest.mark.parametrize("how, check", [("unsigned", "missing"), ("tampered", "signature"),
-                                        ("other CA", "untrusted")])
+                                        ("other CA", "untrusted"), ("TLS certificate", "key"),
+                                        ("beyond a path length", "chain")])
 def test_unsigned_tampered_and_foreign_prescriptions_are_refused_and_nothing_reaches_the_his(lock, how, check):
     body = golden_bundle()
     if how == "unsigned":
@@ -143,7 +144,9 @@ def test_unsigned_tampered_and_foreign_prescriptions_are_refused_and_nothing_rea
         next(e for e in sent["entry"] if e["resource"]["resourceType"] == "MedicationRequest")[
             "resource"]["dispenseRequest"]["quantity"]["value"] = 2400
     else:
-        sent = signed_bundle(body, lock.pki.key, lock.pki.rogue_chain)
+        chain = {"other CA": lock.pki.rogue_chain, "TLS certificate": lock.pki.tls_chain,
+                 "beyond a path length": lock.pki.too_deep_chain}[how]
+        sent = signed_bundle(body, lock.pki.key, chain)
     r = post(lock, sent)
     assert r.status_code == 403, r.text
     issue = r.json()["issue"][0]
