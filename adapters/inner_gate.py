@@ -28,7 +28,8 @@
   parse at all are NAKed (AR, or CR in enhanced mode) by the MLLP server before they reach the handler.
 
 - :class:`HisDestination` is the relay's destination: an MLLP client to the HIS that returns the HIS's
-  answer as a :class:`~gateway.scheduling.HisAnswer`.
+  answer as a :class:`~gateway.scheduling.HisAnswer`, and tells a message that never reached the HIS
+  (:class:`~gateway.relay.HisUnreachable`) from one the HIS did not answer properly.
 - :class:`SlotPoller` asks the HIS for its slot book with SQM^S25 (``slot_source: poll``).
 """
 
@@ -51,7 +52,7 @@ from gateway.booking import new_control_id
 from gateway.crossing import type_allowed
 from gateway.errors import ChamberWriteError
 from gateway.inbound import Received, z_segments_kept
-from gateway.relay import DeliveryFailed
+from gateway.relay import DeliveryFailed, HisUnreachable
 from gateway.scheduling import HisAnswer
 
 log = structlog.get_logger("gateway.inner")
@@ -199,7 +200,10 @@ def his_answer(message: Message) -> HisAnswer:
 
 
 class HisDestination:
-    """The relay's way to the HIS: one MLLP connection, one message in flight."""
+    """The relay's way to the HIS: one MLLP connection, one message in flight.  A send that never went out on
+    a connection open to the HIS (refused, connect timeout, TLS handshake failed: ``PeerUnavailable`` not
+    written) fails with HisUnreachable; a timeout, lost connection or unreadable answer after the message went
+    out fails with DeliveryFailed (the relay counts those attempts)."""
 
     def __init__(self, client):
         self.client = client
@@ -213,7 +217,10 @@ class HisDestination:
     @staticmethod
     def _failed(failure):
         failure.trap(AckTimeout, PeerUnavailable, Hl7Error)
-        raise DeliveryFailed(f"{failure.type.__name__}: {failure.getErrorMessage()}")
+        reason = f"{failure.type.__name__}: {failure.getErrorMessage()}"
+        if failure.check(PeerUnavailable) and not failure.value.written:
+            raise HisUnreachable(reason)
+        raise DeliveryFailed(reason)
 
     def close(self) -> defer.Deferred:
         return self.client.close()

@@ -234,6 +234,11 @@ def _row(cls, row: sqlite3.Row | None):
 # transaction primitives
 
 
+#: FHIR resource type -> the table holding resources of that type (by id)
+_RESOURCE_TABLES = {"Appointment": "appointments", "Slot": "slots", "Schedule": "schedules",
+                    "MedicationRequest": "medication_requests", "MedicationDispense": "medication_dispenses"}
+
+
 class Txn:
     """What a unit of work may do inside a chamber transaction.  Each method is one statement or two."""
 
@@ -654,6 +659,17 @@ class Txn:
         self._c.execute("UPDATE audit_chain SET anchor_seq = ?, anchor_hash = ? WHERE id = 1",
                         (through_seq, anchor_hash))
         return self._c.execute("DELETE FROM audit_records WHERE seq <= ?", (through_seq,)).rowcount
+
+    def audit_key(self) -> bytes:
+        """The key of the audit's keyed names (schema v4: generated in the chamber, never changed)."""
+        return self._c.execute("SELECT key FROM chamber_keys WHERE name = 'audit-ids'").fetchone()[0]
+
+    def holds(self, resource_type: str, resource_id: str) -> bool:
+        """Whether the chamber holds a resource of this type with this id: one the gateway issued (an
+        appointment, a prescription's requests and dispenses) or a slot or schedule the HIS published."""
+        table = _RESOURCE_TABLES.get(resource_type)
+        return table is not None and self._c.execute(
+            f"SELECT 1 FROM {table} WHERE id = ?", (resource_id,)).fetchone() is not None
 
     # -- operators -------------------------------------------------------------------------------------------
     def purge_dead(self, older_than: float) -> int:

@@ -140,11 +140,18 @@ class HisConfig:
         default="Tentative",
     )
     max_attempts: Annotated[int, Range(1, 1000)] = doc(
-        "A message still unanswered after this many attempts is dead-lettered (see `gatewayd queue`).",
+        "A message the HIS received but did not answer properly (no ACK within ack_timeout after the send, the "
+        "connection lost after it, an unreadable answer) this many times is dead-lettered (see `gatewayd "
+        "queue`). Tries that never reached the HIS (connection refused or timed out, TLS handshake failed) are "
+        "not attempts: the message waits, tried again every retry_max at most, for as long as the HIS is "
+        "unreachable, and an alert is logged once a minute.",
         default=20,
     )
     max_age: Duration = doc(
-        "A message not delivered within this time after it was committed is dead-lettered.",
+        "A message the HIS received but did not answer properly is dead-lettered at such an attempt once it is "
+        "older than this: counted from its commit, or from the end of the last outage the gateway saw if later "
+        "(time the HIS could not be reached never counts, so an outage alone never dead-letters anything). A "
+        "message the HIS accepts is delivered whatever its age.",
         default=Duration(3600.0),
     )
     ordering: Literal["fifo", "patient"] = doc(

@@ -204,7 +204,12 @@ def _signature(request, body: dict) -> str | None:
         except (binascii.Error, UnicodeDecodeError, TypeError):
             return "(Bundle.signature.data is not base64 of a JWS)"
     header = request.getHeader(SIGNATURE_HEADER)
-    return header.strip() if header else None
+    if not header:
+        return None
+    try:
+        return header.decode("ascii").strip()  # (a JWS is base64url and dots)
+    except UnicodeDecodeError:
+        return "(X-Prescription-Signature is not ASCII text)"
 
 
 def _searchset(base: str, rtype: str, resources: list[dict]) -> dict:

@@ -131,6 +131,39 @@ def test_a_version_2_chamber_gains_schedule_facilities_and_slot_z_segments(tmp_p
     ch.close()
 
 
+def test_every_chamber_holds_its_own_audit_key_for_good(tmp_path):
+    """Version 4: a new chamber, and one upgraded from version 3, holds 32 random bytes of its own (the key
+    of the audit's keyed names, gateway/audit.py): not in the repository nor the config, kept across
+    reopening, and refused to be changed or deleted (earlier records would no longer be found by it)."""
+    from gateway.chamber import SCHEMA_DIR, SCHEMA_VERSION
+
+    assert SCHEMA_VERSION >= 4
+    upgraded = tmp_path / "v3.sqlite3"
+    version_1_chamber(upgraded)
+    conn = sqlite3.connect(upgraded)
+    for script in ("upgrade-v1-v2.sql", "upgrade-v2-v3.sql"):
+        conn.executescript((SCHEMA_DIR / script).read_text(encoding="utf-8"))
+    conn.execute("UPDATE chamber_meta SET value = '3' WHERE key = 'schema_version'")
+    conn.commit()
+    conn.close()
+    keys = []
+    for path in (upgraded, tmp_path / "new.sqlite3", tmp_path / "other.sqlite3"):
+        ch = Chamber(path)
+        ch.open()
+        keys.append(ch.read().audit_key())
+        ch.close()
+    assert all(len(k) == 32 for k in keys) and len(set(keys)) == 3
+    again = Chamber(upgraded)
+    again.open()
+    assert again.read().audit_key() == keys[0]
+    again.close()
+    conn = sqlite3.connect(upgraded)
+    for sql in ("UPDATE chamber_keys SET key = zeroblob(32)", "DELETE FROM chamber_keys"):
+        with pytest.raises(sqlite3.IntegrityError, match="never changed"):
+            conn.execute(sql)
+    conn.close()
+
+
 def test_a_failed_upgrade_leaves_the_chamber_at_its_old_version(tmp_path, monkeypatch):
     """An upgrade is one transaction: if a statement fails, nothing of it stays and the start is refused."""
     import gateway.chamber as chamber_module
