@@ -12,7 +12,10 @@
   retried without counting as attempts); HL7
   answers the inner gate gave; HTTP answers of the outer gate; TLS handshakes that failed, per gate
   (``gatewayd_tls_handshake_failures_total{gate="outer"|"inner"}``: no certificate, one from another CA,
-  a revoked-at-the-handshake or unusable one, no common protocol version); the chamber's size on disk and
+  a revoked-at-the-handshake or unusable one, no common protocol version); connections each gate holds and
+  those it refused at accept, per reason (``gatewayd_connections_open{gate}``,
+  ``gatewayd_connections_refused_total{gate,reason}``), and those it cut at a deadline
+  (``gatewayd_connection_timeouts_total{gate,deadline}``); the chamber's size on disk and
   the room left on its file system (``gatewayd_chamber_bytes``, ``gatewayd_chamber_disk_free_bytes``) and
   what retention deleted (``gatewayd_chamber_pruned_total{kind}``).
 """
@@ -24,7 +27,7 @@ import os
 import sqlite3
 from typing import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from twisted.web import resource
 
@@ -114,6 +117,15 @@ class Metrics:
         self.tls_handshake_failures = Counter(
             "gatewayd_tls_handshake_failures_total", "TLS handshakes that failed, per gate (outer: HTTPS, inner: "
             "MLLP)", ["gate"], registry=self.registry)
+        self.connections_open = Gauge("gatewayd_connections_open", "Connections a gate holds now", ["gate"],
+                                      registry=self.registry)
+        self.connections_refused = Counter(
+            "gatewayd_connections_refused_total", "Connections closed at accept, per gate and why (total: every "
+            "connection the gate may hold is taken; per_address: every one its source address may hold)",
+            ["gate", "reason"], registry=self.registry)
+        self.connection_timeouts = Counter(
+            "gatewayd_connection_timeouts_total", "Connections cut at a deadline, per gate and deadline "
+            "(tls_handshake, header, body, idle)", ["gate", "deadline"], registry=self.registry)
 
     def watch_his(self, peer: str, status: Callable[[], dict]) -> None:
         """Report the HIS endpoint ``peer``'s link from ``status`` (its relay's) at every scrape."""

@@ -330,7 +330,39 @@ class OuterConfig:
         "The base URL platforms use (for Location headers and fullUrl), if a proxy changes it.", default=None
     )
     max_request_bytes: Annotated[int, Range(1024, 64 << 20)] = doc(
-        "Largest request body accepted (413 beyond).", default=1 << 20
+        "Largest request body accepted: a larger Content-Length is answered 413 before a byte of the body is read, "
+        "a chunked body is cut off with 413 when it passes this size.", default=1 << 20
+    )
+    max_connections: Annotated[int, Range(1, 1_000_000)] = doc(
+        "Most HTTPS connections open at once, from all addresses together; past it a new connection is closed at "
+        "accept, before any TLS work. With the inner gate's connections it must fit the process's descriptor "
+        "limit (the unit's LimitNOFILE), or the gateway refuses to start.",
+        default=2048,
+    )
+    max_connections_per_address: Annotated[int, Range(1, 1_000_000)] = doc(
+        "Most HTTPS connections open at once from one source address (an IPv6 /64 counts as one address); past "
+        "it a new connection from that address is closed at accept. A platform behind NAT holds its pool of "
+        "keep-alive connections from one address: leave room for it.",
+        default=64,
+    )
+    tls_handshake_timeout: Annotated[Duration, Range(1, 300)] = doc(
+        "Longest time from accepting a connection to the end of its TLS handshake; then the connection is cut.",
+        default=Duration(10.0),
+    )
+    header_timeout: Annotated[Duration, Range(1, 300)] = doc(
+        "Longest time from a request's first byte to the end of its headers, however the bytes trickle in; then "
+        "408 and the connection is closed.",
+        default=Duration(10.0),
+    )
+    body_timeout: Annotated[Duration, Range(1, 3600)] = doc(
+        "Longest time to receive a request's whole body once its headers are in; then 408 and the connection is "
+        "closed.",
+        default=Duration(30.0),
+    )
+    idle_timeout: Annotated[Duration, Range(1, 3600)] = doc(
+        "How long a connection may wait for its next request (or its first, after the TLS handshake); then it "
+        "is closed.",
+        default=Duration(60.0),
     )
     answer_within: Duration = doc(
         "How long a booking, a cancellation, an IHE $hold (with hold_at_his) or $book, or a prescription waits "

@@ -24,25 +24,27 @@ config, the CRL lists it, or the platform pins another public key; a bad or expi
 
 What a platform is granted (docs/security.md), checked in this order on every request: the global rate
 limit (429), a registered and unrevoked certificate (403 ``security``), the platform's rate limit (429
-``throttled`` with Retry-After), the body's size (413), the route (404/405), the platform's scopes (403
-``forbidden``), then the request itself: JSON within depth, string and number limits, with no key named
-twice and no lone surrogate, NUL or other control character FHIR text may not hold (400), slots only
-within the platform's quota (a free slot it may not book is not shown; booking past the quota is 409
-``business-rule``), and only its own appointments (another platform's is 404, like one that does not
-exist).  Log events name a request by its route template (``/fhir/Appointment/{id}``), never its path.
-Every access to patient data and every refusal is audited (gateway/audit.py): an Appointment read
-or search is answered only after its audit record is committed; a booking or cancellation is audited in
-the transaction that makes it.  References inside resources are never fetched.
+``throttled`` with Retry-After), the route (404/405), the platform's scopes (403 ``forbidden``) — all of
+these when the headers are in, before the body is read (:meth:`FhirApi.admit`, asked by the HTTP channel,
+adapters/fhir/channel.py) — the body's size (413), then the request itself: JSON within depth, string and
+number limits, with no key named twice and no lone surrogate, NUL or other control character FHIR text may
+not hold (400), slots only within the platform's quota (a free slot it may not book is not shown; booking
+past the quota is 409 ``business-rule``), and only its own appointments (another platform's is 404, like one
+that does not exist).  Log events name a request by its route template (``/fhir/Appointment/{id}``), never its
+path.  Every access to patient data and every refusal is audited (gateway/audit.py): an Appointment read or
+search is answered only after its audit record is committed; a booking or cancellation is audited in the
+transaction that makes it.  References inside resources are never fetched.
 
 Every error is an OperationOutcome: 400 unreadable request, 403 unknown platform or missing scope, 404
 unknown resource, 405 method, 409 conflict, 413 body too large, 415 media type (XML too), 422 valid FHIR
-we cannot act on, 429 over a rate limit, 500 (never with internals), 503 chamber unavailable.  The
-handler never lets an exception escape to twisted.web.
+we cannot act on, 429 over a rate limit, 500 (never with internals), 503 chamber unavailable (and the HTTP
+channel's own: 408, 414, 417, 431, 501).  The handler never lets an exception escape to twisted.web.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
 import json
 import math
@@ -135,22 +137,6 @@ class BoundedContent(io.BytesIO):
                 self.truncate()
             return len(data)
         return super().write(data)
-
-
-def request_factory(max_body: int):
-    class GatewayRequest(server.Request):
-        def __init__(self, *args, **kw):
-            super().__init__(*args, **kw)
-            # Bodies are FHIR JSON, read by the API: twisted.web must not parse form posts itself (a
-            # malformed multipart body would get a bare 400 from twisted, not an OperationOutcome).
-            self._parsePOSTFormSubmission = False
-
-        def gotLength(self, length):
-            self.content = BoundedContent(max_body)
-            if length is not None and length > max_body:
-                self.content.overflow = True
-
-    return GatewayRequest
 
 
 @dataclass(frozen=True)
@@ -467,14 +453,14 @@ class FhirApi(resource.Resource):
 
     # -- twisted.web entry ----------------------------------------------------------------------------------
     def render(self, request):
-        if self.oauth is not None and request.path == TOKEN_PATH.encode():
-            return self._render_token(request)
-        if self.oauth is not None and request.path == b"/".join([b"", *self.base_parts, *SMART_CONFIGURATION]):
-            return self._render_smart_configuration(request)
+        outside = self._outside_fhir(request)
+        if outside is not None:
+            return outside(request)
+        if getattr(request, "gateway_admission", None) is None:  # (not decided before its body: see admit)
+            self.admit(request)
         started = time.monotonic()
         gone = []
         request.notifyFinish().addErrback(lambda _: gone.append(True))
-        request.gateway_access = Access(source=_source(request))
         d = defer.ensureDeferred(self._dispatch(request))
         d.addErrback(self._unexpected, request)
         d.addCallback(self._audited, request)
@@ -628,8 +614,35 @@ class FhirApi(resource.Resource):
                 access.action = {"$find": "search", "$hold": "hold", "$book": "book"}.get(parts[1], "access")
         return parts
 
-    async def _dispatch(self, request):
-        access: Access = request.gateway_access
+    def _outside_fhir(self, request):
+        """The renderer of an endpoint served here outside the FHIR API (the OAuth2 token endpoint, the SMART
+        configuration), or None."""
+        if self.oauth is None:
+            return None
+        if request.path == TOKEN_PATH.encode():
+            return self._render_token
+        if request.path == b"/".join([b"", *self.base_parts, *SMART_CONFIGURATION]):
+            return self._render_smart_configuration
+        return None
+
+    # -- admission: every decision that needs no body, taken once, before the body is read ---------------------
+    def admit(self, request) -> bool:
+        """Decide what a FHIR request's line, headers and connection decide — the checks of docs/security.md up to
+        the scope, in their order — before its body is read: the outer gate's channel asks when the headers are
+        in (a request that did not come that way is decided when rendered).  The outcome is kept on the request
+        (``gateway_admission``: the handler that will answer it, or the refusal) and answered by
+        :meth:`_dispatch` like any other.  True when the request is refused."""
+        if self._outside_fhir(request) is not None:  # decided by their own renderers
+            return False
+        request.gateway_access = Access(source=_source(request))
+        try:
+            request.gateway_admission = self._admission(request, request.gateway_access)
+        except Exception as e:  # a refusal (FhirError), or a fault answered as one (500) when it is dispatched
+            request.gateway_admission = e
+            return True
+        return False
+
+    def _admission(self, request, access: Access):
         parts = self._route(request, access)
         if self.rate_limiter is not None:
             self._throttled(self.rate_limiter.check_global(), None)
@@ -637,48 +650,62 @@ class FhirApi(resource.Resource):
         request.gateway_platform = platform
         if self.rate_limiter is not None:
             self._throttled(self.rate_limiter.check_platform(platform), platform)
+        if parts is None:
+            raise FhirError(404, "not-found", "not a FHIR endpoint of this gateway")
+        return self._handler(parts, request.method.decode("ascii", "replace"), grant, platform, request, access)
+
+    async def _dispatch(self, request):
+        admission = request.gateway_admission
+        if isinstance(admission, Exception):
+            raise admission
         content = request.content
         if isinstance(content, BoundedContent) and content.overflow:
             raise FhirError(413, "too-long", f"the request body is larger than {content.limit} bytes")
-        base = self._base_url(request)
-        if parts is None:
-            raise FhirError(404, "not-found", "not a FHIR endpoint of this gateway")
-        method = request.method.decode("ascii", "replace")
-        query = self._query(request)
+        answer = admission()
+        return await answer if inspect.isawaitable(answer) else answer
 
+    def _handler(self, parts: list[str], method: str, grant: PlatformGrant, platform: str, request, access: Access):
+        """The route (404), method (405) and scope (403) of a request: the handler that answers it, not called
+        yet (it reads the body, if any, when it is)."""
+        base = self._base_url(request)
+        query = self._query(request)
         if parts == ["metadata"]:
             self._method(method, "GET")
-            return 200, self.capability_statement(base), {}
+            return lambda: (200, self.capability_statement(base), {})
         if self.pharmacy is not None and (not parts or parts[0] in PHARMACY_TYPES):
-            return await self.pharmacy.dispatch(parts, method, grant, platform, request, query, base, access)
+            return self.pharmacy.handler(parts, method, grant, platform, request, query, base, access)
         if not parts or parts[0] not in ("Slot", "Schedule", "Appointment"):
             raise FhirError(404, "not-supported", f"resource type {parts[0] if parts else '(none)'} is not served here")
         rtype, rest = parts[0], parts[1:]
         if rtype == "Appointment" and len(rest) == 1 and rest[0].startswith("$"):
-            return await self._operation(rest[0][1:], method, grant, platform, request, base)
+            return self._operation(rest[0][1:], method, grant, platform, request, base)
         if len(rest) > 1:
             raise FhirError(404, "not-supported", "history and operations are not supported")
         if rtype == "Slot":
             self._method(method, "GET")
             self._scope(grant, platform, "Slot.read")
-            return self.slot_read(platform, rest[0]) if rest else self.slot_search(platform, query, base)
+            if rest:
+                return lambda: self.slot_read(platform, rest[0])
+            return lambda: self.slot_search(platform, query, base)
         if rtype == "Schedule":
             self._method(method, "GET")
             self._scope(grant, platform, "Schedule.read")
-            return self.schedule_read(rest[0]) if rest else self.schedule_search(query, base)
+            if rest:
+                return lambda: self.schedule_read(rest[0])
+            return lambda: self.schedule_search(query, base)
         if not rest:
             self._method(method, "GET", "POST")
             if method == "POST":
                 self._scope(grant, platform, "Appointment.write")
-                return await self.appointment_create(platform, self._body(request), base, request)
+                return lambda: self.appointment_create(platform, self._body(request), base, request)
             self._scope(grant, platform, "Appointment.read")
-            return self.appointment_search(platform, query, base, access)
+            return lambda: self.appointment_search(platform, query, base, access)
         self._method(method, "GET", "PUT", "PATCH")
         if method == "GET":
             self._scope(grant, platform, "Appointment.read")
-            return self.appointment_read(platform, rest[0], access)
+            return lambda: self.appointment_read(platform, rest[0], access)
         self._scope(grant, platform, "Appointment.write")
-        return await self.appointment_change(platform, rest[0], method, self._body(request), base, access)
+        return lambda: self.appointment_change(platform, rest[0], method, self._body(request), base, access)
 
     # -- authentication: a bearer token, else the client certificate (docs/security.md) ----------------------
     def _authenticate(self, request, access: Access) -> tuple[str, PlatformGrant]:
@@ -1201,7 +1228,8 @@ class FhirApi(resource.Resource):
                         "Appointment.status")
 
     # -- IHE ITI Scheduling: $find, $hold, $book (adapters/fhir/ihe.py, docs/ihe-scheduling.md) -----------------
-    async def _operation(self, name: str, method: str, grant: PlatformGrant, platform: str, request, base: str):
+    def _operation(self, name: str, method: str, grant: PlatformGrant, platform: str, request, base: str):
+        """An IHE operation's method and scope: its handler (see _handler)."""
         if name not in ihe.OPERATIONS:
             raise FhirError(404, "not-supported", f"operation ${name[:40]} is not supported on Appointment "
                                                   f"(supported: $find, $hold, $book)")
@@ -1209,14 +1237,12 @@ class FhirApi(resource.Resource):
             self._method(method, "POST", "GET")
             self._scope(grant, platform, "Slot.read")  # it shows slot availability, no patient data
             if method == "GET":
-                return self.ihe_find(platform, None, base, self._query(request))
-            return self.ihe_find(platform, self._body(request), base)
+                return lambda: self.ihe_find(platform, None, base, self._query(request))
+            return lambda: self.ihe_find(platform, self._body(request), base)
         self._method(method, "POST")
         self._scope(grant, platform, "Appointment.write")
-        body = self._body(request)
-        if name == "hold":
-            return await self.ihe_hold(platform, body, base, request.gateway_access)
-        return await self.ihe_book(platform, body, base, request.gateway_access)
+        operation = self.ihe_hold if name == "hold" else self.ihe_book
+        return lambda: operation(platform, self._body(request), base, request.gateway_access)
 
     @staticmethod
     def _operation_bundle(base: str, operation: str, resources: list[dict]) -> dict:
