@@ -581,6 +581,8 @@ def _inner_gate(config, reactor, tz, chamber, booking, metrics, prescribing):
     mllp_factory = MLLPServerFactory(
         handler, max_message_bytes=config.inner.max_message_bytes, default_charset=his.charset,
         idle_timeout=config.inner.idle_timeout, max_connections=config.inner.max_connections,
+        frame_timeout=config.inner.frame_timeout, tls_handshake_timeout=config.inner.tls_handshake_timeout,
+        max_junk_bytes=config.inner.max_junk_bytes,
         sending_application=config.inner.sending_application, sending_facility=config.inner.sending_facility,
         clock=reactor, release=config.inner.mllp_release, tls=tls_switch,
         on_tls_failure=_handshake_failures(metrics, "inner", False) if tls_switch is not None else None,
