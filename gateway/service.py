@@ -40,6 +40,7 @@ from zope.interface import implementer
 
 from adapters.fhir.channel import GatewaySite
 from adapters.fhir.server import FhirApi, JsonLimits, PlatformDirectory
+from adapters.hl7.identity import same_message
 from adapters.inner_gate import HisDestination, InnerGateHandler, SlotPoller
 from adapters.mapping.pharmacy import PharmacyProfile
 from adapters.mapping.srm_booking import Hl7Header, build_sqm_s25, build_srm
@@ -563,7 +564,7 @@ def _inner_gate(config, reactor, tz, chamber, booking, metrics, prescribing):
     gate = service.MultiService()
     gate.setName("inner")
     slot_book = SlotBook(tz)
-    inbound = InboundService(chamber, slot_book, config.inner.z_segment_peers())
+    inbound = InboundService(chamber, slot_book, config.inner.z_segment_peers(), same_message=same_message)
     by_kind = _ByKind(booking, prescribing)
     relays = [_relay(config, reactor, chamber, endpoint, by_kind, metrics, gate, inbound, tz)
               for endpoint in (his, *config.inner.endpoints)]
