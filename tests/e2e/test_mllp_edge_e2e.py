@@ -117,6 +117,46 @@ def test_four_dribbling_senders_no_longer_lock_the_his_out(small_gateway):
     assert lock.gateway.alive()
 
 
+def test_a_tls_handshake_that_never_finishes_is_cut(tmp_path):
+    """With inner.tls, a peer that opens a TCP connection and never finishes the handshake (sends nothing, or
+    half a ClientHello) is closed after inner.tls_handshake_timeout, logged; a real HIS engine's handshake and
+    message still go through."""
+    import json
+    import ssl
+
+    lock = Lock(tmp_path)
+    lock.gateway_config["inner"].update(tls_handshake_timeout="1s", idle_timeout="30s", tls={
+        "certificate": "certs/server.pem", "private_key": "certs/server.key", "client_ca": "certs/ca.pem"})
+    lock.write_configs()
+    lock.start_gateway()
+    try:
+        held = []
+        for first_bytes in (b"", b"\x16\x03\x01\x02\x00\x01"):  # nothing; the start of a ClientHello
+            with socket.create_connection(("127.0.0.1", lock.mllp_port), timeout=10) as s:
+                s.sendall(first_bytes)
+                opened = time.monotonic()
+                try:
+                    assert s.recv(1) == b""
+                except ConnectionResetError:
+                    pass  # aborted: mid-handshake there is nothing to say goodbye with
+                held.append(time.monotonic() - opened)
+        assert all(0.8 < h < 3 for h in held), held
+        ctx = ssl.create_default_context(cafile=str(lock.certs / "ca.pem"))
+        ctx.load_cert_chain(*lock.cert("demo"))
+        with socket.create_connection(("127.0.0.1", lock.mllp_port), timeout=5) as raw:
+            with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+                s.sendall(frame(siu("TLS-OK", "20301010120000")))
+                framer, frames = MLLPFramer(), []
+                while not frames:
+                    frames = framer.feed(s.recv(65536))
+        assert read_ack(parse(frames[0]))[:2] == ("AA", "TLS-OK")
+        events = [json.loads(line)["event"] for line in lock.gateway.log_path.read_text().splitlines()
+                  if line.startswith("{")]
+        assert events.count("mllp.tls.handshake_timeout") == 2
+    finally:
+        lock.stop()
+
+
 def siu(control_id: str, msh7: str, status: str = "Blocked", facility: str = "HOSPITAL") -> bytes:
     return (f"MSH|^~\\&|HIS|{facility}|GATEWAYD|FRONT|{msh7}||SIU^S23^SIU_S12|{control_id}|P|2.5\r"
             f"SCH|||||D001^x||||15|MIN|^^15^203010100830^203010100845|||||||||||||{status}\r"
