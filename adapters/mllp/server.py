@@ -28,8 +28,8 @@ transport is paused (TCP back-pressure) until the queue drains to half. The prot
 push producer: when the peer does not read our answers and the transport's write buffer fills, reading
 and handling stop until it drains, so a peer that sends without reading cannot make us buffer answers.
 
-Failure paths (each chosen on purpose and tested in tests/unit/test_mllp_protocols.py and
-tests/unit/test_mllp_release2.py):
+Failure paths (each chosen on purpose and tested in tests/unit/test_mllp_protocols.py,
+tests/unit/test_mllp_release2.py and, for slow and noisy peers, tests/unit/test_mllp_edge.py):
 
 ======================================  ================================================================
 What happens                            What we do
@@ -305,13 +305,13 @@ class MLLPServerProtocol(Protocol):
         self._log.info(
             "mllp.connection.closed",
             reason=reason.getErrorMessage() if reason is not None else "",
-            unanswered=len([i for i in self._queue if isinstance(i, bytes)]) + (1 if self._busy else 0),
+            unanswered=sum(isinstance(i, bytes) for i in self._queue) + (1 if self._busy else 0),
             junk_bytes=self._framer.junk_bytes,
         )
         self._queue.clear()
 
-    def _tls_failed(self, failure: Failure) -> None:
-        self._log.warning("mllp.tls.handshake_failed", error=failure.getErrorMessage()[:200])
+    def _tls_failed(self, failure: Failure, event: str = "mllp.tls.handshake_failed", **fields) -> None:
+        self._log.warning(event, error=failure.getErrorMessage()[:200], **fields)
         if self.factory.on_tls_failure is not None:
             self.factory.on_tls_failure(self.transport.getPeer(), failure)
 
@@ -341,9 +341,6 @@ class MLLPServerProtocol(Protocol):
                 self._pause("pipeline")
             self._follow_frame(started_again=any(p != COMMIT_ACK and p != COMMIT_NAK for p in frames))
         self._pump()
-        if (f.idle_timeout and "idle" not in self._timers and not (self._busy or self._closing or self._queue)
-                and not self._framer.in_frame):
-            self._idle_timeout()  # it ran out while a frame was arriving, and that frame brought no work
 
     def _cut_after_queued(self, cut: _Cut) -> None:
         """Read nothing more; answer the frames already queued, then ``cut``."""
@@ -387,7 +384,7 @@ class MLLPServerProtocol(Protocol):
 
     def _idle_timeout(self) -> None:
         """Close, unless a frame is arriving: it has its own deadline, and if it brings no work the
-        connection is closed as idle once it has ended (`dataReceived`)."""
+        connection is closed as idle once it has ended (`_pump`)."""
         if self._framer.in_frame and "frame" in self._timers:
             return
         self._log.info("mllp.connection.idle_timeout", idle_timeout=self.factory.idle_timeout)
@@ -411,8 +408,8 @@ class MLLPServerProtocol(Protocol):
 
     def _handshake_timeout(self) -> None:
         timeout = self.factory.tls_handshake_timeout
-        self._log.warning("mllp.tls.handshake_timeout", tls_handshake_timeout=timeout)
-        self._tls_failed(Failure(TimeoutError(f"no TLS handshake within {timeout:g} s")))
+        self._tls_failed(Failure(TimeoutError(f"no TLS handshake within {timeout:g} s")),
+                         "mllp.tls.handshake_timeout", tls_handshake_timeout=timeout)
         self._tls = None  # counted once: the close that follows is not another failure
         self._close()
 
@@ -448,6 +445,9 @@ class MLLPServerProtocol(Protocol):
             self._resume("pipeline")
         if worked:
             self._touch()
+        elif self.factory.idle_timeout and "idle" not in self._timers and not (
+                self._busy or self._closing or self._disconnected or self._queue or self._framer.in_frame):
+            self._idle_timeout()  # it ran out while a frame was arriving, and that frame brought no work
 
     def _handle_frame(self, payload: bytes) -> bool:
         """Answer one frame, or hand it to the handler. False for a commit block: no work for us."""
@@ -530,8 +530,8 @@ class MLLPServerProtocol(Protocol):
 
     def _done(self, _result: object) -> None:
         self._busy = False
+        self._touch()  # an answer was written
         self._pump()
-        self._touch()  # an answer was written; re-arms only if nothing new went to the handler
 
     def _write(self, framed: bytes, control_id: str) -> None:
         if self._disconnected:
