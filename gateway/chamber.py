@@ -1275,6 +1275,8 @@ class Chamber:
             raise
         finally:
             conn.execute("PRAGMA foreign_keys = ON")
+        if version is None and conn.execute("PRAGMA freelist_count").fetchone()[0]:
+            conn.execute("VACUUM")  # a new chamber starts without the pages of tables an upgrade rebuilt
         if version not in (None, SCHEMA_VERSION):
             log.warning("chamber.upgraded", path=self.path, from_version=version, to_version=SCHEMA_VERSION)
 

@@ -234,6 +234,10 @@ def test_a_version_4_chamber_knows_inbound_messages_by_sender_and_control_id(tmp
     with pytest.raises(sqlite3.IntegrityError):
         ch._writer.execute("INSERT INTO message_events VALUES (999, 0, 'x', 'y')")
     ch.close()
+    new = Chamber(tmp_path / "new.sqlite3")
+    new.open()
+    assert new._conn.execute("PRAGMA freelist_count").fetchone()[0] == 0  # a new chamber keeps no rebuilt pages
+    new.close()
 
 
 def test_a_chamber_from_a_newer_gatewayd_is_refused_untouched(tmp_path):
