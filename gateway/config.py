@@ -223,7 +223,19 @@ class InnerConfig:
     max_connections: Annotated[int, Range(1, 10000)] = doc(
         "Most simultaneous MLLP connections from the HIS side.", default=32
     )
-    idle_timeout: Duration = doc("An MLLP connection idle this long is closed.", default=Duration(300.0))
+    idle_timeout: Duration = doc(
+        "An MLLP connection that does no work this long (no message answered; bytes outside frames and commit "
+        "blocks do not count) is closed.", default=Duration(300.0))
+    frame_timeout: Annotated[Duration, Range(1, 3600)] = doc(
+        "Longest an MLLP frame may take from its start byte to its end byte; a slower one is answered AE 'not "
+        "completed, send it again' (when its MSH-10 arrived whole) and the connection closed. Above the time "
+        "the largest message takes on the link.", default=Duration(30.0))
+    tls_handshake_timeout: Annotated[Duration, Range(1, 300)] = doc(
+        "Longest a TLS handshake on the MLLP listener (inner.tls) may take; then the connection is closed.",
+        default=Duration(10.0))
+    max_junk_bytes: Annotated[int, Range(16, 64 << 20)] = doc(
+        "Most bytes outside MLLP frames (abandoned frames included) a connection may send between two "
+        "messages (a CR LF after each frame is fine); past it the connection is closed.", default=65536)
     mllp_release: Annotated[int, Range(1, 2)] = doc(
         "MLLP release of the listener: 1, or 2 (a commit block 0x06/0x15 before each answer, after the commit).",
         default=1,

@@ -40,6 +40,7 @@ from zope.interface import implementer
 
 from adapters.fhir.channel import GatewaySite
 from adapters.fhir.server import FhirApi, JsonLimits, PlatformDirectory
+from adapters.hl7.identity import same_message
 from adapters.inner_gate import HisDestination, InnerGateHandler, SlotPoller
 from adapters.mapping.pharmacy import PharmacyProfile
 from adapters.mapping.srm_booking import Hl7Header, build_sqm_s25, build_srm
@@ -563,7 +564,7 @@ def _inner_gate(config, reactor, tz, chamber, booking, metrics, prescribing):
     gate = service.MultiService()
     gate.setName("inner")
     slot_book = SlotBook(tz)
-    inbound = InboundService(chamber, slot_book, config.inner.z_segment_peers())
+    inbound = InboundService(chamber, slot_book, config.inner.z_segment_peers(), same_message=same_message)
     by_kind = _ByKind(booking, prescribing)
     relays = [_relay(config, reactor, chamber, endpoint, by_kind, metrics, gate, inbound, tz)
               for endpoint in (his, *config.inner.endpoints)]
@@ -581,6 +582,8 @@ def _inner_gate(config, reactor, tz, chamber, booking, metrics, prescribing):
     mllp_factory = MLLPServerFactory(
         handler, max_message_bytes=config.inner.max_message_bytes, default_charset=his.charset,
         idle_timeout=config.inner.idle_timeout, max_connections=config.inner.max_connections,
+        frame_timeout=config.inner.frame_timeout, tls_handshake_timeout=config.inner.tls_handshake_timeout,
+        max_junk_bytes=config.inner.max_junk_bytes,
         sending_application=config.inner.sending_application, sending_facility=config.inner.sending_facility,
         clock=reactor, release=config.inner.mllp_release, tls=tls_switch,
         on_tls_failure=_handshake_failures(metrics, "inner", False) if tls_switch is not None else None,

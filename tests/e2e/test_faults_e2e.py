@@ -88,7 +88,7 @@ def test_kill_9_under_load(tmp_path):
         chamber = chamber_of(lock)
         try:
             for control_id in his["acked"]:
-                msg = chamber.read().message_by_control_id("inbound", "his", control_id)
+                msg = chamber.read().message_by_control_id("inbound", "his", control_id, "HIS|HOSPITAL")
                 assert msg is not None and msg.state == "delivered", control_id
         finally:
             chamber.close()
