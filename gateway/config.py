@@ -8,6 +8,7 @@ file, line, column and key path (see :mod:`gateway.confschema`).
 from __future__ import annotations
 
 import codecs
+import ipaddress
 import re
 import zoneinfo
 from dataclasses import dataclass, field
@@ -221,7 +222,22 @@ class InnerConfig:
         default=1 << 20,
     )
     max_connections: Annotated[int, Range(1, 10000)] = doc(
-        "Most simultaneous MLLP connections from the HIS side.", default=32
+        "Most MLLP connections open at once from all addresses together (besides his_connections reserved for "
+        "his_addresses); past it a new connection is closed at accept, before anything is read.", default=32
+    )
+    max_connections_per_address: Annotated[int, Range(1, 10000)] = doc(
+        "Most MLLP connections open at once from one source address (an IPv6 /64 counts as one), out of "
+        "max_connections; past it a new connection from that address is closed at accept.", default=16
+    )
+    his_addresses: list[str] = doc(
+        "Source addresses of the HIS systems that send to this listener (their interface engines, pharmacy "
+        "system...). Their connections have his_connections of their own that no other address can take, so "
+        "nothing else on the intranet can use up the listener and lock the HIS out. Empty: nothing is reserved.",
+        default_factory=list,
+    )
+    his_connections: Annotated[int, Range(1, 10000)] = doc(
+        "MLLP connections reserved for his_addresses (once they are all in use, the HIS shares max_connections "
+        "with everyone else).", default=8
     )
     idle_timeout: Duration = doc(
         "An MLLP connection that does no work this long (no message answered; bytes outside frames and commit "
@@ -264,6 +280,12 @@ class InnerConfig:
 
     def __post_validate__(self):
         issues = []
+        for i, address in enumerate(self.his_addresses):
+            try:
+                ipaddress.ip_address(address)
+            except ValueError:
+                issues.append((f"his_addresses[{i}]", f"{address!r} is not an IP address (a host name is not "
+                                                      f"resolved here: write the address the HIS connects from)"))
         names = {self.his.name: "his"}
         apps = {self.his.receiving_application: "his"}
         for i, e in enumerate(self.endpoints):

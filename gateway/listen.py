@@ -27,7 +27,7 @@ import socket
 
 import structlog
 from twisted.internet import defer, tcp
-from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.interfaces import IHandshakeListener, IStreamServerEndpoint
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
@@ -147,11 +147,17 @@ class RefusalLog:
             self._call = self.clock.callLater(self.interval, self._line)
 
 
+@implementer(IHandshakeListener)
 class _Held(ProtocolWrapper):
-    """A connection a ConnectionLimiter admitted, and the capacity it holds (``pool``, ``source``)."""
+    """A connection a ConnectionLimiter admitted, and the capacity it holds (``pool``, ``source``).  A protocol
+    that starts TLS itself (the MLLP listener) learns of its handshake through it."""
 
     pool = "shared"
     source = ""
+
+    def handshakeCompleted(self) -> None:
+        if IHandshakeListener.providedBy(self.wrappedProtocol):
+            self.wrappedProtocol.handshakeCompleted()
 
 
 class ConnectionLimiter(WrappingFactory):
@@ -260,6 +266,8 @@ def descriptor_needs(config, gate: str) -> list[tuple[str, int]]:
         needs.append(("outer.max_connections", config.outer.max_connections))
     if gate in ("both", "inner") and config.inner is not None:
         needs.append(("inner.max_connections", config.inner.max_connections))
+        if config.inner.his_addresses:
+            needs.append(("inner.his_connections", config.inner.his_connections))
         his = sum(e.window + (e.slot_source == "poll") for e in (config.inner.his, *config.inner.endpoints))
         needs.append(("connections to the HIS (inner.his/endpoints window, polling)", his))
     if config.admin is not None:

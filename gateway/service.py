@@ -581,7 +581,8 @@ def _inner_gate(config, reactor, tz, chamber, booking, metrics, prescribing):
         if config.inner.tls is not None else None)
     mllp_factory = MLLPServerFactory(
         handler, max_message_bytes=config.inner.max_message_bytes, default_charset=his.charset,
-        idle_timeout=config.inner.idle_timeout, max_connections=config.inner.max_connections,
+        idle_timeout=config.inner.idle_timeout,
+        max_connections=config.inner.max_connections + config.inner.his_connections,  # (the limiter's, below)
         frame_timeout=config.inner.frame_timeout, tls_handshake_timeout=config.inner.tls_handshake_timeout,
         max_junk_bytes=config.inner.max_junk_bytes,
         sending_application=config.inner.sending_application, sending_facility=config.inner.sending_facility,
@@ -593,7 +594,12 @@ def _inner_gate(config, reactor, tz, chamber, booking, metrics, prescribing):
         inner_endpoint = DeviceServerEndpoint(reactor, port, interface, config.inner.bind_device)
     else:
         inner_endpoint = endpoints.serverFromString(reactor, config.inner.listen)
-    listener = StreamServerEndpointService(inner_endpoint, mllp_factory)
+    limited = _connection_limiter(mllp_factory, metrics, "inner", reactor,
+                                  max_connections=config.inner.max_connections,
+                                  max_per_address=config.inner.max_connections_per_address,
+                                  reserved=config.inner.his_addresses,
+                                  reserved_connections=config.inner.his_connections)
+    listener = StreamServerEndpointService(inner_endpoint, limited)
     listener._raiseSynchronously = True
     listener.setName("inner-gate")
     listener.setServiceParent(gate)

@@ -52,14 +52,24 @@ class Dribbler(threading.Thread):
         self.sock.close()
 
 
-def refused_at_once(port: int) -> bool:
-    """Whether a new connection is closed by the gateway before anything is sent (max_connections reached)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+def refused_at_once(port: int, source: str = "127.0.0.1") -> bool:
+    """Whether a new connection (from ``source``) is closed by the gateway before anything is sent (a connection
+    limit reached)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0)) as s:
         s.settimeout(2)
         try:
             return s.recv(1) == b""
         except socket.timeout:
             return False
+
+
+def still_open(s: socket.socket) -> bool:
+    """Whether the gateway has not closed this connection (nothing to read, no end of stream)."""
+    s.setblocking(False)
+    try:
+        return s.recv(1, socket.MSG_PEEK) != b""
+    except BlockingIOError:
+        return True
 
 
 @pytest.fixture
@@ -117,6 +127,39 @@ def test_four_dribbling_senders_no_longer_lock_the_his_out(small_gateway):
     assert lock.gateway.alive()
 
 
+def test_the_his_addresses_keep_their_own_connections_whatever_else_holds_the_listener(tmp_path):
+    """Before, connections that send nothing held the listener for idle_timeout (31 of them, 5 minutes with the
+    default config) and the HIS was refused meanwhile. Now connections are counted per source at accept, and the
+    HIS's addresses (inner.his_addresses) have inner.his_connections of their own: peers at 127.0.0.2 and
+    127.0.0.3 take every shared connection (max_connections 4, at most 3 from one address), more are closed at
+    accept, and the HIS simulator at 127.0.0.1 still gets in at once and publishes its slots."""
+    lock = Lock(tmp_path, sim={"retry_initial": "200ms", "retry_max": "1s"})
+    lock.gateway_config["inner"].update(max_connections=4, max_connections_per_address=3,
+                                        his_addresses=["127.0.0.1"], his_connections=2)
+    lock.write_configs()
+    lock.start_gateway()
+    held = []
+    try:
+        for source, n in (("127.0.0.2", 3), ("127.0.0.3", 1)):
+            held += [socket.create_connection(("127.0.0.1", lock.mllp_port), timeout=5, source_address=(source, 0))
+                     for _ in range(n)]
+        time.sleep(0.3)
+        assert refused_at_once(lock.mllp_port, "127.0.0.2"), "a fourth connection from one address"
+        assert refused_at_once(lock.mllp_port, "127.0.0.4"), "any connection once the shared ones are taken"
+        started = time.monotonic()
+        lock.start_sim()
+        eventually(lambda: len(lock.search_slots()) >= lock.slot_count, timeout=20,
+                   what="the HIS simulator's slots, through its reserved connections")
+        print(f"\nslots published {time.monotonic() - started:.1f} s after the HIS simulator started")
+        assert all(still_open(s) for s in held), "the HIS got in beside them, not in their place"
+    finally:
+        for s in held:
+            s.close()
+        lock.stop()
+    log = lock.gateway.log_path.read_text()
+    assert '"connections.refused"' in log and '"gate": "inner"' in log
+
+
 def test_a_tls_handshake_that_never_finishes_is_cut(tmp_path):
     """With inner.tls, a peer that opens a TCP connection and never finishes the handshake (sends nothing, or
     half a ClientHello) is closed after inner.tls_handshake_timeout, logged; a real HIS engine's handshake and
@@ -145,6 +188,7 @@ def test_a_tls_handshake_that_never_finishes_is_cut(tmp_path):
         ctx.load_cert_chain(*lock.cert("demo"))
         with socket.create_connection(("127.0.0.1", lock.mllp_port), timeout=5) as raw:
             with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+                time.sleep(1.5)  # past the handshake deadline: a finished handshake is not cut by it
                 s.sendall(frame(siu("TLS-OK", "20301010120000")))
                 framer, frames = MLLPFramer(), []
                 while not frames:

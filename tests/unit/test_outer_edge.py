@@ -406,11 +406,13 @@ def test_refusals_are_logged_once_per_interval_with_their_count():
 # -- descriptors -----------------------------------------------------------------------------------------------------
 def test_the_descriptors_the_limits_need_name_their_keys():
     his = SimpleNamespace(window=2, slot_source="poll")
-    config = SimpleNamespace(outer=SimpleNamespace(max_connections=2048),
-                             inner=SimpleNamespace(max_connections=32, his=his, endpoints=[his]), admin=object())
+    inner = SimpleNamespace(max_connections=32, his=his, endpoints=[his], his_addresses=[], his_connections=8)
+    config = SimpleNamespace(outer=SimpleNamespace(max_connections=2048), inner=inner, admin=object())
     needs = dict(descriptor_needs(config, "both"))
     assert needs["outer.max_connections"] == 2048 and needs["inner.max_connections"] == 32
     assert sum(needs.values()) == 2048 + 32 + 6 + 16 + 12 + 64
+    inner.his_addresses = ["10.1.2.3"]  # the HIS's reserved connections come on top
+    assert dict(descriptor_needs(config, "both"))["inner.his_connections"] == 8
     assert "inner.max_connections" not in dict(descriptor_needs(config, "outer"))
     assert "outer.max_connections" not in dict(descriptor_needs(config, "inner"))
 
