@@ -371,9 +371,24 @@ def configure(lock: booking.BookingLock, overrides: dict) -> None:
     path.write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")
 
 
-def his_link_drops(log_path: Path, since: float) -> list[dict]:
-    """The gateway's connections to the HIS simulator lost or not made after ``since`` (its JSON log; before
-    the traffic starts the simulator may not be listening yet)."""
+def cpu_by_phase(samples: list[dict], args) -> dict:
+    """CPU of the gateway, the HIS simulator and the attacker process in each phase, in % of one core."""
+    bounds = {"before": (0.0, args.before), "attack": (args.before, args.before + args.attack),
+              "after": (args.before + args.attack, args.before + args.attack + args.after)}
+    out = {}
+    for phase, (t0, t1) in bounds.items():
+        inside = [s for s in samples if t0 <= s["t"] <= t1]
+        if len(inside) < 2:
+            continue
+        span = inside[-1]["t"] - inside[0]["t"]
+        out[phase] = {who: round(100 * (inside[-1]["cpu_s"][who] - inside[0]["cpu_s"][who]) / span, 1)
+                      for who in inside[0]["cpu_s"]} if span > 0 else {}
+    return out
+
+
+def his_link_drops(log_path: Path, since: float, until: float) -> list[dict]:
+    """The gateway's connections to the HIS simulator lost or not made between ``since`` and ``until`` (its JSON
+    log; before the traffic starts the simulator may not be listening yet, after it the run is stopped)."""
     from datetime import datetime
 
     drops = []
@@ -385,7 +400,7 @@ def his_link_drops(log_path: Path, since: float) -> list[dict]:
             at = datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
         except (ValueError, KeyError):
             continue
-        if at >= since:
+        if since <= at <= until:
             drops.append({"t": round(at - since, 1), "event": event.get("event"), "reason": event.get("reason")})
     return drops
 
@@ -418,10 +433,11 @@ def run(args, workdir: Path) -> dict:
             while not stop.is_set():
                 samples.append({"t": round(time.time() - t_start, 1), "rss_mb": round(lock.gateway.rss_mb(), 1),
                                 "fds": len(os.listdir(f"/proc/{lock.gateway.pid}/fd"))
-                                if lock.gateway.alive() else None})
+                                if lock.gateway.alive() else None,
+                                "cpu_s": {"gateway": lock.gateway.cpu_seconds(), "his_sim": lock.sim.cpu_seconds(),
+                                          "attacker": rig.process_cpu_seconds(attacker.pid) if attacker else 0.0}})
                 stop.wait(1.0)
 
-        threading.Thread(target=sampler, daemon=True).start()
         spec = {"certs": str(certs.dir), "fhir_port": lock.fhir_port, "mllp_port": lock.mllp_port,
                 "start_at": t_attack, "seconds": args.attack, "addresses": args.attack_addresses,
                 "idle": args.idle, "half_handshakes": args.half_handshakes, "slow_headers": args.slow_headers,
@@ -431,6 +447,7 @@ def run(args, workdir: Path) -> dict:
                                     env=dict(os.environ, PYTHONPATH=str(rig.REPO)))
         attacker.stdin.write(json.dumps(spec).encode())
         attacker.stdin.close()
+        threading.Thread(target=sampler, daemon=True).start()
         time.sleep(max(0.0, t_start - time.time()))
         his.start()
         outs, t0 = booking.run_workers(port=lock.fhir_port, certs=certs.dir, slots=slots[10:], procs=1,
@@ -456,14 +473,18 @@ def run(args, workdir: Path) -> dict:
     rel = lambda t: t - (t_start)  # noqa: E731
     start = [s["rss_mb"] for s in samples if s["t"] < args.before]
     during = [s["rss_mb"] for s in samples if args.before <= s["t"] < args.before + args.attack]
-    end = [s["rss_mb"] for s in samples if s["t"] >= args.before + args.attack + min(10.0, args.after / 2)]
+    end = [s["rss_mb"] for s in samples if s["t"] >= args.before + args.attack + args.after - 20.0]  # its last 20 s
     rss_start = rig.median(start)
     return {
         "machine": rig.machine(),
         "phases_s": {"before": args.before, "attack": args.attack, "after": args.after},
         "legitimate": {"bookings": latency_summary(books), "siu": latency_summary(siu), "requests": statuses},
         "his_link": {"his_sender_drops": [round(rel(t), 1) for t in his.drops],
-                     "gateway_to_his_drops": his_link_drops(lock.gateway.log_path, t_start)},
+                     "gateway_to_his_drops": his_link_drops(lock.gateway.log_path, t_start, t_start + total)},
+        "cpu_pct": cpu_by_phase(samples, args),
+        "slow_siu": [(round(rel(due), 1), round(1000 * lat)) for due, lat, _ in his.samples if lat > 0.1],
+        "slow_bookings": [(round(t0 + r[1] - t_start, 1), round(1000 * r[2])) for o in outs for r in o["results"]
+                          if r[0] == "book" and r[2] is not None and r[2] > 0.1],
         "rss_mb": {"start": rss_start, "attack_peak": max(during) if during else None,
                    "after": rig.median(end),
                    "growth_peak": round(max(during) - rss_start, 1) if during and rss_start else None,
@@ -484,6 +505,7 @@ def print_summary(result: dict) -> None:
         print(f"{phase:8} {b['ok']:>8}/{b['sent']:<8} {rig.fmt(b['p50_ms']):>8} {rig.fmt(b['p99_ms']):>8} "
               f"{s['ok']:>5}/{s['sent']:<6} {rig.fmt(s['p50_ms']):>8} {rig.fmt(s['p99_ms']):>8}")
     print("HIS link drops:", result["his_link"], " RSS MB:", result["rss_mb"], " fds peak:", result["fds_peak"])
+    print("CPU % of one core:", result["cpu_pct"])
     for kind, stats in result["attack"].items():
         print(f"  {kind:16} {json.dumps(stats)}")
 
@@ -495,7 +517,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--before", type=float, default=20.0, help="seconds of legitimate traffic before the attack")
     ap.add_argument("--attack", type=float, default=60.0)
-    ap.add_argument("--after", type=float, default=30.0)
+    ap.add_argument("--after", type=float, default=90.0, help="seconds after the attack (the gateway trims freed memory every minute)")
     ap.add_argument("--book-rate", type=float, default=20.0)
     ap.add_argument("--siu-rate", type=float, default=50.0)
     ap.add_argument("--idle", type=int, default=3000)
