@@ -286,7 +286,7 @@ class Certs:
     """One development CA for a whole bench run (server certificate + the 'bench' platform's client)."""
 
     def __init__(self, directory: Path):
-        from gateway.devca import init_dev_ca
+        from gateway.ops.devca import init_dev_ca
 
         self.dir = directory
         init_dev_ca(directory, platforms=("bench",))
@@ -334,15 +334,15 @@ def gateway_config(workdir: Path, certs: Certs, *, mllp_port: int, his_port: int
 def _config_has(class_name: str, key: str, repo: Path | None = None) -> bool:
     """Whether the config section ``class_name`` has ``key`` in this checkout (or in checkout ``repo``)."""
     if repo is not None:
-        probe = ("import dataclasses, gateway.config as c; cls = getattr(c, %r, None); "
+        probe = ("import dataclasses, gateway.config.model as c; cls = getattr(c, %r, None); "
                  "print(cls is not None and %r in {f.name for f in dataclasses.fields(cls)})" % (class_name, key))
         out = subprocess.run([PY, "-c", probe], capture_output=True, text=True, cwd=repo, env=dict(os.environ, PYTHONPATH=str(repo)))
         return out.stdout.strip() == "True"
     import dataclasses
 
-    import gateway.config
+    import gateway.config.model
 
-    cls = getattr(gateway.config, class_name, None)
+    cls = getattr(gateway.config.model, class_name, None)
     return cls is not None and key in {f.name for f in dataclasses.fields(cls)}
 
 

@@ -5,7 +5,7 @@ Start order (stop order is the reverse)::
     descriptors        the process's descriptor limit raised, and checked against the connection limits
     chamber            opened first (before any listener accepts), closed last
     chamber-watch      split lock only: wakes this process when the other gate's process commits
-    retention          deletes what is past chamber.keep_messages / keep_appointments (gateway/retention.py)
+    retention          deletes what is past chamber.keep_messages / keep_appointments (gateway/chamber/retention.py)
     memory-trim        hands memory closed connections freed back to the system, every minute
     inner gate         the MLLP listener for the HIS (intranet), then relay:<endpoint> (committed outbound
                        messages to each HIS endpoint; `routes` say which) and poller:<endpoint> (slot_source:
@@ -38,31 +38,31 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web import server as web_server
 from zope.interface import implementer
 
-from adapters.fhir.channel import GatewaySite
-from adapters.fhir.server import FhirApi, JsonLimits, PlatformDirectory
+from adapters.outer.http import GatewaySite
+from adapters.outer.site import FhirApi, JsonLimits, PlatformDirectory
 from adapters.hl7.identity import same_message
-from adapters.inner_gate import HisDestination, InnerGateHandler, SlotPoller
-from adapters.mapping.pharmacy import PharmacyProfile
-from adapters.mapping.srm_booking import Hl7Header, build_sqm_s25, build_srm
-from adapters.mllp import tls as mllp_tls
-from adapters.mllp.client import MLLPClient
-from adapters.mllp.server import MLLPServerFactory, no_delay
-from gateway.audit import AuditTrail
-from gateway.admin import AdminResource, Metrics
-from gateway.booking import BookingService, HisLinkInfo, SlotBook
-from gateway.patients import IdentifierRules
-from gateway.chamber import Chamber
-from gateway.config import GatewayConfig
-from gateway.inbound import InboundService
-from gateway.oauth import TokenService, clients_from_config, default_token_url
-from gateway.listen import (ADMIN_CONNECTIONS, ConnectionLimiter, GateEndpoint, RefusalLog,
+from adapters.inner.receiver import HisDestination, InnerGateHandler, SlotPoller
+from adapters.maps.pharmacy import PharmacyProfile
+from adapters.maps.srm_booking import Hl7Header, build_sqm_s25, build_srm
+from adapters import tls as mllp_tls
+from adapters.inner.client import MLLPClient
+from adapters.inner.listener import MLLPServerFactory, no_delay
+from gateway.domain.audit import AuditTrail
+from gateway.ops.admin import AdminResource, Metrics
+from gateway.domain.booking import BookingService, HisLinkInfo, SlotBook
+from gateway.domain.patients import IdentifierRules
+from gateway.chamber.engine import Chamber
+from gateway.config.model import GatewayConfig
+from gateway.domain.inbound import InboundService
+from adapters.outer.oauth import TokenService, clients_from_config, default_token_url
+from gateway.ops.listen import (ADMIN_CONNECTIONS, ConnectionLimiter, GateEndpoint, RefusalLog,
                             descriptor_needs, ensure_descriptors, gate_endpoint, source_key)
-from gateway.quota import Quotas
-from gateway.ratelimit import RateLimiter
-from gateway.prescribing import PrescriptionService, SignaturePolicy
+from gateway.domain.quota import Quotas
+from adapters.outer.ratelimit import RateLimiter
+from gateway.domain.prescribing import PrescriptionService, SignaturePolicy
 from gateway.relay import Relay
-from gateway.retention import Retention, RetentionService
-from gateway.signatures import TrustStore
+from gateway.chamber.retention import Retention, RetentionService
+from gateway.domain.signatures import TrustStore
 
 log = structlog.get_logger("gateway.service")
 
@@ -104,7 +104,7 @@ class ChamberService(service.Service):
 class DescriptorsService(service.Service):
     """The process's file descriptors, checked before anything opens one: the soft RLIMIT_NOFILE raised to the
     hard limit, and the start refused (naming the keys) when the connection limits ``needs`` could hold more
-    descriptors than that (gateway/listen.py) — a flood would otherwise take every gate down at once."""
+    descriptors than that (gateway/ops/listen.py) — a flood would otherwise take every gate down at once."""
 
     name = "descriptors"
 
@@ -323,7 +323,7 @@ def reload(root, config: GatewayConfig, gate: str) -> list[str]:
     timeouts, ...) needs a restart: each is named in the returned list.  Everything is built
     before anything is swapped, so a new config that fails (a certificate that does not parse) changes
     nothing."""
-    from gateway import logs
+    from gateway.ops import logs
 
     old: GatewayConfig = root.config
     swaps: list = []

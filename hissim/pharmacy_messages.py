@@ -1,7 +1,7 @@
 """What the simulated hospital pharmacy reads and writes, per docs/pharmacy-profile.md. Pure: no I/O, no clock.
 
 The golden files in tests/golden/pharmacy/ are the templates, and everything written here reads back through
-the gateway's own readers in ``adapters.mapping.pharmacy`` (tests/unit/test_hissim_pharmacy.py):
+the gateway's own readers in ``adapters.maps.pharmacy`` (tests/unit/test_hissim_pharmacy.py):
 
 - `read_order`: the gateway's RDE^O11 (first read with the gateway's `prescription_from_rde`, so an order it
   could not have written is refused with the same `Hl7Error`) or OMP^O09 -> `Order`: per ORC group the
@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from adapters.hl7.er7 import Hl7Error, Message, Segment, dtm, escape, format_message
-from adapters.mapping.pharmacy import RELEASE_MARK, prescription_from_rde
-from gateway.prescriptions import Code
+from adapters.maps.pharmacy import RELEASE_MARK, prescription_from_rde
+from gateway.domain.prescriptions import Code
 from hissim.messages import Header, Refusal, err_segment, msh_segment
 
 #: the namespace of the HIS's own numbers (ORC-2/3/4 .2 of what it makes up)

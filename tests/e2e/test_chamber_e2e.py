@@ -142,7 +142,7 @@ def test_window_of_three_with_ordering_by_patient(tmp_path):
 
 def test_the_platforms_request_is_kept_byte_for_byte(lock):
     """What a platform sent is kept with the appointment it created, exactly as received."""
-    from gateway.chamber import Chamber
+    from gateway.chamber.engine import Chamber
 
     slot_id = lock.search_slots(status="free")[0]["id"]
     raw = (b'{"resourceType": "Appointment",\n  "status": "proposed", "slot": [{"reference": "Slot/'

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 from adapters.hl7.er7 import parse
-from gateway.chamber import Chamber
+from gateway.chamber.engine import Chamber
 from tests.e2e.harness import REPO, Lock, appointment_for, eventually
 from tests.e2e.harness import mllp_exchange
 

@@ -12,7 +12,7 @@ import time
 from collections import Counter
 
 
-from gateway.chamber import Chamber
+from gateway.chamber.engine import Chamber
 from tests.e2e.harness import Lock, appointment_for, eventually
 from tests.faults.disk import fill, small_filesystem
 from tests.faults.load import book_slots, run_mixed, send_sius

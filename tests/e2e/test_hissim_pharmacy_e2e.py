@@ -18,12 +18,12 @@ from zoneinfo import ZoneInfo
 import yaml
 
 from adapters.hl7.er7 import format_message, parse
-from adapters.mapping.pharmacy import (
+from adapters.maps.pharmacy import (
     dispenses_from_rds,
     read_order_answer,
     released_prescription,
 )
-from adapters.mllp.framing import MLLPFramer, frame
+from adapters.inner.framing import MLLPFramer, frame
 from tests.e2e.harness import (
     REPO,
     Proc,

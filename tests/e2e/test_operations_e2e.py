@@ -143,7 +143,7 @@ def test_backup_while_the_gateway_books(tmp_path):
     rows it copied, and the copy opens as a chamber (integrity checked) holding the bookings made before."""
     import threading
 
-    from gateway.chamber import Chamber
+    from gateway.chamber.engine import Chamber
     from tests.e2e.harness import Lock
 
     lock = Lock(tmp_path, doctors=2, days=2)

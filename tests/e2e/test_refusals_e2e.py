@@ -10,8 +10,8 @@ import pytest
 import requests
 
 from adapters.hl7.er7 import parse
-from gateway.chamber import Chamber
-from gateway.devca import init_dev_ca, issue_client_cert
+from gateway.chamber.engine import Chamber
+from gateway.ops.devca import init_dev_ca, issue_client_cert
 from tests.e2e.harness import REPO, appointment_for, mllp_exchange
 
 JSON = {"Content-Type": "application/fhir+json"}

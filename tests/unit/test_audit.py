@@ -12,13 +12,13 @@ import pytest
 from fhir.resources.R4B.auditevent import AuditEvent
 from twisted.internet import task
 
-from adapters.mapping.srm_booking import Hl7Header, build_srm
-from gateway import audit
-from gateway.audit import AuditEntry, AuditTrail, GENESIS, chain_hash, prunable, prune, verify
-from gateway.booking import BookingService, HisLinkInfo, SlotBook
-from gateway.chamber import Chamber
-from gateway.quota import QuotaExhausted, QuotaRule, Quotas
-from gateway.scheduling import (BookingRequest, HisAnswer, Patient, PatientIdentifier, ScheduleInfo, SlotNotice,
+from adapters.maps.srm_booking import Hl7Header, build_srm
+from gateway.domain import audit
+from gateway.domain.audit import AuditEntry, AuditTrail, GENESIS, chain_hash, prunable, prune, verify
+from gateway.domain.booking import BookingService, HisLinkInfo, SlotBook
+from gateway.chamber.engine import Chamber
+from gateway.domain.quota import QuotaExhausted, QuotaRule, Quotas
+from gateway.domain.model import (BookingRequest, HisAnswer, Patient, PatientIdentifier, ScheduleInfo, SlotNotice,
                                 slot_id)
 
 TZ = ZoneInfo("Asia/Shanghai")
@@ -229,7 +229,7 @@ def test_audit_records_carry_no_patient_data(env, booking):
 # -- the commands ---------------------------------------------------------------------------------------------
 
 def config_file(tmp_path, retention="180d"):
-    from gateway.devca import init_dev_ca
+    from gateway.ops.devca import init_dev_ca
 
     init_dev_ca(tmp_path / "certs")
     path = tmp_path / "gateway.yaml"
@@ -246,7 +246,7 @@ audit: {{retention: {retention}}}
 @pytest.fixture(autouse=False)
 def quiet_cli(monkeypatch):
     """The commands configure logging globally (to this test's captured stderr): keep that to the test."""
-    from gateway import logs
+    from gateway.ops import logs
 
     monkeypatch.setattr(logs, "configure", lambda *a, **kw: None)
 

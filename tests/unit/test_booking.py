@@ -11,10 +11,10 @@ import pytest
 from twisted.internet import task
 
 from adapters.hl7.er7 import parse
-from adapters.mapping.srm_booking import Hl7Header, build_srm
-from gateway.booking import BookingService, HisLinkInfo, SlotBook
-from gateway.chamber import Chamber
-from gateway.scheduling import (
+from adapters.maps.srm_booking import Hl7Header, build_srm
+from gateway.domain.booking import BookingService, HisLinkInfo, SlotBook
+from gateway.chamber.engine import Chamber
+from gateway.domain.model import (
     AppointmentUnknown,
     IdempotencyConflict,
     Overloaded,
@@ -352,7 +352,7 @@ def test_a_refused_cancel_of_a_slot_the_his_freed_meanwhile_is_the_hospitals_can
 def test_waiters_are_settled_by_this_process_commits_without_reading_the_chamber(env, monkeypatch):
     """After a commit of this process, the waiters of the appointments it settled fire — found from what
     the transaction did, not by querying every waiting appointment."""
-    from gateway.chamber import Reader
+    from gateway.chamber.engine import Reader
 
     chamber, booking, _, clock = env
     appointment_id = result(booking.book("demo", BookingRequest(SID, PATIENT)))[0]

@@ -3,9 +3,9 @@ retention — defaults, and every mistake reported with file:line:key."""
 
 import pytest
 
-from gateway.config import SCOPES, load_config
-from gateway.confschema import ConfigError
-from gateway.devca import init_dev_ca
+from gateway.config.model import SCOPES, load_config
+from gateway.config.schema import ConfigError
+from gateway.ops.devca import init_dev_ca
 
 HEAD = """
 inner: {his: {host: 127.0.0.1, port: 2576}}

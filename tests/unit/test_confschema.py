@@ -1,4 +1,4 @@
-"""Tests for gateway.confschema: typed YAML loading whose errors name file, line, column and key path."""
+"""Tests for gateway.config.schema: typed YAML loading whose errors name file, line, column and key path."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from typing import Annotated, Literal, Optional
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from gateway import confschema
-from gateway.confschema import (
+from gateway.config import schema as confschema
+from gateway.config.schema import (
     ConfigError, ConfigIssue, DirPath, Duration, Pattern, Percent, Range, ReadableFile,
     describe, load, load_text,
 )

@@ -19,10 +19,10 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.test.iosim import ConnectionCompleter
 
-from adapters.inner_gate import HisDestination
-from adapters.mllp.client import MLLPClient, PeerUnavailable
-from adapters.mllp.tls import client_options, server_options
-from gateway.devca import init_dev_ca
+from adapters.inner.receiver import HisDestination
+from adapters.inner.client import MLLPClient, PeerUnavailable
+from adapters.tls import client_options, server_options
+from gateway.ops.devca import init_dev_ca
 from gateway.relay import DeliveryFailed, HisUnreachable
 from tests.unit.test_mllp_protocols import FakeHIS, World, ack_for, result_of, siu
 

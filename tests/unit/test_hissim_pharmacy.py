@@ -22,12 +22,12 @@ from twisted.internet.defer import fail, succeed
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from adapters.hl7.er7 import format_message, parse
-from adapters.mapping.pharmacy import (
+from adapters.maps.pharmacy import (
     dispenses_from_rds,
     read_order_answer,
     released_prescription,
 )
-from adapters.mllp.framing import MLLPFramer, frame
+from adapters.inner.framing import MLLPFramer, frame
 from hissim.config import (
     DepartmentConfig,
     DoctorConfig,

@@ -10,8 +10,8 @@ from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.capabilitystatement import CapabilityStatement
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from gateway.audit import verify
-from gateway.scheduling import HisAnswer
+from gateway.domain.audit import verify
+from gateway.domain.model import HisAnswer
 from tests.unit import test_outer_access
 from tests.unit.test_outer_access import SID, Gate, appointment, outcome
 
@@ -451,8 +451,8 @@ def _his_frees(gate, index, his_appointment):
     """The HIS's SIU^S15 for slot SID[index] (pushed on its own connection, in any order with its answers)."""
     from datetime import timedelta
 
-    from gateway.booking import SlotBook
-    from gateway.scheduling import SlotNotice
+    from gateway.domain.booking import SlotBook
+    from gateway.domain.model import SlotNotice
     from tests.unit.test_outer_access import DAY, SCHEDULE, TZ
     notice = SlotNotice("free", SCHEDULE, DAY + timedelta(minutes=15 * index), 15, "card", "x", his_appointment)
     gate.chamber.transact_now(lambda tx: SlotBook(TZ).apply(tx, [notice]))
@@ -604,8 +604,8 @@ def test_a_his_that_moves_bookings_with_s03_gets_one_message_and_no_cancel(gate,
 
     from datetime import timedelta
 
-    from gateway.booking import SlotBook
-    from gateway.scheduling import SlotNotice
+    from gateway.domain.booking import SlotBook
+    from gateway.domain.model import SlotNotice
 
     old, new = _move_with_s03(gate)
     s13 = SlotNotice("reschedule", SCHEDULE, DAY + timedelta(minutes=30), 15, "card", "x", f"H-{old}")
@@ -647,8 +647,8 @@ def test_a_refused_s03_move_leaves_the_old_booking_and_a_move_is_never_undone_by
 
 
 def test_a_his_cannot_both_cancel_and_move_with_s03(tmp_path):
-    from gateway.config import load_config
-    from gateway.confschema import ConfigError
+    from gateway.config.model import load_config
+    from gateway.config.schema import ConfigError
 
     path = tmp_path / "g.yaml"
     path.write_text("inner:\n  his:\n    host: 127.0.0.1\n    port: 2576\n    cancel_message: SRM^S03\n"

@@ -1,4 +1,4 @@
-"""Unit tests of the MLLP listener (adapters.mllp.server) and sender (adapters.mllp.client).
+"""Unit tests of the MLLP listener (adapters.inner.listener) and sender (adapters.inner.client).
 
 No real reactor: the listener runs on a StringTransport with a task.Clock; the sender talks through
 twisted.test.iosim to real protocols (a scripted fake HIS, or our own listener) on a MemoryReactorClock.
@@ -23,9 +23,9 @@ from twisted.test.iosim import ConnectionCompleter
 
 from adapters.hl7.ack import build_ack, read_ack
 from adapters.hl7.er7 import Hl7Error, Message, parse
-from adapters.mllp.client import AckTimeout, MLLPClient, PeerUnavailable
-from adapters.mllp.framing import MLLPFramer, frame
-from adapters.mllp.server import MLLPServerFactory
+from adapters.inner.client import AckTimeout, MLLPClient, PeerUnavailable
+from adapters.inner.framing import MLLPFramer, frame
+from adapters.inner.listener import MLLPServerFactory
 
 NOW = datetime(2024, 3, 1, 8, 30)
 PATIENT = "Zhangsan"

@@ -11,8 +11,8 @@ from twisted.internet.protocol import Factory, Protocol
 
 from adapters.hl7.ack import read_ack
 from adapters.hl7.er7 import parse
-from adapters.mllp.client import MLLPClient, NegativeCommit, PeerUnavailable
-from adapters.mllp.framing import (
+from adapters.inner.client import MLLPClient, NegativeCommit, PeerUnavailable
+from adapters.inner.framing import (
     COMMIT_ACK,
     COMMIT_ACK_BLOCK,
     COMMIT_NAK,
@@ -20,7 +20,7 @@ from adapters.mllp.framing import (
     MLLPFramer,
     frame,
 )
-from adapters.mllp.server import Answer, MLLPServerFactory
+from adapters.inner.listener import Answer, MLLPServerFactory
 from tests.unit.test_hl7_enhanced_ack import Gate
 from tests.unit.test_hl7_enhanced_ack import siu as gate_siu
 from tests.unit.test_mllp_protocols import HeldHandler, Server, SyncHandler, World, ack_for, result_of, siu

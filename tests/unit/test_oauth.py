@@ -1,4 +1,4 @@
-"""gateway/oauth.py: client assertions are verified (by joserfc, under the gateway's policy) and every kind of
+"""adapters/outer/oauth.py: client assertions are verified (by joserfc, under the gateway's policy) and every kind of
 bad one is refused as invalid_client (alg none, HS/RS confusion, exp too far or past, replayed jti — also after
 the chamber is reopened —, wrong aud, wrong iss/sub, an unknown key); tokens are stored as hashes only, carry
 the granted scopes and expire.  Assertions are signed here with the test's own small JWS writer (plain
@@ -18,12 +18,12 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from twisted.internet import defer, task
 from twisted.python.failure import Failure
 
-from gateway.audit import verify
-from gateway.chamber import Chamber
-from gateway.config import load_config
-from gateway.confschema import ConfigError
-from gateway.devca import init_dev_ca
-from gateway.oauth import (
+from gateway.domain.audit import verify
+from gateway.chamber.engine import Chamber
+from gateway.config.model import load_config
+from gateway.config.schema import ConfigError
+from gateway.ops.devca import init_dev_ca
+from adapters.outer.oauth import (
     ASSERTION_TYPE,
     InvalidToken,
     KeyFileError,

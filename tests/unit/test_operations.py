@@ -7,12 +7,12 @@ from zoneinfo import ZoneInfo
 import pytest
 from twisted.internet import task
 
-from adapters.inner_gate import make_reprocessor
-from adapters.mapping.srm_booking import Hl7Header, build_srm
-from gateway.booking import BookingService, HisLinkInfo, SlotBook
-from gateway.chamber import Chamber, ChamberError
-from gateway.operations import NotRetryable, purge_dead, retry, retry_all_dead
-from gateway.scheduling import BookingRequest, Patient, PatientIdentifier, ScheduleInfo, SlotNotice, slot_id
+from adapters.inner.receiver import make_reprocessor
+from adapters.maps.srm_booking import Hl7Header, build_srm
+from gateway.domain.booking import BookingService, HisLinkInfo, SlotBook
+from gateway.chamber.engine import Chamber, ChamberError
+from gateway.ops.queue import NotRetryable, purge_dead, retry, retry_all_dead
+from gateway.domain.model import BookingRequest, Patient, PatientIdentifier, ScheduleInfo, SlotNotice, slot_id
 
 TZ = ZoneInfo("Asia/Shanghai")
 START = datetime(2030, 1, 7, 8, 0)

@@ -16,16 +16,16 @@ from twisted.internet import defer, task
 from twisted.internet.address import IPv4Address
 from twisted.web.test.requesthelper import DummyRequest
 
-from adapters.fhir.server import FhirApi, JsonLimits, PlatformDirectory, PlatformGrant
-from adapters.mapping.srm_booking import Hl7Header, build_srm
-from gateway.audit import AuditTrail, verify
-from gateway.booking import BookingService, HisLinkInfo, SlotBook
-from gateway.chamber import Chamber
-from gateway.config import normalise_subject
-from gateway.devca import init_dev_ca
-from gateway.quota import QuotaRule, Quotas
-from gateway.ratelimit import RateLimiter
-from gateway.scheduling import HisAnswer, ScheduleInfo, SlotNotice, slot_id
+from adapters.outer.site import FhirApi, JsonLimits, PlatformDirectory, PlatformGrant
+from adapters.maps.srm_booking import Hl7Header, build_srm
+from gateway.domain.audit import AuditTrail, verify
+from gateway.domain.booking import BookingService, HisLinkInfo, SlotBook
+from gateway.chamber.engine import Chamber
+from gateway.config.model import normalise_subject
+from gateway.ops.devca import init_dev_ca
+from gateway.domain.quota import QuotaRule, Quotas
+from adapters.outer.ratelimit import RateLimiter
+from gateway.domain.model import HisAnswer, ScheduleInfo, SlotNotice, slot_id
 
 TZ = ZoneInfo("Asia/Shanghai")
 NOW = datetime(2030, 1, 1, tzinfo=TZ).timestamp()
@@ -253,7 +253,7 @@ def test_by_default_reads_keep_working_and_the_unrecorded_access_goes_to_the_log
     audit.not_recorded, so a full disk does not stop platforms reading their bookings."""
     appointment_id = gate.request("POST", "/Appointment", appointment(SID[2])).json["id"]
     logged = []
-    monkeypatch.setattr("adapters.fhir.server.log.error", lambda event, **kw: logged.append((event, kw)))
+    monkeypatch.setattr("adapters.outer.site.log.error", lambda event, **kw: logged.append((event, kw)))
     monkeypatch.setattr(gate.api.audit, "record", lambda entry: defer.fail(OSError("disk full")))
     assert gate.request("GET", f"/Appointment/{appointment_id}").status == 200
     [(event, fields)] = logged

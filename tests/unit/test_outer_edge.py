@@ -1,7 +1,7 @@
 """The outer gate's edge in-process, on a task.Clock with connections in memory: connections limited at accept
-(gateway/listen.py ConnectionLimiter, reusable on the MLLP listener), deadlines no trickle can reset, the body
+(gateway/ops/listen.py ConnectionLimiter, reusable on the MLLP listener), deadlines no trickle can reset, the body
 limit and the API's decisions before the body is read, and every answer twisted.web gave by itself an
-OperationOutcome (adapters/fhir/channel.py), over the real FhirApi on a real chamber (the unit Gate of
+OperationOutcome (adapters/outer/http.py), over the real FhirApi on a real chamber (the unit Gate of
 test_outer_access)."""
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from twisted.internet.testing import StringTransport
 from twisted.python import failure
 from twisted.web import resource
 
-from adapters.fhir.channel import CLOSE_GRACE, MAX_HEADERS, GatewaySite
-from gateway.devca import init_dev_ca
-from gateway.listen import (ACCEPTS_PER_TURN, ConnectionLimiter, DescriptorShortage, GatePort, descriptor_needs,
+from adapters.outer.http import CLOSE_GRACE, MAX_HEADERS, GatewaySite
+from gateway.ops.devca import init_dev_ca
+from gateway.ops.listen import (ACCEPTS_PER_TURN, ConnectionLimiter, DescriptorShortage, GatePort, descriptor_needs,
                             ensure_descriptors, source_key)
 from tests.unit.test_outer_access import PLATFORMS, SID, appointment, gate  # noqa: F401 (a fixture)
 
@@ -318,8 +318,8 @@ def test_a_tls_handshake_not_done_in_time_is_cut(tmp_path):
 
 
 def test_a_flood_of_failed_handshakes_is_logged_once_per_interval_and_each_counted():
-    from gateway.admin import Metrics
-    from gateway.chamber import Chamber
+    from gateway.ops.admin import Metrics
+    from gateway.chamber.engine import Chamber
     from gateway.service import _handshake_failures
 
     clock, metrics = task.Clock(), Metrics(Chamber(":memory:"))

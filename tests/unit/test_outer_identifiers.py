@@ -11,7 +11,7 @@ from urllib.parse import unquote
 import pytest
 from structlog.testing import capture_logs
 
-from gateway.audit import keyed_name
+from gateway.domain.audit import keyed_name
 from tests.unit.test_outer_access import SID, Gate, appointment, certs, gate, outcome  # noqa: F401
 from tests.unit.test_outer_intake import raw_request
 

@@ -15,7 +15,7 @@ from structlog.testing import capture_logs
 from twisted.internet.address import IPv4Address
 from twisted.web.test.requesthelper import DummyRequest
 
-from gateway.oauth import ASSERTION_TYPE, TokenService
+from adapters.outer.oauth import ASSERTION_TYPE, TokenService
 from tests.unit.test_oauth import AUD, claims, clients, keyfiles, sign  # noqa: F401 (fixtures)
 from tests.unit.test_outer_access import SID, Connection, appointment, certs, gate, outcome  # noqa: F401
 

@@ -4,8 +4,8 @@ repetition (CX.4 assigning authority, CX.5 type code), config mistakes with file
 (no rules: every system, written as it came)."""
 
 from adapters.hl7.er7 import parse
-from gateway.patients import IdentifierRefused, IdentifierRule, IdentifierRules
-from gateway.scheduling import Patient, PatientIdentifier
+from gateway.domain.patients import IdentifierRefused, IdentifierRule, IdentifierRules
+from gateway.domain.model import Patient, PatientIdentifier
 from tests.unit import test_config_grants, test_outer_access
 from tests.unit.test_config_grants import load, problems
 from tests.unit.test_ihe import PATIENT, entries, params, ref

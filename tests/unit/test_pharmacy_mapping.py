@@ -1,4 +1,4 @@
-"""The pharmacy mapping (adapters/mapping/pharmacy.py) against hand-written golden files in tests/golden/pharmacy/.
+"""The pharmacy mapping (adapters/maps/pharmacy.py) against hand-written golden files in tests/golden/pharmacy/.
 
 Golden HL7 files are written from docs/pharmacy-profile.md, one segment per line (LF in the file, CR on the
 wire: the tests swap them); the GB18030 ones are GB18030 bytes. What each test proves is in its name and
@@ -27,7 +27,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adapters.hl7.er7 import Hl7Error, parse
-from adapters.mapping.pharmacy import (
+from adapters.maps.pharmacy import (
     InvalidPrescription,
     PharmacyProfile,
     build_order,
@@ -38,8 +38,8 @@ from adapters.mapping.pharmacy import (
     read_order_answer,
     released_prescription,
 )
-from adapters.mapping.srm_booking import Hl7Header
-from gateway.prescriptions import Code, Prescriber
+from adapters.maps.srm_booking import Hl7Header
+from gateway.domain.prescriptions import Code, Prescriber
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "pharmacy"
 TZ = ZoneInfo("Asia/Shanghai")

@@ -1,4 +1,4 @@
-"""Prescriptions through the chamber (gateway.prescribing) with a real chamber, real signatures and the golden
+"""Prescriptions through the chamber (gateway.domain.prescribing) with a real chamber, real signatures and the golden
 HL7 files: submit -> order written on first send -> the HIS's answer -> dispensing; releases and claims."""
 
 from __future__ import annotations
@@ -16,17 +16,17 @@ from cryptography.x509.oid import NameOID
 from twisted.internet import task
 
 from adapters.hl7.er7 import parse
-from adapters.mapping.pharmacy import PharmacyProfile
-from adapters.mapping.srm_booking import Hl7Header
-from gateway.chamber import Chamber
-from gateway.prescribing import (
+from adapters.maps.pharmacy import PharmacyProfile
+from adapters.maps.srm_booking import Hl7Header
+from gateway.chamber.engine import Chamber
+from gateway.domain.prescribing import (
     PrescriptionService,
     Refused,
     SignaturePolicy,
     verify_release,
 )
-from gateway.scheduling import HisAnswer, Overloaded
-from gateway.signatures import TrustStore, prescription_payload, sign_release
+from gateway.domain.model import HisAnswer, Overloaded
+from gateway.domain.signatures import TrustStore, prescription_payload, sign_release
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "pharmacy"
 TZ = ZoneInfo("Asia/Shanghai")

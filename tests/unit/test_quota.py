@@ -1,6 +1,6 @@
 """Slot quotas: what a platform may book and see, decided from the chamber inside the booking transaction.
 
-Real chamber (SQLite file), task.Clock for time.  The rules are in gateway/quota.py and docs/security.md.
+Real chamber (SQLite file), task.Clock for time.  The rules are in gateway/domain/quota.py and docs/security.md.
 """
 
 import functools
@@ -10,11 +10,11 @@ from zoneinfo import ZoneInfo
 import pytest
 from twisted.internet import task
 
-from adapters.mapping.srm_booking import Hl7Header, build_srm
-from gateway.booking import BookingService, HisLinkInfo, SlotBook
-from gateway.chamber import Chamber
-from gateway.quota import QuotaExhausted, QuotaRule, Quotas
-from gateway.scheduling import (BookingRequest, HisAnswer, Patient, PatientIdentifier, ScheduleInfo, SlotNotice,
+from adapters.maps.srm_booking import Hl7Header, build_srm
+from gateway.domain.booking import BookingService, HisLinkInfo, SlotBook
+from gateway.chamber.engine import Chamber
+from gateway.domain.quota import QuotaExhausted, QuotaRule, Quotas
+from gateway.domain.model import (BookingRequest, HisAnswer, Patient, PatientIdentifier, ScheduleInfo, SlotNotice,
                                 SlotUnavailable, slot_id)
 
 TZ = ZoneInfo("Asia/Shanghai")

@@ -18,11 +18,11 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.python.failure import Failure
 from twisted.web.test.requesthelper import DummyRequest
 
-from adapters.inner_gate import HisDestination
-from gateway.admin import AdminResource, Metrics
-from gateway.chamber import Chamber
+from adapters.inner.receiver import HisDestination
+from gateway.ops.admin import AdminResource, Metrics
+from gateway.chamber.engine import Chamber
 from gateway.relay import DeliveryFailed, HisUnreachable, Relay
-from gateway.scheduling import HisAnswer
+from gateway.domain.model import HisAnswer
 from tests.unit.test_mllp_protocols import World, siu
 
 
@@ -300,7 +300,7 @@ def test_one_commit_before_each_send_and_the_answer_commit_takes_the_next(tmp_pa
 def test_ordering_by_patient_reads_the_queue_once_for_all_the_lanes_a_wake_up_starts(tmp_path, monkeypatch):
     """One wake-up starts every idle lane from one read of the queue (not one read per lane), and each lane
     still gets a different patient's oldest message; a message finished meanwhile is not sent."""
-    from gateway.chamber import Reader
+    from gateway.chamber.engine import Reader
 
     clock = task.Clock()
     clock.advance(1000)
@@ -331,7 +331,7 @@ def test_ordering_by_patient_reads_the_queue_once_for_all_the_lanes_a_wake_up_st
 
 def _claims_world(tmp_path, monkeypatch, ordering="fifo", lanes=1):
     """A chamber whose batches commit on the next turn of a Clock (as on the reactor), COMMITs counted."""
-    import gateway.chamber as chamber_module
+    import gateway.chamber.engine as chamber_module
 
     clock = task.Clock()
     clock.advance(1000)
@@ -416,7 +416,7 @@ def test_a_failed_batch_releases_the_claim(tmp_path, monkeypatch):
     """If the batch's COMMIT fails, nothing was queued: the claimed lane is free again and sends nothing."""
     import sqlite3
 
-    import gateway.chamber as chamber_module
+    import gateway.chamber.engine as chamber_module
 
     chamber, relay, his, clock, commits = _claims_world(tmp_path, monkeypatch)
     real = chamber_module._commit
@@ -601,9 +601,9 @@ def test_a_booking_whose_hold_expires_in_an_outage_is_cancelled_not_refused(tmp_
     booking is released as documented ('cancelled', the hold expired), never 'refused'; its SRM, which never
     reached the HIS (no attempt counted), is withdrawn and no cancellation follows it; nothing is
     dead-lettered."""
-    from adapters.mapping.srm_booking import Hl7Header, build_srm
-    from gateway.booking import BookingService, HisLinkInfo, SlotBook
-    from gateway.scheduling import BookingRequest
+    from adapters.maps.srm_booking import Hl7Header, build_srm
+    from gateway.domain.booking import BookingService, HisLinkInfo, SlotBook
+    from gateway.domain.model import BookingRequest
     from tests.unit.test_booking import PATIENT, SID, TZ, notice, result
 
     world = World()

@@ -1,4 +1,4 @@
-"""What the chamber keeps, and copies of it.  Retention (gateway/retention.py): what is past
+"""What the chamber keeps, and copies of it.  Retention (gateway/chamber/retention.py): what is past
 chamber.keep_messages / keep_appointments is deleted, and nothing else — not dead letters, not a prescription's
 order, not an appointment still waiting for the HIS, not the audit trail.  Backup (Chamber.backup): a whole,
 checked copy.
@@ -10,9 +10,9 @@ from datetime import timedelta
 
 import pytest
 
-from gateway.chamber import Chamber
-from gateway.retention import BATCH, Retention, RetentionService, prune
-from gateway.scheduling import BookingRequest, slot_id
+from gateway.chamber.engine import Chamber
+from gateway.chamber.retention import BATCH, Retention, RetentionService, prune
+from gateway.domain.model import BookingRequest, slot_id
 from tests.unit.test_booking import PATIENT, SID, START, TZ, answer, encoded, env, notice, outbound, result  # noqa: F401
 
 DAY = 86400.0
@@ -135,7 +135,7 @@ def test_expired_tokens_and_assertions_go(env):
 
 def test_large_backlogs_are_deleted_in_batches(env, monkeypatch):
     """More ended messages than one batch: several transactions, until one finds fewer than a batch."""
-    import gateway.retention as retention_module
+    import gateway.chamber.retention as retention_module
 
     chamber, _, _, clock = env
     monkeypatch.setattr(retention_module, "BATCH", 4)

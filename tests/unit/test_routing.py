@@ -11,10 +11,10 @@ import pytest
 from twisted.internet import task
 
 from adapters.hl7.er7 import parse
-from adapters.mapping.srm_booking import Hl7Header, build_srm
-from gateway.booking import BookingService, HisLinkInfo, SlotBook
-from gateway.chamber import Chamber
-from gateway.scheduling import BookingRequest, HisAnswer, Patient, PatientIdentifier, ScheduleInfo, SlotNotice, slot_id
+from adapters.maps.srm_booking import Hl7Header, build_srm
+from gateway.domain.booking import BookingService, HisLinkInfo, SlotBook
+from gateway.chamber.engine import Chamber
+from gateway.domain.model import BookingRequest, HisAnswer, Patient, PatientIdentifier, ScheduleInfo, SlotNotice, slot_id
 from tests.unit import test_config_grants as config_grants
 
 HEAD = """

@@ -1,0 +1,1 @@
+"""The configuration: the schema engine (file:line:col errors, unknown keys refused) and the typed model."""

@@ -1,0 +1,172 @@
+"""Scheduling, in the gateway's own terms: schedules, slots, bookings, patients.
+
+The adapters translate HL7 v2 and FHIR into these types; the decisions on them are made here and in
+:mod:`gateway.domain.booking`.  Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal
+
+
+class SchedulingError(Exception):
+    """A request the slot book refuses; ``code`` is a short machine name, ``str()`` says why."""
+
+    code = "refused"
+
+
+class SlotUnknown(SchedulingError):
+    code = "slot-unknown"
+
+
+class SlotUnavailable(SchedulingError):
+    code = "slot-unavailable"
+
+
+class AppointmentUnknown(SchedulingError):
+    code = "appointment-unknown"
+
+
+@dataclass(frozen=True)
+class ScheduleInfo:
+    """A bookable calendar at the HIS (a doctor's clinic sessions)."""
+
+    id: str
+    display: str
+    practitioner_id: str = ""
+    practitioner_name: str = ""
+    department_code: str = ""
+    department_name: str = ""
+    facility: str = ""  # the facility that published it: MSH-4.1 of the HIS's message (routes by facility)
+
+
+NoticeAction = Literal["open", "block", "book", "free", "reschedule", "noshow"]
+
+
+@dataclass(frozen=True)
+class SlotNotice:
+    """What the HIS said about one slot (from SIU or one SCH group of SQR^S25)."""
+
+    action: NoticeAction
+    schedule: ScheduleInfo
+    start_local: datetime  # naive, hospital local time
+    minutes: int
+    service_code: str
+    service_text: str
+    his_appointment: str | None = None
+    placer: str | None = None
+    z_segments: tuple[str, ...] = ()  # the HIS's Z-segments with this notice, each its ER7 text (escapes kept)
+
+
+@dataclass(frozen=True)
+class PatientIdentifier:
+    system: str
+    value: str
+    type_code: str = ""
+    #: PID-3.4 (CX.4, an HD) as the HIS names the issuer, its parts; empty: the system.  Set only on the way
+    #: to the HIS (gateway.domain.patients.IdentifierRules.for_his), never stored.
+    assigning_authority: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Patient:
+    """What the HIS needs to book for a patient, and nothing more."""
+
+    identifiers: tuple[PatientIdentifier, ...]
+    family: str = ""
+    given: str = ""
+    phone: str = ""
+
+    def to_json(self) -> dict:
+        return {
+            "identifiers": [
+                {"system": i.system, "value": i.value, "type": i.type_code} for i in self.identifiers
+            ],
+            "family": self.family,
+            "given": self.given,
+            "phone": self.phone,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Patient":
+        return cls(
+            identifiers=tuple(
+                PatientIdentifier(i["system"], i["value"], i.get("type", "")) for i in data.get("identifiers", [])
+            ),
+            family=data.get("family", ""),
+            given=data.get("given", ""),
+            phone=data.get("phone", ""),
+        )
+
+
+@dataclass(frozen=True)
+class BookingRequest:
+    slot_id: str
+    patient: Patient
+    description: str = ""
+    identifiers: tuple[tuple[str, str], ...] = ()  # the platform's own Appointment.identifier (system, value)
+
+
+class Overloaded(Exception):
+    """Too much is waiting for the HIS: new work is refused until the queue drains."""
+
+    def __init__(self, text: str, retry_after: int):
+        super().__init__(text)
+        self.retry_after = retry_after
+
+
+def check_backlog(tx, peer: str, limit: int, retry_after: int) -> None:
+    """Refuse new work for ``peer`` (Overloaded: 503 + Retry-After) while ``limit`` or more messages wait for
+    it; each HIS endpoint has its own count, so a stalled pharmacy does not stop bookings, nor the reverse."""
+    backlog = tx.outbound_backlog(peer)
+    if backlog >= limit:
+        raise Overloaded(f"{backlog} messages are waiting for HIS endpoint {peer!r}; try again later", retry_after)
+
+
+class IdempotencyConflict(SchedulingError):
+    """An Idempotency-Key was used again with a different request."""
+
+    code = "idempotency-conflict"
+
+
+@dataclass(frozen=True)
+class SlotForHis:
+    """The facts about a slot that a message to the HIS carries."""
+
+    schedule_id: str
+    start_local: datetime
+    minutes: int
+    service_code: str
+    service_text: str
+    practitioner_id: str
+
+
+@dataclass(frozen=True)
+class HisAnswer:
+    """The HIS's answer to a message we sent: MSA-1, MSA-3/ERR-8, and SCH-2 when an SRR carried it."""
+
+    code: str
+    text: str = ""
+    his_appointment: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def accepted(self) -> bool:
+        return self.code in ("AA", "CA")
+
+
+_SLOT_ID_UNSAFE = re.compile(r"[^A-Za-z0-9.-]")
+
+
+def fhir_id(text: str) -> str:
+    """A FHIR id ([A-Za-z0-9.-]{1,64}) from an HIS identifier."""
+    out = _SLOT_ID_UNSAFE.sub("-", text)[:64]
+    return out or "-"
+
+
+def slot_id(schedule_id: str, start_local: datetime) -> str:
+    """The gateway's Slot.id: '<schedule id>-<YYYYMMDDHHMM>' (docs/hl7-profile.md)."""
+    return fhir_id(f"{schedule_id}-{start_local:%Y%m%d%H%M}")

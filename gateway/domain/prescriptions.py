@@ -1,0 +1,90 @@
+"""Prescriptions, in the gateway's own terms: what a prescription is, independent of FHIR and HL7 v2.
+
+The pharmacy mapping (:mod:`adapters.maps.pharmacy`) reads a platform's MedicationRequest / transaction
+Bundle, or a HIS's RDE^O11, into these types and writes them out as RDE^O11 / OMP^O09 or MedicationRequest.
+Values are kept as the text they were written in (a dose of ``"0.5"`` stays ``"0.5"``: no float rounding
+between a signed prescription and the HIS). Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from gateway.domain.model import Patient
+
+__all__ = ["Code", "ItemAnswer", "OrderAnswer", "Prescriber", "Prescription", "PrescriptionItem"]
+
+
+@dataclass(frozen=True)
+class Code:
+    """A coded value as the HIS sees it: ``code^text^coding system`` (HL7 CWE), e.g. ``PO^口服^HL70162``.
+    ``system`` is the HL7 coding-system name (table 0396, ``99xxx`` for local systems), not a FHIR URI."""
+
+    code: str
+    text: str = ""
+    system: str = ""
+
+
+@dataclass(frozen=True)
+class Prescriber:
+    """The doctor who signed the prescription; ``id`` is the identifier the HIS knows (staff or licence
+    number)."""
+
+    id: str
+    name: str = ""
+    system: str = ""  # FHIR identifier system (kept for the way back to FHIR)
+
+
+@dataclass(frozen=True)
+class PrescriptionItem:
+    """One drug of a prescription (one MedicationRequest; one ORC/RXE or ORC/RXO group)."""
+
+    placer_id: str  # the gateway's id for this item (its MedicationRequest id); ORC-2.1
+    medication: Code
+    dose_value: str  # decimal text, e.g. "0.5"
+    dose_unit: Code  # e.g. Code("g", "g", "UCUM") or Code("", "粒")
+    route: Code  # e.g. Code("PO", "口服", "HL70162")
+    frequency: Code  # HL7 table 0335, e.g. Code("BID", "每日两次", "HL70335")
+    dispense_value: str
+    dispense_unit: Code
+    days_supply: int | None = None
+    refills: int = 0
+    instructions: str = ""  # for the patient (Dosage.patientInstruction / RXE-7)
+    filler_id: str = ""  # the HIS's order number, when it told us (ORC-3.1)
+
+
+@dataclass(frozen=True)
+class Prescription:
+    """One prescription: several items under one prescription number, one patient, one prescriber."""
+
+    number: str  # the prescription number (处方号): groupIdentifier, ORC-4.1, RXE-15
+    items: tuple[PrescriptionItem, ...]
+    patient: Patient
+    prescriber: Prescriber
+    authored_local: datetime | None = None  # naive, hospital local time
+    encounter_id: str = ""  # PV1-19 visit number
+    patient_class: str = "O"  # PV1-2: O outpatient, I inpatient, E emergency
+    birth_date: str = ""  # YYYYMMDD (PID-7)
+    gender: str = ""  # HL7 table 0001: M F O U (PID-8)
+    released: bool = False  # the HIS released it to outside pharmacies (ORC-16 RELEASE)
+
+
+@dataclass(frozen=True)
+class ItemAnswer:
+    """What the HIS said about one item (ORC of an RRE^O12 / ORP^O10)."""
+
+    placer_id: str
+    filler_id: str
+    order_control: str  # OK accepted, UA unable to accept, DE data errors, ...
+
+
+@dataclass(frozen=True)
+class OrderAnswer:
+    """The HIS's answer to one pharmacy order message (ACK, RRE^O12, ORP^O10)."""
+
+    acknowledges: str  # MSA-2: the control id it answers; the caller checks it against what was sent
+    code: str  # MSA-1: AA AE AR CA CE CR
+    accepted: bool
+    reason: str = ""
+    items: tuple[ItemAnswer, ...] = ()
