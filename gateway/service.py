@@ -41,12 +41,15 @@ from zope.interface import implementer
 from adapters.outer.http import GatewaySite
 from adapters.outer.site import FhirApi, JsonLimits, PlatformDirectory
 from adapters.hl7.identity import same_message
-from adapters.inner.receiver import HisDestination, InnerGateHandler, SlotPoller
+from adapters.inner.his import HisDestination
+from adapters.inner.poller import SlotPoller
+from adapters.inner.receiver import InnerGateHandler
 from adapters.maps.pharmacy import PharmacyProfile
 from adapters.maps.srm_booking import Hl7Header, build_sqm_s25, build_srm
 from adapters import tls as mllp_tls
 from adapters.inner.client import MLLPClient
-from adapters.inner.listener import MLLPServerFactory, no_delay
+from adapters.inner.listener import MLLPServerFactory
+from adapters.net import no_delay
 from gateway.domain.audit import AuditTrail
 from gateway.ops.admin import AdminResource, Metrics
 from gateway.domain.booking import BookingService, HisLinkInfo, SlotBook
