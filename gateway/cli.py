@@ -253,7 +253,7 @@ def run(path: Path, gate: str = "both") -> int:
 
     def reload_config():
         """SIGHUP: load the file again; a config that fails to load leaves the running one in place."""
-        from gateway.service import reload
+        from gateway.ops.reload import reload
 
         new, problem = _load(path)
         if not problem:
@@ -262,7 +262,7 @@ def run(path: Path, gate: str = "both") -> int:
             log.error("gateway.reload_refused", errors=problem.splitlines(), keeping="the running config")
             return
         try:
-            applied = reload(root, new, gate)
+            applied = reload(root, new)
         except Exception as e:  # e.g. a certificate file that does not parse
             log.error("gateway.reload_refused", errors=[f"{type(e).__name__}: {e}"], keeping="the running config")
             return

@@ -180,7 +180,8 @@ def test_a_connection_certificate_is_read_once_and_still_checked_on_every_reques
 def test_the_listeners_tls_refuses_renegotiation(tmp_path):
     from OpenSSL import SSL
 
-    from gateway.service import TlsSwitch, tls_options
+    from adapters.outer.tls import tls_options
+    from adapters.tls import TlsSwitch
 
     init_dev_ca(tmp_path, platforms=("demo",))
     tls = SimpleNamespace(certificate=tmp_path / "server.pem", private_key=tmp_path / "server.key",
