@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _load(path: Path):
     from gateway.config.model import load_config
-    from gateway.config.schema import ConfigError
+    from gateway.config.errors import ConfigError
 
     try:
         return load_config(path), None
@@ -404,7 +404,7 @@ def _queue_retry(chamber, config, args) -> int:
 
 
 def _queue_purge(chamber, args) -> int:
-    from gateway.config.schema import parse_duration
+    from gateway.config.fields import parse_duration
     from gateway.ops.queue import count_purgeable, purge_dead
 
     try:
@@ -560,7 +560,7 @@ def _audit_prune(chamber, config, args) -> int:
 
 def config_reference() -> str:
     from gateway.config.model import GatewayConfig
-    from gateway.config.schema import describe
+    from gateway.config.reference import describe
 
     def cell(text) -> str:  # a '|' in a value (an ER7 example) must not end the table's cell
         return str(text).replace("|", "\\|")

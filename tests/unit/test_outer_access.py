@@ -21,7 +21,7 @@ from adapters.maps.srm_booking import Hl7Header, build_srm
 from gateway.domain.audit import AuditTrail, verify
 from gateway.domain.booking import BookingService, HisLinkInfo, SlotBook
 from gateway.chamber.engine import Chamber
-from gateway.config.model import normalise_subject
+from gateway.config.outer import normalise_subject
 from gateway.ops.devca import init_dev_ca
 from gateway.domain.quota import QuotaRule, Quotas
 from adapters.outer.ratelimit import RateLimiter
