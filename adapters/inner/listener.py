@@ -1,5 +1,8 @@
 """The MLLP listener: framing + parsing + hand-off. Decisions are the handler's.
 
+(A little over 600 lines, on purpose: one connection's protocol, whose every failure path is listed below and
+handled in one class beside the others; framing is in adapters/inner/framing.py, answers in adapters/hl7/ack.py.)
+
 Each connection reads MLLP frames (`MLLPFramer`), parses each with `er7.parse`, and hands the `Message` to
 the `MessageHandler`, whose answer is framed and written back: one payload (an encoded ACK built with
 `build_ack`), several (enhanced mode: a commit ACK, then an application ACK), none (the sender asked for no
