@@ -1,4 +1,5 @@
-"""TLS for MLLP, from PEM files: what `MLLPServerFactory(tls=...)` and `MLLPClient(tls=...)` take.
+"""TLS for both gates, from PEM files: what `MLLPServerFactory(tls=...)` and `MLLPClient(tls=...)` take, the
+outer gate's CRL, and the switch that lets either gate's listener take new certificates on reload.
 
 * `server_options` - the listener's side (``inner.tls``): our certificate and key, and the CA(s) whose
   certificates the HIS's interface engines must present. With ``require_client_certificate`` (the default)
@@ -9,6 +10,7 @@
 
 * `load_crl` - a certificate revocation list (PEM, several CRLs allowed, or DER), each checked to be
   signed by one of the client CAs; the outer gate (``outer.tls.crl``) refuses certificates it lists.
+* `TlsSwitch` - a listener's TLS settings (the outer gate's, the MLLP listener's), replaceable on reload.
 
 TLS 1.2 is the least version offered. Keys must be unencrypted PEM (PKCS#8 or traditional); a certificate
 file may carry the chain after the leaf. Errors reading or matching the files raise `TlsConfigError` naming
@@ -24,10 +26,12 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from OpenSSL import crypto
+from OpenSSL import SSL, crypto
 from twisted.internet import ssl
+from twisted.internet.interfaces import IOpenSSLContextFactory
+from zope.interface import implementer
 
-__all__ = ["RevocationList", "TlsConfigError", "client_options", "load_crl", "server_options"]
+__all__ = ["RevocationList", "TlsConfigError", "TlsSwitch", "client_options", "load_crl", "server_options"]
 
 
 class TlsConfigError(ValueError):
@@ -173,3 +177,27 @@ def load_crl(path: str | Path, ca: str | Path) -> RevocationList:
     updates = [c.next_update_utc for c in crls if c.next_update_utc is not None]
     return RevocationList(str(path), frozenset(revoked), min(updates) if updates else None,
                           tuple(c.issuer.rfc4514_string() for c in crls))
+
+
+@implementer(IOpenSSLContextFactory)
+class TlsSwitch:
+    """A listener's TLS settings (the outer gate's, the MLLP listener's), replaceable on reload: every new
+    handshake asks for the current context; connections already open keep theirs (nothing is dropped).
+    Renegotiation is refused: a connection's peer certificate is the one of its handshake for its whole
+    life (the outer gate reads it once per connection), and no renegotiation CPU exhaustion either."""
+
+    def __init__(self, options: ssl.CertificateOptions):
+        self.current = options
+
+    @property
+    def current(self) -> ssl.CertificateOptions:
+        return self._current
+
+    @current.setter
+    def current(self, options: ssl.CertificateOptions) -> None:
+        # (before any connection uses the context: pyOpenSSL refuses to change one in use)
+        options.getContext().set_options(SSL.OP_NO_RENEGOTIATION)
+        self._current = options
+
+    def getContext(self):
+        return self._current.getContext()

@@ -51,8 +51,7 @@ COMPONENTS = [
     ("gateway: FHIR adapter and mapping", lambda f, fn: f.startswith("adapters/outer/")
      or f == "adapters/maps/fhir_scheduling.py"),
     ("gateway: HL7 (er7, ack, SRM/SIU mapping)", lambda f, fn: f.startswith(("adapters/hl7/", "adapters/maps/"))),
-    ("gateway: MLLP adapters, inner gate", lambda f, fn: f.startswith("adapters/inner/")
-     or f == "adapters/inner/receiver.py"),
+    ("gateway: MLLP adapters, inner gate", lambda f, fn: f.startswith("adapters/inner/")),
     ("gateway: audit trail", lambda f, fn: f == "gateway/domain/audit.py"),
     ("gateway: booking, relay, inbound, other", lambda f, fn: f.startswith("gateway/")),
     ("hissim", lambda f, fn: f.startswith("hissim/")),

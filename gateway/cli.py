@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _load(path: Path):
     from gateway.config.model import load_config
-    from gateway.config.schema import ConfigError
+    from gateway.config.errors import ConfigError
 
     try:
         return load_config(path), None
@@ -253,7 +253,7 @@ def run(path: Path, gate: str = "both") -> int:
 
     def reload_config():
         """SIGHUP: load the file again; a config that fails to load leaves the running one in place."""
-        from gateway.service import reload
+        from gateway.ops.reload import reload
 
         new, problem = _load(path)
         if not problem:
@@ -262,7 +262,7 @@ def run(path: Path, gate: str = "both") -> int:
             log.error("gateway.reload_refused", errors=problem.splitlines(), keeping="the running config")
             return
         try:
-            applied = reload(root, new, gate)
+            applied = reload(root, new)
         except Exception as e:  # e.g. a certificate file that does not parse
             log.error("gateway.reload_refused", errors=[f"{type(e).__name__}: {e}"], keeping="the running config")
             return
@@ -404,7 +404,7 @@ def _queue_retry(chamber, config, args) -> int:
 
 
 def _queue_purge(chamber, args) -> int:
-    from gateway.config.schema import parse_duration
+    from gateway.config.fields import parse_duration
     from gateway.ops.queue import count_purgeable, purge_dead
 
     try:
@@ -560,7 +560,7 @@ def _audit_prune(chamber, config, args) -> int:
 
 def config_reference() -> str:
     from gateway.config.model import GatewayConfig
-    from gateway.config.schema import describe
+    from gateway.config.reference import describe
 
     def cell(text) -> str:  # a '|' in a value (an ER7 example) must not end the table's cell
         return str(text).replace("|", "\\|")

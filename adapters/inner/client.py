@@ -80,7 +80,7 @@ from zope.interface import implementer
 from adapters.hl7.ack import read_ack
 from adapters.hl7.er7 import Hl7Error, Message, parse
 from adapters.inner.framing import COMMIT_ACK, COMMIT_ACK_BLOCK, COMMIT_NAK, FrameTooLarge, MLLPFramer, frame
-from adapters.inner.listener import no_delay, peer_name
+from adapters.net import no_delay, peer_name
 
 __all__ = ["AckTimeout", "MLLPClient", "NegativeCommit", "PeerUnavailable"]
 

@@ -1,5 +1,8 @@
 """The MLLP listener: framing + parsing + hand-off. Decisions are the handler's.
 
+(A little over 600 lines, on purpose: one connection's protocol, whose every failure path is listed below and
+handled in one class beside the others; framing is in adapters/inner/framing.py, answers in adapters/hl7/ack.py.)
+
 Each connection reads MLLP frames (`MLLPFramer`), parses each with `er7.parse`, and hands the `Message` to
 the `MessageHandler`, whose answer is framed and written back: one payload (an encoded ACK built with
 `build_ack`), several (enhanced mode: a commit ACK, then an application ACK), none (the sender asked for no
@@ -118,6 +121,7 @@ from adapters.inner.framing import (
     TooMuchJunk,
     frame,
 )
+from adapters.net import no_delay, peer_name
 
 __all__ = ["Answer", "MLLPServerFactory", "MLLPServerProtocol", "MessageHandler"]
 
@@ -162,26 +166,6 @@ def _as_answer(value: object) -> Answer | None:
 
 def _default_control_id() -> str:
     return uuid.uuid4().hex[:20]
-
-
-def no_delay(transport) -> None:
-    """Frames are small and answered one by one: without TCP_NODELAY, Nagle's algorithm meets the
-    peer's delayed ACK and each exchange can stall ~40 ms."""
-    set_no_delay = getattr(transport, "setTcpNoDelay", None)
-    if set_no_delay is not None:
-        try:
-            set_no_delay(True)
-        except OSError:
-            pass
-
-
-def peer_name(address: object) -> str:
-    """``host:port`` for IP addresses, ``str(address)`` otherwise."""
-    host = getattr(address, "host", None)
-    port = getattr(address, "port", None)
-    if host is not None and port is not None:
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return str(address)
 
 
 @dataclass(frozen=True)
@@ -589,7 +573,7 @@ class MLLPServerFactory(Factory):
     """Builds one `MLLPServerProtocol` per connection; holds configuration and the open connections.
 
     ``handler``: a `MessageHandler`. ``clock``: an IReactorTime (the reactor in production, a
-    ``task.Clock`` in tests); when None the global reactor is used. ``ack_control_id``: callable giving the
+    ``task.Clock`` in tests). ``ack_control_id``: callable giving the
     MSH-10 of ACKs/NAKs the listener writes itself (default: 20 hex chars of a uuid4). ``idle_timeout``,
     ``frame_timeout``, ``tls_handshake_timeout`` and ``max_junk_bytes``: None or 0 disables them (see the
     module docstring). ``release``: 1 (default) or 2 (commit acknowledgement blocks, see the
@@ -612,7 +596,7 @@ class MLLPServerFactory(Factory):
         max_connections: int = 64,
         sending_application: str = "GATEWAYD",
         sending_facility: str = "",
-        clock: IReactorTime | None = None,
+        clock: IReactorTime,
         ack_control_id: typing.Callable[[], str] | None = None,
         release: int = 1,
         tls: object | None = None,
@@ -626,8 +610,6 @@ class MLLPServerFactory(Factory):
             raise ValueError("max_message_bytes and max_connections must be positive")
         if release not in (1, 2):
             raise ValueError(f"MLLP release must be 1 or 2, not {release!r}")
-        if clock is None:
-            from twisted.internet import reactor as clock
         self.handler = handler
         self.max_message_bytes = max_message_bytes
         self.default_charset = default_charset

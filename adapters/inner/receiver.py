@@ -1,4 +1,4 @@
-"""The inner gate's HL7 side: turns read HL7 messages into service calls and answers into ACKs.
+"""The inner gate's receiver: turns the HL7 messages the HIS sends into service calls and answers into ACKs.
 
 - :class:`InnerGateHandler` is the MLLP listener's handler (HIS -> gateway).  It maps SIU to slot
   notices, hands them to :class:`gateway.domain.inbound.InboundService`, and builds the answers from the verdict
@@ -30,34 +30,30 @@
   "stored" is what MLLP release 2 reports with its commit block (0x06 yes, 0x15 no).  Frames that do not
   parse at all are NAKed (AR, or CR in enhanced mode) by the MLLP server before they reach the handler.
 
-- :class:`HisDestination` is the relay's destination: an MLLP client to the HIS that returns the HIS's
-  answer as a :class:`~gateway.domain.model.HisAnswer`, and tells a message that never reached the HIS
-  (:class:`~gateway.relay.HisUnreachable`) from one the HIS did not answer properly.
-- :class:`SlotPoller` asks the HIS for its slot book with SQM^S25 (``slot_source: poll``).
+- :func:`make_reprocessor` reads a refused inbound SIU again for ``gatewayd queue retry``.
+
+The inner gate's other parts: the way to the HIS (adapters/inner/his.py), the slot poller
+(adapters/inner/poller.py), the MLLP listener and client (adapters/inner/listener.py, client.py).
 """
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime
 from zoneinfo import ZoneInfo
 
 import structlog
-from twisted.application import service
 from twisted.internet import defer
 
-from adapters.hl7.ack import build_answers, read_ack
-from adapters.hl7.er7 import Hl7Error, Message
+from adapters.hl7.ack import build_answers
+from adapters.hl7.er7 import Hl7Error, Message, parse
 from adapters.hl7.identity import sender
 from adapters.hl7.validation import VALIDATION_MODES, strict_problem
-from adapters.maps.siu_slot import notices_from_siu, notices_from_sqr
-from adapters.inner.client import AckTimeout, PeerUnavailable
+from adapters.maps.siu_slot import notices_from_siu
 from adapters.inner.listener import Answer
 from gateway.domain.booking import new_control_id
 from gateway.domain.routes import type_allowed
 from gateway.chamber.errors import ChamberWriteError
 from gateway.domain.inbound import Received, z_segments_kept
-from gateway.relay import DeliveryFailed, HisUnreachable
-from gateway.domain.model import HisAnswer
 
 log = structlog.get_logger("gateway.inner")
 
@@ -181,8 +177,6 @@ def make_reprocessor(slot_book, default_charset: str, z_segment_peers=frozenset(
     """For ``gatewayd queue retry`` of a refused inbound SIU: read its raw bytes again with the current code and
     apply them (inside the caller's transaction).  (gateway.ops.queue.retry offers it SIU messages only.)  Returns (ACK code, text) as the gate would.
     ``z_segment_peers``: the HIS endpoints whose Z-segments are passed on (``pass_z_segments``)."""
-    from adapters.hl7.er7 import parse
-
     def reprocess(tx, message_row) -> tuple[str, str]:
         try:
             notices = z_segments_kept(slot_notices(parse(message_row.body, default_charset=default_charset)),
@@ -193,117 +187,3 @@ def make_reprocessor(slot_book, default_charset: str, z_segment_peers=frozenset(
         return "AA", f"{len(touched)} slot(s) updated"
 
     return reprocess
-
-
-def his_answer(message: Message) -> HisAnswer:
-    """The HIS's answer (ACK, SRR) as the booking service reads it."""
-    code, _control_id, text = read_ack(message)
-    sch = message.segment("SCH")
-    return HisAnswer(code=code, text=text, his_appointment=(sch.get(2) or None) if sch is not None else None,
-                     extra={"message": message})  # the whole answer, for answers with more (RRE^O12 items)
-
-
-class HisDestination:
-    """The relay's way to the HIS: one MLLP connection, one message in flight.  A send that never went out on
-    a connection open to the HIS (refused, connect timeout, TLS handshake failed: ``PeerUnavailable`` not
-    written) fails with HisUnreachable; a timeout, lost connection or unreadable answer after the message went
-    out fails with DeliveryFailed (the relay counts those attempts)."""
-
-    def __init__(self, client):
-        self.client = client
-
-    def deliver(self, body: bytes, control_id: str, timeout: float) -> defer.Deferred:
-        d = self.client.send(body, control_id, timeout)
-        d.addCallback(his_answer)
-        d.addErrback(self._failed)
-        return d
-
-    @staticmethod
-    def _failed(failure):
-        failure.trap(AckTimeout, PeerUnavailable, Hl7Error)
-        reason = f"{failure.type.__name__}: {failure.getErrorMessage()}"
-        if failure.check(PeerUnavailable) and not failure.value.written:
-            raise HisUnreachable(reason)
-        raise DeliveryFailed(reason)
-
-    def close(self) -> defer.Deferred:
-        return self.client.close()
-
-
-class SlotPoller(service.Service):
-    """``slot_source: poll``: query the HIS's slot book with SQM^S25 every ``interval`` seconds.
-
-    A poll that fails (HIS unreachable, no answer, refused) is tried again after ``retry_initial``,
-    doubling up to ``retry_max`` (never later than the next regular poll)."""
-
-    def __init__(self, client, inbound, *, peer: str, build_query, interval: float, days: int,
-                 tz: ZoneInfo, ack_timeout: float, retry_initial: float, retry_max: float, clock):
-        self.setName(f"poller:{peer}")
-        self.client = client
-        self.inbound = inbound
-        self.peer = peer
-        self.build_query = build_query
-        self.interval = interval
-        self.days = days
-        self.tz = tz
-        self.ack_timeout = ack_timeout
-        self.retry_initial = retry_initial
-        self.retry_max = retry_max
-        self.clock = clock
-        self._call = None
-        self._failures = 0
-        self.polls = 0
-
-    def startService(self):
-        super().startService()
-        self._schedule(0)
-
-    def stopService(self):
-        super().stopService()
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-        self._call = None
-        return self.client.close()
-
-    def _schedule(self, delay: float) -> None:
-        if self.running:
-            self._call = self.clock.callLater(delay, self._run)
-
-    def _run(self) -> None:
-        d = self.poll()
-        d.addErrback(lambda f: (log.error("poller.error", peer=self.peer, error=f.getErrorMessage()), False)[1])
-        d.addCallback(self._next)
-
-    def _next(self, ok: bool) -> None:
-        if ok:
-            self._failures = 0
-            self._schedule(self.interval)
-        else:
-            self._failures += 1
-            delay = min(self.retry_initial * 2 ** (self._failures - 1), self.retry_max, self.interval)
-            self._schedule(delay)
-
-    @defer.inlineCallbacks
-    def poll(self):
-        """One SQM^S25 -> SQR^S25 exchange, applied to the slot book; fires True when it was applied."""
-        now = datetime.fromtimestamp(self.clock.seconds(), self.tz).replace(tzinfo=None)
-        start = now.replace(hour=0, minute=0, second=0, microsecond=0)
-        control_id = new_control_id()
-        body = self.build_query(control_id=control_id, query_id=control_id, start=start,
-                                end=start + timedelta(days=self.days), now=now)
-        try:
-            answer = yield self.client.send(body, control_id, self.ack_timeout)
-            code, _, text = read_ack(answer)
-            if code not in ("AA", "CA"):
-                log.warning("poller.refused", peer=self.peer, control_id=control_id, ack=code)
-                return False
-            notices = notices_from_sqr(answer)
-        except (AckTimeout, PeerUnavailable, Hl7Error) as e:
-            log.warning("poller.failed", peer=self.peer, control_id=control_id, error=str(e))
-            return False
-        received = Received(peer=self.peer, control_id=answer.control_id or control_id, type=answer.type_name,
-                            body=answer.raw, charset=answer.charset, sender=sender(answer))
-        yield self.inbound.accept(received, notices)
-        self.polls += 1
-        log.info("poller.applied", peer=self.peer, control_id=control_id, slots=len(notices))
-        return True

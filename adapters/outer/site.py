@@ -72,7 +72,7 @@ from adapters.maps.fhir_scheduling import (
 )
 from adapters.outer import ihe
 from gateway.domain.audit import AuditEntry, ResourceNames
-from gateway.config.model import Scope
+from gateway.config.outer import Scope
 from gateway.domain.booking import HoldUnanswered, PatientRequired
 from gateway.domain.patients import IdentifierRefused
 from gateway.chamber.errors import ChamberError
@@ -176,7 +176,7 @@ class PlatformDirectory:
 
     @classmethod
     def from_config(cls, platforms, crl=None) -> "PlatformDirectory":
-        from gateway.config.model import normalise_subject
+        from gateway.config.outer import normalise_subject
 
         return cls([(p.name, normalise_subject(p.certificate_subject)) for p in platforms],
                    {p.name: PlatformGrant(frozenset(p.scopes), p.revoked_serial_numbers(), p.spki_pins())

@@ -1,5 +1,9 @@
 """Typed loading of gatewayd's YAML configuration, with errors people can act on.
 
+(About 700 lines, on purpose: most of it is one walker over the YAML nodes, each conversion beside the message
+it gives; the field types and the rules that read them are in gateway/config/fields.py, the errors in
+gateway/config/errors.py, the configuration reference in gateway/config/reference.py.)
+
 A configuration schema is a tree of frozen dataclasses. ``load(path, Schema)`` reads the file, walks the
 YAML *nodes* (``yaml.compose`` with the SafeLoader, so every value keeps its line and column), converts
 each value to the field's type and returns a ``Schema`` instance. Nothing is raised until the whole file
@@ -13,9 +17,9 @@ Field types
 ``str``, ``int``, ``float``, ``bool``, ``Optional[T]`` (``T | None``), ``list[T]``, ``dict[str, T]``,
 ``Literal[...]``, ``Enum`` subclasses (by value), nested dataclasses, ``pathlib.Path`` (resolved against
 the config file's directory, not checked), the NewTypes ``ReadableFile``, ``DirPath``, ``Duration`` and
-``Percent`` below, and ``typing.Annotated[T, Range(...)]`` / ``Annotated[str, Pattern(...)]``. A field's
-documentation goes in ``field(metadata={'doc': '...'})``; ``describe(Schema)`` lists every key for the
-README's configuration reference.
+``Percent`` (gateway/config/fields.py), and ``typing.Annotated[T, Range(...)]`` / ``Annotated[str,
+Pattern(...)]``. A field's documentation goes in ``field(metadata={'doc': '...'})`` (``fields.doc``);
+``reference.describe(Schema)`` lists every key for the README's configuration reference.
 
 Decisions about YAML's surprises (YAML 1.1, as implemented by PyYAML's SafeLoader)
 -------------------------------------------------------------------------------------
@@ -48,6 +52,7 @@ the per-field ones are fixed. A ``ValueError`` raised by the dataclass's ``__pos
 issue at the section too.
 """
 
+
 from __future__ import annotations
 
 import dataclasses
@@ -56,77 +61,21 @@ import enum
 import math
 import os
 import re
-import types
 import typing
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, NewType, TypeVar, Union
+from typing import Any, Literal, TypeVar
 
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-__all__ = [
-    'ConfigIssue', 'ConfigError', 'Range', 'Pattern',
-    'ReadableFile', 'DirPath', 'Duration', 'Percent',
-    'load', 'load_text', 'describe',
-]
+from gateway.config.errors import ConfigError, ConfigIssue
+from gateway.config.fields import (DirPath, Duration, Pattern, Percent, Range, ReadableFile, check_type,
+                                   format_number, is_newtype, is_optional, is_section, optional_inner,
+                                   parse_duration_text, section_fields, split_annotated, yaml_text)
+
+__all__ = ['load', 'load_text']
 
 T = TypeVar('T')
-
-ReadableFile = NewType('ReadableFile', Path)
-"""A file path, resolved against the config file's directory; the file must exist and be readable."""
-DirPath = NewType('DirPath', Path)
-"""A directory path, resolved against the config file's directory; not checked (it may be created later)."""
-Duration = NewType('Duration', float)
-"""Seconds: a number, or text such as '500ms', '30s', '5m', '2h', '1d' (or '1h30m'); never negative."""
-Percent = NewType('Percent', float)
-"""A fraction between 0 and 1: '5%' or 0.05 both give 0.05."""
-
-
-# --------------------------------------------------------------------------------------------------
-# Public result and error types
-# --------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class ConfigIssue:
-    """One problem in a configuration file. ``line`` and ``column`` are 1-based; ``key`` is the dotted
-    key path ('' for a problem with the file as a whole, such as a YAML syntax error)."""
-    file: str
-    line: int
-    column: int
-    key: str
-    message: str
-
-    def __str__(self) -> str:
-        if self.key:
-            return f"{self.file}:{self.line}:{self.column}: {self.key}: {self.message}"
-        return f"{self.file}:{self.line}:{self.column}: {self.message}"
-
-
-class ConfigError(Exception):
-    """The configuration is not valid. ``issues`` holds every problem found, in file order."""
-
-    def __init__(self, issues: typing.Iterable[ConfigIssue]):
-        self.issues: list[ConfigIssue] = list(issues)
-        super().__init__('\n'.join(str(issue) for issue in self.issues))
-
-    def __str__(self) -> str:
-        return '\n'.join(str(issue) for issue in self.issues)
-
-
-@dataclass(frozen=True)
-class Range:
-    """Bounds (inclusive) for a number, a Duration (in seconds) or a Percent (as a fraction)."""
-    min: float | None = None
-    max: float | None = None
-
-
-@dataclass(frozen=True)
-class Pattern:
-    """A regular expression the whole text must match; ``hint`` says in plain words what is expected
-    ('a host:port'), and is used in the error message."""
-    regex: str
-    hint: str
 
 
 # --------------------------------------------------------------------------------------------------
@@ -162,7 +111,7 @@ def load(path: str | os.PathLike[str], schema: type[T]) -> T:
 def load_text(text: str, schema: type[T], *, filename: str, base_dir: Path) -> T:
     """Parse and validate YAML ``text`` against ``schema``. ``filename`` is used in messages only;
     relative paths are resolved against ``base_dir``. Raises ``ConfigError`` listing every problem."""
-    _check_type(schema, set())
+    check_type(schema, set())
     try:
         loader = yaml.SafeLoader(text)
         try:
@@ -184,106 +133,6 @@ def load_text(text: str, schema: type[T], *, filename: str, base_dir: Path) -> T
     if walker.issues or result is _INVALID:
         raise ConfigError(sorted(walker.issues, key=lambda i: (i.line, i.column)))
     return typing.cast(T, result)
-
-
-def describe(schema: Any) -> list[tuple[str, str, str, str]]:
-    """Every key of ``schema`` as ``(key path, type, default or 'required', doc)`` rows, for the README's
-    configuration reference. Items of a list of sections appear as ``name[].key``; entries of a mapping of
-    sections as ``name.<name>.key``."""
-    _check_type(schema, set())
-    rows: list[tuple[str, str, str, str]] = []
-    _describe_into(schema, '', rows)
-    return rows
-
-
-# --------------------------------------------------------------------------------------------------
-# Type introspection
-# --------------------------------------------------------------------------------------------------
-
-_NONE_TYPE = type(None)
-_SPECIAL_NEWTYPES = (ReadableFile, DirPath, Duration, Percent)
-
-
-def _split_annotated(tp: Any) -> tuple[Any, tuple[Any, ...]]:
-    if typing.get_origin(tp) is Annotated:
-        return typing.get_args(tp)[0], tuple(tp.__metadata__)
-    return tp, ()
-
-
-def _optional_inner(tp: Any) -> Any | None:
-    """T for Optional[T] / T | None, else None."""
-    if typing.get_origin(tp) in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        rest = [a for a in args if a is not _NONE_TYPE]
-        if len(rest) == 1 and len(args) == 2:
-            return rest[0]
-    return None
-
-
-def _is_optional(tp: Any) -> bool:
-    base, _ = _split_annotated(tp)
-    return _optional_inner(base) is not None
-
-
-def _is_newtype(tp: Any) -> bool:
-    return hasattr(tp, '__supertype__') and callable(tp)
-
-
-def _is_dataclass_type(tp: Any) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
-
-
-_HINTS_CACHE: dict[type, dict[str, Any]] = {}
-
-
-def _fields(cls: type) -> list[tuple[dataclasses.Field[Any], Any]]:
-    """The init fields of a dataclass with their resolved types."""
-    hints = _HINTS_CACHE.get(cls)
-    if hints is None:
-        hints = typing.get_type_hints(cls, include_extras=True)
-        _HINTS_CACHE[cls] = hints
-    return [(f, hints[f.name]) for f in dataclasses.fields(cls) if f.init]
-
-
-def _check_type(tp: Any, seen: set[Any]) -> None:
-    """Raise TypeError (a programming error, not a config error) for a type the loader cannot handle."""
-    base, metadata = _split_annotated(tp)
-    for meta in metadata:
-        if isinstance(meta, Pattern):
-            re.compile(meta.regex)
-        if isinstance(meta, Range):
-            numeric = _optional_inner(base) or base
-            while _is_newtype(numeric) and numeric not in _SPECIAL_NEWTYPES:
-                numeric = numeric.__supertype__
-            if numeric not in (int, float, Duration, Percent):
-                raise TypeError(f"confschema: Range applies to numbers, durations and percentages, "
-                                f"not {base!r}")
-    if base in (str, int, float, bool, Path) or base in _SPECIAL_NEWTYPES:
-        return
-    inner = _optional_inner(base)
-    if inner is not None:
-        return _check_type(inner, seen)
-    origin, args = typing.get_origin(base), typing.get_args(base)
-    if origin is list and len(args) == 1:
-        return _check_type(args[0], seen)
-    if origin is dict and len(args) == 2:
-        if args[0] is not str:
-            raise TypeError(f"confschema: mapping keys must be str, not {args[0]!r}")
-        return _check_type(args[1], seen)
-    if origin is Literal:
-        return
-    if isinstance(base, type) and issubclass(base, enum.Enum):
-        return
-    if _is_newtype(base):
-        return _check_type(base.__supertype__, seen)
-    if _is_dataclass_type(base):
-        if base in seen:
-            return
-        seen.add(base)
-        for _f, ftype in _fields(base):
-            _check_type(ftype, seen)
-        return
-    raise TypeError(f"confschema: unsupported field type {tp!r}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -355,68 +204,7 @@ def _is_null(node: Node) -> bool:
 
 def _is_quoted(node: ScalarNode) -> bool:
     return node.style in ("'", '"')
-
-
-def _format_number(kind: Any, value: float) -> str:
-    if kind is Duration:
-        return _format_duration(value)
-    if kind is Percent:
-        return f"{value * 100:g}%"
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    return f"{value:g}"
-
-
-_DURATION_UNITS_OUT = (('d', 86400.0), ('h', 3600.0), ('m', 60.0), ('s', 1.0))
-
-
-def _format_duration(seconds: float) -> str:
-    if seconds == 0:
-        return '0s'
-    if seconds < 1:
-        return f"{seconds * 1000:g}ms"
-    for unit, size in _DURATION_UNITS_OUT:
-        if seconds >= size and seconds % size == 0:
-            return f"{int(seconds // size)}{unit}"
-    return f"{seconds:g}s"
-
-
-_DURATION_UNITS_IN = {
-    'ms': 0.001, 'msec': 0.001, 'millisecond': 0.001, 'milliseconds': 0.001,
-    's': 1.0, 'sec': 1.0, 'secs': 1.0, 'second': 1.0, 'seconds': 1.0,
-    'm': 60.0, 'min': 60.0, 'mins': 60.0, 'minute': 60.0, 'minutes': 60.0,
-    'h': 3600.0, 'hr': 3600.0, 'hrs': 3600.0, 'hour': 3600.0, 'hours': 3600.0,
-    'd': 86400.0, 'day': 86400.0, 'days': 86400.0,
-}
-_DURATION_PART = re.compile(r'\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]+)\s*')
-_PLAIN_NUMBER = re.compile(r'\s*[+]?(\d+(?:\.\d*)?|\.\d+)\s*')
 _PERCENT_TEXT = re.compile(r'\s*([-+]?(?:\d+(?:\.\d*)?|\.\d+))\s*%\s*')
-
-
-def _parse_duration_text(text: str) -> float | None:
-    """'1h30m' -> 5400.0; a bare number is seconds; None if not a duration."""
-    if _PLAIN_NUMBER.fullmatch(text):
-        return float(text)
-    pos, total, parts = 0, 0.0, 0
-    while pos < len(text):
-        match = _DURATION_PART.match(text, pos)
-        if not match:
-            return None
-        unit = _DURATION_UNITS_IN.get(match.group(2).lower())
-        if unit is None:
-            return None
-        total += float(match.group(1)) * unit
-        pos, parts = match.end(), parts + 1
-    return total if parts else None
-
-
-def parse_duration(text: str) -> float:
-    """A duration as written in the config ('30s', '5m', '1h30m', '30d', a bare number of seconds) in
-    seconds; ValueError if it is not one (used by the CLI's --older-than and similar options)."""
-    seconds = _parse_duration_text(text.strip())
-    if seconds is None or seconds < 0:
-        raise ValueError(f"{text!r} is not a duration (write e.g. 30s, 5m, 2h, 30d)")
-    return seconds
 
 
 def _suggest(word: str, choices: typing.Iterable[str]) -> str | None:
@@ -463,7 +251,7 @@ class _Walker:
     # -- dispatch --------------------------------------------------------------------------------
 
     def convert(self, tp: Any, node: Node, path: str) -> Any:
-        base, metadata = _split_annotated(tp)
+        base, metadata = split_annotated(tp)
         value = self._convert_base(base, node, path)
         if value is _INVALID or value is None:
             return value
@@ -476,7 +264,7 @@ class _Walker:
         return value
 
     def _convert_base(self, tp: Any, node: Node, path: str) -> Any:
-        inner = _optional_inner(tp)
+        inner = optional_inner(tp)
         if inner is not None:
             if _is_null(node):
                 return None
@@ -513,9 +301,9 @@ class _Walker:
             members = list(tp)
             value = self._choice([m.value for m in members], node, path, lambda v: v)
             return value if value is _INVALID else tp(value)
-        if _is_newtype(tp):
+        if is_newtype(tp):
             return self.convert(tp.__supertype__, node, path)
-        if _is_dataclass_type(tp):
+        if is_section(tp):
             return self._dataclass(tp, node, path)
         raise TypeError(f"confschema: unsupported field type {tp!r}")  # pragma: no cover
 
@@ -586,7 +374,7 @@ class _Walker:
             if text.startswith('-'):
                 self.issue(node, path, f"a duration cannot be negative, got {_show(node)}")
                 return _INVALID
-            seconds = _parse_duration_text(text)
+            seconds = parse_duration_text(text)
             if seconds is None:
                 self.issue(node, path, f"expected {what}, got {_show(node)}")
                 return _INVALID
@@ -632,7 +420,7 @@ class _Walker:
 
     def _check_range(self, kind: Any, bounds: Range, value: Any, node: Node, path: str) -> bool:
         low, high = bounds.min, bounds.max
-        fmt = lambda v: _format_number(kind, v)  # noqa: E731
+        fmt = lambda v: format_number(kind, v)  # noqa: E731
         too_low = low is not None and not value >= low
         too_high = high is not None and not value <= high
         if not (too_low or too_high):
@@ -647,7 +435,7 @@ class _Walker:
         return False
 
     def _choice(self, allowed: list[Any], node: Node, path: str, wrap: Any) -> Any:
-        listing = ', '.join(repr(v) if isinstance(v, str) else _yaml_text(v) for v in allowed)
+        listing = ', '.join(repr(v) if isinstance(v, str) else yaml_text(v) for v in allowed)
         if isinstance(node, ScalarNode) and not _is_null(node):
             text_choices = [v for v in allowed if isinstance(v, str)]
             if node.value in text_choices and node.tag in _TEXT_LIKE_TAGS:
@@ -774,7 +562,7 @@ class _Walker:
                                    f"got {_show(node)}")
             return _INVALID
         pairs = self.mapping_pairs(node, path)
-        fields = _fields(cls)
+        fields = section_fields(cls)
         names = [f.name for f, _t in fields]
         for key, (key_node, _v) in pairs.items():
             if key not in names:
@@ -792,7 +580,7 @@ class _Walker:
                            or f.default_factory is not dataclasses.MISSING)
             if f.name in pairs:
                 value_node = pairs[f.name][1]
-                if _is_null(value_node) and has_default and not _is_optional(ftype):
+                if _is_null(value_node) and has_default and not is_optional(ftype):
                     self.issue(value_node, key_path, "the value is empty; give a value, or remove "
                                                      "the line to use the default")
                     ok = False
@@ -808,7 +596,7 @@ class _Walker:
                     ok = False
                 elif default is not None:
                     kwargs[f.name] = default
-            elif _is_optional(ftype):
+            elif is_optional(ftype):
                 kwargs[f.name] = None
             else:
                 self.issue(node, key_path, f"missing required key {f.name!r}")
@@ -831,8 +619,8 @@ class _Walker:
     def _default_path(self, f: dataclasses.Field[Any], ftype: Any, node: Node, path: str) -> Any:
         """A path field left at its default: a relative default is resolved against the config file's
         directory too (and a ReadableFile default checked). None when there is nothing to do."""
-        base, _ = _split_annotated(ftype)
-        base, _ = _split_annotated(_optional_inner(base) or base)
+        base, _ = split_annotated(ftype)
+        base, _ = split_annotated(optional_inner(base) or base)
         if base not in (ReadableFile, DirPath, Path) or f.default is dataclasses.MISSING:
             return None
         if not isinstance(f.default, (str, os.PathLike)):
@@ -892,14 +680,6 @@ def _join_relative(path: str, relative: str) -> str:
     return f"{path}.{relative}"
 
 
-def _yaml_text(value: Any) -> str:
-    if value is None:
-        return 'null'
-    if isinstance(value, bool):
-        return 'true' if value else 'false'
-    return str(value)
-
-
 # --------------------------------------------------------------------------------------------------
 # YAML syntax errors
 # --------------------------------------------------------------------------------------------------
@@ -926,125 +706,3 @@ def _syntax_issue(exc: yaml.MarkedYAMLError, filename: str) -> ConfigIssue:
     elif 'found undefined alias' in problem:
         message += "; an alias (*name) must refer to an anchor (&name) defined earlier in the file"
     return ConfigIssue(filename, line, column, '', message)
-
-
-# --------------------------------------------------------------------------------------------------
-# describe()
-# --------------------------------------------------------------------------------------------------
-
-def _type_name(tp: Any) -> str:
-    base, metadata = _split_annotated(tp)
-    name = _base_type_name(base)
-    for meta in metadata:
-        if isinstance(meta, Pattern):
-            name = f"{name}: {meta.hint}"
-        elif isinstance(meta, Range):
-            kind = base
-            fmt = lambda v: _format_number(kind, v)  # noqa: E731
-            if meta.min is not None and meta.max is not None:
-                name = f"{name}, {fmt(meta.min)} to {fmt(meta.max)}"
-            elif meta.min is not None:
-                name = f"{name}, at least {fmt(meta.min)}"
-            elif meta.max is not None:
-                name = f"{name}, at most {fmt(meta.max)}"
-    return name
-
-
-def _base_type_name(tp: Any) -> str:
-    inner = _optional_inner(tp)
-    if inner is not None:
-        return _type_name(inner)
-    simple = {
-        str: 'text', int: 'integer', float: 'number', bool: 'true/false', Path: 'path',
-        Duration: 'duration (e.g. 30s, 5m, 2h)', Percent: 'percentage (e.g. 5%)',
-        ReadableFile: 'path of a readable file', DirPath: 'directory path',
-    }
-    if tp in simple:
-        return simple[tp]
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is list:
-        item = args[0]
-        return 'list of sections' if _is_dataclass_type(item) else f"list of {_type_name(item)}"
-    if origin is dict:
-        value = args[1]
-        return ('mapping of names to sections' if _is_dataclass_type(value)
-                else f"mapping of names to {_type_name(value)}")
-    if origin is Literal:
-        return 'one of ' + ', '.join(_yaml_text(v) for v in args)
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        return 'one of ' + ', '.join(_yaml_text(m.value) for m in tp)
-    if _is_newtype(tp):
-        return _type_name(tp.__supertype__)
-    if _is_dataclass_type(tp):
-        return 'section'
-    return str(tp)  # pragma: no cover - _check_type refuses the rest
-
-
-def _section_type(tp: Any) -> tuple[str, Any] | None:
-    """('', cls) for a section, ('[]', cls) for a list of sections, ('.<name>', cls) for a mapping."""
-    base, _ = _split_annotated(tp)
-    inner = _optional_inner(base)
-    if inner is not None:
-        return _section_type(inner)
-    if _is_dataclass_type(base):
-        return '', base
-    origin, args = typing.get_origin(base), typing.get_args(base)
-    if origin is list and _is_dataclass_type(_split_annotated(args[0])[0]):
-        return '[]', _split_annotated(args[0])[0]
-    if origin is dict and _is_dataclass_type(_split_annotated(args[1])[0]):
-        return '.<name>', _split_annotated(args[1])[0]
-    return None
-
-
-def _format_default(f: dataclasses.Field[Any], tp: Any) -> str:
-    if f.default is not dataclasses.MISSING:
-        value = f.default
-    elif f.default_factory is not dataclasses.MISSING:
-        value = f.default_factory()
-    elif _is_optional(tp):
-        return 'null'
-    else:
-        return 'required'
-    base, _ = _split_annotated(tp)
-    base = _optional_inner(base) or base
-    base, _ = _split_annotated(base)
-    if value is None:
-        return 'null'
-    if dataclasses.is_dataclass(value):
-        return '(see the keys below)'
-    if base in (Duration, Percent):
-        return _format_number(base, value)
-    if isinstance(value, enum.Enum):
-        return _yaml_text(value.value)
-    if isinstance(value, (list, dict)):
-        return yaml.safe_dump(_plain(value), default_flow_style=True, allow_unicode=True).strip()
-    if isinstance(value, str):
-        return value if value else "''"
-    return _yaml_text(value)
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, enum.Enum):
-        return value.value
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return _plain(dataclasses.asdict(value))
-    return value
-
-
-def _describe_into(schema: Any, prefix: str, rows: list[tuple[str, str, str, str]]) -> None:
-    base, _ = _split_annotated(schema)
-    if not _is_dataclass_type(base):
-        return
-    for f, ftype in _fields(base):
-        key = f"{prefix}.{f.name}" if prefix else f.name
-        rows.append((key, _type_name(ftype), _format_default(f, ftype), f.metadata.get('doc', '')))
-        section = _section_type(ftype)
-        if section is not None:
-            suffix, cls = section
-            _describe_into(cls, key + suffix, rows)

@@ -11,7 +11,8 @@ makes the listening socket accept only what arrives on the named interface, what
 before 5.7 it needs CAP_NET_RAW; a firewall on the front server remains the first line.)
 
 **Connection limits** (:class:`ConnectionLimiter`): in all and per source address, refused at accept before
-any TLS work, with capacity reserved for chosen addresses (the HIS's) that no one else can take.
+any TLS work, with capacity reserved for chosen addresses (the HIS's) that no one else can take.  Failed TLS
+handshakes are counted and logged the same way (:func:`handshake_failures`).
 
 **Descriptors** (:func:`ensure_descriptors`): at start the soft RLIMIT_NOFILE is raised to the hard one, and
 the gateway refuses to start when its connection limits could hold more descriptors than it may open — running
@@ -267,6 +268,21 @@ class ConnectionLimiter(WrappingFactory):
     def doStop(self):
         self._log.flush()
         super().doStop()
+
+
+def handshake_failures(metrics, gate: str, log_them: bool = True, *, clock=None):
+    """Count (``gatewayd_tls_handshake_failures_total{gate=...}``) and log a gate's failed handshakes, at most once
+    per 10 s on ``clock`` with their count, the busiest source address and the last reason (the MLLP listener
+    logs its own)."""
+    counter = metrics.tls_handshake_failures.labels(gate)  # shown as 0 from the start
+    tally = RefusalLog("tls.handshake_failed", clock, fields=lambda: {"gate": gate}) if log_them else None
+
+    def failed(peer, failure):
+        counter.inc()
+        if tally is not None:
+            tally.refused("handshake", source_key(peer), error=failure.getErrorMessage()[:200])
+
+    return failed
 
 
 # -- descriptors: the connection limits must fit the process's RLIMIT_NOFILE -----------------------------------

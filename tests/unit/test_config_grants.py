@@ -3,8 +3,9 @@ retention — defaults, and every mistake reported with file:line:key."""
 
 import pytest
 
-from gateway.config.model import SCOPES, load_config
-from gateway.config.schema import ConfigError
+from gateway.config.model import load_config
+from gateway.config.outer import SCOPES
+from gateway.config.errors import ConfigError
 from gateway.ops.devca import init_dev_ca
 
 HEAD = """

@@ -12,10 +12,10 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from gateway.config import schema as confschema
-from gateway.config.schema import (
-    ConfigError, ConfigIssue, DirPath, Duration, Pattern, Percent, Range, ReadableFile,
-    describe, load, load_text,
-)
+from gateway.config.errors import ConfigError, ConfigIssue
+from gateway.config.fields import DirPath, Duration, Pattern, Percent, Range, ReadableFile
+from gateway.config.reference import describe
+from gateway.config.schema import load, load_text
 
 
 # --- schemas used by the tests ------------------------------------------------------------------

@@ -19,7 +19,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.test.iosim import ConnectionCompleter
 
-from adapters.inner.receiver import HisDestination
+from adapters.inner.his import HisDestination
 from adapters.inner.client import MLLPClient, PeerUnavailable
 from adapters.tls import client_options, server_options
 from gateway.ops.devca import init_dev_ca

@@ -28,7 +28,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from adapters.hl7.er7 import Hl7Error, format_message, parse
 from adapters.inner.framing import MLLPFramer, frame
 from adapters.inner.listener import MLLPServerFactory
-from gateway.config.schema import ConfigError
+from gateway.config.errors import ConfigError
 from hissim.clocks import HospitalClock
 from hissim.config import (
     DepartmentConfig,

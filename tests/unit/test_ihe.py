@@ -648,7 +648,7 @@ def test_a_refused_s03_move_leaves_the_old_booking_and_a_move_is_never_undone_by
 
 def test_a_his_cannot_both_cancel_and_move_with_s03(tmp_path):
     from gateway.config.model import load_config
-    from gateway.config.schema import ConfigError
+    from gateway.config.errors import ConfigError
 
     path = tmp_path / "g.yaml"
     path.write_text("inner:\n  his:\n    host: 127.0.0.1\n    port: 2576\n    cancel_message: SRM^S03\n"

@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 from gateway.domain.audit import verify
 from gateway.chamber.engine import Chamber
 from gateway.config.model import load_config
-from gateway.config.schema import ConfigError
+from gateway.config.errors import ConfigError
 from gateway.ops.devca import init_dev_ca
 from adapters.outer.oauth import (
     ASSERTION_TYPE,

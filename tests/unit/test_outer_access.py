@@ -21,7 +21,7 @@ from adapters.maps.srm_booking import Hl7Header, build_srm
 from gateway.domain.audit import AuditTrail, verify
 from gateway.domain.booking import BookingService, HisLinkInfo, SlotBook
 from gateway.chamber.engine import Chamber
-from gateway.config.model import normalise_subject
+from gateway.config.outer import normalise_subject
 from gateway.ops.devca import init_dev_ca
 from gateway.domain.quota import QuotaRule, Quotas
 from adapters.outer.ratelimit import RateLimiter
@@ -180,7 +180,8 @@ def test_a_connection_certificate_is_read_once_and_still_checked_on_every_reques
 def test_the_listeners_tls_refuses_renegotiation(tmp_path):
     from OpenSSL import SSL
 
-    from gateway.service import TlsSwitch, tls_options
+    from adapters.outer.tls import tls_options
+    from adapters.tls import TlsSwitch
 
     init_dev_ca(tmp_path, platforms=("demo",))
     tls = SimpleNamespace(certificate=tmp_path / "server.pem", private_key=tmp_path / "server.key",

@@ -290,7 +290,8 @@ def test_an_exception_that_escapes_the_api_is_a_500_operation_outcome(gate):
 
 # -- the TLS handshake's deadline ------------------------------------------------------------------------------------
 def test_a_tls_handshake_not_done_in_time_is_cut(tmp_path):
-    from gateway.service import HandshakeWatch, TlsSwitch, tls_options
+    from adapters.outer.tls import HandshakeWatch, tls_options
+    from adapters.tls import TlsSwitch
 
     init_dev_ca(tmp_path, platforms=("demo",))
     tls = SimpleNamespace(certificate=tmp_path / "server.pem", private_key=tmp_path / "server.key",
@@ -320,10 +321,10 @@ def test_a_tls_handshake_not_done_in_time_is_cut(tmp_path):
 def test_a_flood_of_failed_handshakes_is_logged_once_per_interval_and_each_counted():
     from gateway.ops.admin import Metrics
     from gateway.chamber.engine import Chamber
-    from gateway.service import _handshake_failures
+    from gateway.ops.listen import handshake_failures
 
     clock, metrics = task.Clock(), Metrics(Chamber(":memory:"))
-    failed = _handshake_failures(metrics, "outer", clock=clock)
+    failed = handshake_failures(metrics, "outer", clock=clock)
     with capture_logs() as logs:
         for i in range(100):
             failed(IPv4Address("TCP", f"198.51.100.{1 + i % 2}", 40000),
@@ -470,7 +471,7 @@ def rss_mb() -> float:
 def test_memory_closed_connections_freed_is_handed_back_to_the_system():
     """As a flood's TLS buffers: 100 MB freed below one that is still in use stays with the process (glibc
     cannot shrink its heap past it) until the service's next tick hands it back."""
-    from gateway.service import MemoryTrimService
+    from gateway.ops.services import MemoryTrimService
 
     clock = task.Clock()
     trim = MemoryTrimService(clock, every=60)

@@ -18,7 +18,7 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.python.failure import Failure
 from twisted.web.test.requesthelper import DummyRequest
 
-from adapters.inner.receiver import HisDestination
+from adapters.inner.his import HisDestination
 from gateway.ops.admin import AdminResource, Metrics
 from gateway.chamber.engine import Chamber
 from gateway.relay import DeliveryFailed, HisUnreachable, Relay

@@ -13,8 +13,9 @@ from structlog.testing import capture_logs
 
 from adapters.outer.site import PlatformDirectory, PlatformGrant, spki_sha256
 from adapters.tls import TlsConfigError, load_crl
-from gateway.config.model import load_config, normalise_subject
-from gateway.config.schema import ConfigError
+from gateway.config.model import load_config
+from gateway.config.outer import normalise_subject
+from gateway.config.errors import ConfigError
 from gateway.ops.devca import init_dev_ca, write_crl
 
 PLATFORMS = ("a", "b")
