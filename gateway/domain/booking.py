@@ -28,9 +28,6 @@ status the platform sees for it, 201/200 done or 409 not done).
 from __future__ import annotations
 
 import hashlib
-import os
-import secrets
-import threading
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Callable
@@ -41,6 +38,8 @@ from twisted.internet import defer
 
 from gateway.domain import audit
 from gateway.domain.audit import AuditEntry
+from gateway.domain.backlog import check_backlog
+from gateway.domain.ids import new_appointment_id, new_control_id, slot_id, subject_of
 from gateway.domain.patients import IdentifierRules
 
 from gateway.domain.model import (
@@ -54,8 +53,6 @@ from gateway.domain.model import (
     SlotNotice,
     SlotUnavailable,
     SlotUnknown,
-    check_backlog,
-    slot_id,
 )
 
 log = structlog.get_logger("gateway.domain.booking")
@@ -65,34 +62,6 @@ _HIS_STATUS = {"open": "free", "free": "free", "block": "busy-unavailable", "boo
                "reschedule": "busy", "noshow": "busy"}
 #: slot actions that publish the slot (no patient's appointment on it): they set its Z-segments
 _PUBLICATIONS = frozenset({"open", "block"})
-
-
-_random_bytes = bytearray()  # from the OS in 4 KB draws (one getrandom() per ~400 ids, not one per id)
-_random_lock = threading.Lock()
-
-
-def _random_hex(n_bytes: int) -> str:
-    global _random_bytes
-    with _random_lock:
-        if len(_random_bytes) < n_bytes:
-            _random_bytes = bytearray(os.urandom(4096))
-        chunk = _random_bytes[-n_bytes:]
-        del _random_bytes[-n_bytes:]
-    return chunk.hex()
-
-
-def new_control_id() -> str:
-    """MSH-10 for a message we send: assigned once, kept on every resend (ST, at most 20 characters):
-    'G' and 19 random hex digits (from the OS's random source, as secrets.token_hex)."""
-    return "G" + _random_hex(10)[:19]
-
-
-def new_appointment_id() -> str:
-    return "a" + secrets.token_hex(10)
-
-
-def subject_of(appointment_id: str) -> str:
-    return f"appointment:{appointment_id}"
 
 
 def patient_key(patient: Patient) -> str:

@@ -18,8 +18,8 @@ from gateway.domain.audit import AuditEntry, AuditTrail, GENESIS, chain_hash, pr
 from gateway.domain.booking import BookingService, HisLinkInfo, SlotBook
 from gateway.chamber.engine import Chamber
 from gateway.domain.quota import QuotaExhausted, QuotaRule, Quotas
-from gateway.domain.model import (BookingRequest, HisAnswer, Patient, PatientIdentifier, ScheduleInfo, SlotNotice,
-                                slot_id)
+from gateway.domain.model import BookingRequest, HisAnswer, Patient, PatientIdentifier, ScheduleInfo, SlotNotice
+from gateway.domain.ids import slot_id
 
 TZ = ZoneInfo("Asia/Shanghai")
 T0 = datetime(2030, 1, 1, tzinfo=TZ).timestamp()

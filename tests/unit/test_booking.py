@@ -17,7 +17,6 @@ from gateway.chamber.engine import Chamber
 from gateway.domain.model import (
     AppointmentUnknown,
     IdempotencyConflict,
-    Overloaded,
     BookingRequest,
     HisAnswer,
     Patient,
@@ -26,8 +25,9 @@ from gateway.domain.model import (
     SlotNotice,
     SlotUnavailable,
     SlotUnknown,
-    slot_id,
 )
+from gateway.domain.backlog import Overloaded
+from gateway.domain.ids import slot_id
 
 TZ = ZoneInfo("Asia/Shanghai")
 START = datetime(2030, 1, 7, 8, 0)

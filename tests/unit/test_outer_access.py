@@ -25,7 +25,8 @@ from gateway.config.model import normalise_subject
 from gateway.ops.devca import init_dev_ca
 from gateway.domain.quota import QuotaRule, Quotas
 from adapters.outer.ratelimit import RateLimiter
-from gateway.domain.model import HisAnswer, ScheduleInfo, SlotNotice, slot_id
+from gateway.domain.model import HisAnswer, ScheduleInfo, SlotNotice
+from gateway.domain.ids import slot_id
 
 TZ = ZoneInfo("Asia/Shanghai")
 NOW = datetime(2030, 1, 1, tzinfo=TZ).timestamp()

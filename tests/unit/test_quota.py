@@ -15,7 +15,8 @@ from gateway.domain.booking import BookingService, HisLinkInfo, SlotBook
 from gateway.chamber.engine import Chamber
 from gateway.domain.quota import QuotaExhausted, QuotaRule, Quotas
 from gateway.domain.model import (BookingRequest, HisAnswer, Patient, PatientIdentifier, ScheduleInfo, SlotNotice,
-                                SlotUnavailable, slot_id)
+                                  SlotUnavailable)
+from gateway.domain.ids import slot_id
 
 TZ = ZoneInfo("Asia/Shanghai")
 DAY = datetime(2030, 1, 7, 8, 0)

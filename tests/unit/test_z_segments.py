@@ -16,7 +16,7 @@ from fhir.resources.R4B.slot import Slot
 from gateway.domain.booking import SlotBook
 from gateway.chamber.engine import Chamber
 from gateway.domain.inbound import InboundService, Received
-from gateway.domain.model import slot_id
+from gateway.domain.ids import slot_id
 
 TZ = ZoneInfo("Asia/Shanghai")
 SID = slot_id("D001", datetime(2030, 1, 7, 9, 0))
