@@ -25,7 +25,7 @@ import structlog
 from twisted.internet import defer
 
 from gateway.ops import logs
-from gateway.domain.booking import SlotBook
+from gateway.domain.slot_book import SlotBook
 
 log = structlog.get_logger("gateway.domain.inbound")
 

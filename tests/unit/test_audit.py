@@ -15,7 +15,8 @@ from twisted.internet import task
 from adapters.maps.srm_booking import Hl7Header, build_srm
 from gateway.domain import audit
 from gateway.domain.audit import AuditEntry, AuditTrail, GENESIS, chain_hash, prunable, prune, verify
-from gateway.domain.booking import BookingService, HisLinkInfo, SlotBook
+from gateway.domain.booking import BookingService, HisLinkInfo
+from gateway.domain.slot_book import SlotBook
 from gateway.chamber.engine import Chamber
 from gateway.domain.quota import QuotaExhausted, QuotaRule, Quotas
 from gateway.domain.model import BookingRequest, HisAnswer, Patient, PatientIdentifier, ScheduleInfo, SlotNotice

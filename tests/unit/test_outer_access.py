@@ -19,7 +19,8 @@ from twisted.web.test.requesthelper import DummyRequest
 from adapters.outer.site import FhirApi, JsonLimits, PlatformDirectory, PlatformGrant
 from adapters.maps.srm_booking import Hl7Header, build_srm
 from gateway.domain.audit import AuditTrail, verify
-from gateway.domain.booking import BookingService, HisLinkInfo, SlotBook
+from gateway.domain.booking import BookingService, HisLinkInfo
+from gateway.domain.slot_book import SlotBook
 from gateway.chamber.engine import Chamber
 from gateway.config.model import normalise_subject
 from gateway.ops.devca import init_dev_ca

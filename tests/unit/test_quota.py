@@ -11,7 +11,8 @@ import pytest
 from twisted.internet import task
 
 from adapters.maps.srm_booking import Hl7Header, build_srm
-from gateway.domain.booking import BookingService, HisLinkInfo, SlotBook
+from gateway.domain.booking import BookingService, HisLinkInfo
+from gateway.domain.slot_book import SlotBook
 from gateway.chamber.engine import Chamber
 from gateway.domain.quota import QuotaExhausted, QuotaRule, Quotas
 from gateway.domain.model import (BookingRequest, HisAnswer, Patient, PatientIdentifier, ScheduleInfo, SlotNotice,
