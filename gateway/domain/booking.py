@@ -9,7 +9,8 @@ slots is :mod:`gateway.domain.slot_book`'s.
 
 Appointment states (chamber): ``pending`` -> ``booked`` | ``refused`` | ``cancelled``; ``booked`` ->
 ``cancelled``.  ``pending_change`` names what we are waiting for from the HIS ('book', 'cancel', 'hold' or
-'reschedule'): a platform's request is answered when it clears, or after ``answer_within`` with 202.
+'reschedule'): a platform's request is answered when it clears (:mod:`gateway.domain.settle`), or after
+``answer_within`` with 202.
 
 An IHE ``$hold`` (:meth:`BookingService.hold`) holds the slot the same way but queues nothing: the
 appointment is ``pending`` with ``pending_change`` None until ``$book`` (:meth:`BookingService.book_held`)
@@ -27,7 +28,6 @@ status the platform sees for it, 201/200 done or 409 not done).
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Callable
@@ -40,7 +40,8 @@ from gateway.domain import audit
 from gateway.domain.audit import AuditEntry
 from gateway.domain.backlog import check_backlog
 from gateway.domain.ids import new_appointment_id, new_control_id, subject_of
-from gateway.domain.patients import IdentifierRules
+from gateway.domain.patients import IdentifierRules, order_key
+from gateway.domain.settle import SettlementWaiters
 
 from gateway.domain.model import (
     AppointmentUnknown,
@@ -55,13 +56,6 @@ from gateway.domain.model import (
 )
 
 log = structlog.get_logger("gateway.domain.booking")
-
-def patient_key(patient: Patient) -> str:
-    """Which patient a message is about, for ordering by patient: a hash, never the identifier itself."""
-    first = patient.identifiers[0] if patient.identifiers else None
-    text = f"{first.system}|{first.value}" if first else f"{patient.family}|{patient.given}|{patient.phone}"
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:24]
-
 
 #: the outcome of a booking the gateway cancels to move it (BookingService._moved)
 RESCHEDULED_TO = "rescheduled to "
@@ -132,13 +126,13 @@ class BookingService:
         self.max_backlog = max_backlog
         self.retry_after = retry_after
         self.clock = clock
-        self._waiters: dict[str, list[defer.Deferred]] = {}
         self._expiry_call = None
         # Waiters are settled by the commits that clear their appointments' pending change: this process's
         # tell us which (no query); another process's (the split lock's inner gate, noticed by the watch)
         # do not, so they are looked up (one query for all waiters).
-        self._stop_observing = chamber.observe(self._on_commit, own_commits=False)
-        self._stop_observing_settled = chamber.observe_settled(self._on_settled)
+        self._waiters = SettlementWaiters(clock, lambda ids: chamber.read().settled_among(ids))
+        self._stop_observing = chamber.observe(self._waiters.recheck, own_commits=False)
+        self._stop_observing_settled = chamber.observe_settled(self._waiters.settled)
 
     # -- platform requests ---------------------------------------------------------------------------------
     def book(self, platform: str, request: BookingRequest, *, idempotency_key: str | None = None,
@@ -476,7 +470,7 @@ class BookingService:
             peer = self._cancel_peer(tx, appointment_id)
         tx.add_message(direction="outbound", peer=peer, control_id=control_id,
                        type=_INTENT_TYPES[kind], state="committed", body=b"",
-                       charset="", subject=subject_of(appointment_id), order_key=patient_key(patient),
+                       charset="", subject=subject_of(appointment_id), order_key=order_key(patient),
                        detail=detail)
 
     def encode(self, tx, message) -> tuple[bytes, str, str]:
@@ -745,49 +739,9 @@ class BookingService:
         if self._expiry_call is not None and self._expiry_call.active():
             self._expiry_call.cancel()
         self._expiry_call = None
-        for waiters in self._waiters.values():
-            for d in waiters:
-                if not d.called:
-                    d.callback(None)
-        self._waiters.clear()
+        self._waiters.stop(None)
 
     # -- waiting for the HIS -----------------------------------------------------------------------------------
     def wait_settled(self, appointment_id: str, timeout: float) -> defer.Deferred:
         """Fires with True once no change to the appointment awaits the HIS, or False after ``timeout``."""
-        appt = self.chamber.read().appointment(appointment_id)
-        if appt is None or appt.pending_change is None:
-            return defer.succeed(True)
-        d: defer.Deferred = defer.Deferred()
-        self._waiters.setdefault(appointment_id, []).append(d)
-        call = self.clock.callLater(timeout, self._wait_timeout, appointment_id, d)
-        d.addBoth(lambda r: (call.cancel() if call.active() else None, r)[1])
-        return d
-
-    def _wait_timeout(self, appointment_id, d) -> None:
-        waiters = self._waiters.get(appointment_id, [])
-        if d in waiters:
-            waiters.remove(d)
-            if not waiters:
-                self._waiters.pop(appointment_id, None)
-        if not d.called:
-            d.callback(False)
-
-    def _on_settled(self, appointment_ids: list[str]) -> None:
-        """After a commit of this process that cleared these appointments' pending change."""
-        if not self._waiters:
-            return
-        for appointment_id in appointment_ids:
-            for d in self._waiters.pop(appointment_id, []):
-                if not d.called:
-                    d.callback(True)
-
-    def _on_commit(self) -> None:
-        """After another process's commit: which waiters' appointments does it leave settled?"""
-        if not self._waiters:
-            return
-        # One query for all waiters (the profile in docs/benchmarks.md showed reading them one by one taking
-        # 39% of the gateway at saturation).
-        for appointment_id in self.chamber.read().settled_among(list(self._waiters)):
-            for d in self._waiters.pop(appointment_id, []):
-                if not d.called:
-                    d.callback(True)
+        return self._waiters.wait(appointment_id, timeout)
