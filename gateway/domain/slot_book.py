@@ -5,14 +5,14 @@ A slot row keeps what the HIS says (``his_status``, ``his_appointment``) apart f
 with it (``held_by``, ``booked_by``): a notice never overrides a platform's hold, and the HIS freeing or
 moving a slot one of our platforms booked settles that appointment here — as the gateway's own
 cancellation or move when it had asked for one (the HIS's SIU and its answer to our SRM come in either
-order, :mod:`gateway.domain.booking`), else as the hospital's.
+order, :mod:`gateway.domain.booking_answers`), else as the hospital's.
 """
 
 from __future__ import annotations
 
 from zoneinfo import ZoneInfo
 
-from gateway.domain.booking import cancel_reason
+from gateway.domain.booking_answers import cancel_reason
 from gateway.domain.ids import slot_id
 from gateway.domain.model import SlotNotice
 
