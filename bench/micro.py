@@ -51,7 +51,7 @@ if what in ("siu", "siu-info"):
     from twisted.internet import task
     from adapters.hl7.er7 import parse
     from adapters.inner.receiver import InnerGateHandler
-    from gateway.domain.booking import SlotBook
+    from gateway.domain.slot_book import SlotBook
     from gateway.chamber.engine import Chamber
     from gateway.domain.inbound import InboundService
     from gateway.ops import logs

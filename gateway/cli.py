@@ -384,7 +384,7 @@ def _queue_retry(chamber, config, args) -> int:
     from zoneinfo import ZoneInfo
 
     from adapters.inner.receiver import make_reprocessor
-    from gateway.domain.booking import SlotBook
+    from gateway.domain.slot_book import SlotBook
     from gateway.ops.queue import NotRetryable, retry, retry_all_dead
 
     reprocess = make_reprocessor(SlotBook(ZoneInfo(config.hospital.timezone)),

@@ -51,7 +51,8 @@ from adapters.inner.client import MLLPClient
 from adapters.inner.listener import MLLPServerFactory
 from gateway.domain.audit import AuditTrail
 from gateway.ops.admin import AdminResource, Metrics
-from gateway.domain.booking import BookingService, HisLinkInfo, SlotBook
+from gateway.domain.booking import BookingService, HisLinkInfo
+from gateway.domain.slot_book import SlotBook
 from gateway.domain.patients import IdentifierRules
 from gateway.chamber.engine import Chamber
 from gateway.config.model import GatewayConfig

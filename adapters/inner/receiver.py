@@ -50,7 +50,7 @@ from adapters.hl7.identity import sender
 from adapters.hl7.validation import VALIDATION_MODES, strict_problem
 from adapters.maps.siu_slot import notices_from_siu
 from adapters.inner.listener import Answer
-from gateway.domain.booking import new_control_id
+from gateway.domain.ids import new_control_id
 from gateway.domain.routes import type_allowed
 from gateway.chamber.errors import ChamberWriteError
 from gateway.domain.inbound import Received, z_segments_kept

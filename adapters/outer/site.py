@@ -79,7 +79,8 @@ from gateway.chamber.errors import ChamberError
 from adapters.outer.oauth import ALGORITHMS as OAUTH_ALGORITHMS
 from adapters.outer.oauth import TOKEN_PATH, InvalidToken, OAuthError
 from gateway.domain.quota import QuotaExhausted
-from gateway.domain.model import AppointmentUnknown, IdempotencyConflict, Overloaded, SlotUnavailable, SlotUnknown
+from gateway.domain.model import AppointmentUnknown, IdempotencyConflict, SlotUnavailable, SlotUnknown
+from gateway.domain.backlog import Overloaded
 
 #: [base]/.well-known/smart-configuration, as path segments below the FHIR base
 SMART_CONFIGURATION = (b".well-known", b"smart-configuration")

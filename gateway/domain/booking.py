@@ -1,15 +1,16 @@
-"""Decisions about slots and appointments.
+"""The booking service: platforms book and cancel, hold -> confirm.
 
-- :class:`SlotBook` applies what the HIS says about its slots (SIU, SQR^S25) to the chamber's mirror.
-- :class:`BookingService` books and cancels for platforms: hold -> confirm.  A booking holds the slot
-  (``busy-tentative``) and queues SRM^S01 in the same committed transaction; the relay delivers it and
-  calls :meth:`BookingService.on_answer` inside the transaction that records the HIS's answer.  A hold the
-  HIS does not answer within ``hold_seconds`` is released by :meth:`BookingService.expire_holds`; if the
-  HIS accepts a booking whose hold has already been released, a compensating cancel is queued.
+:class:`BookingService` books, holds, moves and cancels for platforms.  A booking holds the slot
+(``busy-tentative``) and queues SRM^S01 in the same committed transaction; the relay delivers it and calls
+:meth:`BookingService.on_answer` inside the transaction that records the HIS's answer (the answers:
+:mod:`gateway.domain.booking_answers`).  A hold the HIS does not answer within ``hold_seconds`` is released
+by :meth:`BookingService.expire_holds`; if the HIS accepts a booking whose hold has already been released, a
+compensating cancel is queued.  What the HIS says about its slots is :mod:`gateway.domain.slot_book`'s.
 
 Appointment states (chamber): ``pending`` -> ``booked`` | ``refused`` | ``cancelled``; ``booked`` ->
 ``cancelled``.  ``pending_change`` names what we are waiting for from the HIS ('book', 'cancel', 'hold' or
-'reschedule'): a platform's request is answered when it clears, or after ``answer_within`` with 202.
+'reschedule'): a platform's request is answered when it clears (:mod:`gateway.domain.settle`), or after
+``answer_within`` with 202.
 
 An IHE ``$hold`` (:meth:`BookingService.hold`) holds the slot the same way but queues nothing: the
 appointment is ``pending`` with ``pending_change`` None until ``$book`` (:meth:`BookingService.book_held`)
@@ -27,10 +28,6 @@ status the platform sees for it, 201/200 done or 409 not done).
 
 from __future__ import annotations
 
-import hashlib
-import os
-import secrets
-import threading
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Callable
@@ -41,76 +38,24 @@ from twisted.internet import defer
 
 from gateway.domain import audit
 from gateway.domain.audit import AuditEntry
-from gateway.domain.patients import IdentifierRules
+from gateway.domain.backlog import check_backlog
+from gateway.domain.booking_answers import HisAnswers
+from gateway.domain.ids import new_appointment_id, new_control_id, subject_of
+from gateway.domain.patients import IdentifierRules, order_key
+from gateway.domain.settle import SettlementWaiters
 
 from gateway.domain.model import (
     AppointmentUnknown,
     BookingRequest,
-    HisAnswer,
     IdempotencyConflict,
     Patient,
     SchedulingError,
     SlotForHis,
-    SlotNotice,
     SlotUnavailable,
     SlotUnknown,
-    check_backlog,
-    slot_id,
 )
 
 log = structlog.get_logger("gateway.domain.booking")
-
-#: slot action -> the HIS status it leaves
-_HIS_STATUS = {"open": "free", "free": "free", "block": "busy-unavailable", "book": "busy",
-               "reschedule": "busy", "noshow": "busy"}
-#: slot actions that publish the slot (no patient's appointment on it): they set its Z-segments
-_PUBLICATIONS = frozenset({"open", "block"})
-
-
-_random_bytes = bytearray()  # from the OS in 4 KB draws (one getrandom() per ~400 ids, not one per id)
-_random_lock = threading.Lock()
-
-
-def _random_hex(n_bytes: int) -> str:
-    global _random_bytes
-    with _random_lock:
-        if len(_random_bytes) < n_bytes:
-            _random_bytes = bytearray(os.urandom(4096))
-        chunk = _random_bytes[-n_bytes:]
-        del _random_bytes[-n_bytes:]
-    return chunk.hex()
-
-
-def new_control_id() -> str:
-    """MSH-10 for a message we send: assigned once, kept on every resend (ST, at most 20 characters):
-    'G' and 19 random hex digits (from the OS's random source, as secrets.token_hex)."""
-    return "G" + _random_hex(10)[:19]
-
-
-def new_appointment_id() -> str:
-    return "a" + secrets.token_hex(10)
-
-
-def subject_of(appointment_id: str) -> str:
-    return f"appointment:{appointment_id}"
-
-
-def patient_key(patient: Patient) -> str:
-    """Which patient a message is about, for ordering by patient: a hash, never the identifier itself."""
-    first = patient.identifiers[0] if patient.identifiers else None
-    text = f"{first.system}|{first.value}" if first else f"{patient.family}|{patient.given}|{patient.phone}"
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:24]
-
-
-#: the outcome of a booking the gateway cancels to move it (BookingService._moved)
-RESCHEDULED_TO = "rescheduled to "
-
-
-def cancel_reason(appt) -> str:
-    """Why a cancellation the gateway asked the HIS for was made: a move's "rescheduled to <new id>" (set
-    when its SRM^S04 was queued), else the platform's own cancellation."""
-    outcome = appt.outcome or ""
-    return outcome if outcome.startswith(RESCHEDULED_TO) else "cancelled by the platform"
 
 
 #: what BookingService._queue commits, by kind: the inner gate encodes each (BookingService.encode)
@@ -129,102 +74,6 @@ class PatientRequired(SchedulingError):
     code = "patient-required"
 
 
-class SlotBook:
-    """The mirror of the HIS's slot book."""
-
-    def __init__(self, tz: ZoneInfo):
-        self.tz = tz
-        self._instants: dict[tuple, float] = {}  # hospital wall-clock time -> timestamp (zoneinfo is slow)
-
-    def apply(self, tx, notices: list[SlotNotice]) -> list[str]:
-        """Apply notices inside a chamber transaction; returns the ids of the slots they touched."""
-        return [self._apply_one(tx, n) for n in notices]
-
-    def _apply_one(self, tx, n: SlotNotice) -> str:
-        from gateway.chamber.engine import ScheduleRow, SlotRow  # row types only: the chamber is our store
-
-        tx.upsert_schedule(ScheduleRow(
-            id=n.schedule.id, display=n.schedule.display, practitioner_id=n.schedule.practitioner_id,
-            practitioner_name=n.schedule.practitioner_name, department_code=n.schedule.department_code,
-            department_name=n.schedule.department_name, facility=n.schedule.facility, updated=tx.now,
-        ))
-        sid = slot_id(n.schedule.id, n.start_local)
-        instant = (n.start_local, n.start_local.fold)  # (equal naive datetimes may differ in fold)
-        start_ts = self._instants.get(instant)
-        if start_ts is None:
-            if len(self._instants) > 100_000:
-                self._instants.clear()
-            start_ts = self._instants[instant] = n.start_local.replace(tzinfo=self.tz).timestamp()
-        end_ts = start_ts + n.minutes * 60
-        his_status = _HIS_STATUS[n.action]
-        his_appointment = n.his_appointment if his_status == "busy" else None
-        # Z-segments only from the HIS publishing the slot (open, blocked): notices about a patient's
-        # appointment may carry that patient's data in theirs, and every platform reads the Slot.
-        publication = n.action in _PUBLICATIONS
-        z_segments = "\r".join(n.z_segments) or None if publication else None
-
-        if n.action == "reschedule" and n.his_appointment:
-            old = tx.slot_by_his_appointment(n.his_appointment)
-            if old is not None and old.id != sid:
-                tx.update_slot(old.id, his_status="free", his_appointment=None, booked_by=None)
-                self._move_appointment(tx, old, sid)
-
-        if his_status != "free":  # no booking of ours to release: one statement, new slot or known
-            tx.insert_slot(SlotRow(
-                id=sid, schedule_id=n.schedule.id, start_local=f"{n.start_local:%Y%m%d%H%M}",
-                start_ts=start_ts, end_ts=end_ts, minutes=n.minutes, service_code=n.service_code,
-                service_text=n.service_text, his_status=his_status, his_appointment=his_appointment,
-                held_by=None, booked_by=None, updated=tx.now, z_segments=z_segments,
-            ), or_update=True, publication=publication)
-            return sid
-        slot = tx.slot(sid)
-        if slot is None:
-            tx.insert_slot(SlotRow(
-                id=sid, schedule_id=n.schedule.id, start_local=f"{n.start_local:%Y%m%d%H%M}",
-                start_ts=start_ts, end_ts=end_ts, minutes=n.minutes, service_code=n.service_code,
-                service_text=n.service_text, his_status=his_status, his_appointment=his_appointment,
-                held_by=None, booked_by=None, updated=tx.now, z_segments=z_segments,
-            ))
-            return sid
-        changes = dict(start_ts=start_ts, end_ts=end_ts, minutes=n.minutes, service_code=n.service_code,
-                       service_text=n.service_text, his_status=his_status, his_appointment=his_appointment)
-        if publication:
-            changes["z_segments"] = z_segments
-        if his_status == "free" and slot.booked_by:
-            appt = tx.appointment(slot.booked_by)
-            if appt is not None and appt.status == "booked":
-                self._booking_freed(tx, appt)
-            changes["booked_by"] = None
-        tx.update_slot(sid, **changes)
-        return sid
-
-    @staticmethod
-    def _booking_freed(tx, appt) -> None:
-        """The HIS freed the slot of ``appt``, booked by one of our platforms.  If we asked the HIS to cancel
-        it (``pending_change`` 'cancel'), this is most likely our SRM^S04 taking effect, its answer still on
-        the way: the HIS pushes the SIU on its own connection, so the SIU and the SRR reach us in either
-        order.  The appointment is cancelled now with the reason the gateway gave (the platform's
-        cancellation, or "rescheduled to <new id>"), so it never reads as booked on a free slot; the
-        cancellation stays pending until the answer settles it (:meth:`BookingService._answer_cancel`: an AA
-        keeps the reason, a refusal makes it the hospital's).  Otherwise the hospital cancelled it."""
-        if appt.pending_change == "cancel":
-            tx.update_appointment(appt.id, status="cancelled", outcome=cancel_reason(appt))
-        else:
-            tx.update_appointment(appt.id, status="cancelled", pending_change=None,
-                                  outcome="cancelled by the hospital")
-
-    @staticmethod
-    def _move_appointment(tx, old_slot, new_slot_id: str) -> None:
-        """The HIS moved the booking on ``old_slot`` (SIU^S13).  If the gateway asked for that move (SRM^S03,
-        ``pending_change`` 'reschedule'), the HIS's answer settles it with the gateway's reason (the SIU and
-        the SRR come in either order); otherwise the hospital rescheduled it."""
-        if not old_slot.booked_by:
-            return
-        appt = tx.appointment(old_slot.booked_by)
-        if appt is not None and appt.pending_change != "reschedule":
-            tx.update_appointment(appt.id, slot_id=new_slot_id, outcome="rescheduled by the hospital")
-
-
 @dataclass(frozen=True)
 class HisLinkInfo:
     """What the booking service needs to know about the HIS.  The outer gate needs only ``peer`` (the name
@@ -240,8 +89,9 @@ class HisLinkInfo:
     move_trigger: str | None = None  # 'S03': a reschedule is one SRM^S03 (reschedule_message); None: cancel + new
 
 
-class BookingService:
-    """Books and cancels on behalf of platforms; keeps the hold -> confirm rules."""
+class BookingService(HisAnswers):
+    """Books and cancels on behalf of platforms; keeps the hold -> confirm rules.  The HIS's answers are
+    :class:`~gateway.domain.booking_answers.HisAnswers`'s part of it."""
 
     def __init__(self, chamber, his: HisLinkInfo, *, tz: ZoneInfo, hold_seconds: float, clock,
                  max_backlog: int = 1000, retry_after: int = 30, quotas=None, patients: IdentifierRules | None = None,
@@ -267,13 +117,13 @@ class BookingService:
         self.max_backlog = max_backlog
         self.retry_after = retry_after
         self.clock = clock
-        self._waiters: dict[str, list[defer.Deferred]] = {}
         self._expiry_call = None
         # Waiters are settled by the commits that clear their appointments' pending change: this process's
         # tell us which (no query); another process's (the split lock's inner gate, noticed by the watch)
         # do not, so they are looked up (one query for all waiters).
-        self._stop_observing = chamber.observe(self._on_commit, own_commits=False)
-        self._stop_observing_settled = chamber.observe_settled(self._on_settled)
+        self._waiters = SettlementWaiters(clock, lambda ids: chamber.read().settled_among(ids))
+        self._stop_observing = chamber.observe(self._waiters.recheck, own_commits=False)
+        self._stop_observing_settled = chamber.observe_settled(self._waiters.settled)
 
     # -- platform requests ---------------------------------------------------------------------------------
     def book(self, platform: str, request: BookingRequest, *, idempotency_key: str | None = None,
@@ -508,38 +358,6 @@ class BookingService:
         d.addCallback(self._booked, platform, control_id)
         return d.addCallback(lambda result: result[0])
 
-    def _moved(self, tx, new) -> None:
-        """The HIS accepted ``new``, which replaces a booked appointment: cancel the old one at the HIS."""
-        old = tx.appointment(new.replaces)
-        if old is None or old.status != "booked" or old.pending_change != "reschedule":
-            return  # the platform cancelled it meanwhile, or the hospital did
-        tx.update_appointment(old.id, pending_change="cancel", outcome=f"{RESCHEDULED_TO}{new.id}")
-        self._queue(tx, new_control_id(), "cancel", old.id, Patient.from_json(old.patient),
-                    f"cancellation of {old.id}: rescheduled to {new.id}")
-        self._audit(tx, None, old.platform, "cancel", 202, old.id, f"rescheduled to {new.id}; cancellation queued",
-                    source="gateway")
-
-    def _moved_at_his(self, tx, new, source: str) -> None:
-        """The HIS accepted the SRM^S03 that moved the booking ``new`` replaces: the old appointment is cancelled
-        ("rescheduled to <new id>") and its slot is free, in the same transaction; nothing more is sent."""
-        old = tx.appointment(new.replaces)
-        if old is None or old.status != "booked":
-            return
-        tx.update_appointment(old.id, status="cancelled", pending_change=None, outcome=f"{RESCHEDULED_TO}{new.id}")
-        old_slot = tx.slot(old.slot_id)
-        if old_slot is not None and old_slot.booked_by == old.id:
-            tx.update_slot(old_slot.id, booked_by=None, his_status="free", his_appointment=None)
-        self._settled(tx, old, "cancel.settled", 200, f"moved by the HIS to {new.slot_id} (rescheduled to {new.id})",
-                      source)
-
-    @staticmethod
-    def _not_moved(tx, new, reason: str) -> None:
-        """``new`` will not be booked: the appointment it was to replace stays as it is."""
-        if not new.replaces:
-            return
-        old = tx.appointment(new.replaces)
-        if old is not None and old.pending_change == "reschedule":
-            tx.update_appointment(old.id, pending_change=None, outcome=f"not rescheduled: {reason}")
 
     def _booked(self, result, platform, control_id):
         appointment_id, how = result
@@ -611,9 +429,10 @@ class BookingService:
             peer = self._cancel_peer(tx, appointment_id)
         tx.add_message(direction="outbound", peer=peer, control_id=control_id,
                        type=_INTENT_TYPES[kind], state="committed", body=b"",
-                       charset="", subject=subject_of(appointment_id), order_key=patient_key(patient),
+                       charset="", subject=subject_of(appointment_id), order_key=order_key(patient),
                        detail=detail)
 
+    # -- the inner gate: what the HIS is sent ----------------------------------------------------------------
     def encode(self, tx, message) -> tuple[bytes, str, str]:
         """(HL7 bytes, message type, charset) for an outbound message committed by :meth:`_queue`."""
         appt = tx.appointment((message.subject or "").split(":", 1)[-1])
@@ -668,149 +487,6 @@ class BookingService:
             z_segments=[z.replace("{platform}", appt.platform) for z in link.z_segments],
             **({"appointment_type": appointment_type} if appointment_type else {}),
         )
-
-    # -- the HIS's answers (called by the relay inside its transaction) --------------------------------------
-    def on_answer(self, tx, message, answer: HisAnswer) -> None:
-        if not (message.subject or "").startswith("appointment:"):
-            return
-        appt = tx.appointment(message.subject.split(":", 1)[1])
-        if appt is None:
-            return
-        slot = tx.slot(appt.slot_id)
-        kind = message.type.split("^")[-1]
-        source = f"his:{message.peer}"
-        if kind == "S01" and appt.status == "pending" and appt.pending_change == "hold":
-            self._answer_hold(tx, appt, slot, answer, source)
-        elif kind in ("S01", "hold"):
-            self._answer_booking(tx, appt, slot, answer, source)
-        elif self._is_move(message, appt):
-            self._answer_booking(tx, appt, slot, answer, source, moved_at_his=True)
-        else:
-            self._answer_cancel(tx, appt, slot, answer, source)
-
-    def _is_move(self, message, appt) -> bool:
-        """Did this message (for ``appt``) move a booking at the HIS (:meth:`_moving`)?  An SRM^S03 for an
-        appointment that replaces another and is not being cancelled (a HIS cannot both move and cancel with
-        SRM^S03: the config refuses it, the answers could not be told apart)."""
-        link = self.links.get(message.peer)
-        move_trigger = link.move_trigger if link is not None else None
-        return (move_trigger is not None and message.type == f"SRM^{move_trigger}"
-                and appt.replaces is not None and appt.pending_change != "cancel")
-
-    def _answer_booking(self, tx, appt, slot, answer: HisAnswer, source: str, moved_at_his: bool = False) -> None:
-        if appt.status == "pending" and appt.pending_change == "book":
-            if answer.accepted:
-                his_appointment = answer.his_appointment
-                if moved_at_his and not his_appointment:  # the HIS kept its appointment, on the new slot
-                    old = tx.appointment(appt.replaces)
-                    his_appointment = old.his_appointment if old is not None else None
-                tx.update_appointment(appt.id, status="booked", pending_change=None, hold_expires=None,
-                                      his_appointment=his_appointment, outcome=None)
-                tx.update_slot(slot.id, held_by=None, booked_by=appt.id, his_status="busy",
-                               his_appointment=his_appointment or slot.his_appointment)
-                self._settled(tx, appt, "book.settled", 201, f"booked by the HIS ({answer.code})", source)
-                if appt.replaces and moved_at_his:
-                    self._moved_at_his(tx, appt, source)
-                elif appt.replaces:
-                    self._moved(tx, appt)
-            else:
-                tx.update_appointment(appt.id, status="refused", pending_change=None, hold_expires=None,
-                                      outcome=f"refused by the HIS ({answer.code}): {answer.text or 'no reason given'}")
-                if slot.held_by == appt.id:
-                    tx.update_slot(slot.id, held_by=None)
-                self._settled(tx, appt, "book.settled", 409, f"refused by the HIS ({answer.code})", source)
-                self._not_moved(tx, appt, f"the new booking was refused by the HIS ({answer.code})")
-                if any(m.type == "SRM^S01" and m.state == "delivered"  # the HIS took its hold (hold_at_his)
-                       for m in tx.messages_for_subject(subject_of(appt.id))):
-                    self._queue_compensating_cancel(tx, appt, slot, None)
-        elif answer.accepted and moved_at_his:
-            # The move was given up (the hold expired or was cancelled) but the HIS made it: a cancel would
-            # cancel the patient's only booking there.  The HIS's SIU^S13 moves the old one in the mirror.
-            log.error("booking.moved_after_release", appointment=appt.id, replaces=appt.replaces)
-            self._settled(tx, appt, "book.settled", 409,
-                          f"the HIS moved the booking ({answer.code}) after the move was given up; nothing undone",
-                          source)
-        elif answer.accepted:
-            # The hold was released (expired or cancelled) before the HIS accepted: undo it at the HIS.
-            self._queue_compensating_cancel(tx, appt, slot, answer.his_appointment)
-            self._settled(tx, appt, "book.settled", 409,
-                          f"accepted by the HIS ({answer.code}) after the hold was released; cancel queued", source)
-
-    def _answer_hold(self, tx, appt, slot, answer: HisAnswer, source: str) -> None:
-        """The HIS's answer to a tentative SRM^S01 (outer.hold_at_his): accepted, the slot is held there too
-        until $book confirms it or the hold is released with a cancel; refused, the hold is released."""
-        if answer.accepted:
-            tx.update_appointment(appt.id, pending_change=None, his_appointment=answer.his_appointment)
-            self._audit(tx, None, appt.platform, "hold", 200, appt.id, f"held at the HIS too ({answer.code})",
-                        source=source)
-            return
-        tx.update_appointment(appt.id, status="refused", pending_change=None, hold_expires=None,
-                              outcome=f"the HIS refused the hold ({answer.code}): {answer.text or 'no reason given'}")
-        if slot is not None and slot.held_by == appt.id:
-            tx.update_slot(slot.id, held_by=None)
-        self._settled(tx, appt, "book.settled", 409, f"hold refused by the HIS ({answer.code})", source)
-
-    def _answer_cancel(self, tx, appt, slot, answer: HisAnswer, source: str) -> None:
-        if appt.pending_change != "cancel":
-            return  # a compensating cancel: the appointment is already cancelled on our side
-        if answer.accepted:
-            tx.update_appointment(appt.id, status="cancelled", pending_change=None, outcome=cancel_reason(appt))
-            if slot.booked_by == appt.id:
-                tx.update_slot(slot.id, booked_by=None, his_status="free", his_appointment=None)
-            self._settled(tx, appt, "cancel.settled", 200, f"cancelled by the HIS ({answer.code})", source)
-        else:
-            tx.update_appointment(appt.id, pending_change=None,
-                                  outcome=f"cancellation refused by the HIS ({answer.code}): "
-                                          f"{answer.text or 'no reason given'}")
-            self._settled(tx, appt, "cancel.settled", 409, f"cancellation refused by the HIS ({answer.code})", source)
-            self._freed_meanwhile(tx, appt, slot)
-
-    @staticmethod
-    def _freed_meanwhile(tx, appt, slot) -> None:
-        """Our cancellation did not take effect, yet the HIS has freed the slot meanwhile (SlotBook marked the
-        appointment cancelled with our reason while the cancellation was pending): the hospital cancelled it."""
-        freed = slot is not None and slot.booked_by != appt.id and slot.his_status == "free"
-        if freed or appt.status == "cancelled":
-            tx.update_appointment(appt.id, status="cancelled", outcome="cancelled by the hospital")
-
-    def _queue_compensating_cancel(self, tx, appt, slot, his_appointment) -> None:
-        control_id = new_control_id()
-        if his_appointment and not appt.his_appointment:
-            tx.update_appointment(appt.id, his_appointment=his_appointment)  # the cancel names it
-        self._queue(tx, control_id, "cancel", appt.id, Patient.from_json(appt.patient),
-                    f"compensating cancellation of {appt.id}")
-        log.warning("booking.compensating_cancel", appointment=appt.id, control_id=control_id)
-
-    def on_dead(self, tx, message, reason: str) -> None:
-        """The relay gave up on a message (dead-lettered): settle the appointment it carried."""
-        if not (message.subject or "").startswith("appointment:"):
-            return
-        appt = tx.appointment(message.subject.split(":", 1)[1])
-        if appt is None:
-            return
-        kind = message.type.split("^")[-1]
-        if self._is_move(message, appt) and appt.status == "pending" and appt.pending_change == "book":
-            kind = "move"
-        if kind in ("S01", "hold", "move") and appt.status == "pending" and appt.pending_change in ("book", "hold"):
-            what = "hold" if appt.pending_change == "hold" else "booking"
-            tx.update_appointment(appt.id, status="refused", pending_change=None, hold_expires=None,
-                                  outcome=f"the HIS did not take the {what}: {reason}")
-            slot = tx.slot(appt.slot_id)
-            if slot is not None and slot.held_by == appt.id:
-                tx.update_slot(slot.id, held_by=None)
-            if message.attempts > 0 and kind != "move":  # it may have reached the HIS before its answer was lost
-                self._queue_compensating_cancel(tx, appt, slot, None)
-            elif message.attempts > 0:  # a cancel would cancel the patient's booking: the HIS's SIU^S13 tells
-                log.error("booking.move_unanswered", appointment=appt.id, replaces=appt.replaces)
-            self._settled(tx, appt, "book.settled", 409, f"dead-lettered: the HIS did not take the {what}",
-                          f"his:{message.peer}")
-            self._not_moved(tx, appt, "the new booking did not reach the HIS")
-        elif kind not in ("S01", "hold", "move") and appt.pending_change == "cancel":
-            tx.update_appointment(appt.id, pending_change=None,
-                                  outcome=f"the cancellation did not reach the HIS: {reason}")
-            self._settled(tx, appt, "cancel.settled", 409, "dead-lettered: the cancellation did not reach the HIS",
-                          f"his:{message.peer}")
-            self._freed_meanwhile(tx, appt, tx.slot(appt.slot_id))
 
     # -- holds -----------------------------------------------------------------------------------------------
     def _release_hold(self, tx, appt, slot, reason: str) -> bool:
@@ -880,49 +556,10 @@ class BookingService:
         if self._expiry_call is not None and self._expiry_call.active():
             self._expiry_call.cancel()
         self._expiry_call = None
-        for waiters in self._waiters.values():
-            for d in waiters:
-                if not d.called:
-                    d.callback(None)
-        self._waiters.clear()
+        self._waiters.stop(None)
 
     # -- waiting for the HIS -----------------------------------------------------------------------------------
     def wait_settled(self, appointment_id: str, timeout: float) -> defer.Deferred:
         """Fires with True once no change to the appointment awaits the HIS, or False after ``timeout``."""
-        appt = self.chamber.read().appointment(appointment_id)
-        if appt is None or appt.pending_change is None:
-            return defer.succeed(True)
-        d: defer.Deferred = defer.Deferred()
-        self._waiters.setdefault(appointment_id, []).append(d)
-        call = self.clock.callLater(timeout, self._wait_timeout, appointment_id, d)
-        d.addBoth(lambda r: (call.cancel() if call.active() else None, r)[1])
-        return d
+        return self._waiters.wait(appointment_id, timeout)
 
-    def _wait_timeout(self, appointment_id, d) -> None:
-        waiters = self._waiters.get(appointment_id, [])
-        if d in waiters:
-            waiters.remove(d)
-            if not waiters:
-                self._waiters.pop(appointment_id, None)
-        if not d.called:
-            d.callback(False)
-
-    def _on_settled(self, appointment_ids: list[str]) -> None:
-        """After a commit of this process that cleared these appointments' pending change."""
-        if not self._waiters:
-            return
-        for appointment_id in appointment_ids:
-            for d in self._waiters.pop(appointment_id, []):
-                if not d.called:
-                    d.callback(True)
-
-    def _on_commit(self) -> None:
-        """After another process's commit: which waiters' appointments does it leave settled?"""
-        if not self._waiters:
-            return
-        # One query for all waiters (the profile in docs/benchmarks.md showed reading them one by one taking
-        # 39% of the gateway at saturation).
-        for appointment_id in self.chamber.read().settled_among(list(self._waiters)):
-            for d in self._waiters.pop(appointment_id, []):
-                if not d.called:
-                    d.callback(True)

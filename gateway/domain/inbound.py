@@ -24,10 +24,20 @@ from dataclasses import dataclass
 import structlog
 from twisted.internet import defer
 
-from gateway.ops import logs
-from gateway.domain.booking import SlotBook
+from gateway.domain.slot_book import SlotBook
 
 log = structlog.get_logger("gateway.domain.inbound")
+_info_logged: dict[type, bool] = {}  # structlog's logger class (one per level configured) -> info written?
+
+
+def _logs_info() -> bool:
+    """Would ``log.info`` write a line?  Asked once per logging configuration (structlog's filtering logger
+    class is made per level): a filtered call costs ~2 µs, this under 0.5 µs, and it runs for every message."""
+    wrapper = structlog.get_config()["wrapper_class"]
+    logged = _info_logged.get(wrapper)
+    if logged is None:
+        logged = _info_logged[wrapper] = log.is_enabled_for(logging.INFO)
+    return logged
 
 
 @dataclass(frozen=True)
@@ -143,7 +153,7 @@ class InboundService:
 
     @staticmethod
     def _logged(verdict: Verdict, received: Received) -> Verdict:
-        if not logs.enabled(logging.INFO):  # (one line per message: skipped cheaply at warning)
+        if not _logs_info():  # (one line per message: skipped cheaply at warning)
             return verdict
         log.info("inner.message", peer=received.peer, control_id=received.control_id, type=received.type,
                  ack=verdict.code, duplicate=verdict.duplicate)

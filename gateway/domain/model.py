@@ -1,12 +1,13 @@
-"""Scheduling, in the gateway's own terms: schedules, slots, bookings, patients.
+"""Scheduling, in the gateway's own terms: schedules, slots, bookings, patients, the HIS's answers, and the
+errors a request for them may meet.
 
-The adapters translate HL7 v2 and FHIR into these types; the decisions on them are made here and in
-:mod:`gateway.domain.booking`.  Nothing here does I/O.
+The adapters translate HL7 v2 and FHIR into these types; the decisions on them are made in
+:mod:`gateway.domain.slot_book` (the HIS's slot notices) and :mod:`gateway.domain.booking` (the platforms'
+bookings).  Types and errors only; the ids the gateway gives them are in :mod:`gateway.domain.ids`.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
@@ -110,22 +111,6 @@ class BookingRequest:
     identifiers: tuple[tuple[str, str], ...] = ()  # the platform's own Appointment.identifier (system, value)
 
 
-class Overloaded(Exception):
-    """Too much is waiting for the HIS: new work is refused until the queue drains."""
-
-    def __init__(self, text: str, retry_after: int):
-        super().__init__(text)
-        self.retry_after = retry_after
-
-
-def check_backlog(tx, peer: str, limit: int, retry_after: int) -> None:
-    """Refuse new work for ``peer`` (Overloaded: 503 + Retry-After) while ``limit`` or more messages wait for
-    it; each HIS endpoint has its own count, so a stalled pharmacy does not stop bookings, nor the reverse."""
-    backlog = tx.outbound_backlog(peer)
-    if backlog >= limit:
-        raise Overloaded(f"{backlog} messages are waiting for HIS endpoint {peer!r}; try again later", retry_after)
-
-
 class IdempotencyConflict(SchedulingError):
     """An Idempotency-Key was used again with a different request."""
 
@@ -156,17 +141,3 @@ class HisAnswer:
     @property
     def accepted(self) -> bool:
         return self.code in ("AA", "CA")
-
-
-_SLOT_ID_UNSAFE = re.compile(r"[^A-Za-z0-9.-]")
-
-
-def fhir_id(text: str) -> str:
-    """A FHIR id ([A-Za-z0-9.-]{1,64}) from an HIS identifier."""
-    out = _SLOT_ID_UNSAFE.sub("-", text)[:64]
-    return out or "-"
-
-
-def slot_id(schedule_id: str, start_local: datetime) -> str:
-    """The gateway's Slot.id: '<schedule id>-<YYYYMMDDHHMM>' (docs/hl7-profile.md)."""
-    return fhir_id(f"{schedule_id}-{start_local:%Y%m%d%H%M}")

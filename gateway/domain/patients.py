@@ -8,10 +8,14 @@ code the HIS expects.  With no rules configured every system is accepted and wri
 system, CX.5 the platform's type code, else PT), as before the rules existed.
 
 A refusal names the accepted systems, never the value; nothing here logs.
+
+:func:`order_key` says which patient a message is about, for delivery in order per patient (the relay's
+``ordering: patient``), without naming the patient.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, replace
 
@@ -87,3 +91,10 @@ class IdentifierRules:
                                    assigning_authority=rule.assigning_authority or (ident.system,)))
         return replace(patient, identifiers=tuple(out))
 
+
+def order_key(patient: Patient) -> str:
+    """Which patient a message is about, for ordering by patient: a hash, never the identifier itself (of the
+    first identifier's system and value; with none, of the name and phone)."""
+    first = patient.identifiers[0] if patient.identifiers else None
+    text = f"{first.system}|{first.value}" if first else f"{patient.family}|{patient.given}|{patient.phone}"
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:24]

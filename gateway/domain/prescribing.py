@@ -44,9 +44,9 @@ from adapters.maps.pharmacy import (
     read_order_answer,
     released_prescription,
 )
-from gateway.domain.booking import new_control_id
+from gateway.domain.ids import new_control_id
 from gateway.domain.inbound import Verdict
-from gateway.domain.model import check_backlog
+from gateway.domain.backlog import check_backlog
 from gateway.domain.signatures import SignatureError, TrustStore, canonical_json, prescription_payload, sign_release, verify_detached
 
 log = structlog.get_logger("gateway.domain.prescribing")

@@ -15,11 +15,12 @@ from twisted.internet import task
 from adapters.maps.srm_booking import Hl7Header, build_srm
 from gateway.domain import audit
 from gateway.domain.audit import AuditEntry, AuditTrail, GENESIS, chain_hash, prunable, prune, verify
-from gateway.domain.booking import BookingService, HisLinkInfo, SlotBook
+from gateway.domain.booking import BookingService, HisLinkInfo
+from gateway.domain.slot_book import SlotBook
 from gateway.chamber.engine import Chamber
 from gateway.domain.quota import QuotaExhausted, QuotaRule, Quotas
-from gateway.domain.model import (BookingRequest, HisAnswer, Patient, PatientIdentifier, ScheduleInfo, SlotNotice,
-                                slot_id)
+from gateway.domain.model import BookingRequest, HisAnswer, Patient, PatientIdentifier, ScheduleInfo, SlotNotice
+from gateway.domain.ids import slot_id
 
 TZ = ZoneInfo("Asia/Shanghai")
 T0 = datetime(2030, 1, 1, tzinfo=TZ).timestamp()

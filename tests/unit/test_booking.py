@@ -12,12 +12,12 @@ from twisted.internet import task
 
 from adapters.hl7.er7 import parse
 from adapters.maps.srm_booking import Hl7Header, build_srm
-from gateway.domain.booking import BookingService, HisLinkInfo, SlotBook
+from gateway.domain.booking import BookingService, HisLinkInfo
+from gateway.domain.slot_book import SlotBook
 from gateway.chamber.engine import Chamber
 from gateway.domain.model import (
     AppointmentUnknown,
     IdempotencyConflict,
-    Overloaded,
     BookingRequest,
     HisAnswer,
     Patient,
@@ -26,8 +26,9 @@ from gateway.domain.model import (
     SlotNotice,
     SlotUnavailable,
     SlotUnknown,
-    slot_id,
 )
+from gateway.domain.backlog import Overloaded
+from gateway.domain.ids import slot_id
 
 TZ = ZoneInfo("Asia/Shanghai")
 START = datetime(2030, 1, 7, 8, 0)

@@ -31,7 +31,7 @@ from adapters.hl7.er7 import Hl7Error, parse
 from adapters.inner.receiver import InnerGateHandler
 from adapters.inner.framing import COMMIT_ACK, COMMIT_NAK, MLLPFramer, frame
 from adapters.inner.listener import Answer, MLLPServerFactory
-from gateway.domain.booking import SlotBook
+from gateway.domain.slot_book import SlotBook
 from gateway.chamber.engine import Chamber
 from gateway.chamber.errors import ChamberWriteError
 from gateway.domain.inbound import InboundService

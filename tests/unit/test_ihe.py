@@ -451,7 +451,7 @@ def _his_frees(gate, index, his_appointment):
     """The HIS's SIU^S15 for slot SID[index] (pushed on its own connection, in any order with its answers)."""
     from datetime import timedelta
 
-    from gateway.domain.booking import SlotBook
+    from gateway.domain.slot_book import SlotBook
     from gateway.domain.model import SlotNotice
     from tests.unit.test_outer_access import DAY, SCHEDULE, TZ
     notice = SlotNotice("free", SCHEDULE, DAY + timedelta(minutes=15 * index), 15, "card", "x", his_appointment)
@@ -604,7 +604,7 @@ def test_a_his_that_moves_bookings_with_s03_gets_one_message_and_no_cancel(gate,
 
     from datetime import timedelta
 
-    from gateway.domain.booking import SlotBook
+    from gateway.domain.slot_book import SlotBook
     from gateway.domain.model import SlotNotice
 
     old, new = _move_with_s03(gate)

@@ -20,7 +20,7 @@ from adapters.hl7.identity import same_message, sender
 from adapters.inner.receiver import InnerGateHandler
 from adapters.inner.framing import COMMIT_ACK, COMMIT_NAK, frame
 from adapters.inner.listener import MLLPServerFactory
-from gateway.domain.booking import SlotBook
+from gateway.domain.slot_book import SlotBook
 from gateway.chamber.engine import Chamber
 from gateway.domain.inbound import InboundService
 from tests.unit.test_hl7_enhanced_ack import TZ, connect, frames

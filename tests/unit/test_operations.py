@@ -9,10 +9,12 @@ from twisted.internet import task
 
 from adapters.inner.receiver import make_reprocessor
 from adapters.maps.srm_booking import Hl7Header, build_srm
-from gateway.domain.booking import BookingService, HisLinkInfo, SlotBook
+from gateway.domain.booking import BookingService, HisLinkInfo
+from gateway.domain.slot_book import SlotBook
 from gateway.chamber.engine import Chamber, ChamberError
 from gateway.ops.queue import NotRetryable, purge_dead, retry, retry_all_dead
-from gateway.domain.model import BookingRequest, Patient, PatientIdentifier, ScheduleInfo, SlotNotice, slot_id
+from gateway.domain.model import BookingRequest, Patient, PatientIdentifier, ScheduleInfo, SlotNotice
+from gateway.domain.ids import slot_id
 
 TZ = ZoneInfo("Asia/Shanghai")
 START = datetime(2030, 1, 7, 8, 0)

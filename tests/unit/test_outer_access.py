@@ -19,13 +19,15 @@ from twisted.web.test.requesthelper import DummyRequest
 from adapters.outer.site import FhirApi, JsonLimits, PlatformDirectory, PlatformGrant
 from adapters.maps.srm_booking import Hl7Header, build_srm
 from gateway.domain.audit import AuditTrail, verify
-from gateway.domain.booking import BookingService, HisLinkInfo, SlotBook
+from gateway.domain.booking import BookingService, HisLinkInfo
+from gateway.domain.slot_book import SlotBook
 from gateway.chamber.engine import Chamber
 from gateway.config.outer import normalise_subject
 from gateway.ops.devca import init_dev_ca
 from gateway.domain.quota import QuotaRule, Quotas
 from adapters.outer.ratelimit import RateLimiter
-from gateway.domain.model import HisAnswer, ScheduleInfo, SlotNotice, slot_id
+from gateway.domain.model import HisAnswer, ScheduleInfo, SlotNotice
+from gateway.domain.ids import slot_id
 
 TZ = ZoneInfo("Asia/Shanghai")
 NOW = datetime(2030, 1, 1, tzinfo=TZ).timestamp()

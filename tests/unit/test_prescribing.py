@@ -25,7 +25,8 @@ from gateway.domain.prescribing import (
     SignaturePolicy,
     verify_release,
 )
-from gateway.domain.model import HisAnswer, Overloaded
+from gateway.domain.model import HisAnswer
+from gateway.domain.backlog import Overloaded
 from gateway.domain.signatures import TrustStore, prescription_payload, sign_release
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "pharmacy"

@@ -11,11 +11,13 @@ import pytest
 from twisted.internet import task
 
 from adapters.maps.srm_booking import Hl7Header, build_srm
-from gateway.domain.booking import BookingService, HisLinkInfo, SlotBook
+from gateway.domain.booking import BookingService, HisLinkInfo
+from gateway.domain.slot_book import SlotBook
 from gateway.chamber.engine import Chamber
 from gateway.domain.quota import QuotaExhausted, QuotaRule, Quotas
 from gateway.domain.model import (BookingRequest, HisAnswer, Patient, PatientIdentifier, ScheduleInfo, SlotNotice,
-                                SlotUnavailable, slot_id)
+                                  SlotUnavailable)
+from gateway.domain.ids import slot_id
 
 TZ = ZoneInfo("Asia/Shanghai")
 DAY = datetime(2030, 1, 7, 8, 0)

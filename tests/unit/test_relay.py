@@ -602,7 +602,8 @@ def test_a_booking_whose_hold_expires_in_an_outage_is_cancelled_not_refused(tmp_
     reached the HIS (no attempt counted), is withdrawn and no cancellation follows it; nothing is
     dead-lettered."""
     from adapters.maps.srm_booking import Hl7Header, build_srm
-    from gateway.domain.booking import BookingService, HisLinkInfo, SlotBook
+    from gateway.domain.booking import BookingService, HisLinkInfo
+    from gateway.domain.slot_book import SlotBook
     from gateway.domain.model import BookingRequest
     from tests.unit.test_booking import PATIENT, SID, TZ, notice, result
 

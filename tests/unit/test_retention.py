@@ -12,7 +12,8 @@ import pytest
 
 from gateway.chamber.engine import Chamber
 from gateway.chamber.retention import BATCH, Retention, RetentionService, prune
-from gateway.domain.model import BookingRequest, slot_id
+from gateway.domain.model import BookingRequest
+from gateway.domain.ids import slot_id
 from tests.unit.test_booking import PATIENT, SID, START, TZ, answer, encoded, env, notice, outbound, result  # noqa: F401
 
 DAY = 86400.0

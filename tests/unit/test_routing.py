@@ -12,9 +12,11 @@ from twisted.internet import task
 
 from adapters.hl7.er7 import parse
 from adapters.maps.srm_booking import Hl7Header, build_srm
-from gateway.domain.booking import BookingService, HisLinkInfo, SlotBook
+from gateway.domain.booking import BookingService, HisLinkInfo
+from gateway.domain.slot_book import SlotBook
 from gateway.chamber.engine import Chamber
-from gateway.domain.model import BookingRequest, HisAnswer, Patient, PatientIdentifier, ScheduleInfo, SlotNotice, slot_id
+from gateway.domain.model import BookingRequest, HisAnswer, Patient, PatientIdentifier, ScheduleInfo, SlotNotice
+from gateway.domain.ids import slot_id
 from tests.unit import test_config_grants as config_grants
 
 HEAD = """

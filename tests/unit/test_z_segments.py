@@ -13,10 +13,10 @@ from adapters.hl7.identity import sender
 from adapters.maps.fhir_scheduling import Z_SEGMENT_EXTENSION, slot_resource
 from adapters.maps.siu_slot import notices_from_siu, notices_from_sqr
 from fhir.resources.R4B.slot import Slot
-from gateway.domain.booking import SlotBook
+from gateway.domain.slot_book import SlotBook
 from gateway.chamber.engine import Chamber
 from gateway.domain.inbound import InboundService, Received
-from gateway.domain.model import slot_id
+from gateway.domain.ids import slot_id
 
 TZ = ZoneInfo("Asia/Shanghai")
 SID = slot_id("D001", datetime(2030, 1, 7, 9, 0))
