@@ -39,7 +39,9 @@ from twisted.web import server as web_server
 from zope.interface import implementer
 
 from adapters.outer.http import GatewaySite
-from adapters.outer.site import FhirApi, JsonLimits, PlatformDirectory
+from adapters.outer.access import PlatformDirectory
+from adapters.outer.intake import JsonLimits
+from adapters.outer.site import FhirApi
 from adapters.hl7.identity import same_message
 from adapters.inner.receiver import HisDestination, InnerGateHandler, SlotPoller
 from adapters.maps.pharmacy import PharmacyProfile
@@ -339,8 +341,8 @@ def reload(root, config: GatewayConfig, gate: str) -> list[str]:
 
         def outer_swap():
             root.tls_switch.current = tls
-            root.api.platforms, root.api.quotas, root.api.rate_limiter = platforms, quotas, limiter
-            root.api.oauth.clients, root.api.oauth.token_url = oauth_clients, token_url
+            root.api.reconfigure(platforms=platforms, quotas=quotas, rate_limiter=limiter,
+                                 oauth_clients=oauth_clients, token_url=token_url)
             root.booking.quotas = quotas
 
         swaps.append(outer_swap)
