@@ -267,16 +267,15 @@ class SchedulingApi:
             raise FhirError(400, "invalid", "If-None-Exist: the identifier has no value")
         return system, value
 
-    def appointment_read(self, platform: str, appointment_id: str, access: Access | None = None):
+    def appointment_read(self, platform: str, appointment_id: str, access: Access):
         try:
             appt = self.booking.appointment(platform, appointment_id)
         except AppointmentUnknown as e:
             raise FhirError(404, "not-found", str(e)) from None
-        if access is not None:
-            access.patient_data = True
+        access.patient_data = True
         return 200, self.appointment_json(appt), {"ETag": f'W/"{appt.version}"'}
 
-    def appointment_search(self, platform: str, query, base: str, access: Access | None = None):
+    def appointment_search(self, platform: str, query, base: str, access: Access):
         check_params(query, {"status", "_id", "_count", "_offset", "patient", "patient:identifier", "date"})
         count, _ = self._count(query)
         statuses = {s for v in query.get("status", []) for s in v.split(",") if s}
@@ -298,11 +297,10 @@ class SchedulingApi:
                 continue
             resources.append(res)
         resources = resources[:count]
-        if access is not None:
-            access.patient_data = True
-            shown = [r["id"] for r in resources]
-            access.detail = f"{len(shown)} result(s)" + (": " + ",".join(shown[:100]) if shown else "") + \
-                (" ..." if len(shown) > 100 else "")
+        access.patient_data = True
+        shown = [r["id"] for r in resources]
+        access.detail = f"{len(shown)} result(s)" + (": " + ",".join(shown[:100]) if shown else "") + \
+            (" ..." if len(shown) > 100 else "")
         return 200, searchset(base, "Appointment", resources, query, 0, count, False), {}
 
     @staticmethod
@@ -347,8 +345,7 @@ class SchedulingApi:
         return out
 
     async def appointment_change(self, platform: str, appointment_id: str, method: str, body, base: str,
-                                 access: Access | None = None):
-        access = access or Access(platform=platform)
+                                 access: Access):
         try:
             current = self.booking.appointment(platform, appointment_id)
         except AppointmentUnknown as e:
