@@ -37,7 +37,9 @@ from twisted.internet import endpoints
 from twisted.web import server as web_server
 
 from adapters.outer.http import GatewaySite
-from adapters.outer.site import FhirApi, JsonLimits, PlatformDirectory
+from adapters.outer.access import PlatformDirectory
+from adapters.outer.intake import JsonLimits
+from adapters.outer.site import FhirApi
 from adapters.outer.tls import HandshakeWatch, read_crl, tls_options
 from adapters.hl7.identity import same_message
 from adapters.inner.his import HisDestination

@@ -25,6 +25,7 @@ than chunked, 500 whatever escaped the API.  No answer names the server software
 
 from __future__ import annotations
 
+import io
 import json
 from urllib.parse import unquote_to_bytes
 
@@ -32,7 +33,7 @@ import structlog
 from twisted.protocols import basic
 from twisted.web import http, server
 
-from adapters.outer.site import FHIR_JSON, BoundedContent, operation_outcome
+from adapters.outer.errors import FHIR_JSON, operation_outcome
 
 log = structlog.get_logger("gateway.outer")
 
@@ -42,6 +43,24 @@ MAX_HEADERS = 100
 MAX_HEADER_BYTES = 16384
 #: seconds a connection the gateway closes has to read its answer and go before it is cut
 CLOSE_GRACE = 5.0
+
+
+class BoundedContent(io.BytesIO):
+    """Request body sink that keeps at most ``limit`` bytes and remembers that more came."""
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.limit = limit
+        self.overflow = False
+
+    def write(self, data) -> int:
+        if self.overflow or self.tell() + len(data) > self.limit:
+            if not self.overflow:
+                self.overflow = True
+                self.seek(0)
+                self.truncate()
+            return len(data)
+        return super().write(data)
 
 
 class GatewayRequest(server.Request):

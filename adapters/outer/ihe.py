@@ -11,8 +11,10 @@ and ``$book`` (ITI-117) on ``Appointment``, each ``POST``ed a FHIR ``Parameters`
   ``cancelled``).
 
 Parameters outside the profile, or that the gateway cannot honour, are refused with 400 and an
-OperationOutcome naming the parameter; nothing here raises anything but FhirError/InvalidResource for a
-malformed request.
+OperationOutcome naming the parameter (ParameterError, a FhirError); nothing here raises anything but
+FhirError/InvalidResource for a malformed request.  :class:`IheApi` handles the operations' HTTP requests over
+the scheduling endpoints' handlers (adapters/outer/scheduling.py): a booking is answered exactly as
+``POST /Appointment``'s, in the operation's Bundle.
 """
 
 from __future__ import annotations
@@ -34,7 +36,12 @@ from adapters.maps.fhir_scheduling import (
     proposed_appointment,
     search_instant,
 )
-from gateway.domain.model import BookingRequest, Patient
+from adapters.outer.access import Access, PlatformGrant, require_scope
+from adapters.outer.errors import FhirError, slot_refusals
+from adapters.outer.intake import json_body, require_method
+from adapters.outer.scheduling import SchedulingApi, location, page, searchset
+from gateway.domain.booking import HoldUnanswered
+from gateway.domain.model import AppointmentUnknown, BookingRequest, Patient, SlotUnavailable
 
 IHE_BASE = "https://profiles.ihe.net/ITI/Scheduling/OperationDefinition/"
 OPERATIONS = {
@@ -70,14 +77,12 @@ _DATE_TYPES = ("valueDateTime", "valueDate", "valueInstant", "valueString")
 _INT_TYPES = ("valueInteger", "valuePositiveInt", "valueUnsignedInt")
 
 
-class ParameterError(Exception):
+class ParameterError(FhirError):
     """A malformed or unsupported parameter: 400 with ``code`` (``invalid``, ``not-supported``,
     ``required``, ``structure``) and the parameter's name as expression."""
 
     def __init__(self, code: str, text: str, name: str | None = None):
-        super().__init__(text)
-        self.code = code
-        self.name = name
+        super().__init__(400, code, text, name)
 
 
 def parameters(body: Any) -> list[tuple[str, str | None, Any]]:
@@ -281,8 +286,8 @@ def _matches_schedule(q: FindQuery, schedule) -> bool:
     return True
 
 
-def find(reader, q: FindQuery, *, platform: str, quotas, tz: ZoneInfo, count: int,
-         offset: int) -> tuple[list[dict], bool]:
+def find_proposed(reader, q: FindQuery, *, platform: str, quotas, tz: ZoneInfo, count: int,
+                  offset: int) -> tuple[list[dict], bool]:
     """The proposed Appointments for the free slots matching ``q`` that ``platform`` may book: ``count`` of
     them from ``offset`` on, and whether there are more."""
     schedules = {s.id: s for s in reader.schedules()}
@@ -409,3 +414,131 @@ def _target(what: HoldOrBook, appointment_id: str) -> None:
             raise ParameterError("invalid", "not a proposed appointment id", "appointment-reference")
     else:
         what.appointment_id = appointment_id
+
+
+def operation_bundle(base: str, operation: str, resources: list[dict]) -> dict:
+    return {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "total": len(resources),
+        "link": [{"relation": "self", "url": f"{base}/Appointment/${operation}"}],
+        "entry": [{**({"fullUrl": f"{base}/Appointment/{r['id']}"} if r.get("id") else {}),
+                   "resource": r, "search": {"mode": "match"}} for r in resources],
+    }
+
+
+class IheApi:
+    """The handlers of ``$find``, ``$hold`` and ``$book`` on Appointment, over the scheduling endpoints'
+    handlers (``scheduling``): the same booking service, chamber reader, quotas, page size and wait for the HIS;
+    bookings, cancellations and appointments are answered as the Appointment endpoints answer them."""
+
+    def __init__(self, scheduling: SchedulingApi):
+        self.scheduling = scheduling
+
+    def handler(self, name: str, method: str, grant: PlatformGrant, platform: str, request, query, base: str,
+                access: Access):
+        """An IHE operation's method and scope: its handler, not called yet (as SchedulingApi.handler)."""
+        if name not in OPERATIONS:
+            raise FhirError(404, "not-supported", f"operation ${name[:40]} is not supported on Appointment "
+                                                  f"(supported: $find, $hold, $book)")
+        if name == "find":  # POST a Parameters resource, or GET with the parameters in the query
+            require_method(method, "POST", "GET")
+            require_scope(grant, platform, "Slot.read")  # it shows slot availability, no patient data
+            if method == "GET":
+                return lambda: self.find(platform, None, base, query)
+            return lambda: self.find(platform, json_body(request, self.scheduling.json_limits), base)
+        require_method(method, "POST")
+        require_scope(grant, platform, "Appointment.write")
+        operation = self.hold if name == "hold" else self.book
+        return lambda: operation(platform, json_body(request, self.scheduling.json_limits), base, access)
+
+    def find(self, platform: str, body, base: str, query_string: dict[str, list[str]] | None = None):
+        s = self.scheduling
+        query = find_query(body, s.tz, query_string)
+        count, offset = page(s.page_size if query.count is None else query.count, query.offset, s.page_size)
+        resources, more = find_proposed(s.reader(), query, platform=platform, quotas=s.quotas, tz=s.tz,
+                                        count=count, offset=offset)
+        return 200, searchset(base, "Appointment", resources, query.to_query(s.tz), offset, count, more,
+                              path="Appointment/$find"), {}
+
+    async def hold(self, platform: str, body, base: str, access: Access):
+        booking = self.scheduling.booking
+        access.patient_data = True
+        what = hold_or_book(body, "hold")
+        if what.appointment_id is not None:  # one of its own appointments: a repeated $hold
+            try:
+                appt = booking.appointment(platform, what.appointment_id)
+            except AppointmentUnknown as e:
+                raise FhirError(404, "not-found", str(e)) from None
+            access.resource_id, access.detail = appt.id, "hold repeated"
+            return self._hold_answer(base, appt)
+        appointment_id = await slot_refusals(booking.hold(platform, what.slot_id, what.patient, who=access.who()))
+        access.resource_id, access.recorded = appointment_id, True  # audited in the hold's transaction
+        if booking.hold_at_his:  # the HIS is told of the hold (outer.hold_at_his): wait for its answer
+            await booking.wait_settled(appointment_id, self.scheduling.answer_within)
+        return self._hold_answer(base, booking.appointment(platform, appointment_id))
+
+    def _hold_answer(self, base: str, appt):
+        """$hold's answer: 200 held, 202 held here while the HIS has not answered the hold yet
+        (outer.hold_at_his), 409 not held (refused by the HIS, expired, cancelled, booked)."""
+        if appt.status == "pending" and appt.pending_change in (None, "hold"):
+            status = 200 if appt.pending_change is None else 202
+            return (status, operation_bundle(base, "hold", [self.scheduling.appointment_json(appt)]),
+                    location(base, appt))
+        raise FhirError(409, "conflict", f"appointment {appt.id} is not held ({appt.outcome or appt.status})",
+                        "Appointment.status")
+
+    async def book(self, platform: str, body, base: str, access: Access):
+        booking = self.scheduling.booking
+        access.patient_data = True
+        what = hold_or_book(body, "book")
+        if what.cancel:
+            access.action = "cancel"
+            status, resource_json, headers = await self.scheduling.appointment_change(
+                platform, what.appointment_id, "PATCH", {"status": "cancelled"}, base, access)
+            return status, operation_bundle(base, "book", [resource_json]), headers
+        if what.appointment_id is not None and what.slot_id is not None:
+            try:
+                current = booking.appointment(platform, what.appointment_id)
+            except AppointmentUnknown as e:
+                raise FhirError(404, "not-found", str(e)) from None
+            if current.slot_id != what.slot_id:
+                if current.status != "booked":
+                    raise FhirError(422, "business-rule", f"only a booked appointment can be moved to another slot; "
+                                                          f"$hold the new slot instead (appointment {current.id} "
+                                                          f"is {current.status})", "Appointment.slot")
+                return await self._reschedule(platform, current, what.slot_id, base, access)
+        if what.appointment_id is not None:
+            try:
+                how = await booking.book_held(platform, what.appointment_id, what.patient, who=access.who())
+            except AppointmentUnknown as e:
+                raise FhirError(404, "not-found", str(e)) from None
+            except (SlotUnavailable, HoldUnanswered) as e:
+                raise FhirError(409, "conflict", str(e), "Appointment.slot") from None
+            appointment_id = what.appointment_id
+        else:
+            if what.patient is None:
+                raise FhirError(422, "required", "booking needs the patient: a Patient with an identifier the HIS "
+                                                 "knows (patient-resource, or a contained Patient in "
+                                                 "appointment-resource)", "Appointment.participant")
+            appointment_id, how = await slot_refusals(booking.book(platform, what.booking_request(),
+                                                                   who=access.who()))
+        access.resource_id = appointment_id
+        access.recorded = how == "new"  # audited in the transaction that queued the SRM^S01
+        access.detail = None if how == "new" else "already booked or being booked"
+        return await self._booked(platform, appointment_id, base, "the booking was not made")
+
+    async def _reschedule(self, platform: str, current, slot_id: str, base: str, access: Access):
+        """$book of a booked appointment with another slot: cancel + new (BookingService.reschedule).  Answered
+        like a booking of the new appointment; the old one is cancelled at the HIS once it accepted the new."""
+        new_id = await slot_refusals(self.scheduling.booking.reschedule(platform, current.id, slot_id,
+                                                                        who=access.who()))
+        access.resource_id, access.recorded = new_id, True
+        return await self._booked(platform, new_id, base, "the appointment was not moved")
+
+    async def _booked(self, platform: str, appointment_id: str, base: str, not_made: str):
+        """$book's answer: as POST /Appointment's (SchedulingApi.booking_answer), 200 when booked, in the
+        operation's Bundle."""
+        status, resource_json, headers = await self.scheduling.booking_answer(platform, appointment_id, base, 200,
+                                                                              not_made)
+        return status, operation_bundle(base, "book", [resource_json]), headers

@@ -3,7 +3,7 @@ client assertions (SMART Backend Services, RFC 6749 section 4.4, RFC 7523), the 
 
 A platform registered with ``token:`` settings (its public key(s), the algorithms it signs with, the token
 lifetime) asks for a token with ``POST /oauth/token`` (outside the FHIR base; the HTTP handling is in
-adapters/outer/site.py)::
+adapters/outer/oauth_http.py)::
 
     grant_type=client_credentials
     scope=system/Slot.read system/Appointment.write

@@ -18,6 +18,9 @@ import binascii
 from datetime import datetime, timezone
 from urllib.parse import urlencode
 
+from adapters.outer.access import require_scope
+from adapters.outer.errors import FhirError
+from adapters.outer.intake import JsonLimits, json_body, require_method
 from gateway.domain.prescribing import Refused
 
 PHARMACY_TYPES = ("MedicationRequest", "MedicationDispense")
@@ -25,57 +28,56 @@ SIGNATURE_HEADER = b"x-prescription-signature"
 
 
 class PharmacyApi:
-    def __init__(self, api, prescriptions):
-        self.api = api  # the FhirApi: its request helpers (_method, _scope, _body) and settings
+    """The handlers of the prescription endpoints over ``prescriptions`` (the PrescriptionService)."""
+
+    def __init__(self, prescriptions, *, answer_within: float, page_size: int, json_limits: JsonLimits):
         self.rx = prescriptions
+        self.answer_within = answer_within
+        self.page_size = page_size
+        self.json_limits = json_limits
 
     def handler(self, parts, method, grant, platform, request, query, base, access):
         """A prescription request's route, method and scope, decided before its body is read: the handler that
-        answers it, not called yet (FhirApi._handler)."""
-        from adapters.outer.site import FhirError
-
-        api = self.api
+        answers it, not called yet (as SchedulingApi.handler)."""
         access.resource_type = parts[0] if parts else "Bundle"
         if not parts:  # POST [base]: a transaction Bundle
-            api._method(method, "POST")
-            api._scope(grant, platform, "MedicationRequest.write")
+            require_method(method, "POST")
+            require_scope(grant, platform, "MedicationRequest.write")
             access.action = "prescribe"
             return lambda: self._submit(platform, request, base, access, bundle=True)
         rtype, rest = parts[0], parts[1:]
         if rtype == "MedicationDispense":
-            api._method(method, "GET")
-            api._scope(grant, platform, "MedicationDispense.read")
+            require_method(method, "GET")
+            require_scope(grant, platform, "MedicationDispense.read")
             if rest:
                 raise FhirError(404, "not-supported", "read MedicationDispense by searching ?prescription=")
             return lambda: self._dispenses(platform, query, base, access)
         if len(rest) == 2 and rest[1] == "$claim":
-            api._method(method, "POST")
-            api._scope(grant, platform, "MedicationRequest.claim")
+            require_method(method, "POST")
+            require_scope(grant, platform, "MedicationRequest.claim")
             access.action, access.resource_id = "claim", rest[0]
             return lambda: self._claim(platform, rest[0], access)
         if len(rest) > 1:
             raise FhirError(404, "not-supported", "history and other operations are not supported")
         if rest:
-            api._method(method, "GET")
+            require_method(method, "GET")
             pharmacy = "MedicationRequest.claim" in grant.scopes
             if not pharmacy:
-                api._scope(grant, platform, "MedicationRequest.read")
+                require_scope(grant, platform, "MedicationRequest.read")
             access.action, access.resource_id = "read", rest[0]
             return lambda: self._read(platform, rest[0], pharmacy, access)
-        api._method(method, "GET", "POST")
+        require_method(method, "GET", "POST")
         if method == "POST":
-            api._scope(grant, platform, "MedicationRequest.write")
+            require_scope(grant, platform, "MedicationRequest.write")
             access.action = "prescribe"
             return lambda: self._submit(platform, request, base, access, bundle=False)
-        api._scope(grant, platform, "MedicationRequest.claim")
+        require_scope(grant, platform, "MedicationRequest.claim")
         access.action = "search"
         return lambda: self._released(platform, query, base, access)
 
     # -- platform -> HIS -------------------------------------------------------------------------------------
     async def _submit(self, platform, request, base, access, *, bundle: bool):
-        from adapters.outer.site import FhirError
-
-        body = self.api._body(request)
+        body = json_body(request, self.json_limits)
         expected = "Bundle" if bundle else "MedicationRequest"
         if not isinstance(body, dict) or body.get("resourceType") != expected:
             raise FhirError(400, "invalid", f"expected a {expected} here", expression=expected)
@@ -87,7 +89,7 @@ class PharmacyApi:
             raise FhirError(e.status, e.code, e.text) from None
         access.patient_data = True
         if created:
-            settled = await self.rx.wait_settled(p.id, self.api.answer_within)
+            settled = await self.rx.wait_settled(p.id, self.answer_within)
             p = self.rx.chamber.read().prescription(p.id)
         else:
             settled = p.status != "pending"
@@ -101,8 +103,6 @@ class PharmacyApi:
 
         resources = [json.loads(i.resource) for i in items]
         if p.status == "refused":
-            from adapters.outer.site import FhirError
-
             raise FhirError(422, "business-rule", f"the hospital pharmacy did not take the prescription: "
                                                    f"{p.outcome or 'no reason given'}")
         status = 202 if not settled else (201 if created else 200)
@@ -115,8 +115,6 @@ class PharmacyApi:
         return 200, {"resourceType": "Bundle", "type": "transaction-response", "entry": entries}, {}
 
     async def _read(self, platform, request_id, pharmacy, access):
-        from adapters.outer.site import FhirError
-
         found = self.rx.request_for(platform, request_id, pharmacy=pharmacy)
         if found is None:
             raise FhirError(404, "not-found", f"MedicationRequest/{request_id} is not known")
@@ -124,8 +122,6 @@ class PharmacyApi:
         return 200, await self.rx.served(*found), {}
 
     def _dispenses(self, platform, query, base, access):
-        from adapters.outer.site import FhirError
-
         wanted = query.get("prescription") or []
         if len(wanted) != 1 or set(query) - {"prescription", "_count"}:
             raise FhirError(400, "invalid", "search MedicationDispense by exactly one ?prescription=<MedicationRequest "
@@ -140,8 +136,6 @@ class PharmacyApi:
 
     # -- released prescriptions, outside pharmacies -----------------------------------------------------------
     async def _released(self, platform, query, base, access):
-        from adapters.outer.site import FhirError
-
         allowed = {"status", "_lastUpdated", "_count", "_page"}
         if set(query) - allowed:
             raise FhirError(400, "not-supported", f"search parameters supported here: {', '.join(sorted(allowed))}")
@@ -156,7 +150,7 @@ class PharmacyApi:
             except ValueError:
                 raise FhirError(400, "invalid", f"_lastUpdated: {value[2:]!r} is not an instant") from None
         try:
-            count = min(int((query.get("_count") or [str(self.api.page_size)])[0]), self.api.page_size)
+            count = min(int((query.get("_count") or [str(self.page_size)])[0]), self.page_size)
         except ValueError:
             raise FhirError(400, "invalid", "_count must be a number") from None
         after_id = None
@@ -182,8 +176,6 @@ class PharmacyApi:
         return 200, bundle, {}
 
     async def _claim(self, platform, request_id, access):
-        from adapters.outer.site import FhirError
-
         result = await self.rx.claim(platform, request_id)
         if result is None:
             raise FhirError(404, "not-found", f"MedicationRequest/{request_id} is not a released prescription")

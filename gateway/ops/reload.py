@@ -14,7 +14,7 @@ from zoneinfo import ZoneInfo
 from twisted.internet import endpoints
 
 from adapters.outer.oauth import clients_from_config
-from adapters.outer.site import PlatformDirectory
+from adapters.outer.access import PlatformDirectory
 from adapters.outer.tls import read_crl, tls_options
 from adapters.tls import server_options
 from gateway.config.model import GatewayConfig
@@ -48,8 +48,8 @@ def reload(gateway: Gateway, config: GatewayConfig) -> list[str]:
 
         def outer_swap():
             gateway.outer_tls.current = tls
-            gateway.api.platforms, gateway.api.quotas, gateway.api.rate_limiter = platforms, quotas, limiter
-            gateway.api.oauth.clients, gateway.api.oauth.token_url = oauth_clients, url
+            gateway.api.reconfigure(platforms=platforms, quotas=quotas, rate_limiter=limiter,
+                                    oauth_clients=oauth_clients, token_url=url)
             gateway.booking.quotas = quotas
 
         swaps.append(outer_swap)

@@ -12,7 +12,7 @@ import requests
 from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
-from adapters.outer.site import spki_sha256
+from adapters.outer.access import spki_sha256
 from adapters.hl7.er7 import parse
 from adapters.inner.framing import frame
 from gateway.ops.devca import init_dev_ca, write_crl

@@ -16,7 +16,9 @@ from twisted.internet import defer, task
 from twisted.internet.address import IPv4Address
 from twisted.web.test.requesthelper import DummyRequest
 
-from adapters.outer.site import FhirApi, JsonLimits, PlatformDirectory, PlatformGrant
+from adapters.outer.access import PlatformDirectory, PlatformGrant
+from adapters.outer.intake import JsonLimits
+from adapters.outer.site import FhirApi
 from adapters.maps.srm_booking import Hl7Header, build_srm
 from gateway.domain.audit import AuditTrail, verify
 from gateway.domain.booking import BookingService, HisLinkInfo
@@ -171,7 +173,7 @@ def test_a_connection_certificate_is_read_once_and_still_checked_on_every_reques
         assert gate.request("GET", "/Slot", transport=connection).status == 200
     assert connection.reads == 1
     serial = gate.certs["demo"].get_serial_number()
-    gate.api.platforms._grants["demo"] = PlatformGrant(revoked_serials=frozenset({serial}))  # as a reload does
+    gate.api.gatekeeper.platforms._grants["demo"] = PlatformGrant(revoked_serials=frozenset({serial}))  # as a reload does
     outcome(gate.request("GET", "/Slot", transport=connection), 403, "security")
     other = Connection(gate.certs["other"])
     assert gate.request("GET", "/Slot", platform="other", transport=other).status == 200

@@ -11,7 +11,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from structlog.testing import capture_logs
 
-from adapters.outer.site import PlatformDirectory, PlatformGrant, spki_sha256
+from adapters.outer.access import PlatformDirectory, PlatformGrant, spki_sha256
 from adapters.tls import TlsConfigError, load_crl
 from gateway.config.model import load_config
 from gateway.config.outer import normalise_subject
