@@ -1119,7 +1119,7 @@ class Chamber:
     Without such a reactor (tests with a Clock, the CLI) or for ``:memory:``, one connection does everything,
     synchronously.  ``commit_in_thread`` forces either way (None: decide as above)."""
 
-    def __init__(self, path: str | Path, *, reactor=None, clock: Callable[[], float] = time.time,
+    def __init__(self, path: str | Path, *, clock: Callable[[], float], reactor=None,
                  commit_in_thread: bool | None = None, pipeline: bool | None = None):
         self.path = str(path)
         self._reactor = reactor

@@ -24,7 +24,7 @@ def schedule(tx, sid="D001"):
 
 def test_new_chamber_is_wal_full_sync_and_versioned(tmp_path):
     """A new chamber file is created with the current schema, in WAL mode, fsync on every commit."""
-    ch = Chamber(tmp_path / "c.sqlite3")
+    ch = Chamber(tmp_path / "c.sqlite3", clock=time.time)
     ch.open()
     conn = ch._conn
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -39,11 +39,11 @@ def test_new_chamber_is_wal_full_sync_and_versioned(tmp_path):
 
 def test_data_survives_reopen(tmp_path):
     """What was committed is there after the chamber is closed and opened again."""
-    ch = Chamber(tmp_path / "c.sqlite3")
+    ch = Chamber(tmp_path / "c.sqlite3", clock=time.time)
     ch.open()
     ch.transact_now(schedule)
     ch.close()
-    ch2 = Chamber(tmp_path / "c.sqlite3")
+    ch2 = Chamber(tmp_path / "c.sqlite3", clock=time.time)
     ch2.open()
     assert [s.id for s in ch2.read().schedules()] == ["D001"]
     ch2.close()
@@ -52,7 +52,7 @@ def test_data_survives_reopen(tmp_path):
 def test_refuses_other_schema_version(tmp_path):
     """A chamber written by another schema version is refused with a message naming both versions."""
     path = tmp_path / "c.sqlite3"
-    ch = Chamber(path)
+    ch = Chamber(path, clock=time.time)
     ch.open()
     ch.close()
     conn = sqlite3.connect(path)
@@ -60,7 +60,7 @@ def test_refuses_other_schema_version(tmp_path):
     conn.commit()
     conn.close()
     with pytest.raises(ChamberError, match="version 7"):
-        Chamber(path).open()
+        Chamber(path, clock=time.time).open()
 
 
 def version_1_chamber(path):
@@ -82,7 +82,7 @@ def test_a_version_1_chamber_is_upgraded_in_place_keeping_its_data(tmp_path):
 
     path = tmp_path / "c.sqlite3"
     version_1_chamber(path)
-    ch = Chamber(path)
+    ch = Chamber(path, clock=time.time)
     ch.open()
     assert [s.id for s in ch.read().schedules()] == ["D001"]
     conn = ch._conn
@@ -91,7 +91,7 @@ def test_a_version_1_chamber_is_upgraded_in_place_keeping_its_data(tmp_path):
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert {"prescriptions", "medication_requests", "medication_dispenses", "oauth_tokens"} <= tables
     ch.close()
-    ch = Chamber(path)
+    ch = Chamber(path, clock=time.time)
     ch.open()  # a second open has nothing to do
     ch.close()
 
@@ -113,7 +113,7 @@ def test_a_version_2_chamber_gains_schedule_facilities_and_slot_z_segments(tmp_p
                  "'free', 0)")
     conn.commit()
     conn.close()
-    ch = Chamber(path)
+    ch = Chamber(path, clock=time.time)
     ch.open()
     assert [(s.id, s.facility) for s in ch.read().schedules()] == [("D001", "")]
     assert ch.read().slot("S1").z_segments is None
@@ -148,12 +148,12 @@ def test_every_chamber_holds_its_own_audit_key_for_good(tmp_path):
     conn.close()
     keys = []
     for path in (upgraded, tmp_path / "new.sqlite3", tmp_path / "other.sqlite3"):
-        ch = Chamber(path)
+        ch = Chamber(path, clock=time.time)
         ch.open()
         keys.append(ch.read().audit_key())
         ch.close()
     assert all(len(k) == 32 for k in keys) and len(set(keys)) == 3
-    again = Chamber(upgraded)
+    again = Chamber(upgraded, clock=time.time)
     again.open()
     assert again.read().audit_key() == keys[0]
     again.close()
@@ -177,7 +177,7 @@ def test_a_failed_upgrade_leaves_the_chamber_at_its_old_version(tmp_path, monkey
     monkeypatch.setattr(chamber_module, "SCHEMA_DIR", broken)
     monkeypatch.setattr(chamber_module, "SCHEMA_VERSION", 2)
     with pytest.raises(ChamberError, match="already exists"):
-        Chamber(path).open()
+        Chamber(path, clock=time.time).open()
     conn = sqlite3.connect(path)
     assert conn.execute("SELECT value FROM chamber_meta WHERE key='schema_version'").fetchone()[0] == "1"
     assert not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'new_one'").fetchone()
@@ -211,7 +211,7 @@ def test_a_version_4_chamber_knows_inbound_messages_by_sender_and_control_id(tmp
                  " VALUES ('RX1', 'to_his', 'N1', 'pending', x'7b7d', 9, 0, 0)")
     conn.commit()
     conn.close()
-    ch = Chamber(path)
+    ch = Chamber(path, clock=time.time)
     ch.open()
     assert ch._conn.execute("SELECT value FROM chamber_meta WHERE key='schema_version'").fetchone()[0] == str(
         SCHEMA_VERSION)
@@ -234,7 +234,7 @@ def test_a_version_4_chamber_knows_inbound_messages_by_sender_and_control_id(tmp
     with pytest.raises(sqlite3.IntegrityError):
         ch._writer.execute("INSERT INTO message_events VALUES (999, 0, 'x', 'y')")
     ch.close()
-    new = Chamber(tmp_path / "new.sqlite3")
+    new = Chamber(tmp_path / "new.sqlite3", clock=time.time)
     new.open()
     assert new._conn.execute("PRAGMA freelist_count").fetchone()[0] == 0  # a new chamber keeps no rebuilt pages
     new.close()
@@ -250,7 +250,7 @@ def test_a_chamber_from_a_newer_gatewayd_is_refused_untouched(tmp_path):
     conn.commit()
     conn.close()
     with pytest.raises(ChamberError, match="newer gatewayd"):
-        Chamber(path).open()
+        Chamber(path, clock=time.time).open()
 
 
 def commit_after(conn: sqlite3.Connection, seconds: float) -> threading.Thread:
@@ -279,7 +279,7 @@ def test_two_processes_creating_one_new_chamber_both_open_it(tmp_path):
                         f"('schema_version', '{SCHEMA_VERSION}');")
     assert other.in_transaction  # holds the write lock, schema not yet visible to others
     committer = commit_after(other, 0.3)
-    ch = Chamber(path)
+    ch = Chamber(path, clock=time.time)
     ch.open()  # sees no schema, waits for the lock, finds the other's schema
     committer.join()
     ch.transact_now(schedule)
@@ -297,7 +297,7 @@ def test_a_new_chamber_another_process_holds_before_its_wal_switch_is_opened_too
     other.execute("BEGIN IMMEDIATE")
     other.execute("CREATE TABLE other_gate_was_here (x)")
     committer = commit_after(other, 0.3)
-    ch = Chamber(path)
+    ch = Chamber(path, clock=time.time)
     ch.open()
     committer.join()
     assert ch._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -310,7 +310,7 @@ def test_refuses_a_file_that_is_not_a_database(tmp_path):
     path = tmp_path / "c.sqlite3"
     path.write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(ChamberError, match=str(path)):
-        Chamber(path).open()
+        Chamber(path, clock=time.time).open()
 
 
 def test_group_commit_fires_after_commit_and_isolates_failures(tmp_path):

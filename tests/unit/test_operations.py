@@ -1,6 +1,7 @@
 """Operator tools on the chamber (resubmit, reprocess, purge) and the refusal to start on a damaged file."""
 
 import functools
+import time
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
@@ -128,7 +129,7 @@ def test_retry_all_dead_and_purge(env):
 def test_a_damaged_chamber_is_refused_at_start(tmp_path):
     """Bytes overwritten inside the file: gatewayd refuses to start and says how to recover."""
     path = tmp_path / "c.sqlite3"
-    chamber = Chamber(path)
+    chamber = Chamber(path, clock=time.time)
     chamber.open()
     for i in range(300):
         chamber.transact_now(lambda tx, i=i: tx.add_message(
@@ -142,4 +143,4 @@ def test_a_damaged_chamber_is_refused_at_start(tmp_path):
         data[offset + 8: offset + 64] = b"\xff" * 56
     path.write_bytes(bytes(data))
     with pytest.raises(ChamberError, match="restore the last backup"):
-        Chamber(path).open()
+        Chamber(path, clock=time.time).open()

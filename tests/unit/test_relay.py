@@ -8,6 +8,7 @@ real MLLP link is exercised in the end-to-end tests.
 import functools
 import json
 import random
+import time
 from datetime import datetime
 
 import pytest
@@ -215,7 +216,7 @@ def test_ordering_by_patient_lets_other_patients_pass_and_keeps_each_patients_or
 
 
 def test_fifo_refuses_a_window_above_one(tmp_path):
-    chamber = Chamber(tmp_path / "c.sqlite3")
+    chamber = Chamber(tmp_path / "c.sqlite3", clock=time.time)
     with pytest.raises(ValueError, match="one message in flight"):
         Relay(chamber, "his", [ScriptedHis(), ScriptedHis()], lambda *a: None, clock=task.Clock(), ack_timeout=1,
               retry_initial=1, retry_max=1)
