@@ -54,7 +54,7 @@ from gateway.domain.patients import IdentifierRules
 from gateway.chamber.engine import Chamber
 from gateway.config.model import GatewayConfig
 from gateway.domain.inbound import InboundService
-from adapters.outer.oauth import TokenService, clients_from_config, default_token_url
+from adapters.outer.oauth import EXPIRED_TOKENS_KEPT, TokenService, clients_from_config, default_token_url
 from gateway.ops.listen import (ADMIN_CONNECTIONS, ConnectionLimiter, GateEndpoint, RefusalLog,
                             descriptor_needs, ensure_descriptors, gate_endpoint, source_key)
 from gateway.domain.quota import Quotas
@@ -437,7 +437,7 @@ def make_service(config: GatewayConfig, reactor, gate: str = "both") -> service.
         WatchService(chamber, reactor).setServiceParent(root)
     metrics = Metrics(chamber)
     keep = config.chamber
-    RetentionService(chamber, Retention(keep.keep_messages, keep.keep_appointments), reactor,
+    RetentionService(chamber, Retention(keep.keep_messages, keep.keep_appointments, EXPIRED_TOKENS_KEPT), reactor,
                      keep.prune_every, metrics).setServiceParent(root)
     MemoryTrimService(reactor).setServiceParent(root)
 

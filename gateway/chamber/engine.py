@@ -717,14 +717,6 @@ class Txn:
             "DELETE FROM slots WHERE id IN (SELECT id FROM slots WHERE end_ts < ?"
             " AND id NOT IN (SELECT slot_id FROM appointments) LIMIT ?)", (ended_before, limit)).rowcount
 
-    def prune_expired_credentials(self, tokens_kept: float = 0.0) -> int:
-        """Delete client assertions past the time a replay could matter, and access tokens ``tokens_kept``
-        seconds after their expiry (until then a request with one is told it expired, not that it is
-        unknown)."""
-        assertions = self._c.execute("DELETE FROM oauth_assertions WHERE expires < ?", (self.now,)).rowcount
-        tokens = self._c.execute("DELETE FROM oauth_tokens WHERE expires < ?", (self.now - tokens_kept,)).rowcount
-        return assertions + tokens
-
     # -- OAuth2 client credentials (adapters/outer/oauth.py; tables oauth_assertions, oauth_tokens) ---------------------
     def remember_assertion(self, platform: str, jti: str, keep_until: float) -> bool:
         """Record that ``platform`` used the client assertion ``jti``; False when it was used already."""
