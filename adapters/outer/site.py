@@ -69,6 +69,7 @@ from adapters.maps.fhir_scheduling import (
     schedule_resource,
     search_instant,
     slot_resource,
+    slot_status_filter,
 )
 from adapters.outer import ihe
 from gateway.domain.audit import AuditEntry, ResourceNames
@@ -79,7 +80,8 @@ from gateway.chamber.errors import ChamberError
 from adapters.outer.oauth import ALGORITHMS as OAUTH_ALGORITHMS
 from adapters.outer.oauth import TOKEN_PATH, InvalidToken, OAuthError
 from gateway.domain.quota import QuotaExhausted
-from gateway.domain.model import AppointmentUnknown, IdempotencyConflict, Overloaded, SlotUnavailable, SlotUnknown
+from gateway.domain.model import (AppointmentUnknown, IdempotencyConflict, Overloaded, SlotUnavailable, SlotUnknown,
+                                 slot_status)
 
 #: [base]/.well-known/smart-configuration, as path segments below the FHIR base
 SMART_CONFIGURATION = (b".well-known", b"smart-configuration")
@@ -979,7 +981,7 @@ class FhirApi(resource.Resource):
             if s not in SLOT_STATUSES:
                 raise FhirError(400, "code-invalid", f"unknown slot status {s!r}", "status")
         if statuses:
-            kw["statuses"] = statuses
+            kw.update(slot_status_filter(statuses))
         schedules = [s.split("/")[-1] for v in query.get("schedule", []) for s in v.split(",") if s]
         if schedules:
             kw["schedule_ids"] = schedules
@@ -999,7 +1001,7 @@ class FhirApi(resource.Resource):
         slot = reader.slot(slot_id)
         if slot is None:
             raise FhirError(404, "not-found", f"no Slot {slot_id!r}")
-        if (self.quotas is not None and slot.visible_status == "free"
+        if (self.quotas is not None and slot_status(slot) == "free"
                 and not self.quotas.may_book(reader, platform, slot, reader.now)):
             raise FhirError(404, "not-found", f"Slot {slot_id!r} is not offered to platform {platform!r} (its quota "
                                               f"for that schedule and day is used up)")

@@ -127,13 +127,6 @@ class SlotRow:
     updated: float
     z_segments: str | None = None  # the HIS's Z-segments of its last publication, CR-separated ER7 (schema v3)
 
-    @property
-    def visible_status(self) -> str:
-        """The FHIR Slot.status a platform sees."""
-        if self.held_by:
-            return "busy-tentative"
-        return self.his_status
-
 
 @dataclass(frozen=True)
 class AppointmentRow:
@@ -800,13 +793,16 @@ class Reader(Txn):
         start_to_inclusive: bool = True,
         schedule_ids: Iterable[str] | None = None,
         service_codes: Iterable[str] | None = None,
-        statuses: Iterable[str] | None = None,
+        his_statuses: Iterable[str] | None = None,
+        or_held: bool = False,
         hidden: Iterable[tuple[str, str, float | None]] | None = None,
         limit: int = 100,
         offset: int = 0,
     ) -> list[SlotRow]:
-        """``hidden``: (schedule id, day YYYYMMDD, cutoff) triples: free slots of that schedule and day
-        starting after ``cutoff`` (any time, if None) are left out (a platform's quota is used up)."""
+        """``his_statuses``: only slots no booking of the gateway holds whose HIS status is one of these — and,
+        with ``or_held``, the held ones too.  ``hidden``: (schedule id, day YYYYMMDD, cutoff) triples: free
+        slots of that schedule and day starting after ``cutoff`` (any time, if None) are left out (a
+        platform's quota is used up)."""
         where: list[str] = []
         args: list[Any] = []
         if start_from is not None:
@@ -820,11 +816,11 @@ class Reader(Txn):
                 values = list(values)
                 where.append(f"{column} IN ({', '.join('?' * len(values))})")
                 args += values
-        if statuses is not None:
-            statuses = list(statuses)
-            where.append(f"(CASE WHEN held_by IS NOT NULL THEN 'busy-tentative' ELSE his_status END)"
-                         f" IN ({', '.join('?' * len(statuses))})")
-            args += statuses
+        if his_statuses is not None:
+            his_statuses = list(his_statuses)
+            where.append(f"((held_by IS NULL AND his_status IN ({', '.join('?' * len(his_statuses))}))"
+                         + (" OR held_by IS NOT NULL)" if or_held else ")"))
+            args += his_statuses
         hidden = list(hidden or ())
         if hidden:
             where.append(

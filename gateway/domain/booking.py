@@ -56,6 +56,7 @@ from gateway.domain.model import (
     SlotUnknown,
     check_backlog,
     slot_id,
+    slot_status,
 )
 
 log = structlog.get_logger("gateway.domain.booking")
@@ -333,7 +334,7 @@ class BookingService:
         if slot is None:
             raise SlotUnknown(f"no slot {wanted!r}")
         if slot.held_by or slot.his_status != "free":
-            raise SlotUnavailable(f"slot {wanted} is {slot.visible_status}")
+            raise SlotUnavailable(f"slot {wanted} is {slot_status(slot)}")
         if slot.start_ts <= tx.now:
             raise SlotUnavailable(f"slot {wanted} has already started")
         if self.quotas is not None:

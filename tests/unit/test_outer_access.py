@@ -25,7 +25,7 @@ from gateway.config.model import normalise_subject
 from gateway.ops.devca import init_dev_ca
 from gateway.domain.quota import QuotaRule, Quotas
 from adapters.outer.ratelimit import RateLimiter
-from gateway.domain.model import HisAnswer, ScheduleInfo, SlotNotice, slot_id
+from gateway.domain.model import HisAnswer, ScheduleInfo, SlotNotice, slot_id, slot_status
 
 TZ = ZoneInfo("Asia/Shanghai")
 NOW = datetime(2030, 1, 1, tzinfo=TZ).timestamp()
@@ -145,7 +145,7 @@ def test_a_platform_without_the_scope_gets_403_forbidden_and_it_is_audited(gate)
                                                        platform="readonly"), 403, "forbidden")
     outcome(gate.request("GET", "/Appointment", platform="readonly"), 403, "forbidden")
     outcome(gate.request("GET", "/Appointment/a123", platform="readonly"), 403, "forbidden")
-    assert gate.chamber.read().slot(SID[0]).visible_status == "free"  # nothing was held
+    assert slot_status(gate.chamber.read().slot(SID[0])) == "free"  # nothing was held
     records = gate.audit()
     assert [(r.platform, r.action, r.outcome, r.detail) for r in records] == [
         ("readonly", "book", 403, "forbidden"), ("readonly", "search", 403, "forbidden"),
