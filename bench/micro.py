@@ -98,7 +98,8 @@ elif what == "appointment":
 elif what == "watch":
     path = os.path.join(tmp, "w.sqlite3")
     if len(sys.argv) > 4 and sys.argv[4] == "writer":
-        from gateway.chamber.engine import Chamber, ScheduleRow
+        from gateway.chamber.engine import Chamber
+        from gateway.chamber.rows import ScheduleRow
         ch = Chamber(sys.argv[5], clock=time.time); ch.open()
         for i in range(150):
             time.sleep(0.013)

@@ -142,7 +142,7 @@ class SlotBook:
         return [self._apply_one(tx, n) for n in notices]
 
     def _apply_one(self, tx, n: SlotNotice) -> str:
-        from gateway.chamber.engine import ScheduleRow, SlotRow  # row types only: the chamber is our store
+        from gateway.chamber.rows import ScheduleRow, SlotRow  # row types only: the chamber is our store
 
         tx.upsert_schedule(ScheduleRow(
             id=n.schedule.id, display=n.schedule.display, practitioner_id=n.schedule.practitioner_id,
@@ -291,7 +291,7 @@ class BookingService:
         control_id = new_control_id()
 
         def work(tx):
-            from gateway.chamber.engine import AppointmentRow
+            from gateway.chamber.rows import AppointmentRow
 
             if idempotency_key is not None:
                 earlier = tx.idempotent_request(platform, idempotency_key)
@@ -392,7 +392,7 @@ class BookingService:
         control_id = new_control_id()
 
         def work(tx):
-            from gateway.chamber.engine import AppointmentRow
+            from gateway.chamber.rows import AppointmentRow
 
             self.patients.check(patient or empty)
             slot = self._bookable_slot(tx, platform, slot_id_)
@@ -483,7 +483,7 @@ class BookingService:
         control_id = new_control_id()
 
         def work(tx):
-            from gateway.chamber.engine import AppointmentRow
+            from gateway.chamber.rows import AppointmentRow
 
             old = self._own(tx, platform, appointment_id)
             if old.status != "booked" or old.pending_change is not None:

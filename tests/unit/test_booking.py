@@ -353,7 +353,7 @@ def test_a_refused_cancel_of_a_slot_the_his_freed_meanwhile_is_the_hospitals_can
 def test_waiters_are_settled_by_this_process_commits_without_reading_the_chamber(env, monkeypatch):
     """After a commit of this process, the waiters of the appointments it settled fire — found from what
     the transaction did, not by querying every waiting appointment."""
-    from gateway.chamber.engine import Reader
+    from gateway.chamber.reader import Reader
 
     chamber, booking, _, clock = env
     appointment_id = result(booking.book("demo", BookingRequest(SID, PATIENT)))[0]

@@ -11,7 +11,8 @@ from twisted.internet import task
 from adapters.inner.receiver import make_reprocessor
 from adapters.maps.srm_booking import Hl7Header, build_srm
 from gateway.domain.booking import BookingService, HisLinkInfo, SlotBook
-from gateway.chamber.engine import Chamber, ChamberError
+from gateway.chamber.engine import Chamber
+from gateway.chamber.errors import ChamberError
 from gateway.ops.queue import NotRetryable, purge_dead, retry, retry_all_dead
 from gateway.domain.model import (BookingRequest, Patient, PatientIdentifier, ScheduleInfo, SlotNotice, slot_id,
                                  slot_status)
