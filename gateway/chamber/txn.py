@@ -17,6 +17,15 @@ _RESOURCE_TABLES = {"Appointment": "appointments", "Slot": "slots", "Schedule": 
                     "MedicationRequest": "medication_requests", "MedicationDispense": "medication_dispenses"}
 
 
+def _assignments(changes: dict[str, Any], table: str, allowed: set[str]) -> str:
+    """``column = ?, ...`` for an UPDATE of ``changes``, which may name only the ``allowed`` columns of the
+    ``table`` (ValueError otherwise)."""
+    unknown = set(changes) - allowed
+    if unknown:
+        raise ValueError(f"not {table} columns: {sorted(unknown)}")
+    return ", ".join(f"{k} = ?" for k in changes)
+
+
 class Txn:
     """What a unit of work may do inside a chamber transaction.  Each method is one statement or two."""
 
@@ -224,12 +233,8 @@ class Txn:
         )
 
     def update_slot(self, slot_id: str, **changes: Any) -> None:
-        allowed = {"start_ts", "end_ts", "minutes", "service_code", "service_text", "his_status",
-                   "his_appointment", "held_by", "booked_by", "z_segments"}
-        unknown = set(changes) - allowed
-        if unknown:
-            raise ValueError(f"not slot columns: {sorted(unknown)}")
-        cols = ", ".join(f"{k} = ?" for k in changes)
+        cols = _assignments(changes, "slot", {"start_ts", "end_ts", "minutes", "service_code", "service_text",
+                                              "his_status", "his_appointment", "held_by", "booked_by", "z_segments"})
         self._c.execute(
             f"UPDATE slots SET {cols}, updated = ? WHERE id = ?", (*changes.values(), self.now, slot_id)
         )
@@ -250,13 +255,10 @@ class Txn:
         )
 
     def update_appointment(self, appointment_id: str, **changes: Any) -> None:
-        allowed = {"status", "slot_id", "his_appointment", "hold_expires", "outcome", "pending_change", "patient"}
-        unknown = set(changes) - allowed
-        if unknown:
-            raise ValueError(f"not appointment columns: {sorted(unknown)}")
+        cols = _assignments(changes, "appointment", {"status", "slot_id", "his_appointment", "hold_expires",
+                                                     "outcome", "pending_change", "patient"})
         if "patient" in changes:  # a hold gets its patient when it is booked ($book)
             changes["patient"] = json.dumps(changes["patient"], ensure_ascii=False)
-        cols = ", ".join(f"{k} = ?" for k in changes)
         self._c.execute(
             f"UPDATE appointments SET {cols}, version = version + 1, updated = ? WHERE id = ?",
             (*changes.values(), self.now, appointment_id),
@@ -359,10 +361,7 @@ class Txn:
         return load(PrescriptionRow, cur.fetchone())
 
     def update_prescription(self, prescription_id: str, **changes: Any) -> None:
-        allowed = {"status", "outcome", "message_id"}
-        if set(changes) - allowed:
-            raise ValueError(f"not prescription columns: {sorted(set(changes) - allowed)}")
-        cols = ", ".join(f"{k} = ?" for k in changes)
+        cols = _assignments(changes, "prescription", {"status", "outcome", "message_id"})
         self._c.execute(f"UPDATE prescriptions SET {cols}, version = version + 1, updated = ? WHERE id = ?",
                         (*changes.values(), self.now, prescription_id))
 
@@ -390,10 +389,7 @@ class Txn:
         return [load(MedicationRequestRow, r) for r in cur.fetchall()]
 
     def update_medication_request(self, request_id: str, **changes: Any) -> None:
-        allowed = {"status", "resource", "his_order"}
-        if set(changes) - allowed:
-            raise ValueError(f"not medication request columns: {sorted(set(changes) - allowed)}")
-        cols = ", ".join(f"{k} = ?" for k in changes)
+        cols = _assignments(changes, "medication request", {"status", "resource", "his_order"})
         self._c.execute(f"UPDATE medication_requests SET {cols}, updated = ? WHERE id = ?",
                         (*changes.values(), self.now, request_id))
 
