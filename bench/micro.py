@@ -98,8 +98,9 @@ elif what == "appointment":
 elif what == "watch":
     path = os.path.join(tmp, "w.sqlite3")
     if len(sys.argv) > 4 and sys.argv[4] == "writer":
-        from gateway.chamber.engine import Chamber, ScheduleRow
-        ch = Chamber(sys.argv[5]); ch.open()
+        from gateway.chamber.engine import Chamber
+        from gateway.chamber.rows import ScheduleRow
+        ch = Chamber(sys.argv[5], clock=time.time); ch.open()
         for i in range(150):
             time.sleep(0.013)
             ch.transact_now(lambda tx: tx.upsert_schedule(ScheduleRow(f"S{i}", str(time.time()), "", "", "", "", 0)))

@@ -35,7 +35,7 @@ FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 
 #: (component, test on the sampled leaf frame's file (module-relative, as py-spy prints it) and function)
 COMPONENTS = [
-    ("SQLite statements and COMMIT (gateway/chamber/engine.py)", lambda f, fn: f == "gateway/chamber/engine.py"),
+    ("SQLite statements and COMMIT (gateway/chamber/)", lambda f, fn: f.startswith("gateway/chamber/")),
     ("dataclass row objects (__init__ of rows)", lambda f, fn: f == "<string>"),
     ("structlog (logging)", lambda f, fn: f.startswith("structlog/") or f == "gateway/ops/logs.py"),
     ("TLS (pyOpenSSL, twisted.protocols.tls)", lambda f, fn: f.startswith("OpenSSL/")
@@ -116,7 +116,7 @@ def fold(raw: Path) -> dict:
             continue
         if frames[0][0] == "Thread._bootstrap" or frames[0][1] == "threading.py":
             other_threads += n  # thread-pool threads (mostly parked in Condition.wait): not the reactor
-            if any(f_func == "_commit" and f_file == "gateway/chamber/engine.py" for f_func, f_file, _ in frames):
+            if any(f_func == "commit" and f_file == "gateway/chamber/threads.py" for f_func, f_file, _ in frames):
                 commit_thread += n  # the chamber's writer thread in COMMIT (WAL write + fsync)
             continue
         total += n
@@ -137,8 +137,8 @@ def fold(raw: Path) -> dict:
                    for f_func, f_file, _ in frames):
                 entry[label] += n
         # the COMMIT statement itself (SQLite's WAL write + fsync), charged to the line that runs it
-        if file == "gateway/chamber/engine.py" and (func == "_commit" or (func.endswith("_run_batch")
-                                                                   and _is_commit_line(file, lineno))):
+        if (file == "gateway/chamber/threads.py" and func == "commit") or (
+                file == "gateway/chamber/engine.py" and func.endswith("_run_batch") and _is_commit_line(file, lineno)):
             commit_lines += n
 
     def top(counter, k=25):

@@ -300,12 +300,14 @@ def with_chamber(args, command: str, run) -> int:
     if error:
         print(error, file=sys.stderr)
         return 1
+    import time
+
     from gateway.ops import logs
     from gateway.chamber.engine import Chamber
     from gateway.chamber.errors import ChamberError
 
     logs.configure("warning", "console", stream=sys.stderr)
-    chamber = Chamber(config.chamber.path)
+    chamber = Chamber(config.chamber.path, clock=time.time)
     try:
         chamber.open()
     except ChamberError as e:

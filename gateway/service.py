@@ -59,7 +59,7 @@ from gateway.domain.patients import IdentifierRules
 from gateway.chamber.engine import Chamber
 from gateway.config.model import GatewayConfig
 from gateway.domain.inbound import InboundService
-from adapters.outer.oauth import TokenService, clients_from_config, default_token_url
+from adapters.outer.oauth import EXPIRED_TOKENS_KEPT, TokenService, clients_from_config, default_token_url
 from gateway.ops.listen import (ADMIN_CONNECTIONS, ConnectionLimiter, GateEndpoint, descriptor_needs,
                                 gate_endpoint, handshake_failures)
 from gateway.ops.services import ChamberService, DescriptorsService, HoldsService, MemoryTrimService, WatchService
@@ -131,7 +131,7 @@ def make_service(config: GatewayConfig, reactor, gate: str = "both") -> Gateway:
         WatchService(chamber, reactor).setServiceParent(root)
     metrics = Metrics(chamber)
     keep = config.chamber
-    RetentionService(chamber, Retention(keep.keep_messages, keep.keep_appointments), reactor,
+    RetentionService(chamber, Retention(keep.keep_messages, keep.keep_appointments, EXPIRED_TOKENS_KEPT), reactor,
                      keep.prune_every, metrics).setServiceParent(root)
     MemoryTrimService(reactor).setServiceParent(root)
     relays = []

@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo
 from pydantic import ValidationError
 
 from fhir.resources.R4B.appointment import Appointment
-from gateway.domain.model import BookingRequest, Patient, PatientIdentifier
+from gateway.domain.model import HELD_STATUS, BookingRequest, Patient, PatientIdentifier, slot_status
 
 FHIR_VERSION = "4.3.0"
 SERVICE_SYSTEM = "urn:gatewayd:his:service"
@@ -71,13 +71,20 @@ def slot_resource(slot, tz: ZoneInfo) -> dict:
         "identifier": [{"system": SCHEDULE_SYSTEM, "value": f"{slot.schedule_id}|{slot.start_local}"}],
         "serviceType": _service(slot),
         "schedule": {"reference": f"Schedule/{slot.schedule_id}"},
-        "status": slot.visible_status,
+        "status": slot_status(slot),
         "start": instant(slot.start_ts, tz),
         "end": instant(slot.end_ts, tz),
     }
     if slot.z_segments:  # the HIS's own segments, as it wrote them (ER7, its escapes kept), in its order
         resource["extension"] = [{"url": Z_SEGMENT_EXTENSION, "valueString": z} for z in slot.z_segments.split("\r")]
     return resource
+
+
+def slot_status_filter(statuses: list[str]) -> dict:
+    """A search for slots with these Slot.status values, as the chamber's slot filter (the keyword arguments
+    ``his_statuses`` and ``or_held`` of ``Reader.search_slots``): a held slot shows ``busy-tentative``,
+    any other what the HIS said."""
+    return {"his_statuses": statuses, "or_held": HELD_STATUS in statuses}
 
 
 def schedule_resource(schedule, tz: ZoneInfo) -> dict:

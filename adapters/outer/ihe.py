@@ -292,7 +292,7 @@ def find_proposed(reader, q: FindQuery, *, platform: str, quotas, tz: ZoneInfo, 
     them from ``offset`` on, and whether there are more."""
     schedules = {s.id: s for s in reader.schedules()}
     # slots that have started cannot be booked: from now on (exclusive), or from start (inclusive)
-    kw: dict[str, Any] = {"statuses": ["free"], "start_from": max(q.start, reader.now),
+    kw: dict[str, Any] = {"his_statuses": ["free"], "start_from": max(q.start, reader.now),
                           "start_from_inclusive": q.start > reader.now, "start_to": q.end,
                           "start_to_inclusive": False}
     if q.specialties or q.practitioners or q.locations:

@@ -33,11 +33,12 @@ from adapters.maps.fhir_scheduling import (
     schedule_resource,
     search_instant,
     slot_resource,
+    slot_status_filter,
 )
 from adapters.outer.access import Access, PlatformGrant, require_scope
 from adapters.outer.errors import FhirError, slot_refusals
 from adapters.outer.intake import JsonLimits, json_body, raw_body, require_method
-from gateway.domain.model import AppointmentUnknown, IdempotencyConflict
+from gateway.domain.model import AppointmentUnknown, IdempotencyConflict, slot_status
 
 #: the resource types served here
 RESOURCE_TYPES = ("Slot", "Schedule", "Appointment")
@@ -169,7 +170,7 @@ class SchedulingApi:
             if s not in SLOT_STATUSES:
                 raise FhirError(400, "code-invalid", f"unknown slot status {s!r}", "status")
         if statuses:
-            kw["statuses"] = statuses
+            kw.update(slot_status_filter(statuses))
         schedules = [s.split("/")[-1] for v in query.get("schedule", []) for s in v.split(",") if s]
         if schedules:
             kw["schedule_ids"] = schedules
@@ -189,7 +190,7 @@ class SchedulingApi:
         slot = reader.slot(slot_id)
         if slot is None:
             raise FhirError(404, "not-found", f"no Slot {slot_id!r}")
-        if (self.quotas is not None and slot.visible_status == "free"
+        if (self.quotas is not None and slot_status(slot) == "free"
                 and not self.quotas.may_book(reader, platform, slot, reader.now)):
             raise FhirError(404, "not-found", f"Slot {slot_id!r} is not offered to platform {platform!r} (its quota "
                                               f"for that schedule and day is used up)")

@@ -8,8 +8,8 @@ patient data long after anyone needs it.  Every ``chamber.prune_every`` (and onc
   prescription (it stays with the prescription);
 - settled appointments whose slot ended more than ``chamber.keep_appointments`` ago, with the platform's
   request as sent, idempotency keys and identifiers, and slots that ended as long ago with no appointment;
-- OAuth2 client assertions past their expiry, and access tokens an hour after it (until then a request
-  with one is told that it expired).
+- OAuth2 client assertions past their expiry, and access tokens ``keep_expired_tokens`` after it (the
+  outer gate's choice, passed in by the wiring: until then a request with one is told that it expired).
 
 The audit trail is not touched (``audit.retention``, ``gatewayd audit prune``).  Work is done in
 transactions of at most ``BATCH`` rows each, so the other gate (and this one) never wait long for the write
@@ -24,8 +24,6 @@ import structlog
 from twisted.application import service
 from twisted.internet import defer, task
 
-from adapters.outer.oauth import EXPIRED_TOKENS_KEPT
-
 log = structlog.get_logger("gateway.chamber.retention")
 
 BATCH = 500
@@ -35,10 +33,11 @@ BATCH = 500
 class Retention:
     keep_messages: float | None  # seconds; None: keep
     keep_appointments: float | None
+    keep_expired_tokens: float  # seconds an access token is kept after its expiry
 
     def steps(self, now: float) -> list:
         """The pruning steps due at ``now``: (name, unit of work taking a Txn and returning rows deleted)."""
-        out = [("credentials", lambda tx: tx.prune_expired_credentials(tokens_kept=EXPIRED_TOKENS_KEPT))]
+        out = [("credentials", lambda tx: sum(tx.prune_oauth(tx.now, self.keep_expired_tokens)))]
         if self.keep_messages is not None:
             before = now - self.keep_messages
             out.append(("messages", lambda tx: tx.prune_messages(before, BATCH)))

@@ -41,7 +41,7 @@ from zoneinfo import ZoneInfo
 
 import structlog
 
-from gateway.chamber.engine import AuditRow
+from gateway.chamber.rows import AuditRow
 
 log = structlog.get_logger("gateway.domain.audit")
 

@@ -53,6 +53,7 @@ from gateway.domain.model import (
     SlotForHis,
     SlotUnavailable,
     SlotUnknown,
+    slot_status,
 )
 
 log = structlog.get_logger("gateway.domain.booking")
@@ -140,7 +141,7 @@ class BookingService(HisAnswers):
         control_id = new_control_id()
 
         def work(tx):
-            from gateway.chamber.engine import AppointmentRow
+            from gateway.chamber.rows import AppointmentRow
 
             if idempotency_key is not None:
                 earlier = tx.idempotent_request(platform, idempotency_key)
@@ -183,7 +184,7 @@ class BookingService(HisAnswers):
         if slot is None:
             raise SlotUnknown(f"no slot {wanted!r}")
         if slot.held_by or slot.his_status != "free":
-            raise SlotUnavailable(f"slot {wanted} is {slot.visible_status}")
+            raise SlotUnavailable(f"slot {wanted} is {slot_status(slot)}")
         if slot.start_ts <= tx.now:
             raise SlotUnavailable(f"slot {wanted} has already started")
         if self.quotas is not None:
@@ -241,7 +242,7 @@ class BookingService(HisAnswers):
         control_id = new_control_id()
 
         def work(tx):
-            from gateway.chamber.engine import AppointmentRow
+            from gateway.chamber.rows import AppointmentRow
 
             self.patients.check(patient or empty)
             slot = self._bookable_slot(tx, platform, slot_id_)
@@ -332,7 +333,7 @@ class BookingService(HisAnswers):
         control_id = new_control_id()
 
         def work(tx):
-            from gateway.chamber.engine import AppointmentRow
+            from gateway.chamber.rows import AppointmentRow
 
             old = self._own(tx, platform, appointment_id)
             if old.status != "booked" or old.pending_change is not None:

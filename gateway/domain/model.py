@@ -62,6 +62,17 @@ class SlotNotice:
     z_segments: tuple[str, ...] = ()  # the HIS's Z-segments with this notice, each its ER7 text (escapes kept)
 
 
+#: a slot's status while a booking of the gateway holds it (its HIS status stays what the HIS said)
+HELD_STATUS = "busy-tentative"
+
+
+def slot_status(slot) -> str:
+    """A slot's status as the gateway shows it (and names it in refusals): ``busy-tentative`` while a booking
+    of the gateway holds it, else what the HIS last said (free, busy, busy-unavailable) — FHIR's Slot.status
+    codes, which platforms see as they are."""
+    return HELD_STATUS if slot.held_by else slot.his_status
+
+
 @dataclass(frozen=True)
 class PatientIdentifier:
     system: str

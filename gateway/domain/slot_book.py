@@ -35,7 +35,7 @@ class SlotBook:
         return [self._apply_one(tx, n) for n in notices]
 
     def _apply_one(self, tx, n: SlotNotice) -> str:
-        from gateway.chamber.engine import ScheduleRow, SlotRow  # row types only: the chamber is our store
+        from gateway.chamber.rows import ScheduleRow, SlotRow  # row types only: the chamber is our store
 
         tx.upsert_schedule(ScheduleRow(
             id=n.schedule.id, display=n.schedule.display, practitioner_id=n.schedule.practitioner_id,

@@ -24,7 +24,7 @@ SETTLED = ("booked", "cancelled")
 
 
 def chamber_of(lock: Lock) -> Chamber:
-    chamber = Chamber(lock.workdir / "chamber.sqlite3")
+    chamber = Chamber(lock.workdir / "chamber.sqlite3", clock=time.time)
     chamber.open()
     return chamber
 

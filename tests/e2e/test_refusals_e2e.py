@@ -5,6 +5,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 
 import pytest
 import requests
@@ -124,7 +125,7 @@ def test_resent_siu_is_acked_again_and_reused_control_id_is_refused(lock):
     assert first.segment("MSA").get(1) == again.segment("MSA").get(1) == "AA"
     changed = parse(mllp_exchange(lock.mllp_port, siu.replace("Blocked", "Open").encode()))
     assert changed.segment("MSA").get(1) == "AR"
-    chamber = Chamber(lock.workdir / "chamber.sqlite3")
+    chamber = Chamber(lock.workdir / "chamber.sqlite3", clock=time.time)
     chamber.open()
     try:
         original = chamber.read().message_by_control_id("inbound", "his", "DUP-1", "HIS|HOSPITAL")

@@ -265,7 +265,7 @@ def test_prune_command_removes_only_what_is_past_retention_and_verify_still_pass
     old.open()
     write(old, 4)
     old.close()
-    new = Chamber(tmp_path / "cli.sqlite3")
+    new = Chamber(tmp_path / "cli.sqlite3", clock=time.time)
     new.open()
     write(new, 2)
     new.close()

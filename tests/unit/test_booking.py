@@ -26,6 +26,7 @@ from gateway.domain.model import (
     SlotNotice,
     SlotUnavailable,
     SlotUnknown,
+    slot_status,
 )
 from gateway.domain.backlog import Overloaded
 from gateway.domain.ids import slot_id
@@ -90,7 +91,7 @@ def test_open_notice_creates_a_free_slot(env):
     """SIU^S24 for a new time creates the slot and its schedule; the slot is free."""
     chamber, *_ = env
     slot = chamber.read().slot(SID)
-    assert slot.visible_status == "free"
+    assert slot_status(slot) == "free"
     assert slot.start_ts == START.replace(tzinfo=TZ).timestamp()
     assert slot.end_ts - slot.start_ts == 15 * 60
     assert chamber.read().schedules()[0].practitioner_name == "张伟"
@@ -100,7 +101,7 @@ def test_booking_holds_the_slot_and_queues_srm_in_one_commit(env):
     """book() commits the pending appointment, the busy-tentative hold and the SRM^S01 together."""
     chamber, booking, _, _ = env
     appointment_id = result(booking.book("demo", BookingRequest(SID, PATIENT)))[0]
-    assert chamber.read().slot(SID).visible_status == "busy-tentative"
+    assert slot_status(chamber.read().slot(SID)) == "busy-tentative"
     appt = chamber.read().appointment(appointment_id)
     assert (appt.status, appt.pending_change) == ("pending", "book")
     [msg] = outbound(chamber)
@@ -138,7 +139,7 @@ def test_his_accepts_booking(env):
     appt = chamber.read().appointment(appointment_id)
     assert (appt.status, appt.pending_change, appt.his_appointment) == ("booked", None, "H000001")
     slot = chamber.read().slot(SID)
-    assert (slot.visible_status, slot.booked_by, slot.his_appointment) == ("busy", appointment_id, "H000001")
+    assert (slot_status(slot), slot.booked_by, slot.his_appointment) == ("busy", appointment_id, "H000001")
 
 
 def test_his_refuses_booking_after_counter_booked_the_slot(env):
@@ -150,14 +151,14 @@ def test_his_refuses_booking_after_counter_booked_the_slot(env):
     answer(chamber, booking, outbound(chamber)[0], "AR", text="slot already booked")
     appt = chamber.read().appointment(appointment_id)
     assert appt.status == "refused" and "slot already booked" in appt.outcome
-    assert chamber.read().slot(SID).visible_status == "busy"
+    assert slot_status(chamber.read().slot(SID)) == "busy"
 
 
 def test_refusal_frees_a_slot_the_his_still_has_free(env):
     chamber, booking, _, _ = env
     result(booking.book("demo", BookingRequest(SID, PATIENT)))[0]
     answer(chamber, booking, outbound(chamber)[0], "AE", text="internal")
-    assert chamber.read().slot(SID).visible_status == "free"
+    assert slot_status(chamber.read().slot(SID)) == "free"
 
 
 def test_cancel_is_sent_to_the_his_and_frees_the_slot_when_accepted(env):
@@ -174,7 +175,7 @@ def test_cancel_is_sent_to_the_his_and_frees_the_slot_when_accepted(env):
     assert chamber.read().appointment(appointment_id).pending_change == "cancel"
     answer(chamber, booking, cancel, "AA")
     assert chamber.read().appointment(appointment_id).status == "cancelled"
-    assert chamber.read().slot(SID).visible_status == "free"
+    assert slot_status(chamber.read().slot(SID)) == "free"
 
 
 def test_cancel_refused_by_the_his_keeps_the_booking(env):
@@ -204,7 +205,7 @@ def test_hold_expires_and_unsent_srm_is_withdrawn(env):
     clock.advance(61)
     appt = chamber.read().appointment(appointment_id)
     assert appt.status == "cancelled" and "expired" in appt.outcome
-    assert chamber.read().slot(SID).visible_status == "free"
+    assert slot_status(chamber.read().slot(SID)) == "free"
     assert outbound(chamber)[0].state == "withdrawn"
 
 
@@ -254,7 +255,7 @@ def test_backlog_limit_refuses_new_bookings(env):
     with pytest.raises(Overloaded) as refused:
         result(booking.book("demo", BookingRequest(slot_id("D001", later), PATIENT)))
     assert refused.value.retry_after > 0
-    assert chamber.read().slot(slot_id("D001", later)).visible_status == "free"
+    assert slot_status(chamber.read().slot(slot_id("D001", later))) == "free"
 
 
 def test_dead_lettered_booking_is_refused_and_compensated(env):
@@ -267,7 +268,7 @@ def test_dead_lettered_booking_is_refused_and_compensated(env):
     chamber.transact_now(lambda tx: booking.on_dead(tx, tx.message(srm.id), "no ACK after 5 attempts"))
     appt = chamber.read().appointment(appointment_id)
     assert appt.status == "refused" and "no ACK after 5 attempts" in appt.outcome
-    assert chamber.read().slot(SID).visible_status == "free"
+    assert slot_status(chamber.read().slot(SID)) == "free"
     assert [m.type for m in outbound(chamber)] == ["SRM^S01", "SRM^cancel"]
 
 
@@ -302,7 +303,7 @@ def test_reschedule_moves_the_his_appointment(env):
     chamber.transact_now(lambda tx: book.apply(tx, [notice("open", start=later)]))
     chamber.transact_now(lambda tx: book.apply(tx, [notice("book", his_appointment="H5")]))
     chamber.transact_now(lambda tx: book.apply(tx, [notice("reschedule", start=later, his_appointment="H5")]))
-    assert chamber.read().slot(SID).visible_status == "free"
+    assert slot_status(chamber.read().slot(SID)) == "free"
     assert chamber.read().slot(slot_id("D001", later)).his_appointment == "H5"
 
 
@@ -336,7 +337,7 @@ def test_the_his_freeing_the_slot_before_it_answers_our_cancel_is_our_cancel(env
     answer(chamber, booking, outbound(chamber)[1], "AA")
     appt = chamber.read().appointment(appointment_id)
     assert (appt.status, appt.outcome) == ("cancelled", "cancelled by the platform")
-    assert chamber.read().slot(SID).visible_status == "free"
+    assert slot_status(chamber.read().slot(SID)) == "free"
 
 
 def test_a_refused_cancel_of_a_slot_the_his_freed_meanwhile_is_the_hospitals_cancellation(env):
@@ -353,7 +354,7 @@ def test_a_refused_cancel_of_a_slot_the_his_freed_meanwhile_is_the_hospitals_can
 def test_waiters_are_settled_by_this_process_commits_without_reading_the_chamber(env, monkeypatch):
     """After a commit of this process, the waiters of the appointments it settled fire — found from what
     the transaction did, not by querying every waiting appointment."""
-    from gateway.chamber.engine import Reader
+    from gateway.chamber.reader import Reader
 
     chamber, booking, _, clock = env
     appointment_id = result(booking.book("demo", BookingRequest(SID, PATIENT)))[0]

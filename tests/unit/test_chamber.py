@@ -8,7 +8,9 @@ import time
 import pytest
 from twisted.internet import task
 
-from gateway.chamber.engine import Chamber, ChamberError, ScheduleRow
+from gateway.chamber.engine import Chamber
+from gateway.chamber.errors import ChamberError
+from gateway.chamber.rows import ScheduleRow
 
 
 class TickReactor(task.Clock):
@@ -24,12 +26,12 @@ def schedule(tx, sid="D001"):
 
 def test_new_chamber_is_wal_full_sync_and_versioned(tmp_path):
     """A new chamber file is created with the current schema, in WAL mode, fsync on every commit."""
-    ch = Chamber(tmp_path / "c.sqlite3")
+    ch = Chamber(tmp_path / "c.sqlite3", clock=time.time)
     ch.open()
     conn = ch._conn
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
-    from gateway.chamber.engine import SCHEMA_VERSION
+    from gateway.chamber.upgrades import SCHEMA_VERSION
 
     assert SCHEMA_VERSION >= 2
     assert conn.execute("SELECT value FROM chamber_meta WHERE key='schema_version'").fetchone()[0] == str(
@@ -39,11 +41,11 @@ def test_new_chamber_is_wal_full_sync_and_versioned(tmp_path):
 
 def test_data_survives_reopen(tmp_path):
     """What was committed is there after the chamber is closed and opened again."""
-    ch = Chamber(tmp_path / "c.sqlite3")
+    ch = Chamber(tmp_path / "c.sqlite3", clock=time.time)
     ch.open()
     ch.transact_now(schedule)
     ch.close()
-    ch2 = Chamber(tmp_path / "c.sqlite3")
+    ch2 = Chamber(tmp_path / "c.sqlite3", clock=time.time)
     ch2.open()
     assert [s.id for s in ch2.read().schedules()] == ["D001"]
     ch2.close()
@@ -52,7 +54,7 @@ def test_data_survives_reopen(tmp_path):
 def test_refuses_other_schema_version(tmp_path):
     """A chamber written by another schema version is refused with a message naming both versions."""
     path = tmp_path / "c.sqlite3"
-    ch = Chamber(path)
+    ch = Chamber(path, clock=time.time)
     ch.open()
     ch.close()
     conn = sqlite3.connect(path)
@@ -60,12 +62,12 @@ def test_refuses_other_schema_version(tmp_path):
     conn.commit()
     conn.close()
     with pytest.raises(ChamberError, match="version 7"):
-        Chamber(path).open()
+        Chamber(path, clock=time.time).open()
 
 
 def version_1_chamber(path):
     """A chamber as gatewayd 1 (schema version 1) left it, with one schedule in it."""
-    from gateway.chamber.engine import SCHEMA_DIR
+    from gateway.chamber.upgrades import SCHEMA_DIR
 
     conn = sqlite3.connect(path)
     conn.executescript((SCHEMA_DIR / "chamber-v1.sql").read_text(encoding="utf-8"))
@@ -78,11 +80,11 @@ def version_1_chamber(path):
 
 def test_a_version_1_chamber_is_upgraded_in_place_keeping_its_data(tmp_path):
     """Opening a chamber of an older schema upgrades it (new tables), keeps what it held, says so once."""
-    from gateway.chamber.engine import SCHEMA_VERSION
+    from gateway.chamber.upgrades import SCHEMA_VERSION
 
     path = tmp_path / "c.sqlite3"
     version_1_chamber(path)
-    ch = Chamber(path)
+    ch = Chamber(path, clock=time.time)
     ch.open()
     assert [s.id for s in ch.read().schedules()] == ["D001"]
     conn = ch._conn
@@ -91,7 +93,7 @@ def test_a_version_1_chamber_is_upgraded_in_place_keeping_its_data(tmp_path):
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert {"prescriptions", "medication_requests", "medication_dispenses", "oauth_tokens"} <= tables
     ch.close()
-    ch = Chamber(path)
+    ch = Chamber(path, clock=time.time)
     ch.open()  # a second open has nothing to do
     ch.close()
 
@@ -100,7 +102,8 @@ def test_a_version_2_chamber_gains_schedule_facilities_and_slot_z_segments(tmp_p
     """Version 3 (routing by facility, Z-segments): a version-2 chamber is upgraded in one step; what it held
     is kept, its schedules have no facility ('') and its slots no Z-segments until the HIS publishes them
     again; both are written and read back afterwards."""
-    from gateway.chamber.engine import SCHEMA_DIR, SCHEMA_VERSION, SlotRow
+    from gateway.chamber.rows import SlotRow
+    from gateway.chamber.upgrades import SCHEMA_DIR, SCHEMA_VERSION
 
     assert SCHEMA_VERSION >= 3
     path = tmp_path / "c.sqlite3"
@@ -113,7 +116,7 @@ def test_a_version_2_chamber_gains_schedule_facilities_and_slot_z_segments(tmp_p
                  "'free', 0)")
     conn.commit()
     conn.close()
-    ch = Chamber(path)
+    ch = Chamber(path, clock=time.time)
     ch.open()
     assert [(s.id, s.facility) for s in ch.read().schedules()] == [("D001", "")]
     assert ch.read().slot("S1").z_segments is None
@@ -135,7 +138,7 @@ def test_every_chamber_holds_its_own_audit_key_for_good(tmp_path):
     """Version 4: a new chamber, and one upgraded from version 3, holds 32 random bytes of its own (the key
     of the audit's keyed names, gateway/domain/audit.py): not in the repository nor the config, kept across
     reopening, and refused to be changed or deleted (earlier records would no longer be found by it)."""
-    from gateway.chamber.engine import SCHEMA_DIR, SCHEMA_VERSION
+    from gateway.chamber.upgrades import SCHEMA_DIR, SCHEMA_VERSION
 
     assert SCHEMA_VERSION >= 4
     upgraded = tmp_path / "v3.sqlite3"
@@ -148,12 +151,12 @@ def test_every_chamber_holds_its_own_audit_key_for_good(tmp_path):
     conn.close()
     keys = []
     for path in (upgraded, tmp_path / "new.sqlite3", tmp_path / "other.sqlite3"):
-        ch = Chamber(path)
+        ch = Chamber(path, clock=time.time)
         ch.open()
         keys.append(ch.read().audit_key())
         ch.close()
     assert all(len(k) == 32 for k in keys) and len(set(keys)) == 3
-    again = Chamber(upgraded)
+    again = Chamber(upgraded, clock=time.time)
     again.open()
     assert again.read().audit_key() == keys[0]
     again.close()
@@ -166,18 +169,18 @@ def test_every_chamber_holds_its_own_audit_key_for_good(tmp_path):
 
 def test_a_failed_upgrade_leaves_the_chamber_at_its_old_version(tmp_path, monkeypatch):
     """An upgrade is one transaction: if a statement fails, nothing of it stays and the start is refused."""
-    import gateway.chamber.engine as chamber_module
+    import gateway.chamber.upgrades as upgrades_module
 
     path = tmp_path / "c.sqlite3"
     version_1_chamber(path)
     broken = tmp_path / "schema"
     broken.mkdir()
-    (broken / "chamber-v1.sql").write_text((chamber_module.SCHEMA_DIR / "chamber-v1.sql").read_text())
+    (broken / "chamber-v1.sql").write_text((upgrades_module.SCHEMA_DIR / "chamber-v1.sql").read_text())
     (broken / "upgrade-v1-v2.sql").write_text("CREATE TABLE new_one (x);\nCREATE TABLE schedules (x);\n")
-    monkeypatch.setattr(chamber_module, "SCHEMA_DIR", broken)
-    monkeypatch.setattr(chamber_module, "SCHEMA_VERSION", 2)
+    monkeypatch.setattr(upgrades_module, "SCHEMA_DIR", broken)
+    monkeypatch.setattr(upgrades_module, "SCHEMA_VERSION", 2)
     with pytest.raises(ChamberError, match="already exists"):
-        Chamber(path).open()
+        Chamber(path, clock=time.time).open()
     conn = sqlite3.connect(path)
     assert conn.execute("SELECT value FROM chamber_meta WHERE key='schema_version'").fetchone()[0] == "1"
     assert not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'new_one'").fetchone()
@@ -189,7 +192,7 @@ def test_a_version_4_chamber_knows_inbound_messages_by_sender_and_control_id(tmp
     and MSH-10, not by MSH-10 alone. A version-4 chamber is upgraded in one step (the messages table is
     rebuilt): each inbound message's sender is read from its MSH, outbound messages (ours) get '', ids,
     stories and the prescriptions that point at messages are kept, and foreign keys are still enforced."""
-    from gateway.chamber.engine import SCHEMA_DIR, SCHEMA_VERSION
+    from gateway.chamber.upgrades import SCHEMA_DIR, SCHEMA_VERSION
 
     assert SCHEMA_VERSION >= 5
     path = tmp_path / "c.sqlite3"
@@ -211,7 +214,7 @@ def test_a_version_4_chamber_knows_inbound_messages_by_sender_and_control_id(tmp
                  " VALUES ('RX1', 'to_his', 'N1', 'pending', x'7b7d', 9, 0, 0)")
     conn.commit()
     conn.close()
-    ch = Chamber(path)
+    ch = Chamber(path, clock=time.time)
     ch.open()
     assert ch._conn.execute("SELECT value FROM chamber_meta WHERE key='schema_version'").fetchone()[0] == str(
         SCHEMA_VERSION)
@@ -234,14 +237,14 @@ def test_a_version_4_chamber_knows_inbound_messages_by_sender_and_control_id(tmp
     with pytest.raises(sqlite3.IntegrityError):
         ch._writer.execute("INSERT INTO message_events VALUES (999, 0, 'x', 'y')")
     ch.close()
-    new = Chamber(tmp_path / "new.sqlite3")
+    new = Chamber(tmp_path / "new.sqlite3", clock=time.time)
     new.open()
     assert new._conn.execute("PRAGMA freelist_count").fetchone()[0] == 0  # a new chamber keeps no rebuilt pages
     new.close()
 
 
 def test_a_chamber_from_a_newer_gatewayd_is_refused_untouched(tmp_path):
-    from gateway.chamber.engine import SCHEMA_VERSION
+    from gateway.chamber.upgrades import SCHEMA_VERSION
 
     path = tmp_path / "c.sqlite3"
     version_1_chamber(path)
@@ -250,7 +253,7 @@ def test_a_chamber_from_a_newer_gatewayd_is_refused_untouched(tmp_path):
     conn.commit()
     conn.close()
     with pytest.raises(ChamberError, match="newer gatewayd"):
-        Chamber(path).open()
+        Chamber(path, clock=time.time).open()
 
 
 def commit_after(conn: sqlite3.Connection, seconds: float) -> threading.Thread:
@@ -268,7 +271,7 @@ def test_two_processes_creating_one_new_chamber_both_open_it(tmp_path):
     """The split lock starts both gates on a chamber that does not exist yet. If the other process creates
     the schema while this one waits for the write lock, this one opens the finished file (this failed in CI
     with "table chamber_meta already exists" before)."""
-    from gateway.chamber.engine import SCHEMA_DIR, SCHEMA_VERSION
+    from gateway.chamber.upgrades import SCHEMA_DIR, SCHEMA_VERSION
 
     path = tmp_path / "c.sqlite3"
     other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -279,7 +282,7 @@ def test_two_processes_creating_one_new_chamber_both_open_it(tmp_path):
                         f"('schema_version', '{SCHEMA_VERSION}');")
     assert other.in_transaction  # holds the write lock, schema not yet visible to others
     committer = commit_after(other, 0.3)
-    ch = Chamber(path)
+    ch = Chamber(path, clock=time.time)
     ch.open()  # sees no schema, waits for the lock, finds the other's schema
     committer.join()
     ch.transact_now(schedule)
@@ -297,7 +300,7 @@ def test_a_new_chamber_another_process_holds_before_its_wal_switch_is_opened_too
     other.execute("BEGIN IMMEDIATE")
     other.execute("CREATE TABLE other_gate_was_here (x)")
     committer = commit_after(other, 0.3)
-    ch = Chamber(path)
+    ch = Chamber(path, clock=time.time)
     ch.open()
     committer.join()
     assert ch._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -310,7 +313,7 @@ def test_refuses_a_file_that_is_not_a_database(tmp_path):
     path = tmp_path / "c.sqlite3"
     path.write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(ChamberError, match=str(path)):
-        Chamber(path).open()
+        Chamber(path, clock=time.time).open()
 
 
 def test_group_commit_fires_after_commit_and_isolates_failures(tmp_path):
@@ -367,7 +370,7 @@ def test_a_storage_error_inside_a_unit_is_a_write_failure(tmp_path):
     """SQLITE_FULL raised by a statement (not by the unit's own decision) fails that unit with
     ChamberWriteError, so gates answer 'not stored, try again' (AE / 503) rather than an internal error;
     the other units of the batch still commit."""
-    from gateway.chamber.engine import ChamberWriteError
+    from gateway.chamber.errors import ChamberWriteError
 
     reactor = TickReactor()
     ch = Chamber(tmp_path / "c.sqlite3", reactor=reactor, clock=reactor.seconds)
@@ -440,15 +443,15 @@ class SlowCommit:
     (or makes it fail)."""
 
     def __init__(self, monkeypatch, events, fail=None):
-        import gateway.chamber.engine as chamber_module
+        import gateway.chamber.threads as threads_module
 
-        self.real = chamber_module._commit
+        self.real = threads_module.commit
         self.events = events
         self.started = threading.Event()
         self.gate = threading.Event()
         self.fail = fail
         self.threads = []
-        monkeypatch.setattr(chamber_module, "_commit", self)
+        monkeypatch.setattr(threads_module, "commit", self)
 
     def __call__(self, conn):
         self.threads.append(threading.current_thread())
@@ -515,7 +518,7 @@ def test_units_are_answered_only_after_the_commit_returned_in_the_writer_thread(
 def test_a_failed_commit_in_the_writer_thread_fails_every_unit_of_its_batch(tmp_path, monkeypatch):
     """A COMMIT that fails (I/O error) fails every unit of its batch with ChamberWriteError, nothing of the
     batch is visible, no observer runs, and the chamber takes the next batch normally."""
-    from gateway.chamber.engine import ChamberWriteError
+    from gateway.chamber.errors import ChamberWriteError
 
     events = []
     slow = SlowCommit(monkeypatch, events, fail=sqlite3.OperationalError("disk I/O error"))
@@ -542,12 +545,12 @@ def test_the_wal_is_copied_back_by_the_checkpoint_thread_not_by_a_commit(tmp_pat
     the reactor thread): once, CHECKPOINT_INTERVAL after the first commit since the last checkpoint, for all
     the commits of that while — long before the WAL is big enough for SQLite's own checkpoint inside a
     COMMIT, which stays only as a backstop at a larger WAL."""
-    import gateway.chamber.engine as chamber_module
+    import gateway.chamber.threads as threads_module
 
-    monkeypatch.setattr(chamber_module, "CHECKPOINT_INTERVAL", 1.0)
+    monkeypatch.setattr(threads_module, "CHECKPOINT_INTERVAL", 1.0)
     path = tmp_path / "c.sqlite3"
     ch, reactor = threaded_chamber(path, pipeline=False)
-    assert ch._writer.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == chamber_module.INLINE_CHECKPOINT_PAGES
+    assert ch._writer.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == threads_module.INLINE_CHECKPOINT_PAGES
     ch.transact_now(lambda tx: None)
     deadline = time.monotonic() + 20
     while ch._checkpointer.runs == 0 and time.monotonic() < deadline:  # (the schema's pages)
@@ -653,7 +656,7 @@ def test_a_batch_of_one_failing_unit_leaves_nothing_behind(tmp_path):
 
 
 def _slot_and_appointment(tx, appointment_id="a1", pending="book"):
-    from gateway.chamber.engine import AppointmentRow, SlotRow
+    from gateway.chamber.rows import AppointmentRow, SlotRow
 
     schedule(tx)
     tx.insert_slot(SlotRow("S1", "D001", "203001070800", 1.0, 2.0, 15, "card", "card", "free", None, None, None, 0))
@@ -664,7 +667,7 @@ def _slot_and_appointment(tx, appointment_id="a1", pending="book"):
 def test_settled_appointments_are_reported_after_commit_and_not_when_rolled_back(tmp_path):
     """observe_settled hears, after the commit, of every appointment whose pending change a committed unit
     cleared — not of one cleared by a unit that was rolled back."""
-    from gateway.chamber.engine import AppointmentRow
+    from gateway.chamber.rows import AppointmentRow
 
     reactor = TickReactor()
     ch = Chamber(tmp_path / "c.sqlite3", reactor=reactor, clock=reactor.seconds)

@@ -9,6 +9,7 @@ import base64
 import hashlib
 import hmac
 import json
+import time
 import uuid
 
 import pytest
@@ -420,7 +421,7 @@ def test_token_settings_are_read_and_bad_key_files_named_with_their_key(tmp_path
 
 def test_remember_assertion_is_true_once_per_platform_and_jti():
     """The chamber primitive behind replay refusal: the (platform, jti) primary key decides."""
-    chamber = Chamber(":memory:")
+    chamber = Chamber(":memory:", clock=time.time)
     chamber.open()
     assert chamber.transact_now(lambda tx: tx.remember_assertion("demo", "j1", NOW))
     assert not chamber.transact_now(lambda tx: tx.remember_assertion("demo", "j1", NOW))

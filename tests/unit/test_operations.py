@@ -1,6 +1,7 @@
 """Operator tools on the chamber (resubmit, reprocess, purge) and the refusal to start on a damaged file."""
 
 import functools
+import time
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
@@ -11,9 +12,10 @@ from adapters.inner.receiver import make_reprocessor
 from adapters.maps.srm_booking import Hl7Header, build_srm
 from gateway.domain.booking import BookingService, HisLinkInfo
 from gateway.domain.slot_book import SlotBook
-from gateway.chamber.engine import Chamber, ChamberError
+from gateway.chamber.engine import Chamber
+from gateway.chamber.errors import ChamberError
 from gateway.ops.queue import NotRetryable, purge_dead, retry, retry_all_dead
-from gateway.domain.model import BookingRequest, Patient, PatientIdentifier, ScheduleInfo, SlotNotice
+from gateway.domain.model import BookingRequest, Patient, PatientIdentifier, ScheduleInfo, SlotNotice, slot_status
 from gateway.domain.ids import slot_id
 
 TZ = ZoneInfo("Asia/Shanghai")
@@ -79,7 +81,7 @@ def test_reprocess_reads_a_refused_inbound_message_again(env):
         direction="inbound", peer="his", control_id="IN-1", type="SIU^S24", state="refused", body=SIU,
         charset="utf-8", answer_code="AE", answer_text="old bug"))
     assert "delivered (AA" in retry(chamber, mid, reprocess)
-    assert chamber.read().slot(slot_id("D001", START.replace(hour=9))).visible_status == "free"
+    assert slot_status(chamber.read().slot(slot_id("D001", START.replace(hour=9)))) == "free"
     assert chamber.read().message(mid).state == "delivered"
 
 
@@ -130,7 +132,7 @@ def test_retry_all_dead_and_purge(env):
 def test_a_damaged_chamber_is_refused_at_start(tmp_path):
     """Bytes overwritten inside the file: gatewayd refuses to start and says how to recover."""
     path = tmp_path / "c.sqlite3"
-    chamber = Chamber(path)
+    chamber = Chamber(path, clock=time.time)
     chamber.open()
     for i in range(300):
         chamber.transact_now(lambda tx, i=i: tx.add_message(
@@ -144,4 +146,4 @@ def test_a_damaged_chamber_is_refused_at_start(tmp_path):
         data[offset + 8: offset + 64] = b"\xff" * 56
     path.write_bytes(bytes(data))
     with pytest.raises(ChamberError, match="restore the last backup"):
-        Chamber(path).open()
+        Chamber(path, clock=time.time).open()

@@ -28,7 +28,7 @@ from gateway.config.outer import normalise_subject
 from gateway.ops.devca import init_dev_ca
 from gateway.domain.quota import QuotaRule, Quotas
 from adapters.outer.ratelimit import RateLimiter
-from gateway.domain.model import HisAnswer, ScheduleInfo, SlotNotice
+from gateway.domain.model import HisAnswer, ScheduleInfo, SlotNotice, slot_status
 from gateway.domain.ids import slot_id
 
 TZ = ZoneInfo("Asia/Shanghai")
@@ -149,7 +149,7 @@ def test_a_platform_without_the_scope_gets_403_forbidden_and_it_is_audited(gate)
                                                        platform="readonly"), 403, "forbidden")
     outcome(gate.request("GET", "/Appointment", platform="readonly"), 403, "forbidden")
     outcome(gate.request("GET", "/Appointment/a123", platform="readonly"), 403, "forbidden")
-    assert gate.chamber.read().slot(SID[0]).visible_status == "free"  # nothing was held
+    assert slot_status(gate.chamber.read().slot(SID[0])) == "free"  # nothing was held
     records = gate.audit()
     assert [(r.platform, r.action, r.outcome, r.detail) for r in records] == [
         ("readonly", "book", 403, "forbidden"), ("readonly", "search", 403, "forbidden"),

@@ -10,6 +10,7 @@ import http.client
 import io
 import json
 import resource as rlimit
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -323,7 +324,7 @@ def test_a_flood_of_failed_handshakes_is_logged_once_per_interval_and_each_count
     from gateway.chamber.engine import Chamber
     from gateway.ops.listen import handshake_failures
 
-    clock, metrics = task.Clock(), Metrics(Chamber(":memory:"))
+    clock, metrics = task.Clock(), Metrics(Chamber(":memory:", clock=time.time))
     failed = handshake_failures(metrics, "outer", clock=clock)
     with capture_logs() as logs:
         for i in range(100):

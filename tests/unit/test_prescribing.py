@@ -4,6 +4,7 @@ HL7 files: submit -> order written on first send -> the HIS's answer -> dispensi
 from __future__ import annotations
 
 import json
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -70,7 +71,7 @@ def pki():
 
 @pytest.fixture()
 def world(tmp_path, pki):
-    chamber = Chamber(tmp_path / "c.sqlite3")
+    chamber = Chamber(tmp_path / "c.sqlite3", clock=time.time)
     chamber.open()
     gw_key = ec.generate_private_key(ec.SECP256R1())
     gw_cert = cert(name("gatewayd release"), gw_key, pki.ca.subject, pki.ca_key, ca=False)

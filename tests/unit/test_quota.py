@@ -16,7 +16,7 @@ from gateway.domain.slot_book import SlotBook
 from gateway.chamber.engine import Chamber
 from gateway.domain.quota import QuotaExhausted, QuotaRule, Quotas
 from gateway.domain.model import (BookingRequest, HisAnswer, Patient, PatientIdentifier, ScheduleInfo, SlotNotice,
-                                  SlotUnavailable)
+                                  SlotUnavailable, slot_status)
 from gateway.domain.ids import slot_id
 
 TZ = ZoneInfo("Asia/Shanghai")
@@ -96,7 +96,7 @@ def test_five_percent_of_a_hundred_slots_is_five_and_the_sixth_is_refused(make):
         env.book("demo", sid)
     with pytest.raises(QuotaExhausted, match="holds 5 of the 5 slot"):
         env.book("demo", ids[5])
-    assert env.chamber.read().slot(ids[5]).visible_status == "free"  # nothing held for the refusal
+    assert slot_status(env.chamber.read().slot(ids[5])) == "free"  # nothing held for the refusal
 
 
 def test_twenty_bookings_in_one_transaction_are_counted_exactly(make):
@@ -221,14 +221,14 @@ def test_search_hides_the_free_slots_a_platform_may_no_longer_book(make):
     reader = env.chamber.read()
     hidden = env.quotas.hidden(reader, "demo", reader.now)
     assert hidden == [("D001", "20300107", NOW + 3600)]
-    free = [s.id for s in reader.search_slots(statuses=["free"], hidden=hidden, limit=100)]
+    free = [s.id for s in reader.search_slots(his_statuses=["free"], hidden=hidden, limit=100)]
     assert free == ([slot_id("D001", soon + timedelta(minutes=5 * i)) for i in range(2)]
                     + [slot_id("D002", DAY + timedelta(minutes=5 * i)) for i in range(3)])
     everything = reader.search_slots(hidden=hidden, limit=100)
     assert {s.held_by for s in everything if s.held_by} == set(mine)  # its own held slots are still shown
-    page = reader.search_slots(statuses=["free"], hidden=hidden, limit=2, offset=2)
+    page = reader.search_slots(his_statuses=["free"], hidden=hidden, limit=2, offset=2)
     assert [s.id for s in page] == free[2:4]
-    assert len(reader.search_slots(statuses=["free"], limit=100)) == 8 + 3 + 2  # what 'other' sees
+    assert len(reader.search_slots(his_statuses=["free"], limit=100)) == 8 + 3 + 2  # what 'other' sees
     assert env.quotas.hidden(reader, "other", reader.now) == []
     slot = reader.slot(slot_id("D001", DAY + timedelta(minutes=45)))
     assert not env.quotas.may_book(reader, "demo", slot, reader.now)

@@ -6,10 +6,12 @@ checked copy.
 Runs the real booking service on a real chamber file (transactions committed synchronously, task.Clock).
 """
 
+import time
 from datetime import timedelta
 
 import pytest
 
+from adapters.outer.oauth import EXPIRED_TOKENS_KEPT
 from gateway.chamber.engine import Chamber
 from gateway.chamber.retention import BATCH, Retention, RetentionService, prune
 from gateway.domain.model import BookingRequest
@@ -58,7 +60,8 @@ def booked(env):
 def test_nothing_is_deleted_before_its_time(booked):
     chamber, _, clock, *_ = booked
     before = counts(chamber)
-    deleted = run(chamber, Retention(keep_messages=30 * DAY, keep_appointments=30 * DAY), clock.seconds())
+    deleted = run(chamber, Retention(keep_messages=30 * DAY, keep_appointments=30 * DAY,
+                                     keep_expired_tokens=EXPIRED_TOKENS_KEPT), clock.seconds())
     assert deleted == {"credentials": 0, "messages": 0, "appointments": 0, "slots": 0}
     assert counts(chamber) == before
 
@@ -69,7 +72,8 @@ def test_ended_messages_and_past_appointments_go_with_what_belongs_to_them(booke
     chamber, _, clock, a1, a2 = booked
     audit_before = counts(chamber)["audit_records"]
     now = START.replace(tzinfo=TZ).timestamp() + 32 * DAY  # (the third slot is a day after the others)
-    deleted = run(chamber, Retention(keep_messages=30 * DAY, keep_appointments=30 * DAY), now)
+    deleted = run(chamber, Retention(keep_messages=30 * DAY, keep_appointments=30 * DAY,
+                                     keep_expired_tokens=EXPIRED_TOKENS_KEPT), now)
     assert deleted == {"credentials": 0, "messages": 3, "appointments": 2, "slots": 3}
     after = counts(chamber)
     assert after["messages"] == after["message_events"] == after["appointments"] == after["slots"] == 0
@@ -81,7 +85,8 @@ def test_null_keeps_everything(booked):
     chamber, *_ = booked
     before = counts(chamber)
     far = START.replace(tzinfo=TZ).timestamp() + 3650 * DAY
-    assert run(chamber, Retention(keep_messages=None, keep_appointments=None), far) == {"credentials": 0}
+    assert run(chamber, Retention(keep_messages=None, keep_appointments=None,
+                                  keep_expired_tokens=EXPIRED_TOKENS_KEPT), far) == {"credentials": 0}
     assert counts(chamber) == before
 
 
@@ -95,7 +100,8 @@ def test_dead_letters_waiting_messages_and_their_appointments_stay(env):
     chamber.transact_now(lambda tx: tx.set_message_state(dead.id, "dead", detail="max attempts"))
     result(booking.book("demo", BookingRequest(LATER_SID, PATIENT)))  # committed, never answered
     far = START.replace(tzinfo=TZ).timestamp() + 3650 * DAY
-    deleted = run(chamber, Retention(keep_messages=DAY, keep_appointments=DAY), far)
+    deleted = run(chamber, Retention(keep_messages=DAY, keep_appointments=DAY,
+                                     keep_expired_tokens=EXPIRED_TOKENS_KEPT), far)
     assert deleted["messages"] == 0 and deleted["appointments"] == 0
     states = sorted(m.state for m in outbound(chamber))
     assert "dead" in states and "committed" in states
@@ -109,7 +115,8 @@ def test_a_prescriptions_order_stays_with_the_prescription(booked):
                                                            number="RX-1", status="active", payload=b"{}",
                                                            message_id=order.id))
     far = START.replace(tzinfo=TZ).timestamp() + 3650 * DAY
-    assert run(chamber, Retention(keep_messages=DAY, keep_appointments=None), far)["messages"] == 2
+    assert run(chamber, Retention(keep_messages=DAY, keep_appointments=None,
+                                  keep_expired_tokens=EXPIRED_TOKENS_KEPT), far)["messages"] == 2
     assert [m.id for m in outbound(chamber)] == [order.id]
 
 
@@ -127,7 +134,7 @@ def test_expired_tokens_and_assertions_go(env):
         tx.remember_assertion("demo", "jti-new", now + 300)
 
     chamber.transact_now(issue)
-    assert run(chamber, Retention(None, None), now) == {"credentials": 2}
+    assert run(chamber, Retention(None, None, keep_expired_tokens=EXPIRED_TOKENS_KEPT), now) == {"credentials": 2}
     reader = chamber.read()
     assert reader.access_token("a" * 64) is None
     assert reader.access_token("c" * 64) is not None and reader.access_token("b" * 64) is not None
@@ -150,7 +157,8 @@ def test_large_backlogs_are_deleted_in_batches(env, monkeypatch):
     transactions = []
     real = chamber.transact
     monkeypatch.setattr(chamber, "transact", lambda work: transactions.append(work) or real(work))
-    deleted = run(chamber, Retention(keep_messages=1.0, keep_appointments=None), clock.seconds() + 10)
+    deleted = run(chamber, Retention(keep_messages=1.0, keep_appointments=None,
+                                     keep_expired_tokens=EXPIRED_TOKENS_KEPT), clock.seconds() + 10)
     assert deleted["messages"] == 10 and len(transactions) == 1 + 3  # credentials, then 4 + 4 + 2
     assert BATCH == 500  # the module's own value is unchanged outside this test
 
@@ -158,7 +166,8 @@ def test_large_backlogs_are_deleted_in_batches(env, monkeypatch):
 def test_the_service_prunes_at_start_and_then_every_period(booked):
     chamber, _, clock, *_ = booked
     clock.advance(START.replace(tzinfo=TZ).timestamp() + 31 * DAY - clock.seconds())
-    svc = RetentionService(chamber, Retention(keep_messages=30 * DAY, keep_appointments=None), clock, every=3600)
+    svc = RetentionService(chamber, Retention(keep_messages=30 * DAY, keep_appointments=None,
+                                              keep_expired_tokens=EXPIRED_TOKENS_KEPT), clock, every=3600)
     svc.startService()
     try:
         assert svc.last == {"credentials": 0, "messages": 3}
@@ -187,7 +196,7 @@ def test_a_backup_is_a_whole_checked_copy_readable_by_its_owner_only(booked, tmp
     assert counts == chamber.read().counts() and counts["messages"] == 3 and counts["appointments"] == 2
     assert stat.S_IMODE(os.stat(dest).st_mode) == 0o600
     assert [p.name for p in dest.parent.iterdir()] == ["chamber-copy.sqlite3"]
-    copy = Chamber(dest)
+    copy = Chamber(dest, clock=time.time)
     copy.open()  # integrity check and schema version, as at a restore
     try:
         assert copy.read().counts() == counts

@@ -1,6 +1,6 @@
 -- The chamber, schema version 1.
 -- Everything that crosses the lock is written here before either side is answered.
--- Applied atomically by gateway/chamber/engine.py when chamber_meta has no schema_version.
+-- Applied atomically by gateway/chamber/upgrades.py when chamber_meta has no schema_version.
 
 CREATE TABLE chamber_meta (
     key   TEXT PRIMARY KEY,

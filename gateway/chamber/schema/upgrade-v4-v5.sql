@@ -1,6 +1,6 @@
 -- The chamber, schema version 5: an inbound message is known by its sender and its control id (issue 15).
 -- Applied after upgrade-v3-v4.sql to a new chamber, or on its own to a version-4 chamber, in one transaction
--- (gateway/chamber/engine.py runs upgrades with foreign keys off and checks them before COMMIT, as SQLite's own
+-- (gateway/chamber/upgrades.py runs upgrades with foreign keys off and checks them before COMMIT, as SQLite's own
 -- procedure for changing a table asks).
 
 -- HL7 v2 makes MSH-10 unique per sender (MSH-3, MSH-4), not across senders: two facilities of one HIS may
