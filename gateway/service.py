@@ -45,7 +45,7 @@ from adapters.hl7.identity import same_message
 from adapters.inner.his import HisDestination
 from adapters.inner.poller import SlotPoller
 from adapters.inner.receiver import InnerGateHandler
-from adapters.maps.pharmacy import PharmacyProfile
+from adapters.maps.pharmacy_codes import PharmacyProfile
 from adapters.maps.srm_booking import Hl7Header, build_sqm_s25, build_srm
 from adapters import tls as mllp_tls
 from adapters.tls import TlsSwitch

@@ -1,7 +1,7 @@
 """E-prescriptions through the lock: the decisions (docs/prescriptions.md).
 
 Platform -> HIS (``direction='to_his'``): the outer gate verifies the prescriber's detached JWS over the
-canonical JSON of what the platform sent, maps it (`adapters.maps.pharmacy.prescription_from_fhir`, which
+canonical JSON of what the platform sent, maps it (`adapters.maps.fhir_prescription.prescription_from_fhir`, which
 validates every field), and commits in one unit the prescription (signed bytes, JWS, verification result),
 one row per item (the FHIR MedicationRequest as served) and an outbound *intent* (RDE^O11 or OMP^O09, no HL7
 bytes yet) addressed to the pharmacy's HIS endpoint. The inner gate writes the HL7 on the first send
@@ -35,15 +35,10 @@ import structlog
 from twisted.internet import defer
 
 from adapters.hl7.er7 import Hl7Error, Message
-from adapters.maps.pharmacy import (
-    PharmacyProfile,
-    build_order,
-    dispenses_from_rds,
-    medication_requests,
-    prescription_from_fhir,
-    read_order_answer,
-    released_prescription,
-)
+from adapters.maps.fhir_prescription import medication_dispense, medication_requests, prescription_from_fhir
+from adapters.maps.pharmacy_codes import PharmacyProfile
+from adapters.maps.rde_order import build_order, read_order_answer
+from adapters.maps.rds_dispense import dispenses_from_rds, released_prescription
 from gateway.domain.ids import new_control_id
 from gateway.domain.inbound import Verdict
 from gateway.domain.backlog import check_backlog
@@ -276,7 +271,7 @@ class PrescriptionService:
         """For an RDS^O13 or a released RDE^O11: read it now (Hl7Error with its location if it cannot be
         read) and return what applies it inside the transaction that records the message."""
         if message.message_code == "RDS":
-            dispenses = dispenses_from_rds(message, self.tz, self.profile)
+            dispenses = [medication_dispense(d, self.tz, self.profile) for d in dispenses_from_rds(message, self.tz)]
             return lambda tx: self._apply_dispenses(tx, message.control_id, dispenses)
         if message.message_code == "RDE":
             prescription = released_prescription(message)

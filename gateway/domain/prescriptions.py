@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from gateway.domain.model import Patient
+from gateway.domain.model import Patient, PatientIdentifier
 
-__all__ = ["Code", "ItemAnswer", "OrderAnswer", "Prescriber", "Prescription", "PrescriptionItem"]
+__all__ = ["Code", "Dispense", "ItemAnswer", "OrderAnswer", "Prescriber", "Prescription", "PrescriptionItem"]
 
 
 @dataclass(frozen=True)
@@ -88,3 +88,21 @@ class OrderAnswer:
     accepted: bool
     reason: str = ""
     items: tuple[ItemAnswer, ...] = ()
+
+
+@dataclass(frozen=True)
+class Dispense:
+    """What the HIS pharmacy handed over for one item (an RXD of an RDS^O13)."""
+
+    his_dispense: str  # the HIS's id of this dispense (ORC-3 or ORC-2, then RXD-1): a resend adds nothing
+    placer_id: str  # the item it fills: the gateway's item id (ORC-2.1); "" when the HIS named none
+    patient: PatientIdentifier
+    medication: Code
+    quantity_value: str  # decimal text
+    quantity_unit: Code
+    handed_over_local: datetime  # naive, hospital local time
+    prescription_number: str = ""  # the HIS's prescription number (RXD-7)
+    dispenser_id: str = ""  # the pharmacist (RXD-10)
+    dispenser_name: str = ""
+    route: Code | None = None
+    note: str = ""

@@ -17,7 +17,7 @@ from cryptography.x509.oid import NameOID
 from twisted.internet import task
 
 from adapters.hl7.er7 import parse
-from adapters.maps.pharmacy import PharmacyProfile
+from adapters.maps.pharmacy_codes import PharmacyProfile
 from adapters.maps.srm_booking import Hl7Header
 from gateway.chamber.engine import Chamber
 from gateway.domain.prescribing import (
