@@ -1,8 +1,14 @@
-"""Prescriptions between FHIR (platforms, pharmacies) and the domain's `Prescription`: pure, no I/O.
+"""A platform's prescription, FHIR -> the domain's `Submission` and `Prescription`: pure, no I/O.
 
 The full profile, with examples, is docs/pharmacy-profile.md; the golden files under tests/golden/pharmacy/
-are the contract. The HL7 side is `adapters.maps.rde_order` (orders and their answers) and
-`adapters.maps.rds_dispense` (dispensing, releases); the vocabulary both share is `adapters.maps.pharmacy_codes`.
+are the contract. What readers are served back in FHIR is `adapters.maps.fhir_documents`; the HL7 side is
+`adapters.maps.rde_order` (orders and their answers) and `adapters.maps.rds_dispense` (dispensing, releases);
+the vocabulary they share is `adapters.maps.pharmacy_codes`.
+
+`SubmissionReader.read`: what the outer gate hands the domain, read once: the `Prescription`, the bytes the
+prescriber signed (`gateway.domain.signatures.prescription_payload`: the canonical JSON of what the platform
+sent; a body without one is `NotCanonical`), the JWS, and each MedicationRequest as the platform sent it
+(without its narrative ``text``), kept for its readers.
 
 FHIR -> `Prescription` (`prescription_from_fhir`): a MedicationRequest (one item) or a transaction Bundle
 (several MedicationRequests sharing ``groupIdentifier``, with Patient, Practitioner, Encounter, Medication
@@ -31,14 +37,6 @@ item.days_supply        dispenseRequest.expectedSupplyDuration (days)
 item.route              dosageInstruction[0].route
 ======================  ==========================================================================
 
-The domain -> FHIR (what pharmacies and platforms are served):
-
-* `medication_requests`: a `Prescription` (a released one) -> one MedicationRequest dict per item (status active,
-  groupIdentifier = the HIS's prescription number).
-* `medication_dispense`: a `Dispense` -> a MedicationDispense dict (status completed; whenHandedOver, quantity,
-  the HIS's prescription number, note, performer, authorizingPrescription ``MedicationRequest/<id>``,
-  subject.identifier).
-
 Codes: a FHIR coding system URI maps to an HL7 coding-system name through `CODE_SYSTEMS` plus the hospital's
 `PharmacyProfile` (``drug_systems``: its local drug code system first; ``drug_codes``: platform code -> local
 code).
@@ -46,6 +44,7 @@ code).
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -64,19 +63,16 @@ from adapters.maps.pharmacy_codes import (
     frequency_text,
 )
 from gateway.domain.model import Patient, PatientIdentifier
-from gateway.domain.prescriptions import Code, Dispense, Prescriber, Prescription, PrescriptionItem
+from gateway.domain.prescriptions import Code, Prescriber, Prescription, PrescriptionItem, Submission
+from gateway.domain.signatures import prescription_payload
 
 __all__ = [
     "InvalidPrescription",
-    "medication_dispense",
-    "medication_requests",
+    "NotCanonical",
+    "SubmissionReader",
+    "medication_request_entries",
     "prescription_from_fhir",
 ]
-
-PRACTITIONER_SYSTEM = "urn:gatewayd:his:practitioner"
-HIS_PRESCRIPTION_SYSTEM = "urn:gatewayd:his:prescription"
-HIS_ORDER_SYSTEM = "urn:gatewayd:his:order"
-HIS_DISPENSE_SYSTEM = "urn:gatewayd:his:dispense"
 
 _BY_REPEAT = {(f, p, u): code for code, (f, p, u, _) in FREQUENCIES.items()}
 
@@ -88,6 +84,39 @@ GENDER = {"male": "M", "female": "F", "other": "O", "unknown": "U"}
 class InvalidPrescription(InvalidResource):
     """A prescription the gateway cannot pass on: ``issues`` are (code, diagnostics, FHIR path) triples, all
     of them at once; ``status`` 400 (not valid FHIR) or 422 (valid FHIR, not a usable prescription)."""
+
+
+class NotCanonical(InvalidPrescription):
+    """A prescription whose content has no canonical JSON, so no signature can be checked over it (400)."""
+
+
+class SubmissionReader:
+    """Reads platforms' prescriptions for one hospital: its time zone and `PharmacyProfile`."""
+
+    def __init__(self, tz: ZoneInfo, profile: PharmacyProfile | None = None):
+        self.tz = tz
+        self.profile = profile or PharmacyProfile()
+
+    def read(self, body: Any, jws: str | None) -> Submission:
+        """A platform's MedicationRequest or transaction Bundle, with the prescriber's JWS as it came ->
+        `Submission`. Raises `InvalidPrescription` with every problem found, then `NotCanonical`."""
+        prescription = prescription_from_fhir(body, self.tz, self.profile)
+        try:
+            signed = prescription_payload(body)
+        except ValueError as e:
+            raise NotCanonical([("invalid", f"the prescription cannot be canonicalised: {e}", None)]) from None
+        documents = tuple(json.dumps({k: v for k, v in r.items() if k != "text"}, ensure_ascii=False)
+                          for r in medication_request_entries(body))
+        return Submission(prescription, signed, jws, documents)
+
+
+def medication_request_entries(body: dict) -> list[dict]:
+    """The MedicationRequest resources of a submission, in entry order (the order of the mapping's items)."""
+    if body.get("resourceType") == "MedicationRequest":
+        return [body]
+    return [e["resource"] for e in body.get("entry") or []
+            if isinstance(e, dict) and isinstance(e.get("resource"), dict)
+            and e["resource"].get("resourceType") == "MedicationRequest"]
 
 
 # ============================================================================================ FHIR -> ours
@@ -445,124 +474,3 @@ def _item(req: dict, path: str, placer: str, resolver: _Resolver, profile: Pharm
         refills=int(disp.get("numberOfRepeatsAllowed") or 0),
         instructions=dosage.get("patientInstruction") or dosage.get("text") or "",
     )
-
-
-# ============================================================================================ ours -> FHIR
-
-
-def _fhir_code(c: Code, profile: PharmacyProfile) -> dict:
-    coding = {k: v for k, v in (("system", profile.fhir_system(c.system) or None), ("code", c.code or None),
-                                ("display", c.text or None)) if v}
-    out: dict = {}
-    if c.code:
-        out["coding"] = [coding]
-    if c.text:
-        out["text"] = c.text
-    return out
-
-
-def _fhir_quantity(value: str, unit: Code) -> dict:
-    number = Decimal(value)
-    q: dict = {"value": int(number) if number == number.to_integral_value() else float(number)}
-    if unit.text or unit.code:
-        q["unit"] = unit.text or unit.code
-    if unit.code and unit.system == "UCUM":
-        q["system"] = UCUM
-        q["code"] = unit.code
-    return q
-
-
-def _iso(local: datetime, tz: ZoneInfo) -> str:
-    return local.replace(tzinfo=tz).isoformat(timespec="seconds")
-
-
-def _timing(freq: Code) -> dict:
-    timing: dict = {"code": {"coding": [{"system": V2_0335, "code": freq.code, "display": freq.text or
-                                         frequency_text(freq.code)}], "text": freq.text or frequency_text(freq.code)}}
-    rep = FREQUENCIES.get(freq.code)
-    c = freq.code
-    if rep is None and c.startswith("Q") and c[-1:] in ("H", "D") and c[1:-1].isdigit():
-        rep = (1, int(c[1:-1]), c[-1].lower(), "")
-    if rep is not None:
-        timing["repeat"] = {"frequency": rep[0], "period": rep[1], "periodUnit": rep[2]}
-    return timing
-
-
-def medication_requests(prescription: Prescription, tz: ZoneInfo, ids: list[str],
-                        profile: PharmacyProfile | None = None) -> list[dict]:
-    """One MedicationRequest dict per item, for pharmacies (the released direction). ``ids``: the gateway's
-    resource ids, one per item."""
-    profile = profile or PharmacyProfile()
-    p = prescription
-    if len(ids) != len(p.items):
-        raise ValueError("one id per item")
-    subject = {"identifier": {k: v for k, v in (("system", p.patient.identifiers[0].system or None),
-                                                ("value", p.patient.identifiers[0].value)) if v}}
-    name = " ".join(x for x in (p.patient.family, p.patient.given) if x)
-    if name:
-        subject["display"] = p.patient.family + p.patient.given if not p.patient.given.isascii() else name
-    requester = {"identifier": {"system": p.prescriber.system or PRACTITIONER_SYSTEM, "value": p.prescriber.id}}
-    if p.prescriber.name:
-        requester["display"] = p.prescriber.name
-    out = []
-    for rid, item in zip(ids, p.items):
-        dosage: dict = {
-            "sequence": 1,
-            "timing": _timing(item.frequency),
-            "route": _fhir_code(item.route, profile),
-            "doseAndRate": [{"doseQuantity": _fhir_quantity(item.dose_value, item.dose_unit)}],
-        }
-        if item.instructions:
-            dosage["patientInstruction"] = item.instructions
-        dispense: dict = {"quantity": _fhir_quantity(item.dispense_value, item.dispense_unit)}
-        if item.refills:
-            dispense["numberOfRepeatsAllowed"] = item.refills
-        if item.days_supply:
-            dispense["expectedSupplyDuration"] = {"value": item.days_supply, "unit": "d", "system": UCUM,
-                                                  "code": "d"}
-        identifiers = [{"system": HIS_ORDER_SYSTEM, "value": item.filler_id}] if item.filler_id else []
-        res: dict = {
-            "resourceType": "MedicationRequest",
-            "id": rid,
-            **({"identifier": identifiers} if identifiers else {}),
-            "status": "active",
-            "intent": "order",
-            "medicationCodeableConcept": _fhir_code(item.medication, profile),
-            "subject": subject,
-            **({"encounter": {"identifier": {"value": p.encounter_id}}} if p.encounter_id else {}),
-            **({"authoredOn": _iso(p.authored_local, tz)} if p.authored_local else {}),
-            "requester": requester,
-            "groupIdentifier": {"system": HIS_PRESCRIPTION_SYSTEM, "value": p.number},
-            "dosageInstruction": [dosage],
-            "dispenseRequest": dispense,
-        }
-        out.append(res)
-    return out
-
-def medication_dispense(dispense: Dispense, tz: ZoneInfo, profile: PharmacyProfile | None = None) -> dict:
-    """A `Dispense` -> a MedicationDispense dict (no ``id``: the gateway assigns it when it records it)."""
-    profile = profile or PharmacyProfile()
-    d = dispense
-    res: dict = {
-        "resourceType": "MedicationDispense",
-        "identifier": [{"system": HIS_DISPENSE_SYSTEM, "value": d.his_dispense}]
-        + ([{"system": HIS_PRESCRIPTION_SYSTEM, "value": d.prescription_number}] if d.prescription_number else []),
-        "status": "completed",
-        "medicationCodeableConcept": _fhir_code(d.medication, profile),
-        "subject": {"identifier": {k: v for k, v in (("system", d.patient.system or None),
-                                                     ("value", d.patient.value)) if v}},
-    }
-    if d.dispenser_id:
-        performer = {"identifier": {"system": PRACTITIONER_SYSTEM, "value": d.dispenser_id}}
-        if d.dispenser_name:
-            performer["display"] = d.dispenser_name
-        res["performer"] = [{"actor": performer}]
-    if d.placer_id:
-        res["authorizingPrescription"] = [{"reference": f"MedicationRequest/{d.placer_id}"}]
-    res["quantity"] = _fhir_quantity(d.quantity_value, d.quantity_unit)
-    res["whenHandedOver"] = _iso(d.handed_over_local, tz)
-    if d.route is not None:
-        res["dosageInstruction"] = [{"route": _fhir_code(d.route, profile)}]
-    if d.note:
-        res["note"] = [{"text": d.note}]
-    return res

@@ -38,7 +38,8 @@ RXR-1                   route ``code^text^system``              item.route
 ======================  =====================================  ==========================================
 
 Group order follows the v2.5 message structures: RDE_O11 ``ORC [RXO] RXE {TQ1} {RXR}``; OMP_O09
-``ORC {TQ1} RXO {RXR}``.
+``ORC {TQ1} RXO {RXR}``. `PharmacyOrderWriter` is the domain's `OrderWriter` port (gateway/domain/ports.py)
+for one pharmacy endpoint.
 
 `read_order_answer`: ACK, RRE^O12, ORP^O10 (also v2.3's ORR) -> `OrderAnswer`: accepted when MSA-1 is AA/CA and
 no ORC-1 says UA/DE/UM/UX; the reason is ERR-8, else ERR-3.2, else MSA-3, else ORC-16.2. Errors reading it are
@@ -47,18 +48,22 @@ no ORC-1 says UA/DE/UM/UX; the reason is ERR-8, else ERR-3.2, else MSA-3, else O
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 
 from adapters.hl7.er7 import Hl7Error, Message, dtm, escape, format_message, hl7_charset_name
 from adapters.maps.srm_booking import Hl7Header
 from gateway.domain.prescriptions import Code, ItemAnswer, OrderAnswer, Prescription
 
-__all__ = ["ORDER_TYPES", "build_order", "read_order_answer"]
+__all__ = ["ANSWER_TYPES", "ORDER_TYPES", "PharmacyOrderWriter", "build_order", "read_order_answer"]
 
 PLACER_NAMESPACE = "GATEWAYD"
 
 #: pharmacy.message -> the order's message type
 ORDER_TYPES = {"RDE": "RDE^O11", "OMP": "OMP^O09"}
+
+#: MSH-9.1 of the messages that answer an order
+ANSWER_TYPES = ("ACK", "RRE", "ORP", "ORR")
 
 
 def _cwe(c: Code) -> str:
@@ -127,13 +132,33 @@ def build_order(prescription: Prescription, *, header: Hl7Header, control_id: st
     return format_message(segments).encode(header.charset)
 
 
+@dataclass(frozen=True)
+class PharmacyOrderWriter:
+    """The orders of one pharmacy endpoint: its MSH header (and charset), and the order message the hospital
+    takes (``pharmacy.message``: RDE or OMP)."""
+
+    header: Hl7Header
+    message: str = "RDE"
+
+    @property
+    def message_type(self) -> str:
+        return ORDER_TYPES[self.message]
+
+    @property
+    def charset(self) -> str:
+        return self.header.charset
+
+    def write(self, prescription: Prescription, *, control_id: str, now: datetime) -> bytes:
+        return build_order(prescription, header=self.header, control_id=control_id, now=now, message=self.message)
+
+
 _REFUSING_ORDER_CONTROL = frozenset({"UA", "DE", "UM", "UX", "UC", "UD", "UF", "UH", "UN", "UR"})
 
 
 def read_order_answer(message: Message) -> OrderAnswer:
     """The HIS's answer to an RDE/OMP: ACK, RRE^O12, ORP^O10 (ORR^O02/O10 too). Does not compare MSA-2 with
     what was sent: `OrderAnswer.acknowledges` is for the caller (the relay) to match."""
-    if message.message_code not in ("ACK", "RRE", "ORP", "ORR"):
+    if message.message_code not in ANSWER_TYPES:
         raise Hl7Error(200, f"not an answer to a pharmacy order: {message.type_name}", segment="MSH", field=9)
     msa = message.segment("MSA")
     if msa is None:

@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo
 import yaml
 
 from adapters.hl7.er7 import format_message, parse
-from adapters.maps.fhir_prescription import medication_dispense
+from adapters.maps.fhir_documents import medication_dispense
 from adapters.maps.rde_order import read_order_answer
 from adapters.maps.rds_dispense import dispenses_from_rds, released_prescription
 from adapters.inner.framing import MLLPFramer, frame

@@ -1,4 +1,5 @@
-"""The pharmacy maps (adapters/maps/fhir_prescription.py, rde_order.py, rds_dispense.py) against hand-written golden files in tests/golden/pharmacy/.
+"""The pharmacy maps (adapters/maps/fhir_prescription.py, fhir_documents.py, rde_order.py, rds_dispense.py)
+against hand-written golden files in tests/golden/pharmacy/.
 
 Golden HL7 files are written from docs/pharmacy-profile.md, one segment per line (LF in the file, CR on the
 wire: the tests swap them); the GB18030 ones are GB18030 bytes. What each test proves is in its name and
@@ -27,12 +28,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adapters.hl7.er7 import Hl7Error, parse
-from adapters.maps.fhir_prescription import (
-    InvalidPrescription,
-    medication_dispense,
-    medication_requests,
-    prescription_from_fhir,
-)
+from adapters.maps.fhir_documents import medication_dispense, medication_requests
+from adapters.maps.fhir_prescription import InvalidPrescription, prescription_from_fhir
 from adapters.maps.pharmacy_codes import PharmacyProfile
 from adapters.maps.rde_order import build_order, read_order_answer
 from adapters.maps.rds_dispense import dispenses_from_rds, prescription_from_rde, released_prescription
