@@ -39,13 +39,18 @@ from twisted.web import server as web_server
 from adapters.outer.http import GatewaySite
 from adapters.outer.access import PlatformDirectory
 from adapters.outer.intake import JsonLimits
+from adapters.outer.pharmacy import Prescriptions
 from adapters.outer.site import FhirApi
 from adapters.outer.tls import HandshakeWatch, read_crl, tls_options
 from adapters.hl7.identity import same_message
 from adapters.inner.his import HisDestination
+from adapters.inner.pharmacy import PharmacyInbound
 from adapters.inner.poller import SlotPoller
 from adapters.inner.receiver import InnerGateHandler
-from adapters.maps.pharmacy import PharmacyProfile
+from adapters.maps.fhir_documents import FhirDocuments
+from adapters.maps.fhir_prescription import SubmissionReader
+from adapters.maps.pharmacy_codes import PharmacyProfile
+from adapters.maps.rde_order import ORDER_TYPES, PharmacyOrderWriter
 from adapters.maps.srm_booking import Hl7Header, build_sqm_s25, build_srm
 from adapters import tls as mllp_tls
 from adapters.tls import TlsSwitch
@@ -173,22 +178,27 @@ def _his_link(config: GatewayConfig, his) -> HisLinkInfo:
                        move_trigger="S03" if his.reschedule_message == "SRM^S03" else None)
 
 
+def _pharmacy_profile(config: GatewayConfig) -> PharmacyProfile:
+    ph = config.pharmacy
+    return PharmacyProfile(message=ph.message, drug_systems=dict(ph.drug_systems),
+                           drug_codes={(c.system, c.code): c.his_code for c in ph.drug_codes})
+
+
 def pharmacy_route(config: GatewayConfig, gate: str):
-    """(the HIS endpoint prescriptions go to by ``routes``, its MSH header — inner gate only, else None)."""
-    peer = config.route(f"{'RDE^O11' if config.pharmacy.message == 'RDE' else 'OMP^O09'}")
-    header = None
+    """(the HIS endpoint prescriptions go to by ``routes``, the writer of its orders — inner gate only, else
+    None)."""
+    peer = config.route(ORDER_TYPES[config.pharmacy.message])
+    writer = None
     if config.inner is not None and gate != "outer":
-        header = _header(config, config.inner.endpoint(peer) or config.inner.his)
-    return peer, header
+        writer = PharmacyOrderWriter(_header(config, config.inner.endpoint(peer) or config.inner.his),
+                                     config.pharmacy.message)
+    return peer, writer
 
 
 def _prescribing(config: GatewayConfig, reactor, tz, chamber, gate: str) -> PrescriptionService:
-    """Prescriptions: the pharmacy profile (both gates), the signature policy and release key (outer), the
-    pharmacy endpoint's MSH header (inner)."""
-    ph = config.pharmacy
-    profile = PharmacyProfile(message=ph.message, drug_systems=dict(ph.drug_systems),
-                              drug_codes={(c.system, c.code): c.his_code for c in ph.drug_codes})
-    peer, header = pharmacy_route(config, gate)
+    """Prescriptions: the documents readers are served (both gates), the signature policy and release key
+    (outer), the pharmacy endpoint's order writer (inner)."""
+    peer, writer = pharmacy_route(config, gate)
     signatures = release_signer = None
     rx = config.prescriptions
     if rx is not None and gate != "inner":
@@ -203,8 +213,9 @@ def _prescribing(config: GatewayConfig, reactor, tz, chamber, gate: str) -> Pres
             release_signer = (serialization.load_pem_private_key(rx.release_key.read_bytes(), password=None),
                               x509.load_pem_x509_certificates(rx.release_chain.read_bytes()))
     outer, his = config.outer, config.inner.endpoint(peer) if config.inner is not None else None
-    return PrescriptionService(chamber, tz=tz, profile=profile, peer=peer, clock=reactor, signatures=signatures,
-                               header=header, release_signer=release_signer,
+    return PrescriptionService(chamber, tz=tz, order_type=ORDER_TYPES[config.pharmacy.message],
+                               documents=FhirDocuments(tz, _pharmacy_profile(config)), peer=peer, clock=reactor,
+                               signatures=signatures, writer=writer, release_signer=release_signer,
                                max_backlog=outer.max_backlog if outer is not None else 1000,
                                retry_after=max(1, int(his.retry_max)) if his is not None else 30)
 
@@ -242,7 +253,7 @@ def _inner_gate(config, reactor, tz, chamber, booking, metrics, prescribing):
                                sending_facility=config.inner.sending_facility, tz=tz, clock=reactor,
                                validation=config.inner.validation, accept_types=config.inner.accept_types,
                                on_answer=lambda outcome: metrics.hl7_answers.labels(outcome).inc(),
-                               pharmacy=prescribing,
+                               pharmacy=PharmacyInbound(prescribing, tz),
                                peers_by_application={e.receiving_application: e.name
                                                      for e in (his, *config.inner.endpoints)}
                                if config.inner.endpoints else None)
@@ -314,7 +325,8 @@ def _outer_gate(config, reactor, tz, chamber, booking, metrics, prescribing) -> 
         rate_limiter=rate_limiter(config, reactor),
         json_limits=JsonLimits(config.outer.max_json_depth, config.outer.max_string_chars), clock=reactor,
         strict_audit=config.audit.strict,
-        prescriptions=prescribing if config.prescriptions is not None else None,
+        prescriptions=Prescriptions(prescribing, SubmissionReader(tz, _pharmacy_profile(config)))
+        if config.prescriptions is not None else None,
         oauth=oauth,
     )
     outer, timeouts = config.outer, metrics.connection_timeouts

@@ -14,16 +14,17 @@ from twisted.internet import defer
 from adapters.hl7.ack import read_ack
 from adapters.hl7.er7 import Hl7Error, Message
 from adapters.inner.client import AckTimeout, PeerUnavailable
+from adapters.inner.pharmacy import order_answer
 from gateway.domain.model import HisAnswer
 from gateway.relay import DeliveryFailed, HisUnreachable
 
 
 def his_answer(message: Message) -> HisAnswer:
-    """The HIS's answer (ACK, SRR) as the booking service reads it."""
+    """The HIS's answer (ACK, SRR, RRE^O12, ORP^O10) as the domain reads it."""
     code, _control_id, text = read_ack(message)
     sch = message.segment("SCH")
     return HisAnswer(code=code, text=text, his_appointment=(sch.get(2) or None) if sch is not None else None,
-                     extra={"message": message})  # the whole answer, for answers with more (RRE^O12 items)
+                     order=order_answer(message))
 
 
 class HisDestination:

@@ -77,7 +77,7 @@ class InnerGateHandler:
         self.on_answer = on_answer  # called with the outcome of every answer (metrics)
         self._second: int | None = None  # the hospital's wall-clock time of that second (an ACK's MSH-7 has
         self._now: datetime | None = None  # seconds only): computed once a second, not once per message
-        self.pharmacy = pharmacy  # gateway.domain.prescribing.PrescriptionService: RDS^O13, released RDE^O11
+        self.pharmacy = pharmacy  # adapters.inner.pharmacy.PharmacyInbound: RDS^O13, released RDE^O11
         self.peers_by_application = peers_by_application or {}  # MSH-3 -> HIS endpoint name
 
     def handle(self, message: Message, peer: str) -> defer.Deferred | Answer:

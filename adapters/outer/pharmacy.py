@@ -1,5 +1,7 @@
 """The outer gate's prescription endpoints (docs/prescriptions.md): thin HTTP handling over
-`gateway.domain.prescribing.PrescriptionService`, which makes the decisions.
+`gateway.domain.prescribing.PrescriptionService`, which makes the decisions. A platform's body is read once
+into the domain's `Submission` (`adapters.maps.fhir_prescription`); what is served is the stored documents
+(`adapters.maps.fhir_documents`); the domain's refusals become HTTP statuses here (`REFUSALS`).
 
 - ``POST /MedicationRequest`` (one item; the prescriber's JWS in ``X-Prescription-Signature``) and ``POST /``
   with a transaction Bundle (several items; JWS in ``Bundle.signature`` or the header): 201 once the HIS
@@ -15,23 +17,41 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from urllib.parse import urlencode
 
+from adapters.maps.fhir_documents import served
+from adapters.maps.fhir_prescription import NotCanonical, SubmissionReader
 from adapters.outer.access import require_scope
 from adapters.outer.errors import FhirError
 from adapters.outer.intake import JsonLimits, json_body, require_method
-from gateway.domain.prescribing import Refused
+from gateway.domain.prescribing import PrescriptionService, Refused
 
 PHARMACY_TYPES = ("MedicationRequest", "MedicationDispense")
 SIGNATURE_HEADER = b"x-prescription-signature"
 
+#: a refused prescription's HTTP status and OperationOutcome issue code, by the domain's reason (Refused.kind)
+REFUSALS = {"signature": (403, "security"), "duplicate": (409, "duplicate")}
+
+
+@dataclass(frozen=True)
+class Prescriptions:
+    """What the prescription endpoints work with (gateway/service.py wires it): the domain's decisions and the
+    reader of platforms' prescriptions."""
+
+    service: PrescriptionService
+    reader: SubmissionReader
+
 
 class PharmacyApi:
-    """The handlers of the prescription endpoints over ``prescriptions`` (the PrescriptionService)."""
+    """The handlers of the prescription endpoints over ``prescriptions``."""
 
-    def __init__(self, prescriptions, *, answer_within: float, page_size: int, json_limits: JsonLimits):
-        self.rx = prescriptions
+    def __init__(self, prescriptions: Prescriptions, *, answer_within: float, page_size: int,
+                 json_limits: JsonLimits):
+        self.rx = prescriptions.service
+        self.reader = prescriptions.reader
         self.answer_within = answer_within
         self.page_size = page_size
         self.json_limits = json_limits
@@ -81,12 +101,17 @@ class PharmacyApi:
         expected = "Bundle" if bundle else "MedicationRequest"
         if not isinstance(body, dict) or body.get("resourceType") != expected:
             raise FhirError(400, "invalid", f"expected a {expected} here", expression=expected)
-        jws = _signature(request, body)
         try:
-            p, created = await self.rx.submit(platform, body, jws)
+            submission = self.reader.read(body, _signature(request, body))
+        except NotCanonical:
+            access.detail = "invalid"
+            raise
+        try:
+            p, created = await self.rx.submit(platform, submission)
         except Refused as e:
-            access.detail = e.check or e.code
-            raise FhirError(e.status, e.code, e.text) from None
+            status, code = REFUSALS[e.kind]
+            access.detail = e.check or code
+            raise FhirError(status, code, e.text) from None
         access.patient_data = True
         if created:
             settled = await self.rx.wait_settled(p.id, self.answer_within)
@@ -99,8 +124,6 @@ class PharmacyApi:
         return self._submitted(p, items, base, created, settled, bundle)
 
     def _submitted(self, p, items, base, created, settled, bundle):
-        import json
-
         resources = [json.loads(i.resource) for i in items]
         if p.status == "refused":
             raise FhirError(422, "business-rule", f"the hospital pharmacy did not take the prescription: "
@@ -119,7 +142,7 @@ class PharmacyApi:
         if found is None:
             raise FhirError(404, "not-found", f"MedicationRequest/{request_id} is not known")
         access.patient_data = True
-        return 200, await self.rx.served(*found), {}
+        return 200, await self._served(*found), {}
 
     def _dispenses(self, platform, query, base, access):
         wanted = query.get("prescription") or []
@@ -131,7 +154,7 @@ class PharmacyApi:
         if self.rx.request_for(platform, request_id, pharmacy=False) is None:
             raise FhirError(404, "not-found", f"MedicationRequest/{request_id} is not known")
         access.patient_data = True
-        found = self.rx.dispenses(request_id)
+        found = [json.loads(d) for d in self.rx.dispenses(request_id)]
         return 200, _searchset(base, "MedicationDispense", found), {}
 
     # -- released prescriptions, outside pharmacies -----------------------------------------------------------
@@ -164,10 +187,10 @@ class PharmacyApi:
         access.patient_data = bool(pairs)
         resources = []
         for item, p in pairs:
-            served = await self.rx.served(item, p)
-            meta = dict(served.get("meta") or {})
+            resource = await self._served(item, p)
+            meta = dict(resource.get("meta") or {})
             meta["lastUpdated"] = datetime.fromtimestamp(p.updated, timezone.utc).isoformat(timespec="microseconds")
-            resources.append(dict(served, meta=meta))  # (meta is outside the signed content)
+            resources.append(dict(resource, meta=meta))  # (meta is outside the signed content)
         bundle = _searchset(base, "MedicationRequest", resources)
         if more is not None:
             cursor = base64.urlsafe_b64encode(f"{more[0]!r}|{more[1]}".encode()).decode("ascii")
@@ -183,7 +206,11 @@ class PharmacyApi:
         if not won:
             raise FhirError(409, "conflict", "this prescription was already claimed by another pharmacy")
         access.patient_data = True
-        return 200, await self.rx.served(item, p), {}
+        return 200, await self._served(item, p), {}
+
+    async def _served(self, item, p) -> dict:
+        """An item as it is served: its stored document (signed by the gateway if released), the claim shown."""
+        return served(await self.rx.served(item, p), p.claimed_by)
 
 
 def _signature(request, body: dict) -> str | None:

@@ -92,7 +92,7 @@ class FhirApi(resource.Resource):
         self.scheduling = SchedulingApi(booking, reader, tz=tz, quotas=quotas, answer_within=answer_within,
                                         page_size=page_size, json_limits=json_limits)
         self.ihe = ihe.IheApi(self.scheduling)
-        # prescriptions (gateway.domain.prescribing.PrescriptionService; None: not served)
+        # prescriptions (adapters.outer.pharmacy.Prescriptions; None: not served)
         self.pharmacy = PharmacyApi(prescriptions, answer_within=answer_within, page_size=page_size,
                                     json_limits=json_limits) if prescriptions is not None else None
         self.audit = audit  # gateway.domain.audit.AuditTrail (None: nothing is audited, for tests of other things)

@@ -123,6 +123,7 @@ class PrescriptionRow:
     version: int
     created: float
     updated: float
+    record: str | None  # to_his: the gateway's own record of it (JSON), what its order is written from
 
 
 @dataclass(frozen=True)

@@ -340,11 +340,12 @@ class Txn:
     # -- prescriptions ---------------------------------------------------------------------------------------
     def insert_prescription(self, *, id: str, direction: str, platform: str, number: str, status: str,
                             payload: bytes, jws: str | None = None, signature: str | None = None,
-                            message_id: int | None = None) -> None:
+                            message_id: int | None = None, record: str | None = None) -> None:
         self._c.execute(
             "INSERT INTO prescriptions (id, direction, platform, number, status, payload, jws, signature,"
-            " message_id, created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (id, direction, platform, number, status, payload, jws, signature, message_id, self.now, self.now),
+            " message_id, record, created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (id, direction, platform, number, status, payload, jws, signature, message_id, record, self.now,
+             self.now),
         )
 
     def prescription(self, prescription_id: str) -> PrescriptionRow | None:

@@ -8,9 +8,12 @@ bookings).  Types and errors only; the ids the gateway gives them are in :mod:`g
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from gateway.domain.prescriptions import OrderAnswer
 
 
 class SchedulingError(Exception):
@@ -142,12 +145,13 @@ class SlotForHis:
 
 @dataclass(frozen=True)
 class HisAnswer:
-    """The HIS's answer to a message we sent: MSA-1, MSA-3/ERR-8, and SCH-2 when an SRR carried it."""
+    """The HIS's answer to a message we sent: MSA-1, MSA-3/ERR-8, SCH-2 when an SRR carried it, and the answer
+    read as one to a pharmacy order (ACK, RRE^O12, ORP^O10: what it said of each item) when it reads as one."""
 
     code: str
     text: str = ""
     his_appointment: str | None = None
-    extra: dict = field(default_factory=dict)
+    order: OrderAnswer | None = None
 
     @property
     def accepted(self) -> bool:

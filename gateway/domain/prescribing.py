@@ -1,70 +1,74 @@
-"""E-prescriptions through the lock: the decisions (docs/prescriptions.md).
+"""E-prescriptions through the lock: the decisions (docs/prescriptions.md), in the domain's own terms.
 
-Platform -> HIS (``direction='to_his'``): the outer gate verifies the prescriber's detached JWS over the
-canonical JSON of what the platform sent, maps it (`adapters.maps.pharmacy.prescription_from_fhir`, which
-validates every field), and commits in one unit the prescription (signed bytes, JWS, verification result),
-one row per item (the FHIR MedicationRequest as served) and an outbound *intent* (RDE^O11 or OMP^O09, no HL7
-bytes yet) addressed to the pharmacy's HIS endpoint. The inner gate writes the HL7 on the first send
-(:meth:`PrescriptionService.encode`), so the outer gate never writes HL7. The HIS's answer (RRE^O12/ORP^O10)
-sets each item's status; its dispensing (RDS^O13) becomes MedicationDispense rows, and when every item is
+Platform -> HIS (``direction='to_his'``): the outer gate reads a platform's MedicationRequest or transaction
+Bundle into a `Submission` (adapters/outer/pharmacy.py, with adapters/maps/fhir_prescription.py, which
+validates every field). :meth:`PrescriptionService.submit` verifies the prescriber's detached JWS over the
+signed bytes it carries (opaque here: the canonical JSON of what the platform sent; the signer must be the
+prescriber the prescription names), gives each item the gateway's id, and commits in one unit the
+prescription (signed bytes, JWS, verification result, and its record: the `Prescription` as the domain's own
+JSON), one row per item (its document, on hold) and an outbound *intent* (RDE^O11 or OMP^O09, no HL7 bytes yet)
+addressed to the pharmacy's HIS endpoint. The inner gate writes the order from the record on the first send
+(:meth:`PrescriptionService.encode`, through the `OrderWriter` port), so the outer gate never writes HL7 and
+nothing reads the platform's request twice. The HIS's answer comes read (`HisAnswer.order`) and sets each
+item's status; its dispensing comes as `Dispense` values and becomes dispense rows, and when every item is
 dispensed the prescription is completed.
 
-HIS -> outside pharmacies (``direction='released'``): an RDE^O11 marked RELEASE is stored as a prescription
-with its items (FHIR MedicationRequests); pharmacies list and claim them, one pharmacy per prescription (one
-UPDATE decides, `Txn.claim_prescription`). The gateway signs each served MedicationRequest with its own key
-on the first read (outer gate only: the key never sits on the intranet side), and stores that signature so
-every later read serves the same bytes.
+HIS -> outside pharmacies (``direction='released'``): a released `Prescription` (the inner gate read the
+RDE^O11) is stored with its items; pharmacies list and claim them, one pharmacy per prescription (one UPDATE
+decides, `Txn.claim_prescription`). The gateway signs each item's document with its own key on the first read
+(outer gate only: the key never sits on the intranet side), and stores the signed document so every later read
+serves the same bytes.
 
-Status of an item (FHIR MedicationRequest.status) as platforms see it:
-``on-hold`` while the HIS has not answered, ``active`` once it accepted, ``cancelled`` (with statusReason)
-when it refused or the order could not be delivered, ``completed`` once dispensed.
+What readers are served (the FHIR resources) is written by the `PrescriptionDocuments` port from the decisions
+made here; this module stores that text and never reads it. A refusal is `Refused` with a domain ``kind``: the
+outer gate chooses its HTTP status. Time is the injected ``clock``'s.
+
+Status of an item (as platforms see it): ``on-hold`` while the HIS has not answered, ``active`` once it
+accepted, ``cancelled`` (with a reason) when it refused or the order could not be delivered, ``completed`` once
+dispensed.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import secrets
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
-from typing import Any, Callable
 from zoneinfo import ZoneInfo
 
 import structlog
 from twisted.internet import defer
 
-from adapters.hl7.er7 import Hl7Error, Message
-from adapters.maps.pharmacy import (
-    PharmacyProfile,
-    build_order,
-    dispenses_from_rds,
-    medication_requests,
-    prescription_from_fhir,
-    read_order_answer,
-    released_prescription,
-)
 from gateway.domain.ids import new_control_id
-from gateway.domain.inbound import Verdict
 from gateway.domain.backlog import check_backlog
-from gateway.domain.signatures import SignatureError, TrustStore, canonical_json, prescription_payload, sign_release, verify_detached
+from gateway.domain.inbound import Verdict
+from gateway.domain.model import HisAnswer
+from gateway.domain.ports import OrderWriter, PrescriptionDocuments
+from gateway.domain.prescriptions import Dispense, Prescription, Submission
+from gateway.domain.signatures import SignatureError, TrustStore, sign_release, verify_detached
 
 log = structlog.get_logger("gateway.domain.prescribing")
 
 SUBJECT = "prescription:"
-SIGNATURE_EXTENSION = "urn:gatewayd:prescription:signature"
-CLAIMED_BY_TAG = "urn:gatewayd:prescription:claimed-by"
-ORDER_TYPES = {"RDE": "RDE^O11", "OMP": "OMP^O09"}
+WAITING = "waiting for the hospital pharmacy"
 _SUBJECT_OIDS = {"serialNumber": ("SERIALNUMBER", "2.5.4.5"), "CN": ("CN", "2.5.4.3"),
                  "UID": ("UID", "0.9.2342.19200300.100.1.1")}
 
 
 class Refused(Exception):
-    """A prescription the gateway does not take: HTTP ``status``, OperationOutcome ``code``, ``text``."""
+    """A prescription the gateway does not take, before anything of it is stored. ``kind`` names why:
+    ``signature`` (unsigned, not verifiable here, or its signature refused: ``check`` names the failed check)
+    or ``duplicate`` (its number was submitted by the platform before, with other content); ``text`` says it."""
 
-    def __init__(self, status: int, code: str, text: str, check: str = ""):
+    KINDS = ("signature", "duplicate")
+
+    def __init__(self, kind: str, text: str, check: str = ""):
+        if kind not in self.KINDS:
+            raise ValueError(f"a refusal is one of {', '.join(self.KINDS)}, not {kind!r}")
         super().__init__(text)
-        self.status, self.code, self.text, self.check = status, code, text, check
+        self.kind, self.text, self.check = kind, text, check
 
 
 @dataclass(frozen=True)
@@ -89,121 +93,82 @@ def subject_attribute(rfc4514: str, attribute: str) -> str | None:
     return None
 
 
-def medication_request_entries(body: dict) -> list[dict]:
-    """The MedicationRequest resources of a submission, in entry order (the order of the mapping's items)."""
-    if body.get("resourceType") == "MedicationRequest":
-        return [body]
-    return [e["resource"] for e in body.get("entry") or []
-            if isinstance(e, dict) and isinstance(e.get("resource"), dict)
-            and e["resource"].get("resourceType") == "MedicationRequest"]
-
-
-def with_status(resource: dict, status: str, reason: str | None = None) -> dict:
-    out = dict(resource, status=status)
-    if reason:
-        out["statusReason"] = {"text": reason}
-    else:
-        out.pop("statusReason", None)
-    return out
-
-
-def verify_release(resource: dict, certificate_pems: bytes) -> bool:
-    """What a pharmacy does (documented for them; used by tests): remove the signature extension, verify the
-    JWS over the rest's canonical JSON against the gateway's certificate."""
-    trust = TrustStore.from_pem(certificate_pems)
-    ext = [e for e in resource.get("extension") or [] if e.get("url") == SIGNATURE_EXTENSION]
-    if len(ext) != 1:
-        return False
-    verify_detached(ext[0]["valueString"], prescription_payload(_without_signature(resource)), trust,
-                    datetime.now(timezone.utc))
-    return True
-
-
-def _without_signature(resource: dict) -> dict:
-    out = {k: v for k, v in resource.items() if k != "extension"}
-    rest = [e for e in resource.get("extension") or [] if e.get("url") != SIGNATURE_EXTENSION]
-    if rest:
-        out["extension"] = rest
-    return out
-
-
 class PrescriptionService:
     """Both gates' decisions about prescriptions; the outer gate uses submit/read/claim, the inner gate
-    encode/on_answer/on_dead and the inbound deciders."""
+    encode/on_answer/on_dead and apply_dispenses/apply_release."""
 
-    def __init__(self, chamber, *, tz: ZoneInfo, profile: PharmacyProfile, peer: str, clock,
-                 signatures: SignaturePolicy | None = None, header=None, release_signer=None,
-                 max_backlog: int = 1000, retry_after: int = 30):
+    def __init__(self, chamber, *, tz: ZoneInfo, order_type: str, documents: PrescriptionDocuments, peer: str,
+                 clock, signatures: SignaturePolicy | None = None, writer: OrderWriter | None = None,
+                 release_signer=None, max_backlog: int = 1000, retry_after: int = 30):
         self.chamber = chamber
-        self.max_backlog = max_backlog  # messages waiting for the pharmacy endpoint before 503 (outer.max_backlog)
+        self.max_backlog = max_backlog  # messages waiting for the pharmacy endpoint before Overloaded
         self.retry_after = retry_after
         self.tz = tz
-        self.profile = profile
+        self.order_type = order_type  # the order intent's message type (RDE^O11 or OMP^O09)
+        self.documents = documents
         self.peer = peer
         self.clock = clock
         self.signatures = signatures
-        self.header = header  # Hl7Header of the pharmacy endpoint (inner gate only)
+        self.writer = writer  # the pharmacy endpoint's order writer (inner gate only)
         self.release_signer = release_signer  # (private key, [certificates]) (outer gate only)
-        self.message_type = ORDER_TYPES[profile.message]
         self._waiters: dict[str, list[defer.Deferred]] = {}
         self._stop_observing = chamber.observe(self._on_commit)
 
     # ================================================================================== platform -> HIS
-    def check_signature(self, body: dict, jws: str | None, requester_id: str) -> dict | None:
-        """The verification result to store, or Refused (403) naming the failed check."""
+    def check_signature(self, signed: bytes, jws: str | None, requester_id: str) -> dict | None:
+        """The verification result to store, or Refused (``signature``) naming the failed check."""
         policy = self.signatures
         if policy is None or (jws is None and not policy.required):
             return None
         if policy.trust is None:
-            raise Refused(403, "security", "prescriptions cannot be verified: no prescriber CA is configured")
+            raise Refused("signature", "prescriptions cannot be verified: no prescriber CA is configured")
         try:
-            payload = prescription_payload(body)
-            check = verify_detached(jws, payload, policy.trust, datetime.now(timezone.utc))
+            check = verify_detached(jws, signed, policy.trust, datetime.fromtimestamp(self.clock.seconds(),
+                                                                                       timezone.utc))
         except SignatureError as e:
-            raise Refused(403, "security", f"the prescription's signature was refused: {e}", check=e.check) from None
-        except ValueError as e:
-            raise Refused(400, "invalid", f"the prescription cannot be canonicalised: {e}") from None
+            raise Refused("signature", f"the prescription's signature was refused: {e}", check=e.check) from None
         if policy.signer_must_match_requester:
             signer = subject_attribute(check.signer_subject, policy.id_attribute)
             if signer != requester_id:
-                raise Refused(403, "security", f"signer: the signing certificate's {policy.id_attribute} does not "
-                                               f"name the prescriber of this prescription", check="signer")
+                raise Refused("signature", f"signer: the signing certificate's {policy.id_attribute} does not "
+                                           f"name the prescriber of this prescription", check="signer")
         return check.to_json()
 
-    def submit(self, platform: str, body: dict, jws: str | None) -> defer.Deferred:
-        """Verify, map, and commit a prescription with its order intent. Fires with (PrescriptionRow,
-        created: bool) after COMMIT; fails with Refused or the mapping's InvalidPrescription."""
-        entries = medication_request_entries(body)
-        ids = [new_id("m") for _ in entries] or [new_id("m")]
-        prescription = prescription_from_fhir(body, self.tz, self.profile, item_ids=ids)
-        signature = self.check_signature(body, jws, prescription.prescriber.id)
-        payload = prescription_payload(body)
+    def submit(self, platform: str, submission: Submission) -> defer.Deferred:
+        """Verify a platform's prescription, give its items the gateway's ids, and commit it with its order
+        intent. Raises Refused (``signature``) before anything is stored; the Deferred fires with
+        (PrescriptionRow, created: bool) after COMMIT, or fails with Refused (``duplicate``) or Overloaded."""
+        ids = [new_id("m") for _ in submission.documents]
+        prescription = replace(submission.prescription, items=tuple(
+            replace(item, placer_id=item_id) for item, item_id in zip(submission.prescription.items, ids)))
+        signature = self.check_signature(submission.signed, submission.jws, prescription.prescriber.id)
+        payload = submission.signed
+        record = json.dumps(prescription.to_json(), ensure_ascii=False)
         prescription_id = new_id("p")
 
         def work(tx):
             existing = tx.prescription_by_number("to_his", platform, prescription.number)
             if existing is not None:
                 if bytes(existing.payload) != payload:
-                    raise Refused(409, "duplicate", f"prescription number {prescription.number} was already "
-                                                    f"submitted by this platform with other content")
+                    raise Refused("duplicate", f"prescription number {prescription.number} was already "
+                                               f"submitted by this platform with other content")
                 return existing, False
             check_backlog(tx, self.peer, self.max_backlog, self.retry_after)
             control_id = new_control_id()
             message_id = tx.add_message(
-                direction="outbound", peer=self.peer, control_id=control_id, type=self.message_type,
+                direction="outbound", peer=self.peer, control_id=control_id, type=self.order_type,
                 state="committed", body=b"", charset="", subject=SUBJECT + prescription_id,
                 order_key=hashlib.sha256(f"{prescription.patient.identifiers[0].system}|"
                                          f"{prescription.patient.identifiers[0].value}".encode()).hexdigest()[:24],
                 detail=f"prescription of {len(ids)} item(s) from {platform}")
             tx.insert_prescription(id=prescription_id, direction="to_his", platform=platform,
-                                   number=prescription.number, status="pending", payload=payload, jws=jws,
-                                   signature=json.dumps(signature) if signature else None, message_id=message_id)
-            for seq, (item_id, resource) in enumerate(zip(ids, entries or [body]), start=1):
-                served = with_status({k: v for k, v in resource.items() if k not in ("text",)}, "on-hold",
-                                     "waiting for the hospital pharmacy")
-                served["id"] = item_id
+                                   number=prescription.number, status="pending", payload=payload,
+                                   jws=submission.jws, signature=json.dumps(signature) if signature else None,
+                                   message_id=message_id, record=record)
+            for seq, (item_id, document) in enumerate(zip(ids, submission.documents), start=1):
                 tx.insert_medication_request(id=item_id, prescription_id=prescription_id, seq=seq,
-                                             status="on-hold", resource=json.dumps(served, ensure_ascii=False))
+                                             status="on-hold",
+                                             resource=self.documents.item(document, item_id, "on-hold", WAITING))
             log.info("prescription.committed", prescription=prescription_id, items=len(ids), platform=platform,
                      signed=signature is not None)
             return tx.prescription(prescription_id), True
@@ -215,46 +180,40 @@ class PrescriptionService:
         return (message.subject or "").startswith(SUBJECT)
 
     def encode(self, tx, message) -> tuple[bytes, str, str]:
+        """The order of a prescription's intent, written from its record: (bytes, message type, charset)."""
         p = tx.prescription(message.subject[len(SUBJECT):])
-        if p is None or self.header is None:
+        if p is None or self.writer is None:
             raise ValueError(f"message {message.id} cannot be encoded: no prescription or no pharmacy link here")
-        items = tx.medication_requests_of(p.id)
-        prescription = prescription_from_fhir(json.loads(bytes(p.payload)), self.tz, self.profile,
-                                              item_ids=[i.id for i in items])
+        if p.record is None:
+            raise ValueError(f"message {message.id} cannot be encoded: prescription {p.id} was committed before "
+                             f"chamber schema v6 and has no record to write its order from")
+        prescription = Prescription.from_json(json.loads(p.record))
         now = datetime.fromtimestamp(tx.now, self.tz).replace(tzinfo=None)
-        body = build_order(prescription, header=self.header, control_id=message.control_id, now=now,
-                           message=self.profile.message)
-        return body, self.message_type, self.header.charset
+        body = self.writer.write(prescription, control_id=message.control_id, now=now)
+        return body, self.writer.message_type, self.writer.charset
 
-    def on_answer(self, tx, message, answer) -> None:
+    def on_answer(self, tx, message, answer: HisAnswer) -> None:
         if not self.owns(message):
             return
         p = tx.prescription(message.subject[len(SUBJECT):])
         if p is None or p.status != "pending":
             return
-        raw = answer.extra.get("message")
-        try:
-            order = read_order_answer(raw) if raw is not None else None
-        except Hl7Error as e:
-            order = None
-            log.warning("prescription.answer_unreadable", prescription=p.id, error=str(e))
+        order = answer.order
+        if order is None:  # not readable as an answer to a pharmacy order: its MSA alone decides
+            log.warning("prescription.answer_unreadable", prescription=p.id, code=answer.code)
         accepted = order.accepted if order is not None else answer.accepted
         reason = (order.reason if order is not None else answer.text) or "no reason given"
-        fillers = {i.placer_id.split("^")[0]: i for i in (order.items if order is not None else ())}
+        fillers = {i.placer_id: i.filler_id for i in (order.items if order is not None else ())}
         for item in tx.medication_requests_of(p.id):
-            resource = json.loads(item.resource)
-            filler = fillers.get(item.id)
             if accepted:
-                resource = with_status(resource, "active")
-                if filler is not None and filler.filler_id:
-                    resource.setdefault("identifier", []).append(
-                        {"system": "urn:gatewayd:his:order", "value": filler.filler_id.split("^")[0]})
-                tx.update_medication_request(item.id, status="active", resource=json.dumps(resource, ensure_ascii=False),
-                                             his_order=filler.filler_id.split("^")[0] if filler and filler.filler_id else None)
+                his_order = fillers.get(item.id, "")
+                tx.update_medication_request(item.id, status="active", his_order=his_order or None,
+                                             resource=self.documents.item(item.resource, item.id, "active",
+                                                                          his_order=his_order))
             else:
                 text = f"refused by the hospital pharmacy ({answer.code}): {reason}"
-                resource = with_status(resource, "cancelled", text)
-                tx.update_medication_request(item.id, status="cancelled", resource=json.dumps(resource, ensure_ascii=False))
+                tx.update_medication_request(item.id, status="cancelled",
+                                             resource=self.documents.item(item.resource, item.id, "cancelled", text))
         tx.update_prescription(p.id, status="active" if accepted else "refused",
                                outcome=None if accepted else f"{answer.code}: {reason}")
         log.info("prescription.answered", prescription=p.id, accepted=accepted, code=answer.code)
@@ -267,38 +226,29 @@ class PrescriptionService:
             return
         text = f"the prescription did not reach the hospital pharmacy: {reason}"
         for item in tx.medication_requests_of(p.id):
-            resource = with_status(json.loads(item.resource), "cancelled", text)
-            tx.update_medication_request(item.id, status="cancelled", resource=json.dumps(resource, ensure_ascii=False))
+            tx.update_medication_request(item.id, status="cancelled",
+                                         resource=self.documents.item(item.resource, item.id, "cancelled", text))
         tx.update_prescription(p.id, status="refused", outcome=text)
 
-    # -- inbound from the HIS pharmacy -------------------------------------------------------------------
-    def decider(self, message: Message) -> Callable[[Any], Verdict]:
-        """For an RDS^O13 or a released RDE^O11: read it now (Hl7Error with its location if it cannot be
-        read) and return what applies it inside the transaction that records the message."""
-        if message.message_code == "RDS":
-            dispenses = dispenses_from_rds(message, self.tz, self.profile)
-            return lambda tx: self._apply_dispenses(tx, message.control_id, dispenses)
-        if message.message_code == "RDE":
-            prescription = released_prescription(message)
-            return lambda tx: self._apply_release(tx, prescription)
-        raise Hl7Error(200, f"this gateway does not take {message.type_name} messages", segment="MSH", field=9)
-
-    def _apply_dispenses(self, tx, control_id: str, dispenses: list[dict]) -> Verdict:
+    # -- inbound from the HIS pharmacy (inside the transaction that records the message) -----------------
+    def apply_dispenses(self, tx, control_id: str, dispenses: Sequence[Dispense]) -> Verdict:
+        """What the HIS dispensed (message ``control_id``): recorded once each; an item with a dispense is
+        completed, and its prescription once all are. A dispense for an item the gateway never sent refuses
+        the whole message, nothing recorded."""
         targets = []
         for d in dispenses:
-            ref = (d.get("authorizingPrescription") or [{}])[0].get("reference", "")
-            request = tx.medication_request(ref.split("/", 1)[1].split("^")[0]) if "/" in ref else None
+            request = tx.medication_request(d.placer_id) if d.placer_id else None
             if request is None:
-                return Verdict("AE", f"unknown order {ref or '(no ORC-2)'}: no such prescription item was sent")
+                ref = f"MedicationRequest/{d.placer_id}" if d.placer_id else "(no ORC-2)"
+                return Verdict("AE", f"unknown order {ref}: no such prescription item was sent")
             targets.append((request, d))
         added = 0
         touched: set[str] = set()
         for request, d in targets:
-            resource = dict(d, id=new_id("d"))
-            his_dispense = resource["identifier"][0]["value"]
-            if tx.add_dispense(id=resource["id"], medication_request=request.id,
-                               prescription_id=request.prescription_id, his_dispense=his_dispense,
-                               resource=json.dumps(resource, ensure_ascii=False), control_id=control_id):
+            dispense_id = new_id("d")
+            if tx.add_dispense(id=dispense_id, medication_request=request.id,
+                               prescription_id=request.prescription_id, his_dispense=d.his_dispense,
+                               resource=self.documents.dispense(d, dispense_id), control_id=control_id):
                 added += 1
                 touched.add(request.prescription_id)
         for prescription_id in touched:
@@ -308,32 +258,34 @@ class PrescriptionService:
                 if tx.dispenses_for(item.id):
                     done += 1
                     if item.status != "completed":
-                        resource = with_status(json.loads(item.resource), "completed")
                         tx.update_medication_request(item.id, status="completed",
-                                                     resource=json.dumps(resource, ensure_ascii=False))
+                                                     resource=self.documents.item(item.resource, item.id,
+                                                                                  "completed"))
             if done == len(items):
                 tx.update_prescription(prescription_id, status="completed")
         return Verdict("AA", f"{added} dispense(s) recorded")
 
-    def _apply_release(self, tx, prescription) -> Verdict:
+    def apply_release(self, tx, prescription: Prescription) -> Verdict:
+        """A prescription the HIS released to outside pharmacies: stored once with its items (a number
+        released before adds nothing)."""
         existing = tx.prescription_by_number("released", "", prescription.number)
         if existing is not None:
             return Verdict("AA", f"prescription {prescription.number} was released before")
         ids = [new_id("m") for _ in prescription.items]
-        resources = medication_requests(prescription, self.tz, ids, self.profile)
+        payload, documents = self.documents.released(prescription, ids)
         prescription_id = new_id("p")
         tx.insert_prescription(id=prescription_id, direction="released", platform="", number=prescription.number,
-                               status="active", payload=canonical_json(resources))
-        for seq, (item_id, resource) in enumerate(zip(ids, resources), start=1):
+                               status="active", payload=payload)
+        for seq, (item_id, document, item) in enumerate(zip(ids, documents, prescription.items), start=1):
             tx.insert_medication_request(id=item_id, prescription_id=prescription_id, seq=seq, status="active",
-                                         resource=json.dumps(dict(resource, id=item_id), ensure_ascii=False),
-                                         his_order=prescription.items[seq - 1].filler_id or None)
+                                         resource=document, his_order=item.filler_id or None)
         log.info("prescription.released", prescription=prescription_id, items=len(ids))
         return Verdict("AA", f"released as {len(ids)} MedicationRequest(s)")
 
     # ================================================================================== reading (outer)
     def request_for(self, platform: str, request_id: str, *, pharmacy: bool):
-        """(MedicationRequestRow, PrescriptionRow) this platform may see, else None (404: no probing)."""
+        """(MedicationRequestRow, PrescriptionRow) this platform may see, else None (an item it may not see is
+        answered as an unknown one: no probing)."""
         reader = self.chamber.read()
         item = reader.medication_request(request_id)
         p = reader.prescription(item.prescription_id) if item is not None else None
@@ -346,29 +298,22 @@ class PrescriptionService:
         return None
 
     def served(self, item, p) -> defer.Deferred:
-        """The resource as served: a released one signed by the gateway (once, then stored), claim in meta."""
-        resource = json.loads(item.resource)
-        if p.direction == "released":
-            if p.claimed_by:
-                resource["meta"] = {"tag": [{"system": CLAIMED_BY_TAG, "code": p.claimed_by}]}
-            if self.release_signer is not None and not any(
-                    e.get("url") == SIGNATURE_EXTENSION for e in resource.get("extension") or []):
-                return self._sign_once(item.id).addCallback(lambda signed: dict(signed, **(
-                    {"meta": resource["meta"]} if "meta" in resource else {})))
-        return defer.succeed(resource)
+        """Fires with an item's document as it is served: a released one signed by the gateway on its first
+        read (with a release key: the outer gate), and stored signed."""
+        if p.direction == "released" and self.release_signer is not None \
+                and not self.documents.is_signed(item.resource):
+            return self._sign_once(item.id)
+        return defer.succeed(item.resource)
 
     def _sign_once(self, request_id: str) -> defer.Deferred:
         key, chain = self.release_signer
 
         def work(tx):
             item = tx.medication_request(request_id)
-            resource = json.loads(item.resource)
-            if any(e.get("url") == SIGNATURE_EXTENSION for e in resource.get("extension") or []):
-                return resource  # signed meanwhile
-            jws = sign_release(prescription_payload(resource), key, chain)
-            signed = copy.deepcopy(resource)
-            signed.setdefault("extension", []).append({"url": SIGNATURE_EXTENSION, "valueString": jws})
-            tx.update_medication_request(request_id, resource=json.dumps(signed, ensure_ascii=False))
+            if self.documents.is_signed(item.resource):
+                return item.resource  # signed meanwhile
+            signed = self.documents.signed(item.resource, lambda payload: sign_release(payload, key, chain))
+            tx.update_medication_request(request_id, resource=signed)
             return signed
 
         return self.chamber.transact(work)
@@ -394,8 +339,9 @@ class PrescriptionService:
             out.extend((item, p) for item in items)
         return out, None  # (limit + 1 fetched cannot all fit: when they did, these were all there is)
 
-    def dispenses(self, request_id: str) -> list[dict]:
-        return [json.loads(d.resource) for d in self.chamber.read().dispenses_for(request_id)]
+    def dispenses(self, request_id: str) -> list[str]:
+        """The documents of an item's dispenses, oldest first."""
+        return [d.resource for d in self.chamber.read().dispenses_for(request_id)]
 
     def claim(self, platform: str, request_id: str) -> defer.Deferred:
         """Fires with (item, prescription, won: bool); exactly one pharmacy wins a prescription."""

@@ -1,19 +1,22 @@
 """Prescriptions, in the gateway's own terms: what a prescription is, independent of FHIR and HL7 v2.
 
-The pharmacy mapping (:mod:`adapters.maps.pharmacy`) reads a platform's MedicationRequest / transaction
-Bundle, or a HIS's RDE^O11, into these types and writes them out as RDE^O11 / OMP^O09 or MedicationRequest.
-Values are kept as the text they were written in (a dose of ``"0.5"`` stays ``"0.5"``: no float rounding
-between a signed prescription and the HIS). Nothing here does I/O.
+The pharmacy maps (``adapters/maps/fhir_prescription.py``, ``rde_order.py``, ``rds_dispense.py``) read a
+platform's MedicationRequest / transaction Bundle, a HIS's answers, dispensing and releases into these types, and
+write them out as RDE^O11 / OMP^O09, MedicationRequest or MedicationDispense. Values are kept as the text they
+were written in (a dose of ``"0.5"`` stays ``"0.5"``: no float rounding between a signed prescription and the
+HIS). A `Prescription` is also the gateway's own record of a platform's prescription (`Prescription.to_json`,
+kept in the chamber): the inner gate writes the order from it. Nothing here does I/O.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 
-from gateway.domain.model import Patient
+from gateway.domain.model import Patient, PatientIdentifier
 
-__all__ = ["Code", "ItemAnswer", "OrderAnswer", "Prescriber", "Prescription", "PrescriptionItem"]
+__all__ = ["Code", "Dispense", "ItemAnswer", "OrderAnswer", "Prescriber", "Prescription", "PrescriptionItem",
+           "Submission"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,15 @@ class PrescriptionItem:
     instructions: str = ""  # for the patient (Dosage.patientInstruction / RXE-7)
     filler_id: str = ""  # the HIS's order number, when it told us (ORC-3.1)
 
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> PrescriptionItem:
+        codes = {name: Code(**data[name]) for name in ("medication", "dose_unit", "route", "frequency",
+                                                       "dispense_unit")}
+        return cls(**{**data, **codes})
+
 
 @dataclass(frozen=True)
 class Prescription:
@@ -68,6 +80,47 @@ class Prescription:
     birth_date: str = ""  # YYYYMMDD (PID-7)
     gender: str = ""  # HL7 table 0001: M F O U (PID-8)
     released: bool = False  # the HIS released it to outside pharmacies (ORC-16 RELEASE)
+
+    def to_json(self) -> dict:
+        """The gateway's own record of the prescription (JSON types only); `from_json` gives it back equal."""
+        return {
+            "number": self.number,
+            "items": [item.to_json() for item in self.items],
+            "patient": self.patient.to_json(),
+            "prescriber": asdict(self.prescriber),
+            "authored_local": self.authored_local.isoformat() if self.authored_local is not None else None,
+            "encounter_id": self.encounter_id,
+            "patient_class": self.patient_class,
+            "birth_date": self.birth_date,
+            "gender": self.gender,
+            "released": self.released,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> Prescription:
+        authored = data["authored_local"]
+        return cls(
+            number=data["number"],
+            items=tuple(PrescriptionItem.from_json(item) for item in data["items"]),
+            patient=Patient.from_json(data["patient"]),
+            prescriber=Prescriber(**data["prescriber"]),
+            authored_local=datetime.fromisoformat(authored) if authored is not None else None,
+            encounter_id=data["encounter_id"],
+            patient_class=data["patient_class"],
+            birth_date=data["birth_date"],
+            gender=data["gender"],
+            released=data["released"],
+        )
+
+
+@dataclass(frozen=True)
+class Submission:
+    """A platform's prescription as the outer gate read it, before the gateway decides on it."""
+
+    prescription: Prescription  # its items' placer ids are the platform's until the gateway gives its own
+    signed: bytes  # what the prescriber signed: the canonical JSON of what the platform sent (opaque here)
+    jws: str | None  # the prescriber's detached JWS over ``signed``, as it came (None: unsigned)
+    documents: tuple[str, ...]  # each item as the platform sent it, one per item, kept for its readers (opaque)
 
 
 @dataclass(frozen=True)
@@ -88,3 +141,21 @@ class OrderAnswer:
     accepted: bool
     reason: str = ""
     items: tuple[ItemAnswer, ...] = ()
+
+
+@dataclass(frozen=True)
+class Dispense:
+    """What the HIS pharmacy handed over for one item (an RXD of an RDS^O13)."""
+
+    his_dispense: str  # the HIS's id of this dispense (ORC-3 or ORC-2, then RXD-1): a resend adds nothing
+    placer_id: str  # the item it fills: the gateway's item id (ORC-2.1); "" when the HIS named none
+    patient: PatientIdentifier
+    medication: Code
+    quantity_value: str  # decimal text
+    quantity_unit: Code
+    handed_over_local: datetime  # naive, hospital local time
+    prescription_number: str = ""  # the HIS's prescription number (RXD-7)
+    dispenser_id: str = ""  # the pharmacist (RXD-10)
+    dispenser_name: str = ""
+    route: Code | None = None
+    note: str = ""

@@ -73,7 +73,7 @@ def reload(gateway: Gateway, config: GatewayConfig) -> list[str]:
         def routes_swap():
             booking.route = config.route_taken
             booking.by_facility = any(r.facility is not None for r in config.routes)
-            prescribing.peer, prescribing.header = pharmacy
+            prescribing.peer, prescribing.writer = pharmacy
 
         swaps.append(routes_swap)
         applied.append(f"routes ({len(config.routes)})")

@@ -1,5 +1,7 @@
 """Prescriptions through the chamber (gateway.domain.prescribing) with a real chamber, real signatures and the golden
-HL7 files: submit -> order written on first send -> the HIS's answer -> dispensing; releases and claims."""
+HL7 files: submit -> order written on first send -> the HIS's answer -> dispensing; releases and claims. The domain
+is wired as gateway/service.py wires it: its ports (the FHIR documents, the order writer) and the gates' readers
+(the outer gate's SubmissionReader, the inner gate's PharmacyInbound and order_answer) around it."""
 
 from __future__ import annotations
 
@@ -17,15 +19,15 @@ from cryptography.x509.oid import NameOID
 from twisted.internet import task
 
 from adapters.hl7.er7 import parse
-from adapters.maps.pharmacy import PharmacyProfile
+from adapters.inner.pharmacy import PharmacyInbound, order_answer
+from adapters.maps.fhir_documents import FhirDocuments, served, verify_release
+from adapters.maps.fhir_prescription import SubmissionReader
+from adapters.maps.pharmacy_codes import PharmacyProfile
+from adapters.maps.rde_order import PharmacyOrderWriter
 from adapters.maps.srm_booking import Hl7Header
+from adapters.outer.pharmacy import REFUSALS
 from gateway.chamber.engine import Chamber
-from gateway.domain.prescribing import (
-    PrescriptionService,
-    Refused,
-    SignaturePolicy,
-    verify_release,
-)
+from gateway.domain.prescribing import PrescriptionService, Refused, SignaturePolicy
 from gateway.domain.model import HisAnswer
 from gateway.domain.backlog import Overloaded
 from gateway.domain.signatures import TrustStore, prescription_payload, sign_release
@@ -33,6 +35,8 @@ from gateway.domain.signatures import TrustStore, prescription_payload, sign_rel
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "pharmacy"
 TZ = ZoneInfo("Asia/Shanghai")
 NOW = datetime.now(timezone.utc)
+PROFILE = PharmacyProfile(drug_codes={("http://www.whocc.no/atc", "M01AE01"): "Y0002"})
+READER = SubmissionReader(TZ, PROFILE)  # the outer gate's
 
 
 def cert(subject: x509.Name, key, issuer: x509.Name, issuer_key, *, ca: bool):
@@ -76,10 +80,12 @@ def world(tmp_path, pki):
     gw_key = ec.generate_private_key(ec.SECP256R1())
     gw_cert = cert(name("gatewayd release"), gw_key, pki.ca.subject, pki.ca_key, ca=False)
     clock = task.Clock()
+    clock.advance(NOW.timestamp())
     rx = PrescriptionService(
-        chamber, tz=TZ, profile=PharmacyProfile(drug_codes={("http://www.whocc.no/atc", "M01AE01"): "Y0002"}),
+        chamber, tz=TZ, order_type="RDE^O11", documents=FhirDocuments(TZ, PROFILE),
         peer="pharmacy", clock=clock, signatures=SignaturePolicy(trust=pki.trust),
-        header=Hl7Header("GATEWAYD", "FRONT", "HIS-PHARMACY", "HOSPITAL"), release_signer=(gw_key, [gw_cert]))
+        writer=PharmacyOrderWriter(Hl7Header("GATEWAYD", "FRONT", "HIS-PHARMACY", "HOSPITAL")),
+        release_signer=(gw_key, [gw_cert]))
     yield rx, chamber, clock, gw_cert
     rx.stop()
     chamber.close()
@@ -109,7 +115,17 @@ def result(d):
 def submit(rx, pki, body=None, platform="ih1"):
     body = body or bundle()
     key, chain = pki.signer()
-    return result(rx.submit(platform, body, signed(body, key, chain)))
+    return result(rx.submit(platform, READER.read(body, signed(body, key, chain))))
+
+
+def decider(rx, message):
+    """What the inner gate hands the inbound service for a pharmacy message."""
+    return PharmacyInbound(rx, TZ).decider(message)
+
+
+def serve(rx, item, p) -> dict:
+    """An item as the outer gate serves it."""
+    return served(result(rx.served(item, p)), p.claimed_by)
 
 
 def answer_with(golden: str, ids: list[str]) -> HisAnswer:
@@ -118,7 +134,7 @@ def answer_with(golden: str, ids: list[str]) -> HisAnswer:
         text = text.replace(f"mr-{n}^".encode(), f"{item_id}^".encode())
     message = parse(text)
     msa = message.segment("MSA")
-    return HisAnswer(code=msa.get(1), text=msa.get(3), extra={"message": message})
+    return HisAnswer(code=msa.get(1), text=msa.get(3), order=order_answer(message))
 
 
 def test_a_signed_bundle_of_three_is_one_order_with_three_groups(world, pki):
@@ -158,11 +174,11 @@ def test_the_his_accepting_makes_the_items_active_and_dispensing_completes_them(
     assert json.loads(items[0].resource)["status"] == "active"
     rds = (GOLDEN / "rds_o13.hl7").read_bytes().replace(b"mr-1^", ids[0].encode() + b"^").replace(
         b"mr-2^", ids[1].encode() + b"^")
-    decide = rx.decider(parse(rds))
+    decide = decider(rx, parse(rds))
     verdict = chamber.transact_now(decide)
     assert verdict.code == "AA" and "2 dispense" in verdict.text
-    assert chamber.transact_now(rx.decider(parse(rds))).text.startswith("0 dispense")  # a resend adds nothing
-    dispensed = rx.dispenses(ids[0])
+    assert chamber.transact_now(decider(rx, parse(rds))).text.startswith("0 dispense")  # a resend adds nothing
+    dispensed = [json.loads(d) for d in rx.dispenses(ids[0])]
     assert len(dispensed) == 1 and dispensed[0]["authorizingPrescription"] == [
         {"reference": f"MedicationRequest/{ids[0]}"}]
     assert [i.status for i in chamber.read().medication_requests_of(p.id)] == ["completed", "completed", "active"]
@@ -183,7 +199,7 @@ def test_the_his_refusing_cancels_the_items_with_its_reason(world, pki):
 
 def test_a_dispense_for_an_order_never_sent_is_refused_and_records_nothing(world):
     rx, chamber, _, _ = world
-    verdict = chamber.transact_now(rx.decider(parse((GOLDEN / "rds_o13.hl7").read_bytes())))
+    verdict = chamber.transact_now(decider(rx, parse((GOLDEN / "rds_o13.hl7").read_bytes())))
     assert verdict.code == "AE" and "unknown order" in verdict.text
     assert rx.dispenses("mr-1") == []
 
@@ -210,8 +226,8 @@ def test_bad_signatures_are_refused_with_the_check_named_and_nothing_is_stored(w
     else:
         jws = signed(body, *pki.signer(licence="D9999"))
     with pytest.raises(Refused) as e:
-        rx.submit("ih1", body, jws)
-    assert e.value.status == 403 and e.value.check == check, (e.value.check, e.value.text)
+        rx.submit("ih1", READER.read(body, jws))
+    assert REFUSALS[e.value.kind][0] == 403 and e.value.check == check, (e.value.check, e.value.text)
     assert not chamber.read().messages()  # nothing queued for the HIS
 
 
@@ -224,7 +240,7 @@ def test_the_same_prescription_again_is_the_first_one_and_other_content_is_refus
     first_request(changed)["dispenseRequest"]["quantity"]["value"] = 48
     with pytest.raises(Refused) as e:
         submit(rx, pki, changed)
-    assert e.value.status == 409
+    assert REFUSALS[e.value.kind][0] == 409
     assert len(chamber.read().messages(direction="outbound")) == 1
 
 
@@ -258,26 +274,26 @@ def test_past_the_backlog_of_its_pharmacy_a_new_prescription_is_refused_but_a_re
 def test_a_released_prescription_is_claimed_once_and_verifies_with_the_gateways_certificate(world):
     rx, chamber, _, gw_cert = world
     release = parse((GOLDEN / "rde_o11_release.gb18030.hl7").read_bytes())
-    assert chamber.transact_now(rx.decider(release)).code == "AA"
-    assert "before" in chamber.transact_now(rx.decider(release)).text  # released once
+    assert chamber.transact_now(decider(rx, release)).code == "AA"
+    assert "before" in chamber.transact_now(decider(rx, release)).text  # released once
     pairs = rx.released("pharmacy-a", 0.0, 10)
     assert len(pairs) == 1
     item, p = pairs[0]
-    served = result(rx.served(item, p))
-    assert verify_release(served, gw_cert.public_bytes(serialization.Encoding.PEM))
-    assert result(rx.served(item, p)) == served  # the same signature on every read
-    tampered = dict(served, status="completed")
+    shown = serve(rx, item, p)
+    assert verify_release(shown, gw_cert.public_bytes(serialization.Encoding.PEM), NOW)
+    assert serve(rx, item, p) == shown  # the same signature on every read
+    tampered = dict(shown, status="completed")
     with pytest.raises(Exception):
-        verify_release(tampered, gw_cert.public_bytes(serialization.Encoding.PEM))
+        verify_release(tampered, gw_cert.public_bytes(serialization.Encoding.PEM), NOW)
     a = rx.claim("pharmacy-a", item.id)
     b = rx.claim("pharmacy-b", item.id)
     outcomes = sorted([result(a)[2], result(b)[2]])
     assert outcomes == [False, True]
     assert rx.released("pharmacy-b", 0.0, 10) == []  # gone for everyone else
     assert len(rx.released("pharmacy-a", 0.0, 10)) == 1  # still listed for the one that claimed it
-    claimed = result(rx.served(*rx.released("pharmacy-a", 0.0, 10)[0]))
+    claimed = serve(rx, *rx.released("pharmacy-a", 0.0, 10)[0])
     assert claimed["meta"]["tag"][0]["code"] == "pharmacy-a"
-    assert verify_release(claimed, gw_cert.public_bytes(serialization.Encoding.PEM))  # meta is not signed
+    assert verify_release(claimed, gw_cert.public_bytes(serialization.Encoding.PEM), NOW)  # meta is not signed
 
 
 def test_pharmacies_page_through_releases_without_a_prescription_split_or_lost(world):
@@ -289,7 +305,7 @@ def test_pharmacies_page_through_releases_without_a_prescription_split_or_lost(w
         text = golden.replace("H0100", f"H010{n}").replace("HISRX-77", f"HISRX-7{n}")
         order = text[text.index("ORC|"):]
         text = text + "".join(order.replace(f"HISRX-7{n}-1", f"HISRX-7{n}-{g}") for g in range(2, groups + 1))
-        assert chamber.transact_now(rx.decider(parse(text.encode("gb18030")))).code == "AA"
+        assert chamber.transact_now(decider(rx, parse(text.encode("gb18030")))).code == "AA"
     pages, after, after_id = [], 0.0, None
     while True:
         pairs, more = rx.released_page("pharmacy-a", after, 2, after_id)
@@ -302,3 +318,21 @@ def test_pharmacies_page_through_releases_without_a_prescription_split_or_lost(w
     items = [i for page in pages for _, i in page]
     assert len(items) == len(set(items)) == 4
     assert rx.released_page("pharmacy-a", 0.0, 0) == ([], None)
+
+
+def test_an_order_committed_before_chamber_schema_v6_is_not_written_from_a_guess(world):
+    """A prescription an older gatewayd committed has no record (chamber schema v6 added it): its order, not
+    written before the upgrade, cannot be written now, and encoding it says why (the relay dead-letters it and
+    the platform reads the prescription cancelled) rather than reading the platform's FHIR again."""
+    rx, chamber, _, _ = world
+
+    def committed_by_an_older_gatewayd(tx):
+        message_id = tx.add_message(direction="outbound", peer="pharmacy", control_id="G-old", type="RDE^O11",
+                                    state="committed", body=b"", charset="", subject="prescription:p-old")
+        tx.insert_prescription(id="p-old", direction="to_his", platform="ih1", number="RX-old", status="pending",
+                               payload=b"{}", message_id=message_id)
+        return message_id
+
+    message_id = chamber.transact_now(committed_by_an_older_gatewayd)
+    with pytest.raises(ValueError, match="before chamber schema v6"):
+        chamber.transact_now(lambda tx: rx.encode(tx, tx.message(message_id)))
