@@ -31,7 +31,8 @@ Reading rules (see also docs/hl7-profile.md):
   byte is 0x7C (``|``, e.g. 億 = 83 7C) in MSH-3..MSH-17 (a Chinese facility name) would shift a latin-1
   count of fields, so when the MSH has non-ASCII bytes it is also read as GB18030: if that reading finds a
   GB charset in MSH-18 (or finds MSH-18 empty while the default charset is a GB one) it wins. UTF-8 needs
-  no such care: no byte of a UTF-8 multi-byte character is ASCII.
+  no such care: no byte of a UTF-8 multi-byte character is ASCII. A message whose decoded MSH-18 then names
+  another charset than the one it was decoded with (the two readings disagree) is ambiguous: 102 on MSH-18.
 
 Values returned by `Segment.get` / `Segment.components` are unescaped; `Segment.raw` is the wire text.
 Writing is the caller's job to escape (`escape`) and `format_message` only ends every segment with CR (the
@@ -601,6 +602,10 @@ def parse(data: bytes, default_charset: str = "utf-8") -> Message:
         parts = text.split("\r")
     else:
         parts = text.split("\n")
+    if not head.isascii() and charset_codec(_msh18(parts[0].split(fs), enc), default_charset) != charset:
+        raise Hl7Error(102, f"MSH-18 names another character set once the message is read as {charset} (a "
+                            f"multi-byte character in the MSH shifts its fields): the character set is ambiguous",
+                       segment="MSH", field=18)
 
     segments: list[Segment] = []
     known = _KNOWN_NAMES
