@@ -200,11 +200,7 @@ def patient_from_resource(body: Any) -> Patient:
 
     if not isinstance(body, dict) or body.get("resourceType") != "Patient":
         raise InvalidResource([("invalid", "patient-resource must be a Patient resource", None)])
-    try:
-        pat = FhirPatient.model_validate(body)
-    except ValidationError as e:
-        raise InvalidResource(_pydantic_issues(e)) from None
-    return _from_patient_resource(pat)
+    return _from_patient_resource(_validated(FhirPatient, body))
 
 
 def appointment_patient(appt: Appointment) -> Patient | None:
@@ -223,6 +219,20 @@ def appointment_patient(appt: Appointment) -> Patient | None:
 # -- inbound -----------------------------------------------------------------------------------------------
 
 
+def _validated(model, body: dict):
+    """``model`` read from ``body``; InvalidResource (400) when the body is not one.  fhir.resources raises
+    KeyError or TypeError, not a ValidationError, for a contained resource (at any depth) whose resourceType
+    is not a FHIR resource type: an invalid body as well, never a server error."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        raise InvalidResource(_pydantic_issues(e)) from None
+    except (KeyError, TypeError):
+        where = f"{body['resourceType']}.contained"
+        raise InvalidResource([("structure", f"{where}: a resource in it has a resourceType that is not a FHIR "
+                                "resource type", where)]) from None
+
+
 def _pydantic_issues(err: ValidationError) -> list[tuple[str, str, str | None]]:
     issues = []
     for e in err.errors()[:20]:
@@ -238,10 +248,7 @@ def booking_from_appointment(body: Any, *, strict: bool = False) -> BookingReque
         raise InvalidResource([("invalid", "the body must be an Appointment resource", None)])
     appt = None if strict else _plain_appointment(body)
     if appt is None:
-        try:
-            appt = Appointment.model_validate(body)
-        except ValidationError as e:
-            raise InvalidResource(_pydantic_issues(e)) from None
+        appt = _validated(Appointment, body)
     if appt.status not in ("proposed", "pending", "booked"):
         raise InvalidResource([("business-rule", f"a new Appointment must be proposed, pending or booked, "
                                 f"not {appt.status}", "Appointment.status")], 422)
