@@ -276,10 +276,12 @@ def booking_from_appointment(body: Any, *, strict: bool = False) -> BookingReque
 # tests/unit/test_fhir_plain_appointment.py holds both paths to the same answers.
 
 _MAX_STRING = 1 << 20
-_is_string = re.compile(r"[ \r\n\t\S]+").fullmatch
+# FHIR's own patterns, without lone surrogates (U+D800..U+DFFF, which JSON's \u escapes can carry): the model
+# refuses them (not Unicode text), so the plain shape must send them to the model too
+_is_string = re.compile(r"(?:[ \r\n\t]|[^\s\ud800-\udfff])+").fullmatch
 _is_id = re.compile(r"[A-Za-z0-9\-.]{1,64}").fullmatch
-_is_code = re.compile(r"[^\s]+( [^\s]+)*").fullmatch
-_is_uri = re.compile(r"\S+").fullmatch
+_is_code = re.compile(r"[^\s\ud800-\udfff]+( [^\s\ud800-\udfff]+)*").fullmatch
+_is_uri = re.compile(r"[^\s\ud800-\udfff]+").fullmatch
 
 
 def _string(value) -> bool:

@@ -132,3 +132,21 @@ def test_a_contained_resource_of_no_fhir_type_is_400_on_both_paths(resource):
     with pytest.raises(InvalidResource) as info:
         patient_from_resource({"resourceType": "Patient", "contained": [resource]})
     assert info.value.issues[0][2] == "Patient.contained"
+
+
+@pytest.mark.parametrize("path", [("slot", 0, "reference"), ("description",), ("identifier", 0, "system"),
+                                  ("contained", 0, "name", 0, "family"), ("contained", 0, "identifier", 0, "value"),
+                                  ("contained", 0, "identifier", 0, "type", "coding", 0, "code")])
+def test_a_lone_surrogate_is_refused_by_both_paths(path):
+    """Found by the fuzz campaign (tests/fuzz/fuzz_fhir.py): a lone surrogate ("\\udfff", valid in JSON's
+    \\u escapes) passed the plain shape's string checks, so the plain path booked 'Slot/D002\\udfff' (and the
+    SRM could then not be encoded: a 500), where the model refuses it. Both paths now give the model's 400,
+    naming the element."""
+    body = copy.deepcopy(CONTAINED)
+    parent = body
+    for step in path[:-1]:
+        parent = parent[step]
+    parent[path[-1]] = parent[path[-1]] + "\udfff"
+    assert outcome(body, strict=False) == outcome(body, strict=True)
+    kind, status, issues = outcome(body, strict=False)
+    assert (kind, status) == ("invalid", 400) and "unicode" in issues[0][1]
