@@ -14,7 +14,8 @@ of an AA 5.1 us. Target was < 100 us (hl7apy: ~6,800 us; python-hl7: ~230 us).
 Reading rules (see also docs/hl7-profile.md):
 
 * The data must start with ``MSH`` (else `Hl7Error` 100). MSH-1 is the byte after ``MSH``; MSH-2 (the
-  encoding characters) must be 4 characters, or 5 when a v2.7 truncation character is present (else 102).
+  encoding characters) must be 4 characters, or 5 when a v2.7 truncation character is present, and all of
+  them ASCII (one byte in every charset; else 102).
 * Segment separator: if the data contains a CR anywhere, segments are split on CR only and a LF directly
   after a CR is dropped (CRLF senders); a bare LF elsewhere is data (e.g. inside NTE text). Data without any
   CR is split on LF. Empty (or whitespace-only) segments are skipped wherever they occur, so trailing
@@ -200,6 +201,9 @@ def _encoding_for(fs: str, msh2: str) -> Encoding:
     """Encoding for MSH-1/MSH-2, cached (a handful of distinct values ever occur)."""
     enc = _ENCODINGS.get((fs, msh2))
     if enc is None:
+        if not (fs + msh2).isascii():  # one byte in every charset only then: else the decoded text splits otherwise
+            raise Hl7Error(102, "MSH-1/MSH-2 delimiters must be ASCII characters", segment="MSH",
+                           field=1 if not fs.isascii() else 2)
         if len(msh2) not in (4, 5):
             raise Hl7Error(
                 102,

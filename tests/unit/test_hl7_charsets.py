@@ -162,6 +162,20 @@ def test_a_header_whose_msh18_reads_differently_in_gb18030_is_refused_not_misrea
     assert read_ack(parse(nak, default_charset="gb18030"))[0] == "AR"
 
 
+@pytest.mark.parametrize("raw, field", [(b"MSH|\x83^~\\&|", 2), (b"MSH\xa7^~\\&\xa7", 1)])
+def test_delimiters_that_are_not_ascii_are_refused(raw, field):
+    """Found by the fuzz campaign (tests/fuzz/fuzz_er7.py): MSH-2 '\\x83^~\\&' read byte by byte is five
+    delimiters (0x83 the component separator), but in GB18030 0x83 0x5E is one character, so the message was
+    split with delimiters its decoded text does not have, and the ACK wrote 0x83 as four GB18030 bytes: an
+    MSH-2 of 8 characters that no reader takes. Delimiters are one byte in every charset only when they are
+    ASCII: others are 102."""
+    data = raw + b"HIS|H|GW|F|20301124||SIU^S12^SIU_S12|C1|P|2.5\rRGS|1\r".replace(b"|", raw[3:4])
+    for codec in ("gb18030", "utf-8", "latin-1"):
+        with pytest.raises(Hl7Error) as info:
+            parse(data, default_charset=codec)
+        assert (info.value.code, info.value.location) == (102, f"MSH-{field}")
+
+
 @pytest.mark.parametrize("codec", ["utf-8", "gb18030"])
 def test_hex_escapes_are_bytes_in_the_message_charset(codec):
     """\\Xhh..\\ is the bytes hh.. in the message's charset: \\XB0A2\\ is 阿 in GB18030, \\XE998BF\\ is 阿 in
