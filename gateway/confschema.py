@@ -501,7 +501,7 @@ class _Walker:
             return self._readable_file(node, path)
         if tp is DirPath or tp is Path:
             text = self._text(node, path, "a directory path" if tp is DirPath else "a path")
-            return _INVALID if text is _INVALID else self._resolve(text)
+            return _INVALID if text is _INVALID else self._resolve_written(text, node, path)
         origin = typing.get_origin(tp)
         if origin is list:
             return self._list(typing.get_args(tp)[0], node, path)
@@ -675,6 +675,21 @@ class _Walker:
             path = self.base_dir / path
         return Path(os.path.abspath(path))
 
+    def _resolve_written(self, text: str, node: Node, path: str) -> Any:
+        """`_resolve` for a path written in the file: one no system call takes (a NUL in it, or a ``~user``
+        of no such user) is an issue at its key, not a ValueError or RuntimeError later."""
+        if '\0' in text:
+            self.issue(node, path, f"{_shorten(text)!r} is not a path: it contains a NUL character")
+            return _INVALID
+        try:
+            return self._resolve(text)
+        except RuntimeError:  # expanduser: no such user (or no home directory at all)
+            user = text.split('/', 1)[0][1:]
+            why = (f"there is no user {user!r} whose home directory ~ could name" if user
+                   else "this process has no home directory for ~")
+            self.issue(node, path, f"{_shorten(text)!r} is not a path: {why}")
+            return _INVALID
+
     def _readable_file(self, node: Node, path: str) -> Any:
         text = self._text(node, path, "the path of a file")
         if text is _INVALID:
@@ -685,7 +700,9 @@ class _Walker:
         return self._check_readable(text, node, path)
 
     def _check_readable(self, text: str, node: Node, path: str, default: bool = False) -> Any:
-        resolved = self._resolve(text)
+        resolved = self._resolve_written(text, node, path)
+        if resolved is _INVALID:
+            return resolved
         notes = ['the default for this key'] if default else []
         if str(resolved) != text:
             notes.append(f"looked for {resolved}")

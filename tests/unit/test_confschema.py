@@ -547,6 +547,24 @@ def test_a_directory_is_not_a_readable_file(tmp_path):
     assert issue.message == f"'{tmp_path}' is a directory, not a file"
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("certificate", '"certs/a\\0.pem"', "'certs/a\\x00.pem' is not a path: it contains a NUL character"),
+    ("data_dir", '"var\\0"', "'var\\x00' is not a path: it contains a NUL character"),
+    ("certificate", "~nosuchuser-gatewayd/ca.pem", "'~nosuchuser-gatewayd/ca.pem' is not a path: there is no "
+                                                    "user 'nosuchuser-gatewayd' whose home directory ~ could name"),
+    ("data_dir", "~nosuchuser-gatewayd", "'~nosuchuser-gatewayd' is not a path: there is no user "
+                                         "'nosuchuser-gatewayd' whose home directory ~ could name"),
+])
+def test_a_path_no_system_call_takes_is_an_issue_at_its_key(tmp_path, key, value, message):
+    """A NUL in a path (open() raises ValueError; found by the fuzz campaign, tests/fuzz/fuzz_config.py) or a
+    ~user that does not exist (expanduser raises RuntimeError; found reading the same code) came out of the
+    loader as a traceback, or for a DirPath was taken and failed at start-up."""
+    (tmp_path / 'ok.pem').write_text('x')
+    values = {"certificate": "ok.pem", "data_dir": "d", key: value}
+    issue = only_issue("".join(f"{k}: {v}\n" for k, v in values.items()), Files, base_dir=tmp_path)
+    assert (issue.key, issue.message) == (key, message)
+
+
 def test_unreadable_file_is_reported_even_when_running_as_root(tmp_path, monkeypatch):
     """The permission branch, exercised by making open() fail the way it does for a non-root user."""
     secret = tmp_path / 'key.pem'
