@@ -41,7 +41,7 @@ class HospitalConfig:
     def __post_validate__(self):
         try:
             zoneinfo.ZoneInfo(self.timezone)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):  # OSError: e.g. 'Asia', a directory
             return [("timezone", f"unknown time zone {self.timezone!r} (use e.g. Asia/Shanghai)")]
         return []
 

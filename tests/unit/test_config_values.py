@@ -1,0 +1,37 @@
+"""Values in gateway.yaml that the library calls behind a key's check do not take (a time zone that is a
+directory, a pattern that cannot be compiled) are refused as issues at their key, like any other mistake: the
+loader raises ConfigError and nothing else. Found by the fuzz campaign (tests/fuzz/fuzz_config.py) and by
+reading the checks it led to."""
+
+import pytest
+
+from gateway.config import load_config
+from gateway.confschema import ConfigError
+from gateway.devca import init_dev_ca
+
+HEAD = """
+inner: {his: {host: 127.0.0.1, port: 2576}}
+"""
+
+
+@pytest.fixture(scope="module")
+def directory(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cfg")
+    init_dev_ca(d / "certs")
+    return d
+
+
+def issues(directory, text):
+    path = directory / "g.yaml"
+    path.write_text(HEAD + text, encoding="utf-8")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    return [(i.key, i.message) for i in e.value.issues]
+
+
+@pytest.mark.parametrize("zone", ["Asia", "America", "x" * 300, "Asia/Shanghai/"])
+def test_a_time_zone_that_is_not_one_is_an_issue(directory, zone):
+    """hospital.timezone 'Asia' (a directory of the time zone database: IsADirectoryError) or a name too long
+    for a file name (OSError) came out of the loader as a traceback."""
+    assert issues(directory, f"hospital: {{timezone: '{zone}'}}\n") == [
+        ("hospital.timezone", f"unknown time zone {zone!r} (use e.g. Asia/Shanghai)")]
