@@ -21,9 +21,9 @@ def directory(tmp_path_factory):
     return d
 
 
-def issues(directory, text):
+def issues(directory, text, head=HEAD):
     path = directory / "g.yaml"
-    path.write_text(HEAD + text, encoding="utf-8")
+    path.write_text(head + text, encoding="utf-8")
     with pytest.raises(ConfigError) as e:
         load_config(path)
     return [(i.key, i.message) for i in e.value.issues]
@@ -35,3 +35,10 @@ def test_a_time_zone_that_is_not_one_is_an_issue(directory, zone):
     for a file name (OSError) came out of the loader as a traceback."""
     assert issues(directory, f"hospital: {{timezone: '{zone}'}}\n") == [
         ("hospital.timezone", f"unknown time zone {zone!r} (use e.g. Asia/Shanghai)")]
+
+
+def test_a_charset_with_a_nul_is_an_issue(directory):
+    """inner.his.charset 'utf\\0-8' (codecs.lookup raises ValueError, not LookupError) came out of the loader
+    as a traceback."""
+    found = issues(directory, 'inner: {his: {host: 127.0.0.1, port: 2576, charset: "utf\\0-8"}}\n', head="")
+    assert found == [("inner.his.charset", "unknown charset 'utf\\x00-8' (use utf-8, gb18030, latin-1 or ascii)")]
