@@ -32,6 +32,8 @@ Decisions about YAML's surprises (YAML 1.1, as implemented by PyYAML's SafeLoade
 * Anchors and aliases (``&name`` / ``*name``) are allowed, and so are merge keys (``<<: *defaults``),
   with YAML's rule that the section's own keys win over merged ones.
 * A key written twice in the same section is an error (``safe_load`` would silently keep the last one).
+* Lists or sections nested deeper than PyYAML's recursive reader takes (some hundreds of levels) are one
+  issue where the reader got to, not a RecursionError.
 * Relative paths are resolved against the config file's directory, including a path field's default
   (``DirPath(Path('chamber.sqlite3'))`` becomes ``<config dir>/chamber.sqlite3``); a ``ReadableFile``
   default is checked like a written value.
@@ -167,6 +169,10 @@ def load_text(text: str, schema: type[T], *, filename: str, base_dir: Path) -> T
         loader = yaml.SafeLoader(text)
         try:
             root = loader.get_single_node()
+        except RecursionError:  # PyYAML composes nested nodes recursively
+            mark = loader.get_mark()
+            raise ConfigError([ConfigIssue(filename, mark.line + 1, mark.column + 1, '', "lists or sections are "
+                                           "nested too deeply here for a configuration file")]) from None
         finally:
             loader.dispose()
     except yaml.MarkedYAMLError as exc:

@@ -314,6 +314,16 @@ def test_two_documents_are_refused():
     assert 'more than one YAML document' in only_issue(GOOD + "---\nmode: strict\n").message
 
 
+@pytest.mark.parametrize('text', ["note: " + "[" * 3000 + "]" * 3000 + "\n", "note: " + "{a: " * 3000 + "}" * 3000])
+def test_nesting_too_deep_for_the_yaml_reader_is_one_issue(text):
+    """PyYAML composes nodes recursively: lists or sections nested some hundreds deep raised RecursionError out
+    of the loader (found reading the YAML path while writing tests/fuzz/fuzz_config.py). Now one issue at
+    the place the reader got to."""
+    issue = only_issue(text)
+    assert issue.key == '' and issue.line >= 1 and issue.column >= 1
+    assert issue.message == "lists or sections are nested too deeply here for a configuration file"
+
+
 @pytest.mark.parametrize('text', ['', '\n\n', '# only a comment\n'])
 def test_empty_file(text):
     """A file with no content is one issue: the file is empty."""
