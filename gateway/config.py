@@ -441,8 +441,10 @@ class PatientIdentifierConfig:
         if self.value_pattern is not None:
             try:
                 re.compile(self.value_pattern)
-            except re.error as e:
+            except (re.error, OverflowError) as e:  # OverflowError: a repetition count too large
                 return [("value_pattern", f"not a regular expression: {e}")]
+            except RecursionError:
+                return [("value_pattern", "not a regular expression: groups nested too deeply")]
         return []
 
 

@@ -42,3 +42,14 @@ def test_a_charset_with_a_nul_is_an_issue(directory):
     as a traceback."""
     found = issues(directory, 'inner: {his: {host: 127.0.0.1, port: 2576, charset: "utf\\0-8"}}\n', head="")
     assert found == [("inner.his.charset", "unknown charset 'utf\\x00-8' (use utf-8, gb18030, latin-1 or ascii)")]
+
+
+@pytest.mark.parametrize("pattern, why", [("[0-9]{99999999999}", "the repetition number is too large"),
+                                          ("(" * 600 + ")" * 600, "nested too deeply")])
+def test_a_value_pattern_re_cannot_compile_is_an_issue(directory, pattern, why):
+    """patients.identifiers[].value_pattern: re.compile raises OverflowError for a huge repetition count and
+    RecursionError for deep nesting, not re.error; both came out of the loader as a traceback."""
+    [(key, message)] = issues(directory, f"patients: {{identifiers: [{{system: 'urn:x:y', type: MR, "
+                                         f"value_pattern: '{pattern}'}}]}}\n")
+    assert key == "patients.identifiers[0].value_pattern" and message.startswith("not a regular expression: ")
+    assert why in message
