@@ -11,11 +11,14 @@
   what                                    original  enhanced         ERR                          stored
   ======================================  ========  ===============  ===========================  =======
   committed and applied                   AA        CA, AA           --                           yes
-  a resend of a committed message         its first answer again, nothing applied twice           yes
+  a resend of a committed message (same   its first answer again, nothing applied twice           yes
+  MSH-3/4 and MSH-10, same content but
+  for MSH-7's time)
   message type or event we do not take    AR        CR               200 / 201 at MSH-9           yes
   SIU whose fields the slot book needs    AE        CA, AE           the segment and field        yes
   are missing or malformed                                           (101/102/103)
-  control id reused with other content    AR        CR               205 at MSH-10                no
+  the sender's control id reused with     AR        CR               205 at MSH-10                no
+  other content
   the chamber could not commit            AE        CE               207 "not stored; send again" no
   an ACK (MSH-9 = ACK) sent to us         nothing: an acknowledgement is never acknowledged       no
   ======================================  ========  ===============  ===========================  =======
@@ -28,7 +31,8 @@
   parse at all are NAKed (AR, or CR in enhanced mode) by the MLLP server before they reach the handler.
 
 - :class:`HisDestination` is the relay's destination: an MLLP client to the HIS that returns the HIS's
-  answer as a :class:`~gateway.scheduling.HisAnswer`.
+  answer as a :class:`~gateway.scheduling.HisAnswer`, and tells a message that never reached the HIS
+  (:class:`~gateway.relay.HisUnreachable`) from one the HIS did not answer properly.
 - :class:`SlotPoller` asks the HIS for its slot book with SQM^S25 (``slot_source: poll``).
 """
 
@@ -43,6 +47,7 @@ from twisted.internet import defer
 
 from adapters.hl7.ack import build_answers, read_ack
 from adapters.hl7.er7 import Hl7Error, Message
+from adapters.hl7.identity import sender
 from adapters.hl7.validation import VALIDATION_MODES, strict_problem
 from adapters.mapping.siu_slot import notices_from_siu, notices_from_sqr
 from adapters.mllp.client import AckTimeout, PeerUnavailable
@@ -51,7 +56,7 @@ from gateway.booking import new_control_id
 from gateway.crossing import type_allowed
 from gateway.errors import ChamberWriteError
 from gateway.inbound import Received, z_segments_kept
-from gateway.relay import DeliveryFailed
+from gateway.relay import DeliveryFailed, HisUnreachable
 from gateway.scheduling import HisAnswer
 
 log = structlog.get_logger("gateway.inner")
@@ -88,7 +93,7 @@ class InnerGateHandler:
         peer_name = self.peers_by_application.get(message.sending_application, self.peer) \
             if self.peers_by_application else self.peer
         received = Received(peer=peer_name, control_id=message.control_id, type=message.type_name,
-                            body=message.raw, charset=message.charset)
+                            body=message.raw, charset=message.charset, sender=sender(message))
         if not type_allowed(message.type_name, self.accept_types):
             some_event_allowed = any(p.partition("^")[0] == message.message_code for p in self.accept_types)
             code = 201 if some_event_allowed else 200  # unsupported event, or unsupported message type
@@ -199,7 +204,10 @@ def his_answer(message: Message) -> HisAnswer:
 
 
 class HisDestination:
-    """The relay's way to the HIS: one MLLP connection, one message in flight."""
+    """The relay's way to the HIS: one MLLP connection, one message in flight.  A send that never went out on
+    a connection open to the HIS (refused, connect timeout, TLS handshake failed: ``PeerUnavailable`` not
+    written) fails with HisUnreachable; a timeout, lost connection or unreadable answer after the message went
+    out fails with DeliveryFailed (the relay counts those attempts)."""
 
     def __init__(self, client):
         self.client = client
@@ -213,7 +221,10 @@ class HisDestination:
     @staticmethod
     def _failed(failure):
         failure.trap(AckTimeout, PeerUnavailable, Hl7Error)
-        raise DeliveryFailed(f"{failure.type.__name__}: {failure.getErrorMessage()}")
+        reason = f"{failure.type.__name__}: {failure.getErrorMessage()}"
+        if failure.check(PeerUnavailable) and not failure.value.written:
+            raise HisUnreachable(reason)
+        raise DeliveryFailed(reason)
 
     def close(self) -> defer.Deferred:
         return self.client.close()
@@ -291,7 +302,7 @@ class SlotPoller(service.Service):
             log.warning("poller.failed", peer=self.peer, control_id=control_id, error=str(e))
             return False
         received = Received(peer=self.peer, control_id=answer.control_id or control_id, type=answer.type_name,
-                            body=answer.raw, charset=answer.charset)
+                            body=answer.raw, charset=answer.charset, sender=sender(answer))
         yield self.inbound.accept(received, notices)
         self.polls += 1
         log.info("poller.applied", peer=self.peer, control_id=control_id, slots=len(notices))

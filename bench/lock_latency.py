@@ -59,8 +59,8 @@ def bookings(lock: Lock, n: int) -> dict:
 
 
 def ingest(workdir: Path, n: int, conns: int) -> dict:
-    """A fresh gateway per run: the driver's control ids repeat between runs, and the gateway rightly
-    refuses a known control id that arrives with different content."""
+    """A fresh gateway per run: the driver's control ids repeat between runs (same content, a new MSH-7), and
+    the gateway would take them for resends, answered again and applied nothing."""
     lock = Lock(workdir)
     lock.gateway_config["logging"]["level"] = "warning"
     lock.write_configs()

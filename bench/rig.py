@@ -331,7 +331,13 @@ def gateway_config(workdir: Path, certs: Certs, *, mllp_port: int, his_port: int
     return path
 
 
-def _config_has(class_name: str, key: str) -> bool:
+def _config_has(class_name: str, key: str, repo: Path | None = None) -> bool:
+    """Whether the config section ``class_name`` has ``key`` in this checkout (or in checkout ``repo``)."""
+    if repo is not None:
+        probe = ("import dataclasses, gateway.config as c; cls = getattr(c, %r, None); "
+                 "print(cls is not None and %r in {f.name for f in dataclasses.fields(cls)})" % (class_name, key))
+        out = subprocess.run([PY, "-c", probe], capture_output=True, text=True, cwd=repo, env=dict(os.environ, PYTHONPATH=str(repo)))
+        return out.stdout.strip() == "True"
     import dataclasses
 
     import gateway.config

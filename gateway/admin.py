@@ -1,14 +1,21 @@
 """The admin listener (loopback only, one per process): ``/healthz`` and Prometheus ``/metrics``.
 
 - ``/healthz``: 200 with ``{"status": "ok", ...}`` when the chamber takes a write lock and every HIS this
-  process delivers to is answering; otherwise 503 with what is wrong (``chamber``, ``his``), so a monitor
-  (or systemd's watchdog's human) sees why.
+  process delivers to is reachable and answering; otherwise 503 with what is wrong (``chamber``, ``his``:
+  per endpoint ``reachable``, ``unreachable_since``/``unreachable_seconds`` during an outage, ``answering``
+  and ``last_error``), so a monitor (or systemd's watchdog's human) sees why.
 - ``/metrics``: messages per direction, peer and state, and the undelivered queue per destination, read
   from the chamber at scrape time (so both processes of a split lock report the same truth); delivery
-  latency (commit to the HIS's answer) and the HIS's answer codes, observed by this process's relay; HL7
+  latency (commit to the HIS's answer) and the HIS's answer codes, observed by this process's relay; how
+  long each HIS endpoint has been unreachable (``gatewayd_his_unreachable_seconds{peer}``, 0 while it is
+  reached: the outage alert) and the sends that never reached it (``gatewayd_his_unreachable_total{peer}``,
+  retried without counting as attempts); HL7
   answers the inner gate gave; HTTP answers of the outer gate; TLS handshakes that failed, per gate
   (``gatewayd_tls_handshake_failures_total{gate="outer"|"inner"}``: no certificate, one from another CA,
-  a revoked-at-the-handshake or unusable one, no common protocol version); the chamber's size on disk and
+  a revoked-at-the-handshake or unusable one, no common protocol version); connections each gate holds and
+  those it refused at accept, per reason (``gatewayd_connections_open{gate}``,
+  ``gatewayd_connections_refused_total{gate,reason}``), and those it cut at a deadline
+  (``gatewayd_connection_timeouts_total{gate,deadline}``); the chamber's size on disk and
   the room left on its file system (``gatewayd_chamber_bytes``, ``gatewayd_chamber_disk_free_bytes``) and
   what retention deleted (``gatewayd_chamber_pruned_total{kind}``).
 """
@@ -18,8 +25,9 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+from typing import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from twisted.web import resource
 
@@ -69,12 +77,29 @@ class ChamberCollector:
                                 "(for an unprivileged user)", value=fs.f_bavail * fs.f_frsize)
 
 
+class HisLinkCollector:
+    """Gauges of the HIS links this process's relays deliver to, read from their status at scrape time."""
+
+    def __init__(self):
+        self.links: dict[str, Callable[[], dict]] = {}  # endpoint name -> its relay's status()
+
+    def collect(self):
+        outage = GaugeMetricFamily("gatewayd_his_unreachable_seconds", "How long the HIS endpoint has been "
+                                   "unreachable (no connection: the outage alert); 0 while it is reached",
+                                   labels=["peer"])
+        for peer, status in sorted(self.links.items()):
+            outage.add_metric([peer], status()["unreachable_seconds"])
+        yield outage
+
+
 class Metrics:
     """This process's metrics registry and the instruments the gates feed."""
 
     def __init__(self, chamber):
         self.registry = CollectorRegistry()
         self.registry.register(ChamberCollector(chamber))
+        self._his_links = HisLinkCollector()
+        self.registry.register(self._his_links)
         self.delivery = Histogram(
             "gatewayd_delivery_seconds", "From commit to the HIS's answer, per destination", ["peer"],
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300), registry=self.registry)
@@ -86,9 +111,25 @@ class Metrics:
                                     registry=self.registry)
         self.pruned = Counter("gatewayd_chamber_pruned_total", "Rows deleted by retention (chamber.keep_messages, "
                               "keep_appointments; expired credentials), by kind", ["kind"], registry=self.registry)
+        self.his_unreachable = Counter("gatewayd_his_unreachable_total", "Sends that never reached the HIS "
+                                       "endpoint (connect refused or timed out, TLS handshake not completed), "
+                                       "retried without counting as attempts", ["peer"], registry=self.registry)
         self.tls_handshake_failures = Counter(
             "gatewayd_tls_handshake_failures_total", "TLS handshakes that failed, per gate (outer: HTTPS, inner: "
             "MLLP)", ["gate"], registry=self.registry)
+        self.connections_open = Gauge("gatewayd_connections_open", "Connections a gate holds now", ["gate"],
+                                      registry=self.registry)
+        self.connections_refused = Counter(
+            "gatewayd_connections_refused_total", "Connections closed at accept, per gate and why (total: every "
+            "connection the gate may hold is taken; per_address: every one its source address may hold)",
+            ["gate", "reason"], registry=self.registry)
+        self.connection_timeouts = Counter(
+            "gatewayd_connection_timeouts_total", "Connections cut at a deadline, per gate and deadline "
+            "(tls_handshake, header, body, idle)", ["gate", "deadline"], registry=self.registry)
+
+    def watch_his(self, peer: str, status: Callable[[], dict]) -> None:
+        """Report the HIS endpoint ``peer``'s link from ``status`` (its relay's) at every scrape."""
+        self._his_links.links[peer] = status
 
     def delivered(self, peer: str, code: str, seconds: float) -> None:
         self.delivery.labels(peer).observe(max(0.0, seconds))
@@ -132,7 +173,7 @@ class AdminResource(resource.Resource):
         for relay in self.relays:
             status = relay.status()
             body["his"][relay.peer] = status
-            ok = ok and status["reachable"]
+            ok = ok and status["reachable"] and status["answering"]
         body["status"] = "ok" if ok else "unhealthy"
         request.setResponseCode(200 if ok else 503)
         request.setHeader(b"content-type", b"application/json")

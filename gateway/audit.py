@@ -6,6 +6,13 @@ a booking or cancellation.  A record says who (platform, client certificate subj
 (action, resource type and id), when (microseconds, UTC), the outcome (the HTTP status) and from where
 (the client's address).  Records carry ids only: never patient names, identifiers or request bodies.
 
+A resource is named by its id when the chamber holds it (an id the gateway issued, or a slot or schedule
+the HIS published).  Anything else a request named — an id a platform put in a URL that the chamber does
+not know, which may be a patient's identifier — is recorded only as its *keyed name* (:func:`keyed_name`):
+``hmac:`` and HMAC-SHA256 of the id under the chamber's own key, cut to 32 hex digits.  The same id always
+gets the same name in one chamber, so ``gatewayd audit find ID`` can still answer "was this id asked for",
+while the trail alone (an export, a copy of the records) does not give the id back.
+
 Where a record describes a change, it is written in the same chamber transaction as the change (a
 booking's hold, a cancellation, the HIS's answer): no booking exists without its record and no record
 without its booking.  Otherwise it is its own transaction unit (group-committed with whatever else is
@@ -24,6 +31,7 @@ record the head that ``gatewayd audit verify`` prints somewhere else, see docs/s
 from __future__ import annotations
 
 import hashlib
+import hmac
 import ipaddress
 import json
 from dataclasses import dataclass
@@ -40,6 +48,8 @@ log = structlog.get_logger("gateway.audit")
 GENESIS = "0" * 64
 HASH_EXTENSION = "urn:gatewayd:audit:chain-hash"
 PLATFORM_SYSTEM = "urn:gatewayd:platform"
+KEYED_PREFIX = "hmac:"
+KEYED_NAME_SYSTEM = "urn:gatewayd:audit:keyed-name"
 
 
 @dataclass(frozen=True)
@@ -92,6 +102,31 @@ class AuditTrail:
     def record(self, entry: AuditEntry):
         """Fires with the AuditRow after COMMIT (or fails as the chamber's write failed)."""
         return self.chamber.transact(lambda tx: append(tx, entry))
+
+
+def keyed_name(key: bytes, resource_id: str) -> str:
+    """How the audit names an id the gateway did not issue: ``hmac:`` and the first 32 hex digits of
+    HMAC-SHA256(``key``, the id as UTF-8), ``key`` being the chamber's (Txn.audit_key)."""
+    return KEYED_PREFIX + hmac.new(key, resource_id.encode("utf-8"), hashlib.sha256).hexdigest()[:32]
+
+
+class ResourceNames:
+    """Names the resource a request was about for its audit record: the id when the chamber holds a
+    resource of that type with it, else its keyed name.  ``reader`` gives a chamber Reader."""
+
+    def __init__(self, reader):
+        self._reader = reader
+        self._key: bytes | None = None  # read once: a chamber's key never changes
+
+    def __call__(self, resource_type: str | None, resource_id: str | None) -> str | None:
+        if resource_id is None:
+            return None
+        reader = self._reader()
+        if resource_type is not None and reader.holds(resource_type, resource_id):
+            return resource_id
+        if self._key is None:
+            self._key = reader.audit_key()
+        return keyed_name(self._key, resource_id)
 
 
 # -- verification -------------------------------------------------------------------------------------------
@@ -239,7 +274,9 @@ def audit_event(row: AuditRow, tz: ZoneInfo) -> dict:
         event["action"] = _ACTION[row.action]
     if row.resource_type:
         entity: dict = {"type": {"system": "http://hl7.org/fhir/resource-types", "code": row.resource_type}}
-        if row.resource_id:
+        if row.resource_id and row.resource_id.startswith(KEYED_PREFIX):  # not a resource: what was asked for
+            entity["what"] = {"identifier": {"system": KEYED_NAME_SYSTEM, "value": row.resource_id}}
+        elif row.resource_id:
             entity["what"] = {"reference": f"{row.resource_type}/{row.resource_id}"}
         entity["detail"] = [{"type": "action", "valueString": row.action}]
         event["entity"] = [entity]

@@ -81,6 +81,7 @@ class MessageRow:
     id: int
     direction: str
     peer: str
+    sender: str  # inbound: MSH-3 and MSH-4 as sent (with control_id, the message's identity); outbound: ''
     control_id: str
     type: str
     state: str
@@ -234,6 +235,11 @@ def _row(cls, row: sqlite3.Row | None):
 # transaction primitives
 
 
+#: FHIR resource type -> the table holding resources of that type (by id)
+_RESOURCE_TABLES = {"Appointment": "appointments", "Slot": "slots", "Schedule": "schedules",
+                    "MedicationRequest": "medication_requests", "MedicationDispense": "medication_dispenses"}
+
+
 class Txn:
     """What a unit of work may do inside a chamber transaction.  Each method is one statement or two."""
 
@@ -251,10 +257,12 @@ class Txn:
     def message(self, message_id: int) -> MessageRow | None:
         return _row(MessageRow, self._c.execute("SELECT * FROM messages WHERE id = ?", (message_id,)).fetchone())
 
-    def message_by_control_id(self, direction: str, peer: str, control_id: str) -> MessageRow | None:
+    def message_by_control_id(self, direction: str, peer: str, control_id: str,
+                              sender: str = "") -> MessageRow | None:
+        """The message ``sender`` numbered ``control_id`` ('': the gateway's own), to or from ``peer``."""
         cur = self._c.execute(
-            "SELECT * FROM messages WHERE direction = ? AND peer = ? AND control_id = ?",
-            (direction, peer, control_id),
+            "SELECT * FROM messages WHERE direction = ? AND peer = ? AND sender = ? AND control_id = ?",
+            (direction, peer, sender, control_id),
         )
         return _row(MessageRow, cur.fetchone())
 
@@ -268,6 +276,7 @@ class Txn:
         state: str,
         body: bytes,
         charset: str,
+        sender: str = "",
         subject: str | None = None,
         order_key: str | None = None,
         next_attempt: float | None = None,
@@ -278,15 +287,16 @@ class Txn:
         story: Iterable[tuple[str, str | None]] | None = None,
     ) -> int | None:
         """Insert a message and its first story line (``state``, ``detail``) — or, with ``story``, those
-        (state, detail) lines instead (one statement for all).  ``if_new``: if a message with this control
-        id is there already (direction, peer), insert nothing and return None (the unique index finds it:
-        no lookup before)."""
+        (state, detail) lines instead (one statement for all).  ``sender``: who numbered it (inbound: MSH-3
+        and MSH-4 as sent; '' for the gateway's own).  ``if_new``: if a message with this identity (direction,
+        peer, sender, control id) is there already, insert nothing and return None (the unique index finds
+        it: no lookup before)."""
         cur = self._c.execute(
-            "INSERT INTO messages (direction, peer, control_id, type, state, body, charset, subject, order_key,"
-            " next_attempt, answer_code, answer_text, created, updated)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-            + (" ON CONFLICT (direction, peer, control_id) DO NOTHING" if if_new else ""),
-            (direction, peer, control_id, type, state, body, charset, subject, order_key, next_attempt,
+            "INSERT INTO messages (direction, peer, sender, control_id, type, state, body, charset, subject,"
+            " order_key, next_attempt, answer_code, answer_text, created, updated)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            + (" ON CONFLICT (direction, peer, sender, control_id) DO NOTHING" if if_new else ""),
+            (direction, peer, sender, control_id, type, state, body, charset, subject, order_key, next_attempt,
              answer_code, answer_text, self.now, self.now),
         )
         if if_new and cur.rowcount == 0:
@@ -654,6 +664,17 @@ class Txn:
         self._c.execute("UPDATE audit_chain SET anchor_seq = ?, anchor_hash = ? WHERE id = 1",
                         (through_seq, anchor_hash))
         return self._c.execute("DELETE FROM audit_records WHERE seq <= ?", (through_seq,)).rowcount
+
+    def audit_key(self) -> bytes:
+        """The key of the audit's keyed names (schema v4: generated in the chamber, never changed)."""
+        return self._c.execute("SELECT key FROM chamber_keys WHERE name = 'audit-ids'").fetchone()[0]
+
+    def holds(self, resource_type: str, resource_id: str) -> bool:
+        """Whether the chamber holds a resource of this type with this id: one the gateway issued (an
+        appointment, a prescription's requests and dispenses) or a slot or schedule the HIS published."""
+        table = _RESOURCE_TABLES.get(resource_type)
+        return table is not None and self._c.execute(
+            f"SELECT 1 FROM {table} WHERE id = ?", (resource_id,)).fetchone() is not None
 
     # -- operators -------------------------------------------------------------------------------------------
     def purge_dead(self, older_than: float) -> int:
@@ -1226,6 +1247,7 @@ class Chamber:
         if version == SCHEMA_VERSION:
             return
         self._refuse_version(version)
+        conn.execute("PRAGMA foreign_keys = OFF")  # an upgrade may rebuild a table others point at
         conn.execute("BEGIN IMMEDIATE")
         try:
             version = self._schema_version()
@@ -1243,12 +1265,28 @@ class Chamber:
                                  (str(SCHEMA_VERSION),))
                     conn.execute("INSERT OR REPLACE INTO chamber_meta (key, value) VALUES ('upgraded', ?)",
                                  (str(self._clock()),))
+                broken = conn.execute("PRAGMA foreign_key_check").fetchone()
+                if broken is not None:
+                    raise ChamberError(f"the schema upgrade of {self.path} would break a reference from table "
+                                       f"{broken[0]} to {broken[2]}; nothing was changed")
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+        finally:
+            conn.execute("PRAGMA foreign_keys = ON")
+        if version is None and conn.execute("PRAGMA freelist_count").fetchone()[0]:
+            self._compact_new()
         if version not in (None, SCHEMA_VERSION):
             log.warning("chamber.upgraded", path=self.path, from_version=version, to_version=SCHEMA_VERSION)
+
+    def _compact_new(self) -> None:
+        """A new chamber starts without the free pages of tables an upgrade script rebuilt (VACUUM). Only
+        tidiness: if the other gate of a split lock holds the write lock past the busy timeout, it is left."""
+        try:
+            self._writer.execute("VACUUM")
+        except sqlite3.OperationalError as e:
+            log.info("chamber.vacuum_skipped", path=self.path, reason=str(e))
 
     def backup(self, dest: str | Path) -> dict[str, int]:
         """Write a consistent copy of the chamber to ``dest`` — safe while gatewayd runs (SQLite's online

@@ -6,7 +6,8 @@
     gatewayd demo [--workdir DIR]         certificates, configs, HIS simulator and gateway, all on loopback
     gatewayd certs init DIR               a development CA, server and platform certificates
     gatewayd queue list|show|retry|purge  the chamber's messages: list, one's story, resubmit, delete dead ones
-    gatewayd audit verify|export|prune    the audit trail: check its hash chain, export AuditEvents, retention
+    gatewayd audit verify|export|prune|find   the audit trail: check its hash chain, export AuditEvents,
+                                          retention, was this id asked for
     gatewayd backup DEST --config PATH    a consistent, checked copy of the chamber (while gatewayd runs)
     gatewayd config-reference [--update README.md]   every config key, its type, default and meaning
 """
@@ -84,7 +85,10 @@ def _parser() -> argparse.ArgumentParser:
     prune = audit_sub.add_parser("prune", help="remove records older than audit.retention (keeps the chain "
                                                "verifiable)")
     prune.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-    for p_ in (verify, export, prune):
+    find = audit_sub.add_parser("find", help="was this id asked for: the records naming it (ids the gateway did "
+                                             "not issue are recorded by their keyed name)")
+    find.add_argument("ids", nargs="+", metavar="ID", help="an id as a request gave it (percent-escapes allowed)")
+    for p_ in (verify, export, prune, find):
         p_.add_argument("--config", required=True, type=Path)
 
     backup = sub.add_parser("backup", help="write a consistent copy of the chamber (works while gatewayd runs)")
@@ -427,6 +431,8 @@ def _audit_dispatch(chamber, config, args) -> int:
         return _audit_verify(chamber)
     if args.audit_command == "export":
         return _audit_export(chamber, config, args)
+    if args.audit_command == "find":
+        return _audit_find(chamber, args)
     return _audit_prune(chamber, config, args)
 
 
@@ -484,6 +490,32 @@ def _audit_export(chamber, config, args) -> int:
         out.write(json.dumps(data, ensure_ascii=False, separators=(",", ":")) + "\n")
     out.flush()
     return 0
+
+
+def _audit_find(chamber, args) -> int:
+    """For each id: the name the audit gives it when the chamber does not hold it (its keyed name), then
+    every record naming it either way, as rows (JSON).  Exit 1 when no record names any of them."""
+    import json
+    from urllib.parse import unquote
+
+    from gateway.audit import keyed_name
+
+    reader = chamber.read()
+    key = reader.audit_key()
+    wanted: set[str] = set()
+    for given in args.ids:
+        resource_id, name = unquote(given), keyed_name(key, unquote(given))
+        print(f"{resource_id}: recorded as {name} (or as itself, if the chamber holds it)")
+        wanted |= {resource_id, name}
+    found = 0
+    for row in reader.audit_records():
+        if row.resource_id in wanted:
+            found += 1
+            print(json.dumps(row.__dict__, ensure_ascii=False, separators=(",", ":")))
+    if not found:
+        print("no record names it")
+    sys.stdout.flush()
+    return 0 if found else 1
 
 
 def _audit_prune(chamber, config, args) -> int:

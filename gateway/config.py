@@ -8,6 +8,7 @@ file, line, column and key path (see :mod:`gateway.confschema`).
 from __future__ import annotations
 
 import codecs
+import ipaddress
 import re
 import zoneinfo
 from dataclasses import dataclass, field
@@ -140,11 +141,18 @@ class HisConfig:
         default="Tentative",
     )
     max_attempts: Annotated[int, Range(1, 1000)] = doc(
-        "A message still unanswered after this many attempts is dead-lettered (see `gatewayd queue`).",
+        "A message the HIS received but did not answer properly (no ACK within ack_timeout after the send, the "
+        "connection lost after it, an unreadable answer) this many times is dead-lettered (see `gatewayd "
+        "queue`). Tries that never reached the HIS (connection refused or timed out, TLS handshake failed) are "
+        "not attempts: the message waits, tried again every retry_max at most, for as long as the HIS is "
+        "unreachable, and an alert is logged once a minute.",
         default=20,
     )
     max_age: Duration = doc(
-        "A message not delivered within this time after it was committed is dead-lettered.",
+        "A message the HIS received but did not answer properly is dead-lettered at such an attempt once it is "
+        "older than this: counted from its commit, or from the end of the last outage the gateway saw if later "
+        "(time the HIS could not be reached never counts, so an outage alone never dead-letters anything). A "
+        "message the HIS accepts is delivered whatever its age.",
         default=Duration(3600.0),
     )
     ordering: Literal["fifo", "patient"] = doc(
@@ -214,9 +222,36 @@ class InnerConfig:
         default=1 << 20,
     )
     max_connections: Annotated[int, Range(1, 10000)] = doc(
-        "Most simultaneous MLLP connections from the HIS side.", default=32
+        "Most MLLP connections open at once from all addresses together (besides his_connections reserved for "
+        "his_addresses); past it a new connection is closed at accept, before anything is read.", default=32
     )
-    idle_timeout: Duration = doc("An MLLP connection idle this long is closed.", default=Duration(300.0))
+    max_connections_per_address: Annotated[int, Range(1, 10000)] = doc(
+        "Most MLLP connections open at once from one source address (an IPv6 /64 counts as one), out of "
+        "max_connections; past it a new connection from that address is closed at accept.", default=16
+    )
+    his_addresses: list[str] = doc(
+        "Source addresses of the HIS systems that send to this listener (their interface engines, pharmacy "
+        "system...). Their connections have his_connections of their own that no other address can take, so "
+        "nothing else on the intranet can use up the listener and lock the HIS out. Empty: nothing is reserved.",
+        default_factory=list,
+    )
+    his_connections: Annotated[int, Range(1, 10000)] = doc(
+        "MLLP connections reserved for his_addresses (once they are all in use, the HIS shares max_connections "
+        "with everyone else).", default=8
+    )
+    idle_timeout: Duration = doc(
+        "An MLLP connection that does no work this long (no message answered; bytes outside frames and commit "
+        "blocks do not count) is closed.", default=Duration(300.0))
+    frame_timeout: Annotated[Duration, Range(1, 3600)] = doc(
+        "Longest an MLLP frame may take from its start byte to its end byte; a slower one is answered AE 'not "
+        "completed, send it again' (when its MSH-10 arrived whole) and the connection closed. Above the time "
+        "the largest message takes on the link.", default=Duration(30.0))
+    tls_handshake_timeout: Annotated[Duration, Range(1, 300)] = doc(
+        "Longest a TLS handshake on the MLLP listener (inner.tls) may take; then the connection is closed.",
+        default=Duration(10.0))
+    max_junk_bytes: Annotated[int, Range(16, 64 << 20)] = doc(
+        "Most bytes outside MLLP frames (abandoned frames included) a connection may send between two "
+        "messages (a CR LF after each frame is fine); past it the connection is closed.", default=65536)
     mllp_release: Annotated[int, Range(1, 2)] = doc(
         "MLLP release of the listener: 1, or 2 (a commit block 0x06/0x15 before each answer, after the commit).",
         default=1,
@@ -245,6 +280,12 @@ class InnerConfig:
 
     def __post_validate__(self):
         issues = []
+        for i, address in enumerate(self.his_addresses):
+            try:
+                ipaddress.ip_address(address)
+            except ValueError:
+                issues.append((f"his_addresses[{i}]", f"{address!r} is not an IP address (a host name is not "
+                                                      f"resolved here: write the address the HIS connects from)"))
         names = {self.his.name: "his"}
         apps = {self.his.receiving_application: "his"}
         for i, e in enumerate(self.endpoints):
@@ -323,7 +364,39 @@ class OuterConfig:
         "The base URL platforms use (for Location headers and fullUrl), if a proxy changes it.", default=None
     )
     max_request_bytes: Annotated[int, Range(1024, 64 << 20)] = doc(
-        "Largest request body accepted (413 beyond).", default=1 << 20
+        "Largest request body accepted: a larger Content-Length is answered 413 before a byte of the body is read, "
+        "a chunked body is cut off with 413 when it passes this size.", default=1 << 20
+    )
+    max_connections: Annotated[int, Range(1, 1_000_000)] = doc(
+        "Most HTTPS connections open at once, from all addresses together; past it a new connection is closed at "
+        "accept, before any TLS work. With the inner gate's connections it must fit the process's descriptor "
+        "limit (the unit's LimitNOFILE), or the gateway refuses to start.",
+        default=2048,
+    )
+    max_connections_per_address: Annotated[int, Range(1, 1_000_000)] = doc(
+        "Most HTTPS connections open at once from one source address (an IPv6 /64 counts as one address); past "
+        "it a new connection from that address is closed at accept. A platform behind NAT holds its pool of "
+        "keep-alive connections from one address: leave room for it.",
+        default=64,
+    )
+    tls_handshake_timeout: Annotated[Duration, Range(1, 300)] = doc(
+        "Longest time from accepting a connection to the end of its TLS handshake; then the connection is cut.",
+        default=Duration(10.0),
+    )
+    header_timeout: Annotated[Duration, Range(1, 300)] = doc(
+        "Longest time from a request's first byte to the end of its headers, however the bytes trickle in; then "
+        "408 and the connection is closed.",
+        default=Duration(10.0),
+    )
+    body_timeout: Annotated[Duration, Range(1, 3600)] = doc(
+        "Longest time to receive a request's whole body once its headers are in; then 408 and the connection is "
+        "closed.",
+        default=Duration(30.0),
+    )
+    idle_timeout: Annotated[Duration, Range(1, 3600)] = doc(
+        "How long a connection may wait for its next request (or its first, after the TLS handshake); then it "
+        "is closed.",
+        default=Duration(60.0),
     )
     answer_within: Duration = doc(
         "How long a booking, a cancellation, an IHE $hold (with hold_at_his) or $book, or a prescription waits "

@@ -9,7 +9,9 @@ rendered:
   ``identifier``) becomes ``***``;
 - in every other text value (nested dicts and lists too), anything that looks like a Chinese resident ID
   card number (17 digits and a digit or X), a mainland mobile number (optionally +86, with or without
-  separators) or a landline number with its area code (``010-12345678``) becomes ``***``;
+  separators) or a landline number with its area code (``010-12345678``) becomes ``***`` — also with
+  letters glued to it (``x13655550002``, ``ID110105194912310049``), unless it is part of an id of a shape
+  the gateway makes itself (appointment and control ids, hashes);
 - a text value that carries a whole HL7 message (a ``PID|`` segment) or a FHIR resource
   (``"resourceType"``) is replaced whole.
 
@@ -38,14 +40,18 @@ SENSITIVE_KEY_PARTS = ("patient", "phone", "name", "birth", "address", "idcard",
 #: keys gatewayd uses for ids and codes that merely contain such a part
 NOT_SENSITIVE_KEYS = frozenset({"logger_name", "error_type", "hostname", "filename"})
 
-_EDGE_L = r"(?<![0-9A-Za-z])"
-_EDGE_R = r"(?![0-9A-Za-z])"
-_PATTERNS = re.compile("|".join([
-    _EDGE_L + r"\d{6}(?:18|19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])\d{3}[\dXx]" + _EDGE_R,  # ID card
-    _EDGE_L + r"\d{17}[\dXx]" + _EDGE_R,  # anything of that shape, birth date or not
-    _EDGE_L + r"(?:\+?86[- ]?)?1[3-9]\d(?:[- ]?\d{4}){2}" + _EDGE_R,  # mainland mobile
-    _EDGE_L + r"0\d{2,3}-\d{7,8}" + _EDGE_R,  # landline with area code
-]))
+#: the shapes of ids the gateway makes, kept whatever digits their random part holds: appointment and
+#: prescription ids (a letter and 20 hex digits), control ids ('G' and 19), the MLLP listener's ACK ids
+#: (20 hex), token ids (16), keyed hashes in the audit (32), SHA-256 digests (64)
+_OWN_ID = re.compile(r"[a-z][0-9a-f]{20}|G[0-9a-f]{19}|[0-9a-f]{16}|[0-9a-f]{20}|[0-9a-f]{32}|[0-9a-f]{64}")
+#: numbers that look like patient data, bounded by anything but a digit (letters glued to a number,
+#: ``x13655550002`` or ``ID1101...``, do not hide it): an ID card number (17 digits and a digit or X, birth
+#: date or not), a mainland mobile (optionally +86, with or without separators), a landline with its area code
+_PATTERNS = re.compile(r"(?<!\d)(?:" + "|".join([
+    r"\d{17}[\dXx]",
+    r"(?:\+?86[- ]?)?1[3-9]\d(?:[- ]?\d{4}){2}",
+    r"0\d{2,3}-\d{7,8}",
+]) + r")(?!\d)")
 _WHOLE_MESSAGE = re.compile(r"(?:^|[\r\n|])PID\||\"resourceType\"")
 MASK = "***"
 #: the configured level (logging.INFO, ...): a hot path can skip building a line nobody writes
@@ -69,6 +75,17 @@ def _sensitive_key(key) -> bool:
     return k in SENSITIVE_KEYS or any(part in k for part in SENSITIVE_KEY_PARTS)
 
 
+def _masked(match: re.Match) -> str:
+    """``***`` for a number found in a text, unless it is part of an id of the gateway's own shape (the
+    letters and digits around it, taken together)."""
+    text, (start, end) = match.string, match.span()
+    while start > 0 and text[start - 1].isascii() and text[start - 1].isalnum():
+        start -= 1
+    while end < len(text) and text[end].isascii() and text[end].isalnum():
+        end += 1
+    return match.group() if _OWN_ID.fullmatch(text, start, end) else MASK
+
+
 def mask_value(value, depth: int = 0):
     """``value`` with anything that looks like patient data replaced by ``***``."""
     if isinstance(value, str):
@@ -76,7 +93,7 @@ def mask_value(value, depth: int = 0):
             return MASK if "PID|" in value and _WHOLE_MESSAGE.search(value) else value
         if _WHOLE_MESSAGE.search(value):
             return MASK
-        return _PATTERNS.sub(MASK, value)
+        return _PATTERNS.sub(_masked, value)
     if isinstance(value, bytes):
         return mask_value(value.decode("utf-8", "replace"), depth)
     if isinstance(value, int) and not isinstance(value, bool):

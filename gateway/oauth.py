@@ -10,15 +10,18 @@ adapters/fhir/server.py)::
     client_assertion_type=urn:ietf:params:oauth:client-assertion-type:jwt-bearer
     client_assertion=<JWT signed with the platform's private key>
 
-Its ``client_id`` is the platform's name. The assertion is verified here with ``cryptography`` only (no JOSE
-library), and every failure of it is ``invalid_client`` (401), as RFC 7523 section 3.2 and SMART say:
+Its ``client_id`` is the platform's name. The assertion is read and its signature and registered claims
+checked by ``joserfc`` (JWS, and ``JWTClaimsRegistry`` for sub, aud, exp, nbf, iat, jti), with the gateway's
+policy on top (the algorithm allow-list, keys only from the config, the 5-minute limit, the jti store); every
+failure of it is ``invalid_client`` (401), as RFC 7523 section 3.2 and SMART say:
 
 ================================  ================================================================
 what                              refused when
 ================================  ================================================================
 form                              a JWS compact serialization ``header.payload.signature`` of
                                   base64url parts, header and payload JSON objects (a member named
-                                  twice is refused), at most 16 KiB
+                                  twice is refused), at most 16 KiB; registered header parameters of
+                                  their registered types
 ``alg``                           not one of RS384, ES384, RS256, ES256 -- so ``none`` and every
                                   ``HS*`` are refused before a key is looked at (an HMAC "signed"
                                   with the public key's bytes is the HS/RS confusion attack) -- or
@@ -31,8 +34,9 @@ key                               the signature verifies with none of the platfo
                                   ``x5u`` are ignored) and nothing is ever fetched
 ``iss``, ``sub``                  not both the client id of a platform with ``token`` settings
 ``aud``                           does not name the token URL (``outer.token_url``)
-``exp``                           absent, past, or more than 5 minutes ahead (10 s of clock skew
-                                  allowed either way); ``nbf``/``iat`` in the future
+``exp``                           absent, not a number, past, or more than 5 minutes ahead (10 s of
+                                  clock skew allowed either way); ``nbf``/``iat`` not numbers or in
+                                  the future. When several claims are wrong, the answer names one
 ``jti``                           absent, or already used by this platform: every jti is kept in
                                   the chamber (``oauth_assertions``) until its assertion expires,
                                   so a replay is refused after a restart too
@@ -57,11 +61,8 @@ name a token by the first 16 hex digits of its SHA-256 only.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
-import math
 import re
 import secrets
 from collections.abc import Iterable, Mapping
@@ -72,10 +73,13 @@ from urllib.parse import urlsplit
 
 import structlog
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from joserfc import jws
+from joserfc.errors import ClaimError, ExpiredTokenError, JoseError
+from joserfc.jwk import ECKey, RSAKey
+from joserfc.jwt import JWTClaimsRegistry
+from joserfc.util import urlsafe_b64decode
 
 from gateway.audit import AuditEntry, AuditTrail, append
 from gateway.errors import ChamberError
@@ -103,12 +107,12 @@ __all__ = [
 ]
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
-#: JWS algorithms a client assertion may use: (key kind, hash, EC curve name or least RSA bits)
-ALGORITHMS: dict[str, tuple[str, type[hashes.HashAlgorithm], Any]] = {
-    "RS384": ("rsa", hashes.SHA384, 2048),
-    "ES384": ("ec", hashes.SHA384, "secp384r1"),
-    "RS256": ("rsa", hashes.SHA256, 2048),
-    "ES256": ("ec", hashes.SHA256, "secp256r1"),
+#: JWS algorithms a client assertion may use: (key kind, EC curve name or least RSA bits)
+ALGORITHMS: dict[str, tuple[str, Any]] = {
+    "RS384": ("rsa", 2048),
+    "ES384": ("ec", "secp384r1"),
+    "RS256": ("rsa", 2048),
+    "ES256": ("ec", "secp256r1"),
 }
 DEFAULT_ALGORITHMS = ("RS384", "ES384")  # what SMART Backend Services requires servers to support
 MAX_ASSERTION_LIFETIME = 300.0  # an assertion's exp at most this far ahead (SMART: 5 minutes)
@@ -117,10 +121,12 @@ CLOCK_SKEW = 10.0  # seconds allowed between the platform's clock and ours, eith
 MAX_ASSERTION_CHARS = 16 * 1024
 MAX_KEY_FILE_BYTES = 1 << 20
 EXPIRED_TOKENS_KEPT = 3600.0  # an expired token is answered "expired" (not "unknown") this long
-_B64URL = re.compile(r"^[A-Za-z0-9_-]*$")
 _TOKEN = re.compile(r"^[A-Za-z0-9._~+/-]+=*$")  # RFC 6750 b64token
 _JTI = re.compile(r"^[\x21-\x7e]{1,255}$")
-_CURVES = {"P-256": ec.SECP256R1, "P-384": ec.SECP384R1}
+#: joserfc's registry with our algorithms; an assertion may be up to 16 KiB in all (its header too); header
+#: parameters joserfc does not know are ignored, as RFC 7515 says (crit is refused before)
+_JWS = jws.JWSRegistry(algorithms=list(ALGORITHMS), strict_check_header=False)
+_JWS.max_header_length = _JWS.max_payload_length = MAX_ASSERTION_CHARS
 
 
 # ------------------------------------------------------------------------------------------------ errors
@@ -174,16 +180,10 @@ class ClientKey:
     def fits(self, alg: str) -> bool:
         if self.alg is not None and self.alg != alg:
             return False
-        kind, _hash, param = ALGORITHMS[alg]
+        kind, param = ALGORITHMS[alg]
         if kind == "rsa":
             return isinstance(self.key, rsa.RSAPublicKey) and self.key.key_size >= param
         return isinstance(self.key, ec.EllipticCurvePublicKey) and self.key.curve.name == param
-
-
-def _b64url_decode(text: str) -> bytes:
-    if not isinstance(text, str) or not _B64URL.match(text) or len(text) % 4 == 1:
-        raise ValueError("not base64url")
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 def _check_key(key, where: str):
@@ -199,32 +199,18 @@ def _check_key(key, where: str):
 
 
 def _jwk_key(jwk: dict, where: str):
+    """The public key of one JWK (read by joserfc), if it is one we accept."""
     kty = jwk.get("kty")
     if "d" in jwk or "p" in jwk or "k" in jwk:
         raise KeyFileError(f"{where} holds private or secret key material (d, p or k): register only the "
                            f"platform's public keys")
+    if kty not in ("RSA", "EC"):
+        raise KeyFileError(f"{where}: kty {kty!r} is not accepted (RSA or EC; never oct, a shared secret)")
     try:
-        if kty == "RSA":
-            n = int.from_bytes(_b64url_decode(jwk["n"]), "big")
-            e = int.from_bytes(_b64url_decode(jwk["e"]), "big")
-            return _check_key(rsa.RSAPublicNumbers(e, n).public_key(), where)
-        if kty == "EC":
-            curve = _CURVES.get(jwk.get("crv"))
-            if curve is None:
-                raise KeyFileError(f"{where}: crv {jwk.get('crv')!r} is not accepted (P-256 or P-384)")
-            size = (curve.key_size + 7) // 8
-            x, y = _b64url_decode(jwk["x"]), _b64url_decode(jwk["y"])
-            if len(x) != size or len(y) != size:
-                raise KeyFileError(f"{where}: x and y must be {size} bytes each for {jwk['crv']}")
-            return ec.EllipticCurvePublicNumbers(int.from_bytes(x, "big"), int.from_bytes(y, "big"),
-                                                 curve()).public_key()
-    except KeyError as e:
-        raise KeyFileError(f"{where}: member {e.args[0]!r} is missing") from None
-    except (ValueError, TypeError) as e:
-        if isinstance(e, KeyFileError):
-            raise
+        key = (RSAKey if kty == "RSA" else ECKey).import_key(jwk)
+    except (JoseError, ValueError, TypeError, KeyError) as e:
         raise KeyFileError(f"{where}: not a valid {kty} public key ({e})") from None
-    raise KeyFileError(f"{where}: kty {kty!r} is not accepted (RSA or EC; never oct, a shared secret)")
+    return _check_key(key.public_key, where)
 
 
 def _jwks_keys(text: str, path: Path) -> list[ClientKey]:
@@ -354,6 +340,7 @@ def _refuse(text: str, platform: str | None = None):
 
 
 def _json_object(data: bytes, what: str) -> dict:
+    """A JSON object in which no member is named twice (joserfc's own reading lets the last one win)."""
     def no_duplicates(pairs):
         out = {}
         for k, v in pairs:
@@ -371,27 +358,43 @@ def _json_object(data: bytes, what: str) -> dict:
     return value
 
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
-def _signature_valid(key: Any, alg: str, signature: bytes, data: bytes) -> bool:
-    kind, hash_cls, _ = ALGORITHMS[alg]
+def _verifies(signed: jws.CompactSignature, key: ClientKey, alg: str) -> bool:
+    jose_key = (RSAKey if ALGORITHMS[alg][0] == "rsa" else ECKey).import_key(key.key)
     try:
-        if kind == "ec":
-            size = (key.curve.key_size + 7) // 8
-            if len(signature) != 2 * size:
-                return False
-            r, s = int.from_bytes(signature[:size], "big"), int.from_bytes(signature[size:], "big")
-            key.verify(encode_dss_signature(r, s), data, ec.ECDSA(hash_cls()))
-        else:
-            key.verify(signature, data, padding.PKCS1v15(), hash_cls())
-    except (InvalidSignature, ValueError):
-        return False
-    return True
+        return jws.validate_compact(signed, jose_key, registry=_JWS)
+    except JoseError as e:
+        _refuse(f"the assertion's header is not valid ({e.description})")
+
+
+#: what a claim refused by joserfc is answered (the claim's name -> the text)
+_CLAIM_REFUSALS = {
+    "sub": "sub must be the client id, like iss",
+    "aud": "aud must be this gateway's token URL, {audience}",
+    "exp": "exp (a NumericDate) is required",
+    "nbf": "nbf must be a NumericDate not in the future",
+    "iat": "iat must be a NumericDate not in the future",
+    "jti": "jti (a unique id of 1 to 255 printable characters) is required",
+}
+
+
+def _check_claims(claims: dict, iss: str, audience: str, now: float, platform: str) -> None:
+    """sub, aud, exp, nbf, iat and jti by joserfc's rules (with CLOCK_SKEW), then our own: exp at most
+    5 minutes ahead, jti printable."""
+    rules = JWTClaimsRegistry(now=now, leeway=CLOCK_SKEW, sub={"essential": True, "value": iss},
+                              aud={"essential": True, "value": audience}, exp={"essential": True},
+                              jti={"essential": True})
+    try:
+        rules.validate(claims)
+    except ExpiredTokenError:
+        _refuse("the assertion has expired (exp is past)", platform)
+    except ClaimError as e:  # a missing claim, or one of the wrong type or time (e.claim: "exp", or "aud,jti")
+        names = e.claim.split(",")
+        _refuse(next((text.format(audience=audience) for name, text in _CLAIM_REFUSALS.items() if name in names),
+                     f"claim {e.claim} is not valid"), platform)
+    if claims["exp"] > now + MAX_ASSERTION_LIFETIME + CLOCK_SKEW:
+        _refuse("exp is more than 5 minutes ahead: an assertion may live 5 minutes at most", platform)
+    if not _JTI.match(claims["jti"]):
+        _refuse(_CLAIM_REFUSALS["jti"], platform)
 
 
 def verify_assertion(assertion: Any, clients: Mapping[str, OAuthClient], audience: str,
@@ -400,20 +403,17 @@ def verify_assertion(assertion: Any, clients: Mapping[str, OAuthClient], audienc
     and its jti (the caller checks the jti was never used). Raises `OAuthError` ``invalid_client``."""
     if not isinstance(assertion, str) or not assertion or len(assertion) > MAX_ASSERTION_CHARS:
         _refuse("client_assertion must be a JWT of at most 16 KiB")
-    parts = assertion.split(".")
-    if len(parts) != 3:
-        _refuse("client_assertion is not a signed JWT (header.payload.signature)")
     try:
-        header_bytes, payload_bytes, signature = (_b64url_decode(p) for p in parts)
-    except (ValueError, binascii.Error):
-        _refuse("client_assertion is not base64url")
-    header = _json_object(header_bytes, "header")
+        signed = jws.extract_compact(assertion.encode("ascii"), registry=_JWS)
+    except (JoseError, UnicodeEncodeError, RecursionError):
+        _refuse("client_assertion is not a signed JWT (header.payload.signature, base64url JSON)")
+    header = _json_object(urlsafe_b64decode(signed.segments["header"]), "header")
     alg = header.get("alg")
-    if alg not in ALGORITHMS:
+    if not isinstance(alg, str) or alg not in ALGORITHMS:
         _refuse(f"alg {str(alg)[:20]!r} is not accepted (accepted: {', '.join(ALGORITHMS)}; never none or HMAC)")
     if "crit" in header:
         _refuse("the assertion's header has critical parameters (crit), none of which this gateway understands")
-    claims = _json_object(payload_bytes, "payload")
+    claims = _json_object(signed.payload, "payload")
     iss = claims.get("iss")
     client = clients.get(iss) if isinstance(iss, str) else None
     if client is None:
@@ -426,33 +426,11 @@ def verify_assertion(assertion: Any, clients: Mapping[str, OAuthClient], audienc
     if not candidates:
         _refuse(f"none of platform {client.platform!r}'s registered keys fits alg {alg}"
                 + (f" and kid {str(kid)[:64]!r}" if kid is not None else ""))
-    signing_input = f"{parts[0]}.{parts[1]}".encode("ascii")
-    if not any(_signature_valid(k.key, alg, signature, signing_input) for k in candidates):
+    if not any(_verifies(signed, k, alg) for k in candidates):
         _refuse(f"the signature does not verify with platform {client.platform!r}'s registered key(s): "
                 f"an unknown key, or an altered assertion")
-    platform = client.platform
-    if claims.get("sub") != iss:
-        _refuse("sub must be the client id, like iss", platform)
-    aud = claims.get("aud")
-    audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
-    if audience not in [a for a in audiences if isinstance(a, str)]:
-        _refuse(f"aud must be this gateway's token URL, {audience}", platform)
-    exp = _number(claims.get("exp"))
-    if exp is None:
-        _refuse("exp (a NumericDate) is required", platform)
-    if exp <= now - CLOCK_SKEW:
-        _refuse("the assertion has expired (exp is past)", platform)
-    if exp > now + MAX_ASSERTION_LIFETIME + CLOCK_SKEW:
-        _refuse("exp is more than 5 minutes ahead: an assertion may live 5 minutes at most", platform)
-    for name in ("nbf", "iat"):
-        if name in claims:
-            value = _number(claims[name])
-            if value is None or value > now + CLOCK_SKEW:
-                _refuse(f"{name} must be a NumericDate not in the future", platform)
-    jti = claims.get("jti")
-    if not isinstance(jti, str) or not _JTI.match(jti):
-        _refuse("jti (a unique id of 1 to 255 printable characters) is required", platform)
-    return VerifiedAssertion(platform, jti, exp + CLOCK_SKEW)
+    _check_claims(claims, iss, audience, now, client.platform)
+    return VerifiedAssertion(client.platform, claims["jti"], claims["exp"] + CLOCK_SKEW)
 
 
 # ------------------------------------------------------------------------------------------------ scopes

@@ -2,13 +2,30 @@
 
 Per destination the queue is strict FIFO with one message in flight by default: send, wait for the ACK
 whose MSA-2 matches, record the answer, next (``ordering: patient`` with a ``window`` above one keeps the
-order per patient instead, with that many messages in flight on as many connections).  AA/CA: delivered.  AR/CR: refused, never resent.  AE/CE: dead-lettered
-with the HIS's error text.  A message not answered after ``max_attempts`` tries, or older than
-``max_age``, is dead-lettered with the reason; an operator can resubmit it (``gatewayd queue retry``).  A message that could not be delivered (no connection, no ACK in time)
-stays at the head of the queue and is resent with the *same* control id after an exponential backoff
-with jitter, so the HIS can drop a duplicate; nothing behind it overtakes it.  Every state change is
-committed (``messages`` + ``message_events``), so after a crash the relay starts again from the chamber:
-a message that was ``sending`` when the process died is simply sent again with its original MSH-10.
+order per patient instead, with that many messages in flight on as many connections).  AA/CA: delivered.
+AR/CR: refused, never resent.  AE/CE: dead-lettered with the HIS's error text.
+
+A message that could not be delivered stays at the head of the queue and is resent with the *same* control
+id after an exponential backoff with jitter (``retry_initial`` doubling up to ``retry_max``), so the HIS can
+drop a duplicate; nothing behind it overtakes it.  The destination tells two failures apart:
+
+* **The HIS is unreachable** (:class:`HisUnreachable`: no connection, connect refused or timed out, a TLS
+  handshake that did not complete: the message was never written to the HIS).  Not an attempt: the message
+  waits, tried again for as long as the outage lasts (the chamber holds the work; ``outer.max_backlog``
+  stops new work first), and is never dead-lettered for it.  The outage is an alert, not a stream of
+  retries: ``relay.his_unreachable`` is logged when it begins and then once per ``alert_every``,
+  ``relay.his_reachable`` when it ends; :meth:`Relay.status` (/healthz, the metrics) shows it.
+* **The HIS did not answer properly** (:class:`DeliveryFailed`: no ACK in time after the message was
+  written, the connection lost after it, an answer that does not parse).  An attempt, counted in
+  ``attempts`` (which so counts the times a message may have reached the HIS).  After ``max_attempts`` of
+  them, or at one of them once the message is older than ``max_age``, it is dead-lettered with the reason;
+  an operator can resubmit it (``gatewayd queue retry``).  A message's age counts from its commit, or from
+  the end of the last outage this relay saw if that is later: time in which the HIS could not be reached
+  never counts, and a message the HIS takes is delivered whatever its age.
+
+Every state change is committed (``messages`` + ``message_events``), so after a crash the relay starts
+again from the chamber: a message that was ``sending`` when the process died is simply sent again with its
+original MSH-10.
 
 The relay wakes when the chamber commits (same process) and on a timer (``poll_interval``), so a chamber
 written by another process is also picked up.
@@ -31,11 +48,18 @@ log = structlog.get_logger("gateway.relay")
 
 
 class DeliveryFailed(Exception):
-    """The message did not reach the HIS (or no matching answer came back); it will be resent."""
+    """The message went to the HIS but no proper answer came back (none in time, the connection lost, an
+    unreadable one); it will be resent, and the attempt counts."""
+
+
+class HisUnreachable(DeliveryFailed):
+    """The message never reached the HIS (no connection, connect refused or timed out, TLS handshake not
+    completed); it will be resent, and the attempt does not count."""
 
 
 class Destination(Protocol):
-    """Where the relay delivers.  ``deliver`` fires with the HIS's answer, or fails with DeliveryFailed."""
+    """Where the relay delivers.  ``deliver`` fires with the HIS's answer, or fails with DeliveryFailed
+    (HisUnreachable when the message was never written to the HIS)."""
 
     def deliver(self, body: bytes, control_id: str, timeout: float) -> defer.Deferred: ...
 
@@ -79,6 +103,7 @@ class Relay(service.Service):
         ordering: str = "fifo",
         poll_interval: float = 1.0,
         rng: random.Random | None = None,
+        alert_every: float = 60.0,
     ):
         self.setName(f"relay:{peer}")
         destinations = destination if isinstance(destination, list) else [destination]
@@ -101,6 +126,11 @@ class Relay(service.Service):
         self.metrics = metrics  # gateway.admin.Metrics, or None
         self._last_error: str | None = None  # the last failed delivery, cleared by the next answer
         self._last_answer: float | None = None
+        self.alert_every = alert_every  # how often an outage is logged while it lasts
+        self._unreachable_since: float | None = None  # when the current outage began; None: the HIS was reached
+        self._outage_tries = 0  # sends that did not reach the HIS in the current outage (its backoff step)
+        self._alerted: float | None = None  # when the current outage was last logged
+        self._age_from: float | None = None  # the end of the last outage: max_age counts from there
         self.poll_interval = poll_interval
         self.rng = rng or random.Random()
         self._in_flight: dict[int, str] = {}  # message id -> its ordering key
@@ -110,6 +140,8 @@ class Relay(service.Service):
         self._timer = None
         self._stop_observing = None
         self.delivered = 0
+        if metrics is not None:
+            metrics.watch_his(peer, self.status)
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def startService(self):
@@ -138,8 +170,13 @@ class Relay(service.Service):
         return done
 
     def status(self) -> dict:
-        """For /healthz: is the HIS answering?  Unreachable while the last attempt failed."""
-        return {"reachable": self._last_error is None, "last_error": self._last_error,
+        """For /healthz and the metrics: ``reachable`` is False during an outage (the last send did not reach
+        the HIS), with its start and length; ``answering`` is False from any failed delivery to the next
+        answer."""
+        since = self._unreachable_since
+        return {"reachable": since is None, "unreachable_since": since,
+                "unreachable_seconds": 0.0 if since is None else round(self.clock.seconds() - since, 3),
+                "answering": self._last_error is None, "last_error": self._last_error,
                 "last_answer": self._last_answer, "in_flight": len(self._in_flight)}
 
     # -- the loops -------------------------------------------------------------------------------------------
@@ -282,10 +319,6 @@ class Relay(service.Service):
         if prepared:
             attempts = msg.attempts
         else:
-            if self.clock.seconds() - msg.created > self.max_age:
-                await self._dead(msg, f"not delivered within {self.max_age:.0f}s"
-                                      f"{'; last error: ' + msg.last_error if msg.last_error else ''}")
-                return None
             attempts = msg.attempts + 1
             try:
                 msg, allowed = await self.chamber.transact(lambda tx: self._prepare(tx, msg, attempts))
@@ -299,11 +332,19 @@ class Relay(service.Service):
                  attempt=attempts)
         try:
             answer: HisAnswer = await destination.deliver(msg.body, msg.control_id, self.ack_timeout)
+        except HisUnreachable as e:
+            await self._wait_for_his(msg, attempts - 1, str(e))
+            return None
         except DeliveryFailed as e:
             reason = str(e)
+            self._reached()
             self._last_error = reason
             if attempts >= self.max_attempts:
                 await self._dead(msg, f"no answer after {attempts} attempts; last error: {reason}",
+                                 attempts=attempts)
+                return None
+            if self._age(msg) > self.max_age:
+                await self._dead(msg, f"not delivered within {self.max_age:.0f}s (max_age); last error: {reason}",
                                  attempts=attempts)
                 return None
             delay = self._backoff(attempts)
@@ -328,6 +369,7 @@ class Relay(service.Service):
 
         taken = await self.chamber.transact(record)
         self.delivered += 1
+        self._reached()
         self._last_error, self._last_answer = None, self.clock.seconds()
         if self.metrics is not None:
             self.metrics.delivered(self.peer, answer.code, self.clock.seconds() - msg.created)
@@ -338,8 +380,8 @@ class Relay(service.Service):
     def _take_next(self, tx):
         """Strict FIFO: inside the transaction that records an answer, take the next message of the queue
         and prepare it (encode, mark ``sending``), so one commit both ends a delivery and starts the next.
-        None (the next loop turn picks as usual) when there is none, it is not due yet, it is too old, it
-        cannot be encoded or may not cross, or the relay is stopping — those cases take the ordinary path.
+        None (the next loop turn picks as usual) when there is none, it is not due yet, it cannot be encoded
+        or may not cross, or the relay is stopping — those cases take the ordinary path.
         (``_prepare`` raises before its first write; a message that may not cross stays encoded, as on the
         ordinary path.)"""
         if self.ordering != "fifo" or not self.running:
@@ -360,8 +402,6 @@ class Relay(service.Service):
         """:meth:`_next_due`, prepared for its send (its row as sent), or None."""
         nxt = self._next_due(tx)
         if nxt is None:
-            return None
-        if self.clock.seconds() - nxt.created > self.max_age:
             return None
         if not nxt.body and self.encode is None:
             return None
@@ -403,6 +443,48 @@ class Relay(service.Service):
         await self.chamber.transact(record)
         log.error("relay.dead_letter", peer=self.peer, message=msg.id, control_id=msg.control_id, type=msg.type,
                   reason=reason)
+
+    async def _wait_for_his(self, msg, attempts: int, reason: str) -> None:
+        """The send never reached the HIS: not an attempt (``attempts``: the count before it).  The message
+        waits for the outage's next backoff step; the outage is logged when it begins and once per
+        ``alert_every`` while it lasts (a send cut short by our own shutdown is no outage)."""
+        now = self.clock.seconds()
+        self._last_error = reason
+        if self.running:
+            if self._unreachable_since is None:
+                self._unreachable_since, self._outage_tries, self._alerted = now, 0, None
+            self._outage_tries += 1
+        delay = self._backoff(max(1, self._outage_tries))
+        await self.chamber.transact(
+            lambda tx: tx.set_message_state(msg.id, "retrying", attempts=attempts, next_attempt=tx.now + delay,
+                                            last_error=reason, detail=f"HIS unreachable (not counted as an "
+                                            f"attempt): {reason}; next try in {delay:.1f}s")
+        )
+        if self.metrics is not None:
+            self.metrics.his_unreachable.labels(self.peer).inc()
+        log.debug("relay.waiting_for_his", peer=self.peer, message=msg.id, control_id=msg.control_id,
+                  delay=round(delay, 3), reason=reason)
+        since = self._unreachable_since
+        if self.running and since is not None and (self._alerted is None or now - self._alerted >= self.alert_every):
+            self._alerted = now
+            log.error("relay.his_unreachable", peer=self.peer, outage_seconds=round(now - since, 1),
+                      tries=self._outage_tries, waiting=self.chamber.read().outbound_backlog(self.peer),
+                      reason=reason)
+
+    def _reached(self) -> None:
+        """A send reached the HIS (answered or not): an outage, if there was one, is over, and the age of every
+        waiting message (max_age) counts from now."""
+        if self._unreachable_since is None:
+            return
+        now = self.clock.seconds()
+        log.info("relay.his_reachable", peer=self.peer, outage_seconds=round(now - self._unreachable_since, 1),
+                 tries=self._outage_tries)
+        self._unreachable_since, self._age_from = None, now
+
+    def _age(self, msg) -> float:
+        """How long ``msg`` has waited for the HIS, for max_age: since its commit or the end of the last outage,
+        whichever is later."""
+        return self.clock.seconds() - max(msg.created, self._age_from or msg.created)
 
     def _backoff(self, attempts: int) -> float:
         base = min(self.retry_max, self.retry_initial * (2 ** (attempts - 1)))

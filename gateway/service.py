@@ -2,14 +2,16 @@
 
 Start order (stop order is the reverse)::
 
+    descriptors        the process's descriptor limit raised, and checked against the connection limits
     chamber            opened first (before any listener accepts), closed last
     chamber-watch      split lock only: wakes this process when the other gate's process commits
     retention          deletes what is past chamber.keep_messages / keep_appointments (gateway/retention.py)
+    memory-trim        hands memory closed connections freed back to the system, every minute
     inner gate         the MLLP listener for the HIS (intranet), then relay:<endpoint> (committed outbound
                        messages to each HIS endpoint; `routes` say which) and poller:<endpoint> (slot_source:
                        poll only)
     holds              releases bookings the HIS did not answer in time (outer gate's process)
-    outer gate         FHIR over HTTPS with mutual TLS (internet)
+    outer gate         FHIR over HTTPS with mutual TLS (internet), its connections limited at accept
     admin              /healthz and /metrics on loopback (admin.listen)
 
 A child that fails to start (a port in use, a chamber that cannot be opened) fails the whole start.
@@ -18,6 +20,7 @@ The two gates share nothing but the chamber.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 from importlib import metadata
 from zoneinfo import ZoneInfo
@@ -29,13 +32,15 @@ from OpenSSL import crypto
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from OpenSSL import SSL
-from twisted.internet import endpoints, ssl
+from twisted.internet import endpoints, ssl, task
 from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web import server as web_server
 from zope.interface import implementer
 
-from adapters.fhir.server import FhirApi, JsonLimits, PlatformDirectory, request_factory
+from adapters.fhir.channel import GatewaySite
+from adapters.fhir.server import FhirApi, JsonLimits, PlatformDirectory
+from adapters.hl7.identity import same_message
 from adapters.inner_gate import HisDestination, InnerGateHandler, SlotPoller
 from adapters.mapping.pharmacy import PharmacyProfile
 from adapters.mapping.srm_booking import Hl7Header, build_sqm_s25, build_srm
@@ -50,7 +55,8 @@ from gateway.chamber import Chamber
 from gateway.config import GatewayConfig
 from gateway.inbound import InboundService
 from gateway.oauth import TokenService, clients_from_config, default_token_url
-from gateway.listen import DeviceServerEndpoint, parse_tcp
+from gateway.listen import (ADMIN_CONNECTIONS, ConnectionLimiter, DeviceServerEndpoint, RefusalLog,
+                            descriptor_needs, ensure_descriptors, parse_tcp, source_key)
 from gateway.quota import Quotas
 from gateway.ratelimit import RateLimiter
 from gateway.prescribing import PrescriptionService, SignaturePolicy
@@ -93,6 +99,69 @@ class ChamberService(service.Service):
         super().stopService()
         self.chamber.close()
         self._opened = False
+
+
+class DescriptorsService(service.Service):
+    """The process's file descriptors, checked before anything opens one: the soft RLIMIT_NOFILE raised to the
+    hard limit, and the start refused (naming the keys) when the connection limits ``needs`` could hold more
+    descriptors than that (gateway/listen.py) — a flood would otherwise take every gate down at once."""
+
+    name = "descriptors"
+
+    def __init__(self, needs: list[tuple[str, int]]):
+        self.needs = needs
+        self.limit: int | None = None
+
+    def privilegedStartService(self):
+        self._check()
+        super().privilegedStartService()
+
+    def startService(self):
+        self._check()
+        super().startService()
+
+    def _check(self):
+        if self.limit is None:
+            self.limit = ensure_descriptors(self.needs)
+            log.info("gateway.descriptors", limit=self.limit, needed=sum(n for _, n in self.needs))
+
+
+#: how often memory that closed connections freed is handed back to the system
+TRIM_EVERY = 60.0
+
+
+def _malloc_trim():
+    """The C library's malloc_trim (glibc), or None where there is none."""
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+class MemoryTrimService(service.Service):
+    """Every ``every`` seconds, memory that is free again is handed back to the system (glibc's
+    ``malloc_trim``).  OpenSSL allocates a connection's TLS buffers with malloc, and glibc keeps what a flood's
+    connections held after they close: without this the process stays at the flood's peak (3,000 connections
+    took it from 80 to 237 MB, and it stayed there).  Where the C library has no malloc_trim, nothing is done."""
+
+    name = "memory-trim"
+
+    def __init__(self, clock, every: float = TRIM_EVERY):
+        self.clock, self.every = clock, every
+        self.trim = _malloc_trim()
+        self._loop: task.LoopingCall | None = None
+
+    def startService(self):
+        super().startService()
+        if self.trim is not None:
+            self._loop = task.LoopingCall(self.trim, 0)
+            self._loop.clock = self.clock
+            self._loop.start(self.every, now=False)
+
+    def stopService(self):
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        return super().stopService()
 
 
 class HoldsService(service.Service):
@@ -156,11 +225,40 @@ class TlsSwitch:
 
 
 class _WatchedTLSProtocol(TLSMemoryBIOFactory.protocol):
+    _handshake_deadline = None
+    _started = False  # TLS starts with the client's first byte
+
     def makeConnection(self, transport):
+        """Only note the connection: TLS (OpenSSL's connection and its buffers, ~45 KB) starts with the client's
+        first byte, so a connection that sends nothing costs next to nothing until its deadline."""
         no_delay(transport)  # an answer's last TLS record must not wait for the client's delayed ACK
-        super().makeConnection(transport)
+        self.transport = transport
+        self._handshake_deadline = self.factory.clock.callLater(self.factory.handshake_timeout, self._too_slow)
+
+    def dataReceived(self, data):
+        if not self._started:
+            self._started = True
+            super().makeConnection(self.transport)
+        super().dataReceived(data)
+
+    def _too_slow(self):
+        self._handshake_deadline = None
+        if not self._handshakeDone:
+            self.factory.on_timeout()
+            self.abortConnection()
+
+    def abortConnection(self):
+        if self._started:
+            super().abortConnection()
+        else:
+            self.transport.abortConnection()
 
     def connectionLost(self, reason):
+        if self._handshake_deadline is not None:
+            self._handshake_deadline.cancel()
+            self._handshake_deadline = None
+        if not self._started:  # nothing was built that needs telling
+            return
         why = self._reason or reason  # the TLS error that ended the connection, if one did
         if not self._handshakeDone and why is not None and why.check(SSL.Error):
             self.factory.on_failure(self.transport.getPeer(), why)
@@ -170,25 +268,31 @@ class _WatchedTLSProtocol(TLSMemoryBIOFactory.protocol):
 class HandshakeWatch(TLSMemoryBIOFactory):
     """TLS over a listener's factory, like ``SSL4ServerEndpoint`` does it, that calls ``on_failure(peer,
     failure)`` for each handshake that fails with a TLS error (no certificate, one from another CA, no common
-    protocol, ...); a connection closed before or without a TLS error is not counted."""
+    protocol, ...); a connection closed before or without a TLS error is not counted.  A handshake not done
+    ``handshake_timeout`` seconds after accept (on ``clock``) is cut, and ``on_timeout()`` called: a trickle
+    of bytes cannot hold it open.  TLS starts with the client's first byte (until then a connection holds no
+    TLS state)."""
 
     protocol = _WatchedTLSProtocol
 
-    def __init__(self, context_factory, wrapped_factory, on_failure):
+    def __init__(self, context_factory, wrapped_factory, on_failure, *, clock, handshake_timeout: float,
+                 on_timeout=lambda: None):
         super().__init__(context_factory, False, wrapped_factory)
         self.on_failure = on_failure
+        self.clock, self.handshake_timeout, self.on_timeout = clock, handshake_timeout, on_timeout
 
 
-def _handshake_failures(metrics, gate: str, log_them: bool = True):
-    """Count (``gatewayd_tls_handshake_failures_total{gate=...}``) and log a gate's failed handshakes (the
-    MLLP listener logs its own)."""
+def _handshake_failures(metrics, gate: str, log_them: bool = True, *, clock=None):
+    """Count (``gatewayd_tls_handshake_failures_total{gate=...}``) and log a gate's failed handshakes, at most once
+    per 10 s on ``clock`` with their count, the busiest source address and the last reason (the MLLP listener
+    logs its own)."""
     counter = metrics.tls_handshake_failures.labels(gate)  # shown as 0 from the start
+    tally = RefusalLog("tls.handshake_failed", clock, fields=lambda: {"gate": gate}) if log_them else None
 
     def failed(peer, failure):
         counter.inc()
-        if log_them:
-            log.info("tls.handshake_failed", gate=gate, peer=getattr(peer, "host", str(peer)),
-                     error=failure.getErrorMessage()[:200])
+        if tally is not None:
+            tally.refused("handshake", source_key(peer), error=failure.getErrorMessage()[:200])
 
     return failed
 
@@ -326,6 +430,7 @@ def make_service(config: GatewayConfig, reactor, gate: str = "both") -> service.
         raise ValueError(f"gate must be one of {GATES}")
     tz = ZoneInfo(config.hospital.timezone)
     root = service.MultiService()
+    DescriptorsService(descriptor_needs(config, gate)).setServiceParent(root)
     chamber = Chamber(config.chamber.path, reactor=reactor, clock=reactor.seconds)
     ChamberService(chamber).setServiceParent(root)
     if gate != "both":
@@ -334,6 +439,7 @@ def make_service(config: GatewayConfig, reactor, gate: str = "both") -> service.
     keep = config.chamber
     RetentionService(chamber, Retention(keep.keep_messages, keep.keep_appointments), reactor,
                      keep.prune_every, metrics).setServiceParent(root)
+    MemoryTrimService(reactor).setServiceParent(root)
 
     his = config.inner.his if config.inner is not None else None
     if his is not None:
@@ -366,9 +472,11 @@ def make_service(config: GatewayConfig, reactor, gate: str = "both") -> service.
                                                           prescribing)
         listener.setServiceParent(root)
     if config.admin is not None:  # last to start, first to stop
-        admin_site = web_server.Site(AdminResource(chamber, metrics, relays))
+        admin_site = web_server.Site(AdminResource(chamber, metrics, relays), reactor=reactor)
         admin_site.log = lambda request: None
-        admin = StreamServerEndpointService(endpoints.serverFromString(reactor, config.admin.listen), admin_site)
+        admin_limited = _connection_limiter(admin_site, metrics, "admin", reactor, max_connections=ADMIN_CONNECTIONS,
+                                            max_per_address=ADMIN_CONNECTIONS)
+        admin = StreamServerEndpointService(endpoints.serverFromString(reactor, config.admin.listen), admin_limited)
         admin._raiseSynchronously = True
         admin.setName("admin")
         admin.setServiceParent(root)
@@ -456,7 +564,7 @@ def _inner_gate(config, reactor, tz, chamber, booking, metrics, prescribing):
     gate = service.MultiService()
     gate.setName("inner")
     slot_book = SlotBook(tz)
-    inbound = InboundService(chamber, slot_book, config.inner.z_segment_peers())
+    inbound = InboundService(chamber, slot_book, config.inner.z_segment_peers(), same_message=same_message)
     by_kind = _ByKind(booking, prescribing)
     relays = [_relay(config, reactor, chamber, endpoint, by_kind, metrics, gate, inbound, tz)
               for endpoint in (his, *config.inner.endpoints)]
@@ -473,7 +581,10 @@ def _inner_gate(config, reactor, tz, chamber, booking, metrics, prescribing):
         if config.inner.tls is not None else None)
     mllp_factory = MLLPServerFactory(
         handler, max_message_bytes=config.inner.max_message_bytes, default_charset=his.charset,
-        idle_timeout=config.inner.idle_timeout, max_connections=config.inner.max_connections,
+        idle_timeout=config.inner.idle_timeout,
+        max_connections=config.inner.max_connections + config.inner.his_connections,  # (the limiter's, below)
+        frame_timeout=config.inner.frame_timeout, tls_handshake_timeout=config.inner.tls_handshake_timeout,
+        max_junk_bytes=config.inner.max_junk_bytes,
         sending_application=config.inner.sending_application, sending_facility=config.inner.sending_facility,
         clock=reactor, release=config.inner.mllp_release, tls=tls_switch,
         on_tls_failure=_handshake_failures(metrics, "inner", False) if tls_switch is not None else None,
@@ -483,7 +594,12 @@ def _inner_gate(config, reactor, tz, chamber, booking, metrics, prescribing):
         inner_endpoint = DeviceServerEndpoint(reactor, port, interface, config.inner.bind_device)
     else:
         inner_endpoint = endpoints.serverFromString(reactor, config.inner.listen)
-    listener = StreamServerEndpointService(inner_endpoint, mllp_factory)
+    limited = _connection_limiter(mllp_factory, metrics, "inner", reactor,
+                                  max_connections=config.inner.max_connections,
+                                  max_per_address=config.inner.max_connections_per_address,
+                                  reserved=config.inner.his_addresses,
+                                  reserved_connections=config.inner.his_connections)
+    listener = StreamServerEndpointService(inner_endpoint, limited)
     listener._raiseSynchronously = True
     listener.setName("inner-gate")
     listener.setServiceParent(gate)
@@ -518,6 +634,11 @@ def _relay(config, reactor, chamber, his, by_kind, metrics, gate, inbound, tz) -
     return relay
 
 
+#: the outer gate's listen backlog: room for a burst of connections while the gateway is busy, so a flood's
+#: (refused at once when accepted) does not make platforms' connections wait for SYN retransmits
+OUTER_BACKLOG = 1024
+
+
 def _outer_gate(config, reactor, tz, chamber, booking, metrics, prescribing) -> service.Service:
     """Internet side: the FHIR API over HTTPS with mutual TLS (and bearer tokens from /oauth/token)."""
     platforms = PlatformDirectory.from_config(config.platforms, _load_crl(config.outer.tls, reactor.seconds()))
@@ -533,22 +654,37 @@ def _outer_gate(config, reactor, tz, chamber, booking, metrics, prescribing) -> 
         prescriptions=prescribing if config.prescriptions is not None else None,
         oauth=oauth,
     )
-    site = web_server.Site(api)
-    site.requestFactory = request_factory(config.outer.max_request_bytes)
-    site.displayTracebacks = False
-    # requests are logged by the API as structured events; here they are only counted
-    site.log = lambda request: metrics.http_answers.labels(str(request.code)).inc()
-    tls_switch = TlsSwitch(tls_options(config.outer.tls))
-    tls_site = HandshakeWatch(tls_switch, site, _handshake_failures(metrics, "outer"))
-    if config.outer.bind_device:
-        outer_endpoint = DeviceServerEndpoint(reactor, config.outer.port, config.outer.host,
-                                              config.outer.bind_device)
+    outer, timeouts = config.outer, metrics.connection_timeouts
+    site = GatewaySite(api, reactor=reactor, max_request_bytes=outer.max_request_bytes,
+                       header_timeout=outer.header_timeout, body_timeout=outer.body_timeout,
+                       idle_timeout=outer.idle_timeout,
+                       answered=lambda status: metrics.http_answers.labels(str(status)).inc(),
+                       timed_out=lambda deadline: timeouts.labels("outer", deadline).inc())
+    tls_switch = TlsSwitch(tls_options(outer.tls))
+    tls_site = HandshakeWatch(tls_switch, site, _handshake_failures(metrics, "outer", clock=reactor),
+                              clock=reactor, handshake_timeout=outer.tls_handshake_timeout,
+                              on_timeout=timeouts.labels("outer", "tls_handshake").inc)
+    limited = _connection_limiter(tls_site, metrics, "outer", reactor, max_connections=outer.max_connections,
+                                  max_per_address=outer.max_connections_per_address)
+    if outer.bind_device:
+        outer_endpoint = DeviceServerEndpoint(reactor, outer.port, outer.host, outer.bind_device,
+                                              backlog=OUTER_BACKLOG)
     else:
-        outer_endpoint = endpoints.TCP4ServerEndpoint(reactor, config.outer.port, interface=config.outer.host)
-    listener = StreamServerEndpointService(outer_endpoint, tls_site)
+        outer_endpoint = endpoints.TCP4ServerEndpoint(reactor, outer.port, backlog=OUTER_BACKLOG,
+                                                      interface=outer.host)
+    listener = StreamServerEndpointService(outer_endpoint, limited)
     listener._raiseSynchronously = True
     listener.setName("outer-gate")
     return listener, api, tls_switch
+
+
+def _connection_limiter(factory, metrics, gate: str, reactor, **limits) -> ConnectionLimiter:
+    """``factory`` behind a ConnectionLimiter (outside any TLS), its refusals and open connections in
+    ``gatewayd_connections_refused_total{gate,reason}`` and ``gatewayd_connections_open{gate}``."""
+    limiter = ConnectionLimiter(factory, gate=gate, clock=reactor,
+                                refused=lambda reason: metrics.connections_refused.labels(gate, reason).inc(), **limits)
+    metrics.connections_open.labels(gate).set_function(lambda: limiter.open)
+    return limiter
 
 
 def _rate_limiter(config, reactor) -> RateLimiter:

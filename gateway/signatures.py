@@ -1,26 +1,21 @@
-"""Prescription signatures: detached JWS over canonical JSON, with the signer's X.509 chain (``cryptography`` only).
+"""Prescription signatures: a detached JWS over canonical JSON, with the signer's X.509 chain.
 
 A prescription is a legal document: the prescriber signs it at the platform, the gateway checks the signature
 before anything reaches the HIS, and prescriptions the HIS releases to outside pharmacies are signed with the
-gateway's own key. Design (docs/prescriptions.md has the carriers and the chamber columns):
+gateway's own key. Design (docs/prescriptions.md has the carriers and the chamber columns). Maintained
+libraries do the cryptography (JOSE: ``joserfc``; canonical JSON: ``rfc8785``; certificate paths:
+``cryptography.x509.verification``); this module holds the gateway's policy on top of them.
 
 **The signed bytes** are the *canonical JSON* of the prescription (`canonical_json`): RFC 8785 (JSON
-Canonicalization Scheme, JCS), the subset a FHIR resource needs —
-
-* objects: members sorted by their names' UTF-16 code units (RFC 8785 section 3.2.3), no duplicate names
-  (they cannot occur in a Python dict; a JSON text with duplicates must be refused by its reader);
-* no whitespace between tokens; text encoded as UTF-8;
-* strings as ECMAScript ``JSON.stringify`` writes them: ``"`` and ``\\`` escaped, ``\\b \\f \\n \\r \\t`` in short
-  form, other controls below U+0020 as ``\\u00xx`` (lower-case hex), everything else literal (no ``\\u``
-  escapes for non-ASCII: 阿莫西林 stays as its UTF-8 bytes). A lone surrogate is refused;
-* numbers as ECMAScript ``Number.prototype.toString`` writes an IEEE 754 double (shortest round-trip digits,
-  exponent form outside 1e-7 <= |x| < 1e21): ``1.0`` -> ``1``, ``0.5`` -> ``0.5``, ``1e21`` -> ``1e+21``.
-  Limits: NaN/Infinity and Python integers beyond +/-2**53 are refused (JCS numbers are doubles; a bigger
-  integer would be rounded, so two different texts would sign the same bytes). A *double* between 2**53 and
-  1e21 is written, as JCS says, as a long integer (``1e17`` -> ``100000000000000000``); Python's json reads
-  that text back as an int beyond 2**53, which is refused — so such numbers cannot cross (FHIR has none); a FHIR ``decimal`` such as ``0.50`` reaches us as the double
-  0.5 after JSON parsing, so the signer must canonicalize the same parsed value (``0.5``), not its text.
-* ``true``, ``false``, ``null``, arrays in their order.
+Canonicalization Scheme, JCS), written by ``rfc8785``: members sorted by their names' UTF-16 code units, no
+whitespace, UTF-8 text with only ``"``, ``\\`` and controls escaped (阿莫西林 stays as its UTF-8 bytes), numbers
+as ECMAScript writes an IEEE 754 double (``1.0`` -> ``1``, ``1e21`` -> ``1e+21``). What has no canonical form is
+refused (ValueError): NaN/Infinity, a lone surrogate, a member name that is not text, and integers beyond
++/-(2**53 - 1) (I-JSON's range: a bigger integer would be rounded, so two texts would sign the same bytes). A
+*double* between 2**53 and 1e21 is written, as JCS says, as a long integer (``1e17`` -> ``100000000000000000``);
+Python's json reads that text back as an int beyond the range, which is refused — so such numbers cannot cross
+(FHIR has none). A FHIR ``decimal`` such as ``0.50`` reaches us as the double 0.5 after JSON parsing, so the
+signer must canonicalize the same parsed value (``0.5``), not its text.
 
 `prescription_payload` defines *what* is canonicalized for a FHIR resource: the resource without ``id``,
 ``meta``, ``text`` and ``signature`` (the server assigns the first three; the last carries the JWS itself),
@@ -33,32 +28,48 @@ the protected header carries ``"b64": false`` and ``"crit": ["b64"]``, and the J
 without a second base64url layer. We chose this over the classic detached form (``b64`` true) because the
 payload is already text that both sides rebuild, and a verifier script can feed it to ``cryptography``
 directly. The header must also carry ``x5c`` (RFC 7515 section 4.1.6): the signer's certificate first, then
-intermediates, each standard base64 (not base64url) DER.
+each certificate's issuer in turn, each standard base64 (not base64url) DER.
+
+**The chain** is validated by ``cryptography``'s RFC 5280 path validation (a client verifier, built per check
+with ``now`` as its time), from the signer's certificate through the ``x5c`` intermediates to a CA of the
+`TrustStore`: signatures, validity of every certificate (the trusted CA's too), basicConstraints and
+pathLenConstraint, CA keyUsage (keyCertSign), name constraints (against the signer's subjectAltName; a critical
+constraint on directory names, which it cannot evaluate, refuses the chain), unknown critical extensions
+refused, at most ``MAX_CHAIN - 1`` intermediates, RSA issuer keys of 2048 bits or more, no SHA-1. Our policy
+on top: the signer's certificate needs no subjectAltName (a prescriber is named in the subject, see
+`gateway.prescribing`'s ``signer_must_match_requester``) nor authorityKeyIdentifier (a path-building hint);
+its key must fit ``alg``; it must not be a CA; its KeyUsage, when present, must allow signatures; its
+ExtendedKeyUsage, when present, must name a purpose of `SIGNING_PURPOSES`; and a CA's ExtendedKeyUsage, when
+present, must allow one of them too (a TLS-only sub-CA cannot certify a prescriber).
 
 Checks, in order, each failure a `SignatureError` whose ``check`` names it:
 
 ==================  ==============================================================================
 ``missing``         no JWS at all (an unsigned prescription)
 ``malformed``       not ``header..signature`` (or the payload part is not empty), bad base64url, the
-                    header not a JSON object
+                    header not a JSON object naming its ``alg``
 ``algorithm``       ``alg`` is not one of ES256, ES384, RS256, PS256 (so ``none`` and ``HS*`` are
                     refused: a MAC key would have to be shared, and ``none`` signs nothing)
-``header``          ``b64`` is not false, ``crit`` is not exactly ``["b64"]``, ``x5c`` absent or empty
+``header``          ``b64`` is not false, ``crit`` is not exactly ``["b64"]``, ``x5c`` absent or empty,
+                    a registered header parameter of the wrong type (``kid`` not text...)
 ``certificate``     an ``x5c`` entry is not a DER certificate
-``key``             the leaf's key does not fit ``alg`` (EC P-256 for ES256, P-384 for ES384, RSA of at
+``key``             the signer's key does not fit ``alg`` (EC P-256 for ES256, P-384 for ES384, RSA of at
                     least 2048 bits for RS256/PS256), or its KeyUsage lacks digitalSignature and
-                    nonRepudiation, or the leaf is a CA
-``expired``         some certificate of the chain ended before ``now``
+                    nonRepudiation, or its ExtendedKeyUsage names no purpose of `SIGNING_PURPOSES`, or
+                    it is a CA certificate
+``expired``         some certificate of the chain (the trusted CA included) ended before ``now``
 ``not-yet-valid``   some certificate of the chain starts after ``now``
-``chain``           a certificate is not signed by the next one, or an intermediate is not a CA
+``chain``           ``x5c`` is not in issuing order, or the chain breaks a rule of RFC 5280 or of our
+                    policy (path length, name constraints, an intermediate that is not a CA, a CA whose
+                    ExtendedKeyUsage excludes signing...): the text names it
 ``untrusted``       the chain does not end at (or under) a CA certificate the config trusts
-``signature``       the signature does not match the payload with the leaf's key: the prescription was
+``signature``       the signature does not match the payload with the signer's key: the prescription was
                     altered after signing, or it was signed with another key than the certificate's
 ==================  ==============================================================================
 
 Limits (documented, not hidden): no revocation checking (CRL/OCSP) — an operator removes a CA or the
-platform's grant instead; no name constraints, policy or path-length processing; ``kid``/``x5t`` are
-ignored; a chain of at most 5 certificates. ``now`` is always passed in (no hidden clock).
+platform's grant instead; no certificate policies processing; ``kid``/``x5t`` are ignored; a chain of at most
+5 certificates in ``x5c``. ``now`` is always passed in (no hidden clock).
 """
 
 from __future__ import annotations
@@ -66,24 +77,25 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import json
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import rfc8785
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import (
-    decode_dss_signature,
-    encode_dss_signature,
-)
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.x509.verification import Criticality, ExtensionPolicy, PolicyBuilder, Store, VerificationError
+from joserfc import jws
+from joserfc.errors import JoseError, MissingCritHeaderError
+from joserfc.jwk import ECKey, RSAKey
 
 __all__ = [
     "ALGORITHMS",
+    "SIGNING_PURPOSES",
     "SignatureCheck",
     "SignatureError",
     "TrustStore",
@@ -93,18 +105,39 @@ __all__ = [
     "verify_detached",
 ]
 
-#: JWS ``alg`` values we accept: (hash, key kind, EC curve or minimum RSA bits)
-ALGORITHMS: dict[str, tuple[type[hashes.HashAlgorithm], str, Any]] = {
-    "ES256": (hashes.SHA256, "ec", ec.SECP256R1),
-    "ES384": (hashes.SHA384, "ec", ec.SECP384R1),
-    "RS256": (hashes.SHA256, "rsa", 2048),
-    "PS256": (hashes.SHA256, "rsa-pss", 2048),
+#: JWS ``alg`` values we accept: (key kind, EC curve or minimum RSA bits)
+ALGORITHMS: dict[str, tuple[str, Any]] = {
+    "ES256": ("ec", ec.SECP256R1),
+    "ES384": ("ec", ec.SECP384R1),
+    "RS256": ("rsa", 2048),
+    "PS256": ("rsa", 2048),
 }
+#: ExtendedKeyUsage purposes that allow signing a prescription (a certificate without the extension may sign):
+#: any purpose, document signing (RFC 9336), and e-mail protection — the signing purpose many national PKIs
+#: give a person's certificate (S/MIME signatures)
+SIGNING_PURPOSES = frozenset({
+    ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE,
+    x509.ObjectIdentifier("1.3.6.1.5.5.7.3.36"),
+    ExtendedKeyUsageOID.EMAIL_PROTECTION,
+})
 MAX_CHAIN = 5
 MAX_JWS_LENGTH = 64 * 1024
 
 #: members of a FHIR resource that are not signed (server-assigned, or the signature itself)
 UNSIGNED_MEMBERS = ("id", "meta", "text", "signature")
+
+#: joserfc's registry with our algorithms and sizes: the header holds x5c (up to 5 certificates), the detached
+#: payload is a whole prescription (its size is the HTTP body limit's business), RSA signatures up to 8192
+#: bits; header parameters joserfc does not know are ignored, as RFC 7515 says (crit aside)
+_JWS = jws.JWSRegistry(algorithms=list(ALGORITHMS), strict_check_header=False)
+_JWS.max_header_length = MAX_JWS_LENGTH
+_JWS.max_payload_length = 1 << 62
+_JWS.max_signature_length = 2048
+
+#: cryptography's VerificationError carries text only; these reasons mean that no trusted issuer was found
+#: (no CA of that name, or none whose key made the signature), as opposed to a chain that breaks a rule
+_NO_TRUSTED_ISSUER = ("all candidates exhausted with no interior errors", "signature does not match")
+_NOT_VALID_NOW = "cert is not valid at validation time"
 
 
 class SignatureError(ValueError):
@@ -150,10 +183,10 @@ class TrustStore:
         self.certificates = tuple(certificates)
         if not self.certificates:
             raise ValueError("a trust store needs at least one CA certificate")
+        self.store = Store(list(self.certificates))
         self._by_subject: dict[bytes, list[x509.Certificate]] = {}
         for cert in self.certificates:
             self._by_subject.setdefault(cert.subject.public_bytes(), []).append(cert)
-        self._fingerprints = {cert.fingerprint(hashes.SHA256()) for cert in self.certificates}
 
     @classmethod
     def from_pem(cls, *pems: bytes) -> TrustStore:
@@ -163,98 +196,18 @@ class TrustStore:
             certs.extend(x509.load_pem_x509_certificates(pem))
         return cls(certs)
 
-    def is_anchor(self, cert: x509.Certificate) -> bool:
-        return cert.fingerprint(hashes.SHA256()) in self._fingerprints
-
     def issuers_of(self, cert: x509.Certificate) -> list[x509.Certificate]:
+        """The trusted CAs named as ``cert``'s issuer (by name only: which one signed it is not checked)."""
         return self._by_subject.get(cert.issuer.public_bytes(), [])
 
 
 # ------------------------------------------------------------------------------------------ canonical JSON
 
 
-def _es_number(x: float) -> str:
-    """ECMAScript Number::toString of a double (RFC 8785 section 3.2.2.3)."""
-    if math.isnan(x) or math.isinf(x):
-        raise ValueError("NaN and Infinity have no JSON form")
-    if x == 0:
-        return "0"  # -0 too
-    sign = "-" if x < 0 else ""
-    mantissa, _, exp_text = repr(abs(x)).partition("e")  # repr: shortest digits that round-trip
-    exponent = int(exp_text or 0)
-    int_part, _, frac_part = mantissa.partition(".")
-    all_digits = int_part + frac_part
-    leading = len(all_digits) - len(all_digits.lstrip("0"))
-    digits = all_digits.lstrip("0").rstrip("0") or "0"
-    k = len(digits)
-    n = len(int_part) + exponent - leading  # value = 0.<digits> * 10**n
-    if k <= n <= 21:
-        out = digits + "0" * (n - k)
-    elif 0 < n <= 21:
-        out = digits[:n] + "." + digits[n:]
-    elif -6 < n <= 0:
-        out = "0." + "0" * (-n) + digits
-    else:
-        e = n - 1
-        e_text = ("+" if e >= 0 else "-") + str(abs(e))
-        out = (digits if k == 1 else digits[0] + "." + digits[1:]) + "e" + e_text
-    return sign + out
-
-
-def _utf16_key(name: str) -> bytes:
-    return name.encode("utf-16-be", "surrogatepass")
-
-
-def _write(value: Any, out: list[str]) -> None:
-    if value is None:
-        out.append("null")
-    elif value is True:
-        out.append("true")
-    elif value is False:
-        out.append("false")
-    elif isinstance(value, str):
-        out.append(json.dumps(value, ensure_ascii=False))
-    elif isinstance(value, int):
-        if abs(value) > 2**53:
-            raise ValueError(f"integer {value} is beyond 2**53: not exactly representable in JSON numbers")
-        out.append(str(value))
-    elif isinstance(value, float):
-        out.append(_es_number(value))
-    elif isinstance(value, dict):
-        out.append("{")
-        for i, key in enumerate(sorted(value, key=_member_key)):
-            if i:
-                out.append(",")
-            out.append(json.dumps(key, ensure_ascii=False))
-            out.append(":")
-            _write(value[key], out)
-        out.append("}")
-    elif isinstance(value, (list, tuple)):
-        out.append("[")
-        for i, item in enumerate(value):
-            if i:
-                out.append(",")
-            _write(item, out)
-        out.append("]")
-    else:
-        raise ValueError(f"{type(value).__name__} has no JSON form")
-
-
-def _member_key(key: Any) -> bytes:
-    if not isinstance(key, str):
-        raise ValueError(f"JSON object member names must be strings, not {type(key).__name__}")  # noqa: TRY004
-    return _utf16_key(key)
-
-
 def canonical_json(value: Any) -> bytes:
-    """RFC 8785 (JCS) bytes of a parsed JSON value; see the module docstring for the subset and its limits.
-    Raises ValueError for what has no canonical form."""
-    out: list[str] = []
-    _write(value, out)
-    try:
-        return "".join(out).encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("a string holds a lone surrogate: not representable in UTF-8") from None
+    """RFC 8785 (JCS) bytes of a parsed JSON value (``rfc8785``); see the module docstring for what has none.
+    Raises ValueError for such a value."""
+    return rfc8785.dumps(value)
 
 
 def prescription_payload(resource: dict) -> bytes:
@@ -268,19 +221,6 @@ def prescription_payload(resource: dict) -> bytes:
 # ------------------------------------------------------------------------------------------------ JWS
 
 
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def _b64url_decode(text: str, what: str) -> bytes:
-    if not text or any(c not in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_" for c in text):
-        raise SignatureError("malformed", f"the JWS {what} is not base64url")
-    try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (binascii.Error, ValueError):
-        raise SignatureError("malformed", f"the JWS {what} is not base64url") from None
-
-
 def _name(n: x509.Name) -> str:
     return n.rfc4514_string()
 
@@ -291,30 +231,37 @@ def _utc(now: datetime) -> datetime:
     return now.astimezone(UTC)
 
 
-def _parse_header(jws: str) -> tuple[str, dict, bytes]:
-    if not jws:
+def _jose_key(key):
+    """joserfc's key object for a ``cryptography`` EC or RSA key (public or private)."""
+    return ECKey.import_key(key) if isinstance(key, (ec.EllipticCurvePublicKey, ec.EllipticCurvePrivateKey)) \
+        else RSAKey.import_key(key)
+
+
+def _read_jws(text: str, payload: bytes) -> jws.CompactSignature:
+    """The detached JWS read by joserfc, with ``payload`` as its content (not yet verified)."""
+    if not text:
         raise SignatureError("missing", "the prescription carries no signature (a detached JWS is required)")
-    if not isinstance(jws, str) or len(jws) > MAX_JWS_LENGTH:
+    if not isinstance(text, str) or len(text) > MAX_JWS_LENGTH:
         raise SignatureError("malformed", "the JWS is not text of a sensible length")
-    parts = jws.strip().split(".")
+    parts = text.strip().split(".")
     if len(parts) != 3:
         raise SignatureError("malformed", "a detached JWS has three parts: <header>..<signature>")
-    header_b64, payload_part, sig_b64 = parts
-    if payload_part:
+    if parts[1]:
         raise SignatureError("malformed", "the JWS payload part must be empty (detached content, RFC 7515 "
                              "appendix F): the payload is the prescription itself")
     try:
-        header = json.loads(_b64url_decode(header_b64, "header"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise SignatureError("malformed", "the JWS protected header is not JSON") from None
-    if not isinstance(header, dict):
-        raise SignatureError("malformed", "the JWS protected header is not a JSON object")
-    return header_b64, header, _b64url_decode(sig_b64, "signature")
+        return jws.extract_compact(text.strip().encode("ascii"), payload, _JWS)
+    except MissingCritHeaderError:
+        raise SignatureError("header", 'the header must carry "crit": ["b64"] and no other critical '
+                             "parameter") from None
+    except (JoseError, UnicodeEncodeError, RecursionError):
+        raise SignatureError("malformed", "the JWS protected header is not base64url JSON: an object naming "
+                             "its alg") from None
 
 
 def _check_header(header: dict) -> str:
     alg = header.get("alg")
-    if alg not in ALGORITHMS:
+    if not isinstance(alg, str) or alg not in ALGORITHMS:
         raise SignatureError("algorithm", f"alg {alg!r} is not accepted (accepted: {', '.join(ALGORITHMS)}; "
                              "never none or HMAC)")
     if header.get("b64") is not False:
@@ -340,110 +287,129 @@ def _load_chain(x5c: Sequence[str]) -> list[x509.Certificate]:
     return chain
 
 
+def _extension(cert: x509.Certificate, kind):
+    try:
+        return cert.extensions.get_extension_for_class(kind).value
+    except x509.ExtensionNotFound:
+        return None
+
+
+def _purposes(eku: x509.ExtendedKeyUsage) -> str:
+    """The purposes an ExtendedKeyUsage names, by cryptography's names (serverAuth...) or else their OIDs."""
+    return ", ".join(p.dotted_string if p._name == "Unknown OID" else p._name for p in eku)
+
+
 def _check_key(cert: x509.Certificate, alg: str) -> None:
-    _, kind, param = ALGORITHMS[alg]
-    key = cert.public_key()
+    """Our policy for the signer's certificate: its key fits ``alg``, it is a person's (not a CA's), and its
+    key usages, when it lists them, allow signing documents."""
+    kind, param = ALGORITHMS[alg]
+    try:
+        key = cert.public_key()
+    except (ValueError, UnsupportedAlgorithm):
+        raise SignatureError("key", "the signer's certificate holds no public key that can be read") from None
     if kind == "ec":
         if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, param):
             raise SignatureError("key", f"{alg} needs an EC {param.name} key in the signer's certificate")
     elif not isinstance(key, rsa.RSAPublicKey) or key.key_size < param:
         raise SignatureError("key", f"{alg} needs an RSA key of at least {param} bits in the signer's certificate")
-    try:
-        bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-        if bc.ca:
-            raise SignatureError("key", "the signer's certificate is a CA certificate, not a person's")
-    except x509.ExtensionNotFound:
-        pass
-    try:
-        ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
-        if not (ku.digital_signature or ku.content_commitment):
-            raise SignatureError("key", "the signer's certificate is not for signatures (KeyUsage has neither "
-                                 "digitalSignature nor nonRepudiation)")
-    except x509.ExtensionNotFound:
-        pass
+    bc = _extension(cert, x509.BasicConstraints)
+    if bc is not None and bc.ca:
+        raise SignatureError("key", "the signer's certificate is a CA certificate, not a person's")
+    ku = _extension(cert, x509.KeyUsage)
+    if ku is not None and not (ku.digital_signature or ku.content_commitment):
+        raise SignatureError("key", "the signer's certificate is not for signatures (KeyUsage has neither "
+                             "digitalSignature nor nonRepudiation)")
+    eku = _extension(cert, x509.ExtendedKeyUsage)
+    if eku is not None and not SIGNING_PURPOSES.intersection(eku):
+        raise SignatureError("key", "the signer's certificate is not for signing documents (its ExtendedKeyUsage "
+                             f"names only {_purposes(eku)})")
+
+
+def _out_of_validity(cert: x509.Certificate, who: str, now: datetime) -> SignatureError | None:
+    """``expired`` or ``not-yet-valid`` for a certificate outside its validity period at ``now``, else None."""
+    if now > cert.not_valid_after_utc:
+        return SignatureError("expired", f"{who} expired at {cert.not_valid_after_utc.isoformat()}")
+    if now < cert.not_valid_before_utc:
+        return SignatureError("not-yet-valid", f"{who} is valid only from {cert.not_valid_before_utc.isoformat()}")
+    return None
 
 
 def _check_validity(chain: Sequence[x509.Certificate], now: datetime) -> None:
     for i, cert in enumerate(chain):
         who = "the signer's certificate" if i == 0 else f"certificate x5c[{i}]"
-        if now > cert.not_valid_after_utc:
-            raise SignatureError("expired", f"{who} ({_name(cert.subject)}) expired at "
-                                 f"{cert.not_valid_after_utc.isoformat()}")
-        if now < cert.not_valid_before_utc:
-            raise SignatureError("not-yet-valid", f"{who} ({_name(cert.subject)}) is valid only from "
-                                 f"{cert.not_valid_before_utc.isoformat()}")
+        error = _out_of_validity(cert, f"{who} ({_name(cert.subject)})", now)
+        if error is not None:
+            raise error
 
 
-def _is_ca(cert: x509.Certificate) -> bool:
-    try:
-        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    except x509.ExtensionNotFound:
-        return False
+def _ca_may_certify_signers(_policy, ca: x509.Certificate, eku: x509.ExtendedKeyUsage | None) -> None:
+    """A CA whose ExtendedKeyUsage is limited to other purposes (TLS...) may not certify a prescriber."""
+    if eku is not None and not SIGNING_PURPOSES.intersection(eku):
+        raise ValueError(f"{_name(ca.subject)} may certify only {_purposes(eku)}, not signing documents")
+
+
+#: the signer's certificate: webpki rules, but no subjectAltName or authorityKeyIdentifier required, and any
+#: ExtendedKeyUsage (`_check_key` has checked it allows signing documents)
+_SIGNER_EXTENSIONS = (ExtensionPolicy.webpki_defaults_ee()
+                      .may_be_present(x509.SubjectAlternativeName, Criticality.AGNOSTIC, None)
+                      .may_be_present(x509.AuthorityKeyIdentifier, Criticality.NON_CRITICAL, None)
+                      .may_be_present(x509.ExtendedKeyUsage, Criticality.AGNOSTIC, None))
+#: CAs: webpki rules, and an ExtendedKeyUsage that allows certifying signers
+_CA_EXTENSIONS = (ExtensionPolicy.webpki_defaults_ca()
+                  .may_be_present(x509.ExtendedKeyUsage, Criticality.AGNOSTIC, _ca_may_certify_signers))
 
 
 def _check_chain(chain: Sequence[x509.Certificate], trust: TrustStore, now: datetime) -> x509.Certificate:
-    """The trusted anchor the chain ends at; raises SignatureError ``chain``/``untrusted``/``expired``."""
+    """The trusted anchor the chain ends at (path validation by ``cryptography``); raises SignatureError
+    ``chain``/``untrusted``/``expired``/``not-yet-valid``."""
     for i in range(len(chain) - 1):
-        child, parent = chain[i], chain[i + 1]
-        if not _is_ca(parent):
-            raise SignatureError("chain", f"x5c[{i + 1}] ({_name(parent.subject)}) is not a CA certificate")
-        try:
-            child.verify_directly_issued_by(parent)
-        except (ValueError, TypeError, InvalidSignature):
-            raise SignatureError("chain", f"x5c[{i}] is not issued by x5c[{i + 1}]") from None
-    top = chain[-1]
-    if trust.is_anchor(top):
-        return top
-    for anchor in trust.issuers_of(top):
-        try:
-            top.verify_directly_issued_by(anchor)
-        except (ValueError, TypeError, InvalidSignature):
-            continue
-        if now > anchor.not_valid_after_utc:
-            raise SignatureError("expired", f"the trusted CA {_name(anchor.subject)} expired at "
-                                 f"{anchor.not_valid_after_utc.isoformat()}")
-        if now < anchor.not_valid_before_utc:
-            raise SignatureError("not-yet-valid", f"the trusted CA {_name(anchor.subject)} is valid only from "
-                                 f"{anchor.not_valid_before_utc.isoformat()}")
-        return anchor
-    raise SignatureError("untrusted", f"the signer's chain ends at {_name(top.issuer)}, which is not a CA this "
-                         "gateway trusts for prescriptions")
-
-
-def _verify_signature(cert: x509.Certificate, alg: str, signature: bytes, data: bytes) -> None:
-    hash_cls, kind, _ = ALGORITHMS[alg]
-    key = cert.public_key()
+        if chain[i].issuer != chain[i + 1].subject:
+            raise SignatureError("chain", f"x5c[{i}] is not issued by x5c[{i + 1}] (x5c lists the signer's "
+                                 "certificate, then each issuer in turn)")
+    verifier = (PolicyBuilder().store(trust.store).time(now).max_chain_depth(MAX_CHAIN - 1)
+                .extension_policies(ca_policy=_CA_EXTENSIONS, ee_policy=_SIGNER_EXTENSIONS)
+                .build_client_verifier())
     try:
-        if kind == "ec":
-            size = (key.curve.key_size + 7) // 8
-            if len(signature) != 2 * size:
-                raise InvalidSignature()
-            r = int.from_bytes(signature[:size], "big")
-            s = int.from_bytes(signature[size:], "big")
-            key.verify(encode_dss_signature(r, s), data, ec.ECDSA(hash_cls()))
-        elif kind == "rsa":
-            key.verify(signature, data, padding.PKCS1v15(), hash_cls())
-        else:
-            key.verify(signature, data, padding.PSS(mgf=padding.MGF1(hash_cls()), salt_length=hash_cls.digest_size),
-                       hash_cls())
-    except InvalidSignature:
-        raise SignatureError("signature", "the signature does not match the prescription with the signer's "
-                             "certificate: the prescription was altered after signing, or signed with another "
-                             "key") from None
+        return verifier.verify(chain[0], list(chain[1:])).chain[-1]
+    except VerificationError as e:
+        raise _chain_refusal(str(e), chain[-1], trust, now) from None
 
 
-def verify_detached(jws: str | None, payload: bytes, trust: TrustStore, now: datetime) -> SignatureCheck:
+def _chain_refusal(reason: str, top: x509.Certificate, trust: TrustStore, now: datetime) -> SignatureError:
+    """The check a refused path names (the x5c certificates' own validity was checked before)."""
+    reason = (reason.removeprefix("validation failed: ").split(" (encountered processing")[0]
+              .replace("Python extension validator failed: ValueError: ", ""))  # our own policy's words
+    if reason.endswith(_NOT_VALID_NOW):
+        for anchor in trust.issuers_of(top):
+            error = _out_of_validity(anchor, f"the trusted CA {_name(anchor.subject)}", now)
+            if error is not None:
+                return error
+    if reason.endswith(_NO_TRUSTED_ISSUER):
+        return SignatureError("untrusted", f"the signer's chain ends at {_name(top.issuer)}, which is not a CA "
+                              "this gateway trusts for prescriptions")
+    return SignatureError("chain", f"the signer's certificate chain is not valid: {reason}")
+
+
+def verify_detached(jws_text: str | None, payload: bytes, trust: TrustStore, now: datetime) -> SignatureCheck:
     """Verify a detached, unencoded-payload JWS over ``payload`` (the canonical bytes: `canonical_json` or
     `prescription_payload`). Returns what to store with the message; raises `SignatureError`."""
     now = _utc(now)
-    header_b64, header, signature = _parse_header(jws or "")
+    signed = _read_jws(jws_text or "", payload)
+    header = signed.headers()
     alg = _check_header(header)
     chain = _load_chain(header["x5c"])
     leaf = chain[0]
     _check_key(leaf, alg)
     _check_validity(chain, now)
     anchor = _check_chain(chain, trust, now)
-    _verify_signature(leaf, alg, signature, header_b64.encode("ascii") + b"." + payload)
+    try:
+        valid = jws.validate_compact(signed, _jose_key(leaf.public_key()), registry=_JWS)
+    except JoseError as e:
+        raise SignatureError("header", f"the JWS header is not valid: {e.description}") from None
+    if not valid:
+        raise SignatureError("signature", "the signature does not match the prescription with the signer's "
+                             "certificate: the prescription was altered after signing, or signed with another "
+                             "key")
     return SignatureCheck(
         alg=alg,
         signer_subject=_name(leaf.subject),
@@ -490,16 +456,4 @@ def sign_release(payload: bytes | dict, key, cert_chain: Sequence[x509.Certifica
         "crit": ["b64"],
         "x5c": [base64.b64encode(c.public_bytes(serialization.Encoding.DER)).decode("ascii") for c in cert_chain],
     }
-    header_b64 = _b64url(canonical_json(header))
-    signing_input = header_b64.encode("ascii") + b"." + data
-    hash_cls, kind, _ = ALGORITHMS[alg]
-    if kind == "ec":
-        r, s = decode_dss_signature(key.sign(signing_input, ec.ECDSA(hash_cls())))
-        size = (key.curve.key_size + 7) // 8
-        signature = r.to_bytes(size, "big") + s.to_bytes(size, "big")
-    elif kind == "rsa":
-        signature = key.sign(signing_input, padding.PKCS1v15(), hash_cls())
-    else:
-        signature = key.sign(signing_input, padding.PSS(mgf=padding.MGF1(hash_cls()), salt_length=hash_cls.digest_size),
-                             hash_cls())
-    return f"{header_b64}..{_b64url(signature)}"
+    return jws.detach_content(jws.serialize_compact(header, data, _jose_key(key), registry=_JWS))

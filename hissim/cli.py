@@ -3,7 +3,7 @@
 ``--log`` overrides the received-messages journal path. SIGUSR1 makes the counter book one random
 free slot at once (journalled and pushed like any counter booking); SIGUSR2 makes the pharmacy (config
 ``pharmacy:``) release a random prescription to outside pharmacies. SIGINT / SIGTERM stop it.
-Exit status: 0 after a clean stop, 1 if it could not listen, 2 for a bad configuration.
+Exit status: 0 after a clean stop, 1 if it could not listen or open its store, 2 for a bad configuration.
 """
 
 from __future__ import annotations
@@ -55,8 +55,13 @@ def main(argv: list[str]) -> int:
     from twisted.internet import reactor
 
     from hissim.service import make_service
+    from hissim.store import StoreError
 
-    sim = make_service(config, reactor)
+    try:
+        sim = make_service(config, reactor)
+    except StoreError as exc:
+        log.error("his-sim.cannot-open-store", path=config.store, error=str(exc))
+        return 1
     status = {"code": 0}
 
     def cannot_listen(failure):

@@ -102,7 +102,8 @@ class HisSimConfig:
     )
     gateway: GatewayAddress = doc("Where this HIS pushes SIU notifications.", default_factory=GatewayAddress)
     publish: Literal["push", "none"] = doc(
-        "push: send SIU^S24 for every open slot at start and SIU^S12/S15 on changes; "
+        "push: send SIU^S24 for every slot it opens (at the first start all of them; after a restart only slots "
+        "new to its store) and SIU^S12/S15 on changes; "
         "none: only answer SQM^S25 queries (the gateway polls).",
         default="push",
     )
@@ -127,6 +128,14 @@ class HisSimConfig:
     sent_log: Path = doc(
         "JSON-lines log of every notification sent (relative to this config file).",
         default=Path("his-sent.jsonl"),
+    )
+    store: Optional[str] = doc(
+        "SQLite file where this HIS keeps what a real HIS keeps across a restart: its slots, every booking and "
+        "who made it, the next appointment id, the answers it gave, the messages the gateway has not "
+        "acknowledged yet and the pharmacy's accepted orders (relative to this config file; one store per "
+        "simulator). ':memory:' keeps nothing: every start is a new hospital. null = the config file's name "
+        "with '.sqlite3', next to it (his-sim.yaml -> his-sim.sqlite3).",
+        default=None,
     )
     days: Annotated[int, Range(1, 366)] = doc("Slots from start_date for this many days.", default=7)
     start_date: Optional[str] = doc(
@@ -213,14 +222,23 @@ class HisSimConfig:
 def load_config(path: str | Path) -> HisSimConfig:
     """Load and validate the simulator's YAML config; raises ConfigError listing every problem."""
     config = load(path, HisSimConfig)
-    return with_paths_relative_to(config, Path(path).absolute().parent)
+    return with_paths_relative_to(config, Path(path).absolute())
 
 
-def with_paths_relative_to(config: HisSimConfig, base_dir: Path) -> HisSimConfig:
-    """The config with its log paths made absolute against ``base_dir`` (defaults are not resolved by
-    the loader, explicit relative paths already are)."""
+def with_paths_relative_to(config: HisSimConfig, config_file: Path) -> HisSimConfig:
+    """The config with its log and store paths made absolute against the directory of ``config_file`` (defaults
+    are not resolved by the loader, explicit relative log paths already are); no store named: the config file's
+    own name with '.sqlite3'."""
+    base_dir = config_file.parent
+    if config.store is None:
+        store = str(config_file.with_suffix(".sqlite3"))
+    elif config.store == ":memory:":
+        store = config.store
+    else:
+        store = str(base_dir / Path(config.store).expanduser())
     return dataclasses.replace(
         config,
         received_log=base_dir / config.received_log,
         sent_log=base_dir / config.sent_log,
+        store=store,
     )

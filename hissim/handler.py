@@ -11,10 +11,14 @@ Answers (always MSA-2 = the received MSH-10):
   booking); asking for another slot while holding one gets AR 205.
   ARQ-8 `Tentative` (HL7 table 0277) holds the slot for the placer (SCH-25 Pending, no SIU): the placer's
   ordinary SRM^S01 for that slot confirms it (S12 then), SRM^S04 releases it (no SIU either).
-- SRM^S04 -> SRR^S04: AA (SCH-25 Cancelled) and the slot opens again; AR 204 for an unknown booking.
-- SRM^S03 -> SRR^S03: the booking named by ARQ-2 (or ARQ-1) moves to the slot in ARQ-5/ARQ-11 (same HIS
-  appointment id and placer id): AA (SCH-25 Booked) and an SIU^S13 for the new slot; the same slot, AA and
-  nothing changes; AR 204 unknown booking or slot, 207 slot not open. (S03 as a cancellation is not modelled.)
+- SRM^S04 and SRM^S03 name a booking as a HIS does: by the sender's placer appointment id (ARQ-1, required:
+  AR 101 without it), checked against the filler id (ARQ-2) when one is given. No live booking with that
+  placer id: AR 204 at ARQ-1; the filler id names another booking (a stale or crossed id): AR 204 at ARQ-2,
+  and nothing changes. (Matching by ARQ-2 alone once let a late cancel cancel whatever booking held that id.)
+- SRM^S04 -> SRR^S04: AA (SCH-25 Cancelled) and the slot opens again.
+- SRM^S03 -> SRR^S03: the booking moves to the slot in ARQ-5/ARQ-11 (same HIS appointment id and placer id):
+  AA (SCH-25 Booked) and an SIU^S13 for the new slot; the same slot, AA and nothing changes; AR 204 unknown
+  slot (ARQ-5), 207 slot not open. (S03 as a cancellation is not modelled.)
 - SQM^S25 -> SQR^S25: MSA, the QRD echoed, one SCH/RGS/AIS/AIL/AIP group per slot starting within
   QRF-2..QRF-3 (all slots when empty), then an empty DSC.
 - any other message -> ACK AR with ERR 200 (unknown message code) or 201 (unsupported event).
@@ -23,6 +27,11 @@ Answers (always MSA-2 = the received MSH-10):
   can be too large to keep); the same MSH-10 with other content gets AR 205 'control id reused with
   different content' (and is not remembered).
 Bookings and cancellations queue an SIU^S12 / SIU^S15 (push mode) through ``notify``.
+
+Durability: each message is processed in one transaction of the store (`hissim.store`): the inventory's
+changes, the answer (remembered for resends, after a restart too) and the SIU it queues are committed before
+the answer is returned to the MLLP listener. If the commit fails, the inventory is put back as it was and the
+listener answers AE (ERR 207): the sender tries again.
 
 Every received message is journalled (control id, type, the ACK code, placer id, schedule, start):
 never a patient's name or identifier.
@@ -41,9 +50,10 @@ import structlog
 
 from adapters.hl7.er7 import Hl7Error, Message, Segment, escape, parse_dtm
 from hissim.clocks import HospitalClock
-from hissim.inventory import Inventory, InventoryError, SlotNotOpen, UnknownBooking, UnknownSlot
+from hissim.inventory import Inventory, NotTheSameBooking, SlotNotOpen, UnknownBooking, UnknownSlot
 from hissim.journal import Journal
 from hissim.messages import Header, Notification, Refusal, build_answer, slot_group
+from hissim.store import Store
 
 log = structlog.get_logger("hissim.handler")
 
@@ -84,16 +94,30 @@ class Recall:
 
 
 class AnswerMemory:
-    """The answers given, by MSH-10, so a resend gets the very same bytes; the oldest are forgotten."""
+    """The answers ``role`` gave, by MSH-10, so a resend gets the very same bytes, after a restart too (they
+    are kept in the store); beyond ``limit`` the oldest are forgotten."""
 
-    def __init__(self, limit: int = REMEMBERED_ANSWERS) -> None:
+    def __init__(self, store: Store, role: str, limit: int = REMEMBERED_ANSWERS) -> None:
+        self._store = store
+        self._role = role
         self._limit = limit
-        self._answered: collections.OrderedDict[str, Answered] = collections.OrderedDict()
+        self._answered: collections.OrderedDict[str, Answered] = collections.OrderedDict(
+            (control_id, Answered(fingerprint, code, answer))
+            for control_id, fingerprint, code, answer in store.answers(role, limit))
 
     def recall(self, message: Message) -> Recall:
         return Recall(_fingerprint(message), self._answered.get(message.control_id))
 
     def remember(self, control_id: str, answered: Answered) -> None:
+        """Keep an answer, in the store's current transaction; it is recalled once that has committed."""
+        forget = None
+        if control_id not in self._answered and len(self._answered) >= self._limit:
+            forget = next(iter(self._answered))
+        self._store.remember_answer(self._role, control_id, answered.fingerprint, answered.code, answered.answer,
+                                    forget)
+        self._store.after_commit(lambda: self._keep(control_id, answered))
+
+    def _keep(self, control_id: str, answered: Answered) -> None:
         self._answered[control_id] = answered
         while len(self._answered) > self._limit:
             self._answered.popitem(last=False)
@@ -115,6 +139,7 @@ class HisHandler:
         self,
         *,
         inventory: Inventory,
+        store: Store,
         header: Header,
         clock: HospitalClock,
         control_ids: Iterator[str],
@@ -122,12 +147,13 @@ class HisHandler:
         notify: Callable[[Notification], None] | None = None,
     ) -> None:
         self.inventory = inventory
+        self.store = store
         self.header = header
         self.clock = clock
         self.control_ids = control_ids
         self.journal = journal
         self.notify = notify
-        self.answers = AnswerMemory()
+        self.answers = AnswerMemory(store, "his")
 
     # -- the MLLP handler interface -------------------------------------------------------------
 
@@ -141,13 +167,14 @@ class HisHandler:
         elif recall.reused:
             code, answer = "AR", self._answer(message, _Outcome(_answer_type(message), REUSED_CONTROL_ID))
         else:
-            outcome = self._process(message)
-            code = "AA" if outcome.refusal is None else "AR"
-            answer = self._answer(message, outcome)
-            kept = None if message.message_code == "SQM" else answer  # an SQR can be large
-            self.answers.remember(control_id, Answered(recall.fingerprint, code, kept))
-            if outcome.notification is not None and self.notify is not None:
-                self.notify(outcome.notification)
+            with self.store.changing(self.inventory):
+                outcome = self._process(message)
+                code = "AA" if outcome.refusal is None else "AR"
+                answer = self._answer(message, outcome)
+                kept = None if message.message_code == "SQM" else answer  # an SQR can be large
+                self.answers.remember(control_id, Answered(recall.fingerprint, code, kept))
+                if outcome.notification is not None and self.notify is not None:
+                    self.notify(outcome.notification)
         entry = {
             "time": self.clock.iso(),
             "control_id": control_id,
@@ -225,9 +252,9 @@ class HisHandler:
         answer_type = "SRR^S04^SRR_S01"
         _arq, placer, filler = _naming_a_booking(message)
         try:
-            booking = self.inventory.cancel(appointment_id=filler or None, placer_id=placer or None)
-        except InventoryError as exc:
-            return _Outcome(answer_type, Refusal(204, str(exc), "ARQ", 2 if filler else 1))
+            booking = self.inventory.cancel(placer_id=placer, appointment_id=filler or None)
+        except UnknownBooking as exc:
+            return _Outcome(answer_type, _unknown_booking(exc))
         slot = self.inventory.slot(booking.schedule_id, booking.start)
         group = slot_group(replace(slot, booking=booking), "S15^cancelled")
         group[0][25] = "Cancelled"
@@ -242,10 +269,12 @@ class HisHandler:
         arq, placer, filler = _naming_a_booking(message)
         schedule_id, start = self._requested_slot(message, arq)
         try:
-            before = self.inventory.booking(appointment_id=filler or None, placer_id=placer or None)
-            booking = self.inventory.move(schedule_id, start, appointment_id=before.appointment_id)
-        except (UnknownBooking, UnknownSlot) as exc:
-            return _Outcome(answer_type, Refusal(204, str(exc), "ARQ", 2 if filler else 1))
+            before = self.inventory.booking(placer_id=placer, appointment_id=filler or None)
+            booking = self.inventory.move(schedule_id, start, placer_id=placer)
+        except UnknownBooking as exc:
+            return _Outcome(answer_type, _unknown_booking(exc))
+        except UnknownSlot as exc:
+            return _Outcome(answer_type, Refusal(204, str(exc), "ARQ", 5))
         except SlotNotOpen as exc:
             return _Outcome(answer_type, Refusal(207, str(exc), "ARQ", 11))
         slot = self.inventory.slot(schedule_id, start)
@@ -306,12 +335,17 @@ class HisHandler:
 
 
 def _naming_a_booking(message: Message) -> tuple[Segment, str, str]:
-    """The ARQ of a request about an existing booking, and its placer (ARQ-1) and filler (ARQ-2) ids."""
+    """The ARQ of a request about an existing booking, its placer (ARQ-1, required) and filler (ARQ-2) ids."""
     arq = _required_segment(message, "ARQ")
     placer, filler = arq.get(1), arq.get(2)
-    if not placer and not filler:
-        raise Hl7Error(101, "placer (ARQ-1) or filler (ARQ-2) appointment id is required", segment="ARQ", field=1)
+    if not placer:
+        raise Hl7Error(101, "placer appointment id (ARQ-1) is required", segment="ARQ", field=1)
     return arq, placer, filler
+
+
+def _unknown_booking(exc: UnknownBooking) -> Refusal:
+    """AR 204 at the id that names no booking: ARQ-2 when it names another booking than ARQ-1, else ARQ-1."""
+    return Refusal(204, str(exc), "ARQ", 2 if isinstance(exc, NotTheSameBooking) else 1)
 
 
 def _tentative(arq: Segment) -> bool:

@@ -5,7 +5,11 @@ in hospital local time, like every datetime here: HL7 DTMs in the profile carry 
 
 A slot is identified by (schedule id, start). Its state is open, booked (with the HIS appointment id
 ``H<6 digits>`` and who booked it: ``'counter'`` or the gateway's placer appointment id) or blocked.
-The inventory lives in memory and is rebuilt from config at each start: it is a simulator.
+
+The inventory lives in memory; `hissim.store` keeps it on disk. Every change since the last `settle` is
+remembered with the slot as it was before (`changes`), so the store can write exactly what changed and, when
+its transaction fails, `discard_changes` puts the inventory back as it was: what the HIS knows is what it has
+committed.
 """
 
 from __future__ import annotations
@@ -34,6 +38,10 @@ class SlotNotOpen(InventoryError):
 
 class UnknownBooking(InventoryError):
     pass
+
+
+class NotTheSameBooking(UnknownBooking):
+    """The placer id names one booking and the HIS appointment id given with it another (or none)."""
 
 
 class SlotStatus(enum.Enum):
@@ -117,18 +125,30 @@ def session_starts(day: date, session: tuple[time, time], minutes: int) -> list[
     return starts
 
 
+@dataclass(frozen=True)
+class Changes:
+    """What changed since the last `Inventory.settle`: the slots as they are now, the bookings that ended
+    (cancelled, or a hold released) and the next HIS appointment number."""
+
+    slots: list[Slot]
+    ended: list[Booking]
+    next_appointment_number: int
+
+
 class Inventory:
     """All slots of all schedules, and the bookings on them."""
 
     def __init__(self, slots: Iterable[Slot], *, next_appointment_number: int = 1) -> None:
         self._slots: dict[tuple[str, datetime], Slot] = {}
         self._schedules: dict[str, Schedule] = {}
-        for slot in slots:
-            self._slots[slot.key] = slot
-            self._schedules[slot.schedule.id] = slot.schedule
         self._by_appointment: dict[str, tuple[str, datetime]] = {}
         self._by_placer: dict[str, tuple[str, datetime]] = {}
+        for slot in slots:
+            self._put(slot)
         self._next_number = next_appointment_number
+        #: slot key -> the slot before the first change since the last settle (None: the slot is new)
+        self._before: dict[tuple[str, datetime], Slot | None] = {}
+        self._settled_number = next_appointment_number
 
     @classmethod
     def build(cls, schedules: Sequence[Schedule], first_day: date, days: int) -> Inventory:
@@ -167,17 +187,26 @@ class Inventory:
             raise UnknownSlot("no such slot") from None
 
     def booking(self, *, appointment_id: str | None = None, placer_id: str | None = None) -> Booking:
-        """The live booking with this HIS appointment id, else with this placer id; UnknownBooking."""
-        key = None
-        if appointment_id:
-            key = self._by_appointment.get(appointment_id)
-        if key is None and placer_id:
+        """The live booking the placer id names, checked against the HIS appointment id when both are given
+        (`NotTheSameBooking` when they name different bookings); with the appointment id alone, the booking
+        it names (the hospital's own, e.g. a counter booking). UnknownBooking when there is none."""
+        if placer_id:
             key = self._by_placer.get(placer_id)
+        elif appointment_id:
+            key = self._by_appointment.get(appointment_id)
+        else:
+            key = None
         if key is None:
             raise UnknownBooking("no such appointment")
         booking = self._slots[key].booking
         assert booking is not None
+        if placer_id and appointment_id and booking.appointment_id != appointment_id:
+            raise NotTheSameBooking("the placer and filler appointment ids name different appointments")
         return booking
+
+    @property
+    def next_appointment_number(self) -> int:
+        return self._next_number
 
     # -- changing ----------------------------------------------------------------------------
 
@@ -202,22 +231,19 @@ class Inventory:
             tentative=tentative,
         )
         self._next_number += 1
-        self._slots[slot.key] = dataclasses.replace(slot, status=SlotStatus.BOOKED, booking=booking)
-        self._by_appointment[booking.appointment_id] = slot.key
-        if placer_id:
-            self._by_placer[placer_id] = slot.key
+        self._change(dataclasses.replace(slot, status=SlotStatus.BOOKED, booking=booking))
         return booking
 
     def confirm(self, booking: Booking) -> Booking:
         """A tentative booking becomes a booking (the placer's ordinary SRM^S01 for the slot it holds)."""
         confirmed = dataclasses.replace(booking, tentative=False)
         key = (booking.schedule_id, booking.start)
-        self._slots[key] = dataclasses.replace(self._slots[key], booking=confirmed)
+        self._change(dataclasses.replace(self._slots[key], booking=confirmed))
         return confirmed
 
     def move(self, schedule_id: str, start: datetime, *, appointment_id: str | None = None,
              placer_id: str | None = None) -> Booking:
-        """Move a booking (found as in :meth:`cancel`) to another open slot, keeping its HIS appointment id and
+        """Move a booking (found as in :meth:`booking`) to another open slot, keeping its HIS appointment id and
         placer; the old slot opens.  The same slot: nothing changes.  UnknownBooking, UnknownSlot, SlotNotOpen."""
         booking = self.booking(appointment_id=appointment_id, placer_id=placer_id)
         target = self.slot(schedule_id, start)
@@ -227,21 +253,15 @@ class Inventory:
             raise SlotNotOpen(f"slot {target.status.value.lower()}")
         old_key = (booking.schedule_id, booking.start)
         moved = dataclasses.replace(booking, schedule_id=schedule_id, start=start)
-        self._slots[old_key] = dataclasses.replace(self._slots[old_key], status=SlotStatus.OPEN, booking=None)
-        self._slots[target.key] = dataclasses.replace(target, status=SlotStatus.BOOKED, booking=moved)
-        self._by_appointment[moved.appointment_id] = target.key
-        if moved.placer_id:
-            self._by_placer[moved.placer_id] = target.key
+        self._change(dataclasses.replace(self._slots[old_key], status=SlotStatus.OPEN, booking=None))
+        self._change(dataclasses.replace(target, status=SlotStatus.BOOKED, booking=moved))
         return moved
 
     def cancel(self, *, appointment_id: str | None = None, placer_id: str | None = None) -> Booking:
-        """Cancel a booking found by HIS appointment id (preferred) or placer id; the slot opens again."""
+        """Cancel the booking found as in :meth:`booking`; the slot opens again."""
         booking = self.booking(appointment_id=appointment_id, placer_id=placer_id)
         key = (booking.schedule_id, booking.start)
-        self._slots[key] = dataclasses.replace(self._slots[key], status=SlotStatus.OPEN, booking=None)
-        del self._by_appointment[booking.appointment_id]
-        if booking.placer_id:
-            self._by_placer.pop(booking.placer_id, None)
+        self._change(dataclasses.replace(self._slots[key], status=SlotStatus.OPEN, booking=None))
         return booking
 
     def block(self, schedule_id: str, start: datetime) -> Slot:
@@ -250,7 +270,7 @@ class Inventory:
         if slot.status is SlotStatus.BOOKED:
             raise SlotNotOpen("slot already booked")
         blocked = dataclasses.replace(slot, status=SlotStatus.BLOCKED)
-        self._slots[slot.key] = blocked
+        self._change(blocked)
         return blocked
 
     def book_at_counter(self, rng: random.Random, now: datetime) -> Booking | None:
@@ -260,3 +280,65 @@ class Inventory:
             return None
         slot = rng.choice(candidates)
         return self.book(slot.schedule.id, slot.start, by=COUNTER)
+
+    def add_slots(self, slots: Iterable[Slot]) -> list[Slot]:
+        """Add the slots it does not have yet (a schedule published further ahead, a new doctor); the ones it
+        has are kept as they are, bookings and all. Returns the slots added."""
+        added = [slot for slot in slots if slot.key not in self._slots]
+        for slot in added:
+            self._change(slot)
+        return added
+
+    # -- changes and their settlement ----------------------------------------------------------
+
+    def changes(self) -> Changes:
+        """What changed since the last `settle` (see the module docstring)."""
+        ended = {}
+        for before in self._before.values():
+            if before is not None and before.booking is not None:
+                ended[before.booking.appointment_id] = before.booking
+        for key in self._before:
+            booking = self._slots[key].booking
+            if booking is not None:
+                ended.pop(booking.appointment_id, None)
+        return Changes([self._slots[key] for key in self._before], list(ended.values()), self._next_number)
+
+    def settle(self) -> None:
+        """The changes are stored: forget what came before them."""
+        self._before.clear()
+        self._settled_number = self._next_number
+
+    def discard_changes(self) -> None:
+        """Back to the state of the last `settle` (the changes could not be stored)."""
+        for key in self._before:
+            self._unindex(self._slots.pop(key))
+        for before in self._before.values():
+            if before is not None:
+                self._put(before)
+        self._before.clear()
+        self._next_number = self._settled_number
+
+    def _change(self, slot: Slot) -> None:
+        """Replace (or add) one slot, remembering it as it was before the first change since `settle`."""
+        current = self._slots.get(slot.key)
+        self._before.setdefault(slot.key, current)
+        if current is not None:
+            self._unindex(current)
+        self._put(slot)
+
+    def _put(self, slot: Slot) -> None:
+        self._slots[slot.key] = slot
+        self._schedules[slot.schedule.id] = slot.schedule
+        booking = slot.booking
+        if booking is not None:
+            self._by_appointment[booking.appointment_id] = slot.key
+            if booking.placer_id:
+                self._by_placer[booking.placer_id] = slot.key
+
+    def _unindex(self, slot: Slot) -> None:
+        booking = slot.booking
+        if booking is not None:
+            if self._by_appointment.get(booking.appointment_id) == slot.key:
+                del self._by_appointment[booking.appointment_id]
+            if booking.placer_id and self._by_placer.get(booking.placer_id) == slot.key:
+                del self._by_placer[booking.placer_id]

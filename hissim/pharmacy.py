@@ -15,6 +15,10 @@ Answers (MSA-2 = the received MSH-10):
   filler number, no second dispense. The same MSH-10 with other content: AR 205.
 Dispensing: ``dispense_delay`` after an order answered AA, one RDS^O13 with a group per item. An order
 answered AE is not filled: the gateway refuses a whole prescription when one item is refused.
+Durability (`hissim.store`): an order's answer (remembered for resends) and, when accepted, the order itself
+with its filler numbers and due time are committed before the answer goes back; an order not dispensed yet
+when the simulator stops is dispensed by the next run when it is due (at once if that time has passed). The
+RDS and the released RDE go through the store's outbox (role ``pharmacy``).
 Releasing: every ``release_every`` (0: never) and on `Pharmacy.release_now` (SIGUSR2), an RDE^O11 releasing a
 random prescription to outside pharmacies.
 
@@ -55,6 +59,7 @@ from hissim.pharmacy_messages import (
     random_release,
     read_order,
 )
+from hissim.store import Store
 
 log = structlog.get_logger("hissim.pharmacy")
 
@@ -72,11 +77,13 @@ class Dispatch:
 
 
 class PharmacyHandler:
-    """The pharmacy's MLLP handler: answers orders; ``accepted(order, fillers)`` for each order answered AA."""
+    """The pharmacy's MLLP handler: answers orders; ``accepted(message, order, fillers)`` for each order
+    answered AA, in the transaction that records the answer."""
 
-    def __init__(self, *, header: Header, clock: HospitalClock, control_ids: Iterator[str],
+    def __init__(self, *, store: Store, header: Header, clock: HospitalClock, control_ids: Iterator[str],
                  fillers: Iterator[str], out_of_stock: frozenset[str], journal: Journal,
-                 accepted: Callable[[Order, list[str]], None]) -> None:
+                 accepted: Callable[[Message, Order, list[str]], None]) -> None:
+        self.store = store
         self.header = header
         self.clock = clock
         self.control_ids = control_ids
@@ -84,7 +91,7 @@ class PharmacyHandler:
         self.out_of_stock = out_of_stock
         self.journal = journal
         self.accepted = accepted
-        self.answers = AnswerMemory()
+        self.answers = AnswerMemory(store, "pharmacy")
 
     def handle(self, message: Message, peer: Any = None) -> bytes:
         recall = self.answers.recall(message)
@@ -93,8 +100,9 @@ class PharmacyHandler:
         elif recall.reused:
             code, answer = "AR", self._refuse(message, REUSED_CONTROL_ID)
         else:
-            code, answer = self._process(message)
-            self.answers.remember(message.control_id, Answered(recall.fingerprint, code, answer))
+            with self.store.transaction():
+                code, answer = self._process(message)
+                self.answers.remember(message.control_id, Answered(recall.fingerprint, code, answer))
         facts = _facts(message, parse(answer, default_charset=self.header.codec))
         entry = {"time": self.clock.iso(), "control_id": message.control_id, "type": message.type_name,
                  "ack": code, **facts}
@@ -121,7 +129,7 @@ class PharmacyHandler:
                                     now=self.clock.local())
         if None in fillers:
             return "AE", answer
-        self.accepted(order, fillers)
+        self.accepted(message, order, fillers)
         return "AA", answer
 
     def _refuse(self, message: Message, refusal: Refusal, answer_type: str | None = None) -> bytes:
@@ -153,26 +161,31 @@ def _facts(message: Message, answer: Message) -> dict[str, Any]:
 class Pharmacy:
     """The pharmacy role: the handler for its listener, dispensing later, releasing; its own notifier."""
 
-    def __init__(self, config: PharmacyConfig, *, header: Header, clock: HospitalClock,
+    def __init__(self, config: PharmacyConfig, *, store: Store, header: Header, clock: HospitalClock,
                  control_ids: Iterator[str], run: str, rng: random.Random, received: Journal, sent: Journal,
                  send: Sender, retry_initial: float, retry_max: float) -> None:
         self.config = config
+        self.store = store
         self.header = header
         self.clock = clock
         self.rng = rng
         # filler and prescription numbers carry the run id: the gateway keeps dispenses by <filler>-<RXD-1>
         self.fillers = numbered(f"F{run}")
         self.numbers = numbered(f"RX{run}")
-        self.handler = PharmacyHandler(header=header, clock=clock, control_ids=control_ids, fillers=self.fillers,
-                                       out_of_stock=frozenset(config.out_of_stock), journal=received,
-                                       accepted=self.dispense_later)
+        self.handler = PharmacyHandler(store=store, header=header, clock=clock, control_ids=control_ids,
+                                       fillers=self.fillers, out_of_stock=frozenset(config.out_of_stock),
+                                       journal=received, accepted=self.dispense_later)
         self.notifier = Notifier(send=send, build=lambda item, cid, now: item.build(cid, now), clock=clock,
-                                 control_ids=control_ids, journal=sent, retry_initial=retry_initial,
-                                 retry_max=retry_max)
+                                 control_ids=control_ids, journal=sent, store=store, role="pharmacy",
+                                 retry_initial=retry_initial, retry_max=retry_max)
         self._dispensing: list[IDelayedCall] = []
         self._releases: task.LoopingCall | None = None
 
     def start(self) -> None:
+        """Dispense what earlier runs accepted (when due), send what they queued, start releasing."""
+        for pending in self.store.pending_dispenses():
+            order = read_order(parse(pending.message, default_charset=pending.charset))
+            self._schedule_dispense(pending.seq, pending.due, order, pending.fillers)
         self.notifier.start()
         if self.config.release_every > 0:
             self._releases = task.LoopingCall(self.release_now)
@@ -188,19 +201,27 @@ class Pharmacy:
         self._dispensing = []
         self.notifier.stop()
 
-    def dispense_later(self, order: Order, fillers: list[str]) -> None:
-        self._dispensing = [c for c in self._dispensing if c.active()]
-        self._dispensing.append(self.clock.clock.callLater(self.config.dispense_delay, self._dispense, order,
-                                                           fillers))
+    def dispense_later(self, message: Message, order: Order, fillers: list[str]) -> None:
+        """Keep the accepted order (in the current transaction) and, once committed, dispense it when due."""
+        due = self.clock.clock.seconds() + self.config.dispense_delay
+        seq = self.store.add_dispense(due, message.charset, message.raw, fillers)
+        self.store.after_commit(lambda: self._schedule_dispense(seq, due, order, fillers))
 
-    def _dispense(self, order: Order, fillers: list[str]) -> None:
+    def _schedule_dispense(self, seq: int, due: float, order: Order, fillers: list[str]) -> None:
+        self._dispensing = [c for c in self._dispensing if c.active()]
+        delay = max(0.0, due - self.clock.clock.seconds())
+        self._dispensing.append(self.clock.clock.callLater(delay, self._dispense, seq, order, fillers))
+
+    def _dispense(self, seq: int, order: Order, fillers: list[str]) -> None:
         log.info("his-sim.pharmacy.dispensed", order=order.control_id, items=len(fillers))
-        self.notifier.enqueue(Dispatch(
-            "RDS^O13",
-            {"reason": "dispense", "order": order.control_id, "prescription": order.number,
-             "placers": [item.placer_id for item in order.items], "fillers": list(fillers)},
-            lambda cid, now: build_rds(order, fillers, header=self.header, control_id=cid, now=now),
-        ))
+        with self.store.transaction():
+            self.store.dispensed(seq)
+            self.notifier.enqueue(Dispatch(
+                "RDS^O13",
+                {"reason": "dispense", "order": order.control_id, "prescription": order.number,
+                 "placers": [item.placer_id for item in order.items], "fillers": list(fillers)},
+                lambda cid, now: build_rds(order, fillers, header=self.header, control_id=cid, now=now),
+            ))
 
     def release_now(self) -> Release:
         """Release a random prescription to outside pharmacies (also what SIGUSR2 does)."""

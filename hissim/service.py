@@ -1,10 +1,18 @@
 """``make_service(config, reactor)``: the whole simulated HIS as one Twisted service.
 
+Building it opens the store (`hissim.store`, ``config.store``; a config made in code without one: in memory)
+and loads what the hospital already knows: every slot and booking, the next appointment id, the answers given,
+what the gateway has not acknowledged yet. The slots the config adds to it (all of them in a new store; later,
+a day further ahead or a new doctor) are opened and, with ``publish: push``, each announced by one SIU^S24 in
+start order, in the same transaction. Nothing else is announced again at a restart: a real HIS does not
+re-publish its schedule, and a booked slot published as open would make the gateway cancel its booking.
+
 Start order: journals open, the MLLP listener (``config.listen``) starts, then the pharmacy's
 (``pharmacy.listen``, when configured); once both listen (``listening`` fires; it errbacks with
-`CannotListen` if one cannot, and then nothing is pushed), one SIU^S24 per open slot is queued for the
-gateway in start order (``publish: push``), the pharmacy starts (dispensing, releases) and the counter clerk
-starts. Stop order is the reverse. The reactor is passed in; nothing here touches the global reactor.
+`CannotListen` if one cannot, and then nothing is pushed), the notifier starts sending its queue (what an
+earlier run left unacknowledged first), the pharmacy starts (dispensing, releases) and the counter clerk
+starts. Stop order is the reverse; the store is closed last. The reactor is passed in; nothing here touches
+the global reactor.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from hissim.clocks import HospitalClock
 from hissim.config import HisSimConfig
 from hissim.counter import CounterClerk
 from hissim.handler import HisHandler
-from hissim.inventory import Booking, Inventory
+from hissim.inventory import Booking, Inventory, SlotStatus
 from hissim.journal import Journal
 from hissim.messages import (
     Header,
@@ -39,6 +47,7 @@ from hissim.messages import (
 )
 from hissim.notifier import Notifier
 from hissim.pharmacy import Pharmacy
+from hissim.store import Store
 
 log = structlog.get_logger("hissim.service")
 
@@ -64,8 +73,10 @@ class HisSimulator(service.Service):
         self.config = config
         self.reactor = reactor
         self.clock = HospitalClock(clock if clock is not None else reactor, ZoneInfo(config.timezone))
-        first_day = date.fromisoformat(config.start_date) if config.start_date else self.clock.local().date()
-        self.inventory = Inventory.build(config.schedules(), first_day, config.days)
+        self.store = Store(config.store if config.store is not None else ":memory:")
+        self.store.open()
+        self.store.save_schedules(config.schedules())
+        self.inventory = self.store.load_inventory()
         self.header = Header(
             application=config.application,
             facility=config.facility,
@@ -91,11 +102,14 @@ class HisSimulator(service.Service):
                 clock=self.clock,
                 control_ids=self.control_ids,
                 journal=self.sent,
+                store=self.store,
+                role="his",
                 retry_initial=config.retry_initial,
                 retry_max=config.retry_max,
             )
         self.handler = HisHandler(
             inventory=self.inventory,
+            store=self.store,
             header=self.header,
             clock=self.clock,
             control_ids=self.control_ids,
@@ -115,6 +129,7 @@ class HisSimulator(service.Service):
             self.pharmacy_client = pharmacy_client if pharmacy_client is not None else self._client(codec)
             self.pharmacy = Pharmacy(
                 config.pharmacy,
+                store=self.store,
                 header=dataclasses.replace(self.header, application=config.pharmacy.application, codec=codec),
                 clock=self.clock,
                 control_ids=self.control_ids,
@@ -127,6 +142,19 @@ class HisSimulator(service.Service):
                 retry_max=config.retry_max,
             )
             self.pharmacy_factory = self._factory(self.pharmacy.handler, codec, config.pharmacy.application)
+        first_day = date.fromisoformat(config.start_date) if config.start_date else self.clock.local().date()
+        self.opened = self._open_slots(Inventory.build(config.schedules(), first_day, config.days))
+
+    def _open_slots(self, planned: Inventory) -> int:
+        """Open the planned slots the hospital does not have yet and announce each (S24, push mode), in one
+        transaction; how many were opened."""
+        with self.store.changing(self.inventory):
+            opened = self.inventory.add_slots(planned.slots())
+            if self.notifier is not None:
+                for slot in opened:
+                    if slot.status is SlotStatus.OPEN:
+                        self.notifier.enqueue(Notification("S24", slot, "Open", "startup"))
+        return len(opened)
 
     def _client(self, codec: str) -> MLLPClient:
         """An MLLP client towards the gateway's inner listener."""
@@ -184,21 +212,19 @@ class HisSimulator(service.Service):
         return serverFromString(self.reactor, description).listen(factory).addCallbacks(listening, failed)
 
     def _listening(self, port: IListeningPort) -> IListeningPort:
-        """Listening: now push the startup S24s (push mode), start the pharmacy and open the counter."""
+        """Listening: now push what is queued (push mode), start the pharmacy and open the counter."""
         if not self.running:  # stopped while the listeners were starting
             return port
         log.info("his-sim.listening", port=port.getHost().port, endpoint=self.config.listen)
         if self.notifier is not None:
-            for slot in self.inventory.open_slots():
-                self.notifier.enqueue(Notification("S24", slot, "Open", "startup"))
             self.notifier.start()
         if self.pharmacy is not None:
             log.info("his-sim.pharmacy-listening", port=self.pharmacy_port.getHost().port,
                      endpoint=self.config.pharmacy.listen)
             self.pharmacy.start()
         self.clerk.start()
-        log.info("his-sim.started", slots=len(self.inventory.slots()), publish=self.config.publish,
-                 gateway=f"{self.config.gateway.host}:{self.config.gateway.port}")
+        log.info("his-sim.started", slots=len(self.inventory.slots()), opened=self.opened,
+                 publish=self.config.publish, gateway=f"{self.config.gateway.host}:{self.config.gateway.port}")
         return port
 
     def stopService(self) -> Deferred:
@@ -222,6 +248,7 @@ class HisSimulator(service.Service):
         def closed(result: object) -> None:
             self.received.close()
             self.sent.close()
+            self.store.close()
             log.info("his-sim.stopped")
 
         return d.addCallback(closed)
@@ -230,14 +257,15 @@ class HisSimulator(service.Service):
 
     def counter_booking_now(self) -> Booking | None:
         """The counter books one random open future slot now (also what SIGUSR1 does)."""
-        booking = self.inventory.book_at_counter(self.rng, self.clock.local())
-        if booking is None:
-            log.info("his-sim.counter-found-no-free-slot")
-            return None
-        slot = self.inventory.slot(booking.schedule_id, booking.start)
+        with self.store.changing(self.inventory):
+            booking = self.inventory.book_at_counter(self.rng, self.clock.local())
+            if booking is None:
+                log.info("his-sim.counter-found-no-free-slot")
+                return None
+            slot = self.inventory.slot(booking.schedule_id, booking.start)
+            self.announce(Notification("S12", slot, "Booked", "counter", booking))
         log.info("his-sim.counter-booked", schedule=booking.schedule_id, start=slot_dtm(booking.start),
                  appointment=booking.appointment_id)
-        self.announce(Notification("S12", slot, "Booked", "counter", booking))
         return booking
 
     def release_now(self) -> None:
@@ -248,19 +276,13 @@ class HisSimulator(service.Service):
         self.pharmacy.release_now()
 
     def announce(self, note: Notification) -> None:
-        """Push a change to the gateway (push mode); with publish: none, only journal it (type null)."""
+        """Push a change to the gateway (push mode); with publish: none, only journal it (type null). Called in
+        the store's transaction of the change."""
         if self.notifier is not None:
             self.notifier.enqueue(note)
             return
-        self.sent.write({
-            "time": self.clock.iso(),
-            "control_id": None,
-            "type": None,
-            "schedule": note.slot.schedule.id,
-            "start": slot_dtm(note.slot.start),
-            "status": note.status,
-            "reason": note.reason,
-        })
+        entry = {"time": self.clock.iso(), "control_id": None, "type": None, **note.facts()}
+        self.store.after_commit(lambda: self.sent.write(entry))
 
 
 def make_service(config: HisSimConfig, reactor: Any) -> service.IService:

@@ -29,7 +29,9 @@ class PharmacyApi:
         self.api = api  # the FhirApi: its request helpers (_method, _scope, _body) and settings
         self.rx = prescriptions
 
-    async def dispatch(self, parts, method, grant, platform, request, query, base, access):
+    def handler(self, parts, method, grant, platform, request, query, base, access):
+        """A prescription request's route, method and scope, decided before its body is read: the handler that
+        answers it, not called yet (FhirApi._handler)."""
         from adapters.fhir.server import FhirError
 
         api = self.api
@@ -38,19 +40,19 @@ class PharmacyApi:
             api._method(method, "POST")
             api._scope(grant, platform, "MedicationRequest.write")
             access.action = "prescribe"
-            return await self._submit(platform, request, base, access, bundle=True)
+            return lambda: self._submit(platform, request, base, access, bundle=True)
         rtype, rest = parts[0], parts[1:]
         if rtype == "MedicationDispense":
             api._method(method, "GET")
             api._scope(grant, platform, "MedicationDispense.read")
             if rest:
                 raise FhirError(404, "not-supported", "read MedicationDispense by searching ?prescription=")
-            return self._dispenses(platform, query, base, access)
+            return lambda: self._dispenses(platform, query, base, access)
         if len(rest) == 2 and rest[1] == "$claim":
             api._method(method, "POST")
             api._scope(grant, platform, "MedicationRequest.claim")
             access.action, access.resource_id = "claim", rest[0]
-            return await self._claim(platform, rest[0], access)
+            return lambda: self._claim(platform, rest[0], access)
         if len(rest) > 1:
             raise FhirError(404, "not-supported", "history and other operations are not supported")
         if rest:
@@ -59,15 +61,15 @@ class PharmacyApi:
             if not pharmacy:
                 api._scope(grant, platform, "MedicationRequest.read")
             access.action, access.resource_id = "read", rest[0]
-            return await self._read(platform, rest[0], pharmacy, access)
+            return lambda: self._read(platform, rest[0], pharmacy, access)
         api._method(method, "GET", "POST")
         if method == "POST":
             api._scope(grant, platform, "MedicationRequest.write")
             access.action = "prescribe"
-            return await self._submit(platform, request, base, access, bundle=False)
+            return lambda: self._submit(platform, request, base, access, bundle=False)
         api._scope(grant, platform, "MedicationRequest.claim")
         access.action = "search"
-        return await self._released(platform, query, base, access)
+        return lambda: self._released(platform, query, base, access)
 
     # -- platform -> HIS -------------------------------------------------------------------------------------
     async def _submit(self, platform, request, base, access, *, bundle: bool):
@@ -202,7 +204,12 @@ def _signature(request, body: dict) -> str | None:
         except (binascii.Error, UnicodeDecodeError, TypeError):
             return "(Bundle.signature.data is not base64 of a JWS)"
     header = request.getHeader(SIGNATURE_HEADER)
-    return header.strip() if header else None
+    if not header:
+        return None
+    try:
+        return header.decode("ascii").strip()  # (a JWS is base64url and dots)
+    except UnicodeDecodeError:
+        return "(X-Prescription-Signature is not ASCII text)"
 
 
 def _searchset(base: str, rtype: str, resources: list[dict]) -> dict:

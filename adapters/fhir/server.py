@@ -24,23 +24,27 @@ config, the CRL lists it, or the platform pins another public key; a bad or expi
 
 What a platform is granted (docs/security.md), checked in this order on every request: the global rate
 limit (429), a registered and unrevoked certificate (403 ``security``), the platform's rate limit (429
-``throttled`` with Retry-After), the body's size (413), the route (404/405), the platform's scopes (403
-``forbidden``), then the request itself: JSON within depth, string and number limits (400), slots only
-within the platform's quota (a free slot it may not book is not shown; booking past the quota is 409
-``business-rule``), and only its own appointments (another platform's is 404, like one that does not
-exist).  Every access to patient data and every refusal is audited (gateway/audit.py): an Appointment read
-or search is answered only after its audit record is committed; a booking or cancellation is audited in
-the transaction that makes it.  References inside resources are never fetched.
+``throttled`` with Retry-After), the route (404/405), the platform's scopes (403 ``forbidden``) — all of
+these when the headers are in, before the body is read (:meth:`FhirApi.admit`, asked by the HTTP channel,
+adapters/fhir/channel.py) — the body's size (413), then the request itself: JSON within depth, string and
+number limits, with no key named twice and no lone surrogate, NUL or other control character FHIR text may
+not hold (400), slots only within the platform's quota (a free slot it may not book is not shown; booking
+past the quota is 409 ``business-rule``), and only its own appointments (another platform's is 404, like one
+that does not exist).  Log events name a request by its route template (``/fhir/Appointment/{id}``), never its
+path.  Every access to patient data and every refusal is audited (gateway/audit.py): an Appointment read or
+search is answered only after its audit record is committed; a booking or cancellation is audited in the
+transaction that makes it.  References inside resources are never fetched.
 
 Every error is an OperationOutcome: 400 unreadable request, 403 unknown platform or missing scope, 404
 unknown resource, 405 method, 409 conflict, 413 body too large, 415 media type (XML too), 422 valid FHIR
-we cannot act on, 429 over a rate limit, 500 (never with internals), 503 chamber unavailable.  The
-handler never lets an exception escape to twisted.web.
+we cannot act on, 429 over a rate limit, 500 (never with internals), 503 chamber unavailable (and the HTTP
+channel's own: 408, 414, 417, 431, 501).  The handler never lets an exception escape to twisted.web.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
 import json
 import math
@@ -67,14 +71,13 @@ from adapters.mapping.fhir_scheduling import (
     slot_resource,
 )
 from adapters.fhir import ihe
-from gateway.audit import AuditEntry
+from gateway.audit import AuditEntry, ResourceNames
 from gateway.config import Scope
 from gateway.booking import HoldUnanswered, PatientRequired
 from gateway.patients import IdentifierRefused
 from gateway.errors import ChamberError
 from gateway.oauth import ALGORITHMS as OAUTH_ALGORITHMS
 from gateway.oauth import TOKEN_PATH, InvalidToken, OAuthError
-from gateway.logs import mask_value
 from gateway.quota import QuotaExhausted
 from gateway.scheduling import AppointmentUnknown, IdempotencyConflict, Overloaded, SlotUnavailable, SlotUnknown
 
@@ -89,9 +92,14 @@ ALL_SCOPES = frozenset({"Slot.read", "Schedule.read", "Appointment.read", "Appoi
 MAX_OFFSET = 1_000_000
 MAX_QUERY_FIELDS = 100
 MAX_SAFE_INTEGER = 2 ** 53
-_FHIR_ID = re.compile(r"^[A-Za-z0-9.-]{1,64}$")
 JSON_TYPES = (b"application/fhir+json", b"application/json", b"application/json-patch+json",
               b"application/merge-patch+json")
+#: the resource types a route names, and the other fixed words of routes: what a logged route template
+#: keeps of a path (everything else in a path is an id, or whatever a client put there)
+ROUTE_TYPES = frozenset({b"Slot", b"Schedule", b"Appointment", *(t.encode() for t in PHARMACY_TYPES)})
+ROUTE_WORDS = ROUTE_TYPES | {b"metadata", b"_history", b"$claim", *(f"${name}".encode() for name in ihe.OPERATIONS),
+                             *SMART_CONFIGURATION}
+MAX_TEMPLATE_SEGMENTS = 8
 
 
 class FhirError(Exception):
@@ -129,22 +137,6 @@ class BoundedContent(io.BytesIO):
                 self.truncate()
             return len(data)
         return super().write(data)
-
-
-def request_factory(max_body: int):
-    class GatewayRequest(server.Request):
-        def __init__(self, *args, **kw):
-            super().__init__(*args, **kw)
-            # Bodies are FHIR JSON, read by the API: twisted.web must not parse form posts itself (a
-            # malformed multipart body would get a bare 400 from twisted, not an OperationOutcome).
-            self._parsePOSTFormSubmission = False
-
-        def gotLength(self, length):
-            self.content = BoundedContent(max_body)
-            if length is not None and length > max_body:
-                self.content.overflow = True
-
-    return GatewayRequest
 
 
 @dataclass(frozen=True)
@@ -294,22 +286,63 @@ class Access:
         return AuditEntry(action=self.action, outcome=0, platform=self.platform, subject=self.subject,
                           serial=self.serial, source=self.source)
 
-    def entry(self, status: int, issue_code: str | None) -> AuditEntry:
-        rid = self.resource_id
-        if rid is not None and (not _FHIR_ID.match(rid) or mask_value(rid) != rid):
-            rid = "(not an id)"  # ids only: whatever else was in the URL stays out of the audit
+    def entry(self, status: int, issue_code: str | None, name: ResourceNames) -> AuditEntry:
+        """The record: the resource as ``name`` gives it (its id when the chamber holds it, else a keyed
+        hash of whatever the request gave: no identifier a platform put in a URL is kept in clear)."""
         detail = self.detail
         if status >= 400:  # a refusal: its issue code, and what the handler noted (e.g. the failed check)
             detail = f"{issue_code}: {self.detail}" if issue_code and self.detail else (issue_code or self.detail)
         return AuditEntry(action=self.action, outcome=status, platform=self.platform, subject=self.subject,
                           serial=self.serial, source=self.source, resource_type=self.resource_type,
-                          resource_id=rid, detail=detail)
+                          resource_id=name(self.resource_type, self.resource_id), detail=detail)
+
+
+class _RepeatedKey(dict):
+    """A JSON object whose text names ``key`` more than once (refused by :meth:`JsonLimits._check`, which
+    knows where the object is)."""
+
+    key: str
+
+
+def _object(pairs: list) -> dict:
+    """json's object_pairs_hook: the object, or a _RepeatedKey saying which key came twice."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set = set()
+        repeated = _RepeatedKey(obj)
+        repeated.key = next(k for k, _ in pairs if k in seen or seen.add(k))
+        return repeated
+    return obj
+
+
+#: text a FHIR string may not hold (characters below U+0020 other than TAB, LF and CR), and lone UTF-16
+#: surrogates (JSON can write one as an escape; it is no character, cannot be stored nor encoded)
+_UNFIT_TEXT = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff]")
+_MEMBER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+
+
+def _expression(path: tuple) -> str:
+    """Where in the body ``path`` (keys and indexes from the root) is, FHIRPath style:
+    ``Appointment.contained[0].name[0].family``.  Stops before a key that is no plain element name (it
+    could be anything the client wrote)."""
+    out = ""
+    for step in path:
+        if isinstance(step, int):
+            out += f"[{step}]"
+        elif _MEMBER_NAME.match(step):
+            out += f".{step}" if out else step
+        else:
+            break
+    return out
 
 
 class JsonLimits:
     """Parse a JSON body, refusing what would cost too much to hold or to pass on: nesting deeper than
     ``max_depth``, strings (values or keys) longer than ``max_chars``, integers beyond 2^53 (not exact in
-    JavaScript or a double), numbers written with more than 64 characters, NaN/Infinity."""
+    JavaScript or a double), numbers written with more than 64 characters, NaN/Infinity; and what the
+    gateway could not keep or pass on faithfully: a key named twice in one object (which one counts?),
+    lone surrogates, NUL and the other control characters FHIR strings may not hold.  Refusals name the
+    element (``expression``) where the body says what it is."""
 
     def __init__(self, max_depth: int = 32, max_chars: int = 65536):
         self.max_depth = max_depth
@@ -340,7 +373,7 @@ class JsonLimits:
             raise FhirError(400, "structure", "the body is not UTF-8") from None
         try:
             value = json.loads(text, parse_int=self._number, parse_float=self._number,
-                               parse_constant=self._constant)
+                               parse_constant=self._constant, object_pairs_hook=_object)
         except RecursionError:
             raise FhirError(400, "too-costly", f"the body is nested deeper than {self.max_depth} levels") from None
         except json.JSONDecodeError as e:
@@ -349,22 +382,42 @@ class JsonLimits:
         return value
 
     def _check(self, value) -> None:
-        stack = [(value, 1)]
+        root = value.get("resourceType") if isinstance(value, dict) else None
+        stack = [(value, 1, (None, root) if isinstance(root, str) else None)]  # path: (parent path, step)
         while stack:
-            item, depth = stack.pop()
+            item, depth, path = stack.pop()
             if isinstance(item, str):
-                if len(item) > self.max_chars:
-                    raise FhirError(400, "too-long", f"a string in the body is longer than {self.max_chars} "
-                                                     f"characters")
+                self._check_text(item, "a string", path)
             elif isinstance(item, (dict, list)):
                 if depth > self.max_depth:
                     raise FhirError(400, "too-costly", f"the body is nested deeper than {self.max_depth} levels")
+                if isinstance(item, _RepeatedKey):
+                    raise FhirError(400, "invalid", f"the body names the key {item.key[:64]!r} more than once in "
+                                                    f"one object", self._where(path))
                 if isinstance(item, dict):
                     for k, v in item.items():
-                        stack.append((k, depth))
-                        stack.append((v, depth + 1))
+                        self._check_text(k, "a key", path)
+                        stack.append((v, depth + 1, (path, k)))
                 else:
-                    stack.extend((v, depth + 1) for v in item)
+                    stack.extend((v, depth + 1, (path, i)) for i, v in enumerate(item))
+
+    def _check_text(self, text: str, what: str, path) -> None:
+        if len(text) > self.max_chars:
+            raise FhirError(400, "too-long", f"{what} in the body is longer than {self.max_chars} characters")
+        unfit = _UNFIT_TEXT.search(text)
+        if unfit is not None:
+            code = ord(unfit.group())
+            why = ("a lone UTF-16 surrogate, which is no character" if 0xD800 <= code <= 0xDFFF else
+                   "a control character FHIR strings may not hold (below U+0020, only TAB, LF and CR are text)")
+            raise FhirError(400, "invalid", f"{what} in the body holds U+{code:04X}: {why}", self._where(path))
+
+    @staticmethod
+    def _where(path) -> str | None:
+        steps = []
+        while path is not None:
+            path, step = path
+            steps.append(step)
+        return _expression(tuple(reversed(steps))) or None
 
 
 class FhirApi(resource.Resource):
@@ -380,6 +433,7 @@ class FhirApi(resource.Resource):
         # prescriptions (gateway.prescribing.PrescriptionService; None: not served): adapters/fhir/pharmacy.py
         self.pharmacy = PharmacyApi(self, prescriptions) if prescriptions is not None else None
         self.audit = audit  # gateway.audit.AuditTrail (None: nothing is audited, for tests of other things)
+        self.resource_names = ResourceNames(reader)  # how a record names the resource a request was about
         self.strict_audit = strict_audit  # unrecordable patient-data reads: 503 (True) or answered + logged
         self.quotas = quotas  # gateway.quota.Quotas (None: no platform is limited)
         self.rate_limiter = rate_limiter  # gateway.ratelimit.RateLimiter (None: no limits)
@@ -399,14 +453,14 @@ class FhirApi(resource.Resource):
 
     # -- twisted.web entry ----------------------------------------------------------------------------------
     def render(self, request):
-        if self.oauth is not None and request.path == TOKEN_PATH.encode():
-            return self._render_token(request)
-        if self.oauth is not None and request.path == b"/".join([b"", *self.base_parts, *SMART_CONFIGURATION]):
-            return self._render_smart_configuration(request)
+        outside = self._outside_fhir(request)
+        if outside is not None:
+            return outside(request)
+        if getattr(request, "gateway_admission", None) is None:  # (not decided before its body: see admit)
+            self.admit(request)
         started = time.monotonic()
         gone = []
         request.notifyFinish().addErrback(lambda _: gone.append(True))
-        request.gateway_access = Access(source=_source(request))
         d = defer.ensureDeferred(self._dispatch(request))
         d.addErrback(self._unexpected, request)
         d.addCallback(self._audited, request)
@@ -427,7 +481,7 @@ class FhirApi(resource.Resource):
         issue_code = None
         if status >= 400 and isinstance(body, dict) and body.get("issue"):
             issue_code = body["issue"][0].get("code")
-        entry = access.entry(status, issue_code)
+        entry = access.entry(status, issue_code, self.resource_names)
         if status == 429 and self.clock is not None and self._fold(entry):
             return result
         d = self.audit.record(entry)
@@ -495,12 +549,29 @@ class FhirApi(resource.Resource):
                   error_type=failure.type.__name__)
         return 500, operation_outcome([("exception", "internal error; the request was not completed", None)]), {}
 
+    def _route_template(self, request) -> str:
+        """The request's path as log events name it: the FHIR base, resource types, operations and other
+        fixed words are kept; every other segment (an id, or whatever a client put there) becomes ``{id}``
+        after a resource type or ``_history`` and ``{?}`` elsewhere, so that no identifier in a URL reaches
+        the log: ``/fhir/Appointment/{id}``, ``/fhir/Appointment/$hold``, ``/{?}``.  At most
+        MAX_TEMPLATE_SEGMENTS segments, then ``…``."""
+        segments = [s for s in request.prepath + request.postpath if s]
+        out, previous = [], b""
+        for segment in segments[:MAX_TEMPLATE_SEGMENTS]:
+            if segment in ROUTE_WORDS or segment in self.base_parts:
+                out.append(segment.decode("ascii"))
+            else:
+                out.append("{id}" if previous in ROUTE_TYPES or previous == b"_history" else "{?}")
+            previous = segment
+        if len(segments) > MAX_TEMPLATE_SEGMENTS:
+            out.append("…")
+        return "/" + "/".join(out)
+
     def _respond(self, result, request, started, gone):
         status, body, headers = result
         platform = getattr(request, "gateway_platform", None)
         log.info("outer.request", platform=platform, method=request.method.decode("ascii", "replace"),
-                 path=request.path.decode("utf-8", "replace"), status=status,
-                 ms=round((time.monotonic() - started) * 1000, 1))
+                 path=self._route_template(request), status=status, ms=round((time.monotonic() - started) * 1000, 1))
         if gone:
             return
         request.setResponseCode(status)
@@ -543,8 +614,35 @@ class FhirApi(resource.Resource):
                 access.action = {"$find": "search", "$hold": "hold", "$book": "book"}.get(parts[1], "access")
         return parts
 
-    async def _dispatch(self, request):
-        access: Access = request.gateway_access
+    def _outside_fhir(self, request):
+        """The renderer of an endpoint served here outside the FHIR API (the OAuth2 token endpoint, the SMART
+        configuration), or None."""
+        if self.oauth is None:
+            return None
+        if request.path == TOKEN_PATH.encode():
+            return self._render_token
+        if request.path == b"/".join([b"", *self.base_parts, *SMART_CONFIGURATION]):
+            return self._render_smart_configuration
+        return None
+
+    # -- admission: every decision that needs no body, taken once, before the body is read ---------------------
+    def admit(self, request) -> bool:
+        """Decide what a FHIR request's line, headers and connection decide — the checks of docs/security.md up to
+        the scope, in their order — before its body is read: the outer gate's channel asks when the headers are
+        in (a request that did not come that way is decided when rendered).  The outcome is kept on the request
+        (``gateway_admission``: the handler that will answer it, or the refusal) and answered by
+        :meth:`_dispatch` like any other.  True when the request is refused."""
+        if self._outside_fhir(request) is not None:  # decided by their own renderers
+            return False
+        request.gateway_access = Access(source=_source(request))
+        try:
+            request.gateway_admission = self._admission(request, request.gateway_access)
+        except Exception as e:  # a refusal (FhirError), or a fault answered as one (500) when it is dispatched
+            request.gateway_admission = e
+            return True
+        return False
+
+    def _admission(self, request, access: Access):
         parts = self._route(request, access)
         if self.rate_limiter is not None:
             self._throttled(self.rate_limiter.check_global(), None)
@@ -552,48 +650,62 @@ class FhirApi(resource.Resource):
         request.gateway_platform = platform
         if self.rate_limiter is not None:
             self._throttled(self.rate_limiter.check_platform(platform), platform)
+        if parts is None:
+            raise FhirError(404, "not-found", "not a FHIR endpoint of this gateway")
+        return self._handler(parts, request.method.decode("ascii", "replace"), grant, platform, request, access)
+
+    async def _dispatch(self, request):
+        admission = request.gateway_admission
+        if isinstance(admission, Exception):
+            raise admission
         content = request.content
         if isinstance(content, BoundedContent) and content.overflow:
             raise FhirError(413, "too-long", f"the request body is larger than {content.limit} bytes")
-        base = self._base_url(request)
-        if parts is None:
-            raise FhirError(404, "not-found", "not a FHIR endpoint of this gateway")
-        method = request.method.decode("ascii", "replace")
-        query = self._query(request)
+        answer = admission()
+        return await answer if inspect.isawaitable(answer) else answer
 
+    def _handler(self, parts: list[str], method: str, grant: PlatformGrant, platform: str, request, access: Access):
+        """The route (404), method (405) and scope (403) of a request: the handler that answers it, not called
+        yet (it reads the body, if any, when it is)."""
+        base = self._base_url(request)
+        query = self._query(request)
         if parts == ["metadata"]:
             self._method(method, "GET")
-            return 200, self.capability_statement(base), {}
+            return lambda: (200, self.capability_statement(base), {})
         if self.pharmacy is not None and (not parts or parts[0] in PHARMACY_TYPES):
-            return await self.pharmacy.dispatch(parts, method, grant, platform, request, query, base, access)
+            return self.pharmacy.handler(parts, method, grant, platform, request, query, base, access)
         if not parts or parts[0] not in ("Slot", "Schedule", "Appointment"):
             raise FhirError(404, "not-supported", f"resource type {parts[0] if parts else '(none)'} is not served here")
         rtype, rest = parts[0], parts[1:]
         if rtype == "Appointment" and len(rest) == 1 and rest[0].startswith("$"):
-            return await self._operation(rest[0][1:], method, grant, platform, request, base)
+            return self._operation(rest[0][1:], method, grant, platform, request, base)
         if len(rest) > 1:
             raise FhirError(404, "not-supported", "history and operations are not supported")
         if rtype == "Slot":
             self._method(method, "GET")
             self._scope(grant, platform, "Slot.read")
-            return self.slot_read(platform, rest[0]) if rest else self.slot_search(platform, query, base)
+            if rest:
+                return lambda: self.slot_read(platform, rest[0])
+            return lambda: self.slot_search(platform, query, base)
         if rtype == "Schedule":
             self._method(method, "GET")
             self._scope(grant, platform, "Schedule.read")
-            return self.schedule_read(rest[0]) if rest else self.schedule_search(query, base)
+            if rest:
+                return lambda: self.schedule_read(rest[0])
+            return lambda: self.schedule_search(query, base)
         if not rest:
             self._method(method, "GET", "POST")
             if method == "POST":
                 self._scope(grant, platform, "Appointment.write")
-                return await self.appointment_create(platform, self._body(request), base, request)
+                return lambda: self.appointment_create(platform, self._body(request), base, request)
             self._scope(grant, platform, "Appointment.read")
-            return self.appointment_search(platform, query, base, access)
+            return lambda: self.appointment_search(platform, query, base, access)
         self._method(method, "GET", "PUT", "PATCH")
         if method == "GET":
             self._scope(grant, platform, "Appointment.read")
-            return self.appointment_read(platform, rest[0], access)
+            return lambda: self.appointment_read(platform, rest[0], access)
         self._scope(grant, platform, "Appointment.write")
-        return await self.appointment_change(platform, rest[0], method, self._body(request), base, access)
+        return lambda: self.appointment_change(platform, rest[0], method, self._body(request), base, access)
 
     # -- authentication: a bearer token, else the client certificate (docs/security.md) ----------------------
     def _authenticate(self, request, access: Access) -> tuple[str, PlatformGrant]:
@@ -1116,7 +1228,8 @@ class FhirApi(resource.Resource):
                         "Appointment.status")
 
     # -- IHE ITI Scheduling: $find, $hold, $book (adapters/fhir/ihe.py, docs/ihe-scheduling.md) -----------------
-    async def _operation(self, name: str, method: str, grant: PlatformGrant, platform: str, request, base: str):
+    def _operation(self, name: str, method: str, grant: PlatformGrant, platform: str, request, base: str):
+        """An IHE operation's method and scope: its handler (see _handler)."""
         if name not in ihe.OPERATIONS:
             raise FhirError(404, "not-supported", f"operation ${name[:40]} is not supported on Appointment "
                                                   f"(supported: $find, $hold, $book)")
@@ -1124,14 +1237,12 @@ class FhirApi(resource.Resource):
             self._method(method, "POST", "GET")
             self._scope(grant, platform, "Slot.read")  # it shows slot availability, no patient data
             if method == "GET":
-                return self.ihe_find(platform, None, base, self._query(request))
-            return self.ihe_find(platform, self._body(request), base)
+                return lambda: self.ihe_find(platform, None, base, self._query(request))
+            return lambda: self.ihe_find(platform, self._body(request), base)
         self._method(method, "POST")
         self._scope(grant, platform, "Appointment.write")
-        body = self._body(request)
-        if name == "hold":
-            return await self.ihe_hold(platform, body, base, request.gateway_access)
-        return await self.ihe_book(platform, body, base, request.gateway_access)
+        operation = self.ihe_hold if name == "hold" else self.ihe_book
+        return lambda: operation(platform, self._body(request), base, request.gateway_access)
 
     @staticmethod
     def _operation_bundle(base: str, operation: str, resources: list[dict]) -> dict:

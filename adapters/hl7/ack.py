@@ -90,6 +90,9 @@ OUTCOMES = frozenset({"accepted", "rejected", "not_stored"})
 
 _ERROR_CODES = frozenset({"AE", "AR", "CE", "CR"})
 
+#: MSA-1 of a NAK for data that did not parse, by outcome: (original mode, enhanced mode).
+_NAK_CODES = {"rejected": ("AR", "CR"), "not_stored": ("AE", "CE")}
+
 _DEFAULT = Encoding()
 
 
@@ -311,11 +314,13 @@ def build_nak_for_unparseable(
     control_id: str,
     now: datetime,
     default_charset: str = "utf-8",
+    outcome: str = "rejected",
 ) -> bytes:
     """An ``AR`` answer for data that `parse` refused, with ERR describing ``error``. Never raises. When the
     salvaged MSH-15/MSH-16 say the sender uses enhanced mode the answer is ``CR`` (commit reject) instead,
     with MSH-15 = MSH-16 = NE; it is sent whatever those fields ask, because fields of a message that did not
-    parse cannot be trusted to mean "stay silent".
+    parse cannot be trusted to mean "stay silent". ``outcome="not_stored"`` makes it ``AE`` / ``CE``
+    instead: data refused not for what it is but because it never arrived whole (send it again).
 
     MSA-2 is the salvaged MSH-10 (or empty), MSH-5/6 the salvaged MSH-3/4 (component 1), MSH-9 carries the
     salvaged trigger event, MSH-12 the salvaged version (``2.5`` when unreadable: an empty MSH-12 would make
@@ -324,14 +329,15 @@ def build_nak_for_unparseable(
     (an addition to the published signature: the listener passes its configured default), else UTF-8.
     """
     try:
-        return _build_nak(raw, error, sending_application, sending_facility, control_id, now, default_charset)
+        return _build_nak(raw, error, sending_application, sending_facility, control_id, now, default_charset,
+                          outcome)
     except Exception:  # noqa: BLE001 - last resort: a minimal NAK, nothing salvaged
         try:
             err = error if isinstance(error, Hl7Error) else Hl7Error(207, "message rejected")
             segments = [
                 ["MSH", _DEFAULT.msh2, escape(str(sending_application)), escape(str(sending_facility)), "", "",
                  dtm(now) if isinstance(now, datetime) else "", "", "ACK", escape(str(control_id)), "P", "2.5"],
-                ["MSA", "AR", "", escape(err.text)],
+                ["MSA", _NAK_CODES.get(outcome, _NAK_CODES["rejected"])[False], "", escape(err.text)],
                 _err_segment(err, _DEFAULT),
             ]
             return format_message(segments).encode("utf-8", errors="replace")
@@ -339,7 +345,8 @@ def build_nak_for_unparseable(
             return b"MSH|^~\\&|GATEWAYD||||||ACK|NAK|P|2.5\rMSA|AR|\rERR|||207^Application internal error^HL70357|E\r"
 
 
-def _build_nak(raw, error, sending_application, sending_facility, control_id, now, default_charset) -> bytes:
+def _build_nak(raw, error, sending_application, sending_facility, control_id, now, default_charset,
+               outcome) -> bytes:
     enc, head = _salvage_head(raw)
     component = enc.component if enc is not None else "^"
 
@@ -388,7 +395,7 @@ def _build_nak(raw, error, sending_application, sending_facility, control_id, no
         fields.extend(("", "", "", "", "", escape(msh18)))
     segments = [
         fields,
-        ["MSA", "CR" if enhanced else "AR", _clean(field(10), codec, enc), escape(error.text)],
+        ["MSA", _NAK_CODES[outcome][enhanced], _clean(field(10), codec, enc), escape(error.text)],
         _err_segment(error, _DEFAULT, version),
     ]
     return _encode(format_message(segments), codec)

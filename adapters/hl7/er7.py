@@ -162,17 +162,17 @@ class Encoding:
         if len(set(chars)) != len(chars):
             raise ValueError(f"HL7 delimiters must be distinct: {''.join(chars)!r}")
         e = self.escape
-        table = {
+        # Control characters (C0 and DEL) as \Xhh\: CR and LF (never a segment break inside a field), the MLLP
+        # block bytes 0x0B/0x1C (never let text break the framing), NUL and the rest (no raw control byte
+        # reaches the HIS, whatever a value holds).
+        table = {c: f"{e}X{c:02X}{e}" for c in (*range(0x20), 0x7F)}
+        table.update({
             ord(e): f"{e}E{e}",
             ord(self.field): f"{e}F{e}",
             ord(self.component): f"{e}S{e}",
             ord(self.subcomponent): f"{e}T{e}",
             ord(self.repetition): f"{e}R{e}",
-            ord("\r"): f"{e}X0D{e}",
-            ord("\n"): f"{e}X0A{e}",
-            ord("\x0b"): f"{e}X0B{e}",  # MLLP start/end bytes: never let text break the framing
-            ord("\x1c"): f"{e}X1C{e}",
-        }
+        })
         unmap = {
             "F": self.field,
             "S": self.component,
@@ -227,8 +227,9 @@ _HEX = re.compile(r"(?:[0-9A-Fa-f]{2})+\Z")
 
 def escape(text: str, enc: Encoding = _DEFAULT_ENCODING) -> str:
     """Escape ``text`` for use as one field/component value: the delimiters become ``\\F\\ \\S\\ \\T\\ \\R\\ \\E\\``
-    (and ``\\P\\`` for a truncation character), CR and LF become ``\\X0D\\`` / ``\\X0A\\``, and the MLLP block
-    bytes 0x0B / 0x1C become ``\\X0B\\`` / ``\\X1C\\`` (an addition: escaped text can always be framed)."""
+    (and ``\\P\\`` for a truncation character), CR and LF become ``\\X0D\\`` / ``\\X0A\\``, and every other
+    control character (C0 and DEL: the MLLP block bytes 0x0B / 0x1C, NUL, TAB ...) ``\\Xhh\\`` too (an addition:
+    escaped text can always be framed, and carries no raw control byte)."""
     return text.translate(enc._escape_table)
 
 

@@ -592,7 +592,7 @@ def build_order(prescription: Prescription, *, header: Hl7Header, control_id: st
             3: "~".join("^".join((escape(i.value), "", "", escape(i.system), escape(i.type_code or "PT")))
                         for i in pat.identifiers),
             5: "^".join((escape(pat.family), escape(pat.given))).rstrip("^"),
-            7: p.birth_date, 8: p.gender, 13: escape(pat.phone),
+            7: escape(p.birth_date), 8: p.gender, 13: escape(pat.phone),
         }),
         _segment("PV1", {1: "1", 2: p.patient_class or "O", 19: escape(p.encounter_id)}),
     ]

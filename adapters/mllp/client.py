@@ -24,17 +24,23 @@ owns retry timing; this class only reports what happened to each send.
 * ``tls``: a client connection creator (`adapters.mllp.tls.client_options`): the endpoint is wrapped with
   ``wrapClientTLS``, so the peer's certificate is verified and ours presented before any byte is sent.
 
-Failure paths (each tested in tests/unit/test_mllp_protocols.py):
+Failure paths (each tested in tests/unit/test_mllp_protocols.py and tests/unit/test_his_reach.py). Every
+`PeerUnavailable` says whether the message was **written** to the peer (``written``): False when it cannot
+have reached the peer's application (no connection, or a TLS handshake that did not complete: until then our
+bytes wait in the TLS layer), True when it may have (it went out on an open connection), so the relay can
+tell an unreachable HIS from one that took the message and did not answer it.
 
 =====================================  =====================================================================
 What happens                           What the send's Deferred gets
 =====================================  =====================================================================
 no matching answer within ``timeout``  `AckTimeout`; the connection is aborted so a late answer cannot be
 (counted from when the frame is        read at all, and the next send opens a fresh one. Log
-written)                               ``mllp.ack.timeout``.
-connection refused / connect takes     `PeerUnavailable` with the reason (the next queued send tries a new
-longer than ``connect_timeout``        connection). Log ``mllp.client.connect_failed``.
-connection lost before the answer      `PeerUnavailable` with the reason. Log ``mllp.client.connection_lost``.
+written)                               ``mllp.ack.timeout``. (Over TLS, if the handshake has not completed
+                                       by then: `PeerUnavailable`, not written.)
+connection refused / connect takes     `PeerUnavailable` with the reason, not written (the next queued send
+longer than ``connect_timeout``        tries a new connection). Log ``mllp.client.connect_failed``.
+connection lost before the answer      `PeerUnavailable` with the reason, written (over TLS: only if the
+                                       handshake had completed). Log ``mllp.client.connection_lost``.
                                        Except once per message: when a connection that already carried an
                                        answered exchange is lost with not a byte from the peer since our
                                        write, the peer closed its idle connection (engines that take one
@@ -47,13 +53,13 @@ message is in flight                   the relay decides whether to resend). Log
                                        Connection kept: only a matching MSA-2 can settle later messages.
 an answer larger than                  `Hl7Error` 207 ``answer exceeds N bytes``; connection aborted. Log
 ``max_message_bytes``                  ``mllp.ack.too_large``.
-a negative commit block (0x15)         `NegativeCommit` (a `PeerUnavailable`: the relay resends later). Log
-                                       ``mllp.commit.refused``. Connection kept.
-TLS handshake fails                    `PeerUnavailable` (connection lost before the answer).
+a negative commit block (0x15)         `NegativeCommit` (a `PeerUnavailable`, written: the relay resends
+                                       later). Log ``mllp.commit.refused``. Connection kept.
+TLS handshake fails                    `PeerUnavailable` (connection lost before the answer), not written.
 caller cancels the Deferred            `CancelledError`; if it was already written the connection is
                                        aborted (as for a timeout).
-`MLLPClient.close`                     queued and in-flight sends fail with `PeerUnavailable`; later sends
-                                       fail at once.
+`MLLPClient.close`                     queued and in-flight sends fail with `PeerUnavailable` (written only
+                                       for an in-flight message that was); later sends fail at once.
 =====================================  =====================================================================
 
 Log events carry the peer and the control ids - never message contents.
@@ -66,9 +72,10 @@ import collections
 import structlog
 from twisted.internet import defer
 from twisted.internet.endpoints import wrapClientTLS
-from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IHandshakeListener, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from adapters.hl7.ack import read_ack
 from adapters.hl7.er7 import Hl7Error, Message, parse
@@ -90,19 +97,22 @@ class AckTimeout(Exception):
 
 
 class PeerUnavailable(Exception):
-    """The peer could not be reached, or the connection went away before the answer. Attribute ``reason``
-    (str)."""
+    """The peer could not be reached, or the connection went away before the answer. Attributes ``reason``
+    (str) and ``written``: whether the message went out on an open connection before the failure (it may
+    have reached the peer), or certainly did not reach it."""
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, *, written: bool = False):
         super().__init__(reason)
         self.reason = reason
+        self.written = written
 
 
 class NegativeCommit(PeerUnavailable):
     """The peer answered with an MLLP release 2 negative commit block: it did not store the message."""
 
     def __init__(self, control_id: str):
-        super().__init__(f"the peer did not commit {control_id!r} (MLLP negative commit acknowledgement)")
+        super().__init__(f"the peer did not commit {control_id!r} (MLLP negative commit acknowledgement)",
+                         written=True)
         self.control_id = control_id
 
 
@@ -129,6 +139,7 @@ class _Send:
         self.timer = None
 
 
+@implementer(IHandshakeListener)
 class _ClientProtocol(Protocol):
     """One connection of an `MLLPClient`: frames in, everything else delegated to the client."""
 
@@ -136,6 +147,9 @@ class _ClientProtocol(Protocol):
         self.client = client
         self.framer = MLLPFramer(client.max_message_bytes)
         self.alive = False
+        # what we write reaches the peer: at once on plain TCP; over TLS once the handshake completed (the TLS
+        # layer holds our bytes until then)
+        self.open_to_peer = client.tls is None
         self.peer = "?"
         self.commits_owed = 0  # release 2: messages written on this connection whose commit block is due
         self.exchanges = 0  # answers matched on this connection
@@ -163,6 +177,9 @@ class _ClientProtocol(Protocol):
             self.client._frame_received(self, payload)
         if too_large is not None:
             self.client._answer_too_large(self, too_large)
+
+    def handshakeCompleted(self) -> None:
+        self.open_to_peer = True
 
     def connectionLost(self, reason: Failure = None) -> None:
         self.alive = False
@@ -246,7 +263,7 @@ class MLLPClient:
         self._in_flight = None
         self._queue.clear()
         for item in items:
-            self._settle(item, failure=PeerUnavailable("client closed"))
+            self._settle(item, failure=PeerUnavailable("client closed", written=self._reached(item)))
         if self._connecting is not None:
             self._connecting.cancel()
         proto, self._proto = self._proto, None
@@ -425,9 +442,14 @@ class MLLPClient:
             return
         self._in_flight = None
         peer = self._proto.peer if self._proto is not None else "?"
-        log.warning("mllp.ack.timeout", peer=peer, control_id=item.control_id, timeout=item.timeout)
+        if self._reached(item):
+            log.warning("mllp.ack.timeout", peer=peer, control_id=item.control_id, timeout=item.timeout)
+            failure = AckTimeout(item.control_id, item.timeout)
+        else:
+            log.warning("mllp.client.handshake_timeout", peer=peer, control_id=item.control_id, timeout=item.timeout)
+            failure = PeerUnavailable(f"TLS handshake not completed within {item.timeout:g}s")
         self._drop_connection()
-        self._settle(item, failure=AckTimeout(item.control_id, item.timeout))
+        self._settle(item, failure=failure)
         self._next()
 
     def _cancel(self, item: _Send) -> None:
@@ -478,8 +500,13 @@ class MLLPClient:
                 item.rewritten = True
                 self._queue.appendleft(item)
             else:
-                self._settle(item, failure=PeerUnavailable(f"connection lost before the answer: {why}"))
+                self._settle(item, failure=PeerUnavailable(f"connection lost before the answer: {why}",
+                                                           written=proto.open_to_peer))
             self._next()
+
+    def _reached(self, item: _Send) -> bool:
+        """Whether ``item`` (in flight) went out on a connection open to the peer: it may have reached it."""
+        return item.written and self._proto is not None and self._proto.open_to_peer
 
     @staticmethod
     def _settle(item: _Send, result: Message | None = None, failure: Exception | None = None) -> None:

@@ -5,9 +5,12 @@ acknowledgement blocks are frames too: see `COMMIT_ACK`).
 split anywhere). Choices:
 
 * Bytes outside a frame are junk: discarded and counted in ``junk_bytes`` (the protocol logs the count,
-  never the bytes).
+  never the bytes), and in ``junk_run``, the junk since the last frame that was not a commit block.
 * A start byte (0x0B) inside a frame means the sender gave up on the previous frame and started again: the
   unfinished frame (its 0x0B included) is dropped and counted as junk, and a new frame starts.
+* Junk cap (``max_junk``, optional): as soon as ``junk_run`` exceeds it `TooMuchJunk` is raised, carrying
+  the frames completed before it in the same `feed` call (``frames``). The rest of that chunk is dropped;
+  the listener closes the connection (junk between two messages is a stray CR LF, not kilobytes).
 * The end of a frame is 0x1C; the 0x0D that should follow is swallowed when it comes (even in the next
   chunk). A frame is delivered as soon as its 0x1C arrives, so a sender that forgets the 0x0D (or sends it
   late) is still answered; if something else follows the 0x1C it is simply outside any frame.
@@ -34,6 +37,7 @@ __all__ = [
     "START_BLOCK",
     "FrameTooLarge",
     "MLLPFramer",
+    "TooMuchJunk",
     "frame",
 ]
 
@@ -70,6 +74,18 @@ class FrameTooLarge(Exception):
         self.head = head
 
 
+class TooMuchJunk(Exception):
+    """More than ``max_junk`` bytes of junk since the last frame. Attributes: ``junk_run`` (the junk since
+    that frame, > ``max_junk``), ``max_junk`` and ``frames`` (payloads completed before it in the same
+    `MLLPFramer.feed` call, in order)."""
+
+    def __init__(self, junk_run: int, max_junk: int, frames: list[bytes]):
+        super().__init__(f"{junk_run} bytes outside MLLP frames since the last frame (at most {max_junk})")
+        self.junk_run = junk_run
+        self.max_junk = max_junk
+        self.frames = frames
+
+
 def frame(payload: bytes) -> bytes:
     """``0x0B payload 0x1C 0x0D``. Raises ValueError if the payload contains 0x0B or 0x1C (it would corrupt
     the stream; no HL7 text in any supported charset contains them)."""
@@ -82,15 +98,18 @@ def frame(payload: bytes) -> bytes:
 class MLLPFramer:
     """Incremental MLLP decoder. ``feed(data)`` returns the payloads completed by ``data``.
 
-    Attributes: ``junk_bytes`` (total bytes discarded outside frames or in abandoned frames), ``pending``
-    (payload bytes buffered for the frame in progress), ``in_frame``.
+    Attributes: ``junk_bytes`` (total bytes discarded outside frames or in abandoned frames), ``junk_run``
+    (those discarded since the last frame other than a commit block), ``pending`` (payload bytes buffered
+    for the frame in progress), ``in_frame``.
     """
 
-    def __init__(self, max_size: int = 1 << 20):
-        if max_size < 1:
-            raise ValueError("max_size must be positive")
+    def __init__(self, max_size: int = 1 << 20, max_junk: int | None = None):
+        if max_size < 1 or (max_junk is not None and max_junk < 1):
+            raise ValueError("max_size and max_junk must be positive")
         self.max_size = max_size
+        self.max_junk = max_junk
         self.junk_bytes = 0
+        self.junk_run = 0
         self.pending = 0
         self.in_frame = False
         self._chunks: list[bytes] = []
@@ -100,7 +119,7 @@ class MLLPFramer:
 
     def feed(self, data: bytes) -> list[bytes]:
         """Consume ``data``; return the payloads of frames it completed, in order. Raises `FrameTooLarge`
-        (see the module docstring)."""
+        and `TooMuchJunk` (see the module docstring)."""
         data = bytes(data)
         if self._carry:
             data = self._carry + data
@@ -133,9 +152,9 @@ class MLLPFramer:
             if not self.in_frame:
                 s = data.find(b"\x0b", pos)
                 if s < 0:
-                    self.junk_bytes += n - pos
+                    self._discard(n - pos, out)
                     return out
-                self.junk_bytes += s - pos
+                self._discard(s - pos, out)
                 self.in_frame = True
                 pos = s + 1
                 continue
@@ -145,15 +164,16 @@ class MLLPFramer:
             s = data.find(b"\x0b", pos, stop)
             if s >= 0:
                 if self.pending + (s - pos) <= self.max_size:
-                    self.junk_bytes += self.pending + (s - pos) + 1  # abandoned payload and its 0x0B
+                    abandoned = self.pending + (s - pos) + 1  # the unfinished payload and its 0x0B
                     self._chunks = []
                     self.pending = 0
                     pos = s + 1
+                    self._discard(abandoned, out)
                     continue
                 stop = s  # past the cap before the restart: too large, whatever the chunking
             size = self.pending + (stop - pos)
             if size > self.max_size:
-                head = b"".join(self._chunks[:_HEAD_BYTES])[:_HEAD_BYTES]  # <= 4096 chunks of >= 1 byte
+                head = self.head()
                 if len(head) < _HEAD_BYTES:
                     head += data[pos : min(stop, pos + _HEAD_BYTES - len(head))]
                 self._chunks = []
@@ -174,10 +194,13 @@ class MLLPFramer:
                 return out
             if self._chunks:
                 self._chunks.append(data[pos:e])
-                out.append(b"".join(self._chunks))
+                payload = b"".join(self._chunks)
                 self._chunks = []
             else:
-                out.append(data[pos:e])
+                payload = data[pos:e]
+            out.append(payload)
+            if payload != COMMIT_ACK and payload != COMMIT_NAK:
+                self.junk_run = 0
             self.pending = 0
             self.in_frame = False
             pos = e + 1
@@ -187,3 +210,16 @@ class MLLPFramer:
             else:
                 self._swallow_cr = True
         return out
+
+    def head(self) -> bytes:
+        """Up to the first 4096 bytes of the frame in progress (enough to salvage its MSH-10)."""
+        return b"".join(self._chunks[:_HEAD_BYTES])[:_HEAD_BYTES]  # <= 4096 chunks of >= 1 byte
+
+    def _discard(self, count: int, frames: list[bytes]) -> None:
+        """Count ``count`` bytes of junk; raise `TooMuchJunk` (with ``frames``, those completed so far in this
+        feed) once the junk since the last frame exceeds ``max_junk``."""
+        self.junk_bytes += count
+        self.junk_run += count
+        if self.max_junk is not None and self.junk_run > self.max_junk:
+            run, self.junk_run = self.junk_run, 0
+            raise TooMuchJunk(run, self.max_junk, frames)

@@ -18,6 +18,9 @@ Options (`MLLPServerFactory`):
   on any plain TCP endpoint; with ``requireCertificate`` a client without a certificate from the CA is
   refused at the handshake. ``on_tls_failure(peer, failure)`` is called for each handshake that fails with a
   TLS error (counted in the metrics); the connection is closed, log ``mllp.tls.handshake_failed``.
+* ``idle_timeout``, ``frame_timeout``, ``tls_handshake_timeout``, ``max_junk_bytes`` - what a connection
+  may hold without doing work (below). A connection is held by real work only: a frame answered, or one
+  with the handler. Junk and commit blocks from the peer restart no timer.
 
 Ordering: frames are handled one at a time per connection, in arrival order; pipelined frames wait in a
 queue, so answers are never reordered. When more than `MLLPServerProtocol.max_pipelined` frames wait, the
@@ -25,8 +28,8 @@ transport is paused (TCP back-pressure) until the queue drains to half. The prot
 push producer: when the peer does not read our answers and the transport's write buffer fills, reading
 and handling stop until it drains, so a peer that sends without reading cannot make us buffer answers.
 
-Failure paths (each chosen on purpose and tested in tests/unit/test_mllp_protocols.py and
-tests/unit/test_mllp_release2.py):
+Failure paths (each chosen on purpose and tested in tests/unit/test_mllp_protocols.py,
+tests/unit/test_mllp_release2.py and, for slow and noisy peers, tests/unit/test_mllp_edge.py):
 
 ======================================  ================================================================
 What happens                            What we do
@@ -44,6 +47,14 @@ frame exceeds ``max_message_bytes``     frames completed before it are answered 
                                         ``mllp.frame.too_large``; stop reading at once (nothing beyond the
                                         cap is buffered) and close after the NAK is written. AR, not AE:
                                         resending the same message cannot succeed.
+a frame not ended ``frame_timeout``     (counted from its start byte; not while we stop reading because
+after its start byte                    frames wait for the handler) frames completed before it are
+                                        answered first; then, if its MSH-10 arrived whole, ``AE`` NAK
+                                        (``CE`` if the salvaged MSH-15/16 say enhanced mode), ERR 207
+                                        ``message not completed within N s; not stored, send it again``:
+                                        AE, as the message itself may be fine; log ``mllp.frame.timeout``;
+                                        close. Without a whole MSH-10 nothing is written: a half id would
+                                        answer a message never sent.
 handler raises / its Deferred fails     ``AE`` (the sender may retry; enhanced mode: ``CE`` if MSH-15
                                         asks for it), ERR 207 ``internal error``; if the failure is an
                                         `Hl7Error` its code, location and text are used instead. Log
@@ -56,12 +67,21 @@ our own answer path fails (a bug)       log ``mllp.answer.failed`` and close the
                                         then resends instead of waiting for an ACK that never comes.
 answer ready after the peer left        log ``mllp.ack.undeliverable`` (the sender will resend; MSH-10
                                         dedupe is the handler's business). The handler is not cancelled.
-no bytes in or out for ``idle_timeout``  log ``mllp.connection.idle_timeout``; close. The timer does not
-                                        run while a message is with the handler (the peer is waiting on
-                                        us, not idle). ``idle_timeout=None`` disables it.
+no work for ``idle_timeout``            log ``mllp.connection.idle_timeout``; close. Work is a frame answered
+                                        or with the handler; the timer does not run while a message is with
+                                        the handler (the peer is waiting on us, not idle). When it runs out
+                                        during a frame, that frame's deadline decides; if it ends without
+                                        work (a commit block) the connection is closed then.
+``tls_handshake_timeout`` without a     log ``mllp.tls.handshake_timeout``, count it like a failed handshake
+finished TLS handshake                  (``on_tls_failure``); close.
+a close, and the peer does not take     abort the connection ``abort_after`` (15 s) after the close: a peer
+our last answers                        that does not read cannot hold it open.
 ``max_connections`` already open        log ``mllp.connection.refused``; close the new connection at
                                         once, before reading anything.
-bytes outside frames                    discarded, counted, log ``mllp.junk.discarded`` (counts only).
+bytes outside frames                    discarded, counted, log ``mllp.junk.discarded`` (counts only); they
+                                        restart no timer. More than ``max_junk_bytes`` since the last frame
+                                        (abandoned frames count): frames before are answered, then log
+                                        ``mllp.junk.too_much`` and close.
 a commit block (0x06 / 0x15) arrives    swallowed (it acknowledges one of our answers), log
                                         ``mllp.commit.received`` at debug level.
 ======================================  ================================================================
@@ -83,6 +103,7 @@ from OpenSSL import SSL
 from twisted.internet import defer
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from adapters.hl7.ack import build_answers, build_nak_for_unparseable, salvage_control_id
@@ -94,6 +115,7 @@ from adapters.mllp.framing import (
     COMMIT_NAK_BLOCK,
     FrameTooLarge,
     MLLPFramer,
+    TooMuchJunk,
     frame,
 )
 
@@ -162,26 +184,50 @@ def peer_name(address: object) -> str:
     return str(address)
 
 
+@dataclass(frozen=True)
+class _Cut:
+    """The end of a connection, queued behind the frames read before it (they are answered first): log
+    ``event`` with ``fields``; when ``head`` (the first bytes of the frame we give up on) is not None, NAK it
+    with ``error`` (``outcome`` as in `build_nak_for_unparseable`); then close."""
+
+    event: str
+    fields: dict
+    head: bytes | None = None
+    error: Hl7Error | None = None
+    outcome: str = "rejected"
+
+
+def _whole_fields(head: bytes) -> bytes:
+    """The head of an unfinished frame without the field still arriving when its first segment has not
+    ended: a half-arrived MSH-10 must not be echoed as if it were the sender's control id."""
+    if b"\r" in head or b"\n" in head or len(head) < 4:
+        return head
+    return head[: head.rfind(head[3:4]) + 1]
+
+
 @implementer(IPushProducer, IHandshakeListener)
 class MLLPServerProtocol(Protocol):
     """One MLLP connection. Per-connection state only; everything else lives on the factory."""
 
     #: frames allowed to wait behind the one being handled before the transport is paused
     max_pipelined = 32
+    #: seconds a connection we close gets to take our last answers before it is aborted (a peer that does
+    #: not read would otherwise keep it open for ever)
+    abort_after = 15.0
 
     def __init__(self, factory: MLLPServerFactory):
         self.factory = factory
         self.peer = "?"
         self._log = log
-        self._framer = MLLPFramer(factory.max_message_bytes)
-        self._queue: collections.deque[bytes | FrameTooLarge] = collections.deque()
+        self._framer = MLLPFramer(factory.max_message_bytes, factory.max_junk_bytes)
+        self._queue: collections.deque[bytes | _Cut] = collections.deque()
         self._busy = False  # a message is with the handler
         self._pumping = False
         self._closing = False  # decided to close: read nothing more
         self._disconnected = False
         self._refused = False
         self._pause_reasons: set[str] = set()  # why reading is paused: pipeline | writes | closing
-        self._idle_call = None
+        self._timers: dict[str, object] = {}  # idle | frame | handshake | abort -> IDelayedCall
         self._tls = None  # None: no TLS; False: handshake under way; True: handshake completed
 
     @property
@@ -207,6 +253,7 @@ class MLLPServerProtocol(Protocol):
         if f.tls is not None:
             self._tls = False
             self.transport.startTLS(f.tls)
+            self._arm("handshake", f.tls_handshake_timeout, self._handshake_timeout)
         self.transport.registerProducer(self, True)
         f.connections.add(self)
         self._log.info("mllp.connection.opened", open_connections=len(f.connections), tls=f.tls is not None,
@@ -244,67 +291,135 @@ class MLLPServerProtocol(Protocol):
     def handshakeCompleted(self) -> None:
         """IHandshakeListener: the TLS handshake succeeded."""
         self._tls = True
+        self._disarm("handshake")
 
     def connectionLost(self, reason=None) -> None:
         self._disconnected = True
-        self._cancel_idle()
+        for name in list(self._timers):
+            self._disarm(name)
         if self._refused:
             return
         if self._tls is False and reason is not None and reason.check(SSL.Error):
-            self._log.warning("mllp.tls.handshake_failed", error=reason.getErrorMessage()[:200])
-            if self.factory.on_tls_failure is not None:
-                self.factory.on_tls_failure(self.transport.getPeer(), reason)
+            self._tls_failed(reason)
         self.factory.connections.discard(self)
         self._log.info(
             "mllp.connection.closed",
             reason=reason.getErrorMessage() if reason is not None else "",
-            unanswered=len(self._queue) + (1 if self._busy else 0),
+            unanswered=sum(isinstance(i, bytes) for i in self._queue) + (1 if self._busy else 0),
             junk_bytes=self._framer.junk_bytes,
         )
         self._queue.clear()
 
+    def _tls_failed(self, failure: Failure, event: str = "mllp.tls.handshake_failed", **fields) -> None:
+        self._log.warning(event, error=failure.getErrorMessage()[:200], **fields)
+        if self.factory.on_tls_failure is not None:
+            self.factory.on_tls_failure(self.transport.getPeer(), failure)
+
     def dataReceived(self, data: bytes) -> None:
         if self._closing or self._disconnected:
             return
+        f = self.factory
         junk_before = self._framer.junk_bytes
-        too_large = None
+        cut = None
         try:
             frames = self._framer.feed(data)
         except FrameTooLarge as exc:
-            frames, too_large = exc.frames, exc
+            frames = exc.frames
+            cut = _Cut("mllp.frame.too_large", {"size_so_far": exc.size_so_far, "limit": f.max_message_bytes},
+                       exc.head, Hl7Error(207, f"message exceeds {f.max_message_bytes} bytes"))
+        except TooMuchJunk as exc:
+            frames = exc.frames
+            cut = _Cut("mllp.junk.too_much", {"junk_bytes": exc.junk_run, "max_junk_bytes": exc.max_junk})
         junk = self._framer.junk_bytes - junk_before
         if junk:
             self._log.warning("mllp.junk.discarded", bytes=junk, total=self._framer.junk_bytes)
         self._queue.extend(frames)
-        if too_large is not None:
-            self._pause("closing")  # read nothing more; we close after the NAK
-            self._closing = True
-            self._queue.append(too_large)
-        elif len(self._queue) > self.max_pipelined:
-            self._pause("pipeline")
-        self._touch()
+        if cut is not None:
+            self._cut_after_queued(cut)
+        else:
+            if len(self._queue) > self.max_pipelined:
+                self._pause("pipeline")
+            self._follow_frame(started_again=any(p != COMMIT_ACK and p != COMMIT_NAK for p in frames))
         self._pump()
 
-    # ------------------------------------------------------------------------------------- idle timer
+    def _cut_after_queued(self, cut: _Cut) -> None:
+        """Read nothing more; answer the frames already queued, then ``cut``."""
+        self._pause("closing")
+        self._closing = True
+        for name in ("idle", "frame"):
+            self._disarm(name)
+        self._queue.append(cut)
 
-    def _cancel_idle(self) -> None:
-        if self._idle_call is not None:
-            if self._idle_call.active():
-                self._idle_call.cancel()
-            self._idle_call = None
+    # ------------------------------------------------------------------------------------- timers
+
+    def _arm(self, name: str, delay: float | None, call: typing.Callable[[], None]) -> None:
+        self._disarm(name)
+        if delay:
+            self._timers[name] = self.factory.clock.callLater(delay, self._fire, name, call)
+
+    def _disarm(self, name: str) -> None:
+        timer = self._timers.pop(name, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _fire(self, name: str, call: typing.Callable[[], None]) -> None:
+        del self._timers[name]
+        call()
 
     def _touch(self) -> None:
-        """Restart the idle timer; it runs only while nothing is with the handler."""
-        self._cancel_idle()
-        timeout = self.factory.idle_timeout
-        if timeout and not (self._busy or self._closing or self._disconnected):
-            self._idle_call = self.factory.clock.callLater(timeout, self._idle_timeout)
+        """Restart the idle timer after real work (the connection opened, a frame answered); it does not run
+        while a message is with the handler. Nothing else restarts it: not junk, not commit blocks."""
+        self._disarm("idle")
+        if not (self._busy or self._closing or self._disconnected):
+            self._arm("idle", self.factory.idle_timeout, self._idle_timeout)
+
+    def _follow_frame(self, started_again: bool) -> None:
+        """After a read: a frame in progress has ``frame_timeout`` from its start byte (``started_again``: an
+        HL7 frame completed in this read, so the one in progress started in it); with none, no deadline. A
+        commit block completing does not give the next frame more time."""
+        if not self._framer.in_frame:
+            self._disarm("frame")
+        elif started_again or "frame" not in self._timers:
+            self._arm("frame", self.factory.frame_timeout, self._frame_timeout)
 
     def _idle_timeout(self) -> None:
-        self._idle_call = None
-        self._closing = True
+        """Close, unless a frame is arriving: it has its own deadline, and if it brings no work the
+        connection is closed as idle once it has ended (`_pump`)."""
+        if self._framer.in_frame and "frame" in self._timers:
+            return
         self._log.info("mllp.connection.idle_timeout", idle_timeout=self.factory.idle_timeout)
-        self.transport.loseConnection()
+        self._close()
+
+    def _frame_timeout(self) -> None:
+        """The frame in progress did not end in time: NAK it if its MSH-10 arrived whole, after the frames
+        queued before it; close. While we do not read (frames wait for the handler) the peer cannot finish
+        it: the deadline starts again instead."""
+        timeout = self.factory.frame_timeout
+        if "pipeline" in self._pause_reasons:
+            self._arm("frame", timeout, self._frame_timeout)
+            return
+        head = _whole_fields(self._framer.head())
+        control_id = salvage_control_id(head)
+        self._cut_after_queued(_Cut(
+            "mllp.frame.timeout", {"frame_timeout": timeout, "bytes": self._framer.pending},
+            head if control_id else None,
+            Hl7Error(207, f"message not completed within {timeout:g} s; not stored, send it again"), "not_stored"))
+        self._pump()
+
+    def _handshake_timeout(self) -> None:
+        timeout = self.factory.tls_handshake_timeout
+        self._tls_failed(Failure(TimeoutError(f"no TLS handshake within {timeout:g} s")),
+                         "mllp.tls.handshake_timeout", tls_handshake_timeout=timeout)
+        self._tls = None  # counted once: the close that follows is not another failure
+        self._close()
+
+    def _close(self) -> None:
+        """Close after our last answers are written; abort if the peer has not taken them ``abort_after``
+        seconds later."""
+        self._closing = True
+        if not self._disconnected:
+            self.transport.loseConnection()
+            self._arm("abort", self.abort_after, self.transport.abortConnection)
 
     # ---------------------------------------------------------------------------------------- work
 
@@ -314,41 +429,49 @@ class MLLPServerProtocol(Protocol):
         if self._pumping:
             return
         self._pumping = True
+        worked = False
         try:
             while (not self._busy and self._queue and not self._disconnected
                    and "writes" not in self._pause_reasons):
                 item = self._queue.popleft()
-                if isinstance(item, FrameTooLarge):
-                    self._reject_too_large(item)
+                if isinstance(item, _Cut):
+                    self._cut(item)
                     self._queue.clear()
-                    break
-                self._handle_frame(item)
+                    return
+                worked = self._handle_frame(item) or worked
         finally:
             self._pumping = False
         if len(self._queue) <= self.max_pipelined // 2:
             self._resume("pipeline")
+        if worked:
+            self._touch()
+        elif self.factory.idle_timeout and "idle" not in self._timers and not (
+                self._busy or self._closing or self._disconnected or self._queue or self._framer.in_frame):
+            self._idle_timeout()  # it ran out while a frame was arriving, and that frame brought no work
 
-    def _handle_frame(self, payload: bytes) -> None:
+    def _handle_frame(self, payload: bytes) -> bool:
+        """Answer one frame, or hand it to the handler. False for a commit block: no work for us."""
         f = self.factory
         if payload == COMMIT_ACK or payload == COMMIT_NAK:
             # MLLP release 2: the peer acknowledges one of our answers. Nothing to answer.
             self._log.debug("mllp.commit.received", commit="ack" if payload == COMMIT_ACK else "nak")
-            return
+            return False
         try:
             message = parse(payload, f.default_charset)
         except Hl7Error as err:
             self._reject(payload, err)
-            return
+            return True
         except Exception:  # noqa: BLE001 - a parser bug must still produce a NAK
             self._log.exception("mllp.parse.crashed", control_id=salvage_control_id(payload))
             self._reject(payload, Hl7Error(207, "internal error"))
-            return
+            return True
         self._busy = True
-        self._cancel_idle()
+        self._disarm("idle")
         d = defer.maybeDeferred(f.handler.handle, message, self.peer)
         d.addCallbacks(self._answer, self._handler_failed, callbackArgs=(message,), errbackArgs=(message,))
         d.addErrback(self._answer_failed, message)
         d.addBoth(self._done)
+        return True
 
     def _answer(self, value: object, message: Message) -> None:
         answer = _as_answer(value)
@@ -403,14 +526,12 @@ class MLLPServerProtocol(Protocol):
             error_type=failure.type.__name__ if failure.type else "?",
             exc_info=failure.value,
         )
-        self._closing = True
-        if not self._disconnected:
-            self.transport.loseConnection()
+        self._close()
 
     def _done(self, _result: object) -> None:
         self._busy = False
+        self._touch()  # an answer was written
         self._pump()
-        self._touch()  # re-arms only if nothing new went to the handler
 
     def _write(self, framed: bytes, control_id: str) -> None:
         if self._disconnected:
@@ -426,7 +547,7 @@ class MLLPServerProtocol(Protocol):
         self.transport.write(COMMIT_ACK_BLOCK if committed else COMMIT_NAK_BLOCK)
         self._log.debug("mllp.commit.sent", control_id=control_id, commit="ack" if committed else "nak")
 
-    def _nak(self, raw: bytes, error: Hl7Error) -> bytes:
+    def _nak(self, raw: bytes, error: Hl7Error, outcome: str = "rejected") -> bytes:
         f = self.factory
         return build_nak_for_unparseable(
             raw,
@@ -436,6 +557,7 @@ class MLLPServerProtocol(Protocol):
             control_id=f.ack_control_id(),
             now=self._now(),
             default_charset=f.default_charset,
+            outcome=outcome,
         )
 
     def _reject(self, payload: bytes, error: Hl7Error) -> None:
@@ -451,16 +573,13 @@ class MLLPServerProtocol(Protocol):
         self._write_commit(False, control_id)
         self._write(frame(self._nak(payload, error)), control_id)
 
-    def _reject_too_large(self, exc: FrameTooLarge) -> None:
-        control_id = salvage_control_id(exc.head)
-        limit = self.factory.max_message_bytes
-        self._log.warning("mllp.frame.too_large", control_id=control_id, size_so_far=exc.size_so_far, limit=limit)
-        error = Hl7Error(207, f"message exceeds {limit} bytes")
-        self._write_commit(False, control_id)
-        self._write(frame(self._nak(exc.head, error)), control_id)
-        self._closing = True
-        self._cancel_idle()
-        self.transport.loseConnection()
+    def _cut(self, cut: _Cut) -> None:
+        control_id = salvage_control_id(cut.head) if cut.head is not None else ""
+        self._log.warning(cut.event, control_id=control_id, **cut.fields)
+        if cut.head is not None:
+            self._write_commit(False, control_id)
+            self._write(frame(self._nak(cut.head, cut.error, cut.outcome)), control_id)
+        self._close()
 
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self.factory.clock.seconds())
@@ -471,8 +590,9 @@ class MLLPServerFactory(Factory):
 
     ``handler``: a `MessageHandler`. ``clock``: an IReactorTime (the reactor in production, a
     ``task.Clock`` in tests); when None the global reactor is used. ``ack_control_id``: callable giving the
-    MSH-10 of ACKs/NAKs the listener writes itself (default: 20 hex chars of a uuid4). ``idle_timeout``
-    None or 0 disables the idle timer. ``release``: 1 (default) or 2 (commit acknowledgement blocks, see the
+    MSH-10 of ACKs/NAKs the listener writes itself (default: 20 hex chars of a uuid4). ``idle_timeout``,
+    ``frame_timeout``, ``tls_handshake_timeout`` and ``max_junk_bytes``: None or 0 disables them (see the
+    module docstring). ``release``: 1 (default) or 2 (commit acknowledgement blocks, see the
     module docstring). ``tls``: None, or a server connection creator / ``CertificateOptions`` started on
     every connection (`adapters.mllp.tls.server_options` builds one from PEM files).
     """
@@ -486,6 +606,9 @@ class MLLPServerFactory(Factory):
         max_message_bytes: int = 1 << 20,
         default_charset: str = "utf-8",
         idle_timeout: float | None = 300.0,
+        frame_timeout: float | None = 30.0,
+        max_junk_bytes: int | None = 65536,
+        tls_handshake_timeout: float | None = 10.0,
         max_connections: int = 64,
         sending_application: str = "GATEWAYD",
         sending_facility: str = "",
@@ -509,6 +632,9 @@ class MLLPServerFactory(Factory):
         self.max_message_bytes = max_message_bytes
         self.default_charset = default_charset
         self.idle_timeout = idle_timeout
+        self.frame_timeout = frame_timeout
+        self.max_junk_bytes = max_junk_bytes or None
+        self.tls_handshake_timeout = tls_handshake_timeout
         self.max_connections = max_connections
         self.sending_application = sending_application
         self.sending_facility = sending_facility

@@ -63,13 +63,19 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 class Proc:
-    def __init__(self, name: str, args: list[str], workdir: Path):
+    def __init__(self, name: str, args: list[str], workdir: Path, descriptor_limit: tuple[int, int] | None = None):
+        """``descriptor_limit``: the process's RLIMIT_NOFILE (soft, hard), as a unit's LimitNOFILE sets it."""
         self.name = name
         self.log_path = workdir / f"{name}.log"
         self._log = open(self.log_path, "ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
+        limit = None
+        if descriptor_limit is not None:
+            import resource
+
+            limit = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, descriptor_limit)  # noqa: E731
         self.popen = subprocess.Popen([sys.executable, "-m", "gateway", *args], cwd=workdir, env=env,
-                                      stdout=self._log, stderr=subprocess.STDOUT)
+                                      stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=limit)
 
     def alive(self) -> bool:
         return self.popen.poll() is None
@@ -94,10 +100,12 @@ class Lock:
     """A HIS simulator and a gateway, wired together on free loopback ports, in ``workdir``."""
 
     def __init__(self, workdir: Path, *, platforms=("demo", "other"), sim: dict | None = None,
-                 gateway: dict | None = None, his: dict | None = None, doctors: int = 2, days: int = 2):
+                 gateway: dict | None = None, his: dict | None = None, doctors: int = 2, days: int = 2,
+                 descriptor_limit: tuple[int, int] | None = None):
         from gateway.devca import init_dev_ca
 
         self.workdir = workdir
+        self.descriptor_limit = descriptor_limit  # the gateway process's RLIMIT_NOFILE (soft, hard)
         self.certs = workdir / "certs"
         init_dev_ca(self.certs, platforms=tuple(platforms))
         self.mllp_port, self.his_port, self.fhir_port = free_port(), free_port(), free_port()
@@ -158,7 +166,7 @@ class Lock:
         return self
 
     def start_gateway(self) -> None:
-        self.gateway = Proc("gateway", ["run", "--config", "gateway.yaml"], self.workdir)
+        self.gateway = Proc("gateway", ["run", "--config", "gateway.yaml"], self.workdir, self.descriptor_limit)
         try:
             eventually(lambda: self.session().get(f"{self.base}/metadata", timeout=2).status_code == 200,
                        timeout=20, what="the gateway's FHIR API")

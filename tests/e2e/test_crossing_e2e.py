@@ -29,7 +29,8 @@ def test_whitelists_in_both_directions(tmp_path):
         chamber = Chamber(lock.workdir / "chamber.sqlite3")
         chamber.open()
         try:
-            assert chamber.read().message_by_control_id("inbound", "his", "NOSHOW-1").state == "refused"
+            refused = chamber.read().message_by_control_id("inbound", "his", "NOSHOW-1", "HIS|HOSPITAL")
+            assert refused.state == "refused"
         finally:
             chamber.close()
 

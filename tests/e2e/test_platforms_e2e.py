@@ -36,7 +36,11 @@ PLATFORMS = ("demo", "other", "zero", "readonly", "limited", "revoked")
 NAME_FAMILY, NAME_GIVEN = "欧阳", "娜娜"
 ID_CARD = "11010519491231002X"
 PHONE = "13912345678"
-SECRETS = (NAME_FAMILY + NAME_GIVEN, NAME_FAMILY, NAME_GIVEN, ID_CARD, PHONE)
+#: identifiers a platform puts in a URL where an id goes (issue 15, finding 5): glued to a letter, under a
+#: Chinese character, an ID card number after "ID"; the digits must reach neither the log nor the audit
+PROBES = ("x13655550002", "A13655550003", "%E7%A9%BA13655550004", "ID110105194912310049")
+SECRETS = (NAME_FAMILY + NAME_GIVEN, NAME_FAMILY, NAME_GIVEN, ID_CARD, PHONE,
+           "13655550002", "13655550003", "13655550004", "110105194912310049")
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +157,8 @@ def siu(control_id: str, trigger: str, schedule: str, start: str, status: str) -
 
 def test_patient_data_stays_out_of_the_log_and_the_non_patient_tables(granted):
     """Bookings full of patient data cross every path — booked and cancelled, refused by quota, scope,
-    validation, an unknown slot, XML, too deep a body, a bad query, an id in the URL; and from the HIS, SIU
+    validation, an unknown slot, XML, too deep a body, a bad query, an id in the URL (also with letters or a
+    Chinese character glued to it, which reached the log and the audit before); and from the HIS, SIU
     with a PID segment and a Z-segment naming the patient (the HIS passes its Z-segments on) accepted (AA),
     refused (AE) and of an unsupported type (AR), and junk — then the
     gateway's log and every non-patient table of the chamber are searched for the name, the ID card number
@@ -190,6 +195,8 @@ def test_patient_data_stays_out_of_the_log_and_the_non_patient_tables(granted):
     outcome(other.get(f"{lock.base}/Slot", params={"start": PHONE}), 400)
     outcome(other.get(f"{lock.base}/Appointment/{ID_CARD}"), 404)
     outcome(other.get(f"{lock.base}/Appointment/{quote(NAME_FAMILY)}"), 404)
+    for probe in PROBES:
+        outcome(other.get(f"{lock.base}/Appointment/{probe}"), 404)
 
     answers = [parse(mllp_exchange(lock.mllp_port, msg)).segment("MSA").get(1) for msg in (
         siu("MASK-S12", "S12", "D001", "203010100800", "Booked"),
@@ -232,6 +239,40 @@ def test_patient_data_stays_out_of_the_log_and_the_non_patient_tables(granted):
         conn.close()
 
 
+def test_text_the_gateway_cannot_keep_is_refused_and_no_control_byte_reaches_the_his(granted):
+    """Findings 4, 6 and 7 over the real sockets: a lone surrogate (a 500 before), a NUL (written raw into
+    PID-5 before) and a key named twice (the last one won) are 400 with an OperationOutcome naming the
+    element, and nothing is queued for the HIS; a TAB, which FHIR text may hold, is booked and crosses as
+    \\X09\\. No message the gateway sent the HIS holds a control byte but the segment separator (the bodies
+    kept in the chamber are the bytes framed onto the wire)."""
+    lock = granted
+    other = lock.session("other")
+    slot = free_slots(lock, "other")[30]
+    sent = "SELECT body FROM messages WHERE direction = 'outbound'"
+    before = len(lock.chamber_rows(sent))
+    for family in ("\ud800", "欧\x00阳"):
+        body = patient_appointment(slot)
+        body["contained"][0]["name"] = [{"family": family}]
+        r = other.post(f"{lock.base}/Appointment", data=json.dumps(body).encode("ascii"), headers=JSON)
+        outcome(r, 400, "invalid")
+        assert r.json()["issue"][0]["expression"] == ["Appointment.contained[0].name[0].family"]
+    twice = json.dumps(appointment_for(slot))[:-1] + ', "status": "booked"}'
+    assert "'status' more than once" in outcome(other.post(f"{lock.base}/Appointment", data=twice.encode(),
+                                                           headers=JSON), 400, "invalid")
+    assert len(lock.chamber_rows(sent)) == before
+
+    tab = appointment_for(slot, mrn="MRN-TAB\t1")
+    tab["contained"][0]["name"] = [{"family": "欧\t阳", "given": ["娜\t娜"]}]
+    booked = other.post(f"{lock.base}/Appointment", json=tab, headers=JSON)
+    assert booked.status_code == 201, booked.text
+    assert any(e["placer"] == booked.json()["id"] and e["ack"] == "AA" for e in lock.received())
+    bodies = [row[0] for row in lock.chamber_rows(sent)]
+    assert any(b"MRN-TAB\\X09\\1" in body and "欧\\X09\\阳".encode() in body for body in bodies)
+    for body in bodies:
+        assert not [byte for byte in body if byte < 0x20 and byte != 0x0D], body[:80]
+    assert "outer.internal_error" not in lock.gateway.log_path.read_text(encoding="utf-8")
+
+
 # -- the audit trail ---------------------------------------------------------------------------------------------
 
 def test_audit_verify_and_export_while_the_gateway_runs(granted):
@@ -253,6 +294,11 @@ def test_audit_verify_and_export_while_the_gateway_runs(granted):
         assert secret not in exported.stdout
     later = gatewayd(lock, "audit", "export", "--since", (hospital_today() + timedelta(days=1)).isoformat())
     assert later.returncode == 0 and later.stdout == ""
+    asked = gatewayd(lock, "audit", "find", PROBES[0], PROBES[2])  # the ids are in no record, yet are found
+    assert asked.returncode == 0, asked.stdout + asked.stderr
+    found = [json.loads(line) for line in asked.stdout.splitlines() if line.startswith("{")]
+    assert {(r["platform"], r["action"], r["outcome"]) for r in found} == {("other", "read", 404)}
+    assert len({r["resource_id"] for r in found}) == 2 and all(r["resource_id"].startswith("hmac:") for r in found)
 
 
 def tampered_copy(lock: Lock, name: str, *statements: str) -> str:

@@ -4,8 +4,8 @@ endpoint on its own port) as processes, FHIR over mutual TLS, HL7 over MLLP, sig
 - A signed transaction Bundle of three items crosses as one RDE^O11 with three ORC groups, routed to the
   pharmacy endpoint (not the registration HIS); the items turn active, the pharmacy's RDS^O13 comes back and
   MedicationDispense is readable; the items are completed.
-- Unsigned, tampered and foreign-CA prescriptions are refused (403, the failed check named) and nothing
-  reaches the HIS.
+- Unsigned, tampered and foreign-CA prescriptions, and those signed with a TLS certificate or through a CA
+  beyond its path length, are refused (403, the failed check named) and nothing reaches the HIS.
 - A prescription the HIS releases is listed for outside pharmacies, verifies with the gateway's certificate
   using plain `cryptography` (no gatewayd code), and of two pharmacies claiming it at once exactly one wins.
 """
@@ -27,7 +27,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from tests.e2e.harness import Lock, eventually, free_port, read_jsonl
-from tests.e2e.rxpki import PRESCRIBER_SCOPES, RxPki, pem, golden_bundle, signed_bundle
+from gateway.signatures import prescription_payload, sign_release
+from tests.e2e.rxpki import GOLDEN, PRESCRIBER_SCOPES, RxPki, pem, golden_bundle, signed_bundle
 
 
 def verify_with_plain_cryptography(resource: dict, certificate_pem: bytes) -> None:
@@ -50,8 +51,10 @@ def verify_with_plain_cryptography(resource: dict, certificate_pem: bytes) -> No
     leaf.public_key().verify(der, header_b64.encode() + b"." + payload, ec.ECDSA(hashes.SHA256()))
 
 
-@pytest.fixture()
-def lock(tmp_path):
+def prescribing_lock(tmp_path) -> Lock:
+    """A Lock (not started) whose HIS simulator has its pharmacy on ``lock.pharmacy_port`` and whose gateway
+    routes prescriptions there, signed by ``lock.pki``'s prescriber; platform demo prescribes, pa and pb
+    claim released prescriptions."""
     pki = RxPki(tmp_path / "rx")
     pharmacy_port = free_port()
     lock = Lock(tmp_path, platforms=("demo", "pa", "pb"), doctors=1, days=1,
@@ -67,12 +70,17 @@ def lock(tmp_path):
     cfg["prescriptions"] = {"prescriber_cas": [str(tmp_path / "rx" / "prescriber-ca.pem")],
                             "release_key": str(tmp_path / "rx" / "release.key"),
                             "release_chain": str(tmp_path / "rx" / "release.pem")}
-    cfg["platforms"][0]["scopes"] = PRESCRIBER_SCOPES
+    cfg["platforms"][0]["scopes"] = list(PRESCRIBER_SCOPES)  # a copy: callers add scopes to it
     for p in cfg["platforms"][1:]:
         p["scopes"] = ["MedicationRequest.claim"]
     lock.write_configs()
-    with lock:
-        lock.pki = pki
+    lock.pki, lock.pharmacy_port = pki, pharmacy_port
+    return lock
+
+
+@pytest.fixture()
+def lock(tmp_path):
+    with prescribing_lock(tmp_path) as lock:
         yield lock
 
 
@@ -106,8 +114,27 @@ def test_a_signed_bundle_reaches_the_pharmacy_and_its_dispensing_comes_back(lock
     assert ("access", "MedicationRequest", ids[0]) in records  # the dispense search: whose dispenses were read
 
 
+def test_a_medication_request_signed_in_the_header_is_taken(lock):
+    """One MedicationRequest with the prescriber's JWS in X-Prescription-Signature (the way docs/prescriptions.md
+    gives for a resource without a signature element): verified and sent to the pharmacy.  The header reached
+    the check as bytes and every such prescription was refused as "malformed"; a header that is not ASCII
+    text is refused as malformed (403), not a 500."""
+    body = json.loads((GOLDEN / "medicationrequest_single.json").read_text(encoding="utf-8"))
+    jws = sign_release(prescription_payload(body), lock.pki.key, lock.pki.chain)
+    s = lock.session("demo")
+    r = s.post(f"{lock.base}/MedicationRequest", json=body, timeout=15,
+               headers={"Content-Type": "application/fhir+json", "X-Prescription-Signature": jws})
+    assert r.status_code == 201, r.text
+    assert r.json()["status"] == "active"
+    other = dict(body, groupIdentifier={"value": "RX-NOT-ASCII"})
+    r = s.post(f"{lock.base}/MedicationRequest", json=other, timeout=15,
+               headers={"Content-Type": "application/fhir+json", "X-Prescription-Signature": "签名".encode()})
+    assert r.status_code == 403 and "malformed" in r.json()["issue"][0]["diagnostics"], r.text
+
+
 @pytest.mark.parametrize("how, check", [("unsigned", "missing"), ("tampered", "signature"),
-                                        ("other CA", "untrusted")])
+                                        ("other CA", "untrusted"), ("TLS certificate", "key"),
+                                        ("beyond a path length", "chain")])
 def test_unsigned_tampered_and_foreign_prescriptions_are_refused_and_nothing_reaches_the_his(lock, how, check):
     body = golden_bundle()
     if how == "unsigned":
@@ -117,7 +144,9 @@ def test_unsigned_tampered_and_foreign_prescriptions_are_refused_and_nothing_rea
         next(e for e in sent["entry"] if e["resource"]["resourceType"] == "MedicationRequest")[
             "resource"]["dispenseRequest"]["quantity"]["value"] = 2400
     else:
-        sent = signed_bundle(body, lock.pki.key, lock.pki.rogue_chain)
+        chain = {"other CA": lock.pki.rogue_chain, "TLS certificate": lock.pki.tls_chain,
+                 "beyond a path length": lock.pki.too_deep_chain}[how]
+        sent = signed_bundle(body, lock.pki.key, chain)
     r = post(lock, sent)
     assert r.status_code == 403, r.text
     issue = r.json()["issue"][0]

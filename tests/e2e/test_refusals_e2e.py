@@ -127,7 +127,7 @@ def test_resent_siu_is_acked_again_and_reused_control_id_is_refused(lock):
     chamber = Chamber(lock.workdir / "chamber.sqlite3")
     chamber.open()
     try:
-        original = chamber.read().message_by_control_id("inbound", "his", "DUP-1")
+        original = chamber.read().message_by_control_id("inbound", "his", "DUP-1", "HIS|HOSPITAL")
         story = [detail for _, _, detail in chamber.read().message_events(original.id)]
     finally:
         chamber.close()

@@ -295,3 +295,39 @@ def test_prune_refuses_to_touch_a_broken_chain(tmp_path, capsys, quiet_cli):
     assert "broken at record 2" in capsys.readouterr().err
     assert main(["audit", "verify", "--config", str(config)]) == 1
     assert "audit chain BROKEN at record 2: record 2 is missing" in capsys.readouterr().out
+
+
+def test_find_answers_was_this_id_asked_for_by_its_keyed_name(tmp_path, capsys, quiet_cli):
+    """`gatewayd audit find ID ...` computes the names the audit gives the ids (under this chamber's key;
+    percent-escapes undone, as in a URL) and prints the records naming them; exit 1 when none does."""
+    from gateway.cli import main
+
+    config = config_file(tmp_path)
+    chamber = Chamber(tmp_path / "cli.sqlite3", clock=lambda: T0)
+    chamber.open()
+    key = chamber.read().audit_key()
+    trail = AuditTrail(chamber)
+    for rid in (audit.keyed_name(key, "x13655550002"), "a0123456789abcdef0123", audit.keyed_name(key, "空1365")):
+        trail.record(AuditEntry(action="read", outcome=404, platform="demo", resource_type="Appointment",
+                                resource_id=rid, detail="not-found"))
+    chamber.close()
+    assert main(["audit", "find", "x13655550002", "%E7%A9%BA1365", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert f"x13655550002: recorded as {audit.keyed_name(key, 'x13655550002')}" in out
+    assert f"空1365: recorded as {audit.keyed_name(key, '空1365')}" in out
+    records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [r["seq"] for r in records] == [1, 3] and "13655550002" not in json.dumps(records)
+    assert main(["audit", "find", "a0123456789abcdef0123", "--config", str(config)]) == 0
+    assert [json.loads(line)["seq"] for line in capsys.readouterr().out.splitlines() if line.startswith("{")] == [2]
+    assert main(["audit", "find", "13655550009", "--config", str(config)]) == 1
+    assert "no record names it" in capsys.readouterr().out
+
+
+def test_a_keyed_name_is_exported_as_what_was_asked_for_not_a_resource(env):
+    chamber, _, _ = env
+    name = audit.keyed_name(chamber.read().audit_key(), "x13655550002")
+    AuditTrail(chamber).record(AuditEntry(action="read", outcome=404, platform="demo", resource_type="Appointment",
+                                          resource_id=name, detail="not-found"))
+    [event] = [json.loads(line) for line in audit.export(chamber.read().audit_records(), TZ)]
+    AuditEvent.model_validate(event)
+    assert event["entity"][0]["what"] == {"identifier": {"system": "urn:gatewayd:audit:keyed-name", "value": name}}

@@ -131,6 +131,39 @@ def test_a_version_2_chamber_gains_schedule_facilities_and_slot_z_segments(tmp_p
     ch.close()
 
 
+def test_every_chamber_holds_its_own_audit_key_for_good(tmp_path):
+    """Version 4: a new chamber, and one upgraded from version 3, holds 32 random bytes of its own (the key
+    of the audit's keyed names, gateway/audit.py): not in the repository nor the config, kept across
+    reopening, and refused to be changed or deleted (earlier records would no longer be found by it)."""
+    from gateway.chamber import SCHEMA_DIR, SCHEMA_VERSION
+
+    assert SCHEMA_VERSION >= 4
+    upgraded = tmp_path / "v3.sqlite3"
+    version_1_chamber(upgraded)
+    conn = sqlite3.connect(upgraded)
+    for script in ("upgrade-v1-v2.sql", "upgrade-v2-v3.sql"):
+        conn.executescript((SCHEMA_DIR / script).read_text(encoding="utf-8"))
+    conn.execute("UPDATE chamber_meta SET value = '3' WHERE key = 'schema_version'")
+    conn.commit()
+    conn.close()
+    keys = []
+    for path in (upgraded, tmp_path / "new.sqlite3", tmp_path / "other.sqlite3"):
+        ch = Chamber(path)
+        ch.open()
+        keys.append(ch.read().audit_key())
+        ch.close()
+    assert all(len(k) == 32 for k in keys) and len(set(keys)) == 3
+    again = Chamber(upgraded)
+    again.open()
+    assert again.read().audit_key() == keys[0]
+    again.close()
+    conn = sqlite3.connect(upgraded)
+    for sql in ("UPDATE chamber_keys SET key = zeroblob(32)", "DELETE FROM chamber_keys"):
+        with pytest.raises(sqlite3.IntegrityError, match="never changed"):
+            conn.execute(sql)
+    conn.close()
+
+
 def test_a_failed_upgrade_leaves_the_chamber_at_its_old_version(tmp_path, monkeypatch):
     """An upgrade is one transaction: if a statement fails, nothing of it stays and the start is refused."""
     import gateway.chamber as chamber_module
@@ -149,6 +182,62 @@ def test_a_failed_upgrade_leaves_the_chamber_at_its_old_version(tmp_path, monkey
     assert conn.execute("SELECT value FROM chamber_meta WHERE key='schema_version'").fetchone()[0] == "1"
     assert not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'new_one'").fetchone()
     conn.close()
+
+
+def test_a_version_4_chamber_knows_inbound_messages_by_sender_and_control_id(tmp_path):
+    """Version 5 (issue 15, finding 10): an inbound message is known by its sender (MSH-3 and MSH-4 as sent)
+    and MSH-10, not by MSH-10 alone. A version-4 chamber is upgraded in one step (the messages table is
+    rebuilt): each inbound message's sender is read from its MSH, outbound messages (ours) get '', ids,
+    stories and the prescriptions that point at messages are kept, and foreign keys are still enforced."""
+    from gateway.chamber import SCHEMA_DIR, SCHEMA_VERSION
+
+    assert SCHEMA_VERSION >= 5
+    path = tmp_path / "c.sqlite3"
+    version_1_chamber(path)
+    conn = sqlite3.connect(path)
+    for script in ("upgrade-v1-v2.sql", "upgrade-v2-v3.sql", "upgrade-v3-v4.sql"):
+        conn.executescript((SCHEMA_DIR / script).read_text(encoding="utf-8"))
+    conn.execute("UPDATE chamber_meta SET value = '4' WHERE key = 'schema_version'")
+    bodies = {7: "MSH|^~\\&|HIS^1.2^ISO|HOSPITAL|GW|FRONT|20300101||SIU^S12|C1|P|2.5\rSCH|1\r".encode(),
+              8: "MSH#^~\\&#药房#分院A#GW#FRONT#20300101##RDS^O13#C1#P#2.5\r".encode(),
+              9: b"MSH|^~\\&|GATEWAYD|FRONT|HIS|HOSPITAL|20300101||SRM^S01|C1|P|2.5\r"}
+    for message_id, (direction, peer) in {7: ("inbound", "his"), 8: ("inbound", "pharmacy"),
+                                          9: ("outbound", "his")}.items():
+        conn.execute("INSERT INTO messages (id, direction, peer, control_id, type, state, body, charset, created,"
+                     " updated) VALUES (?, ?, ?, 'C1', 'x', 'delivered', ?, 'utf-8', 0, 0)",
+                     (message_id, direction, peer, bodies[message_id]))
+        conn.execute("INSERT INTO message_events VALUES (?, 0, 'delivered', 'kept')", (message_id,))
+    conn.execute("INSERT INTO prescriptions (id, direction, number, status, payload, message_id, created, updated)"
+                 " VALUES ('RX1', 'to_his', 'N1', 'pending', x'7b7d', 9, 0, 0)")
+    conn.commit()
+    conn.close()
+    ch = Chamber(path)
+    ch.open()
+    assert ch._conn.execute("SELECT value FROM chamber_meta WHERE key='schema_version'").fetchone()[0] == str(
+        SCHEMA_VERSION)
+    assert {m.id: (m.sender, m.body) for m in ch.read().messages()} == {
+        7: ("HIS^1.2^ISO|HOSPITAL", bodies[7]), 8: ("药房#分院A", bodies[8]), 9: ("", bodies[9])}
+    assert [line for _, _, line in ch.read().message_events(7)] == ["kept"]
+    assert ch._conn.execute("SELECT message_id FROM prescriptions").fetchone()[0] == 9
+    assert ch._conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+
+    def another_sender(tx):
+        return tx.add_message(direction="inbound", peer="his", sender="HIS^1.2^ISO|BRANCH", control_id="C1",
+                              type="SIU^S12", state="delivered", body=b"MSH", charset="utf-8", if_new=True)
+
+    def same_sender(tx):
+        return tx.add_message(direction="inbound", peer="his", sender="HIS^1.2^ISO|HOSPITAL", control_id="C1",
+                              type="SIU^S12", state="delivered", body=b"MSH", charset="utf-8", if_new=True)
+
+    assert ch.transact_now(another_sender) is not None
+    assert ch.transact_now(same_sender) is None
+    with pytest.raises(sqlite3.IntegrityError):
+        ch._writer.execute("INSERT INTO message_events VALUES (999, 0, 'x', 'y')")
+    ch.close()
+    new = Chamber(tmp_path / "new.sqlite3")
+    new.open()
+    assert new._conn.execute("PRAGMA freelist_count").fetchone()[0] == 0  # a new chamber keeps no rebuilt pages
+    new.close()
 
 
 def test_a_chamber_from_a_newer_gatewayd_is_refused_untouched(tmp_path):

@@ -180,6 +180,19 @@ def test_escape_produces_standard_sequences():
     assert escape("张伟") == "张伟"
 
 
+def test_escape_writes_no_control_byte():
+    """Finding 7, defensively at the encoder: NUL and every other C0 control character (and DEL) become
+    \\Xhh\\, so no raw control byte reaches the HIS whatever a value holds (a NUL from a platform used to
+    be written as a raw 0x00 in PID-5); the reader gives the characters back."""
+    controls = "".join(chr(c) for c in [*range(0x20), 0x7F])
+    wire = escape(f"a{controls}b")
+    assert wire == "a" + "".join(f"\\X{c:02X}\\" for c in [*range(0x20), 0x7F]) + "b"
+    assert not any(c in wire for c in controls)
+    assert unescape(wire) == f"a{controls}b"
+    custom = Encoding(field="!", component="@", repetition="*", escape="$", subcomponent="%")
+    assert escape("\x00\t", custom) == "$X00$$X09$"
+
+
 def test_custom_encoding_escape_round_trip():
     """Non-default delimiters (and a v2.7 truncation character) are escaped and unescaped with their own
     sequences."""
@@ -191,13 +204,13 @@ def test_custom_encoding_escape_round_trip():
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.text() | st.text(alphabet="|^~\\&\r\nXFSTREP.br0Dx\x0b\x1c张"))
+@given(st.text() | st.text(alphabet="|^~\\&\r\nXFSTREP.br0Dx\x0b\x1c\x00\x7f张"))
 def test_escape_unescape_round_trip(text):
-    """For arbitrary text, unescape(escape(text)) == text and the escaped form contains no delimiter, CR,
-    LF or MLLP block byte (so it can sit in any field)."""
+    """For arbitrary text, unescape(escape(text)) == text and the escaped form contains no delimiter and no
+    control character (CR, LF, the MLLP block bytes, NUL ...; so it can sit in any field)."""
     wire = escape(text)
     assert unescape(wire) == text
-    assert not any(c in wire for c in "|^~&\r\n\x0b\x1c")
+    assert not any(c in wire for c in "|^~&") and not any(ord(c) < 0x20 or c == "\x7f" for c in wire)
 
 
 @settings(max_examples=100, deadline=None)

@@ -53,6 +53,7 @@ from hissim.journal import Journal
 from hissim.messages import Header, Notification, build_siu, control_ids
 from hissim.notifier import Notifier
 from hissim.service import HisSimulator
+from hissim.store import Store
 
 REPO = Path(__file__).resolve().parents[2]
 TZ = ZoneInfo("Asia/Shanghai")
@@ -77,6 +78,21 @@ def inventory(days=1) -> Inventory:
 
 def at(hh, mm, day=DAY) -> datetime:
     return datetime.combine(day, dtime(hh, mm))
+
+
+def memory_store() -> Store:
+    store = Store(":memory:")
+    store.open()
+    return store
+
+
+def stored(store: Store, planned: Inventory) -> Inventory:
+    """The planned slots opened in ``store``, as the simulator opens them; the inventory to work on."""
+    store.save_schedules(planned.schedules())
+    kept = store.load_inventory()
+    with store.changing(kept):
+        kept.add_slots(planned.slots())
+    return kept
 
 
 def sim_config(tmp_path: Path, **changes) -> HisSimConfig:
@@ -275,11 +291,13 @@ class Wire:
     def __init__(self, tmp_path: Path, codec="utf-8"):
         self.clock = task.Clock()
         self.clock.advance(T0)
-        self.inventory = inventory()
+        self.store = memory_store()
+        self.inventory = stored(self.store, inventory())
         self.notes: list[Notification] = []
         self.journal_path = tmp_path / "received.jsonl"
         self.handler = HisHandler(
             inventory=self.inventory,
+            store=self.store,
             header=Header(codec=codec),
             clock=HospitalClock(self.clock, TZ),
             control_ids=control_ids("T"),
@@ -435,9 +453,10 @@ def test_same_placer_rebooking_its_slot_is_idempotent_but_not_a_second_slot(tmp_
     assert len(wire.notes) == 1
 
 
-def test_srm_s04_cancels_by_placer_or_filler_and_refuses_unknown_bookings(tmp_path):
-    """SRM^S04 with the placer id (or the HIS appointment id in ARQ-2) cancels: SRR^S04 AA with SCH-25
-    Cancelled, the slot opens, an S15 is queued; an unknown booking gets AR 204."""
+def test_srm_s04_cancels_by_placer_and_filler_and_refuses_unknown_bookings(tmp_path):
+    """SRM^S04 with the placer id (and, when given, the HIS appointment id in ARQ-2) cancels: SRR^S04 AA with
+    SCH-25 Cancelled, the slot opens, an S15 is queued; an unknown placer id gets AR 204 at ARQ-1, even with
+    the filler id of a counter booking (the gateway cannot cancel the hospital's own bookings)."""
     wire = Wire(tmp_path)
     wire.exchange(srm(control_id="G1", placer="APT-1"))
     _raw, answer = wire.exchange(srm("S04", control_id="G2", placer="APT-1"))
@@ -446,11 +465,14 @@ def test_srm_s04_cancels_by_placer_or_filler_and_refuses_unknown_bookings(tmp_pa
     assert wire.inventory.slot("D001", at(8, 0)).status is SlotStatus.OPEN
     assert [(n.trigger, n.status) for n in wire.notes] == [("S12", "Booked"), ("S15", "Cancelled")]
 
-    counter = wire.inventory.book("D001", at(8, 30), by=COUNTER)
-    _raw, answer = wire.exchange(srm("S04", control_id="G3", placer="", filler=counter.appointment_id))
+    wire.exchange(srm(control_id="G3", placer="APT-2", start="203001070815"))
+    _raw, answer = wire.exchange(srm("S04", control_id="G4", placer="APT-2", filler="H000002"))
     assert answer.segment("MSA").get(1) == "AA"
-    _raw, answer = wire.exchange(srm("S04", control_id="G4", placer="APT-404"))
-    assert answer.segment("MSA").get(1) == "AR" and answer.segment("ERR").get(3, 1) == "204"
+    counter = wire.inventory.book("D001", at(8, 30), by=COUNTER)
+    _raw, answer = wire.exchange(srm("S04", control_id="G5", placer="APT-404", filler=counter.appointment_id))
+    err = answer.segment("ERR")
+    assert (answer.segment("MSA").get(1), err.get(3, 1), err.get(2, 3)) == ("AR", "204", "1")
+    assert wire.inventory.slot("D001", at(8, 30)).booking == counter
 
 
 def test_sqm_s25_lists_slots_in_range_with_their_status(tmp_path):
@@ -553,7 +575,8 @@ def test_notifier_sends_one_at_a_time_and_resends_with_the_same_control_id(tmp_p
     notifier = Notifier(
         send=sender.send,
         build=lambda note, cid, now: build_siu(note, header=Header(), control_id=cid, now=now),
-        clock=HospitalClock(clock, TZ), control_ids=control_ids("S"), journal=journal,
+        clock=HospitalClock(clock, TZ), control_ids=control_ids("S"), journal=journal, store=memory_store(),
+        role="his",
     )
     for slot in inv.open_slots()[:2]:
         notifier.enqueue(Notification("S24", slot, "Open", "startup"))
@@ -596,7 +619,7 @@ def test_notifier_backoff_is_capped(tmp_path):
         return fail(ConnectionRefusedError())
 
     notifier = Notifier(send=send, build=lambda n, c, now: b"MSH|x", clock=HospitalClock(clock, TZ),
-                        control_ids=control_ids("S"), journal=Journal())
+                        control_ids=control_ids("S"), journal=Journal(), store=memory_store(), role="his")
     notifier.enqueue(Notification("S24", inventory().open_slots()[0], "Open", "startup"))
     notifier.start()
     for _ in range(200):

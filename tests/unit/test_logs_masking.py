@@ -25,6 +25,33 @@ def test_id_card_and_phone_numbers_are_masked_inside_any_text(text):
     assert not any(ch.isdigit() for ch in out.replace("***", "").split("read")[1])
 
 
+@pytest.mark.parametrize("text, kept", [
+    ("/fhir/Appointment/x13655550002", "/fhir/Appointment/x"),
+    ("/fhir/Appointment/A13655550003", "/fhir/Appointment/A"),
+    ("/fhir/Appointment/空13655550004", "/fhir/Appointment/空"),
+    ("/fhir/Appointment/ID110105194912310049", "/fhir/Appointment/ID"),
+    ("MRN13912345678X", "MRNX"),
+    ("id_card=ID11010519491231002Xend", "id_card=IDend"),
+    ("tel:+86-139-1234-5678;ext", "tel:;ext"),
+])
+def test_numbers_inside_tokens_are_masked_too(text, kept):
+    """Finding 5: masking used to catch only numbers standing alone; letters glued to an ID card or phone
+    number no longer hide it."""
+    masked_text = mask_value(text)
+    assert "***" in masked_text and masked_text.replace("***", "") == kept
+
+
+def test_the_gateways_own_ids_are_not_masked_whatever_digits_they_hold():
+    """Ids the gateway makes — appointment and prescription ids (a letter and 20 hex digits), control ids
+    ('G' and 19 hex), the MLLP listener's ACK ids (20 hex), token ids (16 hex), hashes (64 hex), keyed
+    hashes in the audit ('hmac:' and 32 hex) — and times in milliseconds or HL7 form are kept."""
+    own = ["a13912345678abcdef012", "m110105194912310021ab", "G13912345678abcdef01", "13912345678abcdef012",
+           "a13912345678bcde", "110105194912310021" + "a" * 46, "hmac:13912345678abcdef0123456789abcde",
+           "20261124080000", "1732412345678", "D001-202611240800"]
+    for value in own:
+        assert mask_value(f"id {value} at x") == f"id {value} at x"
+
+
 @pytest.mark.parametrize("key", ["patient", "name", "family", "given", "phone", "id_card", "mrn", "telecom",
                                  "patient_name", "PatientId", "phone_number", "home_address", "birth_date",
                                  "identifier", "body"])

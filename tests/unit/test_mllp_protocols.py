@@ -543,8 +543,8 @@ def test_queued_sends_go_one_at_a_time_in_order():
 
 
 def test_connection_refused_gives_peer_unavailable_and_next_send_retries():
-    """A refused connection fails the send with PeerUnavailable naming the reason; the next send makes a
-    new connection attempt."""
+    """A refused connection fails the send with PeerUnavailable naming the reason, the message not written;
+    the next send makes a new connection attempt."""
     w = World()
     d1 = w.client.send(siu("G1"), "G1", timeout=10)
     d2 = w.client.send(siu("G2"), "G2", timeout=10)
@@ -552,6 +552,7 @@ def test_connection_refused_gives_peer_unavailable_and_next_send_retries():
         w.completer.failOnce(Failure(ConnectionRefusedError("nobody home")))
     ok, failure = result_of(d1)
     assert not ok and failure.check(PeerUnavailable) and "nobody home" in failure.value.reason
+    assert failure.value.written is False
     assert events(logs, "mllp.client.connect_failed")
     assert result_of(d2) is None
     w.complete()
@@ -560,18 +561,19 @@ def test_connection_refused_gives_peer_unavailable_and_next_send_retries():
 
 def test_connect_timeout_gives_peer_unavailable():
     """A connection attempt that never completes fails the send with PeerUnavailable after
-    connect_timeout."""
+    connect_timeout, the message not written."""
     w = World()
     d = w.client.send(siu("G1"), "G1", timeout=10)
     with capture_logs():
         w.reactor.advance(5.1)
     ok, failure = result_of(d)
     assert not ok and failure.check(PeerUnavailable) and "timed out" in failure.value.reason
+    assert failure.value.written is False
 
 
 def test_connection_lost_before_answer_gives_peer_unavailable():
-    """If the peer closes the connection before answering, the send fails with PeerUnavailable; the next
-    send reconnects."""
+    """If the peer closes the connection before answering, the send fails with PeerUnavailable, the message
+    written (the peer may have taken it); the next send reconnects."""
     w = World(script=lambda m: [])
     d = w.client.send(siu("G1"), "G1", timeout=10)
     pump = w.complete()
@@ -579,7 +581,7 @@ def test_connection_lost_before_answer_gives_peer_unavailable():
         w.his[0].transport.loseConnection()
         pump.flush()
     ok, failure = result_of(d)
-    assert not ok and failure.check(PeerUnavailable)
+    assert not ok and failure.check(PeerUnavailable) and failure.value.written is True
     assert not w.client.connected
     w.script = lambda m: [ack_for(m)]
     d2 = w.client.send(siu("G2"), "G2", timeout=10)
@@ -678,14 +680,15 @@ def test_cancel_in_flight_send_drops_connection_and_moves_on():
 
 
 def test_close_fails_pending_sends():
-    """close() fails in-flight and queued sends with PeerUnavailable, closes the connection and fires when
-    it is closed; later sends fail at once."""
+    """close() fails in-flight and queued sends with PeerUnavailable (the one in flight written, the queued
+    one not), closes the connection and fires when it is closed; later sends fail at once."""
     w = World(script=lambda m: [])
     d1 = w.client.send(siu("G1"), "G1", timeout=10)
     d2 = w.client.send(siu("G2"), "G2", timeout=10)
     pump = w.complete()
     closed = w.client.close()
     assert result_of(d1)[1].check(PeerUnavailable) and result_of(d2)[1].check(PeerUnavailable)
+    assert (result_of(d1)[1].value.written, result_of(d2)[1].value.written) == (True, False)
     with capture_logs():
         pump.flush()
     assert result_of(closed) == (True, None)

@@ -142,8 +142,9 @@ def test_a_peer_that_does_not_read_cannot_make_us_buffer_answers():
 @given(st.integers(1, 64))
 def test_junk_without_start_bytes_is_counted_not_kept(chunk_kib):
     """A stream with no start byte, however it is cut, is discarded as it arrives: nothing is buffered and
-    one junk event is logged per read, by count only."""
-    factory = MLLPServerFactory(SyncHandler(), clock=task.Clock(), idle_timeout=None)
+    one junk event is logged per read, by count only. (Without the junk limit, max_junk_bytes, which closes
+    such a connection after 64 KiB: tests/unit/test_mllp_edge.py.)"""
+    factory = MLLPServerFactory(SyncHandler(), clock=task.Clock(), idle_timeout=None, max_junk_bytes=None)
     proto = factory.buildProtocol(IPv4Address("TCP", "10.9.9.9", 5002))
     tr = StringTransport()
     proto.makeConnection(tr)

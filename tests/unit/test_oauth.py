@@ -1,8 +1,9 @@
-"""gateway/oauth.py: client assertions are verified with cryptography alone and every kind of bad one is
-refused as invalid_client (alg none, HS/RS confusion, exp too far or past, replayed jti — also after the
-chamber is reopened —, wrong aud, wrong iss/sub, an unknown key); tokens are stored as hashes only, carry
-the granted scopes and expire.  Assertions are signed here with the test's own small JWS writer (and, as an
-interoperability check, with joserfc when it is installed), never with the module under test."""
+"""gateway/oauth.py: client assertions are verified (by joserfc, under the gateway's policy) and every kind of
+bad one is refused as invalid_client (alg none, HS/RS confusion, exp too far or past, replayed jti — also after
+the chamber is reopened —, wrong aud, wrong iss/sub, an unknown key); tokens are stored as hashes only, carry
+the granted scopes and expire.  Assertions are signed here with the test's own small JWS writer (plain
+cryptography) and, as an interoperability check, with PyJWT — never with the module under test nor with
+joserfc, the library it verifies with."""
 
 import base64
 import hashlib
@@ -163,6 +164,11 @@ def test_alg_none_is_refused(clients):
     assert "never none" in refused(clients, sign(claims(), None, "none")).description
 
 
+@pytest.mark.parametrize("alg", [["RS384"], {"RS384": True}, 384, None])
+def test_an_alg_that_is_not_a_name_is_refused_not_a_crash(clients, alg):
+    assert "not accepted" in refused(clients, sign(claims(), header={"alg": alg})).description
+
+
 def test_hs256_signed_with_the_public_key_is_refused(clients):
     """HS/RS confusion: an HMAC keyed with the registered public key's own bytes."""
     forged = sign(claims(), pem(RSA_KEY), "HS256")
@@ -191,6 +197,16 @@ def test_an_expired_or_exp_less_assertion_is_refused(clients):
     assert "expired" in refused(clients, sign(claims(exp=NOW - 60))).description
     assert "exp" in refused(clients, sign(claims(exp=None))).description
     assert "exp" in refused(clients, sign(claims(exp="soon"))).description
+    assert "exp" in refused(clients, sign(claims(exp=float("nan")))).description  # would never expire
+    assert "exp" in refused(clients, sign(claims(exp=True))).description
+
+
+def test_numeric_dates_beyond_any_float_are_refused_not_a_crash(clients):
+    """JSON numbers have no size limit: an exp, nbf or iat of 10**400 is an answer (invalid_client), not an
+    OverflowError."""
+    assert "5 minutes" in refused(clients, sign(claims(exp=10**400))).description
+    assert "nbf" in refused(clients, sign(claims(nbf=10**400))).description
+    assert "iat" in refused(clients, sign(claims(iat=10**400))).description
 
 
 def test_wrong_aud_is_refused(clients):
@@ -220,19 +236,20 @@ def test_other_malformed_assertions_are_refused(clients):
     refused(clients, sign(claims(nbf=NOW + 100)))
 
 
-def test_joserfc_assertions_verify(clients):
-    """Interoperability: a JWT written by an independent JOSE library is accepted, and its alg=none is not."""
-    from joserfc import jwt
-    from joserfc.jwk import ECKey, RSAKey
+def test_pyjwt_assertions_verify(clients):
+    """Interoperability: JWTs written by an independent JOSE library (PyJWT, as a platform might use) are
+    accepted; its alg=none, an algorithm the platform does not use and an expired one are not."""
+    import jwt
 
-    token = jwt.encode({"alg": "RS384", "typ": "JWT"}, claims(), RSAKey.import_key(RSA_KEY), algorithms=["RS384"])
+    token = jwt.encode(claims(), RSA_KEY, algorithm="RS384")
     assert verify_assertion(token, clients, AUD, NOW).platform == "demo"
-    token = jwt.encode({"alg": "ES384", "kid": "ec-1"}, claims("other"), ECKey.import_key(EC384_KEY),
-                       algorithms=["ES384"])
+    token = jwt.encode(claims("other"), EC384_KEY, algorithm="ES384", headers={"kid": "ec-1"})
     assert verify_assertion(token, clients, AUD, NOW).platform == "other"
-    with pytest.warns(Warning):  # joserfc itself warns that "none" is deprecated
-        unsigned = jwt.encode({"alg": "none"}, claims(), None, algorithms=["none"])
-    refused(clients, unsigned)
+    token = jwt.encode(claims("other", aud=["x", AUD]), EC256_KEY, algorithm="ES256", headers={"kid": "ec-2"})
+    assert verify_assertion(token, clients, AUD, NOW).platform == "other"
+    assert "never none" in refused(clients, jwt.encode(claims(), None, algorithm="none")).description
+    refused(clients, jwt.encode(claims(), RSA_KEY, algorithm="RS256"))  # demo signs with RS384/ES384 only
+    refused(clients, jwt.encode(claims(exp=NOW - 60), RSA_KEY, algorithm="RS384"))
 
 
 # -- scopes ---------------------------------------------------------------------------------------------------

@@ -113,6 +113,20 @@ def test_the_golden_rde_reads_back_field_by_field_with_the_er7_reader():
         assert msg.segment("ORC").get(12, 2) == "张三"
 
 
+@pytest.mark.parametrize("message", ["RDE", "OMP"])
+def test_no_control_byte_from_a_value_reaches_the_wire(message):
+    """Finding 7: whatever a prescription's text holds (a NUL, any C0 control), the order carries it
+    escaped — PID-7 included, which used to be written as given — and no raw control byte."""
+    controls = "".join(chr(c) for c in range(0x20))
+    p = rx_bundle()
+    p = replace(p, patient=replace(p.patient, family=f"王\x00{controls}"), birth_date=f"1990\x00{controls}",
+                items=tuple(replace(i, instructions=f"饭后\x00{controls}") for i in p.items))
+    wire = build_order(p, header=GB, control_id="G1", now=NOW, message=message)
+    assert not any(byte < 0x20 for segment in wire.split(b"\r") for byte in segment)
+    pid = parse(wire).segment("PID")
+    assert (pid.get(5), pid.get(7)) == (f"王\x00{controls}", f"1990\x00{controls}")
+
+
 def test_rde_round_trip_gives_back_the_same_prescription():
     """FHIR -> Prescription -> RDE -> Prescription keeps every field the profile carries."""
     p = rx_bundle()

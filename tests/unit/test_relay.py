@@ -5,14 +5,25 @@ The destination here is a scripted stand-in for the HIS link (the relay is what 
 real MLLP link is exercised in the end-to-end tests.
 """
 
+import functools
+import json
 import random
+from datetime import datetime
 
 import pytest
+from prometheus_client import generate_latest
+from structlog.testing import capture_logs
 from twisted.internet import defer, task
+from twisted.internet.error import ConnectionRefusedError
+from twisted.python.failure import Failure
+from twisted.web.test.requesthelper import DummyRequest
 
+from adapters.inner_gate import HisDestination
+from gateway.admin import AdminResource, Metrics
 from gateway.chamber import Chamber
-from gateway.relay import DeliveryFailed, Relay
+from gateway.relay import DeliveryFailed, HisUnreachable, Relay
 from gateway.scheduling import HisAnswer
+from tests.unit.test_mllp_protocols import World, siu
 
 
 class ScriptedHis:
@@ -154,14 +165,19 @@ def test_dead_letter_after_max_attempts_with_the_reason(env):
     assert his.calls[-1][1] == "G2"
 
 
-def test_dead_letter_when_older_than_max_age(env):
+def test_max_age_ends_a_message_the_his_fails_not_one_it_takes(env):
+    """Older than max_age (600 s) is no reason not to send: the HIS may take it (G2, delivered).  An attempt
+    that reached the HIS and failed dead-letters a message that old (G1, on its first attempt)."""
     chamber, his, relay, clock, answers = env
-    first = queue(chamber, "G1")
+    first, second = queue(chamber, "G1"), queue(chamber, "G2")
     clock.advance(601)
     relay.startService()
-    assert his.calls == []
-    assert chamber.read().message(first).state == "dead"
-    assert "not delivered within 600s" in chamber.read().message(first).last_error
+    his.calls[0][2].errback(DeliveryFailed("AckTimeout: no ACK within 5s"))
+    msg = chamber.read().message(first)
+    assert (msg.state, msg.attempts) == ("dead", 1)
+    assert "not delivered within 600s (max_age)" in msg.last_error and "AckTimeout" in msg.last_error
+    his.calls[1][2].callback(HisAnswer("AA"))
+    assert [c[1] for c in his.calls] == ["G1", "G2"] and chamber.read().message(second).state == "delivered"
 
 
 def test_ordering_by_patient_lets_other_patients_pass_and_keeps_each_patients_order(tmp_path):
@@ -420,4 +436,194 @@ def test_a_failed_batch_releases_the_claim(tmp_path, monkeypatch):
     clock.advance(0)
     assert [cid for _, cid, _ in his.calls] == ["G2"]
     relay.stopService()
+    chamber.close()
+
+
+# -- an unreachable HIS (issue 15, finding 9) ---------------------------------------------------------------
+# Here the destination is the real HIS link: HisDestination over an MLLPClient on a MemoryReactorClock
+# (tests/unit/test_mllp_protocols.World), so "unreachable" is what the client really reports.
+
+
+def _link_world(tmp_path, with_metrics=False):
+    """A World (a fake HIS listening on a MemoryReactorClock, an MLLPClient to it), a chamber on its clock and
+    a relay delivering through HisDestination; max_attempts 3, max_age 600 s; ``relay.metrics`` if asked."""
+    world = World()
+    world.reactor.advance(1000)
+    chamber = Chamber(tmp_path / "c.sqlite3", clock=world.reactor.seconds)
+    chamber.open()
+    outcomes = []
+    settings = dict(ack_timeout=5, retry_initial=1, retry_max=8, max_attempts=3, max_age=600,
+                    rng=random.Random(1), metrics=Metrics(chamber) if with_metrics else None)
+    relay = Relay(chamber, "his", HisDestination(world.client),
+                  lambda tx, msg, ans: outcomes.append((msg.control_id, ans.code)), clock=world.reactor,
+                  on_dead=lambda tx, msg, reason: outcomes.append((msg.control_id, "dead", reason)), **settings)
+    return world, chamber, relay, outcomes
+
+
+def _refuse_connections(world, seconds: float) -> int:
+    """Refuse every connection attempt the client makes for ``seconds`` of the world's clock; returns how
+    many were refused."""
+    refused, end = 0, world.reactor.seconds() + seconds
+    while world.reactor.seconds() < end:
+        if world.reactor.tcpClients:  # a connection attempt is waiting for its outcome
+            world.completer.failOnce(Failure(ConnectionRefusedError("HIS down")))
+            refused += 1
+        world.reactor.advance(0.5)
+    return refused
+
+
+def test_an_unreachable_his_is_waited_for_never_dead_lettered(tmp_path):
+    """Connections refused for longer than max_attempts (3) tries and max_age (600 s) allow: the message is
+    neither dead-lettered nor charged an attempt (it never reached the HIS); it waits at the head of the
+    queue, retried with backoff capped at retry_max, and is delivered once the HIS listens again."""
+    world, chamber, relay, outcomes = _link_world(tmp_path)
+    mid = queue(chamber, "G1", siu("G1"))
+    relay.startService()
+    refused = _refuse_connections(world, 900)
+    msg = chamber.read().message(mid)
+    assert (msg.state, msg.attempts, outcomes) == ("retrying", 0, [])
+    assert refused >= 900 / 8  # tried all along, at least every retry_max
+    world.reactor.advance(8)
+    world.complete()
+    assert outcomes == [("G1", "AA")]
+    assert chamber.read().message(mid).state == "delivered"
+    relay.stopService()
+    chamber.close()
+
+
+def test_an_outage_is_one_alert_per_interval_and_shows_in_health_and_metrics(tmp_path):
+    """While the HIS refuses connections: ``relay.his_unreachable`` once when the outage begins and then once a
+    minute (not once per try: there are more than 100), no ``relay.retrying``; /healthz answers 503 naming the
+    outage; ``gatewayd_his_unreachable_seconds`` gives its length and ``gatewayd_his_unreachable_total`` counts
+    the tries.  When the HIS is back: ``relay.his_reachable`` once, /healthz 200, the gauge 0."""
+    world, chamber, relay, outcomes = _link_world(tmp_path, with_metrics=True)
+    metrics = relay.metrics
+    admin = AdminResource(chamber, metrics, [relay])
+
+    def health():
+        request = DummyRequest([b"healthz"])
+        request.path = b"/healthz"
+        body = json.loads(admin.render_GET(request))
+        return request.responseCode or 200, body["his"]["his"]
+
+    def sample(name):
+        line = next(x for x in generate_latest(metrics.registry).decode().splitlines()
+                    if x.startswith(name + '{peer="his"}'))
+        return float(line.split()[-1])
+
+    queue(chamber, "G1", siu("G1"))
+    with capture_logs() as logs:
+        relay.startService()
+        refused = _refuse_connections(world, 600)
+    alerts = [e for e in logs if e["event"] == "relay.his_unreachable"]
+    assert refused > 60 and 10 <= len(alerts) <= 11
+    assert alerts[0]["log_level"] == "error" and alerts[0]["outage_seconds"] == 0 and alerts[0]["waiting"] == 1
+    assert all(b["outage_seconds"] - a["outage_seconds"] >= 60 for a, b in zip(alerts, alerts[1:]))
+    assert not [e for e in logs if e["event"] == "relay.retrying"]
+    code, his = health()
+    assert code == 503 and his["reachable"] is False and his["unreachable_since"] == 1000
+    assert "HIS down" in his["last_error"] and 590 <= his["unreachable_seconds"] <= 600
+    assert sample("gatewayd_his_unreachable_seconds") == his["unreachable_seconds"]
+    assert sample("gatewayd_his_unreachable_total") == refused
+
+    with capture_logs() as logs:
+        world.reactor.advance(8)
+        world.complete()
+    assert outcomes == [("G1", "AA")]
+    assert [(e["event"], e["tries"]) for e in logs if e["event"].startswith("relay.his_")] == [
+        ("relay.his_reachable", refused)]
+    code, his = health()
+    assert code == 200 and his["reachable"] and his["answering"]
+    assert sample("gatewayd_his_unreachable_seconds") == 0
+    relay.stopService()
+    chamber.close()
+
+
+def test_a_his_that_takes_the_message_and_does_not_answer_uses_up_its_attempts(tmp_path):
+    """The other failure: the message went out and no answer came (a timeout after the send, the connection
+    lost after it): each counts, and after max_attempts (3) the message is dead-lettered as before."""
+    world, chamber, relay, outcomes = _link_world(tmp_path)
+    world.script = lambda m: []  # the HIS reads and never answers
+    mid = queue(chamber, "G1", siu("G1"))
+    relay.startService()
+    world.complete()
+    world.reactor.advance(5)  # ack_timeout: attempt 1
+    assert chamber.read().message(mid).attempts == 1
+    world.reactor.advance(8)
+    pump = world.complete()
+    world.his[-1].transport.loseConnection()  # attempt 2: lost after the send
+    pump.flush()
+    assert chamber.read().message(mid).attempts == 2
+    world.reactor.advance(8)
+    world.complete()
+    world.reactor.advance(5)  # attempt 3
+    msg = chamber.read().message(mid)
+    assert (msg.state, msg.attempts) == ("dead", 3) and "no answer after 3 attempts" in msg.last_error
+    assert [m.control_id for m in world.received] == ["G1"] * 3 and outcomes[0][:2] == ("G1", "dead")
+    relay.stopService()
+    chamber.close()
+
+
+def test_an_outage_does_not_age_a_message(tmp_path):
+    """max_age (600 s) counts from the commit or the end of the last outage, whichever is later: a message
+    already 700 s old when the relay starts, with the HIS down, is tried (not dead-lettered) and waits through
+    the outage; once the HIS is reached again, failed attempts (timeouts) have max_age from that moment, so
+    max_attempts (3) ends it, not its age."""
+    clock = task.Clock()
+    clock.advance(1000)
+    chamber = Chamber(tmp_path / "c.sqlite3", clock=clock.seconds)
+    chamber.open()
+    his = ScriptedHis()
+    relay = Relay(chamber, "his", his, lambda *a: None, clock=clock, ack_timeout=5, retry_initial=1, retry_max=8,
+                  max_attempts=3, max_age=600, rng=random.Random(1))
+    mid = queue(chamber, "G1")
+    clock.advance(700)
+    relay.startService()
+    while clock.seconds() < 2000:  # 300 s of outage
+        his.calls[-1][2].errback(HisUnreachable("PeerUnavailable: connect failed"))
+        msg = chamber.read().message(mid)
+        assert (msg.state, msg.attempts) == ("retrying", 0)
+        clock.advance(msg.next_attempt - clock.seconds())
+    for attempt in (1, 2):
+        his.calls[-1][2].errback(DeliveryFailed("AckTimeout: no ACK within 5s"))
+        msg = chamber.read().message(mid)
+        assert (msg.state, msg.attempts) == ("retrying", attempt)
+        clock.advance(msg.next_attempt - clock.seconds())
+    his.calls[-1][2].errback(DeliveryFailed("AckTimeout: no ACK within 5s"))
+    msg = chamber.read().message(mid)
+    assert msg.state == "dead" and "no answer after 3 attempts" in msg.last_error
+    relay.stopService()
+    chamber.close()
+
+
+def test_a_booking_whose_hold_expires_in_an_outage_is_cancelled_not_refused(tmp_path):
+    """What a platform sees when an outage outlasts the hold (hold_seconds 60, docs/ihe-scheduling.md): the
+    booking is released as documented ('cancelled', the hold expired), never 'refused'; its SRM, which never
+    reached the HIS (no attempt counted), is withdrawn and no cancellation follows it; nothing is
+    dead-lettered."""
+    from adapters.mapping.srm_booking import Hl7Header, build_srm
+    from gateway.booking import BookingService, HisLinkInfo, SlotBook
+    from gateway.scheduling import BookingRequest
+    from tests.unit.test_booking import PATIENT, SID, TZ, notice, result
+
+    world = World()
+    world.reactor.advance(datetime(2030, 1, 1, tzinfo=TZ).timestamp())
+    chamber = Chamber(tmp_path / "c.sqlite3", clock=world.reactor.seconds)
+    chamber.open()
+    header = Hl7Header("GATEWAYD", "FRONT", "HIS", "HOSPITAL", "2.5", "utf-8")
+    booking = BookingService(chamber, HisLinkInfo("his", "utf-8", "S04", functools.partial(build_srm, header=header)),
+                             tz=TZ, hold_seconds=60, clock=world.reactor)
+    chamber.transact_now(lambda tx: SlotBook(TZ).apply(tx, [notice("open")]))
+    relay = Relay(chamber, "his", HisDestination(world.client), booking.on_answer, clock=world.reactor,
+                  ack_timeout=5, retry_initial=1, retry_max=8, max_attempts=3, max_age=600, on_dead=booking.on_dead,
+                  encode=booking.encode, rng=random.Random(1))
+    relay.startService()
+    appointment_id = result(booking.book("demo", BookingRequest(SID, PATIENT)))[0]
+    _refuse_connections(world, 70)
+    appt = chamber.read().appointment(appointment_id)
+    assert (appt.status, appt.outcome) == ("cancelled", "the HIS did not answer in time; the hold expired")
+    [srm] = [m for m in chamber.read().messages(direction="outbound")]
+    assert (srm.type, srm.state, srm.attempts) == ("SRM^S01", "withdrawn", 0)
+    relay.stopService()
+    booking.stop()
     chamber.close()

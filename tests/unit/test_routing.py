@@ -269,3 +269,12 @@ def test_a_move_to_another_facilitys_slot_is_cancel_and_new_even_where_the_his_m
     cancel = queued(chamber, old_id)[-1]
     assert (cancel.type, cancel.peer) == ("SRM^cancel", "his-branch-a")
     assert chamber.read().appointment(new_id).status == "booked"
+
+
+def test_his_addresses_must_be_ip_addresses(tmp_path):
+    """inner.his_addresses are compared with a connection's source address at accept: a host name (never
+    resolved there) or a typo would reserve nothing, so it is refused, naming the entry."""
+    head = HEAD.replace("inner:\n", "inner:\n  his_addresses: [10.1.2.3, his.example.org, '::1']\n")
+    found = config_grants.problems(tmp_path, "", head)
+    assert len(found) == 1 and found[0].startswith("3:inner.his_addresses[1]: 'his.example.org' is not an IP"), found
+    assert config_grants.load(tmp_path, "", HEAD.replace("inner:\n", "inner:\n  his_addresses: [10.1.2.3, '::1']\n"))

@@ -1,7 +1,9 @@
 """Prescription signatures (gateway/signatures.py): a test CA issues prescriber certificates (valid, expired,
-not yet valid, from another CA); each refusal the gateway promises is shown to happen with the check it names,
-a sign -> verify round trip works for every accepted algorithm, and a release signed by the gateway verifies
-with a few lines of plain ``cryptography`` (what a pharmacy would write), outside gatewayd's code. No I/O.
+not yet valid, from another CA, under sub-CAs with path length, name and ExtendedKeyUsage constraints); each
+refusal the gateway promises is shown to happen with the check it names, a sign -> verify round trip works for
+every accepted algorithm, a release signed by the gateway verifies with a few lines of plain ``cryptography``
+(what a pharmacy would write) and with PyJWT, and a PyJWT signature verifies here — outside the libraries
+gatewayd uses (joserfc, rfc8785). No I/O.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     decode_dss_signature,
     encode_dss_signature,
 )
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -33,6 +35,7 @@ from gateway.signatures import (
 )
 
 NOW = datetime(2030, 1, 7, 8, 0, tzinfo=UTC)
+DOCUMENT_SIGNING = x509.ObjectIdentifier("1.3.6.1.5.5.7.3.36")  # id-kp-documentSigning, RFC 9336
 DAY = timedelta(days=1)
 
 
@@ -42,10 +45,13 @@ def _name(cn: str) -> x509.Name:
 
 
 def _cert(subject, key, issuer_name, issuer_key, *, ca: bool, start=NOW - 30 * DAY, end=NOW + 365 * DAY,
-          serial=None):
+          serial=None, path_length=None, extensions=()):
+    """A v3 certificate; ``extensions``: more (extension, critical) pairs (EKU, name constraints, SAN)."""
     b = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer_name).public_key(key.public_key())
          .serial_number(serial or x509.random_serial_number()).not_valid_before(start).not_valid_after(end)
-         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+         .add_extension(x509.BasicConstraints(ca=ca, path_length=path_length), critical=True))
+    for extension, critical in extensions:
+        b = b.add_extension(extension, critical=critical)
     if ca:
         b = b.add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
                                           data_encipherment=False, key_agreement=False, key_cert_sign=True,
@@ -111,7 +117,7 @@ def test_canonical_json_follows_rfc8785_for_what_fhir_needs():
     assert canonical_json({"b": 1, "a": [True, None, "x"]}) == b'{"a":[true,null,"x"],"b":1}'
     assert canonical_json({"药": "阿莫西林"}) == '{"药":"阿莫西林"}'.encode()
     assert canonical_json("\u2028\n\x1f\"\\/") == b'"\xe2\x80\xa8\\n\\u001f\\"\\\\/"'
-    numbers = [1.0, 0.5, -0.0, 1e21, 1e20, 1e-7, 1.5e-6, 123.456, 4.5e-10, 333333333.33333329, 2**53]
+    numbers = [1.0, 0.5, -0.0, 1e21, 1e20, 1e-7, 1.5e-6, 123.456, 4.5e-10, 333333333.33333329, 2.0**53]
     assert canonical_json(numbers) == \
         b"[1,0.5,0,1e+21,100000000000000000000,1e-7,0.0000015,123.456,4.5e-10,333333333.3333333,9007199254740992]"
     # RFC 8785 3.2.3 sorting example: UTF-16 code units, so U+10000 (a surrogate pair) sorts before U+FB33
@@ -142,8 +148,8 @@ def test_numbers_match_the_rfc8785_test_vectors(bits, text):
 
 
 JSON = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text()
-    | st.floats(allow_nan=False, allow_infinity=False).filter(lambda x: not 2**53 < abs(x) < 1e21),
+    st.none() | st.booleans() | st.integers(-(2**53) + 1, 2**53 - 1) | st.text()
+    | st.floats(allow_nan=False, allow_infinity=False).filter(lambda x: not 2**53 <= abs(x) < 1e21),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=20,
 )
@@ -153,7 +159,7 @@ JSON = st.recursive(
 def test_canonical_json_is_json_and_a_fixed_point(value):
     """Any JSON value canonicalizes to JSON that parses back to the same value and canonicalizes to the same
     bytes again: the verifier and the signer can each rebuild the bytes. (Lone surrogates are refused; doubles
-    in (2**53, 1e21) are left out: JCS writes them as integers that Python reads back as ints beyond 2**53,
+    in [2**53, 1e21) are left out: JCS writes them as integers that Python reads back as ints beyond 2**53 - 1,
     which are refused — the documented limit.)"""
     try:
         data = canonical_json(value)
@@ -164,8 +170,11 @@ def test_canonical_json_is_json_and_a_fixed_point(value):
     assert canonical_json(parsed) == data
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 2**53 + 1, {1: "x"}, "\ud800", b"bytes"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 2**53 + 1, 2**53, -(2**53), {1: "x"}, "\ud800",
+                                 {"\udfff": 1}, b"bytes"])
 def test_canonical_json_refuses_what_has_no_canonical_form(bad):
+    """NaN, Infinity, lone surrogates, non-text names, and integers outside I-JSON's +/-(2**53 - 1): 2**53
+    itself is refused too, since the double 2**53 is also what 2**53 + 1 rounds to."""
     with pytest.raises(ValueError):
         canonical_json(bad)
 
@@ -289,7 +298,7 @@ def _forge(header: dict, signature: bytes = b"\0" * 64) -> str:
     return f"{enc(json.dumps(header).encode())}..{enc(signature)}"
 
 
-@pytest.mark.parametrize("alg", ["none", "HS256", "HS512", "ES512", None, "RS384"])
+@pytest.mark.parametrize("alg", ["none", "HS256", "HS512", "ES512", None, "RS384", ["ES256"], {"ES256": 1}])
 def test_alg_none_hmac_and_unlisted_algorithms_are_refused(pki, alg):
     _, chain = pki.prescriber()
     x5c = [base64.b64encode(chain[0].public_bytes(serialization.Encoding.DER)).decode()]
@@ -344,6 +353,18 @@ def test_a_ca_certificate_cannot_sign_a_prescription(pki):
     refused("key", jws, pki.trust)
 
 
+def test_a_certificate_whose_key_cannot_be_read_is_refused_not_a_crash(pki):
+    """A certificate that parses but whose EC point is not on the curve (one byte changed)."""
+    _, chain = pki.prescriber()
+    der = chain[0].public_bytes(serialization.Encoding.DER)
+    point = chain[0].public_key().public_bytes(serialization.Encoding.X962,
+                                               serialization.PublicFormat.UncompressedPoint)
+    end = der.index(point) + len(point) - 1
+    broken = der[:end] + bytes([der[end] ^ 1]) + der[end + 1:]
+    refused("key", _forge({"alg": "ES256", "b64": False, "crit": ["b64"], "x5c": [base64.b64encode(broken).decode()]}),
+            pki.trust)
+
+
 def test_an_x5c_entry_that_is_not_a_certificate_is_refused(pki):
     refused("certificate", _forge({"alg": "ES256", "b64": False, "crit": ["b64"], "x5c": ["bm90IGEgY2VydA=="]}),
             pki.trust)
@@ -375,3 +396,137 @@ def test_pss_signature_is_checked_with_pss_not_pkcs1(pki):
     hb = base64.urlsafe_b64encode(canonical_json(h)).rstrip(b"=").decode()
     sig = key.sign(hb.encode() + b"." + PAYLOAD, padding.PKCS1v15(), hashes.SHA256())
     refused("signature", f"{hb}..{base64.urlsafe_b64encode(sig).rstrip(b'=').decode()}", pki.trust)
+
+
+# -- the chain under RFC 5280 rules (cryptography.x509.verification) ---------------------------------------------
+
+
+def _ca(pki, cn, *, issuer=None, issuer_key=None, **kw):
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = _cert(_name(cn), key, (issuer or pki.ca).subject, issuer_key or pki.ca_key, ca=True, **kw)
+    return key, cert
+
+
+def _signer(issuer_cert, issuer_key, extensions=()):
+    key = ec.generate_private_key(ec.SECP256R1())
+    return key, _cert(_name("张医生 Dr Zhang"), key, issuer_cert.subject, issuer_key, ca=False, extensions=extensions)
+
+
+def test_a_ca_whose_path_length_forbids_the_chain_is_refused(pki):
+    """The sub-CA may issue only end-entity certificates (pathLenConstraint 0); a CA under it issuing the
+    signer's certificate makes a chain RFC 5280 forbids, although every signature in it is good."""
+    sub_key, sub = _ca(pki, "Internet hospital sub-CA", path_length=0)
+    dept_key, dept = _ca(pki, "Department CA", issuer=sub, issuer_key=sub_key)
+    key, leaf = _signer(dept, dept_key)
+    err = refused("chain", sign_release(PAYLOAD, key, [leaf, dept, sub]), pki.trust)
+    assert "path length" in str(err)
+    key, leaf = _signer(sub, sub_key)  # directly under the sub-CA: allowed
+    assert verify_detached(sign_release(PAYLOAD, key, [leaf, sub]), PAYLOAD, pki.trust, NOW)
+
+
+def test_a_signer_outside_its_cas_name_constraints_is_refused(pki):
+    """The hospital's sub-CA may certify only hospital-a.cn mailboxes; a signer named dr@evil.example under it
+    is refused, one at the hospital is taken."""
+    constraints = x509.NameConstraints(permitted_subtrees=[x509.RFC822Name("hospital-a.cn")], excluded_subtrees=None)
+    sub_key, sub = _ca(pki, "Hospital A sub-CA", extensions=[(constraints, True)])
+
+    def signer(mailbox):
+        return _signer(sub, sub_key, [(x509.SubjectAlternativeName([x509.RFC822Name(mailbox)]), False)])
+
+    key, leaf = signer("dr@evil.example")
+    err = refused("chain", sign_release(PAYLOAD, key, [leaf, sub]), pki.trust)
+    assert "name constraint" in str(err)
+    key, leaf = signer("dr.zhang@hospital-a.cn")
+    assert verify_detached(sign_release(PAYLOAD, key, [leaf, sub]), PAYLOAD, pki.trust, NOW)
+
+
+def test_a_directory_name_constraint_that_cannot_be_checked_refuses_the_chain(pki):
+    """A critical constraint on the subject's directory name cannot be evaluated (cryptography matches names
+    in subjectAltName only): the chain is refused rather than the constraint ignored."""
+    allowed = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Hospital A")])
+    constraints = x509.NameConstraints(permitted_subtrees=[x509.DirectoryName(allowed)], excluded_subtrees=None)
+    sub_key, sub = _ca(pki, "Hospital A sub-CA", extensions=[(constraints, True)])
+    key, leaf = _signer(sub, sub_key)  # its subject's O is 互联网医院, outside the subtree
+    refused("chain", sign_release(PAYLOAD, key, [leaf, sub]), pki.trust)
+
+
+@pytest.mark.parametrize("purposes", [[ExtendedKeyUsageOID.SERVER_AUTH], [ExtendedKeyUsageOID.CLIENT_AUTH],
+                                      [ExtendedKeyUsageOID.CODE_SIGNING, ExtendedKeyUsageOID.TIME_STAMPING]])
+def test_a_signer_whose_extended_key_usage_forbids_signing_documents_is_refused(pki, purposes):
+    """A TLS or code-signing certificate (its ExtendedKeyUsage names only those purposes) cannot sign a
+    prescription, although its KeyUsage has digitalSignature."""
+    key, leaf = _signer(pki.ca, pki.ca_key, [(x509.ExtendedKeyUsage(purposes), False)])
+    x5c = [base64.b64encode(leaf.public_bytes(serialization.Encoding.DER)).decode()]
+    err = refused("key", _forge({"alg": "ES256", "b64": False, "crit": ["b64"], "x5c": x5c}), pki.trust)
+    assert "ExtendedKeyUsage" in str(err)
+    with pytest.raises(SignatureError, match="ExtendedKeyUsage"):  # nor does the gateway sign with one
+        sign_release(PAYLOAD, key, [leaf])
+
+
+@pytest.mark.parametrize("purposes", [[DOCUMENT_SIGNING], [ExtendedKeyUsageOID.EMAIL_PROTECTION,
+                                                           ExtendedKeyUsageOID.CLIENT_AUTH],
+                                      [ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE]])
+def test_a_signer_whose_extended_key_usage_allows_signing_documents_is_taken(pki, purposes):
+    key, leaf = _signer(pki.ca, pki.ca_key, [(x509.ExtendedKeyUsage(purposes), False)])
+    assert verify_detached(sign_release(PAYLOAD, key, [leaf]), PAYLOAD, pki.trust, NOW)
+
+
+def test_a_ca_whose_extended_key_usage_is_for_tls_cannot_certify_a_signer(pki):
+    """ExtendedKeyUsage in a CA certificate limits what it may certify: a TLS-only sub-CA's signer is refused."""
+    sub_key, sub = _ca(pki, "TLS sub-CA", extensions=[(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
+                                                        False)])
+    key, leaf = _signer(sub, sub_key)
+    err = refused("chain", sign_release(PAYLOAD, key, [leaf, sub]), pki.trust)
+    assert "TLS sub-CA" in str(err)
+
+
+def test_an_intermediate_that_is_not_a_ca_is_refused(pki):
+    not_ca_key = ec.generate_private_key(ec.SECP256R1())
+    not_ca = _cert(_name("Another doctor"), not_ca_key, pki.ca.subject, pki.ca_key, ca=False)
+    key, leaf = _signer(not_ca, not_ca_key)
+    refused("chain", sign_release(PAYLOAD, key, [leaf, not_ca]), pki.trust)
+
+
+def test_an_expired_trusted_ca_is_refused(pki):
+    old_root = _cert(pki.ca.subject, pki.ca_key, pki.ca.subject, pki.ca_key, ca=True, start=NOW - 3650 * DAY,
+                     end=NOW - DAY)
+    trust = TrustStore.from_pem(old_root.public_bytes(serialization.Encoding.PEM))
+    key, chain = pki.prescriber()
+    err = refused("expired", sign_release(PAYLOAD, key, chain), trust)
+    assert "trusted CA" in str(err)
+
+
+def test_a_header_nested_beyond_reason_is_malformed_not_a_crash(pki):
+    deep = base64.urlsafe_b64encode(b"[" * 40000).rstrip(b"=").decode()
+    refused("malformed", f"{deep}..AAAA", pki.trust)
+
+
+# -- interoperability with an independent JOSE library (PyJWT) ---------------------------------------------------
+
+
+def test_a_prescriber_signing_with_pyjwt_is_verified(pki):
+    """A platform that signs with PyJWT (RFC 7797 detached, unencoded payload, x5c) is understood."""
+    import jwt
+
+    key, chain = pki.prescriber()
+    x5c = [base64.b64encode(c.public_bytes(serialization.Encoding.DER)).decode() for c in chain]
+    token = jwt.api_jws.encode(PAYLOAD, key, algorithm="ES256", headers={"b64": False, "crit": ["b64"], "x5c": x5c},
+                               is_payload_detached=True)
+    assert token.split(".")[1] == ""
+    assert verify_detached(token, PAYLOAD, pki.trust, NOW).alg == "ES256"
+
+
+@pytest.mark.parametrize("alg,make_key", [
+    ("ES256", lambda: ec.generate_private_key(ec.SECP256R1())),
+    ("PS256", lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048)),
+])
+def test_a_release_verifies_with_pyjwt(pki, alg, make_key):
+    """A pharmacy using PyJWT verifies the gateway's release signature; an altered payload fails there too."""
+    import jwt
+
+    key, chain = pki.prescriber(make_key())
+    token = sign_release(PRESCRIPTION, key, chain, alg=alg)
+    assert jwt.api_jws.decode_complete(token, chain[0].public_key(), algorithms=[alg], detached_payload=PAYLOAD)
+    with pytest.raises(jwt.InvalidSignatureError):
+        jwt.api_jws.decode_complete(token, chain[0].public_key(), algorithms=[alg],
+                                    detached_payload=PAYLOAD.replace(b"24", b"240"))

@@ -105,6 +105,21 @@ def test_where_hl7apy_is_wrong_the_light_writer_is_right():
 
 
 @pytest.mark.parametrize("charset", ["utf-8", "gb18030"])
+def test_no_control_byte_from_a_value_reaches_the_wire(charset):
+    """Finding 7: a NUL in a platform's text used to be written as a raw 0x00 in PID-5 (VT and FS were
+    already escaped). Every C0 control character in a value is written \\Xhh\\ and read back as sent."""
+    controls = "".join(chr(c) for c in range(0x20))
+    patient = Patient((PatientIdentifier("urn:oid:2.16.840.1.113883.2.4.6.3", f"MRN\x00{controls}"),),
+                      f"王\x00{controls}", "芳\x01", f"138\x00{controls}")
+    wire = build(build_srm, booking(patient=patient, reason=f"a\x00{controls}",
+                                    header=HEADER if charset == "utf-8" else GB))
+    assert not any(byte < 0x20 for segment in wire.split(b"\r") for byte in segment)
+    pid = parse(wire, charset).segment("PID")
+    assert pid.get(3) == f"MRN\x00{controls}" and pid.components(5) == [f"王\x00{controls}", "芳\x01"]
+    assert pid.get(13) == f"138\x00{controls}"
+
+
+@pytest.mark.parametrize("charset", ["utf-8", "gb18030"])
 def test_the_light_writer_reads_back_field_by_field(charset):
     """What the HIS reads (with our ER7 reader) is what the platform sent: MSH-9/10/18, ARQ-1/2/5/7/9/10/11,
     PID-3/5/13, RGS-1, AIS-3/4/7/8, AIP-3 — Chinese text in the message charset, delimiters unescaped."""

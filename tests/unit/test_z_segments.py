@@ -9,6 +9,7 @@ import pytest
 from twisted.internet import task
 
 from adapters.hl7.er7 import parse
+from adapters.hl7.identity import sender
 from adapters.mapping.fhir_scheduling import Z_SEGMENT_EXTENSION, slot_resource
 from adapters.mapping.siu_slot import notices_from_siu, notices_from_sqr
 from fhir.resources.R4B.slot import Slot
@@ -74,7 +75,8 @@ class Inner:
 
     def accept(self, text: str, peer: str = "his") -> None:
         message = parse(text.encode())
-        d = self.inbound.accept(Received(peer, message.control_id, message.type_name, message.raw, message.charset),
+        d = self.inbound.accept(Received(peer, message.control_id, message.type_name, message.raw, message.charset,
+                                         sender(message)),
                                 notices_from_siu(message))
         self.clock.advance(0)
         assert d.called and d.result.code == "AA"
