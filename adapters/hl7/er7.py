@@ -31,8 +31,9 @@ Reading rules (see also docs/hl7-profile.md):
   102 on MSH-18 naming the charset; an unknown MSH-18 value is 103. A GBK/GB18030 character whose second
   byte is 0x7C (``|``, e.g. 億 = 83 7C) in MSH-3..MSH-17 (a Chinese facility name) would shift a latin-1
   count of fields, so when the MSH has non-ASCII bytes it is also read as GB18030: if that reading finds a
-  GB charset in MSH-18 (or finds MSH-18 empty while the default charset is a GB one) it wins. UTF-8 needs
-  no such care: no byte of a UTF-8 multi-byte character is ASCII. A message whose decoded MSH-18 then names
+  GB charset in MSH-18 (or finds MSH-18 empty while the default charset is a GB one and the byte-by-byte
+  reading names no charset: UTF-8 bytes read as GB18030 can take a ``|`` into a character too) it wins.
+  UTF-8 needs no such care: no byte of a UTF-8 multi-byte character is ASCII. A message whose decoded MSH-18 then names
   another charset than the one it was decoded with (the two readings disagree) is ambiguous: 102 on MSH-18.
 
 Values returned by `Segment.get` / `Segment.components` are unescaped; `Segment.raw` is the wire text.
@@ -583,7 +584,7 @@ def parse(data: bytes, default_charset: str = "utf-8") -> Message:
     if not head.isascii():
         gb18 = _msh18((data if end < 0 else data[:end]).decode("gb18030", errors="replace").split(fs), enc)
         if _CHARSETS.get(gb18.strip().upper().replace(" ", "")) == "gb18030" or (
-            not gb18.strip() and _is_gb(default_charset)
+            not gb18.strip() and _is_gb(default_charset) and msh18.strip().upper().replace(" ", "") not in _CHARSETS
         ):
             msh18 = gb18
     charset = charset_codec(msh18, default_charset)

@@ -162,6 +162,19 @@ def test_a_header_whose_msh18_reads_differently_in_gb18030_is_refused_not_misrea
     assert read_ack(parse(nak, default_charset="gb18030"))[0] == "AR"
 
 
+@pytest.mark.parametrize("facility", ["院", "一院二", "人民医院"])
+def test_a_utf8_message_that_says_so_is_utf8_whatever_the_default(facility):
+    """Found by the fuzz campaign (tests/fuzz/fuzz_er7.py, in a NAK our own reader could not read back). A
+    HIS endpoint configured with default GB18030 sends UTF-8 and says so in MSH-18. Read as GB18030, the
+    UTF-8 bytes of 院 (E9 99 A2) take the '|' after them into a character (A2 7C), so that reading finds
+    MSH-18 empty, and it won because the default is GB: the message was refused as 'not valid gb18030'.
+    The GB reading now wins on an empty MSH-18 only when the byte-by-byte one names no charset."""
+    data = (f"MSH|^~\\&|HIS|{facility}|GW|F|20301124||SIU^S12^SIU_S12|C1|P|2.5||||||UNICODE UTF-8\r"
+            "PID|1||X^^^H^MR||王^芳\r").encode("utf-8")
+    m = parse(data, default_charset="gb18030")
+    assert (m.charset, m.sending_facility, m.segment("PID").get(5, 2)) == ("utf-8", facility, "芳")
+
+
 @pytest.mark.parametrize("raw, field", [(b"MSH|\x83^~\\&|", 2), (b"MSH\xa7^~\\&\xa7", 1)])
 def test_delimiters_that_are_not_ascii_are_refused(raw, field):
     """Found by the fuzz campaign (tests/fuzz/fuzz_er7.py): MSH-2 '\\x83^~\\&' read byte by byte is five
