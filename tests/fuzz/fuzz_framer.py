@@ -1,15 +1,18 @@
 """Fuzz harness: the MLLP framer (adapters/mllp/framing.py), fed in random chunkings.
 
-Input: byte 0 picks the size cap (1, 2, 3, 8, 16, 64, 300 bytes or 1 MiB), bytes 1-2 the chunking (the whole
-stream at once, byte by byte, chunks of 1-8 bytes, or chunks of any size), the rest is what a peer sends.
+Input: byte 0 picks the size cap (1, 2, 3, 8, 16, 64, 300 bytes or 1 MiB) and the junk cap (none, 1, 4 or
+64 bytes), bytes 1-2 the chunking (the whole stream at once, byte by byte, chunks of 1-8 bytes, or chunks of
+any size), the rest is what a peer sends.
 
 Invariant (anything else is a crash): fed in that chunking, with a FrameTooLarge caught and feeding resumed
-as the MLLP listener could, the framer gives exactly what `model` — the module docstring's rules applied one
-byte at a time — gives for the whole stream:
+as the MLLP listener could (and stopped at TooMuchJunk, where the listener closes), the framer gives exactly
+what `model` — the module docstring's rules applied one byte at a time — gives for the whole stream:
 
 * the same frames, in order (frames out == frames in, whatever the chunking), and FrameTooLarge for the same
   frames, in the same places, each carrying the frames completed before it and a ``head`` that is the first
   bytes of the oversize payload (at least ``min(cap + 1, 4096)`` of them, at most 4096);
+* TooMuchJunk after the same frames, when the junk since the last frame (commit blocks do not count as
+  frames there) first exceeds the junk cap;
 * the same count of junk bytes, and the same state at the end (in a frame or not, bytes pending);
 * no other exception.
 """
@@ -21,20 +24,22 @@ import random
 import atheris
 
 with atheris.instrument_imports(include=["adapters.mllp.framing"]):
-    from adapters.mllp.framing import FrameTooLarge, MLLPFramer
+    from adapters.mllp.framing import COMMIT_ACK, COMMIT_NAK, FrameTooLarge, MLLPFramer, TooMuchJunk
 
 from tests.fuzz.campaign import main
 
 CAPS = (1, 2, 3, 8, 16, 64, 300, 1 << 20)
+JUNK_CAPS = (None, 1, 4, 64)
 _SB, _EB, _CR = 0x0B, 0x1C, 0x0D
 _HEAD = 4096
 
 
-def model(stream: bytes, cap: int) -> tuple[list[tuple[str, bytes]], int, bool, int]:
+def model(stream: bytes, cap: int, junk_cap: int | None) -> tuple[list[tuple[str, bytes]], int, bool, int]:
     """(events, junk bytes, in a frame, bytes pending) by the documented rules, one byte at a time. Events
-    are ``('frame', payload)`` and ``('too large', first bytes of the payload, up to 4096)``."""
+    are ``('frame', payload)``, ``('too large', first bytes of the payload, up to 4096)`` and, last, ``('too
+    much junk', b'')``."""
     events: list[tuple[str, bytes]] = []
-    junk = 0
+    junk = junk_run = 0
     state = "out"  # out | in | oversize
     payload = bytearray()
     oversize: tuple[int, bytearray] | None = None  # (event index, its payload so far) while discarding
@@ -57,21 +62,29 @@ def model(stream: bytes, cap: int) -> tuple[list[tuple[str, bytes]], int, bool, 
         if state == "out":
             if b == _SB:
                 state, payload = "in", bytearray()
-            else:
-                junk += 1
-            continue
-        if b == _SB:  # a new start inside a frame: the unfinished one (and its 0x0B) is junk
-            junk += len(payload) + 1
+                continue
+            discarded = 1
+        elif b == _SB:  # a new start inside a frame: the unfinished one (and its 0x0B) is junk
+            discarded = len(payload) + 1
             payload = bytearray()
         elif b == _EB:
             events.append(("frame", bytes(payload)))
+            if payload not in (COMMIT_ACK, COMMIT_NAK):
+                junk_run = 0
             state, swallow_cr = "out", True
+            continue
         else:
             payload.append(b)
             if len(payload) > cap:
                 oversize = (len(events), payload[:_HEAD])
                 events.append(("too large", bytes(oversize[1])))
                 state = "oversize"
+            continue
+        junk += discarded
+        junk_run += discarded
+        if junk_cap is not None and junk_run > junk_cap:
+            events.append(("too much junk", b""))
+            break
     if state == "oversize":
         events[oversize[0]] = ("too large", bytes(oversize[1]))
     return events, junk, state == "in", len(payload) if state == "in" else 0
@@ -95,34 +108,44 @@ def chunks(stream: bytes, how: int) -> list[bytes]:
 def check(data: bytes) -> None:
     if len(data) < 3:
         return
-    cap = CAPS[data[0] % len(CAPS)]
+    cap, junk_cap = CAPS[data[0] % len(CAPS)], JUNK_CAPS[data[0] // len(CAPS) % len(JUNK_CAPS)]
     stream = data[3:]
-    framer = MLLPFramer(max_size=cap)
+    framer = MLLPFramer(max_size=cap, max_junk=junk_cap)
     events: list[tuple[str, bytes]] = []
 
-    def feed(chunk: bytes) -> bool:
+    def feed(chunk: bytes) -> str:
+        """'fed', 'too large' or 'closed' (TooMuchJunk: the listener closes)."""
         try:
             events.extend(("frame", f) for f in framer.feed(chunk))
         except FrameTooLarge as e:
             assert e.max_size == cap and e.size_so_far > cap, (e.size_so_far, e.max_size, cap)
             events.extend(("frame", f) for f in e.frames)
             events.append(("too large", e.head))
-            return True
-        return False
+            return "too large"
+        except TooMuchJunk as e:
+            assert e.max_junk == junk_cap and e.junk_run > junk_cap, (e.junk_run, e.max_junk, junk_cap)
+            events.extend(("frame", f) for f in e.frames)
+            events.append(("too much junk", b""))
+            return "closed"
+        return "fed"
 
+    outcome = "fed"
     for chunk in chunks(stream, int.from_bytes(data[1:3], "big")):
-        feed(chunk)
-    while feed(b""):  # what follows an oversize frame's end in the chunk that raised comes with the next feed
-        pass
-    expected, junk, in_frame, pending = model(stream, cap)
+        outcome = feed(chunk)
+        if outcome == "closed":
+            break
+    while outcome == "too large":  # what follows an oversize frame's end in that chunk comes with the next feed
+        outcome = feed(b"")
+    expected, junk, in_frame, pending = model(stream, cap, junk_cap)
     assert [kind for kind, _ in events] == [kind for kind, _ in expected], (events, expected)
     for (kind, got), (_, want) in zip(events, expected):
         if kind == "frame":
             assert got == want, (got, want)
-        else:  # the first bytes of the oversize payload: at least what made it oversize
+        elif kind == "too large":  # the first bytes of the oversize payload: at least what made it oversize
             assert want.startswith(got) and len(got) >= min(cap + 1, _HEAD), (got, want)
-    assert (framer.junk_bytes, framer.in_frame, framer.pending) == (junk, in_frame, pending), \
-        ((framer.junk_bytes, framer.in_frame, framer.pending), (junk, in_frame, pending))
+    if events[-1:] != [("too much junk", b"")]:  # (after which the rest of the chunk is not looked at)
+        assert (framer.junk_bytes, framer.in_frame, framer.pending) == (junk, in_frame, pending), \
+            ((framer.junk_bytes, framer.in_frame, framer.pending), (junk, in_frame, pending))
 
 
 if __name__ == "__main__":
