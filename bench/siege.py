@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Siege: legitimate traffic through the lock while anonymous attackers on loopback try to knock it over.
 
-    python bench/siege.py [--before 20] [--attack 60] [--after 30] [--book-rate 20] [--siu-rate 50]
+    python bench/siege.py [--reps 3] [--before 20] [--attack 60] [--after 90] [--book-rate 20] [--siu-rate 50]
                           [--idle 3000] [--slow-headers 200] [--slow-bodies 50] [--uploads 10] [--upload-mb 100]
                           [--mllp-slowloris 100] [--half-handshakes 1000] [--attack-addresses 16]
-                          [--gateway-repo DIR] [--keep]
+                          [--set KEY=YAML] [--gateway-repo DIR] [--keep]
 
 One HIS simulator and one gateway with the example config's limits and the default logging level (info).
 For the whole run:
@@ -36,8 +36,9 @@ gateway's RSS (start, peak, end), whether the HIS link ever dropped (the HIS sen
 gateway's connections to the HIS simulator: ``mllp.client.connection_lost`` in its log), and per attack
 what the attacker got (connections opened, how long the gateway let them hold on, answers, bytes taken).
 Targets (issue 15): every legitimate booking and SIU succeeds, their p99 under 250 ms on 2 cores, RSS
-growth under 50 MB and back within 10 MB of the start after the attack, the HIS link never dropped.
-Results: bench/results/siege.json.
+growth under 50 MB and back within 10 MB of the start after the attack (the median of the after phase's last
+20 s), the HIS link never dropped. With ``--reps N`` each figure is given as the median and range of N runs,
+and whether every run met every target. Results: bench/results/siege.json.
 """
 
 from __future__ import annotations
@@ -371,9 +372,24 @@ def configure(lock: booking.BookingLock, overrides: dict) -> None:
     path.write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")
 
 
-def his_link_drops(log_path: Path, since: float) -> list[dict]:
-    """The gateway's connections to the HIS simulator lost or not made after ``since`` (its JSON log; before
-    the traffic starts the simulator may not be listening yet)."""
+def cpu_by_phase(samples: list[dict], args) -> dict:
+    """CPU of the gateway, the HIS simulator and the attacker process in each phase, in % of one core."""
+    bounds = {"before": (0.0, args.before), "attack": (args.before, args.before + args.attack),
+              "after": (args.before + args.attack, args.before + args.attack + args.after)}
+    out = {}
+    for phase, (t0, t1) in bounds.items():
+        inside = [s for s in samples if t0 <= s["t"] <= t1]
+        if len(inside) < 2:
+            continue
+        span = inside[-1]["t"] - inside[0]["t"]
+        out[phase] = {who: round(100 * (inside[-1]["cpu_s"][who] - inside[0]["cpu_s"][who]) / span, 1)
+                      for who in inside[0]["cpu_s"]} if span > 0 else {}
+    return out
+
+
+def his_link_drops(log_path: Path, since: float, until: float) -> list[dict]:
+    """The gateway's connections to the HIS simulator lost or not made between ``since`` and ``until`` (its JSON
+    log; before the traffic starts the simulator may not be listening yet, after it the run is stopped)."""
     from datetime import datetime
 
     drops = []
@@ -385,7 +401,7 @@ def his_link_drops(log_path: Path, since: float) -> list[dict]:
             at = datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
         except (ValueError, KeyError):
             continue
-        if at >= since:
+        if since <= at <= until:
             drops.append({"t": round(at - since, 1), "event": event.get("event"), "reason": event.get("reason")})
     return drops
 
@@ -418,10 +434,11 @@ def run(args, workdir: Path) -> dict:
             while not stop.is_set():
                 samples.append({"t": round(time.time() - t_start, 1), "rss_mb": round(lock.gateway.rss_mb(), 1),
                                 "fds": len(os.listdir(f"/proc/{lock.gateway.pid}/fd"))
-                                if lock.gateway.alive() else None})
+                                if lock.gateway.alive() else None,
+                                "cpu_s": {"gateway": lock.gateway.cpu_seconds(), "his_sim": lock.sim.cpu_seconds(),
+                                          "attacker": rig.process_cpu_seconds(attacker.pid) if attacker else 0.0}})
                 stop.wait(1.0)
 
-        threading.Thread(target=sampler, daemon=True).start()
         spec = {"certs": str(certs.dir), "fhir_port": lock.fhir_port, "mllp_port": lock.mllp_port,
                 "start_at": t_attack, "seconds": args.attack, "addresses": args.attack_addresses,
                 "idle": args.idle, "half_handshakes": args.half_handshakes, "slow_headers": args.slow_headers,
@@ -431,6 +448,7 @@ def run(args, workdir: Path) -> dict:
                                     env=dict(os.environ, PYTHONPATH=str(rig.REPO)))
         attacker.stdin.write(json.dumps(spec).encode())
         attacker.stdin.close()
+        threading.Thread(target=sampler, daemon=True).start()
         time.sleep(max(0.0, t_start - time.time()))
         his.start()
         outs, t0 = booking.run_workers(port=lock.fhir_port, certs=certs.dir, slots=slots[10:], procs=1,
@@ -456,14 +474,18 @@ def run(args, workdir: Path) -> dict:
     rel = lambda t: t - (t_start)  # noqa: E731
     start = [s["rss_mb"] for s in samples if s["t"] < args.before]
     during = [s["rss_mb"] for s in samples if args.before <= s["t"] < args.before + args.attack]
-    end = [s["rss_mb"] for s in samples if s["t"] >= args.before + args.attack + min(10.0, args.after / 2)]
+    end = [s["rss_mb"] for s in samples if s["t"] >= args.before + args.attack + args.after - 20.0]  # its last 20 s
     rss_start = rig.median(start)
     return {
         "machine": rig.machine(),
         "phases_s": {"before": args.before, "attack": args.attack, "after": args.after},
         "legitimate": {"bookings": latency_summary(books), "siu": latency_summary(siu), "requests": statuses},
         "his_link": {"his_sender_drops": [round(rel(t), 1) for t in his.drops],
-                     "gateway_to_his_drops": his_link_drops(lock.gateway.log_path, t_start)},
+                     "gateway_to_his_drops": his_link_drops(lock.gateway.log_path, t_start, t_start + total)},
+        "cpu_pct": cpu_by_phase(samples, args),
+        "slow_siu": [(round(rel(due), 1), round(1000 * lat)) for due, lat, _ in his.samples if lat > 0.1],
+        "slow_bookings": [(round(t0 + r[1] - t_start, 1), round(1000 * r[2])) for o in outs for r in o["results"]
+                          if r[0] == "book" and r[2] is not None and r[2] > 0.1],
         "rss_mb": {"start": rss_start, "attack_peak": max(during) if during else None,
                    "after": rig.median(end),
                    "growth_peak": round(max(during) - rss_start, 1) if during and rss_start else None,
@@ -484,6 +506,7 @@ def print_summary(result: dict) -> None:
         print(f"{phase:8} {b['ok']:>8}/{b['sent']:<8} {rig.fmt(b['p50_ms']):>8} {rig.fmt(b['p99_ms']):>8} "
               f"{s['ok']:>5}/{s['sent']:<6} {rig.fmt(s['p50_ms']):>8} {rig.fmt(s['p99_ms']):>8}")
     print("HIS link drops:", result["his_link"], " RSS MB:", result["rss_mb"], " fds peak:", result["fds_peak"])
+    print("CPU % of one core:", result["cpu_pct"])
     for kind, stats in result["attack"].items():
         print(f"  {kind:16} {json.dumps(stats)}")
 
@@ -495,7 +518,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--before", type=float, default=20.0, help="seconds of legitimate traffic before the attack")
     ap.add_argument("--attack", type=float, default=60.0)
-    ap.add_argument("--after", type=float, default=30.0)
+    ap.add_argument("--after", type=float, default=90.0, help="seconds after the attack (the gateway trims freed memory every minute)")
     ap.add_argument("--book-rate", type=float, default=20.0)
     ap.add_argument("--siu-rate", type=float, default=50.0)
     ap.add_argument("--idle", type=int, default=3000)
@@ -510,12 +533,46 @@ def main() -> None:
                     help="a gateway config override, e.g. --set outer.max_connections=512")
     ap.add_argument("--gateway-repo", type=Path, default=None,
                     help="run the gateway of another checkout (an earlier tree: the 'before')")
+    ap.add_argument("--reps", type=int, default=1, help="runs, each with a fresh gateway; medians and ranges")
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
-    with rig.workspace(args.keep, prefix="gatewayd-siege-") as workdir:
-        result = run(args, workdir)
-    rig.save_result("siege", result)
-    print_summary(result)
+    results = []
+    for rep in range(args.reps):
+        with rig.workspace(args.keep, prefix="gatewayd-siege-") as workdir:
+            results.append(run(args, workdir))
+        rig.log(f"siege run {rep + 1}/{args.reps} done")
+        print_summary(results[-1])
+    summary = targets(results)
+    rig.save_result("siege", {"runs": results, "targets": summary})
+    print(json.dumps(summary, indent=1))
+
+
+def targets(results: list[dict]) -> dict:
+    """Issue 15's targets over the runs: the median and range of each figure, and whether every run met it."""
+    def figure(get):
+        values = [get(r) for r in results]
+        return {"median": rig.median(values), "range": rig.spread(values), "runs": values}
+
+    def worst_p99(r):
+        return max(r["legitimate"][kind][phase]["p99_ms"] or 0.0 for kind in ("bookings", "siu")
+                   for phase in ("before", "attack", "after"))
+
+    def failed(r):
+        return sum(r["legitimate"][kind][phase]["sent"] - r["legitimate"][kind][phase]["ok"]
+                   for kind in ("bookings", "siu") for phase in ("before", "attack", "after"))
+
+    drops = [len(r["his_link"]["his_sender_drops"]) + len(r["his_link"]["gateway_to_his_drops"]) for r in results]
+    return {
+        "legitimate requests that failed (target 0)": figure(failed),
+        "worst p99 of bookings and SIU, ms (target < 250)": figure(worst_p99),
+        "RSS growth at the attack's peak, MB (target < 50)": figure(lambda r: r["rss_mb"]["growth_peak"]),
+        "RSS after the attack minus before, MB (target within 10)": figure(lambda r: r["rss_mb"]["after_minus_start"]),
+        "HIS link drops (target none)": {"runs": drops},
+        "gateway CPU during the attack, % of a core": figure(lambda r: r["cpu_pct"].get("attack", {}).get("gateway")),
+        "all targets met in every run": all(failed(r) == 0 and worst_p99(r) < 250 and r["rss_mb"]["growth_peak"] < 50
+                                            and abs(r["rss_mb"]["after_minus_start"]) <= 10 for r in results)
+        and not any(drops),
+    }
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import sqlite3
 import sys
 from datetime import datetime, timezone
@@ -282,6 +283,11 @@ def run(path: Path, gate: str = "both") -> int:
              fhir=f"https://{outer.host}:{outer.port}{outer.base_path}" if outer and gate != "inner" else None,
              mllp=inner.listen if inner and gate != "outer" else None,
              his=f"{inner.his.host}:{inner.his.port}" if inner and gate != "outer" else None)
+    # What start-up built (modules, config, FHIR models, the service tree: ~80,000 objects) lives as long as the
+    # process: frozen, a full collection no longer walks it. Under a flood of connections, whose cycles are what
+    # full collections find, each took 150-220 ms of the reactor, now 20-60 ms (bench/siege.py, docs/benchmarks.md).
+    gc.collect()
+    gc.freeze()
     reactor.run()
     log.info("gateway.stopped")
     return exit_code[0]

@@ -1,7 +1,8 @@
 """How the gates listen: on one network interface only, within connection limits, within the process's
 file descriptors.
 
-**One interface** (``inner.bind_device`` / ``outer.bind_device``).
+**One interface** (``inner.bind_device`` / ``outer.bind_device``), a few accepts per reactor turn
+(:class:`GatePort`).
 
 Linux uses the weak host model: a packet that arrives on the front server's internet NIC addressed to its
 *intranet* address is delivered locally — no forwarding involved — so binding the inner gate to its intranet
@@ -26,44 +27,68 @@ import resource
 import socket
 
 import structlog
-from twisted.internet import defer, tcp
+from twisted.internet import defer, endpoints, tcp
 from twisted.internet.interfaces import IHandshakeListener, IStreamServerEndpoint
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 _TCP = re.compile(r"^tcp:(?P<port>\d+)(:interface=(?P<interface>[^:]+))?$")
 log = structlog.get_logger("gateway.listen")
 
 
-class DevicePort(tcp.Port):
-    def __init__(self, port, factory, backlog, interface, reactor, device: str):
+#: connections a gate's port accepts in one reactor turn at most (Twisted's own port takes 100 and more, growing
+#: while connects keep coming)
+ACCEPTS_PER_TURN = 16
+
+
+class GatePort(tcp.Port):
+    """A gate's listening TCP port.  It accepts at most ACCEPTS_PER_TURN connections per reactor turn: a flood of
+    connects then waits in the kernel's backlog (and past it the kernel drops SYNs, which clients retry) while the
+    connections already open are served between its turns, instead of waiting behind hundreds of accepts and
+    refusals in one turn.  With ``device``, only connections arriving on that network interface are accepted."""
+
+    def __init__(self, port, factory, backlog, interface, reactor, device: str | None = None):
         super().__init__(port, factory, backlog, interface, reactor)
         self.device = device
 
     def createInternetSocket(self):
         s = super().createInternetSocket()
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, self.device.encode())
+        if self.device:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, self.device.encode())
         return s
+
+    def doRead(self):
+        self.numberAccepts = min(self.numberAccepts, ACCEPTS_PER_TURN)
+        super().doRead()
 
 
 @implementer(IStreamServerEndpoint)
-class DeviceServerEndpoint:
-    """A TCP (optionally TLS) listener that accepts only connections arriving on ``device``."""
+class GateEndpoint:
+    """A gate's TCP listener (a :class:`GatePort`) on ``interface``:``port``, taking only connections that arrive
+    on network interface ``device`` when one is given."""
 
-    def __init__(self, reactor, port: int, interface: str, device: str, tls=None, backlog: int = 50):
-        self.reactor, self.port, self.interface, self.device = reactor, port, interface, device
-        self.tls, self.backlog = tls, backlog
+    def __init__(self, reactor, port: int, interface: str = "", device: str | None = None, backlog: int = 50):
+        self.reactor, self.port, self.interface, self.device, self.backlog = reactor, port, interface, device, backlog
 
     def listen(self, factory):
         return defer.execute(self._listen, factory)
 
     def _listen(self, factory):
-        if self.tls is not None:
-            factory = TLSMemoryBIOFactory(self.tls, False, factory)
-        port = DevicePort(self.port, factory, self.backlog, self.interface, self.reactor, self.device)
+        port = GatePort(self.port, factory, self.backlog, self.interface, self.reactor, self.device)
         port.startListening()
         return port
+
+
+def gate_endpoint(reactor, description: str, device: str | None = None, backlog: int = 50):
+    """A gate's listener from its config: ``tcp:PORT[:interface=ADDRESS]`` as a :class:`GateEndpoint`; another
+    Twisted endpoint description as Twisted makes it (``device`` needs the tcp form: ValueError)."""
+    try:
+        port, interface = parse_tcp(description)
+    except ValueError:
+        if device:
+            raise
+        return endpoints.serverFromString(reactor, description)
+    return GateEndpoint(reactor, port, interface, device, backlog)
 
 
 def parse_tcp(description: str) -> tuple[int, str]:

@@ -55,8 +55,8 @@ from gateway.chamber import Chamber
 from gateway.config import GatewayConfig
 from gateway.inbound import InboundService
 from gateway.oauth import TokenService, clients_from_config, default_token_url
-from gateway.listen import (ADMIN_CONNECTIONS, ConnectionLimiter, DeviceServerEndpoint, RefusalLog,
-                            descriptor_needs, ensure_descriptors, parse_tcp, source_key)
+from gateway.listen import (ADMIN_CONNECTIONS, ConnectionLimiter, GateEndpoint, RefusalLog,
+                            descriptor_needs, ensure_descriptors, gate_endpoint, source_key)
 from gateway.quota import Quotas
 from gateway.ratelimit import RateLimiter
 from gateway.prescribing import PrescriptionService, SignaturePolicy
@@ -589,11 +589,7 @@ def _inner_gate(config, reactor, tz, chamber, booking, metrics, prescribing):
         clock=reactor, release=config.inner.mllp_release, tls=tls_switch,
         on_tls_failure=_handshake_failures(metrics, "inner", False) if tls_switch is not None else None,
     )
-    if config.inner.bind_device:
-        port, interface = parse_tcp(config.inner.listen)
-        inner_endpoint = DeviceServerEndpoint(reactor, port, interface, config.inner.bind_device)
-    else:
-        inner_endpoint = endpoints.serverFromString(reactor, config.inner.listen)
+    inner_endpoint = gate_endpoint(reactor, config.inner.listen, config.inner.bind_device)
     limited = _connection_limiter(mllp_factory, metrics, "inner", reactor,
                                   max_connections=config.inner.max_connections,
                                   max_per_address=config.inner.max_connections_per_address,
@@ -666,12 +662,7 @@ def _outer_gate(config, reactor, tz, chamber, booking, metrics, prescribing) -> 
                               on_timeout=timeouts.labels("outer", "tls_handshake").inc)
     limited = _connection_limiter(tls_site, metrics, "outer", reactor, max_connections=outer.max_connections,
                                   max_per_address=outer.max_connections_per_address)
-    if outer.bind_device:
-        outer_endpoint = DeviceServerEndpoint(reactor, outer.port, outer.host, outer.bind_device,
-                                              backlog=OUTER_BACKLOG)
-    else:
-        outer_endpoint = endpoints.TCP4ServerEndpoint(reactor, outer.port, backlog=OUTER_BACKLOG,
-                                                      interface=outer.host)
+    outer_endpoint = GateEndpoint(reactor, outer.port, outer.host, outer.bind_device, backlog=OUTER_BACKLOG)
     listener = StreamServerEndpointService(outer_endpoint, limited)
     listener._raiseSynchronously = True
     listener.setName("outer-gate")
