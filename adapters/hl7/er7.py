@@ -14,7 +14,8 @@ of an AA 5.1 us. Target was < 100 us (hl7apy: ~6,800 us; python-hl7: ~230 us).
 Reading rules (see also docs/hl7-profile.md):
 
 * The data must start with ``MSH`` (else `Hl7Error` 100). MSH-1 is the byte after ``MSH``; MSH-2 (the
-  encoding characters) must be 4 characters, or 5 when a v2.7 truncation character is present (else 102).
+  encoding characters) must be 4 characters, or 5 when a v2.7 truncation character is present, and all of
+  them ASCII (one byte in every charset; else 102).
 * Segment separator: if the data contains a CR anywhere, segments are split on CR only and a LF directly
   after a CR is dropped (CRLF senders); a bare LF elsewhere is data (e.g. inside NTE text). Data without any
   CR is split on LF. Empty (or whitespace-only) segments are skipped wherever they occur, so trailing
@@ -30,8 +31,10 @@ Reading rules (see also docs/hl7-profile.md):
   102 on MSH-18 naming the charset; an unknown MSH-18 value is 103. A GBK/GB18030 character whose second
   byte is 0x7C (``|``, e.g. 億 = 83 7C) in MSH-3..MSH-17 (a Chinese facility name) would shift a latin-1
   count of fields, so when the MSH has non-ASCII bytes it is also read as GB18030: if that reading finds a
-  GB charset in MSH-18 (or finds MSH-18 empty while the default charset is a GB one) it wins. UTF-8 needs
-  no such care: no byte of a UTF-8 multi-byte character is ASCII.
+  GB charset in MSH-18 (or finds MSH-18 empty while the default charset is a GB one and the byte-by-byte
+  reading names no charset: UTF-8 bytes read as GB18030 can take a ``|`` into a character too) it wins.
+  UTF-8 needs no such care: no byte of a UTF-8 multi-byte character is ASCII. A message whose decoded MSH-18 then names
+  another charset than the one it was decoded with (the two readings disagree) is ambiguous: 102 on MSH-18.
 
 Values returned by `Segment.get` / `Segment.components` are unescaped; `Segment.raw` is the wire text.
 Writing is the caller's job to escape (`escape`) and `format_message` only ends every segment with CR (the
@@ -199,6 +202,9 @@ def _encoding_for(fs: str, msh2: str) -> Encoding:
     """Encoding for MSH-1/MSH-2, cached (a handful of distinct values ever occur)."""
     enc = _ENCODINGS.get((fs, msh2))
     if enc is None:
+        if not (fs + msh2).isascii():  # one byte in every charset only then: else the decoded text splits otherwise
+            raise Hl7Error(102, "MSH-1/MSH-2 delimiters must be ASCII characters", segment="MSH",
+                           field=1 if not fs.isascii() else 2)
         if len(msh2) not in (4, 5):
             raise Hl7Error(
                 102,
@@ -578,7 +584,7 @@ def parse(data: bytes, default_charset: str = "utf-8") -> Message:
     if not head.isascii():
         gb18 = _msh18((data if end < 0 else data[:end]).decode("gb18030", errors="replace").split(fs), enc)
         if _CHARSETS.get(gb18.strip().upper().replace(" ", "")) == "gb18030" or (
-            not gb18.strip() and _is_gb(default_charset)
+            not gb18.strip() and _is_gb(default_charset) and msh18.strip().upper().replace(" ", "") not in _CHARSETS
         ):
             msh18 = gb18
     charset = charset_codec(msh18, default_charset)
@@ -602,6 +608,10 @@ def parse(data: bytes, default_charset: str = "utf-8") -> Message:
         parts = text.split("\r")
     else:
         parts = text.split("\n")
+    if not head.isascii() and charset_codec(_msh18(parts[0].split(fs), enc), default_charset) != charset:
+        raise Hl7Error(102, f"MSH-18 names another character set once the message is read as {charset} (a "
+                            f"multi-byte character in the MSH shifts its fields): the character set is ambiguous",
+                       segment="MSH", field=18)
 
     segments: list[Segment] = []
     known = _KNOWN_NAMES

@@ -15,7 +15,8 @@ split anywhere). Choices:
   chunk). A frame is delivered as soon as its 0x1C arrives, so a sender that forgets the 0x0D (or sends it
   late) is still answered; if something else follows the 0x1C it is simply outside any frame.
 * Size cap: as soon as the frame in progress exceeds ``max_size`` payload bytes `FrameTooLarge` is raised
-  and nothing beyond the cap is buffered (reference engines have no cap: a known out-of-memory hole). The
+  and nothing beyond the cap is buffered (reference engines have no cap: a known out-of-memory hole), also
+  when a start byte abandons it after the cap, so the answer never depends on how the bytes were chunked. The
   exception carries the frames completed earlier in the same `feed` call (``frames``) so none are lost,
   and the first bytes of the oversize frame (``head``) so the listener can salvage MSH-10 for its NAK.
   After raising, the framer discards the rest of that frame (not counted as junk) and resumes at the next
@@ -162,12 +163,14 @@ class MLLPFramer:
             stop = n if e < 0 else e
             s = data.find(b"\x0b", pos, stop)
             if s >= 0:
-                abandoned = self.pending + (s - pos) + 1  # the unfinished payload and its 0x0B
-                self._chunks = []
-                self.pending = 0
-                pos = s + 1
-                self._discard(abandoned, out)
-                continue
+                if self.pending + (s - pos) <= self.max_size:
+                    abandoned = self.pending + (s - pos) + 1  # the unfinished payload and its 0x0B
+                    self._chunks = []
+                    self.pending = 0
+                    pos = s + 1
+                    self._discard(abandoned, out)
+                    continue
+                stop = s  # past the cap before the restart: too large, whatever the chunking
             size = self.pending + (stop - pos)
             if size > self.max_size:
                 head = self.head()
@@ -176,7 +179,9 @@ class MLLPFramer:
                 self._chunks = []
                 self.pending = 0
                 self.in_frame = False
-                if e < 0:
+                if s >= 0:  # a new frame starts in this chunk: keep it for the next feed
+                    self._carry = data[s:]
+                elif e < 0:
                     self._discarding = True  # the rest of this chunk belongs to the oversize frame
                 else:  # its end is in this chunk: keep what follows for the next feed
                     self._carry = data[e + 1 :]

@@ -265,6 +265,9 @@ def _validate(body: Any) -> None:
                                                   for p in err.get("loc", ()) if p != "__root__")
             issues.append(("structure", f"{path}: {err.get('msg')}", path))
         raise InvalidPrescription(issues) from None
+    except (KeyError, TypeError):  # fhir.resources' answer to a nested resource of no FHIR type: a 400 too
+        raise InvalidPrescription([("structure", f"{body['resourceType']}: a resource in it has a resourceType "
+                                    "that is not a FHIR resource type", body["resourceType"])]) from None
 
 
 def prescription_from_fhir(body: Any, tz: ZoneInfo, profile: PharmacyProfile | None = None,

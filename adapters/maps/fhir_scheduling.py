@@ -207,11 +207,7 @@ def patient_from_resource(body: Any) -> Patient:
 
     if not isinstance(body, dict) or body.get("resourceType") != "Patient":
         raise InvalidResource([("invalid", "patient-resource must be a Patient resource", None)])
-    try:
-        pat = FhirPatient.model_validate(body)
-    except ValidationError as e:
-        raise InvalidResource(_pydantic_issues(e)) from None
-    return _from_patient_resource(pat)
+    return _from_patient_resource(_validated(FhirPatient, body))
 
 
 def appointment_patient(appt: Appointment) -> Patient | None:
@@ -230,6 +226,20 @@ def appointment_patient(appt: Appointment) -> Patient | None:
 # -- inbound -----------------------------------------------------------------------------------------------
 
 
+def _validated(model, body: dict):
+    """``model`` read from ``body``; InvalidResource (400) when the body is not one.  fhir.resources raises
+    KeyError or TypeError, not a ValidationError, for a contained resource (at any depth) whose resourceType
+    is not a FHIR resource type: an invalid body as well, never a server error."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        raise InvalidResource(_pydantic_issues(e)) from None
+    except (KeyError, TypeError):
+        where = f"{body['resourceType']}.contained"
+        raise InvalidResource([("structure", f"{where}: a resource in it has a resourceType that is not a FHIR "
+                                "resource type", where)]) from None
+
+
 def _pydantic_issues(err: ValidationError) -> list[tuple[str, str, str | None]]:
     issues = []
     for e in err.errors()[:20]:
@@ -245,10 +255,7 @@ def booking_from_appointment(body: Any, *, strict: bool = False) -> BookingReque
         raise InvalidResource([("invalid", "the body must be an Appointment resource", None)])
     appt = None if strict else _plain_appointment(body)
     if appt is None:
-        try:
-            appt = Appointment.model_validate(body)
-        except ValidationError as e:
-            raise InvalidResource(_pydantic_issues(e)) from None
+        appt = _validated(Appointment, body)
     if appt.status not in ("proposed", "pending", "booked"):
         raise InvalidResource([("business-rule", f"a new Appointment must be proposed, pending or booked, "
                                 f"not {appt.status}", "Appointment.status")], 422)
@@ -276,10 +283,12 @@ def booking_from_appointment(body: Any, *, strict: bool = False) -> BookingReque
 # tests/unit/test_fhir_plain_appointment.py holds both paths to the same answers.
 
 _MAX_STRING = 1 << 20
-_is_string = re.compile(r"[ \r\n\t\S]+").fullmatch
+# FHIR's own patterns, without lone surrogates (U+D800..U+DFFF, which JSON's \u escapes can carry): the model
+# refuses them (not Unicode text), so the plain shape must send them to the model too
+_is_string = re.compile(r"(?:[ \r\n\t]|[^\s\ud800-\udfff])+").fullmatch
 _is_id = re.compile(r"[A-Za-z0-9\-.]{1,64}").fullmatch
-_is_code = re.compile(r"[^\s]+( [^\s]+)*").fullmatch
-_is_uri = re.compile(r"\S+").fullmatch
+_is_code = re.compile(r"[^\s\ud800-\udfff]+( [^\s\ud800-\udfff]+)*").fullmatch
+_is_uri = re.compile(r"[^\s\ud800-\udfff]+").fullmatch
 
 
 def _string(value) -> bool:

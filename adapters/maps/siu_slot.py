@@ -8,7 +8,7 @@ field at fault) when a field the slot book needs is missing or malformed, so the
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from adapters.hl7.er7 import Hl7Error, Message, Segment, parse_dtm
 from gateway.domain.model import ScheduleInfo, SlotNotice
@@ -87,11 +87,13 @@ def _notice(group: list[Segment], seq: int, trigger_action: str | None, facility
         raise Hl7Error(101, "no schedule: SCH-5, AIP-3 or AIL-3 is required", segment="SCH", sequence=seq,
                        field=5)
 
-    start_text = (ais.get(4) if ais is not None else "") or sch.get(11, 4)
-    if not start_text:
+    if ais is not None and ais.get(4):
+        start = _when(ais, 4, 1, seq)
+    elif sch.get(11, 4):
+        start = _when(sch, 11, 4, seq)
+    else:
         raise Hl7Error(101, "slot start (AIS-4 or SCH-11.4) is required", segment="AIS" if ais is not None else "SCH",
                        sequence=seq, field=4 if ais is not None else 11)
-    start = _local(parse_dtm(start_text))
 
     minutes = _minutes(ais, sch, start, seq)
     service_code = ais.get(3, 1) if ais is not None else ""
@@ -120,25 +122,39 @@ def _notice(group: list[Segment], seq: int, trigger_action: str | None, facility
     )
 
 
+def _when(seg: Segment, field: int, component: int, seq: int) -> datetime:
+    """A DTM (component) of the group's segment as HIS local time; Hl7Error 102 at that field otherwise."""
+    try:
+        return _local(parse_dtm(seg.get(field, component)))
+    except Hl7Error as e:
+        raise Hl7Error(102, e.text, segment=seg.name, sequence=seq, field=field) from None
+
+
 def _local(value: datetime) -> datetime:
     """HIS local time as a naive datetime (an offset, if the HIS sent one, is dropped after conversion)."""
     return value.replace(tzinfo=None) if value.tzinfo is None else value.replace(tzinfo=None)
 
 
 def _minutes(ais: Segment | None, sch: Segment, start: datetime, seq: int) -> int:
+    """The slot's length: AIS-7, else SCH-9, else SCH-11.5 (its end) minus the start.  A length must end the
+    slot before the year 10000 (the slot's end is a date-time everywhere: the FHIR Slot, the SRM)."""
     for seg, field, name in ((ais, 7, "AIS"), (sch, 9, "SCH")):
         if seg is not None and seg.get(field):
             try:
                 value = int(float(seg.get(field)))
-            except ValueError:
-                raise Hl7Error(102, f"duration {seg.get(field)!r} is not a number", segment=name, sequence=seq,
-                               field=field) from None
+            except (ValueError, OverflowError):  # 'nan', 'inf'
+                raise Hl7Error(102, f"duration {seg.get(field)[:30]!r} is not a number of minutes", segment=name,
+                               sequence=seq, field=field) from None
             if value <= 0:
                 raise Hl7Error(102, "duration must be positive", segment=name, sequence=seq, field=field)
+            try:
+                start + timedelta(minutes=value)
+            except OverflowError:
+                raise Hl7Error(102, f"duration {seg.get(field)[:30]!r} ends the slot after the year 9999",
+                               segment=name, sequence=seq, field=field) from None
             return value
-    end_text = sch.get(11, 5)
-    if end_text:
-        end = _local(parse_dtm(end_text))
+    if sch.get(11, 5):
+        end = _when(sch, 11, 5, seq)
         value = int((end - start).total_seconds() // 60)
         if value > 0:
             return value

@@ -250,6 +250,6 @@ class InnerConfig:
 def _charset_issue(key: str, name: str):
     try:
         codecs.lookup(name)
-    except LookupError:
+    except (LookupError, ValueError):  # ValueError: a NUL in the name
         return [(key, f"unknown charset {name!r} (use utf-8, gb18030, latin-1 or ascii)")]
     return []

@@ -31,7 +31,7 @@ class HospitalConfig:
     def __post_validate__(self):
         try:
             zoneinfo.ZoneInfo(self.timezone)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):  # OSError: e.g. 'Asia', a directory
             return [("timezone", f"unknown time zone {self.timezone!r} (use e.g. Asia/Shanghai)")]
         return []
 
@@ -96,8 +96,10 @@ class PatientIdentifierConfig:
         if self.value_pattern is not None:
             try:
                 re.compile(self.value_pattern)
-            except re.error as e:
+            except (re.error, OverflowError) as e:  # OverflowError: a repetition count too large
                 return [("value_pattern", f"not a regular expression: {e}")]
+            except RecursionError:
+                return [("value_pattern", "not a regular expression: groups nested too deeply")]
         return []
 
 

@@ -36,6 +36,8 @@ Decisions about YAML's surprises (YAML 1.1, as implemented by PyYAML's SafeLoade
 * Anchors and aliases (``&name`` / ``*name``) are allowed, and so are merge keys (``<<: *defaults``),
   with YAML's rule that the section's own keys win over merged ones.
 * A key written twice in the same section is an error (``safe_load`` would silently keep the last one).
+* Lists or sections nested deeper than PyYAML's recursive reader takes (some hundreds of levels) are one
+  issue where the reader got to, not a RecursionError.
 * Relative paths are resolved against the config file's directory, including a path field's default
   (``DirPath(Path('chamber.sqlite3'))`` becomes ``<config dir>/chamber.sqlite3``); a ``ReadableFile``
   default is checked like a written value.
@@ -116,6 +118,10 @@ def load_text(text: str, schema: type[T], *, filename: str, base_dir: Path) -> T
         loader = yaml.SafeLoader(text)
         try:
             root = loader.get_single_node()
+        except RecursionError:  # PyYAML composes nested nodes recursively
+            mark = loader.get_mark()
+            raise ConfigError([ConfigIssue(filename, mark.line + 1, mark.column + 1, '', "lists or sections are "
+                                           "nested too deeply here for a configuration file")]) from None
         finally:
             loader.dispose()
     except yaml.MarkedYAMLError as exc:
@@ -289,7 +295,7 @@ class _Walker:
             return self._readable_file(node, path)
         if tp is DirPath or tp is Path:
             text = self._text(node, path, "a directory path" if tp is DirPath else "a path")
-            return _INVALID if text is _INVALID else self._resolve(text)
+            return _INVALID if text is _INVALID else self._resolve_written(text, node, path)
         origin = typing.get_origin(tp)
         if origin is list:
             return self._list(typing.get_args(tp)[0], node, path)
@@ -463,6 +469,21 @@ class _Walker:
             path = self.base_dir / path
         return Path(os.path.abspath(path))
 
+    def _resolve_written(self, text: str, node: Node, path: str) -> Any:
+        """`_resolve` for a path written in the file: one no system call takes (a NUL in it, or a ``~user``
+        of no such user) is an issue at its key, not a ValueError or RuntimeError later."""
+        if '\0' in text:
+            self.issue(node, path, f"{_shorten(text)!r} is not a path: it contains a NUL character")
+            return _INVALID
+        try:
+            return self._resolve(text)
+        except RuntimeError:  # expanduser: no such user (or no home directory at all)
+            user = text.split('/', 1)[0][1:]
+            why = (f"there is no user {user!r} whose home directory ~ could name" if user
+                   else "this process has no home directory for ~")
+            self.issue(node, path, f"{_shorten(text)!r} is not a path: {why}")
+            return _INVALID
+
     def _readable_file(self, node: Node, path: str) -> Any:
         text = self._text(node, path, "the path of a file")
         if text is _INVALID:
@@ -473,7 +494,9 @@ class _Walker:
         return self._check_readable(text, node, path)
 
     def _check_readable(self, text: str, node: Node, path: str, default: bool = False) -> Any:
-        resolved = self._resolve(text)
+        resolved = self._resolve_written(text, node, path)
+        if resolved is _INVALID:
+            return resolved
         notes = ['the default for this key'] if default else []
         if str(resolved) != text:
             notes.append(f"looked for {resolved}")

@@ -314,6 +314,16 @@ def test_two_documents_are_refused():
     assert 'more than one YAML document' in only_issue(GOOD + "---\nmode: strict\n").message
 
 
+@pytest.mark.parametrize('text', ["note: " + "[" * 3000 + "]" * 3000 + "\n", "note: " + "{a: " * 3000 + "}" * 3000])
+def test_nesting_too_deep_for_the_yaml_reader_is_one_issue(text):
+    """PyYAML composes nodes recursively: lists or sections nested some hundreds deep raised RecursionError out
+    of the loader (found reading the YAML path while writing tests/fuzz/fuzz_config.py). Now one issue at
+    the place the reader got to."""
+    issue = only_issue(text)
+    assert issue.key == '' and issue.line >= 1 and issue.column >= 1
+    assert issue.message == "lists or sections are nested too deeply here for a configuration file"
+
+
 @pytest.mark.parametrize('text', ['', '\n\n', '# only a comment\n'])
 def test_empty_file(text):
     """A file with no content is one issue: the file is empty."""
@@ -545,6 +555,24 @@ def test_a_directory_is_not_a_readable_file(tmp_path):
     """A directory given as a file is reported as such."""
     issue = only_issue(f"certificate: {tmp_path}\ndata_dir: d\n", Files, base_dir=tmp_path)
     assert issue.message == f"'{tmp_path}' is a directory, not a file"
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("certificate", '"certs/a\\0.pem"', "'certs/a\\x00.pem' is not a path: it contains a NUL character"),
+    ("data_dir", '"var\\0"', "'var\\x00' is not a path: it contains a NUL character"),
+    ("certificate", "~nosuchuser-gatewayd/ca.pem", "'~nosuchuser-gatewayd/ca.pem' is not a path: there is no "
+                                                    "user 'nosuchuser-gatewayd' whose home directory ~ could name"),
+    ("data_dir", "~nosuchuser-gatewayd", "'~nosuchuser-gatewayd' is not a path: there is no user "
+                                         "'nosuchuser-gatewayd' whose home directory ~ could name"),
+])
+def test_a_path_no_system_call_takes_is_an_issue_at_its_key(tmp_path, key, value, message):
+    """A NUL in a path (open() raises ValueError; found by the fuzz campaign, tests/fuzz/fuzz_config.py) or a
+    ~user that does not exist (expanduser raises RuntimeError; found reading the same code) came out of the
+    loader as a traceback, or for a DirPath was taken and failed at start-up."""
+    (tmp_path / 'ok.pem').write_text('x')
+    values = {"certificate": "ok.pem", "data_dir": "d", key: value}
+    issue = only_issue("".join(f"{k}: {v}\n" for k, v in values.items()), Files, base_dir=tmp_path)
+    assert (issue.key, issue.message) == (key, message)
 
 
 def test_unreadable_file_is_reported_even_when_running_as_root(tmp_path, monkeypatch):

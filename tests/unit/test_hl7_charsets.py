@@ -18,8 +18,8 @@ from datetime import datetime
 import hl7
 import pytest
 
-from adapters.hl7.ack import build_ack, read_ack
-from adapters.hl7.er7 import escape, format_message, parse, unescape
+from adapters.hl7.ack import build_ack, build_nak_for_unparseable, read_ack
+from adapters.hl7.er7 import Hl7Error, escape, format_message, parse, unescape
 
 NOW = datetime(2030, 11, 24, 9, 0)
 
@@ -144,6 +144,49 @@ def test_gbk_trail_bytes_that_equal_delimiters_do_not_split_fields():
     # the same with MSH-18 empty and GB18030 configured as the HIS's default
     empty = text.replace("GB 18030-2000", "").encode("gb18030")
     assert parse(empty, default_charset="gb18030").segment("PID").get(5, 2) == "乗亊|億"
+
+
+def test_a_header_whose_msh18_reads_differently_in_gb18030_is_refused_not_misread():
+    """Found by the fuzz campaign (tests/fuzz/fuzz_er7.py). 億 (83 7C) in MSH-4 shifts the byte-by-byte
+    reading of the MSH by one field: read byte by byte MSH-18 is empty (so the configured GB18030 applies),
+    read as GB18030 it says UNICODE UTF-8. The message was decoded as GB18030 while saying UTF-8, and its
+    ACK echoed MSH-18 UTF-8 around GB18030 bytes, an answer the HIS (and our own reader) cannot read. A
+    header that names another charset once decoded is refused with 102 on MSH-18."""
+    data = "MSH|^~\\&|HIS|億|GW|FR|20301124||SIU^S12^SIU_S12|C1|P|2.5||||||UNICODE UTF-8\rRGS|1\r".encode("gb18030")
+    assert data.decode("latin-1").split("|")[17] == ""  # byte by byte, MSH-18 is empty
+    with pytest.raises(Hl7Error) as info:
+        parse(data, default_charset="gb18030")
+    assert (info.value.code, info.value.location) == (102, "MSH-18")
+    nak = build_nak_for_unparseable(data, info.value, sending_application="GW", sending_facility="F",
+                                    control_id="N1", now=NOW, default_charset="gb18030")
+    assert read_ack(parse(nak, default_charset="gb18030"))[0] == "AR"
+
+
+@pytest.mark.parametrize("facility", ["院", "一院二", "人民医院"])
+def test_a_utf8_message_that_says_so_is_utf8_whatever_the_default(facility):
+    """Found by the fuzz campaign (tests/fuzz/fuzz_er7.py, in a NAK our own reader could not read back). A
+    HIS endpoint configured with default GB18030 sends UTF-8 and says so in MSH-18. Read as GB18030, the
+    UTF-8 bytes of 院 (E9 99 A2) take the '|' after them into a character (A2 7C), so that reading finds
+    MSH-18 empty, and it won because the default is GB: the message was refused as 'not valid gb18030'.
+    The GB reading now wins on an empty MSH-18 only when the byte-by-byte one names no charset."""
+    data = (f"MSH|^~\\&|HIS|{facility}|GW|F|20301124||SIU^S12^SIU_S12|C1|P|2.5||||||UNICODE UTF-8\r"
+            "PID|1||X^^^H^MR||王^芳\r").encode("utf-8")
+    m = parse(data, default_charset="gb18030")
+    assert (m.charset, m.sending_facility, m.segment("PID").get(5, 2)) == ("utf-8", facility, "芳")
+
+
+@pytest.mark.parametrize("raw, field", [(b"MSH|\x83^~\\&|", 2), (b"MSH\xa7^~\\&\xa7", 1)])
+def test_delimiters_that_are_not_ascii_are_refused(raw, field):
+    """Found by the fuzz campaign (tests/fuzz/fuzz_er7.py): MSH-2 '\\x83^~\\&' read byte by byte is five
+    delimiters (0x83 the component separator), but in GB18030 0x83 0x5E is one character, so the message was
+    split with delimiters its decoded text does not have, and the ACK wrote 0x83 as four GB18030 bytes: an
+    MSH-2 of 8 characters that no reader takes. Delimiters are one byte in every charset only when they are
+    ASCII: others are 102."""
+    data = raw + b"HIS|H|GW|F|20301124||SIU^S12^SIU_S12|C1|P|2.5\rRGS|1\r".replace(b"|", raw[3:4])
+    for codec in ("gb18030", "utf-8", "latin-1"):
+        with pytest.raises(Hl7Error) as info:
+            parse(data, default_charset=codec)
+        assert (info.value.code, info.value.location) == (102, f"MSH-{field}")
 
 
 @pytest.mark.parametrize("codec", ["utf-8", "gb18030"])

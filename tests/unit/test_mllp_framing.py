@@ -146,6 +146,27 @@ def test_oversize_in_one_byte_chunks():
     assert info.value.size_so_far == 6
 
 
+@pytest.mark.parametrize("chunk", [1, 4, 1000])
+def test_an_oversize_frame_abandoned_by_a_new_start_is_too_large_in_any_chunking(chunk):
+    """Found by the fuzz campaign (tests/fuzz/fuzz_framer.py): a frame past the cap that a new 0x0B abandons
+    raised FrameTooLarge when it came in small chunks, but was silently dropped as junk (no NAK, connection
+    kept) when the cap, the 0x0B and what follows came in one chunk. Now it is too large in every chunking,
+    and the frame after it is still read."""
+    stream = b"\x0b" + b"x" * 20 + frame(b"next")
+    framer = MLLPFramer(max_size=10)
+    events = []
+    for i in range(0, len(stream), chunk):
+        try:
+            events += framer.feed(stream[i:i + chunk])
+        except FrameTooLarge as e:
+            events += [*e.frames, ("too large", e.head)]
+    events += framer.feed(b"")
+    assert [e if isinstance(e, bytes) else e[0] for e in events] == ["too large", b"next"]
+    head = events[0][1]
+    assert head == b"x" * len(head) and 10 < len(head) <= 20
+    assert framer.junk_bytes == 0
+
+
 def test_linear_time_for_a_big_frame_in_small_chunks():
     """A 1 MiB frame fed in 1 KiB chunks is joined once, not re-scanned per chunk: it takes about as long
     as feeding it in one piece (a quadratic framer takes seconds here)."""

@@ -390,3 +390,21 @@ def test_contained_patient_practitioner_and_medication_are_resolved():
     with pytest.raises(InvalidPrescription) as e:
         prescription_from_fhir(body, TZ, PROFILE)
     assert [i[2] for i in e.value.issues] == ["MedicationRequest.medicationReference"]
+
+
+@pytest.mark.parametrize("where", ["contained", "bundle entry"])
+def test_a_resource_of_no_fhir_type_inside_a_prescription_is_400(where):
+    """The fuzz campaign's finding in the Appointment map (tests/fuzz/fuzz_fhir.py) holds here too:
+    fhir.resources raises KeyError, not a ValidationError, for a nested resource whose resourceType is not a
+    FHIR type, and POST /MedicationRequest (or a prescription Bundle) answered 500. Now 400."""
+    if where == "contained":
+        body = single()
+        body["contained"] = [{"resourceType": "Bogus"}]
+    else:
+        body = bundle()
+        body["entry"].append({"resource": {"resourceType": "Bogus"}, "request": {"method": "POST", "url": "X"}})
+    with pytest.raises(InvalidPrescription) as e:
+        prescription_from_fhir(body, TZ, PROFILE)
+    assert e.value.status == 400
+    assert e.value.issues == [("structure", f"{body['resourceType']}: a resource in it has a resourceType that is "
+                               f"not a FHIR resource type", body["resourceType"])]
