@@ -30,9 +30,7 @@ dispensed.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -41,12 +39,14 @@ from zoneinfo import ZoneInfo
 import structlog
 from twisted.internet import defer
 
-from gateway.domain.ids import new_control_id
+from gateway.domain.ids import new_control_id, new_id
 from gateway.domain.backlog import check_backlog
 from gateway.domain.inbound import Verdict
 from gateway.domain.model import HisAnswer
+from gateway.domain.patients import order_key
 from gateway.domain.ports import OrderWriter, PrescriptionDocuments
 from gateway.domain.prescriptions import Dispense, Prescription, Submission
+from gateway.domain.settle import SettlementWaiters
 from gateway.domain.signatures import SignatureError, TrustStore, sign_release, verify_detached
 
 log = structlog.get_logger("gateway.domain.prescribing")
@@ -79,10 +79,6 @@ class SignaturePolicy:
     id_attribute: str = "serialNumber"
 
 
-def new_id(prefix: str) -> str:
-    return prefix + secrets.token_hex(10)
-
-
 def subject_attribute(rfc4514: str, attribute: str) -> str | None:
     """The value of ``attribute`` (serialNumber, CN, UID) in an RFC 4514 subject string."""
     names = _SUBJECT_OIDS[attribute]
@@ -111,8 +107,9 @@ class PrescriptionService:
         self.signatures = signatures
         self.writer = writer  # the pharmacy endpoint's order writer (inner gate only)
         self.release_signer = release_signer  # (private key, [certificates]) (outer gate only)
-        self._waiters: dict[str, list[defer.Deferred]] = {}
-        self._stop_observing = chamber.observe(self._on_commit)
+        # waiters are woken by every commit (this process's or the other gate's) that may answer a prescription
+        self._waiters = SettlementWaiters(clock, self._answered_among)
+        self._stop_observing = chamber.observe(self._waiters.recheck)
 
     # ================================================================================== platform -> HIS
     def check_signature(self, signed: bytes, jws: str | None, requester_id: str) -> dict | None:
@@ -158,8 +155,7 @@ class PrescriptionService:
             message_id = tx.add_message(
                 direction="outbound", peer=self.peer, control_id=control_id, type=self.order_type,
                 state="committed", body=b"", charset="", subject=SUBJECT + prescription_id,
-                order_key=hashlib.sha256(f"{prescription.patient.identifiers[0].system}|"
-                                         f"{prescription.patient.identifiers[0].value}".encode()).hexdigest()[:24],
+                order_key=order_key(prescription.patient),
                 detail=f"prescription of {len(ids)} item(s) from {platform}")
             tx.insert_prescription(id=prescription_id, direction="to_his", platform=platform,
                                    number=prescription.number, status="pending", payload=payload,
@@ -359,38 +355,13 @@ class PrescriptionService:
     # ================================================================================== waiting
     def wait_settled(self, prescription_id: str, timeout: float) -> defer.Deferred:
         """Fires True once the HIS answered (or the order was given up), False after ``timeout``."""
-        d: defer.Deferred = defer.Deferred()
-        self._waiters.setdefault(prescription_id, []).append(d)
-        call = self.clock.callLater(timeout, self._timed_out, prescription_id, d)
-        d.addBoth(lambda r: (call.cancel() if call.active() else None, r)[1])
-        self._on_commit()
-        return d
+        return self._waiters.wait(prescription_id, timeout)
 
-    def _timed_out(self, prescription_id: str, d: defer.Deferred) -> None:
-        waiters = self._waiters.get(prescription_id, [])
-        if d in waiters:
-            waiters.remove(d)
-            if not waiters:
-                self._waiters.pop(prescription_id, None)
-        if not d.called:
-            d.callback(False)
-
-    def _on_commit(self) -> None:
-        if not self._waiters:
-            return
+    def _answered_among(self, prescription_ids: list[str]) -> list[str]:
         reader = self.chamber.read()
-        for prescription_id in list(self._waiters):
-            p = reader.prescription(prescription_id)
-            if p is not None and p.status != "pending":
-                for d in self._waiters.pop(prescription_id, []):
-                    if not d.called:
-                        d.callback(True)
+        return [i for i in prescription_ids if (p := reader.prescription(i)) is not None and p.status != "pending"]
 
     def stop(self) -> None:
         self._stop_observing()
-        for waiters in self._waiters.values():
-            for d in waiters:
-                if not d.called:
-                    d.callback(False)
-        self._waiters.clear()
+        self._waiters.stop(False)
 
