@@ -48,7 +48,7 @@ from adapters.inner.pharmacy import PharmacyInbound
 from adapters.inner.poller import SlotPoller
 from adapters.inner.receiver import InnerGateHandler
 from adapters.maps.fhir_documents import FhirDocuments
-from adapters.maps.fhir_prescription import SubmissionReader
+from adapters.maps.fhir_prescription import SubmissionReader, prescription_from_request
 from adapters.maps.pharmacy_codes import PharmacyProfile
 from adapters.maps.rde_order import ORDER_TYPES, PharmacyOrderWriter
 from adapters.maps.srm_booking import Hl7Header, build_sqm_s25, build_srm
@@ -213,9 +213,12 @@ def _prescribing(config: GatewayConfig, reactor, tz, chamber, gate: str) -> Pres
             release_signer = (serialization.load_pem_private_key(rx.release_key.read_bytes(), password=None),
                               x509.load_pem_x509_certificates(rx.release_chain.read_bytes()))
     outer, his = config.outer, config.inner.endpoint(peer) if config.inner is not None else None
+    profile = _pharmacy_profile(config)
     return PrescriptionService(chamber, tz=tz, order_type=ORDER_TYPES[config.pharmacy.message],
-                               documents=FhirDocuments(tz, _pharmacy_profile(config)), peer=peer, clock=reactor,
+                               documents=FhirDocuments(tz, profile), peer=peer, clock=reactor,
                                signatures=signatures, writer=writer, release_signer=release_signer,
+                               from_request=functools.partial(prescription_from_request, tz=tz, profile=profile)
+                               if writer is not None else None,
                                max_backlog=outer.max_backlog if outer is not None else 1000,
                                retry_after=max(1, int(his.retry_max)) if his is not None else 30)
 

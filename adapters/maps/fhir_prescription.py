@@ -477,3 +477,10 @@ def _item(req: dict, path: str, placer: str, resolver: _Resolver, profile: Pharm
         refills=int(disp.get("numberOfRepeatsAllowed") or 0),
         instructions=dosage.get("patientInstruction") or dosage.get("text") or "",
     )
+
+
+def prescription_from_request(payload: bytes, item_ids: list[str], *, tz: ZoneInfo,
+                              profile: PharmacyProfile | None = None) -> Prescription:
+    """A prescription as the platform's request stored it (its canonical JSON), with the gateway's ids of its
+    items: what an order committed before chamber schema v6 (which keeps the domain's record) is written from."""
+    return prescription_from_fhir(json.loads(payload), tz, profile, item_ids)

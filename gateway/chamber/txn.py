@@ -366,6 +366,11 @@ class Txn:
         self._c.execute(f"UPDATE prescriptions SET {cols}, version = version + 1, updated = ? WHERE id = ?",
                         (*changes.values(), self.now, prescription_id))
 
+    def keep_prescription_record(self, prescription_id: str, record: str) -> None:
+        """The domain's record of a prescription committed before schema v6, read once from its request (not a
+        change a reader sees: its version stays)."""
+        self._c.execute("UPDATE prescriptions SET record = ? WHERE id = ? AND record IS NULL", (record, prescription_id))
+
     def claim_prescription(self, prescription_id: str, platform: str) -> bool:
         """One statement, so of two pharmacies claiming at once exactly one wins (SQLite has one writer)."""
         cur = self._c.execute(

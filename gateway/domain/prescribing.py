@@ -31,7 +31,7 @@ dispensed.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from zoneinfo import ZoneInfo
@@ -95,6 +95,7 @@ class PrescriptionService:
 
     def __init__(self, chamber, *, tz: ZoneInfo, order_type: str, documents: PrescriptionDocuments, peer: str,
                  clock, signatures: SignaturePolicy | None = None, writer: OrderWriter | None = None,
+                 from_request: Callable[[bytes, list[str]], Prescription] | None = None,
                  release_signer=None, max_backlog: int = 1000, retry_after: int = 30):
         self.chamber = chamber
         self.max_backlog = max_backlog  # messages waiting for the pharmacy endpoint before Overloaded
@@ -106,6 +107,9 @@ class PrescriptionService:
         self.clock = clock
         self.signatures = signatures
         self.writer = writer  # the pharmacy endpoint's order writer (inner gate only)
+        # (a request as stored, its items' ids) -> Prescription: the map the platform's request went through, for
+        # prescriptions committed before chamber schema v6 kept the domain's record (inner gate only)
+        self.from_request = from_request
         self.release_signer = release_signer  # (private key, [certificates]) (outer gate only)
         # waiters are woken by every commit (this process's or the other gate's) that may answer a prescription
         self._waiters = SettlementWaiters(clock, self._answered_among)
@@ -180,13 +184,22 @@ class PrescriptionService:
         p = tx.prescription(message.subject[len(SUBJECT):])
         if p is None or self.writer is None:
             raise ValueError(f"message {message.id} cannot be encoded: no prescription or no pharmacy link here")
-        if p.record is None:
-            raise ValueError(f"message {message.id} cannot be encoded: prescription {p.id} was committed before "
-                             f"chamber schema v6 and has no record to write its order from")
-        prescription = Prescription.from_json(json.loads(p.record))
+        prescription = (Prescription.from_json(json.loads(p.record)) if p.record is not None
+                        else self._record_from_request(tx, p))
         now = datetime.fromtimestamp(tx.now, self.tz).replace(tzinfo=None)
         body = self.writer.write(prescription, control_id=message.control_id, now=now)
         return body, self.writer.message_type, self.writer.charset
+
+    def _record_from_request(self, tx, p) -> Prescription:
+        """A prescription committed before chamber schema v6 has no record: its order is written from the
+        platform's request as stored, read once with the map it went through then (and the record kept), so an
+        order still waiting at an upgrade goes out as it would have."""
+        if self.from_request is None:
+            raise ValueError(f"prescription {p.id} was committed before chamber schema v6 and no map of its "
+                             f"request is wired here")
+        prescription = self.from_request(bytes(p.payload), [i.id for i in tx.medication_requests_of(p.id)])
+        tx.keep_prescription_record(p.id, json.dumps(prescription.to_json(), ensure_ascii=False))
+        return prescription
 
     def on_answer(self, tx, message, answer: HisAnswer) -> None:
         if not self.owns(message):

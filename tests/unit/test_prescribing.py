@@ -5,6 +5,7 @@ is wired as gateway/service.py wires it: its ports (the FHIR documents, the orde
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from datetime import datetime, timedelta, timezone
@@ -21,7 +22,7 @@ from twisted.internet import task
 from adapters.hl7.er7 import parse
 from adapters.inner.pharmacy import PharmacyInbound, order_answer
 from adapters.maps.fhir_documents import FhirDocuments, served, verify_release
-from adapters.maps.fhir_prescription import SubmissionReader
+from adapters.maps.fhir_prescription import SubmissionReader, prescription_from_request
 from adapters.maps.pharmacy_codes import PharmacyProfile
 from adapters.maps.rde_order import PharmacyOrderWriter
 from adapters.maps.srm_booking import Hl7Header
@@ -85,6 +86,7 @@ def world(tmp_path, pki):
         chamber, tz=TZ, order_type="RDE^O11", documents=FhirDocuments(TZ, PROFILE),
         peer="pharmacy", clock=clock, signatures=SignaturePolicy(trust=pki.trust),
         writer=PharmacyOrderWriter(Hl7Header("GATEWAYD", "FRONT", "HIS-PHARMACY", "HOSPITAL")),
+        from_request=functools.partial(prescription_from_request, tz=TZ, profile=PROFILE),
         release_signer=(gw_key, [gw_cert]))
     yield rx, chamber, clock, gw_cert
     rx.stop()
@@ -320,19 +322,24 @@ def test_pharmacies_page_through_releases_without_a_prescription_split_or_lost(w
     assert rx.released_page("pharmacy-a", 0.0, 0) == ([], None)
 
 
-def test_an_order_committed_before_chamber_schema_v6_is_not_written_from_a_guess(world):
-    """A prescription an older gatewayd committed has no record (chamber schema v6 added it): its order, not
-    written before the upgrade, cannot be written now, and encoding it says why (the relay dead-letters it and
-    the platform reads the prescription cancelled) rather than reading the platform's FHIR again."""
+def test_an_order_committed_before_chamber_schema_v6_is_written_from_its_request(world, pki):
+    """A prescription an older gatewayd committed has no record (chamber schema v6 added it): its order, still
+    waiting at the upgrade, is written from the platform's request as stored, read once with the map it went
+    through then — the same order a record gives — and the record is kept. Without the map wired (not the inner
+    gate), encoding says why instead of guessing."""
     rx, chamber, _, _ = world
+    p, _ = submit(rx, pki)
+    message_id = p.message_id
+    from_record, _, _ = chamber.transact_now(lambda tx: rx.encode(tx, tx.message(message_id)))
+    record = chamber.read().prescription(p.id).record
+    chamber.transact_now(lambda tx: tx._c.execute("UPDATE prescriptions SET record = NULL WHERE id = ?", (p.id,)))
 
-    def committed_by_an_older_gatewayd(tx):
-        message_id = tx.add_message(direction="outbound", peer="pharmacy", control_id="G-old", type="RDE^O11",
-                                    state="committed", body=b"", charset="", subject="prescription:p-old")
-        tx.insert_prescription(id="p-old", direction="to_his", platform="ih1", number="RX-old", status="pending",
-                               payload=b"{}", message_id=message_id)
-        return message_id
-
-    message_id = chamber.transact_now(committed_by_an_older_gatewayd)
+    unwired = rx.from_request
+    rx.from_request = None
     with pytest.raises(ValueError, match="before chamber schema v6"):
         chamber.transact_now(lambda tx: rx.encode(tx, tx.message(message_id)))
+    rx.from_request = unwired
+    from_request, _, _ = chamber.transact_now(lambda tx: rx.encode(tx, tx.message(message_id)))
+    assert from_request == from_record
+    kept = chamber.read().prescription(p.id)
+    assert kept.record == record and kept.version == p.version
