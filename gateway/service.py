@@ -63,6 +63,7 @@ from gateway.domain.slot_book import SlotBook
 from gateway.domain.patients import IdentifierRules
 from gateway.chamber.engine import Chamber
 from gateway.config.model import GatewayConfig
+from gateway.domain.outbox import Outbox
 from gateway.domain.inbound import InboundService
 from adapters.outer.oauth import EXPIRED_TOKENS_KEPT, TokenService, clients_from_config, default_token_url
 from gateway.ops.listen import (ADMIN_CONNECTIONS, ConnectionLimiter, GateEndpoint, descriptor_needs,
@@ -223,24 +224,6 @@ def _prescribing(config: GatewayConfig, reactor, tz, chamber, gate: str) -> Pres
                                retry_after=max(1, int(his.retry_max)) if his is not None else 30)
 
 
-class _ByKind:
-    """The relay's encode/on_answer/on_dead: prescriptions to the prescription service, the rest (bookings)
-    to the booking service (which ignores what it does not own)."""
-
-    def __init__(self, booking, prescribing):
-        self.booking, self.prescribing = booking, prescribing
-
-    def encode(self, tx, message):
-        target = self.prescribing if self.prescribing.owns(message) else self.booking
-        return target.encode(tx, message)
-
-    def on_answer(self, tx, message, answer):
-        (self.prescribing if self.prescribing.owns(message) else self.booking).on_answer(tx, message, answer)
-
-    def on_dead(self, tx, message, reason):
-        (self.prescribing if self.prescribing.owns(message) else self.booking).on_dead(tx, message, reason)
-
-
 def _inner_gate(config, reactor, tz, chamber, booking, metrics, prescribing):
     """Intranet side: a relay (and poller) per HIS endpoint, and the MLLP listener for their messages; with the
     relays and the listener's TLS switch (None without inner.tls)."""
@@ -249,8 +232,8 @@ def _inner_gate(config, reactor, tz, chamber, booking, metrics, prescribing):
     gate.setName("inner")
     slot_book = SlotBook(tz)
     inbound = InboundService(chamber, slot_book, config.inner.z_segment_peers(), same_message=same_message)
-    by_kind = _ByKind(booking, prescribing)
-    relays = [_relay(config, reactor, chamber, endpoint, by_kind, metrics, gate, inbound, tz)
+    outbox = Outbox(booking, prescribing)
+    relays = [_relay(config, reactor, chamber, endpoint, outbox, metrics, gate, inbound, tz)
               for endpoint in (his, *config.inner.endpoints)]
     handler = InnerGateHandler(inbound, peer=his.name, sending_application=config.inner.sending_application,
                                sending_facility=config.inner.sending_facility, tz=tz, clock=reactor,
@@ -283,7 +266,7 @@ def _inner_gate(config, reactor, tz, chamber, booking, metrics, prescribing):
     return gate, relays, tls_switch
 
 
-def _relay(config, reactor, chamber, his, by_kind, metrics, gate, inbound, tz) -> Relay:
+def _relay(config, reactor, chamber, his, outbox, metrics, gate, inbound, tz) -> Relay:
     """One HIS endpoint: its MLLP client(s), the relay for its queue, and its slot poller if it polls."""
     his_endpoint = endpoints.HostnameEndpoint(reactor, his.host, his.port, timeout=his.connect_timeout)
     his_tls = None
@@ -297,10 +280,10 @@ def _relay(config, reactor, chamber, his, by_kind, metrics, gate, inbound, tz) -
                           tls=his_tls)
 
     lanes = [HisDestination(his_client(config.inner.max_message_bytes)) for _ in range(his.window)]
-    relay = Relay(chamber, his.name, lanes, by_kind.on_answer, clock=reactor,
+    relay = Relay(chamber, his.name, lanes, outbox.on_answer, clock=reactor,
                   ack_timeout=his.ack_timeout, retry_initial=his.retry_initial, retry_max=his.retry_max,
-                  max_attempts=his.max_attempts, max_age=his.max_age, on_dead=by_kind.on_dead,
-                  ordering=his.ordering, encode=by_kind.encode, send_types=tuple(his.send_types), metrics=metrics)
+                  max_attempts=his.max_attempts, max_age=his.max_age, on_dead=outbox.on_dead,
+                  ordering=his.ordering, encode=outbox.encode, send_types=tuple(his.send_types), metrics=metrics)
     relay.setServiceParent(gate)
     if his.slot_source == "poll":
         poll_header = _header(config, his)
