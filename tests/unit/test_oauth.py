@@ -17,7 +17,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from twisted.internet import defer, task
-from twisted.python.failure import Failure
 
 from gateway.domain.audit import verify
 from gateway.chamber.engine import Chamber
@@ -35,6 +34,7 @@ from adapters.outer.oauth import (
     load_public_keys,
     verify_assertion,
 )
+from tests.deferreds import failureResultOf, successResultOf
 
 AUD = "https://gw.example/oauth/token"
 NOW = 1_900_000_000.0
@@ -273,18 +273,17 @@ class Tokens:
         self.chamber.open()
         self.service = TokenService(self.chamber, clients, AUD, clock=clock)
 
-    def ask(self, assertion=None, over=None):
+    def request(self, assertion=None, over=None):
+        """The token request's Deferred (the chamber answers synchronously without a reactor)."""
         form = {"grant_type": ["client_credentials"], "client_assertion_type": [ASSERTION_TYPE],
                 "client_assertion": [assertion], "scope": ["system/Slot.read system/Appointment.write"]}
         form.update(over or {})
         form = {k: v for k, v in form.items() if v is not None}
-        d = defer.ensureDeferred(self.service.token_request(form, "192.0.2.1"))
-        out = []
-        d.addBoth(out.append)
-        assert out, "the chamber answers synchronously without a reactor"
-        if isinstance(out[0], Failure):
-            out[0].raiseException()
-        return out[0]
+        return defer.ensureDeferred(self.service.token_request(form, "192.0.2.1"))
+
+    def ask(self, assertion=None, over=None):
+        """The token response of a request that was granted."""
+        return successResultOf(self.request(assertion, over))
 
     def table(self, name):
         return [tuple(r) for r in self.chamber.read()._c.execute(f"SELECT * FROM {name}")]
@@ -327,14 +326,12 @@ def test_a_replayed_jti_is_refused_also_after_the_chamber_is_reopened(tmp_path, 
     t = Tokens(path, clients, clock)
     assertion = sign(claims())
     t.ask(assertion)
-    with pytest.raises(OAuthError) as e:
-        t.ask(assertion)
+    e = failureResultOf(t.request(assertion), OAuthError)
     assert (e.value.error, e.value.status) == ("invalid_client", 401) and "jti" in e.value.description
     t.chamber.close()
     again = Tokens(path, clients, clock)  # a restarted gateway: new service, same chamber file
     clock.advance(60)
-    with pytest.raises(OAuthError, match="jti"):
-        again.ask(assertion)
+    assert "jti" in str(failureResultOf(again.request(assertion), OAuthError).value)
     refusals = [r for r in again.chamber.read().audit_records() if r.action == "token" and r.outcome == 401]
     assert len(refusals) == 2 and all(r.detail == "invalid_client" for r in refusals)
 
@@ -370,8 +367,7 @@ def test_a_reload_narrows_what_existing_tokens_grant(tmp_path, clients, clock):
 ])
 def test_token_request_errors_follow_rfc_6749(tmp_path, clients, clock, over, error, status):
     t = Tokens(tmp_path / "c.sqlite3", clients, clock)
-    with pytest.raises(OAuthError) as e:
-        t.ask(sign(claims()), over)
+    e = failureResultOf(t.request(sign(claims()), over), OAuthError)
     assert (e.value.error, e.value.status) == (error, status)
     assert e.value.body() == {"error": error, "error_description": e.value.description}
     assert t.table("oauth_tokens") == []
