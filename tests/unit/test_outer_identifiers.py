@@ -1,7 +1,8 @@
 """No identifier in clear in the outer gate's log events or its audit trail (issue 15, finding 5): log events
 name a request by its route template (``/fhir/Appointment/{id}``), never its raw path; the audit names a
 resource by an id the gateway issued (one the chamber knows), anything else a platform put in a URL by a
-keyed hash an auditor can recompute.  Same in-process gate as tests/unit/test_outer_access.py."""
+keyed hash an auditor can recompute.  Same in-process gate (tests/unit/outer_gate.py) as
+tests/unit/test_outer_access.py."""
 
 import json
 import re
@@ -12,8 +13,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from gateway.domain.audit import keyed_name
-from tests.unit.test_outer_access import SID, Gate, appointment, certs, gate, outcome  # noqa: F401
-from tests.unit.test_outer_intake import raw_request
+from tests.unit.outer_gate import SID, Gate, appointment, outcome, raw_request
 
 #: finding 5's paths: an identifier with a letter before it, under a Chinese character, an ID card number
 #: with "ID" before it; and a mobile number alone
