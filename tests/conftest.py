@@ -18,6 +18,16 @@ from tests.unit.client_assertions import EC256_KEY, EC384_KEY, RSA_KEY, SCOPES, 
 from tests.unit.outer_gate import PLATFORMS, Gate  # noqa: E402
 
 
+# -- config files (tests/unit/config_files.py) ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def config_dir(tmp_path_factory):
+    """A directory with a dev CA in certs/ (the files config_files.HEAD names); the configs are written there."""
+    directory = tmp_path_factory.mktemp("cfg")
+    init_dev_ca(directory / "certs")
+    return directory
+
+
 # -- the outer gate in-process (tests/unit/outer_gate.py) -------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -55,7 +55,7 @@ def test_paths_outside_the_base_and_escaped_ones_are_templates_too(gate, path, t
     assert event["path"] == template
 
 
-def test_the_token_and_smart_endpoints_log_their_own_path(tmp_path, certs):  # noqa: F811
+def test_the_token_and_smart_endpoints_log_their_own_path(tmp_path, certs):
     """Reached before any FHIR routing: their log events name the endpoint, never what followed it."""
     g = Gate(tmp_path / "t.sqlite3", certs)
     try:

@@ -116,7 +116,7 @@ def test_no_text_anywhere_in_a_request_gives_a_500(gate, method, path, headers):
         assert r.json["resourceType"] == "OperationOutcome"
 
 
-def test_no_text_in_a_token_request_gives_a_500(gate, clients):  # noqa: F811 (the imported fixture)
+def test_no_text_in_a_token_request_gives_a_500(gate, clients):
     """/oauth/token: lone surrogates inside the client assertion's JSON (issuer, jti, kid, alg, a signed
     one too) and junk percent-escapes in the form are answered as OAuth2 says (400/401), never 500."""
     gate.api.gatekeeper.oauth = TokenService(gate.chamber, clients, AUD, clock=gate.clock)

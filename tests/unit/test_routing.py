@@ -18,7 +18,7 @@ from gateway.chamber.engine import Chamber
 from gateway.domain.model import BookingRequest, HisAnswer, Patient, PatientIdentifier, ScheduleInfo, SlotNotice
 from gateway.domain.ids import slot_id
 from tests.deferreds import successResultOf
-from tests.unit import test_config_grants as config_grants
+from tests.unit import config_files
 
 HEAD = """
 inner:
@@ -30,11 +30,11 @@ inner:
 
 
 def load(tmp_path, text):
-    return config_grants.load(tmp_path, text, HEAD)
+    return config_files.load(tmp_path, text, HEAD)
 
 
 def problems(tmp_path, text):
-    return config_grants.problems(tmp_path, text, HEAD)
+    return config_files.problems(tmp_path, text, HEAD)
 
 
 # -- the configuration -----------------------------------------------------------------------------------
@@ -270,6 +270,6 @@ def test_his_addresses_must_be_ip_addresses(tmp_path):
     """inner.his_addresses are compared with a connection's source address at accept: a host name (never
     resolved there) or a typo would reserve nothing, so it is refused, naming the entry."""
     head = HEAD.replace("inner:\n", "inner:\n  his_addresses: [10.1.2.3, his.example.org, '::1']\n")
-    found = config_grants.problems(tmp_path, "", head)
+    found = config_files.problems(tmp_path, "", head)
     assert len(found) == 1 and found[0].startswith("3:inner.his_addresses[1]: 'his.example.org' is not an IP"), found
-    assert config_grants.load(tmp_path, "", HEAD.replace("inner:\n", "inner:\n  his_addresses: [10.1.2.3, '::1']\n"))
+    assert config_files.load(tmp_path, "", HEAD.replace("inner:\n", "inner:\n  his_addresses: [10.1.2.3, '::1']\n"))
