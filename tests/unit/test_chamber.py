@@ -11,6 +11,7 @@ from twisted.internet import task
 from gateway.chamber.engine import Chamber
 from gateway.chamber.errors import ChamberError
 from gateway.chamber.rows import ScheduleRow
+from tests.deferreds import assertNoResult, failureResultOf, successResultOf
 
 
 class TickReactor(task.Clock):
@@ -338,14 +339,14 @@ def test_group_commit_fires_after_commit_and_isolates_failures(tmp_path):
         raise ValueError("refused")
 
     d2 = ch.transact(failing)
-    errors = []
-    d2.addErrback(lambda f: errors.append(f.value))
     d3 = ch.transact(lambda tx: schedule(tx, "C"))
-    assert not d1.called and not d3.called  # nothing is answered before the turn's commit
+    assertNoResult(d1)  # nothing is answered before the turn's commit
+    assertNoResult(d3)
     reactor.turn()
-    assert d1.called and d3.called
+    successResultOf(d1)
+    successResultOf(d3)
     assert seen_by_other_connection == [[("A",), ("C",)]]
-    assert isinstance(errors[0], ValueError)
+    failureResultOf(d2, ValueError)
     assert [s.id for s in ch.read().schedules()] == ["A", "C"]
     ch.close()
 
@@ -360,8 +361,8 @@ def test_observers_run_after_commits_that_recorded_something(tmp_path):
     ch.transact(schedule)
     reactor.turn()
     d = ch.transact(lambda tx: 1 / 0)
-    d.addErrback(lambda f: None)
     reactor.turn()
+    failureResultOf(d, ZeroDivisionError)
     assert calls == [1]
     ch.close()
 
@@ -380,11 +381,10 @@ def test_a_storage_error_inside_a_unit_is_a_write_failure(tmp_path):
         schedule(tx, "X")
         raise sqlite3.OperationalError("database or disk is full")
 
-    failed = []
-    ch.transact(disk_full).addErrback(lambda f: failed.append(f.value))
+    failed = ch.transact(disk_full)
     ch.transact(lambda tx: schedule(tx, "Y"))
     reactor.turn()
-    assert isinstance(failed[0], ChamberWriteError) and "disk is full" in str(failed[0])
+    assert "disk is full" in str(failureResultOf(failed, ChamberWriteError).value)
     assert [s.id for s in ch.read().schedules()] == ["Y"]
     ch.close()
 
@@ -496,18 +496,20 @@ def test_units_are_answered_only_after_the_commit_returned_in_the_writer_thread(
     d1.addCallback(lambda _: events.append("answered A"))
     reactor.turn()  # the batch runs; its COMMIT goes to the writer thread
     assert slow.started.wait(30)
-    assert not d1.called
+    assertNoResult(d1)
     assert ch.read().schedules() == []  # the uncommitted batch is not visible, and the read did not wait
     assert outside_view(path) == []
     d2 = ch.transact(lambda tx: schedule(tx, "B"))
     d2.addCallback(lambda _: events.append("answered B"))
     reactor.turn()
-    assert not d2.called and events == ["commit started"]  # B waits for the next batch
+    assertNoResult(d2)
+    assert events == ["commit started"]  # B waits for the next batch
     slow.release()
     reactor.pump()  # A's COMMIT returned: A answered, observers told, then B's batch begins
-    assert d1.called and [s.id for s in ch.read().schedules()] == ["A"]
+    successResultOf(d1)
+    assert [s.id for s in ch.read().schedules()] == ["A"]
     reactor.pump()
-    assert d2.called
+    successResultOf(d2)
     assert events == ["commit started", "commit returned", "answered A", "observed",
                       "commit started", "commit returned", "answered B", "observed"]
     assert all(t is not threading.current_thread() for t in slow.threads)  # COMMIT ran off this thread
@@ -525,18 +527,17 @@ def test_a_failed_commit_in_the_writer_thread_fails_every_unit_of_its_batch(tmp_
     slow.release()
     ch, reactor = threaded_chamber(tmp_path / "c.sqlite3")
     ch.observe(lambda: events.append("observed"))
-    failed = []
-    for sid in ("A", "B"):
-        ch.transact(lambda tx, sid=sid: schedule(tx, sid)).addErrback(lambda f: failed.append(f.value))
+    failed = [ch.transact(lambda tx, sid=sid: schedule(tx, sid)) for sid in ("A", "B")]
     reactor.turn()
     reactor.pump()
-    assert len(failed) == 2 and all(isinstance(e, ChamberWriteError) and "disk I/O" in str(e) for e in failed)
+    assert all("disk I/O" in str(failureResultOf(d, ChamberWriteError).value) for d in failed)
     assert ch.read().schedules() == [] and "observed" not in events
     slow.fail = None
     d = ch.transact(lambda tx: schedule(tx, "C"))
     reactor.turn()
     reactor.pump()
-    assert d.called and [s.id for s in ch.read().schedules()] == ["C"]
+    successResultOf(d)
+    assert [s.id for s in ch.read().schedules()] == ["C"]
     ch.close()
 
 
@@ -597,9 +598,7 @@ def test_close_waits_for_the_commit_in_flight_and_commits_what_is_queued(tmp_pat
     assert outside_view(path) == ["A", "B"]
     assert reactor.from_threads.qsize() == 1  # the writer thread's late hand-back ...
     reactor.pump()  # ... finds the batch finished already and does nothing
-    refused = []
-    ch.transact(lambda tx: None).addErrback(lambda f: refused.append(f.value))
-    assert isinstance(refused[0], ChamberError)  # closed
+    failureResultOf(ch.transact(lambda tx: None), ChamberError)  # closed
 
 
 def test_transact_now_waits_for_the_commit_in_flight(tmp_path, monkeypatch):
@@ -642,10 +641,10 @@ def test_a_batch_of_one_failing_unit_leaves_nothing_behind(tmp_path):
         schedule(tx, "A")
         raise ValueError("refused")
 
-    errors = []
-    ch.transact(failing).addErrback(lambda f: errors.append(f.value))
+    d = ch.transact(failing)
     reactor.turn()
-    assert isinstance(errors[0], ValueError) and ch.read().schedules() == []
+    failureResultOf(d, ValueError)
+    assert ch.read().schedules() == []
     ch.transact(lambda tx: schedule(tx, "B"))
     reactor.turn()
     assert [s.id for s in ch.read().schedules()] == ["B"]
@@ -683,10 +682,11 @@ def test_settled_appointments_are_reported_after_commit_and_not_when_rolled_back
         raise ValueError("changed its mind")
 
     ch.transact(lambda tx: tx.update_appointment("a1", pending_change=None, status="booked"))
-    ch.transact(clear_then_fail).addErrback(lambda f: None)
+    failing = ch.transact(clear_then_fail)
     ch.transact(lambda tx: tx.update_appointment("a2", outcome="still waiting"))
     assert heard == []
     reactor.turn()
+    failureResultOf(failing, ValueError)
     assert heard == [["a1"]]
     ch.close()
 
@@ -737,15 +737,17 @@ def test_the_write_lock_of_another_process_is_waited_for_in_the_writer_thread(tm
     ran = []
     d = ch.transact(lambda tx: (ran.append(1), schedule(tx, "A")))
     reactor.turn()  # returns at once: the lock is the other's
-    assert ran == [] and not d.called
+    assert ran == []
+    assertNoResult(d)
     assert ch.read().schedules() == []
     other.execute("COMMIT")
     reactor.pump()  # the writer thread got the lock: the unit runs, then its COMMIT
     assert ran == [1]
     if pipeline:
-        assert not d.called  # the COMMIT went to the writer thread
+        assertNoResult(d)  # the COMMIT went to the writer thread
         reactor.pump()  # ... and returned
-    assert d.called and [s.id for s in ch.read().schedules()] == ["A"]
+    successResultOf(d)
+    assert [s.id for s in ch.read().schedules()] == ["A"]
     other.close()
     ch.close()
 

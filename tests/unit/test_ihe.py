@@ -1,6 +1,6 @@
 """IHE ITI Scheduling on the outer gate, in-process (no reactor, no sockets): $find (ITI-115), $hold (ITI-116),
-$book (ITI-117) and GET /Appointment?patient=&date= (ITI-118 style).  Same Gate as test_outer_access:
-a real chamber file, a task.Clock, DummyRequests with real client certificates."""
+$book (ITI-117) and GET /Appointment?patient=&date= (ITI-118 style).  Same Gate as test_outer_access
+(tests/unit/outer_gate.py): a real chamber file, a task.Clock, DummyRequests with real client certificates."""
 
 import json
 
@@ -12,31 +12,11 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from gateway.domain.audit import verify
 from gateway.domain.model import HisAnswer, slot_status
-from tests.unit import test_outer_access
-from tests.unit.test_outer_access import SID, Gate, appointment, outcome
-
-certs = test_outer_access.certs  # the fixtures, shared: a dev CA per module, a Gate per test
-gate = test_outer_access.gate
-
-PATIENT = {"resourceType": "Patient", "identifier": [{"system": "urn:id-card", "value": "11010519491231002X"}],
-           "name": [{"text": "欧阳娜娜"}], "telecom": [{"system": "phone", "value": "13912345678"}]}
-
-
-def params(*items):
-    return {"resourceType": "Parameters", "parameter": [dict(name=n, **v) for n, v in items]}
+from tests.unit.outer_gate import PATIENT, SID, Gate, appointment, entries, outcome, params, ref
 
 
 def find_params(*extra, start="2030-01-07", end="2030-01-08"):
     return params(("start", {"valueDateTime": start}), ("end", {"valueDateTime": end}), *extra)
-
-
-def ref(reference):
-    return {"valueReference": {"reference": reference}}
-
-
-def entries(response):
-    Bundle.model_validate(response.json)
-    return [e["resource"] for e in response.json.get("entry", [])]
 
 
 def answer_srm(gate, code="AA"):
@@ -453,7 +433,7 @@ def _his_frees(gate, index, his_appointment):
 
     from gateway.domain.slot_book import SlotBook
     from gateway.domain.model import SlotNotice
-    from tests.unit.test_outer_access import DAY, SCHEDULE, TZ
+    from tests.unit.outer_gate import DAY, SCHEDULE, TZ
     notice = SlotNotice("free", SCHEDULE, DAY + timedelta(minutes=15 * index), 15, "card", "x", his_appointment)
     gate.chamber.transact_now(lambda tx: SlotBook(TZ).apply(tx, [notice]))
 
@@ -600,7 +580,7 @@ def test_a_his_that_moves_bookings_with_s03_gets_one_message_and_no_cancel(gate,
     id, ARQ-2 the HIS's id) with the new slot; its AA books the new appointment and cancels the old one
     ("rescheduled to <new>", its slot free) with no cancel sent; the HIS's SIU^S13, before or after the SRR,
     does not make it the hospital's rescheduling."""
-    from tests.unit.test_outer_access import DAY, SCHEDULE, TZ
+    from tests.unit.outer_gate import DAY, SCHEDULE, TZ
 
     from datetime import timedelta
 

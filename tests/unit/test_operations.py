@@ -17,6 +17,7 @@ from gateway.chamber.errors import ChamberError
 from gateway.ops.queue import NotRetryable, purge_dead, retry, retry_all_dead
 from gateway.domain.model import BookingRequest, Patient, PatientIdentifier, ScheduleInfo, SlotNotice, slot_status
 from gateway.domain.ids import slot_id
+from tests.deferreds import successResultOf
 
 TZ = ZoneInfo("Asia/Shanghai")
 START = datetime(2030, 1, 7, 8, 0)
@@ -60,9 +61,8 @@ def test_retry_refuses_delivered_messages_and_settled_bookings(env):
     chamber, booking, reprocess, _ = env
     with pytest.raises(NotRetryable, match="only dead or refused"):
         retry(chamber, add_outbound(chamber, "delivered"), reprocess)
-    d = booking.book("demo", BookingRequest(slot_id("D001", START),
-                                            Patient((PatientIdentifier("s", "v"),))))
-    appointment_id = d.result[0]
+    request = BookingRequest(slot_id("D001", START), Patient((PatientIdentifier("s", "v"),)))
+    appointment_id = successResultOf(booking.book("demo", request))[0]
     srm = chamber.read().messages(direction="outbound", state="committed")[0]
     chamber.transact_now(lambda tx: tx.set_message_state(srm.id, "dead", last_error="no ACK"))
     chamber.transact_now(lambda tx: booking.on_dead(tx, tx.message(srm.id), "no ACK"))

@@ -2,7 +2,7 @@
 (gateway/ops/listen.py ConnectionLimiter, reusable on the MLLP listener), deadlines no trickle can reset, the body
 limit and the API's decisions before the body is read, and every answer twisted.web gave by itself an
 OperationOutcome (adapters/outer/http.py), over the real FhirApi on a real chamber (the unit Gate of
-test_outer_access)."""
+tests/unit/outer_gate.py)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from adapters.outer.http import CLOSE_GRACE, MAX_HEADERS, GatewaySite
 from gateway.ops.devca import init_dev_ca
 from gateway.ops.listen import (ACCEPTS_PER_TURN, ConnectionLimiter, DescriptorShortage, GatePort, descriptor_needs,
                             ensure_descriptors, source_key)
-from tests.unit.test_outer_access import PLATFORMS, SID, appointment, gate  # noqa: F401 (a fixture)
+from tests.unit.outer_gate import PLATFORMS, SID, appointment
 
 LIMIT = 4096  # outer.max_request_bytes in these tests
 DEADLINES = {"header_timeout": 10.0, "body_timeout": 30.0, "idle_timeout": 60.0}

@@ -8,16 +8,10 @@ import hashlib
 from adapters.hl7.er7 import parse
 from gateway.domain.patients import IdentifierRefused, IdentifierRule, IdentifierRules, order_key
 from gateway.domain.model import Patient, PatientIdentifier
-from tests.unit import test_config_grants, test_outer_access
-from tests.unit.test_config_grants import load, problems
-from tests.unit.test_ihe import PATIENT, entries, params, ref
-from tests.unit.test_outer_access import SID, appointment, outcome
+from tests.unit.config_files import load, problems
+from tests.unit.outer_gate import PATIENT, SID, appointment, entries, outcome, params, ref
 
 import pytest
-
-certs = test_outer_access.certs
-gate = test_outer_access.gate
-config_dir = test_config_grants.certs
 
 ID_CARD = "urn:oid:2.16.156.10011.1.5"
 RULES = IdentifierRules([

@@ -32,6 +32,7 @@ from gateway.domain.prescribing import PrescriptionService, Refused, SignaturePo
 from gateway.domain.model import HisAnswer
 from gateway.domain.backlog import Overloaded
 from gateway.domain.signatures import TrustStore, prescription_payload, sign_release
+from tests.deferreds import failureResultOf, successResultOf
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "pharmacy"
 TZ = ZoneInfo("Asia/Shanghai")
@@ -105,19 +106,10 @@ def signed(body: dict, key, chain) -> str:
     return sign_release(prescription_payload(body), key, chain)
 
 
-def result(d):
-    out = []
-    d.addBoth(out.append)
-    assert out, "the chamber answers synchronously without a reactor"
-    if hasattr(out[0], "raiseException"):
-        out[0].raiseException()
-    return out[0]
-
-
 def submit(rx, pki, body=None, platform="ih1"):
     body = body or bundle()
     key, chain = pki.signer()
-    return result(rx.submit(platform, READER.read(body, signed(body, key, chain))))
+    return rx.submit(platform, READER.read(body, signed(body, key, chain)))
 
 
 def decider(rx, message):
@@ -127,7 +119,7 @@ def decider(rx, message):
 
 def serve(rx, item, p) -> dict:
     """An item as the outer gate serves it."""
-    return served(result(rx.served(item, p)), p.claimed_by)
+    return served(successResultOf(rx.served(item, p)), p.claimed_by)
 
 
 def answer_with(golden: str, ids: list[str]) -> HisAnswer:
@@ -141,7 +133,7 @@ def answer_with(golden: str, ids: list[str]) -> HisAnswer:
 
 def test_a_signed_bundle_of_three_is_one_order_with_three_groups(world, pki):
     rx, chamber, _, _ = world
-    p, created = submit(rx, pki)
+    p, created = successResultOf(submit(rx, pki))
     assert created and p.status == "pending" and p.number == "RX20300107-0001"
     check = json.loads(p.signature)
     assert check["signer_subject"].endswith("CN=张医生") or "张医生" in check["signer_subject"]
@@ -163,13 +155,13 @@ def test_a_signed_bundle_of_three_is_one_order_with_three_groups(world, pki):
 
 def test_the_his_accepting_makes_the_items_active_and_dispensing_completes_them(world, pki):
     rx, chamber, clock, _ = world
-    p, _ = submit(rx, pki)
+    p, _ = successResultOf(submit(rx, pki))
     ids = [i.id for i in chamber.read().medication_requests_of(p.id)]
     waiting = rx.wait_settled(p.id, 5)
     chamber.transact_now(lambda tx: rx.on_answer(tx, tx.message(p.message_id),
                                                  answer_with("rre_o12_accepted.hl7", ids)))
     rx._waiters.recheck()  # (transact_now wakes no observer)
-    assert result(waiting) is True
+    assert successResultOf(waiting) is True
     items = chamber.read().medication_requests_of(p.id)
     assert [i.status for i in items] == ["active"] * 3
     assert [i.his_order for i in items] == ["F1001", "F1002", "F1003"]
@@ -189,7 +181,7 @@ def test_the_his_accepting_makes_the_items_active_and_dispensing_completes_them(
 
 def test_the_his_refusing_cancels_the_items_with_its_reason(world, pki):
     rx, chamber, _, _ = world
-    p, _ = submit(rx, pki)
+    p, _ = successResultOf(submit(rx, pki))
     ids = [i.id for i in chamber.read().medication_requests_of(p.id)]
     chamber.transact_now(lambda tx: rx.on_answer(tx, tx.message(p.message_id),
                                                  answer_with("rre_o12_refused.hl7", ids)))
@@ -235,13 +227,12 @@ def test_bad_signatures_are_refused_with_the_check_named_and_nothing_is_stored(w
 
 def test_the_same_prescription_again_is_the_first_one_and_other_content_is_refused(world, pki):
     rx, chamber, _, _ = world
-    first, created = submit(rx, pki)
-    again, created_again = submit(rx, pki)
+    first, created = successResultOf(submit(rx, pki))
+    again, created_again = successResultOf(submit(rx, pki))
     assert created and not created_again and again.id == first.id
     changed = bundle()
     first_request(changed)["dispenseRequest"]["quantity"]["value"] = 48
-    with pytest.raises(Refused) as e:
-        submit(rx, pki, changed)
+    e = failureResultOf(submit(rx, pki, changed), Refused)
     assert REFUSALS[e.value.kind][0] == 409
     assert len(chamber.read().messages(direction="outbound")) == 1
 
@@ -260,16 +251,15 @@ def test_past_the_backlog_of_its_pharmacy_a_new_prescription_is_refused_but_a_re
     with the first (no new work); once the pharmacy has answered one, new work is taken again."""
     rx, chamber, _, _ = world
     rx.max_backlog, rx.retry_after = 2, 7
-    first, _ = submit(rx, pki, renumbered("RX-1"))
-    submit(rx, pki, renumbered("RX-2"))
-    with pytest.raises(Overloaded) as e:
-        submit(rx, pki, renumbered("RX-3"))
+    first, _ = successResultOf(submit(rx, pki, renumbered("RX-1")))
+    successResultOf(submit(rx, pki, renumbered("RX-2")))
+    e = failureResultOf(submit(rx, pki, renumbered("RX-3")), Overloaded)
     assert e.value.retry_after == 7 and "'pharmacy'" in str(e.value)
     assert len(chamber.read().messages(direction="outbound")) == 2
-    again, created = submit(rx, pki, renumbered("RX-1"))
+    again, created = successResultOf(submit(rx, pki, renumbered("RX-1")))
     assert again.id == first.id and not created
     chamber.transact_now(lambda tx: tx.set_message_state(first.message_id, "delivered", detail="AA"))
-    third, created = submit(rx, pki, renumbered("RX-3"))
+    third, created = successResultOf(submit(rx, pki, renumbered("RX-3")))
     assert created and third.status == "pending"
 
 
@@ -289,7 +279,7 @@ def test_a_released_prescription_is_claimed_once_and_verifies_with_the_gateways_
         verify_release(tampered, gw_cert.public_bytes(serialization.Encoding.PEM), NOW)
     a = rx.claim("pharmacy-a", item.id)
     b = rx.claim("pharmacy-b", item.id)
-    outcomes = sorted([result(a)[2], result(b)[2]])
+    outcomes = sorted([successResultOf(a)[2], successResultOf(b)[2]])
     assert outcomes == [False, True]
     assert rx.released("pharmacy-b", 0.0, 10) == []  # gone for everyone else
     assert len(rx.released("pharmacy-a", 0.0, 10)) == 1  # still listed for the one that claimed it
@@ -328,7 +318,7 @@ def test_an_order_committed_before_chamber_schema_v6_is_written_from_its_request
     through then — the same order a record gives — and the record is kept. Without the map wired (not the inner
     gate), encoding says why instead of guessing."""
     rx, chamber, _, _ = world
-    p, _ = submit(rx, pki)
+    p, _ = successResultOf(submit(rx, pki))
     message_id = p.message_id
     from_record, _, _ = chamber.transact_now(lambda tx: rx.encode(tx, tx.message(message_id)))
     record = chamber.read().prescription(p.id).record

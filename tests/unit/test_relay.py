@@ -24,6 +24,7 @@ from gateway.ops.admin import AdminResource, Metrics
 from gateway.chamber.engine import Chamber
 from gateway.relay import DeliveryFailed, HisUnreachable, Relay
 from gateway.domain.model import HisAnswer
+from tests.deferreds import failureResultOf, successResultOf
 from tests.unit.test_mllp_protocols import World, siu
 
 
@@ -428,10 +429,9 @@ def test_a_failed_batch_releases_the_claim(tmp_path, monkeypatch):
 
     monkeypatch.setattr(threads_module, "commit", failing)
     d = _queue_and_claim(chamber, relay, "G1")
-    failures = []
-    d.addErrback(failures.append)
     clock.advance(0)
-    assert failures and his.calls == [] and relay.lanes[0].loop is None and relay._in_flight == {}
+    failureResultOf(d)
+    assert his.calls == [] and relay.lanes[0].loop is None and relay._in_flight == {}
     monkeypatch.setattr(threads_module, "commit", real)
     _queue_and_claim(chamber, relay, "G2")
     clock.advance(0)
@@ -606,7 +606,7 @@ def test_a_booking_whose_hold_expires_in_an_outage_is_cancelled_not_refused(tmp_
     from gateway.domain.booking import BookingService, HisLinkInfo
     from gateway.domain.slot_book import SlotBook
     from gateway.domain.model import BookingRequest
-    from tests.unit.test_booking import PATIENT, SID, TZ, notice, result
+    from tests.unit.test_booking import PATIENT, SID, TZ, notice
 
     world = World()
     world.reactor.advance(datetime(2030, 1, 1, tzinfo=TZ).timestamp())
@@ -620,7 +620,7 @@ def test_a_booking_whose_hold_expires_in_an_outage_is_cancelled_not_refused(tmp_
                   ack_timeout=5, retry_initial=1, retry_max=8, max_attempts=3, max_age=600, on_dead=booking.on_dead,
                   encode=booking.encode, rng=random.Random(1))
     relay.startService()
-    appointment_id = result(booking.book("demo", BookingRequest(SID, PATIENT)))[0]
+    appointment_id = successResultOf(booking.book("demo", BookingRequest(SID, PATIENT)))[0]
     _refuse_connections(world, 70)
     appt = chamber.read().appointment(appointment_id)
     assert (appt.status, appt.outcome) == ("cancelled", "the HIS did not answer in time; the hold expired")

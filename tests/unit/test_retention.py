@@ -16,7 +16,8 @@ from gateway.chamber.engine import Chamber
 from gateway.chamber.retention import BATCH, Retention, RetentionService, prune
 from gateway.domain.model import BookingRequest
 from gateway.domain.ids import slot_id
-from tests.unit.test_booking import PATIENT, SID, START, TZ, answer, encoded, env, notice, outbound, result  # noqa: F401
+from tests.deferreds import successResultOf
+from tests.unit.test_booking import PATIENT, SID, START, TZ, answer, encoded, env, notice, outbound  # noqa: F401
 
 DAY = 86400.0
 LATER = START + timedelta(minutes=15)
@@ -38,7 +39,7 @@ def delivered(chamber, booking, message, his_appointment=None):
 
 
 def run(chamber, retention, now):
-    return result(prune(chamber, retention, now))
+    return successResultOf(prune(chamber, retention, now))
 
 
 @pytest.fixture
@@ -46,12 +47,12 @@ def booked(env):
     """S1 booked (SRM^S01 delivered), S2 booked then cancelled (S04 delivered), a third slot never booked."""
     chamber, booking, book, clock = env
     chamber.transact_now(lambda tx: book.apply(tx, [notice("open", LATER), notice("open", START + timedelta(1))]))
-    a1, _ = result(booking.book("demo", BookingRequest(SID, PATIENT), idempotency_key="k1", request_hash="h",
+    a1, _ = successResultOf(booking.book("demo", BookingRequest(SID, PATIENT), idempotency_key="k1", request_hash="h",
                                 raw=b'{"resourceType":"Appointment"}'))
-    a2, _ = result(booking.book("demo", BookingRequest(LATER_SID, PATIENT)))
+    a2, _ = successResultOf(booking.book("demo", BookingRequest(LATER_SID, PATIENT)))
     for m in outbound(chamber):
         delivered(chamber, booking, m, his_appointment=f"H-{m.id}")
-    result(booking.cancel("demo", a2))
+    successResultOf(booking.cancel("demo", a2))
     delivered(chamber, booking, outbound(chamber)[-1])
     assert [m.state for m in outbound(chamber)] == ["delivered"] * 3
     return chamber, booking, clock, a1, a2
@@ -95,10 +96,10 @@ def test_dead_letters_waiting_messages_and_their_appointments_stay(env):
     appointment and slot all stay however old they are."""
     chamber, booking, book, clock = env
     chamber.transact_now(lambda tx: book.apply(tx, [notice("open", LATER)]))
-    result(booking.book("demo", BookingRequest(SID, PATIENT)))
+    successResultOf(booking.book("demo", BookingRequest(SID, PATIENT)))
     dead = outbound(chamber)[0]
     chamber.transact_now(lambda tx: tx.set_message_state(dead.id, "dead", detail="max attempts"))
-    result(booking.book("demo", BookingRequest(LATER_SID, PATIENT)))  # committed, never answered
+    successResultOf(booking.book("demo", BookingRequest(LATER_SID, PATIENT)))  # committed, never answered
     far = START.replace(tzinfo=TZ).timestamp() + 3650 * DAY
     deleted = run(chamber, Retention(keep_messages=DAY, keep_appointments=DAY,
                                      keep_expired_tokens=EXPIRED_TOKENS_KEPT), far)

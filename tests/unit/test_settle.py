@@ -6,6 +6,7 @@ is the owner's question, and the test's; time is a task.Clock."""
 from twisted.internet import task
 
 from gateway.domain.settle import SettlementWaiters
+from tests.deferreds import assertNoResult, successResultOf
 
 
 class Owner:
@@ -19,29 +20,24 @@ class Owner:
         return {i for i in ids if i in self.settled}
 
 
-def fired(d) -> list:
-    out: list = []
-    d.addCallback(out.append)
-    return out
-
-
 def test_a_waiter_fires_true_when_its_id_settles_and_the_others_keep_waiting():
     clock, owner = task.Clock(), Owner()
     waiters = SettlementWaiters(clock, owner.settled_among)
-    a, a_again, b = fired(waiters.wait("a", 5)), fired(waiters.wait("a", 5)), fired(waiters.wait("b", 5))
+    a, a_again, b = waiters.wait("a", 5), waiters.wait("a", 5), waiters.wait("b", 5)
     waiters.settled(["a", "unknown"])
-    assert (a, a_again, b) == ([True], [True], [])
+    assert (successResultOf(a), successResultOf(a_again)) == (True, True)
+    assertNoResult(b)
     assert [call.getTime() for call in clock.getDelayedCalls()] == [5]  # b's: a's timers went when it fired
 
 
 def test_a_waiter_fires_false_after_its_timeout_and_is_forgotten():
     clock, owner = task.Clock(), Owner()
     waiters = SettlementWaiters(clock, owner.settled_among)
-    a = fired(waiters.wait("a", 5))
+    a = waiters.wait("a", 5)
     clock.advance(4.9)
-    assert a == []
+    assertNoResult(a)
     clock.advance(0.1)
-    assert a == [False]
+    assert successResultOf(a) is False
     owner.asked.clear()
     waiters.recheck()  # nothing waits any more: nothing is asked
     assert owner.asked == []
@@ -50,7 +46,7 @@ def test_a_waiter_fires_false_after_its_timeout_and_is_forgotten():
 def test_an_id_already_settled_fires_at_once_without_a_timer():
     clock, owner = task.Clock(), Owner(settled={"a"})
     waiters = SettlementWaiters(clock, owner.settled_among)
-    assert fired(waiters.wait("a", 5)) == [True]
+    assert successResultOf(waiters.wait("a", 5)) is True
     assert owner.asked == [["a"]] and clock.getDelayedCalls() == []
 
 
@@ -58,20 +54,21 @@ def test_recheck_asks_about_every_waiting_id_in_one_call():
     """After a commit that does not say what it settled (another process's): one question for all waiters."""
     clock, owner = task.Clock(), Owner()
     waiters = SettlementWaiters(clock, owner.settled_among)
-    a, b, c = (fired(waiters.wait(key, 5)) for key in "abc")
+    a, b, c = (waiters.wait(key, 5) for key in "abc")
     owner.settled |= {"a", "c"}
     owner.asked.clear()
     waiters.recheck()
     assert owner.asked == [["a", "b", "c"]]
-    assert (a, b, c) == ([True], [], [True])
+    assert (successResultOf(a), successResultOf(c)) == (True, True)
+    assertNoResult(b)
 
 
 def test_stop_fires_every_waiter_with_its_result():
     clock, owner = task.Clock(), Owner()
     waiters = SettlementWaiters(clock, owner.settled_among)
-    a, b = fired(waiters.wait("a", 5)), fired(waiters.wait("b", 5))
+    a, b = waiters.wait("a", 5), waiters.wait("b", 5)
     waiters.stop(False)
-    assert (a, b) == ([False], [False])
+    assert successResultOf(b) is False
     assert clock.getDelayedCalls() == []
     waiters.settled(["a"])  # forgotten: nothing fires twice
-    assert a == [False]
+    assert successResultOf(a) is False  # stop's result, read after settled

@@ -17,6 +17,7 @@ from gateway.domain.slot_book import SlotBook
 from gateway.chamber.engine import Chamber
 from gateway.domain.inbound import InboundService, Received
 from gateway.domain.ids import slot_id
+from tests.deferreds import successResultOf
 
 TZ = ZoneInfo("Asia/Shanghai")
 SID = slot_id("D001", datetime(2030, 1, 7, 9, 0))
@@ -79,7 +80,7 @@ class Inner:
                                          sender(message)),
                                 notices_from_siu(message))
         self.clock.advance(0)
-        assert d.called and d.result.code == "AA"
+        assert successResultOf(d).code == "AA"
 
     def slot(self):
         return self.chamber.read().slot(SID)
