@@ -32,8 +32,8 @@ def run() -> dict:
     from hl7apy.parser import parse_message
 
     from adapters.hl7 import er7
-    from adapters.mapping.srm_booking import Hl7Header, build_srm, build_srm_hl7apy
-    from gateway.scheduling import Patient, PatientIdentifier, SlotForHis
+    from adapters.maps.srm_booking import Hl7Header, build_srm, build_srm_hl7apy
+    from gateway.domain.model import Patient, PatientIdentifier, SlotForHis
     from hissim.inventory import Inventory, Schedule, parse_session
     from hissim.messages import Header, Notification, build_siu, build_siu_hl7apy
 

@@ -36,7 +36,7 @@ def main() -> int:
     if args.reference_builders:
         import gateway.service
         import hissim.service
-        from adapters.mapping.srm_booking import build_srm_hl7apy
+        from adapters.maps.srm_booking import build_srm_hl7apy
         from hissim.messages import build_siu_hl7apy
 
         def reference_srm(trigger, *, receiving_facility=None, z_segments=(), **fields):
@@ -48,17 +48,17 @@ def main() -> int:
         gateway.service.build_srm = reference_srm
         hissim.service.build_siu = build_siu_hl7apy
     if args.commit_inline:
-        import gateway.chamber
+        import gateway.chamber.engine
 
-        gateway.chamber.PIPELINE_COMMITS = False  # (the writer thread still waits for the other gate's lock)
+        gateway.chamber.engine.PIPELINE_COMMITS = False  # (the writer thread still waits for the other gate's lock)
     if args.pipeline_always:
-        import gateway.chamber
+        import gateway.chamber.engine
 
-        gateway.chamber.PIPELINE_COMMITS = True
+        gateway.chamber.engine.PIPELINE_COMMITS = True
     if args.no_writer_thread:
-        import gateway.chamber
+        import gateway.chamber.engine
 
-        gateway.chamber.Chamber._threaded = lambda self, journal_mode: False
+        gateway.chamber.engine.Chamber._threaded = lambda self, journal_mode: False
     from gateway.cli import main as gatewayd
 
     return gatewayd(command)

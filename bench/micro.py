@@ -50,11 +50,11 @@ if what in ("siu", "siu-info"):
     from zoneinfo import ZoneInfo
     from twisted.internet import task
     from adapters.hl7.er7 import parse
-    from adapters.inner_gate import InnerGateHandler
-    from gateway.booking import SlotBook
-    from gateway.chamber import Chamber
-    from gateway.inbound import InboundService
-    from gateway import logs
+    from adapters.inner.receiver import InnerGateHandler
+    from gateway.domain.slot_book import SlotBook
+    from gateway.chamber.engine import Chamber
+    from gateway.domain.inbound import InboundService
+    from gateway.ops import logs
     logs.configure("info" if what == "siu-info" else "warning", "json", stream=open(os.devnull, "w"))
     tz = ZoneInfo("Asia/Shanghai")
     clock = task.Clock(); clock.advance(time.time())
@@ -79,15 +79,15 @@ if what in ("siu", "siu-info"):
     ch.close()
 elif what == "log":
     import structlog
-    from gateway import logs
+    from gateway.ops import logs
     for level in ("info", "warning"):
         logs.configure(level, "json", stream=open(os.devnull, "w"))
-        log = structlog.get_logger("gateway.inbound")
+        log = structlog.get_logger("gateway.domain.inbound")
         f = lambda: log.info("inner.message", peer="his", control_id="L12-345", type="SIU^S12", ack="AA",
                              duplicate=False)
         out[f"log_{level}_us"] = 1e6 * min(timeit.repeat(f, number=5000, repeat=5)) / 5000
 elif what == "appointment":
-    from adapters.mapping.fhir_scheduling import booking_from_appointment
+    from adapters.maps.fhir_scheduling import booking_from_appointment
     import inspect
     body = json.loads(sys.argv[4])
     out["appointment_us"] = 1e6 * min(timeit.repeat(lambda: booking_from_appointment(body), number=2000,
@@ -98,14 +98,15 @@ elif what == "appointment":
 elif what == "watch":
     path = os.path.join(tmp, "w.sqlite3")
     if len(sys.argv) > 4 and sys.argv[4] == "writer":
-        from gateway.chamber import Chamber, ScheduleRow
-        ch = Chamber(sys.argv[5]); ch.open()
+        from gateway.chamber.engine import Chamber
+        from gateway.chamber.rows import ScheduleRow
+        ch = Chamber(sys.argv[5], clock=time.time); ch.open()
         for i in range(150):
             time.sleep(0.013)
             ch.transact_now(lambda tx: tx.upsert_schedule(ScheduleRow(f"S{i}", str(time.time()), "", "", "", "", 0)))
         ch.close(); sys.exit()
     from twisted.internet import reactor
-    from gateway.chamber import Chamber
+    from gateway.chamber.engine import Chamber
     ch = Chamber(path, reactor=reactor, clock=reactor.seconds); ch.open()
     lat, seen = [], set()
     def observed():
@@ -127,7 +128,7 @@ elif what == "watch":
     out["watch_ms"] = 1000 * lat[len(lat) // 2]
 elif what == "handoff":
     from twisted.internet import reactor, defer
-    from gateway.chamber import Chamber
+    from gateway.chamber.engine import Chamber
     import inspect
     results = {}
     variants = [("inline", {"commit_in_thread": False})]

@@ -35,9 +35,9 @@ FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 
 #: (component, test on the sampled leaf frame's file (module-relative, as py-spy prints it) and function)
 COMPONENTS = [
-    ("SQLite statements and COMMIT (gateway/chamber.py)", lambda f, fn: f == "gateway/chamber.py"),
+    ("SQLite statements and COMMIT (gateway/chamber/)", lambda f, fn: f.startswith("gateway/chamber/")),
     ("dataclass row objects (__init__ of rows)", lambda f, fn: f == "<string>"),
-    ("structlog (logging)", lambda f, fn: f.startswith("structlog/") or f == "gateway/logs.py"),
+    ("structlog (logging)", lambda f, fn: f.startswith("structlog/") or f == "gateway/ops/logs.py"),
     ("TLS (pyOpenSSL, twisted.protocols.tls)", lambda f, fn: f.startswith("OpenSSL/")
      or f in ("twisted/protocols/tls.py", "twisted/internet/_sslverify.py")),
     ("twisted.web (HTTP)", lambda f, fn: f.startswith("twisted/web/")),
@@ -48,12 +48,11 @@ COMPONENTS = [
                                                                                        "pydantic"))),
     ("json (stdlib)", lambda f, fn: f.startswith("json/")),
     ("hl7apy", lambda f, fn: f.startswith("hl7apy/")),
-    ("gateway: FHIR adapter and mapping", lambda f, fn: f.startswith("adapters/fhir/")
-     or f == "adapters/mapping/fhir_scheduling.py"),
-    ("gateway: HL7 (er7, ack, SRM/SIU mapping)", lambda f, fn: f.startswith(("adapters/hl7/", "adapters/mapping/"))),
-    ("gateway: MLLP adapters, inner gate", lambda f, fn: f.startswith("adapters/mllp/")
-     or f == "adapters/inner_gate.py"),
-    ("gateway: audit trail", lambda f, fn: f == "gateway/audit.py"),
+    ("gateway: FHIR adapter and mapping", lambda f, fn: f.startswith("adapters/outer/")
+     or f == "adapters/maps/fhir_scheduling.py"),
+    ("gateway: HL7 (er7, ack, SRM/SIU mapping)", lambda f, fn: f.startswith(("adapters/hl7/", "adapters/maps/"))),
+    ("gateway: MLLP adapters, inner gate", lambda f, fn: f.startswith("adapters/inner/")),
+    ("gateway: audit trail", lambda f, fn: f == "gateway/domain/audit.py"),
     ("gateway: booking, relay, inbound, other", lambda f, fn: f.startswith("gateway/")),
     ("hissim", lambda f, fn: f.startswith("hissim/")),
     ("Python stdlib (datetime, threading, ...)", lambda f, fn: "/" not in f or f.startswith(("sqlite3/", "asyncio/",
@@ -63,28 +62,28 @@ COMPONENTS = [
 
 #: entry points whose inclusive share is reported: (label, file, function name or its last part)
 ENTRY_POINTS = [
-    ("outer gate: one FHIR request (FhirApi.render + _dispatch)", "adapters/fhir/server.py", "_dispatch"),
-    ("  Appointment JSON -> booking request (booking_from_appointment)", "adapters/mapping/fhir_scheduling.py",
+    ("outer gate: one FHIR request (FhirApi.render + _dispatch)", "adapters/outer/site.py", "_dispatch"),
+    ("  Appointment JSON -> booking request (booking_from_appointment)", "adapters/maps/fhir_scheduling.py",
      "booking_from_appointment"),
-    ("  answer written (FhirApi._respond)", "adapters/fhir/server.py", "_respond"),
+    ("  answer written (FhirApi._respond)", "adapters/outer/site.py", "_respond"),
     ("TLS: OpenSSL calls (pyOpenSSL)", "OpenSSL/SSL.py", "*"),
-    ("chamber: batches run (Chamber._run_batch)", "gateway/chamber.py", "_run_batch"),
-    ("chamber: units answered after COMMIT (Chamber._finish)", "gateway/chamber.py", "_finish"),
-    ("  booking: hold + SRM (BookingService.book work)", "gateway/booking.py", "book.<locals>.work"),
-    ("    SRM^S01 built (build_srm)", "adapters/mapping/srm_booking.py", "build_srm"),
+    ("chamber: batches run (Chamber._run_batch)", "gateway/chamber/engine.py", "_run_batch"),
+    ("chamber: units answered after COMMIT (Chamber._finish)", "gateway/chamber/engine.py", "_finish"),
+    ("  booking: hold + SRM (BookingService.book work)", "gateway/domain/booking.py", "book.<locals>.work"),
+    ("    SRM^S01 built (build_srm)", "adapters/maps/srm_booking.py", "build_srm"),
     ("  relay: answer recorded (Relay._deliver record)", "gateway/relay.py", "_deliver.<locals>.record"),
-    ("  inbound SIU recorded (InboundService._record work)", "gateway/inbound.py", "_record.<locals>.work"),
-    ("  audit records (gateway/audit.py)", "gateway/audit.py", "*"),
-    ("chamber: observers after each commit (Chamber._notify)", "gateway/chamber.py", "_notify"),
-    ("  booking: re-read every waiting appointment (BookingService._on_commit)", "gateway/booking.py",
-     "_on_commit"),
+    ("  inbound SIU recorded (InboundService._record work)", "gateway/domain/inbound.py", "_record.<locals>.work"),
+    ("  audit records (gateway/domain/audit.py)", "gateway/domain/audit.py", "*"),
+    ("chamber: observers after each commit (Chamber._notify)", "gateway/chamber/engine.py", "_notify"),
+    ("  booking: re-read every waiting appointment (SettlementWaiters.recheck)", "gateway/domain/settle.py",
+     "recheck"),
     ("relay: pick the next message (Relay._pick)", "gateway/relay.py", "_pick"),
     ("relay: one delivery, end to end (Relay._deliver)", "gateway/relay.py", "_deliver"),
-    ("MLLP server: a frame (MLLPServerProtocol._handle_frame)", "adapters/mllp/server.py", "_handle_frame"),
+    ("MLLP server: a frame (MLLPServerProtocol._handle_frame)", "adapters/inner/listener.py", "_handle_frame"),
     ("  ER7 parse (er7.parse)", "adapters/hl7/er7.py", "parse"),
-    ("  inner gate handler (InnerGateHandler.handle)", "adapters/inner_gate.py", "handle"),
+    ("  inner gate handler (InnerGateHandler.handle)", "adapters/inner/receiver.py", "handle"),
     ("  ACKs built (build_answers)", "adapters/hl7/ack.py", "build_answers"),
-    ("MLLP client: answers from the HIS (adapters/mllp/client.py)", "adapters/mllp/client.py", "*"),
+    ("MLLP client: answers from the HIS (adapters/inner/client.py)", "adapters/inner/client.py", "*"),
     ("structlog: every log call, filtered or not", "structlog/_native.py", "*"),
     ("socket writes (untilConcludes)", "twisted/python/util.py", "untilConcludes"),
 ]
@@ -117,7 +116,7 @@ def fold(raw: Path) -> dict:
             continue
         if frames[0][0] == "Thread._bootstrap" or frames[0][1] == "threading.py":
             other_threads += n  # thread-pool threads (mostly parked in Condition.wait): not the reactor
-            if any(f_func == "_commit" and f_file == "gateway/chamber.py" for f_func, f_file, _ in frames):
+            if any(f_func == "commit" and f_file == "gateway/chamber/threads.py" for f_func, f_file, _ in frames):
                 commit_thread += n  # the chamber's writer thread in COMMIT (WAL write + fsync)
             continue
         total += n
@@ -138,8 +137,8 @@ def fold(raw: Path) -> dict:
                    for f_func, f_file, _ in frames):
                 entry[label] += n
         # the COMMIT statement itself (SQLite's WAL write + fsync), charged to the line that runs it
-        if file == "gateway/chamber.py" and (func == "_commit" or (func.endswith("_run_batch")
-                                                                   and _is_commit_line(file, lineno))):
+        if (file == "gateway/chamber/threads.py" and func == "commit") or (
+                file == "gateway/chamber/engine.py" and func.endswith("_run_batch") and _is_commit_line(file, lineno)):
             commit_lines += n
 
     def top(counter, k=25):

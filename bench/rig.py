@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import importlib.util
+import inspect
 import json
 import os
 import platform
@@ -286,7 +287,7 @@ class Certs:
     """One development CA for a whole bench run (server certificate + the 'bench' platform's client)."""
 
     def __init__(self, directory: Path):
-        from gateway.devca import init_dev_ca
+        from gateway.ops.devca import init_dev_ca
 
         self.dir = directory
         init_dev_ca(directory, platforms=("bench",))
@@ -331,19 +332,33 @@ def gateway_config(workdir: Path, certs: Certs, *, mllp_port: int, his_port: int
     return path
 
 
+#: where a checkout defines its config sections: gateway/config/ by section, or (before issue 16) gateway/config.py
+CONFIG_MODULES = ("gateway.config.model", "gateway.config.inner", "gateway.config.outer", "gateway.config")
+
+
+def _section_keys(class_name: str) -> set[str]:
+    """The keys of the config section ``class_name`` in the checkout this Python imports (none if it has none)."""
+    import dataclasses
+    import importlib
+
+    for name in CONFIG_MODULES:
+        try:
+            cls = getattr(importlib.import_module(name), class_name, None)
+        except ImportError:
+            continue
+        if dataclasses.is_dataclass(cls):
+            return {f.name for f in dataclasses.fields(cls)}
+    return set()
+
+
 def _config_has(class_name: str, key: str, repo: Path | None = None) -> bool:
     """Whether the config section ``class_name`` has ``key`` in this checkout (or in checkout ``repo``)."""
     if repo is not None:
-        probe = ("import dataclasses, gateway.config as c; cls = getattr(c, %r, None); "
-                 "print(cls is not None and %r in {f.name for f in dataclasses.fields(cls)})" % (class_name, key))
+        probe = (f"CONFIG_MODULES = {CONFIG_MODULES!r}\n{inspect.getsource(_section_keys)}\n"
+                 f"print({key!r} in _section_keys({class_name!r}))")
         out = subprocess.run([PY, "-c", probe], capture_output=True, text=True, cwd=repo, env=dict(os.environ, PYTHONPATH=str(repo)))
         return out.stdout.strip() == "True"
-    import dataclasses
-
-    import gateway.config
-
-    cls = getattr(gateway.config, class_name, None)
-    return cls is not None and key in {f.name for f in dataclasses.fields(cls)}
+    return key in _section_keys(class_name)
 
 
 def sim_config(workdir: Path, *, his_port: int, mllp_port: int, doctors: int, days: int, start_date: str,

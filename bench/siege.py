@@ -408,7 +408,7 @@ def his_link_drops(log_path: Path, since: float, until: float) -> list[dict]:
 
 def run(args, workdir: Path) -> dict:
     certs = rig.Certs(workdir / "certs")
-    from gateway.devca import init_dev_ca
+    from gateway.ops.devca import init_dev_ca
 
     init_dev_ca(certs.dir, platforms=("bench", "mallory", "eve"))
     total = args.before + args.attack + args.after

@@ -114,11 +114,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return sim_main(["--config", str(args.config)] + (["--log", str(args.log)] if args.log else []))
     if args.command == "demo":
-        from gateway.demo import run_demo
+        from gateway.ops.demo import run_demo
 
         return run_demo(args.workdir)
     if args.command == "certs":
-        from gateway.devca import DevCAError, init_dev_ca
+        from gateway.ops.devca import DevCAError, init_dev_ca
 
         try:
             paths = init_dev_ca(args.directory, platforms=tuple(args.platform or ("demo",)),
@@ -148,8 +148,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _load(path: Path):
-    from gateway.config import load_config
-    from gateway.confschema import ConfigError
+    from gateway.config.model import load_config
+    from gateway.config.errors import ConfigError
 
     try:
         return load_config(path), None
@@ -206,7 +206,7 @@ def run(path: Path, gate: str = "both") -> int:
         return 1
     from twisted.internet import reactor
 
-    from gateway import logs
+    from gateway.ops import logs
     from gateway.service import make_service
 
     logs.configure(config.logging.level, config.logging.format)
@@ -253,7 +253,7 @@ def run(path: Path, gate: str = "both") -> int:
 
     def reload_config():
         """SIGHUP: load the file again; a config that fails to load leaves the running one in place."""
-        from gateway.service import reload
+        from gateway.ops.reload import reload
 
         new, problem = _load(path)
         if not problem:
@@ -262,7 +262,7 @@ def run(path: Path, gate: str = "both") -> int:
             log.error("gateway.reload_refused", errors=problem.splitlines(), keeping="the running config")
             return
         try:
-            applied = reload(root, new, gate)
+            applied = reload(root, new)
         except Exception as e:  # e.g. a certificate file that does not parse
             log.error("gateway.reload_refused", errors=[f"{type(e).__name__}: {e}"], keeping="the running config")
             return
@@ -271,7 +271,7 @@ def run(path: Path, gate: str = "both") -> int:
     import signal
 
     signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(reload_config))
-    from gateway import sdnotify
+    from gateway.ops import sdnotify
 
     outer, inner = config.outer, config.inner
     status = [f"FHIR {outer.host}:{outer.port}" if outer and gate != "inner" else "",
@@ -300,12 +300,14 @@ def with_chamber(args, command: str, run) -> int:
     if error:
         print(error, file=sys.stderr)
         return 1
-    from gateway import logs
-    from gateway.chamber import Chamber
-    from gateway.errors import ChamberError
+    import time
+
+    from gateway.ops import logs
+    from gateway.chamber.engine import Chamber
+    from gateway.chamber.errors import ChamberError
 
     logs.configure("warning", "console", stream=sys.stderr)
-    chamber = Chamber(config.chamber.path)
+    chamber = Chamber(config.chamber.path, clock=time.time)
     try:
         chamber.open()
     except ChamberError as e:
@@ -318,7 +320,7 @@ def with_chamber(args, command: str, run) -> int:
 
 
 def _backup(chamber, dest: Path) -> int:
-    from gateway.errors import ChamberError
+    from gateway.chamber.errors import ChamberError
 
     dest = dest.resolve()
     if dest == Path(chamber.path).resolve():
@@ -383,9 +385,9 @@ def _queue_retry(chamber, config, args) -> int:
     import getpass
     from zoneinfo import ZoneInfo
 
-    from adapters.inner_gate import make_reprocessor
-    from gateway.booking import SlotBook
-    from gateway.operations import NotRetryable, retry, retry_all_dead
+    from adapters.inner.receiver import make_reprocessor
+    from gateway.domain.slot_book import SlotBook
+    from gateway.ops.queue import NotRetryable, retry, retry_all_dead
 
     reprocess = make_reprocessor(SlotBook(ZoneInfo(config.hospital.timezone)),
                                  config.inner.his.charset if config.inner else "utf-8",
@@ -404,8 +406,8 @@ def _queue_retry(chamber, config, args) -> int:
 
 
 def _queue_purge(chamber, args) -> int:
-    from gateway.confschema import parse_duration
-    from gateway.operations import count_purgeable, purge_dead
+    from gateway.config.fields import parse_duration
+    from gateway.ops.queue import count_purgeable, purge_dead
 
     try:
         age = parse_duration(args.older_than)
@@ -443,7 +445,7 @@ def _audit_dispatch(chamber, config, args) -> int:
 
 
 def _audit_verify(chamber) -> int:
-    from gateway.audit import verify
+    from gateway.domain.audit import verify
 
     verdict = verify(chamber.read())
     if not verdict.ok:
@@ -478,7 +480,7 @@ def _audit_export(chamber, config, args) -> int:
     import json
     from zoneinfo import ZoneInfo
 
-    from gateway.audit import audit_event
+    from gateway.domain.audit import audit_event
 
     tz = ZoneInfo(config.hospital.timezone)
     try:
@@ -504,7 +506,7 @@ def _audit_find(chamber, args) -> int:
     import json
     from urllib.parse import unquote
 
-    from gateway.audit import keyed_name
+    from gateway.domain.audit import keyed_name
 
     reader = chamber.read()
     key = reader.audit_key()
@@ -528,7 +530,7 @@ def _audit_prune(chamber, config, args) -> int:
     import getpass
     import time
 
-    from gateway.audit import prunable, prune, verify
+    from gateway.domain.audit import prunable, prune, verify
 
     verdict = verify(chamber.read())
     if not verdict.ok:
@@ -559,8 +561,8 @@ def _audit_prune(chamber, config, args) -> int:
 
 
 def config_reference() -> str:
-    from gateway.config import GatewayConfig
-    from gateway.confschema import describe
+    from gateway.config.model import GatewayConfig
+    from gateway.config.reference import describe
 
     def cell(text) -> str:  # a '|' in a value (an ER7 example) must not end the table's cell
         return str(text).replace("|", "\\|")

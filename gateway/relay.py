@@ -41,8 +41,8 @@ import structlog
 from twisted.application import service
 from twisted.internet import defer
 
-from gateway.crossing import type_allowed
-from gateway.scheduling import HisAnswer
+from gateway.domain.routes import type_allowed
+from gateway.domain.model import HisAnswer
 
 log = structlog.get_logger("gateway.relay")
 
@@ -123,7 +123,7 @@ class Relay(service.Service):
         self.on_dead = on_dead or (lambda tx, msg, reason: None)
         self.encode = encode  # (tx, message) -> (bytes, type, charset), for messages committed without HL7
         self.send_types = send_types  # what may cross to this destination (None: anything)
-        self.metrics = metrics  # gateway.admin.Metrics, or None
+        self.metrics = metrics  # gateway.ops.admin.Metrics, or None
         self._last_error: str | None = None  # the last failed delivery, cleared by the next answer
         self._last_answer: float | None = None
         self.alert_every = alert_every  # how often an outage is logged while it lasts

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import structlog
 
-from gateway.confschema import ConfigError
+from gateway.config.errors import ConfigError
 from hissim.config import load_config
 
 log = structlog.get_logger("hissim.cli")

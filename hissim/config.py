@@ -1,7 +1,7 @@
 """The HIS simulator's configuration (``his-sim.yaml``), parsed into frozen dataclasses.
 
 Every key is documented here (``metadata['doc']``); ``config/his-sim.example.yaml`` shows them all.
-Loading goes through :mod:`gateway.confschema`: unknown keys are errors and every problem is reported
+Loading goes through :mod:`gateway.config.schema`: unknown keys are errors and every problem is reported
 at once with file, line, column and key path.
 """
 
@@ -9,20 +9,15 @@ from __future__ import annotations
 
 import zoneinfo
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
-from gateway.confschema import Duration, Range, load
+from gateway.config.fields import Duration, Port, Range, doc
+from gateway.config.schema import load
 
 from hissim.inventory import Schedule, parse_session
-
-Port = Annotated[int, Range(1, 65535)]
-
-
-def doc(text: str, **kw):
-    return field(metadata={"doc": text}, **kw)
 
 
 @dataclass(frozen=True)

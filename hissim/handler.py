@@ -1,6 +1,6 @@
 """What the simulated HIS answers to each message it receives over MLLP.
 
-The MLLP server (``adapters.mllp.server``) frames, parses (NAKing what it cannot parse) and calls
+The MLLP server (``adapters.inner.listener``) frames, parses (NAKing what it cannot parse) and calls
 :meth:`HisHandler.handle`; the answer returned here is written back as-is.
 
 Answers (always MSA-2 = the received MSH-10):

@@ -41,7 +41,7 @@ from twisted.internet import task
 from twisted.internet.interfaces import IDelayedCall
 
 from adapters.hl7.er7 import Hl7Error, Message, escape, parse
-from adapters.mapping.pharmacy import read_order_answer
+from adapters.maps.rde_order import read_order_answer
 from hissim.clocks import HospitalClock
 from hissim.config import PharmacyConfig
 from hissim.handler import REUSED_CONTROL_ID, Answered, AnswerMemory

@@ -1,7 +1,8 @@
 """What the simulated hospital pharmacy reads and writes, per docs/pharmacy-profile.md. Pure: no I/O, no clock.
 
 The golden files in tests/golden/pharmacy/ are the templates, and everything written here reads back through
-the gateway's own readers in ``adapters.mapping.pharmacy`` (tests/unit/test_hissim_pharmacy.py):
+the gateway's own readers in ``adapters.maps.rde_order`` and ``adapters.maps.rds_dispense``
+(tests/unit/test_hissim_pharmacy.py):
 
 - `read_order`: the gateway's RDE^O11 (first read with the gateway's `prescription_from_rde`, so an order it
   could not have written is refused with the same `Hl7Error`) or OMP^O09 -> `Order`: per ORC group the
@@ -12,7 +13,7 @@ the gateway's own readers in ``adapters.mapping.pharmacy`` (tests/unit/test_hiss
   of stock) gets ORC-1 ``UA`` and ORC-16 ``OOS^库存不足``, and the answer MSA AE with one ERR 207 per such item
   at its RXE-2 / RXO-1 (``rre_o12_refused.hl7``). `read_order_answer` -> `OrderAnswer`.
 - `build_rds`: RDS^O13, one ORC (``RE``, ORC-2 echoed, ORC-3 filler, ORC-4 echoed) / RXD / RXR group per item
-  (``rds_o13.hl7``). `dispenses_from_rds` -> one MedicationDispense per item, identifier ``<filler>-1``.
+  (``rds_o13.hl7``). `dispenses_from_rds` -> one `Dispense` per item, the HIS's dispense id ``<filler>-1``.
 - `random_release` + `build_release`: a prescription the HIS releases to outside pharmacies: RDE^O11 with
   our order number in ORC-3 and ``RELEASE^外配处方`` in ORC-16 of every ORC (``rde_o11_release.*.hl7``), for a
   patient of `PATIENTS` (made-up names and record numbers) and one to three drugs of `DRUGS`.
@@ -29,8 +30,8 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from adapters.hl7.er7 import Hl7Error, Message, Segment, dtm, escape, format_message
-from adapters.mapping.pharmacy import RELEASE_MARK, prescription_from_rde
-from gateway.prescriptions import Code
+from adapters.maps.rds_dispense import RELEASE_MARK, prescription_from_rde
+from gateway.domain.prescriptions import Code
 from hissim.messages import Header, Refusal, err_segment, msh_segment
 
 #: the namespace of the HIS's own numbers (ORC-2/3/4 .2 of what it makes up)

@@ -29,8 +29,8 @@ from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succee
 from twisted.internet.endpoints import HostnameEndpoint, serverFromString
 from twisted.internet.interfaces import IListeningPort
 
-from adapters.mllp.client import MLLPClient
-from adapters.mllp.server import MLLPServerFactory
+from adapters.inner.client import MLLPClient
+from adapters.inner.listener import MLLPServerFactory
 from hissim.clocks import HospitalClock
 from hissim.config import HisSimConfig
 from hissim.counter import CounterClerk

@@ -102,7 +102,7 @@ class Lock:
     def __init__(self, workdir: Path, *, platforms=("demo", "other"), sim: dict | None = None,
                  gateway: dict | None = None, his: dict | None = None, doctors: int = 2, days: int = 2,
                  descriptor_limit: tuple[int, int] | None = None):
-        from gateway.devca import init_dev_ca
+        from gateway.ops.devca import init_dev_ca
 
         self.workdir = workdir
         self.descriptor_limit = descriptor_limit  # the gateway process's RLIMIT_NOFILE (soft, hard)
@@ -221,7 +221,7 @@ class Lock:
 
         from cryptography import x509
 
-        from gateway.devca import init_dev_ca
+        from gateway.ops.devca import init_dev_ca
 
         renewed = self.workdir / "renewed"
         shutil.rmtree(renewed, ignore_errors=True)
@@ -270,7 +270,7 @@ class Lock:
 
 def mllp_exchange(port: int, payload: bytes) -> bytes:
     """Send one framed HL7 message to an MLLP port and return the first answer frame."""
-    from adapters.mllp.framing import MLLPFramer, frame
+    from adapters.inner.framing import MLLPFramer, frame
 
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
         s.sendall(frame(payload))

@@ -6,8 +6,9 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.config import AdminConfig
-from gateway.confschema import ConfigError, load_text
+from gateway.config.model import AdminConfig
+from gateway.config.errors import ConfigError
+from gateway.config.schema import load_text
 from tests.e2e.harness import Lock, appointment_for, eventually, free_port
 
 JSON = {"Content-Type": "application/fhir+json"}

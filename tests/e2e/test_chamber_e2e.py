@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -142,7 +143,7 @@ def test_window_of_three_with_ordering_by_patient(tmp_path):
 
 def test_the_platforms_request_is_kept_byte_for_byte(lock):
     """What a platform sent is kept with the appointment it created, exactly as received."""
-    from gateway.chamber import Chamber
+    from gateway.chamber.engine import Chamber
 
     slot_id = lock.search_slots(status="free")[0]["id"]
     raw = (b'{"resourceType": "Appointment",\n  "status": "proposed", "slot": [{"reference": "Slot/'
@@ -151,7 +152,7 @@ def test_the_platforms_request_is_kept_byte_for_byte(lock):
                         b'"participant": [{"actor": {"reference": "#p"}, "status": "needs-action"}]}')
     r = lock.session().post(f"{lock.base}/Appointment", data=raw, headers=JSON)
     assert r.status_code == 201
-    chamber = Chamber(lock.workdir / "chamber.sqlite3")
+    chamber = Chamber(lock.workdir / "chamber.sqlite3", clock=time.time)
     chamber.open()
     try:
         assert chamber.read().platform_request(r.json()["id"]) == raw

@@ -3,9 +3,10 @@ gate and recorded."""
 
 import subprocess
 import sys
+import time
 
 from adapters.hl7.er7 import parse
-from gateway.chamber import Chamber
+from gateway.chamber.engine import Chamber
 from tests.e2e.harness import REPO, Lock, appointment_for, eventually
 from tests.e2e.harness import mllp_exchange
 
@@ -26,7 +27,7 @@ def test_whitelists_in_both_directions(tmp_path):
                "RGS|1\rAIS|1||x^y|203010100800|||15|MIN\r").encode()
         ack = parse(mllp_exchange(lock.mllp_port, siu))
         assert (ack.segment("MSA").get(1), ack.segment("ERR").get(3)) == ("AR", "201")
-        chamber = Chamber(lock.workdir / "chamber.sqlite3")
+        chamber = Chamber(lock.workdir / "chamber.sqlite3", clock=time.time)
         chamber.open()
         try:
             refused = chamber.read().message_by_control_id("inbound", "his", "NOSHOW-1", "HIS|HOSPITAL")

@@ -22,7 +22,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from adapters.hl7.er7 import parse
-from gateway.devca import issue_client_cert
+from gateway.ops.devca import issue_client_cert
 from tests.e2e.harness import Lock, Proc, appointment_for, eventually, free_port, mllp_exchange, read_jsonl
 
 LIMIT = 1 << 20  # outer.max_request_bytes (the default)

@@ -12,7 +12,7 @@ import time
 from collections import Counter
 
 
-from gateway.chamber import Chamber
+from gateway.chamber.engine import Chamber
 from tests.e2e.harness import Lock, appointment_for, eventually
 from tests.faults.disk import fill, small_filesystem
 from tests.faults.load import book_slots, run_mixed, send_sius
@@ -24,7 +24,7 @@ SETTLED = ("booked", "cancelled")
 
 
 def chamber_of(lock: Lock) -> Chamber:
-    chamber = Chamber(lock.workdir / "chamber.sqlite3")
+    chamber = Chamber(lock.workdir / "chamber.sqlite3", clock=time.time)
     chamber.open()
     return chamber
 

@@ -18,12 +18,10 @@ from zoneinfo import ZoneInfo
 import yaml
 
 from adapters.hl7.er7 import format_message, parse
-from adapters.mapping.pharmacy import (
-    dispenses_from_rds,
-    read_order_answer,
-    released_prescription,
-)
-from adapters.mllp.framing import MLLPFramer, frame
+from adapters.maps.fhir_documents import medication_dispense
+from adapters.maps.rde_order import read_order_answer
+from adapters.maps.rds_dispense import dispenses_from_rds, released_prescription
+from adapters.inner.framing import MLLPFramer, frame
 from tests.e2e.harness import (
     REPO,
     Proc,
@@ -109,7 +107,8 @@ def test_pharmacy_answers_dispenses_and_releases_over_real_sockets(tmp_path: Pat
         ((arrived, rds),) = eventually(lambda: gateway.messages("RDS^O13"), timeout=DISPENSE_DELAY + 10,
                                        what="the RDS^O13")
         assert DISPENSE_DELAY - 0.3 <= arrived - answered_at <= DISPENSE_DELAY + 5
-        dispenses = dispenses_from_rds(rds, ZoneInfo("Asia/Shanghai"))
+        tz = ZoneInfo("Asia/Shanghai")
+        dispenses = [medication_dispense(d, tz) for d in dispenses_from_rds(rds, tz)]
         assert [d["authorizingPrescription"][0]["reference"] for d in dispenses] == [
             "MedicationRequest/mr-1", "MedicationRequest/mr-2", "MedicationRequest/mr-3"]
         assert [d["identifier"][0]["value"] for d in dispenses] == [f"{f}-1" for f in fillers]

@@ -7,7 +7,7 @@ import ssl
 import pytest
 
 from adapters.hl7.er7 import parse
-from adapters.mllp.framing import frame
+from adapters.inner.framing import frame
 from tests.e2e.harness import Lock
 
 SIU = ("MSH|^~\\&|HIS|HOSPITAL|GATEWAYD|FRONT|20301010120000||SIU^S24^SIU_S12|TLS-1|P|2.5\r"

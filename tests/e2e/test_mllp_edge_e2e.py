@@ -11,7 +11,7 @@ import pytest
 
 from adapters.hl7.ack import read_ack
 from adapters.hl7.er7 import parse
-from adapters.mllp.framing import MLLPFramer, frame
+from adapters.inner.framing import MLLPFramer, frame
 from tests.e2e.harness import Lock, eventually, mllp_exchange
 
 FRAME_TIMEOUT = 4.0

@@ -25,7 +25,7 @@ import time
 import pytest
 import yaml
 
-from gateway.devca import init_dev_ca
+from gateway.ops.devca import init_dev_ca
 from tests.e2e.harness import REPO, Lock, read_jsonl
 from tests.e2e.rxpki import PRESCRIBER_SCOPES, RxPki, golden_bundle, signed_bundle
 

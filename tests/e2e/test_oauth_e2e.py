@@ -197,7 +197,7 @@ def test_certificate_platforms_keep_working(lock):
     r = lock.session("demo").get(f"{lock.base}/Appointment", timeout=10)
     assert r.status_code == 200  # a platform with token settings may still use its certificate
     rogue = lock.workdir / "rogue"
-    from gateway.devca import init_dev_ca
+    from gateway.ops.devca import init_dev_ca
 
     init_dev_ca(rogue, platforms=("other",))
     with pytest.raises(requests.exceptions.ConnectionError):  # SSLError, or a reset under TLS 1.3

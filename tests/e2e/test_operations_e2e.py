@@ -5,6 +5,7 @@ import json
 import socket
 import subprocess
 import sys
+import time
 
 from tests.e2e.harness import REPO, Proc, appointment_for, eventually
 
@@ -143,7 +144,7 @@ def test_backup_while_the_gateway_books(tmp_path):
     rows it copied, and the copy opens as a chamber (integrity checked) holding the bookings made before."""
     import threading
 
-    from gateway.chamber import Chamber
+    from gateway.chamber.engine import Chamber
     from tests.e2e.harness import Lock
 
     lock = Lock(tmp_path, doctors=2, days=2)
@@ -173,7 +174,7 @@ def test_backup_while_the_gateway_books(tmp_path):
             traffic.join()
         assert done.returncode == 0, done.stderr
         assert done.stdout.startswith(f"backed up to {tmp_path / 'copy.sqlite3'}") and "appointments" in done.stdout
-    copy = Chamber(tmp_path / "copy.sqlite3")
+    copy = Chamber(tmp_path / "copy.sqlite3", clock=time.time)
     copy.open()
     try:
         assert copy.read().appointment(first.json()["id"]).status == "booked"

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from tests.e2e.harness import Lock, eventually, free_port, read_jsonl
-from gateway.signatures import prescription_payload, sign_release
+from gateway.domain.signatures import prescription_payload, sign_release
 from tests.e2e.rxpki import GOLDEN, PRESCRIBER_SCOPES, RxPki, pem, golden_bundle, signed_bundle
 
 

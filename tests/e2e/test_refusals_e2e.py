@@ -5,13 +5,14 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 
 import pytest
 import requests
 
 from adapters.hl7.er7 import parse
-from gateway.chamber import Chamber
-from gateway.devca import init_dev_ca, issue_client_cert
+from gateway.chamber.engine import Chamber
+from gateway.ops.devca import init_dev_ca, issue_client_cert
 from tests.e2e.harness import REPO, appointment_for, mllp_exchange
 
 JSON = {"Content-Type": "application/fhir+json"}
@@ -124,7 +125,7 @@ def test_resent_siu_is_acked_again_and_reused_control_id_is_refused(lock):
     assert first.segment("MSA").get(1) == again.segment("MSA").get(1) == "AA"
     changed = parse(mllp_exchange(lock.mllp_port, siu.replace("Blocked", "Open").encode()))
     assert changed.segment("MSA").get(1) == "AR"
-    chamber = Chamber(lock.workdir / "chamber.sqlite3")
+    chamber = Chamber(lock.workdir / "chamber.sqlite3", clock=time.time)
     chamber.open()
     try:
         original = chamber.read().message_by_control_id("inbound", "his", "DUP-1", "HIS|HOSPITAL")

@@ -12,10 +12,10 @@ import requests
 from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
-from adapters.fhir.server import spki_sha256
+from adapters.outer.access import spki_sha256
 from adapters.hl7.er7 import parse
-from adapters.mllp.framing import frame
-from gateway.devca import init_dev_ca, write_crl
+from adapters.inner.framing import frame
+from gateway.ops.devca import init_dev_ca, write_crl
 from tests.e2e.harness import Lock, eventually, free_port, read_jsonl
 
 SIU = ("MSH|^~\\&|HIS|HOSPITAL|GATEWAYD|FRONT|20301010120000||SIU^S24^SIU_S12|{id}|P|2.5\r"

@@ -29,15 +29,15 @@ CORPUS = HERE / "corpus"
 
 #: target name -> what its harness (tests/fuzz/fuzz_<name>.py) fuzzes; the invariants are in each docstring
 TARGETS = {
-    "framer": "the MLLP framer (adapters/mllp/framing.py), the stream fed in random chunkings",
+    "framer": "the MLLP framer (adapters/inner/framing.py), the stream fed in random chunkings",
     "er7": "the ER7 reader (adapters/hl7/er7.py) with each default charset, and the ACK/NAK builders for what "
            "it reads (adapters/hl7/ack.py)",
-    "fhir": "the FHIR JSON intake (JsonLimits.parse, adapters/fhir/server.py) and the Appointment -> booking "
-            "mapping (adapters/mapping/fhir_scheduling.py)",
-    "config": "the config loader (gateway/config.py, gateway/confschema.py): a YAML file -> GatewayConfig or "
+    "fhir": "the FHIR JSON intake (JsonLimits.parse, adapters/outer/intake.py) and the Appointment -> booking "
+            "mapping (adapters/maps/fhir_scheduling.py)",
+    "config": "the config loader (gateway/config/): a YAML file -> GatewayConfig or "
               "ConfigError",
-    "siu": "the SIU^S12..S26 / SQR^S25 -> slot notice map (adapters/mapping/siu_slot.py)",
-    "srm": "the SRM^S01/S03/S04 writer (adapters/mapping/srm_booking.py) with fuzzed domain values",
+    "siu": "the SIU^S12..S26 / SQR^S25 -> slot notice map (adapters/maps/siu_slot.py)",
+    "srm": "the SRM^S01/S03/S04 writer (adapters/maps/srm_booking.py) with fuzzed domain values",
 }
 
 

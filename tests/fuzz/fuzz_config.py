@@ -1,4 +1,4 @@
-"""Fuzz harness: the config loader (`load_config`: gateway/config.py on gateway/confschema.py), from the file's
+"""Fuzz harness: the config loader (`load_config`: gateway/config/model.py on gateway/config/schema.py), from the file's
 bytes to a GatewayConfig.
 
 Input, read two ways (each gives a file that is loaded):
@@ -31,13 +31,13 @@ from pathlib import Path
 
 import atheris
 
-with atheris.instrument_imports(include=["gateway.config", "gateway.confschema", "yaml"]):
+with atheris.instrument_imports(include=["gateway.config", "yaml"]):
     import yaml
 
-    from gateway.config import GatewayConfig, load_config
-    from gateway.confschema import ConfigError
+    from gateway.config.errors import ConfigError
+    from gateway.config.model import GatewayConfig, load_config
 
-from gateway.devca import init_dev_ca
+from gateway.ops.devca import init_dev_ca
 from tests.fuzz.campaign import CORPUS, main
 
 WORKDIR = Path(tempfile.mkdtemp(prefix="gatewayd-fuzz-config-"))

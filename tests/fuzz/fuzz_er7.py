@@ -37,7 +37,7 @@ with atheris.instrument_imports(include=["adapters.hl7"]):
     )
     from adapters.hl7.er7 import TABLE_0357, Hl7Error, Message, escape, parse, unescape
 
-from adapters.mllp.framing import frame
+from adapters.inner.framing import frame
 from tests.fuzz.campaign import main
 
 CHARSETS = ("utf-8", "gb18030", "latin-1", "ascii")

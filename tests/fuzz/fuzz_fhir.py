@@ -1,5 +1,5 @@
-"""Fuzz harness: the FHIR JSON intake (`JsonLimits.parse`, adapters/fhir/server.py) and what a booking's body
-becomes (`booking_from_appointment`, `patient_from_resource`: adapters/mapping/fhir_scheduling.py).
+"""Fuzz harness: the FHIR JSON intake (`JsonLimits.parse`, adapters/outer/intake.py) and what a booking's body
+becomes (`booking_from_appointment`, `patient_from_resource`: adapters/maps/fhir_scheduling.py).
 
 Input: a request body, as a platform sends it.
 
@@ -28,11 +28,12 @@ import re
 
 import atheris
 
-with atheris.instrument_imports(include=["adapters.mapping.fhir_scheduling"]):
-    from adapters.mapping.fhir_scheduling import InvalidResource, booking_from_appointment, patient_from_resource
+with atheris.instrument_imports(include=["adapters.maps.fhir_scheduling"]):
+    from adapters.maps.fhir_scheduling import InvalidResource, booking_from_appointment, patient_from_resource
 
-with atheris.instrument_imports(include=["adapters.fhir.server"]):
-    from adapters.fhir.server import MAX_SAFE_INTEGER, FhirError, JsonLimits
+with atheris.instrument_imports(include=["adapters.outer.intake", "adapters.outer.errors"]):
+    from adapters.outer.errors import FhirError
+    from adapters.outer.intake import MAX_SAFE_INTEGER, JsonLimits
 
 from tests.fuzz.campaign import main
 

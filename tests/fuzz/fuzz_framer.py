@@ -1,4 +1,4 @@
-"""Fuzz harness: the MLLP framer (adapters/mllp/framing.py), fed in random chunkings.
+"""Fuzz harness: the MLLP framer (adapters/inner/framing.py), fed in random chunkings.
 
 Input: byte 0 picks the size cap (1, 2, 3, 8, 16, 64, 300 bytes or 1 MiB) and the junk cap (none, 1, 4 or
 64 bytes), bytes 1-2 the chunking (the whole stream at once, byte by byte, chunks of 1-8 bytes, or chunks of
@@ -23,8 +23,8 @@ import random
 
 import atheris
 
-with atheris.instrument_imports(include=["adapters.mllp.framing"]):
-    from adapters.mllp.framing import COMMIT_ACK, COMMIT_NAK, FrameTooLarge, MLLPFramer, TooMuchJunk
+with atheris.instrument_imports(include=["adapters.inner.framing"]):
+    from adapters.inner.framing import COMMIT_ACK, COMMIT_NAK, FrameTooLarge, MLLPFramer, TooMuchJunk
 
 from tests.fuzz.campaign import main
 

@@ -1,4 +1,4 @@
-"""Fuzz harness: the SIU / SQR^S25 -> slot notice map (adapters/mapping/siu_slot.py), the parse side of
+"""Fuzz harness: the SIU / SQR^S25 -> slot notice map (adapters/maps/siu_slot.py), the parse side of
 what the HIS publishes.
 
 Input: byte 0 picks the default charset (utf-8, gb18030, latin-1 or ascii), the rest is one message. What
@@ -18,9 +18,9 @@ from datetime import datetime, timedelta
 
 import atheris
 
-with atheris.instrument_imports(include=["adapters.mapping.siu_slot", "adapters.hl7.er7"]):
+with atheris.instrument_imports(include=["adapters.maps.siu_slot", "adapters.hl7.er7"]):
     from adapters.hl7.er7 import TABLE_0357, Hl7Error, parse
-    from adapters.mapping.siu_slot import STATUS_ACTIONS, TRIGGER_ACTIONS, notices_from_siu, notices_from_sqr
+    from adapters.maps.siu_slot import STATUS_ACTIONS, TRIGGER_ACTIONS, notices_from_siu, notices_from_sqr
 
 from tests.fuzz.campaign import main
 

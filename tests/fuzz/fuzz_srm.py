@@ -1,4 +1,4 @@
-"""Fuzz harness: the SRM^S01/S03/S04 writer (adapters/mapping/srm_booking.py), the build side of what the
+"""Fuzz harness: the SRM^S01/S03/S04 writer (adapters/maps/srm_booking.py), the build side of what the
 gateway tells the HIS, with fuzzed domain values.
 
 Input: byte 0 picks the trigger, the HIS's charset and HL7 version; the rest is UTF-8 text (undecodable
@@ -22,12 +22,12 @@ from datetime import datetime, timedelta
 
 import atheris
 
-with atheris.instrument_imports(include=["adapters.mapping.srm_booking", "adapters.hl7.er7"]):
+with atheris.instrument_imports(include=["adapters.maps.srm_booking", "adapters.hl7.er7"]):
     from adapters.hl7.er7 import charset_codec, dtm, parse
-    from adapters.mapping.srm_booking import PLACER_NAMESPACE, Hl7Header, build_srm
+    from adapters.maps.srm_booking import PLACER_NAMESPACE, Hl7Header, build_srm
 
-from adapters.mllp.framing import frame
-from gateway.scheduling import Patient, PatientIdentifier, SlotForHis
+from adapters.inner.framing import frame
+from gateway.domain.model import Patient, PatientIdentifier, SlotForHis
 from tests.fuzz.campaign import main
 
 TRIGGERS = ("S01", "S03", "S04")

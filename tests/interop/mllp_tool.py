@@ -28,9 +28,9 @@ from twisted.internet import defer, endpoints, task
 
 from adapters.hl7.ack import build_answers, read_ack
 from adapters.hl7.er7 import parse
-from adapters.mllp.client import MLLPClient, PeerUnavailable
-from adapters.mllp.server import MLLPServerFactory
-from adapters.mllp.tls import client_options, server_options
+from adapters.inner.client import MLLPClient, PeerUnavailable
+from adapters.inner.listener import MLLPServerFactory
+from adapters.tls import client_options, server_options
 
 
 class AcceptAll:

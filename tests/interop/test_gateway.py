@@ -22,7 +22,7 @@ import pytest
 
 from adapters.hl7.ack import read_ack
 from adapters.hl7.er7 import parse
-from adapters.mllp.framing import MLLPFramer, frame
+from adapters.inner.framing import MLLPFramer, frame
 from tests.e2e.harness import REPO, Lock, eventually
 
 SHARED_LOAD = REPO.parent / "shared" / "tools" / "mllp_load.py"

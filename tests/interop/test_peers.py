@@ -1,6 +1,6 @@
 """gatewayd's MLLP sender delivers to MLLP servers other people wrote, used unmodified: hl7apy's
 ``hl7apy.mllp.MLLPServer`` and python-hl7's asyncio ``hl7.mllp`` server. The messages are the gateway's
-real outbound SRM^S01/S04 (built by adapters.mapping.srm_booking) with Chinese names, an address-like
+real outbound SRM^S01/S04 (built by adapters.maps.srm_booking) with Chinese names, an address-like
 family name full of HL7 delimiters, in UTF-8 and GB18030. Each peer must receive them byte for byte, and we
 must read each peer's own ACK (MSA-2 matched).
 
@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from adapters.hl7.er7 import parse
-from adapters.mapping.srm_booking import Hl7Header, build_srm
-from gateway.scheduling import Patient, PatientIdentifier, SlotForHis
+from adapters.maps.srm_booking import Hl7Header, build_srm
+from gateway.domain.model import Patient, PatientIdentifier, SlotForHis
 from tests.interop.peers import Hl7apyPeer, PythonHl7Peer
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,8 +1,8 @@
 """Mutual TLS on MLLP and MLLP release 2, over real loopback sockets.
 
-Our listener (MLLPServerFactory with adapters.mllp.tls.server_options) and our sender (MLLPClient with
+Our listener (MLLPServerFactory with adapters.tls.server_options) and our sender (MLLPClient with
 client_options) run as processes (tests/interop/mllp_tool.py); certificates come from the development CA
-(gateway.devca.init_dev_ca); Python's ssl module is the independent client.
+(gateway.ops.devca.init_dev_ca); Python's ssl module is the independent client.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import pytest
 
 from adapters.hl7.ack import read_ack
 from adapters.hl7.er7 import parse
-from adapters.mllp.framing import COMMIT_ACK, MLLPFramer, frame
-from adapters.mllp.tls import TlsConfigError, client_options, server_options
-from gateway.devca import init_dev_ca
+from adapters.inner.framing import COMMIT_ACK, MLLPFramer, frame
+from adapters.tls import TlsConfigError, client_options, server_options
+from gateway.ops.devca import init_dev_ca
 from tests.interop.test_peers import REPO, run_tool
 
 SIU = ("MSH|^~\\&|HIS|HOSPITAL|GATEWAYD|FRONT|20301124073000||SIU^S12^SIU_S12|{id}|P|2.5\r"

@@ -12,14 +12,16 @@ import pytest
 from fhir.resources.R4B.auditevent import AuditEvent
 from twisted.internet import task
 
-from adapters.mapping.srm_booking import Hl7Header, build_srm
-from gateway import audit
-from gateway.audit import AuditEntry, AuditTrail, GENESIS, chain_hash, prunable, prune, verify
-from gateway.booking import BookingService, HisLinkInfo, SlotBook
-from gateway.chamber import Chamber
-from gateway.quota import QuotaExhausted, QuotaRule, Quotas
-from gateway.scheduling import (BookingRequest, HisAnswer, Patient, PatientIdentifier, ScheduleInfo, SlotNotice,
-                                slot_id)
+from adapters.maps.srm_booking import Hl7Header, build_srm
+from gateway.domain import audit
+from gateway.domain.audit import AuditEntry, AuditTrail, GENESIS, chain_hash, prunable, prune, verify
+from gateway.domain.booking import BookingService, HisLinkInfo
+from gateway.domain.slot_book import SlotBook
+from gateway.chamber.engine import Chamber
+from gateway.domain.quota import QuotaExhausted, QuotaRule, Quotas
+from gateway.domain.model import BookingRequest, HisAnswer, Patient, PatientIdentifier, ScheduleInfo, SlotNotice
+from gateway.domain.ids import slot_id
+from tests.deferreds import failureResultOf, successResultOf
 
 TZ = ZoneInfo("Asia/Shanghai")
 T0 = datetime(2030, 1, 1, tzinfo=TZ).timestamp()
@@ -181,12 +183,6 @@ def booking(env):
     service.stop()
 
 
-def fired(d):
-    out = []
-    d.addBoth(out.append)
-    return out[0]
-
-
 WHO = AuditEntry(action="book", outcome=0, platform="demo", subject="CN=platform-demo", serial="1F",
                  source="127.0.0.1")
 
@@ -195,20 +191,21 @@ def test_a_booking_and_its_record_commit_together_and_the_his_answer_is_recorded
     """The hold writes 'book' (202) in its own transaction; the HIS's AA writes 'book.settled' (201); a
     refusal by quota writes nothing in the booking's transaction (it is rolled back with it)."""
     chamber, _, _ = env
-    appointment_id, how = fired(booking.book("demo", BookingRequest(slot_id("D001", START), PATIENT), who=WHO))
+    appointment_id, how = successResultOf(
+        booking.book("demo", BookingRequest(slot_id("D001", START), PATIENT), who=WHO))
     assert how == "new"
     [record] = chamber.read().audit_records()
     assert (record.action, record.outcome, record.resource_id, record.subject, record.source) == \
         ("book", 202, appointment_id, "CN=platform-demo", "127.0.0.1")
-    refused = fired(booking.book("demo", BookingRequest(slot_id("D001", START.replace(hour=9)), PATIENT), who=WHO))
-    assert refused.check(QuotaExhausted)
+    failureResultOf(booking.book("demo", BookingRequest(slot_id("D001", START.replace(hour=9)), PATIENT), who=WHO),
+                    QuotaExhausted)
     assert len(list(chamber.read().audit_records())) == 1
     srm = chamber.read().messages(direction="outbound")[0]
     chamber.transact_now(lambda tx: booking.on_answer(tx, tx.message(srm.id), HisAnswer("AA", "", "H1")))
     settled = list(chamber.read().audit_records())[-1]
     assert (settled.action, settled.outcome, settled.platform, settled.source) == \
         ("book.settled", 201, "demo", "his:his")
-    assert fired(booking.cancel("demo", appointment_id, who=WHO)) == "sent"
+    assert successResultOf(booking.cancel("demo", appointment_id, who=WHO)) == "sent"
     cancel = list(chamber.read().audit_records())[-1]
     assert (cancel.action, cancel.outcome) == ("cancel", 202)
     assert verify(chamber.read()).ok
@@ -217,7 +214,8 @@ def test_a_booking_and_its_record_commit_together_and_the_his_answer_is_recorded
 def test_audit_records_carry_no_patient_data(env, booking):
     """Names, the ID card number and the phone number of the patient appear in no audit column."""
     chamber, clock, path = env
-    appointment_id, _ = fired(booking.book("demo", BookingRequest(slot_id("D001", START), PATIENT), who=WHO))
+    appointment_id, _ = successResultOf(
+        booking.book("demo", BookingRequest(slot_id("D001", START), PATIENT), who=WHO))
     clock.advance(61)  # the hold expires: book.settled by the gateway
     rows = list(chamber.read().audit_records())
     assert [r.action for r in rows] == ["book", "book.settled"]
@@ -229,7 +227,7 @@ def test_audit_records_carry_no_patient_data(env, booking):
 # -- the commands ---------------------------------------------------------------------------------------------
 
 def config_file(tmp_path, retention="180d"):
-    from gateway.devca import init_dev_ca
+    from gateway.ops.devca import init_dev_ca
 
     init_dev_ca(tmp_path / "certs")
     path = tmp_path / "gateway.yaml"
@@ -246,7 +244,7 @@ audit: {{retention: {retention}}}
 @pytest.fixture(autouse=False)
 def quiet_cli(monkeypatch):
     """The commands configure logging globally (to this test's captured stderr): keep that to the test."""
-    from gateway import logs
+    from gateway.ops import logs
 
     monkeypatch.setattr(logs, "configure", lambda *a, **kw: None)
 
@@ -264,7 +262,7 @@ def test_prune_command_removes_only_what_is_past_retention_and_verify_still_pass
     old.open()
     write(old, 4)
     old.close()
-    new = Chamber(tmp_path / "cli.sqlite3")
+    new = Chamber(tmp_path / "cli.sqlite3", clock=time.time)
     new.open()
     write(new, 2)
     new.close()

@@ -11,13 +11,13 @@ import pytest
 from twisted.internet import task
 
 from adapters.hl7.er7 import parse
-from adapters.mapping.srm_booking import Hl7Header, build_srm
-from gateway.booking import BookingService, HisLinkInfo, SlotBook
-from gateway.chamber import Chamber
-from gateway.scheduling import (
+from adapters.maps.srm_booking import Hl7Header, build_srm
+from gateway.domain.booking import BookingService, HisLinkInfo
+from gateway.domain.slot_book import SlotBook
+from gateway.chamber.engine import Chamber
+from gateway.domain.model import (
     AppointmentUnknown,
     IdempotencyConflict,
-    Overloaded,
     BookingRequest,
     HisAnswer,
     Patient,
@@ -26,8 +26,11 @@ from gateway.scheduling import (
     SlotNotice,
     SlotUnavailable,
     SlotUnknown,
-    slot_id,
+    slot_status,
 )
+from gateway.domain.backlog import Overloaded
+from gateway.domain.ids import slot_id
+from tests.deferreds import assertNoResult, failureResultOf, successResultOf
 
 TZ = ZoneInfo("Asia/Shanghai")
 START = datetime(2030, 1, 7, 8, 0)
@@ -56,15 +59,6 @@ def env(tmp_path):
     chamber.close()
 
 
-def result(d):
-    out = []
-    d.addBoth(out.append)
-    assert out, "the Deferred did not fire"
-    if hasattr(out[0], "raiseException"):
-        out[0].raiseException()
-    return out[0]
-
-
 def outbound(chamber):
     return [m for m in reversed(chamber.read().messages(direction="outbound"))]
 
@@ -89,7 +83,7 @@ def test_open_notice_creates_a_free_slot(env):
     """SIU^S24 for a new time creates the slot and its schedule; the slot is free."""
     chamber, *_ = env
     slot = chamber.read().slot(SID)
-    assert slot.visible_status == "free"
+    assert slot_status(slot) == "free"
     assert slot.start_ts == START.replace(tzinfo=TZ).timestamp()
     assert slot.end_ts - slot.start_ts == 15 * 60
     assert chamber.read().schedules()[0].practitioner_name == "张伟"
@@ -98,8 +92,8 @@ def test_open_notice_creates_a_free_slot(env):
 def test_booking_holds_the_slot_and_queues_srm_in_one_commit(env):
     """book() commits the pending appointment, the busy-tentative hold and the SRM^S01 together."""
     chamber, booking, _, _ = env
-    appointment_id = result(booking.book("demo", BookingRequest(SID, PATIENT)))[0]
-    assert chamber.read().slot(SID).visible_status == "busy-tentative"
+    appointment_id = successResultOf(booking.book("demo", BookingRequest(SID, PATIENT)))[0]
+    assert slot_status(chamber.read().slot(SID)) == "busy-tentative"
     appt = chamber.read().appointment(appointment_id)
     assert (appt.status, appt.pending_change) == ("pending", "book")
     [msg] = outbound(chamber)
@@ -117,54 +111,52 @@ def test_booking_holds_the_slot_and_queues_srm_in_one_commit(env):
 def test_second_booking_of_a_held_slot_is_refused(env):
     """While a slot is held, another booking of it is refused (SlotUnavailable) and queues nothing."""
     chamber, booking, _, _ = env
-    result(booking.book("demo", BookingRequest(SID, PATIENT)))[0]
-    with pytest.raises(SlotUnavailable):
-        result(booking.book("other", BookingRequest(SID, PATIENT)))
+    successResultOf(booking.book("demo", BookingRequest(SID, PATIENT)))[0]
+    failureResultOf(booking.book("other", BookingRequest(SID, PATIENT)), SlotUnavailable)
     assert len(outbound(chamber)) == 1
 
 
 def test_unknown_slot_is_refused(env):
     _, booking, _, _ = env
-    with pytest.raises(SlotUnknown):
-        result(booking.book("demo", BookingRequest("nope-203001070800", PATIENT)))
+    failureResultOf(booking.book("demo", BookingRequest("nope-203001070800", PATIENT)), SlotUnknown)
 
 
 def test_his_accepts_booking(env):
     """AA from the HIS books the appointment; the slot is busy and remembers the HIS appointment."""
     chamber, booking, _, _ = env
-    appointment_id = result(booking.book("demo", BookingRequest(SID, PATIENT)))[0]
+    appointment_id = successResultOf(booking.book("demo", BookingRequest(SID, PATIENT)))[0]
     answer(chamber, booking, outbound(chamber)[0], "AA", "H000001")
     appt = chamber.read().appointment(appointment_id)
     assert (appt.status, appt.pending_change, appt.his_appointment) == ("booked", None, "H000001")
     slot = chamber.read().slot(SID)
-    assert (slot.visible_status, slot.booked_by, slot.his_appointment) == ("busy", appointment_id, "H000001")
+    assert (slot_status(slot), slot.booked_by, slot.his_appointment) == ("busy", appointment_id, "H000001")
 
 
 def test_his_refuses_booking_after_counter_booked_the_slot(env):
     """The counter booked the slot (SIU^S12) while our SRM travelled: AR refuses the booking, and the
     slot stays busy because the HIS said so (the hold is released, not the HIS's booking)."""
     chamber, booking, book, _ = env
-    appointment_id = result(booking.book("demo", BookingRequest(SID, PATIENT)))[0]
+    appointment_id = successResultOf(booking.book("demo", BookingRequest(SID, PATIENT)))[0]
     chamber.transact_now(lambda tx: book.apply(tx, [notice("book", his_appointment="H9")]))
     answer(chamber, booking, outbound(chamber)[0], "AR", text="slot already booked")
     appt = chamber.read().appointment(appointment_id)
     assert appt.status == "refused" and "slot already booked" in appt.outcome
-    assert chamber.read().slot(SID).visible_status == "busy"
+    assert slot_status(chamber.read().slot(SID)) == "busy"
 
 
 def test_refusal_frees_a_slot_the_his_still_has_free(env):
     chamber, booking, _, _ = env
-    result(booking.book("demo", BookingRequest(SID, PATIENT)))[0]
+    successResultOf(booking.book("demo", BookingRequest(SID, PATIENT)))[0]
     answer(chamber, booking, outbound(chamber)[0], "AE", text="internal")
-    assert chamber.read().slot(SID).visible_status == "free"
+    assert slot_status(chamber.read().slot(SID)) == "free"
 
 
 def test_cancel_is_sent_to_the_his_and_frees_the_slot_when_accepted(env):
     """Cancelling a booked appointment queues SRM^S04 carrying the HIS's appointment id; its AA frees it."""
     chamber, booking, _, _ = env
-    appointment_id = result(booking.book("demo", BookingRequest(SID, PATIENT)))[0]
+    appointment_id = successResultOf(booking.book("demo", BookingRequest(SID, PATIENT)))[0]
     answer(chamber, booking, outbound(chamber)[0], "AA", "H000001")
-    assert result(booking.cancel("demo", appointment_id)) == "sent"
+    assert successResultOf(booking.cancel("demo", appointment_id)) == "sent"
     cancel = outbound(chamber)[1]
     assert cancel.type == "SRM^cancel"
     cancel, srm = encoded(chamber, booking, cancel)
@@ -173,14 +165,14 @@ def test_cancel_is_sent_to_the_his_and_frees_the_slot_when_accepted(env):
     assert chamber.read().appointment(appointment_id).pending_change == "cancel"
     answer(chamber, booking, cancel, "AA")
     assert chamber.read().appointment(appointment_id).status == "cancelled"
-    assert chamber.read().slot(SID).visible_status == "free"
+    assert slot_status(chamber.read().slot(SID)) == "free"
 
 
 def test_cancel_refused_by_the_his_keeps_the_booking(env):
     chamber, booking, _, _ = env
-    appointment_id = result(booking.book("demo", BookingRequest(SID, PATIENT)))[0]
+    appointment_id = successResultOf(booking.book("demo", BookingRequest(SID, PATIENT)))[0]
     answer(chamber, booking, outbound(chamber)[0], "AA", "H1")
-    result(booking.cancel("demo", appointment_id))
+    successResultOf(booking.cancel("demo", appointment_id))
     answer(chamber, booking, outbound(chamber)[1], "AR", text="too late to cancel")
     appt = chamber.read().appointment(appointment_id)
     assert (appt.status, appt.pending_change) == ("booked", None)
@@ -189,21 +181,20 @@ def test_cancel_refused_by_the_his_keeps_the_booking(env):
 
 def test_platform_cannot_touch_another_platforms_appointment(env):
     _, booking, _, _ = env
-    appointment_id = result(booking.book("demo", BookingRequest(SID, PATIENT)))[0]
+    appointment_id = successResultOf(booking.book("demo", BookingRequest(SID, PATIENT)))[0]
     with pytest.raises(AppointmentUnknown):
         booking.appointment("other", appointment_id)
-    with pytest.raises(AppointmentUnknown):
-        result(booking.cancel("other", appointment_id))
+    failureResultOf(booking.cancel("other", appointment_id), AppointmentUnknown)
 
 
 def test_hold_expires_and_unsent_srm_is_withdrawn(env):
     """A hold the HIS never answered is released at hold_expires; an SRM never sent is withdrawn."""
     chamber, booking, _, clock = env
-    appointment_id = result(booking.book("demo", BookingRequest(SID, PATIENT)))[0]
+    appointment_id = successResultOf(booking.book("demo", BookingRequest(SID, PATIENT)))[0]
     clock.advance(61)
     appt = chamber.read().appointment(appointment_id)
     assert appt.status == "cancelled" and "expired" in appt.outcome
-    assert chamber.read().slot(SID).visible_status == "free"
+    assert slot_status(chamber.read().slot(SID)) == "free"
     assert outbound(chamber)[0].state == "withdrawn"
 
 
@@ -211,7 +202,7 @@ def test_expiry_of_a_booking_that_may_have_reached_the_his_withdraws_it_and_canc
     """The SRM was tried (no answer) and waits for a resend when the hold expires: it is withdrawn, and a
     cancel follows, since the first attempt may have reached the HIS."""
     chamber, booking, _, clock = env
-    result(booking.book("demo", BookingRequest(SID, PATIENT)))
+    successResultOf(booking.book("demo", BookingRequest(SID, PATIENT)))
     srm = outbound(chamber)[0]
     chamber.transact_now(lambda tx: tx.set_message_state(srm.id, "retrying", attempts=1))
     clock.advance(61)
@@ -223,23 +214,24 @@ def test_idempotency_key_returns_the_first_booking(env):
     """The same Idempotency-Key with the same request returns the first appointment and books nothing more;
     with a different request it is refused."""
     chamber, booking, _, _ = env
-    first = result(booking.book("demo", BookingRequest(SID, PATIENT), idempotency_key="k1", request_hash="h"))
-    again = result(booking.book("demo", BookingRequest(SID, PATIENT), idempotency_key="k1", request_hash="h"))
+    first = successResultOf(booking.book("demo", BookingRequest(SID, PATIENT), idempotency_key="k1", request_hash="h"))
+    again = successResultOf(booking.book("demo", BookingRequest(SID, PATIENT), idempotency_key="k1", request_hash="h"))
     assert first == (first[0], "new") and again == (first[0], "replayed")
     assert len(outbound(chamber)) == 1
-    with pytest.raises(IdempotencyConflict):
-        result(booking.book("demo", BookingRequest(SID, PATIENT), idempotency_key="k1", request_hash="other"))
+    failureResultOf(booking.book("demo", BookingRequest(SID, PATIENT), idempotency_key="k1", request_hash="other"),
+                    IdempotencyConflict)
     # keys are per platform
-    with pytest.raises(SlotUnavailable):
-        result(booking.book("other", BookingRequest(SID, PATIENT), idempotency_key="k1", request_hash="h"))
+    failureResultOf(booking.book("other", BookingRequest(SID, PATIENT), idempotency_key="k1", request_hash="h"),
+                    SlotUnavailable)
 
 
 def test_if_none_exist_finds_the_platforms_own_identifier(env):
     chamber, booking, _, _ = env
     request = BookingRequest(SID, PATIENT, identifiers=(("urn:platform:order", "42"),))
-    first, how = result(booking.book("demo", request, if_none_exist=("urn:platform:order", "42")))
+    first, how = successResultOf(booking.book("demo", request, if_none_exist=("urn:platform:order", "42")))
     assert how == "new"
-    assert result(booking.book("demo", request, if_none_exist=("urn:platform:order", "42"))) == (first, "existing")
+    again = successResultOf(booking.book("demo", request, if_none_exist=("urn:platform:order", "42")))
+    assert again == (first, "existing")
     assert chamber.read().appointment_identifiers(first) == [("urn:platform:order", "42")]
 
 
@@ -247,33 +239,32 @@ def test_backlog_limit_refuses_new_bookings(env):
     """Past max_backlog undelivered messages, new bookings are refused (Overloaded) and nothing is held."""
     chamber, booking, book, _ = env
     booking.max_backlog = 1
-    result(booking.book("demo", BookingRequest(SID, PATIENT)))
+    successResultOf(booking.book("demo", BookingRequest(SID, PATIENT)))
     later = START.replace(hour=9)
     chamber.transact_now(lambda tx: book.apply(tx, [notice("open", start=later)]))
-    with pytest.raises(Overloaded) as refused:
-        result(booking.book("demo", BookingRequest(slot_id("D001", later), PATIENT)))
+    refused = failureResultOf(booking.book("demo", BookingRequest(slot_id("D001", later), PATIENT)), Overloaded)
     assert refused.value.retry_after > 0
-    assert chamber.read().slot(slot_id("D001", later)).visible_status == "free"
+    assert slot_status(chamber.read().slot(slot_id("D001", later))) == "free"
 
 
 def test_dead_lettered_booking_is_refused_and_compensated(env):
     """The relay gave up on the SRM^S01 after attempts: the booking is refused with the reason, the slot
     released, and a cancel queued in case the HIS did receive it."""
     chamber, booking, _, _ = env
-    appointment_id = result(booking.book("demo", BookingRequest(SID, PATIENT)))[0]
+    appointment_id = successResultOf(booking.book("demo", BookingRequest(SID, PATIENT)))[0]
     srm = outbound(chamber)[0]
     chamber.transact_now(lambda tx: tx.set_message_state(srm.id, "dead", attempts=5, last_error="no ACK"))
     chamber.transact_now(lambda tx: booking.on_dead(tx, tx.message(srm.id), "no ACK after 5 attempts"))
     appt = chamber.read().appointment(appointment_id)
     assert appt.status == "refused" and "no ACK after 5 attempts" in appt.outcome
-    assert chamber.read().slot(SID).visible_status == "free"
+    assert slot_status(chamber.read().slot(SID)) == "free"
     assert [m.type for m in outbound(chamber)] == ["SRM^S01", "SRM^cancel"]
 
 
 def test_acceptance_after_expiry_is_compensated_with_a_cancel(env):
     """If the HIS accepts a booking whose hold was already released, a cancel is queued to undo it."""
     chamber, booking, _, clock = env
-    appointment_id = result(booking.book("demo", BookingRequest(SID, PATIENT)))[0]
+    appointment_id = successResultOf(booking.book("demo", BookingRequest(SID, PATIENT)))[0]
     srm = outbound(chamber)[0]
     chamber.transact_now(lambda tx: tx.set_message_state(srm.id, "sending", attempts=1))
     clock.advance(61)
@@ -287,7 +278,7 @@ def test_acceptance_after_expiry_is_compensated_with_a_cancel(env):
 def test_hospital_cancellation_cancels_our_booking(env):
     """SIU^S15 for a slot one of our platforms booked: the appointment becomes cancelled."""
     chamber, booking, book, _ = env
-    appointment_id = result(booking.book("demo", BookingRequest(SID, PATIENT)))[0]
+    appointment_id = successResultOf(booking.book("demo", BookingRequest(SID, PATIENT)))[0]
     answer(chamber, booking, outbound(chamber)[0], "AA", "H1")
     chamber.transact_now(lambda tx: book.apply(tx, [notice("free", his_appointment="H1")]))
     appt = chamber.read().appointment(appointment_id)
@@ -301,24 +292,24 @@ def test_reschedule_moves_the_his_appointment(env):
     chamber.transact_now(lambda tx: book.apply(tx, [notice("open", start=later)]))
     chamber.transact_now(lambda tx: book.apply(tx, [notice("book", his_appointment="H5")]))
     chamber.transact_now(lambda tx: book.apply(tx, [notice("reschedule", start=later, his_appointment="H5")]))
-    assert chamber.read().slot(SID).visible_status == "free"
+    assert slot_status(chamber.read().slot(SID)) == "free"
     assert chamber.read().slot(slot_id("D001", later)).his_appointment == "H5"
 
 
 def test_waiting_for_the_his_settles_on_answer_or_times_out(env):
     """wait_settled fires True after the answer is committed, False after the timeout."""
     chamber, booking, _, clock = env
-    appointment_id = result(booking.book("demo", BookingRequest(SID, PATIENT)))[0]
+    appointment_id = successResultOf(booking.book("demo", BookingRequest(SID, PATIENT)))[0]
     waited = booking.wait_settled(appointment_id, 5)
-    assert not waited.called
+    assertNoResult(waited)
     answer(chamber, booking, outbound(chamber)[0], "AA", "H1")
-    assert result(waited) is True
+    assert successResultOf(waited) is True
     later = START.replace(hour=10)
     chamber.transact_now(lambda tx: SlotBook(TZ).apply(tx, [notice("open", start=later)]))
-    other = result(booking.book("demo", BookingRequest(slot_id("D001", later), PATIENT)))[0]
+    other = successResultOf(booking.book("demo", BookingRequest(slot_id("D001", later), PATIENT)))[0]
     waited = booking.wait_settled(other, 5)
     clock.advance(5)
-    assert result(waited) is False
+    assert successResultOf(waited) is False
 
 
 def test_the_his_freeing_the_slot_before_it_answers_our_cancel_is_our_cancel(env):
@@ -326,23 +317,23 @@ def test_the_his_freeing_the_slot_before_it_answers_our_cancel_is_our_cancel(env
     while our cancellation is pending the freed slot is not taken for the hospital's cancellation: the
     appointment is cancelled at once with the platform's reason, and the AA then settles it."""
     chamber, booking, book, _ = env
-    appointment_id = result(booking.book("demo", BookingRequest(SID, PATIENT)))[0]
+    appointment_id = successResultOf(booking.book("demo", BookingRequest(SID, PATIENT)))[0]
     answer(chamber, booking, outbound(chamber)[0], "AA", "H1")
-    assert result(booking.cancel("demo", appointment_id)) == "sent"
+    assert successResultOf(booking.cancel("demo", appointment_id)) == "sent"
     chamber.transact_now(lambda tx: book.apply(tx, [notice("free", his_appointment="H1")]))
     appt = chamber.read().appointment(appointment_id)
     assert (appt.status, appt.pending_change, appt.outcome) == ("cancelled", "cancel", "cancelled by the platform")
     answer(chamber, booking, outbound(chamber)[1], "AA")
     appt = chamber.read().appointment(appointment_id)
     assert (appt.status, appt.outcome) == ("cancelled", "cancelled by the platform")
-    assert chamber.read().slot(SID).visible_status == "free"
+    assert slot_status(chamber.read().slot(SID)) == "free"
 
 
 def test_a_refused_cancel_of_a_slot_the_his_freed_meanwhile_is_the_hospitals_cancellation(env):
     chamber, booking, book, _ = env
-    appointment_id = result(booking.book("demo", BookingRequest(SID, PATIENT)))[0]
+    appointment_id = successResultOf(booking.book("demo", BookingRequest(SID, PATIENT)))[0]
     answer(chamber, booking, outbound(chamber)[0], "AA", "H1")
-    result(booking.cancel("demo", appointment_id))
+    successResultOf(booking.cancel("demo", appointment_id))
     chamber.transact_now(lambda tx: book.apply(tx, [notice("free", his_appointment="H1")]))
     answer(chamber, booking, outbound(chamber)[1], "AR", text="unknown appointment")
     appt = chamber.read().appointment(appointment_id)
@@ -352,12 +343,11 @@ def test_a_refused_cancel_of_a_slot_the_his_freed_meanwhile_is_the_hospitals_can
 def test_waiters_are_settled_by_this_process_commits_without_reading_the_chamber(env, monkeypatch):
     """After a commit of this process, the waiters of the appointments it settled fire — found from what
     the transaction did, not by querying every waiting appointment."""
-    from gateway.chamber import Reader
+    from gateway.chamber.reader import Reader
 
     chamber, booking, _, clock = env
-    appointment_id = result(booking.book("demo", BookingRequest(SID, PATIENT)))[0]
-    waited = []
-    booking.wait_settled(appointment_id, timeout=5).addCallback(waited.append)
+    appointment_id = successResultOf(booking.book("demo", BookingRequest(SID, PATIENT)))[0]
+    waited = booking.wait_settled(appointment_id, timeout=5)
     monkeypatch.setattr(Reader, "settled_among", lambda *a: pytest.fail("queried the waiters"))
     answer(chamber, booking, outbound(chamber)[0], "AA", "H1")
-    assert waited == [True]
+    assert successResultOf(waited) is True

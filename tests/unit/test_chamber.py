@@ -8,7 +8,10 @@ import time
 import pytest
 from twisted.internet import task
 
-from gateway.chamber import Chamber, ChamberError, ScheduleRow
+from gateway.chamber.engine import Chamber
+from gateway.chamber.errors import ChamberError
+from gateway.chamber.rows import ScheduleRow
+from tests.deferreds import assertNoResult, failureResultOf, successResultOf
 
 
 class TickReactor(task.Clock):
@@ -24,12 +27,12 @@ def schedule(tx, sid="D001"):
 
 def test_new_chamber_is_wal_full_sync_and_versioned(tmp_path):
     """A new chamber file is created with the current schema, in WAL mode, fsync on every commit."""
-    ch = Chamber(tmp_path / "c.sqlite3")
+    ch = Chamber(tmp_path / "c.sqlite3", clock=time.time)
     ch.open()
     conn = ch._conn
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
-    from gateway.chamber import SCHEMA_VERSION
+    from gateway.chamber.upgrades import SCHEMA_VERSION
 
     assert SCHEMA_VERSION >= 2
     assert conn.execute("SELECT value FROM chamber_meta WHERE key='schema_version'").fetchone()[0] == str(
@@ -39,11 +42,11 @@ def test_new_chamber_is_wal_full_sync_and_versioned(tmp_path):
 
 def test_data_survives_reopen(tmp_path):
     """What was committed is there after the chamber is closed and opened again."""
-    ch = Chamber(tmp_path / "c.sqlite3")
+    ch = Chamber(tmp_path / "c.sqlite3", clock=time.time)
     ch.open()
     ch.transact_now(schedule)
     ch.close()
-    ch2 = Chamber(tmp_path / "c.sqlite3")
+    ch2 = Chamber(tmp_path / "c.sqlite3", clock=time.time)
     ch2.open()
     assert [s.id for s in ch2.read().schedules()] == ["D001"]
     ch2.close()
@@ -52,7 +55,7 @@ def test_data_survives_reopen(tmp_path):
 def test_refuses_other_schema_version(tmp_path):
     """A chamber written by another schema version is refused with a message naming both versions."""
     path = tmp_path / "c.sqlite3"
-    ch = Chamber(path)
+    ch = Chamber(path, clock=time.time)
     ch.open()
     ch.close()
     conn = sqlite3.connect(path)
@@ -60,12 +63,12 @@ def test_refuses_other_schema_version(tmp_path):
     conn.commit()
     conn.close()
     with pytest.raises(ChamberError, match="version 7"):
-        Chamber(path).open()
+        Chamber(path, clock=time.time).open()
 
 
 def version_1_chamber(path):
     """A chamber as gatewayd 1 (schema version 1) left it, with one schedule in it."""
-    from gateway.chamber import SCHEMA_DIR
+    from gateway.chamber.upgrades import SCHEMA_DIR
 
     conn = sqlite3.connect(path)
     conn.executescript((SCHEMA_DIR / "chamber-v1.sql").read_text(encoding="utf-8"))
@@ -78,11 +81,11 @@ def version_1_chamber(path):
 
 def test_a_version_1_chamber_is_upgraded_in_place_keeping_its_data(tmp_path):
     """Opening a chamber of an older schema upgrades it (new tables), keeps what it held, says so once."""
-    from gateway.chamber import SCHEMA_VERSION
+    from gateway.chamber.upgrades import SCHEMA_VERSION
 
     path = tmp_path / "c.sqlite3"
     version_1_chamber(path)
-    ch = Chamber(path)
+    ch = Chamber(path, clock=time.time)
     ch.open()
     assert [s.id for s in ch.read().schedules()] == ["D001"]
     conn = ch._conn
@@ -91,7 +94,7 @@ def test_a_version_1_chamber_is_upgraded_in_place_keeping_its_data(tmp_path):
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert {"prescriptions", "medication_requests", "medication_dispenses", "oauth_tokens"} <= tables
     ch.close()
-    ch = Chamber(path)
+    ch = Chamber(path, clock=time.time)
     ch.open()  # a second open has nothing to do
     ch.close()
 
@@ -100,7 +103,8 @@ def test_a_version_2_chamber_gains_schedule_facilities_and_slot_z_segments(tmp_p
     """Version 3 (routing by facility, Z-segments): a version-2 chamber is upgraded in one step; what it held
     is kept, its schedules have no facility ('') and its slots no Z-segments until the HIS publishes them
     again; both are written and read back afterwards."""
-    from gateway.chamber import SCHEMA_DIR, SCHEMA_VERSION, SlotRow
+    from gateway.chamber.rows import SlotRow
+    from gateway.chamber.upgrades import SCHEMA_DIR, SCHEMA_VERSION
 
     assert SCHEMA_VERSION >= 3
     path = tmp_path / "c.sqlite3"
@@ -113,7 +117,7 @@ def test_a_version_2_chamber_gains_schedule_facilities_and_slot_z_segments(tmp_p
                  "'free', 0)")
     conn.commit()
     conn.close()
-    ch = Chamber(path)
+    ch = Chamber(path, clock=time.time)
     ch.open()
     assert [(s.id, s.facility) for s in ch.read().schedules()] == [("D001", "")]
     assert ch.read().slot("S1").z_segments is None
@@ -133,9 +137,9 @@ def test_a_version_2_chamber_gains_schedule_facilities_and_slot_z_segments(tmp_p
 
 def test_every_chamber_holds_its_own_audit_key_for_good(tmp_path):
     """Version 4: a new chamber, and one upgraded from version 3, holds 32 random bytes of its own (the key
-    of the audit's keyed names, gateway/audit.py): not in the repository nor the config, kept across
+    of the audit's keyed names, gateway/domain/audit.py): not in the repository nor the config, kept across
     reopening, and refused to be changed or deleted (earlier records would no longer be found by it)."""
-    from gateway.chamber import SCHEMA_DIR, SCHEMA_VERSION
+    from gateway.chamber.upgrades import SCHEMA_DIR, SCHEMA_VERSION
 
     assert SCHEMA_VERSION >= 4
     upgraded = tmp_path / "v3.sqlite3"
@@ -148,12 +152,12 @@ def test_every_chamber_holds_its_own_audit_key_for_good(tmp_path):
     conn.close()
     keys = []
     for path in (upgraded, tmp_path / "new.sqlite3", tmp_path / "other.sqlite3"):
-        ch = Chamber(path)
+        ch = Chamber(path, clock=time.time)
         ch.open()
         keys.append(ch.read().audit_key())
         ch.close()
     assert all(len(k) == 32 for k in keys) and len(set(keys)) == 3
-    again = Chamber(upgraded)
+    again = Chamber(upgraded, clock=time.time)
     again.open()
     assert again.read().audit_key() == keys[0]
     again.close()
@@ -166,18 +170,18 @@ def test_every_chamber_holds_its_own_audit_key_for_good(tmp_path):
 
 def test_a_failed_upgrade_leaves_the_chamber_at_its_old_version(tmp_path, monkeypatch):
     """An upgrade is one transaction: if a statement fails, nothing of it stays and the start is refused."""
-    import gateway.chamber as chamber_module
+    import gateway.chamber.upgrades as upgrades_module
 
     path = tmp_path / "c.sqlite3"
     version_1_chamber(path)
     broken = tmp_path / "schema"
     broken.mkdir()
-    (broken / "chamber-v1.sql").write_text((chamber_module.SCHEMA_DIR / "chamber-v1.sql").read_text())
+    (broken / "chamber-v1.sql").write_text((upgrades_module.SCHEMA_DIR / "chamber-v1.sql").read_text())
     (broken / "upgrade-v1-v2.sql").write_text("CREATE TABLE new_one (x);\nCREATE TABLE schedules (x);\n")
-    monkeypatch.setattr(chamber_module, "SCHEMA_DIR", broken)
-    monkeypatch.setattr(chamber_module, "SCHEMA_VERSION", 2)
+    monkeypatch.setattr(upgrades_module, "SCHEMA_DIR", broken)
+    monkeypatch.setattr(upgrades_module, "SCHEMA_VERSION", 2)
     with pytest.raises(ChamberError, match="already exists"):
-        Chamber(path).open()
+        Chamber(path, clock=time.time).open()
     conn = sqlite3.connect(path)
     assert conn.execute("SELECT value FROM chamber_meta WHERE key='schema_version'").fetchone()[0] == "1"
     assert not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'new_one'").fetchone()
@@ -189,7 +193,7 @@ def test_a_version_4_chamber_knows_inbound_messages_by_sender_and_control_id(tmp
     and MSH-10, not by MSH-10 alone. A version-4 chamber is upgraded in one step (the messages table is
     rebuilt): each inbound message's sender is read from its MSH, outbound messages (ours) get '', ids,
     stories and the prescriptions that point at messages are kept, and foreign keys are still enforced."""
-    from gateway.chamber import SCHEMA_DIR, SCHEMA_VERSION
+    from gateway.chamber.upgrades import SCHEMA_DIR, SCHEMA_VERSION
 
     assert SCHEMA_VERSION >= 5
     path = tmp_path / "c.sqlite3"
@@ -211,7 +215,7 @@ def test_a_version_4_chamber_knows_inbound_messages_by_sender_and_control_id(tmp
                  " VALUES ('RX1', 'to_his', 'N1', 'pending', x'7b7d', 9, 0, 0)")
     conn.commit()
     conn.close()
-    ch = Chamber(path)
+    ch = Chamber(path, clock=time.time)
     ch.open()
     assert ch._conn.execute("SELECT value FROM chamber_meta WHERE key='schema_version'").fetchone()[0] == str(
         SCHEMA_VERSION)
@@ -234,14 +238,14 @@ def test_a_version_4_chamber_knows_inbound_messages_by_sender_and_control_id(tmp
     with pytest.raises(sqlite3.IntegrityError):
         ch._writer.execute("INSERT INTO message_events VALUES (999, 0, 'x', 'y')")
     ch.close()
-    new = Chamber(tmp_path / "new.sqlite3")
+    new = Chamber(tmp_path / "new.sqlite3", clock=time.time)
     new.open()
     assert new._conn.execute("PRAGMA freelist_count").fetchone()[0] == 0  # a new chamber keeps no rebuilt pages
     new.close()
 
 
 def test_a_chamber_from_a_newer_gatewayd_is_refused_untouched(tmp_path):
-    from gateway.chamber import SCHEMA_VERSION
+    from gateway.chamber.upgrades import SCHEMA_VERSION
 
     path = tmp_path / "c.sqlite3"
     version_1_chamber(path)
@@ -250,7 +254,7 @@ def test_a_chamber_from_a_newer_gatewayd_is_refused_untouched(tmp_path):
     conn.commit()
     conn.close()
     with pytest.raises(ChamberError, match="newer gatewayd"):
-        Chamber(path).open()
+        Chamber(path, clock=time.time).open()
 
 
 def commit_after(conn: sqlite3.Connection, seconds: float) -> threading.Thread:
@@ -268,7 +272,7 @@ def test_two_processes_creating_one_new_chamber_both_open_it(tmp_path):
     """The split lock starts both gates on a chamber that does not exist yet. If the other process creates
     the schema while this one waits for the write lock, this one opens the finished file (this failed in CI
     with "table chamber_meta already exists" before)."""
-    from gateway.chamber import SCHEMA_DIR, SCHEMA_VERSION
+    from gateway.chamber.upgrades import SCHEMA_DIR, SCHEMA_VERSION
 
     path = tmp_path / "c.sqlite3"
     other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -279,7 +283,7 @@ def test_two_processes_creating_one_new_chamber_both_open_it(tmp_path):
                         f"('schema_version', '{SCHEMA_VERSION}');")
     assert other.in_transaction  # holds the write lock, schema not yet visible to others
     committer = commit_after(other, 0.3)
-    ch = Chamber(path)
+    ch = Chamber(path, clock=time.time)
     ch.open()  # sees no schema, waits for the lock, finds the other's schema
     committer.join()
     ch.transact_now(schedule)
@@ -297,7 +301,7 @@ def test_a_new_chamber_another_process_holds_before_its_wal_switch_is_opened_too
     other.execute("BEGIN IMMEDIATE")
     other.execute("CREATE TABLE other_gate_was_here (x)")
     committer = commit_after(other, 0.3)
-    ch = Chamber(path)
+    ch = Chamber(path, clock=time.time)
     ch.open()
     committer.join()
     assert ch._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -310,7 +314,7 @@ def test_refuses_a_file_that_is_not_a_database(tmp_path):
     path = tmp_path / "c.sqlite3"
     path.write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(ChamberError, match=str(path)):
-        Chamber(path).open()
+        Chamber(path, clock=time.time).open()
 
 
 def test_group_commit_fires_after_commit_and_isolates_failures(tmp_path):
@@ -335,14 +339,14 @@ def test_group_commit_fires_after_commit_and_isolates_failures(tmp_path):
         raise ValueError("refused")
 
     d2 = ch.transact(failing)
-    errors = []
-    d2.addErrback(lambda f: errors.append(f.value))
     d3 = ch.transact(lambda tx: schedule(tx, "C"))
-    assert not d1.called and not d3.called  # nothing is answered before the turn's commit
+    assertNoResult(d1)  # nothing is answered before the turn's commit
+    assertNoResult(d3)
     reactor.turn()
-    assert d1.called and d3.called
+    successResultOf(d1)
+    successResultOf(d3)
     assert seen_by_other_connection == [[("A",), ("C",)]]
-    assert isinstance(errors[0], ValueError)
+    failureResultOf(d2, ValueError)
     assert [s.id for s in ch.read().schedules()] == ["A", "C"]
     ch.close()
 
@@ -357,8 +361,8 @@ def test_observers_run_after_commits_that_recorded_something(tmp_path):
     ch.transact(schedule)
     reactor.turn()
     d = ch.transact(lambda tx: 1 / 0)
-    d.addErrback(lambda f: None)
     reactor.turn()
+    failureResultOf(d, ZeroDivisionError)
     assert calls == [1]
     ch.close()
 
@@ -367,7 +371,7 @@ def test_a_storage_error_inside_a_unit_is_a_write_failure(tmp_path):
     """SQLITE_FULL raised by a statement (not by the unit's own decision) fails that unit with
     ChamberWriteError, so gates answer 'not stored, try again' (AE / 503) rather than an internal error;
     the other units of the batch still commit."""
-    from gateway.chamber import ChamberWriteError
+    from gateway.chamber.errors import ChamberWriteError
 
     reactor = TickReactor()
     ch = Chamber(tmp_path / "c.sqlite3", reactor=reactor, clock=reactor.seconds)
@@ -377,11 +381,10 @@ def test_a_storage_error_inside_a_unit_is_a_write_failure(tmp_path):
         schedule(tx, "X")
         raise sqlite3.OperationalError("database or disk is full")
 
-    failed = []
-    ch.transact(disk_full).addErrback(lambda f: failed.append(f.value))
+    failed = ch.transact(disk_full)
     ch.transact(lambda tx: schedule(tx, "Y"))
     reactor.turn()
-    assert isinstance(failed[0], ChamberWriteError) and "disk is full" in str(failed[0])
+    assert "disk is full" in str(failureResultOf(failed, ChamberWriteError).value)
     assert [s.id for s in ch.read().schedules()] == ["Y"]
     ch.close()
 
@@ -440,15 +443,15 @@ class SlowCommit:
     (or makes it fail)."""
 
     def __init__(self, monkeypatch, events, fail=None):
-        import gateway.chamber as chamber_module
+        import gateway.chamber.threads as threads_module
 
-        self.real = chamber_module._commit
+        self.real = threads_module.commit
         self.events = events
         self.started = threading.Event()
         self.gate = threading.Event()
         self.fail = fail
         self.threads = []
-        monkeypatch.setattr(chamber_module, "_commit", self)
+        monkeypatch.setattr(threads_module, "commit", self)
 
     def __call__(self, conn):
         self.threads.append(threading.current_thread())
@@ -493,18 +496,20 @@ def test_units_are_answered_only_after_the_commit_returned_in_the_writer_thread(
     d1.addCallback(lambda _: events.append("answered A"))
     reactor.turn()  # the batch runs; its COMMIT goes to the writer thread
     assert slow.started.wait(30)
-    assert not d1.called
+    assertNoResult(d1)
     assert ch.read().schedules() == []  # the uncommitted batch is not visible, and the read did not wait
     assert outside_view(path) == []
     d2 = ch.transact(lambda tx: schedule(tx, "B"))
     d2.addCallback(lambda _: events.append("answered B"))
     reactor.turn()
-    assert not d2.called and events == ["commit started"]  # B waits for the next batch
+    assertNoResult(d2)
+    assert events == ["commit started"]  # B waits for the next batch
     slow.release()
     reactor.pump()  # A's COMMIT returned: A answered, observers told, then B's batch begins
-    assert d1.called and [s.id for s in ch.read().schedules()] == ["A"]
+    successResultOf(d1)
+    assert [s.id for s in ch.read().schedules()] == ["A"]
     reactor.pump()
-    assert d2.called
+    successResultOf(d2)
     assert events == ["commit started", "commit returned", "answered A", "observed",
                       "commit started", "commit returned", "answered B", "observed"]
     assert all(t is not threading.current_thread() for t in slow.threads)  # COMMIT ran off this thread
@@ -515,25 +520,24 @@ def test_units_are_answered_only_after_the_commit_returned_in_the_writer_thread(
 def test_a_failed_commit_in_the_writer_thread_fails_every_unit_of_its_batch(tmp_path, monkeypatch):
     """A COMMIT that fails (I/O error) fails every unit of its batch with ChamberWriteError, nothing of the
     batch is visible, no observer runs, and the chamber takes the next batch normally."""
-    from gateway.chamber import ChamberWriteError
+    from gateway.chamber.errors import ChamberWriteError
 
     events = []
     slow = SlowCommit(monkeypatch, events, fail=sqlite3.OperationalError("disk I/O error"))
     slow.release()
     ch, reactor = threaded_chamber(tmp_path / "c.sqlite3")
     ch.observe(lambda: events.append("observed"))
-    failed = []
-    for sid in ("A", "B"):
-        ch.transact(lambda tx, sid=sid: schedule(tx, sid)).addErrback(lambda f: failed.append(f.value))
+    failed = [ch.transact(lambda tx, sid=sid: schedule(tx, sid)) for sid in ("A", "B")]
     reactor.turn()
     reactor.pump()
-    assert len(failed) == 2 and all(isinstance(e, ChamberWriteError) and "disk I/O" in str(e) for e in failed)
+    assert all("disk I/O" in str(failureResultOf(d, ChamberWriteError).value) for d in failed)
     assert ch.read().schedules() == [] and "observed" not in events
     slow.fail = None
     d = ch.transact(lambda tx: schedule(tx, "C"))
     reactor.turn()
     reactor.pump()
-    assert d.called and [s.id for s in ch.read().schedules()] == ["C"]
+    successResultOf(d)
+    assert [s.id for s in ch.read().schedules()] == ["C"]
     ch.close()
 
 
@@ -542,12 +546,12 @@ def test_the_wal_is_copied_back_by_the_checkpoint_thread_not_by_a_commit(tmp_pat
     the reactor thread): once, CHECKPOINT_INTERVAL after the first commit since the last checkpoint, for all
     the commits of that while — long before the WAL is big enough for SQLite's own checkpoint inside a
     COMMIT, which stays only as a backstop at a larger WAL."""
-    import gateway.chamber as chamber_module
+    import gateway.chamber.threads as threads_module
 
-    monkeypatch.setattr(chamber_module, "CHECKPOINT_INTERVAL", 1.0)
+    monkeypatch.setattr(threads_module, "CHECKPOINT_INTERVAL", 1.0)
     path = tmp_path / "c.sqlite3"
     ch, reactor = threaded_chamber(path, pipeline=False)
-    assert ch._writer.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == chamber_module.INLINE_CHECKPOINT_PAGES
+    assert ch._writer.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == threads_module.INLINE_CHECKPOINT_PAGES
     ch.transact_now(lambda tx: None)
     deadline = time.monotonic() + 20
     while ch._checkpointer.runs == 0 and time.monotonic() < deadline:  # (the schema's pages)
@@ -594,9 +598,7 @@ def test_close_waits_for_the_commit_in_flight_and_commits_what_is_queued(tmp_pat
     assert outside_view(path) == ["A", "B"]
     assert reactor.from_threads.qsize() == 1  # the writer thread's late hand-back ...
     reactor.pump()  # ... finds the batch finished already and does nothing
-    refused = []
-    ch.transact(lambda tx: None).addErrback(lambda f: refused.append(f.value))
-    assert isinstance(refused[0], ChamberError)  # closed
+    failureResultOf(ch.transact(lambda tx: None), ChamberError)  # closed
 
 
 def test_transact_now_waits_for_the_commit_in_flight(tmp_path, monkeypatch):
@@ -639,10 +641,10 @@ def test_a_batch_of_one_failing_unit_leaves_nothing_behind(tmp_path):
         schedule(tx, "A")
         raise ValueError("refused")
 
-    errors = []
-    ch.transact(failing).addErrback(lambda f: errors.append(f.value))
+    d = ch.transact(failing)
     reactor.turn()
-    assert isinstance(errors[0], ValueError) and ch.read().schedules() == []
+    failureResultOf(d, ValueError)
+    assert ch.read().schedules() == []
     ch.transact(lambda tx: schedule(tx, "B"))
     reactor.turn()
     assert [s.id for s in ch.read().schedules()] == ["B"]
@@ -653,7 +655,7 @@ def test_a_batch_of_one_failing_unit_leaves_nothing_behind(tmp_path):
 
 
 def _slot_and_appointment(tx, appointment_id="a1", pending="book"):
-    from gateway.chamber import AppointmentRow, SlotRow
+    from gateway.chamber.rows import AppointmentRow, SlotRow
 
     schedule(tx)
     tx.insert_slot(SlotRow("S1", "D001", "203001070800", 1.0, 2.0, 15, "card", "card", "free", None, None, None, 0))
@@ -664,7 +666,7 @@ def _slot_and_appointment(tx, appointment_id="a1", pending="book"):
 def test_settled_appointments_are_reported_after_commit_and_not_when_rolled_back(tmp_path):
     """observe_settled hears, after the commit, of every appointment whose pending change a committed unit
     cleared — not of one cleared by a unit that was rolled back."""
-    from gateway.chamber import AppointmentRow
+    from gateway.chamber.rows import AppointmentRow
 
     reactor = TickReactor()
     ch = Chamber(tmp_path / "c.sqlite3", reactor=reactor, clock=reactor.seconds)
@@ -680,10 +682,11 @@ def test_settled_appointments_are_reported_after_commit_and_not_when_rolled_back
         raise ValueError("changed its mind")
 
     ch.transact(lambda tx: tx.update_appointment("a1", pending_change=None, status="booked"))
-    ch.transact(clear_then_fail).addErrback(lambda f: None)
+    failing = ch.transact(clear_then_fail)
     ch.transact(lambda tx: tx.update_appointment("a2", outcome="still waiting"))
     assert heard == []
     reactor.turn()
+    failureResultOf(failing, ValueError)
     assert heard == [["a1"]]
     ch.close()
 
@@ -734,15 +737,17 @@ def test_the_write_lock_of_another_process_is_waited_for_in_the_writer_thread(tm
     ran = []
     d = ch.transact(lambda tx: (ran.append(1), schedule(tx, "A")))
     reactor.turn()  # returns at once: the lock is the other's
-    assert ran == [] and not d.called
+    assert ran == []
+    assertNoResult(d)
     assert ch.read().schedules() == []
     other.execute("COMMIT")
     reactor.pump()  # the writer thread got the lock: the unit runs, then its COMMIT
     assert ran == [1]
     if pipeline:
-        assert not d.called  # the COMMIT went to the writer thread
+        assertNoResult(d)  # the COMMIT went to the writer thread
         reactor.pump()  # ... and returned
-    assert d.called and [s.id for s in ch.read().schedules()] == ["A"]
+    successResultOf(d)
+    assert [s.id for s in ch.read().schedules()] == ["A"]
     other.close()
     ch.close()
 

@@ -1,43 +1,14 @@
 """What the hospital grants platforms, in the YAML: scopes, quotas, rate limits, revoked serials, audit
 retention — defaults, and every mistake reported with file:line:key."""
 
-import pytest
-
-from gateway.config import SCOPES, load_config
-from gateway.confschema import ConfigError
-from gateway.devca import init_dev_ca
-
-HEAD = """
-inner: {his: {host: 127.0.0.1, port: 2576}}
-outer:
-  tls: {certificate: certs/server.pem, private_key: certs/server.key, client_ca: certs/ca.pem}
-"""
+from gateway.config.outer import SCOPES
+from tests.unit.config_files import load, problems
 
 
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("cfg")
-    init_dev_ca(directory / "certs")
-    return directory
-
-
-def load(certs, text, head=HEAD):
-    path = certs / "g.yaml"
-    path.write_text(head + text, encoding="utf-8")
-    return load_config(path)
-
-
-def problems(certs, text, head=HEAD):
-    """Every problem of the config as 'line:key: message' (the config must be refused)."""
-    with pytest.raises(ConfigError) as e:
-        load(certs, text, head)
-    return [f"{i.line}:{i.key}: {i.message}" for i in e.value.issues]
-
-
-def test_defaults_grant_everything_but_limit_the_rate(certs):
+def test_defaults_grant_everything_but_limit_the_rate(config_dir):
     """A platform with only a name and a subject has every scope, no quota, 100 req/s (burst 200); the
     gateway as a whole 1000 req/s (burst 2000); audit records are kept 180 days."""
-    config = load(certs, "platforms: [{name: demo, certificate_subject: CN=platform-demo}]\n")
+    config = load(config_dir, "platforms: [{name: demo, certificate_subject: CN=platform-demo}]\n")
     p = config.platforms[0]
     assert p.scopes == list(SCOPES) and p.quotas == [] and p.revoked_serials == []
     assert (p.rate_limit.per_second, p.rate_limit.burst) == (100.0, 200)
@@ -46,8 +17,8 @@ def test_defaults_grant_everything_but_limit_the_rate(certs):
     assert (config.outer.max_json_depth, config.outer.max_string_chars) == (32, 65536)
 
 
-def test_a_full_grant_is_read(certs):
-    config = load(certs, """
+def test_a_full_grant_is_read(config_dir):
+    config = load(config_dir, """
 platforms:
   - name: regnet
     certificate_subject: CN=regnet
@@ -68,8 +39,8 @@ audit: {retention: 365d}
     assert config.audit.retention == 365 * 86400
 
 
-def test_mistakes_are_each_reported_with_line_and_key(certs):
-    found = problems(certs, """platforms:
+def test_mistakes_are_each_reported_with_line_and_key(config_dir):
+    found = problems(config_dir, """platforms:
   - name: regnet
     certificate_subject: CN=regnet
     scopes: [Slot.read, Appointment.writ]
@@ -90,8 +61,8 @@ audit: {retention: 2h}
     assert "audit.retention: must be at least 1d" in text
 
 
-def test_a_schedule_with_two_quotas_is_refused(certs):
-    found = problems(certs, """platforms:
+def test_a_schedule_with_two_quotas_is_refused(config_dir):
+    found = problems(config_dir, """platforms:
   - name: regnet
     certificate_subject: CN=regnet
     quotas: [{schedule: D001, per_day: 1}, {schedule: D001, share: 5%}]

@@ -5,8 +5,8 @@ reading the checks it led to."""
 
 import pytest
 
-from gateway.config import load_config
-from gateway.confschema import ConfigError
+from gateway.config.model import load_config
+from gateway.config.errors import ConfigError
 
 INNER = "inner: {his: {host: 127.0.0.1, port: 2576}}\n"
 

@@ -1,4 +1,4 @@
-"""Tests for gateway.confschema: typed YAML loading whose errors name file, line, column and key path."""
+"""Tests for gateway.config.schema: typed YAML loading whose errors name file, line, column and key path."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from typing import Annotated, Literal, Optional
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from gateway import confschema
-from gateway.confschema import (
-    ConfigError, ConfigIssue, DirPath, Duration, Pattern, Percent, Range, ReadableFile,
-    describe, load, load_text,
-)
+from gateway.config import schema as confschema
+from gateway.config.errors import ConfigError, ConfigIssue
+from gateway.config.fields import DirPath, Duration, Pattern, Percent, Range, ReadableFile
+from gateway.config.reference import describe
+from gateway.config.schema import load, load_text
 
 
 # --- schemas used by the tests ------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The message-type patterns of inner.accept_types / inner.his.send_types."""
 
-from gateway.crossing import type_allowed
+from gateway.domain.routes import type_allowed
 
 
 def test_patterns():

@@ -1,4 +1,4 @@
-"""Tests for gateway.devca: the development CA, server and platform certificates, and that they really
+"""Tests for gateway.ops.devca: the development CA, server and platform certificates, and that they really
 do mutual TLS (accepting our platforms, refusing clients without a certificate or from another CA)."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from twisted.internet.task import Clock
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.test.iosim import connectedServerAndClient
 
-from gateway.devca import CA_COMMON_NAME, DevCAError, init_dev_ca, issue_client_cert
+from gateway.ops.devca import CA_COMMON_NAME, DevCAError, init_dev_ca, issue_client_cert
 
 NOW = datetime.datetime(2025, 1, 1, tzinfo=datetime.timezone.utc)
 

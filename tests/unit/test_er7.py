@@ -27,7 +27,7 @@ from adapters.hl7.er7 import (
     parse_dtm,
     unescape,
 )
-from adapters.mllp.framing import frame
+from adapters.inner.framing import frame
 
 NOW = datetime(2024, 3, 1, 8, 30, 5)
 

@@ -1,5 +1,5 @@
 """A booking's Appointment is read without building the fhir.resources model when it has the plain shape
-(adapters/mapping/fhir_scheduling.py, _plain_appointment).  What proves that this changes nothing: for
+(adapters/maps/fhir_scheduling.py, _plain_appointment).  What proves that this changes nothing: for
 the bodies platforms send and for thousands of broken variants of them, booking_from_appointment gives
 exactly what the model path (strict=True) gives — the same BookingRequest, or the same OperationOutcome
 issues with the same HTTP status."""
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adapters.mapping.fhir_scheduling import (
+from adapters.maps.fhir_scheduling import (
     InvalidResource,
     _plain_appointment,
     booking_from_appointment,

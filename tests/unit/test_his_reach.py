@@ -19,18 +19,13 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.test.iosim import ConnectionCompleter
 
-from adapters.inner_gate import HisDestination
-from adapters.mllp.client import MLLPClient, PeerUnavailable
-from adapters.mllp.tls import client_options, server_options
-from gateway.devca import init_dev_ca
+from adapters.inner.his import HisDestination
+from adapters.inner.client import MLLPClient, PeerUnavailable
+from adapters.tls import client_options, server_options
+from gateway.ops.devca import init_dev_ca
 from gateway.relay import DeliveryFailed, HisUnreachable
-from tests.unit.test_mllp_protocols import FakeHIS, World, ack_for, result_of, siu
-
-
-def failure_of(d):
-    ok, failure = result_of(d)
-    assert not ok, "the send succeeded"
-    return failure.value
+from tests.deferreds import failureResultOf, successResultOf
+from tests.unit.test_mllp_protocols import FakeHIS, World, ack_for, siu
 
 
 # -- over TLS: our bytes wait in the TLS layer until the handshake completed ----------------------------------
@@ -90,8 +85,8 @@ def test_over_tls_the_message_is_answered_once_the_handshake_completed(dev_ca):
     w = TlsWorld(dev_ca)
     d = w.client.send(siu("G1"), "G1", timeout=10)
     w.complete()
-    ok, answer = result_of(d)
-    assert ok and answer.segment("MSA").get(2) == "G1"
+    answer = successResultOf(d)
+    assert answer.segment("MSA").get(2) == "G1"
 
 
 def test_a_failed_tls_handshake_never_wrote_the_message(dev_ca):
@@ -99,8 +94,8 @@ def test_a_failed_tls_handshake_never_wrote_the_message(dev_ca):
     d = w.client.send(siu("G1"), "G1", timeout=10)
     with capture_logs():
         w.complete()
-    failure = failure_of(d)
-    assert isinstance(failure, PeerUnavailable) and failure.written is False
+    failure = failureResultOf(d, PeerUnavailable).value
+    assert failure.written is False
 
 
 def test_a_tls_handshake_that_never_completes_is_no_ack_timeout(dev_ca):
@@ -110,7 +105,7 @@ def test_a_tls_handshake_that_never_completes_is_no_ack_timeout(dev_ca):
     w.complete()
     with capture_logs() as logs:
         w.reactor.advance(10)
-    failure = failure_of(d)
+    failure = failureResultOf(d).value
     assert type(failure) is PeerUnavailable and failure.written is False and "handshake" in failure.reason
     assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["mllp.client.handshake_timeout"]
 
@@ -124,7 +119,7 @@ def test_over_tls_a_connection_lost_after_the_handshake_may_have_delivered_it(de
         w.his[0].transport.loseConnection()
         w.reactor.advance(0)
         pump.flush()
-    assert failure_of(d).written is True
+    assert failureResultOf(d).value.written is True
 
 
 # -- the HIS link: the relay's two failures ----------------------------------------------------------------
@@ -145,7 +140,7 @@ def test_the_his_link_tells_unreachable_from_unanswered():
         pump = w.complete()
         w.his[-1].transport.loseConnection()
         pump.flush()
-    assert isinstance(failure_of(refused), HisUnreachable) and "HIS down" in str(failure_of(refused))
+    assert "HIS down" in str(failureResultOf(refused, HisUnreachable).value)
     for d in (timed_out, lost):
-        failure = failure_of(d)
-        assert isinstance(failure, DeliveryFailed) and not isinstance(failure, HisUnreachable)
+        failure = failureResultOf(d, DeliveryFailed).value
+        assert not isinstance(failure, HisUnreachable)

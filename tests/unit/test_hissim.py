@@ -26,9 +26,9 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from adapters.hl7.er7 import Hl7Error, format_message, parse
-from adapters.mllp.framing import MLLPFramer, frame
-from adapters.mllp.server import MLLPServerFactory
-from gateway.confschema import ConfigError
+from adapters.inner.framing import MLLPFramer, frame
+from adapters.inner.listener import MLLPServerFactory
+from gateway.config.errors import ConfigError
 from hissim.clocks import HospitalClock
 from hissim.config import (
     DepartmentConfig,
@@ -239,7 +239,7 @@ def test_siu_s12_names_placer_and_filler_and_the_gateway_reads_it():
     """An SIU^S12 for a gateway booking has SCH-1 = placer id, SCH-2 = HIS appointment id and SCH-25
     Booked; the gateway's own SIU mapping reads it as a booking of that slot. Values with delimiters are
     escaped."""
-    from adapters.mapping.siu_slot import notices_from_siu
+    from adapters.maps.siu_slot import notices_from_siu
 
     inv = Inventory.build([schedule(family="A|B", given="C^D")], DAY, 1)
     booking = inv.book("D001", at(8, 0), by="APT-1", placer_id="APT-1")
@@ -479,7 +479,7 @@ def test_sqm_s25_lists_slots_in_range_with_their_status(tmp_path):
     """SQM^S25 gets SQR^S25: MSA AA, the QRD echoed as received, one SCH/RGS/AIS/AIL/AIP group per slot
     starting within QRF-2..QRF-3 (SCH-25 Open/Booked/Blocked), then an empty DSC; without a range, all
     slots. The gateway's SQR mapping reads the groups. A resent query gets a fresh answer."""
-    from adapters.mapping.siu_slot import notices_from_sqr
+    from adapters.maps.siu_slot import notices_from_sqr
 
     wire = Wire(tmp_path)
     wire.inventory.book("D001", at(8, 15), by=COUNTER)

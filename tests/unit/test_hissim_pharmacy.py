@@ -22,12 +22,10 @@ from twisted.internet.defer import fail, succeed
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from adapters.hl7.er7 import format_message, parse
-from adapters.mapping.pharmacy import (
-    dispenses_from_rds,
-    read_order_answer,
-    released_prescription,
-)
-from adapters.mllp.framing import MLLPFramer, frame
+from adapters.maps.fhir_documents import medication_dispense
+from adapters.maps.rde_order import read_order_answer
+from adapters.maps.rds_dispense import dispenses_from_rds, released_prescription
+from adapters.inner.framing import MLLPFramer, frame
 from hissim.config import (
     DepartmentConfig,
     DoctorConfig,
@@ -266,7 +264,7 @@ def test_an_accepted_order_is_dispensed_after_the_delay_and_reads_back_as_medica
     raw.decode(charset)
     rds = parse(raw)
     assert rds.type_name == "RDS^O13" and rds.msh.get(18) == MSH18[charset]
-    dispenses = dispenses_from_rds(rds, TZ)
+    dispenses = [medication_dispense(d, TZ) for d in dispenses_from_rds(rds, TZ)]
     assert [d["authorizingPrescription"][0]["reference"] for d in dispenses] == [
         "MedicationRequest/mr-1", "MedicationRequest/mr-2", "MedicationRequest/mr-3"]
     assert [d["identifier"][0]["value"] for d in dispenses] == [f"{f}-1" for f in fillers]

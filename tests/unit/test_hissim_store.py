@@ -20,7 +20,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock
 
 from adapters.hl7.er7 import parse
-from adapters.mapping.pharmacy import read_order_answer
+from adapters.maps.rde_order import read_order_answer
 from hissim.config import load_config
 from hissim.inventory import Inventory, SlotStatus, UnknownBooking
 from hissim.service import HisSimulator

@@ -28,13 +28,13 @@ from adapters.hl7.ack import (
     requested_acks,
 )
 from adapters.hl7.er7 import Hl7Error, parse
-from adapters.inner_gate import InnerGateHandler
-from adapters.mllp.framing import COMMIT_ACK, COMMIT_NAK, MLLPFramer, frame
-from adapters.mllp.server import Answer, MLLPServerFactory
-from gateway.booking import SlotBook
-from gateway.chamber import Chamber
-from gateway.errors import ChamberWriteError
-from gateway.inbound import InboundService
+from adapters.inner.receiver import InnerGateHandler
+from adapters.inner.framing import COMMIT_ACK, COMMIT_NAK, MLLPFramer, frame
+from adapters.inner.listener import Answer, MLLPServerFactory
+from gateway.domain.slot_book import SlotBook
+from gateway.chamber.engine import Chamber
+from gateway.chamber.errors import ChamberWriteError
+from gateway.domain.inbound import InboundService
 
 TZ = ZoneInfo("Asia/Shanghai")
 NOW = datetime(2030, 1, 1, 12, 0)

@@ -9,7 +9,7 @@ import structlog
 from adapters.hl7.ack import read_ack
 from adapters.hl7.er7 import parse
 from adapters.hl7.validation import strict_problem
-from adapters.inner_gate import InnerGateHandler
+from adapters.inner.receiver import InnerGateHandler
 from tests.unit.test_hl7_enhanced_ack import TZ, Gate
 
 # an SIU^S12 that hl7apy's strict validation accepts (SCH-6, SCH-16, SCH-20 and SCH-25 are required)

@@ -1,6 +1,6 @@
 """IHE ITI Scheduling on the outer gate, in-process (no reactor, no sockets): $find (ITI-115), $hold (ITI-116),
-$book (ITI-117) and GET /Appointment?patient=&date= (ITI-118 style).  Same Gate as test_outer_access:
-a real chamber file, a task.Clock, DummyRequests with real client certificates."""
+$book (ITI-117) and GET /Appointment?patient=&date= (ITI-118 style).  Same Gate as test_outer_access
+(tests/unit/outer_gate.py): a real chamber file, a task.Clock, DummyRequests with real client certificates."""
 
 import json
 
@@ -10,33 +10,13 @@ from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.capabilitystatement import CapabilityStatement
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from gateway.audit import verify
-from gateway.scheduling import HisAnswer
-from tests.unit import test_outer_access
-from tests.unit.test_outer_access import SID, Gate, appointment, outcome
-
-certs = test_outer_access.certs  # the fixtures, shared: a dev CA per module, a Gate per test
-gate = test_outer_access.gate
-
-PATIENT = {"resourceType": "Patient", "identifier": [{"system": "urn:id-card", "value": "11010519491231002X"}],
-           "name": [{"text": "欧阳娜娜"}], "telecom": [{"system": "phone", "value": "13912345678"}]}
-
-
-def params(*items):
-    return {"resourceType": "Parameters", "parameter": [dict(name=n, **v) for n, v in items]}
+from gateway.domain.audit import verify
+from gateway.domain.model import HisAnswer, slot_status
+from tests.unit.outer_gate import PATIENT, SID, Gate, appointment, entries, outcome, params, ref
 
 
 def find_params(*extra, start="2030-01-07", end="2030-01-08"):
     return params(("start", {"valueDateTime": start}), ("end", {"valueDateTime": end}), *extra)
-
-
-def ref(reference):
-    return {"valueReference": {"reference": reference}}
-
-
-def entries(response):
-    Bundle.model_validate(response.json)
-    return [e["resource"] for e in response.json.get("entry", [])]
 
 
 def answer_srm(gate, code="AA"):
@@ -269,7 +249,7 @@ def test_hold_holds_the_slot_without_telling_the_his_and_expires_by_itself(gate)
     assert held["status"] == "pending" and held["id"].startswith("a")
     assert held["extension"][0]["url"] == "urn:gatewayd:appointment:hold-expires"
     assert r.headers["location"].endswith(f"/Appointment/{held['id']}")
-    assert gate.chamber.read().slot(SID[0]).visible_status == "busy-tentative"
+    assert slot_status(gate.chamber.read().slot(SID[0])) == "busy-tentative"
     assert gate.chamber.read().messages(direction="outbound") == []  # the HIS is not told
     # another platform cannot hold nor book it
     other = gate.request("POST", "/Appointment/$hold", params(("appointment-reference", ref(f"Appointment/proposed-{SID[0]}"))),
@@ -283,7 +263,7 @@ def test_hold_holds_the_slot_without_telling_the_his_and_expires_by_itself(gate)
     outcome(gate.request("POST", "/Appointment/$book", params(("appointment-reference", ref(f"Appointment/{held['id']}"))),
                          platform="other"), 404, "not-found")
     gate.clock.advance(301)  # past hold_seconds: released by itself
-    assert gate.chamber.read().slot(SID[0]).visible_status == "free"
+    assert slot_status(gate.chamber.read().slot(SID[0])) == "free"
     appt = gate.chamber.read().appointment(held["id"])
     assert appt.status == "cancelled" and "expired" in appt.outcome
     assert gate.chamber.read().messages(direction="outbound") == []  # no compensating cancel, nothing at all
@@ -423,8 +403,8 @@ def test_book_with_another_slot_moves_a_booked_appointment_cancel_then_new(gate)
     answer(gate, old, "SRM^cancel")
     old_row = gate.chamber.read().appointment(old)
     assert old_row.status == "cancelled" and old_row.outcome == f"rescheduled to {new}"
-    assert gate.chamber.read().slot(SID[1]).visible_status == "free"
-    assert gate.chamber.read().slot(SID[2]).visible_status == "busy"
+    assert slot_status(gate.chamber.read().slot(SID[1])) == "free"
+    assert slot_status(gate.chamber.read().slot(SID[2])) == "busy"
     assert verify(gate.chamber.read()).ok
 
 
@@ -436,7 +416,7 @@ def test_a_refused_reschedule_leaves_the_old_booking_as_it_was(gate):
     answer(gate, new, "SRM^S01", code="AR")
     row = gate.chamber.read().appointment(old)
     assert row.status == "booked" and row.pending_change is None and "not rescheduled" in row.outcome
-    assert gate.chamber.read().slot(SID[5]).visible_status == "free"
+    assert slot_status(gate.chamber.read().slot(SID[5])) == "free"
     assert not [m for m in gate.chamber.read().messages(direction="outbound") if m.type == "SRM^cancel"]
     # a held (not booked) appointment cannot be moved; an unknown slot is 422
     held = entries(gate.request("POST", "/Appointment/$hold", params(("appointment-reference",
@@ -451,9 +431,9 @@ def _his_frees(gate, index, his_appointment):
     """The HIS's SIU^S15 for slot SID[index] (pushed on its own connection, in any order with its answers)."""
     from datetime import timedelta
 
-    from gateway.booking import SlotBook
-    from gateway.scheduling import SlotNotice
-    from tests.unit.test_outer_access import DAY, SCHEDULE, TZ
+    from gateway.domain.slot_book import SlotBook
+    from gateway.domain.model import SlotNotice
+    from tests.unit.outer_gate import DAY, SCHEDULE, TZ
     notice = SlotNotice("free", SCHEDULE, DAY + timedelta(minutes=15 * index), 15, "card", "x", his_appointment)
     gate.chamber.transact_now(lambda tx: SlotBook(TZ).apply(tx, [notice]))
 
@@ -478,7 +458,7 @@ def test_the_his_confirming_a_rescheduled_cancel_by_siu_keeps_the_gateways_reaso
         _his_frees(gate, 1, f"H-{old}")
     row = gate.chamber.read().appointment(old)
     assert (row.status, row.pending_change, row.outcome) == ("cancelled", None, f"rescheduled to {new}")
-    assert gate.chamber.read().slot(SID[1]).visible_status == "free"
+    assert slot_status(gate.chamber.read().slot(SID[1])) == "free"
     settled = [a for a in gate.audit() if a.action == "cancel.settled" and a.resource_id == old]
     assert [a.outcome for a in settled] == [200]
     assert verify(gate.chamber.read()).ok
@@ -565,14 +545,14 @@ def test_a_hold_told_to_the_his_is_released_there_when_it_expires_or_is_refused(
     assert gate.chamber.read().appointment(held).status == "cancelled"
     cancel = _encode(gate, held, "SRM^cancel")
     assert cancel.type_name.startswith("SRM^S04") and cancel.segment("ARQ").get(2) == f"H-{held}"
-    assert gate.chamber.read().slot(SID[0]).visible_status == "free"
+    assert slot_status(gate.chamber.read().slot(SID[0])) == "free"
     assert any("released at the HIS" in (a.detail or "") for a in gate.audit() if a.resource_id == held)
 
     refused = hold_at_his(gate, SID[1])
     delivered(gate, refused, "AR")
     row = gate.chamber.read().appointment(refused)
     assert row.status == "refused" and "refused the hold" in row.outcome
-    assert gate.chamber.read().slot(SID[1]).visible_status == "free"
+    assert slot_status(gate.chamber.read().slot(SID[1])) == "free"
     outcome(gate.request("POST", "/Appointment/$hold", params(("appointment-reference", ref(f"Appointment/{refused}")))),
             409, "conflict")
     assert [m.type for m in gate.chamber.read().messages(direction="outbound") if m.type.startswith("SRM^S04")] == ["SRM^S04"]
@@ -600,12 +580,12 @@ def test_a_his_that_moves_bookings_with_s03_gets_one_message_and_no_cancel(gate,
     id, ARQ-2 the HIS's id) with the new slot; its AA books the new appointment and cancels the old one
     ("rescheduled to <new>", its slot free) with no cancel sent; the HIS's SIU^S13, before or after the SRR,
     does not make it the hospital's rescheduling."""
-    from tests.unit.test_outer_access import DAY, SCHEDULE, TZ
+    from tests.unit.outer_gate import DAY, SCHEDULE, TZ
 
     from datetime import timedelta
 
-    from gateway.booking import SlotBook
-    from gateway.scheduling import SlotNotice
+    from gateway.domain.slot_book import SlotBook
+    from gateway.domain.model import SlotNotice
 
     old, new = _move_with_s03(gate)
     s13 = SlotNotice("reschedule", SCHEDULE, DAY + timedelta(minutes=30), 15, "card", "x", f"H-{old}")
@@ -619,8 +599,8 @@ def test_a_his_that_moves_bookings_with_s03_gets_one_message_and_no_cancel(gate,
     old_row, new_row = gate.chamber.read().appointment(old), gate.chamber.read().appointment(new)
     assert (old_row.status, old_row.pending_change, old_row.outcome) == ("cancelled", None, f"rescheduled to {new}")
     assert new_row.status == "booked"
-    assert gate.chamber.read().slot(SID[1]).visible_status == "free"
-    assert gate.chamber.read().slot(SID[2]).visible_status == "busy"
+    assert slot_status(gate.chamber.read().slot(SID[1])) == "free"
+    assert slot_status(gate.chamber.read().slot(SID[2])) == "busy"
     assert not [m for m in gate.chamber.read().messages(direction="outbound") if m.type in ("SRM^cancel", "SRM^S04")]
     assert verify(gate.chamber.read()).ok
 
@@ -647,8 +627,8 @@ def test_a_refused_s03_move_leaves_the_old_booking_and_a_move_is_never_undone_by
 
 
 def test_a_his_cannot_both_cancel_and_move_with_s03(tmp_path):
-    from gateway.config import load_config
-    from gateway.confschema import ConfigError
+    from gateway.config.model import load_config
+    from gateway.config.errors import ConfigError
 
     path = tmp_path / "g.yaml"
     path.write_text("inner:\n  his:\n    host: 127.0.0.1\n    port: 2576\n    cancel_message: SRM^S03\n"

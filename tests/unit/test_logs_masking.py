@@ -6,8 +6,8 @@ import json
 import pytest
 import structlog
 
-from gateway import logs
-from gateway.logs import mask_patient_data, mask_value
+from gateway.ops import logs
+from gateway.ops.logs import mask_patient_data, mask_value
 
 
 def masked(**event):

@@ -15,7 +15,7 @@ from twisted.python.failure import Failure
 
 from adapters.hl7.ack import read_ack
 from adapters.hl7.er7 import parse
-from adapters.mllp.framing import COMMIT_ACK_BLOCK, COMMIT_NAK_BLOCK, MLLPFramer, frame
+from adapters.inner.framing import COMMIT_ACK_BLOCK, COMMIT_NAK_BLOCK, MLLPFramer, frame
 from tests.unit.test_mllp_protocols import HeldHandler, Server, SyncHandler, answers, events, siu
 
 

@@ -1,4 +1,4 @@
-"""Unit tests of MLLP framing (adapters.mllp.framing): bytes <-> frames, junk, size cap."""
+"""Unit tests of MLLP framing (adapters.inner.framing): bytes <-> frames, junk, size cap."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adapters.mllp.framing import (
+from adapters.inner.framing import (
     END_BLOCK,
     START_BLOCK,
     FrameTooLarge,

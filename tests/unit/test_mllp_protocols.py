@@ -1,4 +1,4 @@
-"""Unit tests of the MLLP listener (adapters.mllp.server) and sender (adapters.mllp.client).
+"""Unit tests of the MLLP listener (adapters.inner.listener) and sender (adapters.inner.client).
 
 No real reactor: the listener runs on a StringTransport with a task.Clock; the sender talks through
 twisted.test.iosim to real protocols (a scripted fake HIS, or our own listener) on a MemoryReactorClock.
@@ -23,9 +23,10 @@ from twisted.test.iosim import ConnectionCompleter
 
 from adapters.hl7.ack import build_ack, read_ack
 from adapters.hl7.er7 import Hl7Error, Message, parse
-from adapters.mllp.client import AckTimeout, MLLPClient, PeerUnavailable
-from adapters.mllp.framing import MLLPFramer, frame
-from adapters.mllp.server import MLLPServerFactory
+from adapters.inner.client import AckTimeout, MLLPClient, PeerUnavailable
+from adapters.inner.framing import MLLPFramer, frame
+from adapters.inner.listener import MLLPServerFactory
+from tests.deferreds import assertNoResult, failureResultOf, successResultOf
 
 NOW = datetime(2024, 3, 1, 8, 30)
 PATIENT = "Zhangsan"
@@ -440,27 +441,15 @@ class World:
             pump.flush()
 
 
-def result_of(d: defer.Deferred):
-    """(True, value) / (False, Failure) once ``d`` has fired, None while pending. Consumes the result (a
-    failure counts as handled); may be called repeatedly."""
-    if not hasattr(d, "_test_results"):
-        d._test_results = []
-        d.addBoth(d._test_results.append)
-    if not d._test_results:
-        return None
-    r = d._test_results[0]
-    return (False, r) if isinstance(r, Failure) else (True, r)
-
-
 def test_matching_ack_fires_send():
     """send() opens the connection lazily, writes the frame, and fires with the parsed answer whose MSA-2
     equals the control id."""
     w = World()
     d = w.client.send(siu("G1"), "G1", timeout=10)
-    assert result_of(d) is None
+    assertNoResult(d)
     w.complete()
-    ok, message = result_of(d)
-    assert ok and read_ack(message)[:2] == ("AA", "G1")
+    message = successResultOf(d)
+    assert read_ack(message)[:2] == ("AA", "G1")
     assert [m.control_id for m in w.received] == ["G1"]
 
 
@@ -471,8 +460,8 @@ def test_unmatched_msa2_is_ignored():
     with capture_logs() as logs:
         d = w.client.send(siu("G2"), "G2", timeout=10)
         w.complete()
-    ok, message = result_of(d)
-    assert ok and read_ack(message)[1] == "G2"
+    message = successResultOf(d)
+    assert read_ack(message)[1] == "G2"
     [event] = events(logs, "mllp.ack.unmatched")
     assert event["control_id"] == "OLD7" and event["expected"] == "G2"
 
@@ -484,12 +473,11 @@ def test_only_unmatched_answer_means_timeout_and_disconnect():
     with capture_logs() as logs:
         d = w.client.send(siu("G3"), "G3", timeout=10)
         pump = w.complete()
-        assert result_of(d) is None
+        assertNoResult(d)
         w.reactor.advance(9.9)
-        assert result_of(d) is None
+        assertNoResult(d)
         w.reactor.advance(0.2)
-        ok, failure = result_of(d)
-        assert not ok and failure.check(AckTimeout)
+        failure = failureResultOf(d, AckTimeout)
         assert failure.value.control_id == "G3"
         assert pump.clientIO.disconnecting
         w.his[0].answer(ack_for(w.received[0]))  # late answer on the dropped connection
@@ -507,20 +495,20 @@ def test_timeout_then_next_send_uses_new_connection():
     d1 = w.client.send(siu("G1"), "G1", timeout=5)
     w.complete()
     w.reactor.advance(5)
-    assert result_of(d1)[1].check(AckTimeout)
+    failureResultOf(d1, AckTimeout)
     d2 = w.client.send(siu("G2"), "G2", timeout=5)
     w.complete()  # a second connection
     assert len(w.his) == 2
     with capture_logs() as logs:
         w.his[0].answer(ack_for(held[0], control_id="G2"))  # the dropped connection still talks
         w.flush()
-        assert result_of(d2) is None
+        assertNoResult(d2)
         w.his[1].answer(ack_for(held[0]))  # G1's answer, late, on the new connection
         w.flush()
-        assert result_of(d2) is None
+        assertNoResult(d2)
         w.his[1].answer(ack_for(held[1]))
         w.flush()
-    assert read_ack(result_of(d2)[1])[1] == "G2"
+    assert read_ack(successResultOf(d2))[1] == "G2"
     assert [e["control_id"] for e in events(logs, "mllp.ack.unmatched")] == ["G1"]
 
 
@@ -534,12 +522,15 @@ def test_queued_sends_go_one_at_a_time_in_order():
     ds.append(w.client.send(siu("G2"), "G2", timeout=30))  # connection up, G0 in flight
     w.flush()
     assert [m.control_id for m in w.received] == ["G0"]
+    answered = []
     for i in range(3):
-        assert [result_of(d) is not None for d in ds] == [j < i for j in range(3)]
+        for d in ds[i:]:  # the earlier ones have fired (read below as each does), these not yet
+            assertNoResult(d)
         w.his[0].answer(ack_for(held[i]))
         w.flush()
+        answered.append(successResultOf(ds[i]))
         assert [m.control_id for m in w.received] == [f"G{j}" for j in range(min(i + 2, 3))]
-    assert [read_ack(result_of(d)[1])[1] for d in ds] == ["G0", "G1", "G2"]
+    assert [read_ack(a)[1] for a in answered] == ["G0", "G1", "G2"]
 
 
 def test_connection_refused_gives_peer_unavailable_and_next_send_retries():
@@ -550,13 +541,13 @@ def test_connection_refused_gives_peer_unavailable_and_next_send_retries():
     d2 = w.client.send(siu("G2"), "G2", timeout=10)
     with capture_logs() as logs:
         w.completer.failOnce(Failure(ConnectionRefusedError("nobody home")))
-    ok, failure = result_of(d1)
-    assert not ok and failure.check(PeerUnavailable) and "nobody home" in failure.value.reason
+    failure = failureResultOf(d1, PeerUnavailable)
+    assert "nobody home" in failure.value.reason
     assert failure.value.written is False
     assert events(logs, "mllp.client.connect_failed")
-    assert result_of(d2) is None
+    assertNoResult(d2)
     w.complete()
-    assert read_ack(result_of(d2)[1])[1] == "G2"
+    assert read_ack(successResultOf(d2))[1] == "G2"
 
 
 def test_connect_timeout_gives_peer_unavailable():
@@ -566,8 +557,8 @@ def test_connect_timeout_gives_peer_unavailable():
     d = w.client.send(siu("G1"), "G1", timeout=10)
     with capture_logs():
         w.reactor.advance(5.1)
-    ok, failure = result_of(d)
-    assert not ok and failure.check(PeerUnavailable) and "timed out" in failure.value.reason
+    failure = failureResultOf(d, PeerUnavailable)
+    assert "timed out" in failure.value.reason
     assert failure.value.written is False
 
 
@@ -580,13 +571,13 @@ def test_connection_lost_before_answer_gives_peer_unavailable():
     with capture_logs():
         w.his[0].transport.loseConnection()
         pump.flush()
-    ok, failure = result_of(d)
-    assert not ok and failure.check(PeerUnavailable) and failure.value.written is True
+    failure = failureResultOf(d, PeerUnavailable)
+    assert failure.value.written is True
     assert not w.client.connected
     w.script = lambda m: [ack_for(m)]
     d2 = w.client.send(siu("G2"), "G2", timeout=10)
     w.complete()
-    assert result_of(d2)[0]
+    successResultOf(d2)
 
 
 class OnePerConnectionHIS(Protocol):
@@ -627,7 +618,7 @@ def test_peer_that_closes_after_each_answer_gets_the_next_message_on_a_new_conne
         for _ in range(3):
             w.complete()
             w.flush()
-    assert [read_ack(result_of(d)[1])[1] for d in ds] == ["G0", "G1", "G2"]
+    assert [read_ack(successResultOf(d))[1] for d in ds] == ["G0", "G1", "G2"]
     assert [m.control_id for m in w.received] == ["G0", "G1", "G2"]
     assert [e["control_id"] for e in events(logs, "mllp.client.stale_connection")] == ["G1", "G2"]
 
@@ -638,18 +629,17 @@ def test_stale_connection_is_retried_only_once():
     with capture_logs():
         d1 = w.client.send(siu("G1"), "G1", timeout=10)
         pump = w.complete()
-        assert result_of(d1)[0]
+        successResultOf(d1)
         w.script = lambda m: []
         d2 = w.client.send(siu("G2"), "G2", timeout=10)
         pump.flush()
         w.his[0].transport.loseConnection()
         pump.flush()
-        assert result_of(d2) is None
+        assertNoResult(d2)
         pump2 = w.complete()
         w.his[1].transport.loseConnection()
         pump2.flush()
-    ok, failure = result_of(d2)
-    assert not ok and failure.check(PeerUnavailable)
+    failureResultOf(d2, PeerUnavailable)
 
 
 def test_unparseable_answer_gives_hl7error():
@@ -658,8 +648,8 @@ def test_unparseable_answer_gives_hl7error():
     d = w.client.send(siu("G1"), "G1", timeout=10)
     with capture_logs() as logs:
         w.complete()
-    ok, failure = result_of(d)
-    assert not ok and failure.check(Hl7Error) and failure.value.code == 100
+    failure = failureResultOf(d, Hl7Error)
+    assert failure.value.code == 100
     assert events(logs, "mllp.ack.unparseable")
 
 
@@ -671,12 +661,12 @@ def test_cancel_in_flight_send_drops_connection_and_moves_on():
     d2 = w.client.send(siu("G2"), "G2", timeout=10)
     pump = w.complete()
     d1.cancel()
-    assert result_of(d1)[1].check(defer.CancelledError)
+    failureResultOf(d1, defer.CancelledError)
     assert pump.clientIO.disconnecting
     w.script = lambda m: [ack_for(m)]
     w.flush()
     w.complete()
-    assert read_ack(result_of(d2)[1])[1] == "G2"
+    assert read_ack(successResultOf(d2))[1] == "G2"
 
 
 def test_close_fails_pending_sends():
@@ -687,12 +677,12 @@ def test_close_fails_pending_sends():
     d2 = w.client.send(siu("G2"), "G2", timeout=10)
     pump = w.complete()
     closed = w.client.close()
-    assert result_of(d1)[1].check(PeerUnavailable) and result_of(d2)[1].check(PeerUnavailable)
-    assert (result_of(d1)[1].value.written, result_of(d2)[1].value.written) == (True, False)
+    f1, f2 = failureResultOf(d1, PeerUnavailable), failureResultOf(d2, PeerUnavailable)
+    assert (f1.value.written, f2.value.written) == (True, False)
     with capture_logs():
         pump.flush()
-    assert result_of(closed) == (True, None)
-    assert result_of(w.client.send(siu("G3"), "G3", timeout=1))[1].check(PeerUnavailable)
+    assert successResultOf(closed) is None
+    failureResultOf(w.client.send(siu("G3"), "G3", timeout=1), PeerUnavailable)
 
 
 def test_client_and_listener_end_to_end():
@@ -705,7 +695,7 @@ def test_client_and_listener_end_to_end():
         d2 = w.client.send(siu("E2", charset="GB 18030-2000").replace(b"Zhangsan", "张三".encode("gb18030")),
                            "E2", timeout=10)
         w.complete()
-    a1, a2 = result_of(d1)[1], result_of(d2)[1]
+    a1, a2 = successResultOf(d1), successResultOf(d2)
     assert read_ack(a1)[:2] == ("AA", "E1")
     assert read_ack(a2)[:2] == ("AA", "E2") and a2.charset == "gb18030"
     assert factory.handler.seen == ["E1", "E2"]

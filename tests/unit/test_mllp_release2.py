@@ -11,8 +11,8 @@ from twisted.internet.protocol import Factory, Protocol
 
 from adapters.hl7.ack import read_ack
 from adapters.hl7.er7 import parse
-from adapters.mllp.client import MLLPClient, NegativeCommit, PeerUnavailable
-from adapters.mllp.framing import (
+from adapters.inner.client import MLLPClient, NegativeCommit, PeerUnavailable
+from adapters.inner.framing import (
     COMMIT_ACK,
     COMMIT_ACK_BLOCK,
     COMMIT_NAK,
@@ -20,10 +20,11 @@ from adapters.mllp.framing import (
     MLLPFramer,
     frame,
 )
-from adapters.mllp.server import Answer, MLLPServerFactory
+from adapters.inner.listener import Answer, MLLPServerFactory
+from tests.deferreds import assertNoResult, failureResultOf, successResultOf
 from tests.unit.test_hl7_enhanced_ack import Gate
 from tests.unit.test_hl7_enhanced_ack import siu as gate_siu
-from tests.unit.test_mllp_protocols import HeldHandler, Server, SyncHandler, World, ack_for, result_of, siu
+from tests.unit.test_mllp_protocols import HeldHandler, Server, SyncHandler, World, ack_for, siu
 
 
 def blocks(transport) -> list[bytes]:
@@ -184,7 +185,7 @@ def test_release2_sender_gets_answer_after_commit_block_and_acknowledges_it():
     d2 = w.client.send(siu("G2"), "G2", timeout=10)
     w.complete()
     w.flush()
-    assert [read_ack(result_of(d)[1])[:2] for d in (d1, d2)] == [("AA", "G1"), ("AA", "G2")]
+    assert [read_ack(successResultOf(d))[:2] for d in (d1, d2)] == [("AA", "G1"), ("AA", "G2")]
     assert w.raw == [siu("G1"), COMMIT_ACK, siu("G2"), COMMIT_ACK]
 
 
@@ -196,9 +197,9 @@ def test_negative_commit_fails_the_send_and_the_next_goes_on():
         d1 = w.client.send(siu("G1"), "G1", timeout=10)
         d2 = w.client.send(siu("G2"), "G2", timeout=10)
         w.complete()
-    ok, failure = result_of(d1)
-    assert not ok and failure.check(NegativeCommit) and failure.check(PeerUnavailable)
-    assert read_ack(result_of(d2)[1])[1] == "G2"
+    failure = failureResultOf(d1, NegativeCommit)
+    assert failure.check(PeerUnavailable)
+    assert read_ack(successResultOf(d2))[1] == "G2"
     assert len(w.his) == 1
     assert next(e for e in logs if e["event"] == "mllp.commit.refused")["control_id"] == "G1"
 
@@ -208,7 +209,7 @@ def test_until_commit_fires_at_the_commit_block():
     w = r2_world(lambda m: [COMMIT_ACK])
     d = w.client.send(siu("G1"), "G1", timeout=10, until="commit")
     w.complete()
-    assert result_of(d) == (True, None)
+    assert successResultOf(d) is None
 
 
 def test_until_commit_needs_release2():
@@ -227,15 +228,15 @@ def test_late_commit_block_is_never_taken_for_the_next_message():
     with capture_logs() as logs:
         w.his[0].answer(ack_for(held[0]))
         pump.flush()
-        assert read_ack(result_of(d1)[1])[1] == "G1"
+        assert read_ack(successResultOf(d1))[1] == "G1"
         d2 = w.client.send(siu("G2"), "G2", timeout=10, until="commit")
         pump.flush()
         w.his[0].answer(COMMIT_ACK)  # G1's block, late
         pump.flush()
-        assert result_of(d2) is None
+        assertNoResult(d2)
         w.his[0].answer(COMMIT_ACK)  # G2's block
         pump.flush()
-    assert result_of(d2) == (True, None)
+    assert successResultOf(d2) is None
     assert [e["event"] for e in logs if e["event"].startswith("mllp.commit")] == [
         "mllp.commit.late", "mllp.commit.received"]
 
@@ -247,7 +248,7 @@ def test_release1_sender_ignores_commit_blocks():
     with capture_logs() as logs:
         d = w.client.send(siu("G1"), "G1", timeout=10)
         w.complete()
-    assert read_ack(result_of(d)[1])[:2] == ("AA", "G1")
+    assert read_ack(successResultOf(d))[:2] == ("AA", "G1")
     assert [e for e in logs if e["event"] == "mllp.commit.unexpected"]
 
 
@@ -261,7 +262,7 @@ def test_release2_sender_and_listener_together():
         ds = [w.client.send(siu(f"E{i}"), f"E{i}", timeout=10) for i in range(3)]
         w.complete()
         w.flush()
-    assert [read_ack(result_of(d)[1])[:2] for d in ds] == [("AA", f"E{i}") for i in range(3)]
+    assert [read_ack(successResultOf(d))[:2] for d in ds] == [("AA", f"E{i}") for i in range(3)]
     assert factory.handler.seen == ["E0", "E1", "E2"]
     assert not [e for e in logs if e["event"] in ("mllp.frame.rejected", "mllp.commit.unmatched",
                                                   "mllp.ack.unmatched")]

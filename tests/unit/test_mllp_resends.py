@@ -17,12 +17,12 @@ from twisted.internet import task
 from adapters.hl7.ack import read_ack
 from adapters.hl7.er7 import parse
 from adapters.hl7.identity import same_message, sender
-from adapters.inner_gate import InnerGateHandler
-from adapters.mllp.framing import COMMIT_ACK, COMMIT_NAK, frame
-from adapters.mllp.server import MLLPServerFactory
-from gateway.booking import SlotBook
-from gateway.chamber import Chamber
-from gateway.inbound import InboundService
+from adapters.inner.receiver import InnerGateHandler
+from adapters.inner.framing import COMMIT_ACK, COMMIT_NAK, frame
+from adapters.inner.listener import MLLPServerFactory
+from gateway.domain.slot_book import SlotBook
+from gateway.chamber.engine import Chamber
+from gateway.domain.inbound import InboundService
 from tests.unit.test_hl7_enhanced_ack import TZ, connect, frames
 
 

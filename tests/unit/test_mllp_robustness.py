@@ -19,8 +19,8 @@ from twisted.internet.testing import StringTransport
 
 from adapters.hl7.ack import read_ack
 from adapters.hl7.er7 import Hl7Error, parse
-from adapters.mllp.framing import COMMIT_ACK, COMMIT_NAK, FrameTooLarge, MLLPFramer, frame
-from adapters.mllp.server import MLLPServerFactory
+from adapters.inner.framing import COMMIT_ACK, COMMIT_NAK, FrameTooLarge, MLLPFramer, frame
+from adapters.inner.listener import MLLPServerFactory
 from tests.unit.test_mllp_protocols import SyncHandler, siu
 
 MAX = 600  # max_message_bytes of the listener under test: small, so oversize frames are common

@@ -1,29 +1,25 @@
-"""gateway/oauth.py: client assertions are verified (by joserfc, under the gateway's policy) and every kind of
+"""adapters/outer/oauth.py: client assertions are verified (by joserfc, under the gateway's policy) and every kind of
 bad one is refused as invalid_client (alg none, HS/RS confusion, exp too far or past, replayed jti — also after
 the chamber is reopened —, wrong aud, wrong iss/sub, an unknown key); tokens are stored as hashes only, carry
-the granted scopes and expire.  Assertions are signed here with the test's own small JWS writer (plain
-cryptography) and, as an interoperability check, with PyJWT — never with the module under test nor with
-joserfc, the library it verifies with."""
+the granted scopes and expire.  Assertions are signed with the tests' own small JWS writer
+(tests/unit/client_assertions.py, plain cryptography) and, as an interoperability check, with PyJWT — never
+with the module under test nor with joserfc, the library it verifies with."""
 
-import base64
 import hashlib
-import hmac
 import json
-import uuid
+import time
 
 import pytest
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from twisted.internet import defer, task
-from twisted.python.failure import Failure
 
-from gateway.audit import verify
-from gateway.chamber import Chamber
-from gateway.config import load_config
-from gateway.confschema import ConfigError
-from gateway.devca import init_dev_ca
-from gateway.oauth import (
+from gateway.domain.audit import verify
+from gateway.chamber.engine import Chamber
+from gateway.config.model import load_config
+from gateway.config.errors import ConfigError
+from gateway.ops.devca import init_dev_ca
+from adapters.outer.oauth import (
     ASSERTION_TYPE,
     InvalidToken,
     KeyFileError,
@@ -34,78 +30,10 @@ from gateway.oauth import (
     load_public_keys,
     verify_assertion,
 )
+from tests.deferreds import failureResultOf, successResultOf
+from tests.unit.client_assertions import AUD, EC256_KEY, EC384_KEY, NOW, RSA_KEY, b64, claims, jwk, pem, sign
 
-AUD = "https://gw.example/oauth/token"
-NOW = 1_900_000_000.0
-SCOPES = ("Slot.read", "Schedule.read", "Appointment.read", "Appointment.write")
-
-RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-EC384_KEY = ec.generate_private_key(ec.SECP384R1())
-EC256_KEY = ec.generate_private_key(ec.SECP256R1())
 STRANGER_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-
-# -- the test's own JWS writer ----------------------------------------------------------------------------------
-def b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def sign(claims, key=RSA_KEY, alg="RS384", *, kid=None, header=None, raw_claims=None) -> str:
-    head = {"alg": alg, "typ": "JWT", **({"kid": kid} if kid else {}), **(header or {})}
-    payload = raw_claims if raw_claims is not None else json.dumps(claims).encode()
-    signing_input = f"{b64(json.dumps(head).encode())}.{b64(payload)}".encode()
-    digest = hashes.SHA384() if alg.endswith("384") else hashes.SHA256()
-    if alg.startswith("RS"):
-        sig = key.sign(signing_input, padding.PKCS1v15(), digest)
-    elif alg.startswith("ES"):
-        r, s = decode_dss_signature(key.sign(signing_input, ec.ECDSA(digest)))
-        size = (key.curve.key_size + 7) // 8
-        sig = r.to_bytes(size, "big") + s.to_bytes(size, "big")
-    elif alg.startswith("HS"):
-        sig = hmac.new(key, signing_input, hashlib.sha256).digest()
-    else:  # "none"
-        sig = b""
-    return f"{signing_input.decode()}.{b64(sig)}"
-
-
-def claims(iss="demo", *, now=NOW, **over):
-    c = {"iss": iss, "sub": iss, "aud": AUD, "exp": now + 240, "iat": now, "jti": uuid.uuid4().hex}
-    c.update(over)
-    return {k: v for k, v in c.items() if v is not None}
-
-
-def pem(key) -> bytes:
-    return key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-
-
-def jwk(key, kid, **extra) -> dict:
-    numbers = key.public_key().public_numbers()
-    if isinstance(key, rsa.RSAPrivateKey):
-        out = {"kty": "RSA", "n": b64(numbers.n.to_bytes((numbers.n.bit_length() + 7) // 8, "big")),
-               "e": b64(numbers.e.to_bytes(3, "big"))}
-    else:
-        size = (key.curve.key_size + 7) // 8
-        out = {"kty": "EC", "crv": {"secp384r1": "P-384", "secp256r1": "P-256"}[key.curve.name],
-               "x": b64(numbers.x.to_bytes(size, "big")), "y": b64(numbers.y.to_bytes(size, "big"))}
-    return {**out, "kid": kid, **extra}
-
-
-@pytest.fixture(scope="module")
-def keyfiles(tmp_path_factory):
-    d = tmp_path_factory.mktemp("keys")
-    (d / "demo.pem").write_bytes(pem(RSA_KEY))
-    (d / "other.jwks").write_text(json.dumps({"keys": [jwk(EC384_KEY, "ec-1"), jwk(EC256_KEY, "ec-2")]}))
-    return d
-
-
-@pytest.fixture(scope="module")
-def clients(keyfiles):
-    return {
-        "demo": OAuthClient("demo", load_public_keys(keyfiles / "demo.pem"), frozenset({"RS384", "ES384"}), 300,
-                            SCOPES),
-        "other": OAuthClient("other", load_public_keys(keyfiles / "other.jwks"),
-                             frozenset({"ES384", "ES256", "RS384"}), 120, ("Slot.read", "Schedule.read")),
-    }
 
 
 def refused(clients, assertion, now=NOW) -> OAuthError:
@@ -272,18 +200,17 @@ class Tokens:
         self.chamber.open()
         self.service = TokenService(self.chamber, clients, AUD, clock=clock)
 
-    def ask(self, assertion=None, over=None):
+    def request(self, assertion=None, over=None):
+        """The token request's Deferred (the chamber answers synchronously without a reactor)."""
         form = {"grant_type": ["client_credentials"], "client_assertion_type": [ASSERTION_TYPE],
                 "client_assertion": [assertion], "scope": ["system/Slot.read system/Appointment.write"]}
         form.update(over or {})
         form = {k: v for k, v in form.items() if v is not None}
-        d = defer.ensureDeferred(self.service.token_request(form, "192.0.2.1"))
-        out = []
-        d.addBoth(out.append)
-        assert out, "the chamber answers synchronously without a reactor"
-        if isinstance(out[0], Failure):
-            out[0].raiseException()
-        return out[0]
+        return defer.ensureDeferred(self.service.token_request(form, "192.0.2.1"))
+
+    def ask(self, assertion=None, over=None):
+        """The token response of a request that was granted."""
+        return successResultOf(self.request(assertion, over))
 
     def table(self, name):
         return [tuple(r) for r in self.chamber.read()._c.execute(f"SELECT * FROM {name}")]
@@ -326,14 +253,12 @@ def test_a_replayed_jti_is_refused_also_after_the_chamber_is_reopened(tmp_path, 
     t = Tokens(path, clients, clock)
     assertion = sign(claims())
     t.ask(assertion)
-    with pytest.raises(OAuthError) as e:
-        t.ask(assertion)
+    e = failureResultOf(t.request(assertion), OAuthError)
     assert (e.value.error, e.value.status) == ("invalid_client", 401) and "jti" in e.value.description
     t.chamber.close()
     again = Tokens(path, clients, clock)  # a restarted gateway: new service, same chamber file
     clock.advance(60)
-    with pytest.raises(OAuthError, match="jti"):
-        again.ask(assertion)
+    assert "jti" in str(failureResultOf(again.request(assertion), OAuthError).value)
     refusals = [r for r in again.chamber.read().audit_records() if r.action == "token" and r.outcome == 401]
     assert len(refusals) == 2 and all(r.detail == "invalid_client" for r in refusals)
 
@@ -369,8 +294,7 @@ def test_a_reload_narrows_what_existing_tokens_grant(tmp_path, clients, clock):
 ])
 def test_token_request_errors_follow_rfc_6749(tmp_path, clients, clock, over, error, status):
     t = Tokens(tmp_path / "c.sqlite3", clients, clock)
-    with pytest.raises(OAuthError) as e:
-        t.ask(sign(claims()), over)
+    e = failureResultOf(t.request(sign(claims()), over), OAuthError)
     assert (e.value.error, e.value.status) == (error, status)
     assert e.value.body() == {"error": error, "error_description": e.value.description}
     assert t.table("oauth_tokens") == []
@@ -420,7 +344,7 @@ def test_token_settings_are_read_and_bad_key_files_named_with_their_key(tmp_path
 
 def test_remember_assertion_is_true_once_per_platform_and_jti():
     """The chamber primitive behind replay refusal: the (platform, jti) primary key decides."""
-    chamber = Chamber(":memory:")
+    chamber = Chamber(":memory:", clock=time.time)
     chamber.open()
     assert chamber.transact_now(lambda tx: tx.remember_assertion("demo", "j1", NOW))
     assert not chamber.transact_now(lambda tx: tx.remember_assertion("demo", "j1", NOW))

@@ -1,18 +1,23 @@
 """Operator tools on the chamber (resubmit, reprocess, purge) and the refusal to start on a damaged file."""
 
 import functools
+import time
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
 import pytest
 from twisted.internet import task
 
-from adapters.inner_gate import make_reprocessor
-from adapters.mapping.srm_booking import Hl7Header, build_srm
-from gateway.booking import BookingService, HisLinkInfo, SlotBook
-from gateway.chamber import Chamber, ChamberError
-from gateway.operations import NotRetryable, purge_dead, retry, retry_all_dead
-from gateway.scheduling import BookingRequest, Patient, PatientIdentifier, ScheduleInfo, SlotNotice, slot_id
+from adapters.inner.receiver import make_reprocessor
+from adapters.maps.srm_booking import Hl7Header, build_srm
+from gateway.domain.booking import BookingService, HisLinkInfo
+from gateway.domain.slot_book import SlotBook
+from gateway.chamber.engine import Chamber
+from gateway.chamber.errors import ChamberError
+from gateway.ops.queue import NotRetryable, purge_dead, retry, retry_all_dead
+from gateway.domain.model import BookingRequest, Patient, PatientIdentifier, ScheduleInfo, SlotNotice, slot_status
+from gateway.domain.ids import slot_id
+from tests.deferreds import successResultOf
 
 TZ = ZoneInfo("Asia/Shanghai")
 START = datetime(2030, 1, 7, 8, 0)
@@ -56,9 +61,8 @@ def test_retry_refuses_delivered_messages_and_settled_bookings(env):
     chamber, booking, reprocess, _ = env
     with pytest.raises(NotRetryable, match="only dead or refused"):
         retry(chamber, add_outbound(chamber, "delivered"), reprocess)
-    d = booking.book("demo", BookingRequest(slot_id("D001", START),
-                                            Patient((PatientIdentifier("s", "v"),))))
-    appointment_id = d.result[0]
+    request = BookingRequest(slot_id("D001", START), Patient((PatientIdentifier("s", "v"),)))
+    appointment_id = successResultOf(booking.book("demo", request))[0]
     srm = chamber.read().messages(direction="outbound", state="committed")[0]
     chamber.transact_now(lambda tx: tx.set_message_state(srm.id, "dead", last_error="no ACK"))
     chamber.transact_now(lambda tx: booking.on_dead(tx, tx.message(srm.id), "no ACK"))
@@ -77,7 +81,7 @@ def test_reprocess_reads_a_refused_inbound_message_again(env):
         direction="inbound", peer="his", control_id="IN-1", type="SIU^S24", state="refused", body=SIU,
         charset="utf-8", answer_code="AE", answer_text="old bug"))
     assert "delivered (AA" in retry(chamber, mid, reprocess)
-    assert chamber.read().slot(slot_id("D001", START.replace(hour=9))).visible_status == "free"
+    assert slot_status(chamber.read().slot(slot_id("D001", START.replace(hour=9)))) == "free"
     assert chamber.read().message(mid).state == "delivered"
 
 
@@ -128,7 +132,7 @@ def test_retry_all_dead_and_purge(env):
 def test_a_damaged_chamber_is_refused_at_start(tmp_path):
     """Bytes overwritten inside the file: gatewayd refuses to start and says how to recover."""
     path = tmp_path / "c.sqlite3"
-    chamber = Chamber(path)
+    chamber = Chamber(path, clock=time.time)
     chamber.open()
     for i in range(300):
         chamber.transact_now(lambda tx, i=i: tx.add_message(
@@ -142,4 +146,4 @@ def test_a_damaged_chamber_is_refused_at_start(tmp_path):
         data[offset + 8: offset + 64] = b"\xff" * 56
     path.write_bytes(bytes(data))
     with pytest.raises(ChamberError, match="restore the last backup"):
-        Chamber(path).open()
+        Chamber(path, clock=time.time).open()

@@ -3,136 +3,20 @@ request — scopes, revoked certificates, rate limits, quotas, request cost limi
 patient data and every refusal is audited.  FhirApi runs on a real chamber file with a task.Clock;
 requests are twisted.web DummyRequests carrying real client certificates from the dev CA."""
 
-import functools
-import io
 import json
-from datetime import datetime, timedelta
 from types import SimpleNamespace
-from zoneinfo import ZoneInfo
 
 import pytest
 from OpenSSL import crypto
-from twisted.internet import defer, task
-from twisted.internet.address import IPv4Address
-from twisted.web.test.requesthelper import DummyRequest
+from twisted.internet import defer
 
-from adapters.fhir.server import FhirApi, JsonLimits, PlatformDirectory, PlatformGrant
-from adapters.mapping.srm_booking import Hl7Header, build_srm
-from gateway.audit import AuditTrail, verify
-from gateway.booking import BookingService, HisLinkInfo, SlotBook
-from gateway.chamber import Chamber
-from gateway.config import normalise_subject
-from gateway.devca import init_dev_ca
-from gateway.quota import QuotaRule, Quotas
-from gateway.ratelimit import RateLimiter
-from gateway.scheduling import HisAnswer, ScheduleInfo, SlotNotice, slot_id
+from adapters.outer.access import PlatformGrant
+from adapters.outer.intake import JsonLimits
+from gateway.domain.audit import verify
+from gateway.ops.devca import init_dev_ca
+from gateway.domain.model import HisAnswer, slot_status
+from tests.unit.outer_gate import SID, Connection, Gate, appointment, outcome
 
-TZ = ZoneInfo("Asia/Shanghai")
-NOW = datetime(2030, 1, 1, tzinfo=TZ).timestamp()
-DAY = datetime(2030, 1, 7, 8, 0)
-SCHEDULE = ScheduleInfo("D001", "Dr", "D001", "张伟", "CARD", "心内科")
-PLATFORMS = ("demo", "other", "readonly", "limited", "revoked")
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("certs")
-    init_dev_ca(directory, platforms=PLATFORMS)
-    return {p: crypto.load_certificate(crypto.FILETYPE_PEM, (directory / f"platform-{p}.pem").read_bytes())
-            for p in PLATFORMS}
-
-
-class Gate:
-    def __init__(self, path, certs, *, global_limit=None):
-        self.certs = certs
-        self.clock = task.Clock()
-        self.clock.advance(NOW)
-        self.chamber = Chamber(path, clock=self.clock.seconds)
-        self.chamber.open()
-        header = Hl7Header("GATEWAYD", "FRONT", "HIS", "HOSPITAL", "2.5", "utf-8")
-        self.quotas = Quotas({"demo": [QuotaRule("*", None, 2, 3600)]}, TZ)
-        self.booking = BookingService(
-            self.chamber, HisLinkInfo("his", "utf-8", "S04", functools.partial(build_srm, header=header)),
-            tz=TZ, hold_seconds=300, clock=self.clock, quotas=self.quotas)
-        grants = {p: PlatformGrant() for p in PLATFORMS}
-        grants["readonly"] = PlatformGrant(scopes=frozenset({"Slot.read", "Schedule.read"}))
-        grants["revoked"] = PlatformGrant(revoked_serials=frozenset({certs["revoked"].get_serial_number()}))
-        directory = PlatformDirectory([(p, normalise_subject(f"CN=platform-{p}")) for p in PLATFORMS], grants)
-        limits = {p: None for p in PLATFORMS}
-        limits["limited"] = (1.0, 2)
-        self.api = FhirApi(
-            booking=self.booking, reader=self.chamber.read, platforms=directory, tz=TZ, base_path="/fhir",
-            public_base_url="https://gw.example/fhir", answer_within=5, page_size=100, hospital_name="H",
-            software_version="test", audit=AuditTrail(self.chamber), quotas=self.quotas,
-            rate_limiter=RateLimiter(limits, global_limit, self.clock), json_limits=JsonLimits(32, 65536),
-            clock=self.clock)
-        self.chamber.transact_now(lambda tx: SlotBook(TZ).apply(tx, [
-            SlotNotice("open", SCHEDULE, DAY + timedelta(minutes=15 * i), 15, "card", "x") for i in range(8)]))
-
-    def request(self, method, path, body=None, platform="demo", headers=None, raw=None, settle=True,
-                transport=None):
-        bare, _, _query = path.partition("?")
-        req = DummyRequest([p.encode() for p in ("fhir" + bare).split("/") if p])
-        req.client = IPv4Address("TCP", "192.0.2.7", 40000)
-        req.method = method.encode()
-        req.uri = ("/fhir" + path).encode()
-        req.path = ("/fhir" + bare).encode()
-        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else b"")
-        req.content = io.BytesIO(data)
-        ctype = (headers or {}).pop("Content-Type", "application/fhir+json")
-        req.requestHeaders.setRawHeaders(b"content-type", [ctype.encode()])
-        for k, v in (headers or {}).items():
-            req.requestHeaders.setRawHeaders(k.encode(), [v.encode()])
-        cert = self.certs.get(platform) if platform else None
-        req.channel = SimpleNamespace(transport=transport or Connection(cert))
-        self.api.render(req)
-        if settle and not req.finished:
-            self.clock.advance(5)  # past answer_within: the booking is answered 202
-        assert req.finished, "no answer"
-        text = b"".join(req.written).decode()
-        return SimpleNamespace(status=req.responseCode, json=json.loads(text) if text else None,
-                               headers={k.decode().lower(): v[0].decode()
-                                        for k, v in req.responseHeaders.getAllRawHeaders()})
-
-    def audit(self):
-        return list(self.chamber.read().audit_records())
-
-
-class Connection:
-    """A TLS connection's transport as the outer gate sees it: the handshake's peer certificate."""
-
-    def __init__(self, cert):
-        self.cert, self.reads = cert, 0
-
-    def getPeerCertificate(self):
-        self.reads += 1
-        return self.cert
-
-
-@pytest.fixture
-def gate(tmp_path, certs):
-    g = Gate(tmp_path / "c.sqlite3", certs)
-    yield g
-    g.booking.stop()
-    g.chamber.close()
-
-
-def outcome(response, status, code):
-    assert response.status == status, response.json
-    assert response.json["resourceType"] == "OperationOutcome"
-    assert response.json["issue"][0]["code"] == code
-    return response.json["issue"][0]["diagnostics"]
-
-
-def appointment(sid, name="欧阳娜娜"):
-    return {"resourceType": "Appointment", "status": "proposed", "slot": [{"reference": f"Slot/{sid}"}],
-            "contained": [{"resourceType": "Patient", "id": "p",
-                           "identifier": [{"system": "urn:id-card", "value": "11010519491231002X"}],
-                           "name": [{"text": name}], "telecom": [{"system": "phone", "value": "13912345678"}]}],
-            "participant": [{"actor": {"reference": "#p"}, "status": "needs-action"}]}
-
-
-SID = [slot_id("D001", DAY + timedelta(minutes=15 * i)) for i in range(8)]
 
 
 # -- scopes and identity -------------------------------------------------------------------------------------
@@ -145,7 +29,7 @@ def test_a_platform_without_the_scope_gets_403_forbidden_and_it_is_audited(gate)
                                                        platform="readonly"), 403, "forbidden")
     outcome(gate.request("GET", "/Appointment", platform="readonly"), 403, "forbidden")
     outcome(gate.request("GET", "/Appointment/a123", platform="readonly"), 403, "forbidden")
-    assert gate.chamber.read().slot(SID[0]).visible_status == "free"  # nothing was held
+    assert slot_status(gate.chamber.read().slot(SID[0])) == "free"  # nothing was held
     records = gate.audit()
     assert [(r.platform, r.action, r.outcome, r.detail) for r in records] == [
         ("readonly", "book", 403, "forbidden"), ("readonly", "search", 403, "forbidden"),
@@ -169,7 +53,7 @@ def test_a_connection_certificate_is_read_once_and_still_checked_on_every_reques
         assert gate.request("GET", "/Slot", transport=connection).status == 200
     assert connection.reads == 1
     serial = gate.certs["demo"].get_serial_number()
-    gate.api.platforms._grants["demo"] = PlatformGrant(revoked_serials=frozenset({serial}))  # as a reload does
+    gate.api.gatekeeper.platforms._grants["demo"] = PlatformGrant(revoked_serials=frozenset({serial}))  # as a reload does
     outcome(gate.request("GET", "/Slot", transport=connection), 403, "security")
     other = Connection(gate.certs["other"])
     assert gate.request("GET", "/Slot", platform="other", transport=other).status == 200
@@ -180,7 +64,8 @@ def test_a_connection_certificate_is_read_once_and_still_checked_on_every_reques
 def test_the_listeners_tls_refuses_renegotiation(tmp_path):
     from OpenSSL import SSL
 
-    from gateway.service import TlsSwitch, tls_options
+    from adapters.outer.tls import tls_options
+    from adapters.tls import TlsSwitch
 
     init_dev_ca(tmp_path, platforms=("demo",))
     tls = SimpleNamespace(certificate=tmp_path / "server.pem", private_key=tmp_path / "server.key",
@@ -253,7 +138,7 @@ def test_by_default_reads_keep_working_and_the_unrecorded_access_goes_to_the_log
     audit.not_recorded, so a full disk does not stop platforms reading their bookings."""
     appointment_id = gate.request("POST", "/Appointment", appointment(SID[2])).json["id"]
     logged = []
-    monkeypatch.setattr("adapters.fhir.server.log.error", lambda event, **kw: logged.append((event, kw)))
+    monkeypatch.setattr("adapters.outer.site.log.error", lambda event, **kw: logged.append((event, kw)))
     monkeypatch.setattr(gate.api.audit, "record", lambda entry: defer.fail(OSError("disk full")))
     assert gate.request("GET", f"/Appointment/{appointment_id}").status == 200
     [(event, fields)] = logged

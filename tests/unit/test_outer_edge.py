@@ -1,8 +1,8 @@
 """The outer gate's edge in-process, on a task.Clock with connections in memory: connections limited at accept
-(gateway/listen.py ConnectionLimiter, reusable on the MLLP listener), deadlines no trickle can reset, the body
+(gateway/ops/listen.py ConnectionLimiter, reusable on the MLLP listener), deadlines no trickle can reset, the body
 limit and the API's decisions before the body is read, and every answer twisted.web gave by itself an
-OperationOutcome (adapters/fhir/channel.py), over the real FhirApi on a real chamber (the unit Gate of
-test_outer_access)."""
+OperationOutcome (adapters/outer/http.py), over the real FhirApi on a real chamber (the unit Gate of
+tests/unit/outer_gate.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import http.client
 import io
 import json
 import resource as rlimit
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -22,11 +23,11 @@ from twisted.internet.testing import StringTransport
 from twisted.python import failure
 from twisted.web import resource
 
-from adapters.fhir.channel import CLOSE_GRACE, MAX_HEADERS, GatewaySite
-from gateway.devca import init_dev_ca
-from gateway.listen import (ACCEPTS_PER_TURN, ConnectionLimiter, DescriptorShortage, GatePort, descriptor_needs,
+from adapters.outer.http import CLOSE_GRACE, MAX_HEADERS, GatewaySite
+from gateway.ops.devca import init_dev_ca
+from gateway.ops.listen import (ACCEPTS_PER_TURN, ConnectionLimiter, DescriptorShortage, GatePort, descriptor_needs,
                             ensure_descriptors, source_key)
-from tests.unit.test_outer_access import PLATFORMS, SID, appointment, gate  # noqa: F401 (a fixture)
+from tests.unit.outer_gate import PLATFORMS, SID, appointment
 
 LIMIT = 4096  # outer.max_request_bytes in these tests
 DEADLINES = {"header_timeout": 10.0, "body_timeout": 30.0, "idle_timeout": 60.0}
@@ -290,7 +291,8 @@ def test_an_exception_that_escapes_the_api_is_a_500_operation_outcome(gate):
 
 # -- the TLS handshake's deadline ------------------------------------------------------------------------------------
 def test_a_tls_handshake_not_done_in_time_is_cut(tmp_path):
-    from gateway.service import HandshakeWatch, TlsSwitch, tls_options
+    from adapters.outer.tls import HandshakeWatch, tls_options
+    from adapters.tls import TlsSwitch
 
     init_dev_ca(tmp_path, platforms=("demo",))
     tls = SimpleNamespace(certificate=tmp_path / "server.pem", private_key=tmp_path / "server.key",
@@ -318,12 +320,12 @@ def test_a_tls_handshake_not_done_in_time_is_cut(tmp_path):
 
 
 def test_a_flood_of_failed_handshakes_is_logged_once_per_interval_and_each_counted():
-    from gateway.admin import Metrics
-    from gateway.chamber import Chamber
-    from gateway.service import _handshake_failures
+    from gateway.ops.admin import Metrics
+    from gateway.chamber.engine import Chamber
+    from gateway.ops.listen import handshake_failures
 
-    clock, metrics = task.Clock(), Metrics(Chamber(":memory:"))
-    failed = _handshake_failures(metrics, "outer", clock=clock)
+    clock, metrics = task.Clock(), Metrics(Chamber(":memory:", clock=time.time))
+    failed = handshake_failures(metrics, "outer", clock=clock)
     with capture_logs() as logs:
         for i in range(100):
             failed(IPv4Address("TCP", f"198.51.100.{1 + i % 2}", 40000),
@@ -470,7 +472,7 @@ def rss_mb() -> float:
 def test_memory_closed_connections_freed_is_handed_back_to_the_system():
     """As a flood's TLS buffers: 100 MB freed below one that is still in use stays with the process (glibc
     cannot shrink its heap past it) until the service's next tick hands it back."""
-    from gateway.service import MemoryTrimService
+    from gateway.ops.services import MemoryTrimService
 
     clock = task.Clock()
     trim = MemoryTrimService(clock, every=60)

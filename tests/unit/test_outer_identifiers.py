@@ -1,7 +1,8 @@
 """No identifier in clear in the outer gate's log events or its audit trail (issue 15, finding 5): log events
 name a request by its route template (``/fhir/Appointment/{id}``), never its raw path; the audit names a
 resource by an id the gateway issued (one the chamber knows), anything else a platform put in a URL by a
-keyed hash an auditor can recompute.  Same in-process gate as tests/unit/test_outer_access.py."""
+keyed hash an auditor can recompute.  Same in-process gate (tests/unit/outer_gate.py) as
+tests/unit/test_outer_access.py."""
 
 import json
 import re
@@ -11,9 +12,8 @@ from urllib.parse import unquote
 import pytest
 from structlog.testing import capture_logs
 
-from gateway.audit import keyed_name
-from tests.unit.test_outer_access import SID, Gate, appointment, certs, gate, outcome  # noqa: F401
-from tests.unit.test_outer_intake import raw_request
+from gateway.domain.audit import keyed_name
+from tests.unit.outer_gate import SID, Gate, appointment, outcome, raw_request
 
 #: finding 5's paths: an identifier with a letter before it, under a Chinese character, an ID card number
 #: with "ID" before it; and a mobile number alone
@@ -55,11 +55,11 @@ def test_paths_outside_the_base_and_escaped_ones_are_templates_too(gate, path, t
     assert event["path"] == template
 
 
-def test_the_token_and_smart_endpoints_log_their_own_path(tmp_path, certs):  # noqa: F811
+def test_the_token_and_smart_endpoints_log_their_own_path(tmp_path, certs):
     """Reached before any FHIR routing: their log events name the endpoint, never what followed it."""
     g = Gate(tmp_path / "t.sqlite3", certs)
     try:
-        g.api.oauth = SimpleNamespace(token_url="https://gw.example/oauth/token")
+        g.api.gatekeeper.oauth = SimpleNamespace(token_url="https://gw.example/oauth/token")
         _, [event] = raw_request(g, b"/oauth/token?x=13655550002")
         assert event["path"] == "/oauth/token"
         _, [event] = raw_request(g, b"/fhir/.well-known/smart-configuration?13655550002")

@@ -2,37 +2,17 @@
 faithfully — a lone UTF-16 surrogate, NUL and the other control characters FHIR strings may not hold, a key
 named twice in one JSON object — is refused with 400 and an OperationOutcome naming the problem (and the
 element, as ``expression``), never a 500; and wherever else text enters (query, path, headers, the token
-form) no input gives a 500.  Same in-process gate as tests/unit/test_outer_access.py (a real chamber file,
-a task.Clock, DummyRequests with the dev CA's client certificates)."""
+form) no input gives a 500.  Same in-process gate as tests/unit/test_outer_access.py (tests/unit/outer_gate.py:
+a real chamber file, a task.Clock, DummyRequests with the dev CA's client certificates)."""
 
-import io
 import json
-from types import SimpleNamespace
-from urllib.parse import unquote_to_bytes, urlencode
+from urllib.parse import urlencode
 
 import pytest
-from structlog.testing import capture_logs
-from twisted.internet.address import IPv4Address
-from twisted.web.test.requesthelper import DummyRequest
 
-from gateway.oauth import ASSERTION_TYPE, TokenService
-from tests.unit.test_oauth import AUD, claims, clients, keyfiles, sign  # noqa: F401 (fixtures)
-from tests.unit.test_outer_access import SID, Connection, appointment, certs, gate, outcome  # noqa: F401
-
-
-def raw_request(gate, path: bytes, method=b"GET", platform="demo", body=b"", content_type=b"application/fhir+json"):
-    """A request for any path (outside the FHIR base too) as twisted.web hands it over, segments unquoted;
-    returns it and its outer.request log events."""
-    req = DummyRequest([unquote_to_bytes(p) for p in path.split(b"?")[0].split(b"/") if p])
-    req.client = IPv4Address("TCP", "192.0.2.7", 40000)
-    req.method, req.uri, req.path = method, path, path.split(b"?")[0]
-    req.content = io.BytesIO(body)
-    req.requestHeaders.setRawHeaders(b"content-type", [content_type])
-    req.channel = SimpleNamespace(transport=Connection(gate.certs.get(platform)))
-    with capture_logs() as events:
-        gate.api.render(req)
-    assert req.finished
-    return req, [e for e in events if e["event"] == "outer.request"]
+from adapters.outer.oauth import ASSERTION_TYPE, TokenService
+from tests.unit.client_assertions import AUD, claims, sign
+from tests.unit.outer_gate import SID, appointment, outcome, raw_request
 
 
 def posted(gate, body: dict):
@@ -136,10 +116,10 @@ def test_no_text_anywhere_in_a_request_gives_a_500(gate, method, path, headers):
         assert r.json["resourceType"] == "OperationOutcome"
 
 
-def test_no_text_in_a_token_request_gives_a_500(gate, clients):  # noqa: F811 (the imported fixture)
+def test_no_text_in_a_token_request_gives_a_500(gate, clients):
     """/oauth/token: lone surrogates inside the client assertion's JSON (issuer, jti, kid, alg, a signed
     one too) and junk percent-escapes in the form are answered as OAuth2 says (400/401), never 500."""
-    gate.api.oauth = TokenService(gate.chamber, clients, AUD, clock=gate.clock)
+    gate.api.gatekeeper.oauth = TokenService(gate.chamber, clients, AUD, clock=gate.clock)
     now = gate.clock.seconds()
     assertions = [sign(claims("\ud800", now=now)), sign(claims(now=now, jti="\udfff")),
                   sign(claims(now=now, sub="\ud800")), sign(claims(now=now), kid="\ud800"),

@@ -1,21 +1,17 @@
 """Patient identifiers as the hospital configures them (``patients.identifiers``): which systems platforms may
 use (another is 422, naming the accepted ones, before anything is stored), how each becomes a PID-3
 repetition (CX.4 assigning authority, CX.5 type code), config mistakes with file:line:key, and the default
-(no rules: every system, written as it came)."""
+(no rules: every system, written as it came); the per-patient ordering key."""
+
+import hashlib
 
 from adapters.hl7.er7 import parse
-from gateway.patients import IdentifierRefused, IdentifierRule, IdentifierRules
-from gateway.scheduling import Patient, PatientIdentifier
-from tests.unit import test_config_grants, test_outer_access
-from tests.unit.test_config_grants import load, problems
-from tests.unit.test_ihe import PATIENT, entries, params, ref
-from tests.unit.test_outer_access import SID, appointment, outcome
+from gateway.domain.patients import IdentifierRefused, IdentifierRule, IdentifierRules, order_key
+from gateway.domain.model import Patient, PatientIdentifier
+from tests.unit.config_files import load, problems
+from tests.unit.outer_gate import PATIENT, SID, appointment, entries, outcome, params, ref
 
 import pytest
-
-certs = test_outer_access.certs
-gate = test_outer_access.gate
-config_dir = test_config_grants.certs
 
 ID_CARD = "urn:oid:2.16.156.10011.1.5"
 RULES = IdentifierRules([
@@ -119,3 +115,18 @@ def test_a_patient_of_an_unknown_system_is_422_on_every_way_in_and_nothing_is_st
     r = gate.request("POST", "/Appointment/$book", params(("appointment-reference", ref(f"Appointment/{held['id']}")),
                                                           ("patient-resource", {"resource": accepted})))
     assert r.status == 202, r.json
+
+
+def test_the_ordering_key_names_the_patient_by_a_hash_of_the_first_identifier():
+    """order_key: one patient's messages share a key (their first identifier's system and value, hashed: the
+    key never shows the identifier), whatever else differs; without an identifier, the name and phone decide.
+    It is the key prescriptions were queued with (sha256 of 'system|value', 24 hex digits), so a queue keeps its
+    order across the switch to this one function."""
+    first = patient((ID_CARD, "11010519491231002X", "NNCHN"), ("urn:demo:mrn", "MRN-1", "MR"))
+    again = Patient((PatientIdentifier(ID_CARD, "11010519491231002X"),), "欧阳", "娜", "13800000000")
+    key = order_key(first)
+    assert key == order_key(again) == hashlib.sha256(f"{ID_CARD}|11010519491231002X".encode()).hexdigest()[:24]
+    assert "11010519491231002X" not in key and len(key) == 24
+    assert key != order_key(patient(("urn:demo:mrn", "MRN-1", "MR")))
+    assert order_key(Patient((), "王", "芳", "13800000000")) == order_key(Patient((), "王", "芳", "13800000000"))
+    assert order_key(Patient((), "王", "芳", "13800000000")) != order_key(Patient((), "王", "芳", "13900000000"))

@@ -1,4 +1,5 @@
-"""The pharmacy mapping (adapters/mapping/pharmacy.py) against hand-written golden files in tests/golden/pharmacy/.
+"""The pharmacy maps (adapters/maps/fhir_prescription.py, fhir_documents.py, rde_order.py, rds_dispense.py)
+against hand-written golden files in tests/golden/pharmacy/.
 
 Golden HL7 files are written from docs/pharmacy-profile.md, one segment per line (LF in the file, CR on the
 wire: the tests swap them); the GB18030 ones are GB18030 bytes. What each test proves is in its name and
@@ -27,19 +28,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adapters.hl7.er7 import Hl7Error, parse
-from adapters.mapping.pharmacy import (
-    InvalidPrescription,
-    PharmacyProfile,
-    build_order,
-    dispenses_from_rds,
-    medication_requests,
-    prescription_from_fhir,
-    prescription_from_rde,
-    read_order_answer,
-    released_prescription,
-)
-from adapters.mapping.srm_booking import Hl7Header
-from gateway.prescriptions import Code, Prescriber
+from adapters.maps.fhir_documents import medication_dispense, medication_requests
+from adapters.maps.fhir_prescription import InvalidPrescription, prescription_from_fhir
+from adapters.maps.pharmacy_codes import PharmacyProfile
+from adapters.maps.rde_order import build_order, read_order_answer
+from adapters.maps.rds_dispense import dispenses_from_rds, prescription_from_rde, released_prescription
+from adapters.maps.srm_booking import Hl7Header
+from gateway.domain.prescriptions import Code, Prescriber
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "pharmacy"
 TZ = ZoneInfo("Asia/Shanghai")
@@ -291,7 +286,7 @@ def test_an_unrelated_message_is_not_an_answer():
 
 
 def test_rds_becomes_the_golden_medication_dispenses():
-    out = dispenses_from_rds(parse(golden_hl7("rds_o13.hl7")), TZ, PROFILE)
+    out = [medication_dispense(d, TZ, PROFILE) for d in dispenses_from_rds(parse(golden_hl7("rds_o13.hl7")), TZ)]
     assert out == golden_json("rds_o13.medicationdispense.json")
     for res in out:
         MedicationDispense.model_validate(res)
@@ -300,7 +295,7 @@ def test_rds_becomes_the_golden_medication_dispenses():
 def test_rds_without_rxd_is_101_at_rxd():
     raw = golden_hl7("rds_o13.hl7").replace(b"RXD|1|Y0002", b"NTE|1|Y0002")
     with pytest.raises(Hl7Error) as e:
-        dispenses_from_rds(parse(raw), TZ, PROFILE)
+        dispenses_from_rds(parse(raw), TZ)
     assert (e.value.code, e.value.location) == (101, "RXD[2]")
 
 

@@ -1,6 +1,6 @@
 """Slot quotas: what a platform may book and see, decided from the chamber inside the booking transaction.
 
-Real chamber (SQLite file), task.Clock for time.  The rules are in gateway/quota.py and docs/security.md.
+Real chamber (SQLite file), task.Clock for time.  The rules are in gateway/domain/quota.py and docs/security.md.
 """
 
 import functools
@@ -10,12 +10,15 @@ from zoneinfo import ZoneInfo
 import pytest
 from twisted.internet import task
 
-from adapters.mapping.srm_booking import Hl7Header, build_srm
-from gateway.booking import BookingService, HisLinkInfo, SlotBook
-from gateway.chamber import Chamber
-from gateway.quota import QuotaExhausted, QuotaRule, Quotas
-from gateway.scheduling import (BookingRequest, HisAnswer, Patient, PatientIdentifier, ScheduleInfo, SlotNotice,
-                                SlotUnavailable, slot_id)
+from adapters.maps.srm_booking import Hl7Header, build_srm
+from gateway.domain.booking import BookingService, HisLinkInfo
+from gateway.domain.slot_book import SlotBook
+from gateway.chamber.engine import Chamber
+from gateway.domain.quota import QuotaExhausted, QuotaRule, Quotas
+from gateway.domain.model import (BookingRequest, HisAnswer, Patient, PatientIdentifier, ScheduleInfo, SlotNotice,
+                                  SlotUnavailable, slot_status)
+from gateway.domain.ids import slot_id
+from tests.deferreds import failureResultOf, successResultOf
 
 TZ = ZoneInfo("Asia/Shanghai")
 DAY = datetime(2030, 1, 7, 8, 0)
@@ -60,15 +63,16 @@ class Env:
     def publish(self, notices):
         self.chamber.transact_now(lambda tx: SlotBook(TZ).apply(tx, notices))
 
-    def book(self, platform, sid):
-        out = []
+    def try_book(self, platform, sid):
+        """The booking service's Deferred for ``sid`` (after the reactor turn's commit when batched)."""
         d = self.booking.book(platform, BookingRequest(sid, PATIENT))
-        d.addBoth(out.append)
         if self.batched:
             self.clock.advance(0)
-        if hasattr(out[0], "raiseException"):
-            out[0].raiseException()
-        return out[0][0]
+        return d
+
+    def book(self, platform, sid):
+        """The id of the appointment held for ``sid``."""
+        return successResultOf(self.try_book(platform, sid))[0]
 
 
 @pytest.fixture
@@ -92,9 +96,8 @@ def test_five_percent_of_a_hundred_slots_is_five_and_the_sixth_is_refused(make):
     ids = [slot_id("D001", DAY + timedelta(minutes=5 * i)) for i in range(6)]
     for sid in ids[:5]:
         env.book("demo", sid)
-    with pytest.raises(QuotaExhausted, match="holds 5 of the 5 slot"):
-        env.book("demo", ids[5])
-    assert env.chamber.read().slot(ids[5]).visible_status == "free"  # nothing held for the refusal
+    assert "holds 5 of the 5 slot" in str(failureResultOf(env.try_book("demo", ids[5]), QuotaExhausted).value)
+    assert slot_status(env.chamber.read().slot(ids[5])) == "free"  # nothing held for the refusal
 
 
 def test_twenty_bookings_in_one_transaction_are_counted_exactly(make):
@@ -102,16 +105,13 @@ def test_twenty_bookings_in_one_transaction_are_counted_exactly(make):
     so exactly five are held and fifteen refused."""
     env = make({"demo": [rule(share=0.05)]}, batched=True)
     env.publish(slots_of(D001, DAY, 100))
-    results = []
-    for i in range(20):
-        d = env.booking.book("demo", BookingRequest(slot_id("D001", DAY + timedelta(minutes=5 * i)), PATIENT))
-        d.addBoth(results.append)
+    ds = [env.booking.book("demo", BookingRequest(slot_id("D001", DAY + timedelta(minutes=5 * i)), PATIENT))
+          for i in range(20)]
     env.clock.advance(0)
-    assert len(results) == 20
-    held = [r for r in results if isinstance(r, tuple)]
-    refused = [r for r in results if not isinstance(r, tuple)]
-    assert len(held) == 5
-    assert len(refused) == 15 and all(f.check(QuotaExhausted) for f in refused)
+    for d in ds[:5]:  # held: the units run in the order they came
+        assert isinstance(successResultOf(d), tuple)
+    for d in ds[5:]:
+        failureResultOf(d, QuotaExhausted)
 
 
 def test_cancelled_and_refused_bookings_give_their_quota_back(make):
@@ -120,8 +120,7 @@ def test_cancelled_and_refused_bookings_give_their_quota_back(make):
     env.publish(slots_of(D001, DAY, 10))
     first, second = slot_id("D001", DAY), slot_id("D001", DAY + timedelta(minutes=5))
     appointment = env.book("demo", first)
-    with pytest.raises(QuotaExhausted):
-        env.book("demo", second)
+    failureResultOf(env.try_book("demo", second), QuotaExhausted)
     env.booking.cancel("demo", appointment)  # still pending: cancelled at once
     again = env.book("demo", second)
     srm = [m for m in env.chamber.read().messages(direction="outbound") if m.state == "committed"][0]
@@ -141,10 +140,8 @@ def test_quota_is_per_platform_schedule_and_day(make):
     env.book("demo", slot_id("D001", next_day))
     env.book("demo", slot_id("D002", DAY))
     env.book("demo", slot_id("D002", DAY + timedelta(minutes=5)))
-    with pytest.raises(QuotaExhausted):
-        env.book("demo", slot_id("D002", DAY + timedelta(minutes=10)))
-    with pytest.raises(QuotaExhausted):
-        env.book("demo", slot_id("D001", DAY + timedelta(minutes=10)))
+    failureResultOf(env.try_book("demo", slot_id("D002", DAY + timedelta(minutes=10))), QuotaExhausted)
+    failureResultOf(env.try_book("demo", slot_id("D001", DAY + timedelta(minutes=10))), QuotaExhausted)
 
 
 def test_a_platform_without_a_quota_for_the_schedule_is_not_limited(make):
@@ -153,8 +150,7 @@ def test_a_platform_without_a_quota_for_the_schedule_is_not_limited(make):
     env.publish(slots_of(D001, DAY, 5) + slots_of(D002, DAY, 1))
     for i in range(5):
         env.book("demo", slot_id("D001", DAY + timedelta(minutes=5 * i)))
-    with pytest.raises(QuotaExhausted):
-        env.book("demo", slot_id("D002", DAY))
+    failureResultOf(env.try_book("demo", slot_id("D002", DAY)), QuotaExhausted)
     env.book("nobody-limits-me", slot_id("D002", DAY))
 
 
@@ -163,8 +159,7 @@ def test_released_slots_are_open_to_every_platform_beyond_its_quota(make):
     env = make({"demo": [rule(per_day=0, release_before=2 * 3600)]})
     soon = datetime.fromtimestamp(NOW, TZ).replace(tzinfo=None) + timedelta(hours=1)
     env.publish(slots_of(D001, DAY, 2) + slots_of(D001, soon, 2))
-    with pytest.raises(QuotaExhausted):
-        env.book("demo", slot_id("D001", DAY))
+    failureResultOf(env.try_book("demo", slot_id("D001", DAY)), QuotaExhausted)
     env.book("demo", slot_id("D001", soon))
     env.book("demo", slot_id("D001", soon + timedelta(minutes=5)))
 
@@ -173,8 +168,7 @@ def test_never_released_when_release_before_is_empty(make):
     env = make({"demo": [rule(per_day=0, release_before=None)]})
     soon = datetime.fromtimestamp(NOW, TZ).replace(tzinfo=None) + timedelta(minutes=30)
     env.publish(slots_of(D001, soon, 1))
-    with pytest.raises(QuotaExhausted):
-        env.book("demo", slot_id("D001", soon))
+    failureResultOf(env.try_book("demo", slot_id("D001", soon)), QuotaExhausted)
 
 
 def test_a_taken_slot_is_a_conflict_before_it_is_a_quota_question(make):
@@ -182,8 +176,7 @@ def test_a_taken_slot_is_a_conflict_before_it_is_a_quota_question(make):
     env = make({"demo": [rule(per_day=0)], "other": []})
     env.publish(slots_of(D001, DAY, 1))
     env.book("other", slot_id("D001", DAY))
-    with pytest.raises(SlotUnavailable):
-        env.book("demo", slot_id("D001", DAY))
+    failureResultOf(env.try_book("demo", slot_id("D001", DAY)), SlotUnavailable)
 
 
 def test_the_count_survives_a_restart(make):
@@ -195,8 +188,7 @@ def test_the_count_survives_a_restart(make):
         env.book("demo", slot_id("D001", DAY + timedelta(minutes=5 * i)))
     env.close()
     env.open()
-    with pytest.raises(QuotaExhausted):
-        env.book("demo", slot_id("D001", DAY + timedelta(minutes=50)))
+    failureResultOf(env.try_book("demo", slot_id("D001", DAY + timedelta(minutes=50))), QuotaExhausted)
 
 
 @pytest.mark.parametrize("share, slots, allowance", [(0.05, 100, 5), (0.29, 100, 29), (0.05, 99, 4),
@@ -219,14 +211,14 @@ def test_search_hides_the_free_slots_a_platform_may_no_longer_book(make):
     reader = env.chamber.read()
     hidden = env.quotas.hidden(reader, "demo", reader.now)
     assert hidden == [("D001", "20300107", NOW + 3600)]
-    free = [s.id for s in reader.search_slots(statuses=["free"], hidden=hidden, limit=100)]
+    free = [s.id for s in reader.search_slots(his_statuses=["free"], hidden=hidden, limit=100)]
     assert free == ([slot_id("D001", soon + timedelta(minutes=5 * i)) for i in range(2)]
                     + [slot_id("D002", DAY + timedelta(minutes=5 * i)) for i in range(3)])
     everything = reader.search_slots(hidden=hidden, limit=100)
     assert {s.held_by for s in everything if s.held_by} == set(mine)  # its own held slots are still shown
-    page = reader.search_slots(statuses=["free"], hidden=hidden, limit=2, offset=2)
+    page = reader.search_slots(his_statuses=["free"], hidden=hidden, limit=2, offset=2)
     assert [s.id for s in page] == free[2:4]
-    assert len(reader.search_slots(statuses=["free"], limit=100)) == 8 + 3 + 2  # what 'other' sees
+    assert len(reader.search_slots(his_statuses=["free"], limit=100)) == 8 + 3 + 2  # what 'other' sees
     assert env.quotas.hidden(reader, "other", reader.now) == []
     slot = reader.slot(slot_id("D001", DAY + timedelta(minutes=45)))
     assert not env.quotas.may_book(reader, "demo", slot, reader.now)

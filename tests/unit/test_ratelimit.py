@@ -3,7 +3,7 @@
 import pytest
 from twisted.internet import task
 
-from gateway.ratelimit import RateLimiter, TokenBucket
+from adapters.outer.ratelimit import RateLimiter, TokenBucket
 
 
 def test_a_bucket_lets_a_burst_through_then_refuses_with_the_wait():

@@ -8,6 +8,7 @@ real MLLP link is exercised in the end-to-end tests.
 import functools
 import json
 import random
+import time
 from datetime import datetime
 
 import pytest
@@ -18,11 +19,12 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.python.failure import Failure
 from twisted.web.test.requesthelper import DummyRequest
 
-from adapters.inner_gate import HisDestination
-from gateway.admin import AdminResource, Metrics
-from gateway.chamber import Chamber
+from adapters.inner.his import HisDestination
+from gateway.ops.admin import AdminResource, Metrics
+from gateway.chamber.engine import Chamber
 from gateway.relay import DeliveryFailed, HisUnreachable, Relay
-from gateway.scheduling import HisAnswer
+from gateway.domain.model import HisAnswer
+from tests.deferreds import failureResultOf, successResultOf
 from tests.unit.test_mllp_protocols import World, siu
 
 
@@ -215,7 +217,7 @@ def test_ordering_by_patient_lets_other_patients_pass_and_keeps_each_patients_or
 
 
 def test_fifo_refuses_a_window_above_one(tmp_path):
-    chamber = Chamber(tmp_path / "c.sqlite3")
+    chamber = Chamber(tmp_path / "c.sqlite3", clock=time.time)
     with pytest.raises(ValueError, match="one message in flight"):
         Relay(chamber, "his", [ScriptedHis(), ScriptedHis()], lambda *a: None, clock=task.Clock(), ack_timeout=1,
               retry_initial=1, retry_max=1)
@@ -300,7 +302,7 @@ def test_one_commit_before_each_send_and_the_answer_commit_takes_the_next(tmp_pa
 def test_ordering_by_patient_reads_the_queue_once_for_all_the_lanes_a_wake_up_starts(tmp_path, monkeypatch):
     """One wake-up starts every idle lane from one read of the queue (not one read per lane), and each lane
     still gets a different patient's oldest message; a message finished meanwhile is not sent."""
-    from gateway.chamber import Reader
+    from gateway.chamber.reader import Reader
 
     clock = task.Clock()
     clock.advance(1000)
@@ -331,15 +333,15 @@ def test_ordering_by_patient_reads_the_queue_once_for_all_the_lanes_a_wake_up_st
 
 def _claims_world(tmp_path, monkeypatch, ordering="fifo", lanes=1):
     """A chamber whose batches commit on the next turn of a Clock (as on the reactor), COMMITs counted."""
-    import gateway.chamber as chamber_module
+    import gateway.chamber.threads as threads_module
 
     clock = task.Clock()
     clock.advance(1000)
     chamber = Chamber(tmp_path / "c.sqlite3", reactor=clock, clock=clock.seconds)
     chamber.open()
     commits = []
-    real = chamber_module._commit
-    monkeypatch.setattr(chamber_module, "_commit", lambda conn: (commits.append(1), real(conn))[1])
+    real = threads_module.commit
+    monkeypatch.setattr(threads_module, "commit", lambda conn: (commits.append(1), real(conn))[1])
     his = [ScriptedHis() for _ in range(lanes)]
     relay = Relay(chamber, "his", his if lanes > 1 else his[0], lambda tx, msg, ans: None, clock=clock,
                   ack_timeout=5, retry_initial=1, retry_max=8, ordering=ordering, rng=random.Random(1),
@@ -416,22 +418,21 @@ def test_a_failed_batch_releases_the_claim(tmp_path, monkeypatch):
     """If the batch's COMMIT fails, nothing was queued: the claimed lane is free again and sends nothing."""
     import sqlite3
 
-    import gateway.chamber as chamber_module
+    import gateway.chamber.threads as threads_module
 
     chamber, relay, his, clock, commits = _claims_world(tmp_path, monkeypatch)
-    real = chamber_module._commit
+    real = threads_module.commit
 
     def failing(conn):
         conn.execute("ROLLBACK")
         raise sqlite3.OperationalError("disk I/O error")
 
-    monkeypatch.setattr(chamber_module, "_commit", failing)
+    monkeypatch.setattr(threads_module, "commit", failing)
     d = _queue_and_claim(chamber, relay, "G1")
-    failures = []
-    d.addErrback(failures.append)
     clock.advance(0)
-    assert failures and his.calls == [] and relay.lanes[0].loop is None and relay._in_flight == {}
-    monkeypatch.setattr(chamber_module, "_commit", real)
+    failureResultOf(d)
+    assert his.calls == [] and relay.lanes[0].loop is None and relay._in_flight == {}
+    monkeypatch.setattr(threads_module, "commit", real)
     _queue_and_claim(chamber, relay, "G2")
     clock.advance(0)
     assert [cid for _, cid, _ in his.calls] == ["G2"]
@@ -601,10 +602,11 @@ def test_a_booking_whose_hold_expires_in_an_outage_is_cancelled_not_refused(tmp_
     booking is released as documented ('cancelled', the hold expired), never 'refused'; its SRM, which never
     reached the HIS (no attempt counted), is withdrawn and no cancellation follows it; nothing is
     dead-lettered."""
-    from adapters.mapping.srm_booking import Hl7Header, build_srm
-    from gateway.booking import BookingService, HisLinkInfo, SlotBook
-    from gateway.scheduling import BookingRequest
-    from tests.unit.test_booking import PATIENT, SID, TZ, notice, result
+    from adapters.maps.srm_booking import Hl7Header, build_srm
+    from gateway.domain.booking import BookingService, HisLinkInfo
+    from gateway.domain.slot_book import SlotBook
+    from gateway.domain.model import BookingRequest
+    from tests.unit.test_booking import PATIENT, SID, TZ, notice
 
     world = World()
     world.reactor.advance(datetime(2030, 1, 1, tzinfo=TZ).timestamp())
@@ -618,7 +620,7 @@ def test_a_booking_whose_hold_expires_in_an_outage_is_cancelled_not_refused(tmp_
                   ack_timeout=5, retry_initial=1, retry_max=8, max_attempts=3, max_age=600, on_dead=booking.on_dead,
                   encode=booking.encode, rng=random.Random(1))
     relay.startService()
-    appointment_id = result(booking.book("demo", BookingRequest(SID, PATIENT)))[0]
+    appointment_id = successResultOf(booking.book("demo", BookingRequest(SID, PATIENT)))[0]
     _refuse_connections(world, 70)
     appt = chamber.read().appointment(appointment_id)
     assert (appt.status, appt.outcome) == ("cancelled", "the HIS did not answer in time; the hold expired")

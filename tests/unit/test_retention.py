@@ -1,4 +1,4 @@
-"""What the chamber keeps, and copies of it.  Retention (gateway/retention.py): what is past
+"""What the chamber keeps, and copies of it.  Retention (gateway/chamber/retention.py): what is past
 chamber.keep_messages / keep_appointments is deleted, and nothing else — not dead letters, not a prescription's
 order, not an appointment still waiting for the HIS, not the audit trail.  Backup (Chamber.backup): a whole,
 checked copy.
@@ -6,14 +6,18 @@ checked copy.
 Runs the real booking service on a real chamber file (transactions committed synchronously, task.Clock).
 """
 
+import time
 from datetime import timedelta
 
 import pytest
 
-from gateway.chamber import Chamber
-from gateway.retention import BATCH, Retention, RetentionService, prune
-from gateway.scheduling import BookingRequest, slot_id
-from tests.unit.test_booking import PATIENT, SID, START, TZ, answer, encoded, env, notice, outbound, result  # noqa: F401
+from adapters.outer.oauth import EXPIRED_TOKENS_KEPT
+from gateway.chamber.engine import Chamber
+from gateway.chamber.retention import BATCH, Retention, RetentionService, prune
+from gateway.domain.model import BookingRequest
+from gateway.domain.ids import slot_id
+from tests.deferreds import successResultOf
+from tests.unit.test_booking import PATIENT, SID, START, TZ, answer, encoded, env, notice, outbound  # noqa: F401
 
 DAY = 86400.0
 LATER = START + timedelta(minutes=15)
@@ -35,7 +39,7 @@ def delivered(chamber, booking, message, his_appointment=None):
 
 
 def run(chamber, retention, now):
-    return result(prune(chamber, retention, now))
+    return successResultOf(prune(chamber, retention, now))
 
 
 @pytest.fixture
@@ -43,12 +47,12 @@ def booked(env):
     """S1 booked (SRM^S01 delivered), S2 booked then cancelled (S04 delivered), a third slot never booked."""
     chamber, booking, book, clock = env
     chamber.transact_now(lambda tx: book.apply(tx, [notice("open", LATER), notice("open", START + timedelta(1))]))
-    a1, _ = result(booking.book("demo", BookingRequest(SID, PATIENT), idempotency_key="k1", request_hash="h",
+    a1, _ = successResultOf(booking.book("demo", BookingRequest(SID, PATIENT), idempotency_key="k1", request_hash="h",
                                 raw=b'{"resourceType":"Appointment"}'))
-    a2, _ = result(booking.book("demo", BookingRequest(LATER_SID, PATIENT)))
+    a2, _ = successResultOf(booking.book("demo", BookingRequest(LATER_SID, PATIENT)))
     for m in outbound(chamber):
         delivered(chamber, booking, m, his_appointment=f"H-{m.id}")
-    result(booking.cancel("demo", a2))
+    successResultOf(booking.cancel("demo", a2))
     delivered(chamber, booking, outbound(chamber)[-1])
     assert [m.state for m in outbound(chamber)] == ["delivered"] * 3
     return chamber, booking, clock, a1, a2
@@ -57,7 +61,8 @@ def booked(env):
 def test_nothing_is_deleted_before_its_time(booked):
     chamber, _, clock, *_ = booked
     before = counts(chamber)
-    deleted = run(chamber, Retention(keep_messages=30 * DAY, keep_appointments=30 * DAY), clock.seconds())
+    deleted = run(chamber, Retention(keep_messages=30 * DAY, keep_appointments=30 * DAY,
+                                     keep_expired_tokens=EXPIRED_TOKENS_KEPT), clock.seconds())
     assert deleted == {"credentials": 0, "messages": 0, "appointments": 0, "slots": 0}
     assert counts(chamber) == before
 
@@ -68,7 +73,8 @@ def test_ended_messages_and_past_appointments_go_with_what_belongs_to_them(booke
     chamber, _, clock, a1, a2 = booked
     audit_before = counts(chamber)["audit_records"]
     now = START.replace(tzinfo=TZ).timestamp() + 32 * DAY  # (the third slot is a day after the others)
-    deleted = run(chamber, Retention(keep_messages=30 * DAY, keep_appointments=30 * DAY), now)
+    deleted = run(chamber, Retention(keep_messages=30 * DAY, keep_appointments=30 * DAY,
+                                     keep_expired_tokens=EXPIRED_TOKENS_KEPT), now)
     assert deleted == {"credentials": 0, "messages": 3, "appointments": 2, "slots": 3}
     after = counts(chamber)
     assert after["messages"] == after["message_events"] == after["appointments"] == after["slots"] == 0
@@ -80,7 +86,8 @@ def test_null_keeps_everything(booked):
     chamber, *_ = booked
     before = counts(chamber)
     far = START.replace(tzinfo=TZ).timestamp() + 3650 * DAY
-    assert run(chamber, Retention(keep_messages=None, keep_appointments=None), far) == {"credentials": 0}
+    assert run(chamber, Retention(keep_messages=None, keep_appointments=None,
+                                  keep_expired_tokens=EXPIRED_TOKENS_KEPT), far) == {"credentials": 0}
     assert counts(chamber) == before
 
 
@@ -89,12 +96,13 @@ def test_dead_letters_waiting_messages_and_their_appointments_stay(env):
     appointment and slot all stay however old they are."""
     chamber, booking, book, clock = env
     chamber.transact_now(lambda tx: book.apply(tx, [notice("open", LATER)]))
-    result(booking.book("demo", BookingRequest(SID, PATIENT)))
+    successResultOf(booking.book("demo", BookingRequest(SID, PATIENT)))
     dead = outbound(chamber)[0]
     chamber.transact_now(lambda tx: tx.set_message_state(dead.id, "dead", detail="max attempts"))
-    result(booking.book("demo", BookingRequest(LATER_SID, PATIENT)))  # committed, never answered
+    successResultOf(booking.book("demo", BookingRequest(LATER_SID, PATIENT)))  # committed, never answered
     far = START.replace(tzinfo=TZ).timestamp() + 3650 * DAY
-    deleted = run(chamber, Retention(keep_messages=DAY, keep_appointments=DAY), far)
+    deleted = run(chamber, Retention(keep_messages=DAY, keep_appointments=DAY,
+                                     keep_expired_tokens=EXPIRED_TOKENS_KEPT), far)
     assert deleted["messages"] == 0 and deleted["appointments"] == 0
     states = sorted(m.state for m in outbound(chamber))
     assert "dead" in states and "committed" in states
@@ -108,7 +116,8 @@ def test_a_prescriptions_order_stays_with_the_prescription(booked):
                                                            number="RX-1", status="active", payload=b"{}",
                                                            message_id=order.id))
     far = START.replace(tzinfo=TZ).timestamp() + 3650 * DAY
-    assert run(chamber, Retention(keep_messages=DAY, keep_appointments=None), far)["messages"] == 2
+    assert run(chamber, Retention(keep_messages=DAY, keep_appointments=None,
+                                  keep_expired_tokens=EXPIRED_TOKENS_KEPT), far)["messages"] == 2
     assert [m.id for m in outbound(chamber)] == [order.id]
 
 
@@ -126,7 +135,7 @@ def test_expired_tokens_and_assertions_go(env):
         tx.remember_assertion("demo", "jti-new", now + 300)
 
     chamber.transact_now(issue)
-    assert run(chamber, Retention(None, None), now) == {"credentials": 2}
+    assert run(chamber, Retention(None, None, keep_expired_tokens=EXPIRED_TOKENS_KEPT), now) == {"credentials": 2}
     reader = chamber.read()
     assert reader.access_token("a" * 64) is None
     assert reader.access_token("c" * 64) is not None and reader.access_token("b" * 64) is not None
@@ -135,7 +144,7 @@ def test_expired_tokens_and_assertions_go(env):
 
 def test_large_backlogs_are_deleted_in_batches(env, monkeypatch):
     """More ended messages than one batch: several transactions, until one finds fewer than a batch."""
-    import gateway.retention as retention_module
+    import gateway.chamber.retention as retention_module
 
     chamber, _, _, clock = env
     monkeypatch.setattr(retention_module, "BATCH", 4)
@@ -149,7 +158,8 @@ def test_large_backlogs_are_deleted_in_batches(env, monkeypatch):
     transactions = []
     real = chamber.transact
     monkeypatch.setattr(chamber, "transact", lambda work: transactions.append(work) or real(work))
-    deleted = run(chamber, Retention(keep_messages=1.0, keep_appointments=None), clock.seconds() + 10)
+    deleted = run(chamber, Retention(keep_messages=1.0, keep_appointments=None,
+                                     keep_expired_tokens=EXPIRED_TOKENS_KEPT), clock.seconds() + 10)
     assert deleted["messages"] == 10 and len(transactions) == 1 + 3  # credentials, then 4 + 4 + 2
     assert BATCH == 500  # the module's own value is unchanged outside this test
 
@@ -157,7 +167,8 @@ def test_large_backlogs_are_deleted_in_batches(env, monkeypatch):
 def test_the_service_prunes_at_start_and_then_every_period(booked):
     chamber, _, clock, *_ = booked
     clock.advance(START.replace(tzinfo=TZ).timestamp() + 31 * DAY - clock.seconds())
-    svc = RetentionService(chamber, Retention(keep_messages=30 * DAY, keep_appointments=None), clock, every=3600)
+    svc = RetentionService(chamber, Retention(keep_messages=30 * DAY, keep_appointments=None,
+                                              keep_expired_tokens=EXPIRED_TOKENS_KEPT), clock, every=3600)
     svc.startService()
     try:
         assert svc.last == {"credentials": 0, "messages": 3}
@@ -186,7 +197,7 @@ def test_a_backup_is_a_whole_checked_copy_readable_by_its_owner_only(booked, tmp
     assert counts == chamber.read().counts() and counts["messages"] == 3 and counts["appointments"] == 2
     assert stat.S_IMODE(os.stat(dest).st_mode) == 0o600
     assert [p.name for p in dest.parent.iterdir()] == ["chamber-copy.sqlite3"]
-    copy = Chamber(dest)
+    copy = Chamber(dest, clock=time.time)
     copy.open()  # integrity check and schema version, as at a restore
     try:
         assert copy.read().counts() == counts

@@ -11,11 +11,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from structlog.testing import capture_logs
 
-from adapters.fhir.server import PlatformDirectory, PlatformGrant, spki_sha256
-from adapters.mllp.tls import TlsConfigError, load_crl
-from gateway.config import load_config, normalise_subject
-from gateway.confschema import ConfigError
-from gateway.devca import init_dev_ca, write_crl
+from adapters.outer.access import PlatformDirectory, PlatformGrant, spki_sha256
+from adapters.tls import TlsConfigError, load_crl
+from gateway.config.model import load_config
+from gateway.config.outer import normalise_subject
+from gateway.config.errors import ConfigError
+from gateway.ops.devca import init_dev_ca, write_crl
 
 PLATFORMS = ("a", "b")
 

@@ -11,11 +11,14 @@ import pytest
 from twisted.internet import task
 
 from adapters.hl7.er7 import parse
-from adapters.mapping.srm_booking import Hl7Header, build_srm
-from gateway.booking import BookingService, HisLinkInfo, SlotBook
-from gateway.chamber import Chamber
-from gateway.scheduling import BookingRequest, HisAnswer, Patient, PatientIdentifier, ScheduleInfo, SlotNotice, slot_id
-from tests.unit import test_config_grants as config_grants
+from adapters.maps.srm_booking import Hl7Header, build_srm
+from gateway.domain.booking import BookingService, HisLinkInfo
+from gateway.domain.slot_book import SlotBook
+from gateway.chamber.engine import Chamber
+from gateway.domain.model import BookingRequest, HisAnswer, Patient, PatientIdentifier, ScheduleInfo, SlotNotice
+from gateway.domain.ids import slot_id
+from tests.deferreds import successResultOf
+from tests.unit import config_files
 
 HEAD = """
 inner:
@@ -27,11 +30,11 @@ inner:
 
 
 def load(tmp_path, text):
-    return config_grants.load(tmp_path, text, HEAD)
+    return config_files.load(tmp_path, text, HEAD)
 
 
 def problems(tmp_path, text):
-    return config_grants.problems(tmp_path, text, HEAD)
+    return config_files.problems(tmp_path, text, HEAD)
 
 
 # -- the configuration -----------------------------------------------------------------------------------
@@ -150,14 +153,6 @@ routes:
     chamber.close()
 
 
-def result(d):
-    out = []
-    d.addBoth(out.append)
-    if hasattr(out[0], "raiseException"):
-        out[0].raiseException()
-    return out[0]
-
-
 def queued(chamber, appointment_id):
     return [m for m in reversed(chamber.read().messages(direction="outbound"))
             if m.subject == f"appointment:{appointment_id}"]
@@ -186,7 +181,7 @@ def test_schedules_remember_the_facility_that_published_them(env):
 ])
 def test_a_booking_goes_to_its_facilitys_endpoint_with_the_facility_in_msh6(env, sid, peer, msh5, msh6):
     chamber, booking = env
-    appointment_id, _ = result(booking.book("demo", BookingRequest(slot_id(sid, START), PATIENT)))
+    appointment_id, _ = successResultOf(booking.book("demo", BookingRequest(slot_id(sid, START), PATIENT)))
     [msg] = queued(chamber, appointment_id)
     assert msg.peer == peer
     srm = sent(chamber, booking, msg)
@@ -199,7 +194,7 @@ def test_the_outer_gate_routes_without_knowing_any_endpoint(env):
     outer = BookingService(chamber, HisLinkInfo("his"), tz=TZ, hold_seconds=60, clock=inner_booking.clock,
                            route=inner_booking.route, by_facility=True)
     try:
-        appointment_id, _ = result(outer.book("demo", BookingRequest(slot_id("D-B", START), PATIENT)))
+        appointment_id, _ = successResultOf(outer.book("demo", BookingRequest(slot_id("D-B", START), PATIENT)))
         assert [m.peer for m in queued(chamber, appointment_id)] == ["his-branch-b"]
     finally:
         outer.stop()
@@ -209,7 +204,7 @@ def test_a_cancellation_follows_its_booking_with_the_endpoints_own_cancel_and_z_
     """The cancel goes to the endpoint that has the booking (SRM^S03 there, as that endpoint is configured),
     with the same MSH-6; the endpoint's Z-segments ride on both, '{platform}' filled in."""
     chamber, booking = env
-    appointment_id, _ = result(booking.book("demo", BookingRequest(slot_id("D-B", START), PATIENT)))
+    appointment_id, _ = successResultOf(booking.book("demo", BookingRequest(slot_id("D-B", START), PATIENT)))
     [book_msg] = queued(chamber, appointment_id)
     srm = sent(chamber, booking, book_msg)
     assert [s.er7() for s in srm.all("ZCH")] == ["ZCH|WEB^demo|互联网"]
@@ -217,7 +212,7 @@ def test_a_cancellation_follows_its_booking_with_the_endpoints_own_cancel_and_z_
     chamber.transact_now(lambda tx: booking.on_answer(tx, tx.message(book_msg.id), HisAnswer("AA", "", "H1")))
     settled = [r for r in chamber.read().audit_records() if r.action == "book.settled"]
     assert [(r.resource_id, r.source) for r in settled] == [(appointment_id, "his:his-branch-b")]  # who answered
-    assert result(booking.cancel("demo", appointment_id)) == "sent"
+    assert successResultOf(booking.cancel("demo", appointment_id)) == "sent"
     cancel_msg = queued(chamber, appointment_id)[-1]
     assert cancel_msg.peer == "his-branch-b"
     srm = sent(chamber, booking, cancel_msg)
@@ -227,7 +222,7 @@ def test_a_cancellation_follows_its_booking_with_the_endpoints_own_cancel_and_z_
 
 def test_no_z_segments_unless_configured(env):
     chamber, booking = env
-    appointment_id, _ = result(booking.book("demo", BookingRequest(slot_id("D-A", START), PATIENT)))
+    appointment_id, _ = successResultOf(booking.book("demo", BookingRequest(slot_id("D-A", START), PATIENT)))
     srm = sent(chamber, booking, queued(chamber, appointment_id)[0])
     assert not [s for s in srm.segments if s.name.startswith("Z")]
 
@@ -237,13 +232,13 @@ def test_a_hold_told_to_the_his_is_confirmed_where_it_went_even_after_the_routes
     so that BRANCH-B's bookings would go to the HIS; $book's confirming SRM^S01 still goes where the hold is."""
     chamber, booking = env
     booking.hold_at_his = True
-    appointment_id = result(booking.hold("demo", slot_id("D-B", START), PATIENT))
+    appointment_id = successResultOf(booking.hold("demo", slot_id("D-B", START), PATIENT))
     [hold_msg] = queued(chamber, appointment_id)
     assert hold_msg.peer == "his-branch-b"
     sent(chamber, booking, hold_msg)
     chamber.transact_now(lambda tx: booking.on_answer(tx, tx.message(hold_msg.id), HisAnswer("AA", "", "H9")))
     booking.route = lambda message_type, facility=None: None  # every route gone: all to the HIS
-    assert result(booking.book_held("demo", appointment_id, PATIENT)) == "new"
+    assert successResultOf(booking.book_held("demo", appointment_id, PATIENT)) == "new"
     confirm = queued(chamber, appointment_id)[-1]
     assert confirm.type == "SRM^S01" and confirm.peer == "his-branch-b"
 
@@ -256,11 +251,11 @@ def test_a_move_to_another_facilitys_slot_is_cancel_and_new_even_where_the_his_m
 
     chamber, booking = env
     booking.links["his-branch-b"] = with_changes(booking.links["his-branch-b"], move_trigger="S03")
-    old_id, _ = result(booking.book("demo", BookingRequest(slot_id("D-A", START), PATIENT)))
+    old_id, _ = successResultOf(booking.book("demo", BookingRequest(slot_id("D-A", START), PATIENT)))
     [old_msg] = queued(chamber, old_id)
     sent(chamber, booking, old_msg)
     chamber.transact_now(lambda tx: booking.on_answer(tx, tx.message(old_msg.id), HisAnswer("AA", "", "HA1")))
-    new_id = result(booking.reschedule("demo", old_id, slot_id("D-B", START)))
+    new_id = successResultOf(booking.reschedule("demo", old_id, slot_id("D-B", START)))
     [new_msg] = queued(chamber, new_id)
     assert new_msg.peer == "his-branch-b"
     assert sent(chamber, booking, new_msg).type_name.startswith("SRM^S01")
@@ -275,6 +270,6 @@ def test_his_addresses_must_be_ip_addresses(tmp_path):
     """inner.his_addresses are compared with a connection's source address at accept: a host name (never
     resolved there) or a typo would reserve nothing, so it is refused, naming the entry."""
     head = HEAD.replace("inner:\n", "inner:\n  his_addresses: [10.1.2.3, his.example.org, '::1']\n")
-    found = config_grants.problems(tmp_path, "", head)
+    found = config_files.problems(tmp_path, "", head)
     assert len(found) == 1 and found[0].startswith("3:inner.his_addresses[1]: 'his.example.org' is not an IP"), found
-    assert config_grants.load(tmp_path, "", HEAD.replace("inner:\n", "inner:\n  his_addresses: [10.1.2.3, '::1']\n"))
+    assert config_files.load(tmp_path, "", HEAD.replace("inner:\n", "inner:\n  his_addresses: [10.1.2.3, '::1']\n"))

@@ -5,7 +5,7 @@ import socket
 
 from twisted.internet import task
 
-from gateway.sdnotify import notify, start_watchdog, watchdog_interval
+from gateway.ops.sdnotify import notify, start_watchdog, watchdog_interval
 
 
 def receiver(tmp_path):

@@ -1,4 +1,4 @@
-"""Prescription signatures (gateway/signatures.py): a test CA issues prescriber certificates (valid, expired,
+"""Prescription signatures (gateway/domain/signatures.py): a test CA issues prescriber certificates (valid, expired,
 not yet valid, from another CA, under sub-CAs with path length, name and ExtendedKeyUsage constraints); each
 refusal the gateway promises is shown to happen with the check it names, a sign -> verify round trip works for
 every accepted algorithm, a release signed by the gateway verifies with a few lines of plain ``cryptography``
@@ -25,7 +25,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.signatures import (
+from gateway.domain.signatures import (
     SignatureError,
     TrustStore,
     canonical_json,

@@ -1,4 +1,4 @@
-"""What the SIU -> slot notice map (adapters/mapping/siu_slot.py) refuses, and where it says the fault is: the
+"""What the SIU -> slot notice map (adapters/maps/siu_slot.py) refuses, and where it says the fault is: the
 inner gate answers with that Hl7Error (ERR-2 names the segment and field), so a HIS interface engineer can
 find the field. Cases found by the fuzz campaign (tests/fuzz/fuzz_siu.py)."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from adapters.hl7.er7 import Hl7Error, parse
-from adapters.mapping.siu_slot import notices_from_siu, notices_from_sqr
+from adapters.maps.siu_slot import notices_from_siu, notices_from_sqr
 
 
 def siu(sch11: str = "^^15^203001070900^203001070915", ais4: str = "203001070900", ais7: str = "15",

@@ -1,4 +1,4 @@
-"""The SRM writer on the booking hot path (``adapters.mapping.srm_booking.build_srm``) against the hl7apy
+"""The SRM writer on the booking hot path (``adapters.maps.srm_booking.build_srm``) against the hl7apy
 builder it replaced (``build_srm_hl7apy``, kept as the reference): the same ER7, byte for byte, for
 bookings and cancellations with Chinese names, HL7 delimiters and backslashes in every value a platform
 controls, in UTF-8 and GB18030 — and correct where hl7apy is not (several patient identifiers; CR/LF in a
@@ -12,8 +12,8 @@ from datetime import datetime
 import pytest
 
 from adapters.hl7.er7 import parse
-from adapters.mapping.srm_booking import Hl7Header, build_srm, build_srm_hl7apy
-from gateway.scheduling import Patient, PatientIdentifier, SlotForHis
+from adapters.maps.srm_booking import Hl7Header, build_srm, build_srm_hl7apy
+from gateway.domain.model import Patient, PatientIdentifier, SlotForHis
 
 NOW = datetime(2030, 1, 1, 9, 30, 5)
 HEADER = Hl7Header("GATEWAYD", "FRONT", "HIS", "HOSPITAL", "2.5", "utf-8")

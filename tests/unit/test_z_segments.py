@@ -10,13 +10,14 @@ from twisted.internet import task
 
 from adapters.hl7.er7 import parse
 from adapters.hl7.identity import sender
-from adapters.mapping.fhir_scheduling import Z_SEGMENT_EXTENSION, slot_resource
-from adapters.mapping.siu_slot import notices_from_siu, notices_from_sqr
+from adapters.maps.fhir_scheduling import Z_SEGMENT_EXTENSION, slot_resource
+from adapters.maps.siu_slot import notices_from_siu, notices_from_sqr
 from fhir.resources.R4B.slot import Slot
-from gateway.booking import SlotBook
-from gateway.chamber import Chamber
-from gateway.inbound import InboundService, Received
-from gateway.scheduling import slot_id
+from gateway.domain.slot_book import SlotBook
+from gateway.chamber.engine import Chamber
+from gateway.domain.inbound import InboundService, Received
+from gateway.domain.ids import slot_id
+from tests.deferreds import successResultOf
 
 TZ = ZoneInfo("Asia/Shanghai")
 SID = slot_id("D001", datetime(2030, 1, 7, 9, 0))
@@ -79,7 +80,7 @@ class Inner:
                                          sender(message)),
                                 notices_from_siu(message))
         self.clock.advance(0)
-        assert d.called and d.result.code == "AA"
+        assert successResultOf(d).code == "AA"
 
     def slot(self):
         return self.chamber.read().slot(SID)

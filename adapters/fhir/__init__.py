@@ -1,1 +1,0 @@
-"""The outer gate: FHIR R4 over HTTPS for platforms."""

@@ -1,0 +1,394 @@
+"""The outer gate's Slot, Schedule and Appointment endpoints (docs/security.md for who may call them)::
+
+    GET    /Slot?start=&status=&schedule=&service-type=&_count=&_offset=
+    GET    /Slot/{id}
+    GET    /Schedule[?_id=]   GET /Schedule/{id}
+    POST   /Appointment                    book: 201 booked | 409 taken/refused | 202 pending (Location)
+    GET    /Appointment  GET /Appointment/{id}     (a platform sees only its own)
+    PUT    /Appointment/{id}               status -> cancelled (the only change a platform may make)
+    PATCH  /Appointment/{id}               JSON Patch [{"op": "replace", "path": "/status", ...}] or a
+                                           partial resource {"status": "cancelled"}
+    GET    /Appointment?patient=[system|]value&date=      the platform's own, by patient identifier and day
+
+Thin HTTP handling over the booking service (gateway/domain/booking.py), which decides, and the chamber's
+reader; adapters/maps/fhir_scheduling.py maps between FHIR and the domain.  Slots are shown only within the
+platform's quota (a free slot it may not book is not shown; booking past the quota is 409 ``business-rule``),
+and appointments only to the platform that made them (another platform's is 404, like one that does not exist).
+A booking waits up to ``outer.answer_within`` for the HIS.  The paging and searchset Bundles here serve the IHE
+``$find`` too (adapters/outer/ihe.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from typing import Any, Callable
+from urllib.parse import parse_qs, urlencode
+from zoneinfo import ZoneInfo
+
+from adapters.maps.fhir_scheduling import (
+    appointment_resource,
+    booking_from_appointment,
+    schedule_resource,
+    search_instant,
+    slot_resource,
+    slot_status_filter,
+)
+from adapters.outer.access import Access, PlatformGrant, require_scope
+from adapters.outer.errors import FhirError, slot_refusals
+from adapters.outer.intake import JsonLimits, json_body, raw_body, require_method
+from gateway.domain.model import AppointmentUnknown, IdempotencyConflict, slot_status
+
+#: the resource types served here
+RESOURCE_TYPES = ("Slot", "Schedule", "Appointment")
+SLOT_STATUSES = ("free", "busy", "busy-unavailable", "busy-tentative", "entered-in-error")
+MAX_OFFSET = 1_000_000
+
+
+def page(count: int, offset: int, page_size: int) -> tuple[int, int]:
+    """A page of a search (GET /Slot, $find): ``count`` at most ``page_size``, ``offset`` bounded."""
+    if count < 0 or offset < 0:
+        raise FhirError(400, "invalid", "_count and _offset must not be negative")
+    if offset > MAX_OFFSET:
+        raise FhirError(400, "too-costly", f"_offset must be at most {MAX_OFFSET}; narrow the search")
+    return min(count, page_size), offset
+
+
+def check_params(query, allowed: set[str]) -> None:
+    unknown = sorted(set(query) - allowed - {"_format", "_pretty"})
+    if unknown:
+        raise FhirError(400, "not-supported", f"unsupported search parameter(s): {', '.join(unknown)}",
+                        expression=unknown[0])
+
+
+def searchset(base, rtype, resources, query, offset, count, more, path: str | None = None) -> dict:
+    """A searchset page of ``rtype`` resources, with its self and next links to ``path`` (default the type)
+    carrying every value of ``query`` (a repeated parameter stays repeated)."""
+    path = path or rtype
+    params = [(k, v) for k, values in query.items() if k not in ("_offset", "_count") for v in values]
+    given = query.get("_count", [])[-1:]
+    links = [{"relation": "self", "url": f"{base}/{path}?{urlencode([*params, *(('_count', c) for c in given), ('_offset', offset)])}"}]
+    if more and count > 0:  # (_count=0 asks for no entries: nothing to page through)
+        links.append({"relation": "next",
+                      "url": f"{base}/{path}?{urlencode([*params, ('_count', count), ('_offset', offset + count)])}"})
+    return {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "link": links,
+        "entry": [{"fullUrl": f"{base}/{rtype}/{r['id']}", "resource": r, "search": {"mode": "match"}}
+                  for r in resources],
+        **({"total": len(resources)} if not more and offset == 0 else {}),
+    }
+
+
+def location(base: str, appt) -> dict:
+    return {"Location": f"{base}/Appointment/{appt.id}",
+            "ETag": f'W/"{appt.version}"'}
+
+
+class SchedulingApi:
+    """The handlers of the Slot, Schedule and Appointment endpoints: ``booking`` (the BookingService),
+    ``reader`` (the chamber's), ``quotas`` (gateway.domain.quota.Quotas; None: no platform is limited)."""
+
+    def __init__(self, booking, reader: Callable[[], Any], *, tz: ZoneInfo, quotas, answer_within: float,
+                 page_size: int, json_limits: JsonLimits):
+        self.booking = booking
+        self.reader = reader
+        self.tz = tz
+        self.quotas = quotas
+        self.answer_within = answer_within
+        self.page_size = page_size
+        self.json_limits = json_limits
+
+    def handler(self, parts: list[str], method: str, grant: PlatformGrant, platform: str, request, query,
+                base: str, access: Access):
+        """The route (404), method (405) and scope (403) of a Slot, Schedule or Appointment request (``parts``:
+        the path below the FHIR base): the handler that answers it, not called yet (it reads the body, if any,
+        when it is)."""
+        rtype, rest = parts[0], parts[1:]
+        if len(rest) > 1:
+            raise FhirError(404, "not-supported", "history and operations are not supported")
+        if rtype == "Slot":
+            require_method(method, "GET")
+            require_scope(grant, platform, "Slot.read")
+            if rest:
+                return lambda: self.slot_read(platform, rest[0])
+            return lambda: self.slot_search(platform, query, base)
+        if rtype == "Schedule":
+            require_method(method, "GET")
+            require_scope(grant, platform, "Schedule.read")
+            if rest:
+                return lambda: self.schedule_read(rest[0])
+            return lambda: self.schedule_search(query, base)
+        if not rest:
+            require_method(method, "GET", "POST")
+            if method == "POST":
+                require_scope(grant, platform, "Appointment.write")
+                return lambda: self.appointment_create(platform, json_body(request, self.json_limits), base,
+                                                       request)
+            require_scope(grant, platform, "Appointment.read")
+            return lambda: self.appointment_search(platform, query, base, access)
+        require_method(method, "GET", "PUT", "PATCH")
+        if method == "GET":
+            require_scope(grant, platform, "Appointment.read")
+            return lambda: self.appointment_read(platform, rest[0], access)
+        require_scope(grant, platform, "Appointment.write")
+        return lambda: self.appointment_change(platform, rest[0], method, json_body(request, self.json_limits), base,
+                                               access)
+
+    # -- Slot and Schedule ------------------------------------------------------------------------------------
+    def _count(self, query) -> tuple[int, int]:
+        try:
+            count = int(query.get("_count", [self.page_size])[-1])
+            offset = int(query.get("_offset", ["0"])[-1])
+        except ValueError:
+            raise FhirError(400, "invalid", "_count and _offset must be whole numbers") from None
+        return page(count, offset, self.page_size)
+
+    def slot_search(self, platform: str, query, base: str):
+        check_params(query, {"start", "status", "schedule", "service-type", "_count", "_offset"})
+        count, offset = self._count(query)
+        kw: dict[str, Any] = {}
+        for value in query.get("start", []):
+            try:
+                prefix, low, high = search_instant(value, self.tz)
+            except (ValueError, OverflowError) as e:
+                raise FhirError(400, "invalid", f"start={value!r}: {e}", "start") from None
+            if prefix in ("ge", "sa", "eq"):
+                kw["start_from"] = low if prefix != "sa" else high
+            if prefix == "gt":
+                kw["start_from"], kw["start_from_inclusive"] = high, True
+            if prefix in ("le", "eq"):
+                kw["start_to"], kw["start_to_inclusive"] = high, False
+            if prefix in ("lt", "eb"):
+                kw["start_to"], kw["start_to_inclusive"] = low, False
+            if prefix == "ne":
+                raise FhirError(400, "not-supported", "start=ne... is not supported", "start")
+        statuses = [s for v in query.get("status", []) for s in v.split(",") if s]
+        for s in statuses:
+            if s not in SLOT_STATUSES:
+                raise FhirError(400, "code-invalid", f"unknown slot status {s!r}", "status")
+        if statuses:
+            kw.update(slot_status_filter(statuses))
+        schedules = [s.split("/")[-1] for v in query.get("schedule", []) for s in v.split(",") if s]
+        if schedules:
+            kw["schedule_ids"] = schedules
+        services = [s.split("|")[-1] for v in query.get("service-type", []) for s in v.split(",") if s]
+        if services:
+            kw["service_codes"] = services
+        reader = self.reader()
+        if self.quotas is not None:  # free slots the platform may not book are not shown to it
+            kw["hidden"] = self.quotas.hidden(reader, platform, reader.now)
+        rows = reader.search_slots(limit=count + 1, offset=offset, **kw)
+        more = len(rows) > count
+        resources = [slot_resource(r, self.tz) for r in rows[:count]]
+        return 200, searchset(base, "Slot", resources, query, offset, count, more), {}
+
+    def slot_read(self, platform: str, slot_id: str):
+        reader = self.reader()
+        slot = reader.slot(slot_id)
+        if slot is None:
+            raise FhirError(404, "not-found", f"no Slot {slot_id!r}")
+        if (self.quotas is not None and slot_status(slot) == "free"
+                and not self.quotas.may_book(reader, platform, slot, reader.now)):
+            raise FhirError(404, "not-found", f"Slot {slot_id!r} is not offered to platform {platform!r} (its quota "
+                                              f"for that schedule and day is used up)")
+        return 200, slot_resource(slot, self.tz), {}
+
+    def schedule_search(self, query, base: str):
+        check_params(query, {"_id", "_count", "_offset"})
+        ids = [s for v in query.get("_id", []) for s in v.split(",") if s]
+        rows = self.reader().schedules()
+        if ids:
+            rows = [r for r in rows if r.id in ids]
+        resources = [schedule_resource(r, self.tz) for r in rows]
+        return 200, searchset(base, "Schedule", resources, query, 0, len(resources), False), {}
+
+    def schedule_read(self, schedule_id: str):
+        rows = self.reader().schedules(schedule_id)
+        if not rows:
+            raise FhirError(404, "not-found", f"no Schedule {schedule_id!r}")
+        return 200, schedule_resource(rows[0], self.tz), {}
+
+    # -- Appointment -----------------------------------------------------------------------------------------
+    def appointment_json(self, appt) -> dict:
+        reader = self.reader()
+        return appointment_resource(appt, reader.slot(appt.slot_id), self.tz,
+                                    reader.appointment_identifiers(appt.id))
+
+    async def appointment_create(self, platform: str, body, base: str, http_request):
+        access: Access = http_request.gateway_access
+        access.patient_data = True  # the answer carries the Appointment, with its patient
+        request = booking_from_appointment(body)
+        key = http_request.getHeader(b"idempotency-key")
+        if key is not None:
+            key = key.decode("utf-8", "replace").strip()
+            if not 1 <= len(key) <= 255:
+                raise FhirError(400, "invalid", "Idempotency-Key must be 1 to 255 characters")
+        condition = self._if_none_exist(http_request.getHeader(b"if-none-exist"))
+        request_hash = hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+        try:
+            appointment_id, how = await slot_refusals(self.booking.book(
+                platform, request, idempotency_key=key, request_hash=request_hash, if_none_exist=condition,
+                who=access.who(), raw=raw_body(http_request)))
+        except IdempotencyConflict as e:
+            raise FhirError(422, "business-rule", str(e)) from None
+        access.resource_id = appointment_id
+        access.recorded = how == "new"  # audited in the transaction that held the slot
+        access.detail = None if how == "new" else f"{how} appointment returned"
+        if how == "existing":  # FHIR conditional create: the match is returned, nothing is created
+            appt = self.booking.appointment(platform, appointment_id)
+            return 200, self.appointment_json(appt), location(base, appt)
+        return await self.booking_answer(platform, appointment_id, base, 201, "the booking was not made")
+
+    async def booking_answer(self, platform: str, appointment_id: str, base: str, booked: int, not_made: str):
+        """Wait up to outer.answer_within for the HIS, then answer with the appointment: ``booked`` (201 create,
+        200 $book), 202 still pending, else 409 saying ``not_made`` and why."""
+        await self.booking.wait_settled(appointment_id, self.answer_within)
+        appt = self.booking.appointment(platform, appointment_id)
+        resource_json = self.appointment_json(appt)
+        if appt.status == "booked":
+            return booked, resource_json, location(base, appt)
+        if appt.status == "pending":
+            return 202, resource_json, location(base, appt)
+        raise FhirError(409, "conflict", f"{not_made}: {appt.outcome}", "Appointment.slot",
+                        headers={"Content-Location": location(base, appt)["Location"]})
+
+    @staticmethod
+    def _if_none_exist(header: bytes | None) -> tuple[str, str] | None:
+        """``If-None-Exist: identifier=[system|]value`` -> (system, value)."""
+        if header is None:
+            return None
+        params = parse_qs(header.decode("utf-8", "replace"), keep_blank_values=True)
+        if set(params) != {"identifier"} or len(params["identifier"]) != 1 or not params["identifier"][0]:
+            raise FhirError(400, "not-supported", "If-None-Exist supports exactly one 'identifier=[system|]value'")
+        system, _, value = params["identifier"][0].rpartition("|")
+        if not value:
+            raise FhirError(400, "invalid", "If-None-Exist: the identifier has no value")
+        return system, value
+
+    def appointment_read(self, platform: str, appointment_id: str, access: Access):
+        try:
+            appt = self.booking.appointment(platform, appointment_id)
+        except AppointmentUnknown as e:
+            raise FhirError(404, "not-found", str(e)) from None
+        access.patient_data = True
+        return 200, self.appointment_json(appt), {"ETag": f'W/"{appt.version}"'}
+
+    def appointment_search(self, platform: str, query, base: str, access: Access):
+        check_params(query, {"status", "_id", "_count", "_offset", "patient", "patient:identifier", "date"})
+        count, _ = self._count(query)
+        statuses = {s for v in query.get("status", []) for s in v.split(",") if s}
+        ids = {s for v in query.get("_id", []) for s in v.split(",") if s}
+        patients = self._patient_tokens(query)
+        dates = self._date_ranges(query)
+        reader = self.reader()
+        rows = reader.appointments_for(platform, limit=1000)  # only ever the platform's own
+        resources = []
+        for appt in rows:
+            if patients is not None and not self._patient_matches(appt.patient, patients):
+                continue
+            if dates:
+                slot = reader.slot(appt.slot_id)
+                if slot is None or not all(low <= slot.start_ts < high for low, high in dates):
+                    continue
+            res = self.appointment_json(appt)
+            if (statuses and res["status"] not in statuses) or (ids and appt.id not in ids):
+                continue
+            resources.append(res)
+        resources = resources[:count]
+        access.patient_data = True
+        shown = [r["id"] for r in resources]
+        access.detail = f"{len(shown)} result(s)" + (": " + ",".join(shown[:100]) if shown else "") + \
+            (" ..." if len(shown) > 100 else "")
+        return 200, searchset(base, "Appointment", resources, query, 0, count, False), {}
+
+    @staticmethod
+    def _patient_tokens(query) -> list[tuple[str | None, str]] | None:
+        """``patient`` / ``patient:identifier`` = ``[system|]value`` (a patient identifier, ITI-118 style; a
+        comma is OR): [(system or None, value)], or None when not asked.  The values are compared, never
+        logged nor audited."""
+        values = query.get("patient", []) + query.get("patient:identifier", [])
+        if not values:
+            return None
+        tokens = []
+        for v in values:
+            for item in v.split(","):
+                system, bar, value = item.rpartition("|")
+                if not value:
+                    raise FhirError(400, "invalid", "patient: give the patient's identifier as [system|]value",
+                                    "patient")
+                tokens.append((system if bar else None, value))
+        return tokens
+
+    @staticmethod
+    def _patient_matches(patient: dict, tokens) -> bool:
+        for ident in patient.get("identifiers", []):
+            for system, value in tokens:
+                if ident.get("value") == value and (system is None or ident.get("system") == system):
+                    return True
+        return False
+
+    def _date_ranges(self, query) -> list[tuple[float, float]]:
+        """``date`` (the appointment's start), FHIR date search with prefixes: [(low, high)] to satisfy all."""
+        out = []
+        for value in query.get("date", []):
+            try:
+                prefix, low, high = search_instant(value, self.tz)
+            except (ValueError, OverflowError) as e:
+                raise FhirError(400, "invalid", f"date={value[:40]!r}: {e}", "date") from None
+            ranges = {"eq": (low, high), "ge": (low, math.inf), "sa": (high, math.inf), "gt": (high, math.inf),
+                      "le": (-math.inf, high), "lt": (-math.inf, low), "eb": (-math.inf, low)}
+            if prefix not in ranges:
+                raise FhirError(400, "not-supported", f"date={prefix}... is not supported", "date")
+            out.append(ranges[prefix])
+        return out
+
+    async def appointment_change(self, platform: str, appointment_id: str, method: str, body, base: str,
+                                 access: Access):
+        try:
+            current = self.booking.appointment(platform, appointment_id)
+        except AppointmentUnknown as e:
+            raise FhirError(404, "not-found", str(e)) from None
+        wanted = self._wanted_status(method, body, appointment_id)
+        current_status = self.appointment_json(current)["status"]
+        access.patient_data = True
+        if wanted == current_status:
+            access.action, access.detail = "update", f"no change (already {current_status})"
+            return 200, self.appointment_json(current), {"ETag": f'W/"{current.version}"'}
+        if wanted != "cancelled":
+            access.action = "update"
+            raise FhirError(422, "business-rule", "the only change a platform can make is status -> cancelled",
+                            "Appointment.status")
+        result = await self.booking.cancel(platform, appointment_id, who=access.who())
+        access.recorded = result in ("sent", "cancelled")  # audited in the cancellation's transaction
+        if result == "sent":
+            await self.booking.wait_settled(appointment_id, self.answer_within)
+        appt = self.booking.appointment(platform, appointment_id)
+        resource_json = self.appointment_json(appt)
+        if resource_json["status"] == "cancelled":
+            return 200, resource_json, {"ETag": f'W/"{appt.version}"'}
+        if appt.pending_change == "cancel":
+            return 202, resource_json, location(base, appt)
+        raise FhirError(409, "conflict", f"the HIS did not cancel the appointment: {appt.outcome}",
+                        "Appointment.status")
+
+    @staticmethod
+    def _wanted_status(method: str, body, appointment_id: str) -> str:
+        if method == "PATCH" and isinstance(body, list):
+            for op in body:
+                if isinstance(op, dict) and op.get("path") == "/status" and op.get("op") in ("replace", "add"):
+                    return str(op.get("value"))
+            raise FhirError(422, "business-rule", "the patch must replace /status", "Appointment.status")
+        if not isinstance(body, dict):
+            raise FhirError(400, "structure", "the body must be an Appointment (or a JSON Patch for PATCH)")
+        if method == "PUT":
+            if body.get("resourceType") != "Appointment":
+                raise FhirError(400, "invalid", "the body must be an Appointment resource")
+            if body.get("id") not in (None, appointment_id):
+                raise FhirError(400, "invalid", "the resource id does not match the URL", "Appointment.id")
+        status = body.get("status")
+        if not isinstance(status, str):
+            raise FhirError(422, "required", "Appointment.status is required", "Appointment.status")
+        return status
