@@ -139,9 +139,9 @@ class Claim:
 
     def _take(self, role: str) -> int:
         path = claim_file(self.chamber, role)
-        path.parent.mkdir(parents=True, exist_ok=True)
         writable = True
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)  # (as the chamber's own open would)
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o660)
         except PermissionError:  # another user's file: it can still say who holds it
             writable = False
@@ -181,18 +181,23 @@ class Claim:
                 pass
 
 
-def holder(chamber: str | Path, role: str) -> "Holder | None":
-    """Who holds ``role``'s claim on the chamber now (None: nobody), for a tool about to start a gateway (the
-    demo), without touching the lock: the kernel's table of locks (``/proc/locks``) says whether one is held on
-    the claim file.  Where that table cannot be read, None.  The gateway itself never asks this: it takes its
-    claim (:meth:`Claim.take`), which is the only race-free test."""
+def holder(chamber: str | Path, role: str, locks: str | Path = "/proc/locks") -> "Holder | None":
+    """Who holds ``role``'s claim on the chamber now (None: nobody), for ``gatewayd status`` and a tool about to
+    start a gateway (the demo), without touching the lock: the kernel's table of locks (``/proc/locks``) says
+    whether one is held on the claim file.  Raises :class:`ClaimError` where that table cannot be read.  The
+    gateway itself never asks this: it takes its claim (:meth:`Claim.take`), which is the only race-free test."""
     path = claim_file(chamber, role)
     try:
         st = os.stat(path)
-        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+    except FileNotFoundError:
+        return None  # never claimed
+    except OSError as e:
+        raise ClaimError(f"cannot look at the claim file {path}: {e.strerror}") from e
+    try:
+        with open(locks, encoding="ascii", errors="replace") as f:
             table = f.read()
-    except OSError:
-        return None
+    except OSError as e:
+        raise ClaimError(f"cannot read the kernel's table of locks ({locks}): {e.strerror}") from e
     inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
     for line in table.splitlines():
         fields = line.split()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from gateway.ops.claim import CLAIM_HELD_EXIT, ClaimHeld, claim_file, holder
+from gateway.ops.claim import CLAIM_HELD_EXIT, ClaimError, ClaimHeld, claim_file, holder
 
 REPO_CONFIG = Path(__file__).resolve().parents[2] / "config"
 FHIR_PORT, MLLP_PORT, HIS_PORT = 8443, 2575, 2576
@@ -79,7 +79,10 @@ def _chamber_taken(chamber: Path) -> ClaimHeld | None:
     """A demo already running in this workdir (its gateway holds the chamber's claim): said before anything
     starts — the new gateway would be refused, and the old demo's ports would answer in its place."""
     for role in ("outer", "inner"):
-        held = holder(chamber, role)
+        try:
+            held = holder(chamber, role)
+        except ClaimError:  # (no /proc/locks: the gateway's own claim still refuses it, less clearly)
+            held = None
         if held is not None:
             return ClaimHeld(role, str(chamber), claim_file(chamber, role), held)
     return None

@@ -65,10 +65,12 @@ def test_a_second_gateway_on_a_running_gateways_chamber_is_refused_and_kill_9_fr
         for name, data in (("second.yaml", second), ("second-outer.yaml", outer), ("second-inner.yaml", inner)):
             (tmp_path / name).write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
 
-        # The operator's tools work beside the running gateway and take no claim.
-        for args in (["backup", "copy.sqlite3"], ["queue", "list"], ["audit", "verify"]):
+        # The operator's tools work beside the running gateway and take no claim; status names who runs it.
+        for args in (["backup", "copy.sqlite3"], ["queue", "list"], ["audit", "verify"], ["status"]):
             done = gatewayd(tmp_path, *args, "--config", "gateway.yaml")
             assert done.returncode == 0, (args, done.stderr)
+        for role in ("outer", "inner"):
+            assert f"{role} gate: run by pid {first} (gate both, config {config}, running since " in done.stdout
 
         slots = [s["id"] for s in lock.search_slots(status="free")]
         assert len(slots) == lock.slot_count == 16
@@ -111,6 +113,8 @@ def test_a_second_gateway_on_a_running_gateways_chamber_is_refused_and_kill_9_fr
 
         # kill -9 of the running gateway: no stale claim, a new gateway on the chamber starts at once.
         kill9(lock.gateway)
+        stopped = gatewayd(tmp_path, "status", "--config", "gateway.yaml")
+        assert stopped.returncode == 1 and "outer gate: not running" in stopped.stdout, stopped.stdout
         started = time.monotonic()
         lock.gateway = Proc("gateway", ["run", "--config", "gateway.yaml"], tmp_path)
         eventually(lambda: lock.session().get(f"{lock.base}/metadata", timeout=2).status_code == 200, timeout=30,
@@ -121,3 +125,5 @@ def test_a_second_gateway_on_a_running_gateways_chamber_is_refused_and_kill_9_fr
         assert status == 201
         assert lock.chamber_rows("SELECT status FROM appointments WHERE id = ?", appointment) == [("booked",)]
         assert len(lock.chamber_rows("SELECT id FROM appointments WHERE status = 'booked'")) == 11
+        now = gatewayd(tmp_path, "status", "--config", "gateway.yaml")
+        assert now.returncode == 0 and f"outer gate: run by pid {lock.gateway.popen.pid} " in now.stdout

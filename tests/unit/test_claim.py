@@ -125,6 +125,18 @@ def test_the_claim_file_is_shared_with_the_group_as_the_umask_allows(chamber, ta
     assert stat.S_IMODE(claim_file(chamber, "outer").stat().st_mode) == 0o660
 
 
+def test_a_claim_file_that_cannot_be_created_is_a_clear_error(tmp_path, taken):
+    (tmp_path / "not-a-directory").write_text("")
+    with pytest.raises(ClaimError, match="cannot create the claim file .*not-a-directory/chamber.sqlite3.outer.lock"):
+        taken(tmp_path / "not-a-directory" / "chamber.sqlite3", "both")
+
+
+def test_holder_without_the_kernels_table_of_locks_says_so(chamber, taken, tmp_path):
+    taken(chamber, "outer")
+    with pytest.raises(ClaimError, match="cannot read the kernel's table of locks"):
+        holder(chamber, "outer", locks=tmp_path / "no-such-table")
+
+
 def test_an_in_memory_chamber_has_nothing_to_claim(taken):
     assert taken(":memory:", "both").held == ()
 
