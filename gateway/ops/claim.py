@@ -18,8 +18,9 @@ deleted (a process that deleted it could leave two holders, each with a lock on 
 Files are created with mode 0660 less the umask (as the chamber's own files): the split lock's units run as
 two users sharing the chamber directory's group (deploy/systemd/gatewayd.tmpfiles, ``UMask=0007``).
 
-Read-only and offline tools (``gatewayd backup``, ``queue``, ``audit``) never take the claim; they work beside a
-running gateway.  SIGHUP (reload) does not touch it: it is held for the process's life.
+The operator's tools (``gatewayd status``, ``backup``, ``queue``, ``audit``) never take a claim; they work beside
+a running gateway (``status`` reads the claims through :func:`holder`).  SIGHUP (reload) does not touch it: it is
+held for the process's life.  The descriptors are close-on-exec: a process the gateway starts holds no claim.
 """
 
 from __future__ import annotations
