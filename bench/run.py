@@ -343,7 +343,8 @@ def md_rush(result: dict) -> str:
              f"{cell('sim_cpu_pct', '%')} / {cell('client_cpu_pct', '%')} |",
              "",
              f"N = {result['slots']} slots, C = {result['patients']} patients, shares {result['shares']} %, "
-             f"{result['cancel_share']:.0%} of the patients cancel and book again; {s['runs']} run(s); client: "
+             f"{result['cancel_share']:.0%} of the patients cancel and book again; relay {result.get('mode', 'fifo')}; "
+             f"{s['runs']} run(s); client: "
              f"{result['client']}. The rush runs from the release (SIGHUP to the simulator) to the last slot taken."]
     failed = [r for r in result["runs"] if "error" in r]
     if failed:

@@ -3,7 +3,7 @@
 quotas search and book them the moment they appear; some cancel and book again.
 
     python bench/rush.py [--slots 2000] [--patients 2000] [--shares 5,50,45] [--reps 1] [--procs 2]
-                         [--connections 32] [--cancel-share 0.1] [--gateway-log-level warning]
+                         [--connections 32] [--cancel-share 0.1] [--mode fifo] [--gateway-log-level warning]
 
 The lock: a fresh HIS simulator and gateway per repetition, on loopback. The simulator's rush doctors
 (``R001``..., 1-minute slots, a day three days ahead, so no slot is within the quotas' ``release_before``)
@@ -65,7 +65,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import rig  # noqa: E402
-from bench.booking import CANCEL, appointment  # noqa: E402
+from bench.booking import CANCEL, appointment, parse_mode  # noqa: E402
 
 TZ = ZoneInfo("Asia/Shanghai")
 PLATFORMS = ("p1", "p2", "p3")
@@ -103,7 +103,7 @@ class RushLock:
     """The simulator (rush doctors held, a warm-up doctor open) and the gateway with three platforms."""
 
     def __init__(self, workdir: Path, certs: rig.Certs, the_plan: dict, *, log_level: str, connections: int,
-                 procs: int):
+                 procs: int, mode: str = "fifo"):
         self.workdir, self.certs_dir, self.plan = workdir, certs.dir, the_plan
         self.mllp_port, self.his_port, self.fhir_port = rig.free_port(), rig.free_port(), rig.free_port()
         self.day = (datetime.now(TZ) + timedelta(days=3)).date()
@@ -122,8 +122,9 @@ class RushLock:
                   for d, n in the_plan["doctors"].items())]}],
         }
         (workdir / "his-sim.yaml").write_text(yaml.safe_dump(sim, allow_unicode=True), encoding="utf-8")
+        ordering, window, _ = parse_mode(mode)
         path = rig.gateway_config(workdir, certs, mllp_port=self.mllp_port, his_port=self.his_port,
-                                  fhir_port=self.fhir_port, log_level=log_level)
+                                  fhir_port=self.fhir_port, log_level=log_level, ordering=ordering, window=window)
         config = yaml.safe_load(path.read_text(encoding="utf-8"))
         wanted = connections * procs * len(PLATFORMS) + 64
         config["outer"]["max_connections_per_address"] = max(64, wanted)  # the load client's pools: all from 127.0.0.1
@@ -486,7 +487,7 @@ def ms(values: list[float], p: float) -> float | None:
 def run_one(workdir: Path, certs: rig.Certs, args) -> dict:
     the_plan = plan(args.slots, args.patients, [float(s) for s in args.shares.split(",")])
     lock = RushLock(workdir, certs, the_plan, log_level=args.gateway_log_level, connections=args.connections,
-                    procs=args.procs)
+                    procs=args.procs, mode=args.mode)
     children: list[subprocess.Popen] = []
     try:
         lock.start()
@@ -649,7 +650,7 @@ def run(args, workdir: Path) -> dict:
         })
     return {"machine": machine, "reps": args.reps, "slots": args.slots, "patients": args.patients,
             "shares": args.shares, "procs": args.procs, "connections_per_platform_per_proc": args.connections,
-            "cancel_share": args.cancel_share, "gateway_log_level": args.gateway_log_level,
+            "cancel_share": args.cancel_share, "gateway_log_level": args.gateway_log_level, "mode": args.mode,
             "client": f"{args.procs} processes, asyncio + aiohttp, {args.connections} keep-alive mutual-TLS "
                       f"connections per platform per process",
             "summary": summary, "runs": runs}
@@ -700,6 +701,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--patience", type=float, default=2.0,
                     help="seconds of empty pages (after slots were seen) before a patient gives up")
     ap.add_argument("--deadline", type=float, default=120.0, help="seconds after the release when everyone stops")
+    ap.add_argument("--mode", default="fifo",
+                    help="the relay towards the HIS: fifo (one SRM in flight) or patient:N (ordering: patient, window N)")
     ap.add_argument("--gateway-log-level", default="warning", choices=("debug", "info", "warning", "error"))
 
 
