@@ -482,9 +482,10 @@ def targets(ingest: dict | None, booking: dict | None, soak: dict | None, search
                      f"**{'yes' if s['quotas_exact_every_run'] else 'no'}**; HIS/gateway disagreements "
                      f"**{s['his_gateway_disagreements']}**; refusals p99 **{rig.fmt(s['refused_p99_ms'])} ms** | "
                      f"{'**yes**' if ok else '**no**'} |")
-        plain.append(f"rush N={rush['slots']} C={rush['patients']}: last slot {last} s, double {s['double_bookings']}, "
-                     f"quotas exact {s['quotas_exact_every_run']}, disagreements {s['his_gateway_disagreements']}, "
-                     f"refusals p99 {s['refused_p99_ms']} ms -> {'met' if ok else 'missed'}")
+        plain.append(f"rush N={rush['slots']} C={rush['patients']}: last slot {rig.fmt(last)} s, double "
+                     f"{s['double_bookings']}, quotas exact {s['quotas_exact_every_run']}, disagreements "
+                     f"{s['his_gateway_disagreements']}, refusals p99 {rig.fmt(s['refused_p99_ms'])} ms -> "
+                     f"{'met' if ok else 'missed'}")
     if soak:
         ok = soak["rss_growth_pct"] < 5
         lines.append(f"| soak: RSS growth < 5% after warm-up | **{soak['rss_growth_pct']:+.2f}%** over "
@@ -574,21 +575,14 @@ def print_summary() -> None:
     from bench import rush as rush_mod
     from bench import search as search_mod
 
-    ingest, booking = rig.load_result("ingest"), rig.load_result("booking")
-    if ingest:
-        print("\nMLLP ingest (medians)")
-        ingest_mod.print_table(ingest)
-    if booking:
-        print("\nBooking end to end (medians)")
-        booking_mod.print_table(booking)
-    search, rush = rig.load_result("search"), rig.load_result("rush")
-    if search:
-        print("\nSlot search (medians)")
-        search_mod.print_table(search)
-    if rush:
-        print("\nThe slot-release rush (medians)")
-        rush_mod.print_table(rush)
-    _, plain = targets(ingest, booking, rig.load_result("soak"), search, rush)
+    results = {name: rig.load_result(name) for name in ("ingest", "booking", "search", "rush")}
+    for name, title, module in (("ingest", "MLLP ingest", ingest_mod), ("booking", "Booking end to end", booking_mod),
+                                ("search", "Slot search", search_mod), ("rush", "The slot-release rush", rush_mod)):
+        if results[name]:
+            print(f"\n{title} (medians)")
+            module.print_table(results[name])
+    _, plain = targets(results["ingest"], results["booking"], rig.load_result("soak"), results["search"],
+                       results["rush"])
     if plain:
         print("\nTargets")
         for p in plain:

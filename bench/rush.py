@@ -506,13 +506,7 @@ def run_one(workdir: Path, certs: rig.Certs, args) -> dict:
         t_release = time.time()
         lock.sim.popen.send_signal(signal.SIGHUP)
         watch = ReleaseWatch(lock, children, sum(the_plan["doctors"].values()), deadline).start()
-        outs = []
-        for c in children:
-            data = c.stdout.read()
-            c.wait()
-            if c.returncode != 0:
-                raise RuntimeError(f"load worker failed ({c.returncode})")
-            outs.append(json.loads(data))
+        outs = rig.worker_results(children)
         t_end = time.time()
         sampler.stop()
         watch.join()
@@ -710,15 +704,7 @@ def main() -> None:
     if sys.argv[1:2] == ["worker"]:
         worker(json.loads(sys.stdin.readline()))
         return
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(ap)
-    ap.add_argument("--keep", action="store_true", help="keep the temporary work directory")
-    ap.add_argument("--save-as", default="rush", help="name of the results file in bench/results/")
-    args = ap.parse_args()
-    with rig.workspace(args.keep, prefix="gatewayd-rush-") as workdir:
-        result = run(args, workdir)
-    rig.save_result(args.save_as, result)
-    print_table(result)
+    rig.bench_main(__doc__, add_arguments, run, print_table, "rush")
 
 
 if __name__ == "__main__":

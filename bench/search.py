@@ -72,13 +72,7 @@ def run_query(lock: BookingLock, certs: rig.Certs, path: str, clients: int, seco
         children.append(p)
     time.sleep(max(0.0, t0 - time.time()))
     meter = rig.CpuMeter({"gateway": lock.gateway}).start()
-    outs = []
-    for p in children:
-        data = p.stdout.read()
-        p.wait()
-        if p.returncode != 0:
-            raise RuntimeError(f"search client failed ({p.returncode})")
-        outs.append(json.loads(data))
+    outs = rig.worker_results(children)
     cpu = meter.stop()
     lat = sorted(x for o in outs for x in o["lat"])
     statuses: dict[str, int] = {}
@@ -168,15 +162,7 @@ def main() -> None:
     if sys.argv[1:2] == ["worker"]:
         sys.stdout.write(json.dumps(worker(json.loads(sys.stdin.read()))))
         return
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(ap)
-    ap.add_argument("--keep", action="store_true", help="keep the temporary work directory")
-    ap.add_argument("--save-as", default="search", help="name of the results file in bench/results/")
-    args = ap.parse_args()
-    with rig.workspace(args.keep, prefix="gatewayd-search-") as workdir:
-        result = run(args, workdir)
-    rig.save_result(args.save_as, result)
-    print_table(result)
+    rig.bench_main(__doc__, add_arguments, run, print_table, "search")
 
 
 if __name__ == "__main__":
