@@ -65,7 +65,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import rig  # noqa: E402
-from bench.booking import CANCEL, appointment, parse_mode  # noqa: E402
+from bench.booking import CANCEL, Client, appointment, parse_mode  # noqa: E402
 
 TZ = ZoneInfo("Asia/Shanghai")
 PLATFORMS = ("p1", "p2", "p3")
@@ -73,6 +73,9 @@ OBSERVER = "ops"  # a fourth platform, without quota and only Slot.read: sees ev
 RUSH_PREFIX = "R"
 WARM = "W001"
 SLOTS_PER_DOCTOR = 1000  # 1-minute slots from 00:00: at most 16 h 40 min of one day per doctor
+#: a request's record: what, whose, when the patient wanted it, when its headers went out on a pool connection,
+#: when its answer was read, the status, and the slot (book, cancel) or the page's length (search)
+KIND, PLATFORM, WANTED, SENT, DONE, STATUS, DETAIL = range(7)
 
 
 # ------------------------------------------------------------------------------------------------ the plan
@@ -155,9 +158,7 @@ class RushLock:
         self.startup_s = round(time.monotonic() - t, 1)
         return self
 
-    def client(self, platform: str):
-        from bench.booking import Client
-
+    def client(self, platform: str) -> Client:
         return Client("127.0.0.1", self.fhir_port, tls_context(self.certs_dir, platform))
 
     def warm_up(self) -> None:
@@ -193,17 +194,25 @@ def worker(spec: dict) -> None:
     import aiohttp
 
     async def main() -> dict:
-        rng = random.Random(spec["seed"])
         base = f"https://127.0.0.1:{spec['port']}/fhir"
+        trace = aiohttp.TraceConfig()  # when a request got a connection of the pool and went out
+
+        async def headers_sent(session, context, params) -> None:
+            if context.trace_request_ctx is not None:
+                context.trace_request_ctx[SENT] = round(time.time(), 6)
+
+        trace.on_request_headers_sent.append(headers_sent)
         sessions = {}
         for p in PLATFORMS:
             connector = aiohttp.TCPConnector(limit=spec["connections"], ssl=tls_context(Path(spec["certs"]), p),
                                              keepalive_timeout=300)
-            sessions[p] = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60))
+            sessions[p] = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60),
+                                                trace_configs=[trace])
 
-        async def fetch(p, method, path, body=None, content_type="application/fhir+json"):
+        async def fetch(p, method, path, body=None, content_type="application/fhir+json", record=None):
             headers = {"Content-Type": content_type} if body is not None else None
-            async with sessions[p].request(method, base + path, data=body, headers=headers) as resp:
+            async with sessions[p].request(method, base + path, data=body, headers=headers,
+                                           trace_request_ctx=record) as resp:
                 return resp.status, await resp.read(), resp.headers.get("Location", "")
 
         # every connection of every pool opened (TLS handshake) before the rush
@@ -219,17 +228,18 @@ def worker(spec: dict) -> None:
                 state["complete"] = time.time()
 
         listener = asyncio.ensure_future(await_complete())
-        records: list[list] = []  # [kind, platform, t_send, t_done, status, detail]
+        records: list[list] = []  # see KIND...DETAIL
         schedules = ",".join(spec["doctors"])
         day, minutes = spec["day"], max(spec["doctors"].values())
 
         async def timed(kind, p, method, path, body=None, content_type="application/fhir+json"):
-            t0 = time.time()
+            wanted = round(time.time(), 6)
+            record = [kind, p, wanted, wanted, None, None, None]
             try:
-                status, data, location = await fetch(p, method, path, body, content_type)
+                status, data, location = await fetch(p, method, path, body, content_type, record)
             except Exception as e:  # noqa: BLE001 - a failed request is a result (status 0)
                 status, data, location = 0, str(e).encode(), ""
-            record = [kind, p, round(t0, 6), round(time.time(), 6), status, None]
+            record[DONE], record[STATUS] = round(time.time(), 6), status
             records.append(record)
             return status, data, location, record
 
@@ -239,7 +249,7 @@ def worker(spec: dict) -> None:
             if status != 200:
                 return None
             entries = [e["resource"]["id"] for e in json.loads(data).get("entry", [])]
-            record[5] = len(entries)
+            record[DETAIL] = len(entries)
             return entries
 
         async def patient(index: int, p: str) -> None:
@@ -263,14 +273,14 @@ def worker(spec: dict) -> None:
                 slot = prng.choice(page)
                 status, _, location, record = await timed(
                     "book", p, "POST", "/Appointment", appointment(slot, f"MRN-{spec['index']}-{index}"))
-                record[5] = slot
+                record[DETAIL] = slot
                 if status in (201, 202):
                     if not rebook:
                         return
                     rebook = False
                     path = location[location.find("/Appointment/"):]
                     _, _, _, crecord = await timed("cancel", p, "PATCH", path, CANCEL, "application/json-patch+json")
-                    crecord[5] = slot
+                    crecord[DETAIL] = slot
                 elif status not in (409,):
                     await asyncio.sleep(0.05)  # 429, 503, a lost connection: try again a little later
 
@@ -528,70 +538,78 @@ def run_one(workdir: Path, certs: rig.Certs, args) -> dict:
 def summarise(the_plan, outs, gw, his, published, sampler, *, t_release, t_end, t_complete, load,
               startup_s) -> dict:
     records = [r for o in outs for r in o["records"]]
-    books = [r for r in records if r[0] == "book"]
-    took = [r for r in books if r[4] in (201, 202)]
-    refused = [r for r in books if r[4] == 409]
-    cancels = [r for r in records if r[0] == "cancel"]
-    searches = [r for r in records if r[0] == "search"]
+    books = [r for r in records if r[KIND] == "book"]
+    took = [r for r in books if r[STATUS] in (201, 202)]
+    refused = [r for r in books if r[STATUS] == 409]
+    cancels = [r for r in records if r[KIND] == "cancel"]
+    searches = [r for r in records if r[KIND] == "search"]
     statuses: dict[str, dict[str, int]] = {}
     for r in records:
-        statuses.setdefault(r[0], {}).setdefault(str(r[4]), 0)
-        statuses[r[0]][str(r[4])] += 1
+        statuses.setdefault(r[KIND], {}).setdefault(str(r[STATUS]), 0)
+        statuses[r[KIND]][str(r[STATUS])] += 1
     # bookings held at the end, as the clients saw them: 201/202 (pending) minus their cancellations (200, or
     # 202: pending, completed in the background)
     held: dict[tuple[str, str], int] = {}
     for r in took:
-        held[(r[1], r[5])] = held.get((r[1], r[5]), 0) + 1
+        held[(r[PLATFORM], r[DETAIL])] = held.get((r[PLATFORM], r[DETAIL]), 0) + 1
     for r in cancels:
-        if r[4] in (200, 202):
-            held[(r[1], r[5])] -= 1
+        if r[STATUS] in (200, 202):
+            held[(r[PLATFORM], r[DETAIL])] -= 1
     per_slot: dict[str, int] = {}
     for (_, slot), n in held.items():
         per_slot[slot] = per_slot.get(slot, 0) + n
-    client_double = sum(1 for n in per_slot.values() if n > 1)
     gw_per_slot: dict[str, int] = {}
     for a in gw["appointments"]:
         gw_per_slot[a["slot"]] = gw_per_slot.get(a["slot"], 0) + 1
-    gw_double = sum(1 for n in gw_per_slot.values() if n > 1)
     by_platform = {}
     for p in PLATFORMS:
         gw_n = sum(1 for a in gw["appointments"] if a["platform"] == p)
-        client_n = sum(n for (q, _), n in held.items() if q == p)
         by_platform[p] = {"share_pct": the_plan["shares"][p], "quota": the_plan["quotas"][p],
-                          "patients": the_plan["patients"][p], "booked_gateway": gw_n, "booked_clients": client_n,
+                          "patients": the_plan["patients"][p], "booked_gateway": gw_n,
+                          "booked_clients": sum(n for (q, _), n in held.items() if q == p),
                           "exact": gw_n == the_plan["quotas"][p]}
-    first_taken = {}
-    for r in sorted(took, key=lambda r: r[3]):
-        first_taken.setdefault(r[5], r[3])
+    first_taken: dict[str, float] = {}
+    for r in sorted(took, key=lambda r: r[DONE]):
+        first_taken.setdefault(r[DETAIL], r[DONE])
     last_taken = max(first_taken.values()) if first_taken else None
     waits = sorted(first_taken[s] - published[s] for s in first_taken if s in published)
     rush_end = last_taken or t_end
-    in_rush = [r for r in searches if t_release <= r[3] <= rush_end]
+    in_rush = [r for r in searches if t_release <= r[DONE] <= rush_end]
     cpu = sampler.pct(t_release, rush_end)
-    client_cpu = sum(v for k, v in cpu.items() if k.startswith("client") and v is not None)
     disagree = disagreements(gw, his)
+
+    def latency(rows: list[list], name: str) -> dict:
+        """p50/p99 from the send (the gateway's answer time), and p99 from when the patient wanted it (with
+        the wait for a free connection of the platform's pool)."""
+        return {f"{name}_p50_ms": ms([r[DONE] - r[SENT] for r in rows], .5),
+                f"{name}_p99_ms": ms([r[DONE] - r[SENT] for r in rows], .99),
+                f"{name}_p99_ms_with_pool_wait": ms([r[DONE] - r[WANTED] for r in rows], .99)}
+
+    def since_release(t: float | None) -> float | None:
+        return round(t - t_release, 3) if t else None
+
     return {
         "slots": sum(the_plan["doctors"].values()), "patients": sum(the_plan["patients"].values()),
         "doctors": the_plan["doctors"], "by_platform": by_platform,
         "quotas_exact": all(v["exact"] for v in by_platform.values()),
-        "slots_booked_gateway": len(gw_per_slot), "slots_left_free": sum(1 for s in gw["slots"].values() if s == "free"),
-        "double_bookings_gateway": gw_double, "double_bookings_clients": client_double,
+        "slots_booked_gateway": len(gw_per_slot),
+        "slots_left_free": sum(1 for s in gw["slots"].values() if s == "free"),
+        "double_bookings_gateway": sum(1 for n in gw_per_slot.values() if n > 1),
+        "double_bookings_clients": sum(1 for n in per_slot.values() if n > 1),
         "his_gateway_disagreements": len(disagree), "disagreement_examples": disagree[:10],
-        "release_to_last_s24_s": round(max(published.values()) - t_release, 3) if published else None,
-        "release_to_all_at_gateway_s": round(t_complete - t_release, 3) if t_complete else None,
-        "release_to_first_taken_s": round(min(first_taken.values()) - t_release, 3) if first_taken else None,
-        "release_to_last_taken_s": round(last_taken - t_release, 3) if last_taken else None,
+        "release_to_last_s24_s": since_release(max(published.values()) if published else None),
+        "release_to_all_at_gateway_s": since_release(t_complete),
+        "release_to_first_taken_s": since_release(min(first_taken.values()) if first_taken else None),
+        "release_to_last_taken_s": since_release(last_taken),
         "published_to_taken_p50_s": round(rig.percentile(waits, .5), 3) if waits else None,
         "published_to_taken_max_s": round(waits[-1], 3) if waits else None,
-        "book_ok_p50_ms": ms([r[3] - r[2] for r in took], .5), "book_ok_p99_ms": ms([r[3] - r[2] for r in took], .99),
-        "refused_p50_ms": ms([r[3] - r[2] for r in refused], .5),
-        "refused_p99_ms": ms([r[3] - r[2] for r in refused], .99),
-        "search_p50_ms": ms([r[3] - r[2] for r in in_rush], .5), "search_p99_ms": ms([r[3] - r[2] for r in in_rush], .99),
+        **latency(took, "book_ok"), **latency(refused, "refused"), **latency(in_rush, "search"),
         "searches_in_rush": len(in_rush),
         "search_pages_per_s": round(len(in_rush) / (rush_end - t_release), 1) if rush_end > t_release else None,
         "bookings_201_202": len(took), "refusals_409": len(refused), "cancellations": len(cancels),
         "statuses": statuses,
-        "gateway_cpu_pct": cpu["gateway"], "sim_cpu_pct": cpu["sim"], "client_cpu_pct": round(client_cpu, 1),
+        "gateway_cpu_pct": cpu["gateway"], "sim_cpu_pct": cpu["sim"],
+        "client_cpu_pct": round(sum(v for k, v in cpu.items() if k.startswith("client") and v is not None), 1),
         "client_cpu_pct_per_process": {k: v for k, v in cpu.items() if k.startswith("client")},
         "client_cpu_s_whole_run": round(sum(o["cpu_s"] for o in outs), 2),
         "load_average": load, "startup_s": startup_s,
@@ -599,9 +617,11 @@ def summarise(the_plan, outs, gw, his, published, sampler, *, t_release, t_end, 
 
 
 #: the figures of a row, with the rule that makes them one median (the rest are summed or taken as they are)
-MEDIANS = ("release_to_last_s24_s", "release_to_all_at_gateway_s", "release_to_first_taken_s", "release_to_last_taken_s", "published_to_taken_p50_s",
-           "published_to_taken_max_s", "book_ok_p50_ms", "book_ok_p99_ms", "refused_p50_ms", "refused_p99_ms",
-           "search_p50_ms", "search_p99_ms", "search_pages_per_s", "gateway_cpu_pct", "sim_cpu_pct", "client_cpu_pct")
+MEDIANS = ("release_to_last_s24_s", "release_to_all_at_gateway_s", "release_to_first_taken_s",
+           "release_to_last_taken_s", "published_to_taken_p50_s", "published_to_taken_max_s",
+           *(f"{name}_{figure}" for name in ("book_ok", "refused", "search")
+             for figure in ("p50_ms", "p99_ms", "p99_ms_with_pool_wait")),
+           "search_pages_per_s", "gateway_cpu_pct", "sim_cpu_pct", "client_cpu_pct")
 
 
 def run(args, workdir: Path) -> dict:
@@ -667,9 +687,12 @@ def print_table(result: dict) -> None:
             ("release -> last slot taken", "release_to_last_taken_s", "s"),
             ("S24 sent -> taken, p50", "published_to_taken_p50_s", "s"),
             ("S24 sent -> taken, max", "published_to_taken_max_s", "s"),
-            ("booking 201 p50 / p99", ("book_ok_p50_ms", "book_ok_p99_ms"), "ms"),
-            ("refusal 409 p50 / p99", ("refused_p50_ms", "refused_p99_ms"), "ms"),
-            ("search p50 / p99", ("search_p50_ms", "search_p99_ms"), "ms"),
+            ("booking 201 p50 / p99 / p99 with pool wait", ("book_ok_p50_ms", "book_ok_p99_ms",
+                                                           "book_ok_p99_ms_with_pool_wait"), "ms"),
+            ("refusal 409 p50 / p99 / p99 with pool wait", ("refused_p50_ms", "refused_p99_ms",
+                                                           "refused_p99_ms_with_pool_wait"), "ms"),
+            ("search p50 / p99 / p99 with pool wait", ("search_p50_ms", "search_p99_ms",
+                                                      "search_p99_ms_with_pool_wait"), "ms"),
             ("search pages/s in the rush", "search_pages_per_s", ""),
             ("gateway CPU (% of a core)", "gateway_cpu_pct", ""),
             ("simulator CPU", "sim_cpu_pct", ""),
@@ -677,7 +700,7 @@ def print_table(result: dict) -> None:
     for label, key, unit in rows:
         keys = key if isinstance(key, tuple) else (key,)
         text = " / ".join(f"{rig.fmt(s[k])} ({s[k + '_range']})" for k in keys)
-        print(f"  {label:34} {text} {unit}")
+        print(f"  {label:44} {text} {unit}")
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
