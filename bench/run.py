@@ -451,11 +451,15 @@ def targets(ingest: dict | None, booking: dict | None, soak: dict | None, search
         mine = [row for row in booking["summary"] if "@" not in row["mode"]]  # not the baseline's rows
         for row in mine:
             if row["rate"] == 200.0:
-                ok = row["p99_ms"] is not None and row["p99_ms"] < 10
-                lines.append(f"| booking p99 < 10 ms at 200 bookings/s ({row['mode']}) | p99 "
-                             f"**{rig.fmt(row['p99_ms'])} ms** at {rig.fmt(row['bookings_per_s'])} bookings/s | "
-                             f"{'**yes**' if ok else '**no**'} |")
-                plain.append(f"booking p99 at 200/s ({row['mode']}): {row['p99_ms']} ms -> {'met' if ok else 'missed'}")
+                # issue 21: in every repetition, so the worst repetition's p99 decides
+                worst = max((r["p99_ms"] for r in booking["runs"] if r.get("mode") == row["mode"]
+                             and r.get("rate") == 200.0 and r.get("p99_ms") is not None), default=None)
+                ok = worst is not None and worst < 10
+                lines.append(f"| booking p99 < 10 ms at 200 bookings/s in every repetition ({row['mode']}) | p99 "
+                             f"**{rig.fmt(row['p99_ms'])} ms** (median; worst repetition {rig.fmt(worst)} ms) at "
+                             f"{rig.fmt(row['bookings_per_s'])} bookings/s | {'**yes**' if ok else '**no**'} |")
+                plain.append(f"booking p99 at 200/s ({row['mode']}): worst repetition {worst} ms -> "
+                             f"{'met' if ok else 'missed'}")
         for row in mine:
             if row["rate"] is None:
                 ok = row["bookings_per_s"] >= 1000
