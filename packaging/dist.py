@@ -198,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=REPO / "dist")
     p.add_argument("--work", type=Path, default=REPO / "build" / "dist")
     p.add_argument("--only", default="sdist,deb,offline", help="comma-separated: sdist, deb, offline")
+    p.add_argument("--wheels", type=Path, help="reuse this wheelhouse (a former build's) instead of downloading; "
+                                               "its gatewayd wheel is replaced by this build's")
     args = p.parse_args(argv)
     only = set(args.only.split(","))
     py = sys.executable
@@ -205,13 +207,17 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     src, version, commit = stage(work, args.version)
     sdist, wheel = python_packages(src, out, py)
-    if not (only & {"deb", "offline"}):
+    if only == {"sdist"}:
         checksums(out)
         return 0
     wheels = work / "wheels"
     if wheels.exists():
         shutil.rmtree(wheels)
-    wheelhouse(wheel, wheels, py)
+    if args.wheels:
+        shutil.copytree(args.wheels, wheels, ignore=lambda _d, names: [n for n in names if n.startswith("gatewayd-")])
+        shutil.copy2(wheel, wheels)
+    else:
+        wheelhouse(wheel, wheels, py)
     if "deb" in only:
         print(deb(src, work, out, wheels, version, commit, py))
     if "offline" in only:

@@ -18,6 +18,9 @@ if ! "$PYTHON" -c 'import sys; sys.exit(not (3, 11) <= sys.version_info[:2] <= (
   echo "install.sh: $PYTHON is not Python 3.11 or 3.12 (the wheels here are for those): set PYTHON=..." >&2
   exit 1
 fi
+# Only wheels/ counts: no pip configuration or PIP_* variable of this host may add an index or a folder.
+for v in $(env | sed -n 's/^\(PIP_[A-Z_]*\)=.*/\1/p'); do unset "$v"; done
+export PIP_CONFIG_FILE=/dev/null
 "$PYTHON" -m venv "$venv"
 "$venv/bin/python" -m pip install --quiet --no-index --find-links "$here/wheels" --only-binary=:all: \
   --disable-pip-version-check "gatewayd==$(cat "$here/VERSION")"

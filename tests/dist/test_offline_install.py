@@ -1,0 +1,112 @@
+"""The offline wheelhouse (issue 19): unpacked on a host with Python but no network, its install.sh makes a
+fresh virtual environment from wheels/ alone (pip --no-index, the network namespace has nothing but loopback,
+no pip configuration of this machine counts), and the installed gatewayd runs the demo: the gateway and the HIS
+simulator start and a booking made with the demo's printed commands crosses the lock.
+
+This machine has one Python (3.11); the 3.12 and aarch64 wheels of the wheelhouse are checked for presence only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import pytest
+
+from tests.dist.conftest import one
+
+pytestmark = [pytest.mark.dist,
+              pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("nsenter"),
+                                 reason="needs root, unshare and nsenter")]
+
+
+class CutNetwork:
+    """A network namespace with loopback only, held by a process; commands enter it with nsenter."""
+
+    def __init__(self):
+        self.holder = subprocess.Popen(["unshare", "--net", "sh", "-c", "ip link set lo up && echo ready && "
+                                        "exec sleep 7200"], stdout=subprocess.PIPE, text=True)
+        assert self.holder.stdout.readline().strip() == "ready"
+
+    def args(self, *cmd: str) -> list[str]:
+        return ["nsenter", "-t", str(self.holder.pid), "-n", *cmd]
+
+    def close(self):
+        self.holder.kill()
+        self.holder.wait(10)
+
+
+@pytest.fixture()
+def cut():
+    net = CutNetwork()
+    yield net
+    net.close()
+
+
+def test_wheelhouse_installs_offline_and_runs_the_demo(release, tmp_path, cut):
+    tarball = one(release, "gatewayd-*-offline.tar.gz")
+    with tarfile.open(tarball) as tar:
+        tar.extractall(tmp_path, filter="data")
+    top = one(tmp_path, "gatewayd-*-offline")
+    wheels = {p.name for p in (top / "wheels").iterdir()}
+    for tag in ("cp311", "cp312"):
+        for arch in ("x86_64", "aarch64"):
+            assert any(tag in w and arch in w and w.startswith("pydantic_core") for w in wheels), (tag, arch)
+
+    # no route out: the namespace has loopback only
+    routes = subprocess.run(cut.args("ip", "route", "get", "1.1.1.1"), capture_output=True, text=True)
+    assert routes.returncode != 0
+
+    venv = tmp_path / "venv"
+    python = shutil.which("python3.11") or sys.executable
+    installed = subprocess.run(cut.args(str(top / "install.sh"), "--venv", str(venv)), capture_output=True,
+                               text=True, timeout=600, env={**os.environ, "PYTHON": python})
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    version = (top / "VERSION").read_text().strip()
+    assert installed.stdout.startswith(f"gatewayd {version} (commit ")
+
+    workdir = tmp_path / "demo"
+    demo = subprocess.Popen(cut.args(str(venv / "bin" / "gatewayd"), "demo", "--workdir", str(workdir)),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+                            env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    try:
+        lines = []
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            line = demo.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "-d '" in line and not line.rstrip().endswith("\\"):
+                break
+        out = "".join(lines)
+        search = next((l for l in lines if l.startswith("curl") and "/Slot?" in l), None)
+        assert search, out
+        book = out[out.index("curl", out.index(search) + len(search)):].replace("\\\n", " ").strip()
+
+        slots = None
+        deadline = time.monotonic() + 90
+        while not slots and time.monotonic() < deadline:
+            found = subprocess.run(cut.args("bash", "-c", search.strip()), capture_output=True, text=True)
+            slots = json.loads(found.stdout).get("entry") if found.returncode == 0 and found.stdout else None
+            time.sleep(0.5)
+        assert slots, "no free slots from the demo's HIS simulator"
+        booked = subprocess.run(cut.args("bash", "-c", book.replace("SLOT_ID", slots[0]["resource"]["id"])
+                                         + " -w '\\n%{http_code}'"), capture_output=True, text=True, timeout=60)
+        body, status = booked.stdout.rsplit("\n", 1)
+        assert status == "201", booked.stdout + booked.stderr
+        assert json.loads(body)["status"] == "booked"
+        assert (workdir / "his-received.jsonl").read_text().count('"SRM^S01"') == 1
+    finally:
+        demo.send_signal(signal.SIGINT)
+        rc = demo.wait(30)
+    assert rc == 0
+    # the demo ran the venv's own interpreter and packages, not this checkout
+    assert str(venv) in subprocess.run([str(venv / "bin" / "python"), "-c", "import gateway; print(gateway.__file__)"],
+                                       capture_output=True, text=True, cwd=tmp_path).stdout
