@@ -29,7 +29,6 @@ import re
 import shutil
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 # Parts of the standard library a daemon never imports (tests, GUI, REPL helpers, packaging bootstrap).

@@ -2,7 +2,7 @@
 (this machine's root under an overlay, network cut, no Python but the package's), the units pass
 ``systemd-analyze verify``, the installed config checks once the site has certificates, the gateway (as the
 ``gatewayd`` user, on the chamber in /var/lib/gatewayd) and the HIS simulator start and a booking crosses the
-lock; the next version upgrades it with the chamber's data and the operator's config kept; a release that fails
+lock, and so does one in ``gatewayd demo``; the next version upgrades it with the chamber's data and the operator's config kept; a release that fails
 ``check-config`` is rolled back to the one before; ``dpkg --purge`` leaves nothing behind.
 
 Slow (it builds the next version's .deb): marked ``dist``, run by .ci/dist, not by the normal suite.
@@ -14,15 +14,17 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tarfile
-import time
 from datetime import datetime, timezone
 
 import pytest
 
 from tests.dist.conftest import make_dist, one
 from tests.dist.throwaway_root import ThrowawayRoot
+from tests.e2e.demo_commands import book_first_free_slot, printed_commands
+from tests.e2e.harness import eventually
 
 pytestmark = [pytest.mark.dist,
               pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("dpkg"),
@@ -96,16 +98,6 @@ def stop(procs: list[subprocess.Popen]) -> None:
         assert p.wait(30) == 0
 
 
-def eventually(check, what: str, timeout: float = 90):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def fhir(root: ThrowawayRoot, args: str) -> tuple[int, dict | None]:
     done = root.sh(f"{CURL} -w '\\n%{{http_code}}' {args}", check=False)
     body, _, status = done.stdout.rpartition("\n")
@@ -119,7 +111,7 @@ def book(root: ThrowawayRoot) -> str:
         status, bundle = fhir(root, f"'{BASE}/Slot?status=free&_count=3&start=ge{now}'")
         return status == 200 and bundle.get("entry")
 
-    slot = eventually(free_slots, "free slots from the HIS simulator through the installed gateway")[0]
+    slot = eventually(free_slots, timeout=90, interval=0.5, what="free slots from the HIS simulator through the installed gateway")[0]
     appointment = json.dumps({
         "resourceType": "Appointment", "status": "proposed", "slot": [{"reference": f"Slot/{slot['resource']['id']}"}],
         "contained": [{"resourceType": "Patient", "id": "p", "identifier": [{"system": "urn:demo:mrn",
@@ -169,6 +161,15 @@ def test_install_book_upgrade_roll_back_purge(root, debs, tmp_path):
     committed = queue(root)
     assert "SRM^S01" in committed
 
+    # the demo of the README runs from the package too (its own configs and certificates in /tmp/demo)
+    demo = root.spawn(["gatewayd", "demo", "--workdir", "/tmp/demo"])
+    try:
+        _out, search, booking = printed_commands(demo.stdout, timeout=90)
+        book_first_free_slot(lambda command: root.sh(command, check=False), search, booking, timeout=90)
+    finally:
+        demo.send_signal(signal.SIGINT)
+        assert demo.wait(30) == 0
+
     # the next version upgrades it: same chamber, the operator's config line kept, a pre-upgrade copy made
     upgrade = root.sh(f"dpkg -i /tmp/{following.name}")
     assert f"upgraded from {version_of(first)} to {version_of(following)}" in upgrade.stderr
@@ -179,10 +180,12 @@ def test_install_book_upgrade_roll_back_purge(root, debs, tmp_path):
     procs = start_lock(root)
     try:
         status, read = eventually(lambda: (lambda r: r if r[0] == 200 else None)(
-            fhir(root, f"{BASE}/Appointment/{appointment}")), "the booked Appointment after the upgrade")
+            fhir(root, f"{BASE}/Appointment/{appointment}")), timeout=90, interval=0.5,
+            what="the booked Appointment after the upgrade")
         assert read["status"] == "booked"
     finally:
         stop(procs)
+    committed = queue(root)  # with what the HIS simulator sent after this start
 
     # a release whose gatewayd fails check-config: dpkg reports the failure, the previous runtime runs again
     broken = broken_release(following, tmp_path)

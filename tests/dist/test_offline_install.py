@@ -8,18 +8,17 @@ This machine has one Python (3.11); the 3.12 and aarch64 wheels of the wheelhous
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import tarfile
-import time
 
 import pytest
 
 from tests.dist.conftest import one
+from tests.e2e.demo_commands import book_first_free_slot, printed_commands
 
 pytestmark = [pytest.mark.dist,
               pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("nsenter"),
@@ -76,32 +75,9 @@ def test_wheelhouse_installs_offline_and_runs_the_demo(release, tmp_path, cut):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
                             env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     try:
-        lines = []
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            line = demo.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if "-d '" in line and not line.rstrip().endswith("\\"):
-                break
-        out = "".join(lines)
-        search = next((l for l in lines if l.startswith("curl") and "/Slot?" in l), None)
-        assert search, out
-        book = out[out.index("curl", out.index(search) + len(search)):].replace("\\\n", " ").strip()
-
-        slots = None
-        deadline = time.monotonic() + 90
-        while not slots and time.monotonic() < deadline:
-            found = subprocess.run(cut.args("bash", "-c", search.strip()), capture_output=True, text=True)
-            slots = json.loads(found.stdout).get("entry") if found.returncode == 0 and found.stdout else None
-            time.sleep(0.5)
-        assert slots, "no free slots from the demo's HIS simulator"
-        booked = subprocess.run(cut.args("bash", "-c", book.replace("SLOT_ID", slots[0]["resource"]["id"])
-                                         + " -w '\\n%{http_code}'"), capture_output=True, text=True, timeout=60)
-        body, status = booked.stdout.rsplit("\n", 1)
-        assert status == "201", booked.stdout + booked.stderr
-        assert json.loads(body)["status"] == "booked"
+        _out, search, book = printed_commands(demo.stdout, timeout=90)
+        book_first_free_slot(lambda command: subprocess.run(cut.args("bash", "-c", command), capture_output=True,
+                                                            text=True, timeout=60), search, book, timeout=90)
         assert (workdir / "his-received.jsonl").read_text().count('"SRM^S01"') == 1
     finally:
         demo.send_signal(signal.SIGINT)

@@ -61,10 +61,15 @@ class ThrowawayRoot:
             assert done.returncode == 0, f"{script}\nexit {done.returncode}\n{done.stdout}\n{done.stderr}"
         return done
 
-    def spawn(self, args: list[str], log: str) -> subprocess.Popen:
-        """Start ``args`` inside (in the background); its output goes to ``log`` inside."""
+    def spawn(self, args: list[str], log: str | None = None) -> subprocess.Popen:
+        """Start ``args`` inside (in the background); its output goes to ``log`` inside, or without one to the
+        returned process's ``stdout`` (text)."""
+        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8", "HOME": "/root"}
+        if log is None:
+            return subprocess.Popen(self._enter() + args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True)
         return subprocess.Popen(self._enter() + ["/bin/sh", "-c", 'exec "$@" >>' + log + " 2>&1", "sh", *args],
-                                env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8"})
+                                env=env)
 
     def put(self, source: Path, inside: str) -> None:
         """Copy a file of this machine to ``inside`` (a path in the throwaway root)."""
