@@ -6,7 +6,6 @@ UNITS="gatewayd.service gatewayd-inner.service gatewayd-outer.service"
 have_systemd() { [ -d /run/systemd/system ] && command -v systemctl >/dev/null; }
 # gate NAME -> the unit's user
 gate_user() { case "$1" in gateway) echo gatewayd ;; *) echo "gatewayd-$1" ;; esac; }
-gate_unit() { case "$1" in gateway) echo gatewayd.service ;; *) echo "gatewayd-$1.service" ;; esac; }
 as_gate() { user=$(gate_user "$1"); shift; runuser -u "$user" -- "$@"; }
 start_units() { # the units listed in $RB/active
   [ -f "$RB/active" ] && have_systemd || return 0
