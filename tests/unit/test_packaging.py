@@ -61,7 +61,7 @@ def test_the_sdist_carries_the_license_docs_deploy_and_packaging(built):
     assert not any("__pycache__" in n for n in names)
 
 
-def test_the_wheel_has_the_schema_files_the_license_and_the_build_commit(built):
+def test_the_wheel_has_the_schema_files_the_license_docs_deploy_and_the_build_commit(built):
     with zipfile.ZipFile(built["wheel"]) as whl:
         names = set(whl.namelist())
         build = whl.read("gateway/BUILD").decode()
@@ -69,6 +69,11 @@ def test_the_wheel_has_the_schema_files_the_license_and_the_build_commit(built):
     assert schema and all(f"gateway/chamber/schema/{n}" in names for n in schema)
     assert "hissim/schema/his-sim-v1.sql" in names
     assert f"gatewayd-{built['version']}.dist-info/LICENSE" in names
+    data = f"gatewayd-{built['version']}.data/data/share"
+    for name in ("doc/gatewayd/LICENSE", "doc/gatewayd/install.md", "doc/gatewayd/architecture.md",
+                 "gatewayd/deploy/systemd/gatewayd.service", "gatewayd/deploy/systemd/gatewayd-inner.service",
+                 "gatewayd/deploy/systemd/gatewayd.tmpfiles", "gatewayd/config/gateway.example.yaml"):
+        assert f"{data}/{name}" in names, name
     assert re.fullmatch(rf"{re.escape(built['version'])} ([0-9a-f]{{12}}(-dirty)?|unknown)\n", build)
     assert "would be ignored" not in built["log"] and "as data is deprecated" not in built["log"], built["log"]
 
