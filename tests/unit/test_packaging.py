@@ -1,0 +1,150 @@
+"""The release's quick parts (issue 19): what the sdist and wheel carry (LICENSE, docs, deploy, the chamber's
+schema files as package data, without setuptools' "would be ignored" warning), ``gatewayd --version``,
+``gatewayd config-reference | head`` without a BrokenPipeError, the maintainer scripts and install.sh parse,
+and the runtime builder's split between glibc (the host's) and the libraries it bundles.
+The builds and installs themselves are tests/dist (marker ``dist``, run by .ci/dist)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def script_module(name: str):
+    """packaging/NAME.py (packaging/ holds scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"packaging_{name}", REPO / "packaging" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+dist = script_module("dist")
+runtime = script_module("runtime")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """The sdist and wheel built from the files git tracks (packaging/dist.py's staging), and what the build
+    printed."""
+    work = tmp_path_factory.mktemp("build")
+    src, version, _commit = dist.stage(work, None)
+    out = work / "out"
+    out.mkdir()
+    log = []
+    for kind in ("sdist", "wheel"):
+        done = subprocess.run([sys.executable, "-c", f"from setuptools import build_meta as b; b.build_{kind}({str(out)!r})"],
+                              cwd=src, capture_output=True, text=True, check=True)
+        log.append(done.stdout + done.stderr)
+    return {"sdist": out / f"gatewayd-{version}.tar.gz", "wheel": out / f"gatewayd-{version}-py3-none-any.whl",
+            "log": "\n".join(log), "version": version}
+
+
+def test_the_sdist_carries_the_license_docs_deploy_and_packaging(built):
+    with tarfile.open(built["sdist"]) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    for name in ("LICENSE", "README.md", "docs/install.md", "docs/architecture.md", "deploy/systemd/gatewayd.service",
+                 "deploy/systemd/gatewayd.tmpfiles", "config/gateway.example.yaml", "packaging/dist.py",
+                 "packaging/deb/postinst", "packaging/offline/install.sh", "gateway/chamber/schema/chamber-v1.sql",
+                 "gateway/BUILD"):
+        assert name in names, name
+    assert not any("__pycache__" in n for n in names)
+
+
+def test_the_wheel_has_the_schema_files_the_license_docs_deploy_and_the_build_commit(built):
+    with zipfile.ZipFile(built["wheel"]) as whl:
+        names = set(whl.namelist())
+        build = whl.read("gateway/BUILD").decode()
+    schema = sorted(p.name for p in (REPO / "gateway" / "chamber" / "schema").glob("*.sql"))
+    assert schema and all(f"gateway/chamber/schema/{n}" in names for n in schema)
+    assert "hissim/schema/his-sim-v1.sql" in names
+    assert f"gatewayd-{built['version']}.dist-info/LICENSE" in names
+    data = f"gatewayd-{built['version']}.data/data/share"
+    for name in ("doc/gatewayd/LICENSE", "doc/gatewayd/install.md", "doc/gatewayd/architecture.md",
+                 "gatewayd/deploy/systemd/gatewayd.service", "gatewayd/deploy/systemd/gatewayd-inner.service",
+                 "gatewayd/deploy/systemd/gatewayd.tmpfiles", "gatewayd/config/gateway.example.yaml"):
+        assert f"{data}/{name}" in names, name
+    assert re.fullmatch(rf"{re.escape(built['version'])} ([0-9a-f]{{12}}(-dirty)?|unknown)\n", build)
+    assert "would be ignored" not in built["log"] and "as data is deprecated" not in built["log"], built["log"]
+
+
+def test_license_is_the_apache_2_0_text():
+    text = (REPO / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+    assert "END OF TERMS AND CONDITIONS" in text and "APPENDIX: How to apply the Apache License" in text
+
+
+def test_version_names_the_version_and_the_commit():
+    done = subprocess.run([sys.executable, "-m", "gateway", "--version"], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0
+    assert re.fullmatch(r"gatewayd \S+ \(commit (unknown: not built by make dist|[0-9a-f]{12}(-dirty)?)\)\n",
+                        done.stdout), done.stdout
+
+
+def test_a_reader_that_goes_away_ends_the_output_without_a_traceback():
+    """`gatewayd config-reference | head`: the pipe's reader is gone before the first write."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run([sys.executable, "-m", "gateway", "config-reference"], stdout=write,
+                              stderr=subprocess.PIPE, text=True, cwd=REPO, timeout=60)
+    finally:
+        os.close(write)
+    assert done.stderr == ""
+    assert done.returncode == 141  # as a command killed by SIGPIPE: the shell's 128 + 13
+
+
+@pytest.mark.parametrize("name", ["preinst", "postinst", "prerm", "postrm"])
+def test_the_maintainer_scripts_parse(name):
+    common = (REPO / "packaging" / "deb" / "common.sh").read_text()
+    script = dist.sh_script(name, common, "9.9.9")
+    assert "#COMMON#" not in script and "#VERSION#" not in script
+    assert subprocess.run(["sh", "-n"], input=script, text=True).returncode == 0
+    if shutil.which("shellcheck"):
+        # warnings and errors; SC2034: common.sh's variables are not used by every script
+        checked = subprocess.run(["shellcheck", "-s", "sh", "-S", "warning", "-e", "SC2034", "-"], input=script,
+                                 text=True)
+        assert checked.returncode == 0
+
+
+def test_install_sh_and_the_launcher_parse():
+    for path in (REPO / "packaging" / "offline" / "install.sh", REPO / "packaging" / "deb" / "launcher"):
+        assert subprocess.run(["sh", "-n", str(path)]).returncode == 0, path
+
+
+def test_the_units_run_the_path_both_installs_provide():
+    """The .deb puts its launcher at /opt/gatewayd/bin/gatewayd; install.sh links its venv's there."""
+    assert "/opt/gatewayd/bin/gatewayd" in (REPO / "packaging" / "offline" / "install.sh").read_text()
+    for unit in (REPO / "deploy" / "systemd").glob("*.service"):
+        execs = re.findall(r"(?m)^ExecStart(?:Pre)?=(\S+)", unit.read_text())
+        assert execs and set(execs) == {"/opt/gatewayd/bin/gatewayd"}, (unit.name, execs)
+
+
+@pytest.mark.parametrize("soname,host", [("libc.so.6", True), ("libm.so.6", True), ("libpthread.so.0", True),
+                                         ("ld-linux-x86-64.so.2", True), ("linux-vdso.so.1", True),
+                                         ("libssl.so.3", False), ("libsqlite3.so.0", False), ("libffi.so.8", False),
+                                         ("libcrypt.so.1", False), ("libz.so.1", False)])
+def test_the_runtime_bundles_everything_but_glibc(soname, host):
+    assert bool(runtime.GLIBC.match(soname)) is host
+
+
+def test_the_stdlib_copy_leaves_out_tests_and_tk(tmp_path):
+    src = tmp_path / "stdlib"
+    for name in ("os.py", "test/test_os.py", "tkinter/__init__.py", "lib-dynload/_ssl.so",
+                 "lib-dynload/_tkinter.so", "lib-dynload/_testcapi.so", "config-3.11-x86_64-linux-gnu/Makefile",
+                 "site-packages/x.py", "json/__init__.py"):
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_text("")
+    runtime.copy_stdlib(src, tmp_path / "copy")
+    copied = {str(p.relative_to(tmp_path / "copy")) for p in (tmp_path / "copy").rglob("*") if p.is_file()}
+    assert copied == {"os.py", "json/__init__.py", "lib-dynload/_ssl.so"}
