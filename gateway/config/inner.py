@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Annotated, Literal, Optional
 
 from gateway.config.fields import Duration, Name, Pattern, Port, Range, ReadableFile, doc
+from gateway.config.his_database import HisDatabaseConfig
 from gateway.domain.routes import type_allowed
 
 
@@ -37,9 +38,16 @@ class MllpSendTls:
 
 @dataclass(frozen=True)
 class HisConfig:
-    host: str = doc("The HIS interface engine's address on the intranet.")
-    port: Port = doc("The HIS's MLLP port, where the gateway sends booking requests (SRM) and queries (SQM), or "
-                     "pharmacy orders (RDE/OMP) for a pharmacy endpoint.")
+    host: Optional[str] = doc("The HIS interface engine's address on the intranet (kind: mllp).", default=None)
+    port: Optional[Port] = doc("The HIS's MLLP port, where the gateway sends booking requests (SRM) and queries "
+                               "(SQM), or pharmacy orders (RDE/OMP) for a pharmacy endpoint (kind: mllp).",
+                               default=None)
+    kind: Literal["mllp", "database"] = doc(
+        "How the gateway talks to this HIS endpoint: 'mllp' = HL7 v2 over MLLP (host, port); 'database' = the "
+        "HIS's own database, a view of its slots and an intermediate table for bookings (database; "
+        "docs/his-adapters.md).", default="mllp")
+    database: Optional[HisDatabaseConfig] = doc("With kind: database, the HIS's database and its tables.",
+                                                default=None)
     name: Name = doc("A short name for this HIS, used in logs and in the chamber.", default="his")
     hl7_version: Literal["2.3", "2.3.1", "2.4", "2.5", "2.5.1"] = doc(
         "HL7 version written in MSH-12 of messages sent to the HIS.", default="2.5"
@@ -130,6 +138,16 @@ class HisConfig:
 
     def __post_validate__(self):
         issues = _charset_issue("charset", self.charset)
+        if self.kind == "mllp":
+            issues += [(key, f"missing required key {key!r} (kind: mllp)")
+                       for key in ("host", "port") if getattr(self, key) is None]
+            if self.database is not None:
+                issues.append(("database", "database is for kind: database; this endpoint's kind is mllp"))
+        elif self.database is None:
+            issues.append(("database", "kind: database needs database (the HIS's database and its tables)"))
+        elif self.slot_source == "poll":
+            issues.append(("slot_source", "kind: database reads slots from database.slots; slot_source: poll "
+                                          "sends SQM^S25 over MLLP (leave it at push)"))
         if not issues:
             for i, z in enumerate(self.z_segments):
                 try:

@@ -1,0 +1,587 @@
+"""A HIS endpoint of ``kind: database``: the HIS's own database (中间表/视图), reached with SQLAlchemy Core.
+
+- :class:`DatabaseLink`: the engine and a bounded thread pool (``threads``); every database call runs on that
+  pool, never on the reactor thread, and is abandoned after ``statement_timeout`` (the driver's own timeouts
+  are set from it too: a call the database never answers ends, and so frees its thread).
+- :class:`DatabaseDestination`: the relay's destination (`gateway.relay.Destination`), as `adapters.inner.his.
+  HisDestination` is for MLLP.  It reads the booking message the domain wrote (`adapters.maps.his_requests`)
+  and writes it as one row of the intermediate table, keyed by the message's control id (the gateway's
+  idempotency key, the same on every resend): a row with that key already there is not written again, so a
+  resend after a crash, a timeout or a database restart never books twice.  Then it reads the row's status
+  column every ``answer_poll`` until the HIS's job writes its answer, within the endpoint's ``ack_timeout``:
+  accepted -> AA (with the HIS's appointment number), refused -> AR, failed -> AE (dead-lettered with the
+  HIS's text).  No answer in time, or a status code the config does not name: DeliveryFailed (resent; the
+  resend finds its row and waits again).  The database unreachable before the row was written (connection
+  refused, lost, timed out): HisUnreachable (not an attempt).
+- :class:`DatabaseSlotPoller`: reads the HIS's slot view every ``interval`` — the rows changed since the last
+  poll (``change_column``), or the whole window, diffed against the previous poll — into slot notices for
+  `gateway.domain.inbound.InboundService`, recorded in the chamber like an SQR^S25 (type ``DB^SLOTS``, the rows
+  read as JSON).  A row that cannot be applied (a NULL where a value is needed, an unknown status, department
+  or doctor code, an unreadable time) is recorded refused with the reason (type ``DB^SLOT``: ``gatewayd queue``
+  shows it) and the others are applied; nothing of a bad row is applied.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
+
+import structlog
+from twisted.application import service
+from twisted.internet import defer, threads
+from twisted.python.threadpool import ThreadPool
+
+from adapters.hl7.er7 import Hl7Error, parse
+from adapters.maps.his_requests import HisRequest, request_from_srm
+from gateway.config.his_database import HisDatabaseConfig, SlotView
+from gateway.domain.ids import new_control_id
+from gateway.domain.inbound import Received
+from gateway.domain.model import HisAnswer, ScheduleInfo, SlotNotice
+from gateway.relay import DeliveryFailed, HisUnreachable
+
+log = structlog.get_logger("gateway.inner.database")
+
+
+class DatabaseTimeout(Exception):
+    """A database call did not end within statement_timeout."""
+
+
+class NotConnected(Exception):
+    """No connection to the database (refused, timed out, lost): the call never reached it, or the connection
+    was lost under it."""
+
+
+def _connect(engine):
+    """A connection, NotConnected when there is none to be had."""
+    sa = _sa()
+    try:
+        return engine.connect()
+    except (sa.exc.DBAPIError, sa.exc.TimeoutError) as e:
+        orig = getattr(e, "orig", None) or e
+        raise NotConnected(f"cannot connect: {type(orig).__name__}: {_first_line(orig)}") from e
+
+
+def _sa():
+    """SQLAlchemy, imported when a database endpoint is configured (an optional extra: gatewayd[database])."""
+    try:
+        import sqlalchemy
+    except ImportError:  # pragma: no cover - the extra is installed with the tests
+        raise RuntimeError("kind: database needs SQLAlchemy: pip install 'gatewayd[database]' (and the driver: "
+                           "'gatewayd[postgresql]' or '[mysql]')") from None
+    return sqlalchemy
+
+
+def _table(name: str, columns):
+    """A lightweight table clause (no reflection) for ``name`` or ``schema.name`` with ``columns``."""
+    sa = _sa()
+    schema, _, table = name.rpartition(".")
+    return sa.table(table, *[sa.column(c) for c in dict.fromkeys(columns)], schema=schema or None)
+
+
+def connect_args(dialect: str, cfg: HisDatabaseConfig) -> dict:
+    """The driver's own timeouts, by dialect (each driver names them its own way)."""
+    connect, statement = max(1, round(cfg.connect_timeout)), cfg.statement_timeout
+    if dialect == "postgresql":
+        return {"connect_timeout": connect, "options": f"-c statement_timeout={int(statement * 1000)}"}
+    if dialect in ("mysql", "mariadb"):
+        return {"connect_timeout": connect, "read_timeout": max(1, round(statement)),
+                "write_timeout": max(1, round(statement))}
+    if dialect == "sqlite":
+        return {"timeout": statement, "check_same_thread": False}
+    if dialect == "mssql":
+        return {"timeout": connect}
+    return {}
+
+
+class DatabaseLink(service.Service):
+    """The HIS's database: an engine with at most ``threads`` connections, and as many threads to use them."""
+
+    def __init__(self, cfg: HisDatabaseConfig, *, peer: str, reactor, engine=None, run=None):
+        self.setName(f"database:{peer}")
+        self.cfg = cfg
+        self.peer = peer
+        self.reactor = reactor
+        self.engine = engine
+        self._pool: ThreadPool | None = None
+        self._run = run  # tests: run the call at once (unit tests have no threads)
+
+    def make_engine(self):
+        sa = _sa()
+        url = sa.engine.make_url(self.cfg.url)
+        if self.cfg.password_file is not None:
+            url = url.set(password=self.cfg.password_file.read_text().strip())
+        kw = {}
+        if url.get_backend_name() != "sqlite":
+            kw = {"pool_size": self.cfg.threads, "max_overflow": 0, "pool_timeout": self.cfg.statement_timeout,
+                  "pool_recycle": 3600}
+        return sa.create_engine(url, pool_pre_ping=True, connect_args=connect_args(url.get_backend_name(), self.cfg),
+                                **kw)
+
+    def startService(self):
+        if self.engine is None:
+            self.engine = self.make_engine()
+        if self._run is None:
+            self._pool = ThreadPool(minthreads=0, maxthreads=self.cfg.threads, name=self.name)
+            self._pool.start()
+        super().startService()
+
+    def stopService(self):
+        super().stopService()
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            # (stopping the pool waits for calls in progress, each bounded by the driver's timeouts: not here)
+            return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), self._stop_pool, pool)
+
+    def _stop_pool(self, pool):
+        pool.stop()
+        if self.engine is not None:
+            self.engine.dispose()
+
+    def call(self, fn, *args) -> defer.Deferred:
+        """``fn(connection-less engine, *args)`` on the pool; fails with DatabaseTimeout after statement_timeout."""
+        if self._run is not None:
+            return self._run(fn, self.engine, *args)
+        if self._pool is None:
+            return defer.fail(DatabaseTimeout("the database link is stopped"))
+        d = threads.deferToThreadPool(self.reactor, self._pool, fn, self.engine, *args)
+        timeout = self.cfg.statement_timeout
+
+        def timed_out(result, _timeout):
+            raise DatabaseTimeout(f"no answer from the database within {timeout:g}s")
+        return d.addTimeout(timeout, self.reactor, onTimeoutCancel=timed_out)
+
+    def probe(self) -> list[str]:
+        """Problems with the tables and columns the config names, found by asking the live database (blocking:
+        for ``check-config --probe``)."""
+        sa = _sa()
+        problems = []
+        engine = self.engine or self.make_engine()
+        cfg = self.cfg
+        wanted = []
+        if cfg.slots is not None:
+            wanted.append(("slots", cfg.slots.view, _named_columns(cfg.slots.columns) + (
+                [cfg.slots.change_column] if cfg.slots.change_column else [])))
+        if cfg.bookings is not None:
+            wanted.append(("bookings", cfg.bookings.table, _named_columns(cfg.bookings.columns)))
+        try:
+            with engine.connect() as conn:
+                for key, name, columns in wanted:
+                    try:
+                        conn.execute(sa.select(*_table(name, columns).c).where(sa.false())).all()
+                    except sa.exc.DBAPIError as e:
+                        conn.rollback()
+                        problems.append(f"database.{key}: {name} with columns {', '.join(columns)}: "
+                                        f"{_first_line(e.orig)}")
+        except sa.exc.DBAPIError as e:
+            problems.append(f"database.url: cannot connect: {_first_line(e.orig)}")
+        finally:
+            if self.engine is None:
+                engine.dispose()
+        return problems
+
+
+def _first_line(error) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def _named_columns(columns) -> list[str]:
+    return [v for v in vars(columns).values() if v]
+
+
+# -- bookings and cancellations ------------------------------------------------------------------------------
+
+
+class DatabaseDestination:
+    """The relay's way to a HIS of kind database: one row per message in the intermediate table, its answer read
+    back from the row."""
+
+    def __init__(self, link: DatabaseLink, *, charset: str, tz: ZoneInfo, clock):
+        self.link = link
+        self.cfg = link.cfg.bookings
+        self.charset = charset
+        self.tz = tz
+        self.local_time = link.cfg.local_time
+        self.clock = clock
+        self._waiting: defer.Deferred | None = None
+        self._timer = None
+
+    def deliver(self, body: bytes, control_id: str, timeout: float) -> defer.Deferred:
+        if self.cfg is None:
+            return defer.succeed(HisAnswer("AE", "this HIS endpoint has no booking table (database.bookings)"))
+        try:
+            request = request_from_srm(parse(body, self.charset))
+        except Hl7Error as e:  # (the domain's own message: a type routed here that this kind cannot take)
+            return defer.succeed(HisAnswer("AE", f"not a request a database HIS takes: {e}"))
+        action = getattr(self.cfg.action_codes, request.action, None)
+        if action is None:
+            return defer.succeed(HisAnswer("AR", f"this HIS takes no {request.action} requests "
+                                                 f"(database.bookings.action_codes.{request.action})"))
+        deadline = self.clock.seconds() + timeout
+        d = self.link.call(_write_request, self._statements(), self._row(request, action), request.key)
+        d.addErrback(self._write_failed)
+        d.addCallback(lambda written: self._await_answer(request, written, deadline))
+        return d
+
+    def _statements(self):
+        c = self.cfg.columns
+        return _table(self.cfg.table, _named_columns(c)), c
+
+    def _row(self, request: HisRequest, action: str) -> dict:
+        c = self.cfg.columns
+        start = request.start_local
+        if self.local_time == "utc":
+            start = start.replace(tzinfo=self.tz).astimezone(timezone.utc).replace(tzinfo=None)
+        values = {c.key: request.key, c.action: action, c.status: self.cfg.answer_codes.pending,
+                  c.schedule_id: request.schedule_id, c.start: start}
+        optional = {c.placer: request.placer, c.patient_id: request.patient_id,
+                    c.patient_id_type: request.patient_id_type, c.patient_name: request.patient_name,
+                    c.phone: request.phone, c.service_code: request.service_code, c.reason: request.reason,
+                    c.his_appointment: request.his_appointment or None}
+        values.update({k: v for k, v in optional.items() if k})
+        if c.created:
+            now = datetime.fromtimestamp(self.clock.seconds(), self.tz if self.local_time == "naive" else timezone.utc)
+            values[c.created] = now.replace(tzinfo=None, microsecond=0)
+        return values
+
+    @staticmethod
+    def _write_failed(failure):
+        reason = _reason(failure)
+        if failure.check(DatabaseTimeout, NotConnected) or getattr(failure.value, "connection_invalidated", False):
+            raise HisUnreachable(reason)
+        raise DeliveryFailed(reason)  # the database took the call and failed it (a wrong column, a value too long)
+
+    def _await_answer(self, request: HisRequest, written: bool, deadline: float) -> defer.Deferred:
+        log.info("his_db.request_written" if written else "his_db.request_found", peer=self.link.peer,
+                 control_id=request.key, action=request.action)
+        waiting = self._waiting = defer.Deferred(canceller=lambda d: self._cancel_timer())
+        self._poll_answer(request.key, deadline, waiting)
+        return waiting
+
+    def _poll_answer(self, key: str, deadline: float, waiting: defer.Deferred) -> None:
+        self._timer = None
+        if waiting.called:
+            return
+        d = self.link.call(_read_answer, self._statements(), key)
+
+        def read(row):
+            if waiting.called:
+                return
+            answer = self._answer(key, row)
+            if answer is not None:
+                self._finish(waiting, answer)
+            elif self.clock.seconds() + self.cfg.answer_poll > deadline:
+                self._finish(waiting, DeliveryFailed(
+                    f"no answer from the HIS in {self.cfg.table} within the deadline (status still pending)"))
+            else:
+                self._timer = self.clock.callLater(self.cfg.answer_poll, self._poll_answer, key, deadline, waiting)
+
+        def failed(failure):
+            if not waiting.called:
+                self._finish(waiting, DeliveryFailed(_reason(failure)))
+
+        d.addCallbacks(read, failed)
+        d.addErrback(lambda f: self._finish(waiting, DeliveryFailed(_reason(f))) if not waiting.called else None)
+
+    def _answer(self, key: str, row) -> HisAnswer | None:
+        """The HIS's answer in the row, None while pending; DeliveryFailed for a row gone or a status unknown."""
+        codes = self.cfg.answer_codes
+        if row is None:
+            raise DeliveryFailed(f"the row with key {key} is gone from {self.cfg.table}")
+        status, his_appointment, text = row
+        status = "" if status is None else str(status).strip()
+        his_appointment = str(his_appointment).strip() if his_appointment not in (None, "") else None
+        text = "" if text is None else str(text)
+        if status == codes.pending:
+            return None
+        if status in codes.accepted:
+            return HisAnswer("AA", text, his_appointment=his_appointment)
+        if status in codes.refused:
+            return HisAnswer("AR", text or f"refused by the HIS (status {status})")
+        if status in codes.failed:
+            return HisAnswer("AE", text or f"failed at the HIS (status {status})")
+        raise DeliveryFailed(f"unknown status code {status!r} in {self.cfg.table} (answer_codes)")
+
+    def _finish(self, waiting: defer.Deferred, result) -> None:
+        self._cancel_timer()
+        if self._waiting is waiting:
+            self._waiting = None
+        if isinstance(result, Exception):
+            waiting.errback(result)
+        else:
+            waiting.callback(result)
+
+    def _cancel_timer(self):
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def close(self) -> defer.Deferred:
+        """Fails the delivery in flight (the relay resends it after a restart: it finds its row)."""
+        if self._waiting is not None and not self._waiting.called:
+            self._finish(self._waiting, HisUnreachable("the database link was closed"))
+        return defer.succeed(None)
+
+
+def _reason(failure) -> str:
+    error = failure.value
+    orig = getattr(error, "orig", None)
+    if orig is not None:
+        return f"{type(orig).__name__}: {_first_line(orig)}"
+    if isinstance(error, (DeliveryFailed, NotConnected)):
+        return str(error)
+    return f"{type(error).__name__}: {failure.getErrorMessage()}"
+
+
+def _write_request(engine, statements, values: dict, key: str) -> bool:
+    """On the pool's thread: the request's row, unless one with its key is there; True when written now."""
+    sa = _sa()
+    table, c = statements
+    with _connect(engine) as conn, conn.begin():
+        if conn.execute(sa.select(table.c[c.key]).where(table.c[c.key] == key)).first() is not None:
+            return False
+        try:
+            with conn.begin_nested():
+                conn.execute(sa.insert(table).values({table.c[k]: v for k, v in values.items()}))
+        except sa.exc.IntegrityError:  # written by a resend at the same moment (the unique index on the key)
+            if conn.execute(sa.select(table.c[c.key]).where(table.c[c.key] == key)).first() is None:
+                raise
+            return False
+    return True
+
+
+def _read_answer(engine, statements, key: str):
+    """On the pool's thread: (status, HIS appointment number, text) of the request's row, or None."""
+    sa = _sa()
+    table, c = statements
+    cols = [table.c[c.status], table.c[c.his_appointment] if c.his_appointment else sa.null(),
+            table.c[c.message] if c.message else sa.null()]
+    with _connect(engine) as conn:
+        row = conn.execute(sa.select(*cols).where(table.c[c.key] == key)).first()
+    return None if row is None else tuple(row)
+
+
+# -- slots ---------------------------------------------------------------------------------------------------
+
+
+class BadRow(ValueError):
+    """A slot row that cannot be applied; ``str()`` says why."""
+
+
+@dataclass(frozen=True)
+class SlotRows:
+    """What one poll read: the rows as dicts (domain key -> value), and the change marker reached."""
+
+    rows: list[dict]
+    marker: object = None
+    overflow: bool = False
+
+
+class DatabaseSlotPoller(service.Service):
+    """Reads the HIS's slot view every ``interval`` into slot notices.  A failed poll (database unreachable,
+    timed out, a window larger than max_rows) is logged and tried again at the next interval."""
+
+    def __init__(self, link: DatabaseLink, inbound, *, tz: ZoneInfo, clock):
+        self.setName(f"slot-view:{link.peer}")
+        self.link = link
+        self.inbound = inbound
+        self.view: SlotView = link.cfg.slots
+        self.departments = link.cfg.department_codes
+        self.doctors = link.cfg.doctor_codes
+        self.local_time = link.cfg.local_time
+        self.tz = tz
+        self.clock = clock
+        self.marker = None  # the change column's value reached (change_column); None: read everything
+        self.seen: dict[tuple, tuple] | None = None  # the window as last read (diff mode)
+        self._gone: dict[tuple, SlotNotice] = {}  # (diff mode) what closes each slot last read, if it leaves
+        self._call = None
+        self.polls = 0
+        self.refused = 0
+
+    def startService(self):
+        super().startService()
+        self._call = self.clock.callLater(0, self._run)
+
+    def stopService(self):
+        super().stopService()
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+    def _run(self):
+        self._call = None
+        d = self.poll()
+        d.addErrback(lambda f: log.warning("his_db.slot_poll_failed", peer=self.link.peer, error=_reason(f)))
+        d.addBoth(lambda _: self._schedule())
+
+    def _schedule(self):
+        if self.running:
+            self._call = self.clock.callLater(self.view.interval, self._run)
+
+    def _today(self) -> datetime:
+        now = datetime.fromtimestamp(self.clock.seconds(), self.tz).replace(tzinfo=None)
+        return now.replace(hour=0, minute=0, second=0, microsecond=0)
+
+    @defer.inlineCallbacks
+    def poll(self):
+        """One read of the view, applied; fires with the number of slot notices applied."""
+        today = self._today()
+        window = (self._db_time(today), self._db_time(today + timedelta(days=self.view.window_days)))
+        read: SlotRows = yield self.link.call(_read_slots, self.view, window, self.marker)
+        if read.overflow:
+            log.error("his_db.slot_window_too_large", peer=self.link.peer, view=self.view.view,
+                      max_rows=self.view.max_rows)
+            return 0
+        notices, refusals, kept = [], [], []
+        for row in read.rows:
+            try:
+                notices.append(self._notice(row))
+                kept.append(row)
+            except BadRow as e:
+                refusals.append((row, str(e)))
+        if self.view.change_column is None:
+            notices, kept = self._changed(notices, kept, today)
+        for row, reason in refusals:
+            yield self._refuse(row, reason)
+        if notices:
+            received = Received(peer=self.link.peer, control_id=new_control_id(), type="DB^SLOTS",
+                                body=_json(kept), charset="utf-8", sender=f"db:{self.view.view}")
+            yield self.inbound.accept(received, notices)
+            log.info("his_db.slots_applied", peer=self.link.peer, slots=len(notices), refused=len(refusals))
+        if read.marker is not None:
+            self.marker = read.marker
+        self.polls += 1
+        return len(notices)
+
+    def _changed(self, notices, rows, today):
+        """Diff mode: the notices for rows new or changed since the last read, and a 'block' for each slot
+        that left the view's rows while still ahead."""
+        current = {(n.schedule.id, n.start_local): (n, row) for n, row in zip(notices, rows)}
+        previous, self.seen = self.seen or {}, {k: _fingerprint(v[1]) for k, v in current.items()}
+        out, kept = [], []
+        for k, (n, row) in current.items():
+            if previous.get(k) != self.seen[k]:
+                out.append(n)
+                kept.append(row)
+        for (schedule_id, start), _ in previous.items():
+            if (schedule_id, start) not in current and start >= today:
+                gone = self._gone.get((schedule_id, start))
+                if gone is not None:
+                    out.append(gone)
+                    kept.append({"schedule_id": schedule_id, "start": start.isoformat(), "gone": True})
+        self._gone = {(n.schedule.id, n.start_local): SlotNotice(
+            action="block", schedule=n.schedule, start_local=n.start_local, minutes=n.minutes,
+            service_code=n.service_code, service_text=n.service_text) for n, _ in current.values()}
+        return out, kept
+
+    def _refuse(self, row: dict, reason: str) -> defer.Deferred:
+        self.refused += 1
+        log.warning("his_db.slot_row_refused", peer=self.link.peer, view=self.view.view, reason=reason)
+        received = Received(peer=self.link.peer, control_id=new_control_id(), type="DB^SLOT", body=_json([row]),
+                            charset="utf-8", sender=f"db:{self.view.view}")
+        return self.inbound.refuse(received, "AR", reason)
+
+    def _db_time(self, local: datetime) -> datetime:
+        if self.local_time == "utc":
+            return local.replace(tzinfo=self.tz).astimezone(timezone.utc).replace(tzinfo=None)
+        return local
+
+    def _local(self, value, what: str) -> datetime:
+        if isinstance(value, str):
+            try:
+                value = datetime.fromisoformat(value.strip())
+            except ValueError:
+                raise BadRow(f"{what}: not a date and time: {value[:30]!r}") from None
+        elif isinstance(value, date) and not isinstance(value, datetime):
+            raise BadRow(f"{what}: a date without a time")
+        if not isinstance(value, datetime):
+            raise BadRow(f"{what}: not a date and time ({type(value).__name__})")
+        if value.tzinfo is None and self.local_time == "utc":
+            value = value.replace(tzinfo=timezone.utc)
+        if value.tzinfo is not None:
+            value = value.astimezone(self.tz).replace(tzinfo=None)
+        return value.replace(microsecond=0)
+
+    def _notice(self, row: dict) -> SlotNotice:
+        cols = self.view.columns
+        for key in ("schedule_id", "start", "status"):
+            if row.get(key) in (None, ""):
+                raise BadRow(f"{getattr(cols, key)} ({key}) is NULL")
+        start = self._local(row["start"], cols.start)
+        if cols.minutes is not None:
+            try:
+                minutes = int(row.get("minutes"))
+            except (TypeError, ValueError):
+                raise BadRow(f"{cols.minutes} (minutes) is not a number: {row.get('minutes')!r}") from None
+        else:
+            if row.get("end") is None:
+                raise BadRow(f"{cols.end} (end) is NULL")
+            minutes = int((self._local(row["end"], cols.end) - start).total_seconds() // 60)
+        if not 0 < minutes <= 24 * 60:
+            raise BadRow(f"the slot's length {minutes} min is not between 1 minute and a day")
+        status = str(row["status"]).strip()
+        codes = self.view.status_codes
+        action = ("open" if status in codes.free else "book" if status in codes.booked
+                  else "block" if status in codes.blocked else None)
+        if action is None:
+            raise BadRow(f"unknown status code {status!r} in {cols.status} (slots.status_codes)")
+        department = _text(row.get("department_code"))
+        doctor = _text(row.get("doctor_code"))
+        if self.departments and department not in self.departments:
+            raise BadRow(f"unknown department code {department!r} in {cols.department_code} (department_codes)")
+        if self.doctors and doctor not in self.doctors:
+            raise BadRow(f"unknown doctor code {doctor!r} in {cols.doctor_code} (doctor_codes)")
+        schedule_id = _text(row["schedule_id"])
+        schedule = ScheduleInfo(
+            id=schedule_id, display=_text(row.get("schedule_name")) or schedule_id,
+            practitioner_id=doctor, practitioner_name=_text(row.get("doctor_name")) or self.doctors.get(doctor, ""),
+            department_code=department,
+            department_name=_text(row.get("department_name")) or self.departments.get(department, ""))
+        return SlotNotice(action=action, schedule=schedule, start_local=start, minutes=minutes,
+                          service_code=_text(row.get("service_code")), service_text=_text(row.get("service_name")),
+                          his_appointment=_text(row.get("his_appointment")) or None if action == "book" else None)
+
+
+def _text(value) -> str:
+    return "" if value is None else str(value).strip()
+
+
+def _fingerprint(row: dict) -> tuple:
+    return tuple(sorted((k, str(v)) for k, v in row.items()))
+
+
+def _json(rows: list[dict]) -> bytes:
+    return json.dumps(rows, ensure_ascii=False, default=str, sort_keys=True).encode("utf-8")
+
+
+def _read_slots(engine, view: SlotView, window: tuple[datetime, datetime], marker) -> SlotRows:
+    """On the pool's thread: the view's rows (by the config's domain keys), changed since ``marker`` or in the
+    window."""
+    sa = _sa()
+    names = {k: v for k, v in vars(view.columns).items() if v}
+    change = view.change_column
+    table = _table(view.view, list(names.values()) + ([change] if change else []))
+    query = sa.select(*[table.c[v].label(k) for k, v in names.items()],
+                      *([table.c[change].label("__change")] if change else []))
+    start = table.c[view.columns.start]
+    query = query.where(sa.or_(start >= window[0], start.is_(None)))  # (a NULL start is refused, not unseen)
+    if change:
+        if marker is not None:
+            query = query.where(table.c[change] > marker)
+        query = query.order_by(table.c[change]).limit(view.max_rows)
+    else:
+        query = query.where(start < window[1]).limit(view.max_rows + 1)
+    with _connect(engine) as conn:
+        rows = [dict(r._mapping) for r in conn.execute(query)]
+    if not change:
+        return SlotRows(rows[:view.max_rows], overflow=len(rows) > view.max_rows)
+    new_marker = marker
+    if rows:
+        last = rows[-1]["__change"]
+        if len(rows) == view.max_rows and rows[0]["__change"] != last:
+            rows = [r for r in rows if r["__change"] != last]  # the rest of that change comes next poll, whole
+        new_marker = rows[-1]["__change"]
+    for r in rows:
+        r.pop("__change")
+    return SlotRows(rows, new_marker)
