@@ -1,0 +1,181 @@
+"""The HIS simulator's database face (``python -m hissim.database --url URL``): a HIS of the view-and-table kind
+(中间表/视图) in a real database (PostgreSQL, MariaDB/MySQL, SQLite), as many Chinese HIS vendors lay it out.
+
+- It owns its tables: ``排班号源`` (its slots: one row per slot, a change number 更新序号 raised on every change)
+  and the view ``V_号源`` over it that the gateway reads; ``预约中间表``, the intermediate table the gateway
+  writes its requests into (流水号, the gateway's key, unique) and the HIS's job answers in (状态 0 pending,
+  1 accepted, 2 refused; 预约号 its appointment number; 说明 why).  ``--create`` (re)creates them and
+  publishes ``--days`` days of slots from ``--start-date`` for ``--doctors`` doctors (08:00-09:00, 15 min).
+- Its job answers pending rows every ``--every`` seconds (after ``--answer-delay``): a booking (操作 1) of a
+  free slot books it (预约号 H + a number), of a taken or closed one is refused; a cancellation (操作 2) frees
+  the slot its 预约号 names; a hold (操作 3) is refused.  Each answered row is journalled (``--journal``, one
+  JSON line: key, action, placer, status, his appointment).
+- Its counter books too: SIGUSR1 books one random free slot (as a walk-in patient would).
+SIGTERM / SIGINT stop it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import signal
+import sys
+import time
+from datetime import date, datetime, timedelta
+from pathlib import Path
+
+import sqlalchemy as sa
+
+SLOTS, VIEW, REQUESTS = "排班号源", "V_号源", "预约中间表"
+DEPARTMENT = ("0101", "心内科")
+
+
+def tables(metadata: sa.MetaData):
+    slots = sa.Table(
+        SLOTS, metadata,
+        sa.Column("排班号", sa.String(32), primary_key=True), sa.Column("开始时间", sa.DateTime, primary_key=True),
+        sa.Column("时长", sa.Integer, nullable=False), sa.Column("状态", sa.String(4), nullable=False),
+        sa.Column("科室代码", sa.String(16)), sa.Column("科室名称", sa.String(64)), sa.Column("医生代码", sa.String(16)),
+        sa.Column("医生姓名", sa.String(64)), sa.Column("号别", sa.String(32)), sa.Column("预约号", sa.String(32)),
+        sa.Column("更新序号", sa.BigInteger, nullable=False))
+    requests = sa.Table(
+        REQUESTS, metadata,
+        sa.Column("流水号", sa.String(32), primary_key=True), sa.Column("操作", sa.String(4), nullable=False),
+        sa.Column("状态", sa.String(4), nullable=False), sa.Column("排班号", sa.String(32)),
+        sa.Column("就诊时间", sa.DateTime), sa.Column("预约号", sa.String(32)), sa.Column("平台单号", sa.String(64)),
+        sa.Column("患者证件号", sa.String(64)), sa.Column("证件类型", sa.String(16)),
+        sa.Column("患者姓名", sa.String(64)), sa.Column("电话", sa.String(32)), sa.Column("说明", sa.String(200)),
+        sa.Column("写入时间", sa.DateTime))
+    return slots, requests
+
+
+class DatabaseHis:
+    def __init__(self, engine, journal: Path | None = None, answer_delay: float = 0.0, seed: int = 7):
+        self.engine = engine
+        self.slots, self.requests = tables(sa.MetaData())
+        self.journal = journal
+        self.answer_delay = answer_delay
+        self.rng = random.Random(seed)
+        self._seen: dict[str, float] = {}  # pending key -> when first seen (answer_delay)
+
+    def create(self, start: date, days: int, doctors: int) -> int:
+        """(Re)create the tables and the view and publish the slots; returns how many."""
+        q = self.engine.dialect.identifier_preparer.quote
+        with self.engine.begin() as conn:
+            conn.exec_driver_sql(f"DROP VIEW IF EXISTS {q(VIEW)}")
+            self.slots.metadata.drop_all(conn)
+            self.slots.metadata.create_all(conn)
+            columns = ", ".join(q(c.name) for c in self.slots.columns)
+            conn.exec_driver_sql(f"CREATE VIEW {q(VIEW)} AS SELECT {columns} FROM {q(SLOTS)}")
+            rows, seq = [], 0
+            for d in range(days):
+                for doctor in range(1, doctors + 1):
+                    for n in range(4):
+                        seq += 1
+                        rows.append({"排班号": f"PB{start + timedelta(days=d):%m%d}D{doctor:02d}",
+                                     "开始时间": datetime.combine(start + timedelta(days=d), datetime.min.time())
+                                     + timedelta(hours=8, minutes=15 * n), "时长": 15, "状态": "0",
+                                     "科室代码": DEPARTMENT[0], "科室名称": DEPARTMENT[1], "医生代码": f"D{doctor:02d}",
+                                     "医生姓名": f"张医生{doctor}", "号别": "普通号", "预约号": None, "更新序号": seq})
+            conn.execute(sa.insert(self.slots), rows)
+        return len(rows)
+
+    def _next_seq(self, conn) -> int:
+        return conn.execute(sa.select(sa.func.coalesce(sa.func.max(self.slots.c["更新序号"]), 0))).scalar() + 1
+
+    def answer_pending(self) -> int:
+        """Answers the pending requests (those older than answer_delay); returns how many."""
+        s, r = self.slots.c, self.requests.c
+        answered = []
+        with self.engine.begin() as conn:
+            pending = conn.execute(sa.select(self.requests).where(r["状态"] == "0")
+                                   .order_by(r["写入时间"], r["流水号"])).mappings().all()
+            now = time.monotonic()
+            for row in pending:
+                first = self._seen.setdefault(row["流水号"], now)
+                if now - first < self.answer_delay:
+                    continue
+                status, number, text = self._decide(conn, row, s)
+                conn.execute(sa.update(self.requests).where(r["流水号"] == row["流水号"])
+                             .values({r["状态"]: status, r["预约号"]: number, r["说明"]: text}))
+                answered.append({"key": row["流水号"], "action": row["操作"], "placer": row["平台单号"],
+                                 "status": status, "his_appointment": number})
+        for entry in answered:
+            self._seen.pop(entry["key"], None)
+        if answered and self.journal is not None:
+            with self.journal.open("a", encoding="utf-8") as f:
+                f.writelines(json.dumps(e, ensure_ascii=False) + "\n" for e in answered)
+        return len(answered)
+
+    def _decide(self, conn, row, s) -> tuple[str, str | None, str]:
+        if row["操作"] == "1":
+            slot = conn.execute(sa.select(self.slots).where(s["排班号"] == row["排班号"],
+                                                           s["开始时间"] == row["就诊时间"])).mappings().first()
+            if slot is None:
+                return "2", None, "无此号源"
+            if slot["状态"] != "0":
+                return "2", None, "号源已被占用" if slot["状态"] == "1" else "停诊"
+            number = f"H{self._next_seq(conn):06d}"
+            conn.execute(sa.update(self.slots).where(s["排班号"] == slot["排班号"], s["开始时间"] == slot["开始时间"])
+                         .values({s["状态"]: "1", s["预约号"]: number, s["更新序号"]: self._next_seq(conn)}))
+            return "1", number, "预约成功"
+        if row["操作"] == "2":
+            done = conn.execute(sa.update(self.slots).where(s["预约号"] == row["预约号"], s["状态"] == "1")
+                                .values({s["状态"]: "0", s["预约号"]: None, s["更新序号"]: self._next_seq(conn)}))
+            return ("1", row["预约号"], "已取消") if done.rowcount else ("2", None, "无此预约")
+        return "2", None, "本院不支持锁号"
+
+    def counter_booking(self) -> str | None:
+        """The counter books a random free slot; returns its appointment number."""
+        s = self.slots.c
+        with self.engine.begin() as conn:
+            free = conn.execute(sa.select(s["排班号"], s["开始时间"]).where(s["状态"] == "0")).all()
+            if not free:
+                return None
+            schedule, start = self.rng.choice(free)
+            number = f"C{self._next_seq(conn):06d}"
+            conn.execute(sa.update(self.slots).where(s["排班号"] == schedule, s["开始时间"] == start)
+                         .values({s["状态"]: "1", s["预约号"]: number, s["更新序号"]: self._next_seq(conn)}))
+        return number
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hissim.database", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", required=True, help="SQLAlchemy URL of the HIS's database")
+    parser.add_argument("--create", action="store_true", help="(re)create the tables and publish the slots")
+    parser.add_argument("--create-only", action="store_true", help="with --create: then exit")
+    parser.add_argument("--start-date", type=date.fromisoformat, default=date.today() + timedelta(days=1))
+    parser.add_argument("--days", type=int, default=2)
+    parser.add_argument("--doctors", type=int, default=2)
+    parser.add_argument("--every", type=float, default=0.2, help="how often the HIS's job runs (seconds)")
+    parser.add_argument("--answer-delay", type=float, default=0.0, help="how long a request waits for its answer")
+    parser.add_argument("--journal", type=Path, default=None, help="JSON lines of the answered requests")
+    args = parser.parse_args(argv)
+    engine = sa.create_engine(args.url, pool_pre_ping=True)
+    his = DatabaseHis(engine, args.journal, args.answer_delay)
+    if args.create:
+        print(f"his-sim-db: {his.create(args.start_date, args.days, args.doctors)} slots published", flush=True)
+        if args.create_only:
+            return 0
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
+    signal.signal(signal.SIGINT, lambda *_: stopping.append(1))
+    counter = []
+    signal.signal(signal.SIGUSR1, lambda *_: counter.append(1))
+    print("his-sim-db: answering", flush=True)
+    while not stopping:
+        try:
+            while counter:
+                counter.pop()
+                print(f"his-sim-db: counter booked {his.counter_booking()}", flush=True)
+            his.answer_pending()
+        except sa.exc.DBAPIError as e:  # the database restarting: try again at the next turn
+            print(f"his-sim-db: database error: {str(e.orig).strip().splitlines()[0]}", flush=True)
+        time.sleep(args.every)
+    engine.dispose()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
