@@ -153,32 +153,52 @@ class DatabaseLink(service.Service):
         return d.addTimeout(timeout, self.reactor, onTimeoutCancel=timed_out)
 
     def probe(self) -> list[str]:
-        """Problems with the tables and columns the config names, found by asking the live database (blocking:
-        for ``check-config --probe``)."""
+        """Problems with the tables, columns and codes the config names, found by asking the live database
+        (blocking: for ``check-config --probe``), each as 'key: what'."""
         sa = _sa()
-        problems = []
+        cfg, problems = self.cfg, []
         engine = self.engine or self.make_engine()
-        cfg = self.cfg
         wanted = []
         if cfg.slots is not None:
-            wanted.append(("slots", cfg.slots.view, _named_columns(cfg.slots.columns) + (
+            wanted.append(("slots.view", cfg.slots.view, _named_columns(cfg.slots.columns) + (
                 [cfg.slots.change_column] if cfg.slots.change_column else [])))
         if cfg.bookings is not None:
-            wanted.append(("bookings", cfg.bookings.table, _named_columns(cfg.bookings.columns)))
+            wanted.append(("bookings.table", cfg.bookings.table, _named_columns(cfg.bookings.columns)))
         try:
-            with engine.connect() as conn:
+            with _connect(engine) as conn:
                 for key, name, columns in wanted:
                     try:
                         conn.execute(sa.select(*_table(name, columns).c).where(sa.false())).all()
                     except sa.exc.DBAPIError as e:
                         conn.rollback()
-                        problems.append(f"database.{key}: {name} with columns {', '.join(columns)}: "
+                        problems.append(f"{key}: {name} with the columns {', '.join(columns)}: "
                                         f"{_first_line(e.orig)}")
-        except sa.exc.DBAPIError as e:
-            problems.append(f"database.url: cannot connect: {_first_line(e.orig)}")
+                if cfg.slots is not None and not problems:
+                    problems += self._probe_codes(conn)
+        except NotConnected as e:
+            problems.append(f"url: {e}")
         finally:
             if self.engine is None:
                 engine.dispose()
+        return problems
+
+    def _probe_codes(self, conn) -> list[str]:
+        """The view's status, department and doctor codes that the config does not name."""
+        sa = _sa()
+        view, problems = self.cfg.slots, []
+        codes = view.status_codes
+        checks = [("slots.status_codes", view.columns.status, {*codes.free, *codes.booked, *codes.blocked})]
+        if self.cfg.department_codes and view.columns.department_code:
+            checks.append(("department_codes", view.columns.department_code, set(self.cfg.department_codes)))
+        if self.cfg.doctor_codes and view.columns.doctor_code:
+            checks.append(("doctor_codes", view.columns.doctor_code, set(self.cfg.doctor_codes)))
+        for key, column, known in checks:
+            table = _table(view.view, [column])
+            found = {_text(v) for (v,) in conn.execute(sa.select(table.c[column]).distinct().limit(1000))}
+            unknown = sorted(found - known - {""})
+            if unknown:
+                problems.append(f"{key}: the view {view.view} has codes in {column} this config does not name: "
+                                f"{', '.join(unknown[:20])} (their rows would be refused)")
         return problems
 
 

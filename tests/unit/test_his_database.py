@@ -330,7 +330,7 @@ inner:
         columns: {key: 流水号, action: 操作, status: 状态, schedule_id: 排班号, start: 就诊时间}
       slots:
         view: 号源视图
-        columns: {schedule_id: 排班号, start: 开始时间, status: 状态, minutes: 时长}
+        columns: {schedule_id: 排班号, start: 开始时间, status: 状态, minutes: 时长, department_code: 科室代码}
         status_codes: {free: ['0']}
 outer:
   his_name: hisdb
@@ -357,3 +357,36 @@ def test_database_config_errors_name_line_and_key(config_dir):
                          "4:inner.his.port: missing required key 'port' (kind: mllp)"]
     found = problems(config_dir, "inner: {his: {host: h, port: 1, kind: database}}\n", head="")
     assert found[0].endswith("inner.his.database: kind: database needs database (the HIS's database and its tables)")
+
+
+def test_check_config_probe_asks_the_live_database(config_dir, tmp_path, db, capsys):
+    """`check-config --probe`: a column the table does not have, and codes in the view the config does not name,
+    are reported with their key path; the database unreachable too; a config that matches is ok."""
+    from gateway.cli import check_config
+
+    put_slots(db, ("PB1", "2026-12-08 09:00:00", 15, "5", "0101", "D01", 1),
+              ("PB1", "2026-12-08 09:15:00", 15, "0", "0202", "D01", 2))
+    head = DB_HEAD.replace("postgresql+psycopg://gw@10.1.2.5/his", f"sqlite:///{tmp_path / 'his.db'}")
+    path = config_dir / "probe.yaml"
+    path.write_text(head.replace("start: 就诊时间}", "start: 就诊日期}").replace(
+        "    database:\n", "    database:\n      department_codes: {'0101': 内科}\n"), encoding="utf-8")
+    assert check_config(path) == 0  # (without --probe the database is not asked)
+    assert check_config(path, probe=True) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "inner.his.database.bookings.table: 预约中间表 with the columns" in err[0]
+    assert "就诊日期" in err[0]
+    path.write_text(head.replace("    database:\n", "    database:\n      department_codes: {'0101': 内科}\n"),
+                    encoding="utf-8")
+    assert check_config(path, probe=True) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert [e.split(": ", 1)[1] for e in err] == [
+        "inner.his.database.slots.status_codes: the view 号源视图 has codes in 状态 this config does not name: 5 "
+        "(their rows would be refused)",
+        "inner.his.database.department_codes: the view 号源视图 has codes in 科室代码 this config does not name: "
+        "0202 (their rows would be refused)"]
+    with db.begin() as conn:
+        conn.exec_driver_sql("DELETE FROM 号源视图")
+    assert check_config(path, probe=True) == 0
+    path.write_text(head.replace(str(tmp_path / "his.db"), str(tmp_path / "no" / "such.db")), encoding="utf-8")
+    assert check_config(path, probe=True) == 1
+    assert "inner.his.database.url: cannot connect" in capsys.readouterr().err
