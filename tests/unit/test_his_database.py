@@ -390,3 +390,22 @@ def test_check_config_probe_asks_the_live_database(config_dir, tmp_path, db, cap
     path.write_text(head.replace(str(tmp_path / "his.db"), str(tmp_path / "no" / "such.db")), encoding="utf-8")
     assert check_config(path, probe=True) == 1
     assert "inner.his.database.url: cannot connect" in capsys.readouterr().err
+
+
+def test_the_worked_config_in_the_docs_loads(config_dir):
+    """docs/his-adapters.md's config for a view-and-table HIS with Chinese column names is a valid config (its
+    password file given), naming the columns the simulator's layout has."""
+    from pathlib import Path
+
+    from hissim.database import tables
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "his-adapters.md").read_text(encoding="utf-8")
+    block = text.split("The gateway's config for it:\n\n```yaml\n", 1)[1].split("```", 1)[0]
+    (config_dir / "his-db.password").write_text("secret\n")
+    config = load(config_dir, block.replace("/etc/gatewayd/his-db.password", "his-db.password"),
+                  head="outer:\n  tls: {certificate: certs/server.pem, private_key: certs/server.key, "
+                       "client_ca: certs/ca.pem}\nplatforms: [{name: p1, certificate_subject: CN=p1}]\n")
+    database = config.inner.his.database
+    slots, requests = tables(sa.MetaData())
+    assert set(vars(database.bookings.columns).values()) - {None} <= set(requests.columns.keys())
+    assert set(vars(database.slots.columns).values()) - {None} <= set(slots.columns.keys())
