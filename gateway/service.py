@@ -43,7 +43,7 @@ from adapters.outer.pharmacy import Prescriptions
 from adapters.outer.site import FhirApi
 from adapters.outer.tls import HandshakeWatch, read_crl, tls_options
 from adapters.hl7.identity import same_message
-from adapters.inner.database import DatabaseDestination, DatabaseLink, DatabaseSlotPoller
+from adapters.inner.database import DatabaseDestination, DatabaseLink, slot_poller as database_slots
 from adapters.inner.his import HisDestination
 from adapters.inner.pharmacy import PharmacyInbound
 from adapters.inner.poller import SlotPoller
@@ -276,7 +276,7 @@ def _relay(config, reactor, chamber, his, outbox, metrics, gate, inbound, tz) ->
         link = DatabaseLink(his.database, peer=his.name, reactor=reactor)
         link.setServiceParent(gate)
         lanes = [DatabaseDestination(link, charset=his.charset, tz=tz, clock=reactor) for _ in range(his.window)]
-        poller = DatabaseSlotPoller(link, inbound, tz=tz, clock=reactor) if his.database.slots is not None else None
+        poller = database_slots(link, inbound, tz=tz, clock=reactor) if his.database.slots is not None else None
     else:
         lanes, poller = _mllp_lanes(config, reactor, his, inbound, tz)
     relay = Relay(chamber, his.name, lanes, outbox.on_answer, clock=reactor,

@@ -13,39 +13,28 @@
   HIS's text).  No answer in time, or a status code the config does not name: DeliveryFailed (resent; the
   resend finds its row and waits again).  The database unreachable before the row was written (connection
   refused, lost, timed out): HisUnreachable (not an attempt).
-- :class:`DatabaseSlotPoller`: reads the HIS's slot view every ``interval`` — the rows changed since the last
-  poll (``change_column``), or the whole window, diffed against the previous poll — into slot notices for
-  `gateway.domain.inbound.InboundService`, recorded in the chamber like an SQR^S25 (type ``DB^SLOTS``, the rows
-  read as JSON).  A row that cannot be applied (a NULL where a value is needed, an unknown status, department
-  or doctor code, an unreadable time) is recorded refused with the reason (type ``DB^SLOT``: ``gatewayd queue``
-  shows it) and the others are applied; nothing of a bad row is applied.
+- :func:`slot_poller`: reads the HIS's slot view every ``interval`` (`adapters.inner.slot_rows`) — the rows
+  changed since the last poll (``change_column``), or the whole window, diffed against the previous poll —
+  into slot notices; a bad row is refused with its reason and never applied.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
+from datetime import datetime, timezone
 from zoneinfo import ZoneInfo
 
 import structlog
-from twisted.application import service
-from twisted.internet import defer, threads
-from twisted.python.threadpool import ThreadPool
+from twisted.internet import defer
 
 from adapters.hl7.er7 import Hl7Error, parse
+from adapters.inner.slot_rows import SlotRows, SlotRowsPoller, SlotSource, first_line, reason, text
+from adapters.inner.threaded import CallTimeout, ThreadedLink
 from adapters.maps.his_requests import HisRequest, request_from_srm
 from gateway.config.his_database import HisDatabaseConfig, SlotView
-from gateway.domain.ids import new_control_id
-from gateway.domain.inbound import Received
-from gateway.domain.model import HisAnswer, ScheduleInfo, SlotNotice
+from gateway.domain.model import HisAnswer
 from gateway.relay import DeliveryFailed, HisUnreachable
 
 log = structlog.get_logger("gateway.inner.database")
-
-
-class DatabaseTimeout(Exception):
-    """A database call did not end within statement_timeout."""
 
 
 class NotConnected(Exception):
@@ -60,7 +49,7 @@ def _connect(engine):
         return engine.connect()
     except (sa.exc.DBAPIError, sa.exc.TimeoutError) as e:
         orig = getattr(e, "orig", None) or e
-        raise NotConnected(f"cannot connect: {type(orig).__name__}: {_first_line(orig)}") from e
+        raise NotConnected(f"cannot connect: {type(orig).__name__}: {first_line(orig)}") from e
 
 
 def _sa():
@@ -95,23 +84,21 @@ def connect_args(dialect: str, cfg: HisDatabaseConfig) -> dict:
     return {}
 
 
-class DatabaseLink(service.Service):
+class DatabaseLink(ThreadedLink):
     """The HIS's database: an engine with at most ``threads`` connections, and as many threads to use them."""
 
     def __init__(self, cfg: HisDatabaseConfig, *, peer: str, reactor, engine=None, run=None):
-        self.setName(f"database:{peer}")
+        super().__init__(f"database:{peer}", threads=cfg.threads, timeout=cfg.statement_timeout, reactor=reactor,
+                         run=run)
         self.cfg = cfg
         self.peer = peer
-        self.reactor = reactor
         self.engine = engine
-        self._pool: ThreadPool | None = None
-        self._run = run  # tests: run the call at once (unit tests have no threads)
 
     def make_engine(self):
         sa = _sa()
         url = sa.engine.make_url(self.cfg.url)
         if self.cfg.password_file is not None:
-            url = url.set(password=self.cfg.password_file.read_text().strip())
+            url = url.set(password=self.cfg.password_file.readtext().strip())
         kw = {}
         if url.get_backend_name() != "sqlite":
             kw = {"pool_size": self.cfg.threads, "max_overflow": 0, "pool_timeout": self.cfg.statement_timeout,
@@ -122,35 +109,15 @@ class DatabaseLink(service.Service):
     def startService(self):
         if self.engine is None:
             self.engine = self.make_engine()
-        if self._run is None:
-            self._pool = ThreadPool(minthreads=0, maxthreads=self.cfg.threads, name=self.name)
-            self._pool.start()
         super().startService()
 
-    def stopService(self):
-        super().stopService()
-        if self._pool is not None:
-            pool, self._pool = self._pool, None
-            # (stopping the pool waits for calls in progress, each bounded by the driver's timeouts: not here)
-            return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), self._stop_pool, pool)
-
-    def _stop_pool(self, pool):
-        pool.stop()
+    def closed(self) -> None:
         if self.engine is not None:
             self.engine.dispose()
 
     def call(self, fn, *args) -> defer.Deferred:
-        """``fn(connection-less engine, *args)`` on the pool; fails with DatabaseTimeout after statement_timeout."""
-        if self._run is not None:
-            return self._run(fn, self.engine, *args)
-        if self._pool is None:
-            return defer.fail(DatabaseTimeout("the database link is stopped"))
-        d = threads.deferToThreadPool(self.reactor, self._pool, fn, self.engine, *args)
-        timeout = self.cfg.statement_timeout
-
-        def timed_out(result, _timeout):
-            raise DatabaseTimeout(f"no answer from the database within {timeout:g}s")
-        return d.addTimeout(timeout, self.reactor, onTimeoutCancel=timed_out)
+        """``fn(engine, *args)`` on the pool; fails with CallTimeout after statement_timeout."""
+        return super().call(fn, self.engine, *args)
 
     def probe(self) -> list[str]:
         """Problems with the tables, columns and codes the config names, found by asking the live database
@@ -172,7 +139,7 @@ class DatabaseLink(service.Service):
                     except sa.exc.DBAPIError as e:
                         conn.rollback()
                         problems.append(f"{key}: {name} with the columns {', '.join(columns)}: "
-                                        f"{_first_line(e.orig)}")
+                                        f"{first_line(e.orig)}")
                 if cfg.slots is not None and not problems:
                     problems += self._probe_codes(conn)
         except NotConnected as e:
@@ -194,16 +161,12 @@ class DatabaseLink(service.Service):
             checks.append(("doctor_codes", view.columns.doctor_code, set(self.cfg.doctor_codes)))
         for key, column, known in checks:
             table = _table(view.view, [column])
-            found = {_text(v) for (v,) in conn.execute(sa.select(table.c[column]).distinct().limit(1000))}
+            found = {text(v) for (v,) in conn.execute(sa.select(table.c[column]).distinct().limit(1000))}
             unknown = sorted(found - known - {""})
             if unknown:
                 problems.append(f"{key}: the view {view.view} has codes in {column} this config does not name: "
                                 f"{', '.join(unknown[:20])} (their rows would be refused)")
         return problems
-
-
-def _first_line(error) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def _named_columns(columns) -> list[str]:
@@ -268,7 +231,7 @@ class DatabaseDestination:
     @staticmethod
     def _write_failed(failure):
         reason = _reason(failure)
-        if failure.check(DatabaseTimeout, NotConnected) or getattr(failure.value, "connection_invalidated", False):
+        if failure.check(CallTimeout, NotConnected) or getattr(failure.value, "connection_invalidated", False):
             raise HisUnreachable(reason)
         raise DeliveryFailed(reason)  # the database took the call and failed it (a wrong column, a value too long)
 
@@ -345,13 +308,9 @@ class DatabaseDestination:
 
 
 def _reason(failure) -> str:
-    error = failure.value
-    orig = getattr(error, "orig", None)
-    if orig is not None:
-        return f"{type(orig).__name__}: {_first_line(orig)}"
-    if isinstance(error, (DeliveryFailed, NotConnected)):
-        return str(error)
-    return f"{type(error).__name__}: {failure.getErrorMessage()}"
+    if failure.check(DeliveryFailed, NotConnected):
+        return str(failure.value)
+    return reason(failure)
 
 
 def _write_request(engine, statements, values: dict, key: str) -> bool:
@@ -385,194 +344,15 @@ def _read_answer(engine, statements, key: str):
 # -- slots ---------------------------------------------------------------------------------------------------
 
 
-class BadRow(ValueError):
-    """A slot row that cannot be applied; ``str()`` says why."""
-
-
-@dataclass(frozen=True)
-class SlotRows:
-    """What one poll read: the rows as dicts (domain key -> value), and the change marker reached."""
-
-    rows: list[dict]
-    marker: object = None
-    overflow: bool = False
-
-
-class DatabaseSlotPoller(service.Service):
-    """Reads the HIS's slot view every ``interval`` into slot notices.  A failed poll (database unreachable,
-    timed out, a window larger than max_rows) is logged and tried again at the next interval."""
-
-    def __init__(self, link: DatabaseLink, inbound, *, tz: ZoneInfo, clock):
-        self.setName(f"slot-view:{link.peer}")
-        self.link = link
-        self.inbound = inbound
-        self.view: SlotView = link.cfg.slots
-        self.departments = link.cfg.department_codes
-        self.doctors = link.cfg.doctor_codes
-        self.local_time = link.cfg.local_time
-        self.tz = tz
-        self.clock = clock
-        self.marker = None  # the change column's value reached (change_column); None: read everything
-        self.seen: dict[tuple, tuple] | None = None  # the window as last read (diff mode)
-        self._gone: dict[tuple, SlotNotice] = {}  # (diff mode) what closes each slot last read, if it leaves
-        self._call = None
-        self.polls = 0
-        self.refused = 0
-
-    def startService(self):
-        super().startService()
-        self._call = self.clock.callLater(0, self._run)
-
-    def stopService(self):
-        super().stopService()
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-        self._call = None
-
-    def _run(self):
-        self._call = None
-        d = self.poll()
-        d.addErrback(lambda f: log.warning("his_db.slot_poll_failed", peer=self.link.peer, error=_reason(f)))
-        d.addBoth(lambda _: self._schedule())
-
-    def _schedule(self):
-        if self.running:
-            self._call = self.clock.callLater(self.view.interval, self._run)
-
-    def _today(self) -> datetime:
-        now = datetime.fromtimestamp(self.clock.seconds(), self.tz).replace(tzinfo=None)
-        return now.replace(hour=0, minute=0, second=0, microsecond=0)
-
-    @defer.inlineCallbacks
-    def poll(self):
-        """One read of the view, applied; fires with the number of slot notices applied."""
-        today = self._today()
-        window = (self._db_time(today), self._db_time(today + timedelta(days=self.view.window_days)))
-        read: SlotRows = yield self.link.call(_read_slots, self.view, window, self.marker)
-        if read.overflow:
-            log.error("his_db.slot_window_too_large", peer=self.link.peer, view=self.view.view,
-                      max_rows=self.view.max_rows)
-            return 0
-        notices, refusals, kept = [], [], []
-        for row in read.rows:
-            try:
-                notices.append(self._notice(row))
-                kept.append(row)
-            except BadRow as e:
-                refusals.append((row, str(e)))
-        if self.view.change_column is None:
-            notices, kept = self._changed(notices, kept, today)
-        for row, reason in refusals:
-            yield self._refuse(row, reason)
-        if notices:
-            received = Received(peer=self.link.peer, control_id=new_control_id(), type="DB^SLOTS",
-                                body=_json(kept), charset="utf-8", sender=f"db:{self.view.view}")
-            yield self.inbound.accept(received, notices)
-            log.info("his_db.slots_applied", peer=self.link.peer, slots=len(notices), refused=len(refusals))
-        if read.marker is not None:
-            self.marker = read.marker
-        self.polls += 1
-        return len(notices)
-
-    def _changed(self, notices, rows, today):
-        """Diff mode: the notices for rows new or changed since the last read, and a 'block' for each slot
-        that left the view's rows while still ahead."""
-        current = {(n.schedule.id, n.start_local): (n, row) for n, row in zip(notices, rows)}
-        previous, self.seen = self.seen or {}, {k: _fingerprint(v[1]) for k, v in current.items()}
-        out, kept = [], []
-        for k, (n, row) in current.items():
-            if previous.get(k) != self.seen[k]:
-                out.append(n)
-                kept.append(row)
-        for (schedule_id, start), _ in previous.items():
-            if (schedule_id, start) not in current and start >= today:
-                gone = self._gone.get((schedule_id, start))
-                if gone is not None:
-                    out.append(gone)
-                    kept.append({"schedule_id": schedule_id, "start": start.isoformat(), "gone": True})
-        self._gone = {(n.schedule.id, n.start_local): SlotNotice(
-            action="block", schedule=n.schedule, start_local=n.start_local, minutes=n.minutes,
-            service_code=n.service_code, service_text=n.service_text) for n, _ in current.values()}
-        return out, kept
-
-    def _refuse(self, row: dict, reason: str) -> defer.Deferred:
-        self.refused += 1
-        log.warning("his_db.slot_row_refused", peer=self.link.peer, view=self.view.view, reason=reason)
-        received = Received(peer=self.link.peer, control_id=new_control_id(), type="DB^SLOT", body=_json([row]),
-                            charset="utf-8", sender=f"db:{self.view.view}")
-        return self.inbound.refuse(received, "AR", reason)
-
-    def _db_time(self, local: datetime) -> datetime:
-        if self.local_time == "utc":
-            return local.replace(tzinfo=self.tz).astimezone(timezone.utc).replace(tzinfo=None)
-        return local
-
-    def _local(self, value, what: str) -> datetime:
-        if isinstance(value, str):
-            try:
-                value = datetime.fromisoformat(value.strip())
-            except ValueError:
-                raise BadRow(f"{what}: not a date and time: {value[:30]!r}") from None
-        elif isinstance(value, date) and not isinstance(value, datetime):
-            raise BadRow(f"{what}: a date without a time")
-        if not isinstance(value, datetime):
-            raise BadRow(f"{what}: not a date and time ({type(value).__name__})")
-        if value.tzinfo is None and self.local_time == "utc":
-            value = value.replace(tzinfo=timezone.utc)
-        if value.tzinfo is not None:
-            value = value.astimezone(self.tz).replace(tzinfo=None)
-        return value.replace(microsecond=0)
-
-    def _notice(self, row: dict) -> SlotNotice:
-        cols = self.view.columns
-        for key in ("schedule_id", "start", "status"):
-            if row.get(key) in (None, ""):
-                raise BadRow(f"{getattr(cols, key)} ({key}) is NULL")
-        start = self._local(row["start"], cols.start)
-        if cols.minutes is not None:
-            try:
-                minutes = int(row.get("minutes"))
-            except (TypeError, ValueError):
-                raise BadRow(f"{cols.minutes} (minutes) is not a number: {row.get('minutes')!r}") from None
-        else:
-            if row.get("end") is None:
-                raise BadRow(f"{cols.end} (end) is NULL")
-            minutes = int((self._local(row["end"], cols.end) - start).total_seconds() // 60)
-        if not 0 < minutes <= 24 * 60:
-            raise BadRow(f"the slot's length {minutes} min is not between 1 minute and a day")
-        status = str(row["status"]).strip()
-        codes = self.view.status_codes
-        action = ("open" if status in codes.free else "book" if status in codes.booked
-                  else "block" if status in codes.blocked else None)
-        if action is None:
-            raise BadRow(f"unknown status code {status!r} in {cols.status} (slots.status_codes)")
-        department = _text(row.get("department_code"))
-        doctor = _text(row.get("doctor_code"))
-        if self.departments and department not in self.departments:
-            raise BadRow(f"unknown department code {department!r} in {cols.department_code} (department_codes)")
-        if self.doctors and doctor not in self.doctors:
-            raise BadRow(f"unknown doctor code {doctor!r} in {cols.doctor_code} (doctor_codes)")
-        schedule_id = _text(row["schedule_id"])
-        schedule = ScheduleInfo(
-            id=schedule_id, display=_text(row.get("schedule_name")) or schedule_id,
-            practitioner_id=doctor, practitioner_name=_text(row.get("doctor_name")) or self.doctors.get(doctor, ""),
-            department_code=department,
-            department_name=_text(row.get("department_name")) or self.departments.get(department, ""))
-        return SlotNotice(action=action, schedule=schedule, start_local=start, minutes=minutes,
-                          service_code=_text(row.get("service_code")), service_text=_text(row.get("service_name")),
-                          his_appointment=_text(row.get("his_appointment")) or None if action == "book" else None)
-
-
-def _text(value) -> str:
-    return "" if value is None else str(value).strip()
-
-
-def _fingerprint(row: dict) -> tuple:
-    return tuple(sorted((k, str(v)) for k, v in row.items()))
-
-
-def _json(rows: list[dict]) -> bytes:
-    return json.dumps(rows, ensure_ascii=False, default=str, sort_keys=True).encode("utf-8")
+def slot_poller(link: DatabaseLink, inbound, *, tz: ZoneInfo, clock) -> SlotRowsPoller:
+    """The reader of the HIS's slot view (``database.slots``): by change marker, or the window diffed."""
+    view = link.cfg.slots
+    source = SlotSource(read=lambda window, marker: link.call(_read_slots, view, window, marker),
+                        name=f"db:{view.view}", columns=view.columns, status_codes=view.status_codes,
+                        interval=view.interval, window_days=view.window_days, departments=link.cfg.department_codes,
+                        doctors=link.cfg.doctor_codes, local_time=link.cfg.local_time,
+                        marked=view.change_column is not None)
+    return SlotRowsPoller(link.peer, source, inbound, tz=tz, clock=clock)
 
 
 def _read_slots(engine, view: SlotView, window: tuple[datetime, datetime], marker) -> SlotRows:

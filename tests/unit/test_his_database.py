@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 from twisted.internet import defer, task
 
-from adapters.inner.database import DatabaseDestination, DatabaseLink, DatabaseSlotPoller
+from adapters.inner.database import DatabaseDestination, DatabaseLink, slot_poller
 from adapters.maps.his_requests import request_from_srm
 from adapters.hl7.er7 import parse
 from adapters.maps.srm_booking import Hl7Header, build_srm
@@ -234,7 +234,7 @@ def poller(engine, **cfg):
     clock = task.Clock()
     clock.advance(datetime(2026, 12, 7, 8, 0, tzinfo=TZ).timestamp())
     inbound = Inbound()
-    return DatabaseSlotPoller(link_for(engine, **cfg), inbound, tz=TZ, clock=clock), inbound, clock
+    return slot_poller(link_for(engine, **cfg), inbound, tz=TZ, clock=clock), inbound, clock
 
 
 def test_the_view_is_read_by_change_marker(db):
