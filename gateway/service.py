@@ -45,6 +45,7 @@ from adapters.outer.tls import HandshakeWatch, read_crl, tls_options
 from adapters.hl7.identity import same_message
 from adapters.inner.database import DatabaseDestination, DatabaseLink, slot_poller as database_slots
 from adapters.inner.his import HisDestination
+from adapters.inner.webservice import WebServiceDestination, WebServiceLink, slot_poller as webservice_slots
 from adapters.inner.pharmacy import PharmacyInbound
 from adapters.inner.poller import SlotPoller
 from adapters.inner.receiver import InnerGateHandler
@@ -269,14 +270,19 @@ def _inner_gate(config, reactor, tz, chamber, booking, metrics, prescribing):
 
 
 def _relay(config, reactor, chamber, his, outbox, metrics, gate, inbound, tz) -> Relay:
-    """One HIS endpoint: its lanes (MLLP clients, or for kind database its link, started before and stopped after
-    the relay), the relay for its queue, and its slot poller if it polls (SQM^S25, or the database's slot
-    view)."""
+    """One HIS endpoint: its lanes (MLLP clients; for kind database or webservice its link, started before and
+    stopped after the relay), the relay for its queue, and its slot poller if it polls (SQM^S25, the
+    database's slot view, the web service's schedule query)."""
     if his.kind == "database":
         link = DatabaseLink(his.database, peer=his.name, reactor=reactor)
         link.setServiceParent(gate)
         lanes = [DatabaseDestination(link, charset=his.charset, tz=tz, clock=reactor) for _ in range(his.window)]
         poller = database_slots(link, inbound, tz=tz, clock=reactor) if his.database.slots is not None else None
+    elif his.kind == "webservice":
+        link = WebServiceLink(his.webservice, peer=his.name, reactor=reactor)
+        link.setServiceParent(gate)
+        lanes = [WebServiceDestination(link, charset=his.charset) for _ in range(his.window)]
+        poller = webservice_slots(link, inbound, tz=tz, clock=reactor) if his.webservice.slots is not None else None
     else:
         lanes, poller = _mllp_lanes(config, reactor, his, inbound, tz)
     relay = Relay(chamber, his.name, lanes, outbox.on_answer, clock=reactor,

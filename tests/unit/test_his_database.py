@@ -356,7 +356,8 @@ def test_database_config_errors_name_line_and_key(config_dir):
     assert found[:2] == ["4:inner.his.host: missing required key 'host' (kind: mllp)",
                          "4:inner.his.port: missing required key 'port' (kind: mllp)"]
     found = problems(config_dir, "inner: {his: {host: h, port: 1, kind: database}}\n", head="")
-    assert found[0].endswith("inner.his.database: kind: database needs database (the HIS's database and its tables)")
+    assert found[0].endswith("inner.his.database: kind: database needs database (how to reach the HIS: "
+                             "docs/his-adapters.md)")
 
 
 def test_check_config_probe_asks_the_live_database(config_dir, tmp_path, db, capsys):

@@ -1,0 +1,232 @@
+"""A HIS endpoint of ``kind: webservice``: the HIS vendor's web service, HTTP POST with JSON.
+
+- :class:`WebServiceLink`: one HTTP session (TLS with the site's CA and client certificate, basic
+  authentication, the vendor's headers) whose blocking calls run on a bounded thread pool
+  (`adapters.inner.threaded`), each within ``timeout``.
+- :class:`WebServiceDestination`: the relay's destination (`gateway.relay.Destination`).  It reads the booking
+  message the domain wrote (`adapters.maps.his_requests`) and makes the call its action names (book, cancel,
+  hold) with the request's fields filled from it — ``{key}`` the message's control id, the same on every
+  resend, which the HIS uses to recognise a request it has already taken.  The answer's result code
+  (``result_codes``): accepted -> AA (with the HIS's appointment number), refused -> AR (the HIS's text),
+  retry or any other code -> DeliveryFailed (resent after the backoff, dead-lettered after max_attempts).
+  No connection (refused, connect timed out): HisUnreachable (not an attempt).  No answer in time, an HTTP
+  error status, an answer that is no JSON (an HTML error page) or has no result code where the config says:
+  DeliveryFailed, with the reason; nothing of it is applied.
+- :func:`slot_poller`: the schedule query every ``interval`` over the window, its items read into slot rows
+  (`adapters.inner.slot_rows`: diffed against the previous answer; a bad item refused with its reason).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+import structlog
+from twisted.internet import defer
+
+from adapters.hl7.er7 import Hl7Error, parse
+from adapters.inner.slot_rows import SlotRows, SlotRowsPoller, SlotSource, text
+from adapters.inner.threaded import CallTimeout, ThreadedLink
+from adapters.maps.his_requests import HisRequest, request_from_srm
+from gateway.config.his_webservice import HisWebServiceConfig, WsCall
+from gateway.domain.model import HisAnswer
+from gateway.relay import DeliveryFailed, HisUnreachable
+
+log = structlog.get_logger("gateway.inner.webservice")
+
+
+class NotReached(Exception):
+    """The web service could not be reached: the request never went out."""
+
+
+class BadAnswer(Exception):
+    """The web service answered, but not with what the config says its answers hold."""
+
+
+def path_value(document, path: str):
+    """The value at ``path`` (keys joined by '.', a list's item by its number); KeyError when there is none."""
+    value = document
+    for part in path.split("."):
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        else:
+            raise KeyError(path)
+    return value
+
+
+def render(templates: dict[str, str], values: dict) -> dict:
+    """A request's JSON body: each field's template filled with ``values``; 'a.b' fields nested."""
+    body: dict = {}
+    for field, template in templates.items():
+        target = body
+        *parents, last = field.split(".")
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[last] = template.format(**values)
+    return body
+
+
+def request_values(request: HisRequest) -> dict:
+    return {"key": request.key, "placer": request.placer, "schedule_id": request.schedule_id,
+            "start": request.start_local, "minutes": request.minutes, "his_appointment": request.his_appointment,
+            "patient_id": request.patient_id, "patient_id_type": request.patient_id_type,
+            "patient_name": request.patient_name, "phone": request.phone, "service_code": request.service_code,
+            "reason": request.reason, "action": request.action}
+
+
+class WebServiceLink(ThreadedLink):
+    """The HIS's web service: one HTTP session, its calls on a thread pool of ``threads``."""
+
+    def __init__(self, cfg: HisWebServiceConfig, *, peer: str, reactor, run=None, session=None):
+        super().__init__(f"webservice:{peer}", threads=cfg.threads, timeout=cfg.timeout + 1, reactor=reactor, run=run)
+        self.cfg = cfg
+        self.peer = peer
+        self.session = session
+
+    def startService(self):
+        if self.session is None:
+            self.session = self.make_session()
+        super().startService()
+
+    def make_session(self):
+        import requests
+
+        session = requests.Session()
+        session.headers.update({"Content-Type": "application/json; charset=utf-8", "Accept": "application/json",
+                                **self.cfg.headers})
+        if self.cfg.ca is not None:
+            session.verify = str(self.cfg.ca)
+        if self.cfg.certificate is not None:
+            session.cert = (str(self.cfg.certificate), str(self.cfg.private_key))
+        if self.cfg.username is not None:
+            session.auth = (self.cfg.username, self.cfg.password_file.read_text().strip())
+        return session
+
+    def closed(self) -> None:
+        if self.session is not None:
+            self.session.close()
+
+    def post(self, path: str, body: dict) -> defer.Deferred:
+        """The call's JSON answer (a Deferred); fails with NotReached, CallTimeout or BadAnswer."""
+        return self.call(_post, self.session, self.cfg.url.rstrip("/") + path, body, self.cfg.timeout)
+
+
+def _post(session, url: str, body: dict, timeout: float):
+    """On the pool's thread: POST the body, the answer's JSON."""
+    import requests
+
+    data = json.dumps(body, ensure_ascii=False).encode("utf-8")
+    try:
+        response = session.post(url, data=data, timeout=timeout)
+    except requests.exceptions.ConnectTimeout as e:
+        raise NotReached(f"connect timed out: {type(e).__name__}") from None
+    except requests.exceptions.Timeout:
+        raise CallTimeout(f"no answer within {timeout:g}s") from None
+    except requests.exceptions.ConnectionError as e:
+        raise NotReached(f"cannot connect: {type(e).__name__}") from None
+    except requests.exceptions.RequestException as e:
+        raise BadAnswer(f"{type(e).__name__}") from None
+    kind = response.headers.get("Content-Type", "").split(";")[0].strip() or "no content type"
+    if response.status_code >= 400:
+        raise BadAnswer(f"HTTP {response.status_code} ({kind}, {len(response.content)} bytes)")
+    try:
+        return json.loads(response.content.decode(response.encoding or "utf-8"))
+    except (ValueError, UnicodeDecodeError, LookupError):
+        raise BadAnswer(f"the answer is not JSON ({kind}, {len(response.content)} bytes)") from None
+
+
+class WebServiceDestination:
+    """The relay's way to a HIS of kind webservice: one call per message, its result code read."""
+
+    def __init__(self, link: WebServiceLink, *, charset: str):
+        self.link = link
+        self.cfg = link.cfg
+        self.charset = charset
+
+    def deliver(self, body: bytes, control_id: str, timeout: float) -> defer.Deferred:
+        try:
+            request = request_from_srm(parse(body, self.charset))
+        except Hl7Error as e:
+            return defer.succeed(HisAnswer("AE", f"not a request this web service takes: {e}"))
+        call: WsCall | None = getattr(self.cfg, request.action, None)
+        if call is None:
+            return defer.succeed(HisAnswer("AR", f"this HIS takes no {request.action} requests "
+                                                 f"(webservice.{request.action})"))
+        try:
+            payload = render(call.request, request_values(request))
+        except (KeyError, ValueError) as e:
+            return defer.succeed(HisAnswer("AE", f"the request could not be written: {e}"))
+        d = self.link.post(call.path, payload)
+        d.addCallbacks(lambda answer: self._answer(call, answer), self._failed)
+        return d
+
+    def _answer(self, call: WsCall, answer) -> HisAnswer:
+        codes = self.cfg.result_codes
+        try:
+            code = text(path_value(answer, call.code))
+        except KeyError:
+            raise DeliveryFailed(f"the answer has no result code at {call.code}") from None
+        message = _optional(answer, call.message)
+        if code in codes.accepted:
+            return HisAnswer("AA", message, his_appointment=_optional(answer, call.his_appointment) or None)
+        if code in codes.refused:
+            return HisAnswer("AR", message or f"refused by the HIS (code {code})")
+        what = "asks to try again" if code in codes.retry else "is not one result_codes names"
+        raise DeliveryFailed(f"result code {code!r} {what}: {message}".rstrip(": "))
+
+    @staticmethod
+    def _failed(failure):
+        if failure.check(NotReached):
+            raise HisUnreachable(str(failure.value))
+        failure.trap(CallTimeout, BadAnswer, defer.CancelledError)
+        raise DeliveryFailed(str(failure.value) or failure.type.__name__)
+
+    def close(self) -> defer.Deferred:
+        return defer.succeed(None)  # (a call in progress ends within the timeout; the relay waits for it)
+
+
+def _optional(document, path: str | None) -> str:
+    if path is None:
+        return ""
+    try:
+        return text(path_value(document, path))
+    except KeyError:
+        return ""
+
+
+def slot_poller(link: WebServiceLink, inbound, *, tz: ZoneInfo, clock) -> SlotRowsPoller:
+    """The schedule query (``webservice.slots``) every interval, its answer diffed against the previous one."""
+    slots, cfg = link.cfg.slots, link.cfg
+
+    def read(window: tuple[datetime, datetime], _marker) -> defer.Deferred:
+        body = render(slots.request, {"window_start": window[0], "window_end": window[1]})
+        return link.post(slots.path, body).addCallback(rows_of)
+
+    def rows_of(answer) -> SlotRows:
+        if slots.code is not None:
+            code = _optional(answer, slots.code)
+            if code not in cfg.result_codes.accepted:
+                raise BadAnswer(f"the schedule query was answered with result code {code!r}")
+        try:
+            items = path_value(answer, slots.rows)
+        except KeyError:
+            raise BadAnswer(f"the answer has no list of slots at {slots.rows}") from None
+        if not isinstance(items, list):
+            raise BadAnswer(f"{slots.rows} in the answer is not a list")
+        fields = {k: v for k, v in vars(slots.fields).items() if v}
+        return SlotRows([{k: _value(item, p) for k, p in fields.items()} for item in items])
+
+    source = SlotSource(read=read, name=f"ws:{slots.path}", columns=slots.fields, status_codes=slots.status_codes,
+                        interval=slots.interval, window_days=slots.window_days, departments=cfg.department_codes,
+                        doctors=cfg.doctor_codes, local_time=cfg.local_time)
+    return SlotRowsPoller(link.peer, source, inbound, tz=tz, clock=clock)
+
+
+def _value(item, path: str):
+    try:
+        return path_value(item, path)
+    except KeyError:
+        return None  # (the row is refused when the value is one it needs)

@@ -1,0 +1,135 @@
+"""The keys of a HIS endpoint of ``kind: webservice`` (``inner.his.webservice``): the HIS vendor's web service over
+HTTP with JSON — its calls (query schedule, book, cancel, hold), each call's request fields and where its
+answer's result code, text and appointment number are, the result codes that mean accepted, refused or "try
+again", TLS and credentials.
+
+How the gateway uses them: adapters/inner/webservice.py and docs/his-adapters.md.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from dataclasses import dataclass
+from typing import Annotated, Literal, Optional
+
+from gateway.config.fields import Duration, Pattern, Range, ReadableFile, doc
+from gateway.config.his_database import SlotColumns, SlotStatusCodes
+
+#: where a value is in a JSON document: keys joined by '.', a list's item by its number (data.rows.0.code)
+JsonPath = Annotated[str, Pattern(r"^[^\s.]+(\.[^\s.]+)*$", "a path such as data.regNo (keys joined by '.')")]
+
+#: what a booking request's templates may name (adapters.maps.his_requests.HisRequest's fields)
+REQUEST_FIELDS = frozenset({"key", "placer", "schedule_id", "start", "minutes", "his_appointment", "patient_id",
+                            "patient_id_type", "patient_name", "phone", "service_code", "reason", "action"})
+#: what a schedule query's templates may name
+QUERY_FIELDS = frozenset({"window_start", "window_end"})
+_DATES = frozenset({"start", "window_start", "window_end"})
+
+
+def template_issues(key: str, templates: dict[str, str], allowed: frozenset[str]) -> list[tuple[str, str]]:
+    """Problems with request templates: an unknown field, a format on a value that is no date-time."""
+    issues = []
+    for field, template in templates.items():
+        try:
+            parts = list(string.Formatter().parse(template))
+        except ValueError as e:
+            issues.append((f"{key}.{field}", f"not a template: {e} (write {{{{ and }}}} for braces)"))
+            continue
+        for _text, name, spec, conversion in parts:
+            if name is None:
+                continue
+            if name not in allowed:
+                issues.append((f"{key}.{field}", f"unknown field {{{name}}}; the fields are: "
+                                                 f"{', '.join(sorted(allowed))}"))
+            elif conversion or (spec and name not in _DATES):
+                issues.append((f"{key}.{field}", f"{{{name}}} takes no format (only {', '.join(sorted(_DATES))} "
+                                                 f"take a date format such as {{start:%Y-%m-%d %H:%M}})"))
+    return issues
+
+
+@dataclass(frozen=True)
+class WsCall:
+    path: str = doc("The call's path after url, e.g. /api/register/confirm (POST, a JSON body).")
+    request: dict[str, str] = doc(
+        "The request's JSON fields, each a template of the gateway's values: e.g. {orderNo: '{key}', "
+        "scheduleId: '{schedule_id}', visitTime: '{start:%Y-%m-%d %H:%M}', patientName: '{patient_name}', "
+        "idCard: '{patient_id}', mobile: '{phone}', regNo: '{his_appointment}'}. {key} is the gateway's "
+        "idempotency key (the message's control id, the same on every resend): send it where the HIS "
+        "recognises a request it has already taken. A field with '.' in its name is nested (head.token).")
+    code: JsonPath = doc("Where the HIS's result code is in its answer, e.g. code or head.resultCode.")
+    message: Optional[JsonPath] = doc("Where its text is (msg): the reason of a refusal.", default=None)
+    his_appointment: Optional[JsonPath] = doc("Where the HIS's appointment number is (data.regNo).", default=None)
+
+    def __post_validate__(self):
+        return template_issues("request", self.request, REQUEST_FIELDS)
+
+
+@dataclass(frozen=True)
+class WsResultCodes:
+    accepted: list[str] = doc("Result codes of an accepted request (also: this request was taken before).",
+                              default_factory=lambda: ["0"])
+    refused: list[str] = doc("Result codes of a refused request (the slot taken, closed...): never sent again.",
+                             default_factory=list)
+    retry: list[str] = doc("Result codes that mean 'try again later' (busy, locked): sent again after the "
+                           "backoff. Any other code is also retried, and dead-lettered after max_attempts.",
+                           default_factory=list)
+
+
+@dataclass(frozen=True)
+class WsSlots:
+    path: str = doc("The schedule query's path, e.g. /api/schedule/query.")
+    rows: JsonPath = doc("Where the list of slots is in the answer, e.g. data or data.list.")
+    fields: SlotColumns = doc("Where each of a slot's values is within one item of the list (paths).")
+    status_codes: SlotStatusCodes = doc("The HIS's slot status codes; an item with another is refused.")
+    request: dict[str, str] = doc("Its JSON fields: templates of {window_start} and {window_end} (the first day "
+                                  "and the day after the last), e.g. {beginDate: '{window_start:%Y-%m-%d}'}.",
+                                  default_factory=dict)
+    code: Optional[JsonPath] = doc("Where the answer's result code is (it must be an accepted one).", default=None)
+    interval: Annotated[Duration, Range(1, 86400)] = doc("How often the schedule is queried.", default=Duration(60.0))
+    window_days: Annotated[int, Range(1, 90)] = doc("How many days ahead (from today) are asked for.", default=7)
+
+    def __post_validate__(self):
+        return template_issues("request", self.request, QUERY_FIELDS)
+
+
+@dataclass(frozen=True)
+class HisWebServiceConfig:
+    url: str = doc("The web service's base URL, e.g. https://10.1.2.6:8443 (the calls' paths follow it).")
+    book: WsCall = doc("The call that books a slot (预约/挂号确认).")
+    cancel: WsCall = doc("The call that cancels a booking (取消预约).")
+    protocol: Literal["json"] = doc("'json': HTTP POST with JSON bodies and answers.", default="json")
+    hold: Optional[WsCall] = doc("The call that locks a slot (锁号, with outer.hold_at_his); none: a hold is "
+                                 "refused.", default=None)
+    slots: Optional[WsSlots] = doc("The schedule query (查询号源); none: slots come some other way.", default=None)
+    result_codes: WsResultCodes = doc("What the HIS's result codes mean.", default_factory=WsResultCodes)
+    ca: Optional[ReadableFile] = doc("With https: the CA that signs the web service's certificate (default: the "
+                                     "system's).", default=None)
+    certificate: Optional[ReadableFile] = doc("The gateway's client certificate, if the HIS asks for one.",
+                                              default=None)
+    private_key: Optional[ReadableFile] = doc("Its private key.", default=None)
+    username: Optional[str] = doc("HTTP basic authentication's user name, if the HIS asks for one.", default=None)
+    password_file: Optional[ReadableFile] = doc("A file holding its password (one line).", default=None)
+    headers: dict[str, str] = doc("Headers sent with every call (an API key the vendor issued...).",
+                                  default_factory=dict)
+    timeout: Annotated[Duration, Range(0.1, 600)] = doc(
+        "Longest a call may take (connecting and answering); then it is abandoned and sent again later.",
+        default=Duration(10.0))
+    threads: Annotated[int, Range(1, 32)] = doc("Calls in progress at once, at most.", default=2)
+    department_codes: dict[str, str] = doc("The HIS's department codes the gateway publishes, each with its name; "
+                                           "a slot with another is refused. Empty: any.", default_factory=dict)
+    doctor_codes: dict[str, str] = doc("The HIS's doctor codes the gateway publishes; empty: any.",
+                                       default_factory=dict)
+    local_time: Literal["naive", "utc"] = doc(
+        "How the web service's date-times without an offset are read: 'naive' = the hospital's local time, "
+        "'utc' = UTC.", default="naive")
+
+    def __post_validate__(self):
+        issues = []
+        if not re.match(r"^https?://[^\s/]+", self.url):
+            issues.append(("url", "expected an http:// or https:// URL"))
+        if (self.certificate is None) != (self.private_key is None):
+            issues.append(("certificate", "give both certificate and private_key, or neither"))
+        if (self.username is None) != (self.password_file is None):
+            issues.append(("username", "give both username and password_file, or neither"))
+        return issues

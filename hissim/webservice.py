@@ -1,0 +1,169 @@
+"""The HIS simulator's web-service face (``python -m hissim.webservice --port N``): a HIS vendor's registration
+service over HTTP with JSON, as many Chinese HIS expose it.
+
+Calls (POST, JSON body; every answer ``{"code": ..., "msg": ..., "data": ...}``, code "0" = success):
+
+- ``/api/schedule/query`` ``{beginDate, endDate}`` -> data: the slots of those days (scheduleId, beginTime
+  'YYYY-MM-DD HH:MM:SS', minutes, status 0 free / 1 booked / 9 closed, deptCode, deptName, doctorCode,
+  doctorName, level, regNo);
+- ``/api/register/confirm`` ``{orderNo, scheduleId, visitTime, patientName, idCard, mobile}`` -> data.regNo,
+  or code "1001" 号源已被占用 / "1002" 无此号源.  ``orderNo`` is the caller's key: the same orderNo again gets
+  the first answer again, and books nothing more;
+- ``/api/register/cancel`` ``{orderNo, regNo}`` -> code "0", or "1003" 无此预约.
+
+``--html-errors N``: the first N confirm calls are answered with an HTML error page (HTTP 502), as a proxy in
+front of a HIS does when the HIS is down; they book nothing.  ``--journal``: one JSON line per call (path,
+orderNo, code).  SIGUSR1: the counter books a random free slot.  SIGTERM / SIGINT stop it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import signal
+import sys
+import threading
+from datetime import date, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+
+class Hospital:
+    def __init__(self, start: date, days: int, doctors: int, journal: Path | None, html_errors: int = 0):
+        self.lock = threading.Lock()
+        self.slots: dict[tuple[str, str], dict] = {}
+        for d in range(days):
+            day = start + timedelta(days=d)
+            for doctor in range(1, doctors + 1):
+                for n in range(4):
+                    begin = datetime.combine(day, datetime.min.time()) + timedelta(hours=8, minutes=15 * n)
+                    slot = {"scheduleId": f"WS{day:%m%d}D{doctor:02d}", "beginTime": f"{begin:%Y-%m-%d %H:%M:%S}",
+                            "minutes": 15, "status": "0", "deptCode": "0101", "deptName": "心内科",
+                            "doctorCode": f"D{doctor:02d}", "doctorName": f"王医生{doctor}", "level": "普通号",
+                            "regNo": None}
+                    self.slots[(slot["scheduleId"], slot["beginTime"])] = slot
+        self.orders: dict[str, dict] = {}  # orderNo -> the answer given
+        self.numbers = 0
+        self.journal = journal
+        self.html_errors = html_errors
+        self.rng = random.Random(7)
+
+    def _number(self, prefix: str) -> str:
+        self.numbers += 1
+        return f"{prefix}{self.numbers:06d}"
+
+    def call(self, path: str, body: dict) -> tuple[int, str, bytes]:
+        with self.lock:
+            if path == "/api/register/confirm" and self.html_errors > 0:
+                self.html_errors -= 1
+                self._journal(path, body, "html")
+                return 502, "text/html", "<html><body><h1>502 Bad Gateway</h1>HIS 服务暂不可用</body></html>".encode()
+            handler = {"/api/schedule/query": self._query, "/api/register/confirm": self._confirm,
+                       "/api/register/cancel": self._cancel}.get(path)
+            if handler is None:
+                return 404, "text/plain", b"not found"
+            answer = handler(body)
+            self._journal(path, body, answer["code"])
+            return 200, "application/json", json.dumps(answer, ensure_ascii=False).encode("utf-8")
+
+    def _journal(self, path: str, body: dict, code: str) -> None:
+        if self.journal is not None:
+            with self.journal.open("a", encoding="utf-8") as f:
+                f.write(json.dumps({"path": path, "orderNo": body.get("orderNo"), "code": code},
+                                   ensure_ascii=False) + "\n")
+
+    def _query(self, body: dict) -> dict:
+        begin, end = body.get("beginDate", ""), body.get("endDate", "9999")
+        return {"code": "0", "msg": "成功",
+                "data": [dict(s) for s in self.slots.values() if begin <= s["beginTime"][:10] < end]}
+
+    def _confirm(self, body: dict) -> dict:
+        order = body.get("orderNo")
+        if not order:
+            return {"code": "9001", "msg": "缺少 orderNo"}
+        if order in self.orders:
+            return self.orders[order]
+        slot = self.slots.get((body.get("scheduleId"), body.get("visitTime")))
+        if slot is None:
+            answer = {"code": "1002", "msg": "无此号源"}
+        elif slot["status"] != "0":
+            answer = {"code": "1001", "msg": "号源已被占用" if slot["status"] == "1" else "停诊"}
+        else:
+            slot["status"], slot["regNo"] = "1", self._number("W")
+            answer = {"code": "0", "msg": "预约成功", "data": {"regNo": slot["regNo"]}}
+        self.orders[order] = answer
+        return answer
+
+    def _cancel(self, body: dict) -> dict:
+        order = body.get("orderNo")
+        if order in self.orders:
+            return self.orders[order]
+        slot = next((s for s in self.slots.values() if s["regNo"] and s["regNo"] == body.get("regNo")), None)
+        if slot is None:
+            answer = {"code": "1003", "msg": "无此预约"}
+        else:
+            slot["status"], slot["regNo"] = "0", None
+            answer = {"code": "0", "msg": "已取消"}
+        self.orders[order] = answer
+        return answer
+
+    def counter_booking(self) -> str | None:
+        with self.lock:
+            free = [s for s in self.slots.values() if s["status"] == "0"]
+            if not free:
+                return None
+            slot = self.rng.choice(free)
+            slot["status"], slot["regNo"] = "1", self._number("C")
+            return slot["regNo"]
+
+
+def handler_for(hospital: Hospital):
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            length = int(self.headers.get("Content-Length") or 0)
+            try:
+                body = json.loads(self.rfile.read(length).decode("utf-8") or "{}")
+            except ValueError:
+                body = None
+            if not isinstance(body, dict):
+                status, kind, data = 400, "application/json", b'{"code": "9000", "msg": "bad JSON"}'
+            else:
+                status, kind, data = hospital.call(self.path, body)
+            self.send_response(status)
+            self.send_header("Content-Type", f"{kind}; charset=utf-8")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):  # (quiet: the journal says what was called)
+            pass
+
+    return Handler
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hissim.webservice", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--start-date", type=date.fromisoformat, default=date.today() + timedelta(days=1))
+    parser.add_argument("--days", type=int, default=2)
+    parser.add_argument("--doctors", type=int, default=2)
+    parser.add_argument("--html-errors", type=int, default=0)
+    parser.add_argument("--journal", type=Path, default=None)
+    args = parser.parse_args(argv)
+    hospital = Hospital(args.start_date, args.days, args.doctors, args.journal, args.html_errors)
+    server = ThreadingHTTPServer(("127.0.0.1", args.port), handler_for(hospital))
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+    signal.signal(signal.SIGUSR1, lambda *_: print(f"his-sim-ws: counter booked {hospital.counter_booking()}",
+                                                   flush=True))
+    print(f"his-sim-ws: listening on {args.port}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,159 @@
+"""A HIS that offers a web service (HTTP with JSON): the simulator's web-service face (hissim/webservice.py, its
+own process) and the gateway (its own process, kind: webservice).  A platform finds, books and cancels over
+FHIR; an HTML error page instead of JSON is retried, never applied, and books once; kill -9 of the gateway
+after the HIS booked but before the gateway recorded it books nothing twice (the HIS knows the key).
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+
+from tests.e2e.harness import REPO, Lock, appointment_for, eventually, free_port, read_jsonl
+
+JSON = {"Content-Type": "application/fhir+json"}
+
+#: the gateway's view of the simulator's web service (docs/his-adapters.md shows the same)
+WEBSERVICE = {
+    "book": {"path": "/api/register/confirm",
+             "request": {"orderNo": "{key}", "scheduleId": "{schedule_id}", "visitTime": "{start:%Y-%m-%d %H:%M:%S}",
+                         "patientName": "{patient_name}", "idCard": "{patient_id}", "mobile": "{phone}"},
+             "code": "code", "message": "msg", "his_appointment": "data.regNo"},
+    "cancel": {"path": "/api/register/cancel", "request": {"orderNo": "{key}", "regNo": "{his_appointment}"},
+               "code": "code", "message": "msg"},
+    "result_codes": {"accepted": ["0"], "refused": ["1001", "1002", "1003"]},
+    "slots": {"path": "/api/schedule/query",
+              "request": {"beginDate": "{window_start:%Y-%m-%d}", "endDate": "{window_end:%Y-%m-%d}"},
+              "code": "code", "rows": "data",
+              "fields": {"schedule_id": "scheduleId", "start": "beginTime", "minutes": "minutes", "status": "status",
+                         "department_code": "deptCode", "department_name": "deptName", "doctor_code": "doctorCode",
+                         "doctor_name": "doctorName", "service_code": "level", "his_appointment": "regNo"},
+              "status_codes": {"free": ["0"], "booked": ["1"], "blocked": ["9"]},
+              "interval": "1s", "window_days": 7},
+    "timeout": "3s",
+}
+
+
+class SimWs:
+    """The simulator's web-service face as a process (python -m hissim.webservice)."""
+
+    def __init__(self, lock: "WebServiceLock", *args: str):
+        with open(lock.workdir / "his-sim-ws.log", "ab") as log:
+            self.popen = subprocess.Popen(
+                [sys.executable, "-m", "hissim.webservice", "--port", str(lock.ws_port), "--journal",
+                 str(lock.journal), "--start-date", lock.first_day.isoformat(), *args],
+                cwd=lock.workdir, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, stdout=log,
+                stderr=subprocess.STDOUT)
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 15) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+        return self.popen.wait(timeout=timeout)
+
+
+class WebServiceLock(Lock):
+    def __init__(self, workdir, *sim_args: str):
+        super().__init__(workdir)
+        self.ws_port = free_port()
+        self.journal = workdir / "his-ws-journal.jsonl"
+        self.sim_args = sim_args
+        self.gateway_config["inner"]["his"] = {
+            "name": "his", "kind": "webservice", "webservice": {"url": f"http://127.0.0.1:{self.ws_port}", **WEBSERVICE},
+            "ack_timeout": "3s", "retry_initial": "200ms", "retry_max": "1s"}
+        self.gateway_config["outer"]["answer_within"] = "3s"
+        self.write_configs()
+
+    def start_sim(self) -> None:
+        self.sim = SimWs(self, *self.sim_args)
+
+    def calls(self, path: str) -> list[dict]:
+        return [c for c in read_jsonl(self.journal) if c["path"] == path]
+
+
+def book(lock, slot_id: str, mrn: str = "MRN-0001"):
+    return lock.session().post(f"{lock.base}/Appointment", json=appointment_for(slot_id, mrn), headers=JSON)
+
+
+@pytest.fixture
+def lock(tmp_path):
+    with WebServiceLock(tmp_path) as running:
+        yield running
+
+
+def test_find_book_cancel_through_the_web_service(lock):
+    free = lock.search_slots(status="free")
+    assert len(free) == lock.slot_count
+    r = book(lock, free[0]["id"])
+    assert r.status_code == 201, r.text
+    appointment = r.json()
+    his_number = appointment["identifier"][0]["value"]
+    assert his_number.startswith("W")
+    [confirm] = lock.calls("/api/register/confirm")
+    assert confirm["code"] == "0"
+    eventually(lambda: lock.session().get(f"{lock.base}/Slot/{free[0]['id']}").json()["status"] == "busy",
+               what="the schedule's booked slot")
+    appointment["status"] = "cancelled"
+    r = lock.session().put(f"{lock.base}/Appointment/{appointment['id']}", json=appointment, headers=JSON)
+    assert r.status_code == 200 and r.json()["status"] == "cancelled", r.text
+    assert [c["code"] for c in lock.calls("/api/register/cancel")] == ["0"]
+    eventually(lambda: lock.session().get(f"{lock.base}/Slot/{free[0]['id']}").json()["status"] == "free",
+               what="the slot free again in the schedule")
+    taken = len(lock.search_slots(status="free"))
+    lock.sim.popen.send_signal(signal.SIGUSR1)
+    eventually(lambda: len(lock.search_slots(status="free")) == taken - 1, what="the counter's booking")
+
+
+def test_a_refusal_carries_the_his_text(lock):
+    slot_id = lock.search_slots(status="free")[0]["id"]
+    assert book(lock, slot_id).status_code == 201
+    r = book(lock, slot_id, mrn="MRN-0002")  # (the slot is no longer free here: refused by the gateway itself)
+    assert r.status_code in (409, 422)
+    assert [c["code"] for c in lock.calls("/api/register/confirm")] == ["0"]
+
+
+@pytest.fixture
+def html_lock(tmp_path):
+    with WebServiceLock(tmp_path, "--html-errors", "2") as running:
+        yield running
+
+
+def test_an_html_error_page_is_retried_and_books_once(html_lock):
+    """The first two answers are HTML error pages (HTTP 502): not applied, the call is made again with the same
+    key, and the third books; the HIS booked once."""
+    lock = html_lock
+    slot_id = lock.search_slots(status="free")[0]["id"]
+    r = book(lock, slot_id)
+    assert r.status_code in (201, 202), r.text
+    eventually(lambda: lock.session().get(f"{lock.base}/Appointment/{r.json()['id']}").json()["status"] == "booked",
+               timeout=20, what="the booking after the error pages")
+    calls = lock.calls("/api/register/confirm")
+    assert [c["code"] for c in calls] == ["html", "html", "0"]
+    assert len({c["orderNo"] for c in calls}) == 1
+    log = (lock.workdir / "gateway.log").read_text(encoding="utf-8")
+    assert "the answer is not JSON" in log or "HTTP 502" in log
+
+
+def test_kill_9_of_the_gateway_books_nothing_twice(lock):
+    """The gateway is killed (-9) right after its booking call was made; after the restart the call is made
+    again with the same key: the HIS answers it from its record, and booked one slot."""
+    slot_id = lock.search_slots(status="free")[0]["id"]
+    lock.sim.popen.send_signal(signal.SIGSTOP)  # the HIS takes the call and answers only once the gateway is gone
+    try:
+        r = book(lock, slot_id)
+        assert r.status_code == 202
+        appointment_id = r.json()["id"]
+        lock.gateway.stop(signal.SIGKILL)
+    finally:
+        lock.sim.popen.send_signal(signal.SIGCONT)
+    lock.start_gateway()
+    eventually(lambda: lock.session().get(f"{lock.base}/Appointment/{appointment_id}").json()["status"] == "booked",
+               timeout=20, what="the booking after the restart")
+    calls = lock.calls("/api/register/confirm")
+    assert len({c["orderNo"] for c in calls}) == 1 and len(calls) >= 2
+    assert Counter(c["code"] for c in calls) == {"0": len(calls)}
+    booked = [s for s in lock.search_slots() if s["status"] == "busy"]
+    assert len(booked) == 1
