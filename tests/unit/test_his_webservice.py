@@ -1,0 +1,167 @@
+"""A HIS endpoint of kind webservice (adapters/inner/webservice.py) against the simulator's web service
+(hissim/webservice.py) on a loopback port: the call made from the stored SRM with the config's templates, the
+result codes read (accepted with the HIS's number, refused with its text, retry and unknown codes resent), an
+HTML error page and an unreachable service told apart, a resend with the same key answered from the HIS's
+record; the schedule's items read into slot rows; the config's checks.  The link's calls run at once on the
+test's thread (no pool); the simulator answers from its own thread.
+"""
+
+import threading
+from datetime import date, datetime
+from http.server import ThreadingHTTPServer
+from zoneinfo import ZoneInfo
+
+import pytest
+import requests
+from twisted.internet import defer, task
+
+from adapters.inner.webservice import WebServiceDestination, WebServiceLink, path_value, render, slot_poller
+from adapters.maps.srm_booking import Hl7Header, build_srm
+from gateway.config.his_database import SlotColumns, SlotStatusCodes
+from gateway.config.his_webservice import HisWebServiceConfig, WsCall, WsResultCodes, WsSlots
+from gateway.domain.model import Patient, PatientIdentifier, SlotForHis
+from gateway.relay import DeliveryFailed, HisUnreachable
+from hissim.webservice import Hospital, handler_for
+from tests.deferreds import failureResultOf, successResultOf
+from tests.unit.config_files import problems
+from tests.e2e.harness import free_port
+
+TZ = ZoneInfo("Asia/Shanghai")
+HEADER = Hl7Header("GATEWAYD", "FRONT", "HIS", "HOSPITAL")
+PATIENT = Patient((PatientIdentifier("urn:oid:2.16.156.10011.1.5", "110101199001011234", "NNCHN"),), "张", "三",
+                  "13800000000")
+BOOK = WsCall(path="/api/register/confirm", code="code", message="msg", his_appointment="data.regNo",
+              request={"orderNo": "{key}", "scheduleId": "{schedule_id}", "visitTime": "{start:%Y-%m-%d %H:%M:%S}",
+                       "patientName": "{patient_name}", "idCard": "{patient_id}"})
+CANCEL = WsCall(path="/api/register/cancel", code="code", message="msg",
+                request={"orderNo": "{key}", "regNo": "{his_appointment}"})
+SLOTS = WsSlots(path="/api/schedule/query", rows="data", code="code",
+                request={"beginDate": "{window_start:%Y-%m-%d}", "endDate": "{window_end:%Y-%m-%d}"},
+                fields=SlotColumns(schedule_id="scheduleId", start="beginTime", minutes="minutes", status="status",
+                                   department_code="deptCode", doctor_code="doctorCode", doctor_name="doctorName",
+                                   his_appointment="regNo"),
+                status_codes=SlotStatusCodes(free=["0"], booked=["1"], blocked=["9"]))
+
+
+@pytest.fixture
+def his():
+    """The simulator's web service on a loopback port, from its own thread."""
+    hospital = Hospital(date(2026, 12, 8), days=1, doctors=1, journal=None)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler_for(hospital))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield hospital, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def link(url, **cfg):
+    config = HisWebServiceConfig(**{"url": url, "book": BOOK, "cancel": CANCEL, "slots": SLOTS, "timeout": 2,
+                                    "result_codes": WsResultCodes(accepted=["0"], refused=["1001", "1003"],
+                                                                  retry=["2000"]), **cfg})
+    ws = WebServiceLink(config, peer="his", reactor=None, run=lambda fn, *a: defer.maybeDeferred(fn, *a),
+                        session=requests.Session())
+    ws.startService()
+    return ws
+
+
+def srm(trigger="S01", key="G000000000000000001", start=datetime(2026, 12, 8, 8, 15), **kw) -> bytes:
+    slot = SlotForHis("WS1208D01", start, 15, "PT", "普通号", "D01")
+    return build_srm(trigger, header=HEADER, control_id=key, appointment_id="a1", slot=slot, patient=PATIENT,
+                     now=datetime(2026, 12, 7, 10, 0), **kw)
+
+
+def test_a_booking_and_its_cancellation(his):
+    hospital, url = his
+    dest = WebServiceDestination(link(url), charset="utf-8")
+    answer = successResultOf(dest.deliver(srm(), "G000000000000000001", 5))
+    assert (answer.code, answer.his_appointment, answer.text) == ("AA", "W000001", "预约成功")
+    assert hospital.slots[("WS1208D01", "2026-12-08 08:15:00")]["status"] == "1"
+    again = successResultOf(dest.deliver(srm(), "G000000000000000001", 5))  # a resend: the HIS's record answers
+    assert again.his_appointment == "W000001" and hospital.numbers == 1
+    cancel = successResultOf(dest.deliver(srm("S04", key="G000000000000000002", his_appointment="W000001"),
+                                          "G000000000000000002", 5))
+    assert cancel.code == "AA" and hospital.slots[("WS1208D01", "2026-12-08 08:15:00")]["status"] == "0"
+
+
+def test_refusals_and_codes_that_are_retried(his):
+    """A code result_codes refuses: AR with the HIS's text.  A code it does not name: DeliveryFailed (resent, dead
+    after max_attempts), never an answer.  A hold without a call: AR."""
+    hospital, url = his
+    dest = WebServiceDestination(link(url), charset="utf-8")
+    successResultOf(dest.deliver(srm(), "G000000000000000001", 5))
+    refused = successResultOf(dest.deliver(srm(key="G000000000000000003"), "G000000000000000003", 5))
+    assert (refused.code, refused.text) == ("AR", "号源已被占用")
+    unknown = dest.deliver(srm(key="G000000000000000004", start=datetime(2026, 12, 8, 7, 0)), "G000000000000000004", 5)
+    assert "result code '1002' is not one result_codes names: 无此号源" in str(failureResultOf(unknown, DeliveryFailed).value)
+    hold = successResultOf(dest.deliver(srm(key="G000000000000000005", appointment_type="Tentative"), "G5", 5))
+    assert hold.code == "AR" and "webservice.hold" in hold.text
+
+
+def test_an_html_error_page_and_an_unreachable_service(his):
+    """An HTML page (HTTP 502) instead of JSON: DeliveryFailed with what came, nothing booked; a port nobody
+    listens on: HisUnreachable (not an attempt)."""
+    hospital, url = his
+    hospital.html_errors = 1
+    dest = WebServiceDestination(link(url), charset="utf-8")
+    failure = failureResultOf(dest.deliver(srm(), "G000000000000000001", 5), DeliveryFailed)
+    assert not failure.check(HisUnreachable) and str(failure.value).startswith("HTTP 502 (text/html, ")
+    assert hospital.numbers == 0
+    assert successResultOf(dest.deliver(srm(), "G000000000000000001", 5)).code == "AA"
+    gone = WebServiceDestination(link(f"http://127.0.0.1:{free_port()}"), charset="utf-8")
+    assert "cannot connect" in str(failureResultOf(gone.deliver(srm(), "G1", 5), HisUnreachable).value)
+
+
+def test_the_schedule_is_read_into_slot_rows(his):
+    hospital, url = his
+    hospital.slots[("WS1208D01", "2026-12-08 08:30:00")]["status"] = "7"  # a code the config does not name
+    accepted, refused = [], []
+
+    class Inbound:
+        def accept(self, received, notices):
+            accepted.append(notices)
+            return defer.succeed(None)
+
+        def refuse(self, received, code, text):
+            refused.append(text)
+            return defer.succeed(None)
+
+    clock = task.Clock()
+    clock.advance(datetime(2026, 12, 7, 9, 0, tzinfo=TZ).timestamp())
+    poller = slot_poller(link(url), Inbound(), tz=TZ, clock=clock)
+    assert successResultOf(poller.poll()) == 3
+    assert [(n.action, n.start_local.minute, n.schedule.practitioner_name) for n in accepted[0]] == [
+        ("open", 0, "王医生1"), ("open", 15, "王医生1"), ("open", 45, "王医生1")]
+    assert refused == ["unknown status code '7' in status (slots.status_codes)"]
+
+
+def test_templates_and_paths():
+    assert render({"a": "{key}", "head.time": "{start:%Y%m%d}"}, {"key": "G1", "start": datetime(2026, 1, 2)}) == {
+        "a": "G1", "head": {"time": "20260102"}}
+    assert path_value({"data": {"list": [{"no": "7"}]}}, "data.list.0.no") == "7"
+    with pytest.raises(KeyError):
+        path_value({"data": None}, "data.regNo")
+
+
+WS_HEAD = """
+inner:
+  his:
+    kind: webservice
+    webservice:
+      url: http://10.1.2.6:8080
+      book: {path: /book, code: code, request: {orderNo: '{key}', when: '{start:%Y-%m-%d}'}}
+      cancel: {path: /cancel, code: code, request: {orderNo: '{key}', regNo: '{his_appointment}'}}
+outer:
+  tls: {certificate: certs/server.pem, private_key: certs/server.key, client_ca: certs/ca.pem}
+platforms: [{name: p1, certificate_subject: CN=p1}]
+"""
+
+
+def test_webservice_config_errors_name_line_and_key(config_dir):
+    found = problems(config_dir, "", head=WS_HEAD.replace("'{key}', when", "'{order}', when")
+                     .replace("regNo: '{his_appointment}'", "regNo: '{his_appointment:>8}'")
+                     .replace("http://10.1.2.6:8080", "10.1.2.6:8080"))
+    assert [f.split(": ", 1)[0] for f in found] == ["6:inner.his.webservice.url",
+                                                     "7:inner.his.webservice.book.request.orderNo",
+                                                     "8:inner.his.webservice.cancel.request.regNo"]
+    assert "unknown field {order}" in found[1] and "{his_appointment} takes no format" in found[2]
