@@ -27,7 +27,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-SLOTS, VIEW, REQUESTS = "排班号源", "V_号源", "预约中间表"
+SLOTS, VIEW, REQUESTS, PRESCRIPTIONS = "排班号源", "V_号源", "预约中间表", "处方中间表"
 DEPARTMENT = ("0101", "心内科")
 
 
@@ -47,17 +47,29 @@ def tables(metadata: sa.MetaData):
         sa.Column("患者证件号", sa.String(64)), sa.Column("证件类型", sa.String(16)),
         sa.Column("患者姓名", sa.String(64)), sa.Column("电话", sa.String(32)), sa.Column("说明", sa.String(200)),
         sa.Column("写入时间", sa.DateTime))
-    return slots, requests
+    prescriptions = sa.Table(
+        PRESCRIPTIONS, metadata,
+        sa.Column("流水号", sa.String(32), primary_key=True), sa.Column("明细号", sa.String(64), primary_key=True),
+        sa.Column("状态", sa.String(4), nullable=False), sa.Column("处方号", sa.String(64), nullable=False),
+        sa.Column("药品代码", sa.String(32), nullable=False), sa.Column("药品名称", sa.String(128)),
+        sa.Column("数量", sa.String(16), nullable=False), sa.Column("单位", sa.String(16)),
+        sa.Column("剂量", sa.String(16)), sa.Column("剂量单位", sa.String(16)), sa.Column("途径", sa.String(16)),
+        sa.Column("频次", sa.String(16)), sa.Column("天数", sa.Integer), sa.Column("用法说明", sa.String(200)),
+        sa.Column("患者证件号", sa.String(64)), sa.Column("患者姓名", sa.String(64)), sa.Column("医生代码", sa.String(32)),
+        sa.Column("医生姓名", sa.String(64)), sa.Column("医嘱号", sa.String(32)), sa.Column("说明", sa.String(200)),
+        sa.Column("写入时间", sa.DateTime))
+    return slots, requests, prescriptions
 
 
 class DatabaseHis:
     def __init__(self, engine, journal: Path | None = None, answer_delay: float = 0.0, seed: int = 7):
         self.engine = engine
-        self.slots, self.requests = tables(sa.MetaData())
+        self.slots, self.requests, self.prescriptions = tables(sa.MetaData())
         self.journal = journal
         self.answer_delay = answer_delay
         self.rng = random.Random(seed)
         self._seen: dict[str, float] = {}  # pending key -> when first seen (answer_delay)
+        self._orders = 0  # the pharmacy's order numbers given
 
     def create(self, start: date, days: int, doctors: int) -> int:
         """(Re)create the tables and the view and publish the slots; returns how many."""
@@ -101,12 +113,33 @@ class DatabaseHis:
                              .values({r["状态"]: status, r["预约号"]: number, r["说明"]: text}))
                 answered.append({"key": row["流水号"], "action": row["操作"], "placer": row["平台单号"],
                                  "status": status, "his_appointment": number})
+        answered += self._dispense_orders()
         for entry in answered:
             self._seen.pop(entry["key"], None)
         if answered and self.journal is not None:
             with self.journal.open("a", encoding="utf-8") as f:
                 f.writelines(json.dumps(e, ensure_ascii=False) + "\n" for e in answered)
         return len(answered)
+
+    def _dispense_orders(self) -> list[dict]:
+        """The pharmacy's job: each pending prescription item is taken (医嘱号 R + a number); an item without a
+        drug code it knows (药品代码 starting with X) is refused, and so the whole prescription."""
+        p = self.prescriptions.c
+        answered = []
+        with self.engine.begin() as conn:
+            pending = conn.execute(sa.select(self.prescriptions).where(p["状态"] == "0")
+                                   .order_by(p["流水号"], p["明细号"])).mappings().all()
+            for row in pending:
+                refused = row["药品代码"].startswith("X")
+                self._orders += 1
+                number = None if refused else f"R{self._orders:06d}"
+                conn.execute(sa.update(self.prescriptions)
+                             .where(p["流水号"] == row["流水号"], p["明细号"] == row["明细号"])
+                             .values({p["状态"]: "2" if refused else "1", p["医嘱号"]: number,
+                                      p["说明"]: "本院无此药品" if refused else "已接收"}))
+                answered.append({"key": row["流水号"], "action": "prescription", "placer": row["明细号"],
+                                 "status": "2" if refused else "1", "his_appointment": number})
+        return answered
 
     def _decide(self, conn, row, s) -> tuple[str, str | None, str]:
         if row["操作"] == "1":

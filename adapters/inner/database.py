@@ -30,8 +30,10 @@ from adapters.hl7.er7 import Hl7Error, parse
 from adapters.inner.slot_rows import SlotRows, SlotRowsPoller, SlotSource, first_line, reason, text
 from adapters.inner.threaded import CallTimeout, ThreadedLink
 from adapters.maps.his_requests import HisRequest, request_from_srm
+from adapters.maps.rds_dispense import prescription_from_rde
 from gateway.config.his_database import HisDatabaseConfig, SlotView
 from gateway.domain.model import HisAnswer
+from gateway.domain.prescriptions import ItemAnswer, OrderAnswer
 from gateway.relay import DeliveryFailed, HisUnreachable
 
 log = structlog.get_logger("gateway.inner.database")
@@ -131,6 +133,8 @@ class DatabaseLink(ThreadedLink):
                 [cfg.slots.change_column] if cfg.slots.change_column else [])))
         if cfg.bookings is not None:
             wanted.append(("bookings.table", cfg.bookings.table, _named_columns(cfg.bookings.columns)))
+        if cfg.prescriptions is not None:
+            wanted.append(("prescriptions.table", cfg.prescriptions.table, _named_columns(cfg.prescriptions.columns)))
         try:
             with _connect(engine) as conn:
                 for key, name, columns in wanted:
@@ -177,8 +181,8 @@ def _named_columns(columns) -> list[str]:
 
 
 class DatabaseDestination:
-    """The relay's way to a HIS of kind database: one row per message in the intermediate table, its answer read
-    back from the row."""
+    """The relay's way to a HIS of kind database: a message's rows in an intermediate table (one for a booking or a
+    cancellation, one per item for a prescription), its answer read back from their status."""
 
     def __init__(self, link: DatabaseLink, *, charset: str, tz: ZoneInfo, clock):
         self.link = link
@@ -191,25 +195,42 @@ class DatabaseDestination:
         self._timer = None
 
     def deliver(self, body: bytes, control_id: str, timeout: float) -> defer.Deferred:
-        if self.cfg is None:
-            return defer.succeed(HisAnswer("AE", "this HIS endpoint has no booking table (database.bookings)"))
         try:
-            request = request_from_srm(parse(body, self.charset))
+            message = parse(body, self.charset)
+            if message.message_code in ("RDE", "OMP"):
+                return self._prescription(message, timeout)
+            request = request_from_srm(message)
         except Hl7Error as e:  # (the domain's own message: a type routed here that this kind cannot take)
             return defer.succeed(HisAnswer("AE", f"not a request a database HIS takes: {e}"))
+        if self.cfg is None:
+            return defer.succeed(HisAnswer("AE", "this HIS endpoint has no booking table (database.bookings)"))
         action = getattr(self.cfg.action_codes, request.action, None)
         if action is None:
             return defer.succeed(HisAnswer("AR", f"this HIS takes no {request.action} requests "
                                                  f"(database.bookings.action_codes.{request.action})"))
+        table = _Rows(self.cfg.table, self.cfg.columns, self.cfg.answer_codes, self.cfg.answer_poll)
+        return self._write_and_wait(table, [self._row(request, action)], request.key, request.action, timeout)
+
+    def _prescription(self, message, timeout: float) -> defer.Deferred:
+        rx = self.link.cfg.prescriptions
+        if rx is None:
+            return defer.succeed(HisAnswer("AE", "this HIS endpoint has no prescription table "
+                                                 "(database.prescriptions)"))
+        prescription = prescription_from_rde(message)
+        table = _Rows(rx.table, rx.columns, rx.answer_codes, rx.answer_poll, items=True)
+        rows = [self._item_row(rx.columns, message.control_id, prescription, item) for item in prescription.items]
+        return self._write_and_wait(table, rows, message.control_id, "prescription", timeout)
+
+    def _write_and_wait(self, table: "_Rows", rows: list[dict], key: str, action: str, timeout: float):
         deadline = self.clock.seconds() + timeout
-        d = self.link.call(_write_request, self._statements(), self._row(request, action), request.key)
+        d = self.link.call(_write_rows, table.clause(), table.columns.key, rows, key)
         d.addErrback(self._write_failed)
-        d.addCallback(lambda written: self._await_answer(request, written, deadline))
+        d.addCallback(lambda written: self._await_answer(table, key, action, written, deadline))
         return d
 
-    def _statements(self):
-        c = self.cfg.columns
-        return _table(self.cfg.table, _named_columns(c)), c
+    def _now(self) -> datetime:
+        now = datetime.fromtimestamp(self.clock.seconds(), self.tz if self.local_time == "naive" else timezone.utc)
+        return now.replace(tzinfo=None, microsecond=0)
 
     def _row(self, request: HisRequest, action: str) -> dict:
         c = self.cfg.columns
@@ -221,11 +242,21 @@ class DatabaseDestination:
         optional = {c.placer: request.placer, c.patient_id: request.patient_id,
                     c.patient_id_type: request.patient_id_type, c.patient_name: request.patient_name,
                     c.phone: request.phone, c.service_code: request.service_code, c.reason: request.reason,
-                    c.his_appointment: request.his_appointment or None}
+                    c.his_appointment: request.his_appointment or None, c.created: self._now()}
         values.update({k: v for k, v in optional.items() if k})
-        if c.created:
-            now = datetime.fromtimestamp(self.clock.seconds(), self.tz if self.local_time == "naive" else timezone.utc)
-            values[c.created] = now.replace(tzinfo=None, microsecond=0)
+        return values
+
+    def _item_row(self, c, key: str, p, item) -> dict:
+        values = {c.key: key, c.item: item.placer_id, c.status: self.link.cfg.prescriptions.answer_codes.pending,
+                  c.number: p.number, c.drug_code: item.medication.code, c.quantity: item.dispense_value}
+        identifier = p.patient.identifiers[0].value if p.patient.identifiers else ""
+        optional = {c.drug_name: item.medication.text, c.dose: item.dose_value,
+                    c.dose_unit: item.dose_unit.text or item.dose_unit.code, c.route: item.route.code,
+                    c.frequency: item.frequency.code, c.quantity_unit: item.dispense_unit.text or item.dispense_unit.code,
+                    c.days: item.days_supply, c.instructions: item.instructions, c.patient_id: identifier,
+                    c.patient_name: p.patient.family + p.patient.given, c.prescriber_id: p.prescriber.id,
+                    c.prescriber_name: p.prescriber.name, c.created: self._now()}
+        values.update({k: v for k, v in optional.items() if k})
         return values
 
     @staticmethod
@@ -235,30 +266,30 @@ class DatabaseDestination:
             raise HisUnreachable(reason)
         raise DeliveryFailed(reason)  # the database took the call and failed it (a wrong column, a value too long)
 
-    def _await_answer(self, request: HisRequest, written: bool, deadline: float) -> defer.Deferred:
+    def _await_answer(self, table: "_Rows", key: str, action: str, written: bool, deadline: float):
         log.info("his_db.request_written" if written else "his_db.request_found", peer=self.link.peer,
-                 control_id=request.key, action=request.action)
+                 control_id=key, action=action)
         waiting = self._waiting = defer.Deferred(canceller=lambda d: self._cancel_timer())
-        self._poll_answer(request.key, deadline, waiting)
+        self._poll_answer(table, key, deadline, waiting)
         return waiting
 
-    def _poll_answer(self, key: str, deadline: float, waiting: defer.Deferred) -> None:
+    def _poll_answer(self, table: "_Rows", key: str, deadline: float, waiting: defer.Deferred) -> None:
         self._timer = None
         if waiting.called:
             return
-        d = self.link.call(_read_answer, self._statements(), key)
+        d = self.link.call(_read_answers, table.clause(), table.columns, key)
 
-        def read(row):
+        def read(rows):
             if waiting.called:
                 return
-            answer = self._answer(key, row)
+            answer = table.answer(key, rows)
             if answer is not None:
                 self._finish(waiting, answer)
-            elif self.clock.seconds() + self.cfg.answer_poll > deadline:
+            elif self.clock.seconds() + table.poll > deadline:
                 self._finish(waiting, DeliveryFailed(
-                    f"no answer from the HIS in {self.cfg.table} within the deadline (status still pending)"))
+                    f"no answer from the HIS in {table.name} within the deadline (status still pending)"))
             else:
-                self._timer = self.clock.callLater(self.cfg.answer_poll, self._poll_answer, key, deadline, waiting)
+                self._timer = self.clock.callLater(table.poll, self._poll_answer, table, key, deadline, waiting)
 
         def failed(failure):
             if not waiting.called:
@@ -266,25 +297,6 @@ class DatabaseDestination:
 
         d.addCallbacks(read, failed)
         d.addErrback(lambda f: self._finish(waiting, DeliveryFailed(_reason(f))) if not waiting.called else None)
-
-    def _answer(self, key: str, row) -> HisAnswer | None:
-        """The HIS's answer in the row, None while pending; DeliveryFailed for a row gone or a status unknown."""
-        codes = self.cfg.answer_codes
-        if row is None:
-            raise DeliveryFailed(f"the row with key {key} is gone from {self.cfg.table}")
-        status, his_appointment, text = row
-        status = "" if status is None else str(status).strip()
-        his_appointment = str(his_appointment).strip() if his_appointment not in (None, "") else None
-        text = "" if text is None else str(text)
-        if status == codes.pending:
-            return None
-        if status in codes.accepted:
-            return HisAnswer("AA", text, his_appointment=his_appointment)
-        if status in codes.refused:
-            return HisAnswer("AR", text or f"refused by the HIS (status {status})")
-        if status in codes.failed:
-            return HisAnswer("AE", text or f"failed at the HIS (status {status})")
-        raise DeliveryFailed(f"unknown status code {status!r} in {self.cfg.table} (answer_codes)")
 
     def _finish(self, waiting: defer.Deferred, result) -> None:
         self._cancel_timer()
@@ -301,10 +313,47 @@ class DatabaseDestination:
         self._timer = None
 
     def close(self) -> defer.Deferred:
-        """Fails the delivery in flight (the relay resends it after a restart: it finds its row)."""
+        """Fails the delivery in flight (the relay resends it after a restart: it finds its rows)."""
         if self._waiting is not None and not self._waiting.called:
             self._finish(self._waiting, HisUnreachable("the database link was closed"))
         return defer.succeed(None)
+
+
+class _Rows:
+    """One intermediate table: its rows for a message and what their status columns say."""
+
+    def __init__(self, name: str, columns, codes, poll: float, items: bool = False):
+        self.name, self.columns, self.codes, self.poll, self.items = name, columns, codes, poll, items
+
+    def clause(self):
+        return _table(self.name, _named_columns(self.columns))
+
+    def answer(self, key: str, rows: list[tuple]) -> HisAnswer | None:
+        """The HIS's answer in the rows (status, HIS number, text, item), None while one is pending;
+        DeliveryFailed for rows gone or a status unknown."""
+        if not rows:
+            raise DeliveryFailed(f"the rows with key {key} are gone from {self.name}")
+        codes, read = self.codes, []
+        for status, number, text_, item in rows:
+            status = "" if status is None else str(status).strip()
+            if status == codes.pending:
+                return None
+            if status not in (*codes.accepted, *codes.refused, *codes.failed):
+                raise DeliveryFailed(f"unknown status code {status!r} in {self.name} (answer_codes)")
+            read.append((status, text(number) or None, text(text_), text(item)))
+        refused = [r for r in read if r[0] in codes.refused]
+        failed = [r for r in read if r[0] in codes.failed]
+        if failed:
+            return HisAnswer("AE", failed[0][2] or f"failed at the HIS (status {failed[0][0]})")
+        order = None
+        if self.items:
+            order = OrderAnswer(acknowledges=key, code="AR" if refused else "AA", accepted=not refused,
+                                reason=refused[0][2] if refused else "",
+                                items=tuple(ItemAnswer(item, number or "", "UA" if status in codes.refused else "OK")
+                                            for status, number, _t, item in read))
+        if refused:
+            return HisAnswer("AR", refused[0][2] or f"refused by the HIS (status {refused[0][0]})", order=order)
+        return HisAnswer("AA", read[0][2], his_appointment=None if self.items else read[0][1], order=order)
 
 
 def _reason(failure) -> str:
@@ -313,32 +362,33 @@ def _reason(failure) -> str:
     return reason(failure)
 
 
-def _write_request(engine, statements, values: dict, key: str) -> bool:
-    """On the pool's thread: the request's row, unless one with its key is there; True when written now."""
+def _write_rows(engine, table, key_column: str, rows: list[dict], key: str) -> bool:
+    """On the pool's thread: a message's rows in one transaction, unless rows with its key are there; True when
+    written now."""
     sa = _sa()
-    table, c = statements
     with _connect(engine) as conn, conn.begin():
-        if conn.execute(sa.select(table.c[c.key]).where(table.c[c.key] == key)).first() is not None:
+        if conn.execute(sa.select(table.c[key_column]).where(table.c[key_column] == key).limit(1)).first():
             return False
         try:
             with conn.begin_nested():
-                conn.execute(sa.insert(table).values({table.c[k]: v for k, v in values.items()}))
+                for row in rows:
+                    conn.execute(sa.insert(table).values({table.c[k]: v for k, v in row.items()}))
         except sa.exc.IntegrityError:  # written by a resend at the same moment (the unique index on the key)
-            if conn.execute(sa.select(table.c[c.key]).where(table.c[c.key] == key)).first() is None:
+            if conn.execute(sa.select(table.c[key_column]).where(table.c[key_column] == key).limit(1)).first() is None:
                 raise
             return False
     return True
 
 
-def _read_answer(engine, statements, key: str):
-    """On the pool's thread: (status, HIS appointment number, text) of the request's row, or None."""
+def _read_answers(engine, table, c, key: str) -> list[tuple]:
+    """On the pool's thread: (status, HIS number, text, item) of each of the message's rows."""
     sa = _sa()
-    table, c = statements
-    cols = [table.c[c.status], table.c[c.his_appointment] if c.his_appointment else sa.null(),
-            table.c[c.message] if c.message else sa.null()]
+    number = getattr(c, "his_appointment", None) or getattr(c, "his_order", None)
+    item = getattr(c, "item", None)
+    cols = [table.c[c.status], table.c[number] if number else sa.null(),
+            table.c[c.message] if c.message else sa.null(), table.c[item] if item else sa.null()]
     with _connect(engine) as conn:
-        row = conn.execute(sa.select(*cols).where(table.c[c.key] == key)).first()
-    return None if row is None else tuple(row)
+        return [tuple(r) for r in conn.execute(sa.select(*cols).where(table.c[c.key] == key))]
 
 
 # -- slots ---------------------------------------------------------------------------------------------------

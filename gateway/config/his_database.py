@@ -122,6 +122,44 @@ class BookingTable:
 
 
 @dataclass(frozen=True)
+class PrescriptionColumns:
+    key: SqlName = doc("The gateway's idempotency key (the order message's control id), the same for every item of "
+                       "one prescription and on every resend; with item, unique.")
+    item: SqlName = doc("The item's id (the gateway's, its MedicationRequest's).")
+    status: SqlName = doc("The HIS pharmacy's answer for the item (answer_codes); the gateway writes pending.")
+    number: SqlName = doc("The prescription number (处方号).")
+    drug_code: SqlName = doc("The drug's code, as pharmacy.drug_systems / drug_codes give it (药品代码).")
+    quantity: SqlName = doc("The amount to dispense (数量).")
+    drug_name: Optional[SqlName] = doc("The drug's name.", default=None)
+    dose: Optional[SqlName] = doc("One dose's amount (单次剂量).", default=None)
+    dose_unit: Optional[SqlName] = doc("Its unit.", default=None)
+    route: Optional[SqlName] = doc("The route's code (给药途径).", default=None)
+    frequency: Optional[SqlName] = doc("The frequency's code (频次, HL7 table 0335).", default=None)
+    quantity_unit: Optional[SqlName] = doc("The dispense unit.", default=None)
+    days: Optional[SqlName] = doc("Days of supply.", default=None)
+    instructions: Optional[SqlName] = doc("Instructions for the patient.", default=None)
+    patient_id: Optional[SqlName] = doc("The patient's first identifier.", default=None)
+    patient_name: Optional[SqlName] = doc("The patient's name.", default=None)
+    prescriber_id: Optional[SqlName] = doc("The prescriber's id.", default=None)
+    prescriber_name: Optional[SqlName] = doc("The prescriber's name.", default=None)
+    his_order: Optional[SqlName] = doc("The HIS's order number for the item, written by the HIS (read back).",
+                                       default=None)
+    message: Optional[SqlName] = doc("The HIS's text with its answer (why it refused).", default=None)
+    created: Optional[SqlName] = doc("When the gateway wrote the row (the hospital's local time).", default=None)
+
+
+@dataclass(frozen=True)
+class PrescriptionTable:
+    table: SqlName = doc("The intermediate table the gateway writes prescriptions into, one row per item (处方中间表).")
+    columns: PrescriptionColumns = doc("Which column holds what.")
+    answer_codes: AnswerCodes = doc("The HIS pharmacy's codes for its answer. The prescription is accepted when "
+                                    "every item is; refused when one is.", default_factory=AnswerCodes)
+    answer_poll: Annotated[Duration, Range(0.05, 60)] = doc(
+        "How often the rows' status is read while the gateway waits (within the endpoint's ack_timeout).",
+        default=Duration(0.5))
+
+
+@dataclass(frozen=True)
 class HisDatabaseConfig:
     url: str = doc("The SQLAlchemy URL of the HIS's database, without the password: "
                    "postgresql+psycopg://gw@10.1.2.5/his, mysql+pymysql://gw@10.1.2.5/his?charset=utf8mb4, "
@@ -131,6 +169,8 @@ class HisDatabaseConfig:
     slots: Optional[SlotView] = doc("Where the HIS publishes its slots (none: slots come some other way).",
                                     default=None)
     bookings: Optional[BookingTable] = doc("Where the gateway writes bookings and cancellations.", default=None)
+    prescriptions: Optional[PrescriptionTable] = doc(
+        "Where the gateway writes prescriptions (an endpoint that routes send RDE^O11 or OMP^O09 to).", default=None)
     department_codes: dict[str, str] = doc(
         "The HIS's department codes the gateway publishes, each with its name (科室代码: 名称); a slot row with "
         "another code is refused. Empty: every code is taken as it is.", default_factory=dict)
@@ -152,6 +192,7 @@ class HisDatabaseConfig:
             return [("url", "expected an SQLAlchemy URL such as postgresql+psycopg://user@host/db")]
         if re.match(r"^[^/]*//[^/@]*:[^/@]*@", self.url):
             return [("url", "the URL carries a password: put it in password_file instead")]
-        if self.slots is None and self.bookings is None:
-            return [("bookings", "give bookings (the table the gateway writes), slots (the view it reads), or both")]
+        if self.slots is None and self.bookings is None and self.prescriptions is None:
+            return [("bookings", "give bookings (the table the gateway writes), slots (the view it reads), "
+                                 "prescriptions, or several")]
         return []

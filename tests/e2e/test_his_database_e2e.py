@@ -192,3 +192,50 @@ def test_a_database_restart_loses_nothing_and_writes_nothing_twice(lock, db):
     assert sorted(Counter(x["平台单号"] for x in rows).values()) == [1, 1, 1, 1]
     keys = Counter(a["key"] for a in lock.answered())
     assert set(keys.values()) == {1} and len(keys) == 4
+
+
+PRESCRIPTIONS = {
+    "table": "处方中间表",
+    "columns": {"key": "流水号", "item": "明细号", "status": "状态", "number": "处方号", "drug_code": "药品代码",
+                "drug_name": "药品名称", "quantity": "数量", "quantity_unit": "单位", "dose": "剂量",
+                "dose_unit": "剂量单位", "route": "途径", "frequency": "频次", "days": "天数",
+                "instructions": "用法说明", "patient_id": "患者证件号", "patient_name": "患者姓名",
+                "prescriber_id": "医生代码", "prescriber_name": "医生姓名", "his_order": "医嘱号", "message": "说明",
+                "created": "写入时间"},
+    "answer_poll": "100ms",
+}
+
+
+def test_a_prescription_through_the_his_database(tmp_path, db):
+    """A signed prescription of three items, routed to a pharmacy endpoint of kind database: three rows under one
+    key in the HIS's prescription table, taken by the HIS's pharmacy job; the items turn active."""
+    from tests.e2e.rxpki import golden_bundle, signed_bundle
+    from tests.e2e.test_prescriptions_e2e import post, prescribing_lock
+
+    lock = prescribing_lock(tmp_path)
+    lock.gateway_config["inner"]["endpoints"] = [{
+        "name": "pharmacy", "kind": "database", "receiving_application": "HIS-PHARMACY",
+        "send_types": ["RDE^O11"], "ack_timeout": "3s", "retry_initial": "200ms", "retry_max": "1s",
+        "database": {"url": db.url, "prescriptions": PRESCRIPTIONS, "statement_timeout": "3s"}}]
+    lock.gateway_config["routes"] = [{"types": ["RDE^O11"], "to": "pharmacy"}]
+    lock.write_configs()
+    lock.db, lock.journal = db, tmp_path / "his-db-journal.jsonl"
+    created = SimDb(lock, "--create", "--create-only", "--days", "1", "--doctors", "1")
+    assert created.popen.wait(timeout=60) == 0
+    job = SimDb(lock)
+    engine = sa.create_engine(db.url, poolclass=sa.pool.NullPool)
+    try:
+        with lock:
+            r = post(lock, signed_bundle(golden_bundle(), lock.pki.key, lock.pki.chain))
+            assert r.status_code == 200, r.text
+            entries = r.json()["entry"]
+            assert [e["resource"]["status"] for e in entries] == ["active"] * 3
+            q = engine.dialect.identifier_preparer.quote
+            with engine.connect() as conn:
+                rows = [dict(x._mapping) for x in conn.exec_driver_sql(f"SELECT * FROM {q('处方中间表')}")]
+            assert sorted(x["明细号"] for x in rows) == sorted(e["resource"]["id"] for e in entries)
+            assert len({x["流水号"] for x in rows}) == 1 and {x["状态"] for x in rows} == {"1"}
+            assert "Y0002" in {x["药品代码"] for x in rows}  # (the hospital's own code for the ATC-coded item)
+    finally:
+        job.stop()
+        engine.dispose()

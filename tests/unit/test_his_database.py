@@ -407,6 +407,49 @@ def test_the_worked_config_in_the_docs_loads(config_dir):
                   head="outer:\n  tls: {certificate: certs/server.pem, private_key: certs/server.key, "
                        "client_ca: certs/ca.pem}\nplatforms: [{name: p1, certificate_subject: CN=p1}]\n")
     database = config.inner.his.database
-    slots, requests = tables(sa.MetaData())
+    slots, requests, _prescriptions = tables(sa.MetaData())
     assert set(vars(database.bookings.columns).values()) - {None} <= set(requests.columns.keys())
     assert set(vars(database.slots.columns).values()) - {None} <= set(slots.columns.keys())
+
+
+RX_SCHEMA = ("CREATE TABLE 处方中间表 (流水号 TEXT NOT NULL, 明细号 TEXT NOT NULL, 状态 TEXT, 处方号 TEXT, 药品代码 TEXT, "
+             "数量 TEXT, 医嘱号 TEXT, 说明 TEXT, UNIQUE (流水号, 明细号))")
+
+
+def test_a_prescription_is_one_row_per_item_and_its_answer_an_order_answer(db):
+    """The golden RDE^O11 (three items) -> three rows under the message's key, written once whatever the resends;
+    every item accepted -> AA with each item's HIS order number; one refused -> AR for the prescription."""
+    from pathlib import Path
+
+    from gateway.config.his_database import PrescriptionColumns, PrescriptionTable
+
+    golden = (Path(__file__).resolve().parents[1] / "golden" / "pharmacy" / "rde_o11_bundle.utf8.hl7")
+    rde = golden.read_bytes().replace(b"\n", b"\r")
+    key = parse(rde).control_id
+    with db.begin() as conn:
+        conn.exec_driver_sql(RX_SCHEMA)
+    rx = PrescriptionTable(table="处方中间表", columns=PrescriptionColumns(
+        key="流水号", item="明细号", status="状态", number="处方号", drug_code="药品代码", quantity="数量",
+        his_order="医嘱号", message="说明"))
+    dest, clock = destination(db, prescriptions=rx)
+    d = dest.deliver(rde, key, timeout=5)
+    items = rows(db, "处方中间表")
+    assert len(items) == 3 and {r["流水号"] for r in items} == {key} and {r["状态"] for r in items} == {"0"}
+    assert "Y0002" in {r["药品代码"] for r in items}
+    with db.begin() as conn:
+        conn.exec_driver_sql("UPDATE 处方中间表 SET 状态 = '1', 医嘱号 = 'R' || 明细号 WHERE 明细号 <> ''")
+        conn.exec_driver_sql(f"UPDATE 处方中间表 SET 状态 = '0' WHERE 明细号 = '{items[2]['明细号']}'")
+    clock.advance(0.5)
+    assertNoResult(d)  # (one item still pending)
+    with db.begin() as conn:
+        conn.exec_driver_sql("UPDATE 处方中间表 SET 状态 = '1', 医嘱号 = 'R' || 明细号")
+    clock.advance(0.5)
+    answer = successResultOf(d)
+    assert answer.code == "AA" and answer.order.accepted
+    assert [(i.placer_id, i.filler_id) for i in answer.order.items] == [(r["明细号"], "R" + r["明细号"]) for r in items]
+    again = successResultOf(dest.deliver(rde, key, timeout=5))
+    assert again.code == "AA" and len(rows(db, "处方中间表")) == 3
+    with db.begin() as conn:
+        conn.exec_driver_sql(f"UPDATE 处方中间表 SET 状态 = '2', 说明 = '本院无此药品' WHERE 明细号 = '{items[1]['明细号']}'")
+    refused = successResultOf(dest.deliver(rde, key, timeout=5))
+    assert (refused.code, refused.text, refused.order.accepted) == ("AR", "本院无此药品", False)
