@@ -11,6 +11,12 @@ Calls (POST, JSON body; every answer ``{"code": ..., "msg": ..., "data": ...}``,
   the first answer again, and books nothing more;
 - ``/api/register/cancel`` ``{orderNo, regNo}`` -> code "0", or "1003" 无此预约.
 
+``--soap``: the same calls as SOAP 1.1 (document/literal) at ``/soap``, its WSDL at ``/soap?wsdl``
+(hissim/wsdl/registration.wsdl): operations QuerySchedule, Confirm, Cancel, their fields those above (a
+Confirm's regNo and a QuerySchedule's slot elements directly in the response).  ``--ws-user NAME
+--ws-password PW``: each call must carry a WS-Security UsernameToken with them (else a SOAP Fault).
+``--faults N``: the first N Confirm calls are answered with a SOAP Fault (数据库繁忙), booking nothing.
+
 ``--html-errors N``: the first N confirm calls are answered with an HTML error page (HTTP 502), as a proxy in
 front of a HIS does when the HIS is down; they book nothing.  ``--journal``: one JSON line per call (path,
 orderNo, code).  SIGUSR1: the counter books a random free slot.  SIGTERM / SIGINT stop it.
@@ -24,9 +30,19 @@ import random
 import signal
 import sys
 import threading
+import xml.etree.ElementTree as ET
 from datetime import date, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from xml.sax.saxutils import escape
+
+WSDL = Path(__file__).with_name("wsdl") / "registration.wsdl"
+SOAP_NS = "http://schemas.xmlsoap.org/soap/envelope/"
+TNS = "urn:hissim:registration"
+WSSE_NS = "http://docs.oasis-open.org/wss/2004/01/oasis-200401-wss-wssecurity-secext-1.0.xsd"
+#: SOAP operation -> the JSON call it is
+OPERATIONS = {"QuerySchedule": "/api/schedule/query", "Confirm": "/api/register/confirm",
+              "Cancel": "/api/register/cancel"}
 
 
 class Hospital:
@@ -118,10 +134,88 @@ class Hospital:
             return slot["regNo"]
 
 
-def handler_for(hospital: Hospital):
+def _local(tag: str) -> str:
+    return tag.rsplit("}", 1)[-1]
+
+
+def _fault(code: str, text: str) -> tuple[int, str, bytes]:
+    body = (f'<soap:Envelope xmlns:soap="{SOAP_NS}"><soap:Body><soap:Fault><faultcode>soap:{code}</faultcode>'
+            f"<faultstring>{escape(text)}</faultstring></soap:Fault></soap:Body></soap:Envelope>")
+    return 500, "text/xml", body.encode("utf-8")
+
+
+def _element(name: str, fields: dict) -> str:
+    return "".join(f"<tns:{k}>{escape(str(v))}</tns:{k}>" for k, v in fields.items() if v is not None)
+
+
+class SoapFace:
+    """The SOAP 1.1 face of the same hospital."""
+
+    def __init__(self, hospital: Hospital, user: str | None = None, password: str | None = None, faults: int = 0):
+        self.hospital, self.user, self.password, self.faults = hospital, user, password, faults
+
+    def wsdl(self, address: str) -> bytes:
+        return WSDL.read_text(encoding="utf-8").replace("http://127.0.0.1:8080/soap", address).encode("utf-8")
+
+    def call(self, data: bytes) -> tuple[int, str, bytes]:
+        try:
+            envelope = ET.fromstring(data)
+        except ET.ParseError:
+            return _fault("Client", "not XML")
+        body = envelope.find(f"{{{SOAP_NS}}}Body")
+        if body is None or not len(body):
+            return _fault("Client", "no SOAP Body")
+        if self.user is not None:
+            user = envelope.find(f".//{{{WSSE_NS}}}Username")
+            password = envelope.find(f".//{{{WSSE_NS}}}Password")
+            if user is None or password is None or (user.text, password.text) != (self.user, self.password):
+                return _fault("Client", "authentication failed (WS-Security UsernameToken)")
+        request = body[0]
+        operation = _local(request.tag)
+        if operation not in OPERATIONS:
+            return _fault("Client", f"unknown operation {operation}")
+        fields = {_local(child.tag): child.text or "" for child in request}
+        if operation == "Confirm" and self.faults > 0:
+            self.faults -= 1
+            self.hospital._journal("/soap/Confirm", fields, "fault")
+            return _fault("Server", "数据库繁忙")
+        status, _kind, payload = self.hospital.call(OPERATIONS[operation], fields)
+        if status != 200:
+            return status, _kind, payload
+        answer = json.loads(payload)
+        out = {"code": answer["code"], "msg": answer.get("msg")}
+        items = ""
+        if operation == "Confirm":
+            out["regNo"] = (answer.get("data") or {}).get("regNo")
+        if operation == "QuerySchedule":
+            items = "".join(f"<tns:slot>{_element('slot', slot)}</tns:slot>" for slot in answer.get("data") or [])
+        xml = (f'<?xml version="1.0" encoding="utf-8"?><soap:Envelope xmlns:soap="{SOAP_NS}" xmlns:tns="{TNS}">'
+               f"<soap:Body><tns:{operation}Response>{_element(operation, out)}{items}</tns:{operation}Response>"
+               f"</soap:Body></soap:Envelope>")
+        return 200, "text/xml", xml.encode("utf-8")
+
+
+def handler_for(hospital: Hospital, soap: SoapFace | None = None):
     class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            if soap is None or self.path != "/soap?wsdl":
+                self._send(404, "text/plain", b"not found")
+                return
+            host = self.headers.get("Host", "127.0.0.1")
+            self._send(200, "text/xml", soap.wsdl(f"http://{host}/soap"))
+
+        def _send(self, status: int, kind: str, data: bytes) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", f"{kind}; charset=utf-8")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
         def do_POST(self):
             length = int(self.headers.get("Content-Length") or 0)
+            if soap is not None and self.path == "/soap":
+                self._send(*soap.call(self.rfile.read(length)))
+                return
             try:
                 body = json.loads(self.rfile.read(length).decode("utf-8") or "{}")
             except ValueError:
@@ -130,11 +224,7 @@ def handler_for(hospital: Hospital):
                 status, kind, data = 400, "application/json", b'{"code": "9000", "msg": "bad JSON"}'
             else:
                 status, kind, data = hospital.call(self.path, body)
-            self.send_response(status)
-            self.send_header("Content-Type", f"{kind}; charset=utf-8")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            self._send(status, kind, data)
 
         def log_message(self, *args):  # (quiet: the journal says what was called)
             pass
@@ -150,9 +240,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--doctors", type=int, default=2)
     parser.add_argument("--html-errors", type=int, default=0)
     parser.add_argument("--journal", type=Path, default=None)
+    parser.add_argument("--soap", action="store_true", help="also answer SOAP at /soap (WSDL at /soap?wsdl)")
+    parser.add_argument("--ws-user", default=None)
+    parser.add_argument("--ws-password", default=None)
+    parser.add_argument("--faults", type=int, default=0)
     args = parser.parse_args(argv)
     hospital = Hospital(args.start_date, args.days, args.doctors, args.journal, args.html_errors)
-    server = ThreadingHTTPServer(("127.0.0.1", args.port), handler_for(hospital))
+    soap = SoapFace(hospital, args.ws_user, args.ws_password, args.faults) if args.soap else None
+    server = ThreadingHTTPServer(("127.0.0.1", args.port), handler_for(hospital, soap))
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
     signal.signal(signal.SIGUSR1, lambda *_: print(f"his-sim-ws: counter booked {hospital.counter_booking()}",
                                                    flush=True))

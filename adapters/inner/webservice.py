@@ -1,8 +1,11 @@
-"""A HIS endpoint of ``kind: webservice``: the HIS vendor's web service, HTTP POST with JSON.
+"""A HIS endpoint of ``kind: webservice``: the HIS vendor's web service, HTTP POST with JSON, or SOAP (zeep) from
+the WSDL the site supplies.
 
-- :class:`WebServiceLink`: one HTTP session (TLS with the site's CA and client certificate, basic
-  authentication, the vendor's headers) whose blocking calls run on a bounded thread pool
-  (`adapters.inner.threaded`), each within ``timeout``.
+- :class:`WebServiceLink`: one HTTP session (TLS with the site's CA and client certificate, the vendor's
+  headers; basic authentication for json, a WS-Security UsernameToken for soap) whose blocking calls run on a
+  bounded thread pool (`adapters.inner.threaded`), each within ``timeout``.  A SOAP operation's result is read
+  as the same nested values a JSON answer is, so the answer paths work alike; a SOAP Fault is an answer the
+  config cannot read: retried with its fault string.
 - :class:`WebServiceDestination`: the relay's destination (`gateway.relay.Destination`).  It reads the booking
   message the domain wrote (`adapters.maps.his_requests`) and makes the call its action names (book, cancel,
   hold) with the request's fields filled from it — ``{key}`` the message's control id, the same on every
@@ -85,10 +88,13 @@ class WebServiceLink(ThreadedLink):
         self.cfg = cfg
         self.peer = peer
         self.session = session
+        self.soap = None
 
     def startService(self):
         if self.session is None:
             self.session = self.make_session()
+        if self.cfg.protocol == "soap" and self.soap is None:
+            self.soap = self.make_soap()
         super().startService()
 
     def make_session(self):
@@ -101,17 +107,69 @@ class WebServiceLink(ThreadedLink):
             session.verify = str(self.cfg.ca)
         if self.cfg.certificate is not None:
             session.cert = (str(self.cfg.certificate), str(self.cfg.private_key))
-        if self.cfg.username is not None:
+        if self.cfg.username is not None and self.cfg.protocol == "json":
             session.auth = (self.cfg.username, self.cfg.password_file.read_text().strip())
         return session
+
+    def make_soap(self):
+        """The zeep service bound to ``url`` (the WSDL read once, at start)."""
+        import zeep
+        from zeep.transports import Transport
+        from zeep.wsse.username import UsernameToken
+
+        self.session.hooks["response"].append(_xml_only)
+        transport = Transport(session=self.session, timeout=self.cfg.timeout, operation_timeout=self.cfg.timeout)
+        wsse = (UsernameToken(self.cfg.username, self.cfg.password_file.read_text().strip())
+                if self.cfg.username is not None else None)
+        client = zeep.Client(str(self.cfg.wsdl), transport=transport, wsse=wsse)
+        binding = next(iter(client.wsdl.bindings))
+        self._client = client  # (the service proxy keeps no reference to its client)
+        return client.create_service(binding, self.cfg.url)
 
     def closed(self) -> None:
         if self.session is not None:
             self.session.close()
 
-    def post(self, path: str, body: dict) -> defer.Deferred:
-        """The call's JSON answer (a Deferred); fails with NotReached, CallTimeout or BadAnswer."""
-        return self.call(_post, self.session, self.cfg.url.rstrip("/") + path, body, self.cfg.timeout)
+    def post(self, call: str, body: dict) -> defer.Deferred:
+        """The call's answer as nested values (a Deferred); fails with NotReached, CallTimeout or BadAnswer."""
+        if self.cfg.protocol == "soap":
+            return self.call(_soap, self.soap, call, body, self.cfg.timeout)
+        return self.call(_post, self.session, self.cfg.url.rstrip("/") + call, body, self.cfg.timeout)
+
+
+def _xml_only(response, *args, **kwargs):
+    """(soap) An answer that is no XML — an HTML error page from a proxy in front of a HIS that is down — is
+    told as what it is, before zeep reads it as a fault it cannot name."""
+    kind = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+    if response.request.method == "POST" and "xml" not in kind:
+        raise BadAnswer(f"HTTP {response.status_code}: not a SOAP answer ({kind or 'no content type'}, "
+                        f"{len(response.content)} bytes)")
+    return response
+
+
+def _soap(service, operation: str, body: dict, timeout: float):
+    """On the pool's thread: the SOAP operation's result as plain nested values."""
+    import requests
+    from lxml import etree
+    from zeep import exceptions, helpers
+
+    try:
+        result = getattr(service, operation)(**body)
+    except exceptions.Fault as e:
+        raise BadAnswer(f"SOAP Fault {e.code or ''}: {e.message}".replace("  ", " ")) from None
+    except exceptions.TransportError as e:
+        raise BadAnswer(f"HTTP {e.status_code} (not a SOAP answer, {len(e.content or b'')} bytes)") from None
+    except (exceptions.XMLSyntaxError, etree.XMLSyntaxError):
+        raise BadAnswer("the answer is not XML") from None
+    except (exceptions.Error, AttributeError, TypeError) as e:  # (an operation or parameter the WSDL lacks)
+        raise BadAnswer(f"{type(e).__name__}: {e}") from None
+    except requests.exceptions.ConnectTimeout as e:
+        raise NotReached(f"connect timed out: {type(e).__name__}") from None
+    except requests.exceptions.Timeout:
+        raise CallTimeout(f"no answer within {timeout:g}s") from None
+    except requests.exceptions.ConnectionError as e:
+        raise NotReached(f"cannot connect: {type(e).__name__}") from None
+    return json.loads(json.dumps(helpers.serialize_object(result, dict), default=str))
 
 
 def _post(session, url: str, body: dict, timeout: float):
@@ -159,7 +217,7 @@ class WebServiceDestination:
             payload = render(call.request, request_values(request))
         except (KeyError, ValueError) as e:
             return defer.succeed(HisAnswer("AE", f"the request could not be written: {e}"))
-        d = self.link.post(call.path, payload)
+        d = self.link.post(call.call, payload)
         d.addCallbacks(lambda answer: self._answer(call, answer), self._failed)
         return d
 
@@ -203,7 +261,7 @@ def slot_poller(link: WebServiceLink, inbound, *, tz: ZoneInfo, clock) -> SlotRo
 
     def read(window: tuple[datetime, datetime], _marker) -> defer.Deferred:
         body = render(slots.request, {"window_start": window[0], "window_end": window[1]})
-        return link.post(slots.path, body).addCallback(rows_of)
+        return link.post(slots.call, body).addCallback(rows_of)
 
     def rows_of(answer) -> SlotRows:
         if slots.code is not None:
@@ -219,7 +277,7 @@ def slot_poller(link: WebServiceLink, inbound, *, tz: ZoneInfo, clock) -> SlotRo
         fields = {k: v for k, v in vars(slots.fields).items() if v}
         return SlotRows([{k: _value(item, p) for k, p in fields.items()} for item in items])
 
-    source = SlotSource(read=read, name=f"ws:{slots.path}", columns=slots.fields, status_codes=slots.status_codes,
+    source = SlotSource(read=read, name=f"ws:{slots.call}", columns=slots.fields, status_codes=slots.status_codes,
                         interval=slots.interval, window_days=slots.window_days, departments=cfg.department_codes,
                         doctors=cfg.doctor_codes, local_time=cfg.local_time)
     return SlotRowsPoller(link.peer, source, inbound, tz=tz, clock=clock)

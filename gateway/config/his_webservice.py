@@ -50,14 +50,16 @@ def template_issues(key: str, templates: dict[str, str], allowed: frozenset[str]
 
 @dataclass(frozen=True)
 class WsCall:
-    path: str = doc("The call's path after url, e.g. /api/register/confirm (POST, a JSON body).")
+    call: str = doc("The call: for json its path after url, e.g. /api/register/confirm (POST, a JSON body); for "
+                    "soap its operation's name in the WSDL, e.g. Confirm.")
     request: dict[str, str] = doc(
-        "The request's JSON fields, each a template of the gateway's values: e.g. {orderNo: '{key}', "
+        "The request's fields (JSON fields, or the SOAP operation's parameters), each a template of the gateway's values: e.g. {orderNo: '{key}', "
         "scheduleId: '{schedule_id}', visitTime: '{start:%Y-%m-%d %H:%M}', patientName: '{patient_name}', "
         "idCard: '{patient_id}', mobile: '{phone}', regNo: '{his_appointment}'}. {key} is the gateway's "
         "idempotency key (the message's control id, the same on every resend): send it where the HIS "
         "recognises a request it has already taken. A field with '.' in its name is nested (head.token).")
-    code: JsonPath = doc("Where the HIS's result code is in its answer, e.g. code or head.resultCode.")
+    code: JsonPath = doc("Where the HIS's result code is in its answer (for soap: in the operation's result), e.g. "
+                         "code or head.resultCode.")
     message: Optional[JsonPath] = doc("Where its text is (msg): the reason of a refusal.", default=None)
     his_appointment: Optional[JsonPath] = doc("Where the HIS's appointment number is (data.regNo).", default=None)
 
@@ -78,7 +80,7 @@ class WsResultCodes:
 
 @dataclass(frozen=True)
 class WsSlots:
-    path: str = doc("The schedule query's path, e.g. /api/schedule/query.")
+    call: str = doc("The schedule query: its path (json), e.g. /api/schedule/query, or operation (soap).")
     rows: JsonPath = doc("Where the list of slots is in the answer, e.g. data or data.list.")
     fields: SlotColumns = doc("Where each of a slot's values is within one item of the list (paths).")
     status_codes: SlotStatusCodes = doc("The HIS's slot status codes; an item with another is refused.")
@@ -95,10 +97,14 @@ class WsSlots:
 
 @dataclass(frozen=True)
 class HisWebServiceConfig:
-    url: str = doc("The web service's base URL, e.g. https://10.1.2.6:8443 (the calls' paths follow it).")
+    url: str = doc("json: the web service's base URL, e.g. https://10.1.2.6:8443 (the calls' paths follow it); "
+                   "soap: the service's address (the WSDL's own address is not used).")
     book: WsCall = doc("The call that books a slot (预约/挂号确认).")
     cancel: WsCall = doc("The call that cancels a booking (取消预约).")
-    protocol: Literal["json"] = doc("'json': HTTP POST with JSON bodies and answers.", default="json")
+    protocol: Literal["json", "soap"] = doc(
+        "'json': HTTP POST with JSON bodies and answers; 'soap': SOAP (zeep) from the WSDL the site supplies "
+        "(wsdl).", default="json")
+    wsdl: Optional[ReadableFile] = doc("With protocol: soap, the HIS's WSDL file.", default=None)
     hold: Optional[WsCall] = doc("The call that locks a slot (锁号, with outer.hold_at_his); none: a hold is "
                                  "refused.", default=None)
     slots: Optional[WsSlots] = doc("The schedule query (查询号源); none: slots come some other way.", default=None)
@@ -108,7 +114,8 @@ class HisWebServiceConfig:
     certificate: Optional[ReadableFile] = doc("The gateway's client certificate, if the HIS asks for one.",
                                               default=None)
     private_key: Optional[ReadableFile] = doc("Its private key.", default=None)
-    username: Optional[str] = doc("HTTP basic authentication's user name, if the HIS asks for one.", default=None)
+    username: Optional[str] = doc("The user name the HIS asks for: a WS-Security UsernameToken (soap), HTTP basic "
+                                  "authentication (json).", default=None)
     password_file: Optional[ReadableFile] = doc("A file holding its password (one line).", default=None)
     headers: dict[str, str] = doc("Headers sent with every call (an API key the vendor issued...).",
                                   default_factory=dict)
@@ -130,6 +137,8 @@ class HisWebServiceConfig:
             issues.append(("url", "expected an http:// or https:// URL"))
         if (self.certificate is None) != (self.private_key is None):
             issues.append(("certificate", "give both certificate and private_key, or neither"))
+        if self.protocol == "soap" and self.wsdl is None:
+            issues.append(("wsdl", "protocol: soap needs the HIS's WSDL (wsdl)"))
         if (self.username is None) != (self.password_file is None):
             issues.append(("username", "give both username and password_file, or neither"))
         return issues

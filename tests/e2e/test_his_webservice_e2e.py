@@ -1,5 +1,6 @@
-"""A HIS that offers a web service (HTTP with JSON): the simulator's web-service face (hissim/webservice.py, its
-own process) and the gateway (its own process, kind: webservice).  A platform finds, books and cancels over
+"""A HIS that offers a web service, HTTP with JSON and SOAP (its WSDL, a WS-Security UsernameToken): the
+simulator's web-service face (hissim/webservice.py, its own process) and the gateway (its own process, kind:
+webservice), each test run for both protocols.  A platform finds, books and cancels over
 FHIR; an HTML error page instead of JSON is retried, never applied, and books once; kill -9 of the gateway
 after the HIS booked but before the gateway recorded it books nothing twice (the HIS knows the key).
 """
@@ -19,14 +20,14 @@ JSON = {"Content-Type": "application/fhir+json"}
 
 #: the gateway's view of the simulator's web service (docs/his-adapters.md shows the same)
 WEBSERVICE = {
-    "book": {"path": "/api/register/confirm",
+    "book": {"call": "/api/register/confirm",
              "request": {"orderNo": "{key}", "scheduleId": "{schedule_id}", "visitTime": "{start:%Y-%m-%d %H:%M:%S}",
                          "patientName": "{patient_name}", "idCard": "{patient_id}", "mobile": "{phone}"},
              "code": "code", "message": "msg", "his_appointment": "data.regNo"},
-    "cancel": {"path": "/api/register/cancel", "request": {"orderNo": "{key}", "regNo": "{his_appointment}"},
+    "cancel": {"call": "/api/register/cancel", "request": {"orderNo": "{key}", "regNo": "{his_appointment}"},
                "code": "code", "message": "msg"},
     "result_codes": {"accepted": ["0"], "refused": ["1001", "1002", "1003"]},
-    "slots": {"path": "/api/schedule/query",
+    "slots": {"call": "/api/schedule/query",
               "request": {"beginDate": "{window_start:%Y-%m-%d}", "endDate": "{window_end:%Y-%m-%d}"},
               "code": "code", "rows": "data",
               "fields": {"schedule_id": "scheduleId", "start": "beginTime", "minutes": "minutes", "status": "status",
@@ -35,6 +36,15 @@ WEBSERVICE = {
               "status_codes": {"free": ["0"], "booked": ["1"], "blocked": ["9"]},
               "interval": "1s", "window_days": 7},
     "timeout": "3s",
+}
+
+#: the same service over SOAP (the simulator's WSDL, a WS-Security UsernameToken)
+SOAP = {
+    **WEBSERVICE, "protocol": "soap", "wsdl": str(REPO / "hissim" / "wsdl" / "registration.wsdl"),
+    "book": {**WEBSERVICE["book"], "call": "Confirm", "his_appointment": "regNo"},
+    "cancel": {**WEBSERVICE["cancel"], "call": "Cancel"},
+    "slots": {**WEBSERVICE["slots"], "call": "QuerySchedule", "rows": "slot"},
+    "username": "gateway",
 }
 
 
@@ -56,13 +66,19 @@ class SimWs:
 
 
 class WebServiceLock(Lock):
-    def __init__(self, workdir, *sim_args: str):
+    def __init__(self, workdir, protocol: str, *sim_args: str):
         super().__init__(workdir)
         self.ws_port = free_port()
         self.journal = workdir / "his-ws-journal.jsonl"
+        if protocol == "soap":
+            (workdir / "ws.password").write_text("网关口令\n", encoding="utf-8")
+            service = {**SOAP, "url": f"http://127.0.0.1:{self.ws_port}/soap", "password_file": "ws.password"}
+            sim_args = ("--soap", "--ws-user", "gateway", "--ws-password", "网关口令", *sim_args)
+        else:
+            service = {**WEBSERVICE, "url": f"http://127.0.0.1:{self.ws_port}"}
         self.sim_args = sim_args
         self.gateway_config["inner"]["his"] = {
-            "name": "his", "kind": "webservice", "webservice": {"url": f"http://127.0.0.1:{self.ws_port}", **WEBSERVICE},
+            "name": "his", "kind": "webservice", "webservice": service,
             "ack_timeout": "3s", "retry_initial": "200ms", "retry_max": "1s"}
         self.gateway_config["outer"]["answer_within"] = "3s"
         self.write_configs()
@@ -78,9 +94,14 @@ def book(lock, slot_id: str, mrn: str = "MRN-0001"):
     return lock.session().post(f"{lock.base}/Appointment", json=appointment_for(slot_id, mrn), headers=JSON)
 
 
+@pytest.fixture(params=["json", "soap"])
+def protocol(request):
+    return request.param
+
+
 @pytest.fixture
-def lock(tmp_path):
-    with WebServiceLock(tmp_path) as running:
+def lock(tmp_path, protocol):
+    with WebServiceLock(tmp_path, protocol) as running:
         yield running
 
 
@@ -116,8 +137,8 @@ def test_a_refusal_carries_the_his_text(lock):
 
 
 @pytest.fixture
-def html_lock(tmp_path):
-    with WebServiceLock(tmp_path, "--html-errors", "2") as running:
+def html_lock(tmp_path, protocol):
+    with WebServiceLock(tmp_path, protocol, "--html-errors", "2") as running:
         yield running
 
 
@@ -134,7 +155,7 @@ def test_an_html_error_page_is_retried_and_books_once(html_lock):
     assert [c["code"] for c in calls] == ["html", "html", "0"]
     assert len({c["orderNo"] for c in calls}) == 1
     log = (lock.workdir / "gateway.log").read_text(encoding="utf-8")
-    assert "the answer is not JSON" in log or "HTTP 502" in log
+    assert "HTTP 502" in log
 
 
 def test_kill_9_of_the_gateway_books_nothing_twice(lock):

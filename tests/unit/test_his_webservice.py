@@ -30,12 +30,12 @@ TZ = ZoneInfo("Asia/Shanghai")
 HEADER = Hl7Header("GATEWAYD", "FRONT", "HIS", "HOSPITAL")
 PATIENT = Patient((PatientIdentifier("urn:oid:2.16.156.10011.1.5", "110101199001011234", "NNCHN"),), "张", "三",
                   "13800000000")
-BOOK = WsCall(path="/api/register/confirm", code="code", message="msg", his_appointment="data.regNo",
+BOOK = WsCall(call="/api/register/confirm", code="code", message="msg", his_appointment="data.regNo",
               request={"orderNo": "{key}", "scheduleId": "{schedule_id}", "visitTime": "{start:%Y-%m-%d %H:%M:%S}",
                        "patientName": "{patient_name}", "idCard": "{patient_id}"})
-CANCEL = WsCall(path="/api/register/cancel", code="code", message="msg",
+CANCEL = WsCall(call="/api/register/cancel", code="code", message="msg",
                 request={"orderNo": "{key}", "regNo": "{his_appointment}"})
-SLOTS = WsSlots(path="/api/schedule/query", rows="data", code="code",
+SLOTS = WsSlots(call="/api/schedule/query", rows="data", code="code",
                 request={"beginDate": "{window_start:%Y-%m-%d}", "endDate": "{window_end:%Y-%m-%d}"},
                 fields=SlotColumns(schedule_id="scheduleId", start="beginTime", minutes="minutes", status="status",
                                    department_code="deptCode", doctor_code="doctorCode", doctor_name="doctorName",
@@ -149,8 +149,8 @@ inner:
     kind: webservice
     webservice:
       url: http://10.1.2.6:8080
-      book: {path: /book, code: code, request: {orderNo: '{key}', when: '{start:%Y-%m-%d}'}}
-      cancel: {path: /cancel, code: code, request: {orderNo: '{key}', regNo: '{his_appointment}'}}
+      book: {call: /book, code: code, request: {orderNo: '{key}', when: '{start:%Y-%m-%d}'}}
+      cancel: {call: /cancel, code: code, request: {orderNo: '{key}', regNo: '{his_appointment}'}}
 outer:
   tls: {certificate: certs/server.pem, private_key: certs/server.key, client_ca: certs/ca.pem}
 platforms: [{name: p1, certificate_subject: CN=p1}]
@@ -165,3 +165,75 @@ def test_webservice_config_errors_name_line_and_key(config_dir):
                                                      "7:inner.his.webservice.book.request.orderNo",
                                                      "8:inner.his.webservice.cancel.request.regNo"]
     assert "unknown field {order}" in found[1] and "{his_appointment} takes no format" in found[2]
+
+
+# -- SOAP (zeep) against the simulator's SOAP face -----------------------------------------------------------------
+
+SOAP_BOOK = WsCall(call="Confirm", code="code", message="msg", his_appointment="regNo", request=BOOK.request)
+SOAP_CANCEL = WsCall(call="Cancel", code="code", message="msg", request=CANCEL.request)
+
+
+@pytest.fixture
+def soap_his(tmp_path):
+    from hissim.webservice import WSDL, SoapFace
+
+    hospital = Hospital(date(2026, 12, 8), days=1, doctors=1, journal=None)
+    face = SoapFace(hospital, "gateway", "口令", faults=1)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler_for(hospital, face))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    (tmp_path / "pw").write_text("口令\n", encoding="utf-8")
+    yield hospital, f"http://127.0.0.1:{server.server_address[1]}/soap", WSDL, tmp_path / "pw"
+    server.shutdown()
+    server.server_close()
+
+
+def soap_link(url, wsdl, password_file, user="gateway"):
+    return link(url, protocol="soap", wsdl=wsdl, book=SOAP_BOOK, cancel=SOAP_CANCEL, username=user,
+                password_file=password_file,
+                slots=WsSlots(call="QuerySchedule", rows="slot", code="code", request=SLOTS.request,
+                              fields=SLOTS.fields, status_codes=SLOTS.status_codes))
+
+
+def test_soap_a_fault_is_retried_then_the_booking_and_its_cancellation(soap_his):
+    """The WSDL read by zeep, the service bound to the configured address, a WS-Security UsernameToken sent: a
+    SOAP Fault (数据库繁忙) is retried with its fault string and books nothing; the next call books; the resend
+    is answered from the HIS's record; the cancellation frees the slot."""
+    hospital, url, wsdl, password = soap_his
+    dest = WebServiceDestination(soap_link(url, wsdl, password), charset="utf-8")
+    fault = failureResultOf(dest.deliver(srm(), "G000000000000000001", 5), DeliveryFailed)
+    assert not fault.check(HisUnreachable) and "SOAP Fault" in str(fault.value) and "数据库繁忙" in str(fault.value)
+    assert hospital.numbers == 0
+    answer = successResultOf(dest.deliver(srm(), "G000000000000000001", 5))
+    assert (answer.code, answer.his_appointment, answer.text) == ("AA", "W000001", "预约成功")
+    assert successResultOf(dest.deliver(srm(), "G000000000000000001", 5)).his_appointment == "W000001"
+    cancel = successResultOf(dest.deliver(srm("S04", key="G000000000000000002", his_appointment="W000001"),
+                                          "G000000000000000002", 5))
+    assert cancel.code == "AA" and hospital.slots[("WS1208D01", "2026-12-08 08:15:00")]["status"] == "0"
+
+
+def test_soap_wrong_credentials_and_an_html_page(soap_his, tmp_path):
+    hospital, url, wsdl, password = soap_his
+    dest = WebServiceDestination(soap_link(url, wsdl, password, user="someone"), charset="utf-8")
+    failure = failureResultOf(dest.deliver(srm(), "G000000000000000001", 5), DeliveryFailed)
+    assert "authentication failed" in str(failure.value)
+    hospital.html_errors = 1
+    dest = WebServiceDestination(soap_link(url, wsdl, password), charset="utf-8")
+    failureResultOf(dest.deliver(srm(), "G000000000000000001", 5), DeliveryFailed)  # (the Fault)
+    html = failureResultOf(dest.deliver(srm(), "G000000000000000001", 5), DeliveryFailed)
+    assert str(html.value).startswith("HTTP 502: not a SOAP answer (text/html, ") and hospital.numbers == 0
+
+
+def test_soap_schedule_is_read_into_slot_rows(soap_his):
+    hospital, url, wsdl, password = soap_his
+    accepted = []
+
+    class Inbound:
+        def accept(self, received, notices):
+            accepted.append(notices)
+            return defer.succeed(None)
+
+    clock = task.Clock()
+    clock.advance(datetime(2026, 12, 7, 9, 0, tzinfo=TZ).timestamp())
+    poller = slot_poller(soap_link(url, wsdl, password), Inbound(), tz=TZ, clock=clock)
+    assert successResultOf(poller.poll()) == 4
+    assert {n.schedule.id for n in accepted[0]} == {"WS1208D01"}
