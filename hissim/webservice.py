@@ -9,7 +9,10 @@ Calls (POST, JSON body; every answer ``{"code": ..., "msg": ..., "data": ...}``,
 - ``/api/register/confirm`` ``{orderNo, scheduleId, visitTime, patientName, idCard, mobile}`` -> data.regNo,
   or code "1001" 号源已被占用 / "1002" 无此号源.  ``orderNo`` is the caller's key: the same orderNo again gets
   the first answer again, and books nothing more;
-- ``/api/register/cancel`` ``{orderNo, regNo}`` -> code "0", or "1003" 无此预约.
+- ``/api/register/cancel`` ``{orderNo, regNo}`` -> code "0", or "1003" 无此预约;
+- ``/api/prescription/submit`` ``{orderNo, rxNo, patientName, idCard, doctorCode, items: [{itemNo, drugCode,
+  drugName, quantity, unit}]}`` -> data.items: [{itemNo, hisOrderNo}], or code "2001" 本院无此药品 when a drug
+  code starts with X (the whole prescription refused).  The same orderNo again: the first answer.
 
 ``--soap``: the same calls as SOAP 1.1 (document/literal) at ``/soap``, its WSDL at ``/soap?wsdl``
 (hissim/wsdl/registration.wsdl): operations QuerySchedule, Confirm, Cancel, their fields those above (a
@@ -42,7 +45,7 @@ TNS = "urn:hissim:registration"
 WSSE_NS = "http://docs.oasis-open.org/wss/2004/01/oasis-200401-wss-wssecurity-secext-1.0.xsd"
 #: SOAP operation -> the JSON call it is
 OPERATIONS = {"QuerySchedule": "/api/schedule/query", "Confirm": "/api/register/confirm",
-              "Cancel": "/api/register/cancel"}
+              "Cancel": "/api/register/cancel", "SubmitPrescription": "/api/prescription/submit"}
 
 
 class Hospital:
@@ -76,7 +79,7 @@ class Hospital:
                 self._journal(path, body, "html")
                 return 502, "text/html", "<html><body><h1>502 Bad Gateway</h1>HIS 服务暂不可用</body></html>".encode()
             handler = {"/api/schedule/query": self._query, "/api/register/confirm": self._confirm,
-                       "/api/register/cancel": self._cancel}.get(path)
+                       "/api/register/cancel": self._cancel, "/api/prescription/submit": self._prescription}.get(path)
             if handler is None:
                 return 404, "text/plain", b"not found"
             answer = handler(body)
@@ -121,6 +124,20 @@ class Hospital:
         else:
             slot["status"], slot["regNo"] = "0", None
             answer = {"code": "0", "msg": "已取消"}
+        self.orders[order] = answer
+        return answer
+
+    def _prescription(self, body: dict) -> dict:
+        order = body.get("orderNo")
+        if not order or not isinstance(body.get("items"), list) or not body["items"]:
+            return {"code": "9001", "msg": "缺少 orderNo 或 items"}
+        if order in self.orders:
+            return self.orders[order]
+        if any(str(i.get("drugCode", "")).startswith("X") for i in body["items"]):
+            answer = {"code": "2001", "msg": "本院无此药品"}
+        else:
+            answer = {"code": "0", "msg": "已接收", "data": {"items": [
+                {"itemNo": i.get("itemNo"), "hisOrderNo": self._number("R")} for i in body["items"]]}}
         self.orders[order] = answer
         return answer
 
@@ -174,7 +191,12 @@ class SoapFace:
         operation = _local(request.tag)
         if operation not in OPERATIONS:
             return _fault("Client", f"unknown operation {operation}")
-        fields = {_local(child.tag): child.text or "" for child in request}
+        fields: dict = {}
+        for child in request:
+            if len(child):  # a repeated structure (a prescription's items): a list of its fields
+                fields.setdefault(_local(child.tag) + "s", []).append({_local(c.tag): c.text or "" for c in child})
+            else:
+                fields[_local(child.tag)] = child.text or ""
         if operation == "Confirm" and self.faults > 0:
             self.faults -= 1
             self.hospital._journal("/soap/Confirm", fields, "fault")
@@ -189,6 +211,9 @@ class SoapFace:
             out["regNo"] = (answer.get("data") or {}).get("regNo")
         if operation == "QuerySchedule":
             items = "".join(f"<tns:slot>{_element('slot', slot)}</tns:slot>" for slot in answer.get("data") or [])
+        if operation == "SubmitPrescription":
+            items = "".join(f"<tns:item>{_element('item', item)}</tns:item>"
+                            for item in (answer.get("data") or {}).get("items", []))
         xml = (f'<?xml version="1.0" encoding="utf-8"?><soap:Envelope xmlns:soap="{SOAP_NS}" xmlns:tns="{TNS}">'
                f"<soap:Body><tns:{operation}Response>{_element(operation, out)}{items}</tns:{operation}Response>"
                f"</soap:Body></soap:Envelope>")

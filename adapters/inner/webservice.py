@@ -32,8 +32,10 @@ from adapters.hl7.er7 import Hl7Error, parse
 from adapters.inner.slot_rows import SlotRows, SlotRowsPoller, SlotSource, text
 from adapters.inner.threaded import CallTimeout, ThreadedLink
 from adapters.maps.his_requests import HisRequest, request_from_srm
+from adapters.maps.rds_dispense import prescription_from_rde
 from gateway.config.his_webservice import HisWebServiceConfig, WsCall
 from gateway.domain.model import HisAnswer
+from gateway.domain.prescriptions import ItemAnswer, OrderAnswer
 from gateway.relay import DeliveryFailed, HisUnreachable
 
 log = structlog.get_logger("gateway.inner.webservice")
@@ -70,6 +72,20 @@ def render(templates: dict[str, str], values: dict) -> dict:
             target = target.setdefault(parent, {})
         target[last] = template.format(**values)
     return body
+
+
+def prescription_values(key: str, p) -> dict:
+    identifier = p.patient.identifiers[0].value if p.patient.identifiers else ""
+    return {"key": key, "number": p.number, "patient_id": identifier, "patient_name": p.patient.family + p.patient.given,
+            "prescriber_id": p.prescriber.id, "prescriber_name": p.prescriber.name}
+
+
+def item_values(item) -> dict:
+    return {"item": item.placer_id, "drug_code": item.medication.code, "drug_name": item.medication.text,
+            "dose": item.dose_value, "dose_unit": item.dose_unit.text or item.dose_unit.code,
+            "route": item.route.code, "frequency": item.frequency.code, "quantity": item.dispense_value,
+            "quantity_unit": item.dispense_unit.text or item.dispense_unit.code,
+            "days": "" if item.days_supply is None else item.days_supply, "instructions": item.instructions}
 
 
 def request_values(request: HisRequest) -> dict:
@@ -206,10 +222,13 @@ class WebServiceDestination:
 
     def deliver(self, body: bytes, control_id: str, timeout: float) -> defer.Deferred:
         try:
-            request = request_from_srm(parse(body, self.charset))
+            message = parse(body, self.charset)
+            if message.message_code in ("RDE", "OMP"):
+                return self._prescription(message)
+            request = request_from_srm(message)
         except Hl7Error as e:
             return defer.succeed(HisAnswer("AE", f"not a request this web service takes: {e}"))
-        call: WsCall | None = getattr(self.cfg, request.action, None)
+        call: WsCall | None = getattr(self.cfg, request.action, None) if request.action != "move" else None
         if call is None:
             return defer.succeed(HisAnswer("AR", f"this HIS takes no {request.action} requests "
                                                  f"(webservice.{request.action})"))
@@ -221,6 +240,36 @@ class WebServiceDestination:
         d.addCallbacks(lambda answer: self._answer(call, answer), self._failed)
         return d
 
+    def _prescription(self, message) -> defer.Deferred:
+        call = self.cfg.prescription
+        if call is None:
+            return defer.succeed(HisAnswer("AE", "this HIS endpoint has no prescription call "
+                                                 "(webservice.prescription)"))
+        p = prescription_from_rde(message)
+        try:
+            payload = render(call.request, prescription_values(message.control_id, p))
+            payload[call.items] = [render(call.item, item_values(item)) for item in p.items]
+        except (KeyError, ValueError) as e:
+            return defer.succeed(HisAnswer("AE", f"the request could not be written: {e}"))
+        d = self.link.post(call.call, payload)
+        d.addCallbacks(lambda answer: self._order_answer(call, message.control_id, answer), self._failed)
+        return d
+
+    def _order_answer(self, call, key: str, answer) -> HisAnswer:
+        result = self._answer(call, answer)
+        items = []
+        if call.item_answers is not None:
+            try:
+                listed = path_value(answer, call.item_answers)
+            except KeyError:
+                listed = []
+            for entry in listed if isinstance(listed, list) else []:
+                items.append(ItemAnswer(_optional(entry, call.item_id), _optional(entry, call.his_order),
+                                        "OK" if result.accepted else "UA"))
+        order = OrderAnswer(acknowledges=key, code=result.code, accepted=result.accepted,
+                            reason="" if result.accepted else result.text, items=tuple(items))
+        return HisAnswer(result.code, result.text, order=order)
+
     def _answer(self, call: WsCall, answer) -> HisAnswer:
         codes = self.cfg.result_codes
         try:
@@ -229,7 +278,8 @@ class WebServiceDestination:
             raise DeliveryFailed(f"the answer has no result code at {call.code}") from None
         message = _optional(answer, call.message)
         if code in codes.accepted:
-            return HisAnswer("AA", message, his_appointment=_optional(answer, call.his_appointment) or None)
+            return HisAnswer("AA", message, his_appointment=_optional(answer, getattr(call, "his_appointment", None))
+                             or None)
         if code in codes.refused:
             return HisAnswer("AR", message or f"refused by the HIS (code {code})")
         what = "asks to try again" if code in codes.retry else "is not one result_codes names"

@@ -24,6 +24,10 @@ REQUEST_FIELDS = frozenset({"key", "placer", "schedule_id", "start", "minutes", 
                             "patient_id_type", "patient_name", "phone", "service_code", "reason", "action"})
 #: what a schedule query's templates may name
 QUERY_FIELDS = frozenset({"window_start", "window_end"})
+#: what a prescription's templates may name, and each of its items'
+PRESCRIPTION_FIELDS = frozenset({"key", "number", "patient_id", "patient_name", "prescriber_id", "prescriber_name"})
+ITEM_FIELDS = frozenset({"item", "drug_code", "drug_name", "dose", "dose_unit", "route", "frequency", "quantity",
+                         "quantity_unit", "days", "instructions"})
 _DATES = frozenset({"start", "window_start", "window_end"})
 
 
@@ -68,6 +72,29 @@ class WsCall:
 
 
 @dataclass(frozen=True)
+class WsPrescriptionCall:
+    call: str = doc("The call that sends a prescription to the pharmacy: its path (json) or operation (soap).")
+    items: str = doc("The request's field that holds the list of items (json), or the operation's repeated item "
+                     "parameter (soap), e.g. items.")
+    item: dict[str, str] = doc(
+        "Each item's fields, templates of {item} (the gateway's item id), {drug_code}, {drug_name}, {dose}, "
+        "{dose_unit}, {route}, {frequency}, {quantity}, {quantity_unit}, {days}, {instructions}.")
+    code: JsonPath = doc("Where the HIS's result code is in its answer.")
+    request: dict[str, str] = doc(
+        "The prescription's own fields, templates of {key} (the idempotency key: the same on every resend), "
+        "{number} (the prescription number), {patient_id}, {patient_name}, {prescriber_id}, {prescriber_name}.",
+        default_factory=dict)
+    message: Optional[JsonPath] = doc("Where its text is.", default=None)
+    item_answers: Optional[JsonPath] = doc("Where the list of the items' answers is (data.items).", default=None)
+    item_id: Optional[JsonPath] = doc("In an item's answer, the gateway's item id.", default=None)
+    his_order: Optional[JsonPath] = doc("In an item's answer, the HIS's order number for it.", default=None)
+
+    def __post_validate__(self):
+        return (template_issues("request", self.request, PRESCRIPTION_FIELDS)
+                + template_issues("item", self.item, ITEM_FIELDS))
+
+
+@dataclass(frozen=True)
 class WsResultCodes:
     accepted: list[str] = doc("Result codes of an accepted request (also: this request was taken before).",
                               default_factory=lambda: ["0"])
@@ -99,8 +126,8 @@ class WsSlots:
 class HisWebServiceConfig:
     url: str = doc("json: the web service's base URL, e.g. https://10.1.2.6:8443 (the calls' paths follow it); "
                    "soap: the service's address (the WSDL's own address is not used).")
-    book: WsCall = doc("The call that books a slot (预约/挂号确认).")
-    cancel: WsCall = doc("The call that cancels a booking (取消预约).")
+    book: Optional[WsCall] = doc("The call that books a slot (预约/挂号确认).", default=None)
+    cancel: Optional[WsCall] = doc("The call that cancels a booking (取消预约).", default=None)
     protocol: Literal["json", "soap"] = doc(
         "'json': HTTP POST with JSON bodies and answers; 'soap': SOAP (zeep) from the WSDL the site supplies "
         "(wsdl).", default="json")
@@ -108,6 +135,8 @@ class HisWebServiceConfig:
     hold: Optional[WsCall] = doc("The call that locks a slot (锁号, with outer.hold_at_his); none: a hold is "
                                  "refused.", default=None)
     slots: Optional[WsSlots] = doc("The schedule query (查询号源); none: slots come some other way.", default=None)
+    prescription: Optional[WsPrescriptionCall] = doc(
+        "The call that sends a prescription (an endpoint that routes send RDE^O11 to).", default=None)
     result_codes: WsResultCodes = doc("What the HIS's result codes mean.", default_factory=WsResultCodes)
     ca: Optional[ReadableFile] = doc("With https: the CA that signs the web service's certificate (default: the "
                                      "system's).", default=None)
@@ -137,6 +166,10 @@ class HisWebServiceConfig:
             issues.append(("url", "expected an http:// or https:// URL"))
         if (self.certificate is None) != (self.private_key is None):
             issues.append(("certificate", "give both certificate and private_key, or neither"))
+        if self.book is None and self.slots is None and self.prescription is None:
+            issues.append(("book", "give the calls this HIS endpoint takes: book and cancel, slots, prescription"))
+        if (self.book is None) != (self.cancel is None):
+            issues.append(("cancel" if self.cancel is None else "book", "give both book and cancel, or neither"))
         if self.protocol == "soap" and self.wsdl is None:
             issues.append(("wsdl", "protocol: soap needs the HIS's WSDL (wsdl)"))
         if (self.username is None) != (self.password_file is None):

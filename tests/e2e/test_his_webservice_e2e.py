@@ -178,3 +178,41 @@ def test_kill_9_of_the_gateway_books_nothing_twice(lock):
     assert Counter(c["code"] for c in calls) == {"0": len(calls)}
     booked = [s for s in lock.search_slots() if s["status"] == "busy"]
     assert len(booked) == 1
+
+
+def test_a_prescription_through_the_web_service(tmp_path, protocol):
+    """A signed prescription of three items, routed to a pharmacy endpoint of kind webservice: one call with its
+    three items, the HIS's order number for each; the items turn active."""
+    from tests.e2e.rxpki import golden_bundle, signed_bundle
+    from tests.e2e.test_prescriptions_e2e import post, prescribing_lock
+
+    lock = prescribing_lock(tmp_path)
+    lock.ws_port, lock.journal = free_port(), tmp_path / "his-ws-journal.jsonl"
+    soap = protocol == "soap"
+    call = {"call": "SubmitPrescription" if soap else "/api/prescription/submit", "items": "item" if soap else "items",
+            "item": {"itemNo": "{item}", "drugCode": "{drug_code}", "drugName": "{drug_name}",
+                     "quantity": "{quantity}", "unit": "{quantity_unit}"},
+            "request": {"orderNo": "{key}", "rxNo": "{number}", "patientName": "{patient_name}",
+                        "idCard": "{patient_id}", "doctorCode": "{prescriber_id}"},
+            "code": "code", "message": "msg", "item_answers": "item" if soap else "data.items",
+            "item_id": "itemNo", "his_order": "hisOrderNo"}
+    service = {"url": f"http://127.0.0.1:{lock.ws_port}" + ("/soap" if soap else ""), "prescription": call,
+               "result_codes": {"accepted": ["0"], "refused": ["2001"]}, "timeout": "3s"}
+    if soap:
+        service.update(protocol="soap", wsdl=SOAP["wsdl"])
+    lock.gateway_config["inner"]["endpoints"] = [{
+        "name": "pharmacy", "kind": "webservice", "receiving_application": "HIS-PHARMACY", "send_types": ["RDE^O11"],
+        "ack_timeout": "3s", "retry_initial": "200ms", "retry_max": "1s", "webservice": service}]
+    lock.gateway_config["routes"] = [{"types": ["RDE^O11"], "to": "pharmacy"}]
+    lock.write_configs()
+    pharmacy = SimWs(lock, *(["--soap"] if soap else []))
+    try:
+        with lock:
+            r = post(lock, signed_bundle(golden_bundle(), lock.pki.key, lock.pki.chain))
+            assert r.status_code == 200, r.text
+            entries = r.json()["entry"]
+            assert [e["resource"]["status"] for e in entries] == ["active"] * 3
+            calls = [c for c in read_jsonl(lock.journal) if c["path"] == "/api/prescription/submit"]
+            assert [c["code"] for c in calls] == ["0"]
+    finally:
+        pharmacy.stop()

@@ -57,7 +57,7 @@ def his():
 
 def link(url, **cfg):
     config = HisWebServiceConfig(**{"url": url, "book": BOOK, "cancel": CANCEL, "slots": SLOTS, "timeout": 2,
-                                    "result_codes": WsResultCodes(accepted=["0"], refused=["1001", "1003"],
+                                    "result_codes": WsResultCodes(accepted=["0"], refused=["1001", "1003", "2001"],
                                                                   retry=["2000"]), **cfg})
     ws = WebServiceLink(config, peer="his", reactor=None, run=lambda fn, *a: defer.maybeDeferred(fn, *a),
                         session=requests.Session())
@@ -237,3 +237,50 @@ def test_soap_schedule_is_read_into_slot_rows(soap_his):
     poller = slot_poller(soap_link(url, wsdl, password), Inbound(), tz=TZ, clock=clock)
     assert successResultOf(poller.poll()) == 4
     assert {n.schedule.id for n in accepted[0]} == {"WS1208D01"}
+
+
+def rx_call(protocol: str):
+    from gateway.config.his_webservice import WsPrescriptionCall
+
+    soap = protocol == "soap"
+    return WsPrescriptionCall(
+        call="SubmitPrescription" if soap else "/api/prescription/submit", items="item" if soap else "items",
+        item={"itemNo": "{item}", "drugCode": "{drug_code}", "drugName": "{drug_name}", "quantity": "{quantity}",
+              "unit": "{quantity_unit}"},
+        request={"orderNo": "{key}", "rxNo": "{number}", "patientName": "{patient_name}", "idCard": "{patient_id}",
+                 "doctorCode": "{prescriber_id}"},
+        code="code", message="msg", item_answers="item" if soap else "data.items", item_id="itemNo",
+        his_order="hisOrderNo")
+
+
+@pytest.mark.parametrize("protocol", ["json", "soap"])
+def test_a_prescription_through_the_web_service(protocol, his, soap_his):
+    """The golden RDE^O11 (three items) as one call with its items; each item's HIS order number in the answer;
+    the resend answered from the HIS's record (no second order); a drug the HIS does not know refuses it."""
+    from pathlib import Path
+
+    from adapters.hl7.er7 import parse
+
+    rde = (Path(__file__).resolve().parents[1] / "golden" / "pharmacy" / "rde_o11_bundle.utf8.hl7").read_bytes()
+    rde = rde.replace(b"\n", b"\r")
+    message = parse(rde)
+    if protocol == "soap":
+        hospital, url, wsdl, password = soap_his
+        ws = soap_link(url, wsdl, password)
+        ws.cfg = ws.cfg.__class__(**{**vars(ws.cfg), "prescription": rx_call("soap")})
+    else:
+        hospital, url = his
+        ws = link(url, prescription=rx_call("json"))
+    dest = WebServiceDestination(ws, charset="utf-8")
+    answer = successResultOf(dest.deliver(rde, message.control_id, 5))
+    placers = [orc.get(2) for orc in message.all("ORC")]
+    assert answer.code == "AA" and answer.order.accepted
+    assert [i.placer_id for i in answer.order.items] == placers
+    assert [i.filler_id for i in answer.order.items] == ["R000001", "R000002", "R000003"]
+    again = successResultOf(dest.deliver(rde, message.control_id, 5))
+    assert [i.filler_id for i in again.order.items] == ["R000001", "R000002", "R000003"] and hospital.numbers == 3
+    unknown = rde.replace(b"|Y0002^", b"|X0002^")
+    assert unknown != rde
+    refused = successResultOf(dest.deliver(unknown.replace(message.control_id.encode(), b"G9999999999999999999"),
+                                           "G9999999999999999999", 5))
+    assert (refused.code, refused.text, refused.order.accepted) == ("AR", "本院无此药品", False)
