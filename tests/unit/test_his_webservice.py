@@ -284,3 +284,19 @@ def test_a_prescription_through_the_web_service(protocol, his, soap_his):
     refused = successResultOf(dest.deliver(unknown.replace(message.control_id.encode(), b"G9999999999999999999"),
                                            "G9999999999999999999", 5))
     assert (refused.code, refused.text, refused.order.accepted) == ("AR", "本院无此药品", False)
+
+
+def test_the_worked_config_in_the_docs_loads(config_dir):
+    """docs/his-adapters.md's web-service config is a valid config (its CA file given)."""
+    from pathlib import Path
+
+    from tests.unit.config_files import load
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "his-adapters.md").read_text(encoding="utf-8")
+    block = text.split("A worked config for a vendor's JSON service", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    config = load(config_dir, block.replace("/etc/gatewayd/his-ca.pem", "certs/ca.pem"),
+                  head="outer:\n  tls: {certificate: certs/server.pem, private_key: certs/server.key, "
+                       "client_ca: certs/ca.pem}\nplatforms: [{name: p1, certificate_subject: CN=p1}]\n")
+    ws = config.inner.his.webservice
+    assert (ws.book.his_appointment, ws.slots.fields.start, ws.result_codes.retry) == ("data.regNo", "beginTime",
+                                                                                       ["9999"])
