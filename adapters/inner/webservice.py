@@ -179,13 +179,22 @@ def _soap(service, operation: str, body: dict, timeout: float):
         raise BadAnswer("the answer is not XML") from None
     except (exceptions.Error, AttributeError, TypeError) as e:  # (an operation or parameter the WSDL lacks)
         raise BadAnswer(f"{type(e).__name__}: {e}") from None
-    except requests.exceptions.ConnectTimeout as e:
-        raise NotReached(f"connect timed out: {type(e).__name__}") from None
-    except requests.exceptions.Timeout:
-        raise CallTimeout(f"no answer within {timeout:g}s") from None
-    except requests.exceptions.ConnectionError as e:
-        raise NotReached(f"cannot connect: {type(e).__name__}") from None
+    except requests.exceptions.RequestException as e:
+        raise _transport_error(e, timeout) from None
     return json.loads(json.dumps(helpers.serialize_object(result, dict), default=str))
+
+
+def _transport_error(e, timeout: float) -> Exception:
+    """What a failed HTTP exchange means: never reached (no connection), no answer in time, or another error."""
+    import requests
+
+    if isinstance(e, requests.exceptions.ConnectTimeout):
+        return NotReached(f"connect timed out: {type(e).__name__}")
+    if isinstance(e, requests.exceptions.Timeout):
+        return CallTimeout(f"no answer within {timeout:g}s")
+    if isinstance(e, requests.exceptions.ConnectionError):
+        return NotReached(f"cannot connect: {type(e).__name__}")
+    return BadAnswer(type(e).__name__)
 
 
 def _post(session, url: str, body: dict, timeout: float):
@@ -195,14 +204,8 @@ def _post(session, url: str, body: dict, timeout: float):
     data = json.dumps(body, ensure_ascii=False).encode("utf-8")
     try:
         response = session.post(url, data=data, timeout=timeout)
-    except requests.exceptions.ConnectTimeout as e:
-        raise NotReached(f"connect timed out: {type(e).__name__}") from None
-    except requests.exceptions.Timeout:
-        raise CallTimeout(f"no answer within {timeout:g}s") from None
-    except requests.exceptions.ConnectionError as e:
-        raise NotReached(f"cannot connect: {type(e).__name__}") from None
     except requests.exceptions.RequestException as e:
-        raise BadAnswer(f"{type(e).__name__}") from None
+        raise _transport_error(e, timeout) from None
     kind = response.headers.get("Content-Type", "").split(";")[0].strip() or "no content type"
     if response.status_code >= 400:
         raise BadAnswer(f"HTTP {response.status_code} ({kind}, {len(response.content)} bytes)")

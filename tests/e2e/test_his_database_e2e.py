@@ -9,15 +9,13 @@ bookings wait, lose nothing and write no request twice.
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 from collections import Counter
 
 import pytest
 import sqlalchemy as sa
 
-from tests.e2e.databases import server
-from tests.e2e.harness import REPO, Lock, appointment_for, eventually, read_jsonl
+from tests.e2e.databases import SimFace, pharmacy_of_kind, prescribe, server
+from tests.e2e.harness import Lock, appointment_for, eventually, read_jsonl
 
 JSON = {"Content-Type": "application/fhir+json"}
 
@@ -48,22 +46,10 @@ DATABASE = {
 }
 
 
-class SimDb:
+def SimDb(lock, *args: str) -> SimFace:
     """The simulator's database face as a process (python -m hissim.database)."""
-
-    def __init__(self, lock: "DatabaseLock", *args: str):
-        self.log_path = lock.workdir / "his-sim-db.log"
-        with open(self.log_path, "ab") as log:
-            self.popen = subprocess.Popen(
-                [sys.executable, "-m", "hissim.database", "--url", lock.db.url, "--journal", str(lock.journal),
-                 "--start-date", lock.first_day.isoformat(), "--every", "0.1", *args],
-                cwd=lock.workdir, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, stdout=log,
-                stderr=subprocess.STDOUT)
-
-    def stop(self, sig=signal.SIGTERM, timeout: float = 15) -> int:
-        if self.popen.poll() is None:
-            self.popen.send_signal(sig)
-        return self.popen.wait(timeout=timeout)
+    return SimFace("hissim.database", lock.workdir, "his-sim-db.log", "--url", lock.db.url, "--journal",
+                   str(lock.journal), "--start-date", lock.first_day.isoformat(), "--every", "0.1", *args)
 
 
 class DatabaseLock(Lock):
@@ -209,16 +195,8 @@ PRESCRIPTIONS = {
 def test_a_prescription_through_the_his_database(tmp_path, db):
     """A signed prescription of three items, routed to a pharmacy endpoint of kind database: three rows under one
     key in the HIS's prescription table, taken by the HIS's pharmacy job; the items turn active."""
-    from tests.e2e.rxpki import golden_bundle, signed_bundle
-    from tests.e2e.test_prescriptions_e2e import post, prescribing_lock
-
-    lock = prescribing_lock(tmp_path)
-    lock.gateway_config["inner"]["endpoints"] = [{
-        "name": "pharmacy", "kind": "database", "receiving_application": "HIS-PHARMACY",
-        "send_types": ["RDE^O11"], "ack_timeout": "3s", "retry_initial": "200ms", "retry_max": "1s",
-        "database": {"url": db.url, "prescriptions": PRESCRIPTIONS, "statement_timeout": "3s"}}]
-    lock.gateway_config["routes"] = [{"types": ["RDE^O11"], "to": "pharmacy"}]
-    lock.write_configs()
+    lock = pharmacy_of_kind(tmp_path, "database",
+                            {"url": db.url, "prescriptions": PRESCRIPTIONS, "statement_timeout": "3s"})
     lock.db, lock.journal = db, tmp_path / "his-db-journal.jsonl"
     created = SimDb(lock, "--create", "--create-only", "--days", "1", "--doctors", "1")
     assert created.popen.wait(timeout=60) == 0
@@ -226,10 +204,7 @@ def test_a_prescription_through_the_his_database(tmp_path, db):
     engine = sa.create_engine(db.url, poolclass=sa.pool.NullPool)
     try:
         with lock:
-            r = post(lock, signed_bundle(golden_bundle(), lock.pki.key, lock.pki.chain))
-            assert r.status_code == 200, r.text
-            entries = r.json()["entry"]
-            assert [e["resource"]["status"] for e in entries] == ["active"] * 3
+            entries = prescribe(lock)
             q = engine.dialect.identifier_preparer.quote
             with engine.connect() as conn:
                 rows = [dict(x._mapping) for x in conn.exec_driver_sql(f"SELECT * FROM {q('处方中间表')}")]

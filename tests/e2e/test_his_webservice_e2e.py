@@ -8,12 +8,11 @@ after the HIS booked but before the gateway recorded it books nothing twice (the
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 from collections import Counter
 
 import pytest
 
+from tests.e2e.databases import SimFace, pharmacy_of_kind, prescribe
 from tests.e2e.harness import REPO, Lock, appointment_for, eventually, free_port, read_jsonl
 
 JSON = {"Content-Type": "application/fhir+json"}
@@ -48,21 +47,10 @@ SOAP = {
 }
 
 
-class SimWs:
+def SimWs(lock, *args: str) -> SimFace:
     """The simulator's web-service face as a process (python -m hissim.webservice)."""
-
-    def __init__(self, lock: "WebServiceLock", *args: str):
-        with open(lock.workdir / "his-sim-ws.log", "ab") as log:
-            self.popen = subprocess.Popen(
-                [sys.executable, "-m", "hissim.webservice", "--port", str(lock.ws_port), "--journal",
-                 str(lock.journal), "--start-date", lock.first_day.isoformat(), *args],
-                cwd=lock.workdir, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, stdout=log,
-                stderr=subprocess.STDOUT)
-
-    def stop(self, sig=signal.SIGTERM, timeout: float = 15) -> int:
-        if self.popen.poll() is None:
-            self.popen.send_signal(sig)
-        return self.popen.wait(timeout=timeout)
+    return SimFace("hissim.webservice", lock.workdir, "his-sim-ws.log", "--port", str(lock.ws_port), "--journal",
+                   str(lock.journal), "--start-date", lock.first_day.isoformat(), *args)
 
 
 class WebServiceLock(Lock):
@@ -183,11 +171,7 @@ def test_kill_9_of_the_gateway_books_nothing_twice(lock):
 def test_a_prescription_through_the_web_service(tmp_path, protocol):
     """A signed prescription of three items, routed to a pharmacy endpoint of kind webservice: one call with its
     three items, the HIS's order number for each; the items turn active."""
-    from tests.e2e.rxpki import golden_bundle, signed_bundle
-    from tests.e2e.test_prescriptions_e2e import post, prescribing_lock
-
-    lock = prescribing_lock(tmp_path)
-    lock.ws_port, lock.journal = free_port(), tmp_path / "his-ws-journal.jsonl"
+    ws_port = free_port()
     soap = protocol == "soap"
     call = {"call": "SubmitPrescription" if soap else "/api/prescription/submit", "items": "item" if soap else "items",
             "item": {"itemNo": "{item}", "drugCode": "{drug_code}", "drugName": "{drug_name}",
@@ -196,22 +180,16 @@ def test_a_prescription_through_the_web_service(tmp_path, protocol):
                         "idCard": "{patient_id}", "doctorCode": "{prescriber_id}"},
             "code": "code", "message": "msg", "item_answers": "item" if soap else "data.items",
             "item_id": "itemNo", "his_order": "hisOrderNo"}
-    service = {"url": f"http://127.0.0.1:{lock.ws_port}" + ("/soap" if soap else ""), "prescription": call,
+    service = {"url": f"http://127.0.0.1:{ws_port}" + ("/soap" if soap else ""), "prescription": call,
                "result_codes": {"accepted": ["0"], "refused": ["2001"]}, "timeout": "3s"}
     if soap:
         service.update(protocol="soap", wsdl=SOAP["wsdl"])
-    lock.gateway_config["inner"]["endpoints"] = [{
-        "name": "pharmacy", "kind": "webservice", "receiving_application": "HIS-PHARMACY", "send_types": ["RDE^O11"],
-        "ack_timeout": "3s", "retry_initial": "200ms", "retry_max": "1s", "webservice": service}]
-    lock.gateway_config["routes"] = [{"types": ["RDE^O11"], "to": "pharmacy"}]
-    lock.write_configs()
+    lock = pharmacy_of_kind(tmp_path, "webservice", service)
+    lock.ws_port, lock.journal = ws_port, tmp_path / "his-ws-journal.jsonl"
     pharmacy = SimWs(lock, *(["--soap"] if soap else []))
     try:
         with lock:
-            r = post(lock, signed_bundle(golden_bundle(), lock.pki.key, lock.pki.chain))
-            assert r.status_code == 200, r.text
-            entries = r.json()["entry"]
-            assert [e["resource"]["status"] for e in entries] == ["active"] * 3
+            prescribe(lock)
             calls = [c for c in read_jsonl(lock.journal) if c["path"] == "/api/prescription/submit"]
             assert [c["code"] for c in calls] == ["0"]
     finally:

@@ -5,7 +5,7 @@ reason and never applied, and the config's checks.  Database calls run at once h
 ``run``); the real thread pool and real PostgreSQL / MariaDB servers are in tests/e2e/test_his_database_e2e.py.
 """
 
-from datetime import datetime, timedelta
+from datetime import datetime
 from zoneinfo import ZoneInfo
 
 import pytest
