@@ -453,3 +453,47 @@ def test_a_prescription_is_one_row_per_item_and_its_answer_an_order_answer(db):
         conn.exec_driver_sql(f"UPDATE 处方中间表 SET 状态 = '2', 说明 = '本院无此药品' WHERE 明细号 = '{items[1]['明细号']}'")
     refused = successResultOf(dest.deliver(rde, key, timeout=5))
     assert (refused.code, refused.text, refused.order.accepted) == ("AR", "本院无此药品", False)
+
+
+def test_a_row_that_changes_twice_between_polls_is_applied_as_it_is(db):
+    """Booked and then closed between two reads: one notice, the row's state at the read (closed); no half."""
+    put_slots(db, ("PB1", "2026-12-08 09:00:00", 15, "0", "0101", "D01", 1))
+    p, inbound, _ = poller(db)
+    successResultOf(p.poll())
+    with db.begin() as conn:
+        conn.exec_driver_sql("UPDATE 号源视图 SET 状态 = '1', 更新序号 = 2")
+        conn.exec_driver_sql("UPDATE 号源视图 SET 状态 = '9', 更新序号 = 3")
+    assert successResultOf(p.poll()) == 1
+    assert [n.action for n in inbound.accepted[-1][1]] == ["block"]
+
+
+def test_a_call_that_outlives_its_timeout_is_abandoned_without_blocking_the_event_loop():
+    """The link's calls run on its own threads: a database call that hangs fails with CallTimeout when the
+    reactor's clock passes the timeout (the event loop was never blocked: the test's thread drives the clock),
+    and the pool is stopped once the hanging call ends."""
+    import threading
+
+    from adapters.inner.threaded import CallTimeout, ThreadedLink
+
+    class Reactor(task.Clock):
+        """A clock that keeps what the pool's threads hand back (callFromThread), never running it."""
+
+        def __init__(self):
+            super().__init__()
+            self.from_threads = []
+
+        def callFromThread(self, f, *args, **kw):
+            self.from_threads.append((f, args, kw))
+
+    reactor = Reactor()
+    link = ThreadedLink("database:his", threads=1, timeout=2.0, reactor=reactor)
+    link.startService()
+    release, started = threading.Event(), threading.Event()
+    d = link.call(lambda: (started.set(), release.wait(10)))
+    assert started.wait(5)
+    reactor.advance(1.9)
+    assertNoResult(d)
+    reactor.advance(0.2)
+    assert "no answer within 2s" in str(failureResultOf(d, CallTimeout).value)
+    release.set()
+    link._pool.stop()  # (waits for the call that hung to end)
