@@ -79,7 +79,8 @@ class SlotRowsPoller(service.Service):
         self.clock = clock
         self.marker = None  # the change marker reached; None: read everything
         self.seen: dict[tuple, tuple] | None = None  # the window as last read (diff mode)
-        self._gone: dict[tuple, SlotNotice] = {}  # (diff mode) what closes each slot last read, if it leaves
+        self._gone: dict[tuple, SlotNotice] = {}
+        self._refused: set[tuple] = set()  # (diff mode) the bad rows of the last read, as they were  # (diff mode) what closes each slot last read, if it leaves
         self._call = None
         self.polls = 0
         self.refused = 0
@@ -126,6 +127,9 @@ class SlotRowsPoller(service.Service):
                 refusals.append((row, str(e)))
         if not self.source.marked:
             notices, kept = self._changed(notices, kept, today)
+            # (a bad row read again unchanged is not refused again at every poll: once per content)
+            refused, self._refused = self._refused, {_fingerprint(row) for row, _ in refusals}
+            refusals = [(row, reason) for row, reason in refusals if _fingerprint(row) not in refused]
         for row, reason in refusals:
             yield self._refuse(row, reason)
         if notices:

@@ -287,6 +287,10 @@ def test_without_a_change_column_the_window_is_diffed(db):
         conn.exec_driver_sql("DELETE FROM 号源视图 WHERE 开始时间 = '2026-12-08 09:15:00'")
     assert successResultOf(p.poll()) == 2
     assert sorted((n.action, n.start_local.minute) for n in inbound.accepted[-1][1]) == [("block", 15), ("book", 0)]
+    put_slots(db, ("PB1", "2026-12-08 10:00:00", 15, "5", "0101", "D01", None))  # a bad row: refused once
+    successResultOf(p.poll())
+    successResultOf(p.poll())
+    assert [text for _, _, text in inbound.refused] == ["unknown status code '5' in 状态 (slots.status_codes)"]
     put_slots(db, *[("PB2", f"2026-12-09 1{i}:00:00", 15, "0", "0101", "D01", None) for i in range(3)])
     assert successResultOf(p.poll()) == 0 and len(inbound.accepted) == 2
 
