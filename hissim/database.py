@@ -10,6 +10,10 @@
   free slot books it (预约号 H + a number), of a taken or closed one is refused; a cancellation (操作 2) frees
   the slot its 预约号 names; a hold (操作 3) is refused.  Each answered row is journalled (``--journal``, one
   JSON line: key, action, placer, status, his appointment).
+- Its stored procedures (PostgreSQL, MariaDB/MySQL): ``预约挂号(key, schedule, start, name, status, no, msg)``
+  books at once and ``取消预约(key, his no, status, no, msg)`` cancels at once, the last three parameters INOUT
+  (PostgreSQL: the CALL's result row) or OUT (MySQL: user variables); each writes its row to the intermediate
+  table too, and a key it has seen gets its first answer again.
 - Its counter books too: SIGUSR1 books one random free slot (as a walk-in patient would).
 SIGTERM / SIGINT stop it.
 """
@@ -61,6 +65,84 @@ def tables(metadata: sa.MetaData):
     return slots, requests, prescriptions
 
 
+_PG_BOOK = """
+CREATE OR REPLACE PROCEDURE "预约挂号"(p_key text, p_schedule text, p_start timestamp, p_name text,
+                                     INOUT p_status text, INOUT p_no text, INOUT p_msg text)
+LANGUAGE plpgsql AS $$
+DECLARE seq bigint;
+BEGIN
+  SELECT "状态", "预约号", "说明" INTO p_status, p_no, p_msg FROM "预约中间表" WHERE "流水号" = p_key;
+  IF FOUND THEN RETURN; END IF;
+  IF NOT EXISTS (SELECT 1 FROM "排班号源" WHERE "排班号" = p_schedule AND "开始时间" = p_start AND "状态" = '0') THEN
+    p_status := '2'; p_no := NULL; p_msg := '号源已被占用';
+  ELSE
+    SELECT COALESCE(MAX("更新序号"), 0) + 1 INTO seq FROM "排班号源";
+    p_status := '1'; p_no := 'P' || lpad(seq::text, 6, '0'); p_msg := '预约成功';
+    UPDATE "排班号源" SET "状态" = '1', "预约号" = p_no, "更新序号" = seq
+     WHERE "排班号" = p_schedule AND "开始时间" = p_start;
+  END IF;
+  INSERT INTO "预约中间表" ("流水号", "操作", "状态", "排班号", "就诊时间", "预约号", "患者姓名", "说明", "写入时间")
+  VALUES (p_key, '1', p_status, p_schedule, p_start, p_no, p_name, p_msg, now());
+END $$"""
+_PG_CANCEL = """
+CREATE OR REPLACE PROCEDURE "取消预约"(p_key text, p_cancel text, INOUT p_status text, INOUT p_no text,
+                                     INOUT p_msg text)
+LANGUAGE plpgsql AS $$
+DECLARE seq bigint;
+BEGIN
+  SELECT "状态", "预约号", "说明" INTO p_status, p_no, p_msg FROM "预约中间表" WHERE "流水号" = p_key;
+  IF FOUND THEN RETURN; END IF;
+  SELECT COALESCE(MAX("更新序号"), 0) + 1 INTO seq FROM "排班号源";
+  UPDATE "排班号源" SET "状态" = '0', "预约号" = NULL, "更新序号" = seq WHERE "预约号" = p_cancel AND "状态" = '1';
+  IF FOUND THEN p_status := '1'; p_msg := '已取消'; ELSE p_status := '2'; p_msg := '无此预约'; END IF;
+  p_no := p_cancel;
+  INSERT INTO "预约中间表" ("流水号", "操作", "状态", "预约号", "说明", "写入时间")
+  VALUES (p_key, '2', p_status, p_cancel, p_msg, now());
+END $$"""
+_MY_BOOK = """
+CREATE PROCEDURE `预约挂号`(IN p_key VARCHAR(32), IN p_schedule VARCHAR(32), IN p_start DATETIME, IN p_name VARCHAR(64),
+                          OUT p_status VARCHAR(4), OUT p_no VARCHAR(32), OUT p_msg VARCHAR(200))
+BEGIN
+  DECLARE seq BIGINT;
+  SET p_status = NULL;
+  SELECT `状态`, `预约号`, `说明` INTO p_status, p_no, p_msg FROM `预约中间表` WHERE `流水号` = p_key;
+  IF p_status IS NULL THEN
+    IF NOT EXISTS (SELECT 1 FROM `排班号源` WHERE `排班号` = p_schedule AND `开始时间` = p_start AND `状态` = '0') THEN
+      SET p_status = '2', p_no = NULL, p_msg = '号源已被占用';
+    ELSE
+      SELECT COALESCE(MAX(`更新序号`), 0) + 1 INTO seq FROM `排班号源`;
+      SET p_status = '1', p_no = CONCAT('P', LPAD(seq, 6, '0')), p_msg = '预约成功';
+      UPDATE `排班号源` SET `状态` = '1', `预约号` = p_no, `更新序号` = seq
+       WHERE `排班号` = p_schedule AND `开始时间` = p_start;
+    END IF;
+    INSERT INTO `预约中间表` (`流水号`, `操作`, `状态`, `排班号`, `就诊时间`, `预约号`, `患者姓名`, `说明`, `写入时间`)
+    VALUES (p_key, '1', p_status, p_schedule, p_start, p_no, p_name, p_msg, NOW());
+  END IF;
+END"""
+_MY_CANCEL = """
+CREATE PROCEDURE `取消预约`(IN p_key VARCHAR(32), IN p_cancel VARCHAR(32), OUT p_status VARCHAR(4),
+                          OUT p_no VARCHAR(32), OUT p_msg VARCHAR(200))
+BEGIN
+  DECLARE seq BIGINT;
+  SET p_status = NULL;
+  SELECT `状态`, `预约号`, `说明` INTO p_status, p_no, p_msg FROM `预约中间表` WHERE `流水号` = p_key;
+  IF p_status IS NULL THEN
+    SELECT COALESCE(MAX(`更新序号`), 0) + 1 INTO seq FROM `排班号源`;
+    UPDATE `排班号源` SET `状态` = '0', `预约号` = NULL, `更新序号` = seq WHERE `预约号` = p_cancel AND `状态` = '1';
+    IF ROW_COUNT() > 0 THEN SET p_status = '1', p_msg = '已取消'; ELSE SET p_status = '2', p_msg = '无此预约'; END IF;
+    SET p_no = p_cancel;
+    INSERT INTO `预约中间表` (`流水号`, `操作`, `状态`, `预约号`, `说明`, `写入时间`)
+    VALUES (p_key, '2', p_status, p_cancel, p_msg, NOW());
+  END IF;
+END"""
+#: the stored procedures, by dialect (none for SQLite)
+PROCEDURES = {
+    "postgresql": (_PG_BOOK, _PG_CANCEL),
+    "mysql": ("DROP PROCEDURE IF EXISTS `预约挂号`", "DROP PROCEDURE IF EXISTS `取消预约`", _MY_BOOK, _MY_CANCEL),
+    "mariadb": ("DROP PROCEDURE IF EXISTS `预约挂号`", "DROP PROCEDURE IF EXISTS `取消预约`", _MY_BOOK, _MY_CANCEL),
+}
+
+
 class DatabaseHis:
     def __init__(self, engine, journal: Path | None = None, answer_delay: float = 0.0, seed: int = 7):
         self.engine = engine
@@ -91,6 +173,8 @@ class DatabaseHis:
                                      "科室代码": DEPARTMENT[0], "科室名称": DEPARTMENT[1], "医生代码": f"D{doctor:02d}",
                                      "医生姓名": f"张医生{doctor}", "号别": "普通号", "预约号": None, "更新序号": seq})
             conn.execute(sa.insert(self.slots), rows)
+            for statement in PROCEDURES.get(self.engine.dialect.name, ()):
+                conn.exec_driver_sql(statement)
         return len(rows)
 
     def _next_seq(self, conn) -> int:

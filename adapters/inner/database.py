@@ -202,6 +202,8 @@ class DatabaseDestination:
             request = request_from_srm(message)
         except Hl7Error as e:  # (the domain's own message: a type routed here that this kind cannot take)
             return defer.succeed(HisAnswer("AE", f"not a request a database HIS takes: {e}"))
+        if self.link.cfg.procedures is not None:
+            return self._procedure(request)
         if self.cfg is None:
             return defer.succeed(HisAnswer("AE", "this HIS endpoint has no booking table (database.bookings)"))
         action = getattr(self.cfg.action_codes, request.action, None)
@@ -210,6 +212,42 @@ class DatabaseDestination:
                                                  f"(database.bookings.action_codes.{request.action})"))
         table = _Rows(self.cfg.table, self.cfg.columns, self.cfg.answer_codes, self.cfg.answer_poll)
         return self._write_and_wait(table, [self._row(request, action)], request.key, request.action, timeout)
+
+    def _procedure(self, request: HisRequest) -> defer.Deferred:
+        """A booking or cancellation through the HIS's stored procedure: its answer row read at once (a pending
+        status: sent again later, with the same key)."""
+        procedures = self.link.cfg.procedures
+        statement = getattr(procedures, request.action, None)
+        if statement is None:
+            return defer.succeed(HisAnswer("AR", f"this HIS takes no {request.action} requests "
+                                                 f"(database.procedures.{request.action})"))
+        values = {"key": request.key, "placer": request.placer, "schedule_id": request.schedule_id,
+                  "start": self._db_start(request), "minutes": request.minutes,
+                  "his_appointment": request.his_appointment or None, "patient_id": request.patient_id,
+                  "patient_id_type": request.patient_id_type, "patient_name": request.patient_name,
+                  "phone": request.phone, "service_code": request.service_code, "reason": request.reason}
+        d = self.link.call(_call_procedure, statement, procedures.answer, values)
+        d.addErrback(self._write_failed)
+        d.addCallback(lambda row: self._procedure_answer(request, row))
+        return d
+
+    def _procedure_answer(self, request: HisRequest, row) -> HisAnswer:
+        procedures = self.link.cfg.procedures
+        if row is None:
+            raise DeliveryFailed("the procedure gave no answer row")
+        named = dict(zip(procedures.returns, row))
+        answer = _Rows("the procedure's answer", None, procedures.answer_codes, 0).answer(
+            request.key, [(named.get("status"), named.get("his_appointment"), named.get("message"), None)])
+        log.info("his_db.procedure_called", peer=self.link.peer, control_id=request.key, action=request.action,
+                 answered=answer is not None)
+        if answer is None:
+            raise DeliveryFailed("the procedure answered pending: asked again later")
+        return answer
+
+    def _db_start(self, request: HisRequest) -> datetime:
+        if self.local_time == "utc":
+            return request.start_local.replace(tzinfo=self.tz).astimezone(timezone.utc).replace(tzinfo=None)
+        return request.start_local
 
     def _prescription(self, message, timeout: float) -> defer.Deferred:
         rx = self.link.cfg.prescriptions
@@ -234,11 +272,8 @@ class DatabaseDestination:
 
     def _row(self, request: HisRequest, action: str) -> dict:
         c = self.cfg.columns
-        start = request.start_local
-        if self.local_time == "utc":
-            start = start.replace(tzinfo=self.tz).astimezone(timezone.utc).replace(tzinfo=None)
         values = {c.key: request.key, c.action: action, c.status: self.cfg.answer_codes.pending,
-                  c.schedule_id: request.schedule_id, c.start: start}
+                  c.schedule_id: request.schedule_id, c.start: self._db_start(request)}
         optional = {c.placer: request.placer, c.patient_id: request.patient_id,
                     c.patient_id_type: request.patient_id_type, c.patient_name: request.patient_name,
                     c.phone: request.phone, c.service_code: request.service_code, c.reason: request.reason,
@@ -378,6 +413,18 @@ def _write_rows(engine, table, key_column: str, rows: list[dict], key: str) -> b
                 raise
             return False
     return True
+
+
+def _call_procedure(engine, statement: str, answer: str | None, values: dict):
+    """On the pool's thread: the procedure's call, then its answer row (its own, or ``answer``'s on the same
+    connection), in one transaction."""
+    sa = _sa()
+    with _connect(engine) as conn, conn.begin():
+        result = conn.execute(sa.text(statement), values)
+        row = result.first() if result.returns_rows else None
+        if answer is not None:
+            row = conn.execute(sa.text(answer)).first()
+    return None if row is None else tuple(row)
 
 
 def _read_answers(engine, table, c, key: str) -> list[tuple]:

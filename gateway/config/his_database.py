@@ -121,6 +121,51 @@ class BookingTable:
         "endpoint's ack_timeout; then the message is resent, which finds its row again).", default=Duration(0.5))
 
 
+#: what a stored procedure's statement may bind (adapters.maps.his_requests.HisRequest's fields)
+PROCEDURE_PARAMETERS = frozenset({"key", "placer", "schedule_id", "start", "minutes", "his_appointment", "patient_id",
+                                  "patient_id_type", "patient_name", "phone", "service_code", "reason"})
+
+
+def statement_issues(key: str, statement: str) -> list[tuple[str, str]]:
+    """Problems with a statement's :parameters (``::`` casts are not parameters)."""
+    unknown = sorted(set(re.findall(r"(?<![:\w]):([A-Za-z_]\w*)", statement)) - PROCEDURE_PARAMETERS)
+    if unknown:
+        return [(key, f"unknown parameter :{unknown[0]}; the parameters are: "
+                      f"{', '.join(':' + p for p in sorted(PROCEDURE_PARAMETERS))}")]
+    return []
+
+
+@dataclass(frozen=True)
+class BookingProcedures:
+    book: str = doc(
+        "The statement that books through the HIS's stored procedure, with the gateway's values as :parameters "
+        "(:key — the idempotency key, the same on every resend: the procedure must answer a key it has seen "
+        "with its first answer — :schedule_id, :start, :placer, :patient_id, :patient_id_type, :patient_name, "
+        ":phone, :service_code, :minutes), e.g. for PostgreSQL, whose INOUT parameters come back as a row: "
+        "'CALL 预约挂号(:key, :schedule_id, :start, :patient_name, NULL, NULL, NULL)'; for MySQL/MariaDB: "
+        "'CALL 预约挂号(:key, :schedule_id, :start, :patient_name, @状态, @预约号, @说明)' with answer.")
+    cancel: str = doc("The statement that cancels (also :his_appointment, :reason).")
+    hold: Optional[str] = doc("The statement that holds a slot (none: a hold is refused).", default=None)
+    answer: Optional[str] = doc(
+        "A statement run after the call on the same connection that reads its out-parameters, e.g. "
+        "'SELECT @状态, @预约号, @说明' (MySQL/MariaDB); none: the call's own result row is the answer.",
+        default=None)
+    returns: list[Literal["status", "his_appointment", "message", "ignore"]] = doc(
+        "What the answer row's columns are, in order (status is required).",
+        default_factory=lambda: ["status", "his_appointment", "message"])
+    answer_codes: AnswerCodes = doc("The HIS's codes in the status (a pending one: asked again later).",
+                                    default_factory=AnswerCodes)
+
+    def __post_validate__(self):
+        issues = []
+        for key in ("book", "cancel", "hold"):
+            if getattr(self, key) is not None:
+                issues += statement_issues(key, getattr(self, key))
+        if "status" not in self.returns:
+            issues.append(("returns", "the answer row needs its status column"))
+        return issues
+
+
 @dataclass(frozen=True)
 class PrescriptionColumns:
     key: SqlName = doc("The gateway's idempotency key (the order message's control id), the same for every item of "
@@ -169,6 +214,9 @@ class HisDatabaseConfig:
     slots: Optional[SlotView] = doc("Where the HIS publishes its slots (none: slots come some other way).",
                                     default=None)
     bookings: Optional[BookingTable] = doc("Where the gateway writes bookings and cancellations.", default=None)
+    procedures: Optional[BookingProcedures] = doc(
+        "Bookings and cancellations through the HIS's stored procedures instead of an intermediate table "
+        "(bookings).", default=None)
     prescriptions: Optional[PrescriptionTable] = doc(
         "Where the gateway writes prescriptions (an endpoint that routes send RDE^O11 or OMP^O09 to).", default=None)
     department_codes: dict[str, str] = doc(
@@ -192,7 +240,9 @@ class HisDatabaseConfig:
             return [("url", "expected an SQLAlchemy URL such as postgresql+psycopg://user@host/db")]
         if re.match(r"^[^/]*//[^/@]*:[^/@]*@", self.url):
             return [("url", "the URL carries a password: put it in password_file instead")]
-        if self.slots is None and self.bookings is None and self.prescriptions is None:
+        if self.bookings is not None and self.procedures is not None:
+            return [("procedures", "give bookings (an intermediate table) or procedures, not both")]
+        if self.slots is None and self.bookings is None and self.prescriptions is None and self.procedures is None:
             return [("bookings", "give bookings (the table the gateway writes), slots (the view it reads), "
                                  "prescriptions, or several")]
         return []

@@ -214,3 +214,45 @@ def test_a_prescription_through_the_his_database(tmp_path, db):
     finally:
         job.stop()
         engine.dispose()
+
+
+#: the HIS's stored procedures (hissim/database.py) instead of the intermediate table, per dialect
+PROCEDURES = {
+    "postgresql": {"book": 'CALL "预约挂号"(:key, :schedule_id, :start, :patient_name, NULL, NULL, NULL)',
+                   "cancel": 'CALL "取消预约"(:key, :his_appointment, NULL, NULL, NULL)'},
+    "mariadb": {"book": "CALL `预约挂号`(:key, :schedule_id, :start, :patient_name, @status, @reg_no, @msg)",
+                "cancel": "CALL `取消预约`(:key, :his_appointment, @status, @reg_no, @msg)",
+                "answer": "SELECT @status, @reg_no, @msg"},
+}
+
+
+@pytest.fixture
+def procedure_lock(tmp_path, db):
+    lock = DatabaseLock(tmp_path, db)
+    database = lock.gateway_config["inner"]["his"]["database"]
+    database.pop("bookings")
+    database["procedures"] = PROCEDURES[db.name]
+    lock.write_configs()
+    with lock:
+        yield lock
+    lock.engine.dispose()
+
+
+def test_book_and_cancel_through_the_his_stored_procedures(procedure_lock):
+    """The booking and its cancellation are calls of the HIS's procedures (PostgreSQL: INOUT parameters as the
+    call's row; MariaDB: OUT parameters read with a SELECT on the same connection): the HIS's number comes back,
+    the slot turns busy then free, and each procedure wrote one row for its key."""
+    lock = procedure_lock
+    slot_id = lock.search_slots(status="free")[0]["id"]
+    r = book(lock, slot_id)
+    assert r.status_code == 201, r.text
+    appointment = r.json()
+    assert appointment["identifier"][0]["value"].startswith("P")
+    eventually(lambda: lock.session().get(f"{lock.base}/Slot/{slot_id}").json()["status"] == "busy",
+               what="the slot booked in the view")
+    appointment["status"] = "cancelled"
+    r = lock.session().put(f"{lock.base}/Appointment/{appointment['id']}", json=appointment, headers=JSON)
+    assert r.status_code == 200 and r.json()["status"] == "cancelled", r.text
+    eventually(lambda: lock.session().get(f"{lock.base}/Slot/{slot_id}").json()["status"] == "free",
+               what="the slot freed in the view")
+    assert sorted((x["操作"], x["状态"]) for x in lock.requests()) == [("1", "1"), ("2", "1")]

@@ -501,3 +501,18 @@ def test_a_call_that_outlives_its_timeout_is_abandoned_without_blocking_the_even
     assert "no answer within 2s" in str(failureResultOf(d, CallTimeout).value)
     release.set()
     link._pool.stop()  # (waits for the call that hung to end)
+
+
+def test_procedure_statements_are_checked(config_dir):
+    """A stored procedure's statement naming a parameter the gateway does not have is a config error at its
+    line; '::' casts are not parameters; bookings and procedures together are refused."""
+    head = DB_HEAD.replace("      bookings:\n        table: 预约中间表\n        columns: {key: 流水号, action: 操作, status: "
+                           "状态, schedule_id: 排班号, start: 就诊时间}\n",
+                           "      procedures:\n        book: 'CALL 预约挂号(:key, :start::timestamp, :visit, @s)'\n"
+                           "        cancel: 'CALL 取消预约(:key, :his_appointment, @s)'\n")
+    assert "procedures" in head
+    found = problems(config_dir, "", head=head)
+    assert [f.split(": ", 1)[0] for f in found] == ["9:inner.his.database.procedures.book"]
+    assert "unknown parameter :visit" in found[0]
+    config = load(config_dir, "", head=head.replace(", :visit", ""))
+    assert config.inner.his.database.procedures.returns == ["status", "his_appointment", "message"]
