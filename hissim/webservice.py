@@ -20,6 +20,10 @@ Confirm's regNo and a QuerySchedule's slot elements directly in the response).  
 --ws-password PW``: each call must carry a WS-Security UsernameToken with them (else a SOAP Fault).
 ``--faults N``: the first N Confirm calls are answered with a SOAP Fault (数据库繁忙), booking nothing.
 
+XML over plain HTTP: the same calls at ``/xml`` + their path (``/xml/api/register/confirm``), the body
+``<Request>`` with the fields as child elements (a prescription's items as repeated ``<item>``), the answer
+``<Response>`` with code, msg and data (a list as repeated ``<item>`` elements).
+
 ``--html-errors N``: the first N confirm calls are answered with an HTML error page (HTTP 502), as a proxy in
 front of a HIS does when the HIS is down; they book nothing.  ``--journal``: one JSON line per call (path,
 orderNo, code).  SIGUSR1: the counter books a random free slot.  SIGTERM / SIGINT stop it.
@@ -165,6 +169,40 @@ def _element(name: str, fields: dict) -> str:
     return "".join(f"<tns:{k}>{escape(str(v))}</tns:{k}>" for k, v in fields.items() if v is not None)
 
 
+def _fields(request) -> dict:
+    """A request element's fields: its children's text; a repeated structure (a prescription's items) as a list
+    of its fields, under its name + 's'."""
+    fields: dict = {}
+    for child in request:
+        if len(child):
+            fields.setdefault(_local(child.tag) + "s", []).append({_local(c.tag): c.text or "" for c in child})
+        else:
+            fields[_local(child.tag)] = child.text or ""
+    return fields
+
+
+def _xml_value(name: str, value) -> str:
+    if isinstance(value, list):
+        return f"<{name}>" + "".join(_xml_value("item", v) for v in value) + f"</{name}>"
+    if isinstance(value, dict):
+        return f"<{name}>" + "".join(_xml_value(k, v) for k, v in value.items()) + f"</{name}>"
+    return "" if value is None else f"<{name}>{escape(str(value))}</{name}>"
+
+
+def xml_call(hospital: Hospital, path: str, data: bytes) -> tuple[int, str, bytes]:
+    """The XML face: ``<Request>`` in, ``<Response>`` out (or what the call answered, an HTML page)."""
+    try:
+        request = ET.fromstring(data)
+    except ET.ParseError:
+        return 400, "application/xml", b"<Response><code>9000</code><msg>bad XML</msg></Response>"
+    status, kind, payload = hospital.call(path, _fields(request))
+    if kind != "application/json":
+        return status, kind, payload
+    answer = json.loads(payload)
+    body = '<?xml version="1.0" encoding="utf-8"?>' + _xml_value("Response", answer)
+    return status, "application/xml", body.encode("utf-8")
+
+
 class SoapFace:
     """The SOAP 1.1 face of the same hospital."""
 
@@ -191,12 +229,7 @@ class SoapFace:
         operation = _local(request.tag)
         if operation not in OPERATIONS:
             return _fault("Client", f"unknown operation {operation}")
-        fields: dict = {}
-        for child in request:
-            if len(child):  # a repeated structure (a prescription's items): a list of its fields
-                fields.setdefault(_local(child.tag) + "s", []).append({_local(c.tag): c.text or "" for c in child})
-            else:
-                fields[_local(child.tag)] = child.text or ""
+        fields = _fields(request)
         if operation == "Confirm" and self.faults > 0:
             self.faults -= 1
             self.hospital._journal("/soap/Confirm", fields, "fault")
@@ -240,6 +273,9 @@ def handler_for(hospital: Hospital, soap: SoapFace | None = None):
             length = int(self.headers.get("Content-Length") or 0)
             if soap is not None and self.path == "/soap":
                 self._send(*soap.call(self.rfile.read(length)))
+                return
+            if self.path.startswith("/xml/"):
+                self._send(*xml_call(hospital, self.path[len("/xml"):], self.rfile.read(length)))
                 return
             try:
                 body = json.loads(self.rfile.read(length).decode("utf-8") or "{}")

@@ -79,8 +79,8 @@ class SlotRowsPoller(service.Service):
         self.clock = clock
         self.marker = None  # the change marker reached; None: read everything
         self.seen: dict[tuple, tuple] | None = None  # the window as last read (diff mode)
-        self._gone: dict[tuple, SlotNotice] = {}
-        self._refused: set[tuple] = set()  # (diff mode) the bad rows of the last read, as they were  # (diff mode) what closes each slot last read, if it leaves
+        self._gone: dict[tuple, SlotNotice] = {}  # (diff mode) what closes each slot last read, if it leaves
+        self._refused: set[tuple] = set()  # (diff mode) the bad rows of the last read, as they were
         self._call = None
         self.polls = 0
         self.refused = 0

@@ -1,5 +1,5 @@
-"""A HIS endpoint of ``kind: webservice``: the HIS vendor's web service, HTTP POST with JSON, or SOAP (zeep) from
-the WSDL the site supplies.
+"""A HIS endpoint of ``kind: webservice``: the HIS vendor's web service, HTTP POST with JSON or XML, or SOAP
+(zeep) from the WSDL the site supplies.
 
 - :class:`WebServiceLink`: one HTTP session (TLS with the site's CA and client certificate, the vendor's
   headers; basic authentication for json, a WS-Security UsernameToken for soap) whose blocking calls run on a
@@ -123,7 +123,7 @@ class WebServiceLink(ThreadedLink):
             session.verify = str(self.cfg.ca)
         if self.cfg.certificate is not None:
             session.cert = (str(self.cfg.certificate), str(self.cfg.private_key))
-        if self.cfg.username is not None and self.cfg.protocol == "json":
+        if self.cfg.username is not None and self.cfg.protocol != "soap":
             session.auth = (self.cfg.username, self.cfg.password_file.read_text().strip())
         return session
 
@@ -150,7 +150,8 @@ class WebServiceLink(ThreadedLink):
         """The call's answer as nested values (a Deferred); fails with NotReached, CallTimeout or BadAnswer."""
         if self.cfg.protocol == "soap":
             return self.call(_soap, self.soap, call, body, self.cfg.timeout)
-        return self.call(_post, self.session, self.cfg.url.rstrip("/") + call, body, self.cfg.timeout)
+        return self.call(_post, self.session, self.cfg.url.rstrip("/") + call, body, self.cfg.timeout,
+                         self.cfg.protocol == "xml")
 
 
 def _xml_only(response, *args, **kwargs):
@@ -197,22 +198,71 @@ def _transport_error(e, timeout: float) -> Exception:
     return BadAnswer(type(e).__name__)
 
 
-def _post(session, url: str, body: dict, timeout: float):
-    """On the pool's thread: POST the body, the answer's JSON."""
+def to_xml(body: dict) -> bytes:
+    """An XML document from nested values: the one top-level key is the root element; a list is its element
+    repeated."""
+    import xml.etree.ElementTree as ET
+
+    def fill(element, value):
+        if isinstance(value, dict):
+            for name, child in value.items():
+                for item in child if isinstance(child, list) else [child]:
+                    fill(ET.SubElement(element, name), item)
+        elif value is not None:
+            element.text = str(value)
+
+    [(root_name, content)] = body.items()
+    root = ET.Element(root_name)
+    fill(root, content)
+    return ET.tostring(root, encoding="utf-8", xml_declaration=True)
+
+
+def from_xml(data: bytes):
+    """Nested values from an XML document, from below its root element: an element's children by name (a name
+    repeated: a list), a leaf its text; namespaces dropped.  ValueError when it is no XML."""
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.fromstring(data)
+    except ET.ParseError as e:
+        raise ValueError(str(e)) from None
+
+    def read(element):
+        if not len(element):
+            return element.text or ""
+        out: dict = {}
+        for child in element:
+            name = child.tag.rsplit("}", 1)[-1]
+            value = read(child)
+            if name in out:
+                out[name] = out[name] if isinstance(out[name], list) else [out[name]]
+                out[name].append(value)
+            else:
+                out[name] = value
+        return out
+
+    return read(root)
+
+
+def _post(session, url: str, body: dict, timeout: float, xml: bool = False):
+    """On the pool's thread: POST the body (JSON, or XML), the answer's nested values."""
     import requests
 
-    data = json.dumps(body, ensure_ascii=False).encode("utf-8")
+    data = to_xml(body) if xml else json.dumps(body, ensure_ascii=False).encode("utf-8")
+    headers = {"Content-Type": "application/xml; charset=utf-8", "Accept": "application/xml"} if xml else None
     try:
-        response = session.post(url, data=data, timeout=timeout)
+        response = session.post(url, data=data, timeout=timeout, headers=headers)
     except requests.exceptions.RequestException as e:
         raise _transport_error(e, timeout) from None
     kind = response.headers.get("Content-Type", "").split(";")[0].strip() or "no content type"
     if response.status_code >= 400:
         raise BadAnswer(f"HTTP {response.status_code} ({kind}, {len(response.content)} bytes)")
     try:
+        if xml:
+            return from_xml(response.content)
         return json.loads(response.content.decode(response.encoding or "utf-8"))
     except (ValueError, UnicodeDecodeError, LookupError):
-        raise BadAnswer(f"the answer is not JSON ({kind}, {len(response.content)} bytes)") from None
+        raise BadAnswer(f"the answer is not {'XML' if xml else 'JSON'} ({kind}, {len(response.content)} bytes)") from None
 
 
 class WebServiceDestination:
@@ -251,7 +301,11 @@ class WebServiceDestination:
         p = prescription_from_rde(message)
         try:
             payload = render(call.request, prescription_values(message.control_id, p))
-            payload[call.items] = [render(call.item, item_values(item)) for item in p.items]
+            target = payload
+            *parents, last = call.items.split(".")
+            for parent in parents:
+                target = target.setdefault(parent, {})
+            target[last] = [render(call.item, item_values(item)) for item in p.items]
         except (KeyError, ValueError) as e:
             return defer.succeed(HisAnswer("AE", f"the request could not be written: {e}"))
         d = self.link.post(call.call, payload)
@@ -266,7 +320,7 @@ class WebServiceDestination:
                 listed = path_value(answer, call.item_answers)
             except KeyError:
                 listed = []
-            for entry in listed if isinstance(listed, list) else []:
+            for entry in listed if isinstance(listed, list) else [listed] if isinstance(listed, dict) else []:
                 items.append(ItemAnswer(_optional(entry, call.item_id), _optional(entry, call.his_order),
                                         "OK" if result.accepted else "UA"))
         order = OrderAnswer(acknowledges=key, code=result.code, accepted=result.accepted,
@@ -325,6 +379,10 @@ def slot_poller(link: WebServiceLink, inbound, *, tz: ZoneInfo, clock) -> SlotRo
             items = path_value(answer, slots.rows)
         except KeyError:
             raise BadAnswer(f"the answer has no list of slots at {slots.rows}") from None
+        if isinstance(items, dict):  # (one item of an XML list, or an object for one slot)
+            items = [items]
+        if items == "":  # (an XML list with no item)
+            items = []
         if not isinstance(items, list):
             raise BadAnswer(f"{slots.rows} in the answer is not a list")
         fields = {k: v for k, v in vars(slots.fields).items() if v}

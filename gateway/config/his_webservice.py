@@ -1,7 +1,7 @@
-"""The keys of a HIS endpoint of ``kind: webservice`` (``inner.his.webservice``): the HIS vendor's web service over
-HTTP with JSON — its calls (query schedule, book, cancel, hold), each call's request fields and where its
-answer's result code, text and appointment number are, the result codes that mean accepted, refused or "try
-again", TLS and credentials.
+"""The keys of a HIS endpoint of ``kind: webservice`` (``inner.his.webservice``): the HIS vendor's web service —
+HTTP with JSON or XML, or SOAP from its WSDL — its calls (query schedule, book, cancel, hold, prescription),
+each call's request fields and where its answer's result code, text and appointment number are, the result
+codes that mean accepted, refused or "try again", TLS and credentials.
 
 How the gateway uses them: adapters/inner/webservice.py and docs/his-adapters.md.
 """
@@ -57,7 +57,8 @@ class WsCall:
     call: str = doc("The call: for json its path after url, e.g. /api/register/confirm (POST, a JSON body); for "
                     "soap its operation's name in the WSDL, e.g. Confirm.")
     request: dict[str, str] = doc(
-        "The request's fields (JSON fields, or the SOAP operation's parameters), each a template of the gateway's values: e.g. {orderNo: '{key}', "
+        "The request's fields (JSON fields, XML elements, or the SOAP operation's parameters), each a template "
+        "of the gateway's values: e.g. {orderNo: '{key}', "
         "scheduleId: '{schedule_id}', visitTime: '{start:%Y-%m-%d %H:%M}', patientName: '{patient_name}', "
         "idCard: '{patient_id}', mobile: '{phone}', regNo: '{his_appointment}'}. {key} is the gateway's "
         "idempotency key (the message's control id, the same on every resend): send it where the HIS "
@@ -128,9 +129,10 @@ class HisWebServiceConfig:
                    "soap: the service's address (the WSDL's own address is not used).")
     book: Optional[WsCall] = doc("The call that books a slot (预约/挂号确认).", default=None)
     cancel: Optional[WsCall] = doc("The call that cancels a booking (取消预约).", default=None)
-    protocol: Literal["json", "soap"] = doc(
-        "'json': HTTP POST with JSON bodies and answers; 'soap': SOAP (zeep) from the WSDL the site supplies "
-        "(wsdl).", default="json")
+    protocol: Literal["json", "xml", "soap"] = doc(
+        "'json': HTTP POST with JSON bodies and answers; 'xml': HTTP POST with XML bodies and answers (a call's "
+        "request fields all under one root element, e.g. Request.orderNo; answer paths from below the answer's "
+        "root element); 'soap': SOAP (zeep) from the WSDL the site supplies (wsdl).", default="json")
     wsdl: Optional[ReadableFile] = doc("With protocol: soap, the HIS's WSDL file.", default=None)
     hold: Optional[WsCall] = doc("The call that locks a slot (锁号, with outer.hold_at_his); none: a hold is "
                                  "refused.", default=None)
@@ -172,6 +174,13 @@ class HisWebServiceConfig:
             issues.append(("cancel" if self.cancel is None else "book", "give both book and cancel, or neither"))
         if self.protocol == "soap" and self.wsdl is None:
             issues.append(("wsdl", "protocol: soap needs the HIS's WSDL (wsdl)"))
+        if self.protocol == "xml":
+            for key in ("book", "cancel", "hold", "slots", "prescription"):
+                call = getattr(self, key)
+                roots = {f.split(".")[0] for f in (call.request if call is not None else {})}
+                if call is not None and len(roots) != 1:
+                    issues.append((f"{key}.request", "protocol: xml writes one XML document: give every field "
+                                                     "under one root element (Request.orderNo, Request.regNo)"))
         if (self.username is None) != (self.password_file is None):
             issues.append(("username", "give both username and password_file, or neither"))
         return issues

@@ -46,7 +46,8 @@ class HisConfig:
     kind: Literal["mllp", "database", "webservice"] = doc(
         "How the gateway talks to this HIS endpoint: 'mllp' = HL7 v2 over MLLP (host, port); 'database' = the "
         "HIS's own database, a view of its slots and an intermediate table for bookings (database); "
-        "'webservice' = the HIS vendor's web service, HTTP with JSON (webservice). docs/his-adapters.md.",
+        "'webservice' = the HIS vendor's web service, SOAP, or HTTP with JSON or XML (webservice). "
+        "docs/his-adapters.md.",
         default="mllp")
     database: Optional[HisDatabaseConfig] = doc("With kind: database, the HIS's database and its tables.",
                                                 default=None)

@@ -1,6 +1,6 @@
-"""A HIS that offers a web service, HTTP with JSON and SOAP (its WSDL, a WS-Security UsernameToken): the
+"""A HIS that offers a web service, HTTP with JSON or XML, or SOAP (its WSDL, a WS-Security UsernameToken): the
 simulator's web-service face (hissim/webservice.py, its own process) and the gateway (its own process, kind:
-webservice), each test run for both protocols.  A platform finds, books and cancels over
+webservice), each test run for the three protocols.  A platform finds, books and cancels over
 FHIR; an HTML error page instead of JSON is retried, never applied, and books once; kill -9 of the gateway
 after the HIS booked but before the gateway recorded it books nothing twice (the HIS knows the key).
 """
@@ -37,6 +37,21 @@ WEBSERVICE = {
     "timeout": "3s",
 }
 
+def _under_root(request: dict) -> dict:
+    return {f"Request.{field}": template for field, template in request.items()}
+
+
+#: the same service as XML over plain HTTP (every request under <Request>, answers read below <Response>)
+XML = {
+    **WEBSERVICE, "protocol": "xml",
+    "book": {**WEBSERVICE["book"], "call": "/xml/api/register/confirm",
+             "request": _under_root(WEBSERVICE["book"]["request"])},
+    "cancel": {**WEBSERVICE["cancel"], "call": "/xml/api/register/cancel",
+               "request": _under_root(WEBSERVICE["cancel"]["request"])},
+    "slots": {**WEBSERVICE["slots"], "call": "/xml/api/schedule/query",
+              "request": _under_root(WEBSERVICE["slots"]["request"]), "rows": "data.item"},
+}
+
 #: the same service over SOAP (the simulator's WSDL, a WS-Security UsernameToken)
 SOAP = {
     **WEBSERVICE, "protocol": "soap", "wsdl": str(REPO / "hissim" / "wsdl" / "registration.wsdl"),
@@ -63,7 +78,7 @@ class WebServiceLock(Lock):
             service = {**SOAP, "url": f"http://127.0.0.1:{self.ws_port}/soap", "password_file": "ws.password"}
             sim_args = ("--soap", "--ws-user", "gateway", "--ws-password", "网关口令", *sim_args)
         else:
-            service = {**WEBSERVICE, "url": f"http://127.0.0.1:{self.ws_port}"}
+            service = {**(XML if protocol == "xml" else WEBSERVICE), "url": f"http://127.0.0.1:{self.ws_port}"}
         self.sim_args = sim_args
         self.gateway_config["inner"]["his"] = {
             "name": "his", "kind": "webservice", "webservice": service,
@@ -82,7 +97,7 @@ def book(lock, slot_id: str, mrn: str = "MRN-0001"):
     return lock.session().post(f"{lock.base}/Appointment", json=appointment_for(slot_id, mrn), headers=JSON)
 
 
-@pytest.fixture(params=["json", "soap"])
+@pytest.fixture(params=["json", "xml", "soap"])
 def protocol(request):
     return request.param
 
@@ -172,18 +187,24 @@ def test_a_prescription_through_the_web_service(tmp_path, protocol):
     """A signed prescription of three items, routed to a pharmacy endpoint of kind webservice: one call with its
     three items, the HIS's order number for each; the items turn active."""
     ws_port = free_port()
-    soap = protocol == "soap"
-    call = {"call": "SubmitPrescription" if soap else "/api/prescription/submit", "items": "item" if soap else "items",
+    soap, xml = protocol == "soap", protocol == "xml"
+    request = {"orderNo": "{key}", "rxNo": "{number}", "patientName": "{patient_name}", "idCard": "{patient_id}",
+               "doctorCode": "{prescriber_id}"}
+    call = {"call": {"soap": "SubmitPrescription", "xml": "/xml/api/prescription/submit"}.get(
+                protocol, "/api/prescription/submit"),
+            "items": {"soap": "item", "xml": "Request.item"}.get(protocol, "items"),
             "item": {"itemNo": "{item}", "drugCode": "{drug_code}", "drugName": "{drug_name}",
                      "quantity": "{quantity}", "unit": "{quantity_unit}"},
-            "request": {"orderNo": "{key}", "rxNo": "{number}", "patientName": "{patient_name}",
-                        "idCard": "{patient_id}", "doctorCode": "{prescriber_id}"},
-            "code": "code", "message": "msg", "item_answers": "item" if soap else "data.items",
+            "request": _under_root(request) if xml else request,
+            "code": "code", "message": "msg",
+            "item_answers": {"soap": "item", "xml": "data.items.item"}.get(protocol, "data.items"),
             "item_id": "itemNo", "his_order": "hisOrderNo"}
     service = {"url": f"http://127.0.0.1:{ws_port}" + ("/soap" if soap else ""), "prescription": call,
                "result_codes": {"accepted": ["0"], "refused": ["2001"]}, "timeout": "3s"}
     if soap:
         service.update(protocol="soap", wsdl=SOAP["wsdl"])
+    if xml:
+        service.update(protocol="xml")
     lock = pharmacy_of_kind(tmp_path, "webservice", service)
     lock.ws_port, lock.journal = ws_port, tmp_path / "his-ws-journal.jsonl"
     pharmacy = SimWs(lock, *(["--soap"] if soap else []))

@@ -300,3 +300,29 @@ def test_the_worked_config_in_the_docs_loads(config_dir):
     ws = config.inner.his.webservice
     assert (ws.book.his_appointment, ws.slots.fields.start, ws.result_codes.retry) == ("data.regNo", "beginTime",
                                                                                        ["9999"])
+
+
+def test_xml_bodies_and_answers():
+    """XML over plain HTTP: the request's fields under one root element (a list: the element repeated); the
+    answer read from below its root (a name repeated: a list); no XML: ValueError."""
+    from adapters.inner.webservice import from_xml, to_xml
+
+    body = render({"Request.orderNo": "{key}", "Request.name": "{patient_name}"}, {"key": "G1", "patient_name": "张三"})
+    body["Request"]["item"] = [{"no": "1"}, {"no": "2"}]
+    assert to_xml(body).decode("utf-8").endswith(
+        "<Request><orderNo>G1</orderNo><name>张三</name><item><no>1</no></item><item><no>2</no></item></Request>")
+    answer = from_xml("<Response><code>0</code><data><item><a>1</a></item><item><a>2</a></item></data></Response>"
+                      .encode())
+    assert answer == {"code": "0", "data": {"item": [{"a": "1"}, {"a": "2"}]}}
+    assert path_value(answer, "data.item.1.a") == "2"
+    with pytest.raises(ValueError):
+        from_xml(b"<html><body>502</body>")
+
+
+def test_xml_requests_need_one_root(config_dir):
+    head = WS_HEAD.replace("      url: http://10.1.2.6:8080\n", "      url: http://10.1.2.6:8080\n      protocol: xml\n")
+    head = head.replace("request: {orderNo: '{key}', regNo: '{his_appointment}'}",
+                        "request: {R.orderNo: '{key}', R.regNo: '{his_appointment}'}")
+    found = problems(config_dir, "", head=head)
+    assert [f.split(": ", 1)[0] for f in found] == ["8:inner.his.webservice.book.request"]
+    assert "one root element" in found[0]
