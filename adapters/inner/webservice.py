@@ -66,12 +66,16 @@ def render(templates: dict[str, str], values: dict) -> dict:
     """A request's JSON body: each field's template filled with ``values``; 'a.b' fields nested."""
     body: dict = {}
     for field, template in templates.items():
-        target = body
-        *parents, last = field.split(".")
-        for parent in parents:
-            target = target.setdefault(parent, {})
-        target[last] = template.format(**values)
+        put(body, field, template.format(**values))
     return body
+
+
+def put(body: dict, field: str, value) -> None:
+    """``value`` at ``field`` of ``body``, a field with '.' nested."""
+    *parents, last = field.split(".")
+    for parent in parents:
+        body = body.setdefault(parent, {})
+    body[last] = value
 
 
 def prescription_values(key: str, p) -> dict:
@@ -301,11 +305,7 @@ class WebServiceDestination:
         p = prescription_from_rde(message)
         try:
             payload = render(call.request, prescription_values(message.control_id, p))
-            target = payload
-            *parents, last = call.items.split(".")
-            for parent in parents:
-                target = target.setdefault(parent, {})
-            target[last] = [render(call.item, item_values(item)) for item in p.items]
+            put(payload, call.items, [render(call.item, item_values(item)) for item in p.items])
         except (KeyError, ValueError) as e:
             return defer.succeed(HisAnswer("AE", f"the request could not be written: {e}"))
         d = self.link.post(call.call, payload)
