@@ -1,7 +1,9 @@
 """The ``gatewayd`` command.
 
     gatewayd run --config PATH            run the gateway (both gates, one process)
-    gatewayd check-config PATH            print "ok" or every problem (file:line:column: key: message)
+    gatewayd check-config PATH [--probe]  print "ok" or every problem (file:line:column: key: message); with
+                                          --probe, also ask each HIS database (kind: database) for its tables,
+                                          columns and codes
     gatewayd his-sim --config PATH        run the bundled HIS simulator (a real MLLP peer)
     gatewayd demo [--workdir DIR]         certificates, configs, HIS simulator and gateway, all on loopback
     gatewayd certs init DIR               a development CA, server and platform certificates
@@ -39,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-config", help="validate a config file")
     check.add_argument("path", type=Path)
+    check.add_argument("--probe", action="store_true",
+                       help="also check each HIS endpoint of kind database against its live database: the view "
+                            "and table with the configured columns, and the codes the view holds")
 
     sim = sub.add_parser("his-sim", help="run the bundled HIS simulator")
     sim.add_argument("--config", required=True, type=Path)
@@ -140,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
 def _command(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check-config":
-        return check_config(args.path)
+        return check_config(args.path, probe=args.probe)
     if args.command == "run":
         return run(args.config, args.gate)
     if args.command == "his-sim":
@@ -193,13 +198,33 @@ def _load(path: Path):
         return None, str(e)
 
 
-def check_config(path: Path) -> int:
+def check_config(path: Path, probe: bool = False) -> int:
     config, error = _load(path)
     if error:
         print(error, file=sys.stderr)
         return 1
+    problems = probe_his_databases(config) if probe else []
+    if problems:
+        print("\n".join(f"{path}: {p}" for p in problems), file=sys.stderr)
+        return 1
     print("ok")
     return 0
+
+
+def probe_his_databases(config) -> list[str]:
+    """``check-config --probe``: what each HIS database (kind: database) says about the config's view, table,
+    columns and codes, as 'key path: problem'."""
+    from adapters.inner.database import DatabaseLink
+
+    if config.inner is None:
+        return []
+    problems = []
+    for key, his in [("inner.his", config.inner.his)] + [(f"inner.endpoints[{i}]", e)
+                                                          for i, e in enumerate(config.inner.endpoints)]:
+        if his.kind == "database":
+            link = DatabaseLink(his.database, peer=his.name, reactor=None)
+            problems += [f"{key}.database.{p}" for p in link.probe()]
+    return problems
 
 
 def gate_problem(config, path: Path, gate: str) -> str | None:

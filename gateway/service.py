@@ -43,7 +43,9 @@ from adapters.outer.pharmacy import Prescriptions
 from adapters.outer.site import FhirApi
 from adapters.outer.tls import HandshakeWatch, read_crl, tls_options
 from adapters.hl7.identity import same_message
+from adapters.inner.database import DatabaseDestination, DatabaseLink, slot_poller as database_slots
 from adapters.inner.his import HisDestination
+from adapters.inner.webservice import WebServiceDestination, WebServiceLink, slot_poller as webservice_slots
 from adapters.inner.pharmacy import PharmacyInbound
 from adapters.inner.poller import SlotPoller
 from adapters.inner.receiver import InnerGateHandler
@@ -144,7 +146,8 @@ def make_service(config: GatewayConfig, reactor, gate: str = "both") -> Gateway:
     if gate in ("both", "inner"):
         inner, relays, root.inner_tls = _inner_gate(config, reactor, tz, chamber, booking, metrics, prescribing)
         inner.setServiceParent(root)
-        root.his_clients = [lane.destination.client for lane in relays[0].lanes]  # inner.his (reload retargets)
+        root.his_clients = [lane.destination.client for lane in relays[0].lanes  # inner.his (reload retargets)
+                            if isinstance(lane.destination, HisDestination)]
         if gate == "both":  # a booking's commit also starts its delivery (Relay.claim_soon)
             booking.after_queue = lambda: [relay.claim_soon() for relay in relays]
     if gate in ("both", "outer"):
@@ -267,7 +270,33 @@ def _inner_gate(config, reactor, tz, chamber, booking, metrics, prescribing):
 
 
 def _relay(config, reactor, chamber, his, outbox, metrics, gate, inbound, tz) -> Relay:
-    """One HIS endpoint: its MLLP client(s), the relay for its queue, and its slot poller if it polls."""
+    """One HIS endpoint: its lanes (MLLP clients; for kind database or webservice its link, started before and
+    stopped after the relay), the relay for its queue, and its slot poller if it polls (SQM^S25, the
+    database's slot view, the web service's schedule query)."""
+    if his.kind == "database":
+        link = DatabaseLink(his.database, peer=his.name, reactor=reactor)
+        link.setServiceParent(gate)
+        lanes = [DatabaseDestination(link, charset=his.charset, tz=tz, clock=reactor) for _ in range(his.window)]
+        poller = database_slots(link, inbound, tz=tz, clock=reactor) if his.database.slots is not None else None
+    elif his.kind == "webservice":
+        link = WebServiceLink(his.webservice, peer=his.name, reactor=reactor)
+        link.setServiceParent(gate)
+        lanes = [WebServiceDestination(link, charset=his.charset) for _ in range(his.window)]
+        poller = webservice_slots(link, inbound, tz=tz, clock=reactor) if his.webservice.slots is not None else None
+    else:
+        lanes, poller = _mllp_lanes(config, reactor, his, inbound, tz)
+    relay = Relay(chamber, his.name, lanes, outbox.on_answer, clock=reactor,
+                  ack_timeout=his.ack_timeout, retry_initial=his.retry_initial, retry_max=his.retry_max,
+                  max_attempts=his.max_attempts, max_age=his.max_age, on_dead=outbox.on_dead,
+                  ordering=his.ordering, encode=outbox.encode, send_types=tuple(his.send_types), metrics=metrics)
+    relay.setServiceParent(gate)
+    if poller is not None:
+        poller.setServiceParent(gate)
+    return relay
+
+
+def _mllp_lanes(config, reactor, his, inbound, tz):
+    """An MLLP endpoint's HisDestinations (one client each) and its SQM^S25 poller (slot_source: poll) or None."""
     his_endpoint = endpoints.HostnameEndpoint(reactor, his.host, his.port, timeout=his.connect_timeout)
     his_tls = None
     if his.tls is not None:
@@ -280,18 +309,14 @@ def _relay(config, reactor, chamber, his, outbox, metrics, gate, inbound, tz) ->
                           tls=his_tls)
 
     lanes = [HisDestination(his_client(config.inner.max_message_bytes)) for _ in range(his.window)]
-    relay = Relay(chamber, his.name, lanes, outbox.on_answer, clock=reactor,
-                  ack_timeout=his.ack_timeout, retry_initial=his.retry_initial, retry_max=his.retry_max,
-                  max_attempts=his.max_attempts, max_age=his.max_age, on_dead=outbox.on_dead,
-                  ordering=his.ordering, encode=outbox.encode, send_types=tuple(his.send_types), metrics=metrics)
-    relay.setServiceParent(gate)
+    poller = None
     if his.slot_source == "poll":
         poll_header = _header(config, his)
-        SlotPoller(his_client(64 << 20), inbound, peer=his.name,
-                   build_query=functools.partial(build_sqm_s25, header=poll_header), interval=his.poll_interval,
-                   days=his.poll_days, tz=tz, ack_timeout=his.ack_timeout, retry_initial=his.retry_initial,
-                   retry_max=his.retry_max, clock=reactor).setServiceParent(gate)
-    return relay
+        poller = SlotPoller(his_client(64 << 20), inbound, peer=his.name,
+                            build_query=functools.partial(build_sqm_s25, header=poll_header),
+                            interval=his.poll_interval, days=his.poll_days, tz=tz, ack_timeout=his.ack_timeout,
+                            retry_initial=his.retry_initial, retry_max=his.retry_max, clock=reactor)
+    return lanes, poller
 
 
 #: the outer gate's listen backlog: room for a burst of connections while the gateway is busy, so a flood's

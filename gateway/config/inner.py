@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from typing import Annotated, Literal, Optional
 
 from gateway.config.fields import Duration, Name, Pattern, Port, Range, ReadableFile, doc
+from gateway.config.his_database import HisDatabaseConfig
+from gateway.config.his_webservice import HisWebServiceConfig
 from gateway.domain.routes import type_allowed
 
 
@@ -37,9 +39,20 @@ class MllpSendTls:
 
 @dataclass(frozen=True)
 class HisConfig:
-    host: str = doc("The HIS interface engine's address on the intranet.")
-    port: Port = doc("The HIS's MLLP port, where the gateway sends booking requests (SRM) and queries (SQM), or "
-                     "pharmacy orders (RDE/OMP) for a pharmacy endpoint.")
+    host: Optional[str] = doc("The HIS interface engine's address on the intranet (kind: mllp).", default=None)
+    port: Optional[Port] = doc("The HIS's MLLP port, where the gateway sends booking requests (SRM) and queries "
+                               "(SQM), or pharmacy orders (RDE/OMP) for a pharmacy endpoint (kind: mllp).",
+                               default=None)
+    kind: Literal["mllp", "database", "webservice"] = doc(
+        "How the gateway talks to this HIS endpoint: 'mllp' = HL7 v2 over MLLP (host, port); 'database' = the "
+        "HIS's own database, a view of its slots and an intermediate table for bookings (database); "
+        "'webservice' = the HIS vendor's web service, SOAP, or HTTP with JSON or XML (webservice). "
+        "docs/his-adapters.md.",
+        default="mllp")
+    database: Optional[HisDatabaseConfig] = doc("With kind: database, the HIS's database and its tables.",
+                                                default=None)
+    webservice: Optional[HisWebServiceConfig] = doc("With kind: webservice, the HIS's web service and its calls.",
+                                                    default=None)
     name: Name = doc("A short name for this HIS, used in logs and in the chamber.", default="his")
     hl7_version: Literal["2.3", "2.3.1", "2.4", "2.5", "2.5.1"] = doc(
         "HL7 version written in MSH-12 of messages sent to the HIS.", default="2.5"
@@ -130,6 +143,17 @@ class HisConfig:
 
     def __post_validate__(self):
         issues = _charset_issue("charset", self.charset)
+        if self.kind == "mllp":
+            issues += [(key, f"missing required key {key!r} (kind: mllp)")
+                       for key in ("host", "port") if getattr(self, key) is None]
+        elif getattr(self, self.kind) is None:
+            issues.append((self.kind, f"kind: {self.kind} needs {self.kind} (how to reach the HIS: "
+                                      f"docs/his-adapters.md)"))
+        elif self.slot_source == "poll":
+            issues.append(("slot_source", f"kind: {self.kind} reads slots from {self.kind}.slots; slot_source: "
+                                          f"poll sends SQM^S25 over MLLP (leave it at push)"))
+        issues += [(other, f"{other} is for kind: {other}; this endpoint's kind is {self.kind}")
+                   for other in ("database", "webservice") if other != self.kind and getattr(self, other)]
         if not issues:
             for i, z in enumerate(self.z_segments):
                 try:
