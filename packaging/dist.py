@@ -89,6 +89,11 @@ def python_packages(src: Path, out: Path, py: str) -> tuple[Path, Path]:
     return out / f"{name}.tar.gz", out / f"{name}-py3-none-any.whl"
 
 
+#: the optional dependencies every release carries: the drivers of HIS endpoints of kind database and webservice
+#: (docs/his-adapters.md), so that an air-gapped site whose HIS is a database or a web service needs nothing more
+EXTRAS = "postgresql,mysql,webservice"
+
+
 def wheelhouse(wheel: Path, dest: Path, py: str) -> None:
     """Every wheel ``wheel`` needs, for each platform and Python of the matrix, into ``dest``."""
     dest.mkdir(parents=True, exist_ok=True)
@@ -98,7 +103,8 @@ def wheelhouse(wheel: Path, dest: Path, py: str) -> None:
             platform_args = [a for tag in tags for a in ("--platform", tag)]
             try:
                 run(py, "-m", "pip", "download", "--quiet", "--dest", dest, "--only-binary=:all:",
-                    "--implementation", "cp", "--python-version", version, *platform_args, wheel)
+                    "--implementation", "cp", "--python-version", version, *platform_args,
+                    f"{wheel}[{EXTRAS}]")
             except subprocess.CalledProcessError:
                 raise SystemExit(
                     f"dist: some dependency has no wheel for {arch} / Python {version} (manylinux 2.17): see "

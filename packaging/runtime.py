@@ -144,7 +144,8 @@ def build(dest: Path, wheels: Path, prefix: str, python: Path) -> dict:
     site_packages = stdlib / "site-packages"
     site_packages.mkdir()
     subprocess.run([str(python), "-m", "pip", "--python", str(exe), "install", "--no-index", "--find-links",
-                    str(wheels), "--no-warn-script-location", "--no-compile", "--only-binary=:all:", "gatewayd"],
+                    str(wheels), "--no-warn-script-location", "--no-compile", "--only-binary=:all:",
+                    "gatewayd[postgresql,mysql,webservice]"],  # (the extras of dist.py's EXTRAS)
                    check=True, env={**env, "PIP_CONFIG_FILE": os.devnull, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
     # pip's console scripts carry the build path in their shebang: the launcher runs "python -I -m gateway".
     for script in (root / "bin").iterdir():

@@ -23,7 +23,7 @@ for v in $(env | sed -n 's/^\(PIP_[A-Z_]*\)=.*/\1/p'); do unset "$v"; done
 export PIP_CONFIG_FILE=/dev/null
 "$PYTHON" -m venv "$venv"
 "$venv/bin/python" -m pip install --quiet --no-index --find-links "$here/wheels" --only-binary=:all: \
-  --disable-pip-version-check "gatewayd==$(cat "$here/VERSION")"
+  --disable-pip-version-check "gatewayd[postgresql,mysql,webservice]==$(cat "$here/VERSION")"  # dist.py's EXTRAS
 "$venv/bin/gatewayd" --version
 [ -n "$only_venv" ] && exit 0
 

@@ -82,6 +82,10 @@ def test_wheelhouse_installs_offline_and_runs_the_demo(release, tmp_path, cut, v
     release_version = (top / "VERSION").read_text().strip()
     assert installed.stdout.startswith(f"gatewayd {release_version} (commit ")
     assert (venv / "lib" / f"python{version}" / "site-packages" / "gateway").is_dir()
+    # the drivers of HIS endpoints of kind database and webservice came with it (an air-gapped site has no pip)
+    drivers = subprocess.run([str(venv / "bin" / "python"), "-c", "import sqlalchemy, psycopg, pymysql, zeep, requests"],
+                             capture_output=True, text=True)
+    assert drivers.returncode == 0, drivers.stderr
 
     workdir = tmp_path / "demo"
     demo = subprocess.Popen(cut.args(str(venv / "bin" / "gatewayd"), "demo", "--workdir", str(workdir)),
