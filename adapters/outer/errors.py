@@ -21,6 +21,8 @@ log = structlog.get_logger("gateway.outer")
 
 #: the media type of every FHIR answer, OperationOutcomes included
 FHIR_JSON = b"application/fhir+json; charset=utf-8"
+#: reason phrases twisted.web does not know (it would write "Unknown Status")
+REASONS = {422: b"Unprocessable Content", 428: b"Precondition Required"}
 
 
 class FhirError(Exception):

@@ -39,6 +39,17 @@ def parse_query(request) -> dict[str, list[str]]:
         raise FhirError(400, "too-costly", f"more than {MAX_QUERY_FIELDS} query parameters") from None
 
 
+def refuse_write_query(query) -> None:
+    """A create, update, patch or operation by POST takes no query parameter (``_format``/``_pretty`` aside): one
+    it would not honour is refused (400), never dropped — fhirpy's ``get_or_create`` sends
+    ``POST /Appointment?identifier=...`` expecting a conditional create, which is ``If-None-Exist`` here."""
+    given = sorted(set(query) - {"_format", "_pretty"})
+    if given:
+        raise FhirError(400, "not-supported", f"a POST, PUT or PATCH takes no query parameter ({', '.join(given)[:200]}"
+                                              f"); for a conditional create send If-None-Exist: identifier=[system|]"
+                                              f"value", expression=given[0][:64])
+
+
 def json_body(request, limits: JsonLimits) -> Any:
     """The request's body: JSON (415 for another media type), parsed within ``limits``."""
     ctype = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()

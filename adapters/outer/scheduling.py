@@ -5,9 +5,11 @@
     GET    /Schedule[?_id=]   GET /Schedule/{id}
     POST   /Appointment                    book: 201 booked | 409 taken/refused | 202 pending (Location)
     GET    /Appointment  GET /Appointment/{id}     (a platform sees only its own)
-    PUT    /Appointment/{id}               status -> cancelled (the only change a platform may make)
-    PATCH  /Appointment/{id}               JSON Patch [{"op": "replace", "path": "/status", ...}] or a
-                                           partial resource {"status": "cancelled"}
+    PUT    /Appointment/{id}               status -> cancelled (the only change a platform may make; a PUT
+                                           that changes anything else is 422 naming it, adapters/maps/
+                                           fhir_changes.py); If-Match: W/"n" -> 412 unless n is current
+    PATCH  /Appointment/{id}               JSON Patch [{"op": "replace", "path": "/status", ...}], FHIRPath
+                                           Patch (Parameters), or a partial resource {"status": "cancelled"}
     GET    /Appointment?patient=[system|]value&date=      the platform's own, by patient identifier and day
 
 Thin HTTP handling over the booking service (gateway/domain/booking.py), which decides, and the chamber's
@@ -27,6 +29,7 @@ from typing import Any, Callable
 from urllib.parse import parse_qs, urlencode
 from zoneinfo import ZoneInfo
 
+from adapters.maps.fhir_changes import patch_status, put_status
 from adapters.maps.fhir_scheduling import (
     appointment_resource,
     booking_from_appointment,
@@ -38,7 +41,7 @@ from adapters.maps.fhir_scheduling import (
 from adapters.outer.access import Access, PlatformGrant, require_scope
 from adapters.outer.errors import FhirError, slot_refusals
 from adapters.outer.intake import JsonLimits, json_body, raw_body, require_method
-from gateway.domain.model import AppointmentUnknown, IdempotencyConflict, slot_status
+from gateway.domain.model import AppointmentUnknown, IdempotencyConflict, VersionConflict, slot_status
 
 #: the resource types served here
 RESOURCE_TYPES = ("Slot", "Schedule", "Appointment")
@@ -80,6 +83,22 @@ def searchset(base, rtype, resources, query, offset, count, more, path: str | No
                   for r in resources],
         **({"total": len(resources)} if not more and offset == 0 else {}),
     }
+
+
+def etag(appt) -> dict:
+    return {"ETag": f'W/"{appt.version}"'}
+
+
+def if_match_version(header: bytes | None) -> int | None:
+    """``If-Match: W/"n"`` (or ``"n"``) -> n; None without the header (400 for anything else: a condition the
+    gateway cannot read is not dropped)."""
+    if header is None:
+        return None
+    text = header.decode("ascii", "replace").strip()
+    tag = text[2:] if text.startswith("W/") else text
+    if len(tag) >= 3 and tag[0] == tag[-1] == '"' and tag[1:-1].isdigit() and len(tag) < 20:
+        return int(tag[1:-1])
+    raise FhirError(400, "invalid", 'If-Match must be one ETag as the gateway gives it: W/"<versionId>"')
 
 
 def location(base: str, appt) -> dict:
@@ -135,7 +154,7 @@ class SchedulingApi:
             return lambda: self.appointment_read(platform, rest[0], access)
         require_scope(grant, platform, "Appointment.write")
         return lambda: self.appointment_change(platform, rest[0], method, json_body(request, self.json_limits), base,
-                                               access)
+                                               access, request.getHeader(b"if-match"))
 
     # -- Slot and Schedule ------------------------------------------------------------------------------------
     def _count(self, query) -> tuple[int, int]:
@@ -274,7 +293,7 @@ class SchedulingApi:
         except AppointmentUnknown as e:
             raise FhirError(404, "not-found", str(e)) from None
         access.patient_data = True
-        return 200, self.appointment_json(appt), {"ETag": f'W/"{appt.version}"'}
+        return 200, self.appointment_json(appt), etag(appt)
 
     def appointment_search(self, platform: str, query, base: str, access: Access):
         check_params(query, {"status", "_id", "_count", "_offset", "patient", "patient:identifier", "date"})
@@ -346,49 +365,38 @@ class SchedulingApi:
         return out
 
     async def appointment_change(self, platform: str, appointment_id: str, method: str, body, base: str,
-                                 access: Access):
+                                 access: Access, if_match: bytes | None = None):
         try:
             current = self.booking.appointment(platform, appointment_id)
         except AppointmentUnknown as e:
             raise FhirError(404, "not-found", str(e)) from None
-        wanted = self._wanted_status(method, body, appointment_id)
-        current_status = self.appointment_json(current)["status"]
+        version = if_match_version(if_match)
+        if version is not None and version != current.version:
+            raise FhirError(412, "conflict", f"If-Match: the appointment is at version {current.version}, not "
+                                             f"{version}; read it again", headers=etag(current))
+        served = self.appointment_json(current)
+        wanted = put_status(body, served, appointment_id) if method == "PUT" else patch_status(body, served)
+        current_status = served["status"]
         access.patient_data = True
         if wanted == current_status:
             access.action, access.detail = "update", f"no change (already {current_status})"
-            return 200, self.appointment_json(current), {"ETag": f'W/"{current.version}"'}
+            return 200, served, etag(current)
         if wanted != "cancelled":
             access.action = "update"
             raise FhirError(422, "business-rule", "the only change a platform can make is status -> cancelled",
                             "Appointment.status")
-        result = await self.booking.cancel(platform, appointment_id, who=access.who())
+        try:
+            result = await self.booking.cancel(platform, appointment_id, who=access.who(), if_version=version)
+        except VersionConflict as e:
+            raise FhirError(412, "conflict", f"If-Match: {e}") from None
         access.recorded = result in ("sent", "cancelled")  # audited in the cancellation's transaction
         if result == "sent":
             await self.booking.wait_settled(appointment_id, self.answer_within)
         appt = self.booking.appointment(platform, appointment_id)
         resource_json = self.appointment_json(appt)
         if resource_json["status"] == "cancelled":
-            return 200, resource_json, {"ETag": f'W/"{appt.version}"'}
+            return 200, resource_json, etag(appt)
         if appt.pending_change == "cancel":
             return 202, resource_json, location(base, appt)
         raise FhirError(409, "conflict", f"the HIS did not cancel the appointment: {appt.outcome}",
                         "Appointment.status")
-
-    @staticmethod
-    def _wanted_status(method: str, body, appointment_id: str) -> str:
-        if method == "PATCH" and isinstance(body, list):
-            for op in body:
-                if isinstance(op, dict) and op.get("path") == "/status" and op.get("op") in ("replace", "add"):
-                    return str(op.get("value"))
-            raise FhirError(422, "business-rule", "the patch must replace /status", "Appointment.status")
-        if not isinstance(body, dict):
-            raise FhirError(400, "structure", "the body must be an Appointment (or a JSON Patch for PATCH)")
-        if method == "PUT":
-            if body.get("resourceType") != "Appointment":
-                raise FhirError(400, "invalid", "the body must be an Appointment resource")
-            if body.get("id") not in (None, appointment_id):
-                raise FhirError(400, "invalid", "the resource id does not match the URL", "Appointment.id")
-        status = body.get("status")
-        if not isinstance(status, str):
-            raise FhirError(422, "required", "Appointment.status is required", "Appointment.status")
-        return status

@@ -51,9 +51,9 @@ from twisted.web import resource, server
 from adapters.outer import ihe
 from adapters.outer.access import Access, Gatekeeper, PlatformDirectory, PlatformGrant, source
 from adapters.outer.capability import SMART_CONFIGURATION, capability_statement
-from adapters.outer.errors import FHIR_JSON, FhirError, failure_answer, operation_outcome
+from adapters.outer.errors import FHIR_JSON, REASONS, FhirError, failure_answer, operation_outcome
 from adapters.outer.http import BoundedContent
-from adapters.outer.intake import JsonLimits, parse_query, require_method
+from adapters.outer.intake import JsonLimits, parse_query, refuse_write_query, require_method
 from adapters.outer.oauth_http import OAuthEndpoints
 from adapters.outer.pharmacy import PHARMACY_TYPES, PharmacyApi
 from adapters.outer.scheduling import RESOURCE_TYPES, SchedulingApi
@@ -208,7 +208,7 @@ class FhirApi(resource.Resource):
                  path=self._route_template(request), status=status, ms=round((time.monotonic() - started) * 1000, 1))
         if gone:
             return
-        request.setResponseCode(status)
+        request.setResponseCode(status, REASONS.get(status))
         request.setHeader(b"content-type", FHIR_JSON)
         for k, v in headers.items():
             request.setHeader(k.encode(), v.encode())
@@ -280,6 +280,8 @@ class FhirApi(resource.Resource):
         yet (it reads the body, if any, when it is)."""
         base = self._base_url(request)
         query = parse_query(request)
+        if method not in ("GET", "HEAD"):
+            refuse_write_query(query)
         if parts == ["metadata"]:
             require_method(method, "GET")
             return lambda: (200, self._capability_statement(base), {})

@@ -131,6 +131,12 @@ class IdempotencyConflict(SchedulingError):
     code = "idempotency-conflict"
 
 
+class VersionConflict(SchedulingError):
+    """A change made on a version of the appointment that is no longer its current one (HTTP If-Match)."""
+
+    code = "version-conflict"
+
+
 @dataclass(frozen=True)
 class SlotForHis:
     """The facts about a slot that a message to the HIS carries."""

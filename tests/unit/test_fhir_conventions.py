@@ -1,0 +1,154 @@
+"""The FHIR conventions platforms' clients rely on (issue 17), on the in-process outer gate
+(tests/unit/outer_gate.py: a real chamber file, a task.Clock, DummyRequests with real client certificates):
+what the gateway does not honour is refused, never dropped; versions are checked; searches count and page
+exactly.  Each test names the finding it holds."""
+
+import pytest
+
+from gateway.domain.model import HisAnswer
+from tests.unit.outer_gate import SID, appointment, entries, outcome
+
+
+def booked(gate, index):
+    """An appointment on SID[index] the HIS has booked (version 2): its id."""
+    appointment_id = gate.request("POST", "/Appointment", appointment(SID[index])).json["id"]
+    srm = next(m for m in gate.chamber.read().messages(direction="outbound")
+               if m.subject == f"appointment:{appointment_id}" and m.type == "SRM^S01")
+    gate.chamber.transact_now(lambda tx: gate.booking.on_answer(tx, tx.message(srm.id), HisAnswer("AA", "", "H1")))
+    assert gate.chamber.read().appointment(appointment_id).status == "booked"
+    return appointment_id
+
+
+def cancel_put(gate, appointment_id, headers=None, **changes):
+    resource = gate.request("GET", f"/Appointment/{appointment_id}").json
+    resource.update(status="cancelled", **changes)
+    return gate.request("PUT", f"/Appointment/{appointment_id}", resource, headers=headers)
+
+
+# -- finding 2: a query on POST is refused, not ignored -------------------------------------------------------
+
+def test_a_post_with_search_parameters_is_refused_and_books_nothing(gate):
+    """fhirpy's get_or_create sends ``POST /Appointment?identifier=sys|val``: it booked a second slot, the
+    query dropped.  Now 400 naming the parameter (conditional create is If-None-Exist), and nothing held."""
+    r = gate.request("POST", "/Appointment?identifier=urn:x|1", appointment(SID[1]))
+    assert "identifier" in outcome(r, 400, "not-supported")
+    assert "If-None-Exist" in r.json["issue"][0]["diagnostics"]
+    assert gate.chamber.read().appointments_for("demo") == []
+
+
+@pytest.mark.parametrize("method, path", [("PUT", "/Appointment/x?status=cancelled"),
+                                          ("PATCH", "/Appointment/x?foo=1"),
+                                          ("POST", "/Appointment/$hold?slot=1")])
+def test_any_query_on_a_write_is_refused(gate, method, path):
+    assert outcome(gate.request(method, path, {}), 400, "not-supported")
+
+
+# -- finding 3: If-Match ----------------------------------------------------------------------------------------
+
+def test_if_match_on_an_older_version_is_412_and_changes_nothing(gate):
+    appointment_id = booked(gate, 1)
+    r = cancel_put(gate, appointment_id, headers={"If-Match": 'W/"1"'})
+    assert "version 2" in outcome(r, 412, "conflict")
+    assert gate.chamber.read().appointment(appointment_id).status == "booked"
+    assert [m.type for m in gate.chamber.read().messages(direction="outbound")] == ["SRM^S01"]
+
+
+def test_if_match_on_the_current_version_cancels(gate):
+    appointment_id = booked(gate, 1)
+    assert cancel_put(gate, appointment_id, headers={"If-Match": 'W/"2"'}).status == 202
+    assert gate.chamber.read().appointment(appointment_id).pending_change == "cancel"
+
+
+def test_if_match_applies_to_patch_and_a_malformed_one_is_400(gate):
+    appointment_id = booked(gate, 1)
+    patch = [{"op": "replace", "path": "/status", "value": "cancelled"}]
+    stale = gate.request("PATCH", f"/Appointment/{appointment_id}", patch,
+                         headers={"Content-Type": "application/json-patch+json", "If-Match": '"1"'})
+    assert outcome(stale, 412, "conflict")
+    bad = gate.request("PATCH", f"/Appointment/{appointment_id}", patch,
+                       headers={"Content-Type": "application/json-patch+json", "If-Match": "two"})
+    assert outcome(bad, 400, "invalid")
+    assert gate.chamber.read().appointment(appointment_id).pending_change is None
+
+
+# -- finding 4: a PUT changes only the status, and says so --------------------------------------------------------
+
+@pytest.mark.parametrize("element, value", [
+    ("start", "2030-01-07T09:00:00+08:00"),
+    ("end", "2030-01-07T09:30:00+08:00"),
+    ("comment", "please call first"),
+    ("description", "another"),
+    ("slot", [{"reference": f"Slot/{SID[3]}"}]),
+])
+def test_a_put_that_changes_what_cannot_change_is_422_naming_it(gate, element, value):
+    appointment_id = booked(gate, 1)
+    r = cancel_put(gate, appointment_id, **{element: value})
+    assert f"Appointment.{element}" in outcome(r, 422, "business-rule")
+    assert r.json["issue"][0]["expression"] == [f"Appointment.{element}"]
+    row = gate.chamber.read().appointment(appointment_id)
+    assert row.status == "booked" and row.pending_change is None
+
+
+def test_a_put_that_changes_the_patient_is_422(gate):
+    appointment_id = booked(gate, 1)
+    resource = gate.request("GET", f"/Appointment/{appointment_id}").json
+    resource["contained"][0]["identifier"][0]["value"] = "110105194912310049"
+    r = gate.request("PUT", f"/Appointment/{appointment_id}", resource)
+    assert "Appointment.contained" in outcome(r, 422, "business-rule")
+    # a PUT of the same status that changes something else is no silent 200 either
+    resource = gate.request("GET", f"/Appointment/{appointment_id}").json
+    resource["comment"] = "x"
+    assert outcome(gate.request("PUT", f"/Appointment/{appointment_id}", resource), 422, "business-rule")
+
+
+def test_a_put_of_the_resource_as_read_with_status_cancelled_cancels(gate):
+    """What a client does: read, set status (and the participants' status), put back."""
+    appointment_id = booked(gate, 1)
+    resource = gate.request("GET", f"/Appointment/{appointment_id}").json
+    resource["status"] = "cancelled"
+    for p in resource["participant"]:
+        p["status"] = "declined"
+    del resource["meta"]
+    assert gate.request("PUT", f"/Appointment/{appointment_id}", resource).status == 202
+
+
+# -- finding 5: patches ---------------------------------------------------------------------------------------------
+
+def fhirpath_patch(*operations):
+    return {"resourceType": "Parameters", "parameter": [
+        {"name": "operation", "part": [{"name": k, **v} for k, v in op]} for op in operations]}
+
+
+def test_a_fhirpath_patch_of_the_status_cancels(gate):
+    appointment_id = booked(gate, 1)
+    body = fhirpath_patch([("type", {"valueCode": "replace"}), ("path", {"valueString": "Appointment.status"}),
+                           ("value", {"valueCode": "cancelled"})])
+    r = gate.request("PATCH", f"/Appointment/{appointment_id}", body)
+    assert r.status == 202 and r.json["resourceType"] == "Appointment"
+
+
+def test_a_fhirpath_patch_of_anything_else_is_422_naming_it(gate):
+    appointment_id = booked(gate, 1)
+    body = fhirpath_patch([("type", {"valueCode": "replace"}), ("path", {"valueString": "Appointment.status"}),
+                           ("value", {"valueCode": "cancelled"})],
+                          [("type", {"valueCode": "add"}), ("path", {"valueString": "Appointment"}),
+                           ("name", {"valueString": "comment"}), ("value", {"valueString": "x"})])
+    r = gate.request("PATCH", f"/Appointment/{appointment_id}", body)
+    diagnostics = outcome(r, 422, "business-rule")
+    assert "Appointment.comment" in diagnostics and "required" not in diagnostics
+    assert gate.chamber.read().appointment(appointment_id).pending_change is None
+
+
+def test_a_json_patch_with_another_operation_beside_the_status_is_refused(gate):
+    appointment_id = booked(gate, 1)
+    patch = [{"op": "replace", "path": "/status", "value": "cancelled"},
+             {"op": "add", "path": "/comment", "value": "x"}]
+    r = gate.request("PATCH", f"/Appointment/{appointment_id}", patch,
+                     headers={"Content-Type": "application/json-patch+json"})
+    assert "/comment" in outcome(r, 422, "business-rule")
+    assert gate.chamber.read().appointment(appointment_id).pending_change is None
+
+
+def test_a_422_carries_its_reason_phrase(gate):
+    r = gate.request("POST", "/Appointment", dict(appointment(SID[1]), status="cancelled"))
+    assert r.status == 422 and r.reason == b"Unprocessable Content"
