@@ -1,8 +1,10 @@
 """The outer gate's Slot, Schedule and Appointment endpoints (docs/security.md for who may call them)::
 
-    GET    /Slot?start=&status=&schedule=&service-type=&_count=&_offset=
+    GET    /Slot?_id=&start=&status=&schedule=&service-type=     (status=free: not started yet)
     GET    /Slot/{id}
     GET    /Schedule[?_id=]   GET /Schedule/{id}
+           every search: _count, _offset (exact, stable paging: total on every page, a next link while more
+           follow), _summary=count, _total, _elements, _sort (Slot: start; Appointment: date, _lastUpdated)
     POST   /Appointment                    book: 201 booked | 409 taken/refused | 202 pending (Location)
     GET    /Appointment  GET /Appointment/{id}     (a platform sees only its own)
     PUT    /Appointment/{id}               status -> cancelled (the only change a platform may make; a PUT
@@ -10,7 +12,7 @@
                                            fhir_changes.py); If-Match: W/"n" -> 412 unless n is current
     PATCH  /Appointment/{id}               JSON Patch [{"op": "replace", "path": "/status", ...}], FHIRPath
                                            Patch (Parameters), or a partial resource {"status": "cancelled"}
-    GET    /Appointment?patient=[system|]value&date=      the platform's own, by patient identifier and day
+    GET    /Appointment?status=&_id=&patient[:identifier]=[system|]value&date=   the platform's own
 
 Thin HTTP handling over the booking service (gateway/domain/booking.py), which decides, and the chamber's
 reader; adapters/maps/fhir_scheduling.py maps between FHIR and the domain.  Slots are shown only within the
@@ -25,12 +27,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from typing import Any, Callable
 from urllib.parse import parse_qs, urlencode
 from zoneinfo import ZoneInfo
 
 from adapters.maps.fhir_changes import patch_status, put_status
 from adapters.maps.fhir_scheduling import (
+    APPOINTMENT_STATUS,
     appointment_resource,
     booking_from_appointment,
     schedule_resource,
@@ -58,30 +62,77 @@ def page(count: int, offset: int, page_size: int) -> tuple[int, int]:
     return min(count, page_size), offset
 
 
+#: what every search takes besides its own parameters (their meaning: SearchControls)
+CONTROLS = {"_format", "_pretty", "_count", "_offset", "_total", "_summary", "_elements", "_sort"}
+SUBSETTED = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED"}
+_ELEMENT = re.compile(r"[A-Za-z][A-Za-z0-9]{0,63}")
+
+
 def check_params(query, allowed: set[str]) -> None:
-    unknown = sorted(set(query) - allowed - {"_format", "_pretty"})
+    unknown = sorted(set(query) - allowed - CONTROLS)
     if unknown:
         raise FhirError(400, "not-supported", f"unsupported search parameter(s): {', '.join(unknown)}",
                         expression=unknown[0])
 
 
-def searchset(base, rtype, resources, query, offset, count, more, path: str | None = None) -> dict:
-    """A searchset page of ``rtype`` resources, with its self and next links to ``path`` (default the type)
-    carrying every value of ``query`` (a repeated parameter stays repeated)."""
+class SearchControls:
+    """A search's result parameters: ``_summary=count`` (the total only), ``_total`` (none | estimate |
+    accurate: the total is always accurate and always given), ``_elements`` (entries cut to these elements,
+    tagged SUBSETTED) and ``_sort`` (one of ``sorts``, a search parameter name -> the reader's sort key, with
+    ``-`` for descending).  Anything else they could say is refused (400), never dropped."""
+
+    def __init__(self, query, sorts: dict[str, str] | None = None, default_sort: tuple[str, bool] | None = None):
+        summary = query.get("_summary", [])
+        if summary and summary[-1:] != ["count"] and summary[-1:] != ["false"]:
+            raise FhirError(400, "not-supported", "_summary: only count (and false) are supported", "_summary")
+        self.count_only = summary[-1:] == ["count"]
+        for value in query.get("_total", []):
+            if value not in ("none", "estimate", "accurate"):
+                raise FhirError(400, "invalid", "_total must be none, estimate or accurate", "_total")
+        elements = [e for v in query.get("_elements", []) for e in v.split(",") if e]
+        for element in elements:
+            if not _ELEMENT.fullmatch(element):
+                raise FhirError(400, "invalid", "_elements: give element names, comma-separated", "_elements")
+        self.elements = set(elements) or None
+        self.sort = default_sort
+        sorts = sorts or {}
+        given = [k for v in query.get("_sort", []) for k in v.split(",") if k]
+        if given:
+            if len(given) > 1 or given[0].lstrip("-") not in sorts:
+                raise FhirError(400, "not-supported", f"_sort: one of {', '.join(sorted(sorts)) or '(none)'}, with "
+                                                      f"- for descending", "_sort")
+            self.sort = (sorts[given[0].lstrip("-")], given[0].startswith("-"))
+
+    def shaped(self, resource: dict) -> dict:
+        """``resource`` with only the asked ``_elements`` (and the mandatory ones), tagged SUBSETTED."""
+        if self.elements is None:
+            return resource
+        out = {k: v for k, v in resource.items() if k in self.elements or k in ("resourceType", "id")}
+        out["meta"] = {**resource.get("meta", {}), "tag": [*resource.get("meta", {}).get("tag", []), SUBSETTED]}
+        return out
+
+
+def searchset(base, rtype, resources, query, offset, count, total: int, path: str | None = None,
+              controls: SearchControls | None = None) -> dict:
+    """A searchset page of ``rtype`` resources (``count`` from ``offset`` of ``total``), with its self link and,
+    when more follow, a next link to ``path`` (default the type) carrying every value of ``query`` (a repeated
+    parameter stays repeated)."""
     path = path or rtype
     params = [(k, v) for k, values in query.items() if k not in ("_offset", "_count") for v in values]
     given = query.get("_count", [])[-1:]
     links = [{"relation": "self", "url": f"{base}/{path}?{urlencode([*params, *(('_count', c) for c in given), ('_offset', offset)])}"}]
-    if more and count > 0:  # (_count=0 asks for no entries: nothing to page through)
+    if offset + count < total and count > 0:  # (_count=0 asks for no entries: nothing to page through)
         links.append({"relation": "next",
                       "url": f"{base}/{path}?{urlencode([*params, ('_count', count), ('_offset', offset + count)])}"})
+    if controls is not None:
+        resources = [controls.shaped(r) for r in resources]
     return {
         "resourceType": "Bundle",
         "type": "searchset",
+        "total": total,
         "link": links,
-        "entry": [{"fullUrl": f"{base}/{rtype}/{r['id']}", "resource": r, "search": {"mode": "match"}}
-                  for r in resources],
-        **({"total": len(resources)} if not more and offset == 0 else {}),
+        **({"entry": [{"fullUrl": f"{base}/{rtype}/{r['id']}", "resource": r, "search": {"mode": "match"}}
+                      for r in resources]} if resources else {}),
     }
 
 
@@ -166,7 +217,8 @@ class SchedulingApi:
         return page(count, offset, self.page_size)
 
     def slot_search(self, platform: str, query, base: str):
-        check_params(query, {"start", "status", "schedule", "service-type", "_count", "_offset"})
+        check_params(query, {"_id", "start", "status", "schedule", "service-type"})
+        controls = SearchControls(query, {"start": "start"})
         count, offset = self._count(query)
         kw: dict[str, Any] = {}
         for value in query.get("start", []):
@@ -188,21 +240,25 @@ class SchedulingApi:
         for s in statuses:
             if s not in SLOT_STATUSES:
                 raise FhirError(400, "code-invalid", f"unknown slot status {s!r}", "status")
-        if statuses:
-            kw.update(slot_status_filter(statuses))
+        reader = self.reader()
+        if statuses:  # (a free slot that has started can no longer be booked: it is not listed as free)
+            kw.update(slot_status_filter(statuses), free_after=reader.now)
+        ids = [s for v in query.get("_id", []) for s in v.split(",") if s]
+        if ids:
+            kw["ids"] = ids
         schedules = [s.split("/")[-1] for v in query.get("schedule", []) for s in v.split(",") if s]
         if schedules:
             kw["schedule_ids"] = schedules
         services = [s.split("|")[-1] for v in query.get("service-type", []) for s in v.split(",") if s]
         if services:
             kw["service_codes"] = services
-        reader = self.reader()
         if self.quotas is not None:  # free slots the platform may not book are not shown to it
             kw["hidden"] = self.quotas.hidden(reader, platform, reader.now)
-        rows = reader.search_slots(limit=count + 1, offset=offset, **kw)
-        more = len(rows) > count
-        resources = [slot_resource(r, self.tz) for r in rows[:count]]
-        return 200, searchset(base, "Slot", resources, query, offset, count, more), {}
+        total = reader.count_slots(**kw)
+        rows = [] if controls.count_only or count == 0 else reader.search_slots(
+            limit=count, offset=offset, descending=bool(controls.sort and controls.sort[1]), **kw)
+        resources = [slot_resource(r, self.tz) for r in rows]
+        return 200, searchset(base, "Slot", resources, query, offset, count, total, controls=controls), {}
 
     def slot_read(self, platform: str, slot_id: str):
         reader = self.reader()
@@ -216,13 +272,16 @@ class SchedulingApi:
         return 200, slot_resource(slot, self.tz), {}
 
     def schedule_search(self, query, base: str):
-        check_params(query, {"_id", "_count", "_offset"})
+        check_params(query, {"_id"})
+        controls = SearchControls(query)
+        count, offset = self._count(query)
         ids = [s for v in query.get("_id", []) for s in v.split(",") if s]
-        rows = self.reader().schedules()
+        rows = self.reader().schedules()  # (a hospital's schedules: hundreds at most)
         if ids:
             rows = [r for r in rows if r.id in ids]
-        resources = [schedule_resource(r, self.tz) for r in rows]
-        return 200, searchset(base, "Schedule", resources, query, 0, len(resources), False), {}
+        shown = [] if controls.count_only else rows[offset:offset + count]
+        resources = [schedule_resource(r, self.tz) for r in shown]
+        return 200, searchset(base, "Schedule", resources, query, offset, count, len(rows), controls=controls), {}
 
     def schedule_read(self, schedule_id: str):
         rows = self.reader().schedules(schedule_id)
@@ -296,32 +355,26 @@ class SchedulingApi:
         return 200, self.appointment_json(appt), etag(appt)
 
     def appointment_search(self, platform: str, query, base: str, access: Access):
-        check_params(query, {"status", "_id", "_count", "_offset", "patient", "patient:identifier", "date"})
-        count, _ = self._count(query)
+        check_params(query, {"status", "_id", "patient", "patient:identifier", "date"})
+        controls = SearchControls(query, {"date": "date", "_lastUpdated": "_lastUpdated"}, ("created", True))
+        count, offset = self._count(query)
+        kw: dict[str, Any] = {"start_ranges": self._date_ranges(query), "patients": self._patient_tokens(query)}
         statuses = {s for v in query.get("status", []) for s in v.split(",") if s}
-        ids = {s for v in query.get("_id", []) for s in v.split(",") if s}
-        patients = self._patient_tokens(query)
-        dates = self._date_ranges(query)
+        if statuses:
+            kw["statuses"] = [c for c, fhir in APPOINTMENT_STATUS.items() if fhir in statuses]
+        ids = [s for v in query.get("_id", []) for s in v.split(",") if s]
+        if ids:
+            kw["ids"] = ids
         reader = self.reader()
-        rows = reader.appointments_for(platform, limit=1000)  # only ever the platform's own
-        resources = []
-        for appt in rows:
-            if patients is not None and not self._patient_matches(appt.patient, patients):
-                continue
-            if dates:
-                slot = reader.slot(appt.slot_id)
-                if slot is None or not all(low <= slot.start_ts < high for low, high in dates):
-                    continue
-            res = self.appointment_json(appt)
-            if (statuses and res["status"] not in statuses) or (ids and appt.id not in ids):
-                continue
-            resources.append(res)
-        resources = resources[:count]
+        total = reader.count_appointments(platform, **kw)  # only ever the platform's own
+        rows = [] if controls.count_only or count == 0 else reader.search_appointments(
+            platform, sort=controls.sort, limit=count, offset=offset, **kw)
+        resources = [self.appointment_json(appt) for appt in rows]
         access.patient_data = True
         shown = [r["id"] for r in resources]
         access.detail = f"{len(shown)} result(s)" + (": " + ",".join(shown[:100]) if shown else "") + \
             (" ..." if len(shown) > 100 else "")
-        return 200, searchset(base, "Appointment", resources, query, 0, count, False), {}
+        return 200, searchset(base, "Appointment", resources, query, offset, count, total, controls=controls), {}
 
     @staticmethod
     def _patient_tokens(query) -> list[tuple[str | None, str]] | None:
@@ -334,20 +387,16 @@ class SchedulingApi:
         tokens = []
         for v in values:
             for item in v.split(","):
+                if "|" not in item and "/" in item:
+                    raise FhirError(400, "not-supported", "patient: the gateway keeps no Patient resources to refer "
+                                    "to; search by the patient's identifier, patient:identifier=[system|]value",
+                                    "patient")
                 system, bar, value = item.rpartition("|")
                 if not value:
                     raise FhirError(400, "invalid", "patient: give the patient's identifier as [system|]value",
                                     "patient")
                 tokens.append((system if bar else None, value))
         return tokens
-
-    @staticmethod
-    def _patient_matches(patient: dict, tokens) -> bool:
-        for ident in patient.get("identifiers", []):
-            for system, value in tokens:
-                if ident.get("value") == value and (system is None or ident.get("system") == system):
-                    return True
-        return False
 
     def _date_ranges(self, query) -> list[tuple[float, float]]:
         """``date`` (the appointment's start), FHIR date search with prefixes: [(low, high)] to satisfy all."""

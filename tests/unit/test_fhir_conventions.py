@@ -152,3 +152,104 @@ def test_a_json_patch_with_another_operation_beside_the_status_is_refused(gate):
 def test_a_422_carries_its_reason_phrase(gate):
     r = gate.request("POST", "/Appointment", dict(appointment(SID[1]), status="cancelled"))
     assert r.status == 422 and r.reason == b"Unprocessable Content"
+
+
+# -- finding 1 and 7: searches count and page exactly -------------------------------------------------------------
+
+def follow(gate, response):
+    """The ids of every entry of a searchset and of the pages its next links lead to, and every page's total."""
+    ids, totals = [], []
+    while True:
+        assert response.status == 200, response.json
+        ids += [e["id"] for e in entries(response)]
+        totals.append(response.json.get("total"))
+        nxt = [link["url"] for link in response.json["link"] if link["relation"] == "next"]
+        if not nxt:
+            return ids, totals
+        response = gate.request("GET", nxt[0][len("https://gw.example/fhir"):], platform="other")
+
+
+def book_as_other(gate, indexes):
+    return [gate.request("POST", "/Appointment", appointment(SID[i]), platform="other").json["id"] for i in indexes]
+
+
+def test_appointment_search_pages_with_total_and_next_links(gate):
+    """Finding 1: _count=2 with 4 on record answered total 2 and no next link."""
+    made = book_as_other(gate, [0, 1, 2, 3])
+    ids, totals = follow(gate, gate.request("GET", "/Appointment?_count=2", platform="other"))
+    assert sorted(ids) == sorted(made) and len(ids) == 4
+    assert totals == [4, 4]
+
+
+def test_appointment_search_honours_offset_and_count_zero(gate):
+    book_as_other(gate, [0, 1, 2, 3])
+    r = gate.request("GET", "/Appointment?_count=2&_offset=3", platform="other")
+    assert r.json["total"] == 4 and len(entries(r)) == 1
+    r = gate.request("GET", "/Appointment?_count=0", platform="other")  # fhirpy's .count()
+    assert r.json["total"] == 4 and entries(r) == []
+    r = gate.request("GET", "/Appointment?_summary=count", platform="other")
+    assert r.json["total"] == 4 and entries(r) == []
+
+
+def test_appointment_search_filters_before_paging(gate):
+    made = book_as_other(gate, [0, 1, 2, 3])
+    gate.request("PUT", f"/Appointment/{made[1]}", dict(gate.request(
+        "GET", f"/Appointment/{made[1]}", platform="other").json, status="cancelled"), platform="other")
+    r = gate.request("GET", "/Appointment?status=pending&_count=1", platform="other")
+    ids, totals = follow(gate, r)
+    assert sorted(ids) == sorted([made[0], made[2], made[3]]) and totals == [3, 3, 3]
+    assert follow(gate, gate.request("GET", f"/Appointment?_id={made[2]},{made[3]}", platform="other"))[0] \
+        in ([made[2], made[3]], [made[3], made[2]])
+
+
+def test_appointment_search_sorts_by_date(gate):
+    made = book_as_other(gate, [2, 0, 3, 1])
+    by_start = [made[1], made[3], made[0], made[2]]
+    assert follow(gate, gate.request("GET", "/Appointment?_sort=date", platform="other"))[0] == by_start
+    assert follow(gate, gate.request("GET", "/Appointment?_sort=-date", platform="other"))[0] == by_start[::-1]
+    assert outcome(gate.request("GET", "/Appointment?_sort=status", platform="other"), 400, "not-supported")
+
+
+def test_a_patient_reference_is_refused_not_matched_against_nothing(gate):
+    """Finding 9: patient=Patient/123 silently found nothing (the gateway keeps no Patient resources)."""
+    r = gate.request("GET", "/Appointment?patient=Patient/123", platform="other")
+    assert "patient:identifier" in outcome(r, 400, "not-supported")
+
+
+def test_slot_search_pages_carry_the_total(gate):
+    ids, totals = follow(gate, gate.request("GET", "/Slot?_count=3", platform="other"))
+    assert ids == SID and totals == [8, 8, 8]
+    r = gate.request("GET", "/Slot?_summary=count", platform="other")
+    assert r.json["total"] == 8 and entries(r) == []
+
+
+def test_total_none_estimate_and_accurate_are_answered_and_others_refused(gate):
+    for value in ("none", "estimate", "accurate"):
+        assert gate.request("GET", f"/Slot?_total={value}", platform="other").json["total"] == 8
+    assert outcome(gate.request("GET", "/Slot?_total=some", platform="other"), 400, "invalid")
+    assert outcome(gate.request("GET", "/Slot?_summary=text", platform="other"), 400, "not-supported")
+
+
+def test_elements_subsets_the_entries_and_says_so(gate):
+    r = gate.request("GET", "/Slot?_elements=status,start&_count=1", platform="other")
+    [slot] = [e["resource"] for e in r.json["entry"]]  # (a subset need not hold the required elements)
+    assert set(slot) == {"resourceType", "id", "meta", "status", "start"}
+    assert {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED"} \
+        in slot["meta"]["tag"]
+    assert outcome(gate.request("GET", "/Slot?_elements=st%20atus", platform="other"), 400, "invalid")
+
+
+def test_slot_search_by_id_and_sorted_by_start(gate):
+    r = gate.request("GET", f"/Slot?_id={SID[2]},{SID[5]}", platform="other")
+    assert [s["id"] for s in entries(r)] == [SID[2], SID[5]] and r.json["total"] == 2
+    r = gate.request("GET", "/Slot?_sort=-start", platform="other")
+    assert [s["id"] for s in entries(r)] == SID[::-1]
+
+
+# -- finding 13: a started slot is not listed as free ---------------------------------------------------------------
+
+def test_slot_search_for_free_slots_leaves_out_those_already_started(gate):
+    start = gate.chamber.read().slot(SID[2]).start_ts
+    gate.clock.advance(start - gate.clock.seconds())  # SID[2] starts now
+    r = gate.request("GET", "/Slot?status=free", platform="other")
+    assert [s["id"] for s in entries(r)] == SID[3:] and r.json["total"] == 5
