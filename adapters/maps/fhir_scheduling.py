@@ -1,4 +1,5 @@
-"""FHIR R4 (served as R4B 4.3.0, wire-compatible for these resources) <-> the gateway's scheduling types.
+"""FHIR R4 (4.0.1; R4B 4.3.0 on request, the same on the wire for these resources; fhir.resources' R4B models
+validate them) <-> the gateway's scheduling types.
 
 Outbound: chamber views (slot, schedule and appointment rows, passed in as plain objects) -> Slot,
 Schedule, Appointment JSON.  Inbound: a platform's Appointment -> :class:`BookingRequest`, validated with
@@ -20,7 +21,6 @@ from pydantic import ValidationError
 from fhir.resources.R4B.appointment import Appointment
 from gateway.domain.model import HELD_STATUS, BookingRequest, Patient, PatientIdentifier, slot_status
 
-FHIR_VERSION = "4.3.0"
 SERVICE_SYSTEM = "urn:gatewayd:his:service"
 SCHEDULE_SYSTEM = "urn:gatewayd:his:schedule"
 HIS_APPOINTMENT_SYSTEM = "urn:gatewayd:his:appointment"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import get_args
 
-from adapters.maps.fhir_scheduling import FHIR_VERSION
 from adapters.outer import ihe
 from adapters.outer.oauth import ALGORITHMS as OAUTH_ALGORITHMS
 from gateway.config.outer import Scope
@@ -46,7 +45,7 @@ def _security(token_url: str | None) -> dict:
 
 
 def capability_statement(base: str, *, hospital_name: str, software_version: str, page_size: int,
-                         token_url: str | None) -> dict:
+                         token_url: str | None, fhir_version: str = "4.0.1") -> dict:
     """The CapabilityStatement of the gateway at ``base``; ``token_url``: the OAuth2 token endpoint (None: no
     bearer tokens)."""
     def sp(name, type_, doc):
@@ -60,12 +59,13 @@ def capability_statement(base: str, *, hospital_name: str, software_version: str
         "publisher": hospital_name,
         "software": {"name": "gatewayd", "version": software_version},
         "implementation": {"description": f"{hospital_name} front-end gateway", "url": base},
-        "fhirVersion": FHIR_VERSION,
+        "fhirVersion": fhir_version,
         "format": ["application/fhir+json"],
         "rest": [{
             "mode": "server",
-            "documentation": "FHIR R4B (4.3.0), wire-compatible with R4 (4.0.1) for Slot, Schedule and "
-                             "Appointment. Bookings are held in the gateway and confirmed by the HIS.",
+            "documentation": "FHIR R4 (4.0.1) by default; R4B (4.3.0) with the MIME parameter fhirVersion=4.3 "
+                             "(the resources served are the same in both). Bookings are held in the gateway and "
+                             "confirmed by the HIS.",
             "security": _security(token_url),
             "resource": [
                 {"type": "Slot", "interaction": [{"code": "read"}, {"code": "search-type"}],

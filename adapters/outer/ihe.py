@@ -483,7 +483,7 @@ class IheApi:
         if appt.status == "pending" and appt.pending_change in (None, "hold"):
             status = 200 if appt.pending_change is None else 202
             return (status, operation_bundle(base, "hold", [self.scheduling.appointment_json(appt)]),
-                    location(base, appt))
+                    location(base, appt, settled=False))
         raise FhirError(409, "conflict", f"appointment {appt.id} is not held ({appt.outcome or appt.status})",
                         "Appointment.status")
 

@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from adapters.outer.errors import FhirError
+from adapters.outer.negotiation import fhir_version_of
 
 MAX_QUERY_FIELDS = 100
 MAX_SAFE_INTEGER = 2 ** 53
@@ -52,10 +53,12 @@ def refuse_write_query(query) -> None:
 
 def json_body(request, limits: JsonLimits) -> Any:
     """The request's body: JSON (415 for another media type), parsed within ``limits``."""
-    ctype = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
+    ctype, *params = (request.getHeader(b"content-type") or b"").decode("latin-1").split(";")
+    ctype = ctype.strip().lower().encode("latin-1")
     if ctype not in JSON_TYPES:
         what = "XML is not accepted" if b"xml" in ctype else "this media type is not accepted"
         raise FhirError(415, "not-supported", f"{what}: send application/fhir+json")
+    fhir_version_of(params, "Content-Type", 415)
     request.content.seek(0)
     return limits.parse(request.content.read())
 

@@ -152,9 +152,11 @@ def if_match_version(header: bytes | None) -> int | None:
     raise FhirError(400, "invalid", 'If-Match must be one ETag as the gateway gives it: W/"<versionId>"')
 
 
-def location(base: str, appt) -> dict:
-    return {"Location": f"{base}/Appointment/{appt.id}",
-            "ETag": f'W/"{appt.version}"'}
+def location(base: str, appt, settled: bool = True) -> dict:
+    """Location and ETag of an answer about ``appt``: its version's URL, or (not ``settled``: a 202, the HIS has
+    not answered) the resource's, the one to poll."""
+    version = f"/_history/{appt.version}" if settled else ""
+    return {"Location": f"{base}/Appointment/{appt.id}{version}", **etag(appt)}
 
 
 class SchedulingApi:
@@ -177,8 +179,14 @@ class SchedulingApi:
         the path below the FHIR base): the handler that answers it, not called yet (it reads the body, if any,
         when it is)."""
         rtype, rest = parts[0], parts[1:]
+        if rtype == "Appointment" and len(rest) in (2, 3) and rest[1] == "_history":
+            require_method(method, "GET")
+            require_scope(grant, platform, "Appointment.read")
+            return lambda: self.appointment_history(platform, rest[0], rest[2] if len(rest) == 3 else None, base,
+                                                    access)
         if len(rest) > 1:
-            raise FhirError(404, "not-supported", "history and operations are not supported")
+            raise FhirError(404, "not-supported", "history (other than an Appointment's) and operations other than "
+                                                  "the IHE ones are not supported")
         if rtype == "Slot":
             require_method(method, "GET")
             require_scope(grant, platform, "Slot.read")
@@ -329,7 +337,7 @@ class SchedulingApi:
         if appt.status == "booked":
             return booked, resource_json, location(base, appt)
         if appt.status == "pending":
-            return 202, resource_json, location(base, appt)
+            return 202, resource_json, location(base, appt, settled=False)
         raise FhirError(409, "conflict", f"{not_made}: {appt.outcome}", "Appointment.slot",
                         headers={"Content-Location": location(base, appt)["Location"]})
 
@@ -353,6 +361,29 @@ class SchedulingApi:
             raise FhirError(404, "not-found", str(e)) from None
         access.patient_data = True
         return 200, self.appointment_json(appt), etag(appt)
+
+    def appointment_history(self, platform: str, appointment_id: str, version: str | None, base: str,
+                            access: Access):
+        """vread (``version``) or the instance history of one of the platform's appointments.  Only the current
+        version is kept: an older one is 404, and the history lists the current one."""
+        try:
+            appt = self.booking.appointment(platform, appointment_id)
+        except AppointmentUnknown as e:
+            raise FhirError(404, "not-found", str(e)) from None
+        access.patient_data = True
+        resource_json = self.appointment_json(appt)
+        if version is not None:
+            if version != str(appt.version):
+                raise FhirError(404, "not-found", f"version {version[:20]} of the appointment is not kept (only the "
+                                                  f"current one, {appt.version}, is)")
+            return 200, resource_json, etag(appt)
+        return 200, {"resourceType": "Bundle", "type": "history", "total": 1,
+                     "link": [{"relation": "self", "url": f"{base}/Appointment/{appt.id}/_history"}],
+                     "entry": [{"fullUrl": f"{base}/Appointment/{appt.id}", "resource": resource_json,
+                                "request": {"method": "POST" if appt.version == 1 else "PUT",
+                                            "url": f"Appointment/{appt.id}" if appt.version > 1 else "Appointment"},
+                                "response": {"status": "200 OK", "etag": etag(appt)["ETag"],
+                                             "lastModified": resource_json["meta"]["lastUpdated"]}}]}, {}
 
     def appointment_search(self, platform: str, query, base: str, access: Access):
         check_params(query, {"status", "_id", "patient", "patient:identifier", "date"})
@@ -446,6 +477,6 @@ class SchedulingApi:
         if resource_json["status"] == "cancelled":
             return 200, resource_json, etag(appt)
         if appt.pending_change == "cancel":
-            return 202, resource_json, location(base, appt)
+            return 202, resource_json, location(base, appt, settled=False)
         raise FhirError(409, "conflict", f"the HIS did not cancel the appointment: {appt.outcome}",
                         "Appointment.status")

@@ -253,3 +253,98 @@ def test_slot_search_for_free_slots_leaves_out_those_already_started(gate):
     gate.clock.advance(start - gate.clock.seconds())  # SID[2] starts now
     r = gate.request("GET", "/Slot?status=free", platform="other")
     assert [s["id"] for s in entries(r)] == SID[3:] and r.json["total"] == 5
+
+
+# -- finding 6: Location, Prefer, formats, HEAD, If-None-Match; _history ---------------------------------------
+
+def test_location_names_the_version_and_vread_serves_it(gate):
+    appointment_id = booked(gate, 1)
+    r = gate.request("POST", "/Appointment", appointment(SID[2]), platform="other")
+    assert r.status == 202 and r.headers["location"] == f"https://gw.example/fhir/Appointment/{r.json['id']}"
+    read = gate.request("GET", f"/Appointment/{appointment_id}/_history/2")
+    assert read.status == 200 and read.json["meta"]["versionId"] == "2" and read.headers["etag"] == 'W/"2"'
+    assert "not kept" in outcome(gate.request("GET", f"/Appointment/{appointment_id}/_history/1"), 404, "not-found")
+    history = gate.request("GET", f"/Appointment/{appointment_id}/_history")
+    assert history.json["type"] == "history" and history.json["total"] == 1
+    assert history.json["entry"][0]["resource"]["meta"]["versionId"] == "2"
+    assert history.json["entry"][0]["fullUrl"] == f"https://gw.example/fhir/Appointment/{appointment_id}"
+
+
+def test_a_location_of_a_settled_appointment_carries_its_version(gate):
+    """(A 202's Location is the resource to poll: it will change.)  A conditional create's match is settled."""
+    body = dict(appointment(SID[1]), identifier=[{"system": "urn:platform", "value": "42"}])
+    appointment_id = gate.request("POST", "/Appointment", body).json["id"]
+    r = gate.request("POST", "/Appointment", body, headers={"If-None-Exist": "identifier=urn:platform|42"})
+    assert r.status == 200
+    assert r.headers["location"] == f"https://gw.example/fhir/Appointment/{appointment_id}/_history/1"
+
+
+def test_prefer_return_minimal_and_operation_outcome(gate):
+    appointment_id = booked(gate, 1)
+    minimal = gate.request("PATCH", f"/Appointment/{appointment_id}", {"status": "cancelled"},
+                           headers={"Prefer": "return=minimal"})
+    assert minimal.status == 202 and minimal.json is None and minimal.headers["etag"] == 'W/"3"'
+    other = booked(gate, 3)
+    oo = gate.request("PATCH", f"/Appointment/{other}", {"status": "cancelled"},
+                      headers={"Prefer": "return=OperationOutcome"})
+    assert oo.status == 202 and oo.json["resourceType"] == "OperationOutcome"
+    assert oo.json["issue"][0]["severity"] == "information"
+    assert outcome(gate.request("GET", "/Slot", headers={"Prefer": "return=everything"}), 400, "not-supported")
+
+
+@pytest.mark.parametrize("path, headers", [
+    ("/Slot?_format=xml", {}),
+    ("/Slot?_format=application/fhir%2Bxml", {}),
+    ("/Slot", {"Accept": "application/fhir+xml"}),
+    ("/Slot", {"Accept": "text/html"}),
+    ("/Slot", {"Accept": "application/fhir+json; fhirVersion=3.0"}),
+    ("/metadata", {"Accept": "application/fhir+json; fhirVersion=5.0"}),
+])
+def test_what_cannot_be_served_is_406(gate, path, headers):
+    assert outcome(gate.request("GET", path, headers=headers), 406, "not-supported")
+
+
+@pytest.mark.parametrize("path, headers", [
+    ("/Slot?_format=json", {}),
+    ("/Slot?_format=application/fhir%2Bjson", {}),
+    ("/Slot", {"Accept": "application/fhir+xml;q=0.9, application/fhir+json"}),
+    ("/Slot", {"Accept": "*/*"}),
+    ("/Slot", {"Accept": "application/json"}),
+    ("/Slot", {"Accept": "application/fhir+json; fhirVersion=4.0"}),
+])
+def test_json_in_any_of_its_names_is_served(gate, path, headers):
+    assert gate.request("GET", path, headers=headers).status == 200
+
+
+def test_head_answers_like_get_without_a_body(gate):
+    get = gate.request("GET", f"/Slot/{SID[1]}")
+    head = gate.request("HEAD", f"/Slot/{SID[1]}")
+    assert head.status == 200 and head.json is None
+    assert head.headers["content-length"] == get.headers["content-length"] != "0"
+
+
+def test_if_none_match_on_the_current_version_is_304(gate):
+    appointment_id = booked(gate, 1)
+    assert gate.request("GET", f"/Appointment/{appointment_id}", headers={"If-None-Match": 'W/"2"'}).status == 304
+    assert gate.request("GET", f"/Appointment/{appointment_id}", headers={"If-None-Match": 'W/"1"'}).status == 200
+    assert outcome(gate.request("POST", "/Appointment", appointment(SID[2]), headers={"If-None-Match": "*"}),
+                   400, "not-supported")
+
+
+# -- finding 10: R4 4.0.1 by default, R4B on request -----------------------------------------------------------------
+
+def test_r4_is_served_by_default_and_r4b_on_request(gate):
+    default = gate.request("GET", "/metadata")
+    assert default.json["fhirVersion"] == "4.0.1"
+    r4b = gate.request("GET", "/metadata", headers={"Accept": "application/fhir+json; fhirVersion=4.3"})
+    assert r4b.json["fhirVersion"] == "4.3.0" and "fhirVersion=4.3" in r4b.headers["content-type"]
+    versions = gate.request("GET", "/$versions")
+    assert versions.json == {"resourceType": "Parameters", "parameter": [
+        {"name": "version", "valueCode": "4.0"}, {"name": "version", "valueCode": "4.3"},
+        {"name": "default", "valueCode": "4.0"}]}
+
+
+def test_a_body_in_a_version_not_served_is_415(gate):
+    r = gate.request("POST", "/Appointment", appointment(SID[1]),
+                     headers={"Content-Type": "application/fhir+json; fhirVersion=5.0"})
+    assert outcome(r, 415, "not-supported")
