@@ -285,6 +285,11 @@ class FhirApi(resource.Resource):
 
     def _admission(self, request, access: Access):
         parts = self._route(request, access)
+        if parts in (["metadata"], ["$versions"]) and self.gatekeeper.anonymous(request):
+            # public, like SMART discovery: what the server is, no data (credentials presented are still checked)
+            self.gatekeeper.admit_public()
+            return self._handler(parts, request.method.decode("ascii", "replace"), PlatformGrant(), "", request,
+                                 access)
         platform, grant = self.gatekeeper.admit(request, access)
         if parts is None:
             raise FhirError(404, "not-found", "not a FHIR endpoint of this gateway")
@@ -326,9 +331,10 @@ class FhirApi(resource.Resource):
 
     def _capability_statement(self, base: str, fhir_version: str) -> dict:
         oauth = self.gatekeeper.oauth
+        tokens = oauth is not None and bool(oauth.clients)  # (SMART only when some platform can get a token)
         return capability_statement(base, hospital_name=self.hospital_name, software_version=self.software_version,
-                                    page_size=self.page_size, token_url=oauth.token_url if oauth is not None else None,
-                                    fhir_version=fhir_version)
+                                    page_size=self.page_size, token_url=oauth.token_url if tokens else None,
+                                    fhir_version=fhir_version, prescriptions=self.pharmacy is not None)
 
     def _base_url(self, request) -> str:
         """The base platforms address: the configured public URL, else this request's Host."""

@@ -348,3 +348,80 @@ def test_a_body_in_a_version_not_served_is_415(gate):
     r = gate.request("POST", "/Appointment", appointment(SID[1]),
                      headers={"Content-Type": "application/fhir+json; fhirVersion=5.0"})
     assert outcome(r, 415, "not-supported")
+
+
+# -- finding 9: the CapabilityStatement says what the router serves ------------------------------------------------
+
+SAMPLE = {"token": "x", "date": "ge2030-01-01", "reference": "Schedule/D001", "patient": "urn:id-card|1",
+          "status": "free", "_lastUpdated": "gt2030-01-01T00:00:00Z"}
+ROUTE_MISSING = ("not-supported",)
+
+
+def interaction_request(gate, rtype, code, appointment_id):
+    rid = {"Slot": SID[1], "Schedule": "D001", "Appointment": appointment_id}[rtype]
+    return {"read": ("GET", f"/{rtype}/{rid}", None), "search-type": ("GET", f"/{rtype}", None),
+            "create": ("POST", f"/{rtype}", appointment(SID[5])),
+            "update": ("PUT", f"/{rtype}/{rid}", None), "patch": ("PATCH", f"/{rtype}/{rid}", {"status": "booked"}),
+            "vread": ("GET", f"/{rtype}/{rid}/_history/2", None),
+            "history-instance": ("GET", f"/{rtype}/{rid}/_history", None)}[code]
+
+
+def test_every_declared_interaction_and_search_parameter_is_served(gate):
+    appointment_id = booked(gate, 1)
+    cs = gate.request("GET", "/metadata").json
+    resources = cs["rest"][0]["resource"]
+    for resource in resources:
+        rtype = resource["type"]
+        for interaction in resource["interaction"]:
+            method, path, body = interaction_request(gate, rtype, interaction["code"], appointment_id)
+            if method == "PUT":
+                body = dict(gate.request("GET", path).json, status="booked")
+            r = gate.request(method, path, body)
+            assert r.status not in (404, 405) or r.json["issue"][0]["code"] not in ROUTE_MISSING, (rtype, interaction)
+            assert r.status < 400 or r.status == 409, (rtype, interaction, r.json)
+        for param in resource["searchParam"]:
+            value = SAMPLE.get(param["name"]) or SAMPLE[param["type"]]
+            name = param["name"]
+            r = gate.request("GET", f"/{rtype}?{name}={value}")
+            assert r.status == 200, (rtype, name, r.json)
+        assert all(p["name"] not in ("_count", "_offset", "_sort") for p in resource["searchParam"])
+
+
+def test_what_the_router_serves_is_declared_and_nothing_else(gate):
+    from adapters.outer.scheduling import RESOURCE_TYPES
+
+    cs = gate.request("GET", "/metadata").json
+    declared = {r["type"]: r for r in cs["rest"][0]["resource"]}
+    assert set(declared) == set(RESOURCE_TYPES)  # (this gate serves no prescriptions)
+    for rtype, resource in declared.items():
+        codes = {i["code"] for i in resource["interaction"]}
+        for code in {"read", "search-type", "create", "update", "patch", "vread", "history-instance"} - codes:
+            method, path, body = interaction_request(gate, rtype, code, "x")
+            r = gate.request(method, path, body if body is not None else {})
+            assert r.status in (400, 404, 405), (rtype, code)  # not served
+        r = gate.request("GET", f"/{rtype}?undeclared=1")
+        assert outcome(r, 400, "not-supported")
+    appt = declared["Appointment"]
+    assert appt["conditionalCreate"] is True and appt["versioning"] == "versioned" and appt["readHistory"] is False
+    assert next(p for p in appt["searchParam"] if p["name"] == "patient")["type"] == "reference"
+
+
+def test_smart_is_declared_only_when_a_platform_can_get_a_token(gate):
+    from types import SimpleNamespace
+
+    security = gate.request("GET", "/metadata").json["rest"][0]["security"]
+    assert "extension" not in security and len(security["service"]) == 1
+    gate.api.gatekeeper.oauth = SimpleNamespace(token_url="https://gw.example/oauth/token", clients={})
+    assert "extension" not in gate.request("GET", "/metadata").json["rest"][0]["security"]
+    gate.api.gatekeeper.oauth.clients = {"demo": None}
+    security = gate.request("GET", "/metadata").json["rest"][0]["security"]
+    assert security["extension"][0]["extension"][0]["valueUri"] == "https://gw.example/oauth/token"
+
+
+def test_metadata_is_public_but_presented_credentials_are_still_checked(gate):
+    """With client_certificates: optional, /metadata was 401 for a client without credentials, while SMART
+    discovery was public."""
+    assert gate.request("GET", "/metadata", platform=None).status == 200
+    assert gate.request("GET", "/$versions", platform=None).status == 200
+    assert gate.request("GET", "/Slot", platform=None).status == 401
+    assert outcome(gate.request("GET", "/metadata", platform="revoked"), 403, "security")
