@@ -63,7 +63,7 @@ def page(count: int, offset: int, page_size: int) -> tuple[int, int]:
 
 
 #: what every search takes besides its own parameters (their meaning: SearchControls)
-CONTROLS = {"_format", "_pretty", "_count", "_offset", "_total", "_summary", "_elements", "_sort"}
+CONTROLS = {"_format", "_pretty", "_count", "_offset", "_total", "_totalMethod", "_summary", "_elements", "_sort"}
 SUBSETTED = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED"}
 _ELEMENT = re.compile(r"[A-Za-z][A-Za-z0-9]{0,63}")
 
@@ -77,7 +77,7 @@ def check_params(query, allowed: set[str]) -> None:
 
 class SearchControls:
     """A search's result parameters: ``_summary=count`` (the total only), ``_total`` (none | estimate |
-    accurate: the total is always accurate and always given), ``_elements`` (entries cut to these elements,
+    accurate: the total is always accurate and always given; also as ``_totalMethod`` none | estimate | count), ``_elements`` (entries cut to these elements,
     tagged SUBSETTED) and ``_sort`` (one of ``sorts``, a search parameter name -> the reader's sort key, with
     ``-`` for descending).  Anything else they could say is refused (400), never dropped."""
 
@@ -89,6 +89,9 @@ class SearchControls:
         for value in query.get("_total", []):
             if value not in ("none", "estimate", "accurate"):
                 raise FhirError(400, "invalid", "_total must be none, estimate or accurate", "_total")
+        for value in query.get("_totalMethod", []):  # (Aidbox's name for it, which fhirpy's .count() sends)
+            if value not in ("none", "estimate", "count"):
+                raise FhirError(400, "invalid", "_totalMethod must be none, estimate or count", "_totalMethod")
         elements = [e for v in query.get("_elements", []) for e in v.split(",") if e]
         for element in elements:
             if not _ELEMENT.fullmatch(element):

@@ -227,6 +227,8 @@ def test_total_none_estimate_and_accurate_are_answered_and_others_refused(gate):
     for value in ("none", "estimate", "accurate"):
         assert gate.request("GET", f"/Slot?_total={value}", platform="other").json["total"] == 8
     assert outcome(gate.request("GET", "/Slot?_total=some", platform="other"), 400, "invalid")
+    r = gate.request("GET", "/Slot?_count=0&_totalMethod=count", platform="other")  # fhirpy's .count()
+    assert r.json["total"] == 8 and entries(r) == []
     assert outcome(gate.request("GET", "/Slot?_summary=text", platform="other"), 400, "not-supported")
 
 
