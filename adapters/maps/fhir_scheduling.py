@@ -125,6 +125,10 @@ def appointment_resource(appt, slot, tz: ZoneInfo, identifiers=()) -> dict:
                                                  ("given", [patient.given] if patient.given else None)) if v}]
     if patient.phone:
         contained["telecom"] = [{"system": "phone", "value": patient.phone}]
+    if patient.gender:
+        contained["gender"] = patient.gender
+    if patient.birth_date:
+        contained["birthDate"] = patient.birth_date
     has_patient = bool(patient.identifiers or patient.family or patient.given or patient.phone)
     resource: dict[str, Any] = {
         "resourceType": "Appointment",
@@ -289,6 +293,9 @@ _is_string = re.compile(r"(?:[ \r\n\t]|[^\s\ud800-\udfff])+").fullmatch
 _is_id = re.compile(r"[A-Za-z0-9\-.]{1,64}").fullmatch
 _is_code = re.compile(r"[^\s\ud800-\udfff]+( [^\s\ud800-\udfff]+)*").fullmatch
 _is_uri = re.compile(r"[^\s\ud800-\udfff]+").fullmatch
+# FHIR's date (YYYY, YYYY-MM, YYYY-MM-DD)
+_is_date = re.compile(r"([0-9]([0-9]([0-9][1-9]|[1-9]0)|[1-9]00)|[1-9]000)(-(0[1-9]|1[0-2])(-(0[1-9]|[1-2][0-9]|3[0-1]))?)?"
+                      ).fullmatch
 
 
 def _string(value) -> bool:
@@ -297,6 +304,18 @@ def _string(value) -> bool:
 
 def _of(pattern) -> Callable[[Any], bool]:
     return lambda value: type(value) is str and len(value) <= _MAX_STRING and pattern(value) is not None
+
+
+def _fhir_date(value) -> bool:
+    """A FHIR date the model takes too: the pattern, and a day that exists."""
+    if type(value) is not str or _is_date(value) is None:
+        return False
+    if len(value) == 10:
+        try:
+            datetime.strptime(value, "%Y-%m-%d")
+        except ValueError:
+            return False
+    return True
 
 
 def _one_of(*values: str) -> Callable[[Any], bool]:
@@ -338,6 +357,7 @@ _reference = _element(reference=_string, type=_of(_is_uri), identifier=_identifi
 _contained_patient = _element(
     ("resourceType",), resourceType=_one_of("Patient"), id=_of(_is_id), identifier=_list(_identifier),
     name=_list(_element(family=_string, given=_list(_string), text=_string)),
+    birthDate=_fhir_date, gender=_one_of("male", "female", "other", "unknown"),
     telecom=_list(_element(system=_one_of("phone", "fax", "email", "pager", "url", "sms", "other"),
                            value=_string)))
 _plain = _element(
@@ -421,7 +441,10 @@ def _from_patient_resource(pat) -> Patient:
         if not family and not given and pat.name[0].text:
             family = pat.name[0].text
     phone = next((t.value for t in (pat.telecom or []) if t.system == "phone" and t.value), "")
-    return Patient(identifiers=identifiers, family=family, given=given, phone=phone)
+    birth = pat.birthDate
+    birth_date = birth.isoformat() if hasattr(birth, "isoformat") else str(birth or "")
+    return Patient(identifiers=identifiers, family=family, given=given, phone=phone, birth_date=birth_date,
+                   gender=pat.gender or "")
 
 
 def search_instant(value: str, tz: ZoneInfo) -> tuple[str, float, float]:

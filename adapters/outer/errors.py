@@ -14,7 +14,7 @@ from gateway.chamber.errors import ChamberError
 from gateway.domain.booking import PatientRequired
 from gateway.domain.backlog import Overloaded
 from gateway.domain.model import SlotUnavailable, SlotUnknown
-from gateway.domain.patients import IdentifierRefused
+from gateway.domain.patients import IdentifierRefused, PatientDetailMissing
 from gateway.domain.quota import QuotaExhausted
 
 log = structlog.get_logger("gateway.outer")
@@ -57,6 +57,9 @@ def failure_answer(failure, request) -> tuple[int, dict, dict]:
     if failure.check(IdentifierRefused):
         e = failure.value
         return 422, operation_outcome([("code-invalid", str(e), e.element)]), {}
+    if failure.check(PatientDetailMissing):
+        e = failure.value
+        return 422, operation_outcome([("required", str(e), e.element)]), {}
     if failure.check(PatientRequired):
         return 422, operation_outcome([("required", failure.getErrorMessage(), "Appointment.participant")]), {}
     if failure.check(InvalidResource):

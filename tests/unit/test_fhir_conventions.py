@@ -427,3 +427,34 @@ def test_metadata_is_public_but_presented_credentials_are_still_checked(gate):
     assert gate.request("GET", "/$versions", platform=None).status == 200
     assert gate.request("GET", "/Slot", platform=None).status == 401
     assert outcome(gate.request("GET", "/metadata", platform="revoked"), 403, "security")
+
+
+# -- finding 11: the patient's birth date and sex reach the HIS, and may be required ---------------------------------
+
+def test_birth_date_and_gender_are_carried_to_pid_7_and_8(gate):
+    from adapters.hl7.er7 import parse
+
+    body = appointment(SID[1])
+    body["contained"][0].update(birthDate="1990-01-02", gender="female")
+    appointment_id = gate.request("POST", "/Appointment", body).json["id"]
+    srm = next(m for m in gate.chamber.read().messages(direction="outbound") if m.type == "SRM^S01")
+    pid = parse(gate.chamber.transact_now(lambda tx: gate.booking.encode(tx, tx.message(srm.id)))[0]).segment("PID")
+    assert (pid.raw(7), pid.raw(8)) == ("19900102", "F")
+    contained = gate.request("GET", f"/Appointment/{appointment_id}").json["contained"][0]
+    assert (contained["birthDate"], contained["gender"]) == ("1990-01-02", "female")
+
+
+def test_a_hospital_may_require_them_and_a_booking_without_is_422_naming_them(gate):
+    from gateway.domain.patients import IdentifierRules
+
+    gate.booking.patients = IdentifierRules(required=("birth_date", "gender"))
+    r = gate.request("POST", "/Appointment", appointment(SID[1]))
+    assert "birth date" in outcome(r, 422, "required")
+    assert r.json["issue"][0]["expression"] == ["Patient.birthDate"]
+    body = appointment(SID[1])
+    body["contained"][0]["birthDate"] = "1990-01-02"
+    r = gate.request("POST", "/Appointment", body)
+    assert outcome(r, 422, "required") and r.json["issue"][0]["expression"] == ["Patient.gender"]
+    assert gate.chamber.read().appointments_for("demo") == []
+    body["contained"][0]["gender"] = "male"
+    assert gate.request("POST", "/Appointment", body).status == 202
