@@ -19,6 +19,7 @@ from zoneinfo import ZoneInfo
 from pydantic import ValidationError
 
 from fhir.resources.R4B.appointment import Appointment
+from adapters.maps.fhir_directory import DEPARTMENT_SYSTEM, PRACTITIONER_SYSTEM, schedule_actors
 from gateway.domain.model import HELD_STATUS, BookingRequest, Patient, PatientIdentifier, slot_status
 
 SERVICE_SYSTEM = "urn:gatewayd:his:service"
@@ -29,8 +30,6 @@ V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 HOLD_EXPIRES_EXTENSION = "urn:gatewayd:appointment:hold-expires"
 #: one per Z-segment the HIS published with the slot (pass_z_segments): valueString = the segment's ER7
 Z_SEGMENT_EXTENSION = "urn:gatewayd:hl7v2:z-segment"
-PRACTITIONER_SYSTEM = "urn:gatewayd:his:practitioner"
-DEPARTMENT_SYSTEM = "urn:gatewayd:his:department"
 #: Appointment.id of a proposed appointment ($find): this prefix + the Slot id (nothing is stored for it)
 PROPOSED_PREFIX = "proposed-"
 
@@ -88,28 +87,27 @@ def slot_status_filter(statuses: list[str]) -> dict:
 
 
 def schedule_resource(schedule, tz: ZoneInfo) -> dict:
-    actors = []
-    if schedule.practitioner_name or schedule.practitioner_id:
-        actors.append({"identifier": {"system": PRACTITIONER_SYSTEM, "value": schedule.practitioner_id},
-                       "display": schedule.practitioner_name or schedule.practitioner_id})
-    if schedule.department_name or schedule.department_code:
-        actors.append({"identifier": {"system": DEPARTMENT_SYSTEM, "value": schedule.department_code},
-                       "display": schedule.department_name or schedule.department_code})
-    if not actors:
-        actors.append({"display": schedule.display})
     return {
         "resourceType": "Schedule",
         "id": schedule.id,
         "meta": {"lastUpdated": instant(schedule.updated, tz)},
         "identifier": [{"system": SCHEDULE_SYSTEM, "value": schedule.id}],
         "active": True,
-        "actor": actors,
+        "actor": schedule_actors(schedule),
         "comment": schedule.display,
     }
 
 
-def appointment_resource(appt, slot, tz: ZoneInfo, identifiers=()) -> dict:
-    """``identifiers``: the platform's own (system, value) pairs, given back as Appointment.identifier."""
+def _participants(slot, schedule) -> list[dict]:
+    """The schedule's doctor and clinic as participants (R4 allows no Schedule there)."""
+    if schedule is None:
+        return [{"actor": {"display": slot.schedule_id}, "status": "accepted"}]
+    return [{"actor": actor, "status": "accepted"} for actor in schedule_actors(schedule)]
+
+
+def appointment_resource(appt, slot, tz: ZoneInfo, identifiers=(), schedule=None) -> dict:
+    """``identifiers``: the platform's own (system, value) pairs, given back as Appointment.identifier;
+    ``schedule``: the slot's (its doctor and clinic are the other participants)."""
     patient = Patient.from_json(appt.patient)
     contained: dict[str, Any] = {
         "resourceType": "Patient",
@@ -145,7 +143,7 @@ def appointment_resource(appt, slot, tz: ZoneInfo, identifiers=()) -> dict:
         "participant": [
             *([{"actor": {"reference": "#patient"}, "status": PARTICIPANT_STATUS[appt.status]}] if has_patient
               else []),
-            {"actor": {"reference": f"Schedule/{slot.schedule_id}"}, "status": "accepted"},
+            *_participants(slot, schedule),
         ],
     }
     if not patient.identifiers:
@@ -175,17 +173,7 @@ def proposed_id(slot_id: str) -> str | None:
 
 def proposed_appointment(slot, schedule, tz: ZoneInfo) -> dict:
     """A proposed Appointment for a free slot (IHE ITI-115 ``$find``): nothing is stored or held for it."""
-    participants = [{"actor": {"reference": f"Schedule/{slot.schedule_id}"}, "status": "accepted"}]
-    if schedule is not None and (schedule.practitioner_id or schedule.practitioner_name):
-        participants.append({"actor": {"type": "Practitioner",
-                                       "identifier": {"system": PRACTITIONER_SYSTEM, "value": schedule.practitioner_id},
-                                       "display": schedule.practitioner_name or schedule.practitioner_id},
-                             "status": "accepted"})
-    if schedule is not None and (schedule.department_code or schedule.department_name):
-        participants.append({"actor": {"type": "Location",
-                                       "identifier": {"system": DEPARTMENT_SYSTEM, "value": schedule.department_code},
-                                       "display": schedule.department_name or schedule.department_code},
-                             "status": "accepted"})
+    participants = _participants(slot, schedule)
     resource: dict[str, Any] = {"resourceType": "Appointment"}
     pid = proposed_id(slot.id)
     if pid:

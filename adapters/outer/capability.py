@@ -57,7 +57,17 @@ SEARCH_PARAMS = {
                                     "started yet)"),
              _sp("schedule", "reference", "Schedule/<id>"),
              _sp("service-type", "token", "[system|]code")],
-    "Schedule": [_sp("_id", "token", "schedule id(s)")],
+    "Schedule": [_sp("_id", "token", "schedule id(s)"),
+                 _sp("actor", "reference", "Practitioner/<id>, PractitionerRole/<id>, HealthcareService/<id> or "
+                                           "Location/<id>: the schedules of that doctor or department")],
+    "Practitioner": [_sp("_id", "token", "the HIS's practitioner id(s)")],
+    "PractitionerRole": [_sp("_id", "token", "<practitioner id>.<department code>"),
+                         _sp("specialty", "token", "[system|]department code"),
+                         _sp("practitioner", "reference", "Practitioner/<id>"),
+                         _sp("location", "reference", "Location/<department code>"),
+                         _sp("service", "reference", "HealthcareService/<department code>")],
+    "HealthcareService": [_sp("_id", "token", "department code(s)")],
+    "Location": [_sp("_id", "token", "department code(s)")],
     "Appointment": [_sp("_id", "token", "appointment id(s)"),
                     _sp("status", "token", "appointment status"),
                     _sp("patient", "reference", "only with the :identifier modifier: patient:identifier=[system|]"
@@ -89,7 +99,8 @@ def capability_statement(base: str, *, hospital_name: str, software_version: str
         return out
 
     resources = [
-        {"type": "Slot", "interaction": _interactions("read", "search-type"), **searches("Slot")},
+        {"type": "Slot", "interaction": _interactions("read", "search-type"), **searches("Slot"),
+         "searchInclude": ["Slot:schedule"]},
         {"type": "Schedule", "interaction": _interactions("read", "search-type"), **searches("Schedule")},
         {"type": "Appointment",
          "interaction": _interactions("create", "read", "vread", "update", "patch", "search-type",
@@ -104,8 +115,13 @@ def capability_statement(base: str, *, hospital_name: str, software_version: str
              ("book", ihe.OPERATIONS["book"], "book a held or proposed appointment through the HIS, "
                                               "or cancel one (scope Appointment.write)"))]},
     ]
+    resources[0]["documentation"] = resources[0].get("documentation", "") + ("Chained: schedule.actor=Practitioner/<id> (or PractitionerRole, "
+                                      "HealthcareService, Location): the slots of that doctor or department.")
+    resources += [{"type": rtype, "interaction": _interactions("read", "search-type"), **searches(rtype),
+                   "documentation": "read-only, from the schedules the HIS publishes"}
+                  for rtype in ("Practitioner", "PractitionerRole", "HealthcareService", "Location")]
     resources[2]["documentation"] = (
-        resources[2]["documentation"] + "create books the referenced Slot (201 booked, 409 refused, 202 pending; "
+        resources[2].get("documentation", "") + "create books the referenced Slot (201 booked, 409 refused, 202 pending; "
         "conditional create with If-None-Exist: identifier=[system|]value); update or patch (JSON Patch, FHIRPath "
         "Patch, partial resource) may only set status to 'cancelled' (If-Match: 412 on another version); only the "
         "current version is kept (vread of an older one is 404). IHE ITI Scheduling: $find (ITI-115), $hold "

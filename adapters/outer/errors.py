@@ -7,6 +7,8 @@ for whatever no one expected, 500 without internals.  Every answer is ``(status,
 
 from __future__ import annotations
 
+import re
+
 import structlog
 
 from adapters.maps.fhir_scheduling import InvalidResource
@@ -37,12 +39,22 @@ class FhirError(Exception):
         self.headers = headers or {}
 
 
+#: whitespace a FHIR string may not hold (its pattern allows only space, TAB, CR and LF) and other control
+#: characters: what a request put in a parameter's name or value can carry into a refusal's text
+_UNFIT = re.compile(r"[^ \t\r\n\S]|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def fhir_text(text: str) -> str:
+    """``text`` as a FHIR string: unfit characters written as \\uXXXX."""
+    return _UNFIT.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
 def operation_outcome(issues, severity: str = "error") -> dict:
     out = []
     for code, diagnostics, expression in issues:
-        issue = {"severity": severity, "code": code, "diagnostics": diagnostics}
-        if expression:
-            issue["expression"] = [expression]
+        issue = {"severity": severity, "code": code, "diagnostics": fhir_text(diagnostics) or code}
+        if expression and fhir_text(expression).strip():
+            issue["expression"] = [fhir_text(expression)]
         out.append(issue)
     return {"resourceType": "OperationOutcome", "issue": out}
 

@@ -33,6 +33,7 @@ from urllib.parse import parse_qs, urlencode
 from zoneinfo import ZoneInfo
 
 from adapters.maps.fhir_changes import patch_status, put_status
+from adapters.maps.fhir_directory import DIRECTORY_TYPES, directory, schedule_has_actor
 from adapters.maps.fhir_scheduling import (
     APPOINTMENT_STATUS,
     appointment_resource,
@@ -48,7 +49,7 @@ from adapters.outer.intake import JsonLimits, json_body, raw_body, require_metho
 from gateway.domain.model import AppointmentUnknown, IdempotencyConflict, VersionConflict, slot_status
 
 #: the resource types served here
-RESOURCE_TYPES = ("Slot", "Schedule", "Appointment")
+RESOURCE_TYPES = ("Slot", "Schedule", "Appointment", *DIRECTORY_TYPES)
 SLOT_STATUSES = ("free", "busy", "busy-unavailable", "busy-tentative", "entered-in-error")
 MAX_OFFSET = 1_000_000
 
@@ -202,6 +203,12 @@ class SchedulingApi:
             if rest:
                 return lambda: self.schedule_read(rest[0])
             return lambda: self.schedule_search(query, base)
+        if rtype in DIRECTORY_TYPES:  # the HIS's doctors and departments, read-only (scope Schedule.read)
+            require_method(method, "GET")
+            require_scope(grant, platform, "Schedule.read")
+            if rest:
+                return lambda: self.directory_read(rtype, rest[0])
+            return lambda: self.directory_search(rtype, query, base)
         if not rest:
             require_method(method, "GET", "POST")
             if method == "POST":
@@ -228,8 +235,11 @@ class SchedulingApi:
         return page(count, offset, self.page_size)
 
     def slot_search(self, platform: str, query, base: str):
-        check_params(query, {"_id", "start", "status", "schedule", "service-type"})
+        check_params(query, {"_id", "start", "status", "schedule", "schedule.actor", "service-type", "_include"})
         controls = SearchControls(query, {"start": "start"})
+        includes = query.get("_include", [])
+        if any(i != "Slot:schedule" for i in includes):
+            raise FhirError(400, "not-supported", "_include: only Slot:schedule", "_include")
         count, offset = self._count(query)
         kw: dict[str, Any] = {}
         for value in query.get("start", []):
@@ -258,6 +268,10 @@ class SchedulingApi:
         if ids:
             kw["ids"] = ids
         schedules = [s.split("/")[-1] for v in query.get("schedule", []) for s in v.split(",") if s]
+        actors = [a for v in query.get("schedule.actor", []) for a in v.split(",") if a]
+        if actors:  # the schedules of these doctors / departments (and of the schedule= ones, if given)
+            found = [r.id for r in reader.schedules() if any(schedule_has_actor(r, a) for a in actors)]
+            schedules = [s for s in schedules if s in found] if schedules else found or ["(none)"]
         if schedules:
             kw["schedule_ids"] = schedules
         services = [s.split("|")[-1] for v in query.get("service-type", []) for s in v.split(",") if s]
@@ -269,7 +283,13 @@ class SchedulingApi:
         rows = [] if controls.count_only or count == 0 else reader.search_slots(
             limit=count, offset=offset, descending=bool(controls.sort and controls.sort[1]), **kw)
         resources = [slot_resource(r, self.tz) for r in rows]
-        return 200, searchset(base, "Slot", resources, query, offset, count, total, controls=controls), {}
+        bundle = searchset(base, "Slot", resources, query, offset, count, total, controls=controls)
+        if includes and rows:
+            wanted = {r.schedule_id for r in rows}
+            bundle.setdefault("entry", []).extend(
+                {"fullUrl": f"{base}/Schedule/{r.id}", "resource": schedule_resource(r, self.tz),
+                 "search": {"mode": "include"}} for r in reader.schedules() if r.id in wanted)
+        return 200, bundle, {}
 
     def slot_read(self, platform: str, slot_id: str):
         reader = self.reader()
@@ -283,13 +303,15 @@ class SchedulingApi:
         return 200, slot_resource(slot, self.tz), {}
 
     def schedule_search(self, query, base: str):
-        check_params(query, {"_id"})
+        check_params(query, {"_id", "actor"})
         controls = SearchControls(query)
         count, offset = self._count(query)
         ids = [s for v in query.get("_id", []) for s in v.split(",") if s]
         rows = self.reader().schedules()  # (a hospital's schedules: hundreds at most)
         if ids:
             rows = [r for r in rows if r.id in ids]
+        for v in query.get("actor", []):  # (repeated: all of them; a comma: any)
+            rows = [r for r in rows if any(schedule_has_actor(r, a) for a in v.split(",") if a)]
         shown = [] if controls.count_only else rows[offset:offset + count]
         resources = [schedule_resource(r, self.tz) for r in shown]
         return 200, searchset(base, "Schedule", resources, query, offset, count, len(rows), controls=controls), {}
@@ -300,11 +322,43 @@ class SchedulingApi:
             raise FhirError(404, "not-found", f"no Schedule {schedule_id!r}")
         return 200, schedule_resource(rows[0], self.tz), {}
 
+    # -- the directory: Practitioner, PractitionerRole, HealthcareService, Location ------------------------
+    #: each directory type's search parameters: name -> what of the resource it matches
+    DIRECTORY_PARAMS = {"PractitionerRole": {"specialty", "practitioner", "location", "service"}}
+
+    def directory_read(self, rtype: str, rid: str):
+        found = directory(self.reader().schedules())[rtype].get(rid)
+        if found is None:
+            raise FhirError(404, "not-found", f"no {rtype} {rid[:64]!r}")
+        return 200, found, {}
+
+    def directory_search(self, rtype: str, query, base: str):
+        check_params(query, {"_id", *self.DIRECTORY_PARAMS.get(rtype, ())})
+        controls = SearchControls(query)
+        count, offset = self._count(query)
+        found = list(directory(self.reader().schedules())[rtype].values())
+        ids = [s for v in query.get("_id", []) for s in v.split(",") if s]
+        if ids:
+            found = [r for r in found if r["id"] in ids]
+        for value in query.get("specialty", []):
+            codes = [(t.rpartition("|")[0] if "|" in t else None, t.rpartition("|")[2]) for t in value.split(",")]
+            found = [r for r in found if any(c["code"] == code and (system is None or c["system"] == system)
+                                             for s in r["specialty"] for c in s["coding"] for system, code in codes)]
+        for name, key in (("practitioner", "practitioner"), ("location", "location"), ("service", "healthcareService")):
+            for value in query.get(name, []):
+                refs = set(value.split(","))
+                found = [r for r in found if any(
+                    ref.get("reference") in refs or ref.get("reference", "").split("/")[-1] in refs
+                    for ref in (r[key] if isinstance(r[key], list) else [r[key]]))]
+        shown = [] if controls.count_only else found[offset:offset + count]
+        return 200, searchset(base, rtype, shown, query, offset, count, len(found), controls=controls), {}
+
     # -- Appointment -----------------------------------------------------------------------------------------
     def appointment_json(self, appt) -> dict:
         reader = self.reader()
-        return appointment_resource(appt, reader.slot(appt.slot_id), self.tz,
-                                    reader.appointment_identifiers(appt.id))
+        slot = reader.slot(appt.slot_id)
+        schedule = next(iter(reader.schedules(slot.schedule_id)), None)
+        return appointment_resource(appt, slot, self.tz, reader.appointment_identifiers(appt.id), schedule)
 
     async def appointment_create(self, platform: str, body, base: str, http_request):
         access: Access = http_request.gateway_access

@@ -19,5 +19,15 @@ def test_invalid_resources_are_named_with_where_they_fail():
 def test_what_the_gateway_answers_passes(gate):
     appointment_id = gate.request("POST", "/Appointment", appointment(SID[1])).json["id"]
     for path in ["/metadata", "/Slot", f"/Slot/{SID[1]}", "/Schedule", "/Appointment", f"/Appointment/{appointment_id}",
-                 f"/Appointment/{appointment_id}/_history", "/Slot?_summary=count", "/$versions", "/Slot/nope"]:
+                 f"/Appointment/{appointment_id}/_history", "/Slot?_summary=count", "/$versions", "/Slot/nope",
+                 "/Practitioner/D001", "/PractitionerRole", "/HealthcareService/CARD", "/Location",
+                 "/Slot?_include=Slot:schedule"]:
         assert problems(gate.request("GET", path).json) == [], path
+
+
+def test_a_refusal_never_echoes_text_a_fhir_string_may_not_hold(gate):
+    """Found by the check in the end-to-end suite: a parameter named with a form feed or NEL was echoed into
+    diagnostics and expression, which FHIR strings may not hold."""
+    r = gate.request("GET", "/Schedule?%0C%C2%85x=1&=2")
+    assert r.status == 400 and problems(r.json) == [], r.json
+    assert "\\u000c" in r.json["issue"][0]["diagnostics"]

@@ -360,7 +360,8 @@ ROUTE_MISSING = ("not-supported",)
 
 
 def interaction_request(gate, rtype, code, appointment_id):
-    rid = {"Slot": SID[1], "Schedule": "D001", "Appointment": appointment_id}[rtype]
+    rid = {"Slot": SID[1], "Schedule": "D001", "Appointment": appointment_id, "Practitioner": "D001",
+           "PractitionerRole": "D001.CARD", "HealthcareService": "CARD", "Location": "CARD"}[rtype]
     return {"read": ("GET", f"/{rtype}/{rid}", None), "search-type": ("GET", f"/{rtype}", None),
             "create": ("POST", f"/{rtype}", appointment(SID[5])),
             "update": ("PUT", f"/{rtype}/{rid}", None), "patch": ("PATCH", f"/{rtype}/{rid}", {"status": "booked"}),
@@ -458,3 +459,42 @@ def test_a_hospital_may_require_them_and_a_booking_without_is_422_naming_them(ga
     assert gate.chamber.read().appointments_for("demo") == []
     body["contained"][0]["gender"] = "male"
     assert gate.request("POST", "/Appointment", body).status == 202
+
+
+# -- finding 8: the doctors and departments the HIS publishes, and references to them ------------------------------
+
+def test_the_directory_is_served_from_the_schedules(gate):
+    assert gate.request("GET", "/Practitioner/D001").json["name"] == [{"text": "张伟"}]
+    role = gate.request("GET", "/PractitionerRole/D001.CARD").json
+    assert role["practitioner"]["reference"] == "Practitioner/D001"
+    assert role["healthcareService"][0]["reference"] == "HealthcareService/CARD"
+    assert gate.request("GET", "/HealthcareService/CARD").json["name"] == "心内科"
+    assert gate.request("GET", "/Location/CARD").json["name"] == "心内科"
+    assert outcome(gate.request("GET", "/Practitioner/nobody"), 404, "not-found")
+    roles = entries(gate.request("GET", "/PractitionerRole?specialty=urn:gatewayd:his:department|CARD"))
+    assert [r["id"] for r in roles] == ["D001.CARD"]
+    assert entries(gate.request("GET", "/PractitionerRole?specialty=DERM")) == []
+    for path in ("/Practitioner", "/PractitionerRole", "/HealthcareService", "/Location"):
+        assert gate.request("PUT", path + "/x", {}).status == 405
+
+
+def test_pick_a_department_then_a_doctor_then_a_time(gate):
+    assert [s["id"] for s in entries(gate.request("GET", "/Schedule?actor=HealthcareService/CARD"))] == ["D001"]
+    assert entries(gate.request("GET", "/Schedule?actor=Practitioner/nobody")) == []
+    r = gate.request("GET", "/Slot?schedule.actor=Practitioner/D001&_count=2&_include=Slot:schedule")
+    modes = [(e["resource"]["resourceType"], e["search"]["mode"]) for e in r.json["entry"]]
+    assert modes == [("Slot", "match"), ("Slot", "match"), ("Schedule", "include")]
+    assert r.json["total"] == 8
+    assert gate.request("GET", "/Slot?schedule.actor=Location/ELSEWHERE").json["total"] == 0
+    assert outcome(gate.request("GET", "/Slot?_include=Slot:*"), 400, "not-supported")
+
+
+def test_participants_and_schedule_actors_refer_to_resources_r4_allows_there(gate):
+    """participant.actor was Schedule/D001, which R4 does not allow there."""
+    appointment_id = gate.request("POST", "/Appointment", appointment(SID[1])).json["id"]
+    actors = [p["actor"] for p in gate.request("GET", f"/Appointment/{appointment_id}").json["participant"]]
+    assert [a["reference"] for a in actors] == ["#patient", "Practitioner/D001", "HealthcareService/CARD"]
+    for actor in actors[1:]:
+        assert gate.request("GET", "/" + actor["reference"]).status == 200
+    schedule = gate.request("GET", "/Schedule/D001").json
+    assert [a["reference"] for a in schedule["actor"]] == ["Practitioner/D001", "HealthcareService/CARD"]
