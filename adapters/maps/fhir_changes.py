@@ -73,6 +73,15 @@ def patch_status(body: Any, current: dict) -> str:
                             "partial Appointment", None)])
 
 
+def _only_status(kind: str, status, others: list[str], only: str) -> str:
+    """The status a patch of ``kind`` sets, if it does nothing else (``others``: what else it does)."""
+    if others:
+        raise InvalidResource([("business-rule", f"{kind} operation(s) {', '.join(others[:MAX_NAMED])}: the only "
+                                f"change a platform can make is {only} with cancelled; nothing was changed",
+                                "Appointment")], 422)
+    return _status(status, f"the {kind}")
+
+
 def _json_patch_status(operations: list) -> str:
     status, others = None, []
     for op in operations:
@@ -82,11 +91,7 @@ def _json_patch_status(operations: list) -> str:
             status = op.get("value")
         else:
             others.append(f"{op.get('op')!s:.16} {op.get('path')!s:.64}")
-    if others:
-        raise InvalidResource([("business-rule", f"JSON Patch operation(s) {', '.join(others[:MAX_NAMED])}: the only "
-                                "change a platform can make is replace /status with cancelled; nothing was "
-                                "changed", "Appointment")], 422)
-    return _status(status, "the JSON Patch")
+    return _only_status("JSON Patch", status, others, "replace /status")
 
 
 def _parts(parameter: dict) -> dict:
@@ -111,8 +116,4 @@ def _fhirpath_patch_status(body: dict) -> str:
         else:
             target = f"{path}.{str(parts.get('name'))[:32]}" if parts.get("name") else path
             others.append(f"{str(parts.get('type'))[:16]} {target}")
-    if others:
-        raise InvalidResource([("business-rule", f"FHIRPath Patch operation(s) {', '.join(others[:MAX_NAMED])}: the "
-                                "only change a platform can make is replace Appointment.status with cancelled; "
-                                "nothing was changed", "Appointment")], 422)
-    return _status(status, "the FHIRPath Patch")
+    return _only_status("FHIRPath Patch", status, others, "replace Appointment.status")

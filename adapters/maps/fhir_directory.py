@@ -37,32 +37,31 @@ def _department(schedule) -> dict:
             "text": schedule.department_name or schedule.department_code}
 
 
+def _ref(rtype: str, his_id: str, display: str, system: str) -> dict:
+    """A reference to the ``rtype`` the HIS names ``his_id``: by id when that is a FHIR id, else by identifier."""
+    rid = fhir_id(his_id)
+    if rid:
+        return {"reference": f"{rtype}/{rid}", "display": display}
+    ref = {"type": rtype, "display": display}
+    if his_id:
+        ref["identifier"] = {"system": system, "value": his_id}
+    return ref
+
+
 def practitioner_ref(schedule) -> dict | None:
     """A reference to the schedule's doctor (None: the schedule names none)."""
     if not (schedule.practitioner_id or schedule.practitioner_name):
         return None
-    display = schedule.practitioner_name or schedule.practitioner_id
-    pid = fhir_id(schedule.practitioner_id)
-    if pid:
-        return {"reference": f"Practitioner/{pid}", "display": display}
-    ref = {"type": "Practitioner", "display": display}
-    if schedule.practitioner_id:
-        ref["identifier"] = {"system": PRACTITIONER_SYSTEM, "value": schedule.practitioner_id}
-    return ref
+    return _ref("Practitioner", schedule.practitioner_id, schedule.practitioner_name or schedule.practitioner_id,
+                PRACTITIONER_SYSTEM)
 
 
 def department_ref(schedule, rtype: str = "Location") -> dict | None:
     """A reference to the schedule's department as ``rtype`` (Location or HealthcareService)."""
     if not (schedule.department_code or schedule.department_name):
         return None
-    display = schedule.department_name or schedule.department_code
-    code = fhir_id(schedule.department_code)
-    if code:
-        return {"reference": f"{rtype}/{code}", "display": display}
-    ref = {"type": rtype, "display": display}
-    if schedule.department_code:
-        ref["identifier"] = {"system": DEPARTMENT_SYSTEM, "value": schedule.department_code}
-    return ref
+    return _ref(rtype, schedule.department_code, schedule.department_name or schedule.department_code,
+                DEPARTMENT_SYSTEM)
 
 
 def schedule_actors(schedule) -> list[dict]:
