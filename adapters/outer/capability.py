@@ -79,6 +79,8 @@ SEARCH_PARAMS = {
                           _sp("_lastUpdated", "date", "gt<instant> only")],
     "MedicationDispense": [_sp("prescription", "reference", "exactly one MedicationRequest id")],
 }
+#: the directory types' _revinclude of the roles that refer to them
+DIRECTORY_REVINCLUDE = {"Practitioner": "practitioner", "HealthcareService": "service", "Location": "location"}
 #: the sort keys of each search (_sort, - for descending)
 SORTS = {"Slot": ["start"], "Appointment": ["date", "_lastUpdated"]}
 
@@ -118,7 +120,10 @@ def capability_statement(base: str, *, hospital_name: str, software_version: str
     resources[0]["documentation"] = resources[0].get("documentation", "") + ("Chained: schedule.actor=Practitioner/<id> (or PractitionerRole, "
                                       "HealthcareService, Location): the slots of that doctor or department.")
     resources += [{"type": rtype, "interaction": _interactions("read", "search-type"), **searches(rtype),
-                   "documentation": "read-only, from the schedules the HIS publishes"}
+                   "documentation": "read-only, from the schedules the HIS publishes",
+                   **({"searchInclude": [f"PractitionerRole:{e}" for e in ("practitioner", "service", "location")]}
+                      if rtype == "PractitionerRole" else
+                      {"searchRevInclude": [f"PractitionerRole:{DIRECTORY_REVINCLUDE[rtype]}"]})}
                   for rtype in ("Practitioner", "PractitionerRole", "HealthcareService", "Location")]
     resources[2]["documentation"] = (
         resources[2].get("documentation", "") + "create books the referenced Slot (201 booked, 409 refused, 202 pending; "

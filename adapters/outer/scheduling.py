@@ -332,11 +332,28 @@ class SchedulingApi:
             raise FhirError(404, "not-found", f"no {rtype} {rid[:64]!r}")
         return 200, found, {}
 
+    #: the cheap _include/_revinclude of directory searches: value -> (resource type, the PractitionerRole
+    #: element that refers)
+    DIRECTORY_INCLUDES = {
+        "PractitionerRole": {"_include": {"PractitionerRole:practitioner": ("Practitioner", "practitioner"),
+                                          "PractitionerRole:service": ("HealthcareService", "healthcareService"),
+                                          "PractitionerRole:location": ("Location", "location")}},
+        "Practitioner": {"_revinclude": {"PractitionerRole:practitioner": ("PractitionerRole", "practitioner")}},
+        "HealthcareService": {"_revinclude": {"PractitionerRole:service": ("PractitionerRole", "healthcareService")}},
+        "Location": {"_revinclude": {"PractitionerRole:location": ("PractitionerRole", "location")}},
+    }
+
     def directory_search(self, rtype: str, query, base: str):
-        check_params(query, {"_id", *self.DIRECTORY_PARAMS.get(rtype, ())})
+        includes = self.DIRECTORY_INCLUDES.get(rtype, {})
+        check_params(query, {"_id", *self.DIRECTORY_PARAMS.get(rtype, ()), *includes})
+        for kind, allowed in includes.items():
+            for value in query.get(kind, []):
+                if value not in allowed:
+                    raise FhirError(400, "not-supported", f"{kind}: only {', '.join(allowed)}", kind)
         controls = SearchControls(query)
         count, offset = self._count(query)
-        found = list(directory(self.reader().schedules())[rtype].values())
+        everything = directory(self.reader().schedules())
+        found = list(everything[rtype].values())
         ids = [s for v in query.get("_id", []) for s in v.split(",") if s]
         if ids:
             found = [r for r in found if r["id"] in ids]
@@ -351,7 +368,27 @@ class SchedulingApi:
                     ref.get("reference") in refs or ref.get("reference", "").split("/")[-1] in refs
                     for ref in (r[key] if isinstance(r[key], list) else [r[key]]))]
         shown = [] if controls.count_only else found[offset:offset + count]
-        return 200, searchset(base, rtype, shown, query, offset, count, len(found), controls=controls), {}
+        bundle = searchset(base, rtype, shown, query, offset, count, len(found), controls=controls)
+        extra: dict[str, dict] = {}
+        for kind, allowed in includes.items():
+            for value in query.get(kind, []):
+                other, key = allowed[value]
+                for r in shown:
+                    if kind == "_include":
+                        refs = r[key] if isinstance(r[key], list) else [r[key]]
+                        for ref in refs:
+                            target = everything[other].get(ref.get("reference", "").split("/")[-1])
+                            if target is not None:
+                                extra[f"{other}/{target['id']}"] = target
+                    else:
+                        for role in everything[other].values():
+                            refs = role[key] if isinstance(role[key], list) else [role[key]]
+                            if any(ref.get("reference") == f"{rtype}/{r['id']}" for ref in refs):
+                                extra[f"{other}/{role['id']}"] = role
+        if extra:
+            bundle.setdefault("entry", []).extend({"fullUrl": f"{base}/{url}", "resource": res,
+                                                   "search": {"mode": "include"}} for url, res in extra.items())
+        return 200, bundle, {}
 
     # -- Appointment -----------------------------------------------------------------------------------------
     def appointment_json(self, appt) -> dict:

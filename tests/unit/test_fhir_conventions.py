@@ -387,6 +387,11 @@ def test_every_declared_interaction_and_search_parameter_is_served(gate):
             name = param["name"]
             r = gate.request("GET", f"/{rtype}?{name}={value}")
             assert r.status == 200, (rtype, name, r.json)
+        for kind, values in (("_include", resource.get("searchInclude", [])),
+                             ("_revinclude", resource.get("searchRevInclude", []))):
+            for value in values:
+                r = gate.request("GET", f"/{rtype}?{kind}={value}")
+                assert r.status == 200 and any(e["search"]["mode"] == "include" for e in r.json["entry"]), value
         assert all(p["name"] not in ("_count", "_offset", "_sort") for p in resource["searchParam"])
 
 
@@ -498,3 +503,13 @@ def test_participants_and_schedule_actors_refer_to_resources_r4_allows_there(gat
         assert gate.request("GET", "/" + actor["reference"]).status == 200
     schedule = gate.request("GET", "/Schedule/D001").json
     assert [a["reference"] for a in schedule["actor"]] == ["Practitioner/D001", "HealthcareService/CARD"]
+
+
+def test_directory_searches_include_and_revinclude_the_roles(gate):
+    r = gate.request("GET", "/Practitioner?_revinclude=PractitionerRole:practitioner")
+    assert [(e["resource"]["resourceType"], e["search"]["mode"]) for e in r.json["entry"]] == [
+        ("Practitioner", "match"), ("PractitionerRole", "include")]
+    r = gate.request("GET", "/PractitionerRole?_include=PractitionerRole:practitioner&_include=PractitionerRole:service")
+    assert {e["resource"]["resourceType"] for e in r.json["entry"]} == {"PractitionerRole", "Practitioner",
+                                                                        "HealthcareService"}
+    assert outcome(gate.request("GET", "/Practitioner?_revinclude=Schedule:actor"), 400, "not-supported")
