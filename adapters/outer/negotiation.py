@@ -1,6 +1,6 @@
 """What a platform asks about the answer's form, decided with the request's headers (before its body): the media
 type and FHIR version (``Accept``, ``_format``, the ``fhirVersion`` MIME parameter: 406 for what is not served),
-``Prefer`` (``return=minimal | representation | OperationOutcome``, ``handling=strict``) and the conditional
+``_pretty``, ``Prefer`` (``return=minimal | representation | OperationOutcome``, ``handling=strict``) and the conditional
 headers' places (``If-Match`` on PUT/PATCH, ``If-None-Match`` on reads).  A header or value the gateway would not
 honour is refused (400/406), never dropped.
 
@@ -32,6 +32,7 @@ class AnswerForm:
     version: str = DEFAULT_VERSION
     asked_version: bool = False
     prefer_return: str | None = None
+    pretty: bool = False  # _pretty=true: indented JSON
 
     @property
     def fhir_version(self) -> str:
@@ -110,7 +111,10 @@ def answer_form(request, query: dict[str, list[str]], method: str) -> AnswerForm
                                               "If-None-Exist)")
     if request.getHeader(b"if-match") is not None and method not in ("PUT", "PATCH"):
         raise FhirError(400, "not-supported", "If-Match applies to PUT and PATCH only")
-    return AnswerForm(version or DEFAULT_VERSION, asked, prefer)
+    pretty = query.get("_pretty", ["false"])[-1]
+    if pretty not in ("true", "false"):
+        raise FhirError(400, "invalid", "_pretty must be true or false", "_pretty")
+    return AnswerForm(version or DEFAULT_VERSION, asked, prefer, pretty == "true")
 
 
 def _prefer(header: bytes | None) -> str | None:

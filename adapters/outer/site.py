@@ -214,7 +214,8 @@ class FhirApi(resource.Resource):
         request.setHeader(b"content-type", form.content_type())
         for k, v in headers.items():
             request.setHeader(k.encode(), v.encode())
-        data = b"" if body is None else json.dumps(body, ensure_ascii=False).encode("utf-8")
+        data = b"" if body is None else json.dumps(body, ensure_ascii=False,
+                                                   indent=2 if form.pretty else None).encode("utf-8")
         if status != 304:
             request.setHeader(b"content-length", b"%d" % len(data))
         if data and request.method != b"HEAD":  # (HEAD: the length a GET would have, no body)

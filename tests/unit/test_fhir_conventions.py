@@ -513,3 +513,10 @@ def test_directory_searches_include_and_revinclude_the_roles(gate):
     assert {e["resource"]["resourceType"] for e in r.json["entry"]} == {"PractitionerRole", "Practitioner",
                                                                         "HealthcareService"}
     assert outcome(gate.request("GET", "/Practitioner?_revinclude=Schedule:actor"), 400, "not-supported")
+
+
+def test_pretty_is_honoured_not_dropped(gate):
+    pretty = gate.request("GET", f"/Slot/{SID[1]}?_pretty=true")
+    plain = gate.request("GET", f"/Slot/{SID[1]}")
+    assert pretty.json == plain.json and int(pretty.headers["content-length"]) > int(plain.headers["content-length"])
+    assert outcome(gate.request("GET", "/Slot?_pretty=yes"), 400, "invalid")
