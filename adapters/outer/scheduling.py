@@ -1,4 +1,4 @@
-"""The outer gate's Slot, Schedule and Appointment endpoints (docs/security.md for who may call them)::
+"""The outer gate's Slot, Schedule, Appointment and directory endpoints (docs/security.md for who may call them)::
 
     GET    /Slot?_id=&start=&status=&schedule=&service-type=     (status=free: not started yet)
     GET    /Slot/{id}
@@ -13,6 +13,10 @@
     PATCH  /Appointment/{id}               JSON Patch [{"op": "replace", "path": "/status", ...}], FHIRPath
                                            Patch (Parameters), or a partial resource {"status": "cancelled"}
     GET    /Appointment?status=&_id=&patient[:identifier]=[system|]value&date=   the platform's own
+    GET    /Appointment/{id}/_history[/{vid}]     instance history, vread (only the current version is kept)
+    GET    /Practitioner, /PractitionerRole, /HealthcareService, /Location [/{id}]   read-only, from the schedules
+           the HIS publishes (adapters/maps/fhir_directory.py); Schedule?actor=, Slot?schedule.actor=,
+           _include=Slot:schedule, PractitionerRole _include / the others' _revinclude of PractitionerRole
 
 Thin HTTP handling over the booking service (gateway/domain/booking.py), which decides, and the chamber's
 reader; adapters/maps/fhir_scheduling.py maps between FHIR and the domain.  Slots are shown only within the

@@ -4,8 +4,9 @@ and writes the answers.
 
 Served (base ``https://HOST:PORT/fhir``)::
 
-    GET    /metadata                       CapabilityStatement (adapters/outer/capability.py)
-    GET    /Slot, /Schedule; /Appointment: search, read, create, change  (adapters/outer/scheduling.py)
+    GET    /metadata, /$versions            CapabilityStatement (adapters/outer/capability.py); versions served
+    GET    /Slot, /Schedule; /Appointment: search, read, create, change, _history  (adapters/outer/scheduling.py)
+    GET    /Practitioner, /PractitionerRole, /HealthcareService, /Location: read-only, from the schedules
     POST   /Appointment/$find | $hold | $book             IHE ITI Scheduling (adapters/outer/ihe.py)
     POST   /MedicationRequest, POST / (a Bundle), ...     prescriptions (adapters/outer/pharmacy.py)
     POST   /oauth/token, GET .well-known/smart-configuration   outside the FHIR base (adapters/outer/oauth_http.py)
@@ -29,10 +30,13 @@ platform's is 404, like one that does not exist).  Log events name a request by 
 a booking or cancellation is audited in the transaction that makes it.  References inside resources are never
 fetched.
 
-Every error is an OperationOutcome (adapters/outer/errors.py): 400 unreadable request, 403 unknown platform or
-missing scope, 404 unknown resource, 405 method, 409 conflict, 413 body too large, 415 media type (XML too), 422
-valid FHIR we cannot act on, 429 over a rate limit, 500 (never with internals), 503 chamber unavailable (and the
-HTTP channel's own: 408, 414, 417, 431, 501).  The handler never lets an exception escape to twisted.web.
+Every error is an OperationOutcome (adapters/outer/errors.py): 400 unreadable request (or a parameter, header
+or value the gateway would not honour), 401 no credentials, 403 unknown platform or missing scope, 404 unknown
+resource, 405 method, 406 a media type or FHIR version not served, 409 conflict, 412 If-Match on another
+version, 413 body too large, 415 media type (XML too), 422 valid FHIR we cannot act on, 429 over a rate limit,
+500 (never with internals), 503 chamber unavailable (and the HTTP channel's own: 408, 414, 417, 431, 501).  The
+handler never lets an exception escape to twisted.web.  The form of an answer (version, Prefer, 304 for
+If-None-Match, HEAD) is adapters/outer/negotiation.py's.
 """
 
 from __future__ import annotations
