@@ -437,7 +437,7 @@ class SchedulingApi:
         if appt.status == "pending":
             return 202, resource_json, location(base, appt, settled=False)
         raise FhirError(409, "conflict", f"{not_made}: {appt.outcome}", "Appointment.slot",
-                        headers={"Content-Location": location(base, appt)["Location"]})
+                        headers={"Content-Location": location(base, appt, settled=False)["Location"]})
 
     @staticmethod
     def _if_none_exist(header: bytes | None) -> tuple[str, str] | None:
