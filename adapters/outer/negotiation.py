@@ -19,7 +19,7 @@ from adapters.outer.errors import FhirError
 FHIR_VERSIONS = {"4.0": "4.0.1", "4.3": "4.3.0"}
 DEFAULT_VERSION = "4.0"
 #: the names JSON goes by, in Accept and _format
-_JSON = {"application/fhir+json", "application/json", "json", "*/*", "application/*"}
+_JSON = {"application/fhir+json", "application/json", "application/json+fhir", "json", "*/*", "application/*"}
 PREFER_RETURN = ("minimal", "representation", "OperationOutcome")
 WRITES = ("POST", "PUT", "PATCH")
 
@@ -92,7 +92,8 @@ def answer_form(request, query: dict[str, list[str]], method: str) -> AnswerForm
     version, asked = None, False
     formats = query.get("_format", [])
     if formats:
-        version = _accepted_version(formats[-1], "_format")
+        # (an unescaped '+' in a query string reads as a space: application/fhir json)
+        version = _accepted_version(formats[-1].replace(" ", "+"), "_format")
         if version is False:
             raise FhirError(406, "not-supported", f"_format={formats[-1][:40]}: only JSON is served "
                                                   f"(application/fhir+json)")

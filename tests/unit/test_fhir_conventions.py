@@ -309,7 +309,9 @@ def test_what_cannot_be_served_is_406(gate, path, headers):
 @pytest.mark.parametrize("path, headers", [
     ("/Slot?_format=json", {}),
     ("/Slot?_format=application/fhir%2Bjson", {}),
+    ("/Slot?_format=application/fhir+json", {}),
     ("/Slot", {"Accept": "application/fhir+xml;q=0.9, application/fhir+json"}),
+    ("/Slot", {"Accept": "application/fhir+xml;q=1.0, application/json+fhir;q=0.9"}),  # (HAPI, DSTU2's name)
     ("/Slot", {"Accept": "*/*"}),
     ("/Slot", {"Accept": "application/json"}),
     ("/Slot", {"Accept": "application/fhir+json; fhirVersion=4.0"}),
