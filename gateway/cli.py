@@ -9,6 +9,7 @@
     gatewayd audit verify|export|prune|find   the audit trail: check its hash chain, export AuditEvents,
                                           retention, was this id asked for
     gatewayd backup DEST --config PATH    a consistent, checked copy of the chamber (while gatewayd runs)
+    gatewayd status --config PATH         which processes run the chamber's gates (opens nothing, claims nothing)
     gatewayd config-reference [--update README.md]   every config key, its type, default and meaning
 """
 
@@ -97,6 +98,10 @@ def _parser() -> argparse.ArgumentParser:
                                                 "complete and checked)")
     backup.add_argument("--config", required=True, type=Path)
 
+    status = sub.add_parser("status", help="which processes run the gates of the config's chamber (works while "
+                                           "gatewayd runs: opens nothing, claims nothing)")
+    status.add_argument("--config", required=True, type=Path)
+
     ref = sub.add_parser("config-reference", help="print the configuration reference (Markdown)")
     ref.add_argument("--update", type=Path, metavar="README",
                      help="rewrite the reference between the config-reference markers of this file instead")
@@ -135,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         return audit_command(args)
     if args.command == "backup":
         return with_chamber(args, "backup", lambda chamber, config: _backup(chamber, args.dest))
+    if args.command == "status":
+        return claim_status(args.config)
     if args.command == "config-reference":
         if args.update:
             text = args.update.read_text(encoding="utf-8")
@@ -213,6 +220,9 @@ def run(path: Path, gate: str = "both") -> int:
     import structlog
 
     log = structlog.get_logger("gateway")
+    claim = _claim(config, path, gate, log)
+    if isinstance(claim, int):
+        return claim
     root = make_service(config, reactor, gate)
     try:
         root.privilegedStartService()
@@ -221,6 +231,7 @@ def run(path: Path, gate: str = "both") -> int:
         log.error("gateway.start_failed", error=str(e), error_type=type(e).__name__)
         print(f"gatewayd: cannot start: {e}", file=sys.stderr)
         _stop_after_failed_start(root)
+        claim.release()
         return 1
     exit_code = [0]
 
@@ -289,8 +300,57 @@ def run(path: Path, gate: str = "both") -> int:
     gc.collect()
     gc.freeze()
     reactor.run()
+    claim.release()  # (the process's end would: held until the tree has stopped, never across a reload)
     log.info("gateway.stopped")
     return exit_code[0]
+
+
+def _claim(config, path: Path, gate: str, log):
+    """This gate's claim on the chamber (gateway/ops/claim.py), taken before anything is opened or listens; or
+    the exit code when it cannot be taken: CLAIM_HELD_EXIT when another process runs this gate on the chamber
+    (the message names it), 1 when the claim file cannot be opened or written."""
+    from gateway.ops.claim import CLAIM_HELD_EXIT, Claim, ClaimError, ClaimHeld, Holder
+
+    claim = Claim(config.chamber.path, gate, Holder.this_process(gate, path))
+    try:
+        claim.take()
+    except ClaimHeld as e:
+        held = e.holder
+        log.error("gateway.claim_held", role=e.role, chamber=e.chamber, claim_file=str(e.path),
+                  holder_pid=held.pid if held else None, holder_gate=held.gate if held else None,
+                  holder_config=held.config if held else None, holder_since=held.since if held else None,
+                  holder_user=held.user if held else None, holder_host=held.host if held else None)
+        print(f"gatewayd: cannot start: {e}", file=sys.stderr)
+        return CLAIM_HELD_EXIT
+    except ClaimError as e:
+        log.error("gateway.start_failed", error=str(e), error_type=type(e).__name__)
+        print(f"gatewayd: cannot start: {e}", file=sys.stderr)
+        return 1
+    log.info("gateway.claimed", roles=list(claim.held), chamber=str(config.chamber.path))
+    return claim
+
+
+def claim_status(path: Path) -> int:
+    """Who runs each gate on the config's chamber, from its claims (gateway/ops/claim.py), touching neither the
+    claims nor the chamber.  Exit 0 when every gate the config names is running, else 1."""
+    config, error = _load(path)
+    if error:
+        print(error, file=sys.stderr)
+        return 1
+    from gateway.ops.claim import ClaimError, holder
+
+    print(f"chamber {config.chamber.path}")
+    names = {"outer": config.outer is not None, "inner": config.inner is not None}
+    missing = 0
+    for role, named in names.items():
+        try:
+            held = holder(config.chamber.path, role)
+        except ClaimError as e:
+            print(f"gatewayd status: {e}", file=sys.stderr)
+            return 1
+        print(f"{role} gate: " + (f"run by {held.describe()}" if held is not None else "not running"))
+        missing += named and held is None
+    return 1 if missing else 0
 
 
 def with_chamber(args, command: str, run) -> int:
