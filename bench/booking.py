@@ -164,7 +164,8 @@ def worker(spec: dict) -> dict:
             mine.append(["book", round(due - t0, 6), round(done - due, 6), round(done - sent, 6), status])
             if cycle and status in (200, 201, 202):
                 location = headers.get("Location", "")
-                path = location[location.find("/Appointment/"):] if "/Appointment/" in location else ""
+                path = location[location.find("/Appointment/"):].split("/_history")[0] if "/Appointment/" in location \
+                    else ""  # (a 201's Location names the version)
                 if path:
                     c0 = time.time()
                     try:
@@ -327,7 +328,7 @@ def warm_up(lock: BookingLock, slots: list[str]) -> None:
         status, _, headers = lock.client.request("POST", "/Appointment", appointment(slot, f"MRN-warm-{i}"))
         location = headers.get("Location", "")
         if status == 201 and "/Appointment/" in location:
-            lock.client.request("PATCH", location[location.find("/Appointment/"):], CANCEL,
+            lock.client.request("PATCH", location[location.find("/Appointment/"):].split("/_history")[0], CANCEL,
                                 "application/json-patch+json")
 
 

@@ -169,7 +169,7 @@ class RushLock:
             status, _, headers = client.request("POST", "/Appointment", appointment(slot, f"MRN-warm-{p}"))
             location = headers.get("Location", "")
             if status in (201, 202) and "/Appointment/" in location:
-                client.request("PATCH", location[location.find("/Appointment/"):], CANCEL,
+                client.request("PATCH", location[location.find("/Appointment/"):].split("/_history")[0], CANCEL,
                                "application/json-patch+json")
             client.request("GET", "/Slot?status=free&_count=20")
 
@@ -278,7 +278,7 @@ def worker(spec: dict) -> None:
                     if not rebook:
                         return
                     rebook = False
-                    path = location[location.find("/Appointment/"):]
+                    path = location[location.find("/Appointment/"):].split("/_history")[0]  # (a 201's names a version)
                     _, _, _, crecord = await timed("cancel", p, "PATCH", path, CANCEL, "application/json-patch+json")
                     crecord[DETAIL] = slot
                 elif status not in (409,):

@@ -1,4 +1,5 @@
-"""FHIR R4 (served as R4B 4.3.0, wire-compatible for these resources) <-> the gateway's scheduling types.
+"""FHIR R4 (4.0.1; R4B 4.3.0 on request, the same on the wire for these resources; fhir.resources' R4B models
+validate them) <-> the gateway's scheduling types.
 
 Outbound: chamber views (slot, schedule and appointment rows, passed in as plain objects) -> Slot,
 Schedule, Appointment JSON.  Inbound: a platform's Appointment -> :class:`BookingRequest`, validated with
@@ -18,9 +19,9 @@ from zoneinfo import ZoneInfo
 from pydantic import ValidationError
 
 from fhir.resources.R4B.appointment import Appointment
+from adapters.maps.fhir_directory import DEPARTMENT_SYSTEM, PRACTITIONER_SYSTEM, schedule_actors
 from gateway.domain.model import HELD_STATUS, BookingRequest, Patient, PatientIdentifier, slot_status
 
-FHIR_VERSION = "4.3.0"
 SERVICE_SYSTEM = "urn:gatewayd:his:service"
 SCHEDULE_SYSTEM = "urn:gatewayd:his:schedule"
 HIS_APPOINTMENT_SYSTEM = "urn:gatewayd:his:appointment"
@@ -29,8 +30,6 @@ V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 HOLD_EXPIRES_EXTENSION = "urn:gatewayd:appointment:hold-expires"
 #: one per Z-segment the HIS published with the slot (pass_z_segments): valueString = the segment's ER7
 Z_SEGMENT_EXTENSION = "urn:gatewayd:hl7v2:z-segment"
-PRACTITIONER_SYSTEM = "urn:gatewayd:his:practitioner"
-DEPARTMENT_SYSTEM = "urn:gatewayd:his:department"
 #: Appointment.id of a proposed appointment ($find): this prefix + the Slot id (nothing is stored for it)
 PROPOSED_PREFIX = "proposed-"
 
@@ -88,28 +87,27 @@ def slot_status_filter(statuses: list[str]) -> dict:
 
 
 def schedule_resource(schedule, tz: ZoneInfo) -> dict:
-    actors = []
-    if schedule.practitioner_name or schedule.practitioner_id:
-        actors.append({"identifier": {"system": PRACTITIONER_SYSTEM, "value": schedule.practitioner_id},
-                       "display": schedule.practitioner_name or schedule.practitioner_id})
-    if schedule.department_name or schedule.department_code:
-        actors.append({"identifier": {"system": DEPARTMENT_SYSTEM, "value": schedule.department_code},
-                       "display": schedule.department_name or schedule.department_code})
-    if not actors:
-        actors.append({"display": schedule.display})
     return {
         "resourceType": "Schedule",
         "id": schedule.id,
         "meta": {"lastUpdated": instant(schedule.updated, tz)},
         "identifier": [{"system": SCHEDULE_SYSTEM, "value": schedule.id}],
         "active": True,
-        "actor": actors,
+        "actor": schedule_actors(schedule),
         "comment": schedule.display,
     }
 
 
-def appointment_resource(appt, slot, tz: ZoneInfo, identifiers=()) -> dict:
-    """``identifiers``: the platform's own (system, value) pairs, given back as Appointment.identifier."""
+def _participants(slot, schedule) -> list[dict]:
+    """The schedule's doctor and clinic as participants (R4 allows no Schedule there)."""
+    if schedule is None:
+        return [{"actor": {"display": slot.schedule_id}, "status": "accepted"}]
+    return [{"actor": actor, "status": "accepted"} for actor in schedule_actors(schedule)]
+
+
+def appointment_resource(appt, slot, tz: ZoneInfo, identifiers=(), schedule=None) -> dict:
+    """``identifiers``: the platform's own (system, value) pairs, given back as Appointment.identifier;
+    ``schedule``: the slot's (its doctor and clinic are the other participants)."""
     patient = Patient.from_json(appt.patient)
     contained: dict[str, Any] = {
         "resourceType": "Patient",
@@ -125,6 +123,10 @@ def appointment_resource(appt, slot, tz: ZoneInfo, identifiers=()) -> dict:
                                                  ("given", [patient.given] if patient.given else None)) if v}]
     if patient.phone:
         contained["telecom"] = [{"system": "phone", "value": patient.phone}]
+    if patient.gender:
+        contained["gender"] = patient.gender
+    if patient.birth_date:
+        contained["birthDate"] = patient.birth_date
     has_patient = bool(patient.identifiers or patient.family or patient.given or patient.phone)
     resource: dict[str, Any] = {
         "resourceType": "Appointment",
@@ -141,7 +143,7 @@ def appointment_resource(appt, slot, tz: ZoneInfo, identifiers=()) -> dict:
         "participant": [
             *([{"actor": {"reference": "#patient"}, "status": PARTICIPANT_STATUS[appt.status]}] if has_patient
               else []),
-            {"actor": {"reference": f"Schedule/{slot.schedule_id}"}, "status": "accepted"},
+            *_participants(slot, schedule),
         ],
     }
     if not patient.identifiers:
@@ -171,17 +173,7 @@ def proposed_id(slot_id: str) -> str | None:
 
 def proposed_appointment(slot, schedule, tz: ZoneInfo) -> dict:
     """A proposed Appointment for a free slot (IHE ITI-115 ``$find``): nothing is stored or held for it."""
-    participants = [{"actor": {"reference": f"Schedule/{slot.schedule_id}"}, "status": "accepted"}]
-    if schedule is not None and (schedule.practitioner_id or schedule.practitioner_name):
-        participants.append({"actor": {"type": "Practitioner",
-                                       "identifier": {"system": PRACTITIONER_SYSTEM, "value": schedule.practitioner_id},
-                                       "display": schedule.practitioner_name or schedule.practitioner_id},
-                             "status": "accepted"})
-    if schedule is not None and (schedule.department_code or schedule.department_name):
-        participants.append({"actor": {"type": "Location",
-                                       "identifier": {"system": DEPARTMENT_SYSTEM, "value": schedule.department_code},
-                                       "display": schedule.department_name or schedule.department_code},
-                             "status": "accepted"})
+    participants = _participants(slot, schedule)
     resource: dict[str, Any] = {"resourceType": "Appointment"}
     pid = proposed_id(slot.id)
     if pid:
@@ -289,6 +281,9 @@ _is_string = re.compile(r"(?:[ \r\n\t]|[^\s\ud800-\udfff])+").fullmatch
 _is_id = re.compile(r"[A-Za-z0-9\-.]{1,64}").fullmatch
 _is_code = re.compile(r"[^\s\ud800-\udfff]+( [^\s\ud800-\udfff]+)*").fullmatch
 _is_uri = re.compile(r"[^\s\ud800-\udfff]+").fullmatch
+# FHIR's date (YYYY, YYYY-MM, YYYY-MM-DD)
+_is_date = re.compile(r"([0-9]([0-9]([0-9][1-9]|[1-9]0)|[1-9]00)|[1-9]000)(-(0[1-9]|1[0-2])(-(0[1-9]|[1-2][0-9]|3[0-1]))?)?"
+                      ).fullmatch
 
 
 def _string(value) -> bool:
@@ -297,6 +292,18 @@ def _string(value) -> bool:
 
 def _of(pattern) -> Callable[[Any], bool]:
     return lambda value: type(value) is str and len(value) <= _MAX_STRING and pattern(value) is not None
+
+
+def _fhir_date(value) -> bool:
+    """A FHIR date the model takes too: the pattern, and a day that exists."""
+    if type(value) is not str or _is_date(value) is None:
+        return False
+    if len(value) == 10:
+        try:
+            datetime.strptime(value, "%Y-%m-%d")
+        except ValueError:
+            return False
+    return True
 
 
 def _one_of(*values: str) -> Callable[[Any], bool]:
@@ -338,6 +345,7 @@ _reference = _element(reference=_string, type=_of(_is_uri), identifier=_identifi
 _contained_patient = _element(
     ("resourceType",), resourceType=_one_of("Patient"), id=_of(_is_id), identifier=_list(_identifier),
     name=_list(_element(family=_string, given=_list(_string), text=_string)),
+    birthDate=_fhir_date, gender=_one_of("male", "female", "other", "unknown"),
     telecom=_list(_element(system=_one_of("phone", "fax", "email", "pager", "url", "sms", "other"),
                            value=_string)))
 _plain = _element(
@@ -421,7 +429,10 @@ def _from_patient_resource(pat) -> Patient:
         if not family and not given and pat.name[0].text:
             family = pat.name[0].text
     phone = next((t.value for t in (pat.telecom or []) if t.system == "phone" and t.value), "")
-    return Patient(identifiers=identifiers, family=family, given=given, phone=phone)
+    birth = pat.birthDate
+    birth_date = birth.isoformat() if hasattr(birth, "isoformat") else str(birth or "")
+    return Patient(identifiers=identifiers, family=family, given=given, phone=phone, birth_date=birth_date,
+                   gender=pat.gender or "")
 
 
 def search_instant(value: str, tz: ZoneInfo) -> tuple[str, float, float]:

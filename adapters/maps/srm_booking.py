@@ -70,12 +70,55 @@ def _segment(name: str, fields: dict[int, str], keep: int = 0) -> list[str]:
     return out
 
 
+#: FHIR administrative gender -> PID-8 (HL7 table 0001)
+SEX = {"male": "M", "female": "F", "other": "O", "unknown": "U"}
+
+
+def default_authority(system: str) -> tuple[str, ...]:
+    """CX.4 (an HD) for a FHIR identifier system when the hospital configured none: an OID as HD.2 with HD.3
+    ISO, a system longer than HD.1's 20 characters as HD.2 with HD.3 URI, else the system as HD.1."""
+    if system.startswith("urn:oid:"):
+        return ("", system[len("urn:oid:"):], "ISO")
+    if len(system) > 20:
+        return ("", system, "URI")
+    return (system,)
+
+
 def pid_identifier(identifier: PatientIdentifier) -> str:
-    """One PID-3 repetition (CX): ID, CX.4 the assigning authority (its HD parts joined by '&'; default the
-    FHIR system) and CX.5 the identifier type code (default PT)."""
-    parts = identifier.assigning_authority or (identifier.system,)
+    """One PID-3 repetition (CX): ID, CX.4 the assigning authority (its HD parts joined by '&'; default:
+    :func:`default_authority`) and CX.5 the identifier type code (default PT)."""
+    parts = identifier.assigning_authority or default_authority(identifier.system)
     authority = "&".join(escape(p) for p in parts)
     return f"{escape(identifier.value)}^^^{authority}^{escape(identifier.type_code or 'PT')}"
+
+
+def _version(version: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(p) for p in version.split("."))
+    except ValueError:
+        return (2, 5)
+
+
+def _message_type(trigger: str, version: str) -> str:
+    """MSH-9: v2.3 has no message structure component."""
+    return f"SRM^{trigger}" if _version(version) < (2, 3, 1) else f"SRM^{trigger}^SRM_S01"
+
+
+def _phone(phone: str, version: str) -> str:
+    """PID-13 (XTN): from v2.6 XTN.1 is withdrawn; the number goes in XTN.12 (use PRN, equipment PH)."""
+    if not phone or _version(version) < (2, 6):
+        return escape(phone)
+    return f"^PRN^PH^^^^^^^^^{escape(phone)}"
+
+
+def _aip_role(version: str) -> list[str]:
+    """AIP-4 (resource role), required before v2.5: the doctor consulted (table 0286 CP)."""
+    return ["CP"] if _version(version) < (2, 5) else []
+
+
+def _birth_date(birth_date: str) -> str:
+    """PID-7 from a FHIR date (YYYY[-MM[-DD]]): YYYY[MM[DD]]."""
+    return birth_date.replace("-", "")
 
 
 def build_srm(
@@ -115,7 +158,7 @@ def build_srm(
             1: "^~\\&", 2: escape(header.sending_application), 3: escape(header.sending_facility),
             4: escape(header.receiving_application),
             5: escape(header.receiving_facility if receiving_facility is None else receiving_facility), 6: dtm(now),
-            8: f"SRM^{trigger}^SRM_S01", 9: escape(control_id), 10: "P", 11: header.version,
+            8: _message_type(trigger, header.version), 9: escape(control_id), 10: "P", 11: header.version,
             17: hl7_charset_name(header.charset),
         }),
         _segment("ARQ", {
@@ -125,11 +168,13 @@ def build_srm(
             7: _field("", escape(reason)) if reason else "",
             8: escape(appointment_type),
             9: str(slot.minutes), 10: "MIN", 11: f"{slot_start}^{slot_end}",
+            15: escape(header.sending_application), 19: escape(header.sending_application),
         }),
         _segment("PID", {
             3: "~".join(pid_identifier(i) for i in patient.identifiers),
             5: _field(escape(patient.family), escape(patient.given)),
-            13: escape(patient.phone),
+            7: escape(_birth_date(patient.birth_date)), 8: SEX.get(patient.gender, ""),
+            13: _phone(patient.phone, header.version),
         }, keep=3),
         ["RGS", "1"],
         _segment("AIS", {
@@ -138,7 +183,7 @@ def build_srm(
         }),
     ]
     if slot.practitioner_id:
-        segments.append(["AIP", "1", "", escape(slot.practitioner_id)])
+        segments.append(["AIP", "1", "", escape(slot.practitioner_id), *_aip_role(header.version)])
     segments += [z.split("|") for z in z_segments]
     # format_message ends every segment with CR; the gateway has always sent the last one without (as
     # hl7apy writes it), and the chamber keeps these bytes: keep them identical.
@@ -165,7 +210,7 @@ def build_srm_hl7apy(
     if trigger not in ("S01", "S03", "S04"):
         raise ValueError(f"unsupported SRM trigger {trigger}")
     msg = Hl7apyMessage("SRM_S01", version=header.version)
-    _msh(msg, header, f"SRM^{trigger}^SRM_S01", control_id, now)
+    _msh(msg, header, _message_type(trigger, header.version), control_id, now)
     start, end = slot.start_local, slot.start_local + timedelta(minutes=slot.minutes)
     msg.arq.arq_1 = f"{escape(appointment_id)}^{PLACER_NAMESPACE}"
     if his_appointment:
@@ -178,13 +223,19 @@ def build_srm_hl7apy(
     msg.arq.arq_9 = str(slot.minutes)
     msg.arq.arq_10 = "MIN"
     msg.arq.arq_11 = f"{dtm(start)[:12]}^{dtm(end)[:12]}"
+    msg.arq.arq_15 = escape(header.sending_application)
+    msg.arq.arq_19 = escape(header.sending_application)
 
     pat = msg.add_group("SRM_S01_PATIENT")
     pat.pid.pid_3 = "~".join(pid_identifier(i) for i in patient.identifiers)
     if patient.family or patient.given:
         pat.pid.pid_5 = f"{escape(patient.family)}^{escape(patient.given)}"
+    if patient.birth_date:
+        pat.pid.pid_7 = escape(_birth_date(patient.birth_date))
+    if patient.gender in SEX:
+        pat.pid.pid_8 = SEX[patient.gender]
     if patient.phone:
-        pat.pid.pid_13 = escape(patient.phone)
+        pat.pid.pid_13 = _phone(patient.phone, header.version)
 
     res = msg.add_group("SRM_S01_RESOURCES")
     res.rgs.rgs_1 = "1"
@@ -198,6 +249,8 @@ def build_srm_hl7apy(
         per = res.add_group("SRM_S01_PERSONNEL_RESOURCE")
         per.aip.aip_1 = "1"
         per.aip.aip_3 = escape(slot.practitioner_id)
+        for role in _aip_role(header.version):
+            per.aip.aip_4 = role
     return _encode(msg, header)
 
 

@@ -218,6 +218,16 @@ class Gatekeeper:
             _throttled(self.rate_limiter.check_platform(platform), platform)
         return platform, grant
 
+    @staticmethod
+    def anonymous(request) -> bool:
+        """The request presents no credentials: no client certificate, no Authorization header."""
+        return request.getHeader(b"authorization") is None and peer_identity(request) is None
+
+    def admit_public(self) -> None:
+        """What a public document (the CapabilityStatement) asks of anyone: the global rate limit (429)."""
+        if self.rate_limiter is not None:
+            _throttled(self.rate_limiter.check_global(), None)
+
     def throttled_source(self, address: str | None) -> Throttled | None:
         """The token endpoint's rate limits, reached before anyone is authenticated: the source address's
         first (a flood spends its own tokens), then the global one."""

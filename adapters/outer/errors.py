@@ -7,6 +7,8 @@ for whatever no one expected, 500 without internals.  Every answer is ``(status,
 
 from __future__ import annotations
 
+import re
+
 import structlog
 
 from adapters.maps.fhir_scheduling import InvalidResource
@@ -14,13 +16,15 @@ from gateway.chamber.errors import ChamberError
 from gateway.domain.booking import PatientRequired
 from gateway.domain.backlog import Overloaded
 from gateway.domain.model import SlotUnavailable, SlotUnknown
-from gateway.domain.patients import IdentifierRefused
+from gateway.domain.patients import IdentifierRefused, PatientDetailMissing
 from gateway.domain.quota import QuotaExhausted
 
 log = structlog.get_logger("gateway.outer")
 
 #: the media type of every FHIR answer, OperationOutcomes included
 FHIR_JSON = b"application/fhir+json; charset=utf-8"
+#: reason phrases twisted.web does not know (it would write "Unknown Status")
+REASONS = {422: b"Unprocessable Content", 428: b"Precondition Required"}
 
 
 class FhirError(Exception):
@@ -35,12 +39,22 @@ class FhirError(Exception):
         self.headers = headers or {}
 
 
+#: whitespace a FHIR string may not hold (its pattern allows only space, TAB, CR and LF) and other control
+#: characters: what a request put in a parameter's name or value can carry into a refusal's text
+_UNFIT = re.compile(r"[^ \t\r\n\S]|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def fhir_text(text: str) -> str:
+    """``text`` as a FHIR string: unfit characters written as \\uXXXX."""
+    return _UNFIT.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
 def operation_outcome(issues, severity: str = "error") -> dict:
     out = []
     for code, diagnostics, expression in issues:
-        issue = {"severity": severity, "code": code, "diagnostics": diagnostics}
-        if expression:
-            issue["expression"] = [expression]
+        issue = {"severity": severity, "code": code, "diagnostics": fhir_text(diagnostics) or code}
+        if expression and fhir_text(expression).strip():
+            issue["expression"] = [fhir_text(expression)]
         out.append(issue)
     return {"resourceType": "OperationOutcome", "issue": out}
 
@@ -55,6 +69,9 @@ def failure_answer(failure, request) -> tuple[int, dict, dict]:
     if failure.check(IdentifierRefused):
         e = failure.value
         return 422, operation_outcome([("code-invalid", str(e), e.element)]), {}
+    if failure.check(PatientDetailMissing):
+        e = failure.value
+        return 422, operation_outcome([("required", str(e), e.element)]), {}
     if failure.check(PatientRequired):
         return 422, operation_outcome([("required", failure.getErrorMessage(), "Appointment.participant")]), {}
     if failure.check(InvalidResource):

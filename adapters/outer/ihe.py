@@ -287,9 +287,9 @@ def _matches_schedule(q: FindQuery, schedule) -> bool:
 
 
 def find_proposed(reader, q: FindQuery, *, platform: str, quotas, tz: ZoneInfo, count: int,
-                  offset: int) -> tuple[list[dict], bool]:
+                  offset: int) -> tuple[list[dict], int]:
     """The proposed Appointments for the free slots matching ``q`` that ``platform`` may book: ``count`` of
-    them from ``offset`` on, and whether there are more."""
+    them from ``offset`` on, and how many there are in all."""
     schedules = {s.id: s for s in reader.schedules()}
     # slots that have started cannot be booked: from now on (exclusive), or from start (inclusive)
     kw: dict[str, Any] = {"his_statuses": ["free"], "start_from": max(q.start, reader.now),
@@ -298,18 +298,17 @@ def find_proposed(reader, q: FindQuery, *, platform: str, quotas, tz: ZoneInfo, 
     if q.specialties or q.practitioners or q.locations:
         kw["schedule_ids"] = [sid for sid, s in schedules.items() if _matches_schedule(q, s)]
         if not kw["schedule_ids"]:
-            return [], False
+            return [], 0
     if q.services:
         codes = [c for s, c in q.services if s in ("", SERVICE_SYSTEM)]
         if not codes:
-            return [], False
+            return [], 0
         kw["service_codes"] = codes
     if quotas is not None:
         kw["hidden"] = quotas.hidden(reader, platform, reader.now)
-    if count == 0:
-        return [], False
-    rows = reader.search_slots(limit=count + 1, offset=offset, **kw)
-    return [proposed_appointment(r, schedules.get(r.schedule_id), tz) for r in rows[:count]], len(rows) > count
+    total = reader.count_slots(**kw)
+    rows = reader.search_slots(limit=count, offset=offset, **kw) if count else []
+    return [proposed_appointment(r, schedules.get(r.schedule_id), tz) for r in rows], total
 
 
 class HoldOrBook:
@@ -456,9 +455,9 @@ class IheApi:
         s = self.scheduling
         query = find_query(body, s.tz, query_string)
         count, offset = page(s.page_size if query.count is None else query.count, query.offset, s.page_size)
-        resources, more = find_proposed(s.reader(), query, platform=platform, quotas=s.quotas, tz=s.tz,
-                                        count=count, offset=offset)
-        return 200, searchset(base, "Appointment", resources, query.to_query(s.tz), offset, count, more,
+        resources, total = find_proposed(s.reader(), query, platform=platform, quotas=s.quotas, tz=s.tz,
+                                         count=count, offset=offset)
+        return 200, searchset(base, "Appointment", resources, query.to_query(s.tz), offset, count, total,
                               path="Appointment/$find"), {}
 
     async def hold(self, platform: str, body, base: str, access: Access):
@@ -484,7 +483,7 @@ class IheApi:
         if appt.status == "pending" and appt.pending_change in (None, "hold"):
             status = 200 if appt.pending_change is None else 202
             return (status, operation_bundle(base, "hold", [self.scheduling.appointment_json(appt)]),
-                    location(base, appt))
+                    location(base, appt, settled=False))
         raise FhirError(409, "conflict", f"appointment {appt.id} is not held ({appt.outcome or appt.status})",
                         "Appointment.status")
 

@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from adapters.outer.errors import FhirError
+from adapters.outer.negotiation import fhir_version_of
 
 MAX_QUERY_FIELDS = 100
 MAX_SAFE_INTEGER = 2 ** 53
@@ -39,12 +40,25 @@ def parse_query(request) -> dict[str, list[str]]:
         raise FhirError(400, "too-costly", f"more than {MAX_QUERY_FIELDS} query parameters") from None
 
 
+def refuse_write_query(query) -> None:
+    """A create, update, patch or operation by POST takes no query parameter (``_format``/``_pretty`` aside): one
+    it would not honour is refused (400), never dropped — fhirpy's ``get_or_create`` sends
+    ``POST /Appointment?identifier=...`` expecting a conditional create, which is ``If-None-Exist`` here."""
+    given = sorted(set(query) - {"_format", "_pretty"})
+    if given:
+        raise FhirError(400, "not-supported", f"a POST, PUT or PATCH takes no query parameter ({', '.join(given)[:200]}"
+                                              f"); for a conditional create send If-None-Exist: identifier=[system|]"
+                                              f"value", expression=given[0][:64])
+
+
 def json_body(request, limits: JsonLimits) -> Any:
     """The request's body: JSON (415 for another media type), parsed within ``limits``."""
-    ctype = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
+    ctype, *params = (request.getHeader(b"content-type") or b"").decode("latin-1").split(";")
+    ctype = ctype.strip().lower().encode("latin-1")
     if ctype not in JSON_TYPES:
         what = "XML is not accepted" if b"xml" in ctype else "this media type is not accepted"
         raise FhirError(415, "not-supported", f"{what}: send application/fhir+json")
+    fhir_version_of(params, "Content-Type", 415)
     request.content.seek(0)
     return limits.parse(request.content.read())
 

@@ -35,8 +35,9 @@ class OAuthEndpoints:
         self.base_parts = base_parts
 
     def renderer(self, request):
-        """The renderer of ``request`` when it is for one of these endpoints, else None."""
-        if self.gatekeeper.oauth is None:
+        """The renderer of ``request`` when it is for one of these endpoints, else None (also when no platform
+        can get a token: the endpoints are not served, and not advertised)."""
+        if self.gatekeeper.oauth is None or not self.gatekeeper.oauth.clients:
             return None
         if request.path == TOKEN_PATH.encode():
             return self.render_token

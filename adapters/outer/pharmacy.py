@@ -193,6 +193,8 @@ class PharmacyApi:
             resources.append(dict(resource, meta=meta))  # (meta is outside the signed content)
         bundle = _searchset(base, "MedicationRequest", resources)
         if more is not None:
+            # (more follow: the page's own count is not the search's total, and a cursor search keeps no count)
+            del bundle["total"]
             cursor = base64.urlsafe_b64encode(f"{more[0]!r}|{more[1]}".encode()).decode("ascii")
             bundle["link"] = [{"relation": "next", "url": f"{base}/MedicationRequest?"
                                + urlencode({"status": "active", "_count": count, "_page": cursor})}]

@@ -1,14 +1,22 @@
-"""The outer gate's Slot, Schedule and Appointment endpoints (docs/security.md for who may call them)::
+"""The outer gate's Slot, Schedule, Appointment and directory endpoints (docs/security.md for who may call them)::
 
-    GET    /Slot?start=&status=&schedule=&service-type=&_count=&_offset=
+    GET    /Slot?_id=&start=&status=&schedule=&service-type=     (status=free: not started yet)
     GET    /Slot/{id}
     GET    /Schedule[?_id=]   GET /Schedule/{id}
+           every search: _count, _offset (exact, stable paging: total on every page, a next link while more
+           follow), _summary=count, _total, _elements, _sort (Slot: start; Appointment: date, _lastUpdated)
     POST   /Appointment                    book: 201 booked | 409 taken/refused | 202 pending (Location)
     GET    /Appointment  GET /Appointment/{id}     (a platform sees only its own)
-    PUT    /Appointment/{id}               status -> cancelled (the only change a platform may make)
-    PATCH  /Appointment/{id}               JSON Patch [{"op": "replace", "path": "/status", ...}] or a
-                                           partial resource {"status": "cancelled"}
-    GET    /Appointment?patient=[system|]value&date=      the platform's own, by patient identifier and day
+    PUT    /Appointment/{id}               status -> cancelled (the only change a platform may make; a PUT
+                                           that changes anything else is 422 naming it, adapters/maps/
+                                           fhir_changes.py); If-Match: W/"n" -> 412 unless n is current
+    PATCH  /Appointment/{id}               JSON Patch [{"op": "replace", "path": "/status", ...}], FHIRPath
+                                           Patch (Parameters), or a partial resource {"status": "cancelled"}
+    GET    /Appointment?status=&_id=&patient[:identifier]=[system|]value&date=   the platform's own
+    GET    /Appointment/{id}/_history[/{vid}]     instance history, vread (only the current version is kept)
+    GET    /Practitioner, /PractitionerRole, /HealthcareService, /Location [/{id}]   read-only, from the schedules
+           the HIS publishes (adapters/maps/fhir_directory.py); Schedule?actor=, Slot?schedule.actor=,
+           _include=Slot:schedule, PractitionerRole _include / the others' _revinclude of PractitionerRole
 
 Thin HTTP handling over the booking service (gateway/domain/booking.py), which decides, and the chamber's
 reader; adapters/maps/fhir_scheduling.py maps between FHIR and the domain.  Slots are shown only within the
@@ -23,11 +31,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from typing import Any, Callable
 from urllib.parse import parse_qs, urlencode
 from zoneinfo import ZoneInfo
 
+from adapters.maps.fhir_changes import patch_status, put_status
+from adapters.maps.fhir_directory import DIRECTORY_TYPES, directory, schedule_has_actor
 from adapters.maps.fhir_scheduling import (
+    APPOINTMENT_STATUS,
     appointment_resource,
     booking_from_appointment,
     schedule_resource,
@@ -38,10 +50,10 @@ from adapters.maps.fhir_scheduling import (
 from adapters.outer.access import Access, PlatformGrant, require_scope
 from adapters.outer.errors import FhirError, slot_refusals
 from adapters.outer.intake import JsonLimits, json_body, raw_body, require_method
-from gateway.domain.model import AppointmentUnknown, IdempotencyConflict, slot_status
+from gateway.domain.model import AppointmentUnknown, IdempotencyConflict, VersionConflict, slot_status
 
 #: the resource types served here
-RESOURCE_TYPES = ("Slot", "Schedule", "Appointment")
+RESOURCE_TYPES = ("Slot", "Schedule", "Appointment", *DIRECTORY_TYPES)
 SLOT_STATUSES = ("free", "busy", "busy-unavailable", "busy-tentative", "entered-in-error")
 MAX_OFFSET = 1_000_000
 
@@ -55,36 +67,104 @@ def page(count: int, offset: int, page_size: int) -> tuple[int, int]:
     return min(count, page_size), offset
 
 
+#: what every search takes besides its own parameters (their meaning: SearchControls)
+CONTROLS = {"_format", "_pretty", "_count", "_offset", "_total", "_totalMethod", "_summary", "_elements", "_sort"}
+SUBSETTED = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED"}
+_ELEMENT = re.compile(r"[A-Za-z][A-Za-z0-9]{0,63}")
+
+
 def check_params(query, allowed: set[str]) -> None:
-    unknown = sorted(set(query) - allowed - {"_format", "_pretty"})
+    unknown = sorted(set(query) - allowed - CONTROLS)
     if unknown:
         raise FhirError(400, "not-supported", f"unsupported search parameter(s): {', '.join(unknown)}",
                         expression=unknown[0])
 
 
-def searchset(base, rtype, resources, query, offset, count, more, path: str | None = None) -> dict:
-    """A searchset page of ``rtype`` resources, with its self and next links to ``path`` (default the type)
-    carrying every value of ``query`` (a repeated parameter stays repeated)."""
+class SearchControls:
+    """A search's result parameters: ``_summary=count`` (the total only), ``_total`` (none | estimate |
+    accurate: the total is always accurate and always given; also as ``_totalMethod`` none | estimate | count), ``_elements`` (entries cut to these elements,
+    tagged SUBSETTED) and ``_sort`` (one of ``sorts``, a search parameter name -> the reader's sort key, with
+    ``-`` for descending).  Anything else they could say is refused (400), never dropped."""
+
+    def __init__(self, query, sorts: dict[str, str] | None = None, default_sort: tuple[str, bool] | None = None):
+        summary = query.get("_summary", [])
+        if summary and summary[-1:] != ["count"] and summary[-1:] != ["false"]:
+            raise FhirError(400, "not-supported", "_summary: only count (and false) are supported", "_summary")
+        self.count_only = summary[-1:] == ["count"]
+        for value in query.get("_total", []):
+            if value not in ("none", "estimate", "accurate"):
+                raise FhirError(400, "invalid", "_total must be none, estimate or accurate", "_total")
+        for value in query.get("_totalMethod", []):  # (Aidbox's name for it, which fhirpy's .count() sends)
+            if value not in ("none", "estimate", "count"):
+                raise FhirError(400, "invalid", "_totalMethod must be none, estimate or count", "_totalMethod")
+        elements = [e for v in query.get("_elements", []) for e in v.split(",") if e]
+        for element in elements:
+            if not _ELEMENT.fullmatch(element):
+                raise FhirError(400, "invalid", "_elements: give element names, comma-separated", "_elements")
+        self.elements = set(elements) or None
+        self.sort = default_sort
+        sorts = sorts or {}
+        given = [k for v in query.get("_sort", []) for k in v.split(",") if k]
+        if given:
+            if len(given) > 1 or given[0].lstrip("-") not in sorts:
+                raise FhirError(400, "not-supported", f"_sort: one of {', '.join(sorted(sorts)) or '(none)'}, with "
+                                                      f"- for descending", "_sort")
+            self.sort = (sorts[given[0].lstrip("-")], given[0].startswith("-"))
+
+    def shaped(self, resource: dict) -> dict:
+        """``resource`` with only the asked ``_elements`` (and the mandatory ones), tagged SUBSETTED."""
+        if self.elements is None:
+            return resource
+        out = {k: v for k, v in resource.items() if k in self.elements or k in ("resourceType", "id")}
+        out["meta"] = {**resource.get("meta", {}), "tag": [*resource.get("meta", {}).get("tag", []), SUBSETTED]}
+        return out
+
+
+def searchset(base, rtype, resources, query, offset, count, total: int, path: str | None = None,
+              controls: SearchControls | None = None) -> dict:
+    """A searchset page of ``rtype`` resources (``count`` from ``offset`` of ``total``), with its self link and,
+    when more follow, a next link to ``path`` (default the type) carrying every value of ``query`` (a repeated
+    parameter stays repeated)."""
     path = path or rtype
     params = [(k, v) for k, values in query.items() if k not in ("_offset", "_count") for v in values]
     given = query.get("_count", [])[-1:]
     links = [{"relation": "self", "url": f"{base}/{path}?{urlencode([*params, *(('_count', c) for c in given), ('_offset', offset)])}"}]
-    if more and count > 0:  # (_count=0 asks for no entries: nothing to page through)
+    if offset + count < total and count > 0:  # (_count=0 asks for no entries: nothing to page through)
         links.append({"relation": "next",
                       "url": f"{base}/{path}?{urlencode([*params, ('_count', count), ('_offset', offset + count)])}"})
+    if controls is not None:
+        resources = [controls.shaped(r) for r in resources]
     return {
         "resourceType": "Bundle",
         "type": "searchset",
+        "total": total,
         "link": links,
-        "entry": [{"fullUrl": f"{base}/{rtype}/{r['id']}", "resource": r, "search": {"mode": "match"}}
-                  for r in resources],
-        **({"total": len(resources)} if not more and offset == 0 else {}),
+        **({"entry": [{"fullUrl": f"{base}/{rtype}/{r['id']}", "resource": r, "search": {"mode": "match"}}
+                      for r in resources]} if resources else {}),
     }
 
 
-def location(base: str, appt) -> dict:
-    return {"Location": f"{base}/Appointment/{appt.id}",
-            "ETag": f'W/"{appt.version}"'}
+def etag(appt) -> dict:
+    return {"ETag": f'W/"{appt.version}"'}
+
+
+def if_match_version(header: bytes | None) -> int | None:
+    """``If-Match: W/"n"`` (or ``"n"``) -> n; None without the header (400 for anything else: a condition the
+    gateway cannot read is not dropped)."""
+    if header is None:
+        return None
+    text = header.decode("ascii", "replace").strip()
+    tag = text[2:] if text.startswith("W/") else text
+    if len(tag) >= 3 and tag[0] == tag[-1] == '"' and tag[1:-1].isdigit() and len(tag) < 20:
+        return int(tag[1:-1])
+    raise FhirError(400, "invalid", 'If-Match must be one ETag as the gateway gives it: W/"<versionId>"')
+
+
+def location(base: str, appt, settled: bool = True) -> dict:
+    """Location and ETag of an answer about ``appt``: its version's URL, or (not ``settled``: a 202, the HIS has
+    not answered) the resource's, the one to poll."""
+    version = f"/_history/{appt.version}" if settled else ""
+    return {"Location": f"{base}/Appointment/{appt.id}{version}", **etag(appt)}
 
 
 class SchedulingApi:
@@ -107,8 +187,14 @@ class SchedulingApi:
         the path below the FHIR base): the handler that answers it, not called yet (it reads the body, if any,
         when it is)."""
         rtype, rest = parts[0], parts[1:]
+        if rtype == "Appointment" and len(rest) in (2, 3) and rest[1] == "_history":
+            require_method(method, "GET")
+            require_scope(grant, platform, "Appointment.read")
+            return lambda: self.appointment_history(platform, rest[0], rest[2] if len(rest) == 3 else None, base,
+                                                    access)
         if len(rest) > 1:
-            raise FhirError(404, "not-supported", "history and operations are not supported")
+            raise FhirError(404, "not-supported", "history (other than an Appointment's) and operations other than "
+                                                  "the IHE ones are not supported")
         if rtype == "Slot":
             require_method(method, "GET")
             require_scope(grant, platform, "Slot.read")
@@ -121,6 +207,12 @@ class SchedulingApi:
             if rest:
                 return lambda: self.schedule_read(rest[0])
             return lambda: self.schedule_search(query, base)
+        if rtype in DIRECTORY_TYPES:  # the HIS's doctors and departments, read-only (scope Schedule.read)
+            require_method(method, "GET")
+            require_scope(grant, platform, "Schedule.read")
+            if rest:
+                return lambda: self.directory_read(rtype, rest[0])
+            return lambda: self.directory_search(rtype, query, base)
         if not rest:
             require_method(method, "GET", "POST")
             if method == "POST":
@@ -135,7 +227,7 @@ class SchedulingApi:
             return lambda: self.appointment_read(platform, rest[0], access)
         require_scope(grant, platform, "Appointment.write")
         return lambda: self.appointment_change(platform, rest[0], method, json_body(request, self.json_limits), base,
-                                               access)
+                                               access, request.getHeader(b"if-match"))
 
     # -- Slot and Schedule ------------------------------------------------------------------------------------
     def _count(self, query) -> tuple[int, int]:
@@ -147,7 +239,11 @@ class SchedulingApi:
         return page(count, offset, self.page_size)
 
     def slot_search(self, platform: str, query, base: str):
-        check_params(query, {"start", "status", "schedule", "service-type", "_count", "_offset"})
+        check_params(query, {"_id", "start", "status", "schedule", "schedule.actor", "service-type", "_include"})
+        controls = SearchControls(query, {"start": "start"})
+        includes = query.get("_include", [])
+        if any(i != "Slot:schedule" for i in includes):
+            raise FhirError(400, "not-supported", "_include: only Slot:schedule", "_include")
         count, offset = self._count(query)
         kw: dict[str, Any] = {}
         for value in query.get("start", []):
@@ -169,21 +265,35 @@ class SchedulingApi:
         for s in statuses:
             if s not in SLOT_STATUSES:
                 raise FhirError(400, "code-invalid", f"unknown slot status {s!r}", "status")
-        if statuses:
-            kw.update(slot_status_filter(statuses))
+        reader = self.reader()
+        if statuses:  # (a free slot that has started can no longer be booked: it is not listed as free)
+            kw.update(slot_status_filter(statuses), free_after=reader.now)
+        ids = [s for v in query.get("_id", []) for s in v.split(",") if s]
+        if ids:
+            kw["ids"] = ids
         schedules = [s.split("/")[-1] for v in query.get("schedule", []) for s in v.split(",") if s]
+        actors = [a for v in query.get("schedule.actor", []) for a in v.split(",") if a]
+        if actors:  # the schedules of these doctors / departments (and of the schedule= ones, if given)
+            found = [r.id for r in reader.schedules() if any(schedule_has_actor(r, a) for a in actors)]
+            schedules = [s for s in schedules if s in found] if schedules else found or ["(none)"]
         if schedules:
             kw["schedule_ids"] = schedules
         services = [s.split("|")[-1] for v in query.get("service-type", []) for s in v.split(",") if s]
         if services:
             kw["service_codes"] = services
-        reader = self.reader()
         if self.quotas is not None:  # free slots the platform may not book are not shown to it
             kw["hidden"] = self.quotas.hidden(reader, platform, reader.now)
-        rows = reader.search_slots(limit=count + 1, offset=offset, **kw)
-        more = len(rows) > count
-        resources = [slot_resource(r, self.tz) for r in rows[:count]]
-        return 200, searchset(base, "Slot", resources, query, offset, count, more), {}
+        total = reader.count_slots(**kw)
+        rows = [] if controls.count_only or count == 0 else reader.search_slots(
+            limit=count, offset=offset, descending=bool(controls.sort and controls.sort[1]), **kw)
+        resources = [slot_resource(r, self.tz) for r in rows]
+        bundle = searchset(base, "Slot", resources, query, offset, count, total, controls=controls)
+        if includes and rows:
+            wanted = {r.schedule_id for r in rows}
+            bundle.setdefault("entry", []).extend(
+                {"fullUrl": f"{base}/Schedule/{r.id}", "resource": schedule_resource(r, self.tz),
+                 "search": {"mode": "include"}} for r in reader.schedules() if r.id in wanted)
+        return 200, bundle, {}
 
     def slot_read(self, platform: str, slot_id: str):
         reader = self.reader()
@@ -197,13 +307,18 @@ class SchedulingApi:
         return 200, slot_resource(slot, self.tz), {}
 
     def schedule_search(self, query, base: str):
-        check_params(query, {"_id", "_count", "_offset"})
+        check_params(query, {"_id", "actor"})
+        controls = SearchControls(query)
+        count, offset = self._count(query)
         ids = [s for v in query.get("_id", []) for s in v.split(",") if s]
-        rows = self.reader().schedules()
+        rows = self.reader().schedules()  # (a hospital's schedules: hundreds at most)
         if ids:
             rows = [r for r in rows if r.id in ids]
-        resources = [schedule_resource(r, self.tz) for r in rows]
-        return 200, searchset(base, "Schedule", resources, query, 0, len(resources), False), {}
+        for v in query.get("actor", []):  # (repeated: all of them; a comma: any)
+            rows = [r for r in rows if any(schedule_has_actor(r, a) for a in v.split(",") if a)]
+        shown = [] if controls.count_only else rows[offset:offset + count]
+        resources = [schedule_resource(r, self.tz) for r in shown]
+        return 200, searchset(base, "Schedule", resources, query, offset, count, len(rows), controls=controls), {}
 
     def schedule_read(self, schedule_id: str):
         rows = self.reader().schedules(schedule_id)
@@ -211,11 +326,80 @@ class SchedulingApi:
             raise FhirError(404, "not-found", f"no Schedule {schedule_id!r}")
         return 200, schedule_resource(rows[0], self.tz), {}
 
+    # -- the directory: Practitioner, PractitionerRole, HealthcareService, Location ------------------------
+    #: each directory type's search parameters: name -> what of the resource it matches
+    DIRECTORY_PARAMS = {"PractitionerRole": {"specialty", "practitioner", "location", "service"}}
+
+    def directory_read(self, rtype: str, rid: str):
+        found = directory(self.reader().schedules())[rtype].get(rid)
+        if found is None:
+            raise FhirError(404, "not-found", f"no {rtype} {rid[:64]!r}")
+        return 200, found, {}
+
+    #: the cheap _include/_revinclude of directory searches: value -> (resource type, the PractitionerRole
+    #: element that refers)
+    DIRECTORY_INCLUDES = {
+        "PractitionerRole": {"_include": {"PractitionerRole:practitioner": ("Practitioner", "practitioner"),
+                                          "PractitionerRole:service": ("HealthcareService", "healthcareService"),
+                                          "PractitionerRole:location": ("Location", "location")}},
+        "Practitioner": {"_revinclude": {"PractitionerRole:practitioner": ("PractitionerRole", "practitioner")}},
+        "HealthcareService": {"_revinclude": {"PractitionerRole:service": ("PractitionerRole", "healthcareService")}},
+        "Location": {"_revinclude": {"PractitionerRole:location": ("PractitionerRole", "location")}},
+    }
+
+    def directory_search(self, rtype: str, query, base: str):
+        includes = self.DIRECTORY_INCLUDES.get(rtype, {})
+        check_params(query, {"_id", *self.DIRECTORY_PARAMS.get(rtype, ()), *includes})
+        for kind, allowed in includes.items():
+            for value in query.get(kind, []):
+                if value not in allowed:
+                    raise FhirError(400, "not-supported", f"{kind}: only {', '.join(allowed)}", kind)
+        controls = SearchControls(query)
+        count, offset = self._count(query)
+        everything = directory(self.reader().schedules())
+        found = list(everything[rtype].values())
+        ids = [s for v in query.get("_id", []) for s in v.split(",") if s]
+        if ids:
+            found = [r for r in found if r["id"] in ids]
+        for value in query.get("specialty", []):
+            codes = [(t.rpartition("|")[0] if "|" in t else None, t.rpartition("|")[2]) for t in value.split(",")]
+            found = [r for r in found if any(c["code"] == code and (system is None or c["system"] == system)
+                                             for s in r["specialty"] for c in s["coding"] for system, code in codes)]
+        for name, key in (("practitioner", "practitioner"), ("location", "location"), ("service", "healthcareService")):
+            for value in query.get(name, []):
+                refs = set(value.split(","))
+                found = [r for r in found if any(
+                    ref.get("reference") in refs or ref.get("reference", "").split("/")[-1] in refs
+                    for ref in (r[key] if isinstance(r[key], list) else [r[key]]))]
+        shown = [] if controls.count_only else found[offset:offset + count]
+        bundle = searchset(base, rtype, shown, query, offset, count, len(found), controls=controls)
+        extra: dict[str, dict] = {}
+        for kind, allowed in includes.items():
+            for value in query.get(kind, []):
+                other, key = allowed[value]
+                for r in shown:
+                    if kind == "_include":
+                        refs = r[key] if isinstance(r[key], list) else [r[key]]
+                        for ref in refs:
+                            target = everything[other].get(ref.get("reference", "").split("/")[-1])
+                            if target is not None:
+                                extra[f"{other}/{target['id']}"] = target
+                    else:
+                        for role in everything[other].values():
+                            refs = role[key] if isinstance(role[key], list) else [role[key]]
+                            if any(ref.get("reference") == f"{rtype}/{r['id']}" for ref in refs):
+                                extra[f"{other}/{role['id']}"] = role
+        if extra:
+            bundle.setdefault("entry", []).extend({"fullUrl": f"{base}/{url}", "resource": res,
+                                                   "search": {"mode": "include"}} for url, res in extra.items())
+        return 200, bundle, {}
+
     # -- Appointment -----------------------------------------------------------------------------------------
     def appointment_json(self, appt) -> dict:
         reader = self.reader()
-        return appointment_resource(appt, reader.slot(appt.slot_id), self.tz,
-                                    reader.appointment_identifiers(appt.id))
+        slot = reader.slot(appt.slot_id)
+        schedule = next(iter(reader.schedules(slot.schedule_id)), None)
+        return appointment_resource(appt, slot, self.tz, reader.appointment_identifiers(appt.id), schedule)
 
     async def appointment_create(self, platform: str, body, base: str, http_request):
         access: Access = http_request.gateway_access
@@ -251,9 +435,9 @@ class SchedulingApi:
         if appt.status == "booked":
             return booked, resource_json, location(base, appt)
         if appt.status == "pending":
-            return 202, resource_json, location(base, appt)
+            return 202, resource_json, location(base, appt, settled=False)
         raise FhirError(409, "conflict", f"{not_made}: {appt.outcome}", "Appointment.slot",
-                        headers={"Content-Location": location(base, appt)["Location"]})
+                        headers={"Content-Location": location(base, appt, settled=False)["Location"]})
 
     @staticmethod
     def _if_none_exist(header: bytes | None) -> tuple[str, str] | None:
@@ -274,35 +458,52 @@ class SchedulingApi:
         except AppointmentUnknown as e:
             raise FhirError(404, "not-found", str(e)) from None
         access.patient_data = True
-        return 200, self.appointment_json(appt), {"ETag": f'W/"{appt.version}"'}
+        return 200, self.appointment_json(appt), etag(appt)
+
+    def appointment_history(self, platform: str, appointment_id: str, version: str | None, base: str,
+                            access: Access):
+        """vread (``version``) or the instance history of one of the platform's appointments.  Only the current
+        version is kept: an older one is 404, and the history lists the current one."""
+        try:
+            appt = self.booking.appointment(platform, appointment_id)
+        except AppointmentUnknown as e:
+            raise FhirError(404, "not-found", str(e)) from None
+        access.patient_data = True
+        resource_json = self.appointment_json(appt)
+        if version is not None:
+            if version != str(appt.version):
+                raise FhirError(404, "not-found", f"version {version[:20]} of the appointment is not kept (only the "
+                                                  f"current one, {appt.version}, is)")
+            return 200, resource_json, etag(appt)
+        return 200, {"resourceType": "Bundle", "type": "history", "total": 1,
+                     "link": [{"relation": "self", "url": f"{base}/Appointment/{appt.id}/_history"}],
+                     "entry": [{"fullUrl": f"{base}/Appointment/{appt.id}", "resource": resource_json,
+                                "request": {"method": "POST" if appt.version == 1 else "PUT",
+                                            "url": f"Appointment/{appt.id}" if appt.version > 1 else "Appointment"},
+                                "response": {"status": "200 OK", "etag": etag(appt)["ETag"],
+                                             "lastModified": resource_json["meta"]["lastUpdated"]}}]}, {}
 
     def appointment_search(self, platform: str, query, base: str, access: Access):
-        check_params(query, {"status", "_id", "_count", "_offset", "patient", "patient:identifier", "date"})
-        count, _ = self._count(query)
+        check_params(query, {"status", "_id", "patient", "patient:identifier", "date"})
+        controls = SearchControls(query, {"date": "date", "_lastUpdated": "_lastUpdated"}, ("created", True))
+        count, offset = self._count(query)
+        kw: dict[str, Any] = {"start_ranges": self._date_ranges(query), "patients": self._patient_tokens(query)}
         statuses = {s for v in query.get("status", []) for s in v.split(",") if s}
-        ids = {s for v in query.get("_id", []) for s in v.split(",") if s}
-        patients = self._patient_tokens(query)
-        dates = self._date_ranges(query)
+        if statuses:
+            kw["statuses"] = [c for c, fhir in APPOINTMENT_STATUS.items() if fhir in statuses]
+        ids = [s for v in query.get("_id", []) for s in v.split(",") if s]
+        if ids:
+            kw["ids"] = ids
         reader = self.reader()
-        rows = reader.appointments_for(platform, limit=1000)  # only ever the platform's own
-        resources = []
-        for appt in rows:
-            if patients is not None and not self._patient_matches(appt.patient, patients):
-                continue
-            if dates:
-                slot = reader.slot(appt.slot_id)
-                if slot is None or not all(low <= slot.start_ts < high for low, high in dates):
-                    continue
-            res = self.appointment_json(appt)
-            if (statuses and res["status"] not in statuses) or (ids and appt.id not in ids):
-                continue
-            resources.append(res)
-        resources = resources[:count]
+        total = reader.count_appointments(platform, **kw)  # only ever the platform's own
+        rows = [] if controls.count_only or count == 0 else reader.search_appointments(
+            platform, sort=controls.sort, limit=count, offset=offset, **kw)
+        resources = [self.appointment_json(appt) for appt in rows]
         access.patient_data = True
         shown = [r["id"] for r in resources]
         access.detail = f"{len(shown)} result(s)" + (": " + ",".join(shown[:100]) if shown else "") + \
             (" ..." if len(shown) > 100 else "")
-        return 200, searchset(base, "Appointment", resources, query, 0, count, False), {}
+        return 200, searchset(base, "Appointment", resources, query, offset, count, total, controls=controls), {}
 
     @staticmethod
     def _patient_tokens(query) -> list[tuple[str | None, str]] | None:
@@ -315,20 +516,16 @@ class SchedulingApi:
         tokens = []
         for v in values:
             for item in v.split(","):
+                if "|" not in item and "/" in item:
+                    raise FhirError(400, "not-supported", "patient: the gateway keeps no Patient resources to refer "
+                                    "to; search by the patient's identifier, patient:identifier=[system|]value",
+                                    "patient")
                 system, bar, value = item.rpartition("|")
                 if not value:
                     raise FhirError(400, "invalid", "patient: give the patient's identifier as [system|]value",
                                     "patient")
                 tokens.append((system if bar else None, value))
         return tokens
-
-    @staticmethod
-    def _patient_matches(patient: dict, tokens) -> bool:
-        for ident in patient.get("identifiers", []):
-            for system, value in tokens:
-                if ident.get("value") == value and (system is None or ident.get("system") == system):
-                    return True
-        return False
 
     def _date_ranges(self, query) -> list[tuple[float, float]]:
         """``date`` (the appointment's start), FHIR date search with prefixes: [(low, high)] to satisfy all."""
@@ -346,49 +543,38 @@ class SchedulingApi:
         return out
 
     async def appointment_change(self, platform: str, appointment_id: str, method: str, body, base: str,
-                                 access: Access):
+                                 access: Access, if_match: bytes | None = None):
         try:
             current = self.booking.appointment(platform, appointment_id)
         except AppointmentUnknown as e:
             raise FhirError(404, "not-found", str(e)) from None
-        wanted = self._wanted_status(method, body, appointment_id)
-        current_status = self.appointment_json(current)["status"]
+        version = if_match_version(if_match)
+        if version is not None and version != current.version:
+            raise FhirError(412, "conflict", f"If-Match: the appointment is at version {current.version}, not "
+                                             f"{version}; read it again", headers=etag(current))
+        served = self.appointment_json(current)
+        wanted = put_status(body, served, appointment_id) if method == "PUT" else patch_status(body, served)
+        current_status = served["status"]
         access.patient_data = True
         if wanted == current_status:
             access.action, access.detail = "update", f"no change (already {current_status})"
-            return 200, self.appointment_json(current), {"ETag": f'W/"{current.version}"'}
+            return 200, served, etag(current)
         if wanted != "cancelled":
             access.action = "update"
             raise FhirError(422, "business-rule", "the only change a platform can make is status -> cancelled",
                             "Appointment.status")
-        result = await self.booking.cancel(platform, appointment_id, who=access.who())
+        try:
+            result = await self.booking.cancel(platform, appointment_id, who=access.who(), if_version=version)
+        except VersionConflict as e:
+            raise FhirError(412, "conflict", f"If-Match: {e}") from None
         access.recorded = result in ("sent", "cancelled")  # audited in the cancellation's transaction
         if result == "sent":
             await self.booking.wait_settled(appointment_id, self.answer_within)
         appt = self.booking.appointment(platform, appointment_id)
         resource_json = self.appointment_json(appt)
         if resource_json["status"] == "cancelled":
-            return 200, resource_json, {"ETag": f'W/"{appt.version}"'}
+            return 200, resource_json, etag(appt)
         if appt.pending_change == "cancel":
-            return 202, resource_json, location(base, appt)
+            return 202, resource_json, location(base, appt, settled=False)
         raise FhirError(409, "conflict", f"the HIS did not cancel the appointment: {appt.outcome}",
                         "Appointment.status")
-
-    @staticmethod
-    def _wanted_status(method: str, body, appointment_id: str) -> str:
-        if method == "PATCH" and isinstance(body, list):
-            for op in body:
-                if isinstance(op, dict) and op.get("path") == "/status" and op.get("op") in ("replace", "add"):
-                    return str(op.get("value"))
-            raise FhirError(422, "business-rule", "the patch must replace /status", "Appointment.status")
-        if not isinstance(body, dict):
-            raise FhirError(400, "structure", "the body must be an Appointment (or a JSON Patch for PATCH)")
-        if method == "PUT":
-            if body.get("resourceType") != "Appointment":
-                raise FhirError(400, "invalid", "the body must be an Appointment resource")
-            if body.get("id") not in (None, appointment_id):
-                raise FhirError(400, "invalid", "the resource id does not match the URL", "Appointment.id")
-        status = body.get("status")
-        if not isinstance(status, str):
-            raise FhirError(422, "required", "Appointment.status is required", "Appointment.status")
-        return status

@@ -4,8 +4,9 @@ and writes the answers.
 
 Served (base ``https://HOST:PORT/fhir``)::
 
-    GET    /metadata                       CapabilityStatement (adapters/outer/capability.py)
-    GET    /Slot, /Schedule; /Appointment: search, read, create, change  (adapters/outer/scheduling.py)
+    GET    /metadata, /$versions            CapabilityStatement (adapters/outer/capability.py); versions served
+    GET    /Slot, /Schedule; /Appointment: search, read, create, change, _history  (adapters/outer/scheduling.py)
+    GET    /Practitioner, /PractitionerRole, /HealthcareService, /Location: read-only, from the schedules
     POST   /Appointment/$find | $hold | $book             IHE ITI Scheduling (adapters/outer/ihe.py)
     POST   /MedicationRequest, POST / (a Bundle), ...     prescriptions (adapters/outer/pharmacy.py)
     POST   /oauth/token, GET .well-known/smart-configuration   outside the FHIR base (adapters/outer/oauth_http.py)
@@ -29,10 +30,13 @@ platform's is 404, like one that does not exist).  Log events name a request by 
 a booking or cancellation is audited in the transaction that makes it.  References inside resources are never
 fetched.
 
-Every error is an OperationOutcome (adapters/outer/errors.py): 400 unreadable request, 403 unknown platform or
-missing scope, 404 unknown resource, 405 method, 409 conflict, 413 body too large, 415 media type (XML too), 422
-valid FHIR we cannot act on, 429 over a rate limit, 500 (never with internals), 503 chamber unavailable (and the
-HTTP channel's own: 408, 414, 417, 431, 501).  The handler never lets an exception escape to twisted.web.
+Every error is an OperationOutcome (adapters/outer/errors.py): 400 unreadable request (or a parameter, header
+or value the gateway would not honour), 401 no credentials, 403 unknown platform or missing scope, 404 unknown
+resource, 405 method, 406 a media type or FHIR version not served, 409 conflict, 412 If-Match on another
+version, 413 body too large, 415 media type (XML too), 422 valid FHIR we cannot act on, 429 over a rate limit,
+500 (never with internals), 503 chamber unavailable (and the HTTP channel's own: 408, 414, 417, 431, 501).  The
+handler never lets an exception escape to twisted.web.  The form of an answer (version, Prefer, 304 for
+If-None-Match, HEAD) is adapters/outer/negotiation.py's.
 """
 
 from __future__ import annotations
@@ -51,9 +55,10 @@ from twisted.web import resource, server
 from adapters.outer import ihe
 from adapters.outer.access import Access, Gatekeeper, PlatformDirectory, PlatformGrant, source
 from adapters.outer.capability import SMART_CONFIGURATION, capability_statement
-from adapters.outer.errors import FHIR_JSON, FhirError, failure_answer, operation_outcome
+from adapters.outer.errors import FHIR_JSON, REASONS, FhirError, failure_answer, operation_outcome
 from adapters.outer.http import BoundedContent
-from adapters.outer.intake import JsonLimits, parse_query, require_method
+from adapters.outer.negotiation import AnswerForm, answer_form, etag_matches, versions
+from adapters.outer.intake import JsonLimits, parse_query, refuse_write_query, require_method
 from adapters.outer.oauth_http import OAuthEndpoints
 from adapters.outer.pharmacy import PHARMACY_TYPES, PharmacyApi
 from adapters.outer.scheduling import RESOURCE_TYPES, SchedulingApi
@@ -65,7 +70,7 @@ _HOST = re.compile(rb"^[A-Za-z0-9.\-\[\]:]{1,255}$")
 #: the resource types a route names, and the other fixed words of routes: what a logged route template
 #: keeps of a path (everything else in a path is an id, or whatever a client put there)
 ROUTE_TYPES = frozenset({*(t.encode() for t in RESOURCE_TYPES), *(t.encode() for t in PHARMACY_TYPES)})
-ROUTE_WORDS = ROUTE_TYPES | {b"metadata", b"_history", b"$claim", *(f"${name}".encode() for name in ihe.OPERATIONS),
+ROUTE_WORDS = ROUTE_TYPES | {b"metadata", b"$versions", b"_history", b"$claim", *(f"${name}".encode() for name in ihe.OPERATIONS),
                              *SMART_CONFIGURATION}
 MAX_TEMPLATE_SEGMENTS = 8
 
@@ -202,19 +207,44 @@ class FhirApi(resource.Resource):
         return "/" + "/".join(out)
 
     def _respond(self, result, request, started, gone):
-        status, body, headers = result
+        status, body, headers = self._as_preferred(*result, request)
         platform = getattr(request, "gateway_platform", None)
         log.info("outer.request", platform=platform, method=request.method.decode("ascii", "replace"),
                  path=self._route_template(request), status=status, ms=round((time.monotonic() - started) * 1000, 1))
         if gone:
             return
-        request.setResponseCode(status)
-        request.setHeader(b"content-type", FHIR_JSON)
+        form = getattr(request, "gateway_form", None) or AnswerForm()
+        request.setResponseCode(status, REASONS.get(status))
+        request.setHeader(b"content-type", form.content_type())
         for k, v in headers.items():
             request.setHeader(k.encode(), v.encode())
-        if body is not None:
-            request.write(json.dumps(body, ensure_ascii=False).encode("utf-8"))
+        data = b"" if body is None else json.dumps(body, ensure_ascii=False,
+                                                   indent=2 if form.pretty else None).encode("utf-8")
+        if status != 304:
+            request.setHeader(b"content-length", b"%d" % len(data))
+        if data and request.method != b"HEAD":  # (HEAD: the length a GET would have, no body)
+            request.write(data)
         request.finish()
+
+    @staticmethod
+    def _as_preferred(status, body, headers, request):
+        """The answer as the request's conditions and preferences shape it: 304 for a read whose If-None-Match
+        names the current ETag; for a write's success, ``Prefer: return=minimal`` (no body) or
+        ``return=OperationOutcome``."""
+        form = getattr(request, "gateway_form", None)
+        method = request.method
+        if status == 200 and method in (b"GET", b"HEAD") and "ETag" in headers:
+            condition = request.getHeader(b"if-none-match")
+            if condition is not None and etag_matches(condition, headers["ETag"]):
+                return 304, None, headers
+        if form is not None and status < 300 and method in (b"POST", b"PUT", b"PATCH") and form.prefer_return:
+            if form.prefer_return == "minimal":
+                return status, None, headers
+            if form.prefer_return == "OperationOutcome":
+                what = body.get("resourceType", "request") if isinstance(body, dict) else "request"
+                return status, operation_outcome([("informational", f"{what} answered with status {status}",
+                                                   None)], severity="information"), headers
+        return status, body, headers
 
     # -- routing ---------------------------------------------------------------------------------------------
     def _route(self, request, access: Access) -> list[str] | None:
@@ -260,6 +290,11 @@ class FhirApi(resource.Resource):
 
     def _admission(self, request, access: Access):
         parts = self._route(request, access)
+        if parts in (["metadata"], ["$versions"]) and self.gatekeeper.anonymous(request):
+            # public, like SMART discovery: what the server is, no data (credentials presented are still checked)
+            self.gatekeeper.admit_public()
+            return self._handler(parts, request.method.decode("ascii", "replace"), PlatformGrant(), "", request,
+                                 access)
         platform, grant = self.gatekeeper.admit(request, access)
         if parts is None:
             raise FhirError(404, "not-found", "not a FHIR endpoint of this gateway")
@@ -280,9 +315,17 @@ class FhirApi(resource.Resource):
         yet (it reads the body, if any, when it is)."""
         base = self._base_url(request)
         query = parse_query(request)
+        request.gateway_form = form = answer_form(request, query, method)
+        if method == "HEAD":  # answered as GET, without the body (twisted.web writes none)
+            method = "GET"
+        if method != "GET":
+            refuse_write_query(query)
         if parts == ["metadata"]:
             require_method(method, "GET")
-            return lambda: (200, self._capability_statement(base), {})
+            return lambda: (200, self._capability_statement(base, form.fhir_version), {})
+        if parts == ["$versions"]:
+            require_method(method, "GET")
+            return lambda: (200, versions(), {})
         if self.pharmacy is not None and (not parts or parts[0] in PHARMACY_TYPES):
             return self.pharmacy.handler(parts, method, grant, platform, request, query, base, access)
         if not parts or parts[0] not in RESOURCE_TYPES:
@@ -291,10 +334,12 @@ class FhirApi(resource.Resource):
             return self.ihe.handler(parts[1][1:], method, grant, platform, request, query, base, access)
         return self.scheduling.handler(parts, method, grant, platform, request, query, base, access)
 
-    def _capability_statement(self, base: str) -> dict:
+    def _capability_statement(self, base: str, fhir_version: str) -> dict:
         oauth = self.gatekeeper.oauth
+        tokens = oauth is not None and bool(oauth.clients)  # (SMART only when some platform can get a token)
         return capability_statement(base, hospital_name=self.hospital_name, software_version=self.software_version,
-                                    page_size=self.page_size, token_url=oauth.token_url if oauth is not None else None)
+                                    page_size=self.page_size, token_url=oauth.token_url if tokens else None,
+                                    fhir_version=fhir_version, prescriptions=self.pharmacy is not None)
 
     def _base_url(self, request) -> str:
         """The base platforms address: the configured public URL, else this request's Host."""

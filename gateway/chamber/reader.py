@@ -58,25 +58,37 @@ class Reader(Txn):
             cur = self._c.execute("SELECT * FROM schedules WHERE id = ?", (schedule_id,))
         return [load(ScheduleRow, r) for r in cur]
 
-    def search_slots(
-        self,
+    def search_slots(self, *, limit: int = 100, offset: int = 0, descending: bool = False, **filters) -> list[SlotRow]:
+        """The slots :meth:`_slot_filter` keeps, by start (``descending``: latest first), then schedule."""
+        where, args = self._slot_filter(**filters)
+        order = "DESC" if descending else ""
+        sql = f"SELECT * FROM slots{where} ORDER BY start_ts {order}, schedule_id {order}, id LIMIT ? OFFSET ?"
+        return [load(SlotRow, r) for r in self._c.execute(sql, [*args, limit, offset])]
+
+    def count_slots(self, **filters) -> int:
+        """How many slots :meth:`search_slots` finds with the same ``filters``, in all."""
+        where, args = self._slot_filter(**filters)
+        return self._c.execute(f"SELECT count(*) FROM slots{where}", args).fetchone()[0]
+
+    @staticmethod
+    def _slot_filter(
         *,
         start_from: float | None = None,
         start_to: float | None = None,
         start_from_inclusive: bool = True,
         start_to_inclusive: bool = True,
+        ids: Iterable[str] | None = None,
         schedule_ids: Iterable[str] | None = None,
         service_codes: Iterable[str] | None = None,
         his_statuses: Iterable[str] | None = None,
         or_held: bool = False,
+        free_after: float | None = None,
         hidden: Iterable[tuple[str, str, float | None]] | None = None,
-        limit: int = 100,
-        offset: int = 0,
-    ) -> list[SlotRow]:
+    ) -> tuple[str, list[Any]]:
         """``his_statuses``: only slots no booking of the gateway holds whose HIS status is one of these — and,
-        with ``or_held``, the held ones too.  ``hidden``: (schedule id, day YYYYMMDD, cutoff) triples: free
-        slots of that schedule and day starting after ``cutoff`` (any time, if None) are left out (a
-        platform's quota is used up)."""
+        with ``or_held``, the held ones too; ``free_after``: free ones only if they start after it.  ``hidden``:
+        (schedule id, day YYYYMMDD, cutoff) triples: free slots of that schedule and day starting after
+        ``cutoff`` (any time, if None) are left out (a platform's quota is used up)."""
         where: list[str] = []
         args: list[Any] = []
         if start_from is not None:
@@ -85,16 +97,19 @@ class Reader(Txn):
         if start_to is not None:
             where.append("start_ts <= ?" if start_to_inclusive else "start_ts < ?")
             args.append(start_to)
-        for column, values in (("schedule_id", schedule_ids), ("service_code", service_codes)):
+        for column, values in (("id", ids), ("schedule_id", schedule_ids), ("service_code", service_codes)):
             if values is not None:
                 values = list(values)
                 where.append(f"{column} IN ({', '.join('?' * len(values))})")
                 args += values
         if his_statuses is not None:
             his_statuses = list(his_statuses)
-            where.append(f"((held_by IS NULL AND his_status IN ({', '.join('?' * len(his_statuses))}))"
+            started = "" if free_after is None else " AND NOT (his_status = 'free' AND start_ts <= ?)"
+            where.append(f"((held_by IS NULL AND his_status IN ({', '.join('?' * len(his_statuses))}){started})"
                          + (" OR held_by IS NOT NULL)" if or_held else ")"))
             args += his_statuses
+            if free_after is not None:
+                args.append(free_after)
         hidden = list(hidden or ())
         if hidden:
             where.append(
@@ -104,12 +119,49 @@ class Reader(Txn):
                 " AND (json_extract(h.value, '$[2]') IS NULL OR slots.start_ts > json_extract(h.value, '$[2]'))))"
             )
             args.append(json.dumps(hidden))
-        sql = "SELECT * FROM slots"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY start_ts, schedule_id LIMIT ? OFFSET ?"
-        args += [limit, offset]
-        return [load(SlotRow, r) for r in self._c.execute(sql, args)]
+        return (" WHERE " + " AND ".join(where) if where else ""), args
+
+    #: Reader.search_appointments' sort keys: the appointment's start (its slot's), last change, creation
+    APPOINTMENT_SORTS = {"date": "s.start_ts", "_lastUpdated": "a.updated", "created": "a.created"}
+
+    def search_appointments(self, platform: str, *, sort: tuple[str, bool] = ("created", True), limit: int = 100,
+                            offset: int = 0, **filters) -> list[AppointmentRow]:
+        """``platform``'s appointments that :meth:`_appointment_filter` keeps, ordered by ``sort`` (a key of
+        APPOINTMENT_SORTS, descending?) then id: a stable order to page through."""
+        where, args = self._appointment_filter(platform, **filters)
+        key, descending = sort
+        order = "DESC" if descending else ""
+        sql = (f"SELECT a.* FROM appointments a JOIN slots s ON s.id = a.slot_id{where}"
+               f" ORDER BY {self.APPOINTMENT_SORTS[key]} {order}, a.id {order} LIMIT ? OFFSET ?")
+        return [load(AppointmentRow, r) for r in self._c.execute(sql, [*args, limit, offset])]
+
+    def count_appointments(self, platform: str, **filters) -> int:
+        where, args = self._appointment_filter(platform, **filters)
+        return self._c.execute(f"SELECT count(*) FROM appointments a JOIN slots s ON s.id = a.slot_id{where}",
+                               args).fetchone()[0]
+
+    @staticmethod
+    def _appointment_filter(platform: str, *, ids: Iterable[str] | None = None, statuses: Iterable[str] | None = None,
+                            start_ranges: Iterable[tuple[float, float]] = (),
+                            patients: Iterable[tuple[str | None, str]] | None = None) -> tuple[str, list[Any]]:
+        """``statuses``: the chamber's; ``start_ranges``: [low, high) ranges the slot's start is in, all of them;
+        ``patients``: (system or None, value) pairs, one of which is among the patient's identifiers."""
+        where, args = ["a.platform = ?"], [platform]
+        for column, values in (("a.id", ids), ("a.status", statuses)):
+            if values is not None:
+                values = list(values)
+                where.append(f"{column} IN ({', '.join('?' * len(values))})")
+                args += values
+        for low, high in start_ranges:
+            where.append("s.start_ts >= ? AND s.start_ts < ?")
+            args += [max(low, -1e18), min(high, 1e18)]
+        if patients is not None:
+            where.append("EXISTS (SELECT 1 FROM json_each(a.patient, '$.identifiers') i, json_each(?) t"
+                         " WHERE json_extract(i.value, '$.value') = json_extract(t.value, '$[1]')"
+                         " AND (json_extract(t.value, '$[0]') IS NULL"
+                         " OR json_extract(i.value, '$.system') = json_extract(t.value, '$[0]')))")
+            args.append(json.dumps(list(patients)))
+        return " WHERE " + " AND ".join(where), args
 
     def appointments_for(self, platform: str, limit: int = 100) -> list[AppointmentRow]:
         cur = self._c.execute(

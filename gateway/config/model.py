@@ -114,6 +114,12 @@ class PatientsConfig:
         "(CX.4 = the system, CX.5 = the identifier's type code, else PT).",
         default_factory=list,
     )
+    require: list[Literal["birth_date", "gender"]] = doc(
+        "Patient details a booking must carry because the HIS needs them to register the patient: birth_date "
+        "(Patient.birthDate -> PID-7), gender (Patient.gender -> PID-8). A booking without one is refused (422, "
+        "naming it). Default: none (each is sent when the platform gives it).",
+        default_factory=list,
+    )
 
     def __post_validate__(self):
         issues, seen = [], {}

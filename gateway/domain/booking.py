@@ -53,6 +53,7 @@ from gateway.domain.model import (
     SlotForHis,
     SlotUnavailable,
     SlotUnknown,
+    VersionConflict,
     slot_status,
 )
 
@@ -369,13 +370,17 @@ class BookingService(HisAnswers):
             log.info("booking.repeated", appointment=appointment_id, platform=platform, how=how)
         return result
 
-    def cancel(self, platform: str, appointment_id: str, who: AuditEntry | None = None) -> defer.Deferred:
+    def cancel(self, platform: str, appointment_id: str, who: AuditEntry | None = None,
+               if_version: int | None = None) -> defer.Deferred:
         """Ask the HIS to cancel (queues SRM^S04); a booking still pending is cancelled at once.  Fires with
-        'sent', 'cancelled' (both audited in the same transaction) or 'unchanged'."""
+        'sent', 'cancelled' (both audited in the same transaction) or 'unchanged'.  ``if_version``: only if the
+        appointment is still at that version (else VersionConflict, nothing changed)."""
         control_id = new_control_id()
 
         def work(tx):
             appt = self._own(tx, platform, appointment_id)
+            if if_version is not None and appt.version != if_version:
+                raise VersionConflict(f"appointment {appointment_id} is at version {appt.version}, not {if_version}")
             if appt.status in ("cancelled", "refused"):
                 return "unchanged"
             if appt.pending_change == "cancel":

@@ -94,9 +94,11 @@ class Patient:
     family: str = ""
     given: str = ""
     phone: str = ""
+    birth_date: str = ""  # as FHIR writes a date: YYYY, YYYY-MM or YYYY-MM-DD
+    gender: str = ""  # FHIR administrative gender: male | female | other | unknown
 
     def to_json(self) -> dict:
-        return {
+        out = {
             "identifiers": [
                 {"system": i.system, "value": i.value, "type": i.type_code} for i in self.identifiers
             ],
@@ -104,6 +106,11 @@ class Patient:
             "given": self.given,
             "phone": self.phone,
         }
+        if self.birth_date:
+            out["birth_date"] = self.birth_date
+        if self.gender:
+            out["gender"] = self.gender
+        return out
 
     @classmethod
     def from_json(cls, data: dict) -> "Patient":
@@ -114,6 +121,8 @@ class Patient:
             family=data.get("family", ""),
             given=data.get("given", ""),
             phone=data.get("phone", ""),
+            birth_date=data.get("birth_date", ""),
+            gender=data.get("gender", ""),
         )
 
 
@@ -129,6 +138,12 @@ class IdempotencyConflict(SchedulingError):
     """An Idempotency-Key was used again with a different request."""
 
     code = "idempotency-conflict"
+
+
+class VersionConflict(SchedulingError):
+    """A change made on a version of the appointment that is no longer its current one (HTTP If-Match)."""
+
+    code = "version-conflict"
 
 
 @dataclass(frozen=True)

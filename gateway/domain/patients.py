@@ -32,6 +32,22 @@ class IdentifierRefused(SchedulingError):
         self.element = element
 
 
+class PatientDetailMissing(SchedulingError):
+    """A detail of the patient the hospital requires (config ``patients.require``) is missing; ``element`` is
+    the FHIR path of it."""
+
+    code = "patient-detail-missing"
+
+    def __init__(self, text: str, element: str):
+        super().__init__(text)
+        self.element = element
+
+
+#: what ``patients.require`` may name: the Patient field, what it is, and its FHIR element
+REQUIRABLE = {"birth_date": ("birth date", "Patient.birthDate"), "gender": ("administrative gender (sex)",
+                                                                         "Patient.gender")}
+
+
 @dataclass(frozen=True)
 class IdentifierRule:
     system: str
@@ -47,8 +63,9 @@ class IdentifierRule:
 class IdentifierRules:
     """The configured rules, by system; empty: every system accepted as it comes."""
 
-    def __init__(self, rules: list[IdentifierRule] | tuple[IdentifierRule, ...] = ()):
+    def __init__(self, rules: list[IdentifierRule] | tuple[IdentifierRule, ...] = (), required: tuple[str, ...] = ()):
         self._rules = {r.system: r for r in rules}
+        self.required = tuple(required)  # Patient fields (REQUIRABLE) a booking must carry
         self._patterns = {r.system: re.compile(r.value_pattern) for r in rules if r.value_pattern is not None}
 
     @classmethod
@@ -57,13 +74,19 @@ class IdentifierRules:
         return cls([IdentifierRule(system=c.system, type_code=c.type, name=c.name or "",
                                    assigning_authority=tuple(c.assigning_authority.split("&"))
                                    if c.assigning_authority else (),
-                                   value_pattern=c.value_pattern) for c in config.identifiers])
+                                   value_pattern=c.value_pattern) for c in config.identifiers],
+                   required=tuple(config.require))
 
     def accepted(self) -> str:
         return ", ".join(r.label() for r in self._rules.values())
 
     def check(self, patient: Patient) -> None:
-        """Raise IdentifierRefused if ``patient`` carries an identifier the hospital does not accept."""
+        """Raise IdentifierRefused if ``patient`` carries an identifier the hospital does not accept, and
+        PatientDetailMissing if it lacks a detail the hospital requires."""
+        for name in self.required:
+            if not getattr(patient, name):
+                what, element = REQUIRABLE[name]
+                raise PatientDetailMissing(f"this hospital needs the patient's {what} to book ({element})", element)
         if not self._rules:
             return
         for n, ident in enumerate(patient.identifiers):

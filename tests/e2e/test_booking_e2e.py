@@ -59,7 +59,7 @@ def test_search_bundle_and_schedules_are_valid_fhir(lock):
     displays = {a["display"] for e in schedules["entry"] for a in e["resource"]["actor"]}
     assert "心内科" in displays  # Chinese text crossed HL7 -> chamber -> FHIR intact
     metadata = s.get(f"{lock.base}/metadata").json()
-    assert metadata["fhirVersion"] == "4.3.0"
+    assert metadata["fhirVersion"] == "4.0.1"
 
 
 def test_slot_search_by_start_and_schedule(lock):
@@ -119,7 +119,7 @@ def test_a_platform_sees_only_its_own_appointments(lock):
                                   headers={"Content-Type": "application/fhir+json"})
     assert r.status_code == 201
     appointment_id = r.json()["id"]
-    assert r.headers["Location"] == f"{lock.base}/Appointment/{appointment_id}"
+    assert r.headers["Location"] == f"{lock.base}/Appointment/{appointment_id}/_history/{r.json()['meta']['versionId']}"
     other = lock.session("other")
     assert other.get(f"{lock.base}/Appointment/{appointment_id}").status_code == 404
     listed = other.get(f"{lock.base}/Appointment").json().get("entry", [])

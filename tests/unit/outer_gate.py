@@ -87,7 +87,8 @@ class Gate:
             self.clock.advance(5)  # past answer_within: the booking is answered 202
         assert req.finished, "no answer"
         text = b"".join(req.written).decode()
-        return SimpleNamespace(status=req.responseCode, json=json.loads(text) if text else None,
+        return SimpleNamespace(status=req.responseCode, reason=req.responseMessage,
+                               json=json.loads(text) if text else None,
                                headers={k.decode().lower(): v[0].decode()
                                         for k, v in req.responseHeaders.getAllRawHeaders()})
 

@@ -59,7 +59,7 @@ def test_the_token_and_smart_endpoints_log_their_own_path(tmp_path, certs):
     """Reached before any FHIR routing: their log events name the endpoint, never what followed it."""
     g = Gate(tmp_path / "t.sqlite3", certs)
     try:
-        g.api.gatekeeper.oauth = SimpleNamespace(token_url="https://gw.example/oauth/token")
+        g.api.gatekeeper.oauth = SimpleNamespace(token_url="https://gw.example/oauth/token", clients={"demo": None})
         _, [event] = raw_request(g, b"/oauth/token?x=13655550002")
         assert event["path"] == "/oauth/token"
         _, [event] = raw_request(g, b"/fhir/.well-known/smart-configuration?13655550002")

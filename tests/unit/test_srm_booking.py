@@ -98,7 +98,7 @@ def test_where_hl7apy_is_wrong_the_light_writer_is_right():
 
     pid = parse(light).segment("PID")
     assert pid.repetitions(3) == 2
-    assert pid.components(3, 0) == ["MRN-0001", "", "", "urn:oid:2.16.840.1.113883.2.4.6.3", "MR"]
+    assert pid.components(3, 0) == ["MRN-0001", "", "", "&2.16.840.1.113883.2.4.6.3&ISO", "MR"]
     assert pid.components(3, 1) == ["110101199003071234", "", "", "urn:id:card", "NNCHN"]
     assert pid.components(5) == ["王\r", "芳\n"] and pid.get(13) == "138\x0b\x1c"
     assert b"\x0b" not in light and b"\x1c" not in light  # nothing in a value can break the MLLP framing
@@ -153,3 +153,37 @@ def test_an_unknown_trigger_is_refused_by_both():
     for builder in (build_srm, build_srm_hl7apy):
         with pytest.raises(ValueError, match="unsupported SRM trigger S02"):
             build(builder, booking("S02"))
+
+
+# -- strict validation for the configured version; PID-7 and PID-8 (issue 17, finding 11) -------------------------
+
+@pytest.mark.parametrize("version, trigger", [
+    (v, t) for v in ["2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7"] for t in ["S01", "S03", "S04"]
+    if not (v == "2.3" and t != "S01")])
+def test_the_srm_passes_hl7apys_strict_validation_for_the_configured_version(version, trigger):
+    """It failed v2.5's (ARQ-15 and ARQ-19 are required; an OID system does not fit CX.4's HD.1 of 20
+    characters), 2.3's (MSH-9 has two components) and 2.6's (PID-13's XTN.1 is withdrawn).  (hl7apy finds no
+    structure for v2.3's SRM^S03/S04, which name none in MSH-9: only S01 is checked there.)"""
+    from adapters.hl7.validation import strict_problem
+
+    header = Hl7Header("GATEWAYD", "FRONT", "HIS", "HOSPITAL", version, "utf-8")
+    patient = Patient((MRN,), "王", "芳", "13800000000", birth_date="1990-01-02", gender="female")
+    case = booking(trigger, header=header, patient=patient, his_appointment=None if trigger == "S01" else "H1",
+                   reason="患者要求" if trigger == "S03" else "")
+    raw = build(build_srm, case)
+    assert strict_problem(parse(raw)) is None, raw
+
+
+def test_pid_7_and_8_carry_the_birth_date_and_sex_the_platform_sent():
+    for gender, code in (("female", "F"), ("male", "M"), ("other", "O"), ("unknown", "U")):
+        patient = Patient((MRN,), "王", "芳", "", birth_date="1990-01-02", gender=gender)
+        for builder in (build_srm, build_srm_hl7apy):
+            pid = parse(build(builder, booking(patient=patient))).segment("PID")
+            assert (pid.raw(7), pid.raw(8)) == ("19900102", code)
+    pid = parse(build(build_srm, booking(patient=Patient((MRN,), "王", "芳", "", birth_date="1990")))).segment("PID")
+    assert (pid.raw(7), pid.raw(8)) == ("1990", "")
+
+
+def test_an_oid_system_is_written_as_hd_universal_id():
+    pid = parse(build(build_srm, booking())).segment("PID")
+    assert pid.raw(3) == "MRN-0001^^^&2.16.840.1.113883.2.4.6.3&ISO^MR"
