@@ -57,9 +57,16 @@ def local_to_ts(local: datetime, tz: ZoneInfo) -> float:
     return local.replace(tzinfo=tz).timestamp()
 
 
-def _service(slot) -> list[dict]:
-    return [{"coding": [{"system": SERVICE_SYSTEM, "code": slot.service_code, "display": slot.service_text}],
-             "text": slot.service_text}]
+def _service(slot) -> dict:
+    """``{"serviceType": [...]}`` of the slot's service, or nothing: FHIR strings are never empty, so a part the
+    HIS left empty is left out, and with neither code nor text there is no serviceType."""
+    concept: dict[str, Any] = {}
+    if slot.service_code:
+        concept["coding"] = [{"system": SERVICE_SYSTEM, "code": slot.service_code,
+                              **({"display": slot.service_text} if slot.service_text else {})}]
+    if slot.service_text:
+        concept["text"] = slot.service_text
+    return {"serviceType": [concept]} if concept else {}
 
 
 def slot_resource(slot, tz: ZoneInfo) -> dict:
@@ -68,7 +75,7 @@ def slot_resource(slot, tz: ZoneInfo) -> dict:
         "id": slot.id,
         "meta": {"lastUpdated": instant(slot.updated, tz)},
         "identifier": [{"system": SCHEDULE_SYSTEM, "value": f"{slot.schedule_id}|{slot.start_local}"}],
-        "serviceType": _service(slot),
+        **_service(slot),
         "schedule": {"reference": f"Schedule/{slot.schedule_id}"},
         "status": slot_status(slot),
         "start": instant(slot.start_ts, tz),
@@ -134,7 +141,7 @@ def appointment_resource(appt, slot, tz: ZoneInfo, identifiers=(), schedule=None
         "meta": {"versionId": str(appt.version), "lastUpdated": instant(appt.updated, tz)},
         **({"contained": [contained]} if has_patient else {}),  # a $hold may come without its patient
         "status": APPOINTMENT_STATUS[appt.status],
-        "serviceType": _service(slot),
+        **_service(slot),
         "slot": [{"reference": f"Slot/{slot.id}"}],
         "start": instant(slot.start_ts, tz),
         "end": instant(slot.end_ts, tz),
@@ -180,7 +187,7 @@ def proposed_appointment(slot, schedule, tz: ZoneInfo) -> dict:
         resource["id"] = pid
     resource.update({
         "status": "proposed",
-        "serviceType": _service(slot),
+        **_service(slot),
         "slot": [{"reference": f"Slot/{slot.id}"}],
         "start": instant(slot.start_ts, tz),
         "end": instant(slot.end_ts, tz),

@@ -31,3 +31,22 @@ def test_a_refusal_never_echoes_text_a_fhir_string_may_not_hold(gate):
     r = gate.request("GET", "/Schedule?%0C%C2%85x=1&=2")
     assert r.status == 400 and problems(r.json) == [], r.json
     assert "\\u000c" in r.json["issue"][0]["diagnostics"]
+
+
+def test_a_slot_without_service_text_or_code_is_served_without_empty_strings():
+    """Found by the check in the end-to-end suite (a HIS of kind webservice publishing slots with no service
+    name): the Slot, the Appointment on it and a $find proposal carried ``"display": ""`` and ``"text": ""``,
+    which R4 forbids (a string has at least one character). Empty parts are left out, and with neither code nor
+    text there is no serviceType."""
+    from zoneinfo import ZoneInfo
+
+    from adapters.maps.fhir_scheduling import SERVICE_SYSTEM, slot_resource
+    from gateway.chamber.rows import SlotRow
+
+    tz = ZoneInfo("Asia/Shanghai")
+    for code, text, expected in (("card", "", [{"coding": [{"system": SERVICE_SYSTEM, "code": "card"}]}]),
+                                 ("", "", None), ("", "心内科", [{"text": "心内科"}])):
+        row = SlotRow("S1", "D001", "203001070800", 1.9e9, 1.9e9 + 900, 15, code, text, "free", None, None, None, 0)
+        resource = slot_resource(row, tz)
+        assert problems(resource) == [], (code, text, problems(resource))
+        assert resource.get("serviceType") == expected, (code, text)
