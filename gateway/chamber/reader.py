@@ -46,6 +46,15 @@ class Reader(Txn):
         args.append(limit)
         return [load(MessageRow, r) for r in self._c.execute(sql, args)]
 
+    def waiting_for_a_down_his(self, subject: str) -> str | None:
+        """The HIS endpoint the probe last found down that an outbound message about ``subject`` still waits
+        for (committed, sending or retrying), or None."""
+        row = self._c.execute(
+            "SELECT m.peer FROM messages m JOIN his_links h ON h.peer = m.peer AND h.up = 0"
+            " WHERE m.subject = ? AND m.direction = 'outbound' AND m.state IN ('committed', 'sending', 'retrying')"
+            " LIMIT 1", (subject,)).fetchone()
+        return row[0] if row is not None else None
+
     def state_counts(self) -> dict[tuple[str, str, str], int]:
         """(direction, peer, state) -> number of messages."""
         cur = self._c.execute("SELECT direction, peer, state, count(*) FROM messages GROUP BY 1, 2, 3")

@@ -78,18 +78,34 @@ class ChamberCollector:
 
 
 class HisLinkCollector:
-    """Gauges of the HIS links this process's relays deliver to, read from their status at scrape time."""
+    """Gauges of the HIS links this process's relays deliver to and its probes check, read from their status at
+    scrape time."""
 
     def __init__(self):
         self.links: dict[str, Callable[[], dict]] = {}  # endpoint name -> its relay's status()
+        self.probes: dict[str, Callable[[], dict]] = {}  # endpoint name -> its probe's status()
 
     def collect(self):
         outage = GaugeMetricFamily("gatewayd_his_unreachable_seconds", "How long the HIS endpoint has been "
-                                   "unreachable (no connection: the outage alert); 0 while it is reached",
-                                   labels=["peer"])
-        for peer, status in sorted(self.links.items()):
-            outage.add_metric([peer], status()["unreachable_seconds"])
+                                   "unreachable (no connection, found by a send or by the probe: the outage "
+                                   "alert); 0 while it is reached", labels=["peer"])
+        up = GaugeMetricFamily("gatewayd_his_up", "What the probe last found of the HIS endpoint: 1 up, 0 down "
+                               "(absent before its first check)", labels=["peer"])
+        checked = GaugeMetricFamily("gatewayd_his_probe_checked_timestamp_seconds", "When the probe last "
+                                    "checked the HIS endpoint (Unix time)", labels=["peer"])
+        for peer in sorted(set(self.links) | set(self.probes)):
+            seconds = self.links[peer]()["unreachable_seconds"] if peer in self.links else 0.0
+            probe = self.probes[peer]() if peer in self.probes else None
+            if probe is not None and probe["up"] is False:
+                seconds = max(seconds, probe["for_seconds"])
+            outage.add_metric([peer], seconds)
+            if probe is not None and probe["up"] is not None:
+                up.add_metric([peer], 1 if probe["up"] else 0)
+            if probe is not None and probe["checked"] is not None:
+                checked.add_metric([peer], probe["checked"])
         yield outage
+        yield up
+        yield checked
 
 
 class Metrics:
@@ -131,6 +147,10 @@ class Metrics:
         """Report the HIS endpoint ``peer``'s link from ``status`` (its relay's) at every scrape."""
         self._his_links.links[peer] = status
 
+    def watch_probe(self, peer: str, status: Callable[[], dict]) -> None:
+        """Report the HIS endpoint ``peer``'s probe (``HisProbe.status``) at every scrape."""
+        self._his_links.probes[peer] = status
+
     def delivered(self, peer: str, code: str, seconds: float) -> None:
         self.delivery.labels(peer).observe(max(0.0, seconds))
         self.his_answers.labels(peer, code).inc()
@@ -152,11 +172,12 @@ def chamber_writable(chamber) -> tuple[bool, str]:
 class AdminResource(resource.Resource):
     isLeaf = True
 
-    def __init__(self, chamber, metrics: Metrics, relays=()):
+    def __init__(self, chamber, metrics: Metrics, relays=(), probes=None):
         super().__init__()
         self.chamber = chamber
         self.metrics = metrics
         self.relays = list(relays)
+        self.probes = probes if probes is not None else {}  # endpoint name -> HisProbe (filled as the tree is built)
 
     def render_GET(self, request):
         if request.path == b"/metrics":
@@ -172,6 +193,11 @@ class AdminResource(resource.Resource):
         body = {"chamber": detail, "his": {}}
         for relay in self.relays:
             status = relay.status()
+            probe = self.probes.get(relay.peer)
+            if probe is not None:
+                status["probe"] = probe.status()
+                if status["probe"]["up"] is False:
+                    status["reachable"] = False
             body["his"][relay.peer] = status
             ok = ok and status["reachable"] and status["answering"]
         body["status"] = "ok" if ok else "unhealthy"
