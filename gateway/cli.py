@@ -9,6 +9,7 @@
     gatewayd audit verify|export|prune|find   the audit trail: check its hash chain, export AuditEvents,
                                           retention, was this id asked for
     gatewayd backup DEST --config PATH    a consistent, checked copy of the chamber (while gatewayd runs)
+    gatewayd status --config PATH [--json]   the lock at a glance: gates, HIS endpoints, queues, certificates
     gatewayd config-reference [--update README.md]   every config key, its type, default and meaning
 """
 
@@ -97,6 +98,14 @@ def _parser() -> argparse.ArgumentParser:
                                                 "complete and checked)")
     backup.add_argument("--config", required=True, type=Path)
 
+    status = sub.add_parser("status", help="the lock at a glance: the gateway, each HIS endpoint (up or down, "
+                            "traffic, queue, dead letters), certificates, the chamber (works with or without a "
+                            "running gatewayd)")
+    status.add_argument("--config", required=True, type=Path)
+    status.add_argument("--json", action="store_true", help="print it as JSON (for scripts)")
+    status.add_argument("--color", choices=("auto", "always", "never"), default="auto",
+                        help="colour the summary (auto: on a terminal, unless NO_COLOR is set)")
+
     ref = sub.add_parser("config-reference", help="print the configuration reference (Markdown)")
     ref.add_argument("--update", type=Path, metavar="README",
                      help="rewrite the reference between the config-reference markers of this file instead")
@@ -135,6 +144,15 @@ def main(argv: list[str] | None = None) -> int:
         return audit_command(args)
     if args.command == "backup":
         return with_chamber(args, "backup", lambda chamber, config: _backup(chamber, args.dest))
+    if args.command == "status":
+        config, error = _load(args.config)
+        if error:
+            print(error, file=sys.stderr)
+            return 1
+        from gateway.ops.status import status_command
+
+        return status_command(config, as_json=args.json,
+                              colour={"auto": None, "always": True, "never": False}[args.color])
     if args.command == "config-reference":
         if args.update:
             text = args.update.read_text(encoding="utf-8")
@@ -260,13 +278,16 @@ def run(path: Path, gate: str = "both") -> int:
             problem = gate_problem(new, path, gate)
         if problem:
             log.error("gateway.reload_refused", errors=problem.splitlines(), keeping="the running config")
+            root.last_reload = {"at": reactor.seconds(), "outcome": "refused", "errors": problem.splitlines()}
             return
         try:
             applied = reload(root, new)
         except Exception as e:  # e.g. a certificate file that does not parse
             log.error("gateway.reload_refused", errors=[f"{type(e).__name__}: {e}"], keeping="the running config")
+            root.last_reload = {"at": reactor.seconds(), "outcome": "refused", "errors": [f"{type(e).__name__}: {e}"]}
             return
         log.info("gateway.reloaded", applied=applied)
+        root.last_reload = {"at": reactor.seconds(), "outcome": "applied", "applied": applied}
 
     import signal
 

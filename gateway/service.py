@@ -8,11 +8,11 @@ Start order (stop order is the reverse)::
     retention          deletes what is past chamber.keep_messages / keep_appointments (gateway/chamber/retention.py)
     memory-trim        hands memory closed connections freed back to the system, every minute
     inner gate         the MLLP listener for the HIS (intranet), then relay:<endpoint> (committed outbound
-                       messages to each HIS endpoint; `routes` say which) and poller:<endpoint> (slot_source:
-                       poll only)
+                       messages to each HIS endpoint; `routes` say which), poller:<endpoint> (slot_source:
+                       poll only) and probe:<endpoint> (is it up: adapters/inner/probe.py; probe_interval > 0)
     holds              releases bookings the HIS did not answer in time (outer gate's process)
     outer gate         FHIR over HTTPS with mutual TLS (internet), its connections limited at accept
-    admin              /healthz and /metrics on loopback (admin.listen)
+    admin              /healthz, /metrics and /status on loopback (admin.listen)
 
 A child that fails to start (a port in use, a chamber that cannot be opened) fails the whole start.
 The two gates share nothing but the chamber.
@@ -110,6 +110,13 @@ class Gateway(service.MultiService):
         self.inner_tls: TlsSwitch | None = None  # the MLLP listener's TLS (gate both or inner, with inner.tls)
         self.his_clients: list[MLLPClient] = []  # inner.his's connections (gate both or inner)
         self.probes: dict[str, HisProbe] = {}  # each HIS endpoint's probe (gate both or inner, probe_interval > 0)
+        self.started = reactor.seconds()  # when the tree was built (the process started)
+        self.last_reload: dict | None = None  # the last SIGHUP's outcome (gatewayd run records it)
+
+    def live(self) -> dict:
+        """What only the running process knows, for `gatewayd status` (the admin listener's /status)."""
+        return {"gate": self.gate, "started": self.started, "version": software_version(),
+                "last_reload": self.last_reload}
 
 
 def make_service(config: GatewayConfig, reactor, gate: str = "both") -> Gateway:
@@ -159,7 +166,8 @@ def make_service(config: GatewayConfig, reactor, gate: str = "both") -> Gateway:
                                                          prescribing)
         listener.setServiceParent(root)
     if config.admin is not None:  # last to start, first to stop
-        admin_site = web_server.Site(AdminResource(chamber, metrics, relays, root.probes), reactor=reactor)
+        admin_site = web_server.Site(AdminResource(chamber, metrics, relays, root.probes, live=root.live),
+                                     reactor=reactor)
         admin_site.log = lambda request: None
         admin_limited = _connection_limiter(admin_site, metrics, "admin", reactor, max_connections=ADMIN_CONNECTIONS,
                                             max_per_address=ADMIN_CONNECTIONS)

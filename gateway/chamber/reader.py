@@ -55,6 +55,19 @@ class Reader(Txn):
             " LIMIT 1", (subject,)).fetchone()
         return row[0] if row is not None else None
 
+    def counts_since(self, since: float) -> dict[tuple[str, str], int]:
+        """(direction, peer) -> messages committed at or after ``since`` (``gatewayd status``)."""
+        cur = self._c.execute("SELECT direction, peer, count(*) FROM messages WHERE created >= ? GROUP BY 1, 2",
+                              (since,))
+        return {(r[0], r[1]): r[2] for r in cur}
+
+    def oldest_waiting(self) -> dict[str, float]:
+        """peer -> when its oldest outbound message still waiting for the HIS (committed, sending, retrying) was
+        committed."""
+        cur = self._c.execute("SELECT peer, min(created) FROM messages WHERE direction = 'outbound'"
+                              " AND state IN ('committed', 'sending', 'retrying') GROUP BY peer")
+        return {r[0]: r[1] for r in cur}
+
     def state_counts(self) -> dict[tuple[str, str, str], int]:
         """(direction, peer, state) -> number of messages."""
         cur = self._c.execute("SELECT direction, peer, state, count(*) FROM messages GROUP BY 1, 2, 3")

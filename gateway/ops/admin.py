@@ -1,9 +1,12 @@
-"""The admin listener (loopback only, one per process): ``/healthz`` and Prometheus ``/metrics``.
+"""The admin listener (loopback only, one per process): ``/healthz``, Prometheus ``/metrics`` and ``/status``.
 
 - ``/healthz``: 200 with ``{"status": "ok", ...}`` when the chamber takes a write lock and every HIS this
   process delivers to is reachable and answering; otherwise 503 with what is wrong (``chamber``, ``his``:
   per endpoint ``reachable``, ``unreachable_since``/``unreachable_seconds`` during an outage, ``answering``
-  and ``last_error``), so a monitor (or systemd's watchdog's human) sees why.
+  and ``last_error``, and ``probe``: what the active probe last found, adapters/inner/probe.py), so a monitor
+  (or systemd's watchdog's human) sees why.
+- ``/status``: /healthz's body (under ``health``, always 200) and what only the running process knows: its gate,
+  start time, version and the last config reload's outcome — what `gatewayd status` asks for.
 - ``/metrics``: messages per direction, peer and state, and the undelivered queue per destination, read
   from the chamber at scrape time (so both processes of a split lock report the same truth); delivery
   latency (commit to the HIS's answer) and the HIS's answer codes, observed by this process's relay; how
@@ -172,8 +175,9 @@ def chamber_writable(chamber) -> tuple[bool, str]:
 class AdminResource(resource.Resource):
     isLeaf = True
 
-    def __init__(self, chamber, metrics: Metrics, relays=(), probes=None):
+    def __init__(self, chamber, metrics: Metrics, relays=(), probes=None, live: Callable[[], dict] | None = None):
         super().__init__()
+        self.live = live  # the process's own state (Gateway.live) for /status
         self.chamber = chamber
         self.metrics = metrics
         self.relays = list(relays)
@@ -185,10 +189,19 @@ class AdminResource(resource.Resource):
             return generate_latest(self.metrics.registry)
         if request.path == b"/healthz":
             return self._health(request)
+        if request.path == b"/status":
+            return self._status(request)
         request.setResponseCode(404)
         return b"not found\n"
 
-    def _health(self, request) -> bytes:
+    def _status(self, request) -> bytes:
+        """What `gatewayd status` asks the running process: /healthz's answer and the process's own state (gate,
+        start time, version, the last config reload)."""
+        body = {"health": self._health_body(), **(self.live() if self.live is not None else {})}
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(body).encode()
+
+    def _health_body(self) -> dict:
         ok, detail = chamber_writable(self.chamber)
         body = {"chamber": detail, "his": {}}
         for relay in self.relays:
@@ -201,6 +214,10 @@ class AdminResource(resource.Resource):
             body["his"][relay.peer] = status
             ok = ok and status["reachable"] and status["answering"]
         body["status"] = "ok" if ok else "unhealthy"
-        request.setResponseCode(200 if ok else 503)
+        return body
+
+    def _health(self, request) -> bytes:
+        body = self._health_body()
+        request.setResponseCode(200 if body["status"] == "ok" else 503)
         request.setHeader(b"content-type", b"application/json")
         return json.dumps(body).encode()

@@ -239,15 +239,26 @@ def test_a_booking_for_a_his_the_probe_found_down_is_answered_at_once(tmp_path):
     chamber.close()
 
 
+OUTER_ONLY = """
+outer:
+  tls: {certificate: certs/server.pem, private_key: certs/server.key, client_ca: certs/ca.pem}
+platforms: [{name: demo, certificate_subject: CN=platform-demo}]
+"""
+
+
 def test_a_heartbeat_must_be_allowed_out_and_needs_the_probe(config_dir):
-    from tests.unit.config_files import problems
+    """Refused with file:line:key: a heartbeat send_types does not allow, one without a probe, a malformed type."""
+    from tests.unit.config_files import load, problems
 
     found = problems(config_dir, "inner:\n  his:\n    host: h\n    port: 1\n    heartbeat: NMQ^N01\n"
-                                 "    probe_interval: 0s\n")
-    assert any("heartbeat" in p and "send_types" in p for p in found)
-    assert any("heartbeat" in p and "probe_interval" in p for p in found)
-    assert any("heartbeat" in p for p in problems(config_dir, "inner:\n  his:\n    host: h\n    port: 1\n"
-                                                              "    heartbeat: NMQ\n"))
+                                 "    probe_interval: 0s\n", head=OUTER_ONLY)
+    assert found == ["9:inner.his.heartbeat: the heartbeat sends NMQ^N01: allow it in send_types",
+                     "9:inner.his.heartbeat: a heartbeat is sent by the probe: set probe_interval above 0"]
+    assert [p.split(": ")[0] for p in problems(config_dir, "inner:\n  his:\n    host: h\n    port: 1\n"
+                                                            "    heartbeat: NMQ\n", head=OUTER_ONLY)] \
+        == ["9:inner.his.heartbeat"]
+    his = load(config_dir, "inner:\n  his:\n    host: h\n    port: 1\n", head=OUTER_ONLY).inner.his
+    assert (his.probe_interval, his.heartbeat) == (30.0, None)  # the defaults: a connection check every 30 s
 
 
 def test_an_answer_the_relay_gets_shows_the_link_up_before_the_next_check():
