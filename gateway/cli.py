@@ -10,6 +10,7 @@
                                           retention, was this id asked for
     gatewayd backup DEST --config PATH    a consistent, checked copy of the chamber (while gatewayd runs)
     gatewayd status --config PATH [--json]   the lock at a glance: gates, HIS endpoints, queues, certificates
+    gatewayd console-password             a password's hash for admin.operators (read from the terminal or stdin)
     gatewayd config-reference [--update README.md]   every config key, its type, default and meaning
 """
 
@@ -106,6 +107,9 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                         help="colour the summary (auto: on a terminal, unless NO_COLOR is set)")
 
+    sub.add_parser("console-password", help="print the hash of a password (asked on the terminal, or one line "
+                                            "of stdin) for admin.operators[].password_hash")
+
     ref = sub.add_parser("config-reference", help="print the configuration reference (Markdown)")
     ref.add_argument("--update", type=Path, metavar="README",
                      help="rewrite the reference between the config-reference markers of this file instead")
@@ -144,6 +148,17 @@ def main(argv: list[str] | None = None) -> int:
         return audit_command(args)
     if args.command == "backup":
         return with_chamber(args, "backup", lambda chamber, config: _backup(chamber, args.dest))
+    if args.command == "console-password":
+        import getpass
+
+        from gateway.ops.console import hash_password
+
+        password = getpass.getpass("password: ") if sys.stdin.isatty() else sys.stdin.readline().rstrip("\n")
+        if len(password) < 12:
+            print("gatewayd console-password: use at least 12 characters", file=sys.stderr)
+            return 1
+        print(hash_password(password))
+        return 0
     if args.command == "status":
         config, error = _load(args.config)
         if error:

@@ -49,7 +49,7 @@ from adapters.inner.his import HisDestination
 from adapters.inner.pharmacy import PharmacyInbound
 from adapters.inner.poller import SlotPoller
 from adapters.inner.probe import ConnectCheck, HeartbeatCheck, HisProbe
-from adapters.inner.receiver import InnerGateHandler
+from adapters.inner.receiver import InnerGateHandler, make_reprocessor
 from adapters.maps.fhir_documents import FhirDocuments
 from adapters.maps.fhir_prescription import SubmissionReader, prescription_from_request
 from adapters.maps.pharmacy_codes import PharmacyProfile
@@ -61,6 +61,7 @@ from adapters.inner.client import MLLPClient
 from adapters.inner.listener import MLLPServerFactory
 from gateway.domain.audit import AuditTrail
 from gateway.ops.admin import AdminResource, Metrics
+from gateway.ops.console import Console
 from gateway.domain.booking import BookingService, HisLinkInfo
 from gateway.domain.slot_book import SlotBook
 from gateway.domain.patients import IdentifierRules
@@ -166,8 +167,12 @@ def make_service(config: GatewayConfig, reactor, gate: str = "both") -> Gateway:
                                                          prescribing)
         listener.setServiceParent(root)
     if config.admin is not None:  # last to start, first to stop
-        admin_site = web_server.Site(AdminResource(chamber, metrics, relays, root.probes, live=root.live),
-                                     reactor=reactor)
+        console = Console(chamber, lambda: root.config, root.live, clock=reactor,
+                          reprocess=make_reprocessor(SlotBook(tz), config.inner.his.charset,
+                                                     config.inner.z_segment_peers())
+                          if config.inner is not None else None)
+        admin_site = web_server.Site(AdminResource(chamber, metrics, relays, root.probes, live=root.live,
+                                                   console=console), reactor=reactor)
         admin_site.log = lambda request: None
         admin_limited = _connection_limiter(admin_site, metrics, "admin", reactor, max_connections=ADMIN_CONNECTIONS,
                                             max_per_address=ADMIN_CONNECTIONS)

@@ -34,10 +34,19 @@ class Reader(Txn):
         return [tuple(r) for r in cur]
 
     def messages(self, *, direction: str | None = None, state: str | None = None, peer: str | None = None,
-                 limit: int = 100) -> list[MessageRow]:
-        """The newest messages first, optionally of one direction, state and peer."""
+                 limit: int = 100, control_id: str | None = None, type: str | None = None,
+                 since: float | None = None, until: float | None = None) -> list[MessageRow]:
+        """The newest messages first, optionally of one direction, state, peer, control id and type, committed
+        in [since, until)."""
         where, args = [], []
-        for column, value in (("direction", direction), ("state", state), ("peer", peer)):
+        if since is not None:
+            where.append("created >= ?")
+            args.append(since)
+        if until is not None:
+            where.append("created < ?")
+            args.append(until)
+        for column, value in (("direction", direction), ("state", state), ("peer", peer),
+                              ("control_id", control_id), ("type", type)):
             if value:
                 where.append(f"{column} = ?")
                 args.append(value)

@@ -147,11 +147,25 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class Operator:
+    name: Annotated[str, Pattern(r"^[A-Za-z0-9._-]{1,64}$", "letters, digits, '.', '_' or '-'")] = doc(
+        "The operator's login name (in the audit trail as console:<name>).")
+    password_hash: Annotated[str, Pattern(r"^scrypt\$\d+\$\d+\$\d+\$[A-Za-z0-9+/=]+\$[A-Za-z0-9+/=]+$",
+                                          "a hash printed by `gatewayd console-password`")] = doc(
+        "The password's scrypt hash, as `gatewayd console-password` prints it (never the password).")
+
+
+@dataclass(frozen=True)
 class AdminConfig:
     listen: Annotated[str, Pattern(r"^tcp:\d+:interface=(127\.\d+\.\d+\.\d+|::1|\\:\\:1)$",
                                    "a loopback endpoint such as tcp:9102:interface=127.0.0.1")] = doc(
         "Where /healthz, /metrics and /status (what `gatewayd status` asks) listen: loopback only (each process of a split lock needs its own port).",
         default="tcp:9102:interface=127.0.0.1",
+    )
+    operators: list[Operator] = doc(
+        "Who may log in to the web console at /console/ on this listener (docs/operations.md); none: no "
+        "console. Each login, message shown unmasked and resubmission is audited.",
+        default_factory=list,
     )
 
 

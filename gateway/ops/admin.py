@@ -5,6 +5,7 @@
   per endpoint ``reachable``, ``unreachable_since``/``unreachable_seconds`` during an outage, ``answering``
   and ``last_error``, and ``probe``: what the active probe last found, adapters/inner/probe.py), so a monitor
   (or systemd's watchdog's human) sees why.
+- ``/console/``: the web console for operators (gateway/ops/console.py), when ``admin.operators`` names any.
 - ``/status``: /healthz's body (under ``health``, always 200) and what only the running process knows: its gate,
   start time, version and the last config reload's outcome — what `gatewayd status` asks for.
 - ``/metrics``: messages per direction, peer and state, and the undelivered queue per destination, read
@@ -175,15 +176,25 @@ def chamber_writable(chamber) -> tuple[bool, str]:
 class AdminResource(resource.Resource):
     isLeaf = True
 
-    def __init__(self, chamber, metrics: Metrics, relays=(), probes=None, live: Callable[[], dict] | None = None):
+    def __init__(self, chamber, metrics: Metrics, relays=(), probes=None, live: Callable[[], dict] | None = None,
+                 console=None):
         super().__init__()
         self.live = live  # the process's own state (Gateway.live) for /status
+        self.console = console  # gateway.ops.console.Console: the pages under /console
         self.chamber = chamber
         self.metrics = metrics
         self.relays = list(relays)
         self.probes = probes if probes is not None else {}  # endpoint name -> HisProbe (filled as the tree is built)
 
+    def render_POST(self, request):
+        if self.console is not None and request.path.startswith(b"/console/"):
+            return self.console.render(request)
+        request.setResponseCode(405)
+        return b"method not allowed\n"
+
     def render_GET(self, request):
+        if self.console is not None and (request.path == b"/console" or request.path.startswith(b"/console/")):
+            return self.console.render(request)
         if request.path == b"/metrics":
             request.setHeader(b"content-type", CONTENT_TYPE)
             return generate_latest(self.metrics.registry)

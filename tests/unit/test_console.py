@@ -1,0 +1,100 @@
+"""The web console's rules (gateway/ops/console.py) on a task.Clock: password hashes, masking, and the limits of
+what an anonymous peer can hold or try (sessions, failed logins). Pages over real HTTP: tests/e2e/test_console_e2e.py."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from twisted.internet import task
+from twisted.web.test.requesthelper import DummyRequest
+
+from gateway.chamber.engine import Chamber
+from gateway.ops.console import (MAX_FAILED_LOGINS, MAX_SESSIONS, SESSION_IDLE, Console, hash_password,
+                                 mask_patient_fields, password_matches)
+
+PASSWORD = "correct horse battery staple"
+HASH = hash_password(PASSWORD)
+
+
+class Request(DummyRequest):
+    def __init__(self, path: bytes, method: bytes = b"GET", args: dict | None = None, cookie: bytes | None = None):
+        super().__init__([])
+        self.path, self.method, self.args, self.cookie, self.cookies_set = path, method, args or {}, cookie, []
+
+    def getCookie(self, key):
+        return self.cookie
+
+    def addCookie(self, key, value, **kw):
+        self.cookies_set.append(value)
+
+
+def test_a_password_hash_matches_its_password_only():
+    assert HASH.startswith("scrypt$16384$8$1$") and PASSWORD not in HASH
+    assert password_matches(PASSWORD, HASH)
+    assert not password_matches("correct horse battery stapler", HASH)
+    assert not password_matches(PASSWORD, "scrypt$1$2$3$bad")
+    assert hash_password(PASSWORD) != HASH  # salted
+
+
+def test_patient_segments_are_masked_field_by_field():
+    raw = "MSH|^~\\&|GW|F|HIS|H|20300101||SRM^S01|G1|P|2.5\rPID|1||MRN-1^^^X^MR||王^芳||19800101|F\rAIS|1||x"
+    masked = mask_patient_fields(raw).split("\r")
+    assert masked[0] == raw.split("\r")[0] and masked[2] == "AIS|1||x"
+    assert masked[1] == "PID|1||***||***||***|***"
+
+
+def console(tmp_path, clock):
+    chamber = Chamber(tmp_path / "c.sqlite3", clock=clock.seconds)
+    chamber.open()
+    config = SimpleNamespace(admin=SimpleNamespace(operators=[SimpleNamespace(name="alice", password_hash=HASH)]))
+    return Console(chamber, lambda: config, lambda: {}, clock=clock), chamber
+
+
+def login(c: Console, password: str = PASSWORD) -> Request:
+    request = Request(b"/console/login", b"POST", {b"name": [b"alice"], b"password": [password.encode()]})
+    c.render(request)
+    return request
+
+
+def test_a_session_ends_after_its_idle_time_and_the_oldest_goes_past_the_limit(tmp_path):
+    clock = task.Clock()
+    c, chamber = console(tmp_path, clock)
+    first = login(c)
+    assert first.responseCode == 303 and len(first.cookies_set) == 1
+    token = first.cookies_set[0]
+    page = Request(b"/console/dead", cookie=token)
+    c.render(page)
+    assert page.responseCode in (None, 200)
+    clock.advance(SESSION_IDLE + 1)
+    stale = Request(b"/console/dead", cookie=token)
+    c.render(stale)
+    assert stale.responseCode == 303  # back to the login page
+    tokens = [login(c).cookies_set[0] for _ in range(MAX_SESSIONS + 1)]
+    assert len(c.sessions) == MAX_SESSIONS
+    oldest = Request(b"/console/dead", cookie=tokens[0])
+    c.render(oldest)
+    assert oldest.responseCode == 303
+    chamber.close()
+
+
+def test_failed_logins_are_limited_and_audited(tmp_path):
+    clock = task.Clock()
+    c, chamber = console(tmp_path, clock)
+    for _ in range(MAX_FAILED_LOGINS):
+        assert login(c, "guess").responseCode == 401
+    assert login(c).responseCode == 429  # even the right password, for a minute
+    clock.advance(61)
+    assert login(c).responseCode == 303
+    rows = chamber._reader.execute("SELECT action, outcome, subject FROM audit_records ORDER BY seq").fetchall()
+    assert [tuple(r) for r in rows] == [("console.login", 401, None)] * MAX_FAILED_LOGINS + [
+        ("console.login", 200, "console:alice")]
+    chamber.close()
+
+
+def test_no_operators_no_console(tmp_path):
+    clock = task.Clock()
+    c, chamber = console(tmp_path, clock)
+    c.config = lambda: SimpleNamespace(admin=SimpleNamespace(operators=[]))
+    request = Request(b"/console/login")
+    assert b"no console" in c.render(request) and request.responseCode == 404
+    chamber.close()
