@@ -167,12 +167,12 @@ def make_service(config: GatewayConfig, reactor, gate: str = "both") -> Gateway:
                                                          prescribing)
         listener.setServiceParent(root)
     if config.admin is not None:  # last to start, first to stop
-        console = Console(chamber, lambda: root.config, root.live, clock=reactor,
-                          reprocess=make_reprocessor(SlotBook(tz), config.inner.his.charset,
-                                                     config.inner.z_segment_peers())
-                          if config.inner is not None else None)
-        admin_site = web_server.Site(AdminResource(chamber, metrics, relays, root.probes, live=root.live,
-                                                   console=console), reactor=reactor)
+        admin = AdminResource(chamber, metrics, relays, root.probes, live=root.live)
+        admin.console = Console(chamber, lambda: root.config, admin.status_body, clock=reactor,
+                                reprocess=make_reprocessor(SlotBook(tz), config.inner.his.charset,
+                                                           config.inner.z_segment_peers())
+                                if config.inner is not None else None)
+        admin_site = web_server.Site(admin, reactor=reactor)
         admin_site.log = lambda request: None
         admin_limited = _connection_limiter(admin_site, metrics, "admin", reactor, max_connections=ADMIN_CONNECTIONS,
                                             max_per_address=ADMIN_CONNECTIONS)

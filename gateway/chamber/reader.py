@@ -173,6 +173,19 @@ class Reader(Txn):
         for r in cur:
             yield load(AuditRow, r)
 
+    def search_audit(self, *, action: str | None = None, subject: str | None = None, platform: str | None = None,
+                     resource_id: str | None = None, limit: int = 200) -> list[AuditRow]:
+        """The newest audit records first, optionally of one action (``console.%`` matches a prefix), subject,
+        platform and resource id."""
+        where, args = [], []
+        for column, value in (("action", action), ("subject", subject), ("platform", platform),
+                              ("resource_id", resource_id)):
+            if value:
+                where.append(f"{column} LIKE ?" if column == "action" and value.endswith("%") else f"{column} = ?")
+                args.append(value)
+        sql = "SELECT * FROM audit_records" + (" WHERE " + " AND ".join(where) if where else "")
+        return [load(AuditRow, r) for r in self._c.execute(sql + " ORDER BY seq DESC LIMIT ?", [*args, limit])]
+
     def next_hold_expiry(self) -> float | None:
         cur = self._c.execute(
             "SELECT min(hold_expires) FROM appointments WHERE status = 'pending' AND hold_expires IS NOT NULL"

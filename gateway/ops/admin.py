@@ -208,9 +208,12 @@ class AdminResource(resource.Resource):
     def _status(self, request) -> bytes:
         """What `gatewayd status` asks the running process: /healthz's answer and the process's own state (gate,
         start time, version, the last config reload)."""
-        body = {"health": self._health_body(), **(self.live() if self.live is not None else {})}
         request.setHeader(b"content-type", b"application/json")
-        return json.dumps(body).encode()
+        return json.dumps(self.status_body()).encode()
+
+    def status_body(self) -> dict:
+        """/status's answer (also what the console's status page shows as live)."""
+        return {"health": self._health_body(), **(self.live() if self.live is not None else {})}
 
     def _health_body(self) -> dict:
         ok, detail = chamber_writable(self.chamber)

@@ -16,9 +16,10 @@ Server-rendered HTML, no script at all; pages that show live state refresh thems
 - **Pages**: ``/console/`` the status (`gateway.ops.status.gather`: the same facts as `gatewayd status`);
   ``/console/messages`` search by control id, type, state, peer and time; ``/console/messages/ID`` a message's
   whole story, its raw bytes with patient fields masked (PID, PD1, NK1, GT1, IN1-IN3, every field after the
-  first; a request for them unmasked is audited); ``/console/dead`` the dead letters, each with a retry.
+  first; a request for them unmasked is audited); ``/console/dead`` the dead letters, each with a retry;
+  ``/console/audit`` the audit trail, searched by action, subject, platform and resource id.
 
-Not built yet (docs/operations.md): charts, the audit trail's search, purge, login with client certificates.
+Not built yet (docs/operations.md): charts, purge, login with client certificates.
 """
 
 from __future__ import annotations
@@ -154,6 +155,8 @@ class Console:
             return self._message(request, session, path.rsplit("/", 1)[1])
         if path == "/console/dead":
             return self._dead(request, session)
+        if path == "/console/audit":
+            return self._audit_page(request, session)
         request.setResponseCode(404)
         return self._page(request, "Not found", "<p>No such page.</p>", session)
 
@@ -173,10 +176,12 @@ class Console:
         session.seen = now
         return session
 
-    def _same_origin(self, request) -> bool:
+    @staticmethod
+    def _same_origin(request) -> bool:
+        """No Origin header (a browser sends one with every POST), or this listener's own."""
         origin = request.getHeader(b"origin")
         host = request.getHeader(b"host")
-        return origin is None or (host is not None and origin == f"http://{host}")
+        return origin is None or (host is not None and origin == b"http://" + host)
 
     def _post_problem(self, request, session: _Session) -> str | None:
         if not self._same_origin(request):
@@ -253,7 +258,8 @@ class Console:
         nav = ""
         if session is not None:
             nav = (f"<nav><a href=/console/>status</a> · <a href=/console/messages>messages</a> · "
-                   f"<a href=/console/dead>dead letters</a> · {html.escape(session.name)} "
+                   f"<a href=/console/dead>dead letters</a> · <a href=/console/audit>audit trail</a> · "
+                   f"{html.escape(session.name)} "
                    f"<form method=post action=/console/logout style=display:inline>"
                    f"<input type=hidden name=csrf value={session.csrf}><button>log out</button></form></nav>")
         meta = f"<meta http-equiv=refresh content={refresh}>" if refresh else ""
@@ -356,6 +362,23 @@ class Console:
         return (f"<form method=post action=/console/dead/{message_id}/retry><input type=hidden name=csrf "
                 f"value={session.csrf}><label><input type=checkbox name=confirm value=yes> I want message "
                 f"{message_id} sent again (same bytes, same control id)</label> <button>retry</button></form>")
+
+    def _audit_page(self, request, session: _Session) -> bytes:
+        q = {k: (self._arg(request, k) or "").strip() for k in ("action", "subject", "platform", "resource_id")}
+        records = self.chamber.read().search_audit(action=q["action"] or None, subject=q["subject"] or None,
+                                                   platform=q["platform"] or None,
+                                                   resource_id=q["resource_id"] or None, limit=200)
+        form = "<form method=get action=/console/audit>" + "".join(
+            f"<label>{k} <input name={k} value=\"{html.escape(v)}\"></label> " for k, v in q.items()
+        ) + "<button>search</button> (action: a name, or a prefix ending in %, e.g. console.%)</form>"
+        rows = "".join(
+            f"<tr><td>{r.seq}</td><td>{_when(r.at_us / 1e6)}</td><td>{html.escape(r.action)}</td><td>{r.outcome}</td>"
+            f"<td>{html.escape(r.subject or r.platform or '')}</td><td>{html.escape(r.source or '')}</td>"
+            f"<td>{html.escape((r.resource_type or '') + ' ' + (r.resource_id or ''))}</td>"
+            f"<td>{html.escape(r.detail or '')}</td></tr>" for r in records)
+        return self._page(request, "Audit trail", form + f"<p>{len(records)} found (newest first, at most 200)</p>"
+                          "<table id=audit><tr><th>seq</th><th>when</th><th>action</th><th>outcome</th><th>who</th>"
+                          f"<th>from</th><th>about</th><th>detail</th></tr>{rows}</table>", session)
 
     def _dead(self, request, session: _Session) -> bytes:
         dead = self.chamber.read().messages(direction="outbound", state="dead", limit=500)

@@ -98,3 +98,18 @@ def test_no_operators_no_console(tmp_path):
     request = Request(b"/console/login")
     assert b"no console" in c.render(request) and request.responseCode == 404
     chamber.close()
+
+
+def test_a_post_from_this_console_passes_the_origin_check_and_one_from_elsewhere_does_not(tmp_path):
+    """Browsers send Origin with every POST: the listener's own (http://<Host>) is let through, any other
+    (another site, 'null' from a sandboxed page or a file) refused with 403 before anything is done."""
+    clock = task.Clock()
+    c, chamber = console(tmp_path, clock)
+    for origin, code in ((b"http://127.0.0.1:9102", 303), (b"http://evil.example", 403), (b"null", 403)):
+        request = Request(b"/console/login", b"POST", {b"name": [b"alice"], b"password": [PASSWORD.encode()]})
+        request.requestHeaders.setRawHeaders(b"host", [b"127.0.0.1:9102"])
+        request.requestHeaders.setRawHeaders(b"origin", [origin])
+        c.render(request)
+        assert request.responseCode == code, origin
+    chamber.close()
+
