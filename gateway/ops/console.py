@@ -12,14 +12,16 @@ Server-rendered HTML, no script at all; pages that show live state refresh thems
   Anything else is refused with 403 and changes nothing.
 - **Audited** (the chamber's audit trail, ``subject`` = ``console:<name>``, ``source`` = the peer's address):
   ``console.login`` (200, or 401 for a failed one), ``console.logout``, ``console.unmask`` (a message's raw
-  bytes shown with patient fields), ``console.retry`` (a dead letter resubmitted; its story also says by whom).
-- **Pages**: ``/console/`` the status (`gateway.ops.status.gather`: the same facts as `gatewayd status`);
+  bytes shown with patient fields), ``console.retry`` (a dead letter resubmitted; its story also says by whom), ``console.purge`` (dead letters
+  deleted, in the same transaction).
+- **Pages**: ``/console/`` the status (`gateway.ops.status.gather`: the same facts as `gatewayd status`) and
+  charts of the last hours' traffic and delivery latency (inline SVG, drawn on the server);
   ``/console/messages`` search by control id, type, state, peer and time; ``/console/messages/ID`` a message's
   whole story, its raw bytes with patient fields masked (PID, PD1, NK1, GT1, IN1-IN3, every field after the
-  first; a request for them unmasked is audited); ``/console/dead`` the dead letters, each with a retry;
+  first; a request for them unmasked is audited); ``/console/dead`` the dead letters, each with a retry, and their purge by age;
   ``/console/audit`` the audit trail, searched by action, subject, platform and resource id.
 
-Not built yet (docs/operations.md): charts, purge, login with client certificates.
+Not built yet (docs/operations.md): login with client certificates.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from urllib.parse import urlencode
 import structlog
 from twisted.web import server
 
+from gateway.config.fields import parse_duration
 from gateway.domain.audit import AuditEntry, append
 from gateway.ops.queue import NotRetryable, retry_unit
 from gateway.ops.status import gather, render
@@ -81,6 +84,24 @@ def mask_patient_fields(text: str) -> str:
             segment = sep.join(fields[:2] + ["***" if f else "" for f in fields[2:]])
         lines.append(segment)
     return "\r".join(lines)
+
+
+CHART_HOURS = 6
+CHART_BUCKET = 600.0
+
+
+def _bars(element_id: str, title: str, values: list, colour: str, number=str) -> str:
+    """A bar chart of ``values`` (None: no bar) as inline SVG, its largest value written beside it."""
+    width, height = 720, 80
+    top = max((v for v in values if v is not None), default=0) or 1
+    step = width / max(1, len(values))
+    bars = "".join(
+        f"<rect x={i * step:.1f} y={height - v / top * height:.1f} width={max(1.0, step - 1):.1f} "
+        f"height={v / top * height:.1f} fill=\"{colour}\"><title>{number(v)}</title></rect>"
+        for i, v in enumerate(values) if v)
+    return (f"<figure id={element_id}><figcaption>{html.escape(title)} (highest {number(top) if any(values) else 0})"
+            f"</figcaption><svg xmlns=http://www.w3.org/2000/svg width={width} height={height} role=img "
+            f"style=\"border-bottom:1px solid #999\">{bars}</svg></figure>")
 
 
 class _Session:
@@ -140,6 +161,8 @@ class Console:
                 return self._page(request, "Refused", f"<p>{html.escape(problem)}</p>", session)
             if path == "/console/logout":
                 return self._logout(request, session)
+            if path == "/console/dead/purge":
+                return self._purge(request, session)
             if path.startswith("/console/dead/") and path.endswith("/retry"):
                 return self._retry(request, session, path.split("/")[3])
             request.setResponseCode(404)
@@ -276,12 +299,31 @@ class Console:
                 "</label> <button>log in</button></form>")
 
     def _status(self, request, session: _Session) -> bytes:
-        status = gather(self.config(), now=self.clock.seconds(), ask=lambda url: self.live())
+        now = self.clock.seconds()
+        status = gather(self.config(), now=now, ask=lambda url: self.live())
         downs = [name for name, h in status["his"].items() if h["link"]["up"] is False]
         summary = (f"<p class=bad id=his-state>HIS down: {html.escape(', '.join(downs))}</p>" if downs
                    else "<p class=ok id=his-state>every HIS endpoint up</p>")
-        body = summary + f"<pre id=status>{html.escape(render(status, colour=False))}</pre>"
+        body = summary + f"<pre id=status>{html.escape(render(status, colour=False))}</pre>" + self._charts(now)
         return self._page(request, "Status", body, session, refresh=5)
+
+    def _charts(self, now: float) -> str:
+        """Throughput (messages in and out) and delivery latency (commit to the HIS's answer) over the last
+        CHART_HOURS hours, in CHART_BUCKET buckets, as inline SVG (no script)."""
+        buckets = int(CHART_HOURS * 3600 / CHART_BUCKET)
+        since = now - buckets * CHART_BUCKET
+        inbound, outbound, latency = [0] * buckets, [0] * buckets, [None] * buckets
+        for b, direction, count, mean in self.chamber.read().traffic(since, CHART_BUCKET):
+            if 0 <= b < buckets:
+                (inbound if direction == "inbound" else outbound)[b] = count
+                if direction == "outbound":
+                    latency[b] = mean
+        start = _when(since)[11:16]
+        return (f"<h2>The last {CHART_HOURS:g} hours (from {start} UTC, {CHART_BUCKET / 60:g}-minute bars)</h2>"
+                + _bars("chart-in", "messages in (from the HIS)", inbound, "#36c")
+                + _bars("chart-out", "messages out (to the HIS)", outbound, "#c63")
+                + _bars("chart-latency", "mean seconds from commit to the HIS's answer", latency, "#393",
+                        number=lambda v: f"{v:.2f}"))
 
     def _messages(self, request, session: _Session) -> bytes:
         q = {k: (self._arg(request, k) or "").strip() for k in ("control_id", "type", "state", "peer", "since",
@@ -386,9 +428,33 @@ class Console:
             f"<tr><td><a href=/console/messages/{m.id}>{m.id}</a></td><td>{html.escape(m.control_id)}</td>"
             f"<td>{html.escape(m.peer)}</td><td>{html.escape(m.type)}</td><td>{html.escape(m.last_error or '')}</td>"
             f"<td>{self._retry_form(m.id, session)}</td></tr>" for m in dead)
-        return self._page(request, "Dead letters", f"<p>{len(dead)} dead letters</p><table id=dead><tr><th>id</th>"
+        purge = (f"<form method=post action=/console/dead/purge><input type=hidden name=csrf value={session.csrf}>"
+                 f"<label>delete the dead letters older than <input name=older_than value=30d size=6></label> "
+                 f"<label><input type=checkbox name=confirm value=yes> I want them deleted, with their stories"
+                 f"</label> <button>purge</button></form>")
+        return self._page(request, "Dead letters", f"<p>{len(dead)} dead letters</p>{purge}<table id=dead><tr><th>id</th>"
                                                    f"<th>control id</th><th>peer</th><th>type</th><th>why</th>"
                                                    f"<th></th></tr>{rows}</table>", session)
+
+    def _purge(self, request, session: _Session):
+        try:
+            age = parse_duration(self._arg(request, "older_than") or "")
+        except ValueError:
+            request.setResponseCode(400)
+            return self._page(request, "Not purged", "<p id=outcome class=bad>older than: a duration such as 30d or "
+                                                     "12h</p>", session)
+        d = self._audit(session.name, "console.purge", 200, request, detail=f"dead letters older than {age:g}s",
+                        extra=lambda tx: tx.purge_dead(tx.now - age))
+
+        def done(count):
+            request.write(self._page(request, "Purged", f"<p id=outcome>deleted {count} dead letters (older than "
+                                                        f"{age:g}s) with their stories</p>", session))
+            request.finish()
+
+        d.addCallback(done)
+        d.addErrback(lambda f: (log.error("console.purge_failed", error=f.getErrorMessage()),
+                                request.setResponseCode(503), request.write(b"not purged\n"), request.finish()))
+        return server.NOT_DONE_YET
 
     def _retry(self, request, session: _Session, which: str):
         if not which.isdigit():

@@ -62,6 +62,7 @@ def test_the_console_in_a_real_browser(tmp_path):
             page.click("button:has-text('log in')")
             page.wait_for_url(f"{console}/")
             assert "every HIS endpoint up" in page.inner_text("#his-state")
+            assert page.locator("#chart-in rect").count() >= 1  # the simulator's slot notices, just now
 
             # the HIS stopped while nothing is sent: the page (refreshing itself every 5 s) says so; then back
             lock.sim.stop()

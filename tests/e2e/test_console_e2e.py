@@ -93,6 +93,14 @@ def test_an_operator_finds_a_message_retries_a_dead_letter_and_sees_the_his_go_d
         story = browser.get(f"{console}/messages/{cancel_id}", timeout=10).text
         assert "resubmitted by console:alice" in story
 
+        # purging: unconfirmed, nothing; confirmed, the booking's dead SRM^S01 (settled: never to be resent) goes
+        purge_url = f"{console}/dead/purge"
+        assert browser.post(purge_url, data={"csrf": token, "older_than": "0s"}, timeout=10).status_code == 403
+        assert len(lock.chamber_rows("SELECT 1 FROM messages WHERE state = 'dead'")) == 1
+        purged = browser.post(purge_url, data={"csrf": token, "older_than": "0s", "confirm": "yes"}, timeout=10)
+        assert purged.status_code == 200 and "deleted 1 dead letters" in purged.text
+        assert lock.chamber_rows("SELECT 1 FROM messages WHERE state = 'dead'") == []
+
         # the HIS stopped while nothing is sent: the status page says so within the probe interval, and back
         lock.sim.stop()
         eventually(lambda: "HIS down: his" in browser.get(f"{console}/", timeout=5).text, timeout=5,
@@ -106,4 +114,5 @@ def test_an_operator_finds_a_message_retries_a_dead_letter_and_sees_the_his_go_d
         assert browser.get(f"{console}/", allow_redirects=False, timeout=5).status_code == 303
         actions = [a for (a,) in lock.chamber_rows("SELECT action FROM audit_records WHERE action LIKE 'console.%' "
                                                    "ORDER BY seq")]
-        assert actions == ["console.login", "console.login", "console.unmask", "console.retry", "console.logout"]
+        assert actions == ["console.login", "console.login", "console.unmask", "console.retry", "console.purge",
+                           "console.logout"]

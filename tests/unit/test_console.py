@@ -113,3 +113,28 @@ def test_a_post_from_this_console_passes_the_origin_check_and_one_from_elsewhere
         assert request.responseCode == code, origin
     chamber.close()
 
+
+
+def test_the_charts_count_each_ten_minutes_and_the_delivery_latency(tmp_path):
+    """Three SIUs in the last ten minutes and one two hours ago; an SRM answered 1.5 s after its commit: bars
+    at the right places, their values in their titles; nothing older than six hours is drawn."""
+    clock = task.Clock()
+    clock.advance(1_900_000_000)
+    c, chamber = console(tmp_path, clock)
+    now = clock.seconds()
+    for i, (direction, created, state) in enumerate([("inbound", now - 60, "delivered"), ("inbound", now - 120,
+                                                     "delivered"), ("inbound", now - 300, "delivered"),
+                                                     ("inbound", now - 7200, "delivered"),
+                                                     ("inbound", now - 8 * 3600, "delivered"),
+                                                     ("outbound", now - 100, "delivered")]):
+        chamber.transact_now(lambda tx, d=direction, s=state, n=i: tx.add_message(
+            direction=d, peer="his", control_id=f"C{n}", type="SIU^S12", state=s, body=b"MSH|", charset="utf-8"))
+        chamber._conn.execute("UPDATE messages SET created = ?, updated = ? WHERE control_id = ?",
+                              (created, created + 1.5, f"C{i}"))
+    chamber._conn.commit()
+    charts = c._charts(now)
+    inbound = charts[charts.index("id=chart-in>"):charts.index("id=chart-out>")]
+    assert inbound.count("<rect") == 2 and "<title>3</title>" in inbound and "<title>1</title>" in inbound
+    latency = charts[charts.index("id=chart-latency>"):]
+    assert latency.count("<rect") == 1 and "<title>1.50</title>" in latency
+    chamber.close()
