@@ -233,7 +233,7 @@ class Lock:
         """Rows of a query on the running gateway's chamber, read-only (as an auditor would read it)."""
         import sqlite3
 
-        conn = sqlite3.connect(f"file:{self.workdir / 'chamber.sqlite3'}?mode=ro", uri=True)
+        conn = sqlite3.connect(f"file:{self.workdir / self.gateway_config['chamber']['path']}?mode=ro", uri=True)
         try:
             return conn.execute(sql, args).fetchall()
         finally:
