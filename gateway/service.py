@@ -35,7 +35,6 @@ from cryptography.hazmat.primitives import serialization
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints
-from twisted.internet.endpoints import wrapClientTLS
 from twisted.web import server as web_server
 
 from adapters.outer.http import GatewaySite
@@ -331,8 +330,7 @@ def _probe(config, reactor, chamber, his, his_endpoint, his_tls, his_client, tz)
     it has one; what it finds kept in the chamber (his_links)."""
     if his.probe_interval == 0:
         return None
-    checks = [ConnectCheck(wrapClientTLS(his_tls, his_endpoint) if his_tls is not None else his_endpoint,
-                           clock=reactor, timeout=his.connect_timeout, tls=his_tls is not None)]
+    checks = [ConnectCheck(his_endpoint, clock=reactor, timeout=his.connect_timeout, tls=his_tls)]
     if his.heartbeat is not None:
         header = _header(config, his)
         checks.append(HeartbeatCheck(

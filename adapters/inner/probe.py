@@ -34,6 +34,7 @@ from typing import Callable, Protocol
 import structlog
 from twisted.application import service
 from twisted.internet import defer
+from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.interfaces import IHandshakeListener, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol as TwistedProtocol
 from twisted.python.failure import Failure
@@ -83,15 +84,22 @@ class _Touch(TwistedProtocol):
 
 
 class ConnectCheck:
-    """Up when a connection to ``endpoint`` opens (and, with ``tls``, its handshake completes) within
-    ``timeout``; the connection is closed at once and nothing is written."""
+    """Up when a connection to ``endpoint`` opens (and, with ``tls``, a client connection creator as
+    `adapters.tls.client_options` gives, its handshake completes) within ``timeout``; the connection is closed
+    at once and nothing is written."""
 
-    def __init__(self, endpoint: IStreamClientEndpoint, *, clock, timeout: float, tls: bool = False):
-        self.endpoint, self.clock, self.timeout, self.tls = endpoint, clock, timeout, tls
+    def __init__(self, endpoint: IStreamClientEndpoint, *, clock, timeout: float, tls: object | None = None):
+        self.clock, self.timeout, self.tls = clock, timeout, tls
+        self.retarget(endpoint)
+
+    def retarget(self, endpoint: IStreamClientEndpoint) -> None:
+        """Check ``endpoint`` from now on (a config reload moved the HIS)."""
+        self.endpoint = wrapClientTLS(self.tls, endpoint) if self.tls is not None else endpoint
 
     def check(self) -> defer.Deferred:
         done: defer.Deferred = defer.Deferred()
-        connecting = self.endpoint.connect(Factory.forProtocol(lambda: _Touch(done, self.tls)))
+        tls = self.tls is not None
+        connecting = self.endpoint.connect(Factory.forProtocol(lambda: _Touch(done, tls)))
         holder: dict = {}
 
         def connected(proto):
@@ -130,9 +138,15 @@ class HeartbeatCheck:
 
     def __init__(self, new_client: Callable[[], MLLPClient], build: Callable[[str], bytes], *, timeout: float):
         self.new_client, self.build, self.timeout = new_client, build, timeout
+        self.endpoint: IStreamClientEndpoint | None = None  # set by a reload that moved the HIS
+
+    def retarget(self, endpoint: IStreamClientEndpoint) -> None:
+        self.endpoint = endpoint
 
     def check(self) -> defer.Deferred:
         client = self.new_client()
+        if self.endpoint is not None:
+            client.retarget(self.endpoint)
         control_id = heartbeat_control_id()
         d = client.send(self.build(control_id), control_id, self.timeout)
 
@@ -236,6 +250,14 @@ class HisProbe(service.Service):
         else:
             self._next = self.clock.callLater(self.interval if self.up else self.recheck, self.probe)
         return None
+
+    def retarget(self, endpoint: IStreamClientEndpoint) -> None:
+        """A config reload moved the HIS endpoint: check the new address from now on, and at once."""
+        for check in self.checks:
+            if hasattr(check, "retarget"):
+                check.retarget(endpoint)
+        if self.running and self._running is None:
+            self.probe()
 
     def heard(self) -> None:
         """The HIS endpoint sent us a message: while the link is not known up, check it now (a HIS that starts,
