@@ -9,7 +9,8 @@
     gatewayd audit verify|export|prune|find   the audit trail: check its hash chain, export AuditEvents,
                                           retention, was this id asked for
     gatewayd backup DEST --config PATH    a consistent, checked copy of the chamber (while gatewayd runs)
-    gatewayd status --config PATH [--json]   the lock at a glance: gates, HIS endpoints, queues, certificates
+    gatewayd status --config PATH [--json]   the lock at a glance: who runs each gate, HIS endpoints, queues,
+                                          certificates (opens the chamber read-only, claims nothing)
     gatewayd console-password             a password's hash for admin.operators (read from the terminal or stdin)
     gatewayd config-reference [--update README.md]   every config key, its type, default and meaning
 """
@@ -246,6 +247,9 @@ def run(path: Path, gate: str = "both") -> int:
     import structlog
 
     log = structlog.get_logger("gateway")
+    claim = _claim(config, path, gate, log)
+    if isinstance(claim, int):
+        return claim
     root = make_service(config, reactor, gate)
     try:
         root.privilegedStartService()
@@ -254,6 +258,7 @@ def run(path: Path, gate: str = "both") -> int:
         log.error("gateway.start_failed", error=str(e), error_type=type(e).__name__)
         print(f"gatewayd: cannot start: {e}", file=sys.stderr)
         _stop_after_failed_start(root)
+        claim.release()
         return 1
     exit_code = [0]
 
@@ -325,8 +330,34 @@ def run(path: Path, gate: str = "both") -> int:
     gc.collect()
     gc.freeze()
     reactor.run()
+    claim.release()  # (the process's end would: held until the tree has stopped, never across a reload)
     log.info("gateway.stopped")
     return exit_code[0]
+
+
+def _claim(config, path: Path, gate: str, log):
+    """This gate's claim on the chamber (gateway/ops/claim.py), taken before anything is opened or listens; or
+    the exit code when it cannot be taken: CLAIM_HELD_EXIT when another process runs this gate on the chamber
+    (the message names it), 1 when the claim file cannot be opened or written."""
+    from gateway.ops.claim import CLAIM_HELD_EXIT, Claim, ClaimError, ClaimHeld, Holder
+
+    claim = Claim(config.chamber.path, gate, Holder.this_process(gate, path))
+    try:
+        claim.take()
+    except ClaimHeld as e:
+        held = e.holder
+        log.error("gateway.claim_held", role=e.role, chamber=e.chamber, claim_file=str(e.path),
+                  holder_pid=held.pid if held else None, holder_gate=held.gate if held else None,
+                  holder_config=held.config if held else None, holder_since=held.since if held else None,
+                  holder_user=held.user if held else None, holder_host=held.host if held else None)
+        print(f"gatewayd: cannot start: {e}", file=sys.stderr)
+        return CLAIM_HELD_EXIT
+    except ClaimError as e:
+        log.error("gateway.start_failed", error=str(e), error_type=type(e).__name__)
+        print(f"gatewayd: cannot start: {e}", file=sys.stderr)
+        return 1
+    log.info("gateway.claimed", roles=list(claim.held), chamber=str(config.chamber.path))
+    return claim
 
 
 def with_chamber(args, command: str, run) -> int:

@@ -2,7 +2,8 @@
 
 ``--log`` overrides the received-messages journal path. SIGUSR1 makes the counter book one random
 free slot at once (journalled and pushed like any counter booking); SIGUSR2 makes the pharmacy (config
-``pharmacy:``) release a random prescription to outside pharmacies. SIGINT / SIGTERM stop it.
+``pharmacy:``) release a random prescription to outside pharmacies; SIGHUP opens the slots of the doctors
+marked ``held`` at once (one SIU^S24 each: a slot-release rush). SIGINT / SIGTERM stop it.
 Exit status: 0 after a clean stop, 1 if it could not listen or open its store, 2 for a bad configuration.
 """
 
@@ -80,8 +81,12 @@ def main(argv: list[str]) -> int:
     def on_usr2(signum, frame) -> None:
         reactor.callFromThread(sim.release_now)
 
+    def on_hup(signum, frame) -> None:
+        reactor.callFromThread(sim.release_held_slots)
+
     signal.signal(signal.SIGUSR1, on_usr1)
     signal.signal(signal.SIGUSR2, on_usr2)
+    signal.signal(signal.SIGHUP, on_hup)
     reactor.callWhenRunning(start)
     reactor.addSystemEventTrigger("before", "shutdown", sim.stopService)
     reactor.run()

@@ -216,8 +216,10 @@ class Txn:
 
     def insert_slot(self, row: SlotRow, *, or_update: bool = False, publication: bool = False) -> None:
         """Insert a slot.  ``or_update``: if it exists, update what the HIS says about it instead (times,
-        service, HIS status and appointment; not our hold or booking) — one statement, no lookup before.
-        ``publication``: the HIS published the slot (open/blocked), so its Z-segments are updated too."""
+        service, HIS status and appointment; not our hold or booking) — one statement, no lookup before —
+        except on a slot booked by one of ours with another HIS appointment than ``row``'s: that booking's
+        HIS appointment stays.  ``publication``: the HIS published the slot (open/blocked), so its
+        Z-segments are updated too."""
         self._c.execute(
             "INSERT INTO slots (id, schedule_id, start_local, start_ts, end_ts, minutes, service_code,"
             " service_text, his_status, his_appointment, held_by, booked_by, z_segments, updated)"
@@ -226,7 +228,10 @@ class Txn:
                " minutes = excluded.minutes, service_code = excluded.service_code,"
                " service_text = excluded.service_text, his_status = excluded.his_status,"
                " his_appointment = excluded.his_appointment, updated = excluded.updated"
-               + (", z_segments = excluded.z_segments" if publication else "") if or_update else ""),
+               + (", z_segments = excluded.z_segments" if publication else "")
+               + " WHERE slots.booked_by IS NULL OR slots.his_appointment IS NULL"
+               " OR excluded.his_appointment IS NULL OR slots.his_appointment = excluded.his_appointment"
+               if or_update else ""),
             (row.id, row.schedule_id, row.start_local, row.start_ts, row.end_ts, row.minutes,
              row.service_code, row.service_text, row.his_status, row.his_appointment, row.held_by,
              row.booked_by, row.z_segments, self.now),

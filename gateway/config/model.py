@@ -40,7 +40,9 @@ class HospitalConfig:
 class ChamberConfig:
     path: Path = doc(
         "The chamber's SQLite file (relative paths are relative to this config file). Both gates must be "
-        "able to write it; back it up like a database.",
+        "able to write it; back it up like a database. One chamber serves one gateway, or one outer and one "
+        "inner process of the split lock: a second process running the same gate on it is refused at start "
+        "(exit 3; claim files <path>.outer.lock and <path>.inner.lock beside it, docs/install.md).",
         default=Path("chamber.sqlite3"),
     )
     keep_messages: Optional[Duration] = doc(

@@ -86,6 +86,12 @@ class SlotBook:
             changes["z_segments"] = z_segments
         if his_status == "free" and slot.booked_by:
             appt = tx.appointment(slot.booked_by)
+            if appt is not None and n.his_appointment and appt.his_appointment \
+                    and appt.his_appointment != n.his_appointment:
+                # the HIS freed another appointment of this slot, an earlier one: its notices come on its
+                # connection, its answers to our SRMs on ours, so the S15 of a booking cancelled and then
+                # re-booked at the HIS can reach us after the new booking's answer.  That booking stands.
+                return sid
             if appt is not None and appt.status == "booked":
                 self._booking_freed(tx, appt)
             changes["booked_by"] = None

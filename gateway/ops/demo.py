@@ -18,6 +18,8 @@ from pathlib import Path
 
 import yaml
 
+from gateway.ops.claim import CLAIM_HELD_EXIT, ClaimError, ClaimHeld, claim_file, holder
+
 REPO_CONFIG = Path(__file__).resolve().parents[2] / "config"
 FHIR_PORT, MLLP_PORT, HIS_PORT = 8443, 2575, 2576
 
@@ -73,12 +75,29 @@ def curl_command(workdir: Path, base: str) -> str:
             f"     -d '{booking}'")
 
 
+def _chamber_taken(chamber: Path) -> ClaimHeld | None:
+    """A demo already running in this workdir (its gateway holds the chamber's claim): said before anything
+    starts — the new gateway would be refused, and the old demo's ports would answer in its place."""
+    for role in ("outer", "inner"):
+        try:
+            held = holder(chamber, role)
+        except ClaimError:  # (no /proc/locks: the gateway's own claim still refuses it, less clearly)
+            held = None
+        if held is not None:
+            return ClaimHeld(role, str(chamber), claim_file(chamber, role), held)
+    return None
+
+
 def run_demo(workdir: Path) -> int:
     workdir = workdir.resolve()
     paths = prepare(workdir)
     gw_cfg = yaml.safe_load(paths["gateway"].read_text(encoding="utf-8"))
     host, port = gw_cfg["outer"].get("host", "127.0.0.1"), gw_cfg["outer"].get("port", FHIR_PORT)
     base = f"https://{host}:{port}{gw_cfg['outer'].get('base_path', '/fhir')}"
+    refused = _chamber_taken(workdir / (gw_cfg.get("chamber") or {}).get("path", "chamber.sqlite3"))
+    if refused is not None:
+        print(f"gatewayd demo: {refused}", file=sys.stderr)
+        return CLAIM_HELD_EXIT
     source_root = str(Path(__file__).resolve().parents[2])  # works from a checkout or an install
     env = dict(os.environ, PYTHONUNBUFFERED="1",
                PYTHONPATH=os.pathsep.join(p for p in (source_root, os.environ.get("PYTHONPATH")) if p))

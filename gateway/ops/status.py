@@ -3,9 +3,10 @@
 What it shows (:func:`gather`; ``--json`` prints it as is, else :func:`render` writes a summary, in colour on a
 terminal):
 
-- **the gateway**: running or not, which gate(s), since when, its version and the last config reload (what it
-  applied, or why it refused it) — asked of the running process's admin listener (``/status``). When nothing
-  answers there (the gateway is down, or ``admin`` is not configured) it says so, and the rest comes from the
+- **the gateway**: which process runs each gate of the chamber (pid, gate, config, since when: from the claims,
+  gateway/ops/claim.py, touched by nothing here), its version and the last config reload (what it applied, or
+  why it refused it) — asked of the running process's admin listener (``/status``). When nothing answers there
+  (the gateway is down, or ``admin`` is not configured) it says so, and the rest comes from the claims, the
   chamber and the config alone.
 - **each HIS endpoint**: up or down and since when (the running probe's, else the chamber's ``his_links``, as
   the probe last recorded it: marked as such), messages in and out in the last minute and hour, the queue
@@ -32,6 +33,7 @@ from typing import Callable
 from cryptography import x509
 
 from gateway.chamber.reader import Reader
+from gateway.ops.claim import ClaimError, holder as claim_holder
 
 #: certificates expiring within this many days are shown as a warning
 WARN_DAYS = 30
@@ -194,11 +196,25 @@ def gather(config, *, now: float | None = None, ask: Callable[[str], dict] = ask
         else:
             entry["link"] = {"up": None, "source": "unknown", "detail": "not checked (no probe has recorded it)"}
         status["his"][name] = entry
-    status["gates"] = {
-        gate: {"configured": getattr(config, gate) is not None,
-               "up": (live.get("gate") in ("both", gate)) if live is not None else
-               (False if status["gateway"]["running"] is False else None)}
-        for gate in ("outer", "inner")}
+    status["gates"] = {}
+    for role in ("outer", "inner"):  # who holds each gate's claim on the chamber (gateway/ops/claim.py)
+        gate: dict = {"configured": getattr(config, role) is not None}
+        try:
+            held = claim_holder(config.chamber.path, role)
+            by_live = live is not None and live.get("gate") in ("both", role)
+            gate.update(up=held is not None or by_live, run_by=held.describe() if held is not None else None)
+        except ClaimError as e:
+            gate.update(up=(live.get("gate") in ("both", role)) if live is not None else None, run_by=None,
+                        detail=str(e))
+        status["gates"][role] = gate
+    if status["gateway"]["running"] is not True and any(g["up"] is not None for g in status["gates"].values()):
+        running = any(g["up"] for g in status["gates"].values())  # without the admin listener, the claims tell
+        if running and status["gateway"]["running"] is None:
+            status["gateway"] = {"running": True, "detail": status["gateway"]["detail"]}
+        elif not running:
+            status["gateway"] = {"running": False, "detail": "no process holds a gate's claim on the chamber: the "
+                                                             "gateway is not running; shown below is what the "
+                                                             "chamber recorded"}
     status["certificates"] = [certificate_expiry(name, path, now) for name, path in certificate_files(config)]
     return status
 
@@ -236,7 +252,9 @@ def render(status: dict, colour: bool) -> str:
     now = status["at"]
     out: list[str] = []
     gw = status["gateway"]
-    if gw["running"]:
+    if gw["running"] and "started" not in gw:
+        out.append(f"gateway   {c('ok', 'RUNNING')}  (live state unknown: {gw['detail']})")
+    elif gw["running"]:
         out.append(f"gateway   {c('ok', 'RUNNING')}  gate {gw['gate']}, up {_ago(now - gw['started'])}, "
                    f"version {gw['version']}, admin {gw['admin']}")
         reload = gw.get("last_reload")
@@ -252,11 +270,17 @@ def render(status: dict, colour: bool) -> str:
         out.append(f"gateway   {c('bad', 'NOT RUNNING')}  {gw['detail']}")
     else:
         out.append(f"gateway   {c('warn', 'UNKNOWN')}  {gw['detail']}")
-    for gate, g in status["gates"].items():
-        if not g["configured"]:
+    for role, g in status["gates"].items():
+        if not g["configured"] and not g["up"]:
             continue
-        state = {True: c("ok", "up"), False: c("bad", "down"), None: c("warn", "unknown")}[g["up"]]
-        out.append(f"  {gate} gate  {state}")
+        if g["up"] and g.get("run_by"):
+            out.append(f"  {role} gate: run by {g['run_by']}")
+        elif g["up"]:
+            out.append(f"  {role} gate: {c('ok', 'up')}")
+        elif g["up"] is False:
+            out.append(f"  {role} gate: {c('bad', 'not running')}")
+        else:
+            out.append(f"  {role} gate: {c('warn', 'unknown')}" + (f" ({g['detail']})" if g.get("detail") else ""))
     out.append("")
     for name, h in status["his"].items():
         link = h["link"]
@@ -312,6 +336,7 @@ def status_command(config, *, as_json: bool, colour: bool | None = None, stream=
             colour = stream.isatty() and os.environ.get("NO_COLOR") is None
         stream.write(render(status, colour) + "\n")
     healthy = (status["gateway"]["running"] is not False
+               and all(g["up"] is not False for g in status["gates"].values() if g["configured"])
                and all(h["link"]["up"] is not False for h in status["his"].values())
                and all(cert["state"] not in ("expired", "error") for cert in status["certificates"])
                and "error" not in status["chamber"])

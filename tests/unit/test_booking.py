@@ -351,3 +351,31 @@ def test_waiters_are_settled_by_this_process_commits_without_reading_the_chamber
     monkeypatch.setattr(Reader, "settled_among", lambda *a: pytest.fail("queried the waiters"))
     answer(chamber, booking, outbound(chamber)[0], "AA", "H1")
     assert successResultOf(waited) is True
+
+
+def test_a_late_cancel_of_an_earlier_booking_of_the_slot_leaves_the_booking_on_it_now(env):
+    """The HIS's SIU for a booking reach us on its own connection, its answers to our SRMs on ours: a patient
+    books a slot (H1) and cancels it, another books it (H2), and only then do the HIS's S12 and S15 for H1
+    arrive (found by bench/rush.py). They are about H1, not about the booking on the slot now: H2 stays
+    booked at the gateway as it is at the HIS, and the slot stays H2's."""
+    chamber, booking, book, _ = env
+    first = successResultOf(booking.book("demo", BookingRequest(SID, PATIENT)))[0]
+    answer(chamber, booking, outbound(chamber)[0], "AA", "H1")
+    assert successResultOf(booking.cancel("demo", first)) == "sent"
+    answer(chamber, booking, outbound(chamber)[1], "AA")
+    second = successResultOf(booking.book("demo", BookingRequest(SID, PATIENT)))[0]
+    answer(chamber, booking, outbound(chamber)[2], "AA", "H2")
+    chamber.transact_now(lambda tx: book.apply(tx, [notice("book", his_appointment="H1")]))
+    chamber.transact_now(lambda tx: book.apply(tx, [notice("free", his_appointment="H1")]))
+    appt = chamber.read().appointment(second)
+    assert (appt.status, appt.his_appointment) == ("booked", "H2")
+    slot = chamber.read().slot(SID)
+    assert (slot_status(slot), slot.his_appointment, slot.booked_by) == ("busy", "H2", second)
+    assert chamber.read().appointment(first).outcome == "cancelled by the platform"
+    # the HIS's own notices for H2 then change nothing; its S15 for H2 is the hospital's cancellation of it
+    chamber.transact_now(lambda tx: book.apply(tx, [notice("book", his_appointment="H2")]))
+    assert chamber.read().appointment(second).status == "booked"
+    chamber.transact_now(lambda tx: book.apply(tx, [notice("free", his_appointment="H2")]))
+    appt = chamber.read().appointment(second)
+    assert (appt.status, appt.outcome) == ("cancelled", "cancelled by the hospital")
+    assert slot_status(chamber.read().slot(SID)) == "free"

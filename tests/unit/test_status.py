@@ -62,7 +62,8 @@ def test_beside_a_running_gateway_live_state_and_chamber_counts(config_dir, tmp_
     status = gather(config, now=NOW, ask=lambda url: live)
     assert os.stat(tmp_path / "c.sqlite3").st_mtime_ns == before  # read-only
     assert status["gateway"]["running"] is True and status["gateway"]["admin"] == "http://127.0.0.1:19102"
-    assert status["gates"] == {"outer": {"configured": True, "up": True}, "inner": {"configured": True, "up": True}}
+    assert status["gates"] == {"outer": {"configured": True, "up": True, "run_by": None},
+                               "inner": {"configured": True, "up": True, "run_by": None}}  # (no claims here)
     his = status["his"]["his"]
     assert (his["in_last_minute"], his["in_last_hour"], his["out_last_minute"], his["out_last_hour"]) == (1, 2, 2, 3)
     assert (his["queue"], his["oldest_waiting_seconds"], his["dead"]) == (3, 600, 1)
@@ -119,8 +120,32 @@ inner: {{his: {{host: 127.0.0.1, port: 2576, tls: {{ca: certs/his-ca.pem}}}}}}
     status = gather(config, now=NOW, ask=lambda url: {})
     [his_ca] = status["certificates"]
     assert (his_ca["name"], his_ca["days_left"], his_ca["state"]) == ("MLLP to his: CA", 12.0, "warn")
-    assert status["gateway"]["running"] is None  # no admin listener: cannot be known
-    assert "UNKNOWN  no admin listener configured" in render(status, colour=False)
+    # no admin listener, and nobody holds a claim on the chamber: not running
+    assert status["gateway"]["running"] is False and "no process holds a gate's claim" in status["gateway"]["detail"]
+    assert "inner gate: not running" in render(status, colour=False)
     assert "12 days left" in render(status, colour=False)
     (config_dir / "certs" / "his-ca.pem").write_bytes(cert(-1))
     assert gather(config, now=NOW, ask=lambda url: {})["certificates"][0]["state"] == "expired"
+
+
+def test_without_an_admin_listener_the_claims_say_who_runs_the_gates(config_dir, tmp_path):
+    """A gateway without admin.listen: its claim on the chamber (gateway/ops/claim.py) says it runs, and which
+    process; the live state is said to be unknown."""
+    from gateway.ops.claim import Claim, Holder
+
+    config = load(config_dir, "", head=f"""
+chamber: {{path: {tmp_path / 'c.sqlite3'}}}
+inner: {{his: {{host: 127.0.0.1, port: 2576}}}}
+""")
+    claim = Claim(config.chamber.path, "inner", Holder.this_process("inner", tmp_path / "g.yaml"))
+    claim.take()
+    try:
+        status = gather(config, now=NOW, ask=lambda url: {})
+        assert status["gateway"]["running"] is True and status["gates"]["inner"]["up"] is True
+        text = render(status, colour=False)
+        assert f"inner gate: run by pid {os.getpid()} (gate inner" in text
+        assert "live state unknown: no admin listener configured" in text
+    finally:
+        claim.release()
+    assert gather(config, now=NOW, ask=lambda url: {})["gateway"]["running"] is False
+
