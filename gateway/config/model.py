@@ -161,7 +161,8 @@ class Operator:
 class AdminConfig:
     listen: Annotated[str, Pattern(r"^tcp:\d+:interface=(127\.\d+\.\d+\.\d+|::1|\\:\\:1)$",
                                    "a loopback endpoint such as tcp:9102:interface=127.0.0.1")] = doc(
-        "Where /healthz, /metrics and /status (what `gatewayd status` asks) listen: loopback only (each process of a split lock needs its own port).",
+        "Where /healthz, /metrics, /status (what `gatewayd status` asks) and the console listen: loopback only (each "
+        "process of a split lock needs its own port; reach the console from a workstation through an SSH tunnel).",
         default="tcp:9102:interface=127.0.0.1",
     )
     operators: list[Operator] = doc(
@@ -268,7 +269,7 @@ class GatewayConfig:
     logging: LoggingConfig = doc("Logging.", default_factory=LoggingConfig)
     audit: AuditConfig = doc("The audit trail in the chamber (docs/security.md).", default_factory=AuditConfig)
     daemon: DaemonConfig = doc("The process itself.", default_factory=DaemonConfig)
-    admin: Optional[AdminConfig] = doc("The admin listener (/healthz, /metrics, /status); left out: none (and `gatewayd status` cannot tell whether the gateway runs).", default=None)
+    admin: Optional[AdminConfig] = doc("The admin listener (/healthz, /metrics, /status, the web console at /console/); left out: none (and `gatewayd status` shows no live state).", default=None)
     routes: list[RouteConfig] = doc(
         "Which HIS endpoint outbound messages go to, by message type and/or by the facility that published a "
         "booking's schedule, first match wins; what no route takes goes to the HIS (inner.his / outer.his_name). "

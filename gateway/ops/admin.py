@@ -4,7 +4,9 @@
   process delivers to is reachable and answering; otherwise 503 with what is wrong (``chamber``, ``his``:
   per endpoint ``reachable``, ``unreachable_since``/``unreachable_seconds`` during an outage, ``answering``
   and ``last_error``, and ``probe``: what the active probe last found, adapters/inner/probe.py), so a monitor
-  (or systemd's watchdog's human) sees why.
+  (or systemd's watchdog's human) sees why. The split lock's outer gate, which has no relay, adds
+  ``his_recorded``: what the inner gate's probe recorded in the chamber (for information: it does not make the
+  outer gate unhealthy).
 - ``/console/``: the web console for operators (gateway/ops/console.py), when ``admin.operators`` names any.
 - ``/status``: /healthz's body (under ``health``, always 200) and what only the running process knows: its gate,
   start time, version and the last config reload's outcome — what `gatewayd status` asks for.
@@ -34,6 +36,8 @@ from typing import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from twisted.web import resource
+
+from gateway.chamber.errors import ChamberError
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
@@ -227,6 +231,13 @@ class AdminResource(resource.Resource):
                     status["reachable"] = False
             body["his"][relay.peer] = status
             ok = ok and status["reachable"] and status["answering"]
+        if not self.relays:  # the split lock's outer gate: what the inner gate's probe recorded (it answers 202 at
+            try:             # once for an endpoint recorded down); the inner gate's own /healthz judges the link
+                links = self.chamber.read().his_links()
+                body["his_recorded"] = {peer: {"up": row.up, "since": row.since, "detail": row.detail}
+                                        for peer, row in links.items()}
+            except (sqlite3.Error, ChamberError):  # a closed chamber is reported as "chamber" above
+                pass
         body["status"] = "ok" if ok else "unhealthy"
         return body
 

@@ -323,3 +323,18 @@ def test_a_message_heard_during_a_failing_check_has_the_link_checked_again():
     assert link.calls == 2 and probe.status()["up"] is True
     probe.stopService()
 
+
+def test_the_outer_gates_health_shows_what_the_inner_gates_probe_recorded(tmp_path):
+    """The split lock's outer process has no relay: its /healthz adds the probe's record from the chamber (why a
+    booking is answered 202 at once) without turning unhealthy for it."""
+    clock = task.Clock()
+    chamber = Chamber(tmp_path / "c.sqlite3", clock=clock.seconds)
+    chamber.open()
+    admin = AdminResource(chamber, Metrics(chamber))
+    assert health(admin) == (200, {"chamber": "ok", "his": {}, "his_recorded": {}, "status": "ok"})
+    successResultOf(HisLinkRecord(chamber, "his").record(False, 12.0, "no connection: refused"))
+    code, body = health(admin)
+    assert code == 200 and body["his_recorded"] == {"his": {"up": False, "since": 12.0,
+                                                            "detail": "no connection: refused"}}
+    chamber.close()
+
