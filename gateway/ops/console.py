@@ -104,6 +104,12 @@ def _bars(element_id: str, title: str, values: list, colour: str, number=str) ->
             f"style=\"border-bottom:1px solid #999\">{bars}</svg></figure>")
 
 
+def _search_form(action: str, query: dict[str, str], note: str = "") -> str:
+    """A GET form with one text field per ``query`` key, filled with what was asked."""
+    fields = "".join(f"<label>{k} <input name={k} value=\"{html.escape(v)}\"></label> " for k, v in query.items())
+    return f"<form method=get action={action}>{fields}<button>search</button> {note}</form>"
+
+
 class _Session:
     __slots__ = ("csrf", "name", "seen", "started")
 
@@ -339,9 +345,7 @@ class Console:
             found = self.chamber.read().messages(control_id=q["control_id"] or None, type=q["type"] or None,
                                                  state=q["state"] or None, peer=q["peer"] or None, since=since,
                                                  until=until, limit=200)
-        form = "<form method=get action=/console/messages>" + "".join(
-            f"<label>{k} <input name={k} value=\"{html.escape(v)}\"></label> " for k, v in q.items()
-        ) + "<button>search</button></form>"
+        form = _search_form("/console/messages", q)
         rows = "".join(
             f"<tr><td><a href=/console/messages/{m.id}>{m.id}</a></td><td>{html.escape(m.control_id)}</td>"
             f"<td>{html.escape(m.direction)}</td><td>{html.escape(m.peer)}</td><td>{html.escape(m.type)}</td>"
@@ -410,9 +414,7 @@ class Console:
         records = self.chamber.read().search_audit(action=q["action"] or None, subject=q["subject"] or None,
                                                    platform=q["platform"] or None,
                                                    resource_id=q["resource_id"] or None, limit=200)
-        form = "<form method=get action=/console/audit>" + "".join(
-            f"<label>{k} <input name={k} value=\"{html.escape(v)}\"></label> " for k, v in q.items()
-        ) + "<button>search</button> (action: a name, or a prefix ending in %, e.g. console.%)</form>"
+        form = _search_form("/console/audit", q, "(action: a name, or a prefix ending in %, e.g. console.%)")
         rows = "".join(
             f"<tr><td>{r.seq}</td><td>{_when(r.at_us / 1e6)}</td><td>{html.escape(r.action)}</td><td>{r.outcome}</td>"
             f"<td>{html.escape(r.subject or r.platform or '')}</td><td>{html.escape(r.source or '')}</td>"

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 from pathlib import Path
 
 import pytest
 
 from gateway.ops.console import hash_password
-from tests.e2e.harness import Lock, appointment_for, eventually, free_port
+from tests.e2e.harness import Lock, eventually, free_port
+from tests.e2e.test_console_e2e import dead_letters
 
 # In CI (.ci/run installs both) a missing browser fails the test; on a developer's machine without them it is skipped.
 if os.environ.get("CI"):
@@ -27,7 +27,6 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"),
                                 reason="Debian's chromium is not installed (.ci/run installs it)")
 
-JSON = {"Content-Type": "application/fhir+json"}
 PASSWORD = "correct horse battery staple"
 PROBE = 2.0
 
@@ -74,17 +73,7 @@ def test_the_console_in_a_real_browser(tmp_path):
             shot(page, "status")
 
             # a silent HIS: the booking's SRM and its cancel dead-letter
-            slot = lock.search_slots(status="free")[0]["id"]
-            lock.sim.popen.send_signal(signal.SIGSTOP)
-            try:
-                assert lock.session().post(f"{lock.base}/Appointment", json=appointment_for(slot),
-                                           headers=JSON).status_code == 202
-                eventually(lambda: len(lock.chamber_rows("SELECT 1 FROM messages WHERE state = 'dead'")) == 2,
-                           timeout=20, what="the SRM^S01 and its cancel to dead-letter")
-            finally:
-                lock.sim.popen.send_signal(signal.SIGCONT)
-            [(cancel_id, control_id)] = lock.chamber_rows(
-                "SELECT id, control_id FROM messages WHERE state = 'dead' AND type = 'SRM^S04'")
+            cancel_id, control_id = dead_letters(lock)
 
             # found by its control id, through the search form
             page.click("nav a:has-text('messages')")

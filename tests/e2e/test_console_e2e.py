@@ -21,6 +21,24 @@ def csrf(page: str) -> str:
     return re.search(r"name=csrf value=([0-9a-f]+)", page).group(1)
 
 
+def dead_letters(lock: Lock) -> tuple[int, str]:
+    """A HIS that takes connections and never answers (the simulator stopped with SIGSTOP, max_attempts 3): a
+    booking's SRM^S01 and its compensating SRM^S04 dead-letter; the HIS resumes. (id, control id) of the
+    cancel, which may be retried (the booking's, settled, may not)."""
+    slot = lock.search_slots(status="free")[0]["id"]
+    lock.sim.popen.send_signal(signal.SIGSTOP)
+    try:
+        booking = lock.session().post(f"{lock.base}/Appointment", json=appointment_for(slot), headers=JSON)
+        assert booking.status_code == 202
+        eventually(lambda: len(lock.chamber_rows("SELECT 1 FROM messages WHERE state = 'dead'")) == 2,
+                   timeout=20, what="the SRM^S01 and its cancel to dead-letter")
+    finally:
+        lock.sim.popen.send_signal(signal.SIGCONT)
+    [(cancel_id, control_id)] = lock.chamber_rows(
+        "SELECT id, control_id FROM messages WHERE state = 'dead' AND type = 'SRM^S04'")
+    return cancel_id, control_id
+
+
 def test_an_operator_finds_a_message_retries_a_dead_letter_and_sees_the_his_go_down(tmp_path):
     admin = free_port()
     lock = Lock(tmp_path, doctors=1, days=1,
@@ -49,18 +67,7 @@ def test_an_operator_finds_a_message_retries_a_dead_letter_and_sees_the_his_go_d
         status = browser.get(f"{console}/", timeout=10)
         assert "every HIS endpoint up" in status.text and "http-equiv=refresh" in status.text
 
-        # a HIS that takes connections and never answers: the booking's SRM and its cancel dead-letter
-        slot = lock.search_slots(status="free")[0]["id"]
-        lock.sim.popen.send_signal(signal.SIGSTOP)
-        try:
-            booking = lock.session().post(f"{lock.base}/Appointment", json=appointment_for(slot), headers=JSON)
-            assert booking.status_code == 202
-            eventually(lambda: len(lock.chamber_rows("SELECT 1 FROM messages WHERE state = 'dead'")) == 2,
-                       timeout=20, what="the SRM^S01 and its cancel to dead-letter")
-        finally:
-            lock.sim.popen.send_signal(signal.SIGCONT)
-        [(cancel_id, control_id)] = lock.chamber_rows(
-            "SELECT id, control_id FROM messages WHERE state = 'dead' AND type = 'SRM^S04'")
+        cancel_id, control_id = dead_letters(lock)
 
         found = browser.get(f"{console}/messages", params={"control_id": control_id}, timeout=10).text
         assert f"<a href=/console/messages/{cancel_id}>" in found and "1 found" in found

@@ -16,7 +16,6 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.python.failure import Failure
 from twisted.web.test.requesthelper import DummyRequest
 
-from adapters.hl7.er7 import parse
 from adapters.inner.client import MLLPClient
 from adapters.inner.probe import ConnectCheck, HeartbeatCheck, HisProbe, LinkDown
 from adapters.maps.srm_booking import Hl7Header, build_heartbeat
