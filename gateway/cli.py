@@ -11,7 +11,9 @@
     gatewayd audit verify|export|prune|find   the audit trail: check its hash chain, export AuditEvents,
                                           retention, was this id asked for
     gatewayd backup DEST --config PATH    a consistent, checked copy of the chamber (while gatewayd runs)
-    gatewayd status --config PATH         which processes run the chamber's gates (opens nothing, claims nothing)
+    gatewayd status --config PATH [--json]   the lock at a glance: who runs each gate, HIS endpoints, queues,
+                                          certificates (opens the chamber read-only, claims nothing)
+    gatewayd console-password             a password's hash for admin.operators (read from the terminal or stdin)
     gatewayd config-reference [--update README.md]   every config key, its type, default and meaning
     gatewayd --version                    the version and the git commit it was built from
 """
@@ -106,9 +108,16 @@ def _parser() -> argparse.ArgumentParser:
                                                 "complete and checked)")
     backup.add_argument("--config", required=True, type=Path)
 
-    status = sub.add_parser("status", help="which processes run the gates of the config's chamber (works while "
-                                           "gatewayd runs: opens nothing, claims nothing)")
+    status = sub.add_parser("status", help="the lock at a glance: the gateway, each HIS endpoint (up or down, "
+                            "traffic, queue, dead letters), certificates, the chamber (works with or without a "
+                            "running gatewayd)")
     status.add_argument("--config", required=True, type=Path)
+    status.add_argument("--json", action="store_true", help="print it as JSON (for scripts)")
+    status.add_argument("--color", choices=("auto", "always", "never"), default="auto",
+                        help="colour the summary (auto: on a terminal, unless NO_COLOR is set)")
+
+    sub.add_parser("console-password", help="print the hash of a password (asked on the terminal, or one line "
+                                            "of stdin) for admin.operators[].password_hash")
 
     ref = sub.add_parser("config-reference", help="print the configuration reference (Markdown)")
     ref.add_argument("--update", type=Path, metavar="README",
@@ -174,8 +183,26 @@ def _command(argv: list[str] | None) -> int:
         return audit_command(args)
     if args.command == "backup":
         return with_chamber(args, "backup", lambda chamber, config: _backup(chamber, args.dest))
+    if args.command == "console-password":
+        import getpass
+
+        from gateway.ops.console import hash_password
+
+        password = getpass.getpass("password: ") if sys.stdin.isatty() else sys.stdin.readline().rstrip("\n")
+        if len(password) < 12:
+            print("gatewayd console-password: use at least 12 characters", file=sys.stderr)
+            return 1
+        print(hash_password(password))
+        return 0
     if args.command == "status":
-        return claim_status(args.config)
+        config, error = _load(args.config)
+        if error:
+            print(error, file=sys.stderr)
+            return 1
+        from gateway.ops.status import status_command
+
+        return status_command(config, as_json=args.json,
+                              colour={"auto": None, "always": True, "never": False}[args.color])
     if args.command == "config-reference":
         if args.update:
             text = args.update.read_text(encoding="utf-8")
@@ -325,13 +352,16 @@ def run(path: Path, gate: str = "both") -> int:
             problem = gate_problem(new, path, gate)
         if problem:
             log.error("gateway.reload_refused", errors=problem.splitlines(), keeping="the running config")
+            root.last_reload = {"at": reactor.seconds(), "outcome": "refused", "errors": problem.splitlines()}
             return
         try:
             applied = reload(root, new)
         except Exception as e:  # e.g. a certificate file that does not parse
             log.error("gateway.reload_refused", errors=[f"{type(e).__name__}: {e}"], keeping="the running config")
+            root.last_reload = {"at": reactor.seconds(), "outcome": "refused", "errors": [f"{type(e).__name__}: {e}"]}
             return
         log.info("gateway.reloaded", applied=applied)
+        root.last_reload = {"at": reactor.seconds(), "outcome": "applied", "applied": applied}
 
     import signal
 
@@ -382,29 +412,6 @@ def _claim(config, path: Path, gate: str, log):
         return 1
     log.info("gateway.claimed", roles=list(claim.held), chamber=str(config.chamber.path))
     return claim
-
-
-def claim_status(path: Path) -> int:
-    """Who runs each gate on the config's chamber, from its claims (gateway/ops/claim.py), touching neither the
-    claims nor the chamber.  Exit 0 when every gate the config names is running, else 1."""
-    config, error = _load(path)
-    if error:
-        print(error, file=sys.stderr)
-        return 1
-    from gateway.ops.claim import ClaimError, holder
-
-    print(f"chamber {config.chamber.path}")
-    names = {"outer": config.outer is not None, "inner": config.inner is not None}
-    missing = 0
-    for role, named in names.items():
-        try:
-            held = holder(config.chamber.path, role)
-        except ClaimError as e:
-            print(f"gatewayd status: {e}", file=sys.stderr)
-            return 1
-        print(f"{role} gate: " + (f"run by {held.describe()}" if held is not None else "not running"))
-        missing += named and held is None
-    return 1 if missing else 0
 
 
 def with_chamber(args, command: str, run) -> int:

@@ -8,11 +8,11 @@ Start order (stop order is the reverse)::
     retention          deletes what is past chamber.keep_messages / keep_appointments (gateway/chamber/retention.py)
     memory-trim        hands memory closed connections freed back to the system, every minute
     inner gate         the MLLP listener for the HIS (intranet), then relay:<endpoint> (committed outbound
-                       messages to each HIS endpoint; `routes` say which) and poller:<endpoint> (slot_source:
-                       poll only)
+                       messages to each HIS endpoint; `routes` say which), poller:<endpoint> (slot_source:
+                       poll only) and probe:<endpoint> (is it up: adapters/inner/probe.py; probe_interval > 0)
     holds              releases bookings the HIS did not answer in time (outer gate's process)
     outer gate         FHIR over HTTPS with mutual TLS (internet), its connections limited at accept
-    admin              /healthz and /metrics on loopback (admin.listen)
+    admin              /healthz, /metrics and /status on loopback (admin.listen)
 
 A child that fails to start (a port in use, a chamber that cannot be opened) fails the whole start.
 The two gates share nothing but the chamber.
@@ -25,6 +25,7 @@ parts in adapters/inner/ and adapters/outer/, what a reload changes in gateway/o
 from __future__ import annotations
 
 import functools
+from datetime import datetime
 from importlib import metadata
 from zoneinfo import ZoneInfo
 
@@ -48,18 +49,20 @@ from adapters.inner.his import HisDestination
 from adapters.inner.webservice import WebServiceDestination, WebServiceLink, slot_poller as webservice_slots
 from adapters.inner.pharmacy import PharmacyInbound
 from adapters.inner.poller import SlotPoller
-from adapters.inner.receiver import InnerGateHandler
+from adapters.inner.probe import ConnectCheck, HeartbeatCheck, HisProbe
+from adapters.inner.receiver import InnerGateHandler, make_reprocessor
 from adapters.maps.fhir_documents import FhirDocuments
 from adapters.maps.fhir_prescription import SubmissionReader, prescription_from_request
 from adapters.maps.pharmacy_codes import PharmacyProfile
 from adapters.maps.rde_order import ORDER_TYPES, PharmacyOrderWriter
-from adapters.maps.srm_booking import Hl7Header, build_sqm_s25, build_srm
+from adapters.maps.srm_booking import Hl7Header, build_heartbeat, build_sqm_s25, build_srm
 from adapters import tls as mllp_tls
 from adapters.tls import TlsSwitch
 from adapters.inner.client import MLLPClient
 from adapters.inner.listener import MLLPServerFactory
 from gateway.domain.audit import AuditTrail
 from gateway.ops.admin import AdminResource, Metrics
+from gateway.ops.console import Console
 from gateway.domain.booking import BookingService, HisLinkInfo
 from gateway.domain.slot_book import SlotBook
 from gateway.domain.patients import IdentifierRules
@@ -70,7 +73,8 @@ from gateway.domain.inbound import InboundService
 from adapters.outer.oauth import EXPIRED_TOKENS_KEPT, TokenService, clients_from_config, default_token_url
 from gateway.ops.listen import (ADMIN_CONNECTIONS, ConnectionLimiter, GateEndpoint, descriptor_needs,
                                 gate_endpoint, handshake_failures)
-from gateway.ops.services import ChamberService, DescriptorsService, HoldsService, MemoryTrimService, WatchService
+from gateway.ops.services import (ChamberService, DescriptorsService, HisLinkRecord, HoldsService,
+                                  MemoryTrimService, WatchService)
 from gateway.domain.quota import Quotas
 from adapters.outer.ratelimit import RateLimiter
 from gateway.domain.prescribing import PrescriptionService, SignaturePolicy
@@ -107,6 +111,14 @@ class Gateway(service.MultiService):
         self.outer_tls: TlsSwitch | None = None  # the outer gate's TLS (gate both or outer)
         self.inner_tls: TlsSwitch | None = None  # the MLLP listener's TLS (gate both or inner, with inner.tls)
         self.his_clients: list[MLLPClient] = []  # inner.his's connections (gate both or inner)
+        self.probes: dict[str, HisProbe] = {}  # each HIS endpoint's probe (gate both or inner, probe_interval > 0)
+        self.started = reactor.seconds()  # when the tree was built (the process started)
+        self.last_reload: dict | None = None  # the last SIGHUP's outcome (gatewayd run records it)
+
+    def live(self) -> dict:
+        """What only the running process knows, for `gatewayd status` (the admin listener's /status)."""
+        return {"gate": self.gate, "started": self.started, "version": software_version(),
+                "last_reload": self.last_reload}
 
 
 def make_service(config: GatewayConfig, reactor, gate: str = "both") -> Gateway:
@@ -144,7 +156,8 @@ def make_service(config: GatewayConfig, reactor, gate: str = "both") -> Gateway:
     MemoryTrimService(reactor).setServiceParent(root)
     relays = []
     if gate in ("both", "inner"):
-        inner, relays, root.inner_tls = _inner_gate(config, reactor, tz, chamber, booking, metrics, prescribing)
+        inner, relays, root.inner_tls = _inner_gate(config, reactor, tz, chamber, booking, metrics, prescribing,
+                                                    root.probes)
         inner.setServiceParent(root)
         root.his_clients = [lane.destination.client for lane in relays[0].lanes  # inner.his (reload retargets)
                             if isinstance(lane.destination, HisDestination)]
@@ -156,7 +169,12 @@ def make_service(config: GatewayConfig, reactor, gate: str = "both") -> Gateway:
                                                          prescribing)
         listener.setServiceParent(root)
     if config.admin is not None:  # last to start, first to stop
-        admin_site = web_server.Site(AdminResource(chamber, metrics, relays), reactor=reactor)
+        admin = AdminResource(chamber, metrics, relays, root.probes, live=root.live)
+        admin.console = Console(chamber, lambda: root.config, admin.status_body, clock=reactor,
+                                reprocess=make_reprocessor(SlotBook(tz), config.inner.his.charset,
+                                                           config.inner.z_segment_peers())
+                                if config.inner is not None else None)
+        admin_site = web_server.Site(admin, reactor=reactor)
         admin_site.log = lambda request: None
         admin_limited = _connection_limiter(admin_site, metrics, "admin", reactor, max_connections=ADMIN_CONNECTIONS,
                                             max_per_address=ADMIN_CONNECTIONS)
@@ -227,17 +245,22 @@ def _prescribing(config: GatewayConfig, reactor, tz, chamber, gate: str) -> Pres
                                retry_after=max(1, int(his.retry_max)) if his is not None else 30)
 
 
-def _inner_gate(config, reactor, tz, chamber, booking, metrics, prescribing):
-    """Intranet side: a relay (and poller) per HIS endpoint, and the MLLP listener for their messages; with the
-    relays and the listener's TLS switch (None without inner.tls)."""
+def _inner_gate(config, reactor, tz, chamber, booking, metrics, prescribing, probes):
+    """Intranet side: a relay (and poller, and probe: into ``probes``) per HIS endpoint, and the MLLP listener for
+    their messages; with the relays and the listener's TLS switch (None without inner.tls)."""
     his = config.inner.his
     gate = service.MultiService()
     gate.setName("inner")
     slot_book = SlotBook(tz)
     inbound = InboundService(chamber, slot_book, config.inner.z_segment_peers(), same_message=same_message)
     outbox = Outbox(booking, prescribing)
-    relays = [_relay(config, reactor, chamber, endpoint, outbox, metrics, gate, inbound, tz)
+    relays = [_relay(config, reactor, chamber, endpoint, outbox, metrics, gate, inbound, tz, probes)
               for endpoint in (his, *config.inner.endpoints)]
+
+    def heard(peer: str) -> None:
+        if peer in probes:
+            probes[peer].heard()
+
     handler = InnerGateHandler(inbound, peer=his.name, sending_application=config.inner.sending_application,
                                sending_facility=config.inner.sending_facility, tz=tz, clock=reactor,
                                validation=config.inner.validation, accept_types=config.inner.accept_types,
@@ -245,7 +268,7 @@ def _inner_gate(config, reactor, tz, chamber, booking, metrics, prescribing):
                                pharmacy=PharmacyInbound(prescribing, tz),
                                peers_by_application={e.receiving_application: e.name
                                                      for e in (his, *config.inner.endpoints)}
-                               if config.inner.endpoints else None)
+                               if config.inner.endpoints else None, on_message=heard)
     tls_switch = (TlsSwitch(mllp_tls.server_options(
         config.inner.tls.certificate, config.inner.tls.private_key, config.inner.tls.client_ca))
         if config.inner.tls is not None else None)
@@ -269,10 +292,12 @@ def _inner_gate(config, reactor, tz, chamber, booking, metrics, prescribing):
     return gate, relays, tls_switch
 
 
-def _relay(config, reactor, chamber, his, outbox, metrics, gate, inbound, tz) -> Relay:
+def _relay(config, reactor, chamber, his, outbox, metrics, gate, inbound, tz, probes) -> Relay:
     """One HIS endpoint: its lanes (MLLP clients; for kind database or webservice its link, started before and
-    stopped after the relay), the relay for its queue, and its slot poller if it polls (SQM^S25, the
-    database's slot view, the web service's schedule query)."""
+    stopped after the relay), the relay for its queue, its slot poller if it polls (SQM^S25, the
+    database's slot view, the web service's schedule query), and for MLLP its probe (into ``probes``) unless
+    probe_interval is 0."""
+    probe = None
     if his.kind == "database":
         link = DatabaseLink(his.database, peer=his.name, reactor=reactor)
         link.setServiceParent(gate)
@@ -284,7 +309,7 @@ def _relay(config, reactor, chamber, his, outbox, metrics, gate, inbound, tz) ->
         lanes = [WebServiceDestination(link, charset=his.charset) for _ in range(his.window)]
         poller = webservice_slots(link, inbound, tz=tz, clock=reactor) if his.webservice.slots is not None else None
     else:
-        lanes, poller = _mllp_lanes(config, reactor, his, inbound, tz)
+        lanes, poller, probe = _mllp_lanes(config, reactor, chamber, his, inbound, tz)
     relay = Relay(chamber, his.name, lanes, outbox.on_answer, clock=reactor,
                   ack_timeout=his.ack_timeout, retry_initial=his.retry_initial, retry_max=his.retry_max,
                   max_attempts=his.max_attempts, max_age=his.max_age, on_dead=outbox.on_dead,
@@ -292,22 +317,30 @@ def _relay(config, reactor, chamber, his, outbox, metrics, gate, inbound, tz) ->
     relay.setServiceParent(gate)
     if poller is not None:
         poller.setServiceParent(gate)
+    if probe is not None:
+        probe.setServiceParent(gate)
+        metrics.watch_probe(his.name, probe.status)
+        probes[his.name] = probe
     return relay
 
 
-def _mllp_lanes(config, reactor, his, inbound, tz):
-    """An MLLP endpoint's HisDestinations (one client each) and its SQM^S25 poller (slot_source: poll) or None."""
+def _mllp_lanes(config, reactor, chamber, his, inbound, tz):
+    """An MLLP endpoint's HisDestinations (one client each), its SQM^S25 poller (slot_source: poll) or None, and
+    its probe or None."""
     his_endpoint = endpoints.HostnameEndpoint(reactor, his.host, his.port, timeout=his.connect_timeout)
     his_tls = None
     if his.tls is not None:
         his_tls = mllp_tls.client_options(his.tls.server_name or his.host, his.tls.ca, his.tls.certificate,
                                           his.tls.private_key)
 
+    probe = None
+
     def his_client(max_bytes: int) -> MLLPClient:
         return MLLPClient(reactor, his_endpoint, default_charset=his.charset, max_message_bytes=max_bytes,
                           clock=reactor, connect_timeout=his.connect_timeout, release=his.mllp_release,
-                          tls=his_tls)
+                          tls=his_tls, on_answer=probe.answered if probe is not None else None)
 
+    probe = _probe(config, reactor, chamber, his, his_endpoint, his_tls, his_client, tz)
     lanes = [HisDestination(his_client(config.inner.max_message_bytes)) for _ in range(his.window)]
     poller = None
     if his.slot_source == "poll":
@@ -316,7 +349,25 @@ def _mllp_lanes(config, reactor, his, inbound, tz):
                             build_query=functools.partial(build_sqm_s25, header=poll_header),
                             interval=his.poll_interval, days=his.poll_days, tz=tz, ack_timeout=his.ack_timeout,
                             retry_initial=his.retry_initial, retry_max=his.retry_max, clock=reactor)
-    return lanes, poller
+    return lanes, poller, probe
+
+
+def _probe(config, reactor, chamber, his, his_endpoint, his_tls, his_client, tz) -> HisProbe | None:
+    """The HIS endpoint ``his``'s probe (None with probe_interval 0): a connection check, and its heartbeat if
+    it has one; what it finds kept in the chamber (his_links)."""
+    if his.probe_interval == 0:
+        return None
+    checks = [ConnectCheck(his_endpoint, clock=reactor, timeout=his.connect_timeout, tls=his_tls)]
+    if his.heartbeat is not None:
+        header = _header(config, his)
+        checks.append(HeartbeatCheck(
+            lambda: his_client(config.inner.max_message_bytes),
+            lambda control_id: build_heartbeat(his.heartbeat, header=header, control_id=control_id,
+                                               now=datetime.fromtimestamp(reactor.seconds(), tz)),
+            timeout=his.ack_timeout))
+    record = HisLinkRecord(chamber, his.name)
+    return HisProbe(his.name, checks, interval=his.probe_interval, clock=reactor, on_change=record.record,
+                    known=record.known)
 
 
 #: the outer gate's listen backlog: room for a burst of connections while the gateway is busy, so a flood's

@@ -68,6 +68,7 @@ Log events carry the peer and the control ids - never message contents.
 from __future__ import annotations
 
 import collections
+from typing import Callable
 
 import structlog
 from twisted.internet import defer
@@ -200,7 +201,8 @@ class MLLPClient:
     ``reactor`` is used for nothing but the default ``clock``; ``endpoint`` is an IStreamClientEndpoint
     (``clientFromString(reactor, 'tcp:his.example:2575')`` or a TLS endpoint). ``release``: 1 (default) or 2
     (MLLP release 2 commit blocks, see the module docstring). ``tls``: None or a client connection creator
-    (`adapters.tls.client_options`), which wraps ``endpoint`` in TLS.
+    (`adapters.tls.client_options`), which wraps ``endpoint`` in TLS. ``on_answer``: called (no arguments)
+    whenever the peer answers one of our messages (`adapters.inner.probe.HisProbe.answered`).
     """
 
     def __init__(
@@ -214,6 +216,7 @@ class MLLPClient:
         connect_timeout: float = 5.0,
         release: int = 1,
         tls: object | None = None,
+        on_answer: Callable[[], object] | None = None,
     ):
         if release not in (1, 2):
             raise ValueError(f"MLLP release must be 1 or 2, not {release!r}")
@@ -234,6 +237,7 @@ class MLLPClient:
         self._closed = False
         self._connect_timed_out = False
         self._close_waiters: list[tuple[_ClientProtocol, defer.Deferred]] = []
+        self.on_answer = on_answer  # called whenever the peer answers one of our messages (the HIS probe's)
 
     # ------------------------------------------------------------------------------------- public
 
@@ -392,6 +396,8 @@ class MLLPClient:
             return
         self._in_flight = None
         proto.exchanges += 1
+        if self.on_answer is not None:
+            self.on_answer()
         self._settle(item, result=message)
         self._next()
 

@@ -63,7 +63,7 @@ class InnerGateHandler:
 
     def __init__(self, inbound, *, peer: str, sending_application: str, sending_facility: str, tz: ZoneInfo,
                  clock, validation: str = "tolerant", accept_types=("SIU^*",), on_answer=None, pharmacy=None,
-                 peers_by_application: dict[str, str] | None = None):
+                 peers_by_application: dict[str, str] | None = None, on_message=None):
         if validation not in VALIDATION_MODES:
             raise ValueError(f"validation must be one of {', '.join(VALIDATION_MODES)}, not {validation!r}")
         self.inbound = inbound
@@ -79,6 +79,7 @@ class InnerGateHandler:
         self._now: datetime | None = None  # seconds only): computed once a second, not once per message
         self.pharmacy = pharmacy  # adapters.inner.pharmacy.PharmacyInbound: RDS^O13, released RDE^O11
         self.peers_by_application = peers_by_application or {}  # MSH-3 -> HIS endpoint name
+        self.on_message = on_message  # called with the HIS endpoint's name for every message it sends (its probe)
 
     def handle(self, message: Message, peer: str) -> defer.Deferred | Answer:
         if message.message_code == "ACK":
@@ -88,6 +89,8 @@ class InnerGateHandler:
             return Answer(())
         peer_name = self.peers_by_application.get(message.sending_application, self.peer) \
             if self.peers_by_application else self.peer
+        if self.on_message is not None:
+            self.on_message(peer_name)
         received = Received(peer=peer_name, control_id=message.control_id, type=message.type_name,
                             body=message.raw, charset=message.charset, sender=sender(message))
         if not type_allowed(message.type_name, self.accept_types):

@@ -272,3 +272,14 @@ def build_sqm_s25(
     msg.qrf.qrf_2 = dtm(start)[:12]
     msg.qrf.qrf_3 = dtm(end)[:12]
     return _encode(msg, header)
+
+
+def build_heartbeat(message_type: str, *, header: Hl7Header, control_id: str, now: datetime) -> bytes:
+    """The inner gate's application heartbeat (``inner.his.heartbeat``, e.g. NMQ^N01): an MSH with nothing
+    after it, which any HIS that reads HL7 can answer (AA, or AR for a type it does not take)."""
+    return format_message([_segment("MSH", {
+        1: "^~\\&", 2: escape(header.sending_application), 3: escape(header.sending_facility),
+        4: escape(header.receiving_application), 5: escape(header.receiving_facility), 6: dtm(now),
+        8: message_type, 9: escape(control_id), 10: "P", 11: header.version,
+        17: hl7_charset_name(header.charset),
+    })]).encode(header.charset)

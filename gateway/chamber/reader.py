@@ -34,10 +34,19 @@ class Reader(Txn):
         return [tuple(r) for r in cur]
 
     def messages(self, *, direction: str | None = None, state: str | None = None, peer: str | None = None,
-                 limit: int = 100) -> list[MessageRow]:
-        """The newest messages first, optionally of one direction, state and peer."""
+                 limit: int = 100, control_id: str | None = None, type: str | None = None,
+                 since: float | None = None, until: float | None = None) -> list[MessageRow]:
+        """The newest messages first, optionally of one direction, state, peer, control id and type, committed
+        in [since, until)."""
         where, args = [], []
-        for column, value in (("direction", direction), ("state", state), ("peer", peer)):
+        if since is not None:
+            where.append("created >= ?")
+            args.append(since)
+        if until is not None:
+            where.append("created < ?")
+            args.append(until)
+        for column, value in (("direction", direction), ("state", state), ("peer", peer),
+                              ("control_id", control_id), ("type", type)):
             if value:
                 where.append(f"{column} = ?")
                 args.append(value)
@@ -45,6 +54,37 @@ class Reader(Txn):
         sql += " ORDER BY id DESC LIMIT ?"
         args.append(limit)
         return [load(MessageRow, r) for r in self._c.execute(sql, args)]
+
+    def waiting_for_a_down_his(self, subject: str) -> str | None:
+        """The HIS endpoint the probe last found down that an outbound message about ``subject`` still waits
+        for (committed, sending or retrying), or None."""
+        row = self._c.execute(
+            "SELECT m.peer FROM messages m JOIN his_links h ON h.peer = m.peer AND h.up = 0"
+            " WHERE m.subject = ? AND m.direction = 'outbound' AND m.state IN ('committed', 'sending', 'retrying')"
+            " LIMIT 1", (subject,)).fetchone()
+        return row[0] if row is not None else None
+
+    def counts_since(self, since: float) -> dict[tuple[str, str], int]:
+        """(direction, peer) -> messages committed at or after ``since`` (``gatewayd status``)."""
+        cur = self._c.execute("SELECT direction, peer, count(*) FROM messages WHERE created >= ? GROUP BY 1, 2",
+                              (since,))
+        return {(r[0], r[1]): r[2] for r in cur}
+
+    def traffic(self, since: float, bucket: float) -> list[tuple[int, str, int, float | None]]:
+        """Per ``bucket`` seconds since ``since``: (bucket number from ``since``, direction, messages committed,
+        the mean seconds from commit to the HIS's answer of the outbound ones delivered) — the console's charts."""
+        cur = self._c.execute(
+            "SELECT CAST((created - ?) / ? AS INTEGER) AS b, direction, count(*),"
+            " avg(CASE WHEN direction = 'outbound' AND state = 'delivered' THEN updated - created END)"
+            " FROM messages WHERE created >= ? GROUP BY b, direction ORDER BY b", (since, bucket, since))
+        return [(r[0], r[1], r[2], r[3]) for r in cur]
+
+    def oldest_waiting(self) -> dict[str, float]:
+        """peer -> when its oldest outbound message still waiting for the HIS (committed, sending, retrying) was
+        committed."""
+        cur = self._c.execute("SELECT peer, min(created) FROM messages WHERE direction = 'outbound'"
+                              " AND state IN ('committed', 'sending', 'retrying') GROUP BY peer")
+        return {r[0]: r[1] for r in cur}
 
     def state_counts(self) -> dict[tuple[str, str, str], int]:
         """(direction, peer, state) -> number of messages."""
@@ -193,6 +233,19 @@ class Reader(Txn):
         cur = self._c.execute(sql + " ORDER BY seq", args)
         for r in cur:
             yield load(AuditRow, r)
+
+    def search_audit(self, *, action: str | None = None, subject: str | None = None, platform: str | None = None,
+                     resource_id: str | None = None, limit: int = 200) -> list[AuditRow]:
+        """The newest audit records first, optionally of one action (``console.%`` matches a prefix), subject,
+        platform and resource id."""
+        where, args = [], []
+        for column, value in (("action", action), ("subject", subject), ("platform", platform),
+                              ("resource_id", resource_id)):
+            if value:
+                where.append(f"{column} LIKE ?" if column == "action" and value.endswith("%") else f"{column} = ?")
+                args.append(value)
+        sql = "SELECT * FROM audit_records" + (" WHERE " + " AND ".join(where) if where else "")
+        return [load(AuditRow, r) for r in self._c.execute(sql + " ORDER BY seq DESC LIMIT ?", [*args, limit])]
 
     def next_hold_expiry(self) -> float | None:
         cur = self._c.execute(

@@ -148,6 +148,15 @@ class DispenseRow:
     created: float
 
 
+@dataclass(frozen=True)
+class HisLinkRow:
+    """What the inner gate's probe last found of a HIS endpoint: up or down, since when, and why it is down."""
+    peer: str
+    up: bool
+    since: float
+    detail: str | None
+
+
 def load(cls, row: sqlite3.Row | None):
     """The row type ``cls`` of a table's row as sqlite3 gives it (None for None)."""
     if row is None:
@@ -155,4 +164,6 @@ def load(cls, row: sqlite3.Row | None):
     values = dict(row)
     if cls is AppointmentRow:
         values["patient"] = json.loads(values["patient"])
+    elif cls is HisLinkRow:
+        values["up"] = bool(values["up"])
     return cls(**values)

@@ -9,8 +9,8 @@ import json
 import sqlite3
 from typing import Any, Callable, Iterable
 
-from gateway.chamber.rows import (AppointmentRow, AuditChain, AuditRow, DispenseRow, MedicationRequestRow,
-                                  MessageRow, PrescriptionRow, ScheduleRow, SlotRow, load)
+from gateway.chamber.rows import (AppointmentRow, AuditChain, AuditRow, DispenseRow, HisLinkRow,
+                                  MedicationRequestRow, MessageRow, PrescriptionRow, ScheduleRow, SlotRow, load)
 
 #: FHIR resource type -> the table holding resources of that type (by id)
 _RESOURCE_TABLES = {"Appointment": "appointments", "Slot": "slots", "Schedule": "schedules",
@@ -282,6 +282,16 @@ class Txn:
         )
         return [load(AppointmentRow, r) for r in cur]
 
+
+    def set_his_link(self, peer: str, up: bool, since: float, detail: str | None) -> None:
+        """What the probe found of the HIS endpoint ``peer`` (written when it changes)."""
+        self._c.execute("INSERT OR REPLACE INTO his_links (peer, up, since, detail) VALUES (?, ?, ?, ?)",
+                        (peer, int(up), since, detail))
+
+    def his_links(self) -> dict[str, HisLinkRow]:
+        """Every HIS endpoint the probe has found up or down, by name."""
+        return {row.peer: row for row in (load(HisLinkRow, r) for r in
+                                          self._c.execute("SELECT * FROM his_links ORDER BY peer"))}
 
     def outbound_backlog(self, peer: str) -> int:
         cur = self._c.execute(

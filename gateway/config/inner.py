@@ -121,6 +121,21 @@ class HisConfig:
         "MLLP release towards this HIS: 1, or 2 (it answers commit blocks 0x06/0x15 before its ACK).", default=1
     )
     tls: Optional[MllpSendTls] = doc("TLS (optionally mutual) on the connection to the HIS.", default=None)
+    probe_interval: Annotated[Duration, Range(0, 3600)] = doc(
+        "How often the inner gate checks this HIS while nothing needs sending: a connection opened (over TLS: "
+        "the handshake completed) within connect_timeout and closed, and the heartbeat if set. A failed check "
+        "shows the HIS down in /healthz, the metrics and `gatewayd status` at once, and bookings and "
+        "prescriptions for it are answered 202 (pending) without waiting answer_within. 0: no probe (an "
+        "outage is then noticed only when a message is attempted).",
+        default=Duration(30.0),
+    )
+    heartbeat: Optional[Annotated[str, Pattern(r"^[A-Z0-9]{3}\^[A-Z0-9]{3}$", "a message type such as NMQ^N01")]] = doc(
+        "An application heartbeat on each probe: a message of this type (MSH only, control id P + 19 hex "
+        "digits, not stored) sent on a connection of its own; any answer with its MSA-2 within ack_timeout "
+        "counts as up (an AR for a type the HIS does not take still proves its application answers). Not set: "
+        "the probe only opens a connection. It must be allowed by send_types.",
+        default=None,
+    )
     send_types: list[Annotated[str, Pattern(r"^[A-Z0-9]{3}(\^([A-Z0-9]{3}|\*))?$", "a message type such as SRM^S01 or SRM^*")]] = doc(
         "Message types allowed out to this HIS; anything else is dead-lettered, never sent.",
         default_factory=lambda: ["SRM^*", "SQM^S25"],
@@ -166,6 +181,10 @@ class HisConfig:
             issues.append(("reschedule_message", "this HIS cancels with SRM^S03 (cancel_message): it cannot move "
                                                  "bookings with SRM^S03 too (their answers could not be told "
                                                  "apart); use SRM^S01 (cancel + new)"))
+        if self.heartbeat is not None and not type_allowed(self.heartbeat, self.send_types):
+            issues.append(("heartbeat", f"the heartbeat sends {self.heartbeat}: allow it in send_types"))
+        if self.heartbeat is not None and self.probe_interval == 0:
+            issues.append(("heartbeat", "a heartbeat is sent by the probe: set probe_interval above 0"))
         if self.window > 1 and self.ordering == "fifo":
             issues.append(("window", "strict FIFO sends one message at a time: use window: 1, or ordering: patient"))
         return issues

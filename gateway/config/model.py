@@ -155,11 +155,26 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class Operator:
+    name: Annotated[str, Pattern(r"^[A-Za-z0-9._-]{1,64}$", "letters, digits, '.', '_' or '-'")] = doc(
+        "The operator's login name (in the audit trail as console:<name>).")
+    password_hash: Annotated[str, Pattern(r"^scrypt\$\d+\$\d+\$\d+\$[A-Za-z0-9+/=]+\$[A-Za-z0-9+/=]+$",
+                                          "a hash printed by `gatewayd console-password`")] = doc(
+        "The password's scrypt hash, as `gatewayd console-password` prints it (never the password).")
+
+
+@dataclass(frozen=True)
 class AdminConfig:
     listen: Annotated[str, Pattern(r"^tcp:\d+:interface=(127\.\d+\.\d+\.\d+|::1|\\:\\:1)$",
                                    "a loopback endpoint such as tcp:9102:interface=127.0.0.1")] = doc(
-        "Where /healthz and /metrics listen: loopback only (each process of a split lock needs its own port).",
+        "Where /healthz, /metrics, /status (what `gatewayd status` asks) and the console listen: loopback only (each "
+        "process of a split lock needs its own port; reach the console from a workstation through an SSH tunnel).",
         default="tcp:9102:interface=127.0.0.1",
+    )
+    operators: list[Operator] = doc(
+        "Who may log in to the web console at /console/ on this listener (docs/operations.md); none: no "
+        "console. Each login, message shown unmasked and resubmission is audited.",
+        default_factory=list,
     )
 
 
@@ -260,7 +275,7 @@ class GatewayConfig:
     logging: LoggingConfig = doc("Logging.", default_factory=LoggingConfig)
     audit: AuditConfig = doc("The audit trail in the chamber (docs/security.md).", default_factory=AuditConfig)
     daemon: DaemonConfig = doc("The process itself.", default_factory=DaemonConfig)
-    admin: Optional[AdminConfig] = doc("The admin listener (/healthz, /metrics); left out: none.", default=None)
+    admin: Optional[AdminConfig] = doc("The admin listener (/healthz, /metrics, /status, the web console at /console/); left out: none (and `gatewayd status` shows no live state).", default=None)
     routes: list[RouteConfig] = doc(
         "Which HIS endpoint outbound messages go to, by message type and/or by the facility that published a "
         "booking's schedule, first match wins; what no route takes goes to the HIS (inner.his / outer.his_name). "

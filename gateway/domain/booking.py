@@ -566,6 +566,10 @@ class BookingService(HisAnswers):
 
     # -- waiting for the HIS -----------------------------------------------------------------------------------
     def wait_settled(self, appointment_id: str, timeout: float) -> defer.Deferred:
-        """Fires with True once no change to the appointment awaits the HIS, or False after ``timeout``."""
+        """Fires with True once no change to the appointment awaits the HIS, or False after ``timeout`` — at
+        once when what it waits for is addressed to a HIS endpoint the inner gate's probe found down (the
+        platform gets its 202 without waiting for an answer that cannot come; the message waits for the HIS)."""
+        if self.chamber.read().waiting_for_a_down_his(subject_of(appointment_id)) is not None:
+            return defer.succeed(False)
         return self._waiters.wait(appointment_id, timeout)
 

@@ -367,7 +367,10 @@ class PrescriptionService:
 
     # ================================================================================== waiting
     def wait_settled(self, prescription_id: str, timeout: float) -> defer.Deferred:
-        """Fires True once the HIS answered (or the order was given up), False after ``timeout``."""
+        """Fires True once the HIS answered (or the order was given up), False after ``timeout`` — at once when
+        the order waits for a HIS endpoint the inner gate's probe found down."""
+        if self.chamber.read().waiting_for_a_down_his(SUBJECT + prescription_id) is not None:
+            return defer.succeed(False)
         return self._waiters.wait(prescription_id, timeout)
 
     def _answered_among(self, prescription_ids: list[str]) -> list[str]:

@@ -1,9 +1,15 @@
-"""The admin listener (loopback only, one per process): ``/healthz`` and Prometheus ``/metrics``.
+"""The admin listener (loopback only, one per process): ``/healthz``, Prometheus ``/metrics`` and ``/status``.
 
 - ``/healthz``: 200 with ``{"status": "ok", ...}`` when the chamber takes a write lock and every HIS this
   process delivers to is reachable and answering; otherwise 503 with what is wrong (``chamber``, ``his``:
   per endpoint ``reachable``, ``unreachable_since``/``unreachable_seconds`` during an outage, ``answering``
-  and ``last_error``), so a monitor (or systemd's watchdog's human) sees why.
+  and ``last_error``, and ``probe``: what the active probe last found, adapters/inner/probe.py), so a monitor
+  (or systemd's watchdog's human) sees why. The split lock's outer gate, which has no relay, adds
+  ``his_recorded``: what the inner gate's probe recorded in the chamber (for information: it does not make the
+  outer gate unhealthy).
+- ``/console/``: the web console for operators (gateway/ops/console.py), when ``admin.operators`` names any.
+- ``/status``: /healthz's body (under ``health``, always 200) and what only the running process knows: its gate,
+  start time, version and the last config reload's outcome — what `gatewayd status` asks for.
 - ``/metrics``: messages per direction, peer and state, and the undelivered queue per destination, read
   from the chamber at scrape time (so both processes of a split lock report the same truth); delivery
   latency (commit to the HIS's answer) and the HIS's answer codes, observed by this process's relay; how
@@ -30,6 +36,8 @@ from typing import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from twisted.web import resource
+
+from gateway.chamber.errors import ChamberError
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
@@ -78,18 +86,34 @@ class ChamberCollector:
 
 
 class HisLinkCollector:
-    """Gauges of the HIS links this process's relays deliver to, read from their status at scrape time."""
+    """Gauges of the HIS links this process's relays deliver to and its probes check, read from their status at
+    scrape time."""
 
     def __init__(self):
         self.links: dict[str, Callable[[], dict]] = {}  # endpoint name -> its relay's status()
+        self.probes: dict[str, Callable[[], dict]] = {}  # endpoint name -> its probe's status()
 
     def collect(self):
         outage = GaugeMetricFamily("gatewayd_his_unreachable_seconds", "How long the HIS endpoint has been "
-                                   "unreachable (no connection: the outage alert); 0 while it is reached",
-                                   labels=["peer"])
-        for peer, status in sorted(self.links.items()):
-            outage.add_metric([peer], status()["unreachable_seconds"])
+                                   "unreachable (no connection, found by a send or by the probe: the outage "
+                                   "alert); 0 while it is reached", labels=["peer"])
+        up = GaugeMetricFamily("gatewayd_his_up", "What the probe last found of the HIS endpoint: 1 up, 0 down "
+                               "(absent before its first check)", labels=["peer"])
+        checked = GaugeMetricFamily("gatewayd_his_probe_checked_timestamp_seconds", "When the probe last "
+                                    "checked the HIS endpoint (Unix time)", labels=["peer"])
+        for peer in sorted(set(self.links) | set(self.probes)):
+            seconds = self.links[peer]()["unreachable_seconds"] if peer in self.links else 0.0
+            probe = self.probes[peer]() if peer in self.probes else None
+            if probe is not None and probe["up"] is False:
+                seconds = max(seconds, probe["for_seconds"])
+            outage.add_metric([peer], seconds)
+            if probe is not None and probe["up"] is not None:
+                up.add_metric([peer], 1 if probe["up"] else 0)
+            if probe is not None and probe["checked"] is not None:
+                checked.add_metric([peer], probe["checked"])
         yield outage
+        yield up
+        yield checked
 
 
 class Metrics:
@@ -131,6 +155,10 @@ class Metrics:
         """Report the HIS endpoint ``peer``'s link from ``status`` (its relay's) at every scrape."""
         self._his_links.links[peer] = status
 
+    def watch_probe(self, peer: str, status: Callable[[], dict]) -> None:
+        """Report the HIS endpoint ``peer``'s probe (``HisProbe.status``) at every scrape."""
+        self._his_links.probes[peer] = status
+
     def delivered(self, peer: str, code: str, seconds: float) -> None:
         self.delivery.labels(peer).observe(max(0.0, seconds))
         self.his_answers.labels(peer, code).inc()
@@ -152,29 +180,69 @@ def chamber_writable(chamber) -> tuple[bool, str]:
 class AdminResource(resource.Resource):
     isLeaf = True
 
-    def __init__(self, chamber, metrics: Metrics, relays=()):
+    def __init__(self, chamber, metrics: Metrics, relays=(), probes=None, live: Callable[[], dict] | None = None,
+                 console=None):
         super().__init__()
+        self.live = live  # the process's own state (Gateway.live) for /status
+        self.console = console  # gateway.ops.console.Console: the pages under /console
         self.chamber = chamber
         self.metrics = metrics
         self.relays = list(relays)
+        self.probes = probes if probes is not None else {}  # endpoint name -> HisProbe (filled as the tree is built)
+
+    def render_POST(self, request):
+        if self.console is not None and request.path.startswith(b"/console/"):
+            return self.console.render(request)
+        request.setResponseCode(405)
+        return b"method not allowed\n"
 
     def render_GET(self, request):
+        if self.console is not None and (request.path == b"/console" or request.path.startswith(b"/console/")):
+            return self.console.render(request)
         if request.path == b"/metrics":
             request.setHeader(b"content-type", CONTENT_TYPE)
             return generate_latest(self.metrics.registry)
         if request.path == b"/healthz":
             return self._health(request)
+        if request.path == b"/status":
+            return self._status(request)
         request.setResponseCode(404)
         return b"not found\n"
 
-    def _health(self, request) -> bytes:
+    def _status(self, request) -> bytes:
+        """What `gatewayd status` asks the running process: /healthz's answer and the process's own state (gate,
+        start time, version, the last config reload)."""
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(self.status_body()).encode()
+
+    def status_body(self) -> dict:
+        """/status's answer (also what the console's status page shows as live)."""
+        return {"health": self._health_body(), **(self.live() if self.live is not None else {})}
+
+    def _health_body(self) -> dict:
         ok, detail = chamber_writable(self.chamber)
         body = {"chamber": detail, "his": {}}
         for relay in self.relays:
             status = relay.status()
+            probe = self.probes.get(relay.peer)
+            if probe is not None:
+                status["probe"] = probe.status()
+                if status["probe"]["up"] is False:
+                    status["reachable"] = False
             body["his"][relay.peer] = status
             ok = ok and status["reachable"] and status["answering"]
+        if not self.relays:  # the split lock's outer gate: what the inner gate's probe recorded (it answers 202 at
+            try:             # once for an endpoint recorded down); the inner gate's own /healthz judges the link
+                links = self.chamber.read().his_links()
+                body["his_recorded"] = {peer: {"up": row.up, "since": row.since, "detail": row.detail}
+                                        for peer, row in links.items()}
+            except (sqlite3.Error, ChamberError):  # a closed chamber is reported as "chamber" above
+                pass
         body["status"] = "ok" if ok else "unhealthy"
-        request.setResponseCode(200 if ok else 503)
+        return body
+
+    def _health(self, request) -> bytes:
+        body = self._health_body()
+        request.setResponseCode(200 if body["status"] == "ok" else 503)
         request.setHeader(b"content-type", b"application/json")
         return json.dumps(body).encode()

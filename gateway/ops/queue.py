@@ -25,6 +25,12 @@ class NotRetryable(Exception):
 
 def retry(chamber, message_id: int, reprocess_inbound: Callable, *, who: str = "operator") -> str:
     """Resubmit one message; returns what happened, or raises NotRetryable."""
+    return chamber.transact_now(retry_unit(message_id, reprocess_inbound, who=who))
+
+
+def retry_unit(message_id: int, reprocess_inbound: Callable, *, who: str = "operator") -> Callable:
+    """The unit of work (``tx -> what happened``, or NotRetryable) that resubmits one message, for a caller that
+    commits it itself (the console, with its audit record)."""
 
     def work(tx) -> str:
         msg = tx.message(message_id)
@@ -57,7 +63,7 @@ def retry(chamber, message_id: int, reprocess_inbound: Callable, *, who: str = "
         tx.set_message_state(msg.id, "committed", attempts=0, detail=f"resubmitted by {who}")
         return f"message {message_id} ({msg.type}, control id {msg.control_id}) resubmitted"
 
-    return chamber.transact_now(work)
+    return work
 
 
 def retry_all_dead(chamber, reprocess_inbound: Callable, *, who: str = "operator") -> list[str]:

@@ -29,7 +29,8 @@ def reload(gateway: Gateway, config: GatewayConfig) -> list[str]:
     level, the outer gate's certificates, client CAs and CRL (for new connections; the CRL for every request),
     platforms (subjects, scopes, quotas, revoked serials, SPKI pins, token keys, rate limits), the patient
     identifier rules (patients.identifiers), the MLLP listener's certificates and CA (new connections), the
-    HIS's address (next connection), the routes while the endpoints stay (new bookings and prescriptions; a
+    HIS's address (next connection, and its probe at once), the console's operators (admin.operators: the next
+    request), the routes while the endpoints stay (new bookings and prescriptions; a
     cancellation follows its booking).  Every other key whose value changed (listen addresses, chamber path,
     timeouts, ...) needs a restart: each is named in the returned list.  Everything is built
     before anything is swapped, so a new config that fails (a certificate that does not parse) changes
@@ -63,7 +64,9 @@ def reload(gateway: Gateway, config: GatewayConfig) -> list[str]:
         his, was = config.inner.his, old.inner.his
         if (his.host, his.port) != (was.host, was.port):
             endpoint = endpoints.HostnameEndpoint(gateway.reactor, his.host, his.port, timeout=his.connect_timeout)
-            swaps.append(lambda: [client.retarget(endpoint) for client in gateway.his_clients])
+            probe = gateway.probes.get(was.name)
+            swaps.append(lambda: [client.retarget(endpoint) for client in gateway.his_clients]
+                         + ([probe.retarget(endpoint)] if probe is not None else []))
             applied.append(f"inner.his {his.host}:{his.port}")
     endpoints_kept = (old.inner and old.inner.endpoints) == (config.inner and config.inner.endpoints)
     if config.routes != old.routes and endpoints_kept:  # (a route to a new endpoint waits for the restart)
@@ -80,7 +83,9 @@ def reload(gateway: Gateway, config: GatewayConfig) -> list[str]:
     patients = IdentifierRules.from_config(config.patients)  # accepted systems (outer gate), PID-3 (inner gate)
     swaps.append(lambda: setattr(gateway.booking, "patients", patients))
     applied.append(f"patients.identifiers ({len(config.patients.identifiers)})")
-    live = {"logging", "inner.his.host", "inner.his.port", "patients"}
+    if config.admin is not None and old.admin is not None and config.admin.operators != old.admin.operators:
+        applied.append(f"admin.operators ({len(config.admin.operators)})")  # the console reads the running config
+    live = {"logging", "inner.his.host", "inner.his.port", "patients", "admin.operators"}
     if gate in ("both", "outer") and config.outer is not None:
         live |= {"outer.tls", "outer.rate_limit", "outer.token_rate_limit", "outer.token_url", "platforms"}
     if "inner.tls" in applied:

@@ -150,3 +150,21 @@ class WatchService(service.Service):
         super().stopService()
         if self._loop is not None and self._loop.running:
             self._loop.stop()
+
+
+class HisLinkRecord:
+    """What the inner gate's probe finds of a HIS endpoint, kept in the chamber (``his_links``): committed when
+    it changes, read back at start; the outer gate and `gatewayd status` read it from there."""
+
+    def __init__(self, chamber: Chamber, peer: str):
+        self.chamber, self.peer = chamber, peer
+
+    def known(self) -> tuple[bool, float] | None:
+        row = self.chamber.read().his_links().get(self.peer)
+        return (row.up, row.since) if row is not None else None
+
+    def record(self, up: bool, since: float, detail: str | None):
+        d = self.chamber.transact(lambda tx: tx.set_his_link(self.peer, up, since, detail))
+        d.addErrback(lambda f: log.error("his.probe.not_recorded", peer=self.peer, error=f.getErrorMessage()))
+        return d
+

@@ -184,6 +184,31 @@ class Lock:
             eventually(listening, timeout=20, what="the HIS simulator's MLLP port")
         except AssertionError:
             raise AssertionError(f"HIS simulator did not start:\n{self.sim.log_tail()}") from None
+        if self.gateway is not None and self.gateway.popen.poll() is None:
+            self.wait_his_up()
+
+    def wait_his_up(self, *peers: str, timeout: float = 10) -> None:
+        """Until the running gateway's HIS probe, if it found these HIS endpoints down (the gateway starts
+        first), has seen them listen again: a booking or prescription made before would be answered 202 at
+        once, the HIS being known down. Without ``peers``: the endpoints this simulator serves (the HIS, and
+        its pharmacy if the gateway sends there)."""
+        import sqlite3
+
+        if not peers:
+            inner = self.gateway_config.get("inner", {})
+            pharmacy = self.sim_config.get("pharmacy", {}).get("listen", "")
+            ports = {self.his_port} | ({int(pharmacy.split(":")[1])} if pharmacy else set())
+            peers = (inner.get("his", {}).get("name", "his"),
+                     *(e["name"] for e in inner.get("endpoints", []) if e.get("port") in ports))
+
+        def known_up():
+            try:
+                return not self.chamber_rows(f"SELECT 1 FROM his_links WHERE up = 0 AND peer IN "
+                                             f"({', '.join('?' * len(peers))})", *peers)
+            except sqlite3.Error:  # no chamber (yet), or one without the table: nothing known down
+                return True
+
+        eventually(known_up, timeout=timeout, what="the gateway's HIS probe to see the HIS up")
 
     def stop(self) -> None:
         for proc in (self.sim, self.gateway):
@@ -208,7 +233,7 @@ class Lock:
         """Rows of a query on the running gateway's chamber, read-only (as an auditor would read it)."""
         import sqlite3
 
-        conn = sqlite3.connect(f"file:{self.workdir / 'chamber.sqlite3'}?mode=ro", uri=True)
+        conn = sqlite3.connect(f"file:{self.workdir / self.gateway_config['chamber']['path']}?mode=ro", uri=True)
         try:
             return conn.execute(sql, args).fetchall()
         finally:

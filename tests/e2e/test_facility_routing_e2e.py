@@ -56,6 +56,7 @@ def sites(tmp_path_factory):
                 return True
 
         eventually(listening, timeout=20, what="simulator B's MLLP port")
+        lock.wait_his_up("his-branch-b")  # the gateway's probe found it down before it started
         eventually(lambda: len(lock.search_slots()) >= 8, timeout=30, what="4 slots from each site")
         yield lock, workdir
     finally:

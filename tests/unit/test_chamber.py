@@ -58,11 +58,14 @@ def test_refuses_other_schema_version(tmp_path):
     ch = Chamber(path, clock=time.time)
     ch.open()
     ch.close()
+    from gateway.chamber.upgrades import SCHEMA_VERSION
+
+    newer = SCHEMA_VERSION + 1
     conn = sqlite3.connect(path)
-    conn.execute("UPDATE chamber_meta SET value='7' WHERE key='schema_version'")
+    conn.execute("UPDATE chamber_meta SET value=? WHERE key='schema_version'", (str(newer),))
     conn.commit()
     conn.close()
-    with pytest.raises(ChamberError, match="version 7"):
+    with pytest.raises(ChamberError, match=f"version {newer}"):
         Chamber(path, clock=time.time).open()
 
 
