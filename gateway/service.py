@@ -62,6 +62,7 @@ from gateway.domain.booking import BookingService, HisLinkInfo
 from gateway.domain.slot_book import SlotBook
 from gateway.domain.patients import IdentifierRules
 from gateway.chamber.engine import Chamber
+from gateway.domain.notifications import Notifications
 from gateway.config.model import GatewayConfig
 from gateway.domain.outbox import Outbox
 from gateway.domain.inbound import InboundService
@@ -113,6 +114,8 @@ def make_service(config: GatewayConfig, reactor, gate: str = "both") -> Gateway:
         raise ValueError(f"gate must be one of {GATES}")
     tz = ZoneInfo(config.hospital.timezone)
     chamber = Chamber(config.chamber.path, reactor=reactor, clock=reactor.seconds)
+    # every unit of work in either gate writes the notifications its changes owe (issue 23), in its transaction
+    chamber.on_unit(Notifications().after_unit)
     his = config.inner.his if config.inner is not None else None
     if his is not None:
         links = {e.name: _his_link(config, e) for e in (his, *config.inner.endpoints)}

@@ -156,3 +156,30 @@ def load(cls, row: sqlite3.Row | None):
     if cls is AppointmentRow:
         values["patient"] = json.loads(values["patient"])
     return cls(**values)
+
+
+@dataclass(frozen=True)
+class SubscriptionRow:
+    id: str
+    platform: str
+    topic: str
+    payload: str
+    status: str
+    events: int
+    created: float
+    updated: float
+
+
+@dataclass(frozen=True)
+class NotificationRow:
+    subscription_id: str
+    event: int
+    platform: str
+    focus: str
+    what: str
+    state: str
+    attempts: int
+    next_attempt: float
+    last_error: str | None
+    created: float
+    updated: float

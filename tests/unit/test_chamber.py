@@ -10,6 +10,7 @@ from twisted.internet import task
 
 from gateway.chamber.engine import Chamber
 from gateway.chamber.errors import ChamberError
+from gateway.chamber.upgrades import SCHEMA_VERSION
 from gateway.chamber.rows import ScheduleRow
 from tests.deferreds import assertNoResult, failureResultOf, successResultOf
 
@@ -59,10 +60,11 @@ def test_refuses_other_schema_version(tmp_path):
     ch.open()
     ch.close()
     conn = sqlite3.connect(path)
-    conn.execute("UPDATE chamber_meta SET value='7' WHERE key='schema_version'")
+    newer = SCHEMA_VERSION + 1
+    conn.execute("UPDATE chamber_meta SET value=? WHERE key='schema_version'", (str(newer),))
     conn.commit()
     conn.close()
-    with pytest.raises(ChamberError, match="version 7"):
+    with pytest.raises(ChamberError, match=f"version {newer}"):
         Chamber(path, clock=time.time).open()
 
 
