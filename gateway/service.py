@@ -41,6 +41,8 @@ from adapters.outer.access import PlatformDirectory
 from adapters.outer.intake import JsonLimits
 from adapters.outer.pharmacy import Prescriptions
 from adapters.outer.site import FhirApi
+from adapters.outer.delivery import Delivery, hooks_from_config
+from adapters.outer.subscriptions import SubscriptionsApi
 from adapters.outer.tls import HandshakeWatch, read_crl, tls_options
 from adapters.hl7.identity import same_message
 from adapters.inner.his import HisDestination
@@ -49,6 +51,7 @@ from adapters.inner.poller import SlotPoller
 from adapters.inner.receiver import InnerGateHandler
 from adapters.maps.fhir_documents import FhirDocuments
 from adapters.maps.fhir_prescription import SubmissionReader, prescription_from_request
+from adapters.maps.fhir_scheduling import appointment_resource
 from adapters.maps.pharmacy_codes import PharmacyProfile
 from adapters.maps.rde_order import ORDER_TYPES, PharmacyOrderWriter
 from adapters.maps.srm_booking import Hl7Header, build_sqm_s25, build_srm
@@ -62,7 +65,7 @@ from gateway.domain.booking import BookingService, HisLinkInfo
 from gateway.domain.slot_book import SlotBook
 from gateway.domain.patients import IdentifierRules
 from gateway.chamber.engine import Chamber
-from gateway.domain.notifications import Notifications
+from gateway.domain.notifications import Notifications, Subscriptions
 from gateway.config.model import GatewayConfig
 from gateway.domain.outbox import Outbox
 from gateway.domain.inbound import InboundService
@@ -155,6 +158,9 @@ def make_service(config: GatewayConfig, reactor, gate: str = "both") -> Gateway:
         listener, root.api, root.outer_tls = _outer_gate(config, reactor, tz, chamber, booking, metrics,
                                                          prescribing)
         listener.setServiceParent(root)
+        delivery = _delivery(config, reactor, chamber, root.api.subscriptions)
+        if delivery is not None:
+            delivery.setServiceParent(root)
     if config.admin is not None:  # last to start, first to stop
         admin_site = web_server.Site(AdminResource(chamber, metrics, relays), reactor=reactor)
         admin_site.log = lambda request: None
@@ -316,7 +322,7 @@ def _outer_gate(config, reactor, tz, chamber, booking, metrics, prescribing) -> 
         strict_audit=config.audit.strict,
         prescriptions=Prescriptions(prescribing, SubmissionReader(tz, _pharmacy_profile(config)))
         if config.prescriptions is not None else None,
-        oauth=oauth,
+        oauth=oauth, subscriptions=_subscriptions(config, reactor, tz, chamber),
     )
     outer, timeouts = config.outer, metrics.connection_timeouts
     site = GatewaySite(api, reactor=reactor, max_request_bytes=outer.max_request_bytes,
@@ -332,6 +338,36 @@ def _outer_gate(config, reactor, tz, chamber, booking, metrics, prescribing) -> 
                                   max_per_address=outer.max_connections_per_address)
     outer_endpoint = GateEndpoint(reactor, outer.port, outer.host, outer.bind_device, backlog=OUTER_BACKLOG)
     return _listener(outer_endpoint, limited, "outer-gate"), api, tls_switch
+
+
+def _subscriptions(config, reactor, tz, chamber) -> SubscriptionsApi:
+    """The Subscription endpoints (issue 23, docs/subscriptions.md)."""
+    def focus_json(platform: str, focus: str) -> dict | None:
+        rtype, _, rid = focus.partition("/")
+        appt = chamber.read().appointment(rid) if rtype == "Appointment" else None
+        if appt is None or appt.platform != platform:
+            return None
+        reader = chamber.read()
+        return appointment_resource(appt, reader.slot(appt.slot_id), tz, reader.appointment_identifiers(appt.id))
+
+    return SubscriptionsApi(Subscriptions(chamber), notify={p.name: p.notify for p in config.platforms if p.notify},
+                            tz=tz, json_limits=JsonLimits(config.outer.max_json_depth, config.outer.max_string_chars),
+                            focus_json=focus_json)
+
+
+def notification_base(config) -> str:
+    """The FHIR base notifications name resources under: outer.public_base_url, else the listener's address."""
+    outer = config.outer
+    return (outer.public_base_url or f"https://{outer.host}:{outer.port}{outer.base_path}").rstrip("/")
+
+
+def _delivery(config, reactor, chamber, api: SubscriptionsApi) -> Delivery | None:
+    """The outer gate's deliveries of notifications, when a platform has a notify endpoint."""
+    hooks = hooks_from_config(config.platforms, reactor)
+    if not hooks:
+        return None
+    base = notification_base(config)
+    return Delivery(chamber, reactor, hooks, lambda sub, n: api.notification(sub, n, base, reactor.seconds()))
 
 
 def _listener(endpoint, factory, name: str) -> StreamServerEndpointService:

@@ -11,6 +11,7 @@ from typing import get_args
 from adapters.maps.fhir_scheduling import FHIR_VERSION
 from adapters.outer import ihe
 from adapters.outer.oauth import ALGORITHMS as OAUTH_ALGORITHMS
+from adapters.outer.subscriptions import capability_entry as subscription_capability
 from gateway.config.outer import Scope
 
 #: [base]/.well-known/smart-configuration, as path segments below the FHIR base
@@ -46,7 +47,7 @@ def _security(token_url: str | None) -> dict:
 
 
 def capability_statement(base: str, *, hospital_name: str, software_version: str, page_size: int,
-                         token_url: str | None) -> dict:
+                         token_url: str | None, subscriptions: bool = False) -> dict:
     """The CapabilityStatement of the gateway at ``base``; ``token_url``: the OAuth2 token endpoint (None: no
     bearer tokens)."""
     def sp(name, type_, doc):
@@ -94,6 +95,7 @@ def capability_statement(base: str, *, hospital_name: str, software_version: str
                                                       "(scope Appointment.write)"),
                      ("book", ihe.OPERATIONS["book"], "book a held or proposed appointment through the HIS, "
                                                       "or cancel one (scope Appointment.write)"))]},
+                *([subscription_capability()] if subscriptions else []),
             ],
         }],
     }

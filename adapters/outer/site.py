@@ -65,7 +65,7 @@ _HOST = re.compile(rb"^[A-Za-z0-9.\-\[\]:]{1,255}$")
 #: the resource types a route names, and the other fixed words of routes: what a logged route template
 #: keeps of a path (everything else in a path is an id, or whatever a client put there)
 ROUTE_TYPES = frozenset({*(t.encode() for t in RESOURCE_TYPES), *(t.encode() for t in PHARMACY_TYPES)})
-ROUTE_WORDS = ROUTE_TYPES | {b"metadata", b"_history", b"$claim", *(f"${name}".encode() for name in ihe.OPERATIONS),
+ROUTE_WORDS = ROUTE_TYPES | {b"metadata", b"_history", b"$claim", b"Subscription", b"$status", b"$events", *(f"${name}".encode() for name in ihe.OPERATIONS),
                              *SMART_CONFIGURATION}
 MAX_TEMPLATE_SEGMENTS = 8
 
@@ -81,7 +81,7 @@ class FhirApi(resource.Resource):
                  base_path: str, public_base_url: str | None, answer_within: float, page_size: int,
                  hospital_name: str, software_version: str, clock, audit=None, quotas=None, rate_limiter=None,
                  json_limits: JsonLimits | None = None, strict_audit: bool = False, prescriptions=None,
-                 oauth=None):
+                 oauth=None, subscriptions=None):
         super().__init__()
         json_limits = json_limits or JsonLimits()
         # oauth: adapters.outer.oauth.TokenService (None: no bearer tokens, no /oauth/token)
@@ -95,6 +95,7 @@ class FhirApi(resource.Resource):
         # prescriptions (adapters.outer.pharmacy.Prescriptions; None: not served)
         self.pharmacy = PharmacyApi(prescriptions, answer_within=answer_within, page_size=page_size,
                                     json_limits=json_limits) if prescriptions is not None else None
+        self.subscriptions = subscriptions  # adapters.outer.subscriptions.SubscriptionsApi (None: not served)
         self.audit = audit  # gateway.domain.audit.AuditTrail (None: nothing is audited, for tests of other things)
         self.resource_names = ResourceNames(reader)  # how a record names the resource a request was about
         self.strict_audit = strict_audit  # unrecordable patient-data reads: 503 (True) or answered + logged
@@ -283,6 +284,8 @@ class FhirApi(resource.Resource):
         if parts == ["metadata"]:
             require_method(method, "GET")
             return lambda: (200, self._capability_statement(base), {})
+        if self.subscriptions is not None and parts[:1] == ["Subscription"]:
+            return self.subscriptions.handler(parts, method, grant, platform, request, query, base, access)
         if self.pharmacy is not None and (not parts or parts[0] in PHARMACY_TYPES):
             return self.pharmacy.handler(parts, method, grant, platform, request, query, base, access)
         if not parts or parts[0] not in RESOURCE_TYPES:
@@ -294,7 +297,8 @@ class FhirApi(resource.Resource):
     def _capability_statement(self, base: str) -> dict:
         oauth = self.gatekeeper.oauth
         return capability_statement(base, hospital_name=self.hospital_name, software_version=self.software_version,
-                                    page_size=self.page_size, token_url=oauth.token_url if oauth is not None else None)
+                                    page_size=self.page_size, token_url=oauth.token_url if oauth is not None else None,
+                                    subscriptions=self.subscriptions is not None)
 
     def _base_url(self, request) -> str:
         """The base platforms address: the configured public URL, else this request's Host."""

@@ -579,16 +579,13 @@ class Txn:
             "SELECT * FROM notifications WHERE subscription_id = ? AND event >= ? AND event <= ?"
             " ORDER BY event LIMIT ?", (subscription_id, first, last if last is not None else 1 << 62, limit))]
 
-    def notifications_due(self, now: float, limit: int = 100) -> list[NotificationRow]:
-        """Each subscription's first pending notification (its order is kept: the next waits for it), if due."""
+    def notification_heads(self, limit: int = 1000) -> list[NotificationRow]:
+        """Each subscription's first pending notification (its order is kept: the next waits for it), the
+        soonest due first."""
         return [load(NotificationRow, r) for r in self._c.execute(
             "SELECT n.* FROM notifications n JOIN (SELECT subscription_id, MIN(event) AS event FROM notifications"
             " WHERE state = 'pending' GROUP BY subscription_id) f USING (subscription_id, event)"
-            " WHERE n.next_attempt <= ? ORDER BY n.next_attempt LIMIT ?", (now, limit))]
-
-    def next_notification_due(self) -> float | None:
-        row = self._c.execute("SELECT MIN(next_attempt) FROM notifications WHERE state = 'pending'").fetchone()
-        return row[0] if row else None
+            " ORDER BY n.next_attempt LIMIT ?", (limit,))]
 
     def set_notification_state(self, subscription_id: str, event: int, state: str, *, attempts: int,
                                next_attempt: float, last_error: str | None = None) -> None:

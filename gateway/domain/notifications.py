@@ -77,3 +77,46 @@ class Notifications:
         for appt, what in events:
             for sub in tx.subscriptions_of(appt.platform, "appointment-status"):
                 tx.add_notification(sub.id, platform=appt.platform, focus=f"Appointment/{appt.id}", what=what)
+
+
+class SubscriptionRefused(Exception):
+    """A subscription the gateway does not take (the platform has too many already)."""
+
+
+class Subscriptions:
+    """A platform's subscriptions in the chamber: taken within the platform's limit, ended, read."""
+
+    def __init__(self, chamber):
+        self.chamber = chamber
+
+    def subscribe(self, platform: str, topic: str, payload: str, max_count: int):
+        """A new active subscription of ``platform`` (Deferred -> its row); SubscriptionRefused past
+        ``max_count`` active ones."""
+        from gateway.domain.ids import new_id
+
+        def work(tx):
+            if len(tx.subscriptions_of(platform)) >= max_count:
+                raise SubscriptionRefused(f"the platform holds {max_count} subscriptions already (its limit): "
+                                          f"delete one first")
+            sub_id = new_id("s")
+            tx.add_subscription(id=sub_id, platform=platform, topic=topic, payload=payload)
+            return tx.subscription(sub_id)
+
+        return self.chamber.transact(work)
+
+    def unsubscribe(self, platform: str, subscription_id: str):
+        """End the platform's own subscription (Deferred -> its row, None when it has no such subscription).
+        Notifications already committed are still delivered."""
+        def work(tx):
+            row = tx.subscription(subscription_id)
+            if row is None or row.platform != platform:
+                return None
+            tx.end_subscription(subscription_id)
+            return tx.subscription(subscription_id)
+
+        return self.chamber.transact(work)
+
+    def own(self, platform: str, subscription_id: str):
+        """The platform's subscription (None: not its own, or unknown)."""
+        row = self.chamber.read().subscription(subscription_id)
+        return row if row is not None and row.platform == platform else None

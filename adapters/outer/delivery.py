@@ -1,0 +1,219 @@
+"""The outer gate delivers the platforms' notifications (docs/subscriptions.md): what the domain committed to the
+chamber with each change (gateway/domain/notifications.py), POSTed over HTTPS to the platform's own endpoint in
+the YAML (``platforms[].notify``), never one a request named.
+
+- TLS with the gateway's client certificate (``notify.client_certificate``), the endpoint's certificate checked
+  against ``notify.ca`` and the URL's host.
+- Each body is signed: ``X-Gatewayd-Signature`` is a JWS with a detached payload (RFC 7515 appendix F) over the
+  exact body bytes, ES256 or RS256 by the client key, its header naming the certificate (``x5t#S256``) — the one
+  the platform sees in the TLS handshake, so it needs no shared secret.
+- Per subscription in order: only its first pending notification is sent; the next waits until that one is
+  delivered (a 2xx answer) or dead.  A failure (no connection, TLS, timeout, any other status) is retried after
+  ``retry_first``, doubling up to ``retry_max``; past ``give_up_after`` since its commit it is dead (logged
+  ``notify.dead``, state ``dead`` in the chamber) and the subscription goes on with the next.
+- At least once: the state is committed after the answer, so a notification whose delivery a crash interrupted
+  is sent again (same event number: the platform drops a repeat).
+- Nothing here holds up anything else: each endpoint's requests run on their own (at most one per subscription,
+  ``MAX_IN_FLIGHT`` in all); the inner gate's ACKs never wait for a delivery.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from io import BytesIO
+from urllib.parse import urlsplit
+
+import structlog
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from twisted.application import service
+from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, readBody
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IPolicyForHTTPS
+from zope.interface import implementer
+
+from adapters.tls import TlsConfigError, client_options, key_pair
+
+log = structlog.get_logger("gateway.outer.delivery")
+
+SIGNATURE_HEADER = b"X-Gatewayd-Signature"
+#: most deliveries in flight at once (all platforms)
+MAX_IN_FLIGHT = 64
+
+
+class SignerError(ValueError):
+    """A client certificate and key that cannot sign notifications."""
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+class Signer:
+    """Signs bodies with the client key: ``sign(body)`` -> the compact JWS with the payload left out
+    (``<header>..<signature>``)."""
+
+    def __init__(self, certificate, key):
+        if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp256r1":
+            self.alg = "ES256"
+        elif isinstance(key, rsa.RSAPrivateKey) and key.key_size >= 2048:
+            self.alg = "RS256"
+        else:
+            raise SignerError("the client key must be EC P-256 or RSA of 2048 bits or more to sign notifications")
+        self.key = key
+        thumb = _b64(hashlib.sha256(certificate.public_bytes(serialization.Encoding.DER)).digest())
+        self.header = _b64(json.dumps({"alg": self.alg, "x5t#S256": thumb}, separators=(",", ":")).encode())
+
+    def sign(self, body: bytes) -> str:
+        signing_input = f"{self.header}.{_b64(body)}".encode("ascii")
+        if self.alg == "ES256":
+            r, s = decode_dss_signature(self.key.sign(signing_input, ec.ECDSA(hashes.SHA256())))
+            signature = r.to_bytes(32, "big") + s.to_bytes(32, "big")
+        else:
+            signature = self.key.sign(signing_input, padding.PKCS1v15(), hashes.SHA256())
+        return f"{self.header}..{_b64(signature)}"
+
+
+def load_signer(certificate: str, private_key: str) -> Signer:
+    try:
+        chain, key = key_pair(certificate, private_key)
+    except TlsConfigError as e:
+        raise SignerError(str(e)) from None
+    return Signer(chain[0], key)
+
+
+@implementer(IPolicyForHTTPS)
+class _Tls:
+    def __init__(self, options):
+        self.options = options
+
+    def creatorForNetloc(self, hostname, port):
+        return self.options
+
+
+class Hook:
+    """One platform's endpoint: its URL, TLS, signer and retry policy (``cfg``: its NotifyConfig)."""
+
+    def __init__(self, cfg, reactor):
+        self.cfg = cfg
+        self.url = cfg.endpoint.encode("ascii")
+        host = urlsplit(cfg.endpoint).hostname
+        self.signer = load_signer(cfg.client_certificate, cfg.client_key)
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        pool.maxPersistentPerHost = 2
+        self.agent = Agent(reactor, contextFactory=_Tls(client_options(host, cfg.ca, cfg.client_certificate,
+                                                                       cfg.client_key)),
+                           connectTimeout=cfg.timeout, pool=pool)
+
+    def retry_after(self, attempts: int) -> float:
+        return min(self.cfg.retry_first * 2 ** max(0, attempts - 1), self.cfg.retry_max)
+
+
+class Delivery(service.Service):
+    """Sends what is pending, each subscription in order; wakes on every commit (the chamber's observers, the
+    other gate's included) and when the soonest retry is due.  ``body(subscription row, notification row)``
+    -> the notification Bundle (dict)."""
+
+    def __init__(self, chamber, reactor, hooks: dict[str, Hook], body):
+        self.chamber = chamber
+        self.reactor = reactor
+        self.hooks = hooks
+        self.body = body
+        self._busy: set[str] = set()  # subscriptions with a delivery in flight
+        self._call = None
+        self._timer = None
+        self._unobserve = None
+
+    def startService(self):
+        super().startService()
+        self._unobserve = self.chamber.observe(self.wake)
+        self.wake()
+
+    def stopService(self):
+        super().stopService()
+        if self._unobserve is not None:
+            self._unobserve()
+        for call in (self._call, self._timer):
+            if call is not None and call.active():
+                call.cancel()
+        self._call = self._timer = None
+
+    def wake(self) -> None:
+        if self.running and self._call is None:
+            self._call = self.reactor.callLater(0, self._pump)
+
+    def _pump(self) -> None:
+        self._call = None
+        if not self.running:
+            return
+        now = self.reactor.seconds()
+        soonest = None
+        for n in self.chamber.read().notification_heads():
+            hook = self.hooks.get(n.platform)
+            if n.subscription_id in self._busy or hook is None:
+                continue
+            if n.next_attempt > now:
+                soonest = n.next_attempt if soonest is None else min(soonest, n.next_attempt)
+                continue
+            if len(self._busy) >= MAX_IN_FLIGHT:
+                break
+            self._busy.add(n.subscription_id)
+            self._attempt(hook, n)
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = self.reactor.callLater(max(0.0, soonest - now), self.wake) if soonest is not None else None
+
+    def _attempt(self, hook: Hook, n) -> None:
+        sub = self.chamber.read().subscription(n.subscription_id)
+        body = json.dumps(self.body(sub, n), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        headers = Headers({b"Content-Type": [b"application/fhir+json; charset=utf-8"],
+                           SIGNATURE_HEADER: [hook.signer.sign(body).encode("ascii")]})
+        d = hook.agent.request(b"POST", hook.url, headers, FileBodyProducer(BytesIO(body)))
+        d.addCallback(lambda response: readBody(response).addCallback(lambda _: response.code))
+        d.addTimeout(hook.cfg.timeout, self.reactor)
+        d.addCallbacks(lambda code: (code, None) if 200 <= code < 300 else (code, f"answered {code}"),
+                       lambda failure: (None, f"{failure.type.__name__}: {failure.getErrorMessage()}"[:300]))
+        d.addCallback(lambda result: self._settle(hook, n, *result))
+        d.addErrback(lambda failure: log.error("notify.settle_failed", subscription=n.subscription_id,
+                                               event=n.event, error=failure.getErrorMessage()))
+        d.addBoth(lambda _: self._done(n.subscription_id))
+
+    def _done(self, subscription_id: str) -> None:
+        self._busy.discard(subscription_id)
+        self.wake()
+
+    def _settle(self, hook: Hook, n, code, error):
+        def work(tx):
+            cur = tx.notification(n.subscription_id, n.event)
+            if cur is None or cur.state != "pending":
+                return None
+            attempts = cur.attempts + 1
+            if error is None:
+                tx.set_notification_state(n.subscription_id, n.event, "delivered", attempts=attempts,
+                                          next_attempt=tx.now)
+                return "delivered"
+            if tx.now - cur.created >= hook.cfg.give_up_after:
+                tx.set_notification_state(n.subscription_id, n.event, "dead", attempts=attempts,
+                                          next_attempt=tx.now, last_error=error)
+                return "dead"
+            tx.set_notification_state(n.subscription_id, n.event, "pending", attempts=attempts,
+                                      next_attempt=tx.now + hook.retry_after(attempts), last_error=error)
+            return "retrying"
+
+        def logged(state):
+            if state == "dead":
+                log.error("notify.dead", platform=n.platform, subscription=n.subscription_id, event=n.event,
+                          error=error)
+            elif state == "retrying":
+                log.warning("notify.retrying", platform=n.platform, subscription=n.subscription_id, event=n.event,
+                            error=error)
+            return state
+
+        return self.chamber.transact(work).addCallback(logged)
+
+
+def hooks_from_config(platforms, reactor) -> dict[str, Hook]:
+    return {p.name: Hook(p.notify, reactor) for p in platforms if p.notify is not None}
