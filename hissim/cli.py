@@ -2,7 +2,9 @@
 
 ``--log`` overrides the received-messages journal path. SIGUSR1 makes the counter book one random
 free slot at once (journalled and pushed like any counter booking); SIGUSR2 makes the pharmacy (config
-``pharmacy:``) release a random prescription to outside pharmacies. SIGINT / SIGTERM stop it.
+``pharmacy:``) release a random prescription to outside pharmacies. SIGHUP suspends clinics (停诊): each line
+``SCHEDULE YYYY-MM-DD`` of the ``--suspend-file`` cancels that doctor's bookings of that day (SIU^S15) and blocks
+the day's slots (SIU^S23). SIGINT / SIGTERM stop it.
 Exit status: 0 after a clean stop, 1 if it could not listen or open its store, 2 for a bad configuration.
 """
 
@@ -13,6 +15,7 @@ import dataclasses
 import logging
 import signal
 import sys
+from datetime import date
 from pathlib import Path
 
 import structlog
@@ -42,6 +45,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--config", required=True, type=Path, help="the simulator's YAML config")
     parser.add_argument("--log", type=Path, default=None,
                         help="path of the received-messages journal (overrides received_log)")
+    parser.add_argument("--suspend-file", type=Path, default=None,
+                        help="on SIGHUP, suspend the clinics its lines name: SCHEDULE YYYY-MM-DD")
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config)
@@ -80,6 +85,29 @@ def main(argv: list[str]) -> int:
     def on_usr2(signum, frame) -> None:
         reactor.callFromThread(sim.release_now)
 
+    def suspend() -> None:
+        if args.suspend_file is None:
+            log.info("his-sim.no-suspend-file")
+            return
+        try:
+            lines = args.suspend_file.read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            log.error("his-sim.cannot-read-suspend-file", path=str(args.suspend_file), error=str(exc))
+            return
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                schedule_id, day = line.split()
+                sim.suspend_clinic(schedule_id, date.fromisoformat(day))
+            except ValueError:
+                log.error("his-sim.bad-suspend-line", path=str(args.suspend_file), line=number,
+                          expected="SCHEDULE YYYY-MM-DD")
+
+    def on_hup(signum, frame) -> None:
+        reactor.callFromThread(suspend)
+
+    signal.signal(signal.SIGHUP, on_hup)
     signal.signal(signal.SIGUSR1, on_usr1)
     signal.signal(signal.SIGUSR2, on_usr2)
     reactor.callWhenRunning(start)
