@@ -107,6 +107,7 @@ class Gateway(service.MultiService):
         self.prescribing = prescribing
         self.api: FhirApi | None = None  # the outer gate's FHIR API (gate both or outer)
         self.outer_tls: TlsSwitch | None = None  # the outer gate's TLS (gate both or outer)
+        self.delivery: Delivery | None = None  # the outer gate's deliveries of notifications (gate both or outer)
         self.inner_tls: TlsSwitch | None = None  # the MLLP listener's TLS (gate both or inner, with inner.tls)
         self.his_clients: list[MLLPClient] = []  # inner.his's connections (gate both or inner)
 
@@ -158,9 +159,8 @@ def make_service(config: GatewayConfig, reactor, gate: str = "both") -> Gateway:
         listener, root.api, root.outer_tls = _outer_gate(config, reactor, tz, chamber, booking, metrics,
                                                          prescribing)
         listener.setServiceParent(root)
-        delivery = _delivery(config, reactor, chamber, root.api.subscriptions)
-        if delivery is not None:
-            delivery.setServiceParent(root)
+        root.delivery = _delivery(config, reactor, chamber, root.api.subscriptions)
+        root.delivery.setServiceParent(root)
     if config.admin is not None:  # last to start, first to stop
         admin_site = web_server.Site(AdminResource(chamber, metrics, relays), reactor=reactor)
         admin_site.log = lambda request: None
@@ -361,13 +361,11 @@ def notification_base(config) -> str:
     return (outer.public_base_url or f"https://{outer.host}:{outer.port}{outer.base_path}").rstrip("/")
 
 
-def _delivery(config, reactor, chamber, api: SubscriptionsApi) -> Delivery | None:
-    """The outer gate's deliveries of notifications, when a platform has a notify endpoint."""
-    hooks = hooks_from_config(config.platforms, reactor)
-    if not hooks:
-        return None
+def _delivery(config, reactor, chamber, api: SubscriptionsApi) -> Delivery:
+    """The outer gate's deliveries of notifications (idle while no platform has a notify endpoint)."""
     base = notification_base(config)
-    return Delivery(chamber, reactor, hooks, lambda sub, n: api.notification(sub, n, base, reactor.seconds()))
+    return Delivery(chamber, reactor, hooks_from_config(config.platforms, reactor),
+                    lambda sub, n: api.notification(sub, n, base, reactor.seconds()))
 
 
 def _listener(endpoint, factory, name: str) -> StreamServerEndpointService:

@@ -142,7 +142,7 @@ class Delivery(service.Service):
         self._call = self._timer = None
 
     def wake(self) -> None:
-        if self.running and self._call is None:
+        if self.running and self._call is None and self.hooks:
             self._call = self.reactor.callLater(0, self._pump)
 
     def _pump(self) -> None:

@@ -587,6 +587,12 @@ class Txn:
             " WHERE state = 'pending' GROUP BY subscription_id) f USING (subscription_id, event)"
             " ORDER BY n.next_attempt LIMIT ?", (limit,))]
 
+    def prune_notifications(self, delivered_before: float, limit: int) -> int:
+        """Delete notifications delivered before ``delivered_before`` (never a pending or dead one)."""
+        return self._c.execute(
+            "DELETE FROM notifications WHERE rowid IN (SELECT rowid FROM notifications WHERE state = 'delivered'"
+            " AND updated < ? LIMIT ?)", (delivered_before, limit)).rowcount
+
     def set_notification_state(self, subscription_id: str, event: int, state: str, *, attempts: int,
                                next_attempt: float, last_error: str | None = None) -> None:
         self._c.execute("UPDATE notifications SET state = ?, attempts = ?, next_attempt = ?, last_error = ?,"

@@ -157,3 +157,24 @@ def test_the_signature_is_a_detached_jws_by_the_client_key(tmp_path):
                                  signed + b"x", ec.ECDSA(hashes.SHA256()))
     with pytest.raises(SignerError, match="does not belong"):
         load_signer(paths["platform-demo"], paths["server_key"])
+
+
+def test_a_reload_applies_a_platforms_new_notify(config_dir):
+    """SIGHUP: the new endpoint is where the next delivery goes and what a Subscription shows (no restart)."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    from gateway.ops.reload import reload
+    from gateway.service import make_service
+    from tests.unit.config_files import HEAD, load
+
+    notify = ("platforms:\n  - name: demo\n    certificate_subject: CN=platform-demo\n    notify:\n"
+              "      endpoint: {}\n      ca: certs/ca.pem\n      client_certificate: certs/platform-demo.pem\n"
+              "      client_key: certs/platform-demo.key\n")
+    head = HEAD + f"chamber: {{path: {config_dir / 'c.sqlite3'}}}\n"
+    first = load(config_dir, notify.format("https://old.example/h"), head)
+    gateway = make_service(first, MemoryReactorClock())
+    assert gateway.delivery.hooks["demo"].url == b"https://old.example/h"
+    applied = reload(gateway, load(config_dir, notify.format("https://new.example/h"), head))
+    assert not [a for a in applied if a.startswith("needs a restart")], applied
+    assert gateway.delivery.hooks["demo"].url == b"https://new.example/h"
+    assert gateway.api.subscriptions.notify["demo"].endpoint == "https://new.example/h"
