@@ -117,6 +117,11 @@ def test_failures_back_off_then_the_notification_is_dead_and_the_next_goes(env):
     row = chamber.read().notification("s1", 1)
     assert row.state == "dead" and row.last_error == "answered 503"
     assert sent_events(agents["demo"])[-1] == 2  # the subscription goes on with the next
+    from gateway.ops.admin import ChamberCollector
+
+    (family,) = [f for f in ChamberCollector(chamber).collect() if f.name == "gatewayd_notifications"]
+    assert {tuple(sample.labels.values()): sample.value for sample in family.samples} == {
+        ("demo", "dead"): 1, ("demo", "pending"): 1}  # what an operator sees
 
 
 def test_a_stalled_endpoint_holds_up_no_other_platform(env):
