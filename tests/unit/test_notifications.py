@@ -1,39 +1,22 @@
 """Notifications (issue 23): committed with the change that causes them, per subscription, numbered, and only
 for the platform whose appointment changed.  A real chamber file, transactions committed synchronously."""
 
-import functools
-from datetime import datetime
-
 import pytest
-from twisted.internet import task
 
-from adapters.maps.srm_booking import Hl7Header, build_srm
-from gateway.chamber.engine import Chamber
-from gateway.domain.booking import BookingService, HisLinkInfo
 from gateway.domain.model import BookingRequest, HisAnswer
 from gateway.domain.notifications import Notifications, appointment_change
-from gateway.domain.slot_book import SlotBook
 from gateway.domain.ids import slot_id
 from tests.deferreds import successResultOf
-from tests.unit.test_booking import PATIENT, SID, START, TZ, notice, outbound
+from tests.unit.test_booking import PATIENT, SID, START, env, notice, outbound  # noqa: F401
 
 
 @pytest.fixture
-def env(tmp_path):
-    clock = task.Clock()
-    clock.advance(datetime(2030, 1, 1, tzinfo=TZ).timestamp())
-    chamber = Chamber(tmp_path / "c.sqlite3", clock=clock.seconds)
-    chamber.open()
+def notified(env):
+    """test_booking's chamber and services, with the domain's notifications hooked in, and a second open slot."""
+    chamber, booking, book, _ = env
     chamber.on_unit(Notifications().after_unit)
-    header = Hl7Header("GATEWAYD", "FRONT", "HIS", "HOSPITAL", "2.5", "utf-8")
-    booking = BookingService(chamber, HisLinkInfo("his", "utf-8", "S04", functools.partial(build_srm, header=header)),
-                             tz=TZ, hold_seconds=60, clock=clock)
-    book = SlotBook(TZ)
-    later = START.replace(hour=9)
-    chamber.transact_now(lambda tx: book.apply(tx, [notice("open"), notice("open", start=later)]))
-    yield chamber, booking, book
-    booking.stop()
-    chamber.close()
+    chamber.transact_now(lambda tx: book.apply(tx, [notice("open", start=START.replace(hour=9))]))
+    return chamber, booking, book
 
 
 def subscribe(chamber, sub_id, platform):
@@ -52,8 +35,8 @@ def events(chamber, sub_id):
     return [(n.event, n.focus, n.what, n.state) for n in chamber.read().notifications_of(sub_id)]
 
 
-def test_the_his_booking_and_the_hospitals_cancellation_are_notified_in_order(env):
-    chamber, booking, book = env
+def test_the_his_booking_and_the_hospitals_cancellation_are_notified_in_order(notified):
+    chamber, booking, book = notified
     subscribe(chamber, "s1", "demo")
     appointment_id = booked(chamber, booking)
     chamber.transact_now(lambda tx: book.apply(tx, [notice("free", his_appointment="H1")]))
@@ -62,8 +45,8 @@ def test_the_his_booking_and_the_hospitals_cancellation_are_notified_in_order(en
     assert chamber.read().subscription("s1").events == 2
 
 
-def test_another_platforms_subscription_hears_nothing_of_it(env):
-    chamber, booking, book = env
+def test_another_platforms_subscription_hears_nothing_of_it(notified):
+    chamber, booking, book = notified
     subscribe(chamber, "mine", "demo")
     subscribe(chamber, "theirs", "other")
     booked(chamber, booking)
@@ -71,8 +54,8 @@ def test_another_platforms_subscription_hears_nothing_of_it(env):
     assert len(events(chamber, "mine")) == 2 and events(chamber, "theirs") == []
 
 
-def test_a_move_by_the_hospital_is_notified(env):
-    chamber, booking, book = env
+def test_a_move_by_the_hospital_is_notified(notified):
+    chamber, booking, book = notified
     subscribe(chamber, "s1", "demo")
     appointment_id = booked(chamber, booking, his="H5")
     later = START.replace(hour=9)
@@ -81,8 +64,8 @@ def test_a_move_by_the_hospital_is_notified(env):
     assert [e[2] for e in events(chamber, "s1")] == ["booked", "moved"]
 
 
-def test_a_no_show_is_notified_though_the_status_stays(env):
-    chamber, booking, book = env
+def test_a_no_show_is_notified_though_the_status_stays(notified):
+    chamber, booking, book = notified
     subscribe(chamber, "s1", "demo")
     appointment_id = booked(chamber, booking, his="H5")
     chamber.transact_now(lambda tx: book.apply(tx, [notice("noshow", his_appointment="H5")]))
@@ -90,9 +73,9 @@ def test_a_no_show_is_notified_though_the_status_stays(env):
     assert [e[2] for e in events(chamber, "s1")] == ["booked", "noshow"]
 
 
-def test_a_notification_is_rolled_back_with_its_change(env):
+def test_a_notification_is_rolled_back_with_its_change(notified):
     """A unit that fails after changing an appointment leaves neither the change nor its notification."""
-    chamber, booking, _ = env
+    chamber, booking, _ = notified
     subscribe(chamber, "s1", "demo")
     appointment_id = booked(chamber, booking)
 
@@ -106,8 +89,8 @@ def test_a_notification_is_rolled_back_with_its_change(env):
     assert [e[2] for e in events(chamber, "s1")] == ["booked"]
 
 
-def test_an_ended_subscription_gets_no_more(env):
-    chamber, booking, book = env
+def test_an_ended_subscription_gets_no_more(notified):
+    chamber, booking, book = notified
     subscribe(chamber, "s1", "demo")
     booked(chamber, booking)
     chamber.transact_now(lambda tx: tx.end_subscription("s1"))
