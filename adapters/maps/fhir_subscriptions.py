@@ -9,27 +9,29 @@ from __future__ import annotations
 from typing import Any
 
 from adapters.maps.fhir_scheduling import InvalidResource
-from gateway.domain.notifications import PAYLOADS, TOPICS, topic_code
+from gateway.domain.notifications import HEARTBEAT_RANGE, PAYLOADS, TOPICS, topic_code
 
 BACKPORT = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/"
 SUBSCRIPTION_PROFILE = BACKPORT + "backport-subscription"
 STATUS_PROFILE = BACKPORT + "backport-subscription-status-r4"
 PAYLOAD_CONTENT = BACKPORT + "backport-payload-content"
+HEARTBEAT_PERIOD = BACKPORT + "backport-heartbeat-period"
 #: the gateway's extension on a notification-event: what changed (booked, cancelled, refused, moved, noshow)
 CHANGE_EXTENSION = "https://gatewayd.invalid/fhir/StructureDefinition/notification-change"
 FHIR_JSON = "application/fhir+json"
 
 _TOP = {"resourceType", "meta", "status", "reason", "criteria", "channel", "text"}
-_CHANNEL = {"type", "endpoint", "payload", "_payload"}
+_CHANNEL = {"type", "endpoint", "payload", "_payload", "extension"}
 
 
 def _refuse(diagnostics: str, expression: str, status: int = 422, code: str = "not-supported"):
     raise InvalidResource([(code, diagnostics, expression)], status=status)
 
 
-def read_subscription(body: Any, endpoint: str) -> tuple[str, str]:
-    """(topic code, payload kind) of a platform's Subscription; ``endpoint`` is the platform's configured one,
-    the only one a Subscription may name.  InvalidResource (400 malformed, 422 not offered) otherwise."""
+def read_subscription(body: Any, endpoint: str) -> tuple[str, str, float | None]:
+    """(topic code, payload kind, heartbeat period or None) of a platform's Subscription; ``endpoint`` is the
+    platform's configured one, the only one a Subscription may name.  InvalidResource (400 malformed, 422 not
+    offered) otherwise."""
     if not isinstance(body, dict) or body.get("resourceType") != "Subscription":
         _refuse("expected a Subscription", "Subscription", 400, "invalid")
     for key in sorted(set(body) - _TOP):
@@ -67,7 +69,24 @@ def read_subscription(body: Any, endpoint: str) -> tuple[str, str]:
         if content not in PAYLOADS:
             _refuse(f"payload content must be one of {', '.join(PAYLOADS)}",
                     "Subscription.channel._payload.extension.valueCode")
-    return topic_code(criteria), content
+    return topic_code(criteria), content, _heartbeat(channel.get("extension", []))
+
+
+def _heartbeat(extensions: Any) -> float | None:
+    """The channel's backport-heartbeat-period (seconds), the only channel extension honoured."""
+    if not isinstance(extensions, list):
+        _refuse("channel.extension must be a list", "Subscription.channel.extension", 400, "invalid")
+    period = None
+    low, high = HEARTBEAT_RANGE
+    for ext in extensions:
+        if not isinstance(ext, dict) or ext.get("url") != HEARTBEAT_PERIOD or period is not None:
+            _refuse("of the channel's extensions only one backport-heartbeat-period is supported (nothing is "
+                    "ignored: leave the others out)", "Subscription.channel.extension")
+        period = ext.get("valueUnsignedInt")
+        if not isinstance(period, int) or isinstance(period, bool) or not low <= period <= high:
+            _refuse(f"the heartbeat period is a whole number of seconds from {low} to {high}",
+                    "Subscription.channel.extension.valueUnsignedInt")
+    return float(period) if period is not None else None
 
 
 def subscription_resource(row, endpoint: str | None, instant) -> dict:
@@ -80,13 +99,15 @@ def subscription_resource(row, endpoint: str | None, instant) -> dict:
         "reason": f"{row.topic} notifications",
         "criteria": TOPICS[row.topic],
         "channel": {"type": "rest-hook", **({"endpoint": endpoint} if endpoint else {}), "payload": FHIR_JSON,
-                    "_payload": {"extension": [{"url": PAYLOAD_CONTENT, "valueCode": row.payload}]}},
+                    "_payload": {"extension": [{"url": PAYLOAD_CONTENT, "valueCode": row.payload}]},
+                    **({"extension": [{"url": HEARTBEAT_PERIOD, "valueUnsignedInt": int(row.heartbeat)}]}
+                       if row.heartbeat else {})},
     }
 
 
 def status_parameters(row, base: str, kind: str, events: list, instant) -> dict:
-    """The SubscriptionStatus (R4: Parameters) of ``row`` for a Bundle of ``kind`` (event-notification,
-    query-status, query-event) naming the notification rows ``events``."""
+    """The SubscriptionStatus (R4: Parameters) of ``row`` for a Bundle of ``kind`` (handshake, heartbeat,
+    event-notification, query-status, query-event) naming the notification rows ``events``."""
     parameters: list[dict] = [
         {"name": "subscription", "valueReference": {"reference": f"{base}/Subscription/{row.id}"}},
         {"name": "topic", "valueCanonical": TOPICS[row.topic]},

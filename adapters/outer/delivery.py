@@ -13,6 +13,8 @@ the YAML (``platforms[].notify``), never one a request named.
   ``notify.dead``, state ``dead`` in the chamber) and the subscription goes on with the next.
 - At least once: the state is committed after the answer, so a notification whose delivery a crash interrupted
   is sent again (same event number: the platform drops a repeat).
+- A subscription's handshake (event 0, committed with it) goes first; one that asked for heartbeats gets a
+  heartbeat Bundle after that many seconds without a delivery (not kept in the chamber, not retried).
 - Nothing here holds up anything else: each endpoint's requests run on their own (at most one per subscription,
   ``MAX_IN_FLIGHT`` in all); the inner gate's ACKs never wait for a delivery.
 """
@@ -123,6 +125,7 @@ class Delivery(service.Service):
         self.hooks = hooks
         self.body = body
         self._busy: set[str] = set()  # subscriptions with a delivery in flight
+        self._last: dict[str, float] = {}  # heartbeat subscriptions: when their last delivery ended (or first seen)
         self._call = None
         self._timer = None
         self._unobserve = None
@@ -151,7 +154,9 @@ class Delivery(service.Service):
             return
         now = self.reactor.seconds()
         soonest = None
-        for n in self.chamber.read().notification_heads():
+        reader = self.chamber.read()
+        heads = reader.notification_heads()
+        for n in heads:
             hook = self.hooks.get(n.platform)
             if n.subscription_id in self._busy or hook is None:
                 continue
@@ -162,27 +167,57 @@ class Delivery(service.Service):
                 break
             self._busy.add(n.subscription_id)
             self._attempt(hook, n)
+        waiting = {n.subscription_id for n in heads}
+        beating = reader.heartbeat_subscriptions()
+        self._last = {sub.id: self._last.get(sub.id, now) for sub in beating}  # (from now on for a new one)
+        for sub in beating:
+            hook = self.hooks.get(sub.platform)
+            if sub.id in self._busy or sub.id in waiting or hook is None:
+                continue
+            due = self._last[sub.id] + sub.heartbeat
+            if due <= now and len(self._busy) < MAX_IN_FLIGHT:
+                self._busy.add(sub.id)
+                self._heartbeat(hook, sub)
+            else:
+                soonest = due if soonest is None else min(soonest, due)
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = self.reactor.callLater(max(0.0, soonest - now), self.wake) if soonest is not None else None
 
-    def _attempt(self, hook: Hook, n) -> None:
-        sub = self.chamber.read().subscription(n.subscription_id)
-        body = json.dumps(self.body(sub, n), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    def _post(self, hook: Hook, bundle: dict):
+        """POST ``bundle``, signed: a Deferred firing (status code, None) for a 2xx, else (code or None, why)."""
+        body = json.dumps(bundle, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
         headers = Headers({b"Content-Type": [b"application/fhir+json; charset=utf-8"],
                            SIGNATURE_HEADER: [hook.signer.sign(body).encode("ascii")]})
         d = hook.agent.request(b"POST", hook.url, headers, FileBodyProducer(BytesIO(body)))
         d.addCallback(lambda response: readBody(response).addCallback(lambda _: response.code))
         d.addTimeout(hook.cfg.timeout, self.reactor)
-        d.addCallbacks(lambda code: (code, None) if 200 <= code < 300 else (code, f"answered {code}"),
-                       lambda failure: (None, f"{failure.type.__name__}: {failure.getErrorMessage()}"[:300]))
+        return d.addCallbacks(lambda code: (code, None) if 200 <= code < 300 else (code, f"answered {code}"),
+                              lambda failure: (None, f"{failure.type.__name__}: {failure.getErrorMessage()}"[:300]))
+
+    def _attempt(self, hook: Hook, n) -> None:
+        sub = self.chamber.read().subscription(n.subscription_id)
+        d = self._post(hook, self.body(sub, n))
         d.addCallback(lambda result: self._settle(hook, n, *result))
         d.addErrback(lambda failure: log.error("notify.settle_failed", subscription=n.subscription_id,
                                                event=n.event, error=failure.getErrorMessage()))
         d.addBoth(lambda _: self._done(n.subscription_id))
 
+    def _heartbeat(self, hook: Hook, sub) -> None:
+        """A heartbeat: nothing in the chamber, not retried (the next one is due a period later)."""
+        def sent(result):
+            if result[1] is not None:
+                log.warning("notify.heartbeat_failed", platform=sub.platform, subscription=sub.id, error=result[1])
+
+        d = self._post(hook, self.body(sub, None)).addCallback(sent)
+        d.addErrback(lambda failure: log.error("notify.heartbeat_failed", subscription=sub.id,
+                                               error=failure.getErrorMessage()))
+        d.addBoth(lambda _: self._done(sub.id))
+
     def _done(self, subscription_id: str) -> None:
         self._busy.discard(subscription_id)
+        if subscription_id in self._last:
+            self._last[subscription_id] = self.reactor.seconds()  # the heartbeat's period starts again
         self.wake()
 
     def _settle(self, hook: Hook, n, code, error):

@@ -74,7 +74,12 @@ class SubscriptionsApi:
         return lambda: self._read(platform, rest[0], base)
 
     def notification(self, row, n, base: str, now: float) -> dict:
-        """The Bundle that delivers notification ``n`` of subscription ``row`` (adapters/outer/delivery.py)."""
+        """The Bundle that delivers notification ``n`` of subscription ``row`` (adapters/outer/delivery.py): its
+        handshake (event 0), an event, or — ``n`` None — a heartbeat."""
+        if n is None or n.what == "handshake":
+            kind = "heartbeat" if n is None else "handshake"
+            return notification_bundle(row, base, kind, [], self.instant, bundle_id=f"{row.id}-{kind}-{now:.0f}",
+                                       now=now)
         resources = None
         if row.payload == "full-resource":
             resources = {n.focus: self.focus_json(row.platform, n.focus)}
@@ -90,10 +95,10 @@ class SubscriptionsApi:
         if cfg is None:
             raise FhirError(422, "business-rule", f"platform {platform!r} has no notification endpoint in the "
                                                   f"hospital's configuration (platforms[].notify): it cannot subscribe")
-        topic, payload = read_subscription(json_body(request, self.json_limits), cfg.endpoint)
+        topic, payload, heartbeat = read_subscription(json_body(request, self.json_limits), cfg.endpoint)
         require_scope(grant, platform, TOPIC_SCOPES[topic])
         try:
-            row = await self.subs.subscribe(platform, topic, payload, cfg.max_subscriptions)
+            row = await self.subs.subscribe(platform, topic, payload, cfg.max_subscriptions, heartbeat)
         except SubscriptionRefused as e:
             raise FhirError(422, "too-costly", str(e)) from None
         return 201, subscription_resource(row, cfg.endpoint, self.instant), \

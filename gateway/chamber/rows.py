@@ -166,6 +166,7 @@ class SubscriptionRow:
     payload: str
     status: str
     events: int
+    heartbeat: float | None
     created: float
     updated: float
 

@@ -538,9 +538,16 @@ class Txn:
 
 
     # -- subscriptions and notifications (gateway/domain/notifications.py) -----------------------------------
-    def add_subscription(self, *, id: str, platform: str, topic: str, payload: str) -> None:
-        self._c.execute("INSERT INTO subscriptions (id, platform, topic, payload, status, events, created, updated)"
-                        " VALUES (?, ?, ?, ?, 'active', 0, ?, ?)", (id, platform, topic, payload, self.now, self.now))
+    def add_subscription(self, *, id: str, platform: str, topic: str, payload: str,
+                         heartbeat: float | None = None, handshake: bool = False) -> None:
+        """A new active subscription; with ``handshake``, its handshake (event 0) pending, due now."""
+        self._c.execute("INSERT INTO subscriptions (id, platform, topic, payload, status, events, heartbeat, created,"
+                        " updated) VALUES (?, ?, ?, ?, 'active', 0, ?, ?, ?)",
+                        (id, platform, topic, payload, heartbeat, self.now, self.now))
+        if handshake:
+            self._c.execute("INSERT INTO notifications (subscription_id, event, platform, focus, what, state, attempts,"
+                            " next_attempt, created, updated) VALUES (?, 0, ?, '', 'handshake', 'pending', 0, ?, ?, ?)",
+                            (id, platform, self.now, self.now, self.now))
 
     def subscription(self, subscription_id: str) -> SubscriptionRow | None:
         return load(SubscriptionRow, self._c.execute("SELECT * FROM subscriptions WHERE id = ?",
@@ -554,6 +561,11 @@ class Txn:
         if active_only:
             sql += " AND status = 'active'"
         return [load(SubscriptionRow, r) for r in self._c.execute(sql + " ORDER BY created, id", args)]
+
+    def heartbeat_subscriptions(self) -> list[SubscriptionRow]:
+        """Active subscriptions that asked for heartbeats."""
+        return [load(SubscriptionRow, r) for r in self._c.execute(
+            "SELECT * FROM subscriptions WHERE status = 'active' AND heartbeat IS NOT NULL")]
 
     def end_subscription(self, subscription_id: str) -> None:
         self._c.execute("UPDATE subscriptions SET status = 'off', updated = ? WHERE id = ?",

@@ -27,6 +27,8 @@ TOPICS = {"appointment-status": TOPIC_BASE + "appointment-status"}
 TOPIC_SCOPES = {"appointment-status": "Appointment.read"}
 #: payload kinds (Subscription.channel.payload's content extension)
 PAYLOADS = ("id-only", "full-resource")
+#: the heartbeat periods a platform may ask for (seconds): none shorter, so heartbeats cost little
+HEARTBEAT_RANGE = (10, 86400)
 
 
 def topic_code(url: str) -> str | None:
@@ -89,8 +91,9 @@ class Subscriptions:
     def __init__(self, chamber):
         self.chamber = chamber
 
-    def subscribe(self, platform: str, topic: str, payload: str, max_count: int):
-        """A new active subscription of ``platform`` (Deferred -> its row); SubscriptionRefused past
+    def subscribe(self, platform: str, topic: str, payload: str, max_count: int, heartbeat: float | None = None):
+        """A new active subscription of ``platform`` (Deferred -> its row), its handshake queued first (event 0);
+        ``heartbeat``: seconds without a delivery after which a heartbeat is sent.  SubscriptionRefused past
         ``max_count`` active ones."""
         from gateway.domain.ids import new_id
 
@@ -99,7 +102,8 @@ class Subscriptions:
                 raise SubscriptionRefused(f"the platform holds {max_count} subscriptions already (its limit): "
                                           f"delete one first")
             sub_id = new_id("s")
-            tx.add_subscription(id=sub_id, platform=platform, topic=topic, payload=payload)
+            tx.add_subscription(id=sub_id, platform=platform, topic=topic, payload=payload, heartbeat=heartbeat,
+                                handshake=True)
             return tx.subscription(sub_id)
 
         return self.chamber.transact(work)

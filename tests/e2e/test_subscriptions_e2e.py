@@ -80,6 +80,11 @@ class Webhook:
     def url(self, path):
         return f"https://127.0.0.1:{self.port}/{path}"
 
+    def kinds(self, path):
+        """The SubscriptionStatus type of each Bundle delivered to ``path`` (handshake, event-notification, ...)."""
+        return [{p["name"]: p for p in json.loads(body)["entry"][0]["resource"]["parameter"]}["type"]["valueCode"]
+                for p_, _, body, _ in list(self.received) if p_ == f"/{path}"]
+
     def events(self, path):
         """(event number, change, focus) of every notification-event delivered to ``path``, in arrival order."""
         out = []
@@ -177,11 +182,13 @@ def test_a_suspended_clinic_reaches_each_platform_in_order_and_nothing_is_lost(l
     assert hook.events("demo") == [(1, "booked", demo_appts[0]), (2, "booked", demo_appts[1]),
                                    (3, "cancelled", demo_appts[0]), (4, "cancelled", demo_appts[1])]
     assert hook.events("other") == [(1, "booked", other_appts[0]), (2, "cancelled", other_appts[0])]
+    assert hook.kinds("demo") == ["handshake"] + ["event-notification"] * 4
     for path, headers, body, cert in hook.received:
         verify_signature(headers, body, cert)
         bundle = json.loads(body)
         assert bundle["type"] == "history"
-        if path == "/other":  # full-resource: its own appointment, as it is now
+        if path == "/other" and bundle["entry"][0]["resource"]["parameter"][3]["valueCode"] != "handshake":
+            # full-resource: its own appointment, as it is now
             (appt,) = [e["resource"] for e in bundle["entry"][1:]]
             assert appt["resourceType"] == "Appointment" and appt["id"] in other_appts
         else:
@@ -245,4 +252,4 @@ def test_a_stalled_webhook_does_not_slow_the_acks_and_kill_9_loses_nothing(lock)
     assert sorted(set(delivered)) == [1, 2] and delivered == sorted(delivered)
     assert dict((e, f) for e, _, f in hook.events("demo")) == {1: first, 2: second}
     assert lock.chamber_rows("SELECT event, state FROM notifications WHERE subscription_id = ? ORDER BY event",
-                             demo_sub) == [(1, "delivered"), (2, "delivered")]
+                             demo_sub) == [(0, "delivered"), (1, "delivered"), (2, "delivered")]  # 0: handshake

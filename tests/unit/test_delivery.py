@@ -16,6 +16,7 @@ from twisted.internet import defer, task
 
 from adapters.outer.delivery import Delivery, Hook, SignerError, load_signer
 from gateway.chamber.engine import Chamber
+from tests.deferreds import successResultOf
 
 
 class Agent:
@@ -183,3 +184,32 @@ def test_a_reload_applies_a_platforms_new_notify(config_dir):
     assert not [a for a in applied if a.startswith("needs a restart")], applied
     assert gateway.delivery.hooks["demo"].url == b"https://new.example/h"
     assert gateway.api.subscriptions.notify["demo"].endpoint == "https://new.example/h"
+
+
+def test_the_handshake_goes_first_and_heartbeats_come_when_nothing_else_does(env):
+    """A subscription made through the domain has its handshake (event 0) delivered before its events; one with a
+    heartbeat period gets a heartbeat after that long without a delivery, and none while deliveries flow."""
+    from gateway.domain.notifications import Subscriptions
+
+    chamber, clock, agents, delivery = env
+    delivery.body = lambda sub, n: {"kind": "heartbeat" if n is None else n.what, "event": n and n.event}
+    sub = successResultOf(Subscriptions(chamber).subscribe("demo", "appointment-status", "id-only", 5, heartbeat=30))
+    chamber.transact_now(lambda tx: tx.add_notification(sub.id, platform="demo", focus="Appointment/a1",
+                                                        what="cancelled"))
+    delivery.wake()
+    clock.advance(0)
+    agents["demo"].answer(0, 200)
+    clock.advance(0)
+    agents["demo"].answer(1, 200)
+    clock.advance(29)
+    assert [json.loads(r[2]._inputFile.getvalue())["kind"] for r in agents["demo"].requests] == ["handshake",
+                                                                                                  "cancelled"]
+    clock.advance(1)
+    kinds = [json.loads(r[2]._inputFile.getvalue())["kind"] for r in agents["demo"].requests]
+    assert kinds == ["handshake", "cancelled", "heartbeat"]
+    assert [n.event for n in chamber.read().notifications_of(sub.id)] == [1]  # ($events: the handshake is not one)
+    agents["demo"].answer(2, 500)  # a failed heartbeat is not retried: the next comes a period later
+    clock.advance(29)
+    assert len(agents["demo"].requests) == 3
+    clock.advance(1)
+    assert len(agents["demo"].requests) == 4

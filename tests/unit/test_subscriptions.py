@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from adapters.maps.fhir_subscriptions import PAYLOAD_CONTENT
+from adapters.maps.fhir_subscriptions import BACKPORT, HEARTBEAT_PERIOD, PAYLOAD_CONTENT
 from adapters.outer.intake import JsonLimits
 from adapters.outer.subscriptions import SubscriptionsApi
 from gateway.domain.model import HisAnswer
@@ -59,6 +59,10 @@ def test_an_endpoint_from_the_request_is_refused_unless_it_is_the_configured_one
     (lambda s: s.update(criteria="Appointment?status=cancelled"), "Subscription.criteria"),
     (lambda s: s["channel"]["_payload"]["extension"][0].update(valueCode="everything"),
      "Subscription.channel._payload.extension.valueCode"),
+    (lambda s: s["channel"].update(extension=[{"url": HEARTBEAT_PERIOD, "valueUnsignedInt": 1}]),
+     "Subscription.channel.extension.valueUnsignedInt"),
+    (lambda s: s["channel"].update(extension=[{"url": BACKPORT + "backport-timeout", "valueUnsignedInt": 30}]),
+     "Subscription.channel.extension"),
 ])
 def test_what_is_not_honoured_is_refused(subs, change, expression):
     body = subscription()
@@ -123,3 +127,19 @@ def test_events_catch_up_after_the_hospital_cancels(subs):
 def test_the_capability_statement_names_subscriptions(subs):
     entry = [r for r in subs.request("GET", "/metadata").json["rest"][0]["resource"] if r["type"] == "Subscription"]
     assert entry and {o["name"] for o in entry[0]["operation"]} == {"status", "events"}
+
+
+def test_a_heartbeat_period_is_kept_and_shown_and_a_handshake_is_queued(subs):
+    body = subscription()
+    body["channel"]["extension"] = [{"url": HEARTBEAT_PERIOD, "valueUnsignedInt": 60}]
+    r = subs.request("POST", "/Subscription", body)
+    assert r.status == 201 and r.json["channel"]["extension"] == body["channel"]["extension"]
+    row = subs.chamber.read().subscription(r.json["id"])
+    assert row.heartbeat == 60 and row.events == 0
+    (handshake,) = subs.chamber.read().notifications_of(row.id, first=0)
+    assert (handshake.event, handshake.what, handshake.state) == (0, "handshake", "pending")
+    bundle = subs.api.subscriptions.notification(row, handshake, "https://gw.example/fhir", 0.0)
+    params = {p["name"]: p for p in bundle["entry"][0]["resource"]["parameter"]}
+    assert params["type"]["valueCode"] == "handshake" and "notification-event" not in params
+    heartbeat = subs.api.subscriptions.notification(row, None, "https://gw.example/fhir", 0.0)
+    assert heartbeat["entry"][0]["resource"]["parameter"][3] == {"name": "type", "valueCode": "heartbeat"}

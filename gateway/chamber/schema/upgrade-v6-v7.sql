@@ -5,21 +5,24 @@
 -- the request.  The endpoint is never stored here: it is the platform's in the YAML (platforms[].notify), so no
 -- request can point the gateway anywhere.  status: active | off (deleted by the platform; kept while
 -- notifications of it are undelivered).  events: the event number of its latest notification
--- (eventsSinceSubscriptionStart).
+-- (eventsSinceSubscriptionStart).  heartbeat: seconds without a delivery after which the gateway sends a
+-- heartbeat (the backport-heartbeat-period extension), NULL for none.
 CREATE TABLE subscriptions (
-    id       TEXT PRIMARY KEY,
-    platform TEXT NOT NULL,
-    topic    TEXT NOT NULL,
-    payload  TEXT NOT NULL CHECK (payload IN ('empty', 'id-only', 'full-resource')),
-    status   TEXT NOT NULL CHECK (status IN ('active', 'off')),
-    events   INTEGER NOT NULL DEFAULT 0,
+    id        TEXT PRIMARY KEY,
+    platform  TEXT NOT NULL,
+    topic     TEXT NOT NULL,
+    payload   TEXT NOT NULL CHECK (payload IN ('empty', 'id-only', 'full-resource')),
+    status    TEXT NOT NULL CHECK (status IN ('active', 'off')),
+    events    INTEGER NOT NULL DEFAULT 0,
+    heartbeat REAL,
     created  REAL NOT NULL,
     updated  REAL NOT NULL
 );
 CREATE INDEX subscriptions_by_platform ON subscriptions (platform, topic, status);
 
 -- A notification a subscription is owed, committed in the transaction of the change that caused it.
--- event: its number in the subscription (1, 2, ...; a platform that sees a gap asks $events).
+-- event: its number in the subscription (1, 2, ...; a platform that sees a gap asks $events); 0 is the
+-- subscription's handshake (what 'handshake'), sent before any event.
 -- focus: the resource it is about ('Appointment/<id>'); what: the change (e.g. 'cancelled'), never a patient.
 -- state: pending -> delivered | dead (past the platform's notify.give_up_after: operators see it).
 CREATE TABLE notifications (
