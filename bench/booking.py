@@ -203,14 +203,7 @@ def run_workers(*, port: int, certs: Path, slots: list[str], procs: int, threads
         p.stdin.write(json.dumps(spec).encode())
         p.stdin.close()
         children.append(p)
-    outs = []
-    for p in children:
-        data = p.stdout.read()
-        p.wait()
-        if p.returncode != 0:
-            raise RuntimeError(f"load worker failed ({p.returncode})")
-        outs.append(json.loads(data))
-    return outs, t0
+    return rig.worker_results(children), t0
 
 
 # ---------------------------------------------------------------------------------------- the lock

@@ -435,5 +435,33 @@ def load_result(name: str) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def worker_results(children: list[subprocess.Popen]) -> list[dict]:
+    """Each load worker's JSON answer on its stdout, once it has exited (a failed worker fails the run)."""
+    outs = []
+    for p in children:
+        data = p.stdout.read()
+        p.wait()
+        if p.returncode != 0:
+            raise RuntimeError(f"load worker failed ({p.returncode})")
+        outs.append(json.loads(data))
+    return outs
+
+
+def bench_main(doc: str, add_arguments, run, print_table, name: str) -> None:
+    """A benchmark's command line: its arguments plus --keep and --save-as, ``run(args, workdir)`` in a fresh
+    work directory, the result saved to bench/results/<name>.json and printed."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(ap)
+    ap.add_argument("--keep", action="store_true", help="keep the temporary work directory")
+    ap.add_argument("--save-as", default=name, help="name of the results file in bench/results/")
+    args = ap.parse_args()
+    with workspace(args.keep, prefix=f"gatewayd-{name}-") as workdir:
+        result = run(args, workdir)
+    save_result(args.save_as, result)
+    print_table(result)
+
+
 def log(*parts) -> None:
     print(time.strftime("%H:%M:%S"), *parts, file=sys.stderr, flush=True)

@@ -2,7 +2,7 @@
 """gatewayd's benchmarks in one command: every contender on loopback in one run, a table on stdout, and
 the figures written into docs/benchmarks.md (with the machine's description).
 
-    python bench/run.py                      # ingest, booking, before/after, per-message costs (~40 min)
+    python bench/run.py                      # ingest, booking, search, rush, before/after, costs (~50 min)
     python bench/run.py --quick              # one repetition, shorter runs (~12 min): a smoke run
     python bench/run.py --with-soak 10 --with-profile
     python bench/run.py --render-only        # rewrite docs/benchmarks.md from bench/results/*.json
@@ -14,15 +14,18 @@ Flags:
   --rates LIST        offered booking rates (default 50,200,500; saturation always runs)
   --modes LIST        relay modes for bookings (default fifo,patient:16,split-fifo,split-patient:16;
                       split- = the split lock, `gatewayd run --gate outer` + `--gate inner`)
-  --skip LIST         any of ingest, booking, before-after, costs
+  --search-seconds S  length of each slot-search run (default 10)
+  --rush-slots N      slots the HIS releases at once in the rush (default 2000)
+  --rush-patients C   would-be patients in the rush (default 2000)
+  --skip LIST         any of ingest, booking, search, rush, before-after, costs
   --with-soak MIN     also run bench/soak.py for MIN minutes
   --with-profile      also run bench/profile.py (py-spy) on the booking and ingest paths
   --baseline DIR      also run the gatewayd of the checkout copied to DIR, interleaved (before/after)
   --render-only       run nothing; render docs/benchmarks.md from the saved results
   --no-docs           do not touch docs/benchmarks.md
 
-The parts also run alone: bench/ingest.py, bench/booking.py, bench/soak.py, bench/profile.py,
-bench/costs.py (each with --help). Needs: gcc, and `pip install hl7 txHL7 hl7apy py-spy` (py-spy only for
+The parts also run alone: bench/ingest.py, bench/booking.py, bench/search.py, bench/rush.py, bench/soak.py,
+bench/profile.py, bench/costs.py (each with --help); search and rush repeat --booking-reps times. Needs: gcc, and `pip install hl7 txHL7 hl7apy py-spy` (py-spy only for
 the profile). Nothing here is a test; pytest never collects bench/.
 """
 
@@ -67,6 +70,26 @@ def run_booking(args) -> None:
     with rig.workspace(prefix="gatewayd-booking-") as workdir:
         result = booking.run(ns, workdir)
     rig.save_result("booking", result)
+
+
+def run_search(args) -> None:
+    from bench import search
+
+    ns = types.SimpleNamespace(clients=4, seconds=args.search_seconds, slots=2000, reps=args.booking_reps,
+                               queries=",".join(search.QUERIES), gateway_log_level="warning")
+    with rig.workspace(prefix="gatewayd-search-") as workdir:
+        rig.save_result("search", search.run(ns, workdir))
+
+
+def run_rush(args) -> None:
+    from bench import rush
+
+    ap = argparse.ArgumentParser()
+    rush.add_arguments(ap)
+    ns = ap.parse_args(["--slots", str(args.rush_slots), "--patients", str(args.rush_patients),
+                        "--reps", str(args.booking_reps)])
+    with rig.workspace(prefix="gatewayd-rush-") as workdir:
+        rig.save_result("rush", rush.run(ns, workdir))
 
 
 def run_before_after(args) -> None:
@@ -270,6 +293,69 @@ def md_before_after(result: dict | None, costs: dict | None) -> str:
     return "\n".join(lines) or "_not run yet_"
 
 
+def md_search(result: dict) -> str:
+    lines = ["| request | pages/s (range) | p50 ms | p99 ms (range) | slots / bytes per page | gateway CPU | "
+             "gateway µs per page | load client CPU | answers other than 200 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in result["summary"]:
+        per_page = f"{row['slots_per_page']} / {rig.fmt(row['bytes_per_page'])}" if row["slots_per_page"] is not None \
+            else f"– / {rig.fmt(row['bytes_per_page'])}"
+        lines.append(f"| `GET {row['path']}` | **{rig.fmt(row['pages_per_s'])}** ({row['pages_per_s_range']}) | "
+                     f"{rig.fmt(row['p50_ms'])} | **{rig.fmt(row['p99_ms'])}** ({row['p99_ms_range']}) | {per_page} | "
+                     f"{rig.fmt(row['gateway_cpu_pct'])}% | {rig.fmt(row['gateway_cpu_us_per_page'])} | "
+                     f"{rig.fmt(row['client_cpu_pct'])}% | {row['non_200'] or 'none'} |")
+    failed = [r for r in result["runs"] if "error" in r]
+    lines.append("")
+    lines.append(f"Medians of {result['reps']} run(s) of {result['seconds']:.0f} s per request; {result['slots']} free "
+                 f"slots in the chamber; client: {result['client']}. CPU as a share of one core over the run.")
+    if failed:
+        lines.append("")
+        lines.append(f"**{len(failed)} run(s) failed**: " + "; ".join(f"{r['query']}: {r['error'][:200]}" for r in failed))
+    return "\n".join(lines)
+
+
+def md_rush(result: dict) -> str:
+    s = result.get("summary")
+    if not s:
+        return "_every repetition failed_: " + "; ".join(r.get("error", "")[:200] for r in result["runs"])
+
+    def cell(key: str, unit: str = "") -> str:
+        return f"**{rig.fmt(s[key])}**{unit} ({s[key + '_range']})"
+
+    quotas = ", ".join(f"{p} quota {v['quota']}: booked {'/'.join(str(n) for n in v['booked_gateway'])}"
+                       for p, v in s["by_platform"].items())
+    lines = ["| | median (range) |", "|---|---|",
+             f"| bookings by platform against its quota (per run) | {quotas}; every quota exact in every run: "
+             f"**{'yes' if s['quotas_exact_every_run'] else 'no'}**; slots left free {s['slots_left_free']} |",
+             f"| double bookings (all runs) | **{s['double_bookings']}** |",
+             f"| slots the HIS and the gateway disagree on afterwards (all runs) | **{s['his_gateway_disagreements']}** |",
+             f"| release → last SIU^S24 sent / every slot at the gateway | {cell('release_to_last_s24_s', ' s')} / "
+             f"{cell('release_to_all_at_gateway_s', ' s')} |",
+             f"| release → first / last slot taken | {cell('release_to_first_taken_s', ' s')} / "
+             f"{cell('release_to_last_taken_s', ' s')} |",
+             f"| a slot's S24 sent → the slot taken: p50 / max | {cell('published_to_taken_p50_s', ' s')} / "
+             f"{cell('published_to_taken_max_s', ' s')} |",
+             f"| successful bookings (201/202): p50 / p99 from the send; p99 with the wait for a pool connection | "
+             f"{cell('book_ok_p50_ms', ' ms')} / {cell('book_ok_p99_ms', ' ms')}; "
+             f"{cell('book_ok_p99_ms_with_pool_wait', ' ms')} |",
+             f"| refusals (409): p50 / p99 from the send; p99 with the wait for a pool connection | "
+             f"{cell('refused_p50_ms', ' ms')} / {cell('refused_p99_ms', ' ms')}; "
+             f"{cell('refused_p99_ms_with_pool_wait', ' ms')} |",
+             f"| searches during the rush: pages/s, p50 / p99 from the send | {cell('search_pages_per_s')}, "
+             f"{cell('search_p50_ms', ' ms')} / {cell('search_p99_ms', ' ms')} |",
+             f"| CPU over the rush (% of one core): gateway / simulator / load client | {cell('gateway_cpu_pct', '%')} / "
+             f"{cell('sim_cpu_pct', '%')} / {cell('client_cpu_pct', '%')} |",
+             "",
+             f"N = {result['slots']} slots, C = {result['patients']} patients, shares {result['shares']} %, "
+             f"{result['cancel_share']:.0%} of the patients cancel and book again; relay {result.get('mode', 'fifo')}; "
+             f"{s['runs']} run(s); client: "
+             f"{result['client']}. The rush runs from the release (SIGHUP to the simulator) to the last slot taken."]
+    failed = [r for r in result["runs"] if "error" in r]
+    if failed:
+        lines += ["", f"**{len(failed)} run(s) failed**: " + "; ".join(r["error"][:200] for r in failed)]
+    return "\n".join(lines)
+
+
 def md_soak(result: dict | None) -> str:
     if not result:
         return "_not run yet: `python bench/soak.py --minutes 10`_"
@@ -333,7 +419,8 @@ def md_profile(result: dict | None) -> str:
     return "\n".join(out)
 
 
-def targets(ingest: dict | None, booking: dict | None, soak: dict | None) -> tuple[str, list[str]]:
+def targets(ingest: dict | None, booking: dict | None, soak: dict | None, search: dict | None = None,
+            rush: dict | None = None) -> tuple[str, list[str]]:
     lines = ["| target | measured | met |", "|---|---|---|"]
     plain = []
     if ingest:
@@ -342,24 +429,37 @@ def targets(ingest: dict | None, booking: dict | None, soak: dict | None) -> tup
         gw = rows.get("gatewayd", {}).get("by_conns", {}).get(top)
         peers = {k: rows[k]["by_conns"][top]["msg_per_s"] for k in PEERS if k in rows and top in rows[k]["by_conns"]}
         if gw and peers:
+            # issue 21: >= 3x at logging level warning (>= 2x at the default, info, with the example config)
+            level = ingest.get("gateway_log_level", "warning")
+            need = 3 if level == "warning" else 2
             best = max(peers, key=peers.get)
             ratio = gw["msg_per_s"] / peers[best]
-            ok = ratio >= 2 and gw["all_accepted"] and gw["all_matched"]
+            ok = ratio >= need and gw["all_accepted"] and gw["all_matched"]
             text = (f"gatewayd {rig.fmt(gw['msg_per_s'])} msg/s vs {best} {rig.fmt(peers[best])} msg/s: "
-                    f"**{ratio:.2f}x** (needs {rig.fmt(2 * peers[best])}; every ACK matched: "
+                    f"**{ratio:.2f}x** (needs {rig.fmt(need * peers[best])}; every ACK matched: "
                     f"{'yes' if gw['all_matched'] and gw['all_accepted'] else 'NO'})")
-            lines.append(f"| MLLP ingest, durable, {top} connections: ≥ 2x the fastest non-durable Python peer | "
-                         f"{text} | {'**yes**' if ok else '**no**'} |")
+            lines.append(f"| MLLP ingest, durable, {top} connections, logging `{level}`: ≥ {need}x the fastest "
+                         f"non-durable Python peer | {text} | {'**yes**' if ok else '**no**'} |")
             plain.append(f"ingest x{top}: {ratio:.2f}x the fastest peer ({best}) -> {'met' if ok else 'missed'}")
+            cpu = gw.get("server_cpu_us_per_msg")
+            if cpu is not None:
+                ok = cpu <= 80
+                lines.append(f"| MLLP ingest: ≤ 80 µs of gateway CPU per message ({top} connections) | "
+                             f"**{rig.fmt(cpu)} µs** | {'**yes**' if ok else '**no**'} |")
+                plain.append(f"ingest CPU: {cpu} µs/msg -> {'met' if ok else 'missed'}")
     if booking:
         mine = [row for row in booking["summary"] if "@" not in row["mode"]]  # not the baseline's rows
         for row in mine:
             if row["rate"] == 200.0:
-                ok = row["p99_ms"] is not None and row["p99_ms"] < 10
-                lines.append(f"| booking p99 < 10 ms at 200 bookings/s ({row['mode']}) | p99 "
-                             f"**{rig.fmt(row['p99_ms'])} ms** at {rig.fmt(row['bookings_per_s'])} bookings/s | "
-                             f"{'**yes**' if ok else '**no**'} |")
-                plain.append(f"booking p99 at 200/s ({row['mode']}): {row['p99_ms']} ms -> {'met' if ok else 'missed'}")
+                # issue 21: in every repetition, so the worst repetition's p99 decides
+                worst = max((r["p99_ms"] for r in booking["runs"] if r.get("mode") == row["mode"]
+                             and r.get("rate") == 200.0 and r.get("p99_ms") is not None), default=None)
+                ok = worst is not None and worst < 10
+                lines.append(f"| booking p99 < 10 ms at 200 bookings/s in every repetition ({row['mode']}) | p99 "
+                             f"**{rig.fmt(row['p99_ms'])} ms** (median; worst repetition {rig.fmt(worst)} ms) at "
+                             f"{rig.fmt(row['bookings_per_s'])} bookings/s | {'**yes**' if ok else '**no**'} |")
+                plain.append(f"booking p99 at 200/s ({row['mode']}): worst repetition {worst} ms -> "
+                             f"{'met' if ok else 'missed'}")
         for row in mine:
             if row["rate"] is None:
                 ok = row["bookings_per_s"] >= 1000
@@ -367,6 +467,33 @@ def targets(ingest: dict | None, booking: dict | None, soak: dict | None) -> tup
                              f"**{rig.fmt(row['bookings_per_s'])}**/s ({row['bookings_per_s'] / 10:.0f}% of the "
                              f"target) | {'**yes**' if ok else '**no**'} |")
                 plain.append(f"saturation ({row['mode']}): {row['bookings_per_s']}/s -> {'met' if ok else 'missed'}")
+    if search:
+        rows = {row["query"]: row for row in search["summary"]}
+        for query, need in (("count20", 4000), ("count100", 1500)):
+            row = rows.get(query)
+            if row is None:
+                continue
+            ok = row["pages_per_s"] >= need and row["p99_ms"] is not None and row["p99_ms"] < 5
+            lines.append(f"| slot search, {row['slots_per_page']} slots a page, {search['clients']} clients: ≥ "
+                         f"{need:,} pages/s, p99 < 5 ms | **{rig.fmt(row['pages_per_s'])}** pages/s, p99 "
+                         f"**{rig.fmt(row['p99_ms'])} ms** | {'**yes**' if ok else '**no**'} |")
+            plain.append(f"search {query}: {row['pages_per_s']} pages/s p99 {row['p99_ms']} ms -> "
+                         f"{'met' if ok else 'missed'}")
+    if rush and rush.get("summary"):
+        s = rush["summary"]
+        last = s["release_to_last_taken_s"]
+        ok = (last is not None and last <= 5 and s["double_bookings"] == 0 and s["quotas_exact_every_run"]
+              and s["his_gateway_disagreements"] == 0 and s["refused_p99_ms"] is not None and s["refused_p99_ms"] < 50)
+        lines.append(f"| rush, N = {rush['slots']:,}, C = {rush['patients']:,}: every slot taken within 5 s of its "
+                     f"release, 0 double bookings, every quota exact, refusals p99 < 50 ms | last slot taken "
+                     f"**{rig.fmt(last)} s** after the release; double bookings **{s['double_bookings']}**; quotas exact "
+                     f"**{'yes' if s['quotas_exact_every_run'] else 'no'}**; HIS/gateway disagreements "
+                     f"**{s['his_gateway_disagreements']}**; refusals p99 **{rig.fmt(s['refused_p99_ms'])} ms** | "
+                     f"{'**yes**' if ok else '**no**'} |")
+        plain.append(f"rush N={rush['slots']} C={rush['patients']}: last slot {rig.fmt(last)} s, double "
+                     f"{s['double_bookings']}, quotas exact {s['quotas_exact_every_run']}, disagreements "
+                     f"{s['his_gateway_disagreements']}, refusals p99 {rig.fmt(s['refused_p99_ms'])} ms -> "
+                     f"{'met' if ok else 'missed'}")
     if soak:
         ok = soak["rss_growth_pct"] < 5
         lines.append(f"| soak: RSS growth < 5% after warm-up | **{soak['rss_growth_pct']:+.2f}%** over "
@@ -379,7 +506,8 @@ def render() -> None:
     ingest, booking = rig.load_result("ingest"), rig.load_result("booking")
     soak, profile = rig.load_result("soak"), rig.load_result("profile")
     before_after, costs = rig.load_result("before_after"), rig.load_result("costs")
-    machine = (ingest or booking or costs or {}).get("machine")
+    search, rush = rig.load_result("search"), rig.load_result("rush")
+    machine = (ingest or booking or costs or search or rush or {}).get("machine")
     run = rig.load_result("run") or {}
     machine_md = md_machine(machine) if machine else "_no results yet_"
     for inv in run.get("invocations", []):
@@ -391,10 +519,12 @@ def render() -> None:
         "machine": machine_md,
         "ingest": md_ingest(ingest) if ingest else "_not run yet_",
         "booking": md_booking(booking) if booking else "_not run yet_",
+        "search": md_search(search) if search else "_not run yet: `python bench/search.py`_",
+        "rush": md_rush(rush) if rush else "_not run yet: `python bench/rush.py`_",
         "before-after": md_before_after(before_after, costs),
         "soak": md_soak(soak),
         "profile": md_profile(profile),
-        "targets": targets(ingest, booking, soak)[0],
+        "targets": targets(ingest, booking, soak, search, rush)[0],
     }
     text = DOC.read_text(encoding="utf-8") if DOC.exists() else TEMPLATE
     for name, body in blocks.items():
@@ -421,6 +551,14 @@ TEMPLATE = """# Benchmarks
 <!-- bench:booking -->
 <!-- /bench:booking -->
 
+## Slot search
+<!-- bench:search -->
+<!-- /bench:search -->
+
+## The slot-release rush
+<!-- bench:rush -->
+<!-- /bench:rush -->
+
 ## Before and after the light writers
 <!-- bench:before-after -->
 <!-- /bench:before-after -->
@@ -442,15 +580,17 @@ TEMPLATE = """# Benchmarks
 def print_summary() -> None:
     from bench import booking as booking_mod
     from bench import ingest as ingest_mod
+    from bench import rush as rush_mod
+    from bench import search as search_mod
 
-    ingest, booking = rig.load_result("ingest"), rig.load_result("booking")
-    if ingest:
-        print("\nMLLP ingest (medians)")
-        ingest_mod.print_table(ingest)
-    if booking:
-        print("\nBooking end to end (medians)")
-        booking_mod.print_table(booking)
-    _, plain = targets(ingest, booking, rig.load_result("soak"))
+    results = {name: rig.load_result(name) for name in ("ingest", "booking", "search", "rush")}
+    for name, title, module in (("ingest", "MLLP ingest", ingest_mod), ("booking", "Booking end to end", booking_mod),
+                                ("search", "Slot search", search_mod), ("rush", "The slot-release rush", rush_mod)):
+        if results[name]:
+            print(f"\n{title} (medians)")
+            module.print_table(results[name])
+    _, plain = targets(results["ingest"], results["booking"], rig.load_result("soak"), results["search"],
+                       results["rush"])
     if plain:
         print("\nTargets")
         for p in plain:
@@ -465,6 +605,9 @@ def main() -> None:
     ap.add_argument("--rates", default="50,200,500")
     ap.add_argument("--modes", default="fifo,patient:16,split-fifo,split-patient:16")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply the ingest runs' message counts")
+    ap.add_argument("--search-seconds", type=float, default=10.0)
+    ap.add_argument("--rush-slots", type=int, default=2000)
+    ap.add_argument("--rush-patients", type=int, default=2000)
     ap.add_argument("--skip", default="")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--with-soak", type=float, default=0.0, metavar="MINUTES")
@@ -477,11 +620,12 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.reps, args.booking_reps, args.seconds, args.scale = 1, 1, 5.0, 0.5
+        args.search_seconds, args.rush_slots, args.rush_patients = 5.0, 500, 500
     skip = set(filter(None, args.skip.split(",")))
     if not args.render_only:
         started = rig.machine()
-        steps = [("costs", run_costs), ("ingest", run_ingest), ("booking", run_booking),
-                 ("before-after", run_before_after)]
+        steps = [("costs", run_costs), ("ingest", run_ingest), ("booking", run_booking), ("search", run_search),
+                 ("rush", run_rush), ("before-after", run_before_after)]
         for name, step in steps:
             if name not in skip:
                 rig.log(f"== {name}")

@@ -2,8 +2,9 @@
 
 It plays "the hospital" for the demo and the end-to-end tests. It listens for SRM^S01 / SRM^S04 /
 SQM^S25 from the gateway, answers per ``docs/hl7-profile.md``, and (``publish: push``) pushes SIU
-notifications to the gateway: one S24 per slot it opens (all of them at its first start), S12 for every
-booking (counter or gateway) and S15 for every cancellation. Like a real HIS it keeps its state across
+notifications to the gateway: one S24 per slot it opens (all of them at its first start, except the slots of
+doctors marked ``held``, which open all at once when SIGHUP releases them), S12 for every booking (counter or
+gateway) and S15 for every cancellation. Like a real HIS it keeps its state across
 restarts (``store``): a restart publishes no slot again and hands out no appointment id twice. With a
 ``pharmacy:`` section it also plays the hospital's pharmacy system on a listener of its own: it answers
 RDE^O11 / OMP^O09, dispenses (RDS^O13) and releases prescriptions to outside pharmacies (RDE^O11, ORC-16

@@ -2,9 +2,11 @@
 
 ``--log`` overrides the received-messages journal path. SIGUSR1 makes the counter book one random
 free slot at once (journalled and pushed like any counter booking); SIGUSR2 makes the pharmacy (config
-``pharmacy:``) release a random prescription to outside pharmacies. SIGHUP suspends clinics (停诊): each line
-``SCHEDULE YYYY-MM-DD`` of the ``--suspend-file`` cancels that doctor's bookings of that day (SIU^S15) and blocks
-the day's slots (SIU^S23). SIGINT / SIGTERM stop it.
+``pharmacy:``) release a random prescription to outside pharmacies; SIGHUP opens the slots of the doctors
+marked ``held`` at once (one SIU^S24 each: a slot-release rush), then suspends the clinics (停诊) the
+``--suspend-file`` names, if given: each line ``SCHEDULE YYYY-MM-DD`` cancels that doctor's bookings of that day
+(SIU^S15) and blocks the day's slots (SIU^S23); a clinic suspended already is left as it is. SIGINT / SIGTERM
+stop it.
 Exit status: 0 after a clean stop, 1 if it could not listen or open its store, 2 for a bad configuration.
 """
 
@@ -87,7 +89,6 @@ def main(argv: list[str]) -> int:
 
     def suspend() -> None:
         if args.suspend_file is None:
-            log.info("his-sim.no-suspend-file")
             return
         try:
             lines = args.suspend_file.read_text(encoding="utf-8").splitlines()
@@ -105,11 +106,12 @@ def main(argv: list[str]) -> int:
                           expected="SCHEDULE YYYY-MM-DD")
 
     def on_hup(signum, frame) -> None:
+        reactor.callFromThread(sim.release_held_slots)
         reactor.callFromThread(suspend)
 
-    signal.signal(signal.SIGHUP, on_hup)
     signal.signal(signal.SIGUSR1, on_usr1)
     signal.signal(signal.SIGUSR2, on_usr2)
+    signal.signal(signal.SIGHUP, on_hup)
     reactor.callWhenRunning(start)
     reactor.addSystemEventTrigger("before", "shutdown", sim.stopService)
     reactor.run()

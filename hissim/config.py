@@ -34,6 +34,12 @@ class DoctorConfig:
     service: ServiceConfig = doc("The service this doctor's slots offer.")
     sessions: list[str] = doc("Daily sessions, each 'HH:MM-HH:MM' (local time), e.g. ['08:00-12:00'].")
     slot_minutes: Annotated[int, Range(1, 1440)] = doc("Length of one slot, minutes.", default=15)
+    held: bool = doc(
+        "Hold this doctor's slots back: not opened (nor published) at start, but all at once when the "
+        "simulator is told to release them (SIGHUP): opened in one transaction, one SIU^S24 each in start order "
+        "(the slot-release rush of a famous doctor, bench/rush.py).",
+        default=False,
+    )
 
     def __post_validate__(self):
         issues = []
@@ -192,6 +198,10 @@ class HisSimConfig:
     def pharmacy_codec(self) -> str:
         charset = self.pharmacy.charset if self.pharmacy is not None else None
         return "gb18030" if (charset or self.charset) == "gb18030" else "utf-8"
+
+    def held_schedules(self) -> frozenset[str]:
+        """The ids of the doctors whose slots are held back until released (``held``)."""
+        return frozenset(d.id for department in self.departments for d in department.doctors if d.held)
 
     def schedules(self) -> list[Schedule]:
         """One schedule per doctor, in config order."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from collections.abc import Iterable
 from datetime import date
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -35,7 +36,7 @@ from hissim.clocks import HospitalClock
 from hissim.config import HisSimConfig
 from hissim.counter import CounterClerk
 from hissim.handler import HisHandler
-from hissim.inventory import Booking, Inventory, SlotStatus
+from hissim.inventory import Booking, Inventory, Slot, SlotStatus
 from hissim.journal import Journal
 from hissim.messages import (
     Header,
@@ -143,17 +144,19 @@ class HisSimulator(service.Service):
             )
             self.pharmacy_factory = self._factory(self.pharmacy.handler, codec, config.pharmacy.application)
         first_day = date.fromisoformat(config.start_date) if config.start_date else self.clock.local().date()
-        self.opened = self._open_slots(Inventory.build(config.schedules(), first_day, config.days))
+        self.planned = Inventory.build(config.schedules(), first_day, config.days)
+        held = config.held_schedules()
+        self.opened = self._open_slots([s for s in self.planned.slots() if s.schedule.id not in held], "startup")
 
-    def _open_slots(self, planned: Inventory) -> int:
+    def _open_slots(self, planned: Iterable[Slot], reason: str) -> int:
         """Open the planned slots the hospital does not have yet and announce each (S24, push mode), in one
         transaction; how many were opened."""
         with self.store.changing(self.inventory):
-            opened = self.inventory.add_slots(planned.slots())
+            opened = self.inventory.add_slots(planned)
             if self.notifier is not None:
                 for slot in opened:
                     if slot.status is SlotStatus.OPEN:
-                        self.notifier.enqueue(Notification("S24", slot, "Open", "startup"))
+                        self.notifier.enqueue(Notification("S24", slot, "Open", reason))
         return len(opened)
 
     def _client(self, codec: str) -> MLLPClient:
@@ -271,7 +274,7 @@ class HisSimulator(service.Service):
     def suspend_clinic(self, schedule_id: str, day: date) -> tuple[int, int]:
         """The doctor's clinic is suspended for ``day`` (停诊): each booking of that day is cancelled (SIU^S15),
         then every slot of the day is blocked (SIU^S23), in one store transaction, pushed in that order.
-        Returns (bookings cancelled, slots blocked).  What SIGHUP does with the --suspend-file's lines."""
+        Returns (bookings cancelled, slots blocked).  What SIGHUP also does with the --suspend-file's lines."""
         cancelled = blocked = 0
         with self.store.changing(self.inventory):
             day_slots = [slot for slot in self.inventory.slots() if slot.schedule.id == schedule_id
@@ -289,6 +292,15 @@ class HisSimulator(service.Service):
         log.info("his-sim.clinic-suspended", schedule=schedule_id, day=day.isoformat(), cancelled=cancelled,
                  blocked=blocked)
         return cancelled, blocked
+
+    def release_held_slots(self) -> int:
+        """Open the held doctors' slots (config ``held``) it does not have yet, all in one transaction, each
+        announced by an S24 with reason 'release' (also what SIGHUP does); how many were opened (0 the second
+        time)."""
+        held = self.config.held_schedules()
+        opened = self._open_slots([s for s in self.planned.slots() if s.schedule.id in held], "release")
+        log.info("his-sim.released", slots=opened, schedules=sorted(held))
+        return opened
 
     def release_now(self) -> None:
         """The pharmacy releases a random prescription now (what SIGUSR2 does); without a pharmacy, nothing."""

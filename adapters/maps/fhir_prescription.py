@@ -228,7 +228,7 @@ def _human_name(names: list | None) -> tuple[str, str]:
     if not names:
         return "", ""
     n = names[0]
-    family, given = n.get("family") or "", " ".join(n.get("given") or [])
+    family, given = n.get("family") or "", " ".join(g for g in n.get("given") or () if g)
     if not family and not given and n.get("text"):
         family = n["text"]
     return family, given

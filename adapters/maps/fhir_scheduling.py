@@ -417,7 +417,7 @@ def _from_patient_resource(pat) -> Patient:
     family = given = ""
     if pat.name:
         family = pat.name[0].family or ""
-        given = " ".join(pat.name[0].given or [])
+        given = " ".join(g for g in pat.name[0].given or () if g)
         if not family and not given and pat.name[0].text:
             family = pat.name[0].text
     phone = next((t.value for t in (pat.telecom or []) if t.system == "phone" and t.value), "")

@@ -150,3 +150,14 @@ def test_a_lone_surrogate_is_refused_by_both_paths(path):
     assert outcome(body, strict=False) == outcome(body, strict=True)
     kind, status, issues = outcome(body, strict=False)
     assert (kind, status) == ("invalid", 400) and "unicode" in issues[0][1]
+
+
+def test_a_null_given_name_is_skipped_by_both_paths():
+    """Found by the property test above: JSON's null in ``given`` (FHIR's way of writing a repetition that has
+    only an extension, ``"_given": [{...}, null]``) crashed both readers with a TypeError. The name is the
+    given names that have a value."""
+    body = copy.deepcopy(CONTAINED)
+    body["contained"][0]["name"] = [{"family": "王", "given": [None, "小"]}]
+    assert outcome(body, strict=False) == outcome(body, strict=True)
+    patient = booking_from_appointment(copy.deepcopy(body), strict=False).patient
+    assert (patient.family, patient.given) == ("王", "小")

@@ -673,6 +673,42 @@ def test_service_pushes_s24s_at_start_then_counter_s12s(tmp_path):
     assert client.closed
 
 
+def test_held_slots_open_only_when_released_all_at_once_and_once(tmp_path):
+    """A doctor marked ``held`` publishes nothing at start (the others do); release_held_slots (what SIGHUP
+    does) opens all its slots in one go, pushed as S24s in start order with reason 'release'; a second release
+    and a restart on the same store open nothing again."""
+    held = DoctorConfig(id="R001", family="华", given="佗", service=ServiceConfig(code="rush", text="名医门诊"),
+                        sessions=["10:00-11:00"], slot_minutes=20, held=True)
+    base = sim_config(tmp_path, store=str(tmp_path / "his.sqlite3"))
+    config = replace(base, departments=[replace(base.departments[0],
+                                                doctors=[*base.departments[0].doctors, held])])
+    reactor = MemoryReactorClock()
+    reactor.advance(T0)
+    client = FakeClient()
+    sim = HisSimulator(config, reactor, client=client)
+    sim.startService()
+    reactor.advance(0)
+    assert [parse(p).segment("AIS").get(4) for p in client.sent] == [
+        "203001070800", "203001070815", "203001070830", "203001070845"]
+    assert all(parse(p).segment("SCH").get(5) != "R001" for p in client.sent)
+    assert sim.release_held_slots() == 3
+    for _ in range(10):
+        reactor.advance(0.01)
+    released = [parse(p) for p in client.sent[4:]]
+    assert [m.type_name for m in released] == ["SIU^S24"] * 3
+    assert [(m.segment("SCH").get(5), m.segment("AIS").get(4)) for m in released] == [
+        ("R001", "203001071000"), ("R001", "203001071020"), ("R001", "203001071040")]
+    sent = [json.loads(l) for l in (tmp_path / "sent.jsonl").read_text().splitlines()]
+    assert [l["reason"] for l in sent] == ["startup"] * 4 + ["release"] * 3
+    assert sim.release_held_slots() == 0
+    sim.stopService()
+
+    again = HisSimulator(config, reactor, client=FakeClient())
+    assert again.opened == 0 and again.release_held_slots() == 0
+    assert len([s for s in again.inventory.slots() if s.schedule.id == "R001"]) == 3
+    again.stopService()
+
+
 def test_publish_none_sends_nothing_and_journals_counter_bookings(tmp_path):
     """With publish: none nothing is pushed (no client is made); a counter booking (what SIGUSR1 does) is
     journalled in the sent log with type null, and an SQM shows the slot Booked."""
@@ -833,7 +869,8 @@ def test_real_process_pushes_s24s_and_answers_srm_over_sockets(tmp_path):
     """``python -m hissim --config`` with publish: push, a gateway stand-in on a real loopback port and
     listen on port 0: every open slot arrives as an SIU^S24 in start order; an SRM^S01 over a socket gets
     SRR AA and is journalled in the received log (``--log`` path); the booking is pushed as an S12 naming
-    the placer; SIGUSR1 makes a counter booking pushed as S12; SIGTERM stops it cleanly."""
+    the placer; SIGUSR1 makes a counter booking pushed as S12; SIGHUP opens the held doctor's slots (two S24s,
+    none before); SIGTERM stops it cleanly."""
     gateway = TinyGateway()
     config = tmp_path / "his-sim.yaml"
     config.write_text(
@@ -848,7 +885,9 @@ def test_real_process_pushes_s24s_and_answers_srm_over_sockets(tmp_path):
         "  - code: CARD\n"
         "    name: 心内科\n"
         "    doctors:\n"
-        "      - {id: D001, family: 张, given: 伟, service: {code: cc, text: 心内科门诊}, sessions: ['08:00-09:00']}\n",
+        "      - {id: D001, family: 张, given: 伟, service: {code: cc, text: 心内科门诊}, sessions: ['08:00-09:00']}\n"
+        "      - {id: D900, family: 华, given: 佗, service: {code: cc, text: 名医门诊}, sessions: ['10:00-10:30'],\n"
+        "         held: true}\n",
         encoding="utf-8",
     )
     received_log = tmp_path / "custom-received.jsonl"
@@ -888,6 +927,14 @@ def test_real_process_pushes_s24s_and_answers_srm_over_sockets(tmp_path):
         sent = wait_for(lambda: [json.loads(l) for l in (tmp_path / "his-sent.jsonl").read_text().splitlines()
                                  if '"counter"' in l], what="counter line in the sent log")
         assert sent[0]["type"] == "SIU^S12"
+
+        proc.send_signal(signal.SIGHUP)  # the held doctor's slots open at once
+        def d900():
+            return [m for m in gateway.received() if m.segment("SCH").get(5) == "D900"]
+
+        released = wait_for(lambda: len(d900()) >= 2 and d900(), what="the held slots' S24")
+        assert [(m.type_name, m.segment("AIS").get(4)) for m in released] == [
+            ("SIU^S24", "209903021000"), ("SIU^S24", "209903021015")]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
     finally:

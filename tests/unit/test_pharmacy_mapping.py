@@ -408,3 +408,14 @@ def test_a_resource_of_no_fhir_type_inside_a_prescription_is_400(where):
     assert e.value.status == 400
     assert e.value.issues == [("structure", f"{body['resourceType']}: a resource in it has a resourceType that is "
                                f"not a FHIR resource type", body["resourceType"])]
+
+
+def test_a_null_given_name_is_skipped():
+    """A null among the patient's or prescriber's given names (a repetition with only an extension) is not a
+    name and no crash: the given names that have a value are kept."""
+    b = bundle()
+    _entry(b, 0)["name"] = [{"family": "王", "given": [None, "芳"]}]
+    _entry(b, 1)["name"] = [{"family": "张", "given": ["三", None]}]
+    p = prescription_from_fhir(b, TZ, PROFILE, item_ids=["mr-1", "mr-2", "mr-3"])
+    assert (p.patient.family, p.patient.given) == ("王", "芳")
+    assert rx_bundle().prescriber == p.prescriber
