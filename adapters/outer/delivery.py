@@ -32,7 +32,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from twisted.application import service
-from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, readBody
+from twisted.internet import defer, protocol
+from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
@@ -44,6 +45,27 @@ log = structlog.get_logger("gateway.outer.delivery")
 SIGNATURE_HEADER = b"X-Gatewayd-Signature"
 #: most deliveries in flight at once (all platforms)
 MAX_IN_FLIGHT = 64
+
+
+class _Discard(protocol.Protocol):
+    """Reads an endpoint's answer body and keeps none of it (an endpoint may answer anything, of any size: only
+    its status counts); ``done`` fires when the body has ended."""
+
+    def __init__(self):
+        self.done = defer.Deferred()
+
+    def dataReceived(self, data):
+        pass
+
+    def connectionLost(self, reason=None):
+        self.done.callback(None)
+
+
+def _status(response) -> defer.Deferred:
+    """The answer's status code, once its body (discarded) has been read."""
+    body = _Discard()
+    response.deliverBody(body)
+    return body.done.addCallback(lambda _: response.code)
 
 
 class SignerError(ValueError):
@@ -104,7 +126,7 @@ class Hook:
         self.url = cfg.endpoint.encode("ascii")
         host = urlsplit(cfg.endpoint).hostname
         self.signer = load_signer(cfg.client_certificate, cfg.client_key)
-        pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool = pool = HTTPConnectionPool(reactor, persistent=True)
         pool.maxPersistentPerHost = 2
         self.agent = Agent(reactor, contextFactory=_Tls(client_options(host, cfg.ca, cfg.client_certificate,
                                                                        cfg.client_key)),
@@ -143,6 +165,8 @@ class Delivery(service.Service):
             if call is not None and call.active():
                 call.cancel()
         self._call = self._timer = None
+        pools = [hook.pool for hook in self.hooks.values() if getattr(hook, "pool", None) is not None]
+        return defer.DeferredList([pool.closeCachedConnections() for pool in pools])
 
     def wake(self) -> None:
         if self.running and self._call is None and self.hooks:
@@ -190,7 +214,7 @@ class Delivery(service.Service):
         headers = Headers({b"Content-Type": [b"application/fhir+json; charset=utf-8"],
                            SIGNATURE_HEADER: [hook.signer.sign(body).encode("ascii")]})
         d = hook.agent.request(b"POST", hook.url, headers, FileBodyProducer(BytesIO(body)))
-        d.addCallback(lambda response: readBody(response).addCallback(lambda _: response.code))
+        d.addCallback(_status)
         d.addTimeout(hook.cfg.timeout, self.reactor)
         return d.addCallbacks(lambda code: (code, None) if 200 <= code < 300 else (code, f"answered {code}"),
                               lambda failure: (None, f"{failure.type.__name__}: {failure.getErrorMessage()}"[:300]))

@@ -65,8 +65,8 @@ _HOST = re.compile(rb"^[A-Za-z0-9.\-\[\]:]{1,255}$")
 #: the resource types a route names, and the other fixed words of routes: what a logged route template
 #: keeps of a path (everything else in a path is an id, or whatever a client put there)
 ROUTE_TYPES = frozenset({*(t.encode() for t in RESOURCE_TYPES), *(t.encode() for t in PHARMACY_TYPES)})
-ROUTE_WORDS = ROUTE_TYPES | {b"metadata", b"_history", b"$claim", b"Subscription", b"$status", b"$events", *(f"${name}".encode() for name in ihe.OPERATIONS),
-                             *SMART_CONFIGURATION}
+ROUTE_WORDS = ROUTE_TYPES | {b"metadata", b"_history", b"$claim", *(f"${name}".encode() for name in ihe.OPERATIONS),
+                             *SMART_CONFIGURATION, b"Subscription", b"$status", b"$events"}
 MAX_TEMPLATE_SEGMENTS = 8
 
 

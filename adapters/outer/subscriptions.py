@@ -15,6 +15,7 @@ Another platform's subscription is 404, as one that does not exist.
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
@@ -107,8 +108,9 @@ class SubscriptionsApi:
     def _search(self, platform, base):
         rows = self.subs.chamber.read().subscriptions_of(platform)
         endpoint = self._endpoint(platform)
-        entries = [{"fullUrl": f"{base}/Subscription/{r.id}", "resource": subscription_resource(r, endpoint, self.instant),
-                    "search": {"mode": "match"}} for r in rows]
+        entries = [{"fullUrl": f"{base}/Subscription/{r.id}",
+                    "resource": subscription_resource(r, endpoint, self.instant), "search": {"mode": "match"}}
+                   for r in rows]
         return 200, {"resourceType": "Bundle", "type": "searchset", "total": len(entries), "entry": entries}, {}
 
     def _own(self, platform, subscription_id):
@@ -145,7 +147,7 @@ class SubscriptionsApi:
         if content == "full-resource":
             access.patient_data = True
             resources = {f: self.focus_json(platform, f) for f in dict.fromkeys(n.focus for n in events)}
-        shown = row if content == row.payload else type(row)(**{**row.__dict__, "payload": content})
+        shown = dataclasses.replace(row, payload=content)
         return 200, notification_bundle(shown, base, "query-event", events, self.instant, resources), {}
 
 

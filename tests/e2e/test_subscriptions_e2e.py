@@ -144,9 +144,9 @@ def lock(tmp_path):
     lock = Lock(tmp_path, platforms=("demo", "other", "gateway"))  # platform-gateway.pem: the gateway's client cert
     hook = Webhook(tmp_path / "webhook", str(lock.certs / "ca.pem"))
     for p in lock.gateway_config["platforms"]:
-        p["notify"] = {"endpoint": hook.url(p["name"]), "ca": hook.ca, "client_certificate": "certs/platform-gateway.pem",
-                       "client_key": "certs/platform-gateway.key", "retry_first": "200ms", "retry_max": "2s",
-                       "timeout": "20s"}
+        p["notify"] = {"endpoint": hook.url(p["name"]), "ca": hook.ca,
+                       "client_certificate": "certs/platform-gateway.pem", "client_key": "certs/platform-gateway.key",
+                       "retry_first": "200ms", "retry_max": "2s", "timeout": "20s"}
     lock.write_configs()
     lock.hook = hook
     lock.start_gateway()

@@ -110,7 +110,8 @@ def test_events_catch_up_after_the_hospital_cancels(subs):
         SlotNotice("free", SCHEDULE, DAY, 15, "card", "x", "H1")]))
     status = subs.request("GET", f"/Subscription/{sub_id}/$status").json
     params = {p["name"]: p for p in status["entry"][0]["resource"]["parameter"]}
-    assert params["events-since-subscription-start"]["valueString"] == "2" and params["type"]["valueCode"] == "query-status"
+    assert params["events-since-subscription-start"]["valueString"] == "2"
+    assert params["type"]["valueCode"] == "query-status"
     events = subs.request("GET", f"/Subscription/{sub_id}/$events?eventsSinceNumber=2").json
     parameters = events["entry"][0]["resource"]["parameter"]
     notified = [p for p in parameters if p["name"] == "notification-event"]
