@@ -439,7 +439,7 @@ def test_what_the_router_serves_is_declared_and_nothing_else(gate):
         r = gate.request("GET", f"/{rtype}?undeclared=1")
         assert outcome(r, 400, "not-supported")
     appt = declared["Appointment"]
-    assert appt["conditionalCreate"] is True and appt["versioning"] == "versioned" and appt["readHistory"] is False
+    assert appt["conditionalCreate"] is True and appt["versioning"] == "versioned" and appt["readHistory"] is True
     assert next(p for p in appt["searchParam"] if p["name"] == "patient")["type"] == "reference"
 
 
