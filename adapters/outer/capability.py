@@ -109,7 +109,7 @@ def capability_statement(base: str, *, hospital_name: str, software_version: str
         {"type": "Appointment",
          "interaction": _interactions("create", "read", "vread", "update", "patch", "search-type",
                                       "history-instance"),
-         "versioning": "versioned", "readHistory": False, "updateCreate": False, "conditionalCreate": True,
+         "versioning": "versioned", "readHistory": True, "updateCreate": False, "conditionalCreate": True,
          "conditionalRead": "not-supported", "conditionalUpdate": False, "conditionalDelete": "not-supported",
          **searches("Appointment"),
          "operation": [{"name": name, "definition": url, "documentation": doc} for name, url, doc in (
@@ -130,8 +130,8 @@ def capability_statement(base: str, *, hospital_name: str, software_version: str
     resources[2]["documentation"] = (
         resources[2].get("documentation", "") + "create books the referenced Slot (201 booked, 409 refused, 202 pending; "
         "conditional create with If-None-Exist: identifier=[system|]value); update or patch (JSON Patch, FHIRPath "
-        "Patch, partial resource) may only set status to 'cancelled' (If-Match: 412 on another version); only the "
-        "current version is kept (vread of an older one is 404). IHE ITI Scheduling: $find (ITI-115), $hold "
+        "Patch, partial resource) may only set status to 'cancelled' (If-Match: 412 on another version); every "
+        "version is kept (vread, history-instance). IHE ITI Scheduling: $find (ITI-115), $hold "
         "(ITI-116, the HIS is not told), $book (ITI-117, 200 booked, 202 pending, 409 refused; status "
         "'cancelled' cancels).")
     if prescriptions:

@@ -27,6 +27,11 @@ def _assignments(changes: dict[str, Any], table: str, allowed: set[str]) -> str:
     return ", ".join(f"{k} = ?" for k in changes)
 
 
+#: the columns of an appointment's row (appointments and appointment_versions alike)
+_VERSION_COLUMNS = ("id, version, platform, slot_id, status, patient, description, his_appointment, hold_expires,"
+                    " outcome, pending_change, created, updated, replaces")
+
+
 class Txn:
     """What a unit of work may do inside a chamber transaction.  Each method is one statement or two."""
 
@@ -274,6 +279,9 @@ class Txn:
                                   (appointment_id,)).fetchone()
             if row is not None:
                 self.appointments_before[appointment_id] = (row[0], row[1])
+        self._c.execute(  # the version this change replaces, kept for vread and the instance history
+            f"INSERT OR IGNORE INTO appointment_versions ({_VERSION_COLUMNS}) SELECT {_VERSION_COLUMNS}"
+            " FROM appointments WHERE id = ?", (appointment_id,))
         self._c.execute(
             f"UPDATE appointments SET {cols}, version = version + 1, updated = ? WHERE id = ?",
             (*changes.values(), self.now, appointment_id),
@@ -283,6 +291,24 @@ class Txn:
                 self.settled.append(appointment_id)
             elif appointment_id in self.settled:  # waiting for the HIS again after all
                 self.settled = [i for i in self.settled if i != appointment_id]
+
+    def appointment_version(self, appointment_id: str, version: int) -> AppointmentRow | None:
+        """The appointment as it was at ``version`` (the current one too), or None if that version is not kept."""
+        row = self.appointment(appointment_id)
+        if row is None or row.version == version:
+            return row
+        cur = self._c.execute(f"SELECT {_VERSION_COLUMNS} FROM appointment_versions WHERE id = ? AND version = ?",
+                              (appointment_id, version))
+        return load(AppointmentRow, cur.fetchone())
+
+    def appointment_versions(self, appointment_id: str) -> list[AppointmentRow]:
+        """Every kept version of the appointment, the current one first, then older ones newest first."""
+        row = self.appointment(appointment_id)
+        if row is None:
+            return []
+        cur = self._c.execute(f"SELECT {_VERSION_COLUMNS} FROM appointment_versions WHERE id = ? AND version < ?"
+                              " ORDER BY version DESC", (appointment_id, row.version))
+        return [row, *(load(AppointmentRow, r) for r in cur.fetchall())]
 
     def expired_holds(self, now: float) -> list[AppointmentRow]:
         cur = self._c.execute(
@@ -512,6 +538,7 @@ class Txn:
             (slot_ended_before, limit))]
         for table in ("platform_requests", "idempotency_keys", "appointment_identifiers"):
             self._c.executemany(f"DELETE FROM {table} WHERE appointment_id = ?", rows)
+        self._c.executemany("DELETE FROM appointment_versions WHERE id = ?", rows)
         self._c.executemany("DELETE FROM appointments WHERE id = ?", rows)
         return len(rows)
 

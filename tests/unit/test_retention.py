@@ -28,7 +28,7 @@ def counts(chamber: Chamber) -> dict[str, int]:
     conn = chamber._writer
     return {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
             for t in ("messages", "message_events", "appointments", "slots", "platform_requests",
-                      "idempotency_keys", "audit_records")}
+                      "idempotency_keys", "audit_records", "appointment_versions")}
 
 
 def delivered(chamber, booking, message, his_appointment=None):
@@ -72,6 +72,7 @@ def test_ended_messages_and_past_appointments_go_with_what_belongs_to_them(booke
     request and idempotency key, and all three slots go; the audit trail stays whole."""
     chamber, _, clock, a1, a2 = booked
     audit_before = counts(chamber)["audit_records"]
+    assert counts(chamber)["appointment_versions"] >= 2  # each booked appointment's pending version
     now = START.replace(tzinfo=TZ).timestamp() + 32 * DAY  # (the third slot is a day after the others)
     deleted = run(chamber, Retention(keep_messages=30 * DAY, keep_appointments=30 * DAY,
                                      keep_expired_tokens=EXPIRED_TOKENS_KEPT), now)
@@ -79,6 +80,7 @@ def test_ended_messages_and_past_appointments_go_with_what_belongs_to_them(booke
     after = counts(chamber)
     assert after["messages"] == after["message_events"] == after["appointments"] == after["slots"] == 0
     assert after["platform_requests"] == after["idempotency_keys"] == 0
+    assert after["appointment_versions"] == 0  # their earlier versions went with them
     assert after["audit_records"] == audit_before
 
 
