@@ -5,7 +5,9 @@ What it does, in order, and prints (:func:`restore`):
 1. **Claims the chamber** — both gates' claims (gateway/ops/claim.py), as ``gatewayd run`` would: while any
    gate runs on the chamber it is refused, naming the process; and while it restores, a gateway that starts is
    refused in its turn (the claim is the only race-free test, so it is taken, not only looked at).
-2. **Copies FILE beside the chamber** (``<chamber>.restoring``, mode 0660 less the umask, flushed to disk) and
+2. **Copies FILE beside the chamber** (``<chamber>.restoring``, flushed to disk; with the replaced chamber's
+   owner, group and mode — else the directory's owner, mode 0660 less the umask — as restore often runs as root
+   for a gateway that runs as its own user) and
    checks that copy — what will be put in place, not the file it came from: SQLite's ``integrity_check`` and
    ``foreign_key_check``, the schema version (a chamber newer than this gatewayd is refused; an older one is
    upgraded by the next start, as any chamber), and the chamber's own checks: the audit trail's hash chain
@@ -28,7 +30,7 @@ from pathlib import Path
 from gateway.chamber.reader import Reader
 from gateway.chamber.upgrades import SCHEMA_VERSION
 from gateway.domain.audit import verify
-from gateway.ops.claim import Claim, ClaimError, Holder
+from gateway.ops.claim import Claim, ClaimError, Holder, claim_file
 
 #: the SQLite files that are one chamber
 SIDECARS = ("", "-wal", "-shm")
@@ -84,6 +86,12 @@ def check_copy(path: Path, now: float) -> list[str]:
             "rows: " + ", ".join(f"{n} {t}" for t, n in counts.items())]
 
 
+def _own(target, owner: os.stat_result) -> None:
+    """Give ``target`` (a path or descriptor) ``owner``'s user and group, when this process may (root)."""
+    if os.geteuid() == 0 and (owner.st_uid, owner.st_gid) != (0, 0):
+        os.chown(target, owner.st_uid, owner.st_gid)
+
+
 def restore(source: Path, chamber: Path, config_path: Path, *, now: float | None = None) -> list[str]:
     """Put ``source`` in place of ``chamber`` (see the module's text); the lines saying what was done.  Raises
     :class:`RestoreError` (nothing changed) or :class:`gateway.ops.claim.ClaimHeld` (a gate runs on it)."""
@@ -95,9 +103,16 @@ def restore(source: Path, chamber: Path, config_path: Path, *, now: float | None
         raise RestoreError("the backup is the chamber itself")
     if not chamber.parent.is_dir():
         raise RestoreError(f"the chamber's directory {chamber.parent} does not exist")
+    # the gateway's user owns the chamber (and its directory); restore is often run as root: what it creates
+    # (the copy put in place, a claim file that was not there) gets the replaced chamber's owner and mode, else
+    # the directory's owner, or the gateway could not open its own chamber
+    owner = os.stat(chamber if chamber.exists() else chamber.parent)
+    fresh = [r for r in ("outer", "inner") if not claim_file(chamber, r).exists()]
     claim = Claim(chamber, "both", Holder.this_process("restore", config_path))
     claim.take()  # ClaimHeld names the running gateway; ClaimError: the claim files cannot be used
     try:
+        for role in fresh:
+            _own(claim_file(chamber, role), owner)
         staged = chamber.with_name(chamber.name + ".restoring")
         for suffix in SIDECARS:
             Path(f"{staged}{suffix}").unlink(missing_ok=True)
@@ -105,6 +120,9 @@ def restore(source: Path, chamber: Path, config_path: Path, *, now: float | None
         try:
             fd = os.open(staged, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o660)
             with open(source, "rb") as src, os.fdopen(fd, "wb") as dst:
+                _own(dst.fileno(), owner)
+                if chamber.exists():
+                    os.fchmod(dst.fileno(), owner.st_mode & 0o7777)
                 shutil.copyfileobj(src, dst, 1 << 20)
                 dst.flush()
                 os.fsync(dst.fileno())
