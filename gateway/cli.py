@@ -157,13 +157,13 @@ def version_line() -> str:
     from importlib import metadata
 
     try:
-        version = metadata.version("gatewayd")
-    except metadata.PackageNotFoundError:
-        version = "0+unknown"
-    try:
-        _version, commit = Path(__file__).with_name("BUILD").read_text(encoding="utf-8").split()
+        built, commit = Path(__file__).with_name("BUILD").read_text(encoding="utf-8").split()
     except (OSError, ValueError):
-        commit = "unknown: not built by make dist"
+        built, commit = "0+unknown", "unknown: not built by make dist"
+    try:
+        version = metadata.version("gatewayd")
+    except metadata.PackageNotFoundError:  # (the source tree, as make dist runs it for the man page)
+        version = built
     return f"gatewayd {version} (commit {commit})"
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import configparser
+import gzip
 import hashlib
 import json
 import os
@@ -130,8 +131,20 @@ def deb(src: Path, work: Path, out: Path, wheels: Path, version: str, commit: st
     os.symlink("../../opt/gatewayd/bin/gatewayd", root / "usr" / "bin" / "gatewayd")
     units = root / "lib" / "systemd" / "system"
     units.mkdir(parents=True)
-    for unit in sorted((src / "deploy" / "systemd").glob("*.service")):
+    for unit in sorted([*(src / "deploy" / "systemd").glob("*.service"), *(src / "deploy" / "systemd").glob("*.timer")]):
         shutil.copy2(unit, units / unit.name)
+    # the man page and the bash completion, generated from the CLI's parser (gateway/ops/clidoc.py)
+    generated = {"man": root / "usr" / "share" / "man" / "man8" / "gatewayd.8.gz",
+                 "completion": root / "usr" / "share" / "bash-completion" / "completions" / "gatewayd"}
+    for command, target in generated.items():
+        text = run(py, "-m", "gateway", *([command] if command == "man" else [command, "bash"]), cwd=src,
+                   env={**os.environ, "PYTHONPATH": str(src)})
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.suffix == ".gz":
+            with open(target, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as gz:
+                gz.write(text.encode("utf-8"))
+        else:
+            target.write_text(text, encoding="utf-8")
     tmpfiles = root / "usr" / "lib" / "tmpfiles.d"
     tmpfiles.mkdir(parents=True)
     shutil.copy2(src / "deploy" / "systemd" / "gatewayd.tmpfiles", tmpfiles / "gatewayd.conf")
