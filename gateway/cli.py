@@ -11,6 +11,13 @@
     gatewayd audit verify|export|prune|find   the audit trail: check its hash chain, export AuditEvents,
                                           retention, was this id asked for
     gatewayd backup DEST --config PATH    a consistent, checked copy of the chamber (while gatewayd runs)
+    gatewayd restore FILE --config PATH   put a backup back as the chamber: checked first (integrity, schema
+                                          version, audit chain), refused while a gate runs on the chamber, the
+                                          replaced chamber kept aside
+    gatewayd reload --config PATH         SIGHUP to the gateway running that config, and what it applied or
+                                          why it refused (exit 1)
+    gatewayd completion bash              the bash completion script (generated from this parser)
+    gatewayd man                          the man page gatewayd(8) (roff, generated from this parser's help)
     gatewayd status --config PATH [--json]   the lock at a glance: who runs each gate, HIS endpoints, queues,
                                           certificates (opens the chamber read-only, claims nothing)
     gatewayd console-password             a password's hash for admin.operators (read from the terminal or stdin)
@@ -110,6 +117,25 @@ def _parser() -> argparse.ArgumentParser:
                                                 "complete and checked)")
     backup.add_argument("--config", required=True, type=Path)
 
+    restore = sub.add_parser("restore", help="put a backup back as the chamber: checks it (integrity_check, "
+                             "schema version, the audit chain) and keeps the replaced chamber aside; refused "
+                             "while any gate runs on the chamber")
+    restore.add_argument("file", type=Path, help="the backup (written by gatewayd backup)")
+    restore.add_argument("--config", required=True, type=Path)
+
+    reload_ = sub.add_parser("reload", help="SIGHUP to the gateway running this config (found through the "
+                             "chamber's claims) and its outcome printed: what it applied, what needs a restart, "
+                             "or why it refused (exit 1)")
+    reload_.add_argument("--config", required=True, type=Path)
+    reload_.add_argument("--wait", type=float, default=30.0, metavar="SECONDS",
+                         help="how long to wait for the gateway to report the outcome (default 30)")
+
+    completion = sub.add_parser("completion", help="print the shell completion script (generated from this "
+                                "command's parser)")
+    completion.add_argument("shell", choices=("bash",))
+
+    sub.add_parser("man", help="print the man page gatewayd(8) (roff; man -l - shows it)")
+
     status = sub.add_parser("status", help="the lock at a glance: the gateway, each HIS endpoint (up or down, "
                             "traffic, queue, dead letters), certificates, the chamber (works with or without a "
                             "running gatewayd)")
@@ -133,13 +159,13 @@ def version_line() -> str:
     from importlib import metadata
 
     try:
-        version = metadata.version("gatewayd")
-    except metadata.PackageNotFoundError:
-        version = "0+unknown"
-    try:
-        _version, commit = Path(__file__).with_name("BUILD").read_text(encoding="utf-8").split()
+        built, commit = Path(__file__).with_name("BUILD").read_text(encoding="utf-8").split()
     except (OSError, ValueError):
-        commit = "unknown: not built by make dist"
+        built, commit = "0+unknown", "unknown: not built by make dist"
+    try:
+        version = metadata.version("gatewayd")
+    except metadata.PackageNotFoundError:  # (the source tree, as make dist runs it for the man page)
+        version = built
     return f"gatewayd {version} (commit {commit})"
 
 
@@ -186,6 +212,27 @@ def _command(argv: list[str] | None) -> int:
         return audit_command(args)
     if args.command == "backup":
         return with_chamber(args, "backup", lambda chamber, config: _backup(chamber, args.dest))
+    if args.command == "restore":
+        return restore_command(args)
+    if args.command == "reload":
+        config, error = _load(args.config)
+        if error:
+            print(f"{error}\ngatewayd reload: the config does not load: nothing was signalled, the gateway keeps "
+                  f"its running config", file=sys.stderr)
+            return 1
+        from gateway.ops.reloadctl import reload_command
+
+        return reload_command(config, args.config, wait=args.wait)
+    if args.command == "completion":
+        from gateway.ops.clidoc import bash_completion
+
+        print(bash_completion(_parser()), end="")
+        return 0
+    if args.command == "man":
+        from gateway.ops.clidoc import man_page
+
+        print(man_page(_parser(), version_line(), see_also=("systemctl(1)", "sqlite3(1)")), end="")
+        return 0
     if args.command == "console-password":
         import getpass
 
@@ -460,6 +507,28 @@ def _backup(chamber, dest: Path) -> int:
         return 1
     size = dest.stat().st_size
     print(f"backed up to {dest} ({size / 1e6:.1f} MB): " + ", ".join(f"{n} {t}" for t, n in counts.items()))
+    return 0
+
+
+def restore_command(args) -> int:
+    config, error = _load(args.config)
+    if error:
+        print(error, file=sys.stderr)
+        return 1
+    from gateway.ops.claim import ClaimError, ClaimHeld
+    from gateway.ops.restore import RestoreError, restore
+
+    try:
+        done = restore(args.file, config.chamber.path, args.config)
+    except ClaimHeld as e:
+        who = e.holder.describe() if e.holder is not None else "a process that has not recorded itself yet"
+        print(f"gatewayd restore: refused, nothing was changed: the {e.role} gate of the chamber {e.chamber} is "
+              f"run by {who}: stop the gateway first (systemctl stop gatewayd)", file=sys.stderr)
+        return 1
+    except (RestoreError, ClaimError) as e:
+        print(f"gatewayd restore: refused, nothing was changed: {e}", file=sys.stderr)
+        return 1
+    print("\n".join(done))
     return 0
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import configparser
+import gzip
 import hashlib
 import json
 import os
@@ -117,6 +118,22 @@ def sh_script(name: str, common: str, version: str) -> str:
     return text.replace("#COMMON#", common).replace("#VERSION#", version)
 
 
+def cli_docs(src: Path, root: Path, py: str) -> list[Path]:
+    """The man page gatewayd(8) and the bash completion, generated from the staged source's CLI parser
+    (gateway/ops/clidoc.py), where the .deb installs them under ``root``."""
+    generated = {("man",): root / "usr" / "share" / "man" / "man8" / "gatewayd.8.gz",
+                 ("completion", "bash"): root / "usr" / "share" / "bash-completion" / "completions" / "gatewayd"}
+    for command, target in generated.items():
+        text = run(py, "-m", "gateway", *command, cwd=src, env={**os.environ, "PYTHONPATH": str(src)})
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.suffix == ".gz":  # (reproducible: no name, no time in the header)
+            with open(target, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as gz:
+                gz.write(text.encode("utf-8"))
+        else:
+            target.write_text(text, encoding="utf-8")
+    return list(generated.values())
+
+
 def deb(src: Path, work: Path, out: Path, wheels: Path, version: str, commit: str, py: str) -> Path:
     root = work / "deb"
     if root.exists():
@@ -130,8 +147,9 @@ def deb(src: Path, work: Path, out: Path, wheels: Path, version: str, commit: st
     os.symlink("../../opt/gatewayd/bin/gatewayd", root / "usr" / "bin" / "gatewayd")
     units = root / "lib" / "systemd" / "system"
     units.mkdir(parents=True)
-    for unit in sorted((src / "deploy" / "systemd").glob("*.service")):
+    for unit in sorted([*(src / "deploy" / "systemd").glob("*.service"), *(src / "deploy" / "systemd").glob("*.timer")]):
         shutil.copy2(unit, units / unit.name)
+    cli_docs(src, root, py)
     tmpfiles = root / "usr" / "lib" / "tmpfiles.d"
     tmpfiles.mkdir(parents=True)
     shutil.copy2(src / "deploy" / "systemd" / "gatewayd.tmpfiles", tmpfiles / "gatewayd.conf")

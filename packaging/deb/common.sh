@@ -2,7 +2,7 @@
 # The gates, their units, their configs and the users they run as.
 GW=/opt/gatewayd
 RB=$GW/rollback
-UNITS="gatewayd.service gatewayd-inner.service gatewayd-outer.service"
+UNITS="gatewayd.service gatewayd-inner.service gatewayd-outer.service gatewayd-backup.timer"
 have_systemd() { [ -d /run/systemd/system ] && command -v systemctl >/dev/null; }
 # gate NAME -> the unit's user
 gate_user() { case "$1" in gateway) echo gatewayd ;; *) echo "gatewayd-$1" ;; esac; }

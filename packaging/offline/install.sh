@@ -39,13 +39,14 @@ for g in inner outer; do
     --home-dir /nonexistent --no-create-home --shell /sbin/nologin "gatewayd-$g"
 done
 install -d -o root -g gatewayd -m 2770 /var/lib/gatewayd
+install -d -o gatewayd -g gatewayd -m 0700 /var/lib/gatewayd/backup  # gatewayd-backup.timer's copies
 install -d -o root -g gatewayd -m 0750 /etc/gatewayd
 if [ ! -e /etc/gatewayd/gateway.yaml ]; then
   sed 's#^  path: chamber.sqlite3 #  path: /var/lib/gatewayd/chamber.sqlite3 #' "$here/config/gateway.example.yaml" \
     > /etc/gatewayd/gateway.yaml
 fi
 units=/etc/systemd/system
-cp "$here"/deploy/systemd/*.service "$units/"
+cp "$here"/deploy/systemd/*.service "$here"/deploy/systemd/*.timer "$units/"
 [ -d /etc/tmpfiles.d ] && cp "$here/deploy/systemd/gatewayd.tmpfiles" /etc/tmpfiles.d/gatewayd.conf
 if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 echo "gatewayd installed; next: certificates and /etc/gatewayd/gateway.yaml, then" \

@@ -143,7 +143,12 @@ def test_install_book_upgrade_roll_back_purge(root, debs, tmp_path):
     # the drivers of HIS endpoints of kind database and webservice are in the runtime (an air-gapped site has no pip)
     root.sh("/opt/gatewayd/runtime/python/bin/python3 -I -c 'import sqlalchemy, psycopg, pymysql, zeep, requests'")
     root.sh("systemd-analyze verify /lib/systemd/system/gatewayd.service /lib/systemd/system/gatewayd-inner.service "
-            "/lib/systemd/system/gatewayd-outer.service")
+            "/lib/systemd/system/gatewayd-outer.service /lib/systemd/system/gatewayd-backup.service "
+            "/lib/systemd/system/gatewayd-backup.timer")
+    assert root.sh("stat -c '%a %U %G' /var/lib/gatewayd/backup").stdout.split() == ["700", "gatewayd", "gatewayd"]
+    assert root.sh("zcat /usr/share/man/man8/gatewayd.8.gz | head -1").stdout.startswith(".TH GATEWAYD 8 ")
+    assert "complete -o filenames -F _gatewayd gatewayd" in root.sh(
+        "cat /usr/share/bash-completion/completions/gatewayd").stdout
     assert "gatewayd" in root.sh("id -nG gatewayd-inner").stdout.split()
     assert "gatewayd" in root.sh("id -nG gatewayd-outer").stdout.split()
     assert root.sh("stat -c '%a %U %G' /var/lib/gatewayd").stdout.split() == ["2770", "root", "gatewayd"]

@@ -46,7 +46,7 @@ def built(tmp_path_factory):
         done = subprocess.run([sys.executable, "-c", f"from setuptools import build_meta as b; b.build_{kind}({str(out)!r})"],
                               cwd=src, capture_output=True, text=True, check=True)
         log.append(done.stdout + done.stderr)
-    return {"sdist": out / f"gatewayd-{version}.tar.gz", "wheel": out / f"gatewayd-{version}-py3-none-any.whl",
+    return {"src": src, "sdist": out / f"gatewayd-{version}.tar.gz", "wheel": out / f"gatewayd-{version}-py3-none-any.whl",
             "log": "\n".join(log), "version": version}
 
 
@@ -72,6 +72,7 @@ def test_the_wheel_has_the_schema_files_the_license_docs_deploy_and_the_build_co
     data = f"gatewayd-{built['version']}.data/data/share"
     for name in ("doc/gatewayd/LICENSE", "doc/gatewayd/install.md", "doc/gatewayd/architecture.md",
                  "gatewayd/deploy/systemd/gatewayd.service", "gatewayd/deploy/systemd/gatewayd-inner.service",
+                 "gatewayd/deploy/systemd/gatewayd-backup.service", "gatewayd/deploy/systemd/gatewayd-backup.timer",
                  "gatewayd/deploy/systemd/gatewayd.tmpfiles", "gatewayd/config/gateway.example.yaml"):
         assert f"{data}/{name}" in names, name
     assert re.fullmatch(rf"{re.escape(built['version'])} ([0-9a-f]{{12}}(-dirty)?|unknown)\n", build)
@@ -122,11 +123,27 @@ def test_install_sh_and_the_launcher_parse():
         assert subprocess.run(["sh", "-n", str(path)]).returncode == 0, path
 
 
+def test_the_deb_gets_the_man_page_and_completion_of_the_staged_release(built, tmp_path):
+    """What the .deb installs as gatewayd(8) and the bash completion: generated from the staged source (no
+    installed gatewayd), naming the release's version in the page's header."""
+    import gzip
+
+    man, completion = dist.cli_docs(built["src"], tmp_path, sys.executable)
+    assert man == tmp_path / "usr/share/man/man8/gatewayd.8.gz"
+    page = gzip.decompress(man.read_bytes()).decode()
+    assert page.startswith(".TH GATEWAYD 8 ") and f'"gatewayd {built["version"]} (commit ' in page.splitlines()[0]
+    assert ".SS restore" in page and ".SS reload" in page
+    assert man.read_bytes()[4:8] == bytes(4)  # no time in the gzip header: the same build, the same bytes
+    assert completion == tmp_path / "usr/share/bash-completion/completions/gatewayd"
+    assert completion.read_text().rstrip().endswith("complete -o filenames -F _gatewayd gatewayd")
+
+
 def test_the_units_run_the_path_both_installs_provide():
     """The .deb puts its launcher at /opt/gatewayd/bin/gatewayd; install.sh links its venv's there."""
     assert "/opt/gatewayd/bin/gatewayd" in (REPO / "packaging" / "offline" / "install.sh").read_text()
     for unit in (REPO / "deploy" / "systemd").glob("*.service"):
-        execs = re.findall(r"(?m)^ExecStart(?:Pre)?=(\S+)", unit.read_text())
+        # (a shell that execs it is allowed: the nightly backup names its copy by the weekday)
+        execs = re.findall(r"(?m)^ExecStart(?:Pre)?=(?:/bin/sh -c 'exec )?(\S+)", unit.read_text())
         assert execs and set(execs) == {"/opt/gatewayd/bin/gatewayd"}, (unit.name, execs)
 
 
