@@ -126,7 +126,8 @@ class HisConfig:
         "the handshake completed) within connect_timeout and closed, and the heartbeat if set. A failed check "
         "shows the HIS down in /healthz, the metrics and `gatewayd status` at once, and bookings and "
         "prescriptions for it are answered 202 (pending) without waiting answer_within. 0: no probe (an "
-        "outage is then noticed only when a message is attempted).",
+        "outage is then noticed only when a message is attempted). Kind mllp only for now: endpoints of kind "
+        "database and webservice are not probed (their outages are noticed when a message is attempted).",
         default=Duration(30.0),
     )
     heartbeat: Optional[Annotated[str, Pattern(r"^[A-Z0-9]{3}\^[A-Z0-9]{3}$", "a message type such as NMQ^N01")]] = doc(
@@ -181,7 +182,10 @@ class HisConfig:
             issues.append(("reschedule_message", "this HIS cancels with SRM^S03 (cancel_message): it cannot move "
                                                  "bookings with SRM^S03 too (their answers could not be told "
                                                  "apart); use SRM^S01 (cancel + new)"))
-        if self.heartbeat is not None and not type_allowed(self.heartbeat, self.send_types):
+        if self.heartbeat is not None and self.kind != "mllp":
+            issues.append(("heartbeat", f"the heartbeat is an HL7 message the probe sends over MLLP: kind: "
+                                        f"{self.kind} has none"))
+        elif self.heartbeat is not None and not type_allowed(self.heartbeat, self.send_types):
             issues.append(("heartbeat", f"the heartbeat sends {self.heartbeat}: allow it in send_types"))
         if self.heartbeat is not None and self.probe_interval == 0:
             issues.append(("heartbeat", "a heartbeat is sent by the probe: set probe_interval above 0"))

@@ -516,3 +516,12 @@ def test_procedure_statements_are_checked(config_dir):
     assert "unknown parameter :visit" in found[0]
     config = load(config_dir, "", head=head.replace(", :visit", ""))
     assert config.inner.his.database.procedures.returns == ["status", "his_appointment", "message"]
+
+
+def test_a_heartbeat_on_a_database_endpoint_is_refused(config_dir):
+    """The probe's heartbeat is an HL7 message on an MLLP connection: on an endpoint of kind database it would
+    be accepted and never sent. It is refused, naming the key."""
+    found = problems(config_dir, "", head=DB_HEAD.replace("    kind: database\n",
+                                                          "    kind: database\n    heartbeat: NMQ^N01\n"))
+    assert any(p.endswith("inner.his.heartbeat: the heartbeat is an HL7 message the probe sends over MLLP: "
+                          "kind: database has none") for p in found), found
