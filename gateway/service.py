@@ -61,7 +61,7 @@ from adapters.tls import TlsSwitch
 from adapters.inner.client import MLLPClient
 from adapters.inner.listener import MLLPServerFactory
 from gateway.domain.audit import AuditTrail
-from gateway.ops.admin import AdminResource, Metrics
+from gateway.ops.admin import AdminResource, AuditChainWatch, Metrics
 from gateway.ops.console import Console
 from gateway.domain.booking import BookingService, HisLinkInfo
 from gateway.domain.slot_book import SlotBook
@@ -151,6 +151,7 @@ def make_service(config: GatewayConfig, reactor, gate: str = "both") -> Gateway:
     if gate != "both":
         WatchService(chamber, reactor).setServiceParent(root)
     metrics = Metrics(chamber, peers=_his_names(config), certificates=lambda: certificate_files(root.config))
+    AuditChainWatch(chamber, reactor, metrics.audit_chain).setServiceParent(root)
     keep = config.chamber
     RetentionService(chamber, Retention(keep.keep_messages, keep.keep_appointments, EXPIRED_TOKENS_KEPT), reactor,
                      keep.prune_every, metrics).setServiceParent(root)

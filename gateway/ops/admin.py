@@ -33,8 +33,8 @@ absent for every endpoint the config names; each certificate file's earliest exp
 (``gatewayd_certificate_expiry_timestamp_seconds{certificate,path}``, Unix time: the server's, the client CA's, the
 MLLP TLS ones, the prescription signers'), read at scrape time so a renewed file shows at once; the chamber file
 system's size (``gatewayd_chamber_disk_size_bytes``, beside the free bytes); whether the audit chain verifies
-(``gatewayd_audit_chain_ok``, 1 or 0, walked at most every ``AUDIT_VERIFY_EVERY`` seconds, and
-``gatewayd_audit_chain_verified_timestamp_seconds``); and the outer gate's answers by status class
+(``gatewayd_audit_chain_ok``, 1 or 0, walked every ``AUDIT_VERIFY_EVERY`` seconds in a thread by
+:class:`AuditChainWatch`, and ``gatewayd_audit_chain_verified_timestamp_seconds``); and the outer gate's answers by status class
 (``gatewayd_http_responses_total{class="2xx"|"3xx"|"4xx"|"5xx"}``, each present from the start so a rate is
 defined before the first error).
 """
@@ -50,10 +50,15 @@ from typing import Callable
 
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector,
                                generate_latest)
+import structlog
 from prometheus_client.core import GaugeMetricFamily
+from twisted.application.internet import TimerService
+from twisted.internet import defer, threads
 from twisted.web import resource
 
 from gateway.chamber.errors import ChamberError
+
+log = structlog.get_logger("gateway.ops.admin")
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
@@ -136,33 +141,74 @@ class CertificateCollector:
         yield expiry
 
 
-#: the audit chain is walked at most this often (seconds): a walk reads every record
+#: the audit chain is walked this often (seconds): a walk reads every record
 AUDIT_VERIFY_EVERY = 300.0
 
 
 class AuditChainCollector:
-    """Whether the audit chain verifies (gateway.domain.audit.verify), walked at most every AUDIT_VERIFY_EVERY
-    seconds."""
+    """Whether the audit chain verified at its last walk (:class:`AuditChainWatch` walks it): absent before the
+    first walk has finished."""
 
-    def __init__(self, chamber, every: float = AUDIT_VERIFY_EVERY, clock: Callable[[], float] = time.time):
-        self.chamber, self.every, self.clock = chamber, every, clock
+    def __init__(self):
         self.last: tuple[float, bool] | None = None  # (when, ok)
 
     def collect(self):
-        from gateway.domain.audit import verify
-
-        now = self.clock()
-        if self.last is None or now - self.last[0] >= self.every:
-            try:
-                self.last = (now, verify(self.chamber.read()).ok)
-            except Exception:  # a chamber that cannot be read is reported by /healthz, not by a scrape error
-                pass
         if self.last is None:
             return
         yield GaugeMetricFamily("gatewayd_audit_chain_ok", "1 when the audit chain verified at its last walk, 0 "
                                 "when a record was changed, removed or added", value=1 if self.last[1] else 0)
         yield GaugeMetricFamily("gatewayd_audit_chain_verified_timestamp_seconds", "When the audit chain was last "
                                 "walked (Unix time)", value=self.last[0])
+
+
+def verify_chamber_file(path: str, now: float):
+    """gateway.domain.audit.verify over a read-only connection of its own to the chamber file (so it can run in
+    a thread beside the reactor's connection)."""
+    from gateway.domain.audit import verify
+    from gateway.ops.status import read_only_reader
+
+    reader, conn = read_only_reader(path, now)
+    try:
+        return verify(reader)
+    finally:
+        conn.close()
+
+
+class AuditChainWatch(TimerService):
+    """Walks the audit chain every ``every`` seconds (and at start) in a thread — a walk reads and hashes every
+    record, which must not hold up the gates — and hands the verdict to the metrics; logs
+    ``audit.chain_broken`` (error) and ``audit.chain_verifies`` once per change."""
+
+    name = "audit-chain-watch"
+
+    def __init__(self, chamber, clock, collector: AuditChainCollector, every: float = AUDIT_VERIFY_EVERY,
+                 in_thread: Callable | None = None):
+        super().__init__(every, self.run_once)
+        self.clock = clock  # TimerService's LoopingCall runs on it
+        self.chamber, self.collector = chamber, collector
+        self.in_thread = in_thread if in_thread is not None else threads.deferToThread
+
+    def run_once(self) -> defer.Deferred:
+        now = self.clock.seconds()
+        if self.chamber.path == ":memory:":  # no file another connection could open (tests)
+            from gateway.domain.audit import verify
+
+            d = defer.maybeDeferred(lambda: verify(self.chamber.read()))
+        else:
+            d = self.in_thread(verify_chamber_file, self.chamber.path, now)
+
+        def done(verdict):
+            was = self.collector.last
+            self.collector.last = (now, verdict.ok)
+            if not verdict.ok and (was is None or was[1]):
+                log.error("audit.chain_broken", broken_at=verdict.broken_at, reason=verdict.reason)
+            elif verdict.ok and was is not None and not was[1]:
+                log.info("audit.chain_verifies", head_seq=verdict.head_seq)
+
+        def failed(failure):  # a chamber that cannot be read is reported by /healthz; tried again next time
+            log.warning("audit.chain_not_walked", error=failure.getErrorMessage())
+
+        return d.addCallbacks(done, failed)
 
 
 def build() -> tuple[str, str]:
@@ -224,7 +270,8 @@ class Metrics:
         self.build_info.labels(*build()).set(1)
         self.registry.register(ChamberCollector(chamber, peers))
         self.registry.register(CertificateCollector(certificates))
-        self.registry.register(AuditChainCollector(chamber))
+        self.audit_chain = AuditChainCollector()  # fed by AuditChainWatch
+        self.registry.register(self.audit_chain)
         self._his_links = HisLinkCollector()
         self.registry.register(self._his_links)
         self.delivery = Histogram(

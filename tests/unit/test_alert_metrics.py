@@ -16,10 +16,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from structlog.testing import capture_logs
+from twisted.internet import defer, task
 
 from gateway.chamber.engine import Chamber
 from gateway.domain.audit import AuditEntry, AuditTrail
-from gateway.ops.admin import AuditChainCollector, Metrics
+from gateway.ops.admin import AuditChainWatch, Metrics
 
 NOW = 1_900_000_000.0
 
@@ -117,28 +119,53 @@ def test_http_answers_by_status_class_are_there_from_the_start(chamber):
     assert m[("gatewayd_http_answers_total", (("status", "503"),))] == 2
 
 
+def in_thread_here(f, *args):
+    """deferToThread's contract, run at once in this thread (the e2e test runs the real thread)."""
+    return defer.maybeDeferred(f, *args)
+
+
 def test_audit_chain_status_turns_zero_when_a_record_is_changed(chamber, tmp_path):
     trail = AuditTrail(chamber)
     for i in range(3):
         trail.record(AuditEntry(action="read", outcome=200, platform="demo", subject="CN=platform-demo",
                                 serial="1F", source="127.0.0.1", resource_type="Appointment", resource_id=f"a{i}"))
-    now = [1000.0]
-    collector = AuditChainCollector(chamber, every=300, clock=lambda: now[0])
-
-    def read():
-        return {f.name: f.samples[0].value for f in collector.collect()}
-
-    assert read() == {"gatewayd_audit_chain_ok": 1, "gatewayd_audit_chain_verified_timestamp_seconds": 1000.0}
-    conn = sqlite3.connect(tmp_path / "c.sqlite3")  # an intruder with the file
-    conn.execute("DROP TRIGGER audit_records_are_not_changed")
-    conn.execute("UPDATE audit_records SET outcome = 403 WHERE seq = 2")
-    conn.commit()
-    conn.close()
-    now[0] += 299  # not walked again yet: the last verdict stands
-    assert read()["gatewayd_audit_chain_ok"] == 1
-    now[0] += 1
-    assert read() == {"gatewayd_audit_chain_ok": 0, "gatewayd_audit_chain_verified_timestamp_seconds": 1300.0}
+    clock, metrics = task.Clock(), Metrics(chamber)
+    clock.advance(1000)
+    watch = AuditChainWatch(chamber, clock, metrics.audit_chain, every=300, in_thread=in_thread_here)
+    assert ("gatewayd_audit_chain_ok", ()) not in samples(metrics)  # not walked yet: absent, not a guess
+    with capture_logs() as logs:
+        watch.startService()  # the first walk at start
+        m = samples(metrics)
+        assert (m[("gatewayd_audit_chain_ok", ())], m[("gatewayd_audit_chain_verified_timestamp_seconds", ())]) == (1, 1000)
+        conn = sqlite3.connect(tmp_path / "c.sqlite3")  # an intruder with the file
+        conn.execute("DROP TRIGGER audit_records_are_not_changed")
+        conn.execute("UPDATE audit_records SET outcome = 403 WHERE seq = 2")
+        conn.commit()
+        conn.close()
+        clock.advance(299)  # not walked again yet: the last verdict stands
+        assert samples(metrics)[("gatewayd_audit_chain_ok", ())] == 1
+        clock.advance(1)
+        m = samples(metrics)
+        assert (m[("gatewayd_audit_chain_ok", ())], m[("gatewayd_audit_chain_verified_timestamp_seconds", ())]) == (0, 1300)
+        clock.advance(300)  # still broken: logged once
+        watch.stopService()
+    broken = [e for e in logs if e["event"] == "audit.chain_broken"]
+    assert len(broken) == 1 and broken[0]["broken_at"] == 2 and broken[0]["log_level"] == "error"
 
 
 def test_an_empty_audit_trail_verifies(chamber):
-    assert samples(Metrics(chamber))[("gatewayd_audit_chain_ok", ())] == 1
+    metrics = Metrics(chamber)
+    AuditChainWatch(chamber, task.Clock(), metrics.audit_chain, in_thread=in_thread_here).run_once()
+    assert samples(metrics)[("gatewayd_audit_chain_ok", ())] == 1
+
+
+def test_a_chamber_that_cannot_be_read_leaves_the_verdict_absent(tmp_path):
+    chamber = Chamber(tmp_path / "c.sqlite3", clock=lambda: NOW)
+    chamber.open()
+    chamber.close()
+    (tmp_path / "c.sqlite3").unlink()
+    metrics = Metrics(chamber)
+    with capture_logs() as logs:
+        AuditChainWatch(chamber, task.Clock(), metrics.audit_chain, in_thread=in_thread_here).run_once()
+    assert ("gatewayd_audit_chain_ok", ()) not in samples(metrics)
+    assert [e["event"] for e in logs] == ["audit.chain_not_walked"]
