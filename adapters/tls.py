@@ -72,6 +72,10 @@ def _pair(certificate: str | Path, private_key: str | Path) -> tuple[list[x509.C
     return chain, key
 
 
+#: a certificate (PEM chain) and its private key, checked to belong together: (chain, key)
+key_pair = _pair
+
+
 def server_options(
     certificate: str | Path,
     private_key: str | Path,

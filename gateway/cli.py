@@ -50,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("his-sim", help="run the bundled HIS simulator")
     sim.add_argument("--config", required=True, type=Path)
     sim.add_argument("--log", type=Path, default=None, help="override the received-messages log path")
+    sim.add_argument("--suspend-file", type=Path, default=None,
+                     help="on SIGHUP, suspend the clinics its lines name: SCHEDULE YYYY-MM-DD")
 
     demo = sub.add_parser("demo", help="run the whole lock on loopback with a simulated HIS")
     demo.add_argument("--workdir", type=Path, default=Path("demo-run"))
@@ -160,7 +162,8 @@ def _command(argv: list[str] | None) -> int:
     if args.command == "his-sim":
         from hissim.cli import main as sim_main
 
-        return sim_main(["--config", str(args.config)] + (["--log", str(args.log)] if args.log else []))
+        return sim_main(["--config", str(args.config)] + (["--log", str(args.log)] if args.log else [])
+                        + (["--suspend-file", str(args.suspend_file)] if args.suspend_file else []))
     if args.command == "demo":
         from gateway.ops.demo import run_demo
 

@@ -42,6 +42,8 @@ from adapters.outer.access import PlatformDirectory
 from adapters.outer.intake import JsonLimits
 from adapters.outer.pharmacy import Prescriptions
 from adapters.outer.site import FhirApi
+from adapters.outer.delivery import Delivery, hooks_from_config
+from adapters.outer.subscriptions import SubscriptionsApi
 from adapters.outer.tls import HandshakeWatch, read_crl, tls_options
 from adapters.hl7.identity import same_message
 from adapters.inner.database import DatabaseDestination, DatabaseLink, slot_poller as database_slots
@@ -53,6 +55,7 @@ from adapters.inner.probe import ConnectCheck, HeartbeatCheck, HisProbe
 from adapters.inner.receiver import InnerGateHandler, make_reprocessor
 from adapters.maps.fhir_documents import FhirDocuments
 from adapters.maps.fhir_prescription import SubmissionReader, prescription_from_request
+from adapters.maps.fhir_scheduling import appointment_resource
 from adapters.maps.pharmacy_codes import PharmacyProfile
 from adapters.maps.rde_order import ORDER_TYPES, PharmacyOrderWriter
 from adapters.maps.srm_booking import Hl7Header, build_heartbeat, build_sqm_s25, build_srm
@@ -67,6 +70,7 @@ from gateway.domain.booking import BookingService, HisLinkInfo
 from gateway.domain.slot_book import SlotBook
 from gateway.domain.patients import IdentifierRules
 from gateway.chamber.engine import Chamber
+from gateway.domain.notifications import Notifications, Subscriptions
 from gateway.config.model import GatewayConfig
 from gateway.domain.outbox import Outbox
 from gateway.domain.inbound import InboundService
@@ -110,6 +114,7 @@ class Gateway(service.MultiService):
         self.prescribing = prescribing
         self.api: FhirApi | None = None  # the outer gate's FHIR API (gate both or outer)
         self.outer_tls: TlsSwitch | None = None  # the outer gate's TLS (gate both or outer)
+        self.delivery: Delivery | None = None  # the outer gate's deliveries of notifications (gate both or outer)
         self.inner_tls: TlsSwitch | None = None  # the MLLP listener's TLS (gate both or inner, with inner.tls)
         self.his_clients: list[MLLPClient] = []  # inner.his's connections (gate both or inner)
         self.probes: dict[str, HisProbe] = {}  # each HIS endpoint's probe (gate both or inner, probe_interval > 0)
@@ -128,6 +133,8 @@ def make_service(config: GatewayConfig, reactor, gate: str = "both") -> Gateway:
         raise ValueError(f"gate must be one of {GATES}")
     tz = ZoneInfo(config.hospital.timezone)
     chamber = Chamber(config.chamber.path, reactor=reactor, clock=reactor.seconds)
+    # every unit of work in either gate writes the notifications its changes owe (issue 23), in its transaction
+    chamber.on_unit(Notifications().after_unit)
     his = config.inner.his if config.inner is not None else None
     if his is not None:
         links = {e.name: _his_link(config, e) for e in (his, *config.inner.endpoints)}
@@ -170,6 +177,8 @@ def make_service(config: GatewayConfig, reactor, gate: str = "both") -> Gateway:
         listener, root.api, root.outer_tls = _outer_gate(config, reactor, tz, chamber, booking, metrics,
                                                          prescribing)
         listener.setServiceParent(root)
+        root.delivery = _delivery(config, reactor, chamber, root.api.subscriptions)
+        root.delivery.setServiceParent(root)
     if config.admin is not None:  # last to start, first to stop
         admin = AdminResource(chamber, metrics, relays, root.probes, live=root.live)
         admin.console = Console(chamber, lambda: root.config, admin.status_body, clock=reactor,
@@ -398,7 +407,7 @@ def _outer_gate(config, reactor, tz, chamber, booking, metrics, prescribing) -> 
         strict_audit=config.audit.strict,
         prescriptions=Prescriptions(prescribing, SubmissionReader(tz, _pharmacy_profile(config)))
         if config.prescriptions is not None else None,
-        oauth=oauth,
+        oauth=oauth, subscriptions=_subscriptions(config, reactor, tz, chamber),
     )
     outer, timeouts = config.outer, metrics.connection_timeouts
     site = GatewaySite(api, reactor=reactor, max_request_bytes=outer.max_request_bytes,
@@ -414,6 +423,34 @@ def _outer_gate(config, reactor, tz, chamber, booking, metrics, prescribing) -> 
                                   max_per_address=outer.max_connections_per_address)
     outer_endpoint = GateEndpoint(reactor, outer.port, outer.host, outer.bind_device, backlog=OUTER_BACKLOG)
     return _listener(outer_endpoint, limited, "outer-gate"), api, tls_switch
+
+
+def _subscriptions(config, reactor, tz, chamber) -> SubscriptionsApi:
+    """The Subscription endpoints (issue 23, docs/subscriptions.md)."""
+    def focus_json(platform: str, focus: str) -> dict | None:
+        rtype, _, rid = focus.partition("/")
+        appt = chamber.read().appointment(rid) if rtype == "Appointment" else None
+        if appt is None or appt.platform != platform:
+            return None
+        reader = chamber.read()
+        return appointment_resource(appt, reader.slot(appt.slot_id), tz, reader.appointment_identifiers(appt.id))
+
+    return SubscriptionsApi(Subscriptions(chamber), notify={p.name: p.notify for p in config.platforms if p.notify},
+                            tz=tz, json_limits=JsonLimits(config.outer.max_json_depth, config.outer.max_string_chars),
+                            focus_json=focus_json)
+
+
+def notification_base(config) -> str:
+    """The FHIR base notifications name resources under: outer.public_base_url, else the listener's address."""
+    outer = config.outer
+    return (outer.public_base_url or f"https://{outer.host}:{outer.port}{outer.base_path}").rstrip("/")
+
+
+def _delivery(config, reactor, chamber, api: SubscriptionsApi) -> Delivery:
+    """The outer gate's deliveries of notifications (idle while no platform has a notify endpoint)."""
+    base = notification_base(config)
+    return Delivery(chamber, reactor, hooks_from_config(config.platforms, reactor),
+                    lambda sub, n: api.notification(sub, n, base, reactor.seconds()))
 
 
 def _listener(endpoint, factory, name: str) -> StreamServerEndpointService:

@@ -3,7 +3,10 @@
 ``--log`` overrides the received-messages journal path. SIGUSR1 makes the counter book one random
 free slot at once (journalled and pushed like any counter booking); SIGUSR2 makes the pharmacy (config
 ``pharmacy:``) release a random prescription to outside pharmacies; SIGHUP opens the slots of the doctors
-marked ``held`` at once (one SIU^S24 each: a slot-release rush). SIGINT / SIGTERM stop it.
+marked ``held`` at once (one SIU^S24 each: a slot-release rush), then suspends the clinics (停诊) the
+``--suspend-file`` names, if given: each line ``SCHEDULE YYYY-MM-DD`` cancels that doctor's bookings of that day
+(SIU^S15) and blocks the day's slots (SIU^S23); a clinic suspended already is left as it is. SIGINT / SIGTERM
+stop it.
 Exit status: 0 after a clean stop, 1 if it could not listen or open its store, 2 for a bad configuration.
 """
 
@@ -14,6 +17,7 @@ import dataclasses
 import logging
 import signal
 import sys
+from datetime import date
 from pathlib import Path
 
 import structlog
@@ -43,6 +47,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--config", required=True, type=Path, help="the simulator's YAML config")
     parser.add_argument("--log", type=Path, default=None,
                         help="path of the received-messages journal (overrides received_log)")
+    parser.add_argument("--suspend-file", type=Path, default=None,
+                        help="on SIGHUP, suspend the clinics its lines name: SCHEDULE YYYY-MM-DD")
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config)
@@ -81,8 +87,27 @@ def main(argv: list[str]) -> int:
     def on_usr2(signum, frame) -> None:
         reactor.callFromThread(sim.release_now)
 
+    def suspend() -> None:
+        if args.suspend_file is None:
+            return
+        try:
+            lines = args.suspend_file.read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            log.error("his-sim.cannot-read-suspend-file", path=str(args.suspend_file), error=str(exc))
+            return
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                schedule_id, day = line.split()
+                sim.suspend_clinic(schedule_id, date.fromisoformat(day))
+            except ValueError:
+                log.error("his-sim.bad-suspend-line", path=str(args.suspend_file), line=number,
+                          expected="SCHEDULE YYYY-MM-DD")
+
     def on_hup(signum, frame) -> None:
         reactor.callFromThread(sim.release_held_slots)
+        reactor.callFromThread(suspend)
 
     signal.signal(signal.SIGUSR1, on_usr1)
     signal.signal(signal.SIGUSR2, on_usr2)

@@ -10,6 +10,7 @@ from typing import get_args
 
 from adapters.outer import ihe
 from adapters.outer.oauth import ALGORITHMS as OAUTH_ALGORITHMS
+from adapters.outer.subscriptions import capability_entry as subscription_capability
 from gateway.config.outer import Scope
 
 #: [base]/.well-known/smart-configuration, as path segments below the FHIR base
@@ -90,10 +91,11 @@ def _interactions(*codes: str) -> list[dict]:
 
 
 def capability_statement(base: str, *, hospital_name: str, software_version: str, page_size: int,
-                         token_url: str | None, fhir_version: str = "4.0.1", prescriptions: bool = False) -> dict:
+                         token_url: str | None, fhir_version: str = "4.0.1", prescriptions: bool = False,
+                         subscriptions: bool = False) -> dict:
     """The CapabilityStatement of the gateway at ``base``, in FHIR ``fhir_version``; ``token_url``: the OAuth2
     token endpoint when some platform can get a token (None: no bearer tokens); ``prescriptions``: the
-    prescription endpoints are served."""
+    prescription endpoints are served; ``subscriptions``: Subscription is (some platform has ``notify``)."""
     def searches(rtype: str) -> dict:
         out = {"searchParam": SEARCH_PARAMS[rtype]}
         if rtype in SORTS:
@@ -107,7 +109,7 @@ def capability_statement(base: str, *, hospital_name: str, software_version: str
         {"type": "Appointment",
          "interaction": _interactions("create", "read", "vread", "update", "patch", "search-type",
                                       "history-instance"),
-         "versioning": "versioned", "readHistory": False, "updateCreate": False, "conditionalCreate": True,
+         "versioning": "versioned", "readHistory": True, "updateCreate": False, "conditionalCreate": True,
          "conditionalRead": "not-supported", "conditionalUpdate": False, "conditionalDelete": "not-supported",
          **searches("Appointment"),
          "operation": [{"name": name, "definition": url, "documentation": doc} for name, url, doc in (
@@ -128,8 +130,8 @@ def capability_statement(base: str, *, hospital_name: str, software_version: str
     resources[2]["documentation"] = (
         resources[2].get("documentation", "") + "create books the referenced Slot (201 booked, 409 refused, 202 pending; "
         "conditional create with If-None-Exist: identifier=[system|]value); update or patch (JSON Patch, FHIRPath "
-        "Patch, partial resource) may only set status to 'cancelled' (If-Match: 412 on another version); only the "
-        "current version is kept (vread of an older one is 404). IHE ITI Scheduling: $find (ITI-115), $hold "
+        "Patch, partial resource) may only set status to 'cancelled' (If-Match: 412 on another version); every "
+        "version is kept (vread, history-instance). IHE ITI Scheduling: $find (ITI-115), $hold "
         "(ITI-116, the HIS is not told), $book (ITI-117, 200 booked, 202 pending, 409 refused; status "
         "'cancelled' cancels).")
     if prescriptions:
@@ -141,6 +143,8 @@ def capability_statement(base: str, *, hospital_name: str, software_version: str
             {"type": "MedicationDispense", "interaction": _interactions("search-type"),
              **searches("MedicationDispense")},
         ]
+    if subscriptions:
+        resources.append(subscription_capability())
     rest: dict = {
         "mode": "server",
         "documentation": "FHIR R4 (4.0.1) by default; R4B (4.3.0) with the MIME parameter fhirVersion=4.3 "

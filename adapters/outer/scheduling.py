@@ -13,7 +13,7 @@
     PATCH  /Appointment/{id}               JSON Patch [{"op": "replace", "path": "/status", ...}], FHIRPath
                                            Patch (Parameters), or a partial resource {"status": "cancelled"}
     GET    /Appointment?status=&_id=&patient[:identifier]=[system|]value&date=   the platform's own
-    GET    /Appointment/{id}/_history[/{vid}]     instance history, vread (only the current version is kept)
+    GET    /Appointment/{id}/_history[/{vid}]     instance history, vread (every version is kept)
     GET    /Practitioner, /PractitionerRole, /HealthcareService, /Location [/{id}]   read-only, from the schedules
            the HIS publishes (adapters/maps/fhir_directory.py); Schedule?actor=, Slot?schedule.actor=,
            _include=Slot:schedule, PractitionerRole _include / the others' _revinclude of PractitionerRole
@@ -462,26 +462,30 @@ class SchedulingApi:
 
     def appointment_history(self, platform: str, appointment_id: str, version: str | None, base: str,
                             access: Access):
-        """vread (``version``) or the instance history of one of the platform's appointments.  Only the current
-        version is kept: an older one is 404, and the history lists the current one."""
+        """vread (``version``) or the instance history of one of the platform's appointments: every version is
+        kept (a chamber upgraded from schema 8 only those made since)."""
         try:
-            appt = self.booking.appointment(platform, appointment_id)
+            versions = self.booking.appointment_versions(platform, appointment_id)
         except AppointmentUnknown as e:
             raise FhirError(404, "not-found", str(e)) from None
         access.patient_data = True
-        resource_json = self.appointment_json(appt)
         if version is not None:
-            if version != str(appt.version):
-                raise FhirError(404, "not-found", f"version {version[:20]} of the appointment is not kept (only the "
-                                                  f"current one, {appt.version}, is)")
-            return 200, resource_json, etag(appt)
-        return 200, {"resourceType": "Bundle", "type": "history", "total": 1,
-                     "link": [{"relation": "self", "url": f"{base}/Appointment/{appt.id}/_history"}],
-                     "entry": [{"fullUrl": f"{base}/Appointment/{appt.id}", "resource": resource_json,
-                                "request": {"method": "POST" if appt.version == 1 else "PUT",
-                                            "url": f"Appointment/{appt.id}" if appt.version > 1 else "Appointment"},
-                                "response": {"status": "200 OK", "etag": etag(appt)["ETag"],
-                                             "lastModified": resource_json["meta"]["lastUpdated"]}}]}, {}
+            appt = next((a for a in versions if str(a.version) == version), None)
+            if appt is None:
+                raise FhirError(404, "not-found", f"the appointment has no version {version[:20]} (its versions "
+                                                  f"kept: {', '.join(str(a.version) for a in versions)})")
+            return 200, self.appointment_json(appt), etag(appt)
+        entries = []
+        for appt in versions:
+            resource_json = self.appointment_json(appt)
+            entries.append({"fullUrl": f"{base}/Appointment/{appt.id}", "resource": resource_json,
+                            "request": {"method": "POST" if appt.version == 1 else "PUT",
+                                        "url": f"Appointment/{appt.id}" if appt.version > 1 else "Appointment"},
+                            "response": {"status": "200 OK", "etag": etag(appt)["ETag"],
+                                         "lastModified": resource_json["meta"]["lastUpdated"]}})
+        return 200, {"resourceType": "Bundle", "type": "history", "total": len(entries),
+                     "link": [{"relation": "self", "url": f"{base}/Appointment/{appointment_id}/_history"}],
+                     "entry": entries}, {}
 
     def appointment_search(self, platform: str, query, base: str, access: Access):
         check_params(query, {"status", "_id", "patient", "patient:identifier", "date"})

@@ -71,7 +71,7 @@ _HOST = re.compile(rb"^[A-Za-z0-9.\-\[\]:]{1,255}$")
 #: keeps of a path (everything else in a path is an id, or whatever a client put there)
 ROUTE_TYPES = frozenset({*(t.encode() for t in RESOURCE_TYPES), *(t.encode() for t in PHARMACY_TYPES)})
 ROUTE_WORDS = ROUTE_TYPES | {b"metadata", b"$versions", b"_history", b"$claim", *(f"${name}".encode() for name in ihe.OPERATIONS),
-                             *SMART_CONFIGURATION}
+                             *SMART_CONFIGURATION, b"Subscription", b"$status", b"$events"}
 MAX_TEMPLATE_SEGMENTS = 8
 
 
@@ -86,7 +86,7 @@ class FhirApi(resource.Resource):
                  base_path: str, public_base_url: str | None, answer_within: float, page_size: int,
                  hospital_name: str, software_version: str, clock, audit=None, quotas=None, rate_limiter=None,
                  json_limits: JsonLimits | None = None, strict_audit: bool = False, prescriptions=None,
-                 oauth=None):
+                 oauth=None, subscriptions=None):
         super().__init__()
         json_limits = json_limits or JsonLimits()
         # oauth: adapters.outer.oauth.TokenService (None: no bearer tokens, no /oauth/token)
@@ -100,6 +100,7 @@ class FhirApi(resource.Resource):
         # prescriptions (adapters.outer.pharmacy.Prescriptions; None: not served)
         self.pharmacy = PharmacyApi(prescriptions, answer_within=answer_within, page_size=page_size,
                                     json_limits=json_limits) if prescriptions is not None else None
+        self.subscriptions = subscriptions  # adapters.outer.subscriptions.SubscriptionsApi (None: not served)
         self.audit = audit  # gateway.domain.audit.AuditTrail (None: nothing is audited, for tests of other things)
         self.resource_names = ResourceNames(reader)  # how a record names the resource a request was about
         self.strict_audit = strict_audit  # unrecordable patient-data reads: 503 (True) or answered + logged
@@ -326,6 +327,8 @@ class FhirApi(resource.Resource):
         if parts == ["$versions"]:
             require_method(method, "GET")
             return lambda: (200, versions(), {})
+        if self.subscriptions is not None and parts[:1] == ["Subscription"]:
+            return self.subscriptions.handler(parts, method, grant, platform, request, query, base, access)
         if self.pharmacy is not None and (not parts or parts[0] in PHARMACY_TYPES):
             return self.pharmacy.handler(parts, method, grant, platform, request, query, base, access)
         if not parts or parts[0] not in RESOURCE_TYPES:
@@ -339,7 +342,8 @@ class FhirApi(resource.Resource):
         tokens = oauth is not None and bool(oauth.clients)  # (SMART only when some platform can get a token)
         return capability_statement(base, hospital_name=self.hospital_name, software_version=self.software_version,
                                     page_size=self.page_size, token_url=oauth.token_url if tokens else None,
-                                    fhir_version=fhir_version, prescriptions=self.pharmacy is not None)
+                                    fhir_version=fhir_version, prescriptions=self.pharmacy is not None,
+                                    subscriptions=self.subscriptions is not None)
 
     def _base_url(self, request) -> str:
         """The base platforms address: the configured public URL, else this request's Host."""

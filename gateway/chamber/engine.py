@@ -138,6 +138,7 @@ class Chamber:
         self._flush_call = None
         self._observers: list[tuple[Callable[[], None], bool]] = []  # (callback, also after own commits)
         self._settled_observers: list[Callable[[list[str]], None]] = []
+        self._unit_hooks: list[Callable[[Txn], None]] = []  # run at the end of each unit, inside it (on_unit)
         self._known_schedules: dict[str, tuple] = {}  # committed schedules' fields (see Txn.upsert_schedule)
         self._seen_version: int | None = None  # data_version when the last batch began (other writers?)
         self._watch: CommitWatch | None = None  # another process's commits (split lock): see watch()
@@ -425,7 +426,11 @@ class Chamber:
                 if not single:
                     conn.execute("SAVEPOINT unit")
                 try:
+                    if self._unit_hooks:
+                        txn.appointments_before, txn.appointment_events = {}, []
                     result = work(txn)
+                    for hook in self._unit_hooks:
+                        hook(txn)
                 except Exception as e:  # undo this unit only: its decision (or a bug), or the store failed
                     if single:
                         if conn.in_transaction:  # (SQLite may have rolled back already: disk full)
@@ -576,6 +581,12 @@ class Chamber:
         entry = (callback, ("queue" if queue_only else True) if own_commits else False)
         self._observers.append(entry)
         return lambda: self._observers.remove(entry)
+
+    def on_unit(self, hook: Callable[[Txn], None]) -> None:
+        """Run ``hook(txn)`` at the end of every unit of work, inside its transaction (and savepoint): what it
+        writes commits with the unit or not at all, and its failure fails the unit.  The domain's notifications
+        (gateway/domain/notifications.py) are written this way, from ``txn.appointments_before``."""
+        self._unit_hooks.append(hook)
 
     def observe_settled(self, callback: Callable[[list[str]], None]) -> Callable[[], None]:
         """Call ``callback(ids)`` after each commit of this process that cleared the pending change of these

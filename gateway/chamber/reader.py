@@ -91,6 +91,11 @@ class Reader(Txn):
         cur = self._c.execute("SELECT direction, peer, state, count(*) FROM messages GROUP BY 1, 2, 3")
         return {(r[0], r[1], r[2]): r[3] for r in cur}
 
+    def notification_counts(self) -> dict[tuple[str, str], int]:
+        """(platform, state) -> number of notifications (pending, delivered, dead)."""
+        cur = self._c.execute("SELECT platform, state, count(*) FROM notifications GROUP BY 1, 2")
+        return {(r[0], r[1]): r[2] for r in cur}
+
     def schedules(self, schedule_id: str | None = None) -> list[ScheduleRow]:
         if schedule_id is None:
             cur = self._c.execute("SELECT * FROM schedules ORDER BY id")

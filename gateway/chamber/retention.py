@@ -5,7 +5,8 @@ patient data long after anyone needs it.  Every ``chamber.prune_every`` (and onc
 
 - messages that ended (delivered, refused, withdrawn) more than ``chamber.keep_messages`` ago, with their
   stories — never a dead letter (an operator decides: ``gatewayd queue purge``), never the order of a
-  prescription (it stays with the prescription);
+  prescription (it stays with the prescription); notifications delivered to platforms as long ago (never a
+  pending or dead one);
 - settled appointments whose slot ended more than ``chamber.keep_appointments`` ago, with the platform's
   request as sent, idempotency keys and identifiers, and slots that ended as long ago with no appointment;
 - OAuth2 client assertions past their expiry, and access tokens ``keep_expired_tokens`` after it (the
@@ -41,6 +42,7 @@ class Retention:
         if self.keep_messages is not None:
             before = now - self.keep_messages
             out.append(("messages", lambda tx: tx.prune_messages(before, BATCH)))
+            out.append(("notifications", lambda tx: tx.prune_notifications(before, BATCH)))
         if self.keep_appointments is not None:
             before = now - self.keep_appointments
             out.append(("appointments", lambda tx: tx.prune_appointments(before, BATCH)))

@@ -167,3 +167,31 @@ def load(cls, row: sqlite3.Row | None):
     elif cls is HisLinkRow:
         values["up"] = bool(values["up"])
     return cls(**values)
+
+
+@dataclass(frozen=True)
+class SubscriptionRow:
+    id: str
+    platform: str
+    topic: str
+    payload: str
+    status: str
+    events: int
+    heartbeat: float | None
+    created: float
+    updated: float
+
+
+@dataclass(frozen=True)
+class NotificationRow:
+    subscription_id: str
+    event: int
+    platform: str
+    focus: str
+    what: str
+    state: str
+    attempts: int
+    next_attempt: float
+    last_error: str | None
+    created: float
+    updated: float

@@ -10,7 +10,8 @@ import sqlite3
 from typing import Any, Callable, Iterable
 
 from gateway.chamber.rows import (AppointmentRow, AuditChain, AuditRow, DispenseRow, HisLinkRow,
-                                  MedicationRequestRow, MessageRow, PrescriptionRow, ScheduleRow, SlotRow, load)
+                                  MedicationRequestRow, MessageRow, NotificationRow, PrescriptionRow, ScheduleRow,
+                                  SlotRow, SubscriptionRow, load)
 
 #: FHIR resource type -> the table holding resources of that type (by id)
 _RESOURCE_TABLES = {"Appointment": "appointments", "Slot": "slots", "Schedule": "schedules",
@@ -26,6 +27,11 @@ def _assignments(changes: dict[str, Any], table: str, allowed: set[str]) -> str:
     return ", ".join(f"{k} = ?" for k in changes)
 
 
+#: the columns of an appointment's row (appointments and appointment_versions alike)
+_VERSION_COLUMNS = ("id, version, platform, slot_id, status, patient, description, his_appointment, hold_expires,"
+                    " outcome, pending_change, created, updated, replaces")
+
+
 class Txn:
     """What a unit of work may do inside a chamber transaction.  Each method is one statement or two."""
 
@@ -38,6 +44,10 @@ class Txn:
         self._known_schedules = known_schedules  # -> schedules known as committed: id -> fields (None: no cache)
         self._known: dict[str, tuple] | None = None
         self.written_schedules: dict[str, tuple] = {}  # schedules this transaction wrote: id -> fields
+        # appointments this unit changed: id -> (status, slot_id) before its first change, when the chamber
+        # has unit hooks (Chamber.on_unit: the domain's notifications), else None (nothing tracked)
+        self.appointments_before: dict[str, tuple[str, str]] | None = None
+        self.appointment_events: list[tuple[str, str]] = []  # (appointment id, what) the domain noted itself
 
     # -- messages ------------------------------------------------------------------------------------------
     def message(self, message_id: int) -> MessageRow | None:
@@ -264,6 +274,14 @@ class Txn:
                                                      "outcome", "pending_change", "patient"})
         if "patient" in changes:  # a hold gets its patient when it is booked ($book)
             changes["patient"] = json.dumps(changes["patient"], ensure_ascii=False)
+        if self.appointments_before is not None and appointment_id not in self.appointments_before:
+            row = self._c.execute("SELECT status, slot_id FROM appointments WHERE id = ?",
+                                  (appointment_id,)).fetchone()
+            if row is not None:
+                self.appointments_before[appointment_id] = (row[0], row[1])
+        self._c.execute(  # the version this change replaces, kept for vread and the instance history
+            f"INSERT OR IGNORE INTO appointment_versions ({_VERSION_COLUMNS}) SELECT {_VERSION_COLUMNS}"
+            " FROM appointments WHERE id = ?", (appointment_id,))
         self._c.execute(
             f"UPDATE appointments SET {cols}, version = version + 1, updated = ? WHERE id = ?",
             (*changes.values(), self.now, appointment_id),
@@ -273,6 +291,24 @@ class Txn:
                 self.settled.append(appointment_id)
             elif appointment_id in self.settled:  # waiting for the HIS again after all
                 self.settled = [i for i in self.settled if i != appointment_id]
+
+    def appointment_version(self, appointment_id: str, version: int) -> AppointmentRow | None:
+        """The appointment as it was at ``version`` (the current one too), or None if that version is not kept."""
+        row = self.appointment(appointment_id)
+        if row is None or row.version == version:
+            return row
+        cur = self._c.execute(f"SELECT {_VERSION_COLUMNS} FROM appointment_versions WHERE id = ? AND version = ?",
+                              (appointment_id, version))
+        return load(AppointmentRow, cur.fetchone())
+
+    def appointment_versions(self, appointment_id: str) -> list[AppointmentRow]:
+        """Every kept version of the appointment, the current one first, then older ones newest first."""
+        row = self.appointment(appointment_id)
+        if row is None:
+            return []
+        cur = self._c.execute(f"SELECT {_VERSION_COLUMNS} FROM appointment_versions WHERE id = ? AND version < ?"
+                              " ORDER BY version DESC", (appointment_id, row.version))
+        return [row, *(load(AppointmentRow, r) for r in cur.fetchall())]
 
     def expired_holds(self, now: float) -> list[AppointmentRow]:
         cur = self._c.execute(
@@ -502,6 +538,7 @@ class Txn:
             (slot_ended_before, limit))]
         for table in ("platform_requests", "idempotency_keys", "appointment_identifiers"):
             self._c.executemany(f"DELETE FROM {table} WHERE appointment_id = ?", rows)
+        self._c.executemany("DELETE FROM appointment_versions WHERE id = ?", rows)
         self._c.executemany("DELETE FROM appointments WHERE id = ?", rows)
         return len(rows)
 
@@ -536,3 +573,77 @@ class Txn:
         tokens = self._c.execute("DELETE FROM oauth_tokens WHERE expires < ?", (now - keep_expired_tokens,)).rowcount
         return assertions, tokens
 
+
+    # -- subscriptions and notifications (gateway/domain/notifications.py) -----------------------------------
+    def add_subscription(self, *, id: str, platform: str, topic: str, payload: str,
+                         heartbeat: float | None = None, handshake: bool = False) -> None:
+        """A new active subscription; with ``handshake``, its handshake (event 0) pending, due now."""
+        self._c.execute("INSERT INTO subscriptions (id, platform, topic, payload, status, events, heartbeat, created,"
+                        " updated) VALUES (?, ?, ?, ?, 'active', 0, ?, ?, ?)",
+                        (id, platform, topic, payload, heartbeat, self.now, self.now))
+        if handshake:
+            self._c.execute("INSERT INTO notifications (subscription_id, event, platform, focus, what, state, attempts,"
+                            " next_attempt, created, updated) VALUES (?, 0, ?, '', 'handshake', 'pending', 0, ?, ?, ?)",
+                            (id, platform, self.now, self.now, self.now))
+
+    def subscription(self, subscription_id: str) -> SubscriptionRow | None:
+        return load(SubscriptionRow, self._c.execute("SELECT * FROM subscriptions WHERE id = ?",
+                                                     (subscription_id,)).fetchone())
+
+    def subscriptions_of(self, platform: str, topic: str | None = None, *,
+                         active_only: bool = True) -> list[SubscriptionRow]:
+        sql, args = "SELECT * FROM subscriptions WHERE platform = ?", [platform]
+        if topic is not None:
+            sql, args = sql + " AND topic = ?", args + [topic]
+        if active_only:
+            sql += " AND status = 'active'"
+        return [load(SubscriptionRow, r) for r in self._c.execute(sql + " ORDER BY created, id", args)]
+
+    def heartbeat_subscriptions(self) -> list[SubscriptionRow]:
+        """Active subscriptions that asked for heartbeats."""
+        return [load(SubscriptionRow, r) for r in self._c.execute(
+            "SELECT * FROM subscriptions WHERE status = 'active' AND heartbeat IS NOT NULL")]
+
+    def end_subscription(self, subscription_id: str) -> None:
+        self._c.execute("UPDATE subscriptions SET status = 'off', updated = ? WHERE id = ?",
+                        (self.now, subscription_id))
+
+    def add_notification(self, subscription_id: str, *, platform: str, focus: str, what: str) -> int:
+        """The subscription's next notification (pending, due now); returns its event number."""
+        event = self._c.execute("UPDATE subscriptions SET events = events + 1, updated = ? WHERE id = ?"
+                                " RETURNING events", (self.now, subscription_id)).fetchone()[0]
+        self._c.execute("INSERT INTO notifications (subscription_id, event, platform, focus, what, state, attempts,"
+                        " next_attempt, created, updated) VALUES (?, ?, ?, ?, ?, 'pending', 0, ?, ?, ?)",
+                        (subscription_id, event, platform, focus, what, self.now, self.now, self.now))
+        return event
+
+    def notification(self, subscription_id: str, event: int) -> NotificationRow | None:
+        return load(NotificationRow, self._c.execute(
+            "SELECT * FROM notifications WHERE subscription_id = ? AND event = ?", (subscription_id, event)).fetchone())
+
+    def notifications_of(self, subscription_id: str, first: int = 1, last: int | None = None,
+                         limit: int = 100) -> list[NotificationRow]:
+        """The subscription's notifications with event numbers first..last, in order."""
+        return [load(NotificationRow, r) for r in self._c.execute(
+            "SELECT * FROM notifications WHERE subscription_id = ? AND event >= ? AND event <= ?"
+            " ORDER BY event LIMIT ?", (subscription_id, first, last if last is not None else 1 << 62, limit))]
+
+    def notification_heads(self, limit: int = 1000) -> list[NotificationRow]:
+        """Each subscription's first pending notification (its order is kept: the next waits for it), the
+        soonest due first."""
+        return [load(NotificationRow, r) for r in self._c.execute(
+            "SELECT n.* FROM notifications n JOIN (SELECT subscription_id, MIN(event) AS event FROM notifications"
+            " WHERE state = 'pending' GROUP BY subscription_id) f USING (subscription_id, event)"
+            " ORDER BY n.next_attempt LIMIT ?", (limit,))]
+
+    def prune_notifications(self, delivered_before: float, limit: int) -> int:
+        """Delete notifications delivered before ``delivered_before`` (never a pending or dead one)."""
+        return self._c.execute(
+            "DELETE FROM notifications WHERE rowid IN (SELECT rowid FROM notifications WHERE state = 'delivered'"
+            " AND updated < ? LIMIT ?)", (delivered_before, limit)).rowcount
+
+    def set_notification_state(self, subscription_id: str, event: int, state: str, *, attempts: int,
+                               next_attempt: float, last_error: str | None = None) -> None:
+        self._c.execute("UPDATE notifications SET state = ?, attempts = ?, next_attempt = ?, last_error = ?,"
+                        " updated = ? WHERE subscription_id = ? AND event = ?",
+                        (state, attempts, next_attempt, last_error, self.now, subscription_id, event))

@@ -49,7 +49,8 @@ class ChamberConfig:
         "How long a message that has ended (delivered, refused, withdrawn) is kept with its raw bytes, answer "
         "and story; then it is deleted. Dead letters stay until `gatewayd queue purge`; a prescription's order "
         "stays with the prescription. A HIS resending a message older than this is no longer recognised as "
-        "resending it. null: keep every message.",
+        "resending it. Also how long a notification delivered to a platform is kept (pending and dead ones stay). "
+        "null: keep every message.",
         default=Duration(180 * 86400.0),
     )
     keep_appointments: Optional[Duration] = doc(

@@ -231,6 +231,47 @@ class TokenConfig:
         return issues
 
 
+HttpsUrl = Annotated[str, Pattern(r"^https://[A-Za-z0-9.\-\[\]:]+(/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*)?$",
+                                  "an https:// URL without query or fragment, e.g. https://platform.example/fhir-hook")]
+
+
+@dataclass(frozen=True)
+class NotifyConfig:
+    endpoint: HttpsUrl = doc(
+        "The platform's webhook (rest-hook) URL: every notification of its subscriptions is POSTed here, and only "
+        "here (a Subscription's channel.endpoint must be absent or this URL; docs/subscriptions.md).")
+    ca: ReadableFile = doc("CA certificate(s) (PEM) the endpoint's server certificate must chain to; its name "
+                           "must match the URL's host.")
+    client_certificate: ReadableFile = doc(
+        "The gateway's TLS client certificate (PEM, with its chain) presented to the endpoint. Its key also signs "
+        "each notification (X-Gatewayd-Signature: a detached JWS over the body).")
+    client_key: ReadableFile = doc("The client certificate's private key (PEM, RSA or EC P-256).")
+    timeout: Annotated[Duration, Range(1, 120)] = doc(
+        "How long one delivery may take (connect, TLS, answer); past it the attempt failed.", default=Duration(10.0))
+    retry_first: Annotated[Duration, Range(0.1, 3600)] = doc(
+        "Wait after the first failed delivery; doubled after each failure up to retry_max.", default=Duration(1.0))
+    retry_max: Annotated[Duration, Range(1, 86400)] = doc(
+        "Longest wait between two deliveries of a notification.", default=Duration(300.0))
+    give_up_after: Annotated[Duration, Range(1, 30 * 86400)] = doc(
+        "A notification not delivered this long after it was committed is dead-lettered (state dead, visible to "
+        "operators); the subscription's later notifications go on, and $events still serves it.",
+        default=Duration(86400.0))
+    max_subscriptions: Annotated[int, Range(1, 1000)] = doc(
+        "Most subscriptions the platform may hold at once (POST /Subscription past it: 422).", default=10)
+
+    def __post_validate__(self):
+        from adapters.outer.delivery import SignerError, load_signer
+
+        issues = []
+        if self.retry_max < self.retry_first:
+            issues.append(("retry_max", "must not be shorter than retry_first"))
+        try:
+            load_signer(self.client_certificate, self.client_key)
+        except SignerError as e:
+            issues.append(("client_key", str(e)))
+        return issues
+
+
 @dataclass(frozen=True)
 class PlatformConfig:
     name: Name = doc("The platform's name (appears in the chamber and the logs).")
@@ -271,6 +312,11 @@ class PlatformConfig:
     token: Optional[TokenConfig] = doc(
         "Bearer tokens for this platform (OAuth2 client credentials with a signed JWT client assertion, SMART "
         "Backend Services), e.g. behind a TLS-terminating proxy. Its client_id is its name.",
+        default=None,
+    )
+    notify: Optional[NotifyConfig] = doc(
+        "Where and how the gateway delivers the notifications of the platform's subscriptions (FHIR "
+        "Subscriptions, rest-hook; docs/subscriptions.md). Without it the platform cannot subscribe (422).",
         default=None,
     )
 

@@ -417,6 +417,12 @@ class BookingService(HisAnswers):
     def appointment(self, platform: str, appointment_id: str):
         return self._own(self.chamber.read(), platform, appointment_id)
 
+    def appointment_versions(self, platform: str, appointment_id: str) -> list:
+        """Every kept version of one of the platform's appointments, the current one first (then newest first)."""
+        reader = self.chamber.read()
+        self._own(reader, platform, appointment_id)
+        return reader.appointment_versions(appointment_id)
+
     @staticmethod
     def _own(tx, platform, appointment_id):
         appt = tx.appointment(appointment_id)

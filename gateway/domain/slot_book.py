@@ -15,6 +15,7 @@ from zoneinfo import ZoneInfo
 from gateway.domain.booking_answers import cancel_reason
 from gateway.domain.ids import slot_id
 from gateway.domain.model import SlotNotice
+from gateway.domain.notifications import note
 
 #: slot action -> the HIS status it leaves
 _HIS_STATUS = {"open": "free", "free": "free", "block": "busy-unavailable", "book": "busy",
@@ -63,6 +64,10 @@ class SlotBook:
                 tx.update_slot(old.id, his_status="free", his_appointment=None, booked_by=None)
                 self._move_appointment(tx, old, sid)
 
+        if n.action == "noshow":
+            known = tx.slot(sid)
+            if known is not None and known.booked_by:
+                note(tx, known.booked_by, "noshow")  # its subscribers are told (gateway/domain/notifications.py)
         if his_status != "free":  # no booking of ours to release: one statement, new slot or known
             tx.insert_slot(SlotRow(
                 id=sid, schedule_id=n.schedule.id, start_local=f"{n.start_local:%Y%m%d%H%M}",

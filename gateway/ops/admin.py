@@ -101,7 +101,21 @@ class ChamberCollector:
         yield queue
         yield oldest_age
         yield dead
+        yield self._notifications()
         yield from self._storage()
+
+    def _notifications(self):
+        """Platforms' notifications by state: ``dead`` ones are the dead letters an operator looks at (the
+        chamber's notifications table says which, with last_error); ``pending`` ones wait for an endpoint."""
+        family = GaugeMetricFamily("gatewayd_notifications", "Notifications to platforms in the chamber by platform "
+                                   "and state (pending, delivered, dead)", labels=["platform", "state"])
+        try:
+            counts = self.chamber.read().notification_counts()
+        except Exception:
+            counts = {}
+        for (platform, state), n in sorted(counts.items()):
+            family.add_metric([platform, state], n)
+        return family
 
     def _storage(self):
         """The chamber's size on disk (database, WAL and shared-memory files) and the room left on its file

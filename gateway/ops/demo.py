@@ -115,17 +115,19 @@ def run_demo(workdir: Path) -> int:
                 p.kill()
 
     try:
-        procs.append(subprocess.Popen([sys.executable, "-m", "gateway", "run", "--config", str(paths["gateway"])],
-                                      cwd=workdir, stdout=logs["gateway"], stderr=subprocess.STDOUT, env=env))
-        if not wait_for_port(host, port, 20, procs[0]):
-            print(f"the gateway did not start; see {workdir / 'gateway.log'}", file=sys.stderr)
-            stop()
-            return 1
+        # the HIS first, as in a hospital: the gateway's HIS probe then finds it up at once (started the other
+        # way round, the probe saw it down and a booking in the first second was answered 202, not 201)
         procs.append(subprocess.Popen([sys.executable, "-m", "gateway", "his-sim", "--config",
                                        str(paths["his_sim"])],
                                       cwd=workdir, stdout=logs["his-sim"], stderr=subprocess.STDOUT, env=env))
-        if not wait_for_port("127.0.0.1", HIS_PORT, 20, procs[1]):
+        if not wait_for_port("127.0.0.1", HIS_PORT, 20, procs[0]):
             print(f"the HIS simulator did not start; see {workdir / 'his-sim.log'}", file=sys.stderr)
+            stop()
+            return 1
+        procs.append(subprocess.Popen([sys.executable, "-m", "gateway", "run", "--config", str(paths["gateway"])],
+                                      cwd=workdir, stdout=logs["gateway"], stderr=subprocess.STDOUT, env=env))
+        if not wait_for_port(host, port, 20, procs[1]):
+            print(f"the gateway did not start; see {workdir / 'gateway.log'}", file=sys.stderr)
             stop()
             return 1
         print(f"""

@@ -15,6 +15,7 @@ from twisted.internet import endpoints
 
 from adapters.outer.oauth import clients_from_config
 from adapters.outer.access import PlatformDirectory
+from adapters.outer.delivery import hooks_from_config
 from adapters.outer.tls import read_crl, tls_options
 from adapters.tls import server_options
 from gateway.config.model import GatewayConfig
@@ -27,7 +28,8 @@ from gateway.service import Gateway, pharmacy_route, rate_limiter, token_url
 def reload(gateway: Gateway, config: GatewayConfig) -> list[str]:
     """Apply a new config to a running gateway without dropping connections.  Applied live: log
     level, the outer gate's certificates, client CAs and CRL (for new connections; the CRL for every request),
-    platforms (subjects, scopes, quotas, revoked serials, SPKI pins, token keys, rate limits), the patient
+    platforms (subjects, scopes, quotas, revoked serials, SPKI pins, token keys, rate limits, notification
+    endpoints: a delivery in flight finishes with the old one), the patient
     identifier rules (patients.identifiers), the MLLP listener's certificates and CA (new connections), the
     HIS's address (next connection, and its probe at once), the console's operators (admin.operators: the next
     request), the routes while the endpoints stay (new bookings and prescriptions; a
@@ -46,12 +48,17 @@ def reload(gateway: Gateway, config: GatewayConfig) -> list[str]:
         oauth_clients, url = clients_from_config(config.platforms), token_url(config.outer)
         quotas = Quotas.from_config(config.platforms, tz)
         limiter = rate_limiter(config, gateway.reactor)
+        hooks = hooks_from_config(config.platforms, gateway.reactor)  # (notify: reads the certificates now)
 
         def outer_swap():
             gateway.outer_tls.current = tls
             gateway.api.reconfigure(platforms=platforms, quotas=quotas, rate_limiter=limiter,
                                     oauth_clients=oauth_clients, token_url=url)
             gateway.booking.quotas = quotas
+            if gateway.delivery is not None:  # notify: new endpoints, certificates and retry policy
+                gateway.api.subscriptions.notify = {p.name: p.notify for p in config.platforms if p.notify}
+                gateway.delivery.hooks = hooks
+                gateway.delivery.wake()
 
         swaps.append(outer_swap)
         applied += ["outer.tls" + (" (with CRL)" if crl is not None else ""), f"platforms ({len(config.platforms)})"]

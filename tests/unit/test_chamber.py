@@ -10,6 +10,7 @@ from twisted.internet import task
 
 from gateway.chamber.engine import Chamber
 from gateway.chamber.errors import ChamberError
+from gateway.chamber.upgrades import SCHEMA_VERSION
 from gateway.chamber.rows import ScheduleRow
 from tests.deferreds import assertNoResult, failureResultOf, successResultOf
 

@@ -68,3 +68,37 @@ def test_a_schedule_with_two_quotas_is_refused(config_dir):
     quotas: [{schedule: D001, per_day: 1}, {schedule: D001, share: 5%}]
 """)
     assert any("platforms[0].quotas[1].schedule: schedule 'D001' has a quota already" in f for f in found)
+
+
+NOTIFY = """
+platforms:
+  - name: demo
+    certificate_subject: CN=platform-demo
+    notify:
+      endpoint: {endpoint}
+      ca: certs/ca.pem
+      client_certificate: certs/platform-demo.pem
+      client_key: {key}
+      retry_first: {retry_first}
+"""
+
+
+def test_a_platforms_notification_endpoint_is_read(config_dir):
+    """platforms[].notify (issue 23): the webhook, its CA, the gateway's client certificate and the retry policy."""
+    config = load(config_dir, NOTIFY.format(endpoint="https://hooks.demo.example/h", key="certs/platform-demo.key",
+                                            retry_first="2s"))
+    n = config.platforms[0].notify
+    assert (n.endpoint, n.retry_first, n.retry_max, n.give_up_after, n.max_subscriptions) == (
+        "https://hooks.demo.example/h", 2.0, 300.0, 86400.0, 10)
+
+
+def test_notify_mistakes_are_each_reported_with_line_and_key(config_dir):
+    found = problems(config_dir, NOTIFY.format(endpoint="http://hooks.demo.example/h?x=1",
+                                               key="certs/platform-demo.key", retry_first="1s"))
+    assert found == ["10:platforms[0].notify.endpoint: expected an https:// URL without query or fragment, e.g. "
+                     "https://platform.example/fhir-hook, got 'http://hooks.demo.example/h?x=1'"]
+    found = problems(config_dir, NOTIFY.format(endpoint="https://hooks.demo.example/h", key="certs/server.key",
+                                               retry_first="1h") + "      retry_max: 1m\n")
+    assert len(found) == 2, found
+    assert found[0].startswith("13:platforms[0].notify.client_key: ") and "does not belong" in found[0], found
+    assert found[1].startswith("15:platforms[0].notify.retry_max: must not be shorter"), found

@@ -265,11 +265,38 @@ def test_location_names_the_version_and_vread_serves_it(gate):
     assert r.status == 202 and r.headers["location"] == f"https://gw.example/fhir/Appointment/{r.json['id']}"
     read = gate.request("GET", f"/Appointment/{appointment_id}/_history/2")
     assert read.status == 200 and read.json["meta"]["versionId"] == "2" and read.headers["etag"] == 'W/"2"'
-    assert "not kept" in outcome(gate.request("GET", f"/Appointment/{appointment_id}/_history/1"), 404, "not-found")
+    assert read.json["status"] == "booked"
     history = gate.request("GET", f"/Appointment/{appointment_id}/_history")
-    assert history.json["type"] == "history" and history.json["total"] == 1
-    assert history.json["entry"][0]["resource"]["meta"]["versionId"] == "2"
+    assert history.json["type"] == "history" and history.json["total"] == 2
     assert history.json["entry"][0]["fullUrl"] == f"https://gw.example/fhir/Appointment/{appointment_id}"
+
+
+def test_every_version_of_an_appointment_is_kept_and_read(gate):
+    """vread of an earlier version gives that version as it was (the booking pending at the HIS, then booked,
+    then cancelled); the instance history lists them all, newest first; a version never made is 404."""
+    appointment_id = booked(gate, 1)
+    cancel = gate.request("PATCH", f"/Appointment/{appointment_id}",
+                          [{"op": "replace", "path": "/status", "value": "cancelled"}],
+                          headers={"Content-Type": "application/json-patch+json"})
+    assert cancel.status == 202, cancel.json  # the HIS is asked; its AA settles it
+    srm = next(m for m in gate.chamber.read().messages(direction="outbound")
+               if m.subject == f"appointment:{appointment_id}" and m.type != "SRM^S01")
+    gate.chamber.transact_now(lambda tx: gate.booking.on_answer(tx, tx.message(srm.id), HisAnswer("AA", "", None)))
+    current = gate.request("GET", f"/Appointment/{appointment_id}").json
+    last = int(current["meta"]["versionId"])
+    assert last >= 3
+    statuses = {}
+    for v in range(1, last + 1):
+        r = gate.request("GET", f"/Appointment/{appointment_id}/_history/{v}")
+        assert r.status == 200 and r.json["meta"]["versionId"] == str(v) and r.headers["etag"] == f'W/"{v}"'
+        statuses[v] = r.json["status"]
+    assert statuses[1] == "pending" and statuses[2] == "booked" and statuses[last] == "cancelled"
+    history = gate.request("GET", f"/Appointment/{appointment_id}/_history").json
+    assert history["total"] == last
+    assert [e["resource"]["meta"]["versionId"] for e in history["entry"]] == [str(v) for v in range(last, 0, -1)]
+    assert [e["request"]["method"] for e in history["entry"]][-1] == "POST"
+    assert "no version 99" in outcome(gate.request("GET", f"/Appointment/{appointment_id}/_history/99"), 404,
+                                      "not-found")
 
 
 def test_a_location_of_a_settled_appointment_carries_its_version(gate):
@@ -412,7 +439,7 @@ def test_what_the_router_serves_is_declared_and_nothing_else(gate):
         r = gate.request("GET", f"/{rtype}?undeclared=1")
         assert outcome(r, 400, "not-supported")
     appt = declared["Appointment"]
-    assert appt["conditionalCreate"] is True and appt["versioning"] == "versioned" and appt["readHistory"] is False
+    assert appt["conditionalCreate"] is True and appt["versioning"] == "versioned" and appt["readHistory"] is True
     assert next(p for p in appt["searchParam"] if p["name"] == "patient")["type"] == "reference"
 
 

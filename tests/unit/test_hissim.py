@@ -727,6 +727,30 @@ def test_publish_none_sends_nothing_and_journals_counter_bookings(tmp_path):
     sim.stopService()
 
 
+def test_suspending_a_clinic_cancels_its_bookings_then_blocks_its_slots(tmp_path):
+    """停诊 (issue 23): the day's bookings of the doctor are cancelled (S15 with their HIS appointment), then each
+    slot of the day is blocked (S23), pushed in that order; a second suspension changes nothing."""
+    reactor = MemoryReactorClock()
+    reactor.advance(T0)
+    client = FakeClient()
+    sim = HisSimulator(sim_config(tmp_path), reactor, client=client)
+    sim.startService()
+    reactor.advance(0)
+    with sim.store.changing(sim.inventory):
+        booking = sim.inventory.book("D001", at(8, 15), by="counter")
+    client.sent.clear()
+    assert sim.suspend_clinic("D001", DAY) == (1, 4)
+    for _ in range(10):
+        reactor.advance(1)
+    sent = [parse(p) for p in client.sent]
+    assert [m.trigger for m in sent] == ["S15", "S23", "S23", "S23", "S23"]
+    assert sent[0].segment("SCH").get(2) == booking.appointment_id and sent[0].segment("SCH").get(25) == "Cancelled"
+    assert all(m.segment("SCH").get(25) == "Blocked" for m in sent[1:])
+    assert {s.status for s in sim.inventory.slots()} == {SlotStatus.BLOCKED}
+    assert sim.suspend_clinic("D001", DAY) == (0, 0)
+    sim.stopService()
+
+
 # ================================================================================================
 # Configuration
 # ================================================================================================

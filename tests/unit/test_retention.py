@@ -28,7 +28,7 @@ def counts(chamber: Chamber) -> dict[str, int]:
     conn = chamber._writer
     return {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
             for t in ("messages", "message_events", "appointments", "slots", "platform_requests",
-                      "idempotency_keys", "audit_records")}
+                      "idempotency_keys", "audit_records", "appointment_versions")}
 
 
 def delivered(chamber, booking, message, his_appointment=None):
@@ -63,7 +63,7 @@ def test_nothing_is_deleted_before_its_time(booked):
     before = counts(chamber)
     deleted = run(chamber, Retention(keep_messages=30 * DAY, keep_appointments=30 * DAY,
                                      keep_expired_tokens=EXPIRED_TOKENS_KEPT), clock.seconds())
-    assert deleted == {"credentials": 0, "messages": 0, "appointments": 0, "slots": 0}
+    assert deleted == {"credentials": 0, "messages": 0, "notifications": 0, "appointments": 0, "slots": 0}
     assert counts(chamber) == before
 
 
@@ -72,13 +72,15 @@ def test_ended_messages_and_past_appointments_go_with_what_belongs_to_them(booke
     request and idempotency key, and all three slots go; the audit trail stays whole."""
     chamber, _, clock, a1, a2 = booked
     audit_before = counts(chamber)["audit_records"]
+    assert counts(chamber)["appointment_versions"] >= 2  # each booked appointment's pending version
     now = START.replace(tzinfo=TZ).timestamp() + 32 * DAY  # (the third slot is a day after the others)
     deleted = run(chamber, Retention(keep_messages=30 * DAY, keep_appointments=30 * DAY,
                                      keep_expired_tokens=EXPIRED_TOKENS_KEPT), now)
-    assert deleted == {"credentials": 0, "messages": 3, "appointments": 2, "slots": 3}
+    assert deleted == {"credentials": 0, "messages": 3, "notifications": 0, "appointments": 2, "slots": 3}
     after = counts(chamber)
     assert after["messages"] == after["message_events"] == after["appointments"] == after["slots"] == 0
     assert after["platform_requests"] == after["idempotency_keys"] == 0
+    assert after["appointment_versions"] == 0  # their earlier versions went with them
     assert after["audit_records"] == audit_before
 
 
@@ -160,7 +162,7 @@ def test_large_backlogs_are_deleted_in_batches(env, monkeypatch):
     monkeypatch.setattr(chamber, "transact", lambda work: transactions.append(work) or real(work))
     deleted = run(chamber, Retention(keep_messages=1.0, keep_appointments=None,
                                      keep_expired_tokens=EXPIRED_TOKENS_KEPT), clock.seconds() + 10)
-    assert deleted["messages"] == 10 and len(transactions) == 1 + 3  # credentials, then 4 + 4 + 2
+    assert deleted["messages"] == 10 and len(transactions) == 1 + 3 + 1  # credentials, 4 + 4 + 2, notifications
     assert BATCH == 500  # the module's own value is unchanged outside this test
 
 
@@ -171,14 +173,14 @@ def test_the_service_prunes_at_start_and_then_every_period(booked):
                                               keep_expired_tokens=EXPIRED_TOKENS_KEPT), clock, every=3600)
     svc.startService()
     try:
-        assert svc.last == {"credentials": 0, "messages": 3}
+        assert svc.last == {"credentials": 0, "messages": 3, "notifications": 0}
         chamber.transact_now(lambda tx: tx.add_message(direction="inbound", peer="his", control_id="LATE",
                                                        type="SIU^S12", state="delivered", body=b"MSH|",
                                                        charset="utf-8"))
         clock.advance(30 * DAY - 60)
-        assert svc.last == {"credentials": 0, "messages": 0}  # the hourly run found it not old enough yet...
+        assert svc.last == {"credentials": 0, "messages": 0, "notifications": 0}  # the hourly run found it not old enough yet...
         clock.advance(3600)
-        assert svc.last == {"credentials": 0, "messages": 1}  # ...until it was 30 days old
+        assert svc.last == {"credentials": 0, "messages": 1, "notifications": 0}  # ...until it was 30 days old
     finally:
         svc.stopService()
 
@@ -205,3 +207,22 @@ def test_a_backup_is_a_whole_checked_copy_readable_by_its_owner_only(booked, tmp
                {m.control_id for m in chamber.read().messages(direction="outbound")}
     finally:
         copy.close()
+
+
+def test_delivered_notifications_go_pending_and_dead_ones_stay(env):
+    """A platform's notifications (issue 23): delivered ones go keep_messages after delivery; one still pending
+    (the platform's endpoint is down) or dead (an operator's to see) stays."""
+    chamber, _, _, clock = env
+
+    def work(tx):
+        tx.add_subscription(id="s1", platform="demo", topic="appointment-status", payload="id-only")
+        for _ in range(3):
+            tx.add_notification("s1", platform="demo", focus="Appointment/a1", what="cancelled")
+        tx.set_notification_state("s1", 1, "delivered", attempts=1, next_attempt=tx.now)
+        tx.set_notification_state("s1", 2, "dead", attempts=9, next_attempt=tx.now, last_error="answered 500")
+
+    chamber.transact_now(work)
+    keep = Retention(keep_messages=30 * DAY, keep_appointments=None, keep_expired_tokens=EXPIRED_TOKENS_KEPT)
+    assert run(chamber, keep, clock.seconds() + 29 * DAY)["notifications"] == 0
+    assert run(chamber, keep, clock.seconds() + 31 * DAY)["notifications"] == 1
+    assert [(n.event, n.state) for n in chamber.read().notifications_of("s1")] == [(2, "dead"), (3, "pending")]

@@ -1,0 +1,126 @@
+"""What the hospital's changes owe the platforms that subscribed to them (issue 23, docs/subscriptions.md).
+
+A platform subscribes to a *topic* (FHIR Subscriptions R5 Backport for R4); this module decides which change is
+an event of which topic and for whom, and writes each subscription's notification into the chamber **inside the
+unit of work that made the change** (:meth:`Notifications.after_unit`, run by the chamber at the end of every
+unit: ``Chamber.on_unit``).  So a notification exists if and only if its change was committed, and none is lost
+when the process dies after COMMIT: the outer gate delivers what is pending (adapters/outer/delivery.py).
+
+Topics:
+
+- ``appointment-status`` — a platform's own appointments changed status: booked (at the HIS, e.g. after a 202),
+  cancelled (by the hospital: a suspended clinic; by the platform; a move's old booking), refused, moved to
+  another slot by the hospital, or marked a no-show by the HIS.  Only the platform that booked the appointment
+  is notified (its subscriptions to the topic), as only it can read that appointment.
+
+A notification carries the resource it is about (``Appointment/<id>``) and what happened (``cancelled``,
+``moved``...) — never a patient's name or identifier.  Each subscription numbers its notifications 1, 2, ...
+(eventsSinceSubscriptionStart), so a platform sees a gap and asks ``$events``.
+"""
+
+from __future__ import annotations
+
+#: topic code -> its canonical URL (Subscription.criteria / SubscriptionTopic.url)
+TOPIC_BASE = "https://gatewayd.invalid/fhir/SubscriptionTopic/"
+TOPICS = {"appointment-status": TOPIC_BASE + "appointment-status"}
+#: what a topic's subscriber needs to read its focus (the platform's scopes)
+TOPIC_SCOPES = {"appointment-status": "Appointment.read"}
+#: payload kinds (Subscription.channel.payload's content extension)
+PAYLOADS = ("id-only", "full-resource")
+#: the heartbeat periods a platform may ask for (seconds): none shorter, so heartbeats cost little
+HEARTBEAT_RANGE = (10, 86400)
+
+
+def topic_code(url: str) -> str | None:
+    """The topic a canonical URL names, or None for one the gateway does not offer."""
+    for code, canonical in TOPICS.items():
+        if url == canonical:
+            return code
+    return None
+
+
+def appointment_change(before: tuple[str, str], after) -> str | None:
+    """What happened to an appointment between ``before`` ((status, slot id) before the unit) and ``after`` (its
+    row now), as a notification says it; None when nothing a subscriber is told about changed (a hold's
+    pending change, its outcome text)."""
+    status, slot_id = before
+    if after is None:
+        return None
+    if after.status != status:
+        return after.status  # booked | cancelled | refused (pending -> pending never differs)
+    if after.status == "booked" and after.slot_id != slot_id:
+        return "moved"
+    return None
+
+
+def note(tx, appointment_id: str, what: str) -> None:
+    """Note an event of an appointment that changes no status of it (the HIS's no-show): notified at the end of
+    the unit like a status change."""
+    tx.appointment_events.append((appointment_id, what))
+
+
+class Notifications:
+    """Writes the notifications a unit of work's changes owe (``Chamber.on_unit(notifications.after_unit)``)."""
+
+    def after_unit(self, tx) -> None:
+        before = tx.appointments_before
+        if not before and not tx.appointment_events:
+            return
+        events: list[tuple[object, str]] = []
+        for appointment_id, was in (before or {}).items():
+            appt = tx.appointment(appointment_id)
+            what = appointment_change(was, appt)
+            if what is not None:
+                events.append((appt, what))
+        for appointment_id, what in tx.appointment_events:
+            appt = tx.appointment(appointment_id)
+            if appt is not None:
+                events.append((appt, what))
+        for appt, what in events:
+            for sub in tx.subscriptions_of(appt.platform, "appointment-status"):
+                tx.add_notification(sub.id, platform=appt.platform, focus=f"Appointment/{appt.id}", what=what)
+
+
+class SubscriptionRefused(Exception):
+    """A subscription the gateway does not take (the platform has too many already)."""
+
+
+class Subscriptions:
+    """A platform's subscriptions in the chamber: taken within the platform's limit, ended, read."""
+
+    def __init__(self, chamber):
+        self.chamber = chamber
+
+    def subscribe(self, platform: str, topic: str, payload: str, max_count: int, heartbeat: float | None = None):
+        """A new active subscription of ``platform`` (Deferred -> its row), its handshake queued first (event 0);
+        ``heartbeat``: seconds without a delivery after which a heartbeat is sent.  SubscriptionRefused past
+        ``max_count`` active ones."""
+        from gateway.domain.ids import new_id
+
+        def work(tx):
+            if len(tx.subscriptions_of(platform)) >= max_count:
+                raise SubscriptionRefused(f"the platform holds {max_count} subscriptions already (its limit): "
+                                          f"delete one first")
+            sub_id = new_id("s")
+            tx.add_subscription(id=sub_id, platform=platform, topic=topic, payload=payload, heartbeat=heartbeat,
+                                handshake=True)
+            return tx.subscription(sub_id)
+
+        return self.chamber.transact(work)
+
+    def unsubscribe(self, platform: str, subscription_id: str):
+        """End the platform's own subscription (Deferred -> its row, None when it has no such subscription).
+        Notifications already committed are still delivered."""
+        def work(tx):
+            row = tx.subscription(subscription_id)
+            if row is None or row.platform != platform:
+                return None
+            tx.end_subscription(subscription_id)
+            return tx.subscription(subscription_id)
+
+        return self.chamber.transact(work)
+
+    def own(self, platform: str, subscription_id: str):
+        """The platform's subscription (None: not its own, or unknown)."""
+        row = self.chamber.read().subscription(subscription_id)
+        return row if row is not None and row.platform == platform else None
