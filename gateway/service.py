@@ -64,7 +64,7 @@ from adapters.tls import TlsSwitch
 from adapters.inner.client import MLLPClient
 from adapters.inner.listener import MLLPServerFactory
 from gateway.domain.audit import AuditTrail
-from gateway.ops.admin import AdminResource, Metrics
+from gateway.ops.admin import AdminResource, AuditChainWatch, Metrics
 from gateway.ops.console import Console
 from gateway.domain.booking import BookingService, HisLinkInfo
 from gateway.domain.slot_book import SlotBook
@@ -75,6 +75,7 @@ from gateway.config.model import GatewayConfig
 from gateway.domain.outbox import Outbox
 from gateway.domain.inbound import InboundService
 from adapters.outer.oauth import EXPIRED_TOKENS_KEPT, TokenService, clients_from_config, default_token_url
+from gateway.ops.status import certificate_files
 from gateway.ops.listen import (ADMIN_CONNECTIONS, ConnectionLimiter, GateEndpoint, descriptor_needs,
                                 gate_endpoint, handshake_failures)
 from gateway.ops.services import (ChamberService, DescriptorsService, HisLinkRecord, HoldsService,
@@ -156,7 +157,8 @@ def make_service(config: GatewayConfig, reactor, gate: str = "both") -> Gateway:
     ChamberService(chamber).setServiceParent(root)
     if gate != "both":
         WatchService(chamber, reactor).setServiceParent(root)
-    metrics = Metrics(chamber)
+    metrics = Metrics(chamber, peers=_his_names(config), certificates=lambda: certificate_files(root.config))
+    AuditChainWatch(chamber, reactor, metrics.audit_chain).setServiceParent(root)
     keep = config.chamber
     RetentionService(chamber, Retention(keep.keep_messages, keep.keep_appointments, EXPIRED_TOKENS_KEPT), reactor,
                      keep.prune_every, metrics).setServiceParent(root)
@@ -190,6 +192,13 @@ def make_service(config: GatewayConfig, reactor, gate: str = "both") -> Gateway:
         _listener(endpoints.serverFromString(reactor, config.admin.listen), admin_limited,
                   "admin").setServiceParent(root)
     return root
+
+
+def _his_names(config: GatewayConfig) -> list[str]:
+    """The HIS endpoints the config names (their queue metrics are 0, not absent, before any message)."""
+    if config.inner is None:
+        return []
+    return [his.name for his in (config.inner.his, *config.inner.endpoints)]
 
 
 def _header(config: GatewayConfig, his) -> Hl7Header:
@@ -404,7 +413,7 @@ def _outer_gate(config, reactor, tz, chamber, booking, metrics, prescribing) -> 
     site = GatewaySite(api, reactor=reactor, max_request_bytes=outer.max_request_bytes,
                        header_timeout=outer.header_timeout, body_timeout=outer.body_timeout,
                        idle_timeout=outer.idle_timeout,
-                       answered=lambda status: metrics.http_answers.labels(str(status)).inc(),
+                       answered=metrics.http_answered,
                        timed_out=lambda deadline: timeouts.labels("outer", deadline).inc())
     tls_switch = TlsSwitch(tls_options(outer.tls))
     tls_site = HandshakeWatch(tls_switch, site, handshake_failures(metrics, "outer", clock=reactor),

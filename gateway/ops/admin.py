@@ -24,6 +24,19 @@
   (``gatewayd_connection_timeouts_total{gate,deadline}``); the chamber's size on disk and
   the room left on its file system (``gatewayd_chamber_bytes``, ``gatewayd_chamber_disk_free_bytes``) and
   what retention deleted (``gatewayd_chamber_pruned_total{kind}``).
+
+What the alerting rules (deploy/prometheus/gatewayd.rules.yml) and the Grafana dashboard (deploy/grafana/) need
+besides: ``gatewayd_build_info{version,commit}``; the ``process_*`` collectors (CPU, memory, open files, start
+time); per HIS endpoint the queue (``gatewayd_queue_depth{peer}``), the age of its oldest waiting message
+(``gatewayd_queue_oldest_seconds{peer}``) and its dead letters (``gatewayd_dead_letters{peer}``), each 0 rather than
+absent for every endpoint the config names; each certificate file's earliest expiry
+(``gatewayd_certificate_expiry_timestamp_seconds{certificate,path}``, Unix time: the server's, the client CA's, the
+MLLP TLS ones, the prescription signers'), read at scrape time so a renewed file shows at once; the chamber file
+system's size (``gatewayd_chamber_disk_size_bytes``, beside the free bytes); whether the audit chain verifies
+(``gatewayd_audit_chain_ok``, 1 or 0, walked every ``AUDIT_VERIFY_EVERY`` seconds in a thread by
+:class:`AuditChainWatch`, and ``gatewayd_audit_chain_verified_timestamp_seconds``); and the outer gate's answers by status class
+(``gatewayd_http_responses_total{class="2xx"|"3xx"|"4xx"|"5xx"}``, each present from the start so a rate is
+defined before the first error).
 """
 
 from __future__ import annotations
@@ -31,13 +44,21 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import time
+from pathlib import Path
 from typing import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector,
+                               generate_latest)
+import structlog
 from prometheus_client.core import GaugeMetricFamily
+from twisted.application.internet import TimerService
+from twisted.internet import defer, threads
 from twisted.web import resource
 
 from gateway.chamber.errors import ChamberError
+
+log = structlog.get_logger("gateway.ops.admin")
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
@@ -45,27 +66,41 @@ CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 class ChamberCollector:
     """Gauges computed from the chamber when Prometheus scrapes."""
 
-    def __init__(self, chamber):
+    def __init__(self, chamber, peers=()):
         self.chamber = chamber
+        self.peers = tuple(peers)  # the HIS endpoints the config names: their queue is 0, not absent
 
     def collect(self):
         messages = GaugeMetricFamily("gatewayd_messages", "Messages in the chamber by direction, peer and state",
                                      labels=["direction", "peer", "state"])
         queue = GaugeMetricFamily("gatewayd_queue_depth", "Outbound messages not yet answered, per destination",
                                   labels=["peer"])
+        oldest_age = GaugeMetricFamily("gatewayd_queue_oldest_seconds", "Age of the oldest outbound message still "
+                                       "waiting for the HIS endpoint (0 when none waits)", labels=["peer"])
+        dead = GaugeMetricFamily("gatewayd_dead_letters", "Outbound messages given up on (dead letters), per "
+                                 "destination", labels=["peer"])
         try:
-            counts = self.chamber.read().state_counts()
+            reader = self.chamber.read()
+            counts, oldest, now = reader.state_counts(), reader.oldest_waiting(), reader.now
         except Exception:  # a chamber that cannot be read is reported by /healthz, not by a scrape error
-            counts = {}
-        depth: dict[str, int] = {}
+            counts, oldest, now = {}, {}, 0.0
+        depth: dict[str, int] = dict.fromkeys(self.peers, 0)
+        dead_letters: dict[str, int] = dict.fromkeys(self.peers, 0)
         for (direction, peer, state), n in sorted(counts.items()):
             messages.add_metric([direction, peer, state], n)
             if direction == "outbound" and state in ("committed", "sending", "retrying"):
                 depth[peer] = depth.get(peer, 0) + n
+            if direction == "outbound" and state == "dead":
+                dead_letters[peer] = dead_letters.get(peer, 0) + n
         for peer, n in sorted(depth.items()):
             queue.add_metric([peer], n)
+            oldest_age.add_metric([peer], max(0.0, now - oldest[peer]) if peer in oldest else 0.0)
+        for peer, n in sorted(dead_letters.items()):
+            dead.add_metric([peer], n)
         yield messages
         yield queue
+        yield oldest_age
+        yield dead
         yield self._notifications()
         yield from self._storage()
 
@@ -97,6 +132,113 @@ class ChamberCollector:
             return
         yield GaugeMetricFamily("gatewayd_chamber_disk_free_bytes", "Room left for the chamber on its file system "
                                 "(for an unprivileged user)", value=fs.f_bavail * fs.f_frsize)
+        yield GaugeMetricFamily("gatewayd_chamber_disk_size_bytes", "Size of the chamber's file system",
+                                value=fs.f_blocks * fs.f_frsize)
+
+
+class CertificateCollector:
+    """Each certificate file's earliest expiry (``gateway.ops.status.certificate_files``), read at scrape time."""
+
+    def __init__(self, files: Callable[[], list[tuple[str, Path]]]):
+        self.files = files
+
+    def collect(self):
+        from gateway.ops.status import certificate_expiry
+
+        expiry = GaugeMetricFamily("gatewayd_certificate_expiry_timestamp_seconds", "When the earliest certificate "
+                                   "in the file expires (Unix time)", labels=["certificate", "path"])
+        now = time.time()
+        for name, path in self.files():
+            found = certificate_expiry(name, path, now)
+            if "not_after" in found:  # a file that cannot be read stops the gateway at start; not a scrape error
+                expiry.add_metric([name, str(path)], found["not_after"])
+        yield expiry
+
+
+#: the audit chain is walked this often (seconds): a walk reads every record
+AUDIT_VERIFY_EVERY = 300.0
+
+
+class AuditChainCollector:
+    """Whether the audit chain verified at its last walk (:class:`AuditChainWatch` walks it): absent before the
+    first walk has finished."""
+
+    def __init__(self):
+        self.last: tuple[float, bool] | None = None  # (when, ok)
+
+    def collect(self):
+        if self.last is None:
+            return
+        yield GaugeMetricFamily("gatewayd_audit_chain_ok", "1 when the audit chain verified at its last walk, 0 "
+                                "when a record was changed, removed or added", value=1 if self.last[1] else 0)
+        yield GaugeMetricFamily("gatewayd_audit_chain_verified_timestamp_seconds", "When the audit chain was last "
+                                "walked (Unix time)", value=self.last[0])
+
+
+def verify_chamber_file(path: str, now: float):
+    """gateway.domain.audit.verify over a read-only connection of its own to the chamber file (so it can run in
+    a thread beside the reactor's connection)."""
+    from gateway.domain.audit import verify
+    from gateway.ops.status import read_only_reader
+
+    reader, conn = read_only_reader(path, now)
+    try:
+        return verify(reader)
+    finally:
+        conn.close()
+
+
+class AuditChainWatch(TimerService):
+    """Walks the audit chain every ``every`` seconds (and at start) in a thread — a walk reads and hashes every
+    record, which must not hold up the gates — and hands the verdict to the metrics; logs
+    ``audit.chain_broken`` (error) and ``audit.chain_verifies`` once per change."""
+
+    name = "audit-chain-watch"
+
+    def __init__(self, chamber, clock, collector: AuditChainCollector, every: float = AUDIT_VERIFY_EVERY,
+                 in_thread: Callable | None = None):
+        super().__init__(every, self.run_once)
+        self.clock = clock  # TimerService's LoopingCall runs on it
+        self.chamber, self.collector = chamber, collector
+        self.in_thread = in_thread if in_thread is not None else threads.deferToThread
+
+    def run_once(self) -> defer.Deferred:
+        now = self.clock.seconds()
+        if self.chamber.path == ":memory:":  # no file another connection could open (tests)
+            from gateway.domain.audit import verify
+
+            d = defer.maybeDeferred(lambda: verify(self.chamber.read()))
+        else:
+            d = self.in_thread(verify_chamber_file, self.chamber.path, now)
+
+        def done(verdict):
+            was = self.collector.last
+            self.collector.last = (now, verdict.ok)
+            if not verdict.ok and (was is None or was[1]):
+                log.error("audit.chain_broken", broken_at=verdict.broken_at, reason=verdict.reason)
+            elif verdict.ok and was is not None and not was[1]:
+                log.info("audit.chain_verifies", head_seq=verdict.head_seq)
+
+        def failed(failure):  # a chamber that cannot be read is reported by /healthz; tried again next time
+            log.warning("audit.chain_not_walked", error=failure.getErrorMessage())
+
+        return d.addCallbacks(done, failed)
+
+
+def build() -> tuple[str, str]:
+    """(version, commit): the installed package's version and the commit ``gateway/BUILD`` (written by ``make
+    dist``) names, "unknown" in a source checkout."""
+    from importlib import metadata
+
+    try:
+        version = metadata.version("gatewayd")
+    except metadata.PackageNotFoundError:
+        version = "0+unknown"
+    try:
+        commit = Path(__file__).parent.parent.joinpath("BUILD").read_text(encoding="utf-8").split()[1]
+    except (OSError, IndexError):
+        commit = "unknown"
+    return version, commit
 
 
 class HisLinkCollector:
@@ -133,9 +275,17 @@ class HisLinkCollector:
 class Metrics:
     """This process's metrics registry and the instruments the gates feed."""
 
-    def __init__(self, chamber):
+    def __init__(self, chamber, peers=(), certificates: Callable[[], list[tuple[str, Path]]] = list):
         self.registry = CollectorRegistry()
-        self.registry.register(ChamberCollector(chamber))
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        self.build_info = Gauge("gatewayd_build_info", "The running gatewayd's version and commit (always 1)",
+                                ["version", "commit"], registry=self.registry)
+        self.build_info.labels(*build()).set(1)
+        self.registry.register(ChamberCollector(chamber, peers))
+        self.registry.register(CertificateCollector(certificates))
+        self.audit_chain = AuditChainCollector()  # fed by AuditChainWatch
+        self.registry.register(self.audit_chain)
         self._his_links = HisLinkCollector()
         self.registry.register(self._his_links)
         self.delivery = Histogram(
@@ -147,6 +297,10 @@ class Metrics:
                                    "(accepted, rejected, not_stored)", ["outcome"], registry=self.registry)
         self.http_answers = Counter("gatewayd_http_answers_total", "HTTP answers of the outer gate", ["status"],
                                     registry=self.registry)
+        self.http_responses = Counter("gatewayd_http_responses_total", "HTTP answers of the outer gate by status "
+                                      "class", ["class"], registry=self.registry)
+        for status_class in ("2xx", "3xx", "4xx", "5xx"):
+            self.http_responses.labels(status_class)
         self.pruned = Counter("gatewayd_chamber_pruned_total", "Rows deleted by retention (chamber.keep_messages, "
                               "keep_appointments; expired credentials), by kind", ["kind"], registry=self.registry)
         self.his_unreachable = Counter("gatewayd_his_unreachable_total", "Sends that never reached the HIS "
@@ -164,6 +318,11 @@ class Metrics:
         self.connection_timeouts = Counter(
             "gatewayd_connection_timeouts_total", "Connections cut at a deadline, per gate and deadline "
             "(tls_handshake, header, body, idle)", ["gate", "deadline"], registry=self.registry)
+
+    def http_answered(self, status: int) -> None:
+        """Count an answer of the outer gate, by status and by status class."""
+        self.http_answers.labels(str(status)).inc()
+        self.http_responses.labels(f"{int(status) // 100}xx").inc()
 
     def watch_his(self, peer: str, status: Callable[[], dict]) -> None:
         """Report the HIS endpoint ``peer``'s link from ``status`` (its relay's) at every scrape."""

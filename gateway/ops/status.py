@@ -94,7 +94,7 @@ def certificate_expiry(name: str, path: Path, now: float) -> dict:
             "days_left": round(days, 1), "state": "expired" if days < 0 else "warn" if days < WARN_DAYS else "ok"}
 
 
-def _reader(path: str, now: float) -> tuple[Reader, sqlite3.Connection]:
+def read_only_reader(path: str, now: float) -> tuple[Reader, sqlite3.Connection]:
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
     conn.row_factory = sqlite3.Row
     return Reader(conn, now), conn
@@ -112,7 +112,7 @@ def chamber_facts(path: str, now: float) -> dict:
     except OSError:
         pass
     try:
-        reader, conn = _reader(path, now)
+        reader, conn = read_only_reader(path, now)
     except sqlite3.Error as e:
         return {**facts, "error": f"cannot be read: {e}"}
     try:

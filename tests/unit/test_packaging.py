@@ -54,7 +54,9 @@ def test_the_sdist_carries_the_license_docs_deploy_and_packaging(built):
     with tarfile.open(built["sdist"]) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
     for name in ("LICENSE", "README.md", "docs/install.md", "docs/architecture.md", "deploy/systemd/gatewayd.service",
-                 "deploy/systemd/gatewayd.tmpfiles", "config/gateway.example.yaml", "packaging/dist.py",
+                 "deploy/systemd/gatewayd.tmpfiles", "deploy/prometheus/gatewayd.rules.yml",
+                 "deploy/prometheus/gatewayd.rules.test.yml", "deploy/grafana/gatewayd.json",
+                 "config/gateway.example.yaml", "packaging/dist.py",
                  "packaging/deb/postinst", "packaging/offline/install.sh", "gateway/chamber/schema/chamber-v1.sql",
                  "gateway/BUILD"):
         assert name in names, name
@@ -73,7 +75,9 @@ def test_the_wheel_has_the_schema_files_the_license_docs_deploy_and_the_build_co
     for name in ("doc/gatewayd/LICENSE", "doc/gatewayd/install.md", "doc/gatewayd/architecture.md",
                  "gatewayd/deploy/systemd/gatewayd.service", "gatewayd/deploy/systemd/gatewayd-inner.service",
                  "gatewayd/deploy/systemd/gatewayd-backup.service", "gatewayd/deploy/systemd/gatewayd-backup.timer",
-                 "gatewayd/deploy/systemd/gatewayd.tmpfiles", "gatewayd/config/gateway.example.yaml"):
+                 "gatewayd/deploy/systemd/gatewayd.tmpfiles", "gatewayd/deploy/prometheus/gatewayd.rules.yml",
+                 "gatewayd/deploy/prometheus/gatewayd.rules.test.yml", "gatewayd/deploy/grafana/gatewayd.json",
+                 "gatewayd/config/gateway.example.yaml"):
         assert f"{data}/{name}" in names, name
     assert re.fullmatch(rf"{re.escape(built['version'])} ([0-9a-f]{{12}}(-dirty)?|unknown)\n", build)
     assert "would be ignored" not in built["log"] and "as data is deprecated" not in built["log"], built["log"]
