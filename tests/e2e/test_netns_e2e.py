@@ -197,6 +197,9 @@ def test_the_lock_holds_across_network_namespaces(tmp_path):
         ns.wait_for_port(ns.front, INNER_ADDR, 2575, tmp_path)
         procs.append(ns.popen(ns.intra, ["-m", "gateway", "his-sim", "--config", "his-sim.yaml"], tmp_path,
                               "his-sim.log"))
+        # the inner gate's HIS probe found the HIS down at its start (the HIS comes after it here): until it sees
+        # both endpoints up, a booking would be answered 202 at once (the chamber's his_links tells the outer gate)
+        lock.wait_his_up(inner["inner"]["his"].get("name", "his"), "pharmacy", timeout=30)
         try:
             result = ns.run_python(ns.inet, CLIENT.format(base=f"https://{OUTER_ADDR}:8443/fhir",
                                                           certs=str(tmp_path / "certs"), his=HIS_ADDR,

@@ -218,8 +218,10 @@ def test_patient_data_stays_out_of_the_log_and_the_non_patient_tables(granted):
     try:
         tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
         assert "audit_records" in tables
-        # where patient data is kept by design: raw HL7, the booking's patient, the platform's request as sent
-        patient_columns = {("messages", "body"), ("appointments", "patient"), ("platform_requests", "body")}
+        # where patient data is kept by design: raw HL7, the booking's patient (and its earlier versions, for
+        # vread), the platform's request as sent
+        patient_columns = {("messages", "body"), ("appointments", "patient"), ("appointment_versions", "patient"),
+                           ("platform_requests", "body")}
         dumped = []
         for table in tables:
             if table == "appointments":
