@@ -34,8 +34,9 @@ CERTS = "/etc/gatewayd/certs"
 CURL = f"curl -s --cacert {CERTS}/ca.pem --cert {CERTS}/platform-demo.pem --key {CERTS}/platform-demo.key"
 BASE = "https://127.0.0.1:8443/fhir"
 AS_GATEWAYD = "setpriv --reuid=gatewayd --regid=gatewayd --init-groups"
-# What dpkg and useradd/userdel write for any package: their databases and logs, and the user files they rewrite.
-BOOKKEEPING = re.compile(r"^/(var/lib/dpkg|var/log|var/cache/debconf|var/backups)(/|$)|"
+# What dpkg and useradd/userdel write for any package: their databases and logs, and the user files they rewrite;
+# and man-db's cache, which its dpkg trigger rebuilds when any package installs a man page.
+BOOKKEEPING = re.compile(r"^/(var/lib/dpkg|var/log|var/cache/debconf|var/backups|var/cache/man)(/|$)|"
                          r"^/etc/(passwd|group|shadow|gshadow|subuid|subgid)-?$|^/etc/\.pwd\.lock$")
 
 
