@@ -161,9 +161,21 @@ class Lock:
         self.start_gateway()
         self.start_sim()
         if wait_for_slots:
-            eventually(lambda: len(self.search_slots()) >= self.slot_count, timeout=30,
-                       what=f"{self.slot_count} slots published by the HIS to reach the FHIR API")
+            try:
+                eventually(lambda: len(self.search_slots()) >= self.slot_count, timeout=30,
+                           what=f"{self.slot_count} slots published by the HIS to reach the FHIR API")
+            except AssertionError as e:  # say what each side saw: a bare timeout cannot be diagnosed from CI
+                raise AssertionError(f"{e}\n{self.diagnosis()}") from None
         return self
+
+    def diagnosis(self) -> str:
+        """The tails of both processes' logs and what the simulator recorded sending, for a failure message."""
+        sent = read_jsonl(self.workdir / self.sim_config.get("sent_log", "his-sent.jsonl"))
+        parts = [f"the HIS simulator recorded {len(sent)} messages sent"]
+        for proc in (self.gateway, self.sim):
+            if proc is not None:
+                parts.append(f"--- {proc.name} (exit {proc.popen.poll()}), last lines:\n{proc.log_tail(60)}")
+        return "\n".join(parts)
 
     def start_gateway(self) -> None:
         self.gateway = Proc("gateway", ["run", "--config", "gateway.yaml"], self.workdir, self.descriptor_limit)
