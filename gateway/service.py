@@ -51,7 +51,7 @@ from adapters.inner.his import HisDestination
 from adapters.inner.webservice import WebServiceDestination, WebServiceLink, slot_poller as webservice_slots
 from adapters.inner.pharmacy import PharmacyInbound
 from adapters.inner.poller import SlotPoller
-from adapters.inner.probe import ConnectCheck, HeartbeatCheck, HisProbe
+from adapters.inner.probe import CallCheck, ConnectCheck, HeartbeatCheck, HisProbe
 from adapters.inner.receiver import InnerGateHandler, make_reprocessor
 from adapters.maps.fhir_documents import FhirDocuments
 from adapters.maps.fhir_prescription import SubmissionReader, prescription_from_request
@@ -313,7 +313,7 @@ def _inner_gate(config, reactor, tz, chamber, booking, metrics, prescribing, pro
 def _relay(config, reactor, chamber, his, outbox, metrics, gate, inbound, tz, probes) -> Relay:
     """One HIS endpoint: its lanes (MLLP clients; for kind database or webservice its link, started before and
     stopped after the relay), the relay for its queue, its slot poller if it polls (SQM^S25, the
-    database's slot view, the web service's schedule query), and for MLLP its probe (into ``probes``) unless
+    database's slot view, the web service's schedule query), and its probe (into ``probes``) unless
     probe_interval is 0."""
     probe = None
     if his.kind == "database":
@@ -321,11 +321,13 @@ def _relay(config, reactor, chamber, his, outbox, metrics, gate, inbound, tz, pr
         link.setServiceParent(gate)
         lanes = [DatabaseDestination(link, charset=his.charset, tz=tz, clock=reactor) for _ in range(his.window)]
         poller = database_slots(link, inbound, tz=tz, clock=reactor) if his.database.slots is not None else None
+        probe = _probe(chamber, his, [CallCheck(link.ping, "database")], reactor)
     elif his.kind == "webservice":
         link = WebServiceLink(his.webservice, peer=his.name, reactor=reactor)
         link.setServiceParent(gate)
         lanes = [WebServiceDestination(link, charset=his.charset) for _ in range(his.window)]
         poller = webservice_slots(link, inbound, tz=tz, clock=reactor) if his.webservice.slots is not None else None
+        probe = _probe(chamber, his, [CallCheck(link.ping, "web service")], reactor)
     else:
         lanes, poller, probe = _mllp_lanes(config, reactor, chamber, his, inbound, tz)
     relay = Relay(chamber, his.name, lanes, outbox.on_answer, clock=reactor,
@@ -358,7 +360,15 @@ def _mllp_lanes(config, reactor, chamber, his, inbound, tz):
                           clock=reactor, connect_timeout=his.connect_timeout, release=his.mllp_release,
                           tls=his_tls, on_answer=probe.answered if probe is not None else None)
 
-    probe = _probe(config, reactor, chamber, his, his_endpoint, his_tls, his_client, tz)
+    checks = [ConnectCheck(his_endpoint, clock=reactor, timeout=his.connect_timeout, tls=his_tls)]
+    if his.heartbeat is not None:
+        header = _header(config, his)
+        checks.append(HeartbeatCheck(
+            lambda: his_client(config.inner.max_message_bytes),
+            lambda control_id: build_heartbeat(his.heartbeat, header=header, control_id=control_id,
+                                               now=datetime.fromtimestamp(reactor.seconds(), tz)),
+            timeout=his.ack_timeout))
+    probe = _probe(chamber, his, checks, reactor)
     lanes = [HisDestination(his_client(config.inner.max_message_bytes)) for _ in range(his.window)]
     poller = None
     if his.slot_source == "poll":
@@ -370,19 +380,11 @@ def _mllp_lanes(config, reactor, chamber, his, inbound, tz):
     return lanes, poller, probe
 
 
-def _probe(config, reactor, chamber, his, his_endpoint, his_tls, his_client, tz) -> HisProbe | None:
-    """The HIS endpoint ``his``'s probe (None with probe_interval 0): a connection check, and its heartbeat if
-    it has one; what it finds kept in the chamber (his_links)."""
+def _probe(chamber, his, checks, reactor) -> HisProbe | None:
+    """The HIS endpoint ``his``'s probe with ``checks`` (None with probe_interval 0); what it finds kept in the
+    chamber (his_links)."""
     if his.probe_interval == 0:
         return None
-    checks = [ConnectCheck(his_endpoint, clock=reactor, timeout=his.connect_timeout, tls=his_tls)]
-    if his.heartbeat is not None:
-        header = _header(config, his)
-        checks.append(HeartbeatCheck(
-            lambda: his_client(config.inner.max_message_bytes),
-            lambda control_id: build_heartbeat(his.heartbeat, header=header, control_id=control_id,
-                                               now=datetime.fromtimestamp(reactor.seconds(), tz)),
-            timeout=his.ack_timeout))
     record = HisLinkRecord(chamber, his.name)
     return HisProbe(his.name, checks, interval=his.probe_interval, clock=reactor, on_change=record.record,
                     known=record.known)

@@ -203,21 +203,20 @@ class Lock:
         """Until the running gateway's HIS probe has seen these HIS endpoints up (the gateway starts first, so its
         probe found them down: a booking or prescription made before would be answered 202 at once, the HIS
         being known down). Positively: at the first look the probe may not have recorded its first, failed check
-        yet, so "no endpoint recorded down" proves nothing. Without ``peers``: the probed (MLLP) endpoints this
-        simulator serves (the HIS, and its pharmacy if the gateway sends there); none when the probe is off."""
+        yet, so "no endpoint recorded down" proves nothing. Without ``peers``: the endpoints this simulator serves
+        (the HIS, and its pharmacy if the gateway sends there); none when the probe is off."""
         import sqlite3
 
         inner = self.gateway_config.get("inner", {})
-        his = inner.get("his", {})
-        if str(his.get("probe_interval", "30s")).rstrip("ms") in ("0", "0.0"):
-            return  # no probe: nothing is ever known down
+        his = {"name": "his", **inner.get("his", {})}
+        endpoints = [his, *inner.get("endpoints", [])]
         if not peers:
             pharmacy = self.sim_config.get("pharmacy", {}).get("listen", "")
             ports = {self.his_port} | ({int(pharmacy.split(":")[1])} if pharmacy else set())
-            probed = [his] if his.get("kind", "mllp") == "mllp" else []
-            peers = tuple(e.get("name", "his") for e in probed) + tuple(
-                e["name"] for e in inner.get("endpoints", [])
-                if e.get("port") in ports and e.get("kind", "mllp") == "mllp")
+            peers = tuple(e["name"] for e in endpoints if e is his or e.get("port") in ports)
+        # an endpoint without a probe (probe_interval 0) is never recorded, up or down
+        unprobed = {e["name"] for e in endpoints if str(e.get("probe_interval", "30s")).rstrip("ms") in ("0", "0.0")}
+        peers = tuple(p for p in peers if p not in unprobed)
         if not peers:
             return
 
