@@ -157,7 +157,8 @@ def make_service(config: GatewayConfig, reactor, gate: str = "both") -> Gateway:
     ChamberService(chamber).setServiceParent(root)
     if gate != "both":
         WatchService(chamber, reactor).setServiceParent(root)
-    metrics = Metrics(chamber, peers=_his_names(config), certificates=lambda: certificate_files(root.config))
+    metrics = Metrics(chamber, peers=_his_names(config), certificates=lambda: certificate_files(root.config),
+                      platforms=lambda: [p.name for p in root.config.platforms])
     AuditChainWatch(chamber, reactor, metrics.audit_chain).setServiceParent(root)
     keep = config.chamber
     RetentionService(chamber, Retention(keep.keep_messages, keep.keep_appointments, EXPIRED_TOKENS_KEPT), reactor,
