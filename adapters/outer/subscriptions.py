@@ -16,14 +16,17 @@ Another platform's subscription is 404, as one that does not exist.
 from __future__ import annotations
 
 import dataclasses
+import json
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
+from adapters.maps.fhir_scheduling import appointment_resource, slot_resource
 from adapters.maps.fhir_subscriptions import (SUBSCRIPTION_PROFILE, notification_bundle, read_subscription,
                                              subscription_resource)
 from adapters.outer.access import require_scope
 from adapters.outer.errors import FhirError
 from adapters.outer.intake import JsonLimits, json_body, require_method
+from gateway.domain.model import slot_status
 from gateway.domain.notifications import TOPIC_SCOPES, SubscriptionRefused, Subscriptions
 
 #: most notifications one $events answer carries
@@ -149,6 +152,31 @@ class SubscriptionsApi:
             resources = {f: self.focus_json(platform, f) for f in dict.fromkeys(n.focus for n in events)}
         shown = dataclasses.replace(row, payload=content)
         return 200, notification_bundle(shown, base, "query-event", events, self.instant, resources), {}
+
+
+def focus_resource(reader, platform: str, focus: str, tz: ZoneInfo, quotas) -> dict | None:
+    """The resource ``focus`` ('Type/id') as ``platform`` reads it now, for a full-resource notification; None
+    when it is gone or not the platform's to read: an appointment or a prescription item of another platform, a
+    free slot its quota does not let it book (hidden from it as GET /Slot/{id} hides it)."""
+    rtype, _, rid = focus.partition("/")
+    if rtype == "Appointment":
+        appt = reader.appointment(rid)
+        if appt is None or appt.platform != platform:
+            return None
+        return appointment_resource(appt, reader.slot(appt.slot_id), tz, reader.appointment_identifiers(appt.id))
+    if rtype == "Slot":
+        slot = reader.slot(rid)
+        if slot is None or (slot_status(slot) == "free" and quotas is not None
+                            and not quotas.may_book(reader, platform, slot, reader.now)):
+            return None
+        return slot_resource(slot, tz)
+    if rtype == "MedicationRequest":
+        item = reader.medication_request(rid)
+        p = reader.prescription(item.prescription_id) if item is not None else None
+        if p is None or p.direction != "to_his" or p.platform != platform:
+            return None
+        return json.loads(item.resource)
+    return None
 
 
 def _no_params(query, allowed: set[str]) -> None:

@@ -62,6 +62,9 @@ def reload(gateway: Gateway, config: GatewayConfig) -> list[str]:
 
         swaps.append(outer_swap)
         applied += ["outer.tls" + (" (with CRL)" if crl is not None else ""), f"platforms ({len(config.platforms)})"]
+    if gate == "inner":  # the free-slot topic's notifications of the inner gate's changes follow the quotas
+        inner_quotas = Quotas.from_config(config.platforms, ZoneInfo(config.hospital.timezone))
+        swaps.append(lambda: setattr(gateway.booking, "quotas", inner_quotas))
     if gate in ("both", "inner") and config.inner is not None:
         inner_tls = config.inner.tls
         if inner_tls is not None and gateway.inner_tls is not None:

@@ -2,13 +2,14 @@
 reads, deletes and catches up ($status, $events) on its own subscriptions only; what it asks and the gateway
 does not honour is refused, never ignored."""
 
+from datetime import timedelta
 from types import SimpleNamespace
 
 import pytest
 
 from adapters.maps.fhir_subscriptions import BACKPORT, HEARTBEAT_PERIOD, PAYLOAD_CONTENT
 from adapters.outer.intake import JsonLimits
-from adapters.outer.subscriptions import SubscriptionsApi
+from adapters.outer.subscriptions import SubscriptionsApi, focus_resource
 from gateway.domain.model import HisAnswer
 from gateway.domain.notifications import TOPICS, Notifications, Subscriptions
 from gateway.domain.slot_book import SlotBook
@@ -144,3 +145,51 @@ def test_a_heartbeat_period_is_kept_and_shown_and_a_handshake_is_queued(subs):
     assert params["type"]["valueCode"] == "handshake" and "notification-event" not in params
     heartbeat = subs.api.subscriptions.notification(row, None, "https://gw.example/fhir", 0.0)
     assert heartbeat["entry"][0]["resource"]["parameter"][3] == {"name": "type", "valueCode": "heartbeat"}
+
+
+@pytest.fixture
+def slot_subs(gate):
+    """The Subscription endpoints with the domain's notifications and full-resource focus as the service wires
+    them: the free-slot topic within the platforms' quotas (demo: 2 slots a day)."""
+    gate.chamber.on_unit(Notifications(lambda: gate.quotas).after_unit)
+    notify = {p: SimpleNamespace(endpoint=f"https://{p}.example/hook", max_subscriptions=2)
+              for p in ("demo", "other", "readonly")}
+    gate.api.subscriptions = SubscriptionsApi(
+        Subscriptions(gate.chamber), notify=notify, tz=TZ, json_limits=JsonLimits(32, 65536),
+        focus_json=lambda platform, focus: focus_resource(gate.chamber.read(), platform, focus, TZ, gate.quotas))
+    return gate
+
+
+def free_slot_subscription():
+    return dict(subscription("full-resource"), criteria=TOPICS["free-slot"])
+
+
+def test_the_free_slot_topic_offers_only_what_the_platforms_quota_lets_it_book(slot_subs):
+    """demo books its 2 slots of the day: the other free slots are hidden from it (GET /Slot) and their blocking
+    is not notified to it; another platform, not limited, hears of it with the Slot as GET /Slot/{id} shows it."""
+    mine = slot_subs.request("POST", "/Subscription", free_slot_subscription()).json["id"]
+    theirs = slot_subs.request("POST", "/Subscription", free_slot_subscription(), platform="other").json["id"]
+    for sid in SID[:2]:
+        assert slot_subs.request("POST", "/Appointment", appointment(sid)).status in (201, 202)
+    assert slot_subs.request("GET", f"/Slot?_id={SID[5]}").json["total"] == 0  # hidden from demo
+    slot_subs.chamber.transact_now(lambda tx: SlotBook(TZ).apply(tx, [
+        SlotNotice("block", SCHEDULE, DAY + timedelta(minutes=15 * 5), 15, "card", "x")]))
+    read = slot_subs.chamber.read()
+    assert [(n.focus, n.what) for n in read.notifications_of(theirs)] == [
+        (f"Slot/{SID[0]}", "taken"), (f"Slot/{SID[1]}", "taken"), (f"Slot/{SID[5]}", "blocked")]
+    assert (f"Slot/{SID[5]}", "blocked") not in [(n.focus, n.what) for n in read.notifications_of(mine)]
+    full = slot_subs.request("GET", f"/Subscription/{theirs}/$events?eventsSinceNumber=3", platform="other").json
+    assert [e["resource"]["resourceType"] for e in full["entry"]] == ["Parameters", "Slot"]
+    assert full["entry"][1]["resource"]["status"] == "busy-unavailable"
+    # a free slot beyond demo's quota is not carried to it in full either
+    assert focus_resource(read, "demo", f"Slot/{SID[6]}", TZ, slot_subs.quotas) is None
+    assert focus_resource(read, "other", f"Slot/{SID[6]}", TZ, slot_subs.quotas)["status"] == "free"
+
+
+def test_each_topic_needs_its_scope(slot_subs):
+    """readonly holds Slot.read and Schedule.read: it may follow free slots, not appointments nor prescriptions."""
+    r = slot_subs.request("POST", "/Subscription", free_slot_subscription(), platform="readonly")
+    assert r.status == 201 and r.json["criteria"] == TOPICS["free-slot"]
+    for topic in ("appointment-status", "prescription-status"):
+        body = dict(free_slot_subscription(), criteria=TOPICS[topic])
+        outcome(slot_subs.request("POST", "/Subscription", body, platform="readonly"), 403, "forbidden")
