@@ -32,8 +32,9 @@ TOPICS = {code: TOPIC_BASE + code for code in ("appointment-status", "free-slot"
 #: what a topic's subscriber needs to read its focus (the platform's scopes)
 TOPIC_SCOPES = {"appointment-status": "Appointment.read", "free-slot": "Slot.read",
                 "prescription-status": "MedicationRequest.read"}
-#: payload kinds (Subscription.channel.payload's content extension)
-PAYLOADS = ("id-only", "full-resource")
+#: payload kinds (Subscription.channel.payload's content extension): ``empty`` names no focus at all (the platform
+#: asks $events), ``id-only`` its reference, ``full-resource`` also the resource
+PAYLOADS = ("empty", "id-only", "full-resource")
 #: the heartbeat periods a platform may ask for (seconds): none shorter, so heartbeats cost little
 HEARTBEAT_RANGE = (10, 86400)
 
@@ -150,6 +151,25 @@ class Notifications:
             if platforms[prescription_id]:
                 for sub in tx.subscriptions_of(platforms[prescription_id], "prescription-status"):
                     tx.add_notification(sub.id, platform=sub.platform, focus=focus, what=what)
+
+
+def subscription_status(reader, row) -> str:
+    """A subscription's status as FHIR says it (Backport IG): ``off`` once ended; ``requested`` until its
+    handshake (event 0) is answered with a 2xx, then ``active``; ``error`` when the handshake failed (an attempt
+    did, while it is retried; or it is dead) — ``active`` again once the endpoint has taken an event after it.
+    The chamber keeps only active/off: the rest is read from the handshake's notification."""
+    if row.status != "active":
+        return row.status
+    handshake = reader.notification(row.id, 0)
+    if handshake is None or handshake.state == "delivered":  # (a delivered one is pruned in time)
+        return "active"
+    if handshake.state == "pending" and handshake.attempts == 0:
+        return "requested"
+    if handshake.state == "dead" and row.events > 0:
+        latest = reader.notification(row.id, row.events)
+        if latest is None or latest.state == "delivered":
+            return "active"
+    return "error"
 
 
 class SubscriptionRefused(Exception):

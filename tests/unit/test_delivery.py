@@ -216,3 +216,40 @@ def test_the_handshake_goes_first_and_heartbeats_come_when_nothing_else_does(env
     assert len(agents["demo"].requests) == 3
     clock.advance(1)
     assert len(agents["demo"].requests) == 4
+
+
+def test_a_subscription_is_requested_until_its_handshake_is_answered_then_active_or_error(env):
+    """Backport IG: requested until the handshake gets a 2xx, then active; a failed handshake shows error (while
+    it is retried, and once it is dead) until the endpoint takes one of its deliveries."""
+    from gateway.domain.notifications import Subscriptions, subscription_status
+
+    chamber, clock, agents, delivery = env
+    status = lambda sub_id: subscription_status(chamber.read(), chamber.read().subscription(sub_id))  # noqa: E731
+    subs = Subscriptions(chamber)
+    ok = successResultOf(subs.subscribe("demo", "appointment-status", "id-only", 5))
+    assert status(ok.id) == "requested"
+    clock.advance(0)
+    agents["demo"].answer(0, 503)
+    clock.advance(0)
+    assert status(ok.id) == "error"
+    clock.advance(1)
+    agents["demo"].answer(1, 204)
+    clock.advance(0)
+    assert status(ok.id) == "active"
+
+    failing = successResultOf(subs.subscribe("slow", "appointment-status", "id-only", 5))
+    for i in range(8):  # past give_up_after (60 s): the handshake is dead
+        clock.advance(10)
+        if i < len(agents["slow"].requests) and not agents["slow"].requests[i][3].called:
+            agents["slow"].answer(i, 500)
+    assert chamber.read().notification(failing.id, 0).state == "dead"
+    assert status(failing.id) == "error"
+    chamber.transact_now(lambda tx: tx.add_notification(failing.id, platform="slow", focus="Appointment/a1",
+                                                        what="cancelled"))
+    delivery.wake()
+    clock.advance(0)
+    agents["slow"].answer(len(agents["slow"].requests) - 1, 200)
+    clock.advance(0)
+    assert status(failing.id) == "active"  # the endpoint works again
+    successResultOf(subs.unsubscribe("slow", failing.id))
+    assert status(failing.id) == "off"

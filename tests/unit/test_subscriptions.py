@@ -41,7 +41,7 @@ def subscription(payload="id-only", **channel):
 def test_a_platform_subscribes_with_its_configured_endpoint(subs):
     r = subs.request("POST", "/Subscription", subscription())
     assert r.status == 201, r.json
-    assert r.json["status"] == "active" and r.json["channel"]["endpoint"] == ENDPOINT
+    assert r.json["status"] == "requested" and r.json["channel"]["endpoint"] == ENDPOINT  # (until its handshake)
     assert r.headers["location"] == f"https://gw.example/fhir/Subscription/{r.json['id']}"
     assert subs.request("GET", f"/Subscription/{r.json['id']}").json["criteria"] == TOPICS["appointment-status"]
     assert [e["resource"]["id"] for e in subs.request("GET", "/Subscription").json["entry"]] == [r.json["id"]]
@@ -193,3 +193,22 @@ def test_each_topic_needs_its_scope(slot_subs):
     for topic in ("appointment-status", "prescription-status"):
         body = dict(free_slot_subscription(), criteria=TOPICS[topic])
         outcome(slot_subs.request("POST", "/Subscription", body, platform="readonly"), 403, "forbidden")
+
+
+def test_the_empty_payload_names_no_focus(subs):
+    """payload content empty: a notification says only that something happened (event number, change); the
+    platform asks $events (or searches) for what. Its handshake Bundle says status requested."""
+    r = subs.request("POST", "/Subscription", subscription("empty"))
+    assert r.status == 201 and r.json["channel"]["_payload"]["extension"][0]["valueCode"] == "empty"
+    sub_id = r.json["id"]
+    subs.request("POST", "/Appointment", appointment(SID[0]))
+    message = subs.chamber.read().messages(direction="outbound")[0]
+    subs.chamber.transact_now(lambda tx: subs.booking.on_answer(tx, tx.message(message.id), HisAnswer("AA", "", "H1")))
+    reader = subs.chamber.read()
+    row, n = reader.subscription(sub_id), reader.notifications_of(sub_id)[0]
+    bundle = subs.api.subscriptions.notification(row, n, "https://gw.example/fhir", 0.0)
+    event = [p for p in bundle["entry"][0]["resource"]["parameter"] if p["name"] == "notification-event"][0]
+    assert [p["name"] for p in event["part"]] == ["event-number", "timestamp"] and len(bundle["entry"]) == 1
+    handshake = subs.api.subscriptions.notification(row, reader.notification(sub_id, 0), "https://gw.example/fhir", 0)
+    params = {p["name"]: p for p in handshake["entry"][0]["resource"]["parameter"]}
+    assert params["type"]["valueCode"] == "handshake" and params["status"]["valueCode"] == "requested"
