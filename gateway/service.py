@@ -446,8 +446,15 @@ def notification_base(config) -> str:
 def _delivery(config, reactor, chamber, api: SubscriptionsApi) -> Delivery:
     """The outer gate's deliveries of notifications (idle while no platform has a notify endpoint)."""
     base = notification_base(config)
+    granted = notify_grants(config.platforms)
     return Delivery(chamber, reactor, hooks_from_config(config.platforms, reactor),
-                    lambda sub, n: api.notification(sub, n, base, reactor.seconds()))
+                    lambda sub, n: api.notification(sub, n, base, reactor.seconds()),
+                    on_start=lambda: api.subs.withdraw(granted))
+
+
+def notify_grants(platforms) -> dict[str, frozenset]:
+    """Each platform with a ``notify`` endpoint -> its scopes: what its subscriptions may go on receiving."""
+    return {p.name: frozenset(p.scopes) for p in platforms if p.notify is not None}
 
 
 def _listener(endpoint, factory, name: str) -> StreamServerEndpointService:

@@ -150,8 +150,7 @@ class SubscriptionsApi:
         content = (query.get("content") or [row.payload])[-1]
         if content not in ("id-only", "full-resource", "empty"):
             raise FhirError(400, "invalid", "content must be empty, id-only or full-resource", expression="content")
-        if content == "full-resource":
-            require_scope(grant, platform, TOPIC_SCOPES[row.topic])
+        require_scope(grant, platform, TOPIC_SCOPES[row.topic])  # (a scope withdrawn: its events are not served)
         events = self.subs.chamber.read().notifications_of(row.id, first, last, EVENTS_PAGE)
         resources = None
         if content == "full-resource":

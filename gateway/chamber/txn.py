@@ -650,6 +650,32 @@ class Txn:
         return [load(SubscriptionRow, r) for r in self._c.execute(
             "SELECT * FROM subscriptions WHERE status = 'active' AND heartbeat IS NOT NULL")]
 
+    def subscriptions_open(self) -> list[SubscriptionRow]:
+        """Subscriptions that are active or still have pending notifications."""
+        return [load(SubscriptionRow, r) for r in self._c.execute(
+            "SELECT * FROM subscriptions WHERE status = 'active' OR id IN (SELECT subscription_id FROM notifications"
+            " WHERE state = 'pending') ORDER BY created, id")]
+
+    def dead_letter_pending(self, subscription_id: str, reason: str) -> int:
+        """Mark the subscription's pending notifications dead, with ``reason``; how many."""
+        return self._c.execute("UPDATE notifications SET state = 'dead', last_error = ?, updated = ?"
+                               " WHERE subscription_id = ? AND state = 'pending'",
+                               (reason, self.now, subscription_id)).rowcount
+
+    def notifications_in(self, state: str | None = None, platform: str | None = None,
+                         limit: int = 50) -> list[NotificationRow]:
+        """Notifications (of every subscription), the latest change first."""
+        sql, args = "SELECT * FROM notifications WHERE 1 = 1", []
+        for column, value in (("state", state), ("platform", platform)):
+            if value is not None:
+                sql, args = sql + f" AND {column} = ?", args + [value]
+        return [load(NotificationRow, r) for r in self._c.execute(
+            sql + " ORDER BY updated DESC, subscription_id, event LIMIT ?", [*args, limit])]
+
+    def purge_dead_notifications(self, before: float) -> int:
+        """Delete dead notifications last changed before ``before``."""
+        return self._c.execute("DELETE FROM notifications WHERE state = 'dead' AND updated < ?", (before,)).rowcount
+
     def end_subscription(self, subscription_id: str) -> None:
         self._subscriptions_changed()
         self._c.execute("UPDATE subscriptions SET status = 'off', updated = ? WHERE id = ?",

@@ -26,6 +26,10 @@ A notification carries the resource it is about (``Appointment/<id>``) and what 
 
 from __future__ import annotations
 
+import structlog
+
+log = structlog.get_logger("gateway.domain.notifications")
+
 #: topic code -> its canonical URL (Subscription.criteria / SubscriptionTopic.url)
 TOPIC_BASE = "https://gatewayd.invalid/fhir/SubscriptionTopic/"
 TOPICS = {code: TOPIC_BASE + code for code in ("appointment-status", "free-slot", "prescription-status")}
@@ -172,6 +176,26 @@ def subscription_status(reader, row) -> str:
     return "error"
 
 
+def withdraw(tx, granted: dict[str, frozenset]) -> list[tuple[str, str, str, int]]:
+    """End what the hospital's configuration no longer allows, inside ``tx``: ``granted`` maps each platform with a
+    ``notify`` endpoint to its scopes.  A subscription whose platform has no endpoint any more (or is gone), or
+    lacks its topic's scope, is ended (``off``) and its pending notifications are dead-lettered with the reason —
+    never kept pending, never sent.  Returns (platform, subscription id, reason, notifications dead-lettered)."""
+    out = []
+    for sub in tx.subscriptions_open():
+        scopes = granted.get(sub.platform)
+        if scopes is None:
+            reason = f"platform {sub.platform!r} has no notify endpoint in the configuration any more"
+        elif TOPIC_SCOPES[sub.topic] not in scopes:
+            reason = f"platform {sub.platform!r} is no longer granted the scope {TOPIC_SCOPES[sub.topic]}"
+        else:
+            continue
+        if sub.status == "active":
+            tx.end_subscription(sub.id)
+        out.append((sub.platform, sub.id, reason, tx.dead_letter_pending(sub.id, reason)))
+    return out
+
+
 class SubscriptionRefused(Exception):
     """A subscription the gateway does not take (the platform has too many already)."""
 
@@ -210,6 +234,18 @@ class Subscriptions:
             return tx.subscription(subscription_id)
 
         return self.chamber.transact(work)
+
+    def withdraw(self, granted: dict[str, frozenset]):
+        """:func:`withdraw` in a unit of its own (at the outer gate's start and on every reload); each
+        subscription ended is logged (``notify.withdrawn``: platform, subscription, reason, how many
+        notifications were dead-lettered).  Deferred -> the list."""
+        def logged(ended):
+            for platform, sub_id, reason, dead in ended:
+                log.warning("notify.withdrawn", platform=platform, subscription=sub_id, reason=reason,
+                            dead_lettered=dead)
+            return ended
+
+        return self.chamber.transact(lambda tx: withdraw(tx, granted)).addCallback(logged)
 
     def own(self, platform: str, subscription_id: str):
         """The platform's subscription (None: not its own, or unknown)."""

@@ -193,6 +193,10 @@ def test_each_topic_needs_its_scope(slot_subs):
     for topic in ("appointment-status", "prescription-status"):
         body = dict(free_slot_subscription(), criteria=TOPICS[topic])
         outcome(slot_subs.request("POST", "/Subscription", body, platform="readonly"), 403, "forbidden")
+    # a subscription it holds from before its scope was withdrawn: its events are not served any more
+    slot_subs.chamber.transact_now(lambda tx: tx.add_subscription(id="old", platform="readonly",
+                                                                  topic="appointment-status", payload="id-only"))
+    outcome(slot_subs.request("GET", "/Subscription/old/$events", platform="readonly"), 403, "forbidden")
 
 
 def test_the_empty_payload_names_no_focus(subs):
