@@ -78,7 +78,7 @@ from adapters.outer.oauth import EXPIRED_TOKENS_KEPT, TokenService, clients_from
 from gateway.ops.status import certificate_files
 from gateway.ops.listen import (ADMIN_CONNECTIONS, ConnectionLimiter, GateEndpoint, descriptor_needs,
                                 gate_endpoint, handshake_failures)
-from gateway.ops.services import (ChamberService, DescriptorsService, HisLinkRecord, HoldsService,
+from gateway.ops.services import (ChamberService, DescriptorsService, HisLinkRecord, HoldsService, ReleaseNotices,
                                   MemoryTrimService, WatchService)
 from gateway.domain.quota import Quotas
 from adapters.outer.ratelimit import RateLimiter
@@ -176,6 +176,7 @@ def make_service(config: GatewayConfig, reactor, gate: str = "both") -> Gateway:
             booking.after_queue = lambda: [relay.claim_soon() for relay in relays]
     if gate in ("both", "outer"):
         HoldsService(booking).setServiceParent(root)
+        ReleaseNotices(chamber, lambda: booking.quotas, reactor).setServiceParent(root)
         listener, root.api, root.outer_tls = _outer_gate(config, reactor, tz, chamber, booking, metrics,
                                                          prescribing)
         listener.setServiceParent(root)

@@ -270,6 +270,12 @@ class Txn:
              row.booked_by, row.z_segments, self.now),
         )
 
+    def free_slots_starting(self, after: float, until: float) -> list[SlotRow]:
+        """Free slots (no booking of ours holds them) starting in (after, until], by start."""
+        return [load(SlotRow, r) for r in self._c.execute(
+            "SELECT * FROM slots WHERE start_ts > ? AND start_ts <= ? AND his_status = 'free' AND held_by IS NULL"
+            " ORDER BY start_ts, id", (after, until))]
+
     def update_slot(self, slot_id: str, **changes: Any) -> None:
         cols = _assignments(changes, "slot", {"start_ts", "end_ts", "minutes", "service_code", "service_text",
                                               "his_status", "his_appointment", "held_by", "booked_by", "z_segments"})

@@ -176,6 +176,26 @@ def subscription_status(reader, row) -> str:
     return "error"
 
 
+def notify_released(tx, quotas, since: float, until: float) -> int:
+    """The free-slot topic's time-based release: a free slot a limited platform's quota hid from it (its
+    allowance of that schedule and day used up) is offered to it once it starts within the rule's
+    ``release_before`` — at an instant in (``since``, ``until``], when nothing is committed.  Each such slot is
+    notified ``free`` to the platform's free-slot subscriptions, inside ``tx``; returns how many."""
+    if quotas is None:
+        return 0
+    count = 0
+    for sub in tx.subscriptions_to("free-slot"):
+        for period in sorted(quotas.release_periods(sub.platform)):
+            for slot in tx.free_slots_starting(since + period, until + period):
+                rule = quotas.rule_for(sub.platform, slot.schedule_id)
+                if (rule is None or rule.release_before != period or slot.start_ts <= tx.now
+                        or not quotas.used_up(tx, sub.platform, slot)):
+                    continue  # (offered before its release already, or not by this rule)
+                tx.add_notification(sub.id, platform=sub.platform, focus=f"Slot/{slot.id}", what="free")
+                count += 1
+    return count
+
+
 def withdraw(tx, granted: dict[str, frozenset]) -> list[tuple[str, str, str, int]]:
     """End what the hospital's configuration no longer allows, inside ``tx``: ``granted`` maps each platform with a
     ``notify`` endpoint to its scopes.  A subscription whose platform has no endpoint any more (or is gone), or

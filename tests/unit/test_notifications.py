@@ -180,3 +180,37 @@ def test_without_a_slot_subscription_a_slots_change_reads_nothing_before(notifie
     statements.clear()
     chamber.transact_now(counted)
     assert any(s.startswith("SELECT * FROM slots") for s in statements), statements
+
+
+def test_a_slot_released_by_the_passage_of_time_is_offered_when_its_release_comes(env):
+    """demo may hold 1 slot a day, and any slot is open to all 1 h before it starts: once demo holds its slot,
+    the day's other free slot is hidden from it — until 1 h before it starts, when the release is notified
+    (nothing is committed then: the outer gate's ReleaseNotices looks every 10 s).  A platform that never had it
+    hidden is not told again."""
+    from gateway.domain.quota import QuotaRule, Quotas
+    from gateway.ops.services import ReleaseNotices
+
+    chamber, booking, book, clock = env
+    quotas = Quotas({"demo": [QuotaRule("*", None, 1, 3600)], "other": [QuotaRule("*", None, 5, 3600)]}, TZ)
+    booking.quotas = quotas
+    chamber.on_unit(Notifications(lambda: quotas).after_unit)
+    nine = START.replace(hour=9)
+    chamber.transact_now(lambda tx: book.apply(tx, [notice("open", start=nine)]))
+    slot_subscribe(chamber, "f1", "demo")
+    slot_subscribe(chamber, "f2", "other")
+    booked(chamber, booking)  # demo's one slot of the day: 08:00
+    before = [e[1:3] for e in events(chamber, "f1")]
+    assert (f"Slot/{slot_id('D001', nine)}", "free") not in before
+    watch = ReleaseNotices(chamber, lambda: quotas, clock)
+    watch.startService()
+    try:
+        release = nine.replace(tzinfo=TZ).timestamp() - 3600
+        clock.advance(release - clock.seconds() - 5)
+        assert [e[1:3] for e in events(chamber, "f1")] == before  # not yet
+        clock.advance(10)
+        assert [e[1:3] for e in events(chamber, "f1")] == before + [(f"Slot/{slot_id('D001', nine)}", "free")]
+        clock.advance(30)
+        assert len(events(chamber, "f1")) == len(before) + 1  # once
+        assert (f"Slot/{slot_id('D001', nine)}", "free") not in [e[1:3] for e in events(chamber, "f2")]
+    finally:
+        watch.stopService()
