@@ -214,3 +214,20 @@ def test_a_slot_released_by_the_passage_of_time_is_offered_when_its_release_come
         assert (f"Slot/{slot_id('D001', nine)}", "free") not in [e[1:3] for e in events(chamber, "f2")]
     finally:
         watch.stopService()
+
+
+def test_an_appointment_the_hospital_moved_is_cancelled_by_its_new_slots_cancellation(notified):
+    """SIU^S13 moves a booking to another slot: that slot is the booking's now (booked_by), so the HIS's later
+    S15 of it cancels the appointment (notified), and its no-show is noted — not a free slot under a booked
+    appointment."""
+    chamber, booking, book = notified
+    subscribe(chamber, "s1", "demo")
+    appointment_id = booked(chamber, booking, his="H5")
+    later = START.replace(hour=9)
+    chamber.transact_now(lambda tx: book.apply(tx, [notice("reschedule", start=later, his_appointment="H5")]))
+    assert chamber.read().slot(slot_id("D001", later)).booked_by == appointment_id
+    assert chamber.read().slot(SID).booked_by is None
+    chamber.transact_now(lambda tx: book.apply(tx, [notice("noshow", start=later, his_appointment="H5")]))
+    chamber.transact_now(lambda tx: book.apply(tx, [notice("free", start=later, his_appointment="H5")]))
+    assert chamber.read().appointment(appointment_id).status == "cancelled"
+    assert [e[2] for e in events(chamber, "s1")] == ["booked", "moved", "noshow", "cancelled"]
