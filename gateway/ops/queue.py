@@ -74,10 +74,16 @@ def retry_unit(message_id: int, reprocess_inbound: Callable, *, who: str = "oper
 
 def retry_all_dead(chamber, reprocess_inbound: Callable, *, who: str = "operator") -> list[str]:
     """Resubmit every dead-lettered outbound message, oldest first; returns one line per message."""
+    return _each_oldest_first(chamber.read().messages(state="dead", limit=1_000_000),
+                              lambda msg: retry(chamber, msg.id, reprocess_inbound, who=who))
+
+
+def _each_oldest_first(rows, resubmit: Callable) -> list[str]:
+    """``resubmit(row)`` for each of ``rows`` (newest first), oldest first: one line each, a refusal as skipped."""
     out = []
-    for msg in reversed(chamber.read().messages(state="dead", limit=1_000_000)):
+    for row in reversed(rows):
         try:
-            out.append(retry(chamber, msg.id, reprocess_inbound, who=who))
+            out.append(resubmit(row))
         except NotRetryable as e:
             out.append(f"skipped: {e}")
     return out
@@ -90,8 +96,11 @@ def purge_dead(chamber, older_than_seconds: float) -> int:
 
 def count_purgeable(chamber, older_than_seconds: float) -> int:
     reader = chamber.read()
-    cutoff = reader.now - older_than_seconds
-    return sum(1 for m in reader.messages(state="dead", limit=1_000_000) if m.updated < cutoff)
+    return _older(reader.messages(state="dead", limit=1_000_000), reader.now - older_than_seconds)
+
+
+def _older(rows, cutoff: float) -> int:
+    return sum(1 for row in rows if row.updated < cutoff)
 
 
 def retry_notification(chamber, subscription_id: str, event: int, granted: dict, *, who: str = "operator") -> str:
@@ -119,13 +128,8 @@ def retry_notification(chamber, subscription_id: str, event: int, granted: dict,
 
 def retry_dead_notifications(chamber, granted: dict, *, who: str = "operator") -> list[str]:
     """Resubmit every dead notification, oldest first; one line each."""
-    out = []
-    for n in reversed(chamber.read().notifications_in("dead", limit=1_000_000)):
-        try:
-            out.append(retry_notification(chamber, n.subscription_id, n.event, granted, who=who))
-        except NotRetryable as e:
-            out.append(f"skipped: {e}")
-    return out
+    return _each_oldest_first(chamber.read().notifications_in("dead", limit=1_000_000),
+                              lambda n: retry_notification(chamber, n.subscription_id, n.event, granted, who=who))
 
 
 def purge_dead_notifications(chamber, older_than_seconds: float) -> int:
@@ -135,5 +139,4 @@ def purge_dead_notifications(chamber, older_than_seconds: float) -> int:
 
 def count_purgeable_notifications(chamber, older_than_seconds: float) -> int:
     reader = chamber.read()
-    cutoff = reader.now - older_than_seconds
-    return sum(1 for n in reader.notifications_in("dead", limit=1_000_000) if n.updated < cutoff)
+    return _older(reader.notifications_in("dead", limit=1_000_000), reader.now - older_than_seconds)
