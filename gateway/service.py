@@ -43,7 +43,7 @@ from adapters.outer.intake import JsonLimits
 from adapters.outer.pharmacy import Prescriptions
 from adapters.outer.site import FhirApi
 from adapters.outer.delivery import Delivery, hooks_from_config
-from adapters.outer.subscriptions import SubscriptionsApi
+from adapters.outer.subscriptions import SubscriptionsApi, focus_resource
 from adapters.outer.tls import HandshakeWatch, read_crl, tls_options
 from adapters.hl7.identity import same_message
 from adapters.inner.database import DatabaseDestination, DatabaseLink, slot_poller as database_slots
@@ -78,7 +78,7 @@ from adapters.outer.oauth import EXPIRED_TOKENS_KEPT, TokenService, clients_from
 from gateway.ops.status import certificate_files
 from gateway.ops.listen import (ADMIN_CONNECTIONS, ConnectionLimiter, GateEndpoint, descriptor_needs,
                                 gate_endpoint, handshake_failures)
-from gateway.ops.services import (ChamberService, DescriptorsService, HisLinkRecord, HoldsService,
+from gateway.ops.services import (ChamberService, DescriptorsService, HisLinkRecord, HoldsService, ReleaseNotices,
                                   MemoryTrimService, WatchService)
 from gateway.domain.quota import Quotas
 from adapters.outer.ratelimit import RateLimiter
@@ -134,7 +134,8 @@ def make_service(config: GatewayConfig, reactor, gate: str = "both") -> Gateway:
     tz = ZoneInfo(config.hospital.timezone)
     chamber = Chamber(config.chamber.path, reactor=reactor, clock=reactor.seconds)
     # every unit of work in either gate writes the notifications its changes owe (issue 23), in its transaction
-    chamber.on_unit(Notifications().after_unit)
+    notifications = Notifications()
+    chamber.on_unit(notifications.after_unit)
     his = config.inner.his if config.inner is not None else None
     if his is not None:
         links = {e.name: _his_link(config, e) for e in (his, *config.inner.endpoints)}
@@ -151,6 +152,7 @@ def make_service(config: GatewayConfig, reactor, gate: str = "both") -> Gateway:
         hold_at_his=outer_cfg.hold_at_his if outer_cfg else False,
         route=config.route_taken, by_facility=any(r.facility is not None for r in config.routes), links=links,
     )
+    notifications.quotas = lambda: booking.quotas  # (the free-slot topic: the quotas now, reloaded on SIGHUP)
     prescribing = _prescribing(config, reactor, tz, chamber, gate)
     root = Gateway(config, gate, reactor, booking, prescribing)
     DescriptorsService(descriptor_needs(config, gate)).setServiceParent(root)
@@ -175,6 +177,7 @@ def make_service(config: GatewayConfig, reactor, gate: str = "both") -> Gateway:
             booking.after_queue = lambda: [relay.claim_soon() for relay in relays]
     if gate in ("both", "outer"):
         HoldsService(booking).setServiceParent(root)
+        ReleaseNotices(chamber, lambda: booking.quotas, reactor).setServiceParent(root)
         listener, root.api, root.outer_tls = _outer_gate(config, reactor, tz, chamber, booking, metrics,
                                                          prescribing)
         listener.setServiceParent(root)
@@ -410,7 +413,7 @@ def _outer_gate(config, reactor, tz, chamber, booking, metrics, prescribing) -> 
         strict_audit=config.audit.strict,
         prescriptions=Prescriptions(prescribing, SubmissionReader(tz, _pharmacy_profile(config)))
         if config.prescriptions is not None else None,
-        oauth=oauth, subscriptions=_subscriptions(config, reactor, tz, chamber),
+        oauth=oauth, subscriptions=_subscriptions(config, reactor, tz, chamber, lambda: booking.quotas),
     )
     outer, timeouts = config.outer, metrics.connection_timeouts
     site = GatewaySite(api, reactor=reactor, max_request_bytes=outer.max_request_bytes,
@@ -428,15 +431,10 @@ def _outer_gate(config, reactor, tz, chamber, booking, metrics, prescribing) -> 
     return _listener(outer_endpoint, limited, "outer-gate"), api, tls_switch
 
 
-def _subscriptions(config, reactor, tz, chamber) -> SubscriptionsApi:
+def _subscriptions(config, reactor, tz, chamber, booking_quotas) -> SubscriptionsApi:
     """The Subscription endpoints (issue 23, docs/subscriptions.md)."""
     def focus_json(platform: str, focus: str) -> dict | None:
-        rtype, _, rid = focus.partition("/")
-        appt = chamber.read().appointment(rid) if rtype == "Appointment" else None
-        if appt is None or appt.platform != platform:
-            return None
-        reader = chamber.read()
-        return appointment_resource(appt, reader.slot(appt.slot_id), tz, reader.appointment_identifiers(appt.id))
+        return focus_resource(chamber.read(), platform, focus, tz, booking_quotas())
 
     return SubscriptionsApi(Subscriptions(chamber), notify={p.name: p.notify for p in config.platforms if p.notify},
                             tz=tz, json_limits=JsonLimits(config.outer.max_json_depth, config.outer.max_string_chars),
@@ -452,8 +450,15 @@ def notification_base(config) -> str:
 def _delivery(config, reactor, chamber, api: SubscriptionsApi) -> Delivery:
     """The outer gate's deliveries of notifications (idle while no platform has a notify endpoint)."""
     base = notification_base(config)
+    granted = notify_grants(config.platforms)
     return Delivery(chamber, reactor, hooks_from_config(config.platforms, reactor),
-                    lambda sub, n: api.notification(sub, n, base, reactor.seconds()))
+                    lambda sub, n: api.notification(sub, n, base, reactor.seconds()),
+                    on_start=lambda: api.subs.withdraw(granted))
+
+
+def notify_grants(platforms) -> dict[str, frozenset]:
+    """Each platform with a ``notify`` endpoint -> its scopes: what its subscriptions may go on receiving."""
+    return {p.name: frozenset(p.scopes) for p in platforms if p.notify is not None}
 
 
 def _listener(endpoint, factory, name: str) -> StreamServerEndpointService:
