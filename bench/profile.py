@@ -11,7 +11,7 @@ and self time, and the share of samples under chosen entry points. Time in C (SQ
 charged to the Python frame that called it: a sample in ``Txn.add_message`` includes its SQLite INSERT.
 
 Booking: ``--rate`` bookings/s offered (0 = saturation, 32 threads), ``--mode`` fifo or patient:N.
-Ingest: the shared driver at 16 connections against a fresh gateway.
+Ingest: the shared driver at 16 connections against a fresh gateway (``--log-level``, default info).
 Results: bench/results/profile.json (and the raw stacks in bench/results/profile-*.txt).
 """
 
@@ -178,7 +178,7 @@ def py_spy(pid: int, seconds: float, hz: int, out: Path) -> subprocess.Popen:
     if exe is None:
         raise SystemExit("py-spy is not installed: pip install py-spy")
     return subprocess.Popen([exe, "record", "-p", str(pid), "-d", str(int(seconds)), "-r", str(hz), "-f", "raw",
-                             "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                             "-o", str(out)], stdout=subprocess.DEVNULL)
 
 
 def profile_booking(workdir: Path, args) -> dict:
@@ -226,7 +226,7 @@ def profile_booking(workdir: Path, args) -> dict:
 def profile_ingest(workdir: Path, args) -> dict:
     from bench.ingest import CONTENDERS, Ingest
 
-    ingest = Ingest(workdir)
+    ingest = Ingest(workdir, gateway_log_level=args.log_level)
     gatewayd = next(c for c in CONTENDERS if c.key == "gatewayd")
     port = rig.free_port()
     proc = ingest.start(gatewayd, port)
@@ -266,6 +266,8 @@ def main() -> None:
     ap.add_argument("--hz", type=int, default=200, help="samples per second")
     ap.add_argument("--rate", type=float, default=0, help="booking: offered bookings/s (0 = saturation)")
     ap.add_argument("--mode", default="fifo", help="booking: fifo or patient:N")
+    ap.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                    help="ingest: the gateway's logging.level (info, the default, logs one line per message)")
     ap.add_argument("--reference-builders", action="store_true", help="profile with the hl7apy builders")
     ap.add_argument("--suffix", default="", help="suffix for the result files (e.g. -before)")
     ap.add_argument("--keep", action="store_true")
