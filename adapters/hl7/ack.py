@@ -243,7 +243,7 @@ def build_ack(
     """
     enc = message.encoding
     msh = message.msh
-    trigger = msh.get(9, 2)
+    trigger = message.trigger
     msg_type = f"ACK{enc.component}{escape(trigger, enc)}{enc.component}ACK" if trigger else "ACK"
     fields = [
         "MSH",

@@ -400,15 +400,17 @@ class Segment:
 class Message:
     """A parsed message: its segments in order plus what was needed to read them."""
 
-    __slots__ = ("_code", "_control_id", "_trigger", "charset", "encoding", "raw", "segments")
+    __slots__ = ("_code", "_control_id", "_trigger", "_version", "charset", "encoding", "raw", "segments")
 
     def __init__(self, segments: list[Segment], encoding: Encoding, charset: str, raw: bytes):
         self.segments = segments
         self.encoding = encoding
         self.charset = charset
         self.raw = raw
-        # MSH-9.1, MSH-9.2 and MSH-10, read once: every layer asks for them (the gate, the map, the ACK, the log)
+        # MSH-9.1, MSH-9.2, MSH-10 and MSH-12, read once: every layer asks for them (the gate, the map, the ACK,
+        # the log)
         self._code: str | None = None
+        self._version: str | None = None
         self._trigger: str | None = None
         self._control_id: str | None = None
 
@@ -451,7 +453,10 @@ class Message:
     @property
     def version(self) -> str:
         """MSH-12.1, e.g. ``'2.5'``."""
-        return self.segments[0].get(12)
+        value = self._version
+        if value is None:
+            value = self._version = self.segments[0].get(12)
+        return value
 
     @property
     def type_name(self) -> str:
@@ -667,13 +672,17 @@ def parse(data: bytes, default_charset: str = "utf-8") -> Message:
         segments.append(Segment(fields, enc, charset))
 
     msh = segments[0]
-    if not msh.get(9):
+    code = msh.get(9)
+    if not code:
         raise Hl7Error(101, "MSH-9 (message type) is empty", segment="MSH", field=9)
     if not msh.raw(10):
         raise Hl7Error(101, "MSH-10 (message control id) is empty", segment="MSH", field=10)
-    if not msh.get(12):
+    version = msh.get(12)
+    if not version:
         raise Hl7Error(101, "MSH-12 (version id) is empty", segment="MSH", field=12)
-    return Message(segments, enc, charset, data)
+    message = Message(segments, enc, charset, data)
+    message._code, message._version = code, version  # (read here already)
+    return message
 
 
 # --------------------------------------------------------------------------------------------- writing
