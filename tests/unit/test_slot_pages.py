@@ -118,3 +118,11 @@ def test_the_split_locks_outer_gate_keeps_no_pages(config_dir):
     config = load(config_dir, platforms, HEAD + f"chamber: {{path: {config_dir / 'pages.sqlite3'}}}\n")
     assert make_service(config, MemoryReactorClock(), gate="outer").api.scheduling.slot_pages is None
     assert make_service(config, MemoryReactorClock()).api.scheduling.slot_pages is not None
+
+
+def test_a_new_query_per_request_cannot_grow_the_pages_beyond_their_bound():
+    pages = SlotPages(lambda: 0.0, max_pages=3)
+    for offset in range(10):
+        pages.put(("demo", offset), {"total": offset}, valid_until=1.0, now=0.0)
+        assert 1 <= len(pages) <= 3
+    assert pages.get(("demo", 9), 0.0) == {"total": 9}
