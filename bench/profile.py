@@ -11,7 +11,8 @@ and self time, and the share of samples under chosen entry points. Time in C (SQ
 charged to the Python frame that called it: a sample in ``Txn.add_message`` includes its SQLite INSERT.
 
 Booking: ``--rate`` bookings/s offered (0 = saturation, 32 threads), ``--mode`` fifo or patient:N.
-Ingest: the shared driver at 16 connections against a fresh gateway.
+Ingest: the shared driver at 16 connections against a fresh gateway (``--log-level``, default info).
+Search: GET /Slot?status=free&_count=20 from 4 keep-alive mTLS clients (bench/search.py) on 2,000 free slots.
 Results: bench/results/profile.json (and the raw stacks in bench/results/profile-*.txt).
 """
 
@@ -178,7 +179,7 @@ def py_spy(pid: int, seconds: float, hz: int, out: Path) -> subprocess.Popen:
     if exe is None:
         raise SystemExit("py-spy is not installed: pip install py-spy")
     return subprocess.Popen([exe, "record", "-p", str(pid), "-d", str(int(seconds)), "-r", str(hz), "-f", "raw",
-                             "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                             "-o", str(out)], stdout=subprocess.DEVNULL)
 
 
 def profile_booking(workdir: Path, args) -> dict:
@@ -226,7 +227,7 @@ def profile_booking(workdir: Path, args) -> dict:
 def profile_ingest(workdir: Path, args) -> dict:
     from bench.ingest import CONTENDERS, Ingest
 
-    ingest = Ingest(workdir)
+    ingest = Ingest(workdir, gateway_log_level=args.log_level)
     gatewayd = next(c for c in CONTENDERS if c.key == "gatewayd")
     port = rig.free_port()
     proc = ingest.start(gatewayd, port)
@@ -246,6 +247,29 @@ def profile_ingest(workdir: Path, args) -> dict:
     return {"what": "ingest", "conns": 16, "load": result, "cpu": cpu, "gateway": fold(raw)}
 
 
+def profile_search(workdir: Path, args) -> dict:
+    """GET /Slot?status=free&_count=20 from 4 keep-alive mTLS client processes (bench/search.py's run)."""
+    from bench import search
+    from bench.booking import BookingLock
+
+    certs = rig.Certs(workdir / "certs")
+    lock = BookingLock(workdir, certs, slots=2000, log_level=args.log_level)
+    raw = rig.RESULTS / f"profile-search-gateway{args.suffix}.txt"
+    try:
+        lock.start()
+        lock.free_slots()
+        spy_box = []
+        threading.Timer(3.0, lambda: spy_box.append(py_spy(lock.gateway.pid, args.seconds, args.hz, raw))).start()
+        result = search.run_query(lock, certs, search.QUERIES["count20"], 4, args.seconds + 3)
+        for spy in spy_box:
+            spy.wait()
+    finally:
+        lock.stop()
+    return {"what": "search", "load": result, "cpu": {k: result[k] for k in ("gateway_cpu_pct",
+                                                                              "gateway_cpu_us_per_page")},
+            "gateway": fold(raw)}
+
+
 def print_profile(name: str, prof: dict, k: int = 12) -> None:
     print(f"\n== {name}: {prof['samples']} samples of the reactor thread; COMMIT on it "
           f"{prof['commit_statement_pct']}%; COMMIT in the writer thread: {prof.get('commit_thread_samples', 0)} samples")
@@ -261,11 +285,13 @@ def print_profile(name: str, prof: dict, k: int = 12) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--what", default="booking,ingest")
+    ap.add_argument("--what", default="booking,ingest", help="any of booking, ingest, search")
     ap.add_argument("--seconds", type=float, default=12.0, help="sampling time per profile")
     ap.add_argument("--hz", type=int, default=200, help="samples per second")
     ap.add_argument("--rate", type=float, default=0, help="booking: offered bookings/s (0 = saturation)")
     ap.add_argument("--mode", default="fifo", help="booking: fifo or patient:N")
+    ap.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                    help="ingest: the gateway's logging.level (info, the default, logs one line per message)")
     ap.add_argument("--reference-builders", action="store_true", help="profile with the hl7apy builders")
     ap.add_argument("--suffix", default="", help="suffix for the result files (e.g. -before)")
     ap.add_argument("--keep", action="store_true")
@@ -275,7 +301,7 @@ def main() -> None:
     rig.RESULTS.mkdir(parents=True, exist_ok=True)
     if args.refold:
         out = rig.load_result(f"profile{args.suffix}")
-        for what in ("booking", "ingest"):
+        for what in ("booking", "ingest", "search"):
             if what in out:
                 out[what]["gateway"] = fold(rig.RESULTS / f"profile-{what}-gateway{args.suffix}.txt")
                 if what == "booking":
@@ -289,14 +315,14 @@ def main() -> None:
             sub = workdir / what
             sub.mkdir()
             rig.log(f"profiling {what} ...")
-            out[what] = profile_booking(sub, args) if what == "booking" else profile_ingest(sub, args)
+            out[what] = {"booking": profile_booking, "ingest": profile_ingest, "search": profile_search}[what](sub, args)
     rig.save_result(f"profile{args.suffix}", out)
     for what in args.what.split(","):
         print_profile(f"{what}: gateway", out[what]["gateway"])
         if what == "booking":
             print_profile("booking: HIS simulator", out[what]["sim"], k=6)
         print("  load:", {k: v for k, v in out[what]["load"].items() if k in
-                          ("bookings_per_s", "msg_per_s", "p50_ms", "p99_ms", "statuses", "acks")},
+                          ("bookings_per_s", "msg_per_s", "pages_per_s", "p50_ms", "p99_ms", "statuses", "acks")},
               "cpu:", out[what]["cpu"])
 
 

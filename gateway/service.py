@@ -41,6 +41,7 @@ from adapters.outer.http import GatewaySite
 from adapters.outer.access import PlatformDirectory
 from adapters.outer.intake import JsonLimits
 from adapters.outer.pharmacy import Prescriptions
+from adapters.outer.pages import SlotPages
 from adapters.outer.site import FhirApi
 from adapters.outer.delivery import Delivery, hooks_from_config
 from adapters.outer.subscriptions import SubscriptionsApi, focus_resource
@@ -157,7 +158,11 @@ def make_service(config: GatewayConfig, reactor, gate: str = "both") -> Gateway:
     root = Gateway(config, gate, reactor, booking, prescribing)
     DescriptorsService(descriptor_needs(config, gate)).setServiceParent(root)
     ChamberService(chamber).setServiceParent(root)
-    if gate != "both":
+    slot_pages = None
+    if gate == "both":  # GET /Slot pages kept until the chamber changes (adapters/outer/pages.py): this process's
+        slot_pages = SlotPages.attached(chamber, reactor.seconds)  # units drop them before their COMMIT, every
+        # commit after; the split lock keeps none
+    else:
         WatchService(chamber, reactor).setServiceParent(root)
     metrics = Metrics(chamber, peers=_his_names(config), certificates=lambda: certificate_files(root.config),
                       platforms=lambda: [p.name for p in root.config.platforms])
@@ -179,7 +184,7 @@ def make_service(config: GatewayConfig, reactor, gate: str = "both") -> Gateway:
         HoldsService(booking).setServiceParent(root)
         ReleaseNotices(chamber, lambda: booking.quotas, reactor).setServiceParent(root)
         listener, root.api, root.outer_tls = _outer_gate(config, reactor, tz, chamber, booking, metrics,
-                                                         prescribing)
+                                                         prescribing, slot_pages)
         listener.setServiceParent(root)
         root.delivery = _delivery(config, reactor, chamber, root.api.subscriptions)
         root.delivery.setServiceParent(root)
@@ -399,7 +404,7 @@ def _probe(chamber, his, checks, reactor) -> HisProbe | None:
 OUTER_BACKLOG = 1024
 
 
-def _outer_gate(config, reactor, tz, chamber, booking, metrics, prescribing) -> service.Service:
+def _outer_gate(config, reactor, tz, chamber, booking, metrics, prescribing, slot_pages=None) -> service.Service:
     """Internet side: the FHIR API over HTTPS with mutual TLS (and bearer tokens from /oauth/token)."""
     platforms = PlatformDirectory.from_config(config.platforms, read_crl(config.outer.tls, reactor.seconds()))
     oauth = TokenService(chamber, clients_from_config(config.platforms), token_url(config.outer), clock=reactor)
@@ -414,6 +419,7 @@ def _outer_gate(config, reactor, tz, chamber, booking, metrics, prescribing) -> 
         prescriptions=Prescriptions(prescribing, SubmissionReader(tz, _pharmacy_profile(config)))
         if config.prescriptions is not None else None,
         oauth=oauth, subscriptions=_subscriptions(config, reactor, tz, chamber, lambda: booking.quotas),
+        slot_pages=slot_pages,
     )
     outer, timeouts = config.outer, metrics.connection_timeouts
     site = GatewaySite(api, reactor=reactor, max_request_bytes=outer.max_request_bytes,

@@ -48,6 +48,7 @@ never raises: a NAK is always better than a dropped connection.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -120,6 +121,7 @@ def _condition(value: str) -> str:
     return value if value in ACK_CONDITIONS else "AL"
 
 
+@functools.lru_cache(maxsize=64)  # (senders use a handful of MSH-15/MSH-16 pairs; the answer is immutable)
 def _request_from(msh15: str, msh16: str) -> AckRequest:
     if not msh15.strip() and not msh16.strip():
         return ORIGINAL_MODE
@@ -241,7 +243,7 @@ def build_ack(
     """
     enc = message.encoding
     msh = message.msh
-    trigger = msh.get(9, 2)
+    trigger = message.trigger
     msg_type = f"ACK{enc.component}{escape(trigger, enc)}{enc.component}ACK" if trigger else "ACK"
     fields = [
         "MSH",

@@ -333,14 +333,29 @@ class Segment:
     def get(self, field: int, component: int = 1, repetition: int = 0, subcomponent: int = 1) -> str:
         """Unescaped text of one (sub)component of one repetition of a field; ``''`` when absent.
         ``repetition`` is 0-based, ``component`` and ``subcomponent`` 1-based (HL7 numbering)."""
+        # The hot path of every message read (~30 calls per SIU): the field is looked up here, not through
+        # raw() and _repetition(), and each separator is looked for only in what is left.
         if component < 1 or subcomponent < 1 or repetition < 0:
             raise ValueError("component/subcomponent are 1-based, repetition 0-based")
-        value = self._repetition(field, repetition)
+        fields = self._fields
+        if field < 1:
+            raise ValueError(f"HL7 field numbers start at 1, got {field}")
+        if field >= len(fields):
+            return ""
+        value = fields[field]
         if not value:
             return ""
-        if self.name == "MSH" and field <= 2:
-            return value if component == 1 and subcomponent == 1 else ""
+        if field <= 2 and self.name == "MSH":
+            return value if repetition == 0 and component == 1 and subcomponent == 1 else ""
         enc = self._enc
+        rs = enc.repetition
+        if rs in value:
+            reps = value.split(rs)
+            value = reps[repetition] if repetition < len(reps) else ""
+            if not value:
+                return ""
+        elif repetition:
+            return ""
         cs = enc.component
         if cs in value:
             parts = value.split(cs)
@@ -385,13 +400,19 @@ class Segment:
 class Message:
     """A parsed message: its segments in order plus what was needed to read them."""
 
-    __slots__ = ("charset", "encoding", "raw", "segments")
+    __slots__ = ("_code", "_control_id", "_trigger", "_version", "charset", "encoding", "raw", "segments")
 
     def __init__(self, segments: list[Segment], encoding: Encoding, charset: str, raw: bytes):
         self.segments = segments
         self.encoding = encoding
         self.charset = charset
         self.raw = raw
+        # MSH-9.1, MSH-9.2, MSH-10 and MSH-12, read once: every layer asks for them (the gate, the map, the ACK,
+        # the log)
+        self._code: str | None = None
+        self._version: str | None = None
+        self._trigger: str | None = None
+        self._control_id: str | None = None
 
     def __repr__(self) -> str:
         return f"<Message {self.type_name} control_id={self.control_id!r} {len(self.segments)} segments>"
@@ -403,17 +424,26 @@ class Message:
     @property
     def control_id(self) -> str:
         """MSH-10."""
-        return self.segments[0].get(10)
+        value = self._control_id
+        if value is None:
+            value = self._control_id = self.segments[0].get(10)
+        return value
 
     @property
     def message_code(self) -> str:
         """MSH-9.1, e.g. ``'SIU'``."""
-        return self.segments[0].get(9)
+        value = self._code
+        if value is None:
+            value = self._code = self.segments[0].get(9)
+        return value
 
     @property
     def trigger(self) -> str:
         """MSH-9.2, e.g. ``'S12'``."""
-        return self.segments[0].get(9, 2)
+        value = self._trigger
+        if value is None:
+            value = self._trigger = self.segments[0].get(9, 2)
+        return value
 
     @property
     def structure(self) -> str:
@@ -423,7 +453,10 @@ class Message:
     @property
     def version(self) -> str:
         """MSH-12.1, e.g. ``'2.5'``."""
-        return self.segments[0].get(12)
+        value = self._version
+        if value is None:
+            value = self._version = self.segments[0].get(12)
+        return value
 
     @property
     def type_name(self) -> str:
@@ -639,13 +672,17 @@ def parse(data: bytes, default_charset: str = "utf-8") -> Message:
         segments.append(Segment(fields, enc, charset))
 
     msh = segments[0]
-    if not msh.get(9):
+    code = msh.get(9)
+    if not code:
         raise Hl7Error(101, "MSH-9 (message type) is empty", segment="MSH", field=9)
     if not msh.raw(10):
         raise Hl7Error(101, "MSH-10 (message control id) is empty", segment="MSH", field=10)
-    if not msh.get(12):
+    version = msh.get(12)
+    if not version:
         raise Hl7Error(101, "MSH-12 (version id) is empty", segment="MSH", field=12)
-    return Message(segments, enc, charset, data)
+    message = Message(segments, enc, charset, data)
+    message._code, message._version = code, version  # (read here already)
+    return message
 
 
 # --------------------------------------------------------------------------------------------- writing

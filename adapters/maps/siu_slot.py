@@ -87,8 +87,9 @@ def _notice(group: list[Segment], seq: int, trigger_action: str | None, facility
         raise Hl7Error(101, "no schedule: SCH-5, AIP-3 or AIL-3 is required", segment="SCH", sequence=seq,
                        field=5)
 
-    if ais is not None and ais.get(4):
-        start = _when(ais, 4, 1, seq)
+    ais_start = ais.get(4) if ais is not None else ""
+    if ais_start:
+        start = _when(ais, 4, 1, seq, ais_start)
     elif sch.get(11, 4):
         start = _when(sch, 11, 4, seq)
     else:
@@ -100,13 +101,14 @@ def _notice(group: list[Segment], seq: int, trigger_action: str | None, facility
     service_text = (ais.get(3, 2) if ais is not None else "") or service_code
     practitioner_id = aip.get(3, 1) if aip is not None else ""
     practitioner_name = ((aip.get(3, 2) + aip.get(3, 3)) if aip is not None else "") or practitioner_id
+    department_code = ail.get(3, 1) if ail is not None else ""
     schedule = ScheduleInfo(
         id=schedule_id,
         display=sch.get(5, 2) or practitioner_name or schedule_id,
         practitioner_id=practitioner_id,
         practitioner_name=practitioner_name,
-        department_code=ail.get(3, 1) if ail is not None else "",
-        department_name=(ail.get(3, 9) if ail is not None else "") or (ail.get(3, 1) if ail is not None else ""),
+        department_code=department_code,
+        department_name=(ail.get(3, 9) if ail is not None else "") or department_code,
         facility=facility,
     )
     return SlotNotice(
@@ -122,10 +124,11 @@ def _notice(group: list[Segment], seq: int, trigger_action: str | None, facility
     )
 
 
-def _when(seg: Segment, field: int, component: int, seq: int) -> datetime:
-    """A DTM (component) of the group's segment as HIS local time; Hl7Error 102 at that field otherwise."""
+def _when(seg: Segment, field: int, component: int, seq: int, text: str | None = None) -> datetime:
+    """A DTM (component) of the group's segment as HIS local time (``text``: that component, when read
+    already); Hl7Error 102 at that field otherwise."""
     try:
-        return _local(parse_dtm(seg.get(field, component)))
+        return _local(parse_dtm(seg.get(field, component) if text is None else text))
     except Hl7Error as e:
         raise Hl7Error(102, e.text, segment=seg.name, sequence=seq, field=field) from None
 
@@ -139,18 +142,19 @@ def _minutes(ais: Segment | None, sch: Segment, start: datetime, seq: int) -> in
     """The slot's length: AIS-7, else SCH-9, else SCH-11.5 (its end) minus the start.  A length must end the
     slot before the year 10000 (the slot's end is a date-time everywhere: the FHIR Slot, the SRM)."""
     for seg, field, name in ((ais, 7, "AIS"), (sch, 9, "SCH")):
-        if seg is not None and seg.get(field):
+        text = seg.get(field) if seg is not None else ""
+        if text:
             try:
-                value = int(float(seg.get(field)))
+                value = int(float(text))
             except (ValueError, OverflowError):  # 'nan', 'inf'
-                raise Hl7Error(102, f"duration {seg.get(field)[:30]!r} is not a number of minutes", segment=name,
+                raise Hl7Error(102, f"duration {text[:30]!r} is not a number of minutes", segment=name,
                                sequence=seq, field=field) from None
             if value <= 0:
                 raise Hl7Error(102, "duration must be positive", segment=name, sequence=seq, field=field)
             try:
                 start + timedelta(minutes=value)
             except OverflowError:
-                raise Hl7Error(102, f"duration {seg.get(field)[:30]!r} ends the slot after the year 9999",
+                raise Hl7Error(102, f"duration {text[:30]!r} ends the slot after the year 9999",
                                segment=name, sequence=seq, field=field) from None
             return value
     if sch.get(11, 5):

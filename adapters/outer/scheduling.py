@@ -32,6 +32,8 @@ import hashlib
 import json
 import math
 import re
+from datetime import datetime, timedelta
+from datetime import time as dtime
 from typing import Any, Callable
 from urllib.parse import parse_qs, urlencode
 from zoneinfo import ZoneInfo
@@ -50,6 +52,7 @@ from adapters.maps.fhir_scheduling import (
 from adapters.outer.access import Access, PlatformGrant, require_scope
 from adapters.outer.errors import FhirError, slot_refusals
 from adapters.outer.intake import JsonLimits, json_body, raw_body, require_method
+from adapters.outer.pages import SlotPages
 from gateway.domain.model import AppointmentUnknown, IdempotencyConflict, VersionConflict, slot_status
 
 #: the resource types served here
@@ -172,9 +175,10 @@ class SchedulingApi:
     ``reader`` (the chamber's), ``quotas`` (gateway.domain.quota.Quotas; None: no platform is limited)."""
 
     def __init__(self, booking, reader: Callable[[], Any], *, tz: ZoneInfo, quotas, answer_within: float,
-                 page_size: int, json_limits: JsonLimits):
+                 page_size: int, json_limits: JsonLimits, slot_pages: SlotPages | None = None):
         self.booking = booking
         self.reader = reader
+        self.slot_pages = slot_pages  # GET /Slot pages kept until the chamber changes (None: none kept)
         self.tz = tz
         self.quotas = quotas
         self.answer_within = answer_within
@@ -247,6 +251,37 @@ class SchedulingApi:
         return page(count, offset, self.page_size)
 
     def slot_search(self, platform: str, query, base: str):
+        pages = self.slot_pages
+        if pages is None:
+            return 200, self._slot_page(platform, query, base, self.reader()), {}
+        # the whole query as sent (its order too: the page's links repeat it), the platform (its quota), and
+        # what a reload may change
+        key = (platform, base, tuple((k, tuple(v)) for k, v in query.items()), self.quotas, self.page_size)
+        reader = self.reader()
+        page = pages.get(key, reader.now)
+        if page is None:
+            page = pages.put(key, self._slot_page(platform, query, base, reader),
+                             self._slot_page_valid_until(reader, platform), reader.now)
+        return 200, page, {}
+
+    def _slot_page_valid_until(self, reader, platform: str) -> float:
+        """Until when time alone changes no page of ``platform``: the next start of any slot (a free slot that
+        has started is not listed as free), and with a quota the next release of a slot (``release_before``
+        ahead of its start) and the next midnight (the quota's days)."""
+        now = reader.now
+        ahead = [0.0]
+        until = math.inf
+        if self.quotas is not None and self.quotas.limited(platform):
+            ahead += sorted(self.quotas.release_befores(platform))
+            tomorrow = datetime.fromtimestamp(now, self.tz).date() + timedelta(days=1)
+            until = datetime.combine(tomorrow, dtime(), tzinfo=self.tz).timestamp()
+        for offset in ahead:
+            first = reader.search_slots(limit=1, start_from=now + offset, start_from_inclusive=False)
+            if first:
+                until = min(until, first[0].start_ts - offset)
+        return until
+
+    def _slot_page(self, platform: str, query, base: str, reader) -> dict:
         check_params(query, {"_id", "start", "status", "schedule", "schedule.actor", "service-type", "_include",
                              "_lastUpdated"})
         controls = SearchControls(query, {"start": "start"})
@@ -274,7 +309,6 @@ class SchedulingApi:
         for s in statuses:
             if s not in SLOT_STATUSES:
                 raise FhirError(400, "code-invalid", f"unknown slot status {s!r}", "status")
-        reader = self.reader()
         if statuses:  # (a free slot that has started can no longer be booked: it is not listed as free)
             kw.update(slot_status_filter(statuses), free_after=reader.now)
         ids = [s for v in query.get("_id", []) for s in v.split(",") if s]
@@ -302,7 +336,7 @@ class SchedulingApi:
             bundle.setdefault("entry", []).extend(
                 {"fullUrl": f"{base}/Schedule/{r.id}", "resource": schedule_resource(r, self.tz),
                  "search": {"mode": "include"}} for r in reader.schedules() if r.id in wanted)
-        return 200, bundle, {}
+        return bundle
 
     def slot_read(self, platform: str, slot_id: str):
         reader = self.reader()

@@ -60,6 +60,7 @@ from adapters.outer.http import BoundedContent
 from adapters.outer.negotiation import AnswerForm, answer_form, etag_matches, versions
 from adapters.outer.intake import JsonLimits, parse_query, refuse_write_query, require_method
 from adapters.outer.oauth_http import OAuthEndpoints
+from adapters.outer.pages import Rendered
 from adapters.outer.pharmacy import PHARMACY_TYPES, PharmacyApi
 from adapters.outer.scheduling import RESOURCE_TYPES, SchedulingApi
 from gateway.domain.audit import AuditEntry, ResourceNames
@@ -86,7 +87,7 @@ class FhirApi(resource.Resource):
                  base_path: str, public_base_url: str | None, answer_within: float, page_size: int,
                  hospital_name: str, software_version: str, clock, audit=None, quotas=None, rate_limiter=None,
                  json_limits: JsonLimits | None = None, strict_audit: bool = False, prescriptions=None,
-                 oauth=None, subscriptions=None):
+                 oauth=None, subscriptions=None, slot_pages=None):
         super().__init__()
         json_limits = json_limits or JsonLimits()
         # oauth: adapters.outer.oauth.TokenService (None: no bearer tokens, no /oauth/token)
@@ -95,7 +96,7 @@ class FhirApi(resource.Resource):
         self.oauth_endpoints = OAuthEndpoints(self.gatekeeper, self.base_parts)
         # quotas: gateway.domain.quota.Quotas (None: no platform is limited)
         self.scheduling = SchedulingApi(booking, reader, tz=tz, quotas=quotas, answer_within=answer_within,
-                                        page_size=page_size, json_limits=json_limits)
+                                        page_size=page_size, json_limits=json_limits, slot_pages=slot_pages)
         self.ihe = ihe.IheApi(self.scheduling)
         # prescriptions (adapters.outer.pharmacy.Prescriptions; None: not served)
         self.pharmacy = PharmacyApi(prescriptions, answer_within=answer_within, page_size=page_size,
@@ -219,8 +220,12 @@ class FhirApi(resource.Resource):
         request.setHeader(b"content-type", form.content_type())
         for k, v in headers.items():
             request.setHeader(k.encode(), v.encode())
-        data = b"" if body is None else json.dumps(body, ensure_ascii=False,
-                                                   indent=2 if form.pretty else None).encode("utf-8")
+        if body is None:
+            data = b""
+        elif isinstance(body, Rendered) and not form.pretty:  # (a kept page: its JSON written once)
+            data = body.encoded()
+        else:
+            data = json.dumps(body, ensure_ascii=False, indent=2 if form.pretty else None).encode("utf-8")
         if status != 304:
             request.setHeader(b"content-length", b"%d" % len(data))
         if data and request.method != b"HEAD":  # (HEAD: the length a GET would have, no body)

@@ -6,6 +6,8 @@ the OS's random source.
 
 from __future__ import annotations
 
+import functools
+
 import os
 import re
 import secrets
@@ -56,6 +58,7 @@ def fhir_id(text: str) -> str:
     return out or "-"
 
 
+@functools.lru_cache(maxsize=4096)  # (every SIU names its slot: the HIS repeats the same ones)
 def slot_id(schedule_id: str, start_local: datetime) -> str:
     """The gateway's Slot.id: '<schedule id>-<YYYYMMDDHHMM>' (docs/hl7-profile.md)."""
     return fhir_id(f"{schedule_id}-{start_local:%Y%m%d%H%M}")

@@ -75,6 +75,10 @@ class Quotas:
     def limited(self, platform: str) -> bool:
         return platform in self._rules
 
+    def release_befores(self, platform: str) -> set[float]:
+        """The ``release_before`` of each of ``platform``'s rules (when its slots open to every platform)."""
+        return {r.release_before for r in self._rules.get(platform, {}).values() if r.release_before is not None}
+
     def rule_for(self, platform: str, schedule_id: str) -> QuotaRule | None:
         rules = self._rules.get(platform)
         if not rules:

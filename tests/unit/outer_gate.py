@@ -20,6 +20,7 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from adapters.outer.access import PlatformDirectory, PlatformGrant
 from adapters.outer.intake import JsonLimits
+from adapters.outer.pages import SlotPages
 from adapters.outer.site import FhirApi
 from adapters.maps.srm_booking import Hl7Header, build_srm
 from gateway.domain.audit import AuditTrail
@@ -40,7 +41,7 @@ PLATFORMS = ("demo", "other", "readonly", "limited", "revoked")
 
 
 class Gate:
-    def __init__(self, path, certs, *, global_limit=None):
+    def __init__(self, path, certs, *, global_limit=None, slot_pages=True):
         self.certs = certs
         self.clock = task.Clock()
         self.clock.advance(NOW)
@@ -62,7 +63,9 @@ class Gate:
             public_base_url="https://gw.example/fhir", answer_within=5, page_size=100, hospital_name="H",
             software_version="test", audit=AuditTrail(self.chamber), quotas=self.quotas,
             rate_limiter=RateLimiter(limits, global_limit, self.clock), json_limits=JsonLimits(32, 65536),
-            clock=self.clock)
+            clock=self.clock,
+            # GET /Slot pages kept as `gatewayd run` keeps them (one process): every test here reads through them
+            slot_pages=SlotPages.attached(self.chamber, self.clock.seconds) if slot_pages else None)
         self.chamber.transact_now(lambda tx: SlotBook(TZ).apply(tx, [
             SlotNotice("open", SCHEDULE, DAY + timedelta(minutes=15 * i), 15, "card", "x") for i in range(8)]))
 

@@ -96,3 +96,42 @@ def test_the_configured_logger_masks_what_it_writes(monkeypatch):
 def test_numbers_shaped_like_a_phone_number_are_masked_too():
     assert mask_value(13912345678) == "***"
     assert mask_value(1732412345678) == 1732412345678  # a time in milliseconds is kept
+
+
+def _configured_line(monkeypatch, processors_of, **event):
+    """One info line through structlog configured by ``logs.configure`` and then given ``processors_of()``."""
+    monkeypatch.setattr(logs, "_route_twisted_logs", lambda: None)
+    stream = io.StringIO()
+    try:
+        logs.configure("info", "json", stream=stream)
+        processors = processors_of()
+        if processors is not None:
+            structlog.configure(processors=processors)
+        structlog.contextvars.bind_contextvars(request_id="r1")
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            structlog.get_logger("t").exception("inner.message", **event)
+    finally:
+        structlog.contextvars.clear_contextvars()
+        structlog.reset_defaults()
+    return stream.getvalue()
+
+
+def test_the_one_json_processor_writes_what_structlogs_chain_of_processors_wrote(monkeypatch):
+    """Issue 21: the JSON format's processors run as one (``logs.json_line``); the line is the one the chain of
+    structlog's own processors wrote: the same keys in the same order, masked, with the traceback."""
+    chain = lambda: [  # noqa: E731 (what logs.configure used to install)
+        structlog.contextvars.merge_contextvars, structlog.processors.add_log_level, logs.mask_patient_data,
+        structlog.processors.TimeStamper(fmt="iso", utc=True), structlog.processors.format_exc_info,
+        structlog.processors.JSONRenderer(ensure_ascii=False)]
+    event = dict(peer="his", control_id="L12-345", type="SIU^S12", ack="AA", duplicate=False, n=3,
+                 error="patient 11010519491231002X", patient="欧阳娜娜", where=object())
+    ours, theirs = (json.loads(_configured_line(monkeypatch, p, **event)) for p in (lambda: None, chain))
+    assert list(ours) == list(theirs)
+    assert ours["timestamp"].endswith("Z") and theirs["timestamp"].endswith("Z")
+    ours.pop("timestamp"), theirs.pop("timestamp")
+    assert ours == theirs
+    assert ours["patient"] == "***" and "11010519491231002X" not in ours["error"]
+    assert ours["request_id"] == "r1" and ours["level"] == "error" and "ValueError: boom" in ours["exception"]
+    assert ours["where"].startswith("<object object at")
