@@ -41,33 +41,30 @@ def test_new_chamber_is_wal_full_sync_and_versioned(tmp_path):
     ch.close()
 
 
-def test_data_survives_reopen(tmp_path):
+def test_data_survives_reopen(chamber_backend):
     """What was committed is there after the chamber is closed and opened again."""
-    ch = Chamber(tmp_path / "c.sqlite3", clock=time.time)
+    ch = Chamber(backend=chamber_backend(), clock=time.time)
     ch.open()
     ch.transact_now(schedule)
     ch.close()
-    ch2 = Chamber(tmp_path / "c.sqlite3", clock=time.time)
+    ch2 = Chamber(backend=chamber_backend(), clock=time.time)
     ch2.open()
     assert [s.id for s in ch2.read().schedules()] == ["D001"]
     ch2.close()
 
 
-def test_refuses_other_schema_version(tmp_path):
+def test_refuses_other_schema_version(chamber_backend):
     """A chamber written by another schema version is refused with a message naming both versions."""
-    path = tmp_path / "c.sqlite3"
-    ch = Chamber(path, clock=time.time)
+    ch = Chamber(backend=chamber_backend(), clock=time.time)
     ch.open()
-    ch.close()
     from gateway.chamber.upgrades import SCHEMA_VERSION
 
     newer = SCHEMA_VERSION + 1
-    conn = sqlite3.connect(path)
-    conn.execute("UPDATE chamber_meta SET value=? WHERE key='schema_version'", (str(newer),))
-    conn.commit()
-    conn.close()
+    ch.transact_now(lambda tx: tx._c.execute("UPDATE chamber_meta SET value = ? WHERE key = 'schema_version'",
+                                             (str(newer),)))
+    ch.close()
     with pytest.raises(ChamberError, match=f"version {newer}"):
-        Chamber(path, clock=time.time).open()
+        Chamber(backend=chamber_backend(), clock=time.time).open()
 
 
 def version_1_chamber(path):
@@ -321,19 +318,18 @@ def test_refuses_a_file_that_is_not_a_database(tmp_path):
         Chamber(path, clock=time.time).open()
 
 
-def test_group_commit_fires_after_commit_and_isolates_failures(tmp_path):
+def test_group_commit_fires_after_commit_and_isolates_failures(chamber_backend):
     """Work queued in one reactor turn commits together; the Deferreds fire only after COMMIT, and a
     unit that raises is rolled back alone while the others commit."""
     reactor = TickReactor()
-    path = tmp_path / "c.sqlite3"
-    ch = Chamber(path, reactor=reactor, clock=reactor.seconds)
+    ch = Chamber(backend=chamber_backend(), reactor=reactor, clock=reactor.seconds)
     ch.open()
+    outside = Chamber(backend=chamber_backend(), clock=reactor.seconds)  # connections of their own
+    outside.open()
     seen_by_other_connection = []
 
     def observe_from_outside(_):
-        other = sqlite3.connect(path)
-        seen_by_other_connection.append(other.execute("SELECT id FROM schedules ORDER BY id").fetchall())
-        other.close()
+        seen_by_other_connection.append([(s.id,) for s in outside.read().schedules()])
 
     d1 = ch.transact(lambda tx: schedule(tx, "A"))
     d1.addCallback(observe_from_outside)
@@ -353,12 +349,13 @@ def test_group_commit_fires_after_commit_and_isolates_failures(tmp_path):
     failureResultOf(d2, ValueError)
     assert [s.id for s in ch.read().schedules()] == ["A", "C"]
     ch.close()
+    outside.close()
 
 
-def test_observers_run_after_commits_that_recorded_something(tmp_path):
+def test_observers_run_after_commits_that_recorded_something(chamber_backend):
     """Observers (the relay's wake-up) run after a commit with at least one successful unit."""
     reactor = TickReactor()
-    ch = Chamber(tmp_path / "c.sqlite3", reactor=reactor, clock=reactor.seconds)
+    ch = Chamber(backend=chamber_backend(), reactor=reactor, clock=reactor.seconds)
     ch.open()
     calls = []
     ch.observe(lambda: calls.append(1))
@@ -371,19 +368,19 @@ def test_observers_run_after_commits_that_recorded_something(tmp_path):
     ch.close()
 
 
-def test_a_storage_error_inside_a_unit_is_a_write_failure(tmp_path):
-    """SQLITE_FULL raised by a statement (not by the unit's own decision) fails that unit with
+def test_a_storage_error_inside_a_unit_is_a_write_failure(chamber_backend):
+    """A disk full raised by a statement (not by the unit's own decision) fails that unit with
     ChamberWriteError, so gates answer 'not stored, try again' (AE / 503) rather than an internal error;
     the other units of the batch still commit."""
     from gateway.chamber.errors import ChamberWriteError
 
     reactor = TickReactor()
-    ch = Chamber(tmp_path / "c.sqlite3", reactor=reactor, clock=reactor.seconds)
+    ch = Chamber(backend=chamber_backend(), reactor=reactor, clock=reactor.seconds)
     ch.open()
 
     def disk_full(tx):
         schedule(tx, "X")
-        raise sqlite3.OperationalError("database or disk is full")
+        raise ch.backend.Error("database or disk is full")
 
     failed = ch.transact(disk_full)
     ch.transact(lambda tx: schedule(tx, "Y"))
@@ -635,10 +632,10 @@ def test_the_read_connection_cannot_write(tmp_path):
     ch.close()
 
 
-def test_a_batch_of_one_failing_unit_leaves_nothing_behind(tmp_path):
+def test_a_batch_of_one_failing_unit_leaves_nothing_behind(chamber_backend):
     """A batch of one unit runs without a SAVEPOINT: a unit that raises after writing is rolled back."""
     reactor = TickReactor()
-    ch = Chamber(tmp_path / "c.sqlite3", reactor=reactor, clock=reactor.seconds)
+    ch = Chamber(backend=chamber_backend(), reactor=reactor, clock=reactor.seconds)
     ch.open()
 
     def failing(tx):
@@ -667,13 +664,13 @@ def _slot_and_appointment(tx, appointment_id="a1", pending="book"):
                                          1, 0, 0))
 
 
-def test_settled_appointments_are_reported_after_commit_and_not_when_rolled_back(tmp_path):
+def test_settled_appointments_are_reported_after_commit_and_not_when_rolled_back(chamber_backend):
     """observe_settled hears, after the commit, of every appointment whose pending change a committed unit
     cleared — not of one cleared by a unit that was rolled back."""
     from gateway.chamber.rows import AppointmentRow
 
     reactor = TickReactor()
-    ch = Chamber(tmp_path / "c.sqlite3", reactor=reactor, clock=reactor.seconds)
+    ch = Chamber(backend=chamber_backend(), reactor=reactor, clock=reactor.seconds)
     ch.open()
     ch.transact_now(_slot_and_appointment)
     ch.transact_now(lambda tx: tx.insert_appointment(
@@ -770,3 +767,91 @@ def test_without_pipelining_the_commit_runs_in_the_turn_and_reads_use_the_read_c
     assert slow.threads == [threading.current_thread()]
     assert ch._conn is not ch._writer and [s.id for s in ch.read().schedules()] == ["A"]
     ch.close()
+
+
+# -- the backends (gateway/chamber/backends.py, postgresql.py) ------------------------------------------------------
+
+
+def test_statements_are_translated_once_for_postgresql():
+    """Txn's ``?`` become psycopg's ``%s`` (a literal ``%`` doubled); an INSERT into messages returns the id
+    PostgreSQL gives it (SQLite's lastrowid); the translation is cached per statement text."""
+    from gateway.chamber.postgresql import translate
+
+    assert translate("SELECT * FROM audit_records WHERE action LIKE ? AND detail = '5%'") == (
+        "SELECT * FROM audit_records WHERE action LIKE %s AND detail = '5%%'", False)
+    sql, returning = translate("INSERT INTO messages (peer) VALUES (?) ON CONFLICT (peer) DO NOTHING")
+    assert returning and sql.endswith("DO NOTHING RETURNING id")
+    assert translate("INSERT INTO message_events (message_id) VALUES (?)")[1] is False
+    assert translate.cache_info().hits >= 0 and translate("SELECT ?") is translate("SELECT ?")
+
+
+def _columns(chamber) -> dict[str, list[str]]:
+    conn = chamber._conn
+    if chamber.backend.kind == "sqlite":
+        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        return {t: sorted(r[1] for r in conn.execute(f"PRAGMA table_info({t})")) for t in tables}
+    rows = conn.execute("SELECT table_name, column_name FROM information_schema.columns"
+                        " WHERE table_schema = current_schema()").fetchall()
+    out: dict[str, list[str]] = {}
+    for table, column in rows:
+        if column != "rowid":  # (SQLite's implicit one, made explicit where an order depends on it)
+            out.setdefault(table, []).append(column)
+    return {t: sorted(c) for t, c in out.items()}
+
+
+def test_both_backends_build_the_same_tables_at_the_same_version(tmp_path, chamber_postgres):
+    """One set of schema files: a new chamber on PostgreSQL has exactly the tables and columns of one on SQLite,
+    at the same schema version, and the audit trail's rules hold there too (a record cannot be changed)."""
+    from gateway.chamber.backends import SqliteBackend
+    from gateway.chamber.postgresql import PostgresBackend
+
+    with __import__("psycopg").connect(chamber_postgres.dsn("chamber"), autocommit=True) as admin:
+        admin.execute("CREATE SCHEMA same_tables")
+    lite = Chamber(backend=SqliteBackend(tmp_path / "c.sqlite3"), clock=time.time)
+    pg = Chamber(backend=PostgresBackend(chamber_postgres.dsn("chamber", options="-csearch_path=same_tables")),
+                 clock=time.time)
+    lite.open()
+    pg.open()
+    try:
+        assert _columns(pg) == _columns(lite)
+        for ch in (lite, pg):
+            assert ch.read()._c.execute("SELECT value FROM chamber_meta WHERE key = 'schema_version'").fetchone()[0] \
+                == str(SCHEMA_VERSION)
+            assert len(ch.read().audit_key()) == 32
+        from gateway.chamber.rows import AuditRow
+
+        row = AuditRow(1, 1, None, None, None, None, "read", None, None, 200, None, "h")
+        pg.transact_now(lambda tx: tx.append_audit(row))
+        with pytest.raises(Exception, match="audit records cannot be changed"):
+            pg.transact_now(lambda tx: tx._c.execute("UPDATE audit_records SET detail = 'x'"))
+        with pytest.raises(Exception, match="only by gatewayd audit prune"):
+            pg.transact_now(lambda tx: tx._c.execute("DELETE FROM audit_records"))
+    finally:
+        lite.close()
+        pg.close()
+
+
+def test_reads_cannot_write_on_either_backend(chamber_backend):
+    """The read connection refuses writes on PostgreSQL too (a read-only session); the write lock can be taken."""
+    ch = Chamber(backend=chamber_backend(), clock=time.time, commit_in_thread=True, reactor=ThreadReactor())
+    ch.open()
+    try:
+        with pytest.raises(ch.backend.Error, match="not authorized|read-only"):
+            ch.read().upsert_schedule(ScheduleRow("X", "x", "", "", "", "", 0))
+        assert ch.writable() == (True, "ok")
+    finally:
+        ch.close()
+
+
+def test_a_postgresql_database_that_sorts_text_otherwise_is_refused(chamber_postgres):
+    """A database whose collation would order ids, control ids and page cursors unlike SQLite (here ICU's) is
+    refused at open, saying how to create one that does."""
+    import psycopg
+
+    from gateway.chamber.postgresql import PostgresBackend
+
+    with psycopg.connect(chamber_postgres.dsn("postgres"), autocommit=True) as admin:
+        admin.execute("CREATE DATABASE icu TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US'"
+                      " LOCALE 'C.UTF-8'")
+    with pytest.raises(ChamberError, match="LC_COLLATE 'C'"):
+        Chamber(backend=PostgresBackend(chamber_postgres.dsn("icu")), clock=time.time).open()

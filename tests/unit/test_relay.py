@@ -44,10 +44,11 @@ class ScriptedHis:
 
 
 @pytest.fixture
-def env(tmp_path):
+def env(chamber_backend):
+    """(once on each chamber backend: tests/conftest.py)"""
     clock = task.Clock()
     clock.advance(1000)
-    chamber = Chamber(tmp_path / "c.sqlite3", clock=clock.seconds)
+    chamber = Chamber(backend=chamber_backend(), clock=clock.seconds)
     chamber.open()
     his = ScriptedHis()
     answers = []

@@ -1,0 +1,273 @@
+"""The chamber on PostgreSQL (``chamber.backend: postgresql``): the backend :class:`~gateway.chamber.engine.Chamber`
+uses instead of the SQLite file, with psycopg 3 (the optional extra ``gatewayd[postgresql]``).
+
+What differs from SQLite, and where it is handled — the rest of the chamber (the group commit, Txn, Reader, the
+schema versions) is the same code:
+
+- **Statements.** :class:`PgConnection` looks like the ``sqlite3.Connection`` Txn and Reader were written for:
+  ``execute`` / ``executemany`` with ``?`` placeholders (translated once per statement text, cached: :func:`translate`),
+  rows that are read by index and by name (``dict(row)``), ``cursor.lastrowid`` after an INSERT into ``messages``
+  (its translation gets ``RETURNING id``).  Txn's SQL is written to run on both (``ON CONFLICT ... DO NOTHING`` /
+  ``DO UPDATE``, ``RETURNING``); the few fragments that cannot be (JSON, integer division) are
+  :data:`gateway.chamber.dialects.POSTGRESQL`'s.
+- **Transactions.** The connection is in autocommit mode and the engine says BEGIN, SAVEPOINT, COMMIT itself, as
+  on SQLite.  A write transaction begins with ``pg_advisory_xact_lock`` on the chamber's key: one writer at a time
+  per chamber, exactly SQLite's BEGIN IMMEDIATE, so every guarantee (holds, quotas, idempotency keys, the audit
+  chain) holds unchanged whatever the isolation level.  Finer locks (a lease per HIS endpoint, row locks) are for
+  when several instances share the chamber (docs/chamber.md).
+- **The schema.** The same versions and files as SQLite (:mod:`gateway.chamber.upgrades`): each file runs with
+  its column types translated (:func:`portable_ddl`), except the few SQLite-only ones, which have a file of the
+  same name in ``schema/postgresql/``.
+- **Durability.** COMMIT returns once PostgreSQL has flushed its WAL (``synchronous_commit = on``, set on every
+  connection: a site's weaker default is not taken): acknowledged only after COMMIT, as on SQLite.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import re
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import structlog
+
+from gateway.chamber.errors import ChamberError
+
+log = structlog.get_logger("gateway.chamber.postgresql")
+
+SCHEMA_DIR = Path(__file__).with_name("schema")
+OVERRIDES = SCHEMA_DIR / "postgresql"
+
+#: tables whose ``id`` PostgreSQL assigns (SQLite's INTEGER PRIMARY KEY): an INSERT into one returns it
+_IDENTITY_TABLES = ("messages",)
+_INSERT_INTO = re.compile(r"^\s*INSERT\s+INTO\s+(\w+)", re.IGNORECASE)
+
+#: database collations whose order is SQLite's (bytewise): ids, control ids and cursors sort alike on both
+_BYTEWISE_COLLATIONS = {"C", "POSIX", "C.UTF-8", "C.utf8"}
+
+
+def _import_psycopg():
+    try:
+        import psycopg
+    except ImportError as e:  # the optional extra is missing
+        raise ChamberError("chamber.backend is postgresql, but psycopg is not installed: pip install "
+                           "'gatewayd[postgresql]'") from e
+    return psycopg
+
+
+@functools.lru_cache(maxsize=2048)
+def translate(sql: str) -> tuple[str, bool]:
+    """A statement as Txn and Reader write it (``?`` placeholders) in psycopg's form (``%s``; a literal ``%``
+    doubled), and whether it returns the new row's id (an INSERT into a table PostgreSQL numbers)."""
+    out = sql.replace("%", "%%").replace("?", "%s")
+    m = _INSERT_INTO.match(out)
+    returning = bool(m and m.group(1).lower() in _IDENTITY_TABLES and "RETURNING" not in out.upper())
+    if returning:
+        out += " RETURNING id"
+    return out, returning
+
+
+def _row_class(names: tuple[str, ...]):
+    index = {n: i for i, n in enumerate(names)}
+
+    class Row(tuple):
+        """A row read by index (``row[0]``) and by name (``row['id']``, ``dict(row)``), like sqlite3.Row."""
+
+        __slots__ = ()
+
+        def keys(self):
+            return names
+
+        def __getitem__(self, key):
+            if isinstance(key, str):
+                return tuple.__getitem__(self, index[key])
+            return tuple.__getitem__(self, key)
+
+    return Row
+
+
+@functools.lru_cache(maxsize=512)
+def _rows_of(names: tuple[str, ...]):
+    return _row_class(names)
+
+
+def row_factory(cursor):
+    """psycopg row factory: rows like sqlite3.Row."""
+    if cursor.description is None:
+        return tuple
+    cls = _rows_of(tuple(c.name for c in cursor.description))
+    return lambda values: cls(values)
+
+
+class PgConnection:
+    """One PostgreSQL connection that Txn and Reader use as they use a ``sqlite3.Connection``."""
+
+    from gateway.chamber import dialects as _dialects
+
+    dialect = _dialects.POSTGRESQL
+
+    def __init__(self, connect: Callable[[], Any]):
+        self._connect = connect
+        self.raw = connect()
+
+    def execute(self, sql: str, params: Iterable = ()):
+        text, returning = translate(sql)
+        cur = self.raw.execute(text, tuple(params))
+        if returning:
+            row = cur.fetchone()
+            cur.lastrowid = row[0] if row is not None else None
+        return cur
+
+    def executemany(self, sql: str, seq: Iterable):
+        text, _ = translate(sql)
+        cur = self.raw.cursor()
+        cur.executemany(text, [tuple(p) for p in seq])
+        return cur
+
+    def script(self, text: str) -> None:
+        """Run a schema script (several statements, no parameters) as it is."""
+        self.raw.execute(text)
+
+    @property
+    def in_transaction(self) -> bool:
+        psycopg = _import_psycopg()
+        return self.raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
+
+    def reconnect_if_broken(self) -> None:
+        """Outside a transaction: a connection PostgreSQL dropped (a restart, a failover) is made again."""
+        if self.raw.closed or self.raw.broken:
+            try:
+                self.raw.close()
+            except Exception:  # noqa: BLE001 - it is gone either way
+                pass
+            self.raw = self._connect()
+            log.warning("chamber.reconnected")
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+def _cursor_class():
+    psycopg = _import_psycopg()
+
+    class Cursor(psycopg.Cursor):
+        lastrowid = None
+
+    return Cursor
+
+
+class PostgresBackend:
+    """How the chamber reaches PostgreSQL: ``dsn`` (a libpq connection string, without the password),
+    ``password`` (from a file or the environment; never logged), TLS (``sslmode``, ``sslrootcert``).  The
+    chamber keeps two connections: its transactions' (the group commit's) and its reads'."""
+
+    kind = "postgresql"
+    caches_schedules = False  # another instance may change a schedule: no cache of them (see Txn.upsert_schedule)
+
+    def __init__(self, dsn: str, *, password: str | None = None, sslmode: str | None = None,
+                 sslrootcert: str | None = None, connect_timeout: float = 5.0):
+        self.psycopg = _import_psycopg()
+        self.Error = self.psycopg.Error
+        self._dsn = dsn
+        self._params: dict[str, Any] = {"connect_timeout": max(1, int(connect_timeout)),
+                                        "application_name": "gatewayd"}
+        if password is not None:
+            self._params["password"] = password
+        if sslmode is not None:
+            self._params["sslmode"] = sslmode
+        if sslrootcert is not None:
+            self._params["sslrootcert"] = sslrootcert
+        info = self.psycopg.conninfo.conninfo_to_dict(dsn)
+        self.target = "postgresql://{}:{}/{}".format(info.get("host", "localhost"), info.get("port", 5432),
+                                                    info.get("dbname", info.get("user", "")))
+        if "options" in info:  # a schema of its own (search_path): part of which chamber this is
+            self.target += f"?options={info['options']}"
+        self._lock_key: int | None = None
+
+    # -- connections --------------------------------------------------------------------------------------------
+    def _raw(self):
+        conn = self.psycopg.connect(self._dsn, autocommit=True, row_factory=row_factory,
+                                    cursor_factory=_cursor_class(), **self._params)
+        conn.execute("SET synchronous_commit = on")
+        conn.execute("SET lock_timeout = '5s'")  # the write lock of another instance: waited for, not for ever
+        return conn
+
+    def connect(self) -> PgConnection:
+        try:
+            return PgConnection(self._raw)
+        except self.psycopg.Error as e:
+            raise ChamberError(f"cannot connect to the chamber's PostgreSQL {self.target}: {_without_secrets(e)}") from e
+
+    def connect_reader(self) -> PgConnection:
+        conn = self.connect()
+        conn.execute("SET default_transaction_read_only = on")
+        return conn
+
+    # -- what the engine asks ------------------------------------------------------------------------------------
+    def prepare(self, conn: PgConnection) -> str:
+        """Check the database (its collation) and compute the chamber's lock key; returns a mode to log."""
+        row = dict(conn.execute("SELECT *, current_schema() AS current_schema FROM pg_database"
+                                " WHERE datname = current_database()").fetchone())
+        collation, database, schema = row["datcollate"], row["datname"], row["current_schema"]
+        if collation not in _BYTEWISE_COLLATIONS or row.get("datlocprovider", "c") != "c":  # (PostgreSQL 15: ICU)
+            raise ChamberError(
+                f"the chamber's database {database} sorts text by the collation {collation}; the chamber needs "
+                f"C (ids, control ids and page cursors compare bytewise, as on SQLite): create it with "
+                f"CREATE DATABASE {database} TEMPLATE template0 LC_COLLATE 'C' LC_CTYPE 'C' ENCODING 'UTF8'")
+        digest = hashlib.sha256(f"gatewayd chamber {database}.{schema}".encode()).digest()
+        self._lock_key = int.from_bytes(digest[:8], "big", signed=True)
+        return "postgresql"
+
+    def check_integrity(self, conn: PgConnection) -> None:
+        """PostgreSQL checks its own pages (data checksums, if the cluster has them): nothing to do here."""
+
+    def ensure_schema(self, conn: PgConnection, clock: Callable[[], float]) -> None:
+        from gateway.chamber import upgrades
+
+        upgrades.ensure_schema_postgresql(self, conn, clock)
+
+    def begin(self, conn: PgConnection) -> None:
+        """BEGIN a write transaction: the chamber's write lock first (SQLite's BEGIN IMMEDIATE)."""
+        conn.reconnect_if_broken()
+        conn.execute("BEGIN")
+        try:
+            conn.execute("SELECT pg_advisory_xact_lock(?)", (self._lock_key,))
+        except self.psycopg.Error:
+            conn.execute("ROLLBACK")
+            raise
+
+    def data_version(self, conn: PgConnection) -> None:
+        return None
+
+    def backup(self, *_args) -> dict[str, int]:
+        raise ChamberError("the chamber is on PostgreSQL: back it up with PostgreSQL's own tools (pg_dump, or "
+                           "pg_basebackup with WAL archiving for a point in time), not gatewayd backup")
+
+    def schema_script(self, path: Path) -> str:
+        """A schema file as PostgreSQL runs it: its file in schema/postgresql/, if it has one, else the portable
+        file with its column types translated."""
+        override = OVERRIDES / path.name
+        if override.exists():
+            return override.read_text(encoding="utf-8")
+        return portable_ddl(path.read_text(encoding="utf-8"))
+
+
+_TYPES = [(re.compile(r"\bINTEGER\b"), "BIGINT"), (re.compile(r"\bREAL\b"), "DOUBLE PRECISION"),
+          (re.compile(r"\bBLOB\b"), "BYTEA"), (re.compile(r"\)\s*WITHOUT\s+ROWID"), ")")]
+
+
+def portable_ddl(script: str) -> str:
+    """A schema script written for SQLite in portable SQL, for PostgreSQL: comments dropped, SQLite's storage
+    classes as PostgreSQL's types (INTEGER -> BIGINT: SQLite's integers are 64-bit; REAL -> DOUBLE PRECISION;
+    BLOB -> BYTEA), ``WITHOUT ROWID`` dropped."""
+    text = "\n".join(line.split("--", 1)[0] if "'" not in line.split("--", 1)[0] else line
+                     for line in script.splitlines())
+    for pattern, replacement in _TYPES:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def _without_secrets(error: Exception) -> str:
+    """A connection error's text without a password libpq may quote from the connection string."""
+    return re.sub(r"password=\S+", "password=***", str(error)).strip()
