@@ -474,12 +474,13 @@ def with_chamber(args, command: str, run) -> int:
     import time
 
     from gateway.ops import logs
+    from gateway.chamber.backends import backend_for
     from gateway.chamber.engine import Chamber
     from gateway.chamber.errors import ChamberError
 
     logs.configure("warning", "console", stream=sys.stderr)
-    chamber = Chamber(config.chamber.path, clock=time.time)
     try:
+        chamber = Chamber(backend=backend_for(config.chamber), clock=time.time)
         chamber.open()
     except ChamberError as e:
         print(f"gatewayd {command}: {e}", file=sys.stderr)
@@ -493,6 +494,11 @@ def with_chamber(args, command: str, run) -> int:
 def _backup(chamber, dest: Path) -> int:
     from gateway.chamber.errors import ChamberError
 
+    if chamber.backend.kind != "sqlite":
+        print(f"gatewayd backup: refused: the chamber is on {chamber.backend.kind}, which is backed up with its own "
+              f"tools (pg_dump; pg_basebackup with WAL archiving for a point in time): docs/chamber.md",
+              file=sys.stderr)
+        return 1
     dest = dest.resolve()
     if dest == Path(chamber.path).resolve():
         print("gatewayd backup: the copy cannot replace the chamber itself", file=sys.stderr)
@@ -518,6 +524,10 @@ def restore_command(args) -> int:
     from gateway.ops.claim import ClaimError, ClaimHeld
     from gateway.ops.restore import RestoreError, restore
 
+    if config.chamber.backend != "sqlite":
+        print(f"gatewayd restore: refused, nothing was changed: the chamber is on {config.chamber.backend}, which "
+              f"is restored with its own tools (pg_restore): docs/chamber.md", file=sys.stderr)
+        return 1
     try:
         done = restore(args.file, config.chamber.path, args.config)
     except ClaimHeld as e:

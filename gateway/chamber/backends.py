@@ -98,6 +98,12 @@ class SqliteBackend:
     def begin(self, conn: sqlite3.Connection) -> None:
         conn.execute("BEGIN IMMEDIATE")
 
+    def writable(self, conn: sqlite3.Connection) -> tuple[bool, str]:
+        """Can the chamber be written now?  Take the write lock on ``conn`` and give it back (nothing written)."""
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("ROLLBACK")
+        return True, "ok"
+
     def data_version(self, conn: sqlite3.Connection) -> int:
         return conn.execute("PRAGMA data_version").fetchone()[0]
 
@@ -139,9 +145,9 @@ class SqliteBackend:
         return result
 
 
-def backend_for(settings, *, secret: Callable[[], str | None] = lambda: None):
+def backend_for(settings):
     """The backend ``settings`` (the config's ``chamber`` section, or anything with its attributes) name:
-    ``backend`` sqlite (``path``) or postgresql (``postgresql.dsn``, ...); ``secret()``: the database password."""
+    ``backend`` sqlite (``path``) or postgresql (``postgresql.dsn``, ...; ``postgresql.password()``, read now)."""
     kind = getattr(settings, "backend", "sqlite")
     if kind == "sqlite":
         return SqliteBackend(settings.path)
@@ -149,7 +155,11 @@ def backend_for(settings, *, secret: Callable[[], str | None] = lambda: None):
         from gateway.chamber.postgresql import PostgresBackend
 
         pg = settings.postgresql
-        return PostgresBackend(pg.dsn, password=secret(), sslmode=pg.sslmode,
+        try:
+            password = settings.postgresql.password()
+        except (OSError, LookupError) as e:  # the file is unreadable, the variable unset: said, never shown
+            raise ChamberError(f"the chamber's database password: {e}") from e
+        return PostgresBackend(pg.dsn, password=password, sslmode=pg.sslmode,
                                sslrootcert=str(pg.sslrootcert) if pg.sslrootcert else None,
                                connect_timeout=pg.connect_timeout)
     raise ChamberError(f"unknown chamber backend {kind!r}")

@@ -237,6 +237,14 @@ class PostgresBackend:
             conn.execute("ROLLBACK")
             raise
 
+    def writable(self, conn: PgConnection) -> tuple[bool, str]:
+        """Can the chamber be written now?  Reachable (a dropped connection is made again) and a primary, not a
+        standby in recovery (after a failover the gateway must be pointed at the new primary)."""
+        conn.reconnect_if_broken()
+        if conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:
+            return False, "the database is a standby (read-only, in recovery)"
+        return True, "ok"
+
     def data_version(self, conn: PgConnection) -> None:
         return None
 
