@@ -96,6 +96,10 @@ class Proc:
         return self.popen.returncode
 
 
+class ChamberUnreadable(Exception):
+    """Lock.chamber_rows could not read a PostgreSQL chamber (no schema yet, ...)."""
+
+
 class Lock:
     """A HIS simulator and a gateway, wired together on free loopback ports, in ``workdir``."""
 
@@ -217,7 +221,7 @@ class Lock:
             try:
                 return not self.chamber_rows(f"SELECT 1 FROM his_links WHERE up = 0 AND peer IN "
                                              f"({', '.join('?' * len(peers))})", *peers)
-            except sqlite3.Error:  # no chamber (yet), or one without the table: nothing known down
+            except (sqlite3.Error, ChamberUnreadable):  # no chamber (yet), or one without the table: nothing known down
                 return True
 
         eventually(known_up, timeout=timeout, what="the gateway's HIS probe to see the HIS up")
@@ -242,8 +246,20 @@ class Lock:
         return str(self.certs / f"platform-{platform}.pem"), str(self.certs / f"platform-{platform}.key")
 
     def chamber_rows(self, sql: str, *args) -> list[tuple]:
-        """Rows of a query on the running gateway's chamber, read-only (as an auditor would read it)."""
+        """Rows of a query on the running gateway's chamber, read-only (as an auditor would read it); ``?``
+        placeholders on either backend (a PostgreSQL chamber's errors are ChamberUnreadable)."""
         import sqlite3
+
+        chamber = self.gateway_config["chamber"]
+        if chamber.get("backend") == "postgresql":
+            import psycopg
+
+            try:
+                with psycopg.connect(chamber["postgresql"]["dsn"], autocommit=True) as conn:
+                    conn.execute("SET default_transaction_read_only = on")
+                    return [tuple(r) for r in conn.execute(sql.replace("?", "%s"), args).fetchall()]
+            except psycopg.Error as e:
+                raise ChamberUnreadable(str(e)) from e
 
         conn = sqlite3.connect(f"file:{self.workdir / self.gateway_config['chamber']['path']}?mode=ro", uri=True)
         try:

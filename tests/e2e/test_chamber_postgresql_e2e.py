@@ -1,0 +1,67 @@
+"""The lock with its chamber on PostgreSQL (chamber.backend: postgresql, docs/chamber.md): a real gateway process
+and the HIS simulator over real sockets, the chamber in a real PostgreSQL server (tests/databases.py, the
+session's ``chamber_postgres``). The SIU the HIS pushes reach the FHIR API, a platform's booking reaches the HIS
+and is answered 201 after the HIS's AA was committed, and what was committed is there after a restart; the
+operator's commands read the same chamber, and backup is refused with the tool that does it."""
+
+import subprocess
+import sys
+
+import psycopg
+import pytest
+
+from tests.e2e.harness import Lock, appointment_for
+
+
+@pytest.fixture
+def pg_lock(tmp_path, chamber_postgres):
+    with psycopg.connect(chamber_postgres.dsn("chamber"), autocommit=True) as admin:
+        admin.execute("CREATE SCHEMA e2e_lock")
+    lock = Lock(tmp_path, gateway={"chamber": {"backend": "postgresql", "postgresql": {
+        "dsn": chamber_postgres.dsn("chamber", options="-csearch_path=e2e_lock"), "sslmode": "disable"}}})
+    with lock:
+        yield lock
+    with psycopg.connect(chamber_postgres.dsn("chamber"), autocommit=True) as admin:
+        admin.execute("DROP SCHEMA e2e_lock CASCADE")
+
+
+def gatewayd(lock, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gateway", *args, "--config", "gateway.yaml"], cwd=lock.workdir,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_siu_in_and_a_booking_out_through_a_chamber_on_postgresql(pg_lock):
+    lock = pg_lock
+    # the HIS's SIU crossed into PostgreSQL (Lock.start waited for every slot on the FHIR API)
+    inbound = lock.chamber_rows("SELECT count(*) FROM messages WHERE direction = 'inbound' AND state = 'delivered'")
+    assert inbound[0][0] >= lock.slot_count
+    assert not (lock.workdir / "chamber.sqlite3").exists()  # no SQLite file on the side
+
+    slot = lock.search_slots(status="free")[0]
+    r = lock.session().post(f"{lock.base}/Appointment", json=appointment_for(slot["id"]),
+                            headers={"Content-Type": "application/fhir+json"}, timeout=15)
+    assert r.status_code == 201, r.text
+    booked = r.json()
+    assert booked["status"] == "booked"
+    srm = [m for m in lock.received() if m["type"] == "SRM^S01" and m["placer"] == booked["id"]]
+    assert len(srm) == 1 and srm[0]["ack"] == "AA"
+    assert lock.chamber_rows("SELECT status, pending_change FROM appointments WHERE id = ?", booked["id"]) == [
+        ("booked", None)]
+    assert lock.chamber_rows("SELECT type, state, control_id FROM messages WHERE direction = 'outbound'") == [
+        ("SRM^S01", "delivered", srm[0]["control_id"])]
+
+    # the operator's commands on the same chamber, while the gateway runs
+    listing = gatewayd(lock, "queue", "show")
+    assert listing.returncode == 0 and "SRM^S01" in listing.stdout, listing.stderr
+    status = gatewayd(lock, "status", "--json")
+    assert status.returncode in (0, 1) and '"backend": "postgresql"' in status.stdout, status.stderr
+    refused = gatewayd(lock, "backup", str(lock.workdir / "copy.sqlite3"))
+    assert refused.returncode == 1 and "pg_dump" in refused.stderr
+    assert not (lock.workdir / "copy.sqlite3").exists()
+
+    # what was committed is there after a restart, and the gateway answers from it
+    lock.gateway.stop()
+    lock.start_gateway()
+    again = lock.session().get(f"{lock.base}/Appointment/{booked['id']}", timeout=10)
+    assert again.status_code == 200 and again.json()["status"] == "booked"
+    assert slot["id"] not in {s["id"] for s in lock.search_slots(status="free")}
