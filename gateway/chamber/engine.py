@@ -487,9 +487,10 @@ class Chamber:
         every ``interval`` seconds of ``clock``, soon after the other process writes the WAL file, and after
         each of this process's own commits (:class:`~gateway.chamber.watch.CommitWatch`).  Returns the
         LoopingCall (stop it with ``.stop()``; that stops the inotify watch too)."""
-        if self.backend.kind != "sqlite":
-            raise ChamberError("the split lock (two processes on one chamber) runs on SQLite only for now: the "
-                               "wake-up between processes on PostgreSQL (LISTEN/NOTIFY) is not built yet")
+        if self.backend.kind != "sqlite":  # LISTEN/NOTIFY (gateway/chamber/postgresql.py: NotifyWatch)
+            self._watch = self.backend.watch(lambda: self._writer, lambda: self._inflight is not None,
+                                             lambda: self._notify(own=False, other_process=True))
+            return self._watch.start(clock, interval)
         self._watch = CommitWatch(self.path, self._data_version, lambda: self._inflight is not None,
                                   lambda: self._notify(own=False, other_process=True))
         return self._watch.start(clock, interval)

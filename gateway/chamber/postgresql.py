@@ -107,13 +107,22 @@ class PgConnection:
 
     dialect = _dialects.POSTGRESQL
 
-    def __init__(self, connect: Callable[[], Any]):
+    def __init__(self, connect: Callable[[], Any], *, reads_only: bool = False):
         self._connect = connect
         self.raw = connect()
+        #: a read connection (autocommit, read-only): a statement that finds the connection dropped (PostgreSQL
+        #: restarted, a failover) is run again once on a new one — a read, so running it again changes nothing
+        self.reads_only = reads_only
 
     def execute(self, sql: str, params: Iterable = ()):
         text, returning = translate(sql)
-        cur = self.raw.execute(text, tuple(params))
+        try:
+            cur = self.raw.execute(text, tuple(params))
+        except _import_psycopg().OperationalError:
+            if not (self.reads_only and self.raw.broken):
+                raise
+            self.reconnect_if_broken()
+            cur = self.raw.execute(text, tuple(params))
         if returning:
             row = cur.fetchone()
             cur.lastrowid = row[0] if row is not None else None
@@ -200,9 +209,15 @@ class PostgresBackend:
             raise ChamberError(f"cannot connect to the chamber's PostgreSQL {self.target}: {_without_secrets(e)}") from e
 
     def connect_reader(self) -> PgConnection:
-        conn = self.connect()
-        conn.execute("SET default_transaction_read_only = on")
-        return conn
+        def read_only():
+            raw = self._raw()
+            raw.execute("SET default_transaction_read_only = on")
+            return raw
+
+        try:
+            return PgConnection(read_only, reads_only=True)
+        except self.psycopg.Error as e:
+            raise ChamberError(f"cannot connect to the chamber's PostgreSQL {self.target}: {_without_secrets(e)}") from e
 
     # -- what the engine asks ------------------------------------------------------------------------------------
     def prepare(self, conn: PgConnection) -> str:
@@ -228,14 +243,34 @@ class PostgresBackend:
         upgrades.ensure_schema_postgresql(self, conn, clock)
 
     def begin(self, conn: PgConnection) -> None:
-        """BEGIN a write transaction: the chamber's write lock first (SQLite's BEGIN IMMEDIATE)."""
+        """BEGIN a write transaction: the chamber's write lock first (SQLite's BEGIN IMMEDIATE), and the
+        notification its COMMIT sends to the other processes on the chamber (:class:`NotifyWatch`; none if it
+        rolls back).  A connection found dropped at BEGIN (PostgreSQL restarted, a failover) is made again and
+        BEGIN said again: nothing had been done on it yet."""
         conn.reconnect_if_broken()
-        conn.execute("BEGIN")
+        try:
+            conn.execute("BEGIN")
+        except self.psycopg.OperationalError:
+            if not conn.raw.broken:
+                raise
+            conn.reconnect_if_broken()
+            conn.execute("BEGIN")
         try:
             conn.execute("SELECT pg_advisory_xact_lock(?)", (self._lock_key,))
+            conn.execute(f"NOTIFY {self.channel}, '{conn.raw.info.backend_pid}'")
         except self.psycopg.Error:
-            conn.execute("ROLLBACK")
+            if not conn.raw.broken:
+                conn.execute("ROLLBACK")
             raise
+
+    @property
+    def channel(self) -> str:
+        """The chamber's notification channel (one per database and schema, like its lock)."""
+        return f"gatewayd_chamber_{self._lock_key & 0xFFFFFFFFFFFF:x}"
+
+    def watch(self, writer: Callable[[], "PgConnection | None"], busy: Callable[[], bool],
+              on_commit: Callable[[], None]) -> "NotifyWatch":
+        return NotifyWatch(self, writer, busy, on_commit)
 
     def writable(self, conn: PgConnection) -> tuple[bool, str]:
         """Can the chamber be written now?  Reachable (a dropped connection is made again) and a primary, not a
@@ -279,3 +314,79 @@ def portable_ddl(script: str) -> str:
 def _without_secrets(error: Exception) -> str:
     """A connection error's text without a password libpq may quote from the connection string."""
     return re.sub(r"password=\S+", "password=***", str(error)).strip()
+
+
+class NotifyWatch:
+    """Another process's commits to a chamber on PostgreSQL (the split lock's other gate), as
+    :class:`gateway.chamber.watch.CommitWatch` sees them on SQLite: every write transaction NOTIFYs the chamber's
+    channel with its connection's backend pid (delivered at COMMIT only); this watch LISTENs on a connection of
+    its own and reads what arrived every ``interval`` (without blocking: libpq's consume_input) and after each of
+    this process's own commits (the engine asks :meth:`other_commits`).  A notification from this process's own
+    writer connection is not another's."""
+
+    def __init__(self, backend: PostgresBackend, writer: Callable[[], "PgConnection | None"],
+                 busy: Callable[[], bool], on_commit: Callable[[], None]):
+        self._backend = backend
+        self._writer = writer
+        self._busy = busy
+        self._on_commit = on_commit
+        self._conn: PgConnection | None = None
+        self.watching = False
+
+    def _listen(self) -> PgConnection:
+        conn = self._backend.connect()
+        conn.execute(f"LISTEN {self._backend.channel}")
+        return conn
+
+    def start(self, clock, interval: float):
+        from twisted.internet import task
+
+        self._conn = self._listen()
+        self.watching = True
+        loop = task.LoopingCall(self.look)
+        loop.clock = clock
+
+        def stopped(result):
+            self.watching = False
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+            return result
+
+        loop.start(interval, now=False).addBoth(stopped)
+        return loop
+
+    def look(self) -> None:
+        if self._busy():
+            return
+        if self.other_commits():
+            self._on_commit()
+
+    def other_commits(self) -> bool:
+        """Has another process committed since the watch last looked?  (A dropped listening connection is made
+        again, and counts as a commit seen: what happened meanwhile is unknown.)"""
+        if not self.watching or self._conn is None:
+            return False
+        pgconn = self._conn.raw.pgconn
+        try:
+            pgconn.consume_input()
+        except self._backend.psycopg.OperationalError:
+            try:
+                self._conn.close()
+            except Exception:  # noqa: BLE001 - it is gone either way
+                pass
+            try:
+                self._conn = self._listen()
+            except ChamberError as e:
+                log.warning("chamber.watch.reconnect_failed", error=str(e))
+                self._conn = None
+                self.watching = False
+                return False
+            return True
+        writer = self._writer()
+        own = str(writer.raw.info.backend_pid).encode() if writer is not None else None
+        other = False
+        while (note := pgconn.notifies()) is not None:
+            if note.extra != own:
+                other = True
+        return other

@@ -390,28 +390,46 @@ def test_a_storage_error_inside_a_unit_is_a_write_failure(chamber_backend):
     ch.close()
 
 
-def test_watch_notices_commits_of_another_process(tmp_path):
-    """Two chambers on one file stand for the two gates' processes: a commit through one wakes the
-    observers of the other within the watch interval; its own commits are not reported twice."""
+def test_watch_notices_commits_of_another_process(chamber_backend):
+    """Two chambers on one file (or database) stand for the two gates' processes: a commit through one wakes
+    the observers of the other within the watch interval; its own commits are not reported twice; one rolled
+    back wakes nobody.  (SQLite: data_version; PostgreSQL: LISTEN/NOTIFY, which arrives over a socket — given
+    a moment of real time to.)"""
     clock = task.Clock()
-    outer = Chamber(tmp_path / "c.sqlite3", clock=clock.seconds)
-    inner = Chamber(tmp_path / "c.sqlite3", clock=clock.seconds)
+    outer = Chamber(backend=chamber_backend(), clock=clock.seconds)
+    inner = Chamber(backend=chamber_backend(), clock=clock.seconds)
     outer.open()
     inner.open()
     woken = []
     inner.observe(lambda: woken.append("inner"))
     loop = inner.watch(clock, interval=0.01)
-    clock.advance(0.01)
+
+    def looks(n=20):
+        for _ in range(n):
+            time.sleep(0.005)
+            clock.advance(0.01)
+
+    looks()
     assert woken == []
     outer.transact_now(schedule)
     assert woken == []  # not yet: the other process learns of it on its next look
     clock.advance(0.01)
+    if not woken:
+        looks(200 if outer.backend.kind == "postgresql" else 0)
     assert woken == ["inner"]
-    clock.advance(0.05)
+    looks()
     assert woken == ["inner"]  # nothing new committed
+    def written_then_refused(tx):
+        schedule(tx, "D003")
+        raise ValueError("refused")
+
+    with pytest.raises(ValueError):
+        outer.transact_now(written_then_refused)
+    looks()
+    assert woken == ["inner"]  # rolled back: nothing to see
     inner.transact_now(lambda tx: schedule(tx, "D002"))
     assert woken == ["inner", "inner"]  # its own commit: the direct notification only
-    clock.advance(0.02)
+    looks()
     assert woken == ["inner", "inner"]
     loop.stop()
     outer.close()
@@ -855,3 +873,28 @@ def test_a_postgresql_database_that_sorts_text_otherwise_is_refused(chamber_post
                       " LOCALE 'C.UTF-8'")
     with pytest.raises(ChamberError, match="LC_COLLATE 'C'"):
         Chamber(backend=PostgresBackend(chamber_postgres.dsn("icu")), clock=time.time).open()
+
+
+def test_a_chamber_on_postgresql_connects_again_when_its_connections_are_dropped(chamber_postgres):
+    """PostgreSQL restarted or failed over drops the chamber's connections: the next read runs on a new one
+    (a read may be run again), the next transaction BEGINs on a new one (nothing had been done on the old one);
+    nothing committed before is lost, and the write after is committed."""
+    import psycopg
+
+    from gateway.chamber.postgresql import PostgresBackend
+
+    with psycopg.connect(chamber_postgres.dsn("chamber"), autocommit=True) as admin:
+        admin.execute("CREATE SCHEMA dropped")
+        ch = Chamber(backend=PostgresBackend(chamber_postgres.dsn("chamber", options="-csearch_path=dropped")),
+                     clock=time.time)
+        ch.open()
+        try:
+            ch.transact_now(schedule)
+            pids = [ch._writer.raw.info.backend_pid, ch._reader.raw.info.backend_pid]
+            admin.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) pid", (pids,))
+            assert [s.id for s in ch.read().schedules()] == ["D001"]
+            ch.transact_now(lambda tx: schedule(tx, "D002"))
+            assert [s.id for s in ch.read().schedules()] == ["D001", "D002"]
+            assert ch._writer.raw.info.backend_pid not in pids and ch._reader.raw.info.backend_pid not in pids
+        finally:
+            ch.close()
