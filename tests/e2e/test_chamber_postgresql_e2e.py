@@ -6,23 +6,32 @@ operator's commands read the same chamber, and backup is refused with the tool t
 
 import subprocess
 import sys
+import time
 
 import psycopg
 import pytest
 
 from tests.e2e.harness import Lock, appointment_for
+from tests.e2e.test_split_e2e import SplitLock
+
+
+def _on_postgresql(kind, tmp_path, postgres, schema):
+    with psycopg.connect(postgres.dsn("chamber"), autocommit=True) as admin:
+        admin.execute(f"CREATE SCHEMA {schema}")
+    return kind(tmp_path, gateway={"chamber": {"backend": "postgresql", "postgresql": {
+        "dsn": postgres.dsn("chamber", options=f"-csearch_path={schema}"), "sslmode": "disable"}}})
 
 
 @pytest.fixture
 def pg_lock(tmp_path, chamber_postgres):
-    with psycopg.connect(chamber_postgres.dsn("chamber"), autocommit=True) as admin:
-        admin.execute("CREATE SCHEMA e2e_lock")
-    lock = Lock(tmp_path, gateway={"chamber": {"backend": "postgresql", "postgresql": {
-        "dsn": chamber_postgres.dsn("chamber", options="-csearch_path=e2e_lock"), "sslmode": "disable"}}})
-    with lock:
+    with _on_postgresql(Lock, tmp_path, chamber_postgres, "e2e_lock") as lock:
         yield lock
-    with psycopg.connect(chamber_postgres.dsn("chamber"), autocommit=True) as admin:
-        admin.execute("DROP SCHEMA e2e_lock CASCADE")
+
+
+@pytest.fixture
+def pg_split(tmp_path, chamber_postgres):
+    with _on_postgresql(SplitLock, tmp_path, chamber_postgres, "e2e_split") as lock:
+        yield lock
 
 
 def gatewayd(lock, *args) -> subprocess.CompletedProcess:
@@ -65,3 +74,18 @@ def test_siu_in_and_a_booking_out_through_a_chamber_on_postgresql(pg_lock):
     again = lock.session().get(f"{lock.base}/Appointment/{booked['id']}", timeout=10)
     assert again.status_code == 200 and again.json()["status"] == "booked"
     assert slot["id"] not in {s["id"] for s in lock.search_slots(status="free")}
+
+
+def test_the_split_lock_on_postgresql_wakes_each_process_by_notify(pg_split):
+    """The two gates as two processes on one chamber in PostgreSQL: the inner process's slots reach the outer
+    one's FHIR API, and a booking made at the outer gate is delivered by the inner one and answered 201 — each
+    process woken by the other's commits (LISTEN/NOTIFY): without that the outer gate would answer 202 when
+    outer.answer_within (5 s) has passed."""
+    slot_id = pg_split.search_slots(status="free")[0]["id"]
+    started = time.monotonic()
+    r = pg_split.session().post(f"{pg_split.base}/Appointment", json=appointment_for(slot_id),
+                                headers={"Content-Type": "application/fhir+json"}, timeout=15)
+    elapsed = time.monotonic() - started
+    assert r.status_code == 201, r.text
+    print(f"\nsplit-mode booking round trip on PostgreSQL: {elapsed * 1000:.1f} ms")
+    assert [m["placer"] for m in pg_split.received() if m["type"] == "SRM^S01"] == [r.json()["id"]]
