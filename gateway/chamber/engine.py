@@ -5,7 +5,10 @@ is answered (HL7 ACK, HTTP status) before the transaction that recorded it has c
 
 Design:
 
-- One SQLite file in WAL mode with ``synchronous=FULL`` (a commit is on disk when COMMIT returns).
+- Where the tables live is the chamber's backend (``backends.py``; docs/chamber.md): by default one SQLite file
+  in WAL mode with ``synchronous=FULL`` (a commit is on disk when COMMIT returns), or PostgreSQL
+  (``postgresql.py``).  What is written below of connections and threads is SQLite's; on PostgreSQL a batch
+  runs on the reactor thread on the writer connection, and reads use a read-only connection of their own.
 - Writes go through :meth:`Chamber.transact`: the work function is queued and all work queued in one
   reactor turn runs in a single transaction (group commit), each function inside its own SAVEPOINT so a
   function that raises undoes only its own writes.  The returned Deferred fires with the function's
@@ -18,7 +21,8 @@ Design:
 The package: this module (open, group commit, reads, observers, backup); ``upgrades.py`` (the versioned
 schema in ``schema/``: a new chamber's tables, an older one's upgrades); ``rows.py`` (the row types),
 ``txn.py`` (what a unit of work may do), ``reader.py`` (reads of committed state), ``threads.py`` (the
-writer and checkpoint threads), ``watch.py`` (another process's commits), ``errors.py``, ``retention.py``.
+writer and checkpoint threads), ``watch.py`` (another process's commits), ``errors.py``, ``retention.py``;
+``backends.py``, ``postgresql.py`` and ``dialects.py`` (the backends and the SQL that differs between them).
 """
 
 from __future__ import annotations
@@ -97,6 +101,8 @@ class Chamber:
 
     def __init__(self, path: str | Path | None = None, *, clock: Callable[[], float], reactor=None,
                  commit_in_thread: bool | None = None, pipeline: bool | None = None, backend=None):
+        if (path is None) == (backend is None):
+            raise TypeError("Chamber: give the SQLite file's path or a backend, not both")
         #: where the tables live (gateway/chamber/backends.py): the SQLite file at ``path`` unless given
         self.backend = backend if backend is not None else SqliteBackend(path)
         self._errors = self.backend.Error  # (the backend's error class: what a failed statement raises)

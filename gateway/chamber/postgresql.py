@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterable
 import structlog
 
 from gateway.chamber.errors import ChamberError
+from gateway.chamber.watch import CommitWatch
 
 log = structlog.get_logger("gateway.chamber.postgresql")
 
@@ -316,73 +317,58 @@ def _without_secrets(error: Exception) -> str:
     return re.sub(r"password=\S+", "password=***", str(error)).strip()
 
 
-class NotifyWatch:
+class NotifyWatch(CommitWatch):
     """Another process's commits to a chamber on PostgreSQL (the split lock's other gate), as
-    :class:`gateway.chamber.watch.CommitWatch` sees them on SQLite: every write transaction NOTIFYs the chamber's
-    channel with its connection's backend pid (delivered at COMMIT only); this watch LISTENs on a connection of
-    its own and reads what arrived every ``interval`` (without blocking: libpq's consume_input) and after each of
-    this process's own commits (the engine asks :meth:`other_commits`).  A notification from this process's own
+    :class:`~gateway.chamber.watch.CommitWatch` sees them on SQLite (whose looks, every ``interval`` and after
+    each of this process's own commits, it shares): every write transaction NOTIFYs the chamber's channel with
+    its connection's backend pid (delivered at COMMIT only); this watch LISTENs on a connection of its own and
+    reads what arrived without blocking (libpq's consume_input).  A notification from this process's own
     writer connection is not another's."""
 
     def __init__(self, backend: PostgresBackend, writer: Callable[[], "PgConnection | None"],
                  busy: Callable[[], bool], on_commit: Callable[[], None]):
+        super().__init__(backend.target, lambda: None, busy, on_commit)
         self._backend = backend
         self._writer = writer
-        self._busy = busy
-        self._on_commit = on_commit
         self._conn: PgConnection | None = None
-        self.watching = False
 
     def _listen(self) -> PgConnection:
         conn = self._backend.connect()
         conn.execute(f"LISTEN {self._backend.channel}")
         return conn
 
-    def start(self, clock, interval: float):
-        from twisted.internet import task
-
+    def _watch_wal(self, clock) -> Callable[[], None]:
+        """(Instead of SQLite's WAL file: the listening connection; returns what closes it.)"""
         self._conn = self._listen()
-        self.watching = True
-        loop = task.LoopingCall(self.look)
-        loop.clock = clock
 
-        def stopped(result):
-            self.watching = False
+        def stop() -> None:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
-            return result
 
-        loop.start(interval, now=False).addBoth(stopped)
-        return loop
-
-    def look(self) -> None:
-        if self._busy():
-            return
-        if self.other_commits():
-            self._on_commit()
+        return stop
 
     def other_commits(self) -> bool:
         """Has another process committed since the watch last looked?  (A dropped listening connection is made
-        again, and counts as a commit seen: what happened meanwhile is unknown.)"""
-        if not self.watching or self._conn is None:
+        again — at this look, or a later one if PostgreSQL is not back yet — and counts as a commit seen: what
+        happened meanwhile is unknown.)"""
+        if not self.watching:
             return False
+        if self._conn is None:
+            return self._listen_again()
         pgconn = self._conn.raw.pgconn
+        psycopg = self._backend.psycopg
         try:
             pgconn.consume_input()
-        except self._backend.psycopg.OperationalError:
+            if pgconn.status != psycopg.pq.ConnStatus.OK:  # (the server said goodbye: its last words were read)
+                raise psycopg.OperationalError("the listening connection was closed")
+        except psycopg.OperationalError:
             try:
                 self._conn.close()
             except Exception:  # noqa: BLE001 - it is gone either way
                 pass
-            try:
-                self._conn = self._listen()
-            except ChamberError as e:
-                log.warning("chamber.watch.reconnect_failed", error=str(e))
-                self._conn = None
-                self.watching = False
-                return False
-            return True
+            self._conn = None
+            return self._listen_again()
         writer = self._writer()
         own = str(writer.raw.info.backend_pid).encode() if writer is not None else None
         other = False
@@ -390,3 +376,11 @@ class NotifyWatch:
             if note.extra != own:
                 other = True
         return other
+
+    def _listen_again(self) -> bool:
+        try:
+            self._conn = self._listen()
+        except ChamberError as e:
+            log.warning("chamber.watch.reconnect_failed", error=str(e))
+            return False
+        return True

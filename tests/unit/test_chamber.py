@@ -390,6 +390,16 @@ def test_a_storage_error_inside_a_unit_is_a_write_failure(chamber_backend):
     ch.close()
 
 
+def looks_until(clock, done, n: int = 200) -> None:
+    """Advance ``clock`` by the watch's interval until ``done()``, ``n`` times at most, with a moment of real time
+    between (PostgreSQL's notifications come over a socket)."""
+    for _ in range(n):
+        clock.advance(0.01)
+        if done():
+            return
+        time.sleep(0.005)
+
+
 def test_watch_notices_commits_of_another_process(chamber_backend):
     """Two chambers on one file (or database) stand for the two gates' processes: a commit through one wakes
     the observers of the other within the watch interval; its own commits are not reported twice; one rolled
@@ -404,18 +414,16 @@ def test_watch_notices_commits_of_another_process(chamber_backend):
     inner.observe(lambda: woken.append("inner"))
     loop = inner.watch(clock, interval=0.01)
 
-    def looks(n=20):
-        for _ in range(n):
-            time.sleep(0.005)
-            clock.advance(0.01)
+    def looks():
+        looks_until(clock, lambda: False, 20)
 
     looks()
     assert woken == []
     outer.transact_now(schedule)
     assert woken == []  # not yet: the other process learns of it on its next look
     clock.advance(0.01)
-    if not woken:
-        looks(200 if outer.backend.kind == "postgresql" else 0)
+    if outer.backend.kind == "postgresql":
+        looks_until(clock, lambda: woken)
     assert woken == ["inner"]
     looks()
     assert woken == ["inner"]  # nothing new committed
@@ -885,16 +893,29 @@ def test_a_chamber_on_postgresql_connects_again_when_its_connections_are_dropped
 
     with psycopg.connect(chamber_postgres.dsn("chamber"), autocommit=True) as admin:
         admin.execute("CREATE SCHEMA dropped")
-        ch = Chamber(backend=PostgresBackend(chamber_postgres.dsn("chamber", options="-csearch_path=dropped")),
-                     clock=time.time)
+        dsn = chamber_postgres.dsn("chamber", options="-csearch_path=dropped")
+        clock = task.Clock()
+        ch, other = (Chamber(backend=PostgresBackend(dsn), clock=time.time) for _ in range(2))
         ch.open()
+        other.open()
+        woken = []
+        ch.observe(lambda: woken.append(1), own_commits=False)
+        loop = ch.watch(clock, interval=0.01)
         try:
             ch.transact_now(schedule)
-            pids = [ch._writer.raw.info.backend_pid, ch._reader.raw.info.backend_pid]
+            pids = [ch._writer.raw.info.backend_pid, ch._reader.raw.info.backend_pid, ch._watch._conn.raw.info.backend_pid]
             admin.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) pid", (pids,))
             assert [s.id for s in ch.read().schedules()] == ["D001"]
             ch.transact_now(lambda tx: schedule(tx, "D002"))
             assert [s.id for s in ch.read().schedules()] == ["D001", "D002"]
             assert ch._writer.raw.info.backend_pid not in pids and ch._reader.raw.info.backend_pid not in pids
+            looks_until(clock, lambda: woken)
+            assert woken  # the watch's own connection was dropped too: made again, and what was missed is looked at
+            woken.clear()
+            other.transact_now(lambda tx: schedule(tx, "D003"))
+            looks_until(clock, lambda: woken)
+            assert woken  # and it hears the other process's commits again
         finally:
+            loop.stop()
             ch.close()
+            other.close()
