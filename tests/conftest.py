@@ -41,9 +41,9 @@ def certs(tmp_path_factory):
 
 
 @pytest.fixture
-def gate(tmp_path, certs):
-    """A unit Gate on its own chamber file, stopped and closed after the test."""
-    g = Gate(tmp_path / "c.sqlite3", certs)
+def gate(chamber_backend, certs):
+    """A unit Gate on its own chamber, once on each backend (chamber_backend), stopped and closed after the test."""
+    g = Gate(None, certs, backend=chamber_backend())
     yield g
     g.booking.stop()
     g.chamber.close()

@@ -4,7 +4,9 @@ Everything else Txn and Reader say runs on SQLite and PostgreSQL alike; a connec
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from typing import Callable, Iterable
 
 
 @dataclass(frozen=True)
@@ -16,6 +18,14 @@ class Dialect:
     patient_has_identifier: str
     #: the bucket number of a message's commit time: parameters since, bucket size
     time_bucket: str
+    #: patient_has_identifier's parameter: the JSON text of (system or None, value) pairs
+    identifiers_param: Callable[[Iterable[tuple]], str] = lambda pairs: json.dumps(list(pairs))
+
+
+def _without_nul(pairs: Iterable[tuple]) -> str:
+    """PostgreSQL's jsonb cannot hold a NUL (\\u0000): a pair with one cannot match a patient there (a patient whose
+    JSON has one is not searched: see POSTGRESQL.patient_has_identifier), so it is left out."""
+    return json.dumps([p for p in pairs if not any(isinstance(v, str) and "\x00" in v for v in p)])
 
 
 SQLITE = Dialect(
@@ -40,10 +50,12 @@ POSTGRESQL = Dialect(
         " WHERE h ->> 0 = slots.schedule_id AND h ->> 1 = substr(slots.start_local, 1, 8)"
         " AND (h ->> 2 IS NULL OR slots.start_ts > (h ->> 2)::double precision)))"),
     patient_has_identifier=(
-        "EXISTS (SELECT 1 FROM jsonb_array_elements(CASE WHEN jsonb_typeof(a.patient::jsonb -> 'identifiers') = 'array'"
-        " THEN a.patient::jsonb -> 'identifiers' ELSE '[]'::jsonb END) i, jsonb_array_elements(?::jsonb) t"
+        "EXISTS (SELECT 1 FROM jsonb_array_elements(CASE WHEN strpos(a.patient, '\\u0000') > 0 THEN '[]'::jsonb"
+        " WHEN jsonb_typeof(a.patient::jsonb -> 'identifiers') = 'array' THEN a.patient::jsonb -> 'identifiers'"
+        " ELSE '[]'::jsonb END) i, jsonb_array_elements(?::jsonb) t"
         " WHERE i ->> 'value' = t ->> 1 AND (t ->> 0 IS NULL OR i ->> 'system' = t ->> 0))"),
     time_bucket="CAST(floor((created - ?) / ?) AS BIGINT)",
+    identifiers_param=_without_nul,
 )
 
 

@@ -93,12 +93,39 @@ def _rows_of(names: tuple[str, ...]):
     return _row_class(names)
 
 
+# PostgreSQL's text cannot hold NUL, which SQLite's can (a header or a query parameter may carry one, and is
+# then looked up or kept as it came). Text parameters are written with NUL as \x01\x01 and \x01 itself as
+# \x01\x02 (so no two texts become one, and equality is kept), and read back the other way.
+_ESCAPED = re.compile("\x01[\x01\x02]")
+
+
+def _escape(text: str) -> str:
+    return text.replace("\x01", "\x01\x02").replace("\x00", "\x01\x01")
+
+
+def _unescape(text: str) -> str:
+    return _ESCAPED.sub(lambda m: "\x00" if m.group(0) == "\x01\x01" else "\x01", text)
+
+
+def _params(params: Iterable) -> tuple:
+    params = tuple(params)
+    if any(type(p) is str and ("\x00" in p or "\x01" in p) for p in params):
+        return tuple(_escape(p) if type(p) is str else p for p in params)
+    return params
+
+
 def row_factory(cursor):
-    """psycopg row factory: rows like sqlite3.Row."""
+    """psycopg row factory: rows like sqlite3.Row (their text as it was written: see _escape)."""
     if cursor.description is None:
         return tuple
     cls = _rows_of(tuple(c.name for c in cursor.description))
-    return lambda values: cls(values)
+
+    def make(values):
+        if any(type(v) is str and "\x01" in v for v in values):
+            values = [_unescape(v) if type(v) is str else v for v in values]
+        return cls(values)
+
+    return make
 
 
 class PgConnection:
@@ -117,13 +144,14 @@ class PgConnection:
 
     def execute(self, sql: str, params: Iterable = ()):
         text, returning = translate(sql)
+        params = _params(params)
         try:
-            cur = self.raw.execute(text, tuple(params))
+            cur = self.raw.execute(text, params)
         except _import_psycopg().OperationalError:
             if not (self.reads_only and self.raw.broken):
                 raise
             self.reconnect_if_broken()
-            cur = self.raw.execute(text, tuple(params))
+            cur = self.raw.execute(text, params)
         if returning:
             row = cur.fetchone()
             cur.lastrowid = row[0] if row is not None else None
@@ -132,7 +160,7 @@ class PgConnection:
     def executemany(self, sql: str, seq: Iterable):
         text, _ = translate(sql)
         cur = self.raw.cursor()
-        cur.executemany(text, [tuple(p) for p in seq])
+        cur.executemany(text, [_params(p) for p in seq])
         return cur
 
     def script(self, text: str) -> None:

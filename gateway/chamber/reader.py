@@ -11,6 +11,12 @@ from gateway.chamber.rows import AppointmentRow, AuditRow, MessageRow, Prescript
 from gateway.chamber.txn import Txn
 
 
+def _among(column: str, values: list) -> str:
+    """``column IN (?, ...)`` for ``values`` — for none, a condition nothing meets (SQLite takes ``IN ()``,
+    PostgreSQL does not)."""
+    return f"{column} IN ({', '.join('?' * len(values))})" if values else "1 = 0"
+
+
 class Reader(Txn):
     """Read-only queries over committed state (used outside transactions)."""
 
@@ -146,12 +152,12 @@ class Reader(Txn):
         for column, values in (("id", ids), ("schedule_id", schedule_ids), ("service_code", service_codes)):
             if values is not None:
                 values = list(values)
-                where.append(f"{column} IN ({', '.join('?' * len(values))})")
+                where.append(_among(column, values))
                 args += values
         if his_statuses is not None:
             his_statuses = list(his_statuses)
             started = "" if free_after is None else " AND NOT (his_status = 'free' AND start_ts <= ?)"
-            where.append(f"((held_by IS NULL AND his_status IN ({', '.join('?' * len(his_statuses))}){started})"
+            where.append(f"((held_by IS NULL AND {_among('his_status', his_statuses)}{started})"
                          + (" OR held_by IS NOT NULL)" if or_held else ")"))
             args += his_statuses
             if free_after is not None:
@@ -190,14 +196,15 @@ class Reader(Txn):
         for column, values in (("a.id", ids), ("a.status", statuses)):
             if values is not None:
                 values = list(values)
-                where.append(f"{column} IN ({', '.join('?' * len(values))})")
+                where.append(_among(column, values))
                 args += values
         for low, high in start_ranges:
             where.append("s.start_ts >= ? AND s.start_ts < ?")
             args += [max(low, -1e18), min(high, 1e18)]
         if patients is not None:
-            where.append(dialects.of(self._c).patient_has_identifier)
-            args.append(json.dumps(list(patients)))
+            dialect = dialects.of(self._c)
+            where.append(dialect.patient_has_identifier)
+            args.append(dialect.identifiers_param(patients))
         return " WHERE " + " AND ".join(where), args
 
     def appointments_for(self, platform: str, limit: int = 100) -> list[AppointmentRow]:

@@ -919,3 +919,31 @@ def test_a_chamber_on_postgresql_connects_again_when_its_connections_are_dropped
             loop.stop()
             ch.close()
             other.close()
+
+
+def test_text_with_nul_is_kept_and_found_on_both_backends(chamber_backend):
+    """SQLite keeps a NUL inside text, PostgreSQL's text cannot: the chamber on PostgreSQL writes it escaped and
+    reads it back as it came, so a key with one (an Idempotency-Key header, a query parameter) is found again and
+    never a storage error; a patient whose identifiers hold one is kept, and a search for others is not disturbed."""
+    from gateway.chamber.rows import AppointmentRow
+
+    ch = Chamber(backend=chamber_backend(), clock=time.time)
+    ch.open()
+    try:
+        ch.transact_now(_slot_and_appointment)
+        odd = "键\x00\x01\x01x\x01"
+        ch.transact_now(lambda tx: tx.remember_request("p", odd, "h\x00", "a1"))
+        assert ch.read().idempotent_request("p", odd) == ("h\x00", "a1")
+        assert ch.read().idempotent_request("p", "键\x01\x01\x01x\x01") is None  # no two texts become one
+        ch.transact_now(lambda tx: tx.insert_appointment(AppointmentRow(
+            "a2", "p", "S1", "booked", {"identifiers": [{"system": "urn:x", "value": "N\x00"}]}, None, None, None,
+            None, None, 1, 0, 0)))
+        ch.transact_now(lambda tx: tx.insert_appointment(AppointmentRow(
+            "a3", "p", "S1", "booked", {"identifiers": [{"system": "urn:x", "value": "M1"}]}, None, None, None,
+            None, None, 1, 0, 0)))
+        assert ch.read().appointment("a2").patient["identifiers"][0]["value"] == "N\x00"
+        assert [a.id for a in ch.read().search_appointments("p", patients=[("urn:x", "M1")])] == ["a3"]
+        assert [a.id for a in ch.read().search_appointments("p", patients=[(None, "M1"), ("urn:x", "\x00")])] == ["a3"]
+        assert ch.read().search_appointments("p", statuses=[]) == []  # (no status at all: nothing, not an error)
+    finally:
+        ch.close()
