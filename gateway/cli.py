@@ -365,6 +365,22 @@ def run(path: Path, gate: str = "both") -> int:
         claim.release()
         return 1
     exit_code = [0]
+    if claim.database is not None:  # a chamber in PostgreSQL: its claim kept (taken again after a failover)
+        from twisted.internet import task
+
+        from gateway.ops.claim import CLAIM_HELD_EXIT
+
+        def keep_claim():
+            lost = claim.database.keep()
+            if lost is not None:  # another gateway took this gate while PostgreSQL had dropped ours: stop
+                log.error("gateway.claim_lost", error=lost)
+                exit_code[0] = CLAIM_HELD_EXIT
+                if keeper.running:
+                    keeper.stop()
+                reactor.stop()
+
+        keeper = task.LoopingCall(keep_claim)
+        keeper.start(CLAIM_KEPT_EVERY, now=False)
 
     def stop():
         """SIGTERM/SIGINT: listeners stop first (reverse start order), sends in flight get up to
@@ -439,11 +455,15 @@ def run(path: Path, gate: str = "both") -> int:
     return exit_code[0]
 
 
+#: how often a gateway on a PostgreSQL chamber makes sure it still holds its claim there (seconds)
+CLAIM_KEPT_EVERY = 5.0
+
+
 def _claim(config, path: Path, gate: str, log):
     """This gate's claim on the chamber (gateway/ops/claim.py), taken before anything is opened or listens; or
     the exit code when it cannot be taken: CLAIM_HELD_EXIT when another process runs this gate on the chamber
     (the message names it), 1 when the claim file cannot be opened or written."""
-    from gateway.ops.claim import CLAIM_HELD_EXIT, Claim, ClaimError, ClaimHeld, Holder
+    from gateway.ops.claim import CLAIM_HELD_EXIT, ROLES, Claim, ClaimError, ClaimHeld, Holder
 
     claim = Claim(config.chamber.path, gate, Holder.this_process(gate, path))
     try:
@@ -460,6 +480,25 @@ def _claim(config, path: Path, gate: str, log):
         log.error("gateway.start_failed", error=str(e), error_type=type(e).__name__)
         print(f"gatewayd: cannot start: {e}", file=sys.stderr)
         return 1
+    if config.chamber.backend != "sqlite":  # the same roles claimed in the database, for every host that reaches it
+        from gateway.chamber.backends import backend_for
+        from gateway.chamber.errors import ChamberClaimed, ChamberError
+
+        holder = claim.holder
+        try:
+            claim.database = backend_for(config.chamber).claim(
+                ROLES[gate], f"gatewayd {gate} pid {holder.pid} on {holder.host}")
+            claim.database.take()
+        except ChamberClaimed as e:
+            claim.release()
+            log.error("gateway.claim_held", role=e.role, chamber=e.chamber, holder=e.holder)
+            print(f"gatewayd: cannot start: {e}", file=sys.stderr)
+            return CLAIM_HELD_EXIT
+        except ChamberError as e:
+            claim.release()
+            log.error("gateway.start_failed", error=str(e), error_type=type(e).__name__)
+            print(f"gatewayd: cannot start: {e}", file=sys.stderr)
+            return 1
     log.info("gateway.claimed", roles=list(claim.held), chamber=str(config.chamber.path))
     return claim
 

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable
 
 import structlog
 
-from gateway.chamber.errors import ChamberError
+from gateway.chamber.errors import ChamberClaimed, ChamberError
 from gateway.chamber.watch import CommitWatch
 
 log = structlog.get_logger("gateway.chamber.postgresql")
@@ -297,6 +297,10 @@ class PostgresBackend:
         """The chamber's notification channel (one per database and schema, like its lock)."""
         return f"gatewayd_chamber_{self._lock_key & 0xFFFFFFFFFFFF:x}"
 
+    def claim(self, roles: Iterable[str], holder: str) -> "DatabaseClaim":
+        """This process's claim of the gate ``roles`` on the chamber (:class:`DatabaseClaim`, not yet taken)."""
+        return DatabaseClaim(self, roles, holder)
+
     def watch(self, writer: Callable[[], "PgConnection | None"], busy: Callable[[], bool],
               on_commit: Callable[[], None]) -> "NotifyWatch":
         return NotifyWatch(self, writer, busy, on_commit)
@@ -412,3 +416,78 @@ class NotifyWatch(CommitWatch):
             log.warning("chamber.watch.reconnect_failed", error=str(e))
             return False
         return True
+
+
+class DatabaseClaim:
+    """The claims of one process on a chamber in PostgreSQL: each gate role at most once per chamber, as the claim
+    files (gateway/ops/claim.py) make it on one host — but across hosts, since every gateway that reaches the
+    database reaches its claims.  A claim is a session-level advisory lock (the chamber's key, the role) held by a
+    connection of its own for the process's life; PostgreSQL releases it when that connection ends, however the
+    process ends.  The connection's application_name says who holds it, so a refused process can name the holder.
+
+    If PostgreSQL drops the connection (a restart, a failover), the claim is gone with it: :meth:`keep` (every
+    few seconds) takes it again on a new connection — or, when another process took it meanwhile, says so, and
+    this process must stop (two gateways' decisions would contradict each other: issue 24)."""
+
+    ROLE_IDS = {"outer": 1, "inner": 2}
+
+    def __init__(self, backend: PostgresBackend, roles: Iterable[str], holder: str):
+        self._backend = backend
+        self.roles = tuple(roles)
+        self._holder = holder
+        self._conn: PgConnection | None = None
+        self._key: int | None = None
+
+    def take(self) -> None:
+        """Claim every role, or none: raises ChamberClaimed naming the holder, ChamberError when the database
+        cannot be reached."""
+        backend = self._backend
+        conn = backend.connect()
+        try:
+            conn.execute("SELECT set_config('application_name', ?, false)", (self._holder[:63],))
+            if self._key is None:
+                row = conn.execute("SELECT current_database(), current_schema()").fetchone()
+                digest = hashlib.sha256(f"gatewayd chamber {row[0]}.{row[1]}".encode()).digest()
+                self._key = int.from_bytes(digest[:4], "big", signed=True)
+            for role in self.roles:
+                if not conn.execute("SELECT pg_try_advisory_lock(?, ?)", (self._key, self.ROLE_IDS[role])).fetchone()[0]:
+                    raise ChamberClaimed(role, backend.target, self._holder_of(conn, role))
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+
+    def _holder_of(self, conn: PgConnection, role: str) -> str:
+        row = conn.execute(
+            "SELECT a.application_name, host(a.client_addr), a.backend_start FROM pg_locks l JOIN pg_stat_activity a"
+            " ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted AND l.classid::bigint = ? AND l.objid::bigint = ?"
+            " AND l.objsubid = 2", (self._key & 0xFFFFFFFF, self.ROLE_IDS[role])).fetchone()
+        if row is None:
+            return "another process (gone since)"
+        return f"{row[0] or 'a process'} (connected from {row[1] or 'this host'} since {row[2]:%Y-%m-%d %H:%M:%S %Z})"
+
+    def keep(self) -> str | None:
+        """Still held?  None when it is (taken again on a new connection if PostgreSQL dropped the old one, or
+        when the database cannot be reached now: tried again at the next look); else why this process must
+        stop."""
+        if self._conn is not None:
+            try:
+                self._conn.execute("SELECT 1")
+                return None
+            except self._backend.psycopg.Error:
+                self.release()
+        try:
+            self.take()
+        except ChamberClaimed as e:
+            return str(e)
+        except ChamberError as e:
+            log.warning("gateway.claim_unconfirmed", error=str(e))
+        return None
+
+    def release(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except Exception:  # noqa: BLE001 - closing a dropped connection
+                pass
+            self._conn = None

@@ -107,7 +107,8 @@ class ChamberConfig:
         "With backend: sqlite, the chamber's file (relative paths are relative to this config file). Both gates must be "
         "able to write it; back it up like a database. One chamber serves one gateway, or one outer and one "
         "inner process of the split lock: a second process running the same gate on it is refused at start "
-        "(exit 3; claim files <path>.outer.lock and <path>.inner.lock beside it, docs/install.md).",
+        "(exit 3; claim files <path>.outer.lock and <path>.inner.lock beside it, docs/install.md). With backend: "
+        "postgresql only these claim files are written there (the gates are claimed in the database too).",
         default=Path("chamber.sqlite3"),
     )
     postgresql: Optional[ChamberPostgresConfig] = doc(

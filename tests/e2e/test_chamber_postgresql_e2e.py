@@ -89,3 +89,29 @@ def test_the_split_lock_on_postgresql_wakes_each_process_by_notify(pg_split):
     assert r.status_code == 201, r.text
     print(f"\nsplit-mode booking round trip on PostgreSQL: {elapsed * 1000:.1f} ms")
     assert [m["placer"] for m in pg_split.received() if m["type"] == "SRM^S01"] == [r.json()["id"]]
+
+
+def test_a_second_gateway_on_the_same_postgresql_chamber_is_refused_from_another_directory(pg_lock, tmp_path):
+    """One chamber serves one gateway (issue 24), on PostgreSQL too — and there the claim files beside
+    chamber.path do not reach another host: the gate's claim is also held in the database. A second gateway with
+    the same database but its own directory (its own claim files, as on another host) is refused, exit 3,
+    naming the holder; the first goes on serving."""
+    import shutil
+
+    import yaml
+
+    other = tmp_path / "other-host"
+    shutil.copytree(pg_lock.workdir / "certs", other / "certs")
+    config = yaml.safe_load((pg_lock.workdir / "gateway.yaml").read_text(encoding="utf-8"))
+    config["outer"]["port"] = config["outer"]["port"] + 1 if config["outer"]["port"] < 65000 else 20000
+    config["inner"]["listen"] = "tcp:0:interface=127.0.0.1"
+    (other / "gateway.yaml").write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")
+    second = subprocess.run([sys.executable, "-m", "gateway", "run", "--config", "gateway.yaml"], cwd=other,
+                            capture_output=True, text=True, timeout=60)
+    assert second.returncode == 3, second.stderr
+    assert "gate of the chamber postgresql://" in second.stderr and f"pid {pg_lock.gateway.popen.pid}" in second.stderr
+    assert lock_still_serves(pg_lock)
+
+
+def lock_still_serves(lock) -> bool:
+    return lock.session().get(f"{lock.base}/metadata", timeout=5).status_code == 200

@@ -947,3 +947,35 @@ def test_text_with_nul_is_kept_and_found_on_both_backends(chamber_backend):
         assert ch.read().search_appointments("p", statuses=[]) == []  # (no status at all: nothing, not an error)
     finally:
         ch.close()
+
+
+def test_a_gates_claim_in_postgresql_is_held_once_named_and_kept_or_lost(chamber_postgres):
+    """DatabaseClaim: a second process claiming the same gate of the same chamber is refused, naming the first;
+    another gate or another chamber (schema) is not; when PostgreSQL drops the holder's connection the claim is
+    free — taken again by the holder's next keep(), or, if another took it meanwhile, keep() says the holder
+    must stop."""
+    import psycopg
+
+    from gateway.chamber.errors import ChamberClaimed
+    from gateway.chamber.postgresql import PostgresBackend
+
+    with psycopg.connect(chamber_postgres.dsn("chamber"), autocommit=True) as admin:
+        admin.execute("CREATE SCHEMA claims_a")
+        admin.execute("CREATE SCHEMA claims_b")
+        a, b = (PostgresBackend(chamber_postgres.dsn("chamber", options=f"-csearch_path=claims_{s}")) for s in "ab")
+        first = a.claim(["outer", "inner"], "gatewayd both pid 1 on host-1")
+        first.take()
+        second = a.claim(["inner"], "gatewayd inner pid 2 on host-2")
+        with pytest.raises(ChamberClaimed, match="inner gate .* already run by gatewayd both pid 1 on host-1"):
+            second.take()
+        b.claim(["inner"], "gatewayd inner pid 3 on host-2").take()  # another chamber
+        assert first.keep() is None
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name LIKE"
+                      " 'gatewayd both pid 1%'")
+        assert first.keep() is None  # taken again on a new connection
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name LIKE"
+                      " 'gatewayd both pid 1%'")
+        second.take()  # meanwhile another process took the inner gate
+        lost = first.keep()
+        assert lost is not None and "pid 2 on host-2" in lost
+        second.release()
