@@ -102,7 +102,7 @@ class Chamber:
     def __init__(self, path: str | Path | None = None, *, clock: Callable[[], float], reactor=None,
                  commit_in_thread: bool | None = None, pipeline: bool | None = None, backend=None):
         if (path is None) == (backend is None):
-            raise TypeError("Chamber: give the SQLite file's path or a backend, not both")
+            raise TypeError("Chamber: give either the SQLite file's path or a backend")
         #: where the tables live (gateway/chamber/backends.py): the SQLite file at ``path`` unless given
         self.backend = backend if backend is not None else SqliteBackend(path)
         self._errors = self.backend.Error  # (the backend's error class: what a failed statement raises)
@@ -157,8 +157,8 @@ class Chamber:
             raise backend.opened_error(e) from e
         self._known_schedules.clear()
         self._seen_version = None
-        log.info("chamber.opened", path=self.path, backend=self.backend.kind, journal_mode=mode, schema_version=upgrades.SCHEMA_VERSION,
-                 commit_thread=self._committer is not None)
+        log.info("chamber.opened", path=self.path, backend=self.backend.kind, journal_mode=mode,
+                 schema_version=upgrades.SCHEMA_VERSION, commit_thread=self._committer is not None)
 
     def _threaded(self, journal_mode: str) -> bool:
         """COMMIT in a writer thread?  Only on a WAL file (readers beside the writer), with a reactor that can

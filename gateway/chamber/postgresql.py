@@ -263,6 +263,9 @@ class PostgresBackend:
         self._lock_key = int.from_bytes(digest[:8], "big", signed=True)
         return "postgresql"
 
+    def opened_error(self, e: Exception) -> ChamberError:
+        return ChamberError(f"cannot open the chamber {self.target}: {_without_secrets(e)}")
+
     def check_integrity(self, conn: PgConnection) -> None:
         """PostgreSQL checks its own pages (data checksums, if the cluster has them): nothing to do here."""
 

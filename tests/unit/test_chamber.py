@@ -979,3 +979,22 @@ def test_a_gates_claim_in_postgresql_is_held_once_named_and_kept_or_lost(chamber
         lost = first.keep()
         assert lost is not None and "pid 2 on host-2" in lost
         second.release()
+
+
+def test_a_postgresql_chamber_that_cannot_be_opened_says_where_without_the_password(chamber_postgres):
+    """A server that is not there, or a schema the chamber cannot be created in: ChamberError naming the database
+    (host, port, name), never the password."""
+    import psycopg
+
+    from gateway.chamber.postgresql import PostgresBackend
+
+    with pytest.raises(ChamberError, match=r"postgresql://127\.0\.0\.1:1/chamber") as e:
+        Chamber(backend=PostgresBackend("host=127.0.0.1 port=1 dbname=chamber user=gw", password="s3cret",
+                                        connect_timeout=1), clock=time.time).open()
+    assert "s3cret" not in str(e.value)
+    with psycopg.connect(chamber_postgres.dsn("chamber"), autocommit=True) as admin:
+        admin.execute("CREATE ROLE visitor LOGIN")
+        admin.execute("CREATE SCHEMA not_yours")
+    with pytest.raises(ChamberError, match="cannot open the chamber postgresql:.*not_yours: "):
+        Chamber(backend=PostgresBackend(chamber_postgres.dsn("chamber", options="-csearch_path=not_yours")
+                                        .replace("user=gw", "user=visitor")), clock=time.time).open()
