@@ -7,6 +7,7 @@ operator's commands read the same chamber, and backup is refused with the tool t
 import subprocess
 import sys
 import time
+import uuid
 
 import psycopg
 import pytest
@@ -16,6 +17,8 @@ from tests.e2e.test_split_e2e import SplitLock
 
 
 def _on_postgresql(kind, tmp_path, postgres, schema):
+    """A lock of ``kind`` whose chamber is a new schema of the session's PostgreSQL (one per test)."""
+    schema = f"{schema}_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(postgres.dsn("chamber"), autocommit=True) as admin:
         admin.execute(f"CREATE SCHEMA {schema}")
     return kind(tmp_path, gateway={"chamber": {"backend": "postgresql", "postgresql": {
