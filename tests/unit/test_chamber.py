@@ -848,9 +848,11 @@ def test_both_backends_build_the_same_tables_at_the_same_version(tmp_path, chamb
 
         row = AuditRow(1, 1, None, None, None, None, "read", None, None, 200, None, "h")
         pg.transact_now(lambda tx: tx.append_audit(row))
-        with pytest.raises(Exception, match="audit records cannot be changed"):
+        from gateway.chamber.errors import ChamberWriteError
+
+        with pytest.raises(ChamberWriteError, match="audit records cannot be changed"):
             pg.transact_now(lambda tx: tx._c.execute("UPDATE audit_records SET detail = 'x'"))
-        with pytest.raises(Exception, match="only by gatewayd audit prune"):
+        with pytest.raises(ChamberWriteError, match="only by gatewayd audit prune"):
             pg.transact_now(lambda tx: tx._c.execute("DELETE FROM audit_records"))
     finally:
         lite.close()
