@@ -1000,3 +1000,26 @@ def test_a_postgresql_chamber_that_cannot_be_opened_says_where_without_the_passw
     with pytest.raises(ChamberError, match="cannot open the chamber postgresql:.*not_yours: "):
         Chamber(backend=PostgresBackend(chamber_postgres.dsn("chamber", options="-csearch_path=not_yours")
                                         .replace("user=gw", "user=visitor")), clock=time.time).open()
+
+
+def test_the_operators_counts_read_alike_on_both_backends(chamber_backend):
+    """The console's traffic buckets (the one integer division each dialect writes its own way), the status's
+    counts and the oldest waiting message: the same figures from either backend."""
+    clock = task.Clock()
+    clock.advance(1000)
+    ch = Chamber(backend=chamber_backend(), clock=clock.seconds)
+    ch.open()
+    try:
+        for at, direction, control_id in ((1000.0, "inbound", "a"), (1059.9, "inbound", "b"), (1060.0, "outbound", "c"),
+                                          (1185.5, "outbound", "d")):
+            clock.advance(at - clock.seconds())
+            ch.transact_now(lambda tx: tx.add_message(direction=direction, peer="his", control_id=control_id,
+                                                      type="SIU^S12", state="committed", body=b"x", charset="utf-8"))
+        traffic = ch.read().traffic(1000.0, 60.0)
+        assert [(b, d, n) for b, d, n, _ in traffic] == [(0, "inbound", 2), (1, "outbound", 1), (3, "outbound", 1)]
+        assert ch.read().counts_since(1060.0) == {("outbound", "his"): 2}
+        assert ch.read().oldest_waiting() == {"his": 1060.0}
+        assert ch.read().state_counts() == {("inbound", "his", "committed"): 2, ("outbound", "his", "committed"): 2}
+        assert [e[1] for e in ch.read().message_events(ch.read().messages(control_id="d")[0].id)] == ["committed"]
+    finally:
+        ch.close()
