@@ -7,7 +7,8 @@
     gatewayd his-sim --config PATH        run the bundled HIS simulator (a real MLLP peer)
     gatewayd demo [--workdir DIR]         certificates, configs, HIS simulator and gateway, all on loopback
     gatewayd certs init DIR               a development CA, server and platform certificates
-    gatewayd queue list|show|retry|purge  the chamber's messages: list, one's story, resubmit, delete dead ones
+    gatewayd queue list|show|retry|purge  the chamber's messages (and with --notifications, the notifications
+                                          owed to subscriptions): list, one's story, resubmit, delete dead ones
     gatewayd audit verify|export|prune|find   the audit trail: check its hash chain, export AuditEvents,
                                           retention, was this id asked for
     gatewayd backup DEST --config PATH    a consistent, checked copy of the chamber (while gatewayd runs)
@@ -76,7 +77,10 @@ def _parser() -> argparse.ArgumentParser:
     queue_sub = queue.add_subparsers(dest="queue_command", required=True)
     listing = queue_sub.add_parser("list", help="messages, newest first")
     listing.add_argument("--state", choices=("committed", "sending", "retrying", "delivered", "refused", "dead",
-                                             "withdrawn"))
+                                             "withdrawn", "pending"))
+    listing.add_argument("--notifications", action="store_true",
+                         help="the notifications owed to platforms' subscriptions instead (states pending, "
+                              "delivered, dead)")
     listing.add_argument("--dest", metavar="PEER", help="only messages to/from this HIS (inner.his.name)")
     listing.add_argument("--direction", choices=("inbound", "outbound"))
     listing.add_argument("--limit", type=int, default=50)
@@ -87,9 +91,15 @@ def _parser() -> argparse.ArgumentParser:
     which = retry.add_mutually_exclusive_group(required=True)
     which.add_argument("id", nargs="?", type=int)
     which.add_argument("--all-dead", action="store_true", help="every dead-lettered message, oldest first")
+    which.add_argument("--notification", metavar="SUBSCRIPTION/EVENT",
+                       help="a dead notification, e.g. s-1a2b/7 (sent once more at once)")
+    retry.add_argument("--notifications", action="store_true",
+                       help="with --all-dead: every dead notification instead of every dead message")
     purge = queue_sub.add_parser("purge", help="delete dead-lettered messages")
     purge.add_argument("--dead", action="store_true", required=True, help="(required) only dead-lettered ones")
     purge.add_argument("--older-than", required=True, metavar="AGE", help="e.g. 30d, 12h")
+    purge.add_argument("--notifications", action="store_true",
+                       help="dead notifications (platforms' subscriptions) instead of dead messages")
     purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     for p_ in (listing, show, retry, purge):
         p_.add_argument("--config", required=True, type=Path)
@@ -586,6 +596,8 @@ def queue_command(args) -> int:
 
 
 def _queue_dispatch(chamber, config, args) -> int:
+    if args.queue_command == "list" and args.notifications:
+        return _queue_notifications(chamber, args.state, args.limit)
     if args.queue_command == "list" or (args.queue_command == "show" and args.id is None):
         return _queue_list(chamber, getattr(args, "state", None), getattr(args, "dest", None),
                            getattr(args, "direction", None), args.limit)
@@ -605,6 +617,15 @@ def _queue_list(chamber, state, peer, direction, limit) -> int:
     for m in chamber.read().messages(state=state, peer=peer, direction=direction, limit=limit):
         print(f"{m.id:>6}  {m.direction:9} {m.peer:8} {m.type:9} {m.state:10} {m.control_id:21} {m.attempts:>5}"
               f"  {_when(m.updated)}")
+    return 0
+
+
+def _queue_notifications(chamber, state, limit) -> int:
+    print(f"{'subscription/event':28} {'platform':10} {'what':10} {'focus':34} {'state':9} {'tries':>5}  updated"
+          f"  last error")
+    for n in chamber.read().notifications_in(state, limit=limit):
+        print(f"{n.subscription_id + '/' + str(n.event):28} {n.platform:10} {n.what:10} {n.focus:34} {n.state:9}"
+              f" {n.attempts:>5}  {_when(n.updated)}  {n.last_error or ''}")
     return 0
 
 
@@ -635,12 +656,39 @@ def _queue_retry(chamber, config, args) -> int:
                                  config.inner.his.charset if config.inner else "utf-8",
                                  config.inner.z_segment_peers() if config.inner else ())
     who = f"operator {getpass.getuser()}"
+    if args.notification or args.notifications:
+        return _queue_retry_notifications(chamber, config, args, who)
     if args.all_dead:
         for line in retry_all_dead(chamber, reprocess, who=who):
             print(line)
         return 0
     try:
         print(retry(chamber, args.id, reprocess, who=who))
+    except NotRetryable as e:
+        print(f"gatewayd queue retry: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _queue_retry_notifications(chamber, config, args, who: str) -> int:
+    from gateway.ops.queue import NotRetryable, retry_dead_notifications, retry_notification
+    from gateway.service import notify_grants
+
+    granted = notify_grants(config.platforms)
+    if args.notification is None:
+        if not args.all_dead:
+            print("gatewayd queue retry: --notifications goes with --all-dead (or give --notification SUB/EVENT)",
+                  file=sys.stderr)
+            return 2
+        for line in retry_dead_notifications(chamber, granted, who=who):
+            print(line)
+        return 0
+    subscription_id, _, event = args.notification.rpartition("/")
+    if not subscription_id or not event.isdigit():
+        print("gatewayd queue retry: --notification is SUBSCRIPTION/EVENT, e.g. s-1a2b/7", file=sys.stderr)
+        return 2
+    try:
+        print(retry_notification(chamber, subscription_id, int(event), granted, who=who))
     except NotRetryable as e:
         print(f"gatewayd queue retry: {e}", file=sys.stderr)
         return 1
@@ -656,19 +704,23 @@ def _queue_purge(chamber, args) -> int:
     except ValueError as e:
         print(f"gatewayd queue purge: --older-than: {e}", file=sys.stderr)
         return 2
+    kind = "notification(s)" if args.notifications else "message(s)"
+    if args.notifications:
+        from gateway.ops.queue import count_purgeable_notifications as count_purgeable
+        from gateway.ops.queue import purge_dead_notifications as purge_dead
     n = count_purgeable(chamber, age)
     if n == 0:
         print("nothing to purge")
         return 0
     if not args.yes:
         try:
-            answer = input(f"delete {n} dead-lettered message(s) older than {args.older_than}? [y/N] ")
+            answer = input(f"delete {n} dead-lettered {kind} older than {args.older_than}? [y/N] ")
         except EOFError:
             answer = ""
         if answer.strip().lower() not in ("y", "yes"):
             print("nothing deleted")
             return 1
-    print(f"deleted {purge_dead(chamber, age)} dead-lettered message(s)")
+    print(f"deleted {purge_dead(chamber, age)} dead-lettered {kind}")
     return 0
 
 

@@ -43,7 +43,7 @@ from adapters.outer.intake import JsonLimits
 from adapters.outer.pharmacy import Prescriptions
 from adapters.outer.site import FhirApi
 from adapters.outer.delivery import Delivery, hooks_from_config
-from adapters.outer.subscriptions import SubscriptionsApi
+from adapters.outer.subscriptions import SubscriptionsApi, focus_resource
 from adapters.outer.tls import HandshakeWatch, read_crl, tls_options
 from adapters.hl7.identity import same_message
 from adapters.inner.database import DatabaseDestination, DatabaseLink, slot_poller as database_slots
@@ -51,7 +51,7 @@ from adapters.inner.his import HisDestination
 from adapters.inner.webservice import WebServiceDestination, WebServiceLink, slot_poller as webservice_slots
 from adapters.inner.pharmacy import PharmacyInbound
 from adapters.inner.poller import SlotPoller
-from adapters.inner.probe import ConnectCheck, HeartbeatCheck, HisProbe
+from adapters.inner.probe import CallCheck, ConnectCheck, HeartbeatCheck, HisProbe
 from adapters.inner.receiver import InnerGateHandler, make_reprocessor
 from adapters.maps.fhir_documents import FhirDocuments
 from adapters.maps.fhir_prescription import SubmissionReader, prescription_from_request
@@ -79,7 +79,7 @@ from adapters.outer.oauth import EXPIRED_TOKENS_KEPT, TokenService, clients_from
 from gateway.ops.status import certificate_files
 from gateway.ops.listen import (ADMIN_CONNECTIONS, ConnectionLimiter, GateEndpoint, descriptor_needs,
                                 gate_endpoint, handshake_failures)
-from gateway.ops.services import (ChamberService, DescriptorsService, HisLinkRecord, HoldsService,
+from gateway.ops.services import (ChamberService, DescriptorsService, HisLinkRecord, HoldsService, ReleaseNotices,
                                   MemoryTrimService, WatchService)
 from gateway.domain.quota import Quotas
 from adapters.outer.ratelimit import RateLimiter
@@ -135,7 +135,8 @@ def make_service(config: GatewayConfig, reactor, gate: str = "both") -> Gateway:
     tz = ZoneInfo(config.hospital.timezone)
     chamber = Chamber(backend=backend_for(config.chamber), reactor=reactor, clock=reactor.seconds)
     # every unit of work in either gate writes the notifications its changes owe (issue 23), in its transaction
-    chamber.on_unit(Notifications().after_unit)
+    notifications = Notifications()
+    chamber.on_unit(notifications.after_unit)
     his = config.inner.his if config.inner is not None else None
     if his is not None:
         links = {e.name: _his_link(config, e) for e in (his, *config.inner.endpoints)}
@@ -152,13 +153,15 @@ def make_service(config: GatewayConfig, reactor, gate: str = "both") -> Gateway:
         hold_at_his=outer_cfg.hold_at_his if outer_cfg else False,
         route=config.route_taken, by_facility=any(r.facility is not None for r in config.routes), links=links,
     )
+    notifications.quotas = lambda: booking.quotas  # (the free-slot topic: the quotas now, reloaded on SIGHUP)
     prescribing = _prescribing(config, reactor, tz, chamber, gate)
     root = Gateway(config, gate, reactor, booking, prescribing)
     DescriptorsService(descriptor_needs(config, gate)).setServiceParent(root)
     ChamberService(chamber).setServiceParent(root)
     if gate != "both":
         WatchService(chamber, reactor).setServiceParent(root)
-    metrics = Metrics(chamber, peers=_his_names(config), certificates=lambda: certificate_files(root.config))
+    metrics = Metrics(chamber, peers=_his_names(config), certificates=lambda: certificate_files(root.config),
+                      platforms=lambda: [p.name for p in root.config.platforms])
     AuditChainWatch(chamber, reactor, metrics.audit_chain).setServiceParent(root)
     keep = config.chamber
     RetentionService(chamber, Retention(keep.keep_messages, keep.keep_appointments, EXPIRED_TOKENS_KEPT), reactor,
@@ -175,6 +178,7 @@ def make_service(config: GatewayConfig, reactor, gate: str = "both") -> Gateway:
             booking.after_queue = lambda: [relay.claim_soon() for relay in relays]
     if gate in ("both", "outer"):
         HoldsService(booking).setServiceParent(root)
+        ReleaseNotices(chamber, lambda: booking.quotas, reactor).setServiceParent(root)
         listener, root.api, root.outer_tls = _outer_gate(config, reactor, tz, chamber, booking, metrics,
                                                          prescribing)
         listener.setServiceParent(root)
@@ -314,7 +318,7 @@ def _inner_gate(config, reactor, tz, chamber, booking, metrics, prescribing, pro
 def _relay(config, reactor, chamber, his, outbox, metrics, gate, inbound, tz, probes) -> Relay:
     """One HIS endpoint: its lanes (MLLP clients; for kind database or webservice its link, started before and
     stopped after the relay), the relay for its queue, its slot poller if it polls (SQM^S25, the
-    database's slot view, the web service's schedule query), and for MLLP its probe (into ``probes``) unless
+    database's slot view, the web service's schedule query), and its probe (into ``probes``) unless
     probe_interval is 0."""
     probe = None
     if his.kind == "database":
@@ -322,11 +326,13 @@ def _relay(config, reactor, chamber, his, outbox, metrics, gate, inbound, tz, pr
         link.setServiceParent(gate)
         lanes = [DatabaseDestination(link, charset=his.charset, tz=tz, clock=reactor) for _ in range(his.window)]
         poller = database_slots(link, inbound, tz=tz, clock=reactor) if his.database.slots is not None else None
+        probe = _probe(chamber, his, [CallCheck(link.ping, "database")], reactor)
     elif his.kind == "webservice":
         link = WebServiceLink(his.webservice, peer=his.name, reactor=reactor)
         link.setServiceParent(gate)
         lanes = [WebServiceDestination(link, charset=his.charset) for _ in range(his.window)]
         poller = webservice_slots(link, inbound, tz=tz, clock=reactor) if his.webservice.slots is not None else None
+        probe = _probe(chamber, his, [CallCheck(link.ping, "web service")], reactor)
     else:
         lanes, poller, probe = _mllp_lanes(config, reactor, chamber, his, inbound, tz)
     relay = Relay(chamber, his.name, lanes, outbox.on_answer, clock=reactor,
@@ -359,7 +365,15 @@ def _mllp_lanes(config, reactor, chamber, his, inbound, tz):
                           clock=reactor, connect_timeout=his.connect_timeout, release=his.mllp_release,
                           tls=his_tls, on_answer=probe.answered if probe is not None else None)
 
-    probe = _probe(config, reactor, chamber, his, his_endpoint, his_tls, his_client, tz)
+    checks = [ConnectCheck(his_endpoint, clock=reactor, timeout=his.connect_timeout, tls=his_tls)]
+    if his.heartbeat is not None:
+        header = _header(config, his)
+        checks.append(HeartbeatCheck(
+            lambda: his_client(config.inner.max_message_bytes),
+            lambda control_id: build_heartbeat(his.heartbeat, header=header, control_id=control_id,
+                                               now=datetime.fromtimestamp(reactor.seconds(), tz)),
+            timeout=his.ack_timeout))
+    probe = _probe(chamber, his, checks, reactor)
     lanes = [HisDestination(his_client(config.inner.max_message_bytes)) for _ in range(his.window)]
     poller = None
     if his.slot_source == "poll":
@@ -371,19 +385,11 @@ def _mllp_lanes(config, reactor, chamber, his, inbound, tz):
     return lanes, poller, probe
 
 
-def _probe(config, reactor, chamber, his, his_endpoint, his_tls, his_client, tz) -> HisProbe | None:
-    """The HIS endpoint ``his``'s probe (None with probe_interval 0): a connection check, and its heartbeat if
-    it has one; what it finds kept in the chamber (his_links)."""
+def _probe(chamber, his, checks, reactor) -> HisProbe | None:
+    """The HIS endpoint ``his``'s probe with ``checks`` (None with probe_interval 0); what it finds kept in the
+    chamber (his_links)."""
     if his.probe_interval == 0:
         return None
-    checks = [ConnectCheck(his_endpoint, clock=reactor, timeout=his.connect_timeout, tls=his_tls)]
-    if his.heartbeat is not None:
-        header = _header(config, his)
-        checks.append(HeartbeatCheck(
-            lambda: his_client(config.inner.max_message_bytes),
-            lambda control_id: build_heartbeat(his.heartbeat, header=header, control_id=control_id,
-                                               now=datetime.fromtimestamp(reactor.seconds(), tz)),
-            timeout=his.ack_timeout))
     record = HisLinkRecord(chamber, his.name)
     return HisProbe(his.name, checks, interval=his.probe_interval, clock=reactor, on_change=record.record,
                     known=record.known)
@@ -408,7 +414,7 @@ def _outer_gate(config, reactor, tz, chamber, booking, metrics, prescribing) -> 
         strict_audit=config.audit.strict,
         prescriptions=Prescriptions(prescribing, SubmissionReader(tz, _pharmacy_profile(config)))
         if config.prescriptions is not None else None,
-        oauth=oauth, subscriptions=_subscriptions(config, reactor, tz, chamber),
+        oauth=oauth, subscriptions=_subscriptions(config, reactor, tz, chamber, lambda: booking.quotas),
     )
     outer, timeouts = config.outer, metrics.connection_timeouts
     site = GatewaySite(api, reactor=reactor, max_request_bytes=outer.max_request_bytes,
@@ -426,15 +432,10 @@ def _outer_gate(config, reactor, tz, chamber, booking, metrics, prescribing) -> 
     return _listener(outer_endpoint, limited, "outer-gate"), api, tls_switch
 
 
-def _subscriptions(config, reactor, tz, chamber) -> SubscriptionsApi:
+def _subscriptions(config, reactor, tz, chamber, booking_quotas) -> SubscriptionsApi:
     """The Subscription endpoints (issue 23, docs/subscriptions.md)."""
     def focus_json(platform: str, focus: str) -> dict | None:
-        rtype, _, rid = focus.partition("/")
-        appt = chamber.read().appointment(rid) if rtype == "Appointment" else None
-        if appt is None or appt.platform != platform:
-            return None
-        reader = chamber.read()
-        return appointment_resource(appt, reader.slot(appt.slot_id), tz, reader.appointment_identifiers(appt.id))
+        return focus_resource(chamber.read(), platform, focus, tz, booking_quotas())
 
     return SubscriptionsApi(Subscriptions(chamber), notify={p.name: p.notify for p in config.platforms if p.notify},
                             tz=tz, json_limits=JsonLimits(config.outer.max_json_depth, config.outer.max_string_chars),
@@ -450,8 +451,15 @@ def notification_base(config) -> str:
 def _delivery(config, reactor, chamber, api: SubscriptionsApi) -> Delivery:
     """The outer gate's deliveries of notifications (idle while no platform has a notify endpoint)."""
     base = notification_base(config)
+    granted = notify_grants(config.platforms)
     return Delivery(chamber, reactor, hooks_from_config(config.platforms, reactor),
-                    lambda sub, n: api.notification(sub, n, base, reactor.seconds()))
+                    lambda sub, n: api.notification(sub, n, base, reactor.seconds()),
+                    on_start=lambda: api.subs.withdraw(granted))
+
+
+def notify_grants(platforms) -> dict[str, frozenset]:
+    """Each platform with a ``notify`` endpoint -> its scopes: what its subscriptions may go on receiving."""
+    return {p.name: frozenset(p.scopes) for p in platforms if p.notify is not None}
 
 
 def _listener(endpoint, factory, name: str) -> StreamServerEndpointService:

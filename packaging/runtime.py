@@ -14,7 +14,8 @@ What it does:
    its tests, Tk, IDLE, ensurepip, site-packages and the modules that need libraries a daemon never uses;
 2. copies every shared library those need that is not part of glibc into ``python/lib`` and points the
    RUNPATH of each ELF file at it (``$ORIGIN``-relative, with patchelf), so that the host needs only glibc;
-3. installs the wheels from WHEEL_DIR (gatewayd's and its dependencies') with ``pip --no-index``;
+3. installs the wheels from WHEEL_DIR (gatewayd's and its dependencies') with ``pip --no-index``, and removes
+   their own test suites (a package's ``test``/``tests`` subpackage: Twisted's alone is 17 MB);
 4. byte-compiles everything with the paths it will have under PREFIX (the unit's file system is read-only);
 5. writes ``runtime.json``: the interpreter's version, the newest glibc symbol version any ELF file needs
    (the .deb's ``Depends: libc6 (>= ...)``) and the bundled libraries.
@@ -32,7 +33,7 @@ import sys
 from pathlib import Path
 
 # Parts of the standard library a daemon never imports (tests, GUI, REPL helpers, packaging bootstrap).
-STDLIB_SKIP = {"test", "idlelib", "tkinter", "turtledemo", "turtle.py", "ensurepip", "site-packages",
+STDLIB_SKIP = {"test", "tests", "idlelib", "tkinter", "turtledemo", "turtle.py", "ensurepip", "site-packages",
                "lib2to3", "pydoc_data", "__pycache__"}
 # Extension modules left out: Tk, test helpers, the interactive REPL's readline and curses, NIS, crypt.
 DYNLOAD_SKIP = re.compile(r"^(_tkinter|_test|_xxtest|xxlimited|xxsubtype|_ctypes_test|readline|_curses|nis|"
@@ -77,6 +78,19 @@ def copy_stdlib(src: Path, dest: Path) -> None:
         return skip
 
     shutil.copytree(src, dest, ignore=ignore, symlinks=True)
+
+
+def prune_tests(site_packages: Path) -> list[Path]:
+    """Remove the installed packages' own test suites: every ``test`` or ``tests`` directory inside a package
+    (beside an ``__init__.py``), which the daemon never imports. Returns what was removed."""
+    found = [d for d in site_packages.rglob("test*") if d.is_dir() and d.name in ("test", "tests")
+             and (d.parent / "__init__.py").is_file()]
+    removed = []
+    for d in sorted(found, key=lambda p: len(p.parts)):  # outermost first: an inner one goes with it
+        if d.exists():
+            shutil.rmtree(d)
+            removed.append(d)
+    return removed
 
 
 def patchelf(*args: str) -> None:
@@ -147,6 +161,7 @@ def build(dest: Path, wheels: Path, prefix: str, python: Path) -> dict:
                     str(wheels), "--no-warn-script-location", "--no-compile", "--only-binary=:all:",
                     "gatewayd[postgresql,mysql,webservice]"],  # (the extras of dist.py's EXTRAS)
                    check=True, env={**env, "PIP_CONFIG_FILE": os.devnull, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
+    prune_tests(site_packages)
     # pip's console scripts carry the build path in their shebang: the launcher runs "python -I -m gateway".
     for script in (root / "bin").iterdir():
         if script.name not in (f"python{ver}", "python3"):

@@ -121,6 +121,12 @@ class DatabaseLink(ThreadedLink):
         """``fn(engine, *args)`` on the pool; fails with CallTimeout after statement_timeout."""
         return super().call(fn, self.engine, *args)
 
+    def ping(self) -> defer.Deferred:
+        """The probe's check (kind database): ``SELECT 1`` (compiled for the site's dialect: Oracle's FROM DUAL)
+        on a connection of the pool, on the link's threads; fails with NotConnected, the driver's error or
+        CallTimeout."""
+        return self.call(_ping)
+
     def probe(self) -> list[str]:
         """Problems with the tables, columns and codes the config names, found by asking the live database
         (blocking: for ``check-config --probe``), each as 'key: what'."""
@@ -178,6 +184,13 @@ def _named_columns(columns) -> list[str]:
 
 
 # -- bookings and cancellations ------------------------------------------------------------------------------
+
+
+def _ping(engine) -> None:
+    """On the pool's thread: one round trip to the database."""
+    sa = _sa()
+    with _connect(engine) as conn:
+        conn.execute(sa.select(sa.literal(1))).all()
 
 
 class DatabaseDestination:

@@ -23,7 +23,9 @@ metrics and the console show. A check still running when the next is due is not 
 
 The interface another kind of HIS link implements (issue 22): an object with ``check() -> Deferred`` that
 fires (with anything) when the link is up and fails with :class:`LinkDown` (its message the reason) when it
-is not, settling within its own timeout. Hand it to :class:`HisProbe`.
+is not, settling within its own timeout. Hand it to :class:`HisProbe`. The database and web-service kinds use
+:class:`CallCheck` over their link's ``ping`` (a ``SELECT 1`` on a pooled connection; an HTTP HEAD of the
+service's URL with the link's own TLS, client certificate and headers).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from zope.interface import implementer
 from adapters.hl7.er7 import Hl7Error
 from adapters.inner.client import AckTimeout, MLLPClient, PeerUnavailable
 
-__all__ = ["ConnectCheck", "HeartbeatCheck", "HisProbe", "LinkCheck", "LinkDown"]
+__all__ = ["CallCheck", "ConnectCheck", "HeartbeatCheck", "HisProbe", "LinkCheck", "LinkDown"]
 
 log = structlog.get_logger("adapters.inner.probe")
 
@@ -124,6 +126,25 @@ class ConnectCheck:
         timer = self.clock.callLater(self.timeout, too_slow)
         done.addBoth(lambda r: (timer.active() and timer.cancel(), r)[1])
         return done
+
+
+class CallCheck:
+    """Up when ``call()`` (a Deferred: a HIS link's own ping, e.g. `DatabaseLink.ping` or `WebServiceLink.ping`,
+    bounded by the link's call timeout) fires; any failure is down, its message the reason (the kinds' errors
+    say what failed, never what was sent)."""
+
+    def __init__(self, call: Callable[[], defer.Deferred], what: str):
+        self.call, self.what = call, what
+
+    def check(self) -> defer.Deferred:
+        def down(failure):
+            raise LinkDown(f"{self.what}: {failure.type.__name__}: {failure.getErrorMessage()}")
+
+        try:
+            d = self.call()
+        except Exception as e:  # a link that cannot even start the call is down, not a crashed probe
+            return defer.fail(LinkDown(f"{self.what}: {type(e).__name__}: {e}"))
+        return d.addCallbacks(lambda _ok: None, down)
 
 
 def heartbeat_control_id() -> str:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
 import structlog
@@ -150,6 +151,13 @@ class WebServiceLink(ThreadedLink):
         if self.session is not None:
             self.session.close()
 
+    def ping(self) -> defer.Deferred:
+        """The probe's check (kind webservice): an HTTP HEAD of ``url`` with the link's session (its TLS, client
+        certificate, headers), on the link's threads. Any HTTP answer is up (a HEAD may well be 404 or 405: the
+        server and its TLS answered), except 502, 503 and 504: a proxy or load balancer in front saying the
+        service behind it is not there; no answer is down (NotReached, CallTimeout)."""
+        return self.call(_head, self.session, self.cfg.url, self.cfg.timeout)
+
     def post(self, call: str, body: dict) -> defer.Deferred:
         """The call's answer as nested values (a Deferred); fails with NotReached, CallTimeout or BadAnswer."""
         if self.cfg.protocol == "soap":
@@ -246,6 +254,19 @@ def from_xml(data: bytes):
         return out
 
     return read(root)
+
+
+def _head(session, url: str, timeout: float) -> int:
+    """On the pool's thread: HEAD ``url``; its status, or NotReached / BadAnswer (502, 503, 504)."""
+    import requests
+
+    try:
+        response = session.head(url, timeout=timeout, allow_redirects=False)
+    except requests.exceptions.RequestException as e:
+        raise _transport_error(e, timeout) from None
+    if response.status_code in (502, 503, 504):
+        raise BadAnswer(f"HTTP {response.status_code}: the service behind {urlsplit(url).netloc} is not there")
+    return response.status_code
 
 
 def _post(session, url: str, body: dict, timeout: float, xml: bool = False):

@@ -73,7 +73,9 @@ def slot_resource(slot, tz: ZoneInfo) -> dict:
     resource = {
         "resourceType": "Slot",
         "id": slot.id,
-        "meta": {"lastUpdated": instant(slot.updated, tz)},
+        # versionId: the instant of its last change in microseconds (write transactions are one after another,
+        # each at its own instant): a poller de-duplicates _lastUpdated=ge... answers by (id, versionId)
+        "meta": {"versionId": str(round(slot.updated * 1_000_000)), "lastUpdated": instant(slot.updated, tz)},
         "identifier": [{"system": SCHEDULE_SYSTEM, "value": f"{slot.schedule_id}|{slot.start_local}"}],
         **_service(slot),
         "schedule": {"reference": f"Schedule/{slot.schedule_id}"},
@@ -465,5 +467,7 @@ def search_instant(value: str, tz: ZoneInfo) -> tuple[str, float, float]:
         if parsed.tzinfo is None:
             parsed = parsed.replace(tzinfo=tz)
         low = parsed
-        high = parsed + timedelta(seconds=1)
+        clock = value[11:].split("+")[0].split("-")[0].rstrip("Z")  # hh:mm[:ss[.fff]]
+        digits = len(clock.partition(".")[2])  # the precision given: minutes, seconds, or a fraction of one
+        high = parsed + (timedelta(minutes=1) if clock.count(":") == 1 else timedelta(seconds=10.0 ** -digits))
     return prefix, low.astimezone(timezone.utc).timestamp(), high.astimezone(timezone.utc).timestamp()

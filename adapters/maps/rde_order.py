@@ -52,12 +52,10 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from adapters.hl7.er7 import Hl7Error, Message, dtm, escape, format_message, hl7_charset_name
-from adapters.maps.srm_booking import Hl7Header
+from adapters.maps.srm_booking import PLACER_NAMESPACE, Hl7Header
 from gateway.domain.prescriptions import Code, ItemAnswer, OrderAnswer, Prescription
 
 __all__ = ["ANSWER_TYPES", "ORDER_TYPES", "PharmacyOrderWriter", "build_order", "read_order_answer"]
-
-PLACER_NAMESPACE = "GATEWAYD"
 
 #: pharmacy.message -> the order's message type
 ORDER_TYPES = {"RDE": "RDE^O11", "OMP": "OMP^O09"}

@@ -85,7 +85,11 @@ def prescription_from_rde(message: Message) -> Prescription:
             prescriber = Prescriber(_required(orc, 12, "ordering provider", seq),
                                     orc.get(12, 2) + orc.get(12, 3))
         if authored is None and (orc.get(9) or tq1.get(7)):
-            authored = parse_dtm(orc.get(9) or tq1.get(7)).replace(tzinfo=None)
+            seg, field_no = (orc, 9) if orc.get(9) else (tq1, 7)
+            try:
+                authored = parse_dtm(seg.get(field_no)).replace(tzinfo=None)
+            except Hl7Error as e:
+                raise Hl7Error(102, e.text, segment=seg.name, sequence=seq, field=field_no) from None
         days = tq1.get(6)
         try:
             days_supply = int(Decimal(days)) if days else None

@@ -20,6 +20,7 @@ from hl7apy.core import Message as Hl7apyMessage
 from adapters.hl7.er7 import dtm, escape, format_message, hl7_charset_name
 from gateway.domain.model import Patient, PatientIdentifier, SlotForHis
 
+#: the namespace of the gateway's placer numbers (ARQ-1, ORC-2): its bookings' and its prescriptions' orders
 PLACER_NAMESPACE = "GATEWAYD"
 
 

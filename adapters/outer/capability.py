@@ -57,7 +57,10 @@ SEARCH_PARAMS = {
              _sp("status", "token", "free | busy | busy-unavailable | busy-tentative | entered-in-error (free: not "
                                     "started yet)"),
              _sp("schedule", "reference", "Schedule/<id>"),
-             _sp("service-type", "token", "[system|]code")],
+             _sp("service-type", "token", "[system|]code"),
+             _sp("_lastUpdated", "date", "the slot's last change, with prefixes eq/ge/gt/le/lt/sa/eb and the value's "
+                                         "precision; poll with ge<the latest meta.lastUpdated seen> and drop the "
+                                         "(id, versionId) pairs already had")],
     "Schedule": [_sp("_id", "token", "schedule id(s)"),
                  _sp("actor", "reference", "Practitioner/<id>, PractitionerRole/<id>, HealthcareService/<id> or "
                                            "Location/<id>: the schedules of that doctor or department")],
@@ -74,7 +77,8 @@ SEARCH_PARAMS = {
                     _sp("patient", "reference", "only with the :identifier modifier: patient:identifier=[system|]"
                                                 "value (patient=[system|]value is read the same way; the gateway "
                                                 "keeps no Patient resources, so patient=Patient/<id> is refused)"),
-                    _sp("date", "date", "the appointment's start, with prefixes eq/ge/gt/le/lt/sa/eb")],
+                    _sp("date", "date", "the appointment's start, with prefixes eq/ge/gt/le/lt/sa/eb"),
+                    _sp("_lastUpdated", "date", "the appointment's last change, as for Slot")],
     "MedicationRequest": [_sp("status", "token", "active: released prescriptions not yet claimed (outside "
                                                  "pharmacies, scope MedicationRequest.claim)"),
                           _sp("_lastUpdated", "date", "gt<instant> only")],
@@ -108,7 +112,7 @@ def capability_statement(base: str, *, hospital_name: str, software_version: str
         {"type": "Schedule", "interaction": _interactions("read", "search-type"), **searches("Schedule")},
         {"type": "Appointment",
          "interaction": _interactions("create", "read", "vread", "update", "patch", "search-type",
-                                      "history-instance"),
+                                      "history-instance", "history-type"),
          "versioning": "versioned", "readHistory": True, "updateCreate": False, "conditionalCreate": True,
          "conditionalRead": "not-supported", "conditionalUpdate": False, "conditionalDelete": "not-supported",
          **searches("Appointment"),

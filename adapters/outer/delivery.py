@@ -15,6 +15,9 @@ the YAML (``platforms[].notify``), never one a request named.
   is sent again (same event number: the platform drops a repeat).
 - A subscription's handshake (event 0, committed with it) goes first; one that asked for heartbeats gets a
   heartbeat Bundle after that many seconds without a delivery (not kept in the chamber, not retried).
+- A full-resource delivery (the focus resource in the body) is written to the audit trail with each attempt's
+  outcome (action ``notify``, the platform, the resource; 502 when no answer came), in the transaction that
+  records the attempt.
 - Nothing here holds up anything else: each endpoint's requests run on their own (at most one per subscription,
   ``MAX_IN_FLIGHT`` in all); the inner gate's ACKs never wait for a delivery.
 """
@@ -39,6 +42,7 @@ from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from adapters.tls import TlsConfigError, client_options, key_pair
+from gateway.domain.audit import AuditEntry, append
 
 log = structlog.get_logger("gateway.outer.delivery")
 
@@ -141,7 +145,8 @@ class Delivery(service.Service):
     other gate's included) and when the soonest retry is due.  ``body(subscription row, notification row)``
     -> the notification Bundle (dict)."""
 
-    def __init__(self, chamber, reactor, hooks: dict[str, Hook], body):
+    def __init__(self, chamber, reactor, hooks: dict[str, Hook], body, on_start=None):
+        self.on_start = on_start  # () -> Deferred: run first (the subscriptions the configuration withdrew)
         self.chamber = chamber
         self.reactor = reactor
         self.hooks = hooks
@@ -155,6 +160,8 @@ class Delivery(service.Service):
     def startService(self):
         super().startService()
         self._unobserve = self.chamber.observe(self.wake)
+        if self.on_start is not None:
+            self.on_start().addErrback(lambda f: log.error("notify.withdraw_failed", error=f.getErrorMessage()))
         self.wake()
 
     def stopService(self):
@@ -221,8 +228,10 @@ class Delivery(service.Service):
 
     def _attempt(self, hook: Hook, n) -> None:
         sub = self.chamber.read().subscription(n.subscription_id)
-        d = self._post(hook, self.body(sub, n))
-        d.addCallback(lambda result: self._settle(hook, n, *result))
+        bundle = self.body(sub, n)
+        carried = [e["request"]["url"] for e in bundle.get("entry", [])[1:] if "request" in e]  # full-resource
+        d = self._post(hook, bundle)
+        d.addCallback(lambda result: self._settle(hook, n, *result, carried=carried))
         d.addErrback(lambda failure: log.error("notify.settle_failed", subscription=n.subscription_id,
                                                event=n.event, error=failure.getErrorMessage()))
         d.addBoth(lambda _: self._done(n.subscription_id))
@@ -244,8 +253,14 @@ class Delivery(service.Service):
             self._last[subscription_id] = self.reactor.seconds()  # the heartbeat's period starts again
         self.wake()
 
-    def _settle(self, hook: Hook, n, code, error):
+    def _settle(self, hook: Hook, n, code, error, carried=()):
         def work(tx):
+            for focus in carried:  # a resource sent out: audited with the attempt's outcome (502: no answer)
+                rtype, _, rid = focus.partition("/")
+                append(tx, AuditEntry(action="notify", outcome=code or 502, platform=n.platform, source="gateway",
+                                      resource_type=rtype, resource_id=rid,
+                                      detail=f"Subscription/{n.subscription_id} event {n.event}"
+                                             + (f": {error}" if error else "")))
             cur = tx.notification(n.subscription_id, n.event)
             if cur is None or cur.state != "pending":
                 return None

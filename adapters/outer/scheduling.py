@@ -187,6 +187,14 @@ class SchedulingApi:
         the path below the FHIR base): the handler that answers it, not called yet (it reads the body, if any,
         when it is)."""
         rtype, rest = parts[0], parts[1:]
+        if rest == ["_history"] and rtype == "Appointment":  # type-level history: what changed since
+            require_method(method, "GET")
+            require_scope(grant, platform, "Appointment.read")
+            return lambda: self.appointment_changes(platform, query, base, access)
+        if rest[:1] == ["_history"]:
+            raise FhirError(404, "not-supported", f"no {rtype} history is kept: GET /{rtype}?_lastUpdated=ge<instant> "
+                                                  f"gives what changed since" if rtype == "Slot" else
+                            f"history is served for Appointment only (GET /Appointment/_history?_since=)")
         if rtype == "Appointment" and len(rest) in (2, 3) and rest[1] == "_history":
             require_method(method, "GET")
             require_scope(grant, platform, "Appointment.read")
@@ -239,13 +247,14 @@ class SchedulingApi:
         return page(count, offset, self.page_size)
 
     def slot_search(self, platform: str, query, base: str):
-        check_params(query, {"_id", "start", "status", "schedule", "schedule.actor", "service-type", "_include"})
+        check_params(query, {"_id", "start", "status", "schedule", "schedule.actor", "service-type", "_include",
+                             "_lastUpdated"})
         controls = SearchControls(query, {"start": "start"})
         includes = query.get("_include", [])
         if any(i != "Slot:schedule" for i in includes):
             raise FhirError(400, "not-supported", "_include: only Slot:schedule", "_include")
         count, offset = self._count(query)
-        kw: dict[str, Any] = {}
+        kw: dict[str, Any] = {"updated_ranges": self._date_ranges(query, "_lastUpdated")}
         for value in query.get("start", []):
             try:
                 prefix, low, high = search_instant(value, self.tz)
@@ -475,23 +484,49 @@ class SchedulingApi:
                 raise FhirError(404, "not-found", f"the appointment has no version {version[:20]} (its versions "
                                                   f"kept: {', '.join(str(a.version) for a in versions)})")
             return 200, self.appointment_json(appt), etag(appt)
-        entries = []
-        for appt in versions:
-            resource_json = self.appointment_json(appt)
-            entries.append({"fullUrl": f"{base}/Appointment/{appt.id}", "resource": resource_json,
-                            "request": {"method": "POST" if appt.version == 1 else "PUT",
-                                        "url": f"Appointment/{appt.id}" if appt.version > 1 else "Appointment"},
-                            "response": {"status": "200 OK", "etag": etag(appt)["ETag"],
-                                         "lastModified": resource_json["meta"]["lastUpdated"]}})
+        entries = [self._history_entry(appt, base) for appt in versions]
         return 200, {"resourceType": "Bundle", "type": "history", "total": len(entries),
                      "link": [{"relation": "self", "url": f"{base}/Appointment/{appointment_id}/_history"}],
                      "entry": entries}, {}
 
+    def appointment_changes(self, platform: str, query, base: str, access: Access):
+        """Type-level history: every version of the platform's appointments made at or after ``_since``
+        (inclusive: a poller passes the latest ``meta.lastUpdated`` it has seen and drops the (id, versionId)
+        pairs it has already had, so a change committed in that same second is not missed), newest first."""
+        check_params(query, {"_since", "_count", "_offset"})
+        values = query.get("_since", [])
+        if len(values) != 1:
+            raise FhirError(400, "invalid", "give _since=<instant> once (what changed since then)", "_since")
+        try:
+            _, since, _ = search_instant(values[0], self.tz)
+        except (ValueError, OverflowError) as e:
+            raise FhirError(400, "invalid", f"_since={values[0][:40]!r}: {e}", "_since") from None
+        count, offset = self._count(query)
+        total, versions = self.reader().appointment_history(platform, since, limit=count, offset=offset)
+        access.patient_data = True
+        entries = [self._history_entry(appt, base) for appt in versions]
+        path = f"{base}/Appointment/_history"
+        links = [{"relation": "self", "url": f"{path}?{urlencode({'_since': values[0], '_count': count, '_offset': offset})}"}]
+        if offset + len(entries) < total:
+            links.append({"relation": "next", "url": f"{path}?"
+                          f"{urlencode({'_since': values[0], '_count': count, '_offset': offset + count})}"})
+        return 200, {"resourceType": "Bundle", "type": "history", "total": total, "link": links,
+                     "entry": entries}, {}
+
+    def _history_entry(self, appt, base: str) -> dict:
+        resource_json = self.appointment_json(appt)
+        return {"fullUrl": f"{base}/Appointment/{appt.id}", "resource": resource_json,
+                "request": {"method": "POST" if appt.version == 1 else "PUT",
+                            "url": f"Appointment/{appt.id}" if appt.version > 1 else "Appointment"},
+                "response": {"status": "200 OK", "etag": etag(appt)["ETag"],
+                             "lastModified": resource_json["meta"]["lastUpdated"]}}
+
     def appointment_search(self, platform: str, query, base: str, access: Access):
-        check_params(query, {"status", "_id", "patient", "patient:identifier", "date"})
+        check_params(query, {"status", "_id", "patient", "patient:identifier", "date", "_lastUpdated"})
         controls = SearchControls(query, {"date": "date", "_lastUpdated": "_lastUpdated"}, ("created", True))
         count, offset = self._count(query)
-        kw: dict[str, Any] = {"start_ranges": self._date_ranges(query), "patients": self._patient_tokens(query)}
+        kw: dict[str, Any] = {"start_ranges": self._date_ranges(query), "patients": self._patient_tokens(query),
+                              "updated_ranges": self._date_ranges(query, "_lastUpdated")}
         statuses = {s for v in query.get("status", []) for s in v.split(",") if s}
         if statuses:
             kw["statuses"] = [c for c, fhir in APPOINTMENT_STATUS.items() if fhir in statuses]
@@ -531,18 +566,19 @@ class SchedulingApi:
                 tokens.append((system if bar else None, value))
         return tokens
 
-    def _date_ranges(self, query) -> list[tuple[float, float]]:
-        """``date`` (the appointment's start), FHIR date search with prefixes: [(low, high)] to satisfy all."""
+    def _date_ranges(self, query, name: str = "date") -> list[tuple[float, float]]:
+        """``date`` (the appointment's start) or ``_lastUpdated`` (``name``), FHIR date search with prefixes and
+        the value's implicit precision (a day, a second, a millisecond...): [(low, high)] to satisfy all."""
         out = []
-        for value in query.get("date", []):
+        for value in query.get(name, []):
             try:
                 prefix, low, high = search_instant(value, self.tz)
             except (ValueError, OverflowError) as e:
-                raise FhirError(400, "invalid", f"date={value[:40]!r}: {e}", "date") from None
+                raise FhirError(400, "invalid", f"{name}={value[:40]!r}: {e}", name) from None
             ranges = {"eq": (low, high), "ge": (low, math.inf), "sa": (high, math.inf), "gt": (high, math.inf),
                       "le": (-math.inf, high), "lt": (-math.inf, low), "eb": (-math.inf, low)}
             if prefix not in ranges:
-                raise FhirError(400, "not-supported", f"date={prefix}... is not supported", "date")
+                raise FhirError(400, "not-supported", f"{name}={prefix}... is not supported", name)
             out.append(ranges[prefix])
         return out
 

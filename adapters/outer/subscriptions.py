@@ -2,7 +2,7 @@
 HTTP handling over :class:`gateway.domain.notifications.Subscriptions`; the JSON is
 :mod:`adapters.maps.fhir_subscriptions`'s.
 
-- ``POST /Subscription``: a rest-hook subscription to a topic the gateway offers, id-only or full-resource; the
+- ``POST /Subscription``: a rest-hook subscription to a topic the gateway offers, empty, id-only or full-resource; the
   endpoint is the platform's ``platforms[].notify.endpoint`` (none in the YAML: 422; another in the request: 422,
   never used); the topic's scope is needed (``appointment-status``: Appointment.read).  201, active.
 - ``GET /Subscription`` (the platform's own active ones), ``GET /Subscription/{id}``, ``DELETE /Subscription/{id}``
@@ -16,15 +16,18 @@ Another platform's subscription is 404, as one that does not exist.
 from __future__ import annotations
 
 import dataclasses
+import json
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
+from adapters.maps.fhir_scheduling import appointment_resource, slot_resource
 from adapters.maps.fhir_subscriptions import (SUBSCRIPTION_PROFILE, notification_bundle, read_subscription,
                                              subscription_resource)
 from adapters.outer.access import require_scope
 from adapters.outer.errors import FhirError
 from adapters.outer.intake import JsonLimits, json_body, require_method
-from gateway.domain.notifications import TOPIC_SCOPES, SubscriptionRefused, Subscriptions
+from gateway.domain.model import slot_status
+from gateway.domain.notifications import TOPIC_SCOPES, SubscriptionRefused, Subscriptions, subscription_status
 
 #: most notifications one $events answer carries
 EVENTS_PAGE = 100
@@ -74,13 +77,19 @@ class SubscriptionsApi:
         _no_params(query, set())
         return lambda: self._read(platform, rest[0], base)
 
+    def shown(self, row):
+        """The stored subscription ``row`` with its status as FHIR says it (requested, active, error, off)."""
+        return dataclasses.replace(row, status=subscription_status(self.subs.chamber.read(), row))
+
     def notification(self, row, n, base: str, now: float) -> dict:
         """The Bundle that delivers notification ``n`` of subscription ``row`` (adapters/outer/delivery.py): its
-        handshake (event 0), an event, or — ``n`` None — a heartbeat."""
+        handshake (event 0, status requested), an event, or — ``n`` None — a heartbeat."""
         if n is None or n.what == "handshake":
             kind = "heartbeat" if n is None else "handshake"
+            row = dataclasses.replace(row, status="requested") if n is not None else self.shown(row)
             return notification_bundle(row, base, kind, [], self.instant, bundle_id=f"{row.id}-{kind}-{now:.0f}",
                                        now=now)
+        row = dataclasses.replace(row, status="active") if row.status == "active" else row  # (being delivered)
         resources = None
         if row.payload == "full-resource":
             resources = {n.focus: self.focus_json(row.platform, n.focus)}
@@ -102,14 +111,15 @@ class SubscriptionsApi:
             row = await self.subs.subscribe(platform, topic, payload, cfg.max_subscriptions, heartbeat)
         except SubscriptionRefused as e:
             raise FhirError(422, "too-costly", str(e)) from None
-        return 201, subscription_resource(row, cfg.endpoint, self.instant), \
+        return 201, subscription_resource(self.shown(row), cfg.endpoint, self.instant), \
             {"Location": f"{base}/Subscription/{row.id}"}
 
     def _search(self, platform, base):
         rows = self.subs.chamber.read().subscriptions_of(platform)
         endpoint = self._endpoint(platform)
         entries = [{"fullUrl": f"{base}/Subscription/{r.id}",
-                    "resource": subscription_resource(r, endpoint, self.instant), "search": {"mode": "match"}}
+                    "resource": subscription_resource(self.shown(r), endpoint, self.instant),
+                    "search": {"mode": "match"}}
                    for r in rows]
         return 200, {"resourceType": "Bundle", "type": "searchset", "total": len(entries), "entry": entries}, {}
 
@@ -120,8 +130,8 @@ class SubscriptionsApi:
         return row
 
     def _read(self, platform, subscription_id, base):
-        return 200, subscription_resource(self._own(platform, subscription_id), self._endpoint(platform),
-                                          self.instant), {}
+        return 200, subscription_resource(self.shown(self._own(platform, subscription_id)),
+                                          self._endpoint(platform), self.instant), {}
 
     async def _delete(self, platform, subscription_id, base):
         row = await self.subs.unsubscribe(platform, subscription_id)
@@ -130,7 +140,7 @@ class SubscriptionsApi:
         return 200, subscription_resource(row, self._endpoint(platform), self.instant), {}
 
     def _status(self, platform, subscription_id, base):
-        row = self._own(platform, subscription_id)
+        row = self.shown(self._own(platform, subscription_id))
         return 200, notification_bundle(row, base, "query-status", [], self.instant), {}
 
     def _events(self, platform, subscription_id, query, base, grant, access):
@@ -140,15 +150,39 @@ class SubscriptionsApi:
         content = (query.get("content") or [row.payload])[-1]
         if content not in ("id-only", "full-resource", "empty"):
             raise FhirError(400, "invalid", "content must be empty, id-only or full-resource", expression="content")
-        if content == "full-resource":
-            require_scope(grant, platform, TOPIC_SCOPES[row.topic])
+        require_scope(grant, platform, TOPIC_SCOPES[row.topic])  # (a scope withdrawn: its events are not served)
         events = self.subs.chamber.read().notifications_of(row.id, first, last, EVENTS_PAGE)
         resources = None
         if content == "full-resource":
             access.patient_data = True
             resources = {f: self.focus_json(platform, f) for f in dict.fromkeys(n.focus for n in events)}
-        shown = dataclasses.replace(row, payload=content)
+        shown = dataclasses.replace(self.shown(row), payload=content)
         return 200, notification_bundle(shown, base, "query-event", events, self.instant, resources), {}
+
+
+def focus_resource(reader, platform: str, focus: str, tz: ZoneInfo, quotas) -> dict | None:
+    """The resource ``focus`` ('Type/id') as ``platform`` reads it now, for a full-resource notification; None
+    when it is gone or not the platform's to read: an appointment or a prescription item of another platform, a
+    free slot its quota does not let it book (hidden from it as GET /Slot/{id} hides it)."""
+    rtype, _, rid = focus.partition("/")
+    if rtype == "Appointment":
+        appt = reader.appointment(rid)
+        if appt is None or appt.platform != platform:
+            return None
+        return appointment_resource(appt, reader.slot(appt.slot_id), tz, reader.appointment_identifiers(appt.id))
+    if rtype == "Slot":
+        slot = reader.slot(rid)
+        if slot is None or (slot_status(slot) == "free" and quotas is not None
+                            and not quotas.may_book(reader, platform, slot, reader.now)):
+            return None
+        return slot_resource(slot, tz)
+    if rtype == "MedicationRequest":
+        item = reader.medication_request(rid)
+        p = reader.prescription(item.prescription_id) if item is not None else None
+        if p is None or p.direction != "to_his" or p.platform != platform:
+            return None
+        return json.loads(item.resource)
+    return None
 
 
 def _no_params(query, allowed: set[str]) -> None:
@@ -177,7 +211,7 @@ def capability_entry() -> dict:
     return {"type": "Subscription", "supportedProfile": [SUBSCRIPTION_PROFILE],
             "interaction": [{"code": "create"}, {"code": "read"}, {"code": "delete"}, {"code": "search-type"}],
             "documentation": "FHIR Subscriptions R5 Backport (R4): rest-hook to the platform's endpoint in the "
-                             "hospital's configuration only, id-only or full-resource. Topics: "
+                             "hospital's configuration only, empty, id-only or full-resource. Topics: "
                              + ", ".join(TOPICS.values()) + ". Deliveries are signed (X-Gatewayd-Signature, a "
                              "detached JWS) and numbered per subscription.",
             "operation": [{"name": "status", "definition": "http://hl7.org/fhir/uv/subscriptions-backport/"

@@ -123,6 +123,8 @@ class Chamber:
         self._settled_observers: list[Callable[[list[str]], None]] = []
         self._unit_hooks: list[Callable[[Txn], None]] = []  # run at the end of each unit, inside it (on_unit)
         self._known_schedules: dict[str, tuple] = {}  # committed schedules' fields (see Txn.upsert_schedule)
+        self._known_topics: set[str] | None = None  # topics with an active subscription (Txn.subscribed_topics)
+        self._version_checked = False  # data_version checked in this transaction
         self._seen_version: int | None = None  # data_version when the last batch began (other writers?)
         self._watch: CommitWatch | None = None  # another process's commits (split lock): see watch()
 
@@ -156,6 +158,7 @@ class Chamber:
             self._close_quietly()
             raise backend.opened_error(e) from e
         self._known_schedules.clear()
+        self._known_topics = None
         self._seen_version = None
         log.info("chamber.opened", path=self.path, backend=self.backend.kind, journal_mode=mode,
                  schema_version=upgrades.SCHEMA_VERSION, commit_thread=self._committer is not None)
@@ -345,7 +348,10 @@ class Chamber:
                     return batch
                 self._abort_batch(batch, e, rolled_back=True)
                 return batch
-        txn = Txn(conn, self._clock(), known_schedules=self._schedules_known if self.backend.caches_schedules else None)
+        self._version_checked = False
+        caches = self.backend.caches_schedules  # (PostgreSQL: no cache of committed state, docs/chamber.md)
+        txn = Txn(conn, self._clock(), known_schedules=self._schedules_known if caches else None,
+                  known_topics=self._topics_known if caches else None, forget_topics=self._forget_topics)
         single = len(units) == 1
         results, failures = batch.results, batch.failures
         queue_changed = False
@@ -359,6 +365,7 @@ class Chamber:
                 try:
                     if self._unit_hooks:
                         txn.appointments_before, txn.appointment_events = {}, []
+                        txn.slots_before, txn.prescription_events = {}, []
                     result = work(txn)
                     for hook in self._unit_hooks:
                         hook(txn)
@@ -400,11 +407,31 @@ class Chamber:
     def _schedules_known(self) -> dict[str, tuple]:
         """The schedules known as committed (inside a transaction: the write lock is held).  Forgotten if
         another connection (the other gate, a CLI tool) has committed since: it may have changed them."""
+        self._forget_others_changes()
+        return self._known_schedules
+
+    def _topics_known(self, load: Callable[[], set[str]]) -> set[str]:
+        """The subscription topics with an active subscription (``load()`` reads them), kept between
+        transactions as the schedules are; forgotten when a transaction changes a subscription."""
+        self._forget_others_changes()
+        if self._known_topics is None:
+            self._known_topics = load()
+        return self._known_topics
+
+    def _forget_topics(self) -> None:
+        self._known_topics = None
+
+    def _forget_others_changes(self) -> None:
+        """Once per transaction: forget what is cached of the committed state if another connection (the other
+        gate, a CLI tool) has committed since (one ``PRAGMA data_version``)."""
+        if self._version_checked:
+            return
+        self._version_checked = True
         version = self.backend.data_version(self._writer)
         if version != self._seen_version:
             self._known_schedules.clear()
+            self._known_topics = None
             self._seen_version = version
-        return self._known_schedules
 
     def _commit_here(self, batch: _Batch) -> None:
         try:

@@ -141,8 +141,15 @@ class PgConnection:
         #: a read connection (autocommit, read-only): a statement that finds the connection dropped (PostgreSQL
         #: restarted, a failover) is run again once on a new one — a read, so running it again changes nothing
         self.reads_only = reads_only
+        self._trace: Callable[[str], None] | None = None
+
+    def set_trace_callback(self, trace: Callable[[str], None] | None) -> None:
+        """As sqlite3's: ``trace(sql)`` for each statement executed (as Txn wrote it), None to stop."""
+        self._trace = trace
 
     def execute(self, sql: str, params: Iterable = ()):
+        if self._trace is not None:
+            self._trace(sql)
         text, returning = translate(sql)
         params = _params(params)
         try:
@@ -158,6 +165,8 @@ class PgConnection:
         return cur
 
     def executemany(self, sql: str, seq: Iterable):
+        if self._trace is not None:
+            self._trace(sql)
         text, _ = translate(sql)
         cur = self.raw.cursor()
         cur.executemany(text, [_params(p) for p in seq])

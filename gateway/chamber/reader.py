@@ -8,7 +8,7 @@ from typing import Any, Iterable
 
 from gateway.chamber import dialects
 from gateway.chamber.rows import AppointmentRow, AuditRow, MessageRow, PrescriptionRow, ScheduleRow, SlotRow, load
-from gateway.chamber.txn import Txn
+from gateway.chamber.txn import _VERSION_COLUMNS, Txn
 
 
 def _among(column: str, values: list) -> str:
@@ -136,13 +136,18 @@ class Reader(Txn):
         or_held: bool = False,
         free_after: float | None = None,
         hidden: Iterable[tuple[str, str, float | None]] | None = None,
+        updated_ranges: Iterable[tuple[float, float]] = (),
     ) -> tuple[str, list[Any]]:
         """``his_statuses``: only slots no booking of the gateway holds whose HIS status is one of these — and,
         with ``or_held``, the held ones too; ``free_after``: free ones only if they start after it.  ``hidden``:
         (schedule id, day YYYYMMDD, cutoff) triples: free slots of that schedule and day starting after
-        ``cutoff`` (any time, if None) are left out (a platform's quota is used up)."""
+        ``cutoff`` (any time, if None) are left out (a platform's quota is used up).  ``updated_ranges``: [low,
+        high) ranges the slot's last change is in, all of them (_lastUpdated)."""
         where: list[str] = []
         args: list[Any] = []
+        for low, high in updated_ranges:
+            where.append("updated >= ? AND updated < ?")
+            args += [max(low, -1e18), min(high, 1e18)]
         if start_from is not None:
             where.append("start_ts >= ?" if start_from_inclusive else "start_ts > ?")
             args.append(start_from)
@@ -189,10 +194,15 @@ class Reader(Txn):
 
     def _appointment_filter(self, platform: str, *, ids: Iterable[str] | None = None, statuses: Iterable[str] | None = None,
                             start_ranges: Iterable[tuple[float, float]] = (),
-                            patients: Iterable[tuple[str | None, str]] | None = None) -> tuple[str, list[Any]]:
+                            patients: Iterable[tuple[str | None, str]] | None = None,
+                            updated_ranges: Iterable[tuple[float, float]] = ()) -> tuple[str, list[Any]]:
         """``statuses``: the chamber's; ``start_ranges``: [low, high) ranges the slot's start is in, all of them;
-        ``patients``: (system or None, value) pairs, one of which is among the patient's identifiers."""
+        ``patients``: (system or None, value) pairs, one of which is among the patient's identifiers;
+        ``updated_ranges``: [low, high) ranges the appointment's last change is in, all of them (_lastUpdated)."""
         where, args = ["a.platform = ?"], [platform]
+        for low, high in updated_ranges:
+            where.append("a.updated >= ? AND a.updated < ?")
+            args += [max(low, -1e18), min(high, 1e18)]
         for column, values in (("a.id", ids), ("a.status", statuses)):
             if values is not None:
                 values = list(values)
@@ -206,6 +216,19 @@ class Reader(Txn):
             where.append(dialect.patient_has_identifier)
             args.append(dialect.identifiers_param(patients))
         return " WHERE " + " AND ".join(where), args
+
+    def appointment_history(self, platform: str, since: float, *, limit: int = 100,
+                            offset: int = 0) -> tuple[int, list[AppointmentRow]]:
+        """(how many in all, one page of) every version of ``platform``'s appointments made at or after
+        ``since`` — the current ones and the earlier ones kept — newest change first, then id and version (a
+        stable order to page through)."""
+        union = (f"SELECT {_VERSION_COLUMNS} FROM appointments WHERE platform = ? AND updated >= ?"
+                 f" UNION ALL SELECT {_VERSION_COLUMNS} FROM appointment_versions WHERE platform = ? AND updated >= ?")
+        args = [platform, since, platform, since]
+        total = self._c.execute(f"SELECT count(*) FROM ({union}) v", args).fetchone()[0]
+        cur = self._c.execute(f"SELECT * FROM ({union}) v ORDER BY updated DESC, id DESC, version DESC"
+                              f" LIMIT ? OFFSET ?", [*args, limit, offset])
+        return total, [load(AppointmentRow, r) for r in cur]
 
     def appointments_for(self, platform: str, limit: int = 100) -> list[AppointmentRow]:
         cur = self._c.execute(

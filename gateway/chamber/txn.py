@@ -13,6 +13,10 @@ from gateway.chamber.rows import (AppointmentRow, AuditChain, AuditRow, Dispense
                                   MedicationRequestRow, MessageRow, NotificationRow, PrescriptionRow, ScheduleRow,
                                   SlotRow, SubscriptionRow, load)
 
+#: the subscription topics about slots: while one has an active subscription, a slot's row is read before the
+#: unit's first change to it (Txn.slots_before, for gateway/domain/notifications.py)
+SLOT_TOPICS = frozenset({"free-slot"})
+
 #: FHIR resource type -> the table holding resources of that type (by id)
 _RESOURCE_TABLES = {"Appointment": "appointments", "Slot": "slots", "Schedule": "schedules",
                     "MedicationRequest": "medication_requests", "MedicationDispense": "medication_dispenses"}
@@ -36,7 +40,9 @@ class Txn:
     """What a unit of work may do inside a chamber transaction.  Each method is one statement or two."""
 
     def __init__(self, conn: sqlite3.Connection, now: float, *,
-                 known_schedules: Callable[[], dict[str, tuple]] | None = None):
+                 known_schedules: Callable[[], dict[str, tuple]] | None = None,
+                 known_topics: Callable[[Callable[[], set[str]]], set[str]] | None = None,
+                 forget_topics: Callable[[], None] | None = None):
         self._c = conn
         self.now = now
         self.settled: list[str] = []  # appointments whose pending change this transaction cleared
@@ -48,6 +54,14 @@ class Txn:
         # has unit hooks (Chamber.on_unit: the domain's notifications), else None (nothing tracked)
         self.appointments_before: dict[str, tuple[str, str]] | None = None
         self.appointment_events: list[tuple[str, str]] = []  # (appointment id, what) the domain noted itself
+        # slots this unit changed: id -> its row before the unit's first change (None: new), when the chamber has
+        # unit hooks and a subscription to a slot topic is active; else nothing is read before a slot's change
+        self.slots_before: dict[str, SlotRow | None] | None = None
+        self.prescription_events: list[tuple[str, str, str]] = []  # (platform, focus, what) the domain noted
+        self._known_topics = known_topics  # (load) -> the topics with an active subscription, cached (engine)
+        self._forget_topics = forget_topics
+        self._topics: set[str] | None = None
+        self._changed_subscriptions = False
 
     # -- messages ------------------------------------------------------------------------------------------
     def message(self, message_id: int) -> MessageRow | None:
@@ -224,12 +238,21 @@ class Txn:
         cur = self._c.execute("SELECT * FROM slots WHERE his_appointment = ?", (his_appointment,))
         return load(SlotRow, cur.fetchone())
 
+    def _note_slot(self, slot_id: str) -> None:
+        """Keep the slot's row as it was before this unit's first change to it (``slots_before``), only while
+        someone subscribes to a slot topic: otherwise no statement is added to a slot's change."""
+        if self.slots_before is None or slot_id in self.slots_before \
+                or not self.subscribed_topics() & SLOT_TOPICS:
+            return
+        self.slots_before[slot_id] = self.slot(slot_id)
+
     def insert_slot(self, row: SlotRow, *, or_update: bool = False, publication: bool = False) -> None:
         """Insert a slot.  ``or_update``: if it exists, update what the HIS says about it instead (times,
         service, HIS status and appointment; not our hold or booking) — one statement, no lookup before —
         except on a slot booked by one of ours with another HIS appointment than ``row``'s: that booking's
         HIS appointment stays.  ``publication``: the HIS published the slot (open/blocked), so its
         Z-segments are updated too."""
+        self._note_slot(row.id)
         self._c.execute(
             "INSERT INTO slots (id, schedule_id, start_local, start_ts, end_ts, minutes, service_code,"
             " service_text, his_status, his_appointment, held_by, booked_by, z_segments, updated)"
@@ -247,9 +270,16 @@ class Txn:
              row.booked_by, row.z_segments, self.now),
         )
 
+    def free_slots_starting(self, after: float, until: float) -> list[SlotRow]:
+        """Free slots (no booking of ours holds them) starting in (after, until], by start."""
+        return [load(SlotRow, r) for r in self._c.execute(
+            "SELECT * FROM slots WHERE start_ts > ? AND start_ts <= ? AND his_status = 'free' AND held_by IS NULL"
+            " ORDER BY start_ts, id", (after, until))]
+
     def update_slot(self, slot_id: str, **changes: Any) -> None:
         cols = _assignments(changes, "slot", {"start_ts", "end_ts", "minutes", "service_code", "service_text",
                                               "his_status", "his_appointment", "held_by", "booked_by", "z_segments"})
+        self._note_slot(slot_id)
         self._c.execute(
             f"UPDATE slots SET {cols}, updated = ? WHERE id = ?", (*changes.values(), self.now, slot_id)
         )
@@ -576,9 +606,31 @@ class Txn:
 
 
     # -- subscriptions and notifications (gateway/domain/notifications.py) -----------------------------------
+    def subscribed_topics(self) -> set[str]:
+        """The topics with an active subscription (the chamber caches them between transactions while no other
+        connection commits and no subscription changes)."""
+        if self._topics is None:
+            def load() -> set[str]:
+                return {r[0] for r in self._c.execute("SELECT DISTINCT topic FROM subscriptions WHERE status = 'active'")}
+            # (not cached while this transaction's own subscription changes are uncommitted)
+            self._topics = self._known_topics(load) if self._known_topics is not None \
+                and not self._changed_subscriptions else load()
+        return self._topics
+
+    def _subscriptions_changed(self) -> None:
+        self._topics, self._changed_subscriptions = None, True
+        if self._forget_topics is not None:
+            self._forget_topics()
+
+    def subscriptions_to(self, topic: str) -> list[SubscriptionRow]:
+        """Every platform's active subscriptions to ``topic``."""
+        return [load(SubscriptionRow, r) for r in self._c.execute(
+            "SELECT * FROM subscriptions WHERE topic = ? AND status = 'active' ORDER BY created, id", (topic,))]
+
     def add_subscription(self, *, id: str, platform: str, topic: str, payload: str,
                          heartbeat: float | None = None, handshake: bool = False) -> None:
         """A new active subscription; with ``handshake``, its handshake (event 0) pending, due now."""
+        self._subscriptions_changed()
         self._c.execute("INSERT INTO subscriptions (id, platform, topic, payload, status, events, heartbeat, created,"
                         " updated) VALUES (?, ?, ?, ?, 'active', 0, ?, ?, ?)",
                         (id, platform, topic, payload, heartbeat, self.now, self.now))
@@ -605,7 +657,34 @@ class Txn:
         return [load(SubscriptionRow, r) for r in self._c.execute(
             "SELECT * FROM subscriptions WHERE status = 'active' AND heartbeat IS NOT NULL")]
 
+    def subscriptions_open(self) -> list[SubscriptionRow]:
+        """Subscriptions that are active or still have pending notifications."""
+        return [load(SubscriptionRow, r) for r in self._c.execute(
+            "SELECT * FROM subscriptions WHERE status = 'active' OR id IN (SELECT subscription_id FROM notifications"
+            " WHERE state = 'pending') ORDER BY created, id")]
+
+    def dead_letter_pending(self, subscription_id: str, reason: str) -> int:
+        """Mark the subscription's pending notifications dead, with ``reason``; how many."""
+        return self._c.execute("UPDATE notifications SET state = 'dead', last_error = ?, updated = ?"
+                               " WHERE subscription_id = ? AND state = 'pending'",
+                               (reason, self.now, subscription_id)).rowcount
+
+    def notifications_in(self, state: str | None = None, platform: str | None = None,
+                         limit: int = 50) -> list[NotificationRow]:
+        """Notifications (of every subscription), the latest change first."""
+        sql, args = "SELECT * FROM notifications WHERE 1 = 1", []
+        for column, value in (("state", state), ("platform", platform)):
+            if value is not None:
+                sql, args = sql + f" AND {column} = ?", args + [value]
+        return [load(NotificationRow, r) for r in self._c.execute(
+            sql + " ORDER BY updated DESC, subscription_id, event LIMIT ?", [*args, limit])]
+
+    def purge_dead_notifications(self, before: float) -> int:
+        """Delete dead notifications last changed before ``before``."""
+        return self._c.execute("DELETE FROM notifications WHERE state = 'dead' AND updated < ?", (before,)).rowcount
+
     def end_subscription(self, subscription_id: str) -> None:
+        self._subscriptions_changed()
         self._c.execute("UPDATE subscriptions SET status = 'off', updated = ? WHERE id = ?",
                         (self.now, subscription_id))
 

@@ -126,8 +126,9 @@ class HisConfig:
         "the handshake completed) within connect_timeout and closed, and the heartbeat if set. A failed check "
         "shows the HIS down in /healthz, the metrics and `gatewayd status` at once, and bookings and "
         "prescriptions for it are answered 202 (pending) without waiting answer_within. 0: no probe (an "
-        "outage is then noticed only when a message is attempted). Kind mllp only for now: endpoints of kind "
-        "database and webservice are not probed (their outages are noticed when a message is attempted).",
+        "outage is then noticed only when a message is attempted). Kind database: a SELECT 1 on a pooled "
+        "connection within statement_timeout; kind webservice: an HTTP HEAD of url (any answer but 502/503/504 "
+        "is up) within timeout.",
         default=Duration(30.0),
     )
     heartbeat: Optional[Annotated[str, Pattern(r"^[A-Z0-9]{3}\^[A-Z0-9]{3}$", "a message type such as NMQ^N01")]] = doc(

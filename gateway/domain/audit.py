@@ -57,6 +57,7 @@ class AuditEntry:
     """What the caller knows about an event; the trail adds seq, time and hash."""
 
     action: str  # read | search | book | cancel | update | access | book.settled | cancel.settled | audit.prune
+    # | notify (a full-resource notification sent to a platform's endpoint)
     outcome: int  # the HTTP status answered (or implied)
     platform: str | None = None
     subject: str | None = None
@@ -212,7 +213,7 @@ _INTERACTION = "http://hl7.org/fhir/restful-interaction"
 _SUBTYPE = {"read": "read", "search": "search-type", "book": "create", "cancel": "update", "update": "update",
             "book.settled": "create", "cancel.settled": "update"}
 _ACTION = {"read": "R", "search": "E", "book": "C", "cancel": "U", "update": "U", "book.settled": "C",
-           "cancel.settled": "U", "access": "E", "audit.prune": "D"}
+           "cancel.settled": "U", "access": "E", "audit.prune": "D", "notify": "R"}
 
 
 def _is_ip(text: str | None) -> bool:

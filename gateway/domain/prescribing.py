@@ -43,6 +43,7 @@ from gateway.domain.ids import new_control_id, new_id
 from gateway.domain.backlog import check_backlog
 from gateway.domain.inbound import Verdict
 from gateway.domain.model import HisAnswer
+from gateway.domain.notifications import note_prescription
 from gateway.domain.patients import order_key
 from gateway.domain.ports import OrderWriter, PrescriptionDocuments
 from gateway.domain.prescriptions import Dispense, Prescription, Submission
@@ -223,6 +224,7 @@ class PrescriptionService:
                 text = f"refused by the hospital pharmacy ({answer.code}): {reason}"
                 tx.update_medication_request(item.id, status="cancelled",
                                              resource=self.documents.item(item.resource, item.id, "cancelled", text))
+            note_prescription(tx, p.id, item.id, "active" if accepted else "refused")
         tx.update_prescription(p.id, status="active" if accepted else "refused",
                                outcome=None if accepted else f"{answer.code}: {reason}")
         log.info("prescription.answered", prescription=p.id, accepted=accepted, code=answer.code)
@@ -237,6 +239,7 @@ class PrescriptionService:
         for item in tx.medication_requests_of(p.id):
             tx.update_medication_request(item.id, status="cancelled",
                                          resource=self.documents.item(item.resource, item.id, "cancelled", text))
+            note_prescription(tx, p.id, item.id, "cancelled")
         tx.update_prescription(p.id, status="refused", outcome=text)
 
     # -- inbound from the HIS pharmacy (inside the transaction that records the message) -----------------
@@ -260,6 +263,7 @@ class PrescriptionService:
                                resource=self.documents.dispense(d, dispense_id), control_id=control_id):
                 added += 1
                 touched.add(request.prescription_id)
+                note_prescription(tx, request.prescription_id, request.id, "dispensed")
         for prescription_id in touched:
             items = tx.medication_requests_of(prescription_id)
             done = 0
@@ -270,6 +274,7 @@ class PrescriptionService:
                         tx.update_medication_request(item.id, status="completed",
                                                      resource=self.documents.item(item.resource, item.id,
                                                                                   "completed"))
+                        note_prescription(tx, prescription_id, item.id, "completed")
             if done == len(items):
                 tx.update_prescription(prescription_id, status="completed")
         return Verdict("AA", f"{added} dispense(s) recorded")

@@ -102,6 +102,19 @@ class Quotas:
         return (reader.active_appointments_on_day(platform, slot.schedule_id, day)
                 < rule.allowance(reader.slots_on_day(slot.schedule_id, day)))
 
+    def release_periods(self, platform: str) -> set[float]:
+        """The ``release_before`` periods of the platform's rules (its slots released by the passage of time)."""
+        return {r.release_before for r in self._rules.get(platform, {}).values() if r.release_before is not None}
+
+    def used_up(self, reader, platform: str, slot) -> bool:
+        """Whether ``platform`` holds all its quota of the slot's schedule and day (release aside)."""
+        rule = self.rule_for(platform, slot.schedule_id)
+        if rule is None:
+            return False
+        day = slot.start_local[:8]
+        return (reader.active_appointments_on_day(platform, slot.schedule_id, day)
+                >= rule.allowance(reader.slots_on_day(slot.schedule_id, day)))
+
     def hidden(self, reader, platform: str, now: float) -> list[tuple[str, str, float | None]]:
         """(schedule id, day, cutoff) for every schedule and day, from today on, where ``platform`` has used
         its quota: its free slots there starting after ``cutoff`` (None: any) are not shown to it."""

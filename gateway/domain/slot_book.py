@@ -58,11 +58,12 @@ class SlotBook:
         publication = n.action in _PUBLICATIONS
         z_segments = "\r".join(n.z_segments) or None if publication else None
 
+        moved = None  # the appointment of ours the hospital moved to this slot (SIU^S13)
         if n.action == "reschedule" and n.his_appointment:
             old = tx.slot_by_his_appointment(n.his_appointment)
             if old is not None and old.id != sid:
                 tx.update_slot(old.id, his_status="free", his_appointment=None, booked_by=None)
-                self._move_appointment(tx, old, sid)
+                moved = self._move_appointment(tx, old, sid)
 
         if n.action == "noshow":
             known = tx.slot(sid)
@@ -75,6 +76,8 @@ class SlotBook:
                 service_text=n.service_text, his_status=his_status, his_appointment=his_appointment,
                 held_by=None, booked_by=None, updated=tx.now, z_segments=z_segments,
             ), or_update=True, publication=publication)
+            if moved is not None:  # the slot carries the booking now: its cancellation, its no-show
+                tx.update_slot(sid, booked_by=moved)
             return sid
         slot = tx.slot(sid)
         if slot is None:
@@ -119,12 +122,15 @@ class SlotBook:
                                   outcome="cancelled by the hospital")
 
     @staticmethod
-    def _move_appointment(tx, old_slot, new_slot_id: str) -> None:
+    def _move_appointment(tx, old_slot, new_slot_id: str) -> str | None:
         """The HIS moved the booking on ``old_slot`` (SIU^S13).  If the gateway asked for that move (SRM^S03,
         ``pending_change`` 'reschedule'), the HIS's answer settles it with the gateway's reason (the SIU and
-        the SRR come in either order); otherwise the hospital rescheduled it."""
+        the SRR come in either order); otherwise the hospital rescheduled it: the appointment's id is returned
+        (the new slot is booked by it)."""
         if not old_slot.booked_by:
-            return
+            return None
         appt = tx.appointment(old_slot.booked_by)
         if appt is not None and appt.pending_change != "reschedule":
             tx.update_appointment(appt.id, slot_id=new_slot_id, outcome="rescheduled by the hospital")
+            return appt.id
+        return None

@@ -45,7 +45,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector,
                                generate_latest)
@@ -62,12 +62,17 @@ log = structlog.get_logger("gateway.ops.admin")
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
 
+#: a notification's states (the chamber's notifications.state), each reported per platform, 0 rather than absent
+NOTIFICATION_STATES = ("pending", "delivered", "dead")
+
+
 class ChamberCollector:
     """Gauges computed from the chamber when Prometheus scrapes."""
 
-    def __init__(self, chamber, peers=()):
+    def __init__(self, chamber, peers=(), platforms: Callable[[], Iterable[str]] = tuple):
         self.chamber = chamber
         self.peers = tuple(peers)  # the HIS endpoints the config names: their queue is 0, not absent
+        self.platforms = platforms  # the platforms the config names now: their notifications are 0, not absent
 
     def collect(self):
         messages = GaugeMetricFamily("gatewayd_messages", "Messages in the chamber by direction, peer and state",
@@ -112,6 +117,9 @@ class ChamberCollector:
             counts = self.chamber.read().notification_counts()
         except Exception:
             counts = {}
+        for platform in self.platforms():
+            for state in NOTIFICATION_STATES:
+                counts.setdefault((platform, state), 0)
         for (platform, state), n in sorted(counts.items()):
             family.add_metric([platform, state], n)
         return family
@@ -279,14 +287,15 @@ class HisLinkCollector:
 class Metrics:
     """This process's metrics registry and the instruments the gates feed."""
 
-    def __init__(self, chamber, peers=(), certificates: Callable[[], list[tuple[str, Path]]] = list):
+    def __init__(self, chamber, peers=(), certificates: Callable[[], list[tuple[str, Path]]] = list,
+                 platforms: Callable[[], Iterable[str]] = tuple):
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         self.build_info = Gauge("gatewayd_build_info", "The running gatewayd's version and commit (always 1)",
                                 ["version", "commit"], registry=self.registry)
         self.build_info.labels(*build()).set(1)
-        self.registry.register(ChamberCollector(chamber, peers))
+        self.registry.register(ChamberCollector(chamber, peers, platforms))
         self.registry.register(CertificateCollector(certificates))
         self.audit_chain = AuditChainCollector()  # fed by AuditChainWatch
         self.registry.register(self.audit_chain)

@@ -8,6 +8,12 @@
   received, are read again by the current code; the outcome is recorded on the same message.
 - **purge** dead-lettered messages older than a given age (with their stories).
 
+The same for the notifications owed to platforms' subscriptions (docs/subscriptions.md): **retry** a dead one
+(pending again, due now: the outer gate sends it at once — once: as it is past its ``give_up_after``, a failure
+dead-letters it again with the new error; it keeps its event number, so a platform that has had later ones
+places it), unless its platform may no longer receive it (no ``notify`` endpoint, or not the topic's scope);
+**purge** dead ones older than an age.
+
 SQLite in WAL mode lets this process and the daemon use the chamber at once; every change here is one
 committed transaction.
 """
@@ -68,10 +74,16 @@ def retry_unit(message_id: int, reprocess_inbound: Callable, *, who: str = "oper
 
 def retry_all_dead(chamber, reprocess_inbound: Callable, *, who: str = "operator") -> list[str]:
     """Resubmit every dead-lettered outbound message, oldest first; returns one line per message."""
+    return _each_oldest_first(chamber.read().messages(state="dead", limit=1_000_000),
+                              lambda msg: retry(chamber, msg.id, reprocess_inbound, who=who))
+
+
+def _each_oldest_first(rows, resubmit: Callable) -> list[str]:
+    """``resubmit(row)`` for each of ``rows`` (newest first), oldest first: one line each, a refusal as skipped."""
     out = []
-    for msg in reversed(chamber.read().messages(state="dead", limit=1_000_000)):
+    for row in reversed(rows):
         try:
-            out.append(retry(chamber, msg.id, reprocess_inbound, who=who))
+            out.append(resubmit(row))
         except NotRetryable as e:
             out.append(f"skipped: {e}")
     return out
@@ -84,5 +96,47 @@ def purge_dead(chamber, older_than_seconds: float) -> int:
 
 def count_purgeable(chamber, older_than_seconds: float) -> int:
     reader = chamber.read()
-    cutoff = reader.now - older_than_seconds
-    return sum(1 for m in reader.messages(state="dead", limit=1_000_000) if m.updated < cutoff)
+    return _older(reader.messages(state="dead", limit=1_000_000), reader.now - older_than_seconds)
+
+
+def _older(rows, cutoff: float) -> int:
+    return sum(1 for row in rows if row.updated < cutoff)
+
+
+def retry_notification(chamber, subscription_id: str, event: int, granted: dict, *, who: str = "operator") -> str:
+    """Resubmit one dead notification; ``granted``: each platform with a notify endpoint -> its scopes (what it
+    may still receive).  Returns what happened, or raises NotRetryable."""
+    from gateway.domain.notifications import TOPIC_SCOPES
+
+    def work(tx) -> str:
+        n = tx.notification(subscription_id, event)
+        if n is None:
+            raise NotRetryable(f"no notification {subscription_id}/{event}")
+        if n.state != "dead":
+            raise NotRetryable(f"notification {subscription_id}/{event} is {n.state}; only dead ones are resubmitted")
+        sub = tx.subscription(subscription_id)
+        scope = TOPIC_SCOPES.get(sub.topic) if sub is not None else None
+        if n.platform not in granted or (scope is not None and scope not in granted[n.platform]):
+            raise NotRetryable(f"platform {n.platform!r} may no longer receive it (no notify endpoint, or not the "
+                               f"scope {scope}): it is not sent")
+        tx.set_notification_state(subscription_id, event, "pending", attempts=0, next_attempt=tx.now,
+                                  last_error=f"resubmitted by {who} after: {n.last_error or 'no error recorded'}"[:300])
+        return f"notification {subscription_id}/{event} ({n.platform}, {n.what} {n.focus}) resubmitted"
+
+    return chamber.transact_now(work)
+
+
+def retry_dead_notifications(chamber, granted: dict, *, who: str = "operator") -> list[str]:
+    """Resubmit every dead notification, oldest first; one line each."""
+    return _each_oldest_first(chamber.read().notifications_in("dead", limit=1_000_000),
+                              lambda n: retry_notification(chamber, n.subscription_id, n.event, granted, who=who))
+
+
+def purge_dead_notifications(chamber, older_than_seconds: float) -> int:
+    """Delete dead notifications last changed more than ``older_than_seconds`` ago."""
+    return chamber.transact_now(lambda tx: tx.purge_dead_notifications(tx.now - older_than_seconds))
+
+
+def count_purgeable_notifications(chamber, older_than_seconds: float) -> int:
+    reader = chamber.read()
+    return _older(reader.notifications_in("dead", limit=1_000_000), reader.now - older_than_seconds)

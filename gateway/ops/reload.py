@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from zoneinfo import ZoneInfo
 
+import structlog
 from twisted.internet import endpoints
 
 from adapters.outer.oauth import clients_from_config
@@ -22,7 +23,9 @@ from gateway.config.model import GatewayConfig
 from gateway.domain.patients import IdentifierRules
 from gateway.domain.quota import Quotas
 from gateway.ops import logs
-from gateway.service import Gateway, pharmacy_route, rate_limiter, token_url
+
+log = structlog.get_logger("gateway.ops.reload")
+from gateway.service import Gateway, notify_grants, pharmacy_route, rate_limiter, token_url
 
 
 def reload(gateway: Gateway, config: GatewayConfig) -> list[str]:
@@ -58,10 +61,17 @@ def reload(gateway: Gateway, config: GatewayConfig) -> list[str]:
             if gateway.delivery is not None:  # notify: new endpoints, certificates and retry policy
                 gateway.api.subscriptions.notify = {p.name: p.notify for p in config.platforms if p.notify}
                 gateway.delivery.hooks = hooks
+                # a platform without notify, or without a topic's scope, now: its subscriptions end, pending
+                # notifications dead-lettered (docs/subscriptions.md)
+                gateway.api.subscriptions.subs.withdraw(notify_grants(config.platforms)).addErrback(
+                    lambda f: log.error("notify.withdraw_failed", error=f.getErrorMessage()))
                 gateway.delivery.wake()
 
         swaps.append(outer_swap)
         applied += ["outer.tls" + (" (with CRL)" if crl is not None else ""), f"platforms ({len(config.platforms)})"]
+    if gate == "inner":  # the free-slot topic's notifications of the inner gate's changes follow the quotas
+        inner_quotas = Quotas.from_config(config.platforms, ZoneInfo(config.hospital.timezone))
+        swaps.append(lambda: setattr(gateway.booking, "quotas", inner_quotas))
     if gate in ("both", "inner") and config.inner is not None:
         inner_tls = config.inner.tls
         if inner_tls is not None and gateway.inner_tls is not None:

@@ -131,6 +131,51 @@ class HoldsService(service.Service):
         self.booking.stop()
 
 
+class ReleaseNotices(service.Service):
+    """The outer gate's watch of slots released by the passage of time (``quotas[].release_before``) to limited
+    platforms that subscribe to free slots (gateway.domain.notifications.notify_released), every ``interval``
+    seconds from the start; ``quotas()``: the quotas now (reloaded on SIGHUP).  Releases while the gate was not
+    running are not notified (GET /Slot shows them)."""
+
+    name = "release-notices"
+
+    def __init__(self, chamber: Chamber, quotas, clock, interval: float = 10.0):
+        self.chamber = chamber
+        self.quotas = quotas
+        self.clock = clock
+        self.interval = interval
+        self._since: float | None = None
+        self._loop = None
+
+    def startService(self):
+        super().startService()
+        self._since = self.clock.seconds()
+        self._loop = task.LoopingCall(self.tick)
+        self._loop.clock = self.clock
+        self._loop.start(self.interval, now=False)
+
+    def stopService(self):
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+
+    def tick(self):
+        from gateway.domain.notifications import notify_released
+
+        since, until = self._since, self.clock.seconds()
+        quotas = self.quotas()
+        subscribers = self.chamber.read().subscriptions_to("free-slot") if quotas is not None else []
+        if not any(quotas.release_periods(s.platform) for s in subscribers):
+            self._since = until  # nobody to tell: nothing written
+            return None
+
+        def advanced(_):
+            self._since = until
+
+        return self.chamber.transact(lambda tx: notify_released(tx, quotas, since, until)).addCallbacks(
+            advanced, lambda f: log.error("notify.release_failed", error=f.getErrorMessage()))
+
+
 class WatchService(service.Service):
     """Split mode: wake this process when the other gate's process commits (``Chamber.watch``)."""
 

@@ -143,6 +143,9 @@ def test_install_book_upgrade_roll_back_purge(root, debs, tmp_path):
     assert root.sh("command -v python3 || echo none").stdout.strip() == "none"
     # the drivers of HIS endpoints of kind database and webservice are in the runtime (an air-gapped site has no pip)
     root.sh("/opt/gatewayd/runtime/python/bin/python3 -I -c 'import sqlalchemy, psycopg, pymysql, zeep, requests'")
+    # and no package's own test suite (the daemon never imports them)
+    assert root.sh("find /opt/gatewayd/runtime -type d \\( -name test -o -name tests \\) -exec test -f {}/../__init__.py "
+                   "\\; -print").stdout.strip() == ""
     root.sh("systemd-analyze verify /lib/systemd/system/gatewayd.service /lib/systemd/system/gatewayd-inner.service "
             "/lib/systemd/system/gatewayd-outer.service /lib/systemd/system/gatewayd-backup.service "
             "/lib/systemd/system/gatewayd-backup.timer")

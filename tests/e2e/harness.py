@@ -203,28 +203,35 @@ class Lock:
         if self.gateway is not None and self.gateway.popen.poll() is None:
             self.wait_his_up()
 
-    def wait_his_up(self, *peers: str, timeout: float = 10) -> None:
-        """Until the running gateway's HIS probe, if it found these HIS endpoints down (the gateway starts
-        first), has seen them listen again: a booking or prescription made before would be answered 202 at
-        once, the HIS being known down. Without ``peers``: the endpoints this simulator serves (the HIS, and
-        its pharmacy if the gateway sends there)."""
+    def wait_his_up(self, *peers: str, timeout: float = 30) -> None:
+        """Until the running gateway's HIS probe has seen these HIS endpoints up (the gateway starts first, so its
+        probe found them down: a booking or prescription made before would be answered 202 at once, the HIS
+        being known down). Positively: at the first look the probe may not have recorded its first, failed check
+        yet, so "no endpoint recorded down" proves nothing. Without ``peers``: the endpoints this simulator serves
+        (the HIS, and its pharmacy if the gateway sends there); none when the probe is off."""
         import sqlite3
 
+        inner = self.gateway_config.get("inner", {})
+        his = {"name": "his", **inner.get("his", {})}
+        endpoints = [his, *inner.get("endpoints", [])]
         if not peers:
-            inner = self.gateway_config.get("inner", {})
             pharmacy = self.sim_config.get("pharmacy", {}).get("listen", "")
             ports = {self.his_port} | ({int(pharmacy.split(":")[1])} if pharmacy else set())
-            peers = (inner.get("his", {}).get("name", "his"),
-                     *(e["name"] for e in inner.get("endpoints", []) if e.get("port") in ports))
+            peers = tuple(e["name"] for e in endpoints if e is his or e.get("port") in ports)
+        # an endpoint without a probe (probe_interval 0) is never recorded, up or down
+        unprobed = {e["name"] for e in endpoints if str(e.get("probe_interval", "30s")).rstrip("ms") in ("0", "0.0")}
+        peers = tuple(p for p in peers if p not in unprobed)
+        if not peers:
+            return
 
         def known_up():
             try:
-                return not self.chamber_rows(f"SELECT 1 FROM his_links WHERE up = 0 AND peer IN "
-                                             f"({', '.join('?' * len(peers))})", *peers)
-            except (sqlite3.Error, ChamberUnreadable):  # no chamber (yet), or one without the table: nothing known down
-                return True
+                return len(self.chamber_rows(f"SELECT peer FROM his_links WHERE up = 1 AND peer IN "
+                                             f"({', '.join('?' * len(peers))})", *peers)) == len(set(peers))
+            except (sqlite3.Error, ChamberUnreadable):  # no chamber (yet), or the table not made yet
+                return False
 
-        eventually(known_up, timeout=timeout, what="the gateway's HIS probe to see the HIS up")
+        eventually(known_up, timeout=timeout, what=f"the gateway's HIS probe to see {', '.join(peers)} up")
 
     def stop(self) -> None:
         for proc in (self.sim, self.gateway):

@@ -17,7 +17,6 @@ import copy
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -200,17 +199,7 @@ def test_the_lock_holds_across_network_namespaces(tmp_path):
                               "his-sim.log"))
         # the inner gate's HIS probe found the HIS down at its start (the HIS comes after it here): until it sees
         # both endpoints up, a booking would be answered 202 at once (the chamber's his_links tells the outer gate)
-        # (positively: at the first look the probe may not have recorded its first, failed check yet)
-        peers = (inner["inner"]["his"].get("name", "his"), "pharmacy")
-
-        def known_up():
-            try:
-                return len(lock.chamber_rows("SELECT peer FROM his_links WHERE up = 1 AND peer IN (?, ?)",
-                                             *peers)) == 2
-            except sqlite3.Error:  # the chamber or its table not made yet
-                return False
-
-        eventually(known_up, timeout=30, what="the inner gate's HIS probe to see the HIS and its pharmacy up")
+        lock.wait_his_up(inner["inner"]["his"].get("name", "his"), "pharmacy")
         try:
             result = ns.run_python(ns.inet, CLIENT.format(base=f"https://{OUTER_ADDR}:8443/fhir",
                                                           certs=str(tmp_path / "certs"), his=HIS_ADDR,

@@ -28,6 +28,7 @@ from tests.e2e.harness import Lock, Proc, appointment_for, eventually, free_port
 
 JSON = {"Content-Type": "application/fhir+json"}
 TOPIC = "https://gatewayd.invalid/fhir/SubscriptionTopic/appointment-status"
+FREE_SLOTS = "https://gatewayd.invalid/fhir/SubscriptionTopic/free-slot"
 PAYLOAD_CONTENT = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-payload-content"
 DOWN = 30.0  # how long the webhook is down (the "Done when")
 
@@ -116,9 +117,9 @@ def verify_signature(headers: dict, body: bytes, certificate_der: bytes) -> None
                signing_input, ec.ECDSA(hashes.SHA256()))
 
 
-def subscribe(lock, platform, payload):
+def subscribe(lock, platform, payload, topic=TOPIC):
     r = lock.session(platform).post(f"{lock.base}/Subscription", headers=JSON, json={
-        "resourceType": "Subscription", "status": "requested", "reason": "appointments", "criteria": TOPIC,
+        "resourceType": "Subscription", "status": "requested", "reason": "appointments", "criteria": topic,
         "channel": {"type": "rest-hook", "payload": "application/fhir+json",
                     "_payload": {"extension": [{"url": PAYLOAD_CONTENT, "valueCode": payload}]}}})
     assert r.status_code == 201, r.text
@@ -167,6 +168,7 @@ def suspend(lock, doctor, day):
 def test_a_suspended_clinic_reaches_each_platform_in_order_and_nothing_is_lost(lock):
     hook = lock.hook
     demo_sub, other_sub = subscribe(lock, "demo", "id-only"), subscribe(lock, "other", "full-resource")
+    subscribe(lock, "gateway", "id-only", FREE_SLOTS)  # a third platform follows the free slots
     day = lock.first_day
     d001 = sorted((s for s in lock.search_slots(schedule="Schedule/D001", status="free")
                    if s["start"].startswith(day.isoformat())), key=lambda s: s["start"])
@@ -193,6 +195,16 @@ def test_a_suspended_clinic_reaches_each_platform_in_order_and_nothing_is_lost(l
             assert appt["resourceType"] == "Appointment" and appt["id"] in other_appts
         else:
             assert len(bundle["entry"]) == 1
+    # the free-slot subscriber: the three bookings took their slots, then the suspension blocked every slot of
+    # the day (a cancelled booking's slot freed and blocked in the same push), each in order, numbered
+    day_slots = {s["id"] for s in d001}
+    eventually(lambda: {f for _, what, f in hook.events("gateway") if what == "blocked"} >= day_slots, timeout=30,
+               what="the day's slots notified blocked to the free-slot subscriber")
+    slot_events = hook.events("gateway")
+    assert [e for e, _, _ in slot_events] == list(range(1, len(slot_events) + 1))
+    assert [(what, f) for _, what, f in slot_events[:3]] == [("taken", d001[i]["id"]) for i in range(3)]
+    last = {f: what for _, what, f in slot_events}
+    assert all(last[f] == "blocked" for f in day_slots)
     demo_cancelled = [json.loads(b) for p, _, b, _ in hook.received if p == "/demo"][-1]
     assert "MRN-O0" not in json.dumps(demo_cancelled) and other_appts[0] not in json.dumps(demo_cancelled)
 

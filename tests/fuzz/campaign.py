@@ -38,6 +38,9 @@ TARGETS = {
               "ConfigError",
     "siu": "the SIU^S12..S26 / SQR^S25 -> slot notice map (adapters/maps/siu_slot.py)",
     "srm": "the SRM^S01/S03/S04 writer (adapters/maps/srm_booking.py) with fuzzed domain values",
+    "pharmacy": "what the HIS pharmacy sends: RDS^O13 dispensing, a released RDE^O11 (adapters/maps/rds_dispense.py) "
+                "and the answers to the gateway's orders (adapters/maps/rde_order.py)",
+    "token": "the token endpoint's client assertion (a signed JWT) and requested scope (adapters/outer/oauth.py)",
 }
 
 

@@ -12,7 +12,8 @@ from tests.fuzz import campaign
 
 #: inputs per harness, seeds included: 1-3 s each on a 2-core host at load 1, but config ~15 s (an input is
 #: two config loads, ~30 ms each with the loader instrumented)
-RUNS = {"framer": 3000, "er7": 3000, "fhir": 1500, "config": 200, "siu": 3000, "srm": 3000}
+RUNS = {"framer": 3000, "er7": 3000, "fhir": 1500, "config": 200, "siu": 3000, "srm": 3000, "pharmacy": 3000,
+        "token": 3000}
 
 
 def test_every_harness_has_a_short_run():

@@ -70,6 +70,16 @@ def test_queue_oldest_waiting_message_and_dead_letters_per_endpoint(chamber):
     assert m[("gatewayd_queue_oldest_seconds", (("peer", "pharmacy"),))] == 0
 
 
+def test_notifications_are_zero_for_every_platform_and_state_before_any(chamber):
+    names = ["demo", "other"]
+    metrics = Metrics(chamber, platforms=lambda: names)
+    m = samples(metrics)
+    assert {(dict(k[1])["platform"], dict(k[1])["state"]): v for k, v in m.items()
+            if k[0] == "gatewayd_notifications"} == {(p, s): 0 for p in names for s in ("pending", "delivered", "dead")}
+    names.append("third")  # a platform a reload added is reported from the next scrape
+    assert samples(metrics)[("gatewayd_notifications", (("platform", "third"), ("state", "dead")))] == 0
+
+
 def test_build_info_process_and_disk(chamber):
     m = samples(Metrics(chamber))
     [(version, commit)] = [(dict(k[1])["version"], dict(k[1])["commit"]) for k in m if k[0] == "gatewayd_build_info"]

@@ -32,7 +32,7 @@ def run(*args: str, cwd: Path = RULES.parent) -> subprocess.CompletedProcess:
 def test_promtool_checks_the_rules():
     result = run("check", "rules", RULES.name)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 7 rules found" in result.stdout
+    assert "SUCCESS: 9 rules found" in result.stdout
 
 
 def test_promtool_tests_the_rules():
@@ -46,8 +46,9 @@ def test_every_alert_is_tested():
     alerts = {r["alert"] for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]}
     tested = {case["alertname"] for t in yaml.safe_load(RULES_TEST.read_text())["tests"]
               for case in t.get("alert_rule_test", [])}
-    assert alerts == {"GatewaydHisDown", "GatewaydQueueStuck", "GatewaydDeadLetters", "GatewaydCertificateExpiring",
-                      "GatewaydDiskNearlyFull", "GatewaydAuditChainBroken", "GatewaydHttp5xx"}
+    assert alerts == {"GatewaydDown", "GatewaydHisDown", "GatewaydQueueStuck", "GatewaydDeadLetters",
+                      "GatewaydNotificationsDead", "GatewaydCertificateExpiring", "GatewaydDiskNearlyFull",
+                      "GatewaydAuditChainBroken", "GatewaydHttp5xx"}
     assert alerts == tested
 
 

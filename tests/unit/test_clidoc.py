@@ -27,7 +27,7 @@ def test_bash_completes_commands_options_choices_and_files(tmp_path):
     assert _complete(script, ["gatewayd", "re"], tmp_path) == ["restore", "reload"]
     assert _complete(script, ["gatewayd", "queue", "l"], tmp_path) == ["list"]
     assert set(_complete(script, ["gatewayd", "queue", "list", "--"], tmp_path)) == {
-        "--help", "--state", "--dest", "--direction", "--limit", "--config"}
+        "--help", "--state", "--dest", "--direction", "--limit", "--config", "--notifications"}
     assert sorted(_complete(script, ["gatewayd", "queue", "list", "--state", "de"], tmp_path)) == ["dead", "delivered"]
     assert _complete(script, ["gatewayd", "run", "--gate", ""], tmp_path) == ["both", "inner", "outer"]
     (tmp_path / "gateway.yaml").write_text("")

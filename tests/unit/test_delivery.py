@@ -217,3 +217,114 @@ def test_the_handshake_goes_first_and_heartbeats_come_when_nothing_else_does(env
     assert len(agents["demo"].requests) == 3
     clock.advance(1)
     assert len(agents["demo"].requests) == 4
+
+
+def test_a_subscription_is_requested_until_its_handshake_is_answered_then_active_or_error(env):
+    """Backport IG: requested until the handshake gets a 2xx, then active; a failed handshake shows error (while
+    it is retried, and once it is dead) until the endpoint takes one of its deliveries."""
+    from gateway.domain.notifications import Subscriptions, subscription_status
+
+    chamber, clock, agents, delivery = env
+    status = lambda sub_id: subscription_status(chamber.read(), chamber.read().subscription(sub_id))  # noqa: E731
+    subs = Subscriptions(chamber)
+    ok = successResultOf(subs.subscribe("demo", "appointment-status", "id-only", 5))
+    assert status(ok.id) == "requested"
+    clock.advance(0)
+    agents["demo"].answer(0, 503)
+    clock.advance(0)
+    assert status(ok.id) == "error"
+    clock.advance(1)
+    agents["demo"].answer(1, 204)
+    clock.advance(0)
+    assert status(ok.id) == "active"
+
+    failing = successResultOf(subs.subscribe("slow", "appointment-status", "id-only", 5))
+    for i in range(8):  # past give_up_after (60 s): the handshake is dead
+        clock.advance(10)
+        if i < len(agents["slow"].requests) and not agents["slow"].requests[i][3].called:
+            agents["slow"].answer(i, 500)
+    assert chamber.read().notification(failing.id, 0).state == "dead"
+    assert status(failing.id) == "error"
+    chamber.transact_now(lambda tx: tx.add_notification(failing.id, platform="slow", focus="Appointment/a1",
+                                                        what="cancelled"))
+    delivery.wake()
+    clock.advance(0)
+    agents["slow"].answer(len(agents["slow"].requests) - 1, 200)
+    clock.advance(0)
+    assert status(failing.id) == "active"  # the endpoint works again
+    successResultOf(subs.unsubscribe("slow", failing.id))
+    assert status(failing.id) == "off"
+
+
+def test_a_full_resource_delivery_is_audited_with_each_attempts_outcome(env):
+    """The resource a notification carries leaves the hospital: each attempt is an audit record (action notify,
+    the platform, the resource, the answer's status; 502 when none came); an id-only one carries none."""
+    chamber, clock, agents, delivery = env
+    delivery.body = lambda sub, n: {"entry": [{"resource": {}}] + (
+        [{"resource": {"resourceType": "Appointment"}, "request": {"method": "PUT", "url": "Appointment/a1"}}]
+        if n.event == 1 else [])}
+    notify(chamber, "s1", "demo", n=2)
+    clock.advance(0)
+    agents["demo"].requests[0][3].errback(ConnectionRefusedError())
+    clock.advance(1)
+    agents["demo"].answer(1, 200)
+    clock.advance(0)
+    agents["demo"].answer(2, 200)  # event 2: no resource carried
+    clock.advance(0)
+    records = [(r.action, r.platform, r.resource_type, r.resource_id, r.outcome)
+               for r in chamber.read().audit_records()]
+    assert records == [("notify", "demo", "Appointment", "a1", 502), ("notify", "demo", "Appointment", "a1", 200)]
+
+
+def test_what_the_configuration_withdraws_ends_its_subscriptions_and_dead_letters_their_pending(tmp_path):
+    """A platform that lost a topic's scope, or its notify endpoint (or was removed), stops receiving: its
+    subscriptions to what it may no longer have end (off), their pending notifications are dead-lettered with
+    the reason — none stays pending; what it still may have goes on."""
+    from gateway.domain.notifications import withdraw
+
+    chamber = Chamber(tmp_path / "c.sqlite3", clock=lambda: 1_900_000_000.0)
+    chamber.open()
+    try:
+        for sub, platform, topic in (("a", "demo", "appointment-status"), ("f", "demo", "free-slot"),
+                                     ("o", "other", "appointment-status")):
+            chamber.transact_now(lambda tx: tx.add_subscription(id=sub, platform=platform, topic=topic,
+                                                                payload="id-only"))
+            chamber.transact_now(lambda tx: tx.add_notification(sub, platform=platform, focus="Appointment/x",
+                                                                what="cancelled"))
+        ended = chamber.transact_now(lambda tx: withdraw(tx, {"demo": frozenset({"Slot.read"})}))
+        assert sorted((s, dead) for _, s, _, dead in ended) == [("a", 1), ("o", 1)]
+        reader = chamber.read()
+        assert [reader.subscription(s).status for s in "afo"] == ["off", "active", "off"]
+        a, o = reader.notification("a", 1), reader.notification("o", 1)
+        assert a.state == "dead" and "no longer granted the scope Appointment.read" in a.last_error
+        assert o.state == "dead" and "no notify endpoint" in o.last_error
+        assert reader.notification("f", 1).state == "pending"
+        assert chamber.transact_now(lambda tx: withdraw(tx, {"demo": frozenset({"Slot.read"})})) == []
+    finally:
+        chamber.close()
+
+
+def test_a_reload_that_removes_a_platforms_notify_ends_its_subscriptions(config_dir):
+    from twisted.internet.testing import MemoryReactorClock
+
+    from gateway.ops.reload import reload
+    from gateway.service import make_service
+    from tests.unit.config_files import HEAD, load
+
+    platform = ("platforms:\n  - name: demo\n    certificate_subject: CN=platform-demo\n{}")
+    notify = ("    notify:\n      endpoint: https://hook.example/h\n      ca: certs/ca.pem\n"
+              "      client_certificate: certs/platform-demo.pem\n      client_key: certs/platform-demo.key\n")
+    head = HEAD + f"chamber: {{path: {config_dir / 'c.sqlite3'}}}\n"
+    gateway = make_service(load(config_dir, platform.format(notify), head), MemoryReactorClock())
+    chamber = gateway.booking.chamber
+    chamber.open()
+    try:
+        chamber.transact_now(lambda tx: tx.add_subscription(id="s1", platform="demo", topic="appointment-status",
+                                                            payload="id-only", handshake=True))
+        reload(gateway, load(config_dir, platform.format(""), head))
+        for _ in range(5):
+            gateway.reactor.advance(0.1)
+        assert chamber.read().subscription("s1").status == "off"
+        assert chamber.read().notification("s1", 0).state == "dead"
+    finally:
+        chamber.close()

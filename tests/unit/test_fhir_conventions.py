@@ -395,7 +395,8 @@ def interaction_request(gate, rtype, code, appointment_id):
             "create": ("POST", f"/{rtype}", appointment(SID[5])),
             "update": ("PUT", f"/{rtype}/{rid}", None), "patch": ("PATCH", f"/{rtype}/{rid}", {"status": "booked"}),
             "vread": ("GET", f"/{rtype}/{rid}/_history/2", None),
-            "history-instance": ("GET", f"/{rtype}/{rid}/_history", None)}[code]
+            "history-instance": ("GET", f"/{rtype}/{rid}/_history", None),
+            "history-type": ("GET", f"/{rtype}/_history?_since=2030-01-01", None)}[code]
 
 
 def test_every_declared_interaction_and_search_parameter_is_served(gate):
@@ -432,7 +433,8 @@ def test_what_the_router_serves_is_declared_and_nothing_else(gate):
     assert set(declared) == set(RESOURCE_TYPES)  # (this gate serves no prescriptions)
     for rtype, resource in declared.items():
         codes = {i["code"] for i in resource["interaction"]}
-        for code in {"read", "search-type", "create", "update", "patch", "vread", "history-instance"} - codes:
+        for code in {"read", "search-type", "create", "update", "patch", "vread", "history-instance",
+                     "history-type"} - codes:
             method, path, body = interaction_request(gate, rtype, code, "x")
             r = gate.request(method, path, body if body is not None else {})
             assert r.status in (400, 404, 405), (rtype, code)  # not served

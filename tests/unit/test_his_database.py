@@ -525,3 +525,12 @@ def test_a_heartbeat_on_a_database_endpoint_is_refused(config_dir):
                                                           "    kind: database\n    heartbeat: NMQ^N01\n"))
     assert any(p.endswith("inner.his.heartbeat: the heartbeat is an HL7 message the probe sends over MLLP: "
                           "kind: database has none") for p in found), found
+
+
+def test_the_probe_pings_the_database_and_finds_it_down_when_it_cannot_connect(db, tmp_path):
+    from adapters.inner.probe import CallCheck, LinkDown
+
+    assert successResultOf(CallCheck(link_for(db).ping, "database").check()) is None
+    gone = sa.create_engine(f"sqlite:///{tmp_path / 'no-such-dir' / 'his.db'}")
+    down = failureResultOf(CallCheck(link_for(gone).ping, "database").check(), LinkDown)
+    assert str(down.value).startswith("database: NotConnected: cannot connect: OperationalError")

@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 from twisted.web.test.requesthelper import DummyRequest
 
 from adapters.inner.client import MLLPClient
-from adapters.inner.probe import ConnectCheck, HeartbeatCheck, HisProbe, LinkDown
+from adapters.inner.probe import CallCheck, ConnectCheck, HeartbeatCheck, HisProbe, LinkDown
 from adapters.maps.srm_booking import Hl7Header, build_heartbeat
 from gateway.chamber.engine import Chamber
 from gateway.ops.admin import AdminResource, Metrics
@@ -106,6 +106,19 @@ class ScriptedCheck:
             self.pending.append(d)
             return d
         return defer.succeed(None) if self.up else defer.fail(LinkDown("no connection: refused"))
+
+
+def test_a_call_check_is_up_when_the_links_ping_fires_and_down_with_its_reason_otherwise():
+    """The database and web-service kinds' check: their link's ping (a Deferred)."""
+    assert successResultOf(CallCheck(lambda: defer.succeed(1), "database").check()) is None
+    down = failureResultOf(CallCheck(lambda: defer.fail(TimeoutError("no answer within 5s")), "web service").check(),
+                           LinkDown)
+    assert str(down.value) == "web service: TimeoutError: no answer within 5s"
+
+    def cannot_start():
+        raise RuntimeError("the link is stopped")
+    stopped = failureResultOf(CallCheck(cannot_start, "database").check(), LinkDown)  # down, not a crashed probe
+    assert str(stopped.value) == "database: RuntimeError: the link is stopped"
 
 
 def test_the_probe_checks_at_start_and_every_interval_and_reports_changes_only():

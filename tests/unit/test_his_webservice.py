@@ -326,3 +326,33 @@ def test_xml_requests_need_one_root(config_dir):
     found = problems(config_dir, "", head=head)
     assert [f.split(": ", 1)[0] for f in found] == ["8:inner.his.webservice.book.request"]
     assert "one root element" in found[0]
+
+
+def test_the_probe_finds_the_web_service_up_on_any_answer_and_down_without_one_or_behind_a_dead_proxy(his):
+    from http.server import BaseHTTPRequestHandler
+
+    from adapters.inner.probe import CallCheck, LinkDown
+
+    _hospital, url = his
+    assert successResultOf(CallCheck(link(url).ping, "web service").check()) is None  # (the simulator: 501 to HEAD)
+    closed = f"http://127.0.0.1:{free_port()}"
+    down = failureResultOf(CallCheck(link(closed).ping, "web service").check(), LinkDown)
+    assert str(down.value) == "web service: NotReached: cannot connect: ConnectionError"
+
+    class Proxy(BaseHTTPRequestHandler):  # a reverse proxy whose web service behind it is gone
+        def do_HEAD(self):
+            self.send_response(502)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        proxied = f"http://127.0.0.1:{server.server_address[1]}"
+        down = failureResultOf(CallCheck(link(proxied).ping, "web service").check(), LinkDown)
+        assert str(down.value).startswith("web service: BadAnswer: HTTP 502")
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -161,7 +161,7 @@ def test_the_runtime_bundles_everything_but_glibc(soname, host):
 
 def test_the_stdlib_copy_leaves_out_tests_and_tk(tmp_path):
     src = tmp_path / "stdlib"
-    for name in ("os.py", "test/test_os.py", "tkinter/__init__.py", "lib-dynload/_ssl.so",
+    for name in ("os.py", "test/test_os.py", "distutils/tests/test_core.py", "tkinter/__init__.py", "lib-dynload/_ssl.so",
                  "lib-dynload/_tkinter.so", "lib-dynload/_testcapi.so", "config-3.11-x86_64-linux-gnu/Makefile",
                  "site-packages/x.py", "json/__init__.py"):
         (src / name).parent.mkdir(parents=True, exist_ok=True)
@@ -169,3 +169,20 @@ def test_the_stdlib_copy_leaves_out_tests_and_tk(tmp_path):
     runtime.copy_stdlib(src, tmp_path / "copy")
     copied = {str(p.relative_to(tmp_path / "copy")) for p in (tmp_path / "copy").rglob("*") if p.is_file()}
     assert copied == {"os.py", "json/__init__.py", "lib-dynload/_ssl.so"}
+
+
+def test_the_installed_packages_test_suites_are_removed_and_nothing_else(tmp_path):
+    site = tmp_path / "site-packages"
+    files = ("twisted/__init__.py", "twisted/test/__init__.py", "twisted/test/iosim.py",
+             "twisted/web/__init__.py", "twisted/web/test/test_http.py", "twisted/web/test/data/x.txt",
+             "zope/interface/__init__.py", "zope/interface/tests/__init__.py",
+             "pkg/__init__.py", "pkg/testing.py", "pkg/tests.py", "pkg/data/tests/keep.json",
+             "tests/__init__.py")  # a top-level "tests" (not inside a package) is some distribution's own: kept
+    for name in files:
+        (site / name).parent.mkdir(parents=True, exist_ok=True)
+        (site / name).write_text("")
+    removed = runtime.prune_tests(site)
+    assert {str(p.relative_to(site)) for p in removed} == {"twisted/test", "twisted/web/test", "zope/interface/tests"}
+    left = {str(p.relative_to(site)) for p in site.rglob("*") if p.is_file()}
+    assert left == {"twisted/__init__.py", "twisted/web/__init__.py", "zope/interface/__init__.py", "pkg/__init__.py",
+                    "pkg/testing.py", "pkg/tests.py", "pkg/data/tests/keep.json", "tests/__init__.py"}

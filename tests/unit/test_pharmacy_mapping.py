@@ -327,6 +327,21 @@ def test_released_rde_missing_route_or_frequency_is_101(segment, location):
     assert e.value.code == 101 and e.value.location == location
 
 
+@pytest.mark.parametrize("old,new,location", [
+    (b"|||||20300108075500|||D01", b"|||||2030-01-08|||D01", "ORC-9"),  # (found by tests/fuzz/fuzz_pharmacy.py)
+    (b"|||||20300108075500|||D01", b"|||||20300108\x00\x00|||D01", "ORC-9"),
+    (b"28^d|20300108075500", b"28^d|tomorrow", "TQ1-7"),
+])
+def test_an_unreadable_order_time_is_102_naming_its_field(old, new, location):
+    raw = golden_hl7("rde_o11_release.gb18030.hl7")
+    if location == "TQ1-7":  # TQ1-7 is read only without ORC-9
+        raw = raw.replace(b"|||||20300108075500|||D01", b"||||||||D01")
+    assert old in raw
+    with pytest.raises(Hl7Error) as e:
+        prescription_from_rde(parse(raw.replace(old, new)))
+    assert (e.value.code, e.value.location) == (102, location)
+
+
 def test_our_medication_requests_are_valid_r4b_for_the_platform_bundle_too():
     """The prescription we sent can be shown back to platforms as MedicationRequests (GET /fhir/...)."""
     out = medication_requests(rx_bundle(), TZ, ["mr-1", "mr-2", "mr-3"], PROFILE)

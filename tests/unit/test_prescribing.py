@@ -334,3 +334,33 @@ def test_an_order_committed_before_chamber_schema_v6_is_written_from_its_request
     assert from_request == from_record
     kept = chamber.read().prescription(p.id)
     assert kept.record == record and kept.version == p.version
+
+
+def test_the_prescribing_platform_is_notified_of_its_items_answers_and_dispensing_no_one_else(world, pki):
+    """The prescription-status topic (issue 23): each item's acceptance, dispensing and completion, numbered, to
+    the prescribing platform's subscriptions only; a refusal is notified as refused."""
+    from gateway.domain.notifications import Notifications
+    rx, chamber, _, _ = world
+    chamber.on_unit(Notifications().after_unit)
+    for sub_id, platform in (("mine", "ih1"), ("theirs", "ih2")):
+        chamber.transact_now(lambda tx: tx.add_subscription(id=sub_id, platform=platform,
+                                                            topic="prescription-status", payload="id-only"))
+    p, _ = successResultOf(submit(rx, pki))
+    ids = [i.id for i in chamber.read().medication_requests_of(p.id)]
+    chamber.transact_now(lambda tx: rx.on_answer(tx, tx.message(p.message_id),
+                                                 answer_with("rre_o12_accepted.hl7", ids)))
+    rds = (GOLDEN / "rds_o13.hl7").read_bytes().replace(b"mr-1^", ids[0].encode() + b"^").replace(
+        b"mr-2^", ids[1].encode() + b"^")
+    chamber.transact_now(decider(rx, parse(rds)))
+    chamber.transact_now(decider(rx, parse(rds)))  # a resend: nothing new, nothing notified
+    got = [(n.event, n.focus, n.what) for n in chamber.read().notifications_of("mine")]
+    assert got == [(1, f"MedicationRequest/{ids[0]}", "active"), (2, f"MedicationRequest/{ids[1]}", "active"),
+                   (3, f"MedicationRequest/{ids[2]}", "active"),
+                   (4, f"MedicationRequest/{ids[0]}", "dispensed"), (5, f"MedicationRequest/{ids[1]}", "dispensed"),
+                   (6, f"MedicationRequest/{ids[0]}", "completed"), (7, f"MedicationRequest/{ids[1]}", "completed")]
+    assert chamber.read().notifications_of("theirs") == []
+    refused, _ = successResultOf(submit(rx, pki, renumbered("RX20300107-0002")))
+    refused_ids = [i.id for i in chamber.read().medication_requests_of(refused.id)]
+    chamber.transact_now(lambda tx: rx.on_answer(tx, tx.message(refused.message_id),
+                                                 answer_with("rre_o12_refused.hl7", refused_ids)))
+    assert [n.what for n in chamber.read().notifications_of("mine")][7:] == ["refused"] * 3

@@ -2,13 +2,14 @@
 reads, deletes and catches up ($status, $events) on its own subscriptions only; what it asks and the gateway
 does not honour is refused, never ignored."""
 
+from datetime import timedelta
 from types import SimpleNamespace
 
 import pytest
 
 from adapters.maps.fhir_subscriptions import BACKPORT, HEARTBEAT_PERIOD, PAYLOAD_CONTENT
 from adapters.outer.intake import JsonLimits
-from adapters.outer.subscriptions import SubscriptionsApi
+from adapters.outer.subscriptions import SubscriptionsApi, focus_resource
 from gateway.domain.model import HisAnswer
 from gateway.domain.notifications import TOPICS, Notifications, Subscriptions
 from gateway.domain.slot_book import SlotBook
@@ -40,7 +41,7 @@ def subscription(payload="id-only", **channel):
 def test_a_platform_subscribes_with_its_configured_endpoint(subs):
     r = subs.request("POST", "/Subscription", subscription())
     assert r.status == 201, r.json
-    assert r.json["status"] == "active" and r.json["channel"]["endpoint"] == ENDPOINT
+    assert r.json["status"] == "requested" and r.json["channel"]["endpoint"] == ENDPOINT  # (until its handshake)
     assert r.headers["location"] == f"https://gw.example/fhir/Subscription/{r.json['id']}"
     assert subs.request("GET", f"/Subscription/{r.json['id']}").json["criteria"] == TOPICS["appointment-status"]
     assert [e["resource"]["id"] for e in subs.request("GET", "/Subscription").json["entry"]] == [r.json["id"]]
@@ -144,3 +145,74 @@ def test_a_heartbeat_period_is_kept_and_shown_and_a_handshake_is_queued(subs):
     assert params["type"]["valueCode"] == "handshake" and "notification-event" not in params
     heartbeat = subs.api.subscriptions.notification(row, None, "https://gw.example/fhir", 0.0)
     assert heartbeat["entry"][0]["resource"]["parameter"][3] == {"name": "type", "valueCode": "heartbeat"}
+
+
+@pytest.fixture
+def slot_subs(gate):
+    """The Subscription endpoints with the domain's notifications and full-resource focus as the service wires
+    them: the free-slot topic within the platforms' quotas (demo: 2 slots a day)."""
+    gate.chamber.on_unit(Notifications(lambda: gate.quotas).after_unit)
+    notify = {p: SimpleNamespace(endpoint=f"https://{p}.example/hook", max_subscriptions=2)
+              for p in ("demo", "other", "readonly")}
+    gate.api.subscriptions = SubscriptionsApi(
+        Subscriptions(gate.chamber), notify=notify, tz=TZ, json_limits=JsonLimits(32, 65536),
+        focus_json=lambda platform, focus: focus_resource(gate.chamber.read(), platform, focus, TZ, gate.quotas))
+    return gate
+
+
+def free_slot_subscription():
+    return dict(subscription("full-resource"), criteria=TOPICS["free-slot"])
+
+
+def test_the_free_slot_topic_offers_only_what_the_platforms_quota_lets_it_book(slot_subs):
+    """demo books its 2 slots of the day: the other free slots are hidden from it (GET /Slot) and their blocking
+    is not notified to it; another platform, not limited, hears of it with the Slot as GET /Slot/{id} shows it."""
+    mine = slot_subs.request("POST", "/Subscription", free_slot_subscription()).json["id"]
+    theirs = slot_subs.request("POST", "/Subscription", free_slot_subscription(), platform="other").json["id"]
+    for sid in SID[:2]:
+        assert slot_subs.request("POST", "/Appointment", appointment(sid)).status in (201, 202)
+    assert slot_subs.request("GET", f"/Slot?_id={SID[5]}").json["total"] == 0  # hidden from demo
+    slot_subs.chamber.transact_now(lambda tx: SlotBook(TZ).apply(tx, [
+        SlotNotice("block", SCHEDULE, DAY + timedelta(minutes=15 * 5), 15, "card", "x")]))
+    read = slot_subs.chamber.read()
+    assert [(n.focus, n.what) for n in read.notifications_of(theirs)] == [
+        (f"Slot/{SID[0]}", "taken"), (f"Slot/{SID[1]}", "taken"), (f"Slot/{SID[5]}", "blocked")]
+    assert (f"Slot/{SID[5]}", "blocked") not in [(n.focus, n.what) for n in read.notifications_of(mine)]
+    full = slot_subs.request("GET", f"/Subscription/{theirs}/$events?eventsSinceNumber=3", platform="other").json
+    assert [e["resource"]["resourceType"] for e in full["entry"]] == ["Parameters", "Slot"]
+    assert full["entry"][1]["resource"]["status"] == "busy-unavailable"
+    # a free slot beyond demo's quota is not carried to it in full either
+    assert focus_resource(read, "demo", f"Slot/{SID[6]}", TZ, slot_subs.quotas) is None
+    assert focus_resource(read, "other", f"Slot/{SID[6]}", TZ, slot_subs.quotas)["status"] == "free"
+
+
+def test_each_topic_needs_its_scope(slot_subs):
+    """readonly holds Slot.read and Schedule.read: it may follow free slots, not appointments nor prescriptions."""
+    r = slot_subs.request("POST", "/Subscription", free_slot_subscription(), platform="readonly")
+    assert r.status == 201 and r.json["criteria"] == TOPICS["free-slot"]
+    for topic in ("appointment-status", "prescription-status"):
+        body = dict(free_slot_subscription(), criteria=TOPICS[topic])
+        outcome(slot_subs.request("POST", "/Subscription", body, platform="readonly"), 403, "forbidden")
+    # a subscription it holds from before its scope was withdrawn: its events are not served any more
+    slot_subs.chamber.transact_now(lambda tx: tx.add_subscription(id="old", platform="readonly",
+                                                                  topic="appointment-status", payload="id-only"))
+    outcome(slot_subs.request("GET", "/Subscription/old/$events", platform="readonly"), 403, "forbidden")
+
+
+def test_the_empty_payload_names_no_focus(subs):
+    """payload content empty: a notification says only that something happened (event number, change); the
+    platform asks $events (or searches) for what. Its handshake Bundle says status requested."""
+    r = subs.request("POST", "/Subscription", subscription("empty"))
+    assert r.status == 201 and r.json["channel"]["_payload"]["extension"][0]["valueCode"] == "empty"
+    sub_id = r.json["id"]
+    subs.request("POST", "/Appointment", appointment(SID[0]))
+    message = subs.chamber.read().messages(direction="outbound")[0]
+    subs.chamber.transact_now(lambda tx: subs.booking.on_answer(tx, tx.message(message.id), HisAnswer("AA", "", "H1")))
+    reader = subs.chamber.read()
+    row, n = reader.subscription(sub_id), reader.notifications_of(sub_id)[0]
+    bundle = subs.api.subscriptions.notification(row, n, "https://gw.example/fhir", 0.0)
+    event = [p for p in bundle["entry"][0]["resource"]["parameter"] if p["name"] == "notification-event"][0]
+    assert [p["name"] for p in event["part"]] == ["event-number", "timestamp"] and len(bundle["entry"]) == 1
+    handshake = subs.api.subscriptions.notification(row, reader.notification(sub_id, 0), "https://gw.example/fhir", 0)
+    params = {p["name"]: p for p in handshake["entry"][0]["resource"]["parameter"]}
+    assert params["type"]["valueCode"] == "handshake" and params["status"]["valueCode"] == "requested"
