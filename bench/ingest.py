@@ -23,6 +23,8 @@ Contenders (each started fresh for every run, so control ids never collide with 
 - ``gatewayd-inline``, ``gatewayd-pipeline``, ``gatewayd-nothread`` (only with ``--only``): ``gatewayd``
   with COMMIT always on the reactor thread, always in the writer thread, or no writer thread at all
   (bench/launch.py), to see what pipelined group commit buys;
+- ``gatewayd-postgresql`` (only with ``--postgresql DSN``): ``gatewayd`` with its chamber in PostgreSQL
+  (``chamber.backend: postgresql``, docs/chamber.md): a new schema of that database for every run;
 - ``gatewayd-baseline`` (only with ``--baseline DIR``): ``gatewayd`` as the checkout copied to DIR has it
   (the "before" of a change, measured in the same run, interleaved with the others).
 
@@ -76,6 +78,8 @@ CONTENDERS = [
 ]
 VARIANTS = [Contender(f"gatewayd-{v}", f"gatewayd, chamber variant {v} (bench/launch.py {' '.join(flags)})",
                       "gatewayd", True, 6000) for v, flags in rig.COMMIT_VARIANTS.items()]
+POSTGRESQL = Contender("gatewayd-postgresql", "gatewayd, chamber in PostgreSQL (ACK after COMMIT)", "gatewayd",
+                       True, 6000)
 BASELINE = Contender("gatewayd-baseline", "gatewayd before (the baseline checkout, durable chamber)", "gatewayd",
                      True, 6000)
 
@@ -88,8 +92,9 @@ def build_c_bound(outdir: Path) -> Path:
 
 class Ingest:
     def __init__(self, workdir: Path, *, gateway_log_level: str = "warning", reference_builders: bool = False,
-                 baseline: Path | None = None):
+                 baseline: Path | None = None, postgresql: str = ""):
         self.workdir = workdir
+        self.postgresql = postgresql  # a libpq connection string to a database sorting C (gatewayd-postgresql)
         self.baseline = baseline
         self.certs = rig.Certs(workdir / "certs")
         self.c_exe = build_c_bound(workdir)
@@ -103,10 +108,12 @@ class Ingest:
         run_dir.mkdir()
         key = contender.key
         env = None
-        if key in ("gatewayd", "gatewayd-info", "gatewayd-baseline") or key in {c.key for c in VARIANTS}:
+        if key in ("gatewayd", "gatewayd-info", "gatewayd-baseline", "gatewayd-postgresql") or \
+                key in {c.key for c in VARIANTS}:
             level = "info" if key == "gatewayd-info" else self.gateway_log_level
             config = rig.gateway_config(run_dir, self.certs, mllp_port=port, his_port=rig.free_port(),
-                                        fhir_port=rig.free_port(), log_level=level)
+                                        fhir_port=rig.free_port(), log_level=level,
+                                        chamber=self.postgresql_chamber() if key == "gatewayd-postgresql" else None)
             repo = self.baseline if key == "gatewayd-baseline" else None
             args = rig.launch_args(["run", "--config", str(config)], reference_builders=self.reference_builders,
                                    repo=repo,
@@ -133,6 +140,18 @@ class Ingest:
             proc.stop()
             raise
         return proc
+
+    def postgresql_chamber(self) -> dict:
+        """A chamber section for a new, empty schema of the --postgresql database."""
+        import os
+
+        import psycopg
+
+        schema = f"bench_{os.getpid()}_{self.serial}"
+        with psycopg.connect(self.postgresql, autocommit=True) as conn:
+            conn.execute(f"CREATE SCHEMA {schema}")
+        return {"backend": "postgresql", "postgresql": {"dsn": f"{self.postgresql} options='-csearch_path={schema}'",
+                                                        "sslmode": "disable"}}
 
     def run_one(self, contender: Contender, conns: int, scale: float) -> dict:
         port = rig.free_port()
@@ -186,9 +205,11 @@ def run(args, workdir: Path) -> dict:
     baseline = Path(args.baseline).resolve() if getattr(args, "baseline", "") else None
     wanted = [c for c in CONTENDERS if not args.only or c.key in args.only.split(",")]
     wanted += [c for c in VARIANTS if args.only and c.key in args.only.split(",")]
+    wanted += [POSTGRESQL] if getattr(args, "postgresql", "") else []
     wanted += [BASELINE] if baseline else []
     conns_list = [int(x) for x in args.conns.split(",")]
-    ingest = Ingest(workdir, gateway_log_level=args.gateway_log_level, baseline=baseline)
+    ingest = Ingest(workdir, gateway_log_level=args.gateway_log_level, baseline=baseline,
+                    postgresql=getattr(args, "postgresql", ""))
     machine = rig.machine()  # as the run starts (load average, checkout)
     runs = []
     for rep in range(args.reps):
@@ -220,6 +241,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     + ", ".join(c.key for c in CONTENDERS + VARIANTS + [BASELINE]))
     ap.add_argument("--baseline", default="", metavar="DIR",
                     help="also run gatewayd-baseline: the gatewayd of the checkout copied to DIR (before/after)")
+    ap.add_argument("--postgresql", default="", metavar="DSN",
+                    help="also run gatewayd-postgresql: the chamber in this PostgreSQL database (it must sort text "
+                         "bytewise: docs/chamber.md; sslmode disable, a schema per run)")
     ap.add_argument("--gateway-log-level", default="warning", choices=("debug", "info", "warning", "error"),
                     help="gatewayd's logging.level (info logs one line per message)")
 

@@ -298,12 +298,13 @@ class Certs:
 
 def gateway_config(workdir: Path, certs: Certs, *, mllp_port: int, his_port: int, fhir_port: int,
                    ordering: str = "fifo", window: int = 1, log_level: str = "warning",
-                   answer_within: str = "5s", max_backlog: int = 100000, page_size: int = 1000) -> Path:
+                   answer_within: str = "5s", max_backlog: int = 100000, page_size: int = 1000,
+                   chamber: dict | None = None) -> Path:
     his = {"host": "127.0.0.1", "port": his_port, "ack_timeout": "5s", "retry_initial": "200ms",
            "retry_max": "2s", "ordering": ordering, "window": window}
     config = {
         "hospital": {"name": "Bench Hospital", "timezone": "Asia/Shanghai"},
-        "chamber": {"path": "chamber.sqlite3"},
+        "chamber": chamber or {"path": "chamber.sqlite3"},  # (chamber: another backend's section, docs/chamber.md)
         "inner": {"listen": f"tcp:{mllp_port}:interface=127.0.0.1", "max_connections": 256, "his": his},
         "outer": {"host": "127.0.0.1", "port": fhir_port, "answer_within": answer_within, "page_size": page_size,
                   "tls": {"certificate": str(certs.server), "private_key": str(certs.server_key),

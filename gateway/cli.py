@@ -375,6 +375,22 @@ def run(path: Path, gate: str = "both") -> int:
         claim.release()
         return 1
     exit_code = [0]
+    if claim.database is not None:  # a chamber in PostgreSQL: its claim kept (taken again after a failover)
+        from twisted.internet import task
+
+        from gateway.ops.claim import CLAIM_HELD_EXIT
+
+        def keep_claim():
+            lost = claim.database.keep()
+            if lost is not None:  # another gateway took this gate while PostgreSQL had dropped ours: stop
+                log.error("gateway.claim_lost", error=lost)
+                exit_code[0] = CLAIM_HELD_EXIT
+                if keeper.running:
+                    keeper.stop()
+                reactor.stop()
+
+        keeper = task.LoopingCall(keep_claim)
+        keeper.start(CLAIM_KEPT_EVERY, now=False)
 
     def stop():
         """SIGTERM/SIGINT: listeners stop first (reverse start order), sends in flight get up to
@@ -449,11 +465,15 @@ def run(path: Path, gate: str = "both") -> int:
     return exit_code[0]
 
 
+#: how often a gateway on a PostgreSQL chamber makes sure it still holds its claim there (seconds)
+CLAIM_KEPT_EVERY = 5.0
+
+
 def _claim(config, path: Path, gate: str, log):
     """This gate's claim on the chamber (gateway/ops/claim.py), taken before anything is opened or listens; or
     the exit code when it cannot be taken: CLAIM_HELD_EXIT when another process runs this gate on the chamber
     (the message names it), 1 when the claim file cannot be opened or written."""
-    from gateway.ops.claim import CLAIM_HELD_EXIT, Claim, ClaimError, ClaimHeld, Holder
+    from gateway.ops.claim import CLAIM_HELD_EXIT, ROLES, Claim, ClaimError, ClaimHeld, Holder
 
     claim = Claim(config.chamber.path, gate, Holder.this_process(gate, path))
     try:
@@ -470,6 +490,25 @@ def _claim(config, path: Path, gate: str, log):
         log.error("gateway.start_failed", error=str(e), error_type=type(e).__name__)
         print(f"gatewayd: cannot start: {e}", file=sys.stderr)
         return 1
+    if config.chamber.backend != "sqlite":  # the same roles claimed in the database, for every host that reaches it
+        from gateway.chamber.backends import backend_for
+        from gateway.chamber.errors import ChamberClaimed, ChamberError
+
+        holder = claim.holder
+        try:
+            claim.database = backend_for(config.chamber).claim(
+                ROLES[gate], f"gatewayd {gate} pid {holder.pid} on {holder.host}")
+            claim.database.take()
+        except ChamberClaimed as e:
+            claim.release()
+            log.error("gateway.claim_held", role=e.role, chamber=e.chamber, holder=e.holder)
+            print(f"gatewayd: cannot start: {e}", file=sys.stderr)
+            return CLAIM_HELD_EXIT
+        except ChamberError as e:
+            claim.release()
+            log.error("gateway.start_failed", error=str(e), error_type=type(e).__name__)
+            print(f"gatewayd: cannot start: {e}", file=sys.stderr)
+            return 1
     log.info("gateway.claimed", roles=list(claim.held), chamber=str(config.chamber.path))
     return claim
 
@@ -484,12 +523,13 @@ def with_chamber(args, command: str, run) -> int:
     import time
 
     from gateway.ops import logs
+    from gateway.chamber.backends import backend_for
     from gateway.chamber.engine import Chamber
     from gateway.chamber.errors import ChamberError
 
     logs.configure("warning", "console", stream=sys.stderr)
-    chamber = Chamber(config.chamber.path, clock=time.time)
     try:
+        chamber = Chamber(backend=backend_for(config.chamber), clock=time.time)
         chamber.open()
     except ChamberError as e:
         print(f"gatewayd {command}: {e}", file=sys.stderr)
@@ -503,6 +543,11 @@ def with_chamber(args, command: str, run) -> int:
 def _backup(chamber, dest: Path) -> int:
     from gateway.chamber.errors import ChamberError
 
+    if chamber.backend.kind != "sqlite":
+        print(f"gatewayd backup: refused: the chamber is on {chamber.backend.kind}, which is backed up with its own "
+              f"tools (pg_dump; pg_basebackup with WAL archiving for a point in time): docs/chamber.md",
+              file=sys.stderr)
+        return 1
     dest = dest.resolve()
     if dest == Path(chamber.path).resolve():
         print("gatewayd backup: the copy cannot replace the chamber itself", file=sys.stderr)
@@ -528,6 +573,10 @@ def restore_command(args) -> int:
     from gateway.ops.claim import ClaimError, ClaimHeld
     from gateway.ops.restore import RestoreError, restore
 
+    if config.chamber.backend != "sqlite":
+        print(f"gatewayd restore: refused, nothing was changed: the chamber is on {config.chamber.backend}, which "
+              f"is restored with its own tools (pg_restore): docs/chamber.md", file=sys.stderr)
+        return 1
     try:
         done = restore(args.file, config.chamber.path, args.config)
     except ClaimHeld as e:

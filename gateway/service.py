@@ -70,6 +70,7 @@ from gateway.ops.console import Console
 from gateway.domain.booking import BookingService, HisLinkInfo
 from gateway.domain.slot_book import SlotBook
 from gateway.domain.patients import IdentifierRules
+from gateway.chamber.backends import backend_for
 from gateway.chamber.engine import Chamber
 from gateway.domain.notifications import Notifications, Subscriptions
 from gateway.config.model import GatewayConfig
@@ -133,7 +134,7 @@ def make_service(config: GatewayConfig, reactor, gate: str = "both") -> Gateway:
     if gate not in GATES:
         raise ValueError(f"gate must be one of {GATES}")
     tz = ZoneInfo(config.hospital.timezone)
-    chamber = Chamber(config.chamber.path, reactor=reactor, clock=reactor.seconds)
+    chamber = Chamber(backend=backend_for(config.chamber), reactor=reactor, clock=reactor.seconds)
     # every unit of work in either gate writes the notifications its changes owe (issue 23), in its transaction
     notifications = Notifications()
     chamber.on_unit(notifications.after_unit)

@@ -41,9 +41,9 @@ def certs(tmp_path_factory):
 
 
 @pytest.fixture
-def gate(tmp_path, certs):
-    """A unit Gate on its own chamber file, stopped and closed after the test."""
-    g = Gate(tmp_path / "c.sqlite3", certs)
+def gate(chamber_backend, certs):
+    """A unit Gate on its own chamber, once on each backend (chamber_backend), stopped and closed after the test."""
+    g = Gate(None, certs, backend=chamber_backend())
     yield g
     g.booking.stop()
     g.chamber.close()
@@ -70,3 +70,52 @@ def clients(keyfiles):
         "other": OAuthClient("other", load_public_keys(keyfiles / "other.jwks"),
                              frozenset({"ES384", "ES256", "RS384"}), 120, ("Slot.read", "Schedule.read")),
     }
+
+
+# -- the chamber on each backend (gateway/chamber/backends.py; docs/chamber.md) ---------------------------------
+
+@pytest.fixture(scope="session")
+def chamber_postgres():
+    """One real PostgreSQL server for the session's chambers (tests/databases.py: a process from Debian's package,
+    in a temporary directory, as the package's user when the tests run as root), with a database ``chamber`` that
+    sorts text bytewise as the chamber needs; each test's chambers get schemas of their own in it.  Skipped without
+    the package, failed without it in CI."""
+    from tests.databases import server
+
+    pg = server("postgresql", settings=("fsync=off", "max_connections=400", "shared_buffers=32MB"))
+    import psycopg
+
+    with psycopg.connect(pg.dsn("postgres"), autocommit=True) as conn:
+        conn.execute("CREATE DATABASE chamber TEMPLATE template0 LC_COLLATE 'C' LC_CTYPE 'C' ENCODING 'UTF8'")
+    yield pg
+    pg.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def chamber_backend(request, tmp_path):
+    """Backends for a test's chambers, once on SQLite and once on PostgreSQL: ``chamber_backend(name='c')`` gives
+    the backend of the chamber ``name`` (the same name, the same chamber: a file in tmp_path, or a schema of its
+    own in the session's PostgreSQL)."""
+    from gateway.chamber.backends import SqliteBackend
+
+    if request.param == "sqlite":
+        return lambda name="c": SqliteBackend(tmp_path / f"{name}.sqlite3")
+    pg = request.getfixturevalue("chamber_postgres")
+    import uuid
+
+    import psycopg
+
+    from gateway.chamber.postgresql import PostgresBackend
+
+    prefix = "t" + uuid.uuid4().hex[:12]
+    made: set[str] = set()
+
+    def backend(name="c"):
+        schema = f"{prefix}_{name}"
+        if schema not in made:
+            with psycopg.connect(pg.dsn("chamber"), autocommit=True) as conn:
+                conn.execute(f"CREATE SCHEMA {schema}")
+            made.add(schema)
+        return PostgresBackend(pg.dsn("chamber", options=f"-csearch_path={schema}"))
+
+    return backend

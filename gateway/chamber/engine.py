@@ -5,7 +5,10 @@ is answered (HL7 ACK, HTTP status) before the transaction that recorded it has c
 
 Design:
 
-- One SQLite file in WAL mode with ``synchronous=FULL`` (a commit is on disk when COMMIT returns).
+- Where the tables live is the chamber's backend (``backends.py``; docs/chamber.md): by default one SQLite file
+  in WAL mode with ``synchronous=FULL`` (a commit is on disk when COMMIT returns), or PostgreSQL
+  (``postgresql.py``).  What is written below of connections and threads is SQLite's; on PostgreSQL a batch
+  runs on the reactor thread on the writer connection, and reads use a read-only connection of their own.
 - Writes go through :meth:`Chamber.transact`: the work function is queued and all work queued in one
   reactor turn runs in a single transaction (group commit), each function inside its own SAVEPOINT so a
   function that raises undoes only its own writes.  The returned Deferred fires with the function's
@@ -18,14 +21,14 @@ Design:
 The package: this module (open, group commit, reads, observers, backup); ``upgrades.py`` (the versioned
 schema in ``schema/``: a new chamber's tables, an older one's upgrades); ``rows.py`` (the row types),
 ``txn.py`` (what a unit of work may do), ``reader.py`` (reads of committed state), ``threads.py`` (the
-writer and checkpoint threads), ``watch.py`` (another process's commits), ``errors.py``, ``retention.py``.
+writer and checkpoint threads), ``watch.py`` (another process's commits), ``errors.py``, ``retention.py``;
+``backends.py``, ``postgresql.py`` and ``dialects.py`` (the backends and the SQL that differs between them).
 """
 
 from __future__ import annotations
 
 import sqlite3
 import threading
-import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -33,6 +36,7 @@ import structlog
 from twisted.internet import defer
 
 from gateway.chamber import threads, upgrades
+from gateway.chamber.backends import SqliteBackend
 from gateway.chamber.errors import ChamberError, ChamberWriteError
 from gateway.chamber.reader import Reader
 from gateway.chamber.txn import Txn
@@ -42,20 +46,8 @@ log = structlog.get_logger("gateway.chamber.engine")
 
 T = TypeVar("T")
 
-#: what statements on the read connection may do (sqlite3 authorizer actions): read, look at pragmas, and
-#: BEGIN/ROLLBACK (the health probe takes the write lock and gives it back); never write
-_READ_ACTIONS = frozenset({sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_PRAGMA,
-                           sqlite3.SQLITE_TRANSACTION, sqlite3.SQLITE_RECURSIVE})
 #: schedules remembered as committed (their fields), so an SIU that repeats them writes nothing; bounded
 _KNOWN_SCHEDULES_MAX = 10_000
-
-
-def _read_only(action, arg1, _arg2, _db, _trigger):
-    if action in _READ_ACTIONS:
-        return sqlite3.SQLITE_OK
-    if action == sqlite3.SQLITE_UPDATE and arg1 == "sqlite_master":  # json_each (an eponymous virtual table)
-        return sqlite3.SQLITE_OK                                     # is set up on first use: not a write
-    return sqlite3.SQLITE_DENY
 
 
 #: COMMIT in the writer thread (pipelined group commit) by default?  Measured on the 2-core benchmark machine
@@ -65,20 +57,6 @@ def _read_only(action, arg1, _arg2, _db, _trigger):
 #: 200/s; only bookings at saturation with ordering by patient gained (+10-20%).  So off by default; the
 #: writer thread still waits for the other gate's write lock (split lock) off the reactor thread.
 PIPELINE_COMMITS = False
-
-
-def _wal_mode(conn: sqlite3.Connection, timeout: float = threads.LOCK_WAIT) -> str:
-    """``PRAGMA journal_mode = WAL`` (the resulting mode).  On a new file another process may be turning it
-    into WAL or creating the schema at the same moment (the split lock's two gates start together); SQLite
-    then answers "database is locked" at once, without waiting as busy_timeout says: try again, briefly."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        except sqlite3.OperationalError as e:
-            if not threads.busy(e) or time.monotonic() > deadline:
-                raise
-        time.sleep(0.01)
 
 
 class _Batch:
@@ -121,9 +99,14 @@ class Chamber:
     Without such a reactor (tests with a Clock, the CLI) or for ``:memory:``, one connection does everything,
     synchronously.  ``commit_in_thread`` forces either way (None: decide as above)."""
 
-    def __init__(self, path: str | Path, *, clock: Callable[[], float], reactor=None,
-                 commit_in_thread: bool | None = None, pipeline: bool | None = None):
-        self.path = str(path)
+    def __init__(self, path: str | Path | None = None, *, clock: Callable[[], float], reactor=None,
+                 commit_in_thread: bool | None = None, pipeline: bool | None = None, backend=None):
+        if (path is None) == (backend is None):
+            raise TypeError("Chamber: give either the SQLite file's path or a backend")
+        #: where the tables live (gateway/chamber/backends.py): the SQLite file at ``path`` unless given
+        self.backend = backend if backend is not None else SqliteBackend(path)
+        self._errors = self.backend.Error  # (the backend's error class: what a failed statement raises)
+        self.path = self.backend.target  # the SQLite file; for PostgreSQL where it is (never a password)
         self._reactor = reactor
         self._clock = clock
         self._commit_in_thread = commit_in_thread
@@ -153,45 +136,32 @@ class Chamber:
 
     # -- lifecycle -----------------------------------------------------------------------------------------
     def open(self) -> None:
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        backend = self.backend
         try:
-            conn = self._connect()
-            mode = _wal_mode(conn)
-            conn.execute("PRAGMA foreign_keys = ON")
+            conn = backend.connect()
             self._writer = self._reader = conn
-            self._check_integrity()
-            upgrades.ensure_schema(conn, self.path, self._clock)
-            if self._threaded(mode):
-                reader = self._connect()
-                reader.set_authorizer(_read_only)
-                self._reader = reader
+            mode = backend.prepare(conn)
+            backend.check_integrity(conn)
+            backend.ensure_schema(conn, self._clock)
+            if backend.kind == "sqlite" and self._threaded(mode):
+                self._reader = backend.connect_reader()
                 conn.execute("PRAGMA busy_timeout = 0")  # lock waits happen in the writer thread, not here
                 self._committer = threads.Committer(conn, self._reactor, self._committed)
-                self._checkpointer = threads.Checkpointer(self._connect())
+                self._checkpointer = threads.Checkpointer(backend.connect())
                 conn.execute(f"PRAGMA wal_autocheckpoint = {threads.INLINE_CHECKPOINT_PAGES}")
-        except sqlite3.DatabaseError as e:
-            self._close_quietly()
-            raise ChamberError(f"cannot open the chamber {self.path}: {e}. If the file is damaged, stop "
-                               f"gatewayd, move it aside and restore the last backup.") from e
+            elif backend.kind != "sqlite":  # reads on a connection of their own, which cannot write
+                self._reader = backend.connect_reader()
         except ChamberError:
             self._close_quietly()
             raise
+        except self._errors as e:
+            self._close_quietly()
+            raise backend.opened_error(e) from e
         self._known_schedules.clear()
         self._known_topics = None
         self._seen_version = None
-        log.info("chamber.opened", path=self.path, journal_mode=mode, schema_version=upgrades.SCHEMA_VERSION,
-                 commit_thread=self._committer is not None)
-
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.row_factory = sqlite3.Row
-        conn.execute("PRAGMA busy_timeout = 5000")
-        conn.execute("PRAGMA synchronous = FULL")
-        # temporary tables, indexes and statement journals in memory, not in a temporary file: a batch of
-        # several units (one SAVEPOINT each) otherwise created, wrote and deleted such a file per batch
-        conn.execute("PRAGMA temp_store = MEMORY")
-        return conn
+        log.info("chamber.opened", path=self.path, backend=self.backend.kind, journal_mode=mode,
+                 schema_version=upgrades.SCHEMA_VERSION, commit_thread=self._committer is not None)
 
     def _threaded(self, journal_mode: str) -> bool:
         """COMMIT in a writer thread?  Only on a WAL file (readers beside the writer), with a reactor that can
@@ -204,15 +174,6 @@ class Chamber:
 
         return self._reactor is not None and IReactorThreads.providedBy(self._reactor)
 
-    def _check_integrity(self) -> None:
-        """Refuse to start on a damaged chamber: better no gateway than one that loses messages."""
-        problems = [r[0] for r in self._writer.execute("PRAGMA integrity_check(5)")]
-        if problems != ["ok"]:
-            raise ChamberError(
-                f"the chamber {self.path} is damaged (SQLite integrity_check: {'; '.join(problems)}). Stop "
-                f"gatewayd, move the file aside and restore the last backup; the damaged file is kept as it is."
-            )
-
     def _close_quietly(self) -> None:
         if self._committer is not None:
             self._committer.stop()
@@ -223,7 +184,7 @@ class Chamber:
         for conn in {id(c): c for c in (self._reader, self._writer) if c is not None}.values():
             try:
                 conn.close()
-            except sqlite3.Error:
+            except self._errors:
                 pass
         self._writer = self._reader = None
 
@@ -233,39 +194,9 @@ class Chamber:
         counts.  The copy is written beside ``dest`` first, readable by its owner only (it holds patient
         data), checked with ``integrity_check``, flushed to disk and then renamed into place, so ``dest`` is
         either the old file or a whole new copy, never half of one."""
-        import os
-
         if self._reader is None:
             raise ChamberError("the chamber is closed")
-        dest = Path(dest)
-        partial = dest.with_name(dest.name + ".partial")
-        partial.unlink(missing_ok=True)
-        os.close(os.open(partial, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600))
-        try:
-            copy = sqlite3.connect(partial)
-            try:
-                self._reader.backup(copy)
-                problems = [r[0] for r in copy.execute("PRAGMA integrity_check(5)")]
-                if problems != ["ok"]:
-                    raise ChamberError(f"the copy did not check out ({'; '.join(problems)}); nothing was replaced")
-                counts = Reader(copy, self._clock()).counts()
-            finally:
-                copy.close()
-            fd = os.open(partial, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(partial, dest)
-            fd = os.open(dest.parent, os.O_RDONLY)
-            try:
-                os.fsync(fd)  # the rename itself on disk
-            finally:
-                os.close(fd)
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
-        return counts
+        return self.backend.backup(self._reader, dest, lambda conn: Reader(conn, self._clock()).counts())
 
     def close(self) -> None:
         """Wait for a COMMIT in flight (its units are answered), commit what is still queued, then close."""
@@ -406,20 +337,21 @@ class Chamber:
         if not begun:
             try:
                 if self._committer is None:
-                    conn.execute("BEGIN IMMEDIATE")  # (the connection waits for a lock itself)
+                    self.backend.begin(conn)  # (the connection waits for a lock itself)
                 elif wait_for_lock:
                     threads.begin_waiting(conn)
                 else:
                     conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as e:
+            except self._errors as e:
                 if not wait_for_lock and threads.busy(e):
                     batch.waiting_for_lock = True
                     return batch
                 self._abort_batch(batch, e, rolled_back=True)
                 return batch
         self._version_checked = False
-        txn = Txn(conn, self._clock(), known_schedules=self._schedules_known, known_topics=self._topics_known,
-                  forget_topics=self._forget_topics)
+        caches = self.backend.caches_schedules  # (PostgreSQL: no cache of committed state, docs/chamber.md)
+        txn = Txn(conn, self._clock(), known_schedules=self._schedules_known if caches else None,
+                  known_topics=self._topics_known if caches else None, forget_topics=self._forget_topics)
         single = len(units) == 1
         results, failures = batch.results, batch.failures
         queue_changed = False
@@ -446,7 +378,7 @@ class Chamber:
                         conn.execute("RELEASE unit")
                     txn.settled = settled_before
                     txn.written_schedules = schedules_before
-                    if isinstance(e, sqlite3.Error):  # disk full, I/O error: not the unit's own decision
+                    if isinstance(e, self._errors):  # disk full, I/O error: not the unit's own decision
                         log.error("chamber.write.failed", error=str(e))
                         e = ChamberWriteError(f"the chamber could not record this: {e}")
                     results.append(None)
@@ -457,7 +389,7 @@ class Chamber:
                     results.append(result)
                     failures.append(None)
                     queue_changed = queue_changed or txn.queue_changed
-            except sqlite3.Error as e:  # even the savepoint could not be handled: give up the whole batch
+            except self._errors as e:  # even the savepoint could not be handled: give up the whole batch
                 self._abort_batch(batch, e)
                 return batch
         if any(f is None for f in failures):
@@ -468,7 +400,7 @@ class Chamber:
         elif not single:  # every unit failed: nothing to commit
             try:
                 conn.execute("ROLLBACK")
-            except sqlite3.Error:
+            except self._errors:
                 pass
         return batch
 
@@ -495,7 +427,7 @@ class Chamber:
         if self._version_checked:
             return
         self._version_checked = True
-        version = self._writer.execute("PRAGMA data_version").fetchone()[0]
+        version = self.backend.data_version(self._writer)
         if version != self._seen_version:
             self._known_schedules.clear()
             self._known_topics = None
@@ -504,11 +436,11 @@ class Chamber:
     def _commit_here(self, batch: _Batch) -> None:
         try:
             threads.commit(self._writer)
-        except sqlite3.Error as e:
+        except self._errors as e:
             batch.error = e
             try:
                 self._writer.execute("ROLLBACK")
-            except sqlite3.Error:
+            except self._errors:
                 pass
 
     def _finish(self, batch: _Batch) -> None:
@@ -550,7 +482,7 @@ class Chamber:
         if not rolled_back:
             try:
                 self._writer.execute("ROLLBACK")
-            except sqlite3.Error:
+            except self._errors:
                 pass
         log.error("chamber.write.failed", error=str(error), batch=len(batch.units))
         err = ChamberWriteError(f"the chamber could not commit: {error}")
@@ -577,10 +509,10 @@ class Chamber:
             if self._committer is not None:
                 threads.begin_waiting(self._writer)
             else:
-                self._writer.execute("BEGIN IMMEDIATE")
+                self.backend.begin(self._writer)
             self._writer.execute("ROLLBACK")
             return True, "ok"
-        except sqlite3.Error as e:
+        except self._errors as e:
             return False, str(e)
 
     def watch(self, clock, interval: float = 0.01):
@@ -588,6 +520,10 @@ class Chamber:
         every ``interval`` seconds of ``clock``, soon after the other process writes the WAL file, and after
         each of this process's own commits (:class:`~gateway.chamber.watch.CommitWatch`).  Returns the
         LoopingCall (stop it with ``.stop()``; that stops the inotify watch too)."""
+        if self.backend.kind != "sqlite":  # LISTEN/NOTIFY (gateway/chamber/postgresql.py: NotifyWatch)
+            self._watch = self.backend.watch(lambda: self._writer, lambda: self._inflight is not None,
+                                             lambda: self._notify(own=False, other_process=True))
+            return self._watch.start(clock, interval)
         self._watch = CommitWatch(self.path, self._data_version, lambda: self._inflight is not None,
                                   lambda: self._notify(own=False, other_process=True))
         return self._watch.start(clock, interval)
@@ -596,7 +532,7 @@ class Chamber:
         """The writer connection's ``PRAGMA data_version`` (None: the chamber is closed)."""
         if self._writer is None:
             return None
-        return self._writer.execute("PRAGMA data_version").fetchone()[0]
+        return self.backend.data_version(self._writer)
 
     def observe(self, callback: Callable[[], None], *, own_commits: bool = True,
                 queue_only: bool = False) -> Callable[[], None]:

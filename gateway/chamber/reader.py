@@ -6,8 +6,15 @@ from __future__ import annotations
 import json
 from typing import Any, Iterable
 
+from gateway.chamber import dialects
 from gateway.chamber.rows import AppointmentRow, AuditRow, MessageRow, PrescriptionRow, ScheduleRow, SlotRow, load
 from gateway.chamber.txn import _VERSION_COLUMNS, Txn
+
+
+def _among(column: str, values: list) -> str:
+    """``column IN (?, ...)`` for ``values`` — for none, a condition nothing meets (SQLite takes ``IN ()``,
+    PostgreSQL does not)."""
+    return f"{column} IN ({', '.join('?' * len(values))})" if values else "1 = 0"
 
 
 class Reader(Txn):
@@ -74,7 +81,7 @@ class Reader(Txn):
         """Per ``bucket`` seconds since ``since``: (bucket number from ``since``, direction, messages committed,
         the mean seconds from commit to the HIS's answer of the outbound ones delivered) — the console's charts."""
         cur = self._c.execute(
-            "SELECT CAST((created - ?) / ? AS INTEGER) AS b, direction, count(*),"
+            f"SELECT {dialects.of(self._c).time_bucket} AS b, direction, count(*),"
             " avg(CASE WHEN direction = 'outbound' AND state = 'delivered' THEN updated - created END)"
             " FROM messages WHERE created >= ? GROUP BY b, direction ORDER BY b", (since, bucket, since))
         return [(r[0], r[1], r[2], r[3]) for r in cur]
@@ -115,8 +122,8 @@ class Reader(Txn):
         where, args = self._slot_filter(**filters)
         return self._c.execute(f"SELECT count(*) FROM slots{where}", args).fetchone()[0]
 
-    @staticmethod
     def _slot_filter(
+        self,
         *,
         start_from: float | None = None,
         start_to: float | None = None,
@@ -150,24 +157,19 @@ class Reader(Txn):
         for column, values in (("id", ids), ("schedule_id", schedule_ids), ("service_code", service_codes)):
             if values is not None:
                 values = list(values)
-                where.append(f"{column} IN ({', '.join('?' * len(values))})")
+                where.append(_among(column, values))
                 args += values
         if his_statuses is not None:
             his_statuses = list(his_statuses)
             started = "" if free_after is None else " AND NOT (his_status = 'free' AND start_ts <= ?)"
-            where.append(f"((held_by IS NULL AND his_status IN ({', '.join('?' * len(his_statuses))}){started})"
+            where.append(f"((held_by IS NULL AND {_among('his_status', his_statuses)}{started})"
                          + (" OR held_by IS NOT NULL)" if or_held else ")"))
             args += his_statuses
             if free_after is not None:
                 args.append(free_after)
         hidden = list(hidden or ())
         if hidden:
-            where.append(
-                "NOT (held_by IS NULL AND his_status = 'free' AND EXISTS (SELECT 1 FROM json_each(?) h"
-                " WHERE json_extract(h.value, '$[0]') = slots.schedule_id"
-                " AND json_extract(h.value, '$[1]') = substr(slots.start_local, 1, 8)"
-                " AND (json_extract(h.value, '$[2]') IS NULL OR slots.start_ts > json_extract(h.value, '$[2]'))))"
-            )
+            where.append(dialects.of(self._c).hidden_slots)
             args.append(json.dumps(hidden))
         return (" WHERE " + " AND ".join(where) if where else ""), args
 
@@ -190,8 +192,7 @@ class Reader(Txn):
         return self._c.execute(f"SELECT count(*) FROM appointments a JOIN slots s ON s.id = a.slot_id{where}",
                                args).fetchone()[0]
 
-    @staticmethod
-    def _appointment_filter(platform: str, *, ids: Iterable[str] | None = None, statuses: Iterable[str] | None = None,
+    def _appointment_filter(self, platform: str, *, ids: Iterable[str] | None = None, statuses: Iterable[str] | None = None,
                             start_ranges: Iterable[tuple[float, float]] = (),
                             patients: Iterable[tuple[str | None, str]] | None = None,
                             updated_ranges: Iterable[tuple[float, float]] = ()) -> tuple[str, list[Any]]:
@@ -205,17 +206,15 @@ class Reader(Txn):
         for column, values in (("a.id", ids), ("a.status", statuses)):
             if values is not None:
                 values = list(values)
-                where.append(f"{column} IN ({', '.join('?' * len(values))})")
+                where.append(_among(column, values))
                 args += values
         for low, high in start_ranges:
             where.append("s.start_ts >= ? AND s.start_ts < ?")
             args += [max(low, -1e18), min(high, 1e18)]
         if patients is not None:
-            where.append("EXISTS (SELECT 1 FROM json_each(a.patient, '$.identifiers') i, json_each(?) t"
-                         " WHERE json_extract(i.value, '$.value') = json_extract(t.value, '$[1]')"
-                         " AND (json_extract(t.value, '$[0]') IS NULL"
-                         " OR json_extract(i.value, '$.system') = json_extract(t.value, '$[0]')))")
-            args.append(json.dumps(list(patients)))
+            dialect = dialects.of(self._c)
+            where.append(dialect.patient_has_identifier)
+            args.append(dialect.identifiers_param(patients))
         return " WHERE " + " AND ".join(where), args
 
     def appointment_history(self, platform: str, since: float, *, limit: int = 100,

@@ -156,8 +156,8 @@ class Txn:
         """Store the HL7 bytes of an outbound message committed without them (once: they never change).
         ``state``: the message's state, if the caller knows it (for its story line)."""
         cur = self._c.execute(
-            "UPDATE messages SET body = ?, type = ?, charset = ?, updated = ? WHERE id = ? AND body = x''",
-            (body, type, charset, self.now, message_id),
+            "UPDATE messages SET body = ?, type = ?, charset = ?, updated = ? WHERE id = ? AND body = ?",
+            (body, type, charset, self.now, message_id, b""),
         )
         if cur.rowcount != 1:
             raise ValueError(f"message {message_id} was already encoded")
@@ -310,8 +310,8 @@ class Txn:
             if row is not None:
                 self.appointments_before[appointment_id] = (row[0], row[1])
         self._c.execute(  # the version this change replaces, kept for vread and the instance history
-            f"INSERT OR IGNORE INTO appointment_versions ({_VERSION_COLUMNS}) SELECT {_VERSION_COLUMNS}"
-            " FROM appointments WHERE id = ?", (appointment_id,))
+            f"INSERT INTO appointment_versions ({_VERSION_COLUMNS}) SELECT {_VERSION_COLUMNS}"
+            " FROM appointments WHERE id = ? ON CONFLICT DO NOTHING", (appointment_id,))
         self._c.execute(
             f"UPDATE appointments SET {cols}, version = version + 1, updated = ? WHERE id = ?",
             (*changes.values(), self.now, appointment_id),
@@ -351,7 +351,8 @@ class Txn:
 
     def set_his_link(self, peer: str, up: bool, since: float, detail: str | None) -> None:
         """What the probe found of the HIS endpoint ``peer`` (written when it changes)."""
-        self._c.execute("INSERT OR REPLACE INTO his_links (peer, up, since, detail) VALUES (?, ?, ?, ?)",
+        self._c.execute("INSERT INTO his_links (peer, up, since, detail) VALUES (?, ?, ?, ?) ON CONFLICT (peer)"
+                        " DO UPDATE SET up = excluded.up, since = excluded.since, detail = excluded.detail",
                         (peer, int(up), since, detail))
 
     def his_links(self) -> dict[str, HisLinkRow]:
@@ -368,8 +369,8 @@ class Txn:
         return cur.fetchone()[0]
 
     def keep_request(self, appointment_id: str, body: bytes) -> None:
-        self._c.execute("INSERT OR IGNORE INTO platform_requests (appointment_id, received, body) VALUES (?, ?, ?)",
-                        (appointment_id, self.now, body))
+        self._c.execute("INSERT INTO platform_requests (appointment_id, received, body) VALUES (?, ?, ?)"
+                        " ON CONFLICT DO NOTHING", (appointment_id, self.now, body))
 
     def platform_request(self, appointment_id: str) -> bytes | None:
         row = self._c.execute("SELECT body FROM platform_requests WHERE appointment_id = ?",
@@ -393,8 +394,8 @@ class Txn:
         return row[0] if row else None
 
     def add_appointment_identifier(self, platform: str, system: str, value: str, appointment_id: str) -> None:
-        self._c.execute("INSERT OR IGNORE INTO appointment_identifiers (platform, system, value, appointment_id)"
-                        " VALUES (?, ?, ?, ?)", (platform, system, value, appointment_id))
+        self._c.execute("INSERT INTO appointment_identifiers (platform, system, value, appointment_id)"
+                        " VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING", (platform, system, value, appointment_id))
 
     def appointment_identifiers(self, appointment_id: str) -> list[tuple[str, str]]:
         cur = self._c.execute("SELECT system, value FROM appointment_identifiers WHERE appointment_id = ?"
@@ -484,8 +485,8 @@ class Txn:
                      resource: str, control_id: str) -> bool:
         """False when the HIS's dispense id is known already (a resent RDS adds nothing)."""
         cur = self._c.execute(
-            "INSERT OR IGNORE INTO medication_dispenses (id, medication_request, prescription_id, his_dispense,"
-            " resource, control_id, created) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO medication_dispenses (id, medication_request, prescription_id, his_dispense,"
+            " resource, control_id, created) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
             (id, medication_request, prescription_id, his_dispense, resource, control_id, self.now))
         return cur.rowcount == 1
 
@@ -582,7 +583,7 @@ class Txn:
     def remember_assertion(self, platform: str, jti: str, keep_until: float) -> bool:
         """Record that ``platform`` used the client assertion ``jti``; False when it was used already."""
         return self._c.execute(
-            "INSERT OR IGNORE INTO oauth_assertions (platform, jti, expires) VALUES (?, ?, ?)",
+            "INSERT INTO oauth_assertions (platform, jti, expires) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
             (platform, jti, keep_until)).rowcount == 1
 
     def add_access_token(self, token_sha256: str, platform: str, scopes: str, expires: float) -> None:
@@ -718,8 +719,8 @@ class Txn:
     def prune_notifications(self, delivered_before: float, limit: int) -> int:
         """Delete notifications delivered before ``delivered_before`` (never a pending or dead one)."""
         return self._c.execute(
-            "DELETE FROM notifications WHERE rowid IN (SELECT rowid FROM notifications WHERE state = 'delivered'"
-            " AND updated < ? LIMIT ?)", (delivered_before, limit)).rowcount
+            "DELETE FROM notifications WHERE (subscription_id, event) IN (SELECT subscription_id, event"
+            " FROM notifications WHERE state = 'delivered' AND updated < ? LIMIT ?)", (delivered_before, limit)).rowcount
 
     def set_notification_state(self, subscription_id: str, event: int, state: str, *, attempts: int,
                                next_attempt: float, last_error: str | None = None) -> None:

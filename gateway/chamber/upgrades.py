@@ -114,3 +114,44 @@ def _compact_new(conn: sqlite3.Connection, path: str) -> None:
         conn.execute("VACUUM")
     except sqlite3.OperationalError as e:
         log.info("chamber.vacuum_skipped", path=path, reason=str(e))
+
+
+def ensure_schema_postgresql(backend, conn, clock: Callable[[], float]) -> None:
+    """:func:`ensure_schema` on PostgreSQL (:mod:`gateway.chamber.postgresql`): the same versions and files (each
+    as ``backend.schema_script`` gives it), in one transaction under the chamber's write lock, so two instances
+    starting at once create or upgrade it once."""
+    version = _version_postgresql(conn)
+    if version == SCHEMA_VERSION:
+        return
+    _refuse(backend.target, version)
+    backend.begin(conn)
+    try:
+        version = _version_postgresql(conn)
+        if version != SCHEMA_VERSION:
+            _refuse(backend.target, version)
+            scripts = (([SCHEMA_DIR / "chamber-v1.sql"] if version is None else [])
+                       + upgrade_scripts()[(version or 1) - 1:])
+            for script in scripts:
+                conn.script(backend.schema_script(script))
+            if version is None:
+                conn.executemany("INSERT INTO chamber_meta (key, value) VALUES (?, ?)",
+                                 [("schema_version", str(SCHEMA_VERSION)), ("created", str(clock()))])
+            else:
+                conn.execute("UPDATE chamber_meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+                conn.execute("INSERT INTO chamber_meta (key, value) VALUES ('upgraded', ?)"
+                             " ON CONFLICT (key) DO UPDATE SET value = excluded.value", (str(clock()),))
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    if version not in (None, SCHEMA_VERSION):
+        log.warning("chamber.upgraded", path=backend.target, from_version=version, to_version=SCHEMA_VERSION)
+
+
+def _version_postgresql(conn) -> int | None:
+    """The chamber's schema version in the connection's schema (search_path); None: no chamber there yet."""
+    if conn.execute("SELECT to_regclass('chamber_meta')").fetchone()[0] is None:
+        return None
+    row = conn.execute("SELECT value FROM chamber_meta WHERE key = 'schema_version'").fetchone()
+    return int(row[0]) if row else 0

@@ -36,15 +36,83 @@ class HospitalConfig:
         return []
 
 
+#: libpq connection parameters that have keys of their own under chamber.postgresql (or must not be in the YAML)
+_DSN_OWN_KEYS = {"password": "password_file or password_env", "passfile": "password_file",
+                 "sslmode": "sslmode", "sslrootcert": "sslrootcert", "connect_timeout": "connect_timeout"}
+
+
+@dataclass(frozen=True)
+class ChamberPostgresConfig:
+    dsn: str = doc(
+        "The libpq connection string of the chamber's database, without its password: "
+        "'host=10.1.2.7 port=5432 dbname=gatewayd user=gatewayd' or postgresql://gatewayd@10.1.2.7/gatewayd. The "
+        "database must sort text bytewise: CREATE DATABASE gatewayd TEMPLATE template0 LC_COLLATE 'C' LC_CTYPE 'C' "
+        "ENCODING 'UTF8' (docs/chamber.md). libpq's environment (PGHOST, ...) is not read.")
+    password_file: Optional[ReadableFile] = doc(
+        "A file holding the database user's password (one line; readable by gatewayd only). Never logged.",
+        default=None)
+    password_env: Optional[Annotated[str, Pattern(r"^[A-Z_][A-Z0-9_]*$", "an environment variable's name")]] = doc(
+        "Or: the environment variable holding it (e.g. from systemd's LoadCredential or an EnvironmentFile). "
+        "Without either, the server must not ask for one (peer or certificate authentication).", default=None)
+    sslmode: Literal["disable", "require", "verify-ca", "verify-full"] = doc(
+        "TLS to the database (libpq's sslmode): verify-full checks the server's certificate and name against "
+        "sslrootcert; disable only for a database on this machine.", default="verify-full")
+    sslrootcert: Optional[ReadableFile] = doc(
+        "The CA that signs the database server's certificate (PEM), for verify-ca and verify-full.", default=None)
+    connect_timeout: Annotated[Duration, Range(1, 600)] = doc(
+        "Timeout of a new connection to the database.", default=Duration(5.0))
+
+    def __post_validate__(self):
+        try:
+            from psycopg.conninfo import conninfo_to_dict
+        except ImportError:
+            return [("dsn", "psycopg is not installed: pip install 'gatewayd[postgresql]'")]
+        try:
+            params = conninfo_to_dict(self.dsn)
+        except Exception as e:  # noqa: BLE001 - psycopg.ProgrammingError: libpq's own words, without the string
+            return [("dsn", f"not a libpq connection string: {str(e).splitlines()[0] if str(e) else type(e).__name__}")]
+        issues = [("dsn", f"give {key} as {own}, not in the connection string" + (
+            " (never a password in the config file)" if key == "password" else ""))
+                  for key, own in _DSN_OWN_KEYS.items() if key in params]
+        if "dbname" not in params:
+            issues.append(("dsn", "name the database (dbname=..., or /dbname in the URI)"))
+        if self.password_file is not None and self.password_env is not None:
+            issues.append(("password_env", "give password_file or password_env, not both"))
+        if self.sslmode in ("verify-ca", "verify-full") and self.sslrootcert is None:
+            issues.append(("sslrootcert", f"sslmode {self.sslmode} checks the server's certificate: give the CA "
+                                          f"that signs it (or sslmode: require / disable)"))
+        return issues
+
+    def password(self) -> str | None:
+        """The password, read now from its file or the environment (None: none configured)."""
+        import os
+
+        if self.password_file is not None:
+            return self.password_file.read_text(encoding="utf-8").strip()
+        if self.password_env is not None:
+            value = os.environ.get(self.password_env)
+            if value is None:
+                raise LookupError(f"chamber.postgresql.password_env: the environment variable {self.password_env} "
+                                  f"is not set")
+            return value
+        return None
+
+
 @dataclass(frozen=True)
 class ChamberConfig:
+    backend: Literal["sqlite", "postgresql"] = doc(
+        "Where the chamber lives: sqlite (one file, `path`: one gateway, or one split-lock pair, per chamber) or "
+        "postgresql (a database, `postgresql`: docs/chamber.md).", default="sqlite")
     path: Path = doc(
-        "The chamber's SQLite file (relative paths are relative to this config file). Both gates must be "
+        "With backend: sqlite, the chamber's file (relative paths are relative to this config file). Both gates must be "
         "able to write it; back it up like a database. One chamber serves one gateway, or one outer and one "
         "inner process of the split lock: a second process running the same gate on it is refused at start "
-        "(exit 3; claim files <path>.outer.lock and <path>.inner.lock beside it, docs/install.md).",
+        "(exit 3; claim files <path>.outer.lock and <path>.inner.lock beside it, docs/install.md). With backend: "
+        "postgresql only these claim files are written there (the gates are claimed in the database too).",
         default=Path("chamber.sqlite3"),
     )
+    postgresql: Optional[ChamberPostgresConfig] = doc(
+        "With backend: postgresql, how to reach the database.", default=None)
     keep_messages: Optional[Duration] = doc(
         "How long a message that has ended (delivered, refused, withdrawn) is kept with its raw bytes, answer "
         "and story; then it is deleted. Dead letters stay until `gatewayd queue purge`; a prescription's order "
@@ -64,6 +132,13 @@ class ChamberConfig:
         "assertions) is deleted, in small transactions; also once at start.",
         default=Duration(3600.0),
     )
+
+    def __post_validate__(self):
+        if self.backend == "postgresql" and self.postgresql is None:
+            return [("postgresql", "backend postgresql needs this section (at least its dsn)")]
+        if self.backend == "sqlite" and self.postgresql is not None:
+            return [("postgresql", "given, but backend is sqlite: set backend: postgresql, or remove it")]
+        return []
 
 
 IdentifierType = Annotated[str, Pattern(r"^[A-Za-z0-9]{1,10}$", "an HL7 identifier type code (table 0203) such as "

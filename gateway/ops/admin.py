@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import time
 from pathlib import Path
 from typing import Callable, Iterable
@@ -129,7 +128,7 @@ class ChamberCollector:
         """The chamber's size on disk (database, WAL and shared-memory files) and the room left on its file
         system: what a monitor alerts on before new work is refused for a full disk."""
         path = self.chamber.path
-        if path == ":memory:":
+        if path == ":memory:" or self.chamber.backend.kind != "sqlite":  # (PostgreSQL's own monitoring tells)
             return
         size = sum(os.stat(f).st_size for f in (path, path + "-wal", path + "-shm") if os.path.exists(f))
         yield GaugeMetricFamily("gatewayd_chamber_bytes", "Size of the chamber's files (database, WAL, shm)",
@@ -183,13 +182,18 @@ class AuditChainCollector:
                                 "walked (Unix time)", value=self.last[0])
 
 
-def verify_chamber_file(path: str, now: float):
+def verify_chamber_file(path: str, now: float, backend=None):
     """gateway.domain.audit.verify over a read-only connection of its own to the chamber file (so it can run in
-    a thread beside the reactor's connection)."""
+    a thread beside the reactor's connection) — or, with a ``backend`` other than SQLite's, to its database."""
+    from gateway.chamber.reader import Reader
     from gateway.domain.audit import verify
     from gateway.ops.status import read_only_reader
 
-    reader, conn = read_only_reader(path, now)
+    if backend is not None and backend.kind != "sqlite":
+        conn = backend.connect_reader()
+        reader = Reader(conn, now)
+    else:
+        reader, conn = read_only_reader(path, now)
     try:
         return verify(reader)
     finally:
@@ -217,7 +221,7 @@ class AuditChainWatch(TimerService):
 
             d = defer.maybeDeferred(lambda: verify(self.chamber.read()))
         else:
-            d = self.in_thread(verify_chamber_file, self.chamber.path, now)
+            d = self.in_thread(verify_chamber_file, self.chamber.path, now, self.chamber.backend)
 
         def done(verdict):
             was = self.collector.last
@@ -347,15 +351,14 @@ class Metrics:
 
 
 def chamber_writable(chamber) -> tuple[bool, str]:
-    """Can the chamber take a write lock right now?  (BEGIN IMMEDIATE, then nothing is written.)"""
+    """Can the chamber be written right now?  Asked on its read connection, never the writer's (which may be in a
+    batch): SQLite takes the write lock and gives it back; PostgreSQL must be reachable and a primary."""
     conn = chamber._conn
     if conn is None:
         return False, "closed"
     try:
-        conn.execute("BEGIN IMMEDIATE")
-        conn.execute("ROLLBACK")
-        return True, "ok"
-    except sqlite3.Error as e:
+        return chamber.backend.writable(conn)
+    except chamber.backend.Error as e:
         return False, str(e)
 
 
@@ -418,7 +421,7 @@ class AdminResource(resource.Resource):
                 links = self.chamber.read().his_links()
                 body["his_recorded"] = {peer: {"up": row.up, "since": row.since, "detail": row.detail}
                                         for peer, row in links.items()}
-            except (sqlite3.Error, ChamberError):  # a closed chamber is reported as "chamber" above
+            except (self.chamber.backend.Error, ChamberError):  # a closed chamber is reported as "chamber" above
                 pass
         body["status"] = "ok" if ok else "unhealthy"
         return body

@@ -121,6 +121,9 @@ class Claim:
             raise ValueError(f"gate must be one of {tuple(ROLES)}")
         self.chamber, self.gate, self.holder = str(chamber), gate, holder
         self._held: dict[str, int] = {}  # role -> the locked file's descriptor
+        #: a chamber in PostgreSQL: the same roles claimed in the database too (across hosts), released with these
+        #: (gateway.chamber.postgresql.DatabaseClaim; taken by the caller)
+        self.database = None
 
     @property
     def held(self) -> tuple[str, ...]:
@@ -180,6 +183,8 @@ class Claim:
                 os.close(fd)
             except OSError:
                 pass
+        if self.database is not None:
+            self.database.release()
 
 
 def holder(chamber: str | Path, role: str, locks: str | Path = "/proc/locks") -> "Holder | None":

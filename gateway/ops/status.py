@@ -100,6 +100,27 @@ def read_only_reader(path: str, now: float) -> tuple[Reader, sqlite3.Connection]
     return Reader(conn, now), conn
 
 
+def chamber_facts_of(settings, now: float) -> dict:
+    """:func:`chamber_facts` of the config's ``chamber`` section, whichever its backend."""
+    if settings.backend == "sqlite":
+        return chamber_facts(str(settings.path), now)
+    from gateway.chamber.backends import backend_for
+    from gateway.chamber.errors import ChamberError
+
+    try:
+        backend = backend_for(settings)
+        facts: dict = {"backend": backend.kind, "path": backend.target}
+        conn = backend.connect_reader()
+    except ChamberError as e:
+        return {"backend": settings.backend, "error": f"cannot be read: {e}"}
+    try:
+        facts["bytes"] = conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
+    except backend.Error as e:
+        conn.close()
+        return {**facts, "error": f"cannot be read: {e}"}
+    return _facts_read(facts, Reader(conn, now), conn, now, backend.Error)
+
+
 def chamber_facts(path: str, now: float) -> dict:
     """The chamber's size, free disk and schema version, and what it records of each HIS endpoint."""
     facts: dict = {"path": path}
@@ -115,6 +136,12 @@ def chamber_facts(path: str, now: float) -> dict:
         reader, conn = read_only_reader(path, now)
     except sqlite3.Error as e:
         return {**facts, "error": f"cannot be read: {e}"}
+    return _facts_read(facts, reader, conn, now, sqlite3.Error)
+
+
+def _facts_read(facts: dict, reader: Reader, conn, now: float, errors) -> dict:
+    """The schema version and what the chamber records of each HIS endpoint, read with ``reader`` on ``conn``
+    (closed here); ``errors``: what its statements raise."""
     try:
         row = conn.execute("SELECT value FROM chamber_meta WHERE key = 'schema_version'").fetchone()
         facts["schema_version"] = int(row[0]) if row else None
@@ -123,9 +150,9 @@ def chamber_facts(path: str, now: float) -> dict:
         oldest = reader.oldest_waiting()
         try:
             links = reader.his_links()
-        except sqlite3.Error:  # a chamber from before the probe (schema < 7)
+        except errors:  # a chamber from before the probe (schema < 7)
             links = {}
-    except sqlite3.Error as e:
+    except errors as e:
         return {**facts, "error": f"cannot be read: {e}"}
     finally:
         conn.close()
@@ -173,7 +200,7 @@ def gather(config, *, now: float | None = None, ask: Callable[[str], dict] = ask
             status["gateway"] = {"running": False, "admin": url,
                                  "detail": f"nothing answers at {url} ({e}): the gateway is not running (or not "
                                            f"this config's); shown below is what the chamber recorded"}
-    chamber = chamber_facts(str(config.chamber.path), now)
+    chamber = chamber_facts_of(config.chamber, now)
     status["chamber"] = {k: v for k, v in chamber.items() if k != "peers"}
     names = [e.name for e in (config.inner.his, *config.inner.endpoints)] if config.inner is not None else []
     peers = chamber.get("peers", {})

@@ -96,6 +96,10 @@ class Proc:
         return self.popen.returncode
 
 
+class ChamberUnreadable(Exception):
+    """Lock.chamber_rows could not read a PostgreSQL chamber (no schema yet, ...)."""
+
+
 class Lock:
     """A HIS simulator and a gateway, wired together on free loopback ports, in ``workdir``."""
 
@@ -224,7 +228,7 @@ class Lock:
             try:
                 return len(self.chamber_rows(f"SELECT peer FROM his_links WHERE up = 1 AND peer IN "
                                              f"({', '.join('?' * len(peers))})", *peers)) == len(set(peers))
-            except sqlite3.Error:  # no chamber (yet), or the table not made yet
+            except (sqlite3.Error, ChamberUnreadable):  # no chamber (yet), or the table not made yet
                 return False
 
         eventually(known_up, timeout=timeout, what=f"the gateway's HIS probe to see {', '.join(peers)} up")
@@ -249,8 +253,20 @@ class Lock:
         return str(self.certs / f"platform-{platform}.pem"), str(self.certs / f"platform-{platform}.key")
 
     def chamber_rows(self, sql: str, *args) -> list[tuple]:
-        """Rows of a query on the running gateway's chamber, read-only (as an auditor would read it)."""
+        """Rows of a query on the running gateway's chamber, read-only (as an auditor would read it); ``?``
+        placeholders on either backend (a PostgreSQL chamber's errors are ChamberUnreadable)."""
         import sqlite3
+
+        chamber = self.gateway_config["chamber"]
+        if chamber.get("backend") == "postgresql":
+            import psycopg
+
+            try:
+                with psycopg.connect(chamber["postgresql"]["dsn"], autocommit=True) as conn:
+                    conn.execute("SET default_transaction_read_only = on")
+                    return [tuple(r) for r in conn.execute(sql.replace("?", "%s"), args).fetchall()]
+            except psycopg.Error as e:
+                raise ChamberUnreadable(str(e)) from e
 
         conn = sqlite3.connect(f"file:{self.workdir / self.gateway_config['chamber']['path']}?mode=ro", uri=True)
         try:

@@ -41,11 +41,12 @@ PLATFORMS = ("demo", "other", "readonly", "limited", "revoked")
 
 
 class Gate:
-    def __init__(self, path, certs, *, global_limit=None, slot_pages=True):
+    def __init__(self, path, certs, *, global_limit=None, slot_pages=True, backend=None):
+        """A gate on the SQLite chamber at ``path``, or on ``backend`` (tests/conftest.py: chamber_backend)."""
         self.certs = certs
         self.clock = task.Clock()
         self.clock.advance(NOW)
-        self.chamber = Chamber(path, clock=self.clock.seconds)
+        self.chamber = Chamber(path if backend is None else None, backend=backend, clock=self.clock.seconds)
         self.chamber.open()
         header = Hl7Header("GATEWAYD", "FRONT", "HIS", "HOSPITAL", "2.5", "utf-8")
         self.quotas = Quotas({"demo": [QuotaRule("*", None, 2, 3600)]}, TZ)

@@ -28,12 +28,13 @@ T0 = datetime(2030, 1, 1, tzinfo=TZ).timestamp()
 
 
 @pytest.fixture
-def env(tmp_path):
+def env(chamber_backend):
+    """(once on each chamber backend: tests/conftest.py)"""
     clock = task.Clock()
     clock.advance(T0)
-    chamber = Chamber(tmp_path / "c.sqlite3", clock=clock.seconds)
+    chamber = Chamber(backend=chamber_backend(), clock=clock.seconds)
     chamber.open()
-    yield chamber, clock, tmp_path / "c.sqlite3"
+    yield chamber, clock, chamber
     chamber.close()
 
 
@@ -45,9 +46,19 @@ def write(chamber, n, **kw):
                                 resource_id=f"a{i}", **kw))
 
 
-def tamper(path, *statements):
-    """What an intruder with the file does: drop the guard triggers, then change rows."""
-    conn = sqlite3.connect(path)
+def tamper(where, *statements):
+    """What an intruder with the file (or the database's owner) does: drop the guard triggers (disable them), then
+    change rows.  ``where``: the chamber file's path, or a chamber (either backend)."""
+    if isinstance(where, Chamber) and where.backend.kind == "postgresql":
+        def intrude(tx):
+            tx._c.execute("ALTER TABLE audit_records DISABLE TRIGGER USER")
+            for sql in statements:
+                tx._c.execute(sql)
+            tx._c.execute("ALTER TABLE audit_records ENABLE TRIGGER USER")
+
+        where.transact_now(intrude)
+        return
+    conn = sqlite3.connect(where.path if isinstance(where, Chamber) else where)
     conn.execute("DROP TRIGGER audit_records_are_not_changed")
     conn.execute("DROP TRIGGER audit_records_are_pruned_only_behind_the_anchor")
     for sql in statements:
@@ -72,15 +83,17 @@ def test_records_are_numbered_and_chained_from_the_genesis_hash(env):
 
 
 def test_the_chamber_refuses_to_change_or_delete_records(env):
-    """Guard triggers: UPDATE and DELETE of a live record fail inside SQLite itself."""
-    chamber, _, path = env
+    """Guard triggers: UPDATE and DELETE of a live record fail inside the database itself (SQLite's or
+    PostgreSQL's), whoever asks."""
+    chamber, _, _ = env
     write(chamber, 2)
-    conn = sqlite3.connect(path)
-    with pytest.raises(sqlite3.DatabaseError, match="cannot be changed"):
-        conn.execute("UPDATE audit_records SET outcome = 200 WHERE seq = 1")
-    with pytest.raises(sqlite3.DatabaseError, match="audit prune"):
-        conn.execute("DELETE FROM audit_records WHERE seq = 2")
-    conn.close()
+    from gateway.chamber.errors import ChamberWriteError
+
+    with pytest.raises(ChamberWriteError, match="cannot be changed"):
+        chamber.transact_now(lambda tx: tx._c.execute("UPDATE audit_records SET outcome = 200 WHERE seq = 1"))
+    with pytest.raises(ChamberWriteError, match="audit prune"):
+        chamber.transact_now(lambda tx: tx._c.execute("DELETE FROM audit_records WHERE seq = 2"))
+    assert [r.outcome for r in chamber.read().audit_records()] == [200, 200]
 
 
 def test_an_edited_record_is_named(env):

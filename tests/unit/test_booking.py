@@ -44,10 +44,11 @@ def notice(action, start=START, his_appointment=None, placer=None):
 
 
 @pytest.fixture
-def env(tmp_path):
+def env(chamber_backend):
+    """(once on each chamber backend: tests/conftest.py)"""
     clock = task.Clock()
     clock.advance(datetime(2030, 1, 1, tzinfo=TZ).timestamp())
-    chamber = Chamber(tmp_path / "c.sqlite3", clock=clock.seconds)
+    chamber = Chamber(backend=chamber_backend(), clock=clock.seconds)
     chamber.open()
     header = Hl7Header("GATEWAYD", "FRONT", "HIS", "HOSPITAL", "2.5", "utf-8")
     booking = BookingService(chamber, HisLinkInfo("his", "utf-8", "S04", functools.partial(build_srm, header=header)),

@@ -41,33 +41,30 @@ def test_new_chamber_is_wal_full_sync_and_versioned(tmp_path):
     ch.close()
 
 
-def test_data_survives_reopen(tmp_path):
+def test_data_survives_reopen(chamber_backend):
     """What was committed is there after the chamber is closed and opened again."""
-    ch = Chamber(tmp_path / "c.sqlite3", clock=time.time)
+    ch = Chamber(backend=chamber_backend(), clock=time.time)
     ch.open()
     ch.transact_now(schedule)
     ch.close()
-    ch2 = Chamber(tmp_path / "c.sqlite3", clock=time.time)
+    ch2 = Chamber(backend=chamber_backend(), clock=time.time)
     ch2.open()
     assert [s.id for s in ch2.read().schedules()] == ["D001"]
     ch2.close()
 
 
-def test_refuses_other_schema_version(tmp_path):
+def test_refuses_other_schema_version(chamber_backend):
     """A chamber written by another schema version is refused with a message naming both versions."""
-    path = tmp_path / "c.sqlite3"
-    ch = Chamber(path, clock=time.time)
+    ch = Chamber(backend=chamber_backend(), clock=time.time)
     ch.open()
-    ch.close()
     from gateway.chamber.upgrades import SCHEMA_VERSION
 
     newer = SCHEMA_VERSION + 1
-    conn = sqlite3.connect(path)
-    conn.execute("UPDATE chamber_meta SET value=? WHERE key='schema_version'", (str(newer),))
-    conn.commit()
-    conn.close()
+    ch.transact_now(lambda tx: tx._c.execute("UPDATE chamber_meta SET value = ? WHERE key = 'schema_version'",
+                                             (str(newer),)))
+    ch.close()
     with pytest.raises(ChamberError, match=f"version {newer}"):
-        Chamber(path, clock=time.time).open()
+        Chamber(backend=chamber_backend(), clock=time.time).open()
 
 
 def version_1_chamber(path):
@@ -321,19 +318,18 @@ def test_refuses_a_file_that_is_not_a_database(tmp_path):
         Chamber(path, clock=time.time).open()
 
 
-def test_group_commit_fires_after_commit_and_isolates_failures(tmp_path):
+def test_group_commit_fires_after_commit_and_isolates_failures(chamber_backend):
     """Work queued in one reactor turn commits together; the Deferreds fire only after COMMIT, and a
     unit that raises is rolled back alone while the others commit."""
     reactor = TickReactor()
-    path = tmp_path / "c.sqlite3"
-    ch = Chamber(path, reactor=reactor, clock=reactor.seconds)
+    ch = Chamber(backend=chamber_backend(), reactor=reactor, clock=reactor.seconds)
     ch.open()
+    outside = Chamber(backend=chamber_backend(), clock=reactor.seconds)  # connections of their own
+    outside.open()
     seen_by_other_connection = []
 
     def observe_from_outside(_):
-        other = sqlite3.connect(path)
-        seen_by_other_connection.append(other.execute("SELECT id FROM schedules ORDER BY id").fetchall())
-        other.close()
+        seen_by_other_connection.append([(s.id,) for s in outside.read().schedules()])
 
     d1 = ch.transact(lambda tx: schedule(tx, "A"))
     d1.addCallback(observe_from_outside)
@@ -353,12 +349,13 @@ def test_group_commit_fires_after_commit_and_isolates_failures(tmp_path):
     failureResultOf(d2, ValueError)
     assert [s.id for s in ch.read().schedules()] == ["A", "C"]
     ch.close()
+    outside.close()
 
 
-def test_observers_run_after_commits_that_recorded_something(tmp_path):
+def test_observers_run_after_commits_that_recorded_something(chamber_backend):
     """Observers (the relay's wake-up) run after a commit with at least one successful unit."""
     reactor = TickReactor()
-    ch = Chamber(tmp_path / "c.sqlite3", reactor=reactor, clock=reactor.seconds)
+    ch = Chamber(backend=chamber_backend(), reactor=reactor, clock=reactor.seconds)
     ch.open()
     calls = []
     ch.observe(lambda: calls.append(1))
@@ -371,19 +368,19 @@ def test_observers_run_after_commits_that_recorded_something(tmp_path):
     ch.close()
 
 
-def test_a_storage_error_inside_a_unit_is_a_write_failure(tmp_path):
-    """SQLITE_FULL raised by a statement (not by the unit's own decision) fails that unit with
+def test_a_storage_error_inside_a_unit_is_a_write_failure(chamber_backend):
+    """A disk full raised by a statement (not by the unit's own decision) fails that unit with
     ChamberWriteError, so gates answer 'not stored, try again' (AE / 503) rather than an internal error;
     the other units of the batch still commit."""
     from gateway.chamber.errors import ChamberWriteError
 
     reactor = TickReactor()
-    ch = Chamber(tmp_path / "c.sqlite3", reactor=reactor, clock=reactor.seconds)
+    ch = Chamber(backend=chamber_backend(), reactor=reactor, clock=reactor.seconds)
     ch.open()
 
     def disk_full(tx):
         schedule(tx, "X")
-        raise sqlite3.OperationalError("database or disk is full")
+        raise ch.backend.Error("database or disk is full")
 
     failed = ch.transact(disk_full)
     ch.transact(lambda tx: schedule(tx, "Y"))
@@ -393,28 +390,54 @@ def test_a_storage_error_inside_a_unit_is_a_write_failure(tmp_path):
     ch.close()
 
 
-def test_watch_notices_commits_of_another_process(tmp_path):
-    """Two chambers on one file stand for the two gates' processes: a commit through one wakes the
-    observers of the other within the watch interval; its own commits are not reported twice."""
+def looks_until(clock, done, n: int = 200) -> None:
+    """Advance ``clock`` by the watch's interval until ``done()``, ``n`` times at most, with a moment of real time
+    between (PostgreSQL's notifications come over a socket)."""
+    for _ in range(n):
+        clock.advance(0.01)
+        if done():
+            return
+        time.sleep(0.005)
+
+
+def test_watch_notices_commits_of_another_process(chamber_backend):
+    """Two chambers on one file (or database) stand for the two gates' processes: a commit through one wakes
+    the observers of the other within the watch interval; its own commits are not reported twice; one rolled
+    back wakes nobody.  (SQLite: data_version; PostgreSQL: LISTEN/NOTIFY, which arrives over a socket — given
+    a moment of real time to.)"""
     clock = task.Clock()
-    outer = Chamber(tmp_path / "c.sqlite3", clock=clock.seconds)
-    inner = Chamber(tmp_path / "c.sqlite3", clock=clock.seconds)
+    outer = Chamber(backend=chamber_backend(), clock=clock.seconds)
+    inner = Chamber(backend=chamber_backend(), clock=clock.seconds)
     outer.open()
     inner.open()
     woken = []
     inner.observe(lambda: woken.append("inner"))
     loop = inner.watch(clock, interval=0.01)
-    clock.advance(0.01)
+
+    def looks():
+        looks_until(clock, lambda: False, 20)
+
+    looks()
     assert woken == []
     outer.transact_now(schedule)
     assert woken == []  # not yet: the other process learns of it on its next look
     clock.advance(0.01)
+    if outer.backend.kind == "postgresql":
+        looks_until(clock, lambda: woken)
     assert woken == ["inner"]
-    clock.advance(0.05)
+    looks()
     assert woken == ["inner"]  # nothing new committed
+    def written_then_refused(tx):
+        schedule(tx, "D003")
+        raise ValueError("refused")
+
+    with pytest.raises(ValueError):
+        outer.transact_now(written_then_refused)
+    looks()
+    assert woken == ["inner"]  # rolled back: nothing to see
     inner.transact_now(lambda tx: schedule(tx, "D002"))
     assert woken == ["inner", "inner"]  # its own commit: the direct notification only
-    clock.advance(0.02)
+    looks()
     assert woken == ["inner", "inner"]
     loop.stop()
     outer.close()
@@ -635,10 +658,10 @@ def test_the_read_connection_cannot_write(tmp_path):
     ch.close()
 
 
-def test_a_batch_of_one_failing_unit_leaves_nothing_behind(tmp_path):
+def test_a_batch_of_one_failing_unit_leaves_nothing_behind(chamber_backend):
     """A batch of one unit runs without a SAVEPOINT: a unit that raises after writing is rolled back."""
     reactor = TickReactor()
-    ch = Chamber(tmp_path / "c.sqlite3", reactor=reactor, clock=reactor.seconds)
+    ch = Chamber(backend=chamber_backend(), reactor=reactor, clock=reactor.seconds)
     ch.open()
 
     def failing(tx):
@@ -667,13 +690,13 @@ def _slot_and_appointment(tx, appointment_id="a1", pending="book"):
                                          1, 0, 0))
 
 
-def test_settled_appointments_are_reported_after_commit_and_not_when_rolled_back(tmp_path):
+def test_settled_appointments_are_reported_after_commit_and_not_when_rolled_back(chamber_backend):
     """observe_settled hears, after the commit, of every appointment whose pending change a committed unit
     cleared — not of one cleared by a unit that was rolled back."""
     from gateway.chamber.rows import AppointmentRow
 
     reactor = TickReactor()
-    ch = Chamber(tmp_path / "c.sqlite3", reactor=reactor, clock=reactor.seconds)
+    ch = Chamber(backend=chamber_backend(), reactor=reactor, clock=reactor.seconds)
     ch.open()
     ch.transact_now(_slot_and_appointment)
     ch.transact_now(lambda tx: tx.insert_appointment(
@@ -770,3 +793,233 @@ def test_without_pipelining_the_commit_runs_in_the_turn_and_reads_use_the_read_c
     assert slow.threads == [threading.current_thread()]
     assert ch._conn is not ch._writer and [s.id for s in ch.read().schedules()] == ["A"]
     ch.close()
+
+
+# -- the backends (gateway/chamber/backends.py, postgresql.py) ------------------------------------------------------
+
+
+def test_statements_are_translated_once_for_postgresql():
+    """Txn's ``?`` become psycopg's ``%s`` (a literal ``%`` doubled); an INSERT into messages returns the id
+    PostgreSQL gives it (SQLite's lastrowid); the translation is cached per statement text."""
+    from gateway.chamber.postgresql import translate
+
+    assert translate("SELECT * FROM audit_records WHERE action LIKE ? AND detail = '5%'") == (
+        "SELECT * FROM audit_records WHERE action LIKE %s AND detail = '5%%'", False)
+    sql, returning = translate("INSERT INTO messages (peer) VALUES (?) ON CONFLICT (peer) DO NOTHING")
+    assert returning and sql.endswith("DO NOTHING RETURNING id")
+    assert translate("INSERT INTO message_events (message_id) VALUES (?)")[1] is False
+    assert translate.cache_info().hits >= 0 and translate("SELECT ?") is translate("SELECT ?")
+
+
+def _columns(chamber) -> dict[str, list[str]]:
+    conn = chamber._conn
+    if chamber.backend.kind == "sqlite":
+        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        return {t: sorted(r[1] for r in conn.execute(f"PRAGMA table_info({t})")) for t in tables}
+    rows = conn.execute("SELECT table_name, column_name FROM information_schema.columns"
+                        " WHERE table_schema = current_schema()").fetchall()
+    out: dict[str, list[str]] = {}
+    for table, column in rows:
+        if column != "rowid":  # (SQLite's implicit one, made explicit where an order depends on it)
+            out.setdefault(table, []).append(column)
+    return {t: sorted(c) for t, c in out.items()}
+
+
+def test_both_backends_build_the_same_tables_at_the_same_version(tmp_path, chamber_postgres):
+    """One set of schema files: a new chamber on PostgreSQL has exactly the tables and columns of one on SQLite,
+    at the same schema version, and the audit trail's rules hold there too (a record cannot be changed)."""
+    from gateway.chamber.backends import SqliteBackend
+    from gateway.chamber.postgresql import PostgresBackend
+
+    with __import__("psycopg").connect(chamber_postgres.dsn("chamber"), autocommit=True) as admin:
+        admin.execute("CREATE SCHEMA same_tables")
+    lite = Chamber(backend=SqliteBackend(tmp_path / "c.sqlite3"), clock=time.time)
+    pg = Chamber(backend=PostgresBackend(chamber_postgres.dsn("chamber", options="-csearch_path=same_tables")),
+                 clock=time.time)
+    lite.open()
+    pg.open()
+    try:
+        assert _columns(pg) == _columns(lite)
+        for ch in (lite, pg):
+            assert ch.read()._c.execute("SELECT value FROM chamber_meta WHERE key = 'schema_version'").fetchone()[0] \
+                == str(SCHEMA_VERSION)
+            assert len(ch.read().audit_key()) == 32
+        from gateway.chamber.rows import AuditRow
+
+        row = AuditRow(1, 1, None, None, None, None, "read", None, None, 200, None, "h")
+        pg.transact_now(lambda tx: tx.append_audit(row))
+        from gateway.chamber.errors import ChamberWriteError
+
+        with pytest.raises(ChamberWriteError, match="audit records cannot be changed"):
+            pg.transact_now(lambda tx: tx._c.execute("UPDATE audit_records SET detail = 'x'"))
+        with pytest.raises(ChamberWriteError, match="only by gatewayd audit prune"):
+            pg.transact_now(lambda tx: tx._c.execute("DELETE FROM audit_records"))
+    finally:
+        lite.close()
+        pg.close()
+
+
+def test_reads_cannot_write_on_either_backend(chamber_backend):
+    """The read connection refuses writes on PostgreSQL too (a read-only session); the write lock can be taken."""
+    ch = Chamber(backend=chamber_backend(), clock=time.time, commit_in_thread=True, reactor=ThreadReactor())
+    ch.open()
+    try:
+        with pytest.raises(ch.backend.Error, match="not authorized|read-only"):
+            ch.read().upsert_schedule(ScheduleRow("X", "x", "", "", "", "", 0))
+        assert ch.writable() == (True, "ok")
+    finally:
+        ch.close()
+
+
+def test_a_postgresql_database_that_sorts_text_otherwise_is_refused(chamber_postgres):
+    """A database whose collation would order ids, control ids and page cursors unlike SQLite (here ICU's) is
+    refused at open, saying how to create one that does."""
+    import psycopg
+
+    from gateway.chamber.postgresql import PostgresBackend
+
+    with psycopg.connect(chamber_postgres.dsn("postgres"), autocommit=True) as admin:
+        admin.execute("CREATE DATABASE icu TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US'"
+                      " LOCALE 'C.UTF-8'")
+    with pytest.raises(ChamberError, match="LC_COLLATE 'C'"):
+        Chamber(backend=PostgresBackend(chamber_postgres.dsn("icu")), clock=time.time).open()
+
+
+def test_a_chamber_on_postgresql_connects_again_when_its_connections_are_dropped(chamber_postgres):
+    """PostgreSQL restarted or failed over drops the chamber's connections: the next read runs on a new one
+    (a read may be run again), the next transaction BEGINs on a new one (nothing had been done on the old one);
+    nothing committed before is lost, and the write after is committed."""
+    import psycopg
+
+    from gateway.chamber.postgresql import PostgresBackend
+
+    with psycopg.connect(chamber_postgres.dsn("chamber"), autocommit=True) as admin:
+        admin.execute("CREATE SCHEMA dropped")
+        dsn = chamber_postgres.dsn("chamber", options="-csearch_path=dropped")
+        clock = task.Clock()
+        ch, other = (Chamber(backend=PostgresBackend(dsn), clock=time.time) for _ in range(2))
+        ch.open()
+        other.open()
+        woken = []
+        ch.observe(lambda: woken.append(1), own_commits=False)
+        loop = ch.watch(clock, interval=0.01)
+        try:
+            ch.transact_now(schedule)
+            pids = [ch._writer.raw.info.backend_pid, ch._reader.raw.info.backend_pid, ch._watch._conn.raw.info.backend_pid]
+            admin.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) pid", (pids,))
+            assert [s.id for s in ch.read().schedules()] == ["D001"]
+            ch.transact_now(lambda tx: schedule(tx, "D002"))
+            assert [s.id for s in ch.read().schedules()] == ["D001", "D002"]
+            assert ch._writer.raw.info.backend_pid not in pids and ch._reader.raw.info.backend_pid not in pids
+            looks_until(clock, lambda: woken)
+            assert woken  # the watch's own connection was dropped too: made again, and what was missed is looked at
+            woken.clear()
+            other.transact_now(lambda tx: schedule(tx, "D003"))
+            looks_until(clock, lambda: woken)
+            assert woken  # and it hears the other process's commits again
+        finally:
+            loop.stop()
+            ch.close()
+            other.close()
+
+
+def test_text_with_nul_is_kept_and_found_on_both_backends(chamber_backend):
+    """SQLite keeps a NUL inside text, PostgreSQL's text cannot: the chamber on PostgreSQL writes it escaped and
+    reads it back as it came, so a key with one (an Idempotency-Key header, a query parameter) is found again and
+    never a storage error; a patient whose identifiers hold one is kept, and a search for others is not disturbed."""
+    from gateway.chamber.rows import AppointmentRow
+
+    ch = Chamber(backend=chamber_backend(), clock=time.time)
+    ch.open()
+    try:
+        ch.transact_now(_slot_and_appointment)
+        odd = "键\x00\x01\x01x\x01"
+        ch.transact_now(lambda tx: tx.remember_request("p", odd, "h\x00", "a1"))
+        assert ch.read().idempotent_request("p", odd) == ("h\x00", "a1")
+        assert ch.read().idempotent_request("p", "键\x01\x01\x01x\x01") is None  # no two texts become one
+        ch.transact_now(lambda tx: tx.insert_appointment(AppointmentRow(
+            "a2", "p", "S1", "booked", {"identifiers": [{"system": "urn:x", "value": "N\x00"}]}, None, None, None,
+            None, None, 1, 0, 0)))
+        ch.transact_now(lambda tx: tx.insert_appointment(AppointmentRow(
+            "a3", "p", "S1", "booked", {"identifiers": [{"system": "urn:x", "value": "M1"}]}, None, None, None,
+            None, None, 1, 0, 0)))
+        assert ch.read().appointment("a2").patient["identifiers"][0]["value"] == "N\x00"
+        assert [a.id for a in ch.read().search_appointments("p", patients=[("urn:x", "M1")])] == ["a3"]
+        assert [a.id for a in ch.read().search_appointments("p", patients=[(None, "M1"), ("urn:x", "\x00")])] == ["a3"]
+        assert ch.read().search_appointments("p", statuses=[]) == []  # (no status at all: nothing, not an error)
+    finally:
+        ch.close()
+
+
+def test_a_gates_claim_in_postgresql_is_held_once_named_and_kept_or_lost(chamber_postgres):
+    """DatabaseClaim: a second process claiming the same gate of the same chamber is refused, naming the first;
+    another gate or another chamber (schema) is not; when PostgreSQL drops the holder's connection the claim is
+    free — taken again by the holder's next keep(), or, if another took it meanwhile, keep() says the holder
+    must stop."""
+    import psycopg
+
+    from gateway.chamber.errors import ChamberClaimed
+    from gateway.chamber.postgresql import PostgresBackend
+
+    with psycopg.connect(chamber_postgres.dsn("chamber"), autocommit=True) as admin:
+        admin.execute("CREATE SCHEMA claims_a")
+        admin.execute("CREATE SCHEMA claims_b")
+        a, b = (PostgresBackend(chamber_postgres.dsn("chamber", options=f"-csearch_path=claims_{s}")) for s in "ab")
+        first = a.claim(["outer", "inner"], "gatewayd both pid 1 on host-1")
+        first.take()
+        second = a.claim(["inner"], "gatewayd inner pid 2 on host-2")
+        with pytest.raises(ChamberClaimed, match="inner gate .* already run by gatewayd both pid 1 on host-1"):
+            second.take()
+        b.claim(["inner"], "gatewayd inner pid 3 on host-2").take()  # another chamber
+        assert first.keep() is None
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name LIKE"
+                      " 'gatewayd both pid 1%'")
+        assert first.keep() is None  # taken again on a new connection
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name LIKE"
+                      " 'gatewayd both pid 1%'")
+        second.take()  # meanwhile another process took the inner gate
+        lost = first.keep()
+        assert lost is not None and "pid 2 on host-2" in lost
+        second.release()
+
+
+def test_a_postgresql_chamber_that_cannot_be_opened_says_where_without_the_password(chamber_postgres):
+    """A server that is not there, or a schema the chamber cannot be created in: ChamberError naming the database
+    (host, port, name), never the password."""
+    import psycopg
+
+    from gateway.chamber.postgresql import PostgresBackend
+
+    with pytest.raises(ChamberError, match=r"postgresql://127\.0\.0\.1:1/chamber") as e:
+        Chamber(backend=PostgresBackend("host=127.0.0.1 port=1 dbname=chamber user=gw", password="s3cret",
+                                        connect_timeout=1), clock=time.time).open()
+    assert "s3cret" not in str(e.value)
+    with psycopg.connect(chamber_postgres.dsn("chamber"), autocommit=True) as admin:
+        admin.execute("CREATE ROLE visitor LOGIN")
+        admin.execute("CREATE SCHEMA not_yours")
+    with pytest.raises(ChamberError, match="cannot open the chamber postgresql:.*not_yours: "):
+        Chamber(backend=PostgresBackend(chamber_postgres.dsn("chamber", options="-csearch_path=not_yours")
+                                        .replace("user=gw", "user=visitor")), clock=time.time).open()
+
+
+def test_the_operators_counts_read_alike_on_both_backends(chamber_backend):
+    """The console's traffic buckets (the one integer division each dialect writes its own way), the status's
+    counts and the oldest waiting message: the same figures from either backend."""
+    clock = task.Clock()
+    clock.advance(1000)
+    ch = Chamber(backend=chamber_backend(), clock=clock.seconds)
+    ch.open()
+    try:
+        for at, direction, control_id in ((1000.0, "inbound", "a"), (1059.9, "inbound", "b"), (1060.0, "outbound", "c"),
+                                          (1185.5, "outbound", "d")):
+            clock.advance(at - clock.seconds())
+            ch.transact_now(lambda tx: tx.add_message(direction=direction, peer="his", control_id=control_id,
+                                                      type="SIU^S12", state="committed", body=b"x", charset="utf-8"))
+        traffic = ch.read().traffic(1000.0, 60.0)
+        assert [(b, d, n) for b, d, n, _ in traffic] == [(0, "inbound", 2), (1, "outbound", 1), (3, "outbound", 1)]
+        assert ch.read().counts_since(1060.0) == {("outbound", "his"): 2}
+        assert ch.read().oldest_waiting() == {"his": 1060.0}
+        assert ch.read().state_counts() == {("inbound", "his", "committed"): 2, ("outbound", "his", "committed"): 2}
+        assert [e[1] for e in ch.read().message_events(ch.read().messages(control_id="d")[0].id)] == ["committed"]
+    finally:
+        ch.close()

@@ -54,10 +54,11 @@ def hook(agent, **cfg):
 
 
 @pytest.fixture
-def env(tmp_path):
+def env(chamber_backend):
+    """(once on each chamber backend: tests/conftest.py)"""
     clock = task.Clock()
     clock.advance(1_900_000_000)
-    chamber = Chamber(tmp_path / "c.sqlite3", clock=clock.seconds)
+    chamber = Chamber(backend=chamber_backend(), clock=clock.seconds)
     chamber.open()
     agents = {"demo": Agent(), "slow": Agent()}
     delivery = Delivery(chamber, clock, {p: hook(a) for p, a in agents.items()},

@@ -178,13 +178,13 @@ def metric(metrics, name: str) -> float | None:
     return None
 
 
-def test_an_idle_outage_the_probe_finds_shows_in_health_metrics_and_the_chamber(tmp_path):
+def test_an_idle_outage_the_probe_finds_shows_in_health_metrics_and_the_chamber(chamber_backend):
     """Nothing is sent; the probe's failed check alone turns /healthz 503 (reachable false, the probe's reason),
     gatewayd_his_up 0 and the outage gauge counting, and the chamber's his_links row down (what the outer gate
     and `gatewayd status` read); back up, all of it clears."""
     clock = task.Clock()
     clock.advance(5000)
-    chamber = Chamber(tmp_path / "c.sqlite3", clock=clock.seconds)
+    chamber = Chamber(backend=chamber_backend(), clock=clock.seconds)
     chamber.open()
     metrics = Metrics(chamber)
     relay = Relay(chamber, "his", ScriptedHisLane(), lambda *a: None, clock=clock, ack_timeout=5, retry_initial=1,
@@ -223,7 +223,7 @@ class ScriptedHisLane:
         return defer.succeed(None)
 
 
-def test_a_booking_for_a_his_the_probe_found_down_is_answered_at_once(tmp_path):
+def test_a_booking_for_a_his_the_probe_found_down_is_answered_at_once(chamber_backend):
     """wait_settled fires False at once (the platform's 202) when the booking's SRM waits for an endpoint the
     probe found down; the same booking waits as usual once the HIS is up again."""
     from adapters.maps.srm_booking import build_srm
@@ -234,7 +234,7 @@ def test_a_booking_for_a_his_the_probe_found_down_is_answered_at_once(tmp_path):
 
     clock = task.Clock()
     clock.advance(datetime(2030, 1, 1, tzinfo=TZ).timestamp())
-    chamber = Chamber(tmp_path / "c.sqlite3", clock=clock.seconds)
+    chamber = Chamber(backend=chamber_backend(), clock=clock.seconds)
     chamber.open()
     booking = BookingService(chamber, HisLinkInfo("his", "utf-8", "S04", functools.partial(build_srm, header=HEADER)),
                              tz=TZ, hold_seconds=600, clock=clock)
@@ -336,11 +336,11 @@ def test_a_message_heard_during_a_failing_check_has_the_link_checked_again():
     probe.stopService()
 
 
-def test_the_outer_gates_health_shows_what_the_inner_gates_probe_recorded(tmp_path):
+def test_the_outer_gates_health_shows_what_the_inner_gates_probe_recorded(chamber_backend):
     """The split lock's outer process has no relay: its /healthz adds the probe's record from the chamber (why a
     booking is answered 202 at once) without turning unhealthy for it."""
     clock = task.Clock()
-    chamber = Chamber(tmp_path / "c.sqlite3", clock=clock.seconds)
+    chamber = Chamber(backend=chamber_backend(), clock=clock.seconds)
     chamber.open()
     admin = AdminResource(chamber, Metrics(chamber))
     assert health(admin) == (200, {"chamber": "ok", "his": {}, "his_recorded": {}, "status": "ok"})

@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from twisted.internet import defer, task
 
 from gateway.domain.audit import verify
+from gateway.chamber.backends import SqliteBackend
 from gateway.chamber.engine import Chamber
 from gateway.config.model import load_config
 from gateway.config.errors import ConfigError
@@ -195,8 +196,8 @@ def test_scopes_are_the_requested_ones_the_platform_holds():
 
 # -- the token service on a real chamber -----------------------------------------------------------------------
 class Tokens:
-    def __init__(self, path, clients, clock):
-        self.chamber = Chamber(path, clock=clock.seconds)
+    def __init__(self, backend, clients, clock):
+        self.chamber = Chamber(backend=backend, clock=clock.seconds)
         self.chamber.open()
         self.service = TokenService(self.chamber, clients, AUD, clock=clock)
 
@@ -224,7 +225,7 @@ def clock():
 
 
 def test_a_token_is_issued_stored_as_a_hash_audited_and_authenticates(tmp_path, clients, clock):
-    t = Tokens(tmp_path / "c.sqlite3", clients, clock)
+    t = Tokens(SqliteBackend(tmp_path / "c.sqlite3"), clients, clock)  # (it reads the file's bytes: SQLite's)
     answer = t.ask(sign(claims()))
     assert answer["token_type"] == "bearer" and answer["expires_in"] == 300
     assert answer["scope"] == "system/Slot.read system/Appointment.write"
@@ -248,33 +249,32 @@ def test_a_token_is_issued_stored_as_a_hash_audited_and_authenticates(tmp_path, 
     assert e.value.reason == "unknown"
 
 
-def test_a_replayed_jti_is_refused_also_after_the_chamber_is_reopened(tmp_path, clients, clock):
-    path = tmp_path / "c.sqlite3"
-    t = Tokens(path, clients, clock)
+def test_a_replayed_jti_is_refused_also_after_the_chamber_is_reopened(chamber_backend, clients, clock):
+    t = Tokens(chamber_backend(), clients, clock)
     assertion = sign(claims())
     t.ask(assertion)
     e = failureResultOf(t.request(assertion), OAuthError)
     assert (e.value.error, e.value.status) == ("invalid_client", 401) and "jti" in e.value.description
     t.chamber.close()
-    again = Tokens(path, clients, clock)  # a restarted gateway: new service, same chamber file
+    again = Tokens(chamber_backend(), clients, clock)  # a restarted gateway: new service, same chamber
     clock.advance(60)
     assert "jti" in str(failureResultOf(again.request(assertion), OAuthError).value)
     refusals = [r for r in again.chamber.read().audit_records() if r.action == "token" and r.outcome == 401]
     assert len(refusals) == 2 and all(r.detail == "invalid_client" for r in refusals)
 
 
-def test_expired_rows_are_pruned_when_tokens_are_issued(tmp_path, clients, clock):
-    t = Tokens(tmp_path / "c.sqlite3", clients, clock)
+def test_expired_rows_are_pruned_when_tokens_are_issued(chamber_backend, clients, clock):
+    t = Tokens(chamber_backend(), clients, clock)
     t.ask(sign(claims()))
     clock.advance(4000)  # the assertion's jti and the token are long expired
     t.ask(sign(claims(now=clock.seconds())))
     assert len(t.table("oauth_assertions")) == 1 and len(t.table("oauth_tokens")) == 1
 
 
-def test_a_reload_narrows_what_existing_tokens_grant(tmp_path, clients, clock):
+def test_a_reload_narrows_what_existing_tokens_grant(chamber_backend, clients, clock):
     """Tokens carry their scopes, but only those the platform still holds count; a platform without
     token settings any more has its tokens refused."""
-    t = Tokens(tmp_path / "c.sqlite3", clients, clock)
+    t = Tokens(chamber_backend(), clients, clock)
     token = t.ask(sign(claims()))["access_token"]
     t.service.clients = {**clients, "demo": OAuthClient("demo", clients["demo"].keys, scopes=("Slot.read",))}
     assert t.service.authenticate(token).scopes == frozenset({"Slot.read"})
@@ -292,8 +292,8 @@ def test_a_reload_narrows_what_existing_tokens_grant(tmp_path, clients, clock):
     ({"scope": ["system/MedicationRequest.read"]}, "invalid_scope", 400),
     ({"client_id": ["other"]}, "invalid_client", 401),
 ])
-def test_token_request_errors_follow_rfc_6749(tmp_path, clients, clock, over, error, status):
-    t = Tokens(tmp_path / "c.sqlite3", clients, clock)
+def test_token_request_errors_follow_rfc_6749(chamber_backend, clients, clock, over, error, status):
+    t = Tokens(chamber_backend(), clients, clock)
     e = failureResultOf(t.request(sign(claims()), over), OAuthError)
     assert (e.value.error, e.value.status) == (error, status)
     assert e.value.body() == {"error": error, "error_description": e.value.description}

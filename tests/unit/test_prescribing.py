@@ -76,8 +76,9 @@ def pki():
 
 
 @pytest.fixture()
-def world(tmp_path, pki):
-    chamber = Chamber(tmp_path / "c.sqlite3", clock=time.time)
+def world(chamber_backend, pki):
+    """(once on each chamber backend: tests/conftest.py)"""
+    chamber = Chamber(backend=chamber_backend(), clock=time.time)
     chamber.open()
     gw_key = ec.generate_private_key(ec.SECP256R1())
     gw_cert = cert(name("gatewayd release"), gw_key, pki.ca.subject, pki.ca_key, ca=False)

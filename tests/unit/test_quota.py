@@ -39,16 +39,18 @@ def rule(schedule="*", share=None, per_day=None, release_before=DAY_HOURS):
 
 
 class Env:
-    def __init__(self, path, rules, *, batched=False):
+    def __init__(self, backend, rules, *, batched=False):
+        """``backend()``: the chamber's backend (tests/conftest.py: chamber_backend), again at each open."""
         self.clock = task.Clock()
         self.clock.advance(NOW)
-        self.path = path
+        self.backend = backend
         self.rules = rules
         self.batched = batched
         self.open()
 
     def open(self):
-        self.chamber = Chamber(self.path, clock=self.clock.seconds, reactor=self.clock if self.batched else None)
+        self.chamber = Chamber(backend=self.backend(), clock=self.clock.seconds,
+                               reactor=self.clock if self.batched else None)
         self.chamber.open()
         header = Hl7Header("GATEWAYD", "FRONT", "HIS", "HOSPITAL", "2.5", "utf-8")
         self.quotas = Quotas(self.rules, TZ)
@@ -76,11 +78,13 @@ class Env:
 
 
 @pytest.fixture
-def make(tmp_path):
+def make(chamber_backend):
+    """Envs on chambers of one backend (each test runs on both)."""
     envs = []
 
     def factory(rules, **kw):
-        env = Env(tmp_path / f"c{len(envs)}.sqlite3", rules, **kw)
+        name = f"c{len(envs)}"
+        env = Env(lambda: chamber_backend(name), rules, **kw)
         envs.append(env)
         return env
 

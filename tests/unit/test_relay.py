@@ -44,10 +44,11 @@ class ScriptedHis:
 
 
 @pytest.fixture
-def env(tmp_path):
+def env(chamber_backend):
+    """(once on each chamber backend: tests/conftest.py)"""
     clock = task.Clock()
     clock.advance(1000)
-    chamber = Chamber(tmp_path / "c.sqlite3", clock=clock.seconds)
+    chamber = Chamber(backend=chamber_backend(), clock=clock.seconds)
     chamber.open()
     his = ScriptedHis()
     answers = []
@@ -182,12 +183,12 @@ def test_max_age_ends_a_message_the_his_fails_not_one_it_takes(env):
     assert [c[1] for c in his.calls] == ["G1", "G2"] and chamber.read().message(second).state == "delivered"
 
 
-def test_ordering_by_patient_lets_other_patients_pass_and_keeps_each_patients_order(tmp_path):
+def test_ordering_by_patient_lets_other_patients_pass_and_keeps_each_patients_order(chamber_backend):
     """ordering='patient', window 2: patient A's first message waits for a resend; B's goes meanwhile on
     the second lane; A's second message never overtakes A's first; never two of one patient in flight."""
     clock = task.Clock()
     clock.advance(1000)
-    chamber = Chamber(tmp_path / "c.sqlite3", clock=clock.seconds)
+    chamber = Chamber(backend=chamber_backend(), clock=clock.seconds)
     chamber.open()
     lanes = [ScriptedHis(), ScriptedHis()]
     relay = Relay(chamber, "his", lanes, lambda tx, msg, ans: None, clock=clock, ack_timeout=5, retry_initial=1,
@@ -216,19 +217,19 @@ def test_ordering_by_patient_lets_other_patients_pass_and_keeps_each_patients_or
     chamber.close()
 
 
-def test_fifo_refuses_a_window_above_one(tmp_path):
-    chamber = Chamber(tmp_path / "c.sqlite3", clock=time.time)
+def test_fifo_refuses_a_window_above_one(chamber_backend):
+    chamber = Chamber(backend=chamber_backend(), clock=time.time)
     with pytest.raises(ValueError, match="one message in flight"):
         Relay(chamber, "his", [ScriptedHis(), ScriptedHis()], lambda *a: None, clock=task.Clock(), ack_timeout=1,
               retry_initial=1, retry_max=1)
 
 
-def test_an_intent_is_encoded_once_and_resent_byte_for_byte(tmp_path):
+def test_an_intent_is_encoded_once_and_resent_byte_for_byte(chamber_backend):
     """A message committed without HL7 (by the outer gate) is encoded by the relay before its first send,
     stored, and every resend carries exactly those bytes; a relay without an encoder dead-letters it."""
     clock = task.Clock()
     clock.advance(1000)
-    chamber = Chamber(tmp_path / "c.sqlite3", clock=clock.seconds)
+    chamber = Chamber(backend=chamber_backend(), clock=clock.seconds)
     chamber.open()
     his = ScriptedHis()
     calls = []
@@ -262,13 +263,13 @@ def test_an_intent_is_encoded_once_and_resent_byte_for_byte(tmp_path):
     chamber.close()
 
 
-def test_one_commit_before_each_send_and_the_answer_commit_takes_the_next(tmp_path):
+def test_one_commit_before_each_send_and_the_answer_commit_takes_the_next(chamber_backend):
     """Strict FIFO: a first send costs one commit (encoding and 'sending' together); after that, the commit
     that records an answer also encodes the next message and marks it 'sending' — one commit per message —
     and the next message is sent only after that commit, with its attempt counted and its bytes stored."""
     clock = task.Clock()
     clock.advance(1000)
-    chamber = Chamber(tmp_path / "c.sqlite3", clock=clock.seconds)
+    chamber = Chamber(backend=chamber_backend(), clock=clock.seconds)
     chamber.open()
     his = ScriptedHis()
     commits = []
@@ -299,14 +300,14 @@ def test_one_commit_before_each_send_and_the_answer_commit_takes_the_next(tmp_pa
     chamber.close()
 
 
-def test_ordering_by_patient_reads_the_queue_once_for_all_the_lanes_a_wake_up_starts(tmp_path, monkeypatch):
+def test_ordering_by_patient_reads_the_queue_once_for_all_the_lanes_a_wake_up_starts(chamber_backend, monkeypatch):
     """One wake-up starts every idle lane from one read of the queue (not one read per lane), and each lane
     still gets a different patient's oldest message; a message finished meanwhile is not sent."""
     from gateway.chamber.reader import Reader
 
     clock = task.Clock()
     clock.advance(1000)
-    chamber = Chamber(tmp_path / "c.sqlite3", reactor=clock, clock=clock.seconds)  # commits on later turns
+    chamber = Chamber(backend=chamber_backend(), reactor=clock, clock=clock.seconds)  # commits on later turns
     chamber.open()
     lanes = [ScriptedHis() for _ in range(4)]
     relay = Relay(chamber, "his", lanes, lambda tx, msg, ans: None, clock=clock, ack_timeout=5, retry_initial=1,
@@ -331,13 +332,13 @@ def test_ordering_by_patient_reads_the_queue_once_for_all_the_lanes_a_wake_up_st
     chamber.close()
 
 
-def _claims_world(tmp_path, monkeypatch, ordering="fifo", lanes=1):
+def _claims_world(chamber_backend, monkeypatch, ordering="fifo", lanes=1):
     """A chamber whose batches commit on the next turn of a Clock (as on the reactor), COMMITs counted."""
     import gateway.chamber.threads as threads_module
 
     clock = task.Clock()
     clock.advance(1000)
-    chamber = Chamber(tmp_path / "c.sqlite3", reactor=clock, clock=clock.seconds)
+    chamber = Chamber(backend=chamber_backend(), reactor=clock, clock=clock.seconds)
     chamber.open()
     commits = []
     real = threads_module.commit
@@ -361,10 +362,10 @@ def _queue_and_claim(chamber, relay, control_id, key=None):
     return d
 
 
-def test_a_claim_starts_the_delivery_in_the_commit_that_queued_the_message(tmp_path, monkeypatch):
+def test_a_claim_starts_the_delivery_in_the_commit_that_queued_the_message(chamber_backend, monkeypatch):
     """One COMMIT both queues the message and marks it sending (encoded once); the send follows with no
     commit of its own; the answer is the second COMMIT."""
-    chamber, relay, his, clock, commits = _claims_world(tmp_path, monkeypatch)
+    chamber, relay, his, clock, commits = _claims_world(chamber_backend, monkeypatch)
     commits.clear()
     _queue_and_claim(chamber, relay, "G1")
     clock.advance(0)
@@ -379,10 +380,10 @@ def test_a_claim_starts_the_delivery_in_the_commit_that_queued_the_message(tmp_p
     chamber.close()
 
 
-def test_a_claim_respects_the_order_and_a_busy_lane(tmp_path, monkeypatch):
+def test_a_claim_respects_the_order_and_a_busy_lane(chamber_backend, monkeypatch):
     """FIFO: while G1 is in flight a claim for G2 does nothing (G2 waits, then goes after G1's answer); a
     claim never sends ahead of an older message that waits for its resend."""
-    chamber, relay, his, clock, commits = _claims_world(tmp_path, monkeypatch)
+    chamber, relay, his, clock, commits = _claims_world(chamber_backend, monkeypatch)
     _queue_and_claim(chamber, relay, "G1")
     clock.advance(0)
     _queue_and_claim(chamber, relay, "G2")
@@ -402,10 +403,10 @@ def test_a_claim_respects_the_order_and_a_busy_lane(tmp_path, monkeypatch):
     chamber.close()
 
 
-def test_no_claims_when_ordering_by_patient(tmp_path, monkeypatch):
+def test_no_claims_when_ordering_by_patient(chamber_backend, monkeypatch):
     """ordering: patient takes its messages as before (a wake-up after the commit, then the send's own
     commit): claims measured no better there."""
-    chamber, relay, lanes, clock, commits = _claims_world(tmp_path, monkeypatch, ordering="patient", lanes=3)
+    chamber, relay, lanes, clock, commits = _claims_world(chamber_backend, monkeypatch, ordering="patient", lanes=3)
     commits.clear()
     _queue_and_claim(chamber, relay, "A1", "a")
     clock.advance(0)
@@ -414,18 +415,16 @@ def test_no_claims_when_ordering_by_patient(tmp_path, monkeypatch):
     chamber.close()
 
 
-def test_a_failed_batch_releases_the_claim(tmp_path, monkeypatch):
+def test_a_failed_batch_releases_the_claim(chamber_backend, monkeypatch):
     """If the batch's COMMIT fails, nothing was queued: the claimed lane is free again and sends nothing."""
-    import sqlite3
-
     import gateway.chamber.threads as threads_module
 
-    chamber, relay, his, clock, commits = _claims_world(tmp_path, monkeypatch)
+    chamber, relay, his, clock, commits = _claims_world(chamber_backend, monkeypatch)
     real = threads_module.commit
 
     def failing(conn):
         conn.execute("ROLLBACK")
-        raise sqlite3.OperationalError("disk I/O error")
+        raise chamber.backend.Error("disk I/O error")
 
     monkeypatch.setattr(threads_module, "commit", failing)
     d = _queue_and_claim(chamber, relay, "G1")
@@ -445,12 +444,12 @@ def test_a_failed_batch_releases_the_claim(tmp_path, monkeypatch):
 # (tests/unit/test_mllp_protocols.World), so "unreachable" is what the client really reports.
 
 
-def _link_world(tmp_path, with_metrics=False):
+def _link_world(chamber_backend, with_metrics=False):
     """A World (a fake HIS listening on a MemoryReactorClock, an MLLPClient to it), a chamber on its clock and
     a relay delivering through HisDestination; max_attempts 3, max_age 600 s; ``relay.metrics`` if asked."""
     world = World()
     world.reactor.advance(1000)
-    chamber = Chamber(tmp_path / "c.sqlite3", clock=world.reactor.seconds)
+    chamber = Chamber(backend=chamber_backend(), clock=world.reactor.seconds)
     chamber.open()
     outcomes = []
     settings = dict(ack_timeout=5, retry_initial=1, retry_max=8, max_attempts=3, max_age=600,
@@ -473,11 +472,11 @@ def _refuse_connections(world, seconds: float) -> int:
     return refused
 
 
-def test_an_unreachable_his_is_waited_for_never_dead_lettered(tmp_path):
+def test_an_unreachable_his_is_waited_for_never_dead_lettered(chamber_backend):
     """Connections refused for longer than max_attempts (3) tries and max_age (600 s) allow: the message is
     neither dead-lettered nor charged an attempt (it never reached the HIS); it waits at the head of the
     queue, retried with backoff capped at retry_max, and is delivered once the HIS listens again."""
-    world, chamber, relay, outcomes = _link_world(tmp_path)
+    world, chamber, relay, outcomes = _link_world(chamber_backend)
     mid = queue(chamber, "G1", siu("G1"))
     relay.startService()
     refused = _refuse_connections(world, 900)
@@ -492,12 +491,12 @@ def test_an_unreachable_his_is_waited_for_never_dead_lettered(tmp_path):
     chamber.close()
 
 
-def test_an_outage_is_one_alert_per_interval_and_shows_in_health_and_metrics(tmp_path):
+def test_an_outage_is_one_alert_per_interval_and_shows_in_health_and_metrics(chamber_backend):
     """While the HIS refuses connections: ``relay.his_unreachable`` once when the outage begins and then once a
     minute (not once per try: there are more than 100), no ``relay.retrying``; /healthz answers 503 naming the
     outage; ``gatewayd_his_unreachable_seconds`` gives its length and ``gatewayd_his_unreachable_total`` counts
     the tries.  When the HIS is back: ``relay.his_reachable`` once, /healthz 200, the gauge 0."""
-    world, chamber, relay, outcomes = _link_world(tmp_path, with_metrics=True)
+    world, chamber, relay, outcomes = _link_world(chamber_backend, with_metrics=True)
     metrics = relay.metrics
     admin = AdminResource(chamber, metrics, [relay])
 
@@ -540,10 +539,10 @@ def test_an_outage_is_one_alert_per_interval_and_shows_in_health_and_metrics(tmp
     chamber.close()
 
 
-def test_a_his_that_takes_the_message_and_does_not_answer_uses_up_its_attempts(tmp_path):
+def test_a_his_that_takes_the_message_and_does_not_answer_uses_up_its_attempts(chamber_backend):
     """The other failure: the message went out and no answer came (a timeout after the send, the connection
     lost after it): each counts, and after max_attempts (3) the message is dead-lettered as before."""
-    world, chamber, relay, outcomes = _link_world(tmp_path)
+    world, chamber, relay, outcomes = _link_world(chamber_backend)
     world.script = lambda m: []  # the HIS reads and never answers
     mid = queue(chamber, "G1", siu("G1"))
     relay.startService()
@@ -565,14 +564,14 @@ def test_a_his_that_takes_the_message_and_does_not_answer_uses_up_its_attempts(t
     chamber.close()
 
 
-def test_an_outage_does_not_age_a_message(tmp_path):
+def test_an_outage_does_not_age_a_message(chamber_backend):
     """max_age (600 s) counts from the commit or the end of the last outage, whichever is later: a message
     already 700 s old when the relay starts, with the HIS down, is tried (not dead-lettered) and waits through
     the outage; once the HIS is reached again, failed attempts (timeouts) have max_age from that moment, so
     max_attempts (3) ends it, not its age."""
     clock = task.Clock()
     clock.advance(1000)
-    chamber = Chamber(tmp_path / "c.sqlite3", clock=clock.seconds)
+    chamber = Chamber(backend=chamber_backend(), clock=clock.seconds)
     chamber.open()
     his = ScriptedHis()
     relay = Relay(chamber, "his", his, lambda *a: None, clock=clock, ack_timeout=5, retry_initial=1, retry_max=8,
@@ -597,7 +596,7 @@ def test_an_outage_does_not_age_a_message(tmp_path):
     chamber.close()
 
 
-def test_a_booking_whose_hold_expires_in_an_outage_is_cancelled_not_refused(tmp_path):
+def test_a_booking_whose_hold_expires_in_an_outage_is_cancelled_not_refused(chamber_backend):
     """What a platform sees when an outage outlasts the hold (hold_seconds 60, docs/ihe-scheduling.md): the
     booking is released as documented ('cancelled', the hold expired), never 'refused'; its SRM, which never
     reached the HIS (no attempt counted), is withdrawn and no cancellation follows it; nothing is
@@ -610,7 +609,7 @@ def test_a_booking_whose_hold_expires_in_an_outage_is_cancelled_not_refused(tmp_
 
     world = World()
     world.reactor.advance(datetime(2030, 1, 1, tzinfo=TZ).timestamp())
-    chamber = Chamber(tmp_path / "c.sqlite3", clock=world.reactor.seconds)
+    chamber = Chamber(backend=chamber_backend(), clock=world.reactor.seconds)
     chamber.open()
     header = Hl7Header("GATEWAYD", "FRONT", "HIS", "HOSPITAL", "2.5", "utf-8")
     booking = BookingService(chamber, HisLinkInfo("his", "utf-8", "S04", functools.partial(build_srm, header=header)),

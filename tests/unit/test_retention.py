@@ -195,6 +195,13 @@ def test_a_backup_is_a_whole_checked_copy_readable_by_its_owner_only(booked, tmp
     dest = tmp_path / "backups" / "chamber-copy.sqlite3"
     dest.parent.mkdir()
     dest.write_bytes(b"yesterday's copy")
+    if chamber.backend.kind == "postgresql":  # PostgreSQL's own tools back it up: refused, the old copy untouched
+        from gateway.chamber.errors import ChamberError
+
+        with pytest.raises(ChamberError, match="pg_dump"):
+            chamber.backup(dest)
+        assert dest.read_bytes() == b"yesterday's copy"
+        return
     counts = chamber.backup(dest)
     assert counts == chamber.read().counts() and counts["messages"] == 3 and counts["appointments"] == 2
     assert stat.S_IMODE(os.stat(dest).st_mode) == 0o600

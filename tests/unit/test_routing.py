@@ -123,7 +123,7 @@ def schedule(sid, facility):
 
 
 @pytest.fixture
-def env(tmp_path):
+def env(tmp_path, chamber_backend):
     """Three schedules: D-A published by 分院A, D-B by BRANCH-B, D-H by the main hospital (HOSPITAL); routes
     send 分院A's bookings to his-branch-a and BRANCH-B's to his-branch-b; each endpoint has its own MSH-5/6
     and Z-segments."""
@@ -135,7 +135,7 @@ routes:
 """)
     clock = task.Clock()
     clock.advance(datetime(2030, 1, 1, tzinfo=TZ).timestamp())
-    chamber = Chamber(tmp_path / "c.sqlite3", clock=clock.seconds)
+    chamber = Chamber(backend=chamber_backend(), clock=clock.seconds)
     chamber.open()
     links = {}
     for e in (config.inner.his, *config.inner.endpoints):

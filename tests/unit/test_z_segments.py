@@ -67,10 +67,10 @@ def test_each_sqr_group_keeps_its_own_z_segments():
 class Inner:
     """The inbound service on a real chamber, committing on ``clock.advance(0)``."""
 
-    def __init__(self, tmp_path, z_segment_peers):
+    def __init__(self, chamber_backend, z_segment_peers):
         self.clock = task.Clock()
         self.clock.advance(datetime(2030, 1, 1, tzinfo=TZ).timestamp())
-        self.chamber = Chamber(tmp_path / "c.sqlite3", reactor=self.clock, clock=self.clock.seconds)
+        self.chamber = Chamber(backend=chamber_backend(), reactor=self.clock, clock=self.clock.seconds)
         self.chamber.open()
         self.inbound = InboundService(self.chamber, SlotBook(TZ), z_segment_peers)
 
@@ -87,8 +87,8 @@ class Inner:
 
 
 @pytest.fixture
-def inner(tmp_path):
-    i = Inner(tmp_path, {"his"})
+def inner(chamber_backend):
+    i = Inner(chamber_backend, {"his"})
     yield i
     i.chamber.close()
 
@@ -121,8 +121,8 @@ def test_messages_about_a_patients_appointment_never_write_z_segments(inner):
     assert "extension" not in slot_resource(inner.slot(), TZ)
 
 
-def test_an_endpoint_without_pass_z_segments_keeps_them_only_in_the_raw_copy(tmp_path):
-    i = Inner(tmp_path, {"pharmacy"})
+def test_an_endpoint_without_pass_z_segments_keeps_them_only_in_the_raw_copy(chamber_backend):
+    i = Inner(chamber_backend, {"pharmacy"})
     try:
         i.accept(siu("M1"), peer="his")
         assert i.slot().z_segments is None
