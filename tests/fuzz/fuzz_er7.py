@@ -38,9 +38,9 @@ with atheris.instrument_imports(include=["adapters.hl7"]):
     from adapters.hl7.er7 import TABLE_0357, Hl7Error, Message, escape, parse, unescape
 
 from adapters.inner.framing import frame
-from tests.fuzz.campaign import main
+from tests.fuzz.campaign import HL7_CHARSETS, main
 
-CHARSETS = ("utf-8", "gb18030", "latin-1", "ascii")
+CHARSETS = HL7_CHARSETS
 NOW = datetime(2030, 1, 7, 8, 0, 5)
 ERROR = Hl7Error(207, "refused by the fuzz harness", segment="SCH", field=5)
 SEGMENT_NAME = re.compile(r"[A-Z0-9]{3}")

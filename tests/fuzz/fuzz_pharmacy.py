@@ -26,14 +26,13 @@ from zoneinfo import ZoneInfo
 import atheris
 
 with atheris.instrument_imports(include=["adapters.maps.rds_dispense", "adapters.maps.rde_order"]):
-    from adapters.hl7.er7 import TABLE_0357, Hl7Error, parse
+    from adapters.hl7.er7 import TABLE_0357, Hl7Error
     from adapters.maps.rde_order import read_order_answer
     from adapters.maps.rds_dispense import dispenses_from_rds, prescription_from_rde, released_prescription
 
 from gateway.domain.prescriptions import Prescription
-from tests.fuzz.campaign import main
+from tests.fuzz.campaign import hl7_input, main
 
-CHARSETS = ("utf-8", "gb18030", "latin-1", "ascii")
 TZ = ZoneInfo("Asia/Shanghai")
 
 
@@ -59,11 +58,8 @@ def check_prescription(p: Prescription, released: bool) -> None:
 
 
 def check(data: bytes) -> None:
-    if not data:
-        return
-    try:
-        message = parse(data[1:], default_charset=CHARSETS[data[0] % len(CHARSETS)])
-    except Hl7Error:
+    message = hl7_input(data)
+    if message is None:
         return
     try:
         for d in dispenses_from_rds(message, TZ):

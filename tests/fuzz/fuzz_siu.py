@@ -19,12 +19,11 @@ from datetime import datetime, timedelta
 import atheris
 
 with atheris.instrument_imports(include=["adapters.maps.siu_slot", "adapters.hl7.er7"]):
-    from adapters.hl7.er7 import TABLE_0357, Hl7Error, parse
+    from adapters.hl7.er7 import TABLE_0357, Hl7Error
     from adapters.maps.siu_slot import STATUS_ACTIONS, TRIGGER_ACTIONS, notices_from_siu, notices_from_sqr
 
-from tests.fuzz.campaign import main
+from tests.fuzz.campaign import hl7_input, main
 
-CHARSETS = ("utf-8", "gb18030", "latin-1", "ascii")
 ACTIONS = frozenset(TRIGGER_ACTIONS.values()) | frozenset(STATUS_ACTIONS.values())
 
 
@@ -40,11 +39,8 @@ def check_notice(n) -> None:
 
 
 def check(data: bytes) -> None:
-    if not data:
-        return
-    try:
-        message = parse(data[1:], default_charset=CHARSETS[data[0] % len(CHARSETS)])
-    except Hl7Error:
+    message = hl7_input(data)
+    if message is None:
         return
     maps = [notices_from_sqr] + ([notices_from_siu] if message.message_code == "SIU" else [])
     for read in maps:
