@@ -331,13 +331,13 @@ def _relay(config, reactor, chamber, his, outbox, metrics, gate, inbound, tz, pr
         link.setServiceParent(gate)
         lanes = [DatabaseDestination(link, charset=his.charset, tz=tz, clock=reactor) for _ in range(his.window)]
         poller = database_slots(link, inbound, tz=tz, clock=reactor) if his.database.slots is not None else None
-        probe = _probe(chamber, his, [CallCheck(link.ping, "database")], reactor)
+        probe = _probe(chamber, his, lambda: [CallCheck(link.ping, "database")], reactor)
     elif his.kind == "webservice":
         link = WebServiceLink(his.webservice, peer=his.name, reactor=reactor)
         link.setServiceParent(gate)
         lanes = [WebServiceDestination(link, charset=his.charset) for _ in range(his.window)]
         poller = webservice_slots(link, inbound, tz=tz, clock=reactor) if his.webservice.slots is not None else None
-        probe = _probe(chamber, his, [CallCheck(link.ping, "web service")], reactor)
+        probe = _probe(chamber, his, lambda: [CallCheck(link.ping, "web service")], reactor)
     else:
         lanes, poller, probe = _mllp_lanes(config, reactor, chamber, his, inbound, tz)
     relay = Relay(chamber, his.name, lanes, outbox.on_answer, clock=reactor,
@@ -370,14 +370,17 @@ def _mllp_lanes(config, reactor, chamber, his, inbound, tz):
                           clock=reactor, connect_timeout=his.connect_timeout, release=his.mllp_release,
                           tls=his_tls, on_answer=probe.answered if probe is not None else None)
 
-    checks = [ConnectCheck(his_endpoint, clock=reactor, timeout=his.connect_timeout, tls=his_tls)]
-    if his.heartbeat is not None:
-        header = _header(config, his)
-        checks.append(HeartbeatCheck(
-            lambda: his_client(config.inner.max_message_bytes),
-            lambda control_id: build_heartbeat(his.heartbeat, header=header, control_id=control_id,
-                                               now=datetime.fromtimestamp(reactor.seconds(), tz)),
-            timeout=his.ack_timeout))
+    def checks():
+        found = [ConnectCheck(his_endpoint, clock=reactor, timeout=his.connect_timeout, tls=his_tls)]
+        if his.heartbeat is not None:
+            header = _header(config, his)
+            found.append(HeartbeatCheck(
+                lambda: his_client(config.inner.max_message_bytes),
+                lambda control_id: build_heartbeat(his.heartbeat, header=header, control_id=control_id,
+                                                   now=datetime.fromtimestamp(reactor.seconds(), tz)),
+                timeout=his.ack_timeout))
+        return found
+
     probe = _probe(chamber, his, checks, reactor)
     lanes = [HisDestination(his_client(config.inner.max_message_bytes)) for _ in range(his.window)]
     poller = None
@@ -391,12 +394,12 @@ def _mllp_lanes(config, reactor, chamber, his, inbound, tz):
 
 
 def _probe(chamber, his, checks, reactor) -> HisProbe | None:
-    """The HIS endpoint ``his``'s probe with ``checks`` (None with probe_interval 0); what it finds kept in the
-    chamber (his_links)."""
+    """The HIS endpoint ``his``'s probe with the checks ``checks()`` makes (None, and no checks made, with
+    probe_interval 0); what it finds kept in the chamber (his_links)."""
     if his.probe_interval == 0:
         return None
     record = HisLinkRecord(chamber, his.name)
-    return HisProbe(his.name, checks, interval=his.probe_interval, clock=reactor, on_change=record.record,
+    return HisProbe(his.name, checks(), interval=his.probe_interval, clock=reactor, on_change=record.record,
                     known=record.known)
 
 

@@ -211,6 +211,8 @@ class Lock:
         (the HIS, and its pharmacy if the gateway sends there); none when the probe is off."""
         import sqlite3
 
+        from gateway.config.fields import parse_duration
+
         inner = self.gateway_config.get("inner", {})
         his = {"name": "his", **inner.get("his", {})}
         endpoints = [his, *inner.get("endpoints", [])]
@@ -219,7 +221,7 @@ class Lock:
             ports = {self.his_port} | ({int(pharmacy.split(":")[1])} if pharmacy else set())
             peers = tuple(e["name"] for e in endpoints if e is his or e.get("port") in ports)
         # an endpoint without a probe (probe_interval 0) is never recorded, up or down
-        unprobed = {e["name"] for e in endpoints if str(e.get("probe_interval", "30s")).rstrip("ms") in ("0", "0.0")}
+        unprobed = {e["name"] for e in endpoints if parse_duration(str(e.get("probe_interval", "30s"))) == 0}
         peers = tuple(p for p in peers if p not in unprobed)
         if not peers:
             return
